@@ -1,0 +1,33 @@
+# The two commands: `make serve` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that lies on this kind of machine; pyproject's range accepts it, so nothing bigger is pulled.
+TORCH ?= torch==2.13.0
+DEMO ?= .cache/demo-model
+PYTEST_ARGS ?=
+
+.PHONY: test serve install demo clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+$(DEMO)/config.json: | $(BIN)/.installed
+	$(BIN)/moeinf demo-model $(DEMO)
+
+demo: $(DEMO)/config.json
+
+serve: $(BIN)/.installed
+	$(BIN)/moeinf serve
+
+clean:
+	rm -rf $(VENV) .cache *.egg-info .pytest_cache

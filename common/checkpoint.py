@@ -1,0 +1,212 @@
+"""Reading a Hugging Face checkpoint directory without loading it.
+
+``Checkpoint`` parses every safetensors header once (single file or sharded with
+``model.safetensors.index.json``) into absolute byte ranges, and checks them against the file sizes so a
+truncated or corrupt file fails at start-up with its name. ``MoeModel`` builds the model on the meta device
+(no memory) to find the experts modules, which must use transformers' ``ExpertsInterface``, and maps
+checkpoint keys to model parameters with transformers' own conversion mapping.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+SAFETENSORS_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+EXPERT_DTYPES = frozenset({"F32", "F16", "BF16"})
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory cannot be served; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    file: str
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> str:
+        return SAFETENSORS_DTYPES[self.dtype][0]
+
+
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated ({size} bytes), not a safetensors file")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: header length {header_len} is impossible for a {size}-byte file (corrupt or truncated)")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: header is not JSON ({exc}); the file is corrupt") from None
+    base = 8 + header_len
+    entries = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = meta["data_offsets"]
+            dtype, shape = meta["dtype"], tuple(meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: malformed header entry for {key!r}") from None
+        if base + end > size:
+            raise CheckpointError(f"{path}: tensor {key!r} ends at byte {base + end} but the file has {size} bytes"
+                                  " (truncated download?)")
+        if dtype in SAFETENSORS_DTYPES:
+            expected = SAFETENSORS_DTYPES[dtype][1]
+            for d in shape:
+                expected *= d
+            if expected != end - begin:
+                raise CheckpointError(f"{path}: tensor {key!r} has {end - begin} bytes, its shape needs {expected}")
+        entries[key] = TensorEntry(str(path), dtype, shape, base + begin, end - begin)
+    return entries
+
+
+class Checkpoint:
+    def __init__(self, directory: Path | str):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"checkpoint {self.dir} does not exist or is not a directory")
+        if not (self.dir / "config.json").is_file():
+            raise CheckpointError(f"{self.dir} has no config.json: point --model at a Hugging Face checkpoint directory")
+        self.files = self._shard_files()
+        self.tensors: dict[str, TensorEntry] = {}
+        for path in self.files:
+            self.tensors.update(read_header(path))
+
+    def _shard_files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = sorted({self.dir / name for name in weight_map.values()})
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir} holds no *.safetensors files (only safetensors checkpoints are served)")
+        return files
+
+    def load_config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.dir)
+        except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
+            raise CheckpointError(f"{self.dir}/config.json cannot be loaded by transformers: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertParam:
+    name: str  # attribute of the experts module, e.g. "gate_up_proj"
+    shape: tuple[int, ...]  # per expert (leading experts dim removed)
+    dtype: str  # torch dtype name
+
+
+@dataclass(frozen=True, slots=True)
+class MoeLayer:
+    index: int  # MoE layer number, 0.. in model order
+    module: str  # qualified name of the experts module
+    num_experts: int
+    params: tuple[ExpertParam, ...]
+
+
+def build_meta_model(config):
+    """The model on the meta device: structure and shapes only, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise CheckpointError(f"transformers has no causal-LM class for model type {config.model_type!r}: {exc}") from None
+
+
+def is_experts_module(module) -> bool:
+    """An experts module decorated with ``@use_experts_implementation`` (transformers' ``ExpertsInterface``)."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "num_experts"))
+
+
+def find_moe_layers(model) -> list[MoeLayer]:
+    layers = []
+    for name, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        params = tuple(
+            ExpertParam(pname, tuple(p.shape[1:]), str(p.dtype).removeprefix("torch."))
+            for pname, p in module.named_parameters(recurse=False)
+        )
+        if not params or any(p.shape[0] != module.num_experts for _, p in module.named_parameters(recurse=False)):
+            raise CheckpointError(f"experts module {name} ({type(module).__name__}) does not stack its parameters by"
+                                  " expert; moeinf cannot slice it")
+        layers.append(MoeLayer(len(layers), name, module.num_experts, params))
+    if not layers:
+        cls = type(model).__name__
+        raise CheckpointError(f"{cls} (model type {model.config.model_type!r}) has no experts module using transformers'"
+                              " ExpertsInterface (@use_experts_implementation), so moeinf cannot offload its experts")
+    shapes = {(l.num_experts, l.params) for l in layers}
+    if len(shapes) != 1:
+        raise CheckpointError("MoE layers differ in expert count or shape; moeinf needs one slot size for all")
+    return layers
+
+
+class KeyMapper:
+    """Maps checkpoint keys to model parameter names with transformers' own conversion mapping."""
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        transforms = get_model_conversion_mapping(model)
+        self.renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.meta_state_dict = dict.fromkeys(model.state_dict().keys(), True)
+        self.prefix = model.base_model_prefix
+
+    def map(self, key: str) -> tuple[str, object | None, str | None]:
+        """Return ``(model key, converter or None, the converter source pattern that matched)``."""
+        from transformers.core_model_loading import apply_renamings, rename_source_key
+
+        target, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta_state_dict)
+        if pattern is None:
+            return target, None, None
+        converter = next(c for c in self.converters if pattern in c.source_patterns)
+        return target, converter, pattern
+
+    def renamed(self, key: str) -> str:
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(key, self.renamings)
+
+
+def expert_number(renamed_key: str, pattern: str) -> int:
+    """The expert index the ``*`` of a converter source pattern matched in ``renamed_key``."""
+    regex = re.escape(pattern.removeprefix("^")).replace(r"\*", r"(\d+)")
+    m = re.search(regex, renamed_key)
+    if not m:
+        raise CheckpointError(f"cannot find the expert number in {renamed_key!r} (pattern {pattern!r})")
+    return int(m.group(1))
+
+
+def total_file_bytes(files) -> int:
+    return sum(os.path.getsize(f) for f in files)

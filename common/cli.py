@@ -1,0 +1,99 @@
+"""``moeinf``: one console script, one subcommand per service or tool."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from common.checkpoint import CheckpointError
+from common.config import MemdConfig, WorkerConfig, add_config_args, build_config
+
+
+def _setup_logging(level: str, name: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def cmd_memd(args) -> int:
+    from services.memd.main import run
+
+    cfg = build_config(MemdConfig, args)
+    _setup_logging(cfg.log_level, "memd")
+    return run(cfg)
+
+
+def cmd_worker(args) -> int:
+    from services.worker.main import run
+
+    cfg = build_config(WorkerConfig, args)
+    _setup_logging(cfg.log_level, "worker")
+    return run(cfg)
+
+
+def cmd_demo_model(args) -> int:
+    from common.demo_model import DemoSize, write_demo_model
+
+    size = DemoSize(layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
+                    intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, seed=args.seed)
+    out = write_demo_model(args.dir, size)
+    print(f"wrote a demo Mixtral checkpoint (random weights) to {out}")
+    return 0
+
+
+def cmd_bench_overhead(args) -> int:
+    from services.bench.overhead import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeinf", description="Serve sparse MoE LLMs with offloaded experts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("memd", help="run the expert-memory daemon")
+    add_config_args(p, MemdConfig)
+    p.set_defaults(func=cmd_memd)
+
+    p = sub.add_parser("worker", help="run the inference worker (needs a running memd)")
+    add_config_args(p, WorkerConfig)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("demo-model", help="write a random-weight Mixtral checkpoint with the real Mixtral tokenizer")
+    p.add_argument("dir")
+    for name, default in (("layers", 4), ("experts", 8), ("top-k", 2), ("hidden", 256), ("intermediate", 512),
+                          ("heads", 8), ("kv-heads", 4), ("seed", 0)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size")
+    p.set_defaults(func=cmd_demo_model)
+
+    bench = sub.add_parser("bench", help="benchmarks (print tables)").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("overhead", help="decode ms/token: plain transformers vs moeinf at 100%% and 25%% memory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per measurement")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory", nargs="+", default=["100%", "25%"], help="expert memory settings to measure")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=cmd_bench_overhead)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, CheckpointError, RuntimeError, FileNotFoundError, PermissionError) as exc:
+        print(f"moeinf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``moeinf demo-model DIR``: a Mixtral-architecture checkpoint with random weights and the real Mixtral tokenizer.
+
+The weights are random, so the text it writes is nonsense; the on-disk layout (safetensors, per-expert w1/w2/w3
+tensors, optional sharding) is exactly that of a real Mixtral checkpoint, which is what moeinf serves.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKENIZER_RESOURCE = ("mistral_common", "data/tokenizer.model.v1")
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSize:
+    layers: int = 4
+    experts: int = 8
+    top_k: int = 2
+    hidden: int = 256
+    intermediate: int = 512
+    heads: int = 8
+    kv_heads: int = 4
+    dtype: str = "bfloat16"
+    max_shard_size: str = "2GB"
+    seed: int = 0
+
+
+def tokenizer_model_path() -> Path:
+    import importlib.resources
+
+    package, name = TOKENIZER_RESOURCE
+    path = Path(str(importlib.resources.files(package) / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall mistral-common (it ships the Mixtral tokenizer)")
+    return path
+
+
+def write_demo_model(out: Path | str, size: DemoSize = DemoSize()) -> Path:
+    import torch
+    from transformers import LlamaTokenizer, MixtralConfig, MixtralForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_model_path(), out / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(out)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        num_local_experts=size.experts, num_experts_per_tok=size.top_k, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(size.seed)
+    model = MixtralForCausalLM(config).to(getattr(torch, size.dtype))
+    model.save_pretrained(out, max_shard_size=size.max_shard_size)
+    tokenizer.save_pretrained(out)
+    (out / "moeinf-demo.json").write_text(json.dumps(_asdict(size), indent=2))
+    return out
+
+
+def _asdict(size: DemoSize) -> dict:
+    from dataclasses import asdict
+
+    return {"random_weights": True, **asdict(size)}

@@ -1,0 +1,46 @@
+"""The one place sockets are made. Each link picks its own high-water mark (RPC unbounded, traces small)."""
+from __future__ import annotations
+
+import os
+
+import zmq
+
+_IPC_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
+
+
+def ipc_path(addr: str) -> str | None:
+    return addr[len("ipc://"):] if addr.startswith("ipc://") else None
+
+
+def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 0, linger_ms: int = 0,
+                identity: bytes | None = None) -> zmq.Socket:
+    path = ipc_path(addr)
+    if path is not None and len(path) > _IPC_PATH_MAX:
+        raise ValueError(f"socket path {path!r} is {len(path)} characters, above the {_IPC_PATH_MAX} Unix sockets allow:"
+                         " use a shorter --state-dir (env MOEINF_STATE_DIR)")
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
+    if bind:
+        if path is not None:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # a stale socket file from a crashed run; the pool lock guards against a live one
+        sock.bind(addr)
+    else:
+        sock.connect(addr)
+    return sock
+
+
+def remove_ipc_file(addr: str) -> None:
+    path = ipc_path(addr)
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,66 @@
+"""``moeinf memd``: start the expert-memory daemon.
+
+Order matters for failing fast and clean: validate the checkpoint and the size first (nothing created yet),
+then take the state lock, then create the pool; every exit path unlinks the pool and the socket files.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from common.checkpoint import Checkpoint
+from common.config import MemdConfig
+from common.sizes import format_bytes, parse_size
+from services.memd.policy import make_policy
+from services.memd.pool import SharedPool, StateLock, pool_name
+from services.memd.reader import ExpertReader
+from services.memd.server import MemdServer
+from services.memd.slots import SlotTable
+from services.memd.store import ExpertStore
+
+log = logging.getLogger("moeinf.memd")
+
+
+def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
+    """Number of slots the ``--expert-memory`` budget buys; raises ValueError when it cannot hold one layer."""
+    spec = parse_size(cfg.expert_memory, what="--expert-memory")
+    budget = spec.resolve(store.slot_bytes * store.num_layers * store.num_experts)
+    num_slots = min(budget // store.slot_bytes, store.num_layers * store.num_experts)
+    minimum = store.num_experts * store.slot_bytes
+    if num_slots < store.num_experts:
+        raise ValueError(f"--expert-memory {spec} is {format_bytes(budget)}, too small to hold one layer's"
+                         f" {store.num_experts} experts: the minimum is {format_bytes(minimum)} ({minimum} bytes)")
+    return num_slots
+
+
+def run(cfg: MemdConfig) -> int:
+    store = ExpertStore(Checkpoint(cfg.model))
+    num_slots = plan_pool(cfg, store)
+    log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
+             store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
+             format_bytes(store.total_expert_bytes))
+    lock = StateLock(cfg.state_dir)
+    pool = reader = None
+    try:
+        pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
+        log.info("pool %s: %d slots, %s (%.0f%% of all experts)", pool.path, num_slots, format_bytes(pool.nbytes),
+                 100 * num_slots / (store.num_layers * store.num_experts))
+        reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io)
+        table = SlotTable(num_slots, store.num_layers, make_policy("lru"))
+        asyncio.run(_serve(MemdServer(cfg, store, table, reader, pool.name, pool.nbytes)))
+    finally:
+        if reader is not None:
+            reader.close()
+        if pool is not None:
+            pool.close()
+        lock.release()
+    log.info("memd stopped")
+    return 0
+
+
+async def _serve(server: MemdServer) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, server.stop)
+    await server.serve()

@@ -1,0 +1,286 @@
+"""memd's RPC and trace sockets: receive -> decide -> act -> reply.
+
+One reader task per socket. Inline handlers run on the event loop; acquire runs as its own task so many are
+in flight, and awaits only the reads it needs (reads run in a thread pool, several experts of a layer at once).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from common import messages as m
+from common.codec import ProtocolError, decode, encode, peek
+from common.config import PROTOCOL_VERSION, MemdConfig
+from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
+from common.zmq_utils import make_socket, remove_ipc_file
+from services.memd.reader import ExpertReader
+from services.memd.slots import PoolExhausted, SlotTable
+from services.memd.store import ExpertStore
+
+log = logging.getLogger("moeinf.memd")
+TRACE_HWM = 1024
+
+
+class RpcError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class Client:
+    pid: int
+    ready: bool = False
+    pins: Counter = field(default_factory=Counter)
+
+
+class MemdServer:
+    def __init__(self, cfg: MemdConfig, store: ExpertStore, table: SlotTable, reader: ExpertReader,
+                 pool_name: str, pool_bytes: int):
+        self.cfg, self.store, self.table, self.reader = cfg, store, table, reader
+        self.pool_name, self.pool_bytes = pool_name, pool_bytes
+        self.executor = ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="memd-read")
+        self.clients: dict[bytes, Client] = {}
+        self.inflight: dict[tuple[int, int], asyncio.Task] = {}
+        self.trace_events = Counter()
+        self.handlers = {
+            Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
+            Op.RELEASE: self.on_release, Op.STATS: self.on_stats,
+            Op.REQUEST_START: self.on_trace, Op.REQUEST_END: self.on_trace,
+        }
+        assert set(self.handlers) == MEMD_RPC_OPS | MEMD_TRACE_OPS
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ loop
+    async def serve(self) -> None:
+        ctx = zmq.asyncio.Context()
+        self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True)
+        self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM)
+        tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self._read_trace()),
+                 asyncio.create_task(self._watch_clients())]
+        log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s", self.table.num_slots,
+                 self.store.slot_bytes, self.store.num_layers, self.store.num_experts, self.cfg.rpc_addr)
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.rpc.close()
+            self.trace.close()
+            ctx.term()
+            remove_ipc_file(self.cfg.rpc_addr)
+            remove_ipc_file(self.cfg.trace_addr)
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _read_rpc(self) -> None:
+        while True:
+            identity, frame = await self._recv_pair()
+            if identity is None:
+                continue
+            try:
+                op, rid, req = decode(frame, MEMD_RPC_OPS)
+            except ProtocolError as exc:
+                log.warning("rejected frame: %s", exc)
+                await self._send_error(identity, _safe_rid(frame), "bad_request", str(exc))
+                continue
+            if PROTOCOL[op].handler is Handler.ASYNC:
+                asyncio.create_task(self._handle(identity, op, rid, req))
+            else:
+                await self._handle(identity, op, rid, req)
+
+    async def _recv_pair(self):
+        parts = await self.rpc.recv_multipart()
+        if len(parts) != 2:
+            log.warning("dropped a message of %d frames (expected identity + 1)", len(parts))
+            return None, None
+        return parts
+
+    async def _handle(self, identity: bytes, op: Op, rid: int, req) -> None:
+        try:
+            reply = await self._call(identity, op, req)
+        except RpcError as exc:
+            await self._send_error(identity, rid, exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: report it to the peer and keep serving
+            log.exception("%s failed", op.name)
+            await self._send_error(identity, rid, "internal", f"{op.name} failed in memd: {exc}")
+            return
+        if reply is not None:
+            await self._send(identity, encode(op, rid, reply))
+
+    async def _call(self, identity, op, req):
+        result = self.handlers[op](identity, req)
+        return await result if asyncio.iscoroutine(result) else result
+
+    async def _send(self, identity: bytes, frame: bytes) -> None:
+        try:
+            await self.rpc.send_multipart([identity, frame])
+        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer went away
+            log.info("reply to a vanished worker dropped: %s", exc)
+
+    async def _send_error(self, identity, rid, code, message) -> None:
+        await self._send(identity, encode(Op.ERROR, rid, m.ErrorReply(code, message)))
+
+    async def _read_trace(self) -> None:
+        while True:
+            frame = await self.trace.recv()
+            try:
+                op, _, event = decode(frame, MEMD_TRACE_OPS)
+            except ProtocolError as exc:
+                log.warning("rejected trace frame: %s", exc)
+                continue
+            self.handlers[op](None, event)
+
+    async def _watch_clients(self) -> None:
+        """Release the pins of workers that died without releasing (their pid is gone)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for identity, client in list(self.clients.items()):
+                if not _pid_alive(client.pid):
+                    log.warning("worker pid %d is gone; releasing its %d pins", client.pid, sum(client.pins.values()))
+                    self._drop_client(identity)
+
+    def _drop_client(self, identity: bytes) -> None:
+        client = self.clients.pop(identity, None)
+        if client:
+            for key, n in client.pins.items():
+                for _ in range(n):
+                    self.table.unpin(key)
+
+    def _client(self, identity: bytes) -> Client:
+        client = self.clients.get(identity)
+        if client is None or not client.ready:
+            raise RpcError("handshake", "send HELLO and READY before other requests")
+        return client
+
+    # ------------------------------------------------------------------ handlers
+    def on_hello(self, identity: bytes, req: m.HelloRequest) -> m.HelloReply:
+        if req.protocol != PROTOCOL_VERSION:
+            raise RpcError("protocol", f"worker speaks protocol {req.protocol}, memd {PROTOCOL_VERSION}: run one version")
+        if os.path.realpath(req.model) != os.path.realpath(self.cfg.model):
+            raise RpcError("model", f"memd serves {self.cfg.model}, the worker loaded {req.model}: give both one --model")
+        if identity not in self.clients and len(self.clients) >= self.cfg.max_clients:
+            raise RpcError("capacity", f"{len(self.clients)} workers attached; raise --max-clients")
+        self._drop_client(identity)  # a restarted worker re-using its identity starts clean
+        self.clients[identity] = Client(req.pid)
+        return m.HelloReply(PROTOCOL_VERSION, os.getpid(), "shm", self.pool_name, self.pool_bytes,
+                            self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
+                            self.store.num_experts, self.store.tensors)
+
+    def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
+        client = self.clients.get(identity)
+        if client is None:
+            raise RpcError("handshake", "READY before HELLO")
+        client.ready = True
+        log.info("worker pid %d attached", client.pid)
+        return m.ReadyReply()
+
+    async def on_acquire(self, identity: bytes, req: m.AcquireRequest) -> m.AcquireReply:
+        client = self._client(identity)
+        keys = self._validate_acquire(req)
+        for key in keys:
+            self.table.pin(key)
+            client.pins[key] += 1
+        try:
+            hits, waits = self._start_loads(keys)
+            if waits:
+                start = time.perf_counter()
+                await asyncio.gather(*waits)
+                self.table.counters.stall_seconds += time.perf_counter() - start
+        except BaseException:
+            self._unpin(client, keys)
+            raise
+        return m.AcquireReply([self.table.slot_of[k] for k in keys], hits)
+
+    def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
+        if not 0 <= req.layer < self.store.num_layers:
+            raise RpcError("bad_request", f"layer {req.layer} out of range 0..{self.store.num_layers - 1}")
+        if len(set(req.experts)) != len(req.experts) or any(not 0 <= e < self.store.num_experts for e in req.experts):
+            raise RpcError("bad_request", f"experts {req.experts} must be distinct, in 0..{self.store.num_experts - 1}")
+        if len(req.experts) > self.table.num_slots:
+            raise RpcError("capacity", f"{len(req.experts)} experts asked at once but the pool has"
+                                       f" {self.table.num_slots} slots; raise --expert-memory")
+        return [(req.layer, e) for e in req.experts]
+
+    def _start_loads(self, keys):
+        hits, waits = 0, []
+        for key in keys:
+            if self.table.record_access(key):
+                if key in self.inflight:
+                    waits.append(self.inflight[key])
+                else:
+                    hits += 1
+                continue
+            try:
+                slot = self.table.reserve(key)
+            except PoolExhausted as exc:
+                raise RpcError("capacity", str(exc)) from None
+            task = asyncio.create_task(self._load(key, slot))
+            self.inflight[key] = task
+            waits.append(task)
+        return hits, waits
+
+    async def _load(self, key, slot) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            nbytes, seconds = await loop.run_in_executor(self.executor, self.reader.read, key, slot)
+        except Exception as exc:
+            self.table.abort(key)
+            log.error("reading expert %s failed: %s", key, exc)
+            raise RpcError("io", f"reading expert {key[1]} of MoE layer {key[0]} failed: {exc}") from None
+        finally:
+            self.inflight.pop(key, None)
+        self.table.loaded(key)
+        self.table.counters.bytes_read += nbytes
+        self.table.counters.read_seconds += seconds
+
+    def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
+        client = self._client(identity)
+        self._unpin(client, [(req.layer, e) for e in req.experts])
+
+    def _unpin(self, client: Client, keys) -> None:
+        for key in keys:
+            if client.pins[key] > 0:
+                client.pins[key] -= 1
+                if not client.pins[key]:
+                    del client.pins[key]
+                self.table.unpin(key)
+
+    def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
+        c, t = self.table.counters, self.table
+        resident = len(t.slot_of) - len(t.loading)
+        return m.StatsReply(self.pool_bytes, t.num_slots, resident, t.num_pinned, c.hits, c.misses, c.evictions,
+                            c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
+                            t.resident_per_layer(self.store.num_layers))
+
+    def on_trace(self, identity, event) -> None:
+        self.trace_events[type(event).__name__] += 1
+
+
+def _safe_rid(frame: bytes) -> int:
+    try:
+        return peek(frame)[1]
+    except ProtocolError:
+        return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

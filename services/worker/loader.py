@@ -1,0 +1,108 @@
+"""Loading a checkpoint into the worker: dense weights resident, expert weights never materialised.
+
+The model is built with every parameter on the meta device (buffers such as rotary frequencies stay real),
+then each non-expert tensor of the checkpoint is read and set in place, with names mapped by transformers'
+own conversion mapping. Expert parameters stay on meta: the worker computes on views into memd's pool.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from common.checkpoint import Checkpoint, CheckpointError, KeyMapper, find_moe_layers
+
+log = logging.getLogger("moeinf.worker.loader")
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter registered inside lands on the meta device (no memory); buffers are computed for real."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=False)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(config, experts_implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=experts_implementation)
+    return model.eval()
+
+
+def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
+    """Set every non-expert tensor from the checkpoint; returns the bytes loaded."""
+    mapper = KeyMapper(model)
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for key, entry in checkpoint.tensors.items():
+        target, converter, _ = mapper.map(key)
+        if target.rpartition(".")[0] in expert_modules:
+            continue
+        if converter is not None:
+            raise CheckpointError(f"{key}: dense weights that need conversion ({target}) are not supported yet")
+        by_file.setdefault(entry.file, []).append((key, target))
+    loaded = 0
+    for path, pairs in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key, target in pairs:
+                tensor = f.get_tensor(key).clone()  # own the memory: no mmap pages of the checkpoint stay mapped
+                loaded += _set_tensor(model, target, tensor, key)
+    return loaded
+
+
+def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        log.debug("checkpoint tensor %s (-> %s) has no place in the model; ignored", key, target)
+        return 0
+    if name in module._parameters:
+        old = module._parameters[name]
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{key}: shape {list(tensor.shape)} != model's {list(old.shape)} for {target}")
+        module._parameters[name] = nn.Parameter(tensor.to(old.dtype), requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        log.debug("checkpoint tensor %s (-> %s) is not a parameter or buffer; ignored", key, target)
+        return 0
+    return tensor.numel() * tensor.element_size()
+
+
+def check_materialised(model, expert_modules: set[str]) -> None:
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters()
+               if p.device.type == "meta" and n.rpartition(".")[0] not in expert_modules]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"the checkpoint lacks weights the model needs: {shown}")
+
+
+def load_model(checkpoint: Checkpoint, experts_implementation: str):
+    """Return ``(model, moe_layers)`` with dense weights loaded and experts left on meta."""
+    config = checkpoint.load_config()
+    model = build_skeleton(config, experts_implementation)
+    layers = find_moe_layers(model)
+    expert_modules = {layer.module for layer in layers}
+    nbytes = load_dense(model, checkpoint, expert_modules)
+    check_materialised(model, expert_modules)
+    log.info("loaded %s: %.1f MiB of dense weights, %d MoE layers offloaded", type(model).__name__,
+             nbytes / 2**20, len(layers))
+    return model, layers

@@ -1,0 +1,77 @@
+"""``moeinf worker``: load the dense model, attach to memd's pool, serve generation to the gateway."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import torch
+from transformers import GenerationConfig
+
+from common import messages as m
+from common.checkpoint import Checkpoint
+from common.config import WorkerConfig
+from services.worker import experts
+from services.worker.engine import Engine
+from services.worker.loader import load_model
+from services.worker.memd_client import MemdClient
+from services.worker.server import WorkerServer
+
+log = logging.getLogger("moeinf.worker")
+
+
+def attach(cfg: WorkerConfig):
+    """Load the model and bind its experts to memd's pool; returns ``(model, client, hello)``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    checkpoint = Checkpoint(cfg.model)
+    experts.register()
+    model, layers = load_model(checkpoint, experts.IMPLEMENTATION)
+    client = MemdClient(cfg.memd_rpc_addr, cfg.memd_trace_addr, timeout_s=cfg.memd_timeout_s)
+    try:
+        hello = client.handshake(str(cfg.model.resolve()), cfg.handshake_timeout_s,
+                                 "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)")
+        if (hello.num_layers, hello.num_experts) != (len(layers), layers[0].num_experts):
+            raise RuntimeError(f"memd serves {hello.num_layers} MoE layers x {hello.num_experts} experts, the model has"
+                               f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
+        views = experts.PoolViews(hello)
+        experts.bind(model, layers, views, client)
+        client.ready()
+    except BaseException:
+        client.close()
+        raise
+    return model, client, hello
+
+
+def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
+    text = model.config.get_text_config()
+    try:
+        generation = GenerationConfig.from_pretrained(cfg.model)
+    except OSError:  # no generation_config.json: the model config's defaults
+        generation = GenerationConfig.from_model_config(model.config)
+    eos = generation.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return m.WorkerInfoReply(str(cfg.model), model.config.model_type, max_model_len(cfg, model), text.vocab_size,
+                             eos_ids, True)
+
+
+def max_model_len(cfg: WorkerConfig, model) -> int:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    return min(cfg.max_model_len, limit) if cfg.max_model_len else limit
+
+
+def run(cfg: WorkerConfig) -> int:
+    model, client, _ = attach(cfg)
+    try:
+        engine = Engine(model, max_model_len(cfg, model))
+        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), cfg.max_queued)
+        return asyncio.run(_serve(server))
+    finally:
+        client.close()
+
+
+async def _serve(server: WorkerServer) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, server.stop)
+    return await server.serve()
