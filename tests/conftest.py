@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from helpers import FAMILIES, shm_regions, write_family  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random-weight checkpoint of every supported family (one of them sharded)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: write_family(name, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def mixtral(checkpoints) -> Path:
+    return checkpoints["mixtral"]
+
+
+@pytest.fixture
+def state_dir(tmp_path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shm():
+    before = shm_regions()
+    yield
+    leaked = shm_regions() - before
+    assert not leaked, f"shared memory leaked: {leaked}"
