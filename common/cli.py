@@ -6,7 +6,7 @@ import logging
 import sys
 
 from common.checkpoint import CheckpointError
-from common.config import MemdConfig, WorkerConfig, add_config_args, build_config
+from common.config import GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, add_config_args, build_config
 
 
 def _setup_logging(level: str, name: str) -> None:
@@ -32,6 +32,22 @@ def cmd_worker(args) -> int:
     return run(cfg)
 
 
+def cmd_gateway(args) -> int:
+    from services.gateway.main import run
+
+    cfg = build_config(GatewayConfig, args)
+    _setup_logging(cfg.log_level, "gateway")
+    return run(cfg)
+
+
+def cmd_serve(args) -> int:
+    from services.supervisor import run
+
+    cfg = build_config(ServeConfig, args)
+    _setup_logging(cfg.log_level, "serve")
+    return run(cfg)
+
+
 def cmd_demo_model(args) -> int:
     from common.demo_model import DemoSize, write_demo_model
 
@@ -53,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeinf", description="Serve sparse MoE LLMs with offloaded experts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("serve", help="run memd, worker and gateway together (the demo model without --model)",
+                       description="Start memd, worker and gateway, wait until ready, supervise them. Every knob is"
+                                   " also an environment variable (shown in brackets).")
+    add_config_args(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("memd", help="run the expert-memory daemon")
     add_config_args(p, MemdConfig)
     p.set_defaults(func=cmd_memd)
@@ -60,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the inference worker (needs a running memd)")
     add_config_args(p, WorkerConfig)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway (needs a running worker)")
+    add_config_args(p, GatewayConfig)
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("demo-model", help="write a random-weight Mixtral checkpoint with the real Mixtral tokenizer")
     p.add_argument("dir")

@@ -52,12 +52,14 @@ def decode(frame: bytes, allowed: frozenset[Op] | None = None, *, reply: bool = 
         op = Op(op_byte)
     except ValueError:
         raise ProtocolError(f"unknown op {op_byte}") from None
-    if op is Op.ERROR:
+    if op is Op.ERROR and reply:
         cls = messages.ErrorReply
     else:
         if allowed is not None and op not in allowed:
             raise ProtocolError(f"op {op.name} is not served on this socket")
-        rpc = PROTOCOL[op]
+        rpc = PROTOCOL.get(op)
+        if rpc is None:  # ERROR only ever answers; a server has no handler for it
+            raise ProtocolError(f"op {op.name} is a reply, not a request")
         cls = rpc.reply if reply else rpc.request
         if cls is None:
             raise ProtocolError(f"op {op.name} has no reply")

@@ -65,6 +65,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ..
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {default}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help ("25%" would crash --help)
         if _base_type(hints[f.name]) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, nargs="?", const="on", metavar="on|off",
                                 help=help_text)
@@ -147,3 +148,53 @@ class WorkerConfig:
     @property
     def rpc_addr(self) -> str:
         return f"ipc://{self.state_dir.resolve() / 'worker.sock'}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    model: Path = knob(None, "checkpoint directory (its tokenizer is used; the worker serves the weights)")
+    served_model_name: str = knob("", "model id clients send (default: the checkpoint directory's name)")
+    host: str = knob("127.0.0.1", "address to listen on")
+    port: int = knob(8000, "HTTP port")
+    state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
+    max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
+    max_tokens_limit: int = knob(4096, "largest max_tokens a request may ask for")
+    max_body_bytes: int = knob(1 << 20, "largest request body in bytes (413 above)")
+    step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503")
+    log_level: str = knob("info", "debug, info, warning or error")
+
+    def __post_init__(self):
+        if self.model is None:
+            raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
+        object.__setattr__(self, "model", Path(self.model))
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if not self.served_model_name:
+            object.__setattr__(self, "served_model_name", self.model.resolve().name)
+        if self.max_queued < 1 or self.max_tokens_limit < 1:
+            raise ValueError("--max-queued and --max-tokens-limit must be >= 1")
+
+    @property
+    def worker_addr(self) -> str:
+        return f"ipc://{self.state_dir.resolve() / 'worker.sock'}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """``moeinf serve``: the three services as supervised child processes."""
+
+    model: Path | None = knob(None, "checkpoint directory; without it the demo model is built once and served")
+    expert_memory: str = knob("25%", "expert pool size: bytes (4GiB, 512MiB) or a share of all expert bytes (25%)")
+    state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
+    host: str = knob("127.0.0.1", "address the gateway listens on")
+    port: int = knob(8000, "gateway HTTP port")
+    served_model_name: str = knob("", "model id clients send (default: the checkpoint directory's name)")
+    demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
+    startup_timeout_s: float = knob(600.0, "seconds each service may take to become ready")
+    max_restarts: int = knob(5, "restarts of a crashing service before serve gives up")
+    log_level: str = knob("info", "debug, info, warning or error")
+
+    def __post_init__(self):
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "demo_dir", Path(self.demo_dir))
+        if self.model is not None:
+            object.__setattr__(self, "model", Path(self.model))

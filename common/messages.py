@@ -91,6 +91,7 @@ class StatsRequest:
 
 @dataclass(frozen=True, slots=True)
 class StatsReply:
+    pid: int
     pool_bytes: int
     num_slots: int
     resident: int
@@ -159,6 +160,7 @@ class WorkerInfoRequest:
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfoReply:
+    pid: int
     model: str
     model_type: str
     max_model_len: int

@@ -261,8 +261,8 @@ class MemdServer:
     def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
         c, t = self.table.counters, self.table
         resident = len(t.slot_of) - len(t.loading)
-        return m.StatsReply(self.pool_bytes, t.num_slots, resident, t.num_pinned, c.hits, c.misses, c.evictions,
-                            c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
+        return m.StatsReply(os.getpid(), self.pool_bytes, t.num_slots, resident, t.num_pinned, c.hits, c.misses,
+                            c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
                             t.resident_per_layer(self.store.num_layers))
 
     def on_trace(self, identity, event) -> None:

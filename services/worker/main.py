@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 import torch
@@ -51,8 +52,8 @@ def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
         generation = GenerationConfig.from_model_config(model.config)
     eos = generation.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    return m.WorkerInfoReply(str(cfg.model), model.config.model_type, max_model_len(cfg, model), text.vocab_size,
-                             eos_ids, True)
+    return m.WorkerInfoReply(os.getpid(), str(cfg.model), model.config.model_type, max_model_len(cfg, model),
+                             text.vocab_size, eos_ids, True)
 
 
 def max_model_len(cfg: WorkerConfig, model) -> int:

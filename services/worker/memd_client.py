@@ -54,6 +54,9 @@ class MemdClient:
         self.memd_pid = hello.pid
         return hello
 
+    def memd_alive(self) -> bool:
+        return self.memd_pid is not None and _alive(self.memd_pid)
+
     def ready(self) -> None:
         self.call(Op.READY, m.ReadyRequest(os.getpid()))
 

@@ -8,6 +8,7 @@ admit -> forward -> publish -> retire.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -43,7 +44,8 @@ class WorkerServer:
         self.outbox: asyncio.Queue = asyncio.Queue()
         compute = threading.Thread(target=self.compute_loop, name="worker-compute", daemon=True)
         compute.start()
-        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
+        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write()),
+                 asyncio.create_task(self._watch_memd())]
         log.info("worker ready on %s", self.addr)
         try:
             await self.loop.run_in_executor(None, self.stopping.wait)
@@ -61,6 +63,15 @@ class WorkerServer:
     def stop(self) -> None:
         self.stopping.set()
 
+    async def _watch_memd(self) -> None:
+        """A worker without memd cannot compute: exit (status 3) so the supervisor restarts both."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(1.0)
+            if not self.client.memd_alive():
+                log.error("memd (pid %s) is gone; the worker stops", self.client.memd_pid)
+                self.exit_code = 3
+                self.stopping.set()
+
     async def _read(self) -> None:
         while True:
             parts = await self.sock.recv_multipart()
@@ -76,7 +87,7 @@ class WorkerServer:
 
     def on_request(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
-            self._reply(identity, op, rid, self.info)
+            self._reply(identity, op, rid, dataclasses.replace(self.info, ready=self.client.memd_alive()))
         elif op is Op.CANCEL:
             found = req.request in self.live
             if found:

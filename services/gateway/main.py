@@ -1,0 +1,41 @@
+"""``moeinf gateway``: the HTTP front end (needs a running worker)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from common.config import GatewayConfig
+from services.gateway.app import build_app
+from services.gateway.text import TextCodec
+
+log = logging.getLogger("moeinf.gateway")
+
+
+def run(cfg: GatewayConfig) -> int:
+    codec = TextCodec(cfg.model)
+    asyncio.run(_serve(cfg, codec))
+    return 0
+
+
+async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
+    app = build_app(cfg, codec)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); pick another --port") from None
+    log.info("gateway ready on http://%s:%d serving %s", cfg.host, cfg.port, cfg.served_model_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

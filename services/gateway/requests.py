@@ -1,0 +1,178 @@
+"""Parsing OpenAI request bodies into one typed ``Job``; anything unsupported or malformed is a 400 naming the
+parameter (never silently ignored)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.gateway.errors import ApiError, bad_request
+
+MAX_STOP = 4
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
+          "user"}
+COMPLETION_ONLY = {"prompt"}
+CHAT_ONLY = {"messages", "max_completion_tokens"}
+# Known OpenAI parameters moeinf does not implement: accepted only at their neutral value.
+NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": None,
+           "top_logprobs": None, "echo": False, "best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
+           "response_format": None, "parallel_tool_calls": None, "functions": None, "function_call": None,
+           "min_tokens": 0, "repetition_penalty": 1}
+ROLES = {"system", "user", "assistant", "developer"}
+
+
+@dataclass
+class Job:
+    """One generation as the gateway runs it."""
+
+    chat: bool
+    model: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    messages: list[dict] = field(default_factory=list)
+    prompt_text: str | None = None
+
+
+def _typed(body: dict, name: str, types, what: str, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad_request(f"'{name}' must be {what}", name)
+    if not isinstance(value, types):
+        raise bad_request(f"'{name}' must be {what}, got {type(value).__name__}", name)
+    return value
+
+
+def check_known(body: dict, allowed: set[str]) -> None:
+    for key, value in body.items():
+        if key in allowed:
+            continue
+        if key in NEUTRAL:
+            neutral = NEUTRAL[key]
+            if value is None or value == neutral or (neutral is None and value in (False, [], {})):
+                continue
+            raise bad_request(f"'{key}' is not supported by moeinf", key, "unsupported_parameter")
+        raise bad_request(f"unrecognized parameter '{key}'", key, "unsupported_parameter")
+
+
+def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, default: int) -> None:
+    max_tokens = _typed(body, "max_tokens", int, "an integer")
+    if chat and body.get("max_completion_tokens") is not None:
+        max_tokens = _typed(body, "max_completion_tokens", int, "an integer")
+    param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = default
+    if max_tokens <= 0:
+        raise bad_request(f"'{param}' must be at least 1", param)
+    if max_tokens > limit:
+        raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
+    job.max_tokens = max_tokens
+    job.temperature = float(_typed(body, "temperature", (int, float), "a number", 1.0))
+    if not 0 <= job.temperature <= 2:
+        raise bad_request("'temperature' must be between 0 and 2", "temperature")
+    job.top_p = float(_typed(body, "top_p", (int, float), "a number", 1.0))
+    if not 0 < job.top_p <= 1:
+        raise bad_request("'top_p' must be in (0, 1]", "top_p")
+    job.top_k = _typed(body, "top_k", int, "an integer", 0)
+    if job.top_k < -1:
+        raise bad_request("'top_k' must be -1 (off), 0 (off) or positive", "top_k")
+    job.top_k = max(job.top_k, 0)
+    job.seed = _typed(body, "seed", int, "an integer")
+    if job.seed is not None and not 0 <= job.seed < 2**63:
+        raise bad_request("'seed' must be in [0, 2^63)", "seed")
+    n = _typed(body, "n", int, "an integer", 1)
+    if n != 1:
+        raise bad_request("only 'n' = 1 is supported", "n")
+    job.stop = parse_stop(body.get("stop"))
+    job.stream = _typed(body, "stream", bool, "a boolean", False)
+    options = _typed(body, "stream_options", dict, "an object")
+    if options is not None:
+        if not job.stream:
+            raise bad_request("'stream_options' is only allowed with 'stream': true", "stream_options")
+        unknown = set(options) - {"include_usage"}
+        if unknown:
+            raise bad_request(f"unrecognized stream_options {sorted(unknown)}", "stream_options")
+        job.include_usage = _typed(options, "include_usage", bool, "a boolean", False)
+
+
+def parse_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} strings", "stop")
+    if any(s == "" for s in stop):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    return stop
+
+
+def check_model(body: dict, served: str) -> str:
+    model = body.get("model")
+    if model is None:
+        raise bad_request("'model' is required", "model")
+    if not isinstance(model, str):
+        raise bad_request("'model' must be a string", "model")
+    if model != served:
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
+    return model
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise bad_request(f"{where} must be an object", where)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise bad_request(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}", f"{where}.role")
+        out.append({"role": "system" if role == "developer" else role, "content": _content(msg.get("content"), where)})
+    return out
+
+
+def _content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{where}.content: only text parts are supported", f"{where}.content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+
+
+def parse_prompt(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
+    """Return ``(text, None)`` or ``(None, token ids)``."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' is required", "prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("'prompt' must not be empty", "prompt")
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if any(not 0 <= t < vocab_size for t in prompt):
+            raise bad_request(f"'prompt' token ids must be in 0..{vocab_size - 1}", "prompt")
+        return None, prompt
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
+    raise bad_request("'prompt' must be a non-empty string or list of token ids", "prompt")

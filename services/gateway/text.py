@@ -1,0 +1,115 @@
+"""Tokenization, chat templates, incremental detokenization and stop strings. Only token ids cross to the worker."""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPLACEMENT = "\ufffd"
+
+
+class TextCodec:
+    def __init__(self, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
+            raise RuntimeError(f"{model_dir} has no usable tokenizer ({exc}); the gateway needs one") from None
+        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if self.has_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.mistral_instruct(messages)
+
+    def mistral_instruct(self, messages: list[dict]) -> list[int]:
+        """Mistral's ``[INST]`` format, for tokenizers without a chat template (the demo model)."""
+        tok = self.tokenizer
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = [m for m in messages if m["role"] != "system"]
+        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        first_user = True
+        for msg in turns:
+            if msg["role"] == "user":
+                content = f"{system}\n\n{msg['content']}" if system and first_user else msg["content"]
+                first_user = False
+                ids += tok.encode(f"[INST] {content} [/INST]", add_special_tokens=False)
+            else:
+                ids += tok.encode(msg["content"], add_special_tokens=False)
+                if tok.eos_token_id is not None:
+                    ids.append(tok.eos_token_id)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """Emits text as tokens arrive without splitting a multi-byte character (vLLM's prefix/read offsets)."""
+
+    def __init__(self, codec: TextCodec, prompt_ids: list[int]):
+        self.codec = codec
+        self.ids = list(prompt_ids[-6:])  # a little context so the first token's leading space decodes right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, tokens: list[int]) -> str:
+        self.ids.extend(tokens)
+        prefix = self.codec.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.codec.decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return ""  # an incomplete UTF-8 sequence: wait for the next token
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        """At the end, whatever is left (even an incomplete character)."""
+        prefix = self.codec.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.codec.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+class StopMatcher:
+    """Finds stop strings across chunk boundaries; holds back text that may be the start of a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Return the text that is safe to emit now; sets ``stopped`` when a stop string was found."""
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            index = min(h[0] for h in hits)
+            self.stopped = True
+            out, self.pending = self.pending[:index], ""
+            return out
+        keep = self._held_suffix()
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_suffix(self) -> int:
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
