@@ -188,6 +188,7 @@ class ServeConfig:
     host: str = knob("127.0.0.1", "address the gateway listens on")
     port: int = knob(8000, "gateway HTTP port")
     served_model_name: str = knob("", "model id clients send (default: the checkpoint directory's name)")
+    max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
     demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
     startup_timeout_s: float = knob(600.0, "seconds each service may take to become ready")
     max_restarts: int = knob(5, "restarts of a crashing service before serve gives up")

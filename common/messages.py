@@ -166,4 +166,6 @@ class WorkerInfoReply:
     max_model_len: int
     vocab_size: int
     eos_token_ids: list[int]
-    ready: bool
+    ready: bool  # memd is alive
+    active: int = 0  # requests queued or running
+    generated_tokens: int = 0  # since start

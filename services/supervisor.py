@@ -57,8 +57,8 @@ class Supervisor:
         self.cfg, self.model = cfg, model
         common = ["--model", str(model), "--state-dir", str(cfg.state_dir), "--log-level", cfg.log_level]
         self.memd = Child("memd", ["memd", *common, "--expert-memory", cfg.expert_memory])
-        self.worker = Child("worker", ["worker", *common])
-        gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port)]
+        self.worker = Child("worker", ["worker", *common, "--max-queued", str(cfg.max_queued)])
+        gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
             gateway += ["--served-model-name", cfg.served_model_name]
         self.gateway = Child("gateway", gateway)

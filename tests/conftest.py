@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import FAMILIES, shm_regions, write_family  # noqa: E402
+from helpers import FAMILIES, orphan_regions, write_family  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,8 @@ def state_dir(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_leaked_shm():
-    before = shm_regions()
+    """No test may leave a pool region that no process maps (every memd exit path must unlink it)."""
+    before = orphan_regions()
     yield
-    leaked = shm_regions() - before
+    leaked = orphan_regions() - before
     assert not leaked, f"shared memory leaked: {leaked}"

@@ -119,3 +119,18 @@ class Stack:
 
 def shm_regions() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("moeinf-")}
+
+
+def orphan_regions() -> set[str]:
+    """moeinf pool regions no live process maps: leaked ones (a live memd always maps its own)."""
+    regions = shm_regions()
+    if not regions:
+        return set()
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        mapped.update(r for r in regions if f"/dev/shm/{r}" in text)
+    return regions - mapped

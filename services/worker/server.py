@@ -35,6 +35,7 @@ class WorkerServer:
         self.max_live = max_queued + 1
         self.stopping = threading.Event()
         self.exit_code = 0
+        self.generated_tokens = 0
 
     # ------------------------------------------------------------------ event loop side
     async def serve(self) -> int:
@@ -87,7 +88,9 @@ class WorkerServer:
 
     def on_request(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
-            self._reply(identity, op, rid, dataclasses.replace(self.info, ready=self.client.memd_alive()))
+            info = dataclasses.replace(self.info, ready=self.client.memd_alive(), active=len(self.live),
+                                       generated_tokens=self.generated_tokens)
+            self._reply(identity, op, rid, info)
         elif op is Op.CANCEL:
             found = req.request in self.live
             if found:
@@ -149,6 +152,7 @@ class WorkerServer:
                 seq.finish_reason = "cancelled"
                 break
             token = self.engine.step(seq)
+            self.generated_tokens += 1
             self.publish(identity, rid, seq, [token])
         if seq.finish_reason == "cancelled":
             self.publish(identity, rid, seq, [])

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``moeinf bench ...``: each prints a table and can write its numbers as JSON."""

@@ -1,0 +1,266 @@
+"""``moeinf bench overhead``: decode ms/token of plain transformers vs moeinf at several expert-memory settings.
+
+Every system runs in this process on the same torch thread count, the same prompt and greedy decoding, driven
+by the same loop (``services.worker.engine.Engine``: one forward per token, exactly what ``model.generate``
+runs), so the only difference between them is where the experts live:
+
+* ``transformers``: ``AutoModelForCausalLM.from_pretrained``, every weight resident, transformers' default
+  experts implementation (``grouped_mm``). Its output is checked against ``model.generate`` once.
+* ``moeinf-<memory>``: a real ``moeinf memd --expert-memory <memory>`` process and the worker's model bound to
+  it (``services.worker.main.attach``): per MoE layer an acquire RPC, then grouped_mm on views of the pool.
+
+The systems run in lockstep: each repeat starts one generation per system and advances them one step at a time
+in turn (rotating the order), so load from elsewhere on a noisy machine hits all of them alike. Every system
+gets one untimed warm-up run first (it also fills memd's pool at 100%).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import messages as m
+from common.sizes import parse_size
+from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
+from services.bench.report import Summary, format_table, summarize, write_json
+
+log = logging.getLogger("moeinf.bench")
+STAT_FIELDS = ("hits", "misses", "bytes_read", "read_seconds", "stall_seconds")
+PROMPT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Options:
+    model: Path
+    tokens: int
+    prompt_len: int
+    repeats: int
+    memory: tuple[str, ...]
+    threads: int
+    json: Path | None
+
+    @classmethod
+    def from_args(cls, args) -> Options:
+        opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
+                   args.threads, Path(args.json) if args.json else None)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise FileNotFoundError(f"--model {self.model}: no config.json (give a checkpoint directory)")
+        for name in ("tokens", "prompt_len", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.threads < 0:
+            raise ValueError("--threads must be >= 0 (0: torch's default)")
+        for memory in self.memory:
+            parse_size(memory, what="--memory")
+        if len(set(self.memory)) != len(self.memory):
+            raise ValueError(f"--memory {' '.join(self.memory)}: each setting once")
+
+
+@dataclass
+class Run:
+    """One timed generation: the prefill step, then ``tokens`` decode steps."""
+
+    prefill_s: float
+    decode_s: list[float]
+    tokens: list[int]
+    decode_stats: dict[str, float] = field(default_factory=dict)  # memd counters over the decode steps
+
+
+# ---------------------------------------------------------------------------------------------------- systems
+class TransformersSystem:
+    name = "transformers"
+    expert_memory = None
+    pool = None
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM
+
+        from services.worker.engine import Engine
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+        self.engine = Engine(self.model, _max_len(self.model))
+
+    def stats(self) -> dict[str, float] | None:
+        return None
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """``model.generate``, greedy, fixed length: the reference every timed run must reproduce."""
+        out = self.model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+
+class MoeinfSystem:
+    def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack):
+        from common.config import WorkerConfig
+        from services.worker.engine import Engine
+        from services.worker.main import attach, max_model_len
+
+        self.name = f"moeinf-{expert_memory}"
+        self.expert_memory = expert_memory
+        memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
+        cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads)
+        model, self.client, hello = attach(cfg)
+        stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
+        self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
+        self.engine = Engine(model, max_model_len(cfg, model))
+
+    def stats(self) -> dict[str, float]:
+        reply = self.client.stats()
+        return {name: getattr(reply, name) for name in STAT_FIELDS}
+
+
+def _max_len(model) -> int:
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+
+
+def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
+    _progress(f"loading transformers ({opts.model})")
+    systems = [TransformersSystem(opts.model)]
+    for memory in opts.memory:
+        _progress(f"starting memd --expert-memory {memory} and attaching the worker")
+        systems.append(MoeinfSystem(opts.model, memory, threads, stack))
+    return systems
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def make_prompt(vocab_size: int, length: int) -> list[int]:
+    """A fixed pseudo-random prompt (ids 3.. skip the usual special tokens)."""
+    generator = torch.Generator().manual_seed(PROMPT_SEED)
+    low = 3 if vocab_size > 3 else 0
+    return torch.randint(low, vocab_size, (length,), generator=generator).tolist()
+
+
+class TimedGeneration:
+    """Prefill + ``tokens`` greedy decode steps of one system, each step timed on its own; memd's counters are
+    read (untimed) after the prefill and at the end, so they cover exactly the decode steps."""
+
+    def __init__(self, system, prompt: list[int], tokens: int, run_id: str):
+        self.system = system
+        self.seq = system.engine.start(m.GenerateRequest(request=run_id, prompt=prompt, max_tokens=tokens + 1))
+        self.prefill_s = 0.0
+        self.decode_s: list[float] = []
+        self.before: dict | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.seq.finish_reason is not None
+
+    def step(self) -> None:
+        start = time.perf_counter()
+        self.system.engine.step(self.seq)
+        elapsed = time.perf_counter() - start
+        if len(self.seq.generated) == 1:
+            self.prefill_s = elapsed
+            self.before = self.system.stats()
+        else:
+            self.decode_s.append(elapsed)
+
+    def result(self) -> Run:
+        after = self.system.stats()
+        stats = {k: after[k] - self.before[k] for k in STAT_FIELDS} if after is not None else {}
+        return Run(self.prefill_s, self.decode_s, list(self.seq.generated), stats)
+
+
+def run_alone(system, prompt: list[int], tokens: int, run_id: str) -> Run:
+    gen = TimedGeneration(system, prompt, tokens, run_id)
+    while not gen.done:
+        gen.step()
+    return gen.result()
+
+
+def run_lockstep(systems: list, prompt: list[int], tokens: int, run_id: str) -> list[Run]:
+    """One generation per system, advanced one step at a time in turn (the order rotating every step): a burst
+    of load from elsewhere on a shared machine then lands on every system alike, not on whichever ran then."""
+    gens = [TimedGeneration(s, prompt, tokens, f"{run_id}-{s.name}") for s in systems]
+    gc.collect()
+    step = 0
+    while not all(g.done for g in gens):
+        for gen in _rotate(gens, step):
+            if not gen.done:
+                gen.step()
+        step += 1
+    return [g.result() for g in gens]
+
+
+def measure(systems: list, prompt: list[int], opts: Options) -> dict[str, list[Run]]:
+    """One warm-up run per system, then ``repeats`` lockstep rounds over all systems."""
+    for system in systems:
+        _progress(f"warm-up {system.name}")
+        run_alone(system, prompt, opts.tokens, f"warmup-{system.name}")
+    runs: dict[str, list[Run]] = {s.name: [] for s in systems}
+    for r in range(opts.repeats):
+        for system, run in zip(systems, run_lockstep(systems, prompt, opts.tokens, f"r{r}")):
+            runs[system.name].append(run)
+        _progress(f"round {r + 1}/{opts.repeats}: decode median ms/token " + ", ".join(
+            f"{name} {np.median(rs[-1].decode_s) * 1e3:.2f}" for name, rs in runs.items()))
+    return runs
+
+
+def _rotate(items: list, k: int) -> list:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+def run(args) -> int:
+    opts = Options.from_args(args)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
+    _quiet_logging()
+    with TerminateAsInterrupt(), contextlib.ExitStack() as stack:
+        systems = build_systems(opts, threads, stack)
+        prompt = make_prompt(systems[0].model.config.get_text_config().vocab_size, opts.prompt_len)
+        _progress("reference: transformers model.generate")
+        reference = systems[0].generate(prompt, opts.tokens + 1)
+        runs = measure(systems, prompt, opts)
+        summaries = [summarize(s, runs[s.name], reference) for s in systems]
+    _finish_ratios(summaries)
+    header = _header(opts, systems[0].model, threads)
+    print(format_table(header, summaries))
+    if opts.json:
+        write_json(opts.json, str(opts.model), threads, opts, summaries)
+        print(f"wrote {opts.json}")
+    if not all(s.identical for s in summaries):
+        print("MISMATCH: some system generated other tokens than transformers' model.generate", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finish_ratios(summaries: list[Summary]) -> None:
+    base = summaries[0]
+    for s in summaries:
+        s.ratio_vs_transformers = s.decode_ms_p50 / base.decode_ms_p50
+        s.prefill_ratio_vs_transformers = s.prefill_ms / base.prefill_ms
+
+
+def _header(opts: Options, model, threads: int) -> str:
+    text = model.config.get_text_config()
+    return (f"moeinf bench overhead: {opts.model} ({text.model_type}, {model.dtype}, {text.num_hidden_layers} layers)"
+            f"\n  torch {torch.__version__}, {threads} threads; prompt {opts.prompt_len} tokens; {opts.tokens} decode"
+            f" tokens x {opts.repeats} repeats (+1 warm-up); greedy")
+
+
+def _quiet_logging() -> None:
+    for name in ("transformers", "moeinf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # the worker's engine passes ``past_key_values`` (deprecated in transformers 5.24, still supported)
+    warnings.filterwarnings("ignore", message=".*past_key_values.*is deprecated", category=FutureWarning)
+
+
+def _progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)

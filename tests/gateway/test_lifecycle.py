@@ -1,0 +1,101 @@
+"""Disconnects cancel generation; a full queue answers 429; /health follows the worker through a restart."""
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import Served
+
+M = "demo"
+
+
+@pytest.fixture(scope="module")
+def small_queue(demo_model, tmp_path_factory):
+    s = Served(demo_model, tmp_path_factory.mktemp("serve-q") / "state", max_queued=2)
+    yield s
+    s.close()
+
+
+def open_stream(served, max_tokens=3000, wait_first=True):
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+    body = json.dumps({"model": M, "prompt": [1, 5, 9], "max_tokens": max_tokens, "stream": True})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    if wait_first:
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+    return conn
+
+
+def wait_active(served, n, timeout=30):
+    deadline = time.monotonic() + timeout
+    while served.worker_info().active < n:
+        assert time.monotonic() < deadline, f"never {n} active requests"
+        time.sleep(0.05)
+
+
+def wait_idle(served, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = served.worker_info()
+        if info.active == 0:
+            return info
+        time.sleep(0.1)
+    raise TimeoutError("the worker kept working")
+
+
+def test_disconnect_cancels_generation(small_queue):
+    before = wait_idle(small_queue).generated_tokens
+    conn = open_stream(small_queue)
+    time.sleep(0.5)
+    conn.sock.shutdown(2)
+    conn.close()
+    info = wait_idle(small_queue)
+    produced = info.generated_tokens - before
+    assert produced < 3000, "the worker kept generating after the client left"
+    time.sleep(1.0)
+    assert small_queue.worker_info().generated_tokens == info.generated_tokens
+
+
+def test_queue_full_is_429_with_retry_after(small_queue):
+    conns = [open_stream(small_queue, wait_first=False) for _ in range(2)]
+    try:
+        wait_active(small_queue, 2)
+        conn = http.client.HTTPConnection("127.0.0.1", small_queue.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": "x", "max_tokens": 2}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        payload = json.loads(resp.read())
+        assert resp.status == 429 and int(resp.getheader("Retry-After")) >= 1
+        assert payload["error"]["type"] == "rate_limit_error"
+    finally:
+        for c in conns:
+            c.close()
+    wait_idle(small_queue)
+
+
+def test_many_clients_interleave(small_queue):
+    results = []
+
+    def one():
+        conn = http.client.HTTPConnection("127.0.0.1", small_queue.port, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": "Hi", "max_tokens": 4}),
+                     {"Content-Type": "application/json"})
+        results.append(conn.getresponse().status)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200, 200]
+
+
+def test_health_follows_worker_restart(small_queue):
+    assert small_queue.health() == 200
+    os.kill(small_queue.worker_info().pid, signal.SIGKILL)
+    small_queue.wait_health(503, timeout=30)
+    small_queue.wait_health(200, timeout=120)

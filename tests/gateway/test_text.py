@@ -1,0 +1,39 @@
+"""Incremental detokenization never splits a character; stop strings match across chunk boundaries."""
+import pytest
+
+from services.gateway.text import IncrementalDetokenizer, StopMatcher, TextCodec
+
+
+@pytest.fixture(scope="module")
+def codec(demo_model):
+    return TextCodec(demo_model)
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉🚀 mix ñ", "plain ascii words here"])
+def test_stream_of_single_tokens_reassembles_the_text(codec, text):
+    ids = codec.encode(text)[1:] if codec.encode(text)[:1] == [codec.tokenizer.bos_token_id] else codec.encode(text)
+    detok = IncrementalDetokenizer(codec, [codec.tokenizer.bos_token_id])
+    pieces = [detok.add([t]) for t in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == codec.decode(ids)
+    assert all("\ufffd" not in p for p in pieces), "a multi-byte character was split"
+
+
+def test_mistral_instruct_format_without_template(codec):
+    ids = codec.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert ids[0] == codec.tokenizer.bos_token_id
+    assert codec.decode(ids).strip() == "[INST] Be brief.\n\nHi [/INST]"
+
+
+@pytest.mark.parametrize("chunks,stops,emitted,stopped,held", [
+    (["Hello wor", "ld STOP here"], ["STOP"], "Hello world ", True, ""),
+    (["abc S", "T", "OP def"], ["STOP"], "abc ", True, ""),
+    (["no stop at all"], ["STOP"], "no stop at all", False, ""),
+    (["x", "yz"], ["yz", "xy"], "", True, ""),
+    (["partial ST"], ["STOP"], "partial ", False, "ST"),
+])
+def test_stop_matcher(chunks, stops, emitted, stopped, held):
+    matcher = StopMatcher(stops)
+    assert "".join(matcher.feed(c) for c in chunks) == emitted
+    assert matcher.stopped is stopped
+    assert matcher.flush() == held
