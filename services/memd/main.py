@@ -29,8 +29,9 @@ def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
     num_slots = min(budget // store.slot_bytes, store.num_layers * store.num_experts)
     minimum = store.num_experts * store.slot_bytes
     if num_slots < store.num_experts:
-        raise ValueError(f"--expert-memory {spec} is {format_bytes(budget)}, too small to hold one layer's"
-                         f" {store.num_experts} experts: the minimum is {format_bytes(minimum)} ({minimum} bytes)")
+        given = f"{spec} ({format_bytes(budget)})" if spec.fraction is not None else str(spec)
+        raise ValueError(f"--expert-memory {given} is too small to hold one layer's {store.num_experts} experts:"
+                         f" the minimum is {format_bytes(minimum)} ({minimum} bytes)")
     return num_slots
 
 

@@ -1,0 +1,128 @@
+"""``build_config``: explicit values > ``MOEINF_*`` variables > defaults, with errors that name the flag."""
+import argparse
+from pathlib import Path
+
+import pytest
+
+from common.config import MemdConfig, WorkerConfig, add_config_args, build_config, env_name
+
+
+def parse(argv, cls=MemdConfig):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, cls)
+    return parser.parse_args(argv)
+
+
+def test_defaults():
+    cfg = build_config(MemdConfig, env={}, model="/m")
+    assert cfg.model == Path("/m")
+    assert cfg.expert_memory == "100%"
+    assert cfg.read_threads == 4 and cfg.direct_io is True and cfg.handshake_timeout_s == 60.0
+    assert cfg.log_level == "info" and cfg.max_clients == 16
+    assert isinstance(cfg.state_dir, Path)
+
+
+def test_env_overrides_default_and_is_converted():
+    env = {"MOEINF_MODEL": "/env/model", "MOEINF_READ_THREADS": "7", "MOEINF_DIRECT_IO": "off",
+           "MOEINF_HANDSHAKE_TIMEOUT_S": "2.5", "MOEINF_STATE_DIR": "/tmp/st", "MOEINF_EXPERT_MEMORY": "25%"}
+    cfg = build_config(MemdConfig, env=env)
+    assert cfg.model == Path("/env/model")
+    assert cfg.read_threads == 7 and type(cfg.read_threads) is int
+    assert cfg.direct_io is False
+    assert cfg.handshake_timeout_s == 2.5
+    assert cfg.state_dir == Path("/tmp/st")
+    assert cfg.expert_memory == "25%"
+
+
+def test_explicit_args_override_env():
+    env = {"MOEINF_MODEL": "/env/model", "MOEINF_READ_THREADS": "7", "MOEINF_DIRECT_IO": "off"}
+    args = parse(["--model", "/flag/model", "--read-threads", "2", "--direct-io"])
+    cfg = build_config(MemdConfig, args, env=env)
+    assert cfg.model == Path("/flag/model") and cfg.read_threads == 2 and cfg.direct_io is True
+    # a flag left out falls back to the env variable, then to the default
+    cfg = build_config(MemdConfig, parse(["--read-threads", "3"]), env=env)
+    assert cfg.model == Path("/env/model") and cfg.read_threads == 3 and cfg.direct_io is False
+    assert cfg.max_clients == 16
+
+
+def test_keyword_overrides_win_over_args_and_env():
+    env = {"MOEINF_MODEL": "/env/model", "MOEINF_READ_THREADS": "7"}
+    cfg = build_config(MemdConfig, parse(["--read-threads", "2"]), env=env, read_threads=5, model="/kw")
+    assert cfg.read_threads == 5 and cfg.model == Path("/kw")
+
+
+def test_env_defaults_to_os_environ(monkeypatch):
+    monkeypatch.setenv("MOEINF_MODEL", "/from/os/environ")
+    monkeypatch.setenv("MOEINF_MAX_CLIENTS", "3")
+    cfg = build_config(MemdConfig)
+    assert cfg.model == Path("/from/os/environ") and cfg.max_clients == 3
+
+
+@pytest.mark.parametrize("raw, value", [("on", True), ("off", False), ("ON", True), ("Off", False), ("1", True),
+                                        ("0", False), ("true", True), ("false", False), ("yes", True),
+                                        ("no", False), (" on ", True)])
+def test_bool_parsing(raw, value):
+    assert build_config(MemdConfig, env={"MOEINF_DIRECT_IO": raw}, model="/m").direct_io is value
+    assert build_config(MemdConfig, parse(["--direct-io", raw]), env={}, model="/m").direct_io is value
+
+
+def test_bare_bool_flag_means_on():
+    assert build_config(MemdConfig, parse(["--direct-io"]), env={"MOEINF_DIRECT_IO": "off"}, model="/m").direct_io
+
+
+def test_bad_bool_names_the_flag():
+    with pytest.raises(ValueError, match=r"--direct-io: 'maybe' is not a boolean \(use on/off"):
+        build_config(MemdConfig, env={"MOEINF_DIRECT_IO": "maybe"}, model="/m")
+
+
+@pytest.mark.parametrize("name, raw, kind", [("read_threads", "four", "int"), ("read_threads", "2.5", "int"),
+                                             ("max_clients", "", "int"), ("handshake_timeout_s", "soon", "float")])
+def test_bad_number_names_the_flag(name, raw, kind):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError) as info:
+        build_config(MemdConfig, env={env_name(name): raw}, model="/m")
+    assert str(info.value) == f"{flag}: {raw!r} is not a valid {kind}"
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        build_config(MemdConfig, parse([flag, raw]), env={}, model="/m")
+
+
+def test_model_is_required():
+    with pytest.raises(ValueError, match=r"--model is required.*MOEINF_MODEL"):
+        build_config(MemdConfig, env={})
+    with pytest.raises(ValueError, match="--model is required"):
+        MemdConfig()
+    with pytest.raises(ValueError, match="--model is required"):
+        build_config(WorkerConfig, env={"MOEINF_READ_THREADS": "2"})
+
+
+def test_read_threads_must_be_positive():
+    with pytest.raises(ValueError, match="--read-threads must be >= 1"):
+        build_config(MemdConfig, env={"MOEINF_READ_THREADS": "0"}, model="/m")
+
+
+def test_env_names_and_addresses(tmp_path):
+    assert env_name("expert_memory") == "MOEINF_EXPERT_MEMORY"
+    cfg = build_config(MemdConfig, env={}, model="/m", state_dir=str(tmp_path))
+    assert cfg.rpc_addr == f"ipc://{tmp_path.resolve()}/memd.sock"
+    assert cfg.trace_addr == f"ipc://{tmp_path.resolve()}/memd-trace.sock"
+    worker = build_config(WorkerConfig, env={}, model="/m", state_dir=str(tmp_path))
+    assert worker.memd_rpc_addr == cfg.rpc_addr and worker.memd_trace_addr == cfg.trace_addr
+
+
+@pytest.mark.parametrize("cls", [MemdConfig, WorkerConfig])
+def test_help_names_env_variable_and_default(cls):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, cls)
+    text = " ".join(parser.format_help().split())  # "%" in help texts must not break argparse's %-formatting
+    assert "--state-dir" in text and "[env MOEINF_STATE_DIR; default" in text
+    if cls is MemdConfig:
+        assert "all expert bytes (25%) [env MOEINF_EXPERT_MEMORY; default 100%]" in text
+        assert "%%" not in text
+
+
+def test_memd_cli_help_renders():
+    from common.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["memd", "--help"])
+    assert info.value.code == 0
