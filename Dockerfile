@@ -1,11 +1,29 @@
+# One image for all three services: compose.yaml runs `moeinf memd`, `moeinf worker` and `moeinf gateway` from it,
+# and `docker run IMAGE` alone runs `moeinf serve` (the demo model without --model). docs/deploy.md explains it.
 FROM python:3.11-slim
+
+# torch first, from the PyTorch index, so that `pip install .` finds it installed and never pulls a CUDA build from
+# PyPI. The defaults are the CPU build that `make install` pins; compose.gpu.yaml passes a CUDA index and [cuda].
+ARG TORCH=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=""
+
+# Nothing is downloaded at run time: the tokenizer and the weights come from the mounted checkpoint.
+ENV PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false \
+    MOEINF_STATE_DIR=/state \
+    MOEINF_DEMO_DIR=/state/demo-model
+
 WORKDIR /app
+RUN pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
 COPY common ./common
 COPY services ./services
-# CPU torch from the PyTorch index keeps the image small; the cuda extra adds cupy for the GPU backend.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".${EXTRAS}"
+
+# A non-root user; /state is created here so that a fresh named volume mounted on it inherits the ownership.
+RUN useradd --create-home --uid 1000 moeinf && mkdir -p /state && chown moeinf:moeinf /state
+USER moeinf
 EXPOSE 8000
-ENTRYPOINT []
 CMD ["moeinf", "serve", "--host", "0.0.0.0"]

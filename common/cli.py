@@ -48,6 +48,12 @@ def cmd_serve(args) -> int:
     return run(cfg)
 
 
+def cmd_health(args) -> int:
+    from services.health import HealthConfig, run
+
+    return run(args.service, build_config(HealthConfig, args))
+
+
 def cmd_demo_model(args) -> int:
     from common.demo_model import DemoSize, write_demo_model
 
@@ -87,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, GatewayConfig)
     p.set_defaults(func=cmd_gateway)
 
+    from services.health import SERVICES, HealthConfig
+
+    p = sub.add_parser("health", help="exit 0 if a service answers and is ready, 1 if not (container healthchecks)")
+    p.add_argument("service", choices=SERVICES)
+    add_config_args(p, HealthConfig)
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("demo-model", help="write a random-weight Mixtral checkpoint with the real Mixtral tokenizer")
     p.add_argument("dir")
     for name, default in (("layers", 4), ("experts", 8), ("top-k", 2), ("hidden", 256), ("intermediate", 512),
@@ -106,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_bench_overhead)
+    from services.bench.cache import add_parsers
+
+    add_parsers(bench)
+    from services.bench.e2e import add_parser as add_e2e_parser
+
+    add_e2e_parser(bench)
     return parser
 
 

@@ -13,8 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.sizes import parse_size
+
 ENV_PREFIX = "MOEINF_"
 PROTOCOL_VERSION = 1
+POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 
 
 def knob(default, help: str, **extra):
@@ -99,8 +102,21 @@ class MemdConfig:
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
+    read_chunk: str = knob("1MiB", "reads go in chunks of this size; an on-demand load waits for at most one"
+                                   " chunk of a prefetch")
     max_clients: int = knob(16, "most workers attached at once")
     handshake_timeout_s: float = knob(60.0, "seconds to wait for a peer during start-up")
+    policy: str = knob("activation", "eviction policy: lru, lfu or activation (decode reuse, predicted need,"
+                                     " shallow-layer bias, frequency; prefill-only experts transient)")
+    prefetch: bool = knob(True, "prefetch the experts the EAMC match and the next-gate guess predict")
+    prefetch_window: int = knob(4, "lookahead in MoE layers (across the step boundary into the next step)")
+    prefetch_threshold: float = knob(0.3, "predicted probability of use below which an expert is not prefetched")
+    prefetch_budget: str = knob("auto", "bytes in flight for prefetches: auto (read bandwidth x time per layer x"
+                                        " window) or a size (64MiB)")
+    eamc_capacity: int = knob(256, "finished requests' activation matrices kept in the EAMC (persisted in the state"
+                                   " directory)")
+    eamc_top: int = knob(4, "EAMC members whose weighted average predicts a request's experts")
+    max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -110,6 +126,15 @@ class MemdConfig:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:
+            raise ValueError("--prefetch-window, --eamc-capacity, --eamc-top and --max-traced-requests must be >= 1")
+        if not 0 < self.prefetch_threshold <= 1:
+            raise ValueError("--prefetch-threshold must be in (0, 1]")
+        parse_size(self.read_chunk, what="--read-chunk")
+        if self.prefetch_budget != "auto":
+            parse_size(self.prefetch_budget, what="--prefetch-budget")
 
     @property
     def rpc_addr(self) -> str:
@@ -126,9 +151,17 @@ class WorkerConfig:
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     max_model_len: int = knob(0, "longest prompt + completion in tokens (0: the model's max_position_embeddings)")
     max_queued: int = knob(64, "most generation requests waiting in the worker before it refuses new ones")
+    max_running: int = knob(8, "most requests batched together (each holds a KV cache); more wait in the queue")
+    max_step_tokens: int = knob(512, "most tokens in one forward pass: decode tokens plus prompt chunks; at least"
+                                     " --max-prefill-chunk + --max-running")
+    max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
+                                       " steps, so running requests keep decoding meanwhile")
     threads: int = knob(0, "torch intra-op threads (0: torch's default)")
     handshake_timeout_s: float = knob(60.0, "seconds to wait for memd during start-up")
     memd_timeout_s: float = knob(120.0, "seconds one expert acquire may take before memd is declared dead")
+    record_trace: Path | None = knob(None, "write every token's routing to this file (JSON Lines, docs/traces.md)")
+    next_gate: bool = knob(True, "guess the next MoE layer's experts with its router on this layer's input and tell"
+                                 " memd (one small matmul per layer)")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -136,6 +169,15 @@ class WorkerConfig:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.record_trace is not None:
+            object.__setattr__(self, "record_trace", Path(self.record_trace))
+        for name in ("max_queued", "max_running", "max_step_tokens", "max_prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be >= 1")
+        if self.max_step_tokens < self.max_prefill_chunk + self.max_running:
+            raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
+                             f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"
+                             " chunk always fits next to the running requests' decode tokens")
 
     @property
     def memd_rpc_addr(self) -> str:
@@ -177,6 +219,11 @@ class GatewayConfig:
     def worker_addr(self) -> str:
         return f"ipc://{self.state_dir.resolve() / 'worker.sock'}"
 
+    @property
+    def memd_addr(self) -> str:
+        """memd's RPC socket: /metrics relays its STATS."""
+        return f"ipc://{self.state_dir.resolve() / 'memd.sock'}"
+
 
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
@@ -192,6 +239,9 @@ class ServeConfig:
     demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
     startup_timeout_s: float = knob(600.0, "seconds each service may take to become ready")
     max_restarts: int = knob(5, "restarts of a crashing service before serve gives up")
+    policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
+    prefetch: bool = knob(True, "memd prefetches predicted experts")
+    record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -199,3 +249,7 @@ class ServeConfig:
         object.__setattr__(self, "demo_dir", Path(self.demo_dir))
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))
+        if self.record_trace is not None:
+            object.__setattr__(self, "record_trace", Path(self.record_trace))
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

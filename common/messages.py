@@ -70,6 +70,10 @@ class AcquireRequest:
     experts: list[int]
     requests: list[str] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
+    step: int = 0  # the worker's forward-step counter: memd places the layer in time (lookahead, stale prefetches)
+    prefill: list[bool] = field(default_factory=list)  # per request: this step is (part of) its prompt
+    speculated: list[int] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
+    speculated_tokens: list[int] = field(default_factory=list)  # ... and how many tokens picked each
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,30 @@ class StatsRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LayerStats:
+    """One MoE layer's cache and prefetch counters (``StatsReply.layers``)."""
+
+    layer: int
+    hits: int
+    misses: int  # on-demand loads
+    prefetch_issued: int
+    prefetch_used: int
+    prefetch_wasted: int
+    stall_seconds: float  # time acquires of this layer waited for loads
+    bytes_read: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookaheadStats:
+    """Prediction quality ``distance`` layers ahead: precision = correct / predicted, recall = correct / routed."""
+
+    distance: int
+    predicted: int  # experts predicted for the target layer (summed over targets)
+    correct: int  # of those, routed there
+    routed: int  # experts routed at the target layers
+
+
+@dataclass(frozen=True, slots=True)
 class StatsReply:
     pid: int
     pool_bytes: int
@@ -104,6 +132,26 @@ class StatsReply:
     stall_seconds: float
     direct_io: bool
     resident_per_layer: list[int]
+    policy: str = "lru"
+    prefetch: bool = False
+    tokens: int = 0  # tokens the step traces reported (misses per token = misses / tokens)
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # acquired before being evicted
+    prefetch_wasted: int = 0  # evicted or cancelled before any acquire
+    prefetch_cancelled: int = 0  # of the wasted: cancelled because their layer had passed (or a load needed the slot)
+    prefetch_late: int = 0  # of the used: still loading when acquired (the worker waited, but less)
+    prefetch_precision: float = 0.0  # used / (used + wasted)
+    prefetch_recall: float = 0.0  # used / (used + misses): the needed loads a prefetch had started
+    eamc_size: int = 0
+    eamc_capacity: int = 0
+    match_similarity: float = 0.0  # mean cosine similarity of the best EAMC match
+    trace_steps: int = 0  # step traces received
+    trace_lost: int = 0  # step traces the worker sent that never arrived (gaps in its step numbers)
+    read_bandwidth: float = 0.0  # bytes/s, measured
+    layer_seconds: float = 0.0  # observed time per MoE layer
+    layers: list[LayerStats] = field(default_factory=list)
+    lookahead: list[LookaheadStats] = field(default_factory=list)
+    next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)
@@ -117,6 +165,30 @@ class RequestStartEvent:
 class RequestEndEvent:
     request: str
     generated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTrace:
+    """One MoE layer of one step: ``tokens[r][j]`` tokens of request r went to ``experts[j]``, with router weights
+    summing to ``weights[r][j]``; ``speculated`` is the next-gate guess for the next MoE layer (empty for the last)."""
+
+    layer: int
+    experts: list[int]
+    tokens: list[list[int]]
+    weights: list[list[float]]
+    speculated: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepTraceEvent:
+    """Everything one forward step routed, per request, sent once the step is over (batched, fire-and-forget)."""
+
+    worker: int  # pid: step numbers are per worker
+    step: int
+    requests: list[str]
+    tokens: list[int]  # tokens of each request in this step
+    prefill: list[bool]  # per request
+    layers: list[LayerTrace]
 
 
 # ---------------------------------------------------------------- gateway <-> worker (RPC, DEALER -> ROUTER)

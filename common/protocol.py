@@ -27,6 +27,7 @@ class Op(enum.IntEnum):
     # worker -> memd trace stream
     REQUEST_START = 32
     REQUEST_END = 33
+    STEP_TRACE = 34
     # gateway -> worker
     GENERATE = 64
     CANCEL = 65
@@ -48,11 +49,12 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.STATS: Rpc(m.StatsRequest, m.StatsReply, Handler.INLINE),
     Op.REQUEST_START: Rpc(m.RequestStartEvent, None, Handler.INLINE),
     Op.REQUEST_END: Rpc(m.RequestEndEvent, None, Handler.INLINE),
+    Op.STEP_TRACE: Rpc(m.StepTraceEvent, None, Handler.INLINE),
     Op.GENERATE: Rpc(m.GenerateRequest, m.TokensReply, Handler.STREAM),
     Op.CANCEL: Rpc(m.CancelRequest, m.CancelReply, Handler.INLINE),
     Op.WORKER_INFO: Rpc(m.WorkerInfoRequest, m.WorkerInfoReply, Handler.INLINE),
 }
 
 MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS})
-MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END})
+MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END, Op.STEP_TRACE})
 WORKER_OPS = frozenset({Op.GENERATE, Op.CANCEL, Op.WORKER_INFO})

@@ -56,8 +56,12 @@ class Supervisor:
     def __init__(self, cfg: ServeConfig, model: Path):
         self.cfg, self.model = cfg, model
         common = ["--model", str(model), "--state-dir", str(cfg.state_dir), "--log-level", cfg.log_level]
-        self.memd = Child("memd", ["memd", *common, "--expert-memory", cfg.expert_memory])
-        self.worker = Child("worker", ["worker", *common, "--max-queued", str(cfg.max_queued)])
+        self.memd = Child("memd", ["memd", *common, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
+                                   "--prefetch", "on" if cfg.prefetch else "off"])
+        worker = ["worker", *common, "--max-queued", str(cfg.max_queued)]
+        if cfg.record_trace is not None:
+            worker += ["--record-trace", str(cfg.record_trace)]
+        self.worker = Child("worker", worker)
         gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
             gateway += ["--served-model-name", cfg.served_model_name]

@@ -20,7 +20,10 @@ FAMILIES = {
     "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                         first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_hidden_layers=5,
-                        rope_scaling=None),
+                        rope_scaling=None,
+                        # as in the real checkpoints: latent attention expands keys to every head (with fewer "kv
+                        # heads", transformers 5.24's sdpa repeats them again and a prompt cannot be prefilled in chunks)
+                        num_key_value_heads=4),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16),
 }
 SHARDED = "qwen3_moe"  # written in several shards with model.safetensors.index.json

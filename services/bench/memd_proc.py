@@ -30,12 +30,17 @@ class MemdProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> MemdProcess:
+        """Start memd and wait until it serves; on any failure (or Ctrl-C) it is stopped and cleaned up here."""
         cmd = [sys.executable, "-m", "common.cli", "memd", "--model", str(self.model), "--state-dir",
                str(self.state_dir), "--expert-memory", self.expert_memory]
-        with open(self.log_path, "wb") as log:
-            # own session: a Ctrl-C in the terminal reaches only the bench, which then stops memd in order
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
+        try:
+            with open(self.log_path, "wb") as log:
+                # own session: a Ctrl-C in the terminal reaches only the bench, which then stops memd in order
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -78,11 +83,7 @@ class MemdProcess:
         return self.proc.pid if self.proc is not None else None
 
     def __enter__(self) -> MemdProcess:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -5,7 +5,8 @@ by the same loop (``services.worker.engine.Engine``: one forward per token, exac
 runs), so the only difference between them is where the experts live:
 
 * ``transformers``: ``AutoModelForCausalLM.from_pretrained``, every weight resident, transformers' default
-  experts implementation (``grouped_mm``). Its output is checked against ``model.generate`` once.
+  experts implementation (``grouped_mm``). Its ``model.generate`` output is the reference that every timed run
+  of every system must reproduce token for token.
 * ``moeinf-<memory>``: a real ``moeinf memd --expert-memory <memory>`` process and the worker's model bound to
   it (``services.worker.main.attach``): per MoE layer an acquire RPC, then grouped_mm on views of the pool.
 
@@ -32,7 +33,6 @@ from common.sizes import parse_size
 from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
 from services.bench.report import Summary, format_table, summarize, write_json
 
-log = logging.getLogger("moeinf.bench")
 STAT_FIELDS = ("hits", "misses", "bytes_read", "read_seconds", "stall_seconds")
 PROMPT_SEED = 0
 
@@ -128,12 +128,13 @@ def _max_len(model) -> int:
 
 
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
-    _progress(f"loading transformers ({opts.model})")
-    systems = [TransformersSystem(opts.model)]
+    """``[transformers, moeinf-<memory>...]``; the memd processes start first, so a bad setting fails fast."""
+    moeinf = []
     for memory in opts.memory:
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        systems.append(MoeinfSystem(opts.model, memory, threads, stack))
-    return systems
+        moeinf.append(MoeinfSystem(opts.model, memory, threads, stack))
+    _progress(f"loading transformers ({opts.model})")
+    return [TransformersSystem(opts.model), *moeinf]
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

@@ -13,6 +13,7 @@ from common import messages as m
 from common.config import GatewayConfig
 from services.gateway import requests as rq
 from services.gateway.errors import ApiError, bad_request, too_many, unavailable
+from services.gateway.metrics import GatewayMetrics, RequestClock, metrics_middleware
 from services.gateway.openapi import openapi_spec
 from services.gateway.output import Output
 from services.gateway.text import TextCodec
@@ -28,6 +29,7 @@ class Gateway:
         self.active = 0
         self.info: m.WorkerInfoReply | None = None
         self.health_reason = "the worker has not answered yet"
+        self.metrics = GatewayMetrics(self, cfg.memd_addr)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
@@ -38,6 +40,7 @@ class Gateway:
         self._poller.cancel()
         await asyncio.gather(self._poller, return_exceptions=True)
         await self.link.close()
+        self.metrics.close()
 
     async def _poll_health(self) -> None:
         while True:
@@ -104,10 +107,12 @@ class Gateway:
         if self.active >= self.cfg.max_queued:
             raise too_many(f"{self.active} requests are in progress (limit {self.cfg.max_queued}); retry shortly", 1)
         self.active += 1
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        clock = self.metrics.clock(request.get("received", time.perf_counter()))
         try:
             if job.stream:
-                return await self.stream(request, job, info)
-            return await self.complete(job, info)
+                return await self.stream(request, job, info, clock)
+            return await self.complete(job, info, clock)
         finally:
             self.active -= 1
 
@@ -116,12 +121,13 @@ class Gateway:
                                  stop_token_ids=list(info.eos_token_ids), temperature=job.temperature,
                                  top_p=job.top_p, top_k=job.top_k, seed=job.seed)
 
-    async def tokens(self, job: rq.Job, info: m.WorkerInfoReply, out: Output):
+    async def tokens(self, job: rq.Job, info: m.WorkerInfoReply, out: Output, clock: RequestClock):
         """Yield text deltas; cancels the worker's generation on a stop string, an error or a disconnect."""
         req = self.worker_request(job, info)
         finished = False
         try:
             async for reply in self.link.generate(req, self.cfg.step_timeout_s):
+                clock.add(len(reply.tokens))
                 delta = out.add(reply.tokens, reply.finish_reason)
                 finished = out.finish_reason is not None
                 yield delta
@@ -134,20 +140,27 @@ class Gateway:
             raise ApiError(status, str(exc), type="invalid_request_error" if status == 400 else "server_error",
                            code=exc.code) from None
         finally:
+            clock.done()
             if not finished or out.stop.stopped:
                 asyncio.ensure_future(self.link.cancel(req.request))
 
-    async def complete(self, job: rq.Job, info: m.WorkerInfoReply) -> web.Response:
+    async def complete(self, job: rq.Job, info: m.WorkerInfoReply, clock: RequestClock) -> web.Response:
         out = Output(self.codec, job)
-        async for _ in self.tokens(job, info, out):
+        async for _ in self.tokens(job, info, out, clock):
             pass
         return web.json_response(out.body())
 
-    async def stream(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply) -> web.StreamResponse:
+    async def stream(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply,
+                     clock: RequestClock) -> web.StreamResponse:
+        with self.metrics.streams.track_inprogress():
+            return await self._stream(request, job, info, clock)
+
+    async def _stream(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply,
+                      clock: RequestClock) -> web.StreamResponse:
         out = Output(self.codec, job)
         response = None
         first = True
-        async for delta in self.tokens(job, info, out):
+        async for delta in self.tokens(job, info, out, clock):
             if response is None:
                 response = await start_sse(request)
             if delta or first:
@@ -206,14 +219,15 @@ async def errors_middleware(request: web.Request, handler):
 
 
 def build_app(cfg: GatewayConfig, codec: TextCodec) -> web.Application:
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[metrics_middleware, errors_middleware])
     gateway = Gateway(cfg, codec)
-    app["cfg"], app["gateway"] = cfg, gateway
+    app["cfg"], app["gateway"], app["metrics"] = cfg, gateway, gateway.metrics
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/openapi.json", gateway.openapi)
+    app.router.add_get("/metrics", gateway.metrics.handle)
     app.router.add_post("/v1/completions", gateway.completions)
     app.router.add_post("/v1/chat/completions", gateway.chat)
     return app

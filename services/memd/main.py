@@ -12,11 +12,12 @@ import signal
 from common.checkpoint import Checkpoint
 from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
-from services.memd.policy import make_policy
+from services.memd.core import ExpertManager, Knobs
+from services.memd.eamc import FILE_NAME as EAMC_FILE
+from services.memd.eamc import load_or_empty
 from services.memd.pool import SharedPool, StateLock, pool_name
 from services.memd.reader import ExpertReader
 from services.memd.server import MemdServer
-from services.memd.slots import SlotTable
 from services.memd.store import ExpertStore
 
 log = logging.getLogger("moeinf.memd")
@@ -47,9 +48,10 @@ def run(cfg: MemdConfig) -> int:
         pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", pool.path, num_slots, format_bytes(pool.nbytes),
                  100 * num_slots / (store.num_layers * store.num_experts))
-        reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io)
-        table = SlotTable(num_slots, store.num_layers, make_policy("lru"))
-        asyncio.run(_serve(MemdServer(cfg, store, table, reader, pool.name, pool.nbytes)))
+        reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io, threads=cfg.read_threads,
+                              chunk=parse_size(cfg.read_chunk, what="--read-chunk").resolve(0))
+        core = build_core(cfg, store, num_slots)
+        asyncio.run(_serve(MemdServer(cfg, store, core, reader, pool.name, pool.nbytes)))
     finally:
         if reader is not None:
             reader.close()
@@ -58,6 +60,15 @@ def run(cfg: MemdConfig) -> int:
         lock.release()
     log.info("memd stopped")
     return 0
+
+
+def build_core(cfg: MemdConfig, store: ExpertStore, num_slots: int) -> ExpertManager:
+    """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
+    knobs = Knobs.from_config(cfg)
+    eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
+                         model=cfg.model.resolve().name)
+    top_k = getattr(store.config.get_text_config(), "num_experts_per_tok", None) or 2
+    return ExpertManager(num_slots, store.num_layers, store.num_experts, top_k, store.expert_bytes, knobs, eamc)
 
 
 async def _serve(server: MemdServer) -> None:

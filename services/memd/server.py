@@ -1,7 +1,9 @@
 """memd's RPC and trace sockets: receive -> decide -> act -> reply.
 
 One reader task per socket. Inline handlers run on the event loop; acquire runs as its own task so many are
-in flight, and awaits only the reads it needs (reads run in a thread pool, several experts of a layer at once).
+in flight, and awaits only the reads it needs (reads run in reader threads, several experts at once). Decisions
+(what to load, prefetch, evict or cancel; what the traces teach) are the core's (``services/memd/core.py``); this
+module moves messages, starts reads (``services/memd/loads.py``) and saves the EAMC now and then.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -21,12 +23,16 @@ from common.codec import ProtocolError, decode, encode, peek
 from common.config import PROTOCOL_VERSION, MemdConfig
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
+from services.memd.core import ExpertManager
+from services.memd.eamc import FILE_NAME as EAMC_FILE
+from services.memd.loads import LoadError, Loads
 from services.memd.reader import ExpertReader
-from services.memd.slots import PoolExhausted, SlotTable
+from services.memd.slots import PoolExhausted
 from services.memd.store import ExpertStore
 
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
+EAMC_SAVE_INTERVAL_S = 30.0
 
 
 class RpcError(Exception):
@@ -43,18 +49,20 @@ class Client:
 
 
 class MemdServer:
-    def __init__(self, cfg: MemdConfig, store: ExpertStore, table: SlotTable, reader: ExpertReader,
+    def __init__(self, cfg: MemdConfig, store: ExpertStore, core: ExpertManager, reader: ExpertReader,
                  pool_name: str, pool_bytes: int):
-        self.cfg, self.store, self.table, self.reader = cfg, store, table, reader
+        self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
+        self.table = core.table
+        self.loads = Loads(core, reader)
         self.pool_name, self.pool_bytes = pool_name, pool_bytes
-        self.executor = ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="memd-read")
+        self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, Client] = {}
-        self.inflight: dict[tuple[int, int], asyncio.Task] = {}
         self.trace_events = Counter()
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
             Op.RELEASE: self.on_release, Op.STATS: self.on_stats,
-            Op.REQUEST_START: self.on_trace, Op.REQUEST_END: self.on_trace,
+            Op.REQUEST_START: self.on_request_start, Op.REQUEST_END: self.on_request_end,
+            Op.STEP_TRACE: self.on_step_trace,
         }
         assert set(self.handlers) == MEMD_RPC_OPS | MEMD_TRACE_OPS
         self._stop = asyncio.Event()
@@ -65,9 +73,10 @@ class MemdServer:
         self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True)
         self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM)
         tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self._read_trace()),
-                 asyncio.create_task(self._watch_clients())]
-        log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s", self.table.num_slots,
-                 self.store.slot_bytes, self.store.num_layers, self.store.num_experts, self.cfg.rpc_addr)
+                 asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then())]
+        log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s; policy %s, prefetch %s",
+                 self.table.num_slots, self.store.slot_bytes, self.store.num_layers, self.store.num_experts,
+                 self.cfg.rpc_addr, self.core.policy_name, "on" if self.core.prefetching else "off")
         try:
             await self._stop.wait()
         finally:
@@ -79,7 +88,21 @@ class MemdServer:
             ctx.term()
             remove_ipc_file(self.cfg.rpc_addr)
             remove_ipc_file(self.cfg.trace_addr)
-            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.save_eamc()
+
+    def save_eamc(self) -> None:
+        if not self.core.eamc.dirty:
+            return
+        try:
+            self.core.eamc.save(self.eamc_path)
+            log.info("EAMC: %d activation patterns saved to %s", len(self.core.eamc), self.eamc_path)
+        except OSError as exc:
+            log.warning("could not save the EAMC to %s: %s", self.eamc_path, exc)
+
+    async def _save_eamc_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(EAMC_SAVE_INTERVAL_S)
+            self.save_eamc()
 
     def stop(self) -> None:
         self._stop.set()
@@ -141,7 +164,10 @@ class MemdServer:
             except ProtocolError as exc:
                 log.warning("rejected trace frame: %s", exc)
                 continue
-            self.handlers[op](None, event)
+            try:
+                self.handlers[op](None, event)
+            except Exception:  # a bug in learning from traces must not stop memd from reading them
+                log.exception("%s failed", op.name)
 
     async def _watch_clients(self) -> None:
         """Release the pins of workers that died without releasing (their pid is gone)."""
@@ -154,6 +180,7 @@ class MemdServer:
 
     def _drop_client(self, identity: bytes) -> None:
         client = self.clients.pop(identity, None)
+        self.core.forget_worker(identity)
         if client:
             for key, n in client.pins.items():
                 for _ in range(n):
@@ -194,15 +221,37 @@ class MemdServer:
             self.table.pin(key)
             client.pins[key] += 1
         try:
-            hits, waits = self._start_loads(keys)
+            start = time.perf_counter()
+            plan = self.core.acquire(identity, req, start)
+            waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
+            waits += [self.loads.promote(key) for key in plan.joins]
+            waits += [asyncio.create_task(self.loads.demand(key, plan.transient)) for key in plan.blocked]
+            # right after this acquire's reply (or while its loads run): it never delays the reply
+            asyncio.get_running_loop().call_soon(self._prefetch, identity, req)
             if waits:
-                start = time.perf_counter()
                 await asyncio.gather(*waits)
-                self.table.counters.stall_seconds += time.perf_counter() - start
+                self.core.stall(req.layer, time.perf_counter() - start)
+        except PoolExhausted as exc:
+            self._unpin(client, keys)
+            raise RpcError("capacity", str(exc)) from None
+        except LoadError as exc:
+            self._unpin(client, keys)
+            raise RpcError("io", str(exc)) from None
         except BaseException:
             self._unpin(client, keys)
             raise
-        return m.AcquireReply([self.table.slot_of[k] for k in keys], hits)
+        return m.AcquireReply([self.table.slot_of[k] for k in keys], plan.hits)
+
+    def _prefetch(self, identity: bytes, req: m.AcquireRequest) -> None:
+        """Predict, cancel stale prefetches, start new ones. A failure here never fails the acquire."""
+        try:
+            plan = self.core.plan_prefetch(identity, req, self.reader.bandwidth)
+            for key in plan.cancel:
+                self.loads.cancel(key)
+            for key, slot, priority in plan.start:
+                self.loads.start(key, slot, demand=False, priority=priority)
+        except Exception:
+            log.exception("prefetch planning failed (the acquire goes on)")
 
     def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
         if not 0 <= req.layer < self.store.num_layers:
@@ -212,39 +261,11 @@ class MemdServer:
         if len(req.experts) > self.table.num_slots:
             raise RpcError("capacity", f"{len(req.experts)} experts asked at once but the pool has"
                                        f" {self.table.num_slots} slots; raise --expert-memory")
+        if req.tokens and (len(req.tokens) != len(req.requests) or any(len(r) != len(req.experts) for r in req.tokens)):
+            raise RpcError("bad_request", f"tokens must be {len(req.requests)} rows of {len(req.experts)} counts")
+        if any(not 0 <= e < self.store.num_experts for e in req.speculated):
+            raise RpcError("bad_request", f"speculated experts {req.speculated} out of range")
         return [(req.layer, e) for e in req.experts]
-
-    def _start_loads(self, keys):
-        hits, waits = 0, []
-        for key in keys:
-            if self.table.record_access(key):
-                if key in self.inflight:
-                    waits.append(self.inflight[key])
-                else:
-                    hits += 1
-                continue
-            try:
-                slot = self.table.reserve(key)
-            except PoolExhausted as exc:
-                raise RpcError("capacity", str(exc)) from None
-            task = asyncio.create_task(self._load(key, slot))
-            self.inflight[key] = task
-            waits.append(task)
-        return hits, waits
-
-    async def _load(self, key, slot) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            nbytes, seconds = await loop.run_in_executor(self.executor, self.reader.read, key, slot)
-        except Exception as exc:
-            self.table.abort(key)
-            log.error("reading expert %s failed: %s", key, exc)
-            raise RpcError("io", f"reading expert {key[1]} of MoE layer {key[0]} failed: {exc}") from None
-        finally:
-            self.inflight.pop(key, None)
-        self.table.loaded(key)
-        self.table.counters.bytes_read += nbytes
-        self.table.counters.read_seconds += seconds
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)
@@ -263,10 +284,20 @@ class MemdServer:
         resident = len(t.slot_of) - len(t.loading)
         return m.StatsReply(os.getpid(), self.pool_bytes, t.num_slots, resident, t.num_pinned, c.hits, c.misses,
                             c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
-                            t.resident_per_layer(self.store.num_layers))
+                            t.resident_per_layer(self.store.num_layers), read_bandwidth=self.reader.bandwidth or 0.0,
+                            **self.core.stats_fields())
 
-    def on_trace(self, identity, event) -> None:
+    def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
         self.trace_events[type(event).__name__] += 1
+        self.core.request_start(event.request)
+
+    def on_request_end(self, identity, event: m.RequestEndEvent) -> None:
+        self.trace_events[type(event).__name__] += 1
+        self.core.request_end(event.request)
+
+    def on_step_trace(self, identity, event: m.StepTraceEvent) -> None:
+        self.trace_events[type(event).__name__] += 1
+        self.core.step_trace(event)
 
 
 def _safe_rid(frame: bytes) -> int:

@@ -1,11 +1,14 @@
 """The slot table: which expert lives in which pool slot, which are pinned, which are loading.
 
 Pure bookkeeping (no I/O, no asyncio), so every rule is unit-testable: pinned or loading experts are never
-evicted; the policy only ever sees evictable residents.
+evicted; the policy only ever sees evictable residents. A prefetch takes a free slot, or evicts a victim that is not
+protected (imminently needed) and that the policy lets it replace; an on-demand load spares protected experts when
+it can, and evicts one when nothing else is left.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Collection, Mapping
 
 from services.memd.policy import EvictionPolicy, Key
 
@@ -36,6 +39,7 @@ class SlotTable:
         self.pins: dict[Key, int] = {}
         self.loading: set[Key] = set()
         self.counters = Counters(per_layer_hits=[0] * num_layers, per_layer_misses=[0] * num_layers)
+        self.on_evict: Callable[[Key], None] | None = None  # told of every eviction (prefetch accounting)
 
     # ---- queries
     def is_resident(self, key: Key) -> bool:
@@ -65,37 +69,66 @@ class SlotTable:
         else:
             self.pins[key] = n - 1
 
-    def record_access(self, key: Key) -> bool:
+    def record_access(self, key: Key, *, decode: bool = True) -> bool:
         """Count a hit or a miss for ``key``; True when it is resident (or already loading)."""
         layer = key[0]
         hit = key in self.slot_of
         if hit:
             self.counters.hits += 1
             self.counters.per_layer_hits[layer] += 1
-            self.policy.on_access(key)
         else:
             self.counters.misses += 1
             self.counters.per_layer_misses[layer] += 1
+        self.policy.on_access(key, decode=decode)
         return hit
 
-    def reserve(self, key: Key) -> int:
-        """Give ``key`` a slot (free, or evicting the policy's victim) and mark it loading."""
+    def reserve(self, key: Key, protect: Collection[Key] = ()) -> int:
+        """Give ``key`` a slot (free, or evicting the policy's victim, sparing ``protect`` if it can) and mark it
+        loading. Raises PoolExhausted when every slot is pinned or loading."""
         if self.free:
-            slot = self.free.pop()
-        else:
+            return self._take(key, self.free.pop())
+        victim = None
+        if protect:
+            victim = self.policy.victim(lambda k: self.evictable(k) and k not in protect)
+        if victim is None:
             victim = self.policy.victim(self.evictable)
-            if victim is None:
-                raise PoolExhausted(f"all {self.num_slots} pool slots are pinned or loading; raise --expert-memory")
-            slot = self.evict(victim)
-            self.free.remove(slot)
+        if victim is None:
+            raise PoolExhausted(f"all {self.num_slots} pool slots are pinned or loading; raise --expert-memory")
+        return self._take(key, self._evict_for(victim))
+
+    def reserve_prefetch(self, key: Key, priority: float, protect: Mapping[Key, float] | None = None) -> int | None:
+        """A slot for a prefetch of ``key``: free, or a victim that is not protected at this priority or above
+        (``protect``: imminently needed experts and their prefetch priorities) and that the policy lets a prefetch
+        of this priority replace. None when there is none (a prefetch never fails, it is just not done)."""
+        if self.free:
+            return self._take(key, self.free.pop())
+        protect = protect or {}
+        victim = self.policy.victim(lambda k: self.evictable(k) and protect.get(k, -1.0) < priority)
+        if victim is None or not self.policy.admits(key, victim, priority):
+            return None
+        return self._take(key, self._evict_for(victim))
+
+    def _evict_for(self, victim: Key) -> int:
+        slot = self.evict(victim)
+        self.free.remove(slot)
+        return slot
+
+    def _take(self, key: Key, slot: int) -> int:
         self.slot_of[key] = slot
         self.owner[slot] = key
         self.loading.add(key)
         return slot
 
-    def loaded(self, key: Key) -> None:
+    def loaded(self, key: Key, *, transient: bool = False) -> None:
         self.loading.discard(key)
-        self.policy.on_insert(key)
+        self.policy.on_insert(key, transient=transient)
+
+    def set_policy(self, policy: EvictionPolicy) -> None:
+        """Switch policies live: the new one learns the residents (it starts without their history)."""
+        self.policy = policy
+        for key in self.slot_of:
+            if key not in self.loading:
+                policy.on_insert(key)
 
     def abort(self, key: Key) -> None:
         """A load failed: give its slot back."""
@@ -112,4 +145,6 @@ class SlotTable:
         self.free.append(slot)
         self.policy.on_remove(key)
         self.counters.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key)
         return slot

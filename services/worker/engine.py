@@ -1,7 +1,9 @@
-"""Generation: prefill, decode, sampling, stop conditions. One forward per ``step``.
+"""Generation: sequences, sampling, stop conditions, and the forward of a step.
 
-Greedy decoding follows ``model.generate`` exactly (same inputs, ``logits_to_keep=1``, argmax of the last
-logits in float32), so the output is token-for-token that of plain transformers.
+``run`` is the worker's path: one forward for a whole scheduled step (see ``scheduler.py`` and ``varlen.py``).
+``step`` is the plain path for one sequence, the prompt first and then one token per call, exactly what
+``model.generate`` runs (``logits_to_keep=1``, argmax of the last logits in float32); ``moeinf bench overhead``
+drives plain transformers and moeinf through it. Both give a lone greedy request transformers' own tokens.
 """
 from __future__ import annotations
 
@@ -12,23 +14,40 @@ from transformers import DynamicCache
 
 from common import messages as m
 from services.worker.experts import set_step
+from services.worker.scheduler import Chunk
+from services.worker.varlen import Part, Varlen
 
 
 class RequestError(ValueError):
     """A request that cannot be served as asked; the message says why."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     req: m.GenerateRequest
     cache: DynamicCache
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cached: int = 0  # tokens whose keys and values are in the cache
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request
 
     @property
     def num_tokens(self) -> int:
         return len(self.req.prompt) + len(self.generated)
+
+    @property
+    def prompt_left(self) -> int:
+        return max(len(self.req.prompt) - self.cached, 0)
+
+    def next_tokens(self, limit: int) -> list[int]:
+        """The next ``limit`` prompt tokens, or the last generated one once the prompt is in the cache."""
+        if self.prompt_left:
+            return self.req.prompt[self.cached:self.cached + limit]
+        return self.generated[-1:]
 
 
 class Engine:
@@ -36,6 +55,11 @@ class Engine:
         self.model = model
         self.max_model_len = max_model_len
         self.vocab_size = model.config.get_text_config().vocab_size
+        self.varlen: Varlen | None = None
+
+    def enable_batching(self) -> None:
+        """Switch the model to varlen attention, which ``run`` needs (``step`` then no longer works)."""
+        self.varlen = Varlen(self.model)
 
     def start(self, req: m.GenerateRequest) -> Sequence:
         self.validate(req)
@@ -57,6 +81,22 @@ class Engine:
         if req.temperature < 0 or not 0 < req.top_p <= 1 or req.top_k < 0:
             raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
 
+    def run(self, step: list[Chunk]) -> list[int | None]:
+        """One forward for the whole step. Returns each chunk's new token, or None for a prompt chunk that is not
+        the prompt's last (nothing to sample yet)."""
+        if self.varlen is None:
+            raise RuntimeError("Engine.run needs enable_batching() first")
+        owner, positions, rows = _layout(step)
+        set_step([chunk.seq.request_id for chunk in step], torch.tensor(owner, dtype=torch.long), positions=positions,
+                 phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
+        logits = iter(self.varlen.forward([Part(c.seq.cache, c.seq.cached, c.tokens) for c in step], rows))
+        tokens = []
+        for chunk in step:
+            chunk.seq.cached += len(chunk.tokens)
+            samples = chunk.seq.cached == chunk.seq.num_tokens
+            tokens.append(self.accept(chunk.seq, next(logits)) if samples else None)
+        return tokens
+
     @torch.inference_mode()
     def step(self, seq: Sequence) -> int:
         """Run one forward (the whole prompt first, then one token) and return the next token."""
@@ -65,7 +105,11 @@ class Engine:
         set_step([seq.req.request], torch.zeros(len(ids), dtype=torch.long))
         out = self.model(input_ids=input_ids, attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long),
                          past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
-        token = sample(out.logits[0, -1].float(), seq.req, seq.generator)
+        seq.cached = seq.num_tokens
+        return self.accept(seq, out.logits[0, -1].float())
+
+    def accept(self, seq: Sequence, logits: torch.Tensor) -> int:
+        token = sample(logits, seq.req, seq.generator)
         seq.generated.append(token)
         seq.finish_reason = self.finish_reason(seq, token)
         return token
@@ -76,6 +120,19 @@ class Engine:
         if len(seq.generated) >= seq.req.max_tokens:
             return "length"
         return None
+
+
+def _layout(step: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
+    """Per flattened token: its chunk's index and its position; and the rows whose logits sample a token (the
+    last row of each chunk that completes its sequence's known tokens)."""
+    owner, positions, rows = [], [], []
+    for i, chunk in enumerate(step):
+        seq, n = chunk.seq, len(chunk.tokens)
+        owner.extend([i] * n)
+        positions.extend(range(seq.cached, seq.cached + n))
+        if seq.cached + n == seq.num_tokens:
+            rows.append(len(owner) - 1)
+    return owner, positions, rows
 
 
 def sample(logits: torch.Tensor, req: m.GenerateRequest, generator: torch.Generator | None) -> int:

@@ -4,17 +4,26 @@ Every family whose experts module is decorated with ``@use_experts_implementatio
 per-model code: the layer's routed experts are acquired from memd, and transformers' own grouped-matmul
 forward runs on zero-copy views into the shared pool. The pool is seen as ``[num_slots, ...]`` tensors (one
 strided view per expert parameter), expert ids are remapped to slot ids, so no weight is ever copied.
+
+Each layer also tells memd what it routed (per request, with the acquire, and batched per step on the trace
+socket, see ``tracing.py``) and guesses the next MoE layer's experts by running that layer's router on this
+layer's input (next-gate speculation: one ``[tokens, hidden] x [hidden, experts]`` matmul), so memd can prefetch.
+None of it touches the computed values: the output stays bit-identical.
 """
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from common import messages as m
+from services.worker.tracing import StepRecorder
 
 IMPLEMENTATION = "moeinf"
+NEXT_GATE_FLOAT32_BYTES = 256 << 20  # CPU: routers copied to float32 (bf16 matmuls are slow there) up to this much
 
 
 class StepContext(threading.local):
@@ -25,11 +34,25 @@ class StepContext(threading.local):
 
 
 STEP = StepContext()
+RECORDER = StepRecorder(None)  # replaced by bind(); without a memd client it records nothing
 
 
-def set_step(requests: list[str], token_owner: torch.Tensor) -> None:
+def set_step(requests: list[str], token_owner: torch.Tensor, *, positions=None, phases=None) -> None:
+    """Declare the next forward: ``token_owner[t]`` is the index in ``requests`` of flattened token t.
+
+    Call it once per forward step. It ends (flushes to memd and the trace file) the step before. ``positions``
+    (each token's position in its sequence) and ``phases`` (per request, "prefill" or "decode") default to: a
+    request's first step is its prompt, later steps decode, positions count on from the request's earlier tokens.
+    """
     STEP.requests = requests
     STEP.token_owner = token_owner
+    if RECORDER.client is not None:
+        RECORDER.begin(requests, token_owner, positions, phases)
+
+
+def end_step() -> None:
+    """Flush the current step's trace now (``set_step`` and a request's end do it anyway)."""
+    RECORDER.end_step()
 
 
 class PoolViews:
@@ -62,14 +85,67 @@ class SlotExperts:
         return getattr(self._module, name)
 
 
+@dataclass(frozen=True, slots=True)
+class NextGate:
+    """The next MoE layer's router, to guess its experts from this layer's input."""
+
+    weight: torch.Tensor  # [experts, hidden]
+    bias: torch.Tensor | None
+    correction: torch.Tensor | None  # DeepSeek-V3's e_score_correction_bias (added to sigmoid scores)
+    top_k: int
+
+    def guess(self, hidden_states: torch.Tensor, num_experts: int) -> tuple[list[int], list[int]]:
+        """Experts of the next layer and how many tokens' top-k picked each."""
+        hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
+        logits = F.linear(hidden, self.weight, self.bias)
+        if self.correction is not None:
+            logits = logits.float().sigmoid() + self.correction
+        top = torch.topk(logits, self.top_k, dim=-1).indices
+        counts = torch.bincount(top.reshape(-1), minlength=num_experts)
+        experts = torch.nonzero(counts).squeeze(1)
+        return experts.tolist(), counts[experts].tolist()
+
+
+def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None = None) -> NextGate | None:
+    """The router next to an experts module: a sibling with a ``[num_experts, hidden]`` weight (a detached copy in
+    ``dtype`` when given, so the guess never touches the model's own tensors)."""
+    for child in module.children():
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
+            if weight.is_meta:
+                return None
+            bias = getattr(child, "bias", None)
+            bias = bias if isinstance(bias, torch.Tensor) else None
+            correction = getattr(child, "e_score_correction_bias", None)
+            k = getattr(child, "top_k", None) or top_k
+            if dtype is not None:
+                weight = weight.detach().to(dtype, copy=True)
+                bias = None if bias is None else bias.detach().to(dtype, copy=True)
+            return NextGate(weight, bias, correction if isinstance(correction, torch.Tensor) else None, int(k))
+    return None
+
+
+def _guess_dtype(model, layers) -> torch.dtype | None:
+    """float32 for the guess on CPU when the model is in a half type and the copies stay small, else its own."""
+    hidden = model.config.get_text_config().hidden_size
+    copies = sum(layer.num_experts for layer in layers) * hidden * 4
+    param = next((p for p in model.parameters() if not p.is_meta), None)
+    if param is None or param.device.type != "cpu":
+        return None
+    if param.dtype in (torch.bfloat16, torch.float16) and copies <= NEXT_GATE_FLOAT32_BYTES:
+        return torch.float32
+    return None
+
+
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts, compute on their slots, release."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client):
+    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None):
         self.layer = layer
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views)
         self.client = client
+        self.next_gate = next_gate
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -82,8 +158,14 @@ class ExpertBinding:
     def forward(self, hidden_states, top_k_index, top_k_weights):
         experts = torch.unique(top_k_index)
         ids = experts.tolist()
-        requests, tokens = attribution(top_k_index, experts, self.num_experts)
-        slots = self.client.acquire(self.layer, ids, requests, tokens)
+        requests, tokens, weights = attribution(top_k_index, top_k_weights, experts, self.num_experts)
+        guess, guess_tokens = ([], []) if self.next_gate is None else self.next_gate.guess(hidden_states,
+                                                                                           self.num_experts)
+        step = RECORDER.open
+        prefill = step.prefill if step is not None and len(step.prefill) == len(requests) else []
+        slots = self.client.acquire(self.layer, ids, requests, tokens, step=RECORDER.step, prefill=prefill,
+                                    speculated=guess, speculated_tokens=guess_tokens)
+        RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights)
         try:
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
             remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
@@ -92,16 +174,19 @@ class ExpertBinding:
             self.client.release(self.layer, ids)
 
 
-def attribution(top_k_index: torch.Tensor, experts: torch.Tensor, num_experts: int):
-    """``tokens[r][j]``: how many tokens of request r were routed to ``experts[j]`` in this layer."""
+def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: torch.Tensor, num_experts: int):
+    """``tokens[r][j]``: how many tokens of request r were routed to ``experts[j]`` in this layer, and
+    ``weights[r][j]`` the sum of their router weights."""
     owner = STEP.token_owner
     requests = STEP.requests
     if owner is None or owner.numel() != top_k_index.shape[0]:
-        return [], []
-    flat = owner.unsqueeze(1).expand_as(top_k_index) * num_experts + top_k_index
-    counts = torch.bincount(flat.reshape(-1), minlength=len(requests) * num_experts)
-    counts = counts.view(len(requests), num_experts)[:, experts]
-    return requests, counts.tolist()
+        return [], [], []
+    flat = (owner.unsqueeze(1).expand_as(top_k_index) * num_experts + top_k_index).reshape(-1)
+    size = len(requests) * num_experts
+    counts = torch.bincount(flat, minlength=size).view(len(requests), num_experts)[:, experts]
+    weights = torch.bincount(flat, weights=top_k_weights.reshape(-1).float(), minlength=size)
+    weights = weights.view(len(requests), num_experts)[:, experts]
+    return requests, counts.tolist(), weights.tolist()
 
 
 def moeinf_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -115,10 +200,19 @@ def register() -> None:
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moeinf_experts_forward)
 
 
-def bind(model, layers, views: PoolViews, client) -> None:
-    for layer in layers:
-        module = model.get_submodule(layer.module)
-        module._moeinf = ExpertBinding(layer.index, module, views, client)
+def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | None = None,
+         next_gate: bool = True) -> None:
+    """Bind every experts module to memd; ``recorder`` buffers the step traces (default: to memd only)."""
+    global RECORDER
+    RECORDER = recorder if recorder is not None else StepRecorder(client)
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
+    modules = [model.get_submodule(layer.module) for layer in layers]
+    dtype = _guess_dtype(model, layers) if next_gate else None
+    routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)
+               for layer in layers] if next_gate else [None] * len(layers)
+    for i, (layer, module) in enumerate(zip(layers, modules)):
+        gate = routers[i + 1] if next_gate and i + 1 < len(layers) else None
+        module._moeinf = ExpertBinding(layer.index, module, views, client, gate)
 
 
 def _numel(shape) -> int:

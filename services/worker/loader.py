@@ -77,7 +77,10 @@ def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:
         old = module._parameters[name]
         if tuple(old.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{key}: shape {list(tensor.shape)} != model's {list(old.shape)} for {target}")
-        module._parameters[name] = nn.Parameter(tensor.to(old.dtype), requires_grad=False)
+        # requires_grad stays True, as in from_pretrained: inference_mode makes it free, and torch 2.13's CPU
+        # F.linear takes a ~40x slower path for a non-contiguous input when the weight does not require grad
+        # (seen on the LM head with hidden[:, -1:] during prefill).
+        module._parameters[name] = nn.Parameter(tensor.to(old.dtype))
     elif name in module._buffers:
         module._buffers[name] = tensor
     else:

@@ -12,11 +12,14 @@ from transformers import GenerationConfig
 from common import messages as m
 from common.checkpoint import Checkpoint
 from common.config import WorkerConfig
+from common.traces import TraceHeader, TraceWriter
 from services.worker import experts
 from services.worker.engine import Engine
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
+from services.worker.scheduler import Limits
 from services.worker.server import WorkerServer
+from services.worker.tracing import StepRecorder
 
 log = logging.getLogger("moeinf.worker")
 
@@ -36,12 +39,24 @@ def attach(cfg: WorkerConfig):
             raise RuntimeError(f"memd serves {hello.num_layers} MoE layers x {hello.num_experts} experts, the model has"
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
-        experts.bind(model, layers, views, client)
+        experts.bind(model, layers, views, client, recorder=recorder(cfg, client, model, layers),
+                     next_gate=cfg.next_gate)
         client.ready()
     except BaseException:
         client.close()
         raise
     return model, client, hello
+
+
+def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecorder:
+    """Step traces go to memd; with ``--record-trace`` also to a JSON Lines file (docs/traces.md)."""
+    writer = None
+    if cfg.record_trace is not None:
+        top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
+        header = TraceHeader(cfg.model.resolve().name, len(layers), layers[0].num_experts, int(top_k))
+        writer = TraceWriter(cfg.record_trace, header)
+        log.info("recording routing traces to %s", cfg.record_trace)
+    return StepRecorder(client, writer, max_requests=4 * cfg.max_queued + 64)
 
 
 def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
@@ -65,9 +80,11 @@ def run(cfg: WorkerConfig) -> int:
     model, client, _ = attach(cfg)
     try:
         engine = Engine(model, max_model_len(cfg, model))
-        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), cfg.max_queued)
+        engine.enable_batching()
+        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), Limits.from_config(cfg))
         return asyncio.run(_serve(server))
     finally:
+        experts.RECORDER.close()  # the last step's trace, and the trace file's buffer
         client.close()
 
 

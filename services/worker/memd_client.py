@@ -1,4 +1,4 @@
-"""The worker's link to memd: handshake, acquire/release, trace events.
+"""The worker's link to memd: handshake, acquire/release, trace events (request start/end, per-step traces).
 
 Used only from the compute thread, so it is synchronous: the forward pass must wait for its experts anyway.
 Waits poll in short slices and check memd's pid, so a dead daemon is reported at once, not after a timeout.
@@ -41,6 +41,8 @@ class MemdClient:
         self._ids = itertools.count(1)
         self.memd_pid: int | None = None
         self.trace_dropped = 0
+        self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
+        self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
 
     def close(self) -> None:
         self.sock.close()
@@ -60,8 +62,15 @@ class MemdClient:
     def ready(self) -> None:
         self.call(Op.READY, m.ReadyRequest(os.getpid()))
 
-    def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]]) -> list[int]:
-        return self.call(Op.ACQUIRE, m.AcquireRequest(layer, experts, requests, tokens)).slots
+    def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
+                prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = ()) -> list[int]:
+        start = time.perf_counter()
+        request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
+                                   list(speculated_tokens))
+        try:
+            return self.call(Op.ACQUIRE, request).slots
+        finally:
+            self.acquire_seconds += time.perf_counter() - start
 
     def release(self, layer: int, experts: list[int]) -> None:
         self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
@@ -71,6 +80,8 @@ class MemdClient:
 
     def emit(self, op: Op, event) -> None:
         """Fire-and-forget trace event; a full queue drops and counts, it never blocks."""
+        if op is Op.REQUEST_END and self.on_request_end is not None:
+            self.on_request_end(event.request)
         try:
             self.trace.send(encode(op, 0, event), flags=zmq.NOBLOCK)
         except zmq.Again:

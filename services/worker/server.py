@@ -1,9 +1,11 @@
 """The worker's gateway link and its compute loop.
 
-The event loop owns the ROUTER socket (one reader task, one writer task); the compute thread owns the model
-and the memd client. They meet in two queues: requests in (bounded: beyond ``--max-queued`` a request is
-refused with ``capacity``), replies out. The compute loop reads like the step it is:
-admit -> forward -> publish -> retire.
+The event loop owns the ROUTER socket (one reader task, one writer task); the compute thread owns the model,
+the memd client and the scheduler. They meet in two queues: requests in, replies out. Admission is bounded: beyond
+``--max-queued`` waiting plus ``--max-running`` running requests a request is refused with ``capacity``. The
+compute loop reads like the step it is: take new requests -> drop cancelled ones -> schedule -> one forward for
+the whole step -> publish each request's token -> retire the finished ones. Requests join and leave only between
+steps; a failed step fails only the requests in it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
@@ -22,17 +25,29 @@ from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.worker.engine import Engine, RequestError, Sequence
 from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
+from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
 
 log = logging.getLogger("moeinf.worker")
 
 
+@dataclass(eq=False, slots=True)
+class Job:
+    """A request the compute thread serves, and where its replies go."""
+
+    identity: bytes
+    rid: int
+    seq: Sequence
+
+
 class WorkerServer:
-    def __init__(self, addr: str, engine: Engine, client: MemdClient, info: m.WorkerInfoReply, max_queued: int):
+    def __init__(self, addr: str, engine: Engine, client: MemdClient, info: m.WorkerInfoReply, limits: Limits):
         self.addr, self.engine, self.client, self.info = addr, engine, client, info
-        self.inbox: queue.Queue = queue.Queue(maxsize=max_queued)
+        self.max_live = limits.max_waiting + limits.max_running
+        self.inbox: queue.Queue = queue.Queue(maxsize=self.max_live)
         self.cancelled: set[str] = set()
-        self.live: dict[str, bytes] = {}  # request id -> gateway identity, bounded by max_queued + 1
-        self.max_live = max_queued + 1
+        self.live: dict[str, bytes] = {}  # request id -> gateway identity (event loop side), at most max_live
+        self.scheduler = Scheduler(limits)
+        self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most max_live
         self.stopping = threading.Event()
         self.exit_code = 0
         self.generated_tokens = 0
@@ -105,7 +120,8 @@ class WorkerServer:
             return
         if len(self.live) >= self.max_live:
             self._reply(identity, Op.ERROR, rid, m.ErrorReply("capacity", f"{len(self.live)} requests queued or"
-                                                                          " running; raise --max-queued"))
+                                                                          " running; raise --max-queued or"
+                                                                          " --max-running"))
             return
         self.live[req.request] = identity
         self.inbox.put_nowait((identity, rid, req))
@@ -127,53 +143,90 @@ class WorkerServer:
     # ------------------------------------------------------------------ compute thread
     def compute_loop(self) -> None:
         while not self.stopping.is_set():
+            self.take_new(wait=not self.scheduler)
+            self.drop_cancelled()
+            step = self.scheduler.schedule()
+            if step:
+                self.run_step(step)
+        for job in list(self.jobs.values()):  # stopping: every request still here ends as cancelled
+            self.finish(job, "cancelled")
+
+    def take_new(self, wait: bool) -> None:
+        """Start every request that arrived; when idle, wait a little for one."""
+        try:
+            item = self.inbox.get(timeout=0.2) if wait else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self.start(*item)
             try:
-                identity, rid, req = self.inbox.get(timeout=0.2)
+                item = self.inbox.get_nowait()
             except queue.Empty:
-                continue
-            try:
-                self.generate(identity, rid, req)
-            except MemdDeadError as exc:
-                log.error("%s", exc)
-                self._fail(identity, rid, req, "unavailable", str(exc))
-                self.exit_code = 3
-                self.stopping.set()
-            except (MemdError, RequestError) as exc:
-                self._fail(identity, rid, req, "bad_request" if isinstance(exc, RequestError) else "memd", str(exc))
-            except Exception as exc:
-                log.exception("generation of %s failed", req.request)
-                self._fail(identity, rid, req, "internal", f"generation failed: {exc}")
+                return
 
-    def generate(self, identity: bytes, rid: int, req: m.GenerateRequest) -> None:
-        seq = self.engine.start(req)
+    def start(self, identity: bytes, rid: int, req: m.GenerateRequest) -> None:
+        try:
+            seq = self.engine.start(req)
+            self.scheduler.add(seq)
+        except (RequestError, CapacityError) as exc:
+            code = "bad_request" if isinstance(exc, RequestError) else "capacity"
+            self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, str(exc)))
+            self.loop.call_soon_threadsafe(self._forget, req.request)
+            return
+        self.jobs[req.request] = Job(identity, rid, seq)
         self.client.emit(Op.REQUEST_START, m.RequestStartEvent(req.request, len(req.prompt)))
-        while seq.finish_reason is None:
-            if req.request in self.cancelled or self.stopping.is_set():
-                seq.finish_reason = "cancelled"
-                break
-            token = self.engine.step(seq)
-            self.generated_tokens += 1
-            self.publish(identity, rid, seq, [token])
-        if seq.finish_reason == "cancelled":
-            self.publish(identity, rid, seq, [])
-        self.retire(req, seq)
 
-    def publish(self, identity: bytes, rid: int, seq: Sequence, tokens: list[int]) -> None:
-        reply = m.TokensReply(seq.req.request, tokens, seq.finish_reason, len(seq.req.prompt), len(seq.generated))
-        self._reply_threadsafe(identity, Op.GENERATE, rid, reply)
+    def drop_cancelled(self) -> None:
+        for request in self.cancelled & self.jobs.keys():  # a set operation in C: safe against the loop thread
+            self.finish(self.jobs[request], "cancelled")
 
-    def retire(self, req: m.GenerateRequest, seq: Sequence | None) -> None:
-        generated = len(seq.generated) if seq else 0
-        self.client.emit(Op.REQUEST_END, m.RequestEndEvent(req.request, generated))
-        self.loop.call_soon_threadsafe(self._forget, req.request)
+    def run_step(self, step: list[Chunk]) -> None:
+        try:
+            tokens = self.engine.run(step)
+        except MemdDeadError as exc:
+            log.error("%s", exc)
+            self.fail([self.jobs[c.seq.request_id] for c in step], "unavailable", str(exc))
+            self.exit_code = 3
+            self.stopping.set()
+            return
+        except MemdError as exc:
+            self.fail([self.jobs[c.seq.request_id] for c in step], "memd", str(exc))
+            return
+        except Exception as exc:
+            log.exception("a step of %d requests failed", len(step))
+            self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
+            return
+        for chunk, token in zip(step, tokens):
+            if token is not None:
+                self.generated_tokens += 1
+                self.publish(self.jobs[chunk.seq.request_id], [token])
+
+    def publish(self, job: Job, tokens: list[int]) -> None:
+        seq = job.seq
+        reply = m.TokensReply(seq.request_id, tokens, seq.finish_reason, len(seq.req.prompt), len(seq.generated))
+        self._reply_threadsafe(job.identity, Op.GENERATE, job.rid, reply)
+        if seq.finish_reason is not None:
+            self.retire(job)
+
+    def finish(self, job: Job, reason: str) -> None:
+        job.seq.finish_reason = reason
+        self.publish(job, [])
+
+    def retire(self, job: Job) -> None:
+        self.scheduler.remove(job.seq)
+        self.jobs.pop(job.seq.request_id, None)
+        self.client.emit(Op.REQUEST_END, m.RequestEndEvent(job.seq.request_id, len(job.seq.generated)))
+        self.loop.call_soon_threadsafe(self._forget, job.seq.request_id)
 
     def _forget(self, request: str) -> None:
         self.live.pop(request, None)
         self.cancelled.discard(request)
 
-    def _fail(self, identity, rid, req, code: str, message: str) -> None:
-        self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, message))
-        self.retire(req, None)
+    def fail(self, jobs: list[Job], code: str, message: str) -> None:
+        """A failed forward leaves its requests' caches half-updated: each of them ends with the error."""
+        for job in jobs:
+            self._reply_threadsafe(job.identity, Op.ERROR, job.rid, m.ErrorReply(code, message))
+            self.retire(job)
 
 
 def _rid(frame: bytes) -> int:

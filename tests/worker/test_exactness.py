@@ -1,5 +1,6 @@
 """The oracle: greedy generation through real memd + worker processes, with the expert pool at 25% of all
-expert bytes (so experts are evicted and re-read on every token), equals plain transformers' generate."""
+expert bytes (so experts are evicted and re-read on every token), equals plain transformers' generate: with the
+default policy (activation, prefetch on) for every family, and with every other policy and prefetch setting."""
 import pytest
 import torch
 from helpers import FAMILIES, Stack
@@ -10,7 +11,17 @@ PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
 NEW_TOKENS = 24
 
 
+_REFERENCE: dict = {}
+
+
 def reference(model_dir, prompts):
+    key = (str(model_dir), tuple(map(tuple, prompts)))
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _reference(model_dir, prompts)
+    return _REFERENCE[key]
+
+
+def _reference(model_dir, prompts):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -37,3 +48,27 @@ def test_greedy_equals_transformers_at_25_percent(family, checkpoints, state_dir
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert stats.evictions > 0 and stats.misses > stats.num_slots, "25% memory must evict and reload experts"
     assert stats.bytes_read >= stats.misses * 1  # every miss was read from the checkpoint
+
+
+@pytest.mark.parametrize("family, memd_args", [
+    ("mixtral", ["--policy", "lru", "--prefetch", "on"]),
+    ("mixtral", ["--policy", "lfu", "--prefetch", "on", "--read-chunk", "4KiB"]),  # many preemption points
+    ("mixtral", ["--policy", "activation", "--prefetch", "off"]),
+    ("qwen2_moe", ["--policy", "lru", "--prefetch", "on", "--prefetch-threshold", "0.05", "--prefetch-window", "8"]),
+], ids=["lru-prefetch", "lfu-prefetch-4KiB-chunks", "activation-no-prefetch", "lru-aggressive-prefetch"])
+def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpoints, state_dir):
+    expected = reference(checkpoints[family], PROMPTS)
+    with Stack(checkpoints[family], state_dir, expert_memory="25%", extra_memd=memd_args) as stack:
+        client = WorkerClient(stack.worker_addr)
+        try:
+            got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
+        finally:
+            client.close()
+        stats = stack.memd_stats()
+    assert got == expected, f"{family} {memd_args} diverged"
+    assert stats.policy == memd_args[1] and stats.prefetch == (memd_args[3] == "on")
+    assert stats.evictions > 0 and stats.misses > stats.num_slots
+    if stats.prefetch:
+        assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
+    else:
+        assert stats.prefetch_issued == 0

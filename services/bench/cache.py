@@ -1,0 +1,69 @@
+"""``moeinf bench cache``: replay a routing trace through memd's decisions for each policy, with and without
+prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py).
+
+``moeinf bench synth OUT`` writes the synthetic workload (services/bench/synthetic.py) as a trace file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from common.sizes import parse_size
+from common.traces import group_steps, read_trace
+from services.bench.synthetic import Workload, write
+from services.memd.core import Knobs
+from services.memd.simulate import SimConfig, simulate
+
+VARIANTS = (("lru", False), ("lfu", False), ("activation", False), ("lru", True), ("activation", True))
+
+
+def run_cache(args) -> int:
+    header, records = read_trace(args.trace)
+    steps = list(group_steps(records))
+    total = header.num_layers * header.num_experts
+    print(f"{args.trace}: {header.model}, {header.num_layers} MoE layers x {header.num_experts} experts (top-"
+          f"{header.top_k}), {len(steps)} steps; one expert read {args.read_ms:g} ms, one layer {args.layer_ms:g} ms")
+    print(f"{'memory':>7} {'slots':>5} {'policy':>10} {'prefetch':>8} {'miss/tok':>9} {'decode':>7} {'stall/tok':>10}"
+          f" {'pf used/wasted':>15}  lookahead precision/recall")
+    rows = []
+    for memory in args.memory:
+        slots = max(header.num_experts, parse_size(memory, what="--memory").resolve(total))
+        for policy, prefetch in VARIANTS:
+            cfg = SimConfig(slots, Knobs(policy=policy, prefetch=prefetch, window=args.window),
+                            read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3)
+            r = simulate(header, steps, cfg)
+            ahead = " ".join(f"d{d}:{p:.2f}/{rc:.2f}" for d, p, rc in r.lookahead)
+            print(f"{memory:>7} {slots:>5} {policy:>10} {'on' if prefetch else 'off':>8} {r.misses_per_token:>9.3f}"
+                  f" {r.decode_misses_per_token:>7.3f} {1e3 * r.stall_seconds / max(1, r.tokens):>8.3f}ms"
+                  f" {f'{r.prefetch_used}/{r.prefetch_wasted}':>15}  {ahead}")
+            rows.append({"memory": memory, "slots": slots, "policy": policy, "prefetch": prefetch,
+                         "misses_per_token": r.misses_per_token, **asdict(r)})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def run_synth(args) -> int:
+    w = Workload(requests=args.requests, batch=args.batch, seed=args.seed)
+    path = write(args.out, w)
+    print(f"wrote a synthetic trace ({w.requests} requests, batch {w.batch}, {w.topics} topics) to {path}")
+    return 0
+
+
+def add_parsers(bench) -> None:
+    p = bench.add_parser("cache", help="misses and stall per token of each policy, replaying a routing trace")
+    p.add_argument("trace", help="a moeinf-trace/1 file (docs/traces.md)")
+    p.add_argument("--memory", nargs="+", default=["12.5%", "25%", "50%"],
+                   help="pool sizes: a share of all experts (25%%) or a number of slots")
+    p.add_argument("--read-ms", type=float, default=2.0, help="time to read one expert")
+    p.add_argument("--layer-ms", type=float, default=1.0, help="compute time of one MoE layer")
+    p.add_argument("--window", type=int, default=Knobs().window, help="prefetch lookahead in layers")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=run_cache)
+    p = bench.add_parser("synth", help="write the synthetic topic workload as a trace file")
+    p.add_argument("out")
+    p.add_argument("--requests", type=int, default=Workload().requests)
+    p.add_argument("--batch", type=int, default=Workload().batch, help="requests running at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_synth)

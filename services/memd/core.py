@@ -1,0 +1,253 @@
+"""memd's decisions, without I/O: what an acquire loads, what to prefetch or cancel, what the traces teach.
+
+``ExpertManager`` owns the slot table (with its policy), the live EAMs, the EAMC, the predictor and the prefetch
+planner. It never reads a file or awaits anything: the server (real reads in reader threads) and the simulator
+(``services/memd/simulate.py``, a clock and a bandwidth) drive it the same way:
+
+1. ``acquire``: pin and count; hits, joins (already loading) and on-demand loads (reserved slots);
+2. the caller starts the loads, then calls ``plan_prefetch``: predictions for the next layers, prefetches to
+   start (slots reserved) and stale ones to cancel;
+3. ``load_done`` / ``load_cancelled`` / ``load_failed`` as reads end; ``stall`` with the time an acquire waited.
+Correctness never depends on a prediction: a prefetch only takes a free or evictable slot, and an on-demand load
+that finds every slot pinned or loading gets one by cancelling a prefetch (``steal_candidate``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from common import messages as m
+from common.config import MemdConfig
+from common.sizes import parse_size
+from services.memd.eam import EamTable
+from services.memd.eamc import Eamc
+from services.memd.metrics import Metrics
+from services.memd.planner import PrefetchPlanner
+from services.memd.policy import Key, make_policy
+from services.memd.predictor import Predictor
+from services.memd.slots import PoolExhausted, SlotTable
+
+log = logging.getLogger("moeinf.memd.core")
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
+    """The part of ``MemdConfig`` the decisions use (the simulator builds it without a checkpoint)."""
+
+    policy: str = "activation"
+    prefetch: bool = True
+    window: int = 4
+    threshold: float = 0.3
+    budget_bytes: int | None = None
+    eamc_capacity: int = 256
+    eamc_top: int = 4
+    max_requests: int = 1024
+
+    @classmethod
+    def from_config(cls, cfg: MemdConfig) -> Knobs:
+        budget = None if cfg.prefetch_budget == "auto" else parse_size(cfg.prefetch_budget).resolve(0)
+        return cls(cfg.policy, cfg.prefetch, cfg.prefetch_window, cfg.prefetch_threshold, budget, cfg.eamc_capacity,
+                   cfg.eamc_top, cfg.max_traced_requests)
+
+
+@dataclass(slots=True)
+class AcquirePlan:
+    hits: int = 0  # resident
+    loads: list[tuple[Key, int]] = field(default_factory=list)  # on-demand loads to start: (key, slot)
+    joins: list[Key] = field(default_factory=list)  # already loading: wait for them (promote a prefetch)
+    blocked: list[Key] = field(default_factory=list)  # no slot now: steal one from a prefetch, then reserve_demand
+    transient: bool = False  # prompt-only acquire: its loads are admitted as transient
+
+
+@dataclass(slots=True)
+class PrefetchPlan:
+    start: list[tuple[Key, int, float]] = field(default_factory=list)  # (key, slot, priority), best first
+    cancel: list[Key] = field(default_factory=list)
+
+
+class ExpertManager:
+    def __init__(self, num_slots: int, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
+                 knobs: Knobs = Knobs(), eamc: Eamc | None = None):
+        self.L, self.E, self.knobs, self.expert_bytes = num_layers, num_experts, knobs, expert_bytes
+        self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts))
+        self.table.on_evict = self._evicted
+        self.eams = EamTable(num_layers, num_experts, knobs.max_requests)
+        self.eamc = eamc if eamc is not None else Eamc(num_layers, num_experts, knobs.eamc_capacity)
+        self.predictor = Predictor(num_layers, num_experts, top_k, self.eamc, self.eams, window=knobs.window,
+                                   threshold=knobs.threshold, top=knobs.eamc_top)
+        self.planner = PrefetchPlanner(expert_bytes, self.predictor.window, knobs.threshold, knobs.budget_bytes)
+        self.metrics = Metrics(num_layers)
+        self.prefetching = knobs.prefetch
+        self.unused: set[Key] = set()  # prefetched, not yet acquired
+        self.transient: dict[Key, bool] = {}  # loading key -> admit as transient when loaded
+        self.protect: dict[Key, float] = {}  # imminently needed (last plan) -> priority: evictions spare them
+        self.bad_traces = 0
+
+    @property
+    def policy_name(self) -> str:
+        return self.table.policy.name
+
+    def set_policy(self, name: str) -> None:
+        self.table.set_policy(make_policy(name, self.L, self.E))
+
+    # ---------------------------------------------------------------- acquire
+    def acquire(self, worker, req: m.AcquireRequest, now: float) -> AcquirePlan:
+        """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads."""
+        plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
+        if self.predictor.advance(worker, req.step, req.layer, req.requests, req.tokens, req.prefill, now):
+            self.table.policy.on_step()
+        self.predictor.score(worker, req.step, req.layer, req.experts)
+        self.predictor.observe(worker, req.layer, req.experts, req.tokens)
+        for expert in req.experts:
+            key = (req.layer, expert)
+            if self.table.record_access(key, decode=not plan.transient):
+                loading = key in self.table.loading
+                self._used(key, loading)
+                if loading:
+                    plan.joins.append(key)
+                else:
+                    plan.hits += 1
+                continue
+            slot = self.reserve_demand(key, plan.transient, raise_full=False)
+            if slot is None:
+                plan.blocked.append(key)
+            else:
+                plan.loads.append((key, slot))
+        return plan
+
+    def reserve_demand(self, key: Key, transient: bool, *, raise_full: bool = True) -> int | None:
+        """A slot for an on-demand load of ``key``. None when ``key`` got one meanwhile (join its load instead) or,
+        with ``raise_full=False``, when every slot is pinned or loading (PoolExhausted otherwise)."""
+        if key in self.table.slot_of:
+            return None
+        try:
+            slot = self.table.reserve(key, self.protect if self.table.policy.spares_predicted else ())
+        except PoolExhausted:
+            if raise_full:
+                raise
+            return None
+        self.transient[key] = transient
+        return slot
+
+    def steal_candidate(self) -> Key | None:
+        """The loading prefetch to cancel so that an on-demand load gets its slot (lowest priority, unpinned)."""
+        free = [p for p in self.planner.inflight.values() if not self.table.pins.get(p.key)]
+        return min(free, key=lambda p: p.priority).key if free else None
+
+    def _used(self, key: Key, loading: bool) -> None:
+        if key in self.unused:
+            self.unused.discard(key)
+            self.metrics.prefetch_used[key[0]] += 1
+            self.metrics.prefetch_late += loading
+        self.planner.done(key)  # a loading prefetch an acquire waits for is an on-demand load now
+
+    # ---------------------------------------------------------------- prediction and prefetch
+    def plan_prefetch(self, worker, req: m.AcquireRequest, bandwidth: float | None) -> PrefetchPlan:
+        targets, need = self.predictor.predict(worker, req.speculated, req.speculated_tokens)
+        self.table.policy.observe_need(need)
+        plan = PrefetchPlan()
+        candidates = self.planner.candidates(targets)
+        self.planner.retarget(worker, candidates)
+        acquired = {(req.layer, e) for e in req.experts}
+        plan.cancel = self.planner.stale(worker, req.step, req.layer, acquired)
+        if not self.prefetching:
+            self.protect = {c.key: c.priority for c in candidates if c.key in self.table.slot_of}
+            return plan
+        chosen, self.protect = self.planner.plan(worker, candidates, self.table.slot_of.__contains__, bandwidth,
+                                                 self.predictor.layer_seconds)
+        for c in chosen:
+            slot = self.table.reserve_prefetch(c.key, c.priority, self.protect)
+            if slot is None:
+                continue
+            self.planner.issued(worker, c)
+            self.unused.add(c.key)
+            self.transient[c.key] = False
+            self.metrics.prefetch_issued[c.key[0]] += 1
+            plan.start.append((c.key, slot, c.priority))
+        return plan
+
+    # ---------------------------------------------------------------- load outcomes
+    def load_done(self, key: Key, nbytes: int, seconds: float) -> None:
+        self.planner.done(key)
+        self.table.loaded(key, transient=self.transient.pop(key, False))
+        self.table.counters.bytes_read += nbytes
+        self.table.counters.read_seconds += seconds
+        self.metrics.bytes_read[key[0]] += nbytes
+
+    def load_cancelled(self, key: Key) -> None:
+        """A prefetch stopped before it finished (stale, or its slot went to an on-demand load)."""
+        self.metrics.prefetch_cancelled += key in self.unused
+        self._drop(key)
+
+    def load_failed(self, key: Key) -> None:
+        self._drop(key)
+
+    def _drop(self, key: Key) -> None:
+        self.planner.done(key)
+        self.transient.pop(key, None)
+        if key in self.unused:
+            self.unused.discard(key)
+            self.metrics.prefetch_wasted[key[0]] += 1
+        self.table.abort(key)
+
+    def _evicted(self, key: Key) -> None:
+        if key in self.unused:
+            self.unused.discard(key)
+            self.metrics.prefetch_wasted[key[0]] += 1
+
+    def stall(self, layer: int, seconds: float) -> None:
+        self.metrics.stall_seconds[layer] += seconds
+        self.table.counters.stall_seconds += seconds
+
+    def forget_worker(self, worker) -> None:
+        self.predictor.forget(worker)
+
+    # ---------------------------------------------------------------- traces
+    def request_start(self, request: str) -> None:
+        self.eams.start(request)
+
+    def request_end(self, request: str) -> None:
+        eam = self.eams.finish(request)
+        if eam is not None:
+            self.eamc.add(eam.total)
+
+    def step_trace(self, ev: m.StepTraceEvent) -> None:
+        problem = self._check_trace(ev)
+        if problem:
+            self.bad_traces += 1
+            if self.bad_traces <= 10:
+                log.warning("ignored a step trace: %s", problem)
+            return
+        decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
+        self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
+        for r, request in enumerate(ev.requests):
+            rows = [(t.layer, t.experts, t.tokens[r]) for t in ev.layers]
+            self.eams.add_step((ev.worker, ev.step), request, ev.tokens[r], ev.prefill[r], rows)
+
+    def _check_trace(self, ev: m.StepTraceEvent) -> str | None:
+        count = len(ev.requests)
+        if len(ev.tokens) != count or len(ev.prefill) != count:
+            return f"step {ev.step}: {count} requests but {len(ev.tokens)} token counts, {len(ev.prefill)} phases"
+        for t in ev.layers:
+            if not 0 <= t.layer < self.L or any(not 0 <= e < self.E for e in t.experts):
+                return f"step {ev.step}: layer {t.layer} or experts {t.experts} out of range"
+            if len(t.tokens) != count or any(len(row) != len(t.experts) for row in t.tokens):
+                return f"step {ev.step} layer {t.layer}: tokens is not {count} x {len(t.experts)}"
+        return None
+
+    # ---------------------------------------------------------------- report
+    def stats_fields(self) -> dict:
+        """The activation-aware part of ``StatsReply``, as keyword arguments."""
+        c, mt, p = self.table.counters, self.metrics, self.predictor
+        layers = [m.LayerStats(i, c.per_layer_hits[i], c.per_layer_misses[i], mt.prefetch_issued[i],
+                               mt.prefetch_used[i], mt.prefetch_wasted[i], mt.stall_seconds[i], mt.bytes_read[i])
+                  for i in range(self.L)]
+        lookahead = [m.LookaheadStats(d, s.predicted, s.correct, s.routed) for d, s in p.lookahead_stats()]
+        gate = [m.LookaheadStats(1, p.next_gate.predicted, p.next_gate.correct, p.next_gate.routed)]
+        return dict(policy=self.policy_name, prefetch=self.prefetching, tokens=mt.tokens,
+                    prefetch_issued=sum(mt.prefetch_issued), prefetch_used=sum(mt.prefetch_used),
+                    prefetch_wasted=sum(mt.prefetch_wasted), prefetch_cancelled=mt.prefetch_cancelled,
+                    prefetch_late=mt.prefetch_late, prefetch_precision=mt.prefetch_precision(),
+                    prefetch_recall=mt.prefetch_recall(c.misses), eamc_size=len(self.eamc), eamc_capacity=self.eamc.capacity,
+                    match_similarity=p.match_similarity or 0.0, trace_steps=mt.trace_steps, trace_lost=mt.trace_lost,
+                    layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate)

@@ -1,0 +1,174 @@
+"""The EAM collection (EAMC): a bounded set of finished requests' activation patterns, matched against live ones.
+
+Members are stored row-normalised (each layer's row is a distribution over experts), with unit-length copies
+flattened to ``[capacity, layers * experts]``, so matching a batch of queries against the whole collection is one
+matrix product: the cosine similarity of every layer row, averaged over the rows the query has observed.
+
+When the collection is full, a new EAM goes to its nearest member: merged into it when they are near-duplicates,
+replacing it otherwise. Either way the rest of the collection (the other patterns) is untouched, so it stays
+diverse and never grows past ``--eamc-capacity``. It is saved atomically under the state directory and reloaded
+at start, so a restarted memd predicts from the first request on; a file that fails its checksum is ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("moeinf.memd.eamc")
+FORMAT = "moeinf-eamc/1"
+FILE_NAME = "eamc.bin"
+MERGE_SIMILARITY = 0.95  # at or above: the new EAM is a near-duplicate and is averaged into its nearest member
+MAX_MERGED = 16  # a merged member keeps adapting: a newcomer weighs at least 1/16
+
+
+class EamcFileError(ValueError):
+    """The EAMC file is unreadable, corrupt or for another model."""
+
+
+def normalise_rows(eam: np.ndarray, order: int = 1) -> np.ndarray:
+    """Each row divided by its L1 (``order=1``) or L2 (``order=2``) norm; all-zero rows stay zero."""
+    eam = np.asarray(eam, dtype=np.float32)
+    norm = np.abs(eam).sum(-1, keepdims=True) if order == 1 else np.sqrt((eam * eam).sum(-1, keepdims=True))
+    return np.divide(eam, norm, out=np.zeros_like(eam), where=norm > 0)
+
+
+class Eamc:
+    def __init__(self, num_layers: int, num_experts: int, capacity: int, model: str = ""):
+        self.num_layers, self.num_experts, self.capacity, self.model = num_layers, num_experts, capacity, model
+        self.prob = np.zeros((capacity, num_layers, num_experts), np.float32)
+        self.unit = np.zeros((capacity, num_layers * num_experts), np.float32)
+        self.weight = np.zeros(capacity, np.float32)  # EAMs merged into each member
+        self.hits = np.zeros(capacity, np.int64)  # times each member was among the top matches
+        self.size = 0
+        self.inserted = self.merged = self.replaced = 0
+        self.dirty = False
+
+    def __len__(self) -> int:
+        return self.size
+
+    # ---------------------------------------------------------------- matching
+    def similarity(self, queries: np.ndarray) -> np.ndarray:
+        """``[R, L, E]`` EAMs (counts) -> ``[R, size]`` mean per-row cosine over each query's non-empty rows."""
+        unit = normalise_rows(queries, order=2)
+        observed = (unit != 0).any(-1)  # [R, L]
+        rows = np.maximum(observed.sum(-1), 1).astype(np.float32)  # [R]
+        flat = unit.reshape(len(queries), -1)
+        return (flat @ self.unit[:self.size].T) / rows[:, None]
+
+    def predict(self, queries: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each query, the similarity-weighted average of its ``top`` nearest members: ``([R, L, E]`` row
+        distributions, ``[R]`` best similarity). All zeros while the collection is empty."""
+        count = len(queries)
+        if self.size == 0 or count == 0:
+            return np.zeros((count, self.num_layers, self.num_experts), np.float32), np.zeros(count, np.float32)
+        sims = self.similarity(queries)
+        top = min(top, self.size)
+        best = np.argpartition(-sims, top - 1, axis=1)[:, :top]  # [R, top]
+        weights = np.clip(np.take_along_axis(sims, best, axis=1), 0.0, None)
+        total = weights.sum(1, keepdims=True)
+        weights = np.divide(weights, total, out=np.full_like(weights, 1.0 / top), where=total > 0)
+        np.add.at(self.hits, best.ravel(), 1)
+        predicted = np.einsum("rt,rtle->rle", weights, self.prob[best])
+        return predicted, sims.max(1)
+
+    # ---------------------------------------------------------------- insertion
+    def add(self, eam: np.ndarray) -> int | None:
+        """Insert a finished request's EAM (counts); returns the member index it went to (None if it was empty)."""
+        prob = normalise_rows(eam)
+        if not prob.any():
+            return None
+        self.dirty = True
+        self.inserted += 1
+        if self.size < self.capacity:
+            index = self.size
+            self.size += 1
+            self._set(index, prob, 1.0)
+            return index
+        sims = self.similarity(eam[None])[0]
+        index = int(np.argmax(sims))
+        if sims[index] >= MERGE_SIMILARITY:
+            w = float(self.weight[index])
+            self._set(index, (self.prob[index] * w + prob) / (w + 1), min(w + 1, MAX_MERGED))
+            self.merged += 1
+        else:
+            self._set(index, prob, 1.0)
+            self.hits[index] = 0
+            self.replaced += 1
+        return index
+
+    def _set(self, index: int, prob: np.ndarray, weight: float) -> None:
+        self.prob[index] = prob
+        self.unit[index] = normalise_rows(prob, order=2).ravel()
+        self.weight[index] = weight
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same directory, fsync, then rename over ``path``."""
+        n = self.size
+        payload = self.prob[:n].tobytes() + self.weight[:n].tobytes() + self.hits[:n].tobytes()
+        header = {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
+                  "num_experts": self.num_experts, "size": n, "sha256": hashlib.sha256(payload).hexdigest()}
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n" + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.dirty = False
+
+    def load(self, path: Path) -> None:
+        """Replace the members with those saved in ``path``; raises EamcFileError (and keeps none) if it is bad."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise EamcFileError(f"{path}: {exc.strerror}") from None
+        end = raw.find(b"\n", 0, 65536)
+        try:
+            header = json.loads(raw[:end]) if end > 0 else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise EamcFileError(f"{path}: not an EAMC file ({FORMAT})")
+        dims = (header.get("num_layers"), header.get("num_experts"))
+        if dims != (self.num_layers, self.num_experts) or (self.model and header.get("model") != self.model):
+            raise EamcFileError(f"{path}: saved for {header.get('model')!r} with {dims[0]} MoE layers x {dims[1]}"
+                                f" experts, memd serves {self.model!r} with {self.num_layers} x {self.num_experts}")
+        payload = raw[end + 1:]
+        n = header.get("size")
+        cells = self.num_layers * self.num_experts
+        if not isinstance(n, int) or n < 0 or len(payload) != n * (cells * 4 + 4 + 8):
+            raise EamcFileError(f"{path}: truncated ({len(payload)} payload bytes for {n} members)")
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise EamcFileError(f"{path}: checksum mismatch (corrupt)")
+        prob = np.frombuffer(payload, np.float32, n * cells).reshape(n, self.num_layers, self.num_experts)
+        weight = np.frombuffer(payload, np.float32, n, offset=n * cells * 4)
+        hits = np.frombuffer(payload, np.int64, n, offset=n * (cells * 4 + 4))
+        keep = np.argsort(-hits, kind="stable")[:self.capacity]  # a smaller --eamc-capacity keeps the most matched
+        self.size = 0
+        for i in keep:
+            self._set(self.size, prob[i], float(weight[i]))
+            self.hits[self.size] = hits[i]
+            self.size += 1
+        self.dirty = False
+
+
+def load_or_empty(path: Path, num_layers: int, num_experts: int, capacity: int, model: str) -> Eamc:
+    """The EAMC saved at ``path``, or an empty one (with a warning when a file was there but unusable)."""
+    eamc = Eamc(num_layers, num_experts, capacity, model)
+    if path.exists():
+        try:
+            eamc.load(path)
+            log.info("EAMC: %d activation patterns loaded from %s", eamc.size, path)
+        except EamcFileError as exc:
+            log.warning("ignoring the EAMC file, starting with an empty collection: %s", exc)
+    return eamc

@@ -1,0 +1,96 @@
+"""Reads in flight, on the event loop side: one asyncio task per loading expert, over the reader's jobs.
+
+A task ends by telling the core how the read went (done, cancelled or failed). A cancelled prefetch that an
+acquire has meanwhile pinned is read again, as an on-demand load, into the same slot. An on-demand load that
+finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.memd.core import ExpertManager
+from services.memd.policy import Key
+from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
+from services.memd.slots import PoolExhausted
+
+log = logging.getLogger("moeinf.memd.loads")
+
+
+class LoadError(RuntimeError):
+    """Reading an expert from the checkpoint failed; the message says which and why."""
+
+
+class Loads:
+    def __init__(self, core: ExpertManager, reader: ExpertReader):
+        self.core, self.reader = core, reader
+        self.tasks: dict[Key, asyncio.Task] = {}
+        self.jobs: dict[Key, ReadJob] = {}
+
+    def start(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> asyncio.Task:
+        self.jobs[key] = self.reader.submit(key, slot, demand=demand, priority=priority)
+        task = asyncio.create_task(self._run(key, slot))
+        task.add_done_callback(_retrieve)
+        self.tasks[key] = task
+        return task
+
+    def promote(self, key: Key) -> asyncio.Task:
+        """An acquire waits for ``key``, which is loading: read it ahead of every prefetch."""
+        job = self.jobs.get(key)
+        if job is not None:
+            self.reader.promote(job)
+        return self.tasks[key]
+
+    def cancel(self, key: Key) -> None:
+        job = self.jobs.get(key)
+        if job is not None:
+            self.reader.cancel(job)
+
+    async def demand(self, key: Key, transient: bool) -> None:
+        """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``)."""
+        while True:
+            if key in self.tasks:
+                await self.promote(key)
+                return
+            if self.core.table.is_resident(key):
+                return
+            try:
+                slot = self.core.reserve_demand(key, transient)
+            except PoolExhausted:
+                victim = self.core.steal_candidate()
+                if victim is None or victim not in self.tasks:
+                    raise
+                self.cancel(victim)
+                await asyncio.wait({self.tasks[victim]})
+                continue
+            if slot is not None:
+                await self.start(key, slot, demand=True)
+                return
+            await asyncio.sleep(0)  # reserved by a load that is being started: look again
+
+    async def _run(self, key: Key, slot: int) -> None:
+        try:
+            while True:
+                try:
+                    nbytes, seconds = await asyncio.wrap_future(self.jobs[key].future)
+                except ReadCancelled:
+                    if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all
+                        self.jobs[key] = self.reader.submit(key, slot, demand=True)
+                        continue
+                    self.core.load_cancelled(key)
+                    return
+                except Exception as exc:
+                    self.core.load_failed(key)
+                    log.error("reading expert %s failed: %s", key, exc)
+                    raise LoadError(f"reading expert {key[1]} of MoE layer {key[0]} failed: {exc}") from None
+                self.core.load_done(key, nbytes, seconds)
+                return
+        finally:
+            self.tasks.pop(key, None)
+            self.jobs.pop(key, None)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A prefetch nobody waits for may fail: its error is logged by ``_run``, not left unretrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,123 @@
+"""The worker's per-step routing trace: buffered while a forward step runs, flushed once it is over.
+
+``begin`` opens a step (``experts.set_step`` calls it once per forward, and it first flushes the step before);
+each MoE layer adds what it routed; ``end_step`` sends one ``StepTraceEvent`` to memd on the fire-and-forget
+trace socket (a full queue drops and counts, it never blocks decode) and, with ``--record-trace``, appends one
+line per token per MoE layer to the trace file (docs/traces.md). A request's end flushes its last step first, so
+memd always learns a request's last step before its end.
+
+Positions and phases are what the engine says, or inferred: a request's first step is its prompt (prefill), the
+later ones decode, and positions count the tokens the request has run so far. An engine that splits prompts
+into chunks must pass ``phases`` (and may pass ``positions``) to ``set_step``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from common import messages as m
+from common.protocol import Op
+from common.traces import TraceRecord, TraceWriter
+
+log = logging.getLogger("moeinf.worker.tracing")
+
+
+@dataclass(slots=True)
+class OpenStep:
+    number: int
+    requests: list[str]
+    tokens: list[int]  # per request
+    prefill: list[bool]  # per request
+    owner: torch.Tensor  # [T] request index of every token
+    positions: list[int]  # [T]
+    layers: list[m.LayerTrace] = field(default_factory=list)
+    routing: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for the trace file
+
+
+class StepRecorder:
+    def __init__(self, client, writer: TraceWriter | None = None, *, max_requests: int = 4096):
+        self.client = client
+        self.writer = writer
+        self.max_requests = max_requests
+        self.step = 0
+        self.open: OpenStep | None = None
+        self.seen: OrderedDict[str, int] = OrderedDict()  # request -> tokens it has run (the next position)
+        if client is not None:
+            client.on_request_end = self.request_ended
+
+    # ---------------------------------------------------------------- step lifecycle
+    def begin(self, requests: list[str], token_owner: torch.Tensor, positions=None, phases=None) -> OpenStep:
+        self.end_step()
+        self.step += 1
+        owner = token_owner.reshape(-1).to(torch.long)
+        counts = torch.bincount(owner, minlength=len(requests)).tolist() if owner.numel() else [0] * len(requests)
+        if phases is None:
+            prefill = [self.seen.get(r, 0) == 0 for r in requests]
+        else:
+            prefill = [p == "prefill" if isinstance(p, str) else bool(p) for p in phases]
+        if positions is None:
+            positions = self._positions(requests, owner)
+        elif isinstance(positions, torch.Tensor):
+            positions = positions.reshape(-1).tolist()
+        else:
+            positions = list(positions)
+        for request, n in zip(requests, counts):
+            self._advance(request, n)
+        self.open = OpenStep(self.step, list(requests), counts, prefill, owner, positions)
+        return self.open
+
+    def _positions(self, requests: list[str], owner: torch.Tensor) -> list[int]:
+        nxt = [self.seen.get(r, 0) for r in requests]
+        out = []
+        for r in owner.tolist():
+            out.append(nxt[r])
+            nxt[r] += 1
+        return out
+
+    def _advance(self, request: str, n: int) -> None:
+        self.seen[request] = self.seen.get(request, 0) + n
+        self.seen.move_to_end(request)
+        if len(self.seen) > self.max_requests:
+            old, _ = self.seen.popitem(last=False)
+            log.warning("tracing %d requests: forgot %s's position (it never ended?)", self.max_requests, old)
+
+    def layer(self, layer: int, experts: list[int], tokens: list[list[int]], weights: list[list[float]],
+              speculated: list[int], top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        step = self.open
+        if step is None or not step.requests or len(tokens) != len(step.requests):
+            return
+        step.layers.append(m.LayerTrace(layer, experts, tokens, weights, speculated))
+        if self.writer is not None:
+            step.routing.append((layer, top_k_index, top_k_weights))
+
+    def end_step(self) -> None:
+        """Send the open step to memd (and to the trace file); a no-op when no step is open."""
+        step, self.open = self.open, None
+        if step is None or not step.layers:
+            return
+        self.client.emit(Op.STEP_TRACE, m.StepTraceEvent(os.getpid(), step.number, step.requests, step.tokens,
+                                                         step.prefill, step.layers))
+        if self.writer is not None:
+            self._write(step)
+
+    def _write(self, step: OpenStep) -> None:
+        owner = step.owner.tolist()
+        phase = ["prefill" if p else "decode" for p in step.prefill]
+        for layer, index, weights in step.routing:
+            for t, (experts, ws) in enumerate(zip(index.tolist(), weights.float().tolist())):
+                r = owner[t]
+                self.writer.write(TraceRecord(step.requests[r], step.positions[t], layer, experts, ws, phase[r]))
+        self.writer.flush()
+
+    def request_ended(self, request: str) -> None:
+        self.end_step()
+        self.seen.pop(request, None)
+
+    def close(self) -> None:
+        self.end_step()
+        if self.writer is not None:
+            self.writer.close()

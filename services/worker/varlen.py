@@ -1,0 +1,155 @@
+"""One forward pass for the tokens of several requests: the step's tokens flattened into one sequence.
+
+Everything that acts token by token (embeddings, projections, norms, the router, the experts, the LM head) runs
+once on the whole step, so each MoE layer acquires the union of the step's experts once. Attention is the one
+place requests must not see each other. The model runs with the ``moeinf_varlen`` attention implementation:
+for each request it calls the model's own attention function (sdpa or eager) on that request's queries and on
+its own cache's keys and values, with the mask the model builds when the request runs alone. Per request, the
+attention inputs, shapes and masks are those of a lone run; only the token-wise matmuls see more rows.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+IMPLEMENTATION = "moeinf_varlen"
+FULL, SLIDING = "full_attention", "sliding_attention"
+MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+
+
+@dataclass
+class Part:
+    """One request's share of a step: ``tokens`` appended to ``cache``, which holds ``past`` tokens so far."""
+
+    cache: DynamicCache
+    past: int
+    tokens: list[int]
+
+
+class StepCache:
+    """The cache the model sees during a step. Each layer's new keys and values are split by request and appended to
+    that request's own cache; the requests' full keys and values come back concatenated (so code that expands them
+    after the update, such as DeepSeek's latent attention, sees every request), and ``spans`` remembers where each
+    request's part of them lies."""
+
+    def __init__(self, parts: list[Part], rows: list[tuple[int, int]]):
+        self.parts, self.rows = parts, rows
+        self.spans: dict[int, list[tuple[int, int]]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values, spans, start = [], [], [], 0
+        for part, (lo, hi) in zip(self.parts, self.rows):
+            k, v = part.cache.update(key[:, :, lo:hi], value[:, :, lo:hi], layer_idx, *args, **kwargs)
+            keys.append(k)
+            values.append(v)
+            spans.append((start, start + k.shape[-2]))
+            start += k.shape[-2]
+        self.spans[layer_idx] = spans
+        if len(keys) == 1:
+            return keys[0], values[0]
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+
+class StepRun:
+    """The state of one forward: where each request's rows are, its cache, its masks."""
+
+    def __init__(self, varlen: Varlen, parts: list[Part]):
+        self.varlen = varlen
+        self.rows, start = [], 0
+        for part in parts:
+            self.rows.append((start, start + len(part.tokens)))
+            start += len(part.tokens)
+        self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
+        self.cache = StepCache(parts, self.rows)
+
+    def attend(self, module, query, key, value, kwargs):
+        attention = self.varlen.attention_for(module)
+        kind = self.varlen.layer_kinds[module.layer_idx]
+        outputs = []
+        for (lo, hi), (k_lo, k_hi), masks in zip(self.rows, self.cache.spans[module.layer_idx], self.masks):
+            out, _ = attention(module, query[:, :, lo:hi], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi], masks[kind],
+                               **kwargs)
+            outputs.append(out)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+
+
+class _Active(threading.local):
+    run: StepRun | None = None
+
+
+ACTIVE = _Active()
+
+
+def varlen_attention(module, query, key, value, attention_mask, **kwargs):
+    run = ACTIVE.run
+    if run is None:
+        raise RuntimeError("the moeinf_varlen attention runs only inside Varlen.forward")
+    return run.attend(module, query, key, value, kwargs)
+
+
+class Varlen:
+    """A model switched to varlen attention; remembers its own attention to call per request."""
+
+    def __init__(self, model):
+        AttentionInterface.register(IMPLEMENTATION, varlen_attention)
+        config = model.config
+        self.model = model
+        self.original = config._attn_implementation or "eager"
+        self.mask_config = copy.copy(config)  # builds each request's masks as the model does with its own attention
+        self.mask_config._attn_implementation_internal = self.original
+        self.layer_kinds = _layer_kinds(config)
+        self.kinds = sorted(set(self.layer_kinds))
+        self._attention: dict[type, object] = {}
+        model.set_attn_implementation(IMPLEMENTATION)
+        if model.config._attn_implementation != IMPLEMENTATION:
+            raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
+                               " transformers' AttentionInterface, so the worker cannot batch it")
+
+    def attention_for(self, module):
+        fn = self._attention.get(type(module))
+        if fn is None:  # "eager" is each modeling file's own eager_attention_forward (GPT-OSS adds its sinks there)
+            eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            fn = self._attention[type(module)] = ALL_ATTENTION_FUNCTIONS.get_interface(self.original, eager)
+        return fn
+
+    def masks(self, part: Part) -> dict:
+        n = len(part.tokens)
+        args = dict(config=self.mask_config, inputs_embeds=torch.empty(1, n, 1, dtype=self.model.dtype),
+                    attention_mask=torch.ones(1, part.past + n, dtype=torch.long), cache=part.cache,
+                    position_ids=torch.arange(part.past, part.past + n).unsqueeze(0))
+        return {kind: MASK_FUNCTIONS[kind](**args) for kind in self.kinds}
+
+    @torch.inference_mode()
+    def forward(self, parts: list[Part], keep: list[int]) -> torch.Tensor:
+        """Run the step; return the float32 logits of the flattened rows ``keep``, one row each."""
+        input_ids = torch.tensor([[t for part in parts for t in part.tokens]], dtype=torch.long)
+        positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0)
+        run = StepRun(self, parts)
+        ACTIVE.run = run
+        try:
+            out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
+                             logits_to_keep=torch.tensor(keep, dtype=torch.long))
+        finally:
+            ACTIVE.run = None
+        return out.logits[0].float()
+
+
+def _layer_kinds(config) -> list[str]:
+    """Which mask each layer uses, as the modeling files decide it: ``layer_types`` where the config has them, else
+    one kind for all layers, sliding when the config sets ``sliding_window``."""
+    text = config.get_text_config()
+    kinds = getattr(text, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    kind = SLIDING if getattr(text, "sliding_window", None) else FULL
+    return [kind] * text.num_hidden_layers

@@ -1,0 +1,49 @@
+"""The activation-aware knobs: defaults, validation naming the flag, and ``serve`` passing them to its children."""
+from pathlib import Path
+
+import pytest
+
+from common.config import MemdConfig, ServeConfig, WorkerConfig, build_config
+from services.memd.core import Knobs
+from services.supervisor import Supervisor
+
+
+def test_defaults_and_env():
+    cfg = build_config(MemdConfig, env={}, model="/m")
+    assert (cfg.policy, cfg.prefetch, cfg.prefetch_window, cfg.eamc_capacity) == ("activation", True, 4, 256)
+    knobs = Knobs.from_config(cfg)
+    assert knobs == Knobs() and knobs.budget_bytes is None
+    env = {"MOEINF_POLICY": "lfu", "MOEINF_PREFETCH": "off", "MOEINF_PREFETCH_BUDGET": "64MiB",
+           "MOEINF_EAMC_CAPACITY": "32"}
+    knobs = Knobs.from_config(build_config(MemdConfig, env=env, model="/m"))
+    assert (knobs.policy, knobs.prefetch, knobs.budget_bytes, knobs.eamc_capacity) == ("lfu", False, 64 << 20, 32)
+    worker = build_config(WorkerConfig, env={"MOEINF_RECORD_TRACE": "/tmp/t.jsonl", "MOEINF_NEXT_GATE": "off"},
+                          model="/m")
+    assert worker.record_trace == Path("/tmp/t.jsonl") and worker.next_gate is False
+    assert build_config(WorkerConfig, env={}, model="/m").record_trace is None
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("policy", "mru", "--policy 'mru': choose one of lru, lfu, activation"),
+    ("prefetch_threshold", "0", "--prefetch-threshold must be in"),
+    ("prefetch_window", "0", "--prefetch-window"),
+    ("eamc_capacity", "0", "--eamc-capacity"),
+    ("read_chunk", "big", "--read-chunk 'big' is not a size"),
+    ("prefetch_budget", "lots", "--prefetch-budget 'lots' is not a size"),
+])
+def test_bad_values_name_the_flag(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        build_config(MemdConfig, env={}, model="/m", **{field: value})
+
+
+def test_serve_passes_policy_prefetch_and_record_trace(tmp_path):
+    cfg = build_config(ServeConfig, env={}, policy="lru", prefetch="off", record_trace=str(tmp_path / "t.jsonl"))
+    sup = Supervisor(cfg, tmp_path)
+    memd, worker = sup.memd.args, sup.worker.args
+    assert memd[memd.index("--policy") + 1] == "lru" and memd[memd.index("--prefetch") + 1] == "off"
+    assert worker[worker.index("--record-trace") + 1] == str(tmp_path / "t.jsonl")
+    default = Supervisor(build_config(ServeConfig, env={}), tmp_path)
+    assert default.memd.args[default.memd.args.index("--policy") + 1] == "activation"
+    assert "--record-trace" not in default.worker.args
+    with pytest.raises(ValueError, match="--policy"):
+        build_config(ServeConfig, env={}, policy="fifo")

@@ -1,0 +1,132 @@
+"""The EAMC: matching on observed rows picks the right member, a full collection stays bounded and diverse, and
+the file round-trips (a corrupt or foreign file is ignored with a warning)."""
+import logging
+
+import numpy as np
+import pytest
+
+from services.memd.eamc import Eamc, EamcFileError, load_or_empty, normalise_rows
+
+L, E = 4, 8
+
+
+def pattern(experts_per_layer, tokens=10) -> np.ndarray:
+    """An EAM whose layer l routes ``tokens`` to each expert of ``experts_per_layer[l]``."""
+    eam = np.zeros((L, E), np.float32)
+    for layer, experts in enumerate(experts_per_layer):
+        eam[layer, experts] = tokens
+    return eam
+
+
+TOPICS = {  # three clearly different activation patterns
+    "a": pattern([[0, 1], [2, 3], [4, 5], [6, 7]]),
+    "b": pattern([[2, 3], [4, 5], [6, 7], [0, 1]]),
+    "c": pattern([[4, 5], [6, 7], [0, 1], [2, 3]]),
+}
+
+
+def collection(capacity=8) -> Eamc:
+    eamc = Eamc(L, E, capacity, model="tiny")
+    for eam in TOPICS.values():
+        eamc.add(eam)
+    return eamc
+
+
+def test_match_on_observed_layers_picks_the_right_member():
+    eamc = collection()
+    # a request that has run only layers 0 and 1, like topic b, with some noise on layer 1
+    query = np.zeros((L, E), np.float32)
+    query[0, [2, 3]] = [5, 4]
+    query[1, [4, 5, 0]] = [3, 3, 1]
+    sims = eamc.similarity(query[None])[0]
+    assert int(np.argmax(sims)) == 1
+    assert sims[1] > 0.9 and sims[0] < 0.2 and sims[2] < 0.2  # unobserved rows do not dilute the score
+    predicted, best = eamc.predict(query[None], top=1)
+    assert np.allclose(predicted[0], normalise_rows(TOPICS["b"]))  # rows 2 and 3 are b's
+    assert best[0] == pytest.approx(sims[1])
+    assert eamc.hits.tolist()[:3] == [0, 1, 0]
+
+
+def test_top_matches_are_weighted_by_similarity_and_one_product_serves_a_batch():
+    eamc = collection()
+    queries = np.stack([TOPICS["a"], TOPICS["c"], 0.5 * TOPICS["a"] + 0.5 * TOPICS["b"]])
+    sims = eamc.similarity(queries)
+    assert sims.shape == (3, 3)
+    assert np.argmax(sims, 1).tolist()[:2] == [0, 2]
+    predicted, _ = eamc.predict(queries, top=2)
+    # the mixed query sits between a and b: its prediction weighs both, equally
+    assert np.allclose(predicted[2], 0.5 * normalise_rows(TOPICS["a"]) + 0.5 * normalise_rows(TOPICS["b"]))
+    assert np.allclose(predicted.sum(-1), 1.0)  # every row is a distribution
+
+
+def test_empty_collection_and_empty_rows_predict_nothing():
+    eamc = Eamc(L, E, 4)
+    predicted, best = eamc.predict(TOPICS["a"][None], top=3)
+    assert not predicted.any() and best.tolist() == [0.0]
+    assert eamc.add(np.zeros((L, E))) is None and len(eamc) == 0
+    eamc.add(TOPICS["a"])
+    sims = eamc.similarity(np.zeros((1, L, E)))
+    assert sims.tolist() == [[0.0]]  # no NaN from all-zero rows
+
+
+def test_full_collection_merges_near_duplicates_and_replaces_the_nearest():
+    eamc = collection(capacity=3)
+    assert len(eamc) == 3
+    # a near-duplicate of a is averaged into a's member; b and c are untouched
+    near_a = TOPICS["a"].copy()
+    near_a[3, 6] += 1
+    assert eamc.add(near_a) == 0
+    assert eamc.merged == 1 and eamc.weight[0] == 2 and len(eamc) == 3
+    assert np.allclose(eamc.prob[1], normalise_rows(TOPICS["b"]))
+    assert np.allclose(eamc.prob[2], normalise_rows(TOPICS["c"]))
+    # a new pattern closest to c (3 rows of 4 shared) replaces c, not a or b: the collection stays diverse
+    new = pattern([[4, 5], [6, 7], [0, 1], [5, 6]])
+    assert eamc.add(new) == 2
+    assert eamc.replaced == 1 and len(eamc) == 3
+    assert np.allclose(eamc.prob[2], normalise_rows(new))
+    assert np.allclose(eamc.prob[1], normalise_rows(TOPICS["b"]))
+    for _ in range(50):  # the bound holds whatever comes
+        eamc.add(np.random.default_rng(_).integers(0, 3, (L, E)).astype(np.float32))
+    assert len(eamc) == 3 and eamc.inserted == 3 + 2 + 50
+
+
+def test_persistence_round_trips(tmp_path):
+    eamc = collection()
+    eamc.predict(TOPICS["b"][None], top=1)
+    path = tmp_path / "eamc.bin"
+    eamc.save(path)
+    assert not eamc.dirty and not list(tmp_path.glob("*.tmp-*"))  # atomic: no temporary left behind
+    again = load_or_empty(path, L, E, 8, "tiny")
+    assert len(again) == 3
+    order = [1, 0, 2]  # reloaded most matched first (b was matched once)
+    assert np.array_equal(again.prob[:3], eamc.prob[order]) and np.array_equal(again.unit[:3], eamc.unit[order])
+    assert again.hits[:3].tolist() == [1, 0, 0] and again.weight[:3].tolist() == [1, 1, 1]
+    # a smaller capacity keeps the most matched members
+    small = load_or_empty(path, L, E, 1, "tiny")
+    assert len(small) == 1 and np.array_equal(small.prob[0], eamc.prob[1])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda raw: raw[:-7], "truncated"),
+    (lambda raw: raw[:-5] + bytes(b ^ 0xFF for b in raw[-5:]), "checksum"),
+    (lambda raw: b"garbage\n" + raw, "not an EAMC file"),
+    (lambda raw: b"", "not an EAMC file"),
+])
+def test_corrupt_file_is_detected_and_ignored_with_a_warning(tmp_path, caplog, damage, words):
+    path = tmp_path / "eamc.bin"
+    collection().save(path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(EamcFileError, match=words):
+        Eamc(L, E, 8, "tiny").load(path)
+    with caplog.at_level(logging.WARNING):
+        eamc = load_or_empty(path, L, E, 8, "tiny")
+    assert len(eamc) == 0
+    assert "ignoring the EAMC file" in caplog.text and words in caplog.text
+
+
+def test_file_of_another_model_is_ignored(tmp_path, caplog):
+    path = tmp_path / "eamc.bin"
+    collection().save(path)
+    assert len(load_or_empty(path, L, E + 1, 8, "tiny")) == 0
+    assert len(load_or_empty(path, L, E, 8, "other")) == 0
+    assert caplog.text.count("ignoring the EAMC file") == 2 and "8 experts" in caplog.text

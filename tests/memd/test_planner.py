@@ -1,0 +1,227 @@
+"""The prefetch planner and the reader's priorities: ordering, budget, dedupe, cancellation, on-demand preemption.
+Also: the predictor's lookahead scoring and the core's prefetch path (a prefetch never takes what an acquire needs;
+an on-demand load that finds every slot busy takes one from a prefetch)."""
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import messages as m
+from services.memd.core import ExpertManager, Knobs
+from services.memd.planner import PrefetchPlanner
+from services.memd.predictor import Target
+from services.memd.reader import ExpertReader, ReadCancelled
+from services.memd.store import Segment
+
+E = 8
+MB = 1 << 20
+
+
+def target(distance, layer, need: dict, step=1) -> Target:
+    vec = np.zeros(E)
+    for e, p in need.items():
+        vec[e] = p
+    return Target(distance, step, layer, vec)
+
+
+def planner(window=4, threshold=0.3, budget=None) -> PrefetchPlanner:
+    return PrefetchPlanner(MB, window, threshold, budget)
+
+
+def test_priority_is_need_times_nearness_and_below_threshold_is_ignored():
+    p = planner()
+    cands = p.candidates([target(1, 2, {0: 0.5, 1: 0.2}), target(2, 3, {4: 0.9, 5: 0.6}),
+                          target(4, 1, {6: 1.0})])
+    # nearness 1 - (d - 1) / (window + 1): 1, 0.8, 0.6, 0.4
+    assert [c.key for c in cands] == [(3, 4), (2, 0), (3, 5), (1, 6)]
+    assert [round(c.priority, 3) for c in cands] == [0.72, 0.5, 0.48, 0.4]
+    assert (2, 1) not in {c.key for c in cands}  # 0.2 < threshold
+
+
+def test_an_expert_in_several_targets_keeps_its_best_priority():
+    cands = planner(window=8).candidates([target(1, 0, {3: 0.4}), target(5, 0, {3: 1.0}, step=2)])
+    assert len(cands) == 1 and cands[0].priority == pytest.approx(1 - 4 / 9) and cands[0].distance == 5
+
+
+def test_dedupe_resident_and_inflight_experts_are_not_loaded_twice_but_protected():
+    p = planner()
+    cands = p.candidates([target(1, 0, {0: 1.0, 1: 0.9, 2: 0.8})])
+    p.issued("w", cands[1])  # (0, 1) is already loading as a prefetch
+    chosen, protect = p.plan("w", cands, present=lambda k: k in {(0, 0), (0, 1)}, bandwidth=None, layer_seconds=None)
+    assert [c.key for c in chosen] == [(0, 2)]
+    assert protect == {(0, 0): 1.0, (0, 1): pytest.approx(0.9)}
+
+
+def test_budget_is_bandwidth_times_time_per_layer_times_window():
+    p = planner(window=4)
+    cands = p.candidates([target(d, d, {e: 1.0 for e in range(E)}) for d in range(1, 5)])
+    # 100 MB/s and 10 ms per layer: 1 MB per layer of lookahead, 4 MB for the window
+    chosen, _ = p.plan("w", cands, lambda k: False, bandwidth=100 * MB, layer_seconds=0.01)
+    assert len(chosen) == 4
+    # each admitted prefetch can start before its own layer runs: at most d MB queued ahead of distance d
+    assert [c.distance for c in chosen] == [1, 2, 3, 4]
+    # prefetches already in flight use the budget up
+    for c in chosen[:3]:
+        p.issued("w", c)
+    more, _ = p.plan("w", cands, lambda k: False, bandwidth=100 * MB, layer_seconds=0.01)
+    assert len(more) == 1
+    # before anything is measured: one expert per layer of the window; an explicit budget wins
+    assert len(planner(window=3).plan("w", cands, lambda k: False, None, None)[0]) == 3
+    assert len(planner(budget=6 * MB).plan("w", cands, lambda k: False, None, None)[0]) == 6
+
+
+def test_stale_prefetches_are_those_whose_layer_passed_unused_unless_replanned():
+    p = planner()
+    for c in p.candidates([target(1, 1, {0: 1.0, 1: 1.0}), target(2, 2, {5: 1.0}), target(3, 0, {7: 1.0}, step=2)]):
+        p.issued("w", c)
+    p.issued("other", p.candidates([target(1, 1, {2: 1.0})])[0])
+    # worker w is now at step 1 layer 1 and used (1, 0): (1, 1) was predicted for this layer and not used
+    assert p.stale("w", 1, 1, acquired={(1, 0)}) == [(1, 1)]
+    p.done((1, 0))  # the acquire used it: it is an on-demand load now
+    # at layer 2 (1, 1) is still stale, (2, 5) was used; the next step's layer 0 is still ahead
+    assert sorted(p.stale("w", 1, 2, acquired={(2, 5)})) == [(1, 1)]
+    # a new plan that wants (1, 1) for the next step keeps it
+    p.retarget("w", p.candidates([target(3, 1, {1: 1.0}, step=2)]))
+    assert p.stale("w", 1, 2, acquired=set()) == [(2, 5)]
+    assert (1, 2) not in p.stale("w", 9, 9, acquired=set())  # another worker's prefetch is its own business
+
+
+class OneFileStore:
+    """The minimum of ExpertStore the reader needs: experts of ``nbytes`` laid end to end in one file."""
+
+    def __init__(self, path: Path, count: int, nbytes: int):
+        path.write_bytes(bytes(range(256)) * (count * nbytes // 256))
+        self.checkpoint = type("C", (), {"files": [path]})()
+        self.segments = {(0, e): [Segment(str(path), e * nbytes, nbytes, 0)] for e in range(count)}
+
+
+def test_on_demand_read_preempts_prefetches_within_a_chunk(tmp_path, monkeypatch):
+    nbytes, chunk = 64 * 4096, 4096
+    store = OneFileStore(tmp_path / "experts.bin", 8, nbytes)
+    pool = bytearray(8 * nbytes)
+    reader = ExpertReader(store, memoryview(pool), nbytes, direct_io=False, threads=1, chunk=chunk)
+    order, gate = [], threading.Event()
+    real = reader._read_chunk
+
+    def slow_chunk(job):
+        gate.wait()
+        order.append(job.key[1])
+        time.sleep(0.0005)
+        return real(job)
+
+    monkeypatch.setattr(reader, "_read_chunk", slow_chunk)
+    try:
+        prefetches = [reader.submit((0, e), e, demand=False, priority=p) for e, p in [(1, 0.2), (2, 0.9), (3, 0.5)]]
+        deadline = time.monotonic() + 10
+        while not any(job.running for job in prefetches):  # the single reader thread holds a chunk at the gate
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        demand = reader.submit((0, 7), 7, demand=True)
+        gate.set()
+        assert demand.future.result(10) == (nbytes, pytest.approx(demand.future.result()[1]))
+        for job in prefetches:
+            job.future.result(10)
+    finally:
+        reader.close()
+    first = order[0]
+    # one chunk of the first prefetch, then the whole demand read, then prefetches by priority
+    assert order[1:1 + nbytes // chunk] == [7] * (nbytes // chunk)
+    rest = [e for e in order[1 + nbytes // chunk:]]
+    assert [e for i, e in enumerate(rest) if i == 0 or rest[i - 1] != e] == [e for e in (2, 3, 1) if e in rest]
+    assert first in (1, 2, 3)
+    assert bytes(pool[7 * nbytes:8 * nbytes]) == (tmp_path / "experts.bin").read_bytes()[7 * nbytes:8 * nbytes]
+
+
+def test_cancelled_prefetch_stops_and_promoted_one_finishes(tmp_path):
+    nbytes = 16 * 4096
+    store = OneFileStore(tmp_path / "experts.bin", 4, nbytes)
+    pool = bytearray(4 * nbytes)
+    reader = ExpertReader(store, memoryview(pool), nbytes, direct_io=False, threads=1, chunk=4096)
+    try:
+        reader._cv.acquire()  # hold the threads back while the queue is arranged
+        try:
+            a = reader.submit((0, 0), 0, demand=False, priority=1.0)
+            b = reader.submit((0, 1), 1, demand=False, priority=0.5)
+        finally:
+            reader._cv.release()
+        reader.cancel(b)
+        reader.promote(a)
+        assert a.future.result(10)[0] == nbytes
+        with pytest.raises(ReadCancelled):
+            b.future.result(10)
+        assert reader.queued() == 0 and reader.bandwidth > 0
+    finally:
+        reader.close()
+
+
+def acquire(layer, experts, step, requests=("r",), prefill=False, tokens=None):
+    counts = tokens if tokens is not None else [[1] * len(experts) for _ in requests]
+    return m.AcquireRequest(layer, list(experts), list(requests), counts, step, [prefill] * len(requests))
+
+
+def run_steps(knobs: Knobs, steps: int, slots: int = 4) -> ExpertManager:
+    """A request routing every token to experts 0 and 1 of each of 4 layers, with 4 slots: the pool cannot hold
+    a step's 8 experts, so without prefetch every access after the first step misses."""
+    core = ExpertManager(slots, 4, E, top_k=2, expert_bytes=MB, knobs=knobs)
+    core.request_start("r")
+    for step in range(1, steps + 1):
+        for layer in range(4):
+            req = acquire(layer, [0, 1], step, tokens=[[1, 1]])
+            keys = [(layer, 0), (layer, 1)]
+            for key in keys:
+                core.table.pin(key)
+            plan = core.acquire("w", req, now=step + layer / 10)
+            for key in [k for k, _ in plan.loads] + plan.joins:
+                core.load_done(key, MB, 0.01)
+            pf = core.plan_prefetch("w", req, bandwidth=100 * MB)
+            for key, _, _ in pf.start:  # reads complete while the layer computes
+                core.load_done(key, MB, 0.01)
+            for key in keys:
+                core.table.unpin(key)
+        core.step_trace(m.StepTraceEvent(1, step, ["r"], [1], [False], [
+            m.LayerTrace(layer, [0, 1], [[1, 1]], [[0.5, 0.5]]) for layer in range(4)]))
+    return core
+
+
+def test_core_prefetches_predicted_experts_and_counts_their_use():
+    plain = run_steps(Knobs(policy="lru", prefetch=False), steps=5)
+    assert plain.table.counters.misses == 5 * 8  # LRU on a cyclic pattern larger than the pool: all misses
+    # with prefetch (reads complete within a layer here), the next layers' experts are there when needed
+    core = run_steps(Knobs(policy="lru", prefetch=True, window=2), steps=5)
+    mt = core.metrics
+    assert core.table.counters.misses == 8  # the first step's: nothing is known about the request yet
+    # every access of steps 2..5 was prefetched; the last step also prefetched the next (unrun) step's layer 0
+    assert sum(mt.prefetch_used) == 4 * 8 and sum(mt.prefetch_issued) == 4 * 8 + len(core.unused)
+    assert sum(mt.prefetch_wasted) == 0
+    (d1, s1), (d2, s2) = core.predictor.lookahead_stats()
+    assert (d1, d2) == (1, 2) and s1.routed > 0 and s1.correct == s1.predicted  # every prediction was right
+    assert s1.correct / s1.routed > 0.8 and s2.correct / s2.routed > 0.8
+    # the activation policy keeps the shallow layers' experts instead of churning the pool for deep ones
+    act = run_steps(Knobs(policy="activation", prefetch=True, window=2), steps=5)
+    assert act.table.counters.misses < plain.table.counters.misses
+    assert act.table.counters.per_layer_misses[:2] == [2, 2]
+
+
+def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
+    core = ExpertManager(3, 4, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", window=2, threshold=0.1))
+    core.planner.budget_bytes = 8 * MB
+    # a speculated guess for layer 1 makes memd prefetch into the free slots
+    req = m.AcquireRequest(0, [0], ["r"], [[1]], 1, [False], speculated=[3, 4], speculated_tokens=[1, 1])
+    core.table.pin((0, 0))
+    plan = core.acquire("w", req, now=0.0)
+    assert plan.loads == [((0, 0), plan.loads[0][1])]
+    pf = core.plan_prefetch("w", req, bandwidth=None)
+    assert sorted(k for k, _, _ in pf.start) == [(1, 3), (1, 4)]  # no free slot is left
+    # the next acquire needs two other experts of layer 1: (0, 0) is pinned and the rest are loading prefetches
+    core.load_done((0, 0), MB, 0.01)
+    core.table.pin((1, 5))
+    plan = core.acquire("w", m.AcquireRequest(1, [5], ["r"], [[1]], 1, [False]), now=0.1)
+    assert plan.blocked == [(1, 5)] and not plan.loads
+    victim = core.steal_candidate()
+    assert victim in {(1, 3), (1, 4)}
+    core.load_cancelled(victim)  # what the reader reports once the cancelled read stopped
+    slot = core.reserve_demand((1, 5), transient=False)
+    assert core.table.owner[slot] == (1, 5) and core.metrics.prefetch_cancelled == 1
+    assert sum(core.metrics.prefetch_wasted) == 1
