@@ -74,6 +74,9 @@ class AcquireRequest:
     prefill: list[bool] = field(default_factory=list)  # per request: this step is (part of) its prompt
     speculated: list[int] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
     speculated_tokens: list[int] = field(default_factory=list)  # ... and how many tokens picked each
+    # experts of an earlier layer to unpin first (the previous layer's release rides here: one message per layer)
+    release_layer: int = -1
+    release_experts: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,9 @@ class MemdServer:
                 log.warning("rejected frame: %s", exc)
                 await self._send_error(identity, _safe_rid(frame), "bad_request", str(exc))
                 continue
-            if PROTOCOL[op].handler is Handler.ASYNC:
+            if op is Op.ACQUIRE:
+                await self._acquire(identity, rid, req)
+            elif PROTOCOL[op].handler is Handler.ASYNC:
                 asyncio.create_task(self._handle(identity, op, rid, req))
             else:
                 await self._handle(identity, op, rid, req)
@@ -214,24 +216,56 @@ class MemdServer:
         log.info("worker pid %d attached", client.pid)
         return m.ReadyReply()
 
-    async def on_acquire(self, identity: bytes, req: m.AcquireRequest) -> m.AcquireReply:
+    async def _acquire(self, identity: bytes, rid: int, req: m.AcquireRequest) -> None:
+        """The hot path: an acquire whose experts are all resident is answered inline (no task); one that must
+        wait for loads continues in its own task, so other acquires are served meanwhile."""
+        try:
+            keys, waits, hits = self.begin_acquire(identity, req)
+        except RpcError as exc:
+            await self._send_error(identity, rid, exc.code, str(exc))
+            return
+        except Exception as exc:
+            log.exception("ACQUIRE failed")
+            await self._send_error(identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
+            return
+        if waits:
+            asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, (req, keys, waits, hits)))
+        else:
+            await self._send(identity, encode(Op.ACQUIRE, rid, self._acquired(keys, hits)))
+
+    def begin_acquire(self, identity: bytes, req: m.AcquireRequest):
+        """Apply the piggybacked release, pin, plan loads; returns the keys, the loads to wait for, the hits."""
         client = self._client(identity)
+        if req.release_layer >= 0:
+            self._unpin(client, [(req.release_layer, e) for e in req.release_experts])
         keys = self._validate_acquire(req)
         for key in keys:
             self.table.pin(key)
             client.pins[key] += 1
         try:
-            start = time.perf_counter()
-            plan = self.core.acquire(identity, req, start)
+            plan = self.core.acquire(identity, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.joins]
             waits += [asyncio.create_task(self.loads.demand(key, plan.transient)) for key in plan.blocked]
             # right after this acquire's reply (or while its loads run): it never delays the reply
             asyncio.get_running_loop().call_soon(self._prefetch, identity, req)
-            if waits:
-                await asyncio.gather(*waits)
-                self.core.stall(req.layer, time.perf_counter() - start)
         except PoolExhausted as exc:
+            self._unpin(client, keys)
+            raise RpcError("capacity", str(exc)) from None
+        except BaseException:
+            self._unpin(client, keys)
+            raise
+        return keys, waits, plan.hits
+
+    async def on_acquire(self, identity: bytes, pending) -> m.AcquireReply:
+        """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
+        req, keys, waits, hits = pending
+        client = self._client(identity)
+        start = time.perf_counter()
+        try:
+            await asyncio.gather(*waits)
+            self.core.stall(req.layer, time.perf_counter() - start)
+        except PoolExhausted as exc:  # a blocked demand load found every slot pinned
             self._unpin(client, keys)
             raise RpcError("capacity", str(exc)) from None
         except LoadError as exc:
@@ -240,7 +274,10 @@ class MemdServer:
         except BaseException:
             self._unpin(client, keys)
             raise
-        return m.AcquireReply([self.table.slot_of[k] for k in keys], plan.hits)
+        return self._acquired(keys, hits)
+
+    def _acquired(self, keys, hits: int) -> m.AcquireReply:
+        return m.AcquireReply([self.table.slot_of[k] for k in keys], hits)
 
     def _prefetch(self, identity: bytes, req: m.AcquireRequest) -> None:
         """Predict, cancel stale prefetches, start new ones. A failure here never fails the acquire."""

@@ -75,11 +75,17 @@ class PoolViews:
 class SlotExperts:
     """Stands in for an experts module inside transformers' forward: slot views instead of stacked weights."""
 
-    def __init__(self, module, views: PoolViews):
+    def __init__(self, module, params: dict[str, torch.Tensor], num_slots: int):
         self._module = module
-        self.num_experts = views.num_slots
-        for name, tensor in views.params.items():
+        self._params = params
+        self.num_experts = num_slots
+        for name, tensor in params.items():
             setattr(self, name, tensor)
+
+    def window(self, lo: int, hi: int) -> "SlotExperts":
+        """The same views restricted to slots ``lo..hi-1``: grouped_mm then runs over those slots only
+        (its cost grows with the number of groups), still without copying a byte."""
+        return SlotExperts(self._module, {n: t[lo:hi] for n, t in self._params.items()}, hi - lo)
 
     def __getattr__(self, name):  # act_fn, _apply_gate, has_bias, is_transposed, ... come from the real module
         return getattr(self._module, name)
@@ -140,10 +146,12 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts, compute on their slots, release."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None):
+    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None,
+                 last: bool = False):
         self.layer = layer
+        self.last = last  # the last MoE layer releases at once; the others' releases ride on the next acquire
         self.num_experts = module.num_experts
-        self.proxy = SlotExperts(module, views)
+        self.proxy = SlotExperts(module, views.params, views.num_slots)
         self.client = client
         self.next_gate = next_gate
         self.check_shapes(module, views)
@@ -167,11 +175,13 @@ class ExpertBinding:
                                     speculated=guess, speculated_tokens=guess_tokens)
         RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights)
         try:
+            lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
-            remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
-            return grouped_mm_experts_forward(self.proxy, hidden_states, remap[top_k_index], top_k_weights)
+            remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype) - lo
+            window = self.proxy.window(lo, hi)
+            return grouped_mm_experts_forward(window, hidden_states, remap[top_k_index], top_k_weights)
         finally:
-            self.client.release(self.layer, ids)
+            self.client.release(self.layer, ids, defer=not self.last)
 
 
 def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: torch.Tensor, num_experts: int):
@@ -212,7 +222,7 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
                for layer in layers] if next_gate else [None] * len(layers)
     for i, (layer, module) in enumerate(zip(layers, modules)):
         gate = routers[i + 1] if next_gate and i + 1 < len(layers) else None
-        module._moeinf = ExpertBinding(layer.index, module, views, client, gate)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, gate, last=i == len(layers) - 1)
 
 
 def _numel(shape) -> int:

@@ -40,6 +40,7 @@ class MemdClient:
         self.trace = make_socket(self.ctx, zmq.PUSH, trace_addr, bind=False, hwm=TRACE_HWM)
         self._ids = itertools.count(1)
         self.memd_pid: int | None = None
+        self._pending_release: tuple[int, list[int]] | None = None
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
         self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
@@ -65,15 +66,28 @@ class MemdClient:
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
                 prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = ()) -> list[int]:
         start = time.perf_counter()
+        release_layer, release_experts = self._pending_release or (-1, [])
+        self._pending_release = None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens))
+                                   list(speculated_tokens), release_layer, release_experts)
         try:
             return self.call(Op.ACQUIRE, request).slots
         finally:
             self.acquire_seconds += time.perf_counter() - start
 
-    def release(self, layer: int, experts: list[int]) -> None:
-        self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+    def release(self, layer: int, experts: list[int], *, defer: bool = False) -> None:
+        """Unpin ``experts``; with ``defer`` the release rides on the next acquire (memd applies it first)."""
+        self.flush_release()
+        if defer:
+            self._pending_release = (layer, experts)
+        else:
+            self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+
+    def flush_release(self) -> None:
+        if self._pending_release is not None:
+            layer, experts = self._pending_release
+            self._pending_release = None
+            self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
 
     def stats(self) -> m.StatsReply:
         return self.call(Op.STATS, m.StatsRequest())

@@ -162,8 +162,8 @@ def test_body_is_not_msgpack(body):
 @pytest.mark.parametrize("op, fields, match", [
     (Op.READY, [], "ReadyRequest: expected 1..1 fields, got 0"),
     (Op.READY, [1, 2], "ReadyRequest: expected 1..1 fields, got 2"),
-    (Op.ACQUIRE, [1], "AcquireRequest: expected 2..8 fields, got 1"),
-    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], "extra"], "AcquireRequest: expected 2..8 fields, got 9"),
+    (Op.ACQUIRE, [1], "AcquireRequest: expected 2..10 fields, got 1"),
+    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], -1, [], "extra"], "AcquireRequest: expected 2..10 fields, got 11"),
     (Op.STATS, [0], "StatsRequest: expected 0..0 fields, got 1"),
     (Op.HELLO, 5, "HelloRequest: expected an array"),
     (Op.HELLO, {"protocol": 1}, "HelloRequest: expected an array"),
