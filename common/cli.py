@@ -16,36 +16,23 @@ def _setup_logging(level: str, name: str) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def cmd_memd(args) -> int:
-    from services.memd.main import run
+def _service(config_cls, module: str, name: str):
+    """A subcommand that parses its service's config once, sets up logging and runs ``module.run(cfg)``."""
 
-    cfg = build_config(MemdConfig, args)
-    _setup_logging(cfg.log_level, "memd")
-    return run(cfg)
+    def command(args) -> int:
+        import importlib
 
+        cfg = build_config(config_cls, args)
+        _setup_logging(cfg.log_level, name)
+        return importlib.import_module(module).run(cfg)
 
-def cmd_worker(args) -> int:
-    from services.worker.main import run
-
-    cfg = build_config(WorkerConfig, args)
-    _setup_logging(cfg.log_level, "worker")
-    return run(cfg)
+    return command
 
 
-def cmd_gateway(args) -> int:
-    from services.gateway.main import run
-
-    cfg = build_config(GatewayConfig, args)
-    _setup_logging(cfg.log_level, "gateway")
-    return run(cfg)
-
-
-def cmd_serve(args) -> int:
-    from services.supervisor import run
-
-    cfg = build_config(ServeConfig, args)
-    _setup_logging(cfg.log_level, "serve")
-    return run(cfg)
+cmd_memd = _service(MemdConfig, "services.memd.main", "memd")
+cmd_worker = _service(WorkerConfig, "services.worker.main", "worker")
+cmd_gateway = _service(GatewayConfig, "services.gateway.main", "gateway")
+cmd_serve = _service(ServeConfig, "services.supervisor", "serve")
 
 
 def cmd_health(args) -> int:
