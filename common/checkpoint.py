@@ -185,7 +185,7 @@ class KeyMapper:
 
     def map(self, key: str) -> tuple[str, object | None, str | None]:
         """Return ``(model key, converter or None, the converter source pattern that matched)``."""
-        from transformers.core_model_loading import apply_renamings, rename_source_key
+        from transformers.core_model_loading import rename_source_key
 
         target, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta_state_dict)
         if pattern is None:

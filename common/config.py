@@ -30,6 +30,14 @@ def default_state_dir() -> Path:
     return Path(base) / "moeinf"
 
 
+MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET = "memd.sock", "memd-trace.sock", "worker.sock"
+
+
+def state_socket(state_dir: Path | str, name: str) -> str:
+    """The ipc:// address of one of the sockets every service finds in the shared state directory."""
+    return f"ipc://{Path(state_dir).resolve() / name}"
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -138,11 +146,11 @@ class MemdConfig:
 
     @property
     def rpc_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'memd.sock'}"
+        return state_socket(self.state_dir, MEMD_SOCKET)
 
     @property
     def trace_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'memd-trace.sock'}"
+        return state_socket(self.state_dir, MEMD_TRACE_SOCKET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,15 +189,15 @@ class WorkerConfig:
 
     @property
     def memd_rpc_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'memd.sock'}"
+        return state_socket(self.state_dir, MEMD_SOCKET)
 
     @property
     def memd_trace_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'memd-trace.sock'}"
+        return state_socket(self.state_dir, MEMD_TRACE_SOCKET)
 
     @property
     def rpc_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'worker.sock'}"
+        return state_socket(self.state_dir, WORKER_SOCKET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,12 +225,12 @@ class GatewayConfig:
 
     @property
     def worker_addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve() / 'worker.sock'}"
+        return state_socket(self.state_dir, WORKER_SOCKET)
 
     @property
     def memd_addr(self) -> str:
         """memd's RPC socket: /metrics relays its STATS."""
-        return f"ipc://{self.state_dir.resolve() / 'memd.sock'}"
+        return state_socket(self.state_dir, MEMD_SOCKET)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import default_state_dir, knob
+from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, default_state_dir, knob, state_socket
 
 SERVICES = ("memd", "worker", "gateway")
 
@@ -33,7 +33,8 @@ def check_memd(cfg: HealthConfig) -> str:
     from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
 
     state = cfg.state_dir.resolve()
-    client = MemdClient(f"ipc://{state}/memd.sock", f"ipc://{state}/memd-trace.sock", timeout_s=cfg.timeout_s)
+    client = MemdClient(state_socket(state, MEMD_SOCKET), state_socket(state, MEMD_TRACE_SOCKET),
+                        timeout_s=cfg.timeout_s)
     try:
         stats = client.stats()
     except MemdDeadError:
@@ -48,7 +49,7 @@ def check_memd(cfg: HealthConfig) -> str:
 def check_worker(cfg: HealthConfig) -> str:
     from common.worker_client import WorkerClient, WorkerClientError
 
-    client = WorkerClient(f"ipc://{cfg.state_dir.resolve()}/worker.sock")
+    client = WorkerClient(state_socket(cfg.state_dir, WORKER_SOCKET))
     try:
         info = client.info(timeout_s=cfg.timeout_s)
     except (TimeoutError, WorkerClientError) as exc:

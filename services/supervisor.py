@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ServeConfig
+from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, state_socket
 
 PR_SET_PDEATHSIG = 1
 
@@ -161,7 +161,7 @@ def _answered_by(child: Child, call) -> bool:
 def _memd_stats(state_dir: Path):
     from services.worker.memd_client import MemdClient
 
-    client = MemdClient(f"ipc://{state_dir.resolve()}/memd.sock", f"ipc://{state_dir.resolve()}/memd-trace.sock",
+    client = MemdClient(state_socket(state_dir, MEMD_SOCKET), state_socket(state_dir, MEMD_TRACE_SOCKET),
                         timeout_s=0.5)
     try:
         return client.stats()
@@ -172,7 +172,7 @@ def _memd_stats(state_dir: Path):
 def _worker_info(state_dir: Path):
     from common.worker_client import WorkerClient
 
-    client = WorkerClient(f"ipc://{state_dir.resolve()}/worker.sock")
+    client = WorkerClient(state_socket(state_dir, WORKER_SOCKET))
     try:
         return client.info(timeout_s=0.5)
     finally:

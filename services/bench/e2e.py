@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
 from services.bench.worker_proc import WorkerProcess
 
@@ -84,7 +85,8 @@ class MoeinfSystem:
     def counters(self) -> dict[str, float]:
         from services.worker.memd_client import MemdClient
 
-        client = MemdClient(f"ipc://{self.memd.state_dir}/memd.sock", f"ipc://{self.memd.state_dir}/memd-trace.sock",
+        client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
+                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET),
                             timeout_s=30)
         try:
             stats = client.stats()

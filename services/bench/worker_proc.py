@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import WORKER_SOCKET, state_socket
+
 READY_TEXT = "worker ready"
 
 
@@ -20,7 +22,7 @@ class WorkerProcess:
 
     @property
     def addr(self) -> str:
-        return f"ipc://{self.state_dir.resolve()}/worker.sock"
+        return state_socket(self.state_dir, WORKER_SOCKET)
 
     def start(self) -> WorkerProcess:
         cmd = [sys.executable, "-m", "common.cli", "worker", "--model", str(self.model), "--state-dir",
