@@ -20,9 +20,10 @@ READY_TEXT = "memd ready"
 
 
 class MemdProcess:
-    def __init__(self, model: Path, expert_memory: str, *, ready_timeout_s: float = 300.0):
+    def __init__(self, model: Path, expert_memory: str, *, ready_timeout_s: float = 300.0, extra: list[str] = ()):
         self.model = Path(model)
         self.expert_memory = expert_memory
+        self.extra = list(extra)  # more memd flags (--policy lru, --prefetch off, ...)
         self.ready_timeout_s = ready_timeout_s
         # short, so the ipc:// socket paths stay under the 107 characters Unix sockets allow
         self.state_dir = Path(tempfile.mkdtemp(prefix="moeinf-bench-"))
@@ -32,7 +33,7 @@ class MemdProcess:
     def start(self) -> MemdProcess:
         """Start memd and wait until it serves; on any failure (or Ctrl-C) it is stopped and cleaned up here."""
         cmd = [sys.executable, "-m", "common.cli", "memd", "--model", str(self.model), "--state-dir",
-               str(self.state_dir), "--expert-memory", self.expert_memory]
+               str(self.state_dir), "--expert-memory", self.expert_memory, *self.extra]
         try:
             with open(self.log_path, "wb") as log:
                 # own session: a Ctrl-C in the terminal reaches only the bench, which then stops memd in order
