@@ -1,0 +1,308 @@
+"""``moeinf bench replay``: a routing trace against a real memd, per policy, with the LRU and Belady bounds.
+
+For every trace, pool capacity and policy variant, a fresh ``moeinf memd`` (cold pool, cold EAMC; page cache
+dropped first when running as root; O_DIRECT reads anyway) serves an on-disk store with the trace's shape
+(``replay_store.py``, or ``--model``). The worker's own ``MemdClient`` then replays the trace
+(``replay_drive.py``), and memd's STATS before and after give, per token: fetches (on-demand loads + prefetches
+issued), on-demand misses, stall, bytes read, prefetch precision and recall. Pure on-demand LRU and Belady's MIN
+for the same accesses and capacity (``bounds.py``) are the reference: no policy fetches fewer than Belady.
+
+``--json`` writes one object per (trace, capacity) with ``tokens``, ``capacity_experts``,
+``belady_fetches_per_token``, ``lru_fetches_per_token`` and ``results`` (one row per policy variant): the
+object itself for one trace at one capacity, else a JSON list of them (traces in order, capacities within).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
+from common.sizes import format_bytes, parse_size
+from services.bench.bounds import belady_fetches, lru_fetches
+from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
+from services.bench.replay_drive import ReplayPlan, drive, load_plan
+from services.bench.replay_store import StoreShape, ensure_store
+
+DEFAULT_POLICIES = "lru,lfu,activation,lru+prefetch,activation+prefetch"
+DEFAULT_LAYER_MS = 5.0  # about one MoE layer of a 16 MiB-expert model on this CPU (docs/benchmarks.md)
+POLICY_NAMES = ("lru", "lfu", "activation")
+MIB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str  # as given: "lru", "activation+prefetch"
+    policy: str
+    prefetch: bool
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``lru,activation+prefetch``: a policy alone runs with prefetch off, ``+prefetch`` turns it on."""
+    variants = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        policy, plus, rest = name.partition("+")
+        if policy not in POLICY_NAMES or (plus and rest != "prefetch"):
+            raise ValueError(f"--policies: {name!r} is not a policy; use {', '.join(POLICY_NAMES)}, each optionally"
+                             " with +prefetch (e.g. lru,activation+prefetch)")
+        variants.append(Variant(name, policy, bool(plus)))
+    if not variants:
+        raise ValueError("--policies is empty")
+    return variants
+
+
+@dataclass(frozen=True)
+class Options:
+    traces: list[Path]
+    memories: list[str]
+    variants: list[Variant]
+    expert_bytes: int
+    model: Path | None
+    layer_seconds: float
+    max_steps: int | None
+    store_dir: Path
+    leases: bool
+    json: Path | None
+    plot: Path | None
+
+    @classmethod
+    def from_args(cls, args) -> Options:
+        for t in args.trace:
+            if not Path(t).is_file():
+                raise FileNotFoundError(f"--trace {t}: no such file")
+        if args.model and not (Path(args.model) / "config.json").is_file():
+            raise FileNotFoundError(f"--model {args.model}: no config.json (give a checkpoint directory)")
+        for memory in args.expert_memory:
+            parse_size(memory, what="--expert-memory")
+        expert_bytes = parse_size(args.expert_bytes, what="--expert-bytes")
+        if expert_bytes.fraction is not None or expert_bytes.nbytes < 1024:
+            raise ValueError(f"--expert-bytes {args.expert_bytes}: give a size of at least 1 KiB (16MiB, 65536)")
+        if args.layer_compute_ms is not None and args.layer_compute_ms < 0:
+            raise ValueError("--layer-compute-ms must be >= 0")
+        if args.max_steps is not None and args.max_steps < 1:
+            raise ValueError("--max-steps must be >= 1")
+        layer_ms = DEFAULT_LAYER_MS if args.layer_compute_ms is None else args.layer_compute_ms
+        return cls([Path(t) for t in args.trace], list(args.expert_memory), parse_variants(args.policies),
+                   expert_bytes.nbytes, Path(args.model) if args.model else None, layer_ms / 1e3, args.max_steps,
+                   Path(args.store_dir), args.leases == "on", _path(args.json), _path(args.plot))
+
+
+def _path(p) -> Path | None:
+    return Path(p) if p else None
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    path: Path
+    num_layers: int
+    num_experts: int
+    expert_bytes: int
+    slot_bytes: int
+
+
+def open_store(plan: ReplayPlan, opts: Options) -> Store:
+    """The checkpoint memd serves for ``plan``: ``--model``, or a random store with the trace's shape."""
+    from common.checkpoint import Checkpoint
+    from services.memd.store import ExpertStore
+
+    h = plan.header
+    path = opts.model or ensure_store(opts.store_dir, StoreShape.for_bytes(h.num_layers, h.num_experts, h.top_k,
+                                                                           opts.expert_bytes))
+    store = ExpertStore(Checkpoint(path))
+    if (store.num_layers, store.num_experts) != (h.num_layers, h.num_experts):
+        raise ValueError(f"{path} has {store.num_layers} MoE layers x {store.num_experts} experts, the trace"
+                         f" {plan.path} {h.num_layers} x {h.num_experts}")
+    return Store(path.resolve(), store.num_layers, store.num_experts, store.expert_bytes, store.slot_bytes)
+
+
+def capacity(memory: str, store: Store) -> tuple[int, bool]:
+    """Pool slots for ``--expert-memory`` (a share of all experts, or bytes) and whether it was raised to the
+    one-layer minimum memd needs."""
+    total = store.num_layers * store.num_experts
+    spec = parse_size(memory, what="--expert-memory")
+    slots = int(total * spec.fraction + 1e-9) if spec.fraction is not None else spec.nbytes // store.slot_bytes
+    slots = min(slots, total)
+    return max(slots, store.num_experts), slots < store.num_experts
+
+
+def drop_page_cache() -> bool:
+    """Drop the page cache (root only), so no run inherits another's cached reads; False when it could not."""
+    if os.geteuid() != 0:
+        return False
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Options) -> dict:
+    """One fresh memd with ``v``'s policy, the replay, and the counters it moved."""
+    from services.worker.memd_client import MemdClient
+
+    dropped = drop_page_cache()
+    extra = ["--policy", v.policy, "--prefetch", "on" if v.prefetch else "off"]
+    with MemdProcess(store.path, str(slots * store.slot_bytes), extra=extra) as memd:
+        client = MemdClient(state_socket(memd.state_dir, MEMD_SOCKET), state_socket(memd.state_dir, MEMD_TRACE_SOCKET),
+                            timeout_s=120.0, leases=opts.leases)
+        try:
+            hello = client.handshake(str(store.path), 60.0, "the bench's handshake timeout")
+            if hello.num_slots != slots:
+                raise RuntimeError(f"memd made {hello.num_slots} slots, the bench asked for {slots}")
+            client.ready()
+            before = client.stats()
+            result = drive(client, plan, opts.layer_seconds)
+            after = _settled_stats(client, before, result.steps)
+        finally:
+            client.close()
+    return _row(v, plan, store, before, after, result, dropped)
+
+
+def _settled_stats(client, before, steps: int, timeout_s: float = 10.0):
+    """STATS once memd has read every step trace (they travel on the fire-and-forget trace socket)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()
+        if stats.trace_steps - before.trace_steps >= steps or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, dropped: bool) -> dict:
+    d = {k: getattr(after, k) - getattr(before, k) for k in (
+        "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "prefetch_issued",
+        "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps", "trace_lost")}
+    tokens = plan.tokens
+    fetches = d["misses"] + d["prefetch_issued"]
+    used, wasted = d["prefetch_used"], d["prefetch_wasted"]
+    return {
+        "policy": v.name, "eviction": v.policy, "prefetch": v.prefetch,
+        "fetches_per_token": fetches / tokens, "demand_misses_per_token": d["misses"] / tokens,
+        "prefetches_per_token": d["prefetch_issued"] / tokens,
+        "stall_ms_per_token": 1e3 * d["stall_seconds"] / tokens,
+        "acquire_wait_ms_per_token": 1e3 * result.acquire_seconds / tokens,
+        "bytes_read_per_token": d["bytes_read"] / tokens,
+        "prefetch_precision": used / (used + wasted) if used + wasted else None,
+        "prefetch_recall": used / (used + d["misses"]) if used + d["misses"] else None,
+        "fetches": fetches, **d,
+        "read_mib_per_s": d["bytes_read"] / MIB / d["read_seconds"] if d["read_seconds"] else None,
+        "wall_s": result.seconds, "acquires": result.acquires, "direct_io": after.direct_io,
+        "page_cache_dropped": dropped,
+    }
+
+
+def replay_capacity(plan: ReplayPlan, store: Store, memory: str, opts: Options) -> dict:
+    slots, clamped = capacity(memory, store)
+    accesses = plan.accesses()
+    belady, lru = belady_fetches(accesses, slots), lru_fetches(accesses, slots)
+    tokens, h = plan.tokens, plan.header
+    doc = {
+        "trace": str(plan.path), "model": h.model, "num_layers": h.num_layers, "num_experts": h.num_experts,
+        "top_k": h.top_k, "steps": len(plan.steps), "tokens": tokens, "decode_tokens": plan.decode_tokens,
+        "expert_memory": memory, "capacity_experts": slots, "capacity_share": slots / (h.num_layers * h.num_experts),
+        "raised_to_one_layer": clamped, "expert_bytes": store.expert_bytes, "slot_bytes": store.slot_bytes,
+        "store": str(store.path), "layer_compute_ms": opts.layer_seconds * 1e3, "leases": opts.leases,
+        "belady_fetches": belady, "lru_fetches": lru,
+        "belady_fetches_per_token": belady / tokens, "lru_fetches_per_token": lru / tokens, "results": [],
+    }
+    print(_heading(doc))
+    print(_table_header())
+    for v in opts.variants:
+        row = run_variant(plan, store, slots, v, opts)
+        row["fetches_vs_belady"] = row["fetches"] / belady if belady else None
+        row["fetches_vs_lru_bound"] = row["fetches"] / lru if lru else None
+        doc["results"].append(row)
+        print(_table_row(row), flush=True)
+    print()
+    return doc
+
+
+def _heading(doc: dict) -> str:
+    raised = " (raised to one layer's experts, memd's minimum)" if doc["raised_to_one_layer"] else ""
+    return (f"{doc['trace']}: {doc['num_layers']} MoE layers x {doc['num_experts']} experts of"
+            f" {format_bytes(doc['expert_bytes'])}, {doc['steps']} steps, {doc['tokens']} tokens; --expert-memory"
+            f" {doc['expert_memory']}: {doc['capacity_experts']} slots{raised}; layer compute"
+            f" {doc['layer_compute_ms']:g} ms\nbounds, fetches per token: Belady {doc['belady_fetches_per_token']:.3f},"
+            f" on-demand LRU {doc['lru_fetches_per_token']:.3f}")
+
+
+COLUMNS = (("policy", 20, "{}", "policy"), ("fetch/tok", 9, "{:.3f}", "fetches_per_token"),
+           ("x Belady", 8, "{:.2f}", "fetches_vs_belady"), ("miss/tok", 8, "{:.3f}", "demand_misses_per_token"),
+           ("pf/tok", 7, "{:.3f}", "prefetches_per_token"), ("stall ms/tok", 12, "{:.2f}", "stall_ms_per_token"),
+           ("wait ms/tok", 11, "{:.2f}", "acquire_wait_ms_per_token"), ("pf prec", 7, "{:.2f}", "prefetch_precision"),
+           ("pf rec", 6, "{:.2f}", "prefetch_recall"), ("rd MiB/s", 8, "{:.0f}", "read_mib_per_s"),
+           ("wall s", 7, "{:.1f}", "wall_s"))
+
+
+def _table_header() -> str:
+    return "  ".join(f"{t:<{w}}" if i == 0 else f"{t:>{w}}" for i, (t, w, _, _) in enumerate(COLUMNS))
+
+
+def _table_row(row: dict) -> str:
+    cells = ["-" if row.get(k) is None else f.format(row[k]) for _, _, f, k in COLUMNS]
+    return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, (_, w, _, _)) in enumerate(zip(cells, COLUMNS)))
+
+
+def run(args) -> int:
+    opts = Options.from_args(args)
+    plans = [load_plan(t, opts.max_steps) for t in opts.traces]
+    docs = []
+    with TerminateAsInterrupt():
+        for plan in plans:
+            store = open_store(plan, opts)
+            done = set()
+            for memory in opts.memories:
+                slots, raised = capacity(memory, store)
+                if slots in done:
+                    print(f"{plan.path}: --expert-memory {memory} is {slots} slots{' (memd minimum)' if raised else ''},"
+                          " measured already\n")
+                    continue
+                done.add(slots)
+                docs.append(replay_capacity(plan, store, memory, opts))
+    print("fetches: on-demand loads + prefetches issued; stall: memd's time acquires waited for loads; wait: the"
+          " client's time in acquires (stall + round trips); x Belady: fetches / Belady's")
+    if opts.json:
+        opts.json.write_text(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1) + "\n")
+    if opts.plot:
+        from services.bench.plots import plot_replay
+
+        print(f"plot: {plot_replay(docs, opts.plot)}")
+    return 0
+
+
+def run_plot(args) -> int:
+    from services.bench.plots import plot_replay
+
+    runs = []
+    for path in args.json:
+        doc = json.loads(Path(path).read_text())
+        runs += doc if isinstance(doc, list) else [doc]
+    print(f"plot: {plot_replay(runs, args.out)}")
+    return 0
+
+
+def add_parsers(bench) -> None:
+    p = bench.add_parser("replay", help="replay routing traces against a real memd per policy, with LRU and"
+                                        " Belady bounds")
+    p.add_argument("--trace", action="append", required=True, help="a moeinf-trace/1 file (repeat for several)")
+    p.add_argument("--expert-memory", nargs="+", default=["25%"],
+                   help="pool capacities: shares of all experts (25%%) or bytes; each runs every policy")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help="comma-separated: lru, lfu, activation, each optionally +prefetch (alone: prefetch off)")
+    p.add_argument("--expert-bytes", default="16MiB", help="bytes per expert of the generated store")
+    p.add_argument("--model", help="serve this checkpoint instead of a generated store (its shape must match)")
+    p.add_argument("--layer-compute-ms", type=float, default=None,
+                   help=f"compute time of one MoE layer (a sleep; default {DEFAULT_LAYER_MS:g}, traces carry no timings)")
+    p.add_argument("--max-steps", type=int, help="replay only the first N forward steps of each trace")
+    p.add_argument("--store-dir", default=".cache/replay-store", help="where generated stores are kept")
+    p.add_argument("--leases", choices=["on", "off"], default="on", help="the worker's lease mode (its default: on)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="draw fetches per token against capacity to this PNG (needs matplotlib)")
+    p.set_defaults(func=run)
+    p = bench.add_parser("replay-plot", help="draw `bench replay --json` results (needs matplotlib)")
+    p.add_argument("json", nargs="+")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.set_defaults(func=run_plot)

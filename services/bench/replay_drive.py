@@ -1,0 +1,139 @@
+"""Replaying a routing trace against a real memd, as the worker would drive it (``moeinf bench replay``).
+
+``load_plan`` turns a ``moeinf-trace/1`` file into forward steps as the trace recorded them (``group_steps``: a
+prompt is one step with all its tokens, each decode token one more step; batched requests share steps), with
+each layer's routing precomputed as the worker computes it: the layer's unique experts, ``tokens[r][j]`` per
+request and the sums of the router weights.
+
+``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
+a request's first step; per step and MoE layer an acquire with the routing, the step number and the prefill
+flags, the layer's compute time (a sleep), then the release (none with leases: memd revokes them);
+one ``STEP_TRACE`` once the step is over; ``REQUEST_END`` after a request's last step.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import messages as m
+from common.protocol import Op
+from common.traces import Step, TraceHeader, group_steps, read_trace
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRouting:
+    layer: int
+    experts: list[int]
+    tokens: list[list[int]]  # [request][expert]
+    weights: list[list[float]]  # router weight sums, [request][expert]
+
+
+@dataclass(slots=True)
+class ReplayStep:
+    requests: list[str]
+    tokens: list[int]  # per request
+    prefill: list[bool]  # per request
+    layers: list[LayerRouting]
+    starts: list[tuple[str, int]] = field(default_factory=list)  # (request, prompt tokens) starting here
+    ends: list[tuple[str, int]] = field(default_factory=list)  # (request, generated tokens) ending after it
+
+
+@dataclass(slots=True)
+class ReplayPlan:
+    path: Path
+    header: TraceHeader
+    steps: list[ReplayStep]
+
+    @property
+    def tokens(self) -> int:
+        return sum(sum(s.tokens) for s in self.steps)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(t for s in self.steps for t, p in zip(s.tokens, s.prefill) if not p)
+
+    def accesses(self) -> list[list[tuple[int, int]]]:
+        """Per layer of every step, the (layer, expert) keys it acquires together (for ``bounds``)."""
+        return [[(r.layer, e) for e in r.experts] for s in self.steps for r in s.layers]
+
+
+def load_plan(path: Path | str, max_steps: int | None = None) -> ReplayPlan:
+    """The trace's steps (the first ``max_steps``, if given), ready to replay; TraceError on a malformed file."""
+    header, records = read_trace(path)
+    steps = []
+    for step in group_steps(records):
+        steps.append(step)
+        if max_steps is not None and len(steps) >= max_steps:
+            break
+    return ReplayPlan(Path(path), header, _replay_steps(steps))
+
+
+def _replay_steps(steps: list[Step]) -> list[ReplayStep]:
+    last = {r: i for i, s in enumerate(steps) for r in s.requests}
+    seen: dict[str, list[int]] = {}  # request -> [prompt tokens, decode tokens]
+    out = []
+    for i, step in enumerate(steps):
+        prefill = [step.phase[r] == "prefill" for r in step.requests]
+        tokens = [len(step.tokens[r]) for r in step.requests]
+        rs = ReplayStep(list(step.requests), tokens, prefill, [routing(step, layer) for layer in sorted(step.layers)])
+        for r, n, p in zip(step.requests, tokens, prefill):
+            if r not in seen:
+                seen[r] = [0, 0]
+                rs.starts.append((r, n if p else 0))
+            seen[r][0 if p else 1] += n
+            if last[r] == i:
+                rs.ends.append((r, seen[r][1]))
+        out.append(rs)
+    return out
+
+
+def routing(step: Step, layer: int) -> LayerRouting:
+    experts = sorted({e for rec in step.layers[layer] for e in rec.experts})
+    column = {e: j for j, e in enumerate(experts)}
+    row = {r: i for i, r in enumerate(step.requests)}
+    tokens = [[0] * len(experts) for _ in step.requests]
+    weights = [[0.0] * len(experts) for _ in step.requests]
+    for rec in step.layers[layer]:
+        for k, e in enumerate(rec.experts):
+            tokens[row[rec.req]][column[e]] += 1
+            if rec.weights is not None:
+                weights[row[rec.req]][column[e]] += rec.weights[k]
+    return LayerRouting(layer, experts, tokens, weights)
+
+
+@dataclass(slots=True)
+class DriveResult:
+    seconds: float = 0.0  # wall time of the whole replay
+    acquire_seconds: float = 0.0  # time spent waiting in acquires (the worker's view of the stall)
+    acquires: int = 0  # acquires that went to memd (a layer whose experts are all leased sends none)
+    steps: int = 0
+
+
+def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
+    """Replay ``plan`` through ``client`` (a handshaken, ready ``MemdClient``)."""
+    worker = os.getpid()
+    result = DriveResult()
+    start = time.perf_counter()
+    for number, step in enumerate(plan.steps, start=1):
+        for request, prompt in step.starts:
+            client.emit(Op.REQUEST_START, m.RequestStartEvent(request, prompt))
+        traces = []
+        for r in step.layers:
+            t0 = time.perf_counter()
+            client.acquire(r.layer, r.experts, step.requests, r.tokens, step=number, prefill=step.prefill)
+            result.acquire_seconds += time.perf_counter() - t0
+            leased = client.last_leased  # served from the worker's leases: no message went to memd
+            result.acquires += not leased
+            if layer_seconds > 0:
+                time.sleep(layer_seconds)
+            if not client.leasing:
+                client.release(r.layer, r.experts)
+            traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, [], leased))
+        client.emit(Op.STEP_TRACE, m.StepTraceEvent(worker, number, step.requests, step.tokens, step.prefill, traces))
+        for request, generated in step.ends:
+            client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
+        result.steps += 1
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,131 @@
+"""``moeinf bench replay``: the LRU and Belady bounds (hand-worked examples, an exhaustive optimum), and one short
+replay of the demo trace against real memd processes (the JSON's shape and consistent counts)."""
+import functools
+import itertools
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import moeinf_cmd, orphan_regions
+
+from services.bench.bounds import belady_fetches, lru_fetches
+from services.bench.replay_drive import load_plan
+
+DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- bounds
+def test_hand_example_lru_and_belady():
+    # capacity 2, a b c a b: LRU misses all 5; Belady evicts b for c (b's next use is furthest), then a hits
+    seq = [["a"], ["b"], ["c"], ["a"], ["b"]]
+    assert lru_fetches(seq, 2) == 5
+    assert belady_fetches(seq, 2) == 4
+
+
+def test_a_layers_own_experts_are_pinned():
+    # at [a, c], a's next use is never, yet a is in use: Belady must evict b (used again next), so b is fetched twice
+    seq = [["a"], ["b"], ["a", "c"], ["b"]]
+    assert belady_fetches(seq, 2) == 4
+    # LRU: at [c, a], a is touched first, so b is the least recent unpinned expert
+    assert lru_fetches([["a", "b"], ["c", "a"]], 2) == 3
+
+
+def test_everything_fits_costs_one_fetch_per_expert():
+    seq = [["a", "b"], ["c"], ["a"], ["b", "c"], ["d"]]
+    assert lru_fetches(seq, 4) == belady_fetches(seq, 4) == 4
+
+
+def test_capacity_below_one_access_is_refused():
+    with pytest.raises(ValueError, match="cannot hold"):
+        belady_fetches([["a", "b", "c"]], 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        lru_fetches([["a", "b", "c"]], 2)
+
+
+def optimum(seq, capacity) -> int:
+    """The fewest fetches, by trying every choice of victims (tiny inputs only)."""
+    @functools.lru_cache(maxsize=None)
+    def best(i: int, resident: frozenset) -> int:
+        if i == len(seq):
+            return 0
+        need = set(seq[i])
+        missing = need - resident
+        evict = max(0, len(resident) + len(missing) - capacity)
+        choices = itertools.combinations(sorted(resident - need), evict)
+        return len(missing) + min(best(i + 1, (resident - set(v)) | need) for v in choices)
+
+    return best(0, frozenset())
+
+
+def test_belady_is_optimal_and_never_above_lru():
+    rng = random.Random(7)
+    for _ in range(300):
+        capacity = rng.randint(2, 3)
+        seq = [rng.sample("abcde", rng.randint(1, 2)) for _ in range(rng.randint(1, 9))]
+        b, lru = belady_fetches(seq, capacity), lru_fetches(seq, capacity)
+        assert b == optimum(seq, capacity), seq
+        assert len({k for a in seq for k in a}) <= b <= lru
+
+
+def test_plan_follows_the_trace():
+    plan = load_plan(DEMO_TRACE, max_steps=20)
+    assert len(plan.steps) == 20 and plan.steps[0].prefill == [True] and plan.steps[1].prefill == [False]
+    assert plan.steps[0].starts == [("cooking-0", plan.steps[0].tokens[0])]
+    assert len(plan.accesses()) == 20 * 4
+    first = plan.steps[0].layers[0]
+    assert sum(map(sum, first.tokens)) == plan.steps[0].tokens[0] * 2  # top-2: two experts per token
+
+
+# ---------------------------------------------------------------------------------------------------- the bench
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"format": "other"}\n')
+    for args in (["--trace", str(tmp_path / "missing.jsonl")], ["--trace", str(bad)],
+                 ["--trace", str(DEMO_TRACE), "--expert-bytes", "big"]):
+        proc = subprocess.run(moeinf_cmd("bench", "replay", *args), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
+
+
+def test_replay_against_memd(tmp_path):
+    out, png, tmp = tmp_path / "replay.json", tmp_path / "replay.png", tmp_path / "t"
+    tmp.mkdir()
+    plot = ["--plot", str(png)] if _has_matplotlib() else []
+    cmd = moeinf_cmd("bench", "replay", "--trace", str(DEMO_TRACE), "--max-steps", "24", "--expert-bytes", "64KiB",
+                     "--store-dir", str(tmp_path / "stores"), "--policies", "lru,activation+prefetch",
+                     "--layer-compute-ms", "0.2", "--leases", "off", "--json", str(out), *plot)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Belady" in proc.stdout and "activation+prefetch" in proc.stdout
+
+    doc = json.loads(out.read_text())
+    assert {"tokens", "capacity_experts", "belady_fetches_per_token", "lru_fetches_per_token", "results"} <= set(doc)
+    assert doc["capacity_experts"] == 8 and doc["steps"] == 24 and doc["expert_bytes"] == 65664
+    assert 0 < doc["belady_fetches"] <= doc["lru_fetches"]
+    rows = {r["policy"]: r for r in doc["results"]}
+    assert list(rows) == ["lru", "activation+prefetch"]
+    for r in rows.values():
+        assert r["fetches"] == r["misses"] + r["prefetch_issued"] >= doc["belady_fetches"]
+        assert r["fetches_per_token"] == pytest.approx(r["fetches"] / doc["tokens"])
+        assert r["hits"] + r["misses"] == sum(len(a) for a in load_plan(DEMO_TRACE, 24).accesses())
+        assert r["trace_steps"] == 24 and r["trace_lost"] == 0 and r["stall_ms_per_token"] >= 0
+        assert r["bytes_read"] <= r["fetches"] * doc["expert_bytes"]
+    # memd's LRU without prefetch (and without leases) is the on-demand LRU bound, up to the order in which one
+    # layer's misses finish loading (memd makes them most recent as they finish, the bound in expert order)
+    assert abs(rows["lru"]["fetches"] - doc["lru_fetches"]) <= max(2, doc["lru_fetches"] // 20)
+    assert rows["lru"]["prefetch_issued"] == 0
+    assert rows["activation+prefetch"]["prefetch_issued"] > 0
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left = [p.name for p in tmp.iterdir() if p.name.startswith("moeinf-bench-")]  # (torch may cache here too)
+    assert left == [] and not orphan_regions(), "the bench left a state directory or a pool"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
