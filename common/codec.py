@@ -32,7 +32,7 @@ def encode(op: Op, request_id: int, msg) -> bytes:
 def _to_wire(obj):
     if dataclasses.is_dataclass(obj):
         return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    raise TypeError(f"cannot encode {type(obj).__name__}: add it to common/messages.py")
+    raise TypeError(f"cannot encode {type(obj).__name__}: add it to common/messages.py (or admin_messages.py)")
 
 
 def peek(frame: bytes) -> tuple[int, int]:
@@ -88,7 +88,7 @@ _HINTS: dict[type, dict] = {}
 
 def _hints(cls) -> dict:
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls, vars(messages))
+        _HINTS[cls] = typing.get_type_hints(cls)  # each class's own module: messages.py or admin_messages.py
     return _HINTS[cls]
 
 

@@ -13,7 +13,7 @@ def ipc_path(addr: str) -> str | None:
 
 
 def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 0, linger_ms: int = 0,
-                identity: bytes | None = None, immediate: bool = False) -> zmq.Socket:
+                identity: bytes | None = None, immediate: bool = False, max_msg_bytes: int = -1) -> zmq.Socket:
     path = ipc_path(addr)
     if path is not None and len(path) > _IPC_PATH_MAX:
         raise ValueError(f"socket path {path!r} is {len(path)} characters, above the {_IPC_PATH_MAX} Unix sockets allow:"
@@ -26,6 +26,8 @@ def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int 
         sock.setsockopt(zmq.IDENTITY, identity)
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a peer that is not connected: sends fail at once
+    if max_msg_bytes > 0:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)  # a larger message disconnects its peer (listeners on TCP)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
     if bind:

@@ -60,9 +60,10 @@ class Eamc:
         flat = unit.reshape(len(queries), -1)
         return (flat @ self.unit[:self.size].T) / rows[:, None]
 
-    def predict(self, queries: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, queries: np.ndarray, top: int, *, count: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """For each query, the similarity-weighted average of its ``top`` nearest members: ``([R, L, E]`` row
-        distributions, ``[R]`` best similarity). All zeros while the collection is empty."""
+        distributions, ``[R]`` best similarity). All zeros while the collection is empty. ``count=False``: a look
+        (the admin's) that does not count as a match."""
         count = len(queries)
         if self.size == 0 or count == 0:
             return np.zeros((count, self.num_layers, self.num_experts), np.float32), np.zeros(count, np.float32)
@@ -72,7 +73,8 @@ class Eamc:
         weights = np.clip(np.take_along_axis(sims, best, axis=1), 0.0, None)
         total = weights.sum(1, keepdims=True)
         weights = np.divide(weights, total, out=np.full_like(weights, 1.0 / top), where=total > 0)
-        np.add.at(self.hits, best.ravel(), 1)
+        if count:
+            np.add.at(self.hits, best.ravel(), 1)
         predicted = np.einsum("rt,rtle->rle", weights, self.prob[best])
         return predicted, sims.max(1)
 
@@ -105,6 +107,29 @@ class Eamc:
         self.prob[index] = prob
         self.unit[index] = normalise_rows(prob, order=2).ravel()
         self.weight[index] = weight
+
+    def clear(self) -> None:
+        """Forget every member (the admin's ``eamc clear``)."""
+        self.prob[:self.size] = 0
+        self.unit[:self.size] = 0
+        self.weight[:self.size] = 0
+        self.hits[:self.size] = 0
+        self.size = 0
+        self.dirty = True
+
+    def copy(self) -> Eamc:
+        """A snapshot to save or load off the event loop; ``assign`` takes a loaded one back."""
+        other = Eamc(self.num_layers, self.num_experts, self.capacity, self.model)
+        other.assign(self)
+        return other
+
+    def assign(self, other: Eamc) -> None:
+        self.clear()
+        n = other.size
+        self.prob[:n], self.unit[:n], self.weight[:n], self.hits[:n] = (
+            other.prob[:n], other.unit[:n], other.weight[:n], other.hits[:n])
+        self.size = n
+        self.dirty = True
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: Path) -> None:

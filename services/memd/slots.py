@@ -4,6 +4,11 @@ Pure bookkeeping (no I/O, no asyncio), so every rule is unit-testable: pinned or
 evicted; the policy only ever sees evictable residents. A prefetch takes a free slot, or evicts a victim that is not
 protected (imminently needed) and that the policy lets it replace; an on-demand load spares protected experts when
 it can, and evicts one when nothing else is left.
+
+The live capacity (``resize``) can be lower than the slots the region was created with: slots at or above it are
+retired. Their residents leave as soon as nothing pins or loads them (at once, or when the last pin goes), and a
+retired slot that becomes free is handed to ``on_retire`` (memd gives its memory back) instead of the free list.
+``drop`` marks every resident to leave the same way.
 """
 from __future__ import annotations
 
@@ -31,15 +36,18 @@ class Counters:
 
 class SlotTable:
     def __init__(self, num_slots: int, num_layers: int, policy: EvictionPolicy):
-        self.num_slots = num_slots
+        self.num_slots = num_slots  # the region's slots: the layout never changes
+        self.capacity = num_slots  # live: slots >= capacity are retired (admin resize)
         self.policy = policy
         self.slot_of: dict[Key, int] = {}  # resident or loading
         self.owner: list[Key | None] = [None] * num_slots
         self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self.pins: dict[Key, int] = {}
         self.loading: set[Key] = set()
+        self.doomed: set[Key] = set()  # residents that leave once nothing pins or loads them (admin drop)
         self.counters = Counters(per_layer_hits=[0] * num_layers, per_layer_misses=[0] * num_layers)
         self.on_evict: Callable[[Key], None] | None = None  # told of every eviction (prefetch accounting)
+        self.on_retire: Callable[[int], None] | None = None  # told of every retired slot that became free
 
     # ---- queries
     def is_resident(self, key: Key) -> bool:
@@ -51,6 +59,10 @@ class SlotTable:
     @property
     def num_pinned(self) -> int:
         return len(self.pins)
+
+    def leaving(self, key: Key) -> bool:
+        """``key`` sits in a retired slot or was dropped: it leaves once nothing pins or loads it."""
+        return key in self.doomed or self.slot_of.get(key, -1) >= self.capacity
 
     def resident_per_layer(self, num_layers: int) -> list[int]:
         counts = [0] * num_layers
@@ -66,6 +78,7 @@ class SlotTable:
         n = self.pins.get(key, 0)
         if n <= 1:
             self.pins.pop(key, None)
+            self._leave_if_due(key)
         else:
             self.pins[key] = n - 1
 
@@ -93,7 +106,7 @@ class SlotTable:
         if victim is None:
             victim = self.policy.victim(self.evictable)
         if victim is None:
-            raise PoolExhausted(f"all {self.num_slots} pool slots are pinned or loading; raise --expert-memory")
+            raise PoolExhausted(f"all {self.capacity} pool slots are pinned or loading; raise --expert-memory")
         return self._take(key, self._evict_for(victim))
 
     def reserve_prefetch(self, key: Key, priority: float, protect: Mapping[Key, float] | None = None) -> int | None:
@@ -122,6 +135,7 @@ class SlotTable:
     def loaded(self, key: Key, *, transient: bool = False) -> None:
         self.loading.discard(key)
         self.policy.on_insert(key, transient=transient)
+        self._leave_if_due(key)
 
     def set_policy(self, policy: EvictionPolicy) -> None:
         """Switch policies live: the new one learns the residents (it starts without their history)."""
@@ -133,18 +147,72 @@ class SlotTable:
     def abort(self, key: Key) -> None:
         """A load failed: give its slot back."""
         self.loading.discard(key)
+        self.doomed.discard(key)
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
-        self.free.append(slot)
+        self._free(slot)
 
     def evict(self, key: Key) -> int:
         if not self.evictable(key):
             raise AssertionError(f"evicting {key}, which is pinned or loading")
+        self.doomed.discard(key)
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
-        self.free.append(slot)
+        self._free(slot)
         self.policy.on_remove(key)
         self.counters.evictions += 1
         if self.on_evict is not None:
             self.on_evict(key)
         return slot
+
+    def _free(self, slot: int) -> None:
+        if slot < self.capacity:
+            self.free.append(slot)
+        elif self.on_retire is not None:
+            self.on_retire(slot)
+
+    def _leave_if_due(self, key: Key) -> None:
+        if self.leaving(key) and self.evictable(key):
+            self.evict(key)
+
+    # ---- live size (admin)
+    def shrink(self, capacity: int) -> tuple[int, list[Key]]:
+        """Retire the slots from ``capacity`` on: free ones leave the free list, evictable residents are evicted
+        now. Returns ``(evicted, pending)``: the pinned or loading residents there leave when released."""
+        if not 0 < capacity <= self.capacity:
+            raise ValueError(f"cannot shrink {self.capacity} slots to {capacity}")
+        self.capacity = capacity
+        retired = [s for s in self.free if s >= capacity]
+        self.free = [s for s in self.free if s < capacity]
+        for slot in retired:
+            if self.on_retire is not None:
+                self.on_retire(slot)
+        return self._evict_all(self.owner[capacity:])
+
+    def grow(self, capacity: int) -> list[int]:
+        """Give back the slots up to ``capacity`` (at most the region's); returns those now free."""
+        if not self.capacity <= capacity <= self.num_slots:
+            raise ValueError(f"cannot grow {self.capacity} slots to {capacity} (the region has {self.num_slots})")
+        back = [s for s in range(self.capacity, capacity) if self.owner[s] is None]
+        self.capacity = capacity
+        self.free[:0] = back[::-1]  # taken after the slots already free, lowest first
+        return back
+
+    def drop(self, keep: Collection[Key] = ()) -> tuple[int, list[Key]]:
+        """Evict every resident but ``keep``: evictable ones now, pinned or loading ones when released.
+        Returns ``(evicted, pending)``."""
+        keys = [k for k in self.slot_of if k not in keep]
+        self.doomed.update(keys)
+        return self._evict_all(keys)
+
+    def _evict_all(self, keys) -> tuple[int, list[Key]]:
+        evicted, pending = 0, []
+        for key in list(keys):
+            if key is None:
+                continue
+            if self.evictable(key):
+                self.evict(key)
+                evicted += 1
+            else:
+                pending.append(key)
+        return evicted, pending

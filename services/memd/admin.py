@@ -1,0 +1,387 @@
+"""memd's admin socket: live inspection and control for ``moeinf admin`` (docs/admin.md).
+
+A ROUTER on ``<state-dir>/admin.sock``, created with mode 0600 (only memd's user may connect), and with
+``--admin-tcp HOST:PORT`` a second ROUTER on TCP whose requests must carry ``--admin-token``. One reader task per
+socket; handlers are a table keyed by op (``common/protocol.MEMD_ADMIN_OPS``). They act on the same objects the
+worker link does (slot table, loads, decision core), on the event loop; file and memory work (EAMC files,
+allocating and releasing pool memory) runs in threads.
+
+Resizing never moves a slot or changes the region's size: shrinking retires the slots at and above the new
+capacity (``SlotTable.shrink``), and each retired slot's memory goes back to the OS as soon as it is free
+(``pool.release_range``: a hole punched in the /dev/shm file). Growing allocates that memory again first.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from common import admin_messages as a
+from common import messages as m
+from common.codec import ProtocolError, decode, encode, peek
+from common.config import POLICIES
+from common.protocol import MEMD_ADMIN_OPS, PROTOCOL, Handler, Op
+from common.sizes import format_bytes, parse_size
+from common.zmq_utils import ipc_path, make_socket, remove_ipc_file
+from services.memd.eamc import Eamc, EamcFileError
+from services.memd.loads import LoadError
+from services.memd.policy import Key
+from services.memd.pool import SHM_DIR, allocate_range, release_range, resident_bytes
+from services.memd.slots import PoolExhausted
+
+log = logging.getLogger("moeinf.memd.admin")
+MAX_MSG_BYTES = 1 << 20
+RECLAIM_INTERVAL_S, RECLAIM_TRIES = 0.5, 20  # asking workers again for experts that must leave
+
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class AdminServer:
+    def __init__(self, server, ctx):
+        self.server, self.cfg = server, server.cfg
+        self.core, self.table, self.loads, self.store = server.core, server.table, server.loads, server.store
+        self.slot_bytes = self.store.slot_bytes
+        self.region = SHM_DIR / server.pool_name
+        self.pins: set[Key] = set()  # the admin's own pins (at most capacity minus one layer)
+        self.started = time.monotonic()
+        self.memory = ThreadPoolExecutor(1, thread_name_prefix="memd-pool-memory")  # one thread: ordered
+        self.growing_to, self.deferred = 0, []  # a grow in flight keeps the retired slots below it allocated
+        self.resizing = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+        self.handlers = {
+            Op.ADMIN_STATS: self.on_stats, Op.ADMIN_EXPERTS: self.on_experts, Op.ADMIN_RESIZE: self.on_resize,
+            Op.ADMIN_POLICY: self.on_policy, Op.ADMIN_PREFETCH: self.on_prefetch,
+            Op.ADMIN_EAMC_SAVE: self.on_eamc_save, Op.ADMIN_EAMC_LOAD: self.on_eamc_load,
+            Op.ADMIN_EAMC_CLEAR: self.on_eamc_clear, Op.ADMIN_EAMC_MATCH: self.on_eamc_match,
+            Op.ADMIN_PIN: self.on_pin, Op.ADMIN_UNPIN: self.on_unpin, Op.ADMIN_DROP: self.on_drop,
+            Op.ADMIN_HEALTH: self.on_health,
+        }
+        assert set(self.handlers) == MEMD_ADMIN_OPS
+        self.table.on_retire = self._retired
+        self.sockets = [(self._bind_unix(ctx), False)]
+        if self.cfg.admin_tcp:
+            self.sockets.append((self._bind_tcp(ctx), True))
+
+    def _bind_unix(self, ctx) -> zmq.Socket:
+        addr = self.cfg.admin_addr
+        old = os.umask(0o077)  # the socket file is born owner-only ...
+        try:
+            sock = make_socket(ctx, zmq.ROUTER, addr, bind=True, max_msg_bytes=MAX_MSG_BYTES)
+        finally:
+            os.umask(old)
+        os.chmod(ipc_path(addr), 0o600)  # ... and stays 0600 whatever the umask did
+        return sock
+
+    def _bind_tcp(self, ctx) -> zmq.Socket:
+        try:
+            sock = make_socket(ctx, zmq.ROUTER, f"tcp://{self.cfg.admin_tcp}", bind=True, max_msg_bytes=MAX_MSG_BYTES)
+        except zmq.ZMQError as exc:
+            raise RuntimeError(f"--admin-tcp {self.cfg.admin_tcp}: cannot listen there: {exc}") from None
+        log.info("admin socket also on tcp://%s (token required)", self.cfg.admin_tcp)
+        return sock
+
+    # ------------------------------------------------------------------ loop
+    async def serve(self) -> None:
+        try:
+            await asyncio.gather(*(self._read(sock, tcp) for sock, tcp in self.sockets))
+        finally:
+            for sock, _ in self.sockets:
+                sock.close()
+            remove_ipc_file(self.cfg.admin_addr)
+            self.memory.shutdown(wait=False, cancel_futures=True)
+
+    async def _read(self, sock: zmq.Socket, tcp: bool) -> None:
+        while True:
+            parts = await sock.recv_multipart()
+            if len(parts) != 2:
+                continue
+            identity, frame = parts
+            try:
+                op, rid, req = decode(frame, MEMD_ADMIN_OPS)
+            except ProtocolError as exc:
+                await _send_error(sock, identity, _rid(frame), "bad_request", str(exc))
+                continue
+            if tcp and not hmac.compare_digest(req.token.encode(), self.cfg.admin_token.encode()):
+                log.warning("refused an admin %s over TCP: wrong token", op.name)
+                await _send_error(sock, identity, rid, "unauthorized", "wrong admin token (memd --admin-token,"
+                                  " env MOEINF_ADMIN_TOKEN)")
+                continue
+            if PROTOCOL[op].handler is Handler.ASYNC:
+                task = asyncio.create_task(self._handle(sock, identity, op, rid, req))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            else:
+                await self._handle(sock, identity, op, rid, req)
+
+    async def _handle(self, sock, identity: bytes, op: Op, rid: int, req) -> None:
+        try:
+            reply = self.handlers[op](req)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+        except AdminError as exc:
+            await _send_error(sock, identity, rid, exc.code, str(exc))
+            return
+        except Exception as exc:  # a bug: report it and keep serving
+            log.exception("admin %s failed", op.name)
+            await _send_error(sock, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
+            return
+        await _send(sock, identity, encode(op, rid, reply))
+
+    # ------------------------------------------------------------------ inspection
+    def on_stats(self, req: a.AdminStatsRequest) -> a.AdminStatsReply:
+        t = self.table
+        stats = self.server.on_stats(None, m.StatsRequest())
+        leaving = sum(1 for k in t.slot_of if t.leaving(k))
+        return a.AdminStatsReply(stats, t.capacity, self.slot_bytes, resident_bytes(self.region), len(t.loading),
+                                 len(self.pins), leaving)
+
+    def on_experts(self, req: a.AdminExpertsRequest) -> a.AdminExpertsReply:
+        t = self.table
+        rows = [a.LayerExperts(layer, [], [], [], [], []) for layer in range(self.store.num_layers)]
+        for key in sorted(t.slot_of):
+            row, expert = rows[key[0]], key[1]
+            (row.loading if key in t.loading else row.resident).append(expert)
+            for wanted, column in ((t.pins.get(key), row.pinned), (key in self.pins, row.admin_pinned),
+                                   (t.leaving(key), row.leaving)):
+                if wanted:
+                    column.append(expert)
+        return a.AdminExpertsReply(t.capacity, t.num_slots, rows)
+
+    def on_health(self, req: a.AdminHealthRequest) -> a.AdminHealthReply:
+        workers = [c.pid for c in self.server.clients.values() if c.ready]
+        return a.AdminHealthReply(os.getpid(), time.monotonic() - self.started, str(self.cfg.model),
+                                  self.server.pool_name, workers)
+
+    # ------------------------------------------------------------------ size
+    async def on_resize(self, req: a.ResizeRequest) -> a.ResizeReply:
+        slots = self._slots_for(req.size)
+        async with self.resizing:
+            old = self.table.capacity
+            evicted, pending = 0, []
+            if slots > old:
+                await self._grow(slots)
+            elif slots < old:
+                evicted, pending = self.table.shrink(slots)
+                self._cancel_prefetches(pending)
+                if pending:
+                    self._reclaim()
+            await asyncio.get_running_loop().run_in_executor(self.memory, _nothing)  # queued releases are done
+        log.info("pool resized from %d to %d slots (%s): %d evicted, %d leave when released", old, slots,
+                 format_bytes(slots * self.slot_bytes), evicted, len(pending))
+        return a.ResizeReply(old, self.table.capacity, self.table.num_slots, self.slot_bytes, evicted, len(pending),
+                             resident_bytes(self.region))
+
+    def _slots_for(self, size: str) -> int:
+        s, L, E = self.slot_bytes, self.store.num_layers, self.store.num_experts
+        try:
+            budget = parse_size(size, what="size").resolve(s * L * E)
+        except ValueError as exc:
+            raise AdminError("bad_request", str(exc)) from None
+        slots, created = budget // s, self.table.num_slots
+        if slots > created:
+            raise AdminError("bad_request", f"size {size} ({format_bytes(budget)}) is more than the {created} slots"
+                                            f" ({format_bytes(created * s)}) memd created its pool with: it cannot"
+                                            " grow past that; restart memd with a larger --expert-memory")
+        minimum = E + len(self.pins)
+        if slots < minimum:
+            pinned = f" plus the {len(self.pins)} the admin pinned" if self.pins else ""
+            raise AdminError("bad_request", f"size {size} ({format_bytes(budget)}, {slots} slots) is below the"
+                                            f" minimum of {minimum} slots ({format_bytes(minimum * s)}): one layer's"
+                                            f" {E} experts{pinned}")
+        return slots
+
+    async def _grow(self, slots: int) -> None:
+        old, s = self.table.capacity, self.slot_bytes
+        self.growing_to = slots
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.memory, allocate_range, self.region, old * s,
+                                                             (slots - old) * s)
+        except RuntimeError as exc:
+            for slot in self.deferred:
+                self.memory.submit(self._release, slot)
+            raise AdminError("capacity", str(exc)) from None
+        finally:
+            self.growing_to, self.deferred = 0, []
+        self.table.grow(slots)
+
+    def _retired(self, slot: int) -> None:
+        """A retired slot became free (SlotTable.on_retire): give its memory back, off the event loop."""
+        if slot < self.growing_to:
+            self.deferred.append(slot)  # the grow in flight allocates it again: keep it
+        else:
+            self.memory.submit(self._release, slot)
+
+    def _release(self, slot: int) -> None:
+        try:
+            release_range(self.region, slot * self.slot_bytes, self.slot_bytes)
+        except OSError as exc:
+            log.warning("could not give slot %d's memory back: %s", slot, exc)
+
+    def _cancel_prefetches(self, keys) -> None:
+        """Loading prefetches nobody pins among ``keys`` (retired or dropped) are stopped: their slot is leaving."""
+        for key in keys:
+            if key in self.table.loading and not self.table.pins.get(key):
+                self.loads.cancel(key)
+
+    def _reclaim(self) -> None:
+        """Ask the workers for the experts they hold (leases) until every expert that must leave has left."""
+        self.server.reclaim_leases()
+        if not any(not t.done() and t.get_name() == "admin-reclaim" for t in self.tasks):
+            task = asyncio.create_task(self._reclaim_until_gone(), name="admin-reclaim")
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _reclaim_until_gone(self) -> None:
+        for _ in range(RECLAIM_TRIES):
+            await asyncio.sleep(RECLAIM_INTERVAL_S)
+            if not any(self.table.leaving(k) for k in self.table.slot_of if k not in self.pins):
+                return
+            self.server.reclaim_leases()
+
+    def on_drop(self, req: a.DropRequest) -> a.DropReply:
+        evicted, pending = self.table.drop(keep=self.pins)
+        self._cancel_prefetches(pending)
+        if pending:
+            self._reclaim()
+        log.info("drop: %d experts evicted, %d leave when released", evicted, len(pending))
+        return a.DropReply(evicted, len(pending), len(self.table.slot_of))
+
+    # ------------------------------------------------------------------ decisions
+    def on_policy(self, req: a.PolicyRequest) -> a.PolicyReply:
+        if req.name not in POLICIES:
+            raise AdminError("bad_request", f"unknown policy {req.name!r}: choose one of {', '.join(POLICIES)}")
+        old = self.core.policy_name
+        self.core.set_policy(req.name)
+        log.info("eviction policy switched from %s to %s", old, req.name)
+        return a.PolicyReply(old, req.name)
+
+    def on_prefetch(self, req: a.PrefetchRequest) -> a.PrefetchReply:
+        was, cancelled = self.core.prefetching, 0
+        self.core.prefetching = req.on
+        if not req.on:
+            for key in list(self.core.planner.inflight):
+                if key in self.loads.jobs and not self.table.pins.get(key):
+                    self.loads.cancel(key)
+                    cancelled += 1
+        log.info("prefetch %s (%d in flight cancelled)", "on" if req.on else "off", cancelled)
+        return a.PrefetchReply(was, req.on, cancelled)
+
+    # ------------------------------------------------------------------ EAMC
+    async def on_eamc_save(self, req: a.EamcSaveRequest) -> a.EamcReply:
+        path, snapshot = _absolute(req.path), self.core.eamc.copy()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, snapshot.save, path)
+        except OSError as exc:
+            raise AdminError("io", f"cannot save the EAMC to {path}: {exc.strerror or exc}") from None
+        log.info("EAMC: %d activation patterns saved to %s (admin)", snapshot.size, path)
+        return a.EamcReply(snapshot.size, snapshot.capacity, str(path))
+
+    async def on_eamc_load(self, req: a.EamcLoadRequest) -> a.EamcReply:
+        path, eamc = _absolute(req.path), self.core.eamc
+        fresh = Eamc(eamc.num_layers, eamc.num_experts, eamc.capacity, eamc.model)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, fresh.load, path)
+        except EamcFileError as exc:
+            raise AdminError("bad_request", str(exc)) from None
+        eamc.assign(fresh)
+        log.info("EAMC: %d activation patterns loaded from %s (admin)", len(eamc), path)
+        return a.EamcReply(len(eamc), eamc.capacity, str(path))
+
+    def on_eamc_clear(self, req: a.EamcClearRequest) -> a.EamcReply:
+        self.core.eamc.clear()
+        log.info("EAMC cleared (admin)")
+        return a.EamcReply(0, self.core.eamc.capacity, "")
+
+    def on_eamc_match(self, req: a.EamcMatchRequest) -> a.EamcMatchReply:
+        query = np.zeros((1, self.store.num_layers, self.store.num_experts), np.float32)
+        for layer, expert in self._keys(req.experts):
+            query[0, layer, expert] = 1.0
+        predicted, similarity = self.core.eamc.predict(query, self.core.knobs.eamc_top, count=False)
+        return a.EamcMatchReply(float(similarity[0]), predicted[0].tolist())
+
+    # ------------------------------------------------------------------ pins
+    async def on_pin(self, req: a.PinRequest) -> a.PinReply:
+        keys = self._keys(req.experts)
+        new = [k for k in keys if k not in self.pins]
+        limit = self.table.capacity - self.store.num_experts
+        if len(self.pins) + len(new) > limit:
+            raise AdminError("capacity", f"the admin may pin at most {limit} experts (the pool's {self.table.capacity}"
+                                         f" slots minus one layer's {self.store.num_experts} for the workers);"
+                                         f" {len(self.pins)} are pinned already")
+        for key in new:
+            self.pins.add(key)
+            self.table.pin(key)
+        loads = [self.loads.demand(k, False) for k in new if not self.table.is_resident(k)]
+        try:
+            await asyncio.gather(*loads)
+        except (PoolExhausted, LoadError) as exc:
+            for key in new:
+                self._unpin(key)
+            raise AdminError("capacity" if isinstance(exc, PoolExhausted) else "io", str(exc)) from None
+        log.info("admin pinned %s", _names(new))
+        return a.PinReply([self.table.slot_of[k] for k in keys], len(loads), len(self.pins))
+
+    def on_unpin(self, req: a.UnpinRequest) -> a.UnpinReply:
+        keys = self._keys(req.experts)
+        missing = [k for k in keys if k not in self.pins]
+        if missing:
+            raise AdminError("bad_request", f"not pinned by the admin: {_names(missing)} (`moeinf admin experts` lists"
+                                            " the admin's pins; a worker's pins are its own)")
+        for key in keys:
+            self._unpin(key)
+        return a.UnpinReply(len(keys), len(self.pins))
+
+    def _unpin(self, key: Key) -> None:
+        if key in self.pins:
+            self.pins.discard(key)
+            self.table.unpin(key)
+
+    def _keys(self, experts: list[a.ExpertKey]) -> list[Key]:
+        L, E = self.store.num_layers, self.store.num_experts
+        bad = [(k.layer, k.expert) for k in experts if not (0 <= k.layer < L and 0 <= k.expert < E)]
+        if bad:
+            raise AdminError("bad_request", f"{_names(bad)} out of range: MoE layers 0..{L - 1}, experts 0..{E - 1}")
+        return list(dict.fromkeys((k.layer, k.expert) for k in experts))
+
+
+def _absolute(path: str) -> Path:
+    if not os.path.isabs(path):
+        raise AdminError("bad_request", f"{path!r}: give an absolute path (moeinf admin resolves relative ones)")
+    return Path(path)
+
+
+def _names(keys) -> str:
+    return " ".join(f"{layer}:{expert}" for layer, expert in keys)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _rid(frame: bytes) -> int:
+    try:
+        return peek(frame)[1]
+    except ProtocolError:
+        return 0
+
+
+async def _send(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+    try:
+        await sock.send_multipart([identity, frame])
+    except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the admin client went away
+        log.info("admin reply dropped: %s", exc)
+
+
+async def _send_error(sock, identity: bytes, rid: int, code: str, message: str) -> None:
+    await _send(sock, identity, encode(Op.ERROR, rid, m.ErrorReply(code, message)))
