@@ -42,12 +42,15 @@ def cmd_health(args) -> int:
 
 
 def cmd_demo_model(args) -> int:
-    from common.demo_model import DemoSize, write_demo_model
+    from common.demo_model import PRESETS, DemoSize, write_demo_model
 
-    size = DemoSize(layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
-                    intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, seed=args.seed)
-    out = write_demo_model(args.dir, size)
+    if args.preset:  # the preset's shape; the size flags are ignored
+        size = PRESETS[args.preset]
+    else:
+        size = DemoSize(layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
+                        intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, seed=args.seed)
+    out = write_demo_model(args.dir, size, build_in_dtype=bool(args.preset))
     print(f"wrote a demo Mixtral checkpoint (random weights) to {out}")
     return 0
 
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size")
+    p.add_argument("--preset", choices=["bench"], help="bench: 16 layers x 8 experts of 33 MiB (4.1 GiB of experts),"
+                                                       " for `moeinf bench e2e`; overrides the size flags")
     p.set_defaults(func=cmd_demo_model)
 
     bench = sub.add_parser("bench", help="benchmarks (print tables)").add_subparsers(dest="bench", required=True)

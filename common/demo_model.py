@@ -27,6 +27,12 @@ class DemoSize:
     seed: int = 0
 
 
+# ``--preset bench``: big enough that offloading matters on a 24 GiB machine. A Mixtral expert is
+# 3 x hidden x intermediate x 2 bytes in bf16: 3 x 2048 x 2816 x 2 = 33 MiB; 16 layers x 8 experts = 4.1 GiB of
+# experts, plus 0.55 GiB of dense weights (attention, norms, embeddings, LM head).
+PRESETS = {"bench": DemoSize(layers=16, experts=8, hidden=2048, intermediate=2816, heads=16, kv_heads=4)}
+
+
 def tokenizer_model_path() -> Path:
     import importlib.resources
 
@@ -37,7 +43,9 @@ def tokenizer_model_path() -> Path:
     return path
 
 
-def write_demo_model(out: Path | str, size: DemoSize = DemoSize()) -> Path:
+def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_dtype: bool = False) -> Path:
+    """``build_in_dtype``: create the parameters in ``size.dtype`` directly rather than in float32 first (half the
+    peak RAM for bf16; the random values differ from the default path, so the small demo keeps the old one)."""
     import torch
     from transformers import LlamaTokenizer, MixtralConfig, MixtralForCausalLM
 
@@ -52,7 +60,16 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize()) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     torch.manual_seed(size.seed)
-    model = MixtralForCausalLM(config).to(getattr(torch, size.dtype))
+    dtype = getattr(torch, size.dtype)
+    if build_in_dtype:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = MixtralForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    else:
+        model = MixtralForCausalLM(config).to(dtype)
     model.save_pretrained(out, max_shard_size=size.max_shard_size)
     tokenizer.save_pretrained(out)
     (out / "moeinf-demo.json").write_text(json.dumps(_asdict(size), indent=2))

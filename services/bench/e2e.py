@@ -1,19 +1,24 @@
-"""``moeinf bench e2e``: end-to-end serving throughput and latency with N concurrent clients.
+"""``moeinf bench e2e``: end-to-end serving latency and throughput of moeinf against the baselines a user would pick.
 
-A system is started once (for moeinf: a real ``moeinf memd`` and ``moeinf worker``, as ``moeinf serve`` runs
-them). A fixed greedy workload (``--requests`` prompts, ``--max-tokens`` each) is then served at every
-``--concurrency`` value: N client threads, one ``WorkerClient`` each, take the next prompt from a shared queue
-until the workload is done. Per concurrency the bench reports tokens/s (generated tokens / wall time), time to
-first token, the decode time per token (gaps between a request's streamed tokens, p50 and p90), and memd's
-bytes read per token and hit rate over that run. One untimed pass at the highest concurrency warms up first, and
-with ``--repeats`` the concurrency values run in rotating order, so load from elsewhere hits all of them alike.
+Systems (``--systems``; all by default), each in its own process(es) and, where a limit applies, its own memory
+cgroup (``services/bench/cgroup.py``; the limit counts the page cache, ``services/bench/budget.py`` derives it):
 
-Systems implement ``start``/``stop``, ``client()`` (an object with ``stream(prompt, max_tokens)`` yielding
-token lists) and ``counters()``, so baselines (plain transformers, accelerate offloading) can join the table.
+* ``transformers-resident``: plain transformers with every weight resident, the latency floor; it runs without a
+  limit (it needs the whole model);
+* ``accelerate-offload``: ``device_map="auto"`` with ``max_memory`` = dense weights + expert memory and an
+  ``offload_folder`` (``services/bench/baselines.py``);
+* ``moeinf-ondemand-lru``: memd with ``--prefetch off --policy lru`` (pure on-demand loads);
+* ``moeinf``: memd with its defaults. Both moeinf systems run a real ``moeinf memd`` and ``moeinf worker``.
+
+A fixed greedy workload (``--requests`` prompts, ``--max-tokens`` each) is served. moeinf systems serve it at every
+``--concurrency`` value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve
+one request at a time. Every system first serves one untimed warm-up request whose prompt is not in the workload.
+Per run: tokens/s, time to first token, decode time per token (gaps between a request's tokens, p50 and p90),
+memd's bytes read per token and hit rate. The page cache is dropped before every system, and the disk's raw
+O_DIRECT read bandwidth (``services/bench/diskbw.py``) is measured in the same run.
 """
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import threading
@@ -24,17 +29,23 @@ from pathlib import Path
 import numpy as np
 
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
-from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
+from common.sizes import parse_size
+from services.bench.baselines import OFFLOAD, RESIDENT
+from services.bench.memd_proc import MemdProcess
 from services.bench.worker_proc import WorkerProcess
 
 PROMPT_LENGTHS = (16, 48, 24, 64, 8, 32, 40, 56)
-PROMPT_SEED = 0
+PROMPT_SEED, WARMUP_SEED, WARMUP_LENGTH = 0, 1, 24
+ONDEMAND = "moeinf-ondemand-lru"
+MOEINF = "moeinf"
+SYSTEMS = (RESIDENT, OFFLOAD, ONDEMAND, MOEINF)
+MEMD_FLAGS = {ONDEMAND: ["--policy", "lru", "--prefetch", "off"], MOEINF: []}
 
 
 @dataclass(frozen=True)
 class Options:
     model: Path
-    expert_memory: str
+    expert_memory: tuple[str, ...]
     max_tokens: int
     prompts: Path | None
     requests: int
@@ -42,33 +53,58 @@ class Options:
     repeats: int
     threads: int
     json: Path | None
+    systems: tuple[str, ...] = (MOEINF,)
+    runtime_allowance: str = "1536MiB"
+    memory_limit: bool = True
+    disk_probe: str = "2GiB"
+    warmup_tokens: int = 8
+    plot: Path | None = None
 
     @classmethod
     def from_args(cls, args) -> Options:
-        opts = cls(Path(args.model), args.expert_memory, args.max_tokens, Path(args.prompts) if args.prompts else None,
-                   args.requests, tuple(args.concurrency), args.repeats, args.threads,
-                   Path(args.json) if args.json else None)
-        if not (opts.model / "config.json").is_file():
-            raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
-        if min(opts.concurrency) < 1 or opts.max_tokens < 1 or opts.requests < 1 or opts.repeats < 1:
-            raise ValueError("--concurrency, --max-tokens, --requests and --repeats must be >= 1")
-        if opts.prompts is not None and not opts.prompts.is_file():
-            raise FileNotFoundError(f"--prompts {opts.prompts}: no such file")
+        path = lambda v: Path(v) if v else None  # noqa: E731
+        systems = tuple(s for s in SYSTEMS if s in args.systems)  # table order
+        opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
+                   tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
+                   args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
+                   path(args.plot))
+        opts.validate()
         return opts
 
+    def validate(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise FileNotFoundError(f"--model {self.model}: no config.json (give a checkpoint directory)")
+        if min(self.concurrency) < 1 or self.max_tokens < 1 or self.requests < 1 or self.repeats < 1:
+            raise ValueError("--concurrency, --max-tokens, --requests and --repeats must be >= 1")
+        if self.prompts is not None and not self.prompts.is_file():
+            raise FileNotFoundError(f"--prompts {self.prompts}: no such file")
+        if not self.systems:
+            raise ValueError(f"--systems: choose from {', '.join(SYSTEMS)}")
+        if self.max_tokens < 2:
+            raise ValueError("--max-tokens must be >= 2 (decode times are the gaps between tokens)")
+        for memory in self.expert_memory:
+            parse_size(memory, what="--expert-memory")
+        if len(set(self.expert_memory)) != len(self.expert_memory):
+            raise ValueError(f"--expert-memory {' '.join(self.expert_memory)}: each setting once")
+        parse_size(self.runtime_allowance, what="--runtime-allowance")
+        parse_size(self.disk_probe, what="--disk-probe")
 
-# ---------------------------------------------------------------------------------------------------- systems
+
+# ---------------------------------------------------------------------------------------------------- moeinf
 class MoeinfSystem:
-    """memd + worker processes; clients talk to the worker's socket."""
+    """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
 
-    def __init__(self, opts: Options, name: str = "moeinf"):
-        self.name, self.opts = name, opts
+    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = ()):
+        self.name, self.opts, self.prefix = name, opts, list(prefix)
+        self.expert_memory = expert_memory or opts.expert_memory[0]
         self.memd: MemdProcess | None = None
         self.worker: WorkerProcess | None = None
 
     def start(self) -> MoeinfSystem:
-        self.memd = MemdProcess(self.opts.model, self.opts.expert_memory).start()
-        self.worker = WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)]).start()
+        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=MEMD_FLAGS[self.name], prefix=self.prefix)
+        self.memd.start()
+        self.worker = WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
+                                    prefix=self.prefix).start()
         return self
 
     def stop(self) -> None:
@@ -92,7 +128,8 @@ class MoeinfSystem:
             stats = client.stats()
         finally:
             client.close()
-        return {"hits": stats.hits, "misses": stats.misses, "bytes_read": stats.bytes_read}
+        return {"hits": stats.hits, "misses": stats.misses, "bytes_read": stats.bytes_read,
+                "read_seconds": stats.read_seconds, "stall_seconds": stats.stall_seconds}
 
 
 class _TokenStream:
@@ -119,14 +156,26 @@ def load_prompts(opts: Options) -> list[list[int]]:
         lines = [line.strip() for line in opts.prompts.read_text().splitlines() if line.strip()]
         base = [tokenizer(line)["input_ids"] for line in lines]
     else:
-        from transformers import AutoConfig
-
-        vocab = AutoConfig.from_pretrained(opts.model).get_text_config().vocab_size
         rng = np.random.default_rng(PROMPT_SEED)
-        base = [rng.integers(min(3, vocab - 1), vocab, n).tolist() for n in PROMPT_LENGTHS]
+        base = [_random_ids(rng, n, _vocab(opts.model)) for n in PROMPT_LENGTHS]
     if not base:
         raise ValueError(f"--prompts {opts.prompts}: no prompts in it")
     return [base[i % len(base)] for i in range(opts.requests)]
+
+
+def warmup_prompt(opts: Options) -> list[int]:
+    """The untimed warm-up request's prompt: random ids from another seed, so no system has seen the workload."""
+    return _random_ids(np.random.default_rng(WARMUP_SEED), WARMUP_LENGTH, _vocab(opts.model))
+
+
+def _vocab(model: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).get_text_config().vocab_size
+
+
+def _random_ids(rng, n: int, vocab: int) -> list[int]:
+    return rng.integers(min(3, vocab - 1), vocab, n).tolist()
 
 
 @dataclass
@@ -205,13 +254,23 @@ class Result:
             "tokens_per_s": self.generated / self.wall_s,
             "bytes_read_per_token": None if c is None else c["bytes_read"] / self.generated,
             "hit_rate": None if not lookups else c["hits"] / lookups,
+            "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
+            "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
             "requests": len(self.timings), "generated_tokens": self.generated, "wall_s": self.wall_s,
         }
 
 
-def measure(system, prompts: list[list[int]], opts: Options) -> dict[int, list[Result]]:
-    _progress(f"warm-up: the workload once at concurrency {max(opts.concurrency)}")
-    serve_workload(system, prompts, opts.max_tokens, max(opts.concurrency))
+def _gbps(c: dict | None, seconds: str) -> float | None:
+    """memd's bytes read over the run, per ``read_seconds`` (the seconds each load spent reading, summed: what one
+    load sees while others share the device) or per ``stall_seconds`` (the seconds the worker waited for loads: with
+    prefetch off every read happens while it waits, so this is the rate at which on-demand loads deliver experts)."""
+    if not c or not c.get(seconds):
+        return None
+    return c["bytes_read"] / c[seconds] / 1e9
+
+
+def measure(system, prompts: list[list[int]], opts: Options, warmup: list[int]) -> dict[int, list[Result]]:
+    serve_workload(system, [warmup], opts.warmup_tokens, 1)
     results: dict[int, list[Result]] = {c: [] for c in opts.concurrency}
     for r in range(opts.repeats):
         order = list(opts.concurrency[r % len(opts.concurrency):] + opts.concurrency[:r % len(opts.concurrency)])
@@ -221,8 +280,8 @@ def measure(system, prompts: list[list[int]], opts: Options) -> dict[int, list[R
             after = system.counters()
             counters = None if before is None else {k: after[k] - before[k] for k in before}
             results[c].append(Result(system.name, c, timings, counters))
-            _progress(f"repeat {r + 1}/{opts.repeats}, concurrency {c}: {results[c][-1].row()['tokens_per_s']:.1f}"
-                      " tokens/s")
+            progress(f"{system.name}: repeat {r + 1}/{opts.repeats}, concurrency {c}:"
+                     f" {results[c][-1].row()['tokens_per_s']:.2f} tokens/s")
     return results
 
 
@@ -244,66 +303,36 @@ def summarize(results: dict[int, list[Result]]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- entry
 def run(args) -> int:
-    opts = Options.from_args(args)
-    prompts = load_prompts(opts)
-    system = MoeinfSystem(opts)
-    with TerminateAsInterrupt():
-        _progress(f"starting memd (--expert-memory {opts.expert_memory}) and the worker")
-        try:
-            system.start()
-            results = measure(system, prompts, opts)
-        finally:
-            system.stop()
-    rows = summarize(results)
-    print(format_table(opts, prompts, rows))
-    if opts.json:
-        doc = {"disk_read_gbps": None, "systems": rows, "memory_limit_bytes": None, "model": str(opts.model),
-               "expert_memory": opts.expert_memory, "max_tokens": opts.max_tokens, "requests": opts.requests,
-               "prompt_tokens": [len(p) for p in prompts], "threads": opts.threads, "repeats": opts.repeats}
-        opts.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {opts.json}")
-    return 0
+    from services.bench.e2e_sweep import run_sweep
 
-
-def format_table(opts: Options, prompts: list[list[int]], rows: list[dict]) -> str:
-    lines = [f"moeinf bench e2e: {opts.model}, expert memory {opts.expert_memory}; {len(prompts)} requests,"
-             f" prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {opts.max_tokens} new tokens each,"
-             f" greedy; worker threads {opts.threads or 'default'}; median of {opts.repeats} repeat(s)", ""]
-    lines.append(f"{'system':<10} {'clients':>7} {'tokens/s':>9} {'TTFT s':>7} {'decode p50':>10} {'decode p90':>10}"
-                 f" {'MiB rd/tok':>10} {'hit rate':>8}")
-    for r in rows:
-        mib = None if r["bytes_read_per_token"] is None else r["bytes_read_per_token"] / 2**20
-        lines.append(f"{r['system']:<10} {r['concurrency']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_s']:>7.3f}"
-                     f" {_cell(r['decode_ms_per_token_p50'], '.2f'):>10}"
-                     f" {_cell(r['decode_ms_per_token_p90'], '.2f'):>10}"
-                     f" {_cell(mib, '.2f'):>10} {_cell(r['hit_rate'], '.3f'):>8}")
-    base = next((r for r in rows if r["concurrency"] == 1), None)
-    for r in rows:
-        if base is not None and r is not base:
-            same = {True: "same tokens as 1 client", False: "OTHER tokens than 1 client"}[r["same_tokens_as_c1"]]
-            lines.append(f"{r['concurrency']} clients: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the tokens/s"
-                         f" of 1 client; {same}")
-    lines.append("decode p50/p90: ms between a request's consecutive tokens; TTFT: median time to first token")
-    return "\n".join(lines)
-
-
-def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    return run_sweep(Options.from_args(args))
 
 
 def add_parser(bench) -> None:
-    p = bench.add_parser("e2e", help="serving throughput and latency with N concurrent clients")
+    p = bench.add_parser("e2e", help="serving latency and throughput: moeinf against transformers and accelerate"
+                                     " offloading under the same memory limit")
     p.add_argument("--model", required=True)
-    p.add_argument("--expert-memory", default="100%", help="memd's pool: bytes or a share of all expert bytes")
+    p.add_argument("--expert-memory", nargs="+", default=["25%"],
+                   help="expert memory settings to measure (bytes or a share of all expert bytes), e.g. 12.5%% 25%%")
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
+                   help=f"systems to run (default: all): {', '.join(SYSTEMS)}")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (greedy)")
     p.add_argument("--prompts", help="text file, one prompt per line (default: fixed random token ids)")
     p.add_argument("--requests", type=int, default=16, help="requests in the workload (cycling through the prompts)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[8], help="client counts to measure, e.g. 1 8")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1],
+                   help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines serve one at a time)")
     p.add_argument("--repeats", type=int, default=1, help="runs per concurrency; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="the worker's torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
+    p.add_argument("--runtime-allowance", default="1536MiB",
+                   help="memory beyond dense weights + expert memory in the limit (interpreters, torch, activations)")
+    p.add_argument("--memory-limit", choices=["on", "off"], default="on",
+                   help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
+    p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure raw O_DIRECT bandwidth")
+    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")
     p.set_defaults(func=run)
 
 
-def _progress(text: str) -> None:
+def progress(text: str) -> None:
     print(f"[bench] {text}", file=sys.stderr, flush=True)

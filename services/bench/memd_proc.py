@@ -20,10 +20,12 @@ READY_TEXT = "memd ready"
 
 
 class MemdProcess:
-    def __init__(self, model: Path, expert_memory: str, *, ready_timeout_s: float = 300.0, extra: list[str] = ()):
+    def __init__(self, model: Path, expert_memory: str, *, ready_timeout_s: float = 300.0, extra: list[str] = (),
+                 prefix: list[str] = ()):
         self.model = Path(model)
         self.expert_memory = expert_memory
         self.extra = list(extra)  # more memd flags (--policy lru, --prefetch off, ...)
+        self.prefix = list(prefix)  # a command prefix, e.g. a memory cgroup's exec_prefix()
         self.ready_timeout_s = ready_timeout_s
         # short, so the ipc:// socket paths stay under the 107 characters Unix sockets allow
         self.state_dir = Path(tempfile.mkdtemp(prefix="moeinf-bench-"))
@@ -32,7 +34,7 @@ class MemdProcess:
 
     def start(self) -> MemdProcess:
         """Start memd and wait until it serves; on any failure (or Ctrl-C) it is stopped and cleaned up here."""
-        cmd = [sys.executable, "-m", "common.cli", "memd", "--model", str(self.model), "--state-dir",
+        cmd = [*self.prefix, sys.executable, "-m", "common.cli", "memd", "--model", str(self.model), "--state-dir",
                str(self.state_dir), "--expert-memory", self.expert_memory, *self.extra]
         try:
             with open(self.log_path, "wb") as log:

@@ -79,6 +79,7 @@ def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}%" for t in ticks])
     ax.set_xlabel("expert memory, % of all experts (each system under the same memory limit)")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("decode ms per token (p50)")
     ax.set_title(f"{Path(doc['model']).name}: decode time per token vs expert memory", fontsize=10)
     ax.grid(alpha=0.3, which="both")

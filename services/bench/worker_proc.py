@@ -13,9 +13,10 @@ READY_TEXT = "worker ready"
 
 
 class WorkerProcess:
-    def __init__(self, model: Path, state_dir: Path, extra: list[str] = (), *, ready_timeout_s: float = 600.0):
+    def __init__(self, model: Path, state_dir: Path, extra: list[str] = (), *, ready_timeout_s: float = 600.0,
+                 prefix: list[str] = ()):
         self.model, self.state_dir = Path(model), Path(state_dir)
-        self.extra = list(extra)
+        self.extra, self.prefix = list(extra), list(prefix)  # prefix: e.g. a memory cgroup's exec_prefix()
         self.ready_timeout_s = ready_timeout_s
         self.log_path = self.state_dir / "worker.log"
         self.proc: subprocess.Popen | None = None
@@ -25,7 +26,7 @@ class WorkerProcess:
         return state_socket(self.state_dir, WORKER_SOCKET)
 
     def start(self) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "common.cli", "worker", "--model", str(self.model), "--state-dir",
+        cmd = [*self.prefix, sys.executable, "-m", "common.cli", "worker", "--model", str(self.model), "--state-dir",
                str(self.state_dir), *self.extra]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,130 @@
+"""The baselines of ``moeinf bench e2e``: what a transformers user runs, each in its own process.
+
+* ``transformers-resident``: ``from_pretrained(dtype="auto")``, every weight in memory (the latency floor);
+* ``accelerate-offload``: ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``,
+  what a transformers user does when the model does not fit: accelerate keeps whole decoder layers in memory up
+  to the budget and streams the others from disk (memory-mapped) at every forward.
+
+The parent starts ``python -m services.bench.baselines`` (inside the system's memory cgroup, if any). The child
+loads the model, warms up with one request outside the workload, serves the workload's prompts one at a time
+through the same greedy loop as ``moeinf bench overhead`` (``services.worker.engine.Engine``), and writes every
+request's send time, token arrival times and tokens to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RESIDENT, OFFLOAD = "transformers-resident", "accelerate-offload"
+
+
+def accelerate_missing() -> str | None:
+    """Why the accelerate baseline cannot run, or None."""
+    if importlib.util.find_spec("accelerate") is None:
+        return "accelerate is not installed (pip install 'moeinf[bench]'): accelerate-offload skipped"
+    return None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a baseline child runs."""
+
+    system: str
+    model: Path
+    prompts: list[list[int]]
+    warmup: list[int]
+    warmup_tokens: int
+    max_tokens: int
+    threads: int
+    cpu_bytes: int | None  # accelerate's max_memory["cpu"]
+
+
+@dataclass
+class BaselineRun:
+    timings: list[dict]  # per request: sent, arrivals, tokens
+    load_s: float
+    placement: dict[str, int]  # accelerate: modules per device ("cpu", "disk")
+
+
+def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) -> BaselineRun:
+    """Run ``job`` in a child process started with ``prefix`` (e.g. a cgroup's); raise with its log if it fails."""
+    work = Path(tempfile.mkdtemp(prefix="moeinf-baseline-"))
+    try:
+        spec = {**job.__dict__, "model": str(job.model), "offload_folder": str(work / "offload"),
+                "out": str(work / "out.json")}
+        (work / "job.json").write_text(json.dumps(spec))
+        cmd = [*prefix, sys.executable, "-m", "services.bench.baselines", str(work / "job.json")]
+        with open(work / "log", "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout_s)
+            except BaseException:  # timeout, Ctrl-C: the child goes too
+                proc.kill()
+                proc.wait()
+                raise
+        if code != 0:
+            tail = "\n".join((work / "log").read_text(errors="replace").splitlines()[-15:])
+            killed = " (killed: out of memory under the limit?)" if code in (-9, 137) else ""
+            raise RuntimeError(f"{job.system} exited with {code}{killed}:\n{tail}")
+        doc = json.loads((work / "out.json").read_text())
+        return BaselineRun(doc["timings"], doc["load_s"], doc["placement"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- child
+def load_model(spec: dict):
+    from transformers import AutoModelForCausalLM
+
+    if spec["system"] == RESIDENT:
+        return AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(spec["model"], dtype="auto", device_map="auto",
+                                                max_memory={"cpu": spec["cpu_bytes"]},
+                                                offload_folder=spec["offload_folder"]).eval()
+
+
+def serve(engine, prompt: list[int], max_tokens: int) -> dict:
+    from common import messages as m
+
+    seq = engine.start(m.GenerateRequest("bench", prompt, max_tokens))
+    timing = {"sent": time.perf_counter(), "arrivals": [], "tokens": []}
+    while seq.finish_reason is None:
+        timing["tokens"].append(engine.step(seq))
+        timing["arrivals"].append(time.perf_counter())
+    return timing
+
+
+def child_main(job_file: str) -> int:
+    import torch
+
+    from services.worker.engine import Engine
+
+    spec = json.loads(Path(job_file).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    start = time.perf_counter()
+    model = load_model(spec)
+    load_s = time.perf_counter() - start
+    placement: dict[str, int] = {}
+    for device in (getattr(model, "hf_device_map", None) or {}).values():
+        placement[str(device)] = placement.get(str(device), 0) + 1
+    max_len = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    engine = Engine(model, max_len)
+    serve(engine, spec["warmup"], spec["warmup_tokens"])
+    timings = [serve(engine, prompt, spec["max_tokens"]) for prompt in spec["prompts"]]
+    Path(spec["out"]).write_text(json.dumps({"timings": timings, "load_s": load_s, "placement": placement}))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one baseline run of moeinf bench e2e (started by the bench)")
+    parser.add_argument("job")
+    sys.exit(child_main(parser.parse_args().job))

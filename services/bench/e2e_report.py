@@ -1,0 +1,162 @@
+"""``moeinf bench e2e``'s report: the table, the two floors, the targets, and the JSON document.
+
+Floors, per moeinf row:
+* compute floor: ``transformers-resident``'s decode time per token (everything in memory, nothing read);
+* I/O floor: the row's bytes read per token over the disk's raw O_DIRECT bandwidth.
+With perfect overlap of compute and I/O a system reaches the larger of the two; ``vs_floor`` is its decode p50
+over that bound.
+
+Targets (checked at every expert-memory setting, at 1 client):
+* decode at least 3.5x faster than accelerate-offload under the same memory limit;
+* moeinf within 1.15x of the larger floor;
+* memd's expert loads at >= 80% of the raw read bandwidth, judged on ``moeinf-ondemand-lru`` where every read
+  happens while the worker waits: its bytes read over the worker's wait (``stall_read_gbps``).
+"""
+from __future__ import annotations
+
+from services.bench.baselines import OFFLOAD, RESIDENT
+from services.bench.e2e import MOEINF, ONDEMAND
+
+SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET = 3.5, 1.15, 0.8
+
+
+def build_doc(opts, sweep, disk) -> dict:
+    rows = sweep.rows
+    resident = _find(rows, RESIDENT, None)
+    compute_ms = resident["decode_ms_per_token_p50"] if resident else None
+    floors = [_floor(row, compute_ms, disk.gbps) for row in rows if row["system"] in (ONDEMAND, MOEINF)
+              and row.get("bytes_read_per_token") is not None]
+    limits = {b.expert_memory: b.limit_bytes for b in sweep.budgets}
+    return {
+        "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
+        "systems": rows,
+        "memory_limit_bytes": limits[opts.expert_memory[0]] if sweep.limits_applied else None,
+        "memory_limits": {b.expert_memory: _budget_doc(b) for b in sweep.budgets},
+        "memory_fair": sweep.limits_applied,
+        "resident_limit": "none: transformers-resident needs the whole model; it is the latency floor",
+        "floors": floors,
+        "targets": _targets(rows, floors, disk.gbps, [b.expert_memory for b in sweep.budgets]),
+        "notes": sweep.notes,
+        "model": str(opts.model), "max_tokens": opts.max_tokens, "requests": opts.requests,
+        "prompt_tokens": [len(p) for p in sweep.prompts], "warmup_tokens": opts.warmup_tokens,
+        "threads": opts.threads, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
+    }
+
+
+def _budget_doc(b) -> dict:
+    return {"limit_bytes": b.limit_bytes, "dense_bytes": b.dense_bytes, "expert_budget_bytes": b.expert_budget_bytes,
+            "expert_total_bytes": b.expert_total_bytes, "experts": b.slots, "allowance_bytes": b.allowance_bytes,
+            "fraction": b.fraction, "derivation": b.describe()}
+
+
+def _find(rows: list[dict], system: str, memory: str | None, concurrency: int = 1) -> dict | None:
+    for row in rows:
+        if (row["system"] == system and row["concurrency"] == concurrency and not row.get("error")
+                and (memory is None or row["expert_memory"] == memory)):
+            return row
+    return None
+
+
+def _floor(row: dict, compute_ms: float | None, gbps: float) -> dict:
+    io_ms = row["bytes_read_per_token"] / (gbps * 1e9) * 1e3 if gbps else None
+    bound = max(v for v in (compute_ms, io_ms) if v is not None) if (compute_ms or io_ms) else None
+    p50 = row["decode_ms_per_token_p50"]
+    return {"system": row["system"], "expert_memory": row["expert_memory"], "concurrency": row["concurrency"],
+            "compute_floor_ms": compute_ms, "io_floor_ms": io_ms, "bound_ms": bound,
+            "decode_ms_per_token_p50": p50, "vs_floor": p50 / bound if bound and p50 else None}
+
+
+def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[str]) -> list[dict]:
+    out = []
+    for memory in memories:
+        ours, offload = _find(rows, MOEINF, memory), _find(rows, OFFLOAD, memory)
+        if ours and offload:
+            x = offload["decode_ms_per_token_p50"] / ours["decode_ms_per_token_p50"]
+            out.append(_target(memory, f"decode >= {SPEEDUP_TARGET}x faster than accelerate-offload", x,
+                               x >= SPEEDUP_TARGET, f"{x:.2f}x"))
+        floor = next((f for f in floors if f["system"] == MOEINF and f["expert_memory"] == memory
+                      and f["concurrency"] == 1), None)
+        if floor and floor["vs_floor"]:
+            x = floor["vs_floor"]
+            out.append(_target(memory, f"moeinf within {FLOOR_TARGET}x of the larger floor", x, x <= FLOOR_TARGET,
+                               f"{x:.2f}x of {floor['bound_ms']:.1f} ms"))
+        ondemand = _find(rows, ONDEMAND, memory)
+        if ondemand and ondemand.get("stall_read_gbps") and gbps:
+            x = ondemand["stall_read_gbps"] / gbps
+            per_load = _cell(ondemand.get("load_read_gbps"), ".2f")
+            out.append(_target(memory, f"expert loads >= {BANDWIDTH_TARGET:.0%} of the raw read bandwidth", x,
+                               x >= BANDWIDTH_TARGET,
+                               f"on-demand loads deliver {ondemand['stall_read_gbps']:.2f} of {gbps:.2f} GB/s = {x:.0%}"
+                               f" (bytes / worker wait, {ONDEMAND}; one load alone reads at {per_load} GB/s)"))
+    return out
+
+
+def _target(memory: str, name: str, value: float, met: bool, text: str) -> dict:
+    return {"expert_memory": memory, "target": name, "value": value, "met": met, "measured": text}
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def format_report(doc: dict) -> str:
+    lines = [f"moeinf bench e2e: {doc['model']}; {doc['requests']} requests, prompts {min(doc['prompt_tokens'])}-"
+             f"{max(doc['prompt_tokens'])} tokens, {doc['max_tokens']} new tokens each, greedy; torch threads"
+             f" {doc['threads'] or 'default'}; median of {doc['repeats']} repeat(s)",
+             f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s ({'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
+             f" sequential, {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint)"]
+    lines += [m["derivation"] for m in doc["memory_limits"].values()]
+    lines.append("memory-fair: every limited system ran in its own memory cgroup (page cache counted), caches dropped"
+                 " before each" if doc["memory_fair"] else "NOT memory-fair: the systems ran without a memory limit")
+    lines.append(f"transformers-resident: {doc['resident_limit']}")
+    lines += [f"note: {n}" for n in doc["notes"]]
+    lines += ["", _HEADER]
+    lines += [_line(r) for r in doc["systems"]]
+    lines += _concurrency_lines(doc["systems"])
+    if doc["floors"]:
+        lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per token"
+                      " / raw bandwidth; perfect overlap reaches the larger"]
+        for f in doc["floors"]:
+            lines.append(f"  {f['system']:<20} {f['expert_memory']:>6} c{f['concurrency']}: compute"
+                         f" {_cell(f['compute_floor_ms'], '.1f')}, I/O {_cell(f['io_floor_ms'], '.1f')}, measured"
+                         f" {_cell(f['decode_ms_per_token_p50'], '.1f')} = {_cell(f['vs_floor'], '.2f')}x the larger")
+    if doc["targets"]:
+        lines += ["", "targets (1 client):"]
+        lines += [f"  {t['expert_memory']:>6} {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}"
+                  for t in doc["targets"]]
+    lines.append("decode p50/p90: ms between a request's consecutive tokens; TTFT: median time to first token;"
+                 " load GB/s: memd's bytes over its loads' read seconds; wait GB/s: over the\n"
+                 "worker's wait for loads; peak: the cgroup's peak memory use (page cache included)")
+    return "\n".join(lines)
+
+
+_HEADER = (f"{'system':<21} {'memory':>6} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
+           f" {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8} {'load GB/s':>9} {'wait GB/s':>9}"
+           f" {'peak GiB':>8}")
+
+
+def _line(r: dict) -> str:
+    if r.get("error"):
+        return f"{r['system']:<21} {r['expert_memory']:>6} {r['concurrency']:>7} FAILED: {r['error']}"
+    gib = lambda v: None if v is None else v / 2**30  # noqa: E731
+    mib = None if r["bytes_read_per_token"] is None else r["bytes_read_per_token"] / 2**20
+    return (f"{r['system']:<21} {r['expert_memory']:>6} {r['concurrency']:>7} {_cell(gib(r['memory_limit_bytes']), '.2f'):>9}"
+            f" {r['tokens_per_s']:>9.2f} {r['ttft_s']:>7.3f} {_cell(r['decode_ms_per_token_p50'], '.1f'):>10}"
+            f" {_cell(r['decode_ms_per_token_p90'], '.1f'):>10} {_cell(mib, '.1f'):>10}"
+            f" {_cell(r['hit_rate'], '.3f'):>8} {_cell(r.get('load_read_gbps'), '.2f'):>9}"
+            f" {_cell(r.get('stall_read_gbps'), '.2f'):>9}"
+            f" {_cell(gib(r['peak_memory_bytes']), '.2f'):>8}")
+
+
+def _concurrency_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        base = _find(rows, r["system"], r["expert_memory"])
+        if base is None or r is base or r.get("error") or r["concurrency"] == 1:
+            continue
+        same = {True: "same tokens as 1 client", False: "OTHER tokens than 1 client", None: ""}[
+            r.get("same_tokens_as_c1")]
+        out.append(f"{r['system']} {r['expert_memory']}, {r['concurrency']} clients:"
+                   f" {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the tokens/s of 1 client; {same}")
+    return out
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)

@@ -1,0 +1,133 @@
+"""The ``moeinf bench e2e`` run: every system at every expert-memory setting, each under its memory limit.
+
+Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model), then
+per expert-memory setting ``accelerate-offload``, ``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup
+with the setting's limit. The page cache is dropped before every system. A system that fails (for example killed
+by the kernel at its limit) gets a row with ``error`` and the run goes on.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+
+from common.sizes import format_bytes, parse_size
+from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
+from services.bench.budget import Budget, derive, model_bytes
+from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
+from services.bench.diskbw import read_bandwidth
+from services.bench.e2e import (Options, MoeinfSystem, Result, Timing, load_prompts, measure, progress, summarize,
+                                warmup_prompt)
+from services.bench.memd_proc import TerminateAsInterrupt
+
+
+class Sweep:
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.prompts = load_prompts(opts)
+        self.warmup = warmup_prompt(opts)
+        self.sizes = model_bytes(opts.model)
+        self.budgets = [derive(self.sizes, memory, opts.runtime_allowance) for memory in opts.expert_memory]
+        self.notes: list[str] = []
+        self.limits_applied = opts.memory_limit
+        if not opts.memory_limit:
+            self.notes.append("--memory-limit off: no system runs under a memory limit, so the comparison is NOT"
+                              " memory-fair (offloaded files stay in the page cache)")
+        self.rows: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------------ limits
+    def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
+        if not self.limits_applied:
+            return None
+        try:
+            return stack.enter_context(MemoryCgroup.create(budget.limit_bytes, name))
+        except CgroupUnavailable as exc:
+            self.limits_applied = False
+            self.notes.append(f"no memory cgroup ({exc}): the systems run without a memory limit from here on, so"
+                              " the comparison is NOT memory-fair (offloaded files stay in the page cache)")
+            progress(self.notes[-1])
+            return None
+
+    def drop_caches(self) -> None:
+        why = drop_caches()
+        if why and why not in self.notes:
+            self.notes.append(why + ": systems may read from a warm page cache")
+
+    # ------------------------------------------------------------------------------------------------ systems
+    def run_all(self) -> None:
+        if RESIDENT in self.opts.systems:
+            self.run_system(RESIDENT, None)
+        for budget in self.budgets:
+            for name in self.opts.systems:
+                if name == OFFLOAD and (why := accelerate_missing()):
+                    if why not in self.notes:
+                        self.notes.append(why)
+                    continue
+                if name != RESIDENT:
+                    self.run_system(name, budget)
+
+    def run_system(self, name: str, budget: Budget | None) -> None:
+        memory = budget.expert_memory if budget else "100%"
+        progress(f"{name} (expert memory {memory}): dropping caches, starting")
+        self.drop_caches()
+        with ExitStack() as stack:
+            group = self.cgroup(budget, name, stack) if budget else None
+            prefix = group.exec_prefix() if group else []
+            try:
+                rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
+                    name, budget, prefix)
+            except RuntimeError as exc:
+                progress(f"{name} (expert memory {memory}) failed: {exc}")
+                rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
+            extra = {"expert_memory": memory, "memory_limit_bytes": group.limit_bytes if group else None,
+                     "peak_memory_bytes": group.peak_bytes() if group else None,
+                     "oom_kills": group.oom_kills() if group else None}
+            # processes gone before the cgroup is removed (ExitStack)
+        for row in rows:
+            self.rows.append({**_EMPTY, **row, **extra})
+
+    def baseline(self, name: str, budget: Budget | None, prefix: list[str]) -> list[dict]:
+        job = Job(name, self.opts.model, self.prompts, self.warmup, self.opts.warmup_tokens, self.opts.max_tokens,
+                  self.opts.threads, budget.accelerate_cpu_bytes if budget else None)
+        run = run_baseline(job, prefix)
+        timings = [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(run.timings)]
+        row = Result(name, 1, timings, None).row()
+        progress(f"{name}: {row['tokens_per_s']:.2f} tokens/s, decode p50 {row['decode_ms_per_token_p50']:.1f} ms"
+                 f" (load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
+        return [{**row, "load_s": run.load_s, "placement": run.placement or None}]
+
+    def moeinf(self, name: str, budget: Budget, prefix: list[str]) -> list[dict]:
+        system = MoeinfSystem(self.opts, name, budget.expert_memory, prefix)
+        try:
+            system.start()
+            results = measure(system, self.prompts, self.opts, self.warmup)
+        finally:
+            system.stop()
+        return summarize(results)
+
+
+_EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_p90": None, "tokens_per_s": None,
+          "bytes_read_per_token": None, "hit_rate": None}
+
+
+def run_sweep(opts: Options) -> int:
+    from services.bench.e2e_report import build_doc, format_report
+
+    sweep = Sweep(opts)
+    for budget in sweep.budgets:
+        progress(budget.describe())
+    probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
+    disk = read_bandwidth(list(sweep.sizes.files), probe)
+    progress(f"raw disk read: {disk.gbps:.2f} GB/s ({format_bytes(disk.bytes_read)},"
+             f" {'O_DIRECT' if disk.direct else 'page cache: O_DIRECT refused'})")
+    with TerminateAsInterrupt():
+        sweep.run_all()
+    doc = build_doc(opts, sweep, disk)
+    print(format_report(doc))
+    if opts.json:
+        opts.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {opts.json}")
+    if opts.plot:
+        from services.bench.plots import plot_e2e_decode_vs_memory
+
+        print(f"wrote {plot_e2e_decode_vs_memory(doc, opts.plot)}")
+    return 0

@@ -1,0 +1,135 @@
+"""``moeinf bench e2e`` with its baselines on a tiny checkpoint (the JSON schema and types; timings are not checked),
+the memory cgroup helper (skipped without root or a cgroup memory controller), the O_DIRECT bandwidth probe and the
+memory budget."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import moeinf_cmd, orphan_regions, write_family
+
+from services.bench.budget import derive, model_bytes
+from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, find_memory_hierarchy
+from services.bench.diskbw import read_bandwidth
+
+ROW_TYPES = {"system": str, "ttft_s": float, "decode_ms_per_token_p50": float, "decode_ms_per_token_p90": float,
+             "tokens_per_s": float, "bytes_read_per_token": (float, type(None)), "hit_rate": (float, type(None))}
+
+
+def _cgroups_usable() -> bool:
+    try:
+        MemoryCgroup.create(64 << 20, "probe").remove()
+        return True
+    except (CgroupUnavailable, OSError):
+        return False
+
+
+def _leftover_cgroups() -> list[Path]:
+    try:
+        root, _ = find_memory_hierarchy()
+    except CgroupUnavailable:
+        return []
+    return list(root.glob("moeinf-bench-*"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_family("mixtral", tmp_path_factory.mktemp("e2e") / "m", dtype="bfloat16")
+
+
+def test_baselines_and_moeinf_json(tiny, tmp_path):
+    out, tmp = tmp_path / "e2e.json", tmp_path / "t"
+    tmp.mkdir()
+    before = set(_leftover_cgroups())
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--expert-memory", "50%", "--systems",
+                     "transformers-resident", "accelerate-offload", "moeinf-ondemand-lru", "--requests", "2",
+                     "--max-tokens", "4", "--warmup-tokens", "2", "--threads", "1", "--json", str(out), "--plot",
+                     str(tmp_path / "e2e.png"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    assert "memory limit for --expert-memory 50%" in proc.stdout and "floors" in proc.stdout
+
+    doc = json.loads(out.read_text())
+    assert isinstance(doc["disk_read_gbps"], float) and doc["disk_read_gbps"] > 0
+    rows = {r["system"]: r for r in doc["systems"]}
+    expected = {"transformers-resident", "moeinf-ondemand-lru"}
+    if "accelerate-offload is not installed" not in proc.stdout:
+        expected.add("accelerate-offload")
+    assert set(rows) == expected
+    for row in rows.values():
+        assert "error" not in row, row
+        for key, kind in ROW_TYPES.items():
+            assert isinstance(row[key], kind), (key, row[key])
+    assert rows["transformers-resident"]["memory_limit_bytes"] is None
+    assert rows["transformers-resident"]["bytes_read_per_token"] is None
+    assert 0 <= rows["moeinf-ondemand-lru"]["hit_rate"] <= 1
+    limit = doc["memory_limit_bytes"]
+    if doc["memory_fair"]:
+        assert isinstance(limit, int) and rows["moeinf-ondemand-lru"]["memory_limit_bytes"] == limit
+    else:
+        assert limit is None and "NOT memory-fair" in proc.stdout
+    floor = doc["floors"][0]
+    assert floor["compute_floor_ms"] == rows["transformers-resident"]["decode_ms_per_token_p50"]
+    assert floor["bound_ms"] == max(floor["compute_floor_ms"], floor["io_floor_ms"])
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    assert list(tmp.iterdir()) == [] and not orphan_regions(), "the bench left a state directory or a pool"
+    assert set(_leftover_cgroups()) == before, "the bench left a cgroup"
+
+
+def test_bad_system_is_a_usage_error(tiny):
+    proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--systems", "vllm"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- cgroup
+def test_find_memory_hierarchy(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup2 /x cgroup2 rw 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n")
+    assert find_memory_hierarchy(mounts) == (Path("/sys/fs/cgroup/memory"), 1)
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory pids\n")
+    mounts.write_text(f"proc /proc proc rw 0 0\ncgroup2 {tmp_path} cgroup2 rw 0 0\n")
+    assert find_memory_hierarchy(mounts) == (tmp_path, 2)
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")
+    with pytest.raises(CgroupUnavailable, match="no cgroup memory controller"):
+        find_memory_hierarchy(mounts)
+
+
+@pytest.mark.skipif(not _cgroups_usable(), reason="needs root and a cgroup memory controller")
+def test_cgroup_limits_and_holds_a_process():
+    with MemoryCgroup.create(256 << 20, "test") as group:
+        limit_file = "memory.limit_in_bytes" if group.version == 1 else "memory.max"
+        assert abs(int((group.path / limit_file).read_text()) - (256 << 20)) < 4096
+        proc = subprocess.run([*group.exec_prefix(), "cat", "/proc/self/cgroup"], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 0 and group.path.name in proc.stdout
+        assert group.pids() == [] and isinstance(group.peak_bytes(), int) and group.oom_kills() == 0
+    assert not group.path.exists()
+    group.remove()  # idempotent
+
+
+def test_cgroup_unavailable_without_a_hierarchy(tmp_path):
+    with pytest.raises(CgroupUnavailable, match="cannot create"):
+        MemoryCgroup.create(1 << 20, "x", root=tmp_path / "missing", version=1)
+
+
+# ---------------------------------------------------------------------------------------------------- disk, budget
+def test_disk_probe_reads_every_byte_aligned(tmp_path):
+    path = tmp_path / "blob"
+    size = 3 * (1 << 20) + 123  # the last O_DIRECT read comes back short
+    path.write_bytes(os.urandom(size))
+    bw = read_bandwidth([path], chunk=1 << 20)
+    assert bw.bytes_read == size and bw.seconds > 0 and bw.gbps > 0
+    assert read_bandwidth([path, path], max_bytes=2 << 20, chunk=1 << 20).bytes_read == 2 << 20
+    with pytest.raises(ValueError, match="page size"):
+        read_bandwidth([path], chunk=1000)
+
+
+def test_budget_is_dense_plus_experts_plus_allowance(tiny):
+    sizes = model_bytes(tiny)
+    quarter, full = derive(sizes, "25%", "1GiB"), derive(sizes, "100%", "1GiB")
+    assert full.slots == sizes.num_experts and quarter.slots == sizes.num_experts // 4
+    assert quarter.limit_bytes == sizes.dense_bytes + quarter.slots * sizes.slot_bytes + (1 << 30)
+    assert quarter.accelerate_cpu_bytes == quarter.limit_bytes - (1 << 30)
+    assert "runtime allowance 1.0 GiB" in quarter.describe()
