@@ -292,3 +292,16 @@ def test_tcp_listener_needs_the_token(model, tmp_path):
         assert stat.S_IMODE(os.stat(state / "admin.sock").st_mode) == 0o600  # the Unix socket is there too
     finally:
         assert stop(proc) == 0
+
+
+@pytest.mark.parametrize("addr, token, words", [
+    ("127.0.0.1:7070", "", "--admin-tcp needs --admin-token"),
+    ("127.0.0.1:7070", "short", "at least 16 characters"),
+    ("7070", "s3cret-token-0123456789", "give HOST:PORT"),
+    ("host:99999", "s3cret-token-0123456789", "give HOST:PORT"),
+])
+def test_admin_tcp_knobs_are_checked_at_start(addr, token, words):
+    from common.config import MemdConfig, build_config
+
+    with pytest.raises(ValueError, match=words):
+        build_config(MemdConfig, env={}, model="/m", admin_tcp=addr, admin_token=token)
