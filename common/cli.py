@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, HealthConfig)
     p.set_defaults(func=cmd_health)
 
+    from services.admin_cli import add_parser as add_admin_parser
+
+    add_admin_parser(sub)
+
     p = sub.add_parser("demo-model", help="write a random-weight Mixtral checkpoint with the real Mixtral tokenizer")
     p.add_argument("dir")
     for name, default in (("layers", 4), ("experts", 8), ("top-k", 2), ("hidden", 256), ("intermediate", 512),

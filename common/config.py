@@ -31,6 +31,8 @@ def default_state_dir() -> Path:
 
 
 MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET = "memd.sock", "memd-trace.sock", "worker.sock"
+ADMIN_SOCKET = "admin.sock"  # memd's admin socket (mode 0600), for `moeinf admin`
+ADMIN_TOKEN_MIN = 16
 
 
 def state_socket(state_dir: Path | str, name: str) -> str:
@@ -125,6 +127,10 @@ class MemdConfig:
                                    " directory)")
     eamc_top: int = knob(4, "EAMC members whose weighted average predicts a request's experts")
     max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
+    admin_tcp: str = knob("", "also serve the admin socket on HOST:PORT over TCP (needs --admin-token); the Unix"
+                              " socket <state-dir>/admin.sock is always there")
+    admin_token: str = knob("", f"token every TCP admin request must carry (at least {ADMIN_TOKEN_MIN} characters;"
+                                " prefer the env variable to the flag)")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -132,6 +138,7 @@ class MemdConfig:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        _check_admin_tcp(self.admin_tcp, self.admin_token)
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
         if self.policy not in POLICIES:
@@ -152,6 +159,21 @@ class MemdConfig:
     def trace_addr(self) -> str:
         return state_socket(self.state_dir, MEMD_TRACE_SOCKET)
 
+    @property
+    def admin_addr(self) -> str:
+        return state_socket(self.state_dir, ADMIN_SOCKET)
+
+
+def _check_admin_tcp(addr: str, token: str) -> None:
+    if not addr:
+        return
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--admin-tcp {addr!r}: give HOST:PORT (127.0.0.1:7070)")
+    if len(token) < ADMIN_TOKEN_MIN:
+        raise ValueError(f"--admin-tcp needs --admin-token (env MOEINF_ADMIN_TOKEN) of at least {ADMIN_TOKEN_MIN}"
+                         " characters: a TCP admin socket has no file permissions to protect it")
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -170,6 +192,8 @@ class WorkerConfig:
     record_trace: Path | None = knob(None, "write every token's routing to this file (JSON Lines, docs/traces.md)")
     next_gate: bool = knob(True, "guess the next MoE layer's experts with its router on this layer's input and tell"
                                  " memd (one small matmul per layer)")
+    leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
+                              " held costs no message (off: one acquire and one release per MoE layer)")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):

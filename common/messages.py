@@ -46,6 +46,7 @@ class HelloReply:
     num_layers: int  # MoE layers, numbered 0.. in model order
     num_experts: int
     tensors: list[TensorSpec]
+    control_name: str = ""  # /dev/shm name of the control page: its first int64 is the revoke epoch ("": no leases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,8 @@ class ReadyReply:
 
 @dataclass(frozen=True, slots=True)
 class AcquireRequest:
-    """Make ``experts`` of MoE ``layer`` resident and pin them until released.
+    """Make ``experts`` of MoE ``layer`` resident and pin them: until released, or, with ``lease``, until memd
+    revokes them (the worker then keeps using its slots with no message at all; see docs/protocol.md, Leases).
 
     ``requests``/``tokens`` attribute the routing: ``tokens[i][j]`` is how many tokens of ``requests[i]`` were
     routed to ``experts[j]`` in this layer (this is the activation trace memd learns from).
@@ -74,21 +76,26 @@ class AcquireRequest:
     prefill: list[bool] = field(default_factory=list)  # per request: this step is (part of) its prompt
     speculated: list[int] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
     speculated_tokens: list[int] = field(default_factory=list)  # ... and how many tokens picked each
-    # experts of an earlier layer to unpin first (the previous layer's release rides here: one message per layer)
-    release_layer: int = -1
-    release_experts: list[int] = field(default_factory=list)
+    lease: bool = False  # hold the experts as leases (one pin each, however often acquired) until memd revokes them
 
 
 @dataclass(frozen=True, slots=True)
 class AcquireReply:
     slots: list[int]  # one per requested expert, same order
     hits: int  # experts that were already resident
+    revoked: list[list[int]] = field(default_factory=list)  # [layer, expert] leases memd took back: do not use them
+    epoch: int = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
 
 
 @dataclass(frozen=True, slots=True)
 class ReleaseRequest:
     layer: int
     experts: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnLeasesRequest:
+    """The worker gives back every lease it holds (it went idle, or lost track after an error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +162,8 @@ class StatsReply:
     layers: list[LayerStats] = field(default_factory=list)
     lookahead: list[LookaheadStats] = field(default_factory=list)
     next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
+    acquires: int = 0  # ACQUIRE messages received
+    leased_layers: int = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)
@@ -173,13 +182,15 @@ class RequestEndEvent:
 @dataclass(frozen=True, slots=True)
 class LayerTrace:
     """One MoE layer of one step: ``tokens[r][j]`` tokens of request r went to ``experts[j]``, with router weights
-    summing to ``weights[r][j]``; ``speculated`` is the next-gate guess for the next MoE layer (empty for the last)."""
+    summing to ``weights[r][j]``; ``speculated`` is the next-gate guess for the next MoE layer (empty for the last);
+    ``leased``: every expert was already leased, so no acquire told memd of this layer (it counts the hits here)."""
 
     layer: int
     experts: list[int]
     tokens: list[list[int]]
     weights: list[list[float]]
     speculated: list[int] = field(default_factory=list)
+    leased: bool = False
 
 
 @dataclass(frozen=True, slots=True)

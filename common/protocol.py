@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from common import admin_messages as a
 from common import messages as m
 
 
@@ -24,6 +25,7 @@ class Op(enum.IntEnum):
     ACQUIRE = 3
     RELEASE = 4
     STATS = 5
+    RETURN_LEASES = 6
     # worker -> memd trace stream
     REQUEST_START = 32
     REQUEST_END = 33
@@ -32,6 +34,20 @@ class Op(enum.IntEnum):
     GENERATE = 64
     CANCEL = 65
     WORKER_INFO = 66
+    # moeinf admin -> memd (the admin socket)
+    ADMIN_STATS = 96
+    ADMIN_EXPERTS = 97
+    ADMIN_RESIZE = 98
+    ADMIN_POLICY = 99
+    ADMIN_PREFETCH = 100
+    ADMIN_EAMC_SAVE = 101
+    ADMIN_EAMC_LOAD = 102
+    ADMIN_EAMC_CLEAR = 103
+    ADMIN_EAMC_MATCH = 104
+    ADMIN_PIN = 105
+    ADMIN_UNPIN = 106
+    ADMIN_DROP = 107
+    ADMIN_HEALTH = 108
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +63,29 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.ACQUIRE: Rpc(m.AcquireRequest, m.AcquireReply, Handler.ASYNC),
     Op.RELEASE: Rpc(m.ReleaseRequest, None, Handler.INLINE),
     Op.STATS: Rpc(m.StatsRequest, m.StatsReply, Handler.INLINE),
+    Op.RETURN_LEASES: Rpc(m.ReturnLeasesRequest, None, Handler.INLINE),
     Op.REQUEST_START: Rpc(m.RequestStartEvent, None, Handler.INLINE),
     Op.REQUEST_END: Rpc(m.RequestEndEvent, None, Handler.INLINE),
     Op.STEP_TRACE: Rpc(m.StepTraceEvent, None, Handler.INLINE),
     Op.GENERATE: Rpc(m.GenerateRequest, m.TokensReply, Handler.STREAM),
     Op.CANCEL: Rpc(m.CancelRequest, m.CancelReply, Handler.INLINE),
     Op.WORKER_INFO: Rpc(m.WorkerInfoRequest, m.WorkerInfoReply, Handler.INLINE),
+    Op.ADMIN_STATS: Rpc(a.AdminStatsRequest, a.AdminStatsReply, Handler.INLINE),
+    Op.ADMIN_EXPERTS: Rpc(a.AdminExpertsRequest, a.AdminExpertsReply, Handler.INLINE),
+    Op.ADMIN_RESIZE: Rpc(a.ResizeRequest, a.ResizeReply, Handler.ASYNC),  # growing allocates off the loop
+    Op.ADMIN_POLICY: Rpc(a.PolicyRequest, a.PolicyReply, Handler.INLINE),
+    Op.ADMIN_PREFETCH: Rpc(a.PrefetchRequest, a.PrefetchReply, Handler.INLINE),
+    Op.ADMIN_EAMC_SAVE: Rpc(a.EamcSaveRequest, a.EamcReply, Handler.ASYNC),  # file I/O off the loop
+    Op.ADMIN_EAMC_LOAD: Rpc(a.EamcLoadRequest, a.EamcReply, Handler.ASYNC),
+    Op.ADMIN_EAMC_CLEAR: Rpc(a.EamcClearRequest, a.EamcReply, Handler.INLINE),
+    Op.ADMIN_EAMC_MATCH: Rpc(a.EamcMatchRequest, a.EamcMatchReply, Handler.INLINE),
+    Op.ADMIN_PIN: Rpc(a.PinRequest, a.PinReply, Handler.ASYNC),  # waits for the reads
+    Op.ADMIN_UNPIN: Rpc(a.UnpinRequest, a.UnpinReply, Handler.INLINE),
+    Op.ADMIN_DROP: Rpc(a.DropRequest, a.DropReply, Handler.INLINE),
+    Op.ADMIN_HEALTH: Rpc(a.AdminHealthRequest, a.AdminHealthReply, Handler.INLINE),
 }
 
-MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS})
+MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS, Op.RETURN_LEASES})
 MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END, Op.STEP_TRACE})
 WORKER_OPS = frozenset({Op.GENERATE, Op.CANCEL, Op.WORKER_INFO})
+MEMD_ADMIN_OPS = frozenset(op for op in Op if op.name.startswith("ADMIN_"))

@@ -33,13 +33,15 @@ CLIENT_GONE = "499"  # status label of requests whose client disconnected (nginx
 MEMD_COUNTERS = frozenset({
     "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "tokens", "decode_tokens",
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
-    "trace_lost", "predicted", "correct", "routed",
+    "trace_lost", "predicted", "correct", "routed", "acquires", "leased_layers",
 })
 MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
 MEMD_HELP = {
     "pool_bytes": "bytes of the expert pool", "num_slots": "expert slots in the pool",
-    "resident": "experts resident in the pool", "pinned": "experts pinned by a running forward pass",
+    "resident": "experts resident in the pool", "pinned": "experts pinned or leased by a worker",
+    "acquires": "ACQUIRE messages from workers",
+    "leased_layers": "MoE layers a worker computed from its leased experts, with no message to memd",
     "hits": "experts acquired that were already resident", "misses": "experts loaded on demand",
     "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the checkpoint",
     "read_seconds": "seconds spent reading experts", "stall_seconds": "seconds acquires waited for loads",

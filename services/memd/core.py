@@ -94,6 +94,7 @@ class ExpertManager:
     def acquire(self, worker, req: m.AcquireRequest, now: float) -> AcquirePlan:
         """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads."""
         plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
+        self.metrics.acquires += 1
         if self.predictor.advance(worker, req.step, req.layer, req.requests, req.tokens, req.prefill, now):
             self.table.policy.on_step()
         self.predictor.score(worker, req.step, req.layer, req.experts)
@@ -220,9 +221,22 @@ class ExpertManager:
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
         self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
+        for t in ev.layers:
+            if t.leased:
+                self._leased_hits(t.layer, t.experts, decode=decode_tokens > 0)
         for r, request in enumerate(ev.requests):
             rows = [(t.layer, t.experts, t.tokens[r]) for t in ev.layers]
             self.eams.add_step((ev.worker, ev.step), request, ev.tokens[r], ev.prefill[r], rows)
+
+    def _leased_hits(self, layer: int, experts: list[int], *, decode: bool) -> None:
+        """A layer the worker served from its leases (no acquire told memd): count its hits, refresh recency."""
+        c = self.table.counters
+        self.metrics.leased_layers += 1
+        c.hits += len(experts)
+        c.per_layer_hits[layer] += len(experts)
+        for expert in experts:
+            if self.table.is_resident((layer, expert)):
+                self.table.policy.on_access((layer, expert), decode=decode)
 
     def _check_trace(self, ev: m.StepTraceEvent) -> str | None:
         count = len(ev.requests)
@@ -250,4 +264,5 @@ class ExpertManager:
                     prefetch_late=mt.prefetch_late, prefetch_precision=mt.prefetch_precision(),
                     prefetch_recall=mt.prefetch_recall(c.misses), eamc_size=len(self.eamc), eamc_capacity=self.eamc.capacity,
                     match_similarity=p.match_similarity or 0.0, trace_steps=mt.trace_steps, trace_lost=mt.trace_lost,
-                    layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate)
+                    layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate,
+                    acquires=mt.acquires, leased_layers=mt.leased_layers)

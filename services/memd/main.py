@@ -15,6 +15,7 @@ from common.sizes import format_bytes, parse_size
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
+from services.memd.leases import ControlPage
 from services.memd.pool import SharedPool, StateLock, pool_name
 from services.memd.reader import ExpertReader
 from services.memd.server import MemdServer
@@ -43,20 +44,23 @@ def run(cfg: MemdConfig) -> int:
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
              format_bytes(store.total_expert_bytes))
     lock = StateLock(cfg.state_dir)
-    pool = reader = None
+    pool = reader = control = None
     try:
         pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
+        control = ControlPage(pool_name(cfg.state_dir, "control"))
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", pool.path, num_slots, format_bytes(pool.nbytes),
                  100 * num_slots / (store.num_layers * store.num_experts))
         reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io, threads=cfg.read_threads,
                               chunk=parse_size(cfg.read_chunk, what="--read-chunk").resolve(0))
         core = build_core(cfg, store, num_slots)
-        asyncio.run(_serve(MemdServer(cfg, store, core, reader, pool.name, pool.nbytes)))
+        asyncio.run(_serve(MemdServer(cfg, store, core, reader, pool.name, pool.nbytes, control)))
     finally:
         if reader is not None:
             reader.close()
         if pool is not None:
             pool.close()
+        if control is not None:
+            control.close()
         lock.release()
     log.info("memd stopped")
     return 0

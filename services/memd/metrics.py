@@ -24,6 +24,8 @@ class Metrics:
     decode_tokens: int = 0
     trace_steps: int = 0
     trace_lost: int = 0
+    acquires: int = 0  # ACQUIRE messages
+    leased_layers: int = 0  # layers a worker served from its leases (no message; learnt from the step trace)
     last_step: dict = field(default_factory=dict)  # worker pid -> last step number seen
 
     def __post_init__(self):

@@ -19,9 +19,10 @@ from common.sizes import format_bytes
 SHM_DIR = Path("/dev/shm")
 
 
-def pool_name(state_dir: Path) -> str:
+def pool_name(state_dir: Path, kind: str = "pool") -> str:
+    """The /dev/shm name of this state directory's ``kind`` of region ("pool", or "control": the lease page)."""
     digest = hashlib.sha1(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]
-    return f"moeinf-{digest}-pool"
+    return f"moeinf-{digest}-{kind}"
 
 
 class StateLock:
@@ -88,3 +89,41 @@ class SharedPool:
 def _free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def release_range(path: Path, offset: int, length: int) -> None:
+    """Give the memory of ``[offset, offset + length)`` of a region back to the OS: the file keeps its size (and
+    every mapping its layout), the range reads as zeros and holds no pages until written again."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"releasing {format_bytes(length)} of {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def allocate_range(path: Path, offset: int, length: int) -> None:
+    """Allocate ``[offset, offset + length)`` of a region again (after ``release_range``), so a later write cannot
+    fail with SIGBUS. Raises RuntimeError when /dev/shm cannot hold it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise RuntimeError(f"/dev/shm cannot hold {format_bytes(length)} more of the expert pool") from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: Path) -> int:
+    """Memory a region holds now (its allocated blocks)."""
+    return os.stat(path).st_blocks * 512

@@ -12,8 +12,8 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -25,6 +25,7 @@ from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.core import ExpertManager
 from services.memd.eamc import FILE_NAME as EAMC_FILE
+from services.memd.leases import Client, ControlPage
 from services.memd.loads import LoadError, Loads
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
@@ -35,23 +36,28 @@ TRACE_HWM = 1024
 EAMC_SAVE_INTERVAL_S = 30.0
 
 
+class Pending(NamedTuple):
+    """An acquire between ``begin_acquire`` and its reply."""
+
+    req: m.AcquireRequest
+    keys: list[tuple[int, int]]
+    waits: list  # loads to wait for
+    hits: int
+    revoked: list[tuple[int, int]]  # leases taken back
+    epoch: int  # the revoke epoch when they were (a reclaim while the loads run makes the worker come back)
+
+
 class RpcError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
 
 
-@dataclass(slots=True)
-class Client:
-    pid: int
-    ready: bool = False
-    pins: Counter = field(default_factory=Counter)
-
-
 class MemdServer:
     def __init__(self, cfg: MemdConfig, store: ExpertStore, core: ExpertManager, reader: ExpertReader,
-                 pool_name: str, pool_bytes: int):
+                 pool_name: str, pool_bytes: int, control: ControlPage | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
+        self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
         self.pool_name, self.pool_bytes = pool_name, pool_bytes
@@ -60,7 +66,7 @@ class MemdServer:
         self.trace_events = Counter()
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
-            Op.RELEASE: self.on_release, Op.STATS: self.on_stats,
+            Op.RELEASE: self.on_release, Op.STATS: self.on_stats, Op.RETURN_LEASES: self.on_return_leases,
             Op.REQUEST_START: self.on_request_start, Op.REQUEST_END: self.on_request_end,
             Op.STEP_TRACE: self.on_step_trace,
         }
@@ -69,11 +75,15 @@ class MemdServer:
 
     # ------------------------------------------------------------------ loop
     async def serve(self) -> None:
+        from services.memd.admin import AdminServer
+
         ctx = zmq.asyncio.Context()
+        self.admin = AdminServer(self, ctx)  # <state-dir>/admin.sock (0600), and --admin-tcp: `moeinf admin`
         self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True)
         self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM)
         tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self._read_trace()),
-                 asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then())]
+                 asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then()),
+                 asyncio.create_task(self.admin.serve())]
         log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s; policy %s, prefetch %s",
                  self.table.num_slots, self.store.slot_bytes, self.store.num_layers, self.store.num_experts,
                  self.cfg.rpc_addr, self.core.policy_name, "on" if self.core.prefetching else "off")
@@ -177,16 +187,14 @@ class MemdServer:
             await asyncio.sleep(1.0)
             for identity, client in list(self.clients.items()):
                 if not _pid_alive(client.pid):
-                    log.warning("worker pid %d is gone; releasing its %d pins", client.pid, sum(client.pins.values()))
+                    log.warning("worker pid %d is gone; releasing the %d experts it held", client.pid, client.held)
                     self._drop_client(identity)
 
     def _drop_client(self, identity: bytes) -> None:
         client = self.clients.pop(identity, None)
         self.core.forget_worker(identity)
         if client:
-            for key, n in client.pins.items():
-                for _ in range(n):
-                    self.table.unpin(key)
+            client.release_all(self.table)
 
     def _client(self, identity: bytes) -> Client:
         client = self.clients.get(identity)
@@ -206,7 +214,8 @@ class MemdServer:
         self.clients[identity] = Client(req.pid)
         return m.HelloReply(PROTOCOL_VERSION, os.getpid(), "shm", self.pool_name, self.pool_bytes,
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
-                            self.store.num_experts, self.store.tensors)
+                            self.store.num_experts, self.store.tensors,
+                            self.control.name if self.control is not None else "")
 
     def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
         client = self.clients.get(identity)
@@ -220,7 +229,7 @@ class MemdServer:
         """The hot path: an acquire whose experts are all resident is answered inline (no task); one that must
         wait for loads continues in its own task, so other acquires are served meanwhile."""
         try:
-            keys, waits, hits = self.begin_acquire(identity, req)
+            pending = self.begin_acquire(identity, req)
         except RpcError as exc:
             await self._send_error(identity, rid, exc.code, str(exc))
             return
@@ -228,20 +237,20 @@ class MemdServer:
             log.exception("ACQUIRE failed")
             await self._send_error(identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
             return
-        if waits:
-            asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, (req, keys, waits, hits)))
+        if pending.waits:
+            asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
         else:
-            await self._send(identity, encode(Op.ACQUIRE, rid, self._acquired(keys, hits)))
+            await self._send(identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
 
     def begin_acquire(self, identity: bytes, req: m.AcquireRequest):
-        """Apply the piggybacked release, pin, plan loads; returns the keys, the loads to wait for, the hits."""
+        """Pin (or lease), plan loads; returns the pending acquire: request, keys, loads to wait for, hits, revoked."""
         client = self._client(identity)
-        if req.release_layer >= 0:
-            self._unpin(client, [(req.release_layer, e) for e in req.release_experts])
-        keys = self._validate_acquire(req)
-        for key in keys:
-            self.table.pin(key)
-            client.pins[key] += 1
+        try:
+            keys = self._validate_acquire(req)
+        except RpcError:
+            self._let_go(client, req, [])
+            raise
+        revoked = self._hold(client, req, keys)
         try:
             plan = self.core.acquire(identity, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
@@ -250,34 +259,54 @@ class MemdServer:
             # right after this acquire's reply (or while its loads run): it never delays the reply
             asyncio.get_running_loop().call_soon(self._prefetch, identity, req)
         except PoolExhausted as exc:
-            self._unpin(client, keys)
+            self._let_go(client, req, keys)
             raise RpcError("capacity", str(exc)) from None
         except BaseException:
-            self._unpin(client, keys)
+            self._let_go(client, req, keys)
             raise
-        return keys, waits, plan.hits
+        epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
+        return Pending(req, keys, waits, plan.hits, revoked, epoch)
+
+    def _hold(self, client: Client, req: m.AcquireRequest, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking the worker's other leases
+        when this layer needs more slots than are free (and asking the other workers for theirs). Returns the
+        revoked leases."""
+        if not req.lease:
+            client.pin(self.table, keys)
+            return []
+        pressure = sum(k not in self.table.slot_of for k in keys) > len(self.table.free)
+        if pressure and len(self.clients) > 1 and any(c.leases for c in self.clients.values() if c is not client):
+            self.reclaim_leases()
+        return client.lease(self.table, keys, revoke_others=pressure)
+
+    def _let_go(self, client: Client, req: m.AcquireRequest, keys) -> None:
+        """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
+        if req.lease:
+            client.return_leases(self.table)
+        else:
+            client.unpin(self.table, keys)
 
     async def on_acquire(self, identity: bytes, pending) -> m.AcquireReply:
         """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
-        req, keys, waits, hits = pending
+        req, keys = pending.req, pending.keys
         client = self._client(identity)
         start = time.perf_counter()
         try:
-            await asyncio.gather(*waits)
+            await asyncio.gather(*pending.waits)
             self.core.stall(req.layer, time.perf_counter() - start)
         except PoolExhausted as exc:  # a blocked demand load found every slot pinned
-            self._unpin(client, keys)
+            self._let_go(client, req, keys)
             raise RpcError("capacity", str(exc)) from None
         except LoadError as exc:
-            self._unpin(client, keys)
+            self._let_go(client, req, keys)
             raise RpcError("io", str(exc)) from None
         except BaseException:
-            self._unpin(client, keys)
+            self._let_go(client, req, keys)
             raise
-        return self._acquired(keys, hits)
+        return self._acquired(pending)
 
-    def _acquired(self, keys, hits: int) -> m.AcquireReply:
-        return m.AcquireReply([self.table.slot_of[k] for k in keys], hits)
+    def _acquired(self, p: Pending) -> m.AcquireReply:
+        return m.AcquireReply([self.table.slot_of[k] for k in p.keys], p.hits, [list(k) for k in p.revoked], p.epoch)
 
     def _prefetch(self, identity: bytes, req: m.AcquireRequest) -> None:
         """Predict, cancel stale prefetches, start new ones. A failure here never fails the acquire."""
@@ -305,16 +334,18 @@ class MemdServer:
         return [(req.layer, e) for e in req.experts]
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
-        client = self._client(identity)
-        self._unpin(client, [(req.layer, e) for e in req.experts])
+        self._client(identity).unpin(self.table, [(req.layer, e) for e in req.experts])
 
-    def _unpin(self, client: Client, keys) -> None:
-        for key in keys:
-            if client.pins[key] > 0:
-                client.pins[key] -= 1
-                if not client.pins[key]:
-                    del client.pins[key]
-                self.table.unpin(key)
+    def on_return_leases(self, identity: bytes, req: m.ReturnLeasesRequest) -> None:
+        self._client(identity).return_leases(self.table)
+
+    def reclaim_leases(self) -> None:
+        """Ask every worker to hand back its leases: each does at its next acquire, which the bumped epoch on the
+        control page makes it send (an idle worker holds none)."""
+        for client in self.clients.values():
+            client.reclaim = bool(client.leases)
+        if self.control is not None:
+            self.control.bump()
 
     def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
         c, t = self.table.counters, self.table

@@ -144,12 +144,10 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
 
 
 class ExpertBinding:
-    """Per MoE layer: acquire the routed experts, compute on their slots, release."""
+    """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None,
-                 last: bool = False):
+    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None):
         self.layer = layer
-        self.last = last  # the last MoE layer releases at once; the others' releases ride on the next acquire
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots)
         self.client = client
@@ -173,7 +171,8 @@ class ExpertBinding:
         prefill = step.prefill if step is not None and len(step.prefill) == len(requests) else []
         slots = self.client.acquire(self.layer, ids, requests, tokens, step=RECORDER.step, prefill=prefill,
                                     speculated=guess, speculated_tokens=guess_tokens)
-        RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights)
+        RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights,
+                       leased=self.client.last_leased)
         try:
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
@@ -181,7 +180,8 @@ class ExpertBinding:
             window = self.proxy.window(lo, hi)
             return grouped_mm_experts_forward(window, hidden_states, remap[top_k_index], top_k_weights)
         finally:
-            self.client.release(self.layer, ids, defer=not self.last)
+            if not self.client.leasing:
+                self.client.release(self.layer, ids)
 
 
 def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: torch.Tensor, num_experts: int):
@@ -222,7 +222,7 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
                for layer in layers] if next_gate else [None] * len(layers)
     for i, (layer, module) in enumerate(zip(layers, modules)):
         gate = routers[i + 1] if next_gate and i + 1 < len(layers) else None
-        module._moeinf = ExpertBinding(layer.index, module, views, client, gate, last=i == len(layers) - 1)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, gate)
 
 
 def _numel(shape) -> int:

@@ -31,7 +31,7 @@ def attach(cfg: WorkerConfig):
     checkpoint = Checkpoint(cfg.model)
     experts.register()
     model, layers = load_model(checkpoint, experts.IMPLEMENTATION)
-    client = MemdClient(cfg.memd_rpc_addr, cfg.memd_trace_addr, timeout_s=cfg.memd_timeout_s)
+    client = MemdClient(cfg.memd_rpc_addr, cfg.memd_trace_addr, timeout_s=cfg.memd_timeout_s, leases=cfg.leases)
     try:
         hello = client.handshake(str(cfg.model.resolve()), cfg.handshake_timeout_s,
                                  "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)")

@@ -1,15 +1,21 @@
-"""The worker's link to memd: handshake, acquire/release, trace events (request start/end, per-step traces).
+"""The worker's link to memd: handshake, acquire/release, leases, trace events (request start/end, step traces).
 
 Used only from the compute thread, so it is synchronous: the forward pass must wait for its experts anyway.
 Waits poll in short slices and check memd's pid, so a dead daemon is reported at once, not after a timeout.
+
+With ``leases`` the client keeps every expert memd granted (layer, expert -> slot) until memd revokes it: a layer
+whose experts are all leased, while the revoke epoch on memd's control page has not moved, is served here with no
+message (see services/memd/leases.py for memd's side of the contract).
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import os
 import time
 
+import numpy as np
 import zmq
 
 from common import messages as m
@@ -32,7 +38,7 @@ class MemdDeadError(RuntimeError):
 
 
 class MemdClient:
-    def __init__(self, rpc_addr: str, trace_addr: str, *, timeout_s: float):
+    def __init__(self, rpc_addr: str, trace_addr: str, *, timeout_s: float, leases: bool = False):
         self.rpc_addr = rpc_addr
         self.timeout_s = timeout_s
         self.ctx = zmq.Context()
@@ -40,12 +46,17 @@ class MemdClient:
         self.trace = make_socket(self.ctx, zmq.PUSH, trace_addr, bind=False, hwm=TRACE_HWM)
         self._ids = itertools.count(1)
         self.memd_pid: int | None = None
-        self._pending_release: tuple[int, list[int]] | None = None
+        self.use_leases = leases
+        self.leases: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot, held until memd revokes it
+        self._control: np.ndarray | None = None  # memd's revoke epoch (shared memory), when leasing
+        self._seen_epoch = 0
+        self.last_leased = False  # the last acquire was served from leases (no message)
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
         self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
 
     def close(self) -> None:
+        self._control = None
         self.sock.close()
         self.trace.close()
         self.ctx.term()
@@ -55,6 +66,8 @@ class MemdClient:
                           timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within {timeout_s:g}s:"
                           f" start `moeinf memd --model {model}` with the same --state-dir first, or raise {timeout_knob}")
         self.memd_pid = hello.pid
+        if self.use_leases and hello.control_name:
+            self._control = _map_epoch(hello.control_name)
         return hello
 
     def memd_alive(self) -> bool:
@@ -65,29 +78,59 @@ class MemdClient:
 
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
                 prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = ()) -> list[int]:
+        """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased."""
+        slots = self._leased(layer, experts)
+        self.last_leased = slots is not None
+        if slots is not None:
+            return slots
         start = time.perf_counter()
-        release_layer, release_experts = self._pending_release or (-1, [])
-        self._pending_release = None
+        lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), release_layer, release_experts)
+                                   list(speculated_tokens), lease)
         try:
-            return self.call(Op.ACQUIRE, request).slots
+            reply = self.call(Op.ACQUIRE, request)
+        except BaseException:
+            self.leases.clear()  # an error ends every lease (memd's side of the contract does the same)
+            raise
         finally:
             self.acquire_seconds += time.perf_counter() - start
+        if lease:
+            self._update_leases(layer, experts, reply)
+        return reply.slots
 
-    def release(self, layer: int, experts: list[int], *, defer: bool = False) -> None:
-        """Unpin ``experts``; with ``defer`` the release rides on the next acquire (memd applies it first)."""
-        self.flush_release()
-        if defer:
-            self._pending_release = (layer, experts)
-        else:
-            self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+    @property
+    def leasing(self) -> bool:
+        return self._control is not None
 
-    def flush_release(self) -> None:
-        if self._pending_release is not None:
-            layer, experts = self._pending_release
-            self._pending_release = None
-            self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+    def _leased(self, layer: int, experts: list[int]) -> list[int] | None:
+        """The slots when every expert is leased and memd has not asked for leases back since; else None."""
+        if self._control is None or self._control[0] != self._seen_epoch:
+            return None
+        leases = self.leases
+        slots = []
+        for expert in experts:
+            slot = leases.get((layer, expert))
+            if slot is None:
+                return None
+            slots.append(slot)
+        return slots
+
+    def _update_leases(self, layer: int, experts: list[int], reply: m.AcquireReply) -> None:
+        for revoked_layer, expert in reply.revoked:
+            self.leases.pop((revoked_layer, expert), None)
+        for expert, slot in zip(experts, reply.slots):
+            self.leases[(layer, expert)] = slot
+        self._seen_epoch = reply.epoch
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        """Unpin ``experts`` acquired in explicit mode (leases are not released: memd revokes them)."""
+        self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+
+    def return_leases(self) -> None:
+        """Give every lease back (the worker is idle): nothing stays pinned for a worker that computes nothing."""
+        if self.leases:
+            self.leases.clear()
+            self.sock.send(encode(Op.RETURN_LEASES, 0, m.ReturnLeasesRequest()))
 
     def stats(self) -> m.StatsReply:
         return self.call(Op.STATS, m.StatsRequest())
@@ -130,6 +173,13 @@ class MemdClient:
         if isinstance(reply, m.ErrorReply):
             raise MemdError(f"memd: {reply.message} [{reply.code}]")
         return reply
+
+
+def _map_epoch(name: str) -> np.ndarray:
+    """memd's control page, read-only: element 0 is the revoke epoch (an aligned int64, read whole)."""
+    with open(f"/dev/shm/{name}", "rb") as f:
+        page = mmap.mmap(f.fileno(), mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+    return np.frombuffer(page, dtype=np.int64, count=1)
 
 
 def _alive(pid: int) -> bool:

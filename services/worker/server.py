@@ -148,6 +148,8 @@ class WorkerServer:
             step = self.scheduler.schedule()
             if step:
                 self.run_step(step)
+            elif not self.jobs:
+                self.client.return_leases()  # idle: hold nothing in memd's pool
         for job in list(self.jobs.values()):  # stopping: every request still here ends as cancelled
             self.finish(job, "cancelled")
 

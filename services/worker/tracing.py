@@ -86,11 +86,12 @@ class StepRecorder:
             log.warning("tracing %d requests: forgot %s's position (it never ended?)", self.max_requests, old)
 
     def layer(self, layer: int, experts: list[int], tokens: list[list[int]], weights: list[list[float]],
-              speculated: list[int], top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+              speculated: list[int], top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
+              leased: bool = False) -> None:
         step = self.open
         if step is None or not step.requests or len(tokens) != len(step.requests):
             return
-        step.layers.append(m.LayerTrace(layer, experts, tokens, weights, speculated))
+        step.layers.append(m.LayerTrace(layer, experts, tokens, weights, speculated, leased))
         if self.writer is not None:
             step.routing.append((layer, top_k_index, top_k_weights))
 

@@ -6,34 +6,37 @@ import struct
 import msgpack
 import pytest
 
+from common import admin_messages as a
 from common import messages as m
 from common.codec import HEADER_BYTES, ProtocolError, build, decode, encode, peek
-from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, WORKER_OPS, Op
+from common.protocol import MEMD_ADMIN_OPS, MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, WORKER_OPS, Op
 
 SPECS = [m.TensorSpec("gate_up_proj", 0, [256, 64], "float32"), m.TensorSpec("down_proj", 65536, [64, 128], "bfloat16")]
 
 # One instance of every request and reply type, with non-default values in every field.
 SAMPLES = {
     m.HelloRequest: m.HelloRequest(1, 4242, "/models/mixtral", "GPU-0b1c"),
-    m.HelloReply: m.HelloReply(1, 77, "shm", "moeinf-abc-pool", 1 << 33, 98304, 87381, 32, 8, SPECS),
+    m.HelloReply: m.HelloReply(1, 77, "shm", "moeinf-abc-pool", 1 << 33, 98304, 87381, 32, 8, SPECS,
+                               "moeinf-abc-control"),
     m.ReadyRequest: m.ReadyRequest(4242),
     m.ReadyReply: m.ReadyReply(),
     m.AcquireRequest: m.AcquireRequest(3, [7, 0, 5], ["req-a", "req-b"], [[1, 0, 2], [0, 4, 0]], 41, [True, False],
-                                       [2, 6], [3, 1]),
-    m.AcquireReply: m.AcquireReply([12, 0, 2**40], 1),
+                                       [2, 6], [3, 1], True),
+    m.AcquireReply: m.AcquireReply([12, 0, 2**40], 1, [[2, 7], [0, 1]], 9),
     m.ReleaseRequest: m.ReleaseRequest(3, [7, 0, 5]),
+    m.ReturnLeasesRequest: m.ReturnLeasesRequest(),
     m.StatsRequest: m.StatsRequest(),
     m.StatsReply: m.StatsReply(77, 1 << 30, 100, 90, 3, 1000, 200, 150, 123456789, 1.25, 0.5, True, [30, 30, 30],
                                "activation", True, 4000, 300, 250, 40, 10, 5, 0.86, 0.71, 120, 256, 0.83, 900, 2, 1.5e9,
                                0.002,
                                [m.LayerStats(0, 500, 100, 150, 125, 20, 0.25, 98304)],
                                [m.LookaheadStats(1, 600, 480, 550), m.LookaheadStats(2, 590, 400, 550)],
-                               [m.LookaheadStats(1, 700, 500, 550)]),
+                               [m.LookaheadStats(1, 700, 500, 550)], 61, 959),
     m.RequestStartEvent: m.RequestStartEvent("req-a", 17),
     m.RequestEndEvent: m.RequestEndEvent("req-a", 64),
     m.StepTraceEvent: m.StepTraceEvent(4242, 17, ["req-a", "req-b"], [5, 1], [True, False], [
         m.LayerTrace(0, [1, 6], [[3, 7], [1, 1]], [[1.5, 3.5], [0.25, 0.75]], [2, 6]),
-        m.LayerTrace(1, [2], [[10], [2]], [[5.0], [1.0]])]),
+        m.LayerTrace(1, [2], [[10], [2]], [[5.0], [1.0]], [], True)]),
     m.GenerateRequest: m.GenerateRequest("req-a", [1, 2, 3], 32, [2, 7], 0.7, 0.9, 40, 1234),
     m.TokensReply: m.TokensReply("req-a", [5, 6], "stop", 3, 2),
     m.CancelRequest: m.CancelRequest("req-a"),
@@ -41,6 +44,33 @@ SAMPLES = {
     m.WorkerInfoRequest: m.WorkerInfoRequest(),
     m.WorkerInfoReply: m.WorkerInfoReply(4243, "/models/mixtral", "mixtral", 4096, 32000, [2, 32000], True, 3, 1000),
 }
+KEYS = [a.ExpertKey(3, 5), a.ExpertKey(0, 7)]
+SAMPLES.update({  # the admin link (common/admin_messages.py)
+    a.AdminStatsRequest: a.AdminStatsRequest("tok"),
+    a.AdminStatsReply: a.AdminStatsReply(SAMPLES[m.StatsReply], 64, 98304, 1 << 22, 2, 3, 4),
+    a.AdminExpertsRequest: a.AdminExpertsRequest("tok"),
+    a.AdminExpertsReply: a.AdminExpertsReply(64, 100, [a.LayerExperts(0, [1, 2], [2], [5], [2], [1])]),
+    a.ResizeRequest: a.ResizeRequest("tok", "25%"),
+    a.ResizeReply: a.ResizeReply(100, 64, 100, 98304, 30, 6, 1 << 22),
+    a.PolicyRequest: a.PolicyRequest("tok", "lfu"),
+    a.PolicyReply: a.PolicyReply("activation", "lfu"),
+    a.PrefetchRequest: a.PrefetchRequest("tok", True),
+    a.PrefetchReply: a.PrefetchReply(False, True, 3),
+    a.EamcSaveRequest: a.EamcSaveRequest("tok", "/tmp/a.eamc"),
+    a.EamcLoadRequest: a.EamcLoadRequest("tok", "/tmp/b.eamc"),
+    a.EamcClearRequest: a.EamcClearRequest("tok"),
+    a.EamcReply: a.EamcReply(12, 256, "/tmp/a.eamc"),
+    a.EamcMatchRequest: a.EamcMatchRequest("tok", KEYS),
+    a.EamcMatchReply: a.EamcMatchReply(0.75, [[0.5, 0.5], [0.0, 1.0]]),
+    a.PinRequest: a.PinRequest("tok", KEYS),
+    a.PinReply: a.PinReply([4, 9], 1, 2),
+    a.UnpinRequest: a.UnpinRequest("tok", KEYS),
+    a.UnpinReply: a.UnpinReply(2, 0),
+    a.DropRequest: a.DropRequest("tok"),
+    a.DropReply: a.DropReply(20, 4, 6),
+    a.AdminHealthRequest: a.AdminHealthRequest("tok"),
+    a.AdminHealthReply: a.AdminHealthReply(77, 12.5, "/models/mixtral", "moeinf-abc-pool", [4242, 4243]),
+})
 
 
 def _case_list():
@@ -70,7 +100,7 @@ def test_round_trip(op, cls, reply):
 
 
 def test_round_trip_with_the_links_allowed_sets():
-    for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS):
+    for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS, MEMD_ADMIN_OPS):
         for op in allowed:
             cls = PROTOCOL[op].request
             assert decode(encode(op, 1, SAMPLES[cls]), allowed)[2] == SAMPLES[cls]
@@ -102,7 +132,7 @@ def test_frame_header_layout():
 def test_nested_dataclass_is_a_nested_array_on_the_wire():
     frame = encode(Op.HELLO, 1, SAMPLES[m.HelloReply])
     body = msgpack.unpackb(frame[HEADER_BYTES:])
-    assert body[-1] == [["gate_up_proj", 0, [256, 64], "float32"], ["down_proj", 65536, [64, 128], "bfloat16"]]
+    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32"], ["down_proj", 65536, [64, 128], "bfloat16"]]
 
 
 def test_error_reply_for_op_error():
@@ -116,7 +146,7 @@ def test_error_frame_is_not_a_request():
     """A peer sending an ERROR frame to a server socket must get a ProtocolError (so the server answers with an
     error), not an ErrorReply the server has no handler for."""
     frame = encode(Op.ERROR, 1, m.ErrorReply("x", "y"))
-    for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS):
+    for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS, MEMD_ADMIN_OPS):
         with pytest.raises(ProtocolError, match="ERROR"):
             decode(frame, allowed)
     with pytest.raises(ProtocolError, match="ERROR is a reply, not a request"):
@@ -126,8 +156,8 @@ def test_error_frame_is_not_a_request():
 def test_unknown_op_byte():
     with pytest.raises(ProtocolError, match="unknown op 200"):
         decode(_frame(200, 1, []))
-    with pytest.raises(ProtocolError, match="unknown op 6"):
-        decode(_frame(6, 1, []), MEMD_RPC_OPS)
+    with pytest.raises(ProtocolError, match="unknown op 31"):
+        decode(_frame(31, 1, []), MEMD_RPC_OPS)
 
 
 @pytest.mark.parametrize("op, allowed", [(Op.GENERATE, MEMD_RPC_OPS), (Op.REQUEST_START, MEMD_RPC_OPS),
@@ -162,8 +192,8 @@ def test_body_is_not_msgpack(body):
 @pytest.mark.parametrize("op, fields, match", [
     (Op.READY, [], "ReadyRequest: expected 1..1 fields, got 0"),
     (Op.READY, [1, 2], "ReadyRequest: expected 1..1 fields, got 2"),
-    (Op.ACQUIRE, [1], "AcquireRequest: expected 2..10 fields, got 1"),
-    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], -1, [], "extra"], "AcquireRequest: expected 2..10 fields, got 11"),
+    (Op.ACQUIRE, [1], "AcquireRequest: expected 2..9 fields, got 1"),
+    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], -1, [], "extra"], "AcquireRequest: expected 2..9 fields, got 11"),
     (Op.STATS, [0], "StatsRequest: expected 0..0 fields, got 1"),
     (Op.HELLO, 5, "HelloRequest: expected an array"),
     (Op.HELLO, {"protocol": 1}, "HelloRequest: expected an array"),
@@ -248,3 +278,15 @@ def test_encode_refuses_unknown_objects():
 
     with pytest.raises(TypeError, match="cannot encode"):
         encode(Op.STATS, 1, Holder(object()))
+
+
+def test_admin_ops_are_served_only_on_the_admin_socket():
+    frame = encode(Op.ADMIN_DROP, 3, a.DropRequest("tok"))
+    assert decode(frame, MEMD_ADMIN_OPS)[2] == a.DropRequest("tok")
+    for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS):
+        with pytest.raises(ProtocolError, match="ADMIN_DROP is not served on this socket"):
+            decode(frame, allowed)
+    with pytest.raises(ProtocolError, match=r"ExpertKey.layer: expected int, got str"):
+        decode(_frame(Op.ADMIN_PIN, 1, ["tok", [["3", 5]]]), MEMD_ADMIN_OPS)
+    with pytest.raises(ProtocolError, match="ResizeRequest: expected 2..2 fields, got 1"):
+        decode(_frame(Op.ADMIN_RESIZE, 1, ["25%"]), MEMD_ADMIN_OPS)

@@ -1,0 +1,104 @@
+"""What each attached worker holds: explicit pins (acquire ... release) and leases (acquire ... revoke).
+
+A lease is one pin per (worker, expert), however often the worker acquires it. The worker keeps using a leased
+expert's slot with no message at all (an all-leased layer costs it no round trip); memd takes leases back only
+while that worker is blocked in an acquire, so a revoked slot is never in use:
+
+* an acquire that needs more slots than are free revokes every other lease of that worker: under pressure the
+  pool behaves exactly as without leases (only the current layer pinned);
+* ``reclaim`` (the admin's drop and resize, another worker under pressure) flags a worker and bumps the revoke
+  epoch on the control page; the worker reads the epoch before each layer and, when it moved, asks memd instead of
+  using its leases, and that acquire revokes everything but the current layer;
+* an error reply to a lease acquire ends all of that worker's leases (it forgets them too), and so does
+  RETURN_LEASES (a worker going idle) or the worker's death.
+"""
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+from services.memd.policy import Key
+from services.memd.pool import SharedPool
+from services.memd.slots import SlotTable
+
+CONTROL_BYTES = 4096
+EPOCH = struct.Struct("<q")  # offset 0 of the control page
+
+
+class ControlPage:
+    """A page of shared memory memd writes and workers read: the revoke epoch (int64 at offset 0)."""
+
+    def __init__(self, name: str):
+        self.region = SharedPool(name, CONTROL_BYTES)
+        self.name = name
+        self.epoch = 0
+        EPOCH.pack_into(self.region.view, 0, 0)
+
+    def bump(self) -> int:
+        self.epoch += 1
+        EPOCH.pack_into(self.region.view, 0, self.epoch)
+        return self.epoch
+
+    def close(self) -> None:
+        self.region.close()
+
+
+@dataclass(slots=True)
+class Client:
+    pid: int
+    ready: bool = False
+    pins: Counter = field(default_factory=Counter)  # explicit pins: key -> acquires not yet released
+    leases: set[Key] = field(default_factory=set)
+    reclaim: bool = False  # give back every lease at the next acquire
+
+    @property
+    def held(self) -> int:
+        return sum(self.pins.values()) + len(self.leases)
+
+    def pin(self, table: SlotTable, keys: list[Key]) -> None:
+        for key in keys:
+            table.pin(key)
+            self.pins[key] += 1
+
+    def unpin(self, table: SlotTable, keys) -> None:
+        for key in keys:
+            if self.pins[key] > 0:
+                self.pins[key] -= 1
+                if not self.pins[key]:
+                    del self.pins[key]
+                table.unpin(key)
+
+    def lease(self, table: SlotTable, keys: list[Key], *, revoke_others: bool) -> list[Key]:
+        """Lease ``keys``; with ``revoke_others`` (or a pending reclaim) first take back every other lease.
+        Returns the revoked keys (already unpinned: the worker is waiting for this reply and uses none of them)."""
+        revoked: list[Key] = []
+        if revoke_others or self.reclaim:
+            wanted = set(keys)
+            revoked = [k for k in self.leases if k not in wanted]
+            self._unlease(table, revoked)
+            self.reclaim = False
+        for key in keys:
+            if key not in self.leases:
+                self.leases.add(key)
+                table.pin(key)
+        return revoked
+
+    def return_leases(self, table: SlotTable) -> int:
+        count = len(self.leases)
+        self._unlease(table, list(self.leases))
+        self.reclaim = False
+        return count
+
+    def release_all(self, table: SlotTable) -> None:
+        """The worker is gone: everything it held is free."""
+        self.return_leases(table)
+        for key, n in list(self.pins.items()):
+            for _ in range(n):
+                table.unpin(key)
+        self.pins.clear()
+
+    def _unlease(self, table: SlotTable, keys: list[Key]) -> None:
+        for key in keys:
+            self.leases.discard(key)
+            table.unpin(key)

@@ -1,0 +1,122 @@
+"""Leases between a real memd and MemdClient: a layer whose experts are all leased costs no message; an acquire
+that needs more slots than are free revokes the worker's other leases (the pool then behaves as without leases),
+and another worker under pressure bumps the revoke epoch so the holder comes back; an error and RETURN_LEASES end
+every lease."""
+import pytest
+from helpers import spawn, stop, wait_for_log
+
+from services.worker.memd_client import MemdClient, MemdError
+
+
+@pytest.fixture(scope="module")
+def memd(mixtral, tmp_path_factory):
+    """memd at 25%: 8 slots for 4 layers x 8 experts."""
+    state_dir = tmp_path_factory.mktemp("leases") / "state"
+    state_dir.mkdir()
+    log = state_dir / "memd.log"
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "25%",
+                  "--prefetch", "off"], log)
+    try:
+        wait_for_log(proc, log, "memd ready", timeout=60)
+        yield state_dir
+    finally:
+        assert stop(proc) == 0
+
+
+@pytest.fixture
+def connect(memd, mixtral):
+    clients = []
+
+    def attach(*, leases: bool = True) -> MemdClient:
+        client = MemdClient(f"ipc://{memd.resolve()}/memd.sock", f"ipc://{memd.resolve()}/memd-trace.sock",
+                            timeout_s=30, leases=leases)
+        client.handshake(str(mixtral.resolve()), 30, "x")
+        client.ready()
+        clients.append(client)
+        return client
+
+    yield attach
+    for client in clients:
+        client.return_leases()
+        client.stats()  # ordered after RETURN_LEASES on the same socket: memd has applied it
+    assert clients[0].stats().pinned == 0, "a test left experts pinned"
+    for client in clients:
+        client.close()
+
+
+def acquire(client: MemdClient, layer: int, experts: list[int]) -> list[int]:
+    return client.acquire(layer, experts, ["r"], [[1] * len(experts)])
+
+
+def test_an_all_leased_layer_needs_no_message(connect):
+    client = connect()
+    assert client.leasing
+    slots = acquire(client, 0, [0, 1])
+    assert not client.last_leased
+    before = client.stats()
+    assert before.pinned == 2
+    again = acquire(client, 0, [1, 0])
+    assert client.last_leased and again == [slots[1], slots[0]]
+    after = client.stats()
+    assert (after.hits, after.misses, after.pinned) == (before.hits, before.misses, 2)  # memd heard nothing
+
+
+def test_pressure_revokes_the_other_leases(connect):
+    client = connect()
+    acquire(client, 0, list(range(8)))  # the whole pool, leased
+    assert len(client.leases) == 8
+    acquire(client, 1, [0, 1, 2, 3])  # needs 4 slots, none free: layer 0's leases come back to memd
+    assert set(client.leases) == {(1, 0), (1, 1), (1, 2), (1, 3)}
+    assert client.stats().pinned == 4
+
+
+def test_free_slots_let_leases_accumulate(connect):
+    client = connect()
+    acquire(client, 0, list(range(8)))
+    client.return_leases()
+    client.stats()
+    acquire(client, 1, [0, 1])  # two slots taken from layer 0's (evictable) experts: no revocation needed ...
+    acquire(client, 2, [0])  # ... and none free now: this one revokes layer 1's
+    assert set(client.leases) == {(2, 0)}
+
+
+def test_an_all_resident_acquire_keeps_the_leases(connect):
+    explicit, client = connect(leases=False), connect()
+    acquire(explicit, 2, [4, 5])  # resident, then unpinned: evictable but there
+    explicit.release(2, [4, 5])
+    acquire(client, 3, [6])
+    acquire(client, 2, [4, 5])  # resident, only not leased yet: a message, but no revocation
+    assert not client.last_leased
+    assert set(client.leases) == {(3, 6), (2, 4), (2, 5)}
+    acquire(client, 3, [6])
+    assert client.last_leased
+
+
+def test_another_workers_miss_makes_the_holder_come_back(connect):
+    holder, other = connect(), connect()
+    acquire(holder, 0, list(range(8)))
+    acquire(holder, 1, [4])  # no free slot: only layer 1's expert 4 stays leased
+    acquire(holder, 1, [4])
+    assert holder.last_leased
+    acquire(other, 2, list(range(7)))  # no free slot while the holder has leases: memd bumps the revoke epoch
+    acquire(holder, 1, [4])
+    assert not holder.last_leased, "the moved epoch must send the holder to memd"
+    acquire(holder, 1, [4])
+    assert holder.last_leased
+
+
+def test_an_error_ends_every_lease(connect):
+    client = connect()
+    acquire(client, 0, [0, 1])
+    with pytest.raises(MemdError, match="distinct"):
+        acquire(client, 1, [3, 3])
+    assert client.leases == {}
+    assert client.stats().pinned == 0
+
+
+def test_return_leases_unpins_everything(connect):
+    client = connect()
+    acquire(client, 0, [6, 7])
+    acquire(client, 3, [6, 7])
+    client.return_leases()
+    assert client.leases == {} and client.stats().pinned == 0
