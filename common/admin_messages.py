@@ -25,8 +25,9 @@ class AdminStatsRequest:
 
 @dataclass(frozen=True, slots=True)
 class AdminStatsReply:
-    stats: StatsReply  # what the worker link's STATS answers (num_slots: the region's slots)
+    stats: StatsReply  # what the worker link's STATS answers (num_slots, pool_bytes: the live size)
     capacity: int  # live slots (resize): slots at or above it are retired
+    region_slots: int  # the slots the region was created with (the most ``resize`` can grow to)
     slot_bytes: int
     pool_resident_bytes: int  # memory the region holds now (/dev/shm blocks)
     loading: int

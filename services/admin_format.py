@@ -33,11 +33,11 @@ def _ratio(num: float, den: float) -> str:
 
 def stats(r: a.AdminStatsReply) -> str:
     s = r.stats
-    region = f" (resized: the region has {s.num_slots})" if r.capacity != s.num_slots else ""
+    region = f" (resized: the region has {r.region_slots})" if r.capacity != r.region_slots else ""
     head = [
         f"memd pid {s.pid}: policy {s.policy}, prefetch {'on' if s.prefetch else 'off'}",
         f"pool: {s.resident} of {r.capacity} slots resident{region}; {format_bytes(r.capacity * r.slot_bytes)} of"
-        f" {format_bytes(s.pool_bytes)}, holding {format_bytes(r.pool_resident_bytes)} of memory now",
+        f" {format_bytes(r.region_slots * r.slot_bytes)}, holding {format_bytes(r.pool_resident_bytes)} of memory now",
         f"      loading {r.loading}, pinned {s.pinned} (admin {r.admin_pinned}), leaving when released {r.leaving}",
         f"reads: {format_bytes(s.bytes_read)} in {s.read_seconds:.2f} s, {format_bytes(s.read_bandwidth)}/s measured;"
         f" acquires stalled {s.stall_seconds:.3f} s",

@@ -143,8 +143,8 @@ class AdminServer:
         t = self.table
         stats = self.server.on_stats(None, m.StatsRequest())
         leaving = sum(1 for k in t.slot_of if t.leaving(k))
-        return a.AdminStatsReply(stats, t.capacity, self.slot_bytes, resident_bytes(self.region), len(t.loading),
-                                 len(self.pins), leaving)
+        return a.AdminStatsReply(stats, t.capacity, t.num_slots, self.slot_bytes, resident_bytes(self.region),
+                                 len(t.loading), len(self.pins), leaving)
 
     def on_experts(self, req: a.AdminExpertsRequest) -> a.AdminExpertsReply:
         t = self.table

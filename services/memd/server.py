@@ -324,9 +324,9 @@ class MemdServer:
             raise RpcError("bad_request", f"layer {req.layer} out of range 0..{self.store.num_layers - 1}")
         if len(set(req.experts)) != len(req.experts) or any(not 0 <= e < self.store.num_experts for e in req.experts):
             raise RpcError("bad_request", f"experts {req.experts} must be distinct, in 0..{self.store.num_experts - 1}")
-        if len(req.experts) > self.table.num_slots:
+        if len(req.experts) > self.table.capacity:
             raise RpcError("capacity", f"{len(req.experts)} experts asked at once but the pool has"
-                                       f" {self.table.num_slots} slots; raise --expert-memory")
+                                       f" {self.table.capacity} slots; raise --expert-memory")
         if req.tokens and (len(req.tokens) != len(req.requests) or any(len(r) != len(req.experts) for r in req.tokens)):
             raise RpcError("bad_request", f"tokens must be {len(req.requests)} rows of {len(req.experts)} counts")
         if any(not 0 <= e < self.store.num_experts for e in req.speculated):
@@ -350,7 +350,8 @@ class MemdServer:
     def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
         c, t = self.table.counters, self.table
         resident = len(t.slot_of) - len(t.loading)
-        return m.StatsReply(os.getpid(), self.pool_bytes, t.num_slots, resident, t.num_pinned, c.hits, c.misses,
+        live_bytes = t.capacity * self.store.slot_bytes  # after an admin resize: the live size, not the region's
+        return m.StatsReply(os.getpid(), live_bytes, t.capacity, resident, t.num_pinned, c.hits, c.misses,
                             c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
                             t.resident_per_layer(self.store.num_layers), read_bandwidth=self.reader.bandwidth or 0.0,
                             **self.core.stats_fields())

@@ -47,7 +47,7 @@ SAMPLES = {
 KEYS = [a.ExpertKey(3, 5), a.ExpertKey(0, 7)]
 SAMPLES.update({  # the admin link (common/admin_messages.py)
     a.AdminStatsRequest: a.AdminStatsRequest("tok"),
-    a.AdminStatsReply: a.AdminStatsReply(SAMPLES[m.StatsReply], 64, 98304, 1 << 22, 2, 3, 4),
+    a.AdminStatsReply: a.AdminStatsReply(SAMPLES[m.StatsReply], 64, 100, 98304, 1 << 22, 2, 3, 4),
     a.AdminExpertsRequest: a.AdminExpertsRequest("tok"),
     a.AdminExpertsReply: a.AdminExpertsReply(64, 100, [a.LayerExperts(0, [1, 2], [2], [5], [2], [1])]),
     a.ResizeRequest: a.ResizeRequest("tok", "25%"),

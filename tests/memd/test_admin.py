@@ -112,7 +112,7 @@ def test_health_and_stats(stack, worker):
     assert code == 0 and out.startswith(f"ok: memd pid {stack.memd.pid}")
     worker.generate(PROMPTS[0], 4)
     stats = admin(stack.state_dir, "stats")
-    assert stats["capacity"] == SLOTS and stats["slot_bytes"] == SLOT_BYTES and stats["stats"]["num_slots"] == SLOTS
+    assert stats["capacity"] == SLOTS and stats["slot_bytes"] == SLOT_BYTES and stats["stats"]["num_slots"] == SLOTS == stats["region_slots"]
     assert stats["pool_resident_bytes"] == SLOTS * SLOT_BYTES == region_bytes(stack.state_dir)
     assert stats["stats"]["misses"] > 0 and len(stats["stats"]["layers"]) == 4
     code, out, _ = admin(stack.state_dir, "stats", raw=True)
@@ -198,6 +198,7 @@ def test_live_resize_under_load_fails_no_request_and_gives_memory_back(stack, wo
     assert stats["pool_resident_bytes"] == region_bytes(stack.state_dir) <= 8 * SLOT_BYTES < full
     assert os.stat(SHM_DIR / pool_name(stack.state_dir)).st_size == full
     assert stats["stats"]["resident"] <= 8
+    assert (stats["stats"]["num_slots"], stats["region_slots"]) == (8, SLOTS)  # STATS (and /metrics): the live size
     assert client.generate(PROMPTS[0], NEW_TOKENS)[0] == expected[0]  # 25%: evicting and reloading
     code, _, err = admin(stack.state_dir, "resize", "4MiB", raw=True)
     assert code == 1 and "more than the 32 slots" in err
