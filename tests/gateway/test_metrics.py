@@ -102,7 +102,7 @@ def test_stream_observes_ttft_and_time_per_token(served):
 
 def test_memd_metrics_match_its_stats(served):
     assert post(served, "/v1/completions", {"model": M, "prompt": [1, 5, 9], "max_tokens": 4})[0] == 200
-    time.sleep(0.2)  # the worker releases its last experts after the final token
+    time.sleep(0.2)  # the last step trace (leased layers count their hits there) and the idle RETURN_LEASES land
     s = scrape(served)
     stats = memd_stats(served)
     assert value(s, "moeinf_memd_hits_total") + value(s, "moeinf_memd_misses_total") > 0
