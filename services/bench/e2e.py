@@ -99,6 +99,7 @@ class MoeinfSystem:
         self.expert_memory = expert_memory or opts.expert_memory[0]
         self.memd: MemdProcess | None = None
         self.worker: WorkerProcess | None = None
+        self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
 
     def start(self) -> MoeinfSystem:
         self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=MEMD_FLAGS[self.name], prefix=self.prefix)
@@ -108,6 +109,9 @@ class MoeinfSystem:
         return self
 
     def stop(self) -> None:
+        if self._stats_client is not None:
+            self._stats_client.close()
+            self._stats_client = None
         if self.worker is not None:
             self.worker.stop()
         if self.memd is not None:
@@ -121,13 +125,10 @@ class MoeinfSystem:
     def counters(self) -> dict[str, float]:
         from services.worker.memd_client import MemdClient
 
-        client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
-                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET),
-                            timeout_s=30)
-        try:
-            stats = client.stats()
-        finally:
-            client.close()
+        if self._stats_client is None:
+            self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
+                                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
+        stats = self._stats_client.stats()
         return {"hits": stats.hits, "misses": stats.misses, "bytes_read": stats.bytes_read,
                 "read_seconds": stats.read_seconds, "stall_seconds": stats.stall_seconds}
 
@@ -186,10 +187,14 @@ class Timing:
     sent: float
     arrivals: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    decode_bytes: float | None = None  # memd's bytes read between the first token and the last (1 client only)
 
 
-def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrency: int) -> list[Timing]:
-    """``concurrency`` client threads drain the prompts; every request's timing, in prompt order."""
+def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                   split_bytes: bool = False) -> list[Timing]:
+    """``concurrency`` client threads drain the prompts; every request's timing, in prompt order. ``split_bytes``
+    (1 client): read memd's counters at each request's first and last token, so decode reads are known apart
+    from prefill reads (this adds one STATS round trip to each request's first decode gap)."""
     todo: queue.Queue = queue.Queue()
     for i, prompt in enumerate(prompts):
         todo.put((i, prompt))
@@ -205,10 +210,14 @@ def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrenc
                     i, prompt = todo.get_nowait()
                 except queue.Empty:
                     return
-                timing = Timing(i, time.perf_counter())
+                timing, first = Timing(i, time.perf_counter()), None
                 for tokens in client.stream(prompt, max_tokens):
                     timing.arrivals.extend([time.perf_counter()] * len(tokens))
                     timing.tokens.extend(tokens)
+                    if split_bytes and first is None:
+                        first = system.counters()["bytes_read"]
+                if split_bytes:
+                    timing.decode_bytes = system.counters()["bytes_read"] - first
                 with lock:
                     done.append(timing)
         except BaseException as exc:  # reported by the caller
@@ -241,6 +250,13 @@ class Result:
     def wall_s(self) -> float:
         return max(t.arrivals[-1] for t in self.timings) - min(t.sent for t in self.timings)
 
+    def decode_bytes_per_token(self) -> float | None:
+        """memd's bytes read per decode token (after each request's first token), when measured."""
+        if any(t.decode_bytes is None for t in self.timings):
+            return None
+        steps = sum(len(t.tokens) - 1 for t in self.timings)
+        return sum(t.decode_bytes for t in self.timings) / steps if steps else None
+
     def row(self) -> dict:
         gaps = np.concatenate([np.diff(t.arrivals) for t in self.timings]) * 1e3
         ttft = [t.arrivals[0] - t.sent for t in self.timings]
@@ -253,6 +269,7 @@ class Result:
             "decode_ms_per_token_p90": float(np.percentile(gaps, 90)) if gaps.size else None,
             "tokens_per_s": self.generated / self.wall_s,
             "bytes_read_per_token": None if c is None else c["bytes_read"] / self.generated,
+            "decode_bytes_read_per_token": self.decode_bytes_per_token(),
             "hit_rate": None if not lookups else c["hits"] / lookups,
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
             "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
@@ -276,7 +293,7 @@ def measure(system, prompts: list[list[int]], opts: Options, warmup: list[int]) 
         order = list(opts.concurrency[r % len(opts.concurrency):] + opts.concurrency[:r % len(opts.concurrency)])
         for c in order:
             before = system.counters()
-            timings = serve_workload(system, prompts, opts.max_tokens, c)
+            timings = serve_workload(system, prompts, opts.max_tokens, c, split_bytes=c == 1)
             after = system.counters()
             counters = None if before is None else {k: after[k] - before[k] for k in before}
             results[c].append(Result(system.name, c, timings, counters))

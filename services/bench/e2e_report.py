@@ -25,7 +25,7 @@ def build_doc(opts, sweep, disk) -> dict:
     resident = _find(rows, RESIDENT, None)
     compute_ms = resident["decode_ms_per_token_p50"] if resident else None
     floors = [_floor(row, compute_ms, disk.gbps) for row in rows if row["system"] in (ONDEMAND, MOEINF)
-              and row.get("bytes_read_per_token") is not None]
+              and row["concurrency"] == 1 and row.get("bytes_read_per_token") is not None]  # the floors: 1 client
     limits = {b.expert_memory: b.limit_bytes for b in sweep.budgets}
     return {
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
@@ -58,11 +58,15 @@ def _find(rows: list[dict], system: str, memory: str | None, concurrency: int = 
 
 
 def _floor(row: dict, compute_ms: float | None, gbps: float) -> dict:
-    io_ms = row["bytes_read_per_token"] / (gbps * 1e9) * 1e3 if gbps else None
+    """The I/O floor of decode uses the bytes read per decode token where they were measured apart from the
+    prompts' (1 client), else all bytes read per token."""
+    per_token = row.get("decode_bytes_read_per_token")
+    per_token = row["bytes_read_per_token"] if per_token is None else per_token
+    io_ms = per_token / (gbps * 1e9) * 1e3 if gbps else None
     bound = max(v for v in (compute_ms, io_ms) if v is not None) if (compute_ms or io_ms) else None
     p50 = row["decode_ms_per_token_p50"]
     return {"system": row["system"], "expert_memory": row["expert_memory"], "concurrency": row["concurrency"],
-            "compute_floor_ms": compute_ms, "io_floor_ms": io_ms, "bound_ms": bound,
+            "compute_floor_ms": compute_ms, "io_floor_ms": io_ms, "bound_ms": bound, "io_bytes_per_token": per_token,
             "decode_ms_per_token_p50": p50, "vs_floor": p50 / bound if bound and p50 else None}
 
 
@@ -111,11 +115,12 @@ def format_report(doc: dict) -> str:
     lines += [_line(r) for r in doc["systems"]]
     lines += _concurrency_lines(doc["systems"])
     if doc["floors"]:
-        lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per token"
-                      " / raw bandwidth; perfect overlap reaches the larger"]
+        lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
+                      " token (1 client; else per token) / raw bandwidth; perfect overlap reaches the larger"]
         for f in doc["floors"]:
             lines.append(f"  {f['system']:<20} {f['expert_memory']:>6} c{f['concurrency']}: compute"
-                         f" {_cell(f['compute_floor_ms'], '.1f')}, I/O {_cell(f['io_floor_ms'], '.1f')}, measured"
+                         f" {_cell(f['compute_floor_ms'], '.1f')}, I/O {_cell(f['io_floor_ms'], '.1f')}"
+                         f" ({f['io_bytes_per_token'] / 2**20:.1f} MiB/token), measured"
                          f" {_cell(f['decode_ms_per_token_p50'], '.1f')} = {_cell(f['vs_floor'], '.2f')}x the larger")
     if doc["targets"]:
         lines += ["", "targets (1 client):"]
