@@ -56,9 +56,9 @@ def test_baselines_and_moeinf_json(tiny, tmp_path):
     expected = {"transformers-resident", "moeinf-ondemand-lru"}
     if "accelerate-offload is not installed" not in proc.stdout:
         expected.add("accelerate-offload")
-    assert set(rows) == expected
+    assert set(rows) == expected, proc.stdout
     for row in rows.values():
-        assert "error" not in row, row
+        assert "error" not in row, (row, proc.stderr[-3000:])
         for key, kind in ROW_TYPES.items():
             assert isinstance(row[key], kind), (key, row[key])
     assert rows["transformers-resident"]["memory_limit_bytes"] is None
