@@ -21,6 +21,7 @@ import zmq.asyncio
 from common import messages as m
 from common.codec import ProtocolError, decode, encode, peek
 from common.config import PROTOCOL_VERSION, MemdConfig
+from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.core import ExpertManager
@@ -186,7 +187,7 @@ class MemdServer:
         while True:
             await asyncio.sleep(1.0)
             for identity, client in list(self.clients.items()):
-                if not _pid_alive(client.pid):
+                if not pid_alive(client.pid):
                     log.warning("worker pid %d is gone; releasing the %d experts it held", client.pid, client.held)
                     self._drop_client(identity)
 
@@ -374,13 +375,3 @@ def _safe_rid(frame: bytes) -> int:
         return peek(frame)[1]
     except ProtocolError:
         return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

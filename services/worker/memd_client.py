@@ -21,6 +21,7 @@ import zmq
 from common import messages as m
 from common.codec import ProtocolError, decode, encode
 from common.config import PROTOCOL_VERSION
+from common.procs import pid_alive
 from common.protocol import Op
 from common.zmq_utils import make_socket
 
@@ -71,7 +72,7 @@ class MemdClient:
         return hello
 
     def memd_alive(self) -> bool:
-        return self.memd_pid is not None and _alive(self.memd_pid)
+        return self.memd_pid is not None and pid_alive(self.memd_pid)
 
     def ready(self) -> None:
         self.call(Op.READY, m.ReadyRequest(os.getpid()))
@@ -154,7 +155,7 @@ class MemdClient:
                 if reply is not None:
                     return reply
                 continue
-            if self.memd_pid is not None and not _alive(self.memd_pid):
+            if self.memd_pid is not None and not pid_alive(self.memd_pid):
                 raise MemdDeadError(f"memd (pid {self.memd_pid}) died; the worker cannot get experts")
             if time.monotonic() > deadline:
                 raise MemdDeadError(what or f"memd did not answer {op.name} within {timeout_s or self.timeout_s:g}s"
@@ -180,13 +181,3 @@ def _map_epoch(name: str) -> np.ndarray:
     with open(f"/dev/shm/{name}", "rb") as f:
         page = mmap.mmap(f.fileno(), mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
     return np.frombuffer(page, dtype=np.int64, count=1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
