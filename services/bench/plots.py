@@ -36,8 +36,8 @@ def plot_replay(runs: list[dict], out: Path | str) -> Path:
 
 def _replay_panel(ax, runs: list[dict]) -> None:
     x = [100 * r["capacity_share"] for r in runs]
-    ax.plot(x, [r["lru_fetches_per_token"] for r in runs], "k--", lw=1.5, label="bound: on-demand LRU")
-    ax.plot(x, [r["belady_fetches_per_token"] for r in runs], "k:", lw=2, label="bound: Belady (floor)")
+    ax.plot(x, [r["lru_fetches_per_token"] for r in runs], "k--", lw=1.5, zorder=3, label="bound: on-demand LRU")
+    ax.plot(x, [r["belady_fetches_per_token"] for r in runs], "k:", lw=2, zorder=3, label="bound: Belady (floor)")
     names = list(dict.fromkeys(row["policy"] for r in runs for row in r["results"]))
     for name in names:
         points = [(100 * r["capacity_share"], row["fetches_per_token"]) for r in runs for row in r["results"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class Options:
     max_steps: int | None
     store_dir: Path
     leases: bool
+    repeats: int
     json: Path | None
     plot: Path | None
 
@@ -81,12 +83,12 @@ class Options:
             raise ValueError(f"--expert-bytes {args.expert_bytes}: give a size of at least 1 KiB (16MiB, 65536)")
         if args.layer_compute_ms is not None and args.layer_compute_ms < 0:
             raise ValueError("--layer-compute-ms must be >= 0")
-        if args.max_steps is not None and args.max_steps < 1:
-            raise ValueError("--max-steps must be >= 1")
+        if (args.max_steps is not None and args.max_steps < 1) or args.repeats < 1:
+            raise ValueError("--max-steps and --repeats must be >= 1")
         layer_ms = DEFAULT_LAYER_MS if args.layer_compute_ms is None else args.layer_compute_ms
         return cls([Path(t) for t in args.trace], list(args.expert_memory), parse_variants(args.policies),
                    expert_bytes.nbytes, Path(args.model) if args.model else None, layer_ms / 1e3, args.max_steps,
-                   Path(args.store_dir), args.leases == "on", _path(args.json), _path(args.plot))
+                   Path(args.store_dir), args.leases == "on", args.repeats, _path(args.json), _path(args.plot))
 
 
 def _path(p) -> Path | None:
@@ -210,14 +212,32 @@ def replay_capacity(plan: ReplayPlan, store: Store, memory: str, opts: Options) 
     }
     print(_heading(doc))
     print(_table_header())
+    runs: dict[str, list[dict]] = {v.name: [] for v in opts.variants}
+    for r in range(opts.repeats):  # rotating the order, so load from elsewhere hits every variant alike
+        for v in opts.variants[r % len(opts.variants):] + opts.variants[:r % len(opts.variants)]:
+            row = run_variant(plan, store, slots, v, opts)
+            row["fetches_vs_belady"] = row["fetches"] / belady if belady else None
+            row["fetches_vs_lru_bound"] = row["fetches"] / lru if lru else None
+            runs[v.name].append(row)
+            if opts.repeats > 1:
+                print(f"  repeat {r + 1}: {_table_row(row)}", flush=True)
     for v in opts.variants:
-        row = run_variant(plan, store, slots, v, opts)
-        row["fetches_vs_belady"] = row["fetches"] / belady if belady else None
-        row["fetches_vs_lru_bound"] = row["fetches"] / lru if lru else None
-        doc["results"].append(row)
-        print(_table_row(row), flush=True)
+        doc["results"].append(median_row(runs[v.name]))
+        print(_table_row(doc["results"][-1]), flush=True)
     print()
     return doc
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One row per variant: every number is the median over the repeats (which are kept under ``repeats``)."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        values = [r[key] for r in rows if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
+        if values and not isinstance(value, bool):
+            out[key] = statistics.median(values)
+    if len(rows) > 1:
+        out["repeats"] = rows
+    return out
 
 
 def _heading(doc: dict) -> str:
@@ -299,6 +319,8 @@ def add_parsers(bench) -> None:
     p.add_argument("--max-steps", type=int, help="replay only the first N forward steps of each trace")
     p.add_argument("--store-dir", default=".cache/replay-store", help="where generated stores are kept")
     p.add_argument("--leases", choices=["on", "off"], default="on", help="the worker's lease mode (its default: on)")
+    p.add_argument("--repeats", type=int, default=1, help="run every variant this often (rotating the order) and"
+                                                          " report the medians: stall varies with the disk's load")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw fetches per token against capacity to this PNG (needs matplotlib)")
     p.set_defaults(func=run)

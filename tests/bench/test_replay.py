@@ -1,6 +1,7 @@
 """``moeinf bench replay``: the LRU and Belady bounds (hand-worked examples, an exhaustive optimum), and one short
 replay of the demo trace against real memd processes (the JSON's shape and consistent counts)."""
 import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from helpers import moeinf_cmd, orphan_regions
 
 from services.bench.bounds import belady_fetches, lru_fetches
+from services.bench.replay import median_row, parse_variants
 from services.bench.replay_drive import load_plan
 
 DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
@@ -80,6 +82,18 @@ def test_plan_follows_the_trace():
 
 
 # ---------------------------------------------------------------------------------------------------- the bench
+def test_variants_and_repeats():
+    assert [(v.policy, v.prefetch) for v in parse_variants("lru, activation+prefetch")] == [("lru", False),
+                                                                                          ("activation", True)]
+    for bad in ("belady", "lru+pf", ""):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
+    rows = [{"policy": "lru", "fetches": f, "prefetch": False, "prefetch_precision": None} for f in (3, 9, 4)]
+    med = median_row(rows)
+    assert med["fetches"] == 4 and med["prefetch"] is False and med["prefetch_precision"] is None
+    assert med["repeats"] == rows
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"format": "other"}\n')
@@ -124,8 +138,4 @@ def test_replay_against_memd(tmp_path):
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
