@@ -8,7 +8,9 @@ request and the sums of the router weights.
 ``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
 a request's first step; per step and MoE layer an acquire with the routing, the step number and the prefill
 flags, the layer's compute time (a sleep), then the release (none with leases: memd revokes them);
-one ``STEP_TRACE`` once the step is over; ``REQUEST_END`` after a request's last step.
+one ``STEP_TRACE`` once the step is over; ``REQUEST_END`` after a request's last step. When a step ends every
+request it ran, the worker has nothing left to run and returns its leases (requests of a trace are taken to arrive
+once the earlier ones are done, as with the closed-loop clients the trace files were recorded with).
 """
 from __future__ import annotations
 
@@ -134,6 +136,8 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
         client.emit(Op.STEP_TRACE, m.StepTraceEvent(worker, number, step.requests, step.tokens, step.prefill, traces))
         for request, generated in step.ends:
             client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
+        if len(step.ends) == len(step.requests):  # nothing left running: the worker, idle, returns its leases
+            client.return_leases()
         result.steps += 1
     result.seconds = time.perf_counter() - start
     return result
