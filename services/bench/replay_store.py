@@ -54,6 +54,12 @@ def ensure_store(cache: Path | str, shape: StoreShape, seed: int = 0) -> Path:
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    need, free = shape.layers * shape.experts * shape.expert_bytes, shutil.disk_usage(tmp).free
+    if need > free - 2**30:  # keep a GiB for everyone else
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"a {shape.layers} x {shape.experts} store of {shape.expert_bytes}-byte experts needs"
+                         f" {need / 2**30:.1f} GiB in {cache}, which has {free / 2**30:.1f} GiB free: lower"
+                         " --expert-bytes or pick another --store-dir")
     try:
         _write_config(tmp, shape)
         _write_shards(tmp, shape, np.random.default_rng(seed))
