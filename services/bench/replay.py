@@ -219,11 +219,10 @@ def replay_capacity(plan: ReplayPlan, store: Store, memory: str, opts: Options) 
             row["fetches_vs_belady"] = row["fetches"] / belady if belady else None
             row["fetches_vs_lru_bound"] = row["fetches"] / lru if lru else None
             runs[v.name].append(row)
-            if opts.repeats > 1:
-                print(f"  repeat {r + 1}: {_table_row(row)}", flush=True)
-    for v in opts.variants:
-        doc["results"].append(median_row(runs[v.name]))
-        print(_table_row(doc["results"][-1]), flush=True)
+            print(f"  repeat {r + 1}: {_table_row(row)}" if opts.repeats > 1 else _table_row(row), flush=True)
+    doc["results"] = [median_row(runs[v.name]) for v in opts.variants]
+    if opts.repeats > 1:
+        print("medians:\n" + "\n".join(_table_row(row) for row in doc["results"]), flush=True)
     print()
     return doc
 
