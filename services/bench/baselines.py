@@ -52,6 +52,7 @@ class BaselineRun:
     timings: list[dict]  # per request: sent, arrivals, tokens
     load_s: float
     placement: dict[str, int]  # accelerate: modules per device ("cpu", "disk")
+    rss_bytes: int  # the child's resident set at the end
 
 
 def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) -> BaselineRun:
@@ -75,7 +76,7 @@ def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) ->
             killed = " (killed: out of memory under the limit?)" if code in (-9, 137) else ""
             raise RuntimeError(f"{job.system} exited with {code}{killed}:\n{tail}")
         doc = json.loads((work / "out.json").read_text())
-        return BaselineRun(doc["timings"], doc["load_s"], doc["placement"])
+        return BaselineRun(doc["timings"], doc["load_s"], doc["placement"], doc["rss_bytes"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -103,6 +104,7 @@ def serve(engine, prompt: list[int], max_tokens: int) -> dict:
 
 
 def child_main(job_file: str) -> int:
+    import psutil
     import torch
 
     from services.worker.engine import Engine
@@ -120,7 +122,9 @@ def child_main(job_file: str) -> int:
     engine = Engine(model, max_len)
     serve(engine, spec["warmup"], spec["warmup_tokens"])
     timings = [serve(engine, prompt, spec["max_tokens"]) for prompt in spec["prompts"]]
-    Path(spec["out"]).write_text(json.dumps({"timings": timings, "load_s": load_s, "placement": placement}))
+    rss = psutil.Process().memory_info().rss  # anonymous memory plus mapped file pages it touched
+    Path(spec["out"]).write_text(json.dumps({"timings": timings, "load_s": load_s, "placement": placement,
+                                             "rss_bytes": rss}))
     return 0
 
 

@@ -6,9 +6,11 @@
   which every system keeps in memory;
 * expert memory: ``--expert-memory`` resolved as memd resolves it (whole pool slots of one expert each), so
   moeinf's pool and accelerate's ``max_memory`` budget beyond the dense weights are the same bytes;
-* runtime allowance (``--runtime-allowance``): the interpreters, torch and transformers (a python process with
-  them imported holds about 250 MiB), activations, the KV cache, and transient buffers. moeinf runs two such
-  processes (memd and the worker), the baselines one; the allowance is the same for all.
+* runtime allowance (``--runtime-allowance``, default 1 GiB): the interpreters, torch and transformers (a python
+  process with them imported holds about 250 MiB), activations, the KV cache, and transient buffers. moeinf runs
+  two such processes (memd and the worker: about 560 MiB beyond its dense weights and pool, measured on the bench
+  model), the baselines one (accelerate also materialises one offloaded decoder layer at a time); the allowance is
+  the same for all. Whatever a system leaves of it unused is page cache it may keep.
 
 The limit counts the page cache too (a cgroup's), so a system cannot use more memory by mapping files.
 """

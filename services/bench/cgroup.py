@@ -93,6 +93,14 @@ class MemoryCgroup:
         text = _read(self.path / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")).strip()
         return int(text) if text.isdigit() else None
 
+    def unreclaimable_bytes(self) -> int | None:
+        """Memory in use now that the page cache cannot give back: anonymous memory plus shared memory (memd's
+        pool in /dev/shm); without swap, this is what a system needs under its limit."""
+        names = ("total_rss", "total_shmem") if self.version == 1 else ("anon", "shmem")
+        stat = dict(line.split() for line in _read(self.path / "memory.stat").splitlines() if line.count(" ") == 1)
+        values = [int(stat[n]) for n in names if n in stat]
+        return sum(values) if len(values) == 2 else None
+
     def oom_kills(self) -> int:
         """Processes the kernel killed because the cgroup hit its limit."""
         name = "memory.oom_control" if self.version == 1 else "memory.events"

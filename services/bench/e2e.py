@@ -54,7 +54,7 @@ class Options:
     threads: int
     json: Path | None
     systems: tuple[str, ...] = (MOEINF,)
-    runtime_allowance: str = "1536MiB"
+    runtime_allowance: str = "1GiB"
     memory_limit: bool = True
     disk_probe: str = "2GiB"
     warmup_tokens: int = 8
@@ -340,7 +340,7 @@ def add_parser(bench) -> None:
                    help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines serve one at a time)")
     p.add_argument("--repeats", type=int, default=1, help="runs per concurrency; the median is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
-    p.add_argument("--runtime-allowance", default="1536MiB",
+    p.add_argument("--runtime-allowance", default="1GiB",
                    help="memory beyond dense weights + expert memory in the limit (interpreters, torch, activations)")
     p.add_argument("--memory-limit", choices=["on", "off"], default="on",
                    help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")

@@ -74,7 +74,7 @@ class Sweep:
             prefix = group.exec_prefix() if group else []
             try:
                 rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
-                    name, budget, prefix)
+                    name, budget, prefix, group)
             except RuntimeError as exc:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
@@ -93,16 +93,17 @@ class Sweep:
         row = Result(name, 1, timings, None).row()
         progress(f"{name}: {row['tokens_per_s']:.2f} tokens/s, decode p50 {row['decode_ms_per_token_p50']:.1f} ms"
                  f" (load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
-        return [{**row, "load_s": run.load_s, "placement": run.placement or None}]
+        return [{**row, "load_s": run.load_s, "placement": run.placement or None, "rss_bytes": run.rss_bytes}]
 
-    def moeinf(self, name: str, budget: Budget, prefix: list[str]) -> list[dict]:
+    def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None) -> list[dict]:
         system = MoeinfSystem(self.opts, name, budget.expert_memory, prefix)
         try:
             system.start()
             results = measure(system, self.prompts, self.opts, self.warmup)
+            held = group.unreclaimable_bytes() if group else None  # memd + worker, before they stop
         finally:
             system.stop()
-        return summarize(results)
+        return [{**row, "unreclaimable_bytes": held} for row in summarize(results)]
 
 
 _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_p90": None, "tokens_per_s": None,
