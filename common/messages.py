@@ -77,6 +77,9 @@ class AcquireRequest:
     speculated: list[int] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
     speculated_tokens: list[int] = field(default_factory=list)  # ... and how many tokens picked each
     lease: bool = False  # hold the experts as leases (one pin each, however often acquired) until memd revokes them
+    # [layer, expert] the worker used from its leases since its last acquire, oldest first: memd refreshes their
+    # recency before this acquire's, so eviction sees the order in which experts really ran
+    touched: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ class ExpertManager:
         """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads."""
         plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
         self.metrics.acquires += 1
+        self._refresh(req.touched, decode=not plan.transient)
         if self.predictor.advance(worker, req.step, req.layer, req.requests, req.tokens, req.prefill, now):
             self.table.policy.on_step()
         self.predictor.score(worker, req.step, req.layer, req.experts)
@@ -223,18 +224,21 @@ class ExpertManager:
         self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
         for t in ev.layers:
             if t.leased:
-                self._leased_hits(t.layer, t.experts, decode=decode_tokens > 0)
+                self._leased_hits(t.layer, t.experts)
         for r, request in enumerate(ev.requests):
             rows = [(t.layer, t.experts, t.tokens[r]) for t in ev.layers]
             self.eams.add_step((ev.worker, ev.step), request, ev.tokens[r], ev.prefill[r], rows)
 
-    def _leased_hits(self, layer: int, experts: list[int], *, decode: bool) -> None:
-        """A layer the worker served from its leases (no acquire told memd): count its hits, refresh recency."""
+    def _leased_hits(self, layer: int, experts: list[int]) -> None:
+        """A layer the worker served from its leases (no acquire told memd): count its hits. Their recency came
+        with the worker's next acquire (``touched``), in the order they ran."""
         c = self.table.counters
         self.metrics.leased_layers += 1
         c.hits += len(experts)
         c.per_layer_hits[layer] += len(experts)
-        for expert in experts:
+
+    def _refresh(self, touched: list[list[int]], *, decode: bool) -> None:
+        for layer, expert in touched:
             if self.table.is_resident((layer, expert)):
                 self.table.policy.on_access((layer, expert), decode=decode)
 

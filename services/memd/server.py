@@ -332,6 +332,9 @@ class MemdServer:
             raise RpcError("bad_request", f"tokens must be {len(req.requests)} rows of {len(req.experts)} counts")
         if any(not 0 <= e < self.store.num_experts for e in req.speculated):
             raise RpcError("bad_request", f"speculated experts {req.speculated} out of range")
+        if any(len(t) != 2 or not 0 <= t[0] < self.store.num_layers or not 0 <= t[1] < self.store.num_experts
+               for t in req.touched):
+            raise RpcError("bad_request", "touched must be [layer, expert] pairs in range")
         return [(req.layer, e) for e in req.experts]
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:

@@ -27,6 +27,7 @@ from common.zmq_utils import make_socket
 
 log = logging.getLogger("moeinf.worker.memd")
 TRACE_HWM = 256
+MAX_TOUCHED = 4096  # leased uses remembered between acquires (recency hints for memd; older ones are dropped)
 POLL_SLICE_MS = 200
 
 
@@ -52,6 +53,7 @@ class MemdClient:
         self._control: np.ndarray | None = None  # memd's revoke epoch (shared memory), when leasing
         self._seen_epoch = 0
         self.last_leased = False  # the last acquire was served from leases (no message)
+        self._touched: list[list[int]] = []  # [layer, expert] served from leases since the last acquire
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
         self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
@@ -83,11 +85,14 @@ class MemdClient:
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
         if slots is not None:
+            if len(self._touched) < MAX_TOUCHED:
+                self._touched.extend([layer, expert] for expert in experts)
             return slots
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease)
+                                   list(speculated_tokens), lease, self._touched)
+        self._touched = []
         try:
             reply = self.call(Op.ACQUIRE, request)
         except BaseException:
