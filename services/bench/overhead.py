@@ -92,6 +92,9 @@ class TransformersSystem:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
         self.engine = Engine(self.model, _max_len(self.model))
 
+    def activate(self) -> None:
+        pass
+
     def stats(self) -> dict[str, float] | None:
         return None
 
@@ -106,6 +109,7 @@ class TransformersSystem:
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack):
         from common.config import WorkerConfig
+        from services.worker import experts
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
 
@@ -114,9 +118,17 @@ class MoeinfSystem:
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads)
         model, self.client, hello = attach(cfg)
+        self.recorder = experts.RECORDER  # its step traces go to its own memd (see activate)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
         self.engine = Engine(model, max_model_len(cfg, model))
+
+    def activate(self) -> None:
+        """Several moeinf systems share this process, and the step recorder is per process: route the steps about
+        to run to this system's memd (leased layers are counted from them)."""
+        from services.worker import experts
+
+        experts.RECORDER = self.recorder
 
     def stats(self) -> dict[str, float]:
         reply = self.client.stats()
@@ -161,6 +173,7 @@ class TimedGeneration:
         return self.seq.finish_reason is not None
 
     def step(self) -> None:
+        self.system.activate()
         start = time.perf_counter()
         self.system.engine.step(self.seq)
         elapsed = time.perf_counter() - start
