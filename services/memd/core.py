@@ -69,7 +69,7 @@ class ExpertManager:
     def __init__(self, num_slots: int, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
                  knobs: Knobs = Knobs(), eamc: Eamc | None = None):
         self.L, self.E, self.knobs, self.expert_bytes = num_layers, num_experts, knobs, expert_bytes
-        self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts))
+        self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts), num_experts)
         self.table.on_evict = self._evicted
         self.eams = EamTable(num_layers, num_experts, knobs.max_requests)
         self.eamc = eamc if eamc is not None else Eamc(num_layers, num_experts, knobs.eamc_capacity)

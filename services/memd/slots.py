@@ -35,8 +35,9 @@ class Counters:
 
 
 class SlotTable:
-    def __init__(self, num_slots: int, num_layers: int, policy: EvictionPolicy):
+    def __init__(self, num_slots: int, num_layers: int, policy: EvictionPolicy, num_experts: int = 0):
         self.num_slots = num_slots  # the region's slots: the layout never changes
+        self.num_experts = num_experts  # > 0: a free slot is taken at the expert's home when it can (``_free_slot``)
         self.capacity = num_slots  # live: slots >= capacity are retired (admin resize)
         self.policy = policy
         self.slot_of: dict[Key, int] = {}  # resident or loading
@@ -99,7 +100,7 @@ class SlotTable:
         """Give ``key`` a slot (free, or evicting the policy's victim, sparing ``protect`` if it can) and mark it
         loading. Raises PoolExhausted when every slot is pinned or loading."""
         if self.free:
-            return self._take(key, self.free.pop())
+            return self._take(key, self._free_slot(key))
         victim = None
         if protect:
             victim = self.policy.victim(lambda k: self.evictable(k) and k not in protect)
@@ -114,12 +115,23 @@ class SlotTable:
         (``protect``: imminently needed experts and their prefetch priorities) and that the policy lets a prefetch
         of this priority replace. None when there is none (a prefetch never fails, it is just not done)."""
         if self.free:
-            return self._take(key, self.free.pop())
+            return self._take(key, self._free_slot(key))
         protect = protect or {}
         victim = self.policy.victim(lambda k: self.evictable(k) and protect.get(k, -1.0) < priority)
         if victim is None or not self.policy.admits(key, victim, priority):
             return None
         return self._take(key, self._evict_for(victim))
+
+    def _free_slot(self, key: Key) -> int:
+        """A free slot for ``key``: its home (``layer * experts + expert``, modulo the capacity) when that is free,
+        so while the pool has room a layer's experts sit side by side and the worker's matmul runs over a window of
+        about one layer's slots; otherwise the last freed one."""
+        if self.num_experts:
+            home = (key[0] * self.num_experts + key[1]) % self.capacity
+            if self.owner[home] is None and home in self.free:
+                self.free.remove(home)
+                return home
+        return self.free.pop()
 
     def _evict_for(self, victim: Key) -> int:
         slot = self.evict(victim)

@@ -26,6 +26,14 @@ def test_fills_free_slots_in_order_without_evicting():
     assert t.owner == [(0, 0), (0, 1), (0, 2), (0, 3)]
 
 
+def test_a_layers_experts_sit_side_by_side_while_their_homes_are_free():
+    t = SlotTable(8, 2, LruPolicy(), num_experts=4)
+    assert [load(t, key) for key in [(1, 2), (0, 3), (1, 0), (0, 0)]] == [6, 3, 4, 0]  # home: layer * 4 + expert
+    t.shrink(6)  # resize: homes wrap at the live capacity, and a taken home falls back to any free slot
+    assert load(t, (1, 1)) == 5 and load(t, (0, 1)) == 1
+    assert load(t, (1, 3)) == 2  # home 7 % 6 = 1 is taken
+
+
 def test_lru_evicts_least_recently_used_first():
     t = table(3)
     a, b, c = (0, 0), (0, 1), (1, 0)
