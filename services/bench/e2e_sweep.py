@@ -33,6 +33,7 @@ class Sweep:
             self.notes.append("--memory-limit off: no system runs under a memory limit, so the comparison is NOT"
                               " memory-fair (offloaded files stay in the page cache)")
         self.rows: list[dict] = []
+        self.probe_bytes = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
 
     # ------------------------------------------------------------------------------------------------ limits
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
@@ -69,6 +70,7 @@ class Sweep:
         memory = budget.expert_memory if budget else "100%"
         progress(f"{name} (expert memory {memory}): dropping caches, starting")
         self.drop_caches()
+        disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20))  # the disk varies (VMs)
         with ExitStack() as stack:
             group = self.cgroup(budget, name, stack) if budget else None
             prefix = group.exec_prefix() if group else []
@@ -78,7 +80,7 @@ class Sweep:
             except RuntimeError as exc:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
-            extra = {"expert_memory": memory, "memory_limit_bytes": group.limit_bytes if group else None,
+            extra = {"expert_memory": memory, "disk_read_gbps_before": disk.gbps, "memory_limit_bytes": group.limit_bytes if group else None,
                      "peak_memory_bytes": group.peak_bytes() if group else None,
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
