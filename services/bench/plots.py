@@ -26,6 +26,10 @@ def plot_replay(runs: list[dict], out: Path | str) -> Path:
     fig, axes = plt.subplots(1, len(traces), figsize=(6.4 * len(traces), 4.6), squeeze=False)
     for ax, trace in zip(axes[0], traces):
         _replay_panel(ax, sorted((r for r in runs if r["trace"] == trace), key=lambda r: r["capacity_share"]))
+    return _save(plt, fig, out)
+
+
+def _save(plt, fig, out: Path | str) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +90,4 @@ def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     ax.set_title(f"{Path(doc['model']).name}: decode time per token vs expert memory", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -8,6 +8,7 @@ module moves messages, starts reads (``services/memd/loads.py``) and saves the E
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -252,19 +253,13 @@ class MemdServer:
             self._let_go(client, req, [])
             raise
         revoked = self._hold(client, req, keys)
-        try:
+        with self._failing(client, req, keys):
             plan = self.core.acquire(identity, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.joins]
             waits += [asyncio.create_task(self.loads.demand(key, plan.transient)) for key in plan.blocked]
             # right after this acquire's reply (or while its loads run): it never delays the reply
             asyncio.get_running_loop().call_soon(self._prefetch, identity, req)
-        except PoolExhausted as exc:
-            self._let_go(client, req, keys)
-            raise RpcError("capacity", str(exc)) from None
-        except BaseException:
-            self._let_go(client, req, keys)
-            raise
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
         return Pending(req, keys, waits, plan.hits, revoked, epoch)
 
@@ -287,23 +282,27 @@ class MemdServer:
         else:
             client.unpin(self.table, keys)
 
+    @contextlib.contextmanager
+    def _failing(self, client: Client, req: m.AcquireRequest, keys):
+        """Any failure inside lets go of what the acquire holds; a full pool and a failed read become the
+        errors the worker is told (``capacity``, ``io``)."""
+        try:
+            yield
+        except BaseException as exc:
+            self._let_go(client, req, keys)
+            if isinstance(exc, PoolExhausted):  # every slot pinned or loading
+                raise RpcError("capacity", str(exc)) from None
+            if isinstance(exc, LoadError):
+                raise RpcError("io", str(exc)) from None
+            raise
+
     async def on_acquire(self, identity: bytes, pending) -> m.AcquireReply:
         """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
-        req, keys = pending.req, pending.keys
-        client = self._client(identity)
+        req = pending.req
         start = time.perf_counter()
-        try:
+        with self._failing(self._client(identity), req, pending.keys):
             await asyncio.gather(*pending.waits)
             self.core.stall(req.layer, time.perf_counter() - start)
-        except PoolExhausted as exc:  # a blocked demand load found every slot pinned
-            self._let_go(client, req, keys)
-            raise RpcError("capacity", str(exc)) from None
-        except LoadError as exc:
-            self._let_go(client, req, keys)
-            raise RpcError("io", str(exc)) from None
-        except BaseException:
-            self._let_go(client, req, keys)
-            raise
         return self._acquired(pending)
 
     def _acquired(self, p: Pending) -> m.AcquireReply:
