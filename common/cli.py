@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.replay import add_parsers as add_replay_parsers
 
     add_replay_parsers(bench)
+    from services.bench.wire import add_parser as add_wire_parser
+
+    add_wire_parser(bench)
     return parser
 
 

@@ -1,38 +1,42 @@
 """Framing and typed decoding.
 
 A frame is ``[op: 1 byte][request id: u64 little-endian][msgpack array of the message's fields]``.
-Decoding checks the op against the link's allowed set and every field against the dataclass's annotations,
-and raises ``ProtocolError`` (with what was wrong) for anything else: peers reply with an error, never crash.
+Decoding checks the op against the link's allowed set, then ``msgspec`` decodes and validates the body in one pass
+against the message's ``Struct`` (types, bounds, field count; one cached decoder per type). Anything else raises
+``ProtocolError`` naming the message and the field (``AcquireRequest.tokens[1][0]: Expected `int`, got `str```):
+peers reply with an error, never crash.
 """
 from __future__ import annotations
 
-import dataclasses
+import re
 import struct
 import types
 import typing
+from functools import lru_cache
 
-import msgpack
+import msgspec
 
 from common import messages
 from common.protocol import PROTOCOL, Op
 
 _HEADER = struct.Struct("<BQ")
 HEADER_BYTES = _HEADER.size
+_ENCODER = msgspec.msgpack.Encoder()  # stateless between calls: one for every type
+_PATH = re.compile(r" - at `\$((?:\[\d+\])*)`$")
 
 
 class ProtocolError(ValueError):
-    """A frame that cannot be decoded into a known message."""
+    """A frame that cannot be decoded into a known message (or a message that cannot be encoded)."""
 
 
 def encode(op: Op, request_id: int, msg) -> bytes:
-    body = msgpack.packb([getattr(msg, f.name) for f in dataclasses.fields(msg)], default=_to_wire)
-    return _HEADER.pack(int(op), request_id) + body
-
-
-def _to_wire(obj):
-    if dataclasses.is_dataclass(obj):
-        return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
-    raise TypeError(f"cannot encode {type(obj).__name__}: add it to common/messages.py (or admin_messages.py)")
+    if not isinstance(msg, messages.Message):
+        raise TypeError(f"cannot encode {type(msg).__name__}: add it to common/messages.py (or admin_messages.py)"
+                        " as a Message")
+    try:
+        return _HEADER.pack(int(op), request_id) + _ENCODER.encode(msg)
+    except (OverflowError, msgspec.EncodeError) as exc:  # an int beyond msgpack's 64 bits, an unknown object
+        raise ProtocolError(f"{type(msg).__name__}: cannot encode ({exc})") from None
 
 
 def peek(frame: bytes) -> tuple[int, int]:
@@ -64,50 +68,66 @@ def decode(frame: bytes, allowed: frozenset[Op] | None = None, *, reply: bool = 
         if cls is None:
             raise ProtocolError(f"op {op.name} has no reply")
     try:
-        body = msgpack.unpackb(frame[HEADER_BYTES:], raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types for garbage
+        msg = _decoder(cls).decode(memoryview(frame)[HEADER_BYTES:])
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_explain(cls, str(exc))) from None
+    except msgspec.DecodeError as exc:
         raise ProtocolError(f"{op.name}: body is not msgpack ({exc})") from None
-    return op, request_id, build(cls, body)
+    return op, request_id, msg
 
 
 def build(cls, value):
-    """Turn a decoded msgpack array into ``cls``, validating every field."""
-    fields = dataclasses.fields(cls)
-    if not isinstance(value, list):
-        raise ProtocolError(f"{cls.__name__}: expected an array of {len(fields)} fields, got {type(value).__name__}")
-    required = sum(1 for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-    if not required <= len(value) <= len(fields):
-        raise ProtocolError(f"{cls.__name__}: expected {required}..{len(fields)} fields, got {len(value)}")
-    hints = _hints(cls)
-    kwargs = {f.name: _check(hints[f.name], v, f"{cls.__name__}.{f.name}") for f, v in zip(fields, value)}
-    return cls(**kwargs)
+    """Turn a decoded msgpack value (an array of fields) into ``cls``, validating every field."""
+    try:
+        return msgspec.convert(value, cls, strict=True)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_explain(cls, str(exc))) from None
 
 
-_HINTS: dict[type, dict] = {}
+@lru_cache(maxsize=None)
+def _decoder(cls) -> msgspec.msgpack.Decoder:
+    if not (isinstance(cls, type) and issubclass(cls, messages.Message)):
+        raise TypeError(f"{cls!r} is not a common.messages.Message: convert it to a Message struct")
+    return msgspec.msgpack.Decoder(cls)
 
 
-def _hints(cls) -> dict:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)  # each class's own module: messages.py or admin_messages.py
-    return _HINTS[cls]
+def _explain(cls, text: str) -> str:
+    """``Expected `int`, got `str` - at `$[1][0]``` -> ``AcquireRequest.experts[0]: Expected `int`, got `str```."""
+    found = _PATH.search(text)
+    if found is None:
+        return f"{cls.__name__}: {text}"
+    indices = [int(i) for i in re.findall(r"\d+", found.group(1))]
+    return f"{cls.__name__}{_field_path(cls, indices)}: {text[:found.start()]}"
 
 
-def _check(tp, value, where: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        return _check(next(a for a in args if a is not type(None)), value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list, got {type(value).__name__}")
-        (item,) = typing.get_args(tp)
-        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ProtocolError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
-    return value
+def _field_path(tp, indices: list[int]) -> str:
+    """Name the element that ``indices`` (array positions from the top) reach inside type ``tp``."""
+    out = []
+    for i in indices:
+        tp = _strip(tp)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            info = msgspec.structs.fields(tp)
+            if i >= len(info):
+                out.append(f"[{i}]")
+                break
+            out.append(f".{info[i].name}")
+            tp = info[i].type
+        elif typing.get_origin(tp) is list:
+            out.append(f"[{i}]")
+            (tp,) = typing.get_args(tp)
+        else:
+            out.append(f"[{i}]")
+            break
+    return "".join(out)
+
+
+def _strip(tp):
+    """``Annotated[X, ...]`` -> X; ``X | None`` -> X."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return tp

@@ -1,66 +1,91 @@
 """The message vocabulary of every link (worker <-> memd, gateway <-> worker, memd trace stream).
 
-Nothing else goes on a socket. A message is a frozen dataclass; on the wire it is a msgpack array of its
-fields in declaration order (see ``common/codec.py``). Naming: ``*Request`` asks, ``*Reply`` answers,
-``*Event`` is fire-and-forget. Bulk data never rides here: experts move as pool slot ids.
+Nothing else goes on a socket. A message is a frozen ``msgspec.Struct`` (``Message``); on the wire it is a
+msgpack array of its fields in declaration order (see ``common/codec.py``), decoded and validated in C by one
+cached ``msgspec`` decoder per type. Integers carry bounds (``Index``, ``Count``), floats must be finite and
+non-negative where a negative value means nothing: a frame that breaks them is a ``ProtocolError`` naming the
+message and the field. Naming: ``*Request`` asks, ``*Reply`` answers, ``*Event`` is fire-and-forget. Bulk data
+never rides here: experts move as pool slot ids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated
+
+from msgspec import Meta, Struct, field
+
+# Bounds of the integers and floats on the wire (a forged counter of 4.6e18 or a NaN weight is refused on decode).
+INDEX_MAX = 2**31 - 1  # layers, experts, slots, token ids, tokens per step, pids: far above any real value
+COUNT_MAX = 2**53  # cumulative counters, byte sizes, step numbers: exact in a float, never reached in practice
+Index = Annotated[int, Meta(ge=0, le=INDEX_MAX)]
+Count = Annotated[int, Meta(ge=0, le=COUNT_MAX)]
+NonNeg = Annotated[float, Meta(ge=0.0, le=1e18)]  # seconds, bytes/s, token weights: finite, >= 0 (NaN refused)
+Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]  # probabilities, precision, recall, top_p
+Text = Annotated[str, Meta(max_length=4096)]  # names, paths, request ids, tokens
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReply:
+class Message(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """Base of every message: frozen, an array of its fields on the wire, no extra trailing fields."""
+
+
+def field_names(obj) -> tuple[str, ...]:
+    """The fields of a message (or a message type), in wire order."""
+    return obj.__struct_fields__
+
+
+def to_dict(value):
+    """A message as plain dicts and lists, recursively (``--json`` output; the wire uses arrays)."""
+    if isinstance(value, Message):
+        return {name: to_dict(getattr(value, name)) for name in value.__struct_fields__}
+    if isinstance(value, list):
+        return [to_dict(v) for v in value]
+    return value
+
+
+class ErrorReply(Message):
     code: str  # machine-readable: "bad_request", "capacity", "internal", "unknown_op", ...
     message: str  # says what to fix
 
 
 # ---------------------------------------------------------------- worker <-> memd (RPC, DEALER -> ROUTER)
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
+class TensorSpec(Message):
     """One parameter of an expert inside a pool slot: ``slot_base + offset`` holds ``shape`` of ``dtype``."""
 
-    name: str
-    offset: int
-    shape: list[int]
-    dtype: str
+    name: Text
+    offset: Count
+    shape: list[Index]
+    dtype: Text
 
 
-@dataclass(frozen=True, slots=True)
-class HelloRequest:
-    protocol: int
-    pid: int
-    model: str  # resolved checkpoint path, so a worker never attaches to a daemon serving another model
-    device: str  # "cpu" or a CUDA device UUID
+class HelloRequest(Message):
+    protocol: Index
+    pid: Index
+    model: Text  # resolved checkpoint path, so a worker never attaches to a daemon serving another model
+    device: Text  # "cpu" or a CUDA device UUID
 
 
-@dataclass(frozen=True, slots=True)
-class HelloReply:
-    protocol: int
-    pid: int  # memd's, so the worker can tell a dead daemon from a slow one
-    backend: str  # "shm" (POSIX shared memory) or "cuda-ipc"
-    pool_name: str  # /dev/shm name for "shm"; hex IPC handle for "cuda-ipc"
-    pool_bytes: int
-    slot_bytes: int
-    num_slots: int
-    num_layers: int  # MoE layers, numbered 0.. in model order
-    num_experts: int
+class HelloReply(Message):
+    protocol: Index
+    pid: Index  # memd's, so the worker can tell a dead daemon from a slow one
+    backend: Text  # "shm" (POSIX shared memory) or "cuda-ipc"
+    pool_name: Text  # /dev/shm name for "shm"; hex IPC handle for "cuda-ipc"
+    pool_bytes: Count
+    slot_bytes: Count
+    num_slots: Index
+    num_layers: Index  # MoE layers, numbered 0.. in model order
+    num_experts: Index
     tensors: list[TensorSpec]
-    control_name: str = ""  # /dev/shm name of the control page: its first int64 is the revoke epoch ("": no leases)
+    control_name: Text = ""  # /dev/shm name of the control page: its first int64 is the revoke epoch ("": no leases)
 
 
-@dataclass(frozen=True, slots=True)
-class ReadyRequest:
-    pid: int
+class ReadyRequest(Message):
+    pid: Index
 
 
-@dataclass(frozen=True, slots=True)
-class ReadyReply:
+class ReadyReply(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class AcquireRequest:
+class AcquireRequest(Message):
     """Make ``experts`` of MoE ``layer`` resident and pin them: until released, or, with ``lease``, until memd
     revokes them (the worker then keeps using its slots with no message at all; see docs/protocol.md, Leases).
 
@@ -68,193 +93,176 @@ class AcquireRequest:
     routed to ``experts[j]`` in this layer (this is the activation trace memd learns from).
     """
 
-    layer: int
-    experts: list[int]
-    requests: list[str] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)
-    step: int = 0  # the worker's forward-step counter: memd places the layer in time (lookahead, stale prefetches)
+    layer: Index
+    experts: list[Index]
+    requests: list[Text] = field(default_factory=list)
+    tokens: list[list[Index]] = field(default_factory=list)
+    step: Count = 0  # the worker's forward-step counter: memd places the layer in time (lookahead, stale prefetches)
     prefill: list[bool] = field(default_factory=list)  # per request: this step is (part of) its prompt
-    speculated: list[int] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
-    speculated_tokens: list[int] = field(default_factory=list)  # ... and how many tokens picked each
+    speculated: list[Index] = field(default_factory=list)  # next-gate guess: experts of the next MoE layer ...
+    speculated_tokens: list[Index] = field(default_factory=list)  # ... and how many tokens picked each
     lease: bool = False  # hold the experts as leases (one pin each, however often acquired) until memd revokes them
     # [layer, expert] the worker used from its leases since its last acquire, oldest first: memd refreshes their
     # recency before this acquire's, so eviction sees the order in which experts really ran
-    touched: list[list[int]] = field(default_factory=list)
+    touched: list[list[Index]] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class AcquireReply:
-    slots: list[int]  # one per requested expert, same order
-    hits: int  # experts that were already resident
-    revoked: list[list[int]] = field(default_factory=list)  # [layer, expert] leases memd took back: do not use them
-    epoch: int = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
+class AcquireReply(Message):
+    slots: list[Index]  # one per requested expert, same order
+    hits: Count  # experts that were already resident
+    revoked: list[list[Index]] = field(default_factory=list)  # [layer, expert] leases memd took back: do not use them
+    epoch: Count = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
 
 
-@dataclass(frozen=True, slots=True)
-class ReleaseRequest:
-    layer: int
-    experts: list[int]
+class ReleaseRequest(Message):
+    layer: Index
+    experts: list[Index]
 
 
-@dataclass(frozen=True, slots=True)
-class ReturnLeasesRequest:
+class ReturnLeasesRequest(Message):
     """The worker gives back every lease it holds (it went idle, or lost track after an error)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StatsRequest:
+class StatsRequest(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class LayerStats:
+class LayerStats(Message):
     """One MoE layer's cache and prefetch counters (``StatsReply.layers``)."""
 
-    layer: int
-    hits: int
-    misses: int  # on-demand loads
-    prefetch_issued: int
-    prefetch_used: int
-    prefetch_wasted: int
-    stall_seconds: float  # time acquires of this layer waited for loads
-    bytes_read: int
+    layer: Index
+    hits: Count
+    misses: Count  # on-demand loads
+    prefetch_issued: Count
+    prefetch_used: Count
+    prefetch_wasted: Count
+    stall_seconds: NonNeg  # time acquires of this layer waited for loads
+    bytes_read: Count
 
 
-@dataclass(frozen=True, slots=True)
-class LookaheadStats:
+class LookaheadStats(Message):
     """Prediction quality ``distance`` layers ahead: precision = correct / predicted, recall = correct / routed."""
 
-    distance: int
-    predicted: int  # experts predicted for the target layer (summed over targets)
-    correct: int  # of those, routed there
-    routed: int  # experts routed at the target layers
+    distance: Index
+    predicted: Count  # experts predicted for the target layer (summed over targets)
+    correct: Count  # of those, routed there
+    routed: Count  # experts routed at the target layers
 
 
-@dataclass(frozen=True, slots=True)
-class StatsReply:
-    pid: int
-    pool_bytes: int
-    num_slots: int
-    resident: int
-    pinned: int
-    hits: int
-    misses: int
-    evictions: int
-    bytes_read: int
-    read_seconds: float
-    stall_seconds: float
+class StatsReply(Message):
+    pid: Index
+    pool_bytes: Count
+    num_slots: Index
+    resident: Index
+    pinned: Index
+    hits: Count
+    misses: Count
+    evictions: Count
+    bytes_read: Count
+    read_seconds: NonNeg
+    stall_seconds: NonNeg
     direct_io: bool
-    resident_per_layer: list[int]
-    policy: str = "lru"
+    resident_per_layer: list[Index]
+    policy: Text = "lru"
     prefetch: bool = False
-    tokens: int = 0  # tokens the step traces reported (misses per token = misses / tokens)
-    prefetch_issued: int = 0
-    prefetch_used: int = 0  # acquired before being evicted
-    prefetch_wasted: int = 0  # evicted or cancelled before any acquire
-    prefetch_cancelled: int = 0  # of the wasted: cancelled because their layer had passed (or a load needed the slot)
-    prefetch_late: int = 0  # of the used: still loading when acquired (the worker waited, but less)
-    prefetch_precision: float = 0.0  # used / (used + wasted)
-    prefetch_recall: float = 0.0  # used / (used + misses): the needed loads a prefetch had started
-    eamc_size: int = 0
-    eamc_capacity: int = 0
-    match_similarity: float = 0.0  # mean cosine similarity of the best EAMC match
-    trace_steps: int = 0  # step traces received
-    trace_lost: int = 0  # step traces the worker sent that never arrived (gaps in its step numbers)
-    read_bandwidth: float = 0.0  # bytes/s, measured
-    layer_seconds: float = 0.0  # observed time per MoE layer
+    tokens: Count = 0  # tokens the step traces reported (misses per token = misses / tokens)
+    prefetch_issued: Count = 0
+    prefetch_used: Count = 0  # acquired before being evicted
+    prefetch_wasted: Count = 0  # evicted or cancelled before any acquire
+    prefetch_cancelled: Count = 0  # of the wasted: cancelled because their layer had passed (or a load needed the slot)
+    prefetch_late: Count = 0  # of the used: still loading when acquired (the worker waited, but less)
+    prefetch_precision: Ratio = 0.0  # used / (used + wasted)
+    prefetch_recall: Ratio = 0.0  # used / (used + misses): the needed loads a prefetch had started
+    eamc_size: Count = 0
+    eamc_capacity: Count = 0
+    match_similarity: Ratio = 0.0  # mean cosine similarity of the best EAMC match
+    trace_steps: Count = 0  # step traces received
+    trace_lost: Count = 0  # step traces the worker sent that never arrived (gaps in its step numbers)
+    read_bandwidth: NonNeg = 0.0  # bytes/s, measured
+    layer_seconds: NonNeg = 0.0  # observed time per MoE layer
     layers: list[LayerStats] = field(default_factory=list)
     lookahead: list[LookaheadStats] = field(default_factory=list)
     next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
-    acquires: int = 0  # ACQUIRE messages received
-    leased_layers: int = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
+    acquires: Count = 0  # ACQUIRE messages received
+    leased_layers: Count = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)
-@dataclass(frozen=True, slots=True)
-class RequestStartEvent:
-    request: str
-    prompt_tokens: int
+class RequestStartEvent(Message):
+    request: Text
+    prompt_tokens: Index
 
 
-@dataclass(frozen=True, slots=True)
-class RequestEndEvent:
-    request: str
-    generated_tokens: int
+class RequestEndEvent(Message):
+    request: Text
+    generated_tokens: Count
 
 
-@dataclass(frozen=True, slots=True)
-class LayerTrace:
+class LayerTrace(Message):
     """One MoE layer of one step: ``tokens[r][j]`` tokens of request r went to ``experts[j]``, with router weights
     summing to ``weights[r][j]``; ``speculated`` is the next-gate guess for the next MoE layer (empty for the last);
     ``leased``: every expert was already leased, so no acquire told memd of this layer (it counts the hits here)."""
 
-    layer: int
-    experts: list[int]
-    tokens: list[list[int]]
-    weights: list[list[float]]
-    speculated: list[int] = field(default_factory=list)
+    layer: Index
+    experts: list[Index]
+    tokens: list[list[Index]]
+    weights: list[list[NonNeg]]
+    speculated: list[Index] = field(default_factory=list)
     leased: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class StepTraceEvent:
+class StepTraceEvent(Message):
     """Everything one forward step routed, per request, sent once the step is over (batched, fire-and-forget)."""
 
-    worker: int  # pid: step numbers are per worker
-    step: int
-    requests: list[str]
-    tokens: list[int]  # tokens of each request in this step
+    worker: Index  # pid: step numbers are per worker
+    step: Count
+    requests: list[Text]
+    tokens: list[Index]  # tokens of each request in this step
     prefill: list[bool]  # per request
     layers: list[LayerTrace]
 
 
 # ---------------------------------------------------------------- gateway <-> worker (RPC, DEALER -> ROUTER)
-@dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    request: str
-    prompt: list[int]
-    max_tokens: int
-    stop_token_ids: list[int] = field(default_factory=list)
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
+class GenerateRequest(Message):
+    request: Text
+    prompt: list[Index]
+    max_tokens: Index
+    stop_token_ids: list[Index] = field(default_factory=list)
+    temperature: NonNeg = 0.0  # 0: greedy
+    top_p: Ratio = 1.0
+    top_k: Index = 0  # 0: off
     seed: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TokensReply:
+class TokensReply(Message):
     """A step's output for one request; several arrive per GenerateRequest, the last with ``finish_reason``."""
 
-    request: str
-    tokens: list[int]
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    request: Text
+    tokens: list[Index]
+    finish_reason: Text | None = None  # "stop", "length", "cancelled"
+    prompt_tokens: Index = 0
+    completion_tokens: Index = 0
 
 
-@dataclass(frozen=True, slots=True)
-class CancelRequest:
-    request: str
+class CancelRequest(Message):
+    request: Text
 
 
-@dataclass(frozen=True, slots=True)
-class CancelReply:
+class CancelReply(Message):
     found: bool
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerInfoRequest:
+class WorkerInfoRequest(Message):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerInfoReply:
-    pid: int
-    model: str
-    model_type: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: list[int]
+class WorkerInfoReply(Message):
+    pid: Index
+    model: Text
+    model_type: Text
+    max_model_len: Index
+    vocab_size: Index
+    eos_token_ids: list[Index]
     ready: bool  # memd is alive
-    active: int = 0  # requests queued or running
-    generated_tokens: int = 0  # since start
+    active: Index = 0  # requests queued or running
+    generated_tokens: Count = 0  # since start

@@ -8,7 +8,6 @@ answer) or the command line is wrong.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import stat
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import admin_messages as a
+from common import messages as m
 from common.config import ADMIN_SOCKET, add_config_args, build_config, default_state_dir, knob
 from common.protocol import Op
 from common.sizes import parse_size
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeinf admin {command}: memd refused: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(dataclasses.asdict(reply), indent=2))
+        print(json.dumps(m.to_dict(reply), indent=2))
     else:
         print(PRINTERS[command](reply))
     return 0

@@ -7,7 +7,6 @@ docs/deploy.md lists the names.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -193,18 +192,18 @@ def _memd_families(stats: m.StatsReply):
       labelled by the record's first field (``layer``, ``distance``).
     """
     info = {}
-    for f in dataclasses.fields(stats):
-        value = getattr(stats, f.name)
-        if isinstance(value, str) or f.name in MEMD_LABELS:
-            info[f.name] = str(value)
+    for name in m.field_names(stats):
+        value = getattr(stats, name)
+        if isinstance(value, str) or name in MEMD_LABELS:
+            info[name] = str(value)
         elif isinstance(value, (bool, int, float)):
-            yield _family(f"moeinf_memd_{MEMD_RENAMED.get(f.name, f.name)}", f.name, [([], value)])
-        elif isinstance(value, list) and f.name.endswith("_per_layer"):
-            base = f.name[: -len("_per_layer")]
+            yield _family(f"moeinf_memd_{MEMD_RENAMED.get(name, name)}", name, [([], value)])
+        elif isinstance(value, list) and name.endswith("_per_layer"):
+            base = name[: -len("_per_layer")]
             samples = [([str(i)], v) for i, v in enumerate(value)]
-            yield _family(f"moeinf_memd_layer_{MEMD_RENAMED.get(base, base)}", f.name, samples, ["layer"])
-        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            yield from _record_families(f.name, value)
+            yield _family(f"moeinf_memd_layer_{MEMD_RENAMED.get(base, base)}", name, samples, ["layer"])
+        elif isinstance(value, list) and value and isinstance(value[0], m.Message):
+            yield from _record_families(name, value)
     slots, resident = getattr(stats, "num_slots", 0), getattr(stats, "resident", 0)
     if slots:
         occupancy = GaugeMetricFamily("moeinf_memd_pool_occupancy_ratio", "resident experts / pool slots")
@@ -215,10 +214,10 @@ def _memd_families(stats: m.StatsReply):
 
 def _record_families(name: str, records: list):
     prefix = {"layers": "layer"}.get(name, name)
-    key, *fields = dataclasses.fields(records[0])
+    key, *fields = m.field_names(records[0])
     for f in fields:
-        samples = [([str(getattr(r, key.name))], getattr(r, f.name)) for r in records]
-        yield _family(f"moeinf_memd_{prefix}_{f.name}", f"{name}[].{f.name}", samples, [key.name])
+        samples = [([str(getattr(r, key))], getattr(r, f)) for r in records]
+        yield _family(f"moeinf_memd_{prefix}_{f}", f"{name}[].{f}", samples, [key])
 
 
 def _family(name: str, field: str, samples, labels=()):

@@ -10,12 +10,12 @@ steps; a failed step fails only the requests in it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
 from dataclasses import dataclass
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -103,7 +103,7 @@ class WorkerServer:
 
     def on_request(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
-            info = dataclasses.replace(self.info, ready=self.client.memd_alive(), active=len(self.live),
+            info = msgspec.structs.replace(self.info, ready=self.client.memd_alive(), active=len(self.live),
                                        generated_tokens=self.generated_tokens)
             self._reply(identity, op, rid, info)
         elif op is Op.CANCEL:

@@ -4,6 +4,7 @@ import dataclasses
 import struct
 
 import msgpack
+import msgspec
 import pytest
 
 from common import admin_messages as a
@@ -22,7 +23,7 @@ SAMPLES = {
     m.ReadyReply: m.ReadyReply(),
     m.AcquireRequest: m.AcquireRequest(3, [7, 0, 5], ["req-a", "req-b"], [[1, 0, 2], [0, 4, 0]], 41, [True, False],
                                        [2, 6], [3, 1], True, [[1, 4], [2, 0]]),
-    m.AcquireReply: m.AcquireReply([12, 0, 2**40], 1, [[2, 7], [0, 1]], 9),
+    m.AcquireReply: m.AcquireReply([12, 0, 2**20], 1, [[2, 7], [0, 1]], 9),
     m.ReleaseRequest: m.ReleaseRequest(3, [7, 0, 5]),
     m.ReturnLeasesRequest: m.ReturnLeasesRequest(),
     m.StatsRequest: m.StatsRequest(),
@@ -182,21 +183,27 @@ def test_short_frame(length):
         peek(frame)
 
 
-@pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x01", b"\x90\x01", b"\xff" * 3 + b"\xc1"],
-                         ids=["empty", "never-used-byte", "truncated-array", "trailing-bytes", "garbage"])
-def test_body_is_not_msgpack(body):
-    with pytest.raises(ProtocolError, match="STATS: body is not msgpack"):
+@pytest.mark.parametrize("body, match", [
+    (b"", "STATS: body is not msgpack"),
+    (b"\xc1", "STATS: body is not msgpack"),
+    (b"\x90\x01", "STATS: body is not msgpack"),  # trailing bytes
+    (b"\x92\x01", "StatsRequest: Expected `array` of at most length 0, got 2"),  # truncated, and too long anyway
+    (b"\xff" * 3 + b"\xc1", "StatsRequest: Expected `array`, got `int`"),  # garbage that starts like an int
+], ids=["empty", "never-used-byte", "trailing-bytes", "truncated-array", "garbage"])
+def test_body_is_not_msgpack(body, match):
+    with pytest.raises(ProtocolError, match=match):
         decode(struct.pack("<BQ", Op.STATS, 1) + body)
 
 
 @pytest.mark.parametrize("op, fields, match", [
-    (Op.READY, [], "ReadyRequest: expected 1..1 fields, got 0"),
-    (Op.READY, [1, 2], "ReadyRequest: expected 1..1 fields, got 2"),
-    (Op.ACQUIRE, [1], "AcquireRequest: expected 2..10 fields, got 1"),
-    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], -1, [], "extra"], "AcquireRequest: expected 2..10 fields, got 11"),
-    (Op.STATS, [0], "StatsRequest: expected 0..0 fields, got 1"),
-    (Op.HELLO, 5, "HelloRequest: expected an array"),
-    (Op.HELLO, {"protocol": 1}, "HelloRequest: expected an array"),
+    (Op.READY, [], "ReadyRequest: Expected `array` of at least length 1, got 0"),
+    (Op.READY, [1, 2], "ReadyRequest: Expected `array` of at most length 1, got 2"),
+    (Op.ACQUIRE, [1], "AcquireRequest: Expected `array` of at least length 2, got 1"),
+    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], False, [], "extra"],
+     "AcquireRequest: Expected `array` of at most length 10, got 11"),
+    (Op.STATS, [0], "StatsRequest: Expected `array` of at most length 0, got 1"),
+    (Op.HELLO, 5, "HelloRequest: Expected `array`, got `int`"),
+    (Op.HELLO, {"protocol": 1}, "HelloRequest: Expected `array`, got `object`"),
 ])
 def test_wrong_field_count_or_shape(op, fields, match):
     with pytest.raises(ProtocolError, match=match):
@@ -204,19 +211,19 @@ def test_wrong_field_count_or_shape(op, fields, match):
 
 
 @pytest.mark.parametrize("op, fields, match", [
-    (Op.READY, ["12"], r"ReadyRequest.pid: expected int, got str"),
-    (Op.READY, [True], r"ReadyRequest.pid: expected int, got bool"),
-    (Op.READY, [1.5], r"ReadyRequest.pid: expected int, got float"),
-    (Op.READY, [None], r"ReadyRequest.pid: expected int, got NoneType"),
-    (Op.ACQUIRE, [0, ["1", "2"]], r"AcquireRequest.experts\[0\]: expected int, got str"),
-    (Op.ACQUIRE, [0, [1, False]], r"AcquireRequest.experts\[1\]: expected int, got bool"),
-    (Op.ACQUIRE, [0, 3], r"AcquireRequest.experts: expected a list, got int"),
-    (Op.ACQUIRE, [0, [1], ["r"], [[1], ["x"]]], r"AcquireRequest.tokens\[1\]\[0\]: expected int, got str"),
-    (Op.ACQUIRE, [0, [1], [7]], r"AcquireRequest.requests\[0\]: expected str, got int"),
-    (Op.HELLO, [1, 2, b"/bytes/path", "cpu"], r"HelloRequest.model: expected str, got bytes"),
-    (Op.CANCEL, [None], r"CancelRequest.request: expected str, got NoneType"),
-    (Op.GENERATE, ["r", [1], 5, [], True], r"GenerateRequest.temperature: expected float, got bool"),
-    (Op.GENERATE, ["r", [1], 5, [], 0.0, 1.0, 0, "7"], r"GenerateRequest.seed: expected int, got str"),
+    (Op.READY, ["12"], r"ReadyRequest.pid: Expected `int`, got `str`"),
+    (Op.READY, [True], r"ReadyRequest.pid: Expected `int`, got `bool`"),
+    (Op.READY, [1.5], r"ReadyRequest.pid: Expected `int`, got `float`"),
+    (Op.READY, [None], r"ReadyRequest.pid: Expected `int`, got `None`"),
+    (Op.ACQUIRE, [0, ["1", "2"]], r"AcquireRequest.experts\[0\]: Expected `int`, got `str`"),
+    (Op.ACQUIRE, [0, [1, False]], r"AcquireRequest.experts\[1\]: Expected `int`, got `bool`"),
+    (Op.ACQUIRE, [0, 3], r"AcquireRequest.experts: Expected `array`, got `int`"),
+    (Op.ACQUIRE, [0, [1], ["r"], [[1], ["x"]]], r"AcquireRequest.tokens\[1\]\[0\]: Expected `int`, got `str`"),
+    (Op.ACQUIRE, [0, [1], [7]], r"AcquireRequest.requests\[0\]: Expected `str`, got `int`"),
+    (Op.HELLO, [1, 2, b"/bytes/path", "cpu"], r"HelloRequest.model: Expected `str`, got `bytes`"),
+    (Op.CANCEL, [None], r"CancelRequest.request: Expected `str`, got `None`"),
+    (Op.GENERATE, ["r", [1], 5, [], True], r"GenerateRequest.temperature: Expected `float`, got `bool`"),
+    (Op.GENERATE, ["r", [1], 5, [], 0.0, 1.0, 0, "7"], r"GenerateRequest.seed: Expected `int \| null`, got `str`"),
 ])
 def test_wrong_field_types(op, fields, match):
     with pytest.raises(ProtocolError, match=match):
@@ -224,12 +231,12 @@ def test_wrong_field_types(op, fields, match):
 
 
 @pytest.mark.parametrize("op, fields, reply, match", [
-    (Op.CANCEL, [1], True, r"CancelReply.found: expected bool, got int"),
-    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, "1.0", 0.0, True, []], True, r"StatsReply.read_seconds: expected float"),
+    (Op.CANCEL, [1], True, r"CancelReply.found: Expected `bool`, got `int`"),
+    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, "1.0", 0.0, True, []], True, r"StatsReply.read_seconds: Expected `float`, got `str`"),
     (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, 1.0, 0.0, True, [], "lru", False, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0.0, 0, 0,
                 0.0, 0.0,
-                [[0, 1, 2, 3, 4, "5", 0.0, 0]]], True, r"LayerStats.prefetch_wasted: expected int, got str"),
-    (Op.GENERATE, ["r", [1], 3], True, r"TokensReply.finish_reason: expected str, got int"),
+                [[0, 1, 2, 3, 4, "5", 0.0, 0]]], True, r"StatsReply.layers\[0\].prefetch_wasted: Expected `int`, got `str`"),
+    (Op.GENERATE, ["r", [1], 3], True, r"TokensReply.finish_reason: Expected `str \| null`, got `int`"),
 ])
 def test_wrong_reply_field_types(op, fields, reply, match):
     with pytest.raises(ProtocolError, match=match):
@@ -241,14 +248,14 @@ def _hello_fields(tensors):
 
 
 @pytest.mark.parametrize("tensors, match", [
-    ([["w", 0, [2, 2], "float32", "extra"]], r"TensorSpec: expected 4..4 fields, got 5"),
-    ([["w", 0, [2, 2]]], r"TensorSpec: expected 4..4 fields, got 3"),
-    ([["w", "0", [2, 2], "float32"]], r"TensorSpec.offset: expected int, got str"),
-    ([["w", 0, [2, "2"], "float32"]], r"TensorSpec.shape\[1\]: expected int, got str"),
-    ([["w", 0, [2, 2], 4]], r"TensorSpec.dtype: expected str, got int"),
-    ([{"name": "w"}], r"TensorSpec: expected an array"),
-    (["w"], r"TensorSpec: expected an array"),
-    ({"w": 1}, r"HelloReply.tensors: expected a list"),
+    ([["w", 0, [2, 2], "float32", "extra"]], r"HelloReply.tensors\[0\]: Expected `array` of at most length 4, got 5"),
+    ([["w", 0, [2, 2]]], r"HelloReply.tensors\[0\]: Expected `array` of at least length 4, got 3"),
+    ([["w", "0", [2, 2], "float32"]], r"HelloReply.tensors\[0\].offset: Expected `int`, got `str`"),
+    ([["w", 0, [2, "2"], "float32"]], r"HelloReply.tensors\[0\].shape\[1\]: Expected `int`, got `str`"),
+    ([["w", 0, [2, 2], 4]], r"HelloReply.tensors\[0\].dtype: Expected `str`, got `int`"),
+    ([{"name": "w"}], r"HelloReply.tensors\[0\]: Expected `array`, got `object`"),
+    (["w"], r"HelloReply.tensors\[0\]: Expected `array`, got `str`"),
+    ({"w": 1}, r"HelloReply.tensors: Expected `array`, got `object`"),
 ])
 def test_nested_tensor_spec_validation(tensors, match):
     with pytest.raises(ProtocolError, match=match):
@@ -286,7 +293,50 @@ def test_admin_ops_are_served_only_on_the_admin_socket():
     for allowed in (MEMD_RPC_OPS, MEMD_TRACE_OPS, WORKER_OPS):
         with pytest.raises(ProtocolError, match="ADMIN_DROP is not served on this socket"):
             decode(frame, allowed)
-    with pytest.raises(ProtocolError, match=r"ExpertKey.layer: expected int, got str"):
+    with pytest.raises(ProtocolError, match=r"PinRequest.experts\[0\].layer: Expected `int`, got `str`"):
         decode(_frame(Op.ADMIN_PIN, 1, ["tok", [["3", 5]]]), MEMD_ADMIN_OPS)
-    with pytest.raises(ProtocolError, match="ResizeRequest: expected 2..2 fields, got 1"):
+    with pytest.raises(ProtocolError, match="ResizeRequest: Expected `array` of at least length 2, got 1"):
         decode(_frame(Op.ADMIN_RESIZE, 1, ["25%"]), MEMD_ADMIN_OPS)
+
+
+def test_every_message_is_a_frozen_array_like_struct_without_extra_fields():
+    """A message added in another style (a dataclass) would go on the wire as a map: refuse it here."""
+    for cls in SAMPLES:
+        assert issubclass(cls, m.Message), f"{cls.__name__} is not a common.messages.Message"
+        info = cls.__struct_config__
+        assert info.frozen and info.array_like and info.forbid_unknown_fields, cls.__name__
+
+
+@pytest.mark.parametrize("op, fields, reply, match", [
+    # a forged step trace: a token counter of 4.6e18, a NaN weight, a negative layer
+    (Op.STEP_TRACE, [1, 2, ["r"], [4_600_000_000_000_000_000], [False], []], False,
+     r"StepTraceEvent.tokens\[0\]: Expected `int` <= 2147483647"),
+    (Op.STEP_TRACE, [1, 2**60, ["r"], [1], [False], []], False, r"StepTraceEvent.step: Expected `int` <= 9007199254740992"),
+    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [[0, [1], [[1]], [[float("nan")]]]]], False,
+     r"StepTraceEvent.layers\[0\].weights\[0\]\[0\]: Expected `float` >= 0.0"),
+    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [[0, [1], [[1]], [[float("inf")]]]]], False,
+     r"StepTraceEvent.layers\[0\].weights\[0\]\[0\]: Expected `float` <= 1e\+18"),
+    (Op.ACQUIRE, [-1, [1]], False, r"AcquireRequest.layer: Expected `int` >= 0"),
+    (Op.ACQUIRE, [0, [2**40]], False, r"AcquireRequest.experts\[0\]: Expected `int` <= 2147483647"),
+    (Op.ACQUIRE, [0, [1], [], [], 2**64 - 1], False, r"AcquireRequest.step: Expected `int` <= 9007199254740992"),
+    (Op.GENERATE, ["r", [1], 5, [], 0.5, 1.5], False, r"GenerateRequest.top_p: Expected `float` <= 1.0"),
+    (Op.GENERATE, ["r", [1], 5, [], -0.5], False, r"GenerateRequest.temperature: Expected `float` >= 0.0"),
+    (Op.GENERATE, ["r", [1], 5, [], 0.5, 1.0, 2**62], False, r"GenerateRequest.top_k: Expected `int` <= 2147483647"),
+    (Op.GENERATE, ["r" * 5000, [1], 5], False, r"GenerateRequest.request: Expected `str` of length <= 4096"),
+    (Op.ACQUIRE, [1, 1], True, r"AcquireReply.slots: Expected `array`, got `int`"),
+    (Op.ACQUIRE, [[1, -2], 1], True, r"AcquireReply.slots\[1\]: Expected `int` >= 0"),
+])
+def test_out_of_range_values_are_refused(op, fields, reply, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(_frame(op, 1, fields), reply=reply)
+
+
+def test_encode_of_an_int_beyond_64_bits_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="GenerateRequest: cannot encode"):
+        encode(Op.GENERATE, 1, m.GenerateRequest("r", [1], 5, top_k=10**30))
+
+
+def test_to_dict_names_every_field_recursively():
+    d = m.to_dict(SAMPLES[a.AdminStatsReply])
+    assert d["capacity"] == 64 and d["stats"]["layers"][0]["layer"] == 0
+    assert list(d["stats"]) == list(m.field_names(m.StatsReply))

@@ -1,5 +1,4 @@
 """``GET /metrics``: valid Prometheus text, request counters, TTFT/TPOT histograms, memd's stats relayed."""
-import dataclasses
 import http.client
 import json
 import time
@@ -7,6 +6,7 @@ import typing
 import urllib.error
 import urllib.request
 
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import messages as m
@@ -129,15 +129,13 @@ def memd_stats(served) -> m.StatsReply:
 
 
 # ---------------------------------------------------------------- the generic StatsReply export, no stack needed
-@dataclasses.dataclass
-class Record:
+class Record(m.Message):
     layer: int
     hits: int
     fresh_gauge: float
 
 
-@dataclasses.dataclass
-class FutureStats:
+class FutureStats(m.Message):
     """A StatsReply with kinds of fields memd may grow: each must be exported without code changes."""
 
     pid: int = 42
@@ -148,9 +146,9 @@ class FutureStats:
     direct_io: bool = True
     policy: str = "lru"
     brand_new_level: float = 2.5
-    resident_per_layer: list = dataclasses.field(default_factory=lambda: [2, 4])
-    layers: list = dataclasses.field(default_factory=lambda: [Record(0, 3, 0.1), Record(1, 2, 0.2)])
-    empty: list = dataclasses.field(default_factory=list)
+    resident_per_layer: list = msgspec.field(default_factory=lambda: [2, 4])
+    layers: list = msgspec.field(default_factory=lambda: [Record(0, 3, 0.1), Record(1, 2, 0.2)])
+    empty: list = msgspec.field(default_factory=list)
 
 
 def test_every_stats_field_is_exported_generically():
@@ -172,7 +170,7 @@ def test_every_stats_field_is_exported_generically():
 def test_the_real_stats_reply_exports_every_numeric_field():
     hints = typing.get_type_hints(m.StatsReply, vars(m))
     sample = {int: 3, float: 0.5, bool: True, str: "lru", list[int]: [1, 2]}
-    plain = [f for f in dataclasses.fields(m.StatsReply) if f.default_factory is dataclasses.MISSING]
+    plain = [f for f in msgspec.structs.fields(m.StatsReply) if f.default_factory is msgspec.NODEFAULT]
     names = {f.name for f in memd_families(m.StatsReply(**{f.name: sample[hints[f.name]] for f in plain}))}
     for f in plain:
         if hints[f.name] in (int, float, bool) and f.name not in MEMD_LABELS:
