@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.access import Access
 from common.sizes import parse_size
 
 ENV_PREFIX = "MOEINF_"
@@ -125,10 +126,14 @@ class MemdConfig:
                                         " window) or a size (64MiB)")
     eamc_capacity: int = knob(256, "finished requests' activation matrices kept in the EAMC (persisted in the state"
                                    " directory)")
+    eamc_dir: Path | None = knob(None, "the only directory `moeinf admin eamc save|load` may write or read (default:"
+                                       " the state directory)")
     eamc_top: int = knob(4, "EAMC members whose weighted average predicts a request's experts")
     max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
     admin_tcp: str = knob("", "also serve the admin socket on HOST:PORT over TCP (needs --admin-token); the Unix"
                               " socket <state-dir>/admin.sock is always there")
+    group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
+                          " are also that group's (0660), for services run by different users of it")
     admin_token: str = knob("", f"token every TCP admin request must carry (at least {ADMIN_TOKEN_MIN} characters;"
                                 " prefer the env variable to the flag)")
     log_level: str = knob("info", "debug, info, warning or error")
@@ -138,6 +143,9 @@ class MemdConfig:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        Access(self.group)  # an unknown group fails here, with its name
+        if self.eamc_dir is not None:
+            object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
         _check_admin_tcp(self.admin_tcp, self.admin_token)
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
@@ -194,6 +202,8 @@ class WorkerConfig:
                                  " memd (one small matmul per layer)")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
+    group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
+                          " are also that group's (0660), for services run by different users of it")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -203,6 +213,7 @@ class WorkerConfig:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if self.record_trace is not None:
             object.__setattr__(self, "record_trace", Path(self.record_trace))
+        Access(self.group)
         for name in ("max_queued", "max_running", "max_step_tokens", "max_prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be >= 1")
@@ -274,6 +285,8 @@ class ServeConfig:
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
+    group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
+                          " are also that group's (0660), for services run by different users of it")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -283,5 +296,6 @@ class ServeConfig:
             object.__setattr__(self, "model", Path(self.model))
         if self.record_trace is not None:
             object.__setattr__(self, "record_trace", Path(self.record_trace))
+        Access(self.group)
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

@@ -1,9 +1,15 @@
-"""The one place sockets are made. Each link picks its own high-water mark (RPC unbounded, traces small)."""
+"""The one place sockets are made. Each link picks its own high-water mark (RPC unbounded, traces small).
+
+An ``ipc://`` socket file is born 0600 (0660 with ``access=Access(group)``) whatever the umask: libzmq creates it
+with the process umask, so the bind runs under a strict one and the mode is set again afterwards.
+"""
 from __future__ import annotations
 
 import os
 
 import zmq
+
+from common.access import OWNER_ONLY, Access
 
 _IPC_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the NUL
 
@@ -13,7 +19,8 @@ def ipc_path(addr: str) -> str | None:
 
 
 def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int = 0, linger_ms: int = 0,
-                identity: bytes | None = None, immediate: bool = False, max_msg_bytes: int = -1) -> zmq.Socket:
+                identity: bytes | None = None, immediate: bool = False, max_msg_bytes: int = -1,
+                access: Access = OWNER_ONLY) -> zmq.Socket:
     path = ipc_path(addr)
     if path is not None and len(path) > _IPC_PATH_MAX:
         raise ValueError(f"socket path {path!r} is {len(path)} characters, above the {_IPC_PATH_MAX} Unix sockets allow:"
@@ -30,11 +37,18 @@ def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int 
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)  # a larger message disconnects its peer (listeners on TCP)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing
-    if bind:
-        if path is not None:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # a stale socket file from a crashed run; the pool lock guards against a live one
+    if bind and path is not None:
+        access.makedirs(os.path.dirname(path) or ".")
+        if os.path.lexists(path):
+            os.unlink(path)  # a stale socket file from a crashed run; the pool lock guards against a live one
+        try:
+            with access.umask():
+                sock.bind(addr)
+            access.apply(path)
+        except BaseException:
+            sock.close()
+            raise
+    elif bind:
         sock.bind(addr)
     else:
         sock.connect(addr)

@@ -25,11 +25,12 @@ import zmq
 
 from common import admin_messages as a
 from common import messages as m
+from common.access import Access
 from common.codec import ProtocolError, decode, encode, peek
 from common.config import POLICIES
 from common.protocol import MEMD_ADMIN_OPS, PROTOCOL, Handler, Op
 from common.sizes import format_bytes, parse_size
-from common.zmq_utils import ipc_path, make_socket, remove_ipc_file
+from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
 from services.memd.loads import LoadError
 from services.memd.policy import Key
@@ -74,14 +75,8 @@ class AdminServer:
             self.sockets.append((self._bind_tcp(ctx), True))
 
     def _bind_unix(self, ctx) -> zmq.Socket:
-        addr = self.cfg.admin_addr
-        old = os.umask(0o077)  # the socket file is born owner-only ...
-        try:
-            sock = make_socket(ctx, zmq.ROUTER, addr, bind=True, max_msg_bytes=MAX_MSG_BYTES)
-        finally:
-            os.umask(old)
-        os.chmod(ipc_path(addr), 0o600)  # ... and stays 0600 whatever the umask did
-        return sock
+        # owner-only whatever --group says: the admin socket resizes the pool and writes files
+        return make_socket(ctx, zmq.ROUTER, self.cfg.admin_addr, bind=True, max_msg_bytes=MAX_MSG_BYTES)
 
     def _bind_tcp(self, ctx) -> zmq.Socket:
         try:
@@ -279,16 +274,16 @@ class AdminServer:
 
     # ------------------------------------------------------------------ EAMC
     async def on_eamc_save(self, req: a.EamcSaveRequest) -> a.EamcReply:
-        path, snapshot = _absolute(req.path), self.core.eamc.copy()
+        path, snapshot = self._eamc_path(req.path), self.core.eamc.copy()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, snapshot.save, path)
+            await asyncio.get_running_loop().run_in_executor(None, snapshot.save, path, Access(self.cfg.group))
         except OSError as exc:
             raise AdminError("io", f"cannot save the EAMC to {path}: {exc.strerror or exc}") from None
         log.info("EAMC: %d activation patterns saved to %s (admin)", snapshot.size, path)
         return a.EamcReply(snapshot.size, snapshot.capacity, str(path))
 
     async def on_eamc_load(self, req: a.EamcLoadRequest) -> a.EamcReply:
-        path, eamc = _absolute(req.path), self.core.eamc
+        path, eamc = self._eamc_path(req.path), self.core.eamc
         fresh = Eamc(eamc.num_layers, eamc.num_experts, eamc.capacity, eamc.model)
         try:
             await asyncio.get_running_loop().run_in_executor(None, fresh.load, path)
@@ -347,6 +342,9 @@ class AdminServer:
             self.pins.discard(key)
             self.table.unpin(key)
 
+    def _eamc_path(self, path: str) -> Path:
+        return eamc_path(path, self.cfg.eamc_dir or self.cfg.state_dir)
+
     def _keys(self, experts: list[a.ExpertKey]) -> list[Key]:
         L, E = self.store.num_layers, self.store.num_experts
         bad = [(k.layer, k.expert) for k in experts if not (0 <= k.layer < L and 0 <= k.expert < E)]
@@ -355,10 +353,17 @@ class AdminServer:
         return list(dict.fromkeys((k.layer, k.expert) for k in experts))
 
 
-def _absolute(path: str) -> Path:
+def eamc_path(path: str, allowed: Path) -> Path:
+    """``path`` resolved (links and ``..`` followed), if it lies in the directory ``allowed``; AdminError if not:
+    the admin socket (and ``--admin-tcp``) must not read or write anywhere memd can."""
     if not os.path.isabs(path):
         raise AdminError("bad_request", f"{path!r}: give an absolute path (moeinf admin resolves relative ones)")
-    return Path(path)
+    root = Path(os.path.realpath(allowed))
+    real = Path(os.path.realpath(path))
+    if real == root or root not in real.parents:
+        raise AdminError("forbidden", f"{path}: EAMC files are saved and loaded only inside {root} (memd's"
+                                      " --eamc-dir, by default its --state-dir)")
+    return real
 
 
 def _names(keys) -> str:

@@ -15,9 +15,12 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+
+from common.access import OWNER_ONLY, Access
 
 log = logging.getLogger("moeinf.memd.eamc")
 FORMAT = "moeinf-eamc/1"
@@ -132,14 +135,15 @@ class Eamc:
         self.dirty = True
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: Path) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, then rename over ``path``."""
+    def save(self, path: Path, access: Access = OWNER_ONLY) -> None:
+        """Write atomically: a temporary file in the same directory (0600, or 0660 with a group, whatever the
+        umask), fsync, then rename over ``path``."""
         n = self.size
         payload = self.prob[:n].tobytes() + self.weight[:n].tobytes() + self.hits[:n].tobytes()
         header = {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
                   "num_experts": self.num_experts, "size": n, "sha256": hashlib.sha256(payload).hexdigest()}
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with os.fdopen(access.create(tmp), "wb") as f:
             f.write(json.dumps(header).encode() + b"\n" + payload)
             f.flush()
             os.fsync(f.fileno())
@@ -188,12 +192,27 @@ class Eamc:
 
 
 def load_or_empty(path: Path, num_layers: int, num_experts: int, capacity: int, model: str) -> Eamc:
-    """The EAMC saved at ``path``, or an empty one (with a warning when a file was there but unusable)."""
+    """The EAMC saved at ``path``, or an empty one. A file that is there but unusable (corrupt, truncated, for
+    another model) is renamed ``<name>.corrupt-<UTC time>`` first, so the next save cannot overwrite it."""
     eamc = Eamc(num_layers, num_experts, capacity, model)
     if path.exists():
         try:
             eamc.load(path)
             log.info("EAMC: %d activation patterns loaded from %s", eamc.size, path)
         except EamcFileError as exc:
-            log.warning("ignoring the EAMC file, starting with an empty collection: %s", exc)
+            kept = _corrupt_name(path)
+            try:
+                os.replace(path, kept)
+            except OSError as err:
+                kept = f"nowhere ({err.strerror}): it will be overwritten"
+            log.warning("ignoring the EAMC file, starting with an empty collection (the file is kept as %s): %s",
+                        kept, exc)
     return eamc
+
+
+def _corrupt_name(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 1
+    while kept.exists():  # two in one second: never replace an earlier copy
+        kept, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
+    return kept

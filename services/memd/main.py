@@ -9,6 +9,7 @@ import asyncio
 import logging
 import signal
 
+from common.access import Access
 from common.checkpoint import Checkpoint
 from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
@@ -43,11 +44,15 @@ def run(cfg: MemdConfig) -> int:
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
              format_bytes(store.total_expert_bytes))
+    access = Access(cfg.group)
+    access.makedirs(cfg.state_dir)  # a new state directory is 0700 (0770 with --group), whatever the umask
     lock = StateLock(cfg.state_dir)
     pool = reader = control = None
     try:
         pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
         control = ControlPage(pool_name(cfg.state_dir, "control"))
+        access.apply(pool.path)  # born 0600; the group's too with --group (a worker of another user maps them)
+        access.apply(control.region.path)
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", pool.path, num_slots, format_bytes(pool.nbytes),
                  100 * num_slots / (store.num_layers * store.num_experts))
         reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io, threads=cfg.read_threads,

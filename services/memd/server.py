@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from common import messages as m
+from common.access import Access
 from common.codec import ProtocolError, decode, encode, peek
 from common.config import PROTOCOL_VERSION, MemdConfig
 from common.procs import pid_alive
@@ -81,8 +82,9 @@ class MemdServer:
 
         ctx = zmq.asyncio.Context()
         self.admin = AdminServer(self, ctx)  # <state-dir>/admin.sock (0600), and --admin-tcp: `moeinf admin`
-        self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True)
-        self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM)
+        access = Access(self.cfg.group)  # 0600, or 0660 and --group: who may attach a worker or send traces
+        self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True, access=access)
+        self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM, access=access)
         tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self._read_trace()),
                  asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then()),
                  asyncio.create_task(self.admin.serve())]
@@ -106,7 +108,7 @@ class MemdServer:
         if not self.core.eamc.dirty:
             return
         try:
-            self.core.eamc.save(self.eamc_path)
+            self.core.eamc.save(self.eamc_path, Access(self.cfg.group))
             log.info("EAMC: %d activation patterns saved to %s", len(self.core.eamc), self.eamc_path)
         except OSError as exc:
             log.warning("could not save the EAMC to %s: %s", self.eamc_path, exc)

@@ -10,6 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from common import messages as m
+from common.access import Access
 from common.checkpoint import Checkpoint
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
@@ -81,7 +82,8 @@ def run(cfg: WorkerConfig) -> int:
     try:
         engine = Engine(model, max_model_len(cfg, model))
         engine.enable_batching()
-        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), Limits.from_config(cfg))
+        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), Limits.from_config(cfg),
+                              Access(cfg.group))
         return asyncio.run(_serve(server))
     finally:
         experts.RECORDER.close()  # the last step's trace, and the trace file's buffer

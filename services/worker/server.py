@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from common import messages as m
+from common.access import OWNER_ONLY, Access
 from common.codec import ProtocolError, decode, encode, peek
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket, remove_ipc_file
@@ -40,8 +41,10 @@ class Job:
 
 
 class WorkerServer:
-    def __init__(self, addr: str, engine: Engine, client: MemdClient, info: m.WorkerInfoReply, limits: Limits):
+    def __init__(self, addr: str, engine: Engine, client: MemdClient, info: m.WorkerInfoReply, limits: Limits,
+                 access: Access = OWNER_ONLY):
         self.addr, self.engine, self.client, self.info = addr, engine, client, info
+        self.access = access  # of worker.sock: whoever may open it may generate
         self.max_live = limits.max_waiting + limits.max_running
         self.inbox: queue.Queue = queue.Queue(maxsize=self.max_live)
         self.cancelled: set[str] = set()
@@ -56,7 +59,7 @@ class WorkerServer:
     async def serve(self) -> int:
         self.loop = asyncio.get_running_loop()
         ctx = zmq.asyncio.Context()
-        self.sock = make_socket(ctx, zmq.ROUTER, self.addr, bind=True)
+        self.sock = make_socket(ctx, zmq.ROUTER, self.addr, bind=True, access=self.access)
         self.outbox: asyncio.Queue = asyncio.Queue()
         compute = threading.Thread(target=self.compute_loop, name="worker-compute", daemon=True)
         compute.start()

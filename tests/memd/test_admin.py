@@ -232,19 +232,28 @@ def test_eamc_save_clear_load_gives_the_same_predictions(stack, tmp_path, monkey
     before = admin(state, "eamc", "match", *query)
     assert before["similarity"] > 0.5 and np.argmax(before["predicted"][2]) in (5, 6)
 
-    monkeypatch.chdir(tmp_path)  # a relative FILE is resolved by the CLI, not by memd
+    # memd reads and writes EAMC files only inside its state directory (--eamc-dir): anywhere else is refused
+    for verb in ("save", "load"):
+        code, _, err = admin(state, "eamc", verb, str(tmp_path / "patterns.eamc"), raw=True)
+        assert code == 1 and "EAMC files are saved and loaded only inside" in err and "[forbidden]" in err
+        code, _, err = admin(state, "eamc", verb, str(state / ".." / "escape.eamc"), raw=True)
+        assert code == 1 and "[forbidden]" in err
+    assert not (tmp_path / "patterns.eamc").exists() and not (state.parent / "escape.eamc").exists()
+
+    monkeypatch.chdir(state)  # a relative FILE is resolved by the CLI, not by memd
     saved = admin(state, "eamc", "save", "patterns.eamc")
-    assert saved["size"] == 3 and saved["path"] == str(tmp_path / "patterns.eamc") and saved["path"]
-    assert (tmp_path / "patterns.eamc").stat().st_size > 0
+    real = state.resolve() / "patterns.eamc"
+    assert saved["size"] == 3 and saved["path"] == str(real)
+    assert real.stat().st_size > 0 and stat.S_IMODE(real.stat().st_mode) == 0o600
     assert admin(state, "eamc", "clear")["size"] == 0
     cleared = admin(state, "eamc", "match", *query)
     assert cleared["similarity"] == 0 and not np.any(cleared["predicted"])
-    assert admin(state, "eamc", "load", str(tmp_path / "patterns.eamc"))["size"] == 3
+    assert admin(state, "eamc", "load", str(real))["size"] == 3
     after = admin(state, "eamc", "match", *query)
     assert after["similarity"] == pytest.approx(before["similarity"])
     np.testing.assert_allclose(after["predicted"], before["predicted"], rtol=1e-6, atol=1e-7)
 
-    (tmp_path / "junk.eamc").write_bytes(b"not an eamc")
+    (state / "junk.eamc").write_bytes(b"not an eamc")
     code, _, err = admin(state, "eamc", "load", "junk.eamc", raw=True)
     assert code == 1 and "not an EAMC file" in err
     assert admin(state, "stats")["stats"]["eamc_size"] == 3  # a bad file changes nothing

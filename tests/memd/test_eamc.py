@@ -115,18 +115,27 @@ def test_persistence_round_trips(tmp_path):
 def test_corrupt_file_is_detected_and_ignored_with_a_warning(tmp_path, caplog, damage, words):
     path = tmp_path / "eamc.bin"
     collection().save(path)
-    path.write_bytes(damage(path.read_bytes()))
+    damaged = damage(path.read_bytes())
+    path.write_bytes(damaged)
     with pytest.raises(EamcFileError, match=words):
         Eamc(L, E, 8, "tiny").load(path)
     with caplog.at_level(logging.WARNING):
         eamc = load_or_empty(path, L, E, 8, "tiny")
     assert len(eamc) == 0
     assert "ignoring the EAMC file" in caplog.text and words in caplog.text
+    # the bad file is kept aside (a later save must not destroy what may be worth a look), not overwritten
+    (kept,) = tmp_path.glob("eamc.bin.corrupt-*")
+    assert not path.exists() and kept.read_bytes() == damaged and kept.name in caplog.text
+    collection().save(path)
+    path.write_bytes(damaged)
+    load_or_empty(path, L, E, 8, "tiny")
+    assert len(list(tmp_path.glob("eamc.bin.corrupt-*"))) == 2  # a second one in the same second: both kept
 
 
 def test_file_of_another_model_is_ignored(tmp_path, caplog):
     path = tmp_path / "eamc.bin"
     collection().save(path)
     assert len(load_or_empty(path, L, E + 1, 8, "tiny")) == 0
+    collection().save(path)
     assert len(load_or_empty(path, L, E, 8, "other")) == 0
     assert caplog.text.count("ignoring the EAMC file") == 2 and "8 experts" in caplog.text
