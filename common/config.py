@@ -281,7 +281,9 @@ class ServeConfig:
     max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
     demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
     startup_timeout_s: float = knob(600.0, "seconds each service may take to become ready")
-    max_restarts: int = knob(5, "restarts of a crashing service before serve gives up")
+    max_restarts: int = knob(5, "restarts of a crashing service within --restart-window-s before serve gives up")
+    restart_window_s: float = knob(600.0, "sliding window of --max-restarts: crashes older than this are forgotten,"
+                                          " so a service that crashes now and then is restarted for ever")
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
@@ -297,5 +299,7 @@ class ServeConfig:
         if self.record_trace is not None:
             object.__setattr__(self, "record_trace", Path(self.record_trace))
         Access(self.group)
+        if self.max_restarts < 0 or self.restart_window_s <= 0:
+            raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

@@ -1,11 +1,15 @@
 """``moeinf serve``: start memd, worker and gateway as child processes, wait for each to be ready, supervise.
 
 A crashed worker is restarted (the gateway answers 503 meanwhile); a crashed memd takes the worker with it
-(its pool is gone), so both are restarted in order. SIGINT/SIGTERM stop gateway, worker, memd in that order;
-each cleans up its own shared memory and socket files. Children die with the supervisor (PR_SET_PDEATHSIG).
+(its pool is gone), so both are restarted in order. A service that crashes ``--max-restarts`` times within
+``--restart-window-s`` seconds (a sliding window: old crashes age out) brings serve down, removing the socket files
+its dead children left behind. SIGINT/SIGTERM stop the three children at once (SIGTERM to all, then SIGKILL to any
+still running after ``STOP_TIMEOUT_S``); each cleans up its own shared memory and socket files, and what a killed
+child could not clean is removed by serve. Children die with the supervisor (PR_SET_PDEATHSIG).
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import signal
 import subprocess
@@ -15,9 +19,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, state_socket
+from common.config import ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, state_socket
+from common.zmq_utils import remove_ipc_file
+from services.memd.pool import SHM_DIR, pool_name
 
 PR_SET_PDEATHSIG = 1
+STOP_TIMEOUT_S = 8.0  # SIGTERM to every child at once, SIGKILL after this: all are gone in < 10 s
 
 
 def _die_with_parent() -> None:
@@ -31,37 +38,65 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     args: list[str]
+    sockets: tuple[str, ...] = ()  # ipc:// files it binds: removed by serve when it cannot remove them itself
+    cmd: list[str] | None = None  # the command line (default: ``python -m common.cli <args>``)
     proc: subprocess.Popen | None = None
-    restarts: int = 0
+    crashes: collections.deque = field(default_factory=collections.deque)  # monotonic times, within the window
     started: float = field(default=0.0)
+    was_ready: bool = False  # its files are its own (a child that failed to start may have met another's)
+    total_crashes: int = 0
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "common.cli", *self.args], preexec_fn=_die_with_parent)
+        cmd = self.cmd or [sys.executable, "-m", "common.cli", *self.args]
+        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 30) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        stop_children([self], timeout)
+
+    def crashed(self, window_s: float, now: float) -> int:
+        """Count a crash; return the crashes within the last ``window_s`` seconds."""
+        self.total_crashes += 1
+        self.crashes.append(now)
+        while self.crashes and self.crashes[0] <= now - window_s:
+            self.crashes.popleft()
+        return len(self.crashes)
+
+
+def stop_children(children, timeout: float = STOP_TIMEOUT_S) -> list[str]:
+    """SIGTERM every live child at once, wait for all of them together, SIGKILL what is left at ``timeout``.
+    Returns the names of the children that had to be killed."""
+    live = [c for c in children if c.alive()]
+    for c in live:
+        c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    killed = []
+    for c in live:
+        try:
+            c.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+            killed.append(c.name)
+    return killed
 
 
 class Supervisor:
     def __init__(self, cfg: ServeConfig, model: Path):
         self.cfg, self.model = cfg, model
         common = ["--model", str(model), "--state-dir", str(cfg.state_dir), "--log-level", cfg.log_level]
-        self.memd = Child("memd", ["memd", *common, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
-                                   "--prefetch", "on" if cfg.prefetch else "off"])
-        worker = ["worker", *common, "--max-queued", str(cfg.max_queued)]
+        sock = lambda name: state_socket(cfg.state_dir, name)  # noqa: E731
+        group = ["--group", cfg.group] if cfg.group else []
+        self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
+                                   "--prefetch", "on" if cfg.prefetch else "off"],
+                          sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)))
+        worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued)]
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
-        self.worker = Child("worker", worker)
+        self.worker = Child("worker", worker, sockets=(sock(WORKER_SOCKET),))
         gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
             gateway += ["--served-model-name", cfg.served_model_name]
@@ -104,6 +139,7 @@ class Supervisor:
                 raise RuntimeError(f"{child.name} was not ready within {self.cfg.startup_timeout_s:g}s; raise"
                                    " --startup-timeout-s (env MOEINF_STARTUP_TIMEOUT_S)")
             time.sleep(0.2)
+        child.was_ready = True
         say(f"{child.name} ready ({time.monotonic() - child.started:.1f}s)")
 
     def supervise(self) -> int:
@@ -120,11 +156,13 @@ class Supervisor:
     def restart(self, child: Child, ready, then=()) -> None:
         if self.stopping:
             return
-        child.restarts += 1
-        if child.restarts > self.cfg.max_restarts:
-            raise RuntimeError(f"{child.name} crashed {child.restarts} times; giving up (raise --max-restarts)")
-        say(f"{child.name} exited with status {child.proc.returncode}; restarting ({child.restarts}/"
-            f"{self.cfg.max_restarts})")
+        window = self.cfg.restart_window_s
+        recent = child.crashed(window, time.monotonic())
+        if recent > self.cfg.max_restarts:
+            raise RuntimeError(f"{child.name} crashed {recent} times within {window:g}s; giving up (raise"
+                               " --max-restarts or lower --restart-window-s)")
+        say(f"{child.name} exited with status {child.proc.returncode}; restarting ({recent}/{self.cfg.max_restarts}"
+            f" within {window:g}s)")
         for dependent, _ in then:
             dependent.stop()
         self.start(child, ready)
@@ -132,8 +170,19 @@ class Supervisor:
             self.start(dependent, dependent_ready)
 
     def stop_all(self) -> None:
-        for child in (self.gateway, self.worker, self.memd):
-            child.stop()
+        """Stop the three children in parallel, then remove the socket files of those that could not (killed,
+        crashed): a stale worker.sock must not outlive serve."""
+        children = (self.gateway, self.worker, self.memd)
+        killed = stop_children(children)
+        if killed:
+            say(f"{', '.join(killed)} did not stop within {STOP_TIMEOUT_S:g}s of SIGTERM: killed")
+        for child in children:
+            if child.was_ready and child.proc.returncode != 0:
+                for addr in child.sockets:
+                    remove_ipc_file(addr)
+        if self.memd.was_ready and self.memd.proc.returncode != 0:  # killed: its pool would outlive it
+            for kind in ("pool", "control"):
+                (SHM_DIR / pool_name(self.cfg.state_dir, kind)).unlink(missing_ok=True)
 
     # ---- readiness probes
     def memd_ready(self) -> bool:

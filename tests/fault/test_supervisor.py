@@ -1,0 +1,106 @@
+"""``moeinf serve``'s supervisor with real child processes (stand-ins for the services, so each test takes seconds):
+the restart budget is a sliding window that refills, giving up removes the stale socket files of the dead, and
+SIGTERM stops every child in parallel (issue 12, items 7 and 9)."""
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common.config import ServeConfig
+from services import supervisor as sv
+from services.supervisor import Child, Supervisor, stop_children
+
+
+def py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+SLEEPER = py("import time; time.sleep(120)")
+CRASHER = py("import sys; sys.exit(3)")
+# exits 2 s after SIGTERM (a service finishing its streams), or ignores it
+SLOW_STOP = py("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(2), sys.exit(0)))\n"
+               "print('up', flush=True); time.sleep(120)")
+DEAF = py("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True);"
+          " time.sleep(120)")
+
+
+def supervisor(tmp_path: Path, worker_cmd, **cfg) -> Supervisor:
+    sup = Supervisor(ServeConfig(state_dir=tmp_path / "state", **cfg), tmp_path / "model")
+    for child, cmd in ((sup.memd, SLEEPER), (sup.worker, worker_cmd), (sup.gateway, SLEEPER)):
+        child.cmd = cmd
+        child.start()
+        child.was_ready = True
+    sup.memd_ready = sup.worker_ready = sup.gateway_ready = lambda: True
+    return sup
+
+
+def test_crashes_within_the_window_give_up_and_remove_the_stale_worker_socket(tmp_path):
+    sup = supervisor(tmp_path, CRASHER, max_restarts=2, restart_window_s=60)
+    stale = tmp_path / "state" / "worker.sock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()  # what a worker killed by SIGKILL leaves behind
+    try:
+        with pytest.raises(RuntimeError, match="worker crashed 3 times within 60s; giving up"):
+            sup.supervise()
+    finally:
+        sup.stop_all()
+    assert not stale.exists()
+    assert not any(c.alive() for c in (sup.memd, sup.worker, sup.gateway))
+
+
+def test_the_restart_budget_refills(tmp_path):
+    """Crashes farther apart than the window never add up: the sixth crash of a long life is restarted."""
+    sup = supervisor(tmp_path, CRASHER, max_restarts=2, restart_window_s=0.3)  # the loop polls every 0.5 s
+    errors = []
+
+    def run():
+        try:
+            sup.supervise()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sup.worker.total_crashes < 6:
+            assert time.monotonic() < deadline and thread.is_alive(), f"gave up: {errors}"
+            time.sleep(0.1)
+    finally:
+        sup.stopping = True
+        thread.join()
+        sup.stop_all()
+    assert not errors and sup.worker.total_crashes >= 6 and len(sup.worker.crashes) <= 2
+
+
+def test_the_window_counts_only_recent_crashes():
+    child = Child("worker", [])
+    assert [child.crashed(10, t) for t in (0, 1, 2)] == [1, 2, 3]
+    assert child.crashed(10, 11.5) == 2  # the crashes at 0 and 1 aged out
+    assert child.crashed(10, 100) == 1
+
+
+def test_sigterm_stops_the_children_in_parallel(tmp_path):
+    children = [Child(name, [], cmd=SLOW_STOP) for name in ("gateway", "worker", "memd")]
+    for c in children:
+        c.start()
+    time.sleep(1.0)  # their handlers are installed
+    start = time.monotonic()
+    assert stop_children(children) == []
+    took = time.monotonic() - start
+    assert all(c.proc.returncode == 0 for c in children)
+    assert took < 4.5, f"stopping took {took:.1f}s: one after another would be 6 s"
+
+
+def test_a_child_that_ignores_sigterm_is_killed_at_the_deadline(tmp_path, monkeypatch):
+    deaf, slow = Child("worker", [], cmd=DEAF), Child("memd", [], cmd=SLOW_STOP)
+    deaf.start()
+    slow.start()
+    time.sleep(1.0)
+    start = time.monotonic()
+    assert stop_children([deaf, slow], timeout=3.0) == ["worker"]
+    assert time.monotonic() - start < 5 and not deaf.alive() and slow.proc.returncode == 0
+    assert sv.STOP_TIMEOUT_S < 10  # serve's own deadline keeps every exit under 10 s
