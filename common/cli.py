@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.wire import add_parser as add_wire_parser
 
     add_wire_parser(bench)
+    from services.bench.soak import add_parser as add_soak_parser
+
+    add_soak_parser(bench)
     return parser
 
 
