@@ -88,6 +88,8 @@ class AcquireReply:
     hits: int  # experts that were already resident
     revoked: list[list[int]] = field(default_factory=list)  # [layer, expert] leases memd took back: do not use them
     epoch: int = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
+    speculate_layers: int = 0  # how many MoE layers ahead the worker should guess now (0: its own default)
+    speculate_threshold: float = 0.0  # the router probability below which a guess is not sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +169,12 @@ class StatsReply:
     next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
     acquires: int = 0  # ACQUIRE messages received
     leased_layers: int = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
+    speculation: list[LookaheadStats] = field(default_factory=list)  # the worker's hidden-state guesses, by distance
+    layer_notes: int = 0  # LAYER_NOTE events received (one per MoE layer per step, leased or not)
+    notes_dropped: int = 0  # layer notes that arrived after a later layer of their step (ignored)
+    speculate_layers: int = 0  # how far ahead workers are told to guess (adapts to read time vs layer time)
+    prefetch_deferred: int = 0  # plans put off because on-demand reads were in flight or queued
+    prefetch_declined: int = 0  # candidates whose expected benefit did not beat the bandwidth and slot they cost
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)
@@ -180,6 +188,25 @@ class RequestStartEvent:
 class RequestEndEvent:
     request: str
     generated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerNoteEvent:
+    """One MoE layer of one step, sent as it runs (leased or not; never blocks, dropped under pressure), so memd's
+    predictor, planner and policy follow every layer. Flat arrays: ``tokens`` is ``len(requests) x len(experts)``
+    row-major (request r, expert j at ``r * len(experts) + j``); guess i says expert ``guess_experts[i]`` of MoE layer
+    ``guess_layers[i]`` will run, with router probability ``guess_confidence[i]`` (hidden-state speculation)."""
+
+    worker: int  # pid: step numbers are per worker
+    step: int
+    layer: int
+    experts: list[int]
+    requests: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    prefill: list[bool] = field(default_factory=list)  # per request
+    guess_layers: list[int] = field(default_factory=list)
+    guess_experts: list[int] = field(default_factory=list)
+    guess_confidence: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
