@@ -198,8 +198,10 @@ class WorkerConfig:
     handshake_timeout_s: float = knob(60.0, "seconds to wait for memd during start-up")
     memd_timeout_s: float = knob(120.0, "seconds one expert acquire may take before memd is declared dead")
     record_trace: Path | None = knob(None, "write every token's routing to this file (JSON Lines, docs/traces.md)")
-    next_gate: bool = knob(True, "guess the next MoE layer's experts with its router on this layer's input and tell"
-                                 " memd (one small matmul per layer)")
+    next_gate: bool = knob(True, "guess the next MoE layers' experts with their routers on this layer's input and"
+                                 " tell memd (one small matmul per layer)")
+    speculate_layers: int = knob(4, "most MoE layers ahead a layer guesses (memd picks how many within this, from"
+                                    " read time vs layer time); 0: none")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
@@ -221,6 +223,8 @@ class WorkerConfig:
             raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
                              f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"
                              " chunk always fits next to the running requests' decode tokens")
+        if self.speculate_layers < 0:
+            raise ValueError("--speculate-layers must be >= 0")
 
     @property
     def memd_rpc_addr(self) -> str:

@@ -112,6 +112,8 @@ class AcquireReply(Message):
     hits: Count  # experts that were already resident
     revoked: list[list[Index]] = field(default_factory=list)  # [layer, expert] leases memd took back: do not use them
     epoch: Count = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
+    speculate_layers: Index = 0  # how many MoE layers ahead the worker should guess now (0: its own default)
+    speculate_threshold: Ratio = 0.0  # the router probability below which a guess is not sent
 
 
 class ReleaseRequest(Message):
@@ -185,6 +187,12 @@ class StatsReply(Message):
     next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
     acquires: Count = 0  # ACQUIRE messages received
     leased_layers: Count = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
+    speculation: list[LookaheadStats] = field(default_factory=list)  # the worker's hidden-state guesses, by distance
+    layer_notes: Count = 0  # LAYER_NOTE events received (one per MoE layer per step, leased or not)
+    notes_dropped: Count = 0  # layer notes that arrived after a later layer of their step (ignored)
+    speculate_layers: Index = 0  # how far ahead workers are told to guess (adapts to read time vs layer time)
+    prefetch_deferred: Count = 0  # plans put off because on-demand reads were in flight or queued
+    prefetch_declined: Count = 0  # candidates whose expected benefit did not beat the bandwidth and slot they cost
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)
@@ -196,6 +204,24 @@ class RequestStartEvent(Message):
 class RequestEndEvent(Message):
     request: Text
     generated_tokens: Count
+
+
+class LayerNoteEvent(Message):
+    """One MoE layer of one step, sent as it runs (leased or not; never blocks, dropped under pressure), so memd's
+    predictor, planner and policy follow every layer. Flat arrays: ``tokens`` is ``len(requests) x len(experts)``
+    row-major (request r, expert j at ``r * len(experts) + j``); guess i says expert ``guess_experts[i]`` of MoE layer
+    ``guess_layers[i]`` will run, with router probability ``guess_confidence[i]`` (hidden-state speculation)."""
+
+    worker: Index  # pid: step numbers are per worker
+    step: Count
+    layer: Index
+    experts: list[Index]
+    requests: list[Text] = field(default_factory=list)
+    tokens: list[Index] = field(default_factory=list)
+    prefill: list[bool] = field(default_factory=list)  # per request
+    guess_layers: list[Index] = field(default_factory=list)
+    guess_experts: list[Index] = field(default_factory=list)
+    guess_confidence: list[Ratio] = field(default_factory=list)
 
 
 class LayerTrace(Message):

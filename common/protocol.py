@@ -30,6 +30,7 @@ class Op(enum.IntEnum):
     REQUEST_START = 32
     REQUEST_END = 33
     STEP_TRACE = 34
+    LAYER_NOTE = 35
     # gateway -> worker
     GENERATE = 64
     CANCEL = 65
@@ -67,6 +68,7 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.REQUEST_START: Rpc(m.RequestStartEvent, None, Handler.INLINE),
     Op.REQUEST_END: Rpc(m.RequestEndEvent, None, Handler.INLINE),
     Op.STEP_TRACE: Rpc(m.StepTraceEvent, None, Handler.INLINE),
+    Op.LAYER_NOTE: Rpc(m.LayerNoteEvent, None, Handler.INLINE),
     Op.GENERATE: Rpc(m.GenerateRequest, m.TokensReply, Handler.STREAM),
     Op.CANCEL: Rpc(m.CancelRequest, m.CancelReply, Handler.INLINE),
     Op.WORKER_INFO: Rpc(m.WorkerInfoRequest, m.WorkerInfoReply, Handler.INLINE),
@@ -86,6 +88,6 @@ PROTOCOL: dict[Op, Rpc] = {
 }
 
 MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS, Op.RETURN_LEASES})
-MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END, Op.STEP_TRACE})
+MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END, Op.STEP_TRACE, Op.LAYER_NOTE})
 WORKER_OPS = frozenset({Op.GENERATE, Op.CANCEL, Op.WORKER_INFO})
 MEMD_ADMIN_OPS = frozenset(op for op in Op if op.name.startswith("ADMIN_"))

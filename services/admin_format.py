@@ -44,7 +44,11 @@ def stats(r: a.AdminStatsReply) -> str:
         f"prefetch: issued {s.prefetch_issued}, used {s.prefetch_used} (late {s.prefetch_late}), wasted"
         f" {s.prefetch_wasted} (cancelled {s.prefetch_cancelled}); precision {s.prefetch_precision:.2f},"
         f" recall {s.prefetch_recall:.2f}",
+        f"          deferred for demand reads {s.prefetch_deferred}, declined (not worth it) {s.prefetch_declined}",
         f"EAMC: {s.eamc_size} of {s.eamc_capacity} patterns (best-match similarity {s.match_similarity:.2f})",
+        f"layer notes: {s.layer_notes} ({s.notes_dropped} already fed); workers guess {s.speculate_layers} layers ahead",
+        _lookahead("prediction (EAMC + guesses)", s.lookahead),
+        _lookahead("hidden-state guesses", s.speculation),
         "",
     ]
     rows = []
@@ -55,6 +59,12 @@ def stats(r: a.AdminStatsReply) -> str:
     headers = ["layer", "resident", "hits", "misses", "hit rate", "pf issued", "pf used", "pf wasted", "precision",
                "recall", "stall s", "read"]
     return "\n".join(head) + "\n" + table(headers, rows)
+
+
+def _lookahead(name: str, stats) -> str:
+    """``name``: precision/recall per distance, e.g. ``d1 0.82/0.75``."""
+    parts = [f"d{x.distance} {_ratio(x.correct, x.predicted)}/{_ratio(x.correct, x.routed)}" for x in stats]
+    return f"{name}, precision/recall by layers ahead: {'  '.join(parts) if parts else 'none yet'}"
 
 
 def _total(s: StatsReply) -> LayerStats:

@@ -4,9 +4,12 @@
 planner. It never reads a file or awaits anything: the server (real reads in reader threads) and the simulator
 (``services/memd/simulate.py``, a clock and a bandwidth) drive it the same way:
 
-1. ``acquire``: pin and count; hits, joins (already loading) and on-demand loads (reserved slots);
-2. the caller starts the loads, then calls ``plan_prefetch``: predictions for the next layers, prefetches to
-   start (slots reserved) and stale ones to cancel;
+1. ``note`` (a worker's per-layer LAYER_NOTE, leased layer or not) or an ``acquire`` that carries its layer's
+   routing feeds the predictor, the policy (``on_step``, ``on_layer``) and the scores, once per (worker, step, layer);
+2. ``acquire``: pin and count; hits, joins (already loading) and on-demand loads (reserved slots);
+3. the caller starts the loads, replies, then calls ``plan`` (off the acquire path): predictions for the next
+   layers, prefetches to start (slots reserved; none while on-demand reads are queued, and only those whose
+   expected benefit beats their cost) and stale ones to cancel;
 3. ``load_done`` / ``load_cancelled`` / ``load_failed`` as reads end; ``stall`` with the time an acquire waited.
 Correctness never depends on a prediction: a prefetch only takes a free or evictable slot, and an on-demand load
 that finds every slot pinned or loading gets one by cancelling a prefetch (``steal_candidate``).
@@ -14,6 +17,7 @@ that finds every slot pinned or loading gets one by cancelling a prefetch (``ste
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from common import messages as m
@@ -28,6 +32,7 @@ from services.memd.predictor import Predictor
 from services.memd.slots import PoolExhausted, SlotTable
 
 log = logging.getLogger("moeinf.memd.core")
+WASTE_COST = 0.25  # a wrong prefetch's read, in stalls saved: the bandwidth it took from the window's other reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class AcquirePlan:
     joins: list[Key] = field(default_factory=list)  # already loading: wait for them (promote a prefetch)
     blocked: list[Key] = field(default_factory=list)  # no slot now: steal one from a prefetch, then reserve_demand
     transient: bool = False  # prompt-only acquire: its loads are admitted as transient
+    fed: bool = False  # it carried its layer's routing, new to the predictor: plan after replying
 
 
 @dataclass(slots=True)
@@ -82,6 +88,7 @@ class ExpertManager:
         self.transient: dict[Key, bool] = {}  # loading key -> admit as transient when loaded
         self.protect: dict[Key, float] = {}  # imminently needed (last plan) -> priority: evictions spare them
         self.bad_traces = 0
+        self.need = None  # the last plan's need[L, E] (a victim's expected need)
 
     @property
     def policy_name(self) -> str:
@@ -92,14 +99,16 @@ class ExpertManager:
 
     # ---------------------------------------------------------------- acquire
     def acquire(self, worker, req: m.AcquireRequest, now: float) -> AcquirePlan:
-        """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads."""
+        """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads. An
+        acquire that carries its layer's routing (a client that sends no notes) also feeds the predictor."""
         plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
         self.metrics.acquires += 1
         self._refresh(req.touched, decode=not plan.transient)
-        if self.predictor.advance(worker, req.step, req.layer, req.requests, req.tokens, req.prefill, now):
-            self.table.policy.on_step()
-        self.predictor.score(worker, req.step, req.layer, req.experts)
-        self.predictor.observe(worker, req.layer, req.experts, req.tokens)
+        if req.requests or req.speculated:
+            plan.fed = self.layer(worker, req.step, req.layer, req.experts, req.requests, req.tokens, req.prefill,
+                                  now)
+            if plan.fed:
+                self.predictor.guess(worker, [req.layer + 1] * len(req.speculated), req.speculated)
         for expert in req.experts:
             key = (req.layer, expert)
             if self.table.record_access(key, decode=not plan.transient):
@@ -143,21 +152,75 @@ class ExpertManager:
             self.metrics.prefetch_late += loading
         self.planner.done(key)  # a loading prefetch an acquire waits for is an on-demand load now
 
+    # ---------------------------------------------------------------- per-layer notes
+    def note(self, ev: m.LayerNoteEvent, now: float) -> bool:
+        """A worker's LAYER_NOTE: feed the layer and its guesses; False when it is malformed or already fed."""
+        self.metrics.layer_notes += 1
+        problem = self._check_note(ev)
+        if problem:
+            self._bad_trace(problem, "layer note")
+            return False
+        width = len(ev.experts)
+        tokens = [ev.tokens[r * width:(r + 1) * width] for r in range(len(ev.requests))] if ev.tokens else []
+        if not self.layer(ev.worker, ev.step, ev.layer, ev.experts, ev.requests, tokens, ev.prefill, now):
+            self.metrics.notes_dropped += 1
+            return False
+        self.predictor.guess(ev.worker, ev.guess_layers, ev.guess_experts)
+        return True
+
+    def layer(self, worker, step: int, layer: int, experts: list[int], requests: list[str],
+              tokens: list[list[int]], prefill: list[bool], now: float) -> bool:
+        """Place ``worker`` at (step, layer) and learn what it routed there; False when already fed (or late)."""
+        if self.predictor.duplicate(worker, step, layer):
+            return False
+        if self.predictor.advance(worker, step, layer, requests, tokens, prefill, now):
+            self.table.policy.on_step()
+        self.table.policy.on_layer(layer)
+        self.predictor.score(worker, step, layer, experts)
+        self.predictor.observe(worker, layer, experts, tokens)
+        self.metrics.layers_fed += 1
+        return True
+
+    def _check_note(self, ev: m.LayerNoteEvent) -> str | None:
+        if not 0 <= ev.layer < self.L or any(not 0 <= e < self.E for e in ev.experts):
+            return f"note step {ev.step}: layer {ev.layer} or experts {ev.experts} out of range"
+        if ev.tokens and len(ev.tokens) != len(ev.requests) * len(ev.experts):
+            return f"note step {ev.step} layer {ev.layer}: {len(ev.tokens)} token counts, not requests x experts"
+        if ev.prefill and len(ev.prefill) != len(ev.requests):
+            return f"note step {ev.step} layer {ev.layer}: {len(ev.prefill)} phases for {len(ev.requests)} requests"
+        if not len(ev.guess_layers) == len(ev.guess_experts) == len(ev.guess_confidence):
+            return f"note step {ev.step} layer {ev.layer}: guess arrays of different lengths"
+        if any(not 0 <= e < self.E for e in ev.guess_experts) or any(not 0 <= g < self.L for g in ev.guess_layers):
+            return f"note step {ev.step} layer {ev.layer}: a guess out of range"
+        return None
+
     # ---------------------------------------------------------------- prediction and prefetch
-    def plan_prefetch(self, worker, req: m.AcquireRequest, bandwidth: float | None) -> PrefetchPlan:
-        targets, need = self.predictor.predict(worker, req.speculated, req.speculated_tokens)
-        self.table.policy.observe_need(need)
+    def plan_prefetch(self, worker, req: m.AcquireRequest | None = None, bandwidth: float | None = None, *,
+                      demand_busy: bool = False) -> PrefetchPlan:
+        """Predict from ``worker``'s position, cancel its stale prefetches, and (unless ``demand_busy``: on-demand
+        reads are in flight or queued) pick prefetches worth their cost. ``req`` is not read (the position is
+        the predictor's, from the last note or acquire); it stays for the simulator's call."""
         plan = PrefetchPlan()
+        state = self.predictor.workers.get(worker)
+        if state is None or state.partial is None:
+            return plan
+        targets, need = self.predictor.predict(worker)
+        self.need = need
+        self.table.policy.observe_need(need)
         candidates = self.planner.candidates(targets)
         self.planner.retarget(worker, candidates)
-        acquired = {(req.layer, e) for e in req.experts}
-        plan.cancel = self.planner.stale(worker, req.step, req.layer, acquired)
-        if not self.prefetching:
+        acquired = {(state.layer, e) for e in state.routed}
+        plan.cancel = self.planner.stale(worker, state.step, state.layer, acquired)
+        if not self.prefetching or demand_busy:
             self.protect = {c.key: c.priority for c in candidates if c.key in self.table.slot_of}
+            self.metrics.prefetch_deferred += demand_busy and self.prefetching
             return plan
         chosen, self.protect = self.planner.plan(worker, candidates, self.table.slot_of.__contains__, bandwidth,
                                                  self.predictor.layer_seconds)
         for c in chosen:
+            if not self._worth(state.layer, c.priority):
+                self.metrics.prefetch_declined += 1
+                continue
             slot = self.table.reserve_prefetch(c.key, c.priority, self.protect)
             if slot is None:
                 continue
@@ -167,6 +230,33 @@ class ExpertManager:
             self.metrics.prefetch_issued[c.key[0]] += 1
             plan.start.append((c.key, slot, c.priority))
         return plan
+
+    def _worth(self, layer: int, p: float) -> bool:
+        """Expected benefit (``p``: the candidate's priority, need x nearness, times the stall a read costs) against
+        expected cost (a wrong guess's bandwidth, and the slot: the evicted expert's own priority, need x nearness
+        from the current ``layer``, since it must be read again), both in units of one read."""
+        if self.table.free or self.need is None:
+            return p > (1 - p) * WASTE_COST
+        victim = self.table.policy.victim(lambda k: self.table.evictable(k) and self.protect.get(k, -1.0) < p)
+        if victim is None:
+            return p > (1 - p) * WASTE_COST
+        distance = (victim[0] - layer - 1) % self.L + 1
+        victim_priority = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
+        return p > victim_priority + (1 - p) * WASTE_COST
+
+    def speculation(self, bandwidth: float | None) -> tuple[int, float]:
+        """(layers ahead the workers should guess, the router probability a guess needs): k covers the reads a
+        layer needs, ceil(read time per expert x experts fetched per layer / layer time); scarcer bandwidth (reads
+        long against a layer) asks more confidence of a guess. (0, 0.0) until both times are measured."""
+        layer_s = self.predictor.layer_seconds
+        if not bandwidth or not layer_s:
+            return 0, 0.0
+        read_s = self.expert_bytes / bandwidth
+        fetched = (self.table.counters.misses + sum(self.metrics.prefetch_issued)) / max(1, self.metrics.layers_fed)
+        k = max(1, min(self.L - 1, math.ceil(read_s * max(1.0, fetched) / layer_s)))
+        threshold = min(0.5, max(0.02, 0.5 * read_s / (read_s + layer_s)))
+        self.metrics.speculate_layers = k
+        return k, threshold
 
     # ---------------------------------------------------------------- load outcomes
     def load_done(self, key: Key, nbytes: int, seconds: float) -> None:
@@ -216,9 +306,7 @@ class ExpertManager:
     def step_trace(self, ev: m.StepTraceEvent) -> None:
         problem = self._check_trace(ev)
         if problem:
-            self.bad_traces += 1
-            if self.bad_traces <= 10:
-                log.warning("ignored a step trace: %s", problem)
+            self._bad_trace(problem)
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
         self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
@@ -228,6 +316,11 @@ class ExpertManager:
         for r, request in enumerate(ev.requests):
             rows = [(t.layer, t.experts, t.tokens[r]) for t in ev.layers]
             self.eams.add_step((ev.worker, ev.step), request, ev.tokens[r], ev.prefill[r], rows)
+
+    def _bad_trace(self, problem: str, what: str = "step trace") -> None:
+        self.bad_traces += 1
+        if self.bad_traces <= 10:
+            log.warning("ignored a %s: %s", what, problem)
 
     def _leased_hits(self, layer: int, experts: list[int]) -> None:
         """A layer the worker served from its leases (no acquire told memd): count its hits. Their recency came
@@ -262,6 +355,7 @@ class ExpertManager:
                   for i in range(self.L)]
         lookahead = [m.LookaheadStats(d, s.predicted, s.correct, s.routed) for d, s in p.lookahead_stats()]
         gate = [m.LookaheadStats(1, p.next_gate.predicted, p.next_gate.correct, p.next_gate.routed)]
+        spec = [m.LookaheadStats(d, s.predicted, s.correct, s.routed) for d, s in p.speculation_stats()]
         return dict(policy=self.policy_name, prefetch=self.prefetching, tokens=mt.tokens,
                     prefetch_issued=sum(mt.prefetch_issued), prefetch_used=sum(mt.prefetch_used),
                     prefetch_wasted=sum(mt.prefetch_wasted), prefetch_cancelled=mt.prefetch_cancelled,
@@ -269,4 +363,6 @@ class ExpertManager:
                     prefetch_recall=mt.prefetch_recall(c.misses), eamc_size=len(self.eamc), eamc_capacity=self.eamc.capacity,
                     match_similarity=p.match_similarity or 0.0, trace_steps=mt.trace_steps, trace_lost=mt.trace_lost,
                     layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate,
-                    acquires=mt.acquires, leased_layers=mt.leased_layers)
+                    acquires=mt.acquires, leased_layers=mt.leased_layers, speculation=spec,
+                    layer_notes=mt.layer_notes, notes_dropped=mt.notes_dropped, speculate_layers=mt.speculate_layers,
+                    prefetch_deferred=mt.prefetch_deferred, prefetch_declined=mt.prefetch_declined)

@@ -4,8 +4,9 @@ A lease is one pin per (worker, expert), however often the worker acquires it. T
 expert's slot with no message at all (an all-leased layer costs it no round trip); memd takes leases back only
 while that worker is blocked in an acquire, so a revoked slot is never in use:
 
-* an acquire that needs more slots than are free revokes every other lease of that worker: under pressure the
-  pool behaves exactly as without leases (only the current layer pinned);
+* an acquire that needs more slots than are free or evictable revokes just the shortfall of that worker's other
+  leases, picked in the eviction policy's victim order (never one of the current layer's experts, never one still
+  loading or pinned by anyone else): pressure evicts by policy, as it would without leases;
 * ``reclaim`` (the admin's drop and resize, another worker under pressure) flags a worker and bumps the revoke
   epoch on the control page; the worker reads the epoch before each layer and, when it moved, asks memd instead of
   using its leases, and that acquire revokes everything but the current layer;
@@ -69,19 +70,37 @@ class Client:
                     del self.pins[key]
                 table.unpin(key)
 
-    def lease(self, table: SlotTable, keys: list[Key], *, revoke_others: bool) -> list[Key]:
-        """Lease ``keys``; with ``revoke_others`` (or a pending reclaim) first take back every other lease.
-        Returns the revoked keys (already unpinned: the worker is waiting for this reply and uses none of them)."""
-        revoked: list[Key] = []
-        if revoke_others or self.reclaim:
-            wanted = set(keys)
+    def lease(self, table: SlotTable, keys: list[Key], *, shortfall: int = 0) -> list[Key]:
+        """Lease ``keys``; first take back ``shortfall`` other leases (the policy's victims among them), or every
+        other lease when a reclaim is pending. Returns the revoked keys (already unpinned: the worker is waiting
+        for this reply and uses none of them)."""
+        wanted = set(keys)
+        if self.reclaim:
             revoked = [k for k in self.leases if k not in wanted]
             self._unlease(table, revoked)
             self.reclaim = False
+        else:
+            revoked = self.revoke_victims(table, wanted, shortfall)
         for key in keys:
             if key not in self.leases:
                 self.leases.add(key)
                 table.pin(key)
+        return revoked
+
+    def revoke_victims(self, table: SlotTable, wanted: set[Key], count: int) -> list[Key]:
+        """Unlease up to ``count`` of this worker's leases outside ``wanted``, in the policy's victim order; only
+        leases whose slot this lease alone holds (once unleased they are evictable) are candidates."""
+        def candidate(key: Key) -> bool:
+            return (key in self.leases and key not in wanted and key not in table.loading
+                    and not self.pins.get(key) and table.pins.get(key, 0) == 1)
+
+        revoked: list[Key] = []
+        while len(revoked) < count:
+            victim = table.policy.victim(candidate)
+            if victim is None:
+                break
+            self._unlease(table, [victim])
+            revoked.append(victim)
         return revoked
 
     def return_leases(self, table: SlotTable) -> int:

@@ -1,6 +1,8 @@
 """Reads in flight, on the event loop side: one asyncio task per loading expert, over the reader's jobs.
 
-A task ends by telling the core how the read went (done, cancelled or failed). A cancelled prefetch that an
+A task ends by telling the core how the read went (done, cancelled or failed). The on-demand loads (started as
+demand, promoted, or waiting for a slot) are counted: while any runs or waits, no prefetch is planned, and
+``on_demand_idle`` is called when the last one ends. A cancelled prefetch that an
 acquire has meanwhile pinned is read again, as an on-demand load, into the same slot. An on-demand load that
 finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot.
 """
@@ -26,9 +28,23 @@ class Loads:
         self.core, self.reader = core, reader
         self.tasks: dict[Key, asyncio.Task] = {}
         self.jobs: dict[Key, ReadJob] = {}
+        self.demand_keys: set[Key] = set()  # on-demand loads running or queued
+        self.waiting = 0  # on-demand loads still looking for a slot
+        self.on_demand_idle = None  # called when the last on-demand load ends
+
+    @property
+    def demand_busy(self) -> bool:
+        return bool(self.demand_keys) or self.waiting > 0
+
+    def _demand_ended(self, key: Key | None) -> None:
+        self.demand_keys.discard(key)
+        if not self.demand_busy and self.on_demand_idle is not None:
+            self.on_demand_idle()
 
     def start(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> asyncio.Task:
         self.jobs[key] = self.reader.submit(key, slot, demand=demand, priority=priority)
+        if demand:
+            self.demand_keys.add(key)
         task = asyncio.create_task(self._run(key, slot))
         task.add_done_callback(_retrieve)
         self.tasks[key] = task
@@ -39,6 +55,7 @@ class Loads:
         job = self.jobs.get(key)
         if job is not None:
             self.reader.promote(job)
+            self.demand_keys.add(key)
         return self.tasks[key]
 
     def cancel(self, key: Key) -> None:
@@ -48,6 +65,14 @@ class Loads:
 
     async def demand(self, key: Key, transient: bool) -> None:
         """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``)."""
+        self.waiting += 1
+        try:
+            await self._demand(key, transient)
+        finally:
+            self.waiting -= 1
+            self._demand_ended(None)
+
+    async def _demand(self, key: Key, transient: bool) -> None:
         while True:
             if key in self.tasks:
                 await self.promote(key)
@@ -76,6 +101,7 @@ class Loads:
                 except ReadCancelled:
                     if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all
                         self.jobs[key] = self.reader.submit(key, slot, demand=True)
+                        self.demand_keys.add(key)
                         continue
                     self.core.load_cancelled(key)
                     return
@@ -88,6 +114,7 @@ class Loads:
         finally:
             self.tasks.pop(key, None)
             self.jobs.pop(key, None)
+            self._demand_ended(key)
 
 
 def _retrieve(task: asyncio.Task) -> None:

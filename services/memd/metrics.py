@@ -26,6 +26,12 @@ class Metrics:
     trace_lost: int = 0
     acquires: int = 0  # ACQUIRE messages
     leased_layers: int = 0  # layers a worker served from its leases (no message; learnt from the step trace)
+    layer_notes: int = 0  # LAYER_NOTE events received
+    notes_dropped: int = 0  # of those, already fed by the layer's acquire, or late (ignored)
+    layers_fed: int = 0  # (worker, step, layer) positions the predictor learnt (from a note or an acquire)
+    speculate_layers: int = 0  # the lookahead workers were last told to guess
+    prefetch_deferred: int = 0  # plans made without prefetching: on-demand reads were in flight or queued
+    prefetch_declined: int = 0  # candidates whose expected benefit did not beat their cost
     last_step: dict = field(default_factory=dict)  # worker pid -> last step number seen
 
     def __post_init__(self):

@@ -37,6 +37,9 @@ class EvictionPolicy:
     def on_step(self) -> None:
         """A forward step began (ages reuse counts)."""
 
+    def on_layer(self, layer: int) -> None:
+        """A worker reached MoE ``layer`` (every layer of every step, leased or not)."""
+
     def observe_need(self, need: np.ndarray) -> None:
         """``need[l, e]``: predicted probability that expert e of layer l runs the next time layer l runs."""
 

@@ -7,8 +7,9 @@ the request's own history updates (a Dirichlet posterior: decode counts weigh fu
 request's skewed reuse of a few experts dominates once it has decoded a few tokens. Per token, expert ``e`` of
 layer ``i`` is picked with probability ``q = min(1, top_k * P[i, e])``; the batch needs it with probability
 ``1 - prod_r (1 - q_r)^tokens_r``, for the remaining layers of this step and the early layers of the next one.
-For layer ``l + 1``, the worker's next-gate guess (layer l+1's router on layer l's input) is combined in, weighted
-by its measured precision. Every prediction is scored against what was then routed, per lookahead distance.
+The worker's hidden-state guesses (the routers of layers l+1..l+k applied to layer l's
+hidden state) are combined in for their target layers, each weighted by the precision measured at its distance.
+Every prediction is scored against what was then routed, per lookahead distance.
 
 Cost: the EAMC match and the batch need are computed once per decode step (at every layer of a step with prompt
 tokens, whose observed rows still grow); each layer then adds the next-gate guess and scores what was routed.
@@ -45,6 +46,8 @@ class WorkerStep:
     need: np.ndarray | None = None  # [L, E] batch need, kept through a decode-only step ...
     likely: list | None = None  # ... and, per layer, the experts whose need reaches the threshold
     last_time: float | None = None
+    guesses: dict[int, list[int]] = field(default_factory=dict)  # target layer (this step) -> guessed experts
+    routed: list[int] = field(default_factory=list)  # the experts of the current layer
 
 
 @dataclass(slots=True)
@@ -72,9 +75,9 @@ class Predictor:
         self.workers: dict[object, WorkerStep] = {}
         self.lookahead = [Lookahead() for _ in range(self.window)]
         self.pending: dict[tuple[object, int, int], dict[int, set[int]]] = {}  # (worker, step, layer) -> d -> set
-        self.next_gate = Lookahead()  # the next-gate guess alone, one layer ahead
-        self.next_gate_precision = NEXT_GATE_PRIOR
-        self._next_gate_pending: dict[tuple[object, int, int], set[int]] = {}
+        self.speculation = [Lookahead() for _ in range(num_layers)]  # the worker's guesses alone, by distance
+        self.spec_precision = [NEXT_GATE_PRIOR] * num_layers  # measured (EWMA), by distance
+        self._spec_pending: dict[tuple[object, int, int], dict[int, set[int]]] = {}
         self.layer_seconds: float | None = None
         self.match_similarity: float | None = None
 
@@ -101,13 +104,25 @@ class Predictor:
         state.prefill = np.array(prefill if len(prefill) == count else [False] * count, dtype=bool)
         state.partial = np.zeros((count, self.L, self.E), np.float32)
         state.match, state.match_sim, state.matched_rows, state.need = None, None, None, None
+        state.guesses = {}
 
     def forget(self, worker) -> None:
         self.workers.pop(worker, None)
         for key in [k for k in self.pending if k[0] == worker]:
             del self.pending[key]
-        for key in [k for k in self._next_gate_pending if k[0] == worker]:
-            del self._next_gate_pending[key]
+        for key in [k for k in self._spec_pending if k[0] == worker]:
+            del self._spec_pending[key]
+
+    @property
+    def next_gate(self) -> Lookahead:
+        """The guess one layer ahead (what the next-gate guess alone used to be)."""
+        return self.speculation[0]
+
+    def duplicate(self, worker, step: int, layer: int) -> bool:
+        """Was (step, layer) of ``worker`` already fed (by its note or its acquire)? (An earlier layer of the same
+        step number begins a new step, as for a client that never numbers its steps.)"""
+        state = self.workers.get(worker)
+        return state is not None and state.step == step and layer == state.layer
 
     # ---------------------------------------------------------------- scoring
     def score(self, worker, step: int, layer: int, routed: list[int]) -> None:
@@ -117,12 +132,12 @@ class Predictor:
             for distance, predicted in self.pending.pop(key).items():
                 if (key[1], key[2]) == (step, layer):
                     self._count(self.lookahead[distance - 1], predicted, actual)
-        for key in [k for k in self._next_gate_pending if k[0] == worker and (k[1], k[2]) <= (step, layer)]:
-            guess = self._next_gate_pending.pop(key)
-            if (key[1], key[2]) == (step, layer) and guess:
-                self._count(self.next_gate, guess, actual)
-                precision = len(guess & actual) / len(guess)
-                self.next_gate_precision += EWMA * (precision - self.next_gate_precision)
+        for key in [k for k in self._spec_pending if k[0] == worker and (k[1], k[2]) <= (step, layer)]:
+            for distance, guess in self._spec_pending.pop(key).items():
+                if (key[1], key[2]) == (step, layer) and guess:
+                    self._count(self.speculation[distance - 1], guess, actual)
+                    precision = len(guess & actual) / len(guess)
+                    self.spec_precision[distance - 1] += EWMA * (precision - self.spec_precision[distance - 1])
 
     @staticmethod
     def _count(stats: Lookahead, predicted: set[int], actual: set[int]) -> None:
@@ -133,10 +148,23 @@ class Predictor:
     # ---------------------------------------------------------------- prediction
     def observe(self, worker, layer: int, experts: list[int], tokens: list[list[int]]) -> None:
         state = self.workers[worker]
+        state.routed = list(experts)
         if tokens and len(tokens) == len(state.requests):
             state.partial[:, layer, experts] += np.asarray(tokens, dtype=np.float32)
 
-    def predict(self, worker, speculated: list[int], speculated_tokens: list[int]) -> tuple[list[Target], np.ndarray]:
+    def guess(self, worker, layers: list[int], experts: list[int]) -> None:
+        """The worker's guesses made at its current layer: ``experts[i]`` runs at MoE layer ``layers[i]`` of this
+        step (later layers only; others are ignored). They replace the guesses made at earlier layers."""
+        state = self.workers[worker]
+        state.guesses = {}
+        for target, expert in zip(layers, experts):
+            if state.layer < target < self.L:
+                state.guesses.setdefault(target, []).append(expert)
+        for target, guessed in state.guesses.items():
+            pending = self._spec_pending.setdefault((worker, state.step, target), {})
+            pending[target - state.layer] = set(guessed)
+
+    def predict(self, worker) -> tuple[list[Target], np.ndarray]:
         """Targets for the next ``window`` layers and ``need[L, E]``: the probability each expert runs the next
         time its layer runs (the rest of this step, then the next step)."""
         state = self.workers[worker]
@@ -146,14 +174,15 @@ class Predictor:
             likely = state.need >= self.threshold
             state.likely = [np.flatnonzero(row).tolist() for row in likely]
         need, likely = state.need, state.likely
-        if speculated and layer + 1 < self.L:
-            guess = np.zeros(self.E)
-            counts = speculated_tokens if len(speculated_tokens) == len(speculated) else [1] * len(speculated)
-            guess[speculated] = [self.next_gate_precision if c > 0 else 0.0 for c in counts]
+        if state.guesses:
             need, likely = need.copy(), list(likely)
-            need[layer + 1] = 1 - (1 - need[layer + 1]) * (1 - guess)
-            likely[layer + 1] = np.flatnonzero(need[layer + 1] >= self.threshold).tolist()
-            self._next_gate_pending[(worker, state.step, layer + 1)] = set(speculated)
+            for target, guessed in state.guesses.items():
+                if target <= layer:
+                    continue
+                guess = np.zeros(self.E)
+                guess[guessed] = self.spec_precision[target - layer - 1]
+                need[target] = 1 - (1 - need[target]) * (1 - guess)
+                likely[target] = np.flatnonzero(need[target] >= self.threshold).tolist()
         targets = []
         for distance in range(1, self.window + 1):
             step, target = divmod(layer + distance, self.L)
@@ -218,3 +247,8 @@ class Predictor:
     # ---------------------------------------------------------------- report
     def lookahead_stats(self) -> list[tuple[int, Lookahead]]:
         return [(d + 1, s) for d, s in enumerate(self.lookahead)]
+
+    def speculation_stats(self) -> list[tuple[int, Lookahead]]:
+        """The worker's guesses by distance, up to the farthest one that was ever scored."""
+        last = max((d for d, s in enumerate(self.speculation) if s.predicted or s.routed), default=-1)
+        return [(d + 1, self.speculation[d]) for d in range(last + 1)]

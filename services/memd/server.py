@@ -30,6 +30,7 @@ from services.memd.core import ExpertManager
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.leases import Client, ControlPage
 from services.memd.loads import LoadError, Loads
+from services.memd.prefetching import Prefetcher
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
 from services.memd.store import ExpertStore
@@ -48,6 +49,7 @@ class Pending(NamedTuple):
     hits: int
     revoked: list[tuple[int, int]]  # leases taken back
     epoch: int  # the revoke epoch when they were (a reclaim while the loads run makes the worker come back)
+    fed: bool  # it carried its layer's routing: plan prefetches once it is answered
 
 
 class RpcError(Exception):
@@ -63,6 +65,7 @@ class MemdServer:
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
+        self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth)
         self.pool_name, self.pool_bytes = pool_name, pool_bytes
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, Client] = {}
@@ -71,7 +74,7 @@ class MemdServer:
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
             Op.RELEASE: self.on_release, Op.STATS: self.on_stats, Op.RETURN_LEASES: self.on_return_leases,
             Op.REQUEST_START: self.on_request_start, Op.REQUEST_END: self.on_request_end,
-            Op.STEP_TRACE: self.on_step_trace,
+            Op.STEP_TRACE: self.on_step_trace, Op.LAYER_NOTE: self.on_layer_note,
         }
         assert set(self.handlers) == MEMD_RPC_OPS | MEMD_TRACE_OPS
         self._stop = asyncio.Event()
@@ -196,8 +199,9 @@ class MemdServer:
 
     def _drop_client(self, identity: bytes) -> None:
         client = self.clients.pop(identity, None)
-        self.core.forget_worker(identity)
         if client:
+            self.core.forget_worker(client.pid)
+            self.prefetcher.forget(client.pid)
             client.release_all(self.table)
 
     def _client(self, identity: bytes) -> Client:
@@ -245,6 +249,9 @@ class MemdServer:
             asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
         else:
             await self._send(identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
+        client = self.clients.get(identity)
+        if pending.fed and client is not None:  # it carried its layer's routing (no note): plan after the reply
+            self.prefetcher.wake(client.pid)
 
     def begin_acquire(self, identity: bytes, req: m.AcquireRequest):
         """Pin (or lease), plan loads; returns the pending acquire: request, keys, loads to wait for, hits, revoked."""
@@ -256,26 +263,32 @@ class MemdServer:
             raise
         revoked = self._hold(client, req, keys)
         with self._failing(client, req, keys):
-            plan = self.core.acquire(identity, req, time.perf_counter())
+            plan = self.core.acquire(client.pid, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.joins]
             waits += [asyncio.create_task(self.loads.demand(key, plan.transient)) for key in plan.blocked]
-            # right after this acquire's reply (or while its loads run): it never delays the reply
-            asyncio.get_running_loop().call_soon(self._prefetch, identity, req)
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
-        return Pending(req, keys, waits, plan.hits, revoked, epoch)
+        return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed)
 
     def _hold(self, client: Client, req: m.AcquireRequest, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking the worker's other leases
-        when this layer needs more slots than are free (and asking the other workers for theirs). Returns the
-        revoked leases."""
+        """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's
+        other leases as this layer lacks slots for, in the policy's victim order (and asking the other workers for
+        theirs when that is not enough). Returns the revoked leases."""
         if not req.lease:
             client.pin(self.table, keys)
             return []
-        pressure = sum(k not in self.table.slot_of for k in keys) > len(self.table.free)
-        if pressure and len(self.clients) > 1 and any(c.leases for c in self.clients.values() if c is not client):
+        shortfall = self._shortfall(keys)
+        if shortfall > 0 and len(self.clients) > 1 and any(c.leases for c in self.clients.values() if c is not client):
             self.reclaim_leases()
-        return client.lease(self.table, keys, revoke_others=pressure)
+        return client.lease(self.table, keys, shortfall=shortfall)
+
+    def _shortfall(self, keys: list[tuple[int, int]]) -> int:
+        """Slots ``keys`` need beyond the free and the evictable ones."""
+        t = self.table
+        missing = sum(k not in t.slot_of for k in keys) - len(t.free)
+        if missing <= 0:
+            return 0
+        return missing - sum(1 for k in t.slot_of if t.evictable(k) and k not in keys)
 
     def _let_go(self, client: Client, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
@@ -308,18 +321,9 @@ class MemdServer:
         return self._acquired(pending)
 
     def _acquired(self, p: Pending) -> m.AcquireReply:
-        return m.AcquireReply([self.table.slot_of[k] for k in p.keys], p.hits, [list(k) for k in p.revoked], p.epoch)
-
-    def _prefetch(self, identity: bytes, req: m.AcquireRequest) -> None:
-        """Predict, cancel stale prefetches, start new ones. A failure here never fails the acquire."""
-        try:
-            plan = self.core.plan_prefetch(identity, req, self.reader.bandwidth)
-            for key in plan.cancel:
-                self.loads.cancel(key)
-            for key, slot, priority in plan.start:
-                self.loads.start(key, slot, demand=False, priority=priority)
-        except Exception:
-            log.exception("prefetch planning failed (the acquire goes on)")
+        ahead, threshold = self.core.speculation(self.reader.bandwidth)
+        return m.AcquireReply([self.table.slot_of[k] for k in p.keys], p.hits, [list(k) for k in p.revoked], p.epoch,
+                              ahead, threshold)
 
     def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
         if not 0 <= req.layer < self.store.num_layers:
@@ -372,6 +376,11 @@ class MemdServer:
     def on_step_trace(self, identity, event: m.StepTraceEvent) -> None:
         self.trace_events[type(event).__name__] += 1
         self.core.step_trace(event)
+
+    def on_layer_note(self, identity, event: m.LayerNoteEvent) -> None:
+        """Every MoE layer of every step, leased or not: feed the predictor, then plan (coalesced, off this path)."""
+        if self.core.note(event, time.perf_counter()):
+            self.prefetcher.wake(event.worker)
 
 
 def _safe_rid(frame: bytes) -> int:

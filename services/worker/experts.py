@@ -5,10 +5,11 @@ per-model code: the layer's routed experts are acquired from memd, and transform
 forward runs on zero-copy views into the shared pool. The pool is seen as ``[num_slots, ...]`` tensors (one
 strided view per expert parameter), expert ids are remapped to slot ids, so no weight is ever copied.
 
-Each layer also tells memd what it routed (per request, with the acquire, and batched per step on the trace
-socket, see ``tracing.py``) and guesses the next MoE layer's experts by running that layer's router on this
-layer's input (next-gate speculation: one ``[tokens, hidden] x [hidden, experts]`` matmul), so memd can prefetch.
-None of it touches the computed values: the output stays bit-identical.
+Each layer also tells memd what it routed: a one-way LAYER_NOTE per layer on the trace socket (leased layer or
+not, so memd's predictor follows every layer with no round trip), and batched per step (``tracing.py``). The note
+carries guesses of the next MoE layers' experts: the routers of layers l+1..l+k applied to this layer's input in
+one matmul (``speculate.py``; k and the confidence threshold are memd's, from its last acquire reply). None of it
+touches the computed values: the output stays bit-identical.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from common import messages as m
+from services.worker.speculate import Speculator
 from services.worker.tracing import StepRecorder
 
 IMPLEMENTATION = "moeinf"
@@ -146,12 +148,12 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None):
+    def __init__(self, layer: int, module, views: PoolViews, client, speculator: Speculator | None = None):
         self.layer = layer
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots)
         self.client = client
-        self.next_gate = next_gate
+        self.speculator = speculator
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -165,14 +167,15 @@ class ExpertBinding:
         experts = torch.unique(top_k_index)
         ids = experts.tolist()
         requests, tokens, weights = attribution(top_k_index, top_k_weights, experts, self.num_experts)
-        guess, guess_tokens = ([], []) if self.next_gate is None else self.next_gate.guess(hidden_states,
-                                                                                           self.num_experts)
+        client = self.client
+        guesses = ([], [], []) if self.speculator is None else self.speculator.guess(
+            self.layer, hidden_states, client.speculate_layers, client.speculate_threshold)
         step = RECORDER.open
         prefill = step.prefill if step is not None and len(step.prefill) == len(requests) else []
-        slots = self.client.acquire(self.layer, ids, requests, tokens, step=RECORDER.step, prefill=prefill,
-                                    speculated=guess, speculated_tokens=guess_tokens)
-        RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights,
-                       leased=self.client.last_leased)
+        client.note(RECORDER.step, self.layer, ids, requests, tokens, prefill, *guesses)
+        slots = client.acquire(self.layer, ids, [], [], step=RECORDER.step, prefill=prefill)
+        nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
+        RECORDER.layer(self.layer, ids, tokens, weights, nxt, top_k_index, top_k_weights, leased=client.last_leased)
         try:
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
@@ -211,8 +214,9 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | None = None,
-         next_gate: bool = True) -> None:
-    """Bind every experts module to memd; ``recorder`` buffers the step traces (default: to memd only)."""
+         next_gate: bool = True, speculate_layers: int = 4) -> None:
+    """Bind every experts module to memd; ``recorder`` buffers the step traces (default: to memd only);
+    ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
     global RECORDER
     RECORDER = recorder if recorder is not None else StepRecorder(client)
     top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
@@ -220,9 +224,10 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)
                for layer in layers] if next_gate else [None] * len(layers)
-    for i, (layer, module) in enumerate(zip(layers, modules)):
-        gate = routers[i + 1] if next_gate and i + 1 < len(layers) else None
-        module._moeinf = ExpertBinding(layer.index, module, views, client, gate)
+    speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
+    client.speculate_layers = client.speculate_layers or speculate_layers
+    for layer, module in zip(layers, modules):
+        module._moeinf = ExpertBinding(layer.index, module, views, client, speculator)
 
 
 def _numel(shape) -> int:

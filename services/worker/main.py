@@ -41,7 +41,7 @@ def attach(cfg: WorkerConfig):
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
         experts.bind(model, layers, views, client, recorder=recorder(cfg, client, model, layers),
-                     next_gate=cfg.next_gate)
+                     next_gate=cfg.next_gate, speculate_layers=cfg.speculate_layers)
         client.ready()
     except BaseException:
         client.close()

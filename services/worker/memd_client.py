@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import time
+from collections import deque
 
 import numpy as np
 import zmq
@@ -27,7 +28,7 @@ from common.zmq_utils import make_socket
 
 log = logging.getLogger("moeinf.worker.memd")
 TRACE_HWM = 256
-MAX_TOUCHED = 4096  # leased uses remembered between acquires (recency hints for memd; older ones are dropped)
+MAX_TOUCHED = 4096  # leased uses remembered between acquires (recency hints for memd; the oldest are dropped)
 POLL_SLICE_MS = 200
 
 
@@ -53,7 +54,11 @@ class MemdClient:
         self._control: np.ndarray | None = None  # memd's revoke epoch (shared memory), when leasing
         self._seen_epoch = 0
         self.last_leased = False  # the last acquire was served from leases (no message)
-        self._touched: list[list[int]] = []  # [layer, expert] served from leases since the last acquire
+        self._touched: deque[list[int]] = deque(maxlen=MAX_TOUCHED)  # [layer, expert] used from leases, oldest first
+        self.pid = os.getpid()
+        self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
+        self.speculate_threshold = 0.0  # the router probability a guess needs (memd's word)
+        self.notes_dropped = 0
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
         self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
@@ -85,14 +90,13 @@ class MemdClient:
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
         if slots is not None:
-            if len(self._touched) < MAX_TOUCHED:
-                self._touched.extend([layer, expert] for expert in experts)
+            self._touched.extend([layer, expert] for expert in experts)
             return slots
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease, self._touched)
-        self._touched = []
+                                   list(speculated_tokens), lease, list(self._touched))
+        self._touched.clear()
         try:
             reply = self.call(Op.ACQUIRE, request)
         except BaseException:
@@ -102,7 +106,21 @@ class MemdClient:
             self.acquire_seconds += time.perf_counter() - start
         if lease:
             self._update_leases(layer, experts, reply)
+        if reply.speculate_layers:
+            self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
         return reply.slots
+
+    def note(self, step: int, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]],
+             prefill: list[bool], guess_layers: list[int], guess_experts: list[int],
+             guess_confidence: list[float]) -> None:
+        """Tell memd this layer ran (every layer, leased or not): one-way, flat arrays; a full queue drops it."""
+        flat = [count for row in tokens for count in row]
+        event = m.LayerNoteEvent(self.pid, step, layer, experts, requests, flat, list(prefill), guess_layers,
+                                 guess_experts, guess_confidence)
+        try:
+            self.trace.send(encode(Op.LAYER_NOTE, 0, event), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.notes_dropped += 1
 
     @property
     def leasing(self) -> bool:

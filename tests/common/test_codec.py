@@ -38,6 +38,8 @@ SAMPLES = {
     m.StepTraceEvent: m.StepTraceEvent(4242, 17, ["req-a", "req-b"], [5, 1], [True, False], [
         m.LayerTrace(0, [1, 6], [[3, 7], [1, 1]], [[1.5, 3.5], [0.25, 0.75]], [2, 6]),
         m.LayerTrace(1, [2], [[10], [2]], [[5.0], [1.0]], [], True)]),
+    m.LayerNoteEvent: m.LayerNoteEvent(4242, 17, 3, [1, 6], ["req-a", "req-b"], [3, 7, 1, 1], [True, False],
+                                       [4, 4, 5], [0, 2, 7], [0.5, 0.25, 0.125]),
     m.GenerateRequest: m.GenerateRequest("req-a", [1, 2, 3], 32, [2, 7], 0.7, 0.9, 40, 1234),
     m.TokensReply: m.TokensReply("req-a", [5, 6], "stop", 3, 2),
     m.CancelRequest: m.CancelRequest("req-a"),

@@ -1,0 +1,63 @@
+"""Prefetch planning off the acquire path: a coalescing planner woken by layer notes and acquires.
+
+A note (or an acquire that carried its layer's routing) wakes the planner for its worker; the plan runs on the
+next turn of the event loop, after the acquire's reply went out, once per worker however many notes arrived
+meanwhile (it plans from the latest position). Demand first: while on-demand reads are in flight or queued the
+plan only cancels stale prefetches and protects what is needed soon; the worker is planned again as soon as the
+last demand read ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.memd.core import ExpertManager
+from services.memd.loads import Loads
+
+log = logging.getLogger("moeinf.memd.prefetching")
+
+
+class Prefetcher:
+    def __init__(self, core: ExpertManager, loads: Loads, bandwidth):
+        self.core, self.loads = core, loads
+        self.bandwidth = bandwidth  # () -> measured read bandwidth (bytes/s) or None
+        self.waiting: dict[object, None] = {}  # workers to plan for, in order (a bounded set: one per worker)
+        self.deferred: dict[object, None] = {}  # workers planned while demand reads ran: plan again after them
+        self.scheduled = False
+        loads.on_demand_idle = self._demand_idle
+
+    def wake(self, worker) -> None:
+        self.waiting[worker] = None
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def forget(self, worker) -> None:
+        self.waiting.pop(worker, None)
+        self.deferred.pop(worker, None)
+
+    def _demand_idle(self) -> None:
+        for worker in list(self.deferred):
+            self.wake(worker)
+        self.deferred.clear()
+
+    def _run(self) -> None:
+        self.scheduled = False
+        workers = list(self.waiting)
+        self.waiting.clear()
+        for worker in workers:
+            self.plan(worker)
+
+    def plan(self, worker) -> None:
+        """Predict, cancel stale prefetches, start new ones. A failure here never fails an acquire."""
+        try:
+            busy = self.loads.demand_busy
+            plan = self.core.plan_prefetch(worker, None, self.bandwidth(), demand_busy=busy)
+            if busy:
+                self.deferred[worker] = None
+            for key in plan.cancel:
+                self.loads.cancel(key)
+            for key, slot, priority in plan.start:
+                self.loads.start(key, slot, demand=False, priority=priority)
+        except Exception:
+            log.exception("prefetch planning failed (the acquires go on)")

@@ -1,0 +1,74 @@
+"""Hidden-state speculation: guess the experts of MoE layers l+1..l+k from layer l's hidden state.
+
+The routers of every MoE layer are stacked once into one ``[layers * experts, hidden]`` matrix; the guess at layer
+``l`` is a single matmul of the hidden state with the contiguous rows of layers l+1..l+k (a view, no copy). Each
+target layer's top-k per token is picked as its router would (the scores plus DeepSeek's
+``e_score_correction_bias`` when there is one; the router's own bias is in the logits); a guessed expert's
+confidence is the highest probability a token gave it (softmax over the layer's experts, or the sigmoid score for
+sigmoid routers). Guesses below the confidence threshold are not sent. Group-limited routing (DeepSeek's
+``n_group`` / ``topk_group``) is not applied: its guesses are the plain top-k of the corrected scores.
+
+None of it touches the computed values: the routers are copies (or the model's own tensors, only read).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Speculator:
+    def __init__(self, routers: list, num_experts: int, max_ahead: int):
+        """``routers[i]``: MoE layer i's ``NextGate`` (None where it has none: that layer is never guessed)."""
+        self.E, self.L, self.max_ahead = num_experts, len(routers), max(0, max_ahead)
+        present = [r for r in routers if r is not None]
+        if not present or self.max_ahead == 0:
+            self.weight = None
+            return
+        hidden, dtype = present[0].weight.shape[1], present[0].weight.dtype
+        self.weight = torch.zeros(self.L * num_experts, hidden, dtype=dtype)
+        self.bias = torch.zeros(self.L * num_experts, dtype=dtype)
+        self.correction = torch.zeros(self.L * num_experts, dtype=torch.float32)
+        self.sigmoid = torch.zeros(self.L, dtype=torch.bool)
+        self.known = torch.tensor([r is not None for r in routers])
+        self.top_k = max(r.top_k for r in present)
+        with torch.no_grad():
+            for i, r in enumerate(routers):
+                if r is None:
+                    continue
+                rows = slice(i * num_experts, (i + 1) * num_experts)
+                self.weight[rows] = r.weight.to(dtype)
+                if r.bias is not None:
+                    self.bias[rows] = r.bias.to(dtype)
+                if r.correction is not None:
+                    self.correction[rows] = r.correction.float()
+                    self.sigmoid[i] = True
+
+    def ahead(self, layer: int, wanted: int) -> int:
+        """How many layers after ``layer`` can be guessed (at most ``wanted`` and the knob)."""
+        if self.weight is None:
+            return 0
+        return max(0, min(wanted, self.max_ahead, self.L - 1 - layer))
+
+    @torch.no_grad()
+    def guess(self, layer: int, hidden_states: torch.Tensor, wanted: int,
+              threshold: float = 0.0) -> tuple[list[int], list[int], list[float]]:
+        """``(target layers, experts, confidences)``, flat, for MoE layers layer+1..layer+k."""
+        k = self.ahead(layer, wanted)
+        if k == 0:
+            return [], [], []
+        lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
+        hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
+        logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float().view(-1, k, self.E)  # [T, k, E]
+        sigmoid = self.sigmoid[layer + 1:layer + 1 + k].view(1, k, 1)
+        probs = torch.where(sigmoid, logits.sigmoid(), logits.softmax(-1))
+        select = torch.where(sigmoid, probs + self.correction[lo:hi].view(1, k, self.E), probs)
+        top = select.topk(min(self.top_k, self.E), dim=-1).indices  # [T, k, top_k]
+        conf = torch.zeros(k, self.E)
+        picked = probs.gather(-1, top)  # [T, k, top_k]
+        flat = (torch.arange(k).view(1, k, 1) * self.E + top).reshape(-1)
+        conf = conf.view(-1).scatter_reduce(0, flat, picked.reshape(-1), reduce="amax").view(k, self.E)
+        chosen = torch.zeros(k * self.E, dtype=torch.bool)
+        chosen[flat] = True
+        keep = chosen.view(k, self.E) & (conf >= threshold) & self.known[layer + 1:layer + 1 + k].view(k, 1)
+        ahead, expert = keep.nonzero(as_tuple=True)
+        return (ahead + layer + 1).tolist(), expert.tolist(), conf[ahead, expert].tolist()

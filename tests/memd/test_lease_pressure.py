@@ -1,0 +1,49 @@
+"""Lease pressure in-process: memd revokes only the shortfall, in the policy's victim order, and never a slot the
+worker is using (the current layer's experts, one still loading, one it also pinned explicitly)."""
+from services.memd.leases import Client
+from services.memd.policy import LruPolicy
+from services.memd.slots import SlotTable
+
+
+def leased_table(keys):
+    table = SlotTable(len(keys), 4, LruPolicy())
+    client = Client(pid=1, ready=True)
+    for key in keys:
+        table.reserve(key)
+        table.loaded(key)
+        table.record_access(key)
+    client.lease(table, list(keys))
+    return table, client
+
+
+def test_pressure_revokes_the_shortfall_in_victim_order():
+    keys = [(0, e) for e in range(6)]
+    table, client = leased_table(keys)
+    for key in [(0, 3), (0, 1), (0, 5), (0, 0), (0, 4), (0, 2)]:  # recency: (0, 3) least recent
+        table.policy.on_access(key)
+    revoked = client.lease(table, [(1, 0), (1, 1)], shortfall=2)
+    assert revoked == [(0, 3), (0, 1)]
+    assert client.leases == {(0, 5), (0, 0), (0, 4), (0, 2), (1, 0), (1, 1)}
+    assert all(table.evictable(k) for k in revoked) and not any(table.evictable(k) for k in client.leases)
+
+
+def test_the_current_layer_and_slots_in_use_are_never_revoked():
+    keys = [(0, e) for e in range(4)] + [(1, 0)]
+    table, client = leased_table(keys)
+    client.pin(table, [(0, 1)])  # also pinned explicitly: in use
+    table.loading.add((0, 2))  # still loading
+    revoked = client.lease(table, [(0, 0), (1, 1)], shortfall=10)  # (0, 0) is acquired again now
+    assert set(revoked) == {(0, 3), (1, 0)}
+    assert {(0, 0), (0, 1), (0, 2)} <= client.leases
+
+
+def test_a_reclaim_takes_back_all_but_the_current_layer():
+    table, client = leased_table([(0, 0), (0, 1), (1, 0)])
+    client.reclaim = True
+    assert set(client.lease(table, [(1, 0)], shortfall=0)) == {(0, 0), (0, 1)}
+    assert client.leases == {(1, 0)} and not client.reclaim
+
+
+def test_no_shortfall_revokes_nothing():
+    table, client = leased_table([(0, 0), (0, 1)])
+    assert client.lease(table, [(2, 0)], shortfall=0) == []

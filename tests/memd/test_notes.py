@@ -1,0 +1,113 @@
+"""LAYER_NOTE handling in the core: every layer (leased or not) advances the predictor and the policy, stale
+prefetches are cancelled when the step moves on with no acquire at all, guesses k layers ahead are fused and
+scored by distance, and no prefetch is planned while on-demand reads are queued."""
+from common import messages as m
+from services.memd.core import ExpertManager, Knobs
+from services.memd.policy import LruPolicy
+
+E, L, MB = 8, 4, 1 << 20
+
+
+class CountingLru(LruPolicy):
+    def __init__(self):
+        super().__init__()
+        self.layers, self.steps = [], 0
+
+    def on_layer(self, layer: int) -> None:
+        self.layers.append(layer)
+
+    def on_step(self) -> None:
+        self.steps += 1
+
+
+def core_with(slots=8, **knobs) -> ExpertManager:
+    core = ExpertManager(slots, L, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", **knobs))
+    core.table.set_policy(CountingLru())
+    core.request_start("r")
+    return core
+
+
+def note(step, layer, experts, guesses=(), worker=7):
+    gl, ge = [g[0] for g in guesses], [g[1] for g in guesses]
+    return m.LayerNoteEvent(worker, step, layer, experts, ["r"], [1] * len(experts), [False], gl, ge,
+                            [0.9] * len(guesses))
+
+
+def test_every_noted_layer_advances_predictor_and_policy():
+    core = core_with()
+    for step in (1, 2):
+        for layer in range(L):
+            assert core.note(note(step, layer, [0, 1]), now=step + layer / 10)
+    assert core.table.policy.layers == [0, 1, 2, 3] * 2 and core.table.policy.steps == 2
+    state = core.predictor.workers[7]
+    assert (state.step, state.layer, state.routed) == (2, 3, [0, 1])
+    assert core.predictor.layer_seconds is not None
+    assert core.metrics.layers_fed == 8 and core.metrics.acquires == 0  # no acquire was needed
+    assert not core.note(note(2, 3, [0, 1]), now=3.0)  # the same layer again: ignored
+    assert core.metrics.notes_dropped == 1 and core.table.policy.layers[-1] == 3 and len(core.table.policy.layers) == 8
+
+
+def test_a_noted_layer_is_not_fed_again_by_its_acquire():
+    core = core_with()
+    core.note(note(1, 0, [0, 1]), now=0.0)
+    req = m.AcquireRequest(0, [0, 1], ["r"], [[1, 1]], 1, [False])
+    for key in [(0, 0), (0, 1)]:
+        core.table.pin(key)
+    plan = core.acquire(7, req, now=0.01)
+    assert not plan.fed and core.metrics.layers_fed == 1 and len(plan.loads) == 2
+
+
+def test_malformed_notes_are_ignored():
+    core = core_with()
+    bad = [m.LayerNoteEvent(7, 1, L, [0]), m.LayerNoteEvent(7, 1, 0, [0, 1], ["r"], [1]),
+           m.LayerNoteEvent(7, 1, 0, [0], ["r"], [1], [False], [1], [0], []),
+           m.LayerNoteEvent(7, 1, 0, [0], ["r"], [1], [False], [1], [E], [0.5])]
+    assert not any(core.note(ev, now=0.0) for ev in bad)
+    assert core.bad_traces == 4 and 7 not in core.predictor.workers
+
+
+def test_stale_prefetches_are_cancelled_when_the_step_moves_on_without_an_acquire():
+    core = core_with(window=2, threshold=0.1)
+    core.note(note(1, 0, [0], guesses=[(1, 5)]), now=0.0)
+    plan = core.plan_prefetch(7, None, bandwidth=None)
+    assert ((1, 5)) in [k for k, _, _ in plan.start]
+    core.note(note(1, 1, [0]), now=0.1)  # layer 1 ran (leased: no acquire) without expert 5
+    plan = core.plan_prefetch(7, None, bandwidth=None)
+    assert (1, 5) in plan.cancel
+
+
+def test_guesses_are_fused_by_distance_and_scored():
+    core = core_with(window=3, threshold=0.3)
+    core.note(note(1, 0, [0], guesses=[(1, 2), (2, 3), (3, 4)]), now=0.0)
+    targets, need = core.predictor.predict(7)
+    assert need[1, 2] > 0.3 and need[2, 3] > 0.3 and need[3, 4] > 0.3
+    core.note(note(1, 1, [2]), now=0.1)
+    core.note(note(1, 2, [5]), now=0.2)
+    core.note(note(1, 3, [4]), now=0.3)
+    spec = dict(core.predictor.speculation_stats())
+    assert (spec[1].correct, spec[1].predicted) == (1, 1)
+    assert (spec[2].correct, spec[2].predicted) == (0, 1)
+    assert (spec[3].correct, spec[3].predicted) == (1, 1)
+    stats = m.StatsReply(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, False, [], **core.stats_fields())
+    assert [s.distance for s in stats.speculation] == [1, 2, 3] and stats.layer_notes == 4
+
+
+def test_no_prefetch_while_demand_reads_are_queued():
+    core = core_with(window=2, threshold=0.1)
+    core.note(note(1, 0, [0], guesses=[(1, 5)]), now=0.0)
+    busy = core.plan_prefetch(7, None, bandwidth=None, demand_busy=True)
+    assert busy.start == [] and core.metrics.prefetch_deferred == 1
+    assert [k for k, _, _ in core.plan_prefetch(7, None, bandwidth=None).start] == [(1, 5)]
+
+
+def test_a_prefetch_must_beat_the_slot_it_takes():
+    core = core_with(slots=2, window=1, threshold=0.1)
+    core.predictor.spec_precision[0] = 0.2  # a guess right one time in five
+    for key in [(2, 0), (2, 1)]:  # both slots hold layer 2's experts, which the next step's layer 2 wants
+        core.table.reserve(key)
+        core.table.loaded(key)
+    core.note(note(1, 2, [0, 1]), now=0.0)
+    core.note(note(1, 3, [0, 1]), now=0.1)
+    core.note(note(2, 0, [0, 1], guesses=[(1, 6)]), now=0.2)
+    plan = core.plan_prefetch(7, None, bandwidth=None)
+    assert plan.start == [] and core.metrics.prefetch_declined >= 1

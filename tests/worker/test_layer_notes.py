@@ -1,0 +1,33 @@
+"""memd follows every layer with leases on (real memd + worker): each MoE layer of each step sends a LAYER_NOTE,
+leased or not, and every one of them feeds memd's predictor (none ignored); the hidden-state guesses are scored
+at every distance, prefetches are issued and used, and the tokens still equal plain transformers'."""
+import time
+
+from helpers import Stack
+from test_exactness import NEW_TOKENS, PROMPTS, reference
+
+from common.worker_client import WorkerClient
+
+LAYERS = 4  # the mixtral test checkpoint
+
+
+def test_leased_layers_feed_the_predictor(mixtral, state_dir):
+    expected = reference(mixtral, PROMPTS)
+    with Stack(mixtral, state_dir, expert_memory="50%") as stack:
+        client = WorkerClient(stack.worker_addr)
+        try:
+            got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
+        finally:
+            client.close()
+        deadline = time.monotonic() + 10
+        while (stats := stack.memd_stats()).layer_notes < LAYERS * stats.trace_steps or stats.trace_steps < len(
+                PROMPTS) * NEW_TOKENS - len(PROMPTS):
+            assert time.monotonic() < deadline, f"notes or step traces missing: {stats}"
+            time.sleep(0.05)
+    assert got == expected
+    assert stats.leased_layers > 0, "at 50% some layers must be served from leases (no acquire)"
+    assert stats.acquires + stats.leased_layers == LAYERS * stats.trace_steps
+    assert stats.layer_notes == LAYERS * stats.trace_steps and stats.notes_dropped == 0  # every layer fed
+    assert [s.distance for s in stats.speculation] == [1, 2, 3]  # 4 layers: guesses up to 3 ahead
+    assert all(s.routed > 0 and 0 < s.correct <= min(s.predicted, s.routed) for s in stats.speculation)
+    assert stats.prefetch_issued > 0 and stats.prefetch_used > 0

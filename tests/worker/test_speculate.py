@@ -1,0 +1,79 @@
+"""Hidden-state speculation on tiny random-weight models: the routers of layers l+1..l+k applied to layer l's
+hidden state (one matmul) against the routing plain transformers then computes. At every distance it must beat
+the history baseline (the previous token's experts at the target layer), and in every family the one-layer guess
+must equal the next-gate guess (the next router's top-k on this input)."""
+import pytest
+import torch
+from helpers import FAMILIES
+from transformers import AutoModelForCausalLM
+
+from services.worker.experts import find_router
+from common.checkpoint import find_moe_layers
+from services.worker.speculate import Speculator
+
+
+def routed_run(checkpoint, tokens: int = 48, seed: int = 0):
+    """(speculator, inputs of every MoE layer's experts [T, H], their routing [T, k]) for one random sequence."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    layers = find_moe_layers(model)
+    top_k = model.config.get_text_config().num_experts_per_tok
+    routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k)
+               for layer in layers]
+    seen = {}
+
+    def hook(index):
+        def grab(module, args):
+            seen[index] = (args[0].detach().clone(), args[1].detach().clone())
+        return grab
+
+    handles = [model.get_submodule(layer.module).register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    spec = Speculator(routers, layers[0].num_experts, len(layers) - 1)
+    return spec, routers, [seen[i] for i in range(len(layers))]
+
+
+def scores(spec, runs, distance):
+    """(speculation hits, history hits, routed) per-token at ``distance`` layers ahead."""
+    hit = base = routed = 0
+    for layer in range(len(runs) - distance):
+        hidden, _ = runs[layer]
+        actual = runs[layer + distance][1]
+        for t in range(1, hidden.shape[0]):
+            targets, experts, _ = spec.guess(layer, hidden[t:t + 1], distance)
+            guess = {e for g, e in zip(targets, experts) if g == layer + distance}
+            want = set(actual[t].tolist())
+            hit += len(guess & want)
+            base += len(set(actual[t - 1].tolist()) & want)
+            routed += len(want)
+    return hit, base, routed
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_speculation_beats_history_at_every_distance(mixtral, seed):
+    spec, _, runs = routed_run(mixtral, seed=seed)
+    for distance in range(1, len(runs)):
+        hit, base, routed = scores(spec, runs, distance)
+        assert hit > base, (distance, hit, base, routed)  # precision = recall here: k guesses for k routed
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_one_layer_ahead_equals_the_next_gate_guess(family, checkpoints):
+    spec, routers, runs = routed_run(checkpoints[family], tokens=12)
+    for layer in range(len(runs) - 1):
+        hidden = runs[layer][0]
+        targets, experts, conf = spec.guess(layer, hidden, 3)
+        assert targets and all(layer < g <= layer + 3 for g in targets) and all(0 < c <= 1 for c in conf)
+        one = sorted(e for g, e in zip(targets, experts) if g == layer + 1)
+        assert one == routers[layer + 1].guess(hidden, spec.E)[0]
+        kept = spec.guess(layer, hidden, 3, threshold=0.99)  # a high threshold keeps only confident guesses
+        assert len(kept[1]) < len(experts) and all(c >= 0.99 for c in kept[2])
+
+
+def test_guesses_stop_at_the_knob_and_the_last_layer(mixtral):
+    spec, _, runs = routed_run(mixtral, tokens=4)
+    assert spec.ahead(0, 10) == len(runs) - 1 and spec.ahead(len(runs) - 1, 3) == 0
+    assert Speculator([None] * 4, 8, 3).guess(0, runs[0][0], 3) == ([], [], [])
