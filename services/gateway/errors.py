@@ -14,6 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("moeinf.gateway")
+LINGER_S = 1.0
 RETRY_AFTER_S = 2  # a crashed worker is back within seconds (the supervisor restarts it)
 
 
@@ -73,7 +74,12 @@ class _Server(web.Server):
 
 
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer unparsable requests with OpenAI-shaped errors."""
+    """``web.AppRunner`` whose connections answer unparsable requests with OpenAI-shaped errors, and drain an
+    unread body for at most ``LINGER_S`` after answering (aiohttp's default, 10 s, holds a stalled client)."""
+
+    def __init__(self, app: web.Application, **kwargs):
+        kwargs.setdefault("lingering_time", LINGER_S)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
