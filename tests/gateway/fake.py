@@ -18,10 +18,13 @@ from common.zmq_utils import make_socket
 
 
 class FakeWorker:
-    """WORKER_INFO; GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...); CANCEL."""
+    """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...),
+    or an ``internal`` error after ``fail_after`` tokens, as a failed step ends; CANCEL."""
 
-    def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0):
+    def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
+                 fail_after: int | None = None, pid: int | None = None):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
+        self.fail_after, self.pid = fail_after, pid or os.getpid()
         self.ctx = zmq.Context()
         self.sock = make_socket(self.ctx, zmq.ROUTER, addr, bind=True)
         self.live: dict[str, list] = {}  # request -> [identity, rid, req, produced]
@@ -41,24 +44,35 @@ class FakeWorker:
 
     def _on(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
-            info = m.WorkerInfoReply(os.getpid(), "fake", "mixtral", self.max_model_len, self.vocab_size, [2], True,
+            info = m.WorkerInfoReply(self.pid, "fake", "mixtral", self.max_model_len, self.vocab_size, [2], True,
                                      len(self.live))
-            self.sock.send_multipart([identity, encode(op, rid, info)])
+            self._send([identity, encode(op, rid, info)])
         elif op is Op.CANCEL:
             found = self.live.pop(req.request, None) is not None
-            self.sock.send_multipart([identity, encode(op, rid, m.CancelReply(found))])
+            self._send([identity, encode(op, rid, m.CancelReply(found))])
         elif op is Op.GENERATE:
             self.live[req.request] = [identity, rid, req, 0]
 
     def _step(self) -> None:
         for request, entry in list(self.live.items()):
             identity, rid, req, produced = entry
+            if produced == self.fail_after:
+                error = m.ErrorReply("internal", "generation failed: a step of 2 requests failed")
+                self._send([identity, encode(Op.ERROR, rid, error)])
+                del self.live[request]
+                continue
             entry[3] = produced = produced + 1
             done = "length" if produced >= req.max_tokens else None
             reply = m.TokensReply(request, [1000 + produced], done, len(req.prompt), produced)
-            self.sock.send_multipart([identity, encode(Op.GENERATE, rid, reply)])
+            self._send([identity, encode(Op.GENERATE, rid, reply)])
             if done:
                 del self.live[request]
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.ZMQError:  # the gateway that asked is gone (ROUTER_MANDATORY)
+            pass
 
     def close(self) -> None:
         self.stopping.set()
