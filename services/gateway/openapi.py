@@ -7,7 +7,7 @@ from services.gateway.requests import MAX_STOP, MAX_TOP_K, MAX_USER, MIN_TEMPERA
 
 def _sampling(cfg: GatewayConfig) -> dict:
     return {
-        "model": {"type": "string"},
+        "model": {"type": "string", "enum": [cfg.served_model_name], "description": "the served model (404 otherwise)"},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1,
                         "description": f"0: greedy; otherwise at least {MIN_TEMPERATURE}"},
@@ -28,6 +28,9 @@ def _sampling(cfg: GatewayConfig) -> dict:
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
     "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
     "code": {"type": ["string", "null"]}}}}}
+_EVENT = {"type": "object", "required": ["data"], "description": "one Server-Sent Event", "properties": {
+    "data": {"type": "string", "description": "a JSON chunk; the last is `[DONE]`, or a JSON error object when the"
+                                              " stream fails after it started"}}}
 _USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                            ("prompt_tokens", "completion_tokens", "total_tokens")}}
 
@@ -42,18 +45,21 @@ def _post(summary: str, request: dict, response: dict) -> dict:
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
         "application/json": {"schema": request}}}, "responses": {
         "200": {"description": "the completion, or Server-Sent Events ending with `data: [DONE]` when streaming",
-                "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": {"type": "string"}}}},
+                "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": _EVENT}}},
         **errors}}}
 
 
 def openapi_spec(cfg: GatewayConfig) -> dict:
     model, sampling = cfg.served_model_name, _sampling(cfg)
-    completion = {"type": "object", "required": ["model", "prompt"], "properties": {
-        **sampling, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
+    completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
+        **sampling, "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                                         {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}}}
+    text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}
-    chat = {"type": "object", "required": ["model", "messages"], "properties": {
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
+    chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
         **sampling, "messages": {"type": "array", "items": message, "minItems": 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}}}
     completion_out = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},

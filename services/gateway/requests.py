@@ -45,6 +45,8 @@ def _typed(body: dict, name: str, types, what: str, default=None):
     value = body.get(name, default)
     if value is None:
         return default
+    if types is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema counts 1.0 as an integer
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise bad_request(f"'{name}' must be {what}", name)
     if not isinstance(value, types):
