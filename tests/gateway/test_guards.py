@@ -245,3 +245,18 @@ def test_health_stays_fast_while_four_1mib_prompts_are_tokenized(make_gateway):
     assert results == [400] * 4  # tokenized: far above the context
     assert len(latencies) >= 5, latencies  # the tokenization did take a while
     assert max(latencies) < 0.5, latencies
+
+
+def test_api_key_from_the_environment_and_its_file(tmp_path):
+    from common.config import GatewayConfig, build_config
+
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    assert build_config(GatewayConfig, env={"MOEINF_MODEL": str(tmp_path), "MOEINF_API_KEY": "k1"}).api_key == "k1"
+    cfg = build_config(GatewayConfig, env={"MOEINF_MODEL": str(tmp_path), "MOEINF_API_KEY_FILE": str(key_file)})
+    assert cfg.api_key == "from-a-file" and "from-a-file" not in repr(cfg)
+    for env, message in (({"MOEINF_API_KEY": "a", "MOEINF_API_KEY_FILE": str(key_file)}, "not both"),
+                         ({"MOEINF_API_KEY_FILE": str(tmp_path / "missing")}, "api-key-file"),
+                         ({"MOEINF_METRICS_AUTH": "on"}, "needs an API key")):
+        with pytest.raises(ValueError, match=message):
+            build_config(GatewayConfig, env={"MOEINF_MODEL": str(tmp_path), **env})
