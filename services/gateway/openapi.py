@@ -52,8 +52,9 @@ def _post(summary: str, request: dict, response: dict) -> dict:
 def openapi_spec(cfg: GatewayConfig) -> dict:
     model, sampling = cfg.served_model_name, _sampling(cfg)
     completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
-        **sampling, "prompt": {"oneOf": [{"type": "string", "minLength": 1},
-                                         {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}}}
+        **sampling, "prompt": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}}}
     text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                  "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {

@@ -17,6 +17,7 @@ from fake import FakeWorker, LocalGateway, gateway_config
 
 M = "demo"
 COMP, CHAT = "/v1/completions", "/v1/chat/completions"
+EVIL = "https://evil.example"
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_metrics_auth(make_gateway):
 
 
 def test_no_cors_by_default(gw):
-    status, headers, _ = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 1}, {"Origin": "https://evil.example"})
+    status, headers, _ = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 1}, {"Origin": EVIL})
     assert status == 200 and "Access-Control-Allow-Origin" not in headers
     status, headers, _ = call(gw.url + COMP, method="OPTIONS", headers={
         "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
@@ -180,7 +181,7 @@ def test_cors_origins_allows_only_those_listed(make_gateway):
     assert "Authorization" in headers["Access-Control-Allow-Headers"]
     status, headers, _ = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 1}, {"Origin": "https://app.example"})
     assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://app.example"
-    status, headers, _ = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 1}, {"Origin": "https://evil.example"})
+    status, headers, _ = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 1}, {"Origin": EVIL})
     assert "Access-Control-Allow-Origin" not in headers
 
 
