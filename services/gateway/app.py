@@ -27,7 +27,7 @@ from services.gateway.openapi import openapi_spec
 from services.gateway.output import Output
 from services.gateway.sse import Stream
 from services.gateway.text import TextCodec
-from services.gateway.worker_link import WorkerLink, WorkerRejected, WorkerUnavailable
+from services.gateway.worker_link import GatewayStopping, WorkerLink, WorkerRejected, WorkerUnavailable
 
 log = logging.getLogger("moeinf.gateway")
 HEALTH_POLL_S = 1.0
@@ -56,6 +56,10 @@ class Gateway:
         await self.link.close()
         self.metrics.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def abort_requests(self, reason: str) -> None:
+        """Shutting down: every request in flight ends now (streams with an error event) instead of running on."""
+        self.link.abort(reason)
 
     async def _poll_health(self) -> None:
         while True:
@@ -172,7 +176,7 @@ class Gateway:
                 if finished:
                     return
         except WorkerUnavailable as exc:
-            gone = True
+            gone = not isinstance(exc, GatewayStopping)  # a stopping gateway still cancels the worker's generation
             raise unavailable(str(exc)) from None
         except WorkerRejected as exc:
             gone = True

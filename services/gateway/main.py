@@ -38,5 +38,6 @@ async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        app["gateway"].abort_requests("the server is shutting down; retry shortly")
     finally:
         await runner.cleanup()

@@ -35,11 +35,15 @@ class WorkerRejected(RuntimeError):
         self.code = code
 
 
-class _PeerLost:
-    """Put in every pending queue when the worker goes away."""
+class GatewayStopping(WorkerUnavailable):
+    """The gateway is shutting down: its calls end, the worker lives on (and is told to cancel them)."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+
+class _PeerLost:
+    """Put in every pending queue when the worker goes away (or the gateway stops: ``stopping``)."""
+
+    def __init__(self, reason: str, stopping: bool = False):
+        self.reason, self.stopping = reason, stopping
 
 
 class WorkerLink:
@@ -53,6 +57,7 @@ class WorkerLink:
         self.max_pending = max_pending
         self.worker_pid: int | None = None  # watched while visible from this process
         self.lost: str | None = None  # why the worker is gone, until it answers again
+        self.stopping: str | None = None  # set by ``abort``: no new calls
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch_socket()),
                        asyncio.create_task(self._watch_pid())]
 
@@ -99,6 +104,12 @@ class WorkerLink:
         for queue in self.pending.values():
             queue.put_nowait(_PeerLost(reason))
 
+    def abort(self, reason: str) -> None:
+        """End every call in flight now (the gateway is stopping); the worker is alive and keeps its state."""
+        self.stopping = reason
+        for queue in self.pending.values():
+            queue.put_nowait(_PeerLost(reason, stopping=True))
+
     def _note_worker(self, info: m.WorkerInfoReply) -> None:
         self.lost = None
         if info.pid != self.worker_pid:  # a pid that is not visible here (another pid namespace) is not polled
@@ -106,6 +117,8 @@ class WorkerLink:
 
     # ------------------------------------------------------------------ calls
     def _open(self) -> tuple[int, asyncio.Queue]:
+        if self.stopping:
+            raise GatewayStopping(self.stopping)
         if len(self.pending) >= self.max_pending:
             raise WorkerRejected("capacity", f"{len(self.pending)} calls in flight to the worker")
         rid = next(self._ids)
@@ -136,10 +149,11 @@ class WorkerLink:
         return info
 
     async def cancel(self, request: str) -> None:
+        """Tell the worker to stop generating ``request``; fire and forget (its reply finds no queue)."""
         try:
-            await self.call(Op.CANCEL, m.CancelRequest(request), 5.0)
-        except (WorkerUnavailable, WorkerRejected) as exc:
-            log.info("cancel of %s not confirmed: %s", request, exc)
+            await self._send(Op.CANCEL, next(self._ids), m.CancelRequest(request))
+        except WorkerUnavailable as exc:
+            log.info("cancel of %s not sent: %s", request, exc)
 
     async def generate(self, request: m.GenerateRequest, step_timeout_s: float):
         """Yield ``TokensReply`` until the request finishes; raises on worker errors, its death or silence."""
@@ -161,7 +175,7 @@ class WorkerLink:
 
 def _raise_error(reply) -> None:
     if isinstance(reply, _PeerLost):
-        raise WorkerUnavailable(reply.reason)
+        raise (GatewayStopping if reply.stopping else WorkerUnavailable)(reply.reason)
     if isinstance(reply, m.ErrorReply):
         if reply.code == "unavailable":
             raise WorkerUnavailable(reply.message)

@@ -148,3 +148,17 @@ def test_dead_worker_pid_is_noticed_without_a_disconnect(setup):
         assert "died" in stream.events[-1]["error"]["message"]
     finally:
         stand_in.kill()
+
+
+def test_stopping_gateway_ends_its_streams_with_an_error_and_cancels_them(setup):
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.05)
+    gateway.wait_ready()
+    stream = SSE(gateway)
+    wait(lambda: len(stream.events) >= 2)
+    gateway.loop.call_soon_threadsafe(gateway.gateway.abort_requests, "the server is shutting down")
+    assert stream.wait_closed(5) is not None
+    assert "shutting down" in stream.events[-1]["error"]["message"]
+    wait(lambda: not worker.live, timeout=5)  # the worker was told to cancel: it generates nothing for nobody
+    status, _, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 2})
+    assert status == 503, payload
