@@ -250,17 +250,41 @@ class GatewayConfig:
     max_tokens_limit: int = knob(4096, "largest max_tokens a request may ask for")
     max_body_bytes: int = knob(1 << 20, "largest request body in bytes (413 above)")
     step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503")
+    body_timeout_s: float = knob(30.0, "seconds a client may take to send its request body (408 after)")
+    api_key: str = field(default="", repr=False, metadata={"help": "when set, /v1/* needs 'Authorization: Bearer"
+                         " <key>' (prefer MOEINF_API_KEY or --api-key-file: a flag shows in ps)"})
+    api_key_file: Path | None = knob(None, "file whose content (stripped) is the API key")
+    metrics_auth: bool = knob(False, "/metrics needs the API key too")
+    cors_origins: str = knob("", "comma-separated origins allowed by CORS ('*': any); none by default")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
+        if self.api_key_file is not None:
+            if self.api_key:
+                raise ValueError("give one of --api-key and --api-key-file, not both")
+            try:
+                key = Path(self.api_key_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"--api-key-file {self.api_key_file}: {exc.strerror}") from None
+            if not key:
+                raise ValueError(f"--api-key-file {self.api_key_file} is empty")
+            object.__setattr__(self, "api_key", key)
+        if self.metrics_auth and not self.api_key:
+            raise ValueError("--metrics-auth needs an API key (--api-key, --api-key-file or MOEINF_API_KEY)")
+        if self.body_timeout_s <= 0:
+            raise ValueError("--body-timeout-s must be > 0")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)
         if self.max_queued < 1 or self.max_tokens_limit < 1:
             raise ValueError("--max-queued and --max-tokens-limit must be >= 1")
+
+    @property
+    def cors_allowed(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in self.cors_origins.split(",") if o.strip())
 
     @property
     def worker_addr(self) -> str:

@@ -1,26 +1,39 @@
-"""The OpenAI-compatible HTTP API. Handlers parse into a ``Job``, admit it, and relay the worker's tokens."""
+"""The OpenAI-compatible HTTP API. Handlers parse into a ``Job``, admit it, and relay the worker's tokens.
+
+A request holds an admission slot (``--max-queued``) from tokenization to its last token. Tokenization runs in
+a small thread pool (the tokenizer releases the GIL), after a cheap length bound that refuses a text that cannot
+fit the context without tokenizing it. Once a stream has sent its headers, every failure ends it with a final
+``data: {"error": {...}}`` event and a closed response (``sse.py``); before that, it is an ordinary error response.
+"""
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from common import messages as m
 from common.config import GatewayConfig
 from services.gateway import requests as rq
-from services.gateway.errors import ApiError, bad_request, too_many, unavailable
+from services.gateway.body import read_json
+from services.gateway.errors import ApiError, bad_request, internal, too_many, unavailable
+from services.gateway.guard import add_cors_headers, guard_middleware
 from services.gateway.metrics import GatewayMetrics, RequestClock, metrics_middleware
 from services.gateway.openapi import openapi_spec
 from services.gateway.output import Output
+from services.gateway.sse import Stream
 from services.gateway.text import TextCodec
-from services.gateway.worker_link import WorkerLink, WorkerRejected, WorkerUnavailable
+from services.gateway.worker_link import GatewayStopping, WorkerLink, WorkerRejected, WorkerUnavailable
 
 log = logging.getLogger("moeinf.gateway")
 HEALTH_POLL_S = 1.0
+TOKENIZER_THREADS = 2
+WORKER_ERRORS = {"capacity": (429, "rate_limit_error"), "bad_request": (400, "invalid_request_error"),
+                 "memd": (503, "service_unavailable_error")}  # anything else: 500
 
 
 class Gateway:
@@ -30,6 +43,7 @@ class Gateway:
         self.info: m.WorkerInfoReply | None = None
         self.health_reason = "the worker has not answered yet"
         self.metrics = GatewayMetrics(self, cfg.memd_addr)
+        self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
@@ -41,24 +55,27 @@ class Gateway:
         await asyncio.gather(self._poller, return_exceptions=True)
         await self.link.close()
         self.metrics.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def abort_requests(self, reason: str) -> None:
+        """Shutting down: every request in flight ends now (streams with an error event) instead of running on."""
+        self.link.abort(reason)
 
     async def _poll_health(self) -> None:
         while True:
-            try:
-                info = await self.link.info(timeout_s=HEALTH_POLL_S * 2)
-                self.info = info
-                self.health_reason = "" if info.ready else "the worker is up but memd is not"
-            except (WorkerUnavailable, WorkerRejected) as exc:
-                self.health_reason = f"the worker is not answering ({exc})"
+            await self.refresh_health(HEALTH_POLL_S * 2)
             await asyncio.sleep(HEALTH_POLL_S)
 
-    # ------------------------------------------------------------------ routes
-    async def health(self, request: web.Request) -> web.Response:
+    async def refresh_health(self, timeout_s: float) -> None:
         try:
-            self.info = await self.link.info(timeout_s=HEALTH_POLL_S)
+            self.info = await self.link.info(timeout_s=timeout_s)
             self.health_reason = "" if self.info.ready else "the worker is up but memd is not"
         except (WorkerUnavailable, WorkerRejected) as exc:
             self.health_reason = f"the worker is not answering ({exc})"
+
+    # ------------------------------------------------------------------ routes
+    async def health(self, request: web.Request) -> web.Response:
+        await self.refresh_health(HEALTH_POLL_S)
         if self.health_reason:
             return web.json_response({"status": "unavailable", "reason": self.health_reason}, status=503)
         return web.json_response({"status": "ok", "model": self.cfg.served_model_name})
@@ -69,52 +86,75 @@ class Gateway:
         return web.json_response({"object": "list", "data": [card]})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(openapi_spec(self.cfg.served_model_name))
+        return web.json_response(openapi_spec(self.cfg))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
+        body = await read_json(request, self.cfg.body_timeout_s)
         rq.check_known(body, rq.COMMON | rq.COMPLETION_ONLY)
         info = self.require_worker()
         job = rq.Job(chat=False, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
         text, ids = rq.parse_prompt(body, info.vocab_size)
-        job.prompt_ids = ids if ids is not None else self.codec.encode(text)
-        return await self.run(request, job, body, info)
+        rq.parse_sampling(body, job, chat=False, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
+        with self.admission():
+            if ids is None:
+                ids = await self.tokenize(self.codec.encode, text, len(text), "prompt", info)
+            job.prompt_ids = ids
+            return await self.run(request, job, info)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await read_json(request)
+        body = await read_json(request, self.cfg.body_timeout_s)
         rq.check_known(body, rq.COMMON | rq.CHAT_ONLY)
         info = self.require_worker()
         job = rq.Job(chat=True, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
         job.messages = rq.parse_messages(body)
-        job.prompt_ids = self.codec.encode_chat(job.messages)
-        return await self.run(request, job, body, info)
+        rq.parse_sampling(body, job, chat=True, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
+        chars = sum(len(msg["content"]) for msg in job.messages)
+        with self.admission():
+            job.prompt_ids = await self.tokenize(self.codec.encode_chat, job.messages, chars, "messages", info)
+            return await self.run(request, job, info)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ admission and tokenization
     def require_worker(self) -> m.WorkerInfoReply:
+        if self.link.lost:
+            self.health_reason = f"the worker is not answering ({self.link.lost})"
         if self.health_reason or self.info is None:
             raise unavailable(f"not ready: {self.health_reason or 'starting'}")
         return self.info
 
-    async def run(self, request: web.Request, job: rq.Job, body: dict, info: m.WorkerInfoReply):
-        room = info.max_model_len - len(job.prompt_ids)
-        default = max(1, min(self.cfg.max_tokens_limit, room)) if job.chat else 16
-        rq.parse_sampling(body, job, chat=job.chat, limit=self.cfg.max_tokens_limit, default=default)
+    @contextlib.contextmanager
+    def admission(self):
+        """One of ``--max-queued`` slots, held until the response is over (however it ends)."""
+        if self.active >= self.cfg.max_queued:
+            raise too_many(f"{self.active} requests are in progress (limit {self.cfg.max_queued}); retry shortly", 1)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    async def tokenize(self, encode, text, chars: int, param: str, info: m.WorkerInfoReply) -> list[int]:
+        if self.codec.too_long(chars, info.max_model_len):
+            raise bad_request(f"the {param} is {chars} characters: more than the model's context of"
+                              f" {info.max_model_len} tokens can hold", param, "context_length_exceeded")
+        return await asyncio.get_running_loop().run_in_executor(self.pool, encode, text)
+
+    # ------------------------------------------------------------------ generation
+    async def run(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply):
+        rq.default_max_tokens(job, limit=self.cfg.max_tokens_limit, max_model_len=info.max_model_len)
         if len(job.prompt_ids) + job.max_tokens > info.max_model_len:
             param = "messages" if job.chat else "prompt"
             raise bad_request(f"the prompt is {len(job.prompt_ids)} tokens and max_tokens {job.max_tokens}: together"
                               f" above the model's context of {info.max_model_len} tokens", param,
                               "context_length_exceeded")
-        if self.active >= self.cfg.max_queued:
-            raise too_many(f"{self.active} requests are in progress (limit {self.cfg.max_queued}); retry shortly", 1)
-        self.active += 1
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         clock = self.metrics.clock(request.get("received", time.perf_counter()))
-        try:
-            if job.stream:
-                return await self.stream(request, job, info, clock)
-            return await self.complete(job, info, clock)
-        finally:
-            self.active -= 1
+        out = Output(self.codec, job)
+        if job.stream:
+            with self.metrics.streams.track_inprogress():
+                return await Stream(request, out).relay(self.tokens(job, info, out, clock))
+        async for _ in self.tokens(job, info, out, clock):
+            pass
+        return web.json_response(out.body())
 
     def worker_request(self, job: rq.Job, info: m.WorkerInfoReply) -> m.GenerateRequest:
         return m.GenerateRequest(request=uuid.uuid4().hex, prompt=job.prompt_ids, max_tokens=job.max_tokens,
@@ -122,9 +162,11 @@ class Gateway:
                                  top_p=job.top_p, top_k=job.top_k, seed=job.seed)
 
     async def tokens(self, job: rq.Job, info: m.WorkerInfoReply, out: Output, clock: RequestClock):
-        """Yield text deltas; cancels the worker's generation on a stop string, an error or a disconnect."""
+        """Yield text deltas; cancels the worker's generation on a stop string, an error or a disconnect.
+
+        Worker failures come out as ``ApiError``s: a dead worker's as 503 with ``Retry-After``."""
         req = self.worker_request(job, info)
-        finished = False
+        finished = gone = False  # gone: the worker no longer has the request (it failed it, or it died)
         try:
             async for reply in self.link.generate(req, self.cfg.step_timeout_s):
                 clock.add(len(reply.tokens))
@@ -134,67 +176,17 @@ class Gateway:
                 if finished:
                     return
         except WorkerUnavailable as exc:
+            gone = not isinstance(exc, GatewayStopping)  # a stopping gateway still cancels the worker's generation
             raise unavailable(str(exc)) from None
         except WorkerRejected as exc:
-            status = 429 if exc.code == "capacity" else 400 if exc.code == "bad_request" else 500
-            raise ApiError(status, str(exc), type="invalid_request_error" if status == 400 else "server_error",
-                           code=exc.code) from None
+            gone = True
+            status, kind = WORKER_ERRORS.get(exc.code, (500, "server_error"))
+            raise ApiError(status, str(exc), type=kind, code=exc.code,
+                           headers={"Retry-After": "1"} if status in (429, 503) else None) from None
         finally:
             clock.done()
-            if not finished or out.stop.stopped:
+            if not gone and (not finished or out.stop.stopped):
                 asyncio.ensure_future(self.link.cancel(req.request))
-
-    async def complete(self, job: rq.Job, info: m.WorkerInfoReply, clock: RequestClock) -> web.Response:
-        out = Output(self.codec, job)
-        async for _ in self.tokens(job, info, out, clock):
-            pass
-        return web.json_response(out.body())
-
-    async def stream(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply,
-                     clock: RequestClock) -> web.StreamResponse:
-        with self.metrics.streams.track_inprogress():
-            return await self._stream(request, job, info, clock)
-
-    async def _stream(self, request: web.Request, job: rq.Job, info: m.WorkerInfoReply,
-                      clock: RequestClock) -> web.StreamResponse:
-        out = Output(self.codec, job)
-        response = None
-        first = True
-        async for delta in self.tokens(job, info, out, clock):
-            if response is None:
-                response = await start_sse(request)
-            if delta or first:
-                await send_event(response, out.chunk(delta, first=first))
-                first = False
-        if response is None:
-            response = await start_sse(request)
-        await send_event(response, out.chunk("", final=True))
-        if job.include_usage:
-            await send_event(response, out.usage_chunk())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
-
-async def read_json(request: web.Request) -> dict:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    return body
-
-
-async def start_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    return response
-
-
-async def send_event(response: web.StreamResponse, obj: dict) -> None:
-    await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
 
 @web.middleware
@@ -208,22 +200,23 @@ async def errors_middleware(request: web.Request, handler):
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         return ApiError(exc.status, exc.reason if exc.status != 413 else
                         f"the request body is larger than {request.app['cfg'].max_body_bytes} bytes",
-                        type=kind, code=str(exc.status)).response()
+                        type=kind, code=str(exc.status), close=exc.status == 413).response()
     except (asyncio.CancelledError, ConnectionResetError):
         log.info("client went away after %.2fs: %s %s", time.perf_counter() - started, request.method, request.path)
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(500, "internal error in the gateway (see its log)", type="server_error",
-                        code="internal").response()
+        return internal().response()
 
 
 def build_app(cfg: GatewayConfig, codec: TextCodec) -> web.Application:
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[metrics_middleware, errors_middleware])
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[metrics_middleware, errors_middleware, guard_middleware])
     gateway = Gateway(cfg, codec)
     app["cfg"], app["gateway"], app["metrics"] = cfg, gateway, gateway.metrics
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
+    app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/openapi.json", gateway.openapi)
@@ -231,3 +224,4 @@ def build_app(cfg: GatewayConfig, codec: TextCodec) -> web.Application:
     app.router.add_post("/v1/completions", gateway.completions)
     app.router.add_post("/v1/chat/completions", gateway.chat)
     return app
+

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from common.config import GatewayConfig
 from services.gateway.app import build_app
+from services.gateway.errors import GatewayRunner
 from services.gateway.text import TextCodec
 
 log = logging.getLogger("moeinf.gateway")
@@ -22,7 +23,7 @@ def run(cfg: GatewayConfig) -> int:
 
 async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
     app = build_app(cfg, codec)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port)
@@ -37,5 +38,6 @@ async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
+        app["gateway"].abort_requests("the server is shutting down; retry shortly")
     finally:
         await runner.cleanup()

@@ -1,51 +1,73 @@
-"""``GET /openapi.json``: the API this gateway serves, as OpenAPI 3.1."""
+"""``GET /openapi.json``: the API this gateway serves, as OpenAPI 3.1 (its limits are this gateway's knobs)."""
 from __future__ import annotations
 
-_SAMPLING = {
-    "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-    "top_k": {"type": "integer", "minimum": -1, "default": 0, "description": "0 or -1: off"},
-    "seed": {"type": "integer", "minimum": 0},
-    "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
-    "n": {"type": "integer", "enum": [1]},
-    "stream": {"type": "boolean", "default": False},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "user": {"type": "string", "description": "accepted and ignored"},
-}
+from common.config import GatewayConfig
+from services.gateway.requests import MAX_STOP, MAX_TOP_K, MAX_USER, MIN_TEMPERATURE
+
+
+def _sampling(cfg: GatewayConfig) -> dict:
+    return {
+        "model": {"type": "string", "enum": [cfg.served_model_name], "description": "the served model (404 otherwise)"},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1,
+                        "description": f"0: greedy; otherwise at least {MIN_TEMPERATURE}"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K, "default": 0,
+                  "description": "0 or -1: off; values above the vocabulary size are off too"},
+        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]},
+        "n": {"type": "integer", "enum": [1]},
+        "stream": {"type": "boolean", "default": False},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "user": {"type": "string", "maxLength": MAX_USER, "description": "accepted and ignored"},
+    }
+
+
+
 _ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
     "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
     "code": {"type": ["string", "null"]}}}}}
+_EVENT = {"type": "object", "required": ["data"], "description": "one Server-Sent Event", "properties": {
+    "data": {"type": "string", "description": "a JSON chunk; the last is `[DONE]`, or a JSON error object when the"
+                                              " stream fails after it started"}}}
 _USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
                                            ("prompt_tokens", "completion_tokens", "total_tokens")}}
 
 
 def _post(summary: str, request: dict, response: dict) -> dict:
     errors = {str(code): {"description": text, "content": {"application/json": {"schema": _ERROR}}}
-              for code, text in ((400, "invalid request"), (404, "unknown model"), (413, "body too large"),
-                                 (429, "queue full (see Retry-After)"), (503, "worker or memd not ready"))}
+              for code, text in ((400, "invalid request"), (401, "missing or wrong API key (with --api-key)"),
+                                 (404, "unknown model"), (408, "body not sent within --body-timeout-s"),
+                                 (413, "body too large"), (415, "body not application/json"),
+                                 (429, "queue full (see Retry-After)"),
+                                 (503, "worker or memd not ready, or gone (see Retry-After)"))}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
         "application/json": {"schema": request}}}, "responses": {
         "200": {"description": "the completion, or Server-Sent Events ending with `data: [DONE]` when streaming",
-                "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": {"type": "string"}}}},
+                "content": {"application/json": {"schema": response}, "text/event-stream": {"schema": _EVENT}}},
         **errors}}}
 
 
-def openapi_spec(model: str) -> dict:
-    completion = {"type": "object", "required": ["model", "prompt"], "properties": {
-        **_SAMPLING, "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}}]}}}
-    message = {"type": "object", "required": ["role", "content"], "properties": {
+def openapi_spec(cfg: GatewayConfig) -> dict:
+    model, sampling = cfg.served_model_name, _sampling(cfg)
+    completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
+        **sampling, "prompt": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}}}
+    text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                 "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}}}
-    chat = {"type": "object", "required": ["model", "messages"], "properties": {
-        **_SAMPLING, "messages": {"type": "array", "items": message, "minItems": 1},
-        "max_completion_tokens": {"type": "integer", "minimum": 1}}}
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
+    chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
+        **sampling, "messages": {"type": "array", "items": message, "minItems": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}}}
     completion_out = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},
                                                       "choices": {"type": "array"}, "usage": _USAGE}}
     chat_out = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"},
                                                 "choices": {"type": "array"}, "usage": _USAGE}}
-    return {
+    spec = {
         "openapi": "3.1.0",
         "info": {"title": "moeinf", "version": "1", "description": f"OpenAI-compatible API serving {model}"},
         "paths": {
@@ -59,3 +81,11 @@ def openapi_spec(model: str) -> dict:
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
     }
+    if cfg.api_key:
+        spec["components"] = {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}}
+        for path, item in spec["paths"].items():
+            if path.startswith("/v1/") or (path == "/metrics" and cfg.metrics_auth):
+                for operation in item.values():
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"].setdefault("401", {"description": "missing or wrong API key"})
+    return spec

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from services.gateway.errors import ApiError, bad_request
 
 MAX_STOP = 4
+MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 softmax; the worker clamps to it too
+MAX_TOP_K = 2**31 - 1  # values up to it are clamped to the vocabulary; above it they are refused
+MAX_USER = 256
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
           "user"}
 COMPLETION_ONLY = {"prompt"}
@@ -42,11 +45,21 @@ def _typed(body: dict, name: str, types, what: str, default=None):
     value = body.get(name, default)
     if value is None:
         return default
+    if types is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema counts 1.0 as an integer
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise bad_request(f"'{name}' must be {what}", name)
     if not isinstance(value, types):
         raise bad_request(f"'{name}' must be {what}, got {type(value).__name__}", name)
     return value
+
+
+def _number(body: dict, name: str, default: float = 1.0) -> float:
+    value = _typed(body, name, (int, float), "a number", default)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise bad_request(f"'{name}' is out of range", name) from None
 
 
 def check_known(body: dict, allowed: set[str]) -> None:
@@ -61,28 +74,29 @@ def check_known(body: dict, allowed: set[str]) -> None:
         raise bad_request(f"unrecognized parameter '{key}'", key, "unsupported_parameter")
 
 
-def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, default: int) -> None:
-    max_tokens = _typed(body, "max_tokens", int, "an integer")
-    if chat and body.get("max_completion_tokens") is not None:
-        max_tokens = _typed(body, "max_completion_tokens", int, "an integer")
+def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: int) -> None:
+    """Every sampling parameter; ``job.max_tokens`` stays 0 when the body has none (``default_max_tokens``)."""
     param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is None:
-        max_tokens = default
-    if max_tokens <= 0:
-        raise bad_request(f"'{param}' must be at least 1", param)
-    if max_tokens > limit:
-        raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
-    job.max_tokens = max_tokens
-    job.temperature = float(_typed(body, "temperature", (int, float), "a number", 1.0))
-    if not 0 <= job.temperature <= 2:
-        raise bad_request("'temperature' must be between 0 and 2", "temperature")
-    job.top_p = float(_typed(body, "top_p", (int, float), "a number", 1.0))
+    max_tokens = _typed(body, param, int, "an integer")
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise bad_request(f"'{param}' must be at least 1", param)
+        if max_tokens > limit:
+            raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
+        job.max_tokens = max_tokens
+    job.temperature = _number(body, "temperature")
+    if not (job.temperature == 0 or MIN_TEMPERATURE <= job.temperature <= 2):
+        raise bad_request(f"'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE} and 2", "temperature")
+    job.top_p = _number(body, "top_p")
     if not 0 < job.top_p <= 1:
         raise bad_request("'top_p' must be in (0, 1]", "top_p")
     job.top_k = _typed(body, "top_k", int, "an integer", 0)
-    if job.top_k < -1:
-        raise bad_request("'top_k' must be -1 (off), 0 (off) or positive", "top_k")
-    job.top_k = max(job.top_k, 0)
+    if not -1 <= job.top_k <= MAX_TOP_K:
+        raise bad_request(f"'top_k' must be -1 (off), 0 (off) or 1..{MAX_TOP_K}", "top_k")
+    job.top_k = 0 if job.top_k >= vocab_size else max(job.top_k, 0)  # all of the vocabulary: off
+    user = _typed(body, "user", str, "a string")
+    if user is not None and len(user) > MAX_USER:
+        raise bad_request(f"'user' may be at most {MAX_USER} characters", "user")
     job.seed = _typed(body, "seed", int, "an integer")
     if job.seed is not None and not 0 <= job.seed < 2**63:
         raise bad_request("'seed' must be in [0, 2^63)", "seed")
@@ -99,6 +113,12 @@ def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, default: int
         if unknown:
             raise bad_request(f"unrecognized stream_options {sorted(unknown)}", "stream_options")
         job.include_usage = _typed(options, "include_usage", bool, "a boolean", False)
+
+
+def default_max_tokens(job: Job, *, limit: int, max_model_len: int) -> None:
+    """Without max_tokens: 16 for completions (OpenAI's default), the room left in the context for chat."""
+    if not job.max_tokens:
+        job.max_tokens = max(1, min(limit, max_model_len - len(job.prompt_ids))) if job.chat else 16
 
 
 def parse_stop(stop) -> list[str]:

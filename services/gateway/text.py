@@ -15,6 +15,13 @@ class TextCodec:
         except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
             raise RuntimeError(f"{model_dir} has no usable tokenizer ({exc}); the gateway needs one") from None
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        # no token spells more characters than its vocabulary string has: a text longer than this many characters
+        # per token of context cannot fit (x2 for normalizers that compose characters)
+        self.max_chars_per_token = 2 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+
+    def too_long(self, chars: int, max_tokens: int) -> bool:
+        """True when ``chars`` characters surely tokenize to more than ``max_tokens`` tokens (no tokenizing)."""
+        return chars > self.max_chars_per_token * max_tokens
 
     @property
     def eos_token_id(self) -> int | None:

@@ -1,4 +1,10 @@
-"""The gateway's link to the worker: one DEALER socket, one reader task routing replies to per-request queues."""
+"""The gateway's link to the worker: one DEALER socket, one reader task routing replies to per-request queues.
+
+A dead worker is noticed by its peer, not by a timeout: the socket's monitor reports the disconnect (the kernel
+closes a killed process's ipc connection at once), and the worker's pid, learnt from its WORKER_INFO reply, is
+polled while it is visible from here (not across pid namespaces, e.g. separate containers). Either way every
+call in flight fails at once with ``WorkerUnavailable``, and ``lost`` says why until a worker answers again.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,13 +13,16 @@ import logging
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common import messages as m
 from common.codec import ProtocolError, decode, encode
+from common.procs import pid_alive
 from common.protocol import Op
 from common.zmq_utils import make_socket
 
 log = logging.getLogger("moeinf.gateway.link")
+PID_POLL_S = 0.2
 
 
 class WorkerUnavailable(RuntimeError):
@@ -26,22 +35,42 @@ class WorkerRejected(RuntimeError):
         self.code = code
 
 
+class GatewayStopping(WorkerUnavailable):
+    """The gateway is shutting down: its calls end, the worker lives on (and is told to cancel them)."""
+
+
+class _PeerLost:
+    """Put in every pending queue when the worker goes away (or the gateway stops: ``stopping``)."""
+
+    def __init__(self, reason: str, stopping: bool = False):
+        self.reason, self.stopping = reason, stopping
+
+
 class WorkerLink:
     def __init__(self, addr: str, max_pending: int):
         self.addr = addr
         self.ctx = zmq.asyncio.Context()
         self.sock = make_socket(self.ctx, zmq.DEALER, addr, bind=False, immediate=True)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._ids = itertools.count(1)
         self.pending: dict[int, asyncio.Queue] = {}
         self.max_pending = max_pending
-        self._reader = asyncio.create_task(self._read())
+        self.worker_pid: int | None = None  # watched while visible from this process
+        self.lost: str | None = None  # why the worker is gone, until it answers again
+        self.stopping: str | None = None  # set by ``abort``: no new calls
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch_socket()),
+                       asyncio.create_task(self._watch_pid())]
 
     async def close(self) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.disable_monitor()
+        self.monitor.close()
         self.sock.close()
         self.ctx.term()
 
+    # ------------------------------------------------------------------ watching the peer
     async def _read(self) -> None:
         while True:
             frame = await self.sock.recv()
@@ -54,7 +83,42 @@ class WorkerLink:
             if queue is not None:
                 queue.put_nowait(reply)
 
+    async def _watch_socket(self) -> None:
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.peer_lost(f"the worker at {self.addr} disconnected")
+
+    async def _watch_pid(self) -> None:
+        while True:
+            await asyncio.sleep(PID_POLL_S)
+            if self.worker_pid is not None and not pid_alive(self.worker_pid):
+                self.peer_lost(f"the worker (pid {self.worker_pid}) died")
+
+    def peer_lost(self, reason: str) -> None:
+        """Fail every call in flight now: the worker that had them is gone."""
+        self.worker_pid = None
+        self.lost = reason
+        if self.pending:
+            log.warning("%s: failing %d calls in flight", reason, len(self.pending))
+        for queue in self.pending.values():
+            queue.put_nowait(_PeerLost(reason))
+
+    def abort(self, reason: str) -> None:
+        """End every call in flight now (the gateway is stopping); the worker is alive and keeps its state."""
+        self.stopping = reason
+        for queue in self.pending.values():
+            queue.put_nowait(_PeerLost(reason, stopping=True))
+
+    def _note_worker(self, info: m.WorkerInfoReply) -> None:
+        self.lost = None
+        if info.pid != self.worker_pid:  # a pid that is not visible here (another pid namespace) is not polled
+            self.worker_pid = info.pid if pid_alive(info.pid) else None
+
+    # ------------------------------------------------------------------ calls
     def _open(self) -> tuple[int, asyncio.Queue]:
+        if self.stopping:
+            raise GatewayStopping(self.stopping)
         if len(self.pending) >= self.max_pending:
             raise WorkerRejected("capacity", f"{len(self.pending)} calls in flight to the worker")
         rid = next(self._ids)
@@ -80,16 +144,19 @@ class WorkerLink:
         return reply
 
     async def info(self, timeout_s: float = 2.0) -> m.WorkerInfoReply:
-        return await self.call(Op.WORKER_INFO, m.WorkerInfoRequest(), timeout_s)
+        info = await self.call(Op.WORKER_INFO, m.WorkerInfoRequest(), timeout_s)
+        self._note_worker(info)
+        return info
 
     async def cancel(self, request: str) -> None:
+        """Tell the worker to stop generating ``request``; fire and forget (its reply finds no queue)."""
         try:
-            await self.call(Op.CANCEL, m.CancelRequest(request), 5.0)
-        except (WorkerUnavailable, WorkerRejected) as exc:
-            log.info("cancel of %s not confirmed: %s", request, exc)
+            await self._send(Op.CANCEL, next(self._ids), m.CancelRequest(request))
+        except WorkerUnavailable as exc:
+            log.info("cancel of %s not sent: %s", request, exc)
 
     async def generate(self, request: m.GenerateRequest, step_timeout_s: float):
-        """Yield ``TokensReply`` until the request finishes; raises on worker errors or silence."""
+        """Yield ``TokensReply`` until the request finishes; raises on worker errors, its death or silence."""
         rid, queue = self._open()
         try:
             await self._send(Op.GENERATE, rid, request)
@@ -107,6 +174,8 @@ class WorkerLink:
 
 
 def _raise_error(reply) -> None:
+    if isinstance(reply, _PeerLost):
+        raise (GatewayStopping if reply.stopping else WorkerUnavailable)(reply.reason)
     if isinstance(reply, m.ErrorReply):
         if reply.code == "unavailable":
             raise WorkerUnavailable(reply.message)

@@ -4,6 +4,11 @@
 ``step`` is the plain path for one sequence, the prompt first and then one token per call, exactly what
 ``model.generate`` runs (``logits_to_keep=1``, argmax of the last logits in float32); ``moeinf bench overhead``
 drives plain transformers and moeinf through it. Both give a lone greedy request transformers' own tokens.
+
+Sampling is per request: a request whose distribution is degenerate (non-finite logits) fails alone with a
+``SamplingError``, its batch-mates go on. A temperature in (0, ``MIN_TEMPERATURE``) is sampled at
+``MIN_TEMPERATURE`` (the gateway refuses those with a 400; this guards other clients of the worker socket), and
+top-p always keeps the most likely token, however small top_p is.
 """
 from __future__ import annotations
 
@@ -18,8 +23,15 @@ from services.worker.scheduler import Chunk
 from services.worker.varlen import Part, Varlen
 
 
+MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float32
+
+
 class RequestError(ValueError):
     """A request that cannot be served as asked; the message says why."""
+
+
+class SamplingError(RequestError):
+    """This request's sampling distribution is degenerate; only this request fails."""
 
 
 @dataclass(eq=False)
@@ -30,6 +42,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached: int = 0  # tokens whose keys and values are in the cache
+    error: str | None = None  # why sampling failed for this request (its step's other requests go on)
 
     @property
     def request_id(self) -> str:
@@ -78,7 +91,7 @@ class Engine:
         if len(req.prompt) + req.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) exceeds the"
                                f" context of {self.max_model_len} tokens")
-        if req.temperature < 0 or not 0 < req.top_p <= 1 or req.top_k < 0:
+        if not req.temperature >= 0 or not 0 < req.top_p <= 1 or req.top_k < 0:  # (NaN fails every comparison)
             raise RequestError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
 
     def run(self, step: list[Chunk]) -> list[int | None]:
@@ -94,8 +107,16 @@ class Engine:
         for chunk in step:
             chunk.seq.cached += len(chunk.tokens)
             samples = chunk.seq.cached == chunk.seq.num_tokens
-            tokens.append(self.accept(chunk.seq, next(logits)) if samples else None)
+            tokens.append(self.accept_or_fail(chunk.seq, next(logits)) if samples else None)
         return tokens
+
+    def accept_or_fail(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        """The next token, or None with ``seq.error`` set when this request cannot be sampled."""
+        try:
+            return self.accept(seq, logits)
+        except SamplingError as exc:
+            seq.error = str(exc)
+            return None
 
     @torch.inference_mode()
     def step(self, seq: Sequence) -> int:
@@ -138,14 +159,18 @@ def _layout(step: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
 def sample(logits: torch.Tensor, req: m.GenerateRequest, generator: torch.Generator | None) -> int:
     if req.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / req.temperature
-    if req.top_k > 0:
-        kth = torch.topk(logits, min(req.top_k, logits.numel())).values[-1]
+    logits = logits.float() / max(req.temperature, MIN_TEMPERATURE)
+    if 0 < req.top_k < logits.numel():
+        kth = torch.topk(logits, req.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if req.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= req.top_p  # keep the token that crosses top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= req.top_p  # keep the token that crosses top_p
+        drop[0] = False  # and always the most likely one (a top_p below float32's resolution rounds to 0)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError(f"cannot sample: the distribution at temperature {req.temperature:g}, top_p"
+                            f" {req.top_p:g}, top_k {req.top_k} is not finite (the logits hold inf or nan)")
     return int(torch.multinomial(probs, 1, generator=generator))

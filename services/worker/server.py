@@ -5,7 +5,8 @@ the memd client and the scheduler. They meet in two queues: requests in, replies
 ``--max-queued`` waiting plus ``--max-running`` running requests a request is refused with ``capacity``. The
 compute loop reads like the step it is: take new requests -> drop cancelled ones -> schedule -> one forward for
 the whole step -> publish each request's token -> retire the finished ones. Requests join and leave only between
-steps; a failed step fails only the requests in it.
+steps; a failed step fails only the requests in it, and a request that cannot be sampled fails alone. Every
+request ends with its last token or an error reply: when the worker stops, those still here get ``unavailable``.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class WorkerServer:
             await self.loop.run_in_executor(None, self.stopping.wait)
         finally:
             self.stopping.set()
-            compute.join(timeout=30)
+            await self.loop.run_in_executor(None, compute.join, 30)
+            await self._flush(timeout_s=1.0)  # the last replies (errors of requests still here) go out
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -81,6 +83,13 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    async def _flush(self, timeout_s: float) -> None:
+        deadline = self.loop.time() + timeout_s
+        await asyncio.sleep(0)  # let the compute thread's last call_soon_threadsafe replies land in the outbox
+        while not self.outbox.empty() and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the socket has no linger: give its I/O thread the last frames
 
     async def _watch_memd(self) -> None:
         """A worker without memd cannot compute: exit (status 3) so the supervisor restarts both."""
@@ -153,8 +162,14 @@ class WorkerServer:
                 self.run_step(step)
             elif not self.jobs:
                 self.client.return_leases()  # idle: hold nothing in memd's pool
-        for job in list(self.jobs.values()):  # stopping: every request still here ends as cancelled
-            self.finish(job, "cancelled")
+        reason = "the worker lost memd" if self.exit_code == 3 else "the worker is shutting down"
+        self.fail(list(self.jobs.values()), "unavailable", f"{reason}; retry shortly")
+        while True:  # and those that arrived but never started
+            try:
+                identity, rid, req = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply("unavailable", f"{reason}; retry shortly"))
 
     def take_new(self, wait: bool) -> None:
         """Start every request that arrived; when idle, wait a little for one."""
@@ -202,7 +217,9 @@ class WorkerServer:
             self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
             return
         for chunk, token in zip(step, tokens):
-            if token is not None:
+            if chunk.seq.error is not None:
+                self.fail([self.jobs[chunk.seq.request_id]], "bad_request", chunk.seq.error)
+            elif token is not None:
                 self.generated_tokens += 1
                 self.publish(self.jobs[chunk.seq.request_id], [token])
 

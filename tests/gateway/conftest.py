@@ -1,17 +1,7 @@
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import moeinf_cmd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving import Served, free_port  # noqa: F401 (the tests import them from here)
 
 
 @pytest.fixture(scope="session")
@@ -20,59 +10,6 @@ def demo_model(tmp_path_factory) -> Path:
 
     return write_demo_model(tmp_path_factory.mktemp("demo") / "demo", DemoSize(layers=4, hidden=64, intermediate=128,
                                                                                heads=4, kv_heads=2, dtype="float32"))
-
-
-class Served:
-    """A running ``moeinf serve`` (memd + worker + gateway as real processes)."""
-
-    def __init__(self, model: Path, state_dir: Path, max_queued: int = 4):
-        self.port = free_port()
-        self.state_dir = state_dir
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = state_dir.parent / f"serve-{self.port}.log"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            moeinf_cmd("serve", "--model", str(model), "--state-dir", str(state_dir), "--port", str(self.port),
-                       "--expert-memory", "25%", "--max-queued", str(max_queued)),
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_health(200, timeout=180)
-
-    def health(self) -> int:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp:
-                return resp.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    def wait_health(self, status: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.health() == status:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moeinf serve exited {self.proc.returncode}:\n{self.log.read_text()}")
-            time.sleep(0.2)
-        raise TimeoutError(f"/health never returned {status}:\n{self.log.read_text(errors='replace')}")
-
-    def worker_info(self):
-        from common.worker_client import WorkerClient
-
-        client = WorkerClient(f"ipc://{self.state_dir.resolve()}/worker.sock")
-        try:
-            return client.info(timeout_s=10)
-        finally:
-            client.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # Ctrl-C
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,62 @@
+"""Server-Sent Events: a completion as ``data:`` chunks, ending in ``data: [DONE]`` or, on a failure after the
+headers went out, in a final ``data: {"error": {...}}`` event (OpenAI's error object). Either way the response
+is closed; a client never waits on a stream that will not go on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from services.gateway.errors import ApiError, internal
+from services.gateway.output import Output
+
+log = logging.getLogger("moeinf.gateway")
+
+
+class Stream:
+    def __init__(self, request: web.Request, out: Output):
+        self.request, self.out = request, out
+        self.response: web.StreamResponse | None = None
+
+    async def relay(self, deltas) -> web.StreamResponse:
+        """Send each text delta of ``deltas`` (an async iterator that raises ``ApiError`` on failure)."""
+        try:
+            await self._relay(deltas)
+        except ApiError as exc:
+            if self.response is None:
+                raise  # nothing sent yet: an ordinary error response
+            log.info("stream %s failed after its headers: %s", self.out.id, exc.message)
+            await self.send(exc.body())
+        except (ConnectionResetError, OSError):
+            raise  # the client went away: nothing to tell it
+        except Exception:
+            if self.response is None:
+                raise
+            log.exception("stream %s failed after its headers", self.out.id)
+            await self.send(internal().body())
+        await self.response.write_eof()
+        return self.response
+
+    async def _relay(self, deltas) -> None:
+        first = True
+        async for delta in deltas:
+            await self.start()
+            if delta or first:
+                await self.send(self.out.chunk(delta, first=first))
+                first = False
+        await self.start()
+        await self.send(self.out.chunk("", final=True))
+        if self.out.job.include_usage:
+            await self.send(self.out.usage_chunk())
+        await self.response.write(b"data: [DONE]\n\n")
+
+    async def start(self) -> None:
+        if self.response is None:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(self.request)
+            self.response = response
+
+    async def send(self, obj: dict) -> None:
+        await self.response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")

@@ -1,0 +1,164 @@
+"""A worker that dies or fails a step: streams end with an error event at once, slots are freed, /health is 503,
+and the gateway serves again as soon as a worker answers. (The real kill -9 is tests/fault/test_stream_kill.py.)"""
+import http.client
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fake import FakeWorker, LocalGateway, gateway_config
+
+M = "demo"
+
+
+@pytest.fixture(scope="module")
+def codec(demo_model):
+    from services.gateway.text import TextCodec
+
+    return TextCodec(demo_model)
+
+
+@pytest.fixture
+def setup(demo_model, codec):
+    """``(gateway, start_worker)``: a gateway with --max-queued 2; ``start_worker(**kw)`` binds a fake worker."""
+    cfg = gateway_config(demo_model, Path(tempfile.mkdtemp(prefix="gw", dir="/tmp")), max_queued=2)
+    workers = []
+
+    def start_worker(**kw) -> FakeWorker:
+        workers.append(FakeWorker(cfg.worker_addr, len(codec.tokenizer), **kw))
+        return workers[-1]
+
+    gateway = LocalGateway(cfg, codec)
+    yield gateway, start_worker
+    gateway.close()
+    for worker in workers:
+        worker.close()
+
+
+class SSE:
+    """A streaming request read event by event (``events`` are decoded ``data:`` payloads, ``[DONE]`` as is)."""
+
+    def __init__(self, gateway, max_tokens=100000):
+        self.conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        body = {"model": M, "prompt": "Hi", "max_tokens": min(max_tokens, 4000), "stream": True}
+        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200
+        self.events = []
+        self.closed_at = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.resp:
+            if line.startswith(b"data: "):
+                payload = line[6:].strip()
+                self.events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
+        self.closed_at = time.monotonic()
+
+    def wait_closed(self, timeout):
+        self.thread.join(timeout)
+        return self.closed_at
+
+
+def wait(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def post(gateway, body):
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+
+
+def test_worker_death_ends_streams_with_an_error_and_frees_their_slots(setup):
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.05)
+    gateway.wait_ready()
+    streams = [SSE(gateway), SSE(gateway)]  # --max-queued 2: every slot taken
+    wait(lambda: all(len(s.events) >= 2 for s in streams))
+    died = time.monotonic()
+    worker.close()  # its socket closes as a killed process's does
+    for stream in streams:
+        closed = stream.wait_closed(5)
+        assert closed is not None and closed - died < 2.0, "the stream did not end within 2 s"
+        last = stream.events[-1]
+        assert last != "[DONE]" and last["error"]["type"] == "service_unavailable_error", stream.events[-3:]
+        assert set(last["error"]) == {"message", "type", "param", "code"}
+    wait(lambda: gateway.gateway.active == 0, timeout=2)
+    status, headers, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 2})
+    assert status == 503 and int(headers["Retry-After"]) >= 1, payload  # not 429: the slots are free
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 503
+    start_worker()  # the supervisor's restart
+    wait(lambda: post(gateway, {"model": M, "prompt": "x", "max_tokens": 2})[0] == 200, timeout=15)
+
+
+def test_non_streaming_request_of_a_dying_worker_is_503_with_retry_after(setup):
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.05)
+    gateway.wait_ready()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=post(gateway, {"model": M, "prompt": "x",
+                                                                              "max_tokens": 3000})))
+    thread.start()
+    wait(lambda: worker.live)
+    time.sleep(0.2)
+    died = time.monotonic()
+    worker.close()
+    thread.join(5)
+    status, headers, payload = result["r"]
+    assert time.monotonic() - died < 2.0
+    assert status == 503 and int(headers["Retry-After"]) >= 1 and payload["error"]["code"] == "service_unavailable"
+
+
+def test_failed_step_ends_the_stream_with_its_error(setup):
+    gateway, start_worker = setup
+    start_worker(step_s=0.02, fail_after=3)
+    gateway.wait_ready()
+    stream = SSE(gateway)
+    assert stream.wait_closed(5) is not None
+    texts = [e for e in stream.events if isinstance(e, dict) and "choices" in e]
+    assert len(texts) >= 1 and stream.events[-1]["error"]["code"] == "internal", stream.events
+    wait(lambda: gateway.gateway.active == 0, timeout=2)
+
+
+def test_dead_worker_pid_is_noticed_without_a_disconnect(setup):
+    """Across a pid namespace the socket may be all there is; here the pid alone must do."""
+    gateway, start_worker = setup
+    stand_in = subprocess.Popen(["sleep", "60"])  # the "worker process" the fake worker claims to be
+    try:
+        start_worker(step_s=0.05, pid=stand_in.pid)
+        gateway.wait_ready()
+        stream = SSE(gateway)
+        wait(lambda: len(stream.events) >= 2)
+        died = time.monotonic()
+        stand_in.kill()
+        stand_in.wait()
+        closed = stream.wait_closed(5)
+        assert closed is not None and closed - died < 2.0
+        assert "died" in stream.events[-1]["error"]["message"]
+    finally:
+        stand_in.kill()
+
+
+def test_stopping_gateway_ends_its_streams_with_an_error_and_cancels_them(setup):
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.05)
+    gateway.wait_ready()
+    stream = SSE(gateway)
+    wait(lambda: len(stream.events) >= 2)
+    gateway.loop.call_soon_threadsafe(gateway.gateway.abort_requests, "the server is shutting down")
+    assert stream.wait_closed(5) is not None
+    assert "shutting down" in stream.events[-1]["error"]["message"]
+    wait(lambda: not worker.live, timeout=5)  # the worker was told to cancel: it generates nothing for nobody
+    status, _, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 2})
+    assert status == 503, payload

@@ -1,0 +1,127 @@
+"""Sampling is per request: parameters the sampler cannot take are clamped (documented in engine.py), a request
+whose distribution is degenerate fails alone, and its batch-mates get the tokens they get alone."""
+import asyncio
+import uuid
+
+import pytest
+import torch
+from helpers import Stack, write_family
+from test_batching import PROMPTS, Mux, alone
+
+from common import messages as m
+from common.codec import decode
+from services.worker.engine import MIN_TEMPERATURE, Engine, SamplingError, Sequence, sample
+from services.worker.scheduler import Chunk
+
+
+def req(**params) -> m.GenerateRequest:
+    return m.GenerateRequest("r", [1, 2], 4, **params)
+
+
+def test_tiny_temperature_is_sampled_at_the_minimum():
+    logits = torch.randn(320) * 30
+    generator = torch.Generator().manual_seed(0)
+    token = sample(logits, req(temperature=1e-300), generator)
+    at_min = sample(logits, req(temperature=MIN_TEMPERATURE), torch.Generator().manual_seed(0))
+    assert token == at_min and 0 <= token < 320
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    logits = torch.randn(320)
+    for _ in range(5):
+        assert sample(logits, req(temperature=1.0, top_p=1e-300), torch.Generator()) == int(torch.argmax(logits))
+
+
+def test_top_k_beyond_the_vocabulary_is_off():
+    logits = torch.randn(320)
+    assert 0 <= sample(logits, req(temperature=1.0, top_k=10**9), torch.Generator().manual_seed(1)) < 320
+
+
+def test_non_finite_logits_raise_a_sampling_error():
+    logits = torch.full((320,), float("nan"))
+    with pytest.raises(SamplingError, match="not finite"):
+        sample(logits, req(temperature=1.0), torch.Generator())
+
+
+class StubVarlen:
+    """The forward of a step, replaced by given logits (one row per sampled chunk)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def forward(self, parts, rows):
+        return self.rows
+
+
+def test_a_degenerate_request_fails_alone_in_its_step():
+    engine = Engine.__new__(Engine)
+    engine.max_model_len, engine.vocab_size = 64, 320
+    good, bad = torch.randn(320), torch.full((320,), float("nan"))
+    engine.varlen = StubVarlen([good, bad])
+    seqs = [Sequence(m.GenerateRequest(f"r{i}", [1, 2, 3], 4, temperature=1.0), None, torch.Generator())
+            for i in range(2)]
+    tokens = engine.run([Chunk(seq, seq.req.prompt) for seq in seqs])
+    assert tokens[0] is not None and seqs[0].error is None and seqs[0].generated == [tokens[0]]
+    assert tokens[1] is None and "not finite" in seqs[1].error and seqs[1].generated == []
+
+
+def test_the_worker_answers_the_failed_request_alone():
+    from services.worker.server import Job, WorkerServer
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args):
+            fn(*args)
+
+    class Client:
+        def emit(self, op, event):
+            pass
+
+    class StubEngine:
+        def run(self, step):
+            step[1].seq.error = "cannot sample"
+            return [7, None]
+
+    server = WorkerServer.__new__(WorkerServer)
+    server.engine, server.client, server.loop = StubEngine(), Client(), Loop()
+    server.outbox, server.live, server.cancelled, server.generated_tokens = asyncio.Queue(), {}, set(), 0
+    from services.worker.scheduler import Limits, Scheduler
+
+    server.scheduler = Scheduler(Limits(4, 16, 8, 4))
+    seqs = [Sequence(m.GenerateRequest(f"r{i}", [1], 4), None, None) for i in range(2)]
+    seqs[0].generated.append(7)
+    server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
+    server.run_step([Chunk(s, [1]) for s in seqs])
+    replies = {}
+    while not server.outbox.empty():
+        _, frame = server.outbox.get_nowait()
+        _, rid, reply = decode(frame, reply=True)
+        replies[rid] = reply
+    assert isinstance(replies[1], m.TokensReply) and replies[1].tokens == [7]
+    assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "bad_request"
+    assert list(server.jobs) == ["r0"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    model = write_family("mixtral", tmp_path_factory.mktemp("ckpt") / "mixtral")
+    limits = ["--max-running", "4", "--max-step-tokens", "64", "--max-prefill-chunk", "16"]
+    with Stack(model, tmp_path_factory.mktemp("sampling") / "state", expert_memory="100%", extra_worker=limits) as s:
+        yield s
+
+
+def test_extreme_parameters_never_break_batch_mates(stack):
+    """temperature 1e-300 and top_p 1e-300 once failed the whole step ("probability tensor contains inf")."""
+    prompts = PROMPTS[:3]
+    expected = alone(stack.worker_addr, prompts[:1], [12])[0]
+    mux = Mux(stack.worker_addr)
+    try:
+        ids = [mux.submit(f"g-{uuid.uuid4().hex[:6]}", prompts[0], 12),
+               mux.submit(f"t-{uuid.uuid4().hex[:6]}", prompts[1], 12, temperature=1e-300, seed=1),
+               mux.submit(f"p-{uuid.uuid4().hex[:6]}", prompts[2], 12, temperature=1.0, top_p=1e-300, seed=1)]
+        mux.run(set(ids))
+    finally:
+        mux.close()
+    assert mux.tokens(ids[0]) == tuple(expected)
+    for request in ids[1:]:
+        tokens, reason = mux.tokens(request)
+        assert reason in ("length", "stop") and tokens
