@@ -23,6 +23,7 @@ io_uring is not used: no maintained Python binding installs from PyPI here, so r
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import mmap
@@ -134,6 +135,8 @@ class ExpertReader:
 
     # ---------------------------------------------------------------- API (any thread)
     def submit(self, key: tuple[int, int], slot: int, *, demand: bool, priority: float = 0.0) -> ReadJob:
+        if not 0 <= slot < len(self.pool) // self.slot_bytes:
+            raise ValueError(f"slot {slot} is outside the pool ({len(self.pool) // self.slot_bytes} slots)")
         with self._cv:
             if self._closing:
                 raise RuntimeError("the reader is closed")
@@ -219,7 +222,7 @@ class ExpertReader:
         return pieces
 
     def _plan_direct(self, seg: Segment, dest: int, size: int) -> list[Piece]:
-        a = self.align.offset
+        a = self._step  # whole pages, even where the device takes 512-byte blocks: misaligned reads are slower
         pos, end = seg.file_offset, seg.file_offset + seg.nbytes
         first, last = align_up(pos, a), end - end % a  # the aligned middle: [first, last)
         self.stats.segments += 1
@@ -338,18 +341,23 @@ class ExpertReader:
             if n != piece.length:
                 raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
             return n
-        bounce = self._bounce()
+        bounce, address = self._bounce()
         n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
         if n < piece.skip + piece.keep:
             raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
-        self.pool[piece.dest:piece.dest + piece.keep] = bounce[piece.skip:piece.skip + piece.keep]
+        if self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile
+            ctypes.memmove(self._base + piece.dest, address + piece.skip, piece.keep)
+        else:
+            self.pool[piece.dest:piece.dest + piece.keep] = bounce[piece.skip:piece.skip + piece.keep]
         return piece.keep
 
-    def _bounce(self) -> memoryview:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = memoryview(mmap.mmap(-1, self.chunk))  # page-aligned, as O_DIRECT needs
-        return buf
+    def _bounce(self) -> tuple[memoryview, int]:
+        """This thread's bounce buffer (page-aligned, as O_DIRECT needs) and its address."""
+        got = getattr(self._local, "buf", None)
+        if got is None:
+            view = memoryview(mmap.mmap(-1, self.chunk))
+            got = self._local.buf = (view, buffer_address(view))
+        return got
 
 
 def _split(file: str, offset: int, nbytes: int, dest: int, size: int) -> list[Piece]:

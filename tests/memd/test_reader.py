@@ -202,7 +202,7 @@ def test_bytes_land_in_the_slot_straight_or_staged(data, direct_io):
     if not reader.direct_io:
         assert stats.bounce_bytes == 0 and stats.direct_bytes == sum(s.nbytes for v in segments.values() for s in v)
         return
-    a, mem = align.offset, align.mem
+    a, mem = max(align.offset, mmap.PAGESIZE), align.mem  # pieces start on whole pages
     straight = [seg for slot, key in enumerate(segments) for seg in segments[key]
                 if _middle(seg, a) > 0 and (slot * SLOT + seg.slot_offset - seg.file_offset) % mem == 0]
     staged = [seg for v in segments.values() for seg in v if _middle(seg, a) > 0 and seg not in straight]
@@ -233,8 +233,8 @@ def test_plan_with_fine_memory_alignment(data):
     seg = segments[(0, 1)][0]
     assert [p.bounce for p in pieces] == [True] + [False] * (len(pieces) - 2) + [True]
     assert sum(p.keep for p in pieces) == seg.nbytes and reader.stats.staged_segments == 0
-    assert all(p.file_offset % 512 == 0 and p.length % 512 == 0 for p in pieces)
-    assert pieces[1].dest == SLOT + (-seg.file_offset) % 512 and pieces[1].length == reader.piece_bytes((0, 1))
+    assert all(p.file_offset % 4096 == 0 and p.length % 4096 == 0 for p in pieces)  # whole pages
+    assert pieces[1].dest == SLOT + (-seg.file_offset) % 4096 and pieces[1].length == reader.piece_bytes((0, 1))
 
 
 def test_pieces_spread_one_expert_over_the_threads(data):
