@@ -112,8 +112,8 @@ class MemdConfig:
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
-    read_chunk: str = knob("1MiB", "reads go in chunks of this size; an on-demand load waits for at most one"
-                                   " chunk of a prefetch")
+    read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
+                                   " reader threads; an on-demand load waits for at most one piece per thread")
     max_clients: int = knob(16, "most workers attached at once")
     policy: str = knob("activation", "eviction policy: lru, lfu or activation (decode reuse, predicted need,"
                                      " shallow-layer bias, frequency; prefill-only experts transient)")
