@@ -17,8 +17,9 @@ while every thread reads prefetch pieces waits for at most one piece per thread.
 on-demand (an acquire waits for it now) jumps the queue, and a cancelled prefetch stops at its pieces in flight.
 ``demand_pending()`` tells the planner whether the disk queue holds on-demand reads.
 
-io_uring is not used: no maintained Python binding installs from PyPI here, so reads are threads + ``preadv``
-(which releases the GIL), with ``--read-threads`` reads in flight.
+Reads are threads + ``preadv`` (which releases the GIL), ``--read-threads`` reads in flight; staged pieces are
+copied with ``ctypes.memmove``, also without the GIL. io_uring is not used: PyPI has Python bindings (``liburing``,
+``pyuring``), but none was evaluated here.
 """
 from __future__ import annotations
 
