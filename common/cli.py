@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.e2e import add_parser as add_e2e_parser
 
     add_e2e_parser(bench)
+    from services.bench.disk import add_parser as add_disk_parser
+
+    add_disk_parser(bench)
     from services.bench.replay import add_parsers as add_replay_parsers
 
     add_replay_parsers(bench)

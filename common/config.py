@@ -113,17 +113,16 @@ class MemdConfig:
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
-    read_chunk: str = knob("1MiB", "reads go in chunks of this size; an on-demand load waits for at most one"
-                                   " chunk of a prefetch")
+    read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
+                                   " reader threads; an on-demand load waits for at most one piece per thread")
     max_clients: int = knob(16, "most workers attached at once")
-    handshake_timeout_s: float = knob(60.0, "seconds to wait for a peer during start-up")
     policy: str = knob("activation", "eviction policy: lru, lfu or activation (decode reuse, predicted need,"
                                      " shallow-layer bias, frequency; prefill-only experts transient)")
     prefetch: bool = knob(True, "prefetch the experts the EAMC match and the next-gate guess predict")
     prefetch_window: int = knob(4, "lookahead in MoE layers (across the step boundary into the next step)")
     prefetch_threshold: float = knob(0.3, "predicted probability of use below which an expert is not prefetched")
     prefetch_budget: str = knob("auto", "bytes in flight for prefetches: auto (read bandwidth x time per layer x"
-                                        " window) or a size (64MiB)")
+                                        " window), a size (64MiB) or a share of the expert pool (25%)")
     eamc_capacity: int = knob(256, "finished requests' activation matrices kept in the EAMC (persisted in the state"
                                    " directory)")
     eamc_dir: Path | None = knob(None, "the only directory `moeinf admin eamc save|load` may write or read (default:"

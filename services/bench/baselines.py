@@ -6,9 +6,11 @@
   to the budget and streams the others from disk (memory-mapped) at every forward.
 
 The parent starts ``python -m services.bench.baselines`` (inside the system's memory cgroup, if any). The child
-loads the model, warms up with one request outside the workload, serves the workload's prompts one at a time
-through the same greedy loop as ``moeinf bench overhead`` (``services.worker.engine.Engine``), and writes every
-request's send time, token arrival times and tokens to a JSON file.
+loads the model once, warms up with one request outside the workloads (and, for ``--warm-eamc``, the workload
+once, untimed: the same treatment as moeinf), then serves each repeat's workload (as many repeats as moeinf
+gets, each its own prompts) one request at a time through the same greedy loop as ``moeinf bench overhead``
+(``services.worker.engine.Engine``), and writes every request's send time, token arrival times and tokens to a
+JSON file.
 """
 from __future__ import annotations
 
@@ -39,17 +41,18 @@ class Job:
 
     system: str
     model: Path
-    prompts: list[list[int]]
+    workloads: list[list[list[int]]]  # one per repeat
     warmup: list[int]
     warmup_tokens: int
     max_tokens: int
     threads: int
     cpu_bytes: int | None  # accelerate's max_memory["cpu"]
+    warm_workload: list[list[int]] | None = None  # --warm-eamc: served once, untimed, after the warm-up
 
 
 @dataclass
 class BaselineRun:
-    timings: list[dict]  # per request: sent, arrivals, tokens
+    runs: list[list[dict]]  # per repeat, per request: sent, arrivals, tokens
     load_s: float
     placement: dict[str, int]  # accelerate: modules per device ("cpu", "disk")
     rss_bytes: int  # the child's resident set at the end
@@ -76,7 +79,7 @@ def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) ->
             killed = " (killed: out of memory under the limit?)" if code in (-9, 137) else ""
             raise RuntimeError(f"{job.system} exited with {code}{killed}:\n{tail}")
         doc = json.loads((work / "out.json").read_text())
-        return BaselineRun(doc["timings"], doc["load_s"], doc["placement"], doc["rss_bytes"])
+        return BaselineRun(doc["runs"], doc["load_s"], doc["placement"], doc["rss_bytes"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -121,9 +124,11 @@ def child_main(job_file: str) -> int:
     max_len = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
     engine = Engine(model, max_len)
     serve(engine, spec["warmup"], spec["warmup_tokens"])
-    timings = [serve(engine, prompt, spec["max_tokens"]) for prompt in spec["prompts"]]
+    for prompt in spec["warm_workload"] or []:
+        serve(engine, prompt, spec["max_tokens"])
+    runs = [[serve(engine, prompt, spec["max_tokens"]) for prompt in workload] for workload in spec["workloads"]]
     rss = psutil.Process().memory_info().rss  # anonymous memory plus mapped file pages it touched
-    Path(spec["out"]).write_text(json.dumps({"timings": timings, "load_s": load_s, "placement": placement,
+    Path(spec["out"]).write_text(json.dumps({"runs": runs, "load_s": load_s, "placement": placement,
                                              "rss_bytes": rss}))
     return 0
 

@@ -1,20 +1,30 @@
-"""The raw read bandwidth of the disk the checkpoint lies on: a sequential O_DIRECT read of its files.
+"""The raw read bandwidth of the disk the checkpoint lies on: O_DIRECT reads of its files at memd's queue depth.
 
-The buffer is an anonymous mmap (page-aligned, as O_DIRECT wants) and every read starts at a multiple of the
-chunk size, so offsets and lengths stay aligned; only the last read of a file comes back short. No page cache is
-involved, so the number is what the device gives, the same path memd reads experts through. Where the file system
-refuses O_DIRECT (tmpfs), the files are read through the page cache instead, and ``direct`` says so.
+``streams`` threads (memd's ``--read-threads``, 4 by default) take the next ``chunk``-sized piece (memd's
+``--read-chunk``, 1 MiB) of the files from one shared cursor and read it with ``preadv`` into their own buffer, so
+``streams`` reads are in flight at once, adjacent in the file: what memd does when it reads one expert split over
+its threads. ``streams=1`` is the old single-stream sequential read. Each buffer is an anonymous mmap
+(page-aligned, as O_DIRECT wants) and every read starts at a multiple of the chunk size, so offsets and lengths
+stay aligned; only the last read of a file comes back short. No page cache is involved, so the number is what the
+device gives at that queue depth; memd's expert reads, which go through the same path, cannot beat it. Where the
+file system refuses O_DIRECT (tmpfs), the files are read through the page cache instead, and ``direct`` says so.
 """
 from __future__ import annotations
 
 import errno
 import mmap
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-CHUNK = 8 << 20
+from common.config import MemdConfig
+from common.sizes import parse_size
+
+_DEFAULTS = {f.name: f.default for f in fields(MemdConfig)}
+STREAMS = _DEFAULTS["read_threads"]  # memd's queue depth
+CHUNK = parse_size(_DEFAULTS["read_chunk"]).resolve(0)  # memd's piece size
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,44 +32,82 @@ class Bandwidth:
     bytes_read: int
     seconds: float
     direct: bool  # O_DIRECT (False: the file system refused it, so the page cache was used)
+    streams: int = 1
+    chunk: int = CHUNK
 
     @property
     def gbps(self) -> float:
         """GB/s (10^9 bytes per second)."""
         return self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
+    def describe(self) -> str:
+        how = "O_DIRECT" if self.direct else "page cache: O_DIRECT refused"
+        return (f"{self.gbps:.2f} GB/s ({self.streams} stream{'s' * (self.streams > 1)} of {self.chunk >> 10} KiB"
+                f" reads, {self.bytes_read / 2**30:.2f} GiB, {how})")
 
-def read_bandwidth(paths: list[Path], max_bytes: int = 2 << 30, chunk: int = CHUNK) -> Bandwidth:
-    """Read ``paths`` in order, from the start, until ``max_bytes`` (whole chunks) or their end."""
+
+def read_bandwidth(paths: list[Path], max_bytes: int = 2 << 30, chunk: int = CHUNK, streams: int = STREAMS) -> Bandwidth:
+    """Read ``paths`` in order, from the start, until ``max_bytes`` (whole chunks) or their end, with ``streams``
+    reads in flight."""
     if chunk % mmap.PAGESIZE:
         raise ValueError(f"the chunk ({chunk} bytes) must be a multiple of the page size ({mmap.PAGESIZE})")
-    buf = mmap.mmap(-1, chunk)
-    total, seconds, direct = 0, 0.0, True
+    if streams < 1:
+        raise ValueError("streams must be >= 1")
+    opened = [_open(p) for p in paths]
     try:
-        for path in paths:
-            fd, file_direct = _open(path)
-            direct = direct and file_direct
-            try:
-                start = time.perf_counter()
-                total += _read_file(fd, buf, max_bytes - total)
-                seconds += time.perf_counter() - start
-            finally:
-                os.close(fd)
-            if total >= max_bytes:
-                break
+        work = _Cursor([(fd, os.fstat(fd).st_size) for fd, _ in opened], chunk, max_bytes)
+        threads = [threading.Thread(target=work.run, name=f"diskbw-{i}") for i in range(streams)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
     finally:
-        buf.close()
-    return Bandwidth(total, seconds, direct)
+        for fd, _ in opened:
+            os.close(fd)
+    if work.error is not None:
+        raise work.error
+    return Bandwidth(work.total, seconds, all(d for _, d in opened), streams, chunk)
 
 
-def _read_file(fd: int, buf: mmap.mmap, limit: int) -> int:
-    offset = 0
-    while offset < limit:
-        n = os.preadv(fd, [buf], offset)
-        offset += n
-        if n < len(buf):  # end of file
-            break
-    return offset
+class _Cursor:
+    """The next chunk of the files to read; every stream takes from it until ``limit`` bytes are taken."""
+
+    def __init__(self, files: list[tuple[int, int]], chunk: int, limit: int):
+        self.files, self.chunk, self.limit = files, chunk, limit
+        self.index = self.offset = self.taken = self.total = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def take(self) -> tuple[int, int, int] | None:
+        """(fd, offset, bytes wanted); the read itself is rounded up to whole pages (O_DIRECT lengths)."""
+        with self.lock:
+            while self.index < len(self.files) and self.taken < self.limit and self.error is None:
+                fd, size = self.files[self.index]
+                if self.offset < size:
+                    offset = self.offset
+                    want = min(self.chunk, self.limit - self.taken, size - offset)
+                    self.offset += want
+                    self.taken += want
+                    return fd, offset, want
+                self.index, self.offset = self.index + 1, 0
+            return None
+
+    def run(self) -> None:
+        buf = mmap.mmap(-1, self.chunk)
+        view = memoryview(buf)
+        try:
+            while (job := self.take()) is not None:
+                fd, offset, want = job
+                got = os.preadv(fd, [view[:-(-want // mmap.PAGESIZE) * mmap.PAGESIZE]], offset)
+                with self.lock:
+                    self.total += min(got, want)
+        except BaseException as exc:  # reported by read_bandwidth
+            self.error = exc
+        finally:
+            view.release()
+            buf.close()
 
 
 def _open(path: Path) -> tuple[int, bool]:

@@ -10,12 +10,15 @@ cgroup (``services/bench/cgroup.py``; the limit counts the page cache, ``service
 * ``moeinf-ondemand-lru``: memd with ``--prefetch off --policy lru`` (pure on-demand loads);
 * ``moeinf``: memd with its defaults. Both moeinf systems run a real ``moeinf memd`` and ``moeinf worker``.
 
-A fixed greedy workload (``--requests`` prompts, ``--max-tokens`` each) is served. moeinf systems serve it at every
-``--concurrency`` value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve
-one request at a time. Every system first serves one untimed warm-up request whose prompt is not in the workload.
-Per run: tokens/s, time to first token, decode time per token (gaps between a request's tokens, p50 and p90),
-memd's bytes read per token and hit rate. The page cache is dropped before every system, and the disk's raw
-O_DIRECT read bandwidth (``services/bench/diskbw.py``) is measured in the same run.
+Greedy workloads (``--requests`` prompts, ``--max-tokens`` each) are served: a fresh one for every system, repeat
+and client count, so memd's EAMC has never seen the prompts it is timed on (``services/bench/e2e_workload.py``;
+``--warm-eamc`` asks for the warm scenario instead, labelled). moeinf systems serve at every ``--concurrency``
+value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve one request at a
+time. Every system runs ``--repeats`` times (baselines too) and the median run is reported; every system first
+serves one untimed warm-up request outside the workloads. Per run: tokens/s, time to first token, decode time per
+token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate. The page cache is
+dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd's queue depth
+(``services/bench/diskbw.py``: memd's reader threads, each reading memd's chunk size) is measured in the same run.
 """
 from __future__ import annotations
 
@@ -34,8 +37,6 @@ from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.memd_proc import MemdProcess
 from services.bench.worker_proc import WorkerProcess
 
-PROMPT_LENGTHS = (16, 48, 24, 64, 8, 32, 40, 56)
-PROMPT_SEED, WARMUP_SEED, WARMUP_LENGTH = 0, 1, 24
 ONDEMAND = "moeinf-ondemand-lru"
 MOEINF = "moeinf"
 SYSTEMS = (RESIDENT, OFFLOAD, ONDEMAND, MOEINF)
@@ -59,6 +60,8 @@ class Options:
     disk_probe: str = "2GiB"
     warmup_tokens: int = 8
     plot: Path | None = None
+    seed: int = 0
+    warm_eamc: bool = False
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -67,7 +70,7 @@ class Options:
         opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
-                   path(args.plot))
+                   path(args.plot), args.seed, args.warm_eamc)
         opts.validate()
         return opts
 
@@ -146,39 +149,7 @@ class _TokenStream:
         self.client.close()
 
 
-# ---------------------------------------------------------------------------------------------------- workload
-def load_prompts(opts: Options) -> list[list[int]]:
-    """``--prompts``: one text prompt per line, tokenized with the checkpoint's tokenizer; default: fixed
-    pseudo-random token ids of several lengths (ids from 3 skip the usual special tokens)."""
-    if opts.prompts is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(opts.model)
-        lines = [line.strip() for line in opts.prompts.read_text().splitlines() if line.strip()]
-        base = [tokenizer(line)["input_ids"] for line in lines]
-    else:
-        rng = np.random.default_rng(PROMPT_SEED)
-        base = [_random_ids(rng, n, _vocab(opts.model)) for n in PROMPT_LENGTHS]
-    if not base:
-        raise ValueError(f"--prompts {opts.prompts}: no prompts in it")
-    return [base[i % len(base)] for i in range(opts.requests)]
-
-
-def warmup_prompt(opts: Options) -> list[int]:
-    """The untimed warm-up request's prompt: random ids from another seed, so no system has seen the workload."""
-    return _random_ids(np.random.default_rng(WARMUP_SEED), WARMUP_LENGTH, _vocab(opts.model))
-
-
-def _vocab(model: Path) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).get_text_config().vocab_size
-
-
-def _random_ids(rng, n: int, vocab: int) -> list[int]:
-    return rng.integers(min(3, vocab - 1), vocab, n).tolist()
-
-
+# ---------------------------------------------------------------------------------------------------- serving
 @dataclass
 class Timing:
     """One request: when it was sent and when each token arrived."""
@@ -241,6 +212,7 @@ class Result:
     concurrency: int
     timings: list[Timing]
     counters: dict[str, float] | None  # memd's, over this run
+    same_as_alone: bool | None = None  # several clients: the same tokens as the prompts served at 1 client
 
     @property
     def generated(self) -> int:
@@ -286,34 +258,44 @@ def _gbps(c: dict | None, seconds: str) -> float | None:
     return c["bytes_read"] / c[seconds] / 1e9
 
 
-def measure(system, prompts: list[list[int]], opts: Options, warmup: list[int]) -> dict[int, list[Result]]:
-    serve_workload(system, [warmup], opts.warmup_tokens, 1)
+def measure(system, workloads, opts: Options) -> dict[int, list[Result]]:
+    """The warm-up request (and, with ``--warm-eamc``, the workload once, untimed), then ``repeats`` rounds over the
+    concurrency values (rotating order), each run on its own workload. A run at several clients is checked
+    afterwards (untimed): its prompts served at 1 client must give the same tokens (greedy)."""
+    serve_workload(system, [workloads.warmup()], opts.warmup_tokens, 1)
+    if workloads.warm:
+        serve_workload(system, workloads.prompts(system.name), opts.max_tokens, 1)
     results: dict[int, list[Result]] = {c: [] for c in opts.concurrency}
     for r in range(opts.repeats):
-        order = list(opts.concurrency[r % len(opts.concurrency):] + opts.concurrency[:r % len(opts.concurrency)])
-        for c in order:
+        k = r % len(opts.concurrency)
+        for c in opts.concurrency[k:] + opts.concurrency[:k]:
+            prompts = workloads.prompts(system.name, r, opts.concurrency.index(c))
             before = system.counters()
             timings = serve_workload(system, prompts, opts.max_tokens, c, split_bytes=c == 1)
             after = system.counters()
             counters = None if before is None else {k: after[k] - before[k] for k in before}
-            results[c].append(Result(system.name, c, timings, counters))
+            result = Result(system.name, c, timings, counters)
+            if c > 1:
+                alone = serve_workload(system, prompts, opts.max_tokens, 1)
+                result.same_as_alone = [t.tokens for t in alone] == [t.tokens for t in timings]
+            results[c].append(result)
             progress(f"{system.name}: repeat {r + 1}/{opts.repeats}, concurrency {c}:"
-                     f" {results[c][-1].row()['tokens_per_s']:.2f} tokens/s")
+                     f" {result.row()['tokens_per_s']:.2f} tokens/s")
     return results
 
 
 def summarize(results: dict[int, list[Result]]) -> list[dict]:
-    """One row per concurrency: the repeat with the median tokens/s; ``same_tokens_as_c1``: every request's
-    output equals the one at concurrency 1 (greedy), when concurrency 1 was measured."""
-    rows, reference = [], None
-    if 1 in results:
-        reference = [t.tokens for t in results[1][0].timings]
+    """One row per concurrency: the repeat with the median tokens/s; ``same_tokens_as_c1``: every request's output
+    at several clients equals its output served alone (greedy), in every repeat."""
+    rows = []
     for c, runs in results.items():
         ranked = sorted(runs, key=lambda res: res.row()["tokens_per_s"])
         row = ranked[len(ranked) // 2].row()
         row["tokens_per_s_all"] = [res.row()["tokens_per_s"] for res in runs]
-        if reference is not None:
-            row["same_tokens_as_c1"] = all([t.tokens for t in res.timings] == reference for res in runs)
+        row["repeats"] = len(runs)
+        checked = [res.same_as_alone for res in runs if res.same_as_alone is not None]
+        if checked:
+            row["same_tokens_as_c1"] = all(checked)
         rows.append(row)
     return rows
 
@@ -334,17 +316,22 @@ def add_parser(bench) -> None:
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
                    help=f"systems to run (default: all): {', '.join(SYSTEMS)}")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (greedy)")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: fixed random token ids)")
+    p.add_argument("--prompts", help="text file, one prompt per line, each served once (default: random token ids)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of the random prompts (each run draws its own)")
+    p.add_argument("--warm-eamc", action="store_true",
+                   help="serve one workload untimed first and again in every run (memd has seen it; labelled)")
     p.add_argument("--requests", type=int, default=16, help="requests in the workload (cycling through the prompts)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1],
                    help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines serve one at a time)")
-    p.add_argument("--repeats", type=int, default=1, help="runs per concurrency; the median is reported")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per system and concurrency, baselines included; the median is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
     p.add_argument("--runtime-allowance", default="1GiB",
                    help="memory beyond dense weights + expert memory in the limit (interpreters, torch, activations)")
     p.add_argument("--memory-limit", choices=["on", "off"], default="on",
                    help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
-    p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure raw O_DIRECT bandwidth")
+    p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
+                                                        " bandwidth at memd's queue depth")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")

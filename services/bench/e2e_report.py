@@ -2,25 +2,28 @@
 
 Floors, per moeinf row:
 * compute floor: ``transformers-resident``'s decode time per token (everything in memory, nothing read);
-* I/O floor: the row's bytes read per token over the disk's raw O_DIRECT bandwidth.
+* I/O floor: the row's bytes read per token over the disk's raw O_DIRECT bandwidth at memd's queue depth (the
+  multi-stream probe: memd's reader threads, each reading memd's chunk size; the better of the run start's and the
+  probe just before the system, so the floor is never too high).
 With perfect overlap of compute and I/O a system reaches the larger of the two; ``vs_floor`` is its decode p50
 over that bound.
 
 Targets (checked at every expert-memory setting, at 1 client):
 * decode at least 3.5x faster than accelerate-offload under the same memory limit;
 * moeinf within 1.15x of the larger floor;
-* memd's expert loads at >= 80% of the raw read bandwidth, judged on ``moeinf-ondemand-lru`` where every read
-  happens while the worker waits: its bytes read over the worker's wait (``stall_read_gbps``).
+* memd's expert loads at >= 90% of the multi-stream raw read bandwidth, judged on ``moeinf-ondemand-lru`` where
+  every read happens while the worker waits: its bytes read over the worker's wait (``stall_read_gbps``). Both
+  go through O_DIRECT at the same queue depth, so the fraction cannot honestly exceed 100%.
 """
 from __future__ import annotations
 
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
 
-SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET = 3.5, 1.15, 0.8
+SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET = 3.5, 1.15, 0.9
 
 
-def build_doc(opts, sweep, disk) -> dict:
+def build_doc(opts, sweep, disk, single=None) -> dict:
     rows = sweep.rows
     resident = _find(rows, RESIDENT, None)
     compute_ms = resident["decode_ms_per_token_p50"] if resident else None
@@ -29,6 +32,9 @@ def build_doc(opts, sweep, disk) -> dict:
     limits = {b.expert_memory: b.limit_bytes for b in sweep.budgets}
     return {
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
+        "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
+        "disk_read_gbps_single_stream": single.gbps if single else None,
+        "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,
         "systems": rows,
         "memory_limit_bytes": limits[opts.expert_memory[0]] if sweep.limits_applied else None,
         "memory_limits": {b.expert_memory: _budget_doc(b) for b in sweep.budgets},
@@ -38,7 +44,8 @@ def build_doc(opts, sweep, disk) -> dict:
         "targets": _targets(rows, floors, disk.gbps, [b.expert_memory for b in sweep.budgets]),
         "notes": sweep.notes,
         "model": str(opts.model), "max_tokens": opts.max_tokens, "requests": opts.requests,
-        "prompt_tokens": [len(p) for p in sweep.prompts], "warmup_tokens": opts.warmup_tokens,
+        "prompt_tokens": [len(p) for p in sweep.workloads.prompts(opts.systems[0])],
+        "warmup_tokens": opts.warmup_tokens,
         "threads": opts.threads, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
     }
 
@@ -91,8 +98,8 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
             best = max(gbps, ondemand.get("disk_read_gbps_before") or 0.0)
             x = ondemand["stall_read_gbps"] / best
             per_load = _cell(ondemand.get("load_read_gbps"), ".2f")
-            out.append(_target(memory, f"expert loads >= {BANDWIDTH_TARGET:.0%} of the raw read bandwidth", x,
-                               x >= BANDWIDTH_TARGET,
+            out.append(_target(memory, f"expert loads >= {BANDWIDTH_TARGET:.0%} of the multi-stream raw read bandwidth",
+                               x, x >= BANDWIDTH_TARGET,
                                f"on-demand loads deliver {ondemand['stall_read_gbps']:.2f} of {best:.2f} GB/s = {x:.0%}"
                                f" (bytes / worker wait, {ONDEMAND}; one load alone reads at {per_load} GB/s)"))
     return out
@@ -106,9 +113,12 @@ def _target(memory: str, name: str, value: float, met: bool, text: str) -> dict:
 def format_report(doc: dict) -> str:
     lines = [f"moeinf bench e2e: {doc['model']}; {doc['requests']} requests, prompts {min(doc['prompt_tokens'])}-"
              f"{max(doc['prompt_tokens'])} tokens, {doc['max_tokens']} new tokens each, greedy; torch threads"
-             f" {doc['threads'] or 'default'}; median of {doc['repeats']} repeat(s)",
-             f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s ({'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
-             f" sequential, {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint)"]
+             f" {doc['threads'] or 'default'}; every system (baselines too): median of {doc['repeats']} repeat(s)",
+             f"prompts: {doc['prompts']}",
+             f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s at memd's queue depth ({doc['disk_read_streams']} streams"
+             f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
+             f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
+             f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
     lines += [m["derivation"] for m in doc["memory_limits"].values()]
     lines.append("memory-fair: every limited system ran in its own memory cgroup (page cache counted), caches dropped"
                  " before each" if doc["memory_fair"] else "NOT memory-fair: the systems ran without a memory limit")
@@ -116,11 +126,13 @@ def format_report(doc: dict) -> str:
     lines += [f"note: {n}" for n in doc["notes"]]
     lines += ["", _HEADER]
     lines += [_line(r) for r in doc["systems"]]
+    if doc.get("warm_eamc"):
+        lines.append("* WARM EAMC (--warm-eamc): the timed prompts were served once before; not the default scenario")
     lines += _concurrency_lines(doc["systems"])
     if doc["floors"]:
         lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
-                      " token (1 client; else per token) / raw bandwidth (the better of the run start's and the probe just"
-                      " before the system); perfect overlap reaches the larger"]
+                      " token (1 client; else per token) / multi-stream raw bandwidth (the better of the run start's and the"
+                      " probe just before the system); perfect overlap reaches the larger"]
         for f in doc["floors"]:
             lines.append(f"  {f['system']:<20} {f['expert_memory']:>6} c{f['concurrency']}: compute"
                          f" {_cell(f['compute_floor_ms'], '.1f')}, I/O {_cell(f['io_floor_ms'], '.1f')}"
@@ -142,6 +154,8 @@ _HEADER = (f"{'system':<21} {'memory':>6} {'clients':>7} {'limit GiB':>9} {'toke
 
 
 def _line(r: dict) -> str:
+    if r.get("eamc") == "warm":
+        r = {**r, "system": r["system"] + "*"}  # * : warm EAMC (labelled under the table)
     if r.get("error"):
         return f"{r['system']:<21} {r['expert_memory']:>6} {r['concurrency']:>7} FAILED: {r['error']}"
     gib = lambda v: None if v is None else v / 2**30  # noqa: E731

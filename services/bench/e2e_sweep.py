@@ -10,21 +10,20 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 
-from common.sizes import format_bytes, parse_size
+from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
 from services.bench.budget import Budget, derive, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
-from services.bench.e2e import (Options, MoeinfSystem, Result, Timing, load_prompts, measure, progress, summarize,
-                                warmup_prompt)
+from services.bench.e2e import Options, MoeinfSystem, Result, Timing, measure, progress, summarize
+from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
 
 
 class Sweep:
     def __init__(self, opts: Options):
         self.opts = opts
-        self.prompts = load_prompts(opts)
-        self.warmup = warmup_prompt(opts)
+        self.workloads = Workloads.build(opts)
         self.sizes = model_bytes(opts.model)
         self.budgets = [derive(self.sizes, memory, opts.runtime_allowance) for memory in opts.expert_memory]
         self.notes: list[str] = []
@@ -71,6 +70,7 @@ class Sweep:
         progress(f"{name} (expert memory {memory}): dropping caches, starting")
         self.drop_caches()
         disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20))  # the disk varies (VMs)
+        progress(f"disk just before {name}: {disk.describe()}")
         with ExitStack() as stack:
             group = self.cgroup(budget, name, stack) if budget else None
             prefix = group.exec_prefix() if group else []
@@ -80,7 +80,7 @@ class Sweep:
             except RuntimeError as exc:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
-            extra = {"expert_memory": memory, "disk_read_gbps_before": disk.gbps, "memory_limit_bytes": group.limit_bytes if group else None,
+            extra = {"expert_memory": memory, "eamc": "warm" if self.workloads.warm else "fresh", "disk_read_gbps_before": disk.gbps, "memory_limit_bytes": group.limit_bytes if group else None,
                      "peak_memory_bytes": group.peak_bytes() if group else None,
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
@@ -88,20 +88,24 @@ class Sweep:
             self.rows.append({**_EMPTY, **row, **extra})
 
     def baseline(self, name: str, budget: Budget | None, prefix: list[str]) -> list[dict]:
-        job = Job(name, self.opts.model, self.prompts, self.warmup, self.opts.warmup_tokens, self.opts.max_tokens,
-                  self.opts.threads, budget.accelerate_cpu_bytes if budget else None)
+        """``--repeats`` runs in one child (one model load), each on its own workload; the median run's row."""
+        w, opts = self.workloads, self.opts
+        job = Job(name, opts.model, [w.prompts(name, r) for r in range(opts.repeats)], w.warmup(), opts.warmup_tokens,
+                  opts.max_tokens, opts.threads, budget.accelerate_cpu_bytes if budget else None,
+                  w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
-        timings = [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(run.timings)]
-        row = Result(name, 1, timings, None).row()
+        results = [Result(name, 1, [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(timings)],
+                       None) for timings in run.runs]
+        row = summarize({1: results})[0]
         progress(f"{name}: {row['tokens_per_s']:.2f} tokens/s, decode p50 {row['decode_ms_per_token_p50']:.1f} ms"
-                 f" (load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
+                 f" (median of {len(results)}; load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
         return [{**row, "load_s": run.load_s, "placement": run.placement or None, "rss_bytes": run.rss_bytes}]
 
     def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None) -> list[dict]:
         system = MoeinfSystem(self.opts, name, budget.expert_memory, prefix)
         try:
             system.start()
-            results = measure(system, self.prompts, self.opts, self.warmup)
+            results = measure(system, self.workloads, self.opts)
             held = group.unreclaimable_bytes() if group else None  # memd + worker, before they stop
         finally:
             system.stop()
@@ -119,12 +123,13 @@ def run_sweep(opts: Options) -> int:
     for budget in sweep.budgets:
         progress(budget.describe())
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
+    single = read_bandwidth(list(sweep.sizes.files), probe, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe)
-    progress(f"raw disk read: {disk.gbps:.2f} GB/s ({format_bytes(disk.bytes_read)},"
-             f" {'O_DIRECT' if disk.direct else 'page cache: O_DIRECT refused'})")
+    progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
+    progress(sweep.workloads.label())
     with TerminateAsInterrupt():
         sweep.run_all()
-    doc = build_doc(opts, sweep, disk)
+    doc = build_doc(opts, sweep, disk, single)
     print(format_report(doc))
     if opts.json:
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -8,7 +8,9 @@ runs), so the only difference between them is where the experts live:
   experts implementation (``grouped_mm``). Its ``model.generate`` output is the reference that every timed run
   of every system must reproduce token for token.
 * ``moeinf-<memory>``: a real ``moeinf memd --expert-memory <memory>`` process and the worker's model bound to
-  it (``services.worker.main.attach``): per MoE layer an acquire RPC, then grouped_mm on views of the pool.
+  it (``services.worker.main.attach``): per MoE layer an acquire RPC, then grouped_mm on views of the pool. Every
+  generation sends memd REQUEST_START and REQUEST_END on the trace socket, as the worker's server does, so memd's
+  EAMC learns from finished requests and predicts from it exactly as in serving.
 
 The systems run in lockstep: each repeat starts one generation per system and advances them one step at a time
 in turn (rotating the order), so load from elsewhere on a noisy machine hits all of them alike. Every system
@@ -95,7 +97,16 @@ class TransformersSystem:
     def activate(self) -> None:
         pass
 
+    def request_start(self, request: str, prompt_tokens: int) -> None:
+        pass
+
+    def request_end(self, request: str, generated: int) -> None:
+        pass
+
     def stats(self) -> dict[str, float] | None:
+        return None
+
+    def eamc_size(self) -> int | None:
         return None
 
     @torch.inference_mode()
@@ -130,9 +141,25 @@ class MoeinfSystem:
 
         experts.RECORDER = self.recorder
 
+    def request_start(self, request: str, prompt_tokens: int) -> None:
+        """What the worker's server sends when a request starts (memd opens its activation matrix)."""
+        from common.protocol import Op
+
+        self.client.emit(Op.REQUEST_START, m.RequestStartEvent(request, prompt_tokens))
+
+    def request_end(self, request: str, generated: int) -> None:
+        """... and when it ends (its last step's trace is flushed first; memd adds the matrix to the EAMC)."""
+        from common.protocol import Op
+
+        self.activate()
+        self.client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
+
     def stats(self) -> dict[str, float]:
         reply = self.client.stats()
         return {name: getattr(reply, name) for name in STAT_FIELDS}
+
+    def eamc_size(self) -> int:
+        return self.client.stats().eamc_size
 
 
 def _max_len(model) -> int:
@@ -164,6 +191,7 @@ class TimedGeneration:
     def __init__(self, system, prompt: list[int], tokens: int, run_id: str):
         self.system = system
         self.seq = system.engine.start(m.GenerateRequest(request=run_id, prompt=prompt, max_tokens=tokens + 1))
+        system.request_start(run_id, len(prompt))
         self.prefill_s = 0.0
         self.decode_s: list[float] = []
         self.before: dict | None = None
@@ -182,6 +210,8 @@ class TimedGeneration:
             self.before = self.system.stats()
         else:
             self.decode_s.append(elapsed)
+        if self.done:
+            self.system.request_end(self.seq.request_id, len(self.seq.generated))
 
     def result(self) -> Run:
         after = self.system.stats()
@@ -243,6 +273,8 @@ def run(args) -> int:
         reference = systems[0].generate(prompt, opts.tokens + 1)
         runs = measure(systems, prompt, opts)
         summaries = [summarize(s, runs[s.name], reference) for s in systems]
+        for system, summary in zip(systems, summaries):
+            summary.eamc_size = system.eamc_size()
     _finish_ratios(summaries)
     header = _header(opts, systems[0].model, threads)
     print(format_table(header, summaries))

@@ -28,6 +28,7 @@ class Summary:
     stall_seconds: float | None = None
     ratio_vs_transformers: float = 1.0
     prefill_ratio_vs_transformers: float = 1.0
+    eamc_size: int | None = None  # memd's EAMC at the end (finished requests it learned from)
 
     @property
     def bytes_read_per_token(self) -> float | None:
@@ -50,7 +51,7 @@ class Summary:
             "bytes_read_per_token": self.bytes_read_per_token, "hits": self.hits, "misses": self.misses,
             "read_mib_per_s": self.read_mib_s,
             "stall_ms_per_token": None if self.stall_seconds is None else self.stall_seconds * 1e3 / self.decode_steps,
-            "identical_to_transformers": self.identical,
+            "identical_to_transformers": self.identical, "eamc_size": self.eamc_size,
         }
 
 

@@ -49,8 +49,13 @@ class Knobs:
     max_requests: int = 1024
 
     @classmethod
-    def from_config(cls, cfg: MemdConfig) -> Knobs:
-        budget = None if cfg.prefetch_budget == "auto" else parse_size(cfg.prefetch_budget).resolve(0)
+    def from_config(cls, cfg: MemdConfig, pool_bytes: int | None = None) -> Knobs:
+        """``--prefetch-budget 25%`` is a share of the pool (``pool_bytes``); without the pool size it is refused."""
+        spec = None if cfg.prefetch_budget == "auto" else parse_size(cfg.prefetch_budget, what="--prefetch-budget")
+        if spec is not None and spec.fraction is not None and not pool_bytes:
+            raise ValueError(f"--prefetch-budget {cfg.prefetch_budget}: a percentage is a share of the pool, whose"
+                             " size is not known here; give bytes (64MiB)")
+        budget = None if spec is None else max(1, spec.resolve(pool_bytes or 0))
         return cls(cfg.policy, cfg.prefetch, cfg.prefetch_window, cfg.prefetch_threshold, budget, cfg.eamc_capacity,
                    cfg.eamc_top, cfg.max_traced_requests)
 

@@ -73,7 +73,7 @@ def run(cfg: MemdConfig) -> int:
 
 def build_core(cfg: MemdConfig, store: ExpertStore, num_slots: int) -> ExpertManager:
     """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
-    knobs = Knobs.from_config(cfg)
+    knobs = Knobs.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
     top_k = getattr(store.config.get_text_config(), "num_experts_per_tok", None) or 2

@@ -1,17 +1,30 @@
-"""Reading experts from the checkpoint's safetensors into pool slots with ``os.preadv``, in preemptible chunks.
+"""Reading experts from the checkpoint's safetensors into pool slots with ``os.preadv``, in preemptible pieces.
 
 With O_DIRECT (the default where the file system allows it) the page cache is bypassed, so memd's memory
-budget is the whole truth: reads go in aligned chunks through a per-thread aligned staging buffer and are
-copied into the slot. Without it, ``preadv`` writes straight into the slot (zero copy, page cache used).
+budget is the whole truth. The pool is page-aligned shared memory and slot offsets are multiples of 4 KiB, so the
+aligned middle of each segment (one parameter of one expert, or a part of one) is read straight into its slot:
+no staging buffer, no copy. Only the unaligned head and tail blocks of a segment go through a small per-thread
+bounce buffer. Where the kernel wants the buffer address aligned more finely than the file offset and the slot
+destination agree (``services/memd/dio.py``: 512 B behind virtio, 4 B on NVMe with Linux >= 6.0), the segment is
+read through the bounce buffer and copied; ``stats()`` counts those and memd logs it once. Without O_DIRECT,
+``preadv`` writes straight into the slot (page cache used).
 
-Every read is a job of ``--read-chunk`` sized steps. Reader threads take one chunk at a time from the best job:
-on-demand loads first (oldest first), then prefetches by priority. So an on-demand load waits for at most one
-chunk of a prefetch, a prefetch promoted to on-demand (an acquire now waits for it) jumps the queue, and a
-cancelled prefetch stops at its next chunk boundary. Reads that overlap in time give the measured bandwidth.
+A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, and small enough that
+one expert spreads over every reader thread (several reads in flight per expert). One queue: threads take the
+next piece of the best job: on-demand loads first (oldest first), then prefetches by priority. While an
+on-demand load is queued or being read, no thread starts a prefetch piece; so an on-demand load that arrives
+while every thread reads prefetch pieces waits for at most one piece per thread. A prefetch promoted to
+on-demand (an acquire waits for it now) jumps the queue, and a cancelled prefetch stops at its pieces in flight.
+``demand_pending()`` tells the planner whether the disk queue holds on-demand reads.
+
+Reads are threads + ``preadv`` (which releases the GIL), ``--read-threads`` reads in flight; staged pieces are
+copied with ``ctypes.memmove``, also without the GIL. io_uring is not used: PyPI has Python bindings (``liburing``,
+``pyuring``), but none was evaluated here.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import itertools
 import logging
 import mmap
@@ -20,15 +33,31 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.memd.store import ALIGN, ExpertStore, Segment
+from services.memd.dio import DioAlign, buffer_address, dio_alignment
+from services.memd.store import ALIGN, ExpertStore, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.reader")
 CHUNK = 1024 * 1024
+MIN_PIECE = 64 * 1024  # an expert is split over the threads, but not into pieces smaller than this
 DECAY = 0.9  # bandwidth: exponentially weighted over the recent busy periods
 
 
 class ReadCancelled(Exception):
     """The prefetch was cancelled before it finished; its slot holds partial data and must be given back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Read ``length`` bytes of ``file`` at ``file_offset``; keep ``keep`` of them from ``skip`` on, at pool byte
+    ``dest``. ``bounce``: read into the thread's bounce buffer, then copy; else read straight into the pool."""
+
+    file: str
+    file_offset: int
+    length: int
+    dest: int
+    skip: int = 0
+    keep: int = 0
+    bounce: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -38,44 +67,68 @@ class ReadJob:
     demand: bool
     priority: float
     seq: int
-    segments: list[Segment]
+    pieces: list[Piece]
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    segment: int = 0  # progress: segment index and bytes done in it
-    offset: int = 0
+    next: int = 0  # the next piece to start
+    inflight: int = 0
     nbytes: int = 0
-    seconds: float = 0.0
-    running: bool = False
+    started: float | None = None
+    ended: float = 0.0
     cancelled: bool = False
+    removed: bool = False  # out of the queue (its future is set, or about to be)
+    error: BaseException | None = None
 
     @property
-    def done(self) -> bool:
-        return self.segment >= len(self.segments)
+    def waiting(self) -> bool:
+        """Pieces to start remain."""
+        return self.next < len(self.pieces) and not self.cancelled and self.error is None
+
+    @property
+    def over(self) -> bool:
+        return self.inflight == 0 and not self.waiting
 
     def rank(self) -> tuple:
         return (0, self.seq) if self.demand else (1, -self.priority, self.seq)
 
 
+@dataclass(slots=True)
+class ReaderStats:
+    direct_bytes: int = 0  # read straight into slots
+    bounce_bytes: int = 0  # read into a bounce buffer and copied (head/tail blocks, staged segments)
+    staged_segments: int = 0  # segments read whole through the bounce buffer (alignment could not match)
+    segments: int = 0
+    pieces: int = 0
+
+
 class ExpertReader:
     def __init__(self, store: ExpertStore, pool_view: memoryview, slot_bytes: int, direct_io: bool, *,
                  threads: int = 4, chunk: int | None = None):
-        self.store = store
-        self.pool = pool_view
-        self.slot_bytes = slot_bytes
-        chunk = chunk or CHUNK
-        self.chunk = max(ALIGN, chunk - chunk % ALIGN)
-        self.direct_io = direct_io and _direct_io_works(store.checkpoint.files[0])
+        self.store, self.pool, self.slot_bytes, self.threads = store, pool_view, slot_bytes, threads
+        self.align: DioAlign | None = dio_alignment(store.checkpoint.files[0]) if direct_io else None
+        self.direct_io = self.align is not None
         if direct_io and not self.direct_io:
             log.warning("O_DIRECT is not available on this file system; reading through the page cache")
+        step = max(ALIGN, self.align.offset if self.align else 0)
+        chunk = chunk or CHUNK
+        self.chunk = max(step, chunk - chunk % step)
+        self._step = step
+        self._base = buffer_address(pool_view) if len(pool_view) else 0
         flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
         self.fds = {str(f): os.open(f, flags) for f in store.checkpoint.files}
+        self.stats = ReaderStats()
+        self._staged_logged = False
         self._local = threading.local()
         self._cv = threading.Condition()
         self._jobs: list[ReadJob] = []
+        self._demand = 0  # on-demand jobs queued or being read
         self._seq = itertools.count()
         self._closing = False
-        self._active = 0  # chunks being read right now
+        self._active = 0  # pieces being read right now
         self._busy_since = 0.0
+        self._period_bytes = 0  # read in the current busy period
         self._bytes = self._busy = 0.0  # decayed sums: bandwidth = bytes / busy seconds
+        if self.align:
+            log.info("O_DIRECT alignment: %s", self.align.describe())
         self._threads = [threading.Thread(target=self._work, name=f"memd-read-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -83,33 +136,45 @@ class ExpertReader:
 
     # ---------------------------------------------------------------- API (any thread)
     def submit(self, key: tuple[int, int], slot: int, *, demand: bool, priority: float = 0.0) -> ReadJob:
-        job = ReadJob(key, slot, demand, priority, next(self._seq), self.store.segments[key])
+        if not 0 <= slot < len(self.pool) // self.slot_bytes:
+            raise ValueError(f"slot {slot} is outside the pool ({len(self.pool) // self.slot_bytes} slots)")
         with self._cv:
             if self._closing:
                 raise RuntimeError("the reader is closed")
+            job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
             self._jobs.append(job)
-            self._cv.notify()
+            self._demand += demand
+            self._cv.notify_all()
         return job
 
     def promote(self, job: ReadJob) -> None:
         """An acquire waits for this prefetch now: read it like an on-demand load (it keeps its progress)."""
         with self._cv:
+            if job.removed:
+                return
+            if not job.demand:
+                self._demand += 1
             job.demand, job.cancelled = True, False
             job.seq = next(self._seq)
+            self._cv.notify_all()
 
     def cancel(self, job: ReadJob) -> None:
-        """Stop a prefetch: at once if no thread is reading it, else after its current chunk."""
+        """Stop a prefetch: at once if no piece of it is being read, else when those pieces end."""
         with self._cv:
-            if job.demand or job.future.done():
+            if job.demand or job.removed:
                 return
             job.cancelled = True
-            if not job.running and job in self._jobs:
+            if job.inflight == 0:
                 self._jobs.remove(job)
                 job.future.set_exception(ReadCancelled())
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
         return self.submit(key, slot, demand=True).future.result()
+
+    def demand_pending(self) -> bool:
+        """Whether an on-demand read is queued or being read (cheap: no lock)."""
+        return self._demand > 0
 
     @property
     def bandwidth(self) -> float | None:
@@ -123,8 +188,9 @@ class ExpertReader:
     def close(self) -> None:
         with self._cv:
             self._closing = True
-            for job in self._jobs:
-                if not job.running and not job.future.done():
+            for job in list(self._jobs):
+                if job.inflight == 0:
+                    self._remove(job)
                     job.future.set_exception(ReadCancelled())
             self._cv.notify_all()
         for t in self._threads:
@@ -132,110 +198,174 @@ class ExpertReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
+        if self.stats.staged_segments:
+            log.info("reader: %d of %d segments staged through the bounce buffer (%s copied, %s read straight into"
+                     " slots)", self.stats.staged_segments, self.stats.segments, self.stats.bounce_bytes,
+                     self.stats.direct_bytes)
+
+    # ---------------------------------------------------------------- planning a job's pieces
+    def piece_bytes(self, key: tuple[int, int]) -> int:
+        """Pieces of one expert: at most ``chunk``, and small enough that the expert spreads over every thread."""
+        total = sum(s.nbytes for s in self.store.segments[key])
+        spread = align_up(-(-total // self.threads), self._step)
+        return min(self.chunk, max(MIN_PIECE, spread))
+
+    def plan(self, key: tuple[int, int], slot: int) -> list[Piece]:
+        size = self.piece_bytes(key)
+        base = slot * self.slot_bytes
+        pieces: list[Piece] = []
+        for seg in self.store.segments[key]:
+            dest = base + seg.slot_offset
+            if not self.direct_io:
+                pieces += _split(seg.file, seg.file_offset, seg.nbytes, dest, size)
+            else:
+                pieces += self._plan_direct(seg, dest, size)
+        return pieces
+
+    def _plan_direct(self, seg: Segment, dest: int, size: int) -> list[Piece]:
+        a = self._step  # whole pages, even where the device takes 512-byte blocks: misaligned reads are slower
+        pos, end = seg.file_offset, seg.file_offset + seg.nbytes
+        first, last = align_up(pos, a), end - end % a  # the aligned middle: [first, last)
+        self.stats.segments += 1
+        congruent = (self._base + dest + first - pos) % self.align.mem == 0
+        if first < last and congruent:
+            out = []
+            if pos < first:
+                out.append(Piece(seg.file, first - a, a, dest, pos - (first - a), first - pos, True))
+            out += _split(seg.file, first, last - first, dest + first - pos, size)
+            if last < end:
+                out.append(Piece(seg.file, last, a, dest + last - pos, 0, end - last, True))
+            return out
+        self.stats.staged_segments += first < last  # too small for a direct middle is not counted
+        if first < last and not self._staged_logged:
+            self._staged_logged = True
+            log.info("O_DIRECT: %s at file offset %d cannot be read straight into its slot (slot address and file"
+                     " offset differ modulo the %d-byte memory alignment): such segments are staged through a"
+                     " bounce buffer and copied; counted in the reader's stats", seg.file, pos, self.align.mem)
+        out, start = [], pos - pos % a
+        while start < end:
+            length = min(size, align_up(end - start, a))
+            skip = max(pos - start, 0)
+            keep = min(start + length, end) - start - skip
+            out.append(Piece(seg.file, start, length, dest + start + skip - pos, skip, keep, True))
+            start += length
+        return out
 
     # ---------------------------------------------------------------- reader threads
     def _work(self) -> None:
         while True:
-            job = self._take()
-            if job is None:
+            taken = self._take()
+            if taken is None:
                 return
-            start = time.perf_counter()
+            job, piece = taken
             try:
-                n = self._read_chunk(job)
+                n = self._read(piece)
             except Exception as exc:  # an I/O error fails this job only
-                self._finish(job, start, 0, exc)
+                self._finish(job, piece, 0, exc)
                 continue
-            self._finish(job, start, n, None)
+            self._finish(job, piece, n, None)
 
-    def _take(self) -> ReadJob | None:
+    def _best(self) -> ReadJob | None:
+        """The job to read a piece of: the oldest on-demand load; else, when no on-demand load is being read, the
+        best prefetch."""
+        ready = [j for j in self._jobs if j.waiting]
+        demand = [j for j in ready if j.demand]
+        if demand:
+            return min(demand, key=ReadJob.rank)
+        if self._demand > 0 or not ready:
+            return None  # on-demand pieces in flight: no prefetch piece starts meanwhile
+        return min(ready, key=ReadJob.rank)
+
+    def _take(self) -> tuple[ReadJob, Piece] | None:
         with self._cv:
             while True:
                 if self._closing:
                     return None
-                ready = [j for j in self._jobs if not j.running]
-                if ready:
-                    job = min(ready, key=ReadJob.rank)
-                    job.running = True
+                job = self._best()
+                if job is not None:
+                    piece = job.pieces[job.next]
+                    job.next += 1
+                    job.inflight += 1
+                    now = time.perf_counter()
+                    if job.started is None:
+                        job.started = now
                     if self._active == 0:
-                        self._busy_since = time.perf_counter()
+                        self._busy_since = now
                     self._active += 1
-                    return job
+                    return job, piece
                 self._cv.wait()
 
-    def _finish(self, job: ReadJob, start: float, n: int, error: Exception | None) -> None:
+    def _finish(self, job: ReadJob, piece: Piece, n: int, error: Exception | None) -> None:
         now = time.perf_counter()
         with self._cv:
-            job.running = False
+            job.inflight -= 1
             job.nbytes += n
-            job.seconds += now - start
+            job.ended = now
+            self._count(piece, n)
             self._active -= 1
+            self._period_bytes += n
             if self._active == 0:
-                self._bytes = self._bytes * DECAY + n
+                self._bytes = self._bytes * DECAY + self._period_bytes
                 self._busy = self._busy * DECAY + (now - self._busy_since)
-            else:
-                self._bytes += n
-            if error is None and not job.done and not job.cancelled and not self._closing:
-                self._cv.notify()
+                self._period_bytes = 0
+            if error is not None and job.error is None:
+                job.error = error
+            if not job.over and not self._closing:
                 return
-            self._jobs.remove(job)
-        if error is not None:
-            job.future.set_exception(error)
-        elif job.done:
-            job.future.set_result((job.nbytes, job.seconds))
+            if job.inflight:
+                return  # closing: the last piece in flight ends the job
+            self._remove(job)
+            self._cv.notify_all()  # an on-demand load ended: prefetch pieces may start
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        elif job.next >= len(job.pieces) and not job.cancelled:
+            job.future.set_result((job.nbytes, job.ended - job.started))
         else:
             job.future.set_exception(ReadCancelled())
 
-    def _read_chunk(self, job: ReadJob) -> int:
-        seg = job.segments[job.segment]
-        base = job.slot * self.slot_bytes
-        n = self._chunk_direct(seg, base, job.offset) if self.direct_io else self._chunk_buffered(seg, base, job.offset)
-        job.offset += n
-        if job.offset >= seg.nbytes:
-            job.segment, job.offset = job.segment + 1, 0
-        return n
+    def _remove(self, job: ReadJob) -> None:
+        self._jobs.remove(job)
+        job.removed = True
+        self._demand -= job.demand
 
-    def _chunk_buffered(self, seg: Segment, base: int, done: int) -> int:
-        start = base + seg.slot_offset + done
-        dest = self.pool[start:start + min(self.chunk, seg.nbytes - done)]
-        n = os.preadv(self.fds[seg.file], [dest], seg.file_offset + done)
-        if n <= 0:
-            raise OSError(f"{seg.file}: unexpected end of file at byte {seg.file_offset + done}")
-        return n
+    def _count(self, piece: Piece, n: int) -> None:
+        self.stats.pieces += n > 0
+        if piece.bounce:
+            self.stats.bounce_bytes += n
+        else:
+            self.stats.direct_bytes += n
 
-    def _chunk_direct(self, seg: Segment, base: int, done: int) -> int:
-        staging = self._staging()
-        pos, end = seg.file_offset + done, seg.file_offset + seg.nbytes
-        aligned = pos - pos % ALIGN
-        want = min(self.chunk, _align_up(end - aligned))
-        n = os.preadv(self.fds[seg.file], [staging[:want]], aligned)
-        skip = pos - aligned
-        take = min(n - skip, end - pos)
-        if take <= 0:
-            raise OSError(f"{seg.file}: unexpected end of file at byte {pos}")
-        dest = base + seg.slot_offset + done
-        self.pool[dest:dest + take] = staging[skip:skip + take]
-        return take
+    def _read(self, piece: Piece) -> int:
+        fd = self.fds[piece.file]
+        if not piece.bounce:
+            n = os.preadv(fd, [self.pool[piece.dest:piece.dest + piece.length]], piece.file_offset)
+            if n != piece.length:
+                raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
+            return n
+        bounce, address = self._bounce()
+        n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
+        if n < piece.skip + piece.keep:
+            raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
+        if self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile
+            ctypes.memmove(self._base + piece.dest, address + piece.skip, piece.keep)
+        else:
+            self.pool[piece.dest:piece.dest + piece.keep] = bounce[piece.skip:piece.skip + piece.keep]
+        return piece.keep
 
-    def _staging(self) -> memoryview:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = memoryview(mmap.mmap(-1, self.chunk))  # page-aligned, as O_DIRECT needs
-        return buf
+    def _bounce(self) -> tuple[memoryview, int]:
+        """This thread's bounce buffer (page-aligned, as O_DIRECT needs) and its address."""
+        got = getattr(self._local, "buf", None)
+        if got is None:
+            view = memoryview(mmap.mmap(-1, self.chunk))
+            got = self._local.buf = (view, buffer_address(view))
+        return got
 
 
-def _align_up(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def _split(file: str, offset: int, nbytes: int, dest: int, size: int) -> list[Piece]:
+    """Pieces read straight into the pool: ``nbytes`` from ``offset`` in steps of ``size``."""
+    return [Piece(file, offset + done, min(size, nbytes - done), dest + done, 0, min(size, nbytes - done))
+            for done in range(0, nbytes, size)]
 
 
 def _direct_io_works(path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return False
-    try:
-        os.preadv(fd, [memoryview(mmap.mmap(-1, ALIGN))], 0)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    return dio_alignment(path) is not None

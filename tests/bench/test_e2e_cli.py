@@ -1,8 +1,11 @@
 """``moeinf bench e2e`` on a tiny checkpoint: the table and the JSON have the promised shape (timings are not
-checked), the greedy outputs with several clients equal those with one, and memd and the worker are stopped."""
+checked), the greedy outputs with several clients equal those of the same prompts served alone, every run gets
+its own prompts (or, with --warm-eamc, the same, labelled), and memd and the worker are stopped."""
 import json
 import os
 import subprocess
+
+import pytest
 
 from helpers import moeinf_cmd, orphan_regions, write_family
 
@@ -17,7 +20,7 @@ def test_table_and_json(tmp_path):
     tmp.mkdir()
     cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
                      "--concurrency", "1", "3", "--requests", "5", "--max-tokens", "6", "--threads", "1",
-                     "--json", str(out))
+                     "--repeats", "2", "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr
     assert "3 clients:" in proc.stdout and "same tokens as 1 client" in proc.stdout
@@ -29,5 +32,37 @@ def test_table_and_json(tmp_path):
     for r in rows:
         assert ROW_KEYS <= set(r) and r["tokens_per_s"] > 0 and r["generated_tokens"] == 5 * 6
         assert r["decode_ms_per_token_p90"] >= r["decode_ms_per_token_p50"] > 0 and 0 <= r["hit_rate"] <= 1
-    assert rows[1]["same_tokens_as_c1"] is True
+    assert rows[1]["same_tokens_as_c1"] is True and "same_tokens_as_c1" not in rows[0]
+    assert all(r["repeats"] == 2 and len(r["tokens_per_s_all"]) == 2 and r["eamc"] == "fresh" for r in rows)
+    assert doc["warm_eamc"] is False and "fresh prompts" in proc.stdout
     assert list(tmp.iterdir()) == [] and not orphan_regions(), "the bench left a state directory or a pool"
+
+
+def test_every_run_gets_fresh_prompts_unless_warm(tmp_path):
+    from services.bench.e2e_workload import Workloads
+
+    model = write_family("mixtral", tmp_path / "m")
+    systems = ("accelerate-offload", "moeinf-ondemand-lru", "moeinf")
+    fresh = Workloads(model, 4, 0, False, systems, 3, 2, vocab=320)
+    seen = [tuple(map(tuple, fresh.prompts(s, r, c))) for s in systems for r in range(3) for c in range(2)]
+    assert len(set(seen)) == len(seen) == 18  # every system, repeat and client count: its own workload
+    prompts = {p for workload in seen for p in workload}
+    assert len(prompts) == 18 * 4 and tuple(fresh.warmup()) not in prompts
+    assert fresh.prompts("moeinf", 1, 1) == fresh.prompts("moeinf", 1, 1)  # reproducible
+    warm = Workloads(model, 4, 0, True, systems, 3, 2, vocab=320)
+    assert warm.prompts("moeinf", 2, 1) == warm.prompts("accelerate-offload", 0, 0) and "WARM" in warm.label()
+    lines = Workloads(model, 4, 0, False, systems, 3, 2, lines=tuple((i, i + 1) for i in range(20)), vocab=320)
+    with pytest.raises(ValueError, match="need 72 .*--warm-eamc"):
+        lines.check()
+
+
+def test_warm_eamc_is_labelled(tmp_path):
+    model = write_family("mixtral", tmp_path / "m")
+    out = tmp_path / "e2e.json"
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
+                     "--requests", "2", "--max-tokens", "3", "--threads", "1", "--warm-eamc", "--json", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "moeinf*" in proc.stdout and "WARM EAMC" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["warm_eamc"] is True and doc["systems"][0]["eamc"] == "warm"

@@ -17,19 +17,19 @@ def test_defaults():
     cfg = build_config(MemdConfig, env={}, model="/m")
     assert cfg.model == Path("/m")
     assert cfg.expert_memory == "100%"
-    assert cfg.read_threads == 4 and cfg.direct_io is True and cfg.handshake_timeout_s == 60.0
+    assert cfg.read_threads == 4 and cfg.direct_io is True
     assert cfg.log_level == "info" and cfg.max_clients == 16
     assert isinstance(cfg.state_dir, Path)
 
 
 def test_env_overrides_default_and_is_converted():
     env = {"MOEINF_MODEL": "/env/model", "MOEINF_READ_THREADS": "7", "MOEINF_DIRECT_IO": "off",
-           "MOEINF_HANDSHAKE_TIMEOUT_S": "2.5", "MOEINF_STATE_DIR": "/tmp/st", "MOEINF_EXPERT_MEMORY": "25%"}
+           "MOEINF_MAX_CLIENTS": "3", "MOEINF_STATE_DIR": "/tmp/st", "MOEINF_EXPERT_MEMORY": "25%"}
     cfg = build_config(MemdConfig, env=env)
     assert cfg.model == Path("/env/model")
     assert cfg.read_threads == 7 and type(cfg.read_threads) is int
     assert cfg.direct_io is False
-    assert cfg.handshake_timeout_s == 2.5
+    assert cfg.max_clients == 3
     assert cfg.state_dir == Path("/tmp/st")
     assert cfg.expert_memory == "25%"
 
@@ -76,7 +76,7 @@ def test_bad_bool_names_the_flag():
 
 
 @pytest.mark.parametrize("name, raw, kind", [("read_threads", "four", "int"), ("read_threads", "2.5", "int"),
-                                             ("max_clients", "", "int"), ("handshake_timeout_s", "soon", "float")])
+                                             ("max_clients", "", "int"), ("prefetch_threshold", "soon", "float")])
 def test_bad_number_names_the_flag(name, raw, kind):
     flag = "--" + name.replace("_", "-")
     with pytest.raises(ValueError) as info:

@@ -35,7 +35,7 @@ def read_all(store: ExpertStore, layers, direct_io: bool) -> tuple[bytearray, di
         slots = {}
         for slot, key in enumerate(keys):
             nbytes, seconds = reader.read(key, slot)
-            assert nbytes == store.expert_bytes and seconds >= 0
+            assert nbytes == store.expert_bytes and seconds > 0
             slots[key] = slot
     finally:
         reader.close()

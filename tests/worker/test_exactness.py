@@ -47,7 +47,10 @@ def test_greedy_equals_transformers_at_25_percent(family, checkpoints, state_dir
         assert out == exp, f"{family}: prompt {prompt[:6]}... diverged"
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert stats.evictions > 0 and stats.misses > stats.num_slots, "25% memory must evict and reload experts"
-    assert stats.bytes_read >= stats.misses * 1  # every miss was read from the checkpoint
+    expert_bytes = _expert_bytes(checkpoints[family])
+    # every load reads one whole expert, and every miss was read (prefetches that finished add whole experts)
+    assert stats.bytes_read % expert_bytes == 0 and stats.bytes_read >= stats.misses * expert_bytes
+    assert stats.stall_seconds > 0  # a cold 25% pool: the worker waited for reads
 
 
 @pytest.mark.parametrize("family, memd_args", [
@@ -67,7 +70,19 @@ def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpo
         stats = stack.memd_stats()
     assert got == expected, f"{family} {memd_args} diverged"
     assert stats.policy == memd_args[1] and stats.prefetch == (memd_args[3] == "on")
-    assert stats.evictions > 0 and stats.misses > stats.num_slots
+    assert stats.evictions > 0 and stats.misses > stats.num_slots and stats.stall_seconds > 0
+    expert_bytes = _expert_bytes(checkpoints[family])
+    if not stats.prefetch:  # every read is a miss's: exactly one expert each
+        assert stats.bytes_read == stats.misses * expert_bytes
+    else:
+        assert stats.bytes_read % expert_bytes == 0 and stats.bytes_read >= stats.misses * expert_bytes
+
+
+def _expert_bytes(model_dir) -> int:
+    from common.checkpoint import Checkpoint
+    from services.memd.store import ExpertStore
+
+    return ExpertStore(Checkpoint(model_dir)).expert_bytes
     if stats.prefetch:
         assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
     else:

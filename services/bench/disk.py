@@ -1,0 +1,203 @@
+"""``moeinf bench disk``: the disk under the checkpoint, measured the ways memd's expert reads can be judged by.
+
+Side by side, in one run, on the same file (the checkpoint's largest shard, its first ``--bytes``):
+
+* the in-repo probe (``services/bench/diskbw.py``), single-stream: one O_DIRECT read of ``--chunk`` at a time;
+* the same probe multi-stream: ``--threads`` reads in flight (memd's ``--read-threads`` and ``--read-chunk``);
+* fio (Debian's ``fio``, if installed): ``--ioengine=libaio --iodepth=<threads> --direct=1 --rw=read
+  --bs=<chunk>``, the independent reference at the same queue depth;
+* memd's ``ExpertReader``: about ``--bytes`` of experts (or ``--experts`` of them) read once each as on-demand
+  loads into a page-aligned pool (its pages faulted in first, as in a running memd), 8 loads queued at a time,
+  as memd reads them (O_DIRECT straight into the slot where the alignment allows). Its bandwidth is expert bytes over wall time; the target is >= 90% of the
+  multi-stream probe. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a
+  burst allowance gives whichever runs first more.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.sizes import format_bytes, parse_size
+from services.bench.diskbw import CHUNK, STREAMS, Bandwidth, read_bandwidth
+
+TARGET = 0.9
+WINDOW = 8  # on-demand loads queued at once by the reader measurement (memd: an acquire asks for top-k per token)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderRun:
+    bandwidth: Bandwidth
+    experts: int
+    staged_segments: int
+    segments: int
+    direct_bytes: int
+    bounce_bytes: int
+    alignment: str
+
+
+def fio_bandwidth(path: Path, nbytes: int, depth: int, chunk: int) -> Bandwidth | str:
+    """fio's sequential O_DIRECT read bandwidth at queue depth ``depth``; a reason string when fio cannot run."""
+    if shutil.which("fio") is None:
+        return "fio is not installed (Debian: apt-get install -y fio)"
+    cmd = ["fio", "--name=moeinf-disk", f"--filename={path}", "--readonly", "--rw=read", f"--bs={chunk}",
+           "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", f"--size={nbytes}", "--output-format=json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return f"fio failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+    read = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]["read"]
+    return Bandwidth(read["io_bytes"], read["runtime"] / 1e3, True, depth, chunk)
+
+
+def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None = None) -> ReaderRun:
+    """Every expert (or the first ``experts``) read once through memd's ExpertReader, on demand."""
+    from common.checkpoint import Checkpoint
+    from services.memd.dio import buffer_address
+    from services.memd.reader import ExpertReader
+    from services.memd.store import ExpertStore
+
+    store = ExpertStore(Checkpoint(model))
+    keys = sorted(store.segments)[:experts]
+    buf = mmap.mmap(-1, WINDOW * store.slot_bytes)
+    view = memoryview(buf)
+    ctypes.memset(buffer_address(view), 1, len(view))  # fault the pages in, as memd's pool is after its first use
+    reader = ExpertReader(store, view, store.slot_bytes, True, threads=threads, chunk=chunk)
+    try:
+        pending: deque = deque()
+        total = 0
+        start = time.perf_counter()
+        for i, key in enumerate(keys):
+            if len(pending) == WINDOW:
+                total += pending.popleft().future.result()[0]
+            pending.append(reader.submit(key, i % WINDOW, demand=True))  # slot i % WINDOW: its last load is done
+        total += sum(job.future.result()[0] for job in pending)
+        seconds = time.perf_counter() - start
+        direct = reader.direct_io
+    finally:
+        reader.close()
+        view.release()
+        buf.close()
+    s = reader.stats
+    return ReaderRun(Bandwidth(total, seconds, direct, threads, reader.chunk), len(keys), s.staged_segments,
+                     s.segments, s.direct_bytes, s.bounce_bytes,
+                     reader.align.describe() if reader.align else "no O_DIRECT")
+
+
+def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | None, rounds: int) -> dict:
+    """Single-stream probe and fio once; then ``rounds`` rounds of the multi-stream probe and the reader over about
+    the same bytes, alternating which goes first (a VM disk's burst credit then favours neither)."""
+    from common.checkpoint import Checkpoint
+
+    files = sorted(Checkpoint(model).files, key=lambda f: f.stat().st_size, reverse=True)[:1]
+    progress(f"probe: {files[0]}, {format_bytes(nbytes)}")
+    single = read_bandwidth(files, nbytes, chunk, streams=1)
+    fio = fio_bandwidth(files[0], nbytes, threads, chunk)
+    if experts is None:
+        experts = max(1, nbytes // _expert_bytes(model))
+    multi, readers = [], []
+    for r in range(rounds):
+        progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader")
+        steps = [lambda: multi.append(read_bandwidth(files, nbytes, chunk, streams=threads)),
+                 lambda: readers.append(reader_bandwidth(model, threads, chunk, experts))]
+        for step in steps[::1 if r % 2 == 0 else -1]:
+            step()
+    probe, reader = _median(multi, lambda b: b.gbps), _median(readers, lambda x: x.bandwidth.gbps)
+    doc = {"model": str(model), "file": str(files[0]), "threads": threads, "chunk": chunk, "rounds": rounds,
+           "probe_single_gbps": single.gbps, "probe_multi_gbps": probe.gbps,
+           "probe_multi_runs_gbps": [b.gbps for b in multi], "direct": single.direct and probe.direct,
+           "fio_gbps": fio.gbps if isinstance(fio, Bandwidth) else None,
+           "fio_note": fio if isinstance(fio, str) else None,
+           "reader_gbps": reader.bandwidth.gbps, "reader_runs_gbps": [x.bandwidth.gbps for x in readers],
+           "reader_bytes": reader.bandwidth.bytes_read, "reader_experts": reader.experts,
+           "reader_staged_segments": reader.staged_segments, "reader_segments": reader.segments,
+           "reader_direct_bytes": reader.direct_bytes, "reader_bounce_bytes": reader.bounce_bytes,
+           "alignment": reader.alignment}
+    doc["reader_fraction_of_probe"] = reader.bandwidth.gbps / probe.gbps if probe.gbps else None
+    ratios = sorted(x.bandwidth.gbps / b.gbps for x, b in zip(readers, multi) if b.gbps)
+    doc["reader_fraction_per_round_median"] = ratios[len(ratios) // 2] if ratios else None
+    return doc
+
+
+def _expert_bytes(model: Path) -> int:
+    from common.checkpoint import Checkpoint
+    from services.memd.store import ExpertStore
+
+    return ExpertStore(Checkpoint(model)).expert_bytes
+
+
+def _median(items: list, key):
+    return sorted(items, key=key)[len(items) // 2]
+
+
+def format_report(doc: dict) -> str:
+    multi = doc["probe_multi_gbps"]
+    frac = lambda v: "-" if v is None or not multi else f"{v / multi:.0%}"  # noqa: E731
+    rows = [("probe, single stream", 1, doc["probe_single_gbps"]),
+            (f"probe, {doc['threads']} streams (memd's depth)", doc["threads"], multi),
+            ("fio libaio, same depth", doc["threads"], doc["fio_gbps"]),
+            (f"ExpertReader, {doc['reader_experts']} experts", doc["threads"], doc["reader_gbps"])]
+    lines = [f"moeinf bench disk: {doc['file']}; reads of {doc['chunk'] >> 10} KiB,"
+             f" {'O_DIRECT' if doc['direct'] else 'page cache (O_DIRECT refused)'}; alignment {doc['alignment']}",
+             "", f"{'measure':<34} {'depth':>5} {'GB/s':>7} {'of multi-stream':>15}"]
+    lines += [f"{name:<34} {depth:>5} {'-' if v is None else format(v, '.3f'):>7} {frac(v):>15}"
+              for name, depth, v in rows]
+    lines.append("")
+    if doc["fio_note"]:
+        lines.append(f"fio: {doc['fio_note']}")
+    lines.append(f"medians of {doc['rounds']} rounds, probe and reader alternating; multi-stream probe runs: "
+                 + ", ".join(f"{v:.3f}" for v in doc["probe_multi_runs_gbps"]) + " GB/s; reader runs: "
+                 + ", ".join(f"{v:.3f}" for v in doc["reader_runs_gbps"]) + " GB/s")
+    lines.append(f"reader: {format_bytes(doc['reader_bytes'])}, {format_bytes(doc['reader_direct_bytes'])} straight into"
+                 f" slots, {format_bytes(doc['reader_bounce_bytes'])} through the bounce buffer;"
+                 f" {doc['reader_staged_segments']} of {doc['reader_segments']} segments staged (file offset and slot"
+                 " not congruent modulo the memory alignment)")
+    lines.append(f"reader / probe of the same round, median: {frac_text(doc['reader_fraction_per_round_median'])}")
+    met = doc["reader_fraction_of_probe"] is not None and doc["reader_fraction_of_probe"] >= TARGET
+    lines.append(f"target: expert reads >= {TARGET:.0%} of the multi-stream probe -> {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def frac_text(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0%}"
+
+
+def run(args) -> int:
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model}: no config.json (give a checkpoint directory)")
+    nbytes = parse_size(args.bytes, what="--bytes").resolve(0)
+    chunk = parse_size(args.chunk, what="--chunk").resolve(0)
+    if args.threads < 1 or (args.experts is not None and args.experts < 1):
+        raise ValueError("--threads and --experts must be >= 1")
+    if args.rounds < 1:
+        raise ValueError("--rounds must be >= 1")
+    doc = measure(model, nbytes, args.threads, chunk, args.experts, args.rounds)
+    print(format_report(doc))
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_parser(bench) -> None:
+    p = bench.add_parser("disk", help="the disk's O_DIRECT bandwidth at memd's queue depth (probe, fio) against"
+                                      " memd's expert reader")
+    p.add_argument("--model", required=True)
+    p.add_argument("--bytes", default="1GiB", help="bytes of the largest shard each probe reads")
+    p.add_argument("--threads", type=int, default=STREAMS, help="reads in flight (memd's --read-threads)")
+    p.add_argument("--chunk", default=f"{CHUNK >> 10}KiB", help="read size (memd's --read-chunk)")
+    p.add_argument("--experts", type=int, help="experts the reader reads per round (default: about --bytes worth)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of multi-stream probe and reader; medians reported")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=run)
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)

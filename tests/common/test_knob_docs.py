@@ -1,0 +1,51 @@
+"""The README's knob table agrees with the config dataclasses: every knob it lists for a service exists there, and
+every plain-number default it states is the dataclass default. Knobs that do nothing or surprise are refused."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from common.config import GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, build_config
+from services.memd.core import Knobs
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIGS = {"memd": MemdConfig, "worker": WorkerConfig, "gateway": GatewayConfig, "serve": ServeConfig}
+ROW = re.compile(r"^\| `(--[a-z0-9-]+)[^`]*` \| ([a-z, ]+) \| ([^|]+) \|")
+
+
+def rows():
+    for line in README.read_text().splitlines():
+        if m := ROW.match(line):
+            yield m.group(1), [s.strip() for s in m.group(2).split(",")], m.group(3).strip()
+
+
+def test_readme_knobs_exist_with_their_stated_defaults():
+    checked = 0
+    for flag, services, default in rows():
+        name = flag[2:].replace("-", "_")
+        for service in services:
+            cls = CONFIGS.get(service)
+            if cls is None:
+                continue
+            fields = {f.name: f.default for f in dataclasses.fields(cls)}
+            assert name in fields, f"README lists {flag} for {service}, which has no such knob"
+            if re.fullmatch(r"[0-9]+(\.[0-9]+)?", default):
+                assert float(fields[name]) == float(default), f"{service} {flag}: README {default}, code {fields[name]}"
+                checked += 1
+    assert checked >= 10
+
+
+def test_memd_has_no_handshake_timeout():
+    """memd waits for no peer at start-up, so a timeout knob there would do nothing."""
+    assert "handshake_timeout_s" not in {f.name for f in dataclasses.fields(MemdConfig)}
+    assert build_config(WorkerConfig, env={}, model="/m").handshake_timeout_s == 60.0
+
+
+def test_prefetch_budget_percentage_is_a_share_of_the_pool():
+    cfg = build_config(MemdConfig, env={}, model="/m", prefetch_budget="25%")
+    assert Knobs.from_config(cfg, pool_bytes=400 << 20).budget_bytes == 100 << 20
+    with pytest.raises(ValueError, match="--prefetch-budget 25%: a percentage is a share of the pool"):
+        Knobs.from_config(cfg)
+    assert Knobs.from_config(build_config(MemdConfig, env={}, model="/m", prefetch_budget="64MiB"),
+                             pool_bytes=1 << 30).budget_bytes == 64 << 20
