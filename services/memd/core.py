@@ -98,6 +98,7 @@ class ExpertManager:
         self._refresh(req.touched, decode=not plan.transient)
         if self.predictor.advance(worker, req.step, req.layer, req.requests, req.tokens, req.prefill, now):
             self.table.policy.on_step()
+        self.table.policy.on_layer(req.layer)
         self.predictor.score(worker, req.step, req.layer, req.experts)
         self.predictor.observe(worker, req.layer, req.experts, req.tokens)
         for expert in req.experts:
