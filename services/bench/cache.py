@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 from common.sizes import parse_size
 from common.traces import group_steps, read_trace
-from services.bench.synthetic import Workload, write
+from services.bench.synthetic import FlatWorkload, Workload, write, write_flat
 from services.memd.core import Knobs
 from services.memd.simulate import SimConfig, simulate
 
@@ -45,7 +45,13 @@ def run_cache(args) -> int:
 
 
 def run_synth(args) -> int:
-    w = Workload(requests=args.requests, batch=args.batch, seed=args.seed)
+    if args.workload == "mixtral-flat":
+        f = FlatWorkload(requests=args.requests or FlatWorkload().requests, batch=args.batch, seed=args.seed)
+        path = write_flat(args.out, f)
+        print(f"wrote a flat Mixtral-like trace ({f.requests} requests, batch {f.batch}, {f.num_layers} layers x"
+              f" {f.num_experts} experts) to {path}")
+        return 0
+    w = Workload(requests=args.requests or Workload().requests, batch=args.batch, seed=args.seed)
     path = write(args.out, w)
     print(f"wrote a synthetic trace ({w.requests} requests, batch {w.batch}, {w.topics} topics) to {path}")
     return 0
@@ -63,7 +69,10 @@ def add_parsers(bench) -> None:
     p.set_defaults(func=run_cache)
     p = bench.add_parser("synth", help="write the synthetic topic workload as a trace file")
     p.add_argument("out")
-    p.add_argument("--requests", type=int, default=Workload().requests)
+    p.add_argument("--workload", choices=["topics", "mixtral-flat"], default="topics",
+                   help="topics: the paper's structure; mixtral-flat: flat routing with Mixtral's statistics")
+    p.add_argument("--requests", type=int, help=f"default: {Workload().requests} (topics), {FlatWorkload().requests}"
+                                                " (mixtral-flat)")
     p.add_argument("--batch", type=int, default=Workload().batch, help="requests running at once")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_synth)

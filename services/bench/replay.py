@@ -24,11 +24,11 @@ from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import format_bytes, parse_size
 from services.bench.bounds import belady_fetches, lru_fetches
 from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
+from services.bench.replay_compute import LayerCompute, given, measure
 from services.bench.replay_drive import ReplayPlan, drive, load_plan
 from services.bench.replay_store import StoreShape, ensure_store
 
 DEFAULT_POLICIES = "lru,lfu,activation,lru+prefetch,activation+prefetch"
-DEFAULT_LAYER_MS = 5.0  # about one MoE layer of a 16 MiB-expert model on this CPU (docs/benchmarks.md)
 POLICY_NAMES = ("lru", "lfu", "activation")
 MIB = 2**20
 
@@ -61,7 +61,7 @@ class Options:
     variants: list[Variant]
     expert_bytes: int
     model: Path | None
-    layer_seconds: float
+    layer_ms: float | None  # None: measured for each store (replay_compute.py)
     max_steps: int | None
     store_dir: Path
     leases: bool
@@ -85,9 +85,8 @@ class Options:
             raise ValueError("--layer-compute-ms must be >= 0")
         if (args.max_steps is not None and args.max_steps < 1) or args.repeats < 1:
             raise ValueError("--max-steps and --repeats must be >= 1")
-        layer_ms = DEFAULT_LAYER_MS if args.layer_compute_ms is None else args.layer_compute_ms
         return cls([Path(t) for t in args.trace], list(args.expert_memory), parse_variants(args.policies),
-                   expert_bytes.nbytes, Path(args.model) if args.model else None, layer_ms / 1e3, args.max_steps,
+                   expert_bytes.nbytes, Path(args.model) if args.model else None, args.layer_compute_ms, args.max_steps,
                    Path(args.store_dir), args.leases == "on", args.repeats, _path(args.json), _path(args.plot))
 
 
@@ -102,6 +101,7 @@ class Store:
     num_experts: int
     expert_bytes: int
     slot_bytes: int
+    compute: LayerCompute  # the layer compute the replay waits between acquires
 
 
 def open_store(plan: ReplayPlan, opts: Options) -> Store:
@@ -116,7 +116,8 @@ def open_store(plan: ReplayPlan, opts: Options) -> Store:
     if (store.num_layers, store.num_experts) != (h.num_layers, h.num_experts):
         raise ValueError(f"{path} has {store.num_layers} MoE layers x {store.num_experts} experts, the trace"
                          f" {plan.path} {h.num_layers} x {h.num_experts}")
-    return Store(path.resolve(), store.num_layers, store.num_experts, store.expert_bytes, store.slot_bytes)
+    compute = given(opts.layer_ms) if opts.layer_ms is not None else measure(path)
+    return Store(path.resolve(), store.num_layers, store.num_experts, store.expert_bytes, store.slot_bytes, compute)
 
 
 def capacity(memory: str, store: Store) -> tuple[int, bool]:
@@ -156,7 +157,7 @@ def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Op
                 raise RuntimeError(f"memd made {hello.num_slots} slots, the bench asked for {slots}")
             client.ready()
             before = client.stats()
-            result = drive(client, plan, opts.layer_seconds)
+            result = drive(client, plan, store.compute.seconds)
             after = _settled_stats(client, before, result.steps)
         finally:
             client.close()
@@ -206,7 +207,8 @@ def replay_capacity(plan: ReplayPlan, store: Store, memory: str, opts: Options) 
         "top_k": h.top_k, "steps": len(plan.steps), "tokens": tokens, "decode_tokens": plan.decode_tokens,
         "expert_memory": memory, "capacity_experts": slots, "capacity_share": slots / (h.num_layers * h.num_experts),
         "raised_to_one_layer": clamped, "expert_bytes": store.expert_bytes, "slot_bytes": store.slot_bytes,
-        "store": str(store.path), "layer_compute_ms": opts.layer_seconds * 1e3, "leases": opts.leases,
+        "store": str(store.path), "layer_compute_ms": store.compute.seconds * 1e3,
+        "layer_compute_source": store.compute.source, "leases": opts.leases,
         "belady_fetches": belady, "lru_fetches": lru,
         "belady_fetches_per_token": belady / tokens, "lru_fetches_per_token": lru / tokens, "results": [],
     }
@@ -243,8 +245,8 @@ def _heading(doc: dict) -> str:
     raised = " (raised to one layer's experts, memd's minimum)" if doc["raised_to_one_layer"] else ""
     return (f"{doc['trace']}: {doc['num_layers']} MoE layers x {doc['num_experts']} experts of"
             f" {format_bytes(doc['expert_bytes'])}, {doc['steps']} steps, {doc['tokens']} tokens; --expert-memory"
-            f" {doc['expert_memory']}: {doc['capacity_experts']} slots{raised}; layer compute"
-            f" {doc['layer_compute_ms']:g} ms\nbounds, fetches per token: Belady {doc['belady_fetches_per_token']:.3f},"
+            f" {doc['expert_memory']}: {doc['capacity_experts']} slots{raised}; leases {'on' if doc['leases'] else 'off'}"
+            f"\nlayer compute {doc['layer_compute_ms']:.3g} ms ({doc['layer_compute_source']})\nbounds, fetches per token: Belady {doc['belady_fetches_per_token']:.3f},"
             f" on-demand LRU {doc['lru_fetches_per_token']:.3f}")
 
 
@@ -314,7 +316,8 @@ def add_parsers(bench) -> None:
     p.add_argument("--expert-bytes", default="16MiB", help="bytes per expert of the generated store")
     p.add_argument("--model", help="serve this checkpoint instead of a generated store (its shape must match)")
     p.add_argument("--layer-compute-ms", type=float, default=None,
-                   help=f"compute time of one MoE layer (a sleep; default {DEFAULT_LAYER_MS:g}, traces carry no timings)")
+                   help="compute time of one MoE layer (a sleep; traces carry no timings). Default: measured"
+                        " now for the store's expert shape (services/bench/replay_compute.py)")
     p.add_argument("--max-steps", type=int, help="replay only the first N forward steps of each trace")
     p.add_argument("--store-dir", default=".cache/replay-store", help="where generated stores are kept")
     p.add_argument("--leases", choices=["on", "off"], default="on", help="the worker's lease mode (its default: on)")

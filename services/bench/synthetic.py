@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.traces import TraceHeader, TraceRecord, TraceWriter
 
 
@@ -97,7 +99,88 @@ class _Request:
 
 
 def write(path: Path | str, w: Workload = Workload()) -> Path:
-    header, records = generate(w)
+    return _write(path, *generate(w))
+
+
+# ---------------------------------------------------------------------------------------------- flat routing
+@dataclass(frozen=True, slots=True)
+class FlatWorkload:
+    """Routing shaped like a trained Mixtral-8x7B's (docs/traces.md): no topics, little skew, weak memory.
+
+    Each request draws, per layer, a preference over the experts from a symmetric Dirichlet(``alpha``), so the
+    corpus uses every expert about equally while one request leans on a few (its top two take ~36% of its
+    routing at a layer). A token picks its ``top_k`` experts without replacement with weights ``preference *
+    exp(stick * [routed at this layer by the previous token] + chain * affinity[previous layer's experts])``:
+    ``stick`` is the token-to-token memory at a layer, ``chain`` a fixed random affinity between an expert and
+    the next layer's experts (the first-order Markov structure across layers). The defaults reproduce the public
+    statistics of real Mixtral routing (``routing_stats.py`` measures them; tests/bench/test_synthetic_flat.py
+    holds them within tolerances over several seeds).
+    """
+
+    num_layers: int = 32
+    num_experts: int = 8
+    top_k: int = 2
+    alpha: float = 8.0  # per-request preference concentration (higher: flatter)
+    stick: float = 0.55  # log-weight bonus for the previous token's experts at the same layer
+    chain: float = 0.6  # log-weight scale of the cross-layer affinity
+    requests: int = 5
+    prompt_tokens: tuple[int, int] = (16, 64)
+    decode_tokens: tuple[int, int] = (120, 160)
+    batch: int = 1
+    seed: int = 0
+
+
+def generate_flat(w: FlatWorkload) -> tuple[TraceHeader, list[TraceRecord]]:
+    rng = np.random.default_rng(w.seed)
+    affinity = rng.standard_normal((w.num_layers, w.num_experts, w.num_experts))  # [l, e at l-1, e at l]
+    affinity -= affinity.mean(1, keepdims=True)  # no expert is favoured on average: the corpus stays flat
+    pending = [_FlatRequest(f"flat-{i}", w, rng) for i in range(w.requests)][::-1]
+    running: list[_FlatRequest] = []
+    records: list[TraceRecord] = []
+    while pending or running:
+        while pending and len(running) < w.batch:
+            running.append(pending.pop())
+        steps = [(r, r.phase(), r.next_positions()) for r in running]
+        routed = {(r.id, pos): r.route_token(affinity, rng) for r, _, positions in steps for pos in positions}
+        for layer in range(w.num_layers):
+            for r, phase, positions in steps:
+                for pos in positions:
+                    records.append(TraceRecord(r.id, pos, layer, routed[(r.id, pos)][layer], None, phase))
+        for r in running:
+            r.advance()
+        running = [r for r in running if not r.finished]
+    return TraceHeader("synthetic-mixtral-flat", w.num_layers, w.num_experts, w.top_k), records
+
+
+class _FlatRequest(_Request):
+    def __init__(self, rid: str, w: FlatWorkload, rng):
+        self.id, self.w = rid, w
+        self.log_pref = np.log(rng.dirichlet([w.alpha] * w.num_experts, size=w.num_layers) + 1e-12)
+        self.prompt = int(rng.integers(w.prompt_tokens[0], w.prompt_tokens[1] + 1))
+        self.decode = int(rng.integers(w.decode_tokens[0], w.decode_tokens[1] + 1))
+        self.done = 0
+        self.previous: list[list[int]] | None = None  # the last token's experts per layer
+
+    def route_token(self, affinity, rng) -> list[list[int]]:
+        """One token's experts at every layer (top_k, without replacement, Gumbel top-k)."""
+        w, out = self.w, []
+        for layer in range(w.num_layers):
+            logits = self.log_pref[layer].copy()
+            if self.previous is not None:
+                logits[self.previous[layer]] += w.stick
+            if layer:
+                logits += w.chain * affinity[layer, out[-1]].sum(0)
+            noisy = logits + rng.gumbel(size=w.num_experts)
+            out.append([int(e) for e in np.argsort(-noisy)[:w.top_k]])
+        self.previous = out
+        return out
+
+
+def write_flat(path: Path | str, w: FlatWorkload = FlatWorkload()) -> Path:
+    return _write(path, *generate_flat(w))
+
+
+def _write(path, header: TraceHeader, records: list[TraceRecord]) -> Path:
     writer = TraceWriter(path, header)
     try:
         for rec in records:

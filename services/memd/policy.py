@@ -1,10 +1,10 @@
 """Eviction policies behind one interface. memd asks a policy for a victim among the evictable residents.
 
-``lru`` and ``lfu`` are the baselines. ``activation`` is the paper's activation-aware cache: an expert's keep-score
-grows with its decode reuse in the live requests, its predicted need (from the EAMC match and the next-gate guess),
-its global frequency and its use in the last two steps, and is biased towards shallow layers, whose misses a
-prefetch has the least time to hide (at the start of a step only the previous step's last layers run before them).
-Experts loaded only for prompts are admitted as transient, so one long prompt does not flush the decode working set.
+``lru`` and ``lfu`` are the baselines. ``activation`` is the activation-aware cache: routing visits the layers in a
+cycle, so recency (LRU) evicts exactly the layer that runs next; this policy evicts the expert whose next use is
+expected furthest ahead, from the cyclic distance to its layer and the probability that it runs there (predicted
+need from the EAMC match and the live requests' history, and whether its layer used it last time). Experts loaded
+only for prompts are admitted as transient, so one long prompt does not flush the decode working set.
 Pinned and loading experts never reach a policy: the slot table filters them.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class EvictionPolicy:
         """A forward step began (ages reuse counts)."""
 
     def on_layer(self, layer: int) -> None:
-        """A worker reached MoE ``layer`` (every layer of every step, leased or not)."""
+        """Layer ``layer`` of a step is running now (every layer of every step, leased or not)."""
 
     def observe_need(self, need: np.ndarray) -> None:
         """``need[l, e]``: predicted probability that expert e of layer l runs the next time layer l runs."""
@@ -149,18 +149,30 @@ class LfuPolicy(_ScoredPolicy):
         return self.count
 
 
-# keep-score = (NEED * need + REUSE * reuse + FREQ * frequency + RECENT * recent)
-#              * (1 + LAYER_BIAS * (1 - layer / layers)), times TRANSIENT while the expert is transient.
-# Tuned on the synthetic workload and the demo model's trace (docs/traces.md has the measurements).
-NEED, REUSE, FREQ, LAYER_BIAS = 2.0, 1.0, 0.25, 0.5
+# The activation policy estimates, for every resident expert, how many layer runs pass until it is next used, and
+# evicts the one whose next use lies furthest ahead (Belady's rule, with an estimate in place of the future):
+#     T = d + L * (1 - p) / p
+# d in 1..L: the cyclic distance from the running layer to the expert's layer (the next time that layer runs);
+# p: the probability that the expert runs then (with probability 1 - p it waits a whole cycle of L layers, again
+# and again: a geometric number of cycles). Measured rates set its level by the expert's age: how often an expert
+# that its layer used at its last run runs again at the next one (routing remembers the previous token: ~0.38 on
+# Mixtral, ~0.9 on the random-weight demo model), one used at the run before that, and one used earlier or never.
+# Within an age, the predicted need (the EAMC match and the live requests' history, services/memd/predictor.py)
+# ranks a layer's experts: p = rate * (1 - NEED_WEIGHT + NEED_WEIGHT * need / the age's mean need in that layer),
+# floored at FLOOR (NEED_WEIGHT 1 fetched 2% more than LRU at 25% on flat routing, 0 lost 1-4% at 12.5% and 50%).
+# The rates count about MEMORY layer runs, from a prior worth PRIOR_RUNS runs.
+# An expert loaded only for prompt tokens counts TRANSIENT of its p until a decode step uses it, so one long
+# prompt does not flush the decode working set.
+# Tuned on the flat synthetic routing (seeds 0-3) and the demo model's trace (docs/bench-replay.md).
+PRIOR, PRIOR_RUNS, MEMORY = (0.4, 0.3, 0.2), 8.0, 2048.0
+NEED_WEIGHT = 0.5
+ADMIT = 0.85
+FLOOR = 0.01
 TRANSIENT = 0.1
-REUSE_DECAY = 0.7  # per step: reuse counts halve in about 2 steps
-RECENT = 0.5  # bonus for an expert used in this step or the one before (recency, as LRU has)
-PREFILL_ACCESS = 0.25  # a prompt's access counts this much towards frequency (decode counts 1)
 
 
 class ActivationPolicy(_ScoredPolicy):
-    """Keep-score from decode reuse, predicted need, a shallow-layer bias and frequency (see module docstring)."""
+    """Evict the expert with the furthest expected next use (cyclic layer distance, predicted need, recency)."""
 
     name = "activation"
     spares_predicted = True
@@ -168,55 +180,82 @@ class ActivationPolicy(_ScoredPolicy):
     def __init__(self, num_layers: int, num_experts: int) -> None:
         super().__init__(num_layers, num_experts)
         shape = (num_layers, num_experts)
-        self.reuse = np.zeros(shape)  # decayed decode accesses, as of step ``reuse_step``
-        self.reuse_step = np.zeros(shape, dtype=np.int64)
-        self.used_step = np.full(shape, -10, dtype=np.int64)
-        self.freq = np.zeros(shape)
         self.need = np.zeros(shape)
         self.transient = np.zeros(shape, dtype=bool)
-        self.step = 0
-        self.layer_factor = (1 + LAYER_BIAS * (1 - np.arange(num_layers) / num_layers))[:, None]
+        self.visits = np.zeros(num_layers, dtype=np.int64)  # how often each layer ran
+        self.used_visit = np.full(shape, -1, dtype=np.int64)  # the layer's visit that last used the expert
+        self.decoded_visit = np.full(shape, -2, dtype=np.int64)  # ... in a decode step
+        self.layer = num_layers - 1  # the layer running now (before the first step: as if the last one ran)
+        # [ran, could have] for experts by age: used at their layer's last run, at the one before, earlier or never
+        self.rates = np.array([[p, 1.0] for p in PRIOR]) * PRIOR_RUNS
+
+    def on_layer(self, layer: int) -> None:
+        self.layer = layer
+        self.rates *= 1 - 1 / MEMORY
+        self.rates[:, 1] += np.bincount(self.age()[layer], minlength=len(PRIOR))
+        self.visits[layer] += 1
+        self.changed()
+
+    def age(self) -> np.ndarray:
+        """[L, E]: 0 for an expert its layer used at its last (or current) run, 1 at the run before, 2 earlier."""
+        return np.minimum(self.visits[:, None] - self.used_visit, len(PRIOR) - 1)
+
+    def rate(self) -> np.ndarray:
+        """[ages]: the measured chance that an expert of each age runs at its layer's next run."""
+        return self.rates[:, 0] / self.rates[:, 1]
 
     def on_insert(self, key: Key, *, transient: bool = False) -> None:
         super().on_insert(key)
-        self.transient[key] = transient and self.reuse_now(key) < 1e-3
+        self.transient[key] = transient and self.decoded_visit[key] < self.visits[key[0]] - 1
         self.changed()
 
     def on_access(self, key: Key, *, decode: bool = True) -> None:
         super().on_access(key)
-        self.used_step[key] = self.step
+        age = self.visits[key[0]] - 1 - self.used_visit[key]  # its age when this run of its layer began
+        age = age if self.used_visit[key] >= 0 else len(PRIOR) - 1  # never used before
+        if age >= 0:  # its first use in this run
+            self.rates[min(age, len(PRIOR) - 1), 0] += 1
+        self.used_visit[key] = self.visits[key[0]]
         if decode:
-            self.reuse[key] = self.reuse_now(key) + 1.0
-            self.reuse_step[key] = self.step
+            self.decoded_visit[key] = self.visits[key[0]]
             self.transient[key] = False
-        self.freq[key] += 1.0 if decode else PREFILL_ACCESS
-
-    def on_step(self) -> None:
-        self.step += 1
-        self.changed()
 
     def observe_need(self, need: np.ndarray) -> None:
         self.need = np.clip(need, 0.0, 1.0)
         self.changed()
 
-    def reuse_now(self, key=None) -> np.ndarray | float:
-        if key is not None:
-            return float(self.reuse[key] * REUSE_DECAY ** (self.step - self.reuse_step[key]))
-        return self.reuse * REUSE_DECAY ** (self.step - self.reuse_step)
+    def distance(self) -> np.ndarray:
+        """[L, 1]: layer runs from now until each layer runs next (1: the next layer; L: the running one)."""
+        return ((np.arange(self.num_layers) - self.layer - 1) % self.num_layers + 1)[:, None]
+
+    def probability(self) -> np.ndarray:
+        age = self.age()
+        p = np.ones(age.shape)
+        for a, rate in enumerate(self.rate()):  # within an age, the need ranks a layer's experts around its rate
+            cls = age == a
+            mean = (self.need * cls).sum(1, keepdims=True) / np.maximum(1, cls.sum(1, keepdims=True))
+            ranked = np.divide(self.need, mean, out=np.ones_like(p), where=mean > 0)
+            p = np.where(cls, rate * (1 - NEED_WEIGHT + NEED_WEIGHT * ranked), p)
+        p = np.clip(p, FLOOR, 1.0)
+        return np.where(self.transient, p * TRANSIENT, p)
+
+    def next_use(self, p: np.ndarray) -> np.ndarray:
+        return self.distance() + self.num_layers * (1 - p) / p
 
     def scores(self) -> np.ndarray:
-        reuse = 1 - 1 / (1 + self.reuse_now())  # saturating in [0, 1)
-        freq = self.freq / max(1.0, float(self.freq.max()))
-        recent = (self.step - self.used_step) <= 1
-        score = (NEED * self.need + REUSE * reuse + FREQ * freq + RECENT * recent) * self.layer_factor
-        return np.where(self.transient, score * TRANSIENT, score)
+        return -self.next_use(self.probability())
 
     def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
-        """Only evict for a prefetch whose expert would score higher than the victim does."""
-        scores = self.cached_scores()
-        layer = candidate[0]
-        mine = max(scores[candidate], NEED * priority * float(self.layer_factor[layer, 0]))
-        return mine > scores[victim]
+        """Evict for a prefetch only when its expert is likely (ADMIT) to run, and sooner than the victim.
+
+        A prefetch that evicts always costs a read and saves one only when its guess is right, and its victim may be
+        needed again: only a near-certain guess pays for itself in bytes (ADMIT; 0.5 and 0.7 let through more
+        reads than LRU makes on the demo trace at 25%), and then its read is hidden under compute."""
+        p = self.probability()  # measured rates ranked by need (which carries any speculation); the planner's
+        if p[candidate] < ADMIT:  # priority is not used: on the demo trace it let through 1.04x LRU's fetches
+            return False
+        t = self.next_use(p)
+        return t[candidate] < t[victim]
 
 
 _CLASSES = {"lru": LruPolicy, "lfu": LfuPolicy, "activation": ActivationPolicy}

@@ -1,23 +1,34 @@
-"""Replay a routing trace through memd's decisions with a simulated clock and reader: no model, no processes.
+"""Replay a routing trace through memd's decisions with a simulated clock, reader and worker: no model, no processes.
 
-The same ``ExpertManager`` the server uses decides hits, loads, evictions, predictions and prefetches; only time
-and I/O are simulated. Each MoE layer of each step is an acquire: the on-demand loads are read first (they
-preempt prefetches, as the real reader does at chunk granularity; here at any instant), the layer waits until
-its experts are resident (the stall), then computes for ``layer_seconds`` while prefetches proceed in the
-background. The reader moves one expert in ``read_seconds`` (its bandwidth). A step's trace is learned when the
-step ends, and a request's EAM goes to the EAMC after its last step, as in memd. Trace files carry no next-gate
-guesses, so the simulation measures the EAMC and history prediction alone.
+The same ``ExpertManager`` the server uses decides hits, loads, evictions, predictions and prefetches; the same
+``leases.Client`` holds the worker's pins and leases; the reader is ``sim_reader.SimReader`` (memd's reader rules:
+on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity, ``read_threads`` threads
+sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
+
+* with leases (the default, as serving): a layer whose experts are all leased sends nothing (memd counts its hits
+  from the step trace, its recency arrives as ``touched`` with the next acquire); any other layer is a lease
+  acquire, which revokes the worker's other leases when it needs more slots than are free (memd's pressure rule);
+  when a step ends every request it ran, the idle worker returns its leases;
+* without: an acquire pins the layer's experts and the release after the compute unpins them.
+
+An acquire starts its on-demand loads, then prefetch planning runs (memd runs it right after the reply); the layer
+waits until its experts are resident (the stall), then computes for ``layer_seconds`` while reads proceed. An
+on-demand load that finds every slot pinned or loading cancels the lowest-priority prefetch and waits for its
+slot (``loads.Loads.demand``). A step's trace is learned when the step ends, and a request's EAM goes to the EAMC
+after its last step, as in memd. Trace files carry no next-gate guesses, so the simulation measures the EAMC and
+history prediction alone.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 from common import messages as m
 from common.traces import Step, TraceHeader
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import Eamc
+from services.memd.leases import Client
 from services.memd.policy import Key
+from services.memd.sim_reader import SimReader
 
 WORKER = "sim"
 
@@ -26,9 +37,12 @@ WORKER = "sim"
 class SimConfig:
     capacity: int  # pool slots
     knobs: Knobs = Knobs()
-    read_seconds: float = 2e-3  # one expert's read
+    read_seconds: float = 2e-3  # one expert's read, alone on the disk (bandwidth = expert_bytes / read_seconds)
     layer_seconds: float = 1e-3  # one MoE layer's compute
     expert_bytes: int = 1 << 20
+    leases: bool = True  # the worker's lease mode (its default)
+    read_threads: int = 4  # memd's --read-threads
+    read_chunk: int = 1 << 20  # memd's --read-chunk
 
 
 @dataclass(slots=True)
@@ -40,11 +54,17 @@ class SimResult:
     decode_misses: int = 0  # in steps without prompt tokens (per decode token: decode_misses / decode_tokens)
     stall_seconds: float = 0.0
     seconds: float = 0.0
+    acquires: int = 0  # layers that sent memd an acquire (the others were served from leases)
     prefetch_issued: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     prefetch_late: int = 0
     lookahead: list[tuple[int, float, float]] = field(default_factory=list)  # (distance, precision, recall)
+
+    @property
+    def fetches(self) -> int:
+        """Experts read: on-demand loads and prefetches issued (as ``bench replay`` counts them)."""
+        return self.misses + self.prefetch_issued
 
     @property
     def misses_per_token(self) -> float:
@@ -55,28 +75,21 @@ class SimResult:
         return self.decode_misses / max(1, self.decode_tokens)
 
 
-@dataclass(slots=True)
-class _Job:
-    key: Key
-    remaining: float  # bytes
-    demand: bool
-    priority: float
-    seq: int
-
-    def rank(self) -> tuple:
-        return (0, self.seq) if self.demand else (1, -self.priority, self.seq)
-
-
 class Simulator:
     def __init__(self, header: TraceHeader, cfg: SimConfig, eamc: Eamc | None = None):
         self.header, self.cfg = header, cfg
         self.core = ExpertManager(cfg.capacity, header.num_layers, header.num_experts, header.top_k,
                                   cfg.expert_bytes, cfg.knobs, eamc)
         self.bandwidth = cfg.expert_bytes / cfg.read_seconds
-        self.now = 0.0
-        self.jobs: dict[Key, _Job] = {}
-        self._seq = itertools.count()
+        self.reader = SimReader(self.bandwidth, cfg.expert_bytes, threads=cfg.read_threads, chunk=cfg.read_chunk,
+                                done=self._done, cancelled=self._cancelled)
+        self.client = Client(0, ready=True)  # memd's record of the simulated worker: its pins and leases
+        self.touched: list[list[int]] = []  # leased uses since the last acquire (the worker's recency hints)
         self.result = SimResult()
+
+    @property
+    def now(self) -> float:
+        return self.reader.now
 
     def run(self, steps: list[Step]) -> SimResult:
         last = {}
@@ -90,9 +103,11 @@ class Simulator:
                     started.add(request)
                     self.core.request_start(request)
             self.step(i + 1, step)
-            for request in step.requests:
-                if last[request] == i:
-                    self.core.request_end(request)
+            ended = [r for r in step.requests if last[r] == i]
+            for request in ended:
+                self.core.request_end(request)
+            if self.cfg.leases and len(ended) == len(step.requests):  # the idle worker returns its leases
+                self.client.return_leases(self.core.table)
         return self.finish()
 
     def step(self, number: int, step: Step) -> None:
@@ -101,11 +116,19 @@ class Simulator:
         layers = []
         for layer in sorted(step.layers):
             experts, counts = self._routing(step, layer)
-            req = m.AcquireRequest(layer, experts, step.requests, counts, number, prefill)
-            decode_misses = self.acquire(req)
-            if not any(prefill):
-                self.result.decode_misses += decode_misses
-            layers.append(m.LayerTrace(layer, experts, counts, [[0.0] * len(experts) for _ in counts]))
+            keys = [(layer, e) for e in experts]
+            leased = self.cfg.leases and all(k in self.client.leases for k in keys)
+            if leased:
+                self.touched.extend([layer, e] for e in experts)
+                self.reader.advance(self.now + self.cfg.layer_seconds)
+            else:
+                req = m.AcquireRequest(layer, experts, step.requests, counts, number, prefill, lease=self.cfg.leases,
+                                       touched=self.touched)
+                self.touched = []
+                decode_misses = self.acquire(req)
+                if not any(prefill):
+                    self.result.decode_misses += decode_misses
+            layers.append(m.LayerTrace(layer, experts, counts, [[0.0] * len(experts) for _ in counts], [], leased))
         self.core.step_trace(m.StepTraceEvent(0, number, step.requests, tokens, prefill, layers))
         self.result.tokens += sum(tokens)
         self.result.decode_tokens += 0 if any(prefill) else sum(tokens)
@@ -120,69 +143,72 @@ class Simulator:
                 counts[row[rec.req]][column[e]] += 1
         return experts, counts
 
+    def _hold(self, keys: list[Key]) -> None:
+        """memd's ``Server._hold`` for one worker: pin, or lease (revoking the others under pressure)."""
+        table = self.core.table
+        if not self.cfg.leases:
+            self.client.pin(table, keys)
+            return
+        pressure = sum(k not in table.slot_of for k in keys) > len(table.free)
+        self.client.lease(table, keys, revoke_others=pressure)
+
     def acquire(self, req: m.AcquireRequest) -> int:
         """One layer: acquire, prefetch, wait, compute, release. Returns its on-demand misses."""
         core, table = self.core, self.core.table
         keys = [(req.layer, e) for e in req.experts]
-        for key in keys:
-            table.pin(key)
+        self._hold(keys)
         misses = table.counters.misses
+        self.result.acquires += 1
         plan = core.acquire(WORKER, req, self.now)
         for key, _slot in plan.loads:
-            self._submit(key, demand=True)
+            self.reader.submit(key, demand=True)
         for key in plan.joins:
-            self.jobs[key].demand, self.jobs[key].seq = True, next(self._seq)
+            self.reader.promote(key)
         for key in plan.blocked:
-            self._steal_for(key, plan.transient)
+            self._demand(key, plan.transient)
         prefetch = core.plan_prefetch(WORKER, req, self.bandwidth)
         for key in prefetch.cancel:
-            self._cancel(key)
+            self.reader.cancel(key)
         for key, _slot, priority in prefetch.start:
-            self._submit(key, demand=False, priority=priority)
+            self.reader.submit(key, demand=False, priority=priority)
         start = self.now
         while any(key in table.loading for key in keys):
-            if not self.jobs:
+            if not self.reader.jobs:
                 raise AssertionError(f"layer {req.layer}: experts loading without a read")
-            self._advance(None)
+            self.reader.advance(None)
         core.stall(req.layer, self.now - start)
-        self._advance(self.now + self.cfg.layer_seconds)
-        for key in keys:
-            table.unpin(key)
+        self.reader.advance(self.now + self.cfg.layer_seconds)
+        if not self.cfg.leases:
+            self.client.unpin(table, keys)
         return table.counters.misses - misses
 
-    def _submit(self, key: Key, *, demand: bool, priority: float = 0.0) -> None:
-        self.jobs[key] = _Job(key, float(self.cfg.expert_bytes), demand, priority, next(self._seq))
-
-    def _cancel(self, key: Key) -> None:
-        if self.jobs.pop(key, None) is not None:
-            self.core.load_cancelled(key)
-
-    def _steal_for(self, key: Key, transient: bool) -> None:
-        while self.core.reserve_demand(key, transient, raise_full=False) is None:
-            if key in self.core.table.slot_of:
-                return  # reserved meanwhile
+    def _demand(self, key: Key, transient: bool) -> None:
+        """``loads.Loads.demand``: no slot was free; cancel the lowest prefetch and wait for its slot."""
+        while True:
+            if key in self.reader.jobs:
+                self.reader.promote(key)
+                return
+            if self.core.table.is_resident(key):
+                return
+            slot = self.core.reserve_demand(key, transient, raise_full=False)
+            if slot is not None:
+                self.reader.submit(key, demand=True)
+                return
             victim = self.core.steal_candidate()
-            if victim is None:
+            if victim is None or victim not in self.reader.jobs:
                 raise RuntimeError(f"{self.cfg.capacity} slots cannot hold one layer's experts and the pins")
-            self._cancel(victim)
-        self._submit(key, demand=True)
+            self.reader.cancel(victim)
+            while victim in self.reader.jobs:
+                self.reader.advance(None)
 
-    def _advance(self, until: float | None) -> None:
-        """Serve reads, best first, until ``until`` (or, with None, until the next read completes)."""
-        while self.jobs:
-            job = min(self.jobs.values(), key=_Job.rank)
-            finish = self.now + job.remaining / self.bandwidth
-            if until is not None and finish > until:
-                job.remaining -= (until - self.now) * self.bandwidth
-                self.now = until
-                return
-            self.now = finish
-            del self.jobs[job.key]
-            self.core.load_done(job.key, self.cfg.expert_bytes, self.cfg.read_seconds)
-            if until is None:
-                return
-        if until is not None:
-            self.now = max(self.now, until)
+    def _done(self, key: Key) -> None:
+        self.core.load_done(key, self.cfg.expert_bytes, self.cfg.read_seconds)
+
+    def _cancelled(self, key: Key) -> None:
+        if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all
+            self.reader.submit(key, demand=True)
+        else:
+            self.core.load_cancelled(key)
 
     def finish(self) -> SimResult:
         r, c, mt = self.result, self.core.table.counters, self.core.metrics

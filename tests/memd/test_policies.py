@@ -35,8 +35,53 @@ def test_lfu_evicts_the_least_used_then_the_least_recent():
     assert p.victim(lambda k: False) is None
 
 
-def test_activation_keeps_predicted_experts():
+def run_layer(p, layer, experts, *, decode=True):
+    """What memd tells a policy for one layer's acquire: the layer runs, then each expert is accessed."""
+    p.on_layer(layer)
+    for e in experts:
+        p.on_access((layer, e), decode=decode)
+
+
+def test_activation_evicts_the_layer_that_runs_last_where_lru_evicts_the_next_one():
+    p, lru = ActivationPolicy(L, E), LruPolicy()
+    for layer in range(L):  # one token: expert 0 of every layer
+        run_layer(p, layer, [0])
+        for policy in (p, lru):
+            policy.on_access((layer, 0))
+            policy.on_insert((layer, 0))
+    # layer 3 just ran; layer 0 runs next: LRU evicts it, the cyclic distance evicts layer 3's (runs last)
+    assert lru.victim(ANY) == (0, 0)
+    assert p.victim(ANY) == (3, 0)
+    run_layer(p, 0, [1])  # layer 0 runs now: layer 1 is next, layer 0's own expert 0 is a whole cycle away
+    assert list(p.distance().ravel()) == [4, 1, 2, 3]
+    assert p.victim(ANY) == (0, 0)
+
+
+def test_activation_learns_how_sticky_routing_is():
+    p = ActivationPolicy(L, E)
+    for _ in range(200):  # every run of every layer uses the same two experts
+        for layer in range(L):
+            run_layer(p, layer, [1, 2])
+    sticky = p.rate()
+    assert sticky[0] > 0.9 and sticky[2] < 0.1
+    q = ActivationPolicy(L, E)
+    for t in range(200):  # every run uses two new experts: the last run's never come back
+        for layer in range(L):
+            run_layer(q, layer, [(2 * t) % E, (2 * t + 1) % E])
+    assert q.rate()[0] < 0.1
+
+
+def test_activation_keeps_the_last_runs_experts_over_older_ones_at_the_same_layer():
+    p = filled(ActivationPolicy(L, E), [(2, 0), (2, 1)])
+    run_layer(p, 2, [0])
+    run_layer(p, 2, [1])  # expert 1: used at layer 2's last run; expert 0: the run before
+    assert p.victim(ANY) == (2, 0)
+
+
+def test_activation_ranks_experts_of_one_age_by_predicted_need():
     p = filled(ActivationPolicy(L, E), [(2, 0), (2, 1), (2, 2)])
+    run_layer(p, 2, [0, 1, 2])
+    run_layer(p, 3, [0])
     need = np.zeros((L, E))
     need[2, 0], need[2, 2] = 0.9, 0.4
     p.observe_need(need)
@@ -46,72 +91,41 @@ def test_activation_keeps_predicted_experts():
     assert p.victim(ANY) == (2, 2)  # the prediction moved on
 
 
-def test_activation_keeps_decode_reuse_and_forgets_it_with_time():
-    p = filled(ActivationPolicy(L, E), [(3, 0), (3, 1)])
-    for _ in range(5):
-        p.on_step()
-        p.on_access((3, 1))  # reused by every decode step
-    p.on_step()
-    p.on_access((3, 0))  # used once, just now
-    for _ in range(2):
-        p.on_step()
-    assert p.victim(ANY) == (3, 0)
-    for _ in range(12):  # (3, 1) has not been used for a dozen steps: its reuse decayed
-        p.on_step()
-    p.on_access((3, 0))
-    assert p.victim(ANY) == (3, 1)
-
-
-def test_activation_favours_shallow_layers_at_equal_use():
-    p = filled(ActivationPolicy(L, E), [(0, 0), (3, 0)])
-    p.on_step()
-    for key in [(0, 0), (3, 0)]:
-        p.on_access(key)
-    p.on_step()
-    p.on_step()
-    s = p.scores()
-    assert s[0, 0] > s[3, 0]
-    assert p.victim(ANY) == (3, 0)  # the deep layer goes first: a prefetch has more time to bring it back
-
-
 def test_activation_prefill_only_experts_are_transient():
     p = ActivationPolicy(L, E)
-    decode_set = [(1, 0), (1, 1)]
-    for key in decode_set:
+    for _ in range(3):
+        run_layer(p, 1, [0, 1])
+    for key in [(1, 0), (1, 1)]:
         p.on_insert(key)
-    for _ in range(3):
-        p.on_step()
-        for key in decode_set:
-            p.on_access(key)
-    for _ in range(3):
-        p.on_step()
     # a long prompt loads experts that only it used: they are admitted as transient
-    for e in (2, 3):
+    p.on_layer(1)
+    for e in (0, 1, 2, 3):
         p.on_access((1, e), decode=False)
+    for e in (2, 3):
         p.on_insert((1, e), transient=True)
     assert p.victim(ANY) in {(1, 2), (1, 3)}  # the prompt's experts go before the decode working set
-    # a decode step using a transient expert makes it a regular one
-    p.on_step()
-    p.on_access((1, 2))
+    run_layer(p, 1, [2])  # a decode step using a transient expert makes it a regular one
     assert not p.transient[1, 2] and p.victim(ANY) == (1, 3)
     # an expert the decode working set still uses is not made transient by a prompt reloading it
-    p.on_insert((1, 0), transient=True)
-    assert not p.transient[1, 0]
+    p.on_insert((1, 2), transient=True)
+    assert not p.transient[1, 2]
 
 
-def test_activation_admits_a_prefetch_only_over_a_weaker_resident():
-    p = filled(ActivationPolicy(L, E), [(0, 0)])
-    p.on_step()
-    p.on_access((0, 0))
-    need = np.zeros((L, E))
-    need[0, 0] = 0.9
-    p.observe_need(need)
-    assert not p.admits((3, 1), (0, 0), priority=0.2)  # a weak guess does not evict a needed, reused expert
-    need[3, 1], need[0, 0] = 1.0, 0.0
-    p.observe_need(need)
-    for _ in range(20):
-        p.on_step()
-    assert p.admits((3, 1), (0, 0), priority=1.0)
+def test_activation_admits_a_prefetch_only_for_a_near_certain_expert_that_runs_sooner():
+    p = filled(ActivationPolicy(L, E), [(3, 0)])
+    for _ in range(100):  # expert 0 of layer 1 runs at every run of layer 1, expert 0 of layer 3 too
+        for layer in range(L):
+            run_layer(p, layer, [0])
+    p.on_remove((1, 0))
+    run_layer(p, 0, [0])  # layer 0 runs: layer 1 is next, layer 3 two layers later
+    assert p.admits((1, 0), (3, 0), priority=0.0)
+    assert not p.admits((2, 3), (3, 0), priority=1.0)  # never used: the planner's priority alone is not enough
+    q = filled(ActivationPolicy(L, E), [(3, 0)])
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # random routing: nothing is near-certain, so no prefetch evicts
+        for layer in range(L):
+            run_layer(q, layer, rng.choice(E, 2, replace=False).tolist())
+    assert not q.admits((1, 0), (3, 0), priority=1.0)
     assert LruPolicy().admits((3, 1), (0, 0), 0.0) and LfuPolicy(L, E).admits((3, 1), (0, 0), 0.0)
 
 
@@ -144,6 +158,12 @@ def test_protected_experts_are_spared_while_something_else_can_go(policy):
 @pytest.mark.parametrize("policy", ["lru", "lfu", "activation"])
 def test_prefetch_never_takes_a_pinned_loading_or_protected_slot(policy):
     t = table(policy)
+    if policy == "activation":  # it admits only near-certain prefetches: expert 0 of layer 2 runs every time
+        for _ in range(50):
+            for layer in range(L):
+                run_layer(t.policy, layer, [0])
+        run_layer(t.policy, 0, [0])
+        run_layer(t.policy, 1, [0])  # layer 1 runs: layer 2 is next
     load(t, (0, 0))
     load(t, (0, 1))
     t.pin((0, 0))
