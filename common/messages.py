@@ -18,12 +18,20 @@ class ErrorReply:
 # ---------------------------------------------------------------- worker <-> memd (RPC, DEALER -> ROUTER)
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """One parameter of an expert inside a pool slot: ``slot_base + offset`` holds ``shape`` of ``dtype``."""
+    """One parameter of an expert inside a pool slot: ``slot_base + offset`` holds ``shape`` of ``dtype``.
+
+    A quantized parameter (``format`` "mxfp4" or "fp8") holds its values there as the checkpoint stores them
+    (MXFP4 blocks ``[rows, groups, 16]`` uint8, FP8 ``[rows, cols]`` float8_e4m3fn) and its scales at
+    ``scale_offset``; the worker dequantizes them into the model's parameter shape and dtype."""
 
     name: str
     offset: int
     shape: list[int]
     dtype: str
+    format: str = ""
+    scale_offset: int = 0
+    scale_shape: list[int] = field(default_factory=list)
+    scale_dtype: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from common import messages as m
+from services.worker import quant
 from services.worker.tracing import StepRecorder
 
 IMPLEMENTATION = "moeinf"
@@ -64,6 +65,8 @@ class PoolViews:
         self.num_slots = hello.num_slots
         raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
         by_slot = raw.view(hello.num_slots, hello.slot_bytes)
+        self.hello, self.by_slot = hello, by_slot
+        self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
         self.params: dict[str, torch.Tensor] = {}
         for spec in hello.tensors:
             dtype = getattr(torch, spec.dtype)
@@ -146,8 +149,10 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None):
+    def __init__(self, layer: int, module, views: PoolViews, client, next_gate: NextGate | None = None,
+                 dequant: quant.Dequantizer | None = None):
         self.layer = layer
+        self.dequant = dequant
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots)
         self.client = client
@@ -156,6 +161,8 @@ class ExpertBinding:
 
     def check_shapes(self, module, views: PoolViews) -> None:
         for name, param in module.named_parameters(recurse=False):
+            if name in views.quantized:
+                continue  # quant.QuantParam checks the quantized layout against the parameter
             got = tuple(views.params[name].shape[1:]) if name in views.params else None
             if got != tuple(param.shape[1:]):
                 raise RuntimeError(f"memd's slot layout has {name} {got}, the model wants {tuple(param.shape[1:])}:"
@@ -174,6 +181,9 @@ class ExpertBinding:
         RECORDER.layer(self.layer, ids, tokens, weights, guess, top_k_index, top_k_weights,
                        leased=self.client.last_leased)
         try:
+            if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
+                return self.dequant.forward(self.proxy._module, experts, slots, hidden_states, top_k_index,
+                                            top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
             remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype) - lo
@@ -220,9 +230,13 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)
                for layer in layers] if next_gate else [None] * len(layers)
+    dequant = None
+    if views.quantized:  # one scratch for all layers, for the most experts a layer can hold at once
+        capacity = min(layers[0].num_experts, views.num_slots)
+        dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity)
     for i, (layer, module) in enumerate(zip(layers, modules)):
         gate = routers[i + 1] if next_gate and i + 1 < len(layers) else None
-        module._moeinf = ExpertBinding(layer.index, module, views, client, gate)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, gate, dequant)
 
 
 def _numel(shape) -> int:

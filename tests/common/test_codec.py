@@ -132,7 +132,8 @@ def test_frame_header_layout():
 def test_nested_dataclass_is_a_nested_array_on_the_wire():
     frame = encode(Op.HELLO, 1, SAMPLES[m.HelloReply])
     body = msgpack.unpackb(frame[HEADER_BYTES:])
-    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32"], ["down_proj", 65536, [64, 128], "bfloat16"]]
+    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
+                        ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
 
 
 def test_error_reply_for_op_error():
@@ -241,8 +242,9 @@ def _hello_fields(tensors):
 
 
 @pytest.mark.parametrize("tensors, match", [
-    ([["w", 0, [2, 2], "float32", "extra"]], r"TensorSpec: expected 4..4 fields, got 5"),
-    ([["w", 0, [2, 2]]], r"TensorSpec: expected 4..4 fields, got 3"),
+    ([["w", 0, [2, 2], "float32", "fp8", 0, [1], "float32", "extra"]], r"TensorSpec: expected 4..8 fields, got 9"),
+    ([["w", 0, [2, 2]]], r"TensorSpec: expected 4..8 fields, got 3"),
+    ([["w", 0, [2, 2], "float8_e4m3fn", "fp8", 0, ["1"], "float32"]], r"TensorSpec.scale_shape\[0\]: expected int"),
     ([["w", "0", [2, 2], "float32"]], r"TensorSpec.offset: expected int, got str"),
     ([["w", 0, [2, "2"], "float32"]], r"TensorSpec.shape\[1\]: expected int, got str"),
     ([["w", 0, [2, 2], 4]], r"TensorSpec.dtype: expected str, got int"),
