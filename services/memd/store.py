@@ -114,7 +114,8 @@ class ExpertStore:
         if dtype in EXPERT_DTYPES and not has_scales:
             return ""
         what = f"{dtype} with weight_scale_inv" if has_scales else f"{dtype}"
-        raise CheckpointError(f"{values[0][1] if values else pname}: expert dtype {what} is not supported;"
+        hint = "" if self.format else " (config.json has no quantization_config)"
+        raise CheckpointError(f"{values[0][1] if values else pname}: expert dtype {what} is not supported{hint};"
                               f" moeinf serves {supported_formats()}")
 
     def _layout_parts(self) -> dict[tuple[str, str], _Part]:
