@@ -29,8 +29,8 @@ def mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exponent = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(2.0 ** -126))) - 2,
                            torch.full_like(amax, -127.0)).clamp(-127, 127)
     scaled = (x / torch.exp2(exponent)).clamp(-6.0, 6.0)
-    magnitudes = torch.tensor(FP4_MAGNITUDES)
-    codes = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(dim=-1).to(torch.uint8)
+    midpoints = torch.tensor([(a + b) / 2 for a, b in zip(FP4_MAGNITUDES, FP4_MAGNITUDES[1:])])
+    codes = torch.bucketize(scaled.abs(), midpoints).to(torch.uint8)  # nearest magnitude, ties to the smaller
     codes = codes | ((scaled < 0).to(torch.uint8) << 3)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent.squeeze(-1) + 127).to(torch.uint8)

@@ -21,11 +21,22 @@ from common.quant_encode import FP4_MAGNITUDES
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
 
 
-def fp4_pair_table(dtype: torch.dtype) -> torch.Tensor:
-    """``[256, 2]``: the two E2M1 values (low nibble first) of every byte, in ``dtype``."""
+def mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
+    """``[256 scale bytes * 256 block bytes * 2]``: both E2M1 values (low nibble first) of every byte under every
+    scale, computed with transformers' own ops (the value table in ``dtype``, then ``ldexp`` by ``scale - 127``), so
+    one lookup per output value gives transformers' bits, edge cases (subnormals, overflow) included."""
     values = torch.tensor(list(FP4_MAGNITUDES) + [-v for v in FP4_MAGNITUDES], dtype=dtype)
     codes = torch.arange(256)
-    return torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=1).contiguous()
+    pairs = torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=1)  # [256 bytes, 2]
+    table = pairs.unsqueeze(0).repeat(256, 1, 1)  # [256 scales, 256 bytes, 2]
+    exponent = (torch.arange(256, dtype=torch.int32) - 127).view(256, 1, 1)
+    torch.ldexp(table, exponent, out=table)
+    return table.reshape(-1).contiguous()
+
+
+def fp8_table() -> torch.Tensor:
+    """Every float8_e4m3fn byte as float32 (exact): a lookup is ~8x faster than torch's CPU float8 conversion."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -53,14 +64,20 @@ class QuantParam:
             if (groups * half * 2, rows) != shape:
                 raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
                                    f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
-            self.table = fp4_pair_table(dtype)
-            self.work = torch.empty(rows, groups * half * 2, dtype=dtype)
-            self.exponent = torch.empty(rows, groups, 1, dtype=torch.int32)
+            table = mxfp4_table(dtype).view(256 * 256, 2)
+            self.low, self.high = table[:, 0].contiguous(), table[:, 1].contiguous()
+            # out[2j + h, r] = (low, high)[h][256 * scale[r, j // 16] + blocks[r, j]]: the index is built transposed,
+            # so the lookups write the parameter's [K, rows] layout (no transposed copy of the output)
+            self.bytes_t = torch.empty(groups * half, rows, dtype=torch.uint8)
+            self.index = torch.empty(groups * half * rows, dtype=torch.int32)
+            self.looked_up = torch.empty(2, groups * half * rows, dtype=dtype)
         elif self.format == "fp8":
             if tuple(spec.shape) != shape:
                 raise RuntimeError(f"memd's fp8 slot has {spec.name} {spec.shape}, the model wants {list(shape)}")
             grid_r, grid_c = spec.scale_shape
             self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
+            self.index = torch.empty(shape[0] * shape[1], dtype=torch.int32)
+            self.table = fp8_table()
             self.work = torch.empty(shape, dtype=torch.float32)
         else:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
@@ -81,18 +98,20 @@ class QuantParam:
     def _mxfp4(self, slot: int, out: torch.Tensor) -> None:
         blocks = self.values[slot]  # [rows, groups, 16] uint8
         rows, groups, half = blocks.shape
-        pairs = self.table.index_select(0, blocks.reshape(-1).to(torch.int32))  # [rows*groups*16, 2]
-        work = self.work.view(rows, groups, half * 2)
-        work.copy_(pairs.view(rows, groups, half * 2))
-        self.exponent.copy_(self.scales[slot].unsqueeze(-1))  # uint8 -> int32, then unbias (as transformers)
-        self.exponent.sub_(127)
-        torch.ldexp(work, self.exponent, out=work)
-        out.copy_(self.work.t())  # [rows, K] -> the parameter's [K, rows]
+        self.bytes_t.copy_(blocks.view(rows, groups * half).t())
+        scale = self.scales[slot].t().to(torch.int32).unsqueeze(1).mul_(256)  # [groups, 1, rows]
+        torch.add(self.bytes_t.view(groups, half, rows), scale, out=self.index.view(groups, half, rows))
+        torch.index_select(self.low, 0, self.index, out=self.looked_up[0])
+        torch.index_select(self.high, 0, self.index, out=self.looked_up[1])
+        pairs = out.view(groups * half, 2, rows)
+        pairs[:, 0].copy_(self.looked_up[0].view(groups * half, rows))
+        pairs[:, 1].copy_(self.looked_up[1].view(groups * half, rows))
 
     def _fp8(self, slot: int, out: torch.Tensor) -> None:
         grid_r, block_r, grid_c, block_c = self.blocks
+        self.index.copy_(self.values[slot].view(torch.uint8).view(-1))
         work = self.work
-        work.copy_(self.values[slot])  # float8 -> float32, exact
+        torch.index_select(self.table, 0, self.index, out=work.view(-1))  # float8 -> float32, exact
         scales = self.scales[slot].float().view(grid_r, 1, grid_c, 1)
         work.view(grid_r, block_r, grid_c, block_c).mul_(scales)
         out.copy_(work)  # one rounding to the parameter dtype, as transformers' (q * s).to(dtype)
