@@ -18,9 +18,13 @@ from pathlib import Path
 SAFETENSORS_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
 EXPERT_DTYPES = frozenset({"F32", "F16", "BF16"})
+# Quantized expert formats served, by quant_method of config.json's quantization_config ("" = not quantized).
+SUPPORTED_FORMATS = {"": "unquantized float32/float16/bfloat16",
+                     "mxfp4": "mxfp4 (*_blocks + *_scales, GPT-OSS)",
+                     "fp8": "block-wise fp8 (float8_e4m3fn + weight_scale_inv, quant_method fp8 with weight_block_size)"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -106,6 +110,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.dir} holds no *.safetensors files (only safetensors checkpoints are served)")
         return files
 
+    def quant_format(self) -> tuple[str, tuple[int, int] | None]:
+        """``(format, fp8 weight_block_size)`` from config.json's ``quantization_config``; an unsupported
+        quantization is refused with its name and the supported ones."""
+        return quant_format(json.loads((self.dir / "config.json").read_text()), self.dir)
+
     def load_config(self):
         from transformers import AutoConfig
 
@@ -113,6 +122,28 @@ class Checkpoint:
             return AutoConfig.from_pretrained(self.dir)
         except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
             raise CheckpointError(f"{self.dir}/config.json cannot be loaded by transformers: {exc}") from None
+
+
+def supported_formats() -> str:
+    return "; ".join(SUPPORTED_FORMATS.values())
+
+
+def quant_format(config: dict, where) -> tuple[str, tuple[int, int] | None]:
+    qc = config.get("quantization_config") or config.get("compression_config")
+    if not qc:
+        return "", None
+    method = str(qc.get("quant_method") or qc.get("format") or "unknown").lower()
+    if method not in SUPPORTED_FORMATS or method == "":
+        raise CheckpointError(f"{where}: quantization {method!r} is not supported; moeinf serves {supported_formats()}")
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{where}: fp8 without a 2-D weight_block_size (per-tensor or per-channel fp8,"
+                                  f" got {block!r}) is not supported; moeinf serves {supported_formats()}")
+        if str(qc.get("fmt", "e4m3")).lower() != "e4m3":
+            raise CheckpointError(f"{where}: fp8 fmt {qc.get('fmt')!r} is not supported (e4m3 is)")
+        return method, (block[0], block[1])
+    return method, None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +237,18 @@ def expert_number(renamed_key: str, pattern: str) -> int:
     if not m:
         raise CheckpointError(f"cannot find the expert number in {renamed_key!r} (pattern {pattern!r})")
     return int(m.group(1))
+
+
+def split_part(key: str, fmt: str) -> tuple[str, str]:
+    """``(the weight's own key, part)``: part is "values", or "blocks"/"scales" for a quantized companion
+    (``*_blocks``/``*_scales`` in an mxfp4 checkpoint, ``*.weight_scale_inv`` in an fp8 one)."""
+    if fmt == "mxfp4" and key.endswith("_blocks"):
+        return key.removesuffix("_blocks"), "blocks"
+    if fmt == "mxfp4" and key.endswith("_scales"):
+        return key.removesuffix("_scales"), "scales"
+    if fmt == "fp8" and key.endswith(".weight_scale_inv"):
+        return key.removesuffix("_scale_inv"), "scales"
+    return key, "values"
 
 
 def total_file_bytes(files) -> int:

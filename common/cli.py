@@ -42,16 +42,25 @@ def cmd_health(args) -> int:
 
 
 def cmd_demo_model(args) -> int:
-    from common.demo_model import PRESETS, DemoSize, write_demo_model
+    from dataclasses import replace
+
+    from common.demo_model import PRESETS, DemoSize, check_format, write_demo_model
+
+    arch = args.arch or ("gpt_oss" if args.format == "mxfp4" else "mixtral")
 
     if args.preset:  # the preset's shape; the size flags are ignored
-        size = PRESETS[args.preset]
+        size = replace(PRESETS[args.preset], format=args.format, arch=arch)
     else:
         size = DemoSize(layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                         intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
-                        max_shard_size=args.max_shard_size, seed=args.seed)
+                        max_shard_size=args.max_shard_size, seed=args.seed, arch=arch, format=args.format)
+    try:
+        check_format(size)
+    except ValueError as exc:
+        print(f"moeinf demo-model: {exc}", file=sys.stderr)
+        return 2
     out = write_demo_model(args.dir, size, build_in_dtype=bool(args.preset))
-    print(f"wrote a demo Mixtral checkpoint (random weights) to {out}")
+    print(f"wrote a demo {size.arch} checkpoint ({size.format}, random weights) to {out}")
     return 0
 
 
@@ -101,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--max-shard-size", default="2GB", help="shard the safetensors above this size")
+    p.add_argument("--format", default="bf16", choices=["bf16", "fp8", "mxfp4"],
+                   help="bf16: unquantized (--dtype); fp8: block-wise FP8 (128x128, DeepSeek-V3/Qwen3-FP8 names);"
+                        " mxfp4: GPT-OSS's *_blocks/*_scales (implies --arch gpt_oss)")
+    p.add_argument("--arch", choices=["mixtral", "gpt_oss"], help="architecture (default mixtral; gpt_oss for mxfp4)")
     p.add_argument("--preset", choices=["bench"], help="bench: 16 layers x 8 experts of 33 MiB (4.1 GiB of experts),"
                                                        " for `moeinf bench e2e`; overrides the size flags")
     p.set_defaults(func=cmd_demo_model)
@@ -133,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.soak import add_parser as add_soak_parser
 
     add_soak_parser(bench)
+    from services.bench.formats import add_parser as add_formats_parser
+
+    add_formats_parser(bench)
     return parser
 
 

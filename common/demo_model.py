@@ -25,12 +25,42 @@ class DemoSize:
     dtype: str = "bfloat16"
     max_shard_size: str = "2GB"
     seed: int = 0
+    arch: str = "mixtral"  # or "gpt_oss"
+    format: str = "bf16"  # "bf16" (the dtype above, unquantized), "fp8" (block 128x128) or "mxfp4" (gpt_oss only)
 
 
 # ``--preset bench``: big enough that offloading matters on a 24 GiB machine. A Mixtral expert is
 # 3 x hidden x intermediate x 2 bytes in bf16: 3 x 2048 x 2816 x 2 = 33 MiB; 16 layers x 8 experts = 4.1 GiB of
 # experts, plus 0.55 GiB of dense weights (attention, norms, embeddings, LM head).
 PRESETS = {"bench": DemoSize(layers=16, experts=8, hidden=2048, intermediate=2816, heads=16, kv_heads=4)}
+
+
+FORMATS = ("bf16", "fp8", "mxfp4")
+ARCHS = ("mixtral", "gpt_oss")
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3-FP8's weight_block_size
+
+
+def check_format(size: DemoSize) -> None:
+    if size.format not in FORMATS or size.arch not in ARCHS:
+        raise ValueError(f"--format {size.format} --arch {size.arch}: choose --format from {', '.join(FORMATS)} and"
+                         f" --arch from {', '.join(ARCHS)}")
+    if size.format == "mxfp4" and size.arch != "gpt_oss":
+        raise ValueError("--format mxfp4 needs --arch gpt_oss (transformers reads MXFP4 experts for GPT-OSS only)")
+    if size.format == "mxfp4" and (size.hidden % 32 or size.intermediate % 32):
+        raise ValueError("--format mxfp4 needs --hidden and --intermediate to be multiples of 32")
+
+
+def demo_config(size: DemoSize, tokenizer):
+    from transformers import GptOssConfig, MixtralConfig
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
+                  num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                  num_local_experts=size.experts, num_experts_per_tok=size.top_k, max_position_embeddings=4096,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if size.arch == "gpt_oss":
+        return GptOssConfig(**common, head_dim=size.hidden // size.heads, sliding_window=128,
+                            pad_token_id=tokenizer.eos_token_id, dtype=size.dtype)
+    return MixtralConfig(**common)
 
 
 def tokenizer_model_path() -> Path:
@@ -47,31 +77,32 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_d
     """``build_in_dtype``: create the parameters in ``size.dtype`` directly rather than in float32 first (half the
     peak RAM for bf16; the random values differ from the default path, so the small demo keeps the old one)."""
     import torch
-    from transformers import LlamaTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaTokenizer
 
+    check_format(size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer_model_path(), out / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(out)
-    config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        num_local_experts=size.experts, num_experts_per_tok=size.top_k, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
+    config = demo_config(size, tokenizer)
     torch.manual_seed(size.seed)
     dtype = getattr(torch, size.dtype)
     if build_in_dtype:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = MixtralForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
         finally:
             torch.set_default_dtype(previous)
     else:
-        model = MixtralForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(out, max_shard_size=size.max_shard_size)
+    del model
     tokenizer.save_pretrained(out)
+    if size.format != "bf16":  # the released checkpoints' tensor names and quantization_config
+        from common.quant_write import quantize_checkpoint
+
+        quantize_checkpoint(out, size.format, FP8_BLOCK)
     (out / "moeinf-demo.json").write_text(json.dumps(_asdict(size), indent=2))
     return out
 

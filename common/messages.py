@@ -48,12 +48,20 @@ class ErrorReply(Message):
 
 # ---------------------------------------------------------------- worker <-> memd (RPC, DEALER -> ROUTER)
 class TensorSpec(Message):
-    """One parameter of an expert inside a pool slot: ``slot_base + offset`` holds ``shape`` of ``dtype``."""
+    """One parameter of an expert inside a pool slot: ``slot_base + offset`` holds ``shape`` of ``dtype``.
+
+    A quantized parameter (``format`` "mxfp4" or "fp8") holds its values there as the checkpoint stores them
+    (MXFP4 blocks ``[rows, groups, 16]`` uint8, FP8 ``[rows, cols]`` float8_e4m3fn) and its scales at
+    ``scale_offset``; the worker dequantizes them into the model's parameter shape and dtype."""
 
     name: Text
     offset: Count
     shape: list[Index]
     dtype: Text
+    format: Text = ""
+    scale_offset: Count = 0
+    scale_shape: list[Index] = field(default_factory=list)
+    scale_dtype: Text = ""
 
 
 class HelloRequest(Message):

@@ -91,7 +91,11 @@ class TransformersSystem:
 
         from services.worker.engine import Engine
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+        from services.bench.formats import dequantize_config
+
+        # a quantized checkpoint: transformers' own dequantize=True model, the reference moeinf must reproduce
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
+                                                          **dequantize_config(model_dir)).eval()
         self.engine = Engine(self.model, _max_len(self.model))
 
     def activate(self) -> None:

@@ -11,7 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.checkpoint import (EXPERT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, CheckpointError, KeyMapper, MoeLayer,
-                               build_meta_model, expert_number, find_moe_layers)
+                               build_meta_model, expert_number, find_moe_layers, split_part, supported_formats)
+from common.quant_encode import MXFP4_BLOCK
 from common.messages import TensorSpec
 
 log = logging.getLogger("moeinf.memd.store")
@@ -32,9 +33,19 @@ class Segment:
     slot_offset: int
 
 
+@dataclass(slots=True)
+class _Part:
+    """The bytes of one stored part (values or scales) of one expert parameter, per expert."""
+
+    dtype: str  # safetensors dtype
+    shape: tuple[int, ...]  # per expert, as stored (concatenated sources included)
+    nbytes: int
+
+
 class ExpertStore:
     def __init__(self, checkpoint: Checkpoint):
         self.checkpoint = checkpoint
+        self.format, self.block = checkpoint.quant_format()  # "" | "mxfp4" | "fp8"; refuses the others
         self.config = checkpoint.load_config()
         model = build_meta_model(self.config)
         self.model_type = self.config.model_type
@@ -42,9 +53,13 @@ class ExpertStore:
         self.num_experts = self.layers[0].num_experts
         self._by_module = {layer.module: layer for layer in self.layers}
         self.segments: dict[tuple[int, int], list[Segment]] = defaultdict(list)
-        self.dtype = self._index(KeyMapper(model))
+        self._found: dict[tuple[str, str], list] = defaultdict(list)  # (param, part) -> [(layer, key, entry, ...)]
+        self._collect(KeyMapper(model))
+        self.parts = self._layout_parts()
         self.tensors, self.slot_bytes = self._slot_layout()
+        self._place_segments()
         self._check_complete()
+        self.dtype = SAFETENSORS_DTYPES[self.parts[(self.layers[0].params[0].name, "values")].dtype][0]
 
     @property
     def num_layers(self) -> int:
@@ -52,71 +67,167 @@ class ExpertStore:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert's parameters (without slot padding)."""
-        return sum(s.nbytes for s in self.segments[(0, 0)])
+        """Bytes of one expert's parameters as stored (quantized values and scales; without slot padding)."""
+        return sum(part.nbytes for part in self.parts.values())
 
     @property
     def total_expert_bytes(self) -> int:
         return self.expert_bytes * self.num_layers * self.num_experts
 
-    def _slot_layout(self) -> tuple[list[TensorSpec], int]:
-        specs, offset = [], 0
-        for p in self.layers[0].params:
-            specs.append(TensorSpec(p.name, offset, list(p.shape), self.dtype))
-            offset = align_up(offset + _numel(p.shape) * self._itemsize)
-        return specs, offset
-
-    @property
-    def _itemsize(self) -> int:
-        return SAFETENSORS_DTYPES[self._disk_dtype][1]
-
-    def _index(self, mapper: KeyMapper) -> str:
-        self._disk_dtype = None
-        self._param_offsets: dict[str, int] = {}
+    def _collect(self, mapper: KeyMapper) -> None:
+        """Every checkpoint tensor of an experts module, by (parameter, part); quantized companions (``*_blocks``,
+        ``*_scales``, ``*_scale_inv``) are mapped by the name of the weight they belong to."""
         for key, entry in self.checkpoint.tensors.items():
-            target, converter, pattern = mapper.map(key)
+            base, part = split_part(key, self.format)
+            target, converter, pattern = mapper.map(base)
             module, _, pname = target.rpartition(".")
             layer = self._by_module.get(module)
             if layer is None:
                 continue
-            self._check_dtype(key, entry.dtype)
             param = next((p for p in layer.params if p.name == pname), None)
             if param is None:
                 raise CheckpointError(f"{key}: maps to {target}, which the experts module has no parameter for")
-            if converter is None:
-                self._add_stacked(layer, param, key, entry)
-            else:
-                self._add_per_expert(layer, param, key, entry, converter, pattern, mapper)
-        if self._disk_dtype is None:
+            expert = None if converter is None else expert_number(mapper.renamed(base), pattern)
+            self._found[(pname, part)].append((layer, key, entry, converter, pattern, expert))
+        if not self._found:
             raise CheckpointError(f"{self.checkpoint.dir}: no expert tensors found for {self.layers[0].module}")
-        return SAFETENSORS_DTYPES[self._disk_dtype][0]
 
-    def _check_dtype(self, key: str, dtype: str) -> None:
-        if dtype not in EXPERT_DTYPES:
-            raise CheckpointError(f"{key}: expert dtype {dtype} is not supported (float32, float16 and bfloat16 are;"
-                                  " quantized experts are not served yet)")
-        if self._disk_dtype not in (None, dtype):
-            raise CheckpointError(f"{key}: expert dtype {dtype} differs from the other experts' {self._disk_dtype}")
-        self._disk_dtype = dtype
+    def _param_format(self, pname: str) -> str:
+        values = self._found.get((pname, "values"), [])
+        has_scales = bool(self._found.get((pname, "scales")))
+        if self._found.get((pname, "blocks")):
+            if values:
+                raise CheckpointError(f"{values[0][1]}: experts mix formats ({pname} is stored both as mxfp4 blocks and"
+                                      f" unquantized); moeinf serves {supported_formats()}")
+            return "mxfp4"
+        by_dtype: dict[str, list[str]] = defaultdict(list)
+        for v in values:
+            by_dtype[v[2].dtype].append(v[1])
+        if len(by_dtype) > 1:
+            odd, common = sorted(by_dtype, key=lambda d: len(by_dtype[d]))[:2]
+            verdict = "is not supported" if odd not in EXPERT_DTYPES else f"differs from the other experts' {common}"
+            raise CheckpointError(f"{by_dtype[odd][0]}: expert dtype {odd} {verdict} (experts that mix formats are"
+                                  f" refused; moeinf serves {supported_formats()})")
+        dtype = next(iter(by_dtype), None)
+        if dtype == "F8_E4M3" and has_scales:
+            return "fp8"
+        if dtype in EXPERT_DTYPES and not has_scales:
+            return ""
+        what = f"{dtype} with weight_scale_inv" if has_scales else f"{dtype}"
+        hint = "" if self.format else " (config.json has no quantization_config)"
+        raise CheckpointError(f"{values[0][1] if values else pname}: expert dtype {what} is not supported{hint};"
+                              f" moeinf serves {supported_formats()}")
 
-    def _param_slot_offset(self, layer: MoeLayer, pname: str) -> int:
-        offset = 0
-        for p in layer.params:
-            if p.name == pname:
-                return offset
-            offset = align_up(offset + _numel(p.shape) * SAFETENSORS_DTYPES[self._disk_dtype][1])
-        raise KeyError(pname)
+    def _layout_parts(self) -> dict[tuple[str, str], _Part]:
+        parts: dict[tuple[str, str], _Part] = {}
+        formats = {}
+        for param in self.layers[0].params:
+            fmt = formats[param.name] = self._param_format(param.name)
+            if fmt == "mxfp4":
+                parts[(param.name, "values")] = self._stacked_part(param, "blocks")
+                parts[(param.name, "scales")] = self._stacked_part(param, "scales")
+            elif fmt == "fp8":
+                parts[(param.name, "values")] = self._per_expert_part(param, "values")
+                parts[(param.name, "scales")] = self._per_expert_part(param, "scales")
+            else:
+                parts[(param.name, "values")] = self._plain_part(param)
+        weights = {formats[p.name] for p in self.layers[0].params if len(p.shape) >= 2}
+        if weights != {self.format}:
+            named = ", ".join(f"{n}: {f or 'unquantized'}" for n, f in formats.items())
+            raise CheckpointError(f"{self.checkpoint.dir}: experts mix formats ({named}; config.json says"
+                                  f" {self.format or 'unquantized'}); moeinf serves {supported_formats()}")
+        self.param_formats = formats
+        return parts
 
-    def _add_stacked(self, layer, param, key, entry) -> None:
+    def _plain_part(self, param) -> _Part:
+        dtype = self._found[(param.name, "values")][0][2].dtype
+        return _Part(dtype, param.shape, _numel(param.shape) * SAFETENSORS_DTYPES[dtype][1])
+
+    def _stacked_part(self, param, part: str) -> _Part:
+        """MXFP4 ``[num_experts, rows, groups(, 16)]``: expert e is the e-th slice; the values dequantize to
+        ``[rows, groups * 32]``, transposed into the parameter (transformers' mxfp4 integration)."""
+        found = self._found[(param.name, part)]
+        layer, key, entry, converter = found[0][:4]
+        if converter is not None:
+            raise CheckpointError(f"{key}: per-expert mxfp4 tensors are not supported (transformers reads mxfp4"
+                                  " experts stacked, as GPT-OSS stores them)")
+        shape = entry.shape[1:]
+        if part == "blocks":
+            want = (param.shape[-1], param.shape[-2] // MXFP4_BLOCK, MXFP4_BLOCK // 2)
+            if len(param.shape) != 2 or param.shape[-2] % MXFP4_BLOCK or shape != want:
+                raise CheckpointError(f"{key}: mxfp4 blocks {list(entry.shape)} cannot make {param.name}"
+                                      f" {list(param.shape)} (want [{layer.num_experts}, {', '.join(map(str, want))}])")
+        elif shape != tuple(self._found[(param.name, "blocks")][0][2].shape[1:3]):
+            raise CheckpointError(f"{key}: mxfp4 scales {list(entry.shape)} do not match their blocks")
+        if entry.dtype != "U8":
+            raise CheckpointError(f"{key}: mxfp4 {part} must be U8, got {entry.dtype}")
+        return _Part("U8", shape, _numel(shape))
+
+    def _per_expert_part(self, param, part: str) -> _Part:
+        """Block FP8 per-expert tensors merged by the converter: values and scales both concatenated on dim 0."""
+        found = self._found[(param.name, part)]
+        layer, key, entry, converter = found[0][:4]
+        if converter is None:
+            raise CheckpointError(f"{key}: stacked fp8 experts are not supported (transformers dequantizes fp8"
+                                  " experts stored one tensor per expert)")
+        sources = len(converter.source_patterns)
+        shape = (entry.shape[0] * sources, *entry.shape[1:])
+        if part == "values" and shape != param.shape:
+            raise CheckpointError(f"{key}: shape {list(entry.shape)} does not make {param.name} {list(param.shape)}")
+        if part == "scales":
+            self._check_blocks(key, param, entry.shape, sources)
+        return _Part(entry.dtype, shape, entry.nbytes * sources)
+
+    def _check_blocks(self, key: str, param, scale_shape, sources: int) -> None:
+        rows, cols = param.shape[0] // sources, param.shape[1]
+        if len(scale_shape) != 2:
+            raise CheckpointError(f"{key}: weight_scale_inv must be 2-D (one scale per block), got {list(scale_shape)}")
+        for size, grid, block in ((rows, scale_shape[0], self.block[0]), (cols, scale_shape[1], self.block[1])):
+            if size % grid or size // grid != min(block, size):
+                raise CheckpointError(f"{key}: scales {list(scale_shape)} do not tile [{rows}, {cols}] in"
+                                      f" weight_block_size {list(self.block)} blocks")
+
+    def _slot_layout(self) -> tuple[list[TensorSpec], int]:
+        specs, offset, self._offsets = [], 0, {}
+        for p in self.layers[0].params:
+            values = self.parts[(p.name, "values")]
+            self._offsets[(p.name, "values")] = offset
+            offset = align_up(offset + values.nbytes)
+            fmt = self.param_formats[p.name]
+            if not fmt:
+                specs.append(TensorSpec(p.name, self._offsets[(p.name, "values")], list(values.shape), _torch(values)))
+                continue
+            scales = self.parts[(p.name, "scales")]
+            self._offsets[(p.name, "scales")] = offset
+            specs.append(TensorSpec(p.name, self._offsets[(p.name, "values")], list(values.shape), _torch(values),
+                                    fmt, offset, list(scales.shape), _torch(scales)))
+            offset = align_up(offset + scales.nbytes)
+        return specs, offset
+
+    def _place_segments(self) -> None:
+        for (pname, part), found in self._found.items():
+            slot_part = "values" if part in ("values", "blocks") else "scales"
+            base = self._offsets[(pname, slot_part)]
+            shape, per_expert = self.parts[(pname, slot_part)].shape, self.parts[(pname, slot_part)].nbytes
+            for layer, key, entry, converter, pattern, expert in found:
+                if converter is None:
+                    self._add_stacked(layer, key, entry, per_expert, base)
+                else:
+                    sources = len(converter.source_patterns)
+                    if (entry.shape[0] * sources, *entry.shape[1:]) != tuple(shape):
+                        raise CheckpointError(f"{key}: shape {list(entry.shape)} does not make {pname}"
+                                              f" {list(shape)} ({part}) with the other experts")
+                    self._add_per_expert(layer, key, entry, converter, pattern, expert, per_expert, base)
+
+    def _add_stacked(self, layer, key, entry, per_expert, base) -> None:
         """A tensor stored as ``[num_experts, ...]`` (e.g. GPT-OSS): expert e is the e-th contiguous slice."""
-        if entry.shape != (layer.num_experts, *param.shape):
-            raise CheckpointError(f"{key}: shape {list(entry.shape)} != expected {[layer.num_experts, *param.shape]}")
-        per_expert = entry.nbytes // layer.num_experts
-        base = self._param_slot_offset(layer, param.name)
+        if entry.shape[0] != layer.num_experts or entry.nbytes != per_expert * layer.num_experts:
+            raise CheckpointError(f"{key}: shape {list(entry.shape)} is not {layer.num_experts} experts of"
+                                  f" {per_expert} bytes")
         for e in range(layer.num_experts):
             self.segments[(layer.index, e)].append(Segment(entry.file, entry.start + e * per_expert, per_expert, base))
 
-    def _add_per_expert(self, layer, param, key, entry, converter, pattern, mapper) -> None:
+    def _add_per_expert(self, layer, key, entry, converter, pattern, expert, per_expert, base) -> None:
         """One tensor per expert (Mixtral's w1/w3/w2, Qwen's gate/up/down) merged by the converter's operations."""
         ops = [type(op).__name__ for op in converter.operations]
         dims = [getattr(op, "dim", None) for op in converter.operations]
@@ -127,26 +238,29 @@ class ExpertStore:
         else:
             raise CheckpointError(f"{key}: conversion {list(zip(ops, dims))} for {self.model_type} is not supported"
                                   " (moeinf reads stacked or first-dim-concatenated experts)")
-        sources = len(converter.source_patterns)
-        param_bytes = _numel(param.shape) * SAFETENSORS_DTYPES[entry.dtype][1]
-        if entry.nbytes * sources != param_bytes:
-            raise CheckpointError(f"{key}: shape {list(entry.shape)} does not make {param.name} {list(param.shape)}")
-        expert = expert_number(mapper.renamed(key), pattern)
+        if entry.nbytes * len(converter.source_patterns) != per_expert:
+            raise CheckpointError(f"{key}: {entry.nbytes} bytes, the other experts' tensors here have"
+                                  f" {per_expert // len(converter.source_patterns)} (mixed shapes or formats)")
         if not 0 <= expert < layer.num_experts:
             raise CheckpointError(f"{key}: expert {expert} is out of range (the model has {layer.num_experts})")
-        offset = self._param_slot_offset(layer, param.name) + position * entry.nbytes
+        offset = base + position * entry.nbytes
         self.segments[(layer.index, expert)].append(Segment(entry.file, entry.start, entry.nbytes, offset))
 
     def _check_complete(self) -> None:
-        want = sum(_numel(p.shape) for p in self.layers[0].params) * self._itemsize
+        want = self.expert_bytes
         for layer in self.layers:
             for e in range(layer.num_experts):
                 segs = self.segments.get((layer.index, e), [])
                 got = sum(s.nbytes for s in segs)
                 if got != want:
                     raise CheckpointError(f"{self.checkpoint.dir}: expert {e} of {layer.module} has {got} of its"
-                                          f" {want} bytes in the checkpoint (missing tensors?)")
+                                          f" {want} bytes in the checkpoint (missing tensors, or experts that mix"
+                                          " formats?)")
                 segs.sort(key=lambda s: (s.file, s.file_offset))
+
+
+def _torch(part: _Part) -> str:
+    return SAFETENSORS_DTYPES[part.dtype][0]
 
 
 def _numel(shape) -> int:

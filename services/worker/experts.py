@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from common import messages as m
+from services.worker import quant
 from services.worker.speculate import Speculator
 from services.worker.tracing import StepRecorder
 
@@ -66,6 +67,8 @@ class PoolViews:
         self.num_slots = hello.num_slots
         raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
         by_slot = raw.view(hello.num_slots, hello.slot_bytes)
+        self.hello, self.by_slot = hello, by_slot
+        self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
         self.params: dict[str, torch.Tensor] = {}
         for spec in hello.tensors:
             dtype = getattr(torch, spec.dtype)
@@ -148,8 +151,10 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, speculator: Speculator | None = None):
+    def __init__(self, layer: int, module, views: PoolViews, client, speculator: Speculator | None = None,
+                 dequant: quant.Dequantizer | None = None):
         self.layer = layer
+        self.dequant = dequant
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots)
         self.client = client
@@ -158,6 +163,8 @@ class ExpertBinding:
 
     def check_shapes(self, module, views: PoolViews) -> None:
         for name, param in module.named_parameters(recurse=False):
+            if name in views.quantized:
+                continue  # quant.QuantParam checks the quantized layout against the parameter
             got = tuple(views.params[name].shape[1:]) if name in views.params else None
             if got != tuple(param.shape[1:]):
                 raise RuntimeError(f"memd's slot layout has {name} {got}, the model wants {tuple(param.shape[1:])}:"
@@ -177,6 +184,9 @@ class ExpertBinding:
         nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
         RECORDER.layer(self.layer, ids, tokens, weights, nxt, top_k_index, top_k_weights, leased=client.last_leased)
         try:
+            if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
+                return self.dequant.forward(self.proxy._module, experts, slots, hidden_states, top_k_index,
+                                            top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
             remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype) - lo
@@ -226,8 +236,12 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
                for layer in layers] if next_gate else [None] * len(layers)
     speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
     client.speculate_layers = client.speculate_layers or speculate_layers
+    dequant = None
+    if views.quantized:  # one scratch for all layers, for the most experts a layer can hold at once
+        capacity = min(layers[0].num_experts, views.num_slots)
+        dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity)
     for layer, module in zip(layers, modules):
-        module._moeinf = ExpertBinding(layer.index, module, views, client, speculator)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, speculator, dequant)
 
 
 def _numel(shape) -> int:

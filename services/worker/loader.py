@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from common.checkpoint import Checkpoint, CheckpointError, KeyMapper, find_moe_layers
+from common.checkpoint import Checkpoint, CheckpointError, KeyMapper, find_moe_layers, split_part
 
 log = logging.getLogger("moeinf.worker.loader")
 
@@ -47,13 +47,17 @@ def build_skeleton(config, experts_implementation: str):
 
 
 def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
-    """Set every non-expert tensor from the checkpoint; returns the bytes loaded."""
+    """Set every non-expert tensor from the checkpoint; returns the bytes loaded. Block-FP8 weights (with a
+    ``weight_scale_inv``) are dequantized to the parameter's dtype by transformers' own ``Fp8Dequantize``, as
+    ``from_pretrained`` does with ``dequantize=True``."""
+    fmt, _ = checkpoint.quant_format()  # refuses an unsupported quantization by name
     mapper = KeyMapper(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
     for key, entry in checkpoint.tensors.items():
-        target, converter, _ = mapper.map(key)
-        if target.rpartition(".")[0] in expert_modules:
-            continue
+        base, part = split_part(key, fmt)
+        target, converter, _ = mapper.map(base)
+        if target.rpartition(".")[0] in expert_modules or part != "values" or key.endswith(".activation_scale"):
+            continue  # experts come from memd; scales are read with their weight; activation scales are dynamic
         if converter is not None:
             raise CheckpointError(f"{key}: dense weights that need conversion ({target}) are not supported yet")
         by_file.setdefault(entry.file, []).append((key, target))
@@ -61,9 +65,26 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for key, target in pairs:
-                tensor = f.get_tensor(key).clone()  # own the memory: no mmap pages of the checkpoint stay mapped
+                tensor = f.get_tensor(key).clone()  # own the memory: no mmap pages of the checkpoint stays mapped
+                scale = checkpoint.tensors.get(f"{key}_scale_inv")
+                if scale is not None:
+                    tensor = _dequantize_fp8(model, target, tensor, _read(checkpoint, f"{key}_scale_inv", scale))
                 loaded += _set_tensor(model, target, tensor, key)
     return loaded
+
+
+def _read(checkpoint: Checkpoint, key: str, entry) -> torch.Tensor:
+    with safe_open(entry.file, framework="pt", device="cpu") as f:
+        return f.get_tensor(key).clone()
+
+
+def _dequantize_fp8(model, target: str, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    module_name, _, name = target.rpartition(".")
+    param = getattr(model.get_submodule(module_name), name, None)
+    dtype = param.dtype if isinstance(param, torch.Tensor) else None
+    return Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=dtype)
 
 
 def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:

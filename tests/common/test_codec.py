@@ -135,7 +135,8 @@ def test_frame_header_layout():
 def test_nested_dataclass_is_a_nested_array_on_the_wire():
     frame = encode(Op.HELLO, 1, SAMPLES[m.HelloReply])
     body = msgpack.unpackb(frame[HEADER_BYTES:])
-    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32"], ["down_proj", 65536, [64, 128], "bfloat16"]]
+    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
+                        ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
 
 
 def test_error_reply_for_op_error():
@@ -250,8 +251,11 @@ def _hello_fields(tensors):
 
 
 @pytest.mark.parametrize("tensors, match", [
-    ([["w", 0, [2, 2], "float32", "extra"]], r"HelloReply.tensors\[0\]: Expected `array` of at most length 4, got 5"),
+    ([["w", 0, [2, 2], "float32", "fp8", 0, [1], "float32", "extra"]],
+     r"HelloReply.tensors\[0\]: Expected `array` of at most length 8, got 9"),
     ([["w", 0, [2, 2]]], r"HelloReply.tensors\[0\]: Expected `array` of at least length 4, got 3"),
+    ([["w", 0, [2, 2], "float8_e4m3fn", "fp8", 0, ["1"], "float32"]],
+     r"HelloReply.tensors\[0\].scale_shape\[0\]: Expected `int`, got `str`"),
     ([["w", "0", [2, 2], "float32"]], r"HelloReply.tensors\[0\].offset: Expected `int`, got `str`"),
     ([["w", 0, [2, "2"], "float32"]], r"HelloReply.tensors\[0\].shape\[1\]: Expected `int`, got `str`"),
     ([["w", 0, [2, 2], 4]], r"HelloReply.tensors\[0\].dtype: Expected `str`, got `int`"),

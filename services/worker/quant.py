@@ -1,0 +1,179 @@
+"""Computing from quantized expert slots: dequantize a layer's routed experts into a reused scratch buffer.
+
+memd's slots hold the experts as the checkpoint stores them (MXFP4 blocks + scales, or block FP8 values +
+``weight_scale_inv``), so the pool holds 2-4x more experts per byte and reads that many fewer bytes. For each MoE
+layer the worker dequantizes only the experts routed in the step, into one preallocated ``[capacity, *shape]``
+buffer per parameter (capacity: the most experts a layer can hold at once, ``min(experts, pool slots)``), and
+runs transformers' own grouped-matmul forward on it with expert ids remapped to buffer rows.
+
+The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
+E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
+``Fp8Dequantize``: FP8 and scales in float32, multiplied per block, cast to the parameter dtype), so the values are
+bit-identical to a model loaded with ``dequantize=True``.
+"""
+from __future__ import annotations
+
+import torch
+
+from common import messages as m
+from common.quant_encode import FP4_MAGNITUDES
+
+ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
+
+
+def mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
+    """``[256 scale bytes * 256 block bytes * 2]``: both E2M1 values (low nibble first) of every byte under every
+    scale, computed with transformers' own ops (the value table in ``dtype``, then ``ldexp`` by ``scale - 127``), so
+    one lookup per output value gives transformers' bits, edge cases (subnormals, overflow) included."""
+    values = torch.tensor(list(FP4_MAGNITUDES) + [-v for v in FP4_MAGNITUDES], dtype=dtype)
+    codes = torch.arange(256)
+    pairs = torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=1)  # [256 bytes, 2]
+    table = pairs.unsqueeze(0).repeat(256, 1, 1)  # [256 scales, 256 bytes, 2]
+    exponent = (torch.arange(256, dtype=torch.int32) - 127).view(256, 1, 1)
+    torch.ldexp(table, exponent, out=table)
+    return table.reshape(-1).contiguous()
+
+
+def fp8_table() -> torch.Tensor:
+    """Every float8_e4m3fn byte as float32 (exact): a lookup is ~8x faster than torch's CPU float8 conversion."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * dtype.itemsize
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGN
+    return raw[skip:skip + nbytes].view(dtype).view(shape)
+
+
+class QuantParam:
+    """One quantized expert parameter: zero-copy ``[num_slots, ...]`` views of its values and scales in the pool,
+    and the scratch rows its dequantized experts go to."""
+
+    def __init__(self, spec: m.TensorSpec, by_slot: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                 capacity: int):
+        self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
+        self.values = _view(by_slot, spec.offset, spec.shape, getattr(torch, spec.dtype))
+        self.scales = _view(by_slot, spec.scale_offset, spec.scale_shape, getattr(torch, spec.scale_dtype))
+        self.scratch = aligned_empty((capacity, *shape), dtype)
+        if self.format == "mxfp4":
+            rows, groups, half = spec.shape
+            if (groups * half * 2, rows) != shape:
+                raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
+                                   f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
+            table = mxfp4_table(dtype).view(256 * 256, 2)
+            self.low, self.high = table[:, 0].contiguous(), table[:, 1].contiguous()
+            # out[2j + h, r] = (low, high)[h][256 * scale[r, j // 16] + blocks[r, j]]: the index is built transposed,
+            # so the lookups write the parameter's [K, rows] layout (no transposed copy of the output)
+            self.bytes_t = torch.empty(groups * half, rows, dtype=torch.uint8)
+            self.index = torch.empty(groups * half * rows, dtype=torch.int32)
+            self.looked_up = torch.empty(2, groups * half * rows, dtype=dtype)
+        elif self.format == "fp8":
+            if tuple(spec.shape) != shape:
+                raise RuntimeError(f"memd's fp8 slot has {spec.name} {spec.shape}, the model wants {list(shape)}")
+            grid_r, grid_c = spec.scale_shape
+            self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
+            self.index = torch.empty(shape[0] * shape[1], dtype=torch.int32)
+            self.table = fp8_table()
+            self.work = torch.empty(shape, dtype=torch.float32)
+        else:
+            raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
+                               " dequantize (mxfp4 and fp8 are supported)")
+
+    def dequantize(self, slots: list[int]) -> torch.Tensor:
+        """The experts in ``slots``, dequantized into scratch rows ``0..len(slots)-1``."""
+        if len(slots) > self.scratch.shape[0]:
+            raise RuntimeError(f"{len(slots)} experts routed in one layer, the dequantization buffer holds"
+                               f" {self.scratch.shape[0]} (min(experts, pool slots))")
+        for row, slot in enumerate(slots):
+            if self.format == "mxfp4":
+                self._mxfp4(slot, self.scratch[row])
+            else:
+                self._fp8(slot, self.scratch[row])
+        return self.scratch[:len(slots)]
+
+    def _mxfp4(self, slot: int, out: torch.Tensor) -> None:
+        blocks = self.values[slot]  # [rows, groups, 16] uint8
+        rows, groups, half = blocks.shape
+        self.bytes_t.copy_(blocks.view(rows, groups * half).t())
+        scale = self.scales[slot].t().to(torch.int32).unsqueeze(1).mul_(256)  # [groups, 1, rows]
+        torch.add(self.bytes_t.view(groups, half, rows), scale, out=self.index.view(groups, half, rows))
+        torch.index_select(self.low, 0, self.index, out=self.looked_up[0])
+        torch.index_select(self.high, 0, self.index, out=self.looked_up[1])
+        pairs = out.view(groups * half, 2, rows)
+        pairs[:, 0].copy_(self.looked_up[0].view(groups * half, rows))
+        pairs[:, 1].copy_(self.looked_up[1].view(groups * half, rows))
+
+    def _fp8(self, slot: int, out: torch.Tensor) -> None:
+        grid_r, block_r, grid_c, block_c = self.blocks
+        self.index.copy_(self.values[slot].view(torch.uint8).view(-1))
+        work = self.work
+        torch.index_select(self.table, 0, self.index, out=work.view(-1))  # float8 -> float32, exact
+        scales = self.scales[slot].float().view(grid_r, 1, grid_c, 1)
+        work.view(grid_r, block_r, grid_c, block_c).mul_(scales)
+        out.copy_(work)  # one rounding to the parameter dtype, as transformers' (q * s).to(dtype)
+
+
+def _view(by_slot: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return by_slot[:, offset:offset + n * dtype.itemsize].view(dtype).unflatten(1, list(shape))
+
+
+def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacity: int) -> dict[str, QuantParam]:
+    """The quantized parameters of the experts modules (all layers share one layout and one scratch)."""
+    params = dict(module.named_parameters(recurse=False))
+    out = {}
+    for spec in hello.tensors:
+        if spec.format:
+            param = params[spec.name]
+            out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity)
+    return out
+
+
+class Dequantizer:
+    """Per worker (the layers run one at a time and share it): dequantizes a layer's routed slots and runs
+    transformers' grouped-matmul forward on them."""
+
+    def __init__(self, quantized: dict[str, QuantParam], plain: dict[str, torch.Tensor]):
+        self.quantized = quantized
+        self.plain = plain  # unquantized parameters (GPT-OSS's biases): slot views, gathered per step
+
+    @classmethod
+    def build(cls, hello: m.HelloReply, by_slot: torch.Tensor, plain_views: dict[str, torch.Tensor], module,
+              capacity: int) -> "Dequantizer":
+        quantized = quantized_params(hello, by_slot, module, capacity)
+        return cls(quantized, {n: v for n, v in plain_views.items() if n not in quantized})
+
+    def params(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        out = {name: q.dequantize(slots) for name, q in self.quantized.items()}
+        if self.plain:
+            index = torch.tensor(slots)
+            out.update({name: view.index_select(0, index) for name, view in self.plain.items()})
+        return out
+
+    def forward(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
+        """``experts`` (sorted unique routed ids) live in ``slots``; they become scratch rows ``0..k-1``."""
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        remap = torch.empty(module.num_experts, dtype=top_k_index.dtype)
+        remap[experts] = torch.arange(len(slots), dtype=top_k_index.dtype)
+        proxy = _Experts(module, self.params(slots))
+        return grouped_mm_experts_forward(proxy, hidden_states, remap[top_k_index], top_k_weights)
+
+
+class _Experts:
+    """Stands in for the experts module inside transformers' forward: the dequantized rows as its parameters."""
+
+    def __init__(self, module, params: dict[str, torch.Tensor]):
+        self._module = module
+        self.num_experts = next(iter(params.values())).shape[0]
+        for name, tensor in params.items():
+            setattr(self, name, tensor)
+
+    def __getattr__(self, name):  # act_fn, _apply_gate, has_bias, is_transposed, ... come from the real module
+        return getattr(self._module, name)
