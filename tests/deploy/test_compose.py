@@ -1,4 +1,5 @@
-"""compose.yaml, compose.gpu.yaml and the Dockerfile, checked without a Docker engine (none runs here).
+"""compose.yaml, compose.gpu.yaml and the Dockerfile, checked without a Docker engine (compose_e2e.sh runs them
+on one, where an engine is available).
 
 What is checked: the compose files parse and have the documented structure; every command and healthcheck they
 run parses with moeinf's own CLI into a valid service config; the image's build context holds every COPY source;
@@ -120,6 +121,9 @@ def test_worker_shares_memds_ipc_and_pid_namespaces(compose):
     assert memd["ipc"] == "shareable"
     assert worker["ipc"] == "service:memd" and worker["pid"] == "service:memd"
     assert "shm_size" not in worker, "the worker uses memd's /dev/shm"
+    gateway = compose["services"]["gateway"]
+    assert gateway["pid"] == "service:memd", "the worker's pid means the same process in the gateway"
+    assert "ipc" not in gateway and gateway["init"] is False and worker["init"] is False
 
 
 def test_shm_size_holds_the_default_pool_with_margin(compose):
