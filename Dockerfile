@@ -1,6 +1,9 @@
 # One image for all three services: compose.yaml runs `moeinf memd`, `moeinf worker` and `moeinf gateway` from it,
 # and `docker run IMAGE` alone runs `moeinf serve` (the demo model without --model). docs/deploy.md explains it.
-FROM python:3.11-slim
+# BASE_IMAGE: any image with python3.11 + pip first on PATH. Where no registry is reachable,
+# tests/deploy/base_image.sh builds one from Debian's packages (docs/deploy.md).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 # torch first, from the PyTorch index, so that `pip install .` finds it installed and never pulls a CUDA build from
 # PyPI. The defaults are the CPU build that `make install` pins; compose.gpu.yaml passes a CUDA index and [cuda].

@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO ?= .cache/demo-model
 PYTEST_ARGS ?=
+# compose-test: the python that builds the demo model and runs the openai client (make install makes it)
+E2E_PYTHON ?= $(BIN)/python
 
-.PHONY: test serve install demo clean
+.PHONY: test serve install demo clean compose-test
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,11 @@ demo: $(DEMO)/config.json
 
 serve: $(BIN)/.installed
 	$(BIN)/moeinf serve
+
+# `docker compose up` end to end (tests/deploy/compose_e2e.sh); says "skipped" without a Docker engine. Where no
+# registry or PyTorch index is reachable: MOEINF_BASE_IMAGE=moeinf-base:bookworm MOEINF_TORCH_WHEELS=DIR (docs/deploy.md)
+compose-test:
+	MOEINF_E2E_PYTHON=$(E2E_PYTHON) tests/deploy/compose_e2e.sh
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info .pytest_cache

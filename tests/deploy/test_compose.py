@@ -1,4 +1,5 @@
-"""compose.yaml, compose.gpu.yaml and the Dockerfile, checked without a Docker engine (none runs here).
+"""compose.yaml, compose.gpu.yaml and the Dockerfile, checked without a Docker engine (compose_e2e.sh runs them
+on one, where an engine is available).
 
 What is checked: the compose files parse and have the documented structure; every command and healthcheck they
 run parses with moeinf's own CLI into a valid service config; the image's build context holds every COPY source;
@@ -88,7 +89,22 @@ def commands(compose: dict):
 def test_three_services_from_one_image(compose):
     assert set(compose["services"]) == set(SERVICES)
     images = {s["image"] for s in compose["services"].values()}
-    assert len(images) == 1 and all(s["build"] == "." for s in compose["services"].values())
+    assert len(images) == 1 and all(s["build"]["context"] == "." for s in compose["services"].values())
+
+
+def test_base_image_is_a_build_argument_defaulting_to_python_slim(compose):
+    assert dockerfile_args()["BASE_IMAGE"] == "python:3.11-slim"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile(), re.M)
+    for service in compose["services"].values():
+        assert interpolate(service["build"]["args"]["BASE_IMAGE"]) == "python:3.11-slim"
+        assert set(service["build"]["args"]) <= set(dockerfile_args())
+
+
+def test_no_compose_v2_only_keys(compose):
+    """docker-compose 1.29 (Debian's) rejects depends_on.restart; compose_e2e.sh runs with either."""
+    for name, service in compose["services"].items():
+        for dependency in service.get("depends_on", {}).values():
+            assert set(dependency) <= {"condition"}, name
 
 
 def test_model_and_state_volumes_are_mounted_alike_everywhere(compose):
@@ -105,6 +121,9 @@ def test_worker_shares_memds_ipc_and_pid_namespaces(compose):
     assert memd["ipc"] == "shareable"
     assert worker["ipc"] == "service:memd" and worker["pid"] == "service:memd"
     assert "shm_size" not in worker, "the worker uses memd's /dev/shm"
+    gateway = compose["services"]["gateway"]
+    assert gateway["pid"] == "service:memd", "the worker's pid means the same process in the gateway"
+    assert "ipc" not in gateway and gateway["init"] is False and worker["init"] is False
 
 
 def test_shm_size_holds_the_default_pool_with_margin(compose):
@@ -128,12 +147,20 @@ def test_healthchecks_gate_start_up_in_order(compose):
 def test_gateway_port_is_published_and_listened_on(compose):
     gateway = compose["services"]["gateway"]
     (mapping,) = gateway["ports"]
-    published, container = interpolate(mapping).split(":")
+    bind, published, container = interpolate(mapping).split(":")
+    assert bind == "127.0.0.1", "loopback unless MOEINF_BIND opens it"
+    assert interpolate(mapping, {"MOEINF_BIND": "0.0.0.0", "MOEINF_PORT": "80"}) == "0.0.0.0:80:8000"
     command = [interpolate(a) for a in gateway["command"]]
     assert command[command.index("--port") + 1] == container == "8000" and published == "8000"
     assert command[command.index("--host") + 1] == "0.0.0.0"
     health = gateway["healthcheck"]["test"]
     assert health[health.index("--port") + 1] == container
+
+
+def test_the_api_key_reaches_the_gateway_only(compose):
+    services = compose["services"]
+    assert services["gateway"]["environment"]["MOEINF_API_KEY"] == "${MOEINF_API_KEY:-}"
+    assert all("MOEINF_API_KEY" not in services[name].get("environment", {}) for name in ("memd", "worker"))
 
 
 # ---------------------------------------------------------------- commands exist, with those flags
