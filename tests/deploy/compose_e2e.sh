@@ -163,6 +163,8 @@ say "docker kill of the worker stays stopped; ${DC[*]} up -d brought it back and
 # ---------------------------------------------------------------- down: what is left
 # a witness in memd's IPC namespace keeps its /dev/shm mounted after memd's container stops, to see what is left
 WITNESS=$(docker run -d --rm --ipc "container:$(cid memd)" --entrypoint sleep "$IMAGE" 600)
+SHM_SEEN=$(docker exec "$WITNESS" ls /dev/shm | sort | tr '\n' ' ')
+[ "$SHM_SEEN" = "$SHM_BEFORE" ] || fail "the witness does not see memd's /dev/shm: $SHM_SEEN"
 T_STOP=$(date +%s)
 dc stop 2>&1 | sed 's/^/    /'
 say "${DC[*]} stop: $(( $(date +%s) - T_STOP )) s"
