@@ -1,7 +1,7 @@
-"""Exact per-request expert attribution under batching, checked on what the worker sends with every acquire.
+"""Exact per-request expert attribution under batching, checked on what the worker tells memd for every layer.
 
-The worker's engine runs in this process against a real memd. Each acquire's ``(layer, experts, requests,
-tokens)`` is recorded; summing ``tokens`` per request gives its expert activation matrix (EAM: MoE layers x
+The worker's engine runs in this process against a real memd. Each layer note's ``(layer, experts, requests,
+tokens)`` is recorded (the note carries the attribution; an acquire only asks for slots); summing ``tokens`` per request gives its expert activation matrix (EAM: MoE layers x
 experts, tokens routed). Two interleaved requests must each get the EAM they get alone, and every MoE layer of a
 step must acquire the union of the step's experts exactly once.
 """
@@ -44,13 +44,13 @@ def worker(mixtral, tmp_path_factory):
 class Recorder:
     def __init__(self, client, monkeypatch):
         self.calls = []
-        acquire = client.acquire
+        note = client.note
 
-        def recording(layer, experts, requests, tokens, **kwargs):
+        def recording(step, layer, experts, requests, tokens, *args):
             self.calls.append((layer, list(experts), list(requests), [list(t) for t in tokens]))
-            return acquire(layer, experts, requests, tokens, **kwargs)
+            return note(step, layer, experts, requests, tokens, *args)
 
-        monkeypatch.setattr(client, "acquire", recording)
+        monkeypatch.setattr(client, "note", recording)
 
     def eams(self, num_layers: int, num_experts: int = 8) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -99,15 +99,15 @@ def test_interleaved_requests_get_their_solo_eams(worker, monkeypatch):
         assert (together[request].sum(axis=1) == (len(prompt) + n - 1) * 2).all()
 
 
-def test_each_moe_layer_acquires_the_union_of_the_step_once(worker, monkeypatch):
+def test_each_moe_layer_notes_the_union_of_the_step_once(worker, monkeypatch):
     engine, client, num_layers = worker
     rec = Recorder(client, monkeypatch)
     _, sizes = drive(engine, {0: [B], 1: [A]})
-    assert len(rec.calls) == num_layers * len(sizes), "a layer acquired more than once in a step"
+    assert len(rec.calls) == num_layers * len(sizes), "a layer was noted more than once in a step"
     shared = 0
     for i, (layer, experts, requests, tokens) in enumerate(rec.calls):
         assert layer == i % num_layers and len(requests) == sizes[i // num_layers]
         assert experts == sorted(set(experts))
-        assert all(sum(col) > 0 for col in zip(*tokens)), "an acquired expert no request routed to"
+        assert all(sum(col) > 0 for col in zip(*tokens)), "a noted expert no request routed to"
         shared += len(requests) == 2
     assert shared > 0
