@@ -116,8 +116,8 @@ class MemdConfig:
                                    " chunk of a prefetch")
     max_clients: int = knob(16, "most workers attached at once")
     handshake_timeout_s: float = knob(60.0, "seconds to wait for a peer during start-up")
-    policy: str = knob("activation", "eviction policy: lru, lfu or activation (decode reuse, predicted need,"
-                                     " shallow-layer bias, frequency; prefill-only experts transient)")
+    policy: str = knob("activation", "eviction policy: lru, lfu or activation (furthest expected next use:"
+                                     " cyclic layer distance, measured reuse, predicted need)")
     prefetch: bool = knob(True, "prefetch the experts the EAMC match and the next-gate guess predict")
     prefetch_window: int = knob(4, "lookahead in MoE layers (across the step boundary into the next step)")
     prefetch_threshold: float = knob(0.3, "predicted probability of use below which an expert is not prefetched")
