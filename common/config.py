@@ -116,8 +116,8 @@ class MemdConfig:
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
     max_clients: int = knob(16, "most workers attached at once")
-    policy: str = knob("activation", "eviction policy: lru, lfu or activation (decode reuse, predicted need,"
-                                     " shallow-layer bias, frequency; prefill-only experts transient)")
+    policy: str = knob("activation", "eviction policy: lru, lfu or activation (furthest expected next use:"
+                                     " cyclic layer distance, measured reuse, predicted need)")
     prefetch: bool = knob(True, "prefetch the experts the EAMC match and the next-gate guess predict")
     prefetch_window: int = knob(4, "lookahead in MoE layers (across the step boundary into the next step)")
     prefetch_threshold: float = knob(0.3, "predicted probability of use below which an expert is not prefetched")

@@ -198,7 +198,8 @@ class ActivationPolicy(_ScoredPolicy):
 
     def age(self) -> np.ndarray:
         """[L, E]: 0 for an expert its layer used at its last (or current) run, 1 at the run before, 2 earlier."""
-        return np.minimum(self.visits[:, None] - self.used_visit, len(PRIOR) - 1)
+        oldest = len(PRIOR) - 1
+        return np.where(self.used_visit < 0, oldest, np.minimum(self.visits[:, None] - self.used_visit, oldest))
 
     def rate(self) -> np.ndarray:
         """[ages]: the measured chance that an expert of each age runs at its layer's next run."""

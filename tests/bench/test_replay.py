@@ -124,13 +124,15 @@ def test_replay_against_memd(tmp_path):
         assert r["fetches"] == r["misses"] + r["prefetch_issued"] >= doc["belady_fetches"]
         assert r["fetches_per_token"] == pytest.approx(r["fetches"] / doc["tokens"])
         assert r["hits"] + r["misses"] == sum(len(a) for a in load_plan(DEMO_TRACE, 24).accesses())
-        assert r["trace_steps"] == 24 and r["trace_lost"] == 0 and r["stall_ms_per_token"] >= 0
-        assert r["bytes_read"] <= r["fetches"] * doc["expert_bytes"]
+        assert r["trace_steps"] == 24 and r["trace_lost"] == 0
+        assert r["misses"] > 0 and r["stall_ms_per_token"] > 0  # a cold pool waits for its first reads
+        # every on-demand load reads one whole expert; a prefetch does unless it is cancelled
+        assert r["misses"] * doc["expert_bytes"] <= r["bytes_read"] <= r["fetches"] * doc["expert_bytes"]
+        assert r["prefetch_used"] + r["prefetch_wasted"] <= r["prefetch_issued"]
     # memd's LRU without prefetch (and without leases) is the on-demand LRU bound, up to the order in which one
     # layer's misses finish loading (memd makes them most recent as they finish, the bound in expert order)
     assert abs(rows["lru"]["fetches"] - doc["lru_fetches"]) <= max(2, doc["lru_fetches"] // 20)
-    assert rows["lru"]["prefetch_issued"] == 0
-    assert rows["activation+prefetch"]["prefetch_issued"] > 0
+    assert rows["lru"]["prefetch_issued"] == 0 and rows["lru"]["bytes_read"] == rows["lru"]["misses"] * doc["expert_bytes"]
     if plot:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     left = [p.name for p in tmp.iterdir() if p.name.startswith("moeinf-bench-")]  # (torch may cache here too)

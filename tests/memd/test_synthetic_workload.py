@@ -1,13 +1,16 @@
 """On a workload with the structure the paper describes (requests from a few topics whose experts co-activate,
 skewed reuse within a request), the activation policy with prefetch misses less than LRU at the same pool size
-(25% of the experts), and stalls less. Replayed through memd's own decisions (services/memd/simulate.py): one
-expert read takes two layers of compute. The margins asserted are below those measured (docs/traces.md):
+(25% of the experts), and stalls less. Replayed through memd's own decisions (services/memd/simulate.py, leases
+on): one expert read takes two layers of compute. The margins asserted are below those measured (docs/traces.md):
 
 | workload                    | LRU miss/token | activation+prefetch | measured ratio (stall)  | asserted (stall) |
 |-----------------------------|----------------|---------------------|-------------------------|------------------|
-| 24 requests, one at a time  | 1.908          | 1.509               | 0.79 (0.85)             | <= 0.85 (0.92)   |
-| 32 requests, four at a time | 3.895          | 2.112               | 0.54 (0.65)             | <= 0.62 (0.72)   |
-| demo model's trace, 50%     | 0.427          | 0.282               | 0.66                    | <= 0.80          |
+| 24 requests, one at a time  | 1.908          | 1.655               | 0.87 (0.87)             | <= 0.92 (0.92)   |
+| 32 requests, four at a time | 3.895          | 2.632               | 0.68 (0.68)             | <= 0.74 (0.75)   |
+| demo model's trace, 50%     | 0.443          | 0.332               | 0.75                    | <= 0.80          |
+
+(The cyclic-distance policy of issue 11 prefetches only near-certain experts; the earlier policy prefetched every
+likely one and got 0.79 and 0.54 here, at the price of losing to LRU on flat, Mixtral-like routing.)
 """
 from pathlib import Path
 
@@ -23,7 +26,7 @@ LRU = Knobs(policy="lru", prefetch=False)
 ACTIVATION = Knobs(policy="activation", prefetch=True)
 
 
-@pytest.mark.parametrize("requests, batch, misses_ratio, stall_ratio", [(24, 1, 0.85, 0.92), (32, 4, 0.62, 0.72)],
+@pytest.mark.parametrize("requests, batch, misses_ratio, stall_ratio", [(24, 1, 0.92, 0.92), (32, 4, 0.74, 0.75)],
                          ids=["one-at-a-time", "four-at-a-time"])
 def test_activation_with_prefetch_misses_less_than_lru(requests, batch, misses_ratio, stall_ratio):
     header, records = generate(Workload(requests=requests, batch=batch, seed=0))
@@ -37,7 +40,7 @@ def test_activation_with_prefetch_misses_less_than_lru(requests, batch, misses_r
     # the prediction is measured against what was then routed, at every lookahead distance
     assert [d for d, _, _ in act.lookahead] == [1, 2, 3, 4]
     assert all(precision > 0.5 and recall > 0.7 for _, precision, recall in act.lookahead)
-    assert act.prefetch_used > act.prefetch_wasted > 0
+    assert act.prefetch_used >= act.prefetch_wasted  # it prefetches only near-certain experts (often none at all)
 
 
 def test_on_the_demo_models_trace_too():
