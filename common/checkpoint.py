@@ -24,7 +24,8 @@ EXPERT_DTYPES = frozenset({"F32", "F16", "BF16"})
 # Quantized expert formats served, by quant_method of config.json's quantization_config ("" = not quantized).
 SUPPORTED_FORMATS = {"": "unquantized float32/float16/bfloat16",
                      "mxfp4": "mxfp4 (*_blocks + *_scales, GPT-OSS)",
-                     "fp8": "block-wise fp8 (float8_e4m3fn + weight_scale_inv, quant_method fp8 with weight_block_size)"}
+                     "fp8": "block-wise fp8 (float8_e4m3fn + weight_scale_inv, quant_method fp8 with"
+                            " weight_block_size)"}
 _MAX_HEADER = 100 * 1024 * 1024
 
 

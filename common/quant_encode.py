@@ -30,7 +30,8 @@ def mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                            torch.full_like(amax, -127.0)).clamp(-127, 127)
     scaled = (x / torch.exp2(exponent)).clamp(-6.0, 6.0)
     midpoints = torch.tensor([(a + b) / 2 for a, b in zip(FP4_MAGNITUDES, FP4_MAGNITUDES[1:])])
-    codes = torch.bucketize(scaled.abs().contiguous(), midpoints).to(torch.uint8)  # nearest magnitude, ties to the smaller
+    # the nearest magnitude, ties to the smaller
+    codes = torch.bucketize(scaled.abs().contiguous(), midpoints).to(torch.uint8)
     codes = codes | ((scaled < 0).to(torch.uint8) << 3)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent.squeeze(-1) + 127).to(torch.uint8)

@@ -1,9 +1,9 @@
 """``moeinf bench formats``: decode ms/token and expert bytes read per token of the same model stored as bf16,
 MXFP4 and block FP8, under the same memory limits.
 
-Every ``--memory`` setting is a share of the *first* model's (the bf16 baseline's) expert bytes, turned into one
-absolute byte count that every format's memd gets: the limit a user's machine sets. A quantized model holds more
-of its experts in it, and reads fewer bytes per miss. The systems of one setting run in this process in lockstep
+Every ``--memory`` setting is a share of the pool the *first* model (the bf16 baseline) needs for all its
+experts, turned into one absolute byte count that every format's memd gets: the limit a user's machine sets.
+A quantized model holds more of its experts in it, and reads fewer bytes per miss. The systems of one setting run in this process in lockstep
 (``services/bench/overhead.py``: one generation per system, advanced a step at a time in turn, so load from
 elsewhere hits them alike), after one untimed warm-up each; the settings run one after the other. The formats
 are lossy against each other, so their tokens are not compared here: ``moeinf bench overhead --model DIR`` checks
@@ -68,12 +68,13 @@ class Options:
 
 
 def expert_bytes(model_dir: Path) -> tuple[int, int]:
-    """``(all expert bytes, one expert's bytes)`` as memd stores them."""
+    """``(the pool bytes that hold every expert, one expert's bytes)`` as memd stores them (slots are padded to
+    4 KiB per part, so a share of the first is the pool that holds that share of the experts)."""
     from common.checkpoint import Checkpoint
     from services.memd.store import ExpertStore
 
     store = ExpertStore(Checkpoint(model_dir))
-    return store.total_expert_bytes, store.expert_bytes
+    return store.slot_bytes * store.num_layers * store.num_experts, store.expert_bytes
 
 
 def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) -> list[dict]:
@@ -129,14 +130,14 @@ def run(args) -> int:
     print(report(opts, sizes, results, threads))
     if opts.json:
         opts.json.write_text(json.dumps({"models": {k: str(v) for k, v in opts.models}, "threads": threads,
-                                         "expert_bytes": sizes, "results": results}, indent=2))
+                                         "pool_bytes_all_experts": sizes, "results": results}, indent=2))
     return 0
 
 
 def report(opts: Options, sizes: dict, results: dict, threads: int) -> str:
     lines = [f"moeinf bench formats: {opts.tokens} decode tokens x {opts.repeats} repeats, prompt {opts.prompt_len},"
              f" {threads} threads; memory = share of {opts.models[0][0]}'s expert bytes, same limit for all",
-             "  expert bytes: " + ", ".join(f"{k} {format_bytes(v[0])} ({format_bytes(v[1])} each)"
+             "  pool for all experts: " + ", ".join(f"{k} {format_bytes(v[0])} ({format_bytes(v[1])} an expert)"
                                              for k, v in sizes.items()),
              f"{'memory':>7} {'format':>8} {'resident':>8} {'decode ms/tok':>13} {'x base':>7}"
              f" {'read/tok':>10} {'fall':>6} {'hit rate':>8}"]

@@ -65,7 +65,7 @@ def test_bench_formats_table(models, tmp_path):
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().startswith("100%")]
     assert [r[1] for r in rows] == ["bf16", "mxfp4"]
     doc = json.loads(out.read_text())
-    sizes = doc["expert_bytes"]
+    sizes = doc["pool_bytes_all_experts"]
     assert sizes["bf16"][0] > 3 * sizes["mxfp4"][0]  # bf16 vs 4.25 bits a weight (+ bf16 biases, slot padding aside)
     results = doc["results"]["100%"]
     assert results[0]["ms_vs_base"] == 1.0 and all(r["decode_ms_p50"] > 0 for r in results)
