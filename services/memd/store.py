@@ -34,6 +34,8 @@ class Segment:
 
 class ExpertStore:
     def __init__(self, checkpoint: Checkpoint):
+        from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
+        install_from_env()
         self.checkpoint = checkpoint
         self.config = checkpoint.load_config()
         model = build_meta_model(self.config)

@@ -10,6 +10,7 @@ steps; a failed step fails only the requests in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -70,10 +71,11 @@ class WorkerServer:
             await self.loop.run_in_executor(None, self.stopping.wait)
         finally:
             self.stopping.set()
-            compute.join(timeout=30)
+            await self.loop.run_in_executor(None, compute.join, 30)  # (its last replies reach the outbox meanwhile)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self._flush()  # every request still live hears how it ended before the socket goes
             self.sock.close()
             ctx.term()
             remove_ipc_file(self.addr)
@@ -137,6 +139,12 @@ class WorkerServer:
             except zmq.ZMQError as exc:
                 log.info("reply to a vanished gateway dropped: %s", exc)
 
+    async def _flush(self) -> None:
+        while not self.outbox.empty():
+            identity, frame = self.outbox.get_nowait()
+            with contextlib.suppress(zmq.ZMQError):
+                await asyncio.wait_for(self.sock.send_multipart([identity, frame]), 1.0)
+
     def _reply(self, identity: bytes, op: Op, rid: int, msg) -> None:
         self.outbox.put_nowait((identity, encode(op, rid, msg)))
 
@@ -153,6 +161,8 @@ class WorkerServer:
                 self.run_step(step)
             elif not self.jobs:
                 self.client.return_leases()  # idle: hold nothing in memd's pool
+        if self.exit_code == 3:  # memd died: the requests still here fail (the gateway answers 503), not "finish"
+            self.fail(list(self.jobs.values()), "unavailable", "memd (the expert memory) died; the worker restarts")
         for job in list(self.jobs.values()):  # stopping: every request still here ends as cancelled
             self.finish(job, "cancelled")
 
