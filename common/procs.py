@@ -5,11 +5,17 @@ import os
 
 
 def pid_alive(pid: int) -> bool:
-    """True while a process with ``pid`` exists (one we may not signal counts as alive)."""
+    """True while a process with ``pid`` exists and runs (one we may not signal counts as alive; a zombie, dead
+    but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]  # the field after "(comm)": comm may hold spaces
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")

@@ -63,10 +63,11 @@ def codec_table(cases: dict, n: int, repeats: int) -> list[tuple[str, int, float
     for name, (op, reply, new_msg, old_msg) in cases.items():
         assert old.decode(old.encode(int(op), 1, old_msg), type(old_msg))[2] == old_msg
         assert codec.decode(codec.encode(op, 1, new_msg), reply=reply)[2] == new_msg
+        each = max(5, min(n, int(0.5e9 / _old_round(op, old_msg, 3))))  # about 0.5 s per old repeat at most
         olds, news = [], []
         for _ in range(repeats):
-            olds.append(_old_round(op, old_msg, n))
-            news.append(_new_round(op, reply, new_msg, n))
+            olds.append(_old_round(op, old_msg, each))
+            news.append(_new_round(op, reply, new_msg, each))
         rows.append((name, len(codec.encode(op, 1, new_msg)), statistics.median(olds), statistics.median(news)))
     return rows
 
@@ -120,7 +121,7 @@ def round_trip_us(cases: dict, use_new: bool, n: int) -> float:
 def run(args) -> int:
     cases = samples(args.batch, args.layers, args.experts, args.top_k)
     print(f"moeinf bench wire: batch {args.batch}, {args.layers} MoE layers x {args.experts} experts, top-{args.top_k};"
-          f" {args.n} messages x {args.repeats} repeats, old and new alternating (median)")
+          f" up to {args.n} messages x {args.repeats} repeats, old and new alternating (median)")
     print(f"{'message':<16} {'bytes':>6} {'old ns':>9} {'new ns':>9} {'new/old':>8}   (encode + decode, one message)")
     for name, size, o, n in codec_table(cases, args.n, args.repeats):
         print(f"{name:<16} {size:>6} {o:>9.0f} {n:>9.0f} {n / o:>8.2f}")
@@ -139,6 +140,7 @@ def add_parser(bench) -> None:
     p.add_argument("--layers", type=int, default=32, help="MoE layers in a step trace")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("-n", type=int, default=2000, help="messages per repeat")
+    p.add_argument("-n", type=int, default=2000, help="messages per repeat (fewer for a message the old codec takes"
+                                                        " long over: about 0.5 s per repeat)")
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=run)

@@ -44,6 +44,8 @@ class _Part:
 
 class ExpertStore:
     def __init__(self, checkpoint: Checkpoint):
+        from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
+        install_from_env()
         self.checkpoint = checkpoint
         self.format, self.block = checkpoint.quant_format()  # "" | "mxfp4" | "fp8"; refuses the others
         self.config = checkpoint.load_config()
