@@ -89,11 +89,15 @@ class Client:
 
     def revoke_victims(self, table: SlotTable, wanted: set[Key], count: int) -> list[Key]:
         """Unlease up to ``count`` of this worker's leases outside ``wanted``, in the policy's victim order; only
-        leases whose slot this lease alone holds (once unleased they are evictable) are candidates."""
+        leases whose slot this lease alone holds (once unleased they are evictable) are candidates. Leases of
+        experts that are leaving (a retired slot after a shrink, or dropped) go first and do not count: unleased,
+        they leave and free no live slot, so counting them would leave the acquire short."""
         def candidate(key: Key) -> bool:
             return (key in self.leases and key not in wanted and key not in table.loading
                     and not self.pins.get(key) and table.pins.get(key, 0) == 1)
 
+        leaving = [k for k in self.leases if table.leaving(k) and candidate(k)]
+        self._unlease(table, leaving)
         revoked: list[Key] = []
         while len(revoked) < count:
             victim = table.policy.victim(candidate)
@@ -101,7 +105,7 @@ class Client:
                 break
             self._unlease(table, [victim])
             revoked.append(victim)
-        return revoked
+        return leaving + revoked
 
     def return_leases(self, table: SlotTable) -> int:
         count = len(self.leases)
