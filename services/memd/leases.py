@@ -45,6 +45,12 @@ class ControlPage:
         self.region.close()
 
 
+def shortfall(table: SlotTable, keys: list[Key]) -> int:
+    """Slots ``keys`` need beyond the free and the evictable ones (negative: the slots left over)."""
+    missing = sum(k not in table.slot_of for k in keys) - len(table.free)
+    return missing - sum(1 for k in table.slot_of if table.evictable(k) and k not in keys)
+
+
 @dataclass(slots=True)
 class Client:
     pid: int
