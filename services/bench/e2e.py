@@ -16,7 +16,9 @@ and client count, so memd's EAMC has never seen the prompts it is timed on (``se
 value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve one request at a
 time. Every system runs ``--repeats`` times (baselines too) and the median run is reported; every system first
 serves one untimed warm-up request outside the workloads. Per run: tokens/s, time to first token, decode time per
-token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate. The page cache is
+token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate, and how good its
+predictions were over the run (prefetch precision and recall, precision and recall by lookahead distance:
+``services/bench/e2e_quality.py``). The page cache is
 dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd's queue depth
 (``services/bench/diskbw.py``: memd's reader threads, each reading memd's chunk size) is measured in the same run.
 """
@@ -34,6 +36,7 @@ import numpy as np
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
+from services.bench.e2e_quality import delta, quality, stats_counters
 from services.bench.memd_proc import MemdProcess
 from services.bench.worker_proc import WorkerProcess
 
@@ -131,9 +134,7 @@ class MoeinfSystem:
         if self._stats_client is None:
             self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
                                             state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
-        stats = self._stats_client.stats()
-        return {"hits": stats.hits, "misses": stats.misses, "bytes_read": stats.bytes_read,
-                "read_seconds": stats.read_seconds, "stall_seconds": stats.stall_seconds}
+        return stats_counters(self._stats_client.stats())
 
 
 class _TokenStream:
@@ -246,6 +247,7 @@ class Result:
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
             "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
             "requests": len(self.timings), "generated_tokens": self.generated, "wall_s": self.wall_s,
+            **quality(c),
         }
 
 
@@ -273,7 +275,7 @@ def measure(system, workloads, opts: Options) -> dict[int, list[Result]]:
             before = system.counters()
             timings = serve_workload(system, prompts, opts.max_tokens, c, split_bytes=c == 1)
             after = system.counters()
-            counters = None if before is None else {k: after[k] - before[k] for k in before}
+            counters = None if before is None else delta(before, after)
             result = Result(system.name, c, timings, counters)
             if c > 1:
                 alone = serve_workload(system, prompts, opts.max_tokens, 1)

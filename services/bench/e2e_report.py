@@ -13,12 +13,15 @@ Targets (checked at every expert-memory setting, at 1 client):
 * moeinf within 1.15x of the larger floor;
 * memd's expert loads at >= 90% of the multi-stream raw read bandwidth, judged on ``moeinf-ondemand-lru`` where
   every read happens while the worker waits: its bytes read over the worker's wait (``stall_read_gbps``). Both
-  go through O_DIRECT at the same queue depth, so the fraction cannot honestly exceed 100%.
+  go through O_DIRECT at the same queue depth, so the fraction cannot honestly exceed 100%;
+* moeinf's prediction precision >= 0.6 at lookahead 1 (memd's fused prediction one layer ahead, what it prefetches
+  from; ``services/bench/e2e_quality.py``), shown with the prefetches' own precision (used / used + wasted).
 """
 from __future__ import annotations
 
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
+from services.bench.e2e_quality import PRECISION_TARGET, at, describe
 
 SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET = 3.5, 1.15, 0.9
 
@@ -93,6 +96,11 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
             x = floor["vs_floor"]
             out.append(_target(memory, f"moeinf within {FLOOR_TARGET}x of the larger floor", x, x <= FLOOR_TARGET,
                                f"{x:.2f}x of {floor['bound_ms']:.1f} ms"))
+        if ours and at(ours, "lookahead", 1, "precision") is not None:
+            x = at(ours, "lookahead", 1, "precision")
+            out.append(_target(memory, f"prefetch precision >= {PRECISION_TARGET} at lookahead 1", x,
+                               x >= PRECISION_TARGET, f"lookahead-1 precision {x:.2f} (prefetches used / used + wasted:"
+                                                      f" {_cell(ours.get('prefetch_precision'), '.2f')})"))
         ondemand = _find(rows, ONDEMAND, memory)
         if ondemand and ondemand.get("stall_read_gbps") and gbps:
             best = max(gbps, ondemand.get("disk_read_gbps_before") or 0.0)
@@ -129,6 +137,7 @@ def format_report(doc: dict) -> str:
     if doc.get("warm_eamc"):
         lines.append("* WARM EAMC (--warm-eamc): the timed prompts were served once before; not the default scenario")
     lines += _concurrency_lines(doc["systems"])
+    lines += _quality_lines(doc["systems"])
     if doc["floors"]:
         lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
                       " token (1 client; else per token) / multi-stream raw bandwidth (the better of the run start's and the"
@@ -144,13 +153,15 @@ def format_report(doc: dict) -> str:
                   for t in doc["targets"]]
     lines.append("decode p50/p90: ms between a request's consecutive tokens; TTFT: median time to first token;"
                  " load GB/s: memd's bytes over its loads' read seconds; wait GB/s: over the\n"
-                 "worker's wait for loads; peak: the cgroup's peak memory use (page cache included)")
+                 "worker's wait for loads; peak: the cgroup's peak memory use (page cache included); pf P/R: prefetch"
+                 " precision (used / used + wasted) and recall\n(used / used + on-demand loads); la1 P/R: precision and"
+                 " recall of memd's prediction one layer ahead (correct / predicted, correct / routed)")
     return "\n".join(lines)
 
 
 _HEADER = (f"{'system':<21} {'memory':>6} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
            f" {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8} {'load GB/s':>9} {'wait GB/s':>9}"
-           f" {'peak GiB':>8}")
+           f" {'peak GiB':>8} {'pf P':>5} {'pf R':>5} {'la1 P':>5} {'la1 R':>5}")
 
 
 def _line(r: dict) -> str:
@@ -165,7 +176,9 @@ def _line(r: dict) -> str:
             f" {_cell(r['decode_ms_per_token_p90'], '.1f'):>10} {_cell(mib, '.1f'):>10}"
             f" {_cell(r['hit_rate'], '.3f'):>8} {_cell(r.get('load_read_gbps'), '.2f'):>9}"
             f" {_cell(r.get('stall_read_gbps'), '.2f'):>9}"
-            f" {_cell(gib(r['peak_memory_bytes']), '.2f'):>8}")
+            f" {_cell(gib(r['peak_memory_bytes']), '.2f'):>8} {_cell(r.get('prefetch_precision'), '.2f'):>5}"
+            f" {_cell(r.get('prefetch_recall'), '.2f'):>5} {_cell(at(r, 'lookahead', 1, 'precision'), '.2f'):>5}"
+            f" {_cell(at(r, 'lookahead', 1, 'recall'), '.2f'):>5}")
 
 
 def _concurrency_lines(rows: list[dict]) -> list[str]:
@@ -178,6 +191,16 @@ def _concurrency_lines(rows: list[dict]) -> list[str]:
             r.get("same_tokens_as_c1")]
         out.append(f"{r['system']} {r['expert_memory']}, {r['concurrency']} clients:"
                    f" {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the tokens/s of 1 client; {same}")
+    return out
+
+
+def _quality_lines(rows: list[dict]) -> list[str]:
+    """Per moeinf row: precision/recall by lookahead distance (memd's prediction, the worker's speculation)."""
+    out = []
+    for r in rows:
+        text = None if r.get("error") else describe(r)
+        if text:
+            out.append(f"{r['system']} {r['expert_memory']} c{r['concurrency']}: {text}")
     return out
 
 

@@ -146,8 +146,11 @@ class ExpertManager:
         return slot
 
     def steal_candidate(self) -> Key | None:
-        """The loading prefetch to cancel so that an on-demand load gets its slot (lowest priority, unpinned)."""
-        free = [p for p in self.planner.inflight.values() if not self.table.pins.get(p.key)]
+        """The loading prefetch to cancel so that an on-demand load gets its slot (lowest priority, unpinned; one in
+        a retired slot frees no live slot: it is never the candidate)."""
+        t = self.table
+        free = [p for p in self.planner.inflight.values()
+                if not t.pins.get(p.key) and t.slot_of.get(p.key, t.capacity) < t.capacity]
         return min(free, key=lambda p: p.priority).key if free else None
 
     def _used(self, key: Key, loading: bool) -> None:

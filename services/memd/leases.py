@@ -45,6 +45,12 @@ class ControlPage:
         self.region.close()
 
 
+def shortfall(table: SlotTable, keys: list[Key]) -> int:
+    """Slots ``keys`` need beyond the free and the evictable ones (negative: the slots left over)."""
+    missing = sum(k not in table.slot_of for k in keys) - len(table.free)
+    return missing - sum(1 for k in table.slot_of if table.evictable(k) and k not in keys)
+
+
 @dataclass(slots=True)
 class Client:
     pid: int
@@ -89,11 +95,15 @@ class Client:
 
     def revoke_victims(self, table: SlotTable, wanted: set[Key], count: int) -> list[Key]:
         """Unlease up to ``count`` of this worker's leases outside ``wanted``, in the policy's victim order; only
-        leases whose slot this lease alone holds (once unleased they are evictable) are candidates."""
+        leases whose slot this lease alone holds (once unleased they are evictable) are candidates. Leases of
+        experts that are leaving (a retired slot after a shrink, or dropped) go first and do not count: unleased,
+        they leave and free no live slot, so counting them would leave the acquire short."""
         def candidate(key: Key) -> bool:
             return (key in self.leases and key not in wanted and key not in table.loading
                     and not self.pins.get(key) and table.pins.get(key, 0) == 1)
 
+        leaving = [k for k in self.leases if table.leaving(k) and candidate(k)]
+        self._unlease(table, leaving)
         revoked: list[Key] = []
         while len(revoked) < count:
             victim = table.policy.victim(candidate)
@@ -101,7 +111,7 @@ class Client:
                 break
             self._unlease(table, [victim])
             revoked.append(victim)
-        return revoked
+        return leaving + revoked
 
     def return_leases(self, table: SlotTable) -> int:
         count = len(self.leases)

@@ -26,7 +26,7 @@ from common import messages as m
 from common.traces import Step, TraceHeader
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import Eamc
-from services.memd.leases import Client
+from services.memd.leases import Client, shortfall
 from services.memd.policy import Key
 from services.memd.sim_reader import SimReader
 
@@ -144,13 +144,13 @@ class Simulator:
         return experts, counts
 
     def _hold(self, keys: list[Key]) -> None:
-        """memd's ``Server._hold`` for one worker: pin, or lease (revoking the others under pressure)."""
+        """memd's ``Server._hold`` for one worker: pin, or lease (revoking the shortfall of the others, in the
+        policy's victim order)."""
         table = self.core.table
         if not self.cfg.leases:
             self.client.pin(table, keys)
             return
-        pressure = sum(k not in table.slot_of for k in keys) > len(table.free)
-        self.client.lease(table, keys, revoke_others=pressure)
+        self.client.lease(table, keys, shortfall=shortfall(table, keys))
 
     def acquire(self, req: m.AcquireRequest) -> int:
         """One layer: acquire, prefetch, wait, compute, release. Returns its on-demand misses."""

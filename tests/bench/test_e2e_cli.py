@@ -35,6 +35,10 @@ def test_table_and_json(tmp_path):
     assert rows[1]["same_tokens_as_c1"] is True and "same_tokens_as_c1" not in rows[0]
     assert all(r["repeats"] == 2 and len(r["tokens_per_s_all"]) == 2 and r["eamc"] == "fresh" for r in rows)
     assert doc["warm_eamc"] is False and "fresh prompts" in proc.stdout
+    for r in rows:  # prediction quality from memd's STATS (values: tests/bench/test_e2e_quality.py)
+        assert {"prefetch_precision", "prefetch_recall", "lookahead", "speculation"} <= set(r)
+        assert all(s["precision"] == (s["correct"] / s["predicted"] if s["predicted"] else None) for s in r["lookahead"])
+    assert "la1 P" in proc.stdout and "lookahead P/R by distance 1:" in proc.stdout
     assert list(tmp.iterdir()) == [] and not orphan_regions(), "the bench left a state directory or a pool"
 
 

@@ -186,7 +186,9 @@ def test_live_resize_under_load_fails_no_request_and_gives_memory_back(stack, wo
         assert tokens == expected[PROMPTS.index(prompt)], f"prompt {prompt[:4]}... changed under resizes"
     shrinks = [r for s, code, r in replies if s == "25%"]
     assert shrinks and all(r["capacity"] == 8 for r in shrinks)
-    assert any(r["evicted"] > 0 for s, code, r in replies if s in ("25%", "50%") and code == 0)
+    # under load the worker leases what it uses (pressure revokes only the shortfall), so a shrink may find every
+    # resident of the retired slots leased: those leave when released (pending); the idle shrink below checks they do
+    assert any(r["evicted"] + r["pending"] > 0 for s, code, r in replies if s in ("25%", "50%") and code == 0), replies
     refused = [r for s, code, r in replies if s == "8"]
     assert all("below the minimum of 8 slots" in r for r in refused)
 

@@ -47,3 +47,20 @@ def test_a_reclaim_takes_back_all_but_the_current_layer():
 def test_no_shortfall_revokes_nothing():
     table, client = leased_table([(0, 0), (0, 1)])
     assert client.lease(table, [(2, 0)], shortfall=0) == []
+
+
+def test_leases_in_retired_slots_go_but_do_not_count_against_the_shortfall():
+    """After a shrink, a lease kept through the reclaim (it was the current layer) sits in a retired slot: revoking
+    it frees no live slot, so pressure revokes it (it is leaving anyway) and still the whole shortfall of live ones."""
+    keys = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    table, client = leased_table(keys)
+    retired_keys = [k for k in keys if table.slot_of[k] >= 2]
+    assert table.shrink(2) == (0, retired_keys)  # all leased: they leave when released
+    live = [k for k in keys if k not in retired_keys]
+    for key in retired_keys + live:  # the retired ones are the policy's first victims
+        table.policy.on_access(key)
+    revoked = client.lease(table, [(2, 0), (2, 1)], shortfall=2)
+    assert set(revoked) == set(keys)
+    assert all(k not in table.slot_of for k in retired_keys)  # gone with their slots
+    assert all(table.evictable(k) for k in live)
+    assert table.reserve((2, 0)) in (0, 1) and table.reserve((2, 1)) in (0, 1)

@@ -225,3 +225,17 @@ def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
     slot = core.reserve_demand((1, 5), transient=False)
     assert core.table.owner[slot] == (1, 5) and core.metrics.prefetch_cancelled == 1
     assert sum(core.metrics.prefetch_wasted) == 1
+
+
+def test_a_prefetch_in_a_retired_slot_is_never_stolen():
+    """After a shrink, cancelling a prefetch loading into a retired slot frees no live slot for a demand load."""
+    core = ExpertManager(3, 4, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", window=2, threshold=0.1))
+    core.planner.budget_bytes = 8 * MB
+    req = m.AcquireRequest(0, [0], ["r"], [[1]], 1, [False], speculated=[3, 4], speculated_tokens=[1, 1])
+    core.table.pin((0, 0))
+    core.acquire("w", req, now=0.0)
+    pf = core.plan_prefetch("w", req, bandwidth=None)
+    (high, _, _), (low, _, _) = sorted(pf.start, key=lambda s: -s[2])
+    retired = max(pf.start, key=lambda s: s[1])[0]
+    core.table.shrink(core.table.slot_of[retired])  # the prefetch in the highest slot now loads into a retired one
+    assert core.steal_candidate() == next(k for k, _, _ in pf.start if k != retired)

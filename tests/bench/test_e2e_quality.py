@@ -1,0 +1,46 @@
+"""``bench e2e`` reports prediction quality computed from memd's StatsReply: the run's difference of two replies,
+prefetch precision and recall, precision and recall by lookahead distance, in the rows, the table and the targets."""
+from common import messages as m
+from services.bench.e2e import MOEINF, Result, Timing
+from services.bench.e2e_quality import delta, stats_counters
+from services.bench.e2e_report import _HEADER, _line, _quality_lines, _targets
+
+
+def stats(scale: int) -> m.StatsReply:
+    """A StatsReply whose counters grow with ``scale`` (two of them: before and after a run)."""
+    la = [m.LookaheadStats(1, 10 * scale, 7 * scale, 12 * scale),
+          m.LookaheadStats(2, 10 * scale, 4 * scale, 13 * scale)]
+    spec = [m.LookaheadStats(1, 8 * scale, 5 * scale, 9 * scale)] if scale > 1 else []  # first scored in the run
+    return m.StatsReply(1, 1 << 20, 8, 8, 0, 100 * scale, 20 * scale, 5, 1000 * scale, 0.5 * scale, 0.25 * scale,
+                        False, [1, 1], prefetch_issued=30 * scale, prefetch_used=9 * scale,
+                        prefetch_wasted=3 * scale, lookahead=la, speculation=spec,
+                        prefetch_precision=0.99, prefetch_recall=0.99)  # memd's lifetime ratios: not what is shown
+
+
+def test_run_quality_is_the_difference_of_two_stats_replies():
+    counters = delta(stats_counters(stats(1)), stats_counters(stats(3)))
+    timing = Timing(0, 0.0, [0.1, 0.2, 0.35], [1, 2, 3])
+    row = {**Result(MOEINF, 1, [timing], counters).row(), "expert_memory": "25%", "memory_limit_bytes": None,
+           "peak_memory_bytes": None}
+    assert (row["prefetch_issued"], row["prefetch_used"], row["prefetch_wasted"]) == (60, 18, 6)
+    assert row["prefetch_precision"] == 18 / 24 and row["prefetch_recall"] == 18 / (18 + 40)
+    la1, la2 = row["lookahead"]
+    assert (la1["distance"], la1["precision"], la1["recall"]) == (1, 14 / 20, 14 / 24)
+    assert (la2["distance"], la2["precision"], la2["recall"]) == (2, 8 / 20, 8 / 26)
+    assert row["speculation"] == [{"distance": 1, "predicted": 24, "correct": 15, "routed": 27,
+                                   "precision": 15 / 24, "recall": 15 / 27}]
+
+    assert all(col in _HEADER for col in ("pf P", "pf R", "la1 P", "la1 R"))
+    assert _line(row).split()[-4:] == ["0.75", "0.31", "0.70", "0.58"]
+    (text,) = _quality_lines([row])
+    assert "lookahead P/R by distance 1: 0.70/0.58, 2: 0.40/0.31" in text
+    assert "speculation P/R by distance 1: 0.62/0.56" in text
+    (target,) = _targets([row], [], 0.0, ["25%"])
+    assert target["target"] == "prefetch precision >= 0.6 at lookahead 1" and target["value"] == 0.7 and target["met"]
+
+
+def test_rows_without_memd_have_no_quality_columns():
+    timing = Timing(0, 0.0, [0.1, 0.2], [1, 2])
+    row = {**Result("transformers-resident", 1, [timing], None).row(), "expert_memory": "25%",
+           "memory_limit_bytes": None, "peak_memory_bytes": None}
+    assert "prefetch_precision" not in row and _line(row).split()[-4:] == ["-"] * 4 and _quality_lines([row]) == []
