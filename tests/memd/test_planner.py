@@ -1,9 +1,6 @@
-"""The prefetch planner and the reader's priorities: ordering, budget, dedupe, cancellation, on-demand preemption.
+"""The prefetch planner: ordering, budget, dedupe, cancellation (the reader's priorities: tests/memd/test_reader.py).
 Also: the predictor's lookahead scoring and the core's prefetch path (a prefetch never takes what an acquire needs;
 an on-demand load that finds every slot busy takes one from a prefetch)."""
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +9,6 @@ from common import messages as m
 from services.memd.core import ExpertManager, Knobs
 from services.memd.planner import PrefetchPlanner
 from services.memd.predictor import Target
-from services.memd.reader import ExpertReader, ReadCancelled
-from services.memd.store import Segment
 
 E = 8
 MB = 1 << 20
@@ -88,74 +83,6 @@ def test_stale_prefetches_are_those_whose_layer_passed_unused_unless_replanned()
     assert (1, 2) not in p.stale("w", 9, 9, acquired=set())  # another worker's prefetch is its own business
 
 
-class OneFileStore:
-    """The minimum of ExpertStore the reader needs: experts of ``nbytes`` laid end to end in one file."""
-
-    def __init__(self, path: Path, count: int, nbytes: int):
-        path.write_bytes(bytes(range(256)) * (count * nbytes // 256))
-        self.checkpoint = type("C", (), {"files": [path]})()
-        self.segments = {(0, e): [Segment(str(path), e * nbytes, nbytes, 0)] for e in range(count)}
-
-
-def test_on_demand_read_preempts_prefetches_within_a_chunk(tmp_path, monkeypatch):
-    nbytes, chunk = 64 * 4096, 4096
-    store = OneFileStore(tmp_path / "experts.bin", 8, nbytes)
-    pool = bytearray(8 * nbytes)
-    reader = ExpertReader(store, memoryview(pool), nbytes, direct_io=False, threads=1, chunk=chunk)
-    order, gate = [], threading.Event()
-    real = reader._read_chunk
-
-    def slow_chunk(job):
-        gate.wait()
-        order.append(job.key[1])
-        time.sleep(0.0005)
-        return real(job)
-
-    monkeypatch.setattr(reader, "_read_chunk", slow_chunk)
-    try:
-        prefetches = [reader.submit((0, e), e, demand=False, priority=p) for e, p in [(1, 0.2), (2, 0.9), (3, 0.5)]]
-        deadline = time.monotonic() + 10
-        while not any(job.running for job in prefetches):  # the single reader thread holds a chunk at the gate
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        demand = reader.submit((0, 7), 7, demand=True)
-        gate.set()
-        assert demand.future.result(10) == (nbytes, pytest.approx(demand.future.result()[1]))
-        for job in prefetches:
-            job.future.result(10)
-    finally:
-        reader.close()
-    first = order[0]
-    # one chunk of the first prefetch, then the whole demand read, then prefetches by priority
-    assert order[1:1 + nbytes // chunk] == [7] * (nbytes // chunk)
-    rest = [e for e in order[1 + nbytes // chunk:]]
-    assert [e for i, e in enumerate(rest) if i == 0 or rest[i - 1] != e] == [e for e in (2, 3, 1) if e in rest]
-    assert first in (1, 2, 3)
-    assert bytes(pool[7 * nbytes:8 * nbytes]) == (tmp_path / "experts.bin").read_bytes()[7 * nbytes:8 * nbytes]
-
-
-def test_cancelled_prefetch_stops_and_promoted_one_finishes(tmp_path):
-    nbytes = 16 * 4096
-    store = OneFileStore(tmp_path / "experts.bin", 4, nbytes)
-    pool = bytearray(4 * nbytes)
-    reader = ExpertReader(store, memoryview(pool), nbytes, direct_io=False, threads=1, chunk=4096)
-    try:
-        reader._cv.acquire()  # hold the threads back while the queue is arranged
-        try:
-            a = reader.submit((0, 0), 0, demand=False, priority=1.0)
-            b = reader.submit((0, 1), 1, demand=False, priority=0.5)
-        finally:
-            reader._cv.release()
-        reader.cancel(b)
-        reader.promote(a)
-        assert a.future.result(10)[0] == nbytes
-        with pytest.raises(ReadCancelled):
-            b.future.result(10)
-        assert reader.queued() == 0 and reader.bandwidth > 0
-    finally:
-        reader.close()
-
-
 def acquire(layer, experts, step, requests=("r",), prefill=False, tokens=None):
     counts = tokens if tokens is not None else [[1] * len(experts) for _ in requests]
     return m.AcquireRequest(layer, list(experts), list(requests), counts, step, [prefill] * len(requests))
@@ -198,10 +125,9 @@ def test_core_prefetches_predicted_experts_and_counts_their_use():
     (d1, s1), (d2, s2) = core.predictor.lookahead_stats()
     assert (d1, d2) == (1, 2) and s1.routed > 0 and s1.correct == s1.predicted  # every prediction was right
     assert s1.correct / s1.routed > 0.8 and s2.correct / s2.routed > 0.8
-    # the activation policy keeps the shallow layers' experts instead of churning the pool for deep ones
+    # the activation policy with prefetch also beats plain LRU on this cyclic pattern
     act = run_steps(Knobs(policy="activation", prefetch=True, window=2), steps=5)
     assert act.table.counters.misses < plain.table.counters.misses
-    assert act.table.counters.per_layer_misses[:2] == [2, 2]
 
 
 def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
