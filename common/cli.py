@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", nargs="+", default=["100%", "25%"], help="expert memory settings to measure")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--dequant-cache-mb", type=int, default=0, help="quantized experts: the worker's knob")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

@@ -201,6 +201,8 @@ class WorkerConfig:
                                  " tell memd (one small matmul per layer)")
     speculate_layers: int = knob(4, "most MoE layers ahead a layer guesses (memd picks how many within this, from"
                                     " read time vs layer time); 0: none")
+    dequant_cache_mb: int = knob(0, "quantized experts: MiB of dequantized experts kept beyond one layer's (most"
+                                    " recently used; a warm cache skips the dequantization; 0: one layer's only)")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
@@ -224,6 +226,8 @@ class WorkerConfig:
                              " chunk always fits next to the running requests' decode tokens")
         if self.speculate_layers < 0:
             raise ValueError("--speculate-layers must be >= 0")
+        if self.dequant_cache_mb < 0:
+            raise ValueError("--dequant-cache-mb must be >= 0")
 
     @property
     def memd_rpc_addr(self) -> str:

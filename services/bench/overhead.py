@@ -48,11 +48,12 @@ class Options:
     memory: tuple[str, ...]
     threads: int
     json: Path | None
+    dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb (quantized experts)
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
-                   args.threads, Path(args.json) if args.json else None)
+                   args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb)
         opts.validate()
         return opts
 
@@ -64,6 +65,8 @@ class Options:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.threads < 0:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
+        if self.dequant_cache_mb < 0:
+            raise ValueError("--dequant-cache-mb must be >= 0")
         for memory in self.memory:
             parse_size(memory, what="--memory")
         if len(set(self.memory)) != len(self.memory):
@@ -122,7 +125,8 @@ class TransformersSystem:
 
 
 class MoeinfSystem:
-    def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack):
+    def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
+                 dequant_cache_mb: int = 0):
         from common.config import WorkerConfig
         from services.worker import experts
         from services.worker.engine import Engine
@@ -131,7 +135,8 @@ class MoeinfSystem:
         self.name = f"moeinf-{expert_memory}"
         self.expert_memory = expert_memory
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
-        cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads)
+        cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
+                           dequant_cache_mb=dequant_cache_mb)
         model, self.client, hello = attach(cfg)
         self.recorder = experts.RECORDER  # its step traces go to its own memd (see activate)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
@@ -175,7 +180,7 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
     moeinf = []
     for memory in opts.memory:
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        moeinf.append(MoeinfSystem(opts.model, memory, threads, stack))
+        moeinf.append(MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb))
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]
 

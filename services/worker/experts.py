@@ -185,8 +185,8 @@ class ExpertBinding:
         RECORDER.layer(self.layer, ids, tokens, weights, nxt, top_k_index, top_k_weights, leased=client.last_leased)
         try:
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
-                return self.dequant.forward(self.proxy._module, experts, slots, hidden_states, top_k_index,
-                                            top_k_weights)
+                return self.dequant.forward(self.proxy._module, self.layer, experts, slots, hidden_states,
+                                            top_k_index, top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
             remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype) - lo
@@ -224,7 +224,7 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | None = None,
-         next_gate: bool = True, speculate_layers: int = 4) -> None:
+         next_gate: bool = True, speculate_layers: int = 4, dequant_cache_mb: int = 0) -> None:
     """Bind every experts module to memd; ``recorder`` buffers the step traces (default: to memd only);
     ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
     global RECORDER
@@ -239,7 +239,8 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     dequant = None
     if views.quantized:  # one scratch for all layers, for the most experts a layer can hold at once
         capacity = min(layers[0].num_experts, views.num_slots)
-        dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity)
+        dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
+                                          dequant_cache_mb << 20)
     for layer, module in zip(layers, modules):
         module._moeinf = ExpertBinding(layer.index, module, views, client, speculator, dequant)
 

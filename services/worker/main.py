@@ -41,7 +41,8 @@ def attach(cfg: WorkerConfig):
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
         experts.bind(model, layers, views, client, recorder=recorder(cfg, client, model, layers),
-                     next_gate=cfg.next_gate, speculate_layers=cfg.speculate_layers)
+                     next_gate=cfg.next_gate, speculate_layers=cfg.speculate_layers,
+                     dequant_cache_mb=cfg.dequant_cache_mb)
         client.ready()
     except BaseException:
         client.close()

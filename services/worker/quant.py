@@ -13,6 +13,8 @@ bit-identical to a model loaded with ``dequantize=True``.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from common import messages as m
@@ -77,8 +79,12 @@ class QuantParam:
             grid_r, grid_c = spec.scale_shape
             self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
             self.index = torch.empty(shape[0] * shape[1], dtype=torch.int32)
+            # block b's 256 byte values times its scale, in float32 then rounded once: the same bits as
+            # transformers' (q.float() * s).to(dtype), looked up straight into the output
+            self.block_base = (torch.arange(grid_r * grid_c, dtype=torch.int32) * 256).view(grid_r, 1, grid_c, 1)
             self.table = fp8_table()
-            self.work = torch.empty(shape, dtype=torch.float32)
+            self.scaled = torch.empty(grid_r * grid_c, 256, dtype=torch.float32)
+            self.block_table = torch.empty(grid_r * grid_c * 256, dtype=dtype)
         else:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
                                " dequantize (mxfp4 and fp8 are supported)")
@@ -89,18 +95,22 @@ class QuantParam:
             raise RuntimeError(f"{len(slots)} experts routed in one layer, the dequantization buffer holds"
                                f" {self.scratch.shape[0]} (min(experts, pool slots))")
         for row, slot in enumerate(slots):
-            if self.format == "mxfp4":
-                self._mxfp4(slot, self.scratch[row])
-            else:
-                self._fp8(slot, self.scratch[row])
+            self.dequantize_into(slot, row)
         return self.scratch[:len(slots)]
+
+    def dequantize_into(self, slot: int, row: int) -> None:
+        if self.format == "mxfp4":
+            self._mxfp4(slot, self.scratch[row])
+        else:
+            self._fp8(slot, self.scratch[row])
 
     def _mxfp4(self, slot: int, out: torch.Tensor) -> None:
         blocks = self.values[slot]  # [rows, groups, 16] uint8
         rows, groups, half = blocks.shape
-        self.bytes_t.copy_(blocks.view(rows, groups * half).t())
-        scale = self.scales[slot].t().to(torch.int32).unsqueeze(1).mul_(256)  # [groups, 1, rows]
-        torch.add(self.bytes_t.view(groups, half, rows), scale, out=self.index.view(groups, half, rows))
+        self.bytes_t.copy_(blocks.view(rows, groups * half).t())  # the transpose on bytes, the cheapest element
+        self.index.copy_(self.bytes_t.view(-1))  # same-dtype ops only: a mixed uint8 + int32 add is ~4x slower
+        scale = self.scales[slot].t().to(torch.int32).mul_(256).contiguous().unsqueeze(1)  # [groups, 1, rows]
+        self.index.view(groups, half, rows).add_(scale)
         torch.index_select(self.low, 0, self.index, out=self.looked_up[0])
         torch.index_select(self.high, 0, self.index, out=self.looked_up[1])
         pairs = out.view(groups * half, 2, rows)
@@ -109,12 +119,12 @@ class QuantParam:
 
     def _fp8(self, slot: int, out: torch.Tensor) -> None:
         grid_r, block_r, grid_c, block_c = self.blocks
-        self.index.copy_(self.values[slot].view(torch.uint8).view(-1))
-        work = self.work
-        torch.index_select(self.table, 0, self.index, out=work.view(-1))  # float8 -> float32, exact
-        scales = self.scales[slot].float().view(grid_r, 1, grid_c, 1)
-        work.view(grid_r, block_r, grid_c, block_c).mul_(scales)
-        out.copy_(work)  # one rounding to the parameter dtype, as transformers' (q * s).to(dtype)
+        torch.mul(self.table, self.scales[slot].float().view(-1, 1), out=self.scaled)  # [blocks, 256] float32
+        self.block_table.copy_(self.scaled.view(-1))  # one rounding to the parameter dtype
+        index = self.index.view(grid_r, block_r, grid_c, block_c)
+        index.copy_(self.values[slot].view(torch.uint8).view(grid_r, block_r, grid_c, block_c))
+        index.add_(self.block_base)  # 256 * block + byte
+        torch.index_select(self.block_table, 0, self.index, out=out.view(-1))
 
 
 def _view(by_slot: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -135,35 +145,106 @@ def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacit
     return out
 
 
-class Dequantizer:
-    """Per worker (the layers run one at a time and share it): dequantizes a layer's routed slots and runs
-    transformers' grouped-matmul forward on them."""
+class RowCache:
+    """Which expert each dequantized row holds, least recently used first: a layer call dequantizes only the
+    experts it does not find, and at full residency a warm cache dequantizes nothing.
 
-    def __init__(self, quantized: dict[str, QuantParam], plain: dict[str, torch.Tensor]):
+    A row is keyed by ``(layer, expert, slot)`` and only looked up right after memd's acquire (or a held lease)
+    said that ``slot`` holds ``(layer, expert)`` now. Its contents were dequantized from that slot while memd said
+    the same, and an expert's bytes are the checkpoint's (immutable), so a hit is that expert's exact values even
+    if memd evicted and reloaded it in between; an expert that moved to another slot misses (dequantized again),
+    and when a slot is seen holding another expert, its old row is dropped at once (no copy outlives its slot's
+    reuse by more than the call that reveals it). Rows: at least the most experts a layer can route (so a call
+    always finds victims outside its own experts), plus ``--dequant-cache-mb``."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.lru: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # (layer, expert, slot) -> row
+        self.by_slot: dict[int, tuple[int, int, int]] = {}
+        self.free = list(range(rows - 1, -1, -1))
+        self.hits = self.misses = 0
+
+    def place(self, layer: int, experts: list[int], slots: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The row of each routed expert, and the ``(slot, row)`` pairs that must be dequantized first."""
+        if len(experts) > self.rows:
+            raise RuntimeError(f"{len(experts)} experts routed in one layer, the dequantization buffer holds"
+                               f" {self.rows} (min(experts, pool slots) + --dequant-cache-mb)")
+        keys = [(layer, e, s) for e, s in zip(experts, slots)]
+        pinned = {self.lru[k] for k in keys if k in self.lru}
+        rows, fill = [], []
+        for key in keys:
+            row = self.lru.get(key)
+            if row is not None:
+                self.lru.move_to_end(key)
+                self.hits += 1
+            else:
+                row = self._claim(key[2], pinned)
+                pinned.add(row)
+                self.lru[key] = row
+                self.by_slot[key[2]] = key
+                fill.append((key[2], row))
+                self.misses += 1
+            rows.append(row)
+        return rows, fill
+
+    def _claim(self, slot: int, pinned: set[int]) -> int:
+        stale = self.by_slot.pop(slot, None)  # the slot holds another expert now: its old copy goes
+        if stale is not None:
+            self.free.append(self.lru.pop(stale))
+        if self.free:
+            return self.free.pop()
+        victim = next(k for k, row in self.lru.items() if row not in pinned)
+        del self.by_slot[victim[2]]
+        return self.lru.pop(victim)
+
+
+class Dequantizer:
+    """Per worker (the layers run one at a time and share it): dequantizes a layer's routed slots into cached rows
+    and runs transformers' grouped-matmul forward on them."""
+
+    def __init__(self, quantized: dict[str, QuantParam], plain: dict[str, torch.Tensor], rows: int):
         self.quantized = quantized
-        self.plain = plain  # unquantized parameters (GPT-OSS's biases): slot views, gathered per step
+        self.plain = plain  # unquantized parameters (GPT-OSS's biases): slot views, copied into rows on a miss
+        self.plain_rows = {n: torch.empty((rows, *v.shape[1:]), dtype=v.dtype) for n, v in plain.items()}
+        self.cache = RowCache(rows)
+        self.tensors = {name: q.scratch for name, q in quantized.items()} | self.plain_rows
 
     @classmethod
     def build(cls, hello: m.HelloReply, by_slot: torch.Tensor, plain_views: dict[str, torch.Tensor], module,
-              capacity: int) -> "Dequantizer":
-        quantized = quantized_params(hello, by_slot, module, capacity)
-        return cls(quantized, {n: v for n, v in plain_views.items() if n not in quantized})
+              capacity: int, cache_bytes: int = 0) -> "Dequantizer":
+        """``capacity``: the most experts a layer can route at once; ``cache_bytes``: room for more rows."""
+        rows = capacity + cache_bytes // max(1, row_bytes(hello, plain_views, module))
+        quantized = quantized_params(hello, by_slot, module, rows)
+        return cls(quantized, {n: v for n, v in plain_views.items() if n not in quantized}, rows)
 
-    def params(self, slots: list[int]) -> dict[str, torch.Tensor]:
-        out = {name: q.dequantize(slots) for name, q in self.quantized.items()}
-        if self.plain:
-            index = torch.tensor(slots)
-            out.update({name: view.index_select(0, index) for name, view in self.plain.items()})
-        return out
+    def rows(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
+        """The rows holding the routed experts, dequantizing those the cache lacks."""
+        rows, fill = self.cache.place(layer, experts, slots)
+        for slot, row in fill:
+            for q in self.quantized.values():
+                q.dequantize_into(slot, row)
+            for name, view in self.plain.items():
+                self.plain_rows[name][row].copy_(view[slot])
+        return rows
 
-    def forward(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
-        """``experts`` (sorted unique routed ids) live in ``slots``; they become scratch rows ``0..k-1``."""
+    def forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
+                top_k_weights):
+        """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows."""
         from transformers.integrations.moe import grouped_mm_experts_forward
 
+        rows = self.rows(layer, experts.tolist(), slots)
         remap = torch.empty(module.num_experts, dtype=top_k_index.dtype)
-        remap[experts] = torch.arange(len(slots), dtype=top_k_index.dtype)
-        proxy = _Experts(module, self.params(slots))
+        remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
+        proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
         return grouped_mm_experts_forward(proxy, hidden_states, remap[top_k_index], top_k_weights)
+
+
+def row_bytes(hello: m.HelloReply, plain_views: dict[str, torch.Tensor], module) -> int:
+    """Bytes of one dequantized expert (every parameter, in the model's dtype)."""
+    params = dict(module.named_parameters(recurse=False))
+    quantized = {spec.name for spec in hello.tensors if spec.format}
+    return sum(params[n][0].numel() * params[n].dtype.itemsize for n in quantized) + sum(
+        v[0].numel() * v.dtype.itemsize for n, v in plain_views.items() if n not in quantized)
 
 
 class _Experts:

@@ -25,10 +25,16 @@ def reference(path, prompts):
                            pad_token_id=0)[0, len(p):].tolist() for p in prompts]
 
 
-@pytest.mark.parametrize("name", list(QUANTIZED))
-def test_greedy_equals_transformers_dequantized_at_25_percent(name, quantized, state_dir):
+CASES = [(name, 0) for name in QUANTIZED] + [(name, 64) for name in list(QUANTIZED)[:2]]
+
+
+@pytest.mark.parametrize("name,cache_mb", CASES)
+def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, quantized, state_dir):
+    """``cache_mb`` > 0: dequantized rows cached across layer calls (every expert fits) while memd evicts and
+    reuses their slots, so a stale row would show as a diverged token."""
     expected = reference(quantized[name], PROMPTS)
-    with Stack(quantized[name], state_dir, expert_memory="25%") as stack:
+    with Stack(quantized[name], state_dir, expert_memory="25%",
+               extra_worker=("--dequant-cache-mb", str(cache_mb))) as stack:
         client = WorkerClient(stack.worker_addr)
         try:
             got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
