@@ -109,10 +109,17 @@ class Checkpoint:
     def load_config(self):
         from transformers import AutoConfig
 
+        from common.families import remote_code_reason, unsupported_reason
+
+        if reason := remote_code_reason(self.dir / "config.json"):
+            raise CheckpointError(reason)
         try:
-            return AutoConfig.from_pretrained(self.dir)
+            config = AutoConfig.from_pretrained(self.dir, trust_remote_code=False)
         except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
             raise CheckpointError(f"{self.dir}/config.json cannot be loaded by transformers: {exc}") from None
+        if reason := unsupported_reason(config.model_type):
+            raise CheckpointError(reason)
+        return config
 
 
 @dataclass(frozen=True, slots=True)
