@@ -48,16 +48,25 @@ SHRINK = dict(
     first_k_dense_replace=1, num_dense_layers=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     hidden_size_per_layer_input=16, unpadded_vocab_size=320, vocab_size_per_layer_input=320, ple_embed_dim=16, ngram_vocab_size_base=64,
 )
+MIN_MOE_LAYERS = 4  # 25% of the experts must hold at least one layer's
 # set even where the config's default is None (a full-size default, not "off")
 MOE_COUNTS = {"head_dim", "unpadded_vocab_size", "num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts", "n_shared_experts",
               "moe_intermediate_size", "n_group", "topk_group"}
 # Per-family settings the generic shrink cannot guess (test data, not serving code).
 EXTRA = {
     "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
-    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"] * 2),
-    "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
+    "zaya": dict(num_experts_per_tok=1),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16,
+                           indexer_compress_ratio=4),
     "jamba": dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
                   use_mamba_kernels=False),
+}
+
+# Per-layer kinds where the default list does not show every kind at a small depth: this pattern, repeated.
+LAYER_PATTERNS = {
+    "granitemoehybrid": ("layer_types", ["linear_attention", "full_attention"]),
+    "lfm2_moe": ("layer_types", ["conv", "full_attention"]),
+    "nemotron_h": ("layers_block_type", ["linear_attention", "moe", "full_attention", "moe"]),
 }
 
 
@@ -78,16 +87,42 @@ def family_config(name: str, **overrides):
 
     if name in FAMILIES:
         return AutoConfig.for_model(name, **{**COMMON, **FAMILIES[name], **overrides})
+    config = _shrunk_config(name, SHRINK["num_hidden_layers"], overrides)
+    moe_layers = _count_moe_layers(config)
+    if 0 < moe_layers < MIN_MOE_LAYERS and "num_hidden_layers" not in overrides:  # 25% must hold one layer
+        depth = SHRINK["num_hidden_layers"] * -(-MIN_MOE_LAYERS // moe_layers)
+        config = _shrunk_config(name, depth, overrides)
+    return config
+
+
+def _count_moe_layers(config) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.checkpoint import is_experts_module
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(map(is_experts_module, model.modules()))
+
+
+def _shrunk_config(name: str, depth: int, overrides: dict):
+    from transformers import AutoConfig
+
     defaults = AutoConfig.for_model(name).to_dict()
     layers = defaults.get("num_hidden_layers")
     kwargs = {k: v for k, v in SHRINK.items()
               if defaults.get(k) is not None or k in COMMON or (k in defaults and k in MOE_COUNTS)}
+    kwargs["num_hidden_layers"] = depth
     if defaults.get("kv_lora_rank") or "dots" in name:  # latent attention: keys expanded to every head
         kwargs.update(num_key_value_heads=kwargs["num_attention_heads"], head_dim=SHRINK["qk_rope_head_dim"])
     n = kwargs.get("num_hidden_layers", 4)
     for key, value in defaults.items():  # per-layer lists follow the shrunk depth
         if isinstance(value, list) and layers and len(value) == layers and layers != n:
             kwargs[key] = _shrink_list(value, n)
+    if name in LAYER_PATTERNS:
+        key, pattern = LAYER_PATTERNS[name]
+        kwargs[key] = (pattern * n)[:n]
     kwargs.update(EXTRA.get(name, {}), **overrides)
     return AutoConfig.for_model(name, **kwargs)
 

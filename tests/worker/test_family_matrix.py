@@ -72,7 +72,9 @@ def test_family_greedy_equals_transformers(family, tmp_path):
     try:
         status = check_family(family, tmp_path)
     except BaseException as exc:
-        record(family, "fail", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        record(family, "fail", f"{type(exc).__name__}: {reason[:300]}")
         raise
     record(family, status, UNSUPPORTED.get(family, ""))
 
