@@ -134,9 +134,20 @@ def write_family(name: str, out: Path, dtype: str = "float32", shard: bool | Non
     config = family_config(name, **overrides)
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    _decisive_routers(model, getattr(config, "initializer_range", 0.2))
     sharded = name == SHARDED if shard is None else shard
     model.save_pretrained(out, max_shard_size="300KB" if sharded else "5GB")
     return out
+
+
+def _decisive_routers(model, std: float) -> None:
+    """Router weights some families initialise to zero (every token ties, one expert set for all) get random ones."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and ("router" in name or "gate." in name) and not param.any():
+                param.normal_(0.0, std)
 
 
 def moeinf_cmd(*args: str) -> list[str]:
