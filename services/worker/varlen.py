@@ -39,8 +39,8 @@ class StepCache:
     after the update, such as DeepSeek's latent attention, sees every request), and ``spans`` remembers where each
     request's part of them lies."""
 
-    def __init__(self, parts: list[Part], rows: list[tuple[int, int]]):
-        self.parts, self.rows = parts, rows
+    def __init__(self, parts: list[Part], rows: list[tuple[int, int]], recurrent: bool = False):
+        self.parts, self.rows, self.recurrent = parts, rows, recurrent
         self.spans: dict[int, list[tuple[int, int]]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -62,7 +62,7 @@ class StepCache:
     def __getattr__(self, name: str):
         """Recurrent and linear-attention state (conv, ssm) is per request: reachable when the step has one."""
         parts = self.__dict__.get("parts") or ()
-        if len(parts) == 1:
+        if self.__dict__.get("recurrent") and len(parts) == 1:
             return getattr(parts[0].cache, name)
         raise AttributeError(f"StepCache.{name}: recurrent layers run one request per step (see Varlen.recurrent)")
 
@@ -77,7 +77,7 @@ class StepRun:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
         self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = StepCache(parts, self.rows)
+        self.cache = StepCache(parts, self.rows, varlen.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
         attention = self.varlen.attention_for(module)
