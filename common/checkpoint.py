@@ -208,7 +208,7 @@ class KeyMapper:
 
 def expert_number(renamed_key: str, pattern: str) -> int:
     """The expert index the ``*`` of a converter source pattern matched in ``renamed_key``."""
-    regex = re.escape(pattern.removeprefix("^")).replace(r"\*", r"(\d+)")
+    regex = re.escape(pattern.removeprefix("^").replace("\\.", ".")).replace(r"\*", r"(\d+)")  # regex or plain
     m = re.search(regex, renamed_key)
     if not m:
         raise CheckpointError(f"cannot find the expert number in {renamed_key!r} (pattern {pattern!r})")

@@ -14,6 +14,11 @@ from pathlib import Path
 UNSUPPORTED: dict[str, str] = {
     "bailing_hybrid": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
                       " the worker's loader sets dense tensors as stored",
+    "deepseek_v32": "DeepSeek sparse attention: its indexer reads the attention mask inside the attention module,"
+                    " outside transformers' AttentionInterface, so the worker's per-request attention cannot give"
+                    " it each request's mask",
+    "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
+                 " the worker's loader sets dense tensors as stored",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
                      " experts stacked or concatenated along the first dimension only",
     "inkling2_loop_text": "experts stored interleaved and quantized (w13_weight: Inkling2LoopDequantizeExperts,"
