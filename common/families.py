@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+_SPARSE_ATTENTION = ("DeepSeek sparse attention: its indexer reads the attention mask inside the attention module,"
+                     " outside transformers' AttentionInterface, so the worker's per-request attention cannot give"
+                     " it each request's mask")
 # model type -> why moeinf cannot serve it yet (found by tests/worker/test_family_matrix.py)
 UNSUPPORTED: dict[str, str] = {
     "bailing_hybrid": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
                       " the worker's loader sets dense tensors as stored",
-    "deepseek_v32": "DeepSeek sparse attention: its indexer reads the attention mask inside the attention module,"
-                    " outside transformers' AttentionInterface, so the worker's per-request attention cannot give"
-                    " it each request's mask",
+    "deepseek_v32": _SPARSE_ATTENTION,
+    "dots3_note_text": _SPARSE_ATTENTION,
     "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
                  " the worker's loader sets dense tensors as stored",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
