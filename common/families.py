@@ -17,7 +17,11 @@ _SPARSE_ATTENTION = ("DeepSeek sparse attention: its indexer reads the attention
 UNSUPPORTED: dict[str, str] = {
     "bailing_hybrid": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
                       " the worker's loader sets dense tensors as stored",
+    "axk2": _SPARSE_ATTENTION,
     "deepseek_v32": _SPARSE_ATTENTION,
+    "deepseek_v4": "the worker's dense loader maps checkpoint keys one by one through transformers' conversion"
+                   " mapping, which leaves model.norm.weight unplaced for this family (its renamings are not"
+                   " key-local)",
     "dots3_note_text": _SPARSE_ATTENTION,
     "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
                  " the worker's loader sets dense tensors as stored",
