@@ -24,6 +24,7 @@ UNSUPPORTED: dict[str, str] = {
     "dots3_note_text": _SPARSE_ATTENTION,
     "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
                  " the worker's loader sets dense tensors as stored",
+    "minimax": "its model accepts only its own cache class (MiniMaxCache) and rejects the worker's per-step cache",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
                      " experts stacked or concatenated along the first dimension only",
     "inkling2_loop_text": "experts stored interleaved and quantized (w13_weight: Inkling2LoopDequantizeExperts,"
