@@ -22,6 +22,9 @@ UNSUPPORTED: dict[str, str] = {
     "deepseek_v4": "the worker's dense loader, mapping checkpoint keys through transformers' conversion mapping,"
                    " leaves model.norm.weight unplaced for this family (cause not yet investigated)",
     "dots3_note_text": _SPARSE_ATTENTION,
+    "glm_moe_dsa": _SPARSE_ATTENTION,
+    "kimi_linear": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
+                   " the worker's loader sets dense tensors as stored",
     "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
                  " the worker's loader sets dense tensors as stored",
     "minimax": "its model accepts only its own cache class (MiniMaxCache) and rejects the worker's per-step cache",
