@@ -23,6 +23,7 @@ UNSUPPORTED: dict[str, str] = {
                    " leaves model.norm.weight unplaced for this family (cause not yet investigated)",
     "dots3_note_text": _SPARSE_ATTENTION,
     "glm_moe_dsa": _SPARSE_ATTENTION,
+    "qwen4_exp_text": _SPARSE_ATTENTION.replace("DeepSeek sparse attention", "indexed sparse attention"),
     "kimi_linear": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
                    " the worker's loader sets dense tensors as stored",
     "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
