@@ -119,10 +119,17 @@ class Checkpoint:
     def load_config(self):
         from transformers import AutoConfig
 
+        from common.families import remote_code_reason, unsupported_reason
+
+        if reason := remote_code_reason(self.dir / "config.json"):
+            raise CheckpointError(reason)
         try:
-            return AutoConfig.from_pretrained(self.dir)
+            config = AutoConfig.from_pretrained(self.dir, trust_remote_code=False)
         except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or broken configs
             raise CheckpointError(f"{self.dir}/config.json cannot be loaded by transformers: {exc}") from None
+        if reason := unsupported_reason(config.model_type):
+            raise CheckpointError(reason)
+        return config
 
 
 def supported_formats() -> str:
@@ -233,7 +240,7 @@ class KeyMapper:
 
 def expert_number(renamed_key: str, pattern: str) -> int:
     """The expert index the ``*`` of a converter source pattern matched in ``renamed_key``."""
-    regex = re.escape(pattern.removeprefix("^")).replace(r"\*", r"(\d+)")
+    regex = re.escape(pattern.removeprefix("^").replace("\\.", ".")).replace(r"\*", r"(\d+)")  # regex or plain
     m = re.search(regex, renamed_key)
     if not m:
         raise CheckpointError(f"cannot find the expert number in {renamed_key!r} (pattern {pattern!r})")

@@ -70,6 +70,12 @@ def cmd_bench_overhead(args) -> int:
     return run(args)
 
 
+def cmd_families(args) -> int:
+    from common.families import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeinf", description="Serve sparse MoE LLMs with offloaded experts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["bench"], help="bench: 16 layers x 8 experts of 33 MiB (4.1 GiB of experts),"
                                                        " for `moeinf bench e2e`; overrides the size flags")
     p.set_defaults(func=cmd_demo_model)
+
+    p = sub.add_parser("families", help="the MoE families of the installed transformers and moeinf's status for each")
+    p.add_argument("--markdown", action="store_true", help="print docs/families.md")
+    p.add_argument("--results", default="docs/families.json", help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
+    p.set_defaults(func=cmd_families)
 
     bench = sub.add_parser("bench", help="benchmarks (print tables)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("overhead", help="decode ms/token: plain transformers vs moeinf at 100%% and 25%% memory")

@@ -11,6 +11,7 @@ from pathlib import Path
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
 
+# The six families tested everywhere; their exact settings are part of the other tests' oracle.
 FAMILIES = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -28,17 +29,125 @@ FAMILIES = {
 }
 SHARDED = "qwen3_moe"  # written in several shards with model.safetensors.index.json
 
+# Any other family: its config class's defaults, every size attribute it has shrunk to these values (an attribute
+# the config lacks, or leaves None, is not set), and its per-layer lists cut to the shrunk depth.
+SHRINK = dict(
+    COMMON, head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=32, shared_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32, shared_experts_intermediate_size=32, dense_intermediate_size=64,
+    prefix_dense_intermediate_size=64,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
+    n_shared_experts=1, num_experts_per_tok=2, num_experts_per_token=2, moe_topk=2, moe_k=2, top_k_experts=2,
+    n_group=2, num_expert_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, index_head_dim=16, index_n_heads=2, indexer_n_heads=2,
+    indexer_kv_heads=1, indexer_head_dim=16, o_lora_rank=16, o_groups=2,
+    sliding_window=16, sliding_window_size=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_head_dim=16, linear_num_heads=4, mamba_n_heads=8, mamba_d_head=16, mamba_num_heads=8, mamba_head_dim=16,
+    mamba_n_groups=1, n_groups=1, ssm_state_size=16, mamba_d_state=16, mamba_expand=2, mamba_chunk_size=16,
+    chunk_size=16, router_hidden_size=32, rotary_dim=8, num_nextn_predict_layers=0, num_mtp_layers=0,
+    first_k_dense_replace=1, num_dense_layers=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    hidden_size_per_layer_input=16, unpadded_vocab_size=320, vocab_size_per_layer_input=320, ple_embed_dim=16, ngram_vocab_size_base=64,
+)
+MIN_MOE_LAYERS = 4  # 25% of the experts must hold at least one layer's
+# set even where the config's default is None (a full-size default, not "off")
+MOE_COUNTS = {"head_dim", "unpadded_vocab_size", "num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts", "n_shared_experts",
+              "moe_intermediate_size", "n_group", "topk_group"}
+# Per-family settings the generic shrink cannot guess (test data, not serving code).
+EXTRA = {
+    "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),
+    "zaya": dict(num_experts_per_tok=1),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16,
+                           indexer_compress_ratio=4),
+    "jamba": dict(expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                  use_mamba_kernels=False),
+}
 
-def write_family(name: str, out: Path, dtype: str = "float32", **overrides) -> Path:
+# Per-layer kinds where the default list does not show every kind at a small depth: this pattern, repeated.
+LAYER_PATTERNS = {
+    "granitemoehybrid": ("layer_types", ["linear_attention", "full_attention"]),
+    "lfm2_moe": ("layer_types", ["conv", "full_attention"]),
+    "nemotron_h": ("layers_block_type", ["linear_attention", "moe", "full_attention", "moe"]),
+}
+
+
+def _shrink_list(values: list, n: int) -> list:
+    """The first ``n`` entries, with every kind of entry of the full list kept (a later kind replaces a repeat)."""
+    out = list(values[:n])
+    for kind in dict.fromkeys(values):
+        if kind not in out:
+            repeat = next((i for i in range(len(out) - 1, -1, -1) if out.count(out[i]) > 1), None)
+            if repeat is not None:
+                out[repeat] = kind
+    return out
+
+
+def family_config(name: str, **overrides):
+    """A tiny config of any family: FAMILIES' settings for the six known ones, SHRINK applied generically otherwise."""
+    from transformers import AutoConfig
+
+    if name in FAMILIES:
+        return AutoConfig.for_model(name, **{**COMMON, **FAMILIES[name], **overrides})
+    config = _shrunk_config(name, SHRINK["num_hidden_layers"], overrides)
+    moe_layers = _count_moe_layers(config)
+    if 0 < moe_layers < MIN_MOE_LAYERS and "num_hidden_layers" not in overrides:  # 25% must hold one layer
+        depth = SHRINK["num_hidden_layers"] * -(-MIN_MOE_LAYERS // moe_layers)
+        config = _shrunk_config(name, depth, overrides)
+    return config
+
+
+def _count_moe_layers(config) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {**COMMON, **FAMILIES[name], **overrides}
-    config = AutoConfig.for_model(name, **kwargs)
+    from common.checkpoint import is_experts_module
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(map(is_experts_module, model.modules()))
+
+
+def _shrunk_config(name: str, depth: int, overrides: dict):
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(name).to_dict()
+    layers = defaults.get("num_hidden_layers")
+    kwargs = {k: v for k, v in SHRINK.items()
+              if defaults.get(k) is not None or k in COMMON or (k in defaults and k in MOE_COUNTS)}
+    kwargs["num_hidden_layers"] = depth
+    if defaults.get("kv_lora_rank") or "dots" in name:  # latent attention: keys expanded to every head
+        kwargs.update(num_key_value_heads=kwargs["num_attention_heads"], head_dim=SHRINK["qk_rope_head_dim"])
+    n = kwargs.get("num_hidden_layers", 4)
+    for key, value in defaults.items():  # per-layer lists follow the shrunk depth
+        if isinstance(value, list) and layers and len(value) == layers and layers != n:
+            kwargs[key] = _shrink_list(value, n)
+    if name in LAYER_PATTERNS:
+        key, pattern = LAYER_PATTERNS[name]
+        kwargs[key] = (pattern * n)[:n]
+    kwargs.update(EXTRA.get(name, {}), **overrides)
+    return AutoConfig.for_model(name, **kwargs)
+
+
+def write_family(name: str, out: Path, dtype: str = "float32", shard: bool | None = None, **overrides) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = family_config(name, **overrides)
     torch.manual_seed(1234)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
-    model.save_pretrained(out, max_shard_size="300KB" if name == SHARDED else "5GB")
+    _decisive_routers(model, getattr(config, "initializer_range", 0.2))
+    sharded = name == SHARDED if shard is None else shard
+    model.save_pretrained(out, max_shard_size="300KB" if sharded else "5GB")
     return out
+
+
+def _decisive_routers(model, std: float) -> None:
+    """Router weights some families initialise to zero (every token ties, one expert set for all) get random ones."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and ("router" in name or "gate." in name) and not param.any():
+                param.normal_(0.0, std)
 
 
 def moeinf_cmd(*args: str) -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -83,8 +84,11 @@ def run(cfg: WorkerConfig) -> int:
     try:
         engine = Engine(model, max_model_len(cfg, model))
         engine.enable_batching()
-        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), Limits.from_config(cfg),
-                              Access(cfg.group))
+        limits = Limits.from_config(cfg)
+        if engine.varlen.recurrent and limits.max_running > 1:  # their state is per request: one at a time
+            log.warning("%s has recurrent layers: requests run one at a time (--max-running 1)", model.config.model_type)
+            limits = dataclasses.replace(limits, max_running=1)
+        server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), limits, Access(cfg.group))
         return asyncio.run(_serve(server))
     finally:
         experts.RECORDER.close()  # the last step's trace, and the trace file's buffer

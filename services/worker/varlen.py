@@ -39,8 +39,8 @@ class StepCache:
     after the update, such as DeepSeek's latent attention, sees every request), and ``spans`` remembers where each
     request's part of them lies."""
 
-    def __init__(self, parts: list[Part], rows: list[tuple[int, int]]):
-        self.parts, self.rows = parts, rows
+    def __init__(self, parts: list[Part], rows: list[tuple[int, int]], recurrent: bool = False):
+        self.parts, self.rows, self.recurrent = parts, rows, recurrent
         self.spans: dict[int, list[tuple[int, int]]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -59,6 +59,13 @@ class StepCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
+    def __getattr__(self, name: str):
+        """Recurrent and linear-attention state (conv, ssm) is per request: reachable when the step has one."""
+        parts = self.__dict__.get("parts") or ()
+        if self.__dict__.get("recurrent") and len(parts) == 1:
+            return getattr(parts[0].cache, name)
+        raise AttributeError(f"StepCache.{name}: recurrent layers run one request per step (see Varlen.recurrent)")
+
 
 class StepRun:
     """The state of one forward: where each request's rows are, its cache, its masks."""
@@ -70,7 +77,7 @@ class StepRun:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
         self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = StepCache(parts, self.rows)
+        self.cache = StepCache(parts, self.rows, varlen.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
         attention = self.varlen.attention_for(module)
@@ -109,6 +116,9 @@ class Varlen:
         self.mask_config._attn_implementation_internal = self.original
         self.layer_kinds = _layer_kinds(config)
         self.kinds = sorted(set(self.layer_kinds))
+        # recurrent / linear-attention layers keep state that the flattened step cannot split by request
+        self.recurrent = any(type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                             for layer in DynamicCache(config=config).layers)
         self._attention: dict[type, object] = {}
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
@@ -127,7 +137,9 @@ class Varlen:
         args = dict(config=self.mask_config, inputs_embeds=torch.empty(1, n, 1, dtype=self.model.dtype),
                     attention_mask=torch.ones(1, part.past + n, dtype=torch.long), cache=part.cache,
                     position_ids=torch.arange(part.past, part.past + n).unsqueeze(0))
-        return {kind: MASK_FUNCTIONS[kind](**args) for kind in self.kinds}
+        # other kinds (indexed, linear, recurrent, ...) take the causal mask, as their modeling files build it
+        return {kind: MASK_FUNCTIONS.get(kind, MASK_FUNCTIONS[SLIDING if 'sliding' in kind else FULL])(**args)
+                for kind in self.kinds}
 
     @torch.inference_mode()
     def forward(self, parts: list[Part], keep: list[int]) -> torch.Tensor:
