@@ -28,7 +28,7 @@ from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.core import ExpertManager
 from services.memd.eamc import FILE_NAME as EAMC_FILE
-from services.memd.leases import Client, ControlPage
+from services.memd.leases import Client, ControlPage, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.prefetching import Prefetcher
 from services.memd.reader import ExpertReader
@@ -283,12 +283,7 @@ class MemdServer:
         return client.lease(self.table, keys, shortfall=shortfall)
 
     def _shortfall(self, keys: list[tuple[int, int]]) -> int:
-        """Slots ``keys`` need beyond the free and the evictable ones."""
-        t = self.table
-        missing = sum(k not in t.slot_of for k in keys) - len(t.free)
-        if missing <= 0:
-            return 0
-        return missing - sum(1 for k in t.slot_of if t.evictable(k) and k not in keys)
+        return shortfall(self.table, keys)
 
     def _let_go(self, client: Client, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
