@@ -42,6 +42,7 @@ class TraceRecord:
     experts: list[int]
     weights: list[float] | None = None
     phase: str = "decode"
+    speculated: list[int] | None = None  # optional: the experts guessed, before this layer ran, for the next one
 
 
 @dataclass(slots=True)
@@ -146,7 +147,12 @@ def parse_record(line: str, header: TraceHeader, where: str = "record") -> Trace
         raise TraceError(f"{where}: weights must be numbers, one per expert")
     if phase not in PHASES:
         raise TraceError(f"{where}: phase must be 'prefill' or 'decode'")
-    return TraceRecord(req, pos, layer, experts, None if weights is None else [float(w) for w in weights], phase)
+    speculated = obj.get("speculated")
+    if speculated is not None and (not isinstance(speculated, list) or len(set(speculated)) != len(speculated)
+                                   or not all(_int(e) and 0 <= e < header.num_experts for e in speculated)):
+        raise TraceError(f"{where}: speculated must be distinct integers in 0..{header.num_experts - 1}")
+    return TraceRecord(req, pos, layer, experts, None if weights is None else [float(w) for w in weights], phase,
+                       speculated)
 
 
 def _int(v) -> bool:

@@ -177,7 +177,8 @@ def _settled_stats(client, before, steps: int, timeout_s: float = 10.0):
 def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, dropped: bool) -> dict:
     d = {k: getattr(after, k) - getattr(before, k) for k in (
         "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "prefetch_issued",
-        "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps", "trace_lost")}
+        "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps", "trace_lost",
+        "layer_notes", "notes_dropped")}
     tokens = plan.tokens
     fetches = d["misses"] + d["prefetch_issued"]
     used, wasted = d["prefetch_used"], d["prefetch_wasted"]
@@ -192,7 +193,8 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
         "prefetch_recall": used / (used + d["misses"]) if used + d["misses"] else None,
         "fetches": fetches, **d,
         "read_mib_per_s": d["bytes_read"] / MIB / d["read_seconds"] if d["read_seconds"] else None,
-        "wall_s": result.seconds, "acquires": result.acquires, "direct_io": after.direct_io,
+        "wall_s": result.seconds, "acquires": result.acquires, "notes_unsent": result.notes_unsent,
+        "direct_io": after.direct_io,
         "page_cache_dropped": dropped,
     }
 

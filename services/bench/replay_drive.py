@@ -6,8 +6,10 @@ each layer's routing precomputed as the worker computes it: the layer's unique e
 request and the sums of the router weights.
 
 ``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
-a request's first step; per step and MoE layer an acquire with the routing, the step number and the prefill
-flags, the layer's compute time (a sleep), then the release (none with leases: memd revokes them);
+a request's first step; per step and MoE layer, in the worker's order, a ``LAYER_NOTE`` (``MemdClient.note``:
+the routing, the step number, the prefill flags and the next-layer guesses the trace recorded, if any), then an
+acquire without routing (none goes out when every expert is leased), the layer's compute time (a sleep), then
+the release (none with leases: memd revokes them);
 one ``STEP_TRACE`` once the step is over; ``REQUEST_END`` after a request's last step. When a step ends every
 request it ran, the worker has nothing left to run and returns its leases (requests of a trace are taken to arrive
 once the earlier ones are done, as with the closed-loop clients the trace files were recorded with).
@@ -30,6 +32,7 @@ class LayerRouting:
     experts: list[int]
     tokens: list[list[int]]  # [request][expert]
     weights: list[list[float]]  # router weight sums, [request][expert]
+    speculated: list[int] = field(default_factory=list)  # the trace's guesses for the next MoE layer (union)
 
 
 @dataclass(slots=True)
@@ -102,7 +105,16 @@ def routing(step: Step, layer: int) -> LayerRouting:
             tokens[row[rec.req]][column[e]] += 1
             if rec.weights is not None:
                 weights[row[rec.req]][column[e]] += rec.weights[k]
-    return LayerRouting(layer, experts, tokens, weights)
+    guessed = sorted({e for rec in step.layers[layer] for e in (rec.speculated or ())})
+    return LayerRouting(layer, experts, tokens, weights, guessed)
+
+
+def guesses(r: LayerRouting, num_layers: int) -> tuple[list[int], list[int], list[float]]:
+    """The note's guesses: the trace's ``speculated`` experts as MoE layer ``layer + 1``'s, at distance 1, with
+    confidence 1.0 (the format records no router probability); none for the last layer or without a record."""
+    if not r.speculated or r.layer + 1 >= num_layers:
+        return [], [], []
+    return [r.layer + 1] * len(r.speculated), list(r.speculated), [1.0] * len(r.speculated)
 
 
 @dataclass(slots=True)
@@ -110,6 +122,7 @@ class DriveResult:
     seconds: float = 0.0  # wall time of the whole replay
     acquire_seconds: float = 0.0  # time spent waiting in acquires (the worker's view of the stall)
     acquires: int = 0  # acquires that went to memd (a layer whose experts are all leased sends none)
+    notes_unsent: int = 0  # layer notes the client dropped (trace socket full)
     steps: int = 0
 
 
@@ -124,7 +137,9 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
         traces = []
         for r in step.layers:
             t0 = time.perf_counter()
-            client.acquire(r.layer, r.experts, step.requests, r.tokens, step=number, prefill=step.prefill)
+            client.note(number, r.layer, r.experts, step.requests, r.tokens, step.prefill,
+                        *guesses(r, plan.header.num_layers))
+            client.acquire(r.layer, r.experts, [], [], step=number, prefill=step.prefill)
             result.acquire_seconds += time.perf_counter() - t0
             leased = client.last_leased  # served from the worker's leases: no message went to memd
             result.acquires += not leased
@@ -132,7 +147,7 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
                 time.sleep(layer_seconds)
             if not client.leasing:
                 client.release(r.layer, r.experts)
-            traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, [], leased))
+            traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, r.speculated, leased))
         client.emit(Op.STEP_TRACE, m.StepTraceEvent(worker, number, step.requests, step.tokens, step.prefill, traces))
         for request, generated in step.ends:
             client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
@@ -140,4 +155,5 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
             client.return_leases()
         result.steps += 1
     result.seconds = time.perf_counter() - start
+    result.notes_unsent = client.notes_dropped
     return result

@@ -27,6 +27,14 @@ CONTROL_BYTES = 4096
 EPOCH = struct.Struct("<q")  # offset 0 of the control page
 
 
+def shortfall(table: SlotTable, keys: list[Key]) -> int:
+    """Slots ``keys`` need beyond the free and the evictable ones (the leases a lease acquire must revoke)."""
+    missing = sum(k not in table.slot_of for k in keys) - len(table.free)
+    if missing <= 0:
+        return 0
+    return missing - sum(1 for k in table.slot_of if table.evictable(k) and k not in keys)
+
+
 class ControlPage:
     """A page of shared memory memd writes and workers read: the revoke epoch (int64 at offset 0)."""
 
@@ -43,12 +51,6 @@ class ControlPage:
 
     def close(self) -> None:
         self.region.close()
-
-
-def shortfall(table: SlotTable, keys: list[Key]) -> int:
-    """Slots ``keys`` need beyond the free and the evictable ones (negative: the slots left over)."""
-    missing = sum(k not in table.slot_of for k in keys) - len(table.free)
-    return missing - sum(1 for k in table.slot_of if table.evictable(k) and k not in keys)
 
 
 @dataclass(slots=True)

@@ -5,18 +5,21 @@ The same ``ExpertManager`` the server uses decides hits, loads, evictions, predi
 on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity, ``read_threads`` threads
 sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
 
-* with leases (the default, as serving): a layer whose experts are all leased sends nothing (memd counts its hits
-  from the step trace, its recency arrives as ``touched`` with the next acquire); any other layer is a lease
-  acquire, which revokes the worker's other leases when it needs more slots than are free (memd's pressure rule);
-  when a step ends every request it ran, the idle worker returns its leases;
+* every layer, leased or not, first sends its LAYER_NOTE (``ExpertManager.note``: the routing, and the trace's
+  ``speculated`` guesses, if any, at distance 1 with confidence 1.0), which feeds the predictor and the policy;
+* with leases (the default, as serving): a layer whose experts are all leased sends nothing more (memd counts
+  its hits from the step trace, its recency arrives as ``touched`` with the next acquire); any other layer is a
+  lease acquire without routing, which revokes the shortfall of the worker's other leases in victim order when
+  it needs more slots than are free or evictable (memd's pressure rule, ``leases.shortfall``); when a step ends
+  every request it ran, the idle worker returns its leases;
 * without: an acquire pins the layer's experts and the release after the compute unpins them.
 
-An acquire starts its on-demand loads, then prefetch planning runs (memd runs it right after the reply); the layer
-waits until its experts are resident (the stall), then computes for ``layer_seconds`` while reads proceed. An
-on-demand load that finds every slot pinned or loading cancels the lowest-priority prefetch and waits for its
-slot (``loads.Loads.demand``). A step's trace is learned when the step ends, and a request's EAM goes to the EAMC
-after its last step, as in memd. Trace files carry no next-gate guesses, so the simulation measures the EAMC and
-history prediction alone.
+After the note (and the acquire, which starts its on-demand loads) prefetch planning runs, as memd's planner
+does after the reply: while on-demand reads are queued it only cancels and protects, and it plans again when the
+last on-demand read ends (``prefetching.Prefetcher``). The layer waits until its experts are resident (the
+stall), then computes for ``layer_seconds`` while reads proceed. An on-demand load that finds every slot pinned or
+loading cancels the lowest-priority prefetch and waits for its slot (``loads.Loads.demand``). A step's trace is
+learned when the step ends, and a request's EAM goes to the EAMC after its last step, as in memd.
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ class Simulator:
                                 done=self._done, cancelled=self._cancelled)
         self.client = Client(0, ready=True)  # memd's record of the simulated worker: its pins and leases
         self.touched: list[list[int]] = []  # leased uses since the last acquire (the worker's recency hints)
+        self.deferred = False  # planned while on-demand reads ran: plan again when the last one ends
         self.result = SimResult()
 
     @property
@@ -116,19 +120,26 @@ class Simulator:
         layers = []
         for layer in sorted(step.layers):
             experts, counts = self._routing(step, layer)
+            guessed = sorted({e for rec in step.layers[layer] for e in (rec.speculated or ())})
+            nxt = guessed if layer + 1 < self.header.num_layers else []
+            self.core.note(m.LayerNoteEvent(WORKER, number, layer, experts, step.requests,
+                                            [c for row in counts for c in row], prefill, [layer + 1] * len(nxt), nxt,
+                                            [1.0] * len(nxt)), self.now)
             keys = [(layer, e) for e in experts]
             leased = self.cfg.leases and all(k in self.client.leases for k in keys)
             if leased:
                 self.touched.extend([layer, e] for e in experts)
+                self._plan()
                 self.reader.advance(self.now + self.cfg.layer_seconds)
             else:
-                req = m.AcquireRequest(layer, experts, step.requests, counts, number, prefill, lease=self.cfg.leases,
+                req = m.AcquireRequest(layer, experts, [], [], number, prefill, lease=self.cfg.leases,
                                        touched=self.touched)
                 self.touched = []
                 decode_misses = self.acquire(req)
                 if not any(prefill):
                     self.result.decode_misses += decode_misses
-            layers.append(m.LayerTrace(layer, experts, counts, [[0.0] * len(experts) for _ in counts], [], leased))
+            layers.append(m.LayerTrace(layer, experts, counts, [[0.0] * len(experts) for _ in counts], guessed,
+                                       leased))
         self.core.step_trace(m.StepTraceEvent(0, number, step.requests, tokens, prefill, layers))
         self.result.tokens += sum(tokens)
         self.result.decode_tokens += 0 if any(prefill) else sum(tokens)
@@ -166,11 +177,7 @@ class Simulator:
             self.reader.promote(key)
         for key in plan.blocked:
             self._demand(key, plan.transient)
-        prefetch = core.plan_prefetch(WORKER, req, self.bandwidth)
-        for key in prefetch.cancel:
-            self.reader.cancel(key)
-        for key, _slot, priority in prefetch.start:
-            self.reader.submit(key, demand=False, priority=priority)
+        self._plan()
         start = self.now
         while any(key in table.loading for key in keys):
             if not self.reader.jobs:
@@ -181,6 +188,16 @@ class Simulator:
         if not self.cfg.leases:
             self.client.unpin(table, keys)
         return table.counters.misses - misses
+
+    def _plan(self) -> None:
+        """memd's planner after a note or an acquire: cancel and protect only while on-demand reads are queued."""
+        busy = self.reader.queued_demand()
+        self.deferred = busy
+        prefetch = self.core.plan_prefetch(WORKER, None, self.bandwidth, demand_busy=busy)
+        for key in prefetch.cancel:
+            self.reader.cancel(key)
+        for key, _slot, priority in prefetch.start:
+            self.reader.submit(key, demand=False, priority=priority)
 
     def _demand(self, key: Key, transient: bool) -> None:
         """``loads.Loads.demand``: no slot was free; cancel the lowest prefetch and wait for its slot."""
@@ -203,6 +220,8 @@ class Simulator:
 
     def _done(self, key: Key) -> None:
         self.core.load_done(key, self.cfg.expert_bytes, self.cfg.read_seconds)
+        if self.deferred and not self.reader.queued_demand():
+            self._plan()
 
     def _cancelled(self, key: Key) -> None:
         if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all

@@ -14,7 +14,7 @@ from helpers import moeinf_cmd, orphan_regions
 
 from services.bench.bounds import belady_fetches, lru_fetches
 from services.bench.replay import median_row, parse_variants
-from services.bench.replay_drive import load_plan
+from services.bench.replay_drive import guesses, load_plan
 
 DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
 
@@ -81,6 +81,20 @@ def test_plan_follows_the_trace():
     assert sum(map(sum, first.tokens)) == plan.steps[0].tokens[0] * 2  # top-2: two experts per token
 
 
+def test_recorded_guesses_become_the_notes_guesses(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    lines = ['{"format": "moeinf-trace/1", "num_layers": 2, "num_experts": 4, "top_k": 1}',
+             '{"req": "a", "pos": 0, "layer": 0, "experts": [1], "speculated": [3]}',
+             '{"req": "b", "pos": 0, "layer": 0, "experts": [2], "speculated": [0, 3]}',
+             '{"req": "a", "pos": 0, "layer": 1, "experts": [3], "speculated": [1]}',
+             '{"req": "b", "pos": 0, "layer": 1, "experts": [0]}']
+    trace.write_text("\n".join(lines) + "\n")
+    first, last = load_plan(trace).steps[0].layers
+    assert guesses(first, 2) == ([1, 1], [0, 3], [1.0, 1.0])  # the union, for the next layer, confidence 1.0
+    assert guesses(last, 2) == ([], [], [])  # no layer after the last
+    assert guesses(load_plan(DEMO_TRACE, 1).steps[0].layers[0], 4) == ([], [], [])  # the demo trace records none
+
+
 # ---------------------------------------------------------------------------------------------------- the bench
 def test_variants_and_repeats():
     assert [(v.policy, v.prefetch) for v in parse_variants("lru, activation+prefetch")] == [("lru", False),
@@ -125,6 +139,9 @@ def test_replay_against_memd(tmp_path):
         assert r["fetches_per_token"] == pytest.approx(r["fetches"] / doc["tokens"])
         assert r["hits"] + r["misses"] == sum(len(a) for a in load_plan(DEMO_TRACE, 24).accesses())
         assert r["trace_steps"] == 24 and r["trace_lost"] == 0
+        # one layer note per MoE layer per step, as the worker sends; none fed twice (acquires carry no routing)
+        assert r["layer_notes"] == len(load_plan(DEMO_TRACE, 24).accesses()) and r["notes_dropped"] == 0
+        assert r["notes_unsent"] == 0
         assert r["misses"] > 0 and r["stall_ms_per_token"] > 0  # a cold pool waits for its first reads
         # every on-demand load reads one whole expert; a prefetch does unless it is cancelled
         assert r["misses"] * doc["expert_bytes"] <= r["bytes_read"] <= r["fetches"] * doc["expert_bytes"]

@@ -7,9 +7,10 @@ on): one expert read takes two layers of compute. The margins asserted are below
 |-----------------------------|----------------|---------------------|-------------------------|------------------|
 | 24 requests, one at a time  | 1.908          | 1.655               | 0.87 (0.87)             | <= 0.92 (0.92)   |
 | 32 requests, four at a time | 3.895          | 2.632               | 0.68 (0.68)             | <= 0.74 (0.75)   |
-| demo model's trace, 50%     | 0.443          | 0.332               | 0.75                    | <= 0.80          |
+| demo model's trace, 50%     | 0.432          | 0.353               | 0.82                    | <= 0.86          |
 
-(The cyclic-distance policy of issue 11 prefetches only near-certain experts; the earlier policy prefetched every
+(The demo row was 0.75 when the simulator fed memd through acquires and revoked every other lease under
+pressure; with layer notes and memd's shortfall revocation it is 0.82.) (The cyclic-distance policy of issue 11 prefetches only near-certain experts; the earlier policy prefetched every
 likely one and got 0.79 and 0.54 here, at the price of losing to LRU on flat, Mixtral-like routing.)
 """
 from pathlib import Path
@@ -50,4 +51,4 @@ def test_on_the_demo_models_trace_too():
     slots = header.num_layers * header.num_experts // 2  # 50%; at 25% (one layer's worth) the two are even
     lru = simulate(header, steps, SimConfig(slots, LRU))
     act = simulate(header, steps, SimConfig(slots, ACTIVATION))
-    assert act.misses_per_token <= 0.80 * lru.misses_per_token
+    assert act.misses_per_token <= 0.86 * lru.misses_per_token
