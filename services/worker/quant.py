@@ -227,6 +227,11 @@ class Dequantizer:
                 self.plain_rows[name][row].copy_(view[slot])
         return rows
 
+    def params(self, layer: int, experts: list[int], slots: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of the routed experts' parameters, in the order given (for checks; forward uses the rows)."""
+        index = torch.tensor(self.rows(layer, experts, slots))
+        return {name: tensor.index_select(0, index) for name, tensor in self.tensors.items()}
+
     def forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
                 top_k_weights):
         """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows."""

@@ -60,7 +60,7 @@ def test_slots_dequantize_to_transformers_parameters(name, quantized):
     for layer in (0, store.num_layers - 1):
         module = model.get_submodule(store.layers[layer].module)
         experts = [7, 0, 5, 2]  # any order: row i is experts[i]
-        got = dequant.params([slots[(layer, e)] for e in experts])
+        got = dequant.params(layer, experts, [slots[(layer, e)] for e in experts])
         assert set(got) == {n for n, _ in module.named_parameters(recurse=False)}
         for pname, tensor in got.items():
             want = getattr(module, pname)[experts]
