@@ -38,6 +38,7 @@ from services.memd.store import ExpertStore
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
 EAMC_SAVE_INTERVAL_S = 30.0
+NOTE_TURNS = 4  # event-loop turns an acquire yields for its own layer note to be read first
 
 
 class Pending(NamedTuple):
@@ -236,6 +237,7 @@ class MemdServer:
     async def _acquire(self, identity: bytes, rid: int, req: m.AcquireRequest) -> None:
         """The hot path: an acquire whose experts are all resident is answered inline (no task); one that must
         wait for loads continues in its own task, so other acquires are served meanwhile."""
+        await self._after_own_note(identity, req)
         try:
             pending = self.begin_acquire(identity, req)
         except RpcError as exc:
@@ -252,6 +254,18 @@ class MemdServer:
         client = self.clients.get(identity)
         if pending.fed and client is not None:  # it carried its layer's routing (no note): plan after the reply
             self.prefetcher.wake(client.pid)
+
+    async def _after_own_note(self, identity: bytes, req: m.AcquireRequest) -> None:
+        """The worker sends a layer's note (trace socket) before its acquire (RPC socket); the two sockets are read
+        by separate tasks, so let the trace reader handle a note that is already here first: the policy and the
+        predictor then decide at the right layer. Bounded: a dropped note costs a few loop turns, never a wait."""
+        client = self.clients.get(identity)
+        if client is None or req.requests:  # an acquire that carries its own routing feeds the core itself
+            return
+        for _ in range(NOTE_TURNS):
+            if self.core.predictor.duplicate(client.pid, req.step, req.layer):
+                return
+            await asyncio.sleep(0)
 
     def begin_acquire(self, identity: bytes, req: m.AcquireRequest):
         """Pin (or lease), plan loads; returns the pending acquire: request, keys, loads to wait for, hits, revoked."""
