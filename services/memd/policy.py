@@ -163,7 +163,7 @@ class LfuPolicy(_ScoredPolicy):
 # The rates count about MEMORY layer runs, from a prior worth PRIOR_RUNS runs.
 # An expert loaded only for prompt tokens counts TRANSIENT of its p until a decode step uses it, so one long
 # prompt does not flush the decode working set.
-# Tuned on the flat synthetic routing (seeds 0-3) and the demo model's trace (docs/bench-replay.md).
+# Tuned on the flat synthetic routing (seeds 0-3) and the demo model's trace (docs/benchmarks.md (replay)).
 PRIOR, PRIOR_RUNS, MEMORY = (0.4, 0.3, 0.2), 8.0, 2048.0
 NEED_WEIGHT = 0.5
 ADMIT = 0.85

@@ -1,5 +1,5 @@
 """The flat (Mixtral-like) synthetic routing keeps the public statistics of real Mixtral-8x7B routing, on several
-seeds, so the generator cannot drift away from what the policies are tuned and judged on (docs/bench-replay.md).
+seeds, so the generator cannot drift away from what the policies are tuned and judged on (docs/benchmarks.md (replay)).
 
 Real routing (issue 11): top-2 share of a request's layer ~0.36 (uniform: 0.25), previous-token and first-order
 Markov recall of the next top-2 ~0.38-0.39 (chance 0.25), Belady ~0.6x LRU's fetches, corpus near uniform.

@@ -1,7 +1,7 @@
 """On flat, layer-by-layer routing shaped like Mixtral's (services/bench/synthetic.py ``FlatWorkload``), the serving
 default (``activation`` with prefetch on, leases on) fetches fewer experts than on-demand LRU and stalls less,
 replayed through memd's own decisions (services/memd/simulate.py). Seeds other than the tuning ones (0-3); margins
-below the measured ones (docs/bench-replay.md: 0.81x at 12.5%, 0.80x at 50%, ~0.99x at 25%)."""
+below the measured ones (docs/benchmarks.md (replay): 0.81x at 12.5%, 0.80x at 50%, ~0.99x at 25%)."""
 from pathlib import Path
 
 import pytest
