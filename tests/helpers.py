@@ -208,6 +208,16 @@ class Stack:
     def memd_addr(self) -> str:
         return f"ipc://{self.state_dir.resolve()}/memd.sock"
 
+    def generate_all(self, prompts, max_tokens: int) -> list[list[int]]:
+        """Greedy tokens for each prompt, one request after the other, through the worker's socket."""
+        from common.worker_client import WorkerClient
+
+        client = WorkerClient(self.worker_addr)
+        try:
+            return [client.generate(p, max_tokens)[0] for p in prompts]
+        finally:
+            client.close()
+
     def memd_stats(self):
         from services.worker.memd_client import MemdClient
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from helpers import FAMILIES, Stack
 
-from common.worker_client import WorkerClient
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
 NEW_TOKENS = 24
@@ -37,11 +36,7 @@ def _reference(model_dir, prompts):
 def test_greedy_equals_transformers_at_25_percent(family, checkpoints, state_dir):
     expected = reference(checkpoints[family], PROMPTS)
     with Stack(checkpoints[family], state_dir, expert_memory="25%") as stack:
-        client = WorkerClient(stack.worker_addr)
-        try:
-            got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
-        finally:
-            client.close()
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
         stats = stack.memd_stats()
     for prompt, exp, out in zip(PROMPTS, expected, got):
         assert out == exp, f"{family}: prompt {prompt[:6]}... diverged"
@@ -62,11 +57,7 @@ def test_greedy_equals_transformers_at_25_percent(family, checkpoints, state_dir
 def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpoints, state_dir):
     expected = reference(checkpoints[family], PROMPTS)
     with Stack(checkpoints[family], state_dir, expert_memory="25%", extra_memd=memd_args) as stack:
-        client = WorkerClient(stack.worker_addr)
-        try:
-            got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
-        finally:
-            client.close()
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
         stats = stack.memd_stats()
     assert got == expected, f"{family} {memd_args} diverged"
     assert stats.policy == memd_args[1] and stats.prefetch == (memd_args[3] == "on")
@@ -76,6 +67,13 @@ def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpo
         assert stats.bytes_read == stats.misses * expert_bytes
     else:
         assert stats.bytes_read % expert_bytes == 0 and stats.bytes_read >= stats.misses * expert_bytes
+    if stats.prefetch:
+        assert stats.prefetch_issued > 0
+        if "--prefetch-threshold" in memd_args:  # aggressive: some guesses land before their layer runs
+            assert stats.prefetch_used > 0
+        # (mixtral at 25% holds one layer's 8 experts, all leased while it runs: prefetches are issued, none lands)
+    else:
+        assert stats.prefetch_issued == 0
 
 
 def _expert_bytes(model_dir) -> int:
@@ -83,7 +81,3 @@ def _expert_bytes(model_dir) -> int:
     from services.memd.store import ExpertStore
 
     return ExpertStore(Checkpoint(model_dir)).expert_bytes
-    if stats.prefetch:
-        assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
-    else:
-        assert stats.prefetch_issued == 0

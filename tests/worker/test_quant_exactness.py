@@ -6,7 +6,6 @@ import torch
 from helpers import Stack
 from quant_helpers import QUANTIZED, dequantized_reference, write_quantized
 
-from common.worker_client import WorkerClient
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
 NEW_TOKENS = 24
@@ -35,11 +34,7 @@ def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, qu
     expected = reference(quantized[name], PROMPTS)
     with Stack(quantized[name], state_dir, expert_memory="25%",
                extra_worker=("--dequant-cache-mb", str(cache_mb))) as stack:
-        client = WorkerClient(stack.worker_addr)
-        try:
-            got = [client.generate(p, NEW_TOKENS)[0] for p in PROMPTS]
-        finally:
-            client.close()
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
         stats = stack.memd_stats()
     for prompt, exp, out in zip(PROMPTS, expected, got):
         assert out == exp, f"{name}: prompt {prompt[:6]}... diverged"
