@@ -35,6 +35,8 @@ class AcquireReply:
     hits: int
     revoked: list[list[int]] = field(default_factory=list)
     epoch: int = 0
+    speculate_layers: int = 0
+    speculate_threshold: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
