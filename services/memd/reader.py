@@ -165,7 +165,7 @@ class ExpertReader:
                 return
             job.cancelled = True
             if job.inflight == 0:
-                self._jobs.remove(job)
+                self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
                 job.future.set_exception(ReadCancelled())
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:

@@ -154,6 +154,29 @@ def test_cancel_stops_a_prefetch_and_reports_it(data):
     assert len(reader.log) == 2 and job.nbytes == 2 * 16 * 1024  # only the pieces in flight were read
 
 
+def test_a_queued_prefetch_cancelled_twice_is_cancelled_once(data):
+    """memd may cancel a prefetch twice (its layer passed, then an on-demand load steals its slot): the second
+    cancel is a no-op, not an error in the acquire that made it."""
+    path, _ = data
+    store = fake_store(path, contiguous(path, [(0, 0), (0, 1)]))
+    buf, pool = page_pool(2)
+    reader = GatedReader(store, pool, SLOT, direct_io=True, threads=1, chunk=16 * 1024)
+    try:
+        first = reader.submit((0, 0), 0, demand=False, priority=0.9)
+        reader.wait_logged(1)  # the only thread holds a piece of the first: the second stays queued
+        queued = reader.submit((0, 1), 1, demand=False, priority=0.1)
+        reader.cancel(queued)
+        reader.cancel(queued)
+        with pytest.raises(ReadCancelled):
+            queued.future.result(timeout=10)
+        assert reader.queued() == 1 and queued.nbytes == 0
+        reader.open()
+        assert first.future.result(timeout=30)[0] == SLOT
+    finally:
+        reader.open()
+        reader.close()
+
+
 def test_dio_alignment_from_statx_agrees_with_probing(data):
     path, _ = data
     align = dio_alignment(path)
