@@ -19,6 +19,7 @@ from common.sizes import parse_size
 ENV_PREFIX = "MOEINF_"
 PROTOCOL_VERSION = 1
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
+POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 
 
 def knob(default, help: str, **extra):
@@ -111,6 +112,12 @@ class MemdConfig:
     model: Path = knob(None, "Hugging Face checkpoint directory (config.json + *.safetensors)")
     expert_memory: str = knob("100%", "expert pool size: bytes (4GiB, 512MiB) or a share of all expert bytes (25%)")
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
+    pool_backend: str = knob("shm", "where the expert pool lives: shm (POSIX shared memory) or cuda (GPU memory"
+                                    " shared by CUDA IPC, with a pinned host tier; not run on a GPU yet, and"
+                                    " refuses this version's CPU worker: docs/gpu.md)")
+    host_memory: str = knob("0", "cuda backend: pinned host tier caching experts read from disk, bytes (64GiB) or"
+                                 " a share of all expert bytes (25%); 0: none (each load reads the disk)")
+    cuda_device: int = knob(0, "cuda backend: index of the GPU that holds the pool")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
@@ -148,6 +155,13 @@ class MemdConfig:
         _check_admin_tcp(self.admin_tcp, self.admin_token)
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
+        if self.pool_backend not in POOL_BACKENDS:
+            raise ValueError(f"--pool-backend {self.pool_backend!r}: choose one of {', '.join(POOL_BACKENDS)}")
+        if self.host_memory.strip() != "0":
+            parse_size(self.host_memory, what="--host-memory")
+        if self.pool_backend == "shm" and self.host_memory.strip() != "0":
+            raise ValueError("--host-memory is the cuda backend's host tier; with --pool-backend shm the pool is"
+                             " host memory already: leave it at 0")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:

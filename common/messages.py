@@ -74,8 +74,8 @@ class HelloRequest(Message):
 class HelloReply(Message):
     protocol: Index
     pid: Index  # memd's, so the worker can tell a dead daemon from a slow one
-    backend: Text  # "shm" (POSIX shared memory) or "cuda-ipc"
-    pool_name: Text  # /dev/shm name for "shm"; hex IPC handle for "cuda-ipc"
+    backend: Text  # "shm" (POSIX shared memory) or "cuda-ipc" (chunks of device memory: ``chunk_handles``)
+    pool_name: Text  # /dev/shm name for "shm"; "" for "cuda-ipc"
     pool_bytes: Count
     slot_bytes: Count
     num_slots: Index
@@ -83,6 +83,9 @@ class HelloReply(Message):
     num_experts: Index
     tensors: list[TensorSpec]
     control_name: Text = ""  # /dev/shm name of the control page: its first int64 is the revoke epoch ("": no leases)
+    device: Text = "cpu"  # where the pool is: "cpu" (shm) or the GPU's UUID ("cuda-ipc")
+    chunk_bytes: Count = 0  # "cuda-ipc": the pool is chunks of this many bytes (whole slots); the last may be shorter
+    chunk_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": one 64-byte CUDA IPC memory handle a chunk
 
 
 class ReadyRequest(Message):

@@ -8,7 +8,8 @@ allocating and releasing pool memory) runs in threads.
 
 Resizing never moves a slot or changes the region's size: shrinking retires the slots at and above the new
 capacity (``SlotTable.shrink``), and each retired slot's memory goes back to the OS as soon as it is free
-(``pool.release_range``: a hole punched in the /dev/shm file). Growing allocates that memory again first.
+(``Pool.release``: a hole punched in the /dev/shm file; a device pool frees a chunk once all its slots are
+released). Growing allocates that memory again first.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
 from services.memd.loads import LoadError
 from services.memd.policy import Key
-from services.memd.pool import SHM_DIR, allocate_range, release_range, resident_bytes
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.admin")
@@ -53,7 +53,7 @@ class AdminServer:
         self.server, self.cfg = server, server.cfg
         self.core, self.table, self.loads, self.store = server.core, server.table, server.loads, server.store
         self.slot_bytes = self.store.slot_bytes
-        self.region = SHM_DIR / server.pool_name
+        self.pool = server.pool
         self.pins: set[Key] = set()  # the admin's own pins (at most capacity minus one layer)
         self.started = time.monotonic()
         self.memory = ThreadPoolExecutor(1, thread_name_prefix="memd-pool-memory")  # one thread: ordered
@@ -138,7 +138,7 @@ class AdminServer:
         t = self.table
         stats = self.server.on_stats(None, m.StatsRequest())
         leaving = sum(1 for k in t.slot_of if t.leaving(k))
-        return a.AdminStatsReply(stats, t.capacity, t.num_slots, self.slot_bytes, resident_bytes(self.region),
+        return a.AdminStatsReply(stats, t.capacity, t.num_slots, self.slot_bytes, self.pool.resident_bytes(),
                                  len(t.loading), len(self.pins), leaving)
 
     def on_experts(self, req: a.AdminExpertsRequest) -> a.AdminExpertsReply:
@@ -175,7 +175,7 @@ class AdminServer:
         log.info("pool resized from %d to %d slots (%s): %d evicted, %d leave when released", old, slots,
                  format_bytes(slots * self.slot_bytes), evicted, len(pending))
         return a.ResizeReply(old, self.table.capacity, self.table.num_slots, self.slot_bytes, evicted, len(pending),
-                             resident_bytes(self.region))
+                             self.pool.resident_bytes())
 
     def _slots_for(self, size: str) -> int:
         s, L, E = self.slot_bytes, self.store.num_layers, self.store.num_experts
@@ -200,8 +200,7 @@ class AdminServer:
         old, s = self.table.capacity, self.slot_bytes
         self.growing_to = slots
         try:
-            await asyncio.get_running_loop().run_in_executor(self.memory, allocate_range, self.region, old * s,
-                                                             (slots - old) * s)
+            await asyncio.get_running_loop().run_in_executor(self.memory, self.pool.ensure, old * s, (slots - old) * s)
         except RuntimeError as exc:
             for slot in self.deferred:
                 self.memory.submit(self._release, slot)
@@ -219,7 +218,7 @@ class AdminServer:
 
     def _release(self, slot: int) -> None:
         try:
-            release_range(self.region, slot * self.slot_bytes, self.slot_bytes)
+            self.pool.release(slot * self.slot_bytes, self.slot_bytes)
         except OSError as exc:
             log.warning("could not give slot %d's memory back: %s", slot, exc)
 

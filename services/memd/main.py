@@ -17,8 +17,8 @@ from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
 from services.memd.leases import ControlPage
-from services.memd.pool import SharedPool, StateLock, pool_name
-from services.memd.reader import ExpertReader
+from services.memd.backend import open_backend
+from services.memd.pool import StateLock, pool_name
 from services.memd.server import MemdServer
 from services.memd.store import ExpertStore
 
@@ -47,23 +47,20 @@ def run(cfg: MemdConfig) -> int:
     access = Access(cfg.group)
     access.makedirs(cfg.state_dir)  # a new state directory is 0700 (0770 with --group), whatever the umask
     lock = StateLock(cfg.state_dir)
-    pool = reader = control = None
+    backend = control = None
     try:
-        pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
+        backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))
         control = ControlPage(pool_name(cfg.state_dir, "control"))
-        access.apply(pool.path)  # born 0600; the group's too with --group (a worker of another user maps them)
+        if backend.path is not None:
+            access.apply(backend.path)  # born 0600; the group's too with --group (a worker of another user maps it)
         access.apply(control.region.path)
-        log.info("pool %s: %d slots, %s (%.0f%% of all experts)", pool.path, num_slots, format_bytes(pool.nbytes),
-                 100 * num_slots / (store.num_layers * store.num_experts))
-        reader = ExpertReader(store, pool.view, store.slot_bytes, cfg.direct_io, threads=cfg.read_threads,
-                              chunk=parse_size(cfg.read_chunk, what="--read-chunk").resolve(0))
+        log.info("pool %s: %d slots, %s (%.0f%% of all experts)", backend.path or cfg.pool_backend, num_slots,
+                 format_bytes(backend.pool.nbytes), 100 * num_slots / (store.num_layers * store.num_experts))
         core = build_core(cfg, store, num_slots)
-        asyncio.run(_serve(MemdServer(cfg, store, core, reader, pool.name, pool.nbytes, control)))
+        asyncio.run(_serve(MemdServer(cfg, store, core, backend.reader, backend.pool, control)))
     finally:
-        if reader is not None:
-            reader.close()
-        if pool is not None:
-            pool.close()
+        if backend is not None:
+            backend.close()
         if control is not None:
             control.close()
         lock.release()

@@ -22,6 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from common import messages as m
 from services.worker import quant
+from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator
 from services.worker.tracing import StepRecorder
 
@@ -58,31 +59,13 @@ def end_step() -> None:
     RECORDER.end_step()
 
 
-class PoolViews:
-    """The worker's mapping of memd's pool and one ``[num_slots, *shape]`` view per expert parameter."""
-
-    def __init__(self, hello: m.HelloReply):
-        if hello.backend != "shm":
-            raise RuntimeError(f"pool backend {hello.backend!r} is not supported by this worker")
-        self.num_slots = hello.num_slots
-        raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
-        by_slot = raw.view(hello.num_slots, hello.slot_bytes)
-        self.hello, self.by_slot = hello, by_slot
-        self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
-        self.params: dict[str, torch.Tensor] = {}
-        for spec in hello.tensors:
-            dtype = getattr(torch, spec.dtype)
-            nbytes = _numel(spec.shape) * dtype.itemsize
-            flat = by_slot[:, spec.offset:spec.offset + nbytes].view(dtype)
-            self.params[spec.name] = flat.unflatten(1, spec.shape)
-
-
 class SlotExperts:
     """Stands in for an experts module inside transformers' forward: slot views instead of stacked weights."""
 
-    def __init__(self, module, params: dict[str, torch.Tensor], num_slots: int):
+    def __init__(self, module, params: dict[str, torch.Tensor], num_slots: int, windows=None):
         self._module = module
         self._params = params
+        self._windows = windows  # (lo, hi) -> views of slots lo..hi-1 (PoolViews.window); None: slice ``params``
         self.num_experts = num_slots
         for name, tensor in params.items():
             setattr(self, name, tensor)
@@ -90,7 +73,8 @@ class SlotExperts:
     def window(self, lo: int, hi: int) -> "SlotExperts":
         """The same views restricted to slots ``lo..hi-1``: grouped_mm then runs over those slots only
         (its cost grows with the number of groups), still without copying a byte."""
-        return SlotExperts(self._module, {n: t[lo:hi] for n, t in self._params.items()}, hi - lo)
+        params = self._windows(lo, hi) if self._windows else {n: t[lo:hi] for n, t in self._params.items()}
+        return SlotExperts(self._module, params, hi - lo)
 
     def __getattr__(self, name):  # act_fn, _apply_gate, has_bias, is_transposed, ... come from the real module
         return getattr(self._module, name)
@@ -156,7 +140,7 @@ class ExpertBinding:
         self.layer = layer
         self.dequant = dequant
         self.num_experts = module.num_experts
-        self.proxy = SlotExperts(module, views.params, views.num_slots)
+        self.proxy = SlotExperts(module, views.params, views.num_slots, views.window)
         self.client = client
         self.speculator = speculator
         self.check_shapes(module, views)
@@ -244,9 +228,3 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     for layer, module in zip(layers, modules):
         module._moeinf = ExpertBinding(layer.index, module, views, client, speculator, dequant)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

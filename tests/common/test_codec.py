@@ -135,8 +135,16 @@ def test_frame_header_layout():
 def test_nested_dataclass_is_a_nested_array_on_the_wire():
     frame = encode(Op.HELLO, 1, SAMPLES[m.HelloReply])
     body = msgpack.unpackb(frame[HEADER_BYTES:])
-    assert body[-2] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
-                        ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
+    assert body[9] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
+                       ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
+    assert body[10:] == ["moeinf-abc-control", "cpu", 0, []]  # a shm pool: no device, no chunks
+
+
+def test_cuda_hello_carries_device_and_chunk_handles():
+    hello = m.HelloReply(1, 77, "cuda-ipc", "", 3 << 20, 1 << 20, 3, 1, 2, SPECS, "ctl", "GPU-0a1b", 2 << 20,
+                         [b"\x01" * 64, b"\x02" * 64])
+    _, _, back = decode(encode(Op.HELLO, 1, hello), reply=True)
+    assert back == hello and back.chunk_handles[1] == b"\x02" * 64
 
 
 def test_error_reply_for_op_error():

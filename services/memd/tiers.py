@@ -1,0 +1,203 @@
+"""Two tiers on a GPU host: the device pool the worker computes from, and a pinned host tier behind it.
+
+The device tier is memd's usual slot table (``core.table``, ``--expert-memory``, ``--policy``); the host tier is
+a second ``SlotTable`` over pinned host memory (``--host-memory``) with its own LFU policy: it caches experts read
+from the SSD. ``TieredReader`` has the reader's interface (``submit``/``promote``/``cancel``/...), so ``Loads``
+and the decision core do not change; a load of expert ``key`` into device slot ``d`` is:
+
+- host hit: one copy, host slot -> ``d`` (``Pool.write``);
+- host miss: a read from the checkpoint into a host slot (the ``ExpertReader`` over pinned memory, whose
+  aligned O_DIRECT reads land in the host tier: that is the pinned staging), then the copy.
+
+The host slot is pinned in the host table until its copy completes, so the host tier never evicts bytes a copy
+still reads. Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion
+registered for ``d`` (write-after-read: the worker's GPU work on the old expert may still be queued), and the
+write's own completion is kept as ``d``'s "written" (read-after-write). The job resolves once the copy is
+complete, so an acquire reply still means "the slot holds the expert" (docs/gpu.md, Ordering: the IPC event
+ring that would let the worker's stream wait instead is not built).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+
+from services.memd.policy import Key, LfuPolicy
+from services.memd.pools import DONE, Completion, Pool
+from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
+from services.memd.slots import PoolExhausted, SlotTable
+
+
+class SlotFences:
+    """Per device slot: the completions a write must wait for (readers) and the last write's completion."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, list[Completion]] = {}
+        self.written: dict[int, Completion] = {}
+        self._lock = threading.Lock()
+
+    def read_done(self, slot: int, completion: Completion) -> None:
+        """A reader of ``slot`` (the worker's layer compute) ends at ``completion``."""
+        with self._lock:
+            pending = [c for c in self.readers.get(slot, ()) if not c.done()]
+            self.readers[slot] = pending + [completion]
+
+    def before_write(self, slot: int) -> tuple[Completion, ...]:
+        """What a write into ``slot`` must wait for; forgets them (the write is ordered after them)."""
+        with self._lock:
+            return tuple(c for c in self.readers.pop(slot, ()) if not c.done())
+
+    def wrote(self, slot: int, completion: Completion) -> None:
+        with self._lock:
+            self.written[slot] = completion
+
+    def ready(self, slot: int) -> Completion:
+        """What a reader of ``slot`` must wait for before it reads (read-after-write)."""
+        with self._lock:
+            return self.written.get(slot, DONE)
+
+
+@dataclass(eq=False, slots=True)
+class TierJob:
+    """One expert into one device slot; ``future`` gets ``(bytes read from disk, seconds)`` as ReadJob's does."""
+
+    key: Key
+    slot: int
+    demand: bool
+    host_slot: int = -1
+    inner: ReadJob | None = None  # the disk read (None: a host hit)
+    started: float = field(default_factory=time.monotonic)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(slots=True)
+class TierStats:
+    host_hits: int = 0
+    host_misses: int = 0
+    copies: int = 0
+    copy_bytes: int = 0
+    copy_seconds: float = 0.0
+
+
+class TieredReader:
+    def __init__(self, reader: ExpertReader, host: SlotTable, host_view: memoryview, device: Pool,
+                 slot_bytes: int, fences: SlotFences | None = None):
+        self.reader, self.host, self.host_view, self.device = reader, host, host_view, device
+        self.slot_bytes = slot_bytes
+        self.fences = fences or SlotFences()
+        self.stats = TierStats()
+        self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
+        self._lock = threading.Lock()  # the host table: touched from the loop and the reader's callbacks
+        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memd-copy-wait")
+
+    @staticmethod
+    def host_table(host_slots: int, num_layers: int, num_experts: int) -> SlotTable:
+        return SlotTable(host_slots, num_layers, LfuPolicy(num_layers, num_experts), num_experts)
+
+    # ---------------------------------------------------------------- the reader's interface
+    def submit(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> TierJob:
+        if not 0 <= slot < self.device.num_slots:
+            raise ValueError(f"slot {slot} is outside the device pool ({self.device.num_slots} slots)")
+        job = TierJob(key, slot, demand)
+        with self._lock:
+            self.host.record_access(key, decode=demand)
+            if self.host.is_resident(key):
+                self.stats.host_hits += 1
+            else:
+                job.inner = self.loading.get(key) or self._read(key, demand, priority)
+            job.host_slot = self.host.slot_of[key]
+            self.host.pin(key)  # until its copy is complete: the host tier does not evict it meanwhile
+        if job.inner is None:
+            self._copy(job, 0)
+        else:
+            if demand:
+                self.reader.promote(job.inner)
+            job.inner.future.add_done_callback(lambda f: self._read_done(job, f))
+        return job
+
+    def _read(self, key: Key, demand: bool, priority: float) -> ReadJob:
+        try:
+            h = self.host.reserve(key)
+        except PoolExhausted:
+            raise PoolExhausted(f"all {self.host.capacity} host-tier slots are pinned or loading; raise"
+                                " --host-memory") from None
+        inner = self.reader.submit(key, h, demand=demand, priority=priority)
+        self.loading[key] = inner
+        self.stats.host_misses += 1
+        return inner
+
+    def _read_done(self, job: TierJob, f: concurrent.futures.Future) -> None:
+        exc = f.exception()
+        with self._lock:
+            if self.loading.get(job.key) is job.inner:
+                del self.loading[job.key]
+                if exc is None:
+                    self.host.loaded(job.key)
+                else:
+                    self.host.abort(job.key)  # partial bytes: the host slot is free again
+        if exc is not None:
+            self._unpin_host(job.key)
+            job.future.set_exception(exc)
+            return
+        self._copy(job, f.result()[0])
+
+    def _copy(self, job: TierJob, disk_bytes: int) -> None:
+        s, h, d = self.slot_bytes, job.host_slot, job.slot
+        src = self.host_view[h * s:(h + 1) * s]
+        t0 = time.monotonic()
+        try:
+            done = self.device.write(d * s, src, after=self.fences.before_write(d))
+        except Exception as exc:
+            self._unpin_host(job.key)
+            job.future.set_exception(exc)
+            return
+        self.fences.wrote(d, done)
+        self._waiter.submit(self._finish, job, done, disk_bytes, t0)
+
+    def _finish(self, job: TierJob, done: Completion, disk_bytes: int, t0: float) -> None:
+        try:
+            done.wait()
+        except Exception as exc:
+            self._unpin_host(job.key)
+            job.future.set_exception(exc)
+            return
+        self.stats.copies += 1
+        self.stats.copy_bytes += self.slot_bytes
+        self.stats.copy_seconds += time.monotonic() - t0
+        self._unpin_host(job.key)
+        job.future.set_result((disk_bytes, time.monotonic() - job.started))
+
+    def _unpin_host(self, key: Key) -> None:
+        with self._lock:
+            if self.host.pins.get(key):
+                self.host.unpin(key)
+
+    def promote(self, job: TierJob) -> None:
+        if job.inner is not None:
+            self.reader.promote(job.inner)
+
+    def cancel(self, job: TierJob) -> None:
+        """Stops the disk read (its future raises ReadCancelled, and so does the job's); a copy is not stopped."""
+        if job.inner is not None:
+            self.reader.cancel(job.inner)
+
+    def read(self, key: Key, slot: int) -> tuple[int, float]:
+        return self.submit(key, slot, demand=True).future.result()
+
+    def demand_pending(self) -> bool:
+        return self.reader.demand_pending()
+
+    @property
+    def bandwidth(self) -> float | None:
+        return self.reader.bandwidth
+
+    def queued(self) -> int:
+        return self.reader.queued()
+
+    def close(self) -> None:
+        self.reader.close()
+        self._waiter.shutdown(wait=True)
+
+
+__all__ = ["SlotFences", "TierJob", "TierStats", "TieredReader", "ReadCancelled"]

@@ -1,0 +1,122 @@
+"""The worker's view of memd's expert pool: one ``[slots, *shape]`` strided tensor per expert parameter.
+
+``shm``: the /dev/shm file mapped once (``torch.from_file``), one view over all slots. ``cuda-ipc``
+(``CudaPoolViews``, docs/gpu.md): each chunk's IPC handle opened once through cupy, wrapped without a copy
+(DLPack) and viewed the same way, one view set per chunk. A layer's window of slots inside one chunk is a view;
+a window across chunks is gathered into one tensor (a device copy, logged once), since separate allocations
+cannot be one strided tensor. NOT RUN ON A GPU YET; ``tests/worker/test_cuda_views.py`` (marker ``cuda``) is
+the check a GPU host runs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common import messages as m
+
+log = logging.getLogger("moeinf.worker.pool")
+IPC_LAZY_PEER = 1  # cudaIpcMemLazyEnablePeerAccess
+
+
+def open_views(hello: m.HelloReply):
+    if hello.backend == "shm":
+        return PoolViews(hello)
+    if hello.backend == "cuda-ipc":
+        return CudaPoolViews(hello)
+    raise RuntimeError(f"pool backend {hello.backend!r} is not supported by this worker")
+
+
+def slot_params(by_slot: torch.Tensor, tensors: list[m.TensorSpec]) -> dict[str, torch.Tensor]:
+    """``[slots, *shape]`` views of every parameter of ``by_slot`` (``[slots, slot_bytes]`` uint8)."""
+    params = {}
+    for spec in tensors:
+        dtype = getattr(torch, spec.dtype)
+        nbytes = _numel(spec.shape) * dtype.itemsize
+        params[spec.name] = by_slot[:, spec.offset:spec.offset + nbytes].view(dtype).unflatten(1, spec.shape)
+    return params
+
+
+class PoolViews:
+    """The worker's mapping of memd's shared-memory pool and one ``[num_slots, *shape]`` view per parameter."""
+
+    def __init__(self, hello: m.HelloReply):
+        if hello.backend != "shm":
+            raise RuntimeError(f"pool backend {hello.backend!r} is not a shared-memory pool")
+        self.num_slots = hello.num_slots
+        raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
+        self.hello, self.by_slot = hello, raw.view(hello.num_slots, hello.slot_bytes)
+        self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
+        self.params = slot_params(self.by_slot, hello.tensors)
+
+    def window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {n: t[lo:hi] for n, t in self.params.items()}
+
+
+class CudaPoolViews:
+    """memd's device pool opened by CUDA IPC: per chunk, ``[chunk slots, *shape]`` views on this GPU."""
+
+    def __init__(self, hello: m.HelloReply, device: int | None = None):
+        import cupy
+
+        self.cupy = cupy
+        self.device = torch.cuda.current_device() if device is None else device
+        mine = str(torch.cuda.get_device_properties(self.device).uuid)
+        from services.memd.pools import same_device
+
+        if not same_device(mine, hello.device):
+            raise RuntimeError(f"memd's pool is on GPU {hello.device}, this worker on GPU-{mine}: CUDA IPC maps memory"
+                               " on its own device only")
+        if any(spec.format for spec in hello.tensors):
+            raise RuntimeError("quantized experts (MXFP4, FP8) in a CUDA pool are not supported yet: use --pool-backend"
+                               " shm")
+        self.hello, self.num_slots, self.quantized = hello, hello.num_slots, set()
+        self.chunk_slots = hello.chunk_bytes // hello.slot_bytes
+        self.ptrs: list[int] = []
+        self.chunks: list[dict[str, torch.Tensor]] = []
+        self.by_slot = None  # no single tensor spans the chunks
+        with cupy.cuda.Device(self.device):
+            for i, handle in enumerate(hello.chunk_handles):
+                self.ptrs.append(cupy.cuda.runtime.ipcOpenMemHandle(handle, IPC_LAZY_PEER))
+                self.chunks.append(slot_params(self._chunk(i), hello.tensors))
+        self.params = self.chunks[0]  # shapes, for the binding's layout check
+        self._gathered = False
+
+    def _chunk(self, i: int) -> torch.Tensor:
+        cp, h = self.cupy, self.hello
+        slots = min(self.chunk_slots, h.num_slots - i * self.chunk_slots)
+        nbytes = slots * h.slot_bytes
+        mem = cp.cuda.UnownedMemory(self.ptrs[i], nbytes, self, self.device)
+        array = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+        return torch.from_dlpack(array).view(slots, h.slot_bytes)
+
+    def window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        cs = self.chunk_slots
+        first, last = lo // cs, (hi - 1) // cs
+        if first == last:
+            return {n: t[lo - first * cs:hi - first * cs] for n, t in self.chunks[first].items()}
+        if not self._gathered:
+            log.warning("a layer's slots span %d pool chunks: its experts are gathered into one tensor (a device"
+                        " copy) for the matmul", last - first + 1)
+            self._gathered = True
+        out = {}
+        for name in self.params:
+            parts = [self.chunks[c][name][max(lo, c * cs) - c * cs:min(hi, (c + 1) * cs) - c * cs]
+                     for c in range(first, last + 1)]
+            out[name] = torch.cat(parts)
+        return out
+
+    def close(self) -> None:
+        torch.cuda.synchronize(self.device)
+        self.chunks, self.params = [], {}
+        with self.cupy.cuda.Device(self.device):
+            for p in self.ptrs:
+                self.cupy.cuda.runtime.ipcCloseMemHandle(p)
+        self.ptrs = []
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
