@@ -43,10 +43,17 @@ class StandInEvent(Completion):
         self.stream, self.fired = stream, False
 
     def done(self) -> bool:
-        self.stream.run()
+        if self.stream.auto:
+            self.stream.run()
         return self.fired
 
     def wait(self, timeout: float | None = 10.0) -> None:
+        """Auto stream: run it, waiting on what blocks it. Manual: wait until someone runs this far."""
+        if not self.stream.auto:
+            with self.stream.ran:
+                if not self.stream.ran.wait_for(lambda: self.fired, timeout):
+                    raise TimeoutError(f"the stand-in stream did not run this far in {timeout} s")
+            return
         while not self.done():
             self.stream.blocker().wait(timeout)
 
@@ -67,6 +74,7 @@ class StandInStream:
         self.ops: deque[_Op] = deque()
         self.log: list[str] = []
         self._lock = threading.RLock()
+        self.ran = threading.Condition(self._lock)  # notified after each run()
 
     def enqueue(self, label: str, fn: Callable[[], None], after: tuple[Completion, ...] = ()) -> StandInEvent:
         with self._lock:
@@ -86,6 +94,7 @@ class StandInStream:
                 op.event.fired = True
                 self.log.append(op.label)
                 ran += 1
+            self.ran.notify_all()
         return ran
 
     def blocker(self) -> Completion:

@@ -1,0 +1,161 @@
+"""The two-tier load path (services/memd/tiers.py) against the host-memory stand-in for the device pool: host
+miss = disk read into the host tier + one copy, host hit = one copy, eviction in both tiers, nothing evicted
+from the host tier while its copy is in flight, cancellation, resize by chunks, and the event ordering
+contract (write-after-read: a write waits for the slot's readers; read-after-write: the slot's write event)."""
+import mmap
+import os
+import time
+
+import pytest
+
+from services.memd.policy import LruPolicy
+from services.memd.reader import ExpertReader, ReadCancelled
+from services.memd.slots import PoolExhausted, SlotTable
+from services.memd.standin import Fence, StandInPool, StandInStream
+from services.memd.tiers import TieredReader
+from tests.memd.test_reader import contiguous, fake_store
+
+SLOT = 64 * 1024
+LAYERS, EXPERTS = 2, 3
+KEYS = [(layer, e) for layer in range(LAYERS) for e in range(EXPERTS)]
+TIMEOUT = 30
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "experts.bin"
+    payload = os.urandom(len(KEYS) * SLOT)
+    path.write_bytes(payload)
+    return path, payload
+
+
+def expert(payload: bytes, key) -> bytes:
+    i = KEYS.index(key)
+    return payload[i * SLOT:(i + 1) * SLOT]
+
+
+class Rig:
+    def __init__(self, path, host_slots: int, device_slots: int, *, auto: bool = True, chunk_slots: int = 2):
+        self.buf = mmap.mmap(-1, host_slots * SLOT)
+        self.reader = ExpertReader(fake_store(path, contiguous(path, KEYS, SLOT)), memoryview(self.buf), SLOT, False,
+                                   threads=2)
+        self.host = TieredReader.host_table(host_slots, LAYERS, EXPERTS)
+        self.device = StandInPool(device_slots * SLOT, SLOT, chunk_slots, StandInStream(auto=auto))
+        self.tiers = TieredReader(self.reader, self.host, memoryview(self.buf), self.device, SLOT)
+
+    def load(self, key, slot, **kw):
+        return self.tiers.submit(key, slot, demand=kw.pop("demand", True), **kw)
+
+    def close(self):
+        self.tiers.close()
+
+
+@pytest.fixture
+def rig_factory(data):
+    rigs = []
+
+    def make(*args, **kw):
+        rigs.append(Rig(data[0], *args, **kw))
+        return rigs[-1]
+
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def test_host_miss_reads_then_copies_and_host_hit_only_copies(rig_factory, data):
+    payload = data[1]
+    rig = rig_factory(host_slots=4, device_slots=4)
+    nbytes, _ = rig.load((1, 2), 0).future.result(TIMEOUT)
+    assert nbytes == SLOT and rig.device.read(0, SLOT) == expert(payload, (1, 2))
+    assert rig.host.is_resident((1, 2)) and not rig.host.pins  # cached, and no longer pinned by the copy
+    nbytes, _ = rig.load((1, 2), 3).future.result(TIMEOUT)  # the device evicted it; the host tier still holds it
+    assert nbytes == 0 and rig.device.read(3 * SLOT, SLOT) == expert(payload, (1, 2))
+    s = rig.tiers.stats
+    assert (s.host_misses, s.host_hits, s.copies, s.copy_bytes) == (1, 1, 2, 2 * SLOT)
+    assert rig.device.stream.log == ["write 0", "write 3"]
+
+
+def test_host_tier_evicts_by_its_own_policy_and_never_a_slot_being_copied(rig_factory, data):
+    payload = data[1]
+    rig = rig_factory(host_slots=2, device_slots=4, auto=False)
+    a, b = rig.load((0, 0), 0), rig.load((0, 1), 1)
+    with pytest.raises(PoolExhausted, match="all 2 host-tier slots are pinned or loading; raise --host-memory"):
+        rig.load((0, 2), 2)  # both host slots are read into or copied from: neither may go
+    _wait_ops(rig, 2)  # both reads landed and queued their copies
+    assert not a.future.done() and rig.device.read(0, 8) == bytes(8)  # copy queued, not run: the device is untouched
+    rig.device.stream.run()
+    a.future.result(TIMEOUT), b.future.result(TIMEOUT)
+    again = rig.load((0, 1), 3)  # a host hit: (0, 1) is now used more than (0, 0)
+    _wait_ops(rig, 1)
+    rig.device.stream.run()
+    assert again.future.result(TIMEOUT)[0] == 0
+    c = rig.load((0, 2), 2)  # the host tier is full: LFU evicts (0, 0)
+    _wait_ops(rig, 1)
+    rig.device.stream.run()
+    c.future.result(TIMEOUT)
+    assert not rig.host.is_resident((0, 0)) and rig.host.is_resident((0, 1)) and rig.host.is_resident((0, 2))
+    assert rig.host.counters.evictions == 1 and rig.device.read(2 * SLOT, SLOT) == expert(payload, (0, 2))
+
+
+def _wait_ops(rig, n):
+    deadline = time.monotonic() + TIMEOUT
+    while len(rig.device.stream.ops) < n:
+        assert time.monotonic() < deadline, "the copy was never queued"
+        time.sleep(0.01)
+
+
+def test_write_after_read_waits_for_the_slots_readers_and_read_after_write_is_the_write_event(rig_factory, data):
+    payload = data[1]
+    rig = rig_factory(host_slots=4, device_slots=2)
+    rig.load((0, 0), 0).future.result(TIMEOUT)
+    reading = Fence()  # the worker's layer that reads slot 0 is still queued on its stream
+    rig.tiers.fences.read_done(0, reading)
+    job = rig.load((1, 1), 0)  # the device tier evicted (0, 0) for (1, 1): same slot
+    later = rig.load((1, 0), 1)
+    _wait_ops(rig, 2)  # both read from disk; their copies queue behind the reader's fence
+    assert not job.future.done() and not later.future.done()  # in-order stream: the later write waits too
+    assert rig.device.read(0, SLOT) == expert(payload, (0, 0))  # the reader still sees the old expert
+    assert not rig.tiers.fences.ready(0).done()  # a reader of slot 0 now must wait for the write
+    reading.signal()
+    job.future.result(TIMEOUT), later.future.result(TIMEOUT)
+    assert rig.device.read(0, SLOT) == expert(payload, (1, 1)) and rig.tiers.fences.ready(0).done()
+    assert rig.device.stream.log == ["write 0", "write 0", "write 1"]
+    assert rig.tiers.fences.before_write(0) == ()  # the fence was consumed by the write it ordered
+
+
+def test_device_eviction_and_shrink_free_whole_chunks(rig_factory):
+    rig = rig_factory(host_slots=4, device_slots=4, chunk_slots=2)
+    table = SlotTable(4, LAYERS, LruPolicy(), EXPERTS)
+    table.on_retire = lambda slot: rig.device.release(slot * SLOT, SLOT)
+    for key in KEYS[:4]:
+        slot = table.reserve(key)
+        rig.load(key, slot).future.result(TIMEOUT)
+        table.loaded(key)
+    evicted, pending = table.shrink(3)
+    assert (evicted, pending) == (1, []) and rig.device.frees == 0  # chunk 1 still holds slot 2
+    table.shrink(2)
+    assert rig.device.frees == 1 and rig.device.resident_bytes() == 2 * SLOT
+    key = KEYS[4]
+    slot = table.reserve(key)  # the device tier evicts within the two slots left
+    assert slot < 2
+    rig.load(key, slot).future.result(TIMEOUT)
+    with pytest.raises(RuntimeError, match="restart memd"):
+        rig.device.ensure(2 * SLOT, 2 * SLOT)
+
+
+def test_cancelled_read_frees_its_host_slot(rig_factory):
+    rig = rig_factory(host_slots=2, device_slots=2)
+    rig.reader.close()  # queued jobs are cancelled from now on: a prefetch that never reads
+    rig.reader._closing = False
+    job = rig.load((0, 0), 0, demand=False)
+    rig.tiers.cancel(job)
+    with pytest.raises((ReadCancelled, RuntimeError)):
+        job.future.result(TIMEOUT)
+    assert not rig.host.slot_of and not rig.host.pins and not rig.tiers.loading
+
+
+def test_submit_refuses_a_slot_outside_the_device_pool(rig_factory):
+    rig = rig_factory(host_slots=2, device_slots=2)
+    with pytest.raises(ValueError, match="slot 2 is outside the device pool"):
+        rig.load((0, 0), 2)
