@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, HealthConfig)
     p.set_defaults(func=cmd_health)
 
+    from services.selftest import add_parser as add_selftest_parser
+
+    add_selftest_parser(sub)
     from services.admin_cli import add_parser as add_admin_parser
 
     add_admin_parser(sub)

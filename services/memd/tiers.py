@@ -10,7 +10,8 @@ and the decision core do not change; a load of expert ``key`` into device slot `
   aligned O_DIRECT reads land in the host tier: that is the pinned staging), then the copy.
 
 The host slot is pinned in the host table until its copy completes, so the host tier never evicts bytes a copy
-still reads. Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion
+still reads; a load that finds every host slot pinned or loading waits (``waiting``, on-demand loads first) until
+a copy completes or a read fails, instead of failing the acquire. Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion
 registered for ``d`` (write-after-read: the worker's GPU work on the old expert may still be queued), and the
 write's own completion is kept as ``d``'s "written" (read-after-write). The job resolves once the copy is
 complete, so an acquire reply still means "the slot holds the expert" (docs/gpu.md, Ordering: the IPC event
@@ -65,6 +66,7 @@ class TierJob:
     key: Key
     slot: int
     demand: bool
+    priority: float = 0.0
     host_slot: int = -1
     inner: ReadJob | None = None  # the disk read (None: a host hit)
     started: float = field(default_factory=time.monotonic)
@@ -88,6 +90,7 @@ class TieredReader:
         self.fences = fences or SlotFences()
         self.stats = TierStats()
         self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
+        self.waiting: list[TierJob] = []  # jobs that found every host slot pinned or loading
         self._lock = threading.Lock()  # the host table: touched from the loop and the reader's callbacks
         self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memd-copy-wait")
 
@@ -99,33 +102,50 @@ class TieredReader:
     def submit(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> TierJob:
         if not 0 <= slot < self.device.num_slots:
             raise ValueError(f"slot {slot} is outside the device pool ({self.device.num_slots} slots)")
-        job = TierJob(key, slot, demand)
+        job = TierJob(key, slot, demand, priority=priority)
         with self._lock:
             self.host.record_access(key, decode=demand)
-            if self.host.is_resident(key):
-                self.stats.host_hits += 1
-            else:
-                job.inner = self.loading.get(key) or self._read(key, demand, priority)
-            job.host_slot = self.host.slot_of[key]
-            self.host.pin(key)  # until its copy is complete: the host tier does not evict it meanwhile
-        if job.inner is None:
-            self._copy(job, 0)
-        else:
-            if demand:
-                self.reader.promote(job.inner)
-            job.inner.future.add_done_callback(lambda f: self._read_done(job, f))
+            if not self._place(job):
+                self.waiting.append(job)  # every host slot is read into or copied from: wait for one
+                return job
+        self._go(job)
         return job
 
-    def _read(self, key: Key, demand: bool, priority: float) -> ReadJob:
-        try:
-            h = self.host.reserve(key)
-        except PoolExhausted:
-            raise PoolExhausted(f"all {self.host.capacity} host-tier slots are pinned or loading; raise"
-                                " --host-memory") from None
-        inner = self.reader.submit(key, h, demand=demand, priority=priority)
-        self.loading[key] = inner
-        self.stats.host_misses += 1
-        return inner
+    def _place(self, job: TierJob) -> bool:
+        """Under the lock: find ``job``'s expert a host slot (hit, joined read or new read) and pin it there."""
+        key = job.key
+        if self.host.is_resident(key):
+            self.stats.host_hits += 1
+        elif (inner := self.loading.get(key)) is not None:
+            job.inner = inner
+        else:
+            try:
+                h = self.host.reserve(key)
+            except PoolExhausted:
+                return False
+            job.inner = self.loading[key] = self.reader.submit(key, h, demand=job.demand, priority=job.priority)
+            self.stats.host_misses += 1
+        job.host_slot = self.host.slot_of[key]
+        self.host.pin(key)  # until its copy is complete: the host tier does not evict it meanwhile
+        return True
+
+    def _go(self, job: TierJob) -> None:
+        if job.inner is None:
+            self._copy(job, 0)
+            return
+        if job.demand:
+            self.reader.promote(job.inner)
+        job.inner.future.add_done_callback(lambda f: self._read_done(job, f))
+
+    def _drain(self) -> None:
+        """A host slot may be free: start the waiting jobs that now find one, on-demand ones first."""
+        started = []
+        with self._lock:
+            self.waiting.sort(key=lambda j: not j.demand)
+            while self.waiting and self._place(self.waiting[0]):
+                started.append(self.waiting.pop(0))
+        for job in started:
+            self._go(job)
 
     def _read_done(self, job: TierJob, f: concurrent.futures.Future) -> None:
         exc = f.exception()
@@ -172,13 +192,24 @@ class TieredReader:
         with self._lock:
             if self.host.pins.get(key):
                 self.host.unpin(key)
+            waiting = bool(self.waiting)
+        if waiting:
+            self._drain()
 
     def promote(self, job: TierJob) -> None:
+        with self._lock:
+            job.demand = True  # a waiting job starts among the first
         if job.inner is not None:
             self.reader.promote(job.inner)
 
     def cancel(self, job: TierJob) -> None:
-        """Stops the disk read (its future raises ReadCancelled, and so does the job's); a copy is not stopped."""
+        """Stops a prefetch's disk read (its future raises ReadCancelled, and so does the job's) or its wait for
+        a host slot; a copy under way is not stopped."""
+        with self._lock:
+            if job in self.waiting and not job.demand:
+                self.waiting.remove(job)
+                job.future.set_exception(ReadCancelled())
+                return
         if job.inner is not None:
             self.reader.cancel(job.inner)
 
@@ -186,16 +217,20 @@ class TieredReader:
         return self.submit(key, slot, demand=True).future.result()
 
     def demand_pending(self) -> bool:
-        return self.reader.demand_pending()
+        return self.reader.demand_pending() or any(j.demand for j in self.waiting)
 
     @property
     def bandwidth(self) -> float | None:
         return self.reader.bandwidth
 
     def queued(self) -> int:
-        return self.reader.queued()
+        return self.reader.queued() + len(self.waiting)
 
     def close(self) -> None:
+        with self._lock:
+            waiting, self.waiting = self.waiting, []
+        for job in waiting:
+            job.future.set_exception(ReadCancelled())
         self.reader.close()
         self._waiter.shutdown(wait=True)
 

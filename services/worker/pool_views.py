@@ -56,7 +56,9 @@ class PoolViews:
 class CudaPoolViews:
     """memd's device pool opened by CUDA IPC: per chunk, ``[chunk slots, *shape]`` views on this GPU."""
 
-    def __init__(self, hello: m.HelloReply, device: int | None = None):
+    def __init__(self, hello: m.HelloReply, device: int | None = None, ptrs: list[int] | None = None):
+        """``ptrs``: the chunks' device addresses when the pool lives in this process (the self-test; an IPC
+        handle cannot be opened by the process that made it); otherwise the handles are opened here."""
         import cupy
 
         self.cupy = cupy
@@ -72,13 +74,12 @@ class CudaPoolViews:
                                " shm")
         self.hello, self.num_slots, self.quantized = hello, hello.num_slots, set()
         self.chunk_slots = hello.chunk_bytes // hello.slot_bytes
-        self.ptrs: list[int] = []
-        self.chunks: list[dict[str, torch.Tensor]] = []
+        self.opened = ptrs is None  # ours to close
         self.by_slot = None  # no single tensor spans the chunks
         with cupy.cuda.Device(self.device):
-            for i, handle in enumerate(hello.chunk_handles):
-                self.ptrs.append(cupy.cuda.runtime.ipcOpenMemHandle(handle, IPC_LAZY_PEER))
-                self.chunks.append(slot_params(self._chunk(i), hello.tensors))
+            self.ptrs = list(ptrs) if ptrs is not None else [
+                cupy.cuda.runtime.ipcOpenMemHandle(handle, IPC_LAZY_PEER) for handle in hello.chunk_handles]
+            self.chunks = [slot_params(self._chunk(i), hello.tensors) for i in range(len(self.ptrs))]
         self.params = self.chunks[0]  # shapes, for the binding's layout check
         self._gathered = False
 
@@ -109,9 +110,10 @@ class CudaPoolViews:
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         self.chunks, self.params = [], {}
-        with self.cupy.cuda.Device(self.device):
-            for p in self.ptrs:
-                self.cupy.cuda.runtime.ipcCloseMemHandle(p)
+        if self.opened:
+            with self.cupy.cuda.Device(self.device):
+                for p in self.ptrs:
+                    self.cupy.cuda.runtime.ipcCloseMemHandle(p)
         self.ptrs = []
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from services.memd.policy import LruPolicy
 from services.memd.reader import ExpertReader, ReadCancelled
-from services.memd.slots import PoolExhausted, SlotTable
+from services.memd.slots import SlotTable
 from services.memd.standin import Fence, StandInPool, StandInStream
 from services.memd.tiers import TieredReader
 from tests.memd.test_reader import contiguous, fake_store
@@ -80,22 +80,26 @@ def test_host_tier_evicts_by_its_own_policy_and_never_a_slot_being_copied(rig_fa
     payload = data[1]
     rig = rig_factory(host_slots=2, device_slots=4, auto=False)
     a, b = rig.load((0, 0), 0), rig.load((0, 1), 1)
-    with pytest.raises(PoolExhausted, match="all 2 host-tier slots are pinned or loading; raise --host-memory"):
-        rig.load((0, 2), 2)  # both host slots are read into or copied from: neither may go
+    first = rig.load((0, 2), 2)  # both host slots are read into or copied from: neither may go, so it waits
     _wait_ops(rig, 2)  # both reads landed and queued their copies
     assert not a.future.done() and rig.device.read(0, 8) == bytes(8)  # copy queued, not run: the device is untouched
+    assert rig.tiers.waiting == [first] and rig.tiers.queued() >= 1
     rig.device.stream.run()
     a.future.result(TIMEOUT), b.future.result(TIMEOUT)
+    _wait_ops(rig, 1)  # a copy done, its host slot unpinned: the waiting job took it and read
+    rig.device.stream.run()
+    first.future.result(TIMEOUT)
+    assert rig.host.counters.evictions == 1 and not rig.tiers.waiting
     again = rig.load((0, 1), 3)  # a host hit: (0, 1) is now used more than (0, 0)
     _wait_ops(rig, 1)
     rig.device.stream.run()
     assert again.future.result(TIMEOUT)[0] == 0
-    c = rig.load((0, 2), 2)  # the host tier is full: LFU evicts (0, 0)
+    c = rig.load((1, 0), 0)  # the host tier is full: LFU evicts the less used of (0, 2) and (0, 1): (0, 2)
     _wait_ops(rig, 1)
     rig.device.stream.run()
     c.future.result(TIMEOUT)
-    assert not rig.host.is_resident((0, 0)) and rig.host.is_resident((0, 1)) and rig.host.is_resident((0, 2))
-    assert rig.host.counters.evictions == 1 and rig.device.read(2 * SLOT, SLOT) == expert(payload, (0, 2))
+    assert rig.host.is_resident((0, 1)) and rig.host.is_resident((1, 0)) and not rig.host.is_resident((0, 2))
+    assert rig.host.counters.evictions == 2 and rig.device.read(0, SLOT) == expert(payload, (1, 0))
 
 
 def _wait_ops(rig, n):
