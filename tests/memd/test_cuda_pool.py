@@ -1,0 +1,108 @@
+"""The CUDA pool on a GPU (marker ``cuda``; skipped without a CUDA device and cupy). NOT RUN YET: no GPU here.
+
+- IPC across processes: memd's side fills a CudaPool from a checkpoint through the tiers; a spawned process opens
+  the chunk handles from the HELLO reply, builds the strided slot views (DLPack) and sees every expert's weights.
+- Exactness at 25% for two families: ``moeinf selftest``'s per-layer check (slot views vs transformers' own
+  weights on the GPU, bit for bit, experts reloaded between layers).
+- Ordering under revocations: a slot rewritten while a reader's compute on it is still queued on another stream
+  (the reader's event as the write-after-read fence) never shows the reader the new bytes.
+"""
+import multiprocessing as mp
+
+import pytest
+
+from services.selftest import cuda_missing
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(bool(cuda_missing()), reason=cuda_missing() or "CUDA")]
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory):
+    from helpers import write_family
+
+    root = tmp_path_factory.mktemp("cuda-ckpt")
+    return {name: write_family(name, root / name, dtype="bfloat16") for name in ("mixtral", "qwen3_moe")}
+
+
+def _open_in_child(frame: bytes, queue) -> None:
+    from common.codec import decode
+    from services.worker.pool_views import CudaPoolViews
+
+    _, _, hello = decode(frame, reply=True)
+    views = CudaPoolViews(hello)
+    queue.put({name: [t.cpu() for t in chunk[name]] for chunk in views.chunks[:1] for name in chunk})
+    views.close()
+
+
+def test_ipc_handles_open_in_another_process(bf16):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.codec import encode
+    from common.protocol import Op
+    from services.selftest import _Rig
+    from common.checkpoint import Checkpoint, find_moe_layers
+    from services.memd.store import ExpertStore
+
+    store = ExpertStore(Checkpoint(bf16["mixtral"]))
+    E = store.num_experts
+    with _Rig(store, store.num_layers * E) as rig:
+        rig.load(list(range(E)))  # layer 0 at its home slots 0..E-1 (chunk 0)
+        export = rig.pool.export()
+        hello = rig.views.hello
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_open_in_child, args=(encode(Op.HELLO, 1, hello), queue))
+        child.start()
+        seen = queue.get(timeout=300)
+        child.join(60)
+        assert child.exitcode == 0 and len(export.handles) == store.num_layers
+    model = AutoModelForCausalLM.from_pretrained(bf16["mixtral"], dtype=torch.bfloat16)
+    layer = find_moe_layers(model)[0]
+    module = model.get_submodule(layer.module)
+    for name, param in module.named_parameters(recurse=False):
+        for e in range(E):
+            assert torch.equal(seen[name][e], param[e]), f"{name} of expert {e} differs through IPC"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_layers_bit_identical_to_transformers_at_25_percent(bf16, family):
+    from services.selftest import run_checks
+
+    rows = run_checks(bf16[family], "25%", tokens=32, repeats=2)
+    failed = [r for r in rows if not r[2]]
+    assert not failed, failed
+    assert any(name.startswith("exact at 25%") for name, *_ in rows)
+
+
+def test_rewrite_waits_for_the_readers_event_under_revocations(bf16):
+    import torch
+
+    from common.checkpoint import Checkpoint
+    from services.memd.cuda_pool import CudaEvent
+    from services.memd.store import ExpertStore
+    from services.selftest import _Rig
+
+    store = ExpertStore(Checkpoint(bf16["mixtral"]))
+    L, E = store.num_layers, store.num_experts
+    with _Rig(store, E) as rig:
+        name = next(iter(rig.views.chunks[0]))
+        truth = {}
+        for layer in range(L):  # expert 0 of each layer, as slot 0 shows it once written
+            rig.load([layer * E], 0)
+            truth[layer] = rig.views.chunks[0][name][0].clone()
+        assert not torch.equal(truth[0], truth[1])
+        compute, current = torch.cuda.Stream(), L - 1
+        for round_ in range(50):  # revoke slot 0 and rewrite it while a reader of it is still queued
+            nxt = (current + 1 + round_ % (L - 1)) % L
+            with torch.cuda.stream(compute):
+                torch.cuda._sleep(2_000_000)  # keep the reader queued behind a busy kernel
+                seen = rig.views.chunks[0][name][0].clone()
+            ev = rig.pool.cupy.cuda.Event(block=False, disable_timing=True)
+            ev.record(rig.pool.cupy.cuda.ExternalStream(compute.cuda_stream))
+            rig.tiers.fences.read_done(0, CudaEvent(ev))
+            rig.load([nxt * E], 0)  # the copy stream waits for the reader's event
+            compute.synchronize()
+            assert torch.equal(seen, truth[current]), f"round {round_}: the reader saw bytes written after it"
+            assert torch.equal(rig.views.chunks[0][name][0], truth[nxt])
+            current = nxt

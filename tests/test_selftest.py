@@ -1,0 +1,30 @@
+"""``moeinf selftest --device cuda`` on a host without CUDA says so and fails; the link-peak arithmetic."""
+import pytest
+
+from common.cli import main
+from services import selftest
+
+
+@pytest.mark.skipif(not selftest.cuda_missing(), reason="this host has CUDA: the GPU checks run instead")
+def test_without_cuda_it_says_no_cuda_device_and_exits_2(capsys):
+    assert main(["selftest", "--device", "cuda"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("moeinf selftest: no CUDA device: ")
+
+
+def test_only_cuda_is_a_device(capsys):
+    with pytest.raises(SystemExit):
+        main(["selftest", "--device", "cpu"])
+    assert "invalid choice: 'cpu'" in capsys.readouterr().err
+
+
+def test_link_peak_reads_nvidia_smi(monkeypatch):
+    class Done:
+        stdout = "4, 16\n"
+
+    monkeypatch.setattr(selftest.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(selftest.subprocess, "run", lambda *a, **k: Done())
+    name, gbps = selftest.link_peak(0)
+    assert name == "PCIe 4.0 x16" and gbps == pytest.approx(31.5, abs=0.1)
+    monkeypatch.setattr(selftest.shutil, "which", lambda name: None)
+    assert selftest.link_peak(0) is None
