@@ -97,10 +97,9 @@ class CudaPool(Pool):
             self.cupy.cuda.runtime.free(ptr)
 
     def export(self) -> PoolExport:
-        if self.chunks.freed:
-            raise RuntimeError("the CUDA pool has chunks a live shrink freed, which a new worker would map: restart"
-                               " memd at the size you want")
-        return PoolExport(self.backend, "", self.nbytes, self.uuid, self.chunks.chunk_bytes, list(self.handles))
+        """A chunk a shrink freed exports an empty handle (``pools.refusal`` turns a new worker away)."""
+        handles = [h if m is not None else b"" for h, m in zip(self.handles, self.chunks.mem)]
+        return PoolExport(self.backend, "", self.nbytes, self.uuid, self.chunks.chunk_bytes, handles)
 
     def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = ()) -> Completion:
         """``src`` must be writable pinned host memory (the host tier or a staging buffer), untouched until the

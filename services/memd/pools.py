@@ -78,6 +78,15 @@ def device_mismatch(pool: PoolExport, worker_device: str) -> str:
             " on its own device only; give both the same GPU (CUDA_VISIBLE_DEVICES, memd --cuda-device)")
 
 
+def refusal(pool: PoolExport, worker_device: str) -> tuple[str, str] | None:
+    """``(error code, message)`` when a worker on ``worker_device`` may not attach to this pool, else None."""
+    if any(not h for h in pool.handles):
+        return "capacity", ("a live shrink freed chunks of memd's device pool, and a new worker cannot map them:"
+                            " restart memd at the size you want")
+    problem = device_mismatch(pool, worker_device)
+    return ("device", problem) if problem else None
+
+
 class Pool(ABC):
     backend: str
     nbytes: int

@@ -30,7 +30,7 @@ from services.memd.core import ExpertManager
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.leases import Client, ControlPage, shortfall
 from services.memd.loads import LoadError, Loads
-from services.memd.pools import Pool, device_mismatch
+from services.memd.pools import Pool, refusal
 from services.memd.prefetching import Prefetcher
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
@@ -68,8 +68,7 @@ class MemdServer:
         self.table = core.table
         self.loads = Loads(core, reader)
         self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth)
-        self.pool = pool
-        self.pool_name = pool.export().name or pool.backend
+        self.pool, self.pool_name = pool, pool.export().name or pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, Client] = {}
         self.trace_events = Counter()
@@ -221,16 +220,14 @@ class MemdServer:
             raise RpcError("model", f"memd serves {self.cfg.model}, the worker loaded {req.model}: give both one --model")
         if identity not in self.clients and len(self.clients) >= self.cfg.max_clients:
             raise RpcError("capacity", f"{len(self.clients)} workers attached; raise --max-clients")
-        pool = self.pool.export()
-        if problem := device_mismatch(pool, req.device):
-            raise RpcError("device", problem)
+        if refused := refusal(pool := self.pool.export(), req.device):
+            raise RpcError(*refused)
         self._drop_client(identity)  # a restarted worker re-using its identity starts clean
         self.clients[identity] = Client(req.pid)
         return m.HelloReply(PROTOCOL_VERSION, os.getpid(), pool.backend, pool.name, pool.nbytes,
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
                             self.store.num_experts, self.store.tensors,
-                            self.control.name if self.control is not None else "", pool.device, pool.chunk_bytes,
-                            pool.handles)
+                            self.control.name if self.control else "", pool.device, pool.chunk_bytes, pool.handles)
 
     def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
         client = self.clients.get(identity)

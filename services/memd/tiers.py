@@ -11,9 +11,11 @@ and the decision core do not change; a load of expert ``key`` into device slot `
 
 The host slot is pinned in the host table until its copy completes, so the host tier never evicts bytes a copy
 still reads; a load that finds every host slot pinned or loading waits (``waiting``, on-demand loads first) until
-a copy completes or a read fails, instead of failing the acquire. Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion
-registered for ``d`` (write-after-read: the worker's GPU work on the old expert may still be queued), and the
-write's own completion is kept as ``d``'s "written" (read-after-write). The job resolves once the copy is
+a copy completes or a read fails, instead of failing the acquire.
+
+Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion registered for
+``d`` (write-after-read: the worker's GPU work on the old expert may still be queued), and the write's own
+completion is kept as ``d``'s "written" (read-after-write). The job resolves once the copy is
 complete, so an acquire reply still means "the slot holds the expert" (docs/gpu.md, Ordering: the IPC event
 ring that would let the worker's stream wait instead is not built).
 """
@@ -222,6 +224,10 @@ class TieredReader:
     @property
     def bandwidth(self) -> float | None:
         return self.reader.bandwidth
+
+    @property
+    def direct_io(self) -> bool:
+        return self.reader.direct_io
 
     def queued(self) -> int:
         return self.reader.queued() + len(self.waiting)

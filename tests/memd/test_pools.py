@@ -6,7 +6,7 @@ import pytest
 
 from common.config import MemdConfig, build_config
 from services.memd.chunks import Chunks
-from services.memd.pools import PoolExport, ShmPool, device_mismatch, same_device
+from services.memd.pools import PoolExport, ShmPool, device_mismatch, refusal, same_device
 from services.memd.standin import StandInPool
 
 SLOT = 4096
@@ -60,10 +60,11 @@ def test_standin_pool_exports_one_handle_per_chunk_and_writes_in_stream_order():
     assert (export.chunk_bytes, len(export.handles)) == (4 * SLOT, 2)
     ev = pool.write(5 * SLOT, memoryview(b"\x05" * SLOT))
     assert ev.done() and pool.read(5 * SLOT, 4) == b"\x05" * 4 and pool.stream.log == ["write 5"]
+    assert refusal(export, "standin") is None
     pool.release(4 * SLOT, 2 * SLOT)
     assert pool.frees == 1 and pool.resident_bytes() == 4 * SLOT
-    with pytest.raises(RuntimeError, match="shrink freed"):
-        pool.export()
+    code, message = refusal(pool.export(), "standin")
+    assert code == "capacity" and "a live shrink freed chunks" in message
 
 
 def test_device_check_names_both_devices():
@@ -73,7 +74,8 @@ def test_device_check_names_both_devices():
     wrong = device_mismatch(gpu, "GPU-ffffffff-0000-1111-2222-333344445555")
     assert "GPU-0123abcd" in wrong and "GPU-ffffffff" in wrong
     assert "does not compute on CUDA" in device_mismatch(gpu, "cpu")
-    assert device_mismatch(PoolExport("shm", "x", 1), "cpu") == ""
+    assert device_mismatch(PoolExport("shm", "x", 1), "cpu") == "" and refusal(PoolExport("shm", "x", 1), "cpu") is None
+    assert refusal(gpu, "cpu")[0] == "device"
 
 
 def test_backend_knobs():
