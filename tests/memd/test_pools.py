@@ -88,3 +88,20 @@ def test_backend_knobs():
         build_config(MemdConfig, env={}, model="/m", host_memory="1GiB")
     with pytest.raises(ValueError, match="--host-memory 'lots' is not a size"):
         build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", host_memory="lots")
+
+
+def test_host_tier_is_at_least_the_readers_staging_and_at_most_every_expert():
+    from types import SimpleNamespace
+
+    from services.memd.backend import host_slots
+
+    store = SimpleNamespace(num_layers=4, num_experts=8, slot_bytes=1 << 20)  # 32 experts of 1 MiB
+
+    def slots(host_memory, threads=4):
+        return host_slots(build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", host_memory=host_memory,
+                                       read_threads=threads), store)
+
+    assert slots("0") == 8  # staging only: two per reader thread
+    assert slots("0", threads=2) == 4
+    assert slots("25%") == 8 and slots("50%") == 16
+    assert slots("20MiB") == 20 and slots("1GiB") == 32
