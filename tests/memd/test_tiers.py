@@ -163,3 +163,28 @@ def test_submit_refuses_a_slot_outside_the_device_pool(rig_factory):
     rig = rig_factory(host_slots=2, device_slots=2)
     with pytest.raises(ValueError, match="slot 2 is outside the device pool"):
         rig.load((0, 0), 2)
+
+
+def test_loads_and_the_core_drive_the_tiers_unchanged(rig_factory, data):
+    """The decision core's on-demand loads through ``Loads``, with the tiers in the reader's place: the device
+    tier evicts by its policy, every slot holds its expert's bytes, the host tier serves the second round."""
+    import asyncio
+
+    from services.memd.core import ExpertManager, Knobs
+    from services.memd.loads import Loads
+
+    payload = data[1]
+    rig = rig_factory(host_slots=len(KEYS), device_slots=4)
+    core = ExpertManager(4, LAYERS, EXPERTS, top_k=2, expert_bytes=SLOT, knobs=Knobs(policy="lru"))
+    loads = Loads(core, rig.tiers)
+
+    async def load_all():
+        for key in KEYS + KEYS[:2]:  # 8 loads into 4 device slots: evictions in the device tier
+            await loads.start(key, core.reserve_demand(key, False), demand=True)
+
+    asyncio.run(load_all())
+    table = core.table
+    assert table.counters.evictions == 4 and len(table.slot_of) == 4
+    for key, slot in table.slot_of.items():
+        assert rig.device.read(slot * SLOT, SLOT) == expert(payload, key)
+    assert (rig.tiers.stats.host_misses, rig.tiers.stats.host_hits) == (len(KEYS), 2)
