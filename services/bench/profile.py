@@ -86,7 +86,6 @@ class Decoder:
     def step(self) -> float:
         from services.worker.scheduler import Chunk
 
-        self.system.activate()
         start = time.perf_counter()
         if self.batched:
             self.system.engine.run([Chunk(self.seq, self.seq.next_tokens(len(self.seq.req.prompt)))])
