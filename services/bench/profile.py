@@ -43,11 +43,12 @@ class Options:
     floor_mib: int  # 0: twice the largest CPU cache, at least 1 GiB
     floor_runs: int
     json: Path | None
+    service: bool = False  # also stream through a real worker process
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
-                   Path(args.json) if args.json else None)
+                   Path(args.json) if args.json else None, args.service)
         if not (opts.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
         for name in ("tokens", "prompt_len", "floor_runs"):
@@ -133,6 +134,28 @@ def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: st
     return times
 
 
+def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[float], list[int]]:
+    """The same generation through a real memd + worker process pair, streamed over the worker's socket (as the
+    gateway reads it): the gaps between token arrivals, and the tokens. One warm-up generation fills the pool."""
+    from common.worker_client import WorkerClient
+    from services.bench.memd_proc import MemdProcess
+    from services.bench.worker_proc import WorkerProcess
+
+    with MemdProcess(opts.model, "100%") as memd, \
+            WorkerProcess(opts.model, memd.state_dir, ["--threads", str(threads)]) as worker:
+        client = WorkerClient(worker.addr, timeout_s=600)
+        try:
+            client.generate(prompt, opts.tokens + 1)
+            arrivals, tokens = [], []
+            for reply in client.stream(prompt, opts.tokens + 1):
+                if reply.tokens:
+                    arrivals.append(time.perf_counter())
+                    tokens.extend(reply.tokens)
+        finally:
+            client.close()
+    return np.diff(arrivals).tolist(), tokens
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def breakdown(seconds: dict, steps: list[float], layers: list[int]) -> dict:
     """ms per token: per kind (summed over layers), per layer and kind, and the remainder."""
@@ -163,6 +186,11 @@ def format_report(doc: dict) -> str:
     lines.append(f"{'step (no hooks, p50)':<22}" + "".join(f"{s['decode_ms_p50']:>16.3f}" for s in doc["systems"]))
     lines.append(f"{'vs floor':<22}" + "".join(f"{s['vs_floor']:>15.2f}x" for s in doc["systems"]))
     lines.append(f"{'same tokens':<22}" + "".join(f"{'yes' if s['identical'] else 'NO':>16}" for s in doc["systems"]))
+    service = doc.get("service")
+    if service is not None:
+        lines.append(f"service path (a worker process, its socket): {service['decode_ms_p50']:.3f} ms/token p50,"
+                     f" {service['vs_in_process']:.3f}x moeinf in process (a separate run, not in lockstep);"
+                     f" same tokens: {'yes' if service['identical'] else 'NO'}")
     lines += ["", "per layer (moeinf), ms per token:", f"{'layer':<8}" + "".join(f"{k:>12}" for k in KINDS)]
     for row in doc["systems"][-1]["hooked"]["layers"]:
         lines.append(f"{row['layer']:<8}" + "".join(f"{row[k]:>12.3f}" for k in KINDS))
@@ -199,15 +227,23 @@ def run(args) -> int:
         hooked = [profile_hooked(d, prompt, opts.tokens) for d in decoders]
         _progress("decoding without hooks (lockstep)")
         plain_times = lockstep(decoders, prompt, opts.tokens, "timed")
+    service = None
+    if opts.service:
+        _progress("streaming through a worker process")
+        service = service_decode(opts, prompt, threads)
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs)
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
     doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes)
+    if service is not None:
+        p50 = float(np.median(service[0])) * 1e3
+        doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
+                          "identical": service[1] == reference}
     print(format_report(doc))
     if opts.json:
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {opts.json}")
-    if not all(s["identical"] for s in doc["systems"]):
+    if not all(s["identical"] for s in [*doc["systems"], *([doc["service"]] if "service" in doc else [])]):
         print("MISMATCH: some system generated other tokens than transformers' model.generate", file=sys.stderr)
         return 1
     return 0
@@ -242,5 +278,7 @@ def add_parser(bench) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--floor-mib", type=int, default=0, help="the floor's buffer (0: 2x the CPU cache, >= 1 GiB)")
     p.add_argument("--floor-runs", type=int, default=5, help="matrix-vector runs for the floor (best of)")
+    p.add_argument("--service", action="store_true",
+                   help="also stream the generation through a real worker process (memd + worker, its socket)")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)

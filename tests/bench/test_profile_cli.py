@@ -23,7 +23,7 @@ def profile(model, *extra):
 
 def test_table_and_json(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    proc = profile(tiny, "--json", str(out))
+    proc = profile(tiny, "--json", str(out), "--service")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("ms per decode token"))
@@ -32,6 +32,8 @@ def test_table_and_json(tiny, tmp_path):
         assert any(line.startswith(row) for line in lines), row
     assert next(line for line in lines if line.startswith("same tokens")).split()[-2:] == ["yes", "yes"]
     assert any(line.startswith("bandwidth floor: bf16 matrix-vector over 64 MiB, best of 2") for line in lines)
+    service = next(line for line in lines if line.startswith("service path"))
+    assert service.endswith("same tokens: yes")
 
     doc = json.loads(out.read_text())
     assert [s["system"] for s in doc["systems"]] == ["transformers", "moeinf-100%"]
@@ -47,6 +49,7 @@ def test_table_and_json(tiny, tmp_path):
     assert b["dense"] > 0 and b["weights"] == b["dense"] + b["experts"] and b["kv_cache"] > 0
     assert doc["floor"]["gb_per_s"] > 0 and doc["floor"]["buffer_bytes"] == 64 << 20
     assert doc["floor"]["ms_per_token"] == pytest.approx(b["weights"] / doc["floor"]["gb_per_s"] / 1e6)
+    assert doc["service"]["identical"] is True and doc["service"]["decode_ms_p50"] > 0
 
 
 def test_bad_arguments(tiny):
