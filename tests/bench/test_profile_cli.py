@@ -21,6 +21,7 @@ def profile(model, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # two memds, a worker process and two models: minutes on a loaded 2-core machine
 def test_table_and_json(tiny, tmp_path):
     out = tmp_path / "profile.json"
     proc = profile(tiny, "--json", str(out), "--service")
