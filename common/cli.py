@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.formats import add_parser as add_formats_parser
 
     add_formats_parser(bench)
+    from services.bench.profile import add_parser as add_profile_parser
+
+    add_profile_parser(bench)
     return parser
 
 

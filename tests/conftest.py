@@ -39,15 +39,3 @@ def no_leaked_shm():
         time.sleep(1.0)
         leaked &= orphan_regions()
     assert not leaked, f"shared memory leaked: {leaked}"
-
-
-@pytest.fixture(autouse=True)
-def fresh_step_recorder():
-    """In-process tests bind the worker's experts to a memd client and close it; the next test must not record
-    into that closed client (``experts.RECORDER`` is a module global of the worker)."""
-    from services.worker import experts
-    from services.worker.tracing import StepRecorder
-
-    yield
-    experts.RECORDER = StepRecorder(None)
-

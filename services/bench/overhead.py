@@ -101,9 +101,6 @@ class TransformersSystem:
                                                           **dequantize_config(model_dir)).eval()
         self.engine = Engine(self.model, _max_len(self.model))
 
-    def activate(self) -> None:
-        pass
-
     def request_start(self, request: str, prompt_tokens: int) -> None:
         pass
 
@@ -128,7 +125,6 @@ class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
                  dequant_cache_mb: int = 0):
         from common.config import WorkerConfig
-        from services.worker import experts
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
 
@@ -137,31 +133,18 @@ class MoeinfSystem:
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
                            dequant_cache_mb=dequant_cache_mb)
-        model, self.client, hello = attach(cfg)
-        self.recorder = experts.RECORDER  # its step traces go to its own memd (see activate)
+        model, self.client, hello, self.steps = attach(cfg)  # its own step state: its traces go to its own memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
-        self.engine = Engine(model, max_model_len(cfg, model))
-
-    def activate(self) -> None:
-        """Several moeinf systems share this process, and the step recorder is per process: route the steps about
-        to run to this system's memd (leased layers are counted from them)."""
-        from services.worker import experts
-
-        experts.RECORDER = self.recorder
+        self.engine = Engine(model, max_model_len(cfg, model), self.steps)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
         """What the worker's server sends when a request starts (memd opens its activation matrix)."""
-        from common.protocol import Op
-
-        self.client.emit(Op.REQUEST_START, m.RequestStartEvent(request, prompt_tokens))
+        self.steps.request_started(request, prompt_tokens)
 
     def request_end(self, request: str, generated: int) -> None:
         """... and when it ends (its last step's trace is flushed first; memd adds the matrix to the EAMC)."""
-        from common.protocol import Op
-
-        self.activate()
-        self.client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
+        self.steps.request_ended(request, generated)
 
     def stats(self) -> dict[str, float]:
         reply = self.client.stats()
@@ -210,7 +193,6 @@ class TimedGeneration:
         return self.seq.finish_reason is not None
 
     def step(self) -> None:
-        self.system.activate()
         start = time.perf_counter()
         self.system.engine.step(self.seq)
         elapsed = time.perf_counter() - start

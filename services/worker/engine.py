@@ -18,8 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from common import messages as m
-from services.worker.experts import set_step
 from services.worker.scheduler import Chunk
+from services.worker.tracing import StepState
 from services.worker.varlen import Part, Varlen
 
 
@@ -64,8 +64,11 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, max_model_len: int):
+    def __init__(self, model, max_model_len: int, steps: StepState | None = None):
+        """``steps``: the step state the model's experts are bound to (``experts.bind``); None for a model whose
+        experts are its own (plain transformers)."""
         self.model = model
+        self.steps = steps
         self.max_model_len = max_model_len
         self.vocab_size = model.config.get_text_config().vocab_size
         self.varlen: Varlen | None = None
@@ -100,8 +103,9 @@ class Engine:
         if self.varlen is None:
             raise RuntimeError("Engine.run needs enable_batching() first")
         owner, positions, rows = _layout(step)
-        set_step([chunk.seq.request_id for chunk in step], torch.tensor(owner, dtype=torch.long), positions=positions,
-                 phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
+        if self.steps is not None:
+            self.steps.begin([chunk.seq.request_id for chunk in step], owner, positions=positions,
+                             phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
         logits = iter(self.varlen.forward([Part(c.seq.cache, c.seq.cached, c.tokens) for c in step], rows))
         tokens = []
         for chunk in step:
@@ -123,7 +127,8 @@ class Engine:
         """Run one forward (the whole prompt first, then one token) and return the next token."""
         ids = seq.req.prompt if not seq.generated else seq.generated[-1:]
         input_ids = torch.tensor([ids], dtype=torch.long)
-        set_step([seq.req.request], torch.zeros(len(ids), dtype=torch.long))
+        if self.steps is not None:
+            self.steps.begin([seq.req.request], [0] * len(ids))
         out = self.model(input_ids=input_ids, attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long),
                          past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
         seq.cached = seq.num_tokens

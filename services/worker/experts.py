@@ -13,50 +13,20 @@ touches the computed values: the output stays bit-identical.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
-from common import messages as m
 from services.worker import quant
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator
-from services.worker.tracing import StepRecorder
+from services.worker.tracing import StepState
 
 IMPLEMENTATION = "moeinf"
 NEXT_GATE_FLOAT32_BYTES = 256 << 20  # CPU: routers copied to float32 (bf16 matmuls are slow there) up to this much
-
-
-class StepContext(threading.local):
-    """Who the tokens of the current forward belong to, for exact per-request attribution."""
-
-    requests: list[str] = []
-    token_owner: torch.Tensor | None = None  # [num_tokens] request index of every flattened token
-
-
-STEP = StepContext()
-RECORDER = StepRecorder(None)  # replaced by bind(); without a memd client it records nothing
-
-
-def set_step(requests: list[str], token_owner: torch.Tensor, *, positions=None, phases=None) -> None:
-    """Declare the next forward: ``token_owner[t]`` is the index in ``requests`` of flattened token t.
-
-    Call it once per forward step. It ends (flushes to memd and the trace file) the step before. ``positions``
-    (each token's position in its sequence) and ``phases`` (per request, "prefill" or "decode") default to: a
-    request's first step is its prompt, later steps decode, positions count on from the request's earlier tokens.
-    """
-    STEP.requests = requests
-    STEP.token_owner = token_owner
-    if RECORDER.client is not None:
-        RECORDER.begin(requests, token_owner, positions, phases)
-
-
-def end_step() -> None:
-    """Flush the current step's trace now (``set_step`` and a request's end do it anyway)."""
-    RECORDER.end_step()
+SMALL_ROUTING = 64  # up to this many (token, expert) pairs a layer's routing is read once into Python lists
 
 
 class SlotExperts:
@@ -132,17 +102,57 @@ def _guess_dtype(model, layers) -> torch.dtype | None:
     return None
 
 
+@dataclass(slots=True)
+class Routing:
+    """One layer's routing of a step: the sorted routed experts and, per request of the step, how many tokens
+    each expert got (``tokens[r][j]`` for ``experts[j]``) and the sum of their router weights."""
+
+    experts: list[int]
+    requests: list[str]
+    tokens: list[list[int]]
+    weights: list[list[float]]
+    index: list[list[int]] | None  # top_k_index as lists (small steps only)
+
+    @classmethod
+    def of(cls, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, steps: StepState,
+           num_experts: int) -> "Routing":
+        """Small steps (decode) are read into Python once; larger ones are counted by torch."""
+        if top_k_index.numel() <= SMALL_ROUTING:
+            return cls.small(top_k_index.tolist(), top_k_weights.float().tolist(), steps.requests, steps.owner)
+        experts = torch.unique(top_k_index)
+        requests, tokens, weights = attribution(top_k_index, top_k_weights, experts, num_experts, steps.requests,
+                                                steps.token_owner)
+        return cls(experts.tolist(), requests, tokens, weights, None)
+
+    @classmethod
+    def small(cls, index: list[list[int]], weights: list[list[float]], requests: list[str],
+              owner: list[int]) -> "Routing":
+        experts = sorted({e for row in index for e in row})
+        if len(owner) != len(index):  # no step declared for these tokens: nothing to attribute
+            return cls(experts, [], [], [], index)
+        column = {e: j for j, e in enumerate(experts)}
+        tokens = [[0] * len(experts) for _ in requests]
+        sums = [[0.0] * len(experts) for _ in requests]
+        for r, row, ws in zip(owner, index, weights):
+            for e, w in zip(row, ws):
+                tokens[r][column[e]] += 1
+                sums[r][column[e]] += w
+        return cls(experts, requests, tokens, sums, index)
+
+
 class ExpertBinding:
     """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
-    def __init__(self, layer: int, module, views: PoolViews, client, speculator: Speculator | None = None,
-                 dequant: quant.Dequantizer | None = None):
+    def __init__(self, layer: int, module, views: PoolViews, client, steps: StepState,
+                 speculator: Speculator | None = None, dequant: quant.Dequantizer | None = None):
         self.layer = layer
         self.dequant = dequant
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots, views.window)
         self.client = client
+        self.steps = steps
         self.speculator = speculator
+        self.remap = torch.empty(module.num_experts, dtype=torch.long)  # expert id -> slot - lo (larger steps)
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -155,37 +165,48 @@ class ExpertBinding:
                                    " memd and the worker must serve the same checkpoint")
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        experts = torch.unique(top_k_index)
-        ids = experts.tolist()
-        requests, tokens, weights = attribution(top_k_index, top_k_weights, experts, self.num_experts)
-        client = self.client
-        guesses = ([], [], []) if self.speculator is None else self.speculator.guess(
-            self.layer, hidden_states, client.speculate_layers, client.speculate_threshold)
-        step = RECORDER.open
-        prefill = step.prefill if step is not None and len(step.prefill) == len(requests) else []
-        client.note(RECORDER.step, self.layer, ids, requests, tokens, prefill, *guesses)
-        slots = client.acquire(self.layer, ids, [], [], step=RECORDER.step, prefill=prefill)
-        nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
-        RECORDER.layer(self.layer, ids, tokens, weights, nxt, top_k_index, top_k_weights, leased=client.last_leased)
+        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)
+        slots = self.acquire(routing, hidden_states, top_k_index, top_k_weights)
         try:
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
-                return self.dequant.forward(self.proxy._module, self.layer, experts, slots, hidden_states,
-                                            top_k_index, top_k_weights)
+                return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
+                                            hidden_states, top_k_index, top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
-            remap = torch.empty(self.num_experts, dtype=top_k_index.dtype)
-            remap[experts] = torch.tensor(slots, dtype=top_k_index.dtype) - lo
-            window = self.proxy.window(lo, hi)
-            return grouped_mm_experts_forward(window, hidden_states, remap[top_k_index], top_k_weights)
+            index = self.slot_index(routing, slots, lo, top_k_index)
+            return grouped_mm_experts_forward(self.proxy.window(lo, hi), hidden_states, index, top_k_weights)
         finally:
             if not self.client.leasing:
-                self.client.release(self.layer, ids)
+                self.client.release(self.layer, routing.experts)
+
+    def acquire(self, routing: Routing, hidden_states, top_k_index, top_k_weights) -> list[int]:
+        """Note the layer to memd (with the next layers' guesses), record it, and get the experts' slots."""
+        client, recorder = self.client, self.steps.recorder
+        guesses = ([], [], []) if self.speculator is None else self.speculator.guess(
+            self.layer, hidden_states, client.speculate_layers, client.speculate_threshold)
+        step = recorder.open
+        prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
+        ids = routing.experts
+        client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
+        slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill)
+        nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
+        recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,
+                       leased=client.last_leased)
+        return slots
+
+    def slot_index(self, routing: Routing, slots: list[int], lo: int, top_k_index: torch.Tensor) -> torch.Tensor:
+        """``top_k_index`` with every expert id replaced by its slot's place in the window from ``lo``."""
+        if routing.index is not None:
+            place = {e: slot - lo for e, slot in zip(routing.experts, slots)}
+            return torch.tensor([[place[e] for e in row] for row in routing.index], dtype=top_k_index.dtype)
+        remap = self.remap
+        remap[routing.experts] = torch.tensor(slots, dtype=torch.long) - lo
+        return remap[top_k_index].to(top_k_index.dtype)
 
 
-def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: torch.Tensor, num_experts: int):
-    """``tokens[r][j]``: how many tokens of request r were routed to ``experts[j]`` in this layer, and
-    ``weights[r][j]`` the sum of their router weights."""
-    owner = STEP.token_owner
-    requests = STEP.requests
+def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts: torch.Tensor, num_experts: int,
+                requests: list[str], owner: torch.Tensor | None):
+    """``tokens[r][j]``: how many tokens of request r (``owner[t]``: token t's request) were routed to
+    ``experts[j]`` in this layer, and ``weights[r][j]`` the sum of their router weights."""
     if owner is None or owner.numel() != top_k_index.shape[0]:
         return [], [], []
     flat = (owner.unsqueeze(1).expand_as(top_k_index) * num_experts + top_k_index).reshape(-1)
@@ -207,12 +228,10 @@ def register() -> None:
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moeinf_experts_forward)
 
 
-def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | None = None,
-         next_gate: bool = True, speculate_layers: int = 4, dequant_cache_mb: int = 0) -> None:
-    """Bind every experts module to memd; ``recorder`` buffers the step traces (default: to memd only);
-    ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
-    global RECORDER
-    RECORDER = recorder if recorder is not None else StepRecorder(client)
+def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
+         speculate_layers: int = 4, dequant_cache_mb: int = 0) -> None:
+    """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
+    traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
     top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
@@ -226,5 +245,4 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20)
     for layer, module in zip(layers, modules):
-        module._moeinf = ExpertBinding(layer.index, module, views, client, speculator, dequant)
-
+        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import signal
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig
@@ -21,13 +22,20 @@ from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
 from services.worker.scheduler import Limits
 from services.worker.server import WorkerServer
-from services.worker.tracing import StepRecorder
+from services.worker.tracing import StepRecorder, StepState
 
 log = logging.getLogger("moeinf.worker")
 
 
-def attach(cfg: WorkerConfig):
-    """Load the model and bind its experts to memd's pool; returns ``(model, client, hello)``."""
+class Attached(NamedTuple):
+    model: object
+    client: MemdClient
+    hello: m.HelloReply
+    steps: StepState  # the step the engine declares and the experts read (pass it to the Engine)
+
+
+def attach(cfg: WorkerConfig) -> Attached:
+    """Load the model and bind its experts to memd's pool."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = Checkpoint(cfg.model)
@@ -41,14 +49,14 @@ def attach(cfg: WorkerConfig):
             raise RuntimeError(f"memd serves {hello.num_layers} MoE layers x {hello.num_experts} experts, the model has"
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
-        experts.bind(model, layers, views, client, recorder=recorder(cfg, client, model, layers),
-                     next_gate=cfg.next_gate, speculate_layers=cfg.speculate_layers,
-                     dequant_cache_mb=cfg.dequant_cache_mb)
+        steps = StepState(recorder(cfg, client, model, layers))
+        experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
+                     speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb)
         client.ready()
     except BaseException:
         client.close()
         raise
-    return model, client, hello
+    return Attached(model, client, hello, steps)
 
 
 def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecorder:
@@ -80,9 +88,9 @@ def max_model_len(cfg: WorkerConfig, model) -> int:
 
 
 def run(cfg: WorkerConfig) -> int:
-    model, client, _ = attach(cfg)
+    model, client, _, steps = attach(cfg)
     try:
-        engine = Engine(model, max_model_len(cfg, model))
+        engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching()
         limits = Limits.from_config(cfg)
         if engine.varlen.recurrent and limits.max_running > 1:  # their state is per request: one at a time
@@ -91,7 +99,7 @@ def run(cfg: WorkerConfig) -> int:
         server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), limits, Access(cfg.group))
         return asyncio.run(_serve(server))
     finally:
-        experts.RECORDER.close()  # the last step's trace, and the trace file's buffer
+        steps.close()  # the last step's trace, and the trace file's buffer
         client.close()
 
 

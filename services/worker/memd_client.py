@@ -61,7 +61,6 @@ class MemdClient:
         self.notes_dropped = 0
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
-        self.on_request_end = None  # called with the request id before REQUEST_END goes out (flushes its last step)
 
     def close(self) -> None:
         self._control = None
@@ -161,8 +160,6 @@ class MemdClient:
 
     def emit(self, op: Op, event) -> None:
         """Fire-and-forget trace event; a full queue drops and counts, it never blocks."""
-        if op is Op.REQUEST_END and self.on_request_end is not None:
-            self.on_request_end(event.request)
         try:
             self.trace.send(encode(op, 0, event), flags=zmq.NOBLOCK)
         except zmq.Again:

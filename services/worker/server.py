@@ -194,7 +194,7 @@ class WorkerServer:
             self.loop.call_soon_threadsafe(self._forget, req.request)
             return
         self.jobs[req.request] = Job(identity, rid, seq)
-        self.client.emit(Op.REQUEST_START, m.RequestStartEvent(req.request, len(req.prompt)))
+        self.engine.steps.request_started(req.request, len(req.prompt))
 
     def drop_cancelled(self) -> None:
         for request in self.cancelled & self.jobs.keys():  # a set operation in C: safe against the loop thread
@@ -216,19 +216,34 @@ class WorkerServer:
             log.exception("a step of %d requests failed", len(step))
             self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
             return
+        frames, done = [], []
         for chunk, token in zip(step, tokens):
+            job = self.jobs[chunk.seq.request_id]
             if chunk.seq.error is not None:
-                self.fail([self.jobs[chunk.seq.request_id]], "bad_request", chunk.seq.error)
+                self.fail([job], "bad_request", chunk.seq.error)
             elif token is not None:
                 self.generated_tokens += 1
-                self.publish(self.jobs[chunk.seq.request_id], [token])
+                frames.append(self._tokens_frame(job, [token]))
+                if job.seq.finish_reason is not None:
+                    done.append(job)
+        if frames:  # the step's tokens reach the event loop in one wake-up, encoded here
+            self.loop.call_soon_threadsafe(self._put_frames, frames)
+        for job in done:
+            self.retire(job)
 
     def publish(self, job: Job, tokens: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self._put_frames, [self._tokens_frame(job, tokens)])
+        if job.seq.finish_reason is not None:
+            self.retire(job)
+
+    def _tokens_frame(self, job: Job, tokens: list[int]) -> tuple[bytes, bytes]:
         seq = job.seq
         reply = m.TokensReply(seq.request_id, tokens, seq.finish_reason, len(seq.req.prompt), len(seq.generated))
-        self._reply_threadsafe(job.identity, Op.GENERATE, job.rid, reply)
-        if seq.finish_reason is not None:
-            self.retire(job)
+        return job.identity, encode(Op.GENERATE, job.rid, reply)
+
+    def _put_frames(self, frames: list[tuple[bytes, bytes]]) -> None:
+        for item in frames:
+            self.outbox.put_nowait(item)
 
     def finish(self, job: Job, reason: str) -> None:
         job.seq.finish_reason = reason
@@ -237,7 +252,7 @@ class WorkerServer:
     def retire(self, job: Job) -> None:
         self.scheduler.remove(job.seq)
         self.jobs.pop(job.seq.request_id, None)
-        self.client.emit(Op.REQUEST_END, m.RequestEndEvent(job.seq.request_id, len(job.seq.generated)))
+        self.engine.steps.request_ended(job.seq.request_id, len(job.seq.generated))
         self.loop.call_soon_threadsafe(self._forget, job.seq.request_id)
 
     def _forget(self, request: str) -> None:

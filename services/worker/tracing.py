@@ -1,6 +1,6 @@
 """The worker's per-step routing trace: buffered while a forward step runs, flushed once it is over.
 
-``begin`` opens a step (``experts.set_step`` calls it once per forward, and it first flushes the step before);
+``begin`` opens a step (``StepState.begin`` calls it once per forward, and it first flushes the step before);
 each MoE layer adds what it routed; ``end_step`` sends one ``StepTraceEvent`` to memd on the fire-and-forget
 trace socket (a full queue drops and counts, it never blocks decode) and, with ``--record-trace``, appends one
 line per token per MoE layer to the trace file (docs/traces.md). A request's end flushes its last step first, so
@@ -8,7 +8,10 @@ memd always learns a request's last step before its end.
 
 Positions and phases are what the engine says, or inferred: a request's first step is its prompt (prefill), the
 later ones decode, and positions count the tokens the request has run so far. An engine that splits prompts
-into chunks must pass ``phases`` (and may pass ``positions``) to ``set_step``.
+into chunks must pass ``phases`` (and may pass ``positions``) to ``StepState.begin``.
+
+``StepState`` is the step as the engine declares it and every MoE layer's binding reads it: one object per
+worker model, made by ``services.worker.main.attach`` and handed to ``experts.bind`` and to the ``Engine``.
 """
 from __future__ import annotations
 
@@ -46,8 +49,6 @@ class StepRecorder:
         self.step = 0
         self.open: OpenStep | None = None
         self.seen: OrderedDict[str, int] = OrderedDict()  # request -> tokens it has run (the next position)
-        if client is not None:
-            client.on_request_end = self.request_ended
 
     # ---------------------------------------------------------------- step lifecycle
     def begin(self, requests: list[str], token_owner: torch.Tensor, positions=None, phases=None) -> OpenStep:
@@ -122,3 +123,36 @@ class StepRecorder:
         self.end_step()
         if self.writer is not None:
             self.writer.close()
+
+
+class StepState:
+    """The forward step now running: whose tokens are whose (``requests``; ``owner[t]`` is the index in
+    ``requests`` of flattened token t) and the recorder the layers' routing goes to. Requests start and end
+    through it too, so memd hears a request's last step before its end."""
+
+    def __init__(self, recorder: StepRecorder):
+        self.recorder = recorder
+        self.requests: list[str] = []
+        self.token_owner: torch.Tensor | None = None  # [num_tokens]
+        self.owner: list[int] = []  # the same, as a list
+
+    def begin(self, requests: list[str], owner: list[int], *, positions=None, phases=None) -> None:
+        """Declare the next forward; it ends (flushes to memd and the trace file) the step before. ``positions``
+        (each token's position in its sequence) and ``phases`` (per request, "prefill" or "decode") default to: a
+        request's first step is its prompt, later steps decode, positions count on from its earlier tokens."""
+        self.requests, self.owner = requests, owner
+        self.token_owner = torch.tensor(owner, dtype=torch.long)
+        if self.recorder.client is not None:
+            self.recorder.begin(requests, self.token_owner, positions, phases)
+
+    def request_started(self, request: str, prompt_tokens: int) -> None:
+        self.recorder.client.emit(Op.REQUEST_START, m.RequestStartEvent(request, prompt_tokens))
+
+    def request_ended(self, request: str, generated: int) -> None:
+        """Flush the request's last step, then tell memd it ended (memd adds its matrix to the EAMC)."""
+        self.recorder.request_ended(request)
+        self.recorder.client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
+
+    def close(self) -> None:
+        """The last step's trace, and the trace file's buffer."""
+        self.recorder.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,10 @@ class StepCache:
         self.spans: dict[int, list[tuple[int, int]]] = {}
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if len(self.parts) == 1:  # one request (a lone decode): its cache takes the step's keys as they are
+            k, v = self.parts[0].cache.update(key, value, layer_idx, *args, **kwargs)
+            self.spans[layer_idx] = [(0, k.shape[-2])]
+            return k, v
         keys, values, spans, start = [], [], [], 0
         for part, (lo, hi) in zip(self.parts, self.rows):
             k, v = part.cache.update(key[:, :, lo:hi], value[:, :, lo:hi], layer_idx, *args, **kwargs)
@@ -82,6 +85,8 @@ class StepRun:
     def attend(self, module, query, key, value, kwargs):
         attention = self.varlen.attention_for(module)
         kind = self.varlen.layer_kinds[module.layer_idx]
+        if len(self.masks) == 1:  # one request: its queries, keys and values are the whole tensors
+            return attention(module, query, key, value, self.masks[0][kind], **kwargs)[0], None
         outputs = []
         for (lo, hi), (k_lo, k_hi), masks in zip(self.rows, self.cache.spans[module.layer_idx], self.masks):
             out, _ = attention(module, query[:, :, lo:hi], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi], masks[kind],
@@ -90,15 +95,11 @@ class StepRun:
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
 
-class _Active(threading.local):
-    run: StepRun | None = None
-
-
-ACTIVE = _Active()
-
-
 def varlen_attention(module, query, key, value, attention_mask, **kwargs):
-    run = ACTIVE.run
+    """The registered attention: the step that ``module``'s model runs now (``Varlen.__init__`` gave every
+    attention layer its ``Varlen``) attends request by request."""
+    varlen = getattr(module, "_moeinf_varlen", None)
+    run = None if varlen is None else varlen.run
     if run is None:
         raise RuntimeError("the moeinf_varlen attention runs only inside Varlen.forward")
     return run.attend(module, query, key, value, kwargs)
@@ -120,6 +121,10 @@ class Varlen:
         self.recurrent = any(type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer")
                              for layer in DynamicCache(config=config).layers)
         self._attention: dict[type, object] = {}
+        self.run: StepRun | None = None  # the step in progress (Varlen.forward)
+        for module in model.modules():  # the attention layers (they carry their layer index) find their step here
+            if hasattr(module, "layer_idx"):
+                module._moeinf_varlen = self
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
@@ -146,13 +151,12 @@ class Varlen:
         """Run the step; return the float32 logits of the flattened rows ``keep``, one row each."""
         input_ids = torch.tensor([[t for part in parts for t in part.tokens]], dtype=torch.long)
         positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0)
-        run = StepRun(self, parts)
-        ACTIVE.run = run
+        self.run = run = StepRun(self, parts)
         try:
             out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
                              logits_to_keep=torch.tensor(keep, dtype=torch.long))
         finally:
-            ACTIVE.run = None
+            self.run = None
         return out.logits[0].float()
 
 

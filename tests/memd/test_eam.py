@@ -12,32 +12,29 @@ from services.worker import experts
 
 def test_worker_attribution_splits_a_batched_step_by_request():
     # three requests in one step: A has 2 tokens, B 1, C 3 (token_owner in flattened order)
-    experts.STEP.requests = ["A", "B", "C"]
-    experts.STEP.token_owner = torch.tensor([0, 0, 1, 2, 2, 2])
+    owner = [0, 0, 1, 2, 2, 2]
     top_k_index = torch.tensor([[1, 4], [4, 6], [1, 2], [6, 1], [6, 4], [2, 6]])
     top_k_weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
-    try:
-        unique = torch.unique(top_k_index)
-        requests, tokens, weights = experts.attribution(top_k_index, top_k_weights, unique, num_experts=8)
-    finally:
-        experts.STEP.requests, experts.STEP.token_owner = [], None
-    assert unique.tolist() == [1, 2, 4, 6]
-    assert requests == ["A", "B", "C"]
-    assert tokens == [[1, 0, 2, 1],  # A: expert 1 once, 4 twice, 6 once
-                      [1, 1, 0, 0],  # B
-                      [1, 1, 1, 3]]  # C
-    assert np.allclose(weights, [[0.75, 0, 0.75, 0.5], [0.9, 0.1, 0, 0], [0.4, 0.2, 0.3, 2.1]])
-    assert sum(map(sum, tokens)) == top_k_index.numel()  # every routed token is attributed once
+    unique = torch.unique(top_k_index)
+    by_torch = experts.attribution(top_k_index, top_k_weights, unique, 8, ["A", "B", "C"], torch.tensor(owner))
+    small = experts.Routing.small(top_k_index.tolist(), top_k_weights.tolist(), ["A", "B", "C"], owner)
+    assert unique.tolist() == small.experts == [1, 2, 4, 6]
+    for requests, tokens, weights in (by_torch, (small.requests, small.tokens, small.weights)):
+        assert requests == ["A", "B", "C"]
+        assert tokens == [[1, 0, 2, 1],  # A: expert 1 once, 4 twice, 6 once
+                          [1, 1, 0, 0],  # B
+                          [1, 1, 1, 3]]  # C
+        assert np.allclose(weights, [[0.75, 0, 0.75, 0.5], [0.9, 0.1, 0, 0], [0.4, 0.2, 0.3, 2.1]])
+        assert sum(map(sum, tokens)) == top_k_index.numel()  # every routed token is attributed once
 
 
 def test_worker_attribution_without_a_step_attributes_nothing():
-    experts.STEP.requests, experts.STEP.token_owner = ["A"], torch.tensor([0, 0])
-    try:
-        # the owner covers 2 tokens but the layer routed 3: no guessing
-        got = experts.attribution(torch.tensor([[0, 1]] * 3), torch.ones(3, 2), torch.tensor([0, 1]), 4)
-    finally:
-        experts.STEP.requests, experts.STEP.token_owner = [], None
+    # the owner covers 2 tokens but the layer routed 3: no guessing
+    got = experts.attribution(torch.tensor([[0, 1]] * 3), torch.ones(3, 2), torch.tensor([0, 1]), 4, ["A"],
+                              torch.tensor([0, 0]))
     assert got == ([], [], [])
+    small = experts.Routing.small([[0, 1]] * 3, [[1.0, 1.0]] * 3, ["A"], [0, 0])
+    assert small.experts == [0, 1] and (small.requests, small.tokens, small.weights) == ([], [], [])
 
 
 def step(number, requests, tokens, prefill, layers, worker=7):

@@ -29,9 +29,9 @@ def worker(mixtral, tmp_path_factory):
     try:
         wait_for_log(memd, log, "memd ready")
         threads = torch.get_num_threads()
-        model, client, hello = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1))
+        model, client, hello, steps = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1))
         try:
-            engine = Engine(model, 512)
+            engine = Engine(model, 512, steps)
             engine.enable_batching()
             yield engine, client, hello.num_layers
         finally:

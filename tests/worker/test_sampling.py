@@ -76,7 +76,13 @@ def test_the_worker_answers_the_failed_request_alone():
         def emit(self, op, event):
             pass
 
+    class Steps:
+        def request_ended(self, request, generated):
+            pass
+
     class StubEngine:
+        steps = Steps()
+
         def run(self, step):
             step[1].seq.error = "cannot sample"
             return [7, None]

@@ -8,33 +8,26 @@ import pytest
 import torch
 from helpers import Stack
 
-from common import messages as m
 from common.protocol import Op
 from common.traces import TraceHeader, TraceWriter, group_steps, read_trace
 from common.worker_client import WorkerClient
 from services.worker import experts
-from services.worker.tracing import StepRecorder
+from services.worker.tracing import StepRecorder, StepState
 
 
 class FakeClient:
     def __init__(self):
         self.events = []
-        self.on_request_end = None
 
     def emit(self, op, event):
-        if op is Op.REQUEST_END and self.on_request_end is not None:
-            self.on_request_end(event.request)
         self.events.append((op, event))
 
 
 def layer(rec: StepRecorder, index: int, top_k_index, owner, num_requests, num_experts=4):
     ids = torch.tensor(top_k_index)
     unique = torch.unique(ids)
-    experts.STEP.requests, experts.STEP.token_owner = [f"r{i}" for i in range(num_requests)], torch.tensor(owner)
-    try:
-        requests, tokens, weights = experts.attribution(ids, torch.full(ids.shape, 0.5), unique, num_experts)
-    finally:
-        experts.STEP.requests, experts.STEP.token_owner = [], None
+    requests, tokens, weights = experts.attribution(ids, torch.full(ids.shape, 0.5), unique, num_experts,
+                                                    [f"r{i}" for i in range(num_requests)], torch.tensor(owner))
     rec.layer(index, unique.tolist(), tokens, weights, [], ids, torch.full(ids.shape, 0.5))
 
 
@@ -57,7 +50,7 @@ def test_steps_are_buffered_then_flushed_with_positions_and_phases(tmp_path):
     layer(rec, 0, [[0, 1], [2, 3], [1, 2]], [0, 1, 1], 2)
     layer(rec, 1, [[0, 2], [1, 3], [1, 3]], [0, 1, 1], 2)
     # r0 ends: its last step is flushed before the end event
-    client.emit(Op.REQUEST_END, m.RequestEndEvent("r0", 2))
+    StepState(rec).request_ended("r0", 2)
     assert [op for op, _ in client.events] == [Op.STEP_TRACE, Op.STEP_TRACE, Op.REQUEST_END]
     second = client.events[1][1]
     assert second.tokens == [1, 2] and second.prefill == [False, True]

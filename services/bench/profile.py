@@ -1,0 +1,284 @@
+"""``moeinf bench profile``: where one decode step's time goes at 100% expert residency, against the memory-
+bandwidth floor measured in the same run.
+
+Two systems decode the same greedy tokens in this process, one token per step: plain transformers (every weight
+resident, its own ``grouped_mm`` experts) and moeinf's worker path (a real ``moeinf memd --expert-memory 100%``,
+the worker's model bound to it, ``Engine.run`` on the varlen step as the worker's compute loop calls it). For
+each, forward hooks (``profile_parts.LayerTimers``) time every layer's norms, attention, router and experts, and
+the embedding, final norm and LM head; the rest of the step is Python and dispatch. Decode steps are also timed
+without hooks, in lockstep with the other system (load from elsewhere hits both alike).
+
+Bytes touched per token: the resident dense weights (one embedding row), the routed experts (``top_k`` per MoE
+layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput torch
+reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``). A model whose active
+weights fit in that cache decodes below this floor: the table says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import messages as m
+from services.bench.memd_proc import TerminateAsInterrupt
+from services.bench.overhead import MoeinfSystem, TransformersSystem, _progress, _quiet_logging, make_prompt
+from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, LayerTimers, TokenBytes, bandwidth_floor,
+                                          dense_bytes, kv_bytes, l3_bytes, layer_indices)
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Options:
+    model: Path
+    tokens: int
+    prompt_len: int
+    threads: int
+    floor_mib: int  # 0: twice the largest CPU cache, at least 1 GiB
+    floor_runs: int
+    json: Path | None
+    service: bool = False  # also stream through a real worker process
+
+    @classmethod
+    def from_args(cls, args) -> Options:
+        opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
+                   Path(args.json) if args.json else None, args.service)
+        if not (opts.model / "config.json").is_file():
+            raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
+        for name in ("tokens", "prompt_len", "floor_runs"):
+            if getattr(opts, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if opts.threads < 0 or opts.floor_mib < 0:
+            raise ValueError("--threads and --floor-mib must be >= 0 (0: the default)")
+        return opts
+
+    @property
+    def floor_bytes(self) -> int:
+        return self.floor_mib * MIB if self.floor_mib else max(2 * l3_bytes(), 1 << 30)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+class Decoder:
+    """One system's generation, one step per call: moeinf through the worker's ``Engine.run``, transformers
+    through ``Engine.step`` (what ``model.generate`` runs)."""
+
+    def __init__(self, system, expert_modules: list, batched: bool):
+        self.system, self.batched = system, batched
+        self.model = system.engine.model
+        self.expert_modules = expert_modules
+        if batched:
+            system.engine.enable_batching()
+
+    def start(self, prompt: list[int], tokens: int, run_id: str):
+        self.seq = self.system.engine.start(m.GenerateRequest(request=run_id, prompt=prompt, max_tokens=tokens + 1))
+        self.system.request_start(run_id, len(prompt))
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.seq.finish_reason is not None
+
+    def step(self) -> float:
+        from services.worker.scheduler import Chunk
+
+        start = time.perf_counter()
+        if self.batched:
+            self.system.engine.run([Chunk(self.seq, self.seq.next_tokens(len(self.seq.req.prompt)))])
+        else:
+            self.system.engine.step(self.seq)
+        elapsed = time.perf_counter() - start
+        if self.done:
+            self.system.request_end(self.seq.request_id, len(self.seq.generated))
+        return elapsed
+
+
+def experts_of(model) -> list:
+    """The experts modules, in layer order (transformers' ``@use_experts_implementation`` classes)."""
+    return [module for module in model.modules()
+            if type(module).__name__.endswith("Experts") and hasattr(module, "num_experts")]
+
+
+def profile_hooked(decoder: Decoder, prompt: list[int], tokens: int) -> tuple[dict, list[float], list[int]]:
+    """Decode with the layer timers on: their seconds summed over the decode steps, each step's wall time."""
+    timers = LayerTimers(decoder.model, decoder.expert_modules)
+    try:
+        decoder.start(prompt, tokens, f"hooked-{decoder.system.name}")
+        decoder.step()  # the prompt
+        timers.reset()
+        steps = []
+        while not decoder.done:
+            steps.append(decoder.step())
+        return dict(timers.seconds), steps, list(decoder.seq.generated)
+    finally:
+        timers.remove()
+
+
+def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: str) -> list[list[float]]:
+    """Each system's decode step times without hooks, one step of each in turn (the order rotating)."""
+    for d in decoders:
+        d.start(prompt, tokens, f"{run_id}-{d.system.name}").step()
+    times = [[] for _ in decoders]
+    k = 0
+    while not all(d.done for d in decoders):
+        order = list(range(len(decoders)))
+        for i in order[k % len(order):] + order[:k % len(order)]:
+            if not decoders[i].done:
+                times[i].append(decoders[i].step())
+        k += 1
+    return times
+
+
+def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[float], list[int]]:
+    """The same generation through a real memd + worker process pair, streamed over the worker's socket (as the
+    gateway reads it): the gaps between token arrivals, and the tokens. One warm-up generation fills the pool."""
+    from common.worker_client import WorkerClient
+    from services.bench.memd_proc import MemdProcess
+    from services.bench.worker_proc import WorkerProcess
+
+    with MemdProcess(opts.model, "100%") as memd, \
+            WorkerProcess(opts.model, memd.state_dir, ["--threads", str(threads)]) as worker:
+        client = WorkerClient(worker.addr, timeout_s=600)
+        try:
+            client.generate(prompt, opts.tokens + 1)
+            arrivals, tokens = [], []
+            for reply in client.stream(prompt, opts.tokens + 1):
+                if reply.tokens:
+                    arrivals.append(time.perf_counter())
+                    tokens.extend(reply.tokens)
+        finally:
+            client.close()
+    return np.diff(arrivals).tolist(), tokens
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def breakdown(seconds: dict, steps: list[float], layers: list[int]) -> dict:
+    """ms per token: per kind (summed over layers), per layer and kind, and the remainder."""
+    n = len(steps)
+    per_kind = {k: sum(s for (_, kind), s in seconds.items() if kind == k) * 1e3 / n for k in (*KINDS, *OUTSIDE)}
+    per_layer = [{"layer": layer, **{k: seconds.get((layer, k), 0.0) * 1e3 / n for k in KINDS}} for layer in layers]
+    step_ms = sum(steps) * 1e3 / n
+    per_kind["python/dispatch"] = step_ms - sum(per_kind.values())
+    return {"step_ms": step_ms, "kinds": per_kind, "layers": per_layer}
+
+
+def token_bytes(model, expert_modules: list, prompt_len: int, tokens: int) -> TokenBytes:
+    text = model.config.get_text_config()
+    top_k = getattr(text, "num_experts_per_tok", None) or 2
+    per_expert = 0
+    for p in expert_modules[0].parameters():
+        per_expert += p.numel() * p.element_size() // expert_modules[0].num_experts
+    return TokenBytes(dense_bytes(model, expert_modules), top_k * per_expert * len(expert_modules),
+                      kv_bytes(model, prompt_len + tokens // 2))
+
+
+def format_report(doc: dict) -> str:
+    names = [s["system"] for s in doc["systems"]]
+    lines = [doc["header"], "", f"{'ms per decode token':<22}" + "".join(f"{n:>16}" for n in names)]
+    for kind in (*KINDS, *OUTSIDE, "python/dispatch"):
+        lines.append(f"{kind:<22}" + "".join(f"{s['hooked']['kinds'][kind]:>16.3f}" for s in doc["systems"]))
+    lines.append(f"{'step (hooked)':<22}" + "".join(f"{s['hooked']['step_ms']:>16.3f}" for s in doc["systems"]))
+    lines.append(f"{'step (no hooks, p50)':<22}" + "".join(f"{s['decode_ms_p50']:>16.3f}" for s in doc["systems"]))
+    lines.append(f"{'vs floor':<22}" + "".join(f"{s['vs_floor']:>15.2f}x" for s in doc["systems"]))
+    lines.append(f"{'same tokens':<22}" + "".join(f"{'yes' if s['identical'] else 'NO':>16}" for s in doc["systems"]))
+    service = doc.get("service")
+    if service is not None:
+        lines.append(f"service path (a worker process, its socket): {service['decode_ms_p50']:.3f} ms/token p50,"
+                     f" {service['vs_in_process']:.3f}x moeinf in process (a separate run, not in lockstep);"
+                     f" same tokens: {'yes' if service['identical'] else 'NO'}")
+    lines += ["", "per layer (moeinf), ms per token:", f"{'layer':<8}" + "".join(f"{k:>12}" for k in KINDS)]
+    for row in doc["systems"][-1]["hooked"]["layers"]:
+        lines.append(f"{row['layer']:<8}" + "".join(f"{row[k]:>12.3f}" for k in KINDS))
+    b, f = doc["bytes_per_token"], doc["floor"]
+    lines += ["", f"bytes per decode token: dense {b['dense'] / MIB:.1f} MiB + experts {b['experts'] / MIB:.1f} MiB"
+                  f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
+              f"bandwidth floor: bf16 matrix-vector over {f['buffer_bytes'] / MIB:.0f} MiB, best of {f['runs']}:"
+              f" {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
+    if doc["fits_in_cache"]:
+        lines.append(f"note: the active weights fit in the {doc['cache_bytes'] / MIB:.0f} MiB CPU cache, so decode"
+                     " can run below this floor")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+def run(args) -> int:
+    opts = Options.from_args(args)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
+    _quiet_logging()
+    with TerminateAsInterrupt(), contextlib.ExitStack() as stack:
+        _progress("starting memd --expert-memory 100% and attaching the worker")
+        moeinf = MoeinfSystem(opts.model, "100%", threads, stack)
+        _progress(f"loading transformers ({opts.model})")
+        plain = TransformersSystem(opts.model)
+        plain_experts = experts_of(plain.model)
+        decoders = [Decoder(plain, plain_experts, batched=False),
+                    Decoder(moeinf, experts_of(moeinf.engine.model), batched=True)]
+        prompt = make_prompt(plain.model.config.get_text_config().vocab_size, opts.prompt_len)
+        reference = plain.generate(prompt, opts.tokens + 1)
+        lockstep(decoders, prompt, opts.tokens, "warmup")  # fills memd's pool: 100% residency from here
+        _progress("decoding with layer timers")
+        hooked = [profile_hooked(d, prompt, opts.tokens) for d in decoders]
+        _progress("decoding without hooks (lockstep)")
+        plain_times = lockstep(decoders, prompt, opts.tokens, "timed")
+    service = None
+    if opts.service:
+        _progress("streaming through a worker process")
+        service = service_decode(opts, prompt, threads)
+    _progress("measuring the bandwidth floor")
+    floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs)
+    nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
+    doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes)
+    if service is not None:
+        p50 = float(np.median(service[0])) * 1e3
+        doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
+                          "identical": service[1] == reference}
+    print(format_report(doc))
+    if opts.json:
+        opts.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {opts.json}")
+    if not all(s["identical"] for s in [*doc["systems"], *([doc["service"]] if "service" in doc else [])]):
+        print("MISMATCH: some system generated other tokens than transformers' model.generate", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _document(opts, threads, model, decoders, hooked, times, reference, floor: Floor, nbytes: TokenBytes) -> dict:
+    text = model.config.get_text_config()
+    floor_ms = floor.ms_per_token(nbytes.weights)
+    systems = []
+    for d, (seconds, steps, generated), t in zip(decoders, hooked, times):
+        p50 = float(np.median(t)) * 1e3
+        systems.append({"system": d.system.name, "decode_ms_p50": p50, "vs_floor": p50 / floor_ms,
+                        "hooked": breakdown(seconds, steps, layer_indices(d.model)),
+                        "identical": generated == reference and d.seq.generated == reference})
+    cache = l3_bytes()
+    header = (f"moeinf bench profile: {opts.model} ({text.model_type}, {model.dtype}, {text.num_hidden_layers}"
+              f" layers), 100% expert residency\n  torch {torch.__version__}, {threads} threads; prompt"
+              f" {opts.prompt_len} tokens; {opts.tokens} decode tokens; greedy")
+    return {"header": header, "model": str(opts.model), "threads": threads, "prompt_len": opts.prompt_len,
+            "tokens": opts.tokens, "systems": systems, "bytes_per_token": nbytes.as_json(),
+            "floor": {"buffer_bytes": floor.buffer_bytes, "runs": floor.runs, "gb_per_s": floor.gb_per_s,
+                      "ms_per_token": floor_ms},
+            "cache_bytes": cache, "fits_in_cache": 0 < nbytes.weights <= cache}
+
+
+def add_parser(bench) -> None:
+    p = bench.add_parser("profile", help="one decode step's time by layer part at 100%% memory, vs the bandwidth"
+                                         " floor measured in the same run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokens", type=int, default=16, help="tokens decoded per measurement")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--floor-mib", type=int, default=0, help="the floor's buffer (0: 2x the CPU cache, >= 1 GiB)")
+    p.add_argument("--floor-runs", type=int, default=5, help="matrix-vector runs for the floor (best of)")
+    p.add_argument("--service", action="store_true",
+                   help="also stream the generation through a real worker process (memd + worker, its socket)")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=run)

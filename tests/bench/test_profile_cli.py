@@ -1,0 +1,58 @@
+"""``moeinf bench profile`` on a tiny checkpoint: the table and the JSON have the promised shape, the parts add
+up to the hooked step, the floor is measured, and the tokens are transformers' (timings are not checked)."""
+import json
+import subprocess
+
+import pytest
+from helpers import moeinf_cmd, write_family
+
+ROWS = ("attention", "norms", "router", "experts", "embed", "final norm", "lm head", "python/dispatch",
+        "step (hooked)", "step (no hooks, p50)", "vs floor", "same tokens")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_family("mixtral", tmp_path_factory.mktemp("profile") / "m")
+
+
+def profile(model, *extra):
+    cmd = moeinf_cmd("bench", "profile", "--model", str(model), "--tokens", "3", "--prompt-len", "5", "--threads",
+                     "1", "--floor-mib", "64", "--floor-runs", "2", *extra)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # two memds, a worker process and two models: minutes on a loaded 2-core machine
+def test_table_and_json(tiny, tmp_path):
+    out = tmp_path / "profile.json"
+    proc = profile(tiny, "--json", str(out), "--service")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("ms per decode token"))
+    assert header.split()[-2:] == ["transformers", "moeinf-100%"]
+    for row in ROWS:
+        assert any(line.startswith(row) for line in lines), row
+    assert next(line for line in lines if line.startswith("same tokens")).split()[-2:] == ["yes", "yes"]
+    assert any(line.startswith("bandwidth floor: bf16 matrix-vector over 64 MiB, best of 2") for line in lines)
+    service = next(line for line in lines if line.startswith("service path"))
+    assert service.endswith("same tokens: yes")
+
+    doc = json.loads(out.read_text())
+    assert [s["system"] for s in doc["systems"]] == ["transformers", "moeinf-100%"]
+    for s in doc["systems"]:
+        kinds = s["hooked"]["kinds"]
+        assert kinds["attention"] > 0 and kinds["experts"] > 0 and kinds["router"] > 0 and kinds["norms"] > 0
+        assert sum(kinds.values()) == pytest.approx(s["hooked"]["step_ms"])
+        assert [row["layer"] for row in s["hooked"]["layers"]] == [0, 1, 2, 3]
+        assert s["decode_ms_p50"] > 0 and s["identical"] is True
+    b = doc["bytes_per_token"]
+    expert_bytes = 3 * 128 * 64 * 4  # w1, w3, w2 of the float32 test model
+    assert b["experts"] == 2 * 4 * expert_bytes  # top-2 in each of 4 MoE layers
+    assert b["dense"] > 0 and b["weights"] == b["dense"] + b["experts"] and b["kv_cache"] > 0
+    assert doc["floor"]["gb_per_s"] > 0 and doc["floor"]["buffer_bytes"] == 64 << 20
+    assert doc["floor"]["ms_per_token"] == pytest.approx(b["weights"] / doc["floor"]["gb_per_s"] / 1e6)
+    assert doc["service"]["identical"] is True and doc["service"]["decode_ms_p50"] > 0
+
+
+def test_bad_arguments(tiny):
+    proc = profile(tiny, "--tokens", "0")
+    assert proc.returncode == 2 and "--tokens" in proc.stderr
