@@ -23,6 +23,7 @@ from common import messages as m
 from common.access import Access
 from common.codec import ProtocolError, decode, encode, peek
 from common.config import PROTOCOL_VERSION, MemdConfig
+from common.expert_index import ExpertIndex
 from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
@@ -33,7 +34,6 @@ from services.memd.loads import LoadError, Loads
 from services.memd.prefetching import Prefetcher
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
-from services.memd.store import ExpertStore
 
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
@@ -60,7 +60,7 @@ class RpcError(Exception):
 
 
 class MemdServer:
-    def __init__(self, cfg: MemdConfig, store: ExpertStore, core: ExpertManager, reader: ExpertReader,
+    def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertManager, reader: ExpertReader,
                  pool_name: str, pool_bytes: int, control: ControlPage | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
