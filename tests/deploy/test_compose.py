@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.cli import build_parser
+from services.cli import build_parser
 from common.config import GatewayConfig, MemdConfig, WorkerConfig, build_config
 from common.sizes import parse_size
 from services.health import HealthConfig
@@ -188,7 +188,7 @@ def subparser(parser, name: str):
 
 def test_the_console_script_is_moeinf():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["moeinf"] == "common.cli:main"
+    assert scripts["moeinf"] == "services.cli:main"
 
 
 def test_the_images_default_command_parses():
