@@ -32,6 +32,7 @@ from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.leases import Client, ControlPage, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.prefetching import Prefetcher
+from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
 
@@ -84,6 +85,7 @@ class MemdServer:
     async def serve(self) -> None:
         from services.memd.admin import AdminServer
 
+        metrics = start_metrics(self.cfg, lambda: self.on_stats(b"", m.StatsRequest()))  # --metrics-port, or None
         ctx = zmq.asyncio.Context()
         self.admin = AdminServer(self, ctx)  # <state-dir>/admin.sock (0600), and --admin-tcp: `moeinf admin`
         access = Access(self.cfg.group)  # 0600, or 0660 and --group: who may attach a worker or send traces
@@ -101,6 +103,8 @@ class MemdServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)  # its scrape in flight needs this loop to finish
             self.rpc.close()
             self.trace.close()
             ctx.term()
