@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.checkpoint import (EXPERT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, CheckpointError, KeyMapper, MoeLayer,
-                               build_meta_model, expert_number, find_moe_layers, split_part, supported_formats)
+                               build_meta_model, expert_number, experts_per_token, find_moe_layers, split_part,
+                               supported_formats)
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK
@@ -70,7 +71,7 @@ class ExpertStore:
     @property
     def top_k(self) -> int:
         """Experts per token (2 where the config does not say)."""
-        return getattr(self.config.get_text_config(), "num_experts_per_tok", None) or 2
+        return experts_per_token(self.config)
 
     def index(self) -> ExpertIndex:
         """What memd needs of this store, without transformers (its ``key`` is stamped by memd)."""

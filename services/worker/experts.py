@@ -13,6 +13,7 @@ touches the computed values: the output stays bit-identical.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from common import messages as m
+from common.checkpoint import experts_per_token
 from services.worker import quant
 from services.worker.speculate import Speculator
 from services.worker.tracing import StepRecorder
@@ -72,7 +74,7 @@ class PoolViews:
         self.params: dict[str, torch.Tensor] = {}
         for spec in hello.tensors:
             dtype = getattr(torch, spec.dtype)
-            nbytes = _numel(spec.shape) * dtype.itemsize
+            nbytes = math.prod(spec.shape) * dtype.itemsize
             flat = by_slot[:, spec.offset:spec.offset + nbytes].view(dtype)
             self.params[spec.name] = flat.unflatten(1, spec.shape)
 
@@ -229,7 +231,7 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
     global RECORDER
     RECORDER = recorder if recorder is not None else StepRecorder(client)
-    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
+    top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)
@@ -244,9 +246,3 @@ def bind(model, layers, views: PoolViews, client, *, recorder: StepRecorder | No
     for layer, module in zip(layers, modules):
         module._moeinf = ExpertBinding(layer.index, module, views, client, speculator, dequant)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

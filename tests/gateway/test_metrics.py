@@ -3,7 +3,6 @@
 import http.client
 import json
 import time
-import typing
 import urllib.error
 import urllib.request
 
