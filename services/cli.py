@@ -1,5 +1,6 @@
-"""``moeinf``: the console script (pyproject's entry point), one subcommand per service or tool. It lives in ``services/``:
-it composes every service, and ``common/`` (the shared vocabulary) imports no service."""
+"""``moeinf``: the console script (pyproject's entry point), one subcommand per service or tool.
+
+It lives in ``services/``: it composes every service, and ``common/`` (the shared vocabulary) imports none."""
 from __future__ import annotations
 
 import argparse
