@@ -9,7 +9,6 @@ checkpoint keys to model parameters with transformers' own conversion mapping.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -40,10 +39,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int  # absolute offset in the file
     nbytes: int
-
-    @property
-    def torch_dtype(self) -> str:
-        return SAFETENSORS_DTYPES[self.dtype][0]
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -154,6 +149,16 @@ def quant_format(config: dict, where) -> tuple[str, tuple[int, int] | None]:
     return method, None
 
 
+def experts_per_token(config) -> int:
+    """Top-k of the router: the text config's ``num_experts_per_tok`` (2 where the config does not say)."""
+    return getattr(config.get_text_config(), "num_experts_per_tok", None) or 2
+
+
+def max_positions(config) -> int:
+    """The longest sequence the model takes: ``max_position_embeddings`` (4096 where the config does not say)."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None) or 4096
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertParam:
     name: str  # attribute of the experts module, e.g. "gate_up_proj"
@@ -258,6 +263,3 @@ def split_part(key: str, fmt: str) -> tuple[str, str]:
         return key.removesuffix("_scale_inv"), "scales"
     return key, "values"
 
-
-def total_file_bytes(files) -> int:
-    return sum(os.path.getsize(f) for f in files)

@@ -46,6 +46,14 @@ def peek(frame: bytes) -> tuple[int, int]:
     return _HEADER.unpack_from(frame)
 
 
+def request_id_of(frame: bytes) -> int:
+    """The request id of ``frame`` to answer a frame that failed to decode with (0 when it has no header)."""
+    try:
+        return peek(frame)[1]
+    except ProtocolError:
+        return 0
+
+
 def decode(frame: bytes, allowed: frozenset[Op] | None = None, *, reply: bool = False):
     """Decode a frame into ``(op, request_id, message)``.
 

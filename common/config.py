@@ -138,6 +138,8 @@ class MemdConfig:
     max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
     admin_tcp: str = knob("", "also serve the admin socket on HOST:PORT over TCP (needs --admin-token); the Unix"
                               " socket <state-dir>/admin.sock is always there")
+    metrics_port: int = knob(0, "serve memd's Prometheus metrics at http://<--metrics-host>:PORT/metrics (0: off)")
+    metrics_host: str = knob("127.0.0.1", "address of the --metrics-port listener (0.0.0.0: every interface)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
     admin_token: str = knob("", f"token every TCP admin request must carry (at least {ADMIN_TOKEN_MIN} characters;"
@@ -153,6 +155,8 @@ class MemdConfig:
         if self.eamc_dir is not None:
             object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
         _check_admin_tcp(self.admin_tcp, self.admin_token)
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port {self.metrics_port}: a TCP port (1-65535), or 0 for no metrics endpoint")
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
         if self.pool_backend not in POOL_BACKENDS:
@@ -306,11 +310,6 @@ class GatewayConfig:
     @property
     def worker_addr(self) -> str:
         return state_socket(self.state_dir, WORKER_SOCKET)
-
-    @property
-    def memd_addr(self) -> str:
-        """memd's RPC socket: /metrics relays its STATS."""
-        return state_socket(self.state_dir, MEMD_SOCKET)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,17 @@ class TraceRecord:
     speculated: list[int] | None = None  # optional: the experts guessed, before this layer ran, for the next one
 
 
+@dataclass(frozen=True, slots=True)
+class LayerRouting:
+    """One MoE layer of one step, by request: the shape of the worker's ``LayerTrace``."""
+
+    layer: int
+    experts: list[int]
+    tokens: list[list[int]]  # [request][expert]
+    weights: list[list[float]]  # router weight sums, [request][expert]
+    speculated: list[int] = field(default_factory=list)  # the records' guesses for the next MoE layer (union)
+
+
 @dataclass(slots=True)
 class Step:
     """One forward step: its requests (in order of first appearance) and, per layer, each token's experts."""
@@ -53,6 +64,23 @@ class Step:
     tokens: dict[str, set[int]] = field(default_factory=dict)  # request -> positions in this step
     phase: dict[str, str] = field(default_factory=dict)
     layers: dict[int, list[TraceRecord]] = field(default_factory=dict)
+
+    def routing(self, layer: int) -> LayerRouting:
+        """``layer`` of this step as the worker's step trace carries it: the experts used, and per request the
+        tokens (and router weight sums) each got; ``speculated`` is the union of the records' guesses."""
+        records = self.layers[layer]
+        experts = sorted({e for rec in records for e in rec.experts})
+        column = {e: j for j, e in enumerate(experts)}
+        row = {r: i for i, r in enumerate(self.requests)}
+        tokens = [[0] * len(experts) for _ in self.requests]
+        weights = [[0.0] * len(experts) for _ in self.requests]
+        for rec in records:
+            for k, e in enumerate(rec.experts):
+                tokens[row[rec.req]][column[e]] += 1
+                if rec.weights is not None:
+                    weights[row[rec.req]][column[e]] += rec.weights[k]
+        guessed = sorted({e for rec in records for e in (rec.speculated or ())})
+        return LayerRouting(layer, experts, tokens, weights, guessed)
 
     def has(self, rec: TraceRecord) -> bool:
         """Does this step already hold a token of ``rec.req`` at ``rec.layer``?"""

@@ -39,7 +39,7 @@ class Child:
     name: str
     args: list[str]
     sockets: tuple[str, ...] = ()  # ipc:// files it binds: removed by serve when it cannot remove them itself
-    cmd: list[str] | None = None  # the command line (default: ``python -m common.cli <args>``)
+    cmd: list[str] | None = None  # the command line (default: ``python -m services.cli <args>``)
     proc: subprocess.Popen | None = None
     crashes: collections.deque = field(default_factory=collections.deque)  # monotonic times, within the window
     started: float = field(default=0.0)
@@ -47,7 +47,7 @@ class Child:
     total_crashes: int = 0
 
     def start(self) -> None:
-        cmd = self.cmd or [sys.executable, "-m", "common.cli", *self.args]
+        cmd = self.cmd or [sys.executable, "-m", "services.cli", *self.args]
         self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 

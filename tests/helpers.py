@@ -151,7 +151,7 @@ def _decisive_routers(model, std: float) -> None:
 
 
 def moeinf_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "services.cli", *args]
 
 
 def spawn(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -1,4 +1,5 @@
 """A running ``moeinf serve`` (memd + worker + gateway as real processes), for the gateway and fault tests."""
+import os
 import socket
 import subprocess
 import time
@@ -22,12 +23,15 @@ class Served:
         self.port = free_port()
         self.state_dir = state_dir
         self.url = f"http://127.0.0.1:{self.port}"
+        memd_metrics = free_port()  # memd's own Prometheus endpoint (serve's children inherit the environment)
+        self.memd_metrics_url = f"http://127.0.0.1:{memd_metrics}/metrics"
         self.log = state_dir.parent / f"serve-{self.port}.log"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             moeinf_cmd("serve", "--model", str(model), "--state-dir", str(state_dir), "--port", str(self.port),
                        "--expert-memory", "25%", "--max-queued", str(max_queued)),
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MOEINF_METRICS_PORT": str(memd_metrics)})
         self.wait_health(200, timeout=180)
 
     def health(self) -> int:

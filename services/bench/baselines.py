@@ -110,6 +110,7 @@ def child_main(job_file: str) -> int:
     import psutil
     import torch
 
+    from common.checkpoint import max_positions
     from services.worker.engine import Engine
 
     spec = json.loads(Path(job_file).read_text())
@@ -121,7 +122,7 @@ def child_main(job_file: str) -> int:
     placement: dict[str, int] = {}
     for device in (getattr(model, "hf_device_map", None) or {}).values():
         placement[str(device)] = placement.get(str(device), 0) + 1
-    max_len = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    max_len = max_positions(model.config)
     engine = Engine(model, max_len)
     serve(engine, spec["warmup"], spec["warmup_tokens"])
     for prompt in spec["warm_workload"] or []:

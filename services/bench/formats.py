@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.sizes import format_bytes, parse_size
 
@@ -111,6 +110,8 @@ def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) 
 
 
 def run(args) -> int:
+    import torch  # here, not at import: the console script builds its parser for memd too, which never loads torch
+
     from services.bench.memd_proc import TerminateAsInterrupt
     from services.bench.overhead import _quiet_logging, make_prompt
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from common import messages as m
+from common.checkpoint import max_positions
 from common.sizes import parse_size
 from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
 from services.bench.report import Summary, format_table, summarize, write_json
@@ -99,7 +100,7 @@ class TransformersSystem:
         # a quantized checkpoint: transformers' own dequantize=True model, the reference moeinf must reproduce
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
                                                           **dequantize_config(model_dir)).eval()
-        self.engine = Engine(self.model, _max_len(self.model))
+        self.engine = Engine(self.model, max_positions(self.model.config))
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
         pass
@@ -153,9 +154,6 @@ class MoeinfSystem:
     def eamc_size(self) -> int:
         return self.client.stats().eamc_size
 
-
-def _max_len(model) -> int:
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
 
 
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:

@@ -23,16 +23,7 @@ from pathlib import Path
 
 from common import messages as m
 from common.protocol import Op
-from common.traces import Step, TraceHeader, group_steps, read_trace
-
-
-@dataclass(frozen=True, slots=True)
-class LayerRouting:
-    layer: int
-    experts: list[int]
-    tokens: list[list[int]]  # [request][expert]
-    weights: list[list[float]]  # router weight sums, [request][expert]
-    speculated: list[int] = field(default_factory=list)  # the trace's guesses for the next MoE layer (union)
+from common.traces import LayerRouting, Step, TraceHeader, group_steps, read_trace
 
 
 @dataclass(slots=True)
@@ -82,7 +73,7 @@ def _replay_steps(steps: list[Step]) -> list[ReplayStep]:
     for i, step in enumerate(steps):
         prefill = [step.phase[r] == "prefill" for r in step.requests]
         tokens = [len(step.tokens[r]) for r in step.requests]
-        rs = ReplayStep(list(step.requests), tokens, prefill, [routing(step, layer) for layer in sorted(step.layers)])
+        rs = ReplayStep(list(step.requests), tokens, prefill, [step.routing(layer) for layer in sorted(step.layers)])
         for r, n, p in zip(step.requests, tokens, prefill):
             if r not in seen:
                 seen[r] = [0, 0]
@@ -92,21 +83,6 @@ def _replay_steps(steps: list[Step]) -> list[ReplayStep]:
                 rs.ends.append((r, seen[r][1]))
         out.append(rs)
     return out
-
-
-def routing(step: Step, layer: int) -> LayerRouting:
-    experts = sorted({e for rec in step.layers[layer] for e in rec.experts})
-    column = {e: j for j, e in enumerate(experts)}
-    row = {r: i for i, r in enumerate(step.requests)}
-    tokens = [[0] * len(experts) for _ in step.requests]
-    weights = [[0.0] * len(experts) for _ in step.requests]
-    for rec in step.layers[layer]:
-        for k, e in enumerate(rec.experts):
-            tokens[row[rec.req]][column[e]] += 1
-            if rec.weights is not None:
-                weights[row[rec.req]][column[e]] += rec.weights[k]
-    guessed = sorted({e for rec in step.layers[layer] for e in (rec.speculated or ())})
-    return LayerRouting(layer, experts, tokens, weights, guessed)
 
 
 def guesses(r: LayerRouting, num_layers: int) -> tuple[list[int], list[int], list[float]]:

@@ -37,7 +37,7 @@ class ServiceProcess:
 
     def launch(self) -> None:
         """Start the service and wait until its log says it is ready; raises with the log's tail otherwise."""
-        cmd = [*self.prefix, sys.executable, "-m", "common.cli", self.service, *self.args]
+        cmd = [*self.prefix, sys.executable, "-m", "services.cli", self.service, *self.args]
         with open(self.log_path, "wb") as log:
             # own session: a Ctrl-C in the terminal reaches only the bench, which then stops the service in order
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

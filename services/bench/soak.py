@@ -113,12 +113,12 @@ def service_processes(state_dir: Path, root: int | None = None) -> dict[str, psu
             cmd = p.cmdline()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "common.cli" not in cmd or "--state-dir" not in cmd:
+        if "services.cli" not in cmd or "--state-dir" not in cmd:
             continue
         if os.path.realpath(cmd[cmd.index("--state-dir") + 1]) != os.path.realpath(want):
             continue
         name = next((s for s in SERVICES if s in cmd), None)
-        if name is not None and cmd[cmd.index("common.cli") + 1] == name:
+        if name is not None and cmd[cmd.index("services.cli") + 1] == name:
             found[name] = p
     return found
 
@@ -184,7 +184,7 @@ def _free_port() -> int:
 
 def start_server(args, state_dir: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "common.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "services.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
            "--expert-memory", args.expert_memory, "--max-queued", str(max(args.clients, 1))]
     if args.model:
         cmd += ["--model", args.model]

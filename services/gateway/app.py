@@ -42,7 +42,7 @@ class Gateway:
         self.active = 0
         self.info: m.WorkerInfoReply | None = None
         self.health_reason = "the worker has not answered yet"
-        self.metrics = GatewayMetrics(self, cfg.memd_addr)
+        self.metrics = GatewayMetrics(self)
         self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
 
     # ------------------------------------------------------------------ lifecycle
@@ -54,7 +54,6 @@ class Gateway:
         self._poller.cancel()
         await asyncio.gather(self._poller, return_exceptions=True)
         await self.link.close()
-        self.metrics.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def abort_requests(self, reason: str) -> None:

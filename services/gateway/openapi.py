@@ -76,7 +76,7 @@ def openapi_spec(cfg: GatewayConfig) -> dict:
             "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {"description": "model list"}}}},
             "/health": {"get": {"summary": "200 when worker and memd are ready, else 503 with the reason",
                                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics of the gateway and of memd (docs/deploy.md)",
+            "/metrics": {"get": {"summary": "Prometheus metrics of the gateway (memd serves its own: docs/deploy.md)",
                                  "responses": {"200": {"description": "Prometheus text exposition",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },

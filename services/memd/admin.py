@@ -27,7 +27,7 @@ import zmq
 from common import admin_messages as a
 from common import messages as m
 from common.access import Access
-from common.codec import ProtocolError, decode, encode, peek
+from common.codec import ProtocolError, decode, request_id_of
 from common.config import POLICIES
 from common.protocol import MEMD_ADMIN_OPS, PROTOCOL, Handler, Op
 from common.sizes import format_bytes, parse_size
@@ -35,6 +35,7 @@ from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
 from services.memd.loads import LoadError
 from services.memd.policy import Key
+from services.memd.replies import CodedError, answer, send_error
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.admin")
@@ -42,10 +43,8 @@ MAX_MSG_BYTES = 1 << 20
 RECLAIM_INTERVAL_S, RECLAIM_TRIES = 0.5, 20  # asking workers again for experts that must leave
 
 
-class AdminError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class AdminError(CodedError):
+    """An admin request memd refuses; its code goes into the ErrorReply."""
 
 
 class AdminServer:
@@ -105,11 +104,11 @@ class AdminServer:
             try:
                 op, rid, req = decode(frame, MEMD_ADMIN_OPS)
             except ProtocolError as exc:
-                await _send_error(sock, identity, _rid(frame), "bad_request", str(exc))
+                await send_error(sock, identity, request_id_of(frame), "bad_request", str(exc))
                 continue
             if tcp and not hmac.compare_digest(req.token.encode(), self.cfg.admin_token.encode()):
                 log.warning("refused an admin %s over TCP: wrong token", op.name)
-                await _send_error(sock, identity, rid, "unauthorized", "wrong admin token (memd --admin-token,"
+                await send_error(sock, identity, rid, "unauthorized", "wrong admin token (memd --admin-token,"
                                   " env MOEINF_ADMIN_TOKEN)")
                 continue
             if PROTOCOL[op].handler is Handler.ASYNC:
@@ -120,18 +119,7 @@ class AdminServer:
                 await self._handle(sock, identity, op, rid, req)
 
     async def _handle(self, sock, identity: bytes, op: Op, rid: int, req) -> None:
-        try:
-            reply = self.handlers[op](req)
-            if asyncio.iscoroutine(reply):
-                reply = await reply
-        except AdminError as exc:
-            await _send_error(sock, identity, rid, exc.code, str(exc))
-            return
-        except Exception as exc:  # a bug: report it and keep serving
-            log.exception("admin %s failed", op.name)
-            await _send_error(sock, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
-            return
-        await _send(sock, identity, encode(op, rid, reply))
+        await answer(sock, identity, op, rid, lambda: self.handlers[op](req))
 
     # ------------------------------------------------------------------ inspection
     def on_stats(self, req: a.AdminStatsRequest) -> a.AdminStatsReply:
@@ -372,20 +360,3 @@ def _names(keys) -> str:
 def _nothing() -> None:
     pass
 
-
-def _rid(frame: bytes) -> int:
-    try:
-        return peek(frame)[1]
-    except ProtocolError:
-        return 0
-
-
-async def _send(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
-    try:
-        await sock.send_multipart([identity, frame])
-    except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the admin client went away
-        log.info("admin reply dropped: %s", exc)
-
-
-async def _send_error(sock, identity: bytes, rid: int, code: str, message: str) -> None:
-    await _send(sock, identity, encode(Op.ERROR, rid, m.ErrorReply(code, message)))

@@ -15,7 +15,7 @@ from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
 from services.memd.pools import Pool, ShmPool
 from services.memd.reader import ExpertReader
-from services.memd.store import ExpertStore
+from common.expert_index import ExpertIndex
 
 log = logging.getLogger("moeinf.memd")
 STAGING_PER_THREAD = 2  # host slots per reader thread at least: one being read while one is copied
@@ -39,7 +39,7 @@ def read_chunk(cfg: MemdConfig) -> int:
     return parse_size(cfg.read_chunk, what="--read-chunk").resolve(0)
 
 
-def host_slots(cfg: MemdConfig, store: ExpertStore) -> int:
+def host_slots(cfg: MemdConfig, store: ExpertIndex) -> int:
     """Slots of the pinned host tier: ``--host-memory``, at least the reader's staging, at most every expert."""
     total = store.num_layers * store.num_experts
     staging = STAGING_PER_THREAD * cfg.read_threads
@@ -49,7 +49,7 @@ def host_slots(cfg: MemdConfig, store: ExpertStore) -> int:
     return max(staging, min(total, budget // store.slot_bytes))
 
 
-def open_backend(cfg: MemdConfig, store: ExpertStore, num_slots: int, name: str) -> Backend:
+def open_backend(cfg: MemdConfig, store: ExpertIndex, num_slots: int, name: str) -> Backend:
     nbytes = num_slots * store.slot_bytes
     if cfg.pool_backend == "shm":
         pool = ShmPool(name, nbytes, store.slot_bytes)
@@ -63,7 +63,7 @@ def open_backend(cfg: MemdConfig, store: ExpertStore, num_slots: int, name: str)
     return _open_cuda(cfg, store, nbytes)
 
 
-def _open_cuda(cfg: MemdConfig, store: ExpertStore, nbytes: int) -> Backend:
+def _open_cuda(cfg: MemdConfig, store: ExpertIndex, nbytes: int) -> Backend:
     from services.memd.cuda_pool import CudaPool, PinnedHost
     from services.memd.tiers import TieredReader
 

@@ -10,22 +10,22 @@ import logging
 import signal
 
 from common.access import Access
-from common.checkpoint import Checkpoint
 from common.config import MemdConfig
+from common.expert_index import ExpertIndex
 from common.sizes import format_bytes, parse_size
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
+from services.memd.indexer import load_index, save_index
 from services.memd.leases import ControlPage
 from services.memd.backend import open_backend
 from services.memd.pool import StateLock, pool_name
 from services.memd.server import MemdServer
-from services.memd.store import ExpertStore
 
 log = logging.getLogger("moeinf.memd")
 
 
-def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
+def plan_pool(cfg: MemdConfig, store: ExpertIndex) -> int:
     """Number of slots the ``--expert-memory`` budget buys; raises ValueError when it cannot hold one layer."""
     spec = parse_size(cfg.expert_memory, what="--expert-memory")
     budget = spec.resolve(store.slot_bytes * store.num_layers * store.num_experts)
@@ -39,7 +39,10 @@ def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
 
 
 def run(cfg: MemdConfig) -> int:
-    store = ExpertStore(Checkpoint(cfg.model))
+    from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
+
+    install_from_env()
+    store, fresh = load_index(cfg.model, cfg.state_dir)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
@@ -49,6 +52,8 @@ def run(cfg: MemdConfig) -> int:
     lock = StateLock(cfg.state_dir)
     backend = control = None
     try:
+        if fresh:
+            save_index(cfg.state_dir, store)
         backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))
         control = ControlPage(pool_name(cfg.state_dir, "control"))
         if backend.path is not None:
@@ -68,13 +73,12 @@ def run(cfg: MemdConfig) -> int:
     return 0
 
 
-def build_core(cfg: MemdConfig, store: ExpertStore, num_slots: int) -> ExpertManager:
+def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int) -> ExpertManager:
     """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
     knobs = Knobs.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
-    top_k = getattr(store.config.get_text_config(), "num_experts_per_tok", None) or 2
-    return ExpertManager(num_slots, store.num_layers, store.num_experts, top_k, store.expert_bytes, knobs, eamc)
+    return ExpertManager(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc)
 
 
 async def _serve(server: MemdServer) -> None:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.memd.dio import DioAlign, buffer_address, dio_alignment
-from services.memd.store import ALIGN, ExpertStore, Segment, align_up
+from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.reader")
 CHUNK = 1024 * 1024
@@ -101,10 +101,11 @@ class ReaderStats:
 
 
 class ExpertReader:
-    def __init__(self, store: ExpertStore, pool_view: memoryview, slot_bytes: int, direct_io: bool, *,
+    def __init__(self, store: ExpertIndex, pool_view: memoryview, slot_bytes: int, direct_io: bool, *,
                  threads: int = 4, chunk: int | None = None):
         self.store, self.pool, self.slot_bytes, self.threads = store, pool_view, slot_bytes, threads
-        self.align: DioAlign | None = dio_alignment(store.checkpoint.files[0]) if direct_io else None
+        self.segments = store.segments  # (layer, expert) -> segments
+        self.align: DioAlign | None = dio_alignment(store.files[0]) if direct_io else None
         self.direct_io = self.align is not None
         if direct_io and not self.direct_io:
             log.warning("O_DIRECT is not available on this file system; reading through the page cache")
@@ -114,7 +115,7 @@ class ExpertReader:
         self._step = step
         self._base = buffer_address(pool_view) if len(pool_view) else 0
         flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
-        self.fds = {str(f): os.open(f, flags) for f in store.checkpoint.files}
+        self.fds = {str(f): os.open(f, flags) for f in store.files}
         self.stats = ReaderStats()
         self._staged_logged = False
         self._local = threading.local()
@@ -206,7 +207,7 @@ class ExpertReader:
     # ---------------------------------------------------------------- planning a job's pieces
     def piece_bytes(self, key: tuple[int, int]) -> int:
         """Pieces of one expert: at most ``chunk``, and small enough that the expert spreads over every thread."""
-        total = sum(s.nbytes for s in self.store.segments[key])
+        total = sum(s.nbytes for s in self.segments[key])
         spread = align_up(-(-total // self.threads), self._step)
         return min(self.chunk, max(MIN_PIECE, spread))
 
@@ -214,7 +215,7 @@ class ExpertReader:
         size = self.piece_bytes(key)
         base = slot * self.slot_bytes
         pieces: list[Piece] = []
-        for seg in self.store.segments[key]:
+        for seg in self.segments[key]:
             dest = base + seg.slot_offset
             if not self.direct_io:
                 pieces += _split(seg.file, seg.file_offset, seg.nbytes, dest, size)

@@ -21,8 +21,9 @@ import zmq.asyncio
 
 from common import messages as m
 from common.access import Access
-from common.codec import ProtocolError, decode, encode, peek
+from common.codec import ProtocolError, decode, encode, request_id_of
 from common.config import PROTOCOL_VERSION, MemdConfig
+from common.expert_index import ExpertIndex
 from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
@@ -32,9 +33,10 @@ from services.memd.leases import Client, ControlPage, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.pools import Pool, refusal
 from services.memd.prefetching import Prefetcher
+from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
+from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
-from services.memd.store import ExpertStore
 
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
@@ -54,14 +56,12 @@ class Pending(NamedTuple):
     fed: bool  # it carried its layer's routing: plan prefetches once it is answered
 
 
-class RpcError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+class RpcError(CodedError):
+    """A worker's request memd refuses; its code goes into the ErrorReply."""
 
 
 class MemdServer:
-    def __init__(self, cfg: MemdConfig, store: ExpertStore, core: ExpertManager, reader: ExpertReader,
+    def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertManager, reader: ExpertReader,
                  pool: Pool, control: ControlPage | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
@@ -85,6 +85,7 @@ class MemdServer:
     async def serve(self) -> None:
         from services.memd.admin import AdminServer
 
+        metrics = start_metrics(self.cfg, lambda: self.on_stats(b"", m.StatsRequest()))  # --metrics-port, or None
         ctx = zmq.asyncio.Context()
         self.admin = AdminServer(self, ctx)  # <state-dir>/admin.sock (0600), and --admin-tcp: `moeinf admin`
         access = Access(self.cfg.group)  # 0600, or 0660 and --group: who may attach a worker or send traces
@@ -102,6 +103,8 @@ class MemdServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if metrics is not None:
+                await asyncio.to_thread(metrics.close)  # its scrape in flight needs this loop to finish
             self.rpc.close()
             self.trace.close()
             ctx.term()
@@ -135,7 +138,7 @@ class MemdServer:
                 op, rid, req = decode(frame, MEMD_RPC_OPS)
             except ProtocolError as exc:
                 log.warning("rejected frame: %s", exc)
-                await self._send_error(identity, _safe_rid(frame), "bad_request", str(exc))
+                await send_error(self.rpc, identity, request_id_of(frame), "bad_request", str(exc))
                 continue
             if op is Op.ACQUIRE:
                 await self._acquire(identity, rid, req)
@@ -152,30 +155,7 @@ class MemdServer:
         return parts
 
     async def _handle(self, identity: bytes, op: Op, rid: int, req) -> None:
-        try:
-            reply = await self._call(identity, op, req)
-        except RpcError as exc:
-            await self._send_error(identity, rid, exc.code, str(exc))
-            return
-        except Exception as exc:  # a bug: report it to the peer and keep serving
-            log.exception("%s failed", op.name)
-            await self._send_error(identity, rid, "internal", f"{op.name} failed in memd: {exc}")
-            return
-        if reply is not None:
-            await self._send(identity, encode(op, rid, reply))
-
-    async def _call(self, identity, op, req):
-        result = self.handlers[op](identity, req)
-        return await result if asyncio.iscoroutine(result) else result
-
-    async def _send(self, identity: bytes, frame: bytes) -> None:
-        try:
-            await self.rpc.send_multipart([identity, frame])
-        except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer went away
-            log.info("reply to a vanished worker dropped: %s", exc)
-
-    async def _send_error(self, identity, rid, code, message) -> None:
-        await self._send(identity, encode(Op.ERROR, rid, m.ErrorReply(code, message)))
+        await answer(self.rpc, identity, op, rid, lambda: self.handlers[op](identity, req))
 
     async def _read_trace(self) -> None:
         while True:
@@ -244,16 +224,16 @@ class MemdServer:
         try:
             pending = self.begin_acquire(identity, req)
         except RpcError as exc:
-            await self._send_error(identity, rid, exc.code, str(exc))
+            await send_error(self.rpc, identity, rid, exc.code, str(exc))
             return
         except Exception as exc:
             log.exception("ACQUIRE failed")
-            await self._send_error(identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
+            await send_error(self.rpc, identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
             return
         if pending.waits:
             asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
         else:
-            await self._send(identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
+            await send(self.rpc, identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
         client = self.clients.get(identity)
         if pending.fed and client is not None:  # it carried its layer's routing (no note): plan after the reply
             self.prefetcher.wake(client.pid)
@@ -391,9 +371,3 @@ class MemdServer:
         if self.core.note(event, time.perf_counter()):
             self.prefetcher.wake(event.worker)
 
-
-def _safe_rid(frame: bytes) -> int:
-    try:
-        return peek(frame)[1]
-    except ProtocolError:
-        return 0

@@ -145,14 +145,8 @@ class Simulator:
         self.result.decode_tokens += 0 if any(prefill) else sum(tokens)
 
     def _routing(self, step: Step, layer: int) -> tuple[list[int], list[list[int]]]:
-        experts = sorted({e for rec in step.layers[layer] for e in rec.experts})
-        column = {e: j for j, e in enumerate(experts)}
-        row = {r: i for i, r in enumerate(step.requests)}
-        counts = [[0] * len(experts) for _ in step.requests]
-        for rec in step.layers[layer]:
-            for e in rec.experts:
-                counts[row[rec.req]][column[e]] += 1
-        return experts, counts
+        routed = step.routing(layer)
+        return routed.experts, routed.tokens
 
     def _hold(self, keys: list[Key]) -> None:
         """memd's ``Server._hold`` for one worker: pin, or lease (revoking the shortfall of the others, in the

@@ -1,37 +1,27 @@
 """The expert store: where every expert's bytes lie in the user's checkpoint, and how they fill a pool slot.
 
-Built once at start from the safetensors headers and transformers' conversion mapping: no conversion step,
-no second copy. A slot holds one expert's parameters in the model's runtime layout, each parameter at a
-4 KiB-aligned offset (O_DIRECT wants it, and aligned weights keep the matmuls bit-identical to transformers).
+Built from the safetensors headers and transformers' conversion mapping (on a meta model: no memory): no
+conversion step, no second copy. It imports transformers and torch, so memd never builds it in its own process:
+its indexer child does (``services/memd/indexer.py``) and hands memd the result as an ``ExpertIndex``
+(``common/expert_index.py``). A slot holds one expert's parameters in the model's runtime layout, each parameter
+at a 4 KiB-aligned offset (O_DIRECT wants it, and aligned weights keep the matmuls bit-identical to transformers).
 """
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 from common.checkpoint import (EXPERT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, CheckpointError, KeyMapper, MoeLayer,
-                               build_meta_model, expert_number, find_moe_layers, split_part, supported_formats)
-from common.quant_encode import MXFP4_BLOCK
+                               build_meta_model, expert_number, experts_per_token, find_moe_layers, split_part,
+                               supported_formats)
+from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 from common.messages import TensorSpec
+from common.quant_encode import MXFP4_BLOCK
 
+__all__ = ["ALIGN", "ExpertStore", "Segment", "align_up"]
 log = logging.getLogger("moeinf.memd.store")
-ALIGN = 4096
-
-
-def align_up(n: int, a: int = ALIGN) -> int:
-    return (n + a - 1) // a * a
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """Copy ``nbytes`` from ``file`` at ``file_offset`` to ``slot base + slot_offset``."""
-
-    file: str
-    file_offset: int
-    nbytes: int
-    slot_offset: int
-
 
 @dataclass(slots=True)
 class _Part:
@@ -44,8 +34,6 @@ class _Part:
 
 class ExpertStore:
     def __init__(self, checkpoint: Checkpoint):
-        from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
-        install_from_env()
         self.checkpoint = checkpoint
         self.format, self.block = checkpoint.quant_format()  # "" | "mxfp4" | "fp8"; refuses the others
         self.config = checkpoint.load_config()
@@ -75,6 +63,21 @@ class ExpertStore:
     @property
     def total_expert_bytes(self) -> int:
         return self.expert_bytes * self.num_layers * self.num_experts
+
+    @property
+    def files(self) -> list[str]:
+        return [str(f) for f in self.checkpoint.files]
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token (2 where the config does not say)."""
+        return experts_per_token(self.config)
+
+    def index(self) -> ExpertIndex:
+        """What memd needs of this store, without transformers (its ``key`` is stamped by memd)."""
+        experts = [self.segments[(layer.index, e)] for layer in self.layers for e in range(self.num_experts)]
+        return ExpertIndex("", self.model_type, self.format, self.dtype, self.top_k, [l.module for l in self.layers],
+                           self.num_experts, self.tensors, self.slot_bytes, self.expert_bytes, self.files, experts)
 
     def _collect(self, mapper: KeyMapper) -> None:
         """Every checkpoint tensor of an experts module, by (parameter, part); quantized companions (``*_blocks``,
@@ -143,7 +146,7 @@ class ExpertStore:
 
     def _plain_part(self, param) -> _Part:
         dtype = self._found[(param.name, "values")][0][2].dtype
-        return _Part(dtype, param.shape, _numel(param.shape) * SAFETENSORS_DTYPES[dtype][1])
+        return _Part(dtype, param.shape, math.prod(param.shape) * SAFETENSORS_DTYPES[dtype][1])
 
     def _stacked_part(self, param, part: str) -> _Part:
         """MXFP4 ``[num_experts, rows, groups(, 16)]``: expert e is the e-th slice; the values dequantize to
@@ -163,7 +166,7 @@ class ExpertStore:
             raise CheckpointError(f"{key}: mxfp4 scales {list(entry.shape)} do not match their blocks")
         if entry.dtype != "U8":
             raise CheckpointError(f"{key}: mxfp4 {part} must be U8, got {entry.dtype}")
-        return _Part("U8", shape, _numel(shape))
+        return _Part("U8", shape, math.prod(shape))
 
     def _per_expert_part(self, param, part: str) -> _Part:
         """Block FP8 per-expert tensors merged by the converter: values and scales both concatenated on dim 0."""
@@ -264,9 +267,3 @@ class ExpertStore:
 def _torch(part: _Part) -> str:
     return SAFETENSORS_DTYPES[part.dtype][0]
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
+from common.checkpoint import experts_per_token
 from services.worker import quant
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator
@@ -232,7 +233,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
          speculate_layers: int = 4, dequant_cache_mb: int = 0) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
-    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
+    top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)

@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 
 from common import messages as m
 from common.access import Access
-from common.checkpoint import Checkpoint
+from common.checkpoint import Checkpoint, experts_per_token, max_positions
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from services.worker import experts
@@ -63,8 +63,8 @@ def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecord
     """Step traces go to memd; with ``--record-trace`` also to a JSON Lines file (docs/traces.md)."""
     writer = None
     if cfg.record_trace is not None:
-        top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None) or 2
-        header = TraceHeader(cfg.model.resolve().name, len(layers), layers[0].num_experts, int(top_k))
+        header = TraceHeader(cfg.model.resolve().name, len(layers), layers[0].num_experts,
+                             experts_per_token(model.config))
         writer = TraceWriter(cfg.record_trace, header)
         log.info("recording routing traces to %s", cfg.record_trace)
     return StepRecorder(client, writer, max_requests=4 * cfg.max_queued + 64)
@@ -83,7 +83,7 @@ def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
 
 
 def max_model_len(cfg: WorkerConfig, model) -> int:
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096
+    limit = max_positions(model.config)
     return min(cfg.max_model_len, limit) if cfg.max_model_len else limit
 
 

@@ -9,6 +9,8 @@ the check a GPU host runs.
 """
 from __future__ import annotations
 
+import math
+
 import logging
 
 import torch
@@ -32,7 +34,7 @@ def slot_params(by_slot: torch.Tensor, tensors: list[m.TensorSpec]) -> dict[str,
     params = {}
     for spec in tensors:
         dtype = getattr(torch, spec.dtype)
-        nbytes = _numel(spec.shape) * dtype.itemsize
+        nbytes = math.prod(spec.shape) * dtype.itemsize
         params[spec.name] = by_slot[:, spec.offset:spec.offset + nbytes].view(dtype).unflatten(1, spec.shape)
     return params
 
@@ -116,9 +118,3 @@ class CudaPoolViews:
                     self.cupy.cuda.runtime.ipcCloseMemHandle(p)
         self.ptrs = []
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

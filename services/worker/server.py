@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from common import messages as m
 from common.access import OWNER_ONLY, Access
-from common.codec import ProtocolError, decode, encode, peek
+from common.codec import ProtocolError, decode, encode, request_id_of
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.worker.engine import Engine, RequestError, Sequence
@@ -109,7 +109,7 @@ class WorkerServer:
             try:
                 op, rid, req = decode(frame, WORKER_OPS)
             except ProtocolError as exc:
-                self._reply(identity, Op.ERROR, _rid(frame), m.ErrorReply("bad_request", str(exc)))
+                self._reply(identity, Op.ERROR, request_id_of(frame), m.ErrorReply("bad_request", str(exc)))
                 continue
             self.on_request(identity, op, rid, req)
 
@@ -264,10 +264,3 @@ class WorkerServer:
         for job in jobs:
             self._reply_threadsafe(job.identity, Op.ERROR, job.rid, m.ErrorReply(code, message))
             self.retire(job)
-
-
-def _rid(frame: bytes) -> int:
-    try:
-        return peek(frame)[1]
-    except ProtocolError:
-        return 0

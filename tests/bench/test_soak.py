@@ -2,7 +2,7 @@
 error, both kinds of request measured, and an RSS row for every service at every sample."""
 import re
 
-from common.cli import main
+from services.cli import main
 from common.demo_model import DemoSize, write_demo_model
 
 

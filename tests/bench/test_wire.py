@@ -1,6 +1,6 @@
 """``moeinf bench wire``: both codecs carry the same messages, and the table has a row per hot message."""
 from common import messages as m
-from common.cli import main
+from services.cli import main
 from services.bench import wire, wire_legacy
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from common import admin_messages as a
 from common import messages as m
-from common.codec import HEADER_BYTES, ProtocolError, build, decode, encode, peek
+from common.codec import HEADER_BYTES, ProtocolError, build, decode, encode, peek, request_id_of
 from common.protocol import MEMD_ADMIN_OPS, MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, WORKER_OPS, Op
 
 SPECS = [m.TensorSpec("gate_up_proj", 0, [256, 64], "float32"), m.TensorSpec("down_proj", 65536, [64, 128], "bfloat16")]
@@ -163,6 +163,12 @@ def test_error_frame_is_not_a_request():
             decode(frame, allowed)
     with pytest.raises(ProtocolError, match="ERROR is a reply, not a request"):
         decode(frame)
+
+
+def test_request_id_of_a_frame_that_does_not_decode():
+    """The id an error reply to an undecodable frame carries: the header's, or 0 when there is no header."""
+    assert request_id_of(encode(Op.STATS, 77, m.StatsRequest())[:HEADER_BYTES] + b"\xc1") == 77
+    assert request_id_of(b"\x01") == 0
 
 
 def test_unknown_op_byte():

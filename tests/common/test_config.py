@@ -121,7 +121,7 @@ def test_help_names_env_variable_and_default(cls):
 
 
 def test_memd_cli_help_renders():
-    from common.cli import build_parser
+    from services.cli import build_parser
 
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["memd", "--help"])

@@ -69,7 +69,7 @@ say "built $(docker image inspect -f '{{.Id}}' "$IMAGE" | cut -c1-19)"
 
 # ---------------------------------------------------------------- up
 mkdir -p "$WORK/model"
-PYTHONPATH="$ROOT" "$PYTHON" -m common.cli demo-model "$WORK/model/demo" >"$WORK/demo.log" 2>&1 \
+PYTHONPATH="$ROOT" "$PYTHON" -m services.cli demo-model "$WORK/model/demo" >"$WORK/demo.log" 2>&1 \
   || { cat "$WORK/demo.log"; fail "moeinf demo-model"; }
 chmod -R a+rX "$WORK"  # the containers run as uid 1000; mktemp made $WORK 0700
 # an API key once the gateway has --api-key (MOEINF_API_KEY; compose passes it through): /v1 then needs it

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.cli import build_parser
+from services.cli import build_parser
 from common.config import GatewayConfig, MemdConfig, WorkerConfig, build_config
 from common.sizes import parse_size
 from services.health import HealthConfig
@@ -157,6 +157,17 @@ def test_gateway_port_is_published_and_listened_on(compose):
     assert health[health.index("--port") + 1] == container
 
 
+def test_memd_metrics_port_is_published_and_listened_on(compose):
+    memd = compose["services"]["memd"]
+    (mapping,) = memd["ports"]
+    bind, published, container = interpolate(mapping).split(":")
+    assert bind == "127.0.0.1", "loopback unless MOEINF_BIND opens it"
+    assert interpolate(mapping, {"MOEINF_MEMD_METRICS_PORT": "9100"}) == "127.0.0.1:9100:9464"
+    command = [interpolate(a) for a in memd["command"]]
+    assert command[command.index("--metrics-port") + 1] == container == published == "9464"
+    assert command[command.index("--metrics-host") + 1] == "0.0.0.0"
+
+
 def test_the_api_key_reaches_the_gateway_only(compose):
     services = compose["services"]
     assert services["gateway"]["environment"]["MOEINF_API_KEY"] == "${MOEINF_API_KEY:-}"
@@ -188,7 +199,7 @@ def subparser(parser, name: str):
 
 def test_the_console_script_is_moeinf():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["moeinf"] == "common.cli:main"
+    assert scripts["moeinf"] == "services.cli:main"
 
 
 def test_the_images_default_command_parses():

@@ -34,8 +34,8 @@ def free_port() -> int:
 
 
 def test_compose_commands_and_healthchecks_run_the_stack(demo, tmp_path):
-    state, port = tmp_path / "state", str(free_port())
-    mapping = {"/model": str(demo), "/state": str(state), "8000": port}
+    state, port, metrics_port = tmp_path / "state", str(free_port()), str(free_port())
+    mapping = {"/model": str(demo), "/state": str(state), "8000": port, "9464": metrics_port}
     env = {**image_env(), "MOEINF_STATE_DIR": str(state), "MOEINF_DEMO_DIR": str(tmp_path / "unused")}
 
     def argv(args: list[str]) -> list[str]:
@@ -64,7 +64,9 @@ def test_compose_commands_and_healthchecks_run_the_stack(demo, tmp_path):
         with urllib.request.urlopen(request, timeout=60) as resp:
             assert json.loads(resp.read())["usage"]["completion_tokens"] >= 1
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-            assert "moeinf_memd_up 1.0" in resp.read().decode()
+            assert "moeinf_gateway_requests_total" in resp.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            assert "moeinf_memd_up 1.0" in resp.read().decode()  # memd's own endpoint, as compose publishes it
     finally:
         codes = [stop(p) for p in reversed(procs)]  # gateway, worker, memd: compose's stop order
     assert codes == [0] * len(procs), codes

@@ -13,7 +13,7 @@ import yaml
 from kustomize_lite import render
 from test_compose import CONFIGS, image_env, interpolate, load
 
-from common.cli import build_parser
+from services.cli import build_parser
 from common.config import build_config
 from common.sizes import parse_size
 

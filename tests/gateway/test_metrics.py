@@ -1,23 +1,21 @@
-"""``GET /metrics``: valid Prometheus text, request counters, TTFT/TPOT histograms, memd's stats relayed."""
+"""``GET /metrics``: valid Prometheus text, request counters, TTFT/TPOT histograms; memd's own endpoint
+(``--metrics-port``, set by the ``served`` stack) matches its STATS (its unit tests: tests/memd/test_prometheus.py)."""
 import http.client
 import json
 import time
-import typing
 import urllib.error
 import urllib.request
 
-import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import messages as m
-from services.gateway.metrics import MEMD_LABELS, MEMD_RENAMED, MemdCollector, memd_families
 
 M = "demo"
 
 
-def scrape(served) -> dict:
-    """``{sample name: {frozenset(labels): value}}`` of one scrape."""
-    with urllib.request.urlopen(f"{served.url}/metrics", timeout=10) as resp:
+def scrape(served, url: str | None = None) -> dict:
+    """``{sample name: {frozenset(labels): value}}`` of one scrape (of the gateway, or of ``url``)."""
+    with urllib.request.urlopen(url or f"{served.url}/metrics", timeout=10) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
         text = resp.read().decode()
@@ -46,13 +44,10 @@ def test_metrics_is_prometheus_text_with_every_family(served):
     for name in ("moeinf_gateway_requests_total", "moeinf_gateway_time_to_first_token_seconds_count",
                  "moeinf_gateway_time_per_output_token_seconds_bucket", "moeinf_gateway_queue_depth",
                  "moeinf_gateway_queue_limit", "moeinf_gateway_streams_in_flight", "moeinf_gateway_worker_ready",
-                 "moeinf_gateway_prompt_tokens_total", "moeinf_gateway_generation_tokens_total", "moeinf_memd_up",
-                 "moeinf_memd_hits_total", "moeinf_memd_misses_total", "moeinf_memd_evictions_total",
-                 "moeinf_memd_bytes_read_total", "moeinf_memd_stall_seconds_total", "moeinf_memd_pool_bytes",
-                 "moeinf_memd_pool_slots", "moeinf_memd_resident_experts", "moeinf_memd_pinned_experts",
-                 "moeinf_memd_layer_resident_experts", "moeinf_memd_pool_occupancy_ratio", "moeinf_memd_info"):
+                 "moeinf_gateway_prompt_tokens_total", "moeinf_gateway_generation_tokens_total"):
         assert name in s, f"{name} missing from /metrics"
-    assert value(s, "moeinf_memd_up") == 1 and value(s, "moeinf_gateway_worker_ready") == 1
+    assert not [name for name in s if name.startswith("moeinf_memd")]  # memd serves its own (--metrics-port)
+    assert value(s, "moeinf_gateway_worker_ready") == 1
     assert value(s, "moeinf_gateway_queue_limit") == 4
     assert not any(name.endswith("_created") for name in s)
     with urllib.request.urlopen(f"{served.url}/openapi.json", timeout=10) as resp:
@@ -103,8 +98,12 @@ def test_stream_observes_ttft_and_time_per_token(served):
 def test_memd_metrics_match_its_stats(served):
     assert post(served, "/v1/completions", {"model": M, "prompt": [1, 5, 9], "max_tokens": 4})[0] == 200
     time.sleep(0.2)  # the last step trace (leased layers count their hits there) and the idle RETURN_LEASES land
-    s = scrape(served)
+    s = scrape(served, served.memd_metrics_url)
     stats = memd_stats(served)
+    assert value(s, "moeinf_memd_up") == 1
+    for name in ("moeinf_memd_evictions_total", "moeinf_memd_stall_seconds_total", "moeinf_memd_pool_bytes",
+                 "moeinf_memd_pinned_experts"):
+        assert name in s, f"{name} missing from memd's /metrics"
     assert value(s, "moeinf_memd_hits_total") + value(s, "moeinf_memd_misses_total") > 0
     assert value(s, "moeinf_memd_hits_total") == stats.hits and value(s, "moeinf_memd_misses_total") == stats.misses
     assert value(s, "moeinf_memd_bytes_read_total") == stats.bytes_read > 0
@@ -126,62 +125,3 @@ def memd_stats(served) -> m.StatsReply:
         return client.stats()
     finally:
         client.close()
-
-
-# ---------------------------------------------------------------- the generic StatsReply export, no stack needed
-class Record(m.Message):
-    layer: int
-    hits: int
-    fresh_gauge: float
-
-
-class FutureStats(m.Message):
-    """A StatsReply with kinds of fields memd may grow: each must be exported without code changes."""
-
-    pid: int = 42
-    num_slots: int = 8
-    resident: int = 6
-    hits: int = 5
-    stall_seconds: float = 0.5
-    direct_io: bool = True
-    policy: str = "lru"
-    brand_new_level: float = 2.5
-    resident_per_layer: list = msgspec.field(default_factory=lambda: [2, 4])
-    layers: list = msgspec.field(default_factory=lambda: [Record(0, 3, 0.1), Record(1, 2, 0.2)])
-    empty: list = msgspec.field(default_factory=list)
-
-
-def test_every_stats_field_is_exported_generically():
-    families = {f.name: f for f in memd_families(FutureStats())}
-    assert families["moeinf_memd_hits"].type == "counter"
-    assert families["moeinf_memd_stall_seconds"].type == "counter"
-    assert families["moeinf_memd_pool_slots"].type == "gauge"
-    assert families["moeinf_memd_resident_experts"].samples[0].value == 6
-    assert families["moeinf_memd_direct_io"].samples[0].value == 1
-    assert families["moeinf_memd_brand_new_level"].type == "gauge"
-    assert [(s.labels, s.value) for s in families["moeinf_memd_layer_resident_experts"].samples] == [
-        ({"layer": "0"}, 2), ({"layer": "1"}, 4)]
-    assert families["moeinf_memd_layer_hits"].type == "counter"
-    assert [s.labels for s in families["moeinf_memd_layer_fresh_gauge"].samples] == [{"layer": "0"}, {"layer": "1"}]
-    assert families["moeinf_memd_pool_occupancy_ratio"].samples[0].value == 0.75
-    assert families["moeinf_memd"].samples[0].labels == {"pid": "42", "policy": "lru"}
-
-
-def test_the_real_stats_reply_exports_every_numeric_field():
-    hints = typing.get_type_hints(m.StatsReply, vars(m))
-    sample = {int: 3, float: 0.5, bool: True, str: "lru", list[int]: [1, 2]}
-    plain = [f for f in msgspec.structs.fields(m.StatsReply) if f.default_factory is msgspec.NODEFAULT]
-    names = {f.name for f in memd_families(m.StatsReply(**{f.name: sample[hints[f.name]] for f in plain}))}
-    for f in plain:
-        if hints[f.name] in (int, float, bool) and f.name not in MEMD_LABELS:
-            assert f"moeinf_memd_{MEMD_RENAMED.get(f.name, f.name)}" in names, f"StatsReply.{f.name} is not exported"
-    assert "moeinf_memd_layer_resident_experts" in names
-
-
-async def test_memd_down_is_up_zero(tmp_path):
-    collector = MemdCollector(f"ipc://{tmp_path}/memd.sock", timeout_s=0.2)
-    try:
-        await collector.refresh()
-        assert [(f.name, f.samples[0].value) for f in collector.collect()] == [("moeinf_memd_up", 0.0)]
-    finally:
-        collector.close()

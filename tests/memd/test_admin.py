@@ -15,7 +15,7 @@ import pytest
 from helpers import Stack, spawn, stop, wait_for_log, write_family
 
 from common import messages as m
-from common.cli import main
+from services.cli import main
 from common.protocol import Op
 from common.worker_client import WorkerClient
 from services.memd.pool import SHM_DIR, pool_name

@@ -1,4 +1,6 @@
-"""``moeinf``: one console script, one subcommand per service or tool."""
+"""``moeinf``: the console script (pyproject's entry point), one subcommand per service or tool.
+
+It lives in ``services/``: it composes every service, and ``common/`` (the shared vocabulary) imports none."""
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,88 @@
+"""memd's checkpoint index, built in a short-lived child so that memd never imports torch or transformers.
+
+``python -m services.memd.indexer DIR`` builds the ``ExpertStore`` of DIR (transformers' meta model and
+conversion mapping) and writes an ``IndexResult`` as msgpack on its stdout: the index, or the ``CheckpointError``
+message to show the user. memd (``load_index``) runs it only when its cached index does not match the
+checkpoint's identity, and saves the new one (``save_index``) once it holds its state directory's lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from common.checkpoint import Checkpoint, CheckpointError
+from common.expert_index import ExpertIndex, IndexResult, checkpoint_key
+
+FILE_NAME = "expert-index.msgpack"
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding ``common`` and ``services``
+# The code that decides the index: a change to any of it invalidates every cached index.
+CODE = [ROOT / "common" / "checkpoint.py", ROOT / "common" / "expert_index.py", ROOT / "services" / "memd" / "store.py"]
+_decode = msgspec.msgpack.Decoder(IndexResult).decode
+_decode_index = msgspec.msgpack.Decoder(ExpertIndex).decode
+
+
+def load_index(model: Path, state_dir: Path) -> tuple[ExpertIndex, bool]:
+    """``(index of the checkpoint at model, fresh)``: the one cached in ``state_dir`` if it matches the checkpoint
+    (``fresh`` False), else one built by the indexer child (``fresh`` True: save it with ``save_index``).
+    Raises ``CheckpointError`` with the indexer's message when the checkpoint cannot be served."""
+    checkpoint = Checkpoint(model)  # headers and file sizes checked here: a broken file fails before any child
+    key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE)
+    cached = _cached(state_dir / FILE_NAME, key)
+    if cached is not None:
+        return cached, False
+    return msgspec.structs.replace(_run_indexer(checkpoint.dir), key=key), True
+
+
+def save_index(state_dir: Path, index: ExpertIndex) -> None:
+    """Write ``index`` to ``state_dir`` atomically (a reader sees the old file or the new one)."""
+    path = state_dir / FILE_NAME
+    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}")
+    tmp.write_bytes(msgspec.msgpack.encode(index))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def _cached(path: Path, key: str) -> ExpertIndex | None:
+    try:
+        index = _decode_index(path.read_bytes())
+    except (OSError, msgspec.DecodeError):  # none yet, unreadable, or written by another version: index again
+        return None
+    return index if index.key == key else None
+
+
+def _run_indexer(directory: Path) -> ExpertIndex:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "services.memd.indexer", str(directory)], stdout=subprocess.PIPE,
+                          env=env, check=False)  # its stderr (transformers' warnings) is memd's
+    try:
+        result = _decode(proc.stdout)
+    except msgspec.DecodeError:
+        raise CheckpointError(f"indexing {directory} failed: the indexer ({sys.executable} -m"
+                              f" services.memd.indexer) exited with status {proc.returncode}") from None
+    if result.error or result.index is None:
+        raise CheckpointError(result.error or f"indexing {directory} failed: the indexer returned no index")
+    return result.index
+
+
+def main(argv: list[str]) -> int:
+    from services.memd.store import ExpertStore  # imports transformers and torch: this process only
+
+    for noisy in ("transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    out, sys.stdout = sys.stdout.buffer, sys.stderr  # stdout carries the result alone; stray prints go to stderr
+    try:
+        result = IndexResult(index=ExpertStore(Checkpoint(argv[0])).index())
+    except CheckpointError as exc:
+        result = IndexResult(error=str(exc))
+    out.write(msgspec.msgpack.encode(result))
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

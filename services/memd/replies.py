@@ -1,0 +1,51 @@
+"""Answering on a ROUTER socket, shared by memd's RPC server and its admin server: one handler call becomes a
+reply or an ``ErrorReply`` (a ``CodedError`` with its code, anything else "internal" and logged), and a reply to a
+peer that went away (``ROUTER_MANDATORY``) is dropped with a line in the log, never raised into the reader."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import zmq
+
+from common import messages as m
+from common.codec import encode
+from common.protocol import Op
+
+log = logging.getLogger("moeinf.memd")
+
+
+class CodedError(Exception):
+    """A request memd refuses: ``code`` is the ``ErrorReply`` code ("bad_request", "capacity", ...)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+async def send(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+    try:
+        await sock.send_multipart([identity, frame])
+    except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer went away
+        log.info("reply to a vanished peer dropped: %s", exc)
+
+
+async def send_error(sock: zmq.Socket, identity: bytes, rid: int, code: str, message: str) -> None:
+    await send(sock, identity, encode(Op.ERROR, rid, m.ErrorReply(code, message)))
+
+
+async def answer(sock: zmq.Socket, identity: bytes, op: Op, rid: int, call) -> None:
+    """Run ``call()`` (a reply, None for no reply, or a coroutine of one) and send what it gives or raises."""
+    try:
+        reply = call()
+        if asyncio.iscoroutine(reply):
+            reply = await reply
+    except CodedError as exc:
+        await send_error(sock, identity, rid, exc.code, str(exc))
+        return
+    except Exception as exc:  # a bug: report it to the peer and keep serving
+        log.exception("%s failed", op.name)
+        await send_error(sock, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
+        return
+    if reply is not None:
+        await send(sock, identity, encode(op, rid, reply))

@@ -1,0 +1,87 @@
+"""memd indexes the checkpoint in a child process and never imports torch or transformers itself; the index is
+the one ``ExpertStore`` computes, cached in the state directory until the checkpoint changes."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import moeinf_cmd, stop, wait_for_log
+
+from common.checkpoint import Checkpoint, CheckpointError
+from services.memd import indexer
+from services.memd.indexer import FILE_NAME, load_index, save_index
+from services.memd.store import ExpertStore
+
+# Runs the console script in this process after registering an exit hook that writes which of the heavy modules
+# the process imported (memd stops cleanly on SIGTERM, so the hook runs).
+PROBE = ("import atexit, sys; out = sys.argv.pop(1); atexit.register(lambda: open(out, 'w').write("
+         "' '.join(m for m in ('torch', 'transformers') if m in sys.modules) or 'none')); "
+         "import runpy; sys.argv[0] = 'moeinf'; runpy.run_module({module!r}, run_name='__main__')")
+
+
+def test_index_matches_the_store(mixtral, state_dir):
+    index, fresh = load_index(mixtral, state_dir)
+    store = ExpertStore(Checkpoint(mixtral))
+    assert fresh and index.key
+    assert (index.model_type, index.num_layers, index.num_experts, index.top_k) == ("mixtral", 4, 8, 2)
+    assert index.modules == [layer.module for layer in store.layers]
+    assert index.tensors == store.tensors and index.slot_bytes == store.slot_bytes
+    assert index.segments == dict(store.segments) and index.files == store.files
+    assert index.total_expert_bytes == store.total_expert_bytes == 32 * 3 * 128 * 64 * 4
+
+
+def test_cached_until_the_checkpoint_changes(mixtral, tmp_path, state_dir, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(mixtral, model)
+    state_dir.mkdir()
+    first, fresh = load_index(model, state_dir)
+    assert fresh
+    save_index(state_dir, first)
+    assert (state_dir / FILE_NAME).stat().st_mode & 0o777 == 0o600
+
+    def no_child(directory):
+        raise AssertionError("indexed again although the checkpoint did not change")
+
+    monkeypatch.setattr(indexer, "_run_indexer", no_child)
+    again, fresh = load_index(model, state_dir)
+    assert again == first and not fresh
+    config = model / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(AssertionError, match="indexed again"):
+        load_index(model, state_dir)
+
+
+def test_a_corrupt_cache_is_rebuilt(mixtral, state_dir):
+    state_dir.mkdir()
+    (state_dir / FILE_NAME).write_bytes(b"\x93garbage")
+    index, fresh = load_index(mixtral, state_dir)
+    assert fresh and index.num_layers == 4
+
+
+def test_the_indexers_error_reaches_the_caller(mixtral, tmp_path, state_dir):
+    """A checkpoint transformers cannot index: the child's CheckpointError message, not a traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(mixtral, model)
+    config = (model / "config.json").read_text().replace('"mixtral"', '"no_such_family"')
+    (model / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match="cannot be loaded by transformers"):
+        load_index(model, state_dir)
+    assert not (state_dir / FILE_NAME).exists()
+
+
+@pytest.mark.parametrize("heavy", [False, True], ids=["memd", "probe-sees-torch"])
+def test_memd_process_never_imports_torch(mixtral, state_dir, tmp_path, heavy):
+    """The real ``moeinf memd`` process, started, ready and stopped, has not imported torch nor transformers (its
+    indexer child did). The second case imports torch before memd starts, to show the probe sees it."""
+    state_dir.mkdir(parents=True)
+    out, log = tmp_path / "modules.txt", tmp_path / "memd.log"
+    module = moeinf_cmd()[2]
+    code = ("import torch; " if heavy else "") + PROBE.format(module=module)
+    args = [sys.executable, "-c", code, str(out), "memd", "--model", str(mixtral), "--state-dir", str(state_dir)]
+    proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_log(proc, log, "memd ready", timeout=120)
+    finally:
+        assert stop(proc) == 0, log.read_text()
+    assert out.read_text() == ("torch" if heavy else "none"), log.read_text()
