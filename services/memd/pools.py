@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.devices import same_device
 from services.memd.pool import SHM_DIR, SharedPool, allocate_range, release_range, resident_bytes
 
 BACKENDS = ("shm", "cuda")
@@ -57,13 +58,6 @@ class PoolExport:
     device: str = "cpu"  # "cpu" or the GPU's UUID
     chunk_bytes: int = 0  # "cuda-ipc": bytes per chunk (whole slots), the last one may be shorter
     handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": one IPC memory handle per chunk
-
-
-def same_device(a: str, b: str) -> bool:
-    """GPU UUIDs compared whatever their spelling (nvidia-smi writes ``GPU-`` before them, torch does not)."""
-    def norm(u: str) -> str:
-        return u.lower().removeprefix("gpu-").replace("-", "")
-    return norm(a) == norm(b)
 
 
 def device_mismatch(pool: PoolExport, worker_device: str) -> str:

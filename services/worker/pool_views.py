@@ -66,7 +66,7 @@ class CudaPoolViews:
         self.cupy = cupy
         self.device = torch.cuda.current_device() if device is None else device
         mine = str(torch.cuda.get_device_properties(self.device).uuid)
-        from services.memd.pools import same_device
+        from common.devices import same_device
 
         if not same_device(mine, hello.device):
             raise RuntimeError(f"memd's pool is on GPU {hello.device}, this worker on GPU-{mine}: CUDA IPC maps memory"
