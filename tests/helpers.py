@@ -38,7 +38,7 @@ SHRINK = dict(
     num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
     n_shared_experts=1, num_experts_per_tok=2, num_experts_per_token=2, moe_topk=2, moe_k=2, top_k_experts=2,
     n_group=2, num_expert_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, index_head_dim=16, index_n_heads=2, indexer_n_heads=2,
+    qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, index_head_dim=16, index_n_heads=2, index_topk=8, indexer_n_heads=2,
     indexer_kv_heads=1, indexer_head_dim=16, o_lora_rank=16, o_groups=2,
     sliding_window=16, sliding_window_size=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
     linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,

@@ -16,12 +16,19 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask,
+                                        create_recurrent_attention_mask, create_sliding_window_causal_mask)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from services.worker.lone import attention_modules, run_alone
 
 IMPLEMENTATION = "moeinf_varlen"
 FULL, SLIDING = "full_attention", "sliding_attention"
-MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+BATCHED_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer")
+# each attention kind's mask as transformers builds it (recurrent kinds' padding masks aside: their layers never
+# reach the attention function; a kind it does not know takes the causal mask, see Varlen.masks)
+MASK_FUNCTIONS = {kind: fn for kind, fn in LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.items()
+                  if callable(fn) and fn is not create_recurrent_attention_mask}
 
 
 @dataclass
@@ -116,14 +123,16 @@ class Varlen:
         self.mask_config._attn_implementation_internal = self.original
         self.layer_kinds = _layer_kinds(config)
         self.kinds = sorted(set(self.layer_kinds))
-        # recurrent / linear-attention layers keep state that the flattened step cannot split by request
-        self.recurrent = any(type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer")
-                             for layer in DynamicCache(config=config).layers)
+        # recurrent / linear-attention layers keep state that the flattened step cannot split by request (an indexed
+        # layer's indexer keys are split: its attention runs per request, see lone.py)
+        cache_layers = DynamicCache(config=config).layers
+        self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS for layer in cache_layers)
         self._attention: dict[type, object] = {}
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
+        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)  # (see lone.py)
 
     def attention_for(self, module):
         fn = self._attention.get(type(module))
