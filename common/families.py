@@ -12,14 +12,6 @@ from pathlib import Path
 
 # model type -> why moeinf cannot serve it yet (found by tests/worker/test_family_matrix.py)
 UNSUPPORTED: dict[str, str] = {
-    "bailing_hybrid": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
-                      " the worker's loader sets dense tensors as stored",
-    "deepseek_v4": "the worker's dense loader, mapping checkpoint keys through transformers' conversion mapping,"
-                   " leaves model.norm.weight unplaced for this family (cause not yet investigated)",
-    "kimi_linear": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
-                   " the worker's loader sets dense tensors as stored",
-    "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
-                 " the worker's loader sets dense tensors as stored",
     "minimax": "its model accepts only its own cache class (MiniMaxCache) and rejects the worker's per-step cache",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
                      " experts stacked or concatenated along the first dimension only",
