@@ -12,7 +12,6 @@ from pathlib import Path
 
 # model type -> why moeinf cannot serve it yet (found by tests/worker/test_family_matrix.py)
 UNSUPPORTED: dict[str, str] = {
-    "minimax": "its model accepts only its own cache class (MiniMaxCache) and rejects the worker's per-step cache",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
                      " experts stacked or concatenated along the first dimension only",
     "inkling2_loop_text": "experts stored interleaved and quantized (w13_weight: Inkling2LoopDequantizeExperts,"

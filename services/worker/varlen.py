@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.masking_utils import (LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask,
                                         create_recurrent_attention_mask, create_sliding_window_causal_mask)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -84,7 +84,7 @@ class StepRun:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
         self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = StepCache(parts, self.rows, varlen.recurrent)
+        self.cache = varlen.step_cache(parts, self.rows, varlen.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
         attention = self.varlen.attention_for(module)
@@ -127,12 +127,22 @@ class Varlen:
         # layer's indexer keys are split: its attention runs per request, see lone.py)
         cache_layers = DynamicCache(config=config).layers
         self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS for layer in cache_layers)
+        # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
+        # class whose state is the step's one request's (so one request per step)
+        self.own_cache = own_cache_class(model)
+        self.step_cache = StepCache if self.own_cache is None else type(
+            f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
+        self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
         run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)  # (see lone.py)
+
+    def new_cache(self) -> Cache:
+        """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""
+        return self.own_cache() if self.own_cache is not None else DynamicCache(config=self.model.config)
 
     def attention_for(self, module):
         fn = self._attention.get(type(module))
@@ -174,3 +184,10 @@ def _layer_kinds(config) -> list[str]:
         return list(kinds)
     kind = SLIDING if getattr(text, "sliding_window", None) else FULL
     return [kind] * text.num_hidden_layers
+
+
+def own_cache_class(model) -> type | None:
+    """The cache class a model's modeling file defines for itself (MiniMax rejects any other), or None."""
+    module = sys.modules[type(model).__module__]
+    return next((c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Cache)
+                 and c.__module__ == module.__name__), None)
