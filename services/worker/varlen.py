@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, Cache, DynamicCache
-from transformers.masking_utils import (LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_causal_mask,
-                                        create_recurrent_attention_mask, create_sliding_window_causal_mask)
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_recurrent_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.worker.lone import attention_modules, run_alone
@@ -126,7 +125,8 @@ class Varlen:
         # recurrent / linear-attention layers keep state that the flattened step cannot split by request (an indexed
         # layer's indexer keys are split: its attention runs per request, see lone.py)
         cache_layers = DynamicCache(config=config).layers
-        self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS for layer in cache_layers)
+        self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS
+                             for layer in cache_layers)
         # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
         # class whose state is the step's one request's (so one request per step)
         self.own_cache = own_cache_class(model)
@@ -138,7 +138,8 @@ class Varlen:
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
-        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)  # (see lone.py)
+        # attention that reads the mask itself runs per request (lone.py)
+        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)
 
     def new_cache(self) -> Cache:
         """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""
