@@ -232,6 +232,8 @@ class KeyMapper:
         from transformers.core_model_loading import rename_source_key
 
         target, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta_state_dict)
+        if target not in self.meta_state_dict and key in self.meta_state_dict:  # as transformers: a rename too broad
+            target, pattern = rename_source_key(key, [], [], self.prefix, self.meta_state_dict)  # for this key
         if pattern is None:
             return target, None, None
         converter = next(c for c in self.converters if pattern in c.source_patterns)

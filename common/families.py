@@ -10,25 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-_SPARSE_ATTENTION = ("DeepSeek sparse attention: its indexer reads the attention mask inside the attention module,"
-                     " outside transformers' AttentionInterface, so the worker's per-request attention cannot give"
-                     " it each request's mask")
 # model type -> why moeinf cannot serve it yet (found by tests/worker/test_family_matrix.py)
 UNSUPPORTED: dict[str, str] = {
-    "bailing_hybrid": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
-                      " the worker's loader sets dense tensors as stored",
-    "axk2": _SPARSE_ATTENTION,
-    "deepseek_v32": _SPARSE_ATTENTION,
-    "deepseek_v4": "the worker's dense loader, mapping checkpoint keys through transformers' conversion mapping,"
-                   " leaves model.norm.weight unplaced for this family (cause not yet investigated)",
-    "dots3_note_text": _SPARSE_ATTENTION,
-    "glm_moe_dsa": _SPARSE_ATTENTION,
-    "qwen4_exp_text": _SPARSE_ATTENTION.replace("DeepSeek sparse attention", "indexed sparse attention"),
-    "kimi_linear": "transformers converts dense weights at load (the q/k/v conv1d kernels concatenated into one);"
-                   " the worker's loader sets dense tensors as stored",
-    "lara_mini": "transformers converts dense weights at load (the linear-attention in_proj split into q/k/v);"
-                 " the worker's loader sets dense tensors as stored",
-    "minimax": "its model accepts only its own cache class (MiniMaxCache) and rejects the worker's per-step cache",
     "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
                      " experts stacked or concatenated along the first dimension only",
     "inkling2_loop_text": "experts stored interleaved and quantized (w13_weight: Inkling2LoopDequantizeExperts,"

@@ -82,7 +82,8 @@ class Engine:
         generator = None
         if req.temperature > 0:
             generator = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
-        return Sequence(req, DynamicCache(config=self.model.config), generator)
+        cache = self.varlen.new_cache() if self.varlen else DynamicCache(config=self.model.config)
+        return Sequence(req, cache, generator)
 
     def validate(self, req: m.GenerateRequest) -> None:
         if not req.prompt:

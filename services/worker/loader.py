@@ -2,16 +2,20 @@
 
 The model is built with every parameter on the meta device (buffers such as rotary frequencies stay real),
 then each non-expert tensor of the checkpoint is read and set in place, with names mapped by transformers'
-own conversion mapping. Expert parameters stay on meta: the worker computes on views into memd's pool.
+own conversion mapping (and converted by it where the model fuses or splits them). Expert parameters stay on
+meta: the worker computes on views into memd's pool.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers.core_model_loading import dot_natural_key
 
 from common.checkpoint import Checkpoint, CheckpointError, KeyMapper, find_moe_layers, split_part
 
@@ -53,15 +57,17 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
     fmt, _ = checkpoint.quant_format()  # refuses an unsupported quantization by name
     mapper = KeyMapper(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
-    for key, entry in checkpoint.tensors.items():
+    converted: dict[str, tuple[object, list]] = {}  # target -> (converter, its source tensors)
+    for key, entry in sorted(checkpoint.tensors.items(), key=lambda item: dot_natural_key(item[0])):
         base, part = split_part(key, fmt)
-        target, converter, _ = mapper.map(base)
+        target, converter, pattern = mapper.map(base)
         if target.rpartition(".")[0] in expert_modules or part != "values" or key.endswith(".activation_scale"):
             continue  # experts come from memd; scales are read with their weight; activation scales are dynamic
         if converter is not None:
-            raise CheckpointError(f"{key}: dense weights that need conversion ({target}) are not supported yet")
+            converted.setdefault(target, (converter, []))[1].append((key, pattern, entry))
+            continue
         by_file.setdefault(entry.file, []).append((key, target))
-    loaded = 0
+    loaded = sum(_convert(model, checkpoint, target, *found) for target, found in converted.items())
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for key, target in pairs:
@@ -71,6 +77,19 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
                     tensor = _dequantize_fp8(model, target, tensor, _read(checkpoint, f"{key}_scale_inv", scale))
                 loaded += _set_tensor(model, target, tensor, key)
     return loaded
+
+
+def _convert(model, checkpoint: Checkpoint, target: str, converter, sources: list) -> int:
+    """Set the tensors transformers' ``converter`` makes of ``sources`` (e.g. q/k/v kernels concatenated into
+    one), as ``from_pretrained`` does: a copy of the converter per target, its source tensors in key order."""
+    converter = copy.deepcopy(converter)
+    for key, pattern, entry in sources:
+        if f"{key}_scale_inv" in checkpoint.tensors:
+            raise CheckpointError(f"{key}: quantized dense weights that need conversion ({target}) are not supported")
+        converter.add_tensor(target, key, pattern, functools.partial(_read, checkpoint, key, entry))
+    made = converter.convert(target, model=model, config=model.config)
+    return sum(_set_tensor(model, name, tensor[0] if isinstance(tensor, list) else tensor, target)
+               for name, tensor in made.items())
 
 
 def _read(checkpoint: Checkpoint, key: str, entry) -> torch.Tensor:

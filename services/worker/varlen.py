@@ -14,13 +14,19 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers import AttentionInterface, Cache, DynamicCache
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_recurrent_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from services.worker.lone import attention_modules, run_alone
 
 IMPLEMENTATION = "moeinf_varlen"
 FULL, SLIDING = "full_attention", "sliding_attention"
-MASK_FUNCTIONS = {FULL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+BATCHED_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer")
+# each attention kind's mask as transformers builds it (recurrent kinds' padding masks aside: their layers never
+# reach the attention function; a kind it does not know takes the causal mask, see Varlen.masks)
+MASK_FUNCTIONS = {kind: fn for kind, fn in LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.items()
+                  if callable(fn) and fn is not create_recurrent_attention_mask}
 
 
 @dataclass
@@ -80,7 +86,7 @@ class StepRun:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
         self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = StepCache(parts, self.rows, varlen.recurrent)
+        self.cache = varlen.step_cache(parts, self.rows, varlen.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
         attention = self.varlen.attention_for(module)
@@ -117,9 +123,17 @@ class Varlen:
         self.mask_config._attn_implementation_internal = self.original
         self.layer_kinds = _layer_kinds(config)
         self.kinds = sorted(set(self.layer_kinds))
-        # recurrent / linear-attention layers keep state that the flattened step cannot split by request
-        self.recurrent = any(type(layer).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer")
-                             for layer in DynamicCache(config=config).layers)
+        # recurrent / linear-attention layers keep state that the flattened step cannot split by request (an indexed
+        # layer's indexer keys are split: its attention runs per request, see lone.py)
+        cache_layers = DynamicCache(config=config).layers
+        self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS
+                             for layer in cache_layers)
+        # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
+        # class whose state is the step's one request's (so one request per step)
+        self.own_cache = own_cache_class(model)
+        self.step_cache = StepCache if self.own_cache is None else type(
+            f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
+        self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
         self.run: StepRun | None = None  # the step in progress (Varlen.forward)
         for module in model.modules():  # the attention layers (they carry their layer index) find their step here
@@ -129,6 +143,12 @@ class Varlen:
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
+        # attention that reads the mask itself runs per request (lone.py)
+        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)
+
+    def new_cache(self) -> Cache:
+        """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""
+        return self.own_cache() if self.own_cache is not None else DynamicCache(config=self.model.config)
 
     def attention_for(self, module):
         fn = self._attention.get(type(module))
@@ -169,3 +189,10 @@ def _layer_kinds(config) -> list[str]:
         return list(kinds)
     kind = SLIDING if getattr(text, "sliding_window", None) else FULL
     return [kind] * text.num_hidden_layers
+
+
+def own_cache_class(model) -> type | None:
+    """The cache class a model's modeling file defines for itself (MiniMax rejects any other), or None."""
+    module = sys.modules[type(model).__module__]
+    return next((c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Cache)
+                 and c.__module__ == module.__name__), None)

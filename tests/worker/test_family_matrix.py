@@ -24,7 +24,8 @@ from common.worker_client import WorkerClient
 
 PROMPTS = [[1, 5, 9, 22, 7], [(5 * j) % 300 + 3 for j in range(21)]]
 NEW_TOKENS = 12
-CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe"}  # hybrid recurrent, every k-th layer, expert bias
+CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe", "deepseek_v32"}  # hybrid recurrent, every k-th layer,
+# expert bias, indexed sparse attention
 
 
 def _param(family: str):
