@@ -144,7 +144,7 @@ class Varlen:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
         # attention that reads the mask itself runs per request (lone.py)
-        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: ACTIVE.run)
+        run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: self.run)
 
     def new_cache(self) -> Cache:
         """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""
