@@ -172,6 +172,7 @@ class MemdConfig:
             raise ValueError("--prefetch-window, --eamc-capacity, --eamc-top and --max-traced-requests must be >= 1")
         if not 0 < self.prefetch_threshold <= 1:
             raise ValueError("--prefetch-threshold must be in (0, 1]")
+        parse_size(self.expert_memory, what="--expert-memory")  # malformed: refused before the checkpoint is indexed
         parse_size(self.read_chunk, what="--read-chunk")
         if self.prefetch_budget != "auto":
             parse_size(self.prefetch_budget, what="--prefetch-budget")

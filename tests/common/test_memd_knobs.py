@@ -29,6 +29,7 @@ def test_defaults_and_env():
     ("prefetch_window", "0", "--prefetch-window"),
     ("eamc_capacity", "0", "--eamc-capacity"),
     ("read_chunk", "big", "--read-chunk 'big' is not a size"),
+    ("expert_memory", "lots", "--expert-memory 'lots' is not a size"),
     ("prefetch_budget", "lots", "--prefetch-budget 'lots' is not a size"),
 ])
 def test_bad_values_name_the_flag(field, value, words):
