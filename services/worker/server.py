@@ -144,7 +144,15 @@ class WorkerServer:
             try:
                 await self.sock.send_multipart([identity, frame])
             except zmq.ZMQError as exc:
-                log.info("reply to a vanished gateway dropped: %s", exc)
+                self.forsake(identity, exc)
+
+    def forsake(self, identity: bytes, exc: zmq.ZMQError) -> None:
+        """A reply to a gateway that is gone (killed: its client cannot be told anything): cancel every request of
+        that gateway, so that none of them keeps computing for nobody."""
+        orphans = [r for r, owner in self.live.items() if owner == identity and r not in self.cancelled]
+        self.cancelled.update(orphans)
+        if orphans:
+            log.info("a reply to a vanished gateway was dropped (%s): its %d requests are cancelled", exc, len(orphans))
 
     def _reply(self, identity: bytes, op: Op, rid: int, msg) -> None:
         self.outbox.put_nowait((identity, encode(op, rid, msg)))
