@@ -5,7 +5,9 @@ A crashed worker is restarted (the gateway answers 503 meanwhile); a crashed mem
 ``--restart-window-s`` seconds (a sliding window: old crashes age out) brings serve down, removing the socket files
 its dead children left behind. SIGINT/SIGTERM stop the three children at once (SIGTERM to all, then SIGKILL to any
 still running after ``STOP_TIMEOUT_S``); each cleans up its own shared memory and socket files, and what a killed
-child could not clean is removed by serve. Children die with the supervisor (PR_SET_PDEATHSIG).
+child could not clean is removed by serve. Children die with the supervisor (PR_SET_PDEATHSIG). The API key
+(``--api-key``, ``--api-key-file``, ``MOEINF_API_KEY``) reaches the gateway only, in its environment: never on a
+command line, which every local user can read.
 """
 from __future__ import annotations
 
