@@ -261,6 +261,21 @@ class WorkerConfig:
         return state_socket(self.state_dir, WORKER_SOCKET)
 
 
+def _resolve_api_key(cfg) -> None:
+    """``--api-key-file``'s content (stripped) becomes ``cfg.api_key``; giving both is an error."""
+    if cfg.api_key_file is None:
+        return
+    if cfg.api_key:
+        raise ValueError("give one of --api-key and --api-key-file, not both")
+    try:
+        key = Path(cfg.api_key_file).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"--api-key-file {cfg.api_key_file}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"--api-key-file {cfg.api_key_file} is empty")
+    object.__setattr__(cfg, "api_key", key)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     model: Path = knob(None, "checkpoint directory (its tokenizer is used; the worker serves the weights)")
@@ -273,6 +288,9 @@ class GatewayConfig:
     max_body_bytes: int = knob(1 << 20, "largest request body in bytes (413 above)")
     step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503")
     body_timeout_s: float = knob(30.0, "seconds a client may take to send its request body (408 after)")
+    header_timeout_s: float = knob(10.0, "seconds a client may take to send a request's headers, counted from the"
+                                         " connection's start or its previous response (the connection is closed"
+                                         " after); also how long an idle keep-alive connection stays open")
     api_key: str = field(default="", repr=False, metadata={"help": "when set, /v1/* needs 'Authorization: Bearer"
                          " <key>' (prefer MOEINF_API_KEY or --api-key-file: a flag shows in ps)"})
     api_key_file: Path | None = knob(None, "file whose content (stripped) is the API key")
@@ -284,20 +302,11 @@ class GatewayConfig:
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
-        if self.api_key_file is not None:
-            if self.api_key:
-                raise ValueError("give one of --api-key and --api-key-file, not both")
-            try:
-                key = Path(self.api_key_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"--api-key-file {self.api_key_file}: {exc.strerror}") from None
-            if not key:
-                raise ValueError(f"--api-key-file {self.api_key_file} is empty")
-            object.__setattr__(self, "api_key", key)
+        _resolve_api_key(self)
         if self.metrics_auth and not self.api_key:
             raise ValueError("--metrics-auth needs an API key (--api-key, --api-key-file or MOEINF_API_KEY)")
-        if self.body_timeout_s <= 0:
-            raise ValueError("--body-timeout-s must be > 0")
+        if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
+            raise ValueError("--body-timeout-s and --header-timeout-s must be > 0")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)
@@ -334,11 +343,16 @@ class ServeConfig:
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
+    api_key: str = field(default="", repr=False, metadata={"help": "the gateway's API key: /v1/* needs 'Authorization:"
+                         " Bearer <key>' (handed to the gateway in its environment, never on its command line; prefer"
+                         " MOEINF_API_KEY or --api-key-file: a flag shows in ps)"})
+    api_key_file: Path | None = knob(None, "file whose content (stripped) is the gateway's API key")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "demo_dir", Path(self.demo_dir))
+        _resolve_api_key(self)
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))
         if self.record_trace is not None:

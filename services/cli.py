@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from common.checkpoint import CheckpointError
@@ -19,14 +20,22 @@ def _setup_logging(level: str, name: str) -> None:
 
 
 def _service(config_cls, module: str, name: str):
-    """A subcommand that parses its service's config once, sets up logging and runs ``module.run(cfg)``."""
+    """A subcommand that parses its service's config once, sets up logging and runs ``module.run(cfg)``.
+
+    A service that has stopped in order (sockets, shared memory and state files cleaned up by ``run``) exits at
+    once: the interpreter's own teardown of torch and transformers takes seconds on a busy machine, which is time
+    a SIGTERM'd service does not have (serve kills what has not exited 8 s after SIGTERM)."""
 
     def command(args) -> int:
         import importlib
 
         cfg = build_config(config_cls, args)
         _setup_logging(cfg.log_level, name)
-        return importlib.import_module(module).run(cfg)
+        code = importlib.import_module(module).run(cfg)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
 
     return command
 

@@ -5,12 +5,15 @@ A crashed worker is restarted (the gateway answers 503 meanwhile); a crashed mem
 ``--restart-window-s`` seconds (a sliding window: old crashes age out) brings serve down, removing the socket files
 its dead children left behind. SIGINT/SIGTERM stop the three children at once (SIGTERM to all, then SIGKILL to any
 still running after ``STOP_TIMEOUT_S``); each cleans up its own shared memory and socket files, and what a killed
-child could not clean is removed by serve. Children die with the supervisor (PR_SET_PDEATHSIG).
+child could not clean is removed by serve. Children die with the supervisor (PR_SET_PDEATHSIG). The API key
+(``--api-key``, ``--api-key-file``, ``MOEINF_API_KEY``) reaches the gateway only, in its environment: never on a
+command line, which every local user can read.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -19,11 +22,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, state_socket
+from common.config import (ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, env_name,
+                           state_socket)
 from common.zmq_utils import remove_ipc_file
 from services.memd.pool import SHM_DIR, pool_name
 
 PR_SET_PDEATHSIG = 1
+API_KEY_ENV = env_name("api_key")
 STOP_TIMEOUT_S = 8.0  # SIGTERM to every child at once, SIGKILL after this: all are gone in < 10 s
 
 
@@ -40,6 +45,7 @@ class Child:
     args: list[str]
     sockets: tuple[str, ...] = ()  # ipc:// files it binds: removed by serve when it cannot remove them itself
     cmd: list[str] | None = None  # the command line (default: ``python -m services.cli <args>``)
+    env: dict[str, str] | None = None  # its environment (default: serve's)
     proc: subprocess.Popen | None = None
     crashes: collections.deque = field(default_factory=collections.deque)  # monotonic times, within the window
     started: float = field(default=0.0)
@@ -48,7 +54,7 @@ class Child:
 
     def start(self) -> None:
         cmd = self.cmd or [sys.executable, "-m", "services.cli", *self.args]
-        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
 
     def alive(self) -> bool:
@@ -92,15 +98,15 @@ class Supervisor:
         group = ["--group", cfg.group] if cfg.group else []
         self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
                                    "--prefetch", "on" if cfg.prefetch else "off"],
-                          sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)))
+                          sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())
         worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued)]
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
-        self.worker = Child("worker", worker, sockets=(sock(WORKER_SOCKET),))
+        self.worker = Child("worker", worker, sockets=(sock(WORKER_SOCKET),), env=_child_env())
         gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
             gateway += ["--served-model-name", cfg.served_model_name]
-        self.gateway = Child("gateway", gateway)
+        self.gateway = Child("gateway", gateway, env=_child_env(api_key=cfg.api_key))
         self.stopping = False
 
     @property
@@ -226,6 +232,15 @@ def _worker_info(state_dir: Path):
         return client.info(timeout_s=0.5)
     finally:
         client.close()
+
+
+def _child_env(api_key: str = "") -> dict[str, str]:
+    """serve's environment without its API key, which only the gateway gets, as MOEINF_API_KEY: a child's environment
+    is readable by its owner only (/proc/PID/environ), its command line by every local user (ps)."""
+    env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, API_KEY_ENV + "_FILE")}
+    if api_key:
+        env[API_KEY_ENV] = api_key
+    return env
 
 
 def say(text: str) -> None:

@@ -44,6 +44,7 @@ class Gateway:
         self.health_reason = "the worker has not answered yet"
         self.metrics = GatewayMetrics(self)
         self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
+        self.cancels: set[asyncio.Task] = set()  # CANCELs on their way to the worker (the loop keeps weak references)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
@@ -185,7 +186,9 @@ class Gateway:
         finally:
             clock.done()
             if not gone and (not finished or out.stop.stopped):
-                asyncio.ensure_future(self.link.cancel(req.request))
+                task = asyncio.ensure_future(self.link.cancel(req.request))
+                self.cancels.add(task)
+                task.add_done_callback(self.cancels.discard)
 
 
 @web.middleware

@@ -74,11 +74,18 @@ class _Server(web.Server):
 
 
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer unparsable requests with OpenAI-shaped errors, and drain an
-    unread body for at most ``LINGER_S`` after answering (aiohttp's default, 10 s, holds a stalled client)."""
+    """``web.AppRunner`` whose connections answer unparsable requests with OpenAI-shaped errors, drain an unread
+    body for at most ``LINGER_S`` after answering (aiohttp's default, 10 s, holds a stalled client), and close a
+    connection whose request headers are not complete ``--header-timeout-s`` after it opened or after its previous
+    response (a client sending its headers byte by byte).
+
+    aiohttp has no header timeout of its own, but its keep-alive timer does this: it starts when the connection opens
+    and again after each response, partial header bytes do not restart it, and when it fires on a connection still
+    waiting for a complete request it closes it (aiohttp's default is 3630 s)."""
 
     def __init__(self, app: web.Application, **kwargs):
         kwargs.setdefault("lingering_time", LINGER_S)
+        kwargs.setdefault("keepalive_timeout", app["cfg"].header_timeout_s)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

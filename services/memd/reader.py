@@ -167,7 +167,7 @@ class ExpertReader:
             job.cancelled = True
             if job.inflight == 0:
                 self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
-                job.future.set_exception(ReadCancelled())
+                _settle(job.future, ReadCancelled())
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
@@ -192,7 +192,7 @@ class ExpertReader:
             for job in list(self._jobs):
                 if job.inflight == 0:
                     self._remove(job)
-                    job.future.set_exception(ReadCancelled())
+                    _settle(job.future, ReadCancelled())
             self._cv.notify_all()
         for t in self._threads:
             t.join()
@@ -318,11 +318,11 @@ class ExpertReader:
             self._remove(job)
             self._cv.notify_all()  # an on-demand load ended: prefetch pieces may start
         if job.error is not None:
-            job.future.set_exception(job.error)
+            _settle(job.future, job.error)
         elif job.next >= len(job.pieces) and not job.cancelled:
-            job.future.set_result((job.nbytes, job.ended - job.started))
+            _settle(job.future, result=(job.nbytes, job.ended - job.started))
         else:
-            job.future.set_exception(ReadCancelled())
+            _settle(job.future, ReadCancelled())
 
     def _remove(self, job: ReadJob) -> None:
         self._jobs.remove(job)
@@ -370,3 +370,15 @@ def _split(file: str, offset: int, nbytes: int, dest: int, size: int) -> list[Pi
 
 def _direct_io_works(path) -> bool:
     return dio_alignment(path) is not None
+
+
+def _settle(future, exc: BaseException | None = None, result=None) -> None:
+    """Complete a job's future, unless its waiter gave up on it already: an asyncio waiter cancelled at shutdown
+    cancels the future it wraps, and setting a cancelled future raises InvalidStateError (which crashed memd's exit)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

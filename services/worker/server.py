@@ -30,6 +30,7 @@ from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
 from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
 
 log = logging.getLogger("moeinf.worker")
+LINGER_MS = 500  # at exit, the last replies (errors of the requests still here) get this long to go out
 
 
 @dataclass(eq=False, slots=True)
@@ -76,7 +77,7 @@ class WorkerServer:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.sock.close()
+            self.sock.close(linger=LINGER_MS)
             ctx.term()
             remove_ipc_file(self.addr)
         return self.exit_code
@@ -85,11 +86,13 @@ class WorkerServer:
         self.stopping.set()
 
     async def _flush(self, timeout_s: float) -> None:
-        deadline = self.loop.time() + timeout_s
+        """Send every reply still queued (a reply taken off the outbox but not yet sent counts too: join, not
+        empty); the socket then closes with ``LINGER_MS`` of linger, so its I/O thread writes them out."""
         await asyncio.sleep(0)  # let the compute thread's last call_soon_threadsafe replies land in the outbox
-        while not self.outbox.empty() and self.loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # the socket has no linger: give its I/O thread the last frames
+        try:
+            await asyncio.wait_for(self.outbox.join(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%d replies not sent within %gs of stopping", self.outbox.qsize(), timeout_s)
 
     async def _watch_memd(self) -> None:
         """A worker without memd cannot compute: exit (status 3) so the supervisor restarts both."""
@@ -127,6 +130,9 @@ class WorkerServer:
             self.admit_request(identity, rid, req)
 
     def admit_request(self, identity: bytes, rid: int, req: m.GenerateRequest) -> None:
+        if self.stopping.is_set():  # the compute loop may have drained its inbox already: nobody would answer
+            self._reply(identity, Op.ERROR, rid, m.ErrorReply("unavailable", "the worker is stopping; retry shortly"))
+            return
         if req.request in self.live:
             self._reply(identity, Op.ERROR, rid, m.ErrorReply("bad_request", f"request id {req.request!r} is in use"))
             return
@@ -144,7 +150,17 @@ class WorkerServer:
             try:
                 await self.sock.send_multipart([identity, frame])
             except zmq.ZMQError as exc:
-                log.info("reply to a vanished gateway dropped: %s", exc)
+                self.forsake(identity, exc)
+            finally:
+                self.outbox.task_done()
+
+    def forsake(self, identity: bytes, exc: zmq.ZMQError) -> None:
+        """A reply to a gateway that is gone (killed: its client cannot be told anything): cancel every request of
+        that gateway, so that none of them keeps computing for nobody."""
+        orphans = [r for r, owner in self.live.items() if owner == identity and r not in self.cancelled]
+        self.cancelled.update(orphans)
+        if orphans:
+            log.info("a reply to a vanished gateway was dropped (%s): its %d requests are cancelled", exc, len(orphans))
 
     def _reply(self, identity: bytes, op: Op, rid: int, msg) -> None:
         self.outbox.put_nowait((identity, encode(op, rid, msg)))

@@ -3,11 +3,13 @@ middle of a request fails that request with an error, serve restarts memd (and t
 succeeds, /dev/shm does not leak and the EAMC file survives; a pool whose slots are all pinned gives a clear error,
 not a deadlock."""
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -171,23 +173,48 @@ def test_a_pool_whose_slots_are_all_pinned_is_an_error_not_a_deadlock(tmp_path):
             hog.close()
 
 
-def test_sigterm_with_requests_in_flight_stops_every_child_within_10s(served):
-    """Runs last on the module's server: SIGTERM to serve while 4 requests run; each ends (a reply or an error,
-    never a hang) and serve and its three children are gone in < 10 s (stopped in parallel)."""
+def test_sigterm_with_8_streams_in_flight_stops_every_child_within_10s(served):
+    """Runs last on the module's server: SIGTERM to serve while 8 streams run (every --max-queued slot); each ends
+    with [DONE] or a final error event and its response closes (never a hang), and serve and its three children
+    are gone in < 10 s (stopped in parallel)."""
     children = [served.child(name) for name in ("gateway", "worker", "memd")]
-    with cf.ThreadPoolExecutor(4) as pool:
-        jobs = [pool.submit(served.complete, 200, 30) for _ in range(4)]
-        time.sleep(1.0)
-        start = time.monotonic()
-        served.proc.send_signal(signal.SIGTERM)
-        served.proc.wait(15)
-        took = time.monotonic() - start
-        for job in jobs:
-            try:
-                status, _ = job.result(timeout=15)
-            except OSError:  # the connection closed as the gateway stopped: an error, not a hang
-                continue
-            assert status in (200, 503), status
+    streams = [SseStream(served.port, served.model_id(), max_tokens=200) for _ in range(8)]
+    deadline = time.monotonic() + 120
+    while not all(s.events for s in streams):  # every stream has sent its headers and a first chunk
+        assert time.monotonic() < deadline, [len(s.events) for s in streams]
+        time.sleep(0.05)
+    start = time.monotonic()
+    served.proc.send_signal(signal.SIGTERM)
+    served.proc.wait(15)
+    took = time.monotonic() - start
+    for stream in streams:
+        stream.thread.join(15)
+        assert stream.closed_at is not None, "a stream never closed"
+        assert stream.events[-1] == "[DONE]" or stream.events[-1]["error"]["message"], stream.events[-2:]
+    assert any(s.events[-1] != "[DONE]" for s in streams)  # 200 tokens each: some were still running
     assert took < 10, f"serve took {took:.1f}s to stop"
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert served.proc.returncode == 0
+
+
+class SseStream:
+    """A streaming completion read by a thread: its events (dicts, or "[DONE]") and when its response closed."""
+
+    def __init__(self, port: int, model: str, max_tokens: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = {"model": model, "prompt": "the quick brown fox", "max_tokens": max_tokens, "stream": True}
+        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200, self.resp.read()
+        self.events, self.closed_at = [], None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for line in self.resp:
+                if line.startswith(b"data: "):
+                    data = line[6:].strip()
+                    self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
+        finally:
+            self.closed_at = time.monotonic()

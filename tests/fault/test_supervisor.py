@@ -1,6 +1,7 @@
 """``moeinf serve``'s supervisor with real child processes (stand-ins for the services, so each test takes seconds):
 the restart budget is a sliding window that refills, giving up removes the stale socket files of the dead, and
 SIGTERM stops every child in parallel (issue 12, items 7 and 9)."""
+import subprocess
 import sys
 import threading
 import time
@@ -104,3 +105,42 @@ def test_a_child_that_ignores_sigterm_is_killed_at_the_deadline(tmp_path, monkey
     assert stop_children([deaf, slow], timeout=3.0) == ["worker"]
     assert time.monotonic() - start < 5 and not deaf.alive() and slow.proc.returncode == 0
     assert sv.STOP_TIMEOUT_S < 10  # serve's own deadline keeps every exit under 10 s
+
+
+@pytest.mark.parametrize("how", ["file", "flag", "env"])
+def test_serve_hands_the_api_key_to_the_gateway_only_and_never_on_a_command_line(tmp_path, monkeypatch, how):
+    """`moeinf serve --api-key-file F` (or --api-key, or MOEINF_API_KEY): the gateway gets the key in its environment
+    (readable by its owner only), not in its argv (which `ps` shows to every local user); memd and the worker get
+    no key at all."""
+    from common.config import build_config
+
+    key = "sk-" + "k" * 29
+    monkeypatch.delenv("MOEINF_API_KEY_FILE", raising=False)
+    monkeypatch.delenv("MOEINF_API_KEY", raising=False)
+    given = {}
+    if how == "file":
+        (tmp_path / "key").write_text(key + "\n")
+        given = {"api_key_file": str(tmp_path / "key")}
+    elif how == "flag":
+        given = {"api_key": key}
+    else:
+        monkeypatch.setenv("MOEINF_API_KEY", key)
+    cfg = build_config(ServeConfig, state_dir=str(tmp_path / "state"), **given)
+    sup = Supervisor(cfg, tmp_path / "model")
+    show_env = py("import os, sys; print(os.environ.get('MOEINF_API_KEY', '-'), ' '.join(sys.argv))")
+    for child in (sup.memd, sup.worker, sup.gateway):
+        assert not any(key in arg for arg in child.args), child.args
+        child.cmd = [*show_env, *child.args]
+        out = subprocess.run(child.cmd, env=child.env, capture_output=True, text=True, timeout=30).stdout.split()
+        assert out[0] == (key if child is sup.gateway else "-"), (child.name, out)
+        assert key not in out[1:]
+    assert key not in repr(cfg)
+
+
+def test_serve_refuses_both_api_key_flags(tmp_path):
+    (tmp_path / "key").write_text("secret-key")
+    with pytest.raises(ValueError, match="give one of --api-key and --api-key-file"):
+        ServeConfig(api_key="x", api_key_file=tmp_path / "key")
+    with pytest.raises(ValueError, match="is empty"):
+        (tmp_path / "empty").write_text("\n")
+        ServeConfig(api_key_file=tmp_path / "empty")

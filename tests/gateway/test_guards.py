@@ -207,6 +207,47 @@ def test_half_sent_body_is_dropped_after_the_body_timeout(gw):
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
+def test_headers_sent_byte_by_byte_are_cut_off_at_the_header_timeout(make_gateway):
+    """A slowloris client: one header byte every 0.1 s, never the blank line. The connection is closed once
+    --header-timeout-s has passed since it opened, though bytes keep arriving (aiohttp's default: 3630 s)."""
+    gw = make_gateway(header_timeout_s=1.0)
+    trickle = f"GET /health HTTP/1.1\r\nHost: x\r\n" + "X-Slow: " + "a" * 200
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        started, closed_after = time.monotonic(), None
+        for byte in trickle.encode():
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+            sock.settimeout(0.1)
+            try:
+                if sock.recv(1024) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+    assert closed_after is not None, "still open after 20 s of trickled header bytes"
+    assert 0.9 < closed_after < 3, closed_after
+
+
+def test_an_idle_keep_alive_connection_is_not_cut_mid_response(make_gateway):
+    """The header timeout counts from the previous response: a slow response longer than it is not cut, and the
+    connection serves a second request right after."""
+    gw = make_gateway(header_timeout_s=0.5, step_s=0.1)  # 8 tokens at 0.1 s: longer than the header timeout
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    try:
+        for _ in range(2):
+            conn.request("POST", COMP, json.dumps({"model": M, "prompt": "hi", "max_tokens": 8}),
+                         {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 8
+    finally:
+        conn.close()
+
+
 def test_over_long_header_is_a_json_4xx_without_echo(gw):
     secret = "Z" * 10000
     reply, _ = raw_exchange(gw, f"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: {secret}\r\n\r\n".encode())

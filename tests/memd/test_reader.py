@@ -271,3 +271,20 @@ def test_pieces_spread_one_expert_over_the_threads(data):
         assert reader.bandwidth > 0
     finally:
         reader.close()
+
+
+def test_a_job_whose_waiter_gave_up_ends_quietly(tmp_path):
+    """An asyncio waiter cancelled at shutdown cancels the future it wraps; the reader must not crash on it when the
+    job ends (or when close() cancels it): memd's exit raised InvalidStateError under SIGTERM with reads queued."""
+    import concurrent.futures
+
+    from services.memd.reader import _settle
+
+    for outcome in ({"exc": RuntimeError("x")}, {"result": (1, 0.1)}):
+        future = concurrent.futures.Future()
+        assert future.cancel()
+        _settle(future, **outcome)  # no InvalidStateError
+        assert future.cancelled()
+    future = concurrent.futures.Future()
+    _settle(future, result=(4, 0.5))
+    assert future.result() == (4, 0.5)
