@@ -1,7 +1,7 @@
 """``moeinf selftest --device cuda`` on a host without CUDA says so and fails; the link-peak arithmetic."""
 import pytest
 
-from common.cli import main
+from services.cli import main
 from services import selftest
 
 
