@@ -171,6 +171,7 @@ class Gateway:
         except WorkerUnavailable as exc:
             raise unavailable(str(exc)) from None
         link = dispatch.worker.link
+        self.metrics.worker_requests.labels(dispatch.worker.name).inc()
         try:
             async for reply in link.generate(req, self.cfg.step_timeout_s):
                 dispatch.progress(len(reply.tokens))

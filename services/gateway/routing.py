@@ -50,6 +50,10 @@ class Worker:
     in_flight: int = 0
 
     @property
+    def name(self) -> str:
+        return Path(self.addr).name
+
+    @property
     def ready(self) -> bool:
         return not self.reason and self.info is not None and self.link.lost is None
 
