@@ -144,6 +144,8 @@ class MemdConfig:
                                    " directory)")
     eamc_dir: Path | None = knob(None, "the only directory `moeinf admin eamc save|load` may write or read (default:"
                                        " the state directory)")
+    eamc_from: str = knob("", "at start, merge a peer's EAMC into this one: tcp://HOST:PORT (a peer memd's --admin-tcp,"
+                              " asked with --admin-token) or an eamc.bin file; ours stay, bounded by --eamc-capacity")
     eamc_top: int = knob(4, "EAMC members whose weighted average predicts a request's experts")
     max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
     admin_tcp: str = knob("", "also serve the admin socket on HOST:PORT over TCP (needs --admin-token); the Unix"
@@ -163,6 +165,9 @@ class MemdConfig:
         if self.eamc_dir is not None:
             object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
         _check_admin_tcp(self.admin_tcp, self.admin_token)
+        if self.eamc_from.startswith("tcp://") and len(self.admin_token) < ADMIN_TOKEN_MIN:
+            raise ValueError(f"--eamc-from {self.eamc_from} needs --admin-token (env MOEINF_ADMIN_TOKEN): the peer's"
+                             " admin token, which the fleet shares")
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
         if self.policy not in POLICIES:

@@ -32,6 +32,7 @@ from common.protocol import MEMD_ADMIN_OPS, PROTOCOL, Handler, Op
 from common.sizes import format_bytes, parse_size
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
+from services.memd.eamc_share import export_eamc
 from services.memd.loads import LoadError
 from services.memd.policy import Key
 from services.memd.pool import SHM_DIR, allocate_range, release_range, resident_bytes
@@ -66,7 +67,7 @@ class AdminServer:
             Op.ADMIN_EAMC_SAVE: self.on_eamc_save, Op.ADMIN_EAMC_LOAD: self.on_eamc_load,
             Op.ADMIN_EAMC_CLEAR: self.on_eamc_clear, Op.ADMIN_EAMC_MATCH: self.on_eamc_match,
             Op.ADMIN_PIN: self.on_pin, Op.ADMIN_UNPIN: self.on_unpin, Op.ADMIN_DROP: self.on_drop,
-            Op.ADMIN_HEALTH: self.on_health,
+            Op.ADMIN_HEALTH: self.on_health, Op.ADMIN_EAMC_EXPORT: lambda req: export_eamc(self.core.eamc),
         }
         assert set(self.handlers) == MEMD_ADMIN_OPS
         self.table.on_retire = self._retired
@@ -131,7 +132,8 @@ class AdminServer:
             log.exception("admin %s failed", op.name)
             await _send_error(sock, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
             return
-        await _send(sock, identity, encode(op, rid, reply))
+        reply, bulk = reply if isinstance(reply, tuple) else (reply, None)  # bulk: a raw frame after the reply
+        await _send(sock, identity, encode(op, rid, reply), *([bulk] if bulk is not None else []))
 
     # ------------------------------------------------------------------ inspection
     def on_stats(self, req: a.AdminStatsRequest) -> a.AdminStatsReply:
@@ -381,9 +383,9 @@ def _rid(frame: bytes) -> int:
         return 0
 
 
-async def _send(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+async def _send(sock: zmq.Socket, identity: bytes, frame: bytes, *bulk: bytes) -> None:
     try:
-        await sock.send_multipart([identity, frame])
+        await sock.send_multipart([identity, frame, *bulk])
     except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the admin client went away
         log.info("admin reply dropped: %s", exc)
 

@@ -16,6 +16,7 @@ from common.sizes import format_bytes, parse_size
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
+from services.memd.eamc_share import pull
 from services.memd.leases import ControlPage
 from services.memd.pool import SharedPool, StateLock, pool_name
 from services.memd.reader import ExpertReader
@@ -76,6 +77,8 @@ def build_core(cfg: MemdConfig, store: ExpertStore, num_slots: int) -> ExpertMan
     knobs = Knobs.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
+    if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
+        pull(eamc, cfg.eamc_from, cfg.admin_token)
     top_k = getattr(store.config.get_text_config(), "num_experts_per_tok", None) or 2
     return ExpertManager(num_slots, store.num_layers, store.num_experts, top_k, store.expert_bytes, knobs, eamc)
 
