@@ -105,6 +105,20 @@ class EamcReply(Message):
     path: Text  # "" for clear
 
 
+class EamcExportRequest(Message):
+    """A peer's EAMC, for a replica starting cold (``memd --eamc-from tcp://...``)."""
+
+    token: Text
+
+
+class EamcExportReply(Message):
+    """Followed by one raw frame of ``nbytes``: the EAMC in its file format (bulk data never rides in msgpack)."""
+
+    size: Index
+    capacity: Index
+    nbytes: Count
+
+
 class EamcMatchRequest(Message):
     """What the EAMC predicts for a request that routed ``experts`` (one token each)."""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +37,21 @@ def default_state_dir() -> Path:
 MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET = "memd.sock", "memd-trace.sock", "worker.sock"
 ADMIN_SOCKET = "admin.sock"  # memd's admin socket (mode 0600), for `moeinf admin`
 ADMIN_TOKEN_MIN = 16
+WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # --worker-id: a file-name part, never a path
+
+
+def worker_socket(worker_id: str) -> str:
+    """The socket file a worker binds in the state directory: worker.sock, or worker-<id>.sock with --worker-id
+    (several workers on one memd: the gateway serves through every worker-*.sock it finds there)."""
+    return f"worker-{worker_id}.sock" if worker_id else WORKER_SOCKET
+
+
+def resolve_worker_id(value: str) -> str:
+    """``auto`` is the host name (a container's: compose --scale gives every replica its own); else as given."""
+    worker_id = socket.gethostname() if value == "auto" else value
+    if worker_id and not WORKER_ID.fullmatch(worker_id):
+        raise ValueError(f"--worker-id {worker_id!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return worker_id
 
 
 def state_socket(state_dir: Path | str, name: str) -> str:
@@ -134,6 +151,8 @@ class MemdConfig:
                                    " directory)")
     eamc_dir: Path | None = knob(None, "the only directory `moeinf admin eamc save|load` may write or read (default:"
                                        " the state directory)")
+    eamc_from: str = knob("", "at start, merge a peer's EAMC into this one: tcp://HOST:PORT (a peer memd's --admin-tcp,"
+                              " asked with --admin-token) or an eamc.bin file; ours stay, bounded by --eamc-capacity")
     eamc_top: int = knob(4, "EAMC members whose weighted average predicts a request's experts")
     max_traced_requests: int = knob(1024, "live requests memd tracks an activation matrix for")
     admin_tcp: str = knob("", "also serve the admin socket on HOST:PORT over TCP (needs --admin-token); the Unix"
@@ -157,6 +176,9 @@ class MemdConfig:
         _check_admin_tcp(self.admin_tcp, self.admin_token)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port {self.metrics_port}: a TCP port (1-65535), or 0 for no metrics endpoint")
+        if self.eamc_from.startswith("tcp://") and len(self.admin_token) < ADMIN_TOKEN_MIN:
+            raise ValueError(f"--eamc-from {self.eamc_from} needs --admin-token (env MOEINF_ADMIN_TOKEN): the peer's"
+                             " admin token, which the fleet shares")
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
         if self.pool_backend not in POOL_BACKENDS:
@@ -226,6 +248,8 @@ class WorkerConfig:
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
+    worker_id: str = knob("", "name of this worker when several share one memd: it serves <state-dir>/worker-<id>.sock"
+                              " (auto: the host name, one per container under compose --scale); empty: worker.sock")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -233,6 +257,7 @@ class WorkerConfig:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "worker_id", resolve_worker_id(self.worker_id))
         if self.record_trace is not None:
             object.__setattr__(self, "record_trace", Path(self.record_trace))
         Access(self.group)
@@ -258,7 +283,7 @@ class WorkerConfig:
 
     @property
     def rpc_addr(self) -> str:
-        return state_socket(self.state_dir, WORKER_SOCKET)
+        return state_socket(self.state_dir, worker_socket(self.worker_id))
 
 
 def _resolve_api_key(cfg) -> None:
@@ -296,6 +321,10 @@ class GatewayConfig:
     api_key_file: Path | None = knob(None, "file whose content (stripped) is the API key")
     metrics_auth: bool = knob(False, "/metrics needs the API key too")
     cors_origins: str = knob("", "comma-separated origins allowed by CORS ('*': any); none by default")
+    affinity_entries: int = knob(4096, "conversations (same 'user', else same prompt prefix) remembered with the worker"
+                                       " that served them, so the next turn goes there too (least recently used go)")
+    affinity_slack_tokens: int = knob(1024, "a conversation leaves its worker for the least-loaded one when its"
+                                            " worker has more than this many outstanding tokens above that one's")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -310,8 +339,10 @@ class GatewayConfig:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)
-        if self.max_queued < 1 or self.max_tokens_limit < 1:
-            raise ValueError("--max-queued and --max-tokens-limit must be >= 1")
+        if self.max_queued < 1 or self.max_tokens_limit < 1 or self.affinity_entries < 1:
+            raise ValueError("--max-queued, --max-tokens-limit and --affinity-entries must be >= 1")
+        if self.affinity_slack_tokens < 0:
+            raise ValueError("--affinity-slack-tokens must be >= 0")
 
     @property
     def cors_allowed(self) -> tuple[str, ...]:
@@ -341,6 +372,8 @@ class ServeConfig:
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
+    workers: int = knob(1, "worker processes on the one memd (one expert pool): worker-0.sock ... when above 1; the"
+                           " gateway routes each request to one of them")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
     api_key: str = field(default="", repr=False, metadata={"help": "the gateway's API key: /v1/* needs 'Authorization:"
@@ -358,6 +391,10 @@ class ServeConfig:
         if self.record_trace is not None:
             object.__setattr__(self, "record_trace", Path(self.record_trace))
         Access(self.group)
+        if self.workers < 1:
+            raise ValueError("--workers must be >= 1")
+        if self.record_trace is not None and self.workers > 1:
+            raise ValueError("--record-trace writes one file: use it with --workers 1")
         if self.max_restarts < 0 or self.restart_window_s <= 0:
             raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
         if self.policy not in POLICIES:

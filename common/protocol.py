@@ -49,6 +49,7 @@ class Op(enum.IntEnum):
     ADMIN_UNPIN = 106
     ADMIN_DROP = 107
     ADMIN_HEALTH = 108
+    ADMIN_EAMC_EXPORT = 109
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.ADMIN_UNPIN: Rpc(a.UnpinRequest, a.UnpinReply, Handler.INLINE),
     Op.ADMIN_DROP: Rpc(a.DropRequest, a.DropReply, Handler.INLINE),
     Op.ADMIN_HEALTH: Rpc(a.AdminHealthRequest, a.AdminHealthReply, Handler.INLINE),
+    Op.ADMIN_EAMC_EXPORT: Rpc(a.EamcExportRequest, a.EamcExportReply, Handler.ASYNC),  # serialised off the loop
 }
 
 MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS, Op.RETURN_LEASES})

@@ -11,7 +11,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, default_state_dir, knob, state_socket
+from common.config import (MEMD_SOCKET, MEMD_TRACE_SOCKET, default_state_dir, knob, resolve_worker_id, state_socket,
+                           worker_socket)
 
 SERVICES = ("memd", "worker", "gateway")
 
@@ -22,9 +23,11 @@ class HealthConfig:
     host: str = knob("127.0.0.1", "gateway address to ask (0.0.0.0 asks this host)")
     port: int = knob(8000, "gateway HTTP port")
     timeout_s: float = knob(2.0, "seconds to wait for the answer")
+    worker_id: str = knob("", "the worker to ask: worker-<id>.sock (auto: the host name), as the worker's --worker-id")
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        object.__setattr__(self, "worker_id", resolve_worker_id(self.worker_id))
         if self.timeout_s <= 0:
             raise ValueError("--timeout-s must be > 0")
 
@@ -49,7 +52,7 @@ def check_memd(cfg: HealthConfig) -> str:
 def check_worker(cfg: HealthConfig) -> str:
     from common.worker_client import WorkerClient, WorkerClientError
 
-    client = WorkerClient(state_socket(cfg.state_dir, WORKER_SOCKET))
+    client = WorkerClient(state_socket(cfg.state_dir, worker_socket(cfg.worker_id)))
     try:
         info = client.info(timeout_s=cfg.timeout_s)
     except (TimeoutError, WorkerClientError) as exc:

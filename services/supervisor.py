@@ -1,4 +1,7 @@
-"""``moeinf serve``: start memd, worker and gateway as child processes, wait for each to be ready, supervise.
+"""``moeinf serve``: start memd, worker(s) and gateway as child processes, wait for each to be ready, supervise.
+
+With ``--workers N`` (N > 1) N workers attach to the one memd (one expert pool), each on its own socket
+(``worker-<i>.sock``); the gateway finds them all in the state directory. Each is restarted on its own.
 
 A crashed worker is restarted (the gateway answers 503 meanwhile); a crashed memd takes the worker with it
 (its pool is gone), so both are restarted in order. A service that crashes ``--max-restarts`` times within
@@ -22,8 +25,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import (ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET, ServeConfig, env_name,
-                           state_socket)
+from common.config import (ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, ServeConfig, env_name, state_socket,
+                           worker_socket)
 from common.zmq_utils import remove_ipc_file
 from services.memd.pool import SHM_DIR, pool_name
 
@@ -102,7 +105,9 @@ class Supervisor:
         worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued)]
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
-        self.worker = Child("worker", worker, sockets=(sock(WORKER_SOCKET),), env=_child_env())
+        ids = [str(i) for i in range(cfg.workers)] if cfg.workers > 1 else [""]  # one worker: worker.sock
+        self.workers = [Child(f"worker {i}" if i else "worker", [*worker, "--worker-id", i] if i else worker,
+                              sockets=(sock(worker_socket(i)),), env=_child_env()) for i in ids]
         gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
             gateway += ["--served-model-name", cfg.served_model_name]
@@ -128,7 +133,8 @@ class Supervisor:
 
     def start_all(self) -> None:
         self.start(self.memd, self.memd_ready)
-        self.start(self.worker, self.worker_ready)
+        for worker in self.workers:
+            self.start(worker, self.worker_ready(worker))
         self.start(self.gateway, self.gateway_ready)
 
     def start(self, child: Child, ready) -> None:
@@ -151,10 +157,11 @@ class Supervisor:
     def supervise(self) -> int:
         while not self.stopping:
             time.sleep(0.5)
+            dead = [w for w in self.workers if not w.alive()]
             if not self.memd.alive():
-                self.restart(self.memd, self.memd_ready, then=[(self.worker, self.worker_ready)])
-            elif not self.worker.alive():
-                self.restart(self.worker, self.worker_ready)
+                self.restart(self.memd, self.memd_ready, then=[(w, self.worker_ready(w)) for w in self.workers])
+            elif dead:  # one at a time: the others keep serving meanwhile
+                self.restart(dead[0], self.worker_ready(dead[0]))
             elif not self.gateway.alive():
                 self.restart(self.gateway, self.gateway_ready)
         return 0
@@ -169,8 +176,7 @@ class Supervisor:
                                " --max-restarts or lower --restart-window-s)")
         say(f"{child.name} exited with status {child.proc.returncode}; restarting ({recent}/{self.cfg.max_restarts}"
             f" within {window:g}s)")
-        for dependent, _ in then:
-            dependent.stop()
+        stop_children([dependent for dependent, _ in then])
         self.start(child, ready)
         for dependent, dependent_ready in then:
             self.start(dependent, dependent_ready)
@@ -178,7 +184,7 @@ class Supervisor:
     def stop_all(self) -> None:
         """Stop the three children in parallel, then remove the socket files of those that could not (killed,
         crashed): a stale worker.sock must not outlive serve."""
-        children = (self.gateway, self.worker, self.memd)
+        children = (self.gateway, *self.workers, self.memd)
         killed = stop_children(children)
         if killed:
             say(f"{', '.join(killed)} did not stop within {STOP_TIMEOUT_S:g}s of SIGTERM: killed")
@@ -194,8 +200,9 @@ class Supervisor:
     def memd_ready(self) -> bool:
         return _answered_by(self.memd, lambda: _memd_stats(self.cfg.state_dir))
 
-    def worker_ready(self) -> bool:
-        return _answered_by(self.worker, lambda: _worker_info(self.cfg.state_dir))
+    def worker_ready(self, worker: Child):
+        addr = worker.sockets[0]
+        return lambda: _answered_by(worker, lambda: _worker_info(addr))
 
     def gateway_ready(self) -> bool:
         try:
@@ -224,10 +231,10 @@ def _memd_stats(state_dir: Path):
         client.close()
 
 
-def _worker_info(state_dir: Path):
+def _worker_info(addr: str):
     from common.worker_client import WorkerClient
 
-    client = WorkerClient(state_socket(state_dir, WORKER_SOCKET))
+    client = WorkerClient(addr)
     try:
         return client.info(timeout_s=0.5)
     finally:

@@ -19,7 +19,7 @@ def free_port() -> int:
 class Served:
     """A running ``moeinf serve`` (memd + worker + gateway as real processes)."""
 
-    def __init__(self, model: Path, state_dir: Path, max_queued: int = 4):
+    def __init__(self, model: Path, state_dir: Path, max_queued: int = 4, expert_memory: str = "25%", workers: int = 1):
         self.port = free_port()
         self.state_dir = state_dir
         self.url = f"http://127.0.0.1:{self.port}"
@@ -29,7 +29,7 @@ class Served:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             moeinf_cmd("serve", "--model", str(model), "--state-dir", str(state_dir), "--port", str(self.port),
-                       "--expert-memory", "25%", "--max-queued", str(max_queued)),
+                       "--expert-memory", expert_memory, "--max-queued", str(max_queued), "--workers", str(workers)),
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MOEINF_METRICS_PORT": str(memd_metrics)})
         self.wait_health(200, timeout=180)
@@ -53,10 +53,10 @@ class Served:
             time.sleep(0.2)
         raise TimeoutError(f"/health never returned {status}:\n{self.log.read_text(errors='replace')}")
 
-    def worker_info(self):
+    def worker_info(self, sock: str = "worker.sock"):
         from common.worker_client import WorkerClient
 
-        client = WorkerClient(f"ipc://{self.state_dir.resolve()}/worker.sock")
+        client = WorkerClient(f"ipc://{self.state_dir.resolve()}/{sock}")
         try:
             return client.info(timeout_s=10)
         finally:

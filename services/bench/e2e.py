@@ -14,7 +14,10 @@ Greedy workloads (``--requests`` prompts, ``--max-tokens`` each) are served: a f
 and client count, so memd's EAMC has never seen the prompts it is timed on (``services/bench/e2e_workload.py``;
 ``--warm-eamc`` asks for the warm scenario instead, labelled). moeinf systems serve at every ``--concurrency``
 value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve one request at a
-time. Every system runs ``--repeats`` times (baselines too) and the median run is reported; every system first
+time. With ``--workers N`` the moeinf systems run N worker processes on their one memd (one pool), client k talking
+to worker k mod N, with a memory limit raised by N-1 times dense weights + allowance (no expert memory: the
+workers share the pool); ``pss_bytes`` (PSS of memd + workers, the shared pool counted once) is the memory they
+hold. Every system runs ``--repeats`` times (baselines too) and the median run is reported; every system first
 serves one untimed warm-up request outside the workloads. Per run: tokens/s, time to first token, decode time per
 token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate, and how good its
 predictions were over the run (prefetch precision and recall, precision and recall by lookahead distance:
@@ -24,6 +27,7 @@ dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd'
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import sys
 import threading
@@ -65,6 +69,7 @@ class Options:
     plot: Path | None = None
     seed: int = 0
     warm_eamc: bool = False
+    workers: int = 1
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -73,15 +78,15 @@ class Options:
         opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
-                   path(args.plot), args.seed, args.warm_eamc)
+                   path(args.plot), args.seed, args.warm_eamc, args.workers)
         opts.validate()
         return opts
 
     def validate(self) -> None:
         if not (self.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {self.model}: no config.json (give a checkpoint directory)")
-        if min(self.concurrency) < 1 or self.max_tokens < 1 or self.requests < 1 or self.repeats < 1:
-            raise ValueError("--concurrency, --max-tokens, --requests and --repeats must be >= 1")
+        if min(self.concurrency) < 1 or min(self.max_tokens, self.requests, self.repeats, self.workers) < 1:
+            raise ValueError("--concurrency, --max-tokens, --requests, --repeats and --workers must be >= 1")
         if self.prompts is not None and not self.prompts.is_file():
             raise FileNotFoundError(f"--prompts {self.prompts}: no such file")
         if not self.systems:
@@ -104,29 +109,38 @@ class MoeinfSystem:
         self.name, self.opts, self.prefix = name, opts, list(prefix)
         self.expert_memory = expert_memory or opts.expert_memory[0]
         self.memd: MemdProcess | None = None
-        self.worker: WorkerProcess | None = None
+        self.workers: list[WorkerProcess] = []
+        self._clients = itertools.count()  # client k talks to worker k mod N
         self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
 
     def start(self) -> MoeinfSystem:
         self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=MEMD_FLAGS[self.name], prefix=self.prefix)
         self.memd.start()
-        self.worker = WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
-                                    prefix=self.prefix).start()
+        ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
+        for worker_id in ids:
+            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
+                                              prefix=self.prefix, worker_id=worker_id))
+            self.workers[-1].start()
         return self
 
     def stop(self) -> None:
         if self._stats_client is not None:
             self._stats_client.close()
             self._stats_client = None
-        if self.worker is not None:
-            self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         if self.memd is not None:
             self.memd.stop()
 
     def client(self):
         from common.worker_client import WorkerClient
 
-        return _TokenStream(WorkerClient(self.worker.addr, timeout_s=600))
+        worker = self.workers[next(self._clients) % len(self.workers)]
+        return _TokenStream(WorkerClient(worker.addr, timeout_s=600))
+
+    def pss_bytes(self) -> int | None:
+        """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
+        return _pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
 
     def counters(self) -> dict[str, float]:
         from services.worker.memd_client import MemdClient
@@ -135,6 +149,17 @@ class MoeinfSystem:
             self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
                                             state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
         return stats_counters(self._stats_client.stats())
+
+
+def _pss(pids: list[int]) -> int | None:
+    total = 0
+    try:
+        for pid in pids:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += 1024 * int(next(ln.split()[1] for ln in rollup.splitlines() if ln.startswith("Pss:")))
+    except (OSError, StopIteration):
+        return None
+    return total
 
 
 class _TokenStream:
@@ -328,6 +353,9 @@ def add_parser(bench) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per system and concurrency, baselines included; the median is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
+    p.add_argument("--workers", type=int, default=1, help="moeinf systems: worker processes on the one memd (client k"
+                                                          " talks to worker k mod N); the limit grows by a dense copy"
+                                                          " + allowance per extra worker, not by expert memory")
     p.add_argument("--runtime-allowance", default="1GiB",
                    help="memory beyond dense weights + expert memory in the limit (interpreters, torch, activations)")
     p.add_argument("--memory-limit", choices=["on", "off"], default="on",

@@ -49,7 +49,7 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
         "model": str(opts.model), "max_tokens": opts.max_tokens, "requests": opts.requests,
         "prompt_tokens": [len(p) for p in sweep.workloads.prompts(opts.systems[0])],
         "warmup_tokens": opts.warmup_tokens,
-        "threads": opts.threads, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
+        "threads": opts.threads, "workers": opts.workers, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
     }
 
 

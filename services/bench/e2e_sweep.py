@@ -38,8 +38,9 @@ class Sweep:
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
         if not self.limits_applied:
             return None
+        extra = 0 if name in (RESIDENT, OFFLOAD) else (self.opts.workers - 1) * (budget.dense_bytes + budget.allowance_bytes)
         try:
-            return stack.enter_context(MemoryCgroup.create(budget.limit_bytes, name))
+            return stack.enter_context(MemoryCgroup.create(budget.limit_bytes + extra, name))
         except CgroupUnavailable as exc:
             self.limits_applied = False
             self.notes.append(f"no memory cgroup ({exc}): the systems run without a memory limit from here on, so"
@@ -107,9 +108,11 @@ class Sweep:
             system.start()
             results = measure(system, self.workloads, self.opts)
             held = group.unreclaimable_bytes() if group else None  # memd + worker, before they stop
+            pss = system.pss_bytes()
         finally:
             system.stop()
-        return [{**row, "unreclaimable_bytes": held} for row in summarize(results)]
+        return [{**row, "unreclaimable_bytes": held, "pss_bytes": pss, "workers": self.opts.workers}
+                for row in summarize(results)]
 
 
 _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_p90": None, "tokens_per_s": None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import WORKER_SOCKET, state_socket
+from common.config import state_socket, worker_socket
 from services.bench.service_proc import ServiceProcess
 
 READY_TEXT = "worker ready"
@@ -11,13 +11,14 @@ READY_TEXT = "worker ready"
 
 class WorkerProcess(ServiceProcess):
     def __init__(self, model: Path, state_dir: Path, extra: list[str] = (), *, ready_timeout_s: float = 600.0,
-                 prefix: list[str] = ()):
-        self.model, self.state_dir = Path(model), Path(state_dir)
+                 prefix: list[str] = (), worker_id: str = ""):
+        self.model, self.state_dir, self.worker_id = Path(model), Path(state_dir), worker_id
         args = ["--model", str(self.model), "--state-dir", str(self.state_dir), *extra]
-        super().__init__("worker", args, self.state_dir / "worker.log", READY_TEXT, ready_timeout_s=ready_timeout_s,
-                         prefix=prefix)
+        args += ["--worker-id", worker_id] if worker_id else []
+        log = self.state_dir / (f"worker-{worker_id}.log" if worker_id else "worker.log")
+        super().__init__("worker", args, log, READY_TEXT, ready_timeout_s=ready_timeout_s, prefix=prefix)
 
     @property
     def addr(self) -> str:
-        return state_socket(self.state_dir, WORKER_SOCKET)
+        return state_socket(self.state_dir, worker_socket(self.worker_id))
 

@@ -27,7 +27,8 @@ from services.gateway.openapi import openapi_spec
 from services.gateway.output import Output
 from services.gateway.sse import Stream
 from services.gateway.text import TextCodec
-from services.gateway.worker_link import GatewayStopping, WorkerLink, WorkerRejected, WorkerUnavailable
+from services.gateway.routing import WorkerSet
+from services.gateway.worker_link import GatewayStopping, WorkerRejected, WorkerUnavailable
 
 log = logging.getLogger("moeinf.gateway")
 HEALTH_POLL_S = 1.0
@@ -48,18 +49,18 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
-        self.link = WorkerLink(self.cfg.worker_addr, max_pending=self.cfg.max_queued + 64)
+        self.workers = WorkerSet(self.cfg)  # worker.sock and every worker-*.sock; routing (routing.py)
         self._poller = asyncio.create_task(self._poll_health())
 
     async def stop(self, app: web.Application) -> None:
         self._poller.cancel()
         await asyncio.gather(self._poller, return_exceptions=True)
-        await self.link.close()
+        await self.workers.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def abort_requests(self, reason: str) -> None:
         """Shutting down: every request in flight ends now (streams with an error event) instead of running on."""
-        self.link.abort(reason)
+        self.workers.abort(reason)
 
     async def _poll_health(self) -> None:
         while True:
@@ -67,11 +68,10 @@ class Gateway:
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def refresh_health(self, timeout_s: float) -> None:
-        try:
-            self.info = await self.link.info(timeout_s=timeout_s)
-            self.health_reason = "" if self.info.ready else "the worker is up but memd is not"
-        except (WorkerUnavailable, WorkerRejected) as exc:
-            self.health_reason = f"the worker is not answering ({exc})"
+        """Ready while at least one worker is."""
+        await self.workers.refresh(timeout_s)
+        self.info = self.workers.info() or self.info
+        self.health_reason = self.workers.health_reason()
 
     # ------------------------------------------------------------------ routes
     async def health(self, request: web.Request) -> web.Response:
@@ -115,8 +115,7 @@ class Gateway:
 
     # ------------------------------------------------------------------ admission and tokenization
     def require_worker(self) -> m.WorkerInfoReply:
-        if self.link.lost:
-            self.health_reason = f"the worker is not answering ({self.link.lost})"
+        self.health_reason = self.workers.health_reason()  # a worker's death is known before the next poll
         if self.health_reason or self.info is None:
             raise unavailable(f"not ready: {self.health_reason or 'starting'}")
         return self.info
@@ -168,7 +167,14 @@ class Gateway:
         req = self.worker_request(job, info)
         finished = gone = False  # gone: the worker no longer has the request (it failed it, or it died)
         try:
-            async for reply in self.link.generate(req, self.cfg.step_timeout_s):
+            dispatch = self.workers.route(job.user, job.prompt_ids, job.max_tokens)
+        except WorkerUnavailable as exc:
+            raise unavailable(str(exc)) from None
+        link = dispatch.worker.link
+        self.metrics.worker_requests.labels(dispatch.worker.name).inc()
+        try:
+            async for reply in link.generate(req, self.cfg.step_timeout_s):
+                dispatch.progress(len(reply.tokens))
                 clock.add(len(reply.tokens))
                 delta = out.add(reply.tokens, reply.finish_reason)
                 finished = out.finish_reason is not None
@@ -184,9 +190,10 @@ class Gateway:
             raise ApiError(status, str(exc), type=kind, code=exc.code,
                            headers={"Retry-After": "1"} if status in (429, 503) else None) from None
         finally:
+            dispatch.end()
             clock.done()
             if not gone and (not finished or out.stop.stopped):
-                task = asyncio.ensure_future(self.link.cancel(req.request))
+                task = asyncio.ensure_future(link.cancel(req.request))
                 self.cancels.add(task)
                 task.add_done_callback(self.cancels.discard)
 

@@ -33,6 +33,8 @@ class GatewayMetrics:
                                      registry=r)
         self.generation_tokens = Counter("moeinf_gateway_generation_tokens", "tokens generated", registry=r)
         self.streams = Gauge("moeinf_gateway_streams_in_flight", "SSE responses being streamed", registry=r)
+        self.worker_requests = Counter("moeinf_gateway_worker_requests", "generation requests sent to each worker"
+                                        " (its socket's name)", ["worker"], registry=r)
         Gauge("moeinf_gateway_queue_depth", "requests admitted (running or waiting for the worker)",
               registry=r).set_function(lambda: gateway.active)
         Gauge("moeinf_gateway_queue_limit", "--max-queued: admitted requests beyond which the gateway answers 429",

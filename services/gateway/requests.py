@@ -39,6 +39,7 @@ class Job:
     include_usage: bool = False
     messages: list[dict] = field(default_factory=list)
     prompt_text: str | None = None
+    user: str | None = None  # the client's end-user id: routes a conversation back to its worker
 
 
 def _typed(body: dict, name: str, types, what: str, default=None):
@@ -97,6 +98,7 @@ def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: 
     user = _typed(body, "user", str, "a string")
     if user is not None and len(user) > MAX_USER:
         raise bad_request(f"'user' may be at most {MAX_USER} characters", "user")
+    job.user = user
     job.seed = _typed(body, "seed", int, "an integer")
     if job.seed is not None and not 0 <= job.seed < 2**63:
         raise bad_request("'seed' must be in [0, 2^63)", "seed")

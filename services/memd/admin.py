@@ -33,6 +33,7 @@ from common.protocol import MEMD_ADMIN_OPS, PROTOCOL, Handler, Op
 from common.sizes import format_bytes, parse_size
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
+from services.memd.eamc_share import export_eamc
 from services.memd.loads import LoadError
 from services.memd.policy import Key
 from services.memd.replies import CodedError, answer, send_error
@@ -65,7 +66,7 @@ class AdminServer:
             Op.ADMIN_EAMC_SAVE: self.on_eamc_save, Op.ADMIN_EAMC_LOAD: self.on_eamc_load,
             Op.ADMIN_EAMC_CLEAR: self.on_eamc_clear, Op.ADMIN_EAMC_MATCH: self.on_eamc_match,
             Op.ADMIN_PIN: self.on_pin, Op.ADMIN_UNPIN: self.on_unpin, Op.ADMIN_DROP: self.on_drop,
-            Op.ADMIN_HEALTH: self.on_health,
+            Op.ADMIN_HEALTH: self.on_health, Op.ADMIN_EAMC_EXPORT: lambda req: export_eamc(self.core.eamc),
         }
         assert set(self.handlers) == MEMD_ADMIN_OPS
         self.table.on_retire = self._retired

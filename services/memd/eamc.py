@@ -138,13 +138,9 @@ class Eamc:
     def save(self, path: Path, access: Access = OWNER_ONLY) -> None:
         """Write atomically: a temporary file in the same directory (0600, or 0660 with a group, whatever the
         umask), fsync, then rename over ``path``."""
-        n = self.size
-        payload = self.prob[:n].tobytes() + self.weight[:n].tobytes() + self.hits[:n].tobytes()
-        header = {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
-                  "num_experts": self.num_experts, "size": n, "sha256": hashlib.sha256(payload).hexdigest()}
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         with os.fdopen(access.create(tmp), "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n" + payload)
+            f.write(self.to_bytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -155,12 +151,25 @@ class Eamc:
             os.close(dir_fd)
         self.dirty = False
 
+    def to_bytes(self) -> bytes:
+        """The file's content: a JSON header line, then the members' rows, weights and match counts."""
+        n = self.size
+        payload = self.prob[:n].tobytes() + self.weight[:n].tobytes() + self.hits[:n].tobytes()
+        header = {"format": FORMAT, "model": self.model, "num_layers": self.num_layers,
+                  "num_experts": self.num_experts, "size": n, "sha256": hashlib.sha256(payload).hexdigest()}
+        return json.dumps(header).encode() + b"\n" + payload
+
     def load(self, path: Path) -> None:
         """Replace the members with those saved in ``path``; raises EamcFileError (and keeps none) if it is bad."""
         try:
             raw = path.read_bytes()
         except OSError as exc:
             raise EamcFileError(f"{path}: {exc.strerror}") from None
+        self.from_bytes(raw, str(path))
+        self.dirty = False
+
+    def from_bytes(self, raw: bytes, path: str) -> None:
+        """Replace the members with those in ``raw`` (``to_bytes``' format; ``path`` names it in errors)."""
         end = raw.find(b"\n", 0, 65536)
         try:
             header = json.loads(raw[:end]) if end > 0 else None
@@ -188,7 +197,28 @@ class Eamc:
             self._set(self.size, prob[i], float(weight[i]))
             self.hits[self.size] = hits[i]
             self.size += 1
-        self.dirty = False
+        self.dirty = True
+
+    def merge(self, other: Eamc) -> tuple[int, int]:
+        """Take in a peer's members (a replica starting cold learns what its fleet saw). Ours stay: they describe
+        this replica's own traffic. A peer member that is a near-duplicate of one of ours is averaged into it;
+        the others fill the free capacity, the peer's most matched first; what does not fit is left out.
+        Returns (merged, added)."""
+        merged = added = 0
+        for i in np.argsort(-other.hits[:other.size], kind="stable"):
+            prob, weight = other.prob[i], float(other.weight[i])
+            sims = self.similarity(prob[None])[0] if self.size else np.zeros(0)
+            if sims.size and sims.max() >= MERGE_SIMILARITY:
+                j, w = int(np.argmax(sims)), float(self.weight[int(np.argmax(sims))])
+                self._set(j, (self.prob[j] * w + prob * weight) / (w + weight), min(w + weight, MAX_MERGED))
+                merged += 1
+            elif self.size < self.capacity:
+                self._set(self.size, prob, weight)
+                self.hits[self.size] = other.hits[i]
+                self.size += 1
+                added += 1
+        self.dirty = self.dirty or bool(merged or added)
+        return merged, added
 
 
 def load_or_empty(path: Path, num_layers: int, num_experts: int, capacity: int, model: str) -> Eamc:

@@ -11,7 +11,11 @@ while that worker is blocked in an acquire, so a revoked slot is never in use:
   epoch on the control page; the worker reads the epoch before each layer and, when it moved, asks memd instead of
   using its leases, and that acquire revokes everything but the current layer;
 * an error reply to a lease acquire ends all of that worker's leases (it forgets them too), and so does
-  RETURN_LEASES (a worker going idle) or the worker's death.
+  RETURN_LEASES (a worker going idle) or the worker's death: a dead worker's pins and leases go, nobody else's.
+
+Several workers share the pool. An acquire that finds no slot while other workers hold experts waits for them
+(``others_hold``: their leases are asked back) instead of failing; for every worker's current layer to fit at
+once, the pool should hold one MoE layer's experts per attached worker (``room_error``: memd warns when not).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 
+from common.procs import pid_alive
+from services.memd.loads import SLOT_WAIT_S
 from services.memd.policy import Key
 from services.memd.pool import SharedPool
 from services.memd.slots import SlotTable
@@ -133,3 +139,22 @@ class Client:
         for key in keys:
             self.leases.discard(key)
             table.unpin(key)
+
+
+def others_hold(clients, client: Client, reclaim) -> bool:
+    """Do workers other than ``client`` hold experts? ``reclaim()`` asks for leases not asked back yet."""
+    others = [c for c in clients if c is not client and c.held]
+    if any(c.leases and not c.reclaim for c in others):
+        reclaim()
+    return bool(others)
+
+
+def room_error(clients, table: SlotTable, store) -> str | None:
+    """Why one more worker does not fit (each needs one MoE layer's experts at once), or None."""
+    capacity, per_layer = table.capacity, store.num_experts
+    live = sum(1 for c in clients if pid_alive(c.pid))
+    if (live + 1) * per_layer <= capacity:
+        return None
+    return (f"{live + 1} workers are attached but the pool's {capacity} slots hold the {per_layer} experts of one MoE"
+            f" layer for only {capacity // per_layer} of them at once: busy workers will wait for each other, and an"
+            f" acquire that waits over {SLOT_WAIT_S:g}s fails; raise --expert-memory or run fewer workers")

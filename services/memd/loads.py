@@ -4,7 +4,9 @@ A task ends by telling the core how the read went (done, cancelled or failed). T
 demand, promoted, or waiting for a slot) are counted: while any runs or waits, no prefetch is planned, and
 ``on_demand_idle`` is called when the last one ends. A cancelled prefetch that an
 acquire has meanwhile pinned is read again, as an on-demand load, into the same slot. An on-demand load that
-finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot.
+finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot; when there is none
+and other workers hold experts (their current layer, or leases memd has asked back), it waits for them to let go,
+up to ``SLOT_WAIT_S``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.loads")
+SLOT_WAIT_S = 30.0  # an on-demand load waits this long for other workers' experts to leave (below the worker's
+SLOT_POLL_S = 0.005  # --memd-timeout-s of 120 s); it looks again this often, asking them again each time
 
 
 class LoadError(RuntimeError):
@@ -63,16 +67,18 @@ class Loads:
         if job is not None:
             self.reader.cancel(job)
 
-    async def demand(self, key: Key, transient: bool) -> None:
-        """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``)."""
+    async def demand(self, key: Key, transient: bool, others_hold=None) -> None:
+        """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``), or
+        wait while ``others_hold()`` (other workers hold experts; it asks them for their leases)."""
         self.waiting += 1
         try:
-            await self._demand(key, transient)
+            await self._demand(key, transient, others_hold)
         finally:
             self.waiting -= 1
             self._demand_ended(None)
 
-    async def _demand(self, key: Key, transient: bool) -> None:
+    async def _demand(self, key: Key, transient: bool, others_hold) -> None:
+        deadline = asyncio.get_running_loop().time() + SLOT_WAIT_S
         while True:
             if key in self.tasks:
                 await self.promote(key)
@@ -84,7 +90,10 @@ class Loads:
             except PoolExhausted:
                 victim = self.core.steal_candidate()
                 if victim is None or victim not in self.tasks:
-                    raise
+                    if others_hold is None or asyncio.get_running_loop().time() > deadline or not others_hold():
+                        raise
+                    await asyncio.sleep(SLOT_POLL_S)
+                    continue
                 self.cancel(victim)
                 await asyncio.wait({self.tasks[victim]})
                 continue

@@ -17,6 +17,7 @@ from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
 from services.memd.indexer import load_index, save_index
+from services.memd.eamc_share import pull
 from services.memd.leases import ControlPage
 from services.memd.backend import open_backend
 from services.memd.pool import StateLock, pool_name
@@ -78,6 +79,8 @@ def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int) -> ExpertMan
     knobs = Knobs.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
+    if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
+        pull(eamc, cfg.eamc_from, cfg.admin_token)
     return ExpertManager(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc)
 
 

@@ -23,9 +23,9 @@ class CodedError(Exception):
         self.code = code
 
 
-async def send(sock: zmq.Socket, identity: bytes, frame: bytes) -> None:
+async def send(sock: zmq.Socket, identity: bytes, frame: bytes, *bulk: bytes) -> None:
     try:
-        await sock.send_multipart([identity, frame])
+        await sock.send_multipart([identity, frame, *bulk])
     except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer went away
         log.info("reply to a vanished peer dropped: %s", exc)
 
@@ -35,7 +35,8 @@ async def send_error(sock: zmq.Socket, identity: bytes, rid: int, code: str, mes
 
 
 async def answer(sock: zmq.Socket, identity: bytes, op: Op, rid: int, call) -> None:
-    """Run ``call()`` (a reply, None for no reply, or a coroutine of one) and send what it gives or raises."""
+    """Run ``call()`` (a reply, None for no reply, ``(reply, bulk)`` for a reply followed by one raw frame, or a
+    coroutine of one of these) and send what it gives or raises."""
     try:
         reply = call()
         if asyncio.iscoroutine(reply):
@@ -47,5 +48,7 @@ async def answer(sock: zmq.Socket, identity: bytes, op: Op, rid: int, call) -> N
         log.exception("%s failed", op.name)
         await send_error(sock, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
         return
-    if reply is not None:
-        await send(sock, identity, encode(op, rid, reply))
+    if reply is None:
+        return
+    reply, bulk = reply if isinstance(reply, tuple) else (reply, None)  # bulk: bytes never ride in msgpack
+    await send(sock, identity, encode(op, rid, reply), *([bulk] if bulk is not None else []))

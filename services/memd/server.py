@@ -29,7 +29,7 @@ from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.core import ExpertManager
 from services.memd.eamc import FILE_NAME as EAMC_FILE
-from services.memd.leases import Client, ControlPage, shortfall
+from services.memd.leases import Client, ControlPage, others_hold, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.pools import Pool, refusal
 from services.memd.prefetching import Prefetcher
@@ -215,6 +215,8 @@ class MemdServer:
             raise RpcError("handshake", "READY before HELLO")
         client.ready = True
         log.info("worker pid %d attached", client.pid)
+        if why := room_error([c for i, c in self.clients.items() if i != identity], self.table, self.store):
+            log.warning("%s", why)
         return m.ReadyReply()
 
     async def _acquire(self, identity: bytes, rid: int, req: m.AcquireRequest) -> None:
@@ -263,7 +265,8 @@ class MemdServer:
             plan = self.core.acquire(client.pid, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.joins]
-            waits += [asyncio.create_task(self.loads.demand(key, plan.transient)) for key in plan.blocked]
+            wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
+            waits += [asyncio.create_task(self.loads.demand(key, plan.transient, wait)) for key in plan.blocked]
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
         return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed)
 

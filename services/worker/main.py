@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import signal
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ from common.access import Access
 from common.checkpoint import Checkpoint, experts_per_token, max_positions
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
+from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import experts
 from services.worker.engine import Engine
 from services.worker.loader import load_model
@@ -25,6 +27,7 @@ from services.worker.server import WorkerServer
 from services.worker.tracing import StepRecorder, StepState
 
 log = logging.getLogger("moeinf.worker")
+SOCKET_PROBE_S = 1.0  # a live worker answers WORKER_INFO from its event loop, even while it computes
 
 
 class Attached(NamedTuple):
@@ -87,7 +90,25 @@ def max_model_len(cfg: WorkerConfig, model) -> int:
     return min(cfg.max_model_len, limit) if cfg.max_model_len else limit
 
 
+def check_socket_free(cfg: WorkerConfig) -> None:
+    """Refuse to take over the socket of a live worker (two workers given one --worker-id): binding would unlink
+    its socket file and silently orphan it. A stale file from a crashed run is fine (nobody answers)."""
+    path = Path(cfg.rpc_addr[len("ipc://"):])
+    if not path.exists():
+        return
+    probe = WorkerClient(cfg.rpc_addr)
+    try:
+        info = probe.info(timeout_s=SOCKET_PROBE_S)
+    except (TimeoutError, WorkerClientError):
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"worker pid {info.pid} already serves {path}: give each worker its own --worker-id"
+                       " (env MOEINF_WORKER_ID)")
+
+
 def run(cfg: WorkerConfig) -> int:
+    check_socket_free(cfg)
     model, client, _, steps = attach(cfg)
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)

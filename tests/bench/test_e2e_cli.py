@@ -70,3 +70,20 @@ def test_warm_eamc_is_labelled(tmp_path):
     assert "moeinf*" in proc.stdout and "WARM EAMC" in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["warm_eamc"] is True and doc["systems"][0]["eamc"] == "warm"
+
+
+def test_two_workers_on_one_memd(tmp_path):
+    """--workers 2: two worker processes on the one memd serve the clients (the same greedy tokens as one client);
+    the row says so and carries the PSS memd and the workers hold."""
+    model = write_family("mixtral", tmp_path / "m")
+    out = tmp_path / "e2e.json"
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
+                     "--concurrency", "2", "--requests", "4", "--max-tokens", "4", "--threads", "1",
+                     "--workers", "2", "--memory-limit", "off", "--json", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    (row,) = doc["systems"]
+    assert doc["workers"] == 2 and row["workers"] == 2 and row["same_tokens_as_c1"] is True
+    assert row["pss_bytes"] > 0 and row["generated_tokens"] == 4 * 4
+    assert not orphan_regions()

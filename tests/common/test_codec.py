@@ -73,6 +73,8 @@ SAMPLES.update({  # the admin link (common/admin_messages.py)
     a.DropReply: a.DropReply(20, 4, 6),
     a.AdminHealthRequest: a.AdminHealthRequest("tok"),
     a.AdminHealthReply: a.AdminHealthReply(77, 12.5, "/models/mixtral", "moeinf-abc-pool", [4242, 4243]),
+    a.EamcExportRequest: a.EamcExportRequest("tok"),
+    a.EamcExportReply: a.EamcExportReply(12, 256, 4096),
 })
 
 

@@ -40,11 +40,23 @@ def test_bad_values_name_the_flag(field, value, words):
 def test_serve_passes_policy_prefetch_and_record_trace(tmp_path):
     cfg = build_config(ServeConfig, env={}, policy="lru", prefetch="off", record_trace=str(tmp_path / "t.jsonl"))
     sup = Supervisor(cfg, tmp_path)
-    memd, worker = sup.memd.args, sup.worker.args
+    memd, worker = sup.memd.args, sup.workers[0].args
     assert memd[memd.index("--policy") + 1] == "lru" and memd[memd.index("--prefetch") + 1] == "off"
     assert worker[worker.index("--record-trace") + 1] == str(tmp_path / "t.jsonl")
     default = Supervisor(build_config(ServeConfig, env={}), tmp_path)
     assert default.memd.args[default.memd.args.index("--policy") + 1] == "activation"
-    assert "--record-trace" not in default.worker.args
+    assert "--record-trace" not in default.workers[0].args
     with pytest.raises(ValueError, match="--policy"):
         build_config(ServeConfig, env={}, policy="fifo")
+
+
+def test_serve_workers_get_their_own_ids_and_sockets(tmp_path):
+    one = Supervisor(build_config(ServeConfig, env={}), tmp_path)
+    assert len(one.workers) == 1 and "--worker-id" not in one.workers[0].args
+    assert one.workers[0].sockets[0].endswith("/worker.sock")
+    three = Supervisor(build_config(ServeConfig, env={}, workers="3"), tmp_path)
+    ids = [w.args[w.args.index("--worker-id") + 1] for w in three.workers]
+    assert ids == ["0", "1", "2"] and [w.sockets[0].rsplit("/", 1)[1] for w in three.workers] == [
+        "worker-0.sock", "worker-1.sock", "worker-2.sock"]
+    with pytest.raises(ValueError, match="--record-trace writes one file"):
+        build_config(ServeConfig, env={}, workers="2", record_trace=str(tmp_path / "t"))

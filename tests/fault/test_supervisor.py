@@ -30,11 +30,12 @@ DEAF = py("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); p
 
 def supervisor(tmp_path: Path, worker_cmd, **cfg) -> Supervisor:
     sup = Supervisor(ServeConfig(state_dir=tmp_path / "state", **cfg), tmp_path / "model")
-    for child, cmd in ((sup.memd, SLEEPER), (sup.worker, worker_cmd), (sup.gateway, SLEEPER)):
+    for child, cmd in ((sup.memd, SLEEPER), (sup.workers[0], worker_cmd), (sup.gateway, SLEEPER)):
         child.cmd = cmd
         child.start()
         child.was_ready = True
-    sup.memd_ready = sup.worker_ready = sup.gateway_ready = lambda: True
+    sup.memd_ready = sup.gateway_ready = lambda: True
+    sup.worker_ready = lambda worker: lambda: True
     return sup
 
 
@@ -49,7 +50,7 @@ def test_crashes_within_the_window_give_up_and_remove_the_stale_worker_socket(tm
     finally:
         sup.stop_all()
     assert not stale.exists()
-    assert not any(c.alive() for c in (sup.memd, sup.worker, sup.gateway))
+    assert not any(c.alive() for c in (sup.memd, sup.workers[0], sup.gateway))
 
 
 def test_the_restart_budget_refills(tmp_path):
@@ -67,14 +68,14 @@ def test_the_restart_budget_refills(tmp_path):
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while sup.worker.total_crashes < 6:
+        while sup.workers[0].total_crashes < 6:
             assert time.monotonic() < deadline and thread.is_alive(), f"gave up: {errors}"
             time.sleep(0.1)
     finally:
         sup.stopping = True
         thread.join()
         sup.stop_all()
-    assert not errors and sup.worker.total_crashes >= 6 and len(sup.worker.crashes) <= 2
+    assert not errors and sup.workers[0].total_crashes >= 6 and len(sup.workers[0].crashes) <= 2
 
 
 def test_the_window_counts_only_recent_crashes():

@@ -1,7 +1,11 @@
 """Leases between a real memd and MemdClient: a layer whose experts are all leased costs no message; an acquire
 that needs more slots than are free or evictable revokes just that many of the worker's other leases (the policy's
-victims), and another worker short of slots bumps the revoke epoch so the holder comes back; an error and
+victims), and another worker short of slots bumps the revoke epoch so the holder comes back, and waits for it
+(not for itself); an error and
 RETURN_LEASES end every lease."""
+import threading
+import time
+
 import pytest
 from helpers import spawn, stop, wait_for_log
 
@@ -93,20 +97,51 @@ def test_an_all_resident_acquire_keeps_the_leases(connect):
     assert client.last_leased
 
 
-def test_another_workers_miss_makes_the_holder_come_back(connect):
+def in_thread(call) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def run():
+        try:
+            got["value"] = call()
+        except Exception as exc:  # noqa: BLE001 (handed to the test)
+            got["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, got
+
+
+def test_another_workers_miss_waits_for_the_holder_to_come_back(connect):
     holder, other = connect(), connect()
     acquire(holder, 0, list(range(8)))
     acquire(holder, 1, [4])  # no free slot: one of layer 0's leases goes back (the policy's victim)
     acquire(holder, 1, [4])
     assert holder.last_leased and len(holder.leases) == 8
-    with pytest.raises(MemdError, match="expert-memory"):  # every slot is the holder's: memd bumps the epoch
-        acquire(other, 2, list(range(7)))
+    thread, got = in_thread(lambda: acquire(other, 2, list(range(7))))  # every slot is the holder's
+    time.sleep(0.5)
+    assert thread.is_alive() and not got, "the other worker waits (memd asked the holder back), it does not fail"
     acquire(holder, 1, [4])
     assert not holder.last_leased, "the moved epoch must send the holder to memd"
     assert set(holder.leases) == {(1, 4)}  # a reclaim takes back everything but the current layer
+    thread.join(10)
+    assert len(got.get("value", [])) == 7, got
     acquire(holder, 1, [4])
     assert holder.last_leased
-    acquire(other, 2, list(range(7)))  # now there is room
+
+
+def test_an_acquire_waits_for_another_workers_pins_but_not_for_its_own(connect):
+    explicit, client = connect(leases=False), connect()
+    acquire(explicit, 0, list(range(8)))  # pinned until released: the whole pool
+    started = time.monotonic()
+    with pytest.raises(MemdError, match="expert-memory"):  # nobody else holds anything: at once
+        acquire(explicit, 1, [0])
+    assert time.monotonic() - started < 5
+    thread, got = in_thread(lambda: acquire(client, 1, [0, 1]))
+    time.sleep(0.5)
+    assert thread.is_alive() and not got
+    explicit.release(0, list(range(8)))
+    thread.join(10)
+    assert len(got.get("value", [])) == 2, got
 
 
 def test_an_error_ends_every_lease(connect):

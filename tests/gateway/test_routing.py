@@ -1,0 +1,130 @@
+"""Several workers behind one gateway: discovery of worker-*.sock, least outstanding tokens, conversation affinity,
+and a dead worker failing only its own requests. (Real processes: tests/fault/test_multi_worker.py.)"""
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fake import FakeWorker, LocalGateway, gateway_config
+from test_worker_loss import SSE, post, wait
+
+from common.config import state_socket
+from services.gateway.routing import PREFIX_TOKENS, Router, Worker, affinity_key
+
+M = "demo"
+
+
+class CountingWorker(FakeWorker):
+    def __init__(self, *args, **kw):
+        self.generated: list[str] = []  # request ids it was sent
+        super().__init__(*args, **kw)
+
+    def _on(self, identity, op, rid, req):
+        if op.name == "GENERATE":
+            self.generated.append(req.request)
+        super()._on(identity, op, rid, req)
+
+
+def fake(addr: str) -> Worker:
+    return Worker(addr, link=None, reason="")
+
+
+# ---------------------------------------------------------------------------- the router alone
+def test_least_outstanding_tokens_wins_and_counts_down_as_tokens_come():
+    router, a, b = Router(entries=8, slack_tokens=0), fake("a"), fake("b")
+    first = router.dispatch(router.pick([a, b], "k1"), 100)
+    assert first.worker is a and (a.outstanding, b.outstanding) == (100, 0)
+    second = router.dispatch(router.pick([a, b], "k2"), 10)
+    assert second.worker is b
+    first.progress(95)  # a: 5 left, b: 10
+    assert router.pick([a, b], "k3") is a
+    first.end()
+    second.end()
+    second.end()  # idempotent
+    assert (a.outstanding, b.outstanding, a.in_flight, b.in_flight) == (0, 0, 0, 0)
+
+
+def test_a_conversation_returns_to_its_worker_until_the_load_gap_passes_the_slack():
+    router, a, b = Router(entries=8, slack_tokens=50), fake("a"), fake("b")
+    assert router.pick([a, b], "user:alice") is a
+    router.dispatch(a, 40)
+    assert router.pick([a, b], "user:alice") is a  # 40 above b, within the slack
+    router.dispatch(a, 20)
+    assert router.pick([a, b], "user:alice") is b  # 60 above: it moves, and is remembered there
+    assert router.pick([a, b], "user:alice") is b
+    assert router.pick([a], "user:alice") is a  # its worker is not ready: any ready one
+
+
+def test_affinity_is_bounded_by_its_knob():
+    router, a = Router(entries=3, slack_tokens=0), fake("a")
+    for i in range(10):
+        router.pick([a], f"user:{i}")
+    assert list(router.affinity) == ["user:7", "user:8", "user:9"]
+
+
+def test_the_key_is_the_user_else_the_prompt_prefix():
+    prompt = list(range(PREFIX_TOKENS))
+    assert affinity_key("alice", prompt) == "user:alice" != affinity_key("bob", prompt)
+    assert affinity_key(None, prompt) == affinity_key(None, prompt + [7, 8, 9])  # the next turn of the chat
+    assert affinity_key(None, prompt) != affinity_key(None, [1] + prompt)
+
+
+# ---------------------------------------------------------------------------- a gateway over two fake workers
+@pytest.fixture
+def two_workers(demo_model):
+    from services.gateway.text import TextCodec
+
+    codec = TextCodec(demo_model)
+    state = Path(tempfile.mkdtemp(prefix="gw", dir="/tmp"))
+    cfg = gateway_config(demo_model, state, max_queued=8, affinity_slack_tokens=0)
+    vocab = len(codec.tokenizer)
+    workers = [CountingWorker(cfg.worker_addr, vocab, step_s=0.05),
+               CountingWorker(state_socket(state, "worker-b.sock"), vocab, step_s=0.05)]
+    gateway = LocalGateway(cfg, codec)
+    wait(lambda: len(gateway.gateway.workers.ready()) == 2, timeout=15)
+    yield gateway, workers
+    gateway.close()
+    for worker in workers:
+        worker.close()
+    for path in state.iterdir():
+        path.unlink()
+    state.rmdir()
+
+
+def test_concurrent_requests_spread_over_both_workers_and_a_user_sticks(two_workers):
+    gateway, workers = two_workers
+    streams = [SSE(gateway, max_tokens=40) for _ in range(4)]
+    wait(lambda: all(len(s.events) >= 2 for s in streams))
+    assert [len(w.generated) for w in workers] == [2, 2]  # least outstanding tokens: 2 and 2
+    for s in streams:
+        s.wait_closed(10)
+    for _ in range(3):
+        status, _, _ = post(gateway, {"model": M, "prompt": "Hi", "max_tokens": 2, "user": "alice"})
+        assert status == 200
+    counts = [len(w.generated) for w in workers]
+    assert sorted(counts) == [2, 5], counts  # alice's three turns went to one worker (both idle: it stays)
+
+
+def test_a_dead_worker_fails_only_its_requests_and_the_other_keeps_serving(two_workers):
+    gateway, workers = two_workers
+    streams = [SSE(gateway, max_tokens=4000) for _ in range(2)]
+    wait(lambda: all(len(s.events) >= 2 for s in streams))
+    assert [len(w.generated) for w in workers] == [1, 1]
+    workers[1].close()
+    ended = [s for s in streams if s.wait_closed(3) is not None]
+    assert len(ended) == 1 and ended[0].events[-1]["error"]["type"] == "service_unavailable_error"
+    survivor = next(s for s in streams if s is not ended[0])
+    seen = len(survivor.events)
+    time.sleep(0.3)
+    assert survivor.closed_at is None and len(survivor.events) > seen  # still streaming from worker 0
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post(gateway, {"model": M, "prompt": "x",
+                                                                             "max_tokens": 2})[0]))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [200, 200, 200]
+    assert gateway.gateway.health_reason == ""
