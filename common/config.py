@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.access import Access
+from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, resolve_api_key
 from common.sizes import parse_size
 
 ENV_PREFIX = "MOEINF_"
@@ -36,7 +37,6 @@ def default_state_dir() -> Path:
 
 MEMD_SOCKET, MEMD_TRACE_SOCKET, WORKER_SOCKET = "memd.sock", "memd-trace.sock", "worker.sock"
 ADMIN_SOCKET = "admin.sock"  # memd's admin socket (mode 0600), for `moeinf admin`
-ADMIN_TOKEN_MIN = 16
 WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # --worker-id: a file-name part, never a path
 
 
@@ -173,7 +173,7 @@ class MemdConfig:
         Access(self.group)  # an unknown group fails here, with its name
         if self.eamc_dir is not None:
             object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
-        _check_admin_tcp(self.admin_tcp, self.admin_token)
+        check_admin_tcp(self.admin_tcp, self.admin_token)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port {self.metrics_port}: a TCP port (1-65535), or 0 for no metrics endpoint")
         if self.eamc_from.startswith("tcp://") and len(self.admin_token) < ADMIN_TOKEN_MIN:
@@ -210,17 +210,6 @@ class MemdConfig:
     @property
     def admin_addr(self) -> str:
         return state_socket(self.state_dir, ADMIN_SOCKET)
-
-
-def _check_admin_tcp(addr: str, token: str) -> None:
-    if not addr:
-        return
-    host, sep, port = addr.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--admin-tcp {addr!r}: give HOST:PORT (127.0.0.1:7070)")
-    if len(token) < ADMIN_TOKEN_MIN:
-        raise ValueError(f"--admin-tcp needs --admin-token (env MOEINF_ADMIN_TOKEN) of at least {ADMIN_TOKEN_MIN}"
-                         " characters: a TCP admin socket has no file permissions to protect it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,21 +275,6 @@ class WorkerConfig:
         return state_socket(self.state_dir, worker_socket(self.worker_id))
 
 
-def _resolve_api_key(cfg) -> None:
-    """``--api-key-file``'s content (stripped) becomes ``cfg.api_key``; giving both is an error."""
-    if cfg.api_key_file is None:
-        return
-    if cfg.api_key:
-        raise ValueError("give one of --api-key and --api-key-file, not both")
-    try:
-        key = Path(cfg.api_key_file).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"--api-key-file {cfg.api_key_file}: {exc.strerror}") from None
-    if not key:
-        raise ValueError(f"--api-key-file {cfg.api_key_file} is empty")
-    object.__setattr__(cfg, "api_key", key)
-
-
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     model: Path = knob(None, "checkpoint directory (its tokenizer is used; the worker serves the weights)")
@@ -331,7 +305,7 @@ class GatewayConfig:
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
-        _resolve_api_key(self)
+        resolve_api_key(self)
         if self.metrics_auth and not self.api_key:
             raise ValueError("--metrics-auth needs an API key (--api-key, --api-key-file or MOEINF_API_KEY)")
         if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
@@ -385,7 +359,7 @@ class ServeConfig:
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "demo_dir", Path(self.demo_dir))
-        _resolve_api_key(self)
+        resolve_api_key(self)
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))
         if self.record_trace is not None:
