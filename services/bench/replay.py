@@ -364,7 +364,9 @@ def add_parsers(bench) -> None:
     p.add_argument("--store-dir", default=".cache/replay-store", help="where generated stores are kept")
     p.add_argument("--leases", choices=["on", "off"], default="on", help="the worker's lease mode (its default: on)")
     p.add_argument("--repeats", type=int, default=1, help="run every variant this often (rotating the order) and"
-                                                          " report the medians: stall varies with the disk's load")
+                                                          " report the medians, the range over the repeats and the"
+                                                          " ratios to lru paired by repeat: stall varies with the"
+                                                          " disk's load")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw fetches per token against capacity to this PNG (needs matplotlib)")
     p.set_defaults(func=run)
