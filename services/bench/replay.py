@@ -183,7 +183,7 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
     d = {k: getattr(after, k) - getattr(before, k) for k in (
         "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "prefetch_issued",
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps", "trace_lost",
-        "layer_notes", "notes_dropped")}
+        "layer_notes", "notes_dropped", "prefetch_deferred", "prefetch_declined")}
     tokens = plan.tokens
     fetches = d["misses"] + d["prefetch_issued"]
     used, wasted = d["prefetch_used"], d["prefetch_wasted"]
@@ -191,6 +191,8 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
         "policy": v.name, "eviction": v.policy, "prefetch": v.prefetch,
         "fetches_per_token": fetches / tokens, "demand_misses_per_token": d["misses"] / tokens,
         "prefetches_per_token": d["prefetch_issued"] / tokens,
+        "plans_deferred_per_token": d["prefetch_deferred"] / tokens,  # planned while demand reads were queued
+        "prefetch_declined_per_token": d["prefetch_declined"] / tokens,  # benefit did not beat the cost
         "stall_ms_per_token": 1e3 * d["stall_seconds"] / tokens,
         "acquire_wait_ms_per_token": 1e3 * result.acquire_seconds / tokens,
         "bytes_read_per_token": d["bytes_read"] / tokens,
@@ -255,16 +257,19 @@ def paired_ratios(rows: list[dict], lru: list[dict]) -> dict:
 
 
 def _spread_table(rows: list[dict]) -> str:
-    """Per variant: the min and max over the repeats of fetches and stall per token, and the paired ratios to LRU."""
+    """Per variant: the min and max over the repeats of fetches and stall per token, the paired ratios to LRU, and
+    why prefetches were not issued (median per token: plans made while demand reads were queued, candidates whose
+    expected benefit did not beat their cost)."""
     def rng(values):
         return "-" if values is None else f"{values[0]:.3g}-{values[1]:.3g}"
     lines = [f"{'spread over repeats':<20}  {'fetch/tok':>13}  {'stall ms/tok':>13}  {'fetch x lru':>17}"
-             f"  {'stall x lru':>17}"]
+             f"  {'stall x lru':>17}  {'deferred/tok':>12}  {'declined/tok':>12}"]
     for row in rows:
         ratio = [("-" if row.get(k) is None else f"{row[k]:.3f} ({rng(row.get(k + '_range'))})")
                  for k in ("fetches_vs_lru", "stall_vs_lru")]
         lines.append(f"{row['policy']:<20}  {rng(row.get('fetches_per_token_range')):>13}"
-                     f"  {rng(row.get('stall_ms_per_token_range')):>13}  {ratio[0]:>17}  {ratio[1]:>17}")
+                     f"  {rng(row.get('stall_ms_per_token_range')):>13}  {ratio[0]:>17}  {ratio[1]:>17}"
+                     f"  {row['plans_deferred_per_token']:>12.3f}  {row['prefetch_declined_per_token']:>12.3f}")
     return "\n".join(lines)
 
 
