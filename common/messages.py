@@ -235,28 +235,80 @@ class LayerNoteEvent(Message):
     guess_confidence: list[Ratio] = field(default_factory=list)
 
 
-class LayerTrace(Message):
-    """One MoE layer of one step: ``tokens[r][j]`` tokens of request r went to ``experts[j]``, with router weights
-    summing to ``weights[r][j]``; ``speculated`` is the next-gate guess for the next MoE layer (empty for the last);
-    ``leased``: every expert was already leased, so no acquire told memd of this layer (it counts the hits here)."""
-
-    layer: Index
-    experts: list[Index]
-    tokens: list[list[Index]]
-    weights: list[list[NonNeg]]
-    speculated: list[Index] = field(default_factory=list)
-    leased: bool = False
-
-
 class StepTraceEvent(Message):
-    """Everything one forward step routed, per request, sent once the step is over (batched, fire-and-forget)."""
+    """Everything one forward step routed, per request, sent once the step is over (batched, fire-and-forget).
+
+    Flat arrays, one entry per traced MoE layer in ``layers`` (in the order they ran). Layer i routed to
+    ``experts[a:a + n]``, where ``n = expert_counts[i]`` and ``a`` is the sum of the counts before it; request r sent
+    ``routed[len(requests) * a + r * n + j]`` tokens to its expert j, with router weights summing to the same entry
+    of ``weights`` (a ``len(requests) x n`` row-major block per layer). ``speculated`` holds, the same way by
+    ``speculated_counts``, each layer's next-gate guess for the next MoE layer (none for the last). ``leased[i]``:
+    every expert of layer i was already leased, so no acquire told memd of it (memd counts its hits here)."""
 
     worker: Index  # pid: step numbers are per worker
     step: Count
     requests: list[Text]
     tokens: list[Index]  # tokens of each request in this step
     prefill: list[bool]  # per request
-    layers: list[LayerTrace]
+    layers: list[Index] = field(default_factory=list)
+    leased: list[bool] = field(default_factory=list)
+    expert_counts: list[Index] = field(default_factory=list)
+    experts: list[Index] = field(default_factory=list)
+    routed: list[Index] = field(default_factory=list)
+    weights: list[NonNeg] = field(default_factory=list)
+    speculated_counts: list[Index] = field(default_factory=list)
+    speculated: list[Index] = field(default_factory=list)
+
+    def layer_traces(self) -> list[LayerTrace]:
+        """The flat arrays read back per layer (``routed`` and ``weights`` as rows per request). The caller checks
+        the lengths first (``layout_problem``)."""
+        out, a, s, rows = [], 0, 0, len(self.requests)
+        for i, layer in enumerate(self.layers):
+            n, g = self.expert_counts[i], self.speculated_counts[i]
+            base = rows * a
+            out.append(LayerTrace(layer, self.experts[a:a + n],
+                                  [self.routed[base + r * n:base + (r + 1) * n] for r in range(rows)],
+                                  [self.weights[base + r * n:base + (r + 1) * n] for r in range(rows)],
+                                  self.speculated[s:s + g], self.leased[i]))
+            a, s = a + n, s + g
+        return out
+
+    def layout_problem(self) -> str | None:
+        """Why the flat arrays do not fit together (None: they do)."""
+        count, n = len(self.requests), len(self.layers)
+        if len(self.tokens) != count or len(self.prefill) != count:
+            return f"{count} requests but {len(self.tokens)} token counts, {len(self.prefill)} phases"
+        if not len(self.leased) == len(self.expert_counts) == len(self.speculated_counts) == n:
+            return (f"{n} layers but {len(self.leased)} leased flags, {len(self.expert_counts)} expert counts,"
+                    f" {len(self.speculated_counts)} speculated counts")
+        experts = sum(self.expert_counts)
+        if len(self.experts) != experts or len(self.speculated) != sum(self.speculated_counts):
+            return f"{len(self.experts)} experts for counts summing to {experts}, or speculated likewise"
+        if len(self.routed) != count * experts or len(self.weights) != count * experts:
+            return f"routed/weights hold {len(self.routed)}/{len(self.weights)} entries, not {count} x {experts}"
+        return None
+
+
+class LayerTrace(Struct, frozen=True):
+    """One layer of a ``StepTraceEvent``, read back (``layer_traces``; never on the wire): ``tokens[r][j]`` tokens of
+    request r went to ``experts[j]``, router weights summing to ``weights[r][j]``."""
+
+    layer: int
+    experts: list[int]
+    tokens: list[list[int]]
+    weights: list[list[float]]
+    speculated: list[int] = field(default_factory=list)
+    leased: bool = False
+
+
+def step_trace(worker: int, step: int, requests: list[str], tokens: list[int], prefill: list[bool],
+               layers: list[LayerTrace]) -> StepTraceEvent:
+    """A ``StepTraceEvent`` from per-layer rows (the flat arrays built here, in one place)."""
+    flat = lambda rows: [v for row in rows for v in row]  # noqa: E731
+    return StepTraceEvent(worker, step, requests, tokens, prefill, [t.layer for t in layers],
+                          [t.leased for t in layers], [len(t.experts) for t in layers], flat(t.experts for t in layers),
+                          [v for t in layers for v in flat(t.tokens)], [v for t in layers for v in flat(t.weights)],
+                          [len(t.speculated) for t in layers], flat(t.speculated for t in layers))
 
 
 # ---------------------------------------------------------------- gateway <-> worker (RPC, DEALER -> ROUTER)

@@ -6,7 +6,8 @@ Side by side, in one run, on the same file (the checkpoint's largest shard, its 
 * the same probe multi-stream: ``--threads`` reads in flight (memd's ``--read-threads`` and ``--read-chunk``);
 * fio (Debian's ``fio``, if installed): ``--ioengine=libaio --iodepth=<threads> --direct=1 --rw=read
   --bs=<chunk>``, the independent reference at the same queue depth;
-* memd's ``ExpertReader``: about ``--bytes`` of experts (or ``--experts`` of them) read once each as on-demand
+* memd's ``ExpertReader``: about ``--bytes`` of the experts stored in that same file (or ``--experts`` of them), read
+  once each as on-demand
   loads into a page-aligned pool (its pages faulted in first, as in a running memd), 8 loads queued at a time,
   as memd reads them (O_DIRECT straight into the slot where the alignment allows). Its bandwidth is expert bytes over wall time; the target is >= 90% of the
   multi-stream probe. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a
@@ -56,15 +57,20 @@ def fio_bandwidth(path: Path, nbytes: int, depth: int, chunk: int) -> Bandwidth 
     return Bandwidth(read["io_bytes"], read["runtime"] / 1e3, True, depth, chunk)
 
 
-def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None = None) -> ReaderRun:
-    """Every expert (or the first ``experts``) read once through memd's ExpertReader, on demand."""
+def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None = None,
+                     file: Path | None = None) -> ReaderRun:
+    """Every expert (or the first ``experts``) read once through memd's ExpertReader, on demand; with ``file``,
+    only experts stored wholly in that file (the probe's, so both measure the same part of the disk)."""
     from common.checkpoint import Checkpoint
     from services.memd.dio import buffer_address
     from services.memd.reader import ExpertReader
     from services.memd.store import ExpertStore
 
     store = ExpertStore(Checkpoint(model))
-    keys = sorted(store.segments)[:experts]
+    keys = sorted(k for k, segs in store.segments.items() if file is None or {s.file for s in segs} == {str(file)})
+    if not keys:
+        raise ValueError(f"{file}: holds no whole expert (bench disk reads experts from the probe's file)")
+    keys = keys[:experts]
     buf = mmap.mmap(-1, WINDOW * store.slot_bytes)
     view = memoryview(buf)
     ctypes.memset(buffer_address(view), 1, len(view))  # fault the pages in, as memd's pool is after its first use
@@ -105,7 +111,7 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
     for r in range(rounds):
         progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader")
         steps = [lambda: multi.append(read_bandwidth(files, nbytes, chunk, streams=threads)),
-                 lambda: readers.append(reader_bandwidth(model, threads, chunk, experts))]
+                 lambda: readers.append(reader_bandwidth(model, threads, chunk, experts, files[0]))]
         for step in steps[::1 if r % 2 == 0 else -1]:
             step()
     probe, reader = _median(multi, lambda b: b.gbps), _median(readers, lambda x: x.bandwidth.gbps)

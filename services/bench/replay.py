@@ -10,6 +10,11 @@ for the same accesses and capacity (``bounds.py``) are the reference: no policy 
 ``--json`` writes one object per (trace, capacity) with ``tokens``, ``capacity_experts``,
 ``belady_fetches_per_token``, ``lru_fetches_per_token`` and ``results`` (one row per policy variant): the
 object itself for one trace at one capacity, else a JSON list of them (traces in order, capacities within).
+
+With ``--repeats N`` every number of a row is the median over the N runs; fetches and stall per token also carry
+their range (``*_range``: min, max), and, when ``lru`` is among the variants, every row carries ``fetches_vs_lru`` and
+``stall_vs_lru``: the median over the repeats of its value over LRU's in the same repeat (paired: run next to each
+other, under the same disk load), with their range. A table of these spreads follows the medians.
 """
 from __future__ import annotations
 
@@ -178,7 +183,7 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
     d = {k: getattr(after, k) - getattr(before, k) for k in (
         "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "prefetch_issued",
         "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps", "trace_lost",
-        "layer_notes", "notes_dropped")}
+        "layer_notes", "notes_dropped", "prefetch_deferred", "prefetch_declined")}
     tokens = plan.tokens
     fetches = d["misses"] + d["prefetch_issued"]
     used, wasted = d["prefetch_used"], d["prefetch_wasted"]
@@ -186,6 +191,8 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
         "policy": v.name, "eviction": v.policy, "prefetch": v.prefetch,
         "fetches_per_token": fetches / tokens, "demand_misses_per_token": d["misses"] / tokens,
         "prefetches_per_token": d["prefetch_issued"] / tokens,
+        "plans_deferred_per_token": d["prefetch_deferred"] / tokens,  # planned while demand reads were queued
+        "prefetch_declined_per_token": d["prefetch_declined"] / tokens,  # benefit did not beat the cost
         "stall_ms_per_token": 1e3 * d["stall_seconds"] / tokens,
         "acquire_wait_ms_per_token": 1e3 * result.acquire_seconds / tokens,
         "bytes_read_per_token": d["bytes_read"] / tokens,
@@ -225,10 +232,45 @@ def replay_capacity(plan: ReplayPlan, store: Store, memory: str, opts: Options) 
             runs[v.name].append(row)
             print(f"  repeat {r + 1}: {_table_row(row)}" if opts.repeats > 1 else _table_row(row), flush=True)
     doc["results"] = [median_row(runs[v.name]) for v in opts.variants]
+    if "lru" in runs:
+        for row in doc["results"]:
+            row.update(paired_ratios(runs[row["policy"]], runs["lru"]))
     if opts.repeats > 1:
         print("medians:\n" + "\n".join(_table_row(row) for row in doc["results"]), flush=True)
+        print(_spread_table(doc["results"]), flush=True)
     print()
     return doc
+
+
+SPREAD = ("fetches_per_token", "stall_ms_per_token")
+
+
+def paired_ratios(rows: list[dict], lru: list[dict]) -> dict:
+    """Fetches and stall of a variant over the ``lru`` row of the same repeat (run next to it, under the same disk
+    load): the median ratio and its range over the repeats; None where LRU's value is 0."""
+    out = {}
+    for key, name in (("fetches_per_token", "fetches_vs_lru"), ("stall_ms_per_token", "stall_vs_lru")):
+        ratios = sorted(r[key] / b[key] for r, b in zip(rows, lru) if b[key])
+        out[name] = statistics.median(ratios) if ratios else None
+        out[name + "_range"] = [ratios[0], ratios[-1]] if ratios else None
+    return out
+
+
+def _spread_table(rows: list[dict]) -> str:
+    """Per variant: the min and max over the repeats of fetches and stall per token, the paired ratios to LRU, and
+    why prefetches were not issued (median per token: plans made while demand reads were queued, candidates whose
+    expected benefit did not beat their cost)."""
+    def rng(values):
+        return "-" if values is None else f"{values[0]:.3g}-{values[1]:.3g}"
+    lines = [f"{'spread over repeats':<20}  {'fetch/tok':>13}  {'stall ms/tok':>13}  {'fetch x lru':>17}"
+             f"  {'stall x lru':>17}  {'deferred/tok':>12}  {'declined/tok':>12}"]
+    for row in rows:
+        ratio = [("-" if row.get(k) is None else f"{row[k]:.3f} ({rng(row.get(k + '_range'))})")
+                 for k in ("fetches_vs_lru", "stall_vs_lru")]
+        lines.append(f"{row['policy']:<20}  {rng(row.get('fetches_per_token_range')):>13}"
+                     f"  {rng(row.get('stall_ms_per_token_range')):>13}  {ratio[0]:>17}  {ratio[1]:>17}"
+                     f"  {row['plans_deferred_per_token']:>12.3f}  {row['prefetch_declined_per_token']:>12.3f}")
+    return "\n".join(lines)
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -238,6 +280,9 @@ def median_row(rows: list[dict]) -> dict:
         values = [r[key] for r in rows if isinstance(r[key], (int, float)) and not isinstance(r[key], bool)]
         if values and not isinstance(value, bool):
             out[key] = statistics.median(values)
+    for key in SPREAD:
+        values = [r[key] for r in rows]
+        out[key + "_range"] = [min(values), max(values)]
     if len(rows) > 1:
         out["repeats"] = rows
     return out
@@ -324,7 +369,9 @@ def add_parsers(bench) -> None:
     p.add_argument("--store-dir", default=".cache/replay-store", help="where generated stores are kept")
     p.add_argument("--leases", choices=["on", "off"], default="on", help="the worker's lease mode (its default: on)")
     p.add_argument("--repeats", type=int, default=1, help="run every variant this often (rotating the order) and"
-                                                          " report the medians: stall varies with the disk's load")
+                                                          " report the medians, the range over the repeats and the"
+                                                          " ratios to lru paired by repeat: stall varies with the"
+                                                          " disk's load")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="draw fetches per token against capacity to this PNG (needs matplotlib)")
     p.set_defaults(func=run)

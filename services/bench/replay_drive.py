@@ -124,7 +124,7 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
             if not client.leasing:
                 client.release(r.layer, r.experts)
             traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, r.speculated, leased))
-        client.emit(Op.STEP_TRACE, m.StepTraceEvent(worker, number, step.requests, step.tokens, step.prefill, traces))
+        client.emit(Op.STEP_TRACE, m.step_trace(worker, number, step.requests, step.tokens, step.prefill, traces))
         for request, generated in step.ends:
             client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))
         if len(step.ends) == len(step.requests):  # nothing left running: the worker, idle, returns its leases

@@ -38,7 +38,7 @@ def samples(batch: int, layers: int, experts: int, top_k: int) -> dict[str, tupl
         "AcquireRequest": (Op.ACQUIRE, False, m.AcquireRequest(**acq), old.AcquireRequest(**acq)),
         "AcquireReply": (Op.ACQUIRE, True, m.AcquireReply(**rep), old.AcquireReply(**rep)),
         "StepTraceEvent": (Op.STEP_TRACE, False,
-                           m.StepTraceEvent(**trace, layers=[m.LayerTrace(**f) for f in layer_fields]),
+                           m.step_trace(**trace, layers=[m.LayerTrace(**f) for f in layer_fields]),
                            old.StepTraceEvent(**trace, layers=[old.LayerTrace(**f) for f in layer_fields])),
     }
 
@@ -124,7 +124,7 @@ def run(args) -> int:
           f" up to {args.n} messages x {args.repeats} repeats, old and new alternating (median)")
     print(f"{'message':<16} {'bytes':>6} {'old ns':>9} {'new ns':>9} {'new/old':>8}   (encode + decode, one message)")
     for name, size, o, n in codec_table(cases, args.n, args.repeats):
-        print(f"{name:<16} {size:>6} {o:>9.0f} {n:>9.0f} {n / o:>8.2f}")
+        print(f"{name:<16} {size:>6} {o:>9.0f} {n:>9.0f} {n / o:>8.3g}")
     olds, news = [], []
     for _ in range(args.repeats):
         olds.append(round_trip_us(cases, False, args.n))

@@ -20,10 +20,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from common import messages as m
 from common.config import MemdConfig
 from common.sizes import parse_size
-from services.memd.eam import EamTable
+from services.memd.eam import EamTable, step_entries
 from services.memd.eamc import Eamc
 from services.memd.metrics import Metrics
 from services.memd.planner import PrefetchPlanner
@@ -318,11 +320,15 @@ class ExpertManager:
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
         self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
-        for t in ev.layers:
-            if t.leased:
-                self._leased_hits(t.layer, t.experts)
+        start = 0
+        for layer, leased, n in zip(ev.layers, ev.leased, ev.expert_counts):
+            if leased:
+                self._leased_hits(layer, ev.experts[start:start + n])
+            start += n
+        layers, experts, at, width = step_entries(ev)
+        routed = np.asarray(ev.routed, np.float32)
         for r, request in enumerate(ev.requests):
-            rows = [(t.layer, t.experts, t.tokens[r]) for t in ev.layers]
+            rows = [(layers, experts, routed[at + r * width])]
             self.eams.add_step((ev.worker, ev.step), request, ev.tokens[r], ev.prefill[r], rows)
 
     def _bad_trace(self, problem: str, what: str = "step trace") -> None:
@@ -344,14 +350,11 @@ class ExpertManager:
                 self.table.policy.on_access((layer, expert), decode=decode)
 
     def _check_trace(self, ev: m.StepTraceEvent) -> str | None:
-        count = len(ev.requests)
-        if len(ev.tokens) != count or len(ev.prefill) != count:
-            return f"step {ev.step}: {count} requests but {len(ev.tokens)} token counts, {len(ev.prefill)} phases"
-        for t in ev.layers:
-            if not 0 <= t.layer < self.L or any(not 0 <= e < self.E for e in t.experts):
-                return f"step {ev.step}: layer {t.layer} or experts {t.experts} out of range"
-            if len(t.tokens) != count or any(len(row) != len(t.experts) for row in t.tokens):
-                return f"step {ev.step} layer {t.layer}: tokens is not {count} x {len(t.experts)}"
+        problem = ev.layout_problem()
+        if problem:
+            return f"step {ev.step}: {problem}"
+        if any(layer >= self.L for layer in ev.layers) or any(e >= self.E for e in ev.experts):
+            return f"step {ev.step}: layers {ev.layers} or experts {ev.experts} out of range"
         return None
 
     # ---------------------------------------------------------------- report

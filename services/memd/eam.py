@@ -56,7 +56,8 @@ class EamTable:
         return eam
 
     def add_step(self, step_id, request: str, tokens: int, prefill: bool, layers) -> None:
-        """Add one step's routing of ``request``: ``layers`` yields ``(layer, experts, counts)``."""
+        """Add one step's routing of ``request``: ``layers`` yields ``(layer, experts, counts)``, a layer and its
+        experts' counts, or equal-length arrays of layers, experts and counts (``step_entries``)."""
         eam = self.start(request)
         if step_id in eam.steps:
             return
@@ -65,7 +66,7 @@ class EamTable:
             eam.steps.discard(min(eam.steps))
         target = eam.prefill if prefill else eam.decode
         for layer, experts, counts in layers:
-            np.add.at(target[layer], experts, counts)
+            np.add.at(target, (layer, experts), counts)
         if prefill:
             eam.prompt_tokens += tokens
         else:
@@ -74,3 +75,14 @@ class EamTable:
     def finish(self, request: str) -> Eam | None:
         """Forget ``request`` and return its EAM (None if it was never traced)."""
         return self.live.pop(request, None)
+
+
+def step_entries(ev) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A ``StepTraceEvent``'s flat arrays as one entry per (layer, expert): its layer, its expert, and where request
+    r's count of it lies in ``routed`` (``at + r * width``). The lengths are checked first (``layout_problem``)."""
+    counts = np.asarray(ev.expert_counts, np.intp)
+    starts = np.cumsum(counts) - counts
+    experts = np.asarray(ev.experts, np.intp)
+    within = np.arange(len(experts)) - np.repeat(starts, counts)
+    return (np.repeat(np.asarray(ev.layers, np.intp), counts), experts,
+            np.repeat(starts * len(ev.requests), counts) + within, np.repeat(counts, counts))

@@ -17,8 +17,12 @@ while every thread reads prefetch pieces waits for at most one piece per thread.
 on-demand (an acquire waits for it now) jumps the queue, and a cancelled prefetch stops at its pieces in flight.
 ``demand_pending()`` tells the planner whether the disk queue holds on-demand reads.
 
-Reads are threads + ``preadv`` (which releases the GIL), ``--read-threads`` reads in flight; staged pieces are
-copied with ``ctypes.memmove``, also without the GIL. io_uring is not used: PyPI has Python bindings (``liburing``,
+Reads are threads + ``preadv`` (which releases the GIL): ``--read-threads`` reads in flight, no more (a semaphore
+held from taking a piece to the end of its ``preadv``). Staged pieces are copied out of the bounce buffer with
+``ctypes.memmove`` (also without the GIL) after the semaphore is released, by twice as many threads as reads in
+flight: while one thread copies, another already reads, so the disk keeps ``--read-threads`` reads queued, as the
+probe and fio of ``moeinf bench disk`` do. A piece is taken only once a read may start, so the queue's order
+(demand first) decides at the moment of the read. io_uring is not used: PyPI has Python bindings (``liburing``,
 ``pyuring``), but none was evaluated here.
 """
 from __future__ import annotations
@@ -130,8 +134,9 @@ class ExpertReader:
         self._bytes = self._busy = 0.0  # decayed sums: bandwidth = bytes / busy seconds
         if self.align:
             log.info("O_DIRECT alignment: %s", self.align.describe())
+        self._inflight = threading.BoundedSemaphore(threads)  # reads at the disk: at most ``threads``
         self._threads = [threading.Thread(target=self._work, name=f"memd-read-{i}", daemon=True)
-                         for i in range(threads)]
+                         for i in range(2 * threads)]  # half of them can copy while the others read
         for t in self._threads:
             t.start()
 
@@ -255,8 +260,10 @@ class ExpertReader:
     # ---------------------------------------------------------------- reader threads
     def _work(self) -> None:
         while True:
+            self._inflight.acquire()  # released once this thread's preadv returns (``_read``), or on close
             taken = self._take()
             if taken is None:
+                self._inflight.release()
                 return
             job, piece = taken
             try:
@@ -337,14 +344,22 @@ class ExpertReader:
             self.stats.direct_bytes += n
 
     def _read(self, piece: Piece) -> int:
+        """Read ``piece`` (holding one of the ``threads`` read permits until its ``preadv`` returns), then copy it
+        into its slot if it was staged."""
         fd = self.fds[piece.file]
         if not piece.bounce:
-            n = os.preadv(fd, [self.pool[piece.dest:piece.dest + piece.length]], piece.file_offset)
+            try:
+                n = os.preadv(fd, [self.pool[piece.dest:piece.dest + piece.length]], piece.file_offset)
+            finally:
+                self._inflight.release()
             if n != piece.length:
                 raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
             return n
-        bounce, address = self._bounce()
-        n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
+        try:
+            bounce, address = self._bounce()
+            n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
+        finally:
+            self._inflight.release()  # the copy below runs while another thread's read is at the disk
         if n < piece.skip + piece.keep:
             raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
         if self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile

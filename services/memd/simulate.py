@@ -140,7 +140,7 @@ class Simulator:
                     self.result.decode_misses += decode_misses
             layers.append(m.LayerTrace(layer, experts, counts, [[0.0] * len(experts) for _ in counts], guessed,
                                        leased))
-        self.core.step_trace(m.StepTraceEvent(0, number, step.requests, tokens, prefill, layers))
+        self.core.step_trace(m.step_trace(0, number, step.requests, tokens, prefill, layers))
         self.result.tokens += sum(tokens)
         self.result.decode_tokens += 0 if any(prefill) else sum(tokens)
 

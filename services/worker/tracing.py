@@ -101,8 +101,8 @@ class StepRecorder:
         step, self.open = self.open, None
         if step is None or not step.layers:
             return
-        self.client.emit(Op.STEP_TRACE, m.StepTraceEvent(os.getpid(), step.number, step.requests, step.tokens,
-                                                         step.prefill, step.layers))
+        self.client.emit(Op.STEP_TRACE, m.step_trace(os.getpid(), step.number, step.requests, step.tokens,
+                                                     step.prefill, step.layers))
         if self.writer is not None:
             self._write(step)
 

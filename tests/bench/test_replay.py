@@ -13,7 +13,7 @@ import pytest
 from helpers import moeinf_cmd, orphan_regions
 
 from services.bench.bounds import belady_fetches, lru_fetches
-from services.bench.replay import median_row, parse_variants
+from services.bench.replay import median_row, paired_ratios, parse_variants
 from services.bench.replay_drive import guesses, load_plan
 
 DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
@@ -102,10 +102,22 @@ def test_variants_and_repeats():
     for bad in ("belady", "lru+pf", ""):
         with pytest.raises(ValueError):
             parse_variants(bad)
-    rows = [{"policy": "lru", "fetches": f, "prefetch": False, "prefetch_precision": None} for f in (3, 9, 4)]
+    rows = [{"policy": "lru", "fetches": f, "prefetch": False, "prefetch_precision": None, "fetches_per_token": f / 2,
+             "stall_ms_per_token": s} for f, s in ((3, 1.0), (9, 4.0), (4, 0.5))]
     med = median_row(rows)
     assert med["fetches"] == 4 and med["prefetch"] is False and med["prefetch_precision"] is None
     assert med["repeats"] == rows
+    assert med["stall_ms_per_token"] == 1.0 and med["stall_ms_per_token_range"] == [0.5, 4.0]
+    assert med["fetches_per_token_range"] == [1.5, 4.5]
+
+
+def test_ratios_to_lru_are_paired_by_repeat():
+    lru = [{"fetches_per_token": f, "stall_ms_per_token": s} for f, s in ((10, 2.0), (10, 8.0), (10, 0.0))]
+    other = [{"fetches_per_token": f, "stall_ms_per_token": s} for f, s in ((8, 1.0), (9, 6.0), (7, 1.0))]
+    got = paired_ratios(other, lru)
+    # stall: 0.5 and 0.75 (the repeat where LRU stalled 0 gives no ratio); a ratio of medians would say 1/2
+    assert got["stall_vs_lru"] == 0.625 and got["stall_vs_lru_range"] == [0.5, 0.75]
+    assert got["fetches_vs_lru"] == 0.8 and got["fetches_vs_lru_range"] == [0.7, 0.9]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

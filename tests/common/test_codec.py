@@ -35,7 +35,7 @@ SAMPLES = {
                                [m.LookaheadStats(1, 700, 500, 550)], 61, 959),
     m.RequestStartEvent: m.RequestStartEvent("req-a", 17),
     m.RequestEndEvent: m.RequestEndEvent("req-a", 64),
-    m.StepTraceEvent: m.StepTraceEvent(4242, 17, ["req-a", "req-b"], [5, 1], [True, False], [
+    m.StepTraceEvent: m.step_trace(4242, 17, ["req-a", "req-b"], [5, 1], [True, False], [
         m.LayerTrace(0, [1, 6], [[3, 7], [1, 1]], [[1.5, 3.5], [0.25, 0.75]], [2, 6]),
         m.LayerTrace(1, [2], [[10], [2]], [[5.0], [1.0]], [], True)]),
     m.LayerNoteEvent: m.LayerNoteEvent(4242, 17, 3, [1, 6], ["req-a", "req-b"], [3, 7, 1, 1], [True, False],
@@ -334,10 +334,12 @@ def test_every_message_is_a_frozen_array_like_struct_without_extra_fields():
     (Op.STEP_TRACE, [1, 2, ["r"], [4_600_000_000_000_000_000], [False], []], False,
      r"StepTraceEvent.tokens\[0\]: Expected `int` <= 2147483647"),
     (Op.STEP_TRACE, [1, 2**60, ["r"], [1], [False], []], False, r"StepTraceEvent.step: Expected `int` <= 9007199254740992"),
-    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [[0, [1], [[1]], [[float("nan")]]]]], False,
-     r"StepTraceEvent.layers\[0\].weights\[0\]\[0\]: Expected `float` >= 0.0"),
-    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [[0, [1], [[1]], [[float("inf")]]]]], False,
-     r"StepTraceEvent.layers\[0\].weights\[0\]\[0\]: Expected `float` <= 1e\+18"),
+    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [0], [False], [1], [1], [1], [float("nan")]], False,
+     r"StepTraceEvent.weights\[0\]: Expected `float` >= 0.0"),
+    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [0], [False], [1], [1], [1], [float("inf")]], False,
+     r"StepTraceEvent.weights\[0\]: Expected `float` <= 1e\+18"),
+    (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [0], [False], [1], [1], [[1]]], False,
+     r"StepTraceEvent.routed\[0\]: Expected `int`, got `array`"),  # flat: a nested row is refused
     (Op.ACQUIRE, [-1, [1]], False, r"AcquireRequest.layer: Expected `int` >= 0"),
     (Op.ACQUIRE, [0, [2**40]], False, r"AcquireRequest.experts\[0\]: Expected `int` <= 2147483647"),
     (Op.ACQUIRE, [0, [1], [], [], 2**64 - 1], False, r"AcquireRequest.step: Expected `int` <= 9007199254740992"),
@@ -362,3 +364,21 @@ def test_to_dict_names_every_field_recursively():
     d = m.to_dict(SAMPLES[a.AdminStatsReply])
     assert d["capacity"] == 64 and d["stats"]["layers"][0]["layer"] == 0
     assert list(d["stats"]) == list(m.field_names(m.StatsReply))
+
+
+def test_step_trace_is_flat_and_reads_back_per_layer():
+    """STEP_TRACE travels as flat arrays (no list inside a list on the wire) and reads back to the per-layer rows
+    it was built from; lengths that do not fit together are named."""
+    layers = [m.LayerTrace(0, [1, 6], [[3, 7], [1, 1]], [[1.5, 3.5], [0.25, 0.75]], [2, 6]),
+              m.LayerTrace(2, [2], [[10], [2]], [[5.0], [1.0]], [], True),
+              m.LayerTrace(3, [0, 4, 5], [[1, 0, 2], [0, 0, 0]], [[0.5, 0.0, 1.0], [0.0, 0.0, 0.0]], [7])]
+    ev = m.step_trace(4242, 17, ["req-a", "req-b"], [5, 1], [True, False], layers)
+    body = msgspec.msgpack.decode(encode(Op.STEP_TRACE, 0, ev)[HEADER_BYTES:])
+    assert all(not isinstance(v, list) for f in body if isinstance(f, list) for v in f)
+    assert ev.routed == [3, 7, 1, 1, 10, 2, 1, 0, 2, 0, 0, 0] and ev.expert_counts == [2, 1, 3]
+    got = decode(encode(Op.STEP_TRACE, 0, ev), frozenset({Op.STEP_TRACE}))[2]
+    assert got.layout_problem() is None and got.layer_traces() == layers
+    assert m.step_trace(1, 2, ["r"], [1], [False], []).layer_traces() == []
+    short = msgspec.structs.replace(ev, routed=ev.routed[:-1])
+    assert "routed/weights hold 11/12 entries, not 2 x 6" in short.layout_problem()
+    assert "3 layers but 2 leased flags" in msgspec.structs.replace(ev, leased=[True, False]).layout_problem()

@@ -214,7 +214,7 @@ def emit_request(client: MemdClient, request: str, routes: dict[int, list[int]],
     layers = [m.LayerTrace(layer, experts, [[3] * len(experts)], [[1.0] * len(experts)])
               for layer, experts in sorted(routes.items())]
     client.emit(Op.REQUEST_START, m.RequestStartEvent(request, 3))
-    client.emit(Op.STEP_TRACE, m.StepTraceEvent(4_000_000, step, [request], [3], [False], layers))
+    client.emit(Op.STEP_TRACE, m.step_trace(4_000_000, step, [request], [3], [False], layers))
     client.emit(Op.REQUEST_END, m.RequestEndEvent(request, 3))
 
 

@@ -38,7 +38,7 @@ def test_worker_attribution_without_a_step_attributes_nothing():
 
 
 def step(number, requests, tokens, prefill, layers, worker=7):
-    return m.StepTraceEvent(worker, number, requests, tokens, prefill,
+    return m.step_trace(worker, number, requests, tokens, prefill,
                             [m.LayerTrace(layer, ex, counts, [[0.0] * len(ex) for _ in counts])
                              for layer, ex, counts in layers])
 

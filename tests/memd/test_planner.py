@@ -107,7 +107,7 @@ def run_steps(knobs: Knobs, steps: int, slots: int = 4) -> ExpertManager:
                 core.load_done(key, MB, 0.01)
             for key in keys:
                 core.table.unpin(key)
-        core.step_trace(m.StepTraceEvent(1, step, ["r"], [1], [False], [
+        core.step_trace(m.step_trace(1, step, ["r"], [1], [False], [
             m.LayerTrace(layer, [0, 1], [[1, 1]], [[0.5, 0.5]]) for layer in range(4)]))
     return core
 

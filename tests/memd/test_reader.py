@@ -1,6 +1,7 @@
 """ExpertReader on a plain file of random bytes with hand-made segments: demand first (an on-demand load
 preempts prefetch at piece granularity on every thread), one expert read by several threads at once, O_DIRECT
 straight into page-aligned slots where the alignment allows and staged where not, exact bytes, cancellation."""
+import ctypes
 import mmap
 import os
 import threading
@@ -288,3 +289,48 @@ def test_a_job_whose_waiter_gave_up_ends_quietly(tmp_path):
     future = concurrent.futures.Future()
     _settle(future, result=(4, 0.5))
     assert future.result() == (4, 0.5)
+
+
+def test_copies_run_outside_the_reads_in_flight(data, monkeypatch):
+    """Exactly ``threads`` reads reach the disk at once (the probe's and fio's depth), never more; a staged piece
+    is copied out of its bounce buffer after its read permit is released, so copies overlap ``threads`` reads."""
+    path, payload = data
+    if dio_alignment(path) is None:
+        pytest.skip("O_DIRECT is refused here: no piece is staged")
+    threads, keys = 3, [(0, e) for e in range(6)]
+    segments = {key: [Segment(str(path), i * SLOT + 1000, SLOT - 4096, 100)] for i, key in enumerate(keys)}
+    buf, pool = page_pool(len(keys))
+    reader = ExpertReader(fake_store(path, segments), pool, SLOT, direct_io=True, threads=threads, chunk=32 * 1024)
+    reader.align = DioAlign(mmap.PAGESIZE, 512, "test")  # staged on any disk: slot and file offset never congruent
+    lock, state = threading.Lock(), {"reads": 0, "most": 0, "overlapped": 0}
+    preadv, memmove = os.preadv, ctypes.memmove
+
+    def slow_preadv(*args):
+        with lock:
+            state["reads"] += 1
+            state["most"] = max(state["most"], state["reads"])
+        try:
+            time.sleep(0.003)
+            return preadv(*args)
+        finally:
+            with lock:
+                state["reads"] -= 1
+
+    def slow_memmove(*args):
+        time.sleep(0.002)
+        with lock:
+            state["overlapped"] += state["reads"] == threads
+        return memmove(*args)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    monkeypatch.setattr(ctypes, "memmove", slow_memmove)
+    try:
+        jobs = [reader.submit(key, slot, demand=True) for slot, key in enumerate(keys)]
+        assert [job.future.result(timeout=30)[0] for job in jobs] == [SLOT - 4096] * len(keys)
+    finally:
+        reader.close()
+    assert reader.stats.staged_segments == len(keys)
+    assert state["most"] == threads and state["overlapped"] > 0
+    for slot, key in enumerate(keys):
+        seg = segments[key][0]
+        assert bytes(pool[slot * SLOT + 100:][:seg.nbytes]) == payload[seg.file_offset:seg.file_offset + seg.nbytes]

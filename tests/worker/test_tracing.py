@@ -44,9 +44,11 @@ def test_steps_are_buffered_then_flushed_with_positions_and_phases(tmp_path):
     rec.begin(["r0", "r1"], torch.tensor([0, 1, 1]))
     (op, first), = client.events
     assert op is Op.STEP_TRACE and first.step == 1 and first.requests == ["r0"] and first.tokens == [3]
-    assert first.prefill == [True] and [t.layer for t in first.layers] == [0, 1]
-    assert first.layers[0].experts == [0, 1, 2, 3] and first.layers[0].tokens == [[2, 2, 1, 1]]
-    assert first.layers[0].weights == [[1.0, 1.0, 0.5, 0.5]]
+    assert first.prefill == [True] and first.layers == [0, 1] and first.layout_problem() is None
+    assert first.expert_counts[0] == 4 and first.routed[:4] == [2, 2, 1, 1]  # flat on the wire
+    traced = first.layer_traces()
+    assert traced[0].experts == [0, 1, 2, 3] and traced[0].tokens == [[2, 2, 1, 1]]
+    assert traced[0].weights == [[1.0, 1.0, 0.5, 0.5]]
     layer(rec, 0, [[0, 1], [2, 3], [1, 2]], [0, 1, 1], 2)
     layer(rec, 1, [[0, 2], [1, 3], [1, 3]], [0, 1, 1], 2)
     # r0 ends: its last step is flushed before the end event
@@ -54,7 +56,8 @@ def test_steps_are_buffered_then_flushed_with_positions_and_phases(tmp_path):
     assert [op for op, _ in client.events] == [Op.STEP_TRACE, Op.STEP_TRACE, Op.REQUEST_END]
     second = client.events[1][1]
     assert second.tokens == [1, 2] and second.prefill == [False, True]
-    assert second.layers[1].experts == [0, 1, 2, 3] and second.layers[1].tokens == [[1, 0, 1, 0], [0, 2, 0, 2]]
+    traced = second.layer_traces()
+    assert traced[1].experts == [0, 1, 2, 3] and traced[1].tokens == [[1, 0, 1, 0], [0, 2, 0, 2]]
     # step 3: r1 decodes; explicit phases and positions win
     rec.begin(["r1"], torch.tensor([0]), positions=[7], phases=["decode"])
     layer(rec, 0, [[3, 1]], [0], 1)
