@@ -18,7 +18,8 @@ from common.sizes import parse_size
 
 ENV_PREFIX = "MOEINF_"
 PROTOCOL_VERSION = 1
-POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
+POLICIES = ("lru", "lfu", "activation")
+EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored  # memd's eviction policies (services/memd/policy.py)
 
 
 def knob(default, help: str, **extra):
@@ -112,6 +113,9 @@ class MemdConfig:
     expert_memory: str = knob("100%", "expert pool size: bytes (4GiB, 512MiB) or a share of all expert bytes (25%)")
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
+    expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
+                                  " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
+                                  " as stored")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
@@ -148,6 +152,8 @@ class MemdConfig:
         _check_admin_tcp(self.admin_tcp, self.admin_token)
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:

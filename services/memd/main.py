@@ -13,6 +13,7 @@ from common.access import Access
 from common.checkpoint import Checkpoint
 from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
+from services.memd.compressed import CompressedStore
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
@@ -38,8 +39,14 @@ def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
     return num_slots
 
 
-def run(cfg: MemdConfig) -> int:
+def open_store(cfg: MemdConfig) -> ExpertStore:
+    """The checkpoint's experts as stored, or (``--expert-format``) through the compressed cache."""
     store = ExpertStore(Checkpoint(cfg.model))
+    return CompressedStore(store, cfg.expert_format, cfg.state_dir) if cfg.expert_format else store
+
+
+def run(cfg: MemdConfig) -> int:
+    store = open_store(cfg)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
@@ -49,6 +56,8 @@ def run(cfg: MemdConfig) -> int:
     lock = StateLock(cfg.state_dir)
     pool = reader = control = None
     try:
+        if isinstance(store, CompressedStore):
+            store.open()
         pool = SharedPool(pool_name(cfg.state_dir), num_slots * store.slot_bytes)
         control = ControlPage(pool_name(cfg.state_dir, "control"))
         access.apply(pool.path)  # born 0600; the group's too with --group (a worker of another user maps them)
@@ -66,6 +75,8 @@ def run(cfg: MemdConfig) -> int:
             pool.close()
         if control is not None:
             control.close()
+        if isinstance(store, CompressedStore):
+            store.close()
         lock.release()
     log.info("memd stopped")
     return 0

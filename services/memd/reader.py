@@ -104,7 +104,7 @@ class ExpertReader:
     def __init__(self, store: ExpertStore, pool_view: memoryview, slot_bytes: int, direct_io: bool, *,
                  threads: int = 4, chunk: int | None = None):
         self.store, self.pool, self.slot_bytes, self.threads = store, pool_view, slot_bytes, threads
-        self.align: DioAlign | None = dio_alignment(store.checkpoint.files[0]) if direct_io else None
+        self.align: DioAlign | None = dio_alignment(store.files[0]) if direct_io else None
         self.direct_io = self.align is not None
         if direct_io and not self.direct_io:
             log.warning("O_DIRECT is not available on this file system; reading through the page cache")
@@ -114,7 +114,7 @@ class ExpertReader:
         self._step = step
         self._base = buffer_address(pool_view) if len(pool_view) else 0
         flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
-        self.fds = {str(f): os.open(f, flags) for f in store.checkpoint.files}
+        self.fds = {str(f): os.open(f, flags) for f in store.files}
         self.stats = ReaderStats()
         self._staged_logged = False
         self._local = threading.local()
@@ -259,6 +259,7 @@ class ExpertReader:
                 return
             job, piece = taken
             try:
+                self.store.prepare(job.key)  # the compressed cache converts an expert on its first read
                 n = self._read(piece)
             except Exception as exc:  # an I/O error fails this job only
                 self._finish(job, piece, 0, exc)
