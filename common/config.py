@@ -116,6 +116,8 @@ class MemdConfig:
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
                                   " as stored")
+    expert_cache_dir: Path | None = knob(None, "where --expert-format keeps its converted experts (default:"
+                                               " <state-dir>/expert-cache)")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
@@ -149,6 +151,8 @@ class MemdConfig:
         Access(self.group)  # an unknown group fails here, with its name
         if self.eamc_dir is not None:
             object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
+        if self.expert_cache_dir is not None:
+            object.__setattr__(self, "expert_cache_dir", Path(self.expert_cache_dir))
         _check_admin_tcp(self.admin_tcp, self.admin_token)
         if self.read_threads < 1:
             raise ValueError("--read-threads must be >= 1")

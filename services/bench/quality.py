@@ -33,16 +33,15 @@ PROMPTS = (  # fixed: the numbers of two runs compare
 )
 
 
-def round_trip(model, model_dir: Path, fmt: str, state_dir: Path) -> int:
-    """Replace ``model``'s experts in place by their compressed-then-dequantized values; returns experts converted
-    (the cache under ``state_dir`` is filled on the way, as memd would)."""
-    from common import messages as m
+def round_trip(model, model_dir: Path, fmt: str, cache_dir: Path) -> int:
+    """Replace ``model``'s experts in place by their compressed-then-dequantized values, read from the expert cache
+    in ``cache_dir`` (filled on the way, as memd fills it); returns the number of experts."""
     from common.checkpoint import Checkpoint
     from services.memd.compressed import CompressedStore
     from services.memd.store import ExpertStore
     from services.worker.quant import QuantParam
 
-    store = CompressedStore(ExpertStore(Checkpoint(model_dir)), fmt, state_dir).open()
+    store = CompressedStore(ExpertStore(Checkpoint(model_dir)), fmt, cache_dir).open()
     try:
         modules = dict(model.named_modules())
         for layer in store.layers:
@@ -105,14 +104,16 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    from services.memd.compressed import cache_root
+
+    cache_dir = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     compressed = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for model in (reference, compressed):
         model.generation_config.eos_token_id = None  # every prompt scores the same number of positions
-    round_trip(compressed, model_dir, args.expert_format, state_dir)
+    round_trip(compressed, model_dir, args.expert_format, cache_dir)
     print(f"[bench] {len(prompts)} prompts x {args.tokens} tokens: {args.expert_format} vs the checkpoint's experts",
           file=sys.stderr, flush=True)
     result = compare(reference, compressed, prompts, args.tokens)
@@ -142,6 +143,7 @@ def add_parser(bench) -> None:
     p.add_argument("--tokens", type=int, default=32, help="greedy tokens per prompt (the positions scored)")
     p.add_argument("--state-dir", help="where the expert cache goes (memd's --state-dir; default"
                                        " ~/.local/state/moeinf)")
+    p.add_argument("--expert-cache-dir", help="memd's --expert-cache-dir (default <state-dir>/expert-cache)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)

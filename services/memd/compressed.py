@@ -4,7 +4,7 @@ many fewer bytes per miss. It is lossy (``moeinf bench quality`` measures how mu
 
 Each expert is converted once, on its first read, by the reader thread that takes its first piece (the read then
 goes on from the cache file), and kept in one cache file per (checkpoint, format) under
-``<state-dir>/expert-cache/``: expert ``(layer, e)`` is the slot image at ``(layer * experts + e) * slot_bytes``,
+``--expert-cache-dir`` (default ``<state-dir>/expert-cache/``): expert ``(layer, e)`` is the slot image at ``(layer * experts + e) * slot_bytes``,
 so a read is one aligned segment. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk
 (``fdatasync``): a crash mid-conversion leaves the expert to convert again. ``moeinf convert`` fills the whole
 cache ahead, with a progress bar. The cache's name hashes the checkpoint's files (names, sizes, mtimes), the
@@ -83,10 +83,16 @@ def encode(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return mxfp4_encode(weight.t())  # blocks along dim 0, stored [dim 1, dim 0 / 32, 16] as GPT-OSS stores them
 
 
+def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
+    """memd's ``--expert-cache-dir``, by default ``<state-dir>/expert-cache``."""
+    return Path(cache_dir) if cache_dir else Path(state_dir) / CACHE_DIR
+
+
 class CompressedStore:
     """An ``ExpertStore`` of the same checkpoint whose slots hold its experts in ``fmt``, read from the cache file."""
 
-    def __init__(self, source: ExpertStore, fmt: str, state_dir: Path | str):
+    def __init__(self, source: ExpertStore, fmt: str, cache_root: Path | str):
+        """``cache_root``: the expert-cache directory (``cache_root(state_dir, None)`` by default)."""
         if fmt not in FORMATS:
             raise ValueError(f"--expert-format {fmt!r}: choose one of {', '.join(FORMATS)} (or leave it unset)")
         if source.format:
@@ -96,7 +102,7 @@ class CompressedStore:
         self.model_type, self.layers, self.num_experts = source.model_type, source.layers, source.num_experts
         self.num_layers = source.num_layers
         self.plans, self.tensors, self.slot_bytes, self.expert_bytes = self._layout()
-        self.directory = Path(state_dir) / CACHE_DIR / self._name()
+        self.directory = Path(cache_root) / self._name()
         self.path = self.directory / "experts.bin"
         self._fd = self._done_fd = None
         self.segments = {(layer, e): [Segment(str(self.path), (layer * self.num_experts + e) * self.slot_bytes,
@@ -254,8 +260,8 @@ def run_convert(args) -> int:
     from common.config import default_state_dir
     from common.sizes import format_bytes
 
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
-    store = CompressedStore(ExpertStore(Checkpoint(args.model)), args.expert_format, state_dir).open()
+    root = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
+    store = CompressedStore(ExpertStore(Checkpoint(args.model)), args.expert_format, root).open()
     try:
         missing = store.missing
         total = store.num_layers * store.num_experts
@@ -279,5 +285,6 @@ def add_convert_parser(sub) -> None:
     p.add_argument("--model", required=True, help="a bf16/fp16/fp32 checkpoint directory")
     p.add_argument("--expert-format", required=True, choices=list(FORMATS))
     p.add_argument("--state-dir", help="memd's --state-dir (default ~/.local/state/moeinf)")
+    p.add_argument("--expert-cache-dir", help="memd's --expert-cache-dir (default <state-dir>/expert-cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)

@@ -13,7 +13,7 @@ from common.access import Access
 from common.checkpoint import Checkpoint
 from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
-from services.memd.compressed import CompressedStore
+from services.memd.compressed import CompressedStore, cache_root
 from services.memd.core import ExpertManager, Knobs
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
@@ -42,7 +42,9 @@ def plan_pool(cfg: MemdConfig, store: ExpertStore) -> int:
 def open_store(cfg: MemdConfig) -> ExpertStore:
     """The checkpoint's experts as stored, or (``--expert-format``) through the compressed cache."""
     store = ExpertStore(Checkpoint(cfg.model))
-    return CompressedStore(store, cfg.expert_format, cfg.state_dir) if cfg.expert_format else store
+    if not cfg.expert_format:
+        return store
+    return CompressedStore(store, cfg.expert_format, cache_root(cfg.state_dir, cfg.expert_cache_dir))
 
 
 def run(cfg: MemdConfig) -> int:

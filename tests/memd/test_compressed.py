@@ -12,7 +12,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common.checkpoint import Checkpoint, CheckpointError
 from common.quant_encode import mxfp4_encode
-from services.memd.compressed import CompressedStore
+from services.memd.compressed import CACHE_DIR, CompressedStore
 from services.memd.store import ExpertStore
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
@@ -24,7 +24,7 @@ def oss(tmp_path_factory):
 
 
 def store_of(path, fmt, state_dir):
-    return CompressedStore(ExpertStore(Checkpoint(path)), fmt, state_dir).open()
+    return CompressedStore(ExpertStore(Checkpoint(path)), fmt, state_dir / CACHE_DIR).open()
 
 
 def expert_weights(path, layer, expert):
@@ -85,10 +85,10 @@ def test_experts_convert_once_and_the_cache_survives_a_restart(oss, tmp_path):
 
 def test_a_changed_checkpoint_gets_a_fresh_cache(tmp_path):
     path = write_family("mixtral", tmp_path / "m")
-    before = CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s").directory
+    before = CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory
     shard = Checkpoint(path).files[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    assert CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s").directory != before
+    assert CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory != before
 
 
 def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
@@ -96,7 +96,7 @@ def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
 
     path = write_quantized("gpt_oss-mxfp4", tmp_path / "q")
     with pytest.raises(CheckpointError, match=r"--expert-format fp8: .* stores its experts in mxfp4 already"):
-        CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s")
+        CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR)
 
 
 def test_convert_cli_fills_the_cache(oss, tmp_path):
@@ -122,7 +122,7 @@ def test_served_tokens_equal_transformers_with_the_round_tripped_experts(oss, fm
 
     model = AutoModelForCausalLM.from_pretrained(oss)
     model.generation_config.eos_token_id = None
-    round_trip(model, oss, fmt, tmp_path / "reference-state")
+    round_trip(model, oss, fmt, tmp_path / "reference-cache")
     expected = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
                 .tolist() for p in PROMPTS]
     with Stack(oss, state_dir, expert_memory="25%", extra_memd=("--expert-format", fmt)) as stack:
