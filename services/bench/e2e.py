@@ -65,6 +65,13 @@ class Options:
     plot: Path | None = None
     seed: int = 0
     warm_eamc: bool = False
+    formats: tuple[str, ...] = ()  # memd --expert-format runs of the same checkpoint: rows moeinf-fp8, moeinf-mxfp4
+    expert_cache_dir: Path | None = None
+
+    @property
+    def run_systems(self) -> tuple[str, ...]:
+        """The systems, then one moeinf row per ``--formats`` entry (each serves its own workload)."""
+        return tuple(self.systems) + tuple(format_system(f) for f in self.formats)
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -73,7 +80,7 @@ class Options:
         opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
-                   path(args.plot), args.seed, args.warm_eamc)
+                   path(args.plot), args.seed, args.warm_eamc, tuple(args.formats), path(args.expert_cache_dir))
         opts.validate()
         return opts
 
@@ -93,6 +100,8 @@ class Options:
         if len(set(self.expert_memory)) != len(self.expert_memory):
             raise ValueError(f"--expert-memory {' '.join(self.expert_memory)}: each setting once")
         parse_size(self.runtime_allowance, what="--runtime-allowance")
+        if self.formats and MOEINF not in self.systems:
+            raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")
 
 
@@ -100,15 +109,19 @@ class Options:
 class MoeinfSystem:
     """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
 
-    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = ()):
+    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = (),
+                 expert_format: str = ""):
         self.name, self.opts, self.prefix = name, opts, list(prefix)
+        self.flags = list(MEMD_FLAGS.get(name, []))
+        if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
+            self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
         self.expert_memory = expert_memory or opts.expert_memory[0]
         self.memd: MemdProcess | None = None
         self.worker: WorkerProcess | None = None
         self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
 
     def start(self) -> MoeinfSystem:
-        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=MEMD_FLAGS[self.name], prefix=self.prefix)
+        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=self.flags, prefix=self.prefix)
         self.memd.start()
         self.worker = WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
                                     prefix=self.prefix).start()
@@ -135,6 +148,36 @@ class MoeinfSystem:
             self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
                                             state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
         return stats_counters(self._stats_client.stats())
+
+
+def format_system(fmt: str) -> str:
+    return f"{MOEINF}-{fmt}"
+
+
+FORMAT_SYSTEMS = {format_system(f): f for f in ("fp8", "mxfp4")}  # row name -> memd --expert-format
+
+
+def expert_cache(opts: Options) -> Path:
+    from common.config import default_state_dir
+    from services.memd.compressed import cache_root
+
+    return cache_root(default_state_dir(), opts.expert_cache_dir)
+
+
+def fill_expert_cache(opts: Options, fmt: str) -> None:
+    """Convert every expert ahead (as ``moeinf convert``), so the timed runs read the cache, not convert."""
+    from common.checkpoint import Checkpoint
+    from services.memd.compressed import CompressedStore
+    from services.memd.store import ExpertStore
+
+    store = CompressedStore(ExpertStore(Checkpoint(opts.model)), fmt, expert_cache(opts)).open()
+    try:
+        missing = store.missing
+        for start in range(0, len(missing), store.num_experts):
+            store.prepare_many(missing[start:start + store.num_experts])
+        progress(f"expert cache {store.directory}: {fmt}, {len(missing)} experts converted now")
+    finally:
+        store.close()
 
 
 class _TokenStream:
@@ -335,6 +378,11 @@ def add_parser(bench) -> None:
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
                                                         " bandwidth at memd's queue depth")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
+    p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
+                   help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"
+                        " same byte limit as the checkpoint as stored (rows moeinf-fp8, moeinf-mxfp4)")
+    p.add_argument("--expert-cache-dir", help="--formats: memd's expert cache (default <state-dir>/expert-cache,"
+                                              " kept: a rerun converts nothing)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")
     p.set_defaults(func=run)
