@@ -327,6 +327,8 @@ class ServeConfig:
                                           " so a service that crashes now and then is restarted for ever")
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
+    expert_format: str = knob("", "memd serves a bf16 checkpoint's experts compressed: fp8 or mxfp4 (lossy); unset: as"
+                                  " stored")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
@@ -334,6 +336,8 @@ class ServeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
         object.__setattr__(self, "demo_dir", Path(self.demo_dir))
         if self.model is not None:
             object.__setattr__(self, "model", Path(self.model))
