@@ -71,6 +71,21 @@ def _plain(by_slot: torch.Tensor, spec) -> torch.Tensor:
     return by_slot[:, spec.offset:spec.offset + n].contiguous().view(dtype).view(by_slot.shape[0], *spec.shape)
 
 
+def fixed_prompts(model_dir: Path) -> tuple[list[list[int]], str]:
+    """The prompt set tokenized by the checkpoint's tokenizer; a checkpoint without one gets fixed token ids
+    (seeded, the same every run), said in the report."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return [tokenizer(p)["input_ids"] for p in PROMPTS], "text"
+    except (OSError, ValueError):
+        vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+        rng = torch.Generator().manual_seed(0)
+        return [torch.randint(1, vocab, (8 + 4 * i,), generator=rng).tolist() for i in range(len(PROMPTS))], \
+            "token ids (no tokenizer)"
+
+
 def compare(reference, compressed, prompts: list[list[int]], new_tokens: int) -> dict:
     kls, agree, prefix = [], [], []
     for ids in prompts:
@@ -93,7 +108,7 @@ def compare(reference, compressed, prompts: list[list[int]], new_tokens: int) ->
 
 
 def run(args) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from common.config import default_state_dir
     from services.bench.overhead import _quiet_logging
@@ -107,8 +122,7 @@ def run(args) -> int:
     from services.memd.compressed import cache_root
 
     cache_dir = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    prompts, source = fixed_prompts(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     compressed = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     for model in (reference, compressed):
@@ -117,7 +131,7 @@ def run(args) -> int:
     print(f"[bench] {len(prompts)} prompts x {args.tokens} tokens: {args.expert_format} vs the checkpoint's experts",
           file=sys.stderr, flush=True)
     result = compare(reference, compressed, prompts, args.tokens)
-    result |= {"model": str(model_dir), "expert_format": args.expert_format,
+    result |= {"model": str(model_dir), "expert_format": args.expert_format, "prompt_source": source,
                "reference_dtype": str(next(reference.parameters()).dtype).removeprefix("torch.")}
     print(report(result))
     if args.json:
@@ -128,7 +142,8 @@ def run(args) -> int:
 def report(r: dict) -> str:
     return "\n".join([
         f"moeinf bench quality: {r['model']}, experts in {r['expert_format']} vs {r['reference_dtype']}"
-        f" ({r['prompts']} prompts, {r['new_tokens']} greedy tokens each, {r['positions']} positions scored)",
+        f" ({r['prompts']} prompts as {r['prompt_source']}, {r['new_tokens']} greedy tokens each,"
+        f" {r['positions']} positions scored)",
         f"  KL(ref || {r['expert_format']}) per next token: mean {r['kl_mean']:.4g}, p95 {r['kl_p95']:.4g},"
         f" max {r['kl_max']:.4g} nats",
         f"  greedy-token agreement (teacher-forced argmax): {r['top1_agreement']:.1%}",

@@ -27,7 +27,7 @@ def data(tmp_path):
 
 
 def fake_store(path, segments: dict) -> SimpleNamespace:
-    return SimpleNamespace(checkpoint=SimpleNamespace(files=[path]), segments=segments)
+    return SimpleNamespace(files=[path], segments=segments, prepare=lambda key: None)
 
 
 def contiguous(path, keys, nbytes=SLOT) -> dict:
