@@ -9,7 +9,9 @@ runs transformers' own grouped-matmul forward on it with expert ids remapped to 
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
 ``Fp8Dequantize``: FP8 and scales in float32, multiplied per block, cast to the parameter dtype), so the values are
-bit-identical to a model loaded with ``dequantize=True``.
+bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[rows, K]`` (the blocks' order) and
+the parameter is their transposed view, which the grouped matmul reads with the same bits: no transposed copy.
+The slots may also come from memd's compressed cache of a bf16 checkpoint (``--expert-format``), same encoding.
 """
 from __future__ import annotations
 
