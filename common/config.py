@@ -23,6 +23,7 @@ ENV_PREFIX = "MOEINF_"
 PROTOCOL_VERSION = 1
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
+EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
 
 
 def knob(default, help: str, **extra):
@@ -136,6 +137,11 @@ class MemdConfig:
                                  " a share of all expert bytes (25%); 0: none (each load reads the disk)")
     cuda_device: int = knob(0, "cuda backend: index of the GPU that holds the pool")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
+    expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
+                                  " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
+                                  " as stored")
+    expert_cache_dir: Path | None = knob(None, "where --expert-format keeps its converted experts (default:"
+                                               " <state-dir>/expert-cache)")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
@@ -173,6 +179,8 @@ class MemdConfig:
         Access(self.group)  # an unknown group fails here, with its name
         if self.eamc_dir is not None:
             object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
+        if self.expert_cache_dir is not None:
+            object.__setattr__(self, "expert_cache_dir", Path(self.expert_cache_dir))
         check_admin_tcp(self.admin_tcp, self.admin_token)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port {self.metrics_port}: a TCP port (1-65535), or 0 for no metrics endpoint")
@@ -188,6 +196,8 @@ class MemdConfig:
         if self.pool_backend == "shm" and self.host_memory.strip() != "0":
             raise ValueError("--host-memory is the cuda backend's host tier; with --pool-backend shm the pool is"
                              " host memory already: leave it at 0")
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:
@@ -345,6 +355,8 @@ class ServeConfig:
                                           " so a service that crashes now and then is restarted for ever")
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
+    expert_format: str = knob("", "memd serves a bf16 checkpoint's experts compressed: fp8 or mxfp4 (lossy); unset: as"
+                                  " stored")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
     workers: int = knob(1, "worker processes on the one memd (one expert pool): worker-0.sock ... when above 1; the"
                            " gateway routes each request to one of them")
@@ -358,6 +370,8 @@ class ServeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.expert_format not in EXPERT_FORMATS:
+            raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
         object.__setattr__(self, "demo_dir", Path(self.demo_dir))
         resolve_api_key(self)
         if self.model is not None:

@@ -57,6 +57,10 @@ class ExpertIndex(Struct, frozen=True, array_like=True, forbid_unknown_fields=Tr
     def total_expert_bytes(self) -> int:
         return self.expert_bytes * self.num_layers * self.num_experts
 
+    def prepare(self, key: tuple[int, int]) -> None:
+        """Called by a reader thread before an expert's first piece: the checkpoint's bytes are read as they lie
+        (``services/memd/compressed.py`` converts the expert into its cache file here)."""
+
     @property
     def segments(self) -> dict[tuple[int, int], list[Segment]]:
         """``(layer, expert) -> segments`` (built on each call: read it once)."""

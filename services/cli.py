@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        " for `moeinf bench e2e`; overrides the size flags")
     p.set_defaults(func=cmd_demo_model)
 
+    from services.memd.compressed import add_convert_parser
+
+    add_convert_parser(sub)
+
     p = sub.add_parser("families", help="the MoE families of the installed transformers and moeinf's status for each")
     p.add_argument("--markdown", action="store_true", help="print docs/families.md")
     p.add_argument("--results", default="docs/families.json", help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
@@ -178,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.profile import add_parser as add_profile_parser
 
     add_profile_parser(bench)
+    from services.bench.quality import add_parser as add_quality_parser
+
+    add_quality_parser(bench)
     return parser
 
 

@@ -100,7 +100,8 @@ class Supervisor:
         sock = lambda name: state_socket(cfg.state_dir, name)  # noqa: E731
         group = ["--group", cfg.group] if cfg.group else []
         self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
-                                   "--prefetch", "on" if cfg.prefetch else "off"],
+                                   "--prefetch", "on" if cfg.prefetch else "off",
+                                   *(["--expert-format", cfg.expert_format] if cfg.expert_format else [])],
                           sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())
         worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued)]
         if cfg.record_trace is not None:

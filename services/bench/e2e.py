@@ -40,6 +40,7 @@ import numpy as np
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
+from services.bench.e2e_formats import expert_cache, format_system
 from services.bench.e2e_quality import delta, quality, stats_counters
 from services.bench.memd_proc import MemdProcess
 from services.bench.worker_proc import WorkerProcess
@@ -70,6 +71,13 @@ class Options:
     seed: int = 0
     warm_eamc: bool = False
     workers: int = 1
+    formats: tuple[str, ...] = ()  # memd --expert-format runs of the same checkpoint: rows moeinf-fp8, moeinf-mxfp4
+    expert_cache_dir: Path | None = None
+
+    @property
+    def run_systems(self) -> tuple[str, ...]:
+        """The systems, then one moeinf row per ``--formats`` entry (each serves its own workload)."""
+        return tuple(self.systems) + tuple(format_system(f) for f in self.formats)
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -78,7 +86,8 @@ class Options:
         opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
-                   path(args.plot), args.seed, args.warm_eamc, args.workers)
+                   path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
+                   path(args.expert_cache_dir))
         opts.validate()
         return opts
 
@@ -98,6 +107,8 @@ class Options:
         if len(set(self.expert_memory)) != len(self.expert_memory):
             raise ValueError(f"--expert-memory {' '.join(self.expert_memory)}: each setting once")
         parse_size(self.runtime_allowance, what="--runtime-allowance")
+        if self.formats and MOEINF not in self.systems:
+            raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")
 
 
@@ -105,8 +116,12 @@ class Options:
 class MoeinfSystem:
     """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
 
-    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = ()):
+    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = (),
+                 expert_format: str = ""):
         self.name, self.opts, self.prefix = name, opts, list(prefix)
+        self.flags = list(MEMD_FLAGS.get(name, []))
+        if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
+            self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
         self.expert_memory = expert_memory or opts.expert_memory[0]
         self.memd: MemdProcess | None = None
         self.workers: list[WorkerProcess] = []
@@ -114,7 +129,7 @@ class MoeinfSystem:
         self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
 
     def start(self) -> MoeinfSystem:
-        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=MEMD_FLAGS[self.name], prefix=self.prefix)
+        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=self.flags, prefix=self.prefix)
         self.memd.start()
         ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
         for worker_id in ids:
@@ -363,6 +378,11 @@ def add_parser(bench) -> None:
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
                                                         " bandwidth at memd's queue depth")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
+    p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
+                   help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"
+                        " same byte limit as the checkpoint as stored (rows moeinf-fp8, moeinf-mxfp4)")
+    p.add_argument("--expert-cache-dir", help="--formats: memd's expert cache (default <state-dir>/expert-cache,"
+                                              " kept: a rerun converts nothing)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")
     p.set_defaults(func=run)

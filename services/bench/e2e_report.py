@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
+from services.bench.e2e_formats import FORMAT_SYSTEMS
 from services.bench.e2e_quality import PRECISION_TARGET, at, describe
 
 SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET = 3.5, 1.15, 0.9
@@ -138,6 +139,7 @@ def format_report(doc: dict) -> str:
         lines.append("* WARM EAMC (--warm-eamc): the timed prompts were served once before; not the default scenario")
     lines += _concurrency_lines(doc["systems"])
     lines += _quality_lines(doc["systems"])
+    lines += _format_lines(doc["systems"])
     if doc["floors"]:
         lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
                       " token (1 client; else per token) / multi-stream raw bandwidth (the better of the run start's and the"
@@ -206,3 +208,26 @@ def _quality_lines(rows: list[dict]) -> list[str]:
 
 def _cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
+
+
+def _format_lines(rows: list[dict]) -> list[str]:
+    """``--formats``: each compressed run against the checkpoint as stored (moeinf), same memory setting, 1 client."""
+    out = []
+    for r in rows:
+        if r["system"] not in FORMAT_SYSTEMS or r.get("error") or r["concurrency"] != 1:
+            continue
+        base = _find(rows, MOEINF, r["expert_memory"])
+        if base is None or not base.get("decode_ms_per_token_p50") or not r.get("decode_ms_per_token_p50"):
+            continue
+        fmt = FORMAT_SYSTEMS[r["system"]]
+        read, base_read = r.get("bytes_read_per_token"), base.get("bytes_read_per_token")
+        fall = (f"{base_read / read:.1f}x fewer" if read else "none read") if base_read is not None and read is not None \
+            else "n/a"
+        out.append(f"  {r['expert_memory']:>6} {fmt}: decode p50 {r['decode_ms_per_token_p50']:.1f} ms/token ="
+                   f" {r['decode_ms_per_token_p50'] / base['decode_ms_per_token_p50']:.2f}x the stored experts';"
+                   f" read {_mib(read)}/token against {_mib(base_read)} ({fall})")
+    return ["", "expert formats (memd --expert-format, same checkpoint and byte limit as moeinf):"] + out if out else []
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"

@@ -15,7 +15,9 @@ from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing,
 from services.bench.budget import Budget, derive, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
-from services.bench.e2e import Options, MoeinfSystem, Result, Timing, measure, progress, summarize
+from services.bench.e2e_formats import fill_expert_cache, format_system
+from services.bench.e2e import (Options, MoeinfSystem, Result, Timing, measure,
+                                progress, summarize)
 from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
 
@@ -65,8 +67,10 @@ class Sweep:
                     continue
                 if name != RESIDENT:
                     self.run_system(name, budget)
+            for fmt in self.opts.formats:
+                self.run_system(format_system(fmt), budget, fmt)
 
-    def run_system(self, name: str, budget: Budget | None) -> None:
+    def run_system(self, name: str, budget: Budget | None, expert_format: str = "") -> None:
         memory = budget.expert_memory if budget else "100%"
         progress(f"{name} (expert memory {memory}): dropping caches, starting")
         self.drop_caches()
@@ -77,7 +81,7 @@ class Sweep:
             prefix = group.exec_prefix() if group else []
             try:
                 rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
-                    name, budget, prefix, group)
+                    name, budget, prefix, group, expert_format)
             except RuntimeError as exc:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
@@ -102,8 +106,11 @@ class Sweep:
                  f" (median of {len(results)}; load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
         return [{**row, "load_s": run.load_s, "placement": run.placement or None, "rss_bytes": run.rss_bytes}]
 
-    def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None) -> list[dict]:
-        system = MoeinfSystem(self.opts, name, budget.expert_memory, prefix)
+    def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None,
+               expert_format: str = "") -> list[dict]:
+        # a compressed format gets the stored checkpoint's pool in bytes (the same limit), so it holds more experts
+        memory = str(budget.expert_budget_bytes) if expert_format else budget.expert_memory
+        system = MoeinfSystem(self.opts, name, memory, prefix, expert_format)
         try:
             system.start()
             results = measure(system, self.workloads, self.opts)
@@ -131,6 +138,8 @@ def run_sweep(opts: Options) -> int:
     progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
     progress(sweep.workloads.label())
     with TerminateAsInterrupt():
+        for fmt in opts.formats:
+            fill_expert_cache(opts, fmt)
         sweep.run_all()
     doc = build_doc(opts, sweep, disk, single)
     print(format_report(doc))

@@ -40,7 +40,7 @@ class Workloads:
             lines = tuple(tuple(ids) for ids in _tokenized_lines(opts.model, opts.prompts))
             if not lines:
                 raise ValueError(f"--prompts {opts.prompts}: no prompts in it")
-        w = cls(opts.model, opts.requests, opts.seed, opts.warm_eamc, tuple(opts.systems), opts.repeats,
+        w = cls(opts.model, opts.requests, opts.seed, opts.warm_eamc, opts.run_systems, opts.repeats,
                 len(opts.concurrency), lines, _vocab(opts.model))
         w.check()
         return w

@@ -39,11 +39,26 @@ def plan_pool(cfg: MemdConfig, store: ExpertIndex) -> int:
     return num_slots
 
 
+def open_store(cfg: MemdConfig):
+    """``(store, fresh)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
+    imports neither torch nor transformers), or with ``--expert-format`` the compressed cache over the full store.
+    Converting experts needs torch, so that opt-in path builds the store in memd's own process."""
+    if not cfg.expert_format:
+        return load_index(cfg.model, cfg.state_dir)
+    from common.checkpoint import Checkpoint
+    from services.memd.compressed import CompressedStore, cache_root
+    from services.memd.store import ExpertStore
+
+    store = CompressedStore(ExpertStore(Checkpoint(cfg.model)), cfg.expert_format,
+                            cache_root(cfg.state_dir, cfg.expert_cache_dir))
+    return store, False
+
+
 def run(cfg: MemdConfig) -> int:
     from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
 
     install_from_env()
-    store, fresh = load_index(cfg.model, cfg.state_dir)
+    store, fresh = open_store(cfg)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
@@ -55,6 +70,8 @@ def run(cfg: MemdConfig) -> int:
     try:
         if fresh:
             save_index(cfg.state_dir, store)
+        if hasattr(store, "open"):  # the compressed cache opens its files
+            store.open()
         backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))
         control = ControlPage(pool_name(cfg.state_dir, "control"))
         if backend.path is not None:
@@ -69,6 +86,8 @@ def run(cfg: MemdConfig) -> int:
             backend.close()
         if control is not None:
             control.close()
+        if hasattr(store, "close"):  # the compressed cache closes its files
+            store.close()
         lock.release()
     log.info("memd stopped")
     return 0

@@ -267,6 +267,7 @@ class ExpertReader:
                 return
             job, piece = taken
             try:
+                self.store.prepare(job.key)  # the compressed cache converts an expert on its first read
                 n = self._read(piece)
             except Exception as exc:  # an I/O error fails this job only
                 self._finish(job, piece, 0, exc)

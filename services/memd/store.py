@@ -56,6 +56,15 @@ class ExpertStore:
         return len(self.layers)
 
     @property
+    def files(self) -> list:
+        """The files the segments read from (the compressed store reads its cache file instead)."""
+        return self.checkpoint.files
+
+    def prepare(self, key: tuple[int, int]) -> None:
+        """Called by a reader thread before an expert's first piece; the checkpoint's bytes are read as they lie
+        (``services/memd/compressed.py`` converts the expert into its cache file here)."""
+
+    @property
     def expert_bytes(self) -> int:
         """Bytes of one expert's parameters as stored (quantized values and scales; without slot padding)."""
         return sum(part.nbytes for part in self.parts.values())

@@ -9,7 +9,9 @@ runs transformers' own grouped-matmul forward on it with expert ids remapped to 
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
 ``Fp8Dequantize``: FP8 and scales in float32, multiplied per block, cast to the parameter dtype), so the values are
-bit-identical to a model loaded with ``dequantize=True``.
+bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[rows, K]`` (the blocks' order) and
+the parameter is their transposed view, which the grouped matmul reads with the same bits: no transposed copy.
+The slots may also come from memd's compressed cache of a bf16 checkpoint (``--expert-format``), same encoding.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from common import messages as m
 from common.quant_encode import FP4_MAGNITUDES
 
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
+BATCH = 4  # experts whose index arithmetic runs as one op (the int32 index buffers hold this many)
+_PAIR = {2: torch.int32, 4: torch.int64}  # a value pair of a 2- or 4-byte dtype as one integer
 
 
 def mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
@@ -60,31 +64,33 @@ class QuantParam:
         self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
         self.values = _view(by_slot, spec.offset, spec.shape, getattr(torch, spec.dtype))
         self.scales = _view(by_slot, spec.scale_offset, spec.scale_shape, getattr(torch, spec.scale_dtype))
-        self.scratch = aligned_empty((capacity, *shape), dtype)
         if self.format == "mxfp4":
             rows, groups, half = spec.shape
             if (groups * half * 2, rows) != shape:
                 raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
                                    f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
-            table = mxfp4_table(dtype).view(256 * 256, 2)
-            self.low, self.high = table[:, 0].contiguous(), table[:, 1].contiguous()
-            # out[2j + h, r] = (low, high)[h][256 * scale[r, j // 16] + blocks[r, j]]: the index is built transposed,
-            # so the lookups write the parameter's [K, rows] layout (no transposed copy of the output)
-            self.bytes_t = torch.empty(groups * half, rows, dtype=torch.uint8)
-            self.index = torch.empty(groups * half * rows, dtype=torch.int32)
-            self.looked_up = torch.empty(2, groups * half * rows, dtype=dtype)
+            # the rows are stored [rows, K] (the blocks' own order) and the parameter is their [K, rows] transposed
+            # view: the matmul reads a transposed operand at the same speed and with the same bits, and the
+            # dequantization then never transposes (a 2-byte transposed copy cost more than all the rest)
+            self.stored = aligned_empty((capacity, rows, groups * half * 2), dtype)
+            self.scratch = self.stored.transpose(1, 2)
+            # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
+            self.pairs = mxfp4_table(dtype).view(256 * 256, 2).view(_PAIR[dtype.itemsize]).view(-1)
+            self.index = torch.empty(min(capacity, BATCH), rows, groups * half, dtype=torch.int32)
         elif self.format == "fp8":
             if tuple(spec.shape) != shape:
                 raise RuntimeError(f"memd's fp8 slot has {spec.name} {spec.shape}, the model wants {list(shape)}")
+            self.scratch = aligned_empty((capacity, *shape), dtype)
             grid_r, grid_c = spec.scale_shape
             self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
-            self.index = torch.empty(shape[0] * shape[1], dtype=torch.int32)
+            self.index = torch.empty(min(capacity, BATCH), *shape, dtype=torch.int32)
             # block b's 256 byte values times its scale, in float32 then rounded once: the same bits as
             # transformers' (q.float() * s).to(dtype), looked up straight into the output
-            self.block_base = (torch.arange(grid_r * grid_c, dtype=torch.int32) * 256).view(grid_r, 1, grid_c, 1)
+            batch, blocks = min(capacity, BATCH), grid_r * grid_c
+            self.block_base = (torch.arange(batch * blocks, dtype=torch.int32) * 256).view(batch, grid_r, 1, grid_c, 1)
             self.table = fp8_table()
-            self.scaled = torch.empty(grid_r * grid_c, 256, dtype=torch.float32)
-            self.block_table = torch.empty(grid_r * grid_c * 256, dtype=dtype)
+            self.scaled = torch.empty(batch, blocks, 256, dtype=torch.float32)
+            self.block_table = torch.empty(batch, blocks * 256, dtype=dtype)
         else:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
                                " dequantize (mxfp4 and fp8 are supported)")
@@ -94,37 +100,47 @@ class QuantParam:
         if len(slots) > self.scratch.shape[0]:
             raise RuntimeError(f"{len(slots)} experts routed in one layer, the dequantization buffer holds"
                                f" {self.scratch.shape[0]} (min(experts, pool slots))")
-        for row, slot in enumerate(slots):
-            self.dequantize_into(slot, row)
+        self.fill([(slot, row) for row, slot in enumerate(slots)])
         return self.scratch[:len(slots)]
 
     def dequantize_into(self, slot: int, row: int) -> None:
-        if self.format == "mxfp4":
-            self._mxfp4(slot, self.scratch[row])
-        else:
-            self._fp8(slot, self.scratch[row])
+        self.fill([(slot, row)])
 
-    def _mxfp4(self, slot: int, out: torch.Tensor) -> None:
-        blocks = self.values[slot]  # [rows, groups, 16] uint8
-        rows, groups, half = blocks.shape
-        self.bytes_t.copy_(blocks.view(rows, groups * half).t())  # the transpose on bytes, the cheapest element
-        self.index.copy_(self.bytes_t.view(-1))  # same-dtype ops only: a mixed uint8 + int32 add is ~4x slower
-        scale = self.scales[slot].t().to(torch.int32).mul_(256).contiguous().unsqueeze(1)  # [groups, 1, rows]
-        self.index.view(groups, half, rows).add_(scale)
-        torch.index_select(self.low, 0, self.index, out=self.looked_up[0])
-        torch.index_select(self.high, 0, self.index, out=self.looked_up[1])
-        pairs = out.view(groups * half, 2, rows)
-        pairs[:, 0].copy_(self.looked_up[0].view(groups * half, rows))
-        pairs[:, 1].copy_(self.looked_up[1].view(groups * half, rows))
+    def fill(self, pairs: list[tuple[int, int]]) -> None:
+        """Dequantize expert ``slot`` into scratch ``row`` for each pair: the index arithmetic runs once per
+        ``BATCH`` experts (a layer's misses in one go), the gathers write each row in place."""
+        for start in range(0, len(pairs), BATCH):
+            chunk = pairs[start:start + BATCH]
+            if self.format == "mxfp4":
+                self._mxfp4(chunk)
+            else:
+                self._fp8(chunk)
 
-    def _fp8(self, slot: int, out: torch.Tensor) -> None:
+    def _mxfp4(self, pairs: list[tuple[int, int]]) -> None:
+        n = len(pairs)
+        slots = torch.tensor([slot for slot, _ in pairs])
+        index = self.index[:n]  # [n, rows, K / 2]
+        for i, (slot, _) in enumerate(pairs):
+            index[i].copy_(self.values[slot].flatten(1))  # bytes -> int32, in the blocks' own order
+        scale = self.scales.index_select(0, slots).to(torch.int32).mul_(256)  # [n, rows, groups]
+        index.unflatten(2, (scale.shape[2], -1)).add_(scale.unsqueeze(3))  # 256 * scale + byte, same dtype
+        for i, (_, row) in enumerate(pairs):
+            torch.index_select(self.pairs, 0, index[i].view(-1), out=self.stored[row].view(self.pairs.dtype).view(-1))
+
+    def _fp8(self, pairs: list[tuple[int, int]]) -> None:
+        n = len(pairs)
         grid_r, block_r, grid_c, block_c = self.blocks
-        torch.mul(self.table, self.scales[slot].float().view(-1, 1), out=self.scaled)  # [blocks, 256] float32
-        self.block_table.copy_(self.scaled.view(-1))  # one rounding to the parameter dtype
-        index = self.index.view(grid_r, block_r, grid_c, block_c)
-        index.copy_(self.values[slot].view(torch.uint8).view(grid_r, block_r, grid_c, block_c))
-        index.add_(self.block_base)  # 256 * block + byte
-        torch.index_select(self.block_table, 0, self.index, out=out.view(-1))
+        slots = torch.tensor([slot for slot, _ in pairs])
+        scaled = self.scaled[:n]  # [n, blocks, 256]: every byte's value times its block's scale, float32
+        torch.mul(self.table, self.scales.index_select(0, slots).float().view(n, -1, 1), out=scaled)
+        self.block_table[:n].copy_(scaled.view(n, -1))  # one rounding to the parameter dtype
+        index = self.index[:n]
+        for i, (slot, _) in enumerate(pairs):
+            index[i].copy_(self.values[slot].view(torch.uint8))
+        index.view(n, grid_r, block_r, grid_c, block_c).add_(self.block_base[:n])  # 256 * (n * blocks + block) + byte
+        table = self.block_table[:n].view(-1)
+        for i, (_, row) in enumerate(pairs):
+            torch.index_select(table, 0, index[i].view(-1), out=self.scratch[row].view(-1))
 
 
 def _view(by_slot: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -221,10 +237,10 @@ class Dequantizer:
         """The rows holding the routed experts, dequantizing those the cache lacks."""
         rows, fill = self.cache.place(layer, experts, slots)
         for slot, row in fill:
-            for q in self.quantized.values():
-                q.dequantize_into(slot, row)
             for name, view in self.plain.items():
                 self.plain_rows[name][row].copy_(view[slot])
+        for q in self.quantized.values():
+            q.fill(fill)
         return rows
 
     def params(self, layer: int, experts: list[int], slots: list[int]) -> dict[str, torch.Tensor]:

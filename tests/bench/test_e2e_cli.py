@@ -87,3 +87,22 @@ def test_two_workers_on_one_memd(tmp_path):
     assert doc["workers"] == 2 and row["workers"] == 2 and row["same_tokens_as_c1"] is True
     assert row["pss_bytes"] > 0 and row["generated_tokens"] == 4 * 4
     assert not orphan_regions()
+
+
+def test_formats_run_the_same_checkpoint_compressed_at_the_same_byte_limit(tmp_path):
+    """``--formats fp8 mxfp4``: rows moeinf-fp8 and moeinf-mxfp4 beside moeinf, memd given the stored experts'
+    pool in bytes; the expert cache is filled ahead, so the timed runs convert nothing."""
+    model = write_family("gpt_oss", tmp_path / "m", dtype="bfloat16")
+    out, cache = tmp_path / "e2e.json", tmp_path / "cache"
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "50%",
+                     "--requests", "2", "--max-tokens", "4", "--threads", "1", "--memory-limit", "off",
+                     "--formats", "fp8", "mxfp4", "--expert-cache-dir", str(cache), "--json", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
+    assert set(rows) == {"moeinf", "moeinf-fp8", "moeinf-mxfp4"}
+    assert all(r["expert_memory"] == "50%" and r["generated_tokens"] == 2 * 4 for r in rows.values())
+    assert rows["moeinf"]["bytes_read_per_token"] > 0
+    assert rows["moeinf-mxfp4"]["bytes_read_per_token"] < rows["moeinf"]["bytes_read_per_token"]
+    assert "expert formats (memd --expert-format" in proc.stdout and "x the stored experts'" in proc.stdout
+    assert "fp8, 32 experts converted now" in proc.stderr and len(list(cache.iterdir())) == 2

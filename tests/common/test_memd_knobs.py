@@ -46,6 +46,11 @@ def test_serve_passes_policy_prefetch_and_record_trace(tmp_path):
     default = Supervisor(build_config(ServeConfig, env={}), tmp_path)
     assert default.memd.args[default.memd.args.index("--policy") + 1] == "activation"
     assert "--record-trace" not in default.workers[0].args
+    assert "--expert-format" not in default.memd.args
+    compressed = Supervisor(build_config(ServeConfig, env={}, expert_format="mxfp4"), tmp_path).memd.args
+    assert compressed[compressed.index("--expert-format") + 1] == "mxfp4"
+    with pytest.raises(ValueError, match="--expert-format 'int4': choose fp8 or mxfp4"):
+        build_config(ServeConfig, env={}, expert_format="int4")
     with pytest.raises(ValueError, match="--policy"):
         build_config(ServeConfig, env={}, policy="fifo")
 

@@ -28,7 +28,7 @@ def data(tmp_path):
 
 
 def fake_store(path, segments: dict) -> SimpleNamespace:
-    return SimpleNamespace(files=[str(path)], segments=segments)
+    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None)
 
 
 def contiguous(path, keys, nbytes=SLOT) -> dict:

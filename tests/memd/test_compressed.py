@@ -1,0 +1,140 @@
+"""memd's compressed expert cache (``--expert-format fp8|mxfp4``): the slot images hold the released formats'
+encoding of each expert (the worker's dequantization of them equals transformers' of the same encoding), experts
+convert once and the cache survives a restart, a changed checkpoint gets a fresh cache, a quantized checkpoint is
+refused, and greedy tokens served at 25% memory equal transformers' model with the same round-tripped experts."""
+import os
+
+import pytest
+import torch
+from helpers import Stack, moeinf_cmd, write_family
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from common.checkpoint import Checkpoint, CheckpointError
+from common.quant_encode import mxfp4_encode
+from services.memd.compressed import CACHE_DIR, CompressedStore
+from services.memd.store import ExpertStore
+
+PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
+
+
+@pytest.fixture(scope="module")
+def oss(tmp_path_factory):
+    return write_family("gpt_oss", tmp_path_factory.mktemp("oss") / "gpt_oss", dtype="bfloat16")
+
+
+def store_of(path, fmt, state_dir):
+    return CompressedStore(ExpertStore(Checkpoint(path)), fmt, state_dir / CACHE_DIR).open()
+
+
+def expert_weights(path, layer, expert):
+    from safetensors import safe_open
+
+    out = {}
+    for f in Checkpoint(path).files:
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                if f"layers.{layer}.mlp.experts." in key:
+                    out[key.rsplit(".", 1)[-1]] = st.get_tensor(key)[expert]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
+    store = store_of(oss, fmt, tmp_path)
+    try:
+        image = torch.frombuffer(bytearray(store.image((1, 3))), dtype=torch.uint8)
+        weights = expert_weights(oss, 1, 3)
+        for spec in store.tensors:
+            weight = weights[spec.name]
+            if not spec.format:  # biases as stored
+                n = weight.numel() * weight.element_size()
+                assert torch.equal(image[spec.offset:spec.offset + n].view(weight.dtype), weight.reshape(-1))
+                continue
+            assert spec.format == fmt
+            values = image[spec.offset:].narrow(0, 0, _nbytes(spec.shape, spec.dtype))
+            scales = image[spec.scale_offset:].narrow(0, 0, _nbytes(spec.scale_shape, spec.scale_dtype))
+            values = values.view(getattr(torch, spec.dtype)).view(spec.shape)
+            scales = scales.view(getattr(torch, spec.scale_dtype)).view(spec.scale_shape)
+            if fmt == "mxfp4":
+                blocks, exps = mxfp4_encode(weight.t())
+                assert torch.equal(values, blocks) and torch.equal(scales, exps)
+                got = convert_moe_packed_tensors(values[None], scales[None], dtype=weight.dtype)[0]
+            else:
+                got = Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=weight.dtype)
+            err = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
+            assert got.shape == weight.shape and 0 < err < (0.2 if fmt == "mxfp4" else 0.07), err
+        assert store.expert_bytes * (3.5 if fmt == "mxfp4" else 1.9) < store.source.expert_bytes
+    finally:
+        store.close()
+
+
+def test_experts_convert_once_and_the_cache_survives_a_restart(oss, tmp_path):
+    store = store_of(oss, "fp8", tmp_path)
+    first = store.image((0, 1))
+    assert store.converted_now == 1 and store.missing == [k for k in store.segments if k != (0, 1)]
+    store.prepare((0, 1))
+    assert store.converted_now == 1
+    store.close()
+    again = store_of(oss, "fp8", tmp_path)
+    try:
+        assert again.directory == store.directory and again.image((0, 1)) == first and again.converted_now == 0
+    finally:
+        again.close()
+
+
+def test_a_changed_checkpoint_gets_a_fresh_cache(tmp_path):
+    path = write_family("mixtral", tmp_path / "m")
+    before = CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory
+    shard = Checkpoint(path).files[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory != before
+
+
+def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
+    from quant_helpers import write_quantized
+
+    path = write_quantized("gpt_oss-mxfp4", tmp_path / "q")
+    with pytest.raises(CheckpointError, match=r"--expert-format fp8: .* stores its experts in mxfp4 already"):
+        CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR)
+
+
+def test_convert_cli_fills_the_cache(oss, tmp_path):
+    import subprocess
+
+    proc = subprocess.run(moeinf_cmd("convert", "--model", str(oss), "--expert-format", "mxfp4", "--state-dir",
+                                     str(tmp_path), "--quiet"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "32 experts in mxfp4 (32 converted now)" in proc.stdout and "fewer bytes per read" in proc.stdout
+    store = store_of(oss, "mxfp4", tmp_path)
+    try:
+        assert store.missing == [] and store.converted_now == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_served_tokens_equal_transformers_with_the_round_tripped_experts(oss, fmt, state_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from services.bench.quality import round_trip
+
+    model = AutoModelForCausalLM.from_pretrained(oss)
+    model.generation_config.eos_token_id = None
+    round_trip(model, oss, fmt, tmp_path / "reference-cache")
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
+                .tolist() for p in PROMPTS]
+    with Stack(oss, state_dir, expert_memory="25%", extra_memd=("--expert-format", fmt)) as stack:
+        got = stack.generate_all(PROMPTS, 16)
+        stats = stack.memd_stats()
+    assert got == expected
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert stats.evictions > 0, "25% memory must evict and reload experts"
+
+
+def _nbytes(shape, dtype):
+    n = getattr(torch, dtype).itemsize
+    for d in shape:
+        n *= d
+    return n
