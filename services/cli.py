@@ -87,7 +87,12 @@ def cmd_families(args) -> int:
     return run_cli(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+SERVICES_ONLY = ("serve", "memd", "worker", "gateway", "health", "admin")  # need none of the tools' parsers
+
+
+def build_parser(tools: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. ``tools=False`` (a service's own process) leaves out the parsers of ``convert`` and ``bench``,
+    whose modules import torch: memd's process must not (its RSS is bytes, not a framework)."""
     parser = argparse.ArgumentParser(prog="moeinf", description="Serve sparse MoE LLMs with offloaded experts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -138,15 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                        " for `moeinf bench e2e`; overrides the size flags")
     p.set_defaults(func=cmd_demo_model)
 
-    from services.memd.compressed import add_convert_parser
+    if tools:
+        from services.memd.compressed import add_convert_parser
 
-    add_convert_parser(sub)
+        add_convert_parser(sub)
 
     p = sub.add_parser("families", help="the MoE families of the installed transformers and moeinf's status for each")
     p.add_argument("--markdown", action="store_true", help="print docs/families.md")
     p.add_argument("--results", default="docs/families.json", help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
     p.set_defaults(func=cmd_families)
 
+    if tools:
+        add_bench_parsers(sub)
+    return parser
+
+
+def add_bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (print tables)").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("overhead", help="decode ms/token: plain transformers vs moeinf at 100%% and 25%% memory")
     p.add_argument("--model", required=True)
@@ -185,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     from services.bench.quality import add_parser as add_quality_parser
 
     add_quality_parser(bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(tools=not (argv and argv[0] in SERVICES_ONLY))
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

@@ -19,7 +19,7 @@ from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.loads")
-SLOT_WAIT_S = 30.0  # an on-demand load waits this long for other workers' experts to leave (below the worker's
+SLOT_WAIT_S = 10.0  # an on-demand load waits this long for other workers' experts to leave (below the worker's
 SLOT_POLL_S = 0.005  # --memd-timeout-s of 120 s); it looks again this often, asking them again each time
 
 

@@ -4,7 +4,7 @@ import json
 
 from helpers import write_family
 
-from common.cli import main
+from services.cli import main
 from services.memd.compressed import CACHE_DIR
 
 

@@ -129,7 +129,7 @@ def test_serve_hands_the_api_key_to_the_gateway_only_and_never_on_a_command_line
     cfg = build_config(ServeConfig, state_dir=str(tmp_path / "state"), **given)
     sup = Supervisor(cfg, tmp_path / "model")
     show_env = py("import os, sys; print(os.environ.get('MOEINF_API_KEY', '-'), ' '.join(sys.argv))")
-    for child in (sup.memd, sup.worker, sup.gateway):
+    for child in (sup.memd, *sup.workers, sup.gateway):
         assert not any(key in arg for arg in child.args), child.args
         child.cmd = [*show_env, *child.args]
         out = subprocess.run(child.cmd, env=child.env, capture_output=True, text=True, timeout=30).stdout.split()

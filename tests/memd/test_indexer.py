@@ -13,10 +13,13 @@ from services.memd import indexer
 from services.memd.indexer import FILE_NAME, load_index, save_index
 from services.memd.store import ExpertStore
 
-# Runs the console script in this process after registering an exit hook that writes which of the heavy modules
-# the process imported (memd stops cleanly on SIGTERM, so the hook runs).
-PROBE = ("import atexit, sys; out = sys.argv.pop(1); atexit.register(lambda: open(out, 'w').write("
-         "' '.join(m for m in ('torch', 'transformers') if m in sys.modules) or 'none')); "
+# Runs the console script in this process after wrapping its exit (a stopped service leaves by os._exit, see
+# services/cli.py) so that it first writes which of the heavy modules the process imported.
+PROBE = ("import os, sys; out = sys.argv.pop(1); real_exit = os._exit\n"
+         "def probe_exit(code):\n"
+         "    open(out, 'w').write(' '.join(m for m in ('torch', 'transformers') if m in sys.modules) or 'none')\n"
+         "    real_exit(code)\n"
+         "os._exit = probe_exit\n"
          "import runpy; sys.argv[0] = 'moeinf'; runpy.run_module({module!r}, run_name='__main__')")
 
 
