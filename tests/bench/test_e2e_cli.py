@@ -89,6 +89,7 @@ def test_two_workers_on_one_memd(tmp_path):
     assert not orphan_regions()
 
 
+@pytest.mark.slow  # converts a checkpoint twice and serves it three times (~1 min)
 def test_formats_run_the_same_checkpoint_compressed_at_the_same_byte_limit(tmp_path):
     """``--formats fp8 mxfp4``: rows moeinf-fp8 and moeinf-mxfp4 beside moeinf, memd given the stored experts'
     pool in bytes; the expert cache is filled ahead, so the timed runs convert nothing."""
