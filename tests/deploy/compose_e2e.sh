@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `docker compose up` end to end, as a user runs it (`make compose-test`): build the image, bring up memd, worker
 # and gateway on the demo model, talk to the gateway with the official `openai` client (chat and stream), run
-# `moeinf admin stats` in the memd container, crash the worker and check that compose brings it back, stop the
-# stack and check what is left: the EAMC only.
+# `moeinf admin stats` in the memd container, crash the worker and check that compose brings it back, scale to two
+# workers on the one memd (`up -d --scale worker=2`: concurrent requests reach both; one killed, the other serves),
+# stop the stack and check what is left: the EAMC only.
 #
 # Prints "skipped: no Docker engine" and exits 0 where no engine answers. Knobs (environment):
 #   MOEINF_BASE_IMAGE  the Dockerfile's BASE_IMAGE (default python:3.11-slim). A tag moeinf-base:* that does not
@@ -19,6 +20,7 @@ cd "$ROOT"
 T0=$(date +%s)
 say() { printf '[%4ds] %s\n' $(( $(date +%s) - T0 )) "$*"; }
 fail() { say "FAIL: $*"; exit 1; }
+trap 'rc=$?; say "FAIL: line $LINENO exited $rc"' ERR  # a command that set -e ends the script on: never silently
 
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then echo "skipped: no Docker engine"; exit 0; fi
 if docker compose version >/dev/null 2>&1; then DC=(docker compose)
@@ -74,7 +76,9 @@ PYTHONPATH="$ROOT" "$PYTHON" -m services.cli demo-model "$WORK/model/demo" >"$WO
 chmod -R a+rX "$WORK"  # the containers run as uid 1000; mktemp made $WORK 0700
 # an API key once the gateway has --api-key (MOEINF_API_KEY; compose passes it through): /v1 then needs it
 E2E_KEY=""
-if docker run --rm --entrypoint moeinf "$IMAGE" gateway --help 2>/dev/null | grep -q -- --api-key; then
+# (the help in a variable first: `| grep -q` can close the pipe early, and pipefail then calls that a failure)
+GW_HELP=$(docker run --rm --entrypoint moeinf "$IMAGE" gateway --help 2>/dev/null || true)
+if grep -q -- --api-key <<<"$GW_HELP"; then
   E2E_KEY=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(16))')
 fi
 export MOEINF_API_KEY="$E2E_KEY"
@@ -85,11 +89,17 @@ dc down -v --remove-orphans >/dev/null 2>&1 || true  # a previous run's leftover
 say "${DC[*]} up -d (demo model, 64MiB pool, gateway on 127.0.0.1:$GW_PORT)"
 dc up -d --no-build 2>&1 | sed 's/^/    /' || { dc logs --tail 40; fail "compose up"; }
 
-cid() { dc ps -q "$1"; }
-health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$(cid "$1")"; }
-wait_healthy() {  # SERVICE SECONDS
-  local deadline=$(( $(date +%s) + $2 ))
-  until [ "$(health "$1" 2>/dev/null)" = healthy ]; do
+cid() { dc ps -q "$1"; }  # every container of the service (one line each: worker has several once scaled)
+health() {  # SERVICE: each container's health, one word a line
+  local c
+  for c in $(cid "$1"); do
+    docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$c"
+  done
+}
+wait_healthy() {  # SERVICE SECONDS [REPLICAS, default 1]: exactly REPLICAS containers, all healthy
+  local deadline=$(( $(date +%s) + $2 )) want
+  want=$(printf 'healthy\n%.0s' $(seq "${3:-1}"))
+  until [ "$(health "$1" 2>/dev/null)" = "$want" ]; do
     [ "$(date +%s)" -lt "$deadline" ] || { dc logs --tail 40 "$1"; fail "$1 not healthy within $2 s"; }
     sleep 1
   done
@@ -150,15 +160,70 @@ SHM_AFTER=$(dc exec -T memd ls /dev/shm | tr -d '\r' | sort | tr '\n' ' ')
 [ "$SHM_AFTER" = "$SHM_BEFORE" ] || fail "memd's /dev/shm changed across the worker restart: $SHM_AFTER"
 say "memd's /dev/shm unchanged across the worker restart"
 
-# `docker kill` is an operator's stop: Docker does not restart it (a crash, above, is); `up -d` starts it again
+# `docker kill` is an operator's stop: Docker does not restart it (a crash, above, is); `up -d` starts it again,
+# here together with a second replica: `--scale worker=2`, two workers on the one memd (one pool)
 docker kill "$WORKER" >/dev/null
 sleep 3
 [ "$(docker inspect -f '{{.State.Status}}' "$WORKER")" = exited ] || fail "docker kill: the worker was restarted?"
-dc up -d --no-build 2>&1 | sed 's/^/    /'
-wait_healthy worker 300
+say "docker kill of the worker: it stays stopped; ${DC[*]} up -d --scale worker=2"
+dc up -d --no-build --scale worker=2 2>&1 | sed 's/^/    /'
+wait_healthy worker 300 2
 wait_healthy gateway 120
-client || fail "requests after docker kill + up -d"
-say "docker kill of the worker stays stopped; ${DC[*]} up -d brought it back and requests succeed"
+[ "$(docker inspect -f '{{.State.Status}}' "$WORKER")" = running ] || fail "up -d did not start the killed worker again"
+say "the killed worker is back and a second one runs: $(cid worker | wc -l) workers, healthy"
+
+# ---------------------------------------------------------------- two workers on the one memd
+# each serves worker-<its host name>.sock in the state volume; the gateway links every worker-*.sock
+SOCKS=$(dc exec -T memd sh -c 'cd /state && ls worker-*.sock' | tr -d '\r' | sort | tr '\n' ' ')
+[ "$(wc -w <<<"$SOCKS")" = 2 ] || fail "the state volume should hold two worker sockets: $SOCKS"
+say "worker sockets: $SOCKS"
+curl -sf "http://127.0.0.1:$GW_PORT/health" >/dev/null || fail "gateway /health with two workers"
+burst() {  # N_REQUESTS WORKERS_EXPECTED: concurrent chats; per-worker counters from the gateway's /metrics
+  "$PYTHON" - "$GW_PORT" "${E2E_KEY:-unused}" "$@" <<'EOF'
+import concurrent.futures, re, sys, urllib.request, uuid
+import openai
+port, key, n, expect = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+def counts():
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {w: float(v) for w, v in re.findall(r'^moeinf_gateway_worker_requests_total\{worker="([^"]+)"\} (\S+)$',
+                                                 text, re.M)}
+c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=180, max_retries=0)
+model = c.models.list().data[0].id
+tag = uuid.uuid4().hex[:8]  # new users in every burst: the gateway's affinity would send a known one back
+def one(i):  # each its own user and prompt: no affinity between them, least outstanding tokens decides
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": f"Request {i}: say something"}],
+                                  max_tokens=16, temperature=0, user=f"e2e-{tag}-{i}")
+    assert r.usage.completion_tokens >= 1 and r.choices[0].finish_reason in ("length", "stop"), r
+    return r.usage.completion_tokens
+before = counts()
+with concurrent.futures.ThreadPoolExecutor(n) as pool:
+    tokens = list(pool.map(one, range(n)))
+after = counts()
+served = {w: int(after[w] - before.get(w, 0)) for w in after if after[w] > before.get(w, 0)}
+print(f"    {n} concurrent chats, {sum(tokens)} tokens; requests per worker: "
+      + ", ".join(f"{w}={k}" for w, k in sorted(served.items())))
+assert sum(served.values()) == n, (before, after)
+assert len(served) == expect, f"{len(served)} workers served, expected {expect}: {served}"
+EOF
+}
+burst 8 2 || fail "8 concurrent requests on two workers: both should serve some"
+say "two workers: the gateway spread 8 concurrent requests over both"
+
+# one of the two is killed: the other serves everything; then `up -d` brings it back
+WORKERS=$(cid worker)
+VICTIM=${WORKERS%%$'\n'*}  # the first (not `| head -1`: under pipefail its SIGPIPE to compose fails the script)
+VICTIM_SOCK="worker-$(docker inspect -f '{{.Config.Hostname}}' "$VICTIM").sock"
+docker kill "$VICTIM" >/dev/null
+say "docker kill of one worker ($VICTIM_SOCK)"
+burst 6 1 || fail "requests with one of two workers killed"
+client || fail "chat + stream with one of two workers killed"
+say "one worker killed: requests succeed, all on the other"
+dc up -d --no-build --scale worker=2 2>&1 | sed 's/^/    /'
+wait_healthy worker 300 2
+wait_healthy gateway 120
+curl -sf "http://127.0.0.1:$GW_PORT/health" >/dev/null || fail "gateway /health after the worker came back"
+burst 8 2 || fail "8 concurrent requests after the killed worker came back"
+say "${DC[*]} up -d --scale worker=2 brought it back (same container, same socket); both serve again"
 
 # ---------------------------------------------------------------- down: what is left
 # a witness in memd's IPC namespace keeps its /dev/shm mounted after memd's container stops, to see what is left
@@ -169,10 +234,12 @@ T_STOP=$(date +%s)
 dc stop 2>&1 | sed 's/^/    /'
 say "${DC[*]} stop: $(( $(date +%s) - T_STOP )) s"
 for s in gateway worker memd; do
-  code=$(docker inspect -f '{{.State.ExitCode}}' "$(cid "$s")")
-  [ "$code" = 0 ] || { dc logs --tail 30 "$s"; fail "$s exited $code on SIGTERM"; }
+  for c in $(cid "$s"); do
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$c")
+    [ "$code" = 0 ] || { dc logs --tail 30 "$s"; fail "$s ($c) exited $code on SIGTERM"; }
+  done
 done
-say "gateway, worker, memd exited 0 on SIGTERM"
+say "gateway, both workers, memd exited 0 on SIGTERM"
 SHM_LEFT=$(docker exec "$WITNESS" ls -A /dev/shm | tr '\n' ' ')
 docker kill "$WITNESS" >/dev/null
 [ -z "$SHM_LEFT" ] || fail "memd's /dev/shm still holds $SHM_LEFT after it stopped"
@@ -181,8 +248,10 @@ dc logs memd 2>&1 | grep -E "EAMC|pool" | tail -3 | sed 's/^/    /' || true
 dc down 2>&1 | sed 's/^/    /'
 LEFT=$(docker run --rm --entrypoint ls -v "${PROJECT}_state:/state" "$IMAGE" -A /state | sort | tr '\n' ' ')
 say "left in the state volume: ${LEFT:-nothing}"
-# memd.lock stays by design (unlinking a flock file races with a new memd opening it); no socket is left
-[ "$LEFT" = "eamc.bin memd.lock " ] || fail "the state volume holds more than the EAMC and memd's lock: $LEFT"
+# memd.lock stays by design (unlinking a flock file races with a new memd opening it), and so does memd's cached
+# checkpoint index (expert-index.msgpack: a restart does not index again); no socket is left
+[ "$LEFT" = "eamc.bin expert-index.msgpack memd.lock " ] \
+  || fail "the state volume holds more than the EAMC, memd's index and memd's lock: $LEFT"
 EAMC=$(docker run --rm --entrypoint stat -v "${PROJECT}_state:/state" "$IMAGE" -c %s /state/eamc.bin)
 [ "$EAMC" -gt 0 ] || fail "empty EAMC"
 say "PASS: compose end to end in $(( $(date +%s) - T0 )) s (EAMC $EAMC bytes kept)"
