@@ -22,8 +22,7 @@ held from taking a piece to the end of its ``preadv``). Staged pieces are copied
 ``ctypes.memmove`` (also without the GIL) after the semaphore is released, by twice as many threads as reads in
 flight: while one thread copies, another already reads, so the disk keeps ``--read-threads`` reads queued, as the
 probe and fio of ``moeinf bench disk`` do. A piece is taken only once a read may start, so the queue's order
-(demand first) decides at the moment of the read. io_uring is not used: PyPI has Python bindings (``liburing``,
-``pyuring``), but none was evaluated here.
+(demand first) decides at the moment of the read. io_uring (PyPI's ``liburing``, ``pyuring``) was not evaluated.
 """
 from __future__ import annotations
 
