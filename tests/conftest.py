@@ -39,3 +39,19 @@ def no_leaked_shm():
         time.sleep(1.0)
         leaked &= orphan_regions()
     assert not leaked, f"shared memory leaked: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def logger_levels():
+    """A command run in-process (``main(["bench", ...])``) may quiet loggers for its run; the next test's caplog must
+    still see warnings, so every logger's level is put back."""
+    import logging
+
+    manager = logging.Logger.manager
+    saved = {name: lg.level for name, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(root)
+    for name, lg in list(manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger):
+            lg.setLevel(saved.get(name, logging.NOTSET))
