@@ -34,9 +34,8 @@ from common import messages as m
 from common.checkpoint import max_positions
 from common.sizes import parse_size
 from services.bench.memd_proc import MemdProcess, TerminateAsInterrupt
-from services.bench.report import Summary, format_table, summarize, write_json
+from services.bench.report import STAT_FIELDS, Summary, format_table, summarize, write_json
 
-STAT_FIELDS = ("hits", "misses", "bytes_read", "read_seconds", "stall_seconds")
 PROMPT_SEED = 0
 
 

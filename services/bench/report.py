@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+STAT_FIELDS = ("hits", "misses", "bytes_read", "read_seconds", "stall_seconds", "prefetch_issued")  # memd's counters
+
 MIB = 2**20
 
 
@@ -26,6 +28,7 @@ class Summary:
     bytes_read: int | None = None
     read_seconds: float | None = None
     stall_seconds: float | None = None
+    prefetch_issued: int | None = None  # of the reads, those memd started ahead of an acquire
     ratio_vs_transformers: float = 1.0
     prefill_ratio_vs_transformers: float = 1.0
     eamc_size: int | None = None  # memd's EAMC at the end (finished requests it learned from)
@@ -49,6 +52,7 @@ class Summary:
             "prefill_ms": self.prefill_ms, "ratio_vs_transformers": self.ratio_vs_transformers,
             "prefill_ratio_vs_transformers": self.prefill_ratio_vs_transformers,
             "bytes_read_per_token": self.bytes_read_per_token, "hits": self.hits, "misses": self.misses,
+            "prefetch_issued": self.prefetch_issued,
             "read_mib_per_s": self.read_mib_s,
             "stall_ms_per_token": None if self.stall_seconds is None else self.stall_seconds * 1e3 / self.decode_steps,
             "identical_to_transformers": self.identical, "eamc_size": self.eamc_size,
@@ -66,7 +70,7 @@ def summarize(system, runs: list, reference: list[int]) -> Summary:
         decode_steps=len(decode_ms), identical=all(run.tokens == reference for run in runs),
     )
     if runs and runs[0].decode_stats:
-        for name in ("hits", "misses", "bytes_read", "read_seconds", "stall_seconds"):
+        for name in STAT_FIELDS:
             setattr(summary, name, sum(run.decode_stats[name] for run in runs))
     return summary
 

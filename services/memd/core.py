@@ -91,7 +91,7 @@ class ExpertManager:
         self.planner = PrefetchPlanner(expert_bytes, self.predictor.window, knobs.threshold, knobs.budget_bytes)
         self.metrics = Metrics(num_layers)
         self.prefetching = knobs.prefetch
-        self.unused: set[Key] = set()  # prefetched, not yet acquired
+        self.unused: dict[Key, tuple[int, int, float]] = {}  # prefetched, not yet used -> target step, layer, priority
         self.transient: dict[Key, bool] = {}  # loading key -> admit as transient when loaded
         self.protect: dict[Key, float] = {}  # imminently needed (last plan) -> priority: evictions spare them
         self.bad_traces = 0
@@ -115,7 +115,8 @@ class ExpertManager:
             plan.fed = self.layer(worker, req.step, req.layer, req.experts, req.requests, req.tokens, req.prefill,
                                   now)
             if plan.fed:
-                self.predictor.guess(worker, [req.layer + 1] * len(req.speculated), req.speculated)
+                self.predictor.guess(worker, [req.layer + 1] * len(req.speculated), req.speculated, (),
+                                     self.table.slot_of.__contains__)
         for expert in req.experts:
             key = (req.layer, expert)
             if self.table.record_access(key, decode=not plan.transient):
@@ -157,7 +158,7 @@ class ExpertManager:
 
     def _used(self, key: Key, loading: bool) -> None:
         if key in self.unused:
-            self.unused.discard(key)
+            del self.unused[key]
             self.metrics.prefetch_used[key[0]] += 1
             self.metrics.prefetch_late += loading
         self.planner.done(key)  # a loading prefetch an acquire waits for is an on-demand load now
@@ -175,7 +176,8 @@ class ExpertManager:
         if not self.layer(ev.worker, ev.step, ev.layer, ev.experts, ev.requests, tokens, ev.prefill, now):
             self.metrics.notes_dropped += 1
             return False
-        self.predictor.guess(ev.worker, ev.guess_layers, ev.guess_experts)
+        self.predictor.guess(ev.worker, ev.guess_layers, ev.guess_experts, ev.guess_confidence,
+                             self.table.slot_of.__contains__)
         return True
 
     def layer(self, worker, step: int, layer: int, experts: list[int], requests: list[str],
@@ -221,12 +223,15 @@ class ExpertManager:
         self.planner.retarget(worker, candidates)
         acquired = {(state.layer, e) for e in state.routed}
         plan.cancel = self.planner.stale(worker, state.step, state.layer, acquired)
+        self.protect = self._protected(candidates, state.step, state.layer)
         if not self.prefetching or demand_busy:
-            self.protect = {c.key: c.priority for c in candidates if c.key in self.table.slot_of}
             self.metrics.prefetch_deferred += demand_busy and self.prefetching
             return plan
-        chosen, self.protect = self.planner.plan(worker, candidates, self.table.slot_of.__contains__, bandwidth,
-                                                 self.predictor.layer_seconds)
+        near = [c for c in candidates if c.distance <= max(1, self.metrics.speculate_layers)]
+        if self.predictor.next_gate.predicted:  # the workers guess from the hidden state: prefetch acts on the guesses
+            near = [c for c in near if c.key[1] in state.guesses.get(c.key[0], ())]  # (history predicts little)
+        chosen, _ = self.planner.plan(worker, near, self.table.slot_of.__contains__, bandwidth,
+                                      self.predictor.layer_seconds)
         for c in chosen:
             if not self._worth(state.layer, c.priority):
                 self.metrics.prefetch_declined += 1
@@ -235,11 +240,22 @@ class ExpertManager:
             if slot is None:
                 continue
             self.planner.issued(worker, c)
-            self.unused.add(c.key)
+            self.unused[c.key] = (c.step, c.key[0], c.priority)
+            self.protect[c.key] = c.priority
             self.transient[c.key] = False
             self.metrics.prefetch_issued[c.key[0]] += 1
             plan.start.append((c.key, slot, c.priority))
         return plan
+
+    def _protected(self, candidates, step: int, layer: int) -> dict[Key, float]:
+        """Experts evictions spare while they can, with their priorities: the plan's resident candidates, and the
+        prefetches not used yet whose target (step, layer) is still ahead (a later prefetch of lower priority must
+        not evict one before its layer ran; an on-demand load takes them only when nothing else is left)."""
+        protect = {c.key: c.priority for c in candidates if c.key in self.table.slot_of}
+        for key, (t_step, t_layer, priority) in self.unused.items():
+            if (t_step, t_layer) > (step, layer) and priority > protect.get(key, -1.0):
+                protect[key] = priority
+        return protect
 
     def _worth(self, layer: int, p: float) -> bool:
         """Expected benefit (``p``: the candidate's priority, need x nearness, times the stall a read costs) against
@@ -253,6 +269,14 @@ class ExpertManager:
         distance = (victim[0] - layer - 1) % self.L + 1
         victim_priority = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
         return p > victim_priority + (1 - p) * WASTE_COST
+
+    def prefetch_reserve(self) -> int:
+        """Slots a lease acquire keeps free or evictable (unleased) so that prefetches have somewhere to land: one
+        lookahead's worth of experts (top-k per layer times the layers speculation looks ahead), at most a quarter
+        of the pool; none without prefetch, or when the pool holds every expert."""
+        if not self.prefetching or self.table.capacity >= self.L * self.E:
+            return 0
+        return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
         """(layers ahead the workers should guess, the router probability a guess needs): k covers the reads a
@@ -288,13 +312,13 @@ class ExpertManager:
         self.planner.done(key)
         self.transient.pop(key, None)
         if key in self.unused:
-            self.unused.discard(key)
+            del self.unused[key]
             self.metrics.prefetch_wasted[key[0]] += 1
         self.table.abort(key)
 
     def _evicted(self, key: Key) -> None:
         if key in self.unused:
-            self.unused.discard(key)
+            del self.unused[key]
             self.metrics.prefetch_wasted[key[0]] += 1
 
     def stall(self, layer: int, seconds: float) -> None:
@@ -356,24 +380,3 @@ class ExpertManager:
         if any(layer >= self.L for layer in ev.layers) or any(e >= self.E for e in ev.experts):
             return f"step {ev.step}: layers {ev.layers} or experts {ev.experts} out of range"
         return None
-
-    # ---------------------------------------------------------------- report
-    def stats_fields(self) -> dict:
-        """The activation-aware part of ``StatsReply``, as keyword arguments."""
-        c, mt, p = self.table.counters, self.metrics, self.predictor
-        layers = [m.LayerStats(i, c.per_layer_hits[i], c.per_layer_misses[i], mt.prefetch_issued[i],
-                               mt.prefetch_used[i], mt.prefetch_wasted[i], mt.stall_seconds[i], mt.bytes_read[i])
-                  for i in range(self.L)]
-        lookahead = [m.LookaheadStats(d, s.predicted, s.correct, s.routed) for d, s in p.lookahead_stats()]
-        gate = [m.LookaheadStats(1, p.next_gate.predicted, p.next_gate.correct, p.next_gate.routed)]
-        spec = [m.LookaheadStats(d, s.predicted, s.correct, s.routed) for d, s in p.speculation_stats()]
-        return dict(policy=self.policy_name, prefetch=self.prefetching, tokens=mt.tokens,
-                    prefetch_issued=sum(mt.prefetch_issued), prefetch_used=sum(mt.prefetch_used),
-                    prefetch_wasted=sum(mt.prefetch_wasted), prefetch_cancelled=mt.prefetch_cancelled,
-                    prefetch_late=mt.prefetch_late, prefetch_precision=mt.prefetch_precision(),
-                    prefetch_recall=mt.prefetch_recall(c.misses), eamc_size=len(self.eamc), eamc_capacity=self.eamc.capacity,
-                    match_similarity=p.match_similarity or 0.0, trace_steps=mt.trace_steps, trace_lost=mt.trace_lost,
-                    layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate,
-                    acquires=mt.acquires, leased_layers=mt.leased_layers, speculation=spec,
-                    layer_notes=mt.layer_notes, notes_dropped=mt.notes_dropped, speculate_layers=mt.speculate_layers,
-                    prefetch_deferred=mt.prefetch_deferred, prefetch_declined=mt.prefetch_declined)

@@ -6,7 +6,9 @@ while that worker is blocked in an acquire, so a revoked slot is never in use:
 
 * an acquire that needs more slots than are free or evictable revokes just the shortfall of that worker's other
   leases, picked in the eviction policy's victim order (never one of the current layer's experts, never one still
-  loading or pinned by anyone else): pressure evicts by policy, as it would without leases;
+  loading or pinned by anyone else): pressure evicts by policy, as it would without leases. The shortfall counts
+  a small reserve of slots kept free or evictable (one lookahead's worth of experts, ``prefetch_reserve``): a
+  prefetch may only take a slot nobody holds, and without it every resident would be leased;
 * ``reclaim`` (the admin's drop and resize, another worker under pressure) flags a worker and bumps the revoke
   epoch on the control page; the worker reads the epoch before each layer and, when it moved, asks memd instead of
   using its leases, and that acquire revokes everything but the current layer;
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from common.procs import pid_alive
@@ -33,12 +36,21 @@ CONTROL_BYTES = 4096
 EPOCH = struct.Struct("<q")  # offset 0 of the control page
 
 
-def shortfall(table: SlotTable, keys: list[Key]) -> int:
-    """Slots ``keys`` need beyond the free and the evictable ones (the leases a lease acquire must revoke)."""
-    missing = sum(k not in table.slot_of for k in keys) - len(table.free)
-    if missing <= 0:
+def shortfall(table: SlotTable, keys: list[Key], reserve: int = 0, spare: Collection[Key] = ()) -> int:
+    """The leases a lease acquire must revoke: the slots ``keys`` need, plus ``reserve`` slots kept free or evictable
+    for prefetches (``ExpertManager.prefetch_reserve``), beyond the free and the evictable ones. Without the reserve
+    a worker would lease every resident and a prefetch would find no slot it may take. ``spare``: residents not to
+    count as room (prefetches not used yet: evicting them for this layer would throw away the next one's reads)."""
+    need = sum(k not in table.slot_of for k in keys) + reserve - len(table.free)
+    if need <= 0:
         return 0
-    return missing - sum(1 for k in table.slot_of if table.evictable(k) and k not in keys)
+    wanted = set(keys)
+    for key in table.slot_of:  # stops as soon as enough are evictable
+        if table.evictable(key) and key not in wanted and key not in spare:
+            need -= 1
+            if need == 0:
+                return 0
+    return need
 
 
 class ControlPage:

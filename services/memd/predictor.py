@@ -28,6 +28,8 @@ PROMPT_WEIGHT = 0.25  # a prompt token's routing counts this much of a decode to
 PROMPT_CAP = 32.0  # ... and a prompt weighs at most this many decode tokens in all
 NEXT_GATE_PRIOR = 0.5  # next-gate precision assumed until measured
 EWMA = 0.05
+CONF_BINS = 5  # a guess's router probability, in bins of 0.2: each bin's own measured precision, by distance and
+# by whether the expert was resident when guessed (prefetch acts only on the others, whose guesses are worse)
 
 
 @dataclass(slots=True)
@@ -46,7 +48,7 @@ class WorkerStep:
     need: np.ndarray | None = None  # [L, E] batch need, kept through a decode-only step ...
     likely: list | None = None  # ... and, per layer, the experts whose need reaches the threshold
     last_time: float | None = None
-    guesses: dict[int, list[int]] = field(default_factory=dict)  # target layer (this step) -> guessed experts
+    guesses: dict[int, dict[int, tuple[float, bool]]] = field(default_factory=dict)  # target -> expert -> conf, absent
     routed: list[int] = field(default_factory=list)  # the experts of the current layer
 
 
@@ -77,7 +79,8 @@ class Predictor:
         self.pending: dict[tuple[object, int, int], dict[int, set[int]]] = {}  # (worker, step, layer) -> d -> set
         self.speculation = [Lookahead() for _ in range(num_layers)]  # the worker's guesses alone, by distance
         self.spec_precision = [NEXT_GATE_PRIOR] * num_layers  # measured (EWMA), by distance
-        self._spec_pending: dict[tuple[object, int, int], dict[int, set[int]]] = {}
+        self.spec_calibrated = np.full((2, num_layers, CONF_BINS), NEXT_GATE_PRIOR)  # [absent?, distance, conf bin]
+        self._spec_pending: dict[tuple[object, int, int], dict[int, dict[int, tuple[float, bool]]]] = {}
         self.layer_seconds: float | None = None
         self.match_similarity: float | None = None
 
@@ -135,9 +138,22 @@ class Predictor:
         for key in [k for k in self._spec_pending if k[0] == worker and (k[1], k[2]) <= (step, layer)]:
             for distance, guess in self._spec_pending.pop(key).items():
                 if (key[1], key[2]) == (step, layer) and guess:
-                    self._count(self.speculation[distance - 1], guess, actual)
-                    precision = len(guess & actual) / len(guess)
+                    self._count(self.speculation[distance - 1], set(guess), actual)
+                    precision = len(guess.keys() & actual) / len(guess)
                     self.spec_precision[distance - 1] += EWMA * (precision - self.spec_precision[distance - 1])
+                    for expert, (conf, absent) in guess.items():
+                        if conf >= 0:
+                            row = self.spec_calibrated[int(absent), distance - 1]
+                            b = _bin(conf)
+                            row[b] += EWMA * ((expert in actual) - row[b])
+
+    def guess_probability(self, distance: int, conf: float, absent: bool = False) -> float:
+        """How often a guess made ``distance`` layers ahead with router probability ``conf`` came true, among the
+        guesses of experts that were (not, when ``absent``) resident when guessed; measured. A guess without a
+        confidence gets its distance's overall precision."""
+        if conf < 0:
+            return self.spec_precision[distance - 1]
+        return float(self.spec_calibrated[int(absent), distance - 1, _bin(conf)])
 
     @staticmethod
     def _count(stats: Lookahead, predicted: set[int], actual: set[int]) -> None:
@@ -152,17 +168,20 @@ class Predictor:
         if tokens and len(tokens) == len(state.requests):
             state.partial[:, layer, experts] += np.asarray(tokens, dtype=np.float32)
 
-    def guess(self, worker, layers: list[int], experts: list[int]) -> None:
+    def guess(self, worker, layers: list[int], experts: list[int], confidence: list[float] = (),
+              resident=lambda key: False) -> None:
         """The worker's guesses made at its current layer: ``experts[i]`` runs at MoE layer ``layers[i]`` of this
-        step (later layers only; others are ignored). They replace the guesses made at earlier layers."""
+        step (later layers only; others are ignored), ``confidence[i]`` its router probability (-1 or absent: not
+        known); ``resident(key)``: is it in the pool now. They replace the guesses made at earlier layers."""
         state = self.workers[worker]
         state.guesses = {}
-        for target, expert in zip(layers, experts):
+        confidence = list(confidence) if len(confidence) == len(experts) else [-1.0] * len(experts)
+        for target, expert, conf in zip(layers, experts, confidence):
             if state.layer < target < self.L:
-                state.guesses.setdefault(target, []).append(expert)
+                state.guesses.setdefault(target, {})[expert] = (float(conf), not resident((target, expert)))
         for target, guessed in state.guesses.items():
             pending = self._spec_pending.setdefault((worker, state.step, target), {})
-            pending[target - state.layer] = set(guessed)
+            pending[target - state.layer] = dict(guessed)
 
     def predict(self, worker) -> tuple[list[Target], np.ndarray]:
         """Targets for the next ``window`` layers and ``need[L, E]``: the probability each expert runs the next
@@ -180,7 +199,8 @@ class Predictor:
                 if target <= layer:
                     continue
                 guess = np.zeros(self.E)
-                guess[guessed] = self.spec_precision[target - layer - 1]
+                for expert, (conf, absent) in guessed.items():
+                    guess[expert] = self.guess_probability(target - layer, conf, absent)
                 need[target] = 1 - (1 - need[target]) * (1 - guess)
                 likely[target] = np.flatnonzero(need[target] >= self.threshold).tolist()
         targets = []
@@ -252,3 +272,7 @@ class Predictor:
         """The worker's guesses by distance, up to the farthest one that was ever scored."""
         last = max((d for d, s in enumerate(self.speculation) if s.predicted or s.routed), default=-1)
         return [(d + 1, self.speculation[d]) for d in range(last + 1)]
+
+
+def _bin(conf: float) -> int:
+    return min(CONF_BINS - 1, max(0, int(conf * CONF_BINS)))

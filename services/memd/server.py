@@ -37,6 +37,7 @@ from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
+from services.memd.stats import stats_fields
 
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
@@ -277,7 +278,7 @@ class MemdServer:
         if not req.lease:
             client.pin(self.table, keys)
             return []
-        short = shortfall(self.table, keys)
+        short = shortfall(self.table, keys, self.core.prefetch_reserve(), self.core.unused)
         if short > 0 and len(self.clients) > 1 and any(c.leases for c in self.clients.values() if c is not client):
             self.reclaim_leases()
         return client.lease(self.table, keys, shortfall=short)
@@ -355,7 +356,7 @@ class MemdServer:
         return m.StatsReply(os.getpid(), live_bytes, t.capacity, resident, t.num_pinned, c.hits, c.misses,
                             c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
                             t.resident_per_layer(self.store.num_layers), read_bandwidth=self.reader.bandwidth or 0.0,
-                            **self.core.stats_fields())
+                            **stats_fields(self.core))
 
     def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
         self.trace_events[type(event).__name__] += 1

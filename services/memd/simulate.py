@@ -155,7 +155,7 @@ class Simulator:
         if not self.cfg.leases:
             self.client.pin(table, keys)
             return
-        self.client.lease(table, keys, shortfall=shortfall(table, keys))
+        self.client.lease(table, keys, shortfall=shortfall(table, keys, self.core.prefetch_reserve(), self.core.unused))
 
     def acquire(self, req: m.AcquireRequest) -> int:
         """One layer: acquire, prefetch, wait, compute, release. Returns its on-demand misses."""

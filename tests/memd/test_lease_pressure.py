@@ -64,3 +64,17 @@ def test_leases_in_retired_slots_go_but_do_not_count_against_the_shortfall():
     assert all(k not in table.slot_of for k in retired_keys)  # gone with their slots
     assert all(table.evictable(k) for k in live)
     assert table.reserve((2, 0)) in (0, 1) and table.reserve((2, 1)) in (0, 1)
+
+
+def test_the_shortfall_keeps_a_reserve_for_prefetches_and_does_not_count_unused_prefetches_as_room():
+    from services.memd.leases import shortfall
+
+    keys = [(0, e) for e in range(6)]
+    table, client = leased_table(keys)
+    assert shortfall(table, [(0, 0)]) == 0 and shortfall(table, [(1, 0)]) == 1  # full, every resident leased
+    assert shortfall(table, [(1, 0)], reserve=2) == 3  # and two more kept unleased, for prefetches
+    client.lease(table, [(0, 0)], shortfall=3)  # three revoked: evictable now
+    assert shortfall(table, [(1, 0)], reserve=2) == 0
+    evictable = [k for k in keys if table.evictable(k)]
+    assert len(evictable) == 3
+    assert shortfall(table, [(1, 0)], reserve=2, spare=evictable[:1]) == 1  # a prefetch not used yet is no room

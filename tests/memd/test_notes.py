@@ -4,6 +4,7 @@ scored by distance, and no prefetch is planned while on-demand reads are queued.
 from common import messages as m
 from services.memd.core import ExpertManager, Knobs
 from services.memd.policy import LruPolicy
+from services.memd.stats import stats_fields
 
 E, L, MB = 8, 4, 1 << 20
 
@@ -88,7 +89,7 @@ def test_guesses_are_fused_by_distance_and_scored():
     assert (spec[1].correct, spec[1].predicted) == (1, 1)
     assert (spec[2].correct, spec[2].predicted) == (0, 1)
     assert (spec[3].correct, spec[3].predicted) == (1, 1)
-    stats = m.StatsReply(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, False, [], **core.stats_fields())
+    stats = m.StatsReply(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, False, [], **stats_fields(core))
     assert [s.distance for s in stats.speculation] == [1, 2, 3] and stats.layer_notes == 4
 
 
@@ -102,7 +103,7 @@ def test_no_prefetch_while_demand_reads_are_queued():
 
 def test_a_prefetch_must_beat_the_slot_it_takes():
     core = core_with(slots=2, window=1, threshold=0.1)
-    core.predictor.spec_precision[0] = 0.2  # a guess right one time in five
+    core.predictor.spec_calibrated[:, 0, :] = 0.2  # a guess one layer ahead is right one time in five
     for key in [(2, 0), (2, 1)]:  # both slots hold layer 2's experts, which the next step's layer 2 wants
         core.table.reserve(key)
         core.table.loaded(key)
@@ -110,4 +111,37 @@ def test_a_prefetch_must_beat_the_slot_it_takes():
     core.note(note(1, 3, [0, 1]), now=0.1)
     core.note(note(2, 0, [0, 1], guesses=[(1, 6)]), now=0.2)
     plan = core.plan_prefetch(7, None, bandwidth=None)
-    assert plan.start == [] and core.metrics.prefetch_declined >= 1
+    assert plan.start == [] and core.metrics.prefetch_declined == 1
+
+
+def test_the_lease_reserve_is_one_lookahead_of_experts_and_none_when_all_fit_or_prefetch_is_off():
+    assert core_with(slots=8).prefetch_reserve() == 2  # top-2, one layer ahead until speculation measures more
+    deep = core_with(slots=16)
+    deep.metrics.speculate_layers = 3
+    assert deep.prefetch_reserve() == 4  # 2 x 3, at most a quarter of the pool
+    assert core_with(slots=L * E).prefetch_reserve() == 0 and core_with(slots=8, prefetch=False).prefetch_reserve() == 0
+
+
+def test_guess_probability_is_measured_by_confidence_and_by_residency():
+    core = core_with(slots=4)
+    p = core.predictor
+    for key in [(1, 0), (1, 1)]:
+        core.table.reserve(key)
+        core.table.loaded(key)
+    for step in range(1, 60):  # at layer 0 the worker guesses layer 1: experts 0, 1 (resident) and 5, 6 (not)
+        core.note(m.LayerNoteEvent(7, step, 0, [2, 3], ["r"], [1, 1], [False], [1, 1, 1, 1], [0, 1, 5, 6],
+                                   [0.95, 0.3, 0.95, 0.3]), now=step)
+        core.note(note(step, 1, [0, 5]), now=step + 0.5)  # the confident guesses are right, the unsure ones wrong
+    assert p.guess_probability(1, 0.95, absent=True) > 0.9 and p.guess_probability(1, 0.95, absent=False) > 0.9
+    assert p.guess_probability(1, 0.3, absent=True) < 0.1 and p.guess_probability(1, 0.3, absent=False) < 0.1
+    assert p.guess_probability(1, 0.55, absent=True) == 0.5  # a bin never seen keeps the prior
+    assert abs(p.guess_probability(1, -1.0) - 0.5) < 0.01  # no confidence: the overall precision (half right)
+
+
+def test_an_unused_prefetch_is_spared_until_its_layer_has_run():
+    core = core_with(slots=4)
+    core.table.reserve((2, 1))
+    core.table.loaded((2, 1))
+    core.unused[(2, 1)] = (1, 2, 0.9)  # prefetched for step 1, layer 2
+    assert core._protected([], 1, 1) == {(2, 1): 0.9}
+    assert core._protected([], 1, 2) == {} and core._protected([], 2, 0) == {}  # its layer ran: a victim like any

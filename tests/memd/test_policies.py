@@ -118,14 +118,19 @@ def test_activation_admits_a_prefetch_only_for_a_near_certain_expert_that_runs_s
             run_layer(p, layer, [0])
     p.on_remove((1, 0))
     run_layer(p, 0, [0])  # layer 0 runs: layer 1 is next, layer 3 two layers later
-    assert p.admits((1, 0), (3, 0), priority=0.0)
-    assert not p.admits((2, 3), (3, 0), priority=1.0)  # never used: the planner's priority alone is not enough
+    assert p.admits((1, 0), (3, 0), priority=0.0)  # its own reuse makes it near certain
+    assert not p.admits((2, 3), (3, 0), priority=0.6)  # never used, and a guess right 60% of the time is not enough
+    assert p.admits((2, 3), (3, 0), priority=0.95)  # a near-certain guess, for a layer that runs before the victim's
+    run_layer(p, 1, [0])
+    run_layer(p, 2, [0])  # layer 3 is next now, layer 2 runs last: the victim is needed sooner than the guess
+    assert not p.admits((2, 3), (3, 0), priority=0.95)
     q = filled(ActivationPolicy(L, E), [(3, 0)])
     rng = np.random.default_rng(0)
-    for _ in range(100):  # random routing: nothing is near-certain, so no prefetch evicts
+    for _ in range(100):  # random routing: reuse makes nothing near-certain; only a guess can
         for layer in range(L):
             run_layer(q, layer, rng.choice(E, 2, replace=False).tolist())
-    assert not q.admits((1, 0), (3, 0), priority=1.0)
+    assert not q.admits((1, 0), (3, 0), priority=0.0) and not q.admits((1, 0), (3, 0), priority=0.8)
+    assert q.admits((1, 0), (3, 0), priority=0.9)
     assert LruPolicy().admits((3, 1), (0, 0), 0.0) and LfuPolicy(L, E).admits((3, 1), (0, 0), 0.0)
 
 
