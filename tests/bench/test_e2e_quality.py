@@ -1,7 +1,7 @@
 """``bench e2e`` reports prediction quality computed from memd's StatsReply: the run's difference of two replies,
 prefetch precision and recall, precision and recall by lookahead distance, in the rows, the table and the targets."""
 from common import messages as m
-from services.bench.e2e import MOEINF, Result, Timing
+from services.bench.e2e import MOEINF, ONDEMAND, Result, Timing
 from services.bench.e2e_quality import delta, stats_counters
 from services.bench.e2e_report import _HEADER, _line, _quality_lines, _targets
 
@@ -36,7 +36,14 @@ def test_run_quality_is_the_difference_of_two_stats_replies():
     assert "lookahead P/R by distance 1: 0.70/0.58, 2: 0.40/0.31" in text
     assert "speculation P/R by distance 1: 0.62/0.56" in text
     (target,) = _targets([row], [], 0.0, ["25%"])
-    assert target["target"] == "prefetch precision >= 0.6 at lookahead 1" and target["value"] == 0.7 and target["met"]
+    assert target["target"] == "prefetch precision >= 0.6 at lookahead 1" and target["value"] == 0.75 and target["met"]
+    assert "18 used, 6 wasted" in target["measured"] and "prediction precision 0.70" in target["measured"]
+    idle = {**row, "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0, "prefetch_precision": None}
+    (target,) = _targets([idle], [], 0.0, ["25%"])
+    assert not target["met"] and target["value"] is None and "no prefetch issued" in target["measured"]
+    lru = {**row, "system": ONDEMAND, "decode_ms_per_token_p50": row["decode_ms_per_token_p50"] / 0.8}
+    vs = next(t for t in _targets([row, lru], [], 0.0, ["25%"]) if "moeinf-ondemand-lru" in t["target"])
+    assert abs(vs["value"] - 0.8) < 1e-9 and vs["met"] and vs["target"] == "decode <= 0.85x of moeinf-ondemand-lru"
 
 
 def test_rows_without_memd_have_no_quality_columns():

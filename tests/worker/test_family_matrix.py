@@ -5,8 +5,9 @@ several shards, and greedy tokens through real memd + worker processes at 25% ex
 transformers' ``generate``: each prompt alone, then two requests batched together. A family listed in
 ``common.families.UNSUPPORTED`` must instead be refused at start-up with its reason.
 
-CI runs the six known families and a few special ones (recurrent layers, MoE every k-th layer, expert biases);
-the rest run under ``-m slow``. With ``MOEINF_FAMILY_RESULTS=<file>`` each outcome is recorded there, and
+CI runs a few special families here (recurrent layers, MoE every k-th layer, expert biases) and the refused ones;
+the six known families are CI's in tests/worker/test_exactness.py (same oracle, same 25%), and run here too under
+``-m slow`` with the rest. With ``MOEINF_FAMILY_RESULTS=<file>`` each outcome is recorded there, and
 ``moeinf families --markdown --results <file>`` turns the full run into docs/families.md.
 """
 import json
@@ -29,7 +30,7 @@ CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe", "deepseek_v32"}  # 
 
 
 def _param(family: str):
-    fast = family in FAMILIES or family in CI_EXTRA or family in UNSUPPORTED
+    fast = family in CI_EXTRA or family in UNSUPPORTED  # the six known families: tests/worker/test_exactness.py
     return pytest.param(family, marks=() if fast else pytest.mark.slow, id=family)
 
 
