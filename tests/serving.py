@@ -1,6 +1,9 @@
 """A running ``moeinf serve`` (memd + worker + gateway as real processes), for the gateway and fault tests."""
+import http.client
+import json
 import os
 import socket
+import threading
 import subprocess
 import time
 import urllib.error
@@ -70,3 +73,29 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class SseStream:
+    """A streaming completion read by a thread: its events (dicts, or "[DONE]") and when its response closed (a
+    broken chunked response, as when the gateway is killed, closes it too)."""
+
+    def __init__(self, port: int, model: str, max_tokens: int, prompt="the quick brown fox", timeout: float = 120):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200, self.resp.read()
+        self.events, self.closed_at = [], None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            for line in self.resp:
+                if line.startswith(b"data: "):
+                    data = line[6:].strip()
+                    self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
+        except (http.client.HTTPException, OSError):
+            pass
+        finally:
+            self.closed_at = time.monotonic()

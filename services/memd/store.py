@@ -55,11 +55,6 @@ class ExpertStore:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    @property
-    def files(self) -> list:
-        """The files the segments read from (the compressed store reads its cache file instead)."""
-        return self.checkpoint.files
-
     def prepare(self, key: tuple[int, int]) -> None:
         """Called by a reader thread before an expert's first piece; the checkpoint's bytes are read as they lie
         (``services/memd/compressed.py`` converts the expert into its cache file here)."""
@@ -75,6 +70,7 @@ class ExpertStore:
 
     @property
     def files(self) -> list[str]:
+        """The files the segments read from (the compressed store reads its cache file instead)."""
         return [str(f) for f in self.checkpoint.files]
 
     @property

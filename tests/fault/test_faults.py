@@ -3,13 +3,10 @@ middle of a request fails that request with an error, serve restarts memd (and t
 succeeds, /dev/shm does not leak and the EAMC file survives; a pool whose slots are all pinned gives a clear error,
 not a deadlock."""
 import concurrent.futures as cf
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import Stack, moeinf_cmd, orphan_regions, shm_regions, write_family
+from serving import SseStream, free_port
 
 from common.worker_client import WorkerClient, WorkerClientError
 from services.memd.pool import pool_name
@@ -25,12 +23,6 @@ from services.memd.testhooks import VARIABLE as READ_LATENCY
 from services.worker.memd_client import MemdClient
 
 READ_LATENCY_MS = 150  # every expert read of the served memd sleeps this long first (a slow disk)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -195,26 +187,3 @@ def test_sigterm_with_8_streams_in_flight_stops_every_child_within_10s(served):
     assert took < 10, f"serve took {took:.1f}s to stop"
     assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     assert served.proc.returncode == 0
-
-
-class SseStream:
-    """A streaming completion read by a thread: its events (dicts, or "[DONE]") and when its response closed."""
-
-    def __init__(self, port: int, model: str, max_tokens: int):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        body = {"model": model, "prompt": "the quick brown fox", "max_tokens": max_tokens, "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        self.resp = self.conn.getresponse()
-        assert self.resp.status == 200, self.resp.read()
-        self.events, self.closed_at = [], None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            for line in self.resp:
-                if line.startswith(b"data: "):
-                    data = line[6:].strip()
-                    self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
-        finally:
-            self.closed_at = time.monotonic()

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from serving import Served
+from serving import Served, SseStream
 
 from common.worker_client import WorkerClient
 
@@ -72,24 +72,6 @@ def metric(served, name: str) -> dict[str, float]:
     return values
 
 
-class Stream:
-    def __init__(self, port: int, prompt: list[int]):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        body = {"model": M, "prompt": prompt, "max_tokens": 3000, "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        self.resp = self.conn.getresponse()
-        assert self.resp.status == 200
-        self.events, self.closed_at = [], None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.resp:
-            if line.startswith(b"data: "):
-                data = line[6:].strip()
-                self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
-        self.closed_at = time.monotonic()
-
-
 def post(port: int, prompt) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": prompt, "max_tokens": 4}),
@@ -123,7 +105,7 @@ def test_two_workers_on_one_memd_compute_exact_tokens_at_once(served, model):
 @pytest.mark.slow
 def test_the_gateway_uses_both_and_a_killed_worker_fails_only_its_stream(served):
     before = metric(served, "moeinf_gateway_worker_requests_total")
-    streams = [Stream(served.port, [1, 5, 9]), Stream(served.port, [2, 7, 4, 4])]
+    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9]), SseStream(served.port, M, 3000, prompt=[2, 7, 4, 4])]
     wait(lambda: all(len(s.events) >= 2 for s in streams), 120, "the streams did not start")
     after = metric(served, "moeinf_gateway_worker_requests_total")
     sent = {k: after[k] - before.get(k, 0) for k in after}

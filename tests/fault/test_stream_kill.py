@@ -12,13 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import psutil
 import pytest
 from helpers import moeinf_cmd, orphan_regions, shm_regions
-from serving import Served
+from serving import Served, SseStream
 
 from services.memd.pool import pool_name
 
@@ -36,29 +35,6 @@ def served(tmp_path_factory):
     s.close()
 
 
-class Stream:
-    def __init__(self, port: int):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        body = {"model": M, "prompt": [1, 5, 9], "max_tokens": 3000, "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        self.resp = self.conn.getresponse()
-        assert self.resp.status == 200
-        self.events, self.closed_at = [], None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        try:
-            for line in self.resp:
-                if line.startswith(b"data: "):
-                    data = line[6:].strip()
-                    self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
-        except (http.client.HTTPException, OSError):  # a broken chunked response
-            pass
-        finally:
-            self.closed_at = time.monotonic()
-
-
 def request(port: int, path: str, body=None):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     if body is None:
@@ -70,7 +46,7 @@ def request(port: int, path: str, body=None):
 
 
 def test_kill_9_of_the_worker_mid_stream(served):
-    streams = [Stream(served.port) for _ in range(2)]  # --max-queued 2: every slot
+    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60) for _ in range(2)]  # --max-queued 2: every slot
     deadline = time.monotonic() + 60
     while not all(len(s.events) >= 2 for s in streams):
         assert time.monotonic() < deadline, "the streams never started"
@@ -109,7 +85,7 @@ def test_kill_9_of_the_gateway_mid_stream(served):
     eamc_before = admin_stats(served)["eamc_size"]
     assert eamc_before >= 1
     before = children(served)
-    stream = Stream(served.port)  # 3000 tokens: it runs until the kill
+    stream = SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60)  # 3000 tokens: it runs until the kill
     deadline = time.monotonic() + 60
     while len(stream.events) < 2:
         assert time.monotonic() < deadline, "the stream never started"
