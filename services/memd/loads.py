@@ -4,9 +4,10 @@ A task ends by telling the core how the read went (done, cancelled or failed). T
 demand, promoted, or waiting for a slot) are counted: while any runs or waits, no prefetch is planned, and
 ``on_demand_idle`` is called when the last one ends. A cancelled prefetch that an
 acquire has meanwhile pinned is read again, as an on-demand load, into the same slot. An on-demand load that
-finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot; when there is none
-and other workers hold experts (their current layer, or leases memd has asked back), it waits for them to let go,
-up to ``SLOT_WAIT_S``.
+finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot; when there is none, it
+waits for loads nobody pins to end (another acquire's, or one whose acquire failed: each leaves an evictable
+expert), and while other workers hold experts (their current layer, or leases memd has asked back) for them to let
+go, up to ``SLOT_WAIT_S``.
 """
 from __future__ import annotations
 
@@ -90,7 +91,13 @@ class Loads:
             except PoolExhausted:
                 victim = self.core.steal_candidate()
                 if victim is None or victim not in self.tasks:
-                    if others_hold is None or asyncio.get_running_loop().time() > deadline or not others_hold():
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    ending = [t for k, t in self.tasks.items() if not self.core.table.pins.get(k)]
+                    if ending:  # a load nobody pins (another acquire's, one that failed) frees a slot when it ends
+                        await asyncio.wait(ending, timeout=SLOT_POLL_S * 20, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    if others_hold is None or not others_hold():
                         raise
                     await asyncio.sleep(SLOT_POLL_S)
                     continue

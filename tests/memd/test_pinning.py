@@ -188,3 +188,29 @@ def test_bad_requests_get_error_replies_and_memd_keeps_serving(memd, mixtral):
         assert client.stats().pinned == 0
     finally:
         client.close()
+
+
+def test_an_acquire_waits_for_the_loads_a_failed_acquire_left_running(mixtral, tmp_path):
+    """A failed acquire's loads go on (unpinned) and hold their slots until they end: an acquire that needs those
+    slots waits for them instead of failing with "pinned or loading" (a slow disk makes them last)."""
+    from services.memd.testhooks import VARIABLE as READ_LATENCY
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    log = state_dir / "memd.log"
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "25%",
+                  "--prefetch", "off"], log, env={READ_LATENCY: "400"})
+    try:
+        wait_for_log(proc, log, "memd ready", timeout=60)
+        client, _ = attach(state_dir, mixtral)
+        client.acquire(0, [0], [], [])  # one slot pinned by this client: no other client holds anything
+        with pytest.raises(MemdError, match="pinned or loading"):
+            client.acquire(1, list(range(8)), [], [])  # 7 loads start, the 8th has no slot: fails at once
+        client.release(0, [0])
+        start = time.monotonic()
+        slots = client.acquire(2, list(range(8)), [], [])  # every slot: 7 of them still loading layer 1
+        assert sorted(slots) == list(range(8)) and time.monotonic() - start < 10
+        client.release(2, list(range(8)))
+        client.close()
+    finally:
+        assert stop(proc) == 0
