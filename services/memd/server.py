@@ -278,8 +278,10 @@ class MemdServer:
         if not req.lease:
             client.pin(self.table, keys)
             return []
-        short = shortfall(self.table, keys, self.core.prefetch_reserve(), self.core.unused)
-        if short > 0 and len(self.clients) > 1 and any(c.leases for c in self.clients.values() if c is not client):
+        reserve = self.core.prefetch_reserve()
+        short = shortfall(self.table, keys, reserve, self.core.unused)
+        # the layer itself lacks slots (not just the prefetch reserve, which this worker's own leases refill)
+        if short > reserve and any(c.leases for c in self.clients.values() if c is not client):
             self.reclaim_leases()
         return client.lease(self.table, keys, shortfall=short)
 
