@@ -115,7 +115,7 @@ class AcquireRequest(Message):
     lease: bool = False  # hold the experts as leases (one pin each, however often acquired) until memd revokes them
     # [layer, expert] the worker used from its leases since its last acquire, oldest first: memd refreshes their
     # recency before this acquire's, so eviction sees the order in which experts really ran
-    touched: list[list[Index]] = field(default_factory=list)
+    leased_uses: list[list[Index]] = field(default_factory=list)
 
 
 class AcquireReply(Message):

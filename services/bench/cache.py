@@ -11,7 +11,7 @@ from dataclasses import asdict
 from common.sizes import parse_size
 from common.traces import group_steps, read_trace
 from services.bench.synthetic import FlatWorkload, Workload, write, write_flat
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
 VARIANTS = (("lru", False), ("lfu", False), ("activation", False), ("lru", True), ("activation", True))
@@ -29,7 +29,7 @@ def run_cache(args) -> int:
     for memory in args.memory:
         slots = max(header.num_experts, parse_size(memory, what="--memory").resolve(total))
         for policy, prefetch in VARIANTS:
-            cfg = SimConfig(slots, Knobs(policy=policy, prefetch=prefetch, window=args.window),
+            cfg = SimConfig(slots, CacheSettings(policy=policy, prefetch=prefetch, window=args.window),
                             read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3)
             r = simulate(header, steps, cfg)
             ahead = " ".join(f"d{d}:{p:.2f}/{rc:.2f}" for d, p, rc in r.lookahead)
@@ -64,7 +64,7 @@ def add_parsers(bench) -> None:
                    help="pool sizes: a share of all experts (25%%) or a number of slots")
     p.add_argument("--read-ms", type=float, default=2.0, help="time to read one expert")
     p.add_argument("--layer-ms", type=float, default=1.0, help="compute time of one MoE layer")
-    p.add_argument("--window", type=int, default=Knobs().window, help="prefetch lookahead in layers")
+    p.add_argument("--window", type=int, default=CacheSettings().window, help="prefetch lookahead in layers")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run_cache)
     p = bench.add_parser("synth", help="write the synthetic topic workload as a trace file")

@@ -3,7 +3,7 @@ bandwidth floor measured in the same run.
 
 Two systems decode the same greedy tokens in this process, one token per step: plain transformers (every weight
 resident, its own ``grouped_mm`` experts) and moeinf's worker path (a real ``moeinf memd --expert-memory 100%``,
-the worker's model bound to it, ``Engine.run`` on the varlen step as the worker's compute loop calls it). For
+the worker's model bound to it, ``Engine.run`` on the flattened step as the worker's compute loop calls it). For
 each, forward hooks (``profile_parts.LayerTimers``) time every layer's norms, attention, router and experts, and
 the embedding, final norm and LM head; the rest of the step is Python and dispatch. Decode steps are also timed
 without hooks, in lockstep with the other system (load from elsewhere hits both alike).

@@ -29,7 +29,7 @@ def samples(batch: int, layers: int, experts: int, top_k: int) -> dict[str, tupl
     toks = [[(r + e) % 3 for e in routed] for r in range(batch)]
     acq = dict(layer=3, experts=routed, requests=reqs, tokens=toks, step=12345, prefill=[False] * batch,
                speculated=routed[:top_k], speculated_tokens=[batch] * min(top_k, len(routed)), lease=True,
-               touched=[[layer, e] for layer in range(2) for e in routed])
+               leased_uses=[[layer, e] for layer in range(2) for e in routed])
     rep = dict(slots=[100 + e for e in routed], hits=len(routed) - 1, revoked=[[1, 2]], epoch=7)
     layer_fields = [dict(layer=i, experts=routed, tokens=toks, weights=[[0.5 * t for t in row] for row in toks],
                          speculated=routed[:top_k], leased=i % 2 == 0) for i in range(layers)]

@@ -26,7 +26,7 @@ class AcquireRequest:
     speculated: list[int] = field(default_factory=list)
     speculated_tokens: list[int] = field(default_factory=list)
     lease: bool = False
-    touched: list[list[int]] = field(default_factory=list)
+    leased_uses: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

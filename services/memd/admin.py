@@ -126,7 +126,7 @@ class AdminServer:
     def on_stats(self, req: a.AdminStatsRequest) -> a.AdminStatsReply:
         t = self.table
         stats = self.server.on_stats(None, m.StatsRequest())
-        leaving = sum(1 for k in t.slot_of if t.leaving(k))
+        leaving = sum(1 for k in t.slot_of if t.must_leave(k))
         return a.AdminStatsReply(stats, t.capacity, t.num_slots, self.slot_bytes, self.pool.resident_bytes(),
                                  len(t.loading), len(self.pins), leaving)
 
@@ -137,7 +137,7 @@ class AdminServer:
             row, expert = rows[key[0]], key[1]
             (row.loading if key in t.loading else row.resident).append(expert)
             for wanted, column in ((t.pins.get(key), row.pinned), (key in self.pins, row.admin_pinned),
-                                   (t.leaving(key), row.leaving)):
+                                   (t.must_leave(key), row.leaving)):
                 if wanted:
                     column.append(expert)
         return a.AdminExpertsReply(t.capacity, t.num_slots, rows)
@@ -228,7 +228,7 @@ class AdminServer:
     async def _reclaim_until_gone(self) -> None:
         for _ in range(RECLAIM_TRIES):
             await asyncio.sleep(RECLAIM_INTERVAL_S)
-            if not any(self.table.leaving(k) for k in self.table.slot_of if k not in self.pins):
+            if not any(self.table.must_leave(k) for k in self.table.slot_of if k not in self.pins):
                 return
             self.server.reclaim_leases()
 
@@ -305,7 +305,7 @@ class AdminServer:
         for key in new:
             self.pins.add(key)
             self.table.pin(key)
-        loads = [self.loads.demand(k, False) for k in new if not self.table.is_resident(k)]
+        loads = [self.loads.load_without_free_slot(k, False) for k in new if not self.table.is_resident(k)]
         try:
             await asyncio.gather(*loads)
         except (PoolExhausted, LoadError) as exc:

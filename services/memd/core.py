@@ -1,12 +1,12 @@
 """memd's decisions, without I/O: what an acquire loads, what to prefetch or cancel, what the traces teach.
 
-``ExpertManager`` owns the slot table (with its policy), the live EAMs, the EAMC, the predictor and the prefetch
+``ExpertCache`` owns the slot table (with its policy), the live EAMs, the EAMC, the predictor and the prefetch
 planner. It never reads a file or awaits anything: the server (real reads in reader threads) and the simulator
 (``services/memd/simulate.py``, a clock and a bandwidth) drive it the same way:
 
 1. ``note`` (a worker's per-layer LAYER_NOTE, leased layer or not) or an ``acquire`` that carries its layer's
    routing feeds the predictor, the policy (``on_step``, ``on_layer``) and the scores, once per (worker, step, layer);
-2. ``acquire``: pin and count; hits, joins (already loading) and on-demand loads (reserved slots);
+2. ``acquire``: pin and count; hits, already-loading joins and on-demand loads (reserved slots);
 3. the caller starts the loads, replies, then calls ``plan`` (off the acquire path): predictions for the next
    layers, prefetches to start (slots reserved; none while on-demand reads are queued, and only those whose
    expected benefit beats their cost) and stale ones to cancel;
@@ -38,7 +38,7 @@ WASTE_COST = 0.25  # a wrong prefetch's read, in stalls saved: the bandwidth it 
 
 
 @dataclass(frozen=True, slots=True)
-class Knobs:
+class CacheSettings:
     """The part of ``MemdConfig`` the decisions use (the simulator builds it without a checkpoint)."""
 
     policy: str = "activation"
@@ -51,7 +51,7 @@ class Knobs:
     max_requests: int = 1024
 
     @classmethod
-    def from_config(cls, cfg: MemdConfig, pool_bytes: int | None = None) -> Knobs:
+    def from_config(cls, cfg: MemdConfig, pool_bytes: int | None = None) -> CacheSettings:
         """``--prefetch-budget 25%`` is a share of the pool (``pool_bytes``); without the pool size it is refused."""
         spec = None if cfg.prefetch_budget == "auto" else parse_size(cfg.prefetch_budget, what="--prefetch-budget")
         if spec is not None and spec.fraction is not None and not pool_bytes:
@@ -66,8 +66,8 @@ class Knobs:
 class AcquirePlan:
     hits: int = 0  # resident
     loads: list[tuple[Key, int]] = field(default_factory=list)  # on-demand loads to start: (key, slot)
-    joins: list[Key] = field(default_factory=list)  # already loading: wait for them (promote a prefetch)
-    blocked: list[Key] = field(default_factory=list)  # no slot now: steal one from a prefetch, then reserve_demand
+    already_loading: list[Key] = field(default_factory=list)  # already loading: wait for them (promote a prefetch)
+    no_slot: list[Key] = field(default_factory=list)  # no slot now: steal one from a prefetch, then reserve_demand
     transient: bool = False  # prompt-only acquire: its loads are admitted as transient
     fed: bool = False  # it carried its layer's routing, new to the predictor: plan after replying
 
@@ -78,9 +78,9 @@ class PrefetchPlan:
     cancel: list[Key] = field(default_factory=list)
 
 
-class ExpertManager:
+class ExpertCache:
     def __init__(self, num_slots: int, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
-                 knobs: Knobs = Knobs(), eamc: Eamc | None = None):
+                 knobs: CacheSettings = CacheSettings(), eamc: Eamc | None = None):
         self.L, self.E, self.knobs, self.expert_bytes = num_layers, num_experts, knobs, expert_bytes
         self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts), num_experts)
         self.table.on_evict = self._evicted
@@ -110,7 +110,7 @@ class ExpertManager:
         acquire that carries its layer's routing (a client that sends no notes) also feeds the predictor."""
         plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
         self.metrics.acquires += 1
-        self._refresh(req.touched, decode=not plan.transient)
+        self._refresh(req.leased_uses, decode=not plan.transient)
         if req.requests or req.speculated:
             plan.fed = self.layer(worker, req.step, req.layer, req.experts, req.requests, req.tokens, req.prefill,
                                   now)
@@ -123,13 +123,13 @@ class ExpertManager:
                 loading = key in self.table.loading
                 self._used(key, loading)
                 if loading:
-                    plan.joins.append(key)
+                    plan.already_loading.append(key)
                 else:
                     plan.hits += 1
                 continue
             slot = self.reserve_demand(key, plan.transient, raise_full=False)
             if slot is None:
-                plan.blocked.append(key)
+                plan.no_slot.append(key)
             else:
                 plan.loads.append((key, slot))
         return plan
@@ -362,14 +362,14 @@ class ExpertManager:
 
     def _leased_hits(self, layer: int, experts: list[int]) -> None:
         """A layer the worker served from its leases (no acquire told memd): count its hits. Their recency came
-        with the worker's next acquire (``touched``), in the order they ran."""
+        with the worker's next acquire (``leased_uses``), in the order they ran."""
         c = self.table.counters
         self.metrics.leased_layers += 1
         c.hits += len(experts)
         c.per_layer_hits[layer] += len(experts)
 
-    def _refresh(self, touched: list[list[int]], *, decode: bool) -> None:
-        for layer, expert in touched:
+    def _refresh(self, leased_uses: list[list[int]], *, decode: bool) -> None:
+        for layer, expert in leased_uses:
             if self.table.is_resident((layer, expert)):
                 self.table.policy.on_access((layer, expert), decode=decode)
 

@@ -38,7 +38,7 @@ EPOCH = struct.Struct("<q")  # offset 0 of the control page
 
 def shortfall(table: SlotTable, keys: list[Key], reserve: int = 0, spare: Collection[Key] = ()) -> int:
     """The leases a lease acquire must revoke: the slots ``keys`` need, plus ``reserve`` slots kept free or evictable
-    for prefetches (``ExpertManager.prefetch_reserve``), beyond the free and the evictable ones. Without the reserve
+    for prefetches (``ExpertCache.prefetch_reserve``), beyond the free and the evictable ones. Without the reserve
     a worker would lease every resident and a prefetch would find no slot it may take. ``spare``: residents not to
     count as room (prefetches not used yet: evicting them for this layer would throw away the next one's reads)."""
     need = sum(k not in table.slot_of for k in keys) + reserve - len(table.free)
@@ -72,7 +72,7 @@ class ControlPage:
 
 
 @dataclass(slots=True)
-class Client:
+class ConnectedWorker:
     pid: int
     ready: bool = False
     pins: Counter = field(default_factory=Counter)  # explicit pins: key -> acquires not yet released
@@ -122,7 +122,7 @@ class Client:
             return (key in self.leases and key not in wanted and key not in table.loading
                     and not self.pins.get(key) and table.pins.get(key, 0) == 1)
 
-        leaving = [k for k in self.leases if table.leaving(k) and candidate(k)]
+        leaving = [k for k in self.leases if table.must_leave(k) and candidate(k)]
         self._unlease(table, leaving)
         revoked: list[Key] = []
         while len(revoked) < count:
@@ -153,7 +153,7 @@ class Client:
             table.unpin(key)
 
 
-def others_hold(clients, client: Client, reclaim) -> bool:
+def others_hold(clients, client: ConnectedWorker, reclaim) -> bool:
     """Do workers other than ``client`` hold experts? ``reclaim()`` asks for leases not asked back yet."""
     others = [c for c in clients if c is not client and c.held]
     if any(c.leases and not c.reclaim for c in others):

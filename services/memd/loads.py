@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.memd.core import ExpertManager
+from services.memd.core import ExpertCache
 from services.memd.policy import Key
 from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
 from services.memd.slots import PoolExhausted
@@ -29,7 +29,7 @@ class LoadError(RuntimeError):
 
 
 class Loads:
-    def __init__(self, core: ExpertManager, reader: ExpertReader):
+    def __init__(self, core: ExpertCache, reader: ExpertReader):
         self.core, self.reader = core, reader
         self.tasks: dict[Key, asyncio.Task] = {}
         self.jobs: dict[Key, ReadJob] = {}
@@ -68,7 +68,7 @@ class Loads:
         if job is not None:
             self.reader.cancel(job)
 
-    async def demand(self, key: Key, transient: bool, others_hold=None) -> None:
+    async def load_without_free_slot(self, key: Key, transient: bool, others_hold=None) -> None:
         """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``), or
         wait while ``others_hold()`` (other workers hold experts; it asks them for their leases)."""
         self.waiting += 1

@@ -13,7 +13,7 @@ from common.access import Access
 from common.config import MemdConfig
 from common.expert_index import ExpertIndex
 from common.sizes import format_bytes, parse_size
-from services.memd.core import ExpertManager, Knobs
+from services.memd.core import ExpertCache, CacheSettings
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.eamc import load_or_empty
 from services.memd.indexer import load_index, save_index
@@ -93,14 +93,14 @@ def run(cfg: MemdConfig) -> int:
     return 0
 
 
-def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int) -> ExpertManager:
+def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int) -> ExpertCache:
     """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
-    knobs = Knobs.from_config(cfg, num_slots * store.slot_bytes)
+    knobs = CacheSettings.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
     if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
         pull(eamc, cfg.eamc_from, cfg.admin_token)
-    return ExpertManager(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc)
+    return ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc)
 
 
 async def _serve(server: MemdServer) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.memd.core import ExpertManager
+from services.memd.core import ExpertCache
 from services.memd.loads import Loads
 
 log = logging.getLogger("moeinf.memd.prefetching")
 
 
 class Prefetcher:
-    def __init__(self, core: ExpertManager, loads: Loads, bandwidth):
+    def __init__(self, core: ExpertCache, loads: Loads, bandwidth):
         self.core, self.loads = core, loads
         self.bandwidth = bandwidth  # () -> measured read bandwidth (bytes/s) or None
         self.waiting: dict[object, None] = {}  # workers to plan for, in order (a bounded set: one per worker)

@@ -27,10 +27,11 @@ from common.expert_index import ExpertIndex
 from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
-from services.memd.core import ExpertManager
+from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
-from services.memd.leases import Client, ControlPage, others_hold, room_error, shortfall
+from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room_error, shortfall
 from services.memd.loads import LoadError, Loads
+from services.memd.policy import Key
 from services.memd.pools import Pool, refusal
 from services.memd.prefetching import Prefetcher
 from services.memd.prometheus import start_metrics
@@ -62,7 +63,7 @@ class RpcError(CodedError):
 
 
 class MemdServer:
-    def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertManager, reader: ExpertReader,
+    def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertCache, reader: ExpertReader,
                  pool: Pool, control: ControlPage | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
@@ -71,7 +72,7 @@ class MemdServer:
         self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth)
         self.pool, self.pool_name = pool, pool.export().name or pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
-        self.clients: dict[bytes, Client] = {}
+        self.clients: dict[bytes, ConnectedWorker] = {}
         self.trace_events = Counter()
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
@@ -204,7 +205,7 @@ class MemdServer:
         if refused := refusal(pool := self.pool.export(), req.device):
             raise RpcError(*refused)
         self._drop_client(identity)  # a restarted worker re-using its identity starts clean
-        self.clients[identity] = Client(req.pid)
+        self.clients[identity] = ConnectedWorker(req.pid)
         return m.HelloReply(PROTOCOL_VERSION, os.getpid(), pool.backend, pool.name, pool.nbytes,
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
                             self.store.num_experts, self.store.tensors,
@@ -259,19 +260,20 @@ class MemdServer:
         try:
             keys = self._validate_acquire(req)
         except RpcError:
-            self._let_go(client, req, [])
+            self._release_held(client, req, [])
             raise
-        revoked = self._hold(client, req, keys)
-        with self._failing(client, req, keys):
+        revoked = self._pin_or_lease(client, req, keys)
+        with self._released_on_failure(client, req, keys):
             plan = self.core.acquire(client.pid, req, time.perf_counter())
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
-            waits += [self.loads.promote(key) for key in plan.joins]
+            waits += [self.loads.promote(key) for key in plan.already_loading]
             wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
-            waits += [asyncio.create_task(self.loads.demand(key, plan.transient, wait)) for key in plan.blocked]
+            waits += [asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait))
+                      for key in plan.no_slot]
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
         return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed)
 
-    def _hold(self, client: Client, req: m.AcquireRequest, keys: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
         """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's
         other leases as this layer lacks slots for, in the policy's victim order (and asking the other workers for
         theirs when that is not enough). Returns the revoked leases."""
@@ -285,7 +287,7 @@ class MemdServer:
             self.reclaim_leases()
         return client.lease(self.table, keys, shortfall=short)
 
-    def _let_go(self, client: Client, req: m.AcquireRequest, keys) -> None:
+    def _release_held(self, client: ConnectedWorker, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
         if req.lease:
             client.return_leases(self.table)
@@ -293,13 +295,13 @@ class MemdServer:
             client.unpin(self.table, keys)
 
     @contextlib.contextmanager
-    def _failing(self, client: Client, req: m.AcquireRequest, keys):
+    def _released_on_failure(self, client: ConnectedWorker, req: m.AcquireRequest, keys):
         """Any failure inside lets go of what the acquire holds; a full pool and a failed read become the
         errors the worker is told (``capacity``, ``io``)."""
         try:
             yield
         except BaseException as exc:
-            self._let_go(client, req, keys)
+            self._release_held(client, req, keys)
             if isinstance(exc, PoolExhausted):  # every slot pinned or loading
                 raise RpcError("capacity", str(exc)) from None
             if isinstance(exc, LoadError):
@@ -310,7 +312,7 @@ class MemdServer:
         """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
         req = pending.req
         start = time.perf_counter()
-        with self._failing(self._client(identity), req, pending.keys):
+        with self._released_on_failure(self._client(identity), req, pending.keys):
             await asyncio.gather(*pending.waits)
             self.core.stall(req.layer, time.perf_counter() - start)
         return self._acquired(pending)
@@ -333,8 +335,8 @@ class MemdServer:
         if any(not 0 <= e < self.store.num_experts for e in req.speculated):
             raise RpcError("bad_request", f"speculated experts {req.speculated} out of range")
         if any(len(t) != 2 or not 0 <= t[0] < self.store.num_layers or not 0 <= t[1] < self.store.num_experts
-               for t in req.touched):
-            raise RpcError("bad_request", "touched must be [layer, expert] pairs in range")
+               for t in req.leased_uses):
+            raise RpcError("bad_request", "leased_uses must be [layer, expert] pairs in range")
         return [(req.layer, e) for e in req.experts]
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:

@@ -1,14 +1,14 @@
 """Replay a routing trace through memd's decisions with a simulated clock, reader and worker: no model, no processes.
 
-The same ``ExpertManager`` the server uses decides hits, loads, evictions, predictions and prefetches; the same
-``leases.Client`` holds the worker's pins and leases; the reader is ``sim_reader.SimReader`` (memd's reader rules:
-on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity, ``read_threads`` threads
-sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
+The same ``ExpertCache`` the server uses decides hits, loads, evictions, predictions and prefetches; the same
+``leases.ConnectedWorker`` holds the worker's pins and leases; the reader is ``sim_reader.SimReader`` (memd's
+reader rules: on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity,
+``read_threads`` threads sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
 
-* every layer, leased or not, first sends its LAYER_NOTE (``ExpertManager.note``: the routing, and the trace's
+* every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing, and the trace's
   ``speculated`` guesses, if any, at distance 1 with confidence 1.0), which feeds the predictor and the policy;
 * with leases (the default, as serving): a layer whose experts are all leased sends nothing more (memd counts
-  its hits from the step trace, its recency arrives as ``touched`` with the next acquire); any other layer is a
+  its hits from the step trace, its recency arrives as ``leased_uses`` with the next acquire); any other layer is a
   lease acquire without routing, which revokes the shortfall of the worker's other leases in victim order when
   it needs more slots than are free or evictable (memd's pressure rule, ``leases.shortfall``); when a step ends
   every request it ran, the idle worker returns its leases;
@@ -18,8 +18,8 @@ After the note (and the acquire, which starts its on-demand loads) prefetch plan
 does after the reply: while on-demand reads are queued it only cancels and protects, and it plans again when the
 last on-demand read ends (``prefetching.Prefetcher``). The layer waits until its experts are resident (the
 stall), then computes for ``layer_seconds`` while reads proceed. An on-demand load that finds every slot pinned or
-loading cancels the lowest-priority prefetch and waits for its slot (``loads.Loads.demand``). A step's trace is
-learned when the step ends, and a request's EAM goes to the EAMC after its last step, as in memd.
+loading cancels the lowest-priority prefetch and waits for its slot (``loads.Loads.load_without_free_slot``). A
+step's trace is learned when the step ends, and a request's EAM goes to the EAMC after its last step, as in memd.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from common import messages as m
 from common.traces import Step, TraceHeader
-from services.memd.core import ExpertManager, Knobs
+from services.memd.core import ExpertCache, CacheSettings
 from services.memd.eamc import Eamc
-from services.memd.leases import Client, shortfall
+from services.memd.leases import ConnectedWorker, shortfall
 from services.memd.policy import Key
 from services.memd.sim_reader import SimReader
 
@@ -39,7 +39,7 @@ WORKER = "sim"
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     capacity: int  # pool slots
-    knobs: Knobs = Knobs()
+    knobs: CacheSettings = CacheSettings()
     read_seconds: float = 2e-3  # one expert's read, alone on the disk (bandwidth = expert_bytes / read_seconds)
     layer_seconds: float = 1e-3  # one MoE layer's compute
     expert_bytes: int = 1 << 20
@@ -81,13 +81,13 @@ class SimResult:
 class Simulator:
     def __init__(self, header: TraceHeader, cfg: SimConfig, eamc: Eamc | None = None):
         self.header, self.cfg = header, cfg
-        self.core = ExpertManager(cfg.capacity, header.num_layers, header.num_experts, header.top_k,
+        self.core = ExpertCache(cfg.capacity, header.num_layers, header.num_experts, header.top_k,
                                   cfg.expert_bytes, cfg.knobs, eamc)
         self.bandwidth = cfg.expert_bytes / cfg.read_seconds
         self.reader = SimReader(self.bandwidth, cfg.expert_bytes, threads=cfg.read_threads, chunk=cfg.read_chunk,
                                 done=self._done, cancelled=self._cancelled)
-        self.client = Client(0, ready=True)  # memd's record of the simulated worker: its pins and leases
-        self.touched: list[list[int]] = []  # leased uses since the last acquire (the worker's recency hints)
+        self.client = ConnectedWorker(0, ready=True)  # memd's record of the simulated worker: its pins and leases
+        self.leased_uses: list[list[int]] = []  # leased uses since the last acquire (the worker's recency hints)
         self.deferred = False  # planned while on-demand reads ran: plan again when the last one ends
         self.result = SimResult()
 
@@ -128,13 +128,13 @@ class Simulator:
             keys = [(layer, e) for e in experts]
             leased = self.cfg.leases and all(k in self.client.leases for k in keys)
             if leased:
-                self.touched.extend([layer, e] for e in experts)
+                self.leased_uses.extend([layer, e] for e in experts)
                 self._plan()
                 self.reader.advance(self.now + self.cfg.layer_seconds)
             else:
                 req = m.AcquireRequest(layer, experts, [], [], number, prefill, lease=self.cfg.leases,
-                                       touched=self.touched)
-                self.touched = []
+                                       leased_uses=self.leased_uses)
+                self.leased_uses = []
                 decode_misses = self.acquire(req)
                 if not any(prefill):
                     self.result.decode_misses += decode_misses
@@ -148,8 +148,8 @@ class Simulator:
         routed = step.routing(layer)
         return routed.experts, routed.tokens
 
-    def _hold(self, keys: list[Key]) -> None:
-        """memd's ``Server._hold`` for one worker: pin, or lease (revoking the shortfall of the others, in the
+    def _pin_or_lease(self, keys: list[Key]) -> None:
+        """memd's ``Server._pin_or_lease`` for one worker: pin, or lease (revoking the shortfall of the others, in the
         policy's victim order)."""
         table = self.core.table
         if not self.cfg.leases:
@@ -161,15 +161,15 @@ class Simulator:
         """One layer: acquire, prefetch, wait, compute, release. Returns its on-demand misses."""
         core, table = self.core, self.core.table
         keys = [(req.layer, e) for e in req.experts]
-        self._hold(keys)
+        self._pin_or_lease(keys)
         misses = table.counters.misses
         self.result.acquires += 1
         plan = core.acquire(WORKER, req, self.now)
         for key, _slot in plan.loads:
             self.reader.submit(key, demand=True)
-        for key in plan.joins:
+        for key in plan.already_loading:
             self.reader.promote(key)
-        for key in plan.blocked:
+        for key in plan.no_slot:
             self._demand(key, plan.transient)
         self._plan()
         start = self.now
@@ -194,7 +194,7 @@ class Simulator:
             self.reader.submit(key, demand=False, priority=priority)
 
     def _demand(self, key: Key, transient: bool) -> None:
-        """``loads.Loads.demand``: no slot was free; cancel the lowest prefetch and wait for its slot."""
+        """``loads.Loads.load_without_free_slot``: cancel the lowest prefetch and wait for its slot."""
         while True:
             if key in self.reader.jobs:
                 self.reader.promote(key)

@@ -45,7 +45,7 @@ class SlotTable:
         self.free: list[int] = list(range(num_slots - 1, -1, -1))
         self.pins: dict[Key, int] = {}
         self.loading: set[Key] = set()
-        self.doomed: set[Key] = set()  # residents that leave once nothing pins or loads them (admin drop)
+        self.dropped: set[Key] = set()  # residents that leave once nothing pins or loads them (admin drop)
         self.counters = Counters(per_layer_hits=[0] * num_layers, per_layer_misses=[0] * num_layers)
         self.on_evict: Callable[[Key], None] | None = None  # told of every eviction (prefetch accounting)
         self.on_retire: Callable[[int], None] | None = None  # told of every retired slot that became free
@@ -61,9 +61,9 @@ class SlotTable:
     def num_pinned(self) -> int:
         return len(self.pins)
 
-    def leaving(self, key: Key) -> bool:
+    def must_leave(self, key: Key) -> bool:
         """``key`` sits in a retired slot or was dropped: it leaves once nothing pins or loads it."""
-        return key in self.doomed or self.slot_of.get(key, -1) >= self.capacity
+        return key in self.dropped or self.slot_of.get(key, -1) >= self.capacity
 
     def resident_per_layer(self, num_layers: int) -> list[int]:
         counts = [0] * num_layers
@@ -159,7 +159,7 @@ class SlotTable:
     def abort(self, key: Key) -> None:
         """A load failed: give its slot back."""
         self.loading.discard(key)
-        self.doomed.discard(key)
+        self.dropped.discard(key)
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
         self._free(slot)
@@ -167,7 +167,7 @@ class SlotTable:
     def evict(self, key: Key) -> int:
         if not self.evictable(key):
             raise AssertionError(f"evicting {key}, which is pinned or loading")
-        self.doomed.discard(key)
+        self.dropped.discard(key)
         slot = self.slot_of.pop(key)
         self.owner[slot] = None
         self._free(slot)
@@ -184,7 +184,7 @@ class SlotTable:
             self.on_retire(slot)
 
     def _leave_if_due(self, key: Key) -> None:
-        if self.leaving(key) and self.evictable(key):
+        if self.must_leave(key) and self.evictable(key):
             self.evict(key)
 
     # ---- live size (admin)
@@ -214,7 +214,7 @@ class SlotTable:
         """Evict every resident but ``keep``: evictable ones now, pinned or loading ones when released.
         Returns ``(evicted, pending)``."""
         keys = [k for k in self.slot_of if k not in keep]
-        self.doomed.update(keys)
+        self.dropped.update(keys)
         return self._evict_all(keys)
 
     def _evict_all(self, keys) -> tuple[int, list[Key]]:

@@ -1,6 +1,6 @@
 """Generation: sequences, sampling, stop conditions, and the forward of a step.
 
-``run`` is the worker's path: one forward for a whole scheduled step (see ``scheduler.py`` and ``varlen.py``).
+``run`` is the worker's path: one forward for a whole scheduled step (see ``scheduler.py`` and ``flat_step.py``).
 ``step`` is the plain path for one sequence, the prompt first and then one token per call, exactly what
 ``model.generate`` runs (``logits_to_keep=1``, argmax of the last logits in float32); ``moeinf bench overhead``
 drives plain transformers and moeinf through it. Both give a lone greedy request transformers' own tokens.
@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from common import messages as m
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
-from services.worker.varlen import Part, Varlen
+from services.worker.flat_step import RequestTokens, FlatStep
 
 
 MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float32
@@ -71,18 +71,19 @@ class Engine:
         self.steps = steps
         self.max_model_len = max_model_len
         self.vocab_size = model.config.get_text_config().vocab_size
-        self.varlen: Varlen | None = None
+        self.flat_step: FlatStep | None = None
 
     def enable_batching(self) -> None:
-        """Switch the model to varlen attention, which ``run`` needs (``step`` then no longer works)."""
-        self.varlen = Varlen(self.model)
+        """Switch the model to flattened steps with per-request attention, which ``run`` needs (``step`` then no
+        longer works)."""
+        self.flat_step = FlatStep(self.model)
 
     def start(self, req: m.GenerateRequest) -> Sequence:
         self.validate(req)
         generator = None
         if req.temperature > 0:
             generator = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
-        cache = self.varlen.new_cache() if self.varlen else DynamicCache(config=self.model.config)
+        cache = self.flat_step.new_cache() if self.flat_step else DynamicCache(config=self.model.config)
         return Sequence(req, cache, generator)
 
     def validate(self, req: m.GenerateRequest) -> None:
@@ -101,13 +102,13 @@ class Engine:
     def run(self, step: list[Chunk]) -> list[int | None]:
         """One forward for the whole step. Returns each chunk's new token, or None for a prompt chunk that is not
         the prompt's last (nothing to sample yet)."""
-        if self.varlen is None:
+        if self.flat_step is None:
             raise RuntimeError("Engine.run needs enable_batching() first")
         owner, positions, rows = _layout(step)
         if self.steps is not None:
             self.steps.begin([chunk.seq.request_id for chunk in step], owner, positions=positions,
                              phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
-        logits = iter(self.varlen.forward([Part(c.seq.cache, c.seq.cached, c.tokens) for c in step], rows))
+        logits = iter(self.flat_step.forward([RequestTokens(c.seq.cache, c.seq.cached, c.tokens) for c in step], rows))
         tokens = []
         for chunk in step:
             chunk.seq.cached += len(chunk.tokens)

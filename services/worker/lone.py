@@ -4,7 +4,7 @@ DeepSeek sparse attention and its kin (transformers' ``indexed_attention`` layer
 inside the attention module: the indexer adds the causal mask to its scores, keeps its own keys in the cache
 (``update_indexer``) and narrows the mask to its top-k before calling the attention function. DeepSeek-V4 appends
 compressed keys from its own cache layers, with their own mask columns. None of that goes through the
-AttentionInterface, so the varlen attention of a flattened step cannot give it each request's mask.
+AttentionInterface, so the per-request attention of a flattened step cannot give it each request's mask.
 Such an attention module runs once per request of the step instead: that request's rows of every per-token
 argument, its own cache, the mask the model builds when it runs alone, and the model's own attention
 implementation. The token-wise layers around it (norms, router, experts) still run once on the whole step.
@@ -53,8 +53,8 @@ def _calls_attention(cls) -> bool:
 
 
 def run_alone(modules: list[torch.nn.Module], original: str, active) -> None:
-    """Make each module run per request while a step is active (``active()`` returns its ``StepRun``), with the
-    model's own attention implementation ``original`` (its config copied, so the rest of the model keeps varlen)."""
+    """Make each module run per request while a step is active (``active()`` returns its ``StepLayout``), with the
+    model's own attention implementation ``original`` (its config copied, so the rest of the model keeps the per-request attention)."""
     for module in modules:
         config = copy.copy(module.config)
         config._attn_implementation_internal = original
@@ -74,7 +74,7 @@ def _per_request(module, forward, signature, active, *args, **kwargs):
     outputs = []
     for i, ((lo, hi), part, masks) in enumerate(zip(run.rows, run.cache.parts, run.masks)):
         mine = {name: _rows(value, i, lo, hi, total) for name, value in arguments.items()}
-        mine["attention_mask"] = masks[run.varlen.layer_kinds[module.layer_idx]]
+        mine["attention_mask"] = masks[run.flat_step.layer_kinds[module.layer_idx]]
         if cache_arg:
             mine[cache_arg] = part.cache
         outputs.append(forward(**mine))

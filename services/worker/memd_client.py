@@ -28,7 +28,7 @@ from common.zmq_utils import make_socket
 
 log = logging.getLogger("moeinf.worker.memd")
 TRACE_HWM = 256
-MAX_TOUCHED = 4096  # leased uses remembered between acquires (recency hints for memd; the oldest are dropped)
+MAX_LEASED_USES = 4096  # leased uses remembered between acquires (recency hints for memd; the oldest are dropped)
 POLL_SLICE_MS = 200
 
 
@@ -54,7 +54,7 @@ class MemdClient:
         self._control: np.ndarray | None = None  # memd's revoke epoch (shared memory), when leasing
         self._seen_epoch = 0
         self.last_leased = False  # the last acquire was served from leases (no message)
-        self._touched: deque[list[int]] = deque(maxlen=MAX_TOUCHED)  # [layer, expert] used from leases, oldest first
+        self._leased_uses: deque[list[int]] = deque(maxlen=MAX_LEASED_USES)  # [layer, expert] used from leases, oldest first
         self.pid = os.getpid()
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
         self.speculate_threshold = 0.0  # the router probability a guess needs (memd's word)
@@ -89,13 +89,13 @@ class MemdClient:
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
         if slots is not None:
-            self._touched.extend([layer, expert] for expert in experts)
+            self._leased_uses.extend([layer, expert] for expert in experts)
             return slots
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease, list(self._touched))
-        self._touched.clear()
+                                   list(speculated_tokens), lease, list(self._leased_uses))
+        self._leased_uses.clear()
         try:
             reply = self.call(Op.ACQUIRE, request)
         except BaseException:

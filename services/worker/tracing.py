@@ -30,7 +30,7 @@ log = logging.getLogger("moeinf.worker.tracing")
 
 
 @dataclass(slots=True)
-class OpenStep:
+class RecordingStep:
     number: int
     requests: list[str]
     tokens: list[int]  # per request
@@ -47,11 +47,11 @@ class StepRecorder:
         self.writer = writer
         self.max_requests = max_requests
         self.step = 0
-        self.open: OpenStep | None = None
+        self.open: RecordingStep | None = None
         self.seen: OrderedDict[str, int] = OrderedDict()  # request -> tokens it has run (the next position)
 
     # ---------------------------------------------------------------- step lifecycle
-    def begin(self, requests: list[str], token_owner: torch.Tensor, positions=None, phases=None) -> OpenStep:
+    def begin(self, requests: list[str], token_owner: torch.Tensor, positions=None, phases=None) -> RecordingStep:
         self.end_step()
         self.step += 1
         owner = token_owner.reshape(-1).to(torch.long)
@@ -68,7 +68,7 @@ class StepRecorder:
             positions = list(positions)
         for request, n in zip(requests, counts):
             self._advance(request, n)
-        self.open = OpenStep(self.step, list(requests), counts, prefill, owner, positions)
+        self.open = RecordingStep(self.step, list(requests), counts, prefill, owner, positions)
         return self.open
 
     def _positions(self, requests: list[str], owner: torch.Tensor) -> list[int]:
@@ -106,7 +106,7 @@ class StepRecorder:
         if self.writer is not None:
             self._write(step)
 
-    def _write(self, step: OpenStep) -> None:
+    def _write(self, step: RecordingStep) -> None:
         owner = step.owner.tolist()
         phase = ["prefill" if p else "decode" for p in step.prefill]
         for layer, index, weights in step.routing:

@@ -10,7 +10,7 @@ import pytest
 from helpers import moeinf_cmd
 
 from common.traces import group_steps, read_trace
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
 DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
@@ -34,7 +34,7 @@ def test_simulator_agrees_with_replay_on_fetches(tmp_path):
         assert doc["leases"] and doc["layer_compute_ms"] > 0
         for row in doc["results"]:
             bandwidth = (row["read_mib_per_s"] or 100.0) * 2**20
-            cfg = SimConfig(doc["capacity_experts"], Knobs(policy=row["eviction"], prefetch=row["prefetch"]),
+            cfg = SimConfig(doc["capacity_experts"], CacheSettings(policy=row["eviction"], prefetch=row["prefetch"]),
                             read_seconds=doc["slot_bytes"] / bandwidth, layer_seconds=doc["layer_compute_ms"] / 1e3,
                             expert_bytes=doc["slot_bytes"])
             sim = simulate(header, steps, cfg)

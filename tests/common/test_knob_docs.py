@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.config import GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, build_config
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 CONFIGS = {"memd": MemdConfig, "worker": WorkerConfig, "gateway": GatewayConfig, "serve": ServeConfig}
@@ -44,8 +44,8 @@ def test_memd_has_no_handshake_timeout():
 
 def test_prefetch_budget_percentage_is_a_share_of_the_pool():
     cfg = build_config(MemdConfig, env={}, model="/m", prefetch_budget="25%")
-    assert Knobs.from_config(cfg, pool_bytes=400 << 20).budget_bytes == 100 << 20
+    assert CacheSettings.from_config(cfg, pool_bytes=400 << 20).budget_bytes == 100 << 20
     with pytest.raises(ValueError, match="--prefetch-budget 25%: a percentage is a share of the pool"):
-        Knobs.from_config(cfg)
-    assert Knobs.from_config(build_config(MemdConfig, env={}, model="/m", prefetch_budget="64MiB"),
+        CacheSettings.from_config(cfg)
+    assert CacheSettings.from_config(build_config(MemdConfig, env={}, model="/m", prefetch_budget="64MiB"),
                              pool_bytes=1 << 30).budget_bytes == 64 << 20

@@ -4,18 +4,18 @@ from pathlib import Path
 import pytest
 
 from common.config import MemdConfig, ServeConfig, WorkerConfig, build_config
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 from services.supervisor import Supervisor
 
 
 def test_defaults_and_env():
     cfg = build_config(MemdConfig, env={}, model="/m")
     assert (cfg.policy, cfg.prefetch, cfg.prefetch_window, cfg.eamc_capacity) == ("activation", True, 4, 256)
-    knobs = Knobs.from_config(cfg)
-    assert knobs == Knobs() and knobs.budget_bytes is None
+    knobs = CacheSettings.from_config(cfg)
+    assert knobs == CacheSettings() and knobs.budget_bytes is None
     env = {"MOEINF_POLICY": "lfu", "MOEINF_PREFETCH": "off", "MOEINF_PREFETCH_BUDGET": "64MiB",
            "MOEINF_EAMC_CAPACITY": "32"}
-    knobs = Knobs.from_config(build_config(MemdConfig, env=env, model="/m"))
+    knobs = CacheSettings.from_config(build_config(MemdConfig, env=env, model="/m"))
     assert (knobs.policy, knobs.prefetch, knobs.budget_bytes, knobs.eamc_capacity) == ("lfu", False, 64 << 20, 32)
     worker = build_config(WorkerConfig, env={"MOEINF_RECORD_TRACE": "/tmp/t.jsonl", "MOEINF_NEXT_GATE": "off"},
                           model="/m")

@@ -70,7 +70,7 @@ def test_slot_table_shrinks_lazily_and_grows_back():
     t.pin((0, 2))
     assert t.shrink(2) == (0, [(0, 2), (1, 0)])  # slot 2 pinned, slot 3 loading: they leave later
     assert sorted(retired) == [4, 5] and t.free == [] and t.capacity == 2
-    assert t.leaving((0, 2)) and not t.leaving((0, 0))
+    assert t.must_leave((0, 2)) and not t.must_leave((0, 0))
     t.loaded((1, 0))  # its load ends: nothing pins it, it leaves at once
     assert (1, 0) not in t.slot_of and retired[-1] == 3
     t.unpin((0, 2))  # the last pin goes: it leaves
@@ -81,11 +81,11 @@ def test_slot_table_shrinks_lazily_and_grows_back():
     t.reserve((1, 2))
     t.loaded((1, 2))
     assert t.drop() == (1, [(0, 1), (1, 1)])  # (1, 2) goes now; the pinned one and the loading one later
-    assert all(t.leaving(k) for k in [(0, 1), (1, 1)])
+    assert all(t.must_leave(k) for k in [(0, 1), (1, 1)])
     for key in list(t.pins):
         t.unpin(key)
     t.loaded((1, 1))
-    assert not t.slot_of and sorted(t.free) == list(range(6)) and not t.doomed
+    assert not t.slot_of and sorted(t.free) == list(range(6)) and not t.dropped
 
 
 def region_bytes(state_dir) -> int:

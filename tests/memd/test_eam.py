@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common import messages as m
-from services.memd.core import ExpertManager, Knobs
+from services.memd.core import ExpertCache, CacheSettings
 from services.memd.eam import EamTable
 from services.worker import experts
 
@@ -44,7 +44,7 @@ def step(number, requests, tokens, prefill, layers, worker=7):
 
 
 def test_eams_accumulate_prefill_and_decode_per_request_in_shared_steps():
-    core = ExpertManager(8, 3, 4, top_k=2, expert_bytes=100, knobs=Knobs(policy="lru"))
+    core = ExpertCache(8, 3, 4, top_k=2, expert_bytes=100, knobs=CacheSettings(policy="lru"))
     core.request_start("A")
     # step 1: A's prompt (3 tokens) alone
     core.step_trace(step(1, ["A"], [3], [True], [(0, [0, 1, 3], [[2, 3, 1]]), (1, [2, 3], [[3, 3]]),
@@ -75,7 +75,7 @@ def test_eams_accumulate_prefill_and_decode_per_request_in_shared_steps():
 
 
 def test_step_gaps_count_lost_traces_and_bad_traces_are_ignored(caplog):
-    core = ExpertManager(8, 2, 4, top_k=2, expert_bytes=100, knobs=Knobs(policy="lru"))
+    core = ExpertCache(8, 2, 4, top_k=2, expert_bytes=100, knobs=CacheSettings(policy="lru"))
     core.step_trace(step(1, ["A"], [1], [True], [(0, [0], [[2]])]))
     core.step_trace(step(4, ["A"], [1], [False], [(0, [0], [[2]])]))  # steps 2 and 3 were dropped
     assert core.metrics.trace_lost == 2 and core.metrics.trace_steps == 2
@@ -100,7 +100,7 @@ def test_eam_table_is_bounded_and_names_its_knob(caplog):
 
 @pytest.mark.parametrize("count", [0, 1])
 def test_request_without_routing_adds_nothing_to_the_eamc(count):
-    core = ExpertManager(8, 2, 4, top_k=2, expert_bytes=100)
+    core = ExpertCache(8, 2, 4, top_k=2, expert_bytes=100)
     core.request_start("A")
     if count:
         core.request_end("never-started")

@@ -1,13 +1,13 @@
 """Lease pressure in-process: memd revokes only the shortfall, in the policy's victim order, and never a slot the
 worker is using (the current layer's experts, one still loading, one it also pinned explicitly)."""
-from services.memd.leases import Client
+from services.memd.leases import ConnectedWorker
 from services.memd.policy import LruPolicy
 from services.memd.slots import SlotTable
 
 
 def leased_table(keys):
     table = SlotTable(len(keys), 4, LruPolicy())
-    client = Client(pid=1, ready=True)
+    client = ConnectedWorker(pid=1, ready=True)
     for key in keys:
         table.reserve(key)
         table.loaded(key)

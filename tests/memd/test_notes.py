@@ -2,7 +2,7 @@
 prefetches are cancelled when the step moves on with no acquire at all, guesses k layers ahead are fused and
 scored by distance, and no prefetch is planned while on-demand reads are queued."""
 from common import messages as m
-from services.memd.core import ExpertManager, Knobs
+from services.memd.core import ExpertCache, CacheSettings
 from services.memd.policy import LruPolicy
 from services.memd.stats import stats_fields
 
@@ -21,8 +21,8 @@ class CountingLru(LruPolicy):
         self.steps += 1
 
 
-def core_with(slots=8, **knobs) -> ExpertManager:
-    core = ExpertManager(slots, L, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", **knobs))
+def core_with(slots=8, **knobs) -> ExpertCache:
+    core = ExpertCache(slots, L, E, top_k=2, expert_bytes=MB, knobs=CacheSettings(policy="lru", **knobs))
     core.table.set_policy(CountingLru())
     core.request_start("r")
     return core

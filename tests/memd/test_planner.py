@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common import messages as m
-from services.memd.core import ExpertManager, Knobs
+from services.memd.core import ExpertCache, CacheSettings
 from services.memd.planner import PrefetchPlanner
 from services.memd.predictor import Target
 
@@ -88,10 +88,10 @@ def acquire(layer, experts, step, requests=("r",), prefill=False, tokens=None):
     return m.AcquireRequest(layer, list(experts), list(requests), counts, step, [prefill] * len(requests))
 
 
-def run_steps(knobs: Knobs, steps: int, slots: int = 4) -> ExpertManager:
+def run_steps(knobs: CacheSettings, steps: int, slots: int = 4) -> ExpertCache:
     """A request routing every token to experts 0 and 1 of each of 4 layers, with 4 slots: the pool cannot hold
     a step's 8 experts, so without prefetch every access after the first step misses."""
-    core = ExpertManager(slots, 4, E, top_k=2, expert_bytes=MB, knobs=knobs)
+    core = ExpertCache(slots, 4, E, top_k=2, expert_bytes=MB, knobs=knobs)
     core.request_start("r")
     for step in range(1, steps + 1):
         for layer in range(4):
@@ -100,7 +100,7 @@ def run_steps(knobs: Knobs, steps: int, slots: int = 4) -> ExpertManager:
             for key in keys:
                 core.table.pin(key)
             plan = core.acquire("w", req, now=step + layer / 10)
-            for key in [k for k, _ in plan.loads] + plan.joins:
+            for key in [k for k, _ in plan.loads] + plan.already_loading:
                 core.load_done(key, MB, 0.01)
             pf = core.plan_prefetch("w", req, bandwidth=100 * MB)
             for key, _, _ in pf.start:  # reads complete while the layer computes
@@ -113,10 +113,10 @@ def run_steps(knobs: Knobs, steps: int, slots: int = 4) -> ExpertManager:
 
 
 def test_core_prefetches_predicted_experts_and_counts_their_use():
-    plain = run_steps(Knobs(policy="lru", prefetch=False), steps=5)
+    plain = run_steps(CacheSettings(policy="lru", prefetch=False), steps=5)
     assert plain.table.counters.misses == 5 * 8  # LRU on a cyclic pattern larger than the pool: all misses
     # with prefetch (reads complete within a layer here), the next layers' experts are there when needed
-    core = run_steps(Knobs(policy="lru", prefetch=True, window=2), steps=5)
+    core = run_steps(CacheSettings(policy="lru", prefetch=True, window=2), steps=5)
     mt = core.metrics
     assert core.table.counters.misses == 8  # the first step's: nothing is known about the request yet
     # every access of steps 2..5 was prefetched; the last step also prefetched the next (unrun) step's layer 0
@@ -126,12 +126,12 @@ def test_core_prefetches_predicted_experts_and_counts_their_use():
     assert (d1, d2) == (1, 2) and s1.routed > 0 and s1.correct == s1.predicted  # every prediction was right
     assert s1.correct / s1.routed > 0.8 and s2.correct / s2.routed > 0.8
     # the activation policy with prefetch also beats plain LRU on this cyclic pattern
-    act = run_steps(Knobs(policy="activation", prefetch=True, window=2), steps=5)
+    act = run_steps(CacheSettings(policy="activation", prefetch=True, window=2), steps=5)
     assert act.table.counters.misses < plain.table.counters.misses
 
 
 def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
-    core = ExpertManager(3, 4, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", window=2, threshold=0.1))
+    core = ExpertCache(3, 4, E, top_k=2, expert_bytes=MB, knobs=CacheSettings(policy="lru", window=2, threshold=0.1))
     core.planner.budget_bytes = 8 * MB
     # a speculated guess for layer 1 makes memd prefetch into the free slots
     req = m.AcquireRequest(0, [0], ["r"], [[1]], 1, [False], speculated=[3, 4], speculated_tokens=[1, 1])
@@ -144,7 +144,7 @@ def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
     core.load_done((0, 0), MB, 0.01)
     core.table.pin((1, 5))
     plan = core.acquire("w", m.AcquireRequest(1, [5], ["r"], [[1]], 1, [False]), now=0.1)
-    assert plan.blocked == [(1, 5)] and not plan.loads
+    assert plan.no_slot == [(1, 5)] and not plan.loads
     victim = core.steal_candidate()
     assert victim in {(1, 3), (1, 4)}
     core.load_cancelled(victim)  # what the reader reports once the cancelled read stopped
@@ -155,7 +155,7 @@ def test_prefetch_waits_for_a_slot_and_an_on_demand_load_steals_one():
 
 def test_a_prefetch_in_a_retired_slot_is_never_stolen():
     """After a shrink, cancelling a prefetch loading into a retired slot frees no live slot for a demand load."""
-    core = ExpertManager(3, 4, E, top_k=2, expert_bytes=MB, knobs=Knobs(policy="lru", window=2, threshold=0.1))
+    core = ExpertCache(3, 4, E, top_k=2, expert_bytes=MB, knobs=CacheSettings(policy="lru", window=2, threshold=0.1))
     core.planner.budget_bytes = 8 * MB
     req = m.AcquireRequest(0, [0], ["r"], [[1]], 1, [False], speculated=[3, 4], speculated_tokens=[1, 1])
     core.table.pin((0, 0))

@@ -8,11 +8,11 @@ import pytest
 
 from common.traces import group_steps, read_trace
 from services.bench.synthetic import FlatWorkload, generate_flat
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
-LRU = Knobs(policy="lru", prefetch=False)
-DEFAULT = Knobs()  # the serving default
+LRU = CacheSettings(policy="lru", prefetch=False)
+DEFAULT = CacheSettings()  # the serving default
 DEMO = Path(__file__).parent.parent / "data" / "demo-trace.jsonl"
 
 

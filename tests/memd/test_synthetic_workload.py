@@ -19,12 +19,12 @@ import pytest
 
 from common.traces import group_steps, read_trace
 from services.bench.synthetic import Workload, generate
-from services.memd.core import Knobs
+from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
 DATA = Path(__file__).parent.parent / "data"
-LRU = Knobs(policy="lru", prefetch=False)
-ACTIVATION = Knobs(policy="activation", prefetch=True)
+LRU = CacheSettings(policy="lru", prefetch=False)
+ACTIVATION = CacheSettings(policy="activation", prefetch=True)
 
 
 @pytest.mark.parametrize("requests, batch, misses_ratio, stall_ratio", [(24, 1, 0.92, 0.92), (32, 4, 0.74, 0.75)],

@@ -187,12 +187,12 @@ def test_loads_and_the_core_drive_the_tiers_unchanged(rig_factory, data):
     tier evicts by its policy, every slot holds its expert's bytes, the host tier serves the second round."""
     import asyncio
 
-    from services.memd.core import ExpertManager, Knobs
+    from services.memd.core import ExpertCache, CacheSettings
     from services.memd.loads import Loads
 
     payload = data[1]
     rig = rig_factory(host_slots=len(KEYS), device_slots=4)
-    core = ExpertManager(4, LAYERS, EXPERTS, top_k=2, expert_bytes=SLOT, knobs=Knobs(policy="lru"))
+    core = ExpertCache(4, LAYERS, EXPERTS, top_k=2, expert_bytes=SLOT, knobs=CacheSettings(policy="lru"))
     loads = Loads(core, rig.tiers)
 
     async def load_all():

@@ -8,21 +8,21 @@ from helpers import write_family
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from services.worker.lone import PerRequest, _joined, _rows, attention_modules
-from services.worker.varlen import Part, Varlen
+from services.worker.flat_step import RequestTokens, FlatStep
 
 PROMPTS = [[1, 5, 9, 22, 7], [(5 * j) % 300 + 3 for j in range(21)]]
 NEW_TOKENS = 8
 INDEX_TOPK = 8  # helpers' SHRINK: below the long prompt's length, so the indexer's top-k narrows the mask
 
 
-def greedy(varlen: Varlen, model, prompts) -> list[list[int]]:
-    """Greedy tokens of ``prompts`` decoded together, one varlen step per token."""
+def greedy(flat: FlatStep, model, prompts) -> list[list[int]]:
+    """Greedy tokens of ``prompts`` decoded together, one flat step per token."""
     caches = [DynamicCache(config=model.config) for _ in prompts]
     seqs, past = [list(p) for p in prompts], [0] * len(prompts)
     for _ in range(NEW_TOKENS):
-        parts = [Part(cache, done, seq[done:]) for cache, done, seq in zip(caches, past, seqs)]
+        parts = [RequestTokens(cache, done, seq[done:]) for cache, done, seq in zip(caches, past, seqs)]
         keep = [sum(len(p.tokens) for p in parts[:i + 1]) - 1 for i in range(len(parts))]
-        logits = varlen.forward(parts, keep)
+        logits = flat.forward(parts, keep)
         for i, part in enumerate(parts):
             past[i] += len(part.tokens)
             seqs[i].append(int(logits[i].argmax()))
@@ -37,10 +37,10 @@ def test_indexed_attention_batched_equals_generate(family, tmp_path):
     model.generation_config.eos_token_id = None
     expected = [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
                 [0, len(p):].tolist() for p in PROMPTS]
-    varlen = Varlen(model)
-    assert not varlen.recurrent, "indexed layers batch: their attention runs per request"
-    assert greedy(varlen, model, PROMPTS) == expected
-    assert [greedy(varlen, model, [p])[0] for p in PROMPTS] == expected
+    flat = FlatStep(model)
+    assert not flat.recurrent, "indexed layers batch: their attention runs per request"
+    assert greedy(flat, model, PROMPTS) == expected
+    assert [greedy(flat, model, [p])[0] for p in PROMPTS] == expected
 
 
 def test_only_the_attention_of_self_masking_layers_runs_alone(tmp_path):

@@ -43,7 +43,7 @@ def test_non_finite_logits_raise_a_sampling_error():
         sample(logits, req(temperature=1.0), torch.Generator())
 
 
-class StubVarlen:
+class StubFlatStep:
     """The forward of a step, replaced by given logits (one row per sampled chunk)."""
 
     def __init__(self, rows):
@@ -57,7 +57,7 @@ def test_a_degenerate_request_fails_alone_in_its_step():
     engine = Engine.__new__(Engine)
     engine.max_model_len, engine.vocab_size, engine.steps = 64, 320, None
     good, bad = torch.randn(320), torch.full((320,), float("nan"))
-    engine.varlen = StubVarlen([good, bad])
+    engine.flat_step = StubFlatStep([good, bad])
     seqs = [Sequence(m.GenerateRequest(f"r{i}", [1, 2, 3], 4, temperature=1.0), None, torch.Generator())
             for i in range(2)]
     tokens = engine.run([Chunk(seq, seq.req.prompt) for seq in seqs])

@@ -2,7 +2,7 @@
 
 Everything that acts token by token (embeddings, projections, norms, the router, the experts, the LM head) runs
 once on the whole step, so each MoE layer acquires the union of the step's experts once. Attention is the one
-place requests must not see each other. The model runs with the ``moeinf_varlen`` attention implementation:
+place requests must not see each other. The model runs with the ``moeinf_per_request`` attention implementation:
 for each request it calls the model's own attention function (sdpa or eager) on that request's queries and on
 its own cache's keys and values, with the mask the model builds when the request runs alone. Per request, the
 attention inputs, shapes and masks are those of a lone run; only the token-wise matmuls see more rows.
@@ -20,17 +20,17 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.worker.lone import attention_modules, run_alone
 
-IMPLEMENTATION = "moeinf_varlen"
+IMPLEMENTATION = "moeinf_per_request"
 FULL, SLIDING = "full_attention", "sliding_attention"
 BATCHED_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer")
 # each attention kind's mask as transformers builds it (recurrent kinds' padding masks aside: their layers never
-# reach the attention function; a kind it does not know takes the causal mask, see Varlen.masks)
+# reach the attention function; a kind it does not know takes the causal mask, see FlatStep.masks)
 MASK_FUNCTIONS = {kind: fn for kind, fn in LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING.items()
                   if callable(fn) and fn is not create_recurrent_attention_mask}
 
 
 @dataclass
-class Part:
+class RequestTokens:
     """One request's share of a step: ``tokens`` appended to ``cache``, which holds ``past`` tokens so far."""
 
     cache: DynamicCache
@@ -44,7 +44,7 @@ class StepCache:
     after the update, such as DeepSeek's latent attention, sees every request), and ``spans`` remembers where each
     request's part of them lies."""
 
-    def __init__(self, parts: list[Part], rows: list[tuple[int, int]], recurrent: bool = False):
+    def __init__(self, parts: list[RequestTokens], rows: list[tuple[int, int]], recurrent: bool = False):
         self.parts, self.rows, self.recurrent = parts, rows, recurrent
         self.spans: dict[int, list[tuple[int, int]]] = {}
 
@@ -73,24 +73,24 @@ class StepCache:
         parts = self.__dict__.get("parts") or ()
         if self.__dict__.get("recurrent") and len(parts) == 1:
             return getattr(parts[0].cache, name)
-        raise AttributeError(f"StepCache.{name}: recurrent layers run one request per step (see Varlen.recurrent)")
+        raise AttributeError(f"StepCache.{name}: recurrent layers run one request per step (see FlatStep.recurrent)")
 
 
-class StepRun:
+class StepLayout:
     """The state of one forward: where each request's rows are, its cache, its masks."""
 
-    def __init__(self, varlen: Varlen, parts: list[Part]):
-        self.varlen = varlen
+    def __init__(self, flat: FlatStep, parts: list[RequestTokens]):
+        self.flat_step = flat
         self.rows, start = [], 0
         for part in parts:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
-        self.masks = [varlen.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = varlen.step_cache(parts, self.rows, varlen.recurrent)
+        self.masks = [flat.masks(part) for part in parts]  # before the caches grow, as the model does alone
+        self.cache = flat.step_cache(parts, self.rows, flat.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
-        attention = self.varlen.attention_for(module)
-        kind = self.varlen.layer_kinds[module.layer_idx]
+        attention = self.flat_step.attention_for(module)
+        kind = self.flat_step.layer_kinds[module.layer_idx]
         if len(self.masks) == 1:  # one request: its queries, keys and values are the whole tensors
             return attention(module, query, key, value, self.masks[0][kind], **kwargs)[0], None
         outputs = []
@@ -101,21 +101,21 @@ class StepRun:
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
 
-def varlen_attention(module, query, key, value, attention_mask, **kwargs):
-    """The registered attention: the step that ``module``'s model runs now (``Varlen.__init__`` gave every
-    attention layer its ``Varlen``) attends request by request."""
-    varlen = getattr(module, "_moeinf_varlen", None)
-    run = None if varlen is None else varlen.run
+def per_request_attention(module, query, key, value, attention_mask, **kwargs):
+    """The registered attention: the step that ``module``'s model runs now (``FlatStep.__init__`` gave every
+    attention layer its ``FlatStep``) attends request by request."""
+    flat = getattr(module, "_moeinf_flat_step", None)
+    run = None if flat is None else flat.run
     if run is None:
-        raise RuntimeError("the moeinf_varlen attention runs only inside Varlen.forward")
+        raise RuntimeError("the moeinf_per_request attention runs only inside FlatStep.forward")
     return run.attend(module, query, key, value, kwargs)
 
 
-class Varlen:
-    """A model switched to varlen attention; remembers its own attention to call per request."""
+class FlatStep:
+    """A model switched to flattened steps: remembers its own attention, to call per request."""
 
     def __init__(self, model):
-        AttentionInterface.register(IMPLEMENTATION, varlen_attention)
+        AttentionInterface.register(IMPLEMENTATION, per_request_attention)
         config = model.config
         self.model = model
         self.original = config._attn_implementation or "eager"
@@ -135,10 +135,10 @@ class Varlen:
             f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
         self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
-        self.run: StepRun | None = None  # the step in progress (Varlen.forward)
+        self.run: StepLayout | None = None  # the step in progress (FlatStep.forward)
         for module in model.modules():  # the attention layers (they carry their layer index) find their step here
             if hasattr(module, "layer_idx"):
-                module._moeinf_varlen = self
+                module._moeinf_flat_step = self
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
@@ -157,7 +157,7 @@ class Varlen:
             fn = self._attention[type(module)] = ALL_ATTENTION_FUNCTIONS.get_interface(self.original, eager)
         return fn
 
-    def masks(self, part: Part) -> dict:
+    def masks(self, part: RequestTokens) -> dict:
         n = len(part.tokens)
         args = dict(config=self.mask_config, inputs_embeds=torch.empty(1, n, 1, dtype=self.model.dtype),
                     attention_mask=torch.ones(1, part.past + n, dtype=torch.long), cache=part.cache,
@@ -167,11 +167,11 @@ class Varlen:
                 for kind in self.kinds}
 
     @torch.inference_mode()
-    def forward(self, parts: list[Part], keep: list[int]) -> torch.Tensor:
+    def forward(self, parts: list[RequestTokens], keep: list[int]) -> torch.Tensor:
         """Run the step; return the float32 logits of the flattened rows ``keep``, one row each."""
         input_ids = torch.tensor([[t for part in parts for t in part.tokens]], dtype=torch.long)
         positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0)
-        self.run = run = StepRun(self, parts)
+        self.run = run = StepLayout(self, parts)
         try:
             out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
                              logits_to_keep=torch.tensor(keep, dtype=torch.long))
