@@ -7,9 +7,8 @@ worker link does (slot table, loads, decision core), on the event loop; file and
 allocating and releasing pool memory) runs in threads.
 
 Resizing never moves a slot or changes the region's size: shrinking retires the slots at and above the new
-capacity (``SlotTable.shrink``), and each retired slot's memory goes back to the OS as soon as it is free
-(``Pool.release``: a hole punched in the /dev/shm file; a device pool frees a chunk once all its slots are
-released). Growing allocates that memory again first.
+capacity (``SlotTable.shrink``), and each retired slot's memory goes back to the OS as soon as it is free;
+growing allocates that memory again first (``pool_memory.PoolMemory``).
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import hmac
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +54,7 @@ class AdminServer:
         self.pool = server.pool
         self.pins: set[Key] = set()  # the admin's own pins (at most capacity minus one layer)
         self.started = time.monotonic()
-        self.memory = ThreadPoolExecutor(1, thread_name_prefix="memd-pool-memory")  # one thread: ordered
-        self.growing_to, self.deferred = 0, []  # a grow in flight keeps the retired slots below it allocated
+        self.memory = server.memory  # the retired slots' memory (the slot table tells it when one is free)
         self.resizing = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
         self.handlers = {
@@ -69,7 +66,6 @@ class AdminServer:
             Op.ADMIN_HEALTH: self.on_health, Op.ADMIN_EAMC_EXPORT: lambda req: export_eamc(self.core.eamc),
         }
         assert set(self.handlers) == MEMD_ADMIN_OPS
-        self.table.on_retire = self._retired
         self.sockets = [(self._bind_unix(ctx), False)]
         if self.cfg.admin_tcp:
             self.sockets.append((self._bind_tcp(ctx), True))
@@ -94,7 +90,7 @@ class AdminServer:
             for sock, _ in self.sockets:
                 sock.close()
             remove_ipc_file(self.cfg.admin_addr)
-            self.memory.shutdown(wait=False, cancel_futures=True)
+            self.memory.close()
 
     async def _read(self, sock: zmq.Socket, tcp: bool) -> None:
         while True:
@@ -160,7 +156,7 @@ class AdminServer:
                 self._cancel_prefetches(pending)
                 if pending:
                     self._reclaim()
-            await asyncio.get_running_loop().run_in_executor(self.memory, _nothing)  # queued releases are done
+            await self.memory.settled()  # queued releases are done
         log.info("pool resized from %d to %d slots (%s): %d evicted, %d leave when released", old, slots,
                  format_bytes(slots * self.slot_bytes), evicted, len(pending))
         return a.ResizeReply(old, self.table.capacity, self.table.num_slots, self.slot_bytes, evicted, len(pending),
@@ -186,30 +182,11 @@ class AdminServer:
         return slots
 
     async def _grow(self, slots: int) -> None:
-        old, s = self.table.capacity, self.slot_bytes
-        self.growing_to = slots
         try:
-            await asyncio.get_running_loop().run_in_executor(self.memory, self.pool.ensure, old * s, (slots - old) * s)
+            await self.memory.grow(self.table.capacity, slots)
         except RuntimeError as exc:
-            for slot in self.deferred:
-                self.memory.submit(self._release, slot)
             raise AdminError("capacity", str(exc)) from None
-        finally:
-            self.growing_to, self.deferred = 0, []
         self.table.grow(slots)
-
-    def _retired(self, slot: int) -> None:
-        """A retired slot became free (SlotTable.on_retire): give its memory back, off the event loop."""
-        if slot < self.growing_to:
-            self.deferred.append(slot)  # the grow in flight allocates it again: keep it
-        else:
-            self.memory.submit(self._release, slot)
-
-    def _release(self, slot: int) -> None:
-        try:
-            self.pool.release(slot * self.slot_bytes, self.slot_bytes)
-        except OSError as exc:
-            log.warning("could not give slot %d's memory back: %s", slot, exc)
 
     def _cancel_prefetches(self, keys) -> None:
         """Loading prefetches nobody pins among ``keys`` (retired or dropped) are stopped: their slot is leaving."""
@@ -356,8 +333,4 @@ def eamc_path(path: str, allowed: Path) -> Path:
 
 def _names(keys) -> str:
     return " ".join(f"{layer}:{expert}" for layer, expert in keys)
-
-
-def _nothing() -> None:
-    pass
 

@@ -80,10 +80,10 @@ class PrefetchPlan:
 
 class ExpertCache:
     def __init__(self, num_slots: int, num_layers: int, num_experts: int, top_k: int, expert_bytes: int,
-                 knobs: CacheSettings = CacheSettings(), eamc: Eamc | None = None):
+                 knobs: CacheSettings = CacheSettings(), eamc: Eamc | None = None, on_retire=None):
         self.L, self.E, self.knobs, self.expert_bytes = num_layers, num_experts, knobs, expert_bytes
-        self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts), num_experts)
-        self.table.on_evict = self._evicted
+        self.table = SlotTable(num_slots, num_layers, make_policy(knobs.policy, num_layers, num_experts), num_experts,
+                               on_evict=self._evicted, on_retire=on_retire)  # on_retire: the memory goes back
         self.eams = EamTable(num_layers, num_experts, knobs.max_requests)
         self.eamc = eamc if eamc is not None else Eamc(num_layers, num_experts, knobs.eamc_capacity)
         self.predictor = Predictor(num_layers, num_experts, top_k, self.eamc, self.eams, window=knobs.window,

@@ -2,7 +2,7 @@
 
 A task ends by telling the core how the read went (done, cancelled or failed). The on-demand loads (started as
 demand, promoted, or waiting for a slot) are counted: while any runs or waits, no prefetch is planned, and
-``on_demand_idle`` is called when the last one ends. A cancelled prefetch that an
+``demand_idle`` (an event) is set when the last one ends. A cancelled prefetch that an
 acquire has meanwhile pinned is read again, as an on-demand load, into the same slot. An on-demand load that
 finds every slot pinned or loading cancels the lowest-priority prefetch and takes its slot; when there is none, it
 waits for loads nobody pins to end (another acquire's, or one whose acquire failed: each leaves an evictable
@@ -35,21 +35,32 @@ class Loads:
         self.jobs: dict[Key, ReadJob] = {}
         self.demand_keys: set[Key] = set()  # on-demand loads running or queued
         self.waiting = 0  # on-demand loads still looking for a slot
-        self.on_demand_idle = None  # called when the last on-demand load ends
+        self.demand_idle = asyncio.Event()  # set while no on-demand load runs or waits (the planner awaits it)
+        self.demand_idle.set()
 
     @property
     def demand_busy(self) -> bool:
         return bool(self.demand_keys) or self.waiting > 0
 
+    def _demand_started(self, key: Key | None) -> None:
+        if key is None:
+            self.waiting += 1
+        else:
+            self.demand_keys.add(key)
+        self.demand_idle.clear()
+
     def _demand_ended(self, key: Key | None) -> None:
-        self.demand_keys.discard(key)
-        if not self.demand_busy and self.on_demand_idle is not None:
-            self.on_demand_idle()
+        if key is None:
+            self.waiting -= 1
+        else:
+            self.demand_keys.discard(key)
+        if not self.demand_busy:
+            self.demand_idle.set()
 
     def start(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> asyncio.Task:
         self.jobs[key] = self.reader.submit(key, slot, demand=demand, priority=priority)
         if demand:
-            self.demand_keys.add(key)
+            self._demand_started(key)
         task = asyncio.create_task(self._run(key, slot))
         task.add_done_callback(_retrieve)
         self.tasks[key] = task
@@ -60,7 +71,7 @@ class Loads:
         job = self.jobs.get(key)
         if job is not None:
             self.reader.promote(job)
-            self.demand_keys.add(key)
+            self._demand_started(key)
         return self.tasks[key]
 
     def cancel(self, key: Key) -> None:
@@ -71,11 +82,10 @@ class Loads:
     async def load_without_free_slot(self, key: Key, transient: bool, others_hold=None) -> None:
         """Load ``key`` on demand when no slot was free: steal one from a prefetch (or join a load of ``key``), or
         wait while ``others_hold()`` (other workers hold experts; it asks them for their leases)."""
-        self.waiting += 1
+        self._demand_started(None)
         try:
             await self._demand(key, transient, others_hold)
         finally:
-            self.waiting -= 1
             self._demand_ended(None)
 
     async def _demand(self, key: Key, transient: bool, others_hold) -> None:
@@ -117,7 +127,7 @@ class Loads:
                 except ReadCancelled:
                     if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all
                         self.jobs[key] = self.reader.submit(key, slot, demand=True)
-                        self.demand_keys.add(key)
+                        self._demand_started(key)
                         continue
                     self.core.load_cancelled(key)
                     return

@@ -21,6 +21,7 @@ from services.memd.eamc_share import pull
 from services.memd.leases import ControlPage
 from services.memd.backend import open_backend
 from services.memd.pool import StateLock, pool_name
+from services.memd.pool_memory import PoolMemory
 from services.memd.server import MemdServer
 
 log = logging.getLogger("moeinf.memd")
@@ -79,8 +80,9 @@ def run(cfg: MemdConfig) -> int:
         access.apply(control.region.path)
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", backend.path or cfg.pool_backend, num_slots,
                  format_bytes(backend.pool.nbytes), 100 * num_slots / (store.num_layers * store.num_experts))
-        core = build_core(cfg, store, num_slots)
-        asyncio.run(_serve(MemdServer(cfg, store, core, backend.reader, backend.pool, control)))
+        memory = PoolMemory(backend.pool, store.slot_bytes)  # retired slots' memory (admin resize)
+        core = build_core(cfg, store, num_slots, on_retire=memory.retired)
+        asyncio.run(_serve(MemdServer(cfg, store, core, backend.reader, memory, control)))
     finally:
         if backend is not None:
             backend.close()
@@ -93,14 +95,15 @@ def run(cfg: MemdConfig) -> int:
     return 0
 
 
-def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int) -> ExpertCache:
+def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int, on_retire=None) -> ExpertCache:
     """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
     knobs = CacheSettings.from_config(cfg, num_slots * store.slot_bytes)
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
     if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
         pull(eamc, cfg.eamc_from, cfg.admin_token)
-    return ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc)
+    return ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc,
+                       on_retire)
 
 
 async def _serve(server: MemdServer) -> None:

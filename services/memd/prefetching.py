@@ -24,7 +24,7 @@ class Prefetcher:
         self.waiting: dict[object, None] = {}  # workers to plan for, in order (a bounded set: one per worker)
         self.deferred: dict[object, None] = {}  # workers planned while demand reads ran: plan again after them
         self.scheduled = False
-        loads.on_demand_idle = self._demand_idle
+        self.after_demand: asyncio.Task | None = None  # waits for the demand reads to end, then plans ``deferred``
 
     def wake(self, worker) -> None:
         self.waiting[worker] = None
@@ -36,7 +36,9 @@ class Prefetcher:
         self.waiting.pop(worker, None)
         self.deferred.pop(worker, None)
 
-    def _demand_idle(self) -> None:
+    async def _after_demand(self) -> None:
+        await self.loads.demand_idle.wait()
+        self.after_demand = None
         for worker in list(self.deferred):
             self.wake(worker)
         self.deferred.clear()
@@ -55,6 +57,8 @@ class Prefetcher:
             plan = self.core.plan_prefetch(worker, None, self.bandwidth(), demand_busy=busy)
             if busy:
                 self.deferred[worker] = None
+                if self.after_demand is None:
+                    self.after_demand = asyncio.create_task(self._after_demand())
             for key in plan.cancel:
                 self.loads.cancel(key)
             for key, slot, priority in plan.start:

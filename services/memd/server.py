@@ -32,7 +32,8 @@ from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.policy import Key
-from services.memd.pools import Pool, refusal
+from services.memd.pool_memory import PoolMemory
+from services.memd.pools import refusal
 from services.memd.prefetching import Prefetcher
 from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
@@ -64,13 +65,14 @@ class RpcError(CodedError):
 
 class MemdServer:
     def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertCache, reader: ExpertReader,
-                 pool: Pool, control: ControlPage | None = None):
+                 memory: PoolMemory, control: ControlPage | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
         self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth)
-        self.pool, self.pool_name = pool, pool.export().name or pool.backend
+        self.memory, self.pool = memory, memory.pool  # the pool, and its retired slots' memory (admin resize)
+        self.pool_name = self.pool.export().name or self.pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, ConnectedWorker] = {}
         self.trace_events = Counter()

@@ -35,7 +35,8 @@ class Counters:
 
 
 class SlotTable:
-    def __init__(self, num_slots: int, num_layers: int, policy: EvictionPolicy, num_experts: int = 0):
+    def __init__(self, num_slots: int, num_layers: int, policy: EvictionPolicy, num_experts: int = 0, *,
+                 on_evict: Callable[[Key], None] | None = None, on_retire: Callable[[int], None] | None = None):
         self.num_slots = num_slots  # the region's slots: the layout never changes
         self.num_experts = num_experts  # > 0: a free slot is taken at the expert's home when it can (``_free_slot``)
         self.capacity = num_slots  # live: slots >= capacity are retired (admin resize)
@@ -47,8 +48,8 @@ class SlotTable:
         self.loading: set[Key] = set()
         self.dropped: set[Key] = set()  # residents that leave once nothing pins or loads them (admin drop)
         self.counters = Counters(per_layer_hits=[0] * num_layers, per_layer_misses=[0] * num_layers)
-        self.on_evict: Callable[[Key], None] | None = None  # told of every eviction (prefetch accounting)
-        self.on_retire: Callable[[int], None] | None = None  # told of every retired slot that became free
+        self.on_evict = on_evict  # told of every eviction (prefetch accounting)
+        self.on_retire = on_retire  # told of every retired slot that became free (its memory goes back)
 
     # ---- queries
     def is_resident(self, key: Key) -> bool:

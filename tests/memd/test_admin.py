@@ -61,8 +61,8 @@ def test_slot_table_shrinks_lazily_and_grows_back():
     from services.memd.policy import make_policy
     from services.memd.slots import SlotTable
 
-    t, retired = SlotTable(6, 2, make_policy("lru", 2, 4)), []
-    t.on_retire = retired.append
+    retired = []
+    t = SlotTable(6, 2, make_policy("lru", 2, 4), on_retire=retired.append)
     for i, key in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)]):  # slots 0..3; 4 and 5 free
         assert t.reserve(key) == i
         if key != (1, 0):

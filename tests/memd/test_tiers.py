@@ -147,8 +147,7 @@ def test_write_after_read_waits_for_the_slots_readers_and_read_after_write_is_th
 
 def test_device_eviction_and_shrink_free_whole_chunks(rig_factory):
     rig = rig_factory(host_slots=4, device_slots=4, chunk_slots=2)
-    table = SlotTable(4, LAYERS, LruPolicy(), EXPERTS)
-    table.on_retire = lambda slot: rig.device.release(slot * SLOT, SLOT)
+    table = SlotTable(4, LAYERS, LruPolicy(), EXPERTS, on_retire=lambda slot: rig.device.release(slot * SLOT, SLOT))
     for key in KEYS[:4]:
         slot = table.reserve(key)
         rig.load(key, slot).future.result(TIMEOUT)

@@ -1,0 +1,67 @@
+"""services/memd/prefetching.py: planning waits for demand reads, and comes back when the last one ends."""
+import asyncio
+import concurrent.futures
+from types import SimpleNamespace
+
+from services.memd.core import PrefetchPlan
+from services.memd.loads import Loads
+from services.memd.prefetching import Prefetcher
+
+
+class StubCore:
+    """Records each plan's ``demand_busy``; reads end as the test says."""
+
+    def __init__(self):
+        self.busy_at_plan: list[bool] = []
+        self.table = SimpleNamespace(pins={})
+        self.done: list = []
+
+    def plan_prefetch(self, worker, layer, bandwidth, *, demand_busy: bool) -> PrefetchPlan:
+        self.busy_at_plan.append(demand_busy)
+        return PrefetchPlan()
+
+    def load_done(self, key, nbytes, seconds):
+        self.done.append(key)
+
+
+class StubReader:
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, key, slot, *, demand, priority=0.0):
+        job = SimpleNamespace(key=key, future=concurrent.futures.Future())
+        self.jobs.append(job)
+        return job
+
+
+async def settle(turns: int = 5) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+async def test_a_worker_planned_during_demand_reads_is_planned_again_once_they_end():
+    core, reader = StubCore(), StubReader()
+    loads = Loads(core, reader)
+    prefetcher = Prefetcher(core, loads, lambda: None)
+    first, second = loads.start((0, 1), 0, demand=True), loads.start((0, 2), 1, demand=True)
+    assert not loads.demand_idle.is_set()
+    prefetcher.plan("worker")
+    assert core.busy_at_plan == [True], "planned while demand reads run: cancel and protect only"
+    reader.jobs[0].future.set_result((100, 0.01))
+    await first
+    await settle()
+    assert core.busy_at_plan == [True], "one demand read still runs: no plan yet"
+    reader.jobs[1].future.set_result((100, 0.01))
+    await second
+    await settle()
+    assert core.busy_at_plan == [True, False], "the last demand read ended: planned again, now free to prefetch"
+    assert loads.demand_idle.is_set() and core.done == [(0, 1), (0, 2)]
+
+
+async def test_planning_without_demand_reads_waits_for_nothing():
+    core, reader = StubCore(), StubReader()
+    loads = Loads(core, reader)
+    prefetcher = Prefetcher(core, loads, lambda: None)
+    prefetcher.plan("worker")
+    await settle()
+    assert core.busy_at_plan == [False] and prefetcher.after_demand is None
