@@ -89,6 +89,19 @@ class SseStream:
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
+    def wait_closed(self, timeout: float) -> float | None:
+        """When the response closed, waiting up to ``timeout`` seconds (None: still open)."""
+        self.thread.join(timeout)
+        return self.closed_at
+
+    def close(self) -> None:
+        """Hang up, as a client that goes away (the gateway then stops generating for it)."""
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.conn.close()
+
     def _read(self):
         try:
             for line in self.resp:

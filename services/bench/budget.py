@@ -1,4 +1,6 @@
-"""The memory limit of ``moeinf bench e2e``: one number per expert-memory setting, the same for every system.
+"""The memory limits of ``moeinf bench e2e``, the same for every system at one setting.
+
+``--expert-memory`` settings (a share of the experts, the same for every system):
 
     limit = dense weights + expert memory + runtime allowance
 
@@ -6,11 +8,15 @@
   which every system keeps in memory;
 * expert memory: ``--expert-memory`` resolved as memd resolves it (whole pool slots of one expert each), so
   moeinf's pool and accelerate's ``max_memory`` budget beyond the dense weights are the same bytes;
-* runtime allowance (``--runtime-allowance``, default 1 GiB): the interpreters, torch and transformers (a python
-  process with them imported holds about 250 MiB), activations, the KV cache, and transient buffers. moeinf runs
-  two such processes (memd and the worker: about 560 MiB beyond its dense weights and pool, measured on the bench
-  model), the baselines one (accelerate also materialises one offloaded decoder layer at a time); the allowance is
-  the same for all. Whatever a system leaves of it unused is page cache it may keep.
+* runtime allowance (``--runtime-allowance``; default ``measured``): the interpreters, torch and transformers,
+  activations, the KV cache, and transient buffers: the larger of moeinf's and the baselines' runtimes measured in
+  the same run (``services/bench/e2e_runtime.py``), with a margin; the allowance is the same for all. Whatever a
+  system leaves of it unused is page cache it may keep.
+
+``--memory-limit-total`` settings (one total, each system uses it as it likes): every system runs under the total;
+what remains after the dense weights and the system's own measured runtime (with the margin) is its expert memory,
+moeinf's pool in whole slots, accelerate's ``max_memory`` beyond the dense weights. A leaner runtime leaves more
+for experts.
 
 The limit counts the page cache too (a cgroup's), so a system cannot use more memory by mapping files.
 """
@@ -24,12 +30,19 @@ from common.sizes import format_bytes, parse_size
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    expert_memory: str
+    expert_memory: str  # the setting's label in rows: "25%", or "total 3GiB"
     dense_bytes: int
     expert_total_bytes: int
     expert_budget_bytes: int  # memd's pool: whole slots of one expert each (4 KiB-aligned parameters)
     slots: int
     allowance_bytes: int
+    total: str | None = None  # --memory-limit-total: the limit as given
+    runtime_bytes: int = 0  # --memory-limit-total: the system's measured runtime with its margin
+
+    @property
+    def memd_memory(self) -> str:
+        """memd's --expert-memory: the setting as given, or the pool's bytes under a total."""
+        return str(self.expert_budget_bytes) if self.total else self.expert_memory
 
     @property
     def limit_bytes(self) -> int:
@@ -45,6 +58,13 @@ class Budget:
         return self.expert_budget_bytes / self.expert_total_bytes
 
     def describe(self) -> str:
+        if self.total:
+            spare = self.allowance_bytes - self.runtime_bytes
+            return (f"total memory limit {self.total}: {format_bytes(self.limit_bytes)} = dense weights"
+                    f" {format_bytes(self.dense_bytes)} + measured runtime with margin {format_bytes(self.runtime_bytes)}"
+                    f" + expert memory {format_bytes(self.expert_budget_bytes)} ({self.slots} experts,"
+                    f" {100 * self.fraction:.1f}%) {'+' if spare >= 0 else '-'} {format_bytes(abs(spare))}"
+                    f" {'left over' if spare >= 0 else 'short'}; page cache included")
         return (f"memory limit for --expert-memory {self.expert_memory}: {format_bytes(self.limit_bytes)}"
                 f" ({self.limit_bytes} bytes) = dense weights {format_bytes(self.dense_bytes)}"
                 f" + expert memory {format_bytes(self.expert_budget_bytes)} ({self.slots} experts,"
@@ -58,6 +78,7 @@ class ModelBytes:
     expert_total_bytes: int
     slot_bytes: int
     num_experts: int  # all layers
+    layer_experts: int  # one MoE layer's
     files: tuple[Path, ...]
 
 
@@ -70,7 +91,7 @@ def model_bytes(model: Path) -> ModelBytes:
     store = ExpertStore(checkpoint)
     total = sum(entry.nbytes for entry in checkpoint.tensors.values())
     return ModelBytes(total - store.total_expert_bytes, store.total_expert_bytes, store.slot_bytes,
-                      store.num_layers * store.num_experts, tuple(checkpoint.files))
+                      store.num_layers * store.num_experts, store.num_experts, tuple(checkpoint.files))
 
 
 def derive(sizes: ModelBytes, expert_memory: str, allowance: str) -> Budget:
@@ -78,3 +99,14 @@ def derive(sizes: ModelBytes, expert_memory: str, allowance: str) -> Budget:
     slots = min(spec.resolve(sizes.expert_total_bytes) // sizes.slot_bytes, sizes.num_experts)
     return Budget(expert_memory, sizes.dense_bytes, sizes.expert_total_bytes, slots * sizes.slot_bytes, slots,
                   parse_size(allowance, what="--runtime-allowance").resolve(0))
+
+
+def derive_total(sizes: ModelBytes, total: str, runtime_bytes: int) -> Budget:
+    """One system's budget under ``--memory-limit-total total``: its expert memory is what the total leaves after
+    the dense weights and ``runtime_bytes`` (whole slots; 0 when nothing is left). The limit is the total."""
+    limit = parse_size(total, what="--memory-limit-total").resolve(0)
+    room = max(0, limit - sizes.dense_bytes - runtime_bytes)
+    slots = min(room // sizes.slot_bytes, sizes.num_experts)
+    experts = slots * sizes.slot_bytes
+    return Budget(f"total {total}", sizes.dense_bytes, sizes.expert_total_bytes, experts, slots,
+                  limit - sizes.dense_bytes - experts, total, runtime_bytes)

@@ -27,7 +27,6 @@ dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd'
 """
 from __future__ import annotations
 
-import itertools
 import queue
 import sys
 import threading
@@ -37,18 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
-from services.bench.e2e_formats import expert_cache, format_system
-from services.bench.e2e_quality import delta, quality, stats_counters
-from services.bench.memd_proc import MemdProcess
-from services.bench.worker_proc import WorkerProcess
+from services.bench.e2e_formats import format_system
+from services.bench.e2e_quality import delta, quality
 
 ONDEMAND = "moeinf-ondemand-lru"
 MOEINF = "moeinf"
 SYSTEMS = (RESIDENT, OFFLOAD, ONDEMAND, MOEINF)
-MEMD_FLAGS = {ONDEMAND: ["--policy", "lru", "--prefetch", "off"], MOEINF: []}
 
 
 @dataclass(frozen=True)
@@ -63,7 +58,7 @@ class Options:
     threads: int
     json: Path | None
     systems: tuple[str, ...] = (MOEINF,)
-    runtime_allowance: str = "1GiB"
+    runtime_allowance: str = "measured"  # or a size
     memory_limit: bool = True
     disk_probe: str = "2GiB"
     warmup_tokens: int = 8
@@ -73,6 +68,12 @@ class Options:
     workers: int = 1
     formats: tuple[str, ...] = ()  # memd --expert-format runs of the same checkpoint: rows moeinf-fp8, moeinf-mxfp4
     expert_cache_dir: Path | None = None
+    memory_limit_total: tuple[str, ...] = ()  # equal-memory settings: each system sizes its experts from the total
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The memory settings swept: ``--memory-limit-total`` values, else ``--expert-memory`` values."""
+        return self.memory_limit_total or self.expert_memory
 
     @property
     def run_systems(self) -> tuple[str, ...]:
@@ -83,11 +84,16 @@ class Options:
     def from_args(cls, args) -> Options:
         path = lambda v: Path(v) if v else None  # noqa: E731
         systems = tuple(s for s in SYSTEMS if s in args.systems)  # table order
-        opts = cls(Path(args.model), tuple(args.expert_memory), args.max_tokens, path(args.prompts), args.requests,
+        totals = tuple(args.memory_limit_total or ())
+        if totals and args.expert_memory:
+            raise ValueError("--memory-limit-total and --expert-memory: give one (under a total, each system sizes"
+                             " its expert memory from what its runtime leaves)")
+        memory = () if totals else tuple(args.expert_memory or ["25%"])
+        opts = cls(Path(args.model), memory, args.max_tokens, path(args.prompts), args.requests,
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
-                   path(args.expert_cache_dir))
+                   path(args.expert_cache_dir), totals)
         opts.validate()
         return opts
 
@@ -104,90 +110,18 @@ class Options:
             raise ValueError("--max-tokens must be >= 2 (decode times are the gaps between tokens)")
         for memory in self.expert_memory:
             parse_size(memory, what="--expert-memory")
-        if len(set(self.expert_memory)) != len(self.expert_memory):
-            raise ValueError(f"--expert-memory {' '.join(self.expert_memory)}: each setting once")
-        parse_size(self.runtime_allowance, what="--runtime-allowance")
+        for total in self.memory_limit_total:
+            if parse_size(total, what="--memory-limit-total").fraction is not None:
+                raise ValueError(f"--memory-limit-total {total}: give bytes (3GiB), not a share")
+        if len(set(self.settings)) != len(self.settings):
+            raise ValueError(f"memory settings {' '.join(self.settings)}: each setting once")
+        if self.memory_limit_total and not self.memory_limit:
+            raise ValueError("--memory-limit-total needs --memory-limit on (the total is a cgroup limit)")
+        if self.runtime_allowance != "measured":
+            parse_size(self.runtime_allowance, what="--runtime-allowance")
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")
-
-
-# ---------------------------------------------------------------------------------------------------- moeinf
-class MoeinfSystem:
-    """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
-
-    def __init__(self, opts: Options, name: str = MOEINF, expert_memory: str | None = None, prefix: list[str] = (),
-                 expert_format: str = ""):
-        self.name, self.opts, self.prefix = name, opts, list(prefix)
-        self.flags = list(MEMD_FLAGS.get(name, []))
-        if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
-            self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
-        self.expert_memory = expert_memory or opts.expert_memory[0]
-        self.memd: MemdProcess | None = None
-        self.workers: list[WorkerProcess] = []
-        self._clients = itertools.count()  # client k talks to worker k mod N
-        self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
-
-    def start(self) -> MoeinfSystem:
-        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=self.flags, prefix=self.prefix)
-        self.memd.start()
-        ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
-        for worker_id in ids:
-            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
-                                              prefix=self.prefix, worker_id=worker_id))
-            self.workers[-1].start()
-        return self
-
-    def stop(self) -> None:
-        if self._stats_client is not None:
-            self._stats_client.close()
-            self._stats_client = None
-        for worker in self.workers:
-            worker.stop()
-        if self.memd is not None:
-            self.memd.stop()
-
-    def client(self):
-        from common.worker_client import WorkerClient
-
-        worker = self.workers[next(self._clients) % len(self.workers)]
-        return _TokenStream(WorkerClient(worker.addr, timeout_s=600))
-
-    def pss_bytes(self) -> int | None:
-        """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
-        return _pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
-
-    def counters(self) -> dict[str, float]:
-        from services.worker.memd_client import MemdClient
-
-        if self._stats_client is None:
-            self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
-                                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
-        return stats_counters(self._stats_client.stats())
-
-
-def _pss(pids: list[int]) -> int | None:
-    total = 0
-    try:
-        for pid in pids:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            total += 1024 * int(next(ln.split()[1] for ln in rollup.splitlines() if ln.startswith("Pss:")))
-    except (OSError, StopIteration):
-        return None
-    return total
-
-
-class _TokenStream:
-    def __init__(self, client):
-        self.client = client
-
-    def stream(self, prompt: list[int], max_tokens: int):
-        for reply in self.client.stream(prompt, max_tokens):
-            if reply.tokens:
-                yield reply.tokens
-
-    def close(self) -> None:
-        self.client.close()
 
 
 # ---------------------------------------------------------------------------------------------------- serving
@@ -353,8 +287,13 @@ def add_parser(bench) -> None:
     p = bench.add_parser("e2e", help="serving latency and throughput: moeinf against transformers and accelerate"
                                      " offloading under the same memory limit")
     p.add_argument("--model", required=True)
-    p.add_argument("--expert-memory", nargs="+", default=["25%"],
-                   help="expert memory settings to measure (bytes or a share of all expert bytes), e.g. 12.5%% 25%%")
+    p.add_argument("--expert-memory", nargs="+",
+                   help="expert memory settings to measure (bytes or a share of all expert bytes), e.g. 12.5%% 25%%;"
+                        " default 25%%")
+    p.add_argument("--memory-limit-total", nargs="+", metavar="SIZE",
+                   help="instead of --expert-memory: equal-memory settings, e.g. 2.2GiB 2.5GiB 3GiB; every system runs"
+                        " under the total and gives its experts what the dense weights and its own measured runtime"
+                        " leave")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
                    help=f"systems to run (default: all): {', '.join(SYSTEMS)}")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (greedy)")
@@ -371,8 +310,9 @@ def add_parser(bench) -> None:
     p.add_argument("--workers", type=int, default=1, help="moeinf systems: worker processes on the one memd (client k"
                                                           " talks to worker k mod N); the limit grows by a dense copy"
                                                           " + allowance per extra worker, not by expert memory")
-    p.add_argument("--runtime-allowance", default="1GiB",
-                   help="memory beyond dense weights + expert memory in the limit (interpreters, torch, activations)")
+    p.add_argument("--runtime-allowance", default="measured",
+                   help="--expert-memory limits: memory beyond dense weights + expert memory (interpreters, torch,"
+                        " activations); default: the larger runtime measured in this run, with a margin")
     p.add_argument("--memory-limit", choices=["on", "off"], default="on",
                    help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"

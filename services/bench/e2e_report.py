@@ -35,15 +35,19 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
     compute_ms = resident["decode_ms_per_token_p50"] if resident else None
     floors = [_floor(row, compute_ms, disk.gbps) for row in rows if row["system"] in (ONDEMAND, MOEINF)
               and row["concurrency"] == 1 and row.get("bytes_read_per_token") is not None]  # the floors: 1 client
-    limits = {b.expert_memory: b.limit_bytes for b in sweep.budgets}
     return {
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
         "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
         "disk_read_gbps_single_stream": single.gbps if single else None,
         "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,
         "systems": rows,
-        "memory_limit_bytes": limits[opts.expert_memory[0]] if sweep.limits_applied else None,
+        "memory_limit_bytes": sweep.budgets[0].limit_bytes if sweep.limits_applied and sweep.budgets else None,
         "memory_limits": {b.expert_memory: _budget_doc(b) for b in sweep.budgets},
+        "system_budgets": {f"{s} {name}": _budget_doc(b) for (s, name), b in sweep.system_budgets.items()
+                           if name != RESIDENT},
+        "memory_limit_total": list(opts.memory_limit_total),
+        "runtime_bytes": {"moeinf": sweep.runtimes.moeinf, "baselines": sweep.runtimes.baseline},
+        "runtime_allowance": opts.runtime_allowance,
         "memory_fair": sweep.limits_applied,
         "resident_limit": "none: transformers-resident needs the whole model; it is the latency floor",
         "floors": floors,
@@ -59,7 +63,7 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
 def _budget_doc(b) -> dict:
     return {"limit_bytes": b.limit_bytes, "dense_bytes": b.dense_bytes, "expert_budget_bytes": b.expert_budget_bytes,
             "expert_total_bytes": b.expert_total_bytes, "experts": b.slots, "allowance_bytes": b.allowance_bytes,
-            "fraction": b.fraction, "derivation": b.describe()}
+            "runtime_bytes": b.runtime_bytes, "fraction": b.fraction, "derivation": b.describe()}
 
 
 def _find(rows: list[dict], system: str, memory: str | None, concurrency: int = 1) -> dict | None:
@@ -144,7 +148,12 @@ def format_report(doc: dict) -> str:
              f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
              f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
              f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
-    lines += [m["derivation"] for m in doc["memory_limits"].values()]
+    budgets = doc["system_budgets"] if doc["memory_limit_total"] else doc["memory_limits"]
+    lines += [f"{key}: {m['derivation']}" for key, m in budgets.items()]
+    runtime = {k: v for k, v in doc["runtime_bytes"].items() if v is not None}
+    if runtime:
+        lines.append("runtime measured (beyond weights; e2e_runtime.py): "
+                     + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in runtime.items()))
     lines.append("memory-fair: every limited system ran in its own memory cgroup (page cache counted), caches dropped"
                  " before each" if doc["memory_fair"] else "NOT memory-fair: the systems ran without a memory limit")
     lines.append(f"transformers-resident: {doc['resident_limit']}")
@@ -177,7 +186,7 @@ def format_report(doc: dict) -> str:
     return "\n".join(lines)
 
 
-_HEADER = (f"{'system':<21} {'memory':>6} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
+_HEADER = (f"{'system':<21} {'memory':>11} {'experts':>7} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
            f" {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8} {'load GB/s':>9} {'wait GB/s':>9}"
            f" {'peak GiB':>8} {'pf P':>5} {'pf R':>5} {'la1 P':>5} {'la1 R':>5}")
 
@@ -186,10 +195,12 @@ def _line(r: dict) -> str:
     if r.get("eamc") == "warm":
         r = {**r, "system": r["system"] + "*"}  # * : warm EAMC (labelled under the table)
     if r.get("error"):
-        return f"{r['system']:<21} {r['expert_memory']:>6} {r['concurrency']:>7} FAILED: {r['error']}"
+        return f"{r['system']:<21} {r['expert_memory']:>11} {'':>7} {r['concurrency']:>7} FAILED: {r['error']}"
     gib = lambda v: None if v is None else v / 2**30  # noqa: E731
     mib = None if r["bytes_read_per_token"] is None else r["bytes_read_per_token"] / 2**20
-    return (f"{r['system']:<21} {r['expert_memory']:>6} {r['concurrency']:>7} {_cell(gib(r['memory_limit_bytes']), '.2f'):>9}"
+    share = "-" if r.get("expert_fraction") is None else f"{100 * r['expert_fraction']:.1f}%"
+    return (f"{r['system']:<21} {r['expert_memory']:>11} {share:>7} {r['concurrency']:>7}"
+            f" {_cell(gib(r['memory_limit_bytes']), '.2f'):>9}"
             f" {r['tokens_per_s']:>9.2f} {r['ttft_s']:>7.3f} {_cell(r['decode_ms_per_token_p50'], '.1f'):>10}"
             f" {_cell(r['decode_ms_per_token_p90'], '.1f'):>10} {_cell(mib, '.1f'):>10}"
             f" {_cell(r['hit_rate'], '.3f'):>8} {_cell(r.get('load_read_gbps'), '.2f'):>9}"

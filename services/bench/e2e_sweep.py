@@ -1,9 +1,11 @@
-"""The ``moeinf bench e2e`` run: every system at every expert-memory setting, each under its memory limit.
+"""The ``moeinf bench e2e`` run: every system at every memory setting, each under its memory limit.
 
-Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model), then
-per expert-memory setting ``accelerate-offload``, ``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup
-with the setting's limit. The page cache is dropped before every system. A system that fails (for example killed
-by the kernel at its limit) gets a row with ``error`` and the run goes on.
+Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model; its
+memory gives the baselines' runtime), then moeinf's runtime measured apart (``e2e_runtime.py``) when a limit needs
+it, then per memory setting (``--expert-memory`` or ``--memory-limit-total``) ``accelerate-offload``,
+``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup with the setting's limit. The page cache is dropped
+before every system. A system that fails (for example killed by the kernel at its limit) gets a row with ``error``
+and the run goes on.
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from contextlib import ExitStack
 
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
-from services.bench.budget import Budget, derive, model_bytes
+from services.bench.budget import Budget, derive, derive_total, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_formats import fill_expert_cache, format_system
-from services.bench.e2e import (Options, MoeinfSystem, Result, Timing, measure,
-                                progress, summarize)
+from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
+from services.bench.e2e_system import MoeinfSystem
+from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, moeinf_runtime
 from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
 
@@ -27,7 +30,9 @@ class Sweep:
         self.opts = opts
         self.workloads = Workloads.build(opts)
         self.sizes = model_bytes(opts.model)
-        self.budgets = [derive(self.sizes, memory, opts.runtime_allowance) for memory in opts.expert_memory]
+        self.runtimes = Runtimes()
+        self.budgets: list[Budget] = []  # one per setting, in order (under a total: moeinf's); see plan_budgets
+        self.system_budgets: dict[tuple[str, str], Budget] = {}  # (setting, system) -> its budget
         self.notes: list[str] = []
         self.limits_applied = opts.memory_limit
         if not opts.memory_limit:
@@ -59,16 +64,65 @@ class Sweep:
     def run_all(self) -> None:
         if RESIDENT in self.opts.systems:
             self.run_system(RESIDENT, None)
-        for budget in self.budgets:
+        self.plan_budgets()
+        for setting in self.opts.settings:
             for name in self.opts.systems:
                 if name == OFFLOAD and (why := accelerate_missing()):
                     if why not in self.notes:
                         self.notes.append(why)
                     continue
                 if name != RESIDENT:
-                    self.run_system(name, budget)
+                    self.run_system(name, self.system_budgets[(setting, name)])
             for fmt in self.opts.formats:
-                self.run_system(format_system(fmt), budget, fmt)
+                self.run_system(format_system(fmt), self.system_budgets[(setting, MOEINF)], fmt)
+
+    # ------------------------------------------------------------------------------------------------ budgets
+    def plan_budgets(self) -> None:
+        """Every setting's budget per system, from the runtimes measured so far (and moeinf's, measured now)."""
+        opts, moeinf_runs = self.opts, bool({ONDEMAND, MOEINF} & set(self.opts.systems))
+        measured = opts.runtime_allowance == "measured" or opts.memory_limit_total
+        if measured and moeinf_runs:
+            self.runtimes = Runtimes(self.measure_moeinf_runtime(), self.runtimes.baseline)
+        if measured and OFFLOAD in opts.systems and self.runtimes.baseline is None:
+            raise ValueError("accelerate-offload's runtime is measured on transformers-resident: add it to --systems"
+                             " (or give --runtime-allowance SIZE with --expert-memory)")
+        progress(self.runtimes.describe())
+        for setting in opts.settings:
+            for name in opts.systems:
+                self.system_budgets[(setting, name)] = self.budget(setting, name)
+            shown = next((s for s in (MOEINF, ONDEMAND) if s in opts.systems), opts.systems[-1])
+            self.budgets.append(self.system_budgets[(setting, shown)])
+        for (setting, name), budget in self.system_budgets.items():
+            if name != RESIDENT:
+                progress(f"{name}: {budget.describe()}")
+
+    def budget(self, setting: str, name: str) -> Budget:
+        rt = self.runtimes
+        if self.opts.memory_limit_total:
+            measured = rt.baseline if name in (RESIDENT, OFFLOAD) else rt.moeinf
+            return derive_total(self.sizes, setting, rt.allowance(measured or 0))
+        if self.opts.runtime_allowance != "measured":
+            return derive(self.sizes, setting, self.opts.runtime_allowance)
+        allowance = rt.allowance(max(v for v in (rt.moeinf, rt.baseline, 0) if v is not None))
+        return derive(self.sizes, setting, str(allowance))
+
+    def measure_moeinf_runtime(self) -> int:
+        """memd + one worker at the smallest pool, no limit, after a warm-up and the longest workload request."""
+        progress("measuring moeinf's runtime (memd + worker, no limit, one layer's experts)")
+        self.drop_caches()
+        system = MoeinfSystem(self.opts, MOEINF, str(self.sizes.layer_experts * self.sizes.slot_bytes))
+        try:
+            system.start()
+            client = system.client()
+            try:
+                for prompt in (self.workloads.warmup(), self.workloads.longest()):
+                    for _ in client.stream(prompt, self.opts.max_tokens):
+                        pass
+            finally:
+                client.close()
+            return moeinf_runtime(system.memd.pid, [w.pid for w in system.workers[:1]], self.sizes.dense_bytes)
+        finally:
+            system.stop()
 
     def run_system(self, name: str, budget: Budget | None, expert_format: str = "") -> None:
         memory = budget.expert_memory if budget else "100%"
@@ -80,17 +134,29 @@ class Sweep:
             group = self.cgroup(budget, name, stack) if budget else None
             prefix = group.exec_prefix() if group else []
             try:
+                self.check_room(name, budget)
                 rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
                     name, budget, prefix, group, expert_format)
             except RuntimeError as exc:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
-            extra = {"expert_memory": memory, "eamc": "warm" if self.workloads.warm else "fresh", "disk_read_gbps_before": disk.gbps, "memory_limit_bytes": group.limit_bytes if group else None,
+            extra = {"expert_memory": memory, **_budget_fields(budget),
+                     "eamc": "warm" if self.workloads.warm else "fresh", "disk_read_gbps_before": disk.gbps,
+                     "memory_limit_bytes": group.limit_bytes if group else None,
                      "peak_memory_bytes": group.peak_bytes() if group else None,
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
         for row in rows:
             self.rows.append({**_EMPTY, **row, **extra})
+
+    def check_room(self, name: str, budget: Budget | None) -> None:
+        """Under a total, a system whose runtime and dense weights leave too little does not start."""
+        if budget is None or not budget.total:
+            return
+        need = 0 if name in (RESIDENT, OFFLOAD) else self.sizes.layer_experts
+        if budget.allowance_bytes <= 0 or budget.slots < need:
+            raise RuntimeError(f"{budget.expert_memory} leaves {budget.slots} experts after the dense weights and"
+                               f" {name}'s runtime; it needs at least {need}: raise the total")
 
     def baseline(self, name: str, budget: Budget | None, prefix: list[str]) -> list[dict]:
         """``--repeats`` runs in one child (one model load), each on its own workload; the median run's row."""
@@ -99,6 +165,10 @@ class Sweep:
                   opts.max_tokens, opts.threads, budget.accelerate_cpu_bytes if budget else None,
                   w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
+        if name == RESIDENT:  # it holds the whole model: what else it holds is the baselines' runtime
+            weights = self.sizes.dense_bytes + self.sizes.expert_total_bytes
+            self.runtimes = Runtimes(self.runtimes.moeinf,
+                                     baseline_runtime(ProcMemory(run.rss_anon_bytes, run.rss_file_bytes), weights))
         results = [Result(name, 1, [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(timings)],
                        None) for timings in run.runs]
         row = summarize({1: results})[0]
@@ -109,7 +179,7 @@ class Sweep:
     def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None,
                expert_format: str = "") -> list[dict]:
         # a compressed format gets the stored checkpoint's pool in bytes (the same limit), so it holds more experts
-        memory = str(budget.expert_budget_bytes) if expert_format else budget.expert_memory
+        memory = str(budget.expert_budget_bytes) if expert_format else budget.memd_memory
         system = MoeinfSystem(self.opts, name, memory, prefix, expert_format)
         try:
             system.start()
@@ -122,6 +192,13 @@ class Sweep:
                 for row in summarize(results)]
 
 
+def _budget_fields(budget: Budget | None) -> dict:
+    if budget is None:
+        return {}
+    return {"expert_budget_bytes": budget.expert_budget_bytes, "experts": budget.slots,
+            "expert_fraction": budget.fraction, "allowance_bytes": budget.allowance_bytes}
+
+
 _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_p90": None, "tokens_per_s": None,
           "bytes_read_per_token": None, "hit_rate": None}
 
@@ -130,8 +207,6 @@ def run_sweep(opts: Options) -> int:
     from services.bench.e2e_report import build_doc, format_report
 
     sweep = Sweep(opts)
-    for budget in sweep.budgets:
-        progress(budget.describe())
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
     single = read_bandwidth(list(sweep.sizes.files), probe, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe)

@@ -74,6 +74,12 @@ class Workloads:
         """The untimed warm-up request's prompt: outside every workload."""
         return _random_ids(np.random.default_rng([self.seed, WARMUP_STREAM]), WARMUP_LENGTH, self.vocab)
 
+    def longest(self) -> list[int]:
+        """A prompt as long as the workload's longest, outside every workload (the runtime measurement's)."""
+        if self.lines is not None:
+            return list(max(self.lines, key=len))
+        return _random_ids(np.random.default_rng([self.seed, WARMUP_STREAM - 1]), max(PROMPT_LENGTHS), self.vocab)
+
     def label(self) -> str:
         if self.warm:
             return ("WARM EAMC (--warm-eamc): one workload, served once untimed before the timed runs, then in every"

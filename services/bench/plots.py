@@ -65,7 +65,10 @@ E2E_STYLES = {"transformers-resident": "k--", "accelerate-offload": "s-", "moein
 
 def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     """``moeinf bench e2e --json`` (one or several runs merged): decode ms per token (p50, 1 client) of every system
-    against the expert-memory share, log scale, with transformers-resident (everything in memory) as the floor."""
+    against the expert-memory share, log scale, with transformers-resident (everything in memory) as the floor; under
+    ``--memory-limit-total``, against the total limit every system shared."""
+    if doc.get("memory_limit_total"):
+        return plot_e2e_decode_vs_total(doc, out)
     plt = _pyplot()
     rows = [r for r in doc["systems"] if r.get("concurrency") == 1 and r.get("decode_ms_per_token_p50")]
     shares = {m: 100 * v["fraction"] for m, v in doc["memory_limits"].items()}
@@ -88,6 +91,38 @@ def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("decode ms per token (p50)")
     ax.set_title(f"{Path(doc['model']).name}: decode time per token vs expert memory", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, out)
+
+
+def plot_e2e_decode_vs_total(doc: dict, out: Path | str) -> Path:
+    """``bench e2e --memory-limit-total``: decode ms per token (p50, 1 client) against the total memory limit each
+    system ran under (its expert share beside each point), transformers-resident as the floor."""
+    plt = _pyplot()
+    rows = [r for r in doc["systems"] if r.get("concurrency") == 1 and r.get("decode_ms_per_token_p50")]
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for name, style in E2E_STYLES.items():
+        mine = [r for r in rows if r["system"] == name]
+        if name == "transformers-resident" and mine:
+            ax.axhline(mine[0]["decode_ms_per_token_p50"], color="k", ls="--", lw=1.2,
+                       label=f"{name} (all in memory, no limit)")
+            continue
+        points = sorted((r["memory_limit_bytes"] / 2**30, r["decode_ms_per_token_p50"], r.get("expert_fraction"))
+                        for r in mine if r.get("memory_limit_bytes"))
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, ms=5, label=name)
+        for x, y, share in points:
+            if share is not None:
+                ax.annotate(f"{100 * share:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    plain = plt.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel("total memory limit, GiB (every system under the same limit; labels: its expert memory share)")
+    ax.set_ylabel("decode ms per token (p50)")
+    ax.set_title(f"{Path(doc['model']).name}: decode time per token at equal total memory", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(plt, fig, out)

@@ -190,7 +190,7 @@ class MemdServer:
             self.prefetcher.forget(client.pid)
             client.release_all(self.table)
 
-    def _client(self, identity: bytes) -> Client:
+    def _client(self, identity: bytes) -> ConnectedWorker:
         client = self.clients.get(identity)
         if client is None or not client.ready:
             raise RpcError("handshake", "send HELLO and READY before other requests")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import moeinf_cmd, orphan_regions, write_family
 
-from services.bench.budget import derive, model_bytes
+from services.bench.budget import derive, derive_total, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, find_memory_hierarchy
 from services.bench.diskbw import read_bandwidth
 
@@ -135,3 +135,59 @@ def test_budget_is_dense_plus_experts_plus_allowance(tiny):
     assert quarter.limit_bytes == sizes.dense_bytes + quarter.slots * sizes.slot_bytes + (1 << 30)
     assert quarter.accelerate_cpu_bytes == quarter.limit_bytes - (1 << 30)
     assert "runtime allowance 1.0 GiB" in quarter.describe()
+
+
+def test_a_total_gives_each_system_what_its_runtime_leaves(tiny):
+    sizes = model_bytes(tiny)
+    total = sizes.dense_bytes + (200 << 20) + 3 * sizes.slot_bytes + 100  # 3 slots and change beyond a 200 MiB runtime
+    lean, heavy = derive_total(sizes, str(total), 200 << 20), derive_total(sizes, str(total), 200 << 20 + 4096 * 1024)
+    assert lean.limit_bytes == heavy.limit_bytes == total  # every system runs under the total
+    assert lean.slots == 3 and lean.expert_budget_bytes == 3 * sizes.slot_bytes and lean.memd_memory == str(3 * sizes.slot_bytes)
+    assert heavy.slots < lean.slots, "a heavier runtime leaves fewer experts"
+    assert lean.allowance_bytes == total - sizes.dense_bytes - lean.expert_budget_bytes
+    assert lean.expert_memory == f"total {total}" and "total memory limit" in lean.describe()
+    nothing = derive_total(sizes, str(sizes.dense_bytes // 2), 200 << 20)
+    assert nothing.slots == 0 and nothing.allowance_bytes < 0  # below the dense weights: the sweep refuses to start it
+
+
+def test_runtime_allowance_is_measured_with_a_margin():
+    from services.bench.e2e_runtime import MARGIN, ProcMemory, Runtimes, baseline_runtime
+
+    me = ProcMemory.of()
+    assert me.anon > 0 and me.file > 0
+    assert baseline_runtime(ProcMemory(900 << 20, 300 << 20), 700 << 20) == 500 << 20
+    assert Runtimes(100 << 20).allowance(100 << 20) == -(-int((100 << 20) * MARGIN) // (1 << 20)) * (1 << 20)
+
+
+def test_total_and_expert_memory_are_exclusive(tiny):
+    proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--expert-memory", "25%",
+                                     "--memory-limit-total", "3GiB"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "give one" in proc.stderr
+    proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--memory-limit-total", "50%"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "give bytes" in proc.stderr
+
+
+@pytest.mark.skipif(not _cgroups_usable(), reason="needs root and a cgroup memory controller")
+def test_equal_memory_run(tiny, tmp_path):
+    """``--memory-limit-total``: runtimes measured, every limited system under the same total, its expert share from
+    what its runtime leaves; a total below the dense weights and runtime gives failed rows, not a crash."""
+    out, tmp = tmp_path / "e2e.json", tmp_path / "t"
+    tmp.mkdir()
+    stale = orphan_regions()
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--memory-limit-total", "64MiB", "3GiB", "--systems",
+                     "transformers-resident", "moeinf-ondemand-lru", "--requests", "1", "--max-tokens", "3",
+                     "--warmup-tokens", "2", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "t.png"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp)})
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    runtime = doc["runtime_bytes"]
+    assert runtime["moeinf"] > 50 << 20 and runtime["baselines"] > 50 << 20, runtime  # interpreters, torch: measured
+    rows = {(r["system"], r["expert_memory"]): r for r in doc["systems"]}
+    small, big = rows[("moeinf-ondemand-lru", "total 64MiB")], rows[("moeinf-ondemand-lru", "total 3GiB")]
+    assert "raise the total" in small["error"]
+    assert "error" not in big and big["memory_limit_bytes"] == 3 << 30 and big["expert_fraction"] == 1.0
+    budget = doc["system_budgets"]["3GiB moeinf-ondemand-lru"]
+    assert budget["limit_bytes"] == 3 << 30 and budget["runtime_bytes"] >= runtime["moeinf"]
+    assert "total memory limit 3GiB" in proc.stdout and (tmp_path / "t.png").stat().st_size > 0
+    assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale)

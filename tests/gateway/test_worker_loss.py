@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fake import FakeWorker, LocalGateway, gateway_config
+from serving import SseStream
 
 M = "demo"
 
@@ -38,30 +39,9 @@ def setup(demo_model, codec):
         worker.close()
 
 
-class SSE:
+def SSE(gateway, max_tokens=4000) -> SseStream:  # noqa: N802 (reads as the stream it returns)
     """A streaming request read event by event (``events`` are decoded ``data:`` payloads, ``[DONE]`` as is)."""
-
-    def __init__(self, gateway, max_tokens=100000):
-        self.conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
-        body = {"model": M, "prompt": "Hi", "max_tokens": min(max_tokens, 4000), "stream": True}
-        self.conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        self.resp = self.conn.getresponse()
-        assert self.resp.status == 200
-        self.events = []
-        self.closed_at = None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self):
-        for line in self.resp:
-            if line.startswith(b"data: "):
-                payload = line[6:].strip()
-                self.events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
-        self.closed_at = time.monotonic()
-
-    def wait_closed(self, timeout):
-        self.thread.join(timeout)
-        return self.closed_at
+    return SseStream(gateway.port, M, max_tokens, prompt="Hi", timeout=30)
 
 
 def wait(predicate, timeout=10):

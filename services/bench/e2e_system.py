@@ -1,0 +1,95 @@
+"""The moeinf systems of ``moeinf bench e2e``: a real ``moeinf memd`` and ``--workers`` ``moeinf worker`` processes,
+started with a prefix (a cgroup's); clients talk to the workers' sockets."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
+from services.bench.e2e_formats import expert_cache
+from services.bench.e2e_quality import stats_counters
+from services.bench.memd_proc import MemdProcess
+from services.bench.worker_proc import WorkerProcess
+
+if TYPE_CHECKING:
+    from services.bench.e2e import Options
+
+MEMD_FLAGS = {"moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"], "moeinf": []}
+
+
+class MoeinfSystem:
+    """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
+
+    def __init__(self, opts: Options, name: str = "moeinf", expert_memory: str | None = None, prefix: list[str] = (),
+                 expert_format: str = ""):
+        self.name, self.opts, self.prefix = name, opts, list(prefix)
+        self.flags = list(MEMD_FLAGS.get(name, []))
+        if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
+            self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
+        self.expert_memory = expert_memory or opts.settings[0]
+        self.memd: MemdProcess | None = None
+        self.workers: list[WorkerProcess] = []
+        self._clients = itertools.count()  # client k talks to worker k mod N
+        self._stats_client = None  # one MemdClient for STATS, kept for the run (never used by two threads at once)
+
+    def start(self) -> MoeinfSystem:
+        self.memd = MemdProcess(self.opts.model, self.expert_memory, extra=self.flags, prefix=self.prefix)
+        self.memd.start()
+        ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
+        for worker_id in ids:
+            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
+                                              prefix=self.prefix, worker_id=worker_id))
+            self.workers[-1].start()
+        return self
+
+    def stop(self) -> None:
+        if self._stats_client is not None:
+            self._stats_client.close()
+            self._stats_client = None
+        for worker in self.workers:
+            worker.stop()
+        if self.memd is not None:
+            self.memd.stop()
+
+    def client(self):
+        from common.worker_client import WorkerClient
+
+        worker = self.workers[next(self._clients) % len(self.workers)]
+        return _TokenStream(WorkerClient(worker.addr, timeout_s=600))
+
+    def pss_bytes(self) -> int | None:
+        """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
+        return _pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
+
+    def counters(self) -> dict[str, float]:
+        from services.worker.memd_client import MemdClient
+
+        if self._stats_client is None:
+            self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
+                                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
+        return stats_counters(self._stats_client.stats())
+
+
+def _pss(pids: list[int]) -> int | None:
+    total = 0
+    try:
+        for pid in pids:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total += 1024 * int(next(ln.split()[1] for ln in rollup.splitlines() if ln.startswith("Pss:")))
+    except (OSError, StopIteration):
+        return None
+    return total
+
+
+class _TokenStream:
+    def __init__(self, client):
+        self.client = client
+
+    def stream(self, prompt: list[int], max_tokens: int):
+        for reply in self.client.stream(prompt, max_tokens):
+            if reply.tokens:
+                yield reply.tokens
+
+    def close(self) -> None:
+        self.client.close()
