@@ -57,7 +57,8 @@ class BaselineRun:
     placement: dict[str, int]  # accelerate: modules per device ("cpu", "disk")
     rss_bytes: int  # the child's resident set at the end
     rss_anon_bytes: int = 0  # of which anonymous memory
-    rss_file_bytes: int = 0  # and file-backed pages (libraries, mapped weights)
+    rss_file_bytes: int = 0  # and file-backed pages outside the checkpoint (libraries)
+    anon_weight_bytes: int = 0  # the parameters it holds in anonymous memory (not mapped from the checkpoint)
 
 
 def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) -> BaselineRun:
@@ -82,7 +83,7 @@ def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) ->
             raise RuntimeError(f"{job.system} exited with {code}{killed}:\n{tail}")
         doc = json.loads((work / "out.json").read_text())
         return BaselineRun(doc["runs"], doc["load_s"], doc["placement"], doc["rss_bytes"], doc["rss_anon_bytes"],
-                           doc["rss_file_bytes"])
+                           doc["rss_file_bytes"], doc["anon_weight_bytes"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -114,7 +115,7 @@ def child_main(job_file: str) -> int:
     import torch
 
     from common.checkpoint import max_positions
-    from services.bench.e2e_runtime import ProcMemory
+    from services.bench.e2e_runtime import ProcMemory, anonymous_parameter_bytes, checkpoint_files, mapped_ranges
     from services.worker.engine import Engine
 
     spec = json.loads(Path(job_file).read_text())
@@ -133,10 +134,12 @@ def child_main(job_file: str) -> int:
         serve(engine, prompt, spec["max_tokens"])
     runs = [[serve(engine, prompt, spec["max_tokens"]) for prompt in workload] for workload in spec["workloads"]]
     rss = psutil.Process().memory_info().rss  # anonymous memory plus mapped file pages it touched
-    memory = ProcMemory.of()
+    files = checkpoint_files(Path(spec["model"]))
+    memory = ProcMemory.of(skip=files)
+    weights = anonymous_parameter_bytes(model, mapped_ranges(files))
     Path(spec["out"]).write_text(json.dumps({"runs": runs, "load_s": load_s, "placement": placement,
                                              "rss_bytes": rss, "rss_anon_bytes": memory.anon,
-                                             "rss_file_bytes": memory.file}))
+                                             "rss_file_bytes": memory.file, "anon_weight_bytes": weights}))
     return 0
 
 

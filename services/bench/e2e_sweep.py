@@ -20,7 +20,7 @@ from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_formats import fill_expert_cache, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem
-from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, moeinf_runtime
+from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
 from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
 
@@ -120,7 +120,8 @@ class Sweep:
                         pass
             finally:
                 client.close()
-            return moeinf_runtime(system.memd.pid, [w.pid for w in system.workers[:1]], self.sizes.dense_bytes)
+            return moeinf_runtime(system.memd.pid, [w.pid for w in system.workers[:1]], self.sizes.dense_bytes,
+                                  checkpoint_files(self.opts.model))
         finally:
             system.stop()
 
@@ -154,7 +155,10 @@ class Sweep:
         if budget is None or not budget.total:
             return
         need = 0 if name in (RESIDENT, OFFLOAD) else self.sizes.layer_experts
-        if budget.allowance_bytes <= 0 or budget.slots < need:
+        if budget.allowance_bytes < budget.runtime_bytes:
+            raise RuntimeError(f"{budget.expert_memory} is below the dense weights and {name}'s measured runtime"
+                               f" ({budget.dense_bytes + budget.runtime_bytes} bytes): raise the total")
+        if budget.slots < need:
             raise RuntimeError(f"{budget.expert_memory} leaves {budget.slots} experts after the dense weights and"
                                f" {name}'s runtime; it needs at least {need}: raise the total")
 
@@ -166,9 +170,8 @@ class Sweep:
                   w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
         if name == RESIDENT:  # it holds the whole model: what else it holds is the baselines' runtime
-            weights = self.sizes.dense_bytes + self.sizes.expert_total_bytes
-            self.runtimes = Runtimes(self.runtimes.moeinf,
-                                     baseline_runtime(ProcMemory(run.rss_anon_bytes, run.rss_file_bytes), weights))
+            memory = ProcMemory(run.rss_anon_bytes, run.rss_file_bytes)
+            self.runtimes = Runtimes(self.runtimes.moeinf, baseline_runtime(memory, run.anon_weight_bytes))
         results = [Result(name, 1, [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(timings)],
                        None) for timings in run.runs]
         row = summarize({1: results})[0]

@@ -154,7 +154,18 @@ def test_runtime_allowance_is_measured_with_a_margin():
     from services.bench.e2e_runtime import MARGIN, ProcMemory, Runtimes, baseline_runtime
 
     me = ProcMemory.of()
-    assert me.anon > 0 and me.file > 0
+    assert me.anon > 0 and me.file > 0  # the interpreter's own pages
+    libs = {line.split()[-1] for line in open("/proc/self/maps") if ".so" in line}
+    assert ProcMemory.of(skip=frozenset(libs)).file < me.file  # the checkpoint's files are skipped the same way
+    from multiprocessing import shared_memory
+
+    region = shared_memory.SharedMemory(create=True, size=64 << 20)  # a pool-like /dev/shm region, touched
+    try:
+        region.buf[::4096] = bytes(len(region.buf[::4096]))
+        assert ProcMemory.of().file < me.file + (32 << 20), "shared memory is the pool, not runtime"
+    finally:
+        region.close()
+        region.unlink()
     assert baseline_runtime(ProcMemory(900 << 20, 300 << 20), 700 << 20) == 500 << 20
     assert Runtimes(100 << 20).allowance(100 << 20) == -(-int((100 << 20) * MARGIN) // (1 << 20)) * (1 << 20)
 
@@ -191,3 +202,19 @@ def test_equal_memory_run(tiny, tmp_path):
     assert budget["limit_bytes"] == 3 << 30 and budget["runtime_bytes"] >= runtime["moeinf"]
     assert "total memory limit 3GiB" in proc.stdout and (tmp_path / "t.png").stat().st_size > 0
     assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale)
+
+
+def test_parameters_mapped_from_the_checkpoint_are_not_anonymous(tmp_path):
+    import numpy as np
+    import torch
+
+    from services.bench.e2e_runtime import anonymous_parameter_bytes, checkpoint_files, mapped_ranges
+
+    (tmp_path / "model.safetensors").write_bytes(bytes(1 << 20))
+    mapped = np.memmap(tmp_path / "model.safetensors", dtype=np.float32, mode="r+")
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.from_numpy(mapped), requires_grad=False)  # a view of the file: weights
+    model.b = torch.nn.Parameter(torch.zeros(1000))  # a copy in anonymous memory: 4000 bytes
+    ranges = mapped_ranges(checkpoint_files(tmp_path))
+    assert len(ranges) >= 1 and anonymous_parameter_bytes(model, ranges) == 4000
+    assert anonymous_parameter_bytes(model, []) == 4000 + (1 << 20)
