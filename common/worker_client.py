@@ -20,11 +20,12 @@ class WorkerClientError(RuntimeError):
 
 
 class WorkerClient:
-    def __init__(self, addr: str, timeout_s: float = 120.0):
+    def __init__(self, addr: str, timeout_s: float = 120.0, gone=None):
         self.ctx = zmq.Context()
         self.sock = make_socket(self.ctx, zmq.DEALER, addr, bind=False)
         self.addr = addr
         self.timeout_s = timeout_s
+        self.gone = gone  # () -> why the worker is gone, or None while it lives: a wait ends at once when it is
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -35,6 +36,8 @@ class WorkerClient:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while time.monotonic() < deadline:
             if not self.sock.poll(100):
+                if self.gone is not None and (why := self.gone()):
+                    raise ConnectionError(f"the worker at {self.addr} is gone: {why}")
                 continue
             got_op, got, reply = decode(self.sock.recv(), reply=True)
             if got != rid:

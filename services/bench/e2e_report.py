@@ -46,7 +46,7 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
         "system_budgets": {f"{s} {name}": _budget_doc(b) for (s, name), b in sweep.system_budgets.items()
                            if name != RESIDENT},
         "memory_limit_total": list(opts.memory_limit_total),
-        "runtime_bytes": {"moeinf": sweep.runtimes.moeinf, "baselines": sweep.runtimes.baseline},
+        "runtime_bytes": dict(sweep.runtimes.measured),
         "runtime_allowance": opts.runtime_allowance,
         "memory_fair": sweep.limits_applied,
         "resident_limit": "none: transformers-resident needs the whole model; it is the latency floor",

@@ -21,7 +21,7 @@ longer runs), rounded up to whole MiB.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MARGIN = 1.15
@@ -78,19 +78,19 @@ def anonymous_parameter_bytes(model, mapped: list[tuple[int, int]]) -> int:
     return total
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Runtimes:
-    """Measured runtime bytes per kind of system (None: not measured in this run)."""
+    """Measured runtime bytes per kind of system: "baselines", "moeinf", "moeinf-fp8", ... (absent: not measured)."""
 
-    moeinf: int | None = None
-    baseline: int | None = None
+    measured: dict[str, int] = field(default_factory=dict)
 
-    def allowance(self, measured: int) -> int:
-        return math.ceil(measured * MARGIN / MIB) * MIB
+    def allowance(self, kind: str | None = None) -> int:
+        """The allowance for ``kind``'s runtime (None: the largest measured), with the margin; 0 if unmeasured."""
+        value = self.measured.get(kind, 0) if kind else max(self.measured.values(), default=0)
+        return math.ceil(value * MARGIN / MIB) * MIB
 
     def describe(self) -> str:
-        parts = [f"{name} {value / MIB:.0f} MiB" for name, value in (("moeinf", self.moeinf),
-                                                                     ("baselines", self.baseline)) if value]
+        parts = [f"{kind} {value / MIB:.0f} MiB" for kind, value in self.measured.items()]
         return "measured runtime (beyond weights): " + (", ".join(parts) or "none") + f"; allowance x{MARGIN}"
 
 

@@ -24,6 +24,8 @@ from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, c
 from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
 
+BASELINES = "baselines"  # the runtime kind of transformers-resident and accelerate-offload
+
 
 class Sweep:
     def __init__(self, opts: Options):
@@ -74,21 +76,24 @@ class Sweep:
                 if name != RESIDENT:
                     self.run_system(name, self.system_budgets[(setting, name)])
             for fmt in self.opts.formats:
-                self.run_system(format_system(fmt), self.system_budgets[(setting, MOEINF)], fmt)
+                self.run_system(format_system(fmt), self.system_budgets[(setting, format_system(fmt))], fmt)
 
     # ------------------------------------------------------------------------------------------------ budgets
     def plan_budgets(self) -> None:
-        """Every setting's budget per system, from the runtimes measured so far (and moeinf's, measured now)."""
+        """Every setting's budget per system, from the runtimes measured so far (and moeinf's, measured now: the
+        checkpoint's own, then each ``--formats`` entry's, whose worker dequantizes and so holds more)."""
         opts, moeinf_runs = self.opts, bool({ONDEMAND, MOEINF} & set(self.opts.systems))
         measured = opts.runtime_allowance == "measured" or opts.memory_limit_total
         if measured and moeinf_runs:
-            self.runtimes = Runtimes(self.measure_moeinf_runtime(), self.runtimes.baseline)
-        if measured and OFFLOAD in opts.systems and self.runtimes.baseline is None:
+            self.runtimes.measured[MOEINF] = self.measure_moeinf_runtime()
+            for fmt in opts.formats:
+                self.runtimes.measured[format_system(fmt)] = self.measure_moeinf_runtime(fmt)
+        if measured and OFFLOAD in opts.systems and BASELINES not in self.runtimes.measured:
             raise ValueError("accelerate-offload's runtime is measured on transformers-resident: add it to --systems"
                              " (or give --runtime-allowance SIZE with --expert-memory)")
         progress(self.runtimes.describe())
         for setting in opts.settings:
-            for name in opts.systems:
+            for name in opts.run_systems:
                 self.system_budgets[(setting, name)] = self.budget(setting, name)
             shown = next((s for s in (MOEINF, ONDEMAND) if s in opts.systems), opts.systems[-1])
             self.budgets.append(self.system_budgets[(setting, shown)])
@@ -97,20 +102,20 @@ class Sweep:
                 progress(f"{name}: {budget.describe()}")
 
     def budget(self, setting: str, name: str) -> Budget:
-        rt = self.runtimes
         if self.opts.memory_limit_total:
-            measured = rt.baseline if name in (RESIDENT, OFFLOAD) else rt.moeinf
-            return derive_total(self.sizes, setting, rt.allowance(measured or 0))
+            kind = BASELINES if name in (RESIDENT, OFFLOAD) else MOEINF if name == ONDEMAND else name
+            return derive_total(self.sizes, setting, self.runtimes.allowance(kind))
         if self.opts.runtime_allowance != "measured":
             return derive(self.sizes, setting, self.opts.runtime_allowance)
-        allowance = rt.allowance(max(v for v in (rt.moeinf, rt.baseline, 0) if v is not None))
-        return derive(self.sizes, setting, str(allowance))
+        return derive(self.sizes, setting, str(self.runtimes.allowance()))  # one limit for all: the largest
 
-    def measure_moeinf_runtime(self) -> int:
+    def measure_moeinf_runtime(self, expert_format: str = "") -> int:
         """memd + one worker at the smallest pool, no limit, after a warm-up and the longest workload request."""
-        progress("measuring moeinf's runtime (memd + worker, no limit, one layer's experts)")
+        what = f"moeinf{'-' + expert_format if expert_format else ''}"
+        progress(f"measuring {what}'s runtime (memd + worker, no limit, one layer's experts)")
         self.drop_caches()
-        system = MoeinfSystem(self.opts, MOEINF, str(self.sizes.layer_experts * self.sizes.slot_bytes))
+        system = MoeinfSystem(self.opts, MOEINF, str(self.sizes.layer_experts * self.sizes.slot_bytes),
+                              expert_format=expert_format)
         try:
             system.start()
             client = system.client()
@@ -138,7 +143,7 @@ class Sweep:
                 self.check_room(name, budget)
                 rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
                     name, budget, prefix, group, expert_format)
-            except RuntimeError as exc:
+            except (RuntimeError, OSError) as exc:  # OSError: a worker gone or silent
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
             extra = {"expert_memory": memory, **_budget_fields(budget),
@@ -171,7 +176,7 @@ class Sweep:
         run = run_baseline(job, prefix)
         if name == RESIDENT:  # it holds the whole model: what else it holds is the baselines' runtime
             memory = ProcMemory(run.rss_anon_bytes, run.rss_file_bytes)
-            self.runtimes = Runtimes(self.runtimes.moeinf, baseline_runtime(memory, run.anon_weight_bytes))
+            self.runtimes.measured[BASELINES] = baseline_runtime(memory, run.anon_weight_bytes)
         results = [Result(name, 1, [Timing(i, t["sent"], t["arrivals"], t["tokens"]) for i, t in enumerate(timings)],
                        None) for timings in run.runs]
         row = summarize({1: results})[0]

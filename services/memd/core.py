@@ -233,7 +233,7 @@ class ExpertCache:
         chosen, _ = self.planner.plan(worker, near, self.table.slot_of.__contains__, bandwidth,
                                       self.predictor.layer_seconds)
         for c in chosen:
-            if not self._worth(state.layer, c.priority):
+            if not self._worth(state.layer, c.priority, self._hidden(c.distance, bandwidth)):
                 self.metrics.prefetch_declined += 1
                 continue
             slot = self.table.reserve_prefetch(c.key, c.priority, self.protect)
@@ -257,18 +257,28 @@ class ExpertCache:
                 protect[key] = priority
         return protect
 
-    def _worth(self, layer: int, p: float) -> bool:
-        """Expected benefit (``p``: the candidate's priority, need x nearness, times the stall a read costs) against
-        expected cost (a wrong guess's bandwidth, and the slot: the evicted expert's own priority, need x nearness
-        from the current ``layer``, since it must be read again), both in units of one read."""
+    def _worth(self, layer: int, p: float, hidden: float) -> bool:
+        """Expected benefit (``p``: the candidate's priority, need x nearness, times the share of a read a right
+        guess hides, ``hidden``) against expected cost (a wrong guess's bandwidth, and the slot: the evicted
+        expert's own priority, need x nearness from the current ``layer``, since it must be read again), both in
+        units of one read."""
+        benefit = p * hidden
         if self.table.free or self.need is None:
-            return p > (1 - p) * WASTE_COST
+            return benefit > (1 - p) * WASTE_COST
         victim = self.table.policy.victim(lambda k: self.table.evictable(k) and self.protect.get(k, -1.0) < p)
         if victim is None:
-            return p > (1 - p) * WASTE_COST
+            return benefit > (1 - p) * WASTE_COST
         distance = (victim[0] - layer - 1) % self.L + 1
         victim_priority = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
-        return p > victim_priority + (1 - p) * WASTE_COST
+        return benefit > victim_priority + (1 - p) * WASTE_COST
+
+    def _hidden(self, distance: int, bandwidth: float | None) -> float:
+        """The share of one read a prefetch ``distance`` layers ahead can hide: the compute of the layers until its
+        use over the read's time (1 until both are measured)."""
+        layer_s = self.predictor.layer_seconds
+        if not bandwidth or not layer_s:
+            return 1.0
+        return min(1.0, distance * layer_s * bandwidth / self.expert_bytes)
 
     def prefetch_reserve(self) -> int:
         """Slots a lease acquire keeps free or evictable (unleased) so that prefetches have somewhere to land: one

@@ -167,7 +167,10 @@ def test_runtime_allowance_is_measured_with_a_margin():
         region.close()
         region.unlink()
     assert baseline_runtime(ProcMemory(900 << 20, 300 << 20), 700 << 20) == 500 << 20
-    assert Runtimes(100 << 20).allowance(100 << 20) == -(-int((100 << 20) * MARGIN) // (1 << 20)) * (1 << 20)
+    runtimes = Runtimes({"moeinf": 100 << 20, "baselines": 300 << 20})
+    assert runtimes.allowance("moeinf") == -(-int((100 << 20) * MARGIN) // (1 << 20)) * (1 << 20)
+    assert runtimes.allowance() == runtimes.allowance("baselines") > runtimes.allowance("moeinf")  # one limit: the largest
+    assert Runtimes().allowance() == 0
 
 
 def test_total_and_expert_memory_are_exclusive(tiny):
