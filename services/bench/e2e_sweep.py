@@ -146,7 +146,7 @@ class Sweep:
             except (RuntimeError, OSError) as exc:  # OSError: a worker gone or silent
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
-            extra = {"expert_memory": memory, **_budget_fields(budget),
+            extra = {"expert_memory": memory, **_budget_fields(budget, expert_format),
                      "eamc": "warm" if self.workloads.warm else "fresh", "disk_read_gbps_before": disk.gbps,
                      "memory_limit_bytes": group.limit_bytes if group else None,
                      "peak_memory_bytes": group.peak_bytes() if group else None,
@@ -200,11 +200,12 @@ class Sweep:
                 for row in summarize(results)]
 
 
-def _budget_fields(budget: Budget | None) -> dict:
+def _budget_fields(budget: Budget | None, expert_format: str = "") -> dict:
     if budget is None:
         return {}
-    return {"expert_budget_bytes": budget.expert_budget_bytes, "experts": budget.slots,
-            "expert_fraction": budget.fraction, "allowance_bytes": budget.allowance_bytes}
+    experts = None if expert_format else budget.slots  # a format's smaller slots: memd fits more in the same bytes
+    return {"expert_budget_bytes": budget.expert_budget_bytes, "experts": experts,
+            "expert_fraction": None if expert_format else budget.fraction, "allowance_bytes": budget.allowance_bytes}
 
 
 _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_p90": None, "tokens_per_s": None,
