@@ -85,7 +85,8 @@ class SimReader:
             self.now = finish
             ended = False
             for j in [j for j in running if j.chunk_left <= 1e-6]:
-                ended |= self._chunk_done(j)
+                if self.jobs.get(j.key) is j:  # an earlier job's end may have cancelled (removed) this one
+                    ended |= self._chunk_done(j)
             self._dispatch()
             if ended and until is None:
                 return

@@ -1,0 +1,36 @@
+"""services/memd/sim_reader.py: the simulated reader's rules, and a job cancelled by another job's end."""
+import pytest
+
+from services.memd.sim_reader import SimReader
+
+MIB = 1 << 20
+
+
+def reader(**kw):
+    ended = []
+    r = SimReader(100 * MIB, MIB, done=lambda k: ended.append(("done", k)),
+                  cancelled=lambda k: ended.append(("cancelled", k)), **kw)
+    return r, ended
+
+
+def test_threads_share_the_bandwidth_and_demand_goes_first():
+    r, ended = reader(threads=1, chunk=MIB // 2)
+    r.submit((0, 1), demand=False, priority=0.9)
+    r.submit((0, 2), demand=True)  # queued behind the prefetch's first chunk only
+    r.advance(None)
+    assert ended == [("done", (0, 2))] and r.now == pytest.approx(0.015)  # 1.5 chunks of 5 ms
+    r.advance(None)
+    assert ended[-1] == ("done", (0, 1)) and r.now == pytest.approx(0.02)
+
+
+def test_a_job_that_an_earlier_end_cancels_in_the_same_instant_is_not_ended_twice():
+    """Two chunks end at once; the first end's callback cancels the second job (as memd steals a prefetch's slot
+    for an on-demand load). The second is gone: the reader must not end it again (it raised KeyError)."""
+    ended = []
+    r = SimReader(100 * MIB, MIB, threads=2, chunk=MIB,
+                  done=lambda k: (ended.append(("done", k)), r.cancel((0, 2)) if k == (0, 1) else None),
+                  cancelled=lambda k: ended.append(("cancelled", k)))
+    r.submit((0, 1), demand=True)
+    r.submit((0, 2), demand=False, priority=0.5)
+    r.advance(None)  # both 1 MiB jobs finish at the same instant
+    assert ended[0] == ("done", (0, 1)) and len(ended) == 2 and (0, 2) not in r.jobs
