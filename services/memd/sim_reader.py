@@ -82,6 +82,7 @@ class SimReader:
                 return
             for j in running:
                 j.chunk_left -= (finish - self.now) * rate
+            first.chunk_left = 0.0  # it ends now by definition (a few bytes left can be below the clock's resolution)
             self.now = finish
             ended = False
             for j in [j for j in running if j.chunk_left <= 1e-6]:

@@ -34,3 +34,16 @@ def test_a_job_that_an_earlier_end_cancels_in_the_same_instant_is_not_ended_twic
     r.submit((0, 2), demand=False, priority=0.5)
     r.advance(None)  # both 1 MiB jobs finish at the same instant
     assert ended[0] == ("done", (0, 1)) and len(ended) == 2 and (0, 2) not in r.jobs
+
+
+@pytest.mark.timeout(10)
+def test_a_chunk_end_below_the_clocks_resolution_still_ends():
+    """Late in a long run a few bytes of a chunk take less than one ulp of the clock: the chunk must end anyway
+    (the reader used to spin forever, its clock never moving)."""
+    r, ended = reader(threads=1, chunk=MIB)
+    r.now = 1e6  # ulp(1e6 s) x 100 MiB/s is ~0.012 bytes
+    r.submit((0, 1), demand=True)
+    r.jobs[(0, 1)].chunk_left = 0.001  # above the 1e-6 "ended" cut, below what one tick of the clock reads
+    r.jobs[(0, 1)].remaining = 0.0
+    r.advance(None)
+    assert ended == [("done", (0, 1))]
