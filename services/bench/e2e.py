@@ -119,6 +119,10 @@ class Options:
             raise ValueError("--memory-limit-total needs --memory-limit on (the total is a cgroup limit)")
         if self.runtime_allowance != "measured":
             parse_size(self.runtime_allowance, what="--runtime-allowance")
+        if ((self.runtime_allowance == "measured" or self.memory_limit_total) and OFFLOAD in self.systems
+                and RESIDENT not in self.systems and self.memory_limit):
+            raise ValueError("accelerate-offload's runtime is measured on transformers-resident: add it to --systems"
+                             " (or give --runtime-allowance SIZE with --expert-memory)")
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")

@@ -221,3 +221,9 @@ def test_parameters_mapped_from_the_checkpoint_are_not_anonymous(tmp_path):
     ranges = mapped_ranges(checkpoint_files(tmp_path))
     assert len(ranges) >= 1 and anonymous_parameter_bytes(model, ranges) == 4000
     assert anonymous_parameter_bytes(model, []) == 4000 + (1 << 20)
+
+
+def test_accelerate_alone_needs_a_runtime_to_measure(tiny):
+    proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--systems", "accelerate-offload"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "add it to --systems" in proc.stderr and "Traceback" not in proc.stderr
