@@ -9,6 +9,7 @@ import pytest
 
 from helpers import moeinf_cmd, orphan_regions, write_family
 
+FIXED = ("--runtime-allowance", "1GiB")  # skips measuring the runtime (tests/bench/test_e2e_baselines.py does)
 ROW_KEYS = {"system", "ttft_s", "decode_ms_per_token_p50", "decode_ms_per_token_p90", "tokens_per_s",
             "bytes_read_per_token", "hit_rate"}
 
@@ -19,7 +20,7 @@ def test_table_and_json(tmp_path):
     out = tmp_path / "e2e.json"
     tmp = tmp_path / "t"
     tmp.mkdir()
-    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), *FIXED, "--systems", "moeinf", "--expert-memory", "100%",
                      "--concurrency", "1", "3", "--requests", "5", "--max-tokens", "6", "--threads", "1",
                      "--repeats", "2", "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(tmp)})
@@ -64,7 +65,7 @@ def test_every_run_gets_fresh_prompts_unless_warm(tmp_path):
 def test_warm_eamc_is_labelled(tmp_path):
     model = write_family("mixtral", tmp_path / "m")
     out = tmp_path / "e2e.json"
-    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), *FIXED, "--systems", "moeinf", "--expert-memory", "100%",
                      "--requests", "2", "--max-tokens", "3", "--threads", "1", "--warm-eamc", "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -79,7 +80,7 @@ def test_two_workers_on_one_memd(tmp_path):
     model = write_family("mixtral", tmp_path / "m")
     stale = orphan_regions()  # another run's leftovers are not this bench's
     out = tmp_path / "e2e.json"
-    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "100%",
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), *FIXED, "--systems", "moeinf", "--expert-memory", "100%",
                      "--concurrency", "2", "--requests", "4", "--max-tokens", "4", "--threads", "1",
                      "--workers", "2", "--memory-limit", "off", "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -97,7 +98,7 @@ def test_formats_run_the_same_checkpoint_compressed_at_the_same_byte_limit(tmp_p
     pool in bytes; the expert cache is filled ahead, so the timed runs convert nothing."""
     model = write_family("gpt_oss", tmp_path / "m", dtype="bfloat16")
     out, cache = tmp_path / "e2e.json", tmp_path / "cache"
-    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--systems", "moeinf", "--expert-memory", "50%",
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), *FIXED, "--systems", "moeinf", "--expert-memory", "50%",
                      "--requests", "2", "--max-tokens", "4", "--threads", "1", "--memory-limit", "off",
                      "--formats", "fp8", "mxfp4", "--expert-cache-dir", str(cache), "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
