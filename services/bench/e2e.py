@@ -117,6 +117,12 @@ class Options:
             raise ValueError(f"memory settings {' '.join(self.settings)}: each setting once")
         if self.memory_limit_total and not self.memory_limit:
             raise ValueError("--memory-limit-total needs --memory-limit on (the total is a cgroup limit)")
+        if self.memory_limit_total and self.workers > 1:
+            raise ValueError("--memory-limit-total with --workers > 1: the total is one process set's; run the"
+                             " workers with --expert-memory (their limit grows by dense weights + allowance each)")
+        if self.memory_limit_total and self.runtime_allowance != "measured":
+            raise ValueError("--memory-limit-total sizes each system from its measured runtime: drop"
+                             " --runtime-allowance")
         if self.runtime_allowance != "measured":
             parse_size(self.runtime_allowance, what="--runtime-allowance")
         if ((self.runtime_allowance == "measured" or self.memory_limit_total) and OFFLOAD in self.systems

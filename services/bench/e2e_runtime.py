@@ -49,8 +49,9 @@ class ProcMemory:
                 path = head[5] if len(head) == 6 and head[5].startswith("/") and head[4] != "0" else None
                 if path is not None and path.startswith(SHARED_MEMORY):
                     path = None  # memd's pool and control page: shared memory, counted as such, not as runtime
-            elif head[0] == "Rss:" and path is not None and path not in skip:
-                file += int(head[1]) * 1024
+            elif head[0] in ("Rss:", "Anonymous:") and path is not None and path not in skip:
+                sign = 1 if head[0] == "Rss:" else -1  # a mapping's copy-on-write pages are in RssAnon already
+                file += sign * int(head[1]) * 1024
         return cls(anon, file)
 
 

@@ -47,7 +47,8 @@ class Sweep:
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
         if not self.limits_applied:
             return None
-        extra = 0 if name in (RESIDENT, OFFLOAD) else (self.opts.workers - 1) * (budget.dense_bytes + budget.allowance_bytes)
+        workers = 1 if name in (RESIDENT, OFFLOAD) else self.opts.workers
+        extra = (workers - 1) * (budget.dense_bytes + budget.allowance_bytes)  # each extra worker: its own dense copy
         try:
             return stack.enter_context(MemoryCgroup.create(budget.limit_bytes + extra, name))
         except CgroupUnavailable as exc:
@@ -74,37 +75,65 @@ class Sweep:
                         self.notes.append(why)
                     continue
                 if name != RESIDENT:
-                    self.run_system(name, self.system_budgets[(setting, name)])
+                    self.run_budgeted(name, setting)
             for fmt in self.opts.formats:
-                self.run_system(format_system(fmt), self.system_budgets[(setting, format_system(fmt))], fmt)
+                self.run_budgeted(format_system(fmt), setting, fmt)
+
+    def run_budgeted(self, name: str, setting: str, expert_format: str = "") -> None:
+        budget = self.system_budgets.get((setting, name))
+        if budget is None:  # under a total, a system whose runtime could not be measured has no budget
+            why = f"{name}'s runtime was not measured in this run, so its share of the total is unknown"
+            self.rows.append({**_EMPTY, "system": name, "concurrency": 1, "error": why,
+                              "expert_memory": f"total {setting}"})
+            return
+        self.run_system(name, budget, expert_format)
 
     # ------------------------------------------------------------------------------------------------ budgets
     def plan_budgets(self) -> None:
         """Every setting's budget per system, from the runtimes measured so far (and moeinf's, measured now: the
         checkpoint's own, then each ``--formats`` entry's, whose worker dequantizes and so holds more)."""
         opts, moeinf_runs = self.opts, bool({ONDEMAND, MOEINF} & set(self.opts.systems))
-        measured = opts.runtime_allowance == "measured" or opts.memory_limit_total
+        measured = (opts.runtime_allowance == "measured" or opts.memory_limit_total) and self.limits_applied
         if measured and moeinf_runs:
-            self.runtimes.measured[MOEINF] = self.measure_moeinf_runtime()
-            for fmt in opts.formats:
-                self.runtimes.measured[format_system(fmt)] = self.measure_moeinf_runtime(fmt)
+            for kind, fmt in [(MOEINF, ""), *((format_system(f), f) for f in opts.formats)]:
+                self.measure_runtime(kind, fmt)
+        kinds = {self.kind(name) for name in opts.run_systems if name != RESIDENT}
+        if measured and (missing := sorted(kinds - set(self.runtimes.measured))) and not opts.memory_limit_total:
+            self.notes.append(f"runtime not measured for {', '.join(missing)}: the limits' allowance is the largest"
+                              " of the others'")
         progress(self.runtimes.describe())
         for setting in opts.settings:
             for name in opts.run_systems:
-                self.system_budgets[(setting, name)] = self.budget(setting, name)
-            shown = next((s for s in (MOEINF, ONDEMAND) if s in opts.systems), opts.systems[-1])
-            self.budgets.append(self.system_budgets[(setting, shown)])
+                budget = self.budget(setting, name)
+                if budget is not None:
+                    self.system_budgets[(setting, name)] = budget
+            shown = [self.system_budgets.get((setting, s)) for s in (MOEINF, ONDEMAND, *opts.run_systems)]
+            if any(shown):
+                self.budgets.append(next(b for b in shown if b is not None))
         for (setting, name), budget in self.system_budgets.items():
             if name != RESIDENT:
                 progress(f"{name}: {budget.describe()}")
 
-    def budget(self, setting: str, name: str) -> Budget:
+    @staticmethod
+    def kind(name: str) -> str:
+        """Whose measured runtime a system has: the baselines', moeinf's, or its format's own."""
+        return BASELINES if name in (RESIDENT, OFFLOAD) else MOEINF if name == ONDEMAND else name
+
+    def budget(self, setting: str, name: str) -> Budget | None:
         if self.opts.memory_limit_total:
-            kind = BASELINES if name in (RESIDENT, OFFLOAD) else MOEINF if name == ONDEMAND else name
-            return derive_total(self.sizes, setting, self.runtimes.allowance(kind))
+            if self.kind(name) not in self.runtimes.measured:
+                return None
+            return derive_total(self.sizes, setting, self.runtimes.allowance(self.kind(name)))
         if self.opts.runtime_allowance != "measured":
             return derive(self.sizes, setting, self.opts.runtime_allowance)
         return derive(self.sizes, setting, str(self.runtimes.allowance()))  # one limit for all: the largest
+
+    def measure_runtime(self, kind: str, expert_format: str) -> None:
+        try:
+            self.runtimes.measured[kind] = self.measure_moeinf_runtime(expert_format)
+        except (RuntimeError, OSError) as exc:  # a worker's error reply is a RuntimeError
+            self.notes.append(f"{kind}'s runtime could not be measured: {str(exc).splitlines()[0]}")
+            progress(self.notes[-1])
 
     def measure_moeinf_runtime(self, expert_format: str = "") -> int:
         """memd + one worker at the smallest pool, no limit, after a warm-up and the longest workload request."""

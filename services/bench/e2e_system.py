@@ -21,13 +21,13 @@ MEMD_FLAGS = {"moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"], "
 class MoeinfSystem:
     """memd + worker processes (started with ``prefix``: a cgroup's); clients talk to the worker's socket."""
 
-    def __init__(self, opts: Options, name: str = "moeinf", expert_memory: str | None = None, prefix: list[str] = (),
+    def __init__(self, opts: Options, name: str, expert_memory: str, prefix: list[str] = (),
                  expert_format: str = ""):
         self.name, self.opts, self.prefix = name, opts, list(prefix)
         self.flags = list(MEMD_FLAGS.get(name, []))
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
             self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
-        self.expert_memory = expert_memory or opts.settings[0]
+        self.expert_memory = expert_memory  # memd's --expert-memory
         self.memd: MemdProcess | None = None
         self.workers: list[WorkerProcess] = []
         self._clients = itertools.count()  # client k talks to worker k mod N

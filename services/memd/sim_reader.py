@@ -86,7 +86,8 @@ class SimReader:
             self.now = finish
             ended = False
             for j in [j for j in running if j.chunk_left <= 1e-6]:
-                if self.jobs.get(j.key) is j:  # an earlier job's end may have cancelled (removed) this one
+                # an earlier job's end may have cancelled (removed) this one, or handed it its next chunk
+                if self.jobs.get(j.key) is j and j.chunk_left <= 1e-6:
                     ended |= self._chunk_done(j)
             self._dispatch()
             if ended and until is None:

@@ -227,3 +227,30 @@ def test_accelerate_alone_needs_a_runtime_to_measure(tiny):
     proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--systems", "accelerate-offload"),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "add it to --systems" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_total_refuses_what_it_cannot_size(tiny):
+    for extra, said in ((["--workers", "2"], "--workers > 1"), (["--runtime-allowance", "1GiB"], "drop")):
+        proc = subprocess.run(moeinf_cmd("bench", "e2e", "--model", str(tiny), "--systems", "moeinf",
+                                         "--memory-limit-total", "3GiB", *extra),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_file_pages_leave_out_copy_on_write_pages(tmp_path):
+    """A private file mapping that was written holds anonymous (copy-on-write) pages: they count in RssAnon, not
+    again as file pages."""
+    import mmap
+
+    from services.bench.e2e_runtime import ProcMemory
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(32 << 20))
+    with open(path, "r+b") as f:
+        before = ProcMemory.of()
+        region = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        region[::4096] = b"\1" * len(region[::4096])  # every page copied on write
+        after = ProcMemory.of()
+        region.close()
+    assert after.anon - before.anon >= 30 << 20
+    assert after.file - before.file < 8 << 20, "the written pages were counted as file pages too"

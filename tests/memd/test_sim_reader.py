@@ -47,3 +47,19 @@ def test_a_chunk_end_below_the_clocks_resolution_still_ends():
     r.jobs[(0, 1)].remaining = 0.0
     r.advance(None)
     assert ended == [("done", (0, 1))]
+
+
+def test_a_job_handed_its_next_chunk_by_an_earlier_end_reads_that_chunk():
+    """Two chunks end at once; the first job's end starts another load, which hands the second job its next chunk
+    before the reader reaches it: that chunk must still be read (it used to be dropped, ending the job early)."""
+    when = {}
+    r = SimReader(100 * MIB, MIB, threads=2, chunk=MIB // 2,
+                  done=lambda k: (when.setdefault(k, r.now), r.submit((0, 3), demand=True) if k == (0, 1) else None),
+                  cancelled=lambda k: None)
+    r.submit((0, 1), demand=True)
+    r.submit((0, 2), demand=True)
+    r.jobs[(0, 1)].remaining = 0.0  # (0, 1) has one chunk, (0, 2) two
+    while r.jobs:
+        r.advance(None)
+    assert when[(0, 1)] == pytest.approx(0.01)  # half a MiB each at 50 MiB/s
+    assert when[(0, 2)] == pytest.approx(0.02), "its second chunk was never read"
