@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.bench.service_proc import exited_with
+
 RESIDENT, OFFLOAD = "transformers-resident", "accelerate-offload"
 
 
@@ -79,8 +81,7 @@ def run_baseline(job: Job, prefix: list[str] = (), timeout_s: float = 3600.0) ->
                 raise
         if code != 0:
             tail = "\n".join((work / "log").read_text(errors="replace").splitlines()[-15:])
-            killed = " (killed: out of memory under the limit?)" if code in (-9, 137) else ""
-            raise RuntimeError(f"{job.system} exited with {code}{killed}:\n{tail}")
+            raise RuntimeError(f"{job.system} {exited_with(code)}:\n{tail}")
         doc = json.loads((work / "out.json").read_text())
         return BaselineRun(doc["runs"], doc["load_s"], doc["placement"], doc["rss_bytes"], doc["rss_anon_bytes"],
                            doc["rss_file_bytes"], doc["anon_weight_bytes"])

@@ -56,7 +56,7 @@ class MoeinfSystem:
         from common.worker_client import WorkerClient
 
         worker = self.workers[next(self._clients) % len(self.workers)]
-        return _TokenStream(WorkerClient(worker.addr, timeout_s=600, gone=lambda: _exit_reason(worker)))
+        return _TokenStream(WorkerClient(worker.addr, timeout_s=600, gone=worker.gone))
 
     def pss_bytes(self) -> int | None:
         """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
@@ -69,15 +69,6 @@ class MoeinfSystem:
             self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
                                             state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
         return stats_counters(self._stats_client.stats())
-
-
-def _exit_reason(proc) -> str | None:
-    """Why a service process is gone (None while it runs): a client waiting on it stops at once."""
-    code = proc.proc.poll() if proc.proc is not None else None
-    if code is None:
-        return None
-    killed = " (SIGKILL: out of memory under the limit?)" if code in (-9, 137) else ""
-    return f"{proc.what} exited with {code}{killed}"
 
 
 def _pss(pids: list[int]) -> int | None:

@@ -9,6 +9,11 @@ import time
 from pathlib import Path
 
 
+def exited_with(code: int) -> str:
+    """How a child's exit status reads in a benchmark's error: SIGKILL is most likely the cgroup's OOM killer."""
+    return f"exited with {code}" + (" (killed: out of memory under the limit?)" if code in (-9, 137) else "")
+
+
 class ServiceProcess:
     def __init__(self, service: str, args: list[str], log_path: Path, ready_text: str, *, ready_timeout_s: float,
                  prefix: list[str] = ()):
@@ -44,7 +49,7 @@ class ServiceProcess:
         deadline = time.monotonic() + self.ready_timeout_s
         while self.ready_text not in self.log_text():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.what} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"{self.what} {exited_with(self.proc.returncode)}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.what} not ready within {self.ready_timeout_s:g}s:\n{self.log_tail()}")
             time.sleep(0.05)
@@ -72,6 +77,11 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def gone(self) -> str | None:
+        """Why the service is gone, or None while it runs (a client waiting on it can stop at once)."""
+        code = self.proc.poll() if self.proc is not None else None
+        return None if code is None else f"{self.what} {exited_with(code)}"
 
     @property
     def pid(self) -> int | None:

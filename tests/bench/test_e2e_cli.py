@@ -4,6 +4,7 @@ its own prompts (or, with --warm-eamc, the same, labelled), and memd and the wor
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,14 @@ def test_formats_run_the_same_checkpoint_compressed_at_the_same_byte_limit(tmp_p
     assert rows["moeinf-mxfp4"]["bytes_read_per_token"] < rows["moeinf"]["bytes_read_per_token"]
     assert "expert formats (memd --expert-format" in proc.stdout and "x the stored experts'" in proc.stdout
     assert "fp8, 32 experts converted now" in proc.stderr and len(list(cache.iterdir())) == 2
+
+
+def test_a_gone_service_says_why():
+    from services.bench.service_proc import ServiceProcess, exited_with
+
+    assert exited_with(-9).endswith("(killed: out of memory under the limit?)") and exited_with(1) == "exited with 1"
+    proc = ServiceProcess("worker", [], Path("/nonexistent/log"), "ready", ready_timeout_s=1)
+    assert proc.gone() is None  # not started: nothing to report
+    proc.proc = subprocess.Popen(["sh", "-c", "kill -9 $$"])
+    proc.proc.wait()
+    assert proc.gone() == "moeinf worker exited with -9 (killed: out of memory under the limit?)"
