@@ -1,10 +1,14 @@
 """Prefetch planning off the acquire path: a coalescing planner woken by layer notes and acquires.
 
-A note (or an acquire that carried its layer's routing) wakes the planner for its worker; the plan runs on the
-next turn of the event loop, after the acquire's reply went out, once per worker however many notes arrived
-meanwhile (it plans from the latest position). Demand first: while on-demand reads are in flight or queued the
-plan only cancels stale prefetches and protects what is needed soon; the worker is planned again as soon as the
-last demand read ends.
+A note (or an acquire that carried its layer's routing) wakes the planner for its worker; the plan runs on a later
+turn of the event loop, once per worker however many notes arrived meanwhile (it plans from the latest position).
+Demand first, in time as on the disk: no plan runs while an acquire waits for its loads or for its reply to go
+out (``hold`` / ``let_go``: planning costs memd's only loop a fraction of a millisecond, which would otherwise
+land between a demand read's end and the reply the worker waits for), nor while an RPC frame is waiting to be
+handled (an acquire that came with the note starts its demand reads first). The workers woken meanwhile are
+planned once the last such acquire is answered. And while on-demand reads are in flight or queued (a failed
+acquire's loads go on) the plan only cancels stale prefetches and protects what is needed soon; the worker is
+planned again as soon as the last demand read ends.
 """
 from __future__ import annotations
 
@@ -15,12 +19,16 @@ from services.memd.core import ExpertCache
 from services.memd.loads import Loads
 
 log = logging.getLogger("moeinf.memd.prefetching")
+RPC_TURNS = 8  # loop turns a plan waits for a received RPC frame to be handled (then plans anyway)
 
 
 class Prefetcher:
-    def __init__(self, core: ExpertCache, loads: Loads, bandwidth):
+    def __init__(self, core: ExpertCache, loads: Loads, bandwidth, rpc_waiting=lambda: False):
         self.core, self.loads = core, loads
         self.bandwidth = bandwidth  # () -> measured read bandwidth (bytes/s) or None
+        self.rpc_waiting = rpc_waiting  # () -> an RPC frame was received and is not handled yet
+        self.answering = 0  # acquires waiting for their loads or their reply: nothing is planned meanwhile
+        self.yielded = 0  # turns the next plan has waited for received RPC frames
         self.waiting: dict[object, None] = {}  # workers to plan for, in order (a bounded set: one per worker)
         self.deferred: dict[object, None] = {}  # workers planned while demand reads ran: plan again after them
         self.scheduled = False
@@ -28,6 +36,19 @@ class Prefetcher:
 
     def wake(self, worker) -> None:
         self.waiting[worker] = None
+        if not self.answering:
+            self._schedule()
+
+    def hold(self) -> None:
+        """An acquire waits for loads: no plan until it is answered (``let_go``)."""
+        self.answering += 1
+
+    def let_go(self) -> None:
+        self.answering -= 1
+        if not self.answering and self.waiting:
+            self._schedule()
+
+    def _schedule(self) -> None:
         if not self.scheduled:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._run)
@@ -45,6 +66,13 @@ class Prefetcher:
 
     def _run(self) -> None:
         self.scheduled = False
+        if self.answering:
+            return  # ``let_go`` plans the waiting workers once the last acquire is answered
+        if self.rpc_waiting() and self.yielded < RPC_TURNS:
+            self.yielded += 1
+            self._schedule()  # a received request goes first: an acquire starts its demand reads before any plan
+            return
+        self.yielded = 0
         workers = list(self.waiting)
         self.waiting.clear()
         for worker in workers:

@@ -70,7 +70,9 @@ class MemdServer:
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
-        self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth)
+        self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth, self._rpc_waiting)
+        self.rpc = None
+        self._rpc_recv: asyncio.Future | None = None  # the RPC reader's receive in progress
         self.memory, self.pool = memory, memory.pool  # the pool, and its retired slots' memory (admin resize)
         self.pool_name = self.pool.export().name or self.pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
@@ -152,11 +154,19 @@ class MemdServer:
                 await self._handle(identity, op, rid, req)
 
     async def _recv_pair(self):
-        parts = await self.rpc.recv_multipart()
+        self._rpc_recv = self.rpc.recv_multipart()
+        parts = await self._rpc_recv
+        self._rpc_recv = None
         if len(parts) != 2:
             log.warning("dropped a message of %d frames (expected identity + 1)", len(parts))
             return None, None
         return parts
+
+    def _rpc_waiting(self) -> bool:
+        """An RPC frame is received and its reader has not run yet: the prefetch planner lets it go first. (Not
+        ZMQ_EVENTS: reading it consumes the edge the socket's file descriptor signals, and the reader would then
+        never wake for a frame already queued.)"""
+        return self._rpc_recv is not None and self._rpc_recv.done()
 
     async def _handle(self, identity: bytes, op: Op, rid: int, req) -> None:
         await answer(self.rpc, identity, op, rid, lambda: self.handlers[op](identity, req))
@@ -236,8 +246,10 @@ class MemdServer:
             log.exception("ACQUIRE failed")
             await send_error(self.rpc, identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
             return
-        if pending.waits:
-            asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
+        if pending.waits:  # no prefetch is planned until this one is answered: demand first
+            self.prefetcher.hold()
+            task = asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
+            task.add_done_callback(lambda _: self.prefetcher.let_go())
         else:
             await send(self.rpc, identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
         client = self.clients.get(identity)

@@ -1,4 +1,5 @@
-"""services/memd/prefetching.py: planning waits for demand reads, and comes back when the last one ends."""
+"""services/memd/prefetching.py: planning waits for demand reads, acquires being answered and received requests,
+and comes back when they end."""
 import asyncio
 import concurrent.futures
 from types import SimpleNamespace
@@ -65,3 +66,38 @@ async def test_planning_without_demand_reads_waits_for_nothing():
     prefetcher.plan("worker")
     await settle()
     assert core.busy_at_plan == [False] and prefetcher.after_demand is None
+
+
+async def test_nothing_is_planned_while_an_acquire_waits_for_its_loads_or_its_reply():
+    core, reader = StubCore(), StubReader()
+    prefetcher = Prefetcher(core, Loads(core, reader), lambda: None)
+    prefetcher.hold()  # an acquire waits for its loads
+    prefetcher.wake("worker")  # a layer note meanwhile
+    prefetcher.wake("other")
+    await settle()
+    assert core.busy_at_plan == [], "a plan would run between the demand read's end and the reply"
+    prefetcher.let_go()  # answered
+    await settle()
+    assert core.busy_at_plan == [False, False], "both workers are planned once the acquire is answered"
+
+
+async def test_a_received_request_is_handled_before_the_plan():
+    core, reader = StubCore(), StubReader()
+    waiting = [True]
+    prefetcher = Prefetcher(core, Loads(core, reader), lambda: None, rpc_waiting=lambda: waiting[0])
+    prefetcher.wake("worker")
+    await settle(3)
+    assert core.busy_at_plan == [], "an RPC frame is waiting: it goes first"
+    waiting[0] = False
+    await settle(3)
+    assert core.busy_at_plan == [False]
+
+
+async def test_a_plan_waits_for_received_requests_a_bounded_number_of_turns():
+    from services.memd.prefetching import RPC_TURNS
+
+    core, reader = StubCore(), StubReader()
+    prefetcher = Prefetcher(core, Loads(core, reader), lambda: None, rpc_waiting=lambda: True)
+    prefetcher.wake("worker")
+    await settle(RPC_TURNS + 2)
+    assert core.busy_at_plan == [False], "a frame nobody reads must not stop planning for good"
