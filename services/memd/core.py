@@ -331,7 +331,8 @@ class ExpertCache:
             del self.unused[key]
             self.metrics.prefetch_wasted[key[0]] += 1
 
-    def stall(self, layer: int, seconds: float) -> None:
+    def stall(self, worker, layer: int, seconds: float) -> None:
+        self.predictor.stalled(worker, seconds)
         self.metrics.stall_seconds[layer] += seconds
         self.table.counters.stall_seconds += seconds
 
