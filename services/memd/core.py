@@ -331,8 +331,7 @@ class ExpertCache:
             del self.unused[key]
             self.metrics.prefetch_wasted[key[0]] += 1
 
-    def stall(self, worker, layer: int, seconds: float) -> None:
-        self.predictor.stalled(worker, seconds)
+    def stall(self, layer: int, seconds: float) -> None:
         self.metrics.stall_seconds[layer] += seconds
         self.table.counters.stall_seconds += seconds
 

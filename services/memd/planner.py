@@ -4,7 +4,7 @@ Priority = predicted need x nearness (the next layer first: ``1 - (d - 1) / (win
 ahead). Only experts whose need reaches ``--prefetch-threshold`` are candidates; resident or loading ones are not
 loaded twice (they are returned as *protected*: imminently needed, so no prefetch of a lower priority evicts
 them). The byte budget is what the reader can deliver before the window's last layer runs: measured read
-bandwidth x observed time per layer (compute: stalls left out) x window (or ``--prefetch-budget``), counting the prefetches still in flight;
+bandwidth x observed time per layer x window (or ``--prefetch-budget``), counting the prefetches still in flight;
 a candidate is admitted only if the bytes queued ahead of it can be read before its own layer runs. A prefetch whose target layer has passed
 (and that the new plan no longer wants) is stale: the caller cancels it.
 """

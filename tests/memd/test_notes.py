@@ -145,16 +145,3 @@ def test_an_unused_prefetch_is_spared_until_its_layer_has_run():
     core.unused[(2, 1)] = (1, 2, 0.9)  # prefetched for step 1, layer 2
     assert core._protected([], 1, 1) == {(2, 1): 0.9}
     assert core._protected([], 1, 2) == {} and core._protected([], 2, 0) == {}  # its layer ran: a victim like any
-
-
-def test_time_per_layer_is_compute_not_the_waits_for_loads():
-    """Between two notes the worker computed a layer and may have waited in an acquire: only the compute counts
-    (it is what a prefetch can hide a read under, and what the speculation distance is sized from)."""
-    core = core_with()
-    assert core.note(note(1, 0, [0, 1]), now=10.0)
-    core.stall(7, 0, 0.030)  # layer 0's acquire waited 30 ms for its loads
-    assert core.note(note(1, 1, [0, 1]), now=10.040)
-    assert abs(core.predictor.layer_seconds - 0.010) < 1e-9, core.predictor.layer_seconds
-    core.stall(99, 1, 5.0)  # another worker's wait is not this worker's
-    assert core.note(note(1, 2, [0, 1]), now=10.050)
-    assert abs(core.predictor.layer_seconds - 0.010) < 1e-9
