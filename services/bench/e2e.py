@@ -10,8 +10,9 @@ cgroup (``services/bench/cgroup.py``; the limit counts the page cache, ``service
 * ``moeinf-ondemand-lru``: memd with ``--prefetch off --policy lru`` (pure on-demand loads);
 * ``moeinf``: memd with its defaults. Both moeinf systems run a real ``moeinf memd`` and ``moeinf worker``.
 
-Greedy workloads (``--requests`` prompts, ``--max-tokens`` each) are served: a fresh one for every system, repeat
-and client count, so memd's EAMC has never seen the prompts it is timed on (``services/bench/e2e_workload.py``;
+Greedy workloads (``--requests`` prompts, ``--max-tokens`` each) are served: a fresh one for every repeat and client
+count, the same for every system (paired; each system runs in fresh processes), so memd's EAMC has never seen the
+prompts it is timed on and every system routes the same tokens (``services/bench/e2e_workload.py``;
 ``--warm-eamc`` asks for the warm scenario instead, labelled). moeinf systems serve at every ``--concurrency``
 value (N client threads, one ``WorkerClient`` each, draining a shared queue); the baselines serve one request at a
 time. With ``--workers N`` the moeinf systems run N worker processes on their one memd (one pool), client k talking
@@ -77,7 +78,7 @@ class Options:
 
     @property
     def run_systems(self) -> tuple[str, ...]:
-        """The systems, then one moeinf row per ``--formats`` entry (each serves its own workload)."""
+        """The systems, then one moeinf row per ``--formats`` entry (the same workloads)."""
         return tuple(self.systems) + tuple(format_system(f) for f in self.formats)
 
     @classmethod

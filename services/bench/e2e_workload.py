@@ -1,10 +1,12 @@
-"""The prompts of ``moeinf bench e2e``: a fresh workload for every system, repeat and client count.
+"""The prompts of ``moeinf bench e2e``: a fresh workload for every repeat and client count, the same for every system.
 
 memd learns from what it serves (the EAMC keeps finished requests' activation matrices), so a workload served
-twice is easier the second time. By default every timed run therefore gets prompts that nothing in the run has
-served before: workload ``(system, repeat, concurrency)`` is drawn from its own seed (``--seed`` and the three
-indices), or, with ``--prompts FILE``, is its own slice of the file's lines (the file must hold enough). The
-untimed warm-up request has its own seed too. ``--warm-eamc`` asks for the other scenario: one workload, served once
+twice is easier the second time. By default every timed run therefore gets prompts that its system has never
+served: workload ``(repeat, concurrency)`` is drawn from its own seed (``--seed`` and the two indices), or, with
+``--prompts FILE``, is its own slice of the file's lines (the file must hold enough). Every system serves the same
+workloads, each in its own processes (a fresh memd, its own state directory and EAMC, the page cache dropped), so
+the comparison is paired: the same routing for every system, and no system has seen a prompt before it is timed on
+it. The untimed warm-up request has its own seed too. ``--warm-eamc`` asks for the other scenario: one workload, served once
 untimed before the timed runs and then again in every run; the report labels it.
 """
 from __future__ import annotations
@@ -52,19 +54,18 @@ class Workloads:
 
     @property
     def needed(self) -> int:
-        """Distinct prompts the run serves."""
-        return self.requests if self.warm else self.requests * self.runs * len(self.systems)
+        """Distinct prompts the run serves (every system serves the same ones)."""
+        return self.requests if self.warm else self.requests * self.runs
 
     def check(self) -> None:
         if self.lines is not None and len(self.lines) < self.needed:
             raise ValueError(f"--prompts has {len(self.lines)} prompts; fresh prompts for every system, repeat and"
-                             f" client count need {self.needed} ({len(self.systems)} systems x {self.runs} runs x"
+                             f" client count need {self.needed} ({self.runs} runs x"
                              f" {self.requests} requests): add prompts, or pass --warm-eamc to serve the same ones")
 
     def prompts(self, system: str, repeat: int = 0, concurrency_index: int = 0) -> list[list[int]]:
-        """The workload of one timed run (with ``warm``: the same one for every run)."""
-        index = 0 if self.warm else (self.systems.index(system) * self.runs + repeat * self.concurrencies
-                                     + concurrency_index)
+        """The workload of one timed run: the same for every ``system`` (with ``warm``: for every run too)."""
+        index = 0 if self.warm else repeat * self.concurrencies + concurrency_index
         if self.lines is not None:
             return [list(p) for p in self.lines[index * self.requests:(index + 1) * self.requests]]
         rng = np.random.default_rng([self.seed, index])
@@ -84,8 +85,8 @@ class Workloads:
         if self.warm:
             return ("WARM EAMC (--warm-eamc): one workload, served once untimed before the timed runs, then in every"
                     " run: memd has seen every prompt")
-        return ("fresh prompts: every system, repeat and client count serves its own workload (its own seed), never"
-                " served before in the run, so memd's EAMC has not seen it")
+        return ("fresh prompts: every repeat and client count serves its own workload (its own seed), the same for"
+                " every system (paired); each system runs in fresh processes, so memd's EAMC has not seen it")
 
 
 def _tokenized_lines(model: Path, path: Path) -> list[list[int]]:

@@ -45,21 +45,23 @@ def test_table_and_json(tmp_path):
     assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale), "the bench left a state directory or a pool"
 
 
-def test_every_run_gets_fresh_prompts_unless_warm(tmp_path):
+def test_every_run_gets_fresh_prompts_paired_across_systems_unless_warm(tmp_path):
     from services.bench.e2e_workload import Workloads
 
     model = write_family("mixtral", tmp_path / "m")
     systems = ("accelerate-offload", "moeinf-ondemand-lru", "moeinf")
     fresh = Workloads(model, 4, 0, False, systems, 3, 2, vocab=320)
-    seen = [tuple(map(tuple, fresh.prompts(s, r, c))) for s in systems for r in range(3) for c in range(2)]
-    assert len(set(seen)) == len(seen) == 18  # every system, repeat and client count: its own workload
+    seen = [tuple(map(tuple, fresh.prompts("moeinf", r, c))) for r in range(3) for c in range(2)]
+    assert len(set(seen)) == len(seen) == 6  # every repeat and client count: its own workload
     prompts = {p for workload in seen for p in workload}
-    assert len(prompts) == 18 * 4 and tuple(fresh.warmup()) not in prompts
+    assert len(prompts) == 6 * 4 and tuple(fresh.warmup()) not in prompts
+    for s in systems:  # paired: every system serves the same workloads (each in a fresh memd)
+        assert [tuple(map(tuple, fresh.prompts(s, r, c))) for r in range(3) for c in range(2)] == seen
     assert fresh.prompts("moeinf", 1, 1) == fresh.prompts("moeinf", 1, 1)  # reproducible
     warm = Workloads(model, 4, 0, True, systems, 3, 2, vocab=320)
     assert warm.prompts("moeinf", 2, 1) == warm.prompts("accelerate-offload", 0, 0) and "WARM" in warm.label()
     lines = Workloads(model, 4, 0, False, systems, 3, 2, lines=tuple((i, i + 1) for i in range(20)), vocab=320)
-    with pytest.raises(ValueError, match="need 72 .*--warm-eamc"):
+    with pytest.raises(ValueError, match="need 24 .*--warm-eamc"):
         lines.check()
 
 
