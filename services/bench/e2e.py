@@ -18,7 +18,9 @@ value (N client threads, one ``WorkerClient`` each, draining a shared queue); th
 time. With ``--workers N`` the moeinf systems run N worker processes on their one memd (one pool), client k talking
 to worker k mod N, with a memory limit raised by N-1 times dense weights + allowance (no expert memory: the
 workers share the pool); ``pss_bytes`` (PSS of memd + workers, the shared pool counted once) is the memory they
-hold. Every system runs ``--repeats`` times (baselines too) and the median run is reported; every system first
+hold. Every system runs ``--repeats`` times (baselines too), interleaved: repeat r runs every system once, in an order
+rotated by r (A B, then B A), each started afresh, so a disk whose speed drifts over minutes (VMs) weighs on every
+system alike; the median run is reported, with every run's figures; every system first
 serves one untimed warm-up request outside the workloads. Per run: tokens/s, time to first token, decode time per
 token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate, and how good its
 predictions were over the run (prefetch precision and recall, precision and recall by lookahead distance:
@@ -245,15 +247,15 @@ def _gbps(c: dict | None, seconds: str) -> float | None:
     return c["bytes_read"] / c[seconds] / 1e9
 
 
-def measure(system, workloads, opts: Options) -> dict[int, list[Result]]:
-    """The warm-up request (and, with ``--warm-eamc``, the workload once, untimed), then ``repeats`` rounds over the
-    concurrency values (rotating order), each run on its own workload. A run at several clients is checked
+def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, list[Result]]:
+    """The warm-up request (and, with ``--warm-eamc``, the workload once, untimed), then one round over the
+    concurrency values (rotating order) per repeat in ``repeats``, each run on its own workload. A run at several clients is checked
     afterwards (untimed): its prompts served at 1 client must give the same tokens (greedy)."""
     serve_workload(system, [workloads.warmup()], opts.warmup_tokens, 1)
     if workloads.warm:
         serve_workload(system, workloads.prompts(system.name), opts.max_tokens, 1)
     results: dict[int, list[Result]] = {c: [] for c in opts.concurrency}
-    for r in range(opts.repeats):
+    for r in repeats:
         k = r % len(opts.concurrency)
         for c in opts.concurrency[k:] + opts.concurrency[:k]:
             prompts = workloads.prompts(system.name, r, opts.concurrency.index(c))

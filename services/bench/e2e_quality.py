@@ -14,7 +14,8 @@ from __future__ import annotations
 
 PREDICTIONS = ("lookahead", "speculation")
 COUNTS = ("predicted", "correct", "routed")
-PREFETCH = ("prefetch_issued", "prefetch_used", "prefetch_wasted")
+PREFETCH = ("prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_late", "prefetch_cancelled",
+            "prefetch_declined", "prefetch_deferred")
 PRECISION_TARGET = 0.6  # issue 11: prefetch precision >= 0.6 at lookahead 1
 
 
@@ -64,7 +65,9 @@ def describe(row: dict) -> str | None:
     """One line: precision/recall by distance of each kind, and the prefetches' fate."""
     if "prefetch_used" not in row:
         return None
-    parts = [f"prefetch {row['prefetch_issued']} issued, {row['prefetch_used']} used, {row['prefetch_wasted']} wasted:"
+    late, declined = row.get("prefetch_late", 0), row.get("prefetch_declined", 0)
+    parts = [f"prefetch {row['prefetch_issued']} issued, {row['prefetch_used']} used ({late} late),"
+             f" {row['prefetch_wasted']} wasted, {declined} declined, {row.get('prefetch_deferred', 0)} plans deferred:"
              f" precision {_cell(row['prefetch_precision'])}, recall {_cell(row['prefetch_recall'])}"]
     for kind in PREDICTIONS:
         cells = [f"{s['distance']}: {_cell(s['precision'])}/{_cell(s['recall'])}" for s in row[kind]]

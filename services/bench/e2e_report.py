@@ -21,6 +21,8 @@ Targets (checked at every expert-memory setting, at 1 client):
 """
 from __future__ import annotations
 
+import numpy as np
+
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
 from services.bench.e2e_formats import FORMAT_SYSTEMS
@@ -108,9 +110,12 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
         ondemand = _find(rows, ONDEMAND, memory)
         if ours and ondemand:
             x = ours["decode_ms_per_token_p50"] / ondemand["decode_ms_per_token_p50"]
-            out.append(_target(memory, f"decode <= {LRU_TARGET}x of {ONDEMAND}", x, x <= LRU_TARGET,
-                               f"{x:.2f}x ({ours['decode_ms_per_token_p50']:.1f} vs"
-                               f" {ondemand['decode_ms_per_token_p50']:.1f} ms)"))
+            shown = f"{x:.2f}x ({ours['decode_ms_per_token_p50']:.1f} vs {ondemand['decode_ms_per_token_p50']:.1f} ms)"
+            if pairs := paired_ratios(ours, ondemand):  # judged on the median of the paired runs' ratios
+                x = float(np.median(pairs))
+                shown = (f"{x:.2f}x, the median of the paired repeats' ratios ({', '.join(f'{p:.2f}' for p in pairs)});"
+                         f" median runs {shown}")
+            out.append(_target(memory, f"decode <= {LRU_TARGET}x of {ONDEMAND}", x, x <= LRU_TARGET, shown))
         if ondemand and ondemand.get("stall_read_gbps") and gbps:
             best = max(gbps, ondemand.get("disk_read_gbps_before") or 0.0)
             x = ondemand["stall_read_gbps"] / best
@@ -120,6 +125,14 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
                                f"on-demand loads deliver {ondemand['stall_read_gbps']:.2f} of {best:.2f} GB/s = {x:.0%}"
                                f" (bytes / worker wait, {ONDEMAND}; one load alone reads at {per_load} GB/s)"))
     return out
+
+
+def paired_ratios(ours: dict, base: dict) -> list[float]:
+    """Repeat by repeat (interleaved runs on the same workload), our decode p50 over ``base``'s; [] for one repeat."""
+    a, b = ours.get("decode_ms_per_token_p50_all") or [], base.get("decode_ms_per_token_p50_all") or []
+    if len(a) != len(b) or len(a) < 2:
+        return []
+    return [x / y for x, y in zip(a, b) if x and y]
 
 
 def _precision_target(memory: str, ours: dict) -> dict:

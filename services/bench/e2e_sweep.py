@@ -3,8 +3,9 @@
 Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model; its
 memory gives the baselines' runtime), then moeinf's runtime measured apart (``e2e_runtime.py``) when a limit needs
 it, then per memory setting (``--expert-memory`` or ``--memory-limit-total``) ``accelerate-offload``,
-``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup with the setting's limit. The page cache is dropped
-before every system. A system that fails (for example killed by the kernel at its limit) gets a row with ``error``
+``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup with the setting's limit, interleaved by repeat: repeat
+r runs every system once, the order rotated by r, each started afresh (``merge_repeats`` then keeps each system's
+median run, with every run's figures). The page cache is dropped before every system. A system that fails (for example killed by the kernel at its limit) gets a row with ``error``
 and the run goes on.
 """
 from __future__ import annotations
@@ -68,25 +69,30 @@ class Sweep:
         if RESIDENT in self.opts.systems:
             self.run_system(RESIDENT, None)
         self.plan_budgets()
+        runs = [(name, "") for name in self.opts.systems if name != RESIDENT and self.available(name)]
+        runs += [(format_system(fmt), fmt) for fmt in self.opts.formats]
         for setting in self.opts.settings:
-            for name in self.opts.systems:
-                if name == OFFLOAD and (why := accelerate_missing()):
-                    if why not in self.notes:
-                        self.notes.append(why)
-                    continue
-                if name != RESIDENT:
-                    self.run_budgeted(name, setting)
-            for fmt in self.opts.formats:
-                self.run_budgeted(format_system(fmt), setting, fmt)
+            first = len(self.rows)
+            for r in range(self.opts.repeats):
+                for name, fmt in rotated(runs, r):
+                    self.run_budgeted(name, setting, fmt, repeat=r)
+            self.rows[first:] = merge_repeats(self.rows[first:])
 
-    def run_budgeted(self, name: str, setting: str, expert_format: str = "") -> None:
+    def available(self, name: str) -> bool:
+        if name == OFFLOAD and (why := accelerate_missing()):
+            if why not in self.notes:
+                self.notes.append(why)
+            return False
+        return True
+
+    def run_budgeted(self, name: str, setting: str, expert_format: str = "", repeat: int | None = None) -> None:
         budget = self.system_budgets.get((setting, name))
         if budget is None:  # under a total, a system whose runtime could not be measured has no budget
             why = f"{name}'s runtime was not measured in this run, so its share of the total is unknown"
             self.rows.append({**_EMPTY, "system": name, "concurrency": 1, "error": why,
                               "expert_memory": f"total {setting}"})
             return
-        self.run_system(name, budget, expert_format)
+        self.run_system(name, budget, expert_format, repeat)
 
     # ------------------------------------------------------------------------------------------------ budgets
     def plan_budgets(self) -> None:
@@ -156,9 +162,12 @@ class Sweep:
         finally:
             system.stop()
 
-    def run_system(self, name: str, budget: Budget | None, expert_format: str = "") -> None:
+    def run_system(self, name: str, budget: Budget | None, expert_format: str = "", repeat: int | None = None) -> None:
+        """``repeat``: that repeat only (a fresh start); None: every repeat in this one start."""
         memory = budget.expert_memory if budget else "100%"
-        progress(f"{name} (expert memory {memory}): dropping caches, starting")
+        repeats = list(range(self.opts.repeats)) if repeat is None else [repeat]
+        which = "" if repeat is None else f", repeat {repeat + 1}/{self.opts.repeats}"
+        progress(f"{name} (expert memory {memory}{which}): dropping caches, starting")
         self.drop_caches()
         disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20))  # the disk varies (VMs)
         progress(f"disk just before {name}: {disk.describe()}")
@@ -167,8 +176,8 @@ class Sweep:
             prefix = group.exec_prefix() if group else []
             try:
                 self.check_room(name, budget)
-                rows = self.baseline(name, budget, prefix) if name in (RESIDENT, OFFLOAD) else self.moeinf(
-                    name, budget, prefix, group, expert_format)
+                rows = self.baseline(name, budget, prefix, repeats) if name in (RESIDENT, OFFLOAD) else self.moeinf(
+                    name, budget, prefix, group, repeats, expert_format)
             except (RuntimeError, OSError) as exc:  # OSError: a worker gone or silent
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
@@ -193,10 +202,10 @@ class Sweep:
             raise RuntimeError(f"{budget.expert_memory} leaves {budget.slots} experts after the dense weights and"
                                f" {name}'s runtime; it needs at least {need}: raise the total")
 
-    def baseline(self, name: str, budget: Budget | None, prefix: list[str]) -> list[dict]:
-        """``--repeats`` runs in one child (one model load), each on its own workload; the median run's row."""
+    def baseline(self, name: str, budget: Budget | None, prefix: list[str], repeats: list[int]) -> list[dict]:
+        """The ``repeats`` in one child (one model load), each on its own workload; the median run's row."""
         w, opts = self.workloads, self.opts
-        job = Job(name, opts.model, [w.prompts(name, r) for r in range(opts.repeats)], w.warmup(), opts.warmup_tokens,
+        job = Job(name, opts.model, [w.prompts(name, r) for r in repeats], w.warmup(), opts.warmup_tokens,
                   opts.max_tokens, opts.threads, budget.accelerate_cpu_bytes if budget else None,
                   w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
@@ -210,20 +219,51 @@ class Sweep:
                  f" (median of {len(results)}; load {run.load_s:.1f} s; placement {run.placement or 'all in memory'})")
         return [{**row, "load_s": run.load_s, "placement": run.placement or None, "rss_bytes": run.rss_bytes}]
 
-    def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None,
+    def moeinf(self, name: str, budget: Budget, prefix: list[str], group: MemoryCgroup | None, repeats: list[int],
                expert_format: str = "") -> list[dict]:
         # a compressed format gets the stored checkpoint's pool in bytes (the same limit), so it holds more experts
         memory = str(budget.expert_budget_bytes) if expert_format else budget.memd_memory
         system = MoeinfSystem(self.opts, name, memory, prefix, expert_format)
         try:
             system.start()
-            results = measure(system, self.workloads, self.opts)
+            results = measure(system, self.workloads, self.opts, repeats)
             held = group.unreclaimable_bytes() if group else None  # memd + worker, before they stop
             pss = system.pss_bytes()
         finally:
             system.stop()
         return [{**row, "unreclaimable_bytes": held, "pss_bytes": pss, "workers": self.opts.workers}
                 for row in summarize(results)]
+
+
+def rotated(items: list, r: int) -> list:
+    """``items`` starting at its ``r``-th (cyclically): no system always runs first."""
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def merge_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (system, expert memory, concurrency), in first-seen order, from the runs of the interleaved repeats:
+    the run with the median tokens/s (as ``summarize`` picks within one start), with ``tokens_per_s_all`` and
+    ``decode_ms_per_token_p50_all`` listing every run's figure in repeat order. A run that failed is kept only when
+    every run failed."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["system"], row.get("expert_memory"), row["concurrency"]), []).append(row)
+    merged = []
+    for runs in groups.values():
+        good = [r for r in runs if not r.get("error")]
+        if not good:
+            merged.append(runs[0])
+            continue
+        ranked = sorted(good, key=lambda r: r["tokens_per_s"])
+        row = dict(ranked[len(ranked) // 2])
+        row["tokens_per_s_all"] = [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]]
+        row["decode_ms_per_token_p50_all"] = [r["decode_ms_per_token_p50"] for r in good]
+        row["repeats"] = sum(r.get("repeats", 1) for r in good)
+        if any("same_tokens_as_c1" in r for r in good):
+            row["same_tokens_as_c1"] = all(r.get("same_tokens_as_c1", True) for r in good)
+        merged.append(row)
+    return merged
 
 
 def _budget_fields(budget: Budget | None, expert_format: str = "") -> dict:

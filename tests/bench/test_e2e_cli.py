@@ -124,3 +124,26 @@ def test_a_gone_service_says_why():
     proc.proc = subprocess.Popen(["sh", "-c", "kill -9 $$"])
     proc.proc.wait()
     assert proc.gone() == "moeinf worker exited with -9 (killed: out of memory under the limit?)"
+
+
+def test_repeats_interleave_and_merge_to_the_median_run():
+    from services.bench.e2e_report import paired_ratios
+    from services.bench.e2e_sweep import merge_repeats, rotated
+
+    assert [rotated(["a", "b"], r) for r in range(3)] == [["a", "b"], ["b", "a"], ["a", "b"]] and rotated([], 1) == []
+
+    def run(system, tps, p50, **extra):
+        return {"system": system, "expert_memory": "25%", "concurrency": 1, "tokens_per_s": tps,
+                "decode_ms_per_token_p50": p50, "repeats": 1, **extra}
+
+    rows = [run("lru", 1.0, 700.0), run("moeinf", 1.5, 500.0), run("moeinf", 1.2, 560.0), run("lru", 0.9, 760.0),
+            run("moeinf", 1.3, 540.0), {"system": "lru", "expert_memory": "25%", "concurrency": 1, "error": "killed"}]
+    lru, ours = merge_repeats(rows)
+    assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 700.0, 2)  # the failed run dropped
+    assert lru["decode_ms_per_token_p50_all"] == [700.0, 760.0] and lru["tokens_per_s_all"] == [1.0, 0.9]
+    assert ours["decode_ms_per_token_p50"] == 540.0 and ours["decode_ms_per_token_p50_all"] == [500.0, 560.0, 540.0]
+    assert paired_ratios(ours, lru) == []  # unequal repeat counts: nothing paired
+    ours["decode_ms_per_token_p50_all"] = [500.0, 560.0]
+    assert paired_ratios(ours, lru) == pytest.approx([500 / 700, 560 / 760])
+    only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
+    assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
