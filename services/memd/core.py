@@ -233,10 +233,10 @@ class ExpertCache:
         chosen, _ = self.planner.plan(worker, near, self.table.slot_of.__contains__, bandwidth,
                                       self.predictor.layer_seconds)
         for c in chosen:
-            if not self._worth(state.layer, c.priority, self._hidden(c.distance, bandwidth)):
+            if not self._worth(state.layer, c, self._hidden(c.distance, bandwidth)):
                 self.metrics.prefetch_declined += 1
                 continue
-            slot = self.table.reserve_prefetch(c.key, c.priority, self.protect)
+            slot = self.table.reserve_prefetch(c.key, c.priority, self.protect, need=c.need)
             if slot is None:
                 continue
             self.planner.issued(worker, c)
@@ -257,20 +257,25 @@ class ExpertCache:
                 protect[key] = priority
         return protect
 
-    def _worth(self, layer: int, p: float, hidden: float) -> bool:
-        """Expected benefit (``p``: the candidate's priority, need x nearness, times the share of a read a right
-        guess hides, ``hidden``) against expected cost (a wrong guess's bandwidth, and the slot: the evicted
-        expert's own priority, need x nearness from the current ``layer``, since it must be read again), both in
-        units of one read."""
+    def _worth(self, layer: int, c, hidden: float) -> bool:
+        """Expected benefit (the candidate's need ``p``, the probability that it runs at its target, times the share
+        of a read a right guess hides, ``hidden``, which counts its distance) against expected cost (a wrong guess's
+        bandwidth, and the slot: the chance the evicted expert runs at its layer's next run, the policy's estimate,
+        since it must then be read again; policies without one: need x nearness from the current ``layer``), both in
+        units of one read. At a pool of one token's experts every victim is live, so a prefetch pays only when
+        compute can hide much of its read."""
+        p = c.need
         benefit = p * hidden
         if self.table.free or self.need is None:
             return benefit > (1 - p) * WASTE_COST
-        victim = self.table.policy.victim(lambda k: self.table.evictable(k) and self.protect.get(k, -1.0) < p)
+        victim = self.table.policy.victim(lambda k: self.table.evictable(k) and self.protect.get(k, -1.0) < c.priority)
         if victim is None:
             return benefit > (1 - p) * WASTE_COST
-        distance = (victim[0] - layer - 1) % self.L + 1
-        victim_priority = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
-        return benefit > victim_priority + (1 - p) * WASTE_COST
+        reuse = self.table.policy.reuse(victim)
+        if reuse is None:
+            distance = (victim[0] - layer - 1) % self.L + 1
+            reuse = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
+        return benefit > reuse + (1 - p) * WASTE_COST
 
     def _hidden(self, distance: int, bandwidth: float | None) -> float:
         """The share of one read a prefetch ``distance`` layers ahead can hide: the compute of the layers until its
@@ -331,7 +336,8 @@ class ExpertCache:
             del self.unused[key]
             self.metrics.prefetch_wasted[key[0]] += 1
 
-    def stall(self, layer: int, seconds: float) -> None:
+    def stall(self, worker, layer: int, seconds: float) -> None:
+        self.predictor.stalled(worker, seconds)
         self.metrics.stall_seconds[layer] += seconds
         self.table.counters.stall_seconds += seconds
 

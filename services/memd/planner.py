@@ -1,10 +1,11 @@
 """Which predicted experts to prefetch now, and which prefetches to cancel.
 
 Priority = predicted need x nearness (the next layer first: ``1 - (d - 1) / (window + 1)`` for ``d`` layers
-ahead). Only experts whose need reaches ``--prefetch-threshold`` are candidates; resident or loading ones are not
+ahead) orders the candidates; whether one is worth a read and a slot is judged on its need alone (the probability
+that it runs at its target), its distance counting as the time it has to load. Only experts whose need reaches ``--prefetch-threshold`` are candidates; resident or loading ones are not
 loaded twice (they are returned as *protected*: imminently needed, so no prefetch of a lower priority evicts
 them). The byte budget is what the reader can deliver before the window's last layer runs: measured read
-bandwidth x observed time per layer x window (or ``--prefetch-budget``), counting the prefetches still in flight;
+bandwidth x observed time per layer (compute: stalls left out) x window (or ``--prefetch-budget``), counting the prefetches still in flight;
 a candidate is admitted only if the bytes queued ahead of it can be read before its own layer runs. A prefetch whose target layer has passed
 (and that the new plan no longer wants) is stale: the caller cancels it.
 """
@@ -29,9 +30,10 @@ class Prefetch:
 @dataclass(slots=True)
 class Candidate:
     key: Key
-    priority: float
+    priority: float  # need x nearness: the order prefetches are planned and protected in
     distance: int
     step: int
+    need: float = 1.0  # the probability that it runs at its target: what admission and the benefit weigh
 
 
 class PrefetchPlanner:
@@ -51,9 +53,9 @@ class PrefetchPlanner:
             near = self.nearness(t.distance)
             for expert in likely:
                 key = (t.layer, expert)
-                priority = float(t.need[expert]) * near
-                if key not in best or priority > best[key].priority:
-                    best[key] = Candidate(key, priority, t.distance, t.step)
+                need = float(t.need[expert])
+                if key not in best or need * near > best[key].priority:
+                    best[key] = Candidate(key, need * near, t.distance, t.step, need)
         return sorted(best.values(), key=lambda c: (-c.priority, c.distance, c.key))
 
     def budget(self, bandwidth: float | None, layer_seconds: float | None) -> tuple[float, float | None]:

@@ -51,6 +51,11 @@ class EvictionPolicy:
         """May a prefetch of ``candidate`` (priority in [0, 1]) evict ``victim``? The baselines always let it."""
         return True
 
+    def reuse(self, key: Key) -> float | None:
+        """The probability that resident ``key`` runs the next time its layer runs, or None (the baselines do not
+        estimate it)."""
+        return None
+
 
 class LruPolicy(EvictionPolicy):
     """Least recently used: the resident expert acquired longest ago goes first."""
@@ -249,8 +254,8 @@ class ActivationPolicy(_ScoredPolicy):
     def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
         """Evict ``victim`` for a prefetch only when the candidate is near certain (ADMIT) to be used, and sooner
         than the victim by the expected next use above. Its probability is the larger of this policy's (its layer's
-        measured reuse, ranked by need) and the planner's ``priority`` (need x nearness, where the need carries the
-        worker's hidden-state guesses at the precision measured for guesses like it: same distance, router
+        measured reuse, ranked by need) and the planner's ``priority``: the candidate's need at its target (its
+        distance counts in the next use, not here), which carries the worker's hidden-state guesses at the precision measured for guesses like it: same distance, router
         probability and residency, ``Predictor.guess_probability``). A right guess costs no extra read (the expert
         would have been read on demand a moment later) and hides its read under compute; a wrong one costs a read
         and the victim. ADMIT 0.5 let through 0.3-0.45 precision and 1.1-2.5x LRU's bytes end to end (an 8-layer
@@ -261,6 +266,9 @@ class ActivationPolicy(_ScoredPolicy):
             return False
         t = self.next_use(p)
         return self._next_use_at(candidate, mine) < t[victim]
+
+    def reuse(self, key: Key) -> float:
+        return float(self.probability()[key])
 
     def _next_use_at(self, key: Key, p: float) -> float:
         return float(self.distance()[key[0], 0] + self.num_layers * (1 - p) / p)

@@ -48,6 +48,7 @@ class WorkerStep:
     need: np.ndarray | None = None  # [L, E] batch need, kept through a decode-only step ...
     likely: list | None = None  # ... and, per layer, the experts whose need reaches the threshold
     last_time: float | None = None
+    stalled: float = 0.0  # seconds its acquires waited for loads since its last note (not compute)
     guesses: dict[int, dict[int, tuple[float, bool]]] = field(default_factory=dict)  # target -> expert -> conf, absent
     routed: list[int] = field(default_factory=list)  # the experts of the current layer
 
@@ -90,14 +91,20 @@ class Predictor:
         """Place ``worker`` at (step, layer); returns True when this begins a new step."""
         state = self.workers.setdefault(worker, WorkerStep())
         new_step = step != state.step or layer <= state.layer
-        if not new_step and state.last_time is not None:
-            seconds = (now - state.last_time) / max(1, layer - state.layer)
+        if not new_step and state.last_time is not None:  # compute: the time between notes less the stalls
+            seconds = max(0.0, now - state.last_time - state.stalled) / max(1, layer - state.layer)
             self.layer_seconds = seconds if self.layer_seconds is None else (
                 (1 - EWMA) * self.layer_seconds + EWMA * seconds)
         if new_step or requests != state.requests:
             self._begin(state, requests, tokens, prefill)
-        state.step, state.layer, state.last_time = step, layer, now
+        state.step, state.layer, state.last_time, state.stalled = step, layer, now, 0.0
         return new_step
+
+    def stalled(self, worker, seconds: float) -> None:
+        """An acquire of ``worker`` waited ``seconds`` for loads: not part of its layers' compute time."""
+        state = self.workers.get(worker)
+        if state is not None:
+            state.stalled += seconds
 
     def _begin(self, state: WorkerStep, requests, tokens, prefill) -> None:
         count = len(requests)

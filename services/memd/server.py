@@ -326,9 +326,10 @@ class MemdServer:
         """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
         req = pending.req
         start = time.perf_counter()
-        with self._released_on_failure(self._client(identity), req, pending.keys):
+        client = self._client(identity)
+        with self._released_on_failure(client, req, pending.keys):
             await asyncio.gather(*pending.waits)
-            self.core.stall(req.layer, time.perf_counter() - start)
+            self.core.stall(client.pid, req.layer, time.perf_counter() - start)
         return self._acquired(pending)
 
     def _acquired(self, p: Pending) -> m.AcquireReply:

@@ -177,7 +177,7 @@ class Simulator:
             if not self.reader.jobs:
                 raise AssertionError(f"layer {req.layer}: experts loading without a read")
             self.reader.advance(None)
-        core.stall(req.layer, self.now - start)
+        core.stall(WORKER, req.layer, self.now - start)
         self.reader.advance(self.now + self.cfg.layer_seconds)
         if not self.cfg.leases:
             self.client.unpin(table, keys)

@@ -145,3 +145,49 @@ def test_an_unused_prefetch_is_spared_until_its_layer_has_run():
     core.unused[(2, 1)] = (1, 2, 0.9)  # prefetched for step 1, layer 2
     assert core._protected([], 1, 1) == {(2, 1): 0.9}
     assert core._protected([], 1, 2) == {} and core._protected([], 2, 0) == {}  # its layer ran: a victim like any
+
+
+def test_time_per_layer_is_compute_not_the_waits_for_loads():
+    """Between two notes the worker computed a layer and may have waited in an acquire: only the compute counts
+    (it is what a prefetch can hide a read under, and what the speculation distance is sized from)."""
+    core = core_with()
+    assert core.note(note(1, 0, [0, 1]), now=10.0)
+    core.stall(7, 0, 0.030)  # layer 0's acquire waited 30 ms for its loads
+    assert core.note(note(1, 1, [0, 1]), now=10.040)
+    assert abs(core.predictor.layer_seconds - 0.010) < 1e-9, core.predictor.layer_seconds
+    core.stall(99, 1, 5.0)  # another worker's wait is not this worker's
+    assert core.note(note(1, 2, [0, 1]), now=10.050)
+    assert abs(core.predictor.layer_seconds - 0.010) < 1e-9
+
+
+def full_activation_core(**knobs) -> ExpertCache:
+    """An activation-policy core whose 4 slots hold never-used experts of layer 3 (their chance to run at its next
+    run: 0.1, the policy's rate for never-used experts after one layer ran), a worker that guesses two layers ahead,
+    right 95% of the time at that distance."""
+    core = ExpertCache(4, L, E, top_k=2, expert_bytes=MB, knobs=CacheSettings(policy="activation", window=4,
+                                                                              threshold=0.1, **knobs))
+    core.request_start("r")
+    for key in [(3, 4), (3, 5), (3, 6), (3, 7)]:
+        core.table.reserve(key)
+        core.table.loaded(key)
+    core.metrics.speculate_layers = 2
+    core.predictor.spec_calibrated[:, 1, :] = 0.95
+    core.note(note(1, 0, [0, 1], guesses=[(2, 6)]), now=0.0)
+    return core
+
+
+def test_a_guess_two_layers_ahead_is_admitted_on_its_need_not_its_need_times_nearness():
+    core = full_activation_core()
+    plan = core.plan_prefetch(7, None, bandwidth=None)  # need 0.95, priority 0.95 x 0.8 = 0.76 < ADMIT (0.85)
+    assert [k for k, _, _ in plan.start] == [(2, 6)] and core.metrics.prefetch_declined == 0
+
+
+def test_a_prefetch_that_compute_cannot_hide_does_not_evict_a_live_expert():
+    core = full_activation_core()
+    assert abs(core.table.policy.reuse((3, 4)) - 0.1) < 0.01
+    core.predictor.layer_seconds = 0.0005  # 0.5 ms of compute per layer at 100 MB/s: 10% of the read hidden at d=2
+    plan = core.plan_prefetch(7, None, bandwidth=100 * MB)
+    # benefit 0.95 x 0.1 < the victim's chance to run again (0.1) + the waste of a wrong guess (0.05 x 0.25)
+    assert plan.start == [] and core.metrics.prefetch_declined == 1
+    core.predictor.layer_seconds = 0.004  # 80% hidden: 0.76 beats it
+    assert [k for k, _, _ in core.plan_prefetch(7, None, bandwidth=100 * MB).start] == [(2, 6)]
