@@ -51,3 +51,14 @@ def test_rows_without_memd_have_no_quality_columns():
     row = {**Result("transformers-resident", 1, [timing], None).row(), "expert_memory": "25%",
            "memory_limit_bytes": None, "peak_memory_bytes": None}
     assert "prefetch_precision" not in row and _line(row).split()[-4:] == ["-"] * 4 and _quality_lines([row]) == []
+
+
+def test_delivered_bandwidth_above_the_probe_is_not_counted_as_met():
+    def check(delivered):
+        row = {"system": ONDEMAND, "concurrency": 1, "expert_memory": "25%", "decode_ms_per_token_p50": 500.0,
+               "stall_read_gbps": delivered, "load_read_gbps": delivered, "disk_read_gbps_before": 1.0}
+        return next(t for t in _targets([row], [], 1.0, ["25%"]) if "bandwidth" in t["target"])
+
+    assert check(0.95)["met"] and not check(0.85)["met"]
+    above = check(1.3)  # the reader cannot beat the probe on one disk state: the disk changed between the two
+    assert not above["met"] and "not judged" in above["measured"]
