@@ -249,8 +249,8 @@ def _gbps(c: dict | None, seconds: str) -> float | None:
 
 def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, list[Result]]:
     """The warm-up request (and, with ``--warm-eamc``, the workload once, untimed), then one round over the
-    concurrency values (rotating order) per repeat in ``repeats``, each run on its own workload. A run at several clients is checked
-    afterwards (untimed): its prompts served at 1 client must give the same tokens (greedy)."""
+    concurrency values (rotating order) per repeat in ``repeats``, each run on its own workload. A run at several
+    clients is checked afterwards (untimed): its prompts served at 1 client must give the same tokens (greedy)."""
     serve_workload(system, [workloads.warmup()], opts.warmup_tokens, 1)
     if workloads.warm:
         serve_workload(system, workloads.prompts(system.name), opts.max_tokens, 1)

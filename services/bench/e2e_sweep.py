@@ -1,12 +1,12 @@
 """The ``moeinf bench e2e`` run: every system at every memory setting, each under its memory limit.
 
 Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model; its
-memory gives the baselines' runtime), then moeinf's runtime measured apart (``e2e_runtime.py``) when a limit needs
-it, then per memory setting (``--expert-memory`` or ``--memory-limit-total``) ``accelerate-offload``,
+memory gives the baselines' runtime), then moeinf's runtime measured apart (``e2e_runtime.py``) when a limit needs it,
+then per memory setting (``--expert-memory`` or ``--memory-limit-total``) ``accelerate-offload``,
 ``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup with the setting's limit, interleaved by repeat: repeat
 r runs every system once, the order rotated by r, each started afresh (``merge_repeats`` then keeps each system's
-median run, with every run's figures). The page cache is dropped before every system. A system that fails (for example killed by the kernel at its limit) gets a row with ``error``
-and the run goes on.
+median run, with every run's figures). The page cache is dropped before every system. A system that fails (for example
+killed by the kernel at its limit) gets a row with ``error`` and the run goes on.
 """
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """The prompts of ``moeinf bench e2e``: a fresh workload for every repeat and client count, the same for every system.
 
-memd learns from what it serves (the EAMC keeps finished requests' activation matrices), so a workload served
-twice is easier the second time. By default every timed run therefore gets prompts that its system has never
-served: workload ``(repeat, concurrency)`` is drawn from its own seed (``--seed`` and the two indices), or, with
-``--prompts FILE``, is its own slice of the file's lines (the file must hold enough). Every system serves the same
-workloads, each in its own processes (a fresh memd, its own state directory and EAMC, the page cache dropped), so
-the comparison is paired: the same routing for every system, and no system has seen a prompt before it is timed on
-it. The untimed warm-up request has its own seed too. ``--warm-eamc`` asks for the other scenario: one workload, served once
-untimed before the timed runs and then again in every run; the report labels it.
+memd learns from what it serves (the EAMC keeps finished requests' activation matrices), so a workload served twice is
+easier the second time. By default every timed run therefore gets prompts that its system has never served: workload
+``(repeat, concurrency)`` is drawn from its own seed (``--seed`` and the two indices), or, with ``--prompts FILE``, is
+its own slice of the file's lines (the file must hold enough). Every system serves the same workloads, each in its own
+processes (a fresh memd, its own state directory and EAMC, the page cache dropped), so the comparison is paired: the
+same routing for every system, and no system has seen a prompt before it is timed on it. The untimed warm-up request
+has its own seed too. ``--warm-eamc`` asks for the other scenario: one workload, served once untimed before the timed
+runs and then again in every run; the report labels it.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """Which predicted experts to prefetch now, and which prefetches to cancel.
 
-Priority = predicted need x nearness (the next layer first: ``1 - (d - 1) / (window + 1)`` for ``d`` layers
-ahead) orders the candidates; whether one is worth a read and a slot is judged on its need alone (the probability
-that it runs at its target), its distance counting as the time it has to load. Only experts whose need reaches ``--prefetch-threshold`` are candidates; resident or loading ones are not
-loaded twice (they are returned as *protected*: imminently needed, so no prefetch of a lower priority evicts
-them). The byte budget is what the reader can deliver before the window's last layer runs: measured read
-bandwidth x observed time per layer (compute: stalls left out) x window (or ``--prefetch-budget``), counting the prefetches still in flight;
-a candidate is admitted only if the bytes queued ahead of it can be read before its own layer runs. A prefetch whose target layer has passed
-(and that the new plan no longer wants) is stale: the caller cancels it.
+Priority = predicted need x nearness (the next layer first: ``1 - (d - 1) / (window + 1)`` for ``d`` layers ahead)
+orders the candidates; whether one is worth a read and a slot is judged on its need alone (the probability that it
+runs at its target), its distance counting as the time it has to load. Only experts whose need reaches
+``--prefetch-threshold`` are candidates; resident or loading ones are not loaded twice (they are returned as
+*protected*: imminently needed, so no prefetch of a lower priority evicts them). The byte budget is what the reader
+can deliver before the window's last layer runs: measured read bandwidth x observed time per layer (compute: stalls
+left out) x window (or ``--prefetch-budget``), counting the prefetches still in flight; a candidate is admitted only
+if the bytes queued ahead of it can be read before its own layer runs. A prefetch whose target layer has passed (and
+that the new plan no longer wants) is stale: the caller cancels it.
 """
 from __future__ import annotations
 

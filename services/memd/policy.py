@@ -255,11 +255,12 @@ class ActivationPolicy(_ScoredPolicy):
         """Evict ``victim`` for a prefetch only when the candidate is near certain (ADMIT) to be used, and sooner
         than the victim by the expected next use above. Its probability is the larger of this policy's (its layer's
         measured reuse, ranked by need) and the planner's ``priority``: the candidate's need at its target (its
-        distance counts in the next use, not here), which carries the worker's hidden-state guesses at the precision measured for guesses like it: same distance, router
-        probability and residency, ``Predictor.guess_probability``). A right guess costs no extra read (the expert
-        would have been read on demand a moment later) and hides its read under compute; a wrong one costs a read
-        and the victim. ADMIT 0.5 let through 0.3-0.45 precision and 1.1-2.5x LRU's bytes end to end (an 8-layer
-        test model with 8.6 MiB experts, 12.5% and 25%); 0.85 gave 0.8-0.95 at LRU's bytes or fewer."""
+        distance counts in the next use, not here), which carries the worker's hidden-state guesses at the precision
+        measured for guesses like it: same distance, router probability and residency,
+        ``Predictor.guess_probability``). A right guess costs no extra read (the expert would have been read on
+        demand a moment later) and hides its read under compute; a wrong one costs a read and the victim. ADMIT 0.5
+        let through 0.3-0.45 precision and 1.1-2.5x LRU's bytes end to end (an 8-layer test model with 8.6 MiB
+        experts, 12.5% and 25%); 0.85 gave 0.8-0.95 at LRU's bytes or fewer."""
         p = self.probability()
         mine = max(float(p[candidate]), priority)
         if mine < ADMIT:
