@@ -191,6 +191,7 @@ class ActivationPolicy(_ScoredPolicy):
         self.used_visit = np.full(shape, -1, dtype=np.int64)  # the layer's visit that last used the expert
         self.decoded_visit = np.full(shape, -2, dtype=np.int64)  # ... in a decode step
         self.layer = num_layers - 1  # the layer running now (before the first step: as if the last one ran)
+        self._probability: np.ndarray | None = None
         # [ran, could have] for experts by age: used at their layer's last run, at the one before, earlier or never
         self.rates = np.array([[p, 1.0] for p in PRIOR]) * PRIOR_RUNS
 
@@ -234,7 +235,18 @@ class ActivationPolicy(_ScoredPolicy):
         """[L, 1]: layer runs from now until each layer runs next (1: the next layer; L: the running one)."""
         return ((np.arange(self.num_layers) - self.layer - 1) % self.num_layers + 1)[:, None]
 
+    def changed(self) -> None:
+        super().changed()
+        self._probability = None
+
     def probability(self) -> np.ndarray:
+        """[L, E]: the chance each expert runs at its layer's next run; cached until something changes (a plan asks
+        for it for every candidate: the victim's score, its reuse, the admission). Read-only for callers."""
+        if self._probability is None:
+            self._probability = self._estimate()
+        return self._probability
+
+    def _estimate(self) -> np.ndarray:
         age = self.age()
         p = np.ones(age.shape)
         for a, rate in enumerate(self.rate()):  # within an age, the need ranks a layer's experts around its rate

@@ -189,3 +189,14 @@ def test_policies_can_be_switched_live():
     assert t.policy.name == "activation" and t.policy.resident.sum() == 4
     load(t, (1, 0))  # evicts through the new policy
     assert t.policy.resident.sum() == 4 and len(t.slot_of) == 4
+
+
+def test_activation_probability_is_computed_once_until_something_changes():
+    p = ActivationPolicy(L, E)
+    first = p.probability()
+    assert p.probability() is first and p.reuse((0, 0)) == float(first[0, 0])  # a plan's candidates share it
+    p.on_layer(0)
+    assert p.probability() is not first  # a layer ran: ages and rates moved
+    second = p.probability()
+    p.observe_need(np.full((L, E), 0.5))
+    assert p.probability() is not second
