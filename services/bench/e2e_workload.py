@@ -59,8 +59,8 @@ class Workloads:
 
     def check(self) -> None:
         if self.lines is not None and len(self.lines) < self.needed:
-            raise ValueError(f"--prompts has {len(self.lines)} prompts; fresh prompts for every system, repeat and"
-                             f" client count need {self.needed} ({self.runs} runs x"
+            raise ValueError(f"--prompts has {len(self.lines)} prompts; fresh prompts for every repeat and client"
+                             f" count need {self.needed} ({self.runs} runs x"
                              f" {self.requests} requests): add prompts, or pass --warm-eamc to serve the same ones")
 
     def prompts(self, system: str, repeat: int = 0, concurrency_index: int = 0) -> list[list[int]]:
