@@ -188,7 +188,7 @@ class Sweep:
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
         for row in rows:
-            self.rows.append({**_EMPTY, **row, **extra})
+            self.rows.append({**_EMPTY, **row, **extra, "repeat_index": repeat})
 
     def check_room(self, name: str, budget: Budget | None) -> None:
         """Under a total, a system whose runtime and dense weights leave too little does not start."""
@@ -205,7 +205,8 @@ class Sweep:
     def baseline(self, name: str, budget: Budget | None, prefix: list[str], repeats: list[int]) -> list[dict]:
         """The ``repeats`` in one child (one model load), each on its own workload; the median run's row."""
         w, opts = self.workloads, self.opts
-        job = Job(name, opts.model, [w.prompts(name, r) for r in repeats], w.warmup(), opts.warmup_tokens,
+        alone = opts.concurrency.index(1) if 1 in opts.concurrency else 0  # moeinf's 1-client workload: paired
+        job = Job(name, opts.model, [w.prompts(name, r, alone) for r in repeats], w.warmup(), opts.warmup_tokens,
                   opts.max_tokens, opts.threads, budget.accelerate_cpu_bytes if budget else None,
                   w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
@@ -243,9 +244,9 @@ def rotated(items: list, r: int) -> list:
 
 def merge_repeats(rows: list[dict]) -> list[dict]:
     """One row per (system, expert memory, concurrency), in first-seen order, from the runs of the interleaved repeats:
-    the run with the median tokens/s (as ``summarize`` picks within one start), with ``tokens_per_s_all`` and
-    ``decode_ms_per_token_p50_all`` listing every run's figure in repeat order. A run that failed is kept only when
-    every run failed."""
+    the run with the median tokens/s (as ``summarize`` picks within one start), with ``tokens_per_s_all`` (the good
+    runs) and ``decode_ms_per_token_p50_all`` (one entry per run in repeat order, None for a run that failed, so
+    two systems' lists pair repeat by repeat). A run that failed is kept only when every run failed."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["system"], row.get("expert_memory"), row["concurrency"]), []).append(row)
@@ -258,7 +259,8 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
         ranked = sorted(good, key=lambda r: r["tokens_per_s"])
         row = dict(ranked[len(ranked) // 2])
         row["tokens_per_s_all"] = [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]]
-        row["decode_ms_per_token_p50_all"] = [r["decode_ms_per_token_p50"] for r in good]
+        ordered = sorted(runs, key=lambda r: r.get("repeat_index") or 0)
+        row["decode_ms_per_token_p50_all"] = [None if r.get("error") else r["decode_ms_per_token_p50"] for r in ordered]
         row["repeats"] = sum(r.get("repeats", 1) for r in good)
         if any("same_tokens_as_c1" in r for r in good):
             row["same_tokens_as_c1"] = all(r.get("same_tokens_as_c1", True) for r in good)

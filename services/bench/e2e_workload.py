@@ -23,7 +23,7 @@ WARMUP_STREAM = 2**31 - 1  # the warm-up's seed index, apart from every workload
 
 @dataclass(frozen=True)
 class Workloads:
-    """Prompts by (system, repeat, concurrency index), drawn on demand."""
+    """Prompts by (repeat, concurrency index), the same for every system, drawn on demand."""
 
     model: Path
     requests: int

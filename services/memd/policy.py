@@ -48,7 +48,8 @@ class EvictionPolicy:
         raise NotImplementedError
 
     def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
-        """May a prefetch of ``candidate`` (priority in [0, 1]) evict ``victim``? The baselines always let it."""
+        """May a prefetch of ``candidate`` (``priority``: its need at its target, in [0, 1]) evict ``victim``? The
+        baselines always let it."""
         return True
 
     def reuse(self, key: Key) -> float | None:

@@ -91,8 +91,9 @@ class Predictor:
         """Place ``worker`` at (step, layer); returns True when this begins a new step."""
         state = self.workers.setdefault(worker, WorkerStep())
         new_step = step != state.step or layer <= state.layer
-        if not new_step and state.last_time is not None:  # compute: the time between notes less the stalls
-            seconds = max(0.0, now - state.last_time - state.stalled) / max(1, layer - state.layer)
+        elapsed = None if state.last_time is None else now - state.last_time
+        if not new_step and elapsed is not None and elapsed > state.stalled:  # compute: between notes, less stalls
+            seconds = (elapsed - state.stalled) / max(1, layer - state.layer)  # (a late note gives no sample)
             self.layer_seconds = seconds if self.layer_seconds is None else (
                 (1 - EWMA) * self.layer_seconds + EWMA * seconds)
         if new_step or requests != state.requests:

@@ -169,10 +169,10 @@ class Simulator:
             self.reader.submit(key, demand=True)
         for key in plan.already_loading:
             self.reader.promote(key)
+        start = self.now  # as in the server, waiting for a slot counts as stall
         for key in plan.no_slot:
             self._demand(key, plan.transient)
         self._plan()
-        start = self.now
         while any(key in table.loading for key in keys):
             if not self.reader.jobs:
                 raise AssertionError(f"layer {req.layer}: experts loading without a read")

@@ -132,18 +132,24 @@ def test_repeats_interleave_and_merge_to_the_median_run():
 
     assert [rotated(["a", "b"], r) for r in range(3)] == [["a", "b"], ["b", "a"], ["a", "b"]] and rotated([], 1) == []
 
-    def run(system, tps, p50, **extra):
+    def run(system, repeat, tps, p50):
         return {"system": system, "expert_memory": "25%", "concurrency": 1, "tokens_per_s": tps,
-                "decode_ms_per_token_p50": p50, "repeats": 1, **extra}
+                "decode_ms_per_token_p50": p50, "repeats": 1, "repeat_index": repeat}
 
-    rows = [run("lru", 1.0, 700.0), run("moeinf", 1.5, 500.0), run("moeinf", 1.2, 560.0), run("lru", 0.9, 760.0),
-            run("moeinf", 1.3, 540.0), {"system": "lru", "expert_memory": "25%", "concurrency": 1, "error": "killed"}]
+    def failed(system, repeat):
+        return {"system": system, "expert_memory": "25%", "concurrency": 1, "error": "killed", "repeat_index": repeat}
+
+    # interleaved: repeat 0 runs lru then moeinf, repeat 1 moeinf then lru, ...; lru's repeat 2 failed
+    rows = [run("lru", 0, 1.0, 700.0), run("moeinf", 0, 1.5, 500.0), run("moeinf", 1, 1.2, 560.0),
+            run("lru", 1, 0.9, 760.0), failed("lru", 2), run("moeinf", 2, 1.3, 540.0)]
     lru, ours = merge_repeats(rows)
     assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 700.0, 2)  # the failed run dropped
-    assert lru["decode_ms_per_token_p50_all"] == [700.0, 760.0] and lru["tokens_per_s_all"] == [1.0, 0.9]
+    assert lru["decode_ms_per_token_p50_all"] == [700.0, 760.0, None] and lru["tokens_per_s_all"] == [1.0, 0.9]
     assert ours["decode_ms_per_token_p50"] == 540.0 and ours["decode_ms_per_token_p50_all"] == [500.0, 560.0, 540.0]
-    assert paired_ratios(ours, lru) == []  # unequal repeat counts: nothing paired
-    ours["decode_ms_per_token_p50_all"] = [500.0, 560.0]
-    assert paired_ratios(ours, lru) == pytest.approx([500 / 700, 560 / 760])
+    assert paired_ratios(ours, lru) == pytest.approx([500 / 700, 560 / 760])  # repeat by repeat; repeat 2 unpaired
+    # moeinf failing in repeat 0 and lru in repeat 1: no two repeats pair, so nothing is paired across repeats
+    lru, ours = merge_repeats([run("lru", 0, 1.0, 700.0), failed("moeinf", 0), failed("lru", 1),
+                               run("moeinf", 1, 1.2, 560.0)])
+    assert paired_ratios(ours, lru) == []
     only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
