@@ -149,9 +149,14 @@ def quant_format(config: dict, where) -> tuple[str, tuple[int, int] | None]:
     return method, None
 
 
+ROUTER_TOP_K = {"switch_transformers": 1, "nllb-moe": 2}  # routers whose config does not say (top-1, top-2 routers)
+
+
 def experts_per_token(config) -> int:
-    """Top-k of the router: the text config's ``num_experts_per_tok`` (2 where the config does not say)."""
-    return getattr(config.get_text_config(), "num_experts_per_tok", None) or 2
+    """Top-k of the router: the text config's ``num_experts_per_tok`` (the family's router where the config does not
+    say; 2 for a family not known)."""
+    return (getattr(config.get_text_config(), "num_experts_per_tok", None) or ROUTER_TOP_K.get(config.model_type)
+            or 2)
 
 
 def max_positions(config) -> int:
@@ -172,18 +177,27 @@ class MoeLayer:
     module: str  # qualified name of the experts module
     num_experts: int
     params: tuple[ExpertParam, ...]
+    keyed: bool = False  # one expert module per key of an nn.ModuleDict (params named inside one expert)
+
+
+def model_class(config):
+    """The transformers class that generates text for ``config``: its causal-LM class, or for an encoder-decoder
+    model (Switch Transformers, NLLB-MoE) its sequence-to-sequence class."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def build_meta_model(config):
     """The model on the meta device: structure and shapes only, no memory."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return model_class(config).from_config(config)
     except ValueError as exc:
-        raise CheckpointError(f"transformers has no causal-LM class for model type {config.model_type!r}: {exc}") from None
+        raise CheckpointError(f"transformers has no generation class for model type {config.model_type!r}: {exc}"
+                              ) from None
 
 
 def is_experts_module(module) -> bool:
@@ -191,27 +205,79 @@ def is_experts_module(module) -> bool:
     return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "is_concatenated", "num_experts"))
 
 
+EXPERT_KEY = re.compile(r"(?:expert_)?(\d+)")  # the key of one expert in an nn.ModuleDict of experts
+
+
+def keyed_experts(module) -> list:
+    """The expert modules of an ``nn.ModuleDict`` of experts, in key order (other children, such as a dropout,
+    left out)."""
+    return [child for key, child in module.items() if EXPERT_KEY.fullmatch(key)]
+
+
+def is_experts_dict(module) -> bool:
+    """Experts kept as one module per expert in an ``nn.ModuleDict`` (Switch Transformers, NLLB-MoE), called one
+    expert at a time by the dict's own forward."""
+    from torch import nn
+
+    return (isinstance(module, nn.ModuleDict) and isinstance(getattr(module, "num_experts", None), int)
+            and module.num_experts > 0 and len(keyed_experts(module)) == module.num_experts)
+
+
 def find_moe_layers(model) -> list[MoeLayer]:
     layers = []
     for name, module in model.named_modules():
-        if not is_experts_module(module):
+        if is_experts_module(module):
+            params = _stacked_params(name, module)
+        elif is_experts_dict(module):
+            params = _keyed_params(name, module)
+        else:
             continue
-        params = tuple(
-            ExpertParam(pname, tuple(p.shape[1:]), str(p.dtype).removeprefix("torch."))
-            for pname, p in module.named_parameters(recurse=False)
-        )
-        if not params or any(p.shape[0] != module.num_experts for _, p in module.named_parameters(recurse=False)):
-            raise CheckpointError(f"experts module {name} ({type(module).__name__}) does not stack its parameters by"
-                                  " expert; moeinf cannot slice it")
-        layers.append(MoeLayer(len(layers), name, module.num_experts, params))
+        layers.append(MoeLayer(len(layers), name, module.num_experts, params, is_experts_dict(module)))
     if not layers:
         cls = type(model).__name__
         raise CheckpointError(f"{cls} (model type {model.config.model_type!r}) has no experts module using transformers'"
-                              " ExpertsInterface (@use_experts_implementation), so moeinf cannot offload its experts")
+                              " ExpertsInterface (@use_experts_implementation) or an nn.ModuleDict of experts, so"
+                              " moeinf cannot offload its experts")
     shapes = {(l.num_experts, l.params) for l in layers}
     if len(shapes) != 1:
         raise CheckpointError("MoE layers differ in expert count or shape; moeinf needs one slot size for all")
     return layers
+
+
+def _stacked_params(name: str, module) -> tuple[ExpertParam, ...]:
+    params = tuple(ExpertParam(pname, tuple(p.shape[1:]), str(p.dtype).removeprefix("torch."))
+                   for pname, p in module.named_parameters(recurse=False))
+    if not params or any(p.shape[0] != module.num_experts for _, p in module.named_parameters(recurse=False)):
+        raise CheckpointError(f"experts module {name} ({type(module).__name__}) does not stack its parameters by"
+                              " expert; moeinf cannot slice it")
+    return params
+
+
+def _keyed_params(name: str, module) -> tuple[ExpertParam, ...]:
+    """One expert module per key: the parameters of one (``fc1.weight``, ...), the same for every expert."""
+    shapes = {tuple((n, tuple(p.shape), p.dtype) for n, p in expert.named_parameters()) for expert in keyed_experts(module)}
+    if len(shapes) != 1:
+        raise CheckpointError(f"experts of {name} ({type(module).__name__}) differ in parameters or shapes; moeinf"
+                              " needs one slot size for all")
+    return tuple(ExpertParam(n, shape, str(dtype).removeprefix("torch.")) for n, shape, dtype in shapes.pop())
+
+
+def expert_key_owner(target: str, keyed: dict[str, MoeLayer]) -> tuple[MoeLayer, int, str] | None:
+    """``(layer, expert, parameter)`` when ``target`` names a parameter of one expert of a keyed MoE layer
+    (``{module}.{expert key}.{param}``, e.g. ``...ffn.experts.expert_3.fc1.weight``); None otherwise."""
+    parts = target.split(".")
+    for cut in range(len(parts) - 2, 0, -1):
+        layer = keyed.get(".".join(parts[:cut]))
+        if layer is not None:
+            match = EXPERT_KEY.fullmatch(parts[cut])
+            return (layer, int(match.group(1)), ".".join(parts[cut + 1:])) if match else None
+    return None
+
+
+def in_experts(target: str, expert_modules: set[str]) -> bool:
+    """Whether parameter ``target`` belongs to one of the experts modules (stacked or keyed)."""
+    parts = target.split(".")
+    return any(".".join(parts[:cut]) in expert_modules for cut in range(len(parts) - 1, 0, -1))
 
 
 class KeyMapper:

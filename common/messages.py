@@ -321,6 +321,7 @@ class GenerateRequest(Message):
     top_p: Ratio = 1.0
     top_k: Index = 0  # 0: off
     seed: int | None = None
+    forced_tokens: list[Index] = field(default_factory=list)  # the output's first tokens (NLLB: target language)
 
 
 class TokensReply(Message):

@@ -140,6 +140,35 @@ def write_family(name: str, out: Path, dtype: str = "float32", shard: bool | Non
     return out
 
 
+# Encoder-decoder families with one module per expert (the MoE-Infinity paper's own models), tiny: 2 MoE layers in
+# the encoder and 2 in the decoder, 8 experts.
+SEQ2SEQ = {
+    "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=4,
+                                num_heads=4, num_experts=8, encoder_sparse_step=2, decoder_sparse_step=2,
+                                expert_capacity=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+    "nllb-moe": dict(vocab_size=320, d_model=64, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_experts=8,
+                     encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=256,
+                     decoder_start_token_id=2, pad_token_id=1, eos_token_id=2, bos_token_id=0),
+}
+
+
+def write_seq2seq(name: str, out: Path, std: float = 0.1) -> Path:
+    """A tiny random encoder-decoder MoE checkpoint, sharded (weights drawn wider than the default init, so that
+    greedy outputs vary with the prompt)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(1234)
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model(name, **SEQ2SEQ[name])).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std)
+    model.save_pretrained(out, max_shard_size="200KB")
+    return out
+
+
 def _decisive_routers(model, std: float) -> None:
     """Router weights some families initialise to zero (every token ties, one expert set for all) get random ones."""
     import torch

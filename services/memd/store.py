@@ -14,14 +14,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from common.checkpoint import (EXPERT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, CheckpointError, KeyMapper, MoeLayer,
-                               build_meta_model, expert_number, experts_per_token, find_moe_layers, split_part,
-                               supported_formats)
+                               build_meta_model, expert_key_owner, expert_number, experts_per_token, find_moe_layers,
+                               split_part, supported_formats)
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK
 
 __all__ = ["ALIGN", "ExpertStore", "Segment", "align_up"]
 log = logging.getLogger("moeinf.memd.store")
+SUPPORTED_KEYED = "unquantized (float32/float16/bfloat16), one tensor per expert parameter"
 
 @dataclass(slots=True)
 class _Part:
@@ -41,7 +42,8 @@ class ExpertStore:
         self.model_type = self.config.model_type
         self.layers: list[MoeLayer] = find_moe_layers(model)
         self.num_experts = self.layers[0].num_experts
-        self._by_module = {layer.module: layer for layer in self.layers}
+        self._by_module = {layer.module: layer for layer in self.layers if not layer.keyed}
+        self._keyed = {layer.module: layer for layer in self.layers if layer.keyed}
         self.segments: dict[tuple[int, int], list[Segment]] = defaultdict(list)
         self._found: dict[tuple[str, str], list] = defaultdict(list)  # (param, part) -> [(layer, key, entry, ...)]
         self._collect(KeyMapper(model))
@@ -90,6 +92,10 @@ class ExpertStore:
         for key, entry in self.checkpoint.tensors.items():
             base, part = split_part(key, self.format)
             target, converter, pattern = mapper.map(base)
+            if owner := expert_key_owner(target, self._keyed):  # one tensor of one expert module (nn.ModuleDict)
+                layer, expert, pname = owner
+                self._keyed_tensor(layer, key, entry, converter, expert, pname, part)
+                continue
             module, _, pname = target.rpartition(".")
             layer = self._by_module.get(module)
             if layer is None:
@@ -101,6 +107,16 @@ class ExpertStore:
             self._found[(pname, part)].append((layer, key, entry, converter, pattern, expert))
         if not self._found:
             raise CheckpointError(f"{self.checkpoint.dir}: no expert tensors found for {self.layers[0].module}")
+
+    def _keyed_tensor(self, layer: MoeLayer, key: str, entry, converter, expert: int, pname: str, part: str) -> None:
+        if converter is not None or part != "values":
+            raise CheckpointError(f"{key}: converted or quantized experts kept one module per expert are not"
+                                  f" supported; moeinf serves them {SUPPORTED_KEYED}")
+        if not any(p.name == pname for p in layer.params):
+            raise CheckpointError(f"{key}: the experts of {layer.module} have no parameter {pname}")
+        if not 0 <= expert < layer.num_experts:
+            raise CheckpointError(f"{key}: expert {expert} is out of range (the model has {layer.num_experts})")
+        self._found[(pname, part)].append((layer, key, entry, None, None, expert))
 
     def _param_format(self, pname: str) -> str:
         values = self._found.get((pname, "values"), [])
@@ -220,7 +236,9 @@ class ExpertStore:
             base = self._offsets[(pname, slot_part)]
             shape, per_expert = self.parts[(pname, slot_part)].shape, self.parts[(pname, slot_part)].nbytes
             for layer, key, entry, converter, pattern, expert in found:
-                if converter is None:
+                if layer.keyed:
+                    self._add_own(layer, key, entry, expert, per_expert, base)
+                elif converter is None:
                     self._add_stacked(layer, key, entry, per_expert, base)
                 else:
                     sources = len(converter.source_patterns)
@@ -236,6 +254,13 @@ class ExpertStore:
                                   f" {per_expert} bytes")
         for e in range(layer.num_experts):
             self.segments[(layer.index, e)].append(Segment(entry.file, entry.start + e * per_expert, per_expert, base))
+
+    def _add_own(self, layer, key, entry, expert, per_expert, base) -> None:
+        """One expert module's own tensor (an ``nn.ModuleDict`` of experts): the whole tensor is the part."""
+        if entry.nbytes != per_expert:
+            raise CheckpointError(f"{key}: shape {list(entry.shape)} ({entry.dtype}) differs from the other experts'"
+                                  f" ({per_expert} bytes)")
+        self.segments[(layer.index, expert)].append(Segment(entry.file, entry.start, entry.nbytes, base))
 
     def _add_per_expert(self, layer, key, entry, converter, pattern, expert, per_expert, base) -> None:
         """One tensor per expert (Mixtral's w1/w3/w2, Qwen's gate/up/down) merged by the converter's operations."""

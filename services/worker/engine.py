@@ -21,6 +21,7 @@ from common import messages as m
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
 from services.worker.flat_step import RequestTokens, FlatStep
+from services.worker.seq2seq import Seq2Seq
 
 
 MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float32
@@ -43,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     cached: int = 0  # tokens whose keys and values are in the cache
     error: str | None = None  # why sampling failed for this request (its step's other requests go on)
+    encoded: object = None  # an encoder-decoder model's encoder output for the prompt (seq2seq.py)
 
     @property
     def request_id(self) -> str:
@@ -72,18 +74,28 @@ class Engine:
         self.max_model_len = max_model_len
         self.vocab_size = model.config.get_text_config().vocab_size
         self.flat_step: FlatStep | None = None
+        self.seq2seq = Seq2Seq(model, steps) if getattr(model.config, "is_encoder_decoder", False) else None
+
+    @property
+    def one_at_a_time(self) -> bool:
+        """Whether requests must run one at a time (recurrent state the flattened step cannot split)."""
+        return self.flat_step is not None and self.flat_step.recurrent
 
     def enable_batching(self) -> None:
         """Switch the model to flattened steps with per-request attention, which ``run`` needs (``step`` then no
-        longer works)."""
-        self.flat_step = FlatStep(self.model)
+        longer works). An encoder-decoder model keeps its own attention: ``run`` runs its requests one by one."""
+        if self.seq2seq is None:
+            self.flat_step = FlatStep(self.model)
 
     def start(self, req: m.GenerateRequest) -> Sequence:
         self.validate(req)
         generator = None
         if req.temperature > 0:
             generator = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
-        cache = self.flat_step.new_cache() if self.flat_step else DynamicCache(config=self.model.config)
+        if self.seq2seq is not None:
+            cache = self.seq2seq.new_cache()
+        else:
+            cache = self.flat_step.new_cache() if self.flat_step else DynamicCache(config=self.model.config)
         return Sequence(req, cache, generator)
 
     def validate(self, req: m.GenerateRequest) -> None:
@@ -91,6 +103,8 @@ class Engine:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in req.prompt):
             raise RequestError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        if any(not 0 <= t < self.vocab_size for t in req.forced_tokens):
+            raise RequestError(f"forced token ids must be in 0..{self.vocab_size - 1}")
         if req.max_tokens < 1:
             raise RequestError("max_tokens must be >= 1")
         if len(req.prompt) + req.max_tokens > self.max_model_len:
@@ -102,6 +116,8 @@ class Engine:
     def run(self, step: list[Chunk]) -> list[int | None]:
         """One forward for the whole step. Returns each chunk's new token, or None for a prompt chunk that is not
         the prompt's last (nothing to sample yet)."""
+        if self.seq2seq is not None:
+            return [self.run_seq2seq(chunk.seq) for chunk in step]
         if self.flat_step is None:
             raise RuntimeError("Engine.run needs enable_batching() first")
         owner, positions, rows = _layout(step)
@@ -116,6 +132,12 @@ class Engine:
             tokens.append(self.accept_or_fail(chunk.seq, next(logits)) if samples else None)
         return tokens
 
+    def run_seq2seq(self, seq: Sequence) -> int | None:
+        """An encoder-decoder request's step: the whole prompt is encoded on its first (``seq2seq.py``)."""
+        logits = self.seq2seq.forward(seq)
+        seq.cached = seq.num_tokens
+        return self.accept_or_fail(seq, logits)
+
     def accept_or_fail(self, seq: Sequence, logits: torch.Tensor) -> int | None:
         """The next token, or None with ``seq.error`` set when this request cannot be sampled."""
         try:
@@ -127,6 +149,10 @@ class Engine:
     @torch.inference_mode()
     def step(self, seq: Sequence) -> int:
         """Run one forward (the whole prompt first, then one token) and return the next token."""
+        if self.seq2seq is not None:
+            logits = self.seq2seq.forward(seq)
+            seq.cached = seq.num_tokens
+            return self.accept(seq, logits)
         ids = seq.req.prompt if not seq.generated else seq.generated[-1:]
         input_ids = torch.tensor([ids], dtype=torch.long)
         if self.steps is not None:
@@ -137,7 +163,9 @@ class Engine:
         return self.accept(seq, out.logits[0, -1].float())
 
     def accept(self, seq: Sequence, logits: torch.Tensor) -> int:
-        token = sample(logits, seq.req, seq.generator)
+        forced = seq.req.forced_tokens
+        token = forced[len(seq.generated)] if len(seq.generated) < len(forced) else sample(logits, seq.req,
+                                                                                            seq.generator)
         seq.generated.append(token)
         seq.finish_reason = self.finish_reason(seq, token)
         return token

@@ -75,7 +75,9 @@ class NextGate:
 def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None = None) -> NextGate | None:
     """The router next to an experts module: a sibling with a ``[num_experts, hidden]`` weight (a detached copy in
     ``dtype`` when given, so the guess never touches the model's own tensors)."""
-    for child in module.children():
+    # siblings first, then their children (a router module's classifier: Switch Transformers, NLLB-MoE)
+    children = [*module.children(), *(grandchild for child in module.children() for grandchild in child.children())]
+    for child in children:
         weight = getattr(child, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
             if weight.is_meta:
@@ -245,5 +247,10 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
         capacity = min(layers[0].num_experts, views.num_slots)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20)
+    from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
+
     for layer, module in zip(layers, modules):
+        if layer.keyed:  # one module per expert: the dict's own forward, rebound (keyed.py)
+            module._moeinf = KeyedBinding(layer.index, module, views, client, steps, speculator)
+            continue
         module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant)

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers.core_model_loading import dot_natural_key
 
-from common.checkpoint import Checkpoint, CheckpointError, KeyMapper, find_moe_layers, split_part
+from common.checkpoint import (Checkpoint, CheckpointError, KeyMapper, find_moe_layers, in_experts, model_class,
+                               split_part)
 
 log = logging.getLogger("moeinf.worker.loader")
 
@@ -40,13 +41,17 @@ def parameters_on_meta():
 
 
 def build_skeleton(config, experts_implementation: str):
-    from transformers import AutoModelForCausalLM
-
     dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=experts_implementation)
+        try:
+            model = model_class(config).from_config(copy.deepcopy(config), dtype=dtype,
+                                                    experts_implementation=experts_implementation)
+        except ValueError as exc:  # no ExpertsInterface (experts kept one module per expert: bound by experts.bind)
+            if "experts_implementation" not in str(exc):
+                raise
+            model = model_class(config).from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -61,7 +66,7 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
     for key, entry in sorted(checkpoint.tensors.items(), key=lambda item: dot_natural_key(item[0])):
         base, part = split_part(key, fmt)
         target, converter, pattern = mapper.map(base)
-        if target.rpartition(".")[0] in expert_modules or part != "values" or key.endswith(".activation_scale"):
+        if in_experts(target, expert_modules) or part != "values" or key.endswith(".activation_scale"):
             continue  # experts come from memd; scales are read with their weight; activation scales are dynamic
         if converter is not None:
             converted.setdefault(target, (converter, []))[1].append((key, pattern, entry))
@@ -132,7 +137,7 @@ def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:
 def check_materialised(model, expert_modules: set[str]) -> None:
     model.tie_weights()
     missing = [n for n, p in model.named_parameters()
-               if p.device.type == "meta" and n.rpartition(".")[0] not in expert_modules]
+               if p.device.type == "meta" and not in_experts(n, expert_modules)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"the checkpoint lacks weights the model needs: {shown}")

@@ -114,7 +114,7 @@ def run(cfg: WorkerConfig) -> int:
         engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching()
         limits = Limits.from_config(cfg)
-        if engine.flat_step.recurrent and limits.max_running > 1:  # their state is per request: one at a time
+        if engine.one_at_a_time and limits.max_running > 1:  # their state is per request: one at a time
             log.warning("%s has recurrent layers: requests run one at a time (--max-running 1)", model.config.model_type)
             limits = dataclasses.replace(limits, max_running=1)
         server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), limits, Access(cfg.group))
