@@ -19,6 +19,11 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+# text-to-text (encoder-decoder) families whose requests name the language to write: it is the output's first token
+# (generate's forced_bos_token_id), a language code of the model's tokenizer
+TARGET_LANGUAGE = frozenset({"nllb-moe"})
+
+
 def experts_families() -> dict[str, str]:
     """``{model type: causal-LM class name}`` for every family whose experts use transformers' ExpertsInterface.
 

@@ -356,3 +356,5 @@ class WorkerInfoReply(Message):
     ready: bool  # memd is alive
     active: Index = 0  # requests queued or running
     generated_tokens: Count = 0  # since start
+    text_to_text: bool = False  # an encoder-decoder model: completions only, no chat (Switch, NLLB-MoE)
+    target_language: bool = False  # each request names the language to write (NLLB-MoE)

@@ -153,9 +153,13 @@ SEQ2SEQ = {
 }
 
 
-def write_seq2seq(name: str, out: Path, std: float = 0.1) -> Path:
+SEQ2SEQ_STD = {"switch_transformers": 0.1, "nllb-moe": 0.2}  # wide enough that greedy outputs vary with the prompt
+
+
+def write_seq2seq(name: str, out: Path) -> Path:
     """A tiny random encoder-decoder MoE checkpoint, sharded (weights drawn wider than the default init, so that
     greedy outputs vary with the prompt)."""
+    std = SEQ2SEQ_STD[name]
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -167,6 +171,22 @@ def write_seq2seq(name: str, out: Path, std: float = 0.1) -> Path:
                 param.normal_(0.0, std)
     model.save_pretrained(out, max_shard_size="200KB")
     return out
+
+
+def write_word_tokenizer(out: Path, vocab_size: int, languages=()) -> None:
+    """A word-level tokenizer for a tiny checkpoint: ``<pad>``, ``</s>``, ``<unk>``, words ``w3``.. up to
+    ``vocab_size``, and each of ``languages`` (e.g. ``fra_Latn``) as a special token at the top of the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size - len(languages))})
+    vocab.update({code: vocab_size - len(languages) + i for i, code in enumerate(languages)})
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  additional_special_tokens=list(languages))
+    tok.save_pretrained(out)
 
 
 def _decisive_routers(model, std: float) -> None:

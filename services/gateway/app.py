@@ -95,6 +95,8 @@ class Gateway:
         job = rq.Job(chat=False, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
         text, ids = rq.parse_prompt(body, info.vocab_size)
         rq.parse_sampling(body, job, chat=False, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
+        job.forced_tokens = rq.parse_target_language(body, info.model_type, info.target_language, self.codec.language_id)
+        job.text_to_text = info.text_to_text
         with self.admission():
             if ids is None:
                 ids = await self.tokenize(self.codec.encode, text, len(text), "prompt", info)
@@ -105,6 +107,9 @@ class Gateway:
         body = await read_json(request, self.cfg.body_timeout_s)
         rq.check_known(body, rq.COMMON | rq.CHAT_ONLY)
         info = self.require_worker()
+        if info.text_to_text:
+            raise bad_request(f"{info.model_type} is a text-to-text (encoder-decoder) model without a chat format:"
+                              " send the text to /v1/completions", "messages")
         job = rq.Job(chat=True, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
         job.messages = rq.parse_messages(body)
         rq.parse_sampling(body, job, chat=True, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
@@ -158,7 +163,7 @@ class Gateway:
     def worker_request(self, job: rq.Job, info: m.WorkerInfoReply) -> m.GenerateRequest:
         return m.GenerateRequest(request=uuid.uuid4().hex, prompt=job.prompt_ids, max_tokens=job.max_tokens,
                                  stop_token_ids=list(info.eos_token_ids), temperature=job.temperature,
-                                 top_p=job.top_p, top_k=job.top_k, seed=job.seed)
+                                 top_p=job.top_p, top_k=job.top_k, seed=job.seed, forced_tokens=job.forced_tokens)
 
     async def tokens(self, job: rq.Job, info: m.WorkerInfoReply, out: Output, clock: RequestClock):
         """Yield text deltas; cancels the worker's generation on a stop string, an error or a disconnect.

@@ -54,7 +54,9 @@ def openapi_spec(cfg: GatewayConfig) -> dict:
     completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
         **sampling, "prompt": {"oneOf": [
             {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}}}
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]},
+        "target_language": {"type": "string", "description": "translation models (NLLB-MoE) only, and required"
+                            " there: the language to write, a language code of the model's tokenizer (fra_Latn)"}}}
     text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                  "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {

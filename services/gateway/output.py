@@ -13,7 +13,8 @@ class Output:
 
     def __init__(self, codec: TextCodec, job: Job):
         self.job = job
-        self.detok = IncrementalDetokenizer(codec, job.prompt_ids)
+        # a continuation decodes after the prompt's last tokens; a text-to-text output is a text of its own
+        self.detok = IncrementalDetokenizer(codec, [] if job.text_to_text else job.prompt_ids)
         self.stop = StopMatcher(job.stop)
         self.completion_tokens = 0
         self.finish_reason: str | None = None

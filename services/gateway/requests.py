@@ -12,7 +12,7 @@ MAX_TOP_K = 2**31 - 1  # values up to it are clamped to the vocabulary; above it
 MAX_USER = 256
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
           "user"}
-COMPLETION_ONLY = {"prompt"}
+COMPLETION_ONLY = {"prompt", "target_language"}
 CHAT_ONLY = {"messages", "max_completion_tokens"}
 # Known OpenAI parameters moeinf does not implement: accepted only at their neutral value.
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": None,
@@ -40,6 +40,8 @@ class Job:
     messages: list[dict] = field(default_factory=list)
     prompt_text: str | None = None
     user: str | None = None  # the client's end-user id: routes a conversation back to its worker
+    forced_tokens: list[int] = field(default_factory=list)  # the output's first tokens (a translation's language)
+    text_to_text: bool = False  # an encoder-decoder model: the output is not a continuation of the prompt
 
 
 def _typed(body: dict, name: str, types, what: str, default=None):
@@ -198,3 +200,23 @@ def parse_prompt(body: dict, vocab_size: int) -> tuple[str | None, list[int] | N
     if isinstance(prompt, list) and len(prompt) > 1:
         raise bad_request("batched prompts are not supported: send one prompt per request", "prompt")
     raise bad_request("'prompt' must be a non-empty string or list of token ids", "prompt")
+
+
+def parse_target_language(body: dict, model_type: str, required: bool, language_id) -> list[int]:
+    """A translation model's output language (NLLB-MoE: required, a language code of its tokenizer such as
+    ``fra_Latn``) as the token the output starts with; refused for any other model. ``language_id(code)`` is the
+    code's token id, or None when the tokenizer has no such token."""
+    code = _typed(body, "target_language", str, "a string")
+    if not required:
+        if code is not None:
+            raise bad_request(f"'target_language' is for translation models; {model_type} takes none",
+                              "target_language")
+        return []
+    if code is None:
+        raise bad_request(f"'target_language' is required: {model_type} translates into the language it names (a"
+                          " language code of its tokenizer, e.g. 'fra_Latn')", "target_language")
+    token = language_id(code)
+    if token is None:
+        raise bad_request(f"'target_language' {code[:64]!r} is not a language code of this model's tokenizer",
+                          "target_language")
+    return [token]

@@ -17,7 +17,8 @@ class TextCodec:
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         # no token spells more characters than its vocabulary string has: a text longer than this many characters
         # per token of context cannot fit (x2 for normalizers that compose characters)
-        self.max_chars_per_token = 2 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.vocab = self.tokenizer.get_vocab()  # token -> id, added tokens (language codes) included
+        self.max_chars_per_token = 2 * max((len(t) for t in self.vocab), default=1)
 
     def too_long(self, chars: int, max_tokens: int) -> bool:
         """True when ``chars`` characters surely tokenize to more than ``max_tokens`` tokens (no tokenizing)."""
@@ -26,6 +27,10 @@ class TextCodec:
     @property
     def eos_token_id(self) -> int | None:
         return self.tokenizer.eos_token_id
+
+    def language_id(self, code: str) -> int | None:
+        """The token of a language code (``fra_Latn``), or None when the tokenizer has none."""
+        return self.vocab.get(code)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)

@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 from common import messages as m
 from common.access import Access
 from common.checkpoint import Checkpoint, experts_per_token, max_positions
+from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
@@ -82,7 +83,9 @@ def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
     eos = generation.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     return m.WorkerInfoReply(os.getpid(), str(cfg.model), model.config.model_type, max_model_len(cfg, model),
-                             text.vocab_size, eos_ids, True)
+                             text.vocab_size, eos_ids, True,
+                             text_to_text=bool(getattr(model.config, "is_encoder_decoder", False)),
+                             target_language=model.config.model_type in TARGET_LANGUAGE)
 
 
 def max_model_len(cfg: WorkerConfig, model) -> int:

@@ -34,6 +34,8 @@ CASES = [
      "temperature"),
     ("top_p zero", COMP, {"model": M, "prompt": "x", "top_p": 0}, 400, "invalid_request_error", "top_p"),
     ("top_k below -1", COMP, {"model": M, "prompt": "x", "top_k": -2}, 400, "invalid_request_error", "top_k"),
+    ("target_language on a model that does not translate", COMP, {"model": M, "prompt": "x",
+     "target_language": "fra_Latn"}, 400, "invalid_request_error", "target_language"),
     ("n above 1", COMP, {"model": M, "prompt": "x", "n": 2}, 400, "invalid_request_error", "n"),
     ("stop of wrong type", COMP, {"model": M, "prompt": "x", "stop": 5}, 400, "invalid_request_error", "stop"),
     ("too many stops", COMP, {"model": M, "prompt": "x", "stop": list("abcde")}, 400, "invalid_request_error", "stop"),
