@@ -50,6 +50,22 @@ def experts_families() -> dict[str, str]:
     return found
 
 
+def keyed_families() -> dict[str, str]:
+    """``{model type: sequence-to-sequence class name}`` for the encoder-decoder families whose experts are an
+    ``nn.ModuleDict`` of expert modules (Switch Transformers, NLLB-MoE): served by the worker's keyed binding."""
+    import re
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    root = Path(transformers.__file__).parent / "models"
+    keyed = re.compile(r"class \w+Experts\(nn\.ModuleDict\)")
+    modules = {p.parent.name for p in root.glob("*/modeling_*.py") if keyed.search(p.read_text(errors="replace"))}
+    return {t: c for t, c in sorted(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.items())
+            if t in CONFIG_MAPPING_NAMES and model_type_to_module_name(t) in modules}
+
+
 def remote_code_reason(config_path: Path) -> str | None:
     """Why a checkpoint needing remote code is refused, or None. Read as plain JSON: nothing from the directory runs."""
     try:
@@ -106,6 +122,24 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {t} | {c} | {s} | {r.replace('|', '/')} |" for t, c, s, r in rows]
+    lines += [
+        "",
+        "## Encoder-decoder families with one module per expert",
+        "",
+        "Model types whose experts are an `nn.ModuleDict` of expert modules (the MoE-Infinity paper's own models)."
+        " memd reads each expert's own tensors; the worker rebinds the dict's forward (services/worker/keyed.py) and"
+        " runs the encoder once per request, then one decoder token per step with the request's cross-attention"
+        " cache (services/worker/seq2seq.py). The decoder forwards of a step's requests (each its own cross-attention)"
+        " meet at every MoE layer, where one acquire and one pass of each routed expert serve them all. Served"
+        " through /v1/completions, text to text; NLLB-MoE needs"
+        " `target_language`. *pass*: tests/worker/test_seq2seq.py, greedy tokens at 25% equal `model.generate`,"
+        " alone and with three requests in flight.",
+        "",
+        "| family | class | status | reason |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t} | {c} | {results.get(t, {}).get('status', 'not run')} | {results.get(t, {}).get('reason', '')} |"
+              for t, c in keyed_families().items()]
     return "\n".join(lines) + "\n"
 
 

@@ -117,7 +117,7 @@ class Engine:
         """One forward for the whole step. Returns each chunk's new token, or None for a prompt chunk that is not
         the prompt's last (nothing to sample yet)."""
         if self.seq2seq is not None:
-            return [self.run_seq2seq(chunk.seq) for chunk in step]
+            return self.run_seq2seq([chunk.seq for chunk in step])
         if self.flat_step is None:
             raise RuntimeError("Engine.run needs enable_batching() first")
         owner, positions, rows = _layout(step)
@@ -132,11 +132,13 @@ class Engine:
             tokens.append(self.accept_or_fail(chunk.seq, next(logits)) if samples else None)
         return tokens
 
-    def run_seq2seq(self, seq: Sequence) -> int | None:
-        """An encoder-decoder request's step: the whole prompt is encoded on its first (``seq2seq.py``)."""
-        logits = self.seq2seq.forward(seq)
-        seq.cached = seq.num_tokens
-        return self.accept_or_fail(seq, logits)
+    def run_seq2seq(self, seqs: list[Sequence]) -> list[int | None]:
+        """An encoder-decoder step: a request's whole prompt is encoded on its first (``seq2seq.py``)."""
+        tokens = []
+        for seq, logits in zip(seqs, self.seq2seq.forward(seqs)):
+            seq.cached = seq.num_tokens
+            tokens.append(self.accept_or_fail(seq, logits))
+        return tokens
 
     def accept_or_fail(self, seq: Sequence, logits: torch.Tensor) -> int | None:
         """The next token, or None with ``seq.error`` set when this request cannot be sampled."""
@@ -150,7 +152,7 @@ class Engine:
     def step(self, seq: Sequence) -> int:
         """Run one forward (the whole prompt first, then one token) and return the next token."""
         if self.seq2seq is not None:
-            logits = self.seq2seq.forward(seq)
+            logits = self.seq2seq.forward([seq])[0]
             seq.cached = seq.num_tokens
             return self.accept(seq, logits)
         ids = seq.req.prompt if not seq.generated else seq.generated[-1:]

@@ -135,6 +135,7 @@ class StepState:
         self.requests: list[str] = []
         self.token_owner: torch.Tensor | None = None  # [num_tokens]
         self.owner: list[int] = []  # the same, as a list
+        self.lockstep = None  # several forwards meeting at each MoE layer (seq2seq.Lockstep), while they run
 
     def begin(self, requests: list[str], owner: list[int], *, positions=None, phases=None) -> None:
         """Declare the next forward; it ends (flushes to memd and the trace file) the step before. ``positions``

@@ -55,7 +55,7 @@ class StubFlatStep:
 
 def test_a_degenerate_request_fails_alone_in_its_step():
     engine = Engine.__new__(Engine)
-    engine.max_model_len, engine.vocab_size, engine.steps = 64, 320, None
+    engine.max_model_len, engine.vocab_size, engine.steps, engine.seq2seq = 64, 320, None, None
     good, bad = torch.randn(320), torch.full((320,), float("nan"))
     engine.flat_step = StubFlatStep([good, bad])
     seqs = [Sequence(m.GenerateRequest(f"r{i}", [1, 2, 3], 4, temperature=1.0), None, torch.Generator())

@@ -8,8 +8,10 @@ import pytest
 import torch
 from helpers import SEQ2SEQ, Stack, write_seq2seq
 from test_batching import Mux
+from test_family_matrix import record
 
-from common.checkpoint import Checkpoint, find_moe_layers, build_meta_model
+from common.checkpoint import Checkpoint, build_meta_model, find_moe_layers
+from common.families import keyed_families
 from common.worker_client import WorkerClient
 
 PROMPTS = [[5, 9, 22, 7, 33], [(5 * j) % 300 + 3 for j in range(21)], [44, 3, 17]]
@@ -43,8 +45,21 @@ def test_keyed_experts_are_found_in_encoder_and_decoder(family, tmp_path):
         ["encoder", "encoder", "decoder", "decoder"]
 
 
+def test_the_keyed_families_are_the_ones_tested():
+    assert set(keyed_families()) == set(SEQ2SEQ)
+
+
 @pytest.mark.parametrize("family", sorted(SEQ2SEQ))
 def test_seq2seq_greedy_equals_transformers(family, tmp_path):
+    try:
+        check_seq2seq(family, tmp_path)
+    except BaseException as exc:
+        record(family, "fail", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}")
+        raise
+    record(family, "pass")
+
+
+def check_seq2seq(family: str, tmp_path) -> None:
     model_dir = write_seq2seq(family, tmp_path / family)
     forced = {"forced_bos_token_id": 250} if family == "nllb-moe" else {}
     expected = reference(model_dir, PROMPTS, **forced)
