@@ -22,7 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from common.checkpoint import experts_per_token
 from services.worker import quant
 from services.worker.pool_views import PoolViews
-from services.worker.speculate import Speculator
+from services.worker.speculate import Speculator, limit_to_groups
 from services.worker.tracing import StepState
 
 IMPLEMENTATION = "moeinf"
@@ -59,6 +59,7 @@ class NextGate:
     bias: torch.Tensor | None
     correction: torch.Tensor | None  # DeepSeek-V3's e_score_correction_bias (added to sigmoid scores)
     top_k: int
+    groups: tuple[int, int, str] | None = None  # group-limited routing: (groups, groups kept, "top2" | "max")
 
     def guess(self, hidden_states: torch.Tensor, num_experts: int) -> tuple[list[int], list[int]]:
         """Experts of the next layer and how many tokens' top-k picked each."""
@@ -66,6 +67,8 @@ class NextGate:
         logits = F.linear(hidden, self.weight, self.bias)
         if self.correction is not None:
             logits = logits.float().sigmoid() + self.correction
+        if self.groups is not None:
+            logits = limit_to_groups(logits, *self.groups)
         top = torch.topk(logits, self.top_k, dim=-1).indices
         counts = torch.bincount(top.reshape(-1), minlength=num_experts)
         experts = torch.nonzero(counts).squeeze(1)
@@ -89,8 +92,22 @@ def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None 
             if dtype is not None:
                 weight = weight.detach().to(dtype, copy=True)
                 bias = None if bias is None else bias.detach().to(dtype, copy=True)
-            return NextGate(weight, bias, correction if isinstance(correction, torch.Tensor) else None, int(k))
+            return NextGate(weight, bias, correction if isinstance(correction, torch.Tensor) else None, int(k),
+                            router_groups(child, num_experts))
     return None
+
+
+def router_groups(router, num_experts: int) -> tuple[int, int, str] | None:
+    """Group-limited routing of a router module (DeepSeek-V2/V3 and their kin): its experts split into ``num_group``
+    groups, a token keeps the ``topk_group`` best groups, scored by the sum of each group's two best scores, or by
+    the best one where the router's ``topk_method`` is ``group_limited_greedy`` (DeepSeek-V2); None without."""
+    groups, kept = getattr(router, "num_group", None), getattr(router, "topk_group", None)
+    method = getattr(router, "topk_method", None)
+    if not isinstance(groups, int) or not isinstance(kept, int) or method == "greedy":
+        return None
+    if groups <= 1 or kept >= groups or num_experts % groups:
+        return None
+    return groups, kept, "max" if method == "group_limited_greedy" else "top2"
 
 
 def _guess_dtype(model, layers) -> torch.dtype | None:

@@ -6,7 +6,8 @@ target layer's top-k per token is picked as its router would (the scores plus De
 ``e_score_correction_bias`` when there is one; the router's own bias is in the logits); a guessed expert's
 confidence is the highest probability a token gave it (softmax over the layer's experts, or the sigmoid score for
 sigmoid routers). Guesses below the confidence threshold are not sent. Group-limited routing (DeepSeek's
-``n_group`` / ``topk_group``) is not applied: its guesses are the plain top-k of the corrected scores.
+``n_group`` / ``topk_group``) is applied as the router applies it: the experts of the groups a token does not keep
+cannot be guessed (``NextGate.groups``).
 
 None of it touches the computed values: the routers are copies (or the model's own tensors, only read).
 """
@@ -31,6 +32,7 @@ class Speculator:
         self.sigmoid = torch.zeros(self.L, dtype=torch.bool)
         self.known = torch.tensor([r is not None for r in routers])
         self.top_k = max(r.top_k for r in present)
+        self.groups = [None if r is None else r.groups for r in routers]
         with torch.no_grad():
             for i, r in enumerate(routers):
                 if r is None:
@@ -62,6 +64,9 @@ class Speculator:
         sigmoid = self.sigmoid[layer + 1:layer + 1 + k].view(1, k, 1)
         probs = torch.where(sigmoid, logits.sigmoid(), logits.softmax(-1))
         select = torch.where(sigmoid, probs + self.correction[lo:hi].view(1, k, self.E), probs)
+        for j, groups in enumerate(self.groups[layer + 1:layer + 1 + k]):
+            if groups is not None:
+                select[:, j] = limit_to_groups(select[:, j], *groups)
         top = select.topk(min(self.top_k, self.E), dim=-1).indices  # [T, k, top_k]
         conf = torch.zeros(k, self.E)
         picked = probs.gather(-1, top)  # [T, k, top_k]
@@ -72,3 +77,12 @@ class Speculator:
         keep = chosen.view(k, self.E) & (conf >= threshold) & self.known[layer + 1:layer + 1 + k].view(k, 1)
         ahead, expert = keep.nonzero(as_tuple=True)
         return (ahead + layer + 1).tolist(), expert.tolist(), conf[ahead, expert].tolist()
+
+
+def limit_to_groups(select: torch.Tensor, groups: int, kept: int, rule: str) -> torch.Tensor:
+    """``select`` [T, E] with the experts of the groups a token does not keep at -inf, as group-limited routers do:
+    groups scored by their two best scores summed (``top2``) or their best (``max``), the ``kept`` best kept."""
+    by_group = select.view(select.shape[0], groups, -1)
+    score = by_group.topk(2, dim=-1).values.sum(-1) if rule == "top2" else by_group.max(dim=-1).values
+    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(kept, dim=-1).indices, True)
+    return by_group.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(select)

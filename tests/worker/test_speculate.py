@@ -77,3 +77,20 @@ def test_guesses_stop_at_the_knob_and_the_last_layer(mixtral):
     spec, _, runs = routed_run(mixtral, tokens=4)
     assert spec.ahead(0, 10) == len(runs) - 1 and spec.ahead(len(runs) - 1, 3) == 0
     assert Speculator([None] * 4, 8, 3).guess(0, runs[0][0], 3) == ([], [], [])
+
+
+def test_group_limited_routing_is_guessed_as_the_router_routes(checkpoints):
+    """DeepSeek-V3 (8 experts in 2 groups, one kept per token): the guess of layer l+1 made from layer l+1's own
+    input is that layer's routing, token for token; without the group limit it is not."""
+    spec, routers, runs = routed_run(checkpoints["deepseek_v3"], tokens=24)
+    assert all(r is not None and r.groups == (2, 1, "top2") for r in routers)
+    differs = 0
+    for layer in range(len(runs) - 1):
+        hidden, actual = runs[layer + 1]
+        for t in range(hidden.shape[0]):
+            targets, experts, _ = spec.guess(layer, hidden[t:t + 1], 1)
+            assert sorted(experts) == sorted(actual[t].tolist()), (layer, t)
+        spec.groups[layer + 1] = None  # the plain top-k of the corrected scores: some tokens pick across groups
+        for t in range(hidden.shape[0]):
+            differs += sorted(spec.guess(layer, hidden[t:t + 1], 1)[1]) != sorted(actual[t].tolist())
+    assert differs > 0, "the model's routing never crossed groups: the test proves nothing"
