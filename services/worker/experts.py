@@ -249,9 +249,10 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
-         speculate_layers: int = 4, dequant_cache_mb: int = 0) -> None:
+         speculate_layers: int = 4, dequant_cache_mb: int = 0, max_running: int = 0) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
-    traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state."""
+    traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state;
+    ``max_running``: the most requests in a step (sizes the dequantization scratch; 0: one layer's experts)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
@@ -260,8 +261,10 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None
-    if views.quantized:  # one scratch for all layers, for the most experts a layer can hold at once
+    if views.quantized:  # one scratch for all layers: the most experts a decode step routes in a layer
         capacity = min(layers[0].num_experts, views.num_slots)
+        if max_running:  # a larger step (a prefill) runs its tokens in groups that fit (quant.token_groups)
+            capacity = min(capacity, top_k * max_running)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20)
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)

@@ -55,7 +55,8 @@ def attach(cfg: WorkerConfig) -> Attached:
         views = experts.PoolViews(hello)
         steps = StepState(recorder(cfg, client, model, layers))
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
-                     speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb)
+                     speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
+                     max_running=cfg.max_running)
         client.ready()
     except BaseException:
         client.close()

@@ -3,8 +3,11 @@
 memd's slots hold the experts as the checkpoint stores them (MXFP4 blocks + scales, or block FP8 values +
 ``weight_scale_inv``), so the pool holds 2-4x more experts per byte and reads that many fewer bytes. For each MoE
 layer the worker dequantizes only the experts routed in the step, into one preallocated ``[capacity, *shape]``
-buffer per parameter (capacity: the most experts a layer can hold at once, ``min(experts, pool slots)``), and
-runs transformers' own grouped-matmul forward on it with expert ids remapped to buffer rows.
+buffer per parameter, and runs transformers' own grouped-matmul forward on it with expert ids remapped to buffer
+rows. The capacity is what a decode step routes at most, ``min(experts, pool slots, top_k x --max-running)``
+(plus ``--dequant-cache-mb``): a step that routes more (a prefill) runs its tokens in groups whose experts fit
+(``token_groups``), each token whole in one group. For a model with many experts (GPT-OSS-120B: 128, top-4) that
+is a quarter of a layer's experts at the default --max-running 8, instead of all of them.
 
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
@@ -250,7 +253,21 @@ class Dequantizer:
 
     def forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
                 top_k_weights):
-        """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows."""
+        """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows. When more are
+        routed than the scratch holds (a prefill: the scratch is sized for a decode step), the tokens run in groups
+        whose experts fit, each token's experts computed and summed together as in one call."""
+        if len(experts) <= self.cache.rows:
+            return self._forward(module, layer, experts, slots, hidden_states, top_k_index, top_k_weights)
+        slot_of = dict(zip(experts.tolist(), slots))
+        out = []
+        for lo, hi in token_groups(top_k_index.tolist(), self.cache.rows):
+            group = torch.unique(top_k_index[lo:hi])
+            out.append(self._forward(module, layer, group, [slot_of[e] for e in group.tolist()], hidden_states[lo:hi],
+                                     top_k_index[lo:hi], top_k_weights[lo:hi]))
+        return torch.cat(out)
+
+    def _forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
+                 top_k_weights):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         rows = self.rows(layer, experts.tolist(), slots)
@@ -258,6 +275,18 @@ class Dequantizer:
         remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
         proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
         return grouped_mm_experts_forward(proxy, hidden_states, remap[top_k_index], top_k_weights)
+
+
+def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:
+    """Consecutive token ranges ``[lo, hi)`` whose routed experts (``index[t]``) number at most ``rows`` each."""
+    groups, lo, seen = [], 0, set()
+    for t, experts in enumerate(index):
+        if len(seen | set(experts)) > rows and t > lo:
+            groups.append((lo, t))
+            lo, seen = t, set()
+        seen |= set(experts)
+    groups.append((lo, len(index)))
+    return groups
 
 
 def row_bytes(hello: m.HelloReply, plain_views: dict[str, torch.Tensor], module) -> int:

@@ -130,3 +130,14 @@ def test_dequantizer_caches_rows_and_forwards_like_the_scratch():
     assert dq.rows(0, [0, 3], [0, 3]) == rows and dq.cache.hits == 2
     for e, r in zip([0, 3], rows):
         assert torch.equal(dq.tensors["gate_up_proj"][r], want[e])
+
+
+def test_token_groups_keep_each_group_within_the_rows():
+    from services.worker.quant import token_groups
+
+    index = [[0, 1], [1, 2], [3, 4], [4, 5], [0, 5], [6, 7]]
+    groups = token_groups(index, 3)
+    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert all(len({e for t in range(lo, hi) for e in index[t]}) <= 3 for lo, hi in groups)
+    assert token_groups(index, 8) == [(0, 6)]
+    assert token_groups([[2, 3]], 2) == [(0, 1)]
