@@ -1,6 +1,8 @@
 """Generation: sequences, sampling, stop conditions, and the forward of a step.
 
-``run`` is the worker's path: one forward for a whole scheduled step (see ``scheduler.py`` and ``flat_step.py``).
+``run`` is the worker's path: one forward for a whole scheduled step (see ``scheduler.py`` and ``flat_step.py``), or
+for a model whose per-request state a flattened step cannot split (recurrent layers; encoder-decoder models) one
+forward per request, meeting at every MoE layer (``lockstep.py``).
 ``step`` is the plain path for one sequence, the prompt first and then one token per call, exactly what
 ``model.generate`` runs (``logits_to_keep=1``, argmax of the last logits in float32); ``moeinf bench overhead``
 drives plain transformers and moeinf through it. Both give a lone greedy request transformers' own tokens.
@@ -21,6 +23,7 @@ from common import messages as m
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
 from services.worker.flat_step import RequestTokens, FlatStep
+from services.worker.lockstep import Together
 from services.worker.seq2seq import Seq2Seq
 
 
@@ -75,10 +78,11 @@ class Engine:
         self.vocab_size = model.config.get_text_config().vocab_size
         self.flat_step: FlatStep | None = None
         self.seq2seq = Seq2Seq(model, steps) if getattr(model.config, "is_encoder_decoder", False) else None
+        self.together = Together(steps)  # forwards per request, batched at the MoE layers (recurrent models)
 
     @property
     def one_at_a_time(self) -> bool:
-        """Whether requests must run one at a time (recurrent state the flattened step cannot split)."""
+        """Whether each request needs a forward of its own (recurrent state the flattened step cannot split)."""
         return self.flat_step is not None and self.flat_step.recurrent
 
     def enable_batching(self) -> None:
@@ -124,13 +128,23 @@ class Engine:
         if self.steps is not None:
             self.steps.begin([chunk.seq.request_id for chunk in step], owner, positions=positions,
                              phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
-        logits = iter(self.flat_step.forward([RequestTokens(c.seq.cache, c.seq.cached, c.tokens) for c in step], rows))
+        parts = [RequestTokens(c.seq.cache, c.seq.cached, c.tokens) for c in step]
+        if self.one_at_a_time and len(step) > 1 and self.steps is not None:
+            logits = iter(self.forward_apart(step, parts))
+        else:
+            logits = iter(self.flat_step.forward(parts, rows))
         tokens = []
         for chunk in step:
             chunk.seq.cached += len(chunk.tokens)
             samples = chunk.seq.cached == chunk.seq.num_tokens
             tokens.append(self.accept_or_fail(chunk.seq, next(logits)) if samples else None)
         return tokens
+
+    def forward_apart(self, step: list[Chunk], parts: list[RequestTokens]) -> list[torch.Tensor]:
+        """A model whose per-request state the flattened step cannot split (recurrent layers): one forward per
+        request, meeting at every MoE layer (``lockstep.py``); the logits of the chunks that sample, in order."""
+        outs = self.together.run([lambda p=p: self.flat_step.forward([p], [len(p.tokens) - 1])[0] for p in parts])
+        return [out for out, c in zip(outs, step) if c.seq.cached + len(c.tokens) == c.seq.num_tokens]
 
     def run_seq2seq(self, seqs: list[Sequence]) -> list[int | None]:
         """An encoder-decoder step: a request's whole prompt is encoded on its first (``seq2seq.py``)."""

@@ -21,6 +21,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 
 from common.checkpoint import experts_per_token
 from services.worker import quant
+from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups
 from services.worker.tracing import StepState
@@ -185,6 +186,15 @@ class ExpertBinding:
                                    " memd and the worker must serve the same checkpoint")
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        lockstep = self.steps.lockstep
+        if lockstep is not None:  # one forward per request in threads (lockstep.py): one of them runs it for all
+            return lockstep.meet(self, hidden_states, (top_k_index, top_k_weights), {})
+        return self.compute(hidden_states, top_k_index, top_k_weights)
+
+    def forward_together(self, inputs: list) -> list[torch.Tensor]:
+        return together(lambda hidden, args, _: self.compute(hidden, *args), inputs)
+
+    def compute(self, hidden_states, top_k_index, top_k_weights):
         routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)
         slots = self.acquire(routing, hidden_states, top_k_index, top_k_weights)
         try:

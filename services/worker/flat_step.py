@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +74,7 @@ class StepCache:
         parts = self.__dict__.get("parts") or ()
         if self.__dict__.get("recurrent") and len(parts) == 1:
             return getattr(parts[0].cache, name)
-        raise AttributeError(f"StepCache.{name}: recurrent layers run one request per step (see FlatStep.recurrent)")
+        raise AttributeError(f"StepCache.{name}: recurrent layers run one request per forward (see FlatStep.recurrent)")
 
 
 class StepLayout:
@@ -129,13 +130,13 @@ class FlatStep:
         self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS
                              for layer in cache_layers)
         # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
-        # class whose state is the step's one request's (so one request per step)
+        # class whose state is the forward's one request's (so one request per forward)
         self.own_cache = own_cache_class(model)
         self.step_cache = StepCache if self.own_cache is None else type(
             f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
         self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
-        self.run: StepLayout | None = None  # the step in progress (FlatStep.forward)
+        self._local = threading.local()  # .run: the step in progress in this thread (FlatStep.forward)
         for module in model.modules():  # the attention layers (they carry their layer index) find their step here
             if hasattr(module, "layer_idx"):
                 module._moeinf_flat_step = self
@@ -145,6 +146,15 @@ class FlatStep:
                                " transformers' AttentionInterface, so the worker cannot batch it")
         # attention that reads the mask itself runs per request (lone.py)
         run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: self.run)
+
+    @property
+    def run(self) -> StepLayout | None:
+        """The step in progress in the calling thread (several run at once in lockstep, one per request)."""
+        return getattr(self._local, "run", None)
+
+    @run.setter
+    def run(self, layout: StepLayout | None) -> None:
+        self._local.run = layout
 
     def new_cache(self) -> Cache:
         """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""

@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from common.checkpoint import EXPERT_KEY
 from services.worker.experts import ExpertBinding, Routing
+from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator
 from services.worker.tracing import StepState
@@ -87,13 +88,8 @@ class KeyedBinding(ExpertBinding):
         return self.compute(hidden_states, args, kwargs)
 
     def forward_together(self, inputs: list) -> list[torch.Tensor]:
-        """The layer for several forwards at once: their tokens concatenated (every per-token argument, the
-        router's outputs included), one acquire, one pass of each routed expert, each forward's rows back."""
-        rows = [hidden.shape[0] for hidden, _, _ in inputs]
-        hidden = torch.cat([h for h, _, _ in inputs])
-        args = tuple(_joined([a[k] for _, a, _ in inputs], rows) for k in range(len(inputs[0][1])))
-        kwargs = {k: _joined([kw[k] for _, _, kw in inputs], rows) for k in inputs[0][2]}
-        return list(self.compute(hidden, args, kwargs).split(rows))
+        """The layer for several forwards at once (``lockstep.together``: one acquire, one pass of each expert)."""
+        return together(self.compute, inputs)
 
     def compute(self, hidden_states, args, kwargs):
         index = self.route(hidden_states, args, kwargs)
@@ -130,14 +126,3 @@ class KeyedBinding(ExpertBinding):
         module = self.module[f"expert_{expert}"] if f"expert_{expert}" in self.module else self.module[str(expert)]
         return lambda x: functional_call(module, params, (x,))
 
-
-def _joined(values: list, rows: list[int]):
-    """One argument of several forwards: per-token tensors (first dimension = that forward's tokens) concatenated;
-    anything else must be the same object or an equal non-tensor value for all."""
-    if all(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for v, n in zip(values, rows)):
-        return torch.cat(values)
-    first = values[0]
-    if all(v is first or (not isinstance(v, torch.Tensor) and not isinstance(first, torch.Tensor) and v == first)
-           for v in values):
-        return first
-    raise RuntimeError("the forwards of a batched step reached an MoE layer with arguments that cannot be joined")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -118,9 +117,9 @@ def run(cfg: WorkerConfig) -> int:
         engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching()
         limits = Limits.from_config(cfg)
-        if engine.one_at_a_time and limits.max_running > 1:  # their state is per request: one at a time
-            log.warning("%s has recurrent layers: requests run one at a time (--max-running 1)", model.config.model_type)
-            limits = dataclasses.replace(limits, max_running=1)
+        if engine.one_at_a_time:  # their state is per request: one forward each, batched at the MoE layers
+            log.info("%s has recurrent layers: each request of a step runs its own forward, the MoE layers batched",
+                     model.config.model_type)
         server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), limits, Access(cfg.group))
         return asyncio.run(_serve(server))
     finally:

@@ -17,7 +17,7 @@ import uuid
 import pytest
 import torch
 from helpers import FAMILIES, Stack, write_family
-from test_batching import Mux
+from test_batching import Mux, max_streaming
 
 from common.checkpoint import Checkpoint, CheckpointError
 from common.families import UNSUPPORTED, experts_families
@@ -58,6 +58,7 @@ def batched(addr: str, prompts) -> list[list[int]]:
     try:
         requests = [mux.submit(uuid.uuid4().hex, p, NEW_TOKENS) for p in prompts]
         mux.run(set(requests))
+        assert max_streaming(mux) == len(prompts), "the requests did not run together"
         return [mux.tokens(r)[0] for r in requests]
     finally:
         mux.close()

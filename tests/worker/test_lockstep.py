@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.worker.seq2seq import Lockstep, Seq2Seq
+from services.worker.lockstep import Lockstep
+from services.worker.seq2seq import Seq2Seq
 
 
 class Doubler:
