@@ -274,10 +274,13 @@ def expert_key_owner(target: str, keyed: dict[str, MoeLayer]) -> tuple[MoeLayer,
     return None
 
 
-def in_experts(target: str, expert_modules: set[str]) -> bool:
-    """Whether parameter ``target`` belongs to one of the experts modules (stacked or keyed)."""
+def in_experts(target: str, expert_modules: set[str], keyed: set[str] | frozenset = frozenset()) -> bool:
+    """Whether parameter ``target`` is an expert parameter: one of a stacked experts module's own, or any inside
+    one of the ``keyed`` experts modules (one module per expert)."""
+    if target.rpartition(".")[0] in expert_modules - set(keyed):
+        return True
     parts = target.split(".")
-    return any(".".join(parts[:cut]) in expert_modules for cut in range(len(parts) - 1, 0, -1))
+    return any(".".join(parts[:cut]) in keyed for cut in range(len(parts) - 1, 0, -1))
 
 
 class KeyMapper:

@@ -243,6 +243,9 @@ class WorkerConfig:
                                     " read time vs layer time); 0: none")
     dequant_cache_mb: int = knob(0, "quantized experts: MiB of dequantized experts kept beyond one layer's (most"
                                     " recently used; a warm cache skips the dequantization; 0: one layer's only)")
+    dequant_scratch_experts: int = knob(0, "quantized experts: experts the dequantization scratch holds (0: a layer's"
+                                           " experts, up to the pool's slots); fewer saves memory, and a step that"
+                                           " routes more runs its tokens in groups, dequantizing again per group")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
@@ -271,6 +274,8 @@ class WorkerConfig:
             raise ValueError("--speculate-layers must be >= 0")
         if self.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
+        if self.dequant_scratch_experts < 0:
+            raise ValueError("--dequant-scratch-experts must be >= 0 (0: a layer's experts)")
 
     @property
     def memd_rpc_addr(self) -> str:

@@ -145,7 +145,7 @@ def write_family(name: str, out: Path, dtype: str = "float32", shard: bool | Non
 SEQ2SEQ = {
     "switch_transformers": dict(vocab_size=320, d_model=64, d_kv=16, d_ff=128, num_layers=4, num_decoder_layers=4,
                                 num_heads=4, num_experts=8, encoder_sparse_step=2, decoder_sparse_step=2,
-                                expert_capacity=64, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+                                expert_capacity=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
     "nllb-moe": dict(vocab_size=320, d_model=64, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_experts=8,
                      encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=256,

@@ -96,6 +96,9 @@ class Gateway:
         text, ids = rq.parse_prompt(body, info.vocab_size)
         rq.parse_sampling(body, job, chat=False, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
         job.forced_tokens = rq.parse_target_language(body, info.model_type, info.target_language, self.codec.language_id)
+        if job.forced_tokens and 0 < job.max_tokens <= len(job.forced_tokens):
+            raise bad_request(f"'max_tokens' must leave room for text after the target language token (it counts"
+                              f" as one): at least {len(job.forced_tokens) + 1}", "max_tokens")
         job.text_to_text = info.text_to_text
         with self.admission():
             if ids is None:

@@ -29,7 +29,12 @@ class TextCodec:
         return self.tokenizer.eos_token_id
 
     def language_id(self, code: str) -> int | None:
-        """The token of a language code (``fra_Latn``), or None when the tokenizer has none."""
+        """The token of a language code (``fra_Latn``): a special token of the tokenizer other than its
+        begin/end/padding/unknown tokens; None when it has no such token."""
+        tok = self.tokenizer
+        plain = {tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token}
+        if code in plain or code not in set(tok.all_special_tokens):
+            return None
         return self.vocab.get(code)
 
     def encode(self, text: str) -> list[int]:

@@ -76,11 +76,14 @@ class NextGate:
         return experts.tolist(), counts[experts].tolist()
 
 
-def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None = None) -> NextGate | None:
+def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None = None,
+                deep: bool = False) -> NextGate | None:
     """The router next to an experts module: a sibling with a ``[num_experts, hidden]`` weight (a detached copy in
-    ``dtype`` when given, so the guess never touches the model's own tensors)."""
-    # siblings first, then their children (a router module's classifier: Switch Transformers, NLLB-MoE)
-    children = [*module.children(), *(grandchild for child in module.children() for grandchild in child.children())]
+    ``dtype`` when given, so the guess never touches the model's own tensors). ``deep``: also a sibling's child, the
+    plain linear classifier of a router module (Switch Transformers, NLLB-MoE: experts kept one module per expert)."""
+    children = list(module.children())
+    if deep:
+        children += [grandchild for child in module.children() for grandchild in child.children()]
     for child in children:
         weight = getattr(child, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
@@ -259,22 +262,24 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
-         speculate_layers: int = 4, dequant_cache_mb: int = 0, max_running: int = 0) -> None:
+         speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state;
-    ``max_running``: the most requests in a step (sizes the dequantization scratch; 0: one layer's experts)."""
+    ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
-    routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype)
-               for layer in layers] if next_gate else [None] * len(layers)
+    routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype,
+                           deep=layer.keyed) for layer in layers] if next_gate else [None] * len(layers)
     speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None
-    if views.quantized:  # one scratch for all layers: the most experts a decode step routes in a layer
+    if views.quantized:  # one scratch for all layers: the most experts a layer can hold at once, or the knob's
         capacity = min(layers[0].num_experts, views.num_slots)
-        if max_running:  # a larger step (a prefill) runs its tokens in groups that fit (quant.token_groups)
-            capacity = min(capacity, top_k * max_running)
+        if scratch_experts:  # a step that routes more runs its tokens in groups that fit (quant.token_groups)
+            if scratch_experts < top_k:
+                raise ValueError(f"--dequant-scratch-experts {scratch_experts} cannot hold one token's {top_k} experts")
+            capacity = min(capacity, scratch_experts)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20)
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)

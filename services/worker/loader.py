@@ -15,6 +15,7 @@ import logging
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import GenerationConfig
 from transformers.core_model_loading import dot_natural_key
 
 from common.checkpoint import (Checkpoint, CheckpointError, KeyMapper, find_moe_layers, in_experts, model_class,
@@ -49,13 +50,13 @@ def build_skeleton(config, experts_implementation: str):
             model = model_class(config).from_config(copy.deepcopy(config), dtype=dtype,
                                                     experts_implementation=experts_implementation)
         except ValueError as exc:  # no ExpertsInterface (experts kept one module per expert: bound by experts.bind)
-            if "experts_implementation" not in str(exc):
+            if "experts_implementation" not in str(exc) or not getattr(config, "is_encoder_decoder", False):
                 raise
             model = model_class(config).from_config(config, dtype=dtype)
     return model.eval()
 
 
-def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
+def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: frozenset | set = frozenset()) -> int:
     """Set every non-expert tensor from the checkpoint; returns the bytes loaded. Block-FP8 weights (with a
     ``weight_scale_inv``) are dequantized to the parameter's dtype by transformers' own ``Fp8Dequantize``, as
     ``from_pretrained`` does with ``dequantize=True``."""
@@ -66,7 +67,7 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str]) -> int:
     for key, entry in sorted(checkpoint.tensors.items(), key=lambda item: dot_natural_key(item[0])):
         base, part = split_part(key, fmt)
         target, converter, pattern = mapper.map(base)
-        if in_experts(target, expert_modules) or part != "values" or key.endswith(".activation_scale"):
+        if in_experts(target, expert_modules, keyed) or part != "values" or key.endswith(".activation_scale"):
             continue  # experts come from memd; scales are read with their weight; activation scales are dynamic
         if converter is not None:
             converted.setdefault(target, (converter, []))[1].append((key, pattern, entry))
@@ -134,10 +135,10 @@ def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def check_materialised(model, expert_modules: set[str]) -> None:
+def check_materialised(model, expert_modules: set[str], keyed: frozenset | set = frozenset()) -> None:
     model.tie_weights()
     missing = [n for n, p in model.named_parameters()
-               if p.device.type == "meta" and not in_experts(n, expert_modules)]
+               if p.device.type == "meta" and not in_experts(n, expert_modules, keyed)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"the checkpoint lacks weights the model needs: {shown}")
@@ -149,8 +150,13 @@ def load_model(checkpoint: Checkpoint, experts_implementation: str):
     model = build_skeleton(config, experts_implementation)
     layers = find_moe_layers(model)
     expert_modules = {layer.module for layer in layers}
-    nbytes = load_dense(model, checkpoint, expert_modules)
-    check_materialised(model, expert_modules)
+    keyed = {layer.module for layer in layers if layer.keyed}
+    nbytes = load_dense(model, checkpoint, expert_modules, keyed)
+    check_materialised(model, expert_modules, keyed)
+    try:  # generate's settings (an encoder-decoder model's decoder_start_token_id) as the checkpoint ships them
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint.dir)
+    except OSError:  # no generation_config.json: the model config's defaults
+        pass
     log.info("loaded %s: %.1f MiB of dense weights, %d MoE layers offloaded", type(model).__name__,
              nbytes / 2**20, len(layers))
     return model, layers

@@ -29,18 +29,27 @@ class Lockstep:
         self.local = threading.local()  # .index: this thread's forward
 
     def meet(self, binding, hidden_states, args, kwargs):
-        """At an MoE layer: wait for the other forwards; one runs ``binding.forward_together`` for all."""
+        """At an MoE layer: wait for the other forwards; forward 0 (the compute thread, the only one that talks to
+        memd) runs ``binding.forward_together`` for all. Its error is raised as it is there (a dead memd stays a
+        ``MemdDeadError``), and as ``PeerFailed`` in the others."""
         i = self.local.index
         self.inputs[i] = (hidden_states, args, kwargs)
-        if self.barrier.wait() == 0:  # exactly one thread runs the layer for all
+        self.barrier.wait()
+        if i == 0:
             try:
                 self.outputs, self.error = binding.forward_together(self.inputs), None
             except BaseException as exc:  # every forward fails with it, none waits forever
                 self.outputs, self.error = [], exc
         self.barrier.wait()
         if self.error is not None:
-            raise RuntimeError(f"the batched MoE layer failed: {self.error}") from self.error
+            if i == 0:
+                raise self.error
+            raise PeerFailed(f"the batched MoE layer failed: {self.error}") from self.error
         return self.outputs[i]
+
+
+class PeerFailed(RuntimeError):
+    """Another forward of the step failed (its error is the step's)."""
 
 
 class Together:
@@ -55,6 +64,8 @@ class Together:
         results in order, or the first real error of any of them."""
         lockstep = Lockstep(len(forwards))
         if self.pool is None or self.pool._max_workers < len(forwards) - 1:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
             self.pool = ThreadPoolExecutor(max_workers=max(1, len(forwards) - 1), thread_name_prefix="moeinf-forward")
 
         def run(i: int) -> torch.Tensor:
@@ -72,8 +83,8 @@ class Together:
         finally:
             self.steps.lockstep = None
         failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:  # the first real error (the others saw a broken barrier)
-            raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
+        if failed:  # the first real error (the others saw a broken barrier or the layer's error second-hand)
+            raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError | PeerFailed)), failed[0])
         return results
 
 

@@ -55,7 +55,7 @@ def attach(cfg: WorkerConfig) -> Attached:
         steps = StepState(recorder(cfg, client, model, layers))
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
-                     max_running=cfg.max_running)
+                     scratch_experts=cfg.dequant_scratch_experts)
         client.ready()
     except BaseException:
         client.close()

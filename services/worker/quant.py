@@ -4,10 +4,10 @@ memd's slots hold the experts as the checkpoint stores them (MXFP4 blocks + scal
 ``weight_scale_inv``), so the pool holds 2-4x more experts per byte and reads that many fewer bytes. For each MoE
 layer the worker dequantizes only the experts routed in the step, into one preallocated ``[capacity, *shape]``
 buffer per parameter, and runs transformers' own grouped-matmul forward on it with expert ids remapped to buffer
-rows. The capacity is what a decode step routes at most, ``min(experts, pool slots, top_k x --max-running)``
-(plus ``--dequant-cache-mb``): a step that routes more (a prefill) runs its tokens in groups whose experts fit
-(``token_groups``), each token whole in one group. For a model with many experts (GPT-OSS-120B: 128, top-4) that
-is a quarter of a layer's experts at the default --max-running 8, instead of all of them.
+rows. The capacity is the most experts a layer can hold at once, ``min(experts, pool slots)``, or
+``--dequant-scratch-experts`` when lower (plus ``--dequant-cache-mb``): a step that routes more than it holds (a
+prefill) runs its tokens in groups whose experts fit (``token_groups``), each token whole in one group, and
+dequantizes the experts of each group again (memory for prefill speed).
 
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
@@ -187,7 +187,7 @@ class RowCache:
         """The row of each routed expert, and the ``(slot, row)`` pairs that must be dequantized first."""
         if len(experts) > self.rows:
             raise RuntimeError(f"{len(experts)} experts routed in one layer, the dequantization buffer holds"
-                               f" {self.rows} (min(experts, pool slots) + --dequant-cache-mb)")
+                               f" {self.rows} (min(experts, pool slots, --dequant-scratch-experts) + --dequant-cache-mb)")
         keys = [(layer, e, s) for e, s in zip(experts, slots)]
         pinned = {self.lru[k] for k in keys if k in self.lru}
         rows, fill = [], []

@@ -56,9 +56,13 @@ def test_seq2seq_served_through_the_gateway(family, tmp_path):
         if nllb:
             status, body = post(served.url, "/v1/completions", {"model": "m", "prompt": "w5", "max_tokens": 4})
             assert status == 400 and body["error"]["param"] == "target_language", body
-            status, body = post(served.url, "/v1/completions", {"model": "m", "prompt": "w5", "max_tokens": 4,
-                                                                 "target_language": "xx_Nope"})
-            assert status == 400 and "not a language code" in body["error"]["message"], body
+            for code in ("xx_Nope", "</s>", "w5"):  # unknown, an end token, a plain word
+                status, body = post(served.url, "/v1/completions", {"model": "m", "prompt": "w5", "max_tokens": 4,
+                                                                     "target_language": code})
+                assert status == 400 and "not a language code" in body["error"]["message"], (code, body)
+            status, body = post(served.url, "/v1/completions", {"model": "m", "prompt": "w5", "max_tokens": 1,
+                                                                 "target_language": "fra_Latn"})
+            assert status == 400 and body["error"]["param"] == "max_tokens", body
     finally:
         served.close()
     assert served.proc.returncode == 0, served.log.read_text(errors="replace")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from services.worker.lockstep import Lockstep
+from services.worker.lockstep import Lockstep, PeerFailed, Together
 from services.worker.seq2seq import Seq2Seq
 
 
@@ -55,15 +55,35 @@ def test_forwards_meet_and_each_gets_its_rows():
     assert [r[0, 0].item() for r in results] == [0.0, 4.0, 8.0]
 
 
-def test_a_failing_layer_fails_every_forward():
-    lockstep = Lockstep(2)
+def test_a_failing_layer_fails_every_forward_with_its_own_error_in_the_compute_thread():
+    lockstep = Lockstep(3)
 
     def body(i):
         lockstep.local.index = i
         return lockstep.meet(Doubler(fail=True), torch.ones(1, 4), (), {})
 
-    results = run_threads(2, body)
-    assert all(isinstance(r, RuntimeError) and "layer broke" in str(r) for r in results)
+    results = run_threads(3, body)
+    assert type(results[0]) is ValueError and "layer broke" in str(results[0])  # forward 0 ran it: the error as is
+    assert all(isinstance(r, PeerFailed) and "layer broke" in str(r) for r in results[1:])
+
+
+class MemdGone(RuntimeError):
+    """Stands in for MemdDeadError: the worker's server tells it apart by its type."""
+
+
+def test_together_raises_the_layers_error_with_its_type():
+    steps = StubSteps()
+
+    class Failing:
+        def forward_together(self, inputs):
+            raise MemdGone("memd died")
+
+    def forward():
+        return steps.lockstep.meet(Failing(), torch.ones(1, 2), (), {})
+
+    with pytest.raises(MemdGone, match="memd died"):
+        Together(steps).run([forward] * 3)
+    assert steps.lockstep is None
 
 
 class StubModel:

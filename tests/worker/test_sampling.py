@@ -46,6 +46,8 @@ def test_non_finite_logits_raise_a_sampling_error():
 class StubFlatStep:
     """The forward of a step, replaced by given logits (one row per sampled chunk)."""
 
+    recurrent = False
+
     def __init__(self, rows):
         self.rows = rows
 

@@ -12,6 +12,7 @@ from test_family_matrix import record
 
 from common.checkpoint import Checkpoint, build_meta_model, find_moe_layers
 from common.families import keyed_families
+from common.checkpoint import in_experts
 from common.worker_client import WorkerClient
 
 PROMPTS = [[5, 9, 22, 7, 33], [(5 * j) % 300 + 3 for j in range(21)], [44, 3, 17]]
@@ -76,3 +77,12 @@ def check_seq2seq(family: str, tmp_path) -> None:
     assert alone == expected, f"{family}: alone diverged from transformers"
     assert both == expected, f"{family}: requests in flight together diverged from transformers"
     assert stats.evictions > 0, "25% expert memory must evict experts"
+
+
+def test_expert_parameters_are_told_apart_from_their_neighbours():
+    stacked, keyed = "model.layers.1.mlp.experts", "encoder.block.1.layer.1.mlp.experts"
+    modules = {stacked, keyed}
+    assert in_experts(f"{stacked}.gate_up_proj", modules, {keyed})
+    assert not in_experts(f"{stacked}.post_norm.weight", modules, {keyed}), "a stacked module's child is dense"
+    assert in_experts(f"{keyed}.expert_3.wi.weight", modules, {keyed})
+    assert not in_experts("encoder.block.1.layer.1.mlp.router.classifier.weight", modules, {keyed})
