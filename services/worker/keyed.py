@@ -4,9 +4,10 @@ These families are not on transformers' ExpertsInterface: the dict's own forward
 calls ``self[f"expert_{i}"](tokens)`` for each. The binding replaces that forward and runs it twice, with no
 per-model code:
 
-1. **Routing.** The dict's forward runs on a ``[tokens, 1]`` tag (row t holds t) with stand-ins that compute nothing
-   and note which rows each expert was given: that is the layer's routing, exactly as the forward decides it
-   (capacity drops included). It costs a few tiny tensor ops per routed expert.
+1. **Routing.** The dict's forward runs on a ``[tokens, 1 + experts]`` tag (row t starts with t) with stand-ins that
+   compute nothing and note which rows each expert was given: that is the layer's routing, exactly as the forward
+   decides it (capacity drops included), and the forward's own weighting leaves each token's weight of each expert
+   in the tag's other columns. It costs a few tiny tensor ops per routed expert.
 2. **Compute.** The routed experts are acquired from memd in one call (leased: usually no message), and the dict's
    forward runs on the real hidden states, each expert called as itself with its parameters swapped for zero-copy
    views of its pool slot (``torch.func.functional_call``): the same operations on the same values, so the output
@@ -92,8 +93,7 @@ class KeyedBinding(ExpertBinding):
         return together(self.compute, inputs)
 
     def compute(self, hidden_states, args, kwargs):
-        index = self.route(hidden_states, args, kwargs)
-        weights = [[1.0] * len(row) for row in index]  # the dict's forward applies the router's weights itself
+        index, weights = self.route(hidden_states, args, kwargs)
         routing = Routing.small(index, weights, self.steps.requests, self.steps.owner)
         slots = self.acquire(routing, hidden_states, Ragged(index), Ragged(weights))
         try:
@@ -104,22 +104,29 @@ class KeyedBinding(ExpertBinding):
             if not self.client.leasing:
                 self.client.release(self.layer, routing.experts)
 
-    def route(self, hidden_states, args, kwargs) -> list[list[int]]:
-        """``index[t]``: the experts token t is routed to, in the order the dict's forward calls them."""
+    def route(self, hidden_states, args, kwargs) -> tuple[list[list[int]], list[list[float]]]:
+        """``index[t]``: the experts token t is routed to, in the order the dict's forward calls them, and
+        ``weights[t]`` the weight the forward gives each. The tag's row t is ``[t, 0 x experts]``; expert e's
+        stand-in returns 1 in column 1 + e of its rows, so the forward's own weighted sum leaves each token's
+        weight of expert e there."""
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
-        tag = torch.arange(tokens, dtype=torch.float32).unsqueeze(1)
+        tag = torch.zeros(tokens, 1 + self.num_experts)
+        tag[:, 0] = torch.arange(tokens, dtype=torch.float32)
         index: list[list[int]] = [[] for _ in range(tokens)]
 
         def note(expert: int):
             def given(rows: torch.Tensor) -> torch.Tensor:
                 for t in rows[:, 0].long().tolist():
                     index[t].append(expert)
-                return torch.zeros_like(rows)
+                out = torch.zeros_like(rows)
+                out[:, 1 + expert] = 1.0
+                return out
             return given
 
         with torch.inference_mode():
-            self.forward_of(_Delegate(self.module, note), tag, *args, **kwargs)
-        return index
+            summed = self.forward_of(_Delegate(self.module, note), tag, *args, **kwargs)
+        weights = summed[:, 1:].tolist()
+        return index, [[weights[t][e] for e in row] for t, row in enumerate(index)]
 
     def _on_slot(self, expert: int, slot: int):
         params = {name: view[0] for name, view in self.views.window(slot, slot + 1).items()}

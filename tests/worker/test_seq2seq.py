@@ -7,7 +7,7 @@ import uuid
 import pytest
 import torch
 from helpers import SEQ2SEQ, Stack, write_seq2seq
-from test_batching import Mux
+from test_batching import Mux, max_streaming
 from test_family_matrix import record
 
 from common.checkpoint import Checkpoint, build_meta_model, find_moe_layers
@@ -32,6 +32,7 @@ def together(addr: str, prompts, **params) -> list[list[int]]:
     try:
         requests = [mux.submit(uuid.uuid4().hex, p, NEW_TOKENS, **params) for p in prompts]
         mux.run(set(requests))
+        assert max_streaming(mux) == len(prompts), "the requests did not run together"
         return [mux.tokens(r)[0] for r in requests]
     finally:
         mux.close()
