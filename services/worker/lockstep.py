@@ -73,7 +73,8 @@ class Together:
             try:
                 return forwards[i]()
             except BaseException:
-                lockstep.barrier.abort()  # the others stop waiting for this forward at their next layer
+                if lockstep.error is None:  # failed on its own: the others stop waiting for it at their next layer
+                    lockstep.barrier.abort()  # (a failed layer fails every forward already: no abort races them)
                 raise
 
         self.steps.lockstep = lockstep
