@@ -71,6 +71,7 @@ class KeyedBinding(ExpertBinding):
         self.steps = steps
         self.speculator = speculator
         self.dequant = None
+        self.experts = {int(EXPERT_KEY.fullmatch(k).group(1)): m for k, m in module.items() if EXPERT_KEY.fullmatch(k)}
         self.check_shapes(module, views)
         module.forward = self.forward  # the instance's forward: nn.Module.__call__ reaches it
 
@@ -130,6 +131,5 @@ class KeyedBinding(ExpertBinding):
 
     def _on_slot(self, expert: int, slot: int):
         params = {name: view[0] for name, view in self.views.window(slot, slot + 1).items()}
-        module = self.module[f"expert_{expert}"] if f"expert_{expert}" in self.module else self.module[str(expert)]
-        return lambda x: functional_call(module, params, (x,))
+        return lambda x: functional_call(self.experts[expert], params, (x,))
 
