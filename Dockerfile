@@ -18,6 +18,12 @@ ENV PYTHONUNBUFFERED=1 \
     MOEINF_STATE_DIR=/state \
     MOEINF_DEMO_DIR=/state/demo-model
 
+# A C compiler: the worker builds its dequantization kernels for quantized checkpoints on first use, for the CPU it
+# runs on (services/worker/dequant_kernel.py); CC_PACKAGES="" leaves it out (torch's ops then, 3-5x slower).
+ARG CC_PACKAGES="gcc libc6-dev"
+RUN if [ -n "${CC_PACKAGES}" ]; then apt-get update && apt-get install -y --no-install-recommends ${CC_PACKAGES} \
+    && rm -rf /var/lib/apt/lists/*; fi
+
 WORKDIR /app
 RUN pip install --no-cache-dir "${TORCH}" --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./

@@ -246,6 +246,10 @@ class WorkerConfig:
     dequant_scratch_experts: int = knob(0, "quantized experts: experts the dequantization scratch holds (0: a layer's"
                                            " experts, up to the pool's slots); fewer saves memory, and a step that"
                                            " routes more runs its tokens in groups, dequantizing again per group")
+    dequant_kernel: str = knob("auto", "quantized experts: auto (a C kernel built on first use with the system's C"
+                                       " compiler, $CC or cc, into <state-dir>/kernels and checked against torch's"
+                                       " ops; torch's ops, 3-5x slower, when none builds), c (the kernel or a"
+                                       " start-up error) or torch")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
@@ -276,6 +280,8 @@ class WorkerConfig:
             raise ValueError("--dequant-cache-mb must be >= 0")
         if self.dequant_scratch_experts < 0:
             raise ValueError("--dequant-scratch-experts must be >= 0 (0: a layer's experts)")
+        if self.dequant_kernel not in ("auto", "c", "torch"):
+            raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
 
     @property
     def memd_rpc_addr(self) -> str:

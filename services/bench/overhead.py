@@ -49,11 +49,13 @@ class Options:
     threads: int
     json: Path | None
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb (quantized experts)
+    dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
-                   args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb)
+                   args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
+                   tuple(getattr(args, "dequant_kernel", ("auto",))))
         opts.validate()
         return opts
 
@@ -67,6 +69,8 @@ class Options:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
         if self.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
+        if not self.dequant_kernel or len(set(self.dequant_kernel)) != len(self.dequant_kernel):
+            raise ValueError(f"--dequant-kernel {' '.join(self.dequant_kernel)}: each kernel once")
         for memory in self.memory:
             parse_size(memory, what="--memory")
         if len(set(self.memory)) != len(self.memory):
@@ -123,7 +127,7 @@ class TransformersSystem:
 
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
-                 dequant_cache_mb: int = 0):
+                 dequant_cache_mb: int = 0, dequant_kernel: str = "auto"):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -132,7 +136,7 @@ class MoeinfSystem:
         self.expert_memory = expert_memory
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
-                           dequant_cache_mb=dequant_cache_mb)
+                           dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel)
         model, self.client, hello, self.steps = attach(cfg)  # its own step state: its traces go to its own memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
@@ -159,8 +163,12 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
     """``[transformers, moeinf-<memory>...]``; the memd processes start first, so a bad setting fails fast."""
     moeinf = []
     for memory in opts.memory:
-        _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        moeinf.append(MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb))
+        for kernel in opts.dequant_kernel:
+            _progress(f"starting memd --expert-memory {memory} and attaching the worker")
+            system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel)
+            if len(opts.dequant_kernel) > 1:
+                system.name += f"-{kernel}"
+            moeinf.append(system)
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]
 

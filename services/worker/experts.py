@@ -262,10 +262,11 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
-         speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0) -> None:
+         speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state;
-    ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots)."""
+    ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots);
+    ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
@@ -281,7 +282,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
                 raise ValueError(f"--dequant-scratch-experts {scratch_experts} cannot hold one token's {top_k} experts")
             capacity = min(capacity, scratch_experts)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
-                                          dequant_cache_mb << 20)
+                                          dequant_cache_mb << 20, kernels)
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
 
     for layer, module in zip(layers, modules):

@@ -18,7 +18,7 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import experts
+from services.worker import dequant_kernel, experts
 from services.worker.engine import Engine
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
@@ -53,9 +53,11 @@ def attach(cfg: WorkerConfig) -> Attached:
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
         steps = StepState(recorder(cfg, client, model, layers))
+        kernels = dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, torch.get_num_threads()) \
+            if views.quantized else None
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
-                     scratch_experts=cfg.dequant_scratch_experts)
+                     scratch_experts=cfg.dequant_scratch_experts, kernels=kernels)
         client.ready()
     except BaseException:
         client.close()

@@ -19,11 +19,15 @@ The slots may also come from memd's compressed cache of a bf16 checkpoint (``--e
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
 from common import messages as m
 from common.quant_encode import FP4_MAGNITUDES
+
+if TYPE_CHECKING:
+    from services.worker.dequant_kernel import Kernels
 
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
 BATCH = 4  # experts whose index arithmetic runs as one op (the int32 index buffers hold this many)
@@ -41,6 +45,24 @@ def mxfp4_table(dtype: torch.dtype) -> torch.Tensor:
     exponent = (torch.arange(256, dtype=torch.int32) - 127).view(256, 1, 1)
     torch.ldexp(table, exponent, out=table)
     return table.reshape(-1).contiguous()
+
+
+def mxfp4_pairs(dtype: torch.dtype) -> torch.Tensor:
+    """``mxfp4_table`` with both values of a byte as one 2x-wide integer: one gather writes two outputs."""
+    return mxfp4_table(dtype).view(256 * 256, 2).view(_PAIR[dtype.itemsize]).view(-1)
+
+
+def mxfp4_reference(blocks: torch.Tensor, scales: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The torch-op path on ``blocks`` [n, 16] with one scale byte each: the reference the compiled kernel is
+    checked against (``dequant_kernel.self_check``)."""
+    index = blocks.to(torch.int32) + scales.to(torch.int32).mul(256).view(-1, 1)
+    return pairs.index_select(0, index.view(-1))
+
+
+def fp8_block_table(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[blocks, 256]``: every float8 byte's value times its block's scale, in float32, rounded once to ``dtype``:
+    the same bits as transformers' ``(q.float() * s).to(dtype)``."""
+    return torch.mul(fp8_table(), scales.float().view(-1, 1)).to(dtype)
 
 
 def fp8_table() -> torch.Tensor:
@@ -63,8 +85,9 @@ class QuantParam:
     and the scratch rows its dequantized experts go to."""
 
     def __init__(self, spec: m.TensorSpec, by_slot: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-                 capacity: int):
+                 capacity: int, kernels: Kernels | None = None):
         self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
+        self.kernels = kernels  # the compiled kernels (dequant_kernel.py), or None: torch's ops
         self.values = _view(by_slot, spec.offset, spec.shape, getattr(torch, spec.dtype))
         self.scales = _view(by_slot, spec.scale_offset, spec.scale_shape, getattr(torch, spec.scale_dtype))
         if self.format == "mxfp4":
@@ -78,7 +101,7 @@ class QuantParam:
             self.stored = aligned_empty((capacity, rows, groups * half * 2), dtype)
             self.scratch = self.stored.transpose(1, 2)
             # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
-            self.pairs = mxfp4_table(dtype).view(256 * 256, 2).view(_PAIR[dtype.itemsize]).view(-1)
+            self.pairs = mxfp4_pairs(dtype)
             self.index = torch.empty(min(capacity, BATCH), rows, groups * half, dtype=torch.int32)
         elif self.format == "fp8":
             if tuple(spec.shape) != shape:
@@ -120,6 +143,11 @@ class QuantParam:
                 self._fp8(chunk)
 
     def _mxfp4(self, pairs: list[tuple[int, int]]) -> None:
+        if self.kernels is not None:
+            for slot, row in pairs:
+                self.kernels.mxfp4(self.values[slot], self.scales[slot], self.pairs,
+                                   self.stored[row].view(self.pairs.dtype), self.dtype == torch.bfloat16)
+            return
         n = len(pairs)
         slots = torch.tensor([slot for slot, _ in pairs])
         index = self.index[:n]  # [n, rows, K / 2]
@@ -137,6 +165,11 @@ class QuantParam:
         scaled = self.scaled[:n]  # [n, blocks, 256]: every byte's value times its block's scale, float32
         torch.mul(self.table, self.scales.index_select(0, slots).float().view(n, -1, 1), out=scaled)
         self.block_table[:n].copy_(scaled.view(n, -1))  # one rounding to the parameter dtype
+        if self.kernels is not None:
+            for i, (slot, row) in enumerate(pairs):
+                self.kernels.fp8(self.values[slot].view(torch.uint8), self.block_table[i], self.scratch[row], block_r,
+                                 block_c)
+            return
         index = self.index[:n]
         for i, (slot, _) in enumerate(pairs):
             index[i].copy_(self.values[slot].view(torch.uint8))
@@ -153,14 +186,15 @@ def _view(by_slot: torch.Tensor, offset: int, shape, dtype: torch.dtype) -> torc
     return by_slot[:, offset:offset + n * dtype.itemsize].view(dtype).unflatten(1, list(shape))
 
 
-def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacity: int) -> dict[str, QuantParam]:
+def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacity: int,
+                     kernels: Kernels | None = None) -> dict[str, QuantParam]:
     """The quantized parameters of the experts modules (all layers share one layout and one scratch)."""
     params = dict(module.named_parameters(recurse=False))
     out = {}
     for spec in hello.tensors:
         if spec.format:
             param = params[spec.name]
-            out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity)
+            out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity, kernels)
     return out
 
 
@@ -230,10 +264,11 @@ class Dequantizer:
 
     @classmethod
     def build(cls, hello: m.HelloReply, by_slot: torch.Tensor, plain_views: dict[str, torch.Tensor], module,
-              capacity: int, cache_bytes: int = 0) -> "Dequantizer":
-        """``capacity``: the most experts a layer can route at once; ``cache_bytes``: room for more rows."""
+              capacity: int, cache_bytes: int = 0, kernels: Kernels | None = None) -> "Dequantizer":
+        """``capacity``: the most experts a layer can route at once; ``cache_bytes``: room for more rows;
+        ``kernels``: the compiled dequantization kernels (None: torch's ops)."""
         rows = capacity + cache_bytes // max(1, row_bytes(hello, plain_views, module))
-        quantized = quantized_params(hello, by_slot, module, rows)
+        quantized = quantized_params(hello, by_slot, module, rows, kernels)
         return cls(quantized, {n: v for n, v in plain_views.items() if n not in quantized}, rows)
 
     def rows(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:

@@ -1,0 +1,91 @@
+/* Dequantization kernels for the worker's quantized expert slots (services/worker/dequant_kernel.py builds this file
+ * with the system's C compiler on first use and checks it against torch's ops before using it).
+ *
+ * Every kernel writes the same bits as the torch-op path in services/worker/quant.py, which looks every output up in
+ * tables computed with transformers' own arithmetic. The tables stay the reference: the MXFP4 -> bfloat16 kernel
+ * computes the common case directly (a scale byte in [2, 252]: the E2M1 value's bfloat16 bits with the scale added to
+ * the exponent, exact because the product of a normal value and a representable power of two is exact) and looks
+ * the rest up (tiny or huge scales: subnormals, overflow, NaN). Single-threaded: the caller splits rows. */
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* bfloat16 bits of E2M1 codes n (sign bit 8, magnitude 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6) times 2^(scale - 127),
+ * delta = (scale - 127) << 7 modulo 2^16. Magnitude m >= 2 is 2^(m/2 - 1) * (1 + (m & 1) / 2): exponent field
+ * m / 2 + 126, mantissa top bit m & 1, i.e. (m + 252) << 6; 0.5 is 252 << 6; zero stays zero (signed). */
+static inline u16x16 e2m1_bf16(u16x16 n, uint16_t delta) {
+    u16x16 mag = n & 7;
+    u16x16 bits = ((mag + 252) << 6) - ((u16x16)(mag == 1) & 64) + delta;
+    bits &= (u16x16)(mag != 0);
+    return bits | ((n & 8) << 12);
+}
+
+/* n_blocks MXFP4 blocks (16 bytes = 32 values, low nibble first) with one E8M0 scale byte each, into bfloat16
+ * pairs. pairs: the [256 scales][256 bytes] table of both values of a byte as one uint32 (quant.mxfp4_table). */
+void moeinf_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, const uint32_t *pairs, uint32_t *out,
+                       int64_t n_blocks) {
+    for (int64_t i = 0; i < n_blocks; i++) {
+        uint32_t s = scales[i];
+        const uint8_t *b = blocks + i * 16;
+        uint32_t *o = out + i * 16;
+        if (s >= 2 && s <= 252) {
+            u8x16 v;
+            memcpy(&v, b, 16);
+            u16x16 n = __builtin_convertvector(v, u16x16);
+            uint16_t delta = (uint16_t)((s - 127u) << 7);
+            u32x16 lo = __builtin_convertvector(e2m1_bf16(n & 15, delta), u32x16);
+            u32x16 hi = __builtin_convertvector(e2m1_bf16(n >> 4, delta), u32x16);
+            u32x16 r = lo | (hi << 16);
+            memcpy(o, &r, 64);
+        } else {
+            const uint32_t *t = pairs + ((size_t)s << 8);
+            for (int j = 0; j < 16; j++) o[j] = t[b[j]];
+        }
+    }
+}
+
+/* The same by table only, for pairs of 2-byte (float16: uint32 pairs) or 4-byte (float32: uint64 pairs) values. */
+void moeinf_mxfp4_u32(const uint8_t *blocks, const uint8_t *scales, const uint32_t *pairs, uint32_t *out,
+                      int64_t n_blocks) {
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const uint32_t *t = pairs + ((size_t)scales[i] << 8);
+        const uint8_t *b = blocks + i * 16;
+        uint32_t *o = out + i * 16;
+        for (int j = 0; j < 16; j++) o[j] = t[b[j]];
+    }
+}
+
+void moeinf_mxfp4_u64(const uint8_t *blocks, const uint8_t *scales, const uint64_t *pairs, uint64_t *out,
+                      int64_t n_blocks) {
+    for (int64_t i = 0; i < n_blocks; i++) {
+        const uint64_t *t = pairs + ((size_t)scales[i] << 8);
+        const uint8_t *b = blocks + i * 16;
+        uint64_t *o = out + i * 16;
+        for (int j = 0; j < 16; j++) o[j] = t[b[j]];
+    }
+}
+
+/* Block FP8: rows [row0, row0 + n_rows) of a [rows, cols] float8 matrix whose (block_r x block_c) blocks each have a
+ * 256-entry table of their values already scaled and rounded (quant.QuantParam's block_table, grid_c blocks per
+ * block row). One output value per byte, 2-byte (bfloat16, float16) or 4-byte (float32) values. */
+#define FP8_GATHER(NAME, T)                                                                                          \
+    void NAME(const uint8_t *values, const T *table, T *out, int64_t row0, int64_t n_rows, int64_t cols,            \
+              int64_t block_r, int64_t block_c) {                                                                    \
+        int64_t grid_c = (cols + block_c - 1) / block_c;                                                              \
+        for (int64_t r = row0; r < row0 + n_rows; r++) {                                                              \
+            const uint8_t *v = values + r * cols;                                                                    \
+            T *o = out + r * cols;                                                                                   \
+            for (int64_t cb = 0; cb < grid_c; cb++) {                                                                \
+                const T *t = table + (size_t)((r / block_r) * grid_c + cb) * 256;                                    \
+                int64_t end = (cb + 1) * block_c < cols ? (cb + 1) * block_c : cols;                                  \
+                for (int64_t c = cb * block_c; c < end; c++) o[c] = t[v[c]];                                         \
+            }                                                                                                        \
+        }                                                                                                            \
+    }
+
+FP8_GATHER(moeinf_fp8_u16, uint16_t)
+FP8_GATHER(moeinf_fp8_u32, uint32_t)

@@ -1,0 +1,110 @@
+"""services/worker/dequant_kernel.py: the compiled kernels give transformers' bits on every MXFP4 (scale, byte) pair
+and on FP8 blocks of extreme scales, in every dtype; a kernel with wrong bits, no compiler or a cached library
+someone else could have written is refused with a message (``c``) or replaced by torch's ops (``auto``)."""
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from common import messages as m
+from common.config import WorkerConfig
+from common.quant_encode import fp8_encode
+from services.worker import dequant_kernel as dk
+from services.worker.quant import QuantParam
+
+from worker.test_quant import DTYPES, pool_of
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return dk.load("c", tmp_path_factory.mktemp("state"), threads=1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mxfp4_every_scale_and_byte_equals_transformers(kernels, tmp_path, dtype, threads):
+    """Row r of the expert has scale byte r in every block, and its 16 blocks hold the 256 byte values: every
+    (scale, byte) pair, subnormal, overflow and NaN scales included, against ``convert_moe_packed_tensors``."""
+    run = dk.Kernels(kernels.lib, threads)
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 16).expand(256, 16, 16).unsqueeze(0).contiguous()
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).unsqueeze(0).contiguous()
+    pool, (bo, so) = pool_of([blocks, scales], 1)
+    spec = m.TensorSpec("gate_up_proj", bo, [256, 16, 16], "uint8", "mxfp4", so, [256, 16], "uint8")
+    param = QuantParam(spec, pool, (512, 256), dtype, capacity=1, kernels=run)
+    want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    got = param.dequantize([0])[0].contiguous()
+    assert got.view(torch.uint8).equal(want[0].contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads):
+    torch.manual_seed(0)
+    rows, cols, block = 64, 96, (16, 32)
+    values, scales = fp8_encode(torch.randn(rows, cols), block)
+    scales = torch.tensor([1e-38, 3e-40, 1.0, 7.3e35, 3e38, float("nan"), 0.37, 2.0 ** -126, 5.0, 1e-45, 6e4, 1.5],
+                          dtype=torch.float32).view(4, 3)
+    pool, (vo, so) = pool_of([values.unsqueeze(0), scales.unsqueeze(0)], 1)
+    spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, [4, 3], "float32")
+    param = QuantParam(spec, pool, (rows, cols), dtype, capacity=1, kernels=dk.Kernels(kernels.lib, threads))
+    want = Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=dtype)
+    assert param.dequantize([0])[0].view(torch.uint8).equal(want.view(torch.uint8))
+
+
+@settings(max_examples=15, deadline=None)
+@given(grid=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       block=st.sampled_from([(8, 16), (16, 16), (32, 8), (4, 64)]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), order=st.permutations([0, 1, 2]))
+def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, order):
+    torch.manual_seed(seed)
+    rows, cols = grid[0] * block[0], grid[1] * block[1]
+    pairs = [fp8_encode(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
+    pool, (vo, so) = pool_of([torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])], 3)
+    spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, list(grid), "float32")
+    fast, ref = (QuantParam(spec, pool, (rows, cols), dtype, capacity=3, kernels=k) for k in (kernels, None))
+    assert fast.dequantize(order).view(torch.uint8).equal(ref.dequantize(order).view(torch.uint8))
+
+
+def test_a_kernel_with_wrong_bits_is_refused(tmp_path, monkeypatch, caplog):
+    source = tmp_path / "dequant.c"  # one scale byte too many on the computed path: 253 overflows differently
+    source.write_text(dk.SOURCE.read_text().replace("s <= 252", "s <= 253"))
+    monkeypatch.setattr(dk, "SOURCE", source)
+    with pytest.raises(dk.KernelError, match=r"MXFP4 kernel disagrees with torch's ops"):
+        dk.load("c", tmp_path / "a", 1)
+    with caplog.at_level(logging.WARNING, logger="moeinf.worker"):
+        assert dk.load("auto", tmp_path / "b", 1) is None
+    assert "dequantizing with torch's ops" in caplog.text and "disagrees" in caplog.text
+
+
+def test_no_compiler_falls_back_or_says_what_to_do(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(dk.KernelError, match=r"no C compiler .*install gcc or set CC, or pass --dequant-kernel torch"):
+        dk.load("c", tmp_path, 1)
+    with caplog.at_level(logging.WARNING, logger="moeinf.worker"):
+        assert dk.load("auto", tmp_path, 1) is None
+    assert "no C compiler" in caplog.text
+    assert dk.load("torch", tmp_path, 1) is None
+    with pytest.raises(ValueError, match=r"--dequant-kernel must be auto, c or torch"):
+        WorkerConfig(model=tmp_path, dequant_kernel="fast")
+
+
+def test_built_once_private_and_refused_when_others_can_write(tmp_path):
+    dk.load("c", tmp_path, 1)
+    cache = tmp_path / f"kernels-{os.getuid()}"
+    (built,) = cache.glob("dequant-*.so")
+    assert cache.stat().st_mode & 0o777 == 0o700 and built.stat().st_mode & 0o077 == 0
+    first = built.stat()
+    dk.load("c", tmp_path, 1)
+    assert [p.name for p in cache.iterdir()] == [built.name]
+    assert (built.stat().st_ino, built.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rebuilt
+    built.chmod(0o722)
+    with pytest.raises(dk.KernelError, match=r"writable by others: not loaded \(remove it\)"):
+        dk.load("c", tmp_path, 1)
