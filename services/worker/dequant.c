@@ -87,5 +87,45 @@ void moeinf_mxfp4_u64(const uint8_t *blocks, const uint8_t *scales, const uint64
         }                                                                                                            \
     }
 
-FP8_GATHER(moeinf_fp8_u16, uint16_t)
+FP8_GATHER(moeinf_fp8_scalar_u16, uint16_t)
 FP8_GATHER(moeinf_fp8_u32, uint32_t)
+
+/* 2-byte values: with AVX-512BW and gcc, 32 lookups at a time in the block's 256-entry table held in 8 vectors:
+ * one two-vector shuffle per 64 entries (vpermt2w), the byte's top two bits pick among the four. */
+#if defined(__AVX512BW__) && defined(__GNUC__) && !defined(__clang__)
+typedef uint8_t u8x32 __attribute__((vector_size(32)));
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
+
+void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out, int64_t row0, int64_t n_rows,
+                    int64_t cols, int64_t block_r, int64_t block_c) {
+    if (block_c % 32) {
+        moeinf_fp8_scalar_u16(values, table, out, row0, n_rows, cols, block_r, block_c);
+        return;
+    }
+    int64_t grid_c = cols / block_c;
+    for (int64_t r = row0; r < row0 + n_rows; r++) {
+        const uint8_t *v = values + r * cols;
+        uint16_t *o = out + r * cols;
+        for (int64_t cb = 0; cb < grid_c; cb++) {
+            u16x32 t[8];
+            memcpy(t, table + (size_t)((r / block_r) * grid_c + cb) * 256, sizeof t);
+            for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 32) {
+                u8x32 raw;
+                memcpy(&raw, v + c, 32);
+                u16x32 idx = __builtin_convertvector(raw, u16x32);
+                u16x32 low = idx & 63, top = idx >> 6;
+                u16x32 res = (__builtin_shuffle(t[0], t[1], low) & (u16x32)(top == 0))
+                             | (__builtin_shuffle(t[2], t[3], low) & (u16x32)(top == 1))
+                             | (__builtin_shuffle(t[4], t[5], low) & (u16x32)(top == 2))
+                             | (__builtin_shuffle(t[6], t[7], low) & (u16x32)(top == 3));
+                memcpy(o + c, &res, 64);
+            }
+        }
+    }
+}
+#else
+void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out, int64_t row0, int64_t n_rows,
+                    int64_t cols, int64_t block_r, int64_t block_c) {
+    moeinf_fp8_scalar_u16(values, table, out, row0, n_rows, cols, block_r, block_c);
+}
+#endif
