@@ -15,6 +15,10 @@ E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``i
 bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[rows, K]`` (the blocks' order) and
 the parameter is their transposed view, which the grouped matmul reads with the same bits: no transposed copy.
 The slots may also come from memd's compressed cache of a bf16 checkpoint (``--expert-format``), same encoding.
+
+The lookups run in the compiled kernels of ``dequant_kernel.py`` when the worker could build them (one read per
+quantized byte, one write per value; checked against this file's torch-op path, which stays the reference and the
+fallback: an int32 index per value, the scales added, one gather).
 """
 from __future__ import annotations
 
@@ -102,14 +106,14 @@ class QuantParam:
             self.scratch = self.stored.transpose(1, 2)
             # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
             self.pairs = mxfp4_pairs(dtype)
-            self.index = torch.empty(min(capacity, BATCH), rows, groups * half, dtype=torch.int32)
+            self.index = None if kernels else torch.empty(min(capacity, BATCH), rows, groups * half, dtype=torch.int32)
         elif self.format == "fp8":
             if tuple(spec.shape) != shape:
                 raise RuntimeError(f"memd's fp8 slot has {spec.name} {spec.shape}, the model wants {list(shape)}")
             self.scratch = aligned_empty((capacity, *shape), dtype)
             grid_r, grid_c = spec.scale_shape
             self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
-            self.index = torch.empty(min(capacity, BATCH), *shape, dtype=torch.int32)
+            self.index = None if kernels else torch.empty(min(capacity, BATCH), *shape, dtype=torch.int32)
             # block b's 256 byte values times its scale, in float32 then rounded once: the same bits as
             # transformers' (q.float() * s).to(dtype), looked up straight into the output
             batch, blocks = min(capacity, BATCH), grid_r * grid_c
