@@ -248,7 +248,7 @@ class WorkerConfig:
                                            " routes more runs its tokens in groups, dequantizing again per group")
     dequant_kernel: str = knob("auto", "quantized experts: auto (a C kernel built on first use with the system's C"
                                        " compiler, $CC or cc, into <state-dir>/kernels and checked against torch's"
-                                       " ops; torch's ops, 3-5x slower, when none builds), c (the kernel or a"
+                                       " ops; torch's ops, 2-3x slower, when none builds), c (the kernel or a"
                                        " start-up error) or torch")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
