@@ -119,7 +119,10 @@ def build(cache: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {SOURCE.name}") from exc
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.chmod(tmp, 0o700)  # the linker gives its output the umask's mode
