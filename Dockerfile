@@ -1,7 +1,7 @@
 # One image for all three services: compose.yaml runs `moeinf memd`, `moeinf worker` and `moeinf gateway` from it,
 # and `docker run IMAGE` alone runs `moeinf serve` (the demo model without --model). docs/deploy.md explains it.
-# BASE_IMAGE: any image with python3.11 + pip first on PATH. Where no registry is reachable,
-# tests/deploy/base_image.sh builds one from Debian's packages (docs/deploy.md).
+# BASE_IMAGE: any Debian-based image with python3.11 + pip first on PATH (others: CC_PACKAGES="" below). Where no
+# registry is reachable, tests/deploy/base_image.sh builds one from Debian's packages (docs/deploy.md).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -19,7 +19,8 @@ ENV PYTHONUNBUFFERED=1 \
     MOEINF_DEMO_DIR=/state/demo-model
 
 # A C compiler: the worker builds its dequantization kernels for quantized checkpoints on first use, for the CPU it
-# runs on (services/worker/dequant_kernel.py); CC_PACKAGES="" leaves it out (torch's ops then, 3-5x slower).
+# runs on (services/worker/dequant_kernel.py). apt-get needs a Debian-based BASE_IMAGE; CC_PACKAGES="" leaves the
+# compiler out (any base image then; quantized experts are dequantized with torch's ops, 2-3x slower).
 ARG CC_PACKAGES="gcc libc6-dev"
 RUN if [ -n "${CC_PACKAGES}" ]; then apt-get update && apt-get install -y --no-install-recommends ${CC_PACKAGES} \
     && rm -rf /var/lib/apt/lists/*; fi

@@ -170,7 +170,8 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--dequant-cache-mb", type=int, default=0, help="quantized experts: the worker's knob")
     p.add_argument("--dequant-kernel", nargs="+", default=["auto"], choices=["auto", "c", "torch"],
-                   help="quantized experts: the worker's knob; several: one moeinf row per kernel, side by side")
+                   help="quantized experts: the worker's knob; several: one moeinf row per kernel, side by side (each"
+                        " its own memd and model, all held at once)")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

@@ -14,6 +14,7 @@ warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (
 Each call releases the GIL (ctypes), so with ``--threads N`` an expert's rows are split over N threads."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -24,6 +25,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,6 +60,8 @@ class Kernels:
         """``blocks`` [n, 16] uint8 and ``scales`` [n] uint8 (contiguous) into ``out`` ([n * 16] pairs of ``pairs``'s
         dtype, contiguous): both values of each byte under its block's scale, low nibble first."""
         n, size = scales.numel(), pairs.element_size()
+        if blocks.numel() != n * 16 or out.numel() != n * 16 or out.dtype != pairs.dtype or size not in (4, 8):
+            raise ValueError(f"mxfp4 kernel: {blocks.numel()} bytes, {n} scales, {out.numel()} {out.dtype} outputs")
         fn = self.lib.moeinf_mxfp4_bf16 if bf16 else (self.lib.moeinf_mxfp4_u32 if size == 4 else
                                                       self.lib.moeinf_mxfp4_u64)
         b, s, o = blocks.data_ptr(), scales.data_ptr(), out.data_ptr()
@@ -68,6 +72,10 @@ class Kernels:
         256-entry ``table`` row (``[blocks, 256]`` in ``out``'s dtype, blocks row-major: the scaled and rounded
         values torch computed, so the bits are torch's by construction)."""
         rows, cols = values.shape
+        if out.shape != values.shape or out.element_size() not in (2, 4) or block_r < 1 or block_c < 1 \
+                or rows % block_r or cols % block_c or table.numel() < (rows // block_r) * (cols // block_c) * 256:
+            raise ValueError(f"fp8 kernel: {list(values.shape)} values in {block_r}x{block_c} blocks into"
+                             f" {list(out.shape)} {out.dtype} with a {table.numel()}-entry table")
         fn = self.lib.moeinf_fp8_u16 if out.element_size() == 2 else self.lib.moeinf_fp8_u32
         v, t, o = values.data_ptr(), table.data_ptr(), out.data_ptr()
 
@@ -84,17 +92,30 @@ class Kernels:
             f.result()
 
 
+def compiler() -> list[str] | None:
+    """The C compiler's command (``$CC``, else ``cc``), or None when it is not installed."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    return cc if cc and shutil.which(cc[0]) else None
+
+
 def load(mode: str, state_dir: Path, threads: int) -> Kernels | None:
     """The checked kernels, or None for the torch path (``mode`` torch, or auto when they cannot be built or
-    disagree with torch, said once in the log)."""
+    disagree with torch, said once in the log). A cached library that no longer loads or checks is built again."""
     if mode not in MODES:
         raise ValueError(f"--dequant-kernel must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "torch":
         return None
     try:
-        kernels = Kernels(ctypes.CDLL(str(build(Path(state_dir) / f"kernels-{os.getuid()}"))), threads)
-        self_check(kernels)
-        return kernels
+        with _pinned(Path(state_dir) / f"kernels-{os.getuid()}") as cache:
+            name, built = build(cache)
+            try:
+                return _open(cache / name, threads)
+            except (KernelError, OSError) as exc:
+                if built:
+                    raise
+                log.info("building the dequantization kernels again: the cached %s: %s", name, exc)
+                (cache / name).unlink(missing_ok=True)
+                return _open(cache / build(cache)[0], threads)
     except (KernelError, OSError) as exc:
         if mode == "c":
             raise KernelError(f"--dequant-kernel c: {exc}") from exc
@@ -102,42 +123,75 @@ def load(mode: str, state_dir: Path, threads: int) -> Kernels | None:
         return None
 
 
-def build(cache: Path) -> Path:
-    """The shared library for this source, compiler and CPU, compiled once into ``cache``."""
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        raise KernelError(f"no C compiler ({cc[0] if cc else 'CC is empty'} not found; install gcc or set CC, or"
-                          " pass --dequant-kernel torch)")
+@contextlib.contextmanager
+def _pinned(cache: Path):
+    """``cache`` created if needed and checked to be this user's alone (owned by it, no link, writable by nobody
+    else), as a path through a descriptor held open (``/proc/PID/fd/N``): with ``--group`` the state directory is
+    the group's to rename entries in, and a directory swapped in after the check is never built into or loaded."""
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise KernelError(f"{cache} is another user's or writable by others: not used (remove it)")
+        yield Path(f"/proc/{os.getpid()}/fd/{fd}")  # (the compiler, a child process, writes through it too)
+    finally:
+        os.close(fd)
+
+
+def _open(library: Path, threads: int) -> Kernels:
+    """Load ``library`` if it is a regular file of this user's that nobody else can write, then check its bits."""
+    fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise KernelError(f"{library.name} is not a file of this user's that only it can write: not loaded")
+    kernels = Kernels(ctypes.CDLL(str(library)), threads)  # in a directory only this user can change
+    self_check(kernels)
+    return kernels
+
+
+def build(cache: Path) -> tuple[str, bool]:
+    """The shared library's name for this source, compiler and CPU in ``cache``, and whether it was compiled now."""
+    cc = compiler()
+    if cc is None:
+        raise KernelError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found; install gcc or set CC, or pass"
+                          " --dequant-kernel torch)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(cc + list(FLAGS)).encode() + _compiler_id(cc) + _cpu_id()).hexdigest()[:16]
-    target = cache / f"dequant-{key}.so"
-    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _private(cache)
-    if target.exists():
-        _private(target)
-        return target
+    name = f"dequant-{key}.so"
+    if (cache / name).exists():
+        return name, False
+    _remove_stale(cache)
     fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=cache)
     os.close(fd)
     try:
         try:
-            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                  errors="replace", timeout=120)
         except subprocess.TimeoutExpired as exc:
             raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {SOURCE.name}") from exc
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.chmod(tmp, 0o700)  # the linker gives its output the umask's mode
-        os.replace(tmp, target)  # atomic: workers starting together each build and the last rename wins
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # whole before it gets its name: a crash leaves no truncated library behind
+        os.replace(tmp, cache / name)  # atomic: workers starting together each build and the last rename wins
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return name, True
 
 
-def _private(path: Path) -> None:
-    """Code the worker loads must be its user's alone: owned by it, no symlink, writable by nobody else."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise KernelError(f"{path} is a link, another user's, or writable by others: not loaded (remove it)")
+def _remove_stale(cache: Path, age_s: float = 600.0) -> None:
+    """Temporary files of builds that were killed (a build takes seconds)."""
+    now = time.time()
+    for path in cache.glob(".dequant-*"):
+        with contextlib.suppress(OSError):
+            if now - path.lstat().st_mtime > age_s:
+                path.unlink()
 
 
 def _compiler_id(cc: list[str]) -> bytes:
@@ -171,12 +225,18 @@ def self_check(kernels: Kernels) -> None:
         if not torch.equal(out, mxfp4_reference(blocks, scales, pairs)):
             raise KernelError(f"the built MXFP4 kernel disagrees with torch's ops ({dtype}): not used")
     gen = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 256, (256, 512), dtype=torch.uint8, generator=gen)
     scales8 = torch.tensor([[1e-38, 3e-40, 7.3e35, float("nan")], [0.37, 1.0, 3.1e-3, 6e4]], dtype=torch.float32)
-    index = values.view(2, 128, 4, 128).to(torch.int64) + (torch.arange(8) * 256).view(2, 1, 4, 1)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        table = fp8_block_table(scales8, dtype)
-        out = torch.empty(256, 512, dtype=dtype)
-        kernels.fp8(values, table, out, 128, 128)
-        if not torch.equal(out.view(torch.uint8), table.view(-1)[index].view(256, 512).view(torch.uint8)):
-            raise KernelError(f"the built FP8 kernel disagrees with torch's ops ({dtype}): not used")
+    small = torch.rand(16, 3, generator=gen) * 4  # non-square blocks whose width is no multiple of 32: scalar path
+    for (block_r, block_c), scales in (((128, 128), scales8), ((8, 48), small)):
+        grid_r, grid_c = scales.shape
+        rows, cols = grid_r * block_r, grid_c * block_c
+        values = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)
+        index = values.view(grid_r, block_r, grid_c, block_c).to(torch.int64) + (
+            torch.arange(grid_r * grid_c) * 256).view(grid_r, 1, grid_c, 1)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            table = fp8_block_table(scales, dtype)
+            out = torch.empty(rows, cols, dtype=dtype)
+            kernels.fp8(values, table, out, block_r, block_c)
+            if not torch.equal(out.view(torch.uint8), table.view(-1)[index].view(rows, cols).view(torch.uint8)):
+                raise KernelError(f"the built FP8 kernel disagrees with torch's ops ({dtype}, {block_r}x{block_c}"
+                                  " blocks): not used")

@@ -91,11 +91,14 @@ class QuantParam:
     def __init__(self, spec: m.TensorSpec, by_slot: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                  capacity: int, kernels: Kernels | None = None):
         self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
-        self.kernels = kernels  # the compiled kernels (dequant_kernel.py), or None: torch's ops
+        # the compiled kernels (dequant_kernel.py) for the layouts and dtypes they take, else None: torch's ops
+        self.kernels = kernels if dtype in (torch.bfloat16, torch.float16, torch.float32) else None
         self.values = _view(by_slot, spec.offset, spec.shape, getattr(torch, spec.dtype))
         self.scales = _view(by_slot, spec.scale_offset, spec.scale_shape, getattr(torch, spec.scale_dtype))
         if self.format == "mxfp4":
             rows, groups, half = spec.shape
+            if half != 16:  # the kernels take MXFP4's 32-value blocks only
+                self.kernels = None
             if (groups * half * 2, rows) != shape:
                 raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
                                    f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
@@ -106,14 +109,18 @@ class QuantParam:
             self.scratch = self.stored.transpose(1, 2)
             # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
             self.pairs = mxfp4_pairs(dtype)
-            self.index = None if kernels else torch.empty(min(capacity, BATCH), rows, groups * half, dtype=torch.int32)
+            self.index = None if self.kernels else torch.empty(min(capacity, BATCH), rows, groups * half,
+                                                                  dtype=torch.int32)
         elif self.format == "fp8":
             if tuple(spec.shape) != shape:
                 raise RuntimeError(f"memd's fp8 slot has {spec.name} {spec.shape}, the model wants {list(shape)}")
             self.scratch = aligned_empty((capacity, *shape), dtype)
             grid_r, grid_c = spec.scale_shape
+            if not (0 < grid_r <= shape[0] and 0 < grid_c <= shape[1]) or shape[0] % grid_r or shape[1] % grid_c:
+                raise RuntimeError(f"memd's fp8 slot has {spec.name} scales {spec.scale_shape} that do not tile its"
+                                   f" {list(shape)} values into equal blocks")
             self.blocks = (grid_r, shape[0] // grid_r, grid_c, shape[1] // grid_c)
-            self.index = None if kernels else torch.empty(min(capacity, BATCH), *shape, dtype=torch.int32)
+            self.index = None if self.kernels else torch.empty(min(capacity, BATCH), *shape, dtype=torch.int32)
             # block b's 256 byte values times its scale, in float32 then rounded once: the same bits as
             # transformers' (q.float() * s).to(dtype), looked up straight into the output
             batch, blocks = min(capacity, BATCH), grid_r * grid_c

@@ -3,7 +3,8 @@ and on FP8 blocks of extreme scales, in every dtype; a kernel with wrong bits, n
 someone else could have written is refused with a message (``c``) or replaced by torch's ops (``auto``)."""
 import logging
 import os
-import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from services.worker.quant import QuantParam
 
 from worker.test_quant import DTYPES, pool_of
 
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_no_compiler_falls_back_or_says_what_to_do(tmp_path, monkeypatch, caplog
         WorkerConfig(model=tmp_path, dequant_kernel="fast")
 
 
-def test_built_once_private_and_refused_when_others_can_write(tmp_path):
+def test_built_once_private_and_rebuilt_when_others_could_have_written_it(tmp_path):
     dk.load("c", tmp_path, 1)
     cache = tmp_path / f"kernels-{os.getuid()}"
     (built,) = cache.glob("dequant-*.so")
@@ -106,5 +107,29 @@ def test_built_once_private_and_refused_when_others_can_write(tmp_path):
     assert [p.name for p in cache.iterdir()] == [built.name]
     assert (built.stat().st_ino, built.stat().st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rebuilt
     built.chmod(0o722)
-    with pytest.raises(dk.KernelError, match=r"writable by others: not loaded \(remove it\)"):
+    with pytest.raises(dk.KernelError, match=r"not a file of this user's that only it can write: not loaded"):
+        dk._open(built, 1)
+    assert dk.load("c", tmp_path, 1) is not None  # never loaded: built again, private
+    assert built.stat().st_mode & 0o077 == 0
+    built.write_bytes(b"truncated")  # a library that no longer loads: built again (in a fresh process: dlopen
+    loader = "from services.worker import dequant_kernel as dk; import sys; dk.load('c', sys.argv[1], 1)"
+    subprocess.run([sys.executable, "-c", loader, str(tmp_path)], check=True, timeout=120)  # reuses a loaded name)
+    assert built.stat().st_size > 1000 and built.stat().st_mode & 0o077 == 0
+    cache.chmod(0o777)
+    with pytest.raises(dk.KernelError, match=r"another user's or writable by others: not used \(remove it\)"):
         dk.load("c", tmp_path, 1)
+
+
+def test_layouts_the_kernels_do_not_take_use_torch_or_are_refused(kernels):
+    blocks, scales = torch.randint(0, 256, (1, 32, 4, 8), dtype=torch.uint8), torch.full((1, 32, 4), 127,
+                                                                                          dtype=torch.uint8)
+    pool, (bo, so) = pool_of([blocks, scales], 1)
+    spec = m.TensorSpec("w", bo, [32, 4, 8], "uint8", "mxfp4", so, [32, 4], "uint8")  # 16-value blocks
+    assert QuantParam(spec, pool, (64, 32), torch.bfloat16, capacity=1, kernels=kernels).kernels is None
+    spec = m.TensorSpec("w", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
+    assert QuantParam(spec, pool, (64, 32), torch.float16, capacity=1, kernels=kernels).kernels is kernels
+    spec = m.TensorSpec("w", bo, [32, 32], "float8_e4m3fn", "fp8", so, [2, 2], "float32")
+    assert QuantParam(spec, pool, (32, 32), torch.float64, capacity=1, kernels=kernels).kernels is None
+    spec = m.TensorSpec("w", bo, [30, 32], "float8_e4m3fn", "fp8", so, [4, 2], "float32")
+    with pytest.raises(RuntimeError, match=r"scales \[4, 2\] that do not tile its \[30, 32\] values"):
+        QuantParam(spec, pool, (30, 32), torch.bfloat16, capacity=1, kernels=kernels)

@@ -1,13 +1,12 @@
 """The oracle for quantized checkpoints: greedy generation through real memd + worker processes, with the pool at
 25% of the (quantized) expert bytes, equals transformers' generate on the same checkpoint loaded with
 ``dequantize=True``: GPT-OSS in MXFP4, DeepSeek-V3 and Qwen3-MoE (sharded) in block FP8."""
-import os
-import shutil
-
 import pytest
 import torch
 from helpers import Stack
 from quant_helpers import QUANTIZED, dequantized_reference, write_quantized
+
+from services.worker.dequant_kernel import compiler
 
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
@@ -29,7 +28,7 @@ def reference(path, prompts):
 
 # the compiled kernels (services/worker/dequant_kernel.py) where a C compiler exists, so that a failed build cannot
 # pass unnoticed through auto's fallback; torch's ops in their own cases
-KERNEL = "c" if shutil.which(os.environ.get("CC") or "cc") else "torch"
+KERNEL = "c" if compiler() else "torch"
 CASES = [(name, 0, 0, KERNEL) for name in QUANTIZED] + [(name, 64, 0, KERNEL) for name in list(QUANTIZED)[:2]]
 CASES = [c if c in CASES[:2] + CASES[-1:] else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]  # CI: 3 of 5
 CASES += [(name, 0, 2, KERNEL) for name in list(QUANTIZED)[:2]]  # a scratch of 2 experts: every prefill runs in groups
