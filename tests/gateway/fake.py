@@ -18,12 +18,15 @@ from common.zmq_utils import make_socket
 
 
 class FakeWorker:
-    """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...),
-    or an ``internal`` error after ``fail_after`` tokens, as a failed step ends; CANCEL."""
+    """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...,
+    or ``token`` each time), or an ``internal`` error after ``fail_after`` tokens, as a failed step ends; CANCEL
+    (``cancelled`` lists the requests)."""
 
     def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
-                 fail_after: int | None = None, pid: int | None = None):
+                 fail_after: int | None = None, pid: int | None = None, token: int | None = None):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
+        self.token = token  # every token this id (one that shows no text, say), else 1000, 1001, ...
+        self.cancelled: list[str] = []
         self.fail_after, self.pid = fail_after, pid or os.getpid()
         self.ctx = zmq.Context()
         self.sock = make_socket(self.ctx, zmq.ROUTER, addr, bind=True)
@@ -49,6 +52,7 @@ class FakeWorker:
             self._send([identity, encode(op, rid, info)])
         elif op is Op.CANCEL:
             found = self.live.pop(req.request, None) is not None
+            self.cancelled.append(req.request)
             self._send([identity, encode(op, rid, m.CancelReply(found))])
         elif op is Op.GENERATE:
             self.live[req.request] = [identity, rid, req, 0]
@@ -63,7 +67,8 @@ class FakeWorker:
                 continue
             entry[3] = produced = produced + 1
             done = "length" if produced >= req.max_tokens else None
-            reply = m.TokensReply(request, [1000 + produced], done, len(req.prompt), produced)
+            token = 1000 + produced if self.token is None else self.token
+            reply = m.TokensReply(request, [token], done, len(req.prompt), produced)
             self._send([identity, encode(Op.GENERATE, rid, reply)])
             if done:
                 del self.live[request]

@@ -142,3 +142,21 @@ def test_stopping_gateway_ends_its_streams_with_an_error_and_cancels_them(setup)
     wait(lambda: not worker.live, timeout=5)  # the worker was told to cancel: it generates nothing for nobody
     status, _, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 2})
     assert status == 503, payload
+
+
+def test_a_client_that_leaves_during_tokens_without_text_is_noticed(setup, codec):
+    """Special tokens show no text, so the stream writes nothing after its first event and no write can fail: the
+    closed connection alone must cancel the generation (the handler is cancelled when its connection is lost)."""
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.01, token=codec.tokenizer.bos_token_id)
+    gateway.wait_ready()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": "Hi", "max_tokens": 4000,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    wait(lambda: len(worker.live) == 1)
+    conn.sock.shutdown(2)
+    conn.close()
+    wait(lambda: worker.cancelled and not worker.live, timeout=3)
+    wait(lambda: gateway.gateway.active == 0, timeout=2)
