@@ -156,11 +156,14 @@ class Gateway:
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         clock = self.metrics.clock(request.get("received", time.perf_counter()))
         out = Output(self.codec, job)
-        if job.stream:
-            with self.metrics.streams.track_inprogress():
-                return await Stream(request, out).relay(self.tokens(job, info, out, clock))
-        async for _ in self.tokens(job, info, out, clock):
-            pass
+        # closed when the request ends however it ends, so that its cleanup (the worker's CANCEL, the slot) runs
+        # then, not when the garbage collector frees a generator left suspended by a disconnect
+        async with contextlib.aclosing(self.tokens(job, info, out, clock)) as tokens:
+            if job.stream:
+                with self.metrics.streams.track_inprogress():
+                    return await Stream(request, out).relay(tokens)
+            async for _ in tokens:
+                pass
         return web.json_response(out.body())
 
     def worker_request(self, job: rq.Job, info: m.WorkerInfoReply) -> m.GenerateRequest:

@@ -160,3 +160,26 @@ def test_a_client_that_leaves_during_tokens_without_text_is_noticed(setup, codec
     conn.close()
     wait(lambda: worker.cancelled and not worker.live, timeout=3)
     wait(lambda: gateway.gateway.active == 0, timeout=2)
+
+
+def test_a_client_that_leaves_cancels_its_generation_at_once_without_the_garbage_collector(setup):
+    """The worker's CANCEL is sent by the token generator's cleanup: it must run when the request ends, not when
+    the collector happens to free the suspended generator (a cycle through the write error's traceback kept a
+    worker generating for the rest of a test once)."""
+    import gc
+
+    gateway, start_worker = setup
+    worker = start_worker(step_s=0.01)
+    gateway.wait_ready()
+    gc.disable()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": "Hi", "max_tokens": 4000,
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        wait(lambda: len(worker.live) == 1)
+        time.sleep(0.2)
+        conn.sock.shutdown(2)
+        conn.close()
+        wait(lambda: worker.cancelled and not worker.live, timeout=3)
+    finally:
+        gc.enable()
