@@ -49,25 +49,18 @@ void moeinf_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, const uint3
 }
 
 /* The same by table only, for pairs of 2-byte (float16: uint32 pairs) or 4-byte (float32: uint64 pairs) values. */
-void moeinf_mxfp4_u32(const uint8_t *blocks, const uint8_t *scales, const uint32_t *pairs, uint32_t *out,
-                      int64_t n_blocks) {
-    for (int64_t i = 0; i < n_blocks; i++) {
-        const uint32_t *t = pairs + ((size_t)scales[i] << 8);
-        const uint8_t *b = blocks + i * 16;
-        uint32_t *o = out + i * 16;
-        for (int j = 0; j < 16; j++) o[j] = t[b[j]];
+#define MXFP4_GATHER(NAME, T)                                                                                        \
+    void NAME(const uint8_t *blocks, const uint8_t *scales, const T *pairs, T *out, int64_t n_blocks) {             \
+        for (int64_t i = 0; i < n_blocks; i++) {                                                                     \
+            const T *t = pairs + ((size_t)scales[i] << 8);                                                           \
+            const uint8_t *b = blocks + i * 16;                                                                      \
+            T *o = out + i * 16;                                                                                     \
+            for (int j = 0; j < 16; j++) o[j] = t[b[j]];                                                             \
+        }                                                                                                            \
     }
-}
 
-void moeinf_mxfp4_u64(const uint8_t *blocks, const uint8_t *scales, const uint64_t *pairs, uint64_t *out,
-                      int64_t n_blocks) {
-    for (int64_t i = 0; i < n_blocks; i++) {
-        const uint64_t *t = pairs + ((size_t)scales[i] << 8);
-        const uint8_t *b = blocks + i * 16;
-        uint64_t *o = out + i * 16;
-        for (int j = 0; j < 16; j++) o[j] = t[b[j]];
-    }
-}
+MXFP4_GATHER(moeinf_mxfp4_u32, uint32_t)
+MXFP4_GATHER(moeinf_mxfp4_u64, uint64_t)
 
 /* Block FP8: rows [row0, row0 + n_rows) of a [rows, cols] float8 matrix whose (block_r x block_c) blocks each have a
  * 256-entry table of their values already scaled and rounded (quant.QuantParam's block_table, grid_c blocks per
