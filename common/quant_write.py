@@ -8,13 +8,17 @@ released checkpoints (GPT-OSS for MXFP4; DeepSeek-V3 and Qwen3 "-FP8" for block 
   float8_e4m3fn plus ``weight_scale_inv`` per ``weight_block_size`` block; routers, norms, embeddings and the LM
   head stay. ``quantization_config = {"quant_method": "fp8", "weight_block_size": [...], ...}``.
 
-Used by tests and ``moeinf demo-model --format``; the encoders are in ``common/quant_encode.py``.
+Used by tests and ``moeinf demo-model --format``; the encoders are in ``common/quant_encode.py`` (NumPy, shared
+with memd's compressed cache); ``mxfp4_tensors`` and ``fp8_tensors`` apply them to torch tensors.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from common.quant_encode import fp8_encode, mxfp4_encode
 
@@ -23,15 +27,27 @@ _MXFP4_KEY = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _FP8_KEY = re.compile(r"\.layers\.\d+\..*(_proj|\.w[123])\.weight$")
 
 
+def mxfp4_tensors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mxfp4_encode`` of a torch tensor: ``(blocks, scales)`` as uint8 tensors."""
+    blocks, scales = mxfp4_encode(weight.detach().float().numpy())
+    return torch.from_numpy(blocks), torch.from_numpy(scales)
+
+
+def fp8_tensors(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fp8_encode`` of a torch tensor: ``(float8_e4m3fn values, float32 weight_scale_inv)``."""
+    values, scale = fp8_encode(weight.detach().float().numpy(), block)
+    return torch.from_numpy(values.view(np.uint8)).view(torch.float8_e4m3fn), torch.from_numpy(scale)
+
+
 def quantize_tensors(tensors: dict, fmt: str, block: tuple[int, int] = (128, 128)) -> dict:
     """One safetensors file's tensors, with the quantized ones replaced by their serialized parts."""
     out = {}
     for key, value in tensors.items():
         if fmt == "mxfp4" and value.dim() == 3 and _MXFP4_KEY.search(key):
-            blocks, scales = mxfp4_encode(value.transpose(1, 2))
+            blocks, scales = mxfp4_tensors(value.transpose(1, 2))
             out[f"{key}_blocks"], out[f"{key}_scales"] = blocks, scales
         elif fmt == "fp8" and value.dim() == 2 and value.is_floating_point() and _FP8_KEY.search(key):
-            out[key], out[f"{key}_scale_inv"] = fp8_encode(value, block)
+            out[key], out[f"{key}_scale_inv"] = fp8_tensors(value, block)
         else:
             out[key] = value
     return out

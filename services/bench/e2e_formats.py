@@ -22,11 +22,9 @@ def expert_cache(opts) -> Path:
 
 def fill_expert_cache(opts, fmt: str) -> None:
     """Convert every expert ahead (as ``moeinf convert``), so the timed runs read the cache, not convert."""
-    from common.checkpoint import Checkpoint
     from services.memd.compressed import CompressedStore
-    from services.memd.store import ExpertStore
 
-    store = CompressedStore(ExpertStore(Checkpoint(opts.model)), fmt, expert_cache(opts)).open()
+    store = CompressedStore.of(opts.model, fmt, expert_cache(opts)).open()
     try:
         missing = store.missing
         for start in range(0, len(missing), store.num_experts):

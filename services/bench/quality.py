@@ -36,17 +36,15 @@ PROMPTS = (  # fixed: the numbers of two runs compare
 def round_trip(model, model_dir: Path, fmt: str, cache_dir: Path) -> int:
     """Replace ``model``'s experts in place by their compressed-then-dequantized values, read from the expert cache
     in ``cache_dir`` (filled on the way, as memd fills it); returns the number of experts."""
-    from common.checkpoint import Checkpoint
     from services.memd.compressed import CompressedStore
-    from services.memd.store import ExpertStore
     from services.worker.quant import QuantParam
 
-    store = CompressedStore(ExpertStore(Checkpoint(model_dir)), fmt, cache_dir).open()
+    store = CompressedStore.of(model_dir, fmt, cache_dir).open()
     try:
         modules = dict(model.named_modules())
-        for layer in store.layers:
-            module = modules[layer.module]
-            images = [store.image((layer.index, e)) for e in range(store.num_experts)]
+        for index, name in enumerate(store.modules):
+            module = modules[name]
+            images = [store.image((index, e)) for e in range(store.num_experts)]
             by_slot = torch.frombuffer(bytearray(b"".join(images)), dtype=torch.uint8).view(store.num_experts, -1)
             params = dict(module.named_parameters(recurse=False))
             for spec in store.tensors:

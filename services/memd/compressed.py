@@ -19,7 +19,7 @@ slots with the same code as a natively quantized checkpoint (``services/worker/q
   ``[in, out]`` experts; the output dimension of ``[out, in]`` ones such as Mixtral's), stored transposed as
   GPT-OSS stores its ``*_blocks``/``*_scales``.
 
-Biases (1-D parameters) stay in the checkpoint's dtype.
+Biases (1-D parameters) stay in the checkpoint's dtype. The conversion is NumPy: memd loads no torch for it.
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from common.checkpoint import CheckpointError
 from common.messages import TensorSpec
-from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode
-from services.memd.store import ExpertStore, Segment, align_up
+from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode, numpy_dtype
+from common.expert_index import ExpertIndex, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.compressed")
 FORMATS = ("fp8", "mxfp4")
@@ -76,11 +76,11 @@ def encoded_parts(name: str, shape: tuple[int, ...], fmt: str) -> tuple[tuple, t
     return ((shape[1], groups, MXFP4_BLOCK // 2), "uint8"), ((shape[1], groups), "uint8")
 
 
-def encode(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """One expert parameter (as the experts module holds it) -> its stored values and scales."""
     if fmt == "fp8":
         return fp8_encode(weight, fp8_block("weight", tuple(weight.shape)))
-    return mxfp4_encode(weight.t())  # blocks along dim 0, stored [dim 1, dim 0 / 32, 16] as GPT-OSS stores them
+    return mxfp4_encode(weight.T)  # blocks along dim 0, stored [dim 1, dim 0 / 32, 16] as GPT-OSS stores them
 
 
 def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
@@ -89,18 +89,20 @@ def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
 
 
 class CompressedStore:
-    """An ``ExpertStore`` of the same checkpoint whose slots hold its experts in ``fmt``, read from the cache file."""
+    """The expert index of the same checkpoint whose slots hold its experts in ``fmt``, read from the cache file."""
 
-    def __init__(self, source: ExpertStore, fmt: str, cache_root: Path | str):
-        """``cache_root``: the expert-cache directory (``cache_root(state_dir, None)`` by default)."""
+    def __init__(self, source: ExpertIndex, model_dir: Path | str, fmt: str, cache_root: Path | str):
+        """``source``: the checkpoint's own index (memd's indexer child builds it: no torch here); ``cache_root``:
+        the expert-cache directory (``cache_root(state_dir, None)`` by default)."""
         if fmt not in FORMATS:
             raise ValueError(f"--expert-format {fmt!r}: choose one of {', '.join(FORMATS)} (or leave it unset)")
         if source.format:
-            raise CheckpointError(f"--expert-format {fmt}: {source.checkpoint.dir} stores its experts in"
-                                  f" {source.format} already; the compressed cache is for bf16/fp16/fp32 checkpoints")
-        self.source, self.format, self.checkpoint, self.config = source, fmt, source.checkpoint, source.config
-        self.model_type, self.layers, self.num_experts = source.model_type, source.layers, source.num_experts
+            raise CheckpointError(f"--expert-format {fmt}: {model_dir} stores its experts in {source.format}"
+                                  " already; the compressed cache is for bf16/fp16/fp32 checkpoints")
+        self.source, self.format, self.model_dir = source, fmt, Path(model_dir).resolve()
+        self.model_type, self.modules, self.num_experts = source.model_type, source.modules, source.num_experts
         self.num_layers, self.top_k = source.num_layers, source.top_k
+        self._source_segments = source.segments
         self.plans, self.tensors, self.slot_bytes, self.expert_bytes = self._layout()
         self.directory = Path(cache_root) / self._name()
         self.path = self.directory / "experts.bin"
@@ -110,6 +112,14 @@ class CompressedStore:
                          for layer in range(self.num_layers) for e in range(self.num_experts)}
         self._lock = threading.Lock()
         self.converted_now = 0
+
+    @classmethod
+    def of(cls, model_dir: Path | str, fmt: str, cache_root: Path | str) -> "CompressedStore":
+        """Index ``model_dir`` in this process (imports transformers: the CLI and the benchmarks, not memd)."""
+        from common.checkpoint import Checkpoint
+        from services.memd.store import ExpertStore
+
+        return cls(ExpertStore(Checkpoint(model_dir)).index(), model_dir, fmt, cache_root)
 
     @property
     def files(self) -> list[Path]:
@@ -150,8 +160,8 @@ class CompressedStore:
 
     def convert(self, key: tuple[int, int]) -> bytes:
         """Expert ``key``'s compressed slot image, from its bytes in the checkpoint."""
-        source = torch.frombuffer(self._read_source(key), dtype=torch.uint8)
-        out = torch.zeros(self.slot_bytes, dtype=torch.uint8)
+        source = np.frombuffer(self._read_source(key), dtype=np.uint8)
+        out = np.zeros(self.slot_bytes, dtype=np.uint8)
         for plan in self.plans:
             spec = plan.source
             tensor = _view(source, spec.offset, tuple(spec.shape), spec.dtype)
@@ -161,7 +171,7 @@ class CompressedStore:
             values, scales = encode(tensor, plan.fmt)
             _put(out, plan.values, values)
             _put(out, plan.scales, scales)
-        return out.numpy().tobytes()
+        return out.tobytes()
 
     def close(self) -> None:
         for fd in (self._fd, self._done_fd):
@@ -191,11 +201,11 @@ class CompressedStore:
         return plans, specs, offset, nbytes
 
     def _name(self) -> str:
-        files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(self.checkpoint.files)]
-        identity = json.dumps([LAYOUT_VERSION, str(Path(self.checkpoint.dir).resolve()), files, self.format,
+        files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, self.source.files))]
+        identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format,
                                [list(map(str, (s.name, s.offset, s.shape, s.dtype))) for s in self.tensors]])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        return f"{Path(self.checkpoint.dir).resolve().name}-{self.format}-{digest}"
+        return f"{self.model_dir.name}-{self.format}-{digest}"
 
     def open(self) -> "CompressedStore":
         """Create or reopen the cache files (after the state directory exists; memd holds its lock)."""
@@ -210,7 +220,7 @@ class CompressedStore:
             os.ftruncate(self._done_fd, count)
             done = done.ljust(count, b"\x00")
         self.done = bytearray(done)
-        manifest = {"checkpoint": str(Path(self.checkpoint.dir).resolve()), "format": self.format,
+        manifest = {"checkpoint": str(self.model_dir), "format": self.format,
                     "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,
                     "layout_version": LAYOUT_VERSION}
         (self.directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -222,7 +232,7 @@ class CompressedStore:
         """The expert's bytes as the plain store lays them into a slot (buffered reads: converted once)."""
         buf = bytearray(self.source.slot_bytes)
         view = memoryview(buf)
-        for seg in self.source.segments[key]:
+        for seg in self._source_segments[key]:
             fd = os.open(seg.file, os.O_RDONLY)
             try:
                 n = os.preadv(fd, [view[seg.slot_offset:seg.slot_offset + seg.nbytes]], seg.file_offset)
@@ -233,20 +243,20 @@ class CompressedStore:
         return buf
 
 
-def _view(flat: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    return flat[offset:offset + _nbytes(shape, dtype)].view(getattr(torch, dtype)).view(shape)
+def _view(flat: np.ndarray, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    return flat[offset:offset + _nbytes(shape, dtype)].view(numpy_dtype(dtype)).reshape(shape)
 
 
-def _put(out: torch.Tensor, where: tuple[int, tuple[int, ...], str], tensor: torch.Tensor) -> None:
+def _put(out: np.ndarray, where: tuple[int, tuple[int, ...], str], array: np.ndarray) -> None:
     offset, shape, dtype = where
-    if tuple(tensor.shape) != shape or tensor.dtype != getattr(torch, dtype):
-        raise RuntimeError(f"encoded {list(tensor.shape)} {tensor.dtype}, the layout says {list(shape)} {dtype}")
-    raw = tensor.contiguous().view(torch.uint8).reshape(-1)
-    out[offset:offset + raw.numel()].copy_(raw)
+    if tuple(array.shape) != shape or array.dtype != numpy_dtype(dtype):
+        raise RuntimeError(f"encoded {list(array.shape)} {array.dtype}, the layout says {list(shape)} {dtype}")
+    raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    out[offset:offset + raw.size] = raw
 
 
 def _nbytes(shape, dtype: str) -> int:
-    n = getattr(torch, dtype).itemsize
+    n = numpy_dtype(dtype).itemsize
     for d in shape:
         n *= d
     return n
@@ -256,12 +266,11 @@ def run_convert(args) -> int:
     """``moeinf convert``: fill the whole cache ahead of memd, with a progress bar; a rerun converts what is left."""
     from tqdm import tqdm
 
-    from common.checkpoint import Checkpoint
     from common.config import default_state_dir
     from common.sizes import format_bytes
 
     root = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
-    store = CompressedStore(ExpertStore(Checkpoint(args.model)), args.expert_format, root).open()
+    store = CompressedStore.of(args.model, args.expert_format, root).open()
     try:
         missing = store.missing
         total = store.num_layers * store.num_experts

@@ -41,25 +41,23 @@ def plan_pool(cfg: MemdConfig, store: ExpertIndex) -> int:
 
 
 def open_store(cfg: MemdConfig):
-    """``(store, fresh)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
-    imports neither torch nor transformers), or with ``--expert-format`` the compressed cache over the full store.
-    Converting experts needs torch, so that opt-in path builds the store in memd's own process."""
+    """``(store, index)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
+    imports neither torch nor transformers), or with ``--expert-format`` the compressed cache over it (converted
+    with NumPy); ``index`` is the index to save in the state directory, None when the cached one was used."""
+    index, fresh = load_index(cfg.model, cfg.state_dir)
     if not cfg.expert_format:
-        return load_index(cfg.model, cfg.state_dir)
-    from common.checkpoint import Checkpoint
+        return index, index if fresh else None
     from services.memd.compressed import CompressedStore, cache_root
-    from services.memd.store import ExpertStore
 
-    store = CompressedStore(ExpertStore(Checkpoint(cfg.model)), cfg.expert_format,
-                            cache_root(cfg.state_dir, cfg.expert_cache_dir))
-    return store, False
+    store = CompressedStore(index, cfg.model, cfg.expert_format, cache_root(cfg.state_dir, cfg.expert_cache_dir))
+    return store, index if fresh else None
 
 
 def run(cfg: MemdConfig) -> int:
     from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
 
     install_from_env()
-    store, fresh = open_store(cfg)
+    store, new_index = open_store(cfg)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
@@ -69,8 +67,8 @@ def run(cfg: MemdConfig) -> int:
     lock = StateLock(cfg.state_dir)
     backend = control = None
     try:
-        if fresh:
-            save_index(cfg.state_dir, store)
+        if new_index is not None:
+            save_index(cfg.state_dir, new_index)
         if hasattr(store, "open"):  # the compressed cache opens its files
             store.open()
         backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))

@@ -11,9 +11,8 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common.checkpoint import Checkpoint, CheckpointError
-from common.quant_encode import mxfp4_encode
+from common.quant_write import mxfp4_tensors
 from services.memd.compressed import CACHE_DIR, CompressedStore
-from services.memd.store import ExpertStore
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
 
@@ -24,7 +23,7 @@ def oss(tmp_path_factory):
 
 
 def store_of(path, fmt, state_dir):
-    return CompressedStore(ExpertStore(Checkpoint(path)), fmt, state_dir / CACHE_DIR).open()
+    return CompressedStore.of(path, fmt, state_dir / CACHE_DIR).open()
 
 
 def expert_weights(path, layer, expert):
@@ -57,7 +56,7 @@ def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
             values = values.view(getattr(torch, spec.dtype)).view(spec.shape)
             scales = scales.view(getattr(torch, spec.scale_dtype)).view(spec.scale_shape)
             if fmt == "mxfp4":
-                blocks, exps = mxfp4_encode(weight.t())
+                blocks, exps = mxfp4_tensors(weight.t())
                 assert torch.equal(values, blocks) and torch.equal(scales, exps)
                 got = convert_moe_packed_tensors(values[None], scales[None], dtype=weight.dtype)[0]
             else:
@@ -85,10 +84,10 @@ def test_experts_convert_once_and_the_cache_survives_a_restart(oss, tmp_path):
 
 def test_a_changed_checkpoint_gets_a_fresh_cache(tmp_path):
     path = write_family("mixtral", tmp_path / "m")
-    before = CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory
+    before = CompressedStore.of(path, "fp8", tmp_path / "s" / CACHE_DIR).directory
     shard = Checkpoint(path).files[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    assert CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR).directory != before
+    assert CompressedStore.of(path, "fp8", tmp_path / "s" / CACHE_DIR).directory != before
 
 
 def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
@@ -96,7 +95,7 @@ def test_a_quantized_checkpoint_is_refused_by_name(tmp_path):
 
     path = write_quantized("gpt_oss-mxfp4", tmp_path / "q")
     with pytest.raises(CheckpointError, match=r"--expert-format fp8: .* stores its experts in mxfp4 already"):
-        CompressedStore(ExpertStore(Checkpoint(path)), "fp8", tmp_path / "s" / CACHE_DIR)
+        CompressedStore.of(path, "fp8", tmp_path / "s" / CACHE_DIR)
 
 
 def test_convert_cli_fills_the_cache(oss, tmp_path):

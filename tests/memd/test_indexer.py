@@ -73,15 +73,17 @@ def test_the_indexers_error_reaches_the_caller(mixtral, tmp_path, state_dir):
     assert not (state_dir / FILE_NAME).exists()
 
 
-@pytest.mark.parametrize("heavy", [False, True], ids=["memd", "probe-sees-torch"])
-def test_memd_process_never_imports_torch(mixtral, state_dir, tmp_path, heavy):
+@pytest.mark.parametrize("heavy,extra", [(False, []), (False, ["--expert-format", "fp8"]), (True, [])],
+                         ids=["memd", "memd-compressed-cache", "probe-sees-torch"])
+def test_memd_process_never_imports_torch(mixtral, state_dir, tmp_path, heavy, extra):
     """The real ``moeinf memd`` process, started, ready and stopped, has not imported torch nor transformers (its
-    indexer child did). The second case imports torch before memd starts, to show the probe sees it."""
+    indexer child did), with the compressed expert cache too (NumPy converts). The last case imports torch before
+    memd starts, to show the probe sees it."""
     state_dir.mkdir(parents=True)
     out, log = tmp_path / "modules.txt", tmp_path / "memd.log"
     module = moeinf_cmd()[2]
     code = ("import torch; " if heavy else "") + PROBE.format(module=module)
-    args = [sys.executable, "-c", code, str(out), "memd", "--model", str(mixtral), "--state-dir", str(state_dir)]
+    args = [sys.executable, "-c", code, str(out), "memd", "--model", str(mixtral), "--state-dir", str(state_dir), *extra]
     proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_log(proc, log, "memd ready", timeout=120)

@@ -15,7 +15,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common import messages as m
 from common.config import WorkerConfig
-from common.quant_encode import fp8_encode
+from common.quant_write import fp8_tensors
 from services.worker import dequant_kernel as dk
 from services.worker.quant import QuantParam
 
@@ -50,7 +50,7 @@ def test_mxfp4_every_scale_and_byte_equals_transformers(kernels, tmp_path, dtype
 def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads):
     torch.manual_seed(0)
     rows, cols, block = 64, 96, (16, 32)
-    values, scales = fp8_encode(torch.randn(rows, cols), block)
+    values, scales = fp8_tensors(torch.randn(rows, cols), block)
     scales = torch.tensor([1e-38, 3e-40, 1.0, 7.3e35, 3e38, float("nan"), 0.37, 2.0 ** -126, 5.0, 1e-45, 6e4, 1.5],
                           dtype=torch.float32).view(4, 3)
     pool, (vo, so) = pool_of([values.unsqueeze(0), scales.unsqueeze(0)], 1)
@@ -67,7 +67,7 @@ def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads):
 def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, order):
     torch.manual_seed(seed)
     rows, cols = grid[0] * block[0], grid[1] * block[1]
-    pairs = [fp8_encode(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
+    pairs = [fp8_tensors(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
     pool, (vo, so) = pool_of([torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])], 3)
     spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, list(grid), "float32")
     fast, ref = (QuantParam(spec, pool, (rows, cols), dtype, capacity=3, kernels=k) for k in (kernels, None))

@@ -9,7 +9,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common import messages as m
-from common.quant_encode import fp8_encode, mxfp4_encode
+from common.quant_write import fp8_tensors, mxfp4_tensors
 from services.worker.quant import ALIGN, Dequantizer, QuantParam, RowCache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -34,7 +34,7 @@ def pool_of(parts: list[torch.Tensor], slots: int) -> tuple[torch.Tensor, list[i
 def test_mxfp4_equals_transformers(rows, groups, dtype, seed, order):
     torch.manual_seed(seed)
     weight = torch.randn(4, rows, groups * 32) * torch.rand(4, rows, 1) * 4  # scales spread over a few octaves
-    blocks, scales = mxfp4_encode(weight)
+    blocks, scales = mxfp4_tensors(weight)
     pool, (bo, so) = pool_of([blocks, scales], 4)
     spec = m.TensorSpec("gate_up_proj", bo, list(blocks.shape[1:]), "uint8", "mxfp4", so, list(scales.shape[1:]),
                         "uint8")
@@ -51,7 +51,7 @@ def test_mxfp4_equals_transformers(rows, groups, dtype, seed, order):
 def test_fp8_equals_transformers(grid, block, dtype, seed):
     torch.manual_seed(seed)
     rows, cols = grid[0] * block[0], grid[1] * block[1]
-    pairs = [fp8_encode(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
+    pairs = [fp8_tensors(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
     values, scales = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     pool, (vo, so) = pool_of([values, scales], 3)
     spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, list(grid), "float32")
@@ -63,7 +63,7 @@ def test_fp8_equals_transformers(grid, block, dtype, seed):
 
 
 def test_more_routed_experts_than_the_scratch_is_an_error_naming_the_bound():
-    blocks, scales = mxfp4_encode(torch.randn(3, 32, 32))
+    blocks, scales = mxfp4_tensors(torch.randn(3, 32, 32))
     pool, (bo, so) = pool_of([blocks, scales], 3)
     spec = m.TensorSpec("w", bo, [32, 1, 16], "uint8", "mxfp4", so, [32, 1], "uint8")
     param = QuantParam(spec, pool, (32, 32), torch.float32, capacity=2)
@@ -74,7 +74,7 @@ def test_more_routed_experts_than_the_scratch_is_an_error_naming_the_bound():
 
 
 def test_layout_that_cannot_make_the_parameter_is_refused():
-    blocks, scales = mxfp4_encode(torch.randn(2, 32, 64))
+    blocks, scales = mxfp4_tensors(torch.randn(2, 32, 64))
     pool, (bo, so) = pool_of([blocks, scales], 2)
     spec = m.TensorSpec("down_proj", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
     with pytest.raises(RuntimeError, match=r"cannot make the model's \[32, 64\]"):
@@ -121,7 +121,7 @@ def test_row_cache_rows_always_hold_the_routed_experts(calls, rows):
 
 
 def test_dequantizer_caches_rows_and_forwards_like_the_scratch():
-    blocks, scales = mxfp4_encode(torch.randn(4, 32, 64))
+    blocks, scales = mxfp4_tensors(torch.randn(4, 32, 64))
     pool, (bo, so) = pool_of([blocks, scales], 4)
     spec = m.TensorSpec("gate_up_proj", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
     dq = Dequantizer({"gate_up_proj": QuantParam(spec, pool, (64, 32), torch.float32, capacity=6)}, {}, 6)
