@@ -226,7 +226,7 @@ def self_check(kernels: Kernels) -> None:
             raise KernelError(f"the built MXFP4 kernel disagrees with torch's ops ({dtype}): not used")
     gen = torch.Generator().manual_seed(0)
     scales8 = torch.tensor([[1e-38, 3e-40, 7.3e35, float("nan")], [0.37, 1.0, 3.1e-3, 6e4]], dtype=torch.float32)
-    small = torch.rand(16, 3, generator=gen) * 4  # non-square blocks whose width is no multiple of 32: scalar path
+    small = torch.rand(16, 3, generator=gen) * 4  # blocks whose width is no multiple of 32: the scalar path
     for (block_r, block_c), scales in (((128, 128), scales8), ((8, 48), small)):
         grid_r, grid_c = scales.shape
         rows, cols = grid_r * block_r, grid_c * block_c

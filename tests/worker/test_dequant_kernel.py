@@ -47,9 +47,10 @@ def test_mxfp4_every_scale_and_byte_equals_transformers(kernels, tmp_path, dtype
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads):
+@pytest.mark.parametrize("block", [(16, 32), (16, 64)], ids=["32-wide", "64-wide"])  # 64-wide: the VBMI path
+def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads, block):
     torch.manual_seed(0)
-    rows, cols, block = 64, 96, (16, 32)
+    rows, cols = 4 * block[0], 3 * block[1]
     values, scales = fp8_tensors(torch.randn(rows, cols), block)
     scales = torch.tensor([1e-38, 3e-40, 1.0, 7.3e35, 3e38, float("nan"), 0.37, 2.0 ** -126, 5.0, 1e-45, 6e4, 1.5],
                           dtype=torch.float32).view(4, 3)
@@ -62,7 +63,7 @@ def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads):
 
 @settings(max_examples=15, deadline=None)
 @given(grid=st.tuples(st.integers(1, 3), st.integers(1, 3)),
-       block=st.sampled_from([(8, 16), (16, 16), (32, 8), (4, 64)]),
+       block=st.sampled_from([(8, 16), (16, 16), (32, 8), (4, 64), (2, 128), (8, 192)]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), order=st.permutations([0, 1, 2]))
 def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, order):
     torch.manual_seed(seed)
