@@ -210,8 +210,11 @@ def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacit
 
 
 class RowCache:
-    """Which expert each dequantized row holds, least recently used first: a layer call dequantizes only the
-    experts it does not find, and at full residency a warm cache dequantizes nothing.
+    """Which expert each dequantized row holds: a layer call dequantizes only the experts it does not find, and at
+    full residency a warm cache dequantizes nothing. The victim is the most recently used row the call does not
+    need: the layers run in a cycle, so when the rows hold less than a step's experts, least-recently-used would
+    evict exactly the row whose layer comes next (no hit, ever), while most-recently-used keeps the others for their
+    layers' next turn; and the rows rewritten are the ones still in the CPU's cache.
 
     A row is keyed by ``(layer, expert, slot)`` and only looked up right after memd's acquire (or a held lease)
     said that ``slot`` holds ``(layer, expert)`` now. Its contents were dequantized from that slot while memd said
@@ -257,7 +260,7 @@ class RowCache:
             self.free.append(self.lru.pop(stale))
         if self.free:
             return self.free.pop()
-        victim = next(k for k, row in self.lru.items() if row not in pinned)
+        victim = next(k for k, row in reversed(self.lru.items()) if row not in pinned)
         del self.by_slot[victim[2]]
         return self.lru.pop(victim)
 

@@ -81,7 +81,18 @@ def test_layout_that_cannot_make_the_parameter_is_refused():
         QuantParam(spec, pool, (32, 64), torch.float32, capacity=2)
 
 
-def test_row_cache_hits_evicts_least_recent_and_drops_a_reused_slot():
+def test_row_cache_in_a_layer_cycle_larger_than_its_rows_keeps_hitting():
+    """4 rows, 3 layers x 2 experts routed the same way each step: evicting the least recent row would miss every
+    time (each row's layer comes back after the others: 0 hits); evicting the most recent keeps rows that hit, at
+    least one layer's pair in every step after the first."""
+    cache = RowCache(4)
+    for _ in range(5):
+        for layer in range(3):
+            cache.place(layer, [0, 1], [2 * layer, 2 * layer + 1])
+    assert cache.hits >= 4 * 2 and cache.hits + cache.misses == 5 * 6
+
+
+def test_row_cache_hits_evicts_most_recent_and_drops_a_reused_slot():
     cache = RowCache(3)
     rows, fill = cache.place(0, [1, 2], [10, 11])
     assert sorted(fill) == sorted(zip([10, 11], rows)) and len(set(rows)) == 2
