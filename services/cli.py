@@ -172,6 +172,8 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--dequant-kernel", nargs="+", default=["auto"], choices=["auto", "c", "torch"],
                    help="quantized experts: the worker's knob; several: one moeinf row per kernel, side by side (each"
                         " its own memd and model, all held at once)")
+    p.add_argument("--prepack-dense", nargs="+", default=["off"], choices=["off", "on"],
+                   help="the worker's knob (bfloat16: dense linears packed once for oneDNN); 'off on': a row each")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

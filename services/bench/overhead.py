@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import sys
 import time
@@ -50,12 +51,13 @@ class Options:
     json: Path | None
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb (quantized experts)
     dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
+    prepack_dense: tuple[str, ...] = ("off",)  # the worker's --prepack-dense; both: a moeinf row for each
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
                    args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
-                   tuple(getattr(args, "dequant_kernel", ("auto",))))
+                   tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))))
         opts.validate()
         return opts
 
@@ -69,8 +71,10 @@ class Options:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
         if self.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
-        if not self.dequant_kernel or len(set(self.dequant_kernel)) != len(self.dequant_kernel):
-            raise ValueError(f"--dequant-kernel {' '.join(self.dequant_kernel)}: each kernel once")
+        for name in ("dequant_kernel", "prepack_dense"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"--{name.replace('_', '-')} {' '.join(values)}: each setting once")
         for memory in self.memory:
             parse_size(memory, what="--memory")
         if len(set(self.memory)) != len(self.memory):
@@ -85,6 +89,7 @@ class Run:
     decode_s: list[float]
     tokens: list[int]
     decode_stats: dict[str, float] = field(default_factory=dict)  # memd counters over the decode steps
+    logits: list[torch.Tensor] = field(default_factory=list)  # each step's, as the engine sampled from them
 
 
 # ---------------------------------------------------------------------------------------------------- systems
@@ -104,6 +109,7 @@ class TransformersSystem:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto",
                                                           **dequantize_config(model_dir)).eval()
         self.engine = Engine(self.model, max_positions(self.model.config))
+        self.logits = record_logits(self.engine)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
         pass
@@ -127,7 +133,7 @@ class TransformersSystem:
 
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
-                 dequant_cache_mb: int = 0, dequant_kernel: str = "auto"):
+                 dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -136,11 +142,13 @@ class MoeinfSystem:
         self.expert_memory = expert_memory
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
-                           dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel)
+                           dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel,
+                           prepack_dense=prepack_dense)
         model, self.client, hello, self.steps = attach(cfg)  # its own step state: its traces go to its own memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
         self.engine = Engine(model, max_model_len(cfg, model), self.steps)
+        self.logits = record_logits(self.engine)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
         """What the worker's server sends when a request starts (memd opens its activation matrix)."""
@@ -159,16 +167,41 @@ class MoeinfSystem:
 
 
 
+def record_logits(engine) -> list[torch.Tensor]:
+    """The list ``engine`` appends each step's logits to, as it samples from them (float32, the step's last row)."""
+    logits: list[torch.Tensor] = []
+    accept = engine.accept
+
+    def recording(seq, step_logits):
+        logits.append(step_logits.detach().clone())
+        return accept(seq, step_logits)
+    engine.accept = recording
+    return logits
+
+
+def logit_agreement(runs: list[Run], reference: list[Run]) -> tuple[float, int, int]:
+    """``(max |logit difference|, steps, steps compared)`` of ``runs`` against transformers' runs of the same
+    repeats: steps are compared while both generations' tokens so far are equal (the same inputs)."""
+    worst, steps, compared = 0.0, 0, 0
+    for run, ref in zip(runs, reference):
+        steps += len(ref.logits)
+        for mine, theirs, a, b in zip(run.logits, ref.logits, run.tokens, ref.tokens):
+            worst = max(worst, (mine - theirs).abs().max().item())
+            compared += 1
+            if a != b:
+                break
+    return worst, steps, compared
+
+
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
     """``[transformers, moeinf-<memory>...]``; the memd processes start first, so a bad setting fails fast."""
     moeinf = []
-    for memory in opts.memory:
-        for kernel in opts.dequant_kernel:
-            _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-            system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel)
-            if len(opts.dequant_kernel) > 1:
-                system.name += f"-{kernel}"
-            moeinf.append(system)
+    for memory, kernel, prepack in itertools.product(opts.memory, opts.dequant_kernel, opts.prepack_dense):
+        _progress(f"starting memd --expert-memory {memory} and attaching the worker")
+        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on")
+        system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
+        system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
+        moeinf.append(system)
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]
 
@@ -187,6 +220,7 @@ class TimedGeneration:
 
     def __init__(self, system, prompt: list[int], tokens: int, run_id: str):
         self.system = system
+        system.logits.clear()  # one generation of a system runs at a time
         self.seq = system.engine.start(m.GenerateRequest(request=run_id, prompt=prompt, max_tokens=tokens + 1))
         system.request_start(run_id, len(prompt))
         self.prefill_s = 0.0
@@ -212,7 +246,7 @@ class TimedGeneration:
     def result(self) -> Run:
         after = self.system.stats()
         stats = {k: after[k] - self.before[k] for k in STAT_FIELDS} if after is not None else {}
-        return Run(self.prefill_s, self.decode_s, list(self.seq.generated), stats)
+        return Run(self.prefill_s, self.decode_s, list(self.seq.generated), stats, list(self.system.logits))
 
 
 def run_alone(system, prompt: list[int], tokens: int, run_id: str) -> Run:
@@ -274,6 +308,10 @@ def run(args) -> int:
     _finish_ratios(summaries)
     header = _header(opts, systems[0].model, threads)
     print(format_table(header, summaries))
+    for system in systems[1:]:
+        worst, steps, compared = logit_agreement(runs[system.name], runs[systems[0].name])
+        print(f"{system.name}: logits vs transformers' (float32, {compared} of {steps} steps compared, up to the"
+              f" first differing token): max |difference| {worst:.6g}")
     if opts.json:
         write_json(opts.json, str(opts.model), threads, opts, summaries)
         print(f"wrote {opts.json}")

@@ -10,8 +10,9 @@ without hooks, in lockstep with the other system (load from elsewhere hits both 
 
 Bytes touched per token: the resident dense weights (one embedding row), the routed experts (``top_k`` per MoE
 layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput torch
-reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``). A model whose active
-weights fit in that cache decodes below this floor: the table says so.
+reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``: ``F.linear`` or oneDNN
+on a weight packed once, whichever is faster). A model whose active weights fit in that cache decodes below this
+floor: the table says so.
 """
 from __future__ import annotations
 
@@ -197,8 +198,8 @@ def format_report(doc: dict) -> str:
     b, f = doc["bytes_per_token"], doc["floor"]
     lines += ["", f"bytes per decode token: dense {b['dense'] / MIB:.1f} MiB + experts {b['experts'] / MIB:.1f} MiB"
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
-              f"bandwidth floor: bf16 matrix-vector over {f['buffer_bytes'] / MIB:.0f} MiB, best of {f['runs']}:"
-              f" {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
+              f"bandwidth floor: bf16 matrix-vector (F.linear or packed) over {f['buffer_bytes'] / MIB:.0f} MiB,"
+              f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
     if doc["fits_in_cache"]:
         lines.append(f"note: the active weights fit in the {doc['cache_bytes'] / MIB:.0f} MiB CPU cache, so decode"
                      " can run below this floor")

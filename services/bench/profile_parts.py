@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from services.worker import prepack
+
 KINDS = ("attention", "norms", "router", "experts")
 OUTSIDE = ("embed", "final norm", "lm head")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
@@ -171,18 +173,25 @@ class Floor:
 
 
 def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: int = 4096) -> Floor:
-    """torch's own matrix-vector product over a ``[rows, width]`` weight of ``buffer_bytes`` (more than the
-    largest cache, so it streams from memory): bytes / seconds of the best of ``runs`` (one untimed first)."""
+    """The fastest matrix-vector product torch has over a ``[rows, width]`` weight of ``buffer_bytes`` (more than
+    the largest cache, so it streams from memory): ``F.linear``, and for bfloat16 also oneDNN on the weight packed
+    once (``services/worker/prepack.py``: ``F.linear`` repacks at every call, so a floor from it alone is one that
+    ``--prepack-dense`` could beat). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
     rows = max(buffer_bytes // (width * dtype.itemsize), 1)
     weight = torch.empty(rows, width, dtype=dtype).normal_()
     x = torch.randn(1, width, dtype=dtype)
     nbytes = weight.numel() * weight.element_size()
+    products = [lambda: F.linear(x, weight)]
+    if dtype == torch.bfloat16 and prepack.available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     best = float("inf")
     with torch.inference_mode():
-        F.linear(x, weight)
-        for _ in range(runs):
-            start = time.perf_counter()
-            F.linear(x, weight)
-            best = min(best, time.perf_counter() - start)
-    del weight
+        for product in products:
+            product()
+            for _ in range(runs):
+                start = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - start)
+    del weight, products
     return Floor(nbytes, runs, nbytes / best / 1e9)

@@ -99,11 +99,13 @@ def _per_token(s: Summary, value, fmt: str) -> str:
 
 def format_table(header: str, summaries: list[Summary]) -> str:
     lines = [header, ""]
+    first = max([COLUMNS[0][1], *(len(s.system) for s in summaries)])  # the system column fits every name
+    columns = [(COLUMNS[0][0], first, COLUMNS[0][2]), *COLUMNS[1:]]
     lines.append("  ".join(f"{title:>{width}}" if i else f"{title:<{width}}"
-                           for i, (title, width, _) in enumerate(COLUMNS)))
+                           for i, (title, width, _) in enumerate(columns)))
     for s in summaries:
         lines.append("  ".join(f"{cell(s):>{width}}" if i else f"{cell(s):<{width}}"
-                               for i, (_, width, cell) in enumerate(COLUMNS)))
+                               for i, (_, width, cell) in enumerate(columns)))
     lines.append("")
     lines.append("decode p50/p90: ms per token over all decode steps of all repeats; prefill: median over repeats;"
                  " vs transf.: decode p50 / transformers' decode p50;")

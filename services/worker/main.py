@@ -18,7 +18,7 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, experts
+from services.worker import dequant_kernel, experts, prepack
 from services.worker.engine import Engine
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
@@ -58,6 +58,8 @@ def attach(cfg: WorkerConfig) -> Attached:
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels)
+        if cfg.prepack_dense:  # after bind, which gave the next-layer guesses their router weights
+            prepack.prepack_dense(model)
         client.ready()
     except BaseException:
         client.close()

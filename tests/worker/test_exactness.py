@@ -1,9 +1,11 @@
 """The oracle: greedy generation through real memd + worker processes, with the expert pool at 25% of all
 expert bytes (so experts are evicted and re-read on every token), equals plain transformers' generate: with the
 default policy (activation, prefetch on) for every family, and with every other policy and prefetch setting."""
+import re
+
 import pytest
 import torch
-from helpers import FAMILIES, Stack
+from helpers import FAMILIES, Stack, write_family
 
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
@@ -20,10 +22,10 @@ def reference(model_dir, prompts):
     return _REFERENCE[key]
 
 
-def _reference(model_dir, prompts):
+def _reference(model_dir, prompts, dtype=None):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **({"dtype": dtype} if dtype else {}))
     model.generation_config.eos_token_id = None  # compare fixed-length outputs; stop ids are tested elsewhere
     outs = []
     for prompt in prompts:
@@ -74,6 +76,21 @@ def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpo
         # (mixtral at 25% holds one layer's 8 experts, all leased while it runs: prefetches are issued, none lands)
     else:
         assert stats.prefetch_issued == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
+    """``--prepack-dense`` on a bfloat16 checkpoint: the worker packs its bias-free dense linears for oneDNN and
+    serves. On these prompts its greedy tokens equal transformers' eager bfloat16 model; the flag is opt-in because
+    a rounding tie can break the other way (services/worker/prepack.py), which this would show first."""
+    model = write_family(family, tmp_path / family, dtype="bfloat16")
+    expected = _reference(model, PROMPTS, dtype=torch.bfloat16)
+    with Stack(model, state_dir, expert_memory="25%", extra_worker=["--prepack-dense", "on"]) as stack:
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
+        log = stack.worker_log.read_text()
+    assert re.search(r"packed [1-9][0-9]* dense linears", log), log[-2000:]
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert got == expected, f"{family} in bfloat16 with packed linears diverged"
 
 
 def _expert_bytes(model_dir) -> int:
