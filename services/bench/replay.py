@@ -200,6 +200,7 @@ def _row(v: Variant, plan: ReplayPlan, store: Store, before, after, result, drop
         "prefetch_recall": used / (used + d["misses"]) if used + d["misses"] else None,
         "fetches": fetches, **d,
         "read_mib_per_s": d["bytes_read"] / MIB / d["read_seconds"] if d["read_seconds"] else None,
+        "memd_layer_ms": after.layer_seconds * 1e3,  # memd's own estimate of a layer's compute at the end (its plans')
         "wall_s": result.seconds, "acquires": result.acquires, "notes_unsent": result.notes_unsent,
         "direct_io": after.direct_io,
         "page_cache_dropped": dropped,

@@ -8,8 +8,10 @@ request and the sums of the router weights.
 ``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
 a request's first step; per step and MoE layer, in the worker's order, a ``LAYER_NOTE`` (``MemdClient.note``:
 the routing, the step number, the prefill flags and the next-layer guesses the trace recorded, if any), then an
-acquire without routing (none goes out when every expert is leased), the layer's compute time (a sleep), then
-the release (none with leases: memd revokes them);
+acquire without routing (none goes out when every expert is leased), the release (none with leases: memd revokes
+them), then the layer's compute time: a sleep until ``layer_seconds`` after the acquire returned, so that the
+replay's own Python work counts in that time instead of adding to it (memd measures a layer's compute as the time
+between its notes less the acquire's wait, and the simulator takes ``layer_seconds`` exactly);
 one ``STEP_TRACE`` once the step is over; ``REQUEST_END`` after a request's last step. When a step ends every
 request it ran, the worker has nothing left to run and returns its leases (requests of a trace are taken to arrive
 once the earlier ones are done, as with the closed-loop clients the trace files were recorded with).
@@ -102,6 +104,12 @@ class DriveResult:
     steps: int = 0
 
 
+def sleep_until(deadline: float) -> None:
+    delay = deadline - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
 def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
     """Replay ``plan`` through ``client`` (a handshaken, ready ``MemdClient``)."""
     worker = os.getpid()
@@ -116,14 +124,14 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
             client.note(number, r.layer, r.experts, step.requests, r.tokens, step.prefill,
                         *guesses(r, plan.header.num_layers))
             client.acquire(r.layer, r.experts, [], [], step=number, prefill=step.prefill)
-            result.acquire_seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            result.acquire_seconds += t1 - t0
             leased = client.last_leased  # served from the worker's leases: no message went to memd
             result.acquires += not leased
-            if layer_seconds > 0:
-                time.sleep(layer_seconds)
             if not client.leasing:
                 client.release(r.layer, r.experts)
             traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, r.speculated, leased))
+            sleep_until(t1 + layer_seconds)  # the layer's compute, this loop's own work included
         client.emit(Op.STEP_TRACE, m.step_trace(worker, number, step.requests, step.tokens, step.prefill, traces))
         for request, generated in step.ends:
             client.emit(Op.REQUEST_END, m.RequestEndEvent(request, generated))

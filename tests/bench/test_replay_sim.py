@@ -1,6 +1,7 @@
 """The simulator (services/memd/simulate.py: leases, memd's reader rules) agrees with ``bench replay`` (a real
 memd, leases on) within 5% on fetches, per policy and capacity, on a short stretch of the demo trace. The simulated
-reader gets the bandwidth the real one measured in the same run and the same layer compute."""
+reader gets the bandwidth the real one measured in the same run, and the layer compute memd measured (the replay's
+own Python work per layer is part of what memd sees as compute, and is not small against a replay's sleep)."""
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
 DEMO_TRACE = Path(__file__).parents[1] / "data" / "demo-trace.jsonl"
-STEPS = 60
+STEPS = 180  # enough steps that the replay's run-to-run noise (a few fetches) is small against the counts
 
 
 @pytest.mark.slow
@@ -35,7 +36,7 @@ def test_simulator_agrees_with_replay_on_fetches(tmp_path):
         for row in doc["results"]:
             bandwidth = (row["read_mib_per_s"] or 100.0) * 2**20
             cfg = SimConfig(doc["capacity_experts"], CacheSettings(policy=row["eviction"], prefetch=row["prefetch"]),
-                            read_seconds=doc["slot_bytes"] / bandwidth, layer_seconds=doc["layer_compute_ms"] / 1e3,
+                            read_seconds=doc["slot_bytes"] / bandwidth, layer_seconds=row["memd_layer_ms"] / 1e3,
                             expert_bytes=doc["slot_bytes"])
             sim = simulate(header, steps, cfg)
             assert abs(sim.fetches - row["fetches"]) <= max(2, 0.05 * row["fetches"]), (doc["capacity_experts"], row["policy"], sim.fetches, row["fetches"])
