@@ -241,8 +241,8 @@ class WorkerConfig:
                                  " tell memd (one small matmul per layer)")
     speculate_layers: int = knob(4, "most MoE layers ahead a layer guesses (memd picks how many within this, from"
                                     " read time vs layer time); 0: none")
-    dequant_cache_mb: int = knob(0, "quantized experts: MiB of dequantized experts kept beyond one layer's (most"
-                                    " recently used; a warm cache skips the dequantization; 0: one layer's only)")
+    dequant_cache_mb: int = knob(0, "quantized experts: MiB of dequantized experts kept beyond one layer's (the"
+                                    " newest row is reused first; a hit skips the dequantization; 0: one layer's)")
     dequant_scratch_experts: int = knob(0, "quantized experts: experts the dequantization scratch holds (0: a layer's"
                                            " experts, up to the pool's slots); fewer saves memory, and a step that"
                                            " routes more runs its tokens in groups, dequantizing again per group")

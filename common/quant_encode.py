@@ -40,10 +40,13 @@ def mxfp4_encode(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     amax = np.abs(x).max(axis=-1, keepdims=True)
     # shared exponent: floor(log2(amax)) - 2, so the block's largest value lands in [4, 8) (E2M1's top is 6);
     # frexp gives floor(log2) exactly (amax = m * 2**e, m in [0.5, 1))
-    exponent = np.where(amax > 0, np.frexp(amax)[1] - 3, -127).clip(-127, 127)
+    exponent = np.where(np.isinf(amax), 127, np.where(amax > 0, np.frexp(amax)[1] - 3, -127)).clip(-127, 127)
     scaled = np.ldexp(x, -exponent).clip(-6.0, 6.0)
-    # the nearest magnitude, ties to the smaller
-    codes = np.searchsorted(_FP4_MIDPOINTS, np.abs(scaled), side="left").astype(np.uint8)
+    # the nearest magnitude, ties to the smaller: the number of midpoints strictly below the value
+    magnitude = np.abs(scaled)
+    codes = np.zeros(magnitude.shape, dtype=np.uint8)
+    for midpoint in _FP4_MIDPOINTS:
+        codes += magnitude > midpoint
     codes |= (scaled < 0).astype(np.uint8) << 3
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     scales = (exponent[..., 0] + 127).astype(np.uint8)

@@ -6,7 +6,7 @@
  * computes the common case directly (a scale byte in [2, 252]: the E2M1 value's bfloat16 bits with the scale added to
  * the exponent, exact because the product of a normal value and a representable power of two is exact) and looks
  * the rest up (tiny or huge scales: subnormals, overflow, NaN); the FP8 kernels only look up (byte shuffles where the
- * CPU has AVX-512 VBMI: ~15 G values/s on one core, 16x the scalar gather). Single-threaded: the caller splits rows. */
+ * CPU has AVX-512 VBMI: ~15 G values/s on one core, 2.3x the AVX-512BW path). Single-threaded: the caller splits rows. */
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -130,8 +130,8 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
         for (int64_t cb = 0; cb < grid_c; cb++) {
             __m512i lo[4], hi[4];
             for (int k = 0; k < 4; k++) {
-                lo[k] = _mm512_load_si512(planes[cb][0] + 64 * k);
-                hi[k] = _mm512_load_si512(planes[cb][1] + 64 * k);
+                lo[k] = _mm512_loadu_si512(planes[cb][0] + 64 * k);
+                hi[k] = _mm512_loadu_si512(planes[cb][1] + 64 * k);
             }
             for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 64) fp8_lookup64(v + c, o + c, lo, hi, even, odd);
         }

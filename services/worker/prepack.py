@@ -5,13 +5,15 @@ A bfloat16 ``nn.Linear`` on CPU runs oneDNN's matmul, which first reorders the w
 every call. In a decode step every linear is a matrix-vector product, and the reorder costs about as much as the
 product. ``torch.ops.mkldnn._reorder_linear_weight`` packs a weight once (what torch.compile's CPU weight freezing
 does) and ``torch.ops.mkldnn._linear_pointwise`` runs oneDNN on it: 1.2x to 2.5x faster per call on this
-project's CPU, about 10% of a decode step at full residency (docs/benchmarks.md, `bench overhead`).
+project's CPU, 7-11% of a decode step at full residency in two runs (docs/benchmarks.md, `bench overhead`).
 
 Numerics: on random inputs its bits equal ``F.linear``'s (checked at load for every weight shape on three row
-counts; a shape that differs stays unpacked, with a warning), but on real activations the products sometimes
-break a rounding tie the other way (one bfloat16 ulp, seen in about one output in 64 of some matrix-vector
-products of the tests' tiny models), so greedy tokens may leave transformers' eager ones. Hence off by default;
-``moeinf bench overhead --prepack-dense off on`` prints the token agreement and the logit error against eager.
+counts, dense and row-strided; a shape that differs stays unpacked, with a warning), but on real activations the
+products sometimes break a rounding tie the other way (one bfloat16 ulp, seen in about one output in 64 of some
+matrix-vector products of the tests' tiny models), so greedy tokens may leave transformers' eager ones. Hence off
+by default; ``moeinf bench overhead --prepack-dense off on`` prints the token agreement and the logit error against
+eager. The bf16 exactness test (tests/worker/test_exactness.py) holds on this project's CPU; on another (AMX, say)
+oneDNN may pick other kernels.
 
 The packed weight replaces the dense one, so memory is not doubled: ``module.weight`` becomes the opaque packed
 tensor (same shape and dtype; arithmetic on it fails loudly instead of computing something else). A transposed or
@@ -110,11 +112,12 @@ def _shared_tensors(model: nn.Module) -> set[int]:
 def _same_bits(weight: torch.Tensor, packed: torch.Tensor) -> bool:
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for rows in CHECK_ROWS:
-            x = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
-            got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            if not torch.equal(got, F.linear(x, weight)):
-                return False
+        for rows in CHECK_ROWS:  # dense rows, and rows a row apart in a wider tensor (linear() passes both)
+            wide = torch.randn(rows, 2 * weight.shape[1], generator=gen).to(weight.dtype)
+            for x in (wide[:, :weight.shape[1]].contiguous(), wide[:, weight.shape[1]:]):
+                got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                if not torch.equal(got, F.linear(x, weight)):
+                    return False
     return True
 
 
