@@ -89,7 +89,8 @@ class Run:
     decode_s: list[float]
     tokens: list[int]
     decode_stats: dict[str, float] = field(default_factory=dict)  # memd counters over the decode steps
-    logits: list[torch.Tensor] = field(default_factory=list)  # each step's, as the engine sampled from them
+    logits: list[torch.Tensor] = field(default_factory=list)  # each step's, until compared (then dropped)
+    agreement: tuple[float, int, int] = (0.0, 0, 0)  # logit_agreement against transformers' run of the same round
 
 
 # ---------------------------------------------------------------------------------------------------- systems
@@ -179,18 +180,16 @@ def record_logits(engine) -> list[torch.Tensor]:
     return logits
 
 
-def logit_agreement(runs: list[Run], reference: list[Run]) -> tuple[float, int, int]:
-    """``(max |logit difference|, steps, steps compared)`` of ``runs`` against transformers' runs of the same
-    repeats: steps are compared while both generations' tokens so far are equal (the same inputs)."""
-    worst, steps, compared = 0.0, 0, 0
-    for run, ref in zip(runs, reference):
-        steps += len(ref.logits)
-        for mine, theirs, a, b in zip(run.logits, ref.logits, run.tokens, ref.tokens):
-            worst = max(worst, (mine - theirs).abs().max().item())
-            compared += 1
-            if a != b:
-                break
-    return worst, steps, compared
+def logit_agreement(run: Run, reference: Run) -> tuple[float, int, int]:
+    """``(max |logit difference|, steps, steps compared)`` of ``run`` against transformers' run of the same round:
+    steps are compared while both generations' tokens so far are equal (the same inputs)."""
+    worst, compared = 0.0, 0
+    for mine, theirs, a, b in zip(run.logits, reference.logits, run.tokens, reference.tokens):
+        worst = max(worst, (mine - theirs).abs().max().item())
+        compared += 1
+        if a != b:
+            break
+    return worst, len(reference.logits), compared
 
 
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
@@ -277,8 +276,12 @@ def measure(systems: list, prompt: list[int], opts: Options) -> dict[str, list[R
         run_alone(system, prompt, opts.tokens, f"warmup-{system.name}")
     runs: dict[str, list[Run]] = {s.name: [] for s in systems}
     for r in range(opts.repeats):
-        for system, run in zip(systems, run_lockstep(systems, prompt, opts.tokens, f"r{r}")):
+        done = run_lockstep(systems, prompt, opts.tokens, f"r{r}")
+        for system, run in zip(systems, done):
+            run.agreement = logit_agreement(run, done[0])
             runs[system.name].append(run)
+        for run in done:  # a vocabulary of floats per step: compared, then dropped
+            run.logits = []
         _progress(f"round {r + 1}/{opts.repeats}: decode median ms/token " + ", ".join(
             f"{name} {np.median(rs[-1].decode_s) * 1e3:.2f}" for name, rs in runs.items()))
     return runs
@@ -309,7 +312,8 @@ def run(args) -> int:
     header = _header(opts, systems[0].model, threads)
     print(format_table(header, summaries))
     for system in systems[1:]:
-        worst, steps, compared = logit_agreement(runs[system.name], runs[systems[0].name])
+        checks = [run.agreement for run in runs[system.name]]
+        worst, steps, compared = max(c[0] for c in checks), sum(c[1] for c in checks), sum(c[2] for c in checks)
         print(f"{system.name}: logits vs transformers' (float32, {compared} of {steps} steps compared, up to the"
               f" first differing token): max |difference| {worst:.6g}")
     if opts.json:

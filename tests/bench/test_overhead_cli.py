@@ -110,3 +110,16 @@ def test_bad_arguments(tiny):
     proc = subprocess.run(moeinf_cmd("bench", "overhead", "--model", str(tiny), "--tokens", "0"),
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--tokens" in proc.stderr
+
+
+def test_logit_agreement_compares_until_the_first_differing_token():
+    import torch
+
+    from services.bench.overhead import Run, logit_agreement
+
+    ref = Run(0.0, [], [1, 2, 3, 4], logits=[torch.zeros(5) for _ in range(4)])
+    same = Run(0.0, [], [1, 2, 3, 4], logits=[torch.zeros(5) for _ in range(4)])
+    off = [torch.zeros(5), torch.tensor([0, 0, 0.25, 0, 0]), torch.full((5,), 9.0), torch.full((5,), 9.0)]
+    diverged = Run(0.0, [], [1, 7, 3, 4], logits=off)  # token 2 differs: later steps had other inputs
+    assert logit_agreement(same, ref) == (0.0, 4, 4)
+    assert logit_agreement(diverged, ref) == (0.25, 4, 2)
