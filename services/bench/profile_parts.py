@@ -183,8 +183,8 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     nbytes = weight.numel() * weight.element_size()
     products = [lambda: F.linear(x, weight)]
     if dtype == torch.bfloat16 and prepack.available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        packed = prepack.pack(weight)
+        products.append(lambda: prepack.packed_mm(x, packed))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

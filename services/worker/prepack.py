@@ -47,6 +47,16 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[out, in]`` in oneDNN's blocked layout (an opaque tensor), for ``packed_mm``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def packed_mm(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight.T`` on a ``pack``-ed weight, with no reorder."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+
 def prepack_dense(model: nn.Module) -> Packed:
     """Pack every eligible ``nn.Linear`` of ``model`` in place (see the module docstring)."""
     if not available():
@@ -58,8 +68,8 @@ def prepack_dense(model: nn.Module) -> Packed:
     for name, module in model.named_modules():
         if not _eligible(module, shared):
             continue
-        packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
         key = tuple(module.weight.shape)
+        packed = pack(module.weight) if verdicts.get(key, True) else None
         if key not in verdicts:
             verdicts[key] = _same_bits(module.weight.detach(), packed)
             if not verdicts[key]:
@@ -85,7 +95,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, module.weight.to_dense())
     if rows.is_contiguous():
         rows = rows.as_strided(rows.shape, (rows.shape[1], 1))  # canonical strides (a size-1 dimension's can be any)
-    out = torch.ops.mkldnn._linear_pointwise(rows, module.weight, None, "none", [], "")
+    out = packed_mm(rows, module.weight)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -115,8 +125,7 @@ def _same_bits(weight: torch.Tensor, packed: torch.Tensor) -> bool:
         for rows in CHECK_ROWS:  # dense rows, and rows a row apart in a wider tensor (linear() passes both)
             wide = torch.randn(rows, 2 * weight.shape[1], generator=gen).to(weight.dtype)
             for x in (wide[:, :weight.shape[1]].contiguous(), wide[:, weight.shape[1]:]):
-                got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-                if not torch.equal(got, F.linear(x, weight)):
+                if not torch.equal(packed_mm(x, packed), F.linear(x, weight)):
                     return False
     return True
 

@@ -226,7 +226,7 @@ class RowCache:
 
     def __init__(self, rows: int):
         self.rows = rows
-        self.lru: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # (layer, expert, slot) -> row
+        self.order: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # (layer, expert, slot) -> row, oldest use first
         self.by_slot: dict[int, tuple[int, int, int]] = {}
         self.free = list(range(rows - 1, -1, -1))
         self.hits = self.misses = 0
@@ -237,17 +237,17 @@ class RowCache:
             raise RuntimeError(f"{len(experts)} experts routed in one layer, the dequantization buffer holds"
                                f" {self.rows} (min(experts, pool slots, --dequant-scratch-experts) + --dequant-cache-mb)")
         keys = [(layer, e, s) for e, s in zip(experts, slots)]
-        pinned = {self.lru[k] for k in keys if k in self.lru}
+        pinned = {self.order[k] for k in keys if k in self.order}
         rows, fill = [], []
         for key in keys:
-            row = self.lru.get(key)
+            row = self.order.get(key)
             if row is not None:
-                self.lru.move_to_end(key)
+                self.order.move_to_end(key)
                 self.hits += 1
             else:
                 row = self._claim(key[2], pinned)
                 pinned.add(row)
-                self.lru[key] = row
+                self.order[key] = row
                 self.by_slot[key[2]] = key
                 fill.append((key[2], row))
                 self.misses += 1
@@ -257,12 +257,12 @@ class RowCache:
     def _claim(self, slot: int, pinned: set[int]) -> int:
         stale = self.by_slot.pop(slot, None)  # the slot holds another expert now: its old copy goes
         if stale is not None:
-            self.free.append(self.lru.pop(stale))
+            self.free.append(self.order.pop(stale))
         if self.free:
             return self.free.pop()
-        victim = next(k for k, row in reversed(self.lru.items()) if row not in pinned)
+        victim = next(k for k, row in reversed(self.order.items()) if row not in pinned)
         del self.by_slot[victim[2]]
-        return self.lru.pop(victim)
+        return self.order.pop(victim)
 
 
 class Dequantizer:

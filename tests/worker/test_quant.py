@@ -101,9 +101,9 @@ def test_row_cache_hits_evicts_most_recent_and_drops_a_reused_slot():
     moved, fill = cache.place(0, [1], [12])  # expert 1 now in another slot: a miss, never the old row's copy
     assert fill == [(12, moved[0])] and moved[0] not in rows
     _, fill = cache.place(1, [5], [11])  # slot 11 reused by another expert: (0, 2, 11)'s row is dropped
-    assert (0, 2, 11) not in cache.lru and fill == [(11, rows[1])]
+    assert (0, 2, 11) not in cache.order and fill == [(11, rows[1])]
     assert cache.place(0, [2], [11])[1]  # so expert 2 is dequantized again
-    assert len(cache.lru) <= 3 and len(set(cache.lru.values())) == len(cache.lru)
+    assert len(cache.order) <= 3 and len(set(cache.order.values())) == len(cache.order)
 
 
 @settings(max_examples=30, deadline=None)
