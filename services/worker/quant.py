@@ -226,7 +226,7 @@ class RowCache:
 
     def __init__(self, rows: int):
         self.rows = rows
-        self.order: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # (layer, expert, slot) -> row, oldest use first
+        self.order: OrderedDict[tuple[int, int, int], int] = OrderedDict()  # (layer, expert, slot) -> row, oldest first
         self.by_slot: dict[int, tuple[int, int, int]] = {}
         self.free = list(range(rows - 1, -1, -1))
         self.hits = self.misses = 0
