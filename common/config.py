@@ -69,20 +69,16 @@ def _flag(name: str) -> str:
 
 
 def _base_type(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return next(a for a in typing.get_args(tp) if a is not type(None)) if union else tp
 
 
 def _convert(tp, raw: str, name: str):
     base = _base_type(tp)
     if base is bool:
         low = str(raw).strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
+        if low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return low in ("1", "true", "yes", "on")
         raise ValueError(f"{name}: {raw!r} is not a boolean (use on/off, true/false, 1/0)")
     try:
         return base(raw)
@@ -252,6 +248,9 @@ class WorkerConfig:
                                        " start-up error) or torch")
     prepack_dense: bool = knob(False, "bfloat16 on CPU: pack bias-free dense linears once for oneDNN, not per call"
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
+    matvec_kernel: bool = knob(False, "bfloat16 on CPUs with AVX-512 BF16: decode steps' expert products in moeinf's"
+                                      " own matrix-vector kernel, weights read in place at the memory's speed"
+                                      " (other summation order than oneDNN's: tokens may differ from eager's)")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"

@@ -52,12 +52,14 @@ class Options:
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb (quantized experts)
     dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
     prepack_dense: tuple[str, ...] = ("off",)  # the worker's --prepack-dense; both: a moeinf row for each
+    matvec_kernel: tuple[str, ...] = ("off",)  # the worker's --matvec-kernel; likewise
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
                    args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
-                   tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))))
+                   tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))),
+                   tuple(getattr(args, "matvec_kernel", ("off",))))
         opts.validate()
         return opts
 
@@ -71,7 +73,7 @@ class Options:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
         if self.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
-        for name in ("dequant_kernel", "prepack_dense"):
+        for name in ("dequant_kernel", "prepack_dense", "matvec_kernel"):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"--{name.replace('_', '-')} {' '.join(values)}: each setting once")
@@ -134,7 +136,8 @@ class TransformersSystem:
 
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
-                 dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False):
+                 dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False,
+                 matvec_kernel: bool = False):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -144,7 +147,7 @@ class MoeinfSystem:
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
                            dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel,
-                           prepack_dense=prepack_dense)
+                           prepack_dense=prepack_dense, matvec_kernel=matvec_kernel)
         model, self.client, hello, self.steps = attach(cfg)  # its own step state: its traces go to its own memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
@@ -195,11 +198,14 @@ def logit_agreement(run: Run, reference: Run) -> tuple[float, int, int]:
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
     """``[transformers, moeinf-<memory>...]``; the memd processes start first, so a bad setting fails fast."""
     moeinf = []
-    for memory, kernel, prepack in itertools.product(opts.memory, opts.dequant_kernel, opts.prepack_dense):
+    for memory, kernel, prepack, mv in itertools.product(opts.memory, opts.dequant_kernel, opts.prepack_dense,
+                                                         opts.matvec_kernel):
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on")
+        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on",
+                              mv == "on")
         system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
         system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
+        system.name += "-matvec" if mv == "on" and len(opts.matvec_kernel) > 1 else ""
         moeinf.append(system)
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]

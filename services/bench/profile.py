@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from services.bench.memd_proc import TerminateAsInterrupt
 from services.bench.overhead import MoeinfSystem, TransformersSystem, _progress, _quiet_logging, make_prompt
 from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, LayerTimers, TokenBytes, bandwidth_floor,
                                           dense_bytes, kv_bytes, l3_bytes, layer_indices)
+from services.worker import dequant_kernel
 
 MIB = 2**20
 
@@ -45,11 +47,14 @@ class Options:
     floor_runs: int
     json: Path | None
     service: bool = False  # also stream through a real worker process
+    prepack_dense: bool = False  # the worker's knobs that change the arithmetic (moeinf's rows; tokens may differ)
+    matvec_kernel: bool = False
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
-                   Path(args.json) if args.json else None, args.service)
+                   Path(args.json) if args.json else None, args.service, args.prepack_dense == "on",
+                   args.matvec_kernel == "on")
         if not (opts.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
         for name in ("tokens", "prompt_len", "floor_runs"):
@@ -58,6 +63,10 @@ class Options:
         if opts.threads < 0 or opts.floor_mib < 0:
             raise ValueError("--threads and --floor-mib must be >= 0 (0: the default)")
         return opts
+
+    @property
+    def worker_args(self) -> list[str]:
+        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", "on"] * self.matvec_kernel
 
     @property
     def floor_bytes(self) -> int:
@@ -143,7 +152,7 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
     from services.bench.worker_proc import WorkerProcess
 
     with MemdProcess(opts.model, "100%") as memd, \
-            WorkerProcess(opts.model, memd.state_dir, ["--threads", str(threads)]) as worker:
+            WorkerProcess(opts.model, memd.state_dir, ["--threads", str(threads), *opts.worker_args]) as worker:
         client = WorkerClient(worker.addr, timeout_s=600)
         try:
             client.generate(prompt, opts.tokens + 1)
@@ -198,7 +207,7 @@ def format_report(doc: dict) -> str:
     b, f = doc["bytes_per_token"], doc["floor"]
     lines += ["", f"bytes per decode token: dense {b['dense'] / MIB:.1f} MiB + experts {b['experts'] / MIB:.1f} MiB"
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
-              f"bandwidth floor: bf16 matrix-vector (F.linear or packed) over {f['buffer_bytes'] / MIB:.0f} MiB,"
+              f"bandwidth floor: bf16 matrix-vector (F.linear, packed or matvec.c) over {f['buffer_bytes'] / MIB:.0f} MiB,"
               f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
     if doc["fits_in_cache"]:
         lines.append(f"note: the active weights fit in the {doc['cache_bytes'] / MIB:.0f} MiB CPU cache, so decode"
@@ -215,7 +224,8 @@ def run(args) -> int:
     _quiet_logging()
     with TerminateAsInterrupt(), contextlib.ExitStack() as stack:
         _progress("starting memd --expert-memory 100% and attaching the worker")
-        moeinf = MoeinfSystem(opts.model, "100%", threads, stack)
+        moeinf = MoeinfSystem(opts.model, "100%", threads, stack, prepack_dense=opts.prepack_dense,
+                              matvec_kernel=opts.matvec_kernel)
         _progress(f"loading transformers ({opts.model})")
         plain = TransformersSystem(opts.model)
         plain_experts = experts_of(plain.model)
@@ -233,7 +243,9 @@ def run(args) -> int:
         _progress("streaming through a worker process")
         service = service_decode(opts, prompt, threads)
     _progress("measuring the bandwidth floor")
-    floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs)
+    with tempfile.TemporaryDirectory() as kernel_dir:  # the floor counts moeinf's own kernel where it runs
+        kernels = dequant_kernel.load("auto", Path(kernel_dir), 1) if dequant_kernel.compiler() else None
+        floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=kernels)
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
     doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes)
     if service is not None:
@@ -246,7 +258,8 @@ def run(args) -> int:
         print(f"wrote {opts.json}")
     if not all(s["identical"] for s in [*doc["systems"], *([doc["service"]] if "service" in doc else [])]):
         print("MISMATCH: some system generated other tokens than transformers' model.generate", file=sys.stderr)
-        return 1
+        if not opts.worker_args:  # (with the knobs that change the arithmetic, a difference is a finding)
+            return 1
     return 0
 
 
@@ -262,7 +275,8 @@ def _document(opts, threads, model, decoders, hooked, times, reference, floor: F
     cache = l3_bytes()
     header = (f"moeinf bench profile: {opts.model} ({text.model_type}, {model.dtype}, {text.num_hidden_layers}"
               f" layers), 100% expert residency\n  torch {torch.__version__}, {threads} threads; prompt"
-              f" {opts.prompt_len} tokens; {opts.tokens} decode tokens; greedy")
+              f" {opts.prompt_len} tokens; {opts.tokens} decode tokens; greedy"
+              + (f"; moeinf's worker with {' '.join(opts.worker_args)}" if opts.worker_args else ""))
     return {"header": header, "model": str(opts.model), "threads": threads, "prompt_len": opts.prompt_len,
             "tokens": opts.tokens, "systems": systems, "bytes_per_token": nbytes.as_json(),
             "floor": {"buffer_bytes": floor.buffer_bytes, "runs": floor.runs, "gb_per_s": floor.gb_per_s,
@@ -281,5 +295,7 @@ def add_parser(bench) -> None:
     p.add_argument("--floor-runs", type=int, default=5, help="matrix-vector runs for the floor (best of)")
     p.add_argument("--service", action="store_true",
                    help="also stream the generation through a real worker process (memd + worker, its socket)")
+    p.add_argument("--prepack-dense", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
+    p.add_argument("--matvec-kernel", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)

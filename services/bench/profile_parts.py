@@ -172,11 +172,12 @@ class Floor:
         return nbytes / (self.gb_per_s * 1e9) * 1e3
 
 
-def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: int = 4096) -> Floor:
-    """The fastest matrix-vector product torch has over a ``[rows, width]`` weight of ``buffer_bytes`` (more than
+def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: int = 4096, kernels=None) -> Floor:
+    """The fastest matrix-vector product we have over a ``[rows, width]`` weight of ``buffer_bytes`` (more than
     the largest cache, so it streams from memory): ``F.linear``, and for bfloat16 also oneDNN on the weight packed
     once (``services/worker/prepack.py``: ``F.linear`` repacks at every call, so a floor from it alone is one that
-    ``--prepack-dense`` could beat). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
+    ``--prepack-dense`` could beat) and ``--matvec-kernel``'s own kernel (``kernels``: ``dequant_kernel.Kernels``,
+    where it has AVX-512 BF16). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
     rows = max(buffer_bytes // (width * dtype.itemsize), 1)
     weight = torch.empty(rows, width, dtype=dtype).normal_()
     x = torch.randn(1, width, dtype=dtype)
@@ -185,6 +186,9 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     if dtype == torch.bfloat16 and prepack.available():
         packed = prepack.pack(weight)
         products.append(lambda: prepack.packed_mm(x, packed))
+    if dtype == torch.bfloat16 and kernels is not None and kernels.matvec_fast:
+        out = torch.empty(1, rows)
+        products.append(lambda: kernels.matvec(weight, x, out, False))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

@@ -1,4 +1,4 @@
-"""The compiled dequantization kernels (``dequant.c``): built on first use, checked against torch's ops, or absent.
+"""The compiled kernels (``dequant.c``, ``matvec.c``): built on first use, checked against torch's ops, or absent.
 
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
@@ -9,7 +9,9 @@ the worker builds this small file itself with the system's C compiler (``$CC``, 
 it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by
 the source, the compiler and the CPU, once per machine. Before first use the kernels run on every MXFP4 (scale,
 byte) pair and on FP8 blocks of extreme scales, and must give the torch path's exact bits; otherwise the worker
-warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``).
+warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``). The same library holds the
+bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``), checked against float64 products within a
+rounding tolerance (their sums are added in another order than oneDNN's: not bit-equal by design).
 
 Each call releases the GIL (ctypes), so with ``--threads N`` an expert's rows are split over N threads."""
 from __future__ import annotations
@@ -32,8 +34,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("moeinf.worker")
-SOURCE = Path(__file__).with_name("dequant.c")
+SOURCES = (Path(__file__).with_name("dequant.c"), Path(__file__).with_name("matvec.c"))  # one library
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+NAMES = " and ".join(path.name for path in SOURCES)
 MODES = ("auto", "c", "torch")
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -52,6 +55,9 @@ class Kernels:
             getattr(lib, name).argtypes = [_P, _P, _P, _P, _I]
         for name in ("moeinf_fp8_u16", "moeinf_fp8_u32"):
             getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
+        for name in ("moeinf_mv_bf16_nt", "moeinf_mv_bf16_t"):
+            getattr(lib, name).argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
+        self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 (else plain C, slower than oneDNN)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -83,11 +89,26 @@ class Kernels:
             fn(v, t, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r, block_c)
         self._split((rows + block_r - 1) // block_r, run)  # whole block rows per thread
 
-    def _split(self, n: int, run) -> None:
+    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, transposed: bool) -> None:
+        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``): ``weight`` bfloat16 ``[out, in]``, or ``[in, out]``
+        when ``transposed``, rows contiguous (any row stride: a pool slot's view); ``x`` ``[m, in]`` bfloat16 and
+        ``out`` ``[m, out]`` float32, both contiguous. The weight is read once for all m rows."""
+        rows, cols = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+        m = x.shape[0]
+        if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.dtype != torch.float32 \
+                or weight.stride(1) != 1 or not x.is_contiguous() or not out.is_contiguous() \
+                or x.shape[1] != cols or tuple(out.shape) != (m, rows):
+            raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides"
+                             f" {weight.stride()}), {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
+        fn = self.lib.moeinf_mv_bf16_t if transposed else self.lib.moeinf_mv_bf16_nt
+        w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
+        self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+
+    def _split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:
             run(0, n)
             return
-        bounds = [n * i // self.threads for i in range(self.threads + 1)]
+        bounds = [min(n, (n * i // self.threads + align - 1) // align * align) for i in range(self.threads + 1)]
         for f in [self.pool.submit(run, lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]:
             f.result()
 
@@ -98,7 +119,7 @@ def compiler() -> list[str] | None:
     return cc if cc and shutil.which(cc[0]) else None
 
 
-def load(mode: str, state_dir: Path, threads: int) -> Kernels | None:
+def load(mode: str, state_dir: Path, threads: int, flag: str = "--dequant-kernel c") -> Kernels | None:
     """The checked kernels, or None for the torch path (``mode`` torch, or auto when they cannot be built or
     disagree with torch, said once in the log). A cached library that no longer loads or checks is built again."""
     if mode not in MODES:
@@ -118,7 +139,7 @@ def load(mode: str, state_dir: Path, threads: int) -> Kernels | None:
                 return _open(cache / build(cache)[0], threads)
     except (KernelError, OSError) as exc:
         if mode == "c":
-            raise KernelError(f"--dequant-kernel c: {exc}") from exc
+            raise KernelError(f"{flag}: {exc}") from exc
         log.warning("dequantizing with torch's ops (quantized experts decode 2-3x slower): %s", exc)
         return None
 
@@ -150,6 +171,7 @@ def _open(library: Path, threads: int) -> Kernels:
         raise KernelError(f"{library.name} is not a file of this user's that only it can write: not loaded")
     kernels = Kernels(ctypes.CDLL(str(library)), threads)  # in a directory only this user can change
     self_check(kernels)
+    check_matvec(kernels)
     return kernels
 
 
@@ -159,7 +181,7 @@ def build(cache: Path) -> tuple[str, bool]:
     if cc is None:
         raise KernelError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found; install gcc or set CC, or pass"
                           " --dequant-kernel torch)")
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(cc + list(FLAGS)).encode() + _compiler_id(cc) + _cpu_id()).hexdigest()[:16]
     name = f"dequant-{key}.so"
     if (cache / name).exists():
@@ -169,12 +191,12 @@ def build(cache: Path) -> tuple[str, bool]:
     os.close(fd)
     try:
         try:
-            done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            done = subprocess.run([*cc, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
                                   errors="replace", timeout=120)
         except subprocess.TimeoutExpired as exc:
-            raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {SOURCE.name}") from exc
+            raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {NAMES}") from exc
         if done.returncode != 0:
-            raise KernelError(f"{' '.join(cc)} could not build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            raise KernelError(f"{' '.join(cc)} could not build {NAMES}: {done.stderr.strip()[-500:]}")
         os.chmod(tmp, 0o700)  # the linker gives its output the umask's mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # whole before it gets its name: a crash leaves no truncated library behind
@@ -209,6 +231,24 @@ def _cpu_id() -> bytes:
         return platform.processor().encode()
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted})).encode()
+
+
+def check_matvec(kernels: Kernels) -> None:
+    """The matrix-vector kernels within float32 rounding of float64 products: both layouts, 1-5 input rows, widths
+    with and without a tail, row counts that are no multiple of the kernel's 8, a strided weight (a pool slot)."""
+    gen = torch.Generator().manual_seed(0)
+    for m, rows, cols in ((1, 8, 32), (2, 13, 40), (3, 67, 1000), (4, 24, 33), (5, 130, 256)):
+        slots = torch.randn(2, rows, cols + 8, generator=gen).to(torch.bfloat16)
+        weight = slots[1, :, :cols]  # row stride cols + 8
+        x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ weight.double().T
+        for transposed, w in ((False, weight), (True, weight.T.contiguous())):
+            out = torch.empty(m, rows)
+            kernels.matvec(w, x, out, transposed)
+            bound = 1e-5 * (x.double().abs() @ weight.double().abs().T) + 1e-30
+            if not bool(((out.double() - ref).abs() <= bound).all()):
+                raise KernelError(f"the built matrix-vector kernel is wrong ({m} x {rows} x {cols}, transposed"
+                                  f" {transposed}): not used")
 
 
 def self_check(kernels: Kernels) -> None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from common.checkpoint import experts_per_token
-from services.worker import quant
+from services.worker import matvec, quant
 from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups
@@ -168,9 +168,11 @@ class ExpertBinding:
     """Per MoE layer: acquire the routed experts (leased: usually no message), compute on their slots."""
 
     def __init__(self, layer: int, module, views: PoolViews, client, steps: StepState,
-                 speculator: Speculator | None = None, dequant: quant.Dequantizer | None = None):
+                 speculator: Speculator | None = None, dequant: quant.Dequantizer | None = None,
+                 mv: matvec.Matvec | None = None):
         self.layer = layer
         self.dequant = dequant
+        self.matvec = mv  # --matvec-kernel (None: transformers' grouped matmul only)
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots, views.window)
         self.client = client
@@ -206,7 +208,7 @@ class ExpertBinding:
                                             hidden_states, top_k_index, top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             index = self.slot_index(routing, slots, lo, top_k_index)
-            return grouped_mm_experts_forward(self.proxy.window(lo, hi), hidden_states, index, top_k_weights)
+            return matvec.forward(self.proxy.window(lo, hi), hidden_states, index, top_k_weights, self.matvec)
         finally:
             if not self.client.leasing:
                 self.client.release(self.layer, routing.experts)
@@ -262,11 +264,13 @@ def register() -> None:
 
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
-         speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None) -> None:
+         speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None,
+         mv: matvec.Matvec | None = None) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state;
     ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots);
-    ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops)."""
+    ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops); ``mv``: the
+    matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
@@ -283,10 +287,11 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
             capacity = min(capacity, scratch_experts)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20, kernels)
+        dequant.matvec = mv
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
 
     for layer, module in zip(layers, modules):
         if layer.keyed:  # one module per expert: the dict's own forward, rebound (keyed.py)
             module._moeinf = KeyedBinding(layer.index, module, views, client, steps, speculator)
             continue
-        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv)

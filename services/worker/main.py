@@ -19,6 +19,8 @@ from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import dequant_kernel, experts, prepack
+from services.worker import matvec
+from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
@@ -53,11 +55,10 @@ def attach(cfg: WorkerConfig) -> Attached:
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = experts.PoolViews(hello)
         steps = StepState(recorder(cfg, client, model, layers))
-        kernels = dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, torch.get_num_threads()) \
-            if views.quantized else None
+        kernels, mv = load_kernels(cfg, views.quantized)
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
-                     scratch_experts=cfg.dequant_scratch_experts, kernels=kernels)
+                     scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv)
         if cfg.prepack_dense:  # after bind, which gave the next-layer guesses their router weights
             prepack.prepack_dense(model)
         client.ready()
@@ -65,6 +66,19 @@ def attach(cfg: WorkerConfig) -> Attached:
         client.close()
         raise
     return Attached(model, client, hello, steps)
+
+
+def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Kernels | None, Matvec | None]:
+    """The dequantization kernels for quantized slots (None: torch's ops) and ``--matvec-kernel``'s (None: off),
+    from one compiled library; the matrix-vector kernel, asked for by name, is built or the start fails."""
+    threads = torch.get_num_threads()
+    mv = Matvec(dequant_kernel.load("c", cfg.state_dir, threads, "--matvec-kernel")) if cfg.matvec_kernel else None
+    if mv is not None:
+        log.info("--matvec-kernel: decode steps' expert products by matvec.c (up to %d tokens per expert)",
+                 matvec.MAX_TOKENS)
+    if not quantized or cfg.dequant_kernel == "torch":
+        return None, mv
+    return (mv.kernels if mv is not None else dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, threads)), mv
 
 
 def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecorder:

@@ -29,6 +29,8 @@ import torch
 
 from common import messages as m
 from common.quant_encode import FP4_MAGNITUDES
+from services.worker import matvec
+from services.worker.matvec import Matvec
 
 if TYPE_CHECKING:
     from services.worker.dequant_kernel import Kernels
@@ -275,6 +277,7 @@ class Dequantizer:
         self.plain_rows = {n: torch.empty((rows, *v.shape[1:]), dtype=v.dtype) for n, v in plain.items()}
         self.cache = RowCache(rows)
         self.tensors = {name: q.scratch for name, q in quantized.items()} | self.plain_rows
+        self.matvec: Matvec | None = None  # --matvec-kernel: decode steps' products on the rows by matvec.c
 
     @classmethod
     def build(cls, hello: m.HelloReply, by_slot: torch.Tensor, plain_views: dict[str, torch.Tensor], module,
@@ -317,13 +320,11 @@ class Dequantizer:
 
     def _forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
                  top_k_weights):
-        from transformers.integrations.moe import grouped_mm_experts_forward
-
         rows = self.rows(layer, experts.tolist(), slots)
         remap = torch.empty(module.num_experts, dtype=top_k_index.dtype)
         remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
         proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
-        return grouped_mm_experts_forward(proxy, hidden_states, remap[top_k_index], top_k_weights)
+        return matvec.forward(proxy, hidden_states, remap[top_k_index], top_k_weights, self.matvec)
 
 
 def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:

@@ -77,8 +77,8 @@ def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, orde
 
 def test_a_kernel_with_wrong_bits_is_refused(tmp_path, monkeypatch, caplog):
     source = tmp_path / "dequant.c"  # one scale byte too many on the computed path: 253 overflows differently
-    source.write_text(dk.SOURCE.read_text().replace("s <= 252", "s <= 253"))
-    monkeypatch.setattr(dk, "SOURCE", source)
+    source.write_text(dk.SOURCES[0].read_text().replace("s <= 252", "s <= 253"))
+    monkeypatch.setattr(dk, "SOURCES", (source, *dk.SOURCES[1:]))
     with pytest.raises(dk.KernelError, match=r"MXFP4 kernel disagrees with torch's ops"):
         dk.load("c", tmp_path / "a", 1)
     with caplog.at_level(logging.WARNING, logger="moeinf.worker"):

@@ -1,0 +1,108 @@
+/* bfloat16 matrix-vector products for decode steps (services/worker/matvec.py; built and loaded together with
+ * dequant.c by services/worker/dequant_kernel.py).
+ *
+ * y[j][o] = sum_i x[j][i] * w(o, i) for a few input rows x (j < m: the tokens routed to one expert), output rows
+ * o in [lo, hi) (the caller splits them over threads), float32 accumulation, float32 out. w is bfloat16 in one of
+ * two layouts, each row contiguous with row stride ld (elements):
+ *   nt: w(o, i) = w[o * ld + i]   ([out, in], nn.Linear's and most checkpoints' experts)
+ *   t:  w(o, i) = w[i * ld + o]   ([in, out], "transposed" experts such as GPT-OSS's)
+ * The weight is read once per call whatever m is, straight from where it lies (a pool slot): no packing, no copy.
+ * On CPUs with AVX-512 BF16 the nt form runs VDPBF16PS on 8 rows at once and streams at about the memory's speed
+ * on one core; elsewhere plain C the compiler vectorizes. The sums are the same values as oneDNN's but added in
+ * another order: the last bits of a product can differ (matvec.py's callers say so). */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MV_FAST 1
+#else
+#define MV_FAST 0
+#endif
+
+#define MV_ROWS 8   /* output rows per pass: enough independent streams to keep the memory busy */
+#define MV_MAX_M 4  /* input rows summed together by the t form */
+
+int moeinf_mv_fast(void) { return MV_FAST; }
+
+static inline float bf16_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* One output row, any m, any width: the portable path and the tails. 16 partial sums the compiler vectorizes. */
+static void row_plain(const uint16_t *w, const uint16_t *x, int64_t m, int64_t cols, float *y, int64_t ldy) {
+    for (int64_t j = 0; j < m; j++) {
+        float part[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= cols; i += 16)
+            for (int k = 0; k < 16; k++) part[k] += bf16_f32(w[i + k]) * bf16_f32(x[j * cols + i + k]);
+        float sum = 0;
+        for (; i < cols; i++) sum += bf16_f32(w[i]) * bf16_f32(x[j * cols + i]);
+        for (int k = 0; k < 16; k++) sum += part[k];
+        y[j * ldy] = sum;
+    }
+}
+
+#if MV_FAST
+/* MV_ROWS output rows against the m (1 or 2: at most 16 accumulators) input rows starting at x. */
+static inline __attribute__((always_inline)) void rows_dp(const uint16_t *w, int64_t ld, const uint16_t *x,
+                                                          int m, int64_t cols, float *y, int64_t ldy) {
+    __m512 acc[2][MV_ROWS];
+    for (int j = 0; j < m; j++)
+        for (int r = 0; r < MV_ROWS; r++) acc[j][r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < cols; i += 32) {
+        __mmask32 mask = cols - i >= 32 ? 0xffffffffu : (__mmask32)((1u << (cols - i)) - 1);
+        __m512bh xv[2];
+        for (int j = 0; j < m; j++) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + j * cols + i);
+        for (int r = 0; r < MV_ROWS; r++) {
+            const uint16_t *p = w + r * ld + i;
+            _mm_prefetch((const char *)p + 512, _MM_HINT_T0);
+            __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+            for (int j = 0; j < m; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv, xv[j]);
+        }
+    }
+    for (int j = 0; j < m; j++)
+        for (int r = 0; r < MV_ROWS; r++) y[j * ldy + r] = _mm512_reduce_add_ps(acc[j][r]);
+}
+#endif
+
+void moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                       int64_t hi, float *y, int64_t ldy) {
+    int64_t o = lo;
+#if MV_FAST
+    for (; o + MV_ROWS <= hi; o += MV_ROWS) {
+        const uint16_t *wr = w + o * ld;
+        int64_t j = 0;
+        for (; j + 2 <= m; j += 2) rows_dp(wr, ld, x + j * cols, 2, cols, y + j * ldy + o, ldy);
+        if (j < m) rows_dp(wr, ld, x + j * cols, 1, cols, y + j * ldy + o, ldy);
+    }
+#endif
+    for (; o < hi; o++) row_plain(w + o * ld, x, m, cols, y + o, ldy);
+}
+
+/* [in, out] weights: each input row i adds x[j][i] times the weight's row i to the outputs lo..hi, so the weight
+ * is still read once, row by row, and the sums stay in a small float32 buffer. */
+void moeinf_mv_bf16_t(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                      int64_t hi, float *y, int64_t ldy) {
+    enum { BAND = 512 };
+    float acc[MV_MAX_M][BAND];
+    for (int64_t j0 = 0; j0 < m; j0 += MV_MAX_M) {
+        int64_t mj = m - j0 < MV_MAX_M ? m - j0 : MV_MAX_M;
+        const uint16_t *xj = x + j0 * cols;
+        for (int64_t b = lo; b < hi; b += BAND) {
+            int64_t n = hi - b < BAND ? hi - b : BAND;
+            for (int64_t j = 0; j < mj; j++) memset(acc[j], 0, sizeof(float) * n);
+            for (int64_t i = 0; i < cols; i++) {
+                const uint16_t *row = w + i * ld + b;
+                for (int64_t j = 0; j < mj; j++) {
+                    float xi = bf16_f32(xj[j * cols + i]);
+                    for (int64_t k = 0; k < n; k++) acc[j][k] += xi * bf16_f32(row[k]);
+                }
+            }
+            for (int64_t j = 0; j < mj; j++) memcpy(y + (j0 + j) * ldy + b, acc[j], sizeof(float) * n);
+        }
+    }
+}

@@ -1,0 +1,79 @@
+"""``--matvec-kernel``: decode steps' expert products as matrix-vector products at the memory's speed (opt-in).
+
+A decode step routes one or a few tokens to each expert, so each expert product is a matrix-vector product whose
+cost is reading the weight. On CPU, transformers' grouped matmul (torch's ``_grouped_mm``) and ``F.linear`` hand a
+bfloat16 weight to oneDNN, which reorders it into its own layout at every call: the expert weights stream at ~8 GB/s
+where the memory gives ~17 (``moeinf bench profile``). ``matvec.c`` reads the weight once, in place in its pool slot,
+and sums in float32 with AVX-512 BF16 dot products (``dequant_kernel.Kernels.matvec``).
+
+``forward`` is transformers' ``grouped_mm_experts_forward`` with its two grouped products replaced, and nothing else:
+the same gating (the module's own ``_apply_gate``/``act_fn``), bias adds, optional post-expert norm, routing weights
+and per-token sum, in the same dtypes and order. Only the products' own sums are added in another order than
+oneDNN's, so a product's last bit can differ, and with it, rarely, a greedy token: off by default;
+``moeinf bench overhead --matvec-kernel off on`` prints the token agreement and the logit error against eager.
+Steps that route more than ``MAX_TOKENS`` tokens to one expert (prompts) and dtypes other than bfloat16 take the
+grouped matmul, unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.integrations.moe import grouped_mm_experts_forward
+
+MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
+
+
+class Matvec:
+    """The compiled kernels (``dequant_kernel.Kernels``) as the two linears of an expert."""
+
+    def __init__(self, kernels):
+        if not kernels.matvec_fast:
+            raise RuntimeError("--matvec-kernel: this CPU has no AVX-512 BF16 (avx512_bf16 in /proc/cpuinfo), where"
+                               " the kernel would be slower than oneDNN; leave --matvec-kernel off")
+        self.kernels = kernels
+
+    def linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
+        """``x @ weight.T`` (``x @ weight`` when ``transposed``) rounded to bfloat16, then ``+ bias`` in bfloat16:
+        what ``_grouped_linear`` computes for one expert."""
+        rows = weight.shape[1] if transposed else weight.shape[0]
+        out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        self.kernels.matvec(weight, x.contiguous(), out, transposed)
+        out = out.to(torch.bfloat16)
+        return out.add_(bias) if bias is not None else out
+
+
+def forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec | None):
+    """``grouped_mm_experts_forward(module, ...)``, by the matrix-vector kernel when ``matvec`` is set and the step
+    suits it (see the module docstring)."""
+    if matvec is not None:
+        out = _matvec_forward(module, hidden_states, top_k_index, top_k_weights, matvec)
+        if out is not None:
+            return out
+    return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _matvec_forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec):
+    if hidden_states.dtype != torch.bfloat16 or getattr(module, "_is_expert_parallel", False):
+        return None
+    num_tokens, k = top_k_index.shape
+    samples: dict[int, list[int]] = {}  # expert (slot) -> its (token, k) pairs, flat
+    for s, expert in enumerate(top_k_index.reshape(-1).tolist()):
+        samples.setdefault(expert, []).append(s)
+    if max(map(len, samples.values())) > MAX_TOKENS:
+        return None
+    gated = module.has_gate
+    up_w = module.gate_up_proj if gated else module.up_proj
+    up_b = (module.gate_up_proj_bias if gated else module.up_proj_bias) if module.has_bias else None
+    down_b = module.down_proj_bias if module.has_bias else None
+    transposed = bool(module.is_transposed)
+    out = torch.empty(num_tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
+    for expert, flat in samples.items():
+        index = torch.tensor(flat)
+        h = matvec.linear(up_w[expert], hidden_states[index // k], None if up_b is None else up_b[expert],
+                          transposed)
+        h = module._apply_gate(h) if gated else module.act_fn(h)
+        h = matvec.linear(module.down_proj[expert], h, None if down_b is None else down_b[expert], transposed)
+        if module.has_post_expert_norm:
+            h = module.post_expert_norm(h)
+        out[index] = h
+    weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
+    return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)

@@ -1,0 +1,109 @@
+"""``--matvec-kernel`` (opt-in): the compiled matrix-vector kernel against float64 products, the experts forward built
+on it against transformers' grouped matmul on every family's real experts module (same gating, biases, transposed
+layouts, weights and sums; only the products' rounding may differ), the fallback to the grouped matmul where the
+kernel does not apply, and a worker serving with it."""
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations.moe import grouped_mm_experts_forward
+
+from helpers import FAMILIES, family_config
+from services.worker import dequant_kernel as dk
+from services.worker import matvec
+
+pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return dk.load("c", tmp_path_factory.mktemp("state"), threads=1)
+
+
+@pytest.fixture(scope="module")
+def mv(kernels):
+    if not kernels.matvec_fast:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    return matvec.Matvec(kernels)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("m,rows,cols", [(1, 8, 32), (1, 200, 96), (2, 77, 64), (3, 9, 1000), (4, 129, 40)])
+def test_kernel_is_a_float32_sum_of_the_products(tmp_path, threads, transposed, m, rows, cols):
+    kernels = dk.load("c", tmp_path, threads)
+    gen = torch.Generator().manual_seed(rows * cols + m)
+    slots = torch.randn(3, rows, cols + 16, generator=gen).to(torch.bfloat16)
+    weight = slots[2, :, :cols]  # a pool slot: rows strided, not contiguous as a whole
+    x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
+    out = torch.full((m, rows), float("nan"))
+    kernels.matvec(weight.T.contiguous() if transposed else weight, x, out, transposed)
+    want = x.double() @ weight.double().T
+    bound = 2e-6 * (x.double().abs() @ weight.double().abs().T)  # float32 rounding of the sum, any order
+    assert ((out.double() - want).abs() <= bound).all()
+
+
+def test_kernel_refuses_what_it_cannot_read(kernels):
+    w = torch.randn(8, 32).to(torch.bfloat16)
+    for weight, x, out in ((w.float(), w[:1], torch.empty(1, 8)), (w.T, w[:1], torch.empty(1, 8)),
+                           (w, w[:1, :16], torch.empty(1, 8)), (w, w[:1], torch.empty(1, 8, dtype=torch.bfloat16))):
+        with pytest.raises(ValueError, match="matvec kernel"):
+            kernels.matvec(weight, x, out, False)
+
+
+def test_a_cpu_without_avx512_bf16_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="no AVX-512 BF16.*leave --matvec-kernel off"):
+        matvec.Matvec(types.SimpleNamespace(matvec_fast=False))
+
+
+def experts_module(family: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).to(torch.bfloat16)
+    module = next(mod for mod in model.modules() if hasattr(mod, "down_proj") and hasattr(mod, "num_experts")
+                  and isinstance(getattr(mod, "down_proj"), torch.nn.Parameter))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)  # wider than the init: products well away from zero
+    return module
+
+
+def routing(module, tokens: int, k: int, gen):
+    hidden_size = module.down_proj.shape[2] if module.is_transposed else module.down_proj.shape[1]
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(torch.bfloat16)
+    index = torch.stack([torch.randperm(module.num_experts, generator=gen)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, generator=gen).softmax(-1)
+    return hidden, index, weights
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_forward_matches_the_grouped_matmul(family, mv):
+    module = experts_module(family)
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for tokens in (1, 2, 3):  # decode steps: a few tokens per expert at most
+            hidden, index, weights = routing(module, tokens, 2, gen)
+            want = grouped_mm_experts_forward(module, hidden, index, weights)
+            got = matvec.forward(module, hidden, index, weights, mv)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            scale = want.float().abs().max()
+            assert (got.float() - want.float()).abs().max() <= 0.02 * scale, family
+            assert (got == want).float().mean() > 0.5  # most values keep their bits: the same arithmetic around
+
+
+def test_prompt_steps_and_other_dtypes_take_the_grouped_matmul(mv, monkeypatch):
+    module = experts_module("mixtral")
+    calls = []
+    monkeypatch.setattr(mv, "linear", lambda *a: calls.append(a) or pytest.fail("kernel used"))
+    gen = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        hidden, _, weights = routing(module, 5, 2, gen)
+        index = torch.tensor([[0, 1]] * 5)  # expert 0 gets 5 tokens: more than MAX_TOKENS
+        assert torch.equal(matvec.forward(module, hidden, index, weights, mv),
+                           grouped_mm_experts_forward(module, hidden, index, weights))
+        assert torch.equal(matvec.forward(module, hidden[:1], index[:1], weights[:1], None),
+                           grouped_mm_experts_forward(module, hidden[:1], index[:1], weights[:1]))
+        as_float = module.float()
+        assert torch.equal(matvec.forward(as_float, hidden.float()[:1], index[:1], weights[:1], mv),
+                           grouped_mm_experts_forward(as_float, hidden.float()[:1], index[:1], weights[:1]))
+    assert not calls and matvec.MAX_TOKENS < 5
