@@ -207,7 +207,8 @@ def format_report(doc: dict) -> str:
     b, f = doc["bytes_per_token"], doc["floor"]
     lines += ["", f"bytes per decode token: dense {b['dense'] / MIB:.1f} MiB + experts {b['experts'] / MIB:.1f} MiB"
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
-              f"bandwidth floor: bf16 matrix-vector (F.linear, packed or matvec.c) over {f['buffer_bytes'] / MIB:.0f} MiB,"
+              f"bandwidth floor: bf16 matrix-vector (F.linear, packed or matvec.c) over"
+              f" {f['buffer_bytes'] / MIB:.0f} MiB,"
               f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
     if doc["fits_in_cache"]:
         lines.append(f"note: the active weights fit in the {doc['cache_bytes'] / MIB:.0f} MiB CPU cache, so decode"

@@ -3,7 +3,8 @@
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
 (MXFP4 -> bfloat16 computes most values directly; FP8 looks 64 values up at once by byte shuffles with AVX-512
-VBMI, else 32 with AVX-512BW (gcc); everything else is a scalar table gather): 4x faster than torch's ops on one core for MXFP4, more for FP8.
+VBMI, else 32 with AVX-512BW (gcc); everything else is a scalar table gather): 4x faster than torch's ops on one
+core for MXFP4, more for FP8.
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
 the worker builds this small file itself with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``:
 it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by
@@ -98,8 +99,8 @@ class Kernels:
         if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.dtype != torch.float32 \
                 or weight.stride(1) != 1 or not x.is_contiguous() or not out.is_contiguous() \
                 or x.shape[1] != cols or tuple(out.shape) != (m, rows):
-            raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides"
-                             f" {weight.stride()}), {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
+            raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides {weight.stride()}),"
+                             f" {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
         fn = self.lib.moeinf_mv_bf16_t if transposed else self.lib.moeinf_mv_bf16_nt
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
         self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
