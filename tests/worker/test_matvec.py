@@ -107,3 +107,13 @@ def test_prompt_steps_and_other_dtypes_take_the_grouped_matmul(mv, monkeypatch):
         assert torch.equal(matvec.forward(as_float, hidden.float()[:1], index[:1], weights[:1], mv),
                            grouped_mm_experts_forward(as_float, hidden.float()[:1], index[:1], weights[:1]))
     assert not calls and matvec.MAX_TOKENS < 5
+
+
+def test_the_profile_floor_counts_the_kernel():
+    """``bench profile``'s floor is the fastest product we have, the kernel's included: one we beat is no floor."""
+    from services.bench.profile_parts import bandwidth_floor
+
+    calls = []
+    fake = types.SimpleNamespace(matvec_fast=True, matvec=lambda w, x, out, t: calls.append((w.shape, x.shape, t)))
+    floor = bandwidth_floor(1 << 20, 2, kernels=fake)
+    assert calls == [((128, 4096), (1, 4096), False)] * 3 and floor.gb_per_s > 0
