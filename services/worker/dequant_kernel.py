@@ -59,6 +59,9 @@ class Kernels:
         for name in ("moeinf_mv_bf16_nt", "moeinf_mv_bf16_t"):
             getattr(lib, name).argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
         self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 (else plain C, slower than oneDNN)
+        lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
+        self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # ... and AVX-512 VBMI
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -104,6 +107,29 @@ class Kernels:
         fn = self.lib.moeinf_mv_bf16_t if transposed else self.lib.moeinf_mv_bf16_nt
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
         self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+
+    def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
+                   x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``out[j] = W @ x[j]`` for a block-FP8 weight ``W`` = ``values`` ``[out, in]`` (bytes, rows contiguous) under
+        ``scales`` (``[out / block_r, in / block_c]`` float32, contiguous), each value ``table[byte] * scale``
+        rounded to bfloat16 as the dequantization does, but in registers: nothing is written but ``out``. False when
+        the layout is not one the kernel takes (widths multiples of 64, ``block_r`` of 8, at most 64 column blocks,
+        up to 4 rows of ``x``), or the CPU lacks AVX-512 VBMI and BF16."""
+        rows, cols = values.shape
+        m = x.shape[0]
+        if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
+                or not scales.is_contiguous() or x.dtype != torch.bfloat16 or not x.is_contiguous() \
+                or x.shape[1] != cols or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) \
+                or not out.is_contiguous() or table.dtype != torch.float32 or table.numel() != 256:
+            raise ValueError(f"fp8 matvec kernel: {list(values.shape)} {values.dtype} values, {list(scales.shape)}"
+                             f" {scales.dtype} scales, {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
+        fn = self.lib.moeinf_mv_fp8_nt
+        v, ld, s, t, xp, o = values.data_ptr(), values.stride(0), scales.data_ptr(), table.data_ptr(), \
+            x.data_ptr(), out.data_ptr()
+        codes = []
+        self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                         rows)), align=64)
+        return all(code == 0 for code in codes)
 
     def _split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:
@@ -173,6 +199,7 @@ def _open(library: Path, threads: int) -> Kernels:
     kernels = Kernels(ctypes.CDLL(str(library)), threads)  # in a directory only this user can change
     self_check(kernels)
     check_matvec(kernels)
+    check_matvec_fp8(kernels)
     return kernels
 
 
@@ -250,6 +277,37 @@ def check_matvec(kernels: Kernels) -> None:
             if not bool(((out.double() - ref).abs() <= bound).all()):
                 raise KernelError(f"the built matrix-vector kernel is wrong ({m} x {rows} x {cols}, transposed"
                                   f" {transposed}): not used")
+
+
+def check_matvec_fp8(kernels: Kernels) -> None:
+    """The block-FP8 kernel's weights are the dequantization's bits: with one-hot inputs each output is one weight
+    exactly (scales from 1e-3 to 7e35; subnormal weights excepted, which AVX-512 BF16 reads as zero, like the bf16
+    kernel), and on random inputs it is a float32 sum of the products."""
+    from services.worker.quant import fp8_block_table, fp8_table
+
+    if not kernels.matvec_fp8_fast:
+        return
+    gen = torch.Generator().manual_seed(0)
+    table = fp8_table()
+    values = torch.randint(0, 256, (128, 256), dtype=torch.uint8, generator=gen)
+    values[(values & 0x7F) == 0x7F] = 0  # no NaN bytes: a NaN weight makes every sum NaN
+    scales = torch.tensor([[1e-3, 3.0], [7.3e35, 0.37]], dtype=torch.float32)
+    index = values.view(2, 64, 2, 128).long() + (torch.arange(4) * 256).view(2, 1, 2, 1)
+    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
+    x = torch.eye(256, dtype=torch.bfloat16)
+    for lo in range(0, 256, 4):
+        out = torch.empty(4, 128)
+        if not kernels.matvec_fp8(values, scales, table, (64, 128), x[lo:lo + 4], out) \
+                or not torch.equal(out, weight[:, lo:lo + 4].T.float()):
+            raise KernelError("the built FP8 matrix-vector kernel's weights differ from the dequantization's: not used")
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    out = torch.empty(3, 128)
+    scales = torch.tensor([[1e-3, 3.0], [0.5, 0.37]], dtype=torch.float32)  # sums within float32's range
+    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
+    kernels.matvec_fp8(values, scales, table, (64, 128), x, out)
+    want = x.double() @ weight.double().T
+    if not bool(((out.double() - want).abs() <= 1e-5 * (x.double().abs() @ weight.double().abs().T)).all()):
+        raise KernelError("the built FP8 matrix-vector kernel's sums are wrong: not used")
 
 
 def self_check(kernels: Kernels) -> None:

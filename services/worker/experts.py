@@ -287,7 +287,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
             capacity = min(capacity, scratch_experts)
         dequant = quant.Dequantizer.build(views.hello, views.by_slot, views.params, modules[0], capacity,
                                           dequant_cache_mb << 20, kernels)
-        dequant.matvec = mv
+        dequant.use(mv, modules[0])
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
 
     for layer, module in zip(layers, modules):

@@ -106,3 +106,97 @@ void moeinf_mv_bf16_t(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t 
         }
     }
 }
+
+/* Block-FP8 matrix-vector products: the weight's bytes are looked up into bfloat16 in registers (AVX-512 VBMI byte
+ * shuffles, the same tables as dequant.c's) and multiplied there, so a decode step reads each routed expert's FP8
+ * bytes once and writes nothing: y[j][o] = sum_i x[j][i] * bf16(fp8(v[o][i]) * scale[o / block_r][i / block_c]),
+ * the bf16 rounding the dequantization path's (round to nearest even, torch's NaN). */
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MV8_FAST 1
+#else
+#define MV8_FAST 0
+#endif
+
+int moeinf_mv_fp8_fast(void) { return MV8_FAST; }
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if MV8_FAST
+#define MV8_ROWS 8
+/* Returns 0, or -1 when the layout is not one it takes (the caller then dequantizes and multiplies). x: [m][cols]
+ * bfloat16; table: the 256 float32 values of the FP8 bytes; scales: [grid_r][cols / block_c] float32. */
+int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
+                     int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
+                     int64_t ldy) {
+    int64_t grid_c = cols / block_c;
+    if (cols % 64 || block_c % 64 || cols % block_c || grid_c > 64 || block_r % MV8_ROWS || lo % MV8_ROWS
+        || m > 4 || cols > 16384)
+        return -1;
+    static __thread uint8_t planes[64][2][256] __attribute__((aligned(64)));
+    static __thread uint16_t xp[4][16384] __attribute__((aligned(64)));
+    /* x in the order the lookups leave the values in: per 64 columns, unpacklo's (0-7, 16-23, 32-39, 48-55) then
+     * unpackhi's (8-15, 24-31, 40-47, 56-63) */
+    for (int64_t j = 0; j < m; j++)
+        for (int64_t c = 0; c < cols; c += 64)
+            for (int k = 0; k < 4; k++) {
+                memcpy(xp[j] + c + 8 * k, x + j * cols + c + 16 * k, 16);
+                memcpy(xp[j] + c + 32 + 8 * k, x + j * cols + c + 16 * k + 8, 16);
+            }
+    int64_t planes_of = -1;
+    for (int64_t o = lo; o < hi; o += MV8_ROWS) {
+        int64_t nr = hi - o < MV8_ROWS ? hi - o : MV8_ROWS;
+        if (o / block_r != planes_of) {
+            planes_of = o / block_r;
+            for (int64_t cb = 0; cb < grid_c; cb++) {
+                float s = scales[planes_of * grid_c + cb];
+                for (int i = 0; i < 256; i++) {
+                    uint16_t b = f32_to_bf16(table[i] * s);
+                    planes[cb][0][i] = (uint8_t)b;
+                    planes[cb][1][i] = (uint8_t)(b >> 8);
+                }
+            }
+        }
+        for (int64_t j = 0; j < m; j++) {
+            __m512 acc[MV8_ROWS];
+            for (int r = 0; r < MV8_ROWS; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t cb = 0; cb < grid_c; cb++) {
+                __m512i pl[4], ph[4];
+                for (int k = 0; k < 4; k++) {
+                    pl[k] = _mm512_load_si512(planes[cb][0] + 64 * k);
+                    ph[k] = _mm512_load_si512(planes[cb][1] + 64 * k);
+                }
+                for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 64) {
+                    __m512bh xa = (__m512bh)_mm512_load_si512(xp[j] + c);
+                    __m512bh xb = (__m512bh)_mm512_load_si512(xp[j] + c + 32);
+                    for (int r = 0; r < nr; r++) {
+                        const uint8_t *p = v + (o + r) * ld + c;
+                        _mm_prefetch((const char *)p + 512, _MM_HINT_T0);
+                        __m512i idx = _mm512_loadu_si512(p);
+                        __mmask64 top = _mm512_movepi8_mask(idx);
+                        __m512i l = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(pl[0], idx, pl[1]),
+                                                           _mm512_permutex2var_epi8(pl[2], idx, pl[3]));
+                        __m512i h = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(ph[0], idx, ph[1]),
+                                                           _mm512_permutex2var_epi8(ph[2], idx, ph[3]));
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_unpacklo_epi8(l, h), xa);
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_unpackhi_epi8(l, h), xb);
+                    }
+                }
+            }
+            for (int r = 0; r < nr; r++) y[j * ldy + o + r] = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+    return 0;
+}
+#else
+int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
+                     int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
+                     int64_t ldy) {
+    return -1;
+}
+#endif

@@ -41,17 +41,30 @@ class Matvec:
         return out.add_(bias) if bias is not None else out
 
 
+    def products(self, module):
+        """``linear(name, expert, x)``: expert ``expert``'s parameter ``name`` (and its bias) applied to ``x``."""
+        transposed = bool(module.is_transposed)
+
+        def linear(name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+            bias = getattr(module, name + "_bias")[expert] if module.has_bias else None
+            return self.linear(getattr(module, name)[expert], x, bias, transposed)
+        return linear
+
+
 def forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec | None):
     """``grouped_mm_experts_forward(module, ...)``, by the matrix-vector kernel when ``matvec`` is set and the step
     suits it (see the module docstring)."""
     if matvec is not None:
-        out = _matvec_forward(module, hidden_states, top_k_index, top_k_weights, matvec)
+        out = decode_forward(module, hidden_states, top_k_index, top_k_weights, matvec.products(module))
         if out is not None:
             return out
     return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
 
 
-def _matvec_forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec):
+def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
+    """The experts forward with ``linear(name, expert, x)`` for each product (``top_k_index`` holds what ``linear``
+    takes as ``expert``), or None when the step routes more than ``MAX_TOKENS`` tokens to an expert or is not
+    bfloat16."""
     if hidden_states.dtype != torch.bfloat16 or getattr(module, "_is_expert_parallel", False):
         return None
     num_tokens, k = top_k_index.shape
@@ -61,17 +74,13 @@ def _matvec_forward(module, hidden_states, top_k_index, top_k_weights, matvec: M
     if max(map(len, samples.values())) > MAX_TOKENS:
         return None
     gated = module.has_gate
-    up_w = module.gate_up_proj if gated else module.up_proj
-    up_b = (module.gate_up_proj_bias if gated else module.up_proj_bias) if module.has_bias else None
-    down_b = module.down_proj_bias if module.has_bias else None
-    transposed = bool(module.is_transposed)
+    up = "gate_up_proj" if gated else "up_proj"
     out = torch.empty(num_tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
     for expert, flat in samples.items():
         index = torch.tensor(flat)
-        h = matvec.linear(up_w[expert], hidden_states[index // k], None if up_b is None else up_b[expert],
-                          transposed)
+        h = linear(up, expert, hidden_states[index // k])
         h = module._apply_gate(h) if gated else module.act_fn(h)
-        h = matvec.linear(module.down_proj[expert], h, None if down_b is None else down_b[expert], transposed)
+        h = linear("down_proj", expert, h)
         if module.has_post_expert_norm:
             h = module.post_expert_norm(h)
         out[index] = h

@@ -134,6 +134,14 @@ class QuantParam:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
                                " dequantize (mxfp4 and fp8 are supported)")
 
+    def fp8_direct(self) -> bool:
+        """Can the FP8 matrix-vector kernel read this parameter from its slots (bfloat16, its block and row layout)?"""
+        if self.format != "fp8" or self.dtype != torch.bfloat16:
+            return False
+        grid_r, block_r, grid_c, block_c = self.blocks
+        cols = self.shape[1]
+        return cols % 64 == 0 and block_c % 64 == 0 and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
+
     def dequantize(self, slots: list[int]) -> torch.Tensor:
         """The experts in ``slots``, dequantized into scratch rows ``0..len(slots)-1``."""
         if len(slots) > self.scratch.shape[0]:
@@ -277,7 +285,9 @@ class Dequantizer:
         self.plain_rows = {n: torch.empty((rows, *v.shape[1:]), dtype=v.dtype) for n, v in plain.items()}
         self.cache = RowCache(rows)
         self.tensors = {name: q.scratch for name, q in quantized.items()} | self.plain_rows
-        self.matvec: Matvec | None = None  # --matvec-kernel: decode steps' products on the rows by matvec.c
+        self.matvec: Matvec | None = None  # --matvec-kernel: decode steps' products by matvec.c (``use``)
+        self.direct = False  # ... straight from the FP8 slots, nothing dequantized
+        self.fp8_values = fp8_table()
 
     @classmethod
     def build(cls, hello: m.HelloReply, by_slot: torch.Tensor, plain_views: dict[str, torch.Tensor], module,
@@ -287,6 +297,14 @@ class Dequantizer:
         rows = capacity + cache_bytes // max(1, row_bytes(hello, plain_views, module))
         quantized = quantized_params(hello, by_slot, module, rows, kernels)
         return cls(quantized, {n: v for n, v in plain_views.items() if n not in quantized}, rows)
+
+    def use(self, mv: Matvec | None, module) -> None:
+        """``--matvec-kernel``: decode steps' products by the kernel, straight from the slots for block-FP8 experts
+        in layouts the FP8 kernel takes (nothing dequantized, nothing written), else on the dequantized rows."""
+        self.matvec = mv
+        names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
+        self.direct = mv is not None and mv.kernels.matvec_fp8_fast and not module.is_transposed \
+            and names <= set(self.quantized) and all(q.fp8_direct() for q in self.quantized.values())
 
     def rows(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
         """The rows holding the routed experts, dequantizing those the cache lacks."""
@@ -308,6 +326,10 @@ class Dequantizer:
         """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows. When more are
         routed than the scratch holds (a prefill: the scratch is sized for a decode step), the tokens run in groups
         whose experts fit, each token's experts computed and summed together as in one call."""
+        if self.direct:
+            out = self._direct(module, experts, slots, hidden_states, top_k_index, top_k_weights)
+            if out is not None:
+                return out
         if len(experts) <= self.cache.rows:
             return self._forward(module, layer, experts, slots, hidden_states, top_k_index, top_k_weights)
         slot_of = dict(zip(experts.tolist(), slots))
@@ -325,6 +347,24 @@ class Dequantizer:
         remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
         proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
         return matvec.forward(proxy, hidden_states, remap[top_k_index], top_k_weights, self.matvec)
+
+
+    def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
+        """The decode forward on the FP8 slots themselves (``matvec.decode_forward``), or None (a prompt step)."""
+        kernels, table = self.matvec.kernels, self.fp8_values
+        slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
+        slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
+
+        def linear(name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+            q = self.quantized[name]
+            out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+            scales = q.scales[slot].float().contiguous()
+            if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), scales, table, (q.blocks[1], q.blocks[3]),
+                                      x.contiguous(), out):
+                raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
+            out = out.to(torch.bfloat16)
+            return out.add_(self.plain[name + "_bias"][slot]) if module.has_bias else out
+        return matvec.decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
 
 
 def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:

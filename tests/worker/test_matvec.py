@@ -9,9 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import grouped_mm_experts_forward
 
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+from common import messages as m
+from common.quant_write import fp8_tensors
 from helpers import FAMILIES, family_config
 from services.worker import dequant_kernel as dk
 from services.worker import matvec
+from services.worker.quant import Dequantizer, QuantParam, fp8_table
+from worker.test_quant import pool_of
 
 pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
@@ -117,3 +123,70 @@ def test_the_profile_floor_counts_the_kernel():
     fake = types.SimpleNamespace(matvec_fast=True, matvec=lambda w, x, out, t: calls.append((w.shape, x.shape, t)))
     floor = bandwidth_floor(1 << 20, 2, kernels=fake)
     assert calls == [((128, 4096), (1, 4096), False)] * 3 and floor.gb_per_s > 0
+
+
+@pytest.fixture(scope="module")
+def fp8_kernels(kernels):
+    if not kernels.matvec_fp8_fast:
+        pytest.skip("this CPU has no AVX-512 VBMI and BF16")
+    return kernels
+
+
+@pytest.mark.parametrize("m,rows,cols,block", [(1, 64, 128, (8, 64)), (2, 256, 640, (128, 128)), (4, 24, 64, (8, 64))])
+def test_fp8_kernel_multiplies_the_dequantized_weight(fp8_kernels, m, rows, cols, block):
+    gen = torch.Generator().manual_seed(rows + cols)
+    values, scales = fp8_tensors(torch.randn(rows, cols, generator=gen) * 3, block)
+    weight = Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=torch.bfloat16)
+    x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
+    out = torch.empty(m, rows)
+    assert fp8_kernels.matvec_fp8(values.view(torch.uint8), scales.float().contiguous(), fp8_table(), block, x, out)
+    want = x.double() @ weight.double().T
+    assert ((out.double() - want).abs() <= 2e-6 * (x.double().abs() @ weight.double().abs().T)).all()
+
+
+def test_fp8_kernel_declines_layouts_it_does_not_take(fp8_kernels):
+    values, scales = fp8_tensors(torch.randn(16, 96), (8, 32))  # 96 columns: no multiple of 64
+    out = torch.empty(1, 16)
+    x = torch.randn(1, 96).to(torch.bfloat16)
+    assert not fp8_kernels.matvec_fp8(values.view(torch.uint8), scales.float(), fp8_table(), (8, 32), x, out)
+
+
+def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch):
+    """``--matvec-kernel`` on a block-FP8 checkpoint: a decode step multiplies the slots' FP8 bytes (nothing
+    dequantized) and agrees with the dequantize-then-grouped-matmul path; a prompt step takes that path."""
+    module = experts_module("mixtral")  # gate_up [8, 256, 64], down [8, 64, 128]
+    block = (8, 64)
+    specs, parts = [], []
+    for name in ("gate_up_proj", "down_proj"):
+        pairs = [fp8_tensors(getattr(module, name)[e].float(), block) for e in range(8)]
+        parts += [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])]
+    pool, offsets = pool_of(parts, 8)
+    params = {}
+    for i, name in enumerate(("gate_up_proj", "down_proj")):
+        values, scales = parts[2 * i], parts[2 * i + 1]
+        spec = m.TensorSpec(name, offsets[2 * i], list(values.shape[1:]), "float8_e4m3fn", "fp8", offsets[2 * i + 1],
+                            list(scales.shape[1:]), "float32")
+        params[name] = QuantParam(spec, pool, tuple(values.shape[1:]), torch.bfloat16, capacity=8, kernels=mv.kernels)
+    dq = Dequantizer(params, {}, 8)
+    dq.use(mv, module)
+    assert dq.direct
+    calls = []
+    real = mv.kernels.matvec_fp8
+    monkeypatch.setattr(mv.kernels, "matvec_fp8", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    slots = [7, 6, 5, 4, 3, 2, 1, 0]  # expert e lives in slot 7 - e
+    def both(hidden, index, weights):
+        got = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
+        dq.direct = False
+        want = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
+        dq.direct = True
+        return got, want
+
+    with torch.inference_mode():
+        for tokens in (1, 3):
+            got, want = both(*routing(module, tokens, 2, gen))
+            assert calls and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+            calls.clear()
+        hidden, _, weights = routing(module, 6, 2, gen)
+        got, want = both(hidden, torch.tensor([[0, 1]] * 6), weights)  # 6 tokens on expert 0: a prompt step
+        assert not calls and torch.equal(got, want)
