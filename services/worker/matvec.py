@@ -13,6 +13,10 @@ oneDNN's, so a product's last bit can differ, and with it, rarely, a greedy toke
 ``moeinf bench overhead --matvec-kernel off on`` prints the token agreement and the logit error against eager.
 Steps that route more than ``MAX_TOKENS`` tokens to one expert (prompts) and dtypes other than bfloat16 take the
 grouped matmul, unchanged.
+
+Quantized checkpoints: block-FP8 experts are multiplied straight from their slots (``fp8_forward``: the FP8 bytes
+looked up into bfloat16 in registers with the dequantization's own rounding, so nothing is dequantized or written);
+other formats (MXFP4) go through the dequantized rows (``quant.Dequantizer``), then this kernel.
 """
 from __future__ import annotations
 
@@ -86,3 +90,24 @@ def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
         out[index] = h
     weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def fp8_forward(module, quantized: dict, plain: dict, kernels, table: torch.Tensor, experts: torch.Tensor,
+                slots: list[int], hidden_states, top_k_index, top_k_weights):
+    """``decode_forward`` on block-FP8 experts in their pool slots (``quantized``: ``quant.QuantParam`` by name;
+    ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 bytes and scales,
+    looks them up into bfloat16 in registers and multiplies (``Kernels.matvec_fp8``); nothing is dequantized.
+    ``table``: ``quant.fp8_table()``. None for a prompt step."""
+    slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
+    slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
+
+    def linear(name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
+        q = quantized[name]
+        out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+        scales = q.scales[slot].float().contiguous()
+        if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), scales, table, (q.blocks[1], q.blocks[3]),
+                                  x.contiguous(), out):
+            raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
+        out = out.to(torch.bfloat16)
+        return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
+    return decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)

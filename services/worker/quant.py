@@ -350,21 +350,9 @@ class Dequantizer:
 
 
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
-        """The decode forward on the FP8 slots themselves (``matvec.decode_forward``), or None (a prompt step)."""
-        kernels, table = self.matvec.kernels, self.fp8_values
-        slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
-        slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
-
-        def linear(name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
-            q = self.quantized[name]
-            out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-            scales = q.scales[slot].float().contiguous()
-            if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), scales, table, (q.blocks[1], q.blocks[3]),
-                                      x.contiguous(), out):
-                raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
-            out = out.to(torch.bfloat16)
-            return out.add_(self.plain[name + "_bias"][slot]) if module.has_bias else out
-        return matvec.decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+        """The decode forward on the FP8 slots themselves, or None (a prompt step)."""
+        return matvec.fp8_forward(module, self.quantized, self.plain, self.matvec.kernels, self.fp8_values, experts,
+                                  slots, hidden_states, top_k_index, top_k_weights)
 
 
 def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:
