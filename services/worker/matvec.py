@@ -40,6 +40,8 @@ class Matvec:
         what ``_grouped_linear`` computes for one expert."""
         rows = weight.shape[1] if transposed else weight.shape[0]
         out = torch.empty(x.shape[0], rows, dtype=torch.float32)
+        if weight.stride(-1) != 1 and weight.stride(-2) == 1:  # a transposed view (MXFP4 rows): its rows are columns
+            weight, transposed = weight.T, not transposed
         self.kernels.matvec(weight, x.contiguous(), out, transposed)
         out = out.to(torch.bfloat16)
         return out.add_(bias) if bias is not None else out

@@ -190,3 +190,14 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         hidden, _, weights = routing(module, 6, 2, gen)
         got, want = both(hidden, torch.tensor([[0, 1]] * 6), weights)  # 6 tokens on expert 0: a prompt step
         assert not calls and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_transposed_view_is_read_in_its_own_order(mv, transposed):
+    """The dequantized MXFP4 rows are a transposed view of row-major storage: read as stored, no copy."""
+    stored = torch.randn(96, 64).to(torch.bfloat16)  # [out, in] when the module wants [in, out], or the reverse
+    view = stored.T
+    x = torch.randn(2, view.shape[0] if transposed else view.shape[1]).to(torch.bfloat16)
+    got = mv.linear(view, x, None, transposed)
+    want = (x.float() @ (view.float() if transposed else view.float().T)).to(torch.bfloat16)
+    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
