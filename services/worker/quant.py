@@ -22,6 +22,7 @@ fallback: an int32 index per value, the scales added, one gather).
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ from services.worker.matvec import Matvec
 if TYPE_CHECKING:
     from services.worker.dequant_kernel import Kernels
 
+log = logging.getLogger("moeinf.worker")
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
 BATCH = 4  # experts whose index arithmetic runs as one op (the int32 index buffers hold this many)
 _PAIR = {2: torch.int32, 4: torch.int64}  # a value pair of a 2- or 4-byte dtype as one integer
@@ -305,6 +307,9 @@ class Dequantizer:
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
         self.direct = mv is not None and mv.kernels.matvec_fp8_fast and not module.is_transposed \
             and names <= set(self.quantized) and all(q.fp8_direct() for q in self.quantized.values())
+        if mv is not None:
+            log.info("--matvec-kernel: decode steps multiply the %s", "FP8 slots in place (nothing dequantized)"
+                     if self.direct else "dequantized rows")
 
     def rows(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
         """The rows holding the routed experts, dequantizing those the cache lacks."""

@@ -3,9 +3,10 @@
 ``dequantize=True``: GPT-OSS in MXFP4, DeepSeek-V3 and Qwen3-MoE (sharded) in block FP8."""
 import pytest
 import torch
-from helpers import Stack
+from helpers import Stack, write_family
 from quant_helpers import QUANTIZED, dequantized_reference, write_quantized
 
+from common.quant_write import quantize_checkpoint
 from services.worker.dequant_kernel import compiler
 
 
@@ -50,3 +51,22 @@ def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, sc
         assert out == exp, f"{name}: prompt {prompt[:6]}... diverged"
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert stats.evictions > 0 and stats.misses > stats.num_slots, "25% memory must evict and reload experts"
+
+
+def test_the_matvec_kernel_multiplies_fp8_slots_in_place(tmp_path, state_dir):
+    """``--matvec-kernel`` on a block-FP8 checkpoint whose layout the FP8 kernel takes (widths of 64, blocks 8 x 64):
+    decode steps multiply the slots' FP8 bytes (the worker says so) and, on these prompts, the greedy tokens equal
+    transformers' dequantized model's (opt-in: another summation order, so nothing promises it elsewhere)."""
+    from services.worker import dequant_kernel
+    flags = set(open("/proc/cpuinfo").read().split())
+    if dequant_kernel.compiler() is None or not {"avx512_bf16", "avx512vbmi"} <= flags:
+        pytest.skip("needs a C compiler, AVX-512 BF16 and VBMI")
+    write_family("qwen3_moe", tmp_path / "m", dtype="bfloat16", moe_intermediate_size=64)
+    path = quantize_checkpoint(tmp_path / "m", "fp8", (8, 64))
+    expected = reference(path, PROMPTS)
+    with Stack(path, state_dir, expert_memory="25%", extra_worker=("--matvec-kernel", "on")) as stack:
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
+        log = stack.worker_log.read_text()
+    assert "multiply the FP8 slots in place" in log, log[-2000:]
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert got == expected
