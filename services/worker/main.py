@@ -61,6 +61,8 @@ def attach(cfg: WorkerConfig) -> Attached:
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv)
         if cfg.prepack_dense:  # after bind, which gave the next-layer guesses their router weights
             prepack.prepack_dense(model)
+        if mv is not None:  # the dense linears that stayed dense
+            log.info("--matvec-kernel: %d dense linears multiply decode rows by matvec.c", matvec.wrap_dense(model, mv))
         client.ready()
     except BaseException:
         client.close()

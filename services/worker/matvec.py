@@ -20,7 +20,11 @@ other formats (MXFP4) go through the dequantized rows (``quant.Dequantizer``), t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
@@ -113,3 +117,29 @@ def fp8_forward(module, quantized: dict, plain: dict, kernels, table: torch.Tens
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
     return decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+
+
+def wrap_dense(model: nn.Module, mv: Matvec) -> int:
+    """The dense half of ``--matvec-kernel``: every bfloat16 ``nn.Linear`` that still holds its dense weight (those
+    ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (a decode
+    step's attention projections, the LM head's last position) by the kernel, reading its weight in place; larger
+    inputs take ``F.linear``. Returns how many."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module) is nn.Linear and isinstance(weight, nn.Parameter) and weight.dtype == torch.bfloat16 \
+                and weight.device.type == "cpu" and weight.is_contiguous():
+            module.forward = functools.partial(_dense_forward, module, mv)
+            count += 1
+    return count
+
+
+def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // module.in_features if x.dim() else 0
+    if x.dtype != torch.bfloat16 or not 0 < rows <= MAX_TOKENS:
+        return F.linear(x, module.weight, module.bias)
+    out = torch.empty(rows, module.out_features, dtype=torch.float32)
+    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out, False)
+    if module.bias is not None:
+        out.add_(module.bias)  # in float32, then one rounding, as a fused bias would
+    return out.to(torch.bfloat16).view(*x.shape[:-1], module.out_features)

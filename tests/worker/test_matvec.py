@@ -201,3 +201,27 @@ def test_a_transposed_view_is_read_in_its_own_order(mv, transposed):
     got = mv.linear(view, x, None, transposed)
     want = (x.float() @ (view.float() if transposed else view.float().T)).to(torch.bfloat16)
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+
+
+def test_dense_linears_take_the_kernel_for_decode_rows_only(mv):
+    """``wrap_dense``: bf16 linears (biased too) multiply up to MAX_TOKENS rows by the kernel, larger inputs by
+    ``F.linear`` (the same bits); float32 and packed linears are left alone."""
+    from services.worker import prepack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Linear(64, 128, bias=False)).to(torch.bfloat16)
+    model.append(torch.nn.Linear(128, 8))  # float32: not wrapped
+    plain = torch.nn.Linear(96, 64).to(torch.bfloat16)
+    packed = torch.nn.Linear(96, 64, bias=False).to(torch.bfloat16)
+    if prepack.available():
+        prepack.prepack_dense(torch.nn.Sequential(packed))
+    assert matvec.wrap_dense(torch.nn.Sequential(model, plain, packed), mv) == (3 if prepack.available() else 4)
+    with torch.inference_mode():
+        for shape in ((1, 1, 96), (2, 96), (1, 4, 96), (2, 3, 96)):
+            x = torch.randn(*shape).to(torch.bfloat16)
+            a = model[0](x)
+            b = torch.nn.functional.linear(x, model[0].weight, model[0].bias)
+            if x.numel() // 96 > matvec.MAX_TOKENS:
+                assert torch.equal(a, b)
+            else:
+                assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
