@@ -62,6 +62,9 @@ class Kernels:
         lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
         self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # ... and AVX-512 VBMI
+        lib.moeinf_mv_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_mxfp4_nt.restype = ctypes.c_int
+        self.matvec_mxfp4_fast = bool(lib.moeinf_mv_mxfp4_fast())
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -129,6 +132,27 @@ class Kernels:
         codes = []
         self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
                                                          rows)), align=64)
+        return all(code == 0 for code in codes)
+
+    def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
+        and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
+        the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
+        caller dequantizes instead) or the CPU lacks AVX-512 BF16."""
+        rows, groups, half = blocks.shape
+        m = x.shape[0]
+        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (
+                rows, groups) or blocks.stride(2) != 1 or blocks.stride(1) != 16 or scales.stride(1) != 1 \
+                or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[1] != groups * 32 \
+                or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) or not out.is_contiguous():
+            raise ValueError(f"mxfp4 matvec kernel: {list(blocks.shape)} blocks, {list(scales.shape)} scales,"
+                             f" {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
+        fn = self.lib.moeinf_mv_mxfp4_nt
+        b, ld, s, lds, xp, o = blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), scales.stride(0), \
+            x.data_ptr(), out.data_ptr()
+        codes = []
+        self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
+                    align=64)
         return all(code == 0 for code in codes)
 
     def _split(self, n: int, run, align: int = 1) -> None:
@@ -200,6 +224,7 @@ def _open(library: Path, threads: int) -> Kernels:
     self_check(kernels)
     check_matvec(kernels)
     check_matvec_fp8(kernels)
+    check_matvec_mxfp4(kernels)
     return kernels
 
 
@@ -308,6 +333,28 @@ def check_matvec_fp8(kernels: Kernels) -> None:
     want = x.double() @ weight.double().T
     if not bool(((out.double() - want).abs() <= 1e-5 * (x.double().abs() @ weight.double().abs().T)).all()):
         raise KernelError("the built FP8 matrix-vector kernel's sums are wrong: not used")
+
+
+def check_matvec_mxfp4(kernels: Kernels) -> None:
+    """The MXFP4 kernel's weights are the dequantization's bits (one-hot inputs, every code under scales 2..252),
+    and a scale outside that range is declined."""
+    from services.worker.quant import mxfp4_pairs, mxfp4_reference
+
+    if not kernels.matvec_mxfp4_fast:
+        return
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte, twice
+    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
+    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
+    weight = weight.view(torch.bfloat16).view(8, 128).float()
+    x = torch.eye(128, dtype=torch.bfloat16)
+    for lo in range(0, 128, 4):
+        out = torch.empty(4, 8)
+        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
+            raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
+                              " used")
+    scales[3, 1] = 253
+    if kernels.matvec_mxfp4(blocks, scales, x[:1], torch.empty(1, 8)):
+        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")
 
 
 def self_check(kernels: Kernels) -> None:

@@ -201,3 +201,66 @@ int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const fl
     return -1;
 }
 #endif
+
+/* MXFP4 matrix-vector products: each 16-byte block (32 E2M1 values, low nibble first) decoded into bfloat16 in
+ * registers under its E8M0 scale, with dequant.c's arithmetic (exact for scale bytes 2..252; a weight with any
+ * other scale is declined: -1) and multiplied there: y[j][o] = sum_i x[j][i] * w(o, i). blocks: [rows][cols / 32]
+ * blocks of 16 bytes, row stride ld bytes; scales: [rows][cols / 32] bytes, row stride lds. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MX_FAST 1
+#else
+#define MX_FAST 0
+#endif
+
+int moeinf_mv_mxfp4_fast(void) { return MX_FAST; }
+
+#if MX_FAST
+#define MX_ROWS 8
+int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
+                       int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy) {
+    int64_t groups = cols / 32;
+    if (cols % 32 || lo % MX_ROWS)
+        return -1;
+    for (int64_t o = lo; o < hi; o++)
+        for (int64_t g = 0; g < groups; g++)
+            if (scales[o * lds + g] < 2 || scales[o * lds + g] > 252)
+                return -1;
+    /* the bfloat16 bits of E2M1 code n under scale 127 (sign included; zero stays zero) */
+    uint32_t base[16];
+    for (int n = 0; n < 16; n++) {
+        uint32_t mag = n & 7;
+        uint32_t bits = mag ? ((mag + 252) << 6) - (mag == 1 ? 64 : 0) : 0;
+        base[n] = bits | ((uint32_t)(n & 8) << 12);
+    }
+    const __m512i table = _mm512_loadu_si512(base), low4 = _mm512_set1_epi32(15), mag = _mm512_set1_epi16(0x7fff);
+    for (int64_t o = lo; o < hi; o += MX_ROWS) {
+        int64_t nr = hi - o < MX_ROWS ? hi - o : MX_ROWS;
+        for (int64_t j = 0; j < m; j++) {
+            __m512 acc[MX_ROWS];
+            for (int r = 0; r < MX_ROWS; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j * cols + g * 32);
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *p = blocks + (o + r) * ld + g * 16;
+                    _mm_prefetch((const char *)(p + MX_ROWS * ld), _MM_HINT_T1);
+                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+                    __m512i wl = _mm512_permutexvar_epi32(_mm512_and_si512(v, low4), table);
+                    __m512i wh = _mm512_permutexvar_epi32(_mm512_srli_epi32(v, 4), table);  /* v < 256: no mask */
+                    __m512i w = _mm512_or_si512(wl, _mm512_slli_epi32(wh, 16));
+                    __m512i delta = _mm512_set1_epi16((short)((scales[(o + r) * lds + g] - 127) << 7));
+                    w = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(w, mag), w, delta);
+                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)w, xv);
+                }
+            }
+            for (int r = 0; r < nr; r++) y[j * ldy + o + r] = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+    return 0;
+}
+#else
+int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
+                       int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy) {
+    return -1;
+}
+#endif

@@ -14,9 +14,9 @@ oneDNN's, so a product's last bit can differ, and with it, rarely, a greedy toke
 Steps that route more than ``MAX_TOKENS`` tokens to one expert (prompts) and dtypes other than bfloat16 take the
 grouped matmul, unchanged.
 
-Quantized checkpoints: block-FP8 experts are multiplied straight from their slots (``fp8_forward``: the FP8 bytes
-looked up into bfloat16 in registers with the dequantization's own rounding, so nothing is dequantized or written);
-other formats (MXFP4) go through the dequantized rows (``quant.Dequantizer``), then this kernel.
+Quantized checkpoints: block-FP8 and MXFP4 experts are multiplied straight from their slots (``quantized_forward``:
+the bytes turned into bfloat16 in registers with the dequantization's own bits, so nothing is dequantized or
+written); layouts the kernels do not take go through the dequantized rows (``quant.Dequantizer``), then this kernel.
 """
 from __future__ import annotations
 
@@ -98,25 +98,35 @@ def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-def fp8_forward(module, quantized: dict, plain: dict, kernels, table: torch.Tensor, experts: torch.Tensor,
-                slots: list[int], hidden_states, top_k_index, top_k_weights):
-    """``decode_forward`` on block-FP8 experts in their pool slots (``quantized``: ``quant.QuantParam`` by name;
-    ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 bytes and scales,
-    looks them up into bfloat16 in registers and multiplies (``Kernels.matvec_fp8``); nothing is dequantized.
-    ``table``: ``quant.fp8_table()``. None for a prompt step."""
+class _Declined(Exception):
+    """The MXFP4 kernel met a scale byte it does not compute: the layer takes the dequantized rows."""
+
+
+def quantized_forward(module, quantized: dict, plain: dict, kernels, table: torch.Tensor, experts: torch.Tensor,
+                      slots: list[int], hidden_states, top_k_index, top_k_weights):
+    """``decode_forward`` on quantized experts in their pool slots (``quantized``: ``quant.QuantParam`` by name;
+    ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 or MXFP4 bytes and
+    scales, turns them into bfloat16 in registers with the dequantization's bits and multiplies
+    (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
+    prompt step, or when an MXFP4 scale is one the kernel does not compute."""
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
     slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
 
     def linear(name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
         q = quantized[name]
-        out = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
-        scales = q.scales[slot].float().contiguous()
-        if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), scales, table, (q.blocks[1], q.blocks[3]),
-                                  x.contiguous(), out):
+        out = torch.empty(x.shape[0], q.values.shape[1], dtype=torch.float32)
+        if q.format == "mxfp4":
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x.contiguous(), out):
+                raise _Declined
+        elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
+                                    (q.blocks[1], q.blocks[3]), x.contiguous(), out):
             raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
-    return decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+    try:
+        return decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+    except _Declined:
+        return None
 
 
 def wrap_dense(model: nn.Module, mv: Matvec) -> int:

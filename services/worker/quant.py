@@ -136,13 +136,18 @@ class QuantParam:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
                                " dequantize (mxfp4 and fp8 are supported)")
 
-    def fp8_direct(self) -> bool:
-        """Can the FP8 matrix-vector kernel read this parameter from its slots (bfloat16, its block and row layout)?"""
-        if self.format != "fp8" or self.dtype != torch.bfloat16:
+    def direct(self, kernels, transposed: bool) -> bool:
+        """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this parameter from its slots (bfloat16; the
+        layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 stored ``[out, in]`` under the
+        transposed ``[in, out]`` parameter)?"""
+        if self.dtype != torch.bfloat16:
             return False
+        if self.format == "mxfp4":
+            return kernels.matvec_mxfp4_fast and transposed and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
-        return cols % 64 == 0 and block_c % 64 == 0 and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
+        return kernels.matvec_fp8_fast and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
+            and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
 
     def dequantize(self, slots: list[int]) -> torch.Tensor:
         """The experts in ``slots``, dequantized into scratch rows ``0..len(slots)-1``."""
@@ -305,11 +310,11 @@ class Dequantizer:
         in layouts the FP8 kernel takes (nothing dequantized, nothing written), else on the dequantized rows."""
         self.matvec = mv
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
-        self.direct = mv is not None and mv.kernels.matvec_fp8_fast and not module.is_transposed \
-            and names <= set(self.quantized) and all(q.fp8_direct() for q in self.quantized.values())
+        self.direct = mv is not None and names <= set(self.quantized) and all(
+            q.direct(mv.kernels, bool(module.is_transposed)) for q in self.quantized.values())
         if mv is not None:
-            log.info("--matvec-kernel: decode steps multiply the %s", "FP8 slots in place (nothing dequantized)"
-                     if self.direct else "dequantized rows")
+            log.info("--matvec-kernel: decode steps multiply the %s", "quantized slots in place (nothing"
+                     " dequantized)" if self.direct else "dequantized rows")
 
     def rows(self, layer: int, experts: list[int], slots: list[int]) -> list[int]:
         """The rows holding the routed experts, dequantizing those the cache lacks."""
@@ -355,8 +360,9 @@ class Dequantizer:
 
 
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
-        """The decode forward on the FP8 slots themselves, or None (a prompt step)."""
-        return matvec.fp8_forward(module, self.quantized, self.plain, self.matvec.kernels, self.fp8_values, experts,
+        """The decode forward on the quantized slots themselves, or None (a prompt step; an MXFP4 scale the kernel
+        does not compute)."""
+        return matvec.quantized_forward(module, self.quantized, self.plain, self.matvec.kernels, self.fp8_values, experts,
                                   slots, hidden_states, top_k_index, top_k_weights)
 
 

@@ -12,7 +12,7 @@ from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 from common import messages as m
-from common.quant_write import fp8_tensors
+from common.quant_write import fp8_tensors, mxfp4_tensors
 from helpers import FAMILIES, family_config
 from services.worker import dequant_kernel as dk
 from services.worker import matvec
@@ -225,3 +225,55 @@ def test_dense_linears_take_the_kernel_for_decode_rows_only(mv):
                 assert torch.equal(a, b)
             else:
                 assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
+def test_mxfp4_experts_run_straight_from_their_slots(mv, monkeypatch):
+    """GPT-OSS's MXFP4 experts (a transposed module with biases): a decode step decodes the slots' blocks in
+    registers and agrees with the dequantized rows' forward; a scale byte the kernel does not compute sends the layer
+    to the rows."""
+    if not mv.kernels.matvec_mxfp4_fast:
+        pytest.skip("this CPU has no AVX-512 BF16")
+    module = experts_module("gpt_oss")  # gate_up [8, 64, 64] ([in, out]), down [8, 32, 64]
+    parts, specs = [], []
+    for name in ("gate_up_proj", "down_proj"):
+        blocks, scales = mxfp4_tensors(getattr(module, name).float().transpose(1, 2))  # stored [out, in]
+        parts += [blocks, scales]
+    for name in ("gate_up_proj_bias", "down_proj_bias"):
+        parts.append(getattr(module, name).detach())
+    pool, offsets = pool_of(parts, 8)
+    params = {}
+    for i, name in enumerate(("gate_up_proj", "down_proj")):
+        blocks, scales = parts[2 * i], parts[2 * i + 1]
+        spec = m.TensorSpec(name, offsets[2 * i], list(blocks.shape[1:]), "uint8", "mxfp4", offsets[2 * i + 1],
+                            list(scales.shape[1:]), "uint8")
+        params[name] = QuantParam(spec, pool, tuple(getattr(module, name).shape[1:]), torch.bfloat16, capacity=8,
+                                  kernels=mv.kernels)
+    plain = {}
+    for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):
+        t = parts[4 + i]
+        plain[name] = pool[:, offsets[4 + i]:offsets[4 + i] + t[0].numel() * 2].view(torch.bfloat16)
+    dq = Dequantizer(params, plain, 8)
+    dq.use(mv, module)
+    assert dq.direct
+    calls = []
+    real = mv.kernels.matvec_mxfp4
+    monkeypatch.setattr(mv.kernels, "matvec_mxfp4", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(6)
+    slots = [7, 6, 5, 4, 3, 2, 1, 0]
+
+    def both(hidden, index, weights):
+        got = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
+        dq.direct = False
+        want = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
+        dq.direct = True
+        return got, want
+
+    with torch.inference_mode():
+        for tokens in (1, 3):
+            got, want = both(*routing(module, tokens, 2, gen))
+            assert calls and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+            calls.clear()
+        params["down_proj"].scales[slots[5]][0, 0] = 253  # expert 5's first block: a scale it declines
+        hidden, _, weights = routing(module, 1, 2, gen)
+        got, want = both(hidden, torch.tensor([[5, 1]]), weights)
+        assert calls and torch.equal(got, want)  # declined: the rows path, the same bits

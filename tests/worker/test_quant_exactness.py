@@ -53,20 +53,22 @@ def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, sc
     assert stats.evictions > 0 and stats.misses > stats.num_slots, "25% memory must evict and reload experts"
 
 
-def test_the_matvec_kernel_multiplies_fp8_slots_in_place(tmp_path, state_dir):
-    """``--matvec-kernel`` on a block-FP8 checkpoint whose layout the FP8 kernel takes (widths of 64, blocks 8 x 64):
-    decode steps multiply the slots' FP8 bytes (the worker says so) and, on these prompts, the greedy tokens equal
-    transformers' dequantized model's (opt-in: another summation order, so nothing promises it elsewhere)."""
+@pytest.mark.parametrize("family,fmt,block", [("qwen3_moe", "fp8", (8, 64)), ("gpt_oss", "mxfp4", None)])
+def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, block, tmp_path, state_dir):
+    """``--matvec-kernel`` on bf16 block-FP8 (a layout the FP8 kernel takes: widths of 64, blocks 8 x 64) and MXFP4
+    checkpoints: decode steps multiply the slots' quantized bytes (the worker says so) and, on these prompts, the
+    greedy tokens equal transformers' dequantized model's (opt-in: another summation order, so nothing promises it
+    elsewhere)."""
     from services.worker import dequant_kernel
     flags = set(open("/proc/cpuinfo").read().split())
     if dequant_kernel.compiler() is None or not {"avx512_bf16", "avx512vbmi"} <= flags:
         pytest.skip("needs a C compiler, AVX-512 BF16 and VBMI")
-    write_family("qwen3_moe", tmp_path / "m", dtype="bfloat16", moe_intermediate_size=64)
-    path = quantize_checkpoint(tmp_path / "m", "fp8", (8, 64))
+    write_family(family, tmp_path / "m", dtype="bfloat16", moe_intermediate_size=64)
+    path = quantize_checkpoint(tmp_path / "m", fmt, *[block] * (block is not None))
     expected = reference(path, PROMPTS)
     with Stack(path, state_dir, expert_memory="25%", extra_worker=("--matvec-kernel", "on")) as stack:
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.worker_log.read_text()
-    assert "multiply the FP8 slots in place" in log, log[-2000:]
+    assert "multiply the quantized slots in place" in log, log[-2000:]
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert got == expected
