@@ -9,8 +9,9 @@
  * The weight is read once per call whatever m is, straight from where it lies (a pool slot): no packing, no copy.
  * On CPUs with AVX-512 BF16 the nt form runs VDPBF16PS on 8 rows at once, prefetching the next 8 rows into L2 as
  * it goes (a block ahead: twice the speed of prefetching within the rows on short rows), and streams at the
- * memory's speed on one core; elsewhere plain C the compiler vectorizes. The sums are the same values as oneDNN's but added in
- * another order: the last bits of a product can differ (matvec.py's callers say so). */
+ * memory's speed on one core; elsewhere plain C the compiler vectorizes. The sums are the same values as oneDNN's
+ * but added in another order: the last bits of a product can differ (matvec.py's callers say so). VDPBF16PS reads
+ * subnormal bfloat16 inputs as zero. */
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
