@@ -248,9 +248,9 @@ class WorkerConfig:
                                        " start-up error) or torch")
     prepack_dense: bool = knob(False, "bfloat16 on CPU: pack bias-free dense linears once for oneDNN, not per call"
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
-    matvec_kernel: bool = knob(False, "bfloat16 on CPUs with AVX-512 BF16: decode steps' expert products in moeinf's"
-                                      " own matrix-vector kernel, weights read in place at the memory's speed"
-                                      " (other summation order than oneDNN's: tokens may differ from eager's)")
+    matvec_kernel: bool = knob(False, "bfloat16 on CPUs with AVX-512 BF16: decode steps' expert and dense products"
+                                      " (FP8/MXFP4 experts from their bytes) in moeinf's own kernel, at the memory's"
+                                      " speed; another summation order than oneDNN's: tokens may differ from eager's")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"

@@ -175,8 +175,8 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--prepack-dense", nargs="+", default=["off"], choices=["off", "on"],
                    help="the worker's knob (bfloat16: dense linears packed once for oneDNN); 'off on': a row each")
     p.add_argument("--matvec-kernel", nargs="+", default=["off"], choices=["off", "on"],
-                   help="the worker's knob (bfloat16: decode steps' expert products in moeinf's kernel); 'off on': a"
-                        " row each")
+                   help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernel);"
+                        " 'off on': a row each")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

@@ -166,6 +166,18 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
     return np.diff(arrivals).tolist(), tokens
 
 
+def floor_kernels(threads: int):
+    """``--matvec-kernel``'s kernels on ``threads`` threads, as the worker runs them, for the floor to count (None
+    where they cannot be built or this CPU has no AVX-512 BF16: then they serve nothing either)."""
+    from services.worker import matvec
+
+    with tempfile.TemporaryDirectory() as kernel_dir:
+        try:
+            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec.check, flag="the floor's kernel")
+        except dequant_kernel.KernelError:
+            return None
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def breakdown(seconds: dict, steps: list[float], layers: list[int]) -> dict:
     """ms per token: per kind (summed over layers), per layer and kind, and the remainder."""
@@ -244,9 +256,7 @@ def run(args) -> int:
         _progress("streaming through a worker process")
         service = service_decode(opts, prompt, threads)
     _progress("measuring the bandwidth floor")
-    with tempfile.TemporaryDirectory() as kernel_dir:  # the floor counts moeinf's own kernel where it runs
-        kernels = dequant_kernel.load("auto", Path(kernel_dir), 1) if dequant_kernel.compiler() else None
-        floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=kernels)
+    floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
     doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes)
     if service is not None:

@@ -188,7 +188,7 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
         products.append(lambda: prepack.packed_mm(x, packed))
     if dtype == torch.bfloat16 and kernels is not None and kernels.matvec_fast:
         out = torch.empty(1, rows)
-        products.append(lambda: kernels.matvec(weight, x, out, False))
+        products.append(lambda: kernels.matvec(weight, x, out))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

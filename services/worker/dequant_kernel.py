@@ -56,8 +56,7 @@ class Kernels:
             getattr(lib, name).argtypes = [_P, _P, _P, _P, _I]
         for name in ("moeinf_fp8_u16", "moeinf_fp8_u32"):
             getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
-        for name in ("moeinf_mv_bf16_nt", "moeinf_mv_bf16_t"):
-            getattr(lib, name).argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_bf16_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
         self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 (else plain C, slower than oneDNN)
         lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
@@ -96,18 +95,18 @@ class Kernels:
             fn(v, t, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r, block_c)
         self._split((rows + block_r - 1) // block_r, run)  # whole block rows per thread
 
-    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, transposed: bool) -> None:
-        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``): ``weight`` bfloat16 ``[out, in]``, or ``[in, out]``
-        when ``transposed``, rows contiguous (any row stride: a pool slot's view); ``x`` ``[m, in]`` bfloat16 and
-        ``out`` ``[m, out]`` float32, both contiguous. The weight is read once for all m rows."""
-        rows, cols = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``): ``weight`` bfloat16 ``[out, in]``, rows contiguous
+        (any row stride: a pool slot's view); ``x`` ``[m, in]`` bfloat16 and ``out`` ``[m, out]`` float32, both
+        contiguous. The weight streams from memory once (8 rows at a time, read again from cache per 2 rows of x)."""
+        rows, cols = weight.shape
         m = x.shape[0]
         if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.dtype != torch.float32 \
                 or weight.stride(1) != 1 or not x.is_contiguous() or not out.is_contiguous() \
                 or x.shape[1] != cols or tuple(out.shape) != (m, rows):
             raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides {weight.stride()}),"
                              f" {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
-        fn = self.lib.moeinf_mv_bf16_t if transposed else self.lib.moeinf_mv_bf16_nt
+        fn = self.lib.moeinf_mv_bf16_nt
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
         self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
 
@@ -170,9 +169,13 @@ def compiler() -> list[str] | None:
     return cc if cc and shutil.which(cc[0]) else None
 
 
-def load(mode: str, state_dir: Path, threads: int, flag: str = "--dequant-kernel c") -> Kernels | None:
+def load(mode: str, state_dir: Path, threads: int, check=None, flag: str = "--dequant-kernel c",
+         advice: str = "pass --dequant-kernel torch") -> Kernels | None:
     """The checked kernels, or None for the torch path (``mode`` torch, or auto when they cannot be built or
-    disagree with torch, said once in the log). A cached library that no longer loads or checks is built again."""
+    disagree with torch, said once in the log). ``check``: what must hold before use (default: the dequantization
+    kernels' bits, ``self_check``; ``matvec.check`` for ``--matvec-kernel``, named by ``flag``, whose errors end
+    with ``advice``). A cached library that no longer loads or checks is built again."""
+    check = check or self_check
     if mode not in MODES:
         raise ValueError(f"--dequant-kernel must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "torch":
@@ -181,16 +184,16 @@ def load(mode: str, state_dir: Path, threads: int, flag: str = "--dequant-kernel
         with _pinned(Path(state_dir) / f"kernels-{os.getuid()}") as cache:
             name, built = build(cache)
             try:
-                return _open(cache / name, threads)
+                return _open(cache / name, threads, check)
             except (KernelError, OSError) as exc:
                 if built:
                     raise
                 log.info("building the dequantization kernels again: the cached %s: %s", name, exc)
                 (cache / name).unlink(missing_ok=True)
-                return _open(cache / build(cache)[0], threads)
+                return _open(cache / build(cache)[0], threads, check)
     except (KernelError, OSError) as exc:
         if mode == "c":
-            raise KernelError(f"{flag}: {exc}") from exc
+            raise KernelError(f"{flag}: {exc}, or {advice}") from exc
         log.warning("dequantizing with torch's ops (quantized experts decode 2-3x slower): %s", exc)
         return None
 
@@ -211,8 +214,8 @@ def _pinned(cache: Path):
         os.close(fd)
 
 
-def _open(library: Path, threads: int) -> Kernels:
-    """Load ``library`` if it is a regular file of this user's that nobody else can write, then check its bits."""
+def _open(library: Path, threads: int, check=None) -> Kernels:
+    """Load ``library`` if it is a regular file of this user's that nobody else can write, then ``check`` its bits."""
     fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -221,10 +224,7 @@ def _open(library: Path, threads: int) -> Kernels:
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
         raise KernelError(f"{library.name} is not a file of this user's that only it can write: not loaded")
     kernels = Kernels(ctypes.CDLL(str(library)), threads)  # in a directory only this user can change
-    self_check(kernels)
-    check_matvec(kernels)
-    check_matvec_fp8(kernels)
-    check_matvec_mxfp4(kernels)
+    (check or self_check)(kernels)
     return kernels
 
 
@@ -232,8 +232,7 @@ def build(cache: Path) -> tuple[str, bool]:
     """The shared library's name for this source, compiler and CPU in ``cache``, and whether it was compiled now."""
     cc = compiler()
     if cc is None:
-        raise KernelError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found; install gcc or set CC, or pass"
-                          " --dequant-kernel torch)")
+        raise KernelError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found); install gcc or set CC")
     source = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(cc + list(FLAGS)).encode() + _compiler_id(cc) + _cpu_id()).hexdigest()[:16]
     name = f"dequant-{key}.so"
@@ -284,77 +283,6 @@ def _cpu_id() -> bytes:
         return platform.processor().encode()
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in wanted})).encode()
-
-
-def check_matvec(kernels: Kernels) -> None:
-    """The matrix-vector kernels within float32 rounding of float64 products: both layouts, 1-5 input rows, widths
-    with and without a tail, row counts that are no multiple of the kernel's 8, a strided weight (a pool slot)."""
-    gen = torch.Generator().manual_seed(0)
-    for m, rows, cols in ((1, 8, 32), (2, 13, 40), (3, 67, 1000), (4, 24, 33), (5, 130, 256)):
-        slots = torch.randn(2, rows, cols + 8, generator=gen).to(torch.bfloat16)
-        weight = slots[1, :, :cols]  # row stride cols + 8
-        x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
-        ref = x.double() @ weight.double().T
-        for transposed, w in ((False, weight), (True, weight.T.contiguous())):
-            out = torch.empty(m, rows)
-            kernels.matvec(w, x, out, transposed)
-            bound = 1e-5 * (x.double().abs() @ weight.double().abs().T) + 1e-30
-            if not bool(((out.double() - ref).abs() <= bound).all()):
-                raise KernelError(f"the built matrix-vector kernel is wrong ({m} x {rows} x {cols}, transposed"
-                                  f" {transposed}): not used")
-
-
-def check_matvec_fp8(kernels: Kernels) -> None:
-    """The block-FP8 kernel's weights are the dequantization's bits: with one-hot inputs each output is one weight
-    exactly (scales from 1e-3 to 7e35; subnormal weights excepted, which AVX-512 BF16 reads as zero, like the bf16
-    kernel), and on random inputs it is a float32 sum of the products."""
-    from services.worker.quant import fp8_block_table, fp8_table
-
-    if not kernels.matvec_fp8_fast:
-        return
-    gen = torch.Generator().manual_seed(0)
-    table = fp8_table()
-    values = torch.randint(0, 256, (128, 256), dtype=torch.uint8, generator=gen)
-    values[(values & 0x7F) == 0x7F] = 0  # no NaN bytes: a NaN weight makes every sum NaN
-    scales = torch.tensor([[1e-3, 3.0], [7.3e35, 0.37]], dtype=torch.float32)
-    index = values.view(2, 64, 2, 128).long() + (torch.arange(4) * 256).view(2, 1, 2, 1)
-    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
-    x = torch.eye(256, dtype=torch.bfloat16)
-    for lo in range(0, 256, 4):
-        out = torch.empty(4, 128)
-        if not kernels.matvec_fp8(values, scales, table, (64, 128), x[lo:lo + 4], out) \
-                or not torch.equal(out, weight[:, lo:lo + 4].T.float()):
-            raise KernelError("the built FP8 matrix-vector kernel's weights differ from the dequantization's: not used")
-    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
-    out = torch.empty(3, 128)
-    scales = torch.tensor([[1e-3, 3.0], [0.5, 0.37]], dtype=torch.float32)  # sums within float32's range
-    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
-    kernels.matvec_fp8(values, scales, table, (64, 128), x, out)
-    want = x.double() @ weight.double().T
-    if not bool(((out.double() - want).abs() <= 1e-5 * (x.double().abs() @ weight.double().abs().T)).all()):
-        raise KernelError("the built FP8 matrix-vector kernel's sums are wrong: not used")
-
-
-def check_matvec_mxfp4(kernels: Kernels) -> None:
-    """The MXFP4 kernel's weights are the dequantization's bits (one-hot inputs, every code under scales 2..252),
-    and a scale outside that range is declined."""
-    from services.worker.quant import mxfp4_pairs, mxfp4_reference
-
-    if not kernels.matvec_mxfp4_fast:
-        return
-    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte, twice
-    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
-    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
-    weight = weight.view(torch.bfloat16).view(8, 128).float()
-    x = torch.eye(128, dtype=torch.bfloat16)
-    for lo in range(0, 128, 4):
-        out = torch.empty(4, 8)
-        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
-            raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
-                              " used")
-    scales[3, 1] = 253
-    if kernels.matvec_mxfp4(blocks, scales, x[:1], torch.empty(1, 8)):
-        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")
 
 
 def self_check(kernels: Kernels) -> None:

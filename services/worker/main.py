@@ -61,8 +61,9 @@ def attach(cfg: WorkerConfig) -> Attached:
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv)
         if cfg.prepack_dense:  # after bind, which gave the next-layer guesses their router weights
             prepack.prepack_dense(model)
-        if mv is not None:  # the dense linears that stayed dense
-            log.info("--matvec-kernel: %d dense linears multiply decode rows by matvec.c", matvec.wrap_dense(model, mv))
+        if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)
+            count = matvec.wrap_dense(model, mv, {1, layers[0].num_experts})
+            log.info("--matvec-kernel: %d dense linears multiply their decode rows by matvec.c", count)
         client.ready()
     except BaseException:
         client.close()
@@ -71,16 +72,17 @@ def attach(cfg: WorkerConfig) -> Attached:
 
 
 def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Kernels | None, Matvec | None]:
-    """The dequantization kernels for quantized slots (None: torch's ops) and ``--matvec-kernel``'s (None: off),
-    from one compiled library; the matrix-vector kernel, asked for by name, is built or the start fails."""
+    """The dequantization kernels for quantized slots (None: torch's ops) and ``--matvec-kernel``'s (None: off): one
+    compiled library, checked for what each needs; the matrix-vector kernel, asked for by name, is built or the
+    start fails. (Its decode steps on quantized slots use its own kernels whatever ``--dequant-kernel`` says.)"""
     threads = torch.get_num_threads()
-    mv = Matvec(dequant_kernel.load("c", cfg.state_dir, threads, "--matvec-kernel")) if cfg.matvec_kernel else None
-    if mv is not None:
-        log.info("--matvec-kernel: decode steps' expert products by matvec.c (up to %d tokens per expert)",
-                 matvec.MAX_TOKENS)
+    mv = None
+    if cfg.matvec_kernel:
+        mv = Matvec(dequant_kernel.load("c", cfg.state_dir, threads, check=matvec.check, flag="--matvec-kernel",
+                                        advice="leave --matvec-kernel off"))
     if not quantized or cfg.dequant_kernel == "torch":
         return None, mv
-    return (mv.kernels if mv is not None else dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, threads)), mv
+    return dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, threads), mv
 
 
 def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecorder:

@@ -1,12 +1,11 @@
 /* bfloat16 matrix-vector products for decode steps (services/worker/matvec.py; built and loaded together with
  * dequant.c by services/worker/dequant_kernel.py).
  *
- * y[j][o] = sum_i x[j][i] * w(o, i) for a few input rows x (j < m: the tokens routed to one expert), output rows
- * o in [lo, hi) (the caller splits them over threads), float32 accumulation, float32 out. w is bfloat16 in one of
- * two layouts, each row contiguous with row stride ld (elements):
- *   nt: w(o, i) = w[o * ld + i]   ([out, in], nn.Linear's and most checkpoints' experts)
- *   t:  w(o, i) = w[i * ld + o]   ([in, out], "transposed" experts such as GPT-OSS's)
- * The weight is read once per call whatever m is, straight from where it lies (a pool slot): no packing, no copy.
+ * y[j][o] = sum_i x[j][i] * w[o * ld + i] for a few input rows x (j < m: the tokens routed to one expert), output
+ * rows o in [lo, hi) (the caller splits them over threads), float32 accumulation, float32 out; w is bfloat16 [out,
+ * in] (nn.Linear's and most checkpoints' experts), each row contiguous with row stride ld (elements). The weight
+ * streams from memory once per call, straight from where it lies (a pool slot): no packing, no copy (each block of
+ * 8 rows is read again from cache for every second row of x).
  * On CPUs with AVX-512 BF16 the nt form runs VDPBF16PS on 8 rows at once, prefetching the next 8 rows into L2 as
  * it goes (a block ahead: twice the speed of prefetching within the rows on short rows), and streams at the
  * memory's speed on one core; elsewhere plain C the compiler vectorizes. The sums are the same values as oneDNN's
@@ -22,7 +21,6 @@
 #endif
 
 #define MV_ROWS 8   /* output rows per pass: enough independent streams to keep the memory busy */
-#define MV_MAX_M 4  /* input rows summed together by the t form */
 
 int moeinf_mv_fast(void) { return MV_FAST; }
 
@@ -85,30 +83,6 @@ void moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
     for (; o < hi; o++) row_plain(w + o * ld, x, m, cols, y + o, ldy);
 }
 
-/* [in, out] weights: each input row i adds x[j][i] times the weight's row i to the outputs lo..hi, so the weight
- * is still read once, row by row, and the sums stay in a small float32 buffer. */
-void moeinf_mv_bf16_t(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                      int64_t hi, float *y, int64_t ldy) {
-    enum { BAND = 512 };
-    float acc[MV_MAX_M][BAND];
-    for (int64_t j0 = 0; j0 < m; j0 += MV_MAX_M) {
-        int64_t mj = m - j0 < MV_MAX_M ? m - j0 : MV_MAX_M;
-        const uint16_t *xj = x + j0 * cols;
-        for (int64_t b = lo; b < hi; b += BAND) {
-            int64_t n = hi - b < BAND ? hi - b : BAND;
-            for (int64_t j = 0; j < mj; j++) memset(acc[j], 0, sizeof(float) * n);
-            for (int64_t i = 0; i < cols; i++) {
-                const uint16_t *row = w + i * ld + b;
-                for (int64_t j = 0; j < mj; j++) {
-                    float xi = bf16_f32(xj[j * cols + i]);
-                    for (int64_t k = 0; k < n; k++) acc[j][k] += xi * bf16_f32(row[k]);
-                }
-            }
-            for (int64_t j = 0; j < mj; j++) memcpy(y + (j0 + j) * ldy + b, acc[j], sizeof(float) * n);
-        }
-    }
-}
-
 /* Block-FP8 matrix-vector products: the weight's bytes are looked up into bfloat16 in registers (AVX-512 VBMI byte
  * shuffles, the same tables as dequant.c's) and multiplied there, so a decode step reads each routed expert's FP8
  * bytes once and writes nothing: y[j][o] = sum_i x[j][i] * bf16(fp8(v[o][i]) * scale[o / block_r][i / block_c]),
@@ -136,6 +110,8 @@ static inline uint16_t f32_to_bf16(float f) {
 int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
                      int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                      int64_t ldy) {
+    if (block_c <= 0 || block_r <= 0)
+        return -1;
     int64_t grid_c = cols / block_c;
     if (cols % 64 || block_c % 64 || cols % block_c || grid_c > 64 || block_r % MV8_ROWS || lo % MV8_ROWS
         || m > 4 || cols > 16384)

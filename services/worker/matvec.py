@@ -2,9 +2,10 @@
 
 A decode step routes one or a few tokens to each expert, so each expert product is a matrix-vector product whose
 cost is reading the weight. On CPU, transformers' grouped matmul (torch's ``_grouped_mm``) and ``F.linear`` hand a
-bfloat16 weight to oneDNN, which reorders it into its own layout at every call: the expert weights stream at ~8 GB/s
-where the memory gives ~17 (``moeinf bench profile``). ``matvec.c`` reads the weight once, in place in its pool slot,
-and sums in float32 with AVX-512 BF16 dot products (``dequant_kernel.Kernels.matvec``).
+bfloat16 weight to oneDNN, which reorders it into its own layout at every call: the weights stream at ~8-13 GB/s where
+``matvec.c`` reads them at ~23-26 GB/s on one core (``moeinf bench profile``): once, in place in the pool slot, with
+float32 sums of AVX-512 BF16 dot products (``dequant_kernel.Kernels.matvec``). ``wrap_dense`` does the same for the
+dense linears' decode rows (attention projections, LM head; not the routers).
 
 ``forward`` is transformers' ``grouped_mm_experts_forward`` with its two grouped products replaced, and nothing else:
 the same gating (the module's own ``_apply_gate``/``act_fn``), bias adds, optional post-expert norm, routing weights
@@ -21,35 +22,63 @@ written); layouts the kernels do not take go through the dequantized rows (``qua
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
+from services.worker.dequant_kernel import KernelError
+
+log = logging.getLogger("moeinf.worker")
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
 
 
+class Declined(Exception):
+    """A product the kernels do not take (a weight not in bfloat16, an [in, out] weight, an MXFP4 scale outside
+    2..252): the layer takes the path it would take without the kernel."""
+
+
+def check(kernels) -> None:
+    """What ``--matvec-kernel`` needs of the compiled library (``dequant_kernel.load``'s ``check``): AVX-512 BF16,
+    and each kernel's products and weights as the checks below say."""
+    if not kernels.matvec_fast:
+        raise KernelError("this CPU has no AVX-512 BF16 (avx512_bf16 in /proc/cpuinfo), where the kernel would be"
+                          " slower than oneDNN")
+    _check_bf16(kernels)
+    if kernels.matvec_fp8_fast:
+        _check_fp8(kernels)
+    if kernels.matvec_mxfp4_fast:
+        _check_mxfp4(kernels)
+
+
 class Matvec:
-    """The compiled kernels (``dequant_kernel.Kernels``) as the two linears of an expert."""
+    """The checked kernels (``dequant_kernel.Kernels``) as the linears of an expert or a dense layer."""
 
     def __init__(self, kernels):
-        if not kernels.matvec_fast:
-            raise RuntimeError("--matvec-kernel: this CPU has no AVX-512 BF16 (avx512_bf16 in /proc/cpuinfo), where"
-                               " the kernel would be slower than oneDNN; leave --matvec-kernel off")
         self.kernels = kernels
+        self.noted: set[str] = set()
+
+    def note(self, what: str) -> None:
+        """Say once that the kernel computed ``what`` (a decode step's first use of each path)."""
+        if what not in self.noted:
+            self.noted.add(what)
+            log.info("--matvec-kernel: %s by matvec.c", what)
 
     def linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
         """``x @ weight.T`` (``x @ weight`` when ``transposed``) rounded to bfloat16, then ``+ bias`` in bfloat16:
-        what ``_grouped_linear`` computes for one expert."""
-        rows = weight.shape[1] if transposed else weight.shape[0]
-        out = torch.empty(x.shape[0], rows, dtype=torch.float32)
-        if weight.stride(-1) != 1 and weight.stride(-2) == 1:  # a transposed view (MXFP4 rows): its rows are columns
-            weight, transposed = weight.T, not transposed
-        self.kernels.matvec(weight, x.contiguous(), out, transposed)
+        what ``_grouped_linear`` computes for one expert. ``Declined`` for what the kernel does not read."""
+        if transposed:  # [in, out]: only a transposed view of [out, in] rows (the dequantized MXFP4 rows) is read
+            if weight.stride(-2) != 1:
+                raise Declined
+            weight = weight.T
+        if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1:
+            raise Declined
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        self.kernels.matvec(weight, x.to(torch.bfloat16).contiguous(), out)
         out = out.to(torch.bfloat16)
         return out.add_(bias) if bias is not None else out
-
 
     def products(self, module):
         """``linear(name, expert, x)``: expert ``expert``'s parameter ``name`` (and its bias) applied to ``x``."""
@@ -67,78 +96,84 @@ def forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec | 
     if matvec is not None:
         out = decode_forward(module, hidden_states, top_k_index, top_k_weights, matvec.products(module))
         if out is not None:
+            matvec.note("decode steps' expert products")
             return out
     return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
 
 
 def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
     """The experts forward with ``linear(name, expert, x)`` for each product (``top_k_index`` holds what ``linear``
-    takes as ``expert``), or None when the step routes more than ``MAX_TOKENS`` tokens to an expert or is not
-    bfloat16."""
+    takes as ``expert``), or None when the step routes more than ``MAX_TOKENS`` tokens to an expert, is not
+    bfloat16, or ``linear`` declines a product."""
     if hidden_states.dtype != torch.bfloat16 or getattr(module, "_is_expert_parallel", False):
         return None
+    flat = top_k_index.reshape(-1)
+    if flat.numel() > 2 * MAX_TOKENS and int(torch.bincount(flat).max()) > MAX_TOKENS:
+        return None  # a prompt step: one tensor op decides, not a Python loop over its tokens
     num_tokens, k = top_k_index.shape
     samples: dict[int, list[int]] = {}  # expert (slot) -> its (token, k) pairs, flat
-    for s, expert in enumerate(top_k_index.reshape(-1).tolist()):
+    for s, expert in enumerate(flat.tolist()):
         samples.setdefault(expert, []).append(s)
     if max(map(len, samples.values())) > MAX_TOKENS:
         return None
     gated = module.has_gate
     up = "gate_up_proj" if gated else "up_proj"
     out = torch.empty(num_tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
-    for expert, flat in samples.items():
-        index = torch.tensor(flat)
-        h = linear(up, expert, hidden_states[index // k])
-        h = module._apply_gate(h) if gated else module.act_fn(h)
-        h = linear("down_proj", expert, h)
-        if module.has_post_expert_norm:
-            h = module.post_expert_norm(h)
-        out[index] = h
+    try:
+        for expert, pairs in samples.items():
+            index = torch.tensor(pairs)
+            h = linear(up, expert, hidden_states[index // k])
+            h = module._apply_gate(h) if gated else module.act_fn(h)
+            h = linear("down_proj", expert, h)
+            if module.has_post_expert_norm:
+                h = module.post_expert_norm(h)
+            out[index] = h
+    except Declined:
+        return None
     weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-class _Declined(Exception):
-    """The MXFP4 kernel met a scale byte it does not compute: the layer takes the dequantized rows."""
-
-
-def quantized_forward(module, quantized: dict, plain: dict, kernels, table: torch.Tensor, experts: torch.Tensor,
+def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: torch.Tensor, experts: torch.Tensor,
                       slots: list[int], hidden_states, top_k_index, top_k_weights):
     """``decode_forward`` on quantized experts in their pool slots (``quantized``: ``quant.QuantParam`` by name;
     ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 or MXFP4 bytes and
     scales, turns them into bfloat16 in registers with the dequantization's bits and multiplies
     (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
     prompt step, or when an MXFP4 scale is one the kernel does not compute."""
+    kernels = mv.kernels
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
     slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
 
     def linear(name: str, slot: int, x: torch.Tensor) -> torch.Tensor:
         q = quantized[name]
         out = torch.empty(x.shape[0], q.values.shape[1], dtype=torch.float32)
+        x = x.to(torch.bfloat16).contiguous()
         if q.format == "mxfp4":
-            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x.contiguous(), out):
-                raise _Declined
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out):
+                raise Declined
         elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
-                                    (q.blocks[1], q.blocks[3]), x.contiguous(), out):
+                                    (q.blocks[1], q.blocks[3]), x, out):
             raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
-    try:
-        return decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
-    except _Declined:
-        return None
+    out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+    if out is not None:
+        mv.note("decode steps' products on the quantized slots in place")
+    return out
 
 
-def wrap_dense(model: nn.Module, mv: Matvec) -> int:
+def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     """The dense half of ``--matvec-kernel``: every bfloat16 ``nn.Linear`` that still holds its dense weight (those
     ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (a decode
     step's attention projections, the LM head's last position) by the kernel, reading its weight in place; larger
-    inputs take ``F.linear``. Returns how many."""
+    inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the experts' count; shared-expert gates: 1)
+    keep ``F.linear``, so that routing is decided as transformers decides it. Returns how many."""
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(module) is nn.Linear and isinstance(weight, nn.Parameter) and weight.dtype == torch.bfloat16 \
-                and weight.device.type == "cpu" and weight.is_contiguous():
+                and weight.device.type == "cpu" and weight.is_contiguous() and module.out_features not in skip_widths:
             module.forward = functools.partial(_dense_forward, module, mv)
             count += 1
     return count
@@ -149,7 +184,74 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
     if x.dtype != torch.bfloat16 or not 0 < rows <= MAX_TOKENS:
         return F.linear(x, module.weight, module.bias)
     out = torch.empty(rows, module.out_features, dtype=torch.float32)
-    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out, False)
+    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out)
     if module.bias is not None:
         out.add_(module.bias)  # in float32, then one rounding, as a fused bias would
+    mv.note("decode rows of the dense linears")
     return out.to(torch.bfloat16).view(*x.shape[:-1], module.out_features)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _check_bf16(kernels) -> None:
+    """The bf16 kernel within float32 rounding of float64 products: 1-5 input rows, widths with and without a tail,
+    row counts that are no multiple of the kernel's 8, a strided weight (a pool slot)."""
+    gen = torch.Generator().manual_seed(0)
+    for m, rows, cols in ((1, 8, 32), (2, 13, 40), (3, 67, 1000), (4, 24, 33), (5, 130, 256)):
+        slots = torch.randn(2, rows, cols + 8, generator=gen).to(torch.bfloat16)
+        weight = slots[1, :, :cols]  # row stride cols + 8
+        x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ weight.double().T
+        out = torch.empty(m, rows)
+        kernels.matvec(weight, x, out)
+        bound = 1e-5 * (x.double().abs() @ weight.double().abs().T) + 1e-30
+        if not bool(((out.double() - ref).abs() <= bound).all()):
+            raise KernelError(f"the built matrix-vector kernel is wrong ({m} x {rows} x {cols}): not used")
+
+
+def _check_fp8(kernels) -> None:
+    """The block-FP8 kernel's weights are the dequantization's bits: with one-hot inputs each output is one weight
+    exactly (scales from 1e-3 to 7e35; subnormal weights excepted, which AVX-512 BF16 reads as zero, like the bf16
+    kernel), and on random inputs it is a float32 sum of the products."""
+    from services.worker.quant import fp8_block_table, fp8_table
+
+    gen = torch.Generator().manual_seed(0)
+    table = fp8_table()
+    values = torch.randint(0, 256, (128, 256), dtype=torch.uint8, generator=gen)
+    values[(values & 0x7F) == 0x7F] = 0  # no NaN bytes: a NaN weight makes every sum NaN
+    scales = torch.tensor([[1e-3, 3.0], [7.3e35, 0.37]], dtype=torch.float32)
+    index = values.view(2, 64, 2, 128).long() + (torch.arange(4) * 256).view(2, 1, 2, 1)
+    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
+    x = torch.eye(256, dtype=torch.bfloat16)
+    for lo in range(0, 256, 4):
+        out = torch.empty(4, 128)
+        if not kernels.matvec_fp8(values, scales, table, (64, 128), x[lo:lo + 4], out) \
+                or not torch.equal(out, weight[:, lo:lo + 4].T.float()):
+            raise KernelError("the built FP8 matrix-vector kernel's weights differ from the dequantization's: not used")
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    out = torch.empty(3, 128)
+    scales = torch.tensor([[1e-3, 3.0], [0.5, 0.37]], dtype=torch.float32)  # sums within float32's range
+    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
+    kernels.matvec_fp8(values, scales, table, (64, 128), x, out)
+    want = x.double() @ weight.double().T
+    if not bool(((out.double() - want).abs() <= 1e-5 * (x.double().abs() @ weight.double().abs().T)).all()):
+        raise KernelError("the built FP8 matrix-vector kernel's sums are wrong: not used")
+
+
+def _check_mxfp4(kernels) -> None:
+    """The MXFP4 kernel's weights are the dequantization's bits (one-hot inputs, every code under scales 2..252),
+    and a scale outside that range is declined."""
+    from services.worker.quant import mxfp4_pairs, mxfp4_reference
+
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte, twice
+    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
+    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
+    weight = weight.view(torch.bfloat16).view(8, 128).float()
+    x = torch.eye(128, dtype=torch.bfloat16)
+    for lo in range(0, 128, 4):
+        out = torch.empty(4, 8)
+        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
+            raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
+                              " used")
+    scales[3, 1] = 253
+    if kernels.matvec_mxfp4(blocks, scales, x[:1], torch.empty(1, 8)):
+        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")

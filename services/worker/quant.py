@@ -362,8 +362,8 @@ class Dequantizer:
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
         """The decode forward on the quantized slots themselves, or None (a prompt step; an MXFP4 scale the kernel
         does not compute)."""
-        return matvec.quantized_forward(module, self.quantized, self.plain, self.matvec.kernels, self.fp8_values,
-                                        experts, slots, hidden_states, top_k_index, top_k_weights)
+        return matvec.quantized_forward(module, self.quantized, self.plain, self.matvec, self.fp8_values, experts,
+                                        slots, hidden_states, top_k_index, top_k_weights)
 
 
 def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:

@@ -31,20 +31,21 @@ def kernels(tmp_path_factory):
 def mv(kernels):
     if not kernels.matvec_fast:
         pytest.skip("this CPU has no AVX-512 BF16")
+    matvec.check(kernels)
     return matvec.Matvec(kernels)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("m,rows,cols", [(1, 8, 32), (1, 200, 96), (2, 77, 64), (3, 9, 1000), (4, 129, 40)])
-def test_kernel_is_a_float32_sum_of_the_products(tmp_path, threads, transposed, m, rows, cols):
-    kernels = dk.load("c", tmp_path, threads)
+@pytest.mark.parametrize("m,rows,cols", [(1, 8, 32), (1, 200, 96), (2, 77, 64), (3, 9, 1000), (4, 129, 40),
+                                         (5, 130, 128)])
+def test_kernel_is_a_float32_sum_of_the_products(mv, tmp_path, threads, m, rows, cols):
+    kernels = dk.load("c", tmp_path, threads, check=matvec.check)
     gen = torch.Generator().manual_seed(rows * cols + m)
     slots = torch.randn(3, rows, cols + 16, generator=gen).to(torch.bfloat16)
     weight = slots[2, :, :cols]  # a pool slot: rows strided, not contiguous as a whole
     x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
     out = torch.full((m, rows), float("nan"))
-    kernels.matvec(weight.T.contiguous() if transposed else weight, x, out, transposed)
+    kernels.matvec(weight, x, out)
     want = x.double() @ weight.double().T
     bound = 2e-6 * (x.double().abs() @ weight.double().abs().T)  # float32 rounding of the sum, any order
     assert ((out.double() - want).abs() <= bound).all()
@@ -55,12 +56,16 @@ def test_kernel_refuses_what_it_cannot_read(kernels):
     for weight, x, out in ((w.float(), w[:1], torch.empty(1, 8)), (w.T, w[:1], torch.empty(1, 8)),
                            (w, w[:1, :16], torch.empty(1, 8)), (w, w[:1], torch.empty(1, 8, dtype=torch.bfloat16))):
         with pytest.raises(ValueError, match="matvec kernel"):
-            kernels.matvec(weight, x, out, False)
+            kernels.matvec(weight, x, out)
 
 
-def test_a_cpu_without_avx512_bf16_is_refused_by_name():
-    with pytest.raises(RuntimeError, match="no AVX-512 BF16.*leave --matvec-kernel off"):
-        matvec.Matvec(types.SimpleNamespace(matvec_fast=False))
+def test_a_cpu_without_avx512_bf16_is_refused_by_name(tmp_path):
+    with pytest.raises(dk.KernelError, match="no AVX-512 BF16"):
+        matvec.check(types.SimpleNamespace(matvec_fast=False))
+    no_bf16 = types.SimpleNamespace(matvec_fast=False)
+    with pytest.raises(dk.KernelError, match="--matvec-kernel: .*no AVX-512 BF16.*, or leave --matvec-kernel off"):
+        dk.load("c", tmp_path, 1, check=lambda kernels: matvec.check(no_bf16), flag="--matvec-kernel",
+                advice="leave --matvec-kernel off")
 
 
 def experts_module(family: str):
@@ -120,9 +125,9 @@ def test_the_profile_floor_counts_the_kernel():
     from services.bench.profile_parts import bandwidth_floor
 
     calls = []
-    fake = types.SimpleNamespace(matvec_fast=True, matvec=lambda w, x, out, t: calls.append((w.shape, x.shape, t)))
+    fake = types.SimpleNamespace(matvec_fast=True, matvec=lambda w, x, out: calls.append((w.shape, x.shape)))
     floor = bandwidth_floor(1 << 20, 2, kernels=fake)
-    assert calls == [((128, 4096), (1, 4096), False)] * 3 and floor.gb_per_s > 0
+    assert calls == [((128, 4096), (1, 4096))] * 3 and floor.gb_per_s > 0
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +197,21 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         assert not calls and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_a_transposed_view_is_read_in_its_own_order(mv, transposed):
+def test_an_in_out_weight_is_declined(mv):
+    """A contiguous ``[in, out]`` weight (GPT-OSS's bf16 experts): no fast form, so the grouped matmul runs."""
+    with pytest.raises(matvec.Declined):
+        mv.linear(torch.randn(64, 96).to(torch.bfloat16), torch.randn(1, 64).to(torch.bfloat16), None, True)
+    with pytest.raises(matvec.Declined):
+        mv.linear(torch.randn(96, 64), torch.randn(1, 64), None, False)  # float32
+
+
+def test_a_transposed_view_is_read_in_its_own_order(mv):
     """The dequantized MXFP4 rows are a transposed view of row-major storage: read as stored, no copy."""
-    stored = torch.randn(96, 64).to(torch.bfloat16)  # [out, in] when the module wants [in, out], or the reverse
+    stored = torch.randn(96, 64).to(torch.bfloat16)  # [out, in], the module wants [in, out]
     view = stored.T
-    x = torch.randn(2, view.shape[0] if transposed else view.shape[1]).to(torch.bfloat16)
-    got = mv.linear(view, x, None, transposed)
-    want = (x.float() @ (view.float() if transposed else view.float().T)).to(torch.bfloat16)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    got = mv.linear(view, x, None, True)
+    want = (x.float() @ view.float()).to(torch.bfloat16)
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
 
 
@@ -215,7 +227,10 @@ def test_dense_linears_take_the_kernel_for_decode_rows_only(mv):
     packed = torch.nn.Linear(96, 64, bias=False).to(torch.bfloat16)
     if prepack.available():
         prepack.prepack_dense(torch.nn.Sequential(packed))
-    assert matvec.wrap_dense(torch.nn.Sequential(model, plain, packed), mv) == (3 if prepack.available() else 4)
+    router = torch.nn.Linear(96, 8, bias=False).to(torch.bfloat16)  # as wide as the experts' count: kept as is
+    assert matvec.wrap_dense(torch.nn.Sequential(model, plain, packed, router), mv, {1, 8}) \
+        == (3 if prepack.available() else 4)
+    assert "forward" not in vars(router)
     with torch.inference_mode():
         for shape in ((1, 1, 96), (2, 96), (1, 4, 96), (2, 3, 96)):
             x = torch.randn(*shape).to(torch.bfloat16)
