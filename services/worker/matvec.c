@@ -6,9 +6,10 @@
  * in] (nn.Linear's and most checkpoints' experts), each row contiguous with row stride ld (elements). The weight
  * streams from memory once per call, straight from where it lies (a pool slot): no packing, no copy (each block of
  * 8 rows is read again from cache for every second row of x).
- * On CPUs with AVX-512 BF16 the nt form runs VDPBF16PS on 8 rows at once, prefetching the next 8 rows into L2 as
+ * On CPUs with AVX-512 BF16 the kernel runs VDPBF16PS on 8 rows at once, prefetching the next 8 rows into L2 as
  * it goes (a block ahead: twice the speed of prefetching within the rows on short rows), and streams at the
- * memory's speed on one core; elsewhere plain C the compiler vectorizes. The sums are the same values as oneDNN's
+ * memory's speed on one core; the rows left over take plain C (as would a CPU without it, which matvec.check
+ * refuses). The sums are the same values as oneDNN's
  * but added in another order: the last bits of a product can differ (matvec.py's callers say so). VDPBF16PS reads
  * subnormal bfloat16 inputs as zero. */
 #include <stdint.h>
