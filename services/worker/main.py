@@ -18,8 +18,7 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, experts, prepack
-from services.worker import matvec
+from services.worker import dequant_kernel, experts, matvec, prepack
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.loader import load_model
