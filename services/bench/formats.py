@@ -47,6 +47,7 @@ class Options:
     threads: int
     json: Path | None
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb: memory beyond the limit, stated in the report
+    matvec_kernel: bool = False  # the worker's --matvec-kernel, for every format (stated in the report)
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -66,7 +67,8 @@ class Options:
         if args.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
         return cls(tuple(models), tuple(args.memory), args.tokens, args.prompt_len, args.repeats, args.threads,
-                   Path(args.json) if args.json else None, args.dequant_cache_mb)
+                   Path(args.json) if args.json else None, args.dequant_cache_mb,
+                   getattr(args, "matvec_kernel", "off") == "on")
 
 
 def expert_bytes(model_dir: Path) -> tuple[int, int]:
@@ -86,7 +88,8 @@ def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) 
     with contextlib.ExitStack() as stack:
         systems = []
         for label, path in opts.models:
-            system = MoeinfSystem(path, str(limit), threads, stack, opts.dequant_cache_mb)
+            system = MoeinfSystem(path, str(limit), threads, stack, opts.dequant_cache_mb,
+                                  matvec_kernel=opts.matvec_kernel)
             system.name = label
             systems.append(system)
         runs = measure(systems, prompt, OverheadOptions(opts.models[0][1], opts.tokens, opts.prompt_len,
@@ -142,7 +145,8 @@ def report(opts: Options, sizes: dict, results: dict, threads: int) -> str:
     lines = [f"moeinf bench formats: {opts.tokens} decode tokens x {opts.repeats} repeats, prompt {opts.prompt_len},"
              f" {threads} threads; memory = share of {opts.models[0][0]}'s expert bytes, same limit for all"
              + (f" (+ a {opts.dequant_cache_mb} MiB dequantized-expert cache per quantized model)"
-                if opts.dequant_cache_mb else ""),
+                if opts.dequant_cache_mb else "")
+             + ("; every worker with --matvec-kernel" if opts.matvec_kernel else ""),
              "  pool for all experts: " + ", ".join(f"{k} {format_bytes(v[0])} ({format_bytes(v[1])} an expert)"
                                              for k, v in sizes.items()),
              f"{'memory':>7} {'format':>8} {'resident':>8} {'decode ms/tok':>13} {'x base':>7}"
@@ -168,4 +172,6 @@ def add_parser(bench) -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--dequant-cache-mb", type=int, default=0,
                    help="quantized formats: the worker's cache of dequantized experts, memory beyond the limit")
+    p.add_argument("--matvec-kernel", choices=["off", "on"], default="off",
+                   help="the worker's knob for every format (decode products in moeinf's own kernel)")
     p.set_defaults(func=lambda args: run(args))
