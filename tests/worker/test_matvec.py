@@ -156,6 +156,35 @@ def test_fp8_kernel_declines_layouts_it_does_not_take(fp8_kernels):
     assert not fp8_kernels.matvec_fp8(values.view(torch.uint8), scales.float(), fp8_table(), (8, 32), x, out)
 
 
+SLOTS = [7, 6, 5, 4, 3, 2, 1, 0]  # expert e lives in slot 7 - e
+
+
+def direct_and_rows(dq, module, mv, kernel: str, monkeypatch):
+    """``dq`` multiplying its slots in place, the kernel ``kernel``'s calls counted, and ``both(hidden, index,
+    weights)``: the forward in place and by the dequantized rows."""
+    dq.use(mv, module)
+    assert dq.direct
+    calls = []
+    real = getattr(mv.kernels, kernel)
+    monkeypatch.setattr(mv.kernels, kernel, lambda *a: calls.append(1) or real(*a))
+
+    def both(hidden, index, weights):
+        got = dq.forward(module, 0, torch.arange(8), SLOTS, hidden, index, weights)
+        dq.direct = False
+        want = dq.forward(module, 0, torch.arange(8), SLOTS, hidden, index, weights)
+        dq.direct = True
+        return got, want
+    return calls, both
+
+
+def decode_steps_agree(module, both, calls, gen) -> None:
+    """Decode steps of 1 and 3 tokens use the kernel and agree with the rows within bf16 rounding."""
+    for tokens in (1, 3):
+        got, want = both(*routing(module, tokens, 2, gen))
+        assert calls and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+        calls.clear()
+
+
 def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch):
     """``--matvec-kernel`` on a block-FP8 checkpoint: a decode step multiplies the slots' FP8 bytes (nothing
     dequantized) and agrees with the dequantize-then-grouped-matmul path; a prompt step takes that path."""
@@ -173,25 +202,10 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
                             list(scales.shape[1:]), "float32")
         params[name] = QuantParam(spec, pool, tuple(values.shape[1:]), torch.bfloat16, capacity=8, kernels=mv.kernels)
     dq = Dequantizer(params, {}, 8)
-    dq.use(mv, module)
-    assert dq.direct
-    calls = []
-    real = mv.kernels.matvec_fp8
-    monkeypatch.setattr(mv.kernels, "matvec_fp8", lambda *a: calls.append(1) or real(*a))
+    calls, both = direct_and_rows(dq, module, mv, "matvec_fp8", monkeypatch)
     gen = torch.Generator().manual_seed(5)
-    slots = [7, 6, 5, 4, 3, 2, 1, 0]  # expert e lives in slot 7 - e
-    def both(hidden, index, weights):
-        got = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
-        dq.direct = False
-        want = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
-        dq.direct = True
-        return got, want
-
     with torch.inference_mode():
-        for tokens in (1, 3):
-            got, want = both(*routing(module, tokens, 2, gen))
-            assert calls and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
-            calls.clear()
+        decode_steps_agree(module, both, calls, gen)
         hidden, _, weights = routing(module, 6, 2, gen)
         got, want = both(hidden, torch.tensor([[0, 1]] * 6), weights)  # 6 tokens on expert 0: a prompt step
         assert not calls and torch.equal(got, want)
@@ -268,27 +282,11 @@ def test_mxfp4_experts_run_straight_from_their_slots(mv, monkeypatch):
         t = parts[4 + i]
         plain[name] = pool[:, offsets[4 + i]:offsets[4 + i] + t[0].numel() * 2].view(torch.bfloat16)
     dq = Dequantizer(params, plain, 8)
-    dq.use(mv, module)
-    assert dq.direct
-    calls = []
-    real = mv.kernels.matvec_mxfp4
-    monkeypatch.setattr(mv.kernels, "matvec_mxfp4", lambda *a: calls.append(1) or real(*a))
+    calls, both = direct_and_rows(dq, module, mv, "matvec_mxfp4", monkeypatch)
     gen = torch.Generator().manual_seed(6)
-    slots = [7, 6, 5, 4, 3, 2, 1, 0]
-
-    def both(hidden, index, weights):
-        got = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
-        dq.direct = False
-        want = dq.forward(module, 0, torch.arange(8), slots, hidden, index, weights)
-        dq.direct = True
-        return got, want
-
     with torch.inference_mode():
-        for tokens in (1, 3):
-            got, want = both(*routing(module, tokens, 2, gen))
-            assert calls and (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
-            calls.clear()
-        params["down_proj"].scales[slots[5]][0, 0] = 253  # expert 5's first block: a scale it declines
+        decode_steps_agree(module, both, calls, gen)
+        params["down_proj"].scales[SLOTS[5]][0, 0] = 253  # expert 5's first block: a scale it declines
         hidden, _, weights = routing(module, 1, 2, gen)
         got, want = both(hidden, torch.tensor([[5, 1]]), weights)
         assert calls and torch.equal(got, want)  # declined: the rows path, the same bits
