@@ -178,6 +178,7 @@ class MoeLayer:
     num_experts: int
     params: tuple[ExpertParam, ...]
     keyed: bool = False  # one expert module per key of an nn.ModuleDict (params named inside one expert)
+    transposed: bool = False  # the 2-D parameters are [in, out] (transformers' ``is_transposed``), else [out, in]
 
 
 def model_class(config):
@@ -232,13 +233,14 @@ def find_moe_layers(model) -> list[MoeLayer]:
             params = _keyed_params(name, module)
         else:
             continue
-        layers.append(MoeLayer(len(layers), name, module.num_experts, params, is_experts_dict(module)))
+        layers.append(MoeLayer(len(layers), name, module.num_experts, params, is_experts_dict(module),
+                               bool(getattr(module, "is_transposed", False))))
     if not layers:
         cls = type(model).__name__
         raise CheckpointError(f"{cls} (model type {model.config.model_type!r}) has no experts module using transformers'"
                               " ExpertsInterface (@use_experts_implementation) or an nn.ModuleDict of experts, so"
                               " moeinf cannot offload its experts")
-    shapes = {(l.num_experts, l.params) for l in layers}
+    shapes = {(l.num_experts, l.params, l.transposed) for l in layers}
     if len(shapes) != 1:
         raise CheckpointError("MoE layers differ in expert count or shape; moeinf needs one slot size for all")
     return layers

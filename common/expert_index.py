@@ -48,6 +48,7 @@ class ExpertIndex(Struct, frozen=True, array_like=True, forbid_unknown_fields=Tr
     expert_bytes: int  # bytes of one expert as stored (quantized values and scales; without slot padding)
     files: list[str]  # the checkpoint's safetensors files, absolute
     experts: list[list[Segment]]  # layer * num_experts + expert -> its segments, by file and offset
+    transposed: bool = False  # the experts module holds its 2-D parameters [in, out] (GPT-OSS), else [out, in]
 
     @property
     def num_layers(self) -> int:

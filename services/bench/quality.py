@@ -50,7 +50,8 @@ def round_trip(model, model_dir: Path, fmt: str, cache_dir: Path) -> int:
             for spec in store.tensors:
                 param = params[spec.name]
                 if spec.format:
-                    q = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, store.num_experts)
+                    q = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, store.num_experts,
+                                   transposed=bool(module.is_transposed))
                     values = q.dequantize(list(range(store.num_experts)))
                 else:
                     values = _plain(by_slot, spec)

@@ -15,9 +15,10 @@ slots with the same code as a natively quantized checkpoint (``services/worker/q
 
 - ``fp8``: float8_e4m3fn values and one float32 ``weight_scale_inv`` per 128x128 block (smaller dimensions make
   one block), of the parameter as the experts module holds it;
-- ``mxfp4``: 32-value blocks along the parameter's first dimension (the reduction dimension of GPT-OSS's
-  ``[in, out]`` experts; the output dimension of ``[out, in]`` ones such as Mixtral's), stored transposed as
-  GPT-OSS stores its ``*_blocks``/``*_scales``.
+- ``mxfp4``: 32-value blocks along the reduction (input) dimension, as the MX formats define them, stored
+  ``[out, in / 32, 16]`` as GPT-OSS stores its ``*_blocks``/``*_scales``: the transpose of an ``[in, out]``
+  parameter (GPT-OSS's, ``ExpertIndex.transposed``), the rows of an ``[out, in]`` one (Mixtral's) as they are. Either
+  way a row of the slot is one output's weights, the order the worker's matrix-vector kernel reads in place.
 
 Biases (1-D parameters) stay in the checkpoint's dtype. The conversion is NumPy: memd loads no torch for it.
 """
@@ -41,7 +42,7 @@ from common.expert_index import ExpertIndex, Segment, align_up
 log = logging.getLogger("moeinf.memd.compressed")
 FORMATS = ("fp8", "mxfp4")
 CACHE_DIR = "expert-cache"
-LAYOUT_VERSION = 1  # bump when the encoding or the file layout changes: old caches are then not reused
+LAYOUT_VERSION = 2  # 2: MXFP4 blocks along the input dimension of [out, in] parameters too; bump when the encoding or the file layout changes: old caches are then not reused
 FP8_BLOCK = 128
 
 
@@ -64,23 +65,26 @@ def fp8_block(name: str, shape: tuple[int, ...]) -> tuple[int, int]:
     return block
 
 
-def encoded_parts(name: str, shape: tuple[int, ...], fmt: str) -> tuple[tuple, tuple]:
-    """``((values shape, dtype), (scales shape, dtype))`` of one 2-D expert parameter in ``fmt``."""
+def encoded_parts(name: str, shape: tuple[int, ...], fmt: str, transposed: bool) -> tuple[tuple, tuple]:
+    """``((values shape, dtype), (scales shape, dtype))`` of one 2-D expert parameter in ``fmt``; ``transposed``:
+    the parameter is ``[in, out]``."""
     if fmt == "fp8":
         block = fp8_block(name, shape)
         return (shape, "float8_e4m3fn"), ((shape[0] // block[0], shape[1] // block[1]), "float32")
-    if shape[0] % MXFP4_BLOCK:
-        raise CheckpointError(f"--expert-format mxfp4: {name} {list(shape)}: the first dimension must be a multiple"
-                              f" of {MXFP4_BLOCK} (MXFP4 blocks)")
-    groups = shape[0] // MXFP4_BLOCK
-    return ((shape[1], groups, MXFP4_BLOCK // 2), "uint8"), ((shape[1], groups), "uint8")
+    out_dim, in_dim = (shape[1], shape[0]) if transposed else shape
+    if in_dim % MXFP4_BLOCK:
+        raise CheckpointError(f"--expert-format mxfp4: {name} {list(shape)}: the input dimension ({in_dim}) must be a"
+                              f" multiple of {MXFP4_BLOCK} (MXFP4 blocks)")
+    groups = in_dim // MXFP4_BLOCK
+    return ((out_dim, groups, MXFP4_BLOCK // 2), "uint8"), ((out_dim, groups), "uint8")
 
 
-def encode(weight: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """One expert parameter (as the experts module holds it) -> its stored values and scales."""
+def encode(weight: np.ndarray, fmt: str, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One expert parameter (as the experts module holds it; ``transposed``: ``[in, out]``) -> its stored values
+    and scales."""
     if fmt == "fp8":
         return fp8_encode(weight, fp8_block("weight", tuple(weight.shape)))
-    return mxfp4_encode(weight.T)  # blocks along dim 0, stored [dim 1, dim 0 / 32, 16] as GPT-OSS stores them
+    return mxfp4_encode(weight.T if transposed else weight)  # [out, in / 32, 16]: blocks along the input dimension
 
 
 def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
@@ -168,7 +172,7 @@ class CompressedStore:
             if not plan.fmt:
                 _put(out, plan.values, tensor)
                 continue
-            values, scales = encode(tensor, plan.fmt)
+            values, scales = encode(tensor, plan.fmt, self.source.transposed)
             _put(out, plan.values, values)
             _put(out, plan.scales, scales)
         return out.tobytes()
@@ -190,7 +194,7 @@ class CompressedStore:
                 specs.append(TensorSpec(spec.name, offset, list(shape), spec.dtype))
                 offset, nbytes = align_up(offset + size), nbytes + size
                 continue
-            (vshape, vdtype), (sshape, sdtype) = encoded_parts(spec.name, shape, self.format)
+            (vshape, vdtype), (sshape, sdtype) = encoded_parts(spec.name, shape, self.format, self.source.transposed)
             values_at = offset
             offset = align_up(offset + _nbytes(vshape, vdtype))
             plans.append(_Plan(spec.name, spec, self.format, (values_at, vshape, vdtype), (offset, sshape, sdtype)))

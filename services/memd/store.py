@@ -84,7 +84,8 @@ class ExpertStore:
         """What memd needs of this store, without transformers (its ``key`` is stamped by memd)."""
         experts = [self.segments[(layer.index, e)] for layer in self.layers for e in range(self.num_experts)]
         return ExpertIndex("", self.model_type, self.format, self.dtype, self.top_k, [l.module for l in self.layers],
-                           self.num_experts, self.tensors, self.slot_bytes, self.expert_bytes, self.files, experts)
+                           self.num_experts, self.tensors, self.slot_bytes, self.expert_bytes, self.files, experts,
+                           self.layers[0].transposed)
 
     def _collect(self, mapper: KeyMapper) -> None:
         """Every checkpoint tensor of an experts module, by (parameter, part); quantized companions (``*_blocks``,

@@ -12,9 +12,9 @@ dequantizes the experts of each group again (memory for prefill speed).
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
 ``Fp8Dequantize``: FP8 and scales in float32, multiplied per block, cast to the parameter dtype), so the values are
-bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[rows, K]`` (the blocks' order) and
-the parameter is their transposed view, which the grouped matmul reads with the same bits: no transposed copy.
-The slots may also come from memd's compressed cache of a bf16 checkpoint (``--expert-format``), same encoding.
+bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[out, in]`` (the blocks' order),
+an ``[in, out]`` parameter being their transposed view. The slots may also come from memd's compressed cache of a
+bf16 checkpoint (``--expert-format``), same encoding.
 
 The lookups run in the compiled kernels of ``dequant_kernel.py`` when the worker could build them (one read per
 quantized byte, one write per value; checked against this file's torch-op path, which stays the reference and the
@@ -93,7 +93,7 @@ class QuantParam:
     and the scratch rows its dequantized experts go to."""
 
     def __init__(self, spec: m.TensorSpec, by_slot: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-                 capacity: int, kernels: Kernels | None = None):
+                 capacity: int, kernels: Kernels | None = None, transposed: bool = True):
         self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
         # the compiled kernels (dequant_kernel.py) for the layouts and dtypes they take, else None: torch's ops
         self.kernels = kernels if dtype in (torch.bfloat16, torch.float16, torch.float32) else None
@@ -103,14 +103,13 @@ class QuantParam:
             rows, groups, half = spec.shape
             if half != 16:  # the kernels take MXFP4's 32-value blocks only
                 self.kernels = None
-            if (groups * half * 2, rows) != shape:
+            if ((groups * half * 2, rows) if transposed else (rows, groups * half * 2)) != shape:
                 raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
                                    f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
-            # the rows are stored [rows, K] (the blocks' own order) and the parameter is their [K, rows] transposed
-            # view: the matmul reads a transposed operand at the same speed and with the same bits, and the
-            # dequantization then never transposes (a 2-byte transposed copy cost more than all the rest)
+            # rows stored [out, in]; an [in, out] parameter (``transposed``, GPT-OSS) is their transposed view,
+            # which the matmul reads at the same speed with the same bits: the dequantization never transposes
             self.stored = aligned_empty((capacity, rows, groups * half * 2), dtype)
-            self.scratch = self.stored.transpose(1, 2)
+            self.scratch = self.stored.transpose(1, 2) if transposed else self.stored
             # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
             self.pairs = mxfp4_pairs(dtype)
             self.index = None if self.kernels else torch.empty(min(capacity, BATCH), rows, groups * half,
@@ -138,12 +137,12 @@ class QuantParam:
 
     def direct(self, kernels, transposed: bool) -> bool:
         """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this parameter from its slots (bfloat16; the
-        layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 stored ``[out, in]`` under the
-        transposed ``[in, out]`` parameter)?"""
+        layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 as it is always stored,
+        ``[out, in]`` in 16-byte blocks)?"""
         if self.dtype != torch.bfloat16:
             return False
         if self.format == "mxfp4":
-            return kernels.matvec_mxfp4_fast and transposed and self.values.shape[-1] == 16
+            return kernels.matvec_mxfp4_fast and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
         return kernels.matvec_fp8_fast and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
@@ -222,7 +221,8 @@ def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacit
     for spec in hello.tensors:
         if spec.format:
             param = params[spec.name]
-            out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity, kernels)
+            out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity, kernels,
+                                        bool(module.is_transposed))
     return out
 
 
@@ -357,7 +357,6 @@ class Dequantizer:
         remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
         proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
         return matvec.forward(proxy, hidden_states, remap[top_k_index], top_k_weights, self.matvec)
-
 
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
         """The decode forward on the quantized slots themselves, or None (a prompt step; an MXFP4 scale the kernel

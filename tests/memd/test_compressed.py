@@ -1,7 +1,8 @@
 """memd's compressed expert cache (``--expert-format fp8|mxfp4``): the slot images hold the released formats'
 encoding of each expert (the worker's dequantization of them equals transformers' of the same encoding), experts
 convert once and the cache survives a restart, a changed checkpoint gets a fresh cache, a quantized checkpoint is
-refused, and greedy tokens served at 25% memory equal transformers' model with the same round-tripped experts."""
+refused, and greedy tokens served at 25% memory equal transformers' model with the same round-tripped experts (also
+with ``--matvec-kernel`` multiplying MXFP4 slots of ``[out, in]`` experts in place)."""
 import os
 
 import pytest
@@ -42,6 +43,7 @@ def expert_weights(path, layer, expert):
 def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
     store = store_of(oss, fmt, tmp_path)
     try:
+        assert store.source.transposed  # GPT-OSS holds its experts [in, out]
         image = torch.frombuffer(bytearray(store.image((1, 3))), dtype=torch.uint8)
         weights = expert_weights(oss, 1, 3)
         for spec in store.tensors:
@@ -64,6 +66,29 @@ def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
             err = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
             assert got.shape == weight.shape and 0 < err < (0.2 if fmt == "mxfp4" else 0.07), err
         assert store.expert_bytes * (3.5 if fmt == "mxfp4" else 1.9) < store.source.expert_bytes
+    finally:
+        store.close()
+
+
+def test_mxfp4_blocks_run_along_the_input_dimension_of_out_in_experts(tmp_path):
+    """Mixtral's experts are ``[out, in]``: their MXFP4 rows are stored as they are (no transpose), blocks along
+    ``in``, so a slot row is one output's weights, as in GPT-OSS's slots (the worker's kernel reads either)."""
+    store = store_of(write_family("mixtral", tmp_path / "m", dtype="bfloat16"), "mxfp4", tmp_path)
+    try:
+        assert not store.source.transposed
+        source = torch.frombuffer(store._read_source((1, 2)), dtype=torch.uint8)
+        image = torch.frombuffer(bytearray(store.image((1, 2))), dtype=torch.uint8)
+        for src, spec in zip(store.source.tensors, store.tensors):
+            weight = source[src.offset:].narrow(0, 0, _nbytes(src.shape, src.dtype)).view(torch.bfloat16)
+            weight = weight.view(src.shape)
+            values = image[spec.offset:].narrow(0, 0, _nbytes(spec.shape, spec.dtype)).view(spec.shape)
+            scales = image[spec.scale_offset:].narrow(0, 0, _nbytes(spec.scale_shape, "uint8")).view(spec.scale_shape)
+            blocks, exps = mxfp4_tensors(weight)
+            assert spec.shape == [weight.shape[0], weight.shape[1] // 32, 16]
+            assert torch.equal(values, blocks) and torch.equal(scales, exps)
+            got = convert_moe_packed_tensors(values[None], scales[None], dtype=torch.bfloat16)[0].T  # [in, out].T
+            err = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
+            assert got.shape == weight.shape and 0 < err < 0.2, err
     finally:
         store.close()
 
@@ -115,21 +140,48 @@ def test_convert_cli_fills_the_cache(oss, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
 def test_served_tokens_equal_transformers_with_the_round_tripped_experts(oss, fmt, state_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from services.bench.quality import round_trip
-
-    model = AutoModelForCausalLM.from_pretrained(oss)
-    model.generation_config.eos_token_id = None
-    round_trip(model, oss, fmt, tmp_path / "reference-cache")
-    expected = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
-                .tolist() for p in PROMPTS]
+    expected = round_trip_reference(oss, fmt, tmp_path / "reference-cache")
     with Stack(oss, state_dir, expert_memory="25%", extra_memd=("--expert-format", fmt)) as stack:
         got = stack.generate_all(PROMPTS, 16)
         stats = stack.memd_stats()
     assert got == expected
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert stats.evictions > 0, "25% memory must evict and reload experts"
+
+
+def test_the_matvec_kernel_multiplies_compressed_mxfp4_slots_in_place(state_dir, tmp_path):
+    """memd ``--expert-format mxfp4`` of a bf16 Mixtral (``[out, in]`` experts) with the worker's
+    ``--matvec-kernel``: decode steps multiply the slots' MXFP4 bytes in place (the worker says so), prompts
+    dequantize them into untransposed rows, and on these prompts the greedy tokens equal transformers' model with
+    the same round-tripped experts (opt-in kernel: another summation order, nothing promises it elsewhere)."""
+    from services.worker import dequant_kernel, matvec
+    try:
+        dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec.check)
+    except dequant_kernel.KernelError as exc:
+        pytest.skip(f"no matrix-vector kernel here: {exc}")
+    path = write_family("mixtral", tmp_path / "m", dtype="bfloat16")
+    expected = round_trip_reference(path, "mxfp4", tmp_path / "reference-cache")
+    with Stack(path, state_dir, expert_memory="25%", extra_memd=("--expert-format", "mxfp4"),
+               extra_worker=("--matvec-kernel", "on")) as stack:
+        got = stack.generate_all(PROMPTS, 16)
+        log = stack.worker_log.read_text()
+    assert "multiply the quantized slots in place" in log, log[-2000:]
+    assert "decode steps' products on the quantized slots in place by matvec.c" in log, log[-2000:]  # they ran
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert got == expected
+
+
+def round_trip_reference(path, fmt: str, cache_dir) -> list[list[int]]:
+    """Transformers' greedy tokens for ``PROMPTS`` with the model's experts replaced by their ``fmt`` round trip."""
+    from transformers import AutoModelForCausalLM
+
+    from services.bench.quality import round_trip
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.generation_config.eos_token_id = None
+    round_trip(model, path, fmt, cache_dir)
+    return [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
+            .tolist() for p in PROMPTS]
 
 
 def _nbytes(shape, dtype):
