@@ -42,7 +42,9 @@ from common.expert_index import ExpertIndex, Segment, align_up
 log = logging.getLogger("moeinf.memd.compressed")
 FORMATS = ("fp8", "mxfp4")
 CACHE_DIR = "expert-cache"
-LAYOUT_VERSION = 2  # 2: MXFP4 blocks along the input dimension of [out, in] parameters too; bump when the encoding or the file layout changes: old caches are then not reused
+# bump when the encoding or the file layout changes: old caches are then not reused (2: MXFP4 of [out, in] experts
+# blocked along the input dimension)
+LAYOUT_VERSION = 2
 FP8_BLOCK = 128
 
 
