@@ -138,6 +138,8 @@ class MemdConfig:
                                   " as stored")
     expert_cache_dir: Path | None = knob(None, "where --expert-format keeps its converted experts (default:"
                                                " <state-dir>/expert-cache)")
+    index_cache_dir: Path | None = knob(None, "where memd caches checkpoint indexes, one small file per checkpoint"
+                                              " version, for every state dir (default: in the state directory)")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
@@ -173,10 +175,9 @@ class MemdConfig:
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         Access(self.group)  # an unknown group fails here, with its name
-        if self.eamc_dir is not None:
-            object.__setattr__(self, "eamc_dir", Path(self.eamc_dir))
-        if self.expert_cache_dir is not None:
-            object.__setattr__(self, "expert_cache_dir", Path(self.expert_cache_dir))
+        for name in ("eamc_dir", "expert_cache_dir", "index_cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         check_admin_tcp(self.admin_tcp, self.admin_token)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port {self.metrics_port}: a TCP port (1-65535), or 0 for no metrics endpoint")

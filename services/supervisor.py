@@ -1,4 +1,5 @@
-"""``moeinf serve``: start memd, worker(s) and gateway as child processes, wait for each to be ready, supervise.
+"""``moeinf serve``: start memd, worker(s) and gateway as child processes (all at once; each awaited in dependency
+order), supervise.
 
 With ``--workers N`` (N > 1) N workers attach to the one memd (one expert pool), each on its own socket
 (``worker-<i>.sock``); the gateway finds them all in the state directory. Each is restarted on its own.
@@ -103,7 +104,8 @@ class Supervisor:
                                    "--prefetch", "on" if cfg.prefetch else "off",
                                    *(["--expert-format", cfg.expert_format] if cfg.expert_format else [])],
                           sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())
-        worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued)]
+        worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued),
+                  "--handshake-timeout-s", f"{cfg.startup_timeout_s:g}"]  # started with memd: wait as long for it
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
         ids = [str(i) for i in range(cfg.workers)] if cfg.workers > 1 else [""]  # one worker: worker.sock
@@ -133,15 +135,24 @@ class Supervisor:
         self.stopping = True
 
     def start_all(self) -> None:
-        self.start(self.memd, self.memd_ready)
-        for worker in self.workers:
-            self.start(worker, self.worker_ready(worker))
-        self.start(self.gateway, self.gateway_ready)
+        """Every child starts at once: a worker loads its model while memd indexes the checkpoint, then waits for
+        memd's handshake (``--handshake-timeout-s``, given serve's ``--startup-timeout-s``), and the gateway answers
+        503 until a worker is ready. Readiness is then awaited in dependency order, so memd's error comes first."""
+        children = [(self.memd, self.memd_ready), *((w, self.worker_ready(w)) for w in self.workers),
+                    (self.gateway, self.gateway_ready)]
+        for child, _ in children:
+            say(f"starting {child.name} ...")
+            child.start()
+        for child, ready in children:
+            self.wait_ready(child, ready)
 
     def start(self, child: Child, ready) -> None:
         say(f"starting {child.name} ...")
         child.start()
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        self.wait_ready(child, ready)
+
+    def wait_ready(self, child: Child, ready) -> None:
+        deadline = child.started + self.cfg.startup_timeout_s
         while not ready():
             if self.stopping:
                 raise KeyboardInterrupt

@@ -24,6 +24,15 @@ def mixtral(checkpoints) -> Path:
     return checkpoints["mixtral"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_index_cache(tmp_path_factory) -> Path:
+    """Every memd the tests start (they inherit the environment) keeps its checkpoint index in one directory
+    (``--index-cache-dir``): a memd on a checkpoint another test indexed skips its indexer child (~8 s here)."""
+    path = tmp_path_factory.mktemp("index-cache")
+    os.environ["MOEINF_INDEX_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     return tmp_path / "state"

@@ -3,7 +3,9 @@
 ``python -m services.memd.indexer DIR`` builds the ``ExpertStore`` of DIR (transformers' meta model and
 conversion mapping) and writes an ``IndexResult`` as msgpack on its stdout: the index, or the ``CheckpointError``
 message to show the user. memd (``load_index``) runs it only when its cached index does not match the
-checkpoint's identity, and saves the new one (``save_index``) once it holds its state directory's lock.
+checkpoint's identity, and saves the new one (``save_index``) once it holds its state directory's lock. The cache is
+``<state-dir>/expert-index.msgpack``, or with ``--index-cache-dir`` one file per checkpoint identity there, shared by
+every memd that uses the directory (several state directories, a test suite): each writes atomically.
 """
 from __future__ import annotations
 
@@ -26,22 +28,31 @@ _decode = msgspec.msgpack.Decoder(IndexResult).decode
 _decode_index = msgspec.msgpack.Decoder(ExpertIndex).decode
 
 
-def load_index(model: Path, state_dir: Path) -> tuple[ExpertIndex, bool]:
-    """``(index of the checkpoint at model, fresh)``: the one cached in ``state_dir`` if it matches the checkpoint
-    (``fresh`` False), else one built by the indexer child (``fresh`` True: save it with ``save_index``).
+def index_file(state_dir: Path, cache_dir: Path | None, key: str) -> Path:
+    """Where the index of the checkpoint identified by ``key`` is cached (``--index-cache-dir``, else the state
+    directory's one file)."""
+    return Path(cache_dir) / f"expert-index-{key[:32]}.msgpack" if cache_dir else Path(state_dir) / FILE_NAME
+
+
+def load_index(model: Path, state_dir: Path, cache_dir: Path | None = None) -> tuple[ExpertIndex, bool]:
+    """``(index of the checkpoint at model, fresh)``: the cached one if it matches the checkpoint (``fresh``
+    False), else one built by the indexer child (``fresh`` True: save it with ``save_index``).
     Raises ``CheckpointError`` with the indexer's message when the checkpoint cannot be served."""
     checkpoint = Checkpoint(model)  # headers and file sizes checked here: a broken file fails before any child
     key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE)
-    cached = _cached(state_dir / FILE_NAME, key)
+    cached = _cached(index_file(state_dir, cache_dir, key), key)
     if cached is not None:
         return cached, False
     return msgspec.structs.replace(_run_indexer(checkpoint.dir), key=key), True
 
 
-def save_index(state_dir: Path, index: ExpertIndex) -> None:
-    """Write ``index`` to ``state_dir`` atomically (a reader sees the old file or the new one)."""
-    path = state_dir / FILE_NAME
-    tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}")
+def save_index(state_dir: Path, index: ExpertIndex, cache_dir: Path | None = None) -> None:
+    """Write ``index`` where ``load_index`` looks for it, atomically (a reader sees the old file or the new one;
+    concurrent writers of one checkpoint write the same bytes)."""
+    path = index_file(state_dir, cache_dir, index.key)
+    if cache_dir:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_bytes(msgspec.msgpack.encode(index))
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)

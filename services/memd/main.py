@@ -44,7 +44,7 @@ def open_store(cfg: MemdConfig):
     """``(store, index)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
     imports neither torch nor transformers), or with ``--expert-format`` the compressed cache over it (converted
     with NumPy); ``index`` is the index to save in the state directory, None when the cached one was used."""
-    index, fresh = load_index(cfg.model, cfg.state_dir)
+    index, fresh = load_index(cfg.model, cfg.state_dir, cfg.index_cache_dir)
     if not cfg.expert_format:
         return index, index if fresh else None
     from services.memd.compressed import CompressedStore, cache_root
@@ -68,7 +68,7 @@ def run(cfg: MemdConfig) -> int:
     backend = control = None
     try:
         if new_index is not None:
-            save_index(cfg.state_dir, new_index)
+            save_index(cfg.state_dir, new_index, cfg.index_cache_dir)
         if hasattr(store, "open"):  # the compressed cache opens its files
             store.open()
         backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))

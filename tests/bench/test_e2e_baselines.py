@@ -182,6 +182,7 @@ def test_total_and_expert_memory_are_exclusive(tiny):
     assert proc.returncode != 0 and "give bytes" in proc.stderr
 
 
+@pytest.mark.slow  # CI's time: test_baselines_and_moeinf_json runs every system under cgroup limits already
 @pytest.mark.skipif(not _cgroups_usable(), reason="needs root and a cgroup memory controller")
 def test_equal_memory_run(tiny, tmp_path):
     """``--memory-limit-total``: runtimes measured, every limited system under the same total, its expert share from

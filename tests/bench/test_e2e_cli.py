@@ -65,6 +65,7 @@ def test_every_run_gets_fresh_prompts_paired_across_systems_unless_warm(tmp_path
         lines.check()
 
 
+@pytest.mark.slow  # CI's time: one more full e2e run for a label
 def test_warm_eamc_is_labelled(tmp_path):
     model = write_family("mixtral", tmp_path / "m")
     out = tmp_path / "e2e.json"

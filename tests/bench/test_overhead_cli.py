@@ -80,6 +80,7 @@ def test_memd_failure_is_an_error_and_cleans_up(tiny, tmpdir_env):
     assert list(tmp.iterdir()) == []
 
 
+@pytest.mark.slow  # CI's time: test_memd_failure_is_an_error_and_cleans_up checks the same cleanup path
 def test_ctrl_c_stops_memd(tiny, tmpdir_env):
     tmp, env = tmpdir_env
     cmd = moeinf_cmd("bench", "overhead", "--model", str(tiny), "--tokens", "400", "--prompt-len", "5",

@@ -1,5 +1,6 @@
 """memd indexes the checkpoint in a child process and never imports torch or transformers itself; the index is
-the one ``ExpertStore`` computes, cached in the state directory until the checkpoint changes."""
+the one ``ExpertStore`` computes, cached in the state directory (or ``--index-cache-dir``) until the checkpoint
+changes."""
 import os
 import shutil
 import subprocess
@@ -53,6 +54,28 @@ def test_cached_until_the_checkpoint_changes(mixtral, tmp_path, state_dir, monke
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 1_000_000_000))
     with pytest.raises(AssertionError, match="indexed again"):
         load_index(model, state_dir)
+
+
+def test_an_index_cache_dir_is_shared_by_state_directories(mixtral, tmp_path, monkeypatch):
+    """``--index-cache-dir``: one file per checkpoint identity there (none in the state directory), found from
+    another state directory; another checkpoint is indexed into its own file."""
+    cache = tmp_path / "index-cache"
+    first, fresh = load_index(mixtral, tmp_path / "a", cache)
+    assert fresh
+    save_index(tmp_path / "a", first, cache)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600 and not (tmp_path / "a" / FILE_NAME).exists()
+
+    def no_child(directory):
+        raise AssertionError("indexed again")
+
+    monkeypatch.setattr(indexer, "_run_indexer", no_child)
+    again, fresh = load_index(mixtral, tmp_path / "b", cache)
+    assert again == first and not fresh
+    model = tmp_path / "model"
+    shutil.copytree(mixtral, model)
+    with pytest.raises(AssertionError, match="indexed again"):
+        load_index(model, tmp_path / "b", cache)
 
 
 def test_a_corrupt_cache_is_rebuilt(mixtral, state_dir):

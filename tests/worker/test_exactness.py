@@ -51,7 +51,7 @@ def test_greedy_equals_transformers_at_25_percent(family, checkpoints, state_dir
 
 
 @pytest.mark.parametrize("family, memd_args", [
-    ("mixtral", ["--policy", "lru", "--prefetch", "on"]),
+    pytest.param("mixtral", ["--policy", "lru", "--prefetch", "on"], marks=pytest.mark.slow),  # CI: 3 of 4
     ("mixtral", ["--policy", "lfu", "--prefetch", "on", "--read-chunk", "4KiB"]),  # many preemption points
     ("mixtral", ["--policy", "activation", "--prefetch", "off"]),
     ("qwen2_moe", ["--policy", "lru", "--prefetch", "on", "--prefetch-threshold", "0.05", "--prefetch-window", "8"]),
@@ -78,7 +78,7 @@ def test_greedy_equals_transformers_with_every_policy(family, memd_args, checkpo
         assert stats.prefetch_issued == 0
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
 def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
     """``--prepack-dense`` on a bfloat16 checkpoint: the worker packs its bias-free dense linears for oneDNN and
     serves. On these prompts its greedy tokens equal transformers' eager bfloat16 model; the flag is opt-in because
@@ -93,7 +93,7 @@ def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
     assert got == expected, f"{family} in bfloat16 with packed linears diverged"
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def test_bfloat16_with_the_matvec_kernel(family, tmp_path, state_dir):
     """``--matvec-kernel on``: decode steps' expert products in moeinf's own kernel (services/worker/matvec.py). Its
     sums are added in another order than oneDNN's, so a product's last bit can differ; on these prompts the greedy
