@@ -1,6 +1,7 @@
 """``moeinf serve``'s supervisor with real child processes (stand-ins for the services, so each test takes seconds):
-the restart budget is a sliding window that refills, giving up removes the stale socket files of the dead, and
-SIGTERM stops every child in parallel (issue 12, items 7 and 9)."""
+children start at once and are awaited in dependency order, the restart budget is a sliding window that refills,
+giving up removes the stale socket files of the dead, and SIGTERM stops every child in parallel (issue 12, items 7
+and 9)."""
 import subprocess
 import sys
 import threading
@@ -83,6 +84,35 @@ def test_the_window_counts_only_recent_crashes():
     assert [child.crashed(10, t) for t in (0, 1, 2)] == [1, 2, 3]
     assert child.crashed(10, 11.5) == 2  # the crashes at 0 and 1 aged out
     assert child.crashed(10, 100) == 1
+
+
+def test_children_start_at_once_and_are_awaited_in_order(tmp_path):
+    """A worker loads its model while memd indexes: serve starts every child at once, the workers told to wait for
+    memd's handshake as long as serve's start-up timeout, then awaits memd, the worker and the gateway in order."""
+    sup = Supervisor(ServeConfig(state_dir=tmp_path / "state", startup_timeout_s=300), tmp_path / "model")
+    for child in (sup.memd, *sup.workers, sup.gateway):
+        child.cmd = SLEEPER
+    t0, order = time.monotonic(), []
+
+    def ready_after(name: str, seconds: float):
+        def probe() -> bool:
+            if time.monotonic() - t0 < seconds:
+                return False
+            order.append(name)
+            return True
+        return probe
+
+    sup.memd_ready = ready_after("memd", 1.5)
+    sup.worker_ready = lambda worker: ready_after("worker", 0.0)
+    sup.gateway_ready = ready_after("gateway", 0.0)
+    try:
+        sup.start_all()
+    finally:
+        sup.stop_all()
+    assert order == ["memd", "worker", "gateway"]
+    assert all(c.started - t0 < 1.0 for c in (sup.memd, *sup.workers, sup.gateway)), "a child waited for memd"
+    args = sup.workers[0].args
+    assert args[args.index("--handshake-timeout-s") + 1] == "300"
 
 
 def test_sigterm_stops_the_children_in_parallel(tmp_path):
