@@ -359,7 +359,7 @@ class ServeConfig:
     served_model_name: str = knob("", "model id clients send (default: the checkpoint directory's name)")
     max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
     demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
-    startup_timeout_s: float = knob(600.0, "seconds each service may take to become ready")
+    startup_timeout_s: float = knob(600.0, "seconds the services (started together) may take to become ready")
     max_restarts: int = knob(5, "restarts of a crashing service within --restart-window-s before serve gives up")
     restart_window_s: float = knob(600.0, "sliding window of --max-restarts: crashes older than this are forgotten,"
                                           " so a service that crashes now and then is restarted for ever")

@@ -5,14 +5,18 @@ conversion mapping) and writes an ``IndexResult`` as msgpack on its stdout: the 
 message to show the user. memd (``load_index``) runs it only when its cached index does not match the
 checkpoint's identity, and saves the new one (``save_index``) once it holds its state directory's lock. The cache is
 ``<state-dir>/expert-index.msgpack``, or with ``--index-cache-dir`` one file per checkpoint identity there, shared by
-every memd that uses the directory (several state directories, a test suite): each writes atomically.
+every memd of the same user that uses the directory (several state directories, a test suite). An index says which
+files memd reads into the pool, so only a regular file this user owns and nobody else may write is trusted (another
+user's, a link: indexed again); saving is atomic and best effort (a directory memd cannot write costs a warning).
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import msgspec
@@ -20,6 +24,7 @@ import msgspec
 from common.checkpoint import Checkpoint, CheckpointError
 from common.expert_index import ExpertIndex, IndexResult, checkpoint_key
 
+log = logging.getLogger("moeinf.memd")
 FILE_NAME = "expert-index.msgpack"
 ROOT = Path(__file__).resolve().parents[2]  # the directory holding ``common`` and ``services``
 # The code that decides the index: a change to any of it invalidates every cached index.
@@ -47,22 +52,40 @@ def load_index(model: Path, state_dir: Path, cache_dir: Path | None = None) -> t
 
 
 def save_index(state_dir: Path, index: ExpertIndex, cache_dir: Path | None = None) -> None:
-    """Write ``index`` where ``load_index`` looks for it, atomically (a reader sees the old file or the new one;
-    concurrent writers of one checkpoint write the same bytes)."""
+    """Write ``index`` where ``load_index`` looks for it, atomically (a reader sees the old file or the new one),
+    0600; a failure is a warning (the next start indexes again), never an error."""
     path = index_file(state_dir, cache_dir, index.key)
-    if cache_dir:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(msgspec.msgpack.encode(index))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        if cache_dir:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, a name no other writer has
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgspec.msgpack.encode(index))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not cache the checkpoint index in %s (%s): memd indexes the checkpoint again at its next"
+                    " start", path.parent, exc)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _cached(path: Path, key: str) -> ExpertIndex | None:
     try:
-        index = _decode_index(path.read_bytes())
-    except (OSError, msgspec.DecodeError):  # none yet, unreadable, or written by another version: index again
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # none yet, or a link
         return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            log.warning("%s is not this user's own file: not trusted, indexing again", path)
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            index = _decode_index(f.read())
+    except (OSError, msgspec.DecodeError):  # unreadable, or written by another version: index again
+        return None
+    finally:
+        os.close(fd)
     return index if index.key == key else None
 
 

@@ -93,7 +93,7 @@ class QuantParam:
     and the scratch rows its dequantized experts go to."""
 
     def __init__(self, spec: m.TensorSpec, by_slot: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-                 capacity: int, kernels: Kernels | None = None, transposed: bool = True):
+                 capacity: int, kernels: Kernels | None = None, *, transposed: bool):
         self.name, self.format, self.shape, self.dtype = spec.name, spec.format, shape, dtype
         # the compiled kernels (dequant_kernel.py) for the layouts and dtypes they take, else None: torch's ops
         self.kernels = kernels if dtype in (torch.bfloat16, torch.float16, torch.float32) else None
@@ -222,7 +222,7 @@ def quantized_params(hello: m.HelloReply, by_slot: torch.Tensor, module, capacit
         if spec.format:
             param = params[spec.name]
             out[spec.name] = QuantParam(spec, by_slot, tuple(param.shape[1:]), param.dtype, capacity, kernels,
-                                        bool(module.is_transposed))
+                                        transposed=bool(module.is_transposed))
     return out
 
 

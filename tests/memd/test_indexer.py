@@ -78,6 +78,27 @@ def test_an_index_cache_dir_is_shared_by_state_directories(mixtral, tmp_path, mo
         load_index(model, tmp_path / "b", cache)
 
 
+def test_a_cached_index_others_could_write_is_not_trusted(mixtral, tmp_path, monkeypatch, caplog):
+    """The index names the files memd reads into the pool: a file others may write, or a link, is indexed again;
+    a directory memd cannot write to costs a warning, not the start."""
+    cache = tmp_path / "index-cache"
+    index, _ = load_index(mixtral, tmp_path / "a", cache)
+    save_index(tmp_path / "a", index, cache)
+    (path,) = cache.iterdir()
+    calls = []
+    monkeypatch.setattr(indexer, "_run_indexer", lambda directory: calls.append(directory) or index)
+    path.chmod(0o666)
+    assert load_index(mixtral, tmp_path / "b", cache)[1] and "not trusted" in caplog.text
+    path.chmod(0o600)
+    path.rename(cache / "real")
+    path.symlink_to(cache / "real")
+    assert load_index(mixtral, tmp_path / "b", cache)[1]
+    assert len(calls) == 2
+    (tmp_path / "not-a-dir").write_text("")
+    save_index(tmp_path / "a", index, tmp_path / "not-a-dir")  # no exception
+    assert "could not cache the checkpoint index" in caplog.text
+
+
 def test_a_corrupt_cache_is_rebuilt(mixtral, state_dir):
     state_dir.mkdir()
     (state_dir / FILE_NAME).write_bytes(b"\x93garbage")

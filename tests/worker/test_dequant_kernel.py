@@ -39,7 +39,7 @@ def test_mxfp4_every_scale_and_byte_equals_transformers(kernels, tmp_path, dtype
     scales = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 16).unsqueeze(0).contiguous()
     pool, (bo, so) = pool_of([blocks, scales], 1)
     spec = m.TensorSpec("gate_up_proj", bo, [256, 16, 16], "uint8", "mxfp4", so, [256, 16], "uint8")
-    param = QuantParam(spec, pool, (512, 256), dtype, capacity=1, kernels=run)
+    param = QuantParam(spec, pool, (512, 256), dtype, capacity=1, kernels=run, transposed=True)
     want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)
     got = param.dequantize([0])[0].contiguous()
     assert got.view(torch.uint8).equal(want[0].contiguous().view(torch.uint8))
@@ -56,7 +56,8 @@ def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads, block):
                           dtype=torch.float32).view(4, 3)
     pool, (vo, so) = pool_of([values.unsqueeze(0), scales.unsqueeze(0)], 1)
     spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, [4, 3], "float32")
-    param = QuantParam(spec, pool, (rows, cols), dtype, capacity=1, kernels=dk.Kernels(kernels.lib, threads))
+    param = QuantParam(spec, pool, (rows, cols), dtype, capacity=1, kernels=dk.Kernels(kernels.lib, threads),
+                       transposed=False)
     want = Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=dtype)
     assert param.dequantize([0])[0].view(torch.uint8).equal(want.view(torch.uint8))
 
@@ -71,7 +72,8 @@ def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, orde
     pairs = [fp8_tensors(torch.randn(rows, cols) * (e + 1), block) for e in range(3)]
     pool, (vo, so) = pool_of([torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])], 3)
     spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, list(grid), "float32")
-    fast, ref = (QuantParam(spec, pool, (rows, cols), dtype, capacity=3, kernels=k) for k in (kernels, None))
+    fast, ref = (QuantParam(spec, pool, (rows, cols), dtype, capacity=3, kernels=k, transposed=False)
+                 for k in (kernels, None))
     assert fast.dequantize(order).view(torch.uint8).equal(ref.dequantize(order).view(torch.uint8))
 
 
@@ -126,11 +128,14 @@ def test_layouts_the_kernels_do_not_take_use_torch_or_are_refused(kernels):
                                                                                           dtype=torch.uint8)
     pool, (bo, so) = pool_of([blocks, scales], 1)
     spec = m.TensorSpec("w", bo, [32, 4, 8], "uint8", "mxfp4", so, [32, 4], "uint8")  # 16-value blocks
-    assert QuantParam(spec, pool, (64, 32), torch.bfloat16, capacity=1, kernels=kernels).kernels is None
+    bf16 = QuantParam(spec, pool, (64, 32), torch.bfloat16, capacity=1, kernels=kernels, transposed=True)
+    assert bf16.kernels is None
     spec = m.TensorSpec("w", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
-    assert QuantParam(spec, pool, (64, 32), torch.float16, capacity=1, kernels=kernels).kernels is kernels
+    half = QuantParam(spec, pool, (64, 32), torch.float16, capacity=1, kernels=kernels, transposed=True)
+    assert half.kernels is kernels
     spec = m.TensorSpec("w", bo, [32, 32], "float8_e4m3fn", "fp8", so, [2, 2], "float32")
-    assert QuantParam(spec, pool, (32, 32), torch.float64, capacity=1, kernels=kernels).kernels is None
+    double = QuantParam(spec, pool, (32, 32), torch.float64, capacity=1, kernels=kernels, transposed=True)
+    assert double.kernels is None
     spec = m.TensorSpec("w", bo, [30, 32], "float8_e4m3fn", "fp8", so, [4, 2], "float32")
     with pytest.raises(RuntimeError, match=r"scales \[4, 2\] that do not tile its \[30, 32\] values"):
-        QuantParam(spec, pool, (30, 32), torch.bfloat16, capacity=1, kernels=kernels)
+        QuantParam(spec, pool, (30, 32), torch.bfloat16, capacity=1, kernels=kernels, transposed=True)

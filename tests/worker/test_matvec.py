@@ -200,7 +200,8 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         values, scales = parts[2 * i], parts[2 * i + 1]
         spec = m.TensorSpec(name, offsets[2 * i], list(values.shape[1:]), "float8_e4m3fn", "fp8", offsets[2 * i + 1],
                             list(scales.shape[1:]), "float32")
-        params[name] = QuantParam(spec, pool, tuple(values.shape[1:]), torch.bfloat16, capacity=8, kernels=mv.kernels)
+        params[name] = QuantParam(spec, pool, tuple(values.shape[1:]), torch.bfloat16, capacity=8, kernels=mv.kernels,
+                                  transposed=False)
     dq = Dequantizer(params, {}, 8)
     calls, both = direct_and_rows(dq, module, mv, "matvec_fp8", monkeypatch)
     gen = torch.Generator().manual_seed(5)
@@ -276,7 +277,7 @@ def test_mxfp4_experts_run_straight_from_their_slots(mv, monkeypatch):
         spec = m.TensorSpec(name, offsets[2 * i], list(blocks.shape[1:]), "uint8", "mxfp4", offsets[2 * i + 1],
                             list(scales.shape[1:]), "uint8")
         params[name] = QuantParam(spec, pool, tuple(getattr(module, name).shape[1:]), torch.bfloat16, capacity=8,
-                                  kernels=mv.kernels)
+                                  kernels=mv.kernels, transposed=True)
     plain = {}
     for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):
         t = parts[4 + i]

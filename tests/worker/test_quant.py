@@ -38,7 +38,7 @@ def test_mxfp4_equals_transformers(rows, groups, dtype, seed, order):
     pool, (bo, so) = pool_of([blocks, scales], 4)
     spec = m.TensorSpec("gate_up_proj", bo, list(blocks.shape[1:]), "uint8", "mxfp4", so, list(scales.shape[1:]),
                         "uint8")
-    param = QuantParam(spec, pool, (groups * 32, rows), dtype, capacity=4)
+    param = QuantParam(spec, pool, (groups * 32, rows), dtype, capacity=4, transposed=True)
     want = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [4, K, rows]
     got = param.dequantize(order)
     assert got.dtype == dtype and torch.equal(got, want[order])
@@ -55,7 +55,7 @@ def test_fp8_equals_transformers(grid, block, dtype, seed):
     values, scales = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     pool, (vo, so) = pool_of([values, scales], 3)
     spec = m.TensorSpec("down_proj", vo, [rows, cols], "float8_e4m3fn", "fp8", so, list(grid), "float32")
-    param = QuantParam(spec, pool, (rows, cols), dtype, capacity=3)
+    param = QuantParam(spec, pool, (rows, cols), dtype, capacity=3, transposed=False)
     got = param.dequantize([2, 0])
     for row, e in enumerate([2, 0]):
         want = Fp8Dequantize(None)._dequantize_one(values[e], scales[e], output_dtype=dtype)
@@ -66,11 +66,25 @@ def test_more_routed_experts_than_the_scratch_is_an_error_naming_the_bound():
     blocks, scales = mxfp4_tensors(torch.randn(3, 32, 32))
     pool, (bo, so) = pool_of([blocks, scales], 3)
     spec = m.TensorSpec("w", bo, [32, 1, 16], "uint8", "mxfp4", so, [32, 1], "uint8")
-    param = QuantParam(spec, pool, (32, 32), torch.float32, capacity=2)
+    param = QuantParam(spec, pool, (32, 32), torch.float32, capacity=2, transposed=True)
     first = param.dequantize([0, 1]).clone()
     assert torch.equal(param.dequantize([1, 0]), first.flip(0))  # the same rows, reused
     with pytest.raises(RuntimeError, match=r"3 experts routed in one layer, the dequantization buffer holds 2"):
         param.dequantize([0, 1, 2])
+
+
+def test_mxfp4_rows_of_an_out_in_parameter_are_the_parameter():
+    """MXFP4 is stored ``[out, in / 32, 16]``: an ``[in, out]`` parameter (GPT-OSS) is the rows' transpose, an ``[out,
+    in]`` one (Mixtral, from memd's compressed cache) the rows themselves; square, only ``transposed`` tells."""
+    blocks, scales = mxfp4_tensors(torch.randn(2, 64, 64))
+    pool, (bo, so) = pool_of([blocks, scales], 2)
+    spec = m.TensorSpec("down_proj", bo, [64, 2, 16], "uint8", "mxfp4", so, [64, 2], "uint8")
+    in_out = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # transformers': [2, in, out]
+    as_stored = QuantParam(spec, pool, (64, 64), torch.float32, capacity=2, transposed=False)
+    assert torch.equal(as_stored.dequantize([0, 1]), in_out.transpose(1, 2))
+    transposed = QuantParam(spec, pool, (64, 64), torch.float32, capacity=2, transposed=True)
+    assert torch.equal(transposed.dequantize([0, 1]), in_out)
+    assert not torch.equal(in_out, in_out.transpose(1, 2))
 
 
 def test_layout_that_cannot_make_the_parameter_is_refused():
@@ -78,7 +92,7 @@ def test_layout_that_cannot_make_the_parameter_is_refused():
     pool, (bo, so) = pool_of([blocks, scales], 2)
     spec = m.TensorSpec("down_proj", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
     with pytest.raises(RuntimeError, match=r"cannot make the model's \[32, 64\]"):
-        QuantParam(spec, pool, (32, 64), torch.float32, capacity=2)
+        QuantParam(spec, pool, (32, 64), torch.float32, capacity=2, transposed=True)
 
 
 def test_row_cache_in_a_layer_cycle_larger_than_its_rows_keeps_hitting():
@@ -135,7 +149,8 @@ def test_dequantizer_caches_rows_and_forwards_like_the_scratch():
     blocks, scales = mxfp4_tensors(torch.randn(4, 32, 64))
     pool, (bo, so) = pool_of([blocks, scales], 4)
     spec = m.TensorSpec("gate_up_proj", bo, [32, 2, 16], "uint8", "mxfp4", so, [32, 2], "uint8")
-    dq = Dequantizer({"gate_up_proj": QuantParam(spec, pool, (64, 32), torch.float32, capacity=6)}, {}, 6)
+    param = QuantParam(spec, pool, (64, 32), torch.float32, capacity=6, transposed=True)
+    dq = Dequantizer({"gate_up_proj": param}, {}, 6)
     want = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     rows = dq.rows(0, [0, 3], [0, 3])
     assert dq.rows(0, [0, 3], [0, 3]) == rows and dq.cache.hits == 2
