@@ -64,7 +64,8 @@ def test_an_index_cache_dir_is_shared_by_state_directories(mixtral, tmp_path, mo
     assert fresh
     save_index(tmp_path / "a", first, cache)
     files = list(cache.iterdir())
-    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600 and not (tmp_path / "a" / FILE_NAME).exists()
+    assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "a" / FILE_NAME).exists()
 
     def no_child(directory):
         raise AssertionError("indexed again")
