@@ -185,23 +185,31 @@ def decode_steps_agree(module, both, calls, gen) -> None:
         calls.clear()
 
 
+def quant_params(module, pool, offsets, parts, kind: tuple[str, str, str], mv) -> dict:
+    """``QuantParam`` views of ``gate_up_proj`` and ``down_proj``, stored as ``parts`` (values, scales, ...) at
+    ``offsets`` of ``pool``; ``kind``: (values dtype, format, scales dtype)."""
+    values_dtype, fmt, scales_dtype = kind
+    params = {}
+    for i, name in enumerate(("gate_up_proj", "down_proj")):
+        values, scales = parts[2 * i], parts[2 * i + 1]
+        spec = m.TensorSpec(name, offsets[2 * i], list(values.shape[1:]), values_dtype, fmt, offsets[2 * i + 1],
+                            list(scales.shape[1:]), scales_dtype)
+        params[name] = QuantParam(spec, pool, tuple(getattr(module, name).shape[1:]), torch.bfloat16, capacity=8,
+                                  kernels=mv.kernels, transposed=bool(module.is_transposed))
+    return params
+
+
 def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch):
     """``--matvec-kernel`` on a block-FP8 checkpoint: a decode step multiplies the slots' FP8 bytes (nothing
     dequantized) and agrees with the dequantize-then-grouped-matmul path; a prompt step takes that path."""
     module = experts_module("mixtral")  # gate_up [8, 256, 64], down [8, 64, 128]
     block = (8, 64)
-    specs, parts = [], []
+    parts = []
     for name in ("gate_up_proj", "down_proj"):
         pairs = [fp8_tensors(getattr(module, name)[e].float(), block) for e in range(8)]
         parts += [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])]
     pool, offsets = pool_of(parts, 8)
-    params = {}
-    for i, name in enumerate(("gate_up_proj", "down_proj")):
-        values, scales = parts[2 * i], parts[2 * i + 1]
-        spec = m.TensorSpec(name, offsets[2 * i], list(values.shape[1:]), "float8_e4m3fn", "fp8", offsets[2 * i + 1],
-                            list(scales.shape[1:]), "float32")
-        params[name] = QuantParam(spec, pool, tuple(values.shape[1:]), torch.bfloat16, capacity=8, kernels=mv.kernels,
-                                  transposed=False)
+    params = quant_params(module, pool, offsets, parts, ("float8_e4m3fn", "fp8", "float32"), mv)
     dq = Dequantizer(params, {}, 8)
     calls, both = direct_and_rows(dq, module, mv, "matvec_fp8", monkeypatch)
     gen = torch.Generator().manual_seed(5)
@@ -264,20 +272,14 @@ def test_mxfp4_experts_run_straight_from_their_slots(mv, monkeypatch):
     if not mv.kernels.matvec_mxfp4_fast:
         pytest.skip("this CPU has no AVX-512 BF16")
     module = experts_module("gpt_oss")  # gate_up [8, 64, 64] ([in, out]), down [8, 32, 64]
-    parts, specs = [], []
+    parts = []
     for name in ("gate_up_proj", "down_proj"):
         blocks, scales = mxfp4_tensors(getattr(module, name).float().transpose(1, 2))  # stored [out, in]
         parts += [blocks, scales]
     for name in ("gate_up_proj_bias", "down_proj_bias"):
         parts.append(getattr(module, name).detach())
     pool, offsets = pool_of(parts, 8)
-    params = {}
-    for i, name in enumerate(("gate_up_proj", "down_proj")):
-        blocks, scales = parts[2 * i], parts[2 * i + 1]
-        spec = m.TensorSpec(name, offsets[2 * i], list(blocks.shape[1:]), "uint8", "mxfp4", offsets[2 * i + 1],
-                            list(scales.shape[1:]), "uint8")
-        params[name] = QuantParam(spec, pool, tuple(getattr(module, name).shape[1:]), torch.bfloat16, capacity=8,
-                                  kernels=mv.kernels, transposed=True)
+    params = quant_params(module, pool, offsets, parts, ("uint8", "mxfp4", "uint8"), mv)
     plain = {}
     for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):
         t = parts[4 + i]
