@@ -5,30 +5,21 @@ wins over the variable, which wins over the default. Nothing below ``main()`` re
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
 import socket
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.access import Access
 from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, resolve_api_key
+from common.knobs import add_config_args, build_config, env_name, flag_name, knob  # noqa: F401 (re-exported)
 from common.sizes import parse_size
 
-ENV_PREFIX = "MOEINF_"
 PROTOCOL_VERSION = 1
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
-
-
-def knob(default, help: str, **extra):
-    """A config field with its help text (shown by ``--help``, together with its env variable)."""
-    return field(default=default, metadata={"help": help, **extra})
 
 
 def default_state_dir() -> Path:
@@ -58,67 +49,6 @@ def resolve_worker_id(value: str) -> str:
 def state_socket(state_dir: Path | str, name: str) -> str:
     """The ipc:// address of one of the sockets every service finds in the shared state directory."""
     return f"ipc://{Path(state_dir).resolve() / name}"
-
-
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _base_type(tp):
-    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
-    return next(a for a in typing.get_args(tp) if a is not type(None)) if union else tp
-
-
-def _convert(tp, raw: str, name: str):
-    base = _base_type(tp)
-    if base is bool:
-        low = str(raw).strip().lower()
-        if low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return low in ("1", "true", "yes", "on")
-        raise ValueError(f"{name}: {raw!r} is not a boolean (use on/off, true/false, 1/0)")
-    try:
-        return base(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {raw!r} is not a valid {base.__name__}") from exc
-
-
-def add_config_args(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of ``cls``; the help text names the env variable and the default."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {default}]"
-        help_text = help_text.replace("%", "%%")  # argparse %-formats help ("25%" would crash --help)
-        if _base_type(hints[f.name]) is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None, nargs="?", const="on", metavar="on|off",
-                                help=help_text)
-        else:
-            parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
-
-
-def build_config(cls, args: argparse.Namespace | None = None, env: typing.Mapping[str, str] | None = None, **overrides):
-    """Build ``cls`` from flags, then ``MOEINF_*`` variables, then defaults. Raises ValueError on a bad value."""
-    env = os.environ if env is None else env
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        raw = overrides.get(f.name)
-        if raw is None and args is not None:
-            raw = getattr(args, f.name, None)
-        if raw is None:
-            raw = env.get(env_name(f.name))
-        if raw is None:
-            continue
-        values[f.name] = raw if not isinstance(raw, str) else _convert(hints[f.name], raw, _flag(f.name))
-    return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +182,9 @@ class WorkerConfig:
     matvec_kernel: bool = knob(False, "bfloat16 on CPUs with AVX-512 BF16: decode steps' expert and dense products"
                                       " (FP8/MXFP4 experts from their bytes) in moeinf's own kernel, at the memory's"
                                       " speed; another summation order than oneDNN's: tokens may differ from eager's")
+    matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"
+                                  " and a row count, ~0.6 MiB each; batching meets new ones as long as it runs, so"
+                                  " this bounds the worker's memory); 0: oneDNN's own bound (1024)")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
@@ -271,14 +204,14 @@ class WorkerConfig:
         Access(self.group)
         for name in ("max_queued", "max_running", "max_step_tokens", "max_prefill_chunk"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{_flag(name)} must be >= 1")
+                raise ValueError(f"{flag_name(name)} must be >= 1")
         if self.max_step_tokens < self.max_prefill_chunk + self.max_running:
             raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
                              f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"
                              " chunk always fits next to the running requests' decode tokens")
-        for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts"):
+        for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{_flag(name)} must be >= 0")
+                raise ValueError(f"{flag_name(name)} must be >= 0")
         if self.dequant_kernel not in ("auto", "c", "torch"):
             raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
 

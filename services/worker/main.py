@@ -18,7 +18,7 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, experts, matvec, prepack
+from services.worker import dequant_kernel, experts, kernel_caches, matvec, prepack
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.loader import load_model
@@ -40,6 +40,7 @@ class Attached(NamedTuple):
 
 def attach(cfg: WorkerConfig) -> Attached:
     """Load the model and bind its experts to memd's pool."""
+    log.debug("matmul kernel caches: %s", kernel_caches.bound(cfg.matmul_cache) or "oneDNN's defaults")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = Checkpoint(cfg.model)

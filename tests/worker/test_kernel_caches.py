@@ -1,0 +1,45 @@
+"""--matmul-cache: oneDNN's per-shape kernels are bounded, so new matmul shapes stop growing the worker's memory."""
+import subprocess
+import sys
+
+import pytest
+
+from services.worker import kernel_caches
+
+GROWTH = """
+import sys
+import torch
+from services.worker import kernel_caches
+kernel_caches.bound(int(sys.argv[1]))  # after torch's import, before its first bfloat16 matmul: as in the worker
+
+def rss_mib():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssAnon")) / 1024
+
+w1, w2 = torch.randn(512, 256, dtype=torch.bfloat16), torch.randn(256, 512, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(1, 256, dtype=torch.bfloat16), w1)
+start = rss_mib()
+for rows in range(1, 151):  # 300 shapes: row counts as continuous batching meets them
+    torch.nn.functional.linear(torch.nn.functional.linear(torch.randn(rows, 256, dtype=torch.bfloat16), w1), w2)
+print(rss_mib() - start)
+"""
+
+
+def growth_mib(shapes: int) -> float:
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}  # none of the capacity variables
+    out = subprocess.run([sys.executable, "-c", GROWTH, str(shapes)], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return float(out.stdout)
+
+
+def test_bound_sets_both_caches_and_a_users_variable_wins():
+    env = {"LRU_CACHE_CAPACITY": "9"}
+    assert kernel_caches.bound(128, env) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "9"}
+    assert kernel_caches.bound(0, {}) == {}
+
+
+def test_a_bounded_cache_stops_new_shapes_from_growing_memory():
+    unbounded = growth_mib(0)
+    if unbounded < 40:
+        pytest.skip(f"this CPU's bfloat16 matmul keeps no per-shape kernels (+{unbounded:.1f} MiB for 300 shapes)")
+    bounded = growth_mib(8)
+    assert bounded < unbounded / 3, (bounded, unbounded)
