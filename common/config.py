@@ -252,6 +252,9 @@ class GatewayConfig:
                                        " that served them, so the next turn goes there too (least recently used go)")
     affinity_slack_tokens: int = knob(1024, "a conversation leaves its worker for the least-loaded one when its"
                                             " worker has more than this many outstanding tokens above that one's")
+    tokenizer_cache: int = knob(256, "words the tokenizer's BPE/Unigram cache keeps (tokenizers' own bound: 10000;"
+                                     " a SentencePiece-style tokenizer caches each short prompt whole, ~6 KiB, so"
+                                     " that bound grows the gateway by ~60 MiB); 0: none")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
@@ -268,8 +271,8 @@ class GatewayConfig:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)
         if self.max_queued < 1 or self.max_tokens_limit < 1 or self.affinity_entries < 1:
             raise ValueError("--max-queued, --max-tokens-limit and --affinity-entries must be >= 1")
-        if self.affinity_slack_tokens < 0:
-            raise ValueError("--affinity-slack-tokens must be >= 0")
+        if self.affinity_slack_tokens < 0 or self.tokenizer_cache < 0:
+            raise ValueError("--affinity-slack-tokens and --tokenizer-cache must be >= 0")
 
     @property
     def cors_allowed(self) -> tuple[str, ...]:

@@ -16,7 +16,9 @@ log = logging.getLogger("moeinf.gateway")
 
 
 def run(cfg: GatewayConfig) -> int:
-    codec = TextCodec(cfg.model)
+    codec = TextCodec(cfg.model, cfg.tokenizer_cache)
+    if not codec.cache_bounded:
+        log.debug("--tokenizer-cache: this tokenizer keeps no cache of words (nothing to bound)")
     asyncio.run(_serve(cfg, codec))
     return 0
 

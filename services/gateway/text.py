@@ -7,13 +7,14 @@ REPLACEMENT = "\ufffd"
 
 
 class TextCodec:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, cache_entries: int | None = None):
         from transformers import AutoTokenizer
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except Exception as exc:  # transformers raises many types for a missing or broken tokenizer
             raise RuntimeError(f"{model_dir} has no usable tokenizer ({exc}); the gateway needs one") from None
+        self.cache_bounded = cache_entries is not None and bound_cache(self.tokenizer, cache_entries)
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         # no token spells more characters than its vocabulary string has: a text longer than this many characters
         # per token of context cannot fit (x2 for normalizers that compose characters)
@@ -66,6 +67,19 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def bound_cache(tokenizer, entries: int) -> bool:
+    """Keep at most ``entries`` words in the tokenizer's cache of BPE or Unigram results (tokenizers' own bound:
+    10,000). A pre-tokenizer that does not split words (SentencePiece-style Metaspace, as Mistral's) makes a whole
+    prompt of up to 256 characters one word, ~6 KiB cached, so with the default bound every new short prompt grows
+    the gateway until 10,000 of them are held (docs/soak.md). False when the tokenizer has no such cache."""
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    resize = getattr(model, "_resize_cache", None)  # tokenizers >= 0.20
+    if resize is None:
+        return False
+    resize(entries)
+    return True
 
 
 class IncrementalDetokenizer:
