@@ -23,13 +23,14 @@ def fuzzed(demo_model):
     from services.gateway.text import TextCodec
 
     codec = TextCodec(demo_model)
-    cfg = gateway_config(demo_model, Path(tempfile.mkdtemp(prefix="gw", dir="/tmp")), max_tokens_limit=8)
-    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer))
-    gateway = LocalGateway(cfg, codec)
-    gateway.wait_ready()
-    yield gateway
-    gateway.close()
-    worker.close()
+    with tempfile.TemporaryDirectory(prefix="gw", dir="/tmp") as state:  # short: ipc:// paths are at most 107 bytes
+        cfg = gateway_config(demo_model, Path(state), max_tokens_limit=8)
+        worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer))
+        gateway = LocalGateway(cfg, codec)
+        gateway.wait_ready()
+        yield gateway
+        gateway.close()
+        worker.close()
 
 
 @pytest.fixture(scope="module")

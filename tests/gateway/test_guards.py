@@ -33,19 +33,20 @@ def make_gateway(demo_model, codec):
     made = []
 
     def make(max_model_len: int = 4096, step_s: float = 0.0, **knobs) -> LocalGateway:
-        state = Path(tempfile.mkdtemp(prefix="gw", dir="/tmp"))
-        cfg = gateway_config(demo_model, state, **knobs)
+        tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")  # short: ipc:// paths are at most 107 bytes
+        cfg = gateway_config(demo_model, Path(tmp.name), **knobs)
         worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), max_model_len, step_s)
         gateway = LocalGateway(cfg, codec)
         gateway.worker = worker
-        made.append(gateway)
+        made.append((gateway, tmp))
         gateway.wait_ready()
         return gateway
 
     yield make
-    for gateway in made:
+    for gateway, tmp in made:
         gateway.close()
         gateway.worker.close()
+        tmp.cleanup()
 
 
 @pytest.fixture(scope="module")

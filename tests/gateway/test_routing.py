@@ -76,7 +76,8 @@ def two_workers(demo_model):
     from services.gateway.text import TextCodec
 
     codec = TextCodec(demo_model)
-    state = Path(tempfile.mkdtemp(prefix="gw", dir="/tmp"))
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")  # short: ipc:// paths are at most 107 bytes
+    state = Path(tmp.name)
     cfg = gateway_config(demo_model, state, max_queued=8, affinity_slack_tokens=0)
     vocab = len(codec.tokenizer)
     workers = [CountingWorker(cfg.worker_addr, vocab, step_s=0.05),
@@ -87,9 +88,7 @@ def two_workers(demo_model):
     gateway.close()
     for worker in workers:
         worker.close()
-    for path in state.iterdir():
-        path.unlink()
-    state.rmdir()
+    tmp.cleanup()
 
 
 def test_concurrent_requests_spread_over_both_workers_and_a_user_sticks(two_workers):

@@ -25,7 +25,8 @@ def codec(demo_model):
 @pytest.fixture
 def setup(demo_model, codec):
     """``(gateway, start_worker)``: a gateway with --max-queued 2; ``start_worker(**kw)`` binds a fake worker."""
-    cfg = gateway_config(demo_model, Path(tempfile.mkdtemp(prefix="gw", dir="/tmp")), max_queued=2)
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")  # short: ipc:// paths are at most 107 bytes
+    cfg = gateway_config(demo_model, Path(tmp.name), max_queued=2)
     workers = []
 
     def start_worker(**kw) -> FakeWorker:
@@ -37,6 +38,7 @@ def setup(demo_model, codec):
     gateway.close()
     for worker in workers:
         worker.close()
+    tmp.cleanup()
 
 
 def SSE(gateway, max_tokens=4000) -> SseStream:  # noqa: N802 (reads as the stream it returns)
