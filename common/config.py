@@ -172,7 +172,7 @@ class WorkerConfig:
                                     " newest row is reused first; a hit skips the dequantization; 0: one layer's)")
     dequant_scratch_experts: int = knob(0, "quantized experts: experts the dequantization scratch holds (0: a layer's"
                                            " experts, up to the pool's slots); fewer saves memory, and a step that"
-                                           " routes more runs its tokens in groups, dequantizing again per group")
+                                           " routes more runs its experts in groups, same results")
     dequant_kernel: str = knob("auto", "quantized experts: auto (a C kernel built on first use with the system's C"
                                        " compiler, $CC or cc, into <state-dir>/kernels and checked against torch's"
                                        " ops; torch's ops, 2-3x slower, when none builds), c (the kernel or a"

@@ -281,7 +281,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     dequant = None
     if views.quantized:  # one scratch for all layers: the most experts a layer can hold at once, or the knob's
         capacity = min(layers[0].num_experts, views.num_slots)
-        if scratch_experts:  # a step that routes more runs its tokens in groups that fit (quant.token_groups)
+        if scratch_experts:  # a step that routes more runs its experts in groups that fit (expert_groups.py)
             if scratch_experts < top_k:
                 raise ValueError(f"--dequant-scratch-experts {scratch_experts} cannot hold one token's {top_k} experts")
             capacity = min(capacity, scratch_experts)

@@ -6,8 +6,8 @@ layer the worker dequantizes only the experts routed in the step, into one preal
 buffer per parameter, and runs transformers' own grouped-matmul forward on it with expert ids remapped to buffer
 rows. The capacity is the most experts a layer can hold at once, ``min(experts, pool slots)``, or
 ``--dequant-scratch-experts`` when lower (plus ``--dequant-cache-mb``): a step that routes more than it holds (a
-prefill) runs its tokens in groups whose experts fit (``token_groups``), each token whole in one group, and
-dequantizes the experts of each group again (memory for prefill speed).
+prefill) runs its experts in groups that fit (``expert_groups.py``), each dequantized once, with the bits of one
+call.
 
 The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``convert_moe_packed_tensors``:
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
@@ -31,6 +31,7 @@ import torch
 from common import messages as m
 from common.quant_encode import FP4_MAGNITUDES
 from services.worker import matvec
+from services.worker.expert_groups import in_expert_groups
 from services.worker.matvec import Matvec
 
 if TYPE_CHECKING:
@@ -334,8 +335,8 @@ class Dequantizer:
     def forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
                 top_k_weights):
         """``experts`` (sorted unique routed ids) live in ``slots``; they become their cached rows. When more are
-        routed than the scratch holds (a prefill: the scratch is sized for a decode step), the tokens run in groups
-        whose experts fit, each token's experts computed and summed together as in one call."""
+        routed than the scratch holds (a prefill: the scratch is sized for a decode step), the experts run in groups
+        that fit, each once on all its tokens, with the bits of one call (``expert_groups.py``)."""
         if self.direct:
             out = self._direct(module, experts, slots, hidden_states, top_k_index, top_k_weights)
             if out is not None:
@@ -343,12 +344,11 @@ class Dequantizer:
         if len(experts) <= self.cache.rows:
             return self._forward(module, layer, experts, slots, hidden_states, top_k_index, top_k_weights)
         slot_of = dict(zip(experts.tolist(), slots))
-        out = []
-        for lo, hi in token_groups(top_k_index.tolist(), self.cache.rows):
-            group = torch.unique(top_k_index[lo:hi])
-            out.append(self._forward(module, layer, group, [slot_of[e] for e in group.tolist()], hidden_states[lo:hi],
-                                     top_k_index[lo:hi], top_k_weights[lo:hi]))
-        return torch.cat(out)
+
+        def group_forward(group, hidden, index, weights):
+            return self._forward(module, layer, group, [slot_of[e] for e in group.tolist()], hidden, index, weights)
+
+        return in_expert_groups(group_forward, experts, self.cache.rows, hidden_states, top_k_index, top_k_weights)
 
     def _forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
                  top_k_weights):
@@ -363,18 +363,6 @@ class Dequantizer:
         does not compute)."""
         return matvec.quantized_forward(module, self.quantized, self.plain, self.matvec, self.fp8_values, experts,
                                         slots, hidden_states, top_k_index, top_k_weights)
-
-
-def token_groups(index: list[list[int]], rows: int) -> list[tuple[int, int]]:
-    """Consecutive token ranges ``[lo, hi)`` whose routed experts (``index[t]``) number at most ``rows`` each."""
-    groups, lo, seen = [], 0, set()
-    for t, experts in enumerate(index):
-        if len(seen | set(experts)) > rows and t > lo:
-            groups.append((lo, t))
-            lo, seen = t, set()
-        seen |= set(experts)
-    groups.append((lo, len(index)))
-    return groups
 
 
 def row_bytes(hello: m.HelloReply, plain_views: dict[str, torch.Tensor], module) -> int:

@@ -158,12 +158,34 @@ def test_dequantizer_caches_rows_and_forwards_like_the_scratch():
         assert torch.equal(dq.tensors["gate_up_proj"][r], want[e])
 
 
-def test_token_groups_keep_each_group_within_the_rows():
-    from services.worker.quant import token_groups
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [16, 23])
+def test_experts_in_groups_give_the_bits_of_one_call(tokens, weights_dtype):
+    """More routed experts than the scratch holds: each group of 2 runs its experts on all their tokens, and the
+    layer's output is bit for bit transformers' one call (splitting an expert's tokens across calls, as grouping by
+    tokens did, changed the last bits at this shape on AVX-512 CPUs)."""
+    from transformers import MixtralConfig
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-    index = [[0, 1], [1, 2], [3, 4], [4, 5], [0, 5], [6, 7]]
-    groups = token_groups(index, 3)
-    assert groups == [(0, 2), (2, 4), (4, 5), (5, 6)]
-    assert all(len({e for t in range(lo, hi) for e in index[t]}) <= 3 for lo, hi in groups)
-    assert token_groups(index, 8) == [(0, 6)]
-    assert token_groups([[2, 3]], 2) == [(0, 1)]
+    from services.worker.expert_groups import in_expert_groups
+
+    torch.manual_seed(tokens)
+    config = MixtralConfig(hidden_size=1024, intermediate_size=2048, num_local_experts=8, num_experts_per_tok=2)
+    module = MixtralExperts(config).to(torch.bfloat16)
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.03)
+    hidden = torch.randn(tokens, 1024, dtype=torch.bfloat16)
+    weights, index = torch.topk(torch.randn(tokens, 8).softmax(-1), 2)
+    weights = weights.to(weights_dtype)
+    calls = []
+
+    def forward(group, h, i, w):
+        calls.append(group.tolist())
+        assert set(i.reshape(-1).tolist()) <= set(group.tolist()) and bool((w == 1).all())
+        return grouped_mm_experts_forward(module, h, i, w)
+
+    experts = torch.unique(index)
+    got = in_expert_groups(forward, experts, 2, hidden, index, weights)
+    assert torch.equal(got, grouped_mm_experts_forward(module, hidden, index, weights))
+    assert sorted(e for c in calls for e in c) == experts.tolist() and max(map(len, calls)) == 2

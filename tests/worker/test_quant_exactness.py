@@ -43,7 +43,7 @@ CASES += [pytest.param(name, 0, 0, "torch", marks=pytest.mark.slow) for name in 
 def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, scratch, kernel, quantized, state_dir):
     """``cache_mb`` > 0: dequantized rows cached across layer calls (every expert fits) while memd evicts and
     reuses their slots, so a stale row would show as a diverged token. ``scratch`` 2: the scratch holds one
-    token's experts (--dequant-scratch-experts), so a prompt's tokens run in groups (quant.token_groups)."""
+    token's experts (--dequant-scratch-experts), so a prompt's experts run in groups (expert_groups.py)."""
     expected = reference(quantized[name], PROMPTS)
     with Stack(quantized[name], state_dir, expert_memory="25%",
                extra_worker=("--dequant-cache-mb", str(cache_mb), "--dequant-scratch-experts", str(scratch),
