@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from aiohttp import web
 
@@ -19,6 +20,20 @@ from services.gateway.errors import ApiError
 
 PREFLIGHT_MAX_AGE_S = 600
 ALLOWED_HEADERS = "Authorization, Content-Type"
+
+
+def exposure_warning(cfg: GatewayConfig) -> str | None:
+    """What to warn about at start-up: a gateway listening beyond loopback with no API key (the container image's
+    ``--host 0.0.0.0`` behind a published port) serves anyone who can reach it."""
+    if cfg.api_key:
+        return None
+    try:
+        if cfg.host == "localhost" or ipaddress.ip_address(cfg.host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"listening on {cfg.host}:{cfg.port} without an API key: anyone who can reach this port can generate;"
+            " set --api-key (or --api-key-file, env MOEINF_API_KEY), or listen on 127.0.0.1")
 
 
 def unauthorized(message: str) -> ApiError:

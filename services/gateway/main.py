@@ -10,6 +10,7 @@ from aiohttp import web
 from common.config import GatewayConfig
 from services.gateway.app import build_app
 from services.gateway.errors import GatewayRunner
+from services.gateway.guard import exposure_warning
 from services.gateway.text import TextCodec
 
 log = logging.getLogger("moeinf.gateway")
@@ -34,6 +35,8 @@ async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
         await runner.cleanup()
         raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror}); pick another --port") from None
     log.info("gateway ready on http://%s:%d serving %s", cfg.host, cfg.port, cfg.served_model_name)
+    if (warning := exposure_warning(cfg)) is not None:
+        log.warning("%s", warning)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -216,7 +216,11 @@ class CompressedStore:
     def open(self) -> "CompressedStore":
         """Create or reopen the cache files (after the state directory exists; memd holds its lock)."""
         count = self.num_layers * self.num_experts
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old_umask = os.umask(0o077)  # its parents too are owner-only, whatever the umask (the block is short)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        finally:
+            os.umask(old_umask)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         if os.fstat(self._fd).st_size != count * self.slot_bytes:
             os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
@@ -229,7 +233,9 @@ class CompressedStore:
         manifest = {"checkpoint": str(self.model_dir), "format": self.format,
                     "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,
                     "layout_version": LAYOUT_VERSION}
-        (self.directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        fd = os.open(self.directory / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # whatever umask
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(manifest, indent=2))
         log.info("expert cache %s (%s): %d of %d experts converted", self.directory, self.format, sum(self.done),
                  count)
         return self

@@ -71,13 +71,16 @@ def test_unknown_group_is_refused_with_its_name():
 
 
 def test_memd_creates_nothing_open_to_others_under_umask_000(tmp_path):
-    """A real memd started under umask 000: its sockets, lock, state directory and shared memory are owner-only."""
+    """A real memd started under umask 000: its sockets, lock, state directory, shared memory and compressed expert
+    cache (``--expert-format``) are owner-only."""
     model = write_family("mixtral", tmp_path / "mixtral")
-    state = tmp_path / "state"  # memd creates it
+    state, cache = tmp_path / "state", tmp_path / "experts"  # memd creates them
     log = tmp_path / "memd.log"
+    cmd = moeinf_cmd("memd", "--model", str(model), "--state-dir", str(state), "--expert-format", "fp8",
+                     "--expert-cache-dir", str(cache))
     with open(log, "wb") as out:
-        proc = subprocess.Popen(moeinf_cmd("memd", "--model", str(model), "--state-dir", str(state)), stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(0), start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(0),
+                                start_new_session=True)
     try:
         wait_for_log(proc, log, "memd ready")
         assert mode(state) == 0o700
@@ -85,5 +88,9 @@ def test_memd_creates_nothing_open_to_others_under_umask_000(tmp_path):
             assert mode(state / name) == 0o600, name
         for kind in ("pool", "control"):
             assert mode(SHM_DIR / pool_name(state, kind)) == 0o600, kind
+        made = [cache, *cache.rglob("*")]
+        assert any(p.name == "manifest.json" for p in made), made
+        for path in made:
+            assert mode(path) == (0o700 if path.is_dir() else 0o600), path
     finally:
         assert stop(proc) == 0

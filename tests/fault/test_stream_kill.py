@@ -3,6 +3,7 @@
 - Of the worker: every stream in flight ends with an error event within 2 s and closes, its admission slot is free
   at once (503 while the worker is down, never 429), and once the supervisor has restarted the worker the next
   request succeeds.
+- Of memd: the same for its streams (the worker notices by its pid), and serve restarts memd and the worker.
 - Of the gateway: its client's connection breaks at once (nothing else is possible; it never hangs), the worker
   stops generating for the dead gateway, the supervisor restarts the gateway and the next request succeeds;
   memd and the worker live on, no shared memory leaks and the EAMC is intact.
@@ -113,3 +114,30 @@ def test_kill_9_of_the_gateway_mid_stream(served):
     assert ours <= shm_regions() and not (ours & orphan_regions())
     assert not list(served.state_dir.glob("eamc.bin.corrupt-*"))
     assert admin_stats(served)["eamc_size"] >= eamc_before
+
+
+def test_kill_9_of_memd_mid_stream(served):
+    """Of memd: the worker notices by memd's pid at its next read from the pool's owner (a miss at 25%), fails the
+    step as unavailable, and every stream ends with an error event within 2 s; serve restarts memd (and the worker,
+    whose pool went with it), and the next request succeeds."""
+    served.wait_health(200, timeout=180)
+    before = children(served)
+    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60) for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while not all(len(s.events) >= 2 for s in streams):
+        assert time.monotonic() < deadline, "the streams never started"
+        time.sleep(0.05)
+    os.kill(before["memd"].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    for stream in streams:
+        stream.thread.join(10)
+        assert stream.closed_at is not None, "the stream never closed"
+        assert stream.closed_at - killed < 2.0, f"closed {stream.closed_at - killed:.2f}s after the kill"
+        last = stream.events[-1]
+        assert last != "[DONE]" and last["error"]["type"] == "service_unavailable_error", stream.events[-2:]
+    served.wait_health(200, timeout=180)
+    assert children(served)["memd"].pid != before["memd"].pid
+    status, _, body = request(served.port, "/v1/completions", {"model": M, "prompt": "x", "max_tokens": 2})
+    assert status == 200, body
+    ours = {pool_name(served.state_dir, "pool"), pool_name(served.state_dir, "control")}
+    assert ours <= shm_regions() and not (ours & orphan_regions())

@@ -158,6 +158,19 @@ def test_api_key(make_gateway, tmp_path):
     assert call(gw.url + "/metrics")[0] == 200  # open without --metrics-auth
 
 
+def test_listening_beyond_loopback_without_a_key_is_warned_about(demo_model):
+    from common.config import GatewayConfig
+    from services.gateway.guard import exposure_warning
+
+    def warning(host, **knobs):
+        return exposure_warning(GatewayConfig(model=demo_model, host=host, **knobs))
+
+    assert "0.0.0.0:8000 without an API key" in warning("0.0.0.0")
+    assert warning("::") and warning("10.1.2.3") and warning("gateway.example")
+    assert warning("127.0.0.1") is None and warning("::1") is None and warning("localhost") is None
+    assert warning("0.0.0.0", api_key="k" * 20) is None
+
+
 def test_metrics_auth(make_gateway):
     gw = make_gateway(api_key="k" * 20, metrics_auth=True)
     assert call(gw.url + "/metrics")[0] == 401
