@@ -13,7 +13,8 @@ from pathlib import Path
 
 from common.access import Access
 from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, resolve_api_key
-from common.knobs import add_config_args, build_config, env_name, flag_name, knob  # noqa: F401 (re-exported)
+from common.knobs import add_config_args as add_config_args, build_config as build_config  # re-exported
+from common.knobs import env_name as env_name, flag_name, knob
 from common.sizes import parse_size
 
 PROTOCOL_VERSION = 1
@@ -253,8 +254,8 @@ class GatewayConfig:
     affinity_slack_tokens: int = knob(1024, "a conversation leaves its worker for the least-loaded one when its"
                                             " worker has more than this many outstanding tokens above that one's")
     tokenizer_cache: int = knob(256, "words the tokenizer's BPE/Unigram cache keeps (tokenizers' own bound: 10000;"
-                                     " a SentencePiece-style tokenizer caches each short prompt whole, ~6 KiB, so"
-                                     " that bound grows the gateway by ~60 MiB); 0: none")
+                                     " a SentencePiece-style tokenizer caches each short prompt whole, ~3.5 KiB, so"
+                                     " that bound grows the gateway by ~35 MiB); 0: none")
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):

@@ -19,7 +19,7 @@ log = logging.getLogger("moeinf.gateway")
 def run(cfg: GatewayConfig) -> int:
     codec = TextCodec(cfg.model, cfg.tokenizer_cache)
     if not codec.cache_bounded:
-        log.debug("--tokenizer-cache: this tokenizer keeps no cache of words (nothing to bound)")
+        log.debug("--tokenizer-cache: this tokenizer has no word cache to bound (WordPiece, WordLevel, a slow one)")
     asyncio.run(_serve(cfg, codec))
     return 0
 

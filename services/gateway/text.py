@@ -72,10 +72,10 @@ class TextCodec:
 def bound_cache(tokenizer, entries: int) -> bool:
     """Keep at most ``entries`` words in the tokenizer's cache of BPE or Unigram results (tokenizers' own bound:
     10,000). A pre-tokenizer that does not split words (SentencePiece-style Metaspace, as Mistral's) makes a whole
-    prompt of up to 256 characters one word, ~6 KiB cached, so with the default bound every new short prompt grows
+    prompt of up to 256 characters one word, ~3.5 KiB cached, so with the default bound every new short prompt grows
     the gateway until 10,000 of them are held (docs/soak.md). False when the tokenizer has no such cache."""
     model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
-    resize = getattr(model, "_resize_cache", None)  # tokenizers >= 0.20
+    resize = getattr(model, "_resize_cache", None)  # BPE and Unigram models (tokenizers >= 0.21)
     if resize is None:
         return False
     resize(entries)

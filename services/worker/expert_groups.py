@@ -21,12 +21,11 @@ def in_expert_groups(forward: GroupForward, experts: torch.Tensor, size: int, hi
     """``forward(group, hidden, index, weights)`` runs the experts forward with the experts of ``group`` (at most
     ``size`` of ``experts``, the sorted routed ids) in place; returns the layer's output for all tokens."""
     num_tokens, k = top_k_index.shape
-    flat_index, flat_weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)
-    pairs = hidden_states.repeat_interleave(k, dim=0)  # row s: token s // k, for its k-th expert
-    out = torch.empty_like(pairs)
+    flat_index, flat_weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)  # pair s: token s // k
+    out = hidden_states.new_empty(num_tokens * k, hidden_states.shape[-1])
     ones = torch.ones_like(flat_weights).unsqueeze(-1)
-    for group in experts.split(size):
+    for group in experts.to(flat_index.dtype).split(size):
         picked = torch.isin(flat_index, group).nonzero().squeeze(1)
-        out[picked] = forward(group, pairs[picked], flat_index[picked].unsqueeze(-1), ones[picked])
+        out[picked] = forward(group, hidden_states[picked // k], flat_index[picked].unsqueeze(-1), ones[picked])
     weighted = out * flat_weights.unsqueeze(-1)  # the dtype transformers weights in (float32 weights: float32)
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)

@@ -40,7 +40,8 @@ class Attached(NamedTuple):
 
 def attach(cfg: WorkerConfig) -> Attached:
     """Load the model and bind its experts to memd's pool."""
-    log.debug("matmul kernel caches: %s", kernel_caches.bound(cfg.matmul_cache) or "oneDNN's defaults")
+    caches = kernel_caches.bound(cfg.matmul_cache)  # before the first bfloat16 matmul: the caches read it once
+    log.info("matmul kernel caches: %s", " ".join(f"{k}={v}" for k, v in caches.items()) or "oneDNN's defaults")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = Checkpoint(cfg.model)

@@ -345,18 +345,20 @@ class Dequantizer:
             return self._forward(module, layer, experts, slots, hidden_states, top_k_index, top_k_weights)
         slot_of = dict(zip(experts.tolist(), slots))
 
-        def group_forward(group, hidden, index, weights):
-            return self._forward(module, layer, group, [slot_of[e] for e in group.tolist()], hidden, index, weights)
+        def group_forward(group, hidden, index, weights):  # never the matvec kernel: one call might not choose it
+            return self._forward(module, layer, group, [slot_of[e] for e in group.tolist()], hidden, index, weights,
+                                 use_matvec=False)
 
         return in_expert_groups(group_forward, experts, self.cache.rows, hidden_states, top_k_index, top_k_weights)
 
     def _forward(self, module, layer: int, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index,
-                 top_k_weights):
+                 top_k_weights, use_matvec: bool = True):
         rows = self.rows(layer, experts.tolist(), slots)
         remap = torch.empty(module.num_experts, dtype=top_k_index.dtype)
         remap[experts] = torch.tensor(rows, dtype=top_k_index.dtype)
         proxy = _Experts(module, self.tensors)  # grouped_mm skips the rows no token is routed to
-        return matvec.forward(proxy, hidden_states, remap[top_k_index], top_k_weights, self.matvec)
+        return matvec.forward(proxy, hidden_states, remap[top_k_index], top_k_weights,
+                              self.matvec if use_matvec else None)
 
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
         """The decode forward on the quantized slots themselves, or None (a prompt step; an MXFP4 scale the kernel

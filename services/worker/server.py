@@ -30,6 +30,7 @@ from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
 from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
 
 log = logging.getLogger("moeinf.worker")
+MEMD_WATCH_S = 0.2  # how often the worker checks memd's pid (a dead memd: the worker stops, streams end)
 LINGER_MS = 500  # at exit, the last replies (errors of the requests still here) get this long to go out
 
 
@@ -97,7 +98,7 @@ class WorkerServer:
     async def _watch_memd(self) -> None:
         """A worker without memd cannot compute: exit (status 3) so the supervisor restarts both."""
         while not self.stopping.is_set():
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(MEMD_WATCH_S)
             if not self.client.memd_alive():
                 log.error("memd (pid %s) is gone; the worker stops", self.client.memd_pid)
                 self.exit_code = 3

@@ -89,6 +89,7 @@ def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.worker_log.read_text()
     assert re.search(r"packed [1-9][0-9]* dense linears", log), log[-2000:]
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=128 LRU_CACHE_CAPACITY=128" in log  # --matmul-cache's default
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert got == expected, f"{family} in bfloat16 with packed linears diverged"
 

@@ -1,10 +1,13 @@
 """--matmul-cache: oneDNN's per-shape kernels are bounded, so new matmul shapes stop growing the worker's memory."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from services.worker import kernel_caches
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout under test, whatever the cwd
 
 GROWTH = """
 import sys
@@ -26,14 +29,16 @@ print(rss_mib() - start)
 
 def growth_mib(shapes: int) -> float:
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}  # none of the capacity variables
-    out = subprocess.run([sys.executable, "-c", GROWTH, str(shapes)], env=env, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", GROWTH, str(shapes)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True)
     return float(out.stdout)
 
 
 def test_bound_sets_both_caches_and_a_users_variable_wins():
     env = {"LRU_CACHE_CAPACITY": "9"}
     assert kernel_caches.bound(128, env) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "9"}
+    assert kernel_caches.bound(64, {"DNNL_PRIMITIVE_CACHE_CAPACITY": "5"}) == {  # oneDNN's older name, still read
+        "LRU_CACHE_CAPACITY": "64", "DNNL_PRIMITIVE_CACHE_CAPACITY": "5"}
     assert kernel_caches.bound(0, {}) == {}
 
 
