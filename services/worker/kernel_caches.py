@@ -14,14 +14,14 @@ import os
 from typing import MutableMapping
 
 CAPACITY_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
-LEGACY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "DNNL_PRIMITIVE_CACHE_CAPACITY"}  # oneDNN's older name, still read
+LEGACY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": ("DNNL_PRIMITIVE_CACHE_CAPACITY",)}  # oneDNN's older name, still read
 
 
 def bound(shapes: int, environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     """Keep at most ``shapes`` compiled kernels in each cache (0: the libraries' defaults). A variable the user set
     (or its older name) wins. Returns the variables each cache will read (absent: its default)."""
     for name in CAPACITY_VARIABLES:
-        if shapes and name not in environ and LEGACY.get(name) not in environ:
+        if shapes and not any(n in environ for n in (name, *LEGACY.get(name, ()))):
             environ[name] = str(shapes)
-    names = (*CAPACITY_VARIABLES, *LEGACY.values())
+    names = (*CAPACITY_VARIABLES, *(n for older in LEGACY.values() for n in older))
     return {name: environ[name] for name in names if name in environ}

@@ -1,4 +1,5 @@
 """--matmul-cache: oneDNN's per-shape kernels are bounded, so new matmul shapes stop growing the worker's memory."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,14 @@ def test_bound_sets_both_caches_and_a_users_variable_wins():
     assert kernel_caches.bound(64, {"DNNL_PRIMITIVE_CACHE_CAPACITY": "5"}) == {  # oneDNN's older name, still read
         "LRU_CACHE_CAPACITY": "64", "DNNL_PRIMITIVE_CACHE_CAPACITY": "5"}
     assert kernel_caches.bound(0, {}) == {}
+
+
+def test_bound_sets_the_process_environment(monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.setenv(name, "-")  # recorded, so that monkeypatch puts back what was there (or nothing)
+        monkeypatch.delenv(name)
+    assert kernel_caches.bound(32) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32", "LRU_CACHE_CAPACITY": "32"}
+    assert os.environ["LRU_CACHE_CAPACITY"] == "32"  # (monkeypatch puts the environment back)
 
 
 def test_a_bounded_cache_stops_new_shapes_from_growing_memory():
