@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +198,23 @@ def _decisive_routers(model, std: float) -> None:
         for name, param in model.named_parameters():
             if param.dim() == 2 and ("router" in name or "gate." in name) and not param.any():
                 param.normal_(0.0, std)
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 now, all bound at once: two probes one after the other can
+    return the same port, and two services given it collide ("Address already in use")."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def moeinf_cmd(*args: str) -> list[str]:

@@ -10,23 +10,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from helpers import moeinf_cmd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, free_ports, moeinf_cmd  # noqa: F401 (free_port: imported from here)
 
 
 class Served:
     """A running ``moeinf serve`` (memd + worker + gateway as real processes)."""
 
     def __init__(self, model: Path, state_dir: Path, max_queued: int = 4, expert_memory: str = "25%", workers: int = 1):
-        self.port = free_port()
+        self.port, memd_metrics = free_ports(2)  # memd's own Prometheus endpoint (serve's children inherit the env)
         self.state_dir = state_dir
         self.url = f"http://127.0.0.1:{self.port}"
-        memd_metrics = free_port()  # memd's own Prometheus endpoint (serve's children inherit the environment)
         self.memd_metrics_url = f"http://127.0.0.1:{memd_metrics}/metrics"
         self.log = state_dir.parent / f"serve-{self.port}.log"
         state_dir.mkdir(parents=True, exist_ok=True)

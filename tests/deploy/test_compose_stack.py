@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from helpers import moeinf_cmd, spawn, stop
+from helpers import free_ports, moeinf_cmd, spawn, stop
 from test_compose import image_env, interpolate, load
 
 M = "demo"
@@ -25,16 +25,8 @@ def demo(tmp_path_factory):
                                                                                 heads=4, kv_heads=2, dtype="float32"))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_compose_commands_and_healthchecks_run_the_stack(demo, tmp_path):
-    state, port, metrics_port = tmp_path / "state", str(free_port()), str(free_port())
+    state, (port, metrics_port) = tmp_path / "state", map(str, free_ports(2))
     mapping = {"/model": str(demo), "/state": str(state), "8000": port, "9464": metrics_port}
     env = {**image_env(), "MOEINF_STATE_DIR": str(state), "MOEINF_DEMO_DIR": str(tmp_path / "unused")}
 

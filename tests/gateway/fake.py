@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ from common.codec import decode, encode
 from common.config import GatewayConfig
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket
+from helpers import free_port
 
 
 class FakeWorker:
@@ -82,12 +82,6 @@ class FakeWorker:
     def close(self) -> None:
         self.stopping.set()
         self.thread.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalGateway:

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import messages as m
+from helpers import free_port
 from common.config import MemdConfig, build_config
 from services.memd.prometheus import MEMD_LABELS, MEMD_RENAMED, MetricsEndpoint, StatsCollector, memd_families
 
@@ -62,12 +63,6 @@ def test_the_real_stats_reply_exports_every_numeric_field():
         if hints[f.name] in (int, float, bool) and f.name not in MEMD_LABELS:
             assert f"moeinf_memd_{MEMD_RENAMED.get(f.name, f.name)}" in names, f"StatsReply.{f.name} is not exported"
     assert "moeinf_memd_layer_resident_experts" in names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fetch(url: str) -> dict:
