@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.access import OWNER_ONLY
 from common.checkpoint import CheckpointError
 from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode, numpy_dtype
@@ -219,10 +220,10 @@ class CompressedStore:
         for missing in reversed([p for p in (self.directory, *self.directory.parents) if not p.exists()]):
             missing.mkdir(mode=0o700, exist_ok=True)  # owner-only whatever the umask (parents too)
         os.chmod(self.directory, 0o700)  # ours, even when an older memd made it under another umask
-        self._fd = owner_only(self.path, os.O_RDWR | os.O_CREAT)
+        self._fd = OWNER_ONLY.create(self.path, os.O_RDWR | os.O_CREAT)
         if os.fstat(self._fd).st_size != count * self.slot_bytes:
             os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
-        self._done_fd = owner_only(self.directory / "done.bin", os.O_RDWR | os.O_CREAT)
+        self._done_fd = OWNER_ONLY.create(self.directory / "done.bin", os.O_RDWR | os.O_CREAT)
         done = os.pread(self._done_fd, count, 0)
         if len(done) != count:
             os.ftruncate(self._done_fd, count)
@@ -231,7 +232,7 @@ class CompressedStore:
         manifest = {"checkpoint": str(self.model_dir), "format": self.format,
                     "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,
                     "layout_version": LAYOUT_VERSION}
-        with os.fdopen(owner_only(self.directory / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+        with os.fdopen(OWNER_ONLY.create(self.directory / "manifest.json"), "w") as f:
             f.write(json.dumps(manifest, indent=2))
         log.info("expert cache %s (%s): %d of %d experts converted", self.directory, self.format, sum(self.done),
                  count)
@@ -250,13 +251,6 @@ class CompressedStore:
             if n != seg.nbytes:
                 raise CheckpointError(f"{seg.file}: short read at {seg.file_offset} ({n} of {seg.nbytes} bytes)")
         return buf
-
-
-def owner_only(path: Path, flags: int) -> int:
-    """``os.open``, the file 0600 whatever the umask, and whatever mode an older memd left it with."""
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)
-    return fd
 
 
 def _view(flat: np.ndarray, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -46,20 +46,29 @@ def request(port: int, path: str, body=None):
     return resp.status, resp.getheader("Retry-After"), resp.read()
 
 
-def test_kill_9_of_the_worker_mid_stream(served):
-    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60) for _ in range(2)]  # --max-queued 2: every slot
+def started_streams(served) -> list[SseStream]:
+    """Two long streams (--max-queued 2: every slot), each past its first events."""
+    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60) for _ in range(2)]
     deadline = time.monotonic() + 60
     while not all(len(s.events) >= 2 for s in streams):
         assert time.monotonic() < deadline, "the streams never started"
         time.sleep(0.05)
-    os.kill(served.worker_info().pid, signal.SIGKILL)
-    killed = time.monotonic()
+    return streams
+
+
+def assert_ended_with_an_error_event(streams: list[SseStream], killed: float) -> None:
     for stream in streams:
         stream.thread.join(10)
         assert stream.closed_at is not None, "the stream never closed"
         assert stream.closed_at - killed < 2.0, f"closed {stream.closed_at - killed:.2f}s after the kill"
         last = stream.events[-1]
         assert last != "[DONE]" and last["error"]["type"] == "service_unavailable_error", stream.events[-2:]
+
+
+def test_kill_9_of_the_worker_mid_stream(served):
+    streams = started_streams(served)
+    os.kill(served.worker_info().pid, signal.SIGKILL)
+    assert_ended_with_an_error_event(streams, time.monotonic())
     status, retry_after, body = request(served.port, "/v1/completions", {"model": M, "prompt": "x", "max_tokens": 2})
     assert status == 503 and int(retry_after) >= 1, body  # the dead streams' slots are free: no 429
     assert request(served.port, "/health")[0] == 503
@@ -117,24 +126,14 @@ def test_kill_9_of_the_gateway_mid_stream(served):
 
 
 def test_kill_9_of_memd_mid_stream(served):
-    """Of memd: the worker notices by memd's pid at its next read from the pool's owner (a miss at 25%), fails the
-    step as unavailable, and every stream ends with an error event within 2 s; serve restarts memd (and the worker,
-    whose pool went with it), and the next request succeeds."""
+    """Of memd: the worker notices by memd's pid (at its next acquire, or within 0.2 s when every expert it needs
+    is leased), fails the step as unavailable, and every stream ends with an error event within 2 s; serve restarts
+    memd (and the worker, whose pool went with it), and the next request succeeds."""
     served.wait_health(200, timeout=180)
     before = children(served)
-    streams = [SseStream(served.port, M, 3000, prompt=[1, 5, 9], timeout=60) for _ in range(2)]
-    deadline = time.monotonic() + 60
-    while not all(len(s.events) >= 2 for s in streams):
-        assert time.monotonic() < deadline, "the streams never started"
-        time.sleep(0.05)
+    streams = started_streams(served)
     os.kill(before["memd"].pid, signal.SIGKILL)
-    killed = time.monotonic()
-    for stream in streams:
-        stream.thread.join(10)
-        assert stream.closed_at is not None, "the stream never closed"
-        assert stream.closed_at - killed < 2.0, f"closed {stream.closed_at - killed:.2f}s after the kill"
-        last = stream.events[-1]
-        assert last != "[DONE]" and last["error"]["type"] == "service_unavailable_error", stream.events[-2:]
+    assert_ended_with_an_error_event(streams, time.monotonic())
     served.wait_health(200, timeout=180)
     assert children(served)["memd"].pid != before["memd"].pid
     status, _, body = request(served.port, "/v1/completions", {"model": M, "prompt": "x", "max_tokens": 2})
