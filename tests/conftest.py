@@ -1,5 +1,4 @@
 import os
-import time
 import sys
 from pathlib import Path
 
@@ -9,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import FAMILIES, orphan_regions, write_family  # noqa: E402
+from helpers import FAMILIES, new_orphans, orphan_regions, write_family  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +42,7 @@ def no_leaked_shm():
     """No test may leave a pool region that no process maps (every memd exit path must unlink it)."""
     before = orphan_regions()
     yield
-    leaked = orphan_regions() - before
-    if leaked:  # a region another process is creating right now is briefly unmapped: look again
-        time.sleep(1.0)
-        leaked &= orphan_regions()
+    leaked = new_orphans(before)
     assert not leaked, f"shared memory leaked: {leaked}"
 
 

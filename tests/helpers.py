@@ -310,6 +310,16 @@ def shm_regions() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("moeinf-")}
 
 
+def new_orphans(before: set[str]) -> set[str]:
+    """Orphan regions that were not in ``before`` and still are a second later (a region another process is
+    creating or removing right now is briefly unmapped; tests run two at a time)."""
+    leaked = orphan_regions() - before
+    if leaked:
+        time.sleep(1.0)
+        leaked &= orphan_regions()
+    return leaked
+
+
 def orphan_regions() -> set[str]:
     """moeinf pool regions no live process maps: leaked ones (a live memd always maps its own)."""
     regions = shm_regions()

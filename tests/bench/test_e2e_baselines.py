@@ -7,11 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import moeinf_cmd, orphan_regions, write_family
+from helpers import moeinf_cmd, new_orphans, orphan_regions, write_family
 
 from services.bench.budget import derive, derive_total, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, find_memory_hierarchy
 from services.bench.diskbw import read_bandwidth
+
+pytestmark = pytest.mark.xdist_group("cgroups")  # one test process at a time creates memory cgroups
 
 ROW_TYPES = {"system": str, "ttft_s": float, "decode_ms_per_token_p50": float, "decode_ms_per_token_p90": float,
              "tokens_per_s": float, "bytes_read_per_token": (float, type(None)), "hit_rate": (float, type(None))}
@@ -79,7 +81,7 @@ def test_baselines_and_moeinf_json(tiny, tmp_path):
     assert floor["compute_floor_ms"] == rows["transformers-resident"]["decode_ms_per_token_p50"]
     assert floor["bound_ms"] == max(floor["compute_floor_ms"], floor["io_floor_ms"])
     assert (tmp_path / "e2e.png").stat().st_size > 0
-    assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale), "the bench left a state directory or a pool"
+    assert list(tmp.iterdir()) == [] and not new_orphans(stale), "the bench left a state directory or a pool"
     assert set(_leftover_cgroups()) == before, "the bench left a cgroup"
 
 
@@ -205,7 +207,7 @@ def test_equal_memory_run(tiny, tmp_path):
     budget = doc["system_budgets"]["3GiB moeinf-ondemand-lru"]
     assert budget["limit_bytes"] == 3 << 30 and budget["runtime_bytes"] >= runtime["moeinf"]
     assert "total memory limit 3GiB" in proc.stdout and (tmp_path / "t.png").stat().st_size > 0
-    assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale)
+    assert list(tmp.iterdir()) == [] and not new_orphans(stale)
 
 
 def test_parameters_mapped_from_the_checkpoint_are_not_anonymous(tmp_path):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import moeinf_cmd, orphan_regions, write_family
+from helpers import moeinf_cmd, new_orphans, orphan_regions, write_family
+
+pytestmark = pytest.mark.xdist_group("cgroups")  # one test process at a time creates memory cgroups
 
 FIXED = ("--runtime-allowance", "1GiB")  # skips measuring the runtime (tests/bench/test_e2e_baselines.py does)
 ROW_KEYS = {"system", "ttft_s", "decode_ms_per_token_p50", "decode_ms_per_token_p90", "tokens_per_s",
@@ -42,7 +44,7 @@ def test_table_and_json(tmp_path):
         assert {"prefetch_precision", "prefetch_recall", "lookahead", "speculation"} <= set(r)
         assert all(s["precision"] == (s["correct"] / s["predicted"] if s["predicted"] else None) for s in r["lookahead"])
     assert "la1 P" in proc.stdout and "lookahead P/R by distance 1:" in proc.stdout
-    assert list(tmp.iterdir()) == [] and not (orphan_regions() - stale), "the bench left a state directory or a pool"
+    assert list(tmp.iterdir()) == [] and not new_orphans(stale), "the bench left a state directory or a pool"
 
 
 def test_every_run_gets_fresh_prompts_paired_across_systems_unless_warm(tmp_path):
@@ -93,7 +95,7 @@ def test_two_workers_on_one_memd(tmp_path):
     (row,) = doc["systems"]
     assert doc["workers"] == 2 and row["workers"] == 2 and row["same_tokens_as_c1"] is True
     assert row["pss_bytes"] > 0 and row["generated_tokens"] == 4 * 4
-    assert not (orphan_regions() - stale)
+    assert not new_orphans(stale)
 
 
 @pytest.mark.slow  # converts a checkpoint twice and serves it three times (~1 min)

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import moeinf_cmd, orphan_regions
+from helpers import moeinf_cmd, new_orphans, orphan_regions
 
 from services.bench.bounds import belady_fetches, lru_fetches
 from services.bench.replay import median_row, paired_ratios, parse_variants
@@ -166,7 +166,7 @@ def test_replay_against_memd(tmp_path):
     if plot:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     left = [p.name for p in tmp.iterdir() if p.name.startswith("moeinf-bench-")]  # (torch may cache here too)
-    assert left == [] and not (orphan_regions() - stale), "the bench left a state directory or a pool"
+    assert left == [] and not new_orphans(stale), "the bench left a state directory or a pool"
 
 
 def _has_matplotlib() -> bool:

@@ -22,6 +22,8 @@ from services.memd.pool import pool_name
 from services.memd.testhooks import VARIABLE as READ_LATENCY
 from services.worker.memd_client import MemdClient
 
+pytestmark = pytest.mark.serial  # kills memd: its pool region is orphaned until the restart
+
 READ_LATENCY_MS = 150  # every expert read of the served memd sleeps this long first (a slow disk)
 
 

@@ -22,6 +22,8 @@ from serving import Served, SseStream
 
 from services.memd.pool import pool_name
 
+pytestmark = pytest.mark.serial  # kills memd: its pool region is orphaned until the restart
+
 M = "demo"
 
 
