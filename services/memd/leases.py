@@ -41,7 +41,7 @@ def shortfall(table: SlotTable, keys: list[Key], reserve: int = 0, spare: Collec
     for prefetches (``ExpertCache.prefetch_reserve``), beyond the free and the evictable ones. Without the reserve
     a worker would lease every resident and a prefetch would find no slot it may take. ``spare``: residents not to
     count as room (prefetches not used yet: evicting them for this layer would throw away the next one's reads)."""
-    need = sum(k not in table.slot_of for k in keys) + reserve - len(table.free)
+    need = room(table, keys, reserve)
     if need <= 0:
         return 0
     wanted = set(keys)
@@ -51,6 +51,11 @@ def shortfall(table: SlotTable, keys: list[Key], reserve: int = 0, spare: Collec
             if need == 0:
                 return 0
     return need
+
+
+def room(table: SlotTable, keys: list[Key], reserve: int = 0) -> int:
+    """The slots a lease acquire of ``keys`` wants evictable: its misses and ``reserve``, beyond the free ones."""
+    return max(0, sum(k not in table.slot_of for k in keys) + reserve - len(table.free))
 
 
 class ControlPage:
@@ -96,35 +101,46 @@ class ConnectedWorker:
                     del self.pins[key]
                 table.unpin(key)
 
-    def lease(self, table: SlotTable, keys: list[Key], *, shortfall: int = 0) -> list[Key]:
-        """Lease ``keys``; first take back ``shortfall`` other leases (the policy's victims among them), or every
-        other lease when a reclaim is pending. Returns the revoked keys (already unpinned: the worker is waiting
-        for this reply and uses none of them)."""
+    def lease(self, table: SlotTable, keys: list[Key], *, shortfall: int = 0, room: int = 0,
+              spare: Collection[Key] = ()) -> list[Key]:
+        """Lease ``keys``; first take back other leases: those among the policy's first ``room`` victims (the slots
+        this acquire wants evictable: its misses and the prefetch reserve, beyond the free ones), counting this
+        worker's leases and the unleased residents alike, but not ``spare``; then, if still fewer than
+        ``shortfall``, the policy's next victims among its leases. Or every other lease when a reclaim is pending.
+        Returns the revoked keys (already unpinned: the worker is waiting for this reply and uses none of them)."""
         wanted = set(keys)
         if self.reclaim:
             revoked = [k for k in self.leases if k not in wanted]
             self._unlease(table, revoked)
             self.reclaim = False
         else:
-            revoked = self.revoke_victims(table, wanted, shortfall)
+            revoked = self.revoke_victims(table, wanted, shortfall, room=room, spare=spare)
         for key in keys:
             if key not in self.leases:
                 self.leases.add(key)
                 table.pin(key)
         return revoked
 
-    def revoke_victims(self, table: SlotTable, wanted: set[Key], count: int) -> list[Key]:
-        """Unlease up to ``count`` of this worker's leases outside ``wanted``, in the policy's victim order; only
-        leases whose slot this lease alone holds (once unleased they are evictable) are candidates. Leases of
-        experts that are leaving (a retired slot after a shrink, or dropped) go first and do not count: unleased,
-        they leave and free no live slot, so counting them would leave the acquire short."""
+    def revoke_victims(self, table: SlotTable, wanted: set[Key], count: int, *, room: int = 0,
+                       spare: Collection[Key] = ()) -> list[Key]:
+        """Unlease this worker's leases outside ``wanted`` that are among the policy's first ``room`` victims (its
+        leases and the evictable residents outside ``spare`` ranked together), then up to ``count`` in all, in the
+        policy's victim order; only leases whose slot this lease alone holds (once unleased they are evictable) are
+        candidates. Ranking both together matters: the unleased residents were left so by earlier acquires, when the
+        policy ranked the experts from another layer, so a lease may now be the better victim (the activation
+        policy's ranking follows the running layer). Leases of experts that are leaving (a retired slot after a
+        shrink, or dropped) go first and do not count: unleased, they leave and free no live slot, so counting them
+        would leave the acquire short."""
         def candidate(key: Key) -> bool:
             return (key in self.leases and key not in wanted and key not in table.loading
                     and not self.pins.get(key) and table.pins.get(key, 0) == 1)
 
         leaving = [k for k in self.leases if table.must_leave(k) and candidate(k)]
         self._unlease(table, leaving)
-        revoked: list[Key] = []
+        first = _first_victims(table, room, lambda k: k not in wanted and k not in spare
+                               and (candidate(k) or table.evictable(k)))
+        revoked = [k for k in first if k in self.leases]
+        self._unlease(table, revoked)
         while len(revoked) < count:
             victim = table.policy.victim(candidate)
             if victim is None:
@@ -151,6 +167,17 @@ class ConnectedWorker:
         for key in keys:
             self.leases.discard(key)
             table.unpin(key)
+
+
+def _first_victims(table: SlotTable, count: int, allowed) -> list[Key]:
+    """The policy's first ``count`` victims among the residents ``allowed`` accepts."""
+    chosen: list[Key] = []
+    while len(chosen) < count:
+        victim = table.policy.victim(lambda k: allowed(k) and k not in chosen)
+        if victim is None:
+            break
+        chosen.append(victim)
+    return chosen
 
 
 def others_hold(clients, client: ConnectedWorker, reclaim) -> bool:

@@ -29,7 +29,7 @@ from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
-from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room_error, shortfall
+from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.policy import Key
 from services.memd.pool_memory import PoolMemory
@@ -294,12 +294,12 @@ class MemdServer:
         if not req.lease:
             client.pin(self.table, keys)
             return []
-        reserve = self.core.prefetch_reserve()
-        short = shortfall(self.table, keys, reserve, self.core.unused)
+        reserve, spare = self.core.prefetch_reserve(), self.core.unused
+        short = shortfall(self.table, keys, reserve, spare)
         # the layer itself lacks slots (not just the prefetch reserve, which this worker's own leases refill)
         if short > reserve and any(c.leases for c in self.clients.values() if c is not client):
             self.reclaim_leases()
-        return client.lease(self.table, keys, shortfall=short)
+        return client.lease(self.table, keys, shortfall=short, room=room(self.table, keys, reserve), spare=spare)
 
     def _release_held(self, client: ConnectedWorker, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""

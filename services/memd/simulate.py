@@ -29,7 +29,7 @@ from common import messages as m
 from common.traces import Step, TraceHeader
 from services.memd.core import ExpertCache, CacheSettings
 from services.memd.eamc import Eamc
-from services.memd.leases import ConnectedWorker, shortfall
+from services.memd.leases import ConnectedWorker, room, shortfall
 from services.memd.policy import Key
 from services.memd.sim_reader import SimReader
 
@@ -155,7 +155,9 @@ class Simulator:
         if not self.cfg.leases:
             self.client.pin(table, keys)
             return
-        self.client.lease(table, keys, shortfall=shortfall(table, keys, self.core.prefetch_reserve(), self.core.unused))
+        reserve, spare = self.core.prefetch_reserve(), self.core.unused
+        self.client.lease(table, keys, shortfall=shortfall(table, keys, reserve, spare),
+                          room=room(table, keys, reserve), spare=spare)
 
     def acquire(self, req: m.AcquireRequest) -> int:
         """One layer: acquire, prefetch, wait, compute, release. Returns its on-demand misses."""

@@ -78,3 +78,26 @@ def test_the_shortfall_keeps_a_reserve_for_prefetches_and_does_not_count_unused_
     evictable = [k for k in keys if table.evictable(k)]
     assert len(evictable) == 3
     assert shortfall(table, [(1, 0)], reserve=2, spare=evictable[:1]) == 1  # a prefetch not used yet is no room
+
+
+def test_room_ranks_the_workers_leases_with_the_unleased_residents():
+    """An acquire's misses evict the policy's best victims now: a lease that ranks before the residents left
+    unleased by earlier acquires is revoked for them, and the unleased ones the policy ranks later stay."""
+    from services.memd.leases import room
+
+    keys = [(0, e) for e in range(6)]
+    table, client = leased_table(keys)
+    client.lease(table, [(0, 5)], shortfall=2)  # (0, 0) and (0, 1) unleased: evictable
+    for key in [(0, 3), (0, 0), (0, 1), (0, 2), (0, 4), (0, 5)]:  # now (0, 3), a lease, is least recent
+        table.policy.on_access(key)
+    wanted = [(1, 0)]
+    assert room(table, wanted) == 1 and shortfall_of(table, wanted) == 0  # enough room without revoking
+    assert client.lease(table, wanted, shortfall=0, room=1) == [(0, 3)]
+    assert table.policy.victim(table.evictable) == (0, 3)  # the miss evicts it, not (0, 0)
+    assert client.lease(table, [(1, 1)], shortfall=0, room=1, spare={(0, 3)}) == []  # (0, 0) next: not leased
+
+
+def shortfall_of(table, keys):
+    from services.memd.leases import shortfall
+
+    return shortfall(table, keys)
