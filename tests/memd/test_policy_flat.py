@@ -1,7 +1,8 @@
 """On flat, layer-by-layer routing shaped like Mixtral's (services/bench/synthetic.py ``FlatWorkload``), the serving
 default (``activation`` with prefetch on, leases on) fetches fewer experts than on-demand LRU and stalls less,
 replayed through memd's own decisions (services/memd/simulate.py). Seeds other than the tuning ones (0-3); margins
-below the measured ones (docs/benchmarks.md (replay): 0.81x at 12.5%, 0.80x at 50%, ~0.99x at 25%)."""
+below the measured ones (seeds 11 / 12: fetches 0.80x / 0.81x at 12.5%, 0.98x / 0.98x at 25%, 0.79x / 0.81x at 50%;
+stall within 0.01 of those): at 25% the target itself, no more than LRU."""
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def pair(header, steps, slots):
 
 
 @pytest.mark.parametrize("seed", [11, pytest.param(12, marks=pytest.mark.slow)])  # a second seed: slow run
-@pytest.mark.parametrize("share, ratio", [(0.125, 0.87), (0.25, 1.01), (0.5, 0.87)], ids=["12.5%", "25%", "50%"])
+@pytest.mark.parametrize("share, ratio", [(0.125, 0.87), (0.25, 1.0), (0.5, 0.87)], ids=["12.5%", "25%", "50%"])
 def test_default_beats_lru_on_flat_routing(seed, share, ratio):
     header, records = generate_flat(FlatWorkload(requests=3, decode_tokens=(60, 80), seed=seed))
     assert DEFAULT.policy == "activation" and DEFAULT.prefetch and SimConfig(1).leases
