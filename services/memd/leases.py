@@ -137,8 +137,8 @@ class ConnectedWorker:
 
         leaving = [k for k in self.leases if table.must_leave(k) and candidate(k)]
         self._unlease(table, leaving)
-        first = _first_victims(table, room, lambda k: k not in wanted and k not in spare
-                               and (candidate(k) or table.evictable(k)))
+        first = table.policy.victims(lambda k: k not in wanted and k not in spare
+                                     and (candidate(k) or table.evictable(k)), room)
         revoked = [k for k in first if k in self.leases]
         self._unlease(table, revoked)
         while len(revoked) < count:
@@ -167,17 +167,6 @@ class ConnectedWorker:
         for key in keys:
             self.leases.discard(key)
             table.unpin(key)
-
-
-def _first_victims(table: SlotTable, count: int, allowed) -> list[Key]:
-    """The policy's first ``count`` victims among the residents ``allowed`` accepts."""
-    chosen: list[Key] = []
-    while len(chosen) < count:
-        victim = table.policy.victim(lambda k: allowed(k) and k not in chosen)
-        if victim is None:
-            break
-        chosen.append(victim)
-    return chosen
 
 
 def others_hold(clients, client: ConnectedWorker, reclaim) -> bool:

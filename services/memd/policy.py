@@ -9,6 +9,7 @@ Pinned and loading experts never reach a policy: the slot table filters them.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import Callable
 
@@ -47,6 +48,16 @@ class EvictionPolicy:
         """The resident key to evict next among those ``evictable`` allows, or None when none is."""
         raise NotImplementedError
 
+    def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
+        """The first ``count`` keys of the victim order among those ``allowed`` accepts (fewer when fewer are)."""
+        chosen: list[Key] = []
+        while len(chosen) < count:
+            key = self.victim(lambda k: allowed(k) and k not in chosen)
+            if key is None:
+                break
+            chosen.append(key)
+        return chosen
+
     def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
         """May a prefetch of ``candidate`` (``priority``: its need at its target, in [0, 1]) evict ``victim``? The
         baselines always let it."""
@@ -79,6 +90,9 @@ class LruPolicy(EvictionPolicy):
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
         return next((k for k in self._order if evictable(k)), None)
+
+    def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
+        return list(itertools.islice((k for k in self._order if allowed(k)), count))
 
 
 class _ScoredPolicy(EvictionPolicy):
@@ -124,18 +138,24 @@ class _ScoredPolicy(EvictionPolicy):
         raise NotImplementedError
 
     def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
+        return next(iter(self.victims(evictable, 1)), None)
+
+    def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
         # score first, then recency (a tiny fraction of it) among equal scores
         recency = self.last_use / (self._clock + 1.0)
         masked = np.where(self.resident, self.cached_scores() * 1e6 + recency, np.inf).ravel()
+        chosen: list[Key] = []
         for _ in range(int(self.resident.sum())):
+            if len(chosen) == count:
+                break
             index = int(np.argmin(masked))
             if masked[index] == np.inf:
-                return None
+                break
             key = divmod(index, self.num_experts)
-            if evictable(key):
-                return key
+            if allowed(key):
+                chosen.append(key)
             masked[index] = np.inf
-        return None
+        return chosen
 
 
 class LfuPolicy(_ScoredPolicy):

@@ -200,3 +200,23 @@ def test_activation_probability_is_computed_once_until_something_changes():
     second = p.probability()
     p.observe_need(np.full((L, E), 0.5))
     assert p.probability() is not second
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "activation"])
+def test_victims_are_the_victim_order(name):
+    """``victims(allowed, n)``: the first n of the order ``victim`` picks one at a time, skipping what is not
+    allowed; fewer when fewer are allowed."""
+    rng = np.random.default_rng(0)
+    p = make_policy(name, L, E)
+    keys = [(layer, e) for layer in range(L) for e in range(E) if (layer + e) % 3]
+    filled(p, keys)
+    for layer in range(L):
+        run_layer(p, layer, [int(e) for e in rng.choice(E, 2, replace=False)])
+    allowed = lambda k: k[1] != 2  # noqa: E731
+    one_at_a_time = []
+    while (key := p.victim(lambda k: allowed(k) and k not in one_at_a_time)) is not None:
+        one_at_a_time.append(key)
+    assert len(one_at_a_time) == sum(allowed(k) for k in keys)
+    assert p.victims(allowed, 5) == one_at_a_time[:5]
+    assert p.victims(allowed, 100) == one_at_a_time
+    assert p.victims(allowed, 0) == [] and p.victims(lambda k: False, 3) == []
