@@ -24,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: $(BIN)/.installed
-	$(BIN)/pytest -q -n $(TEST_JOBS) --dist loadgroup -m 'not slow and not serial' $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/pytest -q -n $(TEST_JOBS) -m 'not slow and not serial' $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/pytest -q -m 'serial and not slow' $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 $(DEMO)/config.json: | $(BIN)/.installed

@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,16 @@ def shared_index_cache(tmp_path_factory) -> Path:
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     return tmp_path / "state"
+
+
+@pytest.fixture
+def bench_tmp():
+    """An empty directory with a short path for a bench's TMPDIR: its memd state directories (and their Unix
+    sockets, at most 107 bytes of path) land here, so a leftover one is seen. tmp_path is too long for the sockets
+    under pytest-xdist (``/tmp/pytest-of-USER/pytest-N/popen-gwK/<test name>0/...``)."""
+    path = Path(tempfile.mkdtemp(prefix="mb-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

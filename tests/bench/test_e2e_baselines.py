@@ -13,8 +13,6 @@ from services.bench.budget import derive, derive_total, model_bytes
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, find_memory_hierarchy
 from services.bench.diskbw import read_bandwidth
 
-pytestmark = pytest.mark.xdist_group("cgroups")  # one test process at a time creates memory cgroups
-
 ROW_TYPES = {"system": str, "ttft_s": float, "decode_ms_per_token_p50": float, "decode_ms_per_token_p90": float,
              "tokens_per_s": float, "bytes_read_per_token": (float, type(None)), "hit_rate": (float, type(None))}
 
@@ -40,9 +38,9 @@ def tiny(tmp_path_factory) -> Path:
     return write_family("mixtral", tmp_path_factory.mktemp("e2e") / "m", dtype="bfloat16")
 
 
-def test_baselines_and_moeinf_json(tiny, tmp_path):
-    out, tmp = tmp_path / "e2e.json", tmp_path / "t"
-    tmp.mkdir()
+@pytest.mark.serial  # no other test may create a memory cgroup meanwhile: it checks that none is left over
+def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
+    out, tmp = tmp_path / "e2e.json", bench_tmp
     before = set(_leftover_cgroups())
     stale = orphan_regions()  # another run's leftovers are not this bench's
     cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--expert-memory", "50%", "--systems",
@@ -186,11 +184,10 @@ def test_total_and_expert_memory_are_exclusive(tiny):
 
 @pytest.mark.slow  # CI's time: test_baselines_and_moeinf_json runs every system under cgroup limits already
 @pytest.mark.skipif(not _cgroups_usable(), reason="needs root and a cgroup memory controller")
-def test_equal_memory_run(tiny, tmp_path):
+def test_equal_memory_run(tiny, tmp_path, bench_tmp):
     """``--memory-limit-total``: runtimes measured, every limited system under the same total, its expert share from
     what its runtime leaves; a total below the dense weights and runtime gives failed rows, not a crash."""
-    out, tmp = tmp_path / "e2e.json", tmp_path / "t"
-    tmp.mkdir()
+    out, tmp = tmp_path / "e2e.json", bench_tmp
     stale = orphan_regions()
     cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--memory-limit-total", "64MiB", "3GiB", "--systems",
                      "transformers-resident", "moeinf-ondemand-lru", "--requests", "1", "--max-tokens", "3",

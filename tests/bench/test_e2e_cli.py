@@ -10,19 +10,15 @@ import pytest
 
 from helpers import moeinf_cmd, new_orphans, orphan_regions, write_family
 
-pytestmark = pytest.mark.xdist_group("cgroups")  # one test process at a time creates memory cgroups
-
 FIXED = ("--runtime-allowance", "1GiB")  # skips measuring the runtime (tests/bench/test_e2e_baselines.py does)
 ROW_KEYS = {"system", "ttft_s", "decode_ms_per_token_p50", "decode_ms_per_token_p90", "tokens_per_s",
             "bytes_read_per_token", "hit_rate"}
 
 
-def test_table_and_json(tmp_path):
+def test_table_and_json(tmp_path, bench_tmp):
     model = write_family("mixtral", tmp_path / "m")
     stale = orphan_regions()  # another run's leftovers are not this bench's
-    out = tmp_path / "e2e.json"
-    tmp = tmp_path / "t"
-    tmp.mkdir()
+    out, tmp = tmp_path / "e2e.json", bench_tmp
     cmd = moeinf_cmd("bench", "e2e", "--model", str(model), *FIXED, "--systems", "moeinf", "--expert-memory", "100%",
                      "--concurrency", "1", "3", "--requests", "5", "--max-tokens", "6", "--threads", "1",
                      "--repeats", "2", "--json", str(out))

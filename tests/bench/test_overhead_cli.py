@@ -20,11 +20,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def tmpdir_env(tmp_path):
+def tmpdir_env(bench_tmp):
     """The bench's memd state directories land here, so a leftover one is seen."""
-    tmp = tmp_path / "t"
-    tmp.mkdir()
-    return tmp, {**os.environ, "TMPDIR": str(tmp)}
+    return bench_tmp, {**os.environ, "TMPDIR": str(bench_tmp)}
 
 
 def bench(model, *extra, env=None, timeout=300):

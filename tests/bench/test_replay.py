@@ -129,9 +129,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
 
 
-def test_replay_against_memd(tmp_path):
-    out, png, tmp = tmp_path / "replay.json", tmp_path / "replay.png", tmp_path / "t"
-    tmp.mkdir()
+def test_replay_against_memd(tmp_path, bench_tmp):
+    out, png, tmp = tmp_path / "replay.json", tmp_path / "replay.png", bench_tmp
     stale = orphan_regions()  # another run's leftovers are not this bench's
     plot = ["--plot", str(png)] if _has_matplotlib() else []
     cmd = moeinf_cmd("bench", "replay", "--trace", str(DEMO_TRACE), "--max-steps", "24", "--expert-bytes", "64KiB",
