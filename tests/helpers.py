@@ -321,15 +321,34 @@ def new_orphans(before: set[str]) -> set[str]:
 
 
 def orphan_regions() -> set[str]:
-    """moeinf pool regions no live process maps: leaked ones (a live memd always maps its own)."""
+    """moeinf pool regions no live process maps or holds open: leaked ones (a live memd always maps its own; while
+    it creates one, posix_fallocate can take a second or more on a large pool, before the mmap, with the file open)."""
     regions = shm_regions()
     if not regions:
         return set()
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            text = maps.read_text()
-        except OSError:
-            continue
-        mapped.update(r for r in regions if f"/dev/shm/{r}" in text)
-    return regions - mapped
+    used = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        seen = _read(proc / "maps") + "\n".join(_link(fd) for fd in _entries(proc / "fd"))
+        used.update(r for r in regions if f"/dev/shm/{r}" in seen)
+    return regions - used
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # the process is gone, or not ours to read
+        return ""
+
+
+def _entries(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except OSError:
+        return []
+
+
+def _link(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
