@@ -20,7 +20,8 @@ def test_leased_layers_feed_the_predictor(mixtral, state_dir):
         finally:
             client.close()
         deadline = time.monotonic() + 10
-        while (stats := stack.memd_stats()).layer_notes < LAYERS * stats.trace_steps or stats.trace_steps < len(
+        # until every step's notes and its step trace arrived (the trace comes at the step's end, after its notes)
+        while (stats := stack.memd_stats()).layer_notes != LAYERS * stats.trace_steps or stats.trace_steps < len(
                 PROMPTS) * NEW_TOKENS - len(PROMPTS):
             assert time.monotonic() < deadline, f"notes or step traces missing: {stats}"
             time.sleep(0.05)
