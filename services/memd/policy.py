@@ -50,13 +50,7 @@ class EvictionPolicy:
 
     def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
         """The first ``count`` keys of the victim order among those ``allowed`` accepts (fewer when fewer are)."""
-        chosen: list[Key] = []
-        while len(chosen) < count:
-            key = self.victim(lambda k: allowed(k) and k not in chosen)
-            if key is None:
-                break
-            chosen.append(key)
-        return chosen
+        raise NotImplementedError
 
     def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
         """May a prefetch of ``candidate`` (``priority``: its need at its target, in [0, 1]) evict ``victim``? The

@@ -1,8 +1,8 @@
 """Leases between a real memd and MemdClient: a layer whose experts are all leased costs no message; an acquire
 that needs more slots than are free or evictable revokes just that many of the worker's other leases (the policy's
-victims; and one that misses, those of its leases the policy ranks before the evictable residents), and another worker short of slots bumps the revoke epoch so the holder comes back, and waits for it
-(not for itself); an error and
-RETURN_LEASES end every lease."""
+victims; and those of its leases the policy ranks before the evictable residents for the slots it wants), and
+another worker short of slots bumps the revoke epoch so the holder comes back, and waits for it (not for itself); an
+error and RETURN_LEASES end every lease."""
 import threading
 import time
 
