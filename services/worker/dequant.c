@@ -84,6 +84,59 @@ MXFP4_GATHER(moeinf_mxfp4_u64, uint64_t)
 FP8_GATHER(moeinf_fp8_scalar_u16, uint16_t)
 FP8_GATHER(moeinf_fp8_u32, uint32_t)
 
+/* bfloat16 outputs computed, not looked up, for CPUs without AVX-512 VBMI (AVX2: most of today's x86 servers and
+ * desktops): each byte's float32 value (normal: sign, exponent + 120, mantissa moved into place; subnormal: its 3-bit
+ * mantissa times 2^-9, exact), times its block's float32 scale (one IEEE rounding, as transformers' q.float() * s),
+ * rounded to nearest even into bfloat16 as torch's vectorised conversion rounds (any NaN -> 0xFFFF). 16 values at a time; ~3x the scalar
+ * lookup on one core. scales: [rows / block_r][cols / block_c] float32. block_c must be a multiple of 16. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define FP8_DIRECT 1
+
+static inline __m256i fp8x8_bf16(__m128i bytes, __m256 scale) {
+    __m256i b = _mm256_cvtepu8_epi32(bytes);
+    __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
+    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0f / 512));  /* used where mag < 8 */
+    bits = _mm256_blendv_epi8(bits, _mm256_castps_si256(sub), _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)),
+                                                  _mm256_set1_epi32(0x7FC00000)));  /* S.1111.111: NaN */
+    bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24));
+    __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+    __m256i vb = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(vb, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(vb, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+int moeinf_fp8_direct_fast(void) { return 1; }
+
+void moeinf_fp8_bf16_direct(const uint8_t *values, const float *scales, uint16_t *out, int64_t row0,
+                            int64_t n_rows, int64_t cols, int64_t block_r, int64_t block_c) {
+    int64_t grid_c = cols / block_c;
+    for (int64_t r = row0; r < row0 + n_rows; r++) {
+        const uint8_t *v = values + r * cols;
+        uint16_t *o = out + r * cols;
+        for (int64_t cb = 0; cb < grid_c; cb++) {
+            __m256 scale = _mm256_set1_ps(scales[(r / block_r) * grid_c + cb]);
+            for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 16) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(v + c));
+                __m256i lo = fp8x8_bf16(raw, scale), hi = fp8x8_bf16(_mm_unpackhi_epi64(raw, raw), scale);
+                __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8);
+                _mm256_storeu_si256((__m256i *)(o + c), packed);
+            }
+        }
+    }
+}
+#else
+int moeinf_fp8_direct_fast(void) { return 0; }
+
+void moeinf_fp8_bf16_direct(const uint8_t *values, const float *scales, uint16_t *out, int64_t row0,
+                            int64_t n_rows, int64_t cols, int64_t block_r, int64_t block_c) {
+    (void)values; (void)scales; (void)out; (void)row0; (void)n_rows; (void)cols; (void)block_r; (void)block_c;
+}
+#endif
+
 /* 2-byte values with AVX-512 VBMI: the block's 256-entry table split into its low-byte and high-byte planes (4
  * vectors each, once per block row), then 64 lookups at a time: two 128-entry byte shuffles (vpermt2b) per plane,
  * the byte's top bit picks between them, and the planes interleave back into 2-byte values. */
@@ -141,6 +194,12 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
 
 /* 2-byte values: with AVX-512BW and gcc, 32 lookups at a time in the block's 256-entry table held in 8 vectors:
  * one two-vector shuffle per 64 entries (vpermt2w), the byte's top two bits pick among the four. */
+#if defined(FP8_VBMI)
+int moeinf_fp8_vbmi(void) { return 1; }
+#else
+int moeinf_fp8_vbmi(void) { return 0; }
+#endif
+
 #if defined(FP8_VBMI)
 #elif defined(__AVX512BW__) && defined(__GNUC__) && !defined(__clang__)
 typedef uint8_t u8x32 __attribute__((vector_size(32)));

@@ -54,10 +54,12 @@ class Kernels:
         self.lib = lib
         for name in ("moeinf_mxfp4_bf16", "moeinf_mxfp4_u32", "moeinf_mxfp4_u64"):
             getattr(lib, name).argtypes = [_P, _P, _P, _P, _I]
-        for name in ("moeinf_fp8_u16", "moeinf_fp8_u32"):
+        for name in ("moeinf_fp8_u16", "moeinf_fp8_u32", "moeinf_fp8_bf16_direct"):
             getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
+        # FP8 -> bfloat16 computed with AVX2 where the lookup has no AVX-512 VBMI shuffles (3x the scalar lookup)
+        self.fp8_direct = bool(lib.moeinf_fp8_direct_fast()) and not lib.moeinf_fp8_vbmi()
         lib.moeinf_mv_bf16_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
-        self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 (else plain C, slower than oneDNN)
+        self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 or AVX2+FMA (else plain C, slower than oneDNN)
         lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
         self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # ... and AVX-512 VBMI
@@ -94,6 +96,23 @@ class Kernels:
         def run(lo: int, hi: int) -> None:
             fn(v, t, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r, block_c)
         self._split((rows + block_r - 1) // block_r, run)  # whole block rows per thread
+
+    def fp8_bf16(self, values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block_r: int,
+                 block_c: int) -> None:
+        """``values`` [rows, cols] float8 bytes into bfloat16 ``out`` under ``scales`` ([rows / block_r, cols /
+        block_c] float32, contiguous), computed (``fp8_direct``: AVX2, ``block_c`` a multiple of 16) with the bits of
+        ``fp8``'s table: ``self_check`` compares the two before either is used."""
+        rows, cols = values.shape
+        if not self.fp8_direct or out.shape != values.shape or out.dtype != torch.bfloat16 or block_c % 16 \
+                or block_r < 1 or rows % block_r or cols % block_c or scales.dtype != torch.float32 \
+                or not scales.is_contiguous() or scales.numel() != (rows // block_r) * (cols // block_c):
+            raise ValueError(f"fp8 kernel: {list(values.shape)} values in {block_r}x{block_c} blocks into"
+                             f" {list(out.shape)} {out.dtype} under {list(scales.shape)} {scales.dtype} scales")
+        fn = self.lib.moeinf_fp8_bf16_direct
+        v, s, o = values.data_ptr(), scales.data_ptr(), out.data_ptr()
+        self._split((rows + block_r - 1) // block_r,
+                    lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
+                                      block_c))
 
     def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``): ``weight`` bfloat16 ``[out, in]``, rows contiguous
@@ -311,6 +330,13 @@ def self_check(kernels: Kernels) -> None:
             table = fp8_block_table(scales, dtype)
             out = torch.empty(rows, cols, dtype=dtype)
             kernels.fp8(values, table, out, block_r, block_c)
-            if not torch.equal(out.view(torch.uint8), table.view(-1)[index].view(rows, cols).view(torch.uint8)):
+            want = table.view(-1)[index].view(rows, cols).view(torch.uint8)
+            if not torch.equal(out.view(torch.uint8), want):
                 raise KernelError(f"the built FP8 kernel disagrees with torch's ops ({dtype}, {block_r}x{block_c}"
                                   " blocks): not used")
+            if dtype == torch.bfloat16 and kernels.fp8_direct:
+                out.zero_()
+                kernels.fp8_bf16(values, scales.contiguous(), out, block_r, block_c)
+                if not torch.equal(out.view(torch.uint8), want):
+                    raise KernelError(f"the built FP8 -> bfloat16 AVX2 kernel disagrees with torch's ops"
+                                      f" ({block_r}x{block_c} blocks): not used")

@@ -25,6 +25,7 @@ often), weights shared with another module (an LM head tied to the embedding), w
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -43,8 +44,17 @@ class Packed:
     refused: int  # linears of shapes whose packed bits differed (left unpacked)
 
 
+@functools.cache
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """This torch has oneDNN's linear packing and this CPU runs it for bfloat16 (oneDNN needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT: an AVX2-only CPU raises at the first pack)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        pack(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -60,7 +70,8 @@ def packed_mm(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def prepack_dense(model: nn.Module) -> Packed:
     """Pack every eligible ``nn.Linear`` of ``model`` in place (see the module docstring)."""
     if not available():
-        log.warning("--prepack-dense: this torch has no oneDNN linear packing; dense linears stay as they are")
+        log.warning("--prepack-dense: this torch or CPU has no oneDNN bfloat16 linear packing (it needs AVX-512"
+                    " BW/VL/DQ or AVX-NE-CONVERT); dense linears stay as they are")
         return Packed(0, 0, 0)
     shared = _shared_tensors(model)
     verdicts: dict[tuple, bool] = {}  # (out, in) -> the packed kernel's bits equal F.linear's on random rows

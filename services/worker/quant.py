@@ -190,6 +190,13 @@ class QuantParam:
         n = len(pairs)
         grid_r, block_r, grid_c, block_c = self.blocks
         slots = torch.tensor([slot for slot, _ in pairs])
+        if self.kernels is not None and self.kernels.fp8_direct and self.dtype == torch.bfloat16 \
+                and block_c % 16 == 0:  # computed, no table (AVX2 without VBMI's shuffles)
+            scales = self.scales.index_select(0, slots).float()
+            for i, (slot, row) in enumerate(pairs):
+                self.kernels.fp8_bf16(self.values[slot].view(torch.uint8), scales[i], self.scratch[row], block_r,
+                                      block_c)
+            return
         scaled = self.scaled[:n]  # [n, blocks, 256]: every byte's value times its block's scale, float32
         torch.mul(self.table, self.scales.index_select(0, slots).float().view(n, -1, 1), out=scaled)
         self.block_table[:n].copy_(scaled.view(n, -1))  # one rounding to the parameter dtype
