@@ -85,28 +85,28 @@ FP8_GATHER(moeinf_fp8_scalar_u16, uint16_t)
 FP8_GATHER(moeinf_fp8_u32, uint32_t)
 
 /* bfloat16 outputs computed, not looked up, for CPUs without AVX-512 VBMI (AVX2: most of today's x86 servers and
- * desktops): each byte's float32 value (normal: sign, exponent + 120, mantissa moved into place; subnormal: its 3-bit
- * mantissa times 2^-9, exact), times its block's float32 scale (one IEEE rounding, as transformers' q.float() * s),
- * rounded to nearest even into bfloat16 as torch's vectorised conversion rounds (any NaN -> 0xFFFF). 16 values at a time; ~3x the scalar
- * lookup on one core. scales: [rows / block_r][cols / block_c] float32. block_c must be a multiple of 16. */
+ * desktops): each byte's float32 value (its bits moved into place and scaled by 2^120, exact), times its block's
+ * float32 scale (one IEEE rounding, as transformers' q.float() * s), rounded to nearest even into bfloat16 as torch's
+ * vectorised conversion rounds (any NaN -> 0xFFFF). 16 values at a time; faster than the scalar lookup on one core.
+ * scales: [rows / block_r][cols / block_c] float32; block_c a multiple of 16. */
 #if defined(__AVX2__)
 #include <immintrin.h>
 #define FP8_DIRECT 1
 
 static inline __m256i fp8x8_bf16(__m128i bytes, __m256 scale) {
     __m256i b = _mm256_cvtepu8_epi32(bytes);
-    __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
-    __m256i bits = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
-    __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0f / 512));  /* used where mag < 8 */
-    bits = _mm256_blendv_epi8(bits, _mm256_castps_si256(sub), _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-    bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)),
-                                                  _mm256_set1_epi32(0x7FC00000)));  /* S.1111.111: NaN */
-    bits = _mm256_or_si256(bits, _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24));
-    __m256 v = _mm256_mul_ps(_mm256_castsi256_ps(bits), scale);
+    /* S.EEEE.MMM -> float32 bits S.0000EEEE.MMM0...: the byte moved to the top, back 4 with its sign, the sign's
+     * copies cleared; times 2^120 that is the value, exactly (a subnormal E4M3 is a float32 subnormal here, made
+     * normal by the product: the caller clears DAZ) */
+    __m256i bits = _mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 4), _mm256_set1_epi32((int)0x87F00000));
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f)), scale);
     __m256i vb = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(vb, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(vb, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    __m256i nan = _mm256_or_si256(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)),  /* S.1111.111 too */
+                                  _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)),
+                                                     _mm256_set1_epi32(0x7F)));
+    return _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), nan);
 }
 
 int moeinf_fp8_direct_fast(void) { return 1; }
@@ -114,6 +114,8 @@ int moeinf_fp8_direct_fast(void) { return 1; }
 void moeinf_fp8_bf16_direct(const uint8_t *values, const float *scales, uint16_t *out, int64_t row0,
                             int64_t n_rows, int64_t cols, int64_t block_r, int64_t block_c) {
     int64_t grid_c = cols / block_c;
+    unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x40u);  /* DAZ off: the subnormal values above are inputs of a product */
     for (int64_t r = row0; r < row0 + n_rows; r++) {
         const uint8_t *v = values + r * cols;
         uint16_t *o = out + r * cols;
@@ -127,6 +129,7 @@ void moeinf_fp8_bf16_direct(const uint8_t *values, const float *scales, uint16_t
             }
         }
     }
+    _mm_setcsr(csr);
 }
 #else
 int moeinf_fp8_direct_fast(void) { return 0; }

@@ -5,8 +5,8 @@ cost is reading the weight. On CPU, transformers' grouped matmul (torch's ``_gro
 bfloat16 weight to oneDNN, which reorders it into its own layout at every call: the weights stream at ~8-13 GB/s where
 ``matvec.c`` reads them at ~23-26 GB/s on one core (``moeinf bench profile``): once, in place in the pool slot, with
 float32 sums of AVX-512 BF16 dot products (``dequant_kernel.Kernels.matvec``). On a CPU with AVX2 and FMA but not
-AVX-512 BF16 (Zen 3 here) the weights widen to float32 and multiply by FMA: ~16 GB/s against oneDNN's ~9. ``wrap_dense`` does the same for the
-dense linears' decode rows (attention projections, LM head; not the routers).
+AVX-512 BF16 (Zen 3 here) the weights widen to float32 and multiply by FMA: ~16 GB/s against oneDNN's ~9.
+``wrap_dense`` does the same for the dense linears' decode rows (attention projections, LM head; not the routers).
 
 ``forward`` is transformers' ``grouped_mm_experts_forward`` with its two grouped products replaced, and nothing else:
 the same gating (the module's own ``_apply_gate``/``act_fn``), bias adds, optional post-expert norm, routing weights

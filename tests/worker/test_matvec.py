@@ -63,7 +63,8 @@ def test_a_cpu_without_avx512_bf16_or_avx2_is_refused_by_name(tmp_path):
     with pytest.raises(dk.KernelError, match="neither AVX-512 BF16 nor AVX2 with FMA"):
         matvec.check(types.SimpleNamespace(matvec_fast=False))
     no_bf16 = types.SimpleNamespace(matvec_fast=False)
-    with pytest.raises(dk.KernelError, match="--matvec-kernel: .*neither AVX-512 BF16 nor AVX2.*, or leave --matvec-kernel off"):
+    with pytest.raises(dk.KernelError,
+                       match="--matvec-kernel: .*neither AVX-512 BF16 nor AVX2.*, or leave --matvec-kernel off"):
         dk.load("c", tmp_path, 1, check=lambda kernels: matvec.check(no_bf16), flag="--matvec-kernel",
                 advice="leave --matvec-kernel off")
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from services.worker import prepack
 
-pytestmark = pytest.mark.skipif(not prepack.available(), reason="this torch or CPU has no oneDNN bfloat16 linear packing")
+pytestmark = pytest.mark.skipif(not prepack.available(),
+                                reason="this torch or CPU has no oneDNN bfloat16 linear packing")
 
 
 class Tiny(nn.Module):
