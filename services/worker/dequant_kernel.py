@@ -62,7 +62,7 @@ class Kernels:
         self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 or AVX2+FMA (else plain C, slower than oneDNN)
         lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
-        self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # ... and AVX-512 VBMI
+        self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # AVX-512 BF16 and VBMI, or AVX2+FMA
         lib.moeinf_mv_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_mxfp4_nt.restype = ctypes.c_int
         self.matvec_mxfp4_fast = bool(lib.moeinf_mv_mxfp4_fast())
@@ -134,8 +134,8 @@ class Kernels:
         """``out[j] = W @ x[j]`` for a block-FP8 weight ``W`` = ``values`` ``[out, in]`` (bytes, rows contiguous) under
         ``scales`` (``[out / block_r, in / block_c]`` float32, contiguous), each value ``table[byte] * scale``
         rounded to bfloat16 as the dequantization does, but in registers: nothing is written but ``out``. False when
-        the layout is not one the kernel takes (widths multiples of 64, ``block_r`` of 8, at most 64 column blocks,
-        up to 4 rows of ``x``), or the CPU lacks AVX-512 VBMI and BF16."""
+        the layout is not one the kernel takes (AVX-512 VBMI and BF16: widths multiples of 64, ``block_r`` of 8, at
+        most 64 column blocks; AVX2: ``block_c`` a multiple of 32; up to 4 rows of ``x``), or the CPU has neither."""
         rows, cols = values.shape
         m = x.shape[0]
         if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
@@ -156,7 +156,7 @@ class Kernels:
         """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
         and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
         the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
-        caller dequantizes instead) or the CPU lacks AVX-512 BF16."""
+        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA."""
         rows, groups, half = blocks.shape
         m = x.shape[0]
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (

@@ -158,8 +158,13 @@ void moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MV8_FAST 1
+#define MV8_AVX2 0
+#elif MV_AVX2
+#define MV8_FAST 1
+#define MV8_AVX2 1
 #else
 #define MV8_FAST 0
+#define MV8_AVX2 0
 #endif
 
 int moeinf_mv_fp8_fast(void) { return MV8_FAST; }
@@ -171,7 +176,7 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-#if MV8_FAST
+#if MV8_FAST && !MV8_AVX2
 #define MV8_ROWS 8
 /* Returns 0, or -1 when the layout is not one it takes (the caller then dequantizes and multiplies). x: [m][cols]
  * bfloat16; table: the 256 float32 values of the FP8 bytes; scales: [grid_r][cols / block_c] float32. */
@@ -239,6 +244,59 @@ int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const fl
     }
     return 0;
 }
+#elif MV8_AVX2
+/* AVX2 and FMA: each FP8 byte's float32 value (its bits moved into place and scaled by 2^120, as dequant.c computes
+ * it), times its block's scale, rounded to bfloat16 (the dequantization's bits: nearest even, NaN bytes NaN) and
+ * kept as float32, then FMA. MV8_ROWS rows at a time, each input row in turn; the rows two blocks ahead prefetched
+ * into L2. About 2 vector operations per weight: compute-bound near 4 G weights/s, but nothing is written. */
+#define MV8_ROWS 4
+
+static inline __m256 fp8x8_weights(const uint8_t *p, __m256 scale) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i bits = _mm256_and_si256(_mm256_srai_epi32(_mm256_slli_epi32(b, 24), 4), _mm256_set1_epi32((int)0x87F00000));
+    __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)), _mm256_set1_epi32(0x7F));
+    bits = _mm256_or_si256(bits, _mm256_and_si256(nan, _mm256_set1_epi32(0x7FC00000)));  /* S.1111.111: NaN */
+    __m256i vb = _mm256_castps_si256(_mm256_mul_ps(_mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f)),
+                                                   scale));
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(vb, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(vb, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    __m256i keep = _mm256_castps_si256(_mm256_cmp_ps(_mm256_castsi256_ps(vb), _mm256_castsi256_ps(vb), _CMP_ORD_Q));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(vb, _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000)), keep));
+}
+
+int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
+                     int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
+                     int64_t ldy) {
+    (void)table;  /* the values are computed: dequant.c's AVX2 arithmetic, checked against the table by matvec.py */
+    if (block_c <= 0 || block_r <= 0 || block_c % 32 || cols % block_c || m > 4)
+        return -1;
+    int64_t grid_c = cols / block_c;
+    unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~0x40u);  /* DAZ off: a subnormal E4M3 value is a float32 subnormal before its 2^120 */
+    for (int64_t o = lo; o < hi; o += MV8_ROWS) {
+        int64_t nr = hi - o < MV8_ROWS ? hi - o : MV8_ROWS;
+        for (int64_t j = 0; j < m; j++) {
+            __m256 acc[MV8_ROWS];
+            for (int r = 0; r < MV8_ROWS; r++) acc[r] = _mm256_setzero_ps();
+            for (int64_t cb = 0; cb < grid_c; cb++) {
+                __m256 sc[MV8_ROWS];
+                for (int r = 0; r < nr; r++) sc[r] = _mm256_set1_ps(scales[((o + r) / block_r) * grid_c + cb]);
+                for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 32) {
+                    for (int r = 0; r < nr; r++)
+                        _mm_prefetch((const char *)(v + (o + r + 2 * MV8_ROWS) * ld + c), _MM_HINT_T1);
+                    for (int k = 0; k < 32; k += 8) {
+                        __m256 xv = bf16x8(x + j * cols + c + k);
+                        for (int r = 0; r < nr; r++)
+                            acc[r] = _mm256_fmadd_ps(fp8x8_weights(v + (o + r) * ld + c + k, sc[r]), xv, acc[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < nr; r++) y[j * ldy + o + r] = hsum8(acc[r]);
+        }
+    }
+    _mm_setcsr(csr);
+    return 0;
+}
 #else
 int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
                      int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
@@ -254,13 +312,18 @@ int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const fl
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MX_FAST 1
+#define MX_AVX2 0
+#elif MV_AVX2
+#define MX_FAST 1
+#define MX_AVX2 1
 #else
 #define MX_FAST 0
+#define MX_AVX2 0
 #endif
 
 int moeinf_mv_mxfp4_fast(void) { return MX_FAST; }
 
-#if MX_FAST
+#if MX_FAST && !MX_AVX2
 #define MX_ROWS 8
 int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
                        int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy) {
@@ -299,6 +362,64 @@ int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales,
                 }
             }
             for (int r = 0; r < nr; r++) y[j * ldy + o + r] = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+    return 0;
+}
+#elif MX_AVX2
+/* AVX2 and FMA: per block, the 8 E2M1 magnitudes times 2^(scale - 127) (exact: a power of two, scales 2..252 keep
+ * them normal, and each is then a bfloat16 value, the dequantization's), looked up per nibble by an 8-lane permute,
+ * the nibble's sign bit put on; x is taken in the order the nibbles come (per 32 columns: the 8 low nibbles' columns
+ * of the first 8 bytes, their high nibbles', then the next 8 bytes'), widened to float32 once per call. */
+#define MX_ROWS 4
+#define MX_COLS 16384
+
+int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
+                       int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy) {
+    int64_t groups = cols / 32;
+    if (cols % 32 || cols > MX_COLS || m > 4)
+        return -1;
+    for (int64_t o = lo; o < hi; o++)
+        for (int64_t g = 0; g < groups; g++)
+            if (scales[o * lds + g] < 2 || scales[o * lds + g] > 252)
+                return -1;
+    static __thread float xp[4][MX_COLS] __attribute__((aligned(32)));
+    for (int64_t j = 0; j < m; j++)
+        for (int64_t c = 0; c < cols; c += 32)
+            for (int h = 0; h < 2; h++)      /* bytes 0-7, then 8-15 of the block */
+                for (int k = 0; k < 8; k++) {  /* byte 8h + k holds columns c + 16h + 2k (low), + 1 (high) */
+                    xp[j][c + 16 * h + k] = bf16_f32(x[j * cols + c + 16 * h + 2 * k]);
+                    xp[j][c + 16 * h + 8 + k] = bf16_f32(x[j * cols + c + 16 * h + 2 * k + 1]);
+                }
+    const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000);
+    for (int64_t o = lo; o < hi; o += MX_ROWS) {
+        int64_t nr = hi - o < MX_ROWS ? hi - o : MX_ROWS;
+        for (int64_t j = 0; j < m; j++) {
+            __m256 acc[MX_ROWS];
+            for (int r = 0; r < MX_ROWS; r++) acc[r] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                const float *xg = xp[j] + g * 32;
+                for (int r = 0; r < nr; r++) {
+                    const uint8_t *p = blocks + (o + r) * ld + g * 16;
+                    if ((g & 3) == 0)
+                        _mm_prefetch((const char *)(p + 2 * MX_ROWS * ld), _MM_HINT_T1);  /* two blocks ahead */
+                    __m256 tab = _mm256_mul_ps(mags, _mm256_castsi256_ps(
+                        _mm256_set1_epi32((int)((uint32_t)scales[(o + r) * lds + g] << 23))));
+                    __m128i raw = _mm_loadu_si128((const __m128i *)p);
+                    for (int h = 0; h < 2; h++) {
+                        __m256i v = _mm256_cvtepu8_epi32(h ? _mm_unpackhi_epi64(raw, raw) : raw);
+                        __m256i vh = _mm256_srli_epi32(v, 4);
+                        __m256 wl = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(
+                            _mm256_permutevar8x32_ps(tab, v)), _mm256_and_si256(_mm256_slli_epi32(v, 28), sign)));
+                        __m256 wh = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(
+                            _mm256_permutevar8x32_ps(tab, vh)), _mm256_and_si256(_mm256_slli_epi32(v, 24), sign)));
+                        acc[r] = _mm256_fmadd_ps(wl, _mm256_load_ps(xg + 16 * h), acc[r]);
+                        acc[r] = _mm256_fmadd_ps(wh, _mm256_load_ps(xg + 16 * h + 8), acc[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < nr; r++) y[j * ldy + o + r] = hsum8(acc[r]);
         }
     }
     return 0;

@@ -212,7 +212,7 @@ def _check_bf16(kernels) -> None:
 def _check_fp8(kernels) -> None:
     """The block-FP8 kernel's weights are the dequantization's bits: with one-hot inputs each output is one weight
     exactly (scales from 1e-3 to 7e35; subnormal weights excepted, which AVX-512 BF16 reads as zero, like the bf16
-    kernel), and on random inputs it is a float32 sum of the products."""
+    kernel; AVX2 keeps them), and on random inputs it is a float32 sum of the products."""
     from services.worker.quant import fp8_block_table, fp8_table
 
     gen = torch.Generator().manual_seed(0)
