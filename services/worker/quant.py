@@ -13,7 +13,8 @@ The arithmetic is transformers' own dequantization (``integrations/mxfp4.py`` ``
 E2M1 table in the parameter dtype, ``ldexp`` by ``scale - 127``, transposed; ``integrations/finegrained_fp8.py``
 ``Fp8Dequantize``: FP8 and scales in float32, multiplied per block, cast to the parameter dtype), so the values are
 bit-identical to a model loaded with ``dequantize=True``. MXFP4 rows are stored ``[out, in]`` (the blocks' order),
-an ``[in, out]`` parameter being their transposed view. The slots may also come from memd's compressed cache of a
+an ``[in, out]`` parameter being their transposed view (or their copy, where this CPU's matmul rounds a view
+otherwise: ``layouts.py``). The slots may also come from memd's compressed cache of a
 bf16 checkpoint (``--expert-format``), same encoding.
 
 The lookups run in the compiled kernels of ``dequant_kernel.py`` when the worker could build them (one read per
@@ -32,13 +33,13 @@ from common import messages as m
 from common.quant_encode import FP4_MAGNITUDES
 from services.worker import matvec
 from services.worker.expert_groups import in_expert_groups
+from services.worker.layouts import aligned_empty, transposed_view_is_exact
 from services.worker.matvec import Matvec
 
 if TYPE_CHECKING:
     from services.worker.dequant_kernel import Kernels
 
 log = logging.getLogger("moeinf.worker")
-ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
 BATCH = 4  # experts whose index arithmetic runs as one op (the int32 index buffers hold this many)
 _PAIR = {2: torch.int32, 4: torch.int64}  # a value pair of a 2- or 4-byte dtype as one integer
 
@@ -79,16 +80,6 @@ def fp8_table() -> torch.Tensor:
     return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    n = 1
-    for d in shape:
-        n *= d
-    nbytes = n * dtype.itemsize
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    skip = (-raw.data_ptr()) % ALIGN
-    return raw[skip:skip + nbytes].view(dtype).view(shape)
-
-
 class QuantParam:
     """One quantized expert parameter: zero-copy ``[num_slots, ...]`` views of its values and scales in the pool,
     and the scratch rows its dequantized experts go to."""
@@ -107,10 +98,12 @@ class QuantParam:
             if ((groups * half * 2, rows) if transposed else (rows, groups * half * 2)) != shape:
                 raise RuntimeError(f"memd's mxfp4 slot has {spec.name} blocks {spec.shape}, which cannot make the"
                                    f" model's {list(shape)}: memd and the worker must serve the same checkpoint")
-            # rows stored [out, in]; an [in, out] parameter (``transposed``, GPT-OSS) is their transposed view,
-            # which the matmul reads at the same speed with the same bits: the dequantization never transposes
-            self.stored = aligned_empty((capacity, rows, groups * half * 2), dtype)
-            self.scratch = self.stored.transpose(1, 2) if transposed else self.stored
+            # rows stored [out, in]; an [in, out] parameter (``transposed``, GPT-OSS) is their transposed view where
+            # the matmul reads it with the same bits, else each row is copied into [in, out] rows (layouts.py)
+            self.copies = transposed and not transposed_view_is_exact((groups * half * 2, rows), dtype)
+            self.stored = aligned_empty((1 if self.copies else capacity, rows, groups * half * 2), dtype)
+            self.scratch = aligned_empty((capacity, groups * half * 2, rows), dtype) if self.copies else \
+                self.stored.transpose(1, 2) if transposed else self.stored
             # both values of a byte under a scale, as one 2x-wide integer: one gather writes two outputs
             self.pairs = mxfp4_pairs(dtype)
             self.index = None if self.kernels else torch.empty(min(capacity, BATCH), rows, groups * half,
@@ -171,11 +164,19 @@ class QuantParam:
                 self._fp8(chunk)
 
     def _mxfp4(self, pairs: list[tuple[int, int]]) -> None:
-        if self.kernels is not None:
-            for slot, row in pairs:
-                self.kernels.mxfp4(self.values[slot], self.scales[slot], self.pairs,
-                                   self.stored[row].view(self.pairs.dtype), self.dtype == torch.bfloat16)
-            return
+        index = None if self.kernels is not None else self._mxfp4_index(pairs)
+        for i, (slot, row) in enumerate(pairs):
+            stored = self.stored[0 if self.copies else row].view(self.pairs.dtype)
+            if index is None:
+                self.kernels.mxfp4(self.values[slot], self.scales[slot], self.pairs, stored,
+                                   self.dtype == torch.bfloat16)
+            else:
+                torch.index_select(self.pairs, 0, index[i].view(-1), out=stored.view(-1))
+            if self.copies:
+                self.scratch[row].copy_(stored.view(self.dtype).T)
+
+    def _mxfp4_index(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """The torch path's gather index: ``256 * scale + byte`` for every byte of each pair's slot."""
         n = len(pairs)
         slots = torch.tensor([slot for slot, _ in pairs])
         index = self.index[:n]  # [n, rows, K / 2]
@@ -183,8 +184,7 @@ class QuantParam:
             index[i].copy_(self.values[slot].flatten(1))  # bytes -> int32, in the blocks' own order
         scale = self.scales.index_select(0, slots).to(torch.int32).mul_(256)  # [n, rows, groups]
         index.unflatten(2, (scale.shape[2], -1)).add_(scale.unsqueeze(3))  # 256 * scale + byte, same dtype
-        for i, (_, row) in enumerate(pairs):
-            torch.index_select(self.pairs, 0, index[i].view(-1), out=self.stored[row].view(self.pairs.dtype).view(-1))
+        return index
 
     def _fp8(self, pairs: list[tuple[int, int]]) -> None:
         n = len(pairs)

@@ -10,7 +10,8 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common import messages as m
 from common.quant_write import fp8_tensors, mxfp4_tensors
-from services.worker.quant import ALIGN, Dequantizer, QuantParam, RowCache
+from services.worker.layouts import ALIGN
+from services.worker.quant import Dequantizer, QuantParam, RowCache
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,0 +1,52 @@
+"""The layout of the worker's dequantized rows: 4 KiB-aligned buffers (``aligned_empty``), and whether a transposed
+view of ``[out, in]`` rows multiplies with the bits of the same weight stored ``[in, out]``.
+
+GPT-OSS holds its experts ``[in, out]``; the MXFP4 blocks dequantize into ``[out, in]`` rows (their own order), and
+``quant.QuantParam`` hands the grouped matmul their transposed view. With oneDNN on AVX-512 CPUs that view and
+transformers' contiguous ``[in, out]`` parameter give the same bits at the same speed. With AVX2 only, oneDNN takes
+another kernel for the contiguous weight (~25x slower, measured on Zen 3) whose sums round differently, so the
+worker's tokens would drift from transformers' ``dequantize=True`` model: there the rows are copied into
+``[in, out]`` as transformers holds them (exact, and as slow as transformers). ``transposed_view_is_exact`` probes
+this once per shape, on random weights, for the token counts a decode step or a prompt routes to one expert."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from transformers.integrations.moe import _grouped_linear
+
+log = logging.getLogger("moeinf.worker")
+PROBE_TOKENS = (1, 2, 3, 4, 16, 64)
+ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
+
+
+@functools.cache
+def transposed_view_is_exact(shape: tuple[int, int], dtype: torch.dtype) -> bool:
+    """Does ``_grouped_linear`` (transformers' expert product) give the same bits for an ``[in, out]`` weight of
+    ``shape`` as a transposed view of ``[out, in]`` rows as it does contiguous, for every probed token count?"""
+    k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    view = torch.randn(2, n, k, generator=gen).to(dtype).transpose(1, 2)
+    contiguous = view.contiguous()
+    for m in PROBE_TOKENS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        offs = torch.tensor([m // 2, m], dtype=torch.int32)
+        if not torch.equal(_grouped_linear(x, view, offs, is_transposed=True),
+                           _grouped_linear(x, contiguous, offs, is_transposed=True)):
+            log.warning("this CPU's grouped matmul rounds a transposed %s weight %s otherwise than a contiguous one"
+                        " (%d tokens): dequantized MXFP4 rows are copied into [in, out] to keep transformers' bits,"
+                        " as slowly as transformers multiplies them here (--matvec-kernel multiplies the blocks"
+                        " themselves, in another summation order)", dtype, list(shape), m)
+            return False
+    return True
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * dtype.itemsize
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % ALIGN
+    return raw[skip:skip + nbytes].view(dtype).view(shape)
