@@ -198,12 +198,6 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
 /* 2-byte values: with AVX-512BW and gcc, 32 lookups at a time in the block's 256-entry table held in 8 vectors:
  * one two-vector shuffle per 64 entries (vpermt2w), the byte's top two bits pick among the four. */
 #if defined(FP8_VBMI)
-int moeinf_fp8_vbmi(void) { return 1; }
-#else
-int moeinf_fp8_vbmi(void) { return 0; }
-#endif
-
-#if defined(FP8_VBMI)
 #elif defined(__AVX512BW__) && defined(__GNUC__) && !defined(__clang__)
 typedef uint8_t u8x32 __attribute__((vector_size(32)));
 typedef uint16_t u16x32 __attribute__((vector_size(64)));
@@ -236,8 +230,17 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
     }
 }
 #else
+#define FP8_SCALAR 1
 void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out, int64_t row0, int64_t n_rows,
                     int64_t cols, int64_t block_r, int64_t block_c) {
     moeinf_fp8_scalar_u16(values, table, out, row0, n_rows, cols, block_r, block_c);
 }
+#endif
+
+/* 1 when moeinf_fp8_u16 looks up by vector shuffles (VBMI, or AVX-512BW with gcc: 2-8x the computed AVX2 path),
+ * 0 when it is the scalar gather (the computed path is faster) */
+#if defined(FP8_SCALAR)
+int moeinf_fp8_lookup_fast(void) { return 0; }
+#else
+int moeinf_fp8_lookup_fast(void) { return 1; }
 #endif

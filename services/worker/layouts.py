@@ -17,18 +17,22 @@ import torch
 from transformers.integrations.moe import _grouped_linear
 
 log = logging.getLogger("moeinf.worker")
-PROBE_TOKENS = (1, 2, 3, 4, 16, 64)
+PROBE_TOKENS = (1, 2, 3, 4, 16, 64, 512)  # per call, split over two experts: decode steps and prompts (a tiny
+# shape on Zen 3 first differed at 512; a prompt routing more than 256 tokens to one expert is beyond the probe)
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
 
 
 @functools.cache
 def transposed_view_is_exact(shape: tuple[int, int], dtype: torch.dtype) -> bool:
     """Does ``_grouped_linear`` (transformers' expert product) give the same bits for an ``[in, out]`` weight of
-    ``shape`` as a transposed view of ``[out, in]`` rows as it does contiguous, for every probed token count?"""
+    ``shape`` as a transposed view of ``[out, in]`` rows as it does contiguous, for every probed token count? (At the
+    torch thread count of the moment: the worker's, set before the model loads.)"""
     k, n = shape
     gen = torch.Generator().manual_seed(0)
-    view = torch.randn(2, n, k, generator=gen).to(dtype).transpose(1, 2)
-    contiguous = view.contiguous()
+    stored, contiguous = aligned_empty((2, n, k), dtype), aligned_empty((2, k, n), dtype)  # as the rows lie
+    stored.copy_(torch.randn(2, n, k, generator=gen))
+    view = stored.transpose(1, 2)
+    contiguous.copy_(view)
     for m in PROBE_TOKENS:
         x = torch.randn(m, k, generator=gen).to(dtype)
         offs = torch.tensor([m // 2, m], dtype=torch.int32)
