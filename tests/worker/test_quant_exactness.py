@@ -60,8 +60,8 @@ def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, sc
 def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, block, tmp_path, state_dir):
     """``--matvec-kernel`` on bf16 block-FP8 (a layout the FP8 kernel takes: widths of 64, blocks 8 x 64) and MXFP4
     checkpoints: decode steps multiply the slots' quantized bytes (the worker says so; FP8 on a CPU with AVX-512 BF16
-    but not VBMI: the dequantized rows) and, on these prompts, the greedy tokens equal transformers' dequantized model's (opt-in: another summation order, so nothing promises it
-    elsewhere)."""
+    but not VBMI: the dequantized rows) and, on these prompts, the greedy tokens equal transformers' dequantized
+    model's (opt-in: another summation order, so nothing promises it elsewhere)."""
     from services.worker import dequant_kernel, matvec
     try:
         kernels = dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec.check)
