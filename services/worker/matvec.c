@@ -79,7 +79,7 @@ static inline __attribute__((always_inline)) void rows_dp(const uint16_t *w, int
 #if MV_AVX2
 /* Without AVX-512 BF16 (AVX2 and FMA: Zen 2/3, Intel before Cooper Lake): each bfloat16 weight widened to float32
  * by a shift and multiplied by FMA, MV2_ROWS rows at once against m (1 or 2) input rows (8 accumulators of the 16
- * registers), a cache line of each row per pass, the rows two blocks ahead prefetched into L2 (one block ahead: 15%
+ * registers), 8 columns per pass, the rows two blocks ahead prefetched into L2 once per line (one block ahead: 15%
  * slower on 2048-wide rows); the last cols % 8 columns plainly.
  * oneDNN's bfloat16 product on these CPUs streams at about half the memory's speed; this one near it. Subnormal
  * weights are kept (as oneDNN keeps them here), unlike VDPBF16PS. */
@@ -101,19 +101,10 @@ static inline __attribute__((always_inline)) void rows_fma(const uint16_t *w, in
     for (int j = 0; j < m; j++)
         for (int r = 0; r < MV2_ROWS; r++) acc[j][r] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= cols; i += 32) {
-        for (int r = 0; r < MV2_ROWS; r++)
-            _mm_prefetch((const char *)(w + (r + 2 * MV2_ROWS) * ld + i), _MM_HINT_T1);  /* two blocks ahead, into L2 */
-        for (int k = 0; k < 32; k += 8) {
-            __m256 xv[2];
-            for (int j = 0; j < m; j++) xv[j] = bf16x8(x + j * cols + i + k);
-            for (int r = 0; r < MV2_ROWS; r++) {
-                __m256 wv = bf16x8(w + r * ld + i + k);
-                for (int j = 0; j < m; j++) acc[j][r] = _mm256_fmadd_ps(wv, xv[j], acc[j][r]);
-            }
-        }
-    }
     for (; i + 8 <= cols; i += 8) {
+        if (i % 32 == 0)  /* once per cache line of each row: the rows two blocks ahead, into L2 */
+            for (int r = 0; r < MV2_ROWS; r++)
+                _mm_prefetch((const char *)(w + (r + 2 * MV2_ROWS) * ld + i), _MM_HINT_T1);
         __m256 xv[2];
         for (int j = 0; j < m; j++) xv[j] = bf16x8(x + j * cols + i);
         for (int r = 0; r < MV2_ROWS; r++) {
