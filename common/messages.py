@@ -125,6 +125,9 @@ class AcquireReply(Message):
     epoch: Count = 0  # the revoke epoch this reply answers (the worker compares the control word against it)
     speculate_layers: Index = 0  # how many MoE layers ahead the worker should guess now (0: its own default)
     speculate_threshold: Ratio = 0.0  # the router probability below which a guess is not sent
+    # False: memd has no use for guesses now (prefetch off, or the pool holds every expert): send none, spare the
+    # router matmuls
+    speculate: bool = True
 
 
 class ReleaseRequest(Message):

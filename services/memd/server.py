@@ -335,7 +335,7 @@ class MemdServer:
     def _acquired(self, p: Pending) -> m.AcquireReply:
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
         return m.AcquireReply([self.table.slot_of[k] for k in p.keys], p.hits, [list(k) for k in p.revoked], p.epoch,
-                              ahead, threshold)
+                              ahead, threshold, self.core.wants_guesses())
 
     def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
         if not 0 <= req.layer < self.store.num_layers:

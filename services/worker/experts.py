@@ -216,7 +216,8 @@ class ExpertBinding:
     def acquire(self, routing: Routing, hidden_states, top_k_index, top_k_weights) -> list[int]:
         """Note the layer to memd (with the next layers' guesses), record it, and get the experts' slots."""
         client, recorder = self.client, self.steps.recorder
-        guesses = ([], [], []) if self.speculator is None else self.speculator.guess(
+        guessing = self.speculator is not None and (client.speculate or self.speculator.always)
+        guesses = ([], [], []) if not guessing else self.speculator.guess(
             self.layer, hidden_states, client.speculate_layers, client.speculate_threshold)
         step = recorder.open
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
@@ -265,9 +266,10 @@ def register() -> None:
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
          speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None,
-         mv: matvec.Matvec | None = None) -> None:
+         mv: matvec.Matvec | None = None, always_guess: bool = False) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
-    traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state;
+    traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state, while
+    memd wants the guesses (``AcquireReply.speculate``) or always (``always_guess``: a recorded trace keeps them);
     ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots);
     ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops); ``mv``: the
     matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul)."""
@@ -277,6 +279,8 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype,
                            deep=layer.keyed) for layer in layers] if next_gate else [None] * len(layers)
     speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
+    if speculator is not None:
+        speculator.always = always_guess
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None
     if views.quantized:  # one scratch for all layers: the most experts a layer can hold at once, or the knob's

@@ -58,6 +58,7 @@ class MemdClient:
         self.pid = os.getpid()
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
         self.speculate_threshold = 0.0  # the router probability a guess needs (memd's word)
+        self.speculate = True  # memd's word: it acts on guesses (False: prefetch off, or a pool of every expert)
         self.notes_dropped = 0
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
@@ -105,6 +106,7 @@ class MemdClient:
             self.acquire_seconds += time.perf_counter() - start
         if lease:
             self._update_leases(layer, experts, reply)
+        self.speculate = reply.speculate
         if reply.speculate_layers:
             self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
         return reply.slots

@@ -122,6 +122,18 @@ def test_the_lease_reserve_is_one_lookahead_of_experts_and_none_when_all_fit_or_
     assert core_with(slots=L * E).prefetch_reserve() == 0 and core_with(slots=8, prefetch=False).prefetch_reserve() == 0
 
 
+def test_workers_are_asked_for_guesses_only_while_a_prefetch_could_follow():
+    assert core_with(slots=8).wants_guesses()
+    assert not core_with(slots=8, prefetch=False).wants_guesses()
+    full = core_with(slots=L * E)
+    assert full.wants_guesses()  # an empty pool of every expert: prefetch still hides the first reads
+    for layer in range(L):
+        for expert in range(E):
+            full.table.reserve((layer, expert))
+            full.table.loaded((layer, expert))
+    assert not full.wants_guesses()  # filled: nothing is ever read again
+
+
 def test_guess_probability_is_measured_by_confidence_and_by_residency():
     core = core_with(slots=4)
     p = core.predictor

@@ -8,7 +8,7 @@ from test_exactness import NEW_TOKENS, PROMPTS, reference
 
 from common.worker_client import WorkerClient
 
-LAYERS = 4  # the mixtral test checkpoint
+LAYERS, EXPERTS = 4, 8  # the mixtral test checkpoint
 
 
 def test_leased_layers_feed_the_predictor(mixtral, state_dir):
@@ -32,3 +32,26 @@ def test_leased_layers_feed_the_predictor(mixtral, state_dir):
     assert [s.distance for s in stats.speculation] == [1, 2, 3]  # 4 layers: guesses up to 3 ahead
     assert all(s.routed > 0 and 0 < s.correct <= min(s.predicted, s.routed) for s in stats.speculation)
     assert stats.prefetch_issued > 0 and stats.prefetch_used > 0
+
+
+def guessed(stats) -> int:
+    return sum(s.predicted for s in stats.speculation)
+
+
+def test_no_guesses_once_memd_has_no_use_for_them(mixtral, state_dir):
+    """A pool of every expert, once filled, never reads again; without prefetch nothing acts on a guess: the worker
+    stops spending router matmuls on guesses (memd says so in its acquire replies)."""
+    with Stack(mixtral, state_dir, expert_memory="100%") as stack:
+        first = stack.generate_all(PROMPTS, NEW_TOKENS)  # fills the pool (guesses help while it fills)
+        time.sleep(0.3)  # the last notes land
+        before = guessed(stack.memd_stats())
+        assert stack.generate_all(PROMPTS, NEW_TOKENS) == first
+        time.sleep(0.3)
+        stats = stack.memd_stats()
+    assert stats.layer_notes > 0 and guessed(stats) == before
+    with Stack(mixtral, state_dir / "off", expert_memory="50%", extra_memd=["--prefetch", "off"]) as stack:
+        stack.generate_all(PROMPTS, NEW_TOKENS)
+        time.sleep(0.3)
+        stats = stack.memd_stats()
+    # only the first layer guesses, before memd's first acquire reply: at most every expert of the layers after it
+    assert stats.layer_notes > 0 and guessed(stats) <= (LAYERS - 1) * EXPERTS
