@@ -117,22 +117,28 @@ def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
         samples.setdefault(expert, []).append(s)
     if max(map(len, samples.values())) > MAX_TOKENS:
         return None
-    gated = module.has_gate
-    up = "gate_up_proj" if gated else "up_proj"
     out = torch.empty(num_tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
     try:
-        for expert, pairs in samples.items():
-            index = torch.tensor(pairs)
-            h = linear(up, expert, hidden_states[index // k])
-            h = module._apply_gate(h) if gated else module.act_fn(h)
-            h = linear("down_proj", expert, h)
-            if module.has_post_expert_norm:
-                h = module.post_expert_norm(h)
-            out[index] = h
+        if num_tokens == 1:  # one token (a lone decode step): its k experts, each writing its own row; no indexing
+            x = hidden_states.reshape(1, -1)
+            for expert, (s,) in samples.items():
+                out[s] = expert_product(module, linear, expert, x)[0]
+        else:
+            for expert, pairs in samples.items():
+                index = torch.tensor(pairs)
+                out[index] = expert_product(module, linear, expert, hidden_states[index // k])
     except Declined:
         return None
     weighted = out * top_k_weights.reshape(-1).unsqueeze(-1)
     return weighted.view(num_tokens, k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def expert_product(module, linear, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's output for its rows ``x``, as ``grouped_mm_experts_forward`` computes it."""
+    h = linear("gate_up_proj" if module.has_gate else "up_proj", expert, x)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    h = linear("down_proj", expert, h)
+    return module.post_expert_norm(h) if module.has_post_expert_norm else h
 
 
 def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: torch.Tensor, experts: torch.Tensor,

@@ -13,6 +13,7 @@ None of it touches the computed values: the routers are copies (or the model's o
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +32,9 @@ class Speculator:
         self.bias = torch.zeros(self.L * num_experts, dtype=dtype)
         self.correction = torch.zeros(self.L * num_experts, dtype=torch.float32)
         self.sigmoid = torch.zeros(self.L, dtype=torch.bool)
+        self.any_sigmoid = False
         self.known = torch.tensor([r is not None for r in routers])
+        self.known_np = self.known.numpy()
         self.top_k = max(r.top_k for r in present)
         self.groups = [None if r is None else r.groups for r in routers]
         with torch.no_grad():
@@ -45,6 +48,7 @@ class Speculator:
                 if r.correction is not None:
                     self.correction[rows] = r.correction.float()
                     self.sigmoid[i] = True
+                    self.any_sigmoid = True
 
     def ahead(self, layer: int, wanted: int) -> int:
         """How many layers after ``layer`` can be guessed (at most ``wanted`` and the knob)."""
@@ -62,12 +66,9 @@ class Speculator:
         lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
         hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
         logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float().view(-1, k, self.E)  # [T, k, E]
-        sigmoid = self.sigmoid[layer + 1:layer + 1 + k].view(1, k, 1)
-        probs = torch.where(sigmoid, logits.sigmoid(), logits.softmax(-1))
-        select = torch.where(sigmoid, probs + self.correction[lo:hi].view(1, k, self.E), probs)
-        for j, groups in enumerate(self.groups[layer + 1:layer + 1 + k]):
-            if groups is not None:
-                select[:, j] = limit_to_groups(select[:, j], *groups)
+        probs, select = self._scores(layer, k, logits)
+        if logits.shape[0] == 1:  # one token: its picks are the guesses, each with its own probability
+            return self._one_token(layer, k, probs[0].numpy(), select[0].numpy(), threshold)
         top = select.topk(min(self.top_k, self.E), dim=-1).indices  # [T, k, top_k]
         conf = torch.zeros(k, self.E)
         picked = probs.gather(-1, top)  # [T, k, top_k]
@@ -78,6 +79,34 @@ class Speculator:
         keep = chosen.view(k, self.E) & (conf >= threshold) & self.known[layer + 1:layer + 1 + k].view(k, 1)
         ahead, expert = keep.nonzero(as_tuple=True)
         return (ahead + layer + 1).tolist(), expert.tolist(), conf[ahead, expert].tolist()
+
+    def _scores(self, layer: int, k: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(probs, select)`` [T, k, E]: each target router's probabilities, and the scores its top-k is picked by."""
+        if not self.any_sigmoid:
+            probs = select = logits.softmax(-1)
+        else:
+            sigmoid = self.sigmoid[layer + 1:layer + 1 + k].view(1, k, 1)
+            probs = torch.where(sigmoid, logits.sigmoid(), logits.softmax(-1))
+            correction = self.correction[(layer + 1) * self.E:(layer + 1 + k) * self.E].view(1, k, self.E)
+            select = torch.where(sigmoid, probs + correction, probs)
+        groups = self.groups[layer + 1:layer + 1 + k]
+        if any(g is not None for g in groups):
+            select = select.clone() if select is probs else select
+            for j, g in enumerate(groups):
+                if g is not None:
+                    select[:, j] = limit_to_groups(select[:, j], *g)
+        return probs, select
+
+    def _one_token(self, layer: int, k: int, probs: np.ndarray, select: np.ndarray,
+                   threshold: float) -> tuple[list[int], list[int], list[float]]:
+        """``guess`` for a single token (``probs``, ``select``: [k, E]) in numpy, without torch's per-op cost or
+        the scatter over tokens: its top-k per target layer, in expert order, kept where the probability reaches
+        ``threshold`` and the layer has a router."""
+        top = min(self.top_k, self.E)
+        experts = np.sort(np.argpartition(-select, top - 1, axis=-1)[:, :top], axis=-1)  # [k, top_k]
+        conf = probs[np.arange(k)[:, None], experts]
+        ahead, j = ((conf >= threshold) & self.known_np[layer + 1:layer + 1 + k, None]).nonzero()
+        return (ahead + layer + 1).tolist(), experts[ahead, j].tolist(), conf[ahead, j].tolist()
 
 
 def limit_to_groups(select: torch.Tensor, groups: int, kept: int, rule: str) -> torch.Tensor:

@@ -94,3 +94,24 @@ def test_group_limited_routing_is_guessed_as_the_router_routes(checkpoints):
         for t in range(hidden.shape[0]):
             differs += sorted(spec.guess(layer, hidden[t:t + 1], 1)[1]) != sorted(actual[t].tolist())
     assert differs > 0, "the model's routing never crossed groups: the test proves nothing"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_moe"])
+def test_one_token_guesses_equal_the_batched_path(family, checkpoints):
+    """A lone token takes a shorter path (no scatter over tokens); a batch of that token twice takes the general
+    one: the same guesses in the same order and their confidences, at every threshold (DeepSeek: sigmoid scores,
+    groups)."""
+    spec, _, runs = routed_run(checkpoints[family], tokens=6)
+    compared = 0
+    for layer in range(len(runs) - 1):
+        hidden = runs[layer][0]
+        for t in range(hidden.shape[0]):
+            one = hidden[t:t + 1]
+            for threshold in (0.0, 0.2, 0.45):
+                alone = spec.guess(layer, one, 3, threshold)
+                batched = spec.guess(layer, torch.cat([one, one]), 3, threshold)
+                assert alone[:2] == batched[:2], (layer, t, threshold)
+                # (the router matmul of two rows may round its last bit otherwise than of one)
+                assert alone[2] == pytest.approx(batched[2], rel=1e-5), (layer, t, threshold)
+                compared += len(alone[0])
+    assert compared > 0
