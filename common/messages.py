@@ -207,6 +207,7 @@ class StatsReply(Message):
     speculate_layers: Index = 0  # how far ahead workers are told to guess (adapts to read time vs layer time)
     prefetch_deferred: Count = 0  # plans put off because on-demand reads were in flight or queued
     prefetch_declined: Count = 0  # candidates whose expected benefit did not beat the bandwidth and slot they cost
+    reader_busy_seconds: NonNeg = 0.0  # wall seconds with at least one expert load in flight (the disk had work)
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

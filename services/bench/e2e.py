@@ -234,6 +234,7 @@ class Result:
             "hit_rate": None if not lookups else c["hits"] / lookups,
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
             "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
+            "disk_busy": None if c is None or not self.wall_s else c.get("reader_busy_seconds", 0.0) / self.wall_s,
             "requests": len(self.timings), "generated_tokens": self.generated, "wall_s": self.wall_s,
             **quality(c),
         }

@@ -22,7 +22,8 @@ PRECISION_TARGET = 0.6  # issue 11: prefetch precision >= 0.6 at lookahead 1
 def stats_counters(stats) -> dict[str, float]:
     """The cumulative counters of a ``StatsReply`` that a run's figures are differences of."""
     out = {"hits": stats.hits, "misses": stats.misses, "bytes_read": stats.bytes_read,
-           "read_seconds": stats.read_seconds, "stall_seconds": stats.stall_seconds}
+           "read_seconds": stats.read_seconds, "stall_seconds": stats.stall_seconds,
+           "reader_busy_seconds": stats.reader_busy_seconds}
     out.update({name: getattr(stats, name) for name in PREFETCH})
     for kind in PREDICTIONS:
         for s in getattr(stats, kind):

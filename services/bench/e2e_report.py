@@ -196,15 +196,16 @@ def format_report(doc: dict) -> str:
                   for t in doc["targets"]]
     lines.append("decode p50/p90: ms between a request's consecutive tokens; TTFT: median time to first token;"
                  " load GB/s: memd's bytes over its loads' read seconds; wait GB/s: over the\n"
-                 "worker's wait for loads; peak: the cgroup's peak memory use (page cache included); pf P/R: prefetch"
-                 " precision (used / used + wasted) and recall\n(used / used + on-demand loads); la1 P/R: precision and"
-                 " recall of memd's prediction one layer ahead (correct / predicted, correct / routed)")
+                 "worker's wait for loads; disk busy: the share of the run's wall time some expert was loading; peak:"
+                 " the cgroup's peak memory use (page cache included);\npf P/R: prefetch precision (used / used +"
+                 " wasted) and recall (used / used + on-demand loads); la1 P/R: precision and recall of memd's\n"
+                 "prediction one layer ahead (correct / predicted, correct / routed)")
     return "\n".join(lines)
 
 
 _HEADER = (f"{'system':<21} {'memory':>11} {'experts':>7} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
            f" {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8} {'load GB/s':>9} {'wait GB/s':>9}"
-           f" {'peak GiB':>8} {'pf P':>5} {'pf R':>5} {'la1 P':>5} {'la1 R':>5}")
+           f" {'disk busy':>9} {'peak GiB':>8} {'pf P':>5} {'pf R':>5} {'la1 P':>5} {'la1 R':>5}")
 
 
 def _line(r: dict) -> str:
@@ -220,7 +221,7 @@ def _line(r: dict) -> str:
             f" {r['tokens_per_s']:>9.2f} {r['ttft_s']:>7.3f} {_cell(r['decode_ms_per_token_p50'], '.1f'):>10}"
             f" {_cell(r['decode_ms_per_token_p90'], '.1f'):>10} {_cell(mib, '.1f'):>10}"
             f" {_cell(r['hit_rate'], '.3f'):>8} {_cell(r.get('load_read_gbps'), '.2f'):>9}"
-            f" {_cell(r.get('stall_read_gbps'), '.2f'):>9}"
+            f" {_cell(r.get('stall_read_gbps'), '.2f'):>9} {_cell(r.get('disk_busy'), '.0%'):>9}"
             f" {_cell(gib(r['peak_memory_bytes']), '.2f'):>8} {_cell(r.get('prefetch_precision'), '.2f'):>5}"
             f" {_cell(r.get('prefetch_recall'), '.2f'):>5} {_cell(at(r, 'lookahead', 1, 'precision'), '.2f'):>5}"
             f" {_cell(at(r, 'lookahead', 1, 'recall'), '.2f'):>5}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from services.memd.core import ExpertCache
 from services.memd.policy import Key
@@ -37,6 +38,14 @@ class Loads:
         self.waiting = 0  # on-demand loads still looking for a slot
         self.demand_idle = asyncio.Event()  # set while no on-demand load runs or waits (the planner awaits it)
         self.demand_idle.set()
+        self._busy_seconds = 0.0  # wall seconds with at least one load in flight, up to ``_busy_since``
+        self._busy_since: float | None = None  # when the current run of loads began (None: no load in flight)
+
+    def busy_seconds(self) -> float:
+        """Wall seconds during which some expert was loading (queued or reading): the disk's busy time, as memd
+        keeps it busy. Against the run's wall time it says how much of it the reader had work."""
+        running = time.perf_counter() - self._busy_since if self._busy_since is not None else 0.0
+        return self._busy_seconds + running
 
     @property
     def demand_busy(self) -> bool:
@@ -58,6 +67,8 @@ class Loads:
             self.demand_idle.set()
 
     def start(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> asyncio.Task:
+        if not self.tasks:
+            self._busy_since = time.perf_counter()
         self.jobs[key] = self.reader.submit(key, slot, demand=demand, priority=priority)
         if demand:
             self._demand_started(key)
@@ -141,6 +152,9 @@ class Loads:
             self.tasks.pop(key, None)
             self.jobs.pop(key, None)
             self._demand_ended(key)
+            if not self.tasks and self._busy_since is not None:
+                self._busy_seconds += time.perf_counter() - self._busy_since
+                self._busy_since = None
 
 
 def _retrieve(task: asyncio.Task) -> None:

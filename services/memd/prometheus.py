@@ -25,7 +25,7 @@ MEMD_COUNTERS = frozenset({
     "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "tokens",
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
     "trace_lost", "predicted", "correct", "routed", "acquires", "leased_layers", "layer_notes", "notes_dropped",
-    "prefetch_deferred", "prefetch_declined",
+    "prefetch_deferred", "prefetch_declined", "reader_busy_seconds",
 })
 MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
@@ -37,6 +37,7 @@ MEMD_HELP = {
     "hits": "experts acquired that were already resident", "misses": "experts loaded on demand",
     "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the checkpoint",
     "read_seconds": "seconds spent reading experts", "stall_seconds": "seconds acquires waited for loads",
+    "reader_busy_seconds": "wall seconds during which at least one expert was loading",
     "direct_io": "1 when experts are read with O_DIRECT", "prefetch": "1 when prefetching is on",
     "prefetch_used": "prefetched experts acquired before eviction",
     "prefetch_wasted": "prefetched experts evicted or cancelled before any acquire",

@@ -375,7 +375,7 @@ class MemdServer:
         return m.StatsReply(os.getpid(), live_bytes, t.capacity, resident, t.num_pinned, c.hits, c.misses,
                             c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
                             t.resident_per_layer(self.store.num_layers), read_bandwidth=self.reader.bandwidth or 0.0,
-                            **stats_fields(self.core))
+                            reader_busy_seconds=self.loads.busy_seconds(), **stats_fields(self.core))
 
     def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
         self.trace_events[type(event).__name__] += 1

@@ -101,3 +101,26 @@ async def test_a_plan_waits_for_received_requests_a_bounded_number_of_turns():
     prefetcher.wake("worker")
     await settle(RPC_TURNS + 2)
     assert core.busy_at_plan == [False], "a frame nobody reads must not stop planning for good"
+
+
+async def test_busy_time_counts_wall_time_with_some_load_in_flight_once():
+    """Two overlapping loads count their union, not their sum; idle time between loads is not counted."""
+    core, reader = StubCore(), StubReader()
+    loads = Loads(core, reader)
+    assert loads.busy_seconds() == 0.0
+    first, second = loads.start((0, 1), 0, demand=True), loads.start((0, 2), 1, demand=False)
+    await asyncio.sleep(0.05)
+    reader.jobs[0].future.set_result((100, 0.05))
+    await first
+    await asyncio.sleep(0.05)
+    reader.jobs[1].future.set_result((100, 0.1))
+    await second
+    busy = loads.busy_seconds()
+    assert 0.1 <= busy < 0.15  # the union: 0.1 s, not 0.05 + 0.1
+    await asyncio.sleep(0.05)  # nothing loading
+    assert loads.busy_seconds() == busy
+    third = loads.start((1, 0), 2, demand=True)
+    await asyncio.sleep(0.02)
+    assert loads.busy_seconds() >= busy + 0.02  # a load in flight counts while it runs
+    reader.jobs[2].future.set_result((100, 0.02))
+    await third
