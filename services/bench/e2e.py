@@ -148,6 +148,7 @@ class Timing:
     arrivals: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     decode_bytes: float | None = None  # memd's bytes read between the first token and the last (1 client only)
+    decode_busy: tuple[float, float] | None = None  # (seconds some expert was loading, seconds) over that span
 
 
 def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrency: int,
@@ -175,9 +176,12 @@ def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrenc
                     timing.arrivals.extend([time.perf_counter()] * len(tokens))
                     timing.tokens.extend(tokens)
                     if split_bytes and first is None:
-                        first = system.counters()["bytes_read"]
+                        first = (system.counters(), time.perf_counter())
                 if split_bytes:
-                    timing.decode_bytes = system.counters()["bytes_read"] - first
+                    last, (c, at) = system.counters(), first
+                    timing.decode_bytes = last["bytes_read"] - c["bytes_read"]
+                    busy = last.get("reader_busy_seconds", 0.0) - c.get("reader_busy_seconds", 0.0)
+                    timing.decode_busy = (busy, time.perf_counter() - at)
                 with lock:
                     done.append(timing)
         except BaseException as exc:  # reported by the caller
@@ -211,6 +215,15 @@ class Result:
     def wall_s(self) -> float:
         return max(t.arrivals[-1] for t in self.timings) - min(t.sent for t in self.timings)
 
+    def disk_busy(self) -> float | None:
+        """The share of the decode time (1 client; else of the run's wall time) during which memd had some expert
+        loading."""
+        if self.timings and all(t.decode_busy is not None for t in self.timings):
+            span = sum(t.decode_busy[1] for t in self.timings)
+            return sum(t.decode_busy[0] for t in self.timings) / span if span > 0 else None
+        c = self.counters
+        return None if c is None or not self.wall_s else c.get("reader_busy_seconds", 0.0) / self.wall_s
+
     def decode_bytes_per_token(self) -> float | None:
         """memd's bytes read per decode token (after each request's first token), when measured."""
         if any(t.decode_bytes is None for t in self.timings):
@@ -234,7 +247,7 @@ class Result:
             "hit_rate": None if not lookups else c["hits"] / lookups,
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
             "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
-            "disk_busy": None if c is None or not self.wall_s else c.get("reader_busy_seconds", 0.0) / self.wall_s,
+            "disk_busy": self.disk_busy(),
             "requests": len(self.timings), "generated_tokens": self.generated, "wall_s": self.wall_s,
             **quality(c),
         }

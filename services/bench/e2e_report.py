@@ -196,7 +196,7 @@ def format_report(doc: dict) -> str:
                   for t in doc["targets"]]
     lines.append("decode p50/p90: ms between a request's consecutive tokens; TTFT: median time to first token;"
                  " load GB/s: memd's bytes over its loads' read seconds; wait GB/s: over the\n"
-                 "worker's wait for loads; disk busy: the share of the run's wall time some expert was loading; peak:"
+                 "worker's wait for loads; disk busy: the share of decode time some expert was loading; peak:"
                  " the cgroup's peak memory use (page cache included);\npf P/R: prefetch precision (used / used +"
                  " wasted) and recall (used / used + on-demand loads); la1 P/R: precision and recall of memd's\n"
                  "prediction one layer ahead (correct / predicted, correct / routed)")

@@ -62,3 +62,12 @@ def test_delivered_bandwidth_above_the_probe_is_not_counted_as_met():
     assert check(0.95)["met"] and not check(0.85)["met"]
     above = check(1.3)  # the reader cannot beat the probe on one disk state: the disk changed between the two
     assert not above["met"] and "not counted as met" in above["measured"]
+
+
+def test_disk_busy_is_the_loading_share_of_decode_time_else_of_the_run():
+    counters = {**delta(stats_counters(stats(1)), stats_counters(stats(3))), "reader_busy_seconds": 0.5}
+    split = [Timing(0, 0.0, [1.0, 2.0], [1, 2], 10.0, (0.3, 1.0)), Timing(1, 2.0, [3.0, 5.0], [1, 2], 10.0, (0.5, 3.0))]
+    assert Result(MOEINF, 1, split, counters).row()["disk_busy"] == 0.8 / 4.0  # decode spans only
+    whole = [Timing(0, 0.0, [1.0, 2.0], [1, 2]), Timing(1, 0.5, [3.0, 5.0], [1, 2])]
+    assert Result(MOEINF, 2, whole, counters).row()["disk_busy"] == 0.5 / 5.0  # the run: first sent to last token
+    assert Result("transformers-resident", 1, whole, None).row()["disk_busy"] is None
