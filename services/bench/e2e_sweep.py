@@ -71,6 +71,8 @@ class Sweep:
         self.plan_budgets()
         runs = [(name, "") for name in self.opts.systems if name != RESIDENT and self.available(name)]
         runs += [(format_system(fmt), fmt) for fmt in self.opts.formats]
+        if uneven := uneven_order(self.opts.repeats, len(runs)):
+            self.notes.append(uneven)
         for setting in self.opts.settings:
             first = len(self.rows)
             for r in range(self.opts.repeats):
@@ -234,6 +236,14 @@ class Sweep:
             system.stop()
         return [{**row, "unreclaimable_bytes": held, "pss_bytes": pss, "workers": self.opts.workers}
                 for row in summarize(results)]
+
+
+def uneven_order(repeats: int, systems: int) -> str | None:
+    """The note when ``rotated`` cannot give every system each place in the order equally often."""
+    if systems > 1 and repeats % systems:
+        return (f"{repeats} repeats rotate the order of {systems} systems unevenly (some run first more often than"
+                f" others): a multiple of {systems} repeats balances it")
+    return None
 
 
 def rotated(items: list, r: int) -> list:

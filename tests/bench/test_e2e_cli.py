@@ -127,9 +127,11 @@ def test_a_gone_service_says_why():
 
 def test_repeats_interleave_and_merge_to_the_median_run():
     from services.bench.e2e_report import paired_ratios
-    from services.bench.e2e_sweep import merge_repeats, rotated
+    from services.bench.e2e_sweep import merge_repeats, rotated, uneven_order
 
     assert [rotated(["a", "b"], r) for r in range(3)] == [["a", "b"], ["b", "a"], ["a", "b"]] and rotated([], 1) == []
+    assert "a multiple of 2 repeats" in uneven_order(3, 2)  # "a" ran first twice: the report says so
+    assert uneven_order(4, 2) is None and uneven_order(3, 3) is None and uneven_order(3, 1) is None
 
     def run(system, repeat, tps, p50):
         return {"system": system, "expert_memory": "25%", "concurrency": 1, "tokens_per_s": tps,
