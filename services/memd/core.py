@@ -293,9 +293,7 @@ class ExpertCache:
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
-    def wants_guesses(self) -> bool:
-        """Whether the workers' hidden-state guesses can change anything: only prefetch acts on them, and only while
-        some expert is not in the pool (a pool of every expert, once filled, never reads again)."""
+    def wants_guesses(self) -> bool:  # only prefetch acts on guesses, and only while some expert is not in the pool
         return self.prefetching and len(self.table.slot_of) < self.L * self.E
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
