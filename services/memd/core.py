@@ -286,9 +286,8 @@ class ExpertCache:
         return min(1.0, distance * layer_s * bandwidth / self.expert_bytes)
 
     def prefetch_reserve(self) -> int:
-        """Slots a lease acquire keeps free or evictable (unleased) so that prefetches have somewhere to land: one
-        lookahead's worth of experts (top-k per layer times the layers speculation looks ahead), at most a quarter
-        of the pool; none without prefetch, or when the pool holds every expert."""
+        """Slots a lease acquire keeps free or unleased for prefetches to land in: one lookahead of experts (top-k x
+        the layers speculation looks ahead), at most a quarter of the pool; none without prefetch or room for all."""
         if not self.prefetching or self.table.capacity >= self.L * self.E:
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
@@ -297,9 +296,8 @@ class ExpertCache:
         return self.prefetching and len(self.table.slot_of) < self.L * self.E
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
-        """(layers ahead the workers should guess, the router probability a guess needs): k covers the reads a
-        layer needs, ceil(read time per expert x experts fetched per layer / layer time); scarcer bandwidth (reads
-        long against a layer) asks more confidence of a guess. (0, 0.0) until both times are measured."""
+        """(layers ahead to guess, the router probability a guess needs): k = ceil(read time per expert x experts
+        fetched per layer / layer time); reads long against a layer ask more confidence. (0, 0.0) until measured."""
         layer_s = self.predictor.layer_seconds
         if not bandwidth or not layer_s:
             return 0, 0.0
