@@ -172,17 +172,16 @@ def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrenc
                     i, prompt = todo.get_nowait()
                 except queue.Empty:
                     return
-                timing, first = Timing(i, time.perf_counter()), None
+                timing, first, first_at = Timing(i, time.perf_counter()), None, 0.0
                 for tokens in client.stream(prompt, max_tokens):
                     timing.arrivals.extend([time.perf_counter()] * len(tokens))
                     timing.tokens.extend(tokens)
                     if split_bytes and first is None:
-                        first = (system.counters(), time.perf_counter())
+                        first, first_at = system.counters(), time.perf_counter()
                 if split_bytes:
-                    last, (c, at) = system.counters(), first
-                    timing.decode_bytes = last["bytes_read"] - c["bytes_read"]
-                    busy = last.get("reader_busy_seconds", 0.0) - c.get("reader_busy_seconds", 0.0)
-                    timing.decode_busy = (busy, time.perf_counter() - at)
+                    decode = delta(first, system.counters())
+                    timing.decode_bytes = decode["bytes_read"]
+                    timing.decode_busy = (decode.get("reader_busy_seconds", 0.0), time.perf_counter() - first_at)
                 with lock:
                     done.append(timing)
         except BaseException as exc:  # reported by the caller

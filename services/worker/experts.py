@@ -278,9 +278,8 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype,
                            deep=layer.keyed) for layer in layers] if next_gate else [None] * len(layers)
-    speculator = Speculator(routers, layers[0].num_experts, speculate_layers) if next_gate and layers else None
-    if speculator is not None:
-        speculator.always = always_guess
+    speculator = Speculator(routers, layers[0].num_experts, speculate_layers, always_guess) \
+        if next_gate and layers else None
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None
     if views.quantized:  # one scratch for all layers: the most experts a layer can hold at once, or the knob's

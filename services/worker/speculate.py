@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 
 class Speculator:
-    def __init__(self, routers: list, num_experts: int, max_ahead: int):
-        """``routers[i]``: MoE layer i's ``NextGate`` (None where it has none: that layer is never guessed)."""
+    def __init__(self, routers: list, num_experts: int, max_ahead: int, always: bool = False):
+        """``routers[i]``: MoE layer i's ``NextGate`` (None where it has none: that layer is never guessed);
+        ``always``: guess even when memd says it has no use for guesses (a trace being recorded keeps them)."""
         self.E, self.L, self.max_ahead = num_experts, len(routers), max(0, max_ahead)
-        self.always = False  # guess even when memd says it has no use for guesses (a trace being recorded)
+        self.always = always
         present = [r for r in routers if r is not None]
         if not present or self.max_ahead == 0:
             self.weight = None
