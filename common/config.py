@@ -21,6 +21,7 @@ PROTOCOL_VERSION = 1
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
+MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
 
 
 def default_state_dir() -> Path:
@@ -180,9 +181,12 @@ class WorkerConfig:
                                        " start-up error) or torch")
     prepack_dense: bool = knob(False, "bfloat16 on CPU: pack bias-free dense linears once for oneDNN, not per call"
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
-    matvec_kernel: bool = knob(False, "bfloat16 on CPUs with AVX-512 BF16: decode steps' expert and dense products"
-                                      " (FP8/MXFP4 experts from their bytes) in moeinf's own kernel, at the memory's"
-                                      " speed; another summation order than oneDNN's: tokens may differ from eager's")
+    matvec_kernel: str = knob("auto", "bfloat16 decode steps' expert and dense products in moeinf's own kernels,"
+                                      " reading each weight once in place: exact (torch's own summation order, so"
+                                      " tokens are eager's bit for bit; checked against torch at start; AVX2"
+                                      " builds of torch), fast (another order, ~20% faster on AVX2, 2x on AVX-512"
+                                      " BF16, FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
+                                      " auto (exact where its check holds, else torch's products) or off")
     matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"
                                   " and a row count, ~0.6 MiB each; batching meets new ones as long as it runs, so"
                                   " this bounds the worker's memory); 0: oneDNN's own bound (1024)")
@@ -213,6 +217,8 @@ class WorkerConfig:
         for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
+        if self.matvec_kernel not in MATVEC_KERNELS:
+            raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")
         if self.dequant_kernel not in ("auto", "c", "torch"):
             raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
 

@@ -9,7 +9,8 @@ import os
 import sys
 
 from common.checkpoint import CheckpointError
-from common.config import GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, add_config_args, build_config
+from common.config import (MATVEC_KERNELS, GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, add_config_args,
+                           build_config)
 
 
 def _setup_logging(level: str, name: str) -> None:
@@ -174,9 +175,9 @@ def add_bench_parsers(sub) -> None:
                         " its own memd and model, all held at once)")
     p.add_argument("--prepack-dense", nargs="+", default=["off"], choices=["off", "on"],
                    help="the worker's knob (bfloat16: dense linears packed once for oneDNN); 'off on': a row each")
-    p.add_argument("--matvec-kernel", nargs="+", default=["off"], choices=["off", "on"],
-                   help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernel);"
-                        " 'off on': a row each")
+    p.add_argument("--matvec-kernel", nargs="+", default=["auto"], choices=MATVEC_KERNELS,
+                   help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernels);"
+                        " 'off exact fast': a row each")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

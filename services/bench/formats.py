@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import MATVEC_KERNELS
 from common.sizes import format_bytes, parse_size
 
 
@@ -47,7 +48,7 @@ class Options:
     threads: int
     json: Path | None
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb: memory beyond the limit, stated in the report
-    matvec_kernel: bool = False  # the worker's --matvec-kernel, for every format (stated in the report)
+    matvec_kernel: str = "auto"  # the worker's --matvec-kernel, for every format (stated in the report)
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -68,7 +69,7 @@ class Options:
             raise ValueError("--dequant-cache-mb must be >= 0")
         return cls(tuple(models), tuple(args.memory), args.tokens, args.prompt_len, args.repeats, args.threads,
                    Path(args.json) if args.json else None, args.dequant_cache_mb,
-                   getattr(args, "matvec_kernel", "off") == "on")
+                   getattr(args, "matvec_kernel", "auto"))
 
 
 def expert_bytes(model_dir: Path) -> tuple[int, int]:
@@ -146,7 +147,7 @@ def report(opts: Options, sizes: dict, results: dict, threads: int) -> str:
              f" {threads} threads; memory = share of {opts.models[0][0]}'s expert bytes, same limit for all"
              + (f" (+ a {opts.dequant_cache_mb} MiB dequantized-expert cache per quantized model)"
                 if opts.dequant_cache_mb else "")
-             + ("; every worker with --matvec-kernel" if opts.matvec_kernel else ""),
+             + f"; every worker with --matvec-kernel {opts.matvec_kernel}",
              "  pool for all experts: " + ", ".join(f"{k} {format_bytes(v[0])} ({format_bytes(v[1])} an expert)"
                                              for k, v in sizes.items()),
              f"{'memory':>7} {'format':>8} {'resident':>8} {'decode ms/tok':>13} {'x base':>7}"
@@ -172,6 +173,6 @@ def add_parser(bench) -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--dequant-cache-mb", type=int, default=0,
                    help="quantized formats: the worker's cache of dequantized experts, memory beyond the limit")
-    p.add_argument("--matvec-kernel", choices=["off", "on"], default="off",
+    p.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="auto",
                    help="the worker's knob for every format (decode products in moeinf's own kernel)")
     p.set_defaults(func=lambda args: run(args))

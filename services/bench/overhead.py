@@ -52,14 +52,14 @@ class Options:
     dequant_cache_mb: int = 0  # the worker's --dequant-cache-mb (quantized experts)
     dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
     prepack_dense: tuple[str, ...] = ("off",)  # the worker's --prepack-dense; both: a moeinf row for each
-    matvec_kernel: tuple[str, ...] = ("off",)  # the worker's --matvec-kernel; likewise
+    matvec_kernel: tuple[str, ...] = ("auto",)  # the worker's --matvec-kernel; likewise
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
                    args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
                    tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))),
-                   tuple(getattr(args, "matvec_kernel", ("off",))))
+                   tuple(getattr(args, "matvec_kernel", ("auto",))))
         opts.validate()
         return opts
 
@@ -137,7 +137,7 @@ class TransformersSystem:
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
                  dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False,
-                 matvec_kernel: bool = False):
+                 matvec_kernel: str = "auto"):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -201,11 +201,10 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
     for memory, kernel, prepack, mv in itertools.product(opts.memory, opts.dequant_kernel, opts.prepack_dense,
                                                          opts.matvec_kernel):
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on",
-                              mv == "on")
+        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on", mv)
         system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
         system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
-        system.name += "-matvec" if mv == "on" and len(opts.matvec_kernel) > 1 else ""
+        system.name += f"-matvec-{mv}" if len(opts.matvec_kernel) > 1 else ""
         moeinf.append(system)
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]

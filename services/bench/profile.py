@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common import messages as m
+from common.config import MATVEC_KERNELS
 from services.bench.memd_proc import TerminateAsInterrupt
 from services.bench.overhead import MoeinfSystem, TransformersSystem, _progress, _quiet_logging, make_prompt
 from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, LayerTimers, TokenBytes, bandwidth_floor,
@@ -48,13 +49,13 @@ class Options:
     json: Path | None
     service: bool = False  # also stream through a real worker process
     prepack_dense: bool = False  # the worker's knobs that change the arithmetic (moeinf's rows; tokens may differ)
-    matvec_kernel: bool = False
+    matvec_kernel: str = "auto"  # the worker's --matvec-kernel
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
                    Path(args.json) if args.json else None, args.service, args.prepack_dense == "on",
-                   args.matvec_kernel == "on")
+                   args.matvec_kernel)
         if not (opts.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
         for name in ("tokens", "prompt_len", "floor_runs"):
@@ -66,7 +67,7 @@ class Options:
 
     @property
     def worker_args(self) -> list[str]:
-        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", "on"] * self.matvec_kernel
+        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", self.matvec_kernel]
 
     @property
     def floor_bytes(self) -> int:
@@ -168,7 +169,7 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
 
 def floor_kernels(threads: int):
     """``--matvec-kernel``'s kernels on ``threads`` threads, as the worker runs them, for the floor to count (None
-    where they cannot be built or this CPU has no AVX-512 BF16: then they serve nothing either)."""
+    where they cannot be built or this CPU has neither AVX-512 BF16 nor AVX2: then they serve nothing either)."""
     from services.worker import matvec
 
     with tempfile.TemporaryDirectory() as kernel_dir:
@@ -219,7 +220,7 @@ def format_report(doc: dict) -> str:
     b, f = doc["bytes_per_token"], doc["floor"]
     lines += ["", f"bytes per decode token: dense {b['dense'] / MIB:.1f} MiB + experts {b['experts'] / MIB:.1f} MiB"
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
-              f"bandwidth floor: bf16 matrix-vector (F.linear, packed or matvec.c) over"
+              f"bandwidth floor: bf16 matrix-vector (F.linear, packed, matvec.c or matvec_exact.c) over"
               f" {f['buffer_bytes'] / MIB:.0f} MiB,"
               f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
     if doc["fits_in_cache"]:
@@ -307,6 +308,6 @@ def add_parser(bench) -> None:
     p.add_argument("--service", action="store_true",
                    help="also stream the generation through a real worker process (memd + worker, its socket)")
     p.add_argument("--prepack-dense", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
-    p.add_argument("--matvec-kernel", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
+    p.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="auto", help="moeinf's rows: the worker's knob")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)

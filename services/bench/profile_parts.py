@@ -176,8 +176,8 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     """The fastest matrix-vector product we have over a ``[rows, width]`` weight of ``buffer_bytes`` (more than
     the largest cache, so it streams from memory): ``F.linear``, and for bfloat16 also oneDNN on the weight packed
     once (``services/worker/prepack.py``: ``F.linear`` repacks at every call, so a floor from it alone is one that
-    ``--prepack-dense`` could beat) and ``--matvec-kernel``'s own kernel (``kernels``: ``dequant_kernel.Kernels``,
-    where it has AVX-512 BF16). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
+    ``--prepack-dense`` could beat) and ``--matvec-kernel``'s own kernels, fast and exact (``kernels``:
+    ``dequant_kernel.Kernels``, where this CPU runs them). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
     rows = max(buffer_bytes // (width * dtype.itemsize), 1)
     weight = torch.empty(rows, width, dtype=dtype).normal_()
     x = torch.randn(1, width, dtype=dtype)
@@ -189,6 +189,8 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     if dtype == torch.bfloat16 and kernels is not None and kernels.matvec_fast:
         out = torch.empty(1, rows)
         products.append(lambda: kernels.matvec(weight, x, out))
+        if kernels.matvec_exact_avx2:
+            products.append(lambda: kernels.matvec(weight, x, out, exact=True))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

@@ -1,4 +1,5 @@
-"""The compiled kernels (``dequant.c``, ``matvec.c``): built on first use, checked against torch's ops, or absent.
+"""The compiled kernels (``dequant.c``, ``matvec.c``, ``matvec_exact.c``): built on first use, checked against
+torch's ops, or absent.
 
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
@@ -11,8 +12,9 @@ it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>
 the source, the compiler and the CPU, once per machine. Before first use the kernels run on every MXFP4 (scale,
 byte) pair and on FP8 blocks of extreme scales, and must give the torch path's exact bits; otherwise the worker
 warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``). The same library holds the
-bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``), checked against float64 products within a
-rounding tolerance (their sums are added in another order than oneDNN's: not bit-equal by design).
+bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``): ``fast`` checked against float64 products
+within a rounding tolerance (its sums are added in another order than torch's: not bit-equal by design), ``exact``
+(the default where it holds) against torch's own products, bit for bit.
 
 Each call releases the GIL (ctypes), so with ``--threads N`` an expert's rows are split over N threads."""
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("moeinf.worker")
-SOURCES = (Path(__file__).with_name("dequant.c"), Path(__file__).with_name("matvec.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("dequant.c", "matvec.c", "matvec_exact.c"))  # one library
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 NAMES = " and ".join(path.name for path in SOURCES)
 MODES = ("auto", "c", "torch")
@@ -66,6 +68,9 @@ class Kernels:
         lib.moeinf_mv_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_mxfp4_nt.restype = ctypes.c_int
         self.matvec_mxfp4_fast = bool(lib.moeinf_mv_mxfp4_fast())
+        lib.moeinf_mv_exact_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_exact_nt.restype = ctypes.c_int
+        self.matvec_exact_avx2 = bool(lib.moeinf_mv_exact_avx2())  # torch's AVX2 summation order (else absent)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -114,10 +119,10 @@ class Kernels:
                     lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
                                       block_c))
 
-    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``): ``weight`` bfloat16 ``[out, in]``, rows contiguous
-        (any row stride: a pool slot's view); ``x`` ``[m, in]`` bfloat16 and ``out`` ``[m, out]`` float32, both
-        contiguous. The weight streams from memory once (8 rows at a time, read again from cache per 2 rows of x)."""
+    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, exact: bool = False) -> None:
+        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``; ``exact``: in torch's order, ``matvec_exact.c``):
+        ``weight`` bfloat16 ``[out, in]``, rows contiguous (any row stride: a pool slot's view); ``x`` ``[m, in]``
+        bfloat16 and ``out`` ``[m, out]`` float32, both contiguous. The weight streams from memory once."""
         rows, cols = weight.shape
         m = x.shape[0]
         if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.dtype != torch.float32 \
@@ -125,9 +130,15 @@ class Kernels:
                 or x.shape[1] != cols or tuple(out.shape) != (m, rows):
             raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides {weight.stride()}),"
                              f" {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
-        fn = self.lib.moeinf_mv_bf16_nt
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
-        self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+        if not exact:
+            fn = self.lib.moeinf_mv_bf16_nt
+            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+            return
+        fn, failed = self.lib.moeinf_mv_exact_nt, []
+        self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
+        if failed:
+            raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} float32 input, or no AVX2 in this build")
 
     def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
                    x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -189,11 +200,13 @@ def compiler() -> list[str] | None:
 
 
 def load(mode: str, state_dir: Path, threads: int, check=None, flag: str = "--dequant-kernel c",
-         advice: str = "pass --dequant-kernel torch") -> Kernels | None:
+         advice: str = "pass --dequant-kernel torch",
+         fallback: str = "dequantizing with torch's ops (quantized experts decode 2-3x slower)") -> Kernels | None:
     """The checked kernels, or None for the torch path (``mode`` torch, or auto when they cannot be built or
     disagree with torch, said once in the log). ``check``: what must hold before use (default: the dequantization
     kernels' bits, ``self_check``; ``matvec.check`` for ``--matvec-kernel``, named by ``flag``, whose errors end
-    with ``advice``). A cached library that no longer loads or checks is built again."""
+    with ``advice``; ``fallback``: what ``auto`` does instead, for the log). A cached library that no longer loads
+    or checks is built again."""
     check = check or self_check
     if mode not in MODES:
         raise ValueError(f"--dequant-kernel must be one of {', '.join(MODES)}, not {mode!r}")
@@ -213,7 +226,7 @@ def load(mode: str, state_dir: Path, threads: int, check=None, flag: str = "--de
     except (KernelError, OSError) as exc:
         if mode == "c":
             raise KernelError(f"{flag}: {exc}, or {advice}") from exc
-        log.warning("dequantizing with torch's ops (quantized experts decode 2-3x slower): %s", exc)
+        log.warning("%s: %s", fallback, exc)
         return None
 
 

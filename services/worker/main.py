@@ -65,7 +65,8 @@ def attach(cfg: WorkerConfig) -> Attached:
             prepack.prepack_dense(model)
         if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)
             count = matvec.wrap_dense(model, mv, {1, layers[0].num_experts})
-            log.info("--matvec-kernel: %d dense linears multiply their decode rows by matvec.c", count)
+            log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
+                     "matvec_exact.c" if mv.exact else "matvec.c")
         client.ready()
     except BaseException:
         client.close()
@@ -75,13 +76,18 @@ def attach(cfg: WorkerConfig) -> Attached:
 
 def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Kernels | None, Matvec | None]:
     """The dequantization kernels for quantized slots (None: torch's ops) and ``--matvec-kernel``'s (None: off): one
-    compiled library, checked for what each needs; the matrix-vector kernel, asked for by name, is built or the
-    start fails. (Its decode steps on quantized slots use its own kernels whatever ``--dequant-kernel`` says.)"""
+    compiled library, checked for what each needs; the matrix-vector kernel, asked for by name (exact or fast), is
+    built or the start fails; ``auto`` takes the exact one where its check holds, else torch's products. (``fast``
+    multiplies quantized slots with its own kernels whatever ``--dequant-kernel`` says.)"""
     threads = torch.get_num_threads()
     mv = None
-    if cfg.matvec_kernel:
-        mv = Matvec(dequant_kernel.load("c", cfg.state_dir, threads, check=matvec.check, flag="--matvec-kernel",
-                                        advice="leave --matvec-kernel off"))
+    if cfg.matvec_kernel != "off":
+        exact = cfg.matvec_kernel != "fast"
+        kernels = dequant_kernel.load(
+            "auto" if cfg.matvec_kernel == "auto" else "c", cfg.state_dir, threads,
+            check=matvec.check_exact if exact else matvec.check, flag=f"--matvec-kernel {cfg.matvec_kernel}",
+            advice="pass --matvec-kernel off", fallback="multiplying with torch's own bfloat16 products")
+        mv = Matvec(kernels, exact=exact) if kernels is not None else None
     if not quantized or cfg.dequant_kernel == "torch":
         return None, mv
     return dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, threads), mv

@@ -1,24 +1,27 @@
-"""``--matvec-kernel``: decode steps' expert products as matrix-vector products at the memory's speed (opt-in).
+"""``--matvec-kernel``: decode steps' products as matrix-vector products at the memory's speed.
 
 A decode step routes one or a few tokens to each expert, so each expert product is a matrix-vector product whose
-cost is reading the weight. On CPU, transformers' grouped matmul (torch's ``_grouped_mm``) and ``F.linear`` hand a
-bfloat16 weight to oneDNN, which reorders it into its own layout at every call: the weights stream at ~8-13 GB/s where
-``matvec.c`` reads them at ~23-26 GB/s on one core (``moeinf bench profile``): once, in place in the pool slot, with
-float32 sums of AVX-512 BF16 dot products (``dequant_kernel.Kernels.matvec``). On a CPU with AVX2 and FMA but not
-AVX-512 BF16 (Zen 3 here) the weights widen to float32 and multiply by FMA: ~16 GB/s against oneDNN's ~9.
-``wrap_dense`` does the same for the dense linears' decode rows (attention projections, LM head; not the routers).
+cost is reading the weight. torch's CPU bfloat16 product (behind transformers' grouped matmul and ``F.linear``)
+widens both operands for every output row and streams the weight at ~10-18 GB/s on one core here; moeinf's kernels
+read it once, in place in the pool slot (``dequant_kernel.Kernels.matvec``). Two of them:
+
+* ``exact`` (``matvec_exact.c``, the default through ``auto``): each sum in torch's own order, so every product,
+  and so every token, is bit for bit what transformers computes; ~1.8x torch's speed on an AVX2 CPU (Zen 3 here).
+  ``check_exact`` compares it with torch's products on this machine before use; ``auto`` falls back to torch's
+  path, with a log line, where they differ (torch built for AVX-512, another order) or nothing compiles.
+* ``fast`` (``matvec.c``): float32 sums of AVX-512 BF16 dot products (or AVX2 FMA on 4 rows at once), ~20% faster
+  again on AVX2 and ~2x on AVX-512 BF16; its sums are added in another order than torch's, so a product's last bit
+  can differ, and with it, rarely, a greedy token; ``moeinf bench overhead --matvec-kernel exact fast`` prints
+  the token agreement and the logit error against eager. Block-FP8 and MXFP4 experts are multiplied straight from
+  their slots (``quantized_forward``: the bytes turned into bfloat16 in registers with the dequantization's own
+  bits, so nothing is dequantized or written); layouts the kernels do not take go through the dequantized rows
+  (``quant.Dequantizer``), then the bfloat16 kernel, as ``exact`` always does.
 
 ``forward`` is transformers' ``grouped_mm_experts_forward`` with its two grouped products replaced, and nothing else:
 the same gating (the module's own ``_apply_gate``/``act_fn``), bias adds, optional post-expert norm, routing weights
-and per-token sum, in the same dtypes and order. Only the products' own sums are added in another order than
-oneDNN's, so a product's last bit can differ, and with it, rarely, a greedy token: off by default;
-``moeinf bench overhead --matvec-kernel off on`` prints the token agreement and the logit error against eager.
-Steps that route more than ``MAX_TOKENS`` tokens to one expert (prompts) and dtypes other than bfloat16 take the
-grouped matmul, unchanged.
-
-Quantized checkpoints: block-FP8 and MXFP4 experts are multiplied straight from their slots (``quantized_forward``:
-the bytes turned into bfloat16 in registers with the dequantization's own bits, so nothing is dequantized or
-written); layouts the kernels do not take go through the dequantized rows (``quant.Dequantizer``), then this kernel.
+and per-token sum, in the same dtypes and order. ``wrap_dense`` does the same for the dense linears' decode rows
+(attention projections, LM head; not the routers). Steps that route more than ``MAX_TOKENS`` tokens to one expert
+(prompts) and dtypes other than bfloat16 take the grouped matmul, unchanged.
 """
 from __future__ import annotations
 
@@ -55,29 +58,30 @@ def check(kernels) -> None:
 
 
 class Matvec:
-    """The checked kernels (``dequant_kernel.Kernels``) as the linears of an expert or a dense layer."""
+    """The checked kernels (``dequant_kernel.Kernels``) as the linears of an expert or a dense layer; ``exact``:
+    torch's own summation order (``check_exact`` held), else the fast kernel (``check`` held)."""
 
-    def __init__(self, kernels):
-        self.kernels = kernels
+    def __init__(self, kernels, exact: bool = False):
+        self.kernels, self.exact = kernels, exact
         self.noted: set[str] = set()
 
     def note(self, what: str) -> None:
         """Say once that the kernel computed ``what`` (a decode step's first use of each path)."""
         if what not in self.noted:
             self.noted.add(what)
-            log.info("--matvec-kernel: %s by matvec.c", what)
+            log.info("--matvec-kernel: %s by %s", what, "matvec_exact.c" if self.exact else "matvec.c")
 
     def linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
         """``x @ weight.T`` (``x @ weight`` when ``transposed``) rounded to bfloat16, then ``+ bias`` in bfloat16:
         what ``_grouped_linear`` computes for one expert. ``Declined`` for what the kernel does not read."""
-        if transposed:  # [in, out]: only a transposed view of [out, in] rows (the dequantized MXFP4 rows) is read
-            if weight.stride(-2) != 1:
+        if transposed:  # [in, out]: only a transposed view of [out, in] rows (the dequantized MXFP4 rows) is read,
+            if self.exact or weight.stride(-2) != 1:  # and not exactly: torch sums x @ W in another order than dots
                 raise Declined
             weight = weight.T
         if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1:
             raise Declined
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-        self.kernels.matvec(weight, x.to(torch.bfloat16).contiguous(), out)
+        self.kernels.matvec(weight, x.to(torch.bfloat16).contiguous(), out, exact=self.exact)
         out = out.to(torch.bfloat16)
         return out.add_(bias) if bias is not None else out
 
@@ -191,7 +195,7 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
     if x.dtype != torch.bfloat16 or not 0 < rows <= MAX_TOKENS:
         return F.linear(x, module.weight, module.bias)
     out = torch.empty(rows, module.out_features, dtype=torch.float32)
-    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out)
+    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out, exact=mv.exact)
     if module.bias is not None:
         out.add_(module.bias)  # in float32, then one rounding, as a fused bias would
     mv.note("decode rows of the dense linears")
@@ -199,6 +203,47 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------------- checks
+def check_exact(kernels) -> None:
+    """What ``--matvec-kernel exact`` (and ``auto``'s choice of it) needs: torch running its bfloat16 products with
+    the AVX2 order the kernel reproduces, and the kernel giving torch's products bit for bit, as ``F.linear``
+    (bias or none) and transformers' grouped matmul return them: 1-4 input rows, widths with each kind of tail, a
+    strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another order rounds differently."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not kernels.matvec_exact_avx2 or capability != "AVX2":
+        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here, and the exact kernel"
+                          f" reproduces AVX2's order{'' if kernels.matvec_exact_avx2 else ' (not built: no AVX2)'}")
+    from transformers.integrations.moe import _grouped_mm
+
+    gen = torch.Generator().manual_seed(0)
+    for m, rows, cols in ((1, 96, 2048), (2, 40, 1000), (3, 33, 77), (4, 64, 2816), (1, 9, 8), (2, 17, 136)):
+        slots, x = order_probe(gen, m, rows, cols)
+        weight, bias = slots[1, :, :cols], torch.randn(rows, generator=gen).to(torch.bfloat16)
+        out = torch.empty(m, rows)
+        kernels.matvec(weight, x, out, exact=True)
+        got = out.to(torch.bfloat16)
+        wants = [F.linear(x, weight)]
+        if cols % 8 == 0:  # (torch's grouped matmul takes strides of 16 bytes; transformers multiplies others by mm)
+            offs = torch.tensor([m], dtype=torch.int32)
+            wants.append(_grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), offs))
+        if not all(torch.equal(got, want) for want in wants) \
+                or not torch.equal((out + bias.float()).to(torch.bfloat16), F.linear(x, weight, bias)):
+            raise KernelError(f"the exact matrix-vector kernel's products differ from torch's here ({m} x {rows} x"
+                              f" {cols}): torch sums in another order")
+
+
+def order_probe(gen: torch.Generator, m: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots [2, rows, cols + 24], x [m, cols])``, bfloat16: normal values, but for the first and last column
+    (inputs 1, weights +-2^18), which cancel only as the sum ends; meanwhile the small products added next to
+    2^18 lose their low bits, so a sum in another order than torch's gives another bfloat16 in about half the rows
+    (random inputs alone round alike in almost every order)."""
+    slots = torch.randn(2, rows, cols + 24, generator=gen)
+    x = torch.randn(m, cols, generator=gen)
+    if cols >= 2:
+        slots[1, :, 0], slots[1, :, cols - 1] = 2.0 ** 18, -2.0 ** 18
+        x[:, 0] = x[:, cols - 1] = 1.0
+    return slots.to(torch.bfloat16), x.to(torch.bfloat16)
+
+
 def _check_bf16(kernels) -> None:
     """The bf16 kernel within float32 rounding of float64 products: 1-5 input rows, widths with and without a tail,
     row counts that are no multiple of the kernel's 8, a strided weight (a pool slot)."""

@@ -315,10 +315,11 @@ class Dequantizer:
 
     def use(self, mv: Matvec | None, module) -> None:
         """``--matvec-kernel``: decode steps' products by the kernel, straight from the slots for block-FP8 experts
-        in layouts the FP8 kernel takes (nothing dequantized, nothing written), else on the dequantized rows."""
+        in layouts the FP8 kernel takes (``fast``: nothing dequantized, nothing written), else (and always with
+        ``exact``, whose order is torch's on bfloat16 weights) on the dequantized rows."""
         self.matvec = mv
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
-        self.direct = mv is not None and names <= set(self.quantized) and all(
+        self.direct = mv is not None and not mv.exact and names <= set(self.quantized) and all(
             q.direct(mv.kernels, bool(module.is_transposed)) for q in self.quantized.values())
         if mv is not None:
             log.info("--matvec-kernel: decode steps multiply the %s", "quantized slots in place (nothing"

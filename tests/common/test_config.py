@@ -126,3 +126,9 @@ def test_memd_cli_help_renders():
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["memd", "--help"])
     assert info.value.code == 0
+
+
+def test_matvec_kernel_names_its_choices():
+    assert build_config(WorkerConfig, env={}, model="/m").matvec_kernel == "auto"
+    with pytest.raises(ValueError, match="--matvec-kernel must be auto, exact, fast, off, not 'on'"):
+        build_config(WorkerConfig, env={"MOEINF_MATVEC_KERNEL": "on"}, model="/m")

@@ -162,7 +162,7 @@ def test_the_matvec_kernel_multiplies_compressed_mxfp4_slots_in_place(state_dir,
     path = write_family("mixtral", tmp_path / "m", dtype="bfloat16")
     expected = round_trip_reference(path, "mxfp4", tmp_path / "reference-cache")
     with Stack(path, state_dir, expert_memory="25%", extra_memd=("--expert-format", "mxfp4"),
-               extra_worker=("--matvec-kernel", "on")) as stack:
+               extra_worker=("--matvec-kernel", "fast")) as stack:
         got = stack.generate_all(PROMPTS, 16)
         log = stack.worker_log.read_text()
     assert "multiply the quantized slots in place" in log, log[-2000:]

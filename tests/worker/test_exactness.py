@@ -97,9 +97,34 @@ def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
     assert got == expected, f"{family} in bfloat16 with packed linears diverged"
 
 
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+def test_bfloat16_by_default_multiplies_with_torchs_own_bits(family, tmp_path, state_dir):
+    """The worker's default (``--matvec-kernel auto``): decode steps' products in ``matvec_exact.c`` where its
+    check holds (torch's own summation order), so the tokens are transformers' eager bfloat16 model's; elsewhere
+    torch's products, said in the log."""
+    from services.worker import dequant_kernel, matvec
+    try:
+        dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec.check_exact)
+        used = True
+    except dequant_kernel.KernelError:
+        used = False
+    model = write_family(family, tmp_path / family, dtype="bfloat16")
+    expected = _reference(model, PROMPTS, dtype=torch.bfloat16)
+    with Stack(model, state_dir, expert_memory="25%") as stack:
+        got = stack.generate_all(PROMPTS, NEW_TOKENS)
+        log = stack.worker_log.read_text()
+    if used:
+        assert "decode steps' expert products by matvec_exact.c" in log, log[-2000:]  # they ran, not only loaded
+        assert "decode rows of the dense linears by matvec_exact.c" in log, log[-2000:]
+    else:
+        assert "multiplying with torch's own bfloat16 products" in log, log[-2000:]
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert got == expected, f"{family} in bfloat16 with the exact kernel diverged"
+
+
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("gpt_oss", marks=pytest.mark.slow)])
 def test_bfloat16_with_the_matvec_kernel(family, tmp_path, state_dir):
-    """``--matvec-kernel on``: decode steps' expert products in moeinf's own kernel (services/worker/matvec.py). Its
+    """``--matvec-kernel fast``: decode steps' expert products in moeinf's own kernel (services/worker/matvec.py). Its
     sums are added in another order than oneDNN's, so a product's last bit can differ; on these prompts the greedy
     tokens still equal transformers' eager bfloat16 model's (opt-in: elsewhere a close call could go the other way)."""
     from services.worker import dequant_kernel, matvec
@@ -109,7 +134,7 @@ def test_bfloat16_with_the_matvec_kernel(family, tmp_path, state_dir):
         pytest.skip(f"no matrix-vector kernel here: {exc}")
     model = write_family(family, tmp_path / family, dtype="bfloat16")
     expected = _reference(model, PROMPTS, dtype=torch.bfloat16)
-    with Stack(model, state_dir, expert_memory="25%", extra_worker=["--matvec-kernel", "on"]) as stack:
+    with Stack(model, state_dir, expert_memory="25%", extra_worker=["--matvec-kernel", "fast"]) as stack:
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.worker_log.read_text()
     assert "decode rows of the dense linears by matvec.c" in log, log[-2000:]  # they ran, not only loaded

@@ -126,9 +126,11 @@ def test_the_profile_floor_counts_the_kernel():
     from services.bench.profile_parts import bandwidth_floor
 
     calls = []
-    fake = types.SimpleNamespace(matvec_fast=True, matvec=lambda w, x, out: calls.append((w.shape, x.shape)))
+    fake = types.SimpleNamespace(matvec_fast=True, matvec_exact_avx2=True,
+                                 matvec=lambda w, x, out, exact=False: calls.append((w.shape, x.shape, exact)))
     floor = bandwidth_floor(1 << 20, 2, kernels=fake)
-    assert calls == [((128, 4096), (1, 4096))] * 3 and floor.gb_per_s > 0
+    assert calls == [((128, 4096), (1, 4096), False)] * 3 + [((128, 4096), (1, 4096), True)] * 3
+    assert floor.gb_per_s > 0
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, bloc
     write_family(family, tmp_path / "m", dtype="bfloat16", moe_intermediate_size=64)
     path = quantize_checkpoint(tmp_path / "m", fmt, *[block] * (block is not None))
     expected = reference(path, PROMPTS)
-    with Stack(path, state_dir, expert_memory="25%", extra_worker=("--matvec-kernel", "on")) as stack:
+    with Stack(path, state_dir, expert_memory="25%", extra_worker=("--matvec-kernel", "fast")) as stack:
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.worker_log.read_text()
     if in_place:

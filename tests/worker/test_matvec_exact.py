@@ -1,0 +1,74 @@
+"""``--matvec-kernel exact`` (the default through ``auto``): the kernel's products are torch's own, bit for bit, as
+``F.linear`` and transformers' grouped matmul return them, on every kind of width (blocks of 64, a 16-column tail,
+single columns), 1-4 input rows, strided weights and any thread count; ``check_exact`` refuses a torch that sums
+in another order and a kernel whose bits differ."""
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.integrations.moe import _grouped_mm
+
+from services.worker import dequant_kernel as dk
+from services.worker import matvec
+
+pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def exact_kernels(tmp_path_factory):
+    try:
+        return dk.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec.check_exact)
+    except dk.KernelError as exc:
+        pytest.skip(f"torch here sums in another order than the kernel's: {exc}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("m,rows,cols", [(1, 300, 2048), (2, 70, 2816), (3, 129, 1000), (4, 64, 136), (1, 50, 77),
+                                         (2, 33, 9), (1, 17, 5632)])
+def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
+    kernels = dk.load("c", tmp_path, threads, check=matvec.check_exact)
+    gen = torch.Generator().manual_seed(rows * cols + m)
+    slots, x = matvec.order_probe(gen, m, rows, cols)  # sums in another order round differently in many rows
+    weight = slots[1, :, :cols]  # a pool slot: rows strided
+    out = torch.full((m, rows), float("nan"))
+    kernels.matvec(weight, x, out, exact=True)
+    got = out.to(torch.bfloat16)
+    assert torch.equal(got, F.linear(x, weight))
+    if cols % 8 == 0:  # torch's grouped matmul takes 16-byte strides only
+        grouped = _grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), torch.tensor([m], dtype=torch.int32))
+        assert torch.equal(got, grouped)
+    fast = torch.empty(m, rows)
+    kernels.matvec(weight, x, fast)  # the fast kernel: another order, so some products' last bits differ
+    assert not torch.equal(fast.to(torch.bfloat16), got), "the probe would not tell the two kernels apart"
+
+
+def test_a_torch_summing_with_other_vectors_is_refused(exact_kernels, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.raises(dk.KernelError, match="torch sums its bfloat16 products with AVX512 vectors here"):
+        matvec.check_exact(exact_kernels)
+
+
+def test_a_kernel_whose_bits_differ_is_refused(exact_kernels):
+    other = types.SimpleNamespace(matvec_exact_avx2=True,
+                                  matvec=lambda w, x, out, exact: exact_kernels.matvec(w, x, out, exact=False))
+    with pytest.raises(dk.KernelError, match="products differ from torch's here"):
+        matvec.check_exact(other)
+
+
+def test_auto_falls_back_to_torchs_products_with_a_reason(tmp_path, caplog):
+    def refuse(kernels):
+        raise dk.KernelError("torch sums its bfloat16 products with AVX512 vectors here")
+    assert dk.load("auto", tmp_path, 1, check=refuse, fallback="multiplying with torch's own bfloat16 products") \
+        is None
+    assert "multiplying with torch's own bfloat16 products: torch sums" in caplog.text
+    with pytest.raises(dk.KernelError, match="--matvec-kernel exact: torch sums.*, or pass --matvec-kernel off"):
+        dk.load("c", tmp_path, 1, check=refuse, flag="--matvec-kernel exact", advice="pass --matvec-kernel off")
+
+
+def test_exact_declines_weights_stored_in_out(exact_kernels):
+    """``x @ W`` for ``W`` stored ``[in, out]`` (GPT-OSS's experts): torch sums it in another order than row dots,
+    so the exact mode leaves it to the grouped matmul."""
+    w = torch.randn(8, 64).to(torch.bfloat16)
+    with pytest.raises(matvec.Declined):
+        matvec.Matvec(exact_kernels, exact=True).linear(w.T, torch.randn(1, 8).to(torch.bfloat16), None, True)
