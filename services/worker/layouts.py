@@ -40,7 +40,7 @@ def transposed_view_is_exact(shape: tuple[int, int], dtype: torch.dtype) -> bool
                            _grouped_linear(x, contiguous, offs, is_transposed=True)):
             log.warning("this CPU's grouped matmul rounds a transposed %s weight %s otherwise than a contiguous one"
                         " (%d tokens): dequantized MXFP4 rows are copied into [in, out] to keep transformers' bits,"
-                        " as slowly as transformers multiplies them here (--matvec-kernel multiplies the blocks"
+                        " as slowly as transformers multiplies them here (--matvec-kernel fast multiplies the blocks"
                         " themselves, in another summation order)", dtype, list(shape), m)
             return False
     return True
