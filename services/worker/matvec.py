@@ -37,6 +37,8 @@ from services.worker.dequant_kernel import KernelError
 
 log = logging.getLogger("moeinf.worker")
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
+EXACT_DENSE_ROWS = 16  # rows a dense linear gives the exact kernel (a batch of decode steps; torch reads the weight
+#                        once per row there, the kernel once in all; ``check_exact`` covers this many)
 
 
 class Declined(Exception):
@@ -176,8 +178,8 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
 
 def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     """The dense half of ``--matvec-kernel``: every bfloat16 ``nn.Linear`` that still holds its dense weight (those
-    ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (a decode
-    step's attention projections, the LM head's last position) by the kernel, reading its weight in place; larger
+    ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (exact:
+    ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel, reading its weight in place; larger
     inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the experts' count; shared-expert gates: 1)
     keep ``F.linear``, so that routing is decided as transformers decides it. Returns how many."""
     count = 0
@@ -192,7 +194,7 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
 
 def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // module.in_features if x.dim() else 0
-    if x.dtype != torch.bfloat16 or not 0 < rows <= MAX_TOKENS:
+    if x.dtype != torch.bfloat16 or not 0 < rows <= (EXACT_DENSE_ROWS if mv.exact else MAX_TOKENS):
         return F.linear(x, module.weight, module.bias)
     out = torch.empty(rows, module.out_features, dtype=torch.float32)
     mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out, exact=mv.exact)
@@ -206,7 +208,7 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
 def check_exact(kernels) -> None:
     """What ``--matvec-kernel exact`` (and ``auto``'s choice of it) needs: torch running its bfloat16 products with
     the AVX2 order the kernel reproduces, and the kernel giving torch's products bit for bit, as ``F.linear``
-    (bias or none) and transformers' grouped matmul return them: 1-4 input rows, widths with each kind of tail, a
+    (bias or none) and transformers' grouped matmul return them: 1-4 and ``EXACT_DENSE_ROWS`` input rows, widths with each kind of tail, a
     strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another order rounds differently."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not kernels.matvec_exact_avx2 or capability != "AVX2":
@@ -215,7 +217,9 @@ def check_exact(kernels) -> None:
     from transformers.integrations.moe import _grouped_mm
 
     gen = torch.Generator().manual_seed(0)
-    for m, rows, cols in ((1, 96, 2048), (2, 40, 1000), (3, 33, 77), (4, 64, 2816), (1, 9, 8), (2, 17, 136)):
+    shapes = ((1, 96, 2048), (2, 40, 1000), (3, 33, 77), (4, 64, 2816), (1, 9, 8), (2, 17, 136),
+              (EXACT_DENSE_ROWS, 24, 1024))
+    for m, rows, cols in shapes:
         slots, x = order_probe(gen, m, rows, cols)
         weight, bias = slots[1, :, :cols], torch.randn(rows, generator=gen).to(torch.bfloat16)
         out = torch.empty(m, rows)

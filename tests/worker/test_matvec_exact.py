@@ -25,7 +25,7 @@ def exact_kernels(tmp_path_factory):
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("m,rows,cols", [(1, 300, 2048), (2, 70, 2816), (3, 129, 1000), (4, 64, 136), (1, 50, 77),
-                                         (2, 33, 9), (1, 17, 5632)])
+                                         (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200)])
 def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
     kernels = dk.load("c", tmp_path, threads, check=matvec.check_exact)
     gen = torch.Generator().manual_seed(rows * cols + m)
@@ -72,3 +72,21 @@ def test_exact_declines_weights_stored_in_out(exact_kernels):
     w = torch.randn(8, 64).to(torch.bfloat16)
     with pytest.raises(matvec.Declined):
         matvec.Matvec(exact_kernels, exact=True).linear(w.T, torch.randn(1, 8).to(torch.bfloat16), None, True)
+
+
+def test_dense_linears_give_a_batch_of_decode_rows_to_the_exact_kernel(exact_kernels):
+    """``wrap_dense`` with the exact kernel: up to ``EXACT_DENSE_ROWS`` rows (a batch of decode steps) by the kernel,
+    with and without bias, bit for bit ``F.linear``; more rows (a prompt) by ``F.linear`` itself."""
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(136, 40), torch.nn.Linear(40, 72, bias=False)).to(torch.bfloat16)
+    plain = [(layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+             for layer in model]
+    mv = matvec.Matvec(exact_kernels, exact=True)
+    assert matvec.wrap_dense(model, mv, skip_widths={8}) == 2
+    for rows in (1, 8, matvec.EXACT_DENSE_ROWS, matvec.EXACT_DENSE_ROWS + 1):
+        _, x = matvec.order_probe(gen, rows, 1, 136)
+        want = F.linear(F.linear(x, *plain[0]), *plain[1])
+        with torch.inference_mode():
+            got = model(x.unsqueeze(0))[0]
+        assert torch.equal(got, want), rows
+    assert "decode rows of the dense linears" in mv.noted
