@@ -179,8 +179,8 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
 def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     """The dense half of ``--matvec-kernel``: every bfloat16 ``nn.Linear`` that still holds its dense weight (those
     ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (exact:
-    ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel, reading its weight in place; larger
-    inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the experts' count; shared-expert gates: 1)
+    ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel,
+    reading its weight in place; larger inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the experts' count; shared-expert gates: 1)
     keep ``F.linear``, so that routing is decided as transformers decides it. Returns how many."""
     count = 0
     for module in model.modules():
@@ -208,8 +208,9 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
 def check_exact(kernels) -> None:
     """What ``--matvec-kernel exact`` (and ``auto``'s choice of it) needs: torch running its bfloat16 products with
     the AVX2 order the kernel reproduces, and the kernel giving torch's products bit for bit, as ``F.linear``
-    (bias or none) and transformers' grouped matmul return them: 1-4 and ``EXACT_DENSE_ROWS`` input rows, widths with each kind of tail, a
-    strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another order rounds differently."""
+    (bias or none) and transformers' grouped matmul return them: 1-4 and ``EXACT_DENSE_ROWS`` input rows, widths
+    with each kind of tail, a strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another
+    order rounds differently."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not kernels.matvec_exact_avx2 or capability != "AVX2":
         raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here, and the exact kernel"

@@ -36,7 +36,8 @@ def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, ro
     got = out.to(torch.bfloat16)
     assert torch.equal(got, F.linear(x, weight))
     if cols % 8 == 0:  # torch's grouped matmul takes 16-byte strides only
-        grouped = _grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), torch.tensor([m], dtype=torch.int32))
+        offs = torch.tensor([m], dtype=torch.int32)
+        grouped = _grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), offs)
         assert torch.equal(got, grouped)
     fast = torch.empty(m, rows)
     kernels.matvec(weight, x, fast)  # the fast kernel: another order, so some products' last bits differ
