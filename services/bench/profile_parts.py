@@ -177,7 +177,8 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     the largest cache, so it streams from memory): ``F.linear``, and for bfloat16 also oneDNN on the weight packed
     once (``services/worker/prepack.py``: ``F.linear`` repacks at every call, so a floor from it alone is one that
     ``--prepack-dense`` could beat) and ``--matvec-kernel``'s own kernels, fast and exact (``kernels``:
-    ``dequant_kernel.Kernels``, where this CPU runs them). Bytes / seconds of the best of ``runs`` of each (one untimed first)."""
+    ``dequant_kernel.Kernels``, where this CPU runs them). Bytes / seconds of the best of ``runs`` of each (one
+    untimed first)."""
     rows = max(buffer_bytes // (width * dtype.itemsize), 1)
     weight = torch.empty(rows, width, dtype=dtype).normal_()
     x = torch.randn(1, width, dtype=dtype)

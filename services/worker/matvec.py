@@ -180,8 +180,9 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     """The dense half of ``--matvec-kernel``: every bfloat16 ``nn.Linear`` that still holds its dense weight (those
     ``--prepack-dense`` packed keep oneDNN's packed kernel) multiplies inputs of up to ``MAX_TOKENS`` rows (exact:
     ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel,
-    reading its weight in place; larger inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the experts' count; shared-expert gates: 1)
-    keep ``F.linear``, so that routing is decided as transformers decides it. Returns how many."""
+    reading its weight in place; larger inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the
+    experts' count; shared-expert gates: 1) keep ``F.linear``, so that routing is decided as transformers decides
+    it. Returns how many."""
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
