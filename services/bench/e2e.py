@@ -74,6 +74,7 @@ class Options:
     formats: tuple[str, ...] = ()  # memd --expert-format runs of the same checkpoint: rows moeinf-fp8, moeinf-mxfp4
     expert_cache_dir: Path | None = None
     memory_limit_total: tuple[str, ...] = ()  # equal-memory settings: each system sizes its experts from the total
+    disk_read_limit: str = ""  # bytes per second every read of the run is throttled to ("": the disk as it is)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -98,7 +99,7 @@ class Options:
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
-                   path(args.expert_cache_dir), totals)
+                   path(args.expert_cache_dir), totals, args.disk_read_limit or "")
         opts.validate()
         return opts
 
@@ -137,6 +138,18 @@ class Options:
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")
+        if self.disk_read_limit:
+            self.read_limit_bytes()
+
+    def read_limit_bytes(self) -> int | None:
+        """``--disk-read-limit`` in bytes per second (``600MB/s``, ``1GB``), or None when not given."""
+        if not self.disk_read_limit:
+            return None
+        text = self.disk_read_limit.removesuffix("/s")
+        spec = parse_size(text, what="--disk-read-limit")
+        if spec.fraction is not None:
+            raise ValueError(f"--disk-read-limit {self.disk_read_limit}: give bytes per second (600MB/s), not a share")
+        return spec.resolve(0)
 
 
 # ---------------------------------------------------------------------------------------------------- serving
@@ -345,6 +358,9 @@ def add_parser(bench) -> None:
                    help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
                                                         " bandwidth at memd's queue depth")
+    p.add_argument("--disk-read-limit", default="", metavar="RATE",
+                   help="throttle every read of the run (probes and all systems) to RATE, e.g. 600MB/s: a disk of one"
+                        " speed for every system, below the disk's slowest state (cgroup v1 blkio; root)")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
     p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
                    help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"

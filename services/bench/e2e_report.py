@@ -42,6 +42,7 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
         "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
         "disk_read_gbps_single_stream": single.gbps if single else None,
+        "disk_read_limit_bytes_per_s": opts.read_limit_bytes(),
         "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,
         "systems": rows,
         "memory_limit_bytes": sweep.budgets[0].limit_bytes if sweep.limits_applied and sweep.budgets else None,
@@ -164,6 +165,9 @@ def format_report(doc: dict) -> str:
              f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
              f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
              f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
+    if doc.get("disk_read_limit_bytes_per_s"):
+        lines.append(f"every read throttled to {doc['disk_read_limit_bytes_per_s'] / 1e9:.2f} GB/s (--disk-read-limit:"
+                     " one disk speed for every system and probe)")
     budgets = doc["system_budgets"] if doc["memory_limit_total"] else doc["memory_limits"]
     lines += [f"{key}: {m['derivation']}" for key, m in budgets.items()]
     runtime = {k: v for k, v in doc["runtime_bytes"].items() if v is not None}

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
 from services.bench.budget import Budget, derive, derive_total, model_bytes
+from services.bench.blkio import ReadThrottle
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_formats import fill_expert_cache, format_system
@@ -293,6 +294,15 @@ _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_
 def run_sweep(opts: Options) -> int:
     from services.bench.e2e_report import build_doc, format_report
 
+    with ExitStack() as stack:
+        limit = opts.read_limit_bytes()
+        if limit is not None:
+            throttle = stack.enter_context(ReadThrottle.create(next(iter(model_bytes(opts.model).files)), limit))
+            progress(f"every read of this run throttled to {limit / 1e9:.2f} GB/s on device {throttle.device}")
+        return _run_sweep(opts)
+
+
+def _run_sweep(opts: Options) -> int:
     sweep = Sweep(opts)
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
     single = read_bandwidth(list(sweep.sizes.files), probe, streams=1)
