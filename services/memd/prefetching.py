@@ -90,6 +90,7 @@ class Prefetcher:
             for key in plan.cancel:
                 self.loads.cancel(key)
             for key, slot, priority in plan.start:
-                self.loads.start(key, slot, demand=False, priority=priority)
+                task = self.loads.start(key, slot, demand=False, priority=priority)
+                task.add_done_callback(lambda _, w=worker: self.wake(w))  # the disk is free: the next one at once
         except Exception:
             log.exception("prefetch planning failed (the acquires go on)")
