@@ -292,8 +292,6 @@ _EMPTY = {"ttft_s": None, "decode_ms_per_token_p50": None, "decode_ms_per_token_
 
 
 def run_sweep(opts: Options) -> int:
-    from services.bench.e2e_report import build_doc, format_report
-
     with ExitStack() as stack:
         limit = opts.read_limit_bytes()
         if limit is not None:
@@ -303,6 +301,8 @@ def run_sweep(opts: Options) -> int:
 
 
 def _run_sweep(opts: Options) -> int:
+    from services.bench.e2e_report import build_doc, format_report
+
     sweep = Sweep(opts)
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
     single = read_bandwidth(list(sweep.sizes.files), probe, streams=1)
