@@ -228,20 +228,20 @@ class ExpertCache:
             self.metrics.prefetch_deferred += demand_busy and self.prefetching
             return plan
         near = [c for c in candidates if c.distance <= max(1, self.metrics.speculate_layers)]
-        guessed = lambda c: c.key[1] in state.guesses.get(c.key[0], ())  # noqa: E731 (its need: measured precision)
         if self.predictor.next_gate.predicted:  # the workers guess from the hidden state: prefetch acts on the guesses
-            near = [c for c in near if guessed(c)]  # (history predicts little)
+            near = [c for c in near if c.key[1] in state.guesses.get(c.key[0], ())]  # (history predicts little)
         chosen, _ = self.planner.plan(worker, near, self.table.slot_of.__contains__, bandwidth,
                                       self.predictor.layer_seconds)
         for c in chosen:
             if not self._worth(state.layer, c, self._hidden(c.distance, bandwidth)):
                 self.metrics.prefetch_declined += 1
                 continue
-            slot = self.table.reserve_prefetch(c.key, c.priority, self.protect, need=c.need, weighed=guessed(c))
+            slot = self.table.reserve_prefetch(c.key, c.priority, self.protect, need=c.need)
             if slot is None:
                 continue
             self.planner.issued(worker, c)
-            self.unused[c.key], self.protect[c.key] = (c.step, c.key[0], c.priority), c.priority
+            self.unused[c.key] = (c.step, c.key[0], c.priority)
+            self.protect[c.key] = c.priority
             self.transient[c.key] = False
             self.metrics.prefetch_issued[c.key[0]] += 1
             plan.start.append((c.key, slot, c.priority))
@@ -259,11 +259,11 @@ class ExpertCache:
 
     def _worth(self, layer: int, c, hidden: float) -> bool:
         """Expected benefit (the candidate's need ``p``, the probability that it runs at its target, times the share
-        of a read a right guess hides, ``hidden``, which counts its distance) against expected cost, both in units of
-        one read. A right guess costs nothing more: its layer would have read it on demand a moment later, evicting
-        the same victim. A wrong one costs its bandwidth and the slot: the chance the evicted expert runs at its
-        layer's next run (the policy's estimate, since it is read again then; without one: need x nearness from the
-        current ``layer``). So where every victim is live, a guess must be likelier the less of its read is hidden."""
+        of a read a right guess hides, ``hidden``, which counts its distance) against expected cost (a wrong guess's
+        bandwidth, and the slot: the chance the evicted expert runs at its layer's next run, the policy's estimate,
+        since it must then be read again; policies without one: need x nearness from the current ``layer``), both in
+        units of one read. At a pool of one token's experts every victim is live, so a prefetch pays only when
+        compute can hide much of its read."""
         p = c.need
         benefit = p * hidden
         if self.table.free or self.need is None:
@@ -275,7 +275,7 @@ class ExpertCache:
         if reuse is None:
             distance = (victim[0] - layer - 1) % self.L + 1
             reuse = float(self.need[victim]) * max(0.0, self.planner.nearness(distance))
-        return benefit > (1 - p) * (reuse + WASTE_COST)
+        return benefit > reuse + (1 - p) * WASTE_COST
 
     def _hidden(self, distance: int, bandwidth: float | None) -> float:
         """The share of one read a prefetch ``distance`` layers ahead can hide: the compute of the layers until its

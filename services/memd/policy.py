@@ -52,9 +52,8 @@ class EvictionPolicy:
         """The first ``count`` keys of the victim order among those ``allowed`` accepts (fewer when fewer are)."""
         raise NotImplementedError
 
-    def admits(self, candidate: Key, victim: Key, priority: float, *, weighed: bool = False) -> bool:
-        """May a prefetch of ``candidate`` (``priority``: its need at its target, in [0, 1]) evict ``victim``?
-        ``weighed``: the need is a measured probability the caller already weighed against the victim's cost. The
+    def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
+        """May a prefetch of ``candidate`` (``priority``: its need at its target, in [0, 1]) evict ``victim``? The
         baselines always let it."""
         return True
 
@@ -279,7 +278,7 @@ class ActivationPolicy(_ScoredPolicy):
     def scores(self) -> np.ndarray:
         return -self.next_use(self.probability())
 
-    def admits(self, candidate: Key, victim: Key, priority: float, *, weighed: bool = False) -> bool:
+    def admits(self, candidate: Key, victim: Key, priority: float) -> bool:
         """Evict ``victim`` for a prefetch only when the candidate is near certain (ADMIT) to be used, and sooner
         than the victim by the expected next use above. Its probability is the larger of this policy's (its layer's
         measured reuse, ranked by need) and the planner's ``priority``: the candidate's need at its target (its
@@ -288,12 +287,10 @@ class ActivationPolicy(_ScoredPolicy):
         ``Predictor.guess_probability``). A right guess costs no extra read (the expert would have been read on
         demand a moment later) and hides its read under compute; a wrong one costs a read and the victim. ADMIT 0.5
         let through 0.3-0.45 precision and 1.1-2.5x LRU's bytes end to end (an 8-layer test model with 8.6 MiB
-        experts, 12.5% and 25%); 0.85 gave 0.8-0.95 at LRU's bytes or fewer. A ``weighed`` candidate skips ADMIT:
-        its need is the measured precision of guesses like it, which the planner's expected-cost rule (``_worth``)
-        already held against the victim's reuse and the share of the read compute hides."""
+        experts, 12.5% and 25%); 0.85 gave 0.8-0.95 at LRU's bytes or fewer."""
         p = self.probability()
         mine = max(float(p[candidate]), priority)
-        if mine < ADMIT and not weighed:
+        if mine < ADMIT:
             return False
         t = self.next_use(p)
         return self._next_use_at(candidate, mine) < t[victim]

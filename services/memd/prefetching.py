@@ -90,7 +90,6 @@ class Prefetcher:
             for key in plan.cancel:
                 self.loads.cancel(key)
             for key, slot, priority in plan.start:
-                task = self.loads.start(key, slot, demand=False, priority=priority)
-                task.add_done_callback(lambda _, w=worker: self.wake(w))  # the disk is free: the next one at once
+                self.loads.start(key, slot, demand=False, priority=priority)
         except Exception:
             log.exception("prefetch planning failed (the acquires go on)")

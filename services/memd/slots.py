@@ -112,17 +112,16 @@ class SlotTable:
         return self._take(key, self._evict_for(victim))
 
     def reserve_prefetch(self, key: Key, priority: float, protect: Mapping[Key, float] | None = None, *,
-                         need: float | None = None, weighed: bool = False) -> int | None:
+                         need: float | None = None) -> int | None:
         """A slot for a prefetch of ``key``: free, or a victim that is not protected at this priority or above
         (``protect``: imminently needed experts and their prefetch priorities) and that the policy lets a prefetch
-        replace, given the probability ``need`` (default: ``priority``) that ``key`` runs at its target (``weighed``:
-        a measured probability the caller already weighed against the victim). None when there is none (a prefetch
-        never fails, it is just not done)."""
+        replace, given the probability ``need`` (default: ``priority``) that ``key`` runs at its target. None when
+        there is none (a prefetch never fails, it is just not done)."""
         if self.free:
             return self._take(key, self._free_slot(key))
         protect = protect or {}
         victim = self.policy.victim(lambda k: self.evictable(k) and protect.get(k, -1.0) < priority)
-        if victim is None or not self.policy.admits(key, victim, priority if need is None else need, weighed=weighed):
+        if victim is None or not self.policy.admits(key, victim, priority if need is None else need):
             return None
         return self._take(key, self._evict_for(victim))
 
