@@ -359,8 +359,10 @@ def add_parser(bench) -> None:
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
                                                         " bandwidth at memd's queue depth")
     p.add_argument("--disk-read-limit", default="", metavar="RATE",
-                   help="throttle every read of the run (probes and all systems) to RATE, e.g. 600MB/s: a disk of one"
-                        " speed for every system, below the disk's slowest state (cgroup v1 blkio; root)")
+                   help="throttle every read of the run (probes and all systems) to RATE, e.g. 600MB/s: one sustained"
+                        " disk speed for every system (cgroup v1 blkio; root). The kernel's 100 ms throttle slices let"
+                        " a read after an idle gap through at the disk's own speed: bursty on-demand reads gain, a"
+                        " reader kept busy by prefetch does not")
     p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
     p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
                    help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"
