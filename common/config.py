@@ -59,8 +59,8 @@ class MemdConfig:
     expert_memory: str = knob("100%", "expert pool size: bytes (4GiB, 512MiB) or a share of all expert bytes (25%)")
     state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
     pool_backend: str = knob("shm", "where the expert pool lives: shm (POSIX shared memory) or cuda (GPU memory"
-                                    " shared by CUDA IPC, with a pinned host tier; not run on a GPU yet, and"
-                                    " refuses this version's CPU worker: docs/gpu.md)")
+                                    " shared by CUDA IPC, with a pinned host tier; the worker then computes on that"
+                                    " GPU, --device cuda: docs/gpu.md)")
     host_memory: str = knob("0", "cuda backend: pinned host tier caching experts read from disk, bytes (64GiB) or"
                                  " a share of all expert bytes (25%); 0: none (each load reads the disk)")
     cuda_device: int = knob(0, "cuda backend: index of the GPU that holds the pool")
@@ -163,6 +163,8 @@ class WorkerConfig:
     max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
                                        " steps, so running requests keep decoding meanwhile")
     threads: int = knob(0, "torch intra-op threads (0: torch's default)")
+    device: str = knob("cpu", "where the worker computes: cpu, or cuda / cuda:N (dense weights, KV cache and the"
+                              " experts' matmuls on that GPU; needs memd --pool-backend cuda on the same GPU)")
     handshake_timeout_s: float = knob(60.0, "seconds to wait for memd during start-up")
     memd_timeout_s: float = knob(120.0, "seconds one expert acquire may take before memd is declared dead")
     record_trace: Path | None = knob(None, "write every token's routing to this file (JSON Lines, docs/traces.md)")
@@ -219,6 +221,8 @@ class WorkerConfig:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
         if self.matvec_kernel not in MATVEC_KERNELS:
             raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.dequant_kernel not in ("auto", "c", "torch"):
             raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
 

@@ -62,14 +62,19 @@ class PoolExport:
 
 def device_mismatch(pool: PoolExport, worker_device: str) -> str:
     """Why a worker on ``worker_device`` ("cpu" or a GPU UUID) cannot use this pool; "" when it can."""
-    if pool.device == "cpu" or same_device(pool.device, worker_device):
+    if pool.device == "cpu":
+        if worker_device == "cpu":
+            return ""
+        return (f"the worker computes on GPU {worker_device}, memd's expert pool is host shared memory (--pool-backend"
+                f" {pool.backend}): run memd with --pool-backend cuda on that GPU, or the worker with --device cpu")
+    if same_device(pool.device, worker_device):
         return ""
     if worker_device == "cpu":
         return (f"memd's expert pool is on GPU {pool.device} (--pool-backend {pool.backend}), the worker computes on"
-                " the CPU: this version's worker does not compute on CUDA (docs/gpu.md); run memd with --pool-backend"
-                " shm")
+                " the CPU: run the worker with --device cuda on that GPU, or memd with --pool-backend shm")
     return (f"memd's expert pool is on GPU {pool.device}, the worker is on GPU {worker_device}: CUDA IPC maps memory"
-            " on its own device only; give both the same GPU (CUDA_VISIBLE_DEVICES, memd --cuda-device)")
+            " on its own device only; give both the same GPU (CUDA_VISIBLE_DEVICES, memd --cuda-device, worker"
+            " --device cuda:N)")
 
 
 def refusal(pool: PoolExport, worker_device: str) -> tuple[str, str] | None:

@@ -170,13 +170,14 @@ class Engine:
             seq.cached = seq.num_tokens
             return self.accept(seq, logits)
         ids = seq.req.prompt if not seq.generated else seq.generated[-1:]
-        input_ids = torch.tensor([ids], dtype=torch.long)
+        device = self.model.get_input_embeddings().weight.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         if self.steps is not None:
             self.steps.begin([seq.req.request], [0] * len(ids))
-        out = self.model(input_ids=input_ids, attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long),
-                         past_key_values=seq.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1,
+                         attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long, device=device))
         seq.cached = seq.num_tokens
-        return self.accept(seq, out.logits[0, -1].float())
+        return self.accept(seq, out.logits[0, -1].float().cpu())
 
     def accept(self, seq: Sequence, logits: torch.Tensor) -> int:
         forced = seq.req.forced_tokens

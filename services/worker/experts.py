@@ -21,6 +21,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from common.checkpoint import experts_per_token
 from services.worker import matvec, quant
+from services.worker.device import release_ready
 from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups
@@ -211,6 +212,7 @@ class ExpertBinding:
             return matvec.forward(self.proxy.window(lo, hi), hidden_states, index, top_k_weights, self.matvec)
         finally:
             if not self.client.leasing:
+                release_ready(hidden_states)  # a GPU's matmuls on these slots are still queued: let them run
                 self.client.release(self.layer, routing.experts)
 
     def acquire(self, routing: Routing, hidden_states, top_k_index, top_k_weights) -> list[int]:
@@ -233,9 +235,12 @@ class ExpertBinding:
         """``top_k_index`` with every expert id replaced by its slot's place in the window from ``lo``."""
         if routing.index is not None:
             place = {e: slot - lo for e, slot in zip(routing.experts, slots)}
-            return torch.tensor([[place[e] for e in row] for row in routing.index], dtype=top_k_index.dtype)
+            return torch.tensor([[place[e] for e in row] for row in routing.index], dtype=top_k_index.dtype,
+                                device=top_k_index.device)
+        if self.remap.device != top_k_index.device:
+            self.remap = torch.empty_like(self.remap, device=top_k_index.device)
         remap = self.remap
-        remap[routing.experts] = torch.tensor(slots, dtype=torch.long) - lo
+        remap[routing.experts] = torch.tensor(slots, dtype=torch.long, device=remap.device) - lo
         return remap[top_k_index].to(top_k_index.dtype)
 
 
@@ -245,6 +250,7 @@ def attribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts:
     ``experts[j]`` in this layer, and ``weights[r][j]`` the sum of their router weights."""
     if owner is None or owner.numel() != top_k_index.shape[0]:
         return [], [], []
+    owner = owner.to(top_k_index.device)
     flat = (owner.unsqueeze(1).expand_as(top_k_index) * num_experts + top_k_index).reshape(-1)
     size = len(requests) * num_experts
     counts = torch.bincount(flat, minlength=size).view(len(requests), num_experts)[:, experts]

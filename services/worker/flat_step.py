@@ -119,6 +119,7 @@ class FlatStep:
         AttentionInterface.register(IMPLEMENTATION, per_request_attention)
         config = model.config
         self.model = model
+        self.device = model.get_input_embeddings().weight.device  # the step's tensors go where the model computes
         self.original = config._attn_implementation or "eager"
         self.mask_config = copy.copy(config)  # builds each request's masks as the model does with its own attention
         self.mask_config._attn_implementation_internal = self.original
@@ -169,25 +170,28 @@ class FlatStep:
 
     def masks(self, part: RequestTokens) -> dict:
         n = len(part.tokens)
-        args = dict(config=self.mask_config, inputs_embeds=torch.empty(1, n, 1, dtype=self.model.dtype),
-                    attention_mask=torch.ones(1, part.past + n, dtype=torch.long), cache=part.cache,
-                    position_ids=torch.arange(part.past, part.past + n).unsqueeze(0))
+        dev = self.device
+        args = dict(config=self.mask_config, inputs_embeds=torch.empty(1, n, 1, dtype=self.model.dtype, device=dev),
+                    attention_mask=torch.ones(1, part.past + n, dtype=torch.long, device=dev), cache=part.cache,
+                    position_ids=torch.arange(part.past, part.past + n, device=dev).unsqueeze(0))
         # other kinds (indexed, linear, recurrent, ...) take the causal mask, as their modeling files build it
         return {kind: MASK_FUNCTIONS.get(kind, MASK_FUNCTIONS[SLIDING if 'sliding' in kind else FULL])(**args)
                 for kind in self.kinds}
 
     @torch.inference_mode()
     def forward(self, parts: list[RequestTokens], keep: list[int]) -> torch.Tensor:
-        """Run the step; return the float32 logits of the flattened rows ``keep``, one row each."""
-        input_ids = torch.tensor([[t for part in parts for t in part.tokens]], dtype=torch.long)
-        positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0)
+        """Run the step; return the float32 logits of the flattened rows ``keep``, one row each, on the host (where
+        sampling runs)."""
+        dev = self.device
+        input_ids = torch.tensor([[t for part in parts for t in part.tokens]], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0).to(dev)
         self.run = run = StepLayout(self, parts)
         try:
             out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
-                             logits_to_keep=torch.tensor(keep, dtype=torch.long))
+                             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev))
         finally:
             self.run = None
-        return out.logits[0].float()
+        return out.logits[0].float().cpu()
 
 
 def _layer_kinds(config) -> list[str]:

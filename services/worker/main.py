@@ -18,11 +18,12 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, experts, kernel_caches, matvec, prepack
+from services.worker import dequant_kernel, device, experts, kernel_caches, matvec, prepack
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
+from services.worker.pool_views import open_views
 from services.worker.scheduler import Limits
 from services.worker.server import WorkerServer
 from services.worker.tracing import StepRecorder, StepState
@@ -44,24 +45,28 @@ def attach(cfg: WorkerConfig) -> Attached:
     log.info("matmul kernel caches: %s", " ".join(f"{k}={v}" for k, v in caches.items()) or "oneDNN's defaults")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dev = device.resolve(cfg.device)
     checkpoint = Checkpoint(cfg.model)
     experts.register()
     model, layers = load_model(checkpoint, experts.IMPLEMENTATION)
+    device.check_family(model, layers, dev)
+    if moved := device.place(model, dev):
+        log.info("dense weights on %s: %.1f MiB", dev, moved / 2**20)
     client = MemdClient(cfg.memd_rpc_addr, cfg.memd_trace_addr, timeout_s=cfg.memd_timeout_s, leases=cfg.leases)
     try:
         hello = client.handshake(str(cfg.model.resolve()), cfg.handshake_timeout_s,
-                                 "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)")
+                                 "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)", device.hello_name(dev))
         if (hello.num_layers, hello.num_experts) != (len(layers), layers[0].num_experts):
             raise RuntimeError(f"memd serves {hello.num_layers} MoE layers x {hello.num_experts} experts, the model has"
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
-        views = experts.PoolViews(hello)
+        views = open_views(hello)
         steps = StepState(recorder(cfg, client, model, layers))
-        kernels, mv = load_kernels(cfg, views.quantized)
+        kernels, mv = load_kernels(cfg, views.quantized) if dev.type == "cpu" else (None, None)
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv,
                      always_guess=cfg.record_trace is not None)
-        if cfg.prepack_dense:  # after bind, which gave the next-layer guesses their router weights
+        if cfg.prepack_dense and dev.type == "cpu":  # after bind (it gave the next-layer guesses their router weights)
             prepack.prepack_dense(model)
         if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)
             count = matvec.wrap_dense(model, mv, {1, layers[0].num_experts})

@@ -69,8 +69,9 @@ class MemdClient:
         self.trace.close()
         self.ctx.term()
 
-    def handshake(self, model: str, timeout_s: float, timeout_knob: str) -> m.HelloReply:
-        hello = self.call(Op.HELLO, m.HelloRequest(PROTOCOL_VERSION, os.getpid(), model, "cpu"),
+    def handshake(self, model: str, timeout_s: float, timeout_knob: str, device: str = "cpu") -> m.HelloReply:
+        """``device``: "cpu", or the UUID of the GPU the worker computes on (memd refuses a pool it cannot share)."""
+        hello = self.call(Op.HELLO, m.HelloRequest(PROTOCOL_VERSION, os.getpid(), model, device),
                           timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within {timeout_s:g}s:"
                           f" start `moeinf memd --model {model}` with the same --state-dir first, or raise {timeout_knob}")
         self.memd_pid = hello.pid

@@ -28,9 +28,9 @@ class Speculator:
         if not present or self.max_ahead == 0:
             self.weight = None
             return
-        hidden, dtype = present[0].weight.shape[1], present[0].weight.dtype
-        self.weight = torch.zeros(self.L * num_experts, hidden, dtype=dtype)
-        self.bias = torch.zeros(self.L * num_experts, dtype=dtype)
+        hidden, dtype, device = present[0].weight.shape[1], present[0].weight.dtype, present[0].weight.device
+        self.weight = torch.zeros(self.L * num_experts, hidden, dtype=dtype, device=device)  # on the matmul's device
+        self.bias = torch.zeros(self.L * num_experts, dtype=dtype, device=device)
         self.correction = torch.zeros(self.L * num_experts, dtype=torch.float32)
         self.sigmoid = torch.zeros(self.L, dtype=torch.bool)
         self.any_sigmoid = False
@@ -47,7 +47,7 @@ class Speculator:
                 if r.bias is not None:
                     self.bias[rows] = r.bias.to(dtype)
                 if r.correction is not None:
-                    self.correction[rows] = r.correction.float()
+                    self.correction[rows] = r.correction.float().cpu()
                     self.sigmoid[i] = True
                     self.any_sigmoid = True
 
@@ -66,7 +66,7 @@ class Speculator:
             return [], [], []
         lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
         hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
-        logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float().view(-1, k, self.E)  # [T, k, E]
+        logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float().cpu().view(-1, k, self.E)  # [T, k, E]
         probs, select = self._scores(layer, k, logits)
         if logits.shape[0] == 1:  # one token: its picks are the guesses, each with its own probability
             return self._one_token(layer, k, probs[0].numpy(), select[0].numpy(), threshold)

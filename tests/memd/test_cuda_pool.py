@@ -1,4 +1,4 @@
-"""The CUDA pool on a GPU (marker ``cuda``; skipped without a CUDA device and cupy). NOT RUN YET: no GPU here.
+"""The CUDA pool on a GPU (marker ``cuda``; skipped without a CUDA device and cupy; run on an H200, docs/gpu.md).
 
 - IPC across processes: memd's side fills a CudaPool from a checkpoint through the tiers; a spawned process opens
   the chunk handles from the HELLO reply, builds the strided slot views (DLPack) and sees every expert's weights.
@@ -25,12 +25,16 @@ def bf16(tmp_path_factory):
 
 
 def _open_in_child(frame: bytes, queue) -> None:
+    import torch
+
     from common.codec import decode
     from services.worker.pool_views import CudaPoolViews
 
     _, _, hello = decode(frame, reply=True)
     views = CudaPoolViews(hello)
-    queue.put({name: [t.cpu() for t in chunk[name]] for chunk in views.chunks[:1] for name in chunk})
+    # plain bytes: a CPU tensor would be pickled as a file descriptor this process must outlive to hand over
+    queue.put({name: [t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in chunk[name]]
+               for chunk in views.chunks[:1] for name in chunk})
     views.close()
 
 
@@ -62,7 +66,8 @@ def test_ipc_handles_open_in_another_process(bf16):
     module = model.get_submodule(layer.module)
     for name, param in module.named_parameters(recurse=False):
         for e in range(E):
-            assert torch.equal(seen[name][e], param[e]), f"{name} of expert {e} differs through IPC"
+            got = torch.frombuffer(bytearray(seen[name][e]), dtype=torch.uint8).view(param.dtype).view(param[e].shape)
+            assert torch.equal(got, param[e]), f"{name} of expert {e} differs through IPC"
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])

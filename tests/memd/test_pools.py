@@ -73,9 +73,11 @@ def test_device_check_names_both_devices():
     assert same_device("GPU-AB-CD", "abcd")
     wrong = device_mismatch(gpu, "GPU-ffffffff-0000-1111-2222-333344445555")
     assert "GPU-0123abcd" in wrong and "GPU-ffffffff" in wrong
-    assert "does not compute on CUDA" in device_mismatch(gpu, "cpu")
+    assert "run the worker with --device cuda" in device_mismatch(gpu, "cpu")
     assert device_mismatch(PoolExport("shm", "x", 1), "cpu") == "" and refusal(PoolExport("shm", "x", 1), "cpu") is None
     assert refusal(gpu, "cpu")[0] == "device"
+    on_gpu = refusal(PoolExport("shm", "x", 1), "0123abcd-0000-1111-2222-333344445555")  # a GPU worker, a host pool
+    assert on_gpu[0] == "device" and "--pool-backend cuda" in on_gpu[1] and "0123abcd" in on_gpu[1]
 
 
 def test_backend_knobs():

@@ -1,0 +1,74 @@
+"""Where the worker computes (``--device``): the CPU, or the GPU that holds memd's device pool (docs/gpu.md).
+
+On ``cuda`` the dense weights, the KV cache and every step tensor live on the GPU and the experts' matmuls run on
+the pool's slots through CUDA IPC views (``pool_views.CudaPoolViews``); sampling reads the step's logits back to
+the host, as on the CPU. Ordering against memd's writes is the worker's one host synchronisation per MoE layer:
+reading the routed ids (``Routing.of``) waits for everything queued before it, the previous layer's expert
+matmuls included, so by the time an acquire reaches memd (the only moment memd takes a lease back) no kernel still
+reads a slot memd could rewrite; an explicit release (``--no-leases``) waits for the layer's kernels first
+(``release_ready``). memd answers an acquire only once its copy into the slot has completed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resolve(name: str) -> torch.device:
+    """``--device`` as a torch device, its GPU made current; an error that says what to fix when it has none."""
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: torch sees no CUDA device (a CPU build of torch, no driver, or"
+                           " CUDA_VISIBLE_DEVICES is empty); run the worker with --device cpu")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {name}: this host has {torch.cuda.device_count()} visible GPU(s)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def hello_name(device: torch.device) -> str:
+    """What HELLO says the worker computes on: "cpu", or its GPU's UUID (memd's pool maps to that GPU only)."""
+    if device.type != "cuda":
+        return "cpu"
+    return str(torch.cuda.get_device_properties(device).uuid)
+
+
+def check_family(model, layers, device: torch.device) -> None:
+    """On a GPU the worker serves decoder-only models whose experts are one module (transformers' ExpertsInterface);
+    the others (encoder-decoder, one module per expert) build their step tensors on the host: refused by name."""
+    if device.type == "cpu":
+        return
+    kind = model.config.model_type
+    if getattr(model.config, "is_encoder_decoder", False) or any(layer.keyed for layer in layers):
+        raise RuntimeError(f"--device {device.type}: {kind} (encoder-decoder, or experts kept one module per expert)"
+                           " is served on the CPU only in this version; run the worker with --device cpu")
+
+
+def place(model, device: torch.device) -> int:
+    """Move every materialised parameter and buffer to ``device`` (the experts stay on meta: they are memd's);
+    tied parameters stay one tensor. Returns the bytes moved."""
+    if device.type == "cpu":
+        return 0
+    moved: dict[int, nn.Parameter] = {}
+    nbytes = 0
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or param.is_meta:
+                continue
+            if id(param) not in moved:
+                moved[id(param)] = nn.Parameter(param.data.to(device), requires_grad=param.requires_grad)
+                nbytes += param.numel() * param.element_size()
+            module._parameters[name] = moved[id(param)]
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[name] = buf.to(device)
+    return nbytes
+
+
+def release_ready(tensor: torch.Tensor) -> None:
+    """Before telling memd a slot may be rewritten: the GPU's kernels queued so far (that read it) have run."""
+    if tensor.is_cuda:
+        torch.cuda.current_stream(tensor.device).synchronize()
