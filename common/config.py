@@ -311,6 +311,8 @@ class ServeConfig:
     restart_window_s: float = knob(600.0, "sliding window of --max-restarts: crashes older than this are forgotten,"
                                           " so a service that crashes now and then is restarted for ever")
     policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
+    device: str = knob("cpu", "cpu, or cuda / cuda:N: the expert pool in that GPU's memory (memd --pool-backend cuda,"
+                              " its pinned host tier sized by MOEINF_HOST_MEMORY) and the worker computing there")
     prefetch: bool = knob(True, "memd prefetches predicted experts")
     expert_format: str = knob("", "memd serves a bf16 checkpoint's experts compressed: fp8 or mxfp4 (lossy); unset: as"
                                   " stored")
@@ -342,5 +344,7 @@ class ServeConfig:
             raise ValueError("--record-trace writes one file: use it with --workers 1")
         if self.max_restarts < 0 or self.restart_window_s <= 0:
             raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

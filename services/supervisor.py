@@ -102,9 +102,10 @@ class Supervisor:
         group = ["--group", cfg.group] if cfg.group else []
         self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
                                    "--prefetch", "on" if cfg.prefetch else "off",
-                                   *(["--expert-format", cfg.expert_format] if cfg.expert_format else [])],
+                                   *(["--expert-format", cfg.expert_format] if cfg.expert_format else []),
+                                   *gpu_memd_args(cfg.device)],
                           sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())
-        worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued),
+        worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued), "--device", cfg.device,
                   "--handshake-timeout-s", f"{cfg.startup_timeout_s:g}"]  # started with memd: wait as long for it
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
@@ -251,6 +252,14 @@ def _worker_info(addr: str):
         return client.info(timeout_s=0.5)
     finally:
         client.close()
+
+
+def gpu_memd_args(device: str) -> list[str]:
+    """memd's flags for ``serve --device``: on a GPU, the pool in its memory (the worker computes there)."""
+    if device == "cpu":
+        return []
+    _, _, index = device.partition(":")
+    return ["--pool-backend", "cuda", "--cuda-device", index or "0"]
 
 
 def _child_env(api_key: str = "") -> dict[str, str]:

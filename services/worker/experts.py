@@ -13,6 +13,7 @@ touches the computed values: the output stays bit-identical.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups
 from services.worker.tracing import StepState
 
+log = logging.getLogger("moeinf.worker.experts")
 IMPLEMENTATION = "moeinf"
 NEXT_GATE_FLOAT32_BYTES = 256 << 20  # CPU: routers copied to float32 (bf16 matmuls are slow there) up to this much
 SMALL_ROUTING = 64  # up to this many (token, expert) pairs a layer's routing is read once into Python lists
@@ -180,6 +182,7 @@ class ExpertBinding:
         self.steps = steps
         self.speculator = speculator
         self.remap = torch.empty(module.num_experts, dtype=torch.long)  # expert id -> slot - lo (larger steps)
+        self.contiguous = False  # the GPU's grouped matmul refused strided views: copy the window first
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -201,26 +204,43 @@ class ExpertBinding:
         return together(lambda hidden, args, _: self.compute(hidden, *args), inputs)
 
     def compute(self, hidden_states, top_k_index, top_k_weights):
-        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)
-        slots = self.acquire(routing, hidden_states, top_k_index, top_k_weights)
+        client = self.client
+        guessing = self.speculator is not None and (client.speculate or self.speculator.always)
+        launched = self.speculator.launch(self.layer, hidden_states, client.speculate_layers) if guessing else None
+        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one host sync
+        guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
+        slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
         try:
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)
             lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
             index = self.slot_index(routing, slots, lo, top_k_index)
-            return matvec.forward(self.proxy.window(lo, hi), hidden_states, index, top_k_weights, self.matvec)
+            return self.grouped(self.proxy.window(lo, hi), hidden_states, index, top_k_weights)
         finally:
-            if not self.client.leasing:
+            if not client.leasing:
                 release_ready(hidden_states)  # a GPU's matmuls on these slots are still queued: let them run
-                self.client.release(self.layer, routing.experts)
+                client.release(self.layer, routing.experts)
 
-    def acquire(self, routing: Routing, hidden_states, top_k_index, top_k_weights) -> list[int]:
-        """Note the layer to memd (with the next layers' guesses), record it, and get the experts' slots."""
+    def grouped(self, window: SlotExperts, hidden_states, index, top_k_weights):
+        """The experts' forward on the window; on a GPU whose grouped matmul refuses the strided slot views, on
+        contiguous copies of them (a device copy per layer, warned once)."""
+        if self.contiguous:
+            window = SlotExperts(window._module, {n: t.contiguous() for n, t in window._params.items()},
+                                 window.num_experts)
+        try:
+            return matvec.forward(window, hidden_states, index, top_k_weights, self.matvec)
+        except RuntimeError as exc:
+            if self.contiguous or not hidden_states.is_cuda:
+                raise
+            log.warning("the grouped matmul refused the pool's strided slot views on %s (%s): layer %d computes on"
+                        " contiguous copies from now on", hidden_states.device, str(exc)[:120], self.layer)
+            self.contiguous = True
+            return self.grouped(window, hidden_states, index, top_k_weights)
+
+    def acquire(self, routing: Routing, guesses, top_k_index, top_k_weights) -> list[int]:
+        """Note the layer to memd (with the next layers' ``guesses``), record it, and get the experts' slots."""
         client, recorder = self.client, self.steps.recorder
-        guessing = self.speculator is not None and (client.speculate or self.speculator.always)
-        guesses = ([], [], []) if not guessing else self.speculator.guess(
-            self.layer, hidden_states, client.speculate_layers, client.speculate_threshold)
         step = recorder.open
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
         ids = routing.experts

@@ -96,7 +96,10 @@ class KeyedBinding(ExpertBinding):
     def compute(self, hidden_states, args, kwargs):
         index, weights = self.route(hidden_states, args, kwargs)
         routing = Routing.small(index, weights, self.steps.requests, self.steps.owner)
-        slots = self.acquire(routing, hidden_states, Ragged(index), Ragged(weights))
+        guessing = self.speculator is not None and (self.client.speculate or self.speculator.always)
+        guesses = self.speculator.guess(self.layer, hidden_states, self.client.speculate_layers,
+                                        self.client.speculate_threshold) if guessing else ([], [], [])
+        slots = self.acquire(routing, guesses, Ragged(index), Ragged(weights))
         try:
             slot_of = dict(zip(routing.experts, slots))
             return self.forward_of(_Delegate(self.module, lambda e: self._on_slot(e, slot_of[e])), hidden_states,

@@ -57,16 +57,31 @@ class Speculator:
             return 0
         return max(0, min(wanted, self.max_ahead, self.L - 1 - layer))
 
-    @torch.no_grad()
     def guess(self, layer: int, hidden_states: torch.Tensor, wanted: int,
               threshold: float = 0.0) -> tuple[list[int], list[int], list[float]]:
         """``(target layers, experts, confidences)``, flat, for MoE layers layer+1..layer+k."""
+        return self.pick(self.launch(layer, hidden_states, wanted), threshold)
+
+    @torch.no_grad()
+    def launch(self, layer: int, hidden_states: torch.Tensor, wanted: int) -> tuple | None:
+        """The guess's one matmul, its logits on their way to the host: on a GPU the copy is queued without waiting,
+        and the layer's read of its routed ids (the one host synchronisation per layer) completes it; ``pick`` after
+        that. None when nothing is guessed."""
         k = self.ahead(layer, wanted)
         if k == 0:
-            return [], [], []
+            return None
         lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
         hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
-        logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float().cpu().view(-1, k, self.E)  # [T, k, E]
+        logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float()
+        return layer, k, logits.to("cpu", non_blocking=True)
+
+    @torch.no_grad()
+    def pick(self, launched: tuple | None, threshold: float = 0.0) -> tuple[list[int], list[int], list[float]]:
+        """The guesses of a ``launch`` whose logits are on the host, kept where confident enough."""
+        if launched is None:
+            return [], [], []
+        layer, k, logits = launched
+        logits = logits.view(-1, k, self.E)  # [T, k, E]
         probs, select = self._scores(layer, k, logits)
         if logits.shape[0] == 1:  # one token: its picks are the guesses, each with its own probability
             return self._one_token(layer, k, probs[0].numpy(), select[0].numpy(), threshold)

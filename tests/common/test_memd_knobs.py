@@ -65,3 +65,15 @@ def test_serve_workers_get_their_own_ids_and_sockets(tmp_path):
         "worker-0.sock", "worker-1.sock", "worker-2.sock"]
     with pytest.raises(ValueError, match="--record-trace writes one file"):
         build_config(ServeConfig, env={}, workers="2", record_trace=str(tmp_path / "t"))
+
+
+def test_serve_device_puts_the_pool_and_the_worker_on_one_gpu(tmp_path):
+    cpu = Supervisor(build_config(ServeConfig, env={}), tmp_path)
+    worker = cpu.workers[0].args
+    assert "--pool-backend" not in cpu.memd.args and worker[worker.index("--device") + 1] == "cpu"
+    gpu = Supervisor(build_config(ServeConfig, env={}, device="cuda:1", workers="2"), tmp_path)
+    memd = gpu.memd.args
+    assert memd[memd.index("--pool-backend") + 1] == "cuda" and memd[memd.index("--cuda-device") + 1] == "1"
+    assert all(w.args[w.args.index("--device") + 1] == "cuda:1" for w in gpu.workers)
+    with pytest.raises(ValueError, match="--device must be cpu, cuda or cuda:N"):
+        build_config(ServeConfig, env={}, device="gpu")

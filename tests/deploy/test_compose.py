@@ -223,6 +223,20 @@ def test_gpu_override_reserves_one_gpu_for_memd_and_worker(gpu):
     assert services["memd"]["ipc"] == "shareable"
 
 
+def test_gpu_override_puts_the_pool_and_the_worker_on_the_gpu(gpu):
+    """By default the pool is in GPU memory and the worker computes there; the two knobs parse as their services'."""
+    from common.config import MemdConfig, WorkerConfig
+
+    memd_env = {k: interpolate(str(v)) for k, v in gpu["services"]["memd"]["environment"].items()}
+    worker_env = {k: interpolate(str(v)) for k, v in gpu["services"]["worker"]["environment"].items()}
+    assert memd_env["MOEINF_POOL_BACKEND"] == "cuda" and worker_env["MOEINF_DEVICE"] == "cuda"
+    assert MemdConfig(model=ROOT, pool_backend=memd_env["MOEINF_POOL_BACKEND"]).pool_backend == "cuda"
+    assert WorkerConfig(model=ROOT, device=worker_env["MOEINF_DEVICE"]).device == "cuda"
+    cpu = {k: interpolate(str(v), {"MOEINF_POOL_BACKEND": "shm", "MOEINF_WORKER_DEVICE": "cpu"})
+           for k, v in {**gpu["services"]["memd"]["environment"], **gpu["services"]["worker"]["environment"]}.items()}
+    assert (cpu["MOEINF_POOL_BACKEND"], cpu["MOEINF_DEVICE"]) == ("shm", "cpu")
+
+
 def test_gpu_override_builds_a_cuda_image_with_the_dockerfiles_args(gpu):
     args = dockerfile_args()
     images = {s["image"] for s in gpu["services"].values()}
