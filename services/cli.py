@@ -206,6 +206,9 @@ def add_bench_parsers(sub) -> None:
     from services.bench.quality import add_parser as add_quality_parser
 
     add_quality_parser(bench)
+    from services.bench.gpu import add_parser as add_gpu_parser
+
+    add_gpu_parser(bench)
 
 
 def main(argv: list[str] | None = None) -> int:

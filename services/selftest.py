@@ -1,4 +1,4 @@
-"""``moeinf selftest --device cuda``: the GPU checks a CUDA host runs first (docs/gpu.md). NOT RUN ON A GPU YET.
+"""``moeinf selftest --device cuda``: the GPU checks a CUDA host runs first (docs/gpu.md; all passed on an H200).
 
 1. Fills a ``CudaPool`` from the checkpoint through the two-tier path (disk -> pinned host tier -> device copy).
 2. Exactness: for every MoE layer, transformers' grouped-mm experts forward on the pool's strided slot views

@@ -1,8 +1,7 @@
 """The expert pool in GPU memory, shared with workers by CUDA IPC (``--pool-backend cuda``; docs/gpu.md).
 
-NOT RUN ON A GPU YET: the project's machines have none. The CPU suite runs the same tier logic against
-``standin.py``; ``tests/memd/test_cuda_pool.py`` (marker ``cuda``) and ``moeinf selftest --device cuda`` are
-what a GPU host runs first.
+Run on one H200 (docs/gpu.md): ``tests/memd/test_cuda_pool.py`` and ``tests/worker/test_cuda_worker.py`` (marker
+``cuda``) and ``moeinf selftest --device cuda``. The CPU suite runs the same tier logic against ``standin.py``.
 
 Device memory comes from ``cudaMalloc`` through cupy's runtime bindings, not from cupy's or torch's caching
 allocators: an IPC handle names a whole allocation, so each chunk is its own allocation. A chunk holds

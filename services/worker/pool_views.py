@@ -4,8 +4,8 @@
 (``CudaPoolViews``, docs/gpu.md): each chunk's IPC handle opened once through cupy, wrapped without a copy
 (DLPack) and viewed the same way, one view set per chunk. A layer's window of slots inside one chunk is a view;
 a window across chunks is gathered into one tensor (a device copy, logged once), since separate allocations
-cannot be one strided tensor. NOT RUN ON A GPU YET; ``tests/worker/test_cuda_views.py`` (marker ``cuda``) is
-the check a GPU host runs.
+cannot be one strided tensor. Run on an H200: ``tests/memd/test_cuda_pool.py`` and ``tests/worker/test_cuda_worker.py``
+(marker ``cuda``).
 """
 from __future__ import annotations
 

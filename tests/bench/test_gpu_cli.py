@@ -1,0 +1,33 @@
+"""``moeinf bench gpu``: on a host without a GPU it says so (exit 2); ``--device cpu`` runs the whole comparison
+(transformers, moeinf, on-demand LRU as real processes) and each system's tokens are checked against transformers'."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def bench(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "services.cli", "bench", "gpu", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the host without a GPU")
+def test_without_a_gpu_it_says_so(mixtral):
+    out = bench("--model", str(mixtral))
+    assert out.returncode == 2 and "no CUDA device" in out.stdout and "--device cpu" in out.stdout
+
+
+def test_cpu_comparison_writes_rows_with_checked_tokens(mixtral, tmp_path):
+    path = tmp_path / "gpu.json"
+    out = bench("--model", str(mixtral), "--device", "cpu", "--memory", "25%", "--tokens", "4", "--repeats", "1",
+                "--json", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(path.read_text())
+    assert [(r["system"], r["memory"]) for r in rows] == [
+        ("transformers", "100%"), ("moeinf", "25%"), ("moeinf-ondemand-lru", "25%")]
+    assert all(r["tokens_equal"] and r["ms_per_token"] > 0 for r in rows)
+    lru = rows[2]
+    assert lru["misses"] > 0 and lru["prefetch_issued"] == 0 and lru["bytes_read"] > 0
+    assert "x LRU" in out.stdout and "DIFFER" not in out.stdout
