@@ -19,6 +19,8 @@ from common.config import POLICIES
 
 Key = tuple[int, int]  # (MoE layer, expert)
 
+SORT_MAX = 256  # victims(): residents sorted at once up to this many, else found one argmin at a time
+
 
 class EvictionPolicy:
     """The interface, with no-op hooks a policy that does not need them inherits."""
@@ -135,21 +137,41 @@ class _ScoredPolicy(EvictionPolicy):
         return next(iter(self.victims(evictable, 1)), None)
 
     def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
-        # score first, then recency (a tiny fraction of it) among equal scores
-        recency = self.last_use / (self._clock + 1.0)
-        masked = np.where(self.resident, self.cached_scores() * 1e6 + recency, np.inf).ravel()
+        """The first ``count`` residents ``allowed``, in victim order: score first, then recency (a tiny fraction of
+        it) among equal scores, then the lowest index (argmin's and a stable sort's tie-break). One sort, not an
+        argmin per resident skipped (an acquire and a prefetch plan ask several times per layer)."""
+        if count <= 0:
+            return []
+        resident = np.flatnonzero(self.resident.ravel())
+        order = (self.cached_scores().ravel()[resident] * 1e6 + self.last_use.ravel()[resident] / (self._clock + 1.0))
+        resident = resident[np.isfinite(order)]  # an infinite score is never a victim (as argmin's stop said)
+        order = order[np.isfinite(order)]
+        if not len(order):
+            return []
+        first = divmod(int(resident[np.argmin(order)]), self.num_experts)
+        if count == 1 and allowed(first):  # the common question, answered without the sort
+            return [first]
         chosen: list[Key] = []
-        for _ in range(int(self.resident.sum())):
-            if len(chosen) == count:
-                break
-            index = int(np.argmin(masked))
-            if masked[index] == np.inf:
-                break
+        for index in _in_order(resident, order):
             key = divmod(index, self.num_experts)
             if allowed(key):
                 chosen.append(key)
-            masked[index] = np.inf
+                if len(chosen) == count:
+                    break
         return chosen
+
+
+def _in_order(indices: np.ndarray, values: np.ndarray):
+    """``indices`` by increasing ``values`` (ties: the earlier first): sorted at once when few (a pool of a few
+    hundred experts), else found one argmin at a time (only as many as the caller takes)."""
+    if len(values) <= SORT_MAX:
+        yield from indices[np.argsort(values, kind="stable")].tolist()
+        return
+    values = values.copy()
+    for _ in range(len(values)):
+        i = int(np.argmin(values))
+        yield int(indices[i])
+        values[i] = np.inf
 
 
 class LfuPolicy(_ScoredPolicy):
@@ -262,14 +284,15 @@ class ActivationPolicy(_ScoredPolicy):
         return self._probability
 
     def _estimate(self) -> np.ndarray:
+        """Within an age, the need ranks a layer's experts around the age's rate: each expert's need over the mean
+        need of its layer's experts of its age (1 where that mean is 0). One pass over all (layer, age) classes."""
         age = self.age()
-        p = np.ones(age.shape)
-        for a, rate in enumerate(self.rate()):  # within an age, the need ranks a layer's experts around its rate
-            cls = age == a
-            mean = (self.need * cls).sum(1, keepdims=True) / np.maximum(1, cls.sum(1, keepdims=True))
-            ranked = np.divide(self.need, mean, out=np.ones_like(p), where=mean > 0)
-            p = np.where(cls, rate * (1 - NEED_WEIGHT + NEED_WEIGHT * ranked), p)
-        p = np.clip(p, FLOOR, 1.0)
+        L, ages = self.num_layers, len(PRIOR)
+        cls = (np.arange(L)[:, None] * ages + age).ravel()  # each expert's (layer, age) class
+        count = np.bincount(cls, minlength=L * ages)
+        mean = (np.bincount(cls, weights=self.need.ravel(), minlength=L * ages) / np.maximum(1, count))[cls]
+        ranked = np.divide(self.need.ravel(), mean, out=np.ones(cls.shape), where=mean > 0).reshape(age.shape)
+        p = np.clip(self.rate()[age] * (1 - NEED_WEIGHT + NEED_WEIGHT * ranked), FLOOR, 1.0)
         return np.where(self.transient, p * TRANSIENT, p)
 
     def next_use(self, p: np.ndarray) -> np.ndarray:
