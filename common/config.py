@@ -346,5 +346,8 @@ class ServeConfig:
             raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.expert_format and self.device != "cpu":
+            raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"
+                             " GPU pool are not supported yet; serve them with --device cpu")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

@@ -144,8 +144,8 @@ class _ScoredPolicy(EvictionPolicy):
             return []
         resident = np.flatnonzero(self.resident.ravel())
         order = (self.cached_scores().ravel()[resident] * 1e6 + self.last_use.ravel()[resident] / (self._clock + 1.0))
-        resident = resident[np.isfinite(order)]  # an infinite score is never a victim (as argmin's stop said)
-        order = order[np.isfinite(order)]
+        order = np.where(np.isnan(order), -np.inf, order)  # argmin took a NaN first: so does the sort
+        resident, order = resident[order != np.inf], order[order != np.inf]  # +inf: never a victim (argmin's stop)
         if not len(order):
             return []
         first = divmod(int(resident[np.argmin(order)]), self.num_experts)
@@ -287,11 +287,11 @@ class ActivationPolicy(_ScoredPolicy):
         """Within an age, the need ranks a layer's experts around the age's rate: each expert's need over the mean
         need of its layer's experts of its age (1 where that mean is 0). One pass over all (layer, age) classes."""
         age = self.age()
-        L, ages = self.num_layers, len(PRIOR)
-        cls = (np.arange(L)[:, None] * ages + age).ravel()  # each expert's (layer, age) class
-        count = np.bincount(cls, minlength=L * ages)
-        mean = (np.bincount(cls, weights=self.need.ravel(), minlength=L * ages) / np.maximum(1, count))[cls]
-        ranked = np.divide(self.need.ravel(), mean, out=np.ones(cls.shape), where=mean > 0).reshape(age.shape)
+        classes = [age == a for a in range(len(PRIOR))]  # each a layer-wise sum, added as numpy adds a row
+        sums = np.stack([(self.need * cls).sum(1) for cls in classes], 1)  # [L, ages]
+        counts = np.stack([cls.sum(1) for cls in classes], 1)
+        mean = (sums / np.maximum(1, counts))[np.arange(self.num_layers)[:, None], age]  # [L, E]: its class's mean
+        ranked = np.divide(self.need, mean, out=np.ones(age.shape), where=mean > 0)
         p = np.clip(self.rate()[age] * (1 - NEED_WEIGHT + NEED_WEIGHT * ranked), FLOOR, 1.0)
         return np.where(self.transient, p * TRANSIENT, p)
 

@@ -10,6 +10,8 @@ reads a slot memd could rewrite; an explicit release (``--no-leases``) waits for
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -43,7 +45,7 @@ def check_family(model, layers, device: torch.device) -> None:
         return
     kind = model.config.model_type
     if getattr(model.config, "is_encoder_decoder", False) or any(layer.keyed for layer in layers):
-        raise RuntimeError(f"--device {device.type}: {kind} (encoder-decoder, or experts kept one module per expert)"
+        raise RuntimeError(f"--device {device}: {kind} (encoder-decoder, or experts kept one module per expert)"
                            " is served on the CPU only in this version; run the worker with --device cpu")
 
 
@@ -68,7 +70,16 @@ def place(model, device: torch.device) -> int:
     return nbytes
 
 
+def current(device: torch.device):
+    """A context making ``device`` the current GPU in the calling thread (``set_device`` is per thread: the compute
+    thread and the lockstep threads are not the one that loaded the model); nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def release_ready(tensor: torch.Tensor) -> None:
     """Before telling memd a slot may be rewritten: the GPU's kernels queued so far (that read it) have run."""
     if tensor.is_cuda:
-        torch.cuda.current_stream(tensor.device).synchronize()
+        try:
+            torch.cuda.current_stream(tensor.device).synchronize()
+        except RuntimeError:  # a CUDA error (the context is dead, nothing runs any more): the first error is reported
+            pass

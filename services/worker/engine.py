@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from common import messages as m
+from services.worker.device import current
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
 from services.worker.flat_step import RequestTokens, FlatStep
@@ -174,8 +175,9 @@ class Engine:
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         if self.steps is not None:
             self.steps.begin([seq.req.request], [0] * len(ids))
-        out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1,
-                         attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long, device=device))
+        with current(device):
+            out = self.model(input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1,
+                             attention_mask=torch.ones(1, seq.num_tokens, dtype=torch.long, device=device))
         seq.cached = seq.num_tokens
         return self.accept(seq, out.logits[0, -1].float().cpu())
 

@@ -182,7 +182,7 @@ class ExpertBinding:
         self.steps = steps
         self.speculator = speculator
         self.remap = torch.empty(module.num_experts, dtype=torch.long)  # expert id -> slot - lo (larger steps)
-        self.contiguous = False  # the GPU's grouped matmul refused strided views: copy the window first
+        self.fallback = views  # .contiguous: the GPU's grouped matmul refused strided views (all layers copy first)
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -207,7 +207,7 @@ class ExpertBinding:
         client = self.client
         guessing = self.speculator is not None and (client.speculate or self.speculator.always)
         launched = self.speculator.launch(self.layer, hidden_states, client.speculate_layers) if guessing else None
-        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one host sync
+        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for queued GPU work
         guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
         slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
         try:
@@ -220,22 +220,25 @@ class ExpertBinding:
         finally:
             if not client.leasing:
                 release_ready(hidden_states)  # a GPU's matmuls on these slots are still queued: let them run
-                client.release(self.layer, routing.experts)
+                client.release(self.layer, routing.experts)  # (after a CUDA error the sync is skipped: see device)
 
     def grouped(self, window: SlotExperts, hidden_states, index, top_k_weights):
         """The experts' forward on the window; on a GPU whose grouped matmul refuses the strided slot views, on
         contiguous copies of them (a device copy per layer, warned once)."""
-        if self.contiguous:
+        fallback = self.fallback
+        if fallback.contiguous:
             window = SlotExperts(window._module, {n: t.contiguous() for n, t in window._params.items()},
                                  window.num_experts)
         try:
             return matvec.forward(window, hidden_states, index, top_k_weights, self.matvec)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as exc:
-            if self.contiguous or not hidden_states.is_cuda:
+            if fallback.contiguous or not hidden_states.is_cuda:
                 raise
-            log.warning("the grouped matmul refused the pool's strided slot views on %s (%s): layer %d computes on"
-                        " contiguous copies from now on", hidden_states.device, str(exc)[:120], self.layer)
-            self.contiguous = True
+            log.warning("the grouped matmul refused the pool's strided slot views on %s (%s): every layer computes on"
+                        " contiguous copies from now on", hidden_states.device, str(exc)[:120])
+            fallback.contiguous = True
             return self.grouped(window, hidden_states, index, top_k_weights)
 
     def acquire(self, routing: Routing, guesses, top_k_index, top_k_weights) -> list[int]:

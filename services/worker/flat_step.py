@@ -19,6 +19,7 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_recurrent_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from services.worker.device import current
 from services.worker.lone import attention_modules, run_alone
 
 IMPLEMENTATION = "moeinf_per_request"
@@ -187,8 +188,9 @@ class FlatStep:
         positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0).to(dev)
         self.run = run = StepLayout(self, parts)
         try:
-            out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
-                             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev))
+            with current(dev):
+                out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
+                                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev))
         finally:
             self.run = None
         return out.logits[0].float().cpu()

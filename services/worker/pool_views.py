@@ -48,6 +48,7 @@ class PoolViews:
         self.num_slots = hello.num_slots
         raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
         self.hello, self.by_slot = hello, raw.view(hello.num_slots, hello.slot_bytes)
+        self.contiguous = False  # (CUDA only: the experts' windows copied before the matmul, ExpertBinding.grouped)
         self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
         self.params = slot_params(self.by_slot, hello.tensors)
 
@@ -72,9 +73,11 @@ class CudaPoolViews:
             raise RuntimeError(f"memd's pool is on GPU {hello.device}, this worker on GPU-{mine}: CUDA IPC maps memory"
                                " on its own device only")
         if any(spec.format for spec in hello.tensors):
-            raise RuntimeError("quantized experts (MXFP4, FP8) in a CUDA pool are not supported yet: use --pool-backend"
-                               " shm")
+            raise RuntimeError("quantized experts (MXFP4, FP8, or --expert-format) in a CUDA pool are not supported yet:"
+                               " serve them on the CPU (memd --pool-backend shm and worker --device cpu; serve"
+                               " --device cpu)")
         self.hello, self.num_slots, self.quantized = hello, hello.num_slots, set()
+        self.contiguous = False  # the grouped matmul refused the strided views: windows copied (ExpertBinding.grouped)
         self.chunk_slots = hello.chunk_bytes // hello.slot_bytes
         self.opened = ptrs is None  # ours to close
         self.by_slot = None  # no single tensor spans the chunks

@@ -1,6 +1,7 @@
 """``moeinf bench gpu``: on a host without a GPU it says so (exit 2); ``--device cpu`` runs the whole comparison
 (transformers, moeinf, on-demand LRU as real processes) and each system's tokens are checked against transformers'."""
 import json
+import math
 import subprocess
 import sys
 
@@ -27,7 +28,9 @@ def test_cpu_comparison_writes_rows_with_checked_tokens(mixtral, tmp_path):
     rows = json.loads(path.read_text())
     assert [(r["system"], r["memory"]) for r in rows] == [
         ("transformers", "100%"), ("moeinf", "25%"), ("moeinf-ondemand-lru", "25%")]
-    assert all(r["tokens_equal"] and r["ms_per_token"] > 0 for r in rows)
+    assert all(r["tokens_equal"] for r in rows), rows
+    assert all(math.isfinite(r["ms_per_token"]) for r in rows), rows  # (a difference of two times: noise can sink
+    # it below 0 on a loaded machine with so few tokens; the real runs time 64)
     lru = rows[2]
     assert lru["misses"] > 0 and lru["prefetch_issued"] == 0 and lru["bytes_read"] > 0
     assert "x LRU" in out.stdout and "DIFFER" not in out.stdout

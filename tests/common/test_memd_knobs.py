@@ -77,3 +77,5 @@ def test_serve_device_puts_the_pool_and_the_worker_on_one_gpu(tmp_path):
     assert all(w.args[w.args.index("--device") + 1] == "cuda:1" for w in gpu.workers)
     with pytest.raises(ValueError, match="--device must be cpu, cuda or cuda:N"):
         build_config(ServeConfig, env={}, device="gpu")
+    with pytest.raises(ValueError, match="quantized experts in a GPU pool.*--device cpu"):
+        build_config(ServeConfig, env={}, device="cuda", expert_format="fp8")
