@@ -207,7 +207,7 @@ class ExpertBinding:
         client = self.client
         guessing = self.speculator is not None and (client.speculate or self.speculator.always)
         launched = self.speculator.launch(self.layer, hidden_states, client.speculate_layers) if guessing else None
-        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for queued GPU work
+        routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for the GPU
         guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
         slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
         try:

@@ -73,8 +73,8 @@ class CudaPoolViews:
             raise RuntimeError(f"memd's pool is on GPU {hello.device}, this worker on GPU-{mine}: CUDA IPC maps memory"
                                " on its own device only")
         if any(spec.format for spec in hello.tensors):
-            raise RuntimeError("quantized experts (MXFP4, FP8, or --expert-format) in a CUDA pool are not supported yet:"
-                               " serve them on the CPU (memd --pool-backend shm and worker --device cpu; serve"
+            raise RuntimeError("quantized experts (MXFP4, FP8, or --expert-format) in a CUDA pool are not supported"
+                               " yet: serve them on the CPU (memd --pool-backend shm and worker --device cpu; serve"
                                " --device cpu)")
         self.hello, self.num_slots, self.quantized = hello, hello.num_slots, set()
         self.contiguous = False  # the grouped matmul refused the strided views: windows copied (ExpertBinding.grouped)
