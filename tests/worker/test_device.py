@@ -47,3 +47,48 @@ def test_encoder_decoder_families_stay_on_the_cpu(tmp_path):
     device.check_family(model, [], torch.device("cpu"))
     with pytest.raises(RuntimeError, match="switch_transformers.*--device cpu"):
         device.check_family(model, [], torch.device("cuda"))
+
+
+def test_a_refused_strided_window_falls_back_to_copies_once_for_every_layer(monkeypatch, caplog):
+    """``ExpertBinding.grouped``: on a GPU whose grouped matmul refuses strided views, the window is copied and the
+    flag (shared through the pool views) keeps every layer copying, with one warning; a CPU tensor's error and an
+    out-of-memory error go through unchanged."""
+    from types import SimpleNamespace
+
+    from services.worker import experts
+
+    strided = torch.arange(48.0).view(4, 12)[:, ::2]  # a slot view: not contiguous
+
+    def grouped_mm(window, hidden, index, weights, mv):
+        if not window.w.is_contiguous():
+            raise RuntimeError("grouped_mm: strides not supported")
+        return "computed"
+
+    monkeypatch.setattr(experts.matvec, "forward", grouped_mm)
+    views = SimpleNamespace(contiguous=False)  # what PoolViews / CudaPoolViews carry
+
+    def binding():
+        b = SimpleNamespace(fallback=views, matvec=None)
+        b.grouped = lambda *args: experts.ExpertBinding.grouped(b, *args)
+        return b
+
+    window = experts.SlotExperts(SimpleNamespace(), {"w": strided}, 4)
+    gpu = SimpleNamespace(is_cuda=True, device="cuda:0")
+    with caplog.at_level("WARNING"):
+        assert binding().grouped(window, gpu, None, None) == "computed"
+        assert views.contiguous
+        assert binding().grouped(window, gpu, None, None) == "computed"  # another layer: copies, no new warning
+    assert sum("refused the pool's strided slot views" in r.message for r in caplog.records) == 1
+    with pytest.raises(RuntimeError, match="strides"):  # on the CPU nothing is retried
+        cpu_views = SimpleNamespace(contiguous=False)
+        b = SimpleNamespace(fallback=cpu_views, matvec=None)
+        experts.ExpertBinding.grouped(b, window, torch.zeros(1), None, None)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(experts.matvec, "forward", out_of_memory)
+    fresh = SimpleNamespace(fallback=SimpleNamespace(contiguous=False), matvec=None)
+    with pytest.raises(torch.OutOfMemoryError):
+        experts.ExpertBinding.grouped(fresh, window, gpu, None, None)
+    assert not fresh.fallback.contiguous
