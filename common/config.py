@@ -24,6 +24,12 @@ EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the exp
 MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
 
 
+def check_device(device: str) -> None:
+    """``--device`` of the worker and of serve: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+
+
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "moeinf"
@@ -221,8 +227,7 @@ class WorkerConfig:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
         if self.matvec_kernel not in MATVEC_KERNELS:
             raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        check_device(self.device)
         if self.dequant_kernel not in ("auto", "c", "torch"):
             raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
 
@@ -344,8 +349,7 @@ class ServeConfig:
             raise ValueError("--record-trace writes one file: use it with --workers 1")
         if self.max_restarts < 0 or self.restart_window_s <= 0:
             raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        check_device(self.device)
         if self.expert_format and self.device != "cpu":
             raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"
                              " GPU pool are not supported yet; serve them with --device cpu")

@@ -118,10 +118,10 @@ def _moeinf(model: Path, memory: str, host_memory: str, device: str, name: str, 
     from common.worker_client import WorkerClient
     from services.bench.memd_proc import MemdProcess
     from services.bench.worker_proc import WorkerProcess
+    from services.supervisor import gpu_memd_args
     from services.worker.memd_client import MemdClient
 
-    gpu = [] if device == "cpu" else ["--pool-backend", "cuda", "--cuda-device", device.partition(":")[2] or "0",
-                                      "--host-memory", host_memory]
+    gpu = [] if device == "cpu" else [*gpu_memd_args(device), "--host-memory", host_memory]
     with MemdProcess(model, memory, extra=[*gpu, *extra]) as memd:
         with WorkerProcess(model, memd.state_dir, ["--device", device]) as worker:
             client = WorkerClient(worker.addr)

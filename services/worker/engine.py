@@ -74,6 +74,7 @@ class Engine:
         """``steps``: the step state the model's experts are bound to (``experts.bind``); None for a model whose
         experts are its own (plain transformers)."""
         self.model = model
+        self.device = model.get_input_embeddings().weight.device  # where the model computes (--device)
         self.steps = steps
         self.max_model_len = max_model_len
         self.vocab_size = model.config.get_text_config().vocab_size
@@ -171,7 +172,7 @@ class Engine:
             seq.cached = seq.num_tokens
             return self.accept(seq, logits)
         ids = seq.req.prompt if not seq.generated else seq.generated[-1:]
-        device = self.model.get_input_embeddings().weight.device
+        device = self.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         if self.steps is not None:
             self.steps.begin([seq.req.request], [0] * len(ids))
