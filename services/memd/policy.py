@@ -231,6 +231,7 @@ class ActivationPolicy(_ScoredPolicy):
         self._probability: np.ndarray | None = None
         # [ran, could have] for experts by age: used at their layer's last run, at the one before, earlier or never
         self.rates = np.array([[p, 1.0] for p in PRIOR]) * PRIOR_RUNS
+        self._row_class = np.arange(num_layers)[:, None] * len(PRIOR)  # [L, 1]: class of age 0 in each layer
 
     def on_layer(self, layer: int) -> None:
         self.layer = layer
@@ -285,12 +286,14 @@ class ActivationPolicy(_ScoredPolicy):
 
     def _estimate(self) -> np.ndarray:
         """Within an age, the need ranks a layer's experts around the age's rate: each expert's need over the mean
-        need of its layer's experts of its age (1 where that mean is 0). One pass over all (layer, age) classes."""
+        need of its layer's experts of its age (1 where that mean is 0). One pass over all (layer, age) classes:
+        class ``layer * ages + age``, summed by ``bincount`` (a few numpy calls whatever the model's size)."""
         age = self.age()
-        classes = [age == a for a in range(len(PRIOR))]  # each a layer-wise sum, added as numpy adds a row
-        sums = np.stack([(self.need * cls).sum(1) for cls in classes], 1)  # [L, ages]
-        counts = np.stack([cls.sum(1) for cls in classes], 1)
-        mean = (sums / np.maximum(1, counts))[np.arange(self.num_layers)[:, None], age]  # [L, E]: its class's mean
+        ages = len(PRIOR)
+        cls = (self._row_class + age).ravel()  # [L * E]: each expert's (layer, age) class
+        sums = np.bincount(cls, weights=self.need.ravel(), minlength=self.num_layers * ages)
+        counts = np.bincount(cls, minlength=self.num_layers * ages)
+        mean = (sums / np.maximum(1, counts))[cls].reshape(age.shape)  # [L, E]: its class's mean need
         ranked = np.divide(self.need, mean, out=np.ones(age.shape), where=mean > 0)
         p = np.clip(self.rate()[age] * (1 - NEED_WEIGHT + NEED_WEIGHT * ranked), FLOOR, 1.0)
         return np.where(self.transient, p * TRANSIENT, p)

@@ -149,7 +149,7 @@ class ExpertReader:
             job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
             self._jobs.append(job)
             self._demand += demand
-            self._cv.notify_all()
+            self._cv.notify(len(job.pieces))  # as many threads as it has pieces (not every waiter: each takes the GIL)
         return job
 
     def promote(self, job: ReadJob) -> None:
@@ -161,7 +161,7 @@ class ExpertReader:
                 self._demand += 1
             job.demand, job.cancelled = True, False
             job.seq = next(self._seq)
-            self._cv.notify_all()
+            self._cv.notify(len(job.pieces) - job.next)
 
     def cancel(self, job: ReadJob) -> None:
         """Stop a prefetch: at once if no piece of it is being read, else when those pieces end."""
@@ -323,7 +323,9 @@ class ExpertReader:
             if job.inflight:
                 return  # closing: the last piece in flight ends the job
             self._remove(job)
-            self._cv.notify_all()  # an on-demand load ended: prefetch pieces may start
+            waiting = 0 if self._demand else sum(len(j.pieces) - j.next for j in self._jobs if j.waiting)
+            if waiting:  # the last on-demand load ended: prefetch pieces may start
+                self._cv.notify(waiting)
         if job.error is not None:
             _settle(job.future, job.error)
         elif job.next >= len(job.pieces) and not job.cancelled:
