@@ -200,6 +200,13 @@ def test_activation_probability_is_computed_once_until_something_changes():
     second = p.probability()
     p.observe_need(np.full((L, E), 0.5))
     assert p.probability() is not second
+    third = p.probability()
+    p.observe_need(np.full((L, E), 0.5))  # the same need again
+    p.on_access((0, 1))  # the running layer's experts: in use until it ends
+    p.on_insert((0, 2))
+    assert p.probability() is third
+    p.on_access((1, 1))  # another layer's (a lease's use, told late)
+    assert p.probability() is not third
 
 
 @pytest.mark.parametrize("name", ["lru", "lfu", "activation"])
