@@ -8,7 +8,9 @@ Systems, each a fresh set of processes per expert-memory level, every repeat a f
 
 ms/token = (time for ``--tokens`` + 1 new tokens - time for 1) / ``--tokens``, through the worker's socket (no
 gateway), the best of ``--repeats``; each system's greedy tokens are checked against transformers'. ``--device
-cpu`` runs the same comparison on the CPU (the check this command gets where no GPU is).
+cpu`` runs the same comparison on the CPU (the check this command gets where no GPU is). ``--lockstep``: the
+systems side by side in one process, a decode step of each in turn, with the worker's time in acquires apart
+(``gpu_lockstep.py``); ``--ablate`` adds the activation policy without prefetch and LRU with prefetch.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from pathlib import Path
 
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import format_bytes, parse_size
+from services.bench.gpu_lockstep import ABLATIONS, prompts_for
+from services.bench.gpu_lockstep import run as run_lockstep
+from services.bench.gpu_lockstep import table as lockstep_table
 
 SYSTEMS = {"moeinf": [], "moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"]}
 
@@ -33,6 +38,10 @@ def add_parser(bench) -> None:
     p.add_argument("--tokens", type=int, default=64, help="new tokens timed per request")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="timed requests per system (fresh prompts; best kept)")
+    p.add_argument("--lockstep", action="store_true", help="the moeinf systems in lockstep in this process, the"
+                   " worker's wait in acquires apart (small differences on a noisy machine)")
+    p.add_argument("--ablate", action="store_true", help="also the activation policy without prefetch and LRU with"
+                   " prefetch")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.set_defaults(func=cmd)
 
@@ -46,24 +55,38 @@ def cmd(args) -> int:
             return 2
     for memory in args.memory:
         parse_size(memory, what="--memory")
-    rows = run(Path(args.model), args.memory, args.host_memory, args.device, args.tokens, args.prompt_len,
-               args.repeats)
-    print(table(rows, args.device))
+    systems = SYSTEMS | (ABLATIONS if args.ablate else {})
+    if args.lockstep:
+        rows = lockstep(Path(args.model), args.memory, args.device, args.tokens, args.prompt_len, args.repeats,
+                        systems)
+        print(lockstep_table(rows, args.device))
+    else:
+        rows = run(Path(args.model), args.memory, args.host_memory, args.device, args.tokens, args.prompt_len,
+                   args.repeats, systems)
+        print(table(rows, args.device))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 
 def run(model: Path, memories: list[str], host_memory: str, device: str, tokens: int, prompt_len: int,
-        repeats: int) -> list[dict]:
+        repeats: int, systems: dict[str, list[str]] = SYSTEMS) -> list[dict]:
     vocab = _vocab(model)
     rng = random.Random(1234)
     prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(repeats + 1)]
     reference, rows = _transformers(model, device, prompts, tokens)
     for memory in memories:
-        for name, extra in SYSTEMS.items():
+        for name, extra in systems.items():
             rows.append(_moeinf(model, memory, host_memory, device, name, extra, prompts, tokens, reference))
     return rows
+
+
+def lockstep(model: Path, memories: list[str], device: str, tokens: int, prompt_len: int, repeats: int,
+             systems: dict[str, list[str]]) -> list[dict]:
+    """transformers' tokens for the prompts (its timing row kept), then the moeinf systems in lockstep."""
+    prompts = prompts_for(_vocab(model), repeats + 1, prompt_len)
+    reference, rows = _transformers(model, device, prompts, tokens)
+    return rows + run_lockstep(model, memories, device, tokens, prompts[1:], systems, reference)
 
 
 def _vocab(model: Path) -> int:

@@ -34,3 +34,17 @@ def test_cpu_comparison_writes_rows_with_checked_tokens(mixtral, tmp_path):
     lru = rows[2]
     assert lru["misses"] > 0 and lru["prefetch_issued"] == 0 and lru["bytes_read"] > 0
     assert "x LRU" in out.stdout and "DIFFER" not in out.stdout
+
+
+def test_lockstep_splits_the_acquire_wait_and_checks_tokens(mixtral, tmp_path):
+    path = tmp_path / "lockstep.json"
+    out = bench("--model", str(mixtral), "--device", "cpu", "--memory", "25%", "--tokens", "4", "--repeats", "1",
+                "--lockstep", "--ablate", "--json", str(path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(path.read_text())
+    assert [r["system"] for r in rows] == ["transformers", "moeinf", "moeinf-ondemand-lru", "moeinf-prefetch-off",
+                                           "moeinf-lru-prefetch"]
+    assert all(r["tokens_equal"] for r in rows), rows
+    for r in rows[1:]:  # a pool of a quarter of the experts misses: every system waits in acquires, and computes
+        assert r["lockstep"] and 0 < r["acquire_wait_ms"] < r["decode_mean_ms"], r
+    assert "acquire" in out.stdout and "DIFFER" not in out.stdout
