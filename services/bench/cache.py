@@ -1,11 +1,13 @@
 """``moeinf bench cache``: replay a routing trace through memd's decisions for each policy, with and without
-prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py).
+prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py), and
+the CPU time memd's decisions took per layer (the simulator's process time: policy, predictor, planner, leases).
 
 ``moeinf bench synth OUT`` writes the synthetic workload (services/bench/synthetic.py) as a trace file.
 """
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 
 from common.sizes import parse_size
@@ -24,20 +26,22 @@ def run_cache(args) -> int:
     print(f"{args.trace}: {header.model}, {header.num_layers} MoE layers x {header.num_experts} experts (top-"
           f"{header.top_k}), {len(steps)} steps; one expert read {args.read_ms:g} ms, one layer {args.layer_ms:g} ms")
     print(f"{'memory':>7} {'slots':>5} {'policy':>10} {'prefetch':>8} {'miss/tok':>9} {'decode':>7} {'stall/tok':>10}"
-          f" {'pf used/wasted':>15}  lookahead precision/recall")
+          f" {'pf used/wasted':>15} {'us/layer':>8}  lookahead precision/recall")
     rows = []
     for memory in args.memory:
         slots = max(header.num_experts, parse_size(memory, what="--memory").resolve(total))
         for policy, prefetch in VARIANTS:
             cfg = SimConfig(slots, CacheSettings(policy=policy, prefetch=prefetch, window=args.window),
                             read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3)
+            start = time.process_time()
             r = simulate(header, steps, cfg)
+            decide = (time.process_time() - start) / max(1, len(steps) * header.num_layers)  # memd's decisions' CPU
             ahead = " ".join(f"d{d}:{p:.2f}/{rc:.2f}" for d, p, rc in r.lookahead)
             print(f"{memory:>7} {slots:>5} {policy:>10} {'on' if prefetch else 'off':>8} {r.misses_per_token:>9.3f}"
                   f" {r.decode_misses_per_token:>7.3f} {1e3 * r.stall_seconds / max(1, r.tokens):>8.3f}ms"
-                  f" {f'{r.prefetch_used}/{r.prefetch_wasted}':>15}  {ahead}")
+                  f" {f'{r.prefetch_used}/{r.prefetch_wasted}':>15} {1e6 * decide:>8.0f}  {ahead}")
             rows.append({"memory": memory, "slots": slots, "policy": policy, "prefetch": prefetch,
-                         "misses_per_token": r.misses_per_token, **asdict(r)})
+                         "misses_per_token": r.misses_per_token, "decide_us_per_layer": 1e6 * decide, **asdict(r)})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
