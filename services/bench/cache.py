@@ -1,6 +1,7 @@
 """``moeinf bench cache``: replay a routing trace through memd's decisions for each policy, with and without
 prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py), and
-the CPU time memd's decisions took per layer (the simulator's process time: policy, predictor, planner, leases).
+the simulator's process time per layer (memd's decisions: policy, predictor, planner, leases; and the simulator's
+own bookkeeping: the same for every row, so the rows compare the decisions' cost).
 
 ``moeinf bench synth OUT`` writes the synthetic workload (services/bench/synthetic.py) as a trace file.
 """
@@ -35,7 +36,7 @@ def run_cache(args) -> int:
                             read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3)
             start = time.process_time()
             r = simulate(header, steps, cfg)
-            decide = (time.process_time() - start) / max(1, len(steps) * header.num_layers)  # memd's decisions' CPU
+            decide = (time.process_time() - start) / max(1, len(steps) * header.num_layers)  # per layer, all included
             ahead = " ".join(f"d{d}:{p:.2f}/{rc:.2f}" for d, p, rc in r.lookahead)
             print(f"{memory:>7} {slots:>5} {policy:>10} {'on' if prefetch else 'off':>8} {r.misses_per_token:>9.3f}"
                   f" {r.decode_misses_per_token:>7.3f} {1e3 * r.stall_seconds / max(1, r.tokens):>8.3f}ms"

@@ -57,8 +57,8 @@ def cmd(args) -> int:
         parse_size(memory, what="--memory")
     systems = SYSTEMS | (ABLATIONS if args.ablate else {})
     if args.lockstep:
-        rows = lockstep(Path(args.model), args.memory, args.device, args.tokens, args.prompt_len, args.repeats,
-                        systems)
+        rows = lockstep(Path(args.model), args.memory, args.host_memory, args.device, args.tokens, args.prompt_len,
+                        args.repeats, systems)
         print(lockstep_table(rows, args.device))
     else:
         rows = run(Path(args.model), args.memory, args.host_memory, args.device, args.tokens, args.prompt_len,
@@ -81,12 +81,16 @@ def run(model: Path, memories: list[str], host_memory: str, device: str, tokens:
     return rows
 
 
-def lockstep(model: Path, memories: list[str], device: str, tokens: int, prompt_len: int, repeats: int,
-             systems: dict[str, list[str]]) -> list[dict]:
-    """transformers' tokens for the prompts (its timing row kept), then the moeinf systems in lockstep."""
+def lockstep(model: Path, memories: list[str], host_memory: str, device: str, tokens: int, prompt_len: int,
+             repeats: int, systems: dict[str, list[str]]) -> list[dict]:
+    """transformers' tokens for the prompts (its timing row kept), then the moeinf systems in lockstep (the first
+    prompt their warm-up), each memd with the GPU pool and host tier as in ``_moeinf``."""
+    from services.supervisor import gpu_memd_args
+
     prompts = prompts_for(_vocab(model), repeats + 1, prompt_len)
     reference, rows = _transformers(model, device, prompts, tokens)
-    return rows + run_lockstep(model, memories, device, tokens, prompts[1:], systems, reference)
+    gpu = [] if device == "cpu" else [*gpu_memd_args(device), "--host-memory", host_memory]
+    return rows + run_lockstep(model, memories, device, tokens, prompts, systems, reference, gpu)
 
 
 def _vocab(model: Path) -> int:

@@ -27,7 +27,6 @@ class _System:
                  stack: contextlib.ExitStack):
         from common.config import WorkerConfig
         from services.bench.memd_proc import MemdProcess
-        from services.bench.overhead import record_logits
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
 
@@ -37,7 +36,7 @@ class _System:
         engine_model, self.client, _, self.steps = attach(cfg)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.engine = Engine(engine_model, max_model_len(cfg, engine_model), self.steps)
-        self.logits = record_logits(self.engine)
+        self.logits: list = []  # (TimedGeneration clears it; nothing records the logits here)
         self.decode_s: list[float] = []
         self.acquire_s = 0.0
         self.tokens: list[list[int]] = []
@@ -53,12 +52,18 @@ class _System:
 
 
 def run(model: Path, memories: list[str], device: str, tokens: int, prompts: list[list[int]],
-        systems: dict[str, list[str]], reference: list[list[int]]) -> list[dict]:
+        systems: dict[str, list[str]], reference: list[list[int]], memd_args: list[str] = ()) -> list[dict]:
+    """``prompts[0]`` warms every system up (untimed), the others are timed; ``reference``: transformers' tokens
+    for those; ``memd_args``: memd flags every system gets (a GPU's pool and host tier)."""
     rows = []
     for memory in memories:
         with contextlib.ExitStack() as stack:
-            group = [_System(name, model, memory, device, args, stack) for name, args in systems.items()]
-            for i, prompt in enumerate(prompts):
+            group = [_System(name, model, memory, device, [*memd_args, *args], stack)
+                     for name, args in systems.items()]
+            _lockstep(group, prompts[0], tokens, f"warmup-{memory}")
+            for s in group:
+                s.decode_s, s.acquire_s, s.tokens = [], 0.0, []
+            for i, prompt in enumerate(prompts[1:]):
                 _lockstep(group, prompt, tokens, f"lockstep-{memory}-{i}")
             rows += [_row(s, tokens, reference) for s in group]
     return rows
@@ -95,8 +100,8 @@ def _row(s: _System, tokens: int, reference: list[list[int]]) -> dict:
 
 def table(rows: list[dict], device: str) -> str:
     lru = {r["memory"]: r["decode_mean_ms"] for r in rows if r["system"] == "moeinf-ondemand-lru"}
-    lines = [f"decode on {device}, in lockstep (one step of each system in turn): ms per decode step; acquire wait ="
-             " the worker's time in round trips to memd, rest = everything else",
+    lines = [f"decode on {device}, in lockstep (one step of each system in turn, 1 torch thread, after a warm-up):"
+             " ms per decode step; acquire = the worker's wait in round trips to memd, rest = everything else",
              f"{'system':<22}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}  tokens"]
     for r in rows:
         if not r.get("lockstep"):  # transformers' generate, timed apart: the floor

@@ -290,8 +290,10 @@ class ActivationPolicy(_ScoredPolicy):
     def touched(self, key: Key) -> None:
         """The estimate waits for the next layer or need when ``key`` belongs to the running layer: those experts
         are in use until it ends (never victims meanwhile), and an acquire asks for a victim per miss, each a fresh
-        estimate otherwise (3.1 per layer in ``bench cache``, 1.1 now; the flat and demo rows within 0.6%). A use
-        told late (a lease's) or a prefetch landing elsewhere redoes it."""
+        estimate otherwise (3.1 per layer in ``bench cache``, 1.1 now). Meanwhile the others' values are slightly
+        stale too (the access moved the measured rates and the key's age class, so its layer's class means): the
+        flat and demo rows moved within 0.6% either way. A use told late (a lease's) or a prefetch landing in
+        another layer redoes it."""
         if key[0] != self.layer:
             self.changed()
 

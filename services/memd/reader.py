@@ -149,7 +149,9 @@ class ExpertReader:
             job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
             self._jobs.append(job)
             self._demand += demand
-            self._cv.notify(len(job.pieces))  # as many threads as it has pieces (not every waiter: each takes the GIL)
+            if demand or not self._demand:  # (a prefetch behind on-demand reads starts when they end: _finish)
+                self._cv.notify(len(job.pieces))  # as many threads as it has pieces, not every waiter (each takes
+                #                                   the GIL to look)
         return job
 
     def promote(self, job: ReadJob) -> None:
