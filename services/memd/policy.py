@@ -260,7 +260,6 @@ class ActivationPolicy(_ScoredPolicy):
     def on_insert(self, key: Key, *, transient: bool = False) -> None:
         super().on_insert(key)
         self.transient[key] = transient and self.decoded_visit[key] < self.visits[key[0]] - 1
-        self.touched(key)
 
     def on_access(self, key: Key, *, decode: bool = True) -> None:
         super().on_access(key)
