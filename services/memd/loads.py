@@ -17,7 +17,8 @@ import time
 
 from services.memd.core import ExpertCache
 from services.memd.policy import Key
-from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
+from services.memd.read_jobs import ReadCancelled, ReadJob
+from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.loads")

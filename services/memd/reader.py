@@ -26,7 +26,6 @@ probe and fio of ``moeinf bench disk`` do. A piece is taken only once a read may
 """
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import itertools
 import logging
@@ -34,73 +33,15 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from services.memd.dio import DioAlign, buffer_address, dio_alignment
+from services.memd.read_jobs import Piece, ReadCancelled, ReadJob, ReaderStats, settle, split_pieces
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.reader")
 CHUNK = 1024 * 1024
 MIN_PIECE = 64 * 1024  # an expert is split over the threads, but not into pieces smaller than this
 DECAY = 0.9  # bandwidth: exponentially weighted over the recent busy periods
-
-
-class ReadCancelled(Exception):
-    """The prefetch was cancelled before it finished; its slot holds partial data and must be given back."""
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """Read ``length`` bytes of ``file`` at ``file_offset``; keep ``keep`` of them from ``skip`` on, at pool byte
-    ``dest``. ``bounce``: read into the thread's bounce buffer, then copy; else read straight into the pool."""
-
-    file: str
-    file_offset: int
-    length: int
-    dest: int
-    skip: int = 0
-    keep: int = 0
-    bounce: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class ReadJob:
-    key: tuple[int, int]
-    slot: int
-    demand: bool
-    priority: float
-    seq: int
-    pieces: list[Piece]
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    next: int = 0  # the next piece to start
-    inflight: int = 0
-    nbytes: int = 0
-    started: float | None = None
-    ended: float = 0.0
-    cancelled: bool = False
-    removed: bool = False  # out of the queue (its future is set, or about to be)
-    error: BaseException | None = None
-
-    @property
-    def waiting(self) -> bool:
-        """Pieces to start remain."""
-        return self.next < len(self.pieces) and not self.cancelled and self.error is None
-
-    @property
-    def over(self) -> bool:
-        return self.inflight == 0 and not self.waiting
-
-    def rank(self) -> tuple:
-        return (0, self.seq) if self.demand else (1, -self.priority, self.seq)
-
-
-@dataclass(slots=True)
-class ReaderStats:
-    direct_bytes: int = 0  # read straight into slots
-    bounce_bytes: int = 0  # read into a bounce buffer and copied (head/tail blocks, staged segments)
-    staged_segments: int = 0  # segments read whole through the bounce buffer (alignment could not match)
-    segments: int = 0
-    pieces: int = 0
 
 
 class ExpertReader:
@@ -149,9 +90,8 @@ class ExpertReader:
             job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
             self._jobs.append(job)
             self._demand += demand
-            if demand or not self._demand:  # (a prefetch behind on-demand reads starts when they end: _finish)
-                self._cv.notify(len(job.pieces))  # as many threads as it has pieces, not every waiter (each takes
-                #                                   the GIL to look)
+            if demand or not self._demand:  # a thread per piece, not every waiter (a prefetch behind demand: _finish)
+                self._cv.notify(len(job.pieces))
         return job
 
     def promote(self, job: ReadJob) -> None:
@@ -173,7 +113,7 @@ class ExpertReader:
             job.cancelled = True
             if job.inflight == 0:
                 self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
-                _settle(job.future, ReadCancelled())
+                settle(job.future, ReadCancelled())
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
@@ -198,7 +138,7 @@ class ExpertReader:
             for job in list(self._jobs):
                 if job.inflight == 0:
                     self._remove(job)
-                    _settle(job.future, ReadCancelled())
+                    settle(job.future, ReadCancelled())
             self._cv.notify_all()
         for t in self._threads:
             t.join()
@@ -224,7 +164,7 @@ class ExpertReader:
         for seg in self.segments[key]:
             dest = base + seg.slot_offset
             if not self.direct_io:
-                pieces += _split(seg.file, seg.file_offset, seg.nbytes, dest, size)
+                pieces += split_pieces(seg.file, seg.file_offset, seg.nbytes, dest, size)
             else:
                 pieces += self._plan_direct(seg, dest, size)
         return pieces
@@ -239,7 +179,7 @@ class ExpertReader:
             out = []
             if pos < first:
                 out.append(Piece(seg.file, first - a, a, dest, pos - (first - a), first - pos, True))
-            out += _split(seg.file, first, last - first, dest + first - pos, size)
+            out += split_pieces(seg.file, first, last - first, dest + first - pos, size)
             if last < end:
                 out.append(Piece(seg.file, last, a, dest + last - pos, 0, end - last, True))
             return out
@@ -325,15 +265,16 @@ class ExpertReader:
             if job.inflight:
                 return  # closing: the last piece in flight ends the job
             self._remove(job)
-            waiting = 0 if self._demand else sum(len(j.pieces) - j.next for j in self._jobs if j.waiting)
-            if waiting:  # the last on-demand load ended: prefetch pieces may start
+            ended_demand = job.demand and not self._demand  # the last on-demand load ended: prefetches may start
+            waiting = sum(len(j.pieces) - j.next for j in self._jobs if j.waiting) if ended_demand else 0
+            if waiting:
                 self._cv.notify(waiting)
         if job.error is not None:
-            _settle(job.future, job.error)
+            settle(job.future, job.error)
         elif job.next >= len(job.pieces) and not job.cancelled:
-            _settle(job.future, result=(job.nbytes, job.ended - job.started))
+            settle(job.future, result=(job.nbytes, job.ended - job.started))
         else:
-            _settle(job.future, ReadCancelled())
+            settle(job.future, ReadCancelled())
 
     def _remove(self, job: ReadJob) -> None:
         self._jobs.remove(job)
@@ -381,23 +322,5 @@ class ExpertReader:
         return got
 
 
-def _split(file: str, offset: int, nbytes: int, dest: int, size: int) -> list[Piece]:
-    """Pieces read straight into the pool: ``nbytes`` from ``offset`` in steps of ``size``."""
-    return [Piece(file, offset + done, min(size, nbytes - done), dest + done, 0, min(size, nbytes - done))
-            for done in range(0, nbytes, size)]
-
-
 def _direct_io_works(path) -> bool:
     return dio_alignment(path) is not None
-
-
-def _settle(future, exc: BaseException | None = None, result=None) -> None:
-    """Complete a job's future, unless its waiter gave up on it already: an asyncio waiter cancelled at shutdown
-    cancels the future it wraps, and setting a cancelled future raises InvalidStateError (which crashed memd's exit)."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass

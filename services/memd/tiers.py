@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 from services.memd.policy import Key, LfuPolicy
 from services.memd.pools import DONE, Completion, Pool
-from services.memd.reader import ExpertReader, ReadCancelled, ReadJob
+from services.memd.read_jobs import ReadCancelled, ReadJob
+from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted, SlotTable
 
 

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from services.memd.dio import DioAlign, _probe, dio_alignment
-from services.memd.reader import ExpertReader, ReadCancelled
+from services.memd.read_jobs import ReadCancelled
+from services.memd.reader import ExpertReader
 from services.memd.store import ALIGN, Segment
 
 FILE_BYTES = 4 << 20
@@ -279,15 +280,15 @@ def test_a_job_whose_waiter_gave_up_ends_quietly(tmp_path):
     job ends (or when close() cancels it): memd's exit raised InvalidStateError under SIGTERM with reads queued."""
     import concurrent.futures
 
-    from services.memd.reader import _settle
+    from services.memd.read_jobs import settle
 
     for outcome in ({"exc": RuntimeError("x")}, {"result": (1, 0.1)}):
         future = concurrent.futures.Future()
         assert future.cancel()
-        _settle(future, **outcome)  # no InvalidStateError
+        settle(future, **outcome)  # no InvalidStateError
         assert future.cancelled()
     future = concurrent.futures.Future()
-    _settle(future, result=(4, 0.5))
+    settle(future, result=(4, 0.5))
     assert future.result() == (4, 0.5)
 
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from services.memd.policy import LruPolicy
-from services.memd.reader import ExpertReader, ReadCancelled
+from services.memd.read_jobs import ReadCancelled
+from services.memd.reader import ExpertReader
 from services.memd.slots import SlotTable
 from services.memd.store import Segment
 from services.memd.standin import Fence, StandInPool, StandInStream
