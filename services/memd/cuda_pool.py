@@ -10,9 +10,11 @@ chunk and the worker's window over it is one strided view). Each chunk is export
 ``cudaIpcGetMemHandle``. Shrinking frees the chunks whose every slot was released; growing back into a freed
 chunk would hand workers a new handle, which this version does not do (it says so and the resize is refused).
 
-Writes are ``cudaMemcpyAsync`` host-to-device on one non-blocking copy stream from a pinned host buffer; a
-write first makes the stream wait on the events it is given (a worker's "done reading this slot", write-after-
-read) and records an event after the copy (read-after-write), returned as the write's ``Completion``.
+Writes are ``cudaMemcpyAsync`` host-to-device from a pinned host buffer on one of two non-blocking copy streams:
+on-demand loads on one, prefetches on the other, so a demand copy never queues behind a prefetch copy (each
+stream runs in order; the GPU's copy engines serve both). A write first makes its stream wait on the events it is
+given (a worker's "done reading this slot", write-after-read; the slot's previous write, write-after-write
+across the streams) and records an event after the copy (read-after-write), returned as its ``Completion``.
 cupy is imported here only, when the backend is chosen.
 """
 from __future__ import annotations
@@ -80,7 +82,7 @@ class CudaPool(Pool):
         self.device = cp.cuda.Device(device)
         self.uuid = device_uuid(cp, device)
         with self.device:
-            self.stream = cp.cuda.Stream(non_blocking=True)
+            self.streams = {True: cp.cuda.Stream(non_blocking=True), False: cp.cuda.Stream(non_blocking=True)}
             self.chunks = Chunks(nbytes, slot_bytes, chunk_slots, self._malloc, self._free)
             self.handles = [bytes(cp.cuda.runtime.ipcGetMemHandle(p)) for p in self.chunks.mem]
 
@@ -100,29 +102,35 @@ class CudaPool(Pool):
         handles = [h if m is not None else b"" for h, m in zip(self.handles, self.chunks.mem)]
         return PoolExport(self.backend, "", self.nbytes, self.uuid, self.chunks.chunk_bytes, handles)
 
-    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = ()) -> Completion:
+    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
+              demand: bool = False) -> Completion:
         """``src`` must be writable pinned host memory (the host tier or a staging buffer), untouched until the
-        returned completion is done."""
+        returned completion is done. ``demand``: on the on-demand copy stream."""
         cp = self.cupy
         ptr, within = self.chunks.locate(offset, len(src))
         host = ctypes.addressof(ctypes.c_char.from_buffer(src))
+        stream = self.streams[demand]
         with self.device:
             for c in after:
                 if isinstance(c, CudaEvent):
-                    self.stream.wait_event(c.event)  # on the GPU: the host does not block
-                else:
+                    stream.wait_event(c.event)  # on the GPU: the host does not block
+                elif not c.done():
                     c.wait()  # a host-side completion: wait here
-            cp.cuda.runtime.memcpyAsync(ptr + within, host, len(src), H2D, self.stream.ptr)
+            cp.cuda.runtime.memcpyAsync(ptr + within, host, len(src), H2D, stream.ptr)
             event = cp.cuda.Event(block=False, disable_timing=True)
-            event.record(self.stream)
+            event.record(stream)
         return CudaEvent(event)
+
+    def synchronize(self) -> None:
+        for stream in self.streams.values():
+            stream.synchronize()
 
     def ensure(self, offset: int, length: int) -> None:
         self.chunks.ensure(offset, length)
 
     def release(self, offset: int, length: int) -> None:
         """Frees a chunk once every slot of it is released (CUDA frees whole allocations only)."""
-        for i in self.chunks.release(offset, length, before_free=self.stream.synchronize):
+        for i in self.chunks.release(offset, length, before_free=self.synchronize):
             log.info("freed chunk %d of the CUDA pool (%d bytes)", i, self.chunks.size(i))
 
     def resident_bytes(self) -> int:
@@ -131,7 +139,7 @@ class CudaPool(Pool):
     def close(self) -> None:
         chunks = getattr(self, "chunks", None)
         if chunks is not None:
-            self.stream.synchronize()
+            self.synchronize()
             chunks.close()
 
 

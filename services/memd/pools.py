@@ -103,9 +103,11 @@ class Pool(ABC):
         return None
 
     @abstractmethod
-    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = ()) -> Completion:
+    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
+              demand: bool = False) -> Completion:
         """Copy ``src`` to pool byte ``offset`` once every completion in ``after`` is done (write-after-read);
-        the returned completion ends the write (read-after-write). ``src`` must stay untouched until then."""
+        the returned completion ends the write (read-after-write). ``src`` must stay untouched until then.
+        ``demand``: an on-demand load's write, which no prefetch's write may hold back."""
 
     @abstractmethod
     def ensure(self, offset: int, length: int) -> None:
@@ -138,7 +140,8 @@ class ShmPool(Pool):
     def host_view(self) -> memoryview | None:
         return self.region.view
 
-    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = ()) -> Completion:
+    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
+              demand: bool = False) -> Completion:
         for c in after:
             c.wait()
         self.region.view[offset:offset + len(src)] = src

@@ -1,7 +1,8 @@
 """A host-memory stand-in for the CUDA device pool, so the CPU suite runs every decision of the tier logic.
 
-``StandInPool`` keeps ``CudaPool``'s shape: chunks of whole slots (``chunks.Chunks``, the same bookkeeping), an
-in-order copy stream, writes that wait on given completions and end in an event. The stream is explicit:
+``StandInPool`` keeps ``CudaPool``'s shape: chunks of whole slots (``chunks.Chunks``, the same bookkeeping), two
+in-order copy streams (on-demand writes on ``demand_stream``, prefetches on ``stream``), writes that wait on given
+completions and end in an event. The stream is explicit:
 ``StandInStream`` queues operations and runs them in order when asked (``run``) or when someone waits for one of
 its events, and an operation never starts before the completions it waits on are done, as
 ``cudaStreamWaitEvent`` orders a CUDA stream. ``Fence`` is a completion the test (or a stand-in worker) signals
@@ -121,13 +122,14 @@ def _ready(c: Completion) -> bool:
 
 
 class StandInPool(Pool):
-    """Device memory stand-in: bytearray chunks, a stand-in copy stream, the CUDA pool's export shape."""
+    """Device memory stand-in: bytearray chunks, two stand-in copy streams, the CUDA pool's export shape."""
 
     backend = "standin"
 
     def __init__(self, nbytes: int, slot_bytes: int, chunk_slots: int, stream: StandInStream | None = None):
         self.nbytes, self.slot_bytes = nbytes, slot_bytes
-        self.stream = stream or StandInStream()
+        self.stream = stream or StandInStream()  # prefetches' writes
+        self.demand_stream = StandInStream(auto=self.stream.auto)  # on-demand loads' writes
         self.frees = 0
         self.chunks = Chunks(nbytes, slot_bytes, chunk_slots, bytearray, self._free)
 
@@ -139,13 +141,25 @@ class StandInPool(Pool):
         return PoolExport(self.backend, "", self.nbytes, "standin", self.chunks.chunk_bytes,
                           [i.to_bytes(8, "little") if m is not None else b"" for i, m in enumerate(self.chunks.mem)])
 
-    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = ()) -> Completion:
+    def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
+              demand: bool = False) -> Completion:
         mem, within = self.chunks.locate(offset, len(src))
 
         def copy() -> None:
             mem[within:within + len(src)] = src
 
-        return self.stream.enqueue(f"write {offset // self.slot_bytes}", copy, after)
+        stream = self.demand_stream if demand else self.stream
+        return stream.enqueue(f"write {offset // self.slot_bytes}", copy, after)
+
+    def run(self) -> int:
+        """Run both streams as far as they can go (a manual stand-in); returns how many operations ran."""
+        total = 0
+        while ran := self.demand_stream.run() + self.stream.run():
+            total += ran
+        return total
+
+    def queued(self) -> int:
+        return len(self.stream.ops) + len(self.demand_stream.ops)
 
     def read(self, offset: int, length: int) -> bytes:
         """What a worker would see at ``offset`` now (tests)."""
@@ -156,7 +170,7 @@ class StandInPool(Pool):
         self.chunks.ensure(offset, length)
 
     def release(self, offset: int, length: int) -> None:
-        self.chunks.release(offset, length, before_free=self.stream.run)
+        self.chunks.release(offset, length, before_free=self.run)
 
     def resident_bytes(self) -> int:
         return self.chunks.resident_bytes()

@@ -14,8 +14,10 @@ still reads; a load that finds every host slot pinned or loading waits (``waitin
 a copy completes or a read fails, instead of failing the acquire.
 
 Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion registered for
-``d`` (write-after-read: the worker's GPU work on the old expert may still be queued), and the write's own
-completion is kept as ``d``'s "written" (read-after-write). The job resolves once the copy is
+``d`` (write-after-read: the worker's GPU work on the old expert may still be queued) and for ``d``'s previous
+write (write-after-write: on-demand and prefetch copies run on two streams, ``Pool.write(demand=)``), and the
+write's own completion is kept as ``d``'s "written" (read-after-write). Copies end on two waiter threads, one per
+kind, so a demand copy's end is not noticed behind a prefetch copy's. The job resolves once the copy is
 complete, so an acquire reply still means "the slot holds the expert" (docs/gpu.md, Ordering: the IPC event
 ring that would let the worker's stream wait instead is not built).
 """
@@ -48,9 +50,14 @@ class SlotFences:
             self.readers[slot] = pending + [completion]
 
     def before_write(self, slot: int) -> tuple[Completion, ...]:
-        """What a write into ``slot`` must wait for; forgets them (the write is ordered after them)."""
+        """What a write into ``slot`` must wait for (its readers, its last write); forgets the readers (the write
+        is ordered after them)."""
         with self._lock:
-            return tuple(c for c in self.readers.pop(slot, ()) if not c.done())
+            pending = [c for c in self.readers.pop(slot, ()) if not c.done()]
+            last = self.written.get(slot)
+            if last is not None and not last.done():
+                pending.append(last)
+            return tuple(pending)
 
     def wrote(self, slot: int, completion: Completion) -> None:
         with self._lock:
@@ -95,7 +102,8 @@ class TieredReader:
         self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
         self.waiting: list[TierJob] = []  # jobs that found every host slot pinned or loading
         self._lock = threading.Lock()  # the host table: touched from the loop and the reader's callbacks
-        self._waiter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memd-copy-wait")
+        self._waiters = {d: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"memd-copy-wait-{n}")
+                         for d, n in ((True, "demand"), (False, "prefetch"))}
 
     @staticmethod
     def host_table(host_slots: int, num_layers: int, num_experts: int) -> SlotTable:
@@ -170,13 +178,13 @@ class TieredReader:
         src = self.host_view[h * s:(h + 1) * s]
         t0 = time.monotonic()
         try:
-            done = self.device.write(d * s, src, after=self.fences.before_write(d))
+            done = self.device.write(d * s, src, after=self.fences.before_write(d), demand=job.demand)
         except Exception as exc:
             self._unpin_host(job.key)
             job.future.set_exception(exc)
             return
         self.fences.wrote(d, done)
-        self._waiter.submit(self._finish, job, done, disk_bytes, t0)
+        self._waiters[job.demand].submit(self._finish, job, done, disk_bytes, t0)
 
     def _finish(self, job: TierJob, done: Completion, disk_bytes: int, t0: float) -> None:
         try:
@@ -239,7 +247,8 @@ class TieredReader:
         for job in waiting:
             job.future.set_exception(ReadCancelled())
         self.reader.close()
-        self._waiter.shutdown(wait=True)
+        for waiter in self._waiters.values():
+            waiter.shutdown(wait=True)
 
 
 __all__ = ["SlotFences", "TierJob", "TierStats", "TieredReader", "ReadCancelled"]

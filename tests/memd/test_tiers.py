@@ -85,7 +85,7 @@ def test_host_miss_reads_then_copies_and_host_hit_only_copies(rig_factory, data)
     assert nbytes == 0 and rig.device.read(3 * SLOT, SLOT) == expert(payload, (1, 2))
     s = rig.tiers.stats
     assert (s.host_misses, s.host_hits, s.copies, s.copy_bytes) == (1, 1, 2, 2 * SLOT)
-    assert rig.device.stream.log == ["write 0", "write 3"]
+    assert rig.device.demand_stream.log == ["write 0", "write 3"] and rig.device.stream.log == []
 
 
 # KNOWN RACE (slow run until fixed): failed once in a 218-test run on the loaded machine (a copy never queued
@@ -99,19 +99,19 @@ def test_host_tier_evicts_by_its_own_policy_and_never_a_slot_being_copied(rig_fa
     _wait_ops(rig, 2)  # both reads landed and queued their copies
     assert not a.future.done() and rig.device.read(0, 8) == bytes(8)  # copy queued, not run: the device is untouched
     assert rig.tiers.waiting == [first] and rig.tiers.queued() >= 1
-    rig.device.stream.run()
+    rig.device.run()
     a.future.result(TIMEOUT), b.future.result(TIMEOUT)
     _wait_ops(rig, 1)  # a copy done, its host slot unpinned: the waiting job took it and read
-    rig.device.stream.run()
+    rig.device.run()
     first.future.result(TIMEOUT)
     assert rig.host.counters.evictions == 1 and not rig.tiers.waiting
     again = rig.load((0, 1), 3)  # a host hit: (0, 1) is now used more than (0, 0)
     _wait_ops(rig, 1)
-    rig.device.stream.run()
+    rig.device.run()
     assert again.future.result(TIMEOUT)[0] == 0
     c = rig.load((1, 0), 0)  # the host tier is full: LFU evicts the less used of (0, 2) and (0, 1): (0, 2)
     _wait_ops(rig, 1)
-    rig.device.stream.run()
+    rig.device.run()
     c.future.result(TIMEOUT)
     assert rig.host.is_resident((0, 1)) and rig.host.is_resident((1, 0)) and not rig.host.is_resident((0, 2))
     assert rig.host.counters.evictions == 2 and rig.device.read(0, SLOT) == expert(payload, (1, 0))
@@ -119,7 +119,7 @@ def test_host_tier_evicts_by_its_own_policy_and_never_a_slot_being_copied(rig_fa
 
 def _wait_ops(rig, n):
     deadline = time.monotonic() + TIMEOUT
-    while len(rig.device.stream.ops) < n:
+    while rig.device.queued() < n:
         assert time.monotonic() < deadline, "the copy was never queued"
         time.sleep(0.01)
 
@@ -142,7 +142,7 @@ def test_write_after_read_waits_for_the_slots_readers_and_read_after_write_is_th
     reading.signal()
     job.future.result(TIMEOUT), later.future.result(TIMEOUT)
     assert rig.device.read(0, SLOT) == expert(payload, (1, 1)) and rig.tiers.fences.ready(0).done()
-    assert rig.device.stream.log == ["write 0", "write 0", "write 1"]
+    assert rig.device.demand_stream.log == ["write 0", "write 0", "write 1"]
     assert rig.tiers.fences.before_write(0) == ()  # the fence was consumed by the write it ordered
 
 
@@ -205,3 +205,31 @@ def test_loads_and_the_core_drive_the_tiers_unchanged(rig_factory, data):
     for key, slot in table.slot_of.items():
         assert rig.device.read(slot * SLOT, SLOT) == expert(payload, key)
     assert (rig.tiers.stats.host_misses, rig.tiers.stats.host_hits) == (len(KEYS), 2)
+
+
+def test_a_demand_copy_never_queues_behind_a_held_back_prefetch_copy():
+    """Two copy streams: a prefetch write held back by a reader's fence leaves a demand write to another slot
+    free to run; a demand write into the prefetch's own slot waits for it (write-after-write across streams)."""
+    from services.memd.tiers import SlotFences
+
+    pool, fences = StandInPool(4 * SLOT, SLOT, 2), SlotFences()
+    reading = Fence()
+    fences.read_done(1, reading)  # the worker still reads slot 1's old expert
+    prefetch = pool.write(SLOT, memoryview(b"\x01" * SLOT), after=fences.before_write(1))
+    fences.wrote(1, prefetch)
+    demand = pool.write(2 * SLOT, memoryview(b"\x02" * SLOT), after=fences.before_write(2), demand=True)
+    assert demand.done() and not prefetch.done() and pool.read(2 * SLOT, 1) == b"\x02"
+    same_slot = pool.write(SLOT, memoryview(b"\x03" * SLOT), after=fences.before_write(1), demand=True)
+    assert not same_slot.done() and pool.read(SLOT, 1) == b"\x00"
+    reading.signal()
+    same_slot.wait()
+    assert prefetch.done() and pool.read(SLOT, 1) == b"\x03"
+    assert pool.stream.log == ["write 1"] and pool.demand_stream.log == ["write 2", "write 1"]
+
+
+def test_demand_loads_copy_on_the_demand_stream_and_prefetches_on_the_other(rig_factory, data):
+    rig = rig_factory(host_slots=4, device_slots=4)
+    rig.load((0, 1), 1, demand=False).future.result(TIMEOUT)
+    rig.load((1, 0), 2).future.result(TIMEOUT)
+    assert rig.device.stream.log == ["write 1"] and rig.device.demand_stream.log == ["write 2"]
+    assert rig.device.read(2 * SLOT, SLOT) == expert(data[1], (1, 0))
