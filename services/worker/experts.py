@@ -178,6 +178,7 @@ class ExpertBinding:
         self.matvec = mv  # --matvec-kernel (None: transformers' grouped matmul only)
         self.num_experts = module.num_experts
         self.proxy = SlotExperts(module, views.params, views.num_slots, views.window)
+        self.views = views
         self.client = client
         self.steps = steps
         self.speculator = speculator
@@ -214,9 +215,8 @@ class ExpertBinding:
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)
-            lo, hi = min(slots), max(slots) + 1  # compute over the slots in use only: a zero-copy window
-            index = self.slot_index(routing, slots, lo, top_k_index)
-            return self.grouped(self.proxy.window(lo, hi), hidden_states, index, top_k_weights)
+            window, index = self.slot_window(routing, slots, top_k_index)
+            return self.grouped(window, hidden_states, index, top_k_weights)
         finally:
             if not client.leasing:
                 release_ready(hidden_states)  # a GPU's matmuls on these slots are still queued: let them run
@@ -253,6 +253,17 @@ class ExpertBinding:
         recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,
                        leased=client.last_leased)
         return slots
+
+    def slot_window(self, routing: Routing, slots: list[int], top_k_index: torch.Tensor):
+        """The experts to compute on and ``top_k_index`` remapped into them: the slots in use, as a zero-copy window
+        from the lowest to the highest, or (their slots in several chunks of a device pool) copied side by side."""
+        lo, hi = min(slots), max(slots) + 1
+        if not self.views.crosses(lo, hi):
+            return self.proxy.window(lo, hi), self.slot_index(routing, slots, lo, top_k_index)
+        used = sorted(set(slots))
+        place = {s: i for i, s in enumerate(used)}
+        window = SlotExperts(self.proxy._module, self.views.gather(used), len(used))
+        return window, self.slot_index(routing, [place[s] for s in slots], 0, top_k_index)
 
     def slot_index(self, routing: Routing, slots: list[int], lo: int, top_k_index: torch.Tensor) -> torch.Tensor:
         """``top_k_index`` with every expert id replaced by its slot's place in the window from ``lo``."""

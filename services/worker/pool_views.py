@@ -2,9 +2,10 @@
 
 ``shm``: the /dev/shm file mapped once (``torch.from_file``), one view over all slots. ``cuda-ipc``
 (``CudaPoolViews``, docs/gpu.md): each chunk's IPC handle opened once through cupy, wrapped without a copy
-(DLPack) and viewed the same way, one view set per chunk. A layer's window of slots inside one chunk is a view;
-a window across chunks is gathered into one tensor (a device copy, logged once), since separate allocations
-cannot be one strided tensor. Run on an H200: ``tests/memd/test_cuda_pool.py`` and ``tests/worker/test_cuda_worker.py``
+(DLPack) and viewed the same way, one view set per chunk (``ChunkWindows``). A layer's window of slots inside one
+chunk is a view; separate allocations cannot be one strided tensor, so when a layer's slots lie in several
+chunks the experts in use (not every slot between them) are gathered into one tensor (a device copy, logged
+once). Run on an H200: ``tests/memd/test_cuda_pool.py`` and ``tests/worker/test_cuda_worker.py``
 (marker ``cuda``).
 """
 from __future__ import annotations
@@ -55,8 +56,43 @@ class PoolViews:
     def window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         return {n: t[lo:hi] for n, t in self.params.items()}
 
+    def crosses(self, lo: int, hi: int) -> bool:
+        return False  # one mapping: every window is a view
 
-class CudaPoolViews:
+
+class ChunkWindows:
+    """Views of a pool held in chunks of ``chunk_slots`` slots: ``chunks[i]`` maps each parameter to a
+    ``[slots of chunk i, *shape]`` view."""
+
+    chunks: list[dict[str, torch.Tensor]]
+    chunk_slots: int
+    params: dict[str, torch.Tensor]
+    _gathered = False
+
+    def crosses(self, lo: int, hi: int) -> bool:
+        """Slots ``lo..hi-1`` lie in more than one chunk (no single view holds them)."""
+        return lo // self.chunk_slots != (hi - 1) // self.chunk_slots
+
+    def window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Slots ``lo..hi-1`` as one view when one chunk holds them, else every slot between them copied."""
+        if not self.crosses(lo, hi):
+            first = lo // self.chunk_slots
+            return {n: t[lo - first * self.chunk_slots:hi - first * self.chunk_slots]
+                    for n, t in self.chunks[first].items()}
+        return self.gather(list(range(lo, hi)))
+
+    def gather(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        """The experts of ``slots`` (in that order) copied into one ``[len(slots), *shape]`` tensor each."""
+        if not self._gathered:
+            log.warning("a layer's experts lie in several pool chunks: the ones in use are gathered into one tensor"
+                        " (a device copy) for the matmul")
+            self._gathered = True
+        cs = self.chunk_slots
+        return {name: torch.cat([self.chunks[s // cs][name][s % cs:s % cs + 1] for s in slots])
+                for name in self.params}
+
+
+class CudaPoolViews(ChunkWindows):
     """memd's device pool opened by CUDA IPC: per chunk, ``[chunk slots, *shape]`` views on this GPU."""
 
     def __init__(self, hello: m.HelloReply, device: int | None = None, ptrs: list[int] | None = None):
@@ -86,7 +122,6 @@ class CudaPoolViews:
                 cupy.cuda.runtime.ipcOpenMemHandle(handle, IPC_LAZY_PEER) for handle in hello.chunk_handles]
             self.chunks = [slot_params(self._chunk(i), hello.tensors) for i in range(len(self.ptrs))]
         self.params = self.chunks[0]  # shapes, for the binding's layout check
-        self._gathered = False
 
     def _chunk(self, i: int) -> torch.Tensor:
         cp, h = self.cupy, self.hello
@@ -95,22 +130,6 @@ class CudaPoolViews:
         mem = cp.cuda.UnownedMemory(self.ptrs[i], nbytes, self, self.device)
         array = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
         return torch.from_dlpack(array).view(slots, h.slot_bytes)
-
-    def window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        cs = self.chunk_slots
-        first, last = lo // cs, (hi - 1) // cs
-        if first == last:
-            return {n: t[lo - first * cs:hi - first * cs] for n, t in self.chunks[first].items()}
-        if not self._gathered:
-            log.warning("a layer's slots span %d pool chunks: its experts are gathered into one tensor (a device"
-                        " copy) for the matmul", last - first + 1)
-            self._gathered = True
-        out = {}
-        for name in self.params:
-            parts = [self.chunks[c][name][max(lo, c * cs) - c * cs:min(hi, (c + 1) * cs) - c * cs]
-                     for c in range(first, last + 1)]
-            out[name] = torch.cat(parts)
-        return out
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
