@@ -17,7 +17,7 @@ from common.knobs import add_config_args as add_config_args, build_config as bui
 from common.knobs import env_name as env_name, flag_name, knob
 from common.sizes import parse_size
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
@@ -70,6 +70,9 @@ class MemdConfig:
     host_memory: str = knob("0", "cuda backend: pinned host tier caching experts read from disk, bytes (64GiB) or"
                                  " a share of all expert bytes (25%); 0: none (each load reads the disk)")
     cuda_device: int = knob(0, "cuda backend: index of the GPU that holds the pool")
+    copy_events: str = knob("ipc", "cuda backend: ipc (an acquire is answered once its copies are queued; the"
+                                   " worker's stream waits on their events, shared by CUDA IPC) or host (memd waits"
+                                   " for the copies before answering)")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
@@ -128,6 +131,8 @@ class MemdConfig:
             raise ValueError(f"--pool-backend {self.pool_backend!r}: choose one of {', '.join(POOL_BACKENDS)}")
         if self.host_memory.strip() != "0":
             parse_size(self.host_memory, what="--host-memory")
+        if self.copy_events not in ("ipc", "host"):
+            raise ValueError(f"--copy-events {self.copy_events!r}: choose ipc or host")
         if self.pool_backend == "shm" and self.host_memory.strip() != "0":
             raise ValueError("--host-memory is the cuda backend's host tier; with --pool-backend shm the pool is"
                              " host memory already: leave it at 0")

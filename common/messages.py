@@ -86,6 +86,7 @@ class HelloReply(Message):
     device: Text = "cpu"  # where the pool is: "cpu" (shm) or the GPU's UUID ("cuda-ipc")
     chunk_bytes: Count = 0  # "cuda-ipc": the pool is chunks of this many bytes (whole slots); the last may be shorter
     chunk_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": one 64-byte CUDA IPC memory handle a chunk
+    event_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": the copy-event ring, one IPC handle each
 
 
 class ReadyRequest(Message):
@@ -128,6 +129,8 @@ class AcquireReply(Message):
     # False: memd has no use for guesses now (prefetch off, or the pool holds every expert): send none, spare the
     # router matmuls
     speculate: bool = True
+    wait_events: list[Index] = field(default_factory=list)  # event-ring entries (HELLO) of copies into these slots
+    # still in flight: the worker's stream waits on them before it reads the slots
 
 
 class ReleaseRequest(Message):

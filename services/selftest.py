@@ -133,7 +133,7 @@ class _Rig:
         export = self.pool.export()
         hello = m.HelloReply(PROTOCOL_VERSION, os.getpid(), export.backend, "", export.nbytes, s, slots,
                              store.num_layers, store.num_experts, store.tensors, "", export.device, export.chunk_bytes,
-                             export.handles)
+                             export.handles, export.event_handles)
         self.views = CudaPoolViews(hello, ptrs=list(self.pool.chunks.mem))
         self.fill_bytes = 0
         self.contiguous = False
@@ -153,6 +153,7 @@ class _Rig:
         jobs = [self.tiers.submit((i // E, i % E), base + n, demand=True) for n, i in enumerate(indices)]
         for job in jobs:
             self.fill_bytes += job.future.result(600)[0]
+        self.pool.synchronize()  # a job is done once its copy is queued (the event ring): this process reads next
 
     def layer_slots(self, layer: int) -> int:
         """Where ``layer``'s experts are: their home slots when the pool holds them all, else reloaded at 0."""

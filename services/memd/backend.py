@@ -69,7 +69,8 @@ def _open_cuda(cfg: MemdConfig, store: ExpertIndex, nbytes: int) -> Backend:
 
     done = []
     try:
-        pool = CudaPool(nbytes, store.slot_bytes, store.num_experts, cfg.cuda_device)
+        pool = CudaPool(nbytes, store.slot_bytes, store.num_experts, cfg.cuda_device,
+                        events=cfg.copy_events == "ipc")
         done.append(pool)
         slots = host_slots(cfg, store)
         host = PinnedHost(slots * store.slot_bytes)

@@ -15,12 +15,16 @@ on-demand loads on one, prefetches on the other, so a demand copy never queues b
 stream runs in order; the GPU's copy engines serve both). A write first makes its stream wait on the events it is
 given (a worker's "done reading this slot", write-after-read; the slot's previous write, write-after-write
 across the streams) and records an event after the copy (read-after-write), returned as its ``Completion``.
+With ``--copy-events ipc`` (the default) the write also records the next entry of an ``EventRing``: interprocess
+events every worker opens once at the handshake, so an acquire reply can name the copies still in flight and the
+worker's compute stream waits on them on the GPU, instead of memd waiting for them on the host.
 cupy is imported here only, when the backend is chosen.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 
 from services.memd.chunks import Chunks
 from services.memd.pools import Completion, Pool, PoolExport
@@ -28,6 +32,7 @@ from services.memd.pools import Completion, Pool, PoolExport
 log = logging.getLogger("moeinf.memd.cuda")
 H2D = 1  # cudaMemcpyHostToDevice
 IPC_LAZY_PEER = 1  # cudaIpcMemLazyEnablePeerAccess
+RING_EVENTS = 256  # interprocess events in the copy-event ring: an entry is reused once its last copy is done
 
 
 def import_cupy():
@@ -61,10 +66,11 @@ def format_uuid(raw: bytes) -> str:
 
 
 class CudaEvent(Completion):
-    """An event recorded on a stream: done when the GPU has run everything before it on that stream."""
+    """An event recorded on a stream: done when the GPU has run everything before it on that stream; ``ring``: the
+    event-ring entry recorded with it (-1: none)."""
 
-    def __init__(self, event):
-        self.event = event
+    def __init__(self, event, ring: int = -1):
+        self.event, self.ring = event, ring
 
     def done(self) -> bool:
         return self.event.done
@@ -73,10 +79,35 @@ class CudaEvent(Completion):
         self.event.synchronize()
 
 
+class EventRing:
+    """Interprocess events (CUDA IPC event handles, exported once in HELLO) recorded in turn after device writes.
+
+    An entry is re-recorded only after its last record completed, so a worker told to wait on entry ``i`` waits
+    for that copy or, if memd reused the entry meanwhile, for a later copy on memd's streams: never less, and never
+    on anything a worker does (memd's streams wait only on memd's own events)."""
+
+    def __init__(self, cupy, size: int = RING_EVENTS):
+        self.events = [cupy.cuda.Event(block=False, disable_timing=True, interprocess=True) for _ in range(size)]
+        self.handles = [bytes(cupy.cuda.runtime.ipcGetEventHandle(e.ptr)) for e in self.events]
+        self.next, self.reuse_waits = 0, 0  # reuse_waits: entries whose last copy was still running when reused
+        self._lock = threading.Lock()
+
+    def record(self, stream) -> int:
+        with self._lock:
+            i, self.next = self.next, (self.next + 1) % len(self.events)
+            event = self.events[i]
+            if not event.done:
+                self.reuse_waits += 1
+                event.synchronize()
+            event.record(stream)
+        return i
+
+
 class CudaPool(Pool):
     backend = "cuda-ipc"
 
-    def __init__(self, nbytes: int, slot_bytes: int, chunk_slots: int, device: int = 0):
+    def __init__(self, nbytes: int, slot_bytes: int, chunk_slots: int, device: int = 0, *, events: bool = True):
+        """``events``: share a ring of copy events with the workers (``--copy-events ipc``)."""
         self.cupy = cp = import_cupy()
         self.nbytes, self.slot_bytes, self.index = nbytes, slot_bytes, device
         self.device = cp.cuda.Device(device)
@@ -85,6 +116,7 @@ class CudaPool(Pool):
             self.streams = {True: cp.cuda.Stream(non_blocking=True), False: cp.cuda.Stream(non_blocking=True)}
             self.chunks = Chunks(nbytes, slot_bytes, chunk_slots, self._malloc, self._free)
             self.handles = [bytes(cp.cuda.runtime.ipcGetMemHandle(p)) for p in self.chunks.mem]
+            self.ring = EventRing(cp) if events else None
 
     def _malloc(self, n: int) -> int:
         try:
@@ -100,7 +132,8 @@ class CudaPool(Pool):
     def export(self) -> PoolExport:
         """A chunk a shrink freed exports an empty handle (``pools.refusal`` turns a new worker away)."""
         handles = [h if m is not None else b"" for h, m in zip(self.handles, self.chunks.mem)]
-        return PoolExport(self.backend, "", self.nbytes, self.uuid, self.chunks.chunk_bytes, handles)
+        return PoolExport(self.backend, "", self.nbytes, self.uuid, self.chunks.chunk_bytes, handles,
+                          self.ring.handles if self.ring else [])
 
     def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
               demand: bool = False) -> Completion:
@@ -117,9 +150,10 @@ class CudaPool(Pool):
                 elif not c.done():
                     c.wait()  # a host-side completion: wait here
             cp.cuda.runtime.memcpyAsync(ptr + within, host, len(src), H2D, stream.ptr)
-            event = cp.cuda.Event(block=False, disable_timing=True)
+            event = cp.cuda.Event(block=False, disable_timing=True)  # memd's own: the ring's entries get reused
             event.record(stream)
-        return CudaEvent(event)
+            ring = self.ring.record(stream) if self.ring else -1
+        return CudaEvent(event, ring)
 
     def synchronize(self) -> None:
         for stream in self.streams.values():

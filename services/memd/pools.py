@@ -26,7 +26,10 @@ BACKENDS = ("shm", "cuda")
 
 
 class Completion(ABC):
-    """The end of an asynchronous write (or of a reader's use of a slot): poll it, or wait for it."""
+    """The end of an asynchronous write (or of a reader's use of a slot): poll it, or wait for it. ``ring``: the
+    entry of the pool's event ring recorded with it, which a worker's stream can wait on (-1: none)."""
+
+    ring = -1
 
     @abstractmethod
     def done(self) -> bool: ...
@@ -58,6 +61,7 @@ class PoolExport:
     device: str = "cpu"  # "cpu" or the GPU's UUID
     chunk_bytes: int = 0  # "cuda-ipc": bytes per chunk (whole slots), the last one may be shorter
     handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": one IPC memory handle per chunk
+    event_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc" with --copy-events ipc: the event ring
 
 
 def device_mismatch(pool: PoolExport, worker_device: str) -> str:

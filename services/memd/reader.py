@@ -132,6 +132,10 @@ class ExpertReader:
         with self._cv:
             return len(self._jobs)
 
+    def pending_events(self, slots: list[int]) -> list[int]:
+        """Event-ring entries a worker must wait on before reading ``slots``: none, the reader writes the pool."""
+        return []
+
     def close(self) -> None:
         with self._cv:
             self._closing = True

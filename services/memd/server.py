@@ -221,7 +221,8 @@ class MemdServer:
         return m.HelloReply(PROTOCOL_VERSION, os.getpid(), pool.backend, pool.name, pool.nbytes,
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
                             self.store.num_experts, self.store.tensors,
-                            self.control.name if self.control else "", pool.device, pool.chunk_bytes, pool.handles)
+                            self.control.name if self.control else "", pool.device, pool.chunk_bytes, pool.handles,
+                            pool.event_handles)
 
     def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
         client = self.clients.get(identity)
@@ -334,8 +335,9 @@ class MemdServer:
 
     def _acquired(self, p: Pending) -> m.AcquireReply:
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
-        return m.AcquireReply([self.table.slot_of[k] for k in p.keys], p.hits, [list(k) for k in p.revoked], p.epoch,
-                              ahead, threshold, self.core.wants_guesses())
+        slots = [self.table.slot_of[k] for k in p.keys]
+        return m.AcquireReply(slots, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
+                              self.core.wants_guesses(), self.reader.pending_events(slots))
 
     def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
         if not 0 <= req.layer < self.store.num_layers:

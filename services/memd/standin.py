@@ -126,8 +126,11 @@ class StandInPool(Pool):
 
     backend = "standin"
 
-    def __init__(self, nbytes: int, slot_bytes: int, chunk_slots: int, stream: StandInStream | None = None):
+    def __init__(self, nbytes: int, slot_bytes: int, chunk_slots: int, stream: StandInStream | None = None,
+                 ring: int = 0):
+        """``ring``: entries of a stand-in copy-event ring (``CudaPool``'s ``--copy-events ipc``); 0: none."""
         self.nbytes, self.slot_bytes = nbytes, slot_bytes
+        self.ring, self._next = ring, 0
         self.stream = stream or StandInStream()  # prefetches' writes
         self.demand_stream = StandInStream(auto=self.stream.auto)  # on-demand loads' writes
         self.frees = 0
@@ -139,7 +142,8 @@ class StandInPool(Pool):
     def export(self) -> PoolExport:
         """One made-up handle per chunk, empty for a chunk a shrink freed (as ``CudaPool.export``)."""
         return PoolExport(self.backend, "", self.nbytes, "standin", self.chunks.chunk_bytes,
-                          [i.to_bytes(8, "little") if m is not None else b"" for i, m in enumerate(self.chunks.mem)])
+                          [i.to_bytes(8, "little") if m is not None else b"" for i, m in enumerate(self.chunks.mem)],
+                          [i.to_bytes(8, "little") for i in range(self.ring)])
 
     def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
               demand: bool = False) -> Completion:
@@ -149,7 +153,10 @@ class StandInPool(Pool):
             mem[within:within + len(src)] = src
 
         stream = self.demand_stream if demand else self.stream
-        return stream.enqueue(f"write {offset // self.slot_bytes}", copy, after)
+        event = stream.enqueue(f"write {offset // self.slot_bytes}", copy, after)
+        if self.ring:
+            event.ring, self._next = self._next, (self._next + 1) % self.ring
+        return event
 
     def run(self) -> int:
         """Run both streams as far as they can go (a manual stand-in); returns how many operations ran."""

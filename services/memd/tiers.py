@@ -16,14 +16,16 @@ a copy completes or a read fails, instead of failing the acquire.
 Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion registered for
 ``d`` (write-after-read: the worker's GPU work on the old expert may still be queued) and for ``d``'s previous
 write (write-after-write: on-demand and prefetch copies run on two streams, ``Pool.write(demand=)``), and the
-write's own completion is kept as ``d``'s "written" (read-after-write). Copies end on two waiter threads, one per
-kind, so a demand copy's end is not noticed behind a prefetch copy's. The job resolves once the copy is
-complete, so an acquire reply still means "the slot holds the expert" (docs/gpu.md, Ordering: the IPC event
-ring that would let the worker's stream wait instead is not built).
+write's own completion is kept as ``d``'s "written" (read-after-write): when it carries an entry of the pool's
+event ring (``--copy-events ipc``), the job is done as soon as the copy is queued, and ``pending_events`` names
+the entries an acquire reply hands the worker, whose stream waits on them; otherwise the job is done when the copy
+is (a host wait on a waiter thread). Copies end on two waiter threads, one per
+kind, so a demand copy's end is not noticed behind a prefetch copy's. 
 """
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from services.memd.pools import DONE, Completion, Pool
 from services.memd.read_jobs import ReadCancelled, ReadJob
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted, SlotTable
+
+log = logging.getLogger("moeinf.memd.tiers")
 
 
 class SlotFences:
@@ -184,20 +188,28 @@ class TieredReader:
             job.future.set_exception(exc)
             return
         self.fences.wrote(d, done)
+        if done.ring >= 0:  # the worker's stream waits on the copy's event (pending_events): done for memd now
+            job.future.set_result((disk_bytes, time.monotonic() - job.started))
         self._waiters[job.demand].submit(self._finish, job, done, disk_bytes, t0)
 
     def _finish(self, job: TierJob, done: Completion, disk_bytes: int, t0: float) -> None:
+        """The copy's end (a host wait): its host slot may go, and a job not yet done is."""
         try:
             done.wait()
         except Exception as exc:
             self._unpin_host(job.key)
-            job.future.set_exception(exc)
+            if job.future.done():
+                log.error("the copy of expert %s into device slot %d failed after its acquire was answered: %s",
+                          job.key, job.slot, exc)
+            else:
+                job.future.set_exception(exc)
             return
         self.stats.copies += 1
         self.stats.copy_bytes += self.slot_bytes
         self.stats.copy_seconds += time.monotonic() - t0
         self._unpin_host(job.key)
-        job.future.set_result((disk_bytes, time.monotonic() - job.started))
+        if not job.future.done():
+            job.future.set_result((disk_bytes, time.monotonic() - job.started))
 
     def _unpin_host(self, key: Key) -> None:
         with self._lock:
@@ -229,6 +241,11 @@ class TieredReader:
 
     def demand_pending(self) -> bool:
         return self.reader.demand_pending() or any(j.demand for j in self.waiting)
+
+    def pending_events(self, slots: list[int]) -> list[int]:
+        """Event-ring entries of the copies into ``slots`` still in flight (the worker's stream waits on them)."""
+        ready = (self.fences.ready(s) for s in slots)
+        return sorted({c.ring for c in ready if c.ring >= 0 and not c.done()})
 
     @property
     def bandwidth(self) -> float | None:

@@ -54,6 +54,7 @@ class MemdClient:
         self._control: np.ndarray | None = None  # memd's revoke epoch (shared memory), when leasing
         self._seen_epoch = 0
         self.last_leased = False  # the last acquire was served from leases (no message)
+        self.wait_events: list[int] = []  # the last acquire's copies in flight (event-ring entries; a GPU pool)
         self._leased_uses: deque[list[int]] = deque(maxlen=MAX_LEASED_USES)  # [layer, expert] used from leases, oldest first
         self.pid = os.getpid()
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
@@ -90,6 +91,7 @@ class MemdClient:
         """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased."""
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
+        self.wait_events = []
         if slots is not None:
             self._leased_uses.extend([layer, expert] for expert in experts)
             return slots
@@ -107,7 +109,7 @@ class MemdClient:
             self.acquire_seconds += time.perf_counter() - start
         if lease:
             self._update_leases(layer, experts, reply)
-        self.speculate = reply.speculate
+        self.speculate, self.wait_events = reply.speculate, reply.wait_events
         if reply.speculate_layers:
             self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
         return reply.slots

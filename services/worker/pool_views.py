@@ -59,6 +59,9 @@ class PoolViews:
     def crosses(self, lo: int, hi: int) -> bool:
         return False  # one mapping: every window is a view
 
+    def wait(self, ring: list[int]) -> None:
+        raise RuntimeError(f"memd named copy events {ring} for a shared-memory pool, which has none")
+
 
 class ChunkWindows:
     """Views of a pool held in chunks of ``chunk_slots`` slots: ``chunks[i]`` maps each parameter to a
@@ -122,6 +125,15 @@ class CudaPoolViews(ChunkWindows):
                 cupy.cuda.runtime.ipcOpenMemHandle(handle, IPC_LAZY_PEER) for handle in hello.chunk_handles]
             self.chunks = [slot_params(self._chunk(i), hello.tensors) for i in range(len(self.ptrs))]
         self.params = self.chunks[0]  # shapes, for the binding's layout check
+        # memd's copy-event ring (--copy-events ipc), opened once; empty in memd's own process (the self-test)
+        self.events = [] if ptrs is not None else [torch.cuda.Event.from_ipc_handle(self.device, handle)
+                                                   for handle in hello.event_handles]
+
+    def wait(self, ring: list[int]) -> None:
+        """The current stream waits, on the GPU, for memd's copies recorded at these ring entries."""
+        stream = torch.cuda.current_stream(self.device)
+        for i in ring:
+            stream.wait_event(self.events[i])
 
     def _chunk(self, i: int) -> torch.Tensor:
         cp, h = self.cupy, self.hello
@@ -133,7 +145,7 @@ class CudaPoolViews(ChunkWindows):
 
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
-        self.chunks, self.params = [], {}
+        self.chunks, self.params, self.events = [], {}, []
         if self.opened:
             with self.cupy.cuda.Device(self.device):
                 for p in self.ptrs:

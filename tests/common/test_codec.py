@@ -139,7 +139,7 @@ def test_nested_dataclass_is_a_nested_array_on_the_wire():
     body = msgpack.unpackb(frame[HEADER_BYTES:])
     assert body[9] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
                        ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
-    assert body[10:] == ["moeinf-abc-control", "cpu", 0, []]  # a shm pool: no device, no chunks
+    assert body[10:] == ["moeinf-abc-control", "cpu", 0, [], []]  # a shm pool: no device, chunks, events
 
 
 def test_cuda_hello_carries_device_and_chunk_handles():

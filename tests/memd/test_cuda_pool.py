@@ -6,6 +6,8 @@
   weights on the GPU, bit for bit, experts reloaded between layers).
 - Ordering under revocations: a slot rewritten while a reader's compute on it is still queued on another stream
   (the reader's event as the write-after-read fence) never shows the reader the new bytes.
+- The copy-event ring across processes: a spawned worker-side process told a ring entry waits on it on its own
+  stream and reads the new bytes of a copy memd's stream still holds back.
 """
 import multiprocessing as mp
 
@@ -111,3 +113,66 @@ def test_rewrite_waits_for_the_readers_event_under_revocations(bf16):
             assert torch.equal(seen, truth[current]), f"round {round_}: the reader saw bytes written after it"
             assert torch.equal(rig.views.chunks[0][name][0], truth[nxt])
             current = nxt
+
+
+def _wait_in_child(frame: bytes, commands, results) -> None:
+    import torch
+
+    from common.codec import decode
+    from services.worker.pool_views import CudaPoolViews
+
+    _, _, hello = decode(frame, reply=True)
+    views = CudaPoolViews(hello)
+    name = next(iter(views.chunks[0]))
+    results.put(len(views.events))
+    ring = commands.get(timeout=300)
+    pending = not views.events[ring].query()  # memd's copy is still held back
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        views.wait([ring])
+        seen = views.chunks[0][name][0].clone()
+    stream.synchronize()
+    results.put((pending, seen.view(-1).view(torch.uint8).cpu().numpy().tobytes()))
+    views.close()
+
+
+def test_a_worker_waits_on_the_copy_event_ring_across_processes(bf16):
+    import torch
+
+    from common.checkpoint import Checkpoint
+    from common.codec import encode
+    from common.protocol import Op
+    from services.memd.cuda_pool import RING_EVENTS, CudaEvent
+    from services.memd.store import ExpertStore
+    from services.selftest import _Rig
+
+    store = ExpertStore(Checkpoint(bf16["mixtral"]))
+    E = store.num_experts
+    with _Rig(store, E) as rig:
+        assert len(rig.pool.export().event_handles) == RING_EVENTS
+        rig.load([0], 0)
+        name = next(iter(rig.views.chunks[0]))
+        old = rig.views.chunks[0][name][0].clone()
+        hello = rig.views.hello
+        ctx = mp.get_context("spawn")
+        commands, results = ctx.Queue(), ctx.Queue()
+        child = ctx.Process(target=_wait_in_child, args=(encode(Op.HELLO, 1, hello), commands, results))
+        child.start()
+        assert results.get(timeout=300) == RING_EVENTS  # the child opened every entry
+        busy = torch.cuda.Stream()
+        with torch.cuda.stream(busy):
+            torch.cuda._sleep(4_000_000_000)  # ~2 s: memd's copy stream waits for this "reader"
+        ev = rig.pool.cupy.cuda.Event(block=False, disable_timing=True)
+        ev.record(rig.pool.cupy.cuda.ExternalStream(busy.cuda_stream))
+        rig.tiers.fences.read_done(0, CudaEvent(ev))
+        job = rig.tiers.submit((1, 0), 0, demand=True)  # layer 1's expert 0 into slot 0, behind the reader
+        job.future.result(60)  # done at once: the copy is queued (the ring), not run
+        ring = rig.tiers.pending_events([0])
+        assert len(ring) == 1
+        commands.put(ring[0])
+        pending, seen = results.get(timeout=120)
+        child.join(60)
+        assert child.exitcode == 0 and pending, "the copy had already run: the test proves nothing"
+        new = rig.views.chunks[0][name][0]
+        assert not torch.equal(new, old)
+        assert seen == new.view(-1).view(torch.uint8).cpu().numpy().tobytes(), "the child read before the copy"

@@ -47,12 +47,13 @@ def expert(payload: bytes, key) -> bytes:
 
 
 class Rig:
-    def __init__(self, path, host_slots: int, device_slots: int, *, auto: bool = True, chunk_slots: int = 2):
+    def __init__(self, path, host_slots: int, device_slots: int, *, auto: bool = True, chunk_slots: int = 2,
+                 ring: int = 0):
         self.buf = mmap.mmap(-1, host_slots * SLOT)
         self.reader = ExpertReader(fake_store(path, contiguous(path, KEYS, SLOT)), memoryview(self.buf), SLOT, False,
                                    threads=2)
         self.host = TieredReader.host_table(host_slots, LAYERS, EXPERTS)
-        self.device = StandInPool(device_slots * SLOT, SLOT, chunk_slots, StandInStream(auto=auto))
+        self.device = StandInPool(device_slots * SLOT, SLOT, chunk_slots, StandInStream(auto=auto), ring)
         self.tiers = TieredReader(self.reader, self.host, memoryview(self.buf), self.device, SLOT)
 
     def load(self, key, slot, **kw):
@@ -233,3 +234,31 @@ def test_demand_loads_copy_on_the_demand_stream_and_prefetches_on_the_other(rig_
     rig.load((1, 0), 2).future.result(TIMEOUT)
     assert rig.device.stream.log == ["write 1"] and rig.device.demand_stream.log == ["write 2"]
     assert rig.device.read(2 * SLOT, SLOT) == expert(data[1], (1, 0))
+
+
+def test_with_an_event_ring_a_load_is_done_once_its_copy_is_queued_and_the_reply_names_the_event(rig_factory, data):
+    """``--copy-events ipc``: memd answers without waiting for the copy; the worker's stream waits on the ring
+    entries ``pending_events`` names for the slots, which are gone once the copies ran."""
+    rig = rig_factory(host_slots=4, device_slots=4, auto=False, ring=3)
+    first, second = rig.load((0, 1), 2), rig.load((1, 2), 3, demand=False)
+    first.future.result(TIMEOUT), second.future.result(TIMEOUT)  # done: the copies are queued, not run
+    assert rig.device.read(2 * SLOT, SLOT) == bytes(SLOT) and rig.device.queued() == 2
+    assert rig.tiers.pending_events([2, 3]) == sorted({rig.tiers.fences.ready(2).ring, rig.tiers.fences.ready(3).ring})
+    assert len(rig.tiers.pending_events([2, 3])) == 2 and rig.tiers.pending_events([0, 1]) == []
+    assert rig.host.pins  # the host slots stay pinned until the copies have read them
+    rig.device.run()
+    deadline = time.monotonic() + TIMEOUT
+    while rig.host.pins:
+        assert time.monotonic() < deadline, "the copies' ends were not noticed"
+        time.sleep(0.01)
+    assert rig.tiers.pending_events([2, 3]) == [] and rig.device.read(2 * SLOT, SLOT) == expert(data[1], (0, 1))
+    assert rig.tiers.stats.copies == 2
+
+
+def test_without_an_event_ring_a_load_is_done_when_its_copy_is(rig_factory):
+    rig = rig_factory(host_slots=4, device_slots=4, auto=False)
+    job = rig.load((0, 1), 2)
+    _wait_ops(rig, 1)
+    assert not job.future.done() and rig.tiers.pending_events([2]) == []
+    rig.device.run()
+    job.future.result(TIMEOUT)
