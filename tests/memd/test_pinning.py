@@ -11,6 +11,7 @@ from helpers import spawn, stop, wait_for_log
 
 from common import messages as m
 from common.codec import decode, encode
+from common.config import PROTOCOL_VERSION
 from common.protocol import Op
 from common.zmq_utils import make_socket
 from services.memd.pool import SHM_DIR
@@ -166,7 +167,7 @@ def test_bad_requests_get_error_replies_and_memd_keeps_serving(memd, mixtral):
         assert (rid, reply.code) == (9, "handshake")
         op, rid, reply = ask(encode(Op.READY, 10, m.ReadyRequest(1)))
         assert (rid, reply.code) == (10, "handshake")
-        op, rid, reply = ask(encode(Op.HELLO, 11, m.HelloRequest(1, 1, "/some/other/model", "cpu")))
+        op, rid, reply = ask(encode(Op.HELLO, 11, m.HelloRequest(PROTOCOL_VERSION, 1, "/some/other/model", "cpu")))
         assert (rid, reply.code) == (11, "model") and "/some/other/model" in reply.message
         op, rid, reply = ask(encode(Op.HELLO, 12, m.HelloRequest(99, 1, str(mixtral), "cpu")))
         assert (rid, reply.code) == (12, "protocol")
