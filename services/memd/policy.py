@@ -101,9 +101,11 @@ class _ScoredPolicy(EvictionPolicy):
         self._clock = 0
         self._scores: np.ndarray | None = None  # cached until something changes
         self._finite = True  # every cached score is finite
+        self._ranked: list[int] | None = None  # the residents in victim order, kept with the scores (victims)
 
     def changed(self) -> None:
         self._scores = None
+        self._ranked = None
 
     def cached_scores(self) -> np.ndarray:
         if self._scores is None:
@@ -144,23 +146,43 @@ class _ScoredPolicy(EvictionPolicy):
 
     def victims(self, allowed: Callable[[Key], bool], count: int) -> list[Key]:
         """The first ``count`` residents ``allowed``, in victim order: score first, then recency (a tiny fraction of
-        it) among equal scores, then the lowest index (argmin's and a stable sort's tie-break). One sort, not an
-        argmin per resident skipped (an acquire and a prefetch plan ask several times per layer)."""
+        it) among equal scores, then the lowest index (argmin's and a stable sort's tie-break). The order is sorted
+        once with the scores and kept while they are (an acquire and a prefetch plan ask several times per layer);
+        a resident the kept order lacks (inserted since, without moving the scores) is found by a fresh ranking
+        when the kept one does not give ``count``."""
         if count <= 0:
             return []
-        resident = np.flatnonzero(self.resident)
+        ranked = self._ranking()
+        if ranked is not None:
+            chosen = self._pick(ranked, allowed, count)
+            if len(chosen) == count:
+                return chosen
+        return self._pick(self._rank(np.flatnonzero(self.resident)), allowed, count)
+
+    def _ranking(self) -> list[int] | None:
+        """The residents' flat indices in victim order, cached with the scores (None for a pool too large to sort
+        at once: ranked lazily per call)."""
+        if self._ranked is None:
+            resident = np.flatnonzero(self.resident)
+            if len(resident) > SORT_MAX:
+                return None
+            self._ranked = list(self._rank(resident))
+        return self._ranked
+
+    def _rank(self, resident: np.ndarray):
+        """``resident`` (flat indices) in victim order: a NaN score first (as argmin took it), +inf never."""
         scores = self.cached_scores()
         order = scores.ravel()[resident] * 1e6 + self.last_use.ravel()[resident] / (self._clock + 1.0)
         if not self._finite:
-            order = np.where(np.isnan(order), -np.inf, order)  # argmin took a NaN first: so does the sort
-            resident, order = resident[order != np.inf], order[order != np.inf]  # +inf: never a victim
-        if not len(order):
-            return []
-        first = divmod(int(resident[np.argmin(order)]), self.num_experts)
-        if count == 1 and allowed(first):  # the common question, answered without the sort
-            return [first]
-        chosen: list[Key] = []
-        for index in _in_order(resident, order):
+            order = np.where(np.isnan(order), -np.inf, order)
+            resident, order = resident[order != np.inf], order[order != np.inf]
+        return _in_order(resident, order)
+
+    def _pick(self, ranked, allowed: Callable[[Key], bool], count: int) -> list[Key]:
+        resident, chosen = self.resident.ravel(), []
+        for index in ranked:
+            if not resident[index]:  # left since the order was kept
+                continue
             key = divmod(index, self.num_experts)
             if allowed(key):
                 chosen.append(key)
@@ -240,18 +262,22 @@ class ActivationPolicy(_ScoredPolicy):
         # [ran, could have] for experts by age: used at their layer's last run, at the one before, earlier or never
         self.rates = np.array([[p, 1.0] for p in PRIOR]) * PRIOR_RUNS
         self._row_class = np.arange(num_layers)[:, None] * len(PRIOR)  # [L, 1]: class of age 0 in each layer
+        self._age = np.full(shape, len(PRIOR) - 1, dtype=np.int64)  # age(), kept incrementally
 
     def on_layer(self, layer: int) -> None:
         self.layer = layer
         self.rates *= 1 - 1 / MEMORY
-        self.rates[:, 1] += np.bincount(self.age()[layer], minlength=len(PRIOR))
+        row = self._age[layer]
+        self.rates[:, 1] += np.bincount(row, minlength=len(PRIOR))
         self.visits[layer] += 1
+        np.minimum(row + 1, len(PRIOR) - 1, out=row)  # the layer's run began: its experts are a run older
         self.changed()
 
     def age(self) -> np.ndarray:
-        """[L, E]: 0 for an expert its layer used at its last (or current) run, 1 at the run before, 2 earlier."""
-        oldest = len(PRIOR) - 1
-        return np.where(self.used_visit < 0, oldest, np.minimum(self.visits[:, None] - self.used_visit, oldest))
+        """[L, E]: 0 for an expert its layer used at its last (or current) run, 1 at the run before, 2 earlier
+        (``min(visits - used_visit, 2)``, never used: 2), kept up to date by ``on_layer`` and ``on_access``.
+        Read-only for callers."""
+        return self._age
 
     def rate(self) -> np.ndarray:
         """[ages]: the measured chance that an expert of each age runs at its layer's next run."""
@@ -268,6 +294,7 @@ class ActivationPolicy(_ScoredPolicy):
         if age >= 0:  # its first use in this run
             self.rates[min(age, len(PRIOR) - 1), 0] += 1
         self.used_visit[key] = self.visits[key[0]]
+        self._age[key] = 0
         if decode:
             self.decoded_visit[key] = self.visits[key[0]]
             self.transient[key] = False

@@ -227,3 +227,32 @@ def test_victims_are_the_victim_order(name):
     assert p.victims(allowed, 5) == one_at_a_time[:5]
     assert p.victims(allowed, 100) == one_at_a_time
     assert p.victims(allowed, 0) == [] and p.victims(lambda k: False, 3) == []
+
+
+def test_activation_keeps_its_victim_order_and_still_finds_a_resident_inserted_since():
+    """The order is kept with the scores; an expert of the running layer inserted since (which moves no score) is
+    not in it, yet a victim search that finds nothing else still finds it (no false "every slot is pinned")."""
+    p = ActivationPolicy(L, E)
+    run_layer(p, 0, [0, 1])
+    filled(p, [(1, 0), (2, 0)])
+    p.on_layer(3)
+    assert p.victims(ANY, 2) and p._ranked is not None
+    kept = p._ranked
+    p.on_insert((3, 1))  # the running layer: the scores and the kept order stay
+    assert p._ranked is kept and 3 * E + 1 not in kept
+    assert p.victims(lambda k: k == (3, 1), 1) == [(3, 1)]
+    p.on_remove((1, 0))  # a kept resident that left is skipped
+    assert (1, 0) not in p.victims(ANY, 10)
+
+
+def test_activation_age_kept_incrementally_equals_its_definition():
+    rng = np.random.default_rng(7)
+    p = ActivationPolicy(L, E)
+    for _ in range(200):
+        if rng.random() < 0.3:
+            p.on_layer(int(rng.integers(L)))
+        else:
+            p.on_access((int(rng.integers(L)), int(rng.integers(E))), decode=bool(rng.random() < 0.8))
+        oldest = 2
+        truth = np.where(p.used_visit < 0, oldest, np.minimum(p.visits[:, None] - p.used_visit, oldest))
+        assert np.array_equal(p.age(), truth)
