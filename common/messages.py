@@ -197,7 +197,7 @@ class StatsReply(Message):
     match_similarity: Ratio = 0.0  # mean cosine similarity of the best EAMC match
     trace_steps: Count = 0  # step traces received
     trace_lost: Count = 0  # step traces the worker sent that never arrived (gaps in its step numbers)
-    read_bandwidth: NonNeg = 0.0  # bytes/s, measured
+    read_bandwidth: NonNeg = 0.0  # bytes/s into the pool, measured (GPU pool: host-tier copies and disk reads)
     layer_seconds: NonNeg = 0.0  # observed time per MoE layer
     layers: list[LayerStats] = field(default_factory=list)
     lookahead: list[LookaheadStats] = field(default_factory=list)

@@ -7,6 +7,36 @@ import concurrent.futures
 from dataclasses import dataclass, field
 
 
+DECAY = 0.9  # bandwidth: exponentially weighted over the recent busy periods
+
+
+class BusyRate:
+    """Bytes per second while busy: loads overlap, so the clock runs from the first one in flight to the last one's
+    end (a busy period), and the rate is the periods' bytes over their seconds, weighted toward the recent ones.
+    The caller serialises ``begin``/``end`` (its own lock)."""
+
+    def __init__(self) -> None:
+        self.active, self.since, self.period_bytes = 0, 0.0, 0
+        self.bytes = self.seconds = 0.0  # decayed sums
+
+    def begin(self, now: float) -> None:
+        if self.active == 0:
+            self.since = now
+        self.active += 1
+
+    def end(self, now: float, nbytes: int) -> None:
+        self.active -= 1
+        self.period_bytes += nbytes
+        if self.active == 0:
+            self.bytes = self.bytes * DECAY + self.period_bytes
+            self.seconds = self.seconds * DECAY + (now - self.since)
+            self.period_bytes = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.bytes / self.seconds if self.seconds > 0 else None
+
+
 class ReadCancelled(Exception):
     """The prefetch was cancelled before it finished; its slot holds partial data and must be given back."""
 

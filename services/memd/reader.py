@@ -35,13 +35,12 @@ import threading
 import time
 
 from services.memd.dio import DioAlign, buffer_address, dio_alignment
-from services.memd.read_jobs import Piece, ReadCancelled, ReadJob, ReaderStats, settle, split_pieces
+from services.memd.read_jobs import BusyRate, Piece, ReadCancelled, ReadJob, ReaderStats, settle, split_pieces
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.reader")
 CHUNK = 1024 * 1024
 MIN_PIECE = 64 * 1024  # an expert is split over the threads, but not into pieces smaller than this
-DECAY = 0.9  # bandwidth: exponentially weighted over the recent busy periods
 
 
 class ExpertReader:
@@ -68,10 +67,7 @@ class ExpertReader:
         self._demand = 0  # on-demand jobs queued or being read
         self._seq = itertools.count()
         self._closing = False
-        self._active = 0  # pieces being read right now
-        self._busy_since = 0.0
-        self._period_bytes = 0  # read in the current busy period
-        self._bytes = self._busy = 0.0  # decayed sums: bandwidth = bytes / busy seconds
+        self._rate = BusyRate()  # bandwidth: bytes over the seconds some read was in flight
         if self.align:
             log.info("O_DIRECT alignment: %s", self.align.describe())
         self._inflight = threading.BoundedSemaphore(threads)  # reads at the disk: at most ``threads``
@@ -126,7 +122,7 @@ class ExpertReader:
     @property
     def bandwidth(self) -> float | None:
         """Bytes per second while reading, measured over recent reads (None before the first)."""
-        return self._bytes / self._busy if self._busy > 0 else None
+        return self._rate.rate
 
     def queued(self) -> int:
         with self._cv:
@@ -243,9 +239,7 @@ class ExpertReader:
                     now = time.perf_counter()
                     if job.started is None:
                         job.started = now
-                    if self._active == 0:
-                        self._busy_since = now
-                    self._active += 1
+                    self._rate.begin(now)
                     return job, piece
                 self._cv.wait()
 
@@ -256,12 +250,7 @@ class ExpertReader:
             job.nbytes += n
             job.ended = now
             self._count(piece, n)
-            self._active -= 1
-            self._period_bytes += n
-            if self._active == 0:
-                self._bytes = self._bytes * DECAY + self._period_bytes
-                self._busy = self._busy * DECAY + (now - self._busy_since)
-                self._period_bytes = 0
+            self._rate.end(now, n)
             if error is not None and job.error is None:
                 job.error = error
             if not job.over and not self._closing:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from services.memd.policy import Key, LfuPolicy
 from services.memd.pools import DONE, Completion, Pool
-from services.memd.read_jobs import ReadCancelled, ReadJob
+from services.memd.read_jobs import BusyRate, ReadCancelled, ReadJob
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted, SlotTable
 
@@ -103,6 +103,7 @@ class TieredReader:
         self.slot_bytes = slot_bytes
         self.fences = fences or SlotFences()
         self.stats = TierStats()
+        self._rate = BusyRate()  # device loads: bytes into the pool over the seconds some load was under way
         self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
         self.waiting: list[TierJob] = []  # jobs that found every host slot pinned or loading
         self._lock = threading.Lock()  # the host table: touched from the loop and the reader's callbacks
@@ -119,6 +120,7 @@ class TieredReader:
             raise ValueError(f"slot {slot} is outside the device pool ({self.device.num_slots} slots)")
         job = TierJob(key, slot, demand, priority=priority)
         with self._lock:
+            self._rate.begin(time.perf_counter())
             self.host.record_access(key, decode=demand)
             if not self._place(job):
                 self.waiting.append(job)  # every host slot is read into or copied from: wait for one
@@ -172,6 +174,7 @@ class TieredReader:
                 else:
                     self.host.abort(job.key)  # partial bytes: the host slot is free again
         if exc is not None:
+            self._ended(0)
             self._unpin_host(job.key)
             job.future.set_exception(exc)
             return
@@ -184,6 +187,7 @@ class TieredReader:
         try:
             done = self.device.write(d * s, src, after=self.fences.before_write(d), demand=job.demand)
         except Exception as exc:
+            self._ended(0)
             self._unpin_host(job.key)
             job.future.set_exception(exc)
             return
@@ -197,6 +201,7 @@ class TieredReader:
         try:
             done.wait()
         except Exception as exc:
+            self._ended(0)
             self._unpin_host(job.key)
             if job.future.done():
                 log.error("the copy of expert %s into device slot %d failed after its acquire was answered: %s",
@@ -207,9 +212,14 @@ class TieredReader:
         self.stats.copies += 1
         self.stats.copy_bytes += self.slot_bytes
         self.stats.copy_seconds += time.monotonic() - t0
+        self._ended(self.slot_bytes)
         self._unpin_host(job.key)
         if not job.future.done():
             job.future.set_result((disk_bytes, time.monotonic() - job.started))
+
+    def _ended(self, nbytes: int) -> None:
+        with self._lock:
+            self._rate.end(time.perf_counter(), nbytes)
 
     def _unpin_host(self, key: Key) -> None:
         with self._lock:
@@ -231,6 +241,7 @@ class TieredReader:
         with self._lock:
             if job in self.waiting and not job.demand:
                 self.waiting.remove(job)
+                self._rate.end(time.perf_counter(), 0)
                 job.future.set_exception(ReadCancelled())
                 return
         if job.inner is not None:
@@ -249,7 +260,9 @@ class TieredReader:
 
     @property
     def bandwidth(self) -> float | None:
-        return self.reader.bandwidth
+        """Bytes per second into the device pool, host hits and disk reads together (what a load costs here, for
+        the planner and the guesses' lookahead); the disk's until a load has ended."""
+        return self._rate.rate or self.reader.bandwidth
 
     @property
     def direct_io(self) -> bool:
@@ -261,6 +274,8 @@ class TieredReader:
     def close(self) -> None:
         with self._lock:
             waiting, self.waiting = self.waiting, []
+            for _ in waiting:
+                self._rate.end(time.perf_counter(), 0)
         for job in waiting:
             job.future.set_exception(ReadCancelled())
         self.reader.close()

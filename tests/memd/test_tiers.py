@@ -262,3 +262,39 @@ def test_without_an_event_ring_a_load_is_done_when_its_copy_is(rig_factory):
     assert not job.future.done() and rig.tiers.pending_events([2]) == []
     rig.device.run()
     job.future.result(TIMEOUT)
+
+
+def test_busy_rate_counts_overlapping_loads_once():
+    from services.memd.read_jobs import BusyRate
+
+    rate = BusyRate()
+    assert rate.rate is None
+    rate.begin(0.0), rate.begin(1.0)
+    rate.end(2.0, 10)
+    assert rate.rate is None  # a load is still under way: the period is open
+    rate.end(4.0, 10)
+    assert rate.rate == 20 / 4
+    rate.begin(10.0), rate.end(11.0, 3)
+    assert rate.rate == pytest.approx((20 * 0.9 + 3) / (4 * 0.9 + 1))
+
+
+def test_the_tiers_bandwidth_is_what_device_loads_take_host_hits_included(rig_factory):
+    """The planner and the guesses' lookahead read ``bandwidth``: on a GPU host most loads are host hits, an H2D
+    copy, far faster than the disk; every load ends its clock, a cancelled one too."""
+    rig = rig_factory(host_slots=4, device_slots=2)
+    assert rig.tiers.bandwidth is None
+    rig.load((0, 1), 0).future.result(TIMEOUT)
+    rig.load((0, 1), 1).future.result(TIMEOUT)  # a host hit
+    deadline = time.monotonic() + TIMEOUT
+    while rig.tiers._rate.active:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert rig.tiers.bandwidth == rig.tiers._rate.rate > 0  # two periods: the first one decayed once
+    assert rig.tiers._rate.bytes == pytest.approx(SLOT * 0.9 + SLOT)
+    rig.reader.close()
+    rig.reader._closing = False
+    job = rig.load((1, 1), 0, demand=False)
+    rig.tiers.cancel(job)
+    with pytest.raises((ReadCancelled, RuntimeError)):
+        job.future.result(TIMEOUT)
+    assert rig.tiers._rate.active == 0
