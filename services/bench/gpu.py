@@ -10,7 +10,8 @@ ms/token = (time for ``--tokens`` + 1 new tokens - time for 1) / ``--tokens``, t
 gateway), the best of ``--repeats``; each system's greedy tokens are checked against transformers'. ``--device
 cpu`` runs the same comparison on the CPU (the check this command gets where no GPU is). ``--lockstep``: the
 systems side by side in one process, a decode step of each in turn, with the worker's time in acquires apart
-(``gpu_lockstep.py``); ``--ablate`` adds the activation policy without prefetch and LRU with prefetch.
+(``gpu_lockstep.py``); ``--ablate`` adds the activation policy without prefetch and LRU with prefetch (on a GPU
+also the default with ``--copy-events host``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import format_bytes, parse_size
-from services.bench.gpu_lockstep import ABLATIONS, prompts_for
+from services.bench.gpu_lockstep import ABLATIONS, GPU_ABLATIONS, prompts_for
 from services.bench.gpu_lockstep import run as run_lockstep
 from services.bench.gpu_lockstep import table as lockstep_table
 
@@ -41,7 +42,7 @@ def add_parser(bench) -> None:
     p.add_argument("--lockstep", action="store_true", help="the moeinf systems in lockstep in this process, the"
                    " worker's wait in acquires apart (small differences on a noisy machine)")
     p.add_argument("--ablate", action="store_true", help="also the activation policy without prefetch and LRU with"
-                   " prefetch")
+                   " prefetch (on a GPU also the default with --copy-events host)")
     p.add_argument("--json", type=Path, help="write the rows here")
     p.set_defaults(func=cmd)
 
@@ -56,6 +57,8 @@ def cmd(args) -> int:
     for memory in args.memory:
         parse_size(memory, what="--memory")
     systems = SYSTEMS | (ABLATIONS if args.ablate else {})
+    if args.ablate and args.device != "cpu":  # memd waits for each copy before answering (no event ring)
+        systems |= GPU_ABLATIONS
     if args.lockstep:
         rows = lockstep(Path(args.model), args.memory, args.host_memory, args.device, args.tokens, args.prompt_len,
                         args.repeats, systems)

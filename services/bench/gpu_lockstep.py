@@ -6,7 +6,8 @@ the difference being looked for. Here every system is a real memd process with t
 one decode step at a time in turn (the order rotating every step), so a burst of load from elsewhere lands on
 every system alike. Per system: the decode step's median and mean, and how much of it the worker spent waiting in
 acquires (its round trips to memd: loads, memd's decisions, the socket) against everything else (compute, the
-hidden-state guesses, the layer notes). ``--ablate`` adds the activation policy without prefetch and LRU with
+hidden-state guesses, the layer notes); from memd's counters over the timed prompts: loads on demand per decode
+step, prefetch precision, how far ahead it asked for guesses and the load bandwidth it planned with. ``--ablate`` adds the activation policy without prefetch and LRU with
 prefetch, to split the default's cost between the policy and the prefetching.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 from pathlib import Path
 
 ABLATIONS = {"moeinf-prefetch-off": ["--prefetch", "off"], "moeinf-lru-prefetch": ["--policy", "lru"]}
+GPU_ABLATIONS = {"moeinf-host-copy-wait": ["--copy-events", "host"]}  # no event ring: memd waits for the copies
 
 
 class _System:
@@ -63,6 +65,7 @@ def run(model: Path, memories: list[str], device: str, tokens: int, prompts: lis
             _lockstep(group, prompts[0], tokens, f"warmup-{memory}")
             for s in group:
                 s.decode_s, s.acquire_s, s.tokens = [], 0.0, []
+                s.before = s.client.stats()
             for i, prompt in enumerate(prompts[1:]):
                 _lockstep(group, prompt, tokens, f"lockstep-{memory}-{i}")
             rows += [_row(s, tokens, reference) for s in group]
@@ -92,9 +95,14 @@ def _lockstep(group: list[_System], prompt: list[int], tokens: int, run_id: str)
 
 def _row(s: _System, tokens: int, reference: list[list[int]]) -> dict:
     steps = max(1, len(s.decode_s))
+    before, after = s.before, s.client.stats()
+    used, wasted = after.prefetch_used - before.prefetch_used, after.prefetch_wasted - before.prefetch_wasted
     return {"system": s.name, "memory": s.memory, "lockstep": True,
             "decode_p50_ms": 1e3 * statistics.median(s.decode_s), "decode_mean_ms": 1e3 * sum(s.decode_s) / steps,
             "acquire_wait_ms": 1e3 * s.acquire_s / steps,
+            "misses_per_step": (after.misses - before.misses) / steps,  # the prefills' among them
+            "prefetch_precision": used / (used + wasted) if used + wasted else None,
+            "speculate_layers": after.speculate_layers, "load_gbps": after.read_bandwidth / 1e9,
             "tokens_equal": s.tokens == [r[:tokens + 1] for r in reference]}
 
 
@@ -102,14 +110,17 @@ def table(rows: list[dict], device: str) -> str:
     lru = {r["memory"]: r["decode_mean_ms"] for r in rows if r["system"] == "moeinf-ondemand-lru"}
     lines = [f"decode on {device}, in lockstep (one step of each system in turn, 1 torch thread, after a warm-up):"
              " ms per decode step; acquire = the worker's wait in round trips to memd, rest = everything else",
-             f"{'system':<22}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}  tokens"]
+             f"{'system':<22}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}{'misses':>8}"
+             f"{'precision':>10}{'k':>3}{'GB/s':>7}  tokens"]
     for r in rows:
         if not r.get("lockstep"):  # transformers' generate, timed apart: the floor
             lines.append(f"{r['system']:<22}{r['memory']:>8}{'':>9}{r['ms_per_token']:>9.2f}  (its own run)")
             continue
         vs = f"{r['decode_mean_ms'] / lru[r['memory']]:.2f}" if r["memory"] in lru else "-"
+        precision = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.2f}"
         lines.append(f"{r['system']:<22}{r['memory']:>8}{r['decode_p50_ms']:>9.2f}{r['decode_mean_ms']:>9.2f}{vs:>8}"
-                     f"{r['acquire_wait_ms']:>9.2f}{r['decode_mean_ms'] - r['acquire_wait_ms']:>9.2f}  "
+                     f"{r['acquire_wait_ms']:>9.2f}{r['decode_mean_ms'] - r['acquire_wait_ms']:>9.2f}"
+                     f"{r['misses_per_step']:>8.2f}{precision:>10}{r['speculate_layers']:>3}{r['load_gbps']:>7.2f}  "
                      f"{'equal' if r['tokens_equal'] else 'DIFFER'}")
     return "\n".join(lines)
 

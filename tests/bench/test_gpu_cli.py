@@ -47,4 +47,6 @@ def test_lockstep_splits_the_acquire_wait_and_checks_tokens(mixtral, tmp_path):
     assert all(r["tokens_equal"] for r in rows), rows
     for r in rows[1:]:  # a pool of a quarter of the experts misses: every system waits in acquires, and computes
         assert r["lockstep"] and 0 < r["acquire_wait_ms"] < r["decode_mean_ms"], r
-    assert "acquire" in out.stdout and "DIFFER" not in out.stdout
+        assert r["misses_per_step"] > 0 and r["load_gbps"] > 0, r  # from memd's counters over the timed prompts
+    assert rows[1]["speculate_layers"] >= 1 and rows[2]["prefetch_precision"] is None  # LRU: nothing prefetched
+    assert "acquire" in out.stdout and "precision" in out.stdout and "DIFFER" not in out.stdout
