@@ -6,6 +6,7 @@
   weights on the GPU, bit for bit, experts reloaded between layers).
 - Ordering under revocations: a slot rewritten while a reader's compute on it is still queued on another stream
   (the reader's event as the write-after-read fence) never shows the reader the new bytes.
+- A live shrink frees whole chunks (the driver sees the memory back) and refuses to grow into them.
 - The copy-event ring across processes: a spawned worker-side process told a ring entry waits on it on its own
   stream and reads the new bytes of a copy memd's stream still holds back.
 """
@@ -176,3 +177,34 @@ def test_a_worker_waits_on_the_copy_event_ring_across_processes(bf16):
         new = rig.views.chunks[0][name][0]
         assert not torch.equal(new, old)
         assert seen == new.view(-1).view(torch.uint8).cpu().numpy().tobytes(), "the child read before the copy"
+
+
+def test_a_live_shrink_frees_whole_chunks_on_the_gpu(bf16):
+    """``moeinf admin resize`` on a CUDA pool: releasing every slot of a chunk gives its device memory back to the
+    driver (cudaMemGetInfo sees it), a chunk with a slot still held stays, and growing into a freed chunk is refused
+    with the fix; a new worker is refused too (its HELLO would name a freed handle)."""
+    from services.memd.cuda_pool import CudaPool, PinnedHost
+    from services.memd.pools import refusal
+
+    slot = 32 << 20  # 32 MiB slots, 4 per chunk: 128 MiB chunks, large enough for the driver to hand back
+    pool = CudaPool(8 * slot, slot, 4)
+    try:
+        cp = pool.cupy
+        with pool.device:
+            free_before = cp.cuda.runtime.memGetInfo()[0]
+        pool.release(4 * slot, 3 * slot)  # three of chunk 1's four slots: nothing freed
+        assert pool.resident_bytes() == 8 * slot
+        pool.release(7 * slot, slot)
+        assert pool.resident_bytes() == 4 * slot
+        with pool.device:
+            assert cp.cuda.runtime.memGetInfo()[0] - free_before >= 4 * slot - (2 << 20)
+        with pytest.raises(RuntimeError, match="restart memd"):
+            pool.ensure(4 * slot, slot)
+        assert refusal(pool.export(), pool.uuid)[0] == "capacity"
+        host = PinnedHost(slot)
+        try:
+            pool.write(0, host.view, demand=True).wait()  # chunk 0 still takes writes
+        finally:
+            host.close()
+    finally:
+        pool.close()
