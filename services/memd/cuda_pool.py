@@ -10,9 +10,10 @@ chunk and the worker's window over it is one strided view). Each chunk is export
 ``cudaIpcGetMemHandle``. Shrinking frees the chunks whose every slot was released; growing back into a freed
 chunk would hand workers a new handle, which this version does not do (it says so and the resize is refused).
 
-Writes are ``cudaMemcpyAsync`` host-to-device from a pinned host buffer on one of two non-blocking copy streams:
-on-demand loads on one, prefetches on the other, so a demand copy never queues behind a prefetch copy (each
-stream runs in order; the GPU's copy engines serve both). A write first makes its stream wait on the events it is
+Writes are ``cudaMemcpyAsync`` host-to-device from a pinned host buffer on non-blocking copy streams, one per
+issuing thread (a reader thread whose disk read just landed, or memd's loop for a host-tier hit) and kind of load:
+a demand copy never queues behind a prefetch copy, and copies from different threads do not queue behind each
+other (each stream runs in order; the GPU's copy engines serve them all). A write first makes its stream wait on the events it is
 given (a worker's "done reading this slot", write-after-read; the slot's previous write, write-after-write
 across the streams) and records an event after the copy (read-after-write), returned as its ``Completion``.
 With ``--copy-events ipc`` (the default) the write also records the next entry of an ``EventRing``: interprocess
@@ -112,8 +113,9 @@ class CudaPool(Pool):
         self.nbytes, self.slot_bytes, self.index = nbytes, slot_bytes, device
         self.device = cp.cuda.Device(device)
         self.uuid = device_uuid(cp, device)
+        self.streams: dict[tuple[bool, int], object] = {}  # (demand, issuing thread) -> its copy stream
+        self._streams_lock = threading.Lock()
         with self.device:
-            self.streams = {True: cp.cuda.Stream(non_blocking=True), False: cp.cuda.Stream(non_blocking=True)}
             self.chunks = Chunks(nbytes, slot_bytes, chunk_slots, self._malloc, self._free)
             self.handles = [bytes(cp.cuda.runtime.ipcGetMemHandle(p)) for p in self.chunks.mem]
             self.ring = EventRing(cp) if events else None
@@ -142,8 +144,8 @@ class CudaPool(Pool):
         cp = self.cupy
         ptr, within = self.chunks.locate(offset, len(src))
         host = ctypes.addressof(ctypes.c_char.from_buffer(src))
-        stream = self.streams[demand]
         with self.device:
+            stream = self._stream(demand)
             for c in after:
                 if isinstance(c, CudaEvent):
                     stream.wait_event(c.event)  # on the GPU: the host does not block
@@ -155,8 +157,18 @@ class CudaPool(Pool):
             ring = self.ring.record(stream) if self.ring else -1
         return CudaEvent(event, ring)
 
+    def _stream(self, demand: bool):
+        key = (demand, threading.get_ident())
+        stream = self.streams.get(key)
+        if stream is None:
+            with self._streams_lock:
+                stream = self.streams[key] = self.cupy.cuda.Stream(non_blocking=True)
+        return stream
+
     def synchronize(self) -> None:
-        for stream in self.streams.values():
+        with self._streams_lock:
+            streams = list(self.streams.values())
+        for stream in streams:
             stream.synchronize()
 
     def ensure(self, offset: int, length: int) -> None:

@@ -15,7 +15,7 @@ a copy completes or a read fails, instead of failing the acquire.
 
 Ordering (``SlotFences``): a write into ``d`` first waits for every "done reading" completion registered for
 ``d`` (write-after-read: the worker's GPU work on the old expert may still be queued) and for ``d``'s previous
-write (write-after-write: on-demand and prefetch copies run on two streams, ``Pool.write(demand=)``), and the
+write (write-after-write: on-demand and prefetch copies run on separate streams, ``Pool.write(demand=)``), and the
 write's own completion is kept as ``d``'s "written" (read-after-write): when it carries an entry of the pool's
 event ring (``--copy-events ipc``), the job is done as soon as the copy is queued, and ``pending_events`` names
 the entries an acquire reply hands the worker, whose stream waits on them; otherwise the job is done when the copy
