@@ -96,11 +96,14 @@ class EventRing:
     def record(self, stream) -> int:
         with self._lock:
             i, self.next = self.next, (self.next + 1) % len(self.events)
-            event = self.events[i]
-            if not event.done:
-                self.reuse_waits += 1
-                event.synchronize()
-            event.record(stream)
+        event = self.events[i]
+        if not event.done:  # 256 copies in flight: wait for this entry's last one, without holding the others up
+            self.reuse_waits += 1
+            if self.reuse_waits == 1:
+                log.warning("the copy-event ring is full (%d copies in flight): a copy waits for an older one",
+                            len(self.events))
+            event.synchronize()
+        event.record(stream)
         return i
 
 

@@ -131,6 +131,7 @@ class StandInPool(Pool):
         """``ring``: entries of a stand-in copy-event ring (``CudaPool``'s ``--copy-events ipc``); 0: none."""
         self.nbytes, self.slot_bytes = nbytes, slot_bytes
         self.ring, self._next = ring, 0
+        self._ring_last: list[Completion | None] = [None] * ring  # what each ring entry was last recorded after
         self.stream = stream or StandInStream()  # prefetches' writes
         self.demand_stream = StandInStream(auto=self.stream.auto)  # on-demand loads' writes
         self.frees = 0
@@ -156,6 +157,9 @@ class StandInPool(Pool):
         event = stream.enqueue(f"write {offset // self.slot_bytes}", copy, after)
         if self.ring:
             event.ring, self._next = self._next, (self._next + 1) % self.ring
+            last, self._ring_last[event.ring] = self._ring_last[event.ring], event
+            if last is not None and not last.done():
+                last.wait()  # as ``EventRing``: an entry is reused once its last copy is done
         return event
 
     def run(self) -> int:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,7 +77,8 @@ class SlotFences:
 
 @dataclass(eq=False, slots=True)
 class TierJob:
-    """One expert into one device slot; ``future`` gets ``(bytes read from disk, seconds)`` as ReadJob's does."""
+    """One expert into one device slot; ``future`` gets ``(bytes read from disk, seconds)`` as ReadJob's does (with
+    the event ring, the seconds end when the copy is queued)."""
 
     key: Key
     slot: int
@@ -98,10 +101,15 @@ class TierStats:
 
 class TieredReader:
     def __init__(self, reader: ExpertReader, host: SlotTable, host_view: memoryview, device: Pool,
-                 slot_bytes: int, fences: SlotFences | None = None):
+                 slot_bytes: int, fences: SlotFences | None = None, on_fatal=None):
+        """``on_fatal(message)``: a copy failed after its acquire was answered (the event ring), so a slot memd
+        calls resident holds unknown bytes and the device is in doubt; by default memd stops (SIGTERM to itself)
+        and its workers, who notice, are restarted with it by the supervisor."""
         self.reader, self.host, self.host_view, self.device = reader, host, host_view, device
         self.slot_bytes = slot_bytes
         self.fences = fences or SlotFences()
+        self.on_fatal = on_fatal or _stop_memd
+        self.broken = ""  # why no load is taken any more (a copy failed after its answer)
         self.stats = TierStats()
         self._rate = BusyRate()  # device loads: bytes into the pool over the seconds some load was under way
         self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
@@ -118,11 +126,14 @@ class TieredReader:
     def submit(self, key: Key, slot: int, *, demand: bool, priority: float = 0.0) -> TierJob:
         if not 0 <= slot < self.device.num_slots:
             raise ValueError(f"slot {slot} is outside the device pool ({self.device.num_slots} slots)")
+        if self.broken:
+            raise RuntimeError(self.broken)
         job = TierJob(key, slot, demand, priority=priority)
         with self._lock:
-            self._rate.begin(time.perf_counter())
             self.host.record_access(key, decode=demand)
-            if not self._place(job):
+            placed = self._place(job)
+            self._rate.begin(time.perf_counter())
+            if not placed:
                 self.waiting.append(job)  # every host slot is read into or copied from: wait for one
                 return job
         self._go(job)
@@ -157,10 +168,20 @@ class TieredReader:
     def _drain(self) -> None:
         """A host slot may be free: start the waiting jobs that now find one, on-demand ones first."""
         started = []
+        failed: list[tuple[TierJob, Exception]] = []
         with self._lock:
             self.waiting.sort(key=lambda j: not j.demand)
-            while self.waiting and self._place(self.waiting[0]):
+            while self.waiting:
+                try:
+                    if not self._place(self.waiting[0]):
+                        break
+                except Exception as exc:  # (the reader closed meanwhile): this job fails, the others go on
+                    failed.append((self.waiting.pop(0), exc))
+                    self._rate.end(time.perf_counter(), 0)
+                    continue
                 started.append(self.waiting.pop(0))
+        for job, exc in failed:
+            job.future.set_exception(exc)
         for job in started:
             self._go(job)
 
@@ -203,15 +224,18 @@ class TieredReader:
         except Exception as exc:
             self._ended(0)
             self._unpin_host(job.key)
-            if job.future.done():
-                log.error("the copy of expert %s into device slot %d failed after its acquire was answered: %s",
-                          job.key, job.slot, exc)
-            else:
+            if not job.future.done():
                 job.future.set_exception(exc)
+                return
+            self.broken = (f"a copy of expert {job.key} into device slot {job.slot} failed after its acquire was"
+                           f" answered ({exc}): restart memd")
+            log.critical("%s", self.broken)
+            self.on_fatal(self.broken)
             return
-        self.stats.copies += 1
-        self.stats.copy_bytes += self.slot_bytes
-        self.stats.copy_seconds += time.monotonic() - t0
+        with self._lock:
+            self.stats.copies += 1
+            self.stats.copy_bytes += self.slot_bytes
+            self.stats.copy_seconds += time.monotonic() - t0
         self._ended(self.slot_bytes)
         self._unpin_host(job.key)
         if not job.future.done():
@@ -281,6 +305,10 @@ class TieredReader:
         self.reader.close()
         for waiter in self._waiters.values():
             waiter.shutdown(wait=True)
+
+
+def _stop_memd(message: str) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # memd's orderly stop; the supervisor restarts it and its workers
 
 
 __all__ = ["SlotFences", "TierJob", "TierStats", "TieredReader", "ReadCancelled"]

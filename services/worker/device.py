@@ -6,7 +6,9 @@ the host, as on the CPU. Ordering against memd's writes is the worker's one host
 reading the routed ids (``Routing.of``) waits for everything queued before it, the previous layer's expert
 matmuls included, so by the time an acquire reaches memd (the only moment memd takes a lease back) no kernel still
 reads a slot memd could rewrite; an explicit release (``--no-leases``) waits for the layer's kernels first
-(``release_ready``). memd answers an acquire only once its copy into the slot has completed.
+(``release_ready``). Read-after-write: memd answers an acquire once its copies into the slots are queued, naming
+the entries of its copy-event ring still in flight, and the layer's stream waits on them before the expert matmuls
+(``CudaPoolViews.wait``); with ``--copy-events host`` memd answers once the copies have completed.
 """
 from __future__ import annotations
 

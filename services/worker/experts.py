@@ -211,9 +211,9 @@ class ExpertBinding:
         routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for the GPU
         guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
         slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
-        if client.wait_events:  # copies into these slots still in flight (a GPU pool): the stream waits on them
-            self.views.wait(client.wait_events)
         try:
+            if client.wait_events:  # copies into these slots still in flight (a GPU pool): the stream waits on them
+                self.views.wait(client.wait_events)
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)

@@ -101,6 +101,8 @@ class KeyedBinding(ExpertBinding):
                                         self.client.speculate_threshold) if guessing else ([], [], [])
         slots = self.acquire(routing, guesses, Ragged(index), Ragged(weights))
         try:
+            if self.client.wait_events:  # (a GPU pool, which these families are refused on today)
+                self.views.wait(self.client.wait_events)
             slot_of = dict(zip(routing.experts, slots))
             return self.forward_of(_Delegate(self.module, lambda e: self._on_slot(e, slot_of[e])), hidden_states,
                                    *args, **kwargs)

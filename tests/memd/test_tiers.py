@@ -298,3 +298,45 @@ def test_the_tiers_bandwidth_is_what_device_loads_take_host_hits_included(rig_fa
     with pytest.raises((ReadCancelled, RuntimeError)):
         job.future.result(TIMEOUT)
     assert rig.tiers._rate.active == 0
+
+
+def test_a_copy_that_fails_after_its_answer_stops_memd_and_refuses_new_loads(rig_factory):
+    """With the event ring the acquire was answered before the copy ran: a slot memd calls resident would hold
+    unknown bytes, so memd stops (``on_fatal``; by default SIGTERM to itself) and takes no new load meanwhile."""
+    from services.memd.pools import Completion
+
+    class Failed(Completion):
+        ring = 0
+
+        def done(self):
+            return False
+
+        def wait(self):
+            raise RuntimeError("cudaErrorIllegalAddress")
+
+    rig = rig_factory(host_slots=4, device_slots=4, ring=2)
+    told = []
+    rig.tiers.on_fatal = told.append
+    rig.device.write = lambda *a, **kw: Failed()
+    rig.load((0, 1), 2).future.result(TIMEOUT)  # answered: the copy was queued
+    deadline = time.monotonic() + TIMEOUT
+    while not told:
+        assert time.monotonic() < deadline, "the failed copy was not reported"
+        time.sleep(0.01)
+    assert "device slot 2" in told[0] and "cudaErrorIllegalAddress" in told[0] and "restart memd" in told[0]
+    assert not rig.host.pins and rig.tiers._rate.active == 0
+    with pytest.raises(RuntimeError, match="restart memd"):
+        rig.load((1, 1), 3)
+
+
+def test_a_ring_entry_is_reused_only_once_its_last_copy_is_done():
+    """As ``EventRing``: a worker told an entry waits for that copy or a later one, never less."""
+    import threading
+
+    pool, reading = StandInPool(4 * SLOT, SLOT, 2, ring=1), Fence()
+    first = pool.write(0, memoryview(b"\x01" * SLOT), after=(reading,))
+    assert first.ring == 0 and not first.done()
+    threading.Timer(0.2, reading.signal).start()
+    start = time.monotonic()
+    second = pool.write(SLOT, memoryview(b"\x02" * SLOT), demand=True)  # the ring's only entry: waits for first
+    assert time.monotonic() - start >= 0.15 and first.done() and second.ring == 0
