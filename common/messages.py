@@ -211,6 +211,11 @@ class StatsReply(Message):
     prefetch_deferred: Count = 0  # plans put off because on-demand reads were in flight or queued
     prefetch_declined: Count = 0  # candidates whose expected benefit did not beat the bandwidth and slot they cost
     reader_busy_seconds: NonNeg = 0.0  # wall seconds with at least one expert load in flight (the disk had work)
+    host_hits: Count = 0  # GPU pool: loads served from the pinned host tier (one H2D copy)
+    host_misses: Count = 0  # GPU pool: loads read from the disk into the host tier, then copied
+    copy_bytes: Count = 0  # GPU pool: bytes copied host -> device
+    copy_seconds: NonNeg = 0.0  # GPU pool: seconds from issuing each copy to its end, summed
+    ring_reuse_waits: Count = 0  # GPU pool: copies that waited for a copy-event ring entry still in flight
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

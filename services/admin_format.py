@@ -41,6 +41,7 @@ def stats(r: a.AdminStatsReply) -> str:
         f"      loading {r.loading}, pinned {s.pinned} (admin {r.admin_pinned}), leaving when released {r.leaving}",
         f"reads: {format_bytes(s.bytes_read)} in {s.read_seconds:.2f} s, {format_bytes(s.read_bandwidth)}/s measured;"
         f" acquires stalled {s.stall_seconds:.3f} s",
+        *_tiers(s),
         f"prefetch: issued {s.prefetch_issued}, used {s.prefetch_used} (late {s.prefetch_late}), wasted"
         f" {s.prefetch_wasted} (cancelled {s.prefetch_cancelled}); precision {s.prefetch_precision:.2f},"
         f" recall {s.prefetch_recall:.2f}",
@@ -59,6 +60,16 @@ def stats(r: a.AdminStatsReply) -> str:
     headers = ["layer", "resident", "hits", "misses", "hit rate", "pf issued", "pf used", "pf wasted", "precision",
                "recall", "stall s", "read"]
     return "\n".join(head) + "\n" + table(headers, rows)
+
+
+def _tiers(s: StatsReply) -> list[str]:
+    """A GPU pool's host tier and copies (nothing for a pool in host memory)."""
+    if not s.host_hits + s.host_misses:
+        return []
+    rate = format_bytes(s.copy_bytes / s.copy_seconds) if s.copy_seconds else "-"
+    return [f"host tier: {s.host_hits} hits, {s.host_misses} read from disk first (hit rate"
+            f" {_ratio(s.host_hits, s.host_hits + s.host_misses)}); copies {format_bytes(s.copy_bytes)} at {rate}/s"
+            f" each, {s.ring_reuse_waits} waited for a copy-event ring entry"]
 
 
 def _lookahead(name: str, stats) -> str:

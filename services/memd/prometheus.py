@@ -25,7 +25,8 @@ MEMD_COUNTERS = frozenset({
     "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "tokens",
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
     "trace_lost", "predicted", "correct", "routed", "acquires", "leased_layers", "layer_notes", "notes_dropped",
-    "prefetch_deferred", "prefetch_declined", "reader_busy_seconds",
+    "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
+    "copy_seconds", "ring_reuse_waits",
 })
 MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
@@ -42,6 +43,11 @@ MEMD_HELP = {
     "prefetch_used": "prefetched experts acquired before eviction",
     "prefetch_wasted": "prefetched experts evicted or cancelled before any acquire",
     "resident_per_layer": "experts of each MoE layer resident in the pool",
+    "host_hits": "GPU pool: loads served from the pinned host tier",
+    "host_misses": "GPU pool: loads read from disk into the host tier first",
+    "copy_bytes": "GPU pool: bytes copied from the host tier to the device",
+    "copy_seconds": "GPU pool: seconds the host-to-device copies took, summed",
+    "ring_reuse_waits": "GPU pool: copies that waited for a busy entry of the copy-event ring",
 }
 
 

@@ -40,6 +40,7 @@ from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
 from services.memd.stats import stats_fields
+from services.memd.tiers import tier_fields
 
 log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
@@ -372,12 +373,12 @@ class MemdServer:
 
     def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
         c, t = self.table.counters, self.table
-        resident = len(t.slot_of) - len(t.loading)
         live_bytes = t.capacity * self.store.slot_bytes  # after an admin resize: the live size, not the region's
-        return m.StatsReply(os.getpid(), live_bytes, t.capacity, resident, t.num_pinned, c.hits, c.misses,
-                            c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds, self.reader.direct_io,
-                            t.resident_per_layer(self.store.num_layers), read_bandwidth=self.reader.bandwidth or 0.0,
-                            reader_busy_seconds=self.loads.busy_seconds(), **stats_fields(self.core))
+        return m.StatsReply(os.getpid(), live_bytes, t.capacity, len(t.slot_of) - len(t.loading), t.num_pinned,
+                            c.hits, c.misses, c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds,
+                            self.reader.direct_io, t.resident_per_layer(self.store.num_layers),
+                            read_bandwidth=self.reader.bandwidth or 0.0, reader_busy_seconds=self.loads.busy_seconds(),
+                            **stats_fields(self.core), **tier_fields(self.reader))
 
     def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
         self.trace_events[type(event).__name__] += 1

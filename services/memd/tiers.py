@@ -307,8 +307,18 @@ class TieredReader:
             waiter.shutdown(wait=True)
 
 
+def tier_fields(reader) -> dict[str, int | float]:
+    """The two-tier counters for memd's StatsReply (none for a one-tier reader)."""
+    if not isinstance(reader, TieredReader):
+        return {}
+    s = reader.stats
+    waits = getattr(getattr(reader.device, "ring", None), "reuse_waits", 0)  # (CudaPool's EventRing)
+    return {"host_hits": s.host_hits, "host_misses": s.host_misses, "copy_bytes": s.copy_bytes,
+            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits}
+
+
 def _stop_memd(message: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # memd's orderly stop; the supervisor restarts it and its workers
 
 
-__all__ = ["SlotFences", "TierJob", "TierStats", "TieredReader", "ReadCancelled"]
+__all__ = ["SlotFences", "TierJob", "TierStats", "TieredReader", "ReadCancelled", "tier_fields"]

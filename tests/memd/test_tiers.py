@@ -340,3 +340,21 @@ def test_a_ring_entry_is_reused_only_once_its_last_copy_is_done():
     start = time.monotonic()
     second = pool.write(SLOT, memoryview(b"\x02" * SLOT), demand=True)  # the ring's only entry: waits for first
     assert time.monotonic() - start >= 0.15 and first.done() and second.ring == 0
+
+
+def test_the_host_tier_and_copies_reach_memds_stats_and_admin_stats(rig_factory):
+    from common import messages as m
+    from services.admin_format import _tiers
+    from services.memd.tiers import tier_fields
+
+    rig = rig_factory(host_slots=4, device_slots=4)
+    rig.load((0, 1), 0).future.result(TIMEOUT)
+    rig.load((0, 1), 1).future.result(TIMEOUT)  # a host hit
+    fields = tier_fields(rig.tiers)
+    assert (fields["host_hits"], fields["host_misses"], fields["copy_bytes"]) == (1, 1, 2 * SLOT)
+    assert fields["copy_seconds"] > 0 and fields["ring_reuse_waits"] == 0
+    assert tier_fields(rig.reader) == {}  # one tier (a pool in host memory): nothing to add
+    stats = m.StatsReply(1, 4 * SLOT, 4, 2, 0, 0, 2, 0, SLOT, 0.1, 0.0, False, [1, 0], **fields)
+    line = _tiers(stats)[0]
+    assert "1 hits, 1 read from disk first (hit rate 0.50)" in line and "copies 128.0 KiB" in line
+    assert _tiers(m.StatsReply(1, 4 * SLOT, 4, 2, 0, 0, 2, 0, SLOT, 0.1, 0.0, False, [1, 0])) == []
