@@ -133,6 +133,9 @@ class MemdConfig:
             parse_size(self.host_memory, what="--host-memory")
         if self.copy_events not in ("ipc", "host"):
             raise ValueError(f"--copy-events {self.copy_events!r}: choose ipc or host")
+        if self.pool_backend == "shm" and self.copy_events != "ipc":
+            raise ValueError("--copy-events orders the cuda backend's copies; with --pool-backend shm the reader"
+                             " writes the pool itself: leave it at ipc")
         if self.pool_backend == "shm" and self.host_memory.strip() != "0":
             raise ValueError("--host-memory is the cuda backend's host tier; with --pool-backend shm the pool is"
                              " host memory already: leave it at 0")

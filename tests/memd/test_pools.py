@@ -90,6 +90,12 @@ def test_backend_knobs():
         build_config(MemdConfig, env={}, model="/m", host_memory="1GiB")
     with pytest.raises(ValueError, match="--host-memory 'lots' is not a size"):
         build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", host_memory="lots")
+    assert build_config(MemdConfig, env={"MOEINF_COPY_EVENTS": "host"}, model="/m", pool_backend="cuda").copy_events \
+        == "host"
+    with pytest.raises(ValueError, match="--copy-events 'never': choose ipc or host"):
+        build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", copy_events="never")
+    with pytest.raises(ValueError, match="--copy-events orders the cuda backend's copies"):
+        build_config(MemdConfig, env={}, model="/m", copy_events="host")
 
 
 def test_host_tier_is_at_least_the_readers_staging_and_at_most_every_expert():
