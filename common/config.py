@@ -17,7 +17,8 @@ from common.knobs import add_config_args as add_config_args, build_config as bui
 from common.knobs import env_name as env_name, flag_name, knob
 from common.sizes import parse_size
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+CPU_EXPERTS = ("off", "auto", "always")  # memd --cpu-experts
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
@@ -73,6 +74,10 @@ class MemdConfig:
     copy_events: str = knob("ipc", "cuda backend: ipc (an acquire is answered once its copies are queued; the"
                                    " worker's stream waits on their events, shared by CUDA IPC) or host (memd waits"
                                    " for the copies before answering)")
+    cpu_experts: str = knob("off", "cuda backend: auto (a routed expert only the host tier holds is computed by the"
+                                   " worker on its CPU when its measured time beats the copy's), always (every such"
+                                   " expert: to compare) or off (every expert is copied to the GPU); auto and always"
+                                   " change numerics (docs/gpu.md)")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
@@ -136,6 +141,11 @@ class MemdConfig:
         if self.pool_backend == "shm" and self.copy_events != "ipc":
             raise ValueError("--copy-events orders the cuda backend's copies; with --pool-backend shm the reader"
                              " writes the pool itself: leave it at ipc")
+        if self.cpu_experts not in CPU_EXPERTS:
+            raise ValueError(f"--cpu-experts {self.cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        if self.pool_backend == "shm" and self.cpu_experts != "off":
+            raise ValueError("--cpu-experts computes the cuda backend's host-tier experts on the CPU; with"
+                             " --pool-backend shm every expert is computed on the CPU already: leave it off")
         if self.pool_backend == "shm" and self.host_memory.strip() != "0":
             raise ValueError("--host-memory is the cuda backend's host tier; with --pool-backend shm the pool is"
                              " host memory already: leave it at 0")

@@ -87,10 +87,17 @@ class HelloReply(Message):
     chunk_bytes: Count = 0  # "cuda-ipc": the pool is chunks of this many bytes (whole slots); the last may be shorter
     chunk_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": one 64-byte CUDA IPC memory handle a chunk
     event_handles: list[bytes] = field(default_factory=list)  # "cuda-ipc": the copy-event ring, one IPC handle each
+    # "cuda-ipc" with --cpu-experts on: the pinned host tier as a /dev/shm region of ``host_slots`` slots (same
+    # layout), from which the worker computes on its CPU the experts memd tells it to (AcquireReply.host)
+    host_pool_name: Text = ""
+    host_slots: Index = 0
 
 
 class ReadyRequest(Message):
     pid: Index
+    # the worker computes host-tier experts on its CPU (HelloReply.host_pool_name): its measured cost of one expert,
+    # [seconds fixed, seconds per token] (activations' round trip to the GPU included); empty: it does not
+    cpu_expert_seconds: list[NonNeg] = field(default_factory=list)
 
 
 class ReadyReply(Message):
@@ -117,6 +124,7 @@ class AcquireRequest(Message):
     # [layer, expert] the worker used from its leases since its last acquire, oldest first: memd refreshes their
     # recency before this acquire's, so eviction sees the order in which experts really ran
     leased_uses: list[list[Index]] = field(default_factory=list)
+    counts: list[Index] = field(default_factory=list)  # tokens routed to each expert (only for --cpu-experts)
 
 
 class AcquireReply(Message):
@@ -131,6 +139,9 @@ class AcquireReply(Message):
     speculate: bool = True
     wait_events: list[Index] = field(default_factory=list)  # event-ring entries (HELLO) of copies into these slots
     # still in flight: the worker's stream waits on them before it reads the slots
+    # positions in the request's experts the worker computes on its CPU from the host tier (--cpu-experts on): their
+    # ``slots`` entries are host-tier slots, pinned until the worker's next message about a later layer
+    host: list[Index] = field(default_factory=list)
 
 
 class ReleaseRequest(Message):
@@ -216,6 +227,7 @@ class StatsReply(Message):
     copy_bytes: Count = 0  # GPU pool: bytes copied host -> device
     copy_seconds: NonNeg = 0.0  # GPU pool: seconds from issuing each copy to its end, summed
     ring_reuse_waits: Count = 0  # GPU pool: copies that waited for a copy-event ring entry still in flight
+    cpu_experts: Count = 0  # GPU pool, --cpu-experts on: experts workers computed on their CPU from the host tier
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

@@ -69,7 +69,8 @@ def _tiers(s: StatsReply) -> list[str]:
     rate = format_bytes(s.copy_bytes / s.copy_seconds) if s.copy_seconds else "-"
     return [f"host tier: {s.host_hits} hits, {s.host_misses} read from disk first (hit rate"
             f" {_ratio(s.host_hits, s.host_hits + s.host_misses)}); copies {format_bytes(s.copy_bytes)} at {rate}/s"
-            f" each, {s.ring_reuse_waits} waited for a copy-event ring entry"]
+            f" each, {s.ring_reuse_waits} waited for a copy-event ring entry; {s.cpu_experts} computed on a worker's"
+            " CPU instead (--cpu-experts)"]
 
 
 def _lookahead(name: str, stats) -> str:

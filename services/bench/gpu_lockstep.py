@@ -19,7 +19,9 @@ import statistics
 from pathlib import Path
 
 ABLATIONS = {"moeinf-prefetch-off": ["--prefetch", "off"], "moeinf-lru-prefetch": ["--policy", "lru"]}
-GPU_ABLATIONS = {"moeinf-host-copy-wait": ["--copy-events", "host"]}  # no event ring: memd waits for the copies
+GPU_ABLATIONS = {  # no event ring (memd waits for the copies); host-tier experts on the worker's CPU, by cost or all
+    "moeinf-host-copy-wait": ["--copy-events", "host"], "moeinf-cpu-experts": ["--cpu-experts", "auto"],
+    "moeinf-cpu-experts-always": ["--cpu-experts", "always"]}
 
 
 class _System:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.config import MemdConfig
 from common.sizes import format_bytes, parse_size
+from services.memd.pool import pool_name
 from services.memd.pools import Pool, ShmPool
 from services.memd.reader import ExpertReader
 from common.expert_index import ExpertIndex
@@ -27,6 +28,8 @@ class Backend:
     reader: object  # ExpertReader, or TieredReader over one
     closers: list = field(default_factory=list)  # closed after the reader and the pool, in order
     path: Path | None = None  # the /dev/shm file, for --group permissions (shm only)
+    host_name: str = ""  # the host tier's /dev/shm name, when workers compute from it (--cpu-experts auto|always)
+    host_slots: int = 0
 
     def close(self) -> None:
         self.reader.close()
@@ -73,7 +76,8 @@ def _open_cuda(cfg: MemdConfig, store: ExpertIndex, nbytes: int) -> Backend:
                         events=cfg.copy_events == "ipc")
         done.append(pool)
         slots = host_slots(cfg, store)
-        host = PinnedHost(slots * store.slot_bytes)
+        shared = pool_name(cfg.state_dir, "host") if cfg.cpu_experts != "off" else ""  # workers map it (cpu experts)
+        host = PinnedHost(slots * store.slot_bytes, shared)
         done.append(host)
         inner = ExpertReader(store, host.view, store.slot_bytes, cfg.direct_io, threads=cfg.read_threads,
                              chunk=read_chunk(cfg))
@@ -84,4 +88,5 @@ def _open_cuda(cfg: MemdConfig, store: ExpertIndex, nbytes: int) -> Backend:
     table = TieredReader.host_table(slots, store.num_layers, store.num_experts)
     log.info("device pool on %s: %s in chunks of %s; pinned host tier: %d slots (%s)", pool.uuid,
              format_bytes(nbytes), format_bytes(pool.chunks.chunk_bytes), slots, format_bytes(host.nbytes))
-    return Backend(pool, TieredReader(inner, table, host.view, pool, store.slot_bytes), [host])
+    return Backend(pool, TieredReader(inner, table, host.view, pool, store.slot_bytes), [host],
+                   host_name=host.name, host_slots=slots if host.name else 0)

@@ -105,9 +105,9 @@ class ExpertCache:
         self.table.set_policy(make_policy(name, self.L, self.E))
 
     # ---------------------------------------------------------------- acquire
-    def acquire(self, worker, req: m.AcquireRequest, now: float) -> AcquirePlan:
-        """Account for an acquire of ``req.experts`` (already pinned by the caller) and reserve its loads. An
-        acquire that carries its layer's routing (a client that sends no notes) also feeds the predictor."""
+    def acquire(self, worker, req: m.AcquireRequest, now: float, experts: list[int] | None = None) -> AcquirePlan:
+        """Account for an acquire of ``experts`` (``req.experts``, less those the worker's CPU computes), pinned by
+        the caller, and reserve their loads. One that carries its layer's routing also feeds the predictor."""
         plan = AcquirePlan(transient=bool(req.prefill) and all(req.prefill))
         self.metrics.acquires += 1
         self._refresh(req.leased_uses, decode=not plan.transient)
@@ -117,7 +117,7 @@ class ExpertCache:
             if plan.fed:
                 self.predictor.guess(worker, [req.layer + 1] * len(req.speculated), req.speculated, (),
                                      self.table.slot_of.__contains__)
-        for expert in req.experts:
+        for expert in req.experts if experts is None else experts:
             key = (req.layer, expert)
             if self.table.record_access(key, decode=not plan.transient):
                 loading = key in self.table.loading

@@ -33,6 +33,7 @@ from services.memd.pools import Completion, Pool, PoolExport
 log = logging.getLogger("moeinf.memd.cuda")
 H2D = 1  # cudaMemcpyHostToDevice
 IPC_LAZY_PEER = 1  # cudaIpcMemLazyEnablePeerAccess
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 RING_EVENTS = 256  # interprocess events in the copy-event ring: an entry is reused once its last copy is done
 
 
@@ -193,19 +194,37 @@ class CudaPool(Pool):
 
 
 class PinnedHost:
-    """Page-locked host memory (the host tier, staging buffers): ``view`` is a writable memoryview of it."""
+    """Page-locked host memory (the host tier, staging buffers): ``view`` is a writable memoryview of it.
 
-    def __init__(self, nbytes: int):
+    ``shm_name``: the memory is a /dev/shm region (``pool.SharedPool``) page-locked in place (``cudaHostRegister``),
+    so a worker can map it too and compute host-tier experts on its CPU (``--cpu-experts auto|always``); otherwise it is
+    ``cudaHostAlloc``'d, private to memd."""
+
+    def __init__(self, nbytes: int, shm_name: str = ""):
         self.cupy = import_cupy()
+        self.nbytes, self.name, self.region = nbytes, shm_name, None
+        rt = self.cupy.cuda.runtime
         try:
-            self.ptr = self.cupy.cuda.runtime.hostAlloc(nbytes, 0)
-        except self.cupy.cuda.runtime.CUDARuntimeError as exc:
+            if shm_name:
+                from services.memd.pool import SharedPool
+
+                self.region = SharedPool(shm_name, nbytes)
+                self.ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.region.view))
+                rt.hostRegister(self.ptr, nbytes, HOST_REGISTER_PORTABLE)
+            else:
+                self.ptr = rt.hostAlloc(nbytes, 0)
+        except rt.CUDARuntimeError as exc:
+            if self.region is not None:
+                self.region.close()
             raise RuntimeError(f"cannot pin {nbytes} bytes of host memory ({exc}): lower --host-memory") from None
-        self.nbytes = nbytes
         self.view = memoryview((ctypes.c_char * nbytes).from_address(self.ptr)).cast("B")
 
     def close(self) -> None:
         if self.ptr:
             self.view.release()
-            self.cupy.cuda.runtime.freeHost(self.ptr)
+            if self.region is not None:
+                self.cupy.cuda.runtime.hostUnregister(self.ptr)
+                self.region.close()
+            else:
+                self.cupy.cuda.runtime.freeHost(self.ptr)
             self.ptr = 0

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,8 +26,10 @@ from common.expert_index import ExpertIndex
 from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
+from services.memd.acquire_checks import check_acquire, merge_slots
 from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
+from services.memd.host_compute import HostCompute
 from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.policy import Key
@@ -58,6 +59,7 @@ class Pending(NamedTuple):
     revoked: list[tuple[int, int]]  # leases taken back
     epoch: int  # the revoke epoch when they were (a reclaim while the loads run makes the worker come back)
     fed: bool  # it carried its layer's routing: plan prefetches once it is answered
+    host: dict[int, int]  # positions the worker computes on its CPU -> host-tier slots (--cpu-experts auto|always)
 
 
 class RpcError(CodedError):
@@ -66,8 +68,9 @@ class RpcError(CodedError):
 
 class MemdServer:
     def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertCache, reader: ExpertReader,
-                 memory: PoolMemory, control: ControlPage | None = None):
+                 memory: PoolMemory, control: ControlPage | None = None, host: HostCompute | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
+        self.host = host  # --cpu-experts auto|always: host-tier experts the workers compute on their CPU
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
@@ -78,7 +81,6 @@ class MemdServer:
         self.pool_name = self.pool.export().name or self.pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, ConnectedWorker] = {}
-        self.trace_events = Counter()
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
             Op.RELEASE: self.on_release, Op.STATS: self.on_stats, Op.RETURN_LEASES: self.on_return_leases,
@@ -199,6 +201,8 @@ class MemdServer:
         if client:
             self.core.forget_worker(client.pid)
             self.prefetcher.forget(client.pid)
+            if self.host:
+                self.host.forget(client.pid)
             client.release_all(self.table)
 
     def _client(self, identity: bytes) -> ConnectedWorker:
@@ -223,13 +227,15 @@ class MemdServer:
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
                             self.store.num_experts, self.store.tensors,
                             self.control.name if self.control else "", pool.device, pool.chunk_bytes, pool.handles,
-                            pool.event_handles)
+                            pool.event_handles, *((self.host.name, self.host.slots) if self.host else ()))
 
     def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
         client = self.clients.get(identity)
         if client is None:
             raise RpcError("handshake", "READY before HELLO")
         client.ready = True
+        if self.host:
+            self.host.worker_ready(client.pid, req.cpu_expert_seconds)
         log.info("worker pid %d attached", client.pid)
         if why := room_error([c for i, c in self.clients.items() if i != identity], self.table, self.store):
             log.warning("%s", why)
@@ -241,7 +247,7 @@ class MemdServer:
         await self._after_own_note(identity, req)
         try:
             pending = self.begin_acquire(identity, req)
-        except RpcError as exc:
+        except CodedError as exc:
             await send_error(self.rpc, identity, rid, exc.code, str(exc))
             return
         except Exception as exc:
@@ -274,20 +280,22 @@ class MemdServer:
         """Pin (or lease), plan loads; returns the pending acquire: request, keys, loads to wait for, hits, revoked."""
         client = self._client(identity)
         try:
-            keys = self._validate_acquire(req)
-        except RpcError:
+            keys = check_acquire(req, self.store.num_layers, self.store.num_experts, self.table.capacity)
+        except CodedError:
             self._release_held(client, req, [])
             raise
+        host = self.host.choose(client.pid, req, self.table.slot_of.__contains__) if self.host else {}
+        keys = [k for j, k in enumerate(keys) if j not in host]  # the rest: from the device pool
         revoked = self._pin_or_lease(client, req, keys)
         with self._released_on_failure(client, req, keys):
-            plan = self.core.acquire(client.pid, req, time.perf_counter())
+            plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys])
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.already_loading]
             wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
             waits += [asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait))
                       for key in plan.no_slot]
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
-        return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed)
+        return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed, host)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
         """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's
@@ -337,31 +345,21 @@ class MemdServer:
     def _acquired(self, p: Pending) -> m.AcquireReply:
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
         slots = [self.table.slot_of[k] for k in p.keys]
-        return m.AcquireReply(slots, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
-                              self.core.wants_guesses(), self.reader.pending_events(slots))
-
-    def _validate_acquire(self, req: m.AcquireRequest) -> list[tuple[int, int]]:
-        if not 0 <= req.layer < self.store.num_layers:
-            raise RpcError("bad_request", f"layer {req.layer} out of range 0..{self.store.num_layers - 1}")
-        if len(set(req.experts)) != len(req.experts) or any(not 0 <= e < self.store.num_experts for e in req.experts):
-            raise RpcError("bad_request", f"experts {req.experts} must be distinct, in 0..{self.store.num_experts - 1}")
-        if len(req.experts) > self.table.capacity:
-            raise RpcError("capacity", f"{len(req.experts)} experts asked at once but the pool has"
-                                       f" {self.table.capacity} slots; raise --expert-memory")
-        if req.tokens and (len(req.tokens) != len(req.requests) or any(len(r) != len(req.experts) for r in req.tokens)):
-            raise RpcError("bad_request", f"tokens must be {len(req.requests)} rows of {len(req.experts)} counts")
-        if any(not 0 <= e < self.store.num_experts for e in req.speculated):
-            raise RpcError("bad_request", f"speculated experts {req.speculated} out of range")
-        if any(len(t) != 2 or not 0 <= t[0] < self.store.num_layers or not 0 <= t[1] < self.store.num_experts
-               for t in req.leased_uses):
-            raise RpcError("bad_request", "leased_uses must be [layer, expert] pairs in range")
-        return [(req.layer, e) for e in req.experts]
+        return m.AcquireReply(merge_slots(len(p.req.experts), slots, p.host), p.hits, [list(k) for k in p.revoked],
+                              p.epoch, ahead, threshold, self.core.wants_guesses(), self.reader.pending_events(slots),
+                              sorted(p.host))
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
-        self._client(identity).unpin(self.table, [(req.layer, e) for e in req.experts])
+        client = self._client(identity)
+        if self.host:
+            self.host.released(client.pid, req.layer)
+        client.unpin(self.table, [(req.layer, e) for e in req.experts])
 
     def on_return_leases(self, identity: bytes, req: m.ReturnLeasesRequest) -> None:
-        self._client(identity).return_leases(self.table)
+        client = self._client(identity)
+        if self.host:
+            self.host.forget(client.pid, keep_cost=True)
+        client.return_leases(self.table)
 
     def reclaim_leases(self) -> None:
         """Ask every worker to hand back its leases: each does at its next acquire, which the bumped epoch on the
@@ -378,22 +376,21 @@ class MemdServer:
                             c.hits, c.misses, c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds,
                             self.reader.direct_io, t.resident_per_layer(self.store.num_layers),
                             read_bandwidth=self.reader.bandwidth or 0.0, reader_busy_seconds=self.loads.busy_seconds(),
-                            **stats_fields(self.core), **tier_fields(self.reader))
+                            **stats_fields(self.core), **tier_fields(self.reader, self.host))
 
     def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
-        self.trace_events[type(event).__name__] += 1
         self.core.request_start(event.request)
 
     def on_request_end(self, identity, event: m.RequestEndEvent) -> None:
-        self.trace_events[type(event).__name__] += 1
         self.core.request_end(event.request)
 
     def on_step_trace(self, identity, event: m.StepTraceEvent) -> None:
-        self.trace_events[type(event).__name__] += 1
         self.core.step_trace(event)
 
     def on_layer_note(self, identity, event: m.LayerNoteEvent) -> None:
         """Every MoE layer of every step, leased or not: feed the predictor, then plan (coalesced, off this path)."""
+        if self.host:
+            self.host.moved_on(event.worker, event.step, event.layer)
         if self.core.note(event, time.perf_counter()):
             self.prefetcher.wake(event.worker)
 

@@ -274,6 +274,30 @@ class TieredReader:
     def read(self, key: Key, slot: int) -> tuple[int, float]:
         return self.submit(key, slot, demand=True).future.result()
 
+    # ---------------------------------------------------------------- the worker's CPU (host_compute.py)
+    def hold_host(self, key: Key, spare: int) -> int | None:
+        """Pin ``key``'s host slot while the worker computes it on its CPU, if the host tier holds it (read, not
+        loading) and keeps ``spare`` other slots unpinned for loads; its host slot, else None."""
+        with self._lock:
+            if not self.host.is_resident(key):
+                return None
+            if not self.host.pins.get(key) and self.host.num_pinned + spare >= self.host.capacity:
+                return None
+            self.host.record_access(key, decode=True)
+            self.host.pin(key)
+            return self.host.slot_of[key]
+
+    def drop_host(self, key: Key) -> None:
+        """The worker is done with ``key``'s host slot (``hold_host``)."""
+        self._unpin_host(key)
+
+    @property
+    def copy_rate(self) -> float | None:
+        """Host-to-device bytes per second of the copies so far (queueing and fences included); None before one."""
+        with self._lock:
+            s = self.stats
+            return s.copy_bytes / s.copy_seconds if s.copy_bytes and s.copy_seconds > 0 else None
+
     def demand_pending(self) -> bool:
         return self.reader.demand_pending() or any(j.demand for j in self.waiting)
 
@@ -307,14 +331,15 @@ class TieredReader:
             waiter.shutdown(wait=True)
 
 
-def tier_fields(reader) -> dict[str, int | float]:
-    """The two-tier counters for memd's StatsReply (none for a one-tier reader)."""
+def tier_fields(reader, host=None) -> dict[str, int | float]:
+    """The two-tier counters for memd's StatsReply (none for a one-tier reader); ``host``: the HostCompute of
+    ``--cpu-experts auto|always``."""
     if not isinstance(reader, TieredReader):
         return {}
     s = reader.stats
     waits = getattr(getattr(reader.device, "ring", None), "reuse_waits", 0)  # (CudaPool's EventRing)
     return {"host_hits": s.host_hits, "host_misses": s.host_misses, "copy_bytes": s.copy_bytes,
-            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits}
+            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits, "cpu_experts": host.computed if host else 0}
 
 
 def _stop_memd(message: str) -> None:

@@ -23,6 +23,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from common.checkpoint import experts_per_token
 from services.worker import matvec, quant
 from services.worker.device import release_ready
+from services.worker.host_experts import HostExperts
 from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups
@@ -172,8 +173,9 @@ class ExpertBinding:
 
     def __init__(self, layer: int, module, views: PoolViews, client, steps: StepState,
                  speculator: Speculator | None = None, dequant: quant.Dequantizer | None = None,
-                 mv: matvec.Matvec | None = None):
+                 mv: matvec.Matvec | None = None, host: HostExperts | None = None):
         self.layer = layer
+        self.host = host  # memd's host tier, when it may have this worker compute experts on its CPU
         self.dequant = dequant
         self.matvec = mv  # --matvec-kernel (None: transformers' grouped matmul only)
         self.num_experts = module.num_experts
@@ -214,6 +216,8 @@ class ExpertBinding:
         try:
             if client.wait_events:  # copies into these slots still in flight (a GPU pool): the stream waits on them
                 self.views.wait(client.wait_events)
+            if client.host:  # memd --cpu-experts: some experts computed here on the CPU, from its host tier
+                return self.host.forward(self, routing, slots, client.host, hidden_states, top_k_index, top_k_weights)
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)
@@ -250,7 +254,8 @@ class ExpertBinding:
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
         ids = routing.experts
         client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
-        slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill)
+        counts = [] if self.host is None else self.host.counts(ids, routing.index, top_k_index, self.num_experts)
+        slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill, counts=counts)
         nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
         recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,
                        leased=client.last_leased)
@@ -308,13 +313,14 @@ def register() -> None:
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
          speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None,
-         mv: matvec.Matvec | None = None, always_guess: bool = False) -> None:
+         mv: matvec.Matvec | None = None, always_guess: bool = False, host: HostExperts | None = None) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state, while
     memd wants the guesses (``AcquireReply.speculate``) or always (``always_guess``: a recorded trace keeps them);
     ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots);
     ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops); ``mv``: the
-    matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul)."""
+    matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul);
+    ``host``: memd's host tier, from which it may have experts computed on this CPU (``host_experts.py``)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = _guess_dtype(model, layers) if next_gate else None
@@ -339,4 +345,4 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
         if layer.keyed:  # one module per expert: the dict's own forward, rebound (keyed.py)
             module._moeinf = KeyedBinding(layer.index, module, views, client, steps, speculator)
             continue
-        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv, host)

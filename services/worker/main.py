@@ -21,6 +21,7 @@ from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import dequant_kernel, device, experts, kernel_caches, matvec, prepack
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
+from services.worker.host_experts import HostExperts
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
 from services.worker.pool_views import open_views
@@ -62,21 +63,33 @@ def attach(cfg: WorkerConfig) -> Attached:
         views = open_views(hello)
         steps = StepState(recorder(cfg, client, model, layers))
         kernels, mv = load_kernels(cfg, views.quantized) if dev.type == "cpu" else (None, None)
+        host = HostExperts.open(hello) if dev.type == "cuda" else None  # memd --cpu-experts auto|always
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv,
-                     always_guess=cfg.record_trace is not None)
+                     always_guess=cfg.record_trace is not None, host=host)
         if cfg.prepack_dense and dev.type == "cpu":  # after bind (it gave the next-layer guesses their router weights)
             prepack.prepack_dense(model)
         if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)
             count = matvec.wrap_dense(model, mv, {1, layers[0].num_experts})
             log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
                      "matvec_exact.c" if mv.exact else "matvec.c")
-        client.ready()
+        client.ready(cpu_cost(host, model, layers, dev))
     except BaseException:
         client.close()
         raise
     return Attached(model, client, hello, steps)
+
+
+def cpu_cost(host: HostExperts | None, model, layers, dev: torch.device) -> list[float]:
+    """What one host-tier expert costs this worker's CPU ([fixed, per token] seconds), for memd to weigh against a
+    copy; nothing without a host tier to compute from."""
+    if host is None:
+        return []
+    module = model.get_submodule(layers[0].module)
+    cost = host.measure(module, model.config.get_text_config().hidden_size, model.dtype, dev)
+    log.info("--cpu-experts: one expert on this CPU costs %.3f ms + %.3f ms per token", 1e3 * cost[0], 1e3 * cost[1])
+    return cost
 
 
 def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Kernels | None, Matvec | None]:

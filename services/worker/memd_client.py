@@ -55,6 +55,7 @@ class MemdClient:
         self._seen_epoch = 0
         self.last_leased = False  # the last acquire was served from leases (no message)
         self.wait_events: list[int] = []  # the last acquire's copies in flight (event-ring entries; a GPU pool)
+        self.host: list[int] = []  # the last acquire's positions computed on the CPU from the host tier
         self._leased_uses: deque[list[int]] = deque(maxlen=MAX_LEASED_USES)  # [layer, expert] used from leases, oldest first
         self.pid = os.getpid()
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
@@ -83,22 +84,25 @@ class MemdClient:
     def memd_alive(self) -> bool:
         return self.memd_pid is not None and pid_alive(self.memd_pid)
 
-    def ready(self) -> None:
-        self.call(Op.READY, m.ReadyRequest(os.getpid()))
+    def ready(self, cpu_expert_seconds: list[float] = ()) -> None:
+        """``cpu_expert_seconds``: [fixed, per token] when this worker computes host-tier experts on its CPU."""
+        self.call(Op.READY, m.ReadyRequest(os.getpid(), list(cpu_expert_seconds)))
 
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
-                prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = ()) -> list[int]:
-        """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased."""
+                prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = (),
+                counts: list[int] = ()) -> list[int]:
+        """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased; at the positions
+        in ``self.host`` (memd --cpu-experts, given ``counts``: tokens per expert) host-tier slots, for the CPU."""
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
-        self.wait_events = []
+        self.wait_events, self.host = [], []
         if slots is not None:
             self._leased_uses.extend([layer, expert] for expert in experts)
             return slots
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease, list(self._leased_uses))
+                                   list(speculated_tokens), lease, list(self._leased_uses), list(counts))
         self._leased_uses.clear()
         try:
             reply = self.call(Op.ACQUIRE, request)
@@ -109,7 +113,7 @@ class MemdClient:
             self.acquire_seconds += time.perf_counter() - start
         if lease:
             self._update_leases(layer, experts, reply)
-        self.speculate, self.wait_events = reply.speculate, reply.wait_events
+        self.speculate, self.wait_events, self.host = reply.speculate, reply.wait_events, reply.host
         if reply.speculate_layers:
             self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
         return reply.slots
@@ -146,8 +150,9 @@ class MemdClient:
     def _update_leases(self, layer: int, experts: list[int], reply: m.AcquireReply) -> None:
         for revoked_layer, expert in reply.revoked:
             self.leases.pop((revoked_layer, expert), None)
-        for expert, slot in zip(experts, reply.slots):
-            self.leases[(layer, expert)] = slot
+        for j, (expert, slot) in enumerate(zip(experts, reply.slots)):
+            if j not in reply.host:  # (a host-tier slot: the CPU's, for this acquire only)
+                self.leases[(layer, expert)] = slot
         self._seen_epoch = reply.epoch
 
     def release(self, layer: int, experts: list[int]) -> None:

@@ -43,12 +43,17 @@ def slot_params(by_slot: torch.Tensor, tensors: list[m.TensorSpec]) -> dict[str,
 class PoolViews:
     """The worker's mapping of memd's shared-memory pool and one ``[num_slots, *shape]`` view per parameter."""
 
-    def __init__(self, hello: m.HelloReply):
-        if hello.backend != "shm":
+    def __init__(self, hello: m.HelloReply, host_tier: bool = False):
+        """``host_tier``: map the host tier memd shares for CPU experts (``HelloReply.host_pool_name``, a GPU pool
+        with --cpu-experts auto|always) instead of the pool."""
+        if hello.backend != "shm" and not host_tier:
             raise RuntimeError(f"pool backend {hello.backend!r} is not a shared-memory pool")
-        self.num_slots = hello.num_slots
-        raw = torch.from_file(f"/dev/shm/{hello.pool_name}", shared=True, size=hello.pool_bytes, dtype=torch.uint8)
-        self.hello, self.by_slot = hello, raw.view(hello.num_slots, hello.slot_bytes)
+        if host_tier:
+            name, self.num_slots, nbytes = hello.host_pool_name, hello.host_slots, hello.host_slots * hello.slot_bytes
+        else:
+            name, self.num_slots, nbytes = hello.pool_name, hello.num_slots, hello.pool_bytes
+        raw = torch.from_file(f"/dev/shm/{name}", shared=True, size=nbytes, dtype=torch.uint8)
+        self.hello, self.by_slot = hello, raw.view(self.num_slots, hello.slot_bytes)
         self.contiguous = False  # (CUDA only: the experts' windows copied before the matmul, ExpertBinding.grouped)
         self.quantized = {spec.name for spec in hello.tensors if spec.format}  # dequantized by quant.py
         self.params = slot_params(self.by_slot, hello.tensors)

@@ -139,7 +139,7 @@ def test_nested_dataclass_is_a_nested_array_on_the_wire():
     body = msgpack.unpackb(frame[HEADER_BYTES:])
     assert body[9] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
                        ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
-    assert body[10:] == ["moeinf-abc-control", "cpu", 0, [], []]  # a shm pool: no device, chunks, events
+    assert body[10:] == ["moeinf-abc-control", "cpu", 0, [], [], "", 0]  # shm: no device, chunks, events, host tier
 
 
 def test_cuda_hello_carries_device_and_chunk_handles():
@@ -216,10 +216,10 @@ def test_body_is_not_msgpack(body, match):
 
 @pytest.mark.parametrize("op, fields, match", [
     (Op.READY, [], "ReadyRequest: Expected `array` of at least length 1, got 0"),
-    (Op.READY, [1, 2], "ReadyRequest: Expected `array` of at most length 1, got 2"),
+    (Op.READY, [1, [], 2], "ReadyRequest: Expected `array` of at most length 2, got 3"),
     (Op.ACQUIRE, [1], "AcquireRequest: Expected `array` of at least length 2, got 1"),
-    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], False, [], "extra"],
-     "AcquireRequest: Expected `array` of at most length 10, got 11"),
+    (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], False, [], [], "extra"],
+     "AcquireRequest: Expected `array` of at most length 11, got 12"),
     (Op.STATS, [0], "StatsRequest: Expected `array` of at most length 0, got 1"),
     (Op.HELLO, 5, "HelloRequest: Expected `array`, got `int`"),
     (Op.HELLO, {"protocol": 1}, "HelloRequest: Expected `array`, got `object`"),

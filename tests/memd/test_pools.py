@@ -96,6 +96,12 @@ def test_backend_knobs():
         build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", copy_events="never")
     with pytest.raises(ValueError, match="--copy-events orders the cuda backend's copies"):
         build_config(MemdConfig, env={}, model="/m", copy_events="host")
+    assert build_config(MemdConfig, env={"MOEINF_CPU_EXPERTS": "auto"}, model="/m", pool_backend="cuda").cpu_experts \
+        == "auto"
+    with pytest.raises(ValueError, match="--cpu-experts 'yes': choose one of off, auto, always"):
+        build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", cpu_experts="yes")
+    with pytest.raises(ValueError, match="--cpu-experts computes the cuda backend's host-tier experts"):
+        build_config(MemdConfig, env={}, model="/m", cpu_experts="always")
 
 
 def test_host_tier_is_at_least_the_readers_staging_and_at_most_every_expert():

@@ -5,7 +5,6 @@ contract (write-after-read: a write waits for the slot's readers; read-after-wri
 import mmap
 import os
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -13,21 +12,13 @@ from services.memd.policy import LruPolicy
 from services.memd.read_jobs import ReadCancelled
 from services.memd.reader import ExpertReader
 from services.memd.slots import SlotTable
-from services.memd.store import Segment
 from services.memd.standin import Fence, StandInPool, StandInStream
 from services.memd.tiers import TieredReader
+from tier_helpers import contiguous, fake_store
 
 SLOT = 64 * 1024
 
 
-def fake_store(path, segments: dict) -> SimpleNamespace:
-    """What the reader needs of a store: the files and each expert's segments."""
-    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None)
-
-
-def contiguous(path, keys, nbytes: int) -> dict:
-    """Expert k: ``nbytes`` from file offset k * nbytes into slot offset 0."""
-    return {key: [Segment(str(path), i * nbytes, nbytes, 0)] for i, key in enumerate(keys)}
 LAYERS, EXPERTS = 2, 3
 KEYS = [(layer, e) for layer in range(LAYERS) for e in range(EXPERTS)]
 TIMEOUT = 30
