@@ -21,6 +21,7 @@ Count = Annotated[int, Meta(ge=0, le=COUNT_MAX)]
 NonNeg = Annotated[float, Meta(ge=0.0, le=1e18)]  # seconds, bytes/s, token weights: finite, >= 0 (NaN refused)
 Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]  # probabilities, precision, recall, top_p
 Text = Annotated[str, Meta(max_length=4096)]  # names, paths, request ids, tokens
+READ_EVENTS_MAX = 1024  # "done reading" events one worker may share (HelloRequest.read_events)
 
 
 class Message(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -69,6 +70,9 @@ class HelloRequest(Message):
     pid: Index
     model: Text  # resolved checkpoint path, so a worker never attaches to a daemon serving another model
     device: Text  # "cpu" or a CUDA device UUID
+    # a GPU worker's "done reading" events (CUDA IPC handles): it records one after a layer's expert matmuls, and
+    # memd's copy stream waits on it before rewriting a slot the worker released (ReleaseRequest.read_done)
+    read_events: Annotated[list[bytes], Meta(max_length=READ_EVENTS_MAX)] = field(default_factory=list)
 
 
 class HelloReply(Message):
@@ -147,6 +151,8 @@ class AcquireReply(Message):
 class ReleaseRequest(Message):
     layer: Index
     experts: list[Index]
+    read_done: list[Index] = field(default_factory=list)  # the read event (HelloRequest.read_events) recorded after
+    # the worker's GPU work on these experts' slots: memd rewrites them only after it (empty: the reads are done)
 
 
 class ReturnLeasesRequest(Message):

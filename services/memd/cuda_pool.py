@@ -81,6 +81,22 @@ class CudaEvent(Completion):
         self.event.synchronize()
 
 
+class WorkerEvent(Completion):
+    """A worker's interprocess "done reading" event, opened from its handle: done once the worker's GPU work
+    recorded before it (a layer's expert matmuls) has run. The worker re-records it for later layers, so a
+    write waits for that record or a later one: never less (its stream is in order)."""
+
+    def __init__(self, cupy, handle: bytes):
+        self.rt = cupy.cuda.runtime
+        self.ptr = self.rt.ipcOpenEventHandle(handle)
+
+    def done(self) -> bool:
+        return self.rt.eventQuery(self.ptr) == 0  # cudaSuccess; cudaErrorNotReady while pending
+
+    def wait(self) -> None:
+        self.rt.eventSynchronize(self.ptr)
+
+
 class EventRing:
     """Interprocess events (CUDA IPC event handles, exported once in HELLO) recorded in turn after device writes.
 
@@ -153,6 +169,8 @@ class CudaPool(Pool):
             for c in after:
                 if isinstance(c, CudaEvent):
                     stream.wait_event(c.event)  # on the GPU: the host does not block
+                elif isinstance(c, WorkerEvent):
+                    cp.cuda.runtime.streamWaitEvent(stream.ptr, c.ptr, 0)
                 elif not c.done():
                     c.wait()  # a host-side completion: wait here
             cp.cuda.runtime.memcpyAsync(ptr + within, host, len(src), H2D, stream.ptr)
@@ -160,6 +178,15 @@ class CudaPool(Pool):
             event.record(stream)
             ring = self.ring.record(stream) if self.ring else -1
         return CudaEvent(event, ring)
+
+    def open_events(self, handles: list[bytes]) -> list[Completion]:
+        with self.device:
+            return [WorkerEvent(self.cupy, h) for h in handles]
+
+    def close_events(self, events: list[Completion]) -> None:
+        for event in events:
+            if isinstance(event, WorkerEvent):
+                self.cupy.cuda.runtime.eventDestroy(event.ptr)
 
     def _stream(self, demand: bool):
         key = (demand, threading.get_ident())
@@ -208,7 +235,12 @@ class PinnedHost:
             if shm_name:
                 from services.memd.pool import SharedPool
 
-                self.region = SharedPool(shm_name, nbytes)
+                try:
+                    self.region = SharedPool(shm_name, nbytes)
+                except RuntimeError as exc:  # (its advice names the pool's knob)
+                    raise RuntimeError(f"--cpu-experts puts the {nbytes}-byte host tier in /dev/shm, which cannot"
+                                       f" hold it ({exc}): lower --host-memory, enlarge /dev/shm (docker:"
+                                       " shm_size) or leave --cpu-experts off") from None
                 self.ptr = ctypes.addressof(ctypes.c_char.from_buffer(self.region.view))
                 rt.hostRegister(self.ptr, nbytes, HOST_REGISTER_PORTABLE)
             else:

@@ -8,7 +8,7 @@ result). memd decides per expert, at the acquire that needs it: the CPU when the
 expert's tokens (``ReadyRequest.cpu_expert_seconds``: a fixed part, the activations' round trip to the GPU
 included, and a part per token) is below the measured time of a copy (slot bytes over the host-to-device rate of
 the copies so far, ``TieredReader.copy_rate``). Nothing goes to the CPU before both are measured, and never the
-host tier's last unpinned slots (loads need them). ``always`` skips the comparison (every such expert goes to a
+host tier's last unpinned slots (two per reader thread: loads need them). ``always`` skips the comparison (every such expert goes to a
 worker that computes host-tier experts), to compare the two paths.
 
 The chosen experts' host slots stay pinned until the worker is done with them: its next message about a later
@@ -23,7 +23,7 @@ from common import messages as m
 from services.memd.policy import Key
 from services.memd.tiers import TieredReader
 
-SPARE_HOST_SLOTS = 2  # host slots never pinned for the CPU (at least the reader's staging needs a couple)
+SPARE_HOST_SLOTS = 2  # host slots never pinned for the CPU, per reader thread (its staging: tiers' loads need them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,9 @@ class HostCompute:
         """Positions of ``req.experts`` the worker computes on its CPU -> their host slots, pinned for it.
         ``on_device(key)``: the device pool holds or is loading ``key`` (then it is not a candidate)."""
         self.moved_on(pid, req.step, req.layer)
+        held = self.held.get(pid)
+        if held is not None and held.at == (req.step, req.layer):  # the same layer again (a retry): replace it
+            self.failed(pid, req)
         cost, copy = self.costs.get(pid), self.copy_seconds()
         if cost is None or (copy is None and not self.always) or len(req.counts) != len(req.experts):
             return {}
@@ -89,6 +92,13 @@ class HostCompute:
         if held is not None and (step, layer) > held.at:
             self.forget(pid, keep_cost=True)
 
+    def failed(self, pid: int, req: m.AcquireRequest) -> None:
+        """``pid``'s acquire ``req`` failed: what ``choose`` gave its CPU for it is let go, uncounted."""
+        held = self.held.get(pid)
+        if held is not None and held.at == (req.step, req.layer):
+            self.computed -= len(held.keys)
+            self.forget(pid, keep_cost=True)
+
     def released(self, pid: int, layer: int) -> None:
         """``pid`` released ``layer``'s experts (leases off): it is done with that layer's host slots too."""
         held = self.held.get(pid)
@@ -104,4 +114,23 @@ class HostCompute:
             self.costs.pop(pid, None)
 
 
-__all__ = ["CpuCost", "HostCompute", "SPARE_HOST_SLOTS"]
+class NoHostCompute:
+    """``--cpu-experts off`` (or a pool without a host tier): every expert comes from the device pool."""
+
+    name, slots, computed = "", 0, 0
+
+    def choose(self, pid: int, req: m.AcquireRequest, on_device) -> dict[int, int]:
+        return {}
+
+    def worker_ready(self, pid: int, seconds: list[float]) -> None: ...
+
+    def moved_on(self, pid: int, step: int, layer: int) -> None: ...
+
+    def failed(self, pid: int, req: m.AcquireRequest) -> None: ...
+
+    def released(self, pid: int, layer: int) -> None: ...
+
+    def forget(self, pid: int, *, keep_cost: bool = False) -> None: ...
+
+
+__all__ = ["CpuCost", "HostCompute", "NoHostCompute", "SPARE_HOST_SLOTS"]

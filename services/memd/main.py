@@ -20,7 +20,7 @@ from services.memd.indexer import load_index, save_index
 from services.memd.eamc_share import pull
 from services.memd.leases import ControlPage
 from services.memd.backend import open_backend
-from services.memd.host_compute import HostCompute
+from services.memd.host_compute import SPARE_HOST_SLOTS, HostCompute
 from services.memd.pool import SHM_DIR, StateLock, pool_name
 from services.memd.pool_memory import PoolMemory
 from services.memd.server import MemdServer
@@ -81,7 +81,7 @@ def run(cfg: MemdConfig) -> int:
         if backend.host_name:  # --cpu-experts: workers map the host tier and compute some experts on their CPU
             access.apply(SHM_DIR / backend.host_name)
             host = HostCompute(backend.reader, backend.host_name, backend.host_slots, store.slot_bytes,
-                               always=cfg.cpu_experts == "always")
+                               SPARE_HOST_SLOTS * cfg.read_threads, always=cfg.cpu_experts == "always")
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", backend.path or cfg.pool_backend, num_slots,
                  format_bytes(backend.pool.nbytes), 100 * num_slots / (store.num_layers * store.num_experts))
         memory = PoolMemory(backend.pool, store.slot_bytes)  # retired slots' memory (admin resize)

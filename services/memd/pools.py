@@ -106,6 +106,14 @@ class Pool(ABC):
         """A writable host view of the whole pool when the reader may write slots directly (shm), else None."""
         return None
 
+    def open_events(self, handles: list[bytes]) -> list[Completion]:
+        """A worker's "done reading" events (``HelloRequest.read_events``), opened for ``write``'s ``after``; a
+        pool the worker reads synchronously (shm) has none."""
+        return []
+
+    def close_events(self, events: list[Completion]) -> None:
+        """The events of a worker that is gone."""
+
     @abstractmethod
     def write(self, offset: int, src: memoryview, after: tuple[Completion, ...] = (), *,
               demand: bool = False) -> Completion:

@@ -29,7 +29,7 @@ from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.acquire_checks import check_acquire, merge_slots
 from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
-from services.memd.host_compute import HostCompute
+from services.memd.host_compute import HostCompute, NoHostCompute
 from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.policy import Key
@@ -70,7 +70,7 @@ class MemdServer:
     def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertCache, reader: ExpertReader,
                  memory: PoolMemory, control: ControlPage | None = None, host: HostCompute | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
-        self.host = host  # --cpu-experts auto|always: host-tier experts the workers compute on their CPU
+        self.host = host or NoHostCompute()  # --cpu-experts: host-tier experts the workers compute on their CPU
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
@@ -201,9 +201,9 @@ class MemdServer:
         if client:
             self.core.forget_worker(client.pid)
             self.prefetcher.forget(client.pid)
-            if self.host:
-                self.host.forget(client.pid)
+            self.host.forget(client.pid)
             client.release_all(self.table)
+            self.pool.close_events(client.read_events)
 
     def _client(self, identity: bytes) -> ConnectedWorker:
         client = self.clients.get(identity)
@@ -222,20 +222,19 @@ class MemdServer:
         if refused := refusal(pool := self.pool.export(), req.device):
             raise RpcError(*refused)
         self._drop_client(identity)  # a restarted worker re-using its identity starts clean
-        self.clients[identity] = ConnectedWorker(req.pid)
+        self.clients[identity] = ConnectedWorker(req.pid, read_events=self.pool.open_events(req.read_events))
         return m.HelloReply(PROTOCOL_VERSION, os.getpid(), pool.backend, pool.name, pool.nbytes,
                             self.store.slot_bytes, self.table.num_slots, self.store.num_layers,
                             self.store.num_experts, self.store.tensors,
                             self.control.name if self.control else "", pool.device, pool.chunk_bytes, pool.handles,
-                            pool.event_handles, *((self.host.name, self.host.slots) if self.host else ()))
+                            pool.event_handles, self.host.name, self.host.slots)
 
     def on_ready(self, identity: bytes, req: m.ReadyRequest) -> m.ReadyReply:
         client = self.clients.get(identity)
         if client is None:
             raise RpcError("handshake", "READY before HELLO")
         client.ready = True
-        if self.host:
-            self.host.worker_ready(client.pid, req.cpu_expert_seconds)
+        self.host.worker_ready(client.pid, req.cpu_expert_seconds)
         log.info("worker pid %d attached", client.pid)
         if why := room_error([c for i, c in self.clients.items() if i != identity], self.table, self.store):
             log.warning("%s", why)
@@ -284,7 +283,7 @@ class MemdServer:
         except CodedError:
             self._release_held(client, req, [])
             raise
-        host = self.host.choose(client.pid, req, self.table.slot_of.__contains__) if self.host else {}
+        host = self.host.choose(client.pid, req, self.table.slot_of.__contains__)
         keys = [k for j, k in enumerate(keys) if j not in host]  # the rest: from the device pool
         revoked = self._pin_or_lease(client, req, keys)
         with self._released_on_failure(client, req, keys):
@@ -313,6 +312,7 @@ class MemdServer:
 
     def _release_held(self, client: ConnectedWorker, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
+        self.host.failed(client.pid, req)  # (and what its CPU was to compute)
         if req.lease:
             client.return_leases(self.table)
         else:
@@ -351,14 +351,13 @@ class MemdServer:
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)
-        if self.host:
-            self.host.released(client.pid, req.layer)
-        client.unpin(self.table, [(req.layer, e) for e in req.experts])
+        self.host.released(client.pid, req.layer)
+        client.release(self.table, [(req.layer, e) for e in req.experts], req.read_done,
+                       getattr(self.reader, "fences", None))
 
     def on_return_leases(self, identity: bytes, req: m.ReturnLeasesRequest) -> None:
         client = self._client(identity)
-        if self.host:
-            self.host.forget(client.pid, keep_cost=True)
+        self.host.forget(client.pid, keep_cost=True)
         client.return_leases(self.table)
 
     def reclaim_leases(self) -> None:
@@ -389,8 +388,7 @@ class MemdServer:
 
     def on_layer_note(self, identity, event: m.LayerNoteEvent) -> None:
         """Every MoE layer of every step, leased or not: feed the predictor, then plan (coalesced, off this path)."""
-        if self.host:
-            self.host.moved_on(event.worker, event.step, event.layer)
+        self.host.moved_on(event.worker, event.step, event.layer)
         if self.core.note(event, time.perf_counter()):
             self.prefetcher.wake(event.worker)
 

@@ -140,6 +140,10 @@ class StandInPool(Pool):
     def _free(self, mem: bytearray) -> None:
         self.frees += 1
 
+    def open_events(self, handles: list[bytes]) -> list[Completion]:
+        """A stand-in worker's "done reading" events: fences the test signals."""
+        return [Fence() for _ in handles]
+
     def export(self) -> PoolExport:
         """One made-up handle per chunk, empty for a chunk a shrink freed (as ``CudaPool.export``)."""
         return PoolExport(self.backend, "", self.nbytes, "standin", self.chunks.chunk_bytes,

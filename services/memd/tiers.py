@@ -112,6 +112,7 @@ class TieredReader:
         self.broken = ""  # why no load is taken any more (a copy failed after its answer)
         self.stats = TierStats()
         self._rate = BusyRate()  # device loads: bytes into the pool over the seconds some load was under way
+        self._copies = BusyRate()  # the copies alone: bytes over the seconds some copy was in flight
         self.loading: dict[Key, ReadJob] = {}  # disk reads into the host tier, by expert
         self.waiting: list[TierJob] = []  # jobs that found every host slot pinned or loading
         self._lock = threading.Lock()  # the host table: touched from the loop and the reader's callbacks
@@ -213,6 +214,8 @@ class TieredReader:
             job.future.set_exception(exc)
             return
         self.fences.wrote(d, done)
+        with self._lock:
+            self._copies.begin(time.perf_counter())
         if done.ring >= 0:  # the worker's stream waits on the copy's event (pending_events): done for memd now
             job.future.set_result((disk_bytes, time.monotonic() - job.started))
         self._waiters[job.demand].submit(self._finish, job, done, disk_bytes, t0)
@@ -222,6 +225,8 @@ class TieredReader:
         try:
             done.wait()
         except Exception as exc:
+            with self._lock:
+                self._copies.end(time.perf_counter(), 0)
             self._ended(0)
             self._unpin_host(job.key)
             if not job.future.done():
@@ -233,6 +238,7 @@ class TieredReader:
             self.on_fatal(self.broken)
             return
         with self._lock:
+            self._copies.end(time.perf_counter(), self.slot_bytes)
             self.stats.copies += 1
             self.stats.copy_bytes += self.slot_bytes
             self.stats.copy_seconds += time.monotonic() - t0
@@ -293,10 +299,10 @@ class TieredReader:
 
     @property
     def copy_rate(self) -> float | None:
-        """Host-to-device bytes per second of the copies so far (queueing and fences included); None before one."""
+        """Host-to-device bytes per second while some copy is in flight (overlapping copies counted once, recent ones
+        weighted most); None before one ended."""
         with self._lock:
-            s = self.stats
-            return s.copy_bytes / s.copy_seconds if s.copy_bytes and s.copy_seconds > 0 else None
+            return self._copies.rate
 
     def demand_pending(self) -> bool:
         return self.reader.demand_pending() or any(j.demand for j in self.waiting)
@@ -339,7 +345,7 @@ def tier_fields(reader, host=None) -> dict[str, int | float]:
     s = reader.stats
     waits = getattr(getattr(reader.device, "ring", None), "reuse_waits", 0)  # (CudaPool's EventRing)
     return {"host_hits": s.host_hits, "host_misses": s.host_misses, "copy_bytes": s.copy_bytes,
-            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits, "cpu_experts": host.computed if host else 0}
+            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits, "cpu_experts": getattr(host, "computed", 0)}
 
 
 def _stop_memd(message: str) -> None:

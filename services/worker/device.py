@@ -5,8 +5,9 @@ the pool's slots through CUDA IPC views (``pool_views.CudaPoolViews``); sampling
 the host, as on the CPU. Ordering against memd's writes is the worker's one host synchronisation per MoE layer:
 reading the routed ids (``Routing.of``) waits for everything queued before it, the previous layer's expert
 matmuls included, so by the time an acquire reaches memd (the only moment memd takes a lease back) no kernel still
-reads a slot memd could rewrite; an explicit release (``--no-leases``) waits for the layer's kernels first
-(``release_ready``). Read-after-write: memd answers an acquire once its copies into the slots are queued, naming
+reads a slot memd could rewrite. An explicit release (``--no-leases``) does not wait: the worker records one of its
+"done reading" events (``ReadEvents``, shared with memd at HELLO) after the layer's kernels and names it in the
+release, and memd's copy stream waits on it before rewriting those slots (write-after-read, on the GPU). Read-after-write: memd answers an acquire once its copies into the slots are queued, naming
 the entries of its copy-event ring still in flight, and the layer's stream waits on them before the expert matmuls
 (``CudaPoolViews.wait``); with ``--copy-events host`` memd answers once the copies have completed.
 """
@@ -16,6 +17,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+READ_EVENTS = 64  # "done reading" events per worker (entries reused in turn)
 
 
 def resolve(name: str) -> torch.device:
@@ -76,6 +79,30 @@ def current(device: torch.device):
     """A context making ``device`` the current GPU in the calling thread (``set_device`` is per thread: the compute
     thread and the lockstep threads are not the one that loaded the model); nothing on the CPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class ReadEvents:
+    """The worker's "done reading" events: interprocess CUDA events, their handles sent to memd in HELLO, recorded in
+    turn after a layer's expert matmuls. Reusing an entry is safe: memd's copy stream waits on an entry's latest
+    record, which on this worker's in-order stream comes after every earlier one."""
+
+    def __init__(self, device: torch.device, size: int = READ_EVENTS):
+        stream = torch.cuda.current_stream(device)
+        self.events = [torch.cuda.Event(interprocess=True) for _ in range(size)]
+        for event in self.events:
+            event.record(stream)  # created on this device (a handle needs the event to exist)
+        self.handles = [bytes(event.ipc_handle()) for event in self.events]
+        self.next = 0
+
+    def record(self, device: torch.device) -> list[int]:
+        """The entry recorded after the work queued so far on ``device``'s stream ([] after a CUDA error: nothing
+        runs any more, and the first error is reported)."""
+        i, self.next = self.next, (self.next + 1) % len(self.events)
+        try:
+            self.events[i].record(torch.cuda.current_stream(device))
+        except RuntimeError:
+            return []
+        return [i]
 
 
 def release_ready(tensor: torch.Tensor) -> None:

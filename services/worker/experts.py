@@ -43,6 +43,7 @@ class SlotExperts:
         self._params = params
         self._windows = windows  # (lo, hi) -> views of slots lo..hi-1 (PoolViews.window); None: slice ``params``
         self.num_experts = num_slots
+        self.sentinels = False  # entries with id num_experts are skipped (host_experts.py), as transformers' EP does
         for name, tensor in params.items():
             setattr(self, name, tensor)
 
@@ -51,6 +52,10 @@ class SlotExperts:
         (its cost grows with the number of groups), still without copying a byte."""
         params = self._windows(lo, hi) if self._windows else {n: t[lo:hi] for n, t in self._params.items()}
         return SlotExperts(self._module, params, hi - lo)
+
+    @property
+    def _is_expert_parallel(self) -> bool:  # transformers' grouped forward masks the sentinel entries when set
+        return self.sentinels or getattr(self._module, "_is_expert_parallel", False)
 
     def __getattr__(self, name):  # act_fn, _apply_gate, has_bias, is_transposed, ... come from the real module
         return getattr(self._module, name)
@@ -224,17 +229,27 @@ class ExpertBinding:
             window, index = self.slot_window(routing, slots, top_k_index)
             return self.grouped(window, hidden_states, index, top_k_weights)
         finally:
-            if not client.leasing:
-                release_ready(hidden_states)  # a GPU's matmuls on these slots are still queued: let them run
-                client.release(self.layer, routing.experts)  # (after a CUDA error the sync is skipped: see device)
+            if not client.leasing:  # a GPU's matmuls on these slots may still be queued: memd waits for them
+                client.release(self.layer, routing.experts, self.reads_done(hidden_states))
+
+    def reads_done(self, hidden_states) -> list[int]:
+        """The "done reading" event recorded after this layer's kernels (a GPU worker with events), else wait for
+        them here (a GPU without; nothing on the CPU)."""
+        events = self.views.read_events
+        if events is None or not hidden_states.is_cuda:
+            release_ready(hidden_states)  # (after a CUDA error the sync is skipped: see device)
+            return []
+        return events.record(hidden_states.device)
 
     def grouped(self, window: SlotExperts, hidden_states, index, top_k_weights):
         """The experts' forward on the window; on a GPU whose grouped matmul refuses the strided slot views, on
         contiguous copies of them (a device copy per layer, warned once)."""
         fallback = self.fallback
         if fallback.contiguous:
+            sentinels = window.sentinels
             window = SlotExperts(window._module, {n: t.contiguous() for n, t in window._params.items()},
                                  window.num_experts)
+            window.sentinels = sentinels
         try:
             return matvec.forward(window, hidden_states, index, top_k_weights, self.matvec)
         except torch.OutOfMemoryError:
@@ -254,7 +269,8 @@ class ExpertBinding:
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
         ids = routing.experts
         client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
-        counts = [] if self.host is None else self.host.counts(ids, routing.index, top_k_index, self.num_experts)
+        counts = None if self.host is None else (  # (only for a message: not on a leased layer)
+            lambda: self.host.counts(ids, routing.index, top_k_index, self.num_experts))
         slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill, counts=counts)
         nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
         recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,

@@ -5,10 +5,11 @@ With a GPU pool and a pinned host tier, memd may answer an acquire with some exp
 less than copying it over PCIe first (``services/memd/host_compute.py``). The worker maps the host tier once (a
 /dev/shm region memd page-locked for its copies) and, for such a layer:
 
-- computes the GPU's experts as always, with the host experts' (token, k) entries given weight 0 (their rows point
-  at one of the GPU's experts, so the grouped matmul's shapes do not change; a zero weight adds exactly 0);
-- computes each host expert on the CPU for the tokens routed to it, with transformers' same experts forward on a
-  one-slot view of the host tier, weighted by the tokens' router weights, and adds the rows to the GPU's output.
+- launches the GPU's experts as always, the host experts' (token, k) entries made transformers' own "sentinels"
+  (the id past the window's experts that its expert-parallel path skips: no matmul rows, output masked to 0);
+- meanwhile computes each host expert on the CPU for the tokens routed to it (the activations copied to the host
+  first, in the layer's one wait), with transformers' same experts forward on a one-slot view of the host tier,
+  weighted by the tokens' router weights, and adds the rows to the GPU's output.
 
 This changes numerics (the CPU's matmul, and the order of the top-k sum beyond two experts), which is why it is
 opt-in. Before READY the worker measures what one expert costs it here, the activations' round trip to the GPU
@@ -16,6 +17,7 @@ included (``measure``): memd compares that with its measured copy time per exper
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 
@@ -26,7 +28,8 @@ from services.worker import matvec
 from services.worker.pool_views import PoolViews
 
 MEASURE_TOKENS = (1, 8)  # token counts timed to fit the fixed and per-token cost
-MEASURE_REPEATS = 3
+MEASURE_REPEATS = 3  # rounds over the slots
+MEASURE_SLOTS = 8  # host slots cycled through (more bytes than a CPU's last-level cache, for real experts)
 
 
 class HostExperts:
@@ -55,17 +58,22 @@ class HostExperts:
 
     def measure(self, module, hidden_size: int, dtype: torch.dtype, device: torch.device) -> list[float]:
         """[fixed seconds, seconds per token] of one expert computed here: the activations to the CPU, the experts
-        forward on a host-tier slot, the rows back to ``device``."""
-        def once(tokens: int) -> float:
+        forward on a host-tier slot, the rows back to ``device``. The slots taken in turn, several of them (an expert
+        memd asks for is cold in DRAM, not in this CPU's caches), the median of each count kept."""
+        slots = min(self.views.num_slots, MEASURE_SLOTS)
+
+        def once(tokens: int, slot: int) -> float:
             x = torch.zeros(tokens, hidden_size, dtype=dtype, device=device)
             start = time.perf_counter()
-            self.expert(module, 0, x.to("cpu"), torch.ones(tokens, dtype=dtype)).to(device)
+            self.expert(module, slot, x.to("cpu"), torch.ones(tokens, dtype=dtype)).to(device)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return time.perf_counter() - start
 
-        once(MEASURE_TOKENS[0])  # first touch of the slot's pages
-        few, many = (min(once(t) for _ in range(MEASURE_REPEATS)) for t in MEASURE_TOKENS)
+        for slot in range(slots):
+            once(MEASURE_TOKENS[0], slot)  # first touch of every slot's pages
+        few, many = (statistics.median(once(t, i % slots) for i in range(MEASURE_REPEATS * slots))
+                     for t in MEASURE_TOKENS)
         per_token = max(0.0, (many - few) / (MEASURE_TOKENS[1] - MEASURE_TOKENS[0]))
         return [max(0.0, few - per_token * MEASURE_TOKENS[0]), per_token]
 
@@ -83,22 +91,29 @@ class HostExperts:
         host-tier slots there), the others on the binding's device pool."""
         on_host = {routing.experts[j]: slots[j] for j in host}
         device = [(e, s) for j, (e, s) in enumerate(zip(routing.experts, slots)) if j not in set(host)]
+        x, index, weights = hidden_states.to("cpu"), top_k_index.to("cpu"), top_k_weights.to("cpu")  # (one wait)
         picked = torch.zeros(binding.num_experts, dtype=torch.bool, device=top_k_index.device)
         picked[list(on_host)] = True
         hit = picked[top_k_index]  # [tokens, k]: entries the CPU computes
-        if device:
-            filler = device[0][0]  # host entries point at a GPU expert, with weight 0
-            index = top_k_index.masked_fill(hit, filler)
-            rows = None if routing.index is None else [[filler if e in on_host else e for e in row]
-                                                       for row in routing.index]
-            sub = type(routing)([e for e, _ in device], [], [], [], rows)
-            window, remapped = binding.slot_window(sub, [s for _, s in device], index)
-            out = binding.grouped(window, hidden_states, remapped, top_k_weights.masked_fill(hit, 0))
-        else:
-            out = torch.zeros_like(hidden_states)
-        x, index, weights = hidden_states.to("cpu"), top_k_index.to("cpu"), top_k_weights.to("cpu")
-        extra = torch.zeros_like(x)
+        out = self.launch(binding, routing, device, on_host, hidden_states, top_k_index, top_k_weights, hit)
+        extra = torch.zeros_like(x)  # the CPU's rows, computed while the GPU runs its experts
         for expert, slot in on_host.items():
             tokens, ks = (index == expert).nonzero(as_tuple=True)
             extra.index_add_(0, tokens, self.expert(binding.proxy._module, slot, x[tokens], weights[tokens, ks]))
         return out + extra.to(out.device)
+
+    @staticmethod
+    def launch(binding, routing, device: list[tuple[int, int]], on_host: dict[int, int], hidden_states,
+               top_k_index, top_k_weights, hit) -> torch.Tensor:
+        """The device experts' part: the CPU's entries are transformers' "sentinels" (an id past the window's
+        experts, ``_is_expert_parallel``): no matmul rows, and their output is masked to 0 before the sum."""
+        if not device:
+            return torch.zeros_like(hidden_states)
+        filler = device[0][0]  # (a valid id for the remap; replaced by the sentinel after it)
+        rows = None if routing.index is None else [[filler if e in on_host else e for e in row]
+                                                   for row in routing.index]
+        sub = type(routing)([e for e, _ in device], [], [], [], rows)
+        window, index = binding.slot_window(sub, [s for _, s in device], top_k_index.masked_fill(hit, filler))
+        window.sentinels = True
+        return binding.grouped(window, hidden_states, index.masked_fill(hit, window.num_experts),
+                               top_k_weights.masked_fill(hit, 0))

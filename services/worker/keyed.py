@@ -71,6 +71,7 @@ class KeyedBinding(ExpertBinding):
         self.steps = steps
         self.speculator = speculator
         self.dequant = None
+        self.host = None  # (memd --cpu-experts is for a GPU pool: this family runs on the CPU)
         self.experts = {int(EXPERT_KEY.fullmatch(k).group(1)): m for k, m in module.items() if EXPERT_KEY.fullmatch(k)}
         self.check_shapes(module, views)
         module.forward = self.forward  # the instance's forward: nn.Module.__call__ reaches it

@@ -55,12 +55,15 @@ def attach(cfg: WorkerConfig) -> Attached:
         log.info("dense weights on %s: %.1f MiB", dev, moved / 2**20)
     client = MemdClient(cfg.memd_rpc_addr, cfg.memd_trace_addr, timeout_s=cfg.memd_timeout_s, leases=cfg.leases)
     try:
+        events = device.ReadEvents(dev) if dev.type == "cuda" else None  # "done reading", shared with memd
         hello = client.handshake(str(cfg.model.resolve()), cfg.handshake_timeout_s,
-                                 "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)", device.hello_name(dev))
+                                 "--handshake-timeout-s (env MOEINF_HANDSHAKE_TIMEOUT_S)", device.hello_name(dev),
+                                 events.handles if events else ())
         if (hello.num_layers, hello.num_experts) != (len(layers), layers[0].num_experts):
             raise RuntimeError(f"memd serves {hello.num_layers} MoE layers x {hello.num_experts} experts, the model has"
                                f" {len(layers)} x {layers[0].num_experts}: serve the same checkpoint")
         views = open_views(hello)
+        views.read_events = events
         steps = StepState(recorder(cfg, client, model, layers))
         kernels, mv = load_kernels(cfg, views.quantized) if dev.type == "cpu" else (None, None)
         host = HostExperts.open(hello) if dev.type == "cuda" else None  # memd --cpu-experts auto|always

@@ -71,9 +71,11 @@ class MemdClient:
         self.trace.close()
         self.ctx.term()
 
-    def handshake(self, model: str, timeout_s: float, timeout_knob: str, device: str = "cpu") -> m.HelloReply:
-        """``device``: "cpu", or the UUID of the GPU the worker computes on (memd refuses a pool it cannot share)."""
-        hello = self.call(Op.HELLO, m.HelloRequest(PROTOCOL_VERSION, os.getpid(), model, device),
+    def handshake(self, model: str, timeout_s: float, timeout_knob: str, device: str = "cpu",
+                  read_events: list[bytes] = ()) -> m.HelloReply:
+        """``device``: "cpu", or the UUID of the GPU the worker computes on (memd refuses a pool it cannot share);
+        ``read_events``: the handles of its "done reading" events (a GPU worker, ``device.ReadEvents``)."""
+        hello = self.call(Op.HELLO, m.HelloRequest(PROTOCOL_VERSION, os.getpid(), model, device, list(read_events)),
                           timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within {timeout_s:g}s:"
                           f" start `moeinf memd --model {model}` with the same --state-dir first, or raise {timeout_knob}")
         self.memd_pid = hello.pid
@@ -90,9 +92,9 @@ class MemdClient:
 
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
                 prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = (),
-                counts: list[int] = ()) -> list[int]:
+                counts=None) -> list[int]:
         """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased; at the positions
-        in ``self.host`` (memd --cpu-experts, given ``counts``: tokens per expert) host-tier slots, for the CPU."""
+        in ``self.host`` (memd --cpu-experts, given ``counts()``: tokens per expert) host-tier slots, for the CPU."""
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
         self.wait_events, self.host = [], []
@@ -102,7 +104,7 @@ class MemdClient:
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease, list(self._leased_uses), list(counts))
+                                   list(speculated_tokens), lease, list(self._leased_uses), counts() if counts else [])
         self._leased_uses.clear()
         try:
             reply = self.call(Op.ACQUIRE, request)
@@ -155,13 +157,16 @@ class MemdClient:
                 self.leases[(layer, expert)] = slot
         self._seen_epoch = reply.epoch
 
-    def release(self, layer: int, experts: list[int]) -> None:
-        """Unpin ``experts`` acquired in explicit mode (leases are not released: memd revokes them)."""
-        self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts)))
+    def release(self, layer: int, experts: list[int], read_done: list[int] = ()) -> None:
+        """Unpin ``experts`` acquired in explicit mode (leases are not released: memd revokes them); ``read_done``:
+        the "done reading" event recorded after the GPU's work on their slots (memd rewrites them after it)."""
+        self.sock.send(encode(Op.RELEASE, 0, m.ReleaseRequest(layer, experts, list(read_done))))
 
     def return_leases(self) -> None:
-        """Give every lease back (the worker is idle): nothing stays pinned for a worker that computes nothing."""
-        if self.leases:
+        """Give every lease back (the worker is idle): nothing stays pinned for a worker that computes nothing (nor
+        a host-tier slot its last acquire had it compute from, ``host``)."""
+        if self.leases or self.host:
+            self.host = []
             self.leases.clear()
             self.sock.send(encode(Op.RETURN_LEASES, 0, m.ReturnLeasesRequest()))
 

@@ -43,6 +43,8 @@ def slot_params(by_slot: torch.Tensor, tensors: list[m.TensorSpec]) -> dict[str,
 class PoolViews:
     """The worker's mapping of memd's shared-memory pool and one ``[num_slots, *shape]`` view per parameter."""
 
+    read_events = None  # (a GPU pool's: the worker's "done reading" events, device.ReadEvents)
+
     def __init__(self, hello: m.HelloReply, host_tier: bool = False):
         """``host_tier``: map the host tier memd shares for CPU experts (``HelloReply.host_pool_name``, a GPU pool
         with --cpu-experts auto|always) instead of the pool."""
@@ -76,6 +78,7 @@ class ChunkWindows:
     chunk_slots: int
     params: dict[str, torch.Tensor]
     _gathered = False
+    read_events = None  # the worker's "done reading" events (device.ReadEvents), set by the worker once made
 
     def crosses(self, lo: int, hi: int) -> bool:
         """Slots ``lo..hi-1`` lie in more than one chunk (no single view holds them)."""

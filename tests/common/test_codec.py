@@ -131,7 +131,7 @@ def test_frame_header_layout():
     assert HEADER_BYTES == 9
     assert frame[0] == Op.RELEASE == 4
     assert frame[1:9] == bytes([8, 7, 6, 5, 4, 3, 2, 1])  # u64 little-endian
-    assert msgpack.unpackb(frame[9:]) == [3, [7, 1]]  # the fields as an array, in declaration order
+    assert msgpack.unpackb(frame[9:]) == [3, [7, 1], []]  # the fields as an array, in declaration order
 
 
 def test_nested_dataclass_is_a_nested_array_on_the_wire():

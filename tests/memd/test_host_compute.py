@@ -1,23 +1,18 @@
 """memd's side of ``--cpu-experts`` (services/memd/host_compute.py), against the host-memory stand-in for the
 device pool: which host-tier experts a worker is told to compute on its CPU (only when its measured cost beats
 the measured copy, only experts the device pool neither holds nor loads, never the host tier's last free slots),
-the host slots pinned until the worker moves on, and the acquire reply through memd's real server code."""
-import asyncio
+the host slots pinned until the worker moves on (the acquire reply through memd's server: test_gpu_server.py)."""
 import mmap
 import os
-from types import SimpleNamespace
 
 import pytest
 
 from common import messages as m
-from common.config import PROTOCOL_VERSION, MemdConfig
-from services.memd.core import CacheSettings, ExpertCache
 from services.memd.host_compute import HostCompute
-from services.memd.pool_memory import PoolMemory
+from services.memd.read_jobs import BusyRate
 from services.memd.reader import ExpertReader
-from services.memd.server import MemdServer
 from services.memd.standin import StandInPool, StandInStream
-from services.memd.tiers import TieredReader, tier_fields
+from services.memd.tiers import TieredReader
 from tier_helpers import contiguous, fake_store
 
 MS = 1e-3
@@ -46,7 +41,8 @@ def tiers(tmp_path):
 
 def measured(tiers: TieredReader, copy_ms: float) -> None:
     """Copies measured at ``copy_ms`` per slot (what the stand-in's instant copies would not show)."""
-    tiers.stats.copy_bytes, tiers.stats.copy_seconds = 10 * SLOT, 10 * copy_ms * MS
+    tiers._copies = BusyRate()
+    tiers._copies.bytes, tiers._copies.seconds = 10 * SLOT, 10 * copy_ms * MS
 
 
 def acquire(layer, experts, counts, step=1):
@@ -72,7 +68,7 @@ def test_an_expert_only_the_host_tier_holds_goes_to_the_cpu_when_its_cost_beats_
 def test_nothing_goes_to_the_cpu_before_both_costs_are_measured_or_without_counts(tiers):
     t = tiers()
     t.submit((0, 1), 0, demand=True).future.result(TIMEOUT)
-    t.stats.copy_bytes = t.stats.copy_seconds = 0
+    t._copies = BusyRate()  # nothing measured
     host = HostCompute(t, "h", 4, SLOT)
     host.worker_ready(7, [0.0, 0.0])
     assert host.choose(7, acquire(0, [1], [1]), nowhere) == {}  # no copy measured yet
@@ -110,7 +106,7 @@ def test_the_host_slot_stays_pinned_until_the_worker_moves_on(tiers):
 def test_always_skips_the_cost_comparison_but_not_the_workers_consent(tiers):
     t = tiers()
     t.submit((0, 1), 0, demand=True).future.result(TIMEOUT)
-    t.stats.copy_bytes = t.stats.copy_seconds = 0  # no copy measured: auto would not decide
+    t._copies = BusyRate()  # no copy measured: auto would not decide
     host = HostCompute(t, "h", 4, SLOT, always=True)
     host.worker_ready(7, [1.0, 1.0])  # a second per expert: auto would always copy
     assert host.choose(7, acquire(0, [1], [64]), nowhere) == {0: t.host.slot_of[(0, 1)]}
@@ -140,41 +136,24 @@ def test_a_host_slot_the_cpu_computes_from_is_not_evicted_by_host_loads(tiers):
     assert t.host.slot_of[(0, 0)] == slot and t.host.is_resident((0, 0))
 
 
-def server(tiers_reader: TieredReader, tmp_path) -> MemdServer:
-    cfg = MemdConfig(model=tmp_path, pool_backend="cuda", cpu_experts="auto", state_dir=tmp_path, prefetch=False)
-    store = SimpleNamespace(slot_bytes=SLOT, num_layers=LAYERS, num_experts=EXPERTS, tensors=[])
-    slots = tiers_reader.device.num_slots
-    core = ExpertCache(slots, LAYERS, EXPERTS, top_k=2, expert_bytes=SLOT, knobs=CacheSettings(policy="lru"))
-    host = HostCompute(tiers_reader, "moeinf-test-host", tiers_reader.host.capacity, SLOT)
-    return MemdServer(cfg, store, core, tiers_reader, PoolMemory(tiers_reader.device, SLOT), None, host)
+def test_a_failed_acquire_or_a_retry_of_its_layer_lets_its_host_slots_go(tiers):
+    t = tiers()
+    t.submit((0, 1), 0, demand=True).future.result(TIMEOUT)
+    measured(t, copy_ms=2.0)
+    host = HostCompute(t, "h", 4, SLOT, spare=1)
+    host.worker_ready(7, [0.1 * MS, 0.0])
+    req = acquire(0, [1], [1], step=3)
+    assert host.choose(7, req, nowhere) and host.choose(7, req, nowhere)  # a retry: the same pin, not two
+    assert t.host.pins == {(0, 1): 1} and host.computed == 1
+    host.failed(7, acquire(1, [1], [1], step=3))  # another layer's failure: not this one's
+    assert t.host.pins == {(0, 1): 1}
+    host.failed(7, req)
+    assert not t.host.pins and host.computed == 0 and 7 in host.costs
 
 
-def test_an_acquire_reply_names_the_cpus_experts_with_their_host_slots(tiers, tmp_path):
-    t = tiers(host_slots=4, device_slots=4)
-    srv = server(t, tmp_path)
-
-    async def run():
-        me = b"w"
-        hello = srv.on_hello(me, m.HelloRequest(PROTOCOL_VERSION, 7, str(tmp_path), "standin"))
-        assert (hello.host_pool_name, hello.host_slots) == ("moeinf-test-host", 4)
-        srv.on_ready(me, m.ReadyRequest(7, [0.1 * MS, 0.01 * MS]))
-        first = srv.begin_acquire(me, acquire(0, [1], [1], step=1))  # nothing measured: loaded to the device
-        await asyncio.gather(*first.waits)
-        assert srv._acquired(first).host == [] and (0, 1) in srv.table.slot_of
-        srv.on_release(me, m.ReleaseRequest(0, [1]))
-        srv.table.evict((0, 1))  # the device pool let it go; the host tier still holds it
-        measured(t, copy_ms=2.0)
-        second = srv.begin_acquire(me, acquire(0, [0, 1], [1, 1], step=2))
-        await asyncio.gather(*second.waits)
-        reply = srv._acquired(second)
-        assert reply.host == [1] and reply.slots[1] == t.host.slot_of[(0, 1)]
-        assert (0, 0) in srv.table.slot_of and (0, 1) not in srv.table.slot_of  # the CPU's expert was not loaded
-        assert t.host.pins == {(0, 1): 1}
-        srv.on_layer_note(None, m.LayerNoteEvent(7, 2, 1, [0]))  # the next layer: done with the host slot
-        assert not t.host.pins
-        stats = tier_fields(t, srv.host)
-        assert stats["cpu_experts"] == 1 and srv.on_stats(me, m.StatsRequest()).cpu_experts == 1
-        srv._drop_client(me)
-        assert 7 not in srv.host.costs
-
-    asyncio.run(run())
+def test_the_copy_rate_is_measured_from_real_copies(tiers):
+    t = tiers()
+    assert t.copy_rate is None
+    t.submit((0, 1), 0, demand=True).future.result(TIMEOUT)
+    t.submit((0, 2), 1, demand=True).future.result(TIMEOUT)
+    assert t.copy_rate is not None and t.copy_rate > 0

@@ -79,7 +79,7 @@ def test_the_cost_measurement_gives_a_fixed_part_and_a_part_per_token():
     module = experts_module(torch.bfloat16)
     tier = HostExperts(views_of(pool(module, {0: 0}, 1), 1))
     fixed, per_token = tier.measure(module, H, torch.bfloat16, torch.device("cpu"))
-    assert fixed > 0 and per_token >= 0 and fixed + per_token < 1.0
+    assert fixed >= 0 and per_token >= 0 and 0 < fixed + per_token < 1.0  # one token costs something, not seconds
 
 
 def test_leases_never_keep_a_host_tier_slot(monkeypatch):
@@ -90,3 +90,37 @@ def test_leases_never_keep_a_host_tier_slot(monkeypatch):
     client.leases, client._seen_epoch = {}, 0
     client._update_leases(2, [5, 6, 7], m.AcquireReply([10, 3, 11], 1, host=[1], epoch=4))
     assert client.leases == {(2, 5): 10, (2, 7): 11} and client._seen_epoch == 4
+
+
+def test_the_cpus_entries_never_touch_a_device_expert_even_one_that_overflows():
+    """The CPU's (token, k) entries are sentinels on the device side, not a device expert at weight 0: a device
+    expert whose output is inf (fp overflow) must not turn a token it was not routed to into NaN (inf x 0)."""
+    module = experts_module(torch.float32)
+    with torch.no_grad():
+        module.down_proj[0].fill_(float("inf"))  # expert 0 overflows on any token
+    device, host = {0: 0, 1: 1}, {2: 3, 3: 2}
+    binding = ExpertBinding(0, module, views_of(pool(module, device, E), E), client=None, steps=None)
+    tier = HostExperts(views_of(pool(module, host, E), E))
+    hidden = torch.randn(2, H)
+    top_k_index = torch.tensor([[2, 3], [0, 1]])  # token 0: only host experts; token 1: expert 0 (inf)
+    top_k_weights = torch.full((2, K), 0.5)
+    routing = Routing.small(top_k_index.tolist(), top_k_weights.tolist(), [], [])
+    slots = [host.get(e, device.get(e)) for e in routing.experts]
+    got = tier.forward(binding, routing, slots, [2, 3], hidden, top_k_index, top_k_weights)
+    expect = grouped_mm_experts_forward(module, hidden, top_k_index, top_k_weights)
+    assert torch.isfinite(got[0]).all()
+    torch.testing.assert_close(got[0], expect[0])
+
+
+def test_returning_leases_also_lets_go_of_host_tier_slots():
+    from services.worker.memd_client import MemdClient
+
+    sent = []
+    client = MemdClient.__new__(MemdClient)
+    client.sock = SimpleNamespace(send=sent.append)
+    client.leases, client.host = {}, []
+    client.return_leases()
+    assert sent == []  # nothing held: nothing to say
+    client.host = [1]  # the last acquire had the CPU compute from a host-tier slot
+    client.return_leases()
+    assert len(sent) == 1 and client.host == []
