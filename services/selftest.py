@@ -8,6 +8,9 @@
 3. H2D bandwidth of the pool's copy stream (pinned host -> device) against the link's peak (nvidia-smi).
 4. Per-layer overhead at 100% residency: moeinf's layer path (unique ids to the host, the one sync per layer,
    remap on the device, the window) against transformers' forward, CUDA-event timed.
+5. ``--cpu-experts``: one expert's measured time on this CPU (the worker's measurement) against a copy at the
+   measured H2D rate (which ``auto`` would pick for one token), and a layer with two experts computed on the CPU
+   from the host tier against transformers' forward on the GPU (close, not equal: the CPU rounds differently).
 
 Prints a table; exits 0 when every check passes, 1 when one fails, 2 without a CUDA device (saying so).
 """
@@ -95,6 +98,7 @@ def run_checks(model_dir: Path, memory: str, tokens: int, repeats: int) -> list[
         rows += rig.exactness(ref, tokens, label="exact at 100%")
         rows.append(rig.bandwidth())
         rows += rig.overhead(ref, tokens, repeats)
+        rows += rig.cpu_experts(ref, tokens)
     with _Rig(store, small) as rig:
         rows += rig.exactness(ref, tokens, label=f"exact at {memory} ({small} slots)")
     del ref
@@ -126,17 +130,19 @@ class _Rig:
 
         self.store, self.slots, s = store, slots, store.slot_bytes
         self.pool = CudaPool(slots * s, s, store.num_experts)
-        self.host = PinnedHost(8 * s)
+        self.host = PinnedHost(8 * s, f"moeinf-selftest-{os.getpid()}-host")  # shared: the CPU-experts check
         self.reader = ExpertReader(store, self.host.view, s, True, threads=4)
         self.tiers = TieredReader(self.reader, TieredReader.host_table(8, store.num_layers, store.num_experts),
                                   self.host.view, self.pool, s)
         export = self.pool.export()
         hello = m.HelloReply(PROTOCOL_VERSION, os.getpid(), export.backend, "", export.nbytes, s, slots,
                              store.num_layers, store.num_experts, store.tensors, "", export.device, export.chunk_bytes,
-                             export.handles, export.event_handles)
+                             export.handles, export.event_handles, self.host.name, 8)
         self.views = CudaPoolViews(hello, ptrs=list(self.pool.chunks.mem))
+        self.hello = hello
         self.fill_bytes = 0
         self.contiguous = False
+        self.h2d = 0.0
 
     def __enter__(self):
         return self
@@ -196,6 +202,38 @@ class _Rig:
         rows.append((label, f"{len(layers) - len(bad)}/{len(layers)} layers bit-identical", not bad))
         return rows
 
+    def cpu_experts(self, ref, tokens: int) -> list[tuple[str, str, bool]]:
+        import torch
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        from services.worker.experts import ExpertBinding, Routing
+        from services.worker.host_experts import HostExperts
+
+        (layers, shape), E = ref, self.store.num_experts
+        layer, module = layers[0]
+        base = layer.index * E  # the layer's experts loaded again at home: the host tier now holds (most of) them
+        self.load(list(range(base, base + E)), base)
+        host = HostExperts.open(self.hello)
+        fixed, per_token = host.measure(module, shape[0], next(module.parameters()).dtype, torch.device("cuda"))
+        copy = self.store.slot_bytes / self.h2d
+        pick = "the CPU" if fixed + per_token < copy else "the copy"
+        rows = [("one expert on the CPU vs a copy", f"{1e3 * (fixed + per_token):.3f} ms (+{1e3 * per_token:.3f} ms"
+                 f"/token) vs {1e3 * copy:.3f} ms: auto picks {pick} for 1 token", True)]
+        hidden, idx, weights = _inputs(module, shape, tokens, layer.index)
+        held = {e: self.tiers.host.slot_of[(layer.index, e)] for e in range(E)
+                if self.tiers.host.is_resident((layer.index, e))}
+        routing = Routing(torch.unique(idx).tolist(), [], [], [], None)
+        on_cpu = [j for j, e in enumerate(routing.experts) if e in held][:2]
+        slots = [held[e] if j in on_cpu else base + e for j, e in enumerate(routing.experts)]
+        binding = ExpertBinding(layer.index, module, self.views, None, None)
+        got = host.forward(binding, routing, slots, on_cpu, hidden, idx, weights).float()
+        want = grouped_mm_experts_forward(module, hidden, idx, weights).float()
+        error = ((got - want).norm() / want.norm()).item()
+        rows.append((f"a layer with {len(on_cpu)} experts on the CPU", f"relative error {error:.2e} vs transformers",
+                     bool(on_cpu) and error < 0.01))
+        host.views = None
+        return rows
+
     def bandwidth(self) -> tuple[str, str, bool]:
         s, n = self.store.slot_bytes, self.slots
         src = self.host.view[:s]
@@ -209,6 +247,7 @@ class _Rig:
         gbps = 3 * n * s / (time.perf_counter() - t0) / 1e9
         peak = link_peak(self.pool.index)
         share = f" ({100 * gbps / peak[1]:.0f}% of {peak[0]} {peak[1]:.1f} GB/s)" if peak else " (link peak unknown)"
+        self.h2d = gbps * 1e9  # (the CPU-experts check compares with it)
         return ("H2D copy stream", f"{gbps:.2f} GB/s{share}", True)
 
     def overhead(self, ref, tokens: int, repeats: int) -> list[tuple[str, str, bool]]:

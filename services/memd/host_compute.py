@@ -7,13 +7,14 @@ CPU reads the expert's bytes once from DRAM, which can cost less than moving the
 result). memd decides per expert, at the acquire that needs it: the CPU when the worker's measured time for the
 expert's tokens (``ReadyRequest.cpu_expert_seconds``: a fixed part, the activations' round trip to the GPU
 included, and a part per token) is below the measured time of a copy (slot bytes over the host-to-device rate of
-the copies so far, ``TieredReader.copy_rate``). Nothing goes to the CPU before both are measured, and never the
-host tier's last unpinned slots (two per reader thread: loads need them). ``always`` skips the comparison (every such expert goes to a
-worker that computes host-tier experts), to compare the two paths.
+the copies, ``TieredReader.copy_rate``). Nothing goes to the CPU before both are measured, and never the host
+tier's last unpinned slots (two per reader thread: loads need them). ``always`` skips the comparison (every such
+expert goes to a worker that computes host-tier experts), to compare the two paths.
 
 The chosen experts' host slots stay pinned until the worker is done with them: its next message about a later
 (step, layer) (a layer note or an acquire: it computes a layer's experts before it moves on), a release of that
-layer (leases off), its returned leases, or its end. At most one layer's experts per worker are held.
+layer (leases off), its returned leases, a failure of that acquire, or its end. At most one layer's experts per
+worker are held.
 """
 from __future__ import annotations
 

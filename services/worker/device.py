@@ -5,10 +5,11 @@ the pool's slots through CUDA IPC views (``pool_views.CudaPoolViews``); sampling
 the host, as on the CPU. Ordering against memd's writes is the worker's one host synchronisation per MoE layer:
 reading the routed ids (``Routing.of``) waits for everything queued before it, the previous layer's expert
 matmuls included, so by the time an acquire reaches memd (the only moment memd takes a lease back) no kernel still
-reads a slot memd could rewrite. An explicit release (``--no-leases``) does not wait: the worker records one of its
+reads a slot memd could rewrite. An explicit release (``--leases off``) does not wait: the worker records one of its
 "done reading" events (``ReadEvents``, shared with memd at HELLO) after the layer's kernels and names it in the
-release, and memd's copy stream waits on it before rewriting those slots (write-after-read, on the GPU). Read-after-write: memd answers an acquire once its copies into the slots are queued, naming
-the entries of its copy-event ring still in flight, and the layer's stream waits on them before the expert matmuls
+release, and memd's copy stream waits on it before rewriting those slots (write-after-read, on the GPU).
+Read-after-write: memd answers an acquire once its copies into the slots are queued, naming the entries of its
+copy-event ring still in flight, and the layer's stream waits on them before the expert matmuls
 (``CudaPoolViews.wait``); with ``--copy-events host`` memd answers once the copies have completed.
 """
 from __future__ import annotations

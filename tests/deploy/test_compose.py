@@ -230,7 +230,8 @@ def test_gpu_override_puts_the_pool_and_the_worker_on_the_gpu(gpu):
     memd_env = {k: interpolate(str(v)) for k, v in gpu["services"]["memd"]["environment"].items()}
     worker_env = {k: interpolate(str(v)) for k, v in gpu["services"]["worker"]["environment"].items()}
     assert memd_env["MOEINF_POOL_BACKEND"] == "cuda" and worker_env["MOEINF_DEVICE"] == "cuda"
-    assert MemdConfig(model=ROOT, pool_backend=memd_env["MOEINF_POOL_BACKEND"]).pool_backend == "cuda"
+    assert MemdConfig(model=ROOT, pool_backend=memd_env["MOEINF_POOL_BACKEND"],
+                      cpu_experts=memd_env["MOEINF_CPU_EXPERTS"]).cpu_experts == "off"  # opt-in: it changes numerics
     assert WorkerConfig(model=ROOT, device=worker_env["MOEINF_DEVICE"]).device == "cuda"
     cpu = {k: interpolate(str(v), {"MOEINF_POOL_BACKEND": "shm", "MOEINF_WORKER_DEVICE": "cpu"})
            for k, v in {**gpu["services"]["memd"]["environment"], **gpu["services"]["worker"]["environment"]}.items()}
