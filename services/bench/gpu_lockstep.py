@@ -103,6 +103,7 @@ def _row(s: _System, tokens: int, reference: list[list[int]]) -> dict:
             "decode_p50_ms": 1e3 * statistics.median(s.decode_s), "decode_mean_ms": 1e3 * sum(s.decode_s) / steps,
             "acquire_wait_ms": 1e3 * s.acquire_s / steps,
             "misses_per_step": (after.misses - before.misses) / steps,  # the prefills' among them
+            "cpu_experts_per_step": (after.cpu_experts - before.cpu_experts) / steps,  # --cpu-experts
             "prefetch_precision": used / (used + wasted) if used + wasted else None,
             "speculate_layers": after.speculate_layers, "load_gbps": after.read_bandwidth / 1e9,
             "tokens_equal": s.tokens == [r[:tokens + 1] for r in reference]}
@@ -111,18 +112,19 @@ def _row(s: _System, tokens: int, reference: list[list[int]]) -> dict:
 def table(rows: list[dict], device: str) -> str:
     lru = {r["memory"]: r["decode_mean_ms"] for r in rows if r["system"] == "moeinf-ondemand-lru"}
     lines = [f"decode on {device}, in lockstep (one step of each system in turn, 1 torch thread, after a warm-up):"
-             " ms per decode step; acquire = the worker's wait in round trips to memd, rest = everything else",
-             f"{'system':<22}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}{'misses':>8}"
-             f"{'precision':>10}{'k':>3}{'GB/s':>7}  tokens"]
+             " ms per decode step; acquire = the worker's wait in round trips to memd, rest = everything else; on CPU ="
+             " experts per step computed on the worker's CPU (--cpu-experts)",
+             f"{'system':<26}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}{'misses':>8}"
+             f"{'on CPU':>8}{'precision':>10}{'k':>3}{'GB/s':>7}  tokens"]
     for r in rows:
         if not r.get("lockstep"):  # transformers' generate, timed apart: the floor
-            lines.append(f"{r['system']:<22}{r['memory']:>8}{'':>9}{r['ms_per_token']:>9.2f}  (its own run)")
+            lines.append(f"{r['system']:<26}{r['memory']:>8}{'':>9}{r['ms_per_token']:>9.2f}  (its own run)")
             continue
         vs = f"{r['decode_mean_ms'] / lru[r['memory']]:.2f}" if r["memory"] in lru else "-"
         precision = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.2f}"
-        lines.append(f"{r['system']:<22}{r['memory']:>8}{r['decode_p50_ms']:>9.2f}{r['decode_mean_ms']:>9.2f}{vs:>8}"
+        lines.append(f"{r['system']:<26}{r['memory']:>8}{r['decode_p50_ms']:>9.2f}{r['decode_mean_ms']:>9.2f}{vs:>8}"
                      f"{r['acquire_wait_ms']:>9.2f}{r['decode_mean_ms'] - r['acquire_wait_ms']:>9.2f}"
-                     f"{r['misses_per_step']:>8.2f}{precision:>10}{r['speculate_layers']:>3}{r['load_gbps']:>7.2f}  "
+                     f"{r['misses_per_step']:>8.2f}{r.get('cpu_experts_per_step', 0):>8.2f}{precision:>10}{r['speculate_layers']:>3}{r['load_gbps']:>7.2f}  "
                      f"{'equal' if r['tokens_equal'] else 'DIFFER'}")
     return "\n".join(lines)
 

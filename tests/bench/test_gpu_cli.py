@@ -48,5 +48,7 @@ def test_lockstep_splits_the_acquire_wait_and_checks_tokens(mixtral, tmp_path):
     for r in rows[1:]:  # a pool of a quarter of the experts misses: every system waits in acquires, and computes
         assert r["lockstep"] and 0 < r["acquire_wait_ms"] < r["decode_mean_ms"], r
         assert r["misses_per_step"] > 0 and r["load_gbps"] > 0, r  # from memd's counters over the timed prompts
+        assert r["cpu_experts_per_step"] == 0, r  # (a CPU pool has no host tier to compute from)
     assert rows[1]["speculate_layers"] >= 1 and rows[2]["prefetch_precision"] is None  # LRU: nothing prefetched
-    assert "acquire" in out.stdout and "precision" in out.stdout and "DIFFER" not in out.stdout
+    assert "acquire" in out.stdout and "precision" in out.stdout and "on CPU" in out.stdout
+    assert "DIFFER" not in out.stdout
