@@ -151,8 +151,8 @@ class AcquireReply(Message):
 class ReleaseRequest(Message):
     layer: Index
     experts: list[Index]
-    read_done: list[Index] = field(default_factory=list)  # the read event (HelloRequest.read_events) recorded after
-    # the worker's GPU work on these experts' slots: memd rewrites them only after it (empty: the reads are done)
+    read_done: Annotated[list[Index], Meta(max_length=1)] = field(default_factory=list)  # the read event recorded after
+    # the worker's GPU work on these experts' slots (HelloRequest.read_events): memd rewrites them only after it
 
 
 class ReturnLeasesRequest(Message):
@@ -233,7 +233,8 @@ class StatsReply(Message):
     copy_bytes: Count = 0  # GPU pool: bytes copied host -> device
     copy_seconds: NonNeg = 0.0  # GPU pool: seconds from issuing each copy to its end, summed
     ring_reuse_waits: Count = 0  # GPU pool: copies that waited for a copy-event ring entry still in flight
-    cpu_experts: Count = 0  # GPU pool, --cpu-experts on: experts workers computed on their CPU from the host tier
+    cpu_experts: Count = 0  # GPU pool, --cpu-experts: experts workers computed on their CPU from the host tier
+    read_events: Count = 0  # GPU pool: released slots whose rewrite waits for a worker's "done reading" event
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

@@ -130,14 +130,17 @@ class _Rig:
 
         self.store, self.slots, s = store, slots, store.slot_bytes
         self.pool = CudaPool(slots * s, s, store.num_experts)
-        self.host = PinnedHost(8 * s, f"moeinf-selftest-{os.getpid()}-host")  # shared: the CPU-experts check
+        try:  # shared, as with --cpu-experts: the CPU-experts check maps it as a worker does
+            self.host = PinnedHost(8 * s, f"moeinf-selftest-{os.getpid()}-host")
+        except RuntimeError:  # /dev/shm cannot hold 8 experts: private, and that check says it is skipped
+            self.host = PinnedHost(8 * s)
         self.reader = ExpertReader(store, self.host.view, s, True, threads=4)
         self.tiers = TieredReader(self.reader, TieredReader.host_table(8, store.num_layers, store.num_experts),
                                   self.host.view, self.pool, s)
         export = self.pool.export()
         hello = m.HelloReply(PROTOCOL_VERSION, os.getpid(), export.backend, "", export.nbytes, s, slots,
                              store.num_layers, store.num_experts, store.tensors, "", export.device, export.chunk_bytes,
-                             export.handles, export.event_handles, self.host.name, 8)
+                             export.handles, export.event_handles, self.host.name, 8 if self.host.name else 0)
         self.views = CudaPoolViews(hello, ptrs=list(self.pool.chunks.mem))
         self.hello = hello
         self.fill_bytes = 0
@@ -203,10 +206,6 @@ class _Rig:
         return rows
 
     def cpu_experts(self, ref, tokens: int) -> list[tuple[str, str, bool]]:
-        import torch
-        from transformers.integrations.moe import grouped_mm_experts_forward
-
-        from services.worker.experts import ExpertBinding, Routing
         from services.worker.host_experts import HostExperts
 
         (layers, shape), E = ref, self.store.num_experts
@@ -214,6 +213,20 @@ class _Rig:
         base = layer.index * E  # the layer's experts loaded again at home: the host tier now holds (most of) them
         self.load(list(range(base, base + E)), base)
         host = HostExperts.open(self.hello)
+        if host is None:
+            return [("CPU experts", "skipped: /dev/shm cannot hold 8 experts (docker: shm_size)", True)]
+        try:
+            return self._cpu_rows(host, layer, module, shape, base, tokens)
+        finally:
+            host.views = None  # (the mapping goes with its tensors)
+
+    def _cpu_rows(self, host, layer, module, shape, base: int, tokens: int) -> list[tuple[str, str, bool]]:
+        import torch
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        from services.worker.experts import ExpertBinding, Routing
+
+        E = self.store.num_experts
         fixed, per_token = host.measure(module, shape[0], next(module.parameters()).dtype, torch.device("cuda"))
         copy = self.store.slot_bytes / self.h2d
         pick = "the CPU" if fixed + per_token < copy else "the copy"
@@ -231,7 +244,6 @@ class _Rig:
         error = ((got - want).norm() / want.norm()).item()
         rows.append((f"a layer with {len(on_cpu)} experts on the CPU", f"relative error {error:.2e} vs transformers",
                      bool(on_cpu) and error < 0.01))
-        host.views = None
         return rows
 
     def bandwidth(self) -> tuple[str, str, bool]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 
 from services.memd.chunks import Chunks
 from services.memd.pools import Completion, Pool, PoolExport
@@ -84,17 +85,26 @@ class CudaEvent(Completion):
 class WorkerEvent(Completion):
     """A worker's interprocess "done reading" event, opened from its handle: done once the worker's GPU work
     recorded before it (a layer's expert matmuls) has run. The worker re-records it for later layers, so a
-    write waits for that record or a later one: never less (its stream is in order)."""
+    write waits for that record or a later one: never less (its stream is in order). Once its worker is gone the
+    event is closed (``CudaPool.close_events``, under ``lock``): done, and no longer touched."""
 
-    def __init__(self, cupy, handle: bytes):
-        self.rt = cupy.cuda.runtime
+    def __init__(self, cupy, handle: bytes, lock: threading.Lock):
+        self.rt, self.lock, self.closed = cupy.cuda.runtime, lock, False
         self.ptr = self.rt.ipcOpenEventHandle(handle)
 
     def done(self) -> bool:
-        return self.rt.eventQuery(self.ptr) == 0  # cudaSuccess; cudaErrorNotReady while pending
+        with self.lock:
+            return self.closed or self.rt.eventQuery(self.ptr) == 0  # cudaSuccess; cudaErrorNotReady while pending
 
     def wait(self) -> None:
-        self.rt.eventSynchronize(self.ptr)
+        while not self.done():
+            time.sleep(0.0005)  # (not eventSynchronize: the event may be closed meanwhile)
+
+    def gpu_wait(self, stream) -> None:
+        """``stream`` waits for it on the GPU, unless it is done (or closed) already."""
+        with self.lock:
+            if not self.closed and self.rt.eventQuery(self.ptr) != 0:
+                self.rt.streamWaitEvent(stream.ptr, self.ptr, 0)
 
 
 class EventRing:
@@ -135,6 +145,7 @@ class CudaPool(Pool):
         self.uuid = device_uuid(cp, device)
         self.streams: dict[tuple[bool, int], object] = {}  # (demand, issuing thread) -> its copy stream
         self._streams_lock = threading.Lock()
+        self._events_lock = threading.Lock()  # the workers' read events: queried, waited on, closed
         with self.device:
             self.chunks = Chunks(nbytes, slot_bytes, chunk_slots, self._malloc, self._free)
             self.handles = [bytes(cp.cuda.runtime.ipcGetMemHandle(p)) for p in self.chunks.mem]
@@ -170,7 +181,7 @@ class CudaPool(Pool):
                 if isinstance(c, CudaEvent):
                     stream.wait_event(c.event)  # on the GPU: the host does not block
                 elif isinstance(c, WorkerEvent):
-                    cp.cuda.runtime.streamWaitEvent(stream.ptr, c.ptr, 0)
+                    c.gpu_wait(stream)
                 elif not c.done():
                     c.wait()  # a host-side completion: wait here
             cp.cuda.runtime.memcpyAsync(ptr + within, host, len(src), H2D, stream.ptr)
@@ -180,13 +191,22 @@ class CudaPool(Pool):
         return CudaEvent(event, ring)
 
     def open_events(self, handles: list[bytes]) -> list[Completion]:
+        opened: list[WorkerEvent] = []
         with self.device:
-            return [WorkerEvent(self.cupy, h) for h in handles]
+            try:
+                for h in handles:
+                    opened.append(WorkerEvent(self.cupy, h, self._events_lock))
+            except BaseException:
+                self.close_events(opened)
+                raise
+        return opened
 
     def close_events(self, events: list[Completion]) -> None:
-        for event in events:
-            if isinstance(event, WorkerEvent):
-                self.cupy.cuda.runtime.eventDestroy(event.ptr)
+        with self.device, self._events_lock:
+            for event in events:
+                if isinstance(event, WorkerEvent) and not event.closed:
+                    event.closed = True
+                    self.cupy.cuda.runtime.eventDestroy(event.ptr)
 
     def _stream(self, demand: bool):
         key = (demand, threading.get_ident())

@@ -97,12 +97,14 @@ class ConnectedWorker:
     def release(self, table: SlotTable, keys: list[Key], read_done: list[int], fences) -> None:
         """A RELEASE: unpin ``keys``, whose slots the worker's GPU reads until its event ``read_done[0]`` (a rewrite
         waits for it; ``fences``: the tiers' SlotFences, None for a pool the worker reads synchronously)."""
-        if fences is not None and read_done and 0 <= read_done[0] < len(self.read_events):
-            event = self.read_events[read_done[0]]
-            for key in keys:
-                if (slot := table.slot_of.get(key)) is not None:
-                    fences.read_done(slot, event)
-        self.unpin(table, keys)
+        try:
+            if fences is not None and read_done and 0 <= read_done[0] < len(self.read_events):
+                event = self.read_events[read_done[0]]
+                for key in keys:
+                    if (slot := table.slot_of.get(key)) is not None:
+                        fences.read_done(slot, event)
+        finally:
+            self.unpin(table, keys)
 
     def unpin(self, table: SlotTable, keys) -> None:
         for key in keys:

@@ -84,7 +84,7 @@ def run(cfg: MemdConfig) -> int:
                                SPARE_HOST_SLOTS * cfg.read_threads, always=cfg.cpu_experts == "always")
         log.info("pool %s: %d slots, %s (%.0f%% of all experts)", backend.path or cfg.pool_backend, num_slots,
                  format_bytes(backend.pool.nbytes), 100 * num_slots / (store.num_layers * store.num_experts))
-        memory = PoolMemory(backend.pool, store.slot_bytes)  # retired slots' memory (admin resize)
+        memory = PoolMemory(backend.pool, store.slot_bytes, getattr(backend.reader, "settle", None))  # admin resize
         core = build_core(cfg, store, num_slots, on_retire=memory.retired)
         asyncio.run(_serve(MemdServer(cfg, store, core, backend.reader, memory, control, host)))
     finally:

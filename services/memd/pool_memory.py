@@ -18,8 +18,10 @@ log = logging.getLogger("moeinf.memd.pool_memory")
 
 
 class PoolMemory:
-    def __init__(self, pool: Pool, slot_bytes: int):
-        self.pool, self.slot_bytes = pool, slot_bytes
+    def __init__(self, pool: Pool, slot_bytes: int, settle=None):
+        """``settle(slot)``: returns once nothing still reads or writes the slot (a device pool: the workers' read
+        events and memd's last copy into it, ``TieredReader.settle``); None: nothing to wait for (shm)."""
+        self.pool, self.slot_bytes, self.settle = pool, slot_bytes, settle
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="memd-pool-memory")  # one thread: ordered
         self.growing_to, self.deferred = 0, []  # a grow in flight keeps the retired slots below it allocated
 
@@ -52,6 +54,8 @@ class PoolMemory:
 
     def _release(self, slot: int) -> None:
         try:
+            if self.settle is not None:
+                self.settle(slot)
             self.pool.release(slot * self.slot_bytes, self.slot_bytes)
         except OSError as exc:
             log.warning("could not give slot %d's memory back: %s", slot, exc)

@@ -47,11 +47,13 @@ class SlotFences:
     def __init__(self) -> None:
         self.readers: dict[int, list[Completion]] = {}
         self.written: dict[int, Completion] = {}
+        self.registered = 0  # readers' completions registered (a worker's read events)
         self._lock = threading.Lock()
 
     def read_done(self, slot: int, completion: Completion) -> None:
         """A reader of ``slot`` (the worker's layer compute) ends at ``completion``."""
         with self._lock:
+            self.registered += 1
             pending = [c for c in self.readers.get(slot, ()) if not c.done()]
             self.readers[slot] = pending + [completion]
 
@@ -307,6 +309,11 @@ class TieredReader:
     def demand_pending(self) -> bool:
         return self.reader.demand_pending() or any(j.demand for j in self.waiting)
 
+    def settle(self, slot: int) -> None:
+        """Returns once nothing reads or writes device ``slot`` any more (before its memory is freed)."""
+        for c in self.fences.before_write(slot):
+            c.wait()
+
     def pending_events(self, slots: list[int]) -> list[int]:
         """Event-ring entries of the copies into ``slots`` still in flight (the worker's stream waits on them)."""
         ready = (self.fences.ready(s) for s in slots)
@@ -345,7 +352,8 @@ def tier_fields(reader, host=None) -> dict[str, int | float]:
     s = reader.stats
     waits = getattr(getattr(reader.device, "ring", None), "reuse_waits", 0)  # (CudaPool's EventRing)
     return {"host_hits": s.host_hits, "host_misses": s.host_misses, "copy_bytes": s.copy_bytes,
-            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits, "cpu_experts": getattr(host, "computed", 0)}
+            "copy_seconds": s.copy_seconds, "ring_reuse_waits": waits, "cpu_experts": getattr(host, "computed", 0),
+            "read_events": reader.fences.registered}
 
 
 def _stop_memd(message: str) -> None:

@@ -219,10 +219,11 @@ class ExpertBinding:
         guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
         slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
         try:
+            if client.host:  # memd --cpu-experts: some experts computed here on the CPU, from its host tier
+                return self.host.forward(self, routing, slots, client.host, hidden_states, top_k_index, top_k_weights,
+                                         client.wait_events)
             if client.wait_events:  # copies into these slots still in flight (a GPU pool): the stream waits on them
                 self.views.wait(client.wait_events)
-            if client.host:  # memd --cpu-experts: some experts computed here on the CPU, from its host tier
-                return self.host.forward(self, routing, slots, client.host, hidden_states, top_k_index, top_k_weights)
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)

@@ -86,12 +86,15 @@ class HostExperts:
         return matvec.forward(one, x, index, weights.view(-1, 1), None)
 
     def forward(self, binding, routing, slots: list[int], host: list[int], hidden_states: torch.Tensor,
-                top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+                top_k_index: torch.Tensor, top_k_weights: torch.Tensor, wait_events: list[int] = ()) -> torch.Tensor:
         """The layer's experts output: ``host`` positions of ``routing.experts`` on the CPU (``slots`` holds their
-        host-tier slots there), the others on the binding's device pool."""
+        host-tier slots there), the others on the binding's device pool, once memd's copies into them at
+        ``wait_events`` are done (the GPU waits; the activations are on the host before it)."""
         on_host = {routing.experts[j]: slots[j] for j in host}
         device = [(e, s) for j, (e, s) in enumerate(zip(routing.experts, slots)) if j not in set(host)]
         x, index, weights = hidden_states.to("cpu"), top_k_index.to("cpu"), top_k_weights.to("cpu")  # (one wait)
+        if wait_events:
+            binding.views.wait(wait_events)
         picked = torch.zeros(binding.num_experts, dtype=torch.bool, device=top_k_index.device)
         picked[list(on_host)] = True
         hit = picked[top_k_index]  # [tokens, k]: entries the CPU computes

@@ -102,6 +102,7 @@ def test_a_released_slot_is_rewritten_only_after_the_workers_read_event(tiers, t
             await asyncio.gather(*pending.waits)
         slot = srv.table.slot_of[(0, 0)]
         srv.on_release(me, m.ReleaseRequest(0, [0], read_done=[1]))  # its kernels may still be queued
+        assert tier_fields(srv.reader)["read_events"] == 1
         nxt = srv.begin_acquire(me, acquire(1, [2], step=2))
         assert srv.table.slot_of[(1, 2)] == slot  # the one unpinned slot is taken again
         await asyncio.sleep(0.2)

@@ -52,6 +52,7 @@ def test_greedy_on_the_gpu_equals_transformers_at_25_percent(bf16, family, lease
     assert got == expected, f"{family} on the GPU diverged from transformers"
     assert len(set(map(tuple, expected))) > 1
     assert stats.evictions > 0 and stats.misses > stats.num_slots, "25% memory must evict and re-copy experts"
+    assert (stats.read_events > 0) == (leases == "off"), "releases name the worker's read events (leases off only)"
 
 
 def test_concurrent_requests_on_the_gpu(bf16, state_dir):
