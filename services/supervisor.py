@@ -147,16 +147,21 @@ class Supervisor:
         for child, ready in children:
             self.wait_ready(child, ready)
 
-    def start(self, child: Child, ready) -> None:
+    def start(self, child: Child, ready, *, restarting: bool = False) -> bool:
         say(f"starting {child.name} ...")
         child.start()
-        self.wait_ready(child, ready)
+        return self.wait_ready(child, ready, restarting=restarting)
 
-    def wait_ready(self, child: Child, ready) -> None:
+    def wait_ready(self, child: Child, ready, *, restarting: bool = False) -> bool:
+        """False when a ``restarting`` child exits before it is ready: a crash like any other, which the supervise
+        loop restarts within the budget (only a first start's exit is fatal: its error is a setup error)."""
         deadline = child.started + self.cfg.startup_timeout_s
         while not ready():
             if self.stopping:
                 raise KeyboardInterrupt
+            if not child.alive() and restarting:
+                say(f"{child.name} exited with status {child.proc.returncode} before it was ready again")
+                return False
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} during start-up (its"
                                    " error is above)")
@@ -166,6 +171,7 @@ class Supervisor:
             time.sleep(0.2)
         child.was_ready = True
         say(f"{child.name} ready ({time.monotonic() - child.started:.1f}s)")
+        return True
 
     def supervise(self) -> int:
         while not self.stopping:
@@ -190,9 +196,10 @@ class Supervisor:
         say(f"{child.name} exited with status {child.proc.returncode}; restarting ({recent}/{self.cfg.max_restarts}"
             f" within {window:g}s)")
         stop_children([dependent for dependent, _ in then])
-        self.start(child, ready)
+        if not self.start(child, ready, restarting=True):
+            return  # (its dependents stay stopped: the next turn of the loop restarts it, and them)
         for dependent, dependent_ready in then:
-            self.start(dependent, dependent_ready)
+            self.start(dependent, dependent_ready, restarting=True)
 
     def stop_all(self) -> None:
         """Stop the three children in parallel, then remove the socket files of those that could not (killed,

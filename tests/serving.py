@@ -29,6 +29,19 @@ class Served:
             stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "MOEINF_METRICS_PORT": str(memd_metrics)})
         self.wait_health(200, timeout=180)
+        self.wait_serving(timeout=60)
+
+    def wait_serving(self, timeout: float) -> None:
+        """Until serve itself has seen every child ready: the gateway answers 200 as soon as a worker answers it,
+        which can be a moment before the supervisor's own poll does, and a worker killed in that moment is a
+        start-up failure to serve (it exits) rather than a crash to restart."""
+        deadline = time.monotonic() + timeout
+        while "moeinf is serving" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moeinf serve exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"serve never said it was serving:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.1)
 
     def health(self) -> int:
         try:

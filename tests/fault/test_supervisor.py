@@ -54,6 +54,19 @@ def test_crashes_within_the_window_give_up_and_remove_the_stale_worker_socket(tm
     assert not any(c.alive() for c in (sup.memd, sup.workers[0], sup.gateway))
 
 
+def test_a_restarted_child_that_dies_before_it_is_ready_again_is_a_crash_not_the_end(tmp_path):
+    """A worker killed again while serve waits for it to come back (it never answers here) is restarted within the
+    budget, and serve gives up only when the budget is spent, never with a start-up failure."""
+    sup = supervisor(tmp_path, CRASHER, max_restarts=2, restart_window_s=60)
+    sup.worker_ready = lambda worker: lambda: False
+    try:
+        with pytest.raises(RuntimeError, match="worker crashed 3 times within 60s; giving up"):
+            sup.supervise()
+    finally:
+        sup.stop_all()
+    assert sup.workers[0].total_crashes == 3
+
+
 def test_the_restart_budget_refills(tmp_path):
     """Crashes farther apart than the window never add up: the sixth crash of a long life is restarted."""
     sup = supervisor(tmp_path, CRASHER, max_restarts=2, restart_window_s=0.3)  # the loop polls every 0.5 s
