@@ -214,8 +214,9 @@ def check_exact(kernels) -> None:
     order rounds differently."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not kernels.matvec_exact_avx2 or capability != "AVX2":
-        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here, and the exact kernel"
-                          f" reproduces AVX2's order{'' if kernels.matvec_exact_avx2 else ' (not built: no AVX2)'}")
+        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here (with AVX-512, oneDNN's"
+                          " kernels, in their own order), and the exact kernel reproduces ATen's AVX2 order"
+                          f"{'' if kernels.matvec_exact_avx2 else ' (not built: no AVX2)'}")
     try:  # what transformers' experts forward multiplies with (a private name: a release may move it)
         from transformers.integrations.moe import _grouped_mm
     except ImportError as exc:
