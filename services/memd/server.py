@@ -283,11 +283,11 @@ class MemdServer:
         except CodedError:
             self._release_held(client, req, [])
             raise
-        host = self.host.choose(client.pid, req, self.table.slot_of.__contains__)
-        keys = [k for j, k in enumerate(keys) if j not in host]  # the rest: from the device pool
+        if host := self.host.choose(client.pid, req, self.table.slot_of.__contains__):
+            keys = [k for j, k in enumerate(keys) if j not in host]  # the rest: from the device pool
         revoked = self._pin_or_lease(client, req, keys)
         with self._released_on_failure(client, req, keys):
-            plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys])
+            plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys] if host else None)
             waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
             waits += [self.loads.promote(key) for key in plan.already_loading]
             wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
@@ -345,9 +345,9 @@ class MemdServer:
     def _acquired(self, p: Pending) -> m.AcquireReply:
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
         slots = [self.table.slot_of[k] for k in p.keys]
-        return m.AcquireReply(merge_slots(len(p.req.experts), slots, p.host), p.hits, [list(k) for k in p.revoked],
-                              p.epoch, ahead, threshold, self.core.wants_guesses(), self.reader.pending_events(slots),
-                              sorted(p.host))
+        replied = merge_slots(len(p.req.experts), slots, p.host) if p.host else slots
+        return m.AcquireReply(replied, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
+                              self.core.wants_guesses(), self.reader.pending_events(slots), sorted(p.host))
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)

@@ -91,7 +91,7 @@ class HostExperts:
         host-tier slots there), the others on the binding's device pool, once memd's copies into them at
         ``wait_events`` are done (the GPU waits; the activations are on the host before it)."""
         on_host = {routing.experts[j]: slots[j] for j in host}
-        device = [(e, s) for j, (e, s) in enumerate(zip(routing.experts, slots)) if j not in set(host)]
+        device = [(e, s) for e, s in zip(routing.experts, slots) if e not in on_host]
         x, index, weights = hidden_states.to("cpu"), top_k_index.to("cpu"), top_k_weights.to("cpu")  # (one wait)
         if wait_events:
             binding.views.wait(wait_events)
