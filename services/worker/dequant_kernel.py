@@ -71,6 +71,10 @@ class Kernels:
         lib.moeinf_mv_exact_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_exact_nt.restype = ctypes.c_int
         self.matvec_exact_avx2 = bool(lib.moeinf_mv_exact_avx2())  # torch's AVX2 summation order (else absent)
+        lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
+        self.matvec_exact_onednn = bool(lib.moeinf_mv_exact_onednn())  # oneDNN's order (AVX-512 BF16; else absent)
+        self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -119,8 +123,10 @@ class Kernels:
                     lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
                                       block_c))
 
-    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, exact: bool = False) -> None:
-        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``; ``exact``: in torch's order, ``matvec_exact.c``):
+    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, exact: bool = False,
+               block: int = 0) -> None:
+        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``; ``exact``: in torch's order, ``matvec_exact.c``:
+        ATen's AVX2 order, or with ``block`` oneDNN's, in blocks of that many columns, ``onednn_order.py``):
         ``weight`` bfloat16 ``[out, in]``, rows contiguous (any row stride: a pool slot's view); ``x`` ``[m, in]``
         bfloat16 and ``out`` ``[m, out]`` float32, both contiguous. The weight streams from memory once."""
         rows, cols = weight.shape
@@ -135,10 +141,17 @@ class Kernels:
             fn = self.lib.moeinf_mv_bf16_nt
             self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
             return
-        fn, failed = self.lib.moeinf_mv_exact_nt, []
-        self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
+        failed: list[int] = []
+        if block:
+            fn = self.lib.moeinf_mv_onednn_nt
+            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows, block) and failed.append(lo),
+                        align=16)
+        else:
+            fn = self.lib.moeinf_mv_exact_nt
+            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
         if failed:
-            raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} float32 input, or no AVX2 in this build")
+            raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} input copy, no AVX2 (AVX-512 BF16 with"
+                              f" a block) in this build, or a {cols}-column product in {block}-column blocks")
 
     def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
                    x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -6,9 +6,11 @@ widens both operands for every output row and streams the weight at ~10-18 GB/s 
 read it once, in place in the pool slot (``dequant_kernel.Kernels.matvec``). Two of them:
 
 * ``exact`` (``matvec_exact.c``, the default through ``auto``): each sum in torch's own order, so every product,
-  and so every token, is bit for bit what transformers computes; ~1.8x torch's speed on an AVX2 CPU (Zen 3 here).
-  ``check_exact`` compares it with torch's products on this machine before use; ``auto`` falls back to torch's
-  path, with a log line, where they differ (torch built for AVX-512, another order) or nothing compiles.
+  and so every token, is bit for bit what transformers computes: ATen's on an AVX2 CPU (~1.8x torch's speed on a
+  Zen 3), oneDNN's on an AVX-512 BF16 one, with the column blocks it picks found per shape
+  (``onednn_order.py``; ~2x torch's speed there, which reorders each weight at every call). ``check_exact``
+  compares it with torch's products on this machine before use; ``auto`` falls back to torch's path, with a log
+  line, where they differ (another CPU, another torch) or nothing compiles.
 * ``fast`` (``matvec.c``): float32 sums of AVX-512 BF16 dot products (or AVX2 FMA on 4 rows at once), ~20% faster
   again on AVX2 and ~2x on AVX-512 BF16; its sums are added in another order than torch's, so a product's last bit
   can differ, and with it, rarely, a greedy token; ``moeinf bench overhead --matvec-kernel exact fast`` prints
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
+from services.worker import onednn_order
 from services.worker.dequant_kernel import KernelError
 
 log = logging.getLogger("moeinf.worker")
@@ -66,6 +69,20 @@ class Matvec:
     def __init__(self, kernels, exact: bool = False):
         self.kernels, self.exact = kernels, exact
         self.noted: set[str] = set()
+        # oneDNN's order (an AVX-512 CPU): its column blocks, per shape; None: ATen's AVX2 order, or ``fast``
+        self.blocks = onednn_order.Blocks(kernels) if exact and kernels.exact_order == "onednn" else None
+
+    def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ weight.T`` in float32 sums (``Kernels.matvec``; ``x`` bfloat16, contiguous), or None for a shape
+        whose order the exact kernel does not reproduce here."""
+        block = 0
+        if self.blocks is not None:
+            block = self.blocks.of(weight, x.shape[0])
+            if block is None:
+                return None
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+        self.kernels.matvec(weight, x, out, exact=self.exact, block=block)
+        return out
 
     def note(self, what: str) -> None:
         """Say once that the kernel computed ``what`` (a decode step's first use of each path)."""
@@ -82,8 +99,9 @@ class Matvec:
             weight = weight.T
         if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1:
             raise Declined
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-        self.kernels.matvec(weight, x.to(torch.bfloat16).contiguous(), out, exact=self.exact)
+        out = self.product(weight, x.to(torch.bfloat16).contiguous())
+        if out is None:
+            raise Declined
         out = out.to(torch.bfloat16)
         return out.add_(bias) if bias is not None else out
 
@@ -197,8 +215,9 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
     rows = x.numel() // module.in_features if x.dim() else 0
     if x.dtype != torch.bfloat16 or not 0 < rows <= (EXACT_DENSE_ROWS if mv.exact else MAX_TOKENS):
         return F.linear(x, module.weight, module.bias)
-    out = torch.empty(rows, module.out_features, dtype=torch.float32)
-    mv.kernels.matvec(module.weight, x.reshape(rows, module.in_features).contiguous(), out, exact=mv.exact)
+    out = mv.product(module.weight, x.reshape(rows, module.in_features).contiguous())
+    if out is None:
+        return F.linear(x, module.weight, module.bias)
     if module.bias is not None:
         out.add_(module.bias)  # in float32, then one rounding, as a fused bias would
     mv.note("decode rows of the dense linears")
@@ -213,9 +232,13 @@ def check_exact(kernels) -> None:
     with each kind of tail, a strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another
     order rounds differently."""
     capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        onednn_order.check(kernels)
+        kernels.exact_order = "onednn"
+        return
     if not kernels.matvec_exact_avx2 or capability != "AVX2":
-        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here (with AVX-512, oneDNN's"
-                          " kernels, in their own order), and the exact kernel reproduces ATen's AVX2 order"
+        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here, and the exact kernel"
+                          " reproduces ATen's AVX2 order and oneDNN's AVX-512 BF16 one"
                           f"{'' if kernels.matvec_exact_avx2 else ' (not built: no AVX2)'}")
     try:  # what transformers' experts forward multiplies with (a private name: a release may move it)
         from transformers.integrations.moe import _grouped_mm
@@ -239,6 +262,7 @@ def check_exact(kernels) -> None:
                 or not torch.equal((out + bias.float()).to(torch.bfloat16), F.linear(x, weight, bias)):
             raise KernelError(f"the exact matrix-vector kernel's products differ from torch's here ({m} x {rows} x"
                               f" {cols}): torch sums in another order")
+    kernels.exact_order = "aten-avx2"
 
 
 def order_probe(gen: torch.Generator, m: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,3 +119,118 @@ int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
     return -1;
 #endif
 }
+
+/* The same products in the order oneDNN's brgemm matmul sums them on an AVX-512 BF16 CPU (torch's bfloat16 linears
+ * and grouped matmul there): each output column is one lane; the input columns are taken in pairs, in order, each
+ * pair by one vdpbf16ps (the odd column's product added first, then the even one's, float32 rounding after each),
+ * in blocks of ``kb`` columns that each start from zero, the blocks' sums added in order. ``kb`` is what the
+ * caller found oneDNN to use for this many input rows (matvec.exact_blocks); matvec.check_exact compares the
+ * products with torch's, bit for bit, for each shape before use. 16 output rows at a time: their next 16 column
+ * pairs loaded as 16 rows of 16 dwords and transposed in registers, so that one vector holds one pair of all 16. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define MVO_AVX512 1
+#else
+#define MVO_AVX512 0
+#endif
+
+int moeinf_mv_exact_onednn(void) { return MVO_AVX512; }
+
+#if MVO_AVX512
+#ifndef MVO_PREFETCH
+#define MVO_PREFETCH(p) (void)(p)  /* the hardware prefetcher does better than explicit hints here */
+#endif
+static inline void transpose16(__m512i r[16]) {  /* r[i] dword p -> r[p] dword i */
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    /* r[4g + c]: lane L holds column 4L + c of rows 4g..4g+3 */
+    for (int c = 0; c < 4; c++) {
+        t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);       /* lanes 0, 2 of rows 0-3, then of rows 4-7 */
+        t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);   /* lanes 1, 3 */
+        t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);            /* column c */
+        r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);        /* column 8 + c */
+        r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);   /* column 4 + c */
+        r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD);  /* column 12 + c */
+    }
+}
+
+/* Rows [o, o + 16) (``nr`` of them real: the others repeat the last and are not stored) against ``nj`` <= 4 input
+ * rows, their column pairs in ``xp`` (row stride ``half``, zero past the columns: a chunk's padding adds zeros).
+ * Inlined for each nj, the 16 pairs of a chunk unrolled: the transposed vectors stay in registers. */
+static inline __attribute__((always_inline)) void rows16_onednn(const uint16_t *w, int64_t ld, int nr,
+                                                                const uint32_t *xp, int64_t half, const int nj,
+                                                                int64_t cols, int64_t kb, float *y, int64_t ldy) {
+    const uint16_t *row[16];
+    for (int i = 0; i < 16; i++) row[i] = w + (i < nr ? i : nr - 1) * ld;
+    __m512 total[4], acc[4];
+    for (int j = 0; j < 4; j++) total[j] = acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols; b += kb) {
+        int64_t e = b + kb < cols ? b + kb : cols;
+        for (int j = 0; j < nj; j++) acc[j] = _mm512_setzero_ps();
+        for (int64_t c = b; c < e; c += 32) {
+            __mmask32 mask = e - c >= 32 ? 0xFFFFFFFFu : (1u << (e - c)) - 1;
+            __m512i r[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) {
+                MVO_PREFETCH(row[i] + c);
+                r[i] = _mm512_maskz_loadu_epi16(mask, row[i] + c);
+            }
+            transpose16(r);
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; p++)
+#pragma GCC unroll 4
+                for (int j = 0; j < nj; j++)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)r[p],
+                                              (__m512bh)_mm512_set1_epi32((int)xp[j * half + c / 2 + p]));
+        }
+        for (int j = 0; j < nj; j++) total[j] = b == 0 ? acc[j] : _mm512_add_ps(total[j], acc[j]);
+    }
+    __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    for (int j = 0; j < nj; j++) _mm512_mask_storeu_ps(y + j * ldy, out, total[j]);
+}
+#endif
+
+/* Returns 0, or -1 when this build has no AVX-512 BF16 or the shape is not one it takes (cols odd, kb not a
+ * multiple of 32). */
+int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                        int64_t hi, float *y, int64_t ldy, int64_t kb) {
+#if MVO_AVX512
+    if (cols % 2 || kb <= 0 || kb % 32)
+        return -1;
+    int64_t half = cols / 2 + 16;  /* each input row's pairs, then a chunk of zeros */
+    uint32_t *xp = calloc((size_t)(m * half), sizeof(uint32_t));
+    if (xp == NULL)
+        return -1;
+    for (int64_t j = 0; j < m; j++) memcpy(xp + j * half, x + j * cols, (size_t)cols * 2);
+    for (int64_t o = lo; o < hi; o += 16) {
+        int nr = hi - o < 16 ? (int)(hi - o) : 16;
+        for (int64_t j = 0; j < m; j += 4) {
+            const uint32_t *xj = xp + j * half;
+            float *yj = y + j * ldy + o;
+            switch (m - j < 4 ? (int)(m - j) : 4) {
+            case 1: rows16_onednn(w + o * ld, ld, nr, xj, half, 1, cols, kb, yj, ldy); break;
+            case 2: rows16_onednn(w + o * ld, ld, nr, xj, half, 2, cols, kb, yj, ldy); break;
+            case 3: rows16_onednn(w + o * ld, ld, nr, xj, half, 3, cols, kb, yj, ldy); break;
+            default: rows16_onednn(w + o * ld, ld, nr, xj, half, 4, cols, kb, yj, ldy); break;
+            }
+        }
+    }
+    free(xp);
+    return 0;
+#else
+    (void)w; (void)ld; (void)x; (void)m; (void)cols; (void)lo; (void)hi; (void)y; (void)ldy; (void)kb;
+    return -1;
+#endif
+}

@@ -1,7 +1,9 @@
 """``--matvec-kernel exact`` (the default through ``auto``): the kernel's products are torch's own, bit for bit, as
 ``F.linear`` and transformers' grouped matmul return them, on every kind of width (blocks of 64, a 16-column tail,
-single columns), 1-4 input rows, strided weights and any thread count; ``check_exact`` refuses a torch that sums
-in another order and a kernel whose bits differ."""
+single columns), 1-4 and 16 input rows, strided weights and any thread count: ATen's order on an AVX2 CPU,
+oneDNN's on an AVX-512 BF16 one (there, for the shapes where its column blocks are found: every decode-sized
+shape of a real model; some tiny ones keep torch's product); ``check_exact`` refuses a torch that sums in another
+order and a kernel whose bits differ."""
 import types
 
 import pytest
@@ -25,34 +27,60 @@ def exact_kernels(tmp_path_factory):
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("m,rows,cols", [(1, 300, 2048), (2, 70, 2816), (3, 129, 1000), (4, 64, 136), (1, 50, 77),
-                                         (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200)])
+                                         (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200), (1, 4096, 4096),
+                                         (2, 512, 14336)])
 def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
     kernels = dk.load("c", tmp_path, threads, check=matvec.check_exact)
-    gen = torch.Generator().manual_seed(rows * cols + m)
-    slots, x = matvec.order_probe(gen, m, rows, cols)  # sums in another order round differently in many rows
-    weight = slots[1, :, :cols]  # a pool slot: rows strided
-    out = torch.full((m, rows), float("nan"))
-    kernels.matvec(weight, x, out, exact=True)
-    got = out.to(torch.bfloat16)
-    assert torch.equal(got, F.linear(x, weight))
-    if cols % 8 == 0:  # torch's grouped matmul takes 16-byte strides only
-        offs = torch.tensor([m], dtype=torch.int32)
-        grouped = _grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), offs)
-        assert torch.equal(got, grouped)
-    fast = torch.empty(m, rows)
-    kernels.matvec(weight, x, fast)  # the fast kernel: another order, so some products' last bits differ
-    assert not torch.equal(fast.to(torch.bfloat16), got), "the probe would not tell the two kernels apart"
+    torch.set_num_threads(threads)  # oneDNN shares a narrow output's sums among torch's threads: part of the order
+    try:
+        gen = torch.Generator().manual_seed(rows * cols + m)
+        slots, x = matvec.order_probe(gen, m, rows, cols)  # sums in another order round differently in many rows
+        weight = slots[1, :, :cols]  # a pool slot: rows strided
+        out = matvec.Matvec(kernels, exact=True).product(weight, x)
+        if out is None:  # oneDNN's order, not found for this shape: torch's product is used instead
+            assert kernels.exact_order == "onednn" and (rows < 64 or cols < 256 or cols % 2), (m, rows, cols)
+            return
+        got = out.to(torch.bfloat16)
+        assert torch.equal(got, F.linear(x, weight))
+        if cols % 8 == 0:  # torch's grouped matmul takes 16-byte strides only
+            offs = torch.tensor([m], dtype=torch.int32)
+            grouped = _grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), offs)
+            assert torch.equal(got, grouped)
+        fast = torch.empty(m, rows)
+        kernels.matvec(weight, x, fast)  # the fast kernel: another order, so some products' last bits differ
+        assert not torch.equal(fast.to(torch.bfloat16), got), "the probe would not tell the two kernels apart"
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_onednn_order_blocks_are_found_once_per_shape(exact_kernels):
+    """On an AVX-512 BF16 CPU: the column block is found once per shape (rows, width, stride, input rows, threads),
+    and a shape oneDNN sums otherwise (a 64-column product of 16 rows, summed by another kernel) is declined."""
+    if exact_kernels.exact_order != "onednn":
+        pytest.skip("torch sums with ATen's AVX2 order here")
+    mv = matvec.Matvec(exact_kernels, exact=True)
+    weight = torch.randn(256, 2048).to(torch.bfloat16)
+    assert mv.blocks.of(weight, 1) == 512 and mv.blocks.of(weight, 2) == 1024
+    assert mv.blocks.of(weight, 1) == 512 and len(mv.blocks.found) == 2
+    assert mv.product(torch.randn(16, 64).to(torch.bfloat16), torch.randn(1, 64).to(torch.bfloat16)) is None
+    with pytest.raises(matvec.Declined):
+        mv.linear(torch.randn(16, 64).to(torch.bfloat16), torch.randn(1, 64).to(torch.bfloat16), None, False)
 
 
 def test_a_torch_summing_with_other_vectors_is_refused(exact_kernels, monkeypatch):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    with pytest.raises(dk.KernelError, match="torch sums its bfloat16 products with AVX512 vectors here"):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(dk.KernelError, match="torch sums its bfloat16 products with DEFAULT vectors here"):
         matvec.check_exact(exact_kernels)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    without = types.SimpleNamespace(matvec_exact_onednn=False, matvec_exact_avx2=True)
+    with pytest.raises(dk.KernelError, match="AVX512 vectors here .oneDNN's kernels., and the exact kernel for"
+                                             " their order was not built"):
+        matvec.check_exact(without)
 
 
 def test_a_kernel_whose_bits_differ_is_refused(exact_kernels):
-    other = types.SimpleNamespace(matvec_exact_avx2=True,
-                                  matvec=lambda w, x, out, exact: exact_kernels.matvec(w, x, out, exact=False))
+    other = types.SimpleNamespace(matvec_exact_avx2=True, matvec_exact_onednn=True,
+                                  matvec=lambda w, x, out, exact, block=0: exact_kernels.matvec(w, x, out))
     with pytest.raises(dk.KernelError, match="products differ from torch's here"):
         matvec.check_exact(other)
 

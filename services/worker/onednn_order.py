@@ -1,0 +1,91 @@
+"""The exact matrix-vector kernel on an AVX-512 BF16 CPU: oneDNN's summation order, found per product shape.
+
+There torch gives its bfloat16 linears and grouped matmuls to oneDNN's brgemm matmul, which sums each output over
+the input's columns in pairs (one ``vdpbf16ps`` each: the odd column's product added first), in blocks of columns
+that each start from zero, the blocks' sums added in order (``matvec_exact.c``'s ``moeinf_mv_onednn_nt`` does the
+same, 16 outputs at a time). The block's width is oneDNN's choice, from the number of input rows and the width
+(measured here: 512 columns for one row; 512 or 1024 for more); and where the output is too narrow to share among
+torch's threads, oneDNN splits the sum among them too, which the kernel does not. So ``Blocks.of`` finds the width
+once per shape (output rows, input columns, row stride, input rows, torch's threads): on a probe of that shape
+where a sum in another order rounds differently (``matvec.order_probe`` tiled to up to ``PROBE_ROWS`` rows; a wider
+output only gives oneDNN more to share), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
+a bias) and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("moeinf.worker")
+CANDIDATES = (512, 1024, 256, 2048, 4096, 128, 64, 32)  # column blocks tried, most likely first (multiples of 32)
+PROBE_ROWS = 1024  # output rows of a probe at most (the shapes measured gave a wider output the same block)
+MAX_SHAPES = 512  # shapes remembered: a model has a few dozen (linears' shapes x input rows)
+
+
+class Blocks:
+    """The column block oneDNN sums each product shape in, found on first use (``None``: not one the kernel
+    reproduces; torch's product then)."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+        self.found: dict[tuple[int, int, int, int, int], int | None] = {}
+
+    def of(self, weight: torch.Tensor, m: int) -> int | None:
+        rows, cols = weight.shape
+        key = (rows, cols, weight.stride(0), m, torch.get_num_threads())
+        if key not in self.found:
+            if len(self.found) >= MAX_SHAPES:
+                log.warning("the exact kernel has met over %d product shapes; new ones keep torch's products",
+                            MAX_SHAPES)
+                return None
+            self.found[key] = discover(self.kernels, *key[:4])
+            if self.found[key] is None:
+                log.info("the exact kernel leaves %d x %d x %d products to torch: oneDNN sums them in another order",
+                         m, rows, cols)
+        return self.found[key]
+
+
+def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
+    """The first of ``CANDIDATES`` with which the kernel gives torch's products on a probe of this shape, or None."""
+    from services.worker.matvec import order_probe
+
+    if cols % 2 or cols < 2:
+        return None
+    rows = min(rows, PROBE_ROWS)
+    gen = torch.Generator().manual_seed(rows * 65537 + cols * 17 + m)
+    tile, x = order_probe(gen, m, min(rows, 64), cols)
+    storage = torch.empty(rows, max(ld, cols), dtype=torch.bfloat16)  # the real row stride (a pool slot's)
+    weight = storage[:, :cols]
+    weight.copy_(tile[1, :, :cols].repeat((rows + 63) // 64, 1)[:rows])
+    bias = torch.randn(rows, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        wants = [F.linear(x, weight)]
+        biased = F.linear(x, weight, bias)  # oneDNN adds a bias to the float32 sum, then rounds once
+        if cols % 8 == 0 and storage.stride(0) % 8 == 0:  # transformers' experts' call (16-byte strides only)
+            from transformers.integrations.moe import _grouped_mm
+            wants.append(_grouped_mm(x, weight.unsqueeze(0).transpose(-2, -1), torch.tensor([m], dtype=torch.int32)))
+    out = torch.empty(m, rows)
+    for block in CANDIDATES:
+        kernels.matvec(weight, x, out, exact=True, block=block)
+        got = out.to(torch.bfloat16)
+        if all(torch.equal(got, want) for want in wants) \
+                and torch.equal((out + bias.float()).to(torch.bfloat16), biased):
+            return block
+    return None
+
+
+def check(kernels) -> None:
+    """What the oneDNN order needs: the kernel built (AVX-512 BF16) and finding torch's products on decode-sized
+    shapes (1, 2 and 16 input rows, a pool slot's strided rows); a CPU where oneDNN multiplies otherwise (AMX, say)
+    fails here, with the shape."""
+    from services.worker.dequant_kernel import KernelError
+
+    if not kernels.matvec_exact_onednn:
+        raise KernelError("torch sums its bfloat16 products with AVX512 vectors here (oneDNN's kernels), and the"
+                          " exact kernel for their order was not built (no AVX-512 BF16)")
+    for m, rows, cols, ld in ((1, 256, 2048, 2048 + 64), (2, 256, 2816, 2816), (16, 256, 1024, 1024)):
+        if discover(kernels, rows, cols, ld, m) is None:
+            raise KernelError(f"the exact matrix-vector kernel's products differ from torch's here ({m} x {rows} x"
+                              f" {cols}): oneDNN sums them in an order it does not reproduce")
