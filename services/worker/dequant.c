@@ -144,21 +144,8 @@ void moeinf_fp8_bf16_direct(const uint8_t *values, const float *scales, uint16_t
  * vectors each, once per block row), then 64 lookups at a time: two 128-entry byte shuffles (vpermt2b) per plane,
  * the byte's top bit picks between them, and the planes interleave back into 2-byte values. */
 #if defined(__AVX512VBMI__) && defined(__AVX512BW__) && defined(__GNUC__)
-#include <immintrin.h>
+#include "fp8_lookup.h"
 #define FP8_VBMI 1
-
-static inline void fp8_lookup64(const uint8_t *v, uint16_t *o, const __m512i lo[4], const __m512i hi[4],
-                                __m512i even, __m512i odd) {
-    __m512i idx = _mm512_loadu_si512(v);
-    __mmask64 top = _mm512_movepi8_mask(idx);
-    __m512i l = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(lo[0], idx, lo[1]),
-                                       _mm512_permutex2var_epi8(lo[2], idx, lo[3]));
-    __m512i h = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(hi[0], idx, hi[1]),
-                                       _mm512_permutex2var_epi8(hi[2], idx, hi[3]));
-    __m512i a = _mm512_unpacklo_epi8(l, h), b = _mm512_unpackhi_epi8(l, h);  /* per 128-bit lane: values 0-7, 8-15 */
-    _mm512_storeu_si512(o, _mm512_permutex2var_epi64(a, even, b));
-    _mm512_storeu_si512(o + 32, _mm512_permutex2var_epi64(a, odd, b));
-}
 
 void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out, int64_t row0, int64_t n_rows,
                     int64_t cols, int64_t block_r, int64_t block_c) {
@@ -168,7 +155,6 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
         return;
     }
     static __thread uint8_t planes[256][2][256] __attribute__((aligned(64)));  /* [column block][low, high][entry] */
-    const __m512i even = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), odd = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     int64_t planes_of = -1;
     for (int64_t r = row0; r < row0 + n_rows; r++) {
         if (r / block_r != planes_of) {
@@ -189,7 +175,7 @@ void moeinf_fp8_u16(const uint8_t *values, const uint16_t *table, uint16_t *out,
                 lo[k] = _mm512_loadu_si512(planes[cb][0] + 64 * k);
                 hi[k] = _mm512_loadu_si512(planes[cb][1] + 64 * k);
             }
-            for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 64) fp8_lookup64(v + c, o + c, lo, hi, even, odd);
+            for (int64_t c = cb * block_c; c < (cb + 1) * block_c; c += 64) fp8_lookup64(v + c, o + c, lo, hi);
         }
     }
 }

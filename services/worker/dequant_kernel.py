@@ -1,5 +1,5 @@
-"""The compiled kernels (``dequant.c``, ``matvec.c``, ``matvec_exact.c``): built on first use, checked against
-torch's ops, or absent.
+"""The compiled kernels (``dequant.c``, ``matvec.c``, ``matvec_exact.c``, ``matvec_onednn.c``): built on first use,
+checked against torch's ops, or absent.
 
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("moeinf.worker")
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("dequant.c", "matvec.c", "matvec_exact.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name)  # one library
+                for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_onednn.c"))
+HEADERS = (Path(__file__).with_name("fp8_lookup.h"),)  # included by the sources: part of the build's key
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 NAMES = " and ".join(path.name for path in SOURCES)
 MODES = ("auto", "c", "torch")
@@ -74,6 +76,9 @@ class Kernels:
         lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
         self.matvec_exact_onednn = bool(lib.moeinf_mv_exact_onednn())  # oneDNN's order (AVX-512 BF16; else absent)
+        lib.moeinf_mv_onednn_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_fp8_nt.restype = ctypes.c_int
+        self.matvec_exact_onednn_fp8 = bool(lib.moeinf_mv_exact_onednn_fp8())  # ... from FP8 slots (and VBMI)
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
@@ -154,12 +159,14 @@ class Kernels:
                               f" a block) in this build, or a {cols}-column product in {block}-column blocks")
 
     def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
-                   x: torch.Tensor, out: torch.Tensor) -> bool:
+                   x: torch.Tensor, out: torch.Tensor, exact_block: int = 0) -> bool:
         """``out[j] = W @ x[j]`` for a block-FP8 weight ``W`` = ``values`` ``[out, in]`` (bytes, rows contiguous) under
         ``scales`` (``[out / block_r, in / block_c]`` float32, contiguous), each value ``table[byte] * scale``
         rounded to bfloat16 as the dequantization does, but in registers: nothing is written but ``out``. False when
         the layout is not one the kernel takes (AVX-512 VBMI and BF16: widths multiples of 64, ``block_r`` of 8, at
-        most 64 column blocks; AVX2: ``block_c`` a multiple of 32; up to 4 rows of ``x``), or the CPU has neither."""
+        most 64 column blocks; AVX2: ``block_c`` a multiple of 32; up to 4 rows of ``x``), or the CPU has neither.
+        ``exact_block``: summed in oneDNN's order in blocks of that many columns (``matvec_onednn.c``: AVX-512 BF16
+        and VBMI; ``block_r`` a multiple of 16, up to 256 column blocks, any number of rows of ``x``)."""
         rows, cols = values.shape
         m = x.shape[0]
         if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
@@ -168,12 +175,17 @@ class Kernels:
                 or not out.is_contiguous() or table.dtype != torch.float32 or table.numel() != 256:
             raise ValueError(f"fp8 matvec kernel: {list(values.shape)} {values.dtype} values, {list(scales.shape)}"
                              f" {scales.dtype} scales, {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
-        fn = self.lib.moeinf_mv_fp8_nt
         v, ld, s, t, xp, o = values.data_ptr(), values.stride(0), scales.data_ptr(), table.data_ptr(), \
             x.data_ptr(), out.data_ptr()
         codes = []
-        self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                         rows)), align=64)
+        if exact_block:
+            fn = self.lib.moeinf_mv_onednn_fp8_nt
+            self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                             rows, exact_block)), align=16)
+        else:
+            fn = self.lib.moeinf_mv_fp8_nt
+            self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                             rows)), align=64)
         return all(code == 0 for code in codes)
 
     def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -278,7 +290,7 @@ def build(cache: Path) -> tuple[str, bool]:
     cc = compiler()
     if cc is None:
         raise KernelError(f"no C compiler ({os.environ.get('CC') or 'cc'} not found); install gcc or set CC")
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(cc + list(FLAGS)).encode() + _compiler_id(cc) + _cpu_id()).hexdigest()[:16]
     name = f"dequant-{key}.so"
     if (cache / name).exists():

@@ -94,8 +94,8 @@ class Matvec:
         """``x @ weight.T`` (``x @ weight`` when ``transposed``) rounded to bfloat16, then ``+ bias`` in bfloat16:
         what ``_grouped_linear`` computes for one expert. ``Declined`` for what the kernel does not read."""
         if transposed:  # [in, out]: only a transposed view of [out, in] rows (the dequantized MXFP4 rows) is read,
-            if self.exact or weight.stride(-2) != 1:  # and not exactly: torch sums x @ W in another order than dots
-                raise Declined
+            if (self.exact and self.blocks is None) or weight.stride(-2) != 1:  # and exactly only in oneDNN's order
+                raise Declined  # (ATen's AVX2 x @ W sums in another order than its dots; oneDNN's are the same)
             weight = weight.T
         if weight.dtype != torch.bfloat16 or weight.stride(-1) != 1:
             raise Declined
@@ -171,7 +171,7 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 or MXFP4 bytes and
     scales, turns them into bfloat16 in registers with the dequantization's bits and multiplies
     (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
-    prompt step, or when an MXFP4 scale is one the kernel does not compute."""
+    prompt step, when an MXFP4 scale is one the kernel does not compute, or (exact) a shape whose order is not found."""
     kernels = mv.kernels
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
     slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
@@ -183,9 +183,17 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         if q.format == "mxfp4":
             if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out):
                 raise Declined
-        elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
-                                    (q.blocks[1], q.blocks[3]), x, out):
-            raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
+        else:
+            block = 0
+            if mv.blocks is not None:  # exact: the order of oneDNN's product of the dequantized [out, in] weight
+                block = mv.blocks.of_shape(*q.shape, q.shape[1], x.shape[0])
+                if block is None:
+                    raise Declined
+            if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
+                                      (q.blocks[1], q.blocks[3]), x, out, exact_block=block):
+                if block:
+                    raise Declined  # (a block wider than the kernel's buffer)
+                raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
     out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)

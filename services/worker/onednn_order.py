@@ -9,7 +9,7 @@ torch's threads, oneDNN splits the sum among them too, which the kernel does not
 once per shape (output rows, input columns, row stride, input rows, torch's threads): on a probe of that shape
 where a sum in another order rounds differently (``matvec.order_probe`` tiled to up to ``PROBE_ROWS`` rows; a wider
 output only gives oneDNN more to share), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
-a bias) and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
+a bias), ``x @ W`` for the weight stored ``[in, out]`` and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
 """
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ class Blocks:
         self.found: dict[tuple[int, int, int, int, int], int | None] = {}
 
     def of(self, weight: torch.Tensor, m: int) -> int | None:
-        rows, cols = weight.shape
-        key = (rows, cols, weight.stride(0), m, torch.get_num_threads())
+        return self.of_shape(*weight.shape, weight.stride(0), m)
+
+    def of_shape(self, rows: int, cols: int, ld: int, m: int) -> int | None:
+        """The block for ``m`` input rows times a ``[rows, cols]`` weight whose rows lie ``ld`` apart."""
+        key = (rows, cols, ld, m, torch.get_num_threads())
         if key not in self.found:
             if len(self.found) >= MAX_SHAPES:
                 log.warning("the exact kernel has met over %d product shapes; new ones keep torch's products",
@@ -61,7 +64,7 @@ def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
     weight.copy_(tile[1, :, :cols].repeat((rows + 63) // 64, 1)[:rows])
     bias = torch.randn(rows, generator=gen).to(torch.bfloat16)
     with torch.inference_mode():
-        wants = [F.linear(x, weight)]
+        wants = [F.linear(x, weight), x @ weight.T.contiguous()]  # [in, out] weights too (GPT-OSS's experts)
         biased = F.linear(x, weight, bias)  # oneDNN adds a bias to the float32 sum, then rounds once
         if cols % 8 == 0 and storage.stride(0) % 8 == 0:  # transformers' experts' call (16-byte strides only)
             from transformers.integrations.moe import _grouped_mm
@@ -89,3 +92,43 @@ def check(kernels) -> None:
         if discover(kernels, rows, cols, ld, m) is None:
             raise KernelError(f"the exact matrix-vector kernel's products differ from torch's here ({m} x {rows} x"
                               f" {cols}): oneDNN sums them in an order it does not reproduce")
+    if kernels.matvec_exact_onednn_fp8 and not fp8_is_exact(kernels):
+        log.warning("the exact FP8 kernel's products differ from torch's on the dequantized weight: FP8 experts are"
+                    " dequantized, then multiplied")
+        kernels.matvec_exact_onednn_fp8 = False
+
+
+def fp8_probe(gen: torch.Generator, m: int, rows: int, cols: int):
+    """``(values, scales, weight, x)``: a block-FP8 ``[rows, cols]`` weight in 128 x 128 blocks (``weight``: its
+    dequantization, as transformers computes it) whose first and last columns hold +-448 x 512 and nothing else in
+    their column blocks, so that, as in ``matvec.order_probe``, a sum in another order rounds differently."""
+    from services.worker.quant import fp8_block_table
+
+    values = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)
+    values[(values & 0x7F) == 0x7F] = 0  # no NaN
+    scales = torch.rand(rows // 128, cols // 128, generator=gen) * 0.02 + 1e-3
+    values[:, :128] = values[:, -128:] = 0
+    values[:, 0], values[:, -1] = 0x7E, 0xFE  # +448, -448
+    scales[:, 0] = scales[:, -1] = 512.0
+    table = fp8_block_table(scales, torch.bfloat16).view(-1)
+    block = (torch.arange(rows).view(-1, 1) // 128) * (cols // 128) + torch.arange(cols).view(1, -1) // 128
+    weight = table[block * 256 + values.long()]
+    x = torch.randn(m, cols, generator=gen)
+    x[:, 0] = x[:, -1] = 1.0
+    return values, scales, weight, x.to(torch.bfloat16)
+
+
+def fp8_is_exact(kernels) -> bool:
+    """The FP8 kernel gives ``F.linear``'s bits on the dequantized weight, on ``fp8_probe``'s, 1, 2 and 5 input
+    rows."""
+    from services.worker.quant import fp8_table
+
+    gen = torch.Generator().manual_seed(0)
+    for m in (1, 2, 5):
+        values, scales, weight, x = fp8_probe(gen, m, 256, 1024)
+        block = discover(kernels, 256, 1024, 1024, m)
+        out = torch.empty(m, 256)
+        if block is None or not kernels.matvec_fp8(values, scales, fp8_table(), (128, 128), x, out, exact_block=block) \
+                or not torch.equal(out.to(torch.bfloat16), F.linear(x, weight)):
+            return False
+    return True

@@ -129,16 +129,19 @@ class QuantParam:
             raise RuntimeError(f"memd's slot holds {spec.name} in format {spec.format!r}, which this worker cannot"
                                " dequantize (mxfp4 and fp8 are supported)")
 
-    def direct(self, kernels, transposed: bool) -> bool:
+    def direct(self, kernels, transposed: bool, exact: bool = False) -> bool:
         """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this parameter from its slots (bfloat16; the
         layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 as it is always stored,
-        ``[out, in]`` in 16-byte blocks)?"""
-        if self.dtype != torch.bfloat16:
+        ``[out, in]`` in 16-byte blocks)? ``exact``: in oneDNN's order (FP8 only, blocks of 16 x 64 multiples)."""
+        if self.dtype != torch.bfloat16 or (exact and self.format != "fp8"):
             return False
         if self.format == "mxfp4":
             return kernels.matvec_mxfp4_fast and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
+        if exact:
+            return kernels.matvec_exact_onednn_fp8 and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
+                and block_r % 16 == 0 and grid_c <= 256
         return kernels.matvec_fp8_fast and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
             and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
 
@@ -315,12 +318,13 @@ class Dequantizer:
 
     def use(self, mv: Matvec | None, module) -> None:
         """``--matvec-kernel``: decode steps' products by the kernel, straight from the slots for block-FP8 experts
-        in layouts the FP8 kernel takes (``fast``: nothing dequantized, nothing written), else (and always with
-        ``exact``, whose order is torch's on bfloat16 weights) on the dequantized rows."""
+        in layouts the FP8 kernel takes (nothing dequantized, nothing written; ``exact`` only in oneDNN's order,
+        ``matvec_onednn.c``), else on the dequantized rows."""
         self.matvec = mv
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
-        self.direct = mv is not None and not mv.exact and names <= set(self.quantized) and all(
-            q.direct(mv.kernels, bool(module.is_transposed)) for q in self.quantized.values())
+        exact = mv is not None and mv.exact
+        self.direct = mv is not None and (not exact or mv.blocks is not None) and names <= set(self.quantized) \
+            and all(q.direct(mv.kernels, bool(module.is_transposed), exact) for q in self.quantized.values())
         if mv is not None:
             log.info("--matvec-kernel: decode steps multiply the %s", "quantized slots in place (nothing"
                      " dequantized)" if self.direct else "dequantized rows")

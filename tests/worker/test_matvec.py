@@ -170,7 +170,7 @@ def direct_and_rows(dq, module, mv, kernel: str, monkeypatch):
     assert dq.direct
     calls = []
     real = getattr(mv.kernels, kernel)
-    monkeypatch.setattr(mv.kernels, kernel, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(mv.kernels, kernel, lambda *a, **kw: calls.append(1) or real(*a, **kw))
 
     def both(hidden, index, weights):
         got = dq.forward(module, 0, torch.arange(8), SLOTS, hidden, index, weights)

@@ -95,12 +95,19 @@ def test_auto_falls_back_to_torchs_products_with_a_reason(tmp_path, caplog):
         dk.load("c", tmp_path, 1, check=refuse, flag="--matvec-kernel exact", advice="pass --matvec-kernel off")
 
 
-def test_exact_declines_weights_stored_in_out(exact_kernels):
-    """``x @ W`` for ``W`` stored ``[in, out]`` (GPT-OSS's experts): torch sums it in another order than row dots,
-    so the exact mode leaves it to the grouped matmul."""
-    w = torch.randn(8, 64).to(torch.bfloat16)
-    with pytest.raises(matvec.Declined):
-        matvec.Matvec(exact_kernels, exact=True).linear(w.T, torch.randn(1, 8).to(torch.bfloat16), None, True)
+def test_weights_stored_in_out_are_exact_only_in_onednns_order(exact_kernels):
+    """``x @ W`` for ``W`` stored ``[in, out]`` (GPT-OSS's experts; the kernel reads the dequantized ``[out, in]``
+    rows behind a transposed view): ATen's AVX2 order sums it otherwise than its row dots, so there the exact mode
+    leaves it to the grouped matmul; oneDNN sums both alike, so there the kernel gives ``x @ W``'s bits."""
+    gen = torch.Generator().manual_seed(4)
+    slots, x = matvec.order_probe(gen, 1, 512, 2048)
+    rows = slots[1, :, :2048].contiguous()  # [out, in]
+    mv = matvec.Matvec(exact_kernels, exact=True)
+    if exact_kernels.exact_order != "onednn":
+        with pytest.raises(matvec.Declined):
+            mv.linear(rows.T, x, None, True)
+        return
+    assert torch.equal(mv.linear(rows.T, x, None, True), x @ rows.T.contiguous())
 
 
 def test_dense_linears_give_a_batch_of_decode_rows_to_the_exact_kernel(exact_kernels):
@@ -119,3 +126,24 @@ def test_dense_linears_give_a_batch_of_decode_rows_to_the_exact_kernel(exact_ker
             got = model(x.unsqueeze(0))[0]
         assert torch.equal(got, want), rows
     assert "decode rows of the dense linears" in mv.noted
+
+
+@pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2816), (4, 128, 1024), (5, 256, 5632)])
+def test_fp8_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, cols):
+    """On an AVX-512 BF16 and VBMI CPU: block-FP8 slots multiplied in place give ``F.linear``'s bits on the
+    dequantized weight (transformers' reference), on a probe where another order rounds otherwise (the fast FP8
+    kernel's does)."""
+    from services.worker import onednn_order
+    from services.worker.quant import fp8_table
+
+    if exact_kernels.exact_order != "onednn" or not exact_kernels.matvec_exact_onednn_fp8:
+        pytest.skip("no AVX-512 BF16 and VBMI, or torch sums with ATen's AVX2 order here")
+    values, scales, weight, x = onednn_order.fp8_probe(torch.Generator().manual_seed(m), m, rows, cols)
+    block = matvec.Matvec(exact_kernels, exact=True).blocks.of_shape(rows, cols, cols, m)
+    out = torch.empty(m, rows)
+    assert exact_kernels.matvec_fp8(values, scales, fp8_table(), (128, 128), x, out, exact_block=block)
+    assert torch.equal(out.to(torch.bfloat16), F.linear(x, weight))
+    if m <= 4:
+        fast = torch.empty(m, rows)
+        assert exact_kernels.matvec_fp8(values, scales, fp8_table(), (128, 128), x, fast)
+        assert not torch.equal(fast.to(torch.bfloat16), F.linear(x, weight)), "the probe would not tell orders apart"
