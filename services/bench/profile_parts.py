@@ -192,6 +192,8 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
         products.append(lambda: kernels.matvec(weight, x, out))
         if kernels.matvec_exact_avx2:
             products.append(lambda: kernels.matvec(weight, x, out, exact=True))
+        if kernels.matvec_exact_onednn:  # in oneDNN's order (its blocks change the sums, not the speed)
+            products.append(lambda: kernels.matvec(weight, x, out, exact=True, block=512))
     best = float("inf")
     with torch.inference_mode():
         for product in products:

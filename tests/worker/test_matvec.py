@@ -126,10 +126,10 @@ def test_the_profile_floor_counts_the_kernel():
     from services.bench.profile_parts import bandwidth_floor
 
     calls = []
-    fake = types.SimpleNamespace(matvec_fast=True, matvec_exact_avx2=True,
-                                 matvec=lambda w, x, out, exact=False: calls.append((w.shape, x.shape, exact)))
+    fake = types.SimpleNamespace(matvec_fast=True, matvec_exact_avx2=True, matvec_exact_onednn=True,
+                                 matvec=lambda w, x, out, exact=False, block=0: calls.append((w.shape, exact, block)))
     floor = bandwidth_floor(1 << 20, 2, kernels=fake)
-    assert calls == [((128, 4096), (1, 4096), False)] * 3 + [((128, 4096), (1, 4096), True)] * 3
+    assert calls == [((128, 4096), False, 0)] * 3 + [((128, 4096), True, 0)] * 3 + [((128, 4096), True, 512)] * 3
     assert floor.gb_per_s > 0
 
 
@@ -222,6 +222,40 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         hidden, _, weights = routing(module, 6, 2, gen)
         got, want = both(hidden, torch.tensor([[0, 1]] * 6), weights)  # 6 tokens on expert 0: a prompt step
         assert not calls and torch.equal(got, want)
+
+
+def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
+    """The default exact mode on an AVX-512 BF16 and VBMI CPU (oneDNN's order): a decode step multiplies the
+    block-FP8 slots in place and gives the dequantize-then-multiply path's bits exactly (that path is torch's own
+    product of transformers' dequantized weights)."""
+    try:
+        matvec.check_exact(kernels)
+    except dk.KernelError:
+        pytest.skip("the exact kernel does not hold here")
+    if kernels.exact_order != "onednn" or not kernels.matvec_exact_onednn_fp8:
+        pytest.skip("no AVX-512 BF16 and VBMI, or torch sums with ATen's AVX2 order here")
+    exact = matvec.Matvec(kernels, exact=True)
+    torch.manual_seed(0)  # shapes whose order oneDNN's probe finds (the tiny families' are too narrow)
+    module = AutoModelForCausalLM.from_config(family_config(
+        "mixtral", hidden_size=512, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1)).to(torch.bfloat16)
+    module = next(mod for mod in module.modules() if isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    parts = []
+    for name in ("gate_up_proj", "down_proj"):
+        pairs = [fp8_tensors(getattr(module, name)[e].float(), (128, 128)) for e in range(8)]
+        parts += [torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])]
+    pool, offsets = pool_of(parts, 8)
+    dq = Dequantizer(quant_params(module, pool, offsets, parts, ("float8_e4m3fn", "fp8", "float32"), exact), {}, 8)
+    calls, both = direct_and_rows(dq, module, exact, "matvec_fp8", monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for tokens in (1, 3):
+            got, want = both(*routing(module, tokens, 2, gen))
+            assert calls and torch.equal(got, want), tokens
+            calls.clear()
 
 
 def test_an_in_out_weight_is_declined(mv):
