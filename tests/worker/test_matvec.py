@@ -224,25 +224,37 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         assert not calls and torch.equal(got, want)
 
 
-def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
-    """The default exact mode on an AVX-512 BF16 and VBMI CPU (oneDNN's order): a decode step multiplies the
-    block-FP8 slots in place and gives the dequantize-then-multiply path's bits exactly (that path is torch's own
-    product of transformers' dequantized weights)."""
+def exact_onednn(kernels, fp8: bool = False) -> matvec.Matvec:
+    """The default exact mode where it sums in oneDNN's order (an AVX-512 BF16 CPU; ``fp8``: and VBMI), else skip."""
     try:
         matvec.check_exact(kernels)
     except dk.KernelError:
         pytest.skip("the exact kernel does not hold here")
-    if kernels.exact_order != "onednn" or not kernels.matvec_exact_onednn_fp8:
-        pytest.skip("no AVX-512 BF16 and VBMI, or torch sums with ATen's AVX2 order here")
-    exact = matvec.Matvec(kernels, exact=True)
-    torch.manual_seed(0)  # shapes whose order oneDNN's probe finds (the tiny families' are too narrow)
-    module = AutoModelForCausalLM.from_config(family_config(
-        "mixtral", hidden_size=512, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+    if kernels.exact_order != "onednn" or (fp8 and not kernels.matvec_exact_onednn_fp8):
+        pytest.skip("no AVX-512 BF16 (and VBMI), or torch sums with ATen's AVX2 order here")
+    return matvec.Matvec(kernels, exact=True)
+
+
+def wide_experts_module(family: str):
+    """``experts_module`` with experts 512 wide: shapes whose order oneDNN's probe finds (the tiny ones are too
+    narrow)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(
+        family, hidden_size=512, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
         num_hidden_layers=1)).to(torch.bfloat16)
-    module = next(mod for mod in module.modules() if isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter))
+    module = next(mod for mod in model.modules() if isinstance(getattr(mod, "down_proj", None), torch.nn.Parameter))
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.5)
+    return module
+
+
+def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
+    """The default exact mode on an AVX-512 BF16 and VBMI CPU (oneDNN's order): a decode step multiplies the
+    block-FP8 slots in place and gives the dequantize-then-multiply path's bits exactly (that path is torch's own
+    product of transformers' dequantized weights)."""
+    exact = exact_onednn(kernels, fp8=True)
+    module = wide_experts_module("mixtral")
     parts = []
     for name in ("gate_up_proj", "down_proj"):
         pairs = [fp8_tensors(getattr(module, name)[e].float(), (128, 128)) for e in range(8)]
@@ -251,6 +263,29 @@ def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels
     dq = Dequantizer(quant_params(module, pool, offsets, parts, ("float8_e4m3fn", "fp8", "float32"), exact), {}, 8)
     calls, both = direct_and_rows(dq, module, exact, "matvec_fp8", monkeypatch)
     gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for tokens in (1, 3):
+            got, want = both(*routing(module, tokens, 2, gen))
+            assert calls and torch.equal(got, want), tokens
+            calls.clear()
+
+
+def test_mxfp4_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
+    """The same for GPT-OSS's MXFP4 experts (``[in, out]`` parameters with biases, stored ``[out, in]``)."""
+    exact = exact_onednn(kernels)
+    module = wide_experts_module("gpt_oss")
+    parts = []
+    for name in ("gate_up_proj", "down_proj"):
+        parts += list(mxfp4_tensors(getattr(module, name).float().transpose(1, 2)))  # stored [out, in]
+    for name in ("gate_up_proj_bias", "down_proj_bias"):
+        parts.append(getattr(module, name).detach())
+    pool, offsets = pool_of(parts, 8)
+    params = quant_params(module, pool, offsets, parts, ("uint8", "mxfp4", "uint8"), exact)
+    plain = {name: pool[:, offsets[4 + i]:offsets[4 + i] + parts[4 + i][0].numel() * 2].view(torch.bfloat16)
+             for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias"))}
+    dq = Dequantizer(params, plain, 8)
+    calls, both = direct_and_rows(dq, module, exact, "matvec_mxfp4", monkeypatch)
+    gen = torch.Generator().manual_seed(6)
     with torch.inference_mode():
         for tokens in (1, 3):
             got, want = both(*routing(module, tokens, 2, gen))
