@@ -180,17 +180,15 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         q = quantized[name]
         out = torch.empty(x.shape[0], q.values.shape[1], dtype=torch.float32)
         x = x.to(torch.bfloat16).contiguous()
-        block = 0
-        if mv.blocks is not None:  # exact: the order of oneDNN's product of the dequantized weight
-            rows = q.values.shape[1]  # (MXFP4 rows are the output's, [in, out] parameters too: oneDNN sums alike)
-            block = mv.blocks.of_shape(rows, x.shape[1], x.shape[1], x.shape[0])
-            if block is None:
-                raise Declined
         if q.format == "mxfp4":
-            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact_block=block,
-                                        pairs=q.pairs.view(torch.int32)):
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out):
                 raise Declined
         else:
+            block = 0
+            if mv.blocks is not None:  # exact: the order of oneDNN's product of the dequantized [out, in] weight
+                block = mv.blocks.of_shape(*q.shape, q.shape[1], x.shape[0])
+                if block is None:
+                    raise Declined
             if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
                                       (q.blocks[1], q.blocks[3]), x, out, exact_block=block):
                 if block:

@@ -132,12 +132,11 @@ class QuantParam:
     def direct(self, kernels, transposed: bool, exact: bool = False) -> bool:
         """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this parameter from its slots (bfloat16; the
         layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 as it is always stored,
-        ``[out, in]`` in 16-byte blocks)? ``exact``: in oneDNN's order (FP8 in blocks of 16 x 64 multiples)."""
-        if self.dtype != torch.bfloat16:
+        ``[out, in]`` in 16-byte blocks)? ``exact``: in oneDNN's order (FP8 only, blocks of 16 x 64 multiples)."""
+        if self.dtype != torch.bfloat16 or (exact and self.format != "fp8"):
             return False
         if self.format == "mxfp4":
-            usable = kernels.matvec_exact_onednn if exact else kernels.matvec_mxfp4_fast
-            return usable and self.values.shape[-1] == 16
+            return kernels.matvec_mxfp4_fast and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
         if exact:
