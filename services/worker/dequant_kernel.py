@@ -172,7 +172,9 @@ class Kernels:
         if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
                 or not scales.is_contiguous() or x.dtype != torch.bfloat16 or not x.is_contiguous() \
                 or x.shape[1] != cols or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) \
-                or not out.is_contiguous() or table.dtype != torch.float32 or table.numel() != 256:
+                or not out.is_contiguous() or table.dtype != torch.float32 or table.numel() != 256 \
+                or min(block) < 1 or rows % block[0] or cols % block[1] \
+                or scales.numel() != (rows // block[0]) * (cols // block[1]):
             raise ValueError(f"fp8 matvec kernel: {list(values.shape)} {values.dtype} values, {list(scales.shape)}"
                              f" {scales.dtype} scales, {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
         v, ld, s, t, xp, o = values.data_ptr(), values.stride(0), scales.data_ptr(), table.data_ptr(), \

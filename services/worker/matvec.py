@@ -8,7 +8,7 @@ read it once, in place in the pool slot (``dequant_kernel.Kernels.matvec``). Two
 * ``exact`` (``matvec_exact.c``, the default through ``auto``): each sum in torch's own order, so every product,
   and so every token, is bit for bit what transformers computes: ATen's on an AVX2 CPU (~1.8x torch's speed on a
   Zen 3), oneDNN's on an AVX-512 BF16 one, with the column blocks it picks found per shape
-  (``onednn_order.py``; ~2x torch's speed there, which reorders each weight at every call). ``check_exact``
+  (``onednn_order.py``; ~2-2.4x torch's speed there, which reorders each weight at every call). ``check_exact``
   compares it with torch's products on this machine before use; ``auto`` falls back to torch's path, with a log
   line, where they differ (another CPU, another torch) or nothing compiles.
 * ``fast`` (``matvec.c``): float32 sums of AVX-512 BF16 dot products (or AVX2 FMA on 4 rows at once), ~20% faster
@@ -70,6 +70,8 @@ class Matvec:
         self.kernels, self.exact = kernels, exact
         self.noted: set[str] = set()
         # oneDNN's order (an AVX-512 CPU): its column blocks, per shape; None: ATen's AVX2 order, or ``fast``
+        if exact and kernels.exact_order is None:
+            raise ValueError("an exact Matvec needs kernels that matvec.check_exact accepted (whose order they sum in)")
         self.blocks = onednn_order.Blocks(kernels) if exact and kernels.exact_order == "onednn" else None
 
     def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -173,6 +175,8 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
     prompt step, when an MXFP4 scale is one the kernel does not compute, or (exact) a shape whose order is not found."""
     kernels = mv.kernels
+    if mv.blocks is not None and not _fp8_blocks_usable(mv.blocks, quantized, min(len(top_k_index), MAX_TOKENS)):
+        return None  # (before any product: a step declined halfway would be computed twice)
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
     slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
 
@@ -200,6 +204,16 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     if out is not None:
         mv.note("decode steps' products on the quantized slots in place")
     return out
+
+
+def _fp8_blocks_usable(blocks: onednn_order.Blocks, quantized: dict, rows: int) -> bool:
+    """Every FP8 parameter's product of up to ``rows`` input rows has a oneDNN block the in-place kernel takes."""
+    for q in quantized.values():
+        for m in range(1, rows + 1):
+            block = blocks.of_shape(*q.shape, q.shape[1], m)
+            if block is None or block % 64 or block > onednn_order.FP8_BLOCK_MAX:
+                return False
+    return True
 
 
 def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:

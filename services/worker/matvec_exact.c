@@ -119,4 +119,3 @@ int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
     return -1;
 #endif
 }
-

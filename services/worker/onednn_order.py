@@ -2,13 +2,14 @@
 
 There torch gives its bfloat16 linears and grouped matmuls to oneDNN's brgemm matmul, which sums each output over
 the input's columns in pairs (one ``vdpbf16ps`` each: the odd column's product added first), in blocks of columns
-that each start from zero, the blocks' sums added in order (``matvec_exact.c``'s ``moeinf_mv_onednn_nt`` does the
+that each start from zero, the blocks' sums added in order (``matvec_onednn.c``'s ``moeinf_mv_onednn_nt`` does the
 same, 16 outputs at a time). The block's width is oneDNN's choice, from the number of input rows and the width
 (measured here: 512 columns for one row; 512 or 1024 for more); and where the output is too narrow to share among
 torch's threads, oneDNN splits the sum among them too, which the kernel does not. So ``Blocks.of`` finds the width
 once per shape (output rows, input columns, row stride, input rows, torch's threads): on a probe of that shape
-where a sum in another order rounds differently (``matvec.order_probe`` tiled to up to ``PROBE_ROWS`` rows; a wider
-output only gives oneDNN more to share), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
+where a sum in another order rounds differently (``matvec.order_probe`` tiled to the real width, or to
+``PROBE_ROWS`` rows plus the width's last partial 64 for a wider one: measured, a wider output was summed in the
+same blocks, having only more to share among the threads), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
 a bias), ``x @ W`` for the weight stored ``[in, out]`` and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
 """
 from __future__ import annotations
@@ -18,10 +19,16 @@ import logging
 import torch
 import torch.nn.functional as F
 
+try:  # what transformers' experts forward multiplies with (a private name: a release may move it; check() says so)
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    _grouped_mm = None
+
 log = logging.getLogger("moeinf.worker")
 CANDIDATES = (512, 1024, 256, 2048, 4096, 128, 64, 32)  # column blocks tried, most likely first (multiples of 32)
 PROBE_ROWS = 1024  # output rows of a probe at most (the shapes measured gave a wider output the same block)
 MAX_SHAPES = 512  # shapes remembered: a model has a few dozen (linears' shapes x input rows)
+FP8_BLOCK_MAX = 1024  # the widest block the FP8 kernel's buffer takes (matvec_onednn.c's MVO_STAGE)
 
 
 class Blocks:
@@ -31,6 +38,7 @@ class Blocks:
     def __init__(self, kernels):
         self.kernels = kernels
         self.found: dict[tuple[int, int, int, int, int], int | None] = {}
+        self.full_noted = False
 
     def of(self, weight: torch.Tensor, m: int) -> int | None:
         return self.of_shape(*weight.shape, weight.stride(0), m)
@@ -40,8 +48,10 @@ class Blocks:
         key = (rows, cols, ld, m, torch.get_num_threads())
         if key not in self.found:
             if len(self.found) >= MAX_SHAPES:
-                log.warning("the exact kernel has met over %d product shapes; new ones keep torch's products",
-                            MAX_SHAPES)
+                if not self.full_noted:
+                    self.full_noted = True
+                    log.warning("the exact kernel has met %d product shapes (onednn_order.MAX_SHAPES); new ones keep"
+                                " torch's products", MAX_SHAPES)
                 return None
             self.found[key] = discover(self.kernels, *key[:4])
             if self.found[key] is None:
@@ -56,7 +66,7 @@ def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
 
     if cols % 2 or cols < 2:
         return None
-    rows = min(rows, PROBE_ROWS)
+    rows = rows if rows <= PROBE_ROWS else PROBE_ROWS + rows % 64
     gen = torch.Generator().manual_seed(rows * 65537 + cols * 17 + m)
     tile, x = order_probe(gen, m, min(rows, 64), cols)
     storage = torch.empty(rows, max(ld, cols), dtype=torch.bfloat16)  # the real row stride (a pool slot's)
@@ -67,7 +77,6 @@ def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
         wants = [F.linear(x, weight), x @ weight.T.contiguous()]  # [in, out] weights too (GPT-OSS's experts)
         biased = F.linear(x, weight, bias)  # oneDNN adds a bias to the float32 sum, then rounds once
         if cols % 8 == 0 and storage.stride(0) % 8 == 0:  # transformers' experts' call (16-byte strides only)
-            from transformers.integrations.moe import _grouped_mm
             wants.append(_grouped_mm(x, weight.unsqueeze(0).transpose(-2, -1), torch.tensor([m], dtype=torch.int32)))
     out = torch.empty(m, rows)
     for block in CANDIDATES:
@@ -85,6 +94,9 @@ def check(kernels) -> None:
     fails here, with the shape."""
     from services.worker.dequant_kernel import KernelError
 
+    if _grouped_mm is None:
+        raise KernelError("transformers has no grouped matmul (transformers.integrations.moe._grouped_mm) to compare"
+                          " the exact kernel with")
     if not kernels.matvec_exact_onednn:
         raise KernelError("torch sums its bfloat16 products with AVX512 vectors here (oneDNN's kernels), and the"
                           " exact kernel for their order was not built (no AVX-512 BF16)")

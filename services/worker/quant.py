@@ -130,9 +130,8 @@ class QuantParam:
                                " dequantize (mxfp4 and fp8 are supported)")
 
     def direct(self, kernels, transposed: bool, exact: bool = False) -> bool:
-        """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this parameter from its slots (bfloat16; the
-        layouts they take: FP8 ``[out, in]`` in blocks of 8 x 64 multiples, MXFP4 as it is always stored,
-        ``[out, in]`` in 16-byte blocks)? ``exact``: in oneDNN's order (FP8 only, blocks of 16 x 64 multiples)."""
+        """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this bfloat16 parameter from its slots (FP8 ``[out,
+        in]`` in 8 x 64 multiples; MXFP4 as stored)? ``exact``: in oneDNN's order (FP8 only, 16 x 64 multiples)."""
         if self.dtype != torch.bfloat16 or (exact and self.format != "fp8"):
             return False
         if self.format == "mxfp4":

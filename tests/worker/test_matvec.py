@@ -265,9 +265,13 @@ def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels
     gen = torch.Generator().manual_seed(5)
     with torch.inference_mode():
         for tokens in (1, 3):
-            got, want = both(*routing(module, tokens, 2, gen))
+            step = routing(module, tokens, 2, gen)
+            got, want = both(*step)
             assert calls and torch.equal(got, want), tokens
             calls.clear()
+            dq.use(None, module)  # torch's own products of the dequantized rows: the reference itself
+            assert torch.equal(got, dq.forward(module, 0, torch.arange(8), SLOTS, *step)), tokens
+            dq.use(exact, module)
 
 
 def test_an_in_out_weight_is_declined(mv):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import _grouped_mm
 
 from services.worker import dequant_kernel as dk
-from services.worker import matvec
+from services.worker import matvec, onednn_order
 
 pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
@@ -28,7 +28,7 @@ def exact_kernels(tmp_path_factory):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("m,rows,cols", [(1, 300, 2048), (2, 70, 2816), (3, 129, 1000), (4, 64, 136), (1, 50, 77),
                                          (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200), (1, 4096, 4096),
-                                         (2, 512, 14336)])
+                                         (2, 512, 14336), (1, 1100, 2048)])
 def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
     kernels = dk.load("c", tmp_path, threads, check=matvec.check_exact)
     torch.set_num_threads(threads)  # oneDNN shares a narrow output's sums among torch's threads: part of the order
@@ -60,8 +60,9 @@ def test_onednn_order_blocks_are_found_once_per_shape(exact_kernels):
         pytest.skip("torch sums with ATen's AVX2 order here")
     mv = matvec.Matvec(exact_kernels, exact=True)
     weight = torch.randn(256, 2048).to(torch.bfloat16)
-    assert mv.blocks.of(weight, 1) == 512 and mv.blocks.of(weight, 2) == 1024
-    assert mv.blocks.of(weight, 1) == 512 and len(mv.blocks.found) == 2
+    one, two = mv.blocks.of(weight, 1), mv.blocks.of(weight, 2)  # (512 and 1024 here: oneDNN's choice per CPU)
+    assert one in onednn_order.CANDIDATES and two in onednn_order.CANDIDATES
+    assert mv.blocks.of(weight, 1) == one and len(mv.blocks.found) == 2
     assert mv.product(torch.randn(16, 64).to(torch.bfloat16), torch.randn(1, 64).to(torch.bfloat16)) is None
     with pytest.raises(matvec.Declined):
         mv.linear(torch.randn(16, 64).to(torch.bfloat16), torch.randn(1, 64).to(torch.bfloat16), None, False)
@@ -133,7 +134,6 @@ def test_fp8_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, col
     """On an AVX-512 BF16 and VBMI CPU: block-FP8 slots multiplied in place give ``F.linear``'s bits on the
     dequantized weight (transformers' reference), on a probe where another order rounds otherwise (the fast FP8
     kernel's does)."""
-    from services.worker import onednn_order
     from services.worker.quant import fp8_table
 
     if exact_kernels.exact_order != "onednn" or not exact_kernels.matvec_exact_onednn_fp8:
