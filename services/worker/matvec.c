@@ -160,12 +160,7 @@ void moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
 
 int moeinf_mv_fp8_fast(void) { return MV8_FAST; }
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+#include "fp8_lookup.h"
 
 #if MV8_FAST && !MV8_AVX2
 #define MV8_ROWS 8
@@ -195,14 +190,7 @@ int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const fl
         int64_t nr = hi - o < MV8_ROWS ? hi - o : MV8_ROWS;
         if (o / block_r != planes_of) {
             planes_of = o / block_r;
-            for (int64_t cb = 0; cb < grid_c; cb++) {
-                float s = scales[planes_of * grid_c + cb];
-                for (int i = 0; i < 256; i++) {
-                    uint16_t b = f32_to_bf16(table[i] * s);
-                    planes[cb][0][i] = (uint8_t)b;
-                    planes[cb][1][i] = (uint8_t)(b >> 8);
-                }
-            }
+            fp8_block_planes(planes, scales, table, planes_of, grid_c);
         }
         for (int64_t j = 0; j < m; j++) {
             __m512 acc[MV8_ROWS];
@@ -219,12 +207,8 @@ int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const fl
                     for (int r = 0; r < nr; r++) {
                         const uint8_t *p = v + (o + r) * ld + c;
                         _mm_prefetch((const char *)(p + MV8_ROWS * ld), _MM_HINT_T1);  /* next rows, into L2 */
-                        __m512i idx = _mm512_loadu_si512(p);
-                        __mmask64 top = _mm512_movepi8_mask(idx);
-                        __m512i l = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(pl[0], idx, pl[1]),
-                                                           _mm512_permutex2var_epi8(pl[2], idx, pl[3]));
-                        __m512i h = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(ph[0], idx, ph[1]),
-                                                           _mm512_permutex2var_epi8(ph[2], idx, ph[3]));
+                        __m512i l, h;
+                        fp8_lookup_planes(_mm512_loadu_si512(p), pl, ph, &l, &h);
                         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_unpacklo_epi8(l, h), xa);
                         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_unpackhi_epi8(l, h), xb);
                     }

@@ -146,25 +146,6 @@ int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_
 }
 
 #if MVO_FP8
-static inline uint16_t f32_bf16(float f) {  /* round to nearest even, as torch converts (NaN -> 0x7fc0) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* The planes of row block ``rb``'s column blocks: each byte's value times the block's scale, rounded once. */
-static void fp8_planes(uint8_t planes[][2][256], const float *scales, const float *table, int64_t rb, int64_t grid_c) {
-    for (int64_t cb = 0; cb < grid_c; cb++) {
-        float s = scales[rb * grid_c + cb];
-        for (int i = 0; i < 256; i++) {
-            uint16_t v = f32_bf16(table[i] * s);
-            planes[cb][0][i] = (uint8_t)v;
-            planes[cb][1][i] = (uint8_t)(v >> 8);
-        }
-    }
-}
-
 /* Rows [o, o + 16) of an FP8 weight, ``nr`` real, block by block through ``stage`` (16 x MVO_STAGE bfloat16). */
 static inline __attribute__((always_inline)) void fp8_rows16(const uint8_t *v, int64_t ld, int nr,
                                                              uint8_t planes[][2][256], int64_t block_c,
@@ -214,7 +195,7 @@ int moeinf_mv_onednn_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, c
     for (int64_t o = lo; o < hi; o += 16) {
         int nr = hi - o < 16 ? (int)(hi - o) : 16;
         if (o / block_r != planes_of)
-            fp8_planes(planes, scales, table, planes_of = o / block_r, grid_c);
+            fp8_block_planes(planes, scales, table, planes_of = o / block_r, grid_c);
         for (int64_t j = 0; j < m; j += 4) {
             const uint32_t *xj = xp + j * half;
             float *yj = y + j * ldy + o;
