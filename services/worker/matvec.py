@@ -175,8 +175,11 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
     prompt step, when an MXFP4 scale is one the kernel does not compute, or (exact) a shape whose order is not found."""
     kernels = mv.kernels
-    if mv.blocks is not None and not _fp8_blocks_usable(mv.blocks, quantized, min(len(top_k_index), MAX_TOKENS)):
-        return None  # (before any product: a step declined halfway would be computed twice)
+    blocks = {}  # exact: oneDNN's block per (parameter, input rows), all found before any product
+    if mv.blocks is not None:
+        blocks = _fp8_blocks(mv.blocks, quantized, min(len(top_k_index), MAX_TOKENS))
+        if blocks is None:
+            return None  # (a step declined halfway would be computed twice)
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
     slot_of[experts] = torch.tensor(slots, dtype=top_k_index.dtype)
 
@@ -187,17 +190,9 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         if q.format == "mxfp4":
             if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out):
                 raise Declined
-        else:
-            block = 0
-            if mv.blocks is not None:  # exact: the order of oneDNN's product of the dequantized [out, in] weight
-                block = mv.blocks.of_shape(*q.shape, q.shape[1], x.shape[0])
-                if block is None:
-                    raise Declined
-            if not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
-                                      (q.blocks[1], q.blocks[3]), x, out, exact_block=block):
-                if block:
-                    raise Declined  # (a block wider than the kernel's buffer)
-                raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
+        elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
+                                    (q.blocks[1], q.blocks[3]), x, out, exact_block=blocks.get((name, len(x)), 0)):
+            raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
     out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
@@ -206,14 +201,17 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     return out
 
 
-def _fp8_blocks_usable(blocks: onednn_order.Blocks, quantized: dict, rows: int) -> bool:
-    """Every FP8 parameter's product of up to ``rows`` input rows has a oneDNN block the in-place kernel takes."""
-    for q in quantized.values():
+def _fp8_blocks(blocks: onednn_order.Blocks, quantized: dict, rows: int) -> dict[tuple[str, int], int] | None:
+    """oneDNN's block for each FP8 parameter's product of 1..``rows`` input rows (the order of its product of the
+    dequantized ``[out, in]`` weight), or None when one is not found or not one the in-place kernel takes."""
+    found = {}
+    for name, q in quantized.items():
         for m in range(1, rows + 1):
             block = blocks.of_shape(*q.shape, q.shape[1], m)
             if block is None or block % 64 or block > onednn_order.FP8_BLOCK_MAX:
-                return False
-    return True
+                return None
+            found[name, m] = block
+    return found
 
 
 def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
