@@ -15,38 +15,12 @@ typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-/* bfloat16 bits of E2M1 codes n (sign bit 8, magnitude 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6) times 2^(scale - 127),
- * delta = (scale - 127) << 7 modulo 2^16. Magnitude m >= 2 is 2^(m/2 - 1) * (1 + (m & 1) / 2): exponent field
- * m / 2 + 126, mantissa top bit m & 1, i.e. (m + 252) << 6; 0.5 is 252 << 6; zero stays zero (signed). */
-static inline u16x16 e2m1_bf16(u16x16 n, uint16_t delta) {
-    u16x16 mag = n & 7;
-    u16x16 bits = ((mag + 252) << 6) - ((u16x16)(mag == 1) & 64) + delta;
-    bits &= (u16x16)(mag != 0);
-    return bits | ((n & 8) << 12);
-}
+#include "mxfp4_decode.h"
 
-/* n_blocks MXFP4 blocks (16 bytes = 32 values, low nibble first) with one E8M0 scale byte each, into bfloat16
- * pairs. pairs: the [256 scales][256 bytes] table of both values of a byte as one uint32 (quant.mxfp4_table). */
+/* n_blocks MXFP4 blocks with one E8M0 scale byte each into bfloat16 pairs (mxfp4_decode.h). */
 void moeinf_mxfp4_bf16(const uint8_t *blocks, const uint8_t *scales, const uint32_t *pairs, uint32_t *out,
                        int64_t n_blocks) {
-    for (int64_t i = 0; i < n_blocks; i++) {
-        uint32_t s = scales[i];
-        const uint8_t *b = blocks + i * 16;
-        uint32_t *o = out + i * 16;
-        if (s >= 2 && s <= 252) {
-            u8x16 v;
-            memcpy(&v, b, 16);
-            u16x16 n = __builtin_convertvector(v, u16x16);
-            uint16_t delta = (uint16_t)((s - 127u) << 7);
-            u32x16 lo = __builtin_convertvector(e2m1_bf16(n & 15, delta), u32x16);
-            u32x16 hi = __builtin_convertvector(e2m1_bf16(n >> 4, delta), u32x16);
-            u32x16 r = lo | (hi << 16);
-            memcpy(o, &r, 64);
-        } else {
-            const uint32_t *t = pairs + ((size_t)s << 8);
-            for (int j = 0; j < 16; j++) o[j] = t[b[j]];
-        }
-    }
+    mxfp4_decode(blocks, scales, pairs, out, n_blocks);
 }
 
 /* The same by table only, for pairs of 2-byte (float16: uint32 pairs) or 4-byte (float32: uint64 pairs) values. */

@@ -3,7 +3,7 @@ checked against torch's ops, or absent.
 
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
-(MXFP4 -> bfloat16 computes most values directly; FP8 looks 64 values up at once by byte shuffles with AVX-512
+(MXFP4 -> bfloat16 computes most values directly, two blocks at a time by word shuffles with AVX-512BW; FP8 looks 64 values up at once by byte shuffles with AVX-512
 VBMI, else computes bfloat16 values with AVX2 (16 at a time), else looks 32 up with AVX-512BW (gcc); everything
 else is a scalar table gather): 4x faster than torch's ops on one core for MXFP4, more for FP8.
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
@@ -39,7 +39,7 @@ import torch
 log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_onednn.c"))
-HEADERS = (Path(__file__).with_name("fp8_lookup.h"),)  # included by the sources: part of the build's key
+HEADERS = tuple(Path(__file__).with_name(h) for h in ("fp8_lookup.h", "mxfp4_decode.h"))  # (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 NAMES = " and ".join(path.name for path in SOURCES)
 MODES = ("auto", "c", "torch")
@@ -79,6 +79,8 @@ class Kernels:
         lib.moeinf_mv_onednn_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_fp8_nt.restype = ctypes.c_int
         self.matvec_exact_onednn_fp8 = bool(lib.moeinf_mv_exact_onednn_fp8())  # ... from FP8 slots (and VBMI)
+        lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
@@ -190,25 +192,34 @@ class Kernels:
                                                              rows)), align=64)
         return all(code == 0 for code in codes)
 
-    def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> bool:
+    def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+                     exact_block: int = 0, pairs: torch.Tensor | None = None) -> bool:
         """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
         and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
         the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
-        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA."""
+        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact_block``: summed
+        in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every scale, ``pairs`` being
+        ``quant.mxfp4_pairs(torch.bfloat16)``)."""
         rows, groups, half = blocks.shape
         m = x.shape[0]
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (
                 rows, groups) or blocks.stride(2) != 1 or blocks.stride(1) != 16 or scales.stride(1) != 1 \
                 or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[1] != groups * 32 \
-                or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) or not out.is_contiguous():
+                or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) or not out.is_contiguous() \
+                or (exact_block and (pairs is None or pairs.dtype != torch.int32 or pairs.numel() != 65536)):
             raise ValueError(f"mxfp4 matvec kernel: {list(blocks.shape)} blocks, {list(scales.shape)} scales,"
                              f" {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
-        fn = self.lib.moeinf_mv_mxfp4_nt
         b, ld, s, lds, xp, o = blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), scales.stride(0), \
             x.data_ptr(), out.data_ptr()
         codes = []
-        self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                    align=64)
+        if exact_block:
+            fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
+            self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
+                                                             exact_block)), align=16)
+        else:
+            fn = self.lib.moeinf_mv_mxfp4_nt
+            self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
+                        align=64)
         return all(code == 0 for code in codes)
 
     def _split(self, n: int, run, align: int = 1) -> None:

@@ -177,7 +177,7 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     kernels = mv.kernels
     blocks = {}  # exact: oneDNN's block per (parameter, input rows), all found before any product
     if mv.blocks is not None:
-        blocks = _fp8_blocks(mv.blocks, quantized, min(len(top_k_index), MAX_TOKENS))
+        blocks = _exact_blocks(mv.blocks, quantized, min(len(top_k_index), MAX_TOKENS))
         if blocks is None:
             return None  # (a step declined halfway would be computed twice)
     slot_of = torch.zeros(module.num_experts, dtype=top_k_index.dtype)
@@ -187,11 +187,13 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         q = quantized[name]
         out = torch.empty(x.shape[0], q.values.shape[1], dtype=torch.float32)
         x = x.to(torch.bfloat16).contiguous()
+        block = blocks.get((name, len(x)), 0)
         if q.format == "mxfp4":
-            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out):
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact_block=block,
+                                        pairs=q.pairs.view(torch.int32)):
                 raise Declined
         elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
-                                    (q.blocks[1], q.blocks[3]), x, out, exact_block=blocks.get((name, len(x)), 0)):
+                                    (q.blocks[1], q.blocks[3]), x, out, exact_block=block):
             raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
@@ -201,13 +203,15 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     return out
 
 
-def _fp8_blocks(blocks: onednn_order.Blocks, quantized: dict, rows: int) -> dict[tuple[str, int], int] | None:
-    """oneDNN's block for each FP8 parameter's product of 1..``rows`` input rows (the order of its product of the
-    dequantized ``[out, in]`` weight), or None when one is not found or not one the in-place kernel takes."""
+def _exact_blocks(blocks: onednn_order.Blocks, quantized: dict, rows: int) -> dict[tuple[str, int], int] | None:
+    """oneDNN's block for each parameter's product of 1..``rows`` input rows (the order of its product of the
+    dequantized weight, stored ``[out, in]``: MXFP4 ``[in, out]`` parameters too, oneDNN sums ``x @ W`` alike), or
+    None when one is not found or not one the in-place kernels take."""
     found = {}
     for name, q in quantized.items():
+        out_rows, cols = (q.values.shape[1], q.values.shape[2] * 32) if q.format == "mxfp4" else tuple(q.shape)
         for m in range(1, rows + 1):
-            block = blocks.of_shape(*q.shape, q.shape[1], m)
+            block = blocks.of_shape(out_rows, cols, cols, m)
             if block is None or block % 64 or block > onednn_order.FP8_BLOCK_MAX:
                 return None
             found[name, m] = block

@@ -8,9 +8,9 @@
  * (onednn_order.Blocks finds it, bit for bit against torch, before use). 16 output rows at a time: their next 16
  * column pairs loaded as 16 rows of 16 dwords and transposed in registers, so that one vector holds one pair of all
  * 16 rows; the weight is read once, in place (a pool slot), at ~2-2.4x the speed of torch's call (which reorders
- * it). The FP8 kernel turns each block of 16 rows x kb columns into bfloat16 in a small buffer first (the
- * dequantization's bits: each block's 256 values looked up by byte shuffles), then sums it alike: nothing else is
- * written. */
+ * it). The FP8 and MXFP4 kernels turn each block of 16 rows x kb columns into bfloat16 in a small buffer first (the
+ * dequantization's bits: FP8 by byte shuffles of each block's 256 values, MXFP4 by dequant.c's word shuffles), then
+ * sum it alike: nothing else is written. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,7 +27,7 @@
 #else
 #define MVO_FP8 0
 #endif
-#define MVO_STAGE 1024  /* columns of the FP8 kernel's bfloat16 buffer: the widest block it takes */
+#define MVO_STAGE 1024  /* columns of the FP8 and MXFP4 kernels' bfloat16 buffer: the widest block they take */
 
 int moeinf_mv_exact_onednn(void) { return MVO_AVX512; }
 int moeinf_mv_exact_onednn_fp8(void) { return MVO_FP8; }
@@ -213,6 +213,73 @@ int moeinf_mv_onednn_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, c
 #else
     (void)v; (void)ld; (void)scales; (void)table; (void)block_r; (void)block_c; (void)x; (void)m; (void)cols;
     (void)lo; (void)hi; (void)y; (void)ldy; (void)kb;
+    return -1;
+#endif
+}
+
+#if MVO_AVX512
+#include "mxfp4_decode.h"
+
+/* Rows [o, o + 16) of an MXFP4 weight, ``nr`` real, block by block through ``stage``: each row's blocks of the
+ * column block turned into bfloat16 (mxfp4_decode.h), then summed as bfloat16 weights are. */
+static inline __attribute__((always_inline)) void mxfp4_rows16(const uint8_t *blocks, int64_t ld,
+                                                               const uint8_t *scales, int64_t lds, int nr,
+                                                               const uint32_t *pairs,
+                                                               uint16_t (*stage)[MVO_STAGE], const uint32_t *xp,
+                                                               int64_t half, const int nj, int64_t cols, int64_t kb,
+                                                               float *y, int64_t ldy) {
+    const uint16_t *row[16];
+    for (int i = 0; i < 16; i++) row[i] = stage[i < nr ? i : nr - 1];
+    __m512 total[4], acc[4];
+    for (int j = 0; j < 4; j++) total[j] = acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols; b += kb) {
+        int64_t e = b + kb < cols ? b + kb : cols;
+        for (int i = 0; i < nr; i++)
+            mxfp4_decode(blocks + i * ld + b / 2, scales + i * lds + b / 32, pairs, (uint32_t *)stage[i],
+                         (e - b) / 32);
+        block16(row, b, b, e, 0, xp, half, nj, acc);
+        for (int j = 0; j < nj; j++) total[j] = b == 0 ? acc[j] : _mm512_add_ps(total[j], acc[j]);
+    }
+    __mmask16 out = nr == 16 ? 0xFFFF : (__mmask16)((1u << nr) - 1);
+    for (int j = 0; j < nj; j++) _mm512_mask_storeu_ps(y + j * ldy, out, total[j]);
+}
+#endif
+
+/* y[j][o] = sum_i x[j][i] * W[o][i] for an MXFP4 weight (``blocks`` [rows][ld] bytes, 16 per 32 columns, low nibble
+ * first; ``scales`` [rows][lds] E8M0 bytes; ``pairs``: quant.mxfp4_table's bfloat16 pairs for the scales dequant.c
+ * does not compute), each weight the dequantization's bfloat16, in oneDNN's order. Returns 0, or -1 when this build
+ * has no AVX-512 BF16, the layout is not one it takes (widths and kb multiples of 32, kb up to MVO_STAGE) or memory
+ * is lacking. */
+int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+                              const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                              int64_t hi, float *y, int64_t ldy, int64_t kb) {
+#if MVO_AVX512
+    if (cols % 32 || kb <= 0 || kb % 32 || kb > MVO_STAGE)
+        return -1;
+    static __thread uint16_t stage[16][MVO_STAGE] __attribute__((aligned(64)));
+    int64_t half;
+    uint32_t *xp = pairs_of(x, m, cols, &half);
+    if (xp == NULL)
+        return -1;
+    for (int64_t o = lo; o < hi; o += 16) {
+        int nr = hi - o < 16 ? (int)(hi - o) : 16;
+        const uint8_t *bo = blocks + o * ld, *so = scales + o * lds;
+        for (int64_t j = 0; j < m; j += 4) {
+            const uint32_t *xj = xp + j * half;
+            float *yj = y + j * ldy + o;
+            switch (m - j < 4 ? (int)(m - j) : 4) {
+            case 1: mxfp4_rows16(bo, ld, so, lds, nr, pairs, stage, xj, half, 1, cols, kb, yj, ldy); break;
+            case 2: mxfp4_rows16(bo, ld, so, lds, nr, pairs, stage, xj, half, 2, cols, kb, yj, ldy); break;
+            case 3: mxfp4_rows16(bo, ld, so, lds, nr, pairs, stage, xj, half, 3, cols, kb, yj, ldy); break;
+            default: mxfp4_rows16(bo, ld, so, lds, nr, pairs, stage, xj, half, 4, cols, kb, yj, ldy); break;
+            }
+        }
+    }
+    free(xp);
+    return 0;
+#else
+    (void)blocks; (void)ld; (void)scales; (void)lds; (void)pairs; (void)x; (void)m; (void)cols; (void)lo; (void)hi;
+    (void)y; (void)ldy; (void)kb;
     return -1;
 #endif
 }

@@ -82,9 +82,13 @@ def test_fp8_shapes_equal_the_torch_path(kernels, grid, block, dtype, seed, orde
 
 
 def test_a_kernel_with_wrong_bits_is_refused(tmp_path, monkeypatch, caplog):
-    source = tmp_path / "dequant.c"  # one scale byte too many on the computed path: 253 overflows differently
-    source.write_text(dk.SOURCES[0].read_text().replace("s <= 252", "s <= 253"))
+    source = tmp_path / "dequant.c"  # one scale byte too many on the computed paths: 253 overflows differently
+    source.write_text(dk.SOURCES[0].read_text())
+    header = dk.SOURCES[0].with_name("mxfp4_decode.h").read_text()  # included from dequant.c's own directory first
+    assert "s <= 252" in header and "<= 250u" in header
+    (tmp_path / "mxfp4_decode.h").write_text(header.replace("s <= 252", "s <= 253").replace("<= 250u", "<= 251u"))
     monkeypatch.setattr(dk, "SOURCES", (source, *dk.SOURCES[1:]))
+    monkeypatch.setattr(dk, "HEADERS", (*dk.HEADERS[:-1], tmp_path / "mxfp4_decode.h"))  # (a library of its own)
     with pytest.raises(dk.KernelError, match=r"MXFP4 kernel disagrees with torch's ops"):
         dk.load("c", tmp_path / "a", 1)
     with caplog.at_level(logging.WARNING, logger="moeinf.worker"):

@@ -274,6 +274,29 @@ def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels
             dq.use(exact, module)
 
 
+def test_mxfp4_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
+    """The same for GPT-OSS's MXFP4 experts (``[in, out]`` parameters with biases, stored ``[out, in]``)."""
+    exact = exact_onednn(kernels)
+    module = wide_experts_module("gpt_oss")
+    parts = []
+    for name in ("gate_up_proj", "down_proj"):
+        parts += list(mxfp4_tensors(getattr(module, name).float().transpose(1, 2)))  # stored [out, in]
+    for name in ("gate_up_proj_bias", "down_proj_bias"):
+        parts.append(getattr(module, name).detach())
+    pool, offsets = pool_of(parts, 8)
+    params = quant_params(module, pool, offsets, parts, ("uint8", "mxfp4", "uint8"), exact)
+    plain = {name: pool[:, offsets[4 + i]:offsets[4 + i] + parts[4 + i][0].numel() * 2].view(torch.bfloat16)
+             for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias"))}
+    dq = Dequantizer(params, plain, 8)
+    calls, both = direct_and_rows(dq, module, exact, "matvec_mxfp4", monkeypatch)
+    gen = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for tokens in (1, 3):
+            got, want = both(*routing(module, tokens, 2, gen))
+            assert calls and torch.equal(got, want), tokens
+            calls.clear()
+
+
 def test_an_in_out_weight_is_declined(mv):
     """A contiguous ``[in, out]`` weight (GPT-OSS's bf16 experts): no fast form, so the grouped matmul runs."""
     with pytest.raises(matvec.Declined):

@@ -147,3 +147,45 @@ def test_fp8_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, col
         fast = torch.empty(m, rows)
         assert exact_kernels.matvec_fp8(values, scales, fp8_table(), (128, 128), x, fast)
         assert not torch.equal(fast.to(torch.bfloat16), F.linear(x, weight)), "the probe would not tell orders apart"
+
+
+def mxfp4_probe(gen: torch.Generator, m: int, rows: int, cols: int):
+    """``(blocks, scales, weight, x)``: an MXFP4 ``[rows, cols]`` weight (``weight``: its dequantization) whose first
+    and last columns hold +-6 x 2^16 and nothing else in their 32-column blocks, scales across the whole byte range
+    elsewhere (the tables' ends included), so that another summation order rounds otherwise."""
+    from services.worker.quant import mxfp4_pairs, mxfp4_reference
+
+    blocks = torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 135, (rows, cols // 32), dtype=torch.uint8, generator=gen)
+    scales[::7, 1] = 1  # outside the computed 2..252: from the table
+    blocks[:, 0], blocks[:, -1] = 0, 0
+    blocks[:, 0, 0], blocks[:, -1, 15] = 0x07, 0xF0  # column 0: +6, the last column: -6
+    scales[:, 0] = scales[:, -1] = 127 + 16
+    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
+    x = torch.randn(m, cols, generator=gen)
+    x[:, 0] = x[:, -1] = 1.0
+    return blocks, scales, weight.view(torch.bfloat16).view(rows, cols), x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2880), (4, 128, 1024), (5, 256, 5760)])
+def test_mxfp4_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, cols):
+    """On an AVX-512 BF16 CPU: MXFP4 slots multiplied in place give ``F.linear``'s bits on the dequantized weight
+    and ``x @ W`` for it stored ``[in, out]`` (GPT-OSS), every scale byte included, on a probe where another order
+    rounds otherwise (the fast MXFP4 kernel's does)."""
+    from services.worker.quant import mxfp4_pairs, mxfp4_reference
+
+    if exact_kernels.exact_order != "onednn":
+        pytest.skip("torch sums with ATen's AVX2 order here")
+    blocks, scales, weight, x = mxfp4_probe(torch.Generator().manual_seed(m), m, rows, cols)
+    block = matvec.Matvec(exact_kernels, exact=True).blocks.of_shape(rows, cols, cols, m)
+    out = torch.empty(m, rows)
+    assert exact_kernels.matvec_mxfp4(blocks, scales, x, out, exact_block=block,
+                                      pairs=mxfp4_pairs(torch.bfloat16).view(torch.int32))
+    got = out.to(torch.bfloat16)
+    assert torch.equal(got, F.linear(x, weight)) and torch.equal(got, x @ weight.T.contiguous())
+    scales[::7, 1] = 127  # the fast kernel computes only 2..252
+    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
+    fast = torch.empty(m, rows)
+    assert exact_kernels.matvec_mxfp4(blocks, scales, x, fast)
+    assert not torch.equal(fast.to(torch.bfloat16), F.linear(x, weight.view(torch.bfloat16).view(rows, cols))), \
+        "the probe would not tell orders apart"
