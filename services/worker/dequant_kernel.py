@@ -3,9 +3,10 @@ checked against torch's ops, or absent.
 
 The torch-op path in ``quant.py`` makes an int32 index per value, adds the scales to it and gathers from a table:
 about five passes over memory per value. ``dequant.c`` reads each quantized byte once and writes each value once
-(MXFP4 -> bfloat16 computes most values directly, two blocks at a time by word shuffles with AVX-512BW; FP8 looks 64 values up at once by byte shuffles with AVX-512
-VBMI, else computes bfloat16 values with AVX2 (16 at a time), else looks 32 up with AVX-512BW (gcc); everything
-else is a scalar table gather): 4x faster than torch's ops on one core for MXFP4, more for FP8.
+(MXFP4 -> bfloat16 computes most values directly, two blocks at a time by word shuffles with AVX-512BW; FP8 looks
+64 values up at once by byte shuffles with AVX-512 VBMI, else computes bfloat16 values with AVX2 (16 at a time),
+else looks 32 up with AVX-512BW (gcc); everything else is a scalar table gather): 4x (MXFP4 without AVX-512BW) to
+8x faster than torch's ops on one core.
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
 the worker builds this small file itself with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``:
 it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by

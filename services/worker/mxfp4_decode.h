@@ -44,11 +44,15 @@ static inline void mxfp4_block(const uint8_t *b, uint32_t s, const uint32_t *pai
  * bfloat16 bits at scale 127 looked up by one word shuffle (the codes' table: E2M1 magnitude m >= 2 is (m + 252) << 6,
  * 0.5 is 252 << 6, zero stays zero, bit 3 the sign), the block's (scale - 127) << 7 added where the magnitude is not
  * zero (the same bits as e2m1_bf16 above), then low and high nibbles interleaved back into value order. */
+static inline __m512i mxfp4_codes(void) {  /* the bfloat16 bits of the 16 E2M1 codes at scale 127, one per word */
+    return _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                            (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000,
+                            (short)0xBFC0, (short)0xBF80, (short)0xBF00, (short)0x8000,
+                            0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+}
+
 static inline void mxfp4_pair_avx512(const uint8_t *b, uint16_t d0, uint16_t d1, uint16_t *o) {
-    const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                           (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000,
-                                           (short)0xBFC0, (short)0xBF80, (short)0xBF00, (short)0x8000,
-                                           0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
+    const __m512i table = mxfp4_codes();
     const __m512i even = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                           39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(16));

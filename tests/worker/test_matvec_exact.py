@@ -167,7 +167,8 @@ def mxfp4_probe(gen: torch.Generator, m: int, rows: int, cols: int):
     return blocks, scales, weight.view(torch.bfloat16).view(rows, cols), x.to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2880), (4, 128, 1024), (5, 256, 5760)])
+@pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2880), (4, 128, 1024), (5, 256, 5760),
+                                         (1, 200, 2816)])  # (the last: 8 rows past the last 16)
 def test_mxfp4_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, cols):
     """On an AVX-512 BF16 CPU: MXFP4 slots multiplied in place give ``F.linear``'s bits on the dequantized weight
     and ``x @ W`` for it stored ``[in, out]`` (GPT-OSS), every scale byte included, on a probe where another order
