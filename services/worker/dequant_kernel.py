@@ -80,6 +80,7 @@ class Kernels:
         lib.moeinf_mv_onednn_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_fp8_nt.restype = ctypes.c_int
         self.matvec_exact_onednn_fp8 = bool(lib.moeinf_mv_exact_onednn_fp8())  # ... from FP8 slots (and VBMI)
+        self.matvec_exact_onednn_mxfp4 = bool(lib.moeinf_mv_exact_onednn_mxfp4())  # ... from MXFP4 slots (and VBMI)
         lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
@@ -364,12 +365,14 @@ def self_check(kernels: Kernels) -> None:
 
     blocks = torch.arange(256, dtype=torch.uint8).repeat(256).view(-1, 16)  # each scale meets every byte
     scales = torch.arange(256, dtype=torch.uint8).repeat_interleave(16)
+    mixed = scales[torch.randperm(scales.numel(), generator=torch.Generator().manual_seed(0))]  # neighbours differ
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         pairs = mxfp4_pairs(dtype)
         out = torch.empty(blocks.numel(), dtype=pairs.dtype)
-        kernels.mxfp4(blocks, scales, pairs, out, dtype == torch.bfloat16)
-        if not torch.equal(out, mxfp4_reference(blocks, scales, pairs)):
-            raise KernelError(f"the built MXFP4 kernel disagrees with torch's ops ({dtype}): not used")
+        for s in (scales, mixed):  # (blocks decoded together with their own scales each)
+            kernels.mxfp4(blocks, s, pairs, out, dtype == torch.bfloat16)
+            if not torch.equal(out, mxfp4_reference(blocks, s, pairs)):
+                raise KernelError(f"the built MXFP4 kernel disagrees with torch's ops ({dtype}): not used")
     gen = torch.Generator().manual_seed(0)
     scales8 = torch.tensor([[1e-38, 3e-40, 7.3e35, float("nan")], [0.37, 1.0, 3.1e-3, 6e4]], dtype=torch.float32)
     small = torch.rand(16, 3, generator=gen) * 4  # blocks whose width is no multiple of 32: the scalar path

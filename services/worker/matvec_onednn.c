@@ -8,9 +8,10 @@
  * (onednn_order.Blocks finds it, bit for bit against torch, before use). 16 output rows at a time: their next 16
  * column pairs loaded as 16 rows of 16 dwords and transposed in registers, so that one vector holds one pair of all
  * 16 rows; the weight is read once, in place (a pool slot), at ~2-2.4x the speed of torch's call (which reorders
- * it). The FP8 and MXFP4 kernels turn each block of 16 rows x kb columns into bfloat16 in a small buffer first (the
- * dequantization's bits: FP8 by byte shuffles of each block's 256 values, MXFP4 by dequant.c's word shuffles), then
- * sum it alike: nothing else is written. */
+ * it). The FP8 kernel turns each block of 16 rows x kb columns into bfloat16 in a small buffer first (the
+ * dequantization's bits: byte shuffles of each block's 256 values), then sums it alike; the MXFP4 kernel transposes
+ * each 32-column block's bytes across the 16 rows and decodes pair vectors in registers (mxfp4_t16). Nothing else is
+ * written. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,10 +28,11 @@
 #else
 #define MVO_FP8 0
 #endif
-#define MVO_STAGE 1024  /* columns of the FP8 and MXFP4 kernels' bfloat16 buffer: the widest block they take */
+#define MVO_STAGE 1024  /* columns of the FP8 kernel's bfloat16 buffer: the widest block it takes (MXFP4's too) */
 
 int moeinf_mv_exact_onednn(void) { return MVO_AVX512; }
 int moeinf_mv_exact_onednn_fp8(void) { return MVO_FP8; }
+int moeinf_mv_exact_onednn_mxfp4(void) { return MVO_FP8; }  /* the same needs: AVX-512 BF16 and VBMI */
 
 #if MVO_AVX512
 static inline void transpose16(__m512i r[16]) {  /* r[i] dword p -> r[p] dword i */

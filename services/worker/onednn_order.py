@@ -108,6 +108,10 @@ def check(kernels) -> None:
         log.warning("the exact FP8 kernel's products differ from torch's on the dequantized weight: FP8 experts are"
                     " dequantized, then multiplied")
         kernels.matvec_exact_onednn_fp8 = False
+    if kernels.matvec_exact_onednn_mxfp4 and not mxfp4_is_exact(kernels):
+        log.warning("the exact MXFP4 kernel's products differ from torch's on the dequantized weight: MXFP4 experts"
+                    " are dequantized, then multiplied")
+        kernels.matvec_exact_onednn_mxfp4 = False
 
 
 def fp8_probe(gen: torch.Generator, m: int, rows: int, cols: int):
@@ -141,6 +145,42 @@ def fp8_is_exact(kernels) -> bool:
         block = discover(kernels, 256, 1024, 1024, m)
         out = torch.empty(m, 256)
         if block is None or not kernels.matvec_fp8(values, scales, fp8_table(), (128, 128), x, out, exact_block=block) \
+                or not torch.equal(out.to(torch.bfloat16), F.linear(x, weight)):
+            return False
+    return True
+
+
+def mxfp4_probe(gen: torch.Generator, m: int, rows: int, cols: int):
+    """``(blocks, scales, weight, x)``: an MXFP4 ``[rows, cols]`` weight (``weight``: its dequantization) whose first
+    and last columns hold +-6 x 2^16 and nothing else in their 32-column blocks, scale bytes 110..134 elsewhere but
+    for every 7th row's second block (1: outside the computed 2..252, from the table), so that another summation
+    order rounds otherwise and both of the kernel's paths run."""
+    from services.worker.quant import mxfp4_pairs, mxfp4_reference
+
+    blocks = torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(110, 135, (rows, cols // 32), dtype=torch.uint8, generator=gen)
+    scales[::7, 1] = 1
+    blocks[:, 0], blocks[:, -1] = 0, 0
+    blocks[:, 0, 0], blocks[:, -1, 15] = 0x07, 0xF0  # column 0: +6, the last column: -6
+    scales[:, 0] = scales[:, -1] = 127 + 16
+    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
+    x = torch.randn(m, cols, generator=gen)
+    x[:, 0] = x[:, -1] = 1.0
+    return blocks, scales, weight.view(torch.bfloat16).view(rows, cols), x.to(torch.bfloat16)
+
+
+def mxfp4_is_exact(kernels) -> bool:
+    """The MXFP4 kernel gives ``F.linear``'s bits on the dequantized weight, on ``mxfp4_probe``'s, 1, 2 and 5 input
+    rows, 200 output rows (the last 8 past a group of 16) and 2880 columns (a short last column block)."""
+    from services.worker.quant import mxfp4_pairs
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = mxfp4_pairs(torch.bfloat16).view(torch.int32)
+    for m in (1, 2, 5):
+        blocks, scales, weight, x = mxfp4_probe(gen, m, 200, 2880)
+        block = discover(kernels, 200, 2880, 2880, m)
+        out = torch.empty(m, 200)
+        if block is None or not kernels.matvec_mxfp4(blocks, scales, x, out, exact_block=block, pairs=pairs) \
                 or not torch.equal(out.to(torch.bfloat16), F.linear(x, weight)):
             return False
     return True

@@ -132,10 +132,9 @@ class QuantParam:
     def direct(self, kernels, transposed: bool, exact: bool = False) -> bool:
         """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this bfloat16 parameter from its slots (FP8 ``[out,
         in]`` in 8 x 64 multiples; MXFP4 as stored)? ``exact``: in oneDNN's order (FP8 in 16 x 64 multiples)."""
-        if self.dtype != torch.bfloat16:
-            return False
-        if self.format == "mxfp4":
-            return (kernels.matvec_exact_onednn if exact else kernels.matvec_mxfp4_fast) and self.values.shape[-1] == 16
+        if self.dtype != torch.bfloat16 or self.format == "mxfp4":
+            usable = kernels.matvec_exact_onednn_mxfp4 if exact else kernels.matvec_mxfp4_fast
+            return self.dtype == torch.bfloat16 and usable and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
         if exact:

@@ -224,13 +224,14 @@ def test_fp8_experts_run_straight_from_their_slots(mv, fp8_kernels, monkeypatch)
         assert not calls and torch.equal(got, want)
 
 
-def exact_onednn(kernels, fp8: bool = False) -> matvec.Matvec:
-    """The default exact mode where it sums in oneDNN's order (an AVX-512 BF16 CPU; ``fp8``: and VBMI), else skip."""
+def exact_onednn(kernels, vbmi: bool = False) -> matvec.Matvec:
+    """The default exact mode where it sums in oneDNN's order (an AVX-512 BF16 CPU; ``vbmi``: and VBMI, what the
+    in-place FP8 and MXFP4 kernels need), else skip."""
     try:
         matvec.check_exact(kernels)
     except dk.KernelError:
         pytest.skip("the exact kernel does not hold here")
-    if kernels.exact_order != "onednn" or (fp8 and not kernels.matvec_exact_onednn_fp8):
+    if kernels.exact_order != "onednn" or (vbmi and not kernels.matvec_exact_onednn_fp8):
         pytest.skip("no AVX-512 BF16 (and VBMI), or torch sums with ATen's AVX2 order here")
     return matvec.Matvec(kernels, exact=True)
 
@@ -253,7 +254,7 @@ def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels
     """The default exact mode on an AVX-512 BF16 and VBMI CPU (oneDNN's order): a decode step multiplies the
     block-FP8 slots in place and gives the dequantize-then-multiply path's bits exactly (that path is torch's own
     product of transformers' dequantized weights)."""
-    exact = exact_onednn(kernels, fp8=True)
+    exact = exact_onednn(kernels, vbmi=True)
     module = wide_experts_module("mixtral")
     parts = []
     for name in ("gate_up_proj", "down_proj"):
@@ -276,7 +277,7 @@ def test_fp8_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels
 
 def test_mxfp4_slots_in_onednns_order_are_the_dequantized_rows_bit_for_bit(kernels, monkeypatch):
     """The same for GPT-OSS's MXFP4 experts (``[in, out]`` parameters with biases, stored ``[out, in]``)."""
-    exact = exact_onednn(kernels)
+    exact = exact_onednn(kernels, vbmi=True)
     module = wide_experts_module("gpt_oss")
     parts = []
     for name in ("gate_up_proj", "down_proj"):

@@ -4,6 +4,7 @@ single columns), 1-4 and 16 input rows, strided weights and any thread count: AT
 oneDNN's on an AVX-512 BF16 one (there, for the shapes where its column blocks are found: every decode-sized
 shape of a real model; some tiny ones keep torch's product); ``check_exact`` refuses a torch that sums in another
 order and a kernel whose bits differ."""
+import logging
 import types
 
 import pytest
@@ -149,24 +150,6 @@ def test_fp8_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, col
         assert not torch.equal(fast.to(torch.bfloat16), F.linear(x, weight)), "the probe would not tell orders apart"
 
 
-def mxfp4_probe(gen: torch.Generator, m: int, rows: int, cols: int):
-    """``(blocks, scales, weight, x)``: an MXFP4 ``[rows, cols]`` weight (``weight``: its dequantization) whose first
-    and last columns hold +-6 x 2^16 and nothing else in their 32-column blocks, scales across the whole byte range
-    elsewhere (the tables' ends included), so that another summation order rounds otherwise."""
-    from services.worker.quant import mxfp4_pairs, mxfp4_reference
-
-    blocks = torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
-    scales = torch.randint(110, 135, (rows, cols // 32), dtype=torch.uint8, generator=gen)
-    scales[::7, 1] = 1  # outside the computed 2..252: from the table
-    blocks[:, 0], blocks[:, -1] = 0, 0
-    blocks[:, 0, 0], blocks[:, -1, 15] = 0x07, 0xF0  # column 0: +6, the last column: -6
-    scales[:, 0] = scales[:, -1] = 127 + 16
-    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
-    x = torch.randn(m, cols, generator=gen)
-    x[:, 0] = x[:, -1] = 1.0
-    return blocks, scales, weight.view(torch.bfloat16).view(rows, cols), x.to(torch.bfloat16)
-
-
 @pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2880), (4, 128, 1024), (5, 256, 5760),
                                          (1, 200, 2816)])  # (the last: 8 rows past the last 16)
 def test_mxfp4_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, cols):
@@ -175,9 +158,9 @@ def test_mxfp4_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, c
     rounds otherwise (the fast MXFP4 kernel's does)."""
     from services.worker.quant import mxfp4_pairs, mxfp4_reference
 
-    if exact_kernels.exact_order != "onednn":
-        pytest.skip("torch sums with ATen's AVX2 order here")
-    blocks, scales, weight, x = mxfp4_probe(torch.Generator().manual_seed(m), m, rows, cols)
+    if exact_kernels.exact_order != "onednn" or not exact_kernels.matvec_exact_onednn_mxfp4:
+        pytest.skip("no AVX-512 BF16 and VBMI, or torch sums with ATen's AVX2 order here")
+    blocks, scales, weight, x = onednn_order.mxfp4_probe(torch.Generator().manual_seed(m), m, rows, cols)
     block = matvec.Matvec(exact_kernels, exact=True).blocks.of_shape(rows, cols, cols, m)
     out = torch.empty(m, rows)
     assert exact_kernels.matvec_mxfp4(blocks, scales, x, out, exact_block=block,
@@ -190,3 +173,24 @@ def test_mxfp4_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, c
     assert exact_kernels.matvec_mxfp4(blocks, scales, x, fast)
     assert not torch.equal(fast.to(torch.bfloat16), F.linear(x, weight.view(torch.bfloat16).view(rows, cols))), \
         "the probe would not tell orders apart"
+
+
+def test_quantized_kernels_whose_bits_differ_are_turned_off(exact_kernels, monkeypatch, caplog):
+    """The start-up check keeps the in-place FP8 and MXFP4 kernels only while they give ``F.linear``'s bits on the
+    dequantized weight; one that does not is turned off with a warning (its experts take the dequantized rows)."""
+    if exact_kernels.exact_order != "onednn" or not exact_kernels.matvec_exact_onednn_mxfp4:
+        pytest.skip("no AVX-512 BF16 and VBMI, or torch sums with ATen's AVX2 order here")
+    assert onednn_order.mxfp4_is_exact(exact_kernels) and onednn_order.fp8_is_exact(exact_kernels)
+    kernels = dk.Kernels(exact_kernels.lib, 1)
+    right = kernels.matvec_mxfp4
+
+    def one_output_wrong(blocks, scales, x, out, **kw):
+        done = right(blocks, scales, x, out, **kw)
+        out[0, 0] = out[0, 0] * 2 + 1  # (a bfloat16 apart: the check compares the rounded products)
+        return done
+    monkeypatch.setattr(kernels, "matvec_mxfp4", one_output_wrong)
+    monkeypatch.setattr(kernels, "matvec_fp8", lambda *a, **kw: False)
+    with caplog.at_level(logging.WARNING, logger="moeinf.worker"):
+        onednn_order.check(kernels)
+    assert not kernels.matvec_exact_onednn_mxfp4 and not kernels.matvec_exact_onednn_fp8
+    assert "exact MXFP4 kernel's products differ" in caplog.text and "exact FP8 kernel's products differ" in caplog.text
