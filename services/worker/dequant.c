@@ -11,10 +11,6 @@
 #include <stddef.h>
 #include <string.h>
 
-typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
 #include "mxfp4_decode.h"
 
 /* n_blocks MXFP4 blocks with one E8M0 scale byte each into bfloat16 pairs (mxfp4_decode.h). */

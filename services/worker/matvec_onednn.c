@@ -62,11 +62,8 @@ static inline void transpose16(__m512i r[16]) {  /* r[i] dword p -> r[p] dword i
     }
 }
 
-/* One block of columns [b, e) of 16 rows (``row[i][c - base]``: column c of row i) into acc[j], from zero, for
- * ``nj`` <= 4 input rows whose column pairs are in ``xp`` (row stride ``half``, zero past the columns: a short last
- * chunk adds zeros). Inlined for each nj, a chunk's 16 pairs unrolled: the transposed vectors stay in registers.
- * ``ahead`` (0: none): the same columns of the next 16 rows, that many elements on, prefetched into L2 (~20% faster
- * on a 14336 x 4096 weight; the hardware's prefetcher alone follows 16 rows less well). */
+/* The 16 rows x 32 columns in r (r[i]: row i's 16 column pairs from column c) transposed, then summed into acc[j]
+ * for ``nj`` input rows in column-pair order. */
 static inline __attribute__((always_inline)) void dot16(__m512i r[16], const uint32_t *xp, int64_t half, int64_t c,
                                                         const int nj, __m512 acc[4]) {
     transpose16(r);  /* r[i]: row i's column pairs c/2.. -> r[p]: pair p of the 16 rows */
@@ -78,6 +75,11 @@ static inline __attribute__((always_inline)) void dot16(__m512i r[16], const uin
                                       (__m512bh)_mm512_set1_epi32((int)xp[j * half + c / 2 + p]));
 }
 
+/* One block of columns [b, e) of 16 rows (``row[i][c - base]``: column c of row i) into acc[j], from zero, for
+ * ``nj`` <= 4 input rows whose column pairs are in ``xp`` (row stride ``half``, zero past the columns: a short last
+ * chunk adds zeros). Inlined for each nj, a chunk's 16 pairs unrolled: the transposed vectors stay in registers.
+ * ``ahead`` (0: none): the same columns of the next 16 rows, that many elements on, prefetched into L2 (~20% faster
+ * on a 14336 x 4096 weight; the hardware's prefetcher alone follows 16 rows less well). */
 static inline __attribute__((always_inline)) void block16(const uint16_t *const row[16], int64_t base, int64_t b,
                                                           int64_t e, int64_t ahead, const uint32_t *xp, int64_t half,
                                                           const int nj, __m512 acc[4]) {

@@ -40,10 +40,6 @@ static inline void mxfp4_block(const uint8_t *b, uint32_t s, const uint32_t *pai
 #if defined(__AVX512BW__) && defined(__AVX512F__) && defined(__GNUC__)
 #include <immintrin.h>
 #define MXFP4_AVX512 1
-/* Two blocks (32 bytes, 64 values) at once, both scale bytes in 2..252: each nibble widened to a 16-bit code, its
- * bfloat16 bits at scale 127 looked up by one word shuffle (the codes' table: E2M1 magnitude m >= 2 is (m + 252) << 6,
- * 0.5 is 252 << 6, zero stays zero, bit 3 the sign), the block's (scale - 127) << 7 added where the magnitude is not
- * zero (the same bits as e2m1_bf16 above), then low and high nibbles interleaved back into value order. */
 static inline __m512i mxfp4_codes(void) {  /* the bfloat16 bits of the 16 E2M1 codes at scale 127, one per word */
     return _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                             (short)0xC0C0, (short)0xC080, (short)0xC040, (short)0xC000,
@@ -51,6 +47,10 @@ static inline __m512i mxfp4_codes(void) {  /* the bfloat16 bits of the 16 E2M1 c
                             0x40C0, 0x4080, 0x4040, 0x4000, 0x3FC0, 0x3F80, 0x3F00, 0x0000);
 }
 
+/* Two blocks (32 bytes, 64 values) at once, both scale bytes in 2..252: each nibble widened to a 16-bit code, its
+ * bfloat16 bits at scale 127 looked up by one word shuffle (the codes' table: E2M1 magnitude m >= 2 is (m + 252) << 6,
+ * 0.5 is 252 << 6, zero stays zero, bit 3 the sign), the block's (scale - 127) << 7 added where the magnitude is not
+ * zero (the same bits as e2m1_bf16 above), then low and high nibbles interleaved back into value order. */
 static inline void mxfp4_pair_avx512(const uint8_t *b, uint16_t d0, uint16_t d1, uint16_t *o) {
     const __m512i table = mxfp4_codes();
     const __m512i even = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -69,7 +69,7 @@ static inline void mxfp4_pair_avx512(const uint8_t *b, uint16_t d0, uint16_t d1,
 
 /* n_blocks MXFP4 blocks (16 bytes = 32 values, low nibble first) with one E8M0 scale byte each, into bfloat16
  * pairs. pairs: the [256 scales][256 bytes] table of both values of a byte as one uint32 (quant.mxfp4_table). With
- * AVX-512BW two blocks at a time by word shuffles (~2.5x the portable loop on one core). */
+ * AVX-512BW two blocks at a time by word shuffles (~2x the portable loop on one core). */
 static inline void mxfp4_decode(const uint8_t *blocks, const uint8_t *scales, const uint32_t *pairs, uint32_t *out,
                                 int64_t n_blocks) {
     int64_t i = 0;
