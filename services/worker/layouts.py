@@ -1,5 +1,7 @@
-"""The layout of the worker's dequantized rows: 4 KiB-aligned buffers (``aligned_empty``), and whether a transposed
-view of ``[out, in]`` rows multiplies with the bits of the same weight stored ``[in, out]``.
+"""The layout of the worker's weights for its kernels: 4 KiB-aligned buffers for the dequantized rows
+(``aligned_empty``), dense rows spread apart where their length would make the kernels' 16 row streams collide in
+the cache (``spread_rows``), and whether a transposed view of ``[out, in]`` rows multiplies with the bits of the same
+weight stored ``[in, out]``.
 
 GPT-OSS holds its experts ``[in, out]``; the MXFP4 blocks dequantize into ``[out, in]`` rows (their own order), and
 ``quant.QuantParam`` hands the grouped matmul their transposed view. With oneDNN on AVX-512 CPUs that view and
@@ -20,6 +22,7 @@ log = logging.getLogger("moeinf.worker")
 PROBE_TOKENS = (1, 2, 3, 4, 16, 64, 512)  # per call, split over two experts: decode steps and prompts (a tiny
 # shape on Zen 3 first differed at 512; a prompt routing more than 256 tokens to one expert is beyond the probe)
 ALIGN = 4096  # scratch rows start 4 KiB aligned, like pool slots: the matmul kernels take the same path
+SPREAD_PERIOD, SPREAD_BYTES = 2048, 64  # dense rows this long (a multiple) are spread this much (``spread_rows``)
 
 
 @functools.cache
@@ -54,3 +57,25 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     skip = (-raw.data_ptr()) % ALIGN
     return raw[skip:skip + nbytes].view(dtype).view(shape)
+
+
+def spreads(weight: torch.Tensor) -> bool:
+    """Rows a multiple of ``SPREAD_PERIOD`` bytes long (where ``spread_rows`` pays), 2-D, contiguous."""
+    return weight.dim() == 2 and weight.is_contiguous() \
+        and weight.shape[1] * weight.element_size() % SPREAD_PERIOD == 0
+
+
+def spread_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a 2-D ``weight`` whose rows lie ``SPREAD_BYTES`` further apart (a view of the first columns of a
+    wider buffer: the same values, the same shape, rows contiguous). The kernels read 16 rows side by side; rows a
+    multiple of 4 KiB apart fall into the same sets of the first-level cache, and the 16 streams evict each other's
+    prefetched lines: ``[2048, 2048]`` bfloat16 read at 21.5 GB/s as stored and 29.6 spread, ``[1024, 4096]`` 23.3
+    and 31.6, on one core here (docs/benchmarks.md, ``bench profile``). ``F.linear`` gives the same bits for it, at
+    the same speed (oneDNN reads strided rows as they lie); memory grows by 64 bytes a row."""
+    rows, cols = weight.shape
+    pad = SPREAD_BYTES // weight.element_size()
+    wide = torch.empty(rows, cols + pad, dtype=weight.dtype, device=weight.device)
+    wide[:, cols:].zero_()
+    view = wide[:, :cols]
+    view.copy_(weight)
+    return view

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
-from services.worker import onednn_order
+from services.worker import layouts, onednn_order
 from services.worker.dequant_kernel import KernelError
 
 log = logging.getLogger("moeinf.worker")
@@ -224,15 +224,32 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel,
     reading its weight in place; larger inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the
     experts' count; shared-expert gates: 1) keep ``F.linear``, so that routing is decided as transformers decides
-    it. Returns how many."""
-    count = 0
+    it. Weights whose rows are a multiple of 2 KiB long get their rows spread (``layouts.spread_rows``). Returns
+    how many linears it wraps."""
+    count, spread = 0, 0
+    shared = _shared_weights(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(module) is nn.Linear and isinstance(weight, nn.Parameter) and weight.dtype == torch.bfloat16 \
                 and weight.device.type == "cpu" and weight.is_contiguous() and module.out_features not in skip_widths:
+            if weight.data_ptr() not in shared and layouts.spreads(weight):
+                module.weight = nn.Parameter(layouts.spread_rows(weight.detach()), weight.requires_grad)
+                spread += 1
             module.forward = functools.partial(_dense_forward, module, mv)
             count += 1
+    if spread:
+        log.info("--matvec-kernel: %d dense weights' rows spread %d bytes further apart (rows a multiple of %d"
+                 " bytes long)", spread, layouts.SPREAD_BYTES, layouts.SPREAD_PERIOD)
     return count
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """Data pointers of the parameters held by more than one module (an LM head tied to the embedding): left as
+    they are, since a copy would untie them and hold the weight twice."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[param.data_ptr()] = seen.get(param.data_ptr(), 0) + 1
+    return {ptr for ptr, n in seen.items() if n > 1}
 
 
 def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tensor:

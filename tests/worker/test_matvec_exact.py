@@ -130,6 +130,29 @@ def test_dense_linears_give_a_batch_of_decode_rows_to_the_exact_kernel(exact_ker
     assert "decode rows of the dense linears" in mv.noted
 
 
+def test_dense_rows_a_multiple_of_2_kib_long_are_spread_and_keep_their_bits(exact_kernels):
+    """``wrap_dense`` spreads the rows of a weight whose rows are 2 KiB long (1024 bfloat16) 64 bytes further apart:
+    the same values, rows no longer 2 KiB apart, products bit for bit ``F.linear``'s on the weight as it was, for
+    decode rows and a prompt; a weight of another row length, and one tied to another module, stay as they are."""
+    gen = torch.Generator().manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 48, bias=False), torch.nn.Linear(48, 1024, bias=False),
+                                torch.nn.Linear(1024, 40, bias=False)).to(torch.bfloat16)
+    tied = torch.nn.Linear(1024, 40, bias=False).to(torch.bfloat16)
+    tied.weight = model[2].weight
+    holder = torch.nn.ModuleList([model, tied])
+    plain = [layer.weight.detach().clone() for layer in model]
+    matvec.wrap_dense(holder, matvec.Matvec(exact_kernels, exact=True), skip_widths=set())
+    assert model[0].weight.stride() == (1024 + 32, 1) and torch.equal(model[0].weight, plain[0])
+    assert model[1].weight.is_contiguous() and model[2].weight.is_contiguous()  # 96-byte rows; tied
+    assert model[2].weight is tied.weight
+    for rows in (1, 5, matvec.EXACT_DENSE_ROWS + 3):
+        _, x = matvec.order_probe(gen, rows, 1, 1024)
+        want = F.linear(F.linear(F.linear(x, plain[0]), plain[1]), plain[2])
+        with torch.inference_mode():
+            got = model(x.unsqueeze(0))[0]
+        assert torch.equal(got, want), rows
+
+
 @pytest.mark.parametrize("m,rows,cols", [(1, 256, 2048), (2, 384, 2816), (4, 128, 1024), (5, 256, 5632)])
 def test_fp8_slots_multiply_exactly_in_onednns_order(exact_kernels, m, rows, cols):
     """On an AVX-512 BF16 and VBMI CPU: block-FP8 slots multiplied in place give ``F.linear``'s bits on the
