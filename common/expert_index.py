@@ -25,12 +25,15 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 
 class Segment(Struct, frozen=True, array_like=True):
-    """Copy ``nbytes`` from ``file`` at ``file_offset`` to ``slot base + slot_offset``."""
+    """Copy ``nbytes`` from ``file`` at ``file_offset`` to ``slot base + slot_offset``; with ``row_stride``, as
+    rows of ``row_bytes`` laid that many bytes apart (services/memd/spread.py)."""
 
     file: str
     file_offset: int
     nbytes: int
     slot_offset: int
+    row_bytes: int = 0
+    row_stride: int = 0
 
 
 class ExpertIndex(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

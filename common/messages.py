@@ -53,7 +53,9 @@ class TensorSpec(Message):
 
     A quantized parameter (``format`` "mxfp4" or "fp8") holds its values there as the checkpoint stores them
     (MXFP4 blocks ``[rows, groups, 16]`` uint8, FP8 ``[rows, cols]`` float8_e4m3fn) and its scales at
-    ``scale_offset``; the worker dequantizes them into the model's parameter shape and dtype."""
+    ``scale_offset``; the worker dequantizes them into the model's parameter shape and dtype. ``row_stride``:
+    bytes from one row (the last dimension) to the next, where memd spread them apart (services/memd/spread.py);
+    0: rows packed."""
 
     name: Text
     offset: Count
@@ -63,6 +65,7 @@ class TensorSpec(Message):
     scale_offset: Count = 0
     scale_shape: list[Index] = field(default_factory=list)
     scale_dtype: Text = ""
+    row_stride: Count = 0
 
 
 class HelloRequest(Message):

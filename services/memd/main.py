@@ -24,6 +24,7 @@ from services.memd.host_compute import SPARE_HOST_SLOTS, HostCompute
 from services.memd.pool import SHM_DIR, StateLock, pool_name
 from services.memd.pool_memory import PoolMemory
 from services.memd.server import MemdServer
+from services.memd.spread import SPREAD_BYTES, spread_rows
 
 log = logging.getLogger("moeinf.memd")
 
@@ -43,11 +44,12 @@ def plan_pool(cfg: MemdConfig, store: ExpertIndex) -> int:
 
 def open_store(cfg: MemdConfig):
     """``(store, index)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
-    imports neither torch nor transformers), or with ``--expert-format`` the compressed cache over it (converted
-    with NumPy); ``index`` is the index to save in the state directory, None when the cached one was used."""
+    imports neither torch nor transformers; for a shared-memory pool, with rows spread apart, ``spread.py``), or
+    with ``--expert-format`` the compressed cache over it (converted with NumPy); ``index`` is the index to save in
+    the state directory, None when the cached one was used."""
     index, fresh = load_index(cfg.model, cfg.state_dir, cfg.index_cache_dir)
-    if not cfg.expert_format:
-        return index, index if fresh else None
+    if not cfg.expert_format:  # a CPU worker's kernels read rows spread apart faster (spread.py); a GPU's do not
+        return spread_rows(index) if cfg.pool_backend == "shm" else index, index if fresh else None
     from services.memd.compressed import CompressedStore, cache_root
 
     store = CompressedStore(index, cfg.model, cfg.expert_format, cache_root(cfg.state_dir, cfg.expert_cache_dir))
@@ -63,6 +65,10 @@ def run(cfg: MemdConfig) -> int:
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
              store.model_type, store.num_layers, store.num_experts, format_bytes(store.expert_bytes),
              format_bytes(store.total_expert_bytes))
+    spread = [spec.name for spec in store.tensors if spec.row_stride]
+    if spread:
+        log.info("slots: the rows of %s spread %d bytes further apart for the worker's CPU kernels (%s slots)",
+                 ", ".join(spread), SPREAD_BYTES, format_bytes(store.slot_bytes))
     access = Access(cfg.group)
     access.makedirs(cfg.state_dir)  # a new state directory is 0700 (0770 with --group), whatever the umask
     lock = StateLock(cfg.state_dir)

@@ -44,7 +44,9 @@ class ReadCancelled(Exception):
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Read ``length`` bytes of ``file`` at ``file_offset``; keep ``keep`` of them from ``skip`` on, at pool byte
-    ``dest``. ``bounce``: read into the thread's bounce buffer, then copy; else read straight into the pool."""
+    ``dest``. ``bounce``: read into the thread's bounce buffer, then copy; else read straight into the pool.
+    ``rows``: ``(start, row_bytes, row_stride)`` of a segment whose rows are spread apart (always bounced): ``dest``
+    is then where the bytes would lie with its rows packed from pool byte ``start``."""
 
     file: str
     file_offset: int
@@ -53,6 +55,7 @@ class Piece:
     skip: int = 0
     keep: int = 0
     bounce: bool = False
+    rows: tuple[int, int, int] | None = None
 
 
 @dataclass(eq=False, slots=True)

@@ -7,7 +7,9 @@ no staging buffer, no copy. Only the unaligned head and tail blocks of a segment
 bounce buffer. Where the kernel wants the buffer address aligned more finely than the file offset and the slot
 destination agree (``services/memd/dio.py``: 512 B behind virtio, 4 B on NVMe with Linux >= 6.0), the segment is
 read through the bounce buffer and copied; ``stats()`` counts those and memd logs it once. Without O_DIRECT,
-``preadv`` writes straight into the slot (page cache used).
+``preadv`` writes straight into the slot (page cache used). A segment whose rows memd spread apart in the slot
+(``services/memd/spread.py``) is always read into the bounce buffer and copied row by row (one strided NumPy
+copy per piece, also without the GIL).
 
 A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, and small enough that
 one expert spreads over every reader thread (several reads in flight per expert). One queue: threads take the
@@ -33,6 +35,8 @@ import mmap
 import os
 import threading
 import time
+
+import numpy as np
 
 from services.memd.dio import DioAlign, buffer_address, dio_alignment
 from services.memd.read_jobs import BusyRate, Piece, ReadCancelled, ReadJob, ReaderStats, settle, split_pieces
@@ -61,6 +65,7 @@ class ExpertReader:
         self.fds = {str(f): os.open(f, flags) for f in store.files}
         self.stats = ReaderStats()
         self._staged_logged = False
+        self._np_pool: np.ndarray | None = None
         self._local = threading.local()
         self._cv = threading.Condition()
         self._jobs: list[ReadJob] = []
@@ -163,7 +168,9 @@ class ExpertReader:
         pieces: list[Piece] = []
         for seg in self.segments[key]:
             dest = base + seg.slot_offset
-            if not self.direct_io:
+            if seg.row_stride:  # rows spread apart in the slot: placed one by one from the bounce buffer
+                pieces += self._plan_staged(seg, dest, size, (dest, seg.row_bytes, seg.row_stride))
+            elif not self.direct_io:
                 pieces += split_pieces(seg.file, seg.file_offset, seg.nbytes, dest, size)
             else:
                 pieces += self._plan_direct(seg, dest, size)
@@ -189,12 +196,18 @@ class ExpertReader:
             log.info("O_DIRECT: %s at file offset %d cannot be read straight into its slot (slot address and file"
                      " offset differ modulo the %d-byte memory alignment): such segments are staged through a"
                      " bounce buffer and copied; counted in the reader's stats", seg.file, pos, self.align.mem)
+        return self._plan_staged(seg, dest, size)
+
+    def _plan_staged(self, seg: Segment, dest: int, size: int, rows: tuple[int, int, int] | None = None) -> list[Piece]:
+        """Pieces read whole (aligned) into the bounce buffer, then copied into the slot."""
+        a = self._step
+        pos, end = seg.file_offset, seg.file_offset + seg.nbytes
         out, start = [], pos - pos % a
         while start < end:
             length = min(size, align_up(end - start, a))
             skip = max(pos - start, 0)
             keep = min(start + length, end) - start - skip
-            out.append(Piece(seg.file, start, length, dest + start + skip - pos, skip, keep, True))
+            out.append(Piece(seg.file, start, length, dest + start + skip - pos, skip, keep, True, rows))
             start += length
         return out
 
@@ -300,11 +313,19 @@ class ExpertReader:
             self._inflight.release()  # the copy below runs while another thread's read is at the disk
         if n < piece.skip + piece.keep:
             raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
-        if self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile
+        if piece.rows is not None:
+            place_rows(self._rows_view(), bounce[piece.skip:piece.skip + piece.keep], piece.dest, piece.rows)
+        elif self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile
             ctypes.memmove(self._base + piece.dest, address + piece.skip, piece.keep)
         else:
             self.pool[piece.dest:piece.dest + piece.keep] = bounce[piece.skip:piece.skip + piece.keep]
         return piece.keep
+
+    def _rows_view(self) -> np.ndarray:
+        """The pool as bytes for NumPy's strided copies (which run without the GIL)."""
+        if self._np_pool is None:
+            self._np_pool = np.frombuffer(self.pool, dtype=np.uint8)
+        return self._np_pool
 
     def _bounce(self) -> tuple[memoryview, int]:
         """This thread's bounce buffer (page-aligned, as O_DIRECT needs) and its address."""
@@ -313,6 +334,31 @@ class ExpertReader:
             view = memoryview(mmap.mmap(-1, self.chunk))
             got = self._local.buf = (view, buffer_address(view))
         return got
+
+
+def place_rows(pool: np.ndarray, data: memoryview, dest: int, rows: tuple[int, int, int]) -> None:
+    """Copy ``data``, the bytes that packed rows would hold from pool byte ``dest``, into rows spread apart:
+    ``rows`` = ``(start, row_bytes, row_stride)``, the packed rows' first byte, their length and the spread stride.
+    A partial first and last row by themselves, the whole rows between as one strided copy."""
+    start, row_bytes, stride = rows
+    src = np.frombuffer(data, dtype=np.uint8)
+    row, col = divmod(dest - start, row_bytes)
+    done = 0
+    if col:
+        done = min(row_bytes - col, len(src))
+        at = start + row * stride + col
+        pool[at:at + done] = src[:done]
+        row += 1
+    whole = (len(src) - done) // row_bytes
+    if whole:
+        at = start + row * stride
+        target = np.lib.stride_tricks.as_strided(pool[at:], (whole, row_bytes), (stride, 1))
+        target[...] = src[done:done + whole * row_bytes].reshape(whole, row_bytes)
+        done += whole * row_bytes
+        row += whole
+    if done < len(src):
+        at = start + row * stride
+        pool[at:at + len(src) - done] = src[done:]
 
 
 def _direct_io_works(path) -> bool:

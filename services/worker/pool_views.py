@@ -35,6 +35,11 @@ def slot_params(by_slot: torch.Tensor, tensors: list[m.TensorSpec]) -> dict[str,
     params = {}
     for spec in tensors:
         dtype = getattr(torch, spec.dtype)
+        if spec.row_stride:  # rows spread apart (services/memd/spread.py): a view of each row's first bytes
+            rows, width = math.prod(spec.shape[:-1]), spec.row_stride // dtype.itemsize
+            wide = by_slot[:, spec.offset:spec.offset + rows * spec.row_stride].view(dtype)
+            params[spec.name] = wide.unflatten(1, (*spec.shape[:-1], width))[..., :spec.shape[-1]]
+            continue
         nbytes = math.prod(spec.shape) * dtype.itemsize
         params[spec.name] = by_slot[:, spec.offset:spec.offset + nbytes].view(dtype).unflatten(1, spec.shape)
     return params
