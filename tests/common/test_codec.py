@@ -137,8 +137,8 @@ def test_frame_header_layout():
 def test_nested_dataclass_is_a_nested_array_on_the_wire():
     frame = encode(Op.HELLO, 1, SAMPLES[m.HelloReply])
     body = msgpack.unpackb(frame[HEADER_BYTES:])
-    assert body[9] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], ""],
-                       ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], ""]]
+    assert body[9] == [["gate_up_proj", 0, [256, 64], "float32", "", 0, [], "", 0],
+                       ["down_proj", 65536, [64, 128], "bfloat16", "", 0, [], "", 0]]
     assert body[10:] == ["moeinf-abc-control", "cpu", 0, [], [], "", 0]  # shm: no device, chunks, events, host tier
 
 
@@ -267,8 +267,8 @@ def _hello_fields(tensors):
 
 
 @pytest.mark.parametrize("tensors, match", [
-    ([["w", 0, [2, 2], "float32", "fp8", 0, [1], "float32", "extra"]],
-     r"HelloReply.tensors\[0\]: Expected `array` of at most length 8, got 9"),
+    ([["w", 0, [2, 2], "float32", "fp8", 0, [1], "float32", 0, "extra"]],
+     r"HelloReply.tensors\[0\]: Expected `array` of at most length 9, got 10"),
     ([["w", 0, [2, 2]]], r"HelloReply.tensors\[0\]: Expected `array` of at least length 4, got 3"),
     ([["w", 0, [2, 2], "float8_e4m3fn", "fp8", 0, ["1"], "float32"]],
      r"HelloReply.tensors\[0\].scale_shape\[0\]: Expected `int`, got `str`"),

@@ -50,8 +50,9 @@ def test_rss_is_pool_plus_bounded_overhead(big_experts, state_dir):
             hello = client.handshake(str(big_experts.resolve()), 30, "x")
             client.ready()
             expert_bytes = 3 * 256 * 1024 * 4
-            assert hello.slot_bytes == expert_bytes and hello.num_slots == 32
-            assert hello.pool_bytes == 32 * expert_bytes == 96 * MiB
+            spread = 256 * 64  # down_proj's 256 rows of 4 KiB lie 64 bytes further apart (services/memd/spread.py)
+            assert hello.slot_bytes == expert_bytes + spread and hello.num_slots == 32
+            assert hello.pool_bytes == 32 * (expert_bytes + spread) and 32 * expert_bytes == 96 * MiB
             experts = list(range(hello.num_experts))
             slots = []
             for layer in range(hello.num_layers):
@@ -62,14 +63,14 @@ def test_rss_is_pool_plus_bounded_overhead(big_experts, state_dir):
             assert stats.pid == hello.pid == proc.pid
             assert (stats.misses, stats.hits, stats.evictions, stats.pinned) == (32, 0, 0, 0)
             assert stats.resident == 32 and stats.resident_per_layer == [8, 8, 8, 8]
-            assert stats.bytes_read == hello.pool_bytes and stats.read_seconds > 0
+            assert stats.bytes_read == 32 * expert_bytes and stats.read_seconds > 0
             after = memory(proc.pid, hello.pool_name)
             # a second pass is all hits and reads nothing
             for layer in range(hello.num_layers):
                 client.acquire(layer, experts, [], [])
                 client.release(layer, experts)
             stats = client.stats()
-            assert (stats.misses, stats.hits, stats.bytes_read) == (32, 32, hello.pool_bytes)
+            assert (stats.misses, stats.hits, stats.bytes_read) == (32, 32, 32 * expert_bytes)
         finally:
             client.close()
         pool = hello.pool_bytes
