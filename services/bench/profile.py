@@ -10,9 +10,9 @@ without hooks, in lockstep with the other system (load from elsewhere hits both 
 
 Bytes touched per token: the resident dense weights (one embedding row), the routed experts (``top_k`` per MoE
 layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput torch
-reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``: ``F.linear`` or oneDNN
-on a weight packed once, whichever is faster). A model whose active weights fit in that cache decodes below this
-floor: the table says so.
+reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``: ``F.linear``, oneDNN
+on a weight packed once, or moeinf's own kernels, on rows packed and spread apart, whichever is fastest). A model
+whose active weights fit in that cache decodes below this floor: the table says so.
 """
 from __future__ import annotations
 

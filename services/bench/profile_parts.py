@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.worker import prepack
+from services.worker import layouts, prepack
 
 KINDS = ("attention", "norms", "router", "experts")
 OUTSIDE = ("embed", "final norm", "lm head")
@@ -177,23 +177,36 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
     the largest cache, so it streams from memory): ``F.linear``, and for bfloat16 also oneDNN on the weight packed
     once (``services/worker/prepack.py``: ``F.linear`` repacks at every call, so a floor from it alone is one that
     ``--prepack-dense`` could beat) and ``--matvec-kernel``'s own kernels, fast and exact (``kernels``:
-    ``dequant_kernel.Kernels``, where this CPU runs them). Bytes / seconds of the best of ``runs`` of each (one
-    untimed first)."""
+    ``dequant_kernel.Kernels``, where this CPU runs them); each on the weight's rows as stored and spread apart as
+    the worker and memd lay such rows (``layouts.spread_rows``: 8 KiB rows read slower packed). Bytes / seconds of
+    the best of ``runs`` of each (one untimed first)."""
     rows = max(buffer_bytes // (width * dtype.itemsize), 1)
-    weight = torch.empty(rows, width, dtype=dtype).normal_()
     x = torch.randn(1, width, dtype=dtype)
-    nbytes = weight.numel() * weight.element_size()
+    best = float("inf")
+    for pad in (0, layouts.SPREAD_BYTES // dtype.itemsize):  # one weight at a time: each is as large as the cache x2
+        weight = torch.empty(rows, width + pad, dtype=dtype)[:, :width].normal_()
+        best = min(best, _fastest(_products(weight, x, kernels), runs))
+        del weight
+    return Floor(rows * width * dtype.itemsize, runs, rows * width * dtype.itemsize / best / 1e9)
+
+
+def _products(weight: torch.Tensor, x: torch.Tensor, kernels) -> list:
     products = [lambda: F.linear(x, weight)]
-    if dtype == torch.bfloat16 and prepack.available():
+    if weight.dtype == torch.bfloat16 and prepack.available():
         packed = prepack.pack(weight)
         products.append(lambda: prepack.packed_mm(x, packed))
-    if dtype == torch.bfloat16 and kernels is not None and kernels.matvec_fast:
-        out = torch.empty(1, rows)
+    if weight.dtype == torch.bfloat16 and kernels is not None and kernels.matvec_fast:
+        out = torch.empty(1, weight.shape[0])
         products.append(lambda: kernels.matvec(weight, x, out))
         if kernels.matvec_exact_avx2:
             products.append(lambda: kernels.matvec(weight, x, out, exact=True))
         if kernels.matvec_exact_onednn:  # in oneDNN's order (its blocks change the sums, not the speed)
             products.append(lambda: kernels.matvec(weight, x, out, exact=True, block=512))
+    return products
+
+
+def _fastest(products: list, runs: int) -> float:
+    """Seconds of the fastest of ``runs`` calls of any of ``products`` (each called once untimed first)."""
     best = float("inf")
     with torch.inference_mode():
         for product in products:
@@ -202,5 +215,4 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
                 start = time.perf_counter()
                 product()
                 best = min(best, time.perf_counter() - start)
-    del weight, products
-    return Floor(nbytes, runs, nbytes / best / 1e9)
+    return best

@@ -122,15 +122,20 @@ def test_prompt_steps_and_other_dtypes_take_the_grouped_matmul(mv, monkeypatch):
 
 
 def test_the_profile_floor_counts_the_kernel():
-    """``bench profile``'s floor is the fastest product we have, the kernel's included: one we beat is no floor."""
+    """``bench profile``'s floor is the fastest product we have, the kernel's included, on the weight's rows as
+    stored and spread apart as moeinf lays them: one we beat is no floor."""
     from services.bench.profile_parts import bandwidth_floor
 
     calls = []
     fake = types.SimpleNamespace(matvec_fast=True, matvec_exact_avx2=True, matvec_exact_onednn=True,
-                                 matvec=lambda w, x, out, exact=False, block=0: calls.append((w.shape, exact, block)))
+                                 matvec=lambda w, x, out, exact=False, block=0: calls.append((w.shape, w.stride(0),
+                                                                                              exact, block)))
     floor = bandwidth_floor(1 << 20, 2, kernels=fake)
-    assert calls == [((128, 4096), False, 0)] * 3 + [((128, 4096), True, 0)] * 3 + [((128, 4096), True, 512)] * 3
-    assert floor.gb_per_s > 0
+    for ld in (4096, 4096 + 32):  # packed, then spread (layouts.SPREAD_BYTES)
+        each = [((128, 4096), ld, False, 0)] * 3 + [((128, 4096), ld, True, 0)] * 3 + [((128, 4096), ld, True, 512)] * 3
+        assert calls[:9] == each
+        del calls[:9]
+    assert not calls and floor.gb_per_s > 0
 
 
 @pytest.fixture(scope="module")
