@@ -85,12 +85,13 @@ class ModelBytes:
 def model_bytes(model: Path) -> ModelBytes:
     """Dense and expert bytes of a checkpoint, from its safetensors headers (as memd indexes them)."""
     from common.checkpoint import Checkpoint
+    from services.memd.spread import served_slot_bytes
     from services.memd.store import ExpertStore
 
     checkpoint = Checkpoint(model)
     store = ExpertStore(checkpoint)
     total = sum(entry.nbytes for entry in checkpoint.tensors.values())
-    return ModelBytes(total - store.total_expert_bytes, store.total_expert_bytes, store.slot_bytes,
+    return ModelBytes(total - store.total_expert_bytes, store.total_expert_bytes, served_slot_bytes(store.index()),
                       store.num_layers * store.num_experts, store.num_experts, tuple(checkpoint.files))
 
 

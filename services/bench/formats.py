@@ -74,12 +74,14 @@ class Options:
 
 def expert_bytes(model_dir: Path) -> tuple[int, int]:
     """``(the pool bytes that hold every expert, one expert's bytes)`` as memd stores them (slots are padded to
-    4 KiB per part, so a share of the first is the pool that holds that share of the experts)."""
+    4 KiB per part and bf16 rows may lie spread apart, so a share of the first is the pool that holds that share of
+    the experts)."""
     from common.checkpoint import Checkpoint
+    from services.memd.spread import served_slot_bytes
     from services.memd.store import ExpertStore
 
     store = ExpertStore(Checkpoint(model_dir))
-    return store.slot_bytes * store.num_layers * store.num_experts, store.expert_bytes
+    return served_slot_bytes(store.index()) * store.num_layers * store.num_experts, store.expert_bytes
 
 
 def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) -> list[dict]:

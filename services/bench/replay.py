@@ -112,6 +112,7 @@ class Store:
 def open_store(plan: ReplayPlan, opts: Options) -> Store:
     """The checkpoint memd serves for ``plan``: ``--model``, or a random store with the trace's shape."""
     from common.checkpoint import Checkpoint
+    from services.memd.spread import served_slot_bytes
     from services.memd.store import ExpertStore
 
     h = plan.header
@@ -122,7 +123,8 @@ def open_store(plan: ReplayPlan, opts: Options) -> Store:
         raise ValueError(f"{path} has {store.num_layers} MoE layers x {store.num_experts} experts, the trace"
                          f" {plan.path} {h.num_layers} x {h.num_experts}")
     compute = given(opts.layer_ms) if opts.layer_ms is not None else measure(path)
-    return Store(path.resolve(), store.num_layers, store.num_experts, store.expert_bytes, store.slot_bytes, compute)
+    return Store(path.resolve(), store.num_layers, store.num_experts, store.expert_bytes,
+                 served_slot_bytes(store.index()), compute)
 
 
 def capacity(memory: str, store: Store) -> tuple[int, bool]:

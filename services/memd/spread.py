@@ -42,6 +42,12 @@ def spread_rows(index: ExpertIndex) -> ExpertIndex:
     return msgspec.structs.replace(index, tensors=tensors, experts=experts, slot_bytes=index.slot_bytes + grown)
 
 
+def served_slot_bytes(index: ExpertIndex) -> int:
+    """The slot size memd serves ``index`` with in a shared-memory pool (rows spread apart): what a byte budget
+    computed for memd must count (``bench``'s memory limits and pool sizes)."""
+    return spread_rows(index).slot_bytes
+
+
 def _row_bytes(spec: TensorSpec) -> int:
     return spec.shape[-1] * ITEMSIZE.get(spec.dtype, 0)
 

@@ -79,3 +79,14 @@ def test_place_rows_copies_any_piece_of_packed_rows(start, length):
         row, col = divmod(i, row_bytes)
         want[base + row * stride + col] = packed[i]
     assert np.array_equal(pool, want)
+
+
+def test_bench_budgets_count_the_slots_memd_serves(wide):
+    """Byte budgets the benchmarks hand memd (one layer's experts, a share of the pool) count spread slots: with
+    packed ones, a one-layer budget would be refused as too small for one layer."""
+    from services.bench.budget import model_bytes
+    from services.memd.spread import served_slot_bytes
+
+    packed = ExpertStore(Checkpoint(wide)).index()
+    assert model_bytes(wide).slot_bytes == served_slot_bytes(packed) == spread_rows(packed).slot_bytes
+    assert served_slot_bytes(packed) > packed.slot_bytes
