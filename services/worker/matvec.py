@@ -238,6 +238,7 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
             module.forward = functools.partial(_dense_forward, module, mv)
             count += 1
     if spread:
+        layouts.return_freed_memory()
         log.info("--matvec-kernel: %d dense weights' rows spread %d bytes further apart (rows a multiple of %d"
                  " bytes long)", spread, layouts.SPREAD_BYTES, layouts.SPREAD_PERIOD)
     return count
