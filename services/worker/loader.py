@@ -20,6 +20,7 @@ from transformers.core_model_loading import dot_natural_key
 
 from common.checkpoint import (Checkpoint, CheckpointError, KeyMapper, find_moe_layers, in_experts, model_class,
                                split_part)
+from services.worker import layouts
 
 log = logging.getLogger("moeinf.worker.loader")
 
@@ -56,10 +57,13 @@ def build_skeleton(config, experts_implementation: str):
     return model.eval()
 
 
-def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: frozenset | set = frozenset()) -> int:
+def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: frozenset | set = frozenset(),
+               spread_skip: set[int] | None = None) -> int:
     """Set every non-expert tensor from the checkpoint; returns the bytes loaded. Block-FP8 weights (with a
     ``weight_scale_inv``) are dequantized to the parameter's dtype by transformers' own ``Fp8Dequantize``, as
-    ``from_pretrained`` does with ``dequantize=True``."""
+    ``from_pretrained`` does with ``dequantize=True``. With ``spread_skip`` (the widths to leave: the routers'),
+    a bfloat16 linear's weight whose rows are a multiple of 2 KiB long is copied from the checkpoint straight into
+    rows spread apart (``layouts.spread_rows``, for the CPU kernels): one copy, as the others get."""
     fmt, _ = checkpoint.quant_format()  # refuses an unsupported quantization by name
     mapper = KeyMapper(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
@@ -77,12 +81,23 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: f
     for path, pairs in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for key, target in pairs:
-                tensor = f.get_tensor(key).clone()  # own the memory: no mmap pages of the checkpoint stays mapped
+                tensor = _own(model, target, f.get_tensor(key), spread_skip)
                 scale = checkpoint.tensors.get(f"{key}_scale_inv")
                 if scale is not None:
                     tensor = _dequantize_fp8(model, target, tensor, _read(checkpoint, f"{key}_scale_inv", scale))
                 loaded += _set_tensor(model, target, tensor, key)
     return loaded
+
+
+def _own(model, target: str, tensor: torch.Tensor, spread_skip: set[int] | None) -> torch.Tensor:
+    """A copy of a checkpoint tensor (own the memory: no mmap page of the checkpoint stays mapped), its rows spread
+    apart where ``load_dense`` says."""
+    if spread_skip is not None and tensor.dtype == torch.bfloat16 and layouts.spreads(tensor) \
+            and tensor.shape[0] not in spread_skip and target.endswith(".weight"):
+        module = model.get_submodule(target.rpartition(".")[0])
+        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            return layouts.spread_rows(tensor)
+    return tensor.clone()
 
 
 def _convert(model, checkpoint: Checkpoint, target: str, converter, sources: list) -> int:
@@ -144,14 +159,16 @@ def check_materialised(model, expert_modules: set[str], keyed: frozenset | set =
         raise CheckpointError(f"the checkpoint lacks weights the model needs: {shown}")
 
 
-def load_model(checkpoint: Checkpoint, experts_implementation: str):
-    """Return ``(model, moe_layers)`` with dense weights loaded and experts left on meta."""
+def load_model(checkpoint: Checkpoint, experts_implementation: str, spread: bool = False):
+    """Return ``(model, moe_layers)`` with dense weights loaded and experts left on meta; ``spread``: the linears'
+    rows spread apart where the CPU kernels read them faster (not the routers', which keep ``F.linear``)."""
     config = checkpoint.load_config()
     model = build_skeleton(config, experts_implementation)
     layers = find_moe_layers(model)
     expert_modules = {layer.module for layer in layers}
     keyed = {layer.module for layer in layers if layer.keyed}
-    nbytes = load_dense(model, checkpoint, expert_modules, keyed)
+    skip = {1, *(layer.num_experts for layer in layers)} if spread else None
+    nbytes = load_dense(model, checkpoint, expert_modules, keyed, skip)
     check_materialised(model, expert_modules, keyed)
     try:  # generate's settings (an encoder-decoder model's decoder_start_token_id) as the checkpoint ships them
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.dir)

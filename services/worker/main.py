@@ -49,7 +49,8 @@ def attach(cfg: WorkerConfig) -> Attached:
     dev = device.resolve(cfg.device)
     checkpoint = Checkpoint(cfg.model)
     experts.register()
-    model, layers = load_model(checkpoint, experts.IMPLEMENTATION)
+    spread = dev.type == "cpu" and cfg.matvec_kernel != "off"  # rows spread apart for the CPU kernels, at load
+    model, layers = load_model(checkpoint, experts.IMPLEMENTATION, spread=spread)
     device.check_family(model, layers, dev)
     if moved := device.place(model, dev):
         log.info("dense weights on %s: %.1f MiB", dev, moved / 2**20)

@@ -224,14 +224,16 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     ``EXACT_DENSE_ROWS``; a decode step's attention projections, the LM head's last position) by the kernel,
     reading its weight in place; larger inputs take ``F.linear``. Linears ``skip_widths`` wide (the routers: the
     experts' count; shared-expert gates: 1) keep ``F.linear``, so that routing is decided as transformers decides
-    it. Weights whose rows are a multiple of 2 KiB long get their rows spread (``layouts.spread_rows``). Returns
-    how many linears it wraps."""
+    it. Weights whose rows are a multiple of 2 KiB long and were not spread at load (``loader.load_dense``; an
+    FP8 checkpoint's dequantized ones) get their rows spread here (``layouts.spread_rows``). Returns how many
+    linears it wraps."""
     count, spread = 0, 0
     shared = _shared_weights(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(module) is nn.Linear and isinstance(weight, nn.Parameter) and weight.dtype == torch.bfloat16 \
-                and weight.device.type == "cpu" and weight.is_contiguous() and module.out_features not in skip_widths:
+                and weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(1) == 1 \
+                and module.out_features not in skip_widths:  # rows contiguous (spread apart at load, or packed)
             if weight.data_ptr() not in shared and layouts.spreads(weight):
                 module.weight = nn.Parameter(layouts.spread_rows(weight.detach()), weight.requires_grad)
                 spread += 1

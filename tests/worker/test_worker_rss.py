@@ -88,3 +88,30 @@ def test_spreading_dense_rows_keeps_the_weights_once(tmp_path):
     assert spread == 8 * 4 + 1 and nbytes >= 72 * 2**20, (spread, nbytes)  # q, k, v, o of each layer; the LM head
     # measured: 18.6 MiB with the freed heap handed back, 56.1 without (glibc keeps the replaced weights' chunks)
     assert grown <= nbytes / 3, f"anonymous memory grew {grown / 2**20:.1f} MiB for {nbytes / 2**20:.0f} MiB spread"
+
+
+AT_LOAD = """
+import gc, json, os, sys
+from common.checkpoint import Checkpoint
+from services.worker.loader import load_model
+
+model, _ = load_model(Checkpoint(sys.argv[1]), "grouped_mm", spread=sys.argv[2] == "1")
+gc.collect()
+spread = [p for p in model.parameters() if p.dim() == 2 and p.stride(0) != p.shape[1]]
+with open(f"/proc/{os.getpid()}/status") as f:
+    status = dict(l.split(":", 1) for l in f)
+print(json.dumps([int(status[k].split()[0]) * 1024 for k in ("RssAnon", "VmHWM")] + [len(spread)]))
+"""
+
+
+def test_rows_spread_at_load_cost_their_padding_only(tmp_path):
+    """The worker's loader copies a linear's weight from the checkpoint straight into spread rows (one copy, as
+    any other weight gets): anonymous memory and the peak grow by the padding, not by a second copy."""
+    model = write_family("mixtral", tmp_path / "wide", dtype="bfloat16", hidden_size=1024, intermediate_size=64,
+                         num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=8, vocab_size=8192)
+    runs = {flag: json.loads(subprocess.run([sys.executable, "-c", AT_LOAD, str(model), flag], capture_output=True,
+                                            text=True, check=True).stdout.splitlines()[-1]) for flag in ("0", "1")}
+    (anon, peak, none), (spread_anon, spread_peak, spread) = runs["0"], runs["1"]
+    assert none == 0 and spread == 8 * 4 + 1  # q, k, v, o of each layer; the LM head (the router stays packed)
+    padding = (8 * 4 * 1024 + 8192) * 64
+    assert spread_anon - anon <= padding + 4 * 2**20 and spread_peak - peak <= padding + 4 * 2**20, runs
