@@ -3,7 +3,7 @@
 The worker's matrix-vector kernels read 16 rows of a weight side by side. Where a row is a multiple of 2 KiB long
 (a bfloat16 weight 1024, 2048 or 4096 wide: every hidden size of the families served), the 16 streams fall into
 the same sets of the CPU's first-level cache and evict each other's prefetched lines: a ``[5632, 2048]`` expert
-product reads at ~22 GB/s as stored and ~29 spread 64 bytes further apart, on one core (docs/benchmarks.md,
+product reads at ~20-22 GB/s as stored and ~24-29 spread 64 bytes further apart, on one core (docs/benchmarks.md,
 ``bench profile``). So memd lays such a parameter's rows ``row_bytes + SPREAD_BYTES`` apart in the slot
 (``TensorSpec.row_stride``) and the reader places each row there (``Segment.row_stride``: its pieces go through
 the bounce buffer and are copied row by row). The worker views the parameter with that row stride; products and
@@ -37,7 +37,7 @@ def spread_rows(index: ExpertIndex) -> ExpertIndex:
         if spec.format:
             changes["scale_offset"] = moves[spec.scale_offset]
         tensors.append(msgspec.structs.replace(spec, **changes))
-    experts = [[_segment(seg, index.tensors, spread, moves) for seg in segs] for segs in index.experts]
+    experts = [[_segment(seg, spread, moves) for seg in segs] for segs in index.experts]
     grown = sum(_size(spec, True) - _size(spec, False) for spec in spread.values())
     return msgspec.structs.replace(index, tensors=tensors, experts=experts, slot_bytes=index.slot_bytes + grown)
 
@@ -82,7 +82,7 @@ def _moves(index: ExpertIndex, spread: dict[int, TensorSpec]) -> dict[int, int]:
     return moves
 
 
-def _segment(seg: Segment, tensors: list[TensorSpec], spread: dict[int, TensorSpec], moves: dict[int, int]) -> Segment:
+def _segment(seg: Segment, spread: dict[int, TensorSpec], moves: dict[int, int]) -> Segment:
     region = max(start for start in moves if start <= seg.slot_offset)
     if region not in spread:
         return msgspec.structs.replace(seg, slot_offset=seg.slot_offset - region + moves[region])
