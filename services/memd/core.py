@@ -292,8 +292,12 @@ class ExpertCache:
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
-    def wants_guesses(self) -> bool:  # only prefetch acts on guesses, and only while some expert is not in the pool
-        return self.prefetching and len(self.table.slot_of) < self.L * self.E
+    def wants_guesses(self) -> bool:
+        """Only prefetch acts on guesses, and only in a pool too small for every expert. A pool of every expert
+        never evicts: a guess could only hide an expert's first read, while a leased worker, which acquires nothing,
+        would never hear that the pool filled and would pay for its guesses at every layer from then on (~2 ms a
+        token on the bench preset; some experts are never routed, so such a pool may never fill)."""
+        return self.prefetching and self.table.capacity < self.L * self.E
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
         """(layers ahead to guess, the router probability a guess needs): k = ceil(read time per expert x experts

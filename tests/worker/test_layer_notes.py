@@ -39,16 +39,18 @@ def guessed(stats) -> int:
 
 
 def test_no_guesses_once_memd_has_no_use_for_them(mixtral, state_dir):
-    """A pool of every expert, once filled, never reads again; without prefetch nothing acts on a guess: the worker
-    stops spending router matmuls on guesses (memd says so in its acquire replies)."""
+    """A pool of every expert never evicts; without prefetch nothing acts on a guess: the worker stops spending
+    router matmuls on guesses (memd says so in its acquire replies), filled pool or not (a leased worker acquires
+    nothing, so it would never hear that the pool filled)."""
     with Stack(mixtral, state_dir, expert_memory="100%") as stack:
-        first = stack.generate_all(PROMPTS, NEW_TOKENS)  # fills the pool (guesses help while it fills)
+        first = stack.generate_all(PROMPTS, NEW_TOKENS)
         time.sleep(0.3)  # the last notes land
         before = guessed(stack.memd_stats())
         assert stack.generate_all(PROMPTS, NEW_TOKENS) == first
         time.sleep(0.3)
         stats = stack.memd_stats()
-    assert stats.layer_notes > 0 and guessed(stats) == before
+    # only the first layer guesses, before memd's first acquire reply: at most every expert of the layers after it
+    assert stats.layer_notes > 0 and guessed(stats) == before <= (LAYERS - 1) * EXPERTS
     with Stack(mixtral, state_dir / "off", expert_memory="50%", extra_memd=["--prefetch", "off"]) as stack:
         stack.generate_all(PROMPTS, NEW_TOKENS)
         time.sleep(0.3)
