@@ -97,7 +97,9 @@ def model_bytes(model: Path) -> ModelBytes:
 
 def derive(sizes: ModelBytes, expert_memory: str, allowance: str) -> Budget:
     spec = parse_size(expert_memory, what="--expert-memory")
-    slots = min(spec.resolve(sizes.expert_total_bytes) // sizes.slot_bytes, sizes.num_experts)
+    # a share is of every expert's served slot, as memd resolves it (main.plan_pool): a share of the packed bytes
+    # would count one slot fewer than memd holds where its slots are larger (rows spread apart, spread.py)
+    slots = min(spec.resolve(sizes.slot_bytes * sizes.num_experts) // sizes.slot_bytes, sizes.num_experts)
     return Budget(expert_memory, sizes.dense_bytes, sizes.expert_total_bytes, slots * sizes.slot_bytes, slots,
                   parse_size(allowance, what="--runtime-allowance").resolve(0))
 

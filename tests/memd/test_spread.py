@@ -90,3 +90,17 @@ def test_bench_budgets_count_the_slots_memd_serves(wide):
     packed = ExpertStore(Checkpoint(wide)).index()
     assert model_bytes(wide).slot_bytes == served_slot_bytes(packed) == spread_rows(packed).slot_bytes
     assert served_slot_bytes(packed) > packed.slot_bytes
+
+
+def test_a_bench_share_counts_the_slots_memd_holds(wide):
+    """bench e2e's cgroup budget for ``--expert-memory 25%`` counts as many slots as memd then holds (a share of the
+    packed bytes counted one fewer where slots are spread)."""
+    from types import SimpleNamespace
+
+    from services.bench.budget import derive, model_bytes
+    from services.memd.main import plan_pool
+
+    store = spread_rows(ExpertStore(Checkpoint(wide)).index())
+    for share in ("25%", "37.5%", "50%", "100%"):
+        memd = plan_pool(SimpleNamespace(expert_memory=share), store)  # (plan_pool reads only --expert-memory)
+        assert derive(model_bytes(wide), share, "1GiB").slots == memd, share
