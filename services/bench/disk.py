@@ -9,7 +9,8 @@ Side by side, in one run, on the same file (the checkpoint's largest shard, its 
 * memd's ``ExpertReader``: about ``--bytes`` of the experts stored in that same file (or ``--experts`` of them), read
   once each as on-demand
   loads into a page-aligned pool (its pages faulted in first, as in a running memd), 8 loads queued at a time,
-  as memd reads them (O_DIRECT straight into the slot where the alignment allows). Its bandwidth is expert bytes over wall time; the target is >= 90% of the
+  as memd reads them (O_DIRECT straight into the slot where the alignment allows), into the slots memd serves a
+  CPU worker (rows a multiple of 2 KiB long spread apart: staged and placed row by row, ``services/memd/spread.py``). Its bandwidth is expert bytes over wall time; the target is >= 90% of the
   multi-stream probe. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a
   burst allowance gives whichever runs first more.
 """
@@ -39,6 +40,7 @@ class ReaderRun:
     experts: int
     staged_segments: int
     segments: int
+    spread_bytes: int  # of the bytes read, those whose rows memd places apart in the slot (staged, copied row by row)
     direct_bytes: int
     bounce_bytes: int
     alignment: str
@@ -64,10 +66,12 @@ def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None 
     from common.checkpoint import Checkpoint
     from services.memd.dio import buffer_address
     from services.memd.reader import ExpertReader
+    from services.memd.spread import spread_rows
     from services.memd.store import ExpertStore
 
-    store = ExpertStore(Checkpoint(model))
-    keys = sorted(k for k, segs in store.segments.items() if file is None or {s.file for s in segs} == {str(file)})
+    store = spread_rows(ExpertStore(Checkpoint(model)).index())  # the slots memd serves a CPU worker (spread.py)
+    segments = store.segments
+    keys = sorted(k for k, segs in segments.items() if file is None or {s.file for s in segs} == {str(file)})
     if not keys:
         raise ValueError(f"{file}: holds no whole expert (bench disk reads experts from the probe's file)")
     keys = keys[:experts]
@@ -75,6 +79,7 @@ def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None 
     view = memoryview(buf)
     ctypes.memset(buffer_address(view), 1, len(view))  # fault the pages in, as memd's pool is after its first use
     reader = ExpertReader(store, view, store.slot_bytes, True, threads=threads, chunk=chunk)
+    spread = sum(seg.nbytes for k in keys for seg in segments[k] if seg.row_stride)
     try:
         pending: deque = deque()
         total = 0
@@ -87,12 +92,10 @@ def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None 
         seconds = time.perf_counter() - start
         direct = reader.direct_io
     finally:
-        reader.close()
-        view.release()
-        buf.close()
+        reader.close()  # (the pool's mapping goes with the reader: rows placed apart keep a NumPy view of it)
     s = reader.stats
     return ReaderRun(Bandwidth(total, seconds, direct, threads, reader.chunk), len(keys), s.staged_segments,
-                     s.segments, s.direct_bytes, s.bounce_bytes,
+                     s.segments, spread, s.direct_bytes, s.bounce_bytes,
                      reader.align.describe() if reader.align else "no O_DIRECT")
 
 
@@ -123,6 +126,7 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
            "reader_gbps": reader.bandwidth.gbps, "reader_runs_gbps": [x.bandwidth.gbps for x in readers],
            "reader_bytes": reader.bandwidth.bytes_read, "reader_experts": reader.experts,
            "reader_staged_segments": reader.staged_segments, "reader_segments": reader.segments,
+           "reader_spread_bytes": reader.spread_bytes,
            "reader_direct_bytes": reader.direct_bytes, "reader_bounce_bytes": reader.bounce_bytes,
            "alignment": reader.alignment}
     doc["reader_fraction_of_probe"] = reader.bandwidth.gbps / probe.gbps if probe.gbps else None
@@ -161,7 +165,8 @@ def format_report(doc: dict) -> str:
                  + ", ".join(f"{v:.3f}" for v in doc["probe_multi_runs_gbps"]) + " GB/s; reader runs: "
                  + ", ".join(f"{v:.3f}" for v in doc["reader_runs_gbps"]) + " GB/s")
     lines.append(f"reader: {format_bytes(doc['reader_bytes'])}, {format_bytes(doc['reader_direct_bytes'])} straight into"
-                 f" slots, {format_bytes(doc['reader_bounce_bytes'])} through the bounce buffer;"
+                 f" slots, {format_bytes(doc['reader_bounce_bytes'])} through the bounce buffer"
+                 f" ({format_bytes(doc['reader_spread_bytes'])} of the bytes rows memd spreads apart in its slots);"
                  f" {doc['reader_staged_segments']} of {doc['reader_segments']} segments staged (file offset and slot"
                  " not congruent modulo the memory alignment)")
     lines.append(f"reader / probe of the same round, median: {frac_text(doc['reader_fraction_per_round_median'])}")
