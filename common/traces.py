@@ -3,7 +3,9 @@
 Line 1 is the header ``{"format": "moeinf-trace/1", "model": str, "num_layers": L, "num_experts": E, "top_k": K}``.
 Every other line is one token at one MoE layer, in execution order:
 ``{"req": str, "pos": int, "layer": int, "experts": [int, ...], "weights": [float, ...], "phase": "prefill"|"decode"}``
-(``weights`` and ``phase`` are optional; a missing phase means decode; unknown keys are ignored).
+(``weights`` and ``phase`` are optional; a missing phase means decode; unknown keys are ignored). Optional too:
+``speculated`` (the experts guessed for the next MoE layer before this one ran) and ``guesses``
+(``[[distance, expert, confidence], ...]``: the hidden-state guesses for MoE layers ``layer + distance``).
 
 A forward *step* is a maximal run of lines whose layer never decreases: the worker writes a step layer by layer,
 each layer's tokens in batch order, so the next step starts when the layer goes back down. A writer that emits
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator, TextIO
 
 FORMAT = "moeinf-trace/1"
 PHASES = ("prefill", "decode")
+Guess = tuple[int, int, float]  # (distance in MoE layers ahead, expert, confidence: the router's probability)
 
 
 class TraceError(ValueError):
@@ -43,6 +46,7 @@ class TraceRecord:
     weights: list[float] | None = None
     phase: str = "decode"
     speculated: list[int] | None = None  # optional: the experts guessed, before this layer ran, for the next one
+    guesses: list[Guess] | None = None  # optional: every guess made before this layer ran, any distance ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,7 @@ class LayerRouting:
     tokens: list[list[int]]  # [request][expert]
     weights: list[list[float]]  # router weight sums, [request][expert]
     speculated: list[int] = field(default_factory=list)  # the records' guesses for the next MoE layer (union)
+    guesses: list[Guess] = field(default_factory=list)  # the records' guesses (union, the highest confidence)
 
 
 @dataclass(slots=True)
@@ -67,7 +72,8 @@ class Step:
 
     def routing(self, layer: int) -> LayerRouting:
         """``layer`` of this step as the worker's step trace carries it: the experts used, and per request the
-        tokens (and router weight sums) each got; ``speculated`` is the union of the records' guesses."""
+        tokens (and router weight sums) each got; ``speculated`` and ``guesses`` are the unions of the records'
+        (a guess made for several tokens keeps its highest confidence)."""
         records = self.layers[layer]
         experts = sorted({e for rec in records for e in rec.experts})
         column = {e: j for j, e in enumerate(experts)}
@@ -80,7 +86,7 @@ class Step:
                 if rec.weights is not None:
                     weights[row[rec.req]][column[e]] += rec.weights[k]
         guessed = sorted({e for rec in records for e in (rec.speculated or ())})
-        return LayerRouting(layer, experts, tokens, weights, guessed)
+        return LayerRouting(layer, experts, tokens, weights, guessed, union_of_guesses(rec.guesses for rec in records))
 
     def has(self, rec: TraceRecord) -> bool:
         """Does this step already hold a token of ``rec.req`` at ``rec.layer``?"""
@@ -111,6 +117,10 @@ class TraceWriter:
         if rec.weights is not None:
             line["weights"] = [round(w, 4) for w in rec.weights]
         line["phase"] = rec.phase
+        if rec.speculated is not None:
+            line["speculated"] = rec.speculated
+        if rec.guesses is not None:
+            line["guesses"] = [[d, e, round(c, 4)] for d, e, c in rec.guesses]
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
         self.records += 1
 
@@ -180,7 +190,41 @@ def parse_record(line: str, header: TraceHeader, where: str = "record") -> Trace
                                    or not all(_int(e) and 0 <= e < header.num_experts for e in speculated)):
         raise TraceError(f"{where}: speculated must be distinct integers in 0..{header.num_experts - 1}")
     return TraceRecord(req, pos, layer, experts, None if weights is None else [float(w) for w in weights], phase,
-                       speculated)
+                       speculated, _guesses(obj.get("guesses"), layer, header, where))
+
+
+def _guesses(raw, layer: int, header: TraceHeader, where: str) -> list[Guess] | None:
+    """``guesses``: ``[distance, expert, confidence]`` triples, distinct ``(distance, expert)``, each aiming at a
+    MoE layer after this one, with a confidence in [0, 1]."""
+    if raw is None:
+        return None
+    bad = TraceError(f"{where}: guesses must be [distance, expert, confidence] triples: distance >= 1 with layer +"
+                     f" distance < {header.num_layers}, expert in 0..{header.num_experts - 1}, confidence in [0, 1],"
+                     " no (distance, expert) twice")
+    if not isinstance(raw, list):
+        raise bad
+    out = []
+    for g in raw:
+        if not isinstance(g, list) or len(g) != 3:
+            raise bad
+        d, e, c = g
+        if (not _int(d) or not _int(e) or isinstance(c, bool) or not isinstance(c, (int, float))
+                or not 1 <= d < header.num_layers - layer or not 0 <= e < header.num_experts or not 0 <= c <= 1):
+            raise bad
+        out.append((d, e, float(c)))
+    if len({(d, e) for d, e, _ in out}) != len(out):
+        raise bad
+    return out
+
+
+def union_of_guesses(groups: Iterable[list[Guess] | None]) -> list[Guess]:
+    """The guesses of several records (tokens of one layer) as one list, sorted: a ``(distance, expert)`` guessed
+    for several tokens keeps its highest confidence."""
+    best: dict[tuple[int, int], float] = {}
+    for group in groups:
+        for d, e, c in group or ():
+            best[d, e] = max(c, best.get((d, e), 0.0))
+    return [(d, e, c) for (d, e), c in sorted(best.items())]
 
 
 def _int(v) -> bool:

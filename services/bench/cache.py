@@ -1,7 +1,9 @@
 """``moeinf bench cache``: replay a routing trace through memd's decisions for each policy, with and without
 prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py), and
 the simulator's process time per layer (memd's decisions: policy, predictor, planner, leases; and the simulator's
-own bookkeeping: the same for every row, so the rows compare the decisions' cost).
+own bookkeeping: the same for every row, so the rows compare the decisions' cost). The last row of each size,
+prefetch ``oracle``, prefetches on perfect guesses (the step's real routing of the layers memd looks ahead to, at
+confidence 1): what memd's planner would hide if every guess were right, beside the trace's own guesses (``on``).
 
 ``moeinf bench synth OUT`` writes the synthetic workload (services/bench/synthetic.py) as a trace file.
 """
@@ -17,7 +19,10 @@ from services.bench.synthetic import FlatWorkload, Workload, write, write_flat
 from services.memd.core import CacheSettings
 from services.memd.simulate import SimConfig, simulate
 
-VARIANTS = (("lru", False), ("lfu", False), ("activation", False), ("lru", True), ("activation", True))
+# (policy, prefetch, guesses): the last row prefetches on perfect guesses (the real routing of the layers memd looks
+# ahead to): what memd's planner, its admission rules unchanged, would hide if every guess were right
+VARIANTS = (("lru", False, "trace"), ("lfu", False, "trace"), ("activation", False, "trace"),
+            ("lru", True, "trace"), ("activation", True, "trace"), ("activation", True, "oracle"))
 
 
 def run_cache(args) -> int:
@@ -31,17 +36,18 @@ def run_cache(args) -> int:
     rows = []
     for memory in args.memory:
         slots = max(header.num_experts, parse_size(memory, what="--memory").resolve(total))
-        for policy, prefetch in VARIANTS:
+        for policy, prefetch, guesses in VARIANTS:
             cfg = SimConfig(slots, CacheSettings(policy=policy, prefetch=prefetch, window=args.window),
-                            read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3)
+                            read_seconds=args.read_ms / 1e3, layer_seconds=args.layer_ms / 1e3, guesses=guesses)
             start = time.process_time()
             r = simulate(header, steps, cfg)
             decide = (time.process_time() - start) / max(1, len(steps) * header.num_layers)  # per layer, all included
             ahead = " ".join(f"d{d}:{p:.2f}/{rc:.2f}" for d, p, rc in r.lookahead)
-            print(f"{memory:>7} {slots:>5} {policy:>10} {'on' if prefetch else 'off':>8} {r.misses_per_token:>9.3f}"
+            shown = guesses if guesses == "oracle" else "on" if prefetch else "off"
+            print(f"{memory:>7} {slots:>5} {policy:>10} {shown:>8} {r.misses_per_token:>9.3f}"
                   f" {r.decode_misses_per_token:>7.3f} {1e3 * r.stall_seconds / max(1, r.tokens):>8.3f}ms"
                   f" {f'{r.prefetch_used}/{r.prefetch_wasted}':>15} {1e6 * decide:>8.0f}  {ahead}")
-            rows.append({"memory": memory, "slots": slots, "policy": policy, "prefetch": prefetch,
+            rows.append({"memory": memory, "slots": slots, "policy": policy, "prefetch": prefetch, "guesses": guesses,
                          "misses_per_token": r.misses_per_token, "decide_us_per_layer": 1e6 * decide, **asdict(r)})
     if args.json:
         with open(args.json, "w") as f:

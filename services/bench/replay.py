@@ -151,6 +151,7 @@ def drop_page_cache() -> bool:
 
 def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Options) -> dict:
     """One fresh memd with ``v``'s policy, the replay, and the counters it moved."""
+    from services.memd.simulate import WORKER_AHEAD
     from services.worker.memd_client import MemdClient
 
     dropped = drop_page_cache()
@@ -163,6 +164,7 @@ def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Op
             if hello.num_slots != slots:
                 raise RuntimeError(f"memd made {hello.num_slots} slots, the bench asked for {slots}")
             client.ready()
+            client.speculate_layers = WORKER_AHEAD  # the worker's guess lookahead until memd replies (experts.bind)
             before = client.stats()
             result = drive(client, plan, store.compute.seconds)
             after = _settled_stats(client, before, result.steps)

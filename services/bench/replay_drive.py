@@ -87,9 +87,17 @@ def _replay_steps(steps: list[Step]) -> list[ReplayStep]:
     return out
 
 
-def guesses(r: LayerRouting, num_layers: int) -> tuple[list[int], list[int], list[float]]:
-    """The note's guesses: the trace's ``speculated`` experts as MoE layer ``layer + 1``'s, at distance 1, with
-    confidence 1.0 (the format records no router probability); none for the last layer or without a record."""
+def guesses(r: LayerRouting, num_layers: int, client) -> tuple[list[int], list[int], list[float]]:
+    """The note's guesses, as a worker sends them: none when memd's last reply said it has no use for them; else
+    the trace's ``guesses`` within memd's lookahead and confidence threshold (``client.speculate_layers`` /
+    ``speculate_threshold``, the worker's defaults until memd replies), or, in a trace without them, its
+    ``speculated`` experts as MoE layer ``layer + 1``'s at confidence 1.0 (none for the last layer)."""
+    if not client.speculate:
+        return [], [], []
+    if r.guesses:
+        picks = [(r.layer + d, e, c) for d, e, c in r.guesses
+                 if d <= client.speculate_layers and c >= client.speculate_threshold]
+        return [t for t, _, _ in picks], [e for _, e, _ in picks], [c for _, _, c in picks]
     if not r.speculated or r.layer + 1 >= num_layers:
         return [], [], []
     return [r.layer + 1] * len(r.speculated), list(r.speculated), [1.0] * len(r.speculated)
@@ -122,7 +130,7 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
         for r in step.layers:
             t0 = time.perf_counter()
             client.note(number, r.layer, r.experts, step.requests, r.tokens, step.prefill,
-                        *guesses(r, plan.header.num_layers))
+                        *guesses(r, plan.header.num_layers, client))
             client.acquire(r.layer, r.experts, [], [], step=number, prefill=step.prefill)
             t1 = time.perf_counter()
             result.acquire_seconds += t1 - t0

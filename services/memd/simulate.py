@@ -5,8 +5,12 @@ The same ``ExpertCache`` the server uses decides hits, loads, evictions, predict
 reader rules: on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity,
 ``read_threads`` threads sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
 
-* every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing, and the trace's
-  ``speculated`` guesses, if any, at distance 1 with confidence 1.0), which feeds the predictor and the policy;
+* every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing and the guesses), which
+  feeds the predictor and the policy. The guesses are the trace's ``guesses`` those memd asks for (its lookahead
+  and confidence threshold, ``ExpertCache.speculation``; a worker's defaults until memd has measured them), as
+  the worker picks them; else its ``speculated`` at distance 1 with confidence 1.0. With ``guesses="oracle"``
+  they are the step's real routing of the layers memd asks for, at confidence 1.0: perfect speculation, what the
+  planner (its admission rules unchanged) would hide if every guess were right;
 * with leases (the default, as serving): a layer whose experts are all leased sends nothing more (memd counts
   its hits from the step trace, its recency arrives as ``leased_uses`` with the next acquire); any other layer is a
   lease acquire without routing, which revokes the shortfall of the worker's other leases in victim order when
@@ -34,6 +38,7 @@ from services.memd.policy import Key
 from services.memd.sim_reader import SimReader
 
 WORKER = "sim"
+WORKER_AHEAD = 4  # the worker's guess lookahead before memd's first measured reply (``experts.bind``'s default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,7 @@ class SimConfig:
     leases: bool = True  # the worker's lease mode (its default)
     read_threads: int = 4  # memd's --read-threads
     read_chunk: int = 1 << 20  # memd's --read-chunk
+    guesses: str = "trace"  # the trace's guesses, or "oracle": the real routing of the layers ahead
 
 
 @dataclass(slots=True)
@@ -120,11 +126,11 @@ class Simulator:
         layers = []
         for layer in sorted(step.layers):
             experts, counts = self._routing(step, layer)
-            guessed = sorted({e for rec in step.layers[layer] for e in (rec.speculated or ())})
-            nxt = guessed if layer + 1 < self.header.num_layers else []
+            targets, guessed, confidence = self._guesses(step, layer)
             self.core.note(m.LayerNoteEvent(WORKER, number, layer, experts, step.requests,
-                                            [c for row in counts for c in row], prefill, [layer + 1] * len(nxt), nxt,
-                                            [1.0] * len(nxt)), self.now)
+                                            [c for row in counts for c in row], prefill, targets, guessed,
+                                            confidence), self.now)
+            guessed = sorted({e for t, e in zip(targets, guessed) if t == layer + 1})
             keys = [(layer, e) for e in experts]
             leased = self.cfg.leases and all(k in self.client.leases for k in keys)
             if leased:
@@ -143,6 +149,23 @@ class Simulator:
         self.core.step_trace(m.step_trace(0, number, step.requests, tokens, prefill, layers))
         self.result.tokens += sum(tokens)
         self.result.decode_tokens += 0 if any(prefill) else sum(tokens)
+
+    def _guesses(self, step: Step, layer: int) -> tuple[list[int], list[int], list[float]]:
+        """The note's guesses ``(target layers, experts, confidences)``, as the worker would send them."""
+        if not self.core.wants_guesses():
+            return [], [], []
+        ahead, threshold = self.core.speculation(self.bandwidth)
+        ahead = ahead or WORKER_AHEAD  # the worker's own defaults until memd's first measured reply
+        last = min(self.header.num_layers - 1, layer + ahead)
+        if self.cfg.guesses == "oracle":
+            picks = [(t, e, 1.0) for t in range(layer + 1, last + 1) if t in step.layers
+                     for e in step.routing(t).experts]
+        else:
+            routing = step.routing(layer)
+            picks = [(layer + d, e, c) for d, e, c in routing.guesses if layer + d <= last and c >= threshold]
+            if not routing.guesses and layer < last:
+                picks = [(layer + 1, e, 1.0) for e in routing.speculated]
+        return [t for t, _, _ in picks], [e for _, e, _ in picks], [c for _, _, c in picks]
 
     def _routing(self, step: Step, layer: int) -> tuple[list[int], list[list[int]]]:
         routed = step.routing(layer)

@@ -26,7 +26,7 @@ from services.worker.device import release_ready
 from services.worker.host_experts import HostExperts
 from services.worker.lockstep import together
 from services.worker.pool_views import PoolViews
-from services.worker.speculate import Speculator, limit_to_groups
+from services.worker.speculate import Speculator, limit_to_groups, within
 from services.worker.tracing import StepState
 
 log = logging.getLogger("moeinf.worker.experts")
@@ -213,11 +213,11 @@ class ExpertBinding:
 
     def compute(self, hidden_states, top_k_index, top_k_weights):
         client = self.client
-        guessing = self.speculator is not None and (client.speculate or self.speculator.always)
-        launched = self.speculator.launch(self.layer, hidden_states, client.speculate_layers) if guessing else None
+        span, threshold = self.guess_span()
+        launched = None if span is None else self.speculator.launch(self.layer, hidden_states, span)
         routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for the GPU
-        guesses = ([], [], []) if launched is None else self.speculator.pick(launched, client.speculate_threshold)
-        slots = self.acquire(routing, guesses, top_k_index, top_k_weights)
+        every = ([], [], []) if launched is None else self.speculator.pick(launched, threshold)
+        slots = self.acquire(routing, every, top_k_index, top_k_weights)
         try:
             if client.host:  # memd --cpu-experts: some experts computed here on the CPU, from its host tier
                 return self.host.forward(self, routing, slots, client.host, hidden_states, top_k_index, top_k_weights,
@@ -263,19 +263,33 @@ class ExpertBinding:
             fallback.contiguous = True
             return self.grouped(window, hidden_states, index, top_k_weights)
 
-    def acquire(self, routing: Routing, guesses, top_k_index, top_k_weights) -> list[int]:
-        """Note the layer to memd (with the next layers' ``guesses``), record it, and get the experts' slots."""
+    def guess_span(self) -> tuple[int | None, float]:
+        """``(layers ahead to guess, the confidence a guess needs)``, None layers for no guess: memd's word (its
+        last acquire reply), or, while ``--record-trace`` writes a trace, every layer the knob allows at any
+        confidence (the file keeps every guess; memd still gets only what it asked for: ``acquire``)."""
+        client = self.client
+        if self.speculator is None or not (client.speculate or self.speculator.always):
+            return None, 0.0
+        if self.steps.recorder.writer is not None:
+            return self.speculator.max_ahead, 0.0
+        return client.speculate_layers, client.speculate_threshold
+
+    def acquire(self, routing: Routing, every, top_k_index, top_k_weights) -> list[int]:
+        """Note the layer to memd (with the next layers' guesses: ``every`` one made, of which memd gets those its
+        lookahead and threshold ask for), record it, and get the experts' slots."""
         client, recorder = self.client, self.steps.recorder
         step = recorder.open
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
         ids = routing.experts
+        guesses = every if recorder.writer is None else within(every, self.layer, client.speculate_layers,
+                                                                 client.speculate_threshold)
         client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
         counts = None if self.host is None else (  # (only for a message: not on a leased layer)
             lambda: self.host.counts(ids, routing.index, top_k_index, self.num_experts))
         slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill, counts=counts)
         nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
         recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,
-                       leased=client.last_leased)
+                       leased=client.last_leased, guesses=every if self.speculator is not None else None)
         return slots
 
     def slot_window(self, routing: Routing, slots: list[int], top_k_index: torch.Tensor):

@@ -97,10 +97,9 @@ class KeyedBinding(ExpertBinding):
     def compute(self, hidden_states, args, kwargs):
         index, weights = self.route(hidden_states, args, kwargs)
         routing = Routing.small(index, weights, self.steps.requests, self.steps.owner)
-        guessing = self.speculator is not None and (self.client.speculate or self.speculator.always)
-        guesses = self.speculator.guess(self.layer, hidden_states, self.client.speculate_layers,
-                                        self.client.speculate_threshold) if guessing else ([], [], [])
-        slots = self.acquire(routing, guesses, Ragged(index), Ragged(weights))
+        span, threshold = self.guess_span()
+        every = ([], [], []) if span is None else self.speculator.guess(self.layer, hidden_states, span, threshold)
+        slots = self.acquire(routing, every, Ragged(index), Ragged(weights))
         try:
             if self.client.wait_events:  # (a GPU pool, which these families are refused on today)
                 self.views.wait(self.client.wait_events)

@@ -38,7 +38,7 @@ class RecordingStep:
     owner: torch.Tensor  # [T] request index of every token
     positions: list[int]  # [T]
     layers: list[m.LayerTrace] = field(default_factory=list)
-    routing: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # for the trace file
+    routing: list[tuple] = field(default_factory=list)  # for the trace file: (layer, index, weights, guesses)
 
 
 class StepRecorder:
@@ -88,13 +88,16 @@ class StepRecorder:
 
     def layer(self, layer: int, experts: list[int], tokens: list[list[int]], weights: list[list[float]],
               speculated: list[int], top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,
-              leased: bool = False) -> None:
+              leased: bool = False, guesses: tuple[list[int], list[int], list[float]] | None = None) -> None:
+        """One MoE layer of the open step; ``guesses`` (target layers, experts, confidences: every guess made at
+        this layer, for the trace file) or None where the worker does not guess."""
         step = self.open
         if step is None or not step.requests or len(tokens) != len(step.requests):
             return
         step.layers.append(m.LayerTrace(layer, experts, tokens, weights, speculated, leased))
         if self.writer is not None:
-            step.routing.append((layer, top_k_index, top_k_weights))
+            made = None if guesses is None else [(t - layer, e, c) for t, e, c in zip(*guesses)]
+            step.routing.append((layer, top_k_index, top_k_weights, made))
 
     def end_step(self) -> None:
         """Send the open step to memd (and to the trace file); a no-op when no step is open."""
@@ -109,10 +112,12 @@ class StepRecorder:
     def _write(self, step: RecordingStep) -> None:
         owner = step.owner.tolist()
         phase = ["prefill" if p else "decode" for p in step.prefill]
-        for layer, index, weights in step.routing:
+        for layer, index, weights, made in step.routing:  # (a step's guesses are made for all its tokens at once)
+            nxt = None if made is None else sorted(e for d, e, _ in made if d == 1)
             for t, (experts, ws) in enumerate(zip(index.tolist(), weights.float().tolist())):
                 r = owner[t]
-                self.writer.write(TraceRecord(step.requests[r], step.positions[t], layer, experts, ws, phase[r]))
+                self.writer.write(TraceRecord(step.requests[r], step.positions[t], layer, experts, ws, phase[r],
+                                              nxt, made))
         self.writer.flush()
 
     def request_ended(self, request: str) -> None:

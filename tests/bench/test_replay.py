@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import moeinf_cmd, new_orphans, orphan_regions
@@ -90,9 +91,27 @@ def test_recorded_guesses_become_the_notes_guesses(tmp_path):
              '{"req": "b", "pos": 0, "layer": 1, "experts": [0]}']
     trace.write_text("\n".join(lines) + "\n")
     first, last = load_plan(trace).steps[0].layers
-    assert guesses(first, 2) == ([1, 1], [0, 3], [1.0, 1.0])  # the union, for the next layer, confidence 1.0
-    assert guesses(last, 2) == ([], [], [])  # no layer after the last
-    assert guesses(load_plan(DEMO_TRACE, 1).steps[0].layers[0], 4) == ([], [], [])  # the demo trace records none
+    client = SimpleNamespace(speculate=True, speculate_layers=4, speculate_threshold=0.3)
+    assert guesses(first, 2, client) == ([1, 1], [0, 3], [1.0, 1.0])  # the union, for the next layer, confidence 1
+    assert guesses(last, 2, client) == ([], [], [])  # no layer after the last
+    assert guesses(load_plan(DEMO_TRACE, 1).steps[0].layers[0], 4, client) == ([], [], [])  # the demo trace: none
+    assert guesses(first, 2, SimpleNamespace(speculate=False)) == ([], [], [])  # memd has no use for them
+
+
+def test_recorded_guesses_with_confidences_are_sent_as_memd_asks(tmp_path):
+    """A trace's ``guesses`` (any distance, with the router's confidence) go out as the worker sends them: within
+    memd's lookahead and threshold, the union of the step's tokens at their highest confidence."""
+    trace = tmp_path / "t.jsonl"
+    lines = ['{"format": "moeinf-trace/1", "num_layers": 4, "num_experts": 4, "top_k": 1}',
+             '{"req": "a", "pos": 0, "layer": 0, "experts": [1], "guesses": [[1, 3, 0.9], [2, 0, 0.2], [3, 1, 0.8]]}',
+             '{"req": "b", "pos": 0, "layer": 0, "experts": [2], "guesses": [[1, 3, 0.95], [1, 2, 0.5]]}']
+    trace.write_text("\n".join(lines) + "\n")
+    (first,) = load_plan(trace).steps[0].layers
+    assert first.guesses == [(1, 2, 0.5), (1, 3, 0.95), (2, 0, 0.2), (3, 1, 0.8)]
+    two = SimpleNamespace(speculate=True, speculate_layers=2, speculate_threshold=0.3)
+    assert guesses(first, 4, two) == ([1, 1], [2, 3], [0.5, 0.95])
+    three = SimpleNamespace(speculate=True, speculate_layers=3, speculate_threshold=0.1)
+    assert guesses(first, 4, three) == ([1, 1, 2, 3], [2, 3, 0, 1], [0.5, 0.95, 0.2, 0.8])
 
 
 # ---------------------------------------------------------------------------------------------------- the bench

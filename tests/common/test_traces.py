@@ -34,11 +34,33 @@ def test_round_trip(tmp_path):
     assert first == {"req": "a", "pos": 0, "layer": 0, "experts": [1, 3], "weights": [0.75, 0.25], "phase": "prefill"}
 
 
+def test_guesses_round_trip_and_their_union_per_layer(tmp_path):
+    """``speculated`` and ``guesses`` (distance, expert, confidence) are written and read back; a step's layer
+    holds the union of its tokens' guesses, each at its highest confidence."""
+    header = TraceHeader("tiny", 3, 4, 2)
+    records = [TraceRecord("a", 0, 0, [1, 3], None, "decode", [2], [(1, 2, 0.61234), (2, 0, 0.3)]),
+               TraceRecord("b", 0, 0, [0, 1], None, "decode", [2, 3], [(1, 2, 0.9), (1, 3, 0.4)]),
+               TraceRecord("a", 0, 2, [0, 2], None, "decode", [], [])]
+    writer = TraceWriter(tmp_path / "t.jsonl", header)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()[1:]]
+    assert lines[0]["speculated"] == [2] and lines[0]["guesses"] == [[1, 2, 0.6123], [2, 0, 0.3]]
+    _, got = read_trace(tmp_path / "t.jsonl")
+    got = list(got)
+    assert got[1].guesses == [(1, 2, 0.9), (1, 3, 0.4)] and got[2].guesses == [] and got[2].speculated == []
+    (step,) = list(group_steps(got))
+    assert step.routing(0).guesses == [(1, 2, 0.9), (1, 3, 0.4), (2, 0, 0.3)]
+    assert step.routing(0).speculated == [2, 3]
+
+
 def test_optional_fields_and_unknown_keys(tmp_path):
     path = write_lines(tmp_path / "t.jsonl", {"req": "r", "pos": 4, "layer": 1, "experts": [2], "extra": {"x": 1}})
     _, records = read_trace(path)
     (rec,) = list(records)
     assert rec.phase == "decode" and rec.weights is None and rec.experts == [2]
+    assert rec.speculated is None and rec.guesses is None
 
 
 @pytest.mark.parametrize("line, words", [
@@ -53,6 +75,12 @@ def test_optional_fields_and_unknown_keys(tmp_path):
     ({"req": "r", "pos": 0, "layer": 0, "experts": []}, "experts must be"),
     ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "weights": [0.5, 0.5]}, "one per expert"),
     ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "phase": "warmup"}, "phase must be"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[2, 1, 0.5]]}, "layer \\+ distance < 2"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[0, 1, 0.5]]}, "distance >= 1"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[1, 1, 1.5]]}, "confidence in"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[1, 4, 0.5]]}, "expert in 0..3"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[1, 1, 0.5], [1, 1, 0.2]]}, "twice"),
+    ({"req": "r", "pos": 0, "layer": 0, "experts": [1], "guesses": [[1, 1]]}, "triples"),
 ])
 def test_malformed_record_names_its_line(tmp_path, line, words):
     path = write_lines(tmp_path / "t.jsonl", {"req": "r", "pos": 0, "layer": 0, "experts": [0]}, line)

@@ -164,3 +164,18 @@ def test_memd_learns_from_the_step_traces(recorded):
     assert stats.read_bandwidth > 0 and stats.layer_seconds > 0
     # a restarted memd starts warm: the EAMC was saved at exit and reloaded
     assert warm.eamc_size == 2 and warm.trace_steps == 0
+
+
+def test_recorded_trace_keeps_every_guess(recorded):
+    """With --record-trace the worker guesses every layer ahead its knob allows at any confidence and writes them
+    all (memd still gets only those it asked for): each line's ``guesses``, top-2 per layer ahead (a prompt step's:
+    the union of its tokens'), and ``speculated``, the next layer's of them."""
+    path, _, _, _, _ = recorded
+    header, records = read_trace(path)
+    for r in records:
+        ahead = header.num_layers - 1 - r.layer
+        assert r.guesses is not None and {d for d, _, _ in r.guesses} == set(range(1, ahead + 1)), (r.pos, r.layer)
+        assert all(0 < c <= 1 for _, _, c in r.guesses)
+        per_distance = [sum(d == k for d, _, _ in r.guesses) for k in range(1, ahead + 1)]
+        assert all(n == 2 if r.phase == "decode" else 2 <= n <= header.num_experts for n in per_distance)
+        assert r.speculated == sorted(e for d, e, _ in r.guesses if d == 1)
