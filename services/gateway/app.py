@@ -19,6 +19,7 @@ from aiohttp import web
 from common import messages as m
 from common.config import GatewayConfig
 from services.gateway import requests as rq
+from services.gateway.app_keys import CFG, GATEWAY, METRICS, RECEIVED
 from services.gateway.body import read_json
 from services.gateway.errors import ApiError, bad_request, internal, too_many, unavailable
 from services.gateway.guard import add_cors_headers, guard_middleware
@@ -154,7 +155,7 @@ class Gateway:
                               f" above the model's context of {info.max_model_len} tokens", param,
                               "context_length_exceeded")
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-        clock = self.metrics.clock(request.get("received", time.perf_counter()))
+        clock = self.metrics.clock(request.get(RECEIVED, time.perf_counter()))
         out = Output(self.codec, job)
         # closed when the request ends however it ends, so that its cleanup (the worker's CANCEL, the slot) runs
         # then, not when the garbage collector frees a generator left suspended by a disconnect
@@ -219,7 +220,7 @@ async def errors_middleware(request: web.Request, handler):
     except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself, in OpenAI's shape
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         return ApiError(exc.status, exc.reason if exc.status != 413 else
-                        f"the request body is larger than {request.app['cfg'].max_body_bytes} bytes",
+                        f"the request body is larger than {request.app[CFG].max_body_bytes} bytes",
                         type=kind, code=str(exc.status), close=exc.status == 413).response()
     except (asyncio.CancelledError, ConnectionResetError):
         log.info("client went away after %.2fs: %s %s", time.perf_counter() - started, request.method, request.path)
@@ -233,7 +234,7 @@ def build_app(cfg: GatewayConfig, codec: TextCodec) -> web.Application:
     app = web.Application(client_max_size=cfg.max_body_bytes,
                           middlewares=[metrics_middleware, errors_middleware, guard_middleware])
     gateway = Gateway(cfg, codec)
-    app["cfg"], app["gateway"], app["metrics"] = cfg, gateway, gateway.metrics
+    app[CFG], app[GATEWAY], app[METRICS] = cfg, gateway, gateway.metrics
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.stop)
     app.on_response_prepare.append(add_cors_headers)

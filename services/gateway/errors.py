@@ -13,6 +13,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from services.gateway.app_keys import CFG
+
 log = logging.getLogger("moeinf.gateway")
 LINGER_S = 1.0
 RETRY_AFTER_S = 2  # a crashed worker is back within seconds (the supervisor restarts it)
@@ -85,7 +87,7 @@ class GatewayRunner(web.AppRunner):
 
     def __init__(self, app: web.Application, **kwargs):
         kwargs.setdefault("lingering_time", LINGER_S)
-        kwargs.setdefault("keepalive_timeout", app["cfg"].header_timeout_s)
+        kwargs.setdefault("keepalive_timeout", app[CFG].header_timeout_s)
         super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:

@@ -16,6 +16,7 @@ import ipaddress
 from aiohttp import web
 
 from common.config import GatewayConfig
+from services.gateway.app_keys import CFG
 from services.gateway.errors import ApiError
 
 PREFLIGHT_MAX_AGE_S = 600
@@ -77,7 +78,7 @@ def preflight(origin: str) -> web.Response:
 @web.middleware
 async def guard_middleware(request: web.Request, handler):
     """Runs inside the error middleware: its ``ApiError``s come out OpenAI-shaped and counted."""
-    cfg: GatewayConfig = request.app["cfg"]
+    cfg: GatewayConfig = request.app[CFG]
     origin = allowed_origin(cfg, request.headers.get("Origin"))
     if request.method == "OPTIONS" and origin is not None and "Access-Control-Request-Method" in request.headers:
         return preflight(origin)
@@ -89,7 +90,7 @@ async def guard_middleware(request: web.Request, handler):
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every response, streams and errors included, before its headers go out."""
-    origin = allowed_origin(request.app["cfg"], request.headers.get("Origin"))
+    origin = allowed_origin(request.app[CFG], request.headers.get("Origin"))
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from common.config import GatewayConfig
 from services.gateway.app import build_app
+from services.gateway.app_keys import GATEWAY
 from services.gateway.errors import GatewayRunner
 from services.gateway.guard import exposure_warning
 from services.gateway.text import TextCodec
@@ -43,6 +44,6 @@ async def _serve(cfg: GatewayConfig, codec: TextCodec) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        app["gateway"].abort_requests("the server is shutting down; retry shortly")
+        app[GATEWAY].abort_requests("the server is shutting down; retry shortly")
     finally:
         await runner.cleanup()

@@ -11,6 +11,8 @@ import prometheus_client
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from services.gateway.app_keys import METRICS, RECEIVED
+
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
 CLIENT_GONE = "499"  # status label of requests whose client disconnected (nginx's code for it)
@@ -77,7 +79,7 @@ class RequestClock:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler):
     """Count every response (errors included: this runs outside the error middleware) and stamp arrival."""
-    request["received"] = time.perf_counter()
+    request[RECEIVED] = time.perf_counter()
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
     status = CLIENT_GONE
@@ -89,5 +91,5 @@ async def metrics_middleware(request: web.Request, handler):
         status = str(exc.status)
         raise
     finally:
-        request.app["metrics"].requests.labels(endpoint, status).inc()
+        request.app[METRICS].requests.labels(endpoint, status).inc()
 

@@ -15,6 +15,7 @@ from common.config import GatewayConfig
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket
 from helpers import free_port
+from services.gateway.app_keys import GATEWAY
 
 
 class FakeWorker:
@@ -95,7 +96,7 @@ class LocalGateway:
         self.url = f"http://127.0.0.1:{cfg.port}"
         self.loop = asyncio.new_event_loop()
         self.app = build_app(cfg, codec)
-        self.gateway = self.app["gateway"]
+        self.gateway = self.app[GATEWAY]
         self.runner = GatewayRunner(self.app, handler_cancellation=True, access_log=None)
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
