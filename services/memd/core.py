@@ -292,11 +292,7 @@ class ExpertCache:
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
-    def wants_guesses(self) -> bool:
-        """Only prefetch acts on guesses, and only in a pool too small for every expert. A pool of every expert
-        never evicts: a guess could only hide an expert's first read, while a leased worker, which acquires nothing,
-        would never hear that the pool filled and would pay for its guesses at every layer from then on (~2 ms a
-        token on the bench preset; some experts are never routed, so such a pool may never fill)."""
+    def wants_guesses(self) -> bool:  # a pool of every expert never evicts; a leased worker never hears it filled
         return self.prefetching and self.table.capacity < self.L * self.E
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
