@@ -114,6 +114,8 @@ class SseStream:
                 if line.startswith(b"data: "):
                     data = line[6:].strip()
                     self.events.append(data.decode() if data == b"[DONE]" else json.loads(data))
+        except json.JSONDecodeError:
+            raise  # a malformed event from the gateway is a finding
         except (http.client.HTTPException, OSError, ValueError, AttributeError):
             pass  # the stream ended early; ``close`` from the test's thread races http.client's reads (ValueError on
             # a cut chunk header, AttributeError closing a response whose file it already dropped)

@@ -7,7 +7,7 @@ request and the sums of the router weights.
 
 ``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
 a request's first step; per step and MoE layer, in the worker's order, a ``LAYER_NOTE`` (``MemdClient.note``:
-the routing, the step number, the prefill flags and the next-layer guesses the trace recorded, if any), then an
+the routing, the step number, the prefill flags and the trace's guesses as the worker sends them: ``guesses``), then an
 acquire without routing (none goes out when every expert is leased), the release (none with leases: memd revokes
 them), then the layer's compute time: a sleep until ``layer_seconds`` after the acquire returned, so that the
 replay's own Python work counts in that time instead of adding to it (memd measures a layer's compute as the time
@@ -129,8 +129,8 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
         traces = []
         for r in step.layers:
             t0 = time.perf_counter()
-            client.note(number, r.layer, r.experts, step.requests, r.tokens, step.prefill,
-                        *guesses(r, plan.header.num_layers, client))
+            sent = guesses(r, plan.header.num_layers, client)
+            client.note(number, r.layer, r.experts, step.requests, r.tokens, step.prefill, *sent)
             client.acquire(r.layer, r.experts, [], [], step=number, prefill=step.prefill)
             t1 = time.perf_counter()
             result.acquire_seconds += t1 - t0
@@ -138,7 +138,8 @@ def drive(client, plan: ReplayPlan, layer_seconds: float) -> DriveResult:
             result.acquires += not leased
             if not client.leasing:
                 client.release(r.layer, r.experts)
-            traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, r.speculated, leased))
+            nxt = sorted({e for t, e in zip(sent[0], sent[1]) if t == r.layer + 1})  # as the worker's step trace
+            traces.append(m.LayerTrace(r.layer, r.experts, r.tokens, r.weights, nxt, leased))
             sleep_until(t1 + layer_seconds)  # the layer's compute, this loop's own work included
         client.emit(Op.STEP_TRACE, m.step_trace(worker, number, step.requests, step.tokens, step.prefill, traces))
         for request, generated in step.ends:

@@ -38,7 +38,7 @@ from services.memd.policy import Key
 from services.memd.sim_reader import SimReader
 
 WORKER = "sim"
-WORKER_AHEAD = 4  # the worker's guess lookahead before memd's first measured reply (``experts.bind``'s default)
+WORKER_AHEAD = 4  # the worker's --speculate-layers default: the most layers ahead it guesses, whatever memd asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,10 @@ class SimConfig:
     read_threads: int = 4  # memd's --read-threads
     read_chunk: int = 1 << 20  # memd's --read-chunk
     guesses: str = "trace"  # the trace's guesses, or "oracle": the real routing of the layers ahead
+
+    def __post_init__(self) -> None:
+        if self.guesses not in ("trace", "oracle"):
+            raise ValueError(f"SimConfig.guesses {self.guesses!r}: 'trace' or 'oracle'")
 
 
 @dataclass(slots=True)
@@ -155,7 +159,7 @@ class Simulator:
         if not self.core.wants_guesses():
             return [], [], []
         ahead, threshold = self.core.speculation(self.bandwidth)
-        ahead = ahead or WORKER_AHEAD  # the worker's own defaults until memd's first measured reply
+        ahead = min(ahead or WORKER_AHEAD, WORKER_AHEAD)  # the worker guesses within its knob (default), whatever memd asks
         last = min(self.header.num_layers - 1, layer + ahead)
         if self.cfg.guesses == "oracle":
             picks = [(t, e, 1.0) for t in range(layer + 1, last + 1) if t in step.layers

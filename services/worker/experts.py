@@ -282,7 +282,7 @@ class ExpertBinding:
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
         ids = routing.experts
         guesses = every if recorder.writer is None else within(every, self.layer, client.speculate_layers,
-                                                                 client.speculate_threshold)
+                                                                 client.speculate_threshold, client.speculate)
         client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
         counts = None if self.host is None else (  # (only for a message: not on a leased layer)
             lambda: self.host.counts(ids, routing.index, top_k_index, self.num_experts))

@@ -134,9 +134,10 @@ def limit_to_groups(select: torch.Tensor, groups: int, kept: int, rule: str) -> 
     return by_group.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(select)
 
 
-def within(guesses: tuple[list[int], list[int], list[float]], layer: int, ahead: int,
-           threshold: float) -> tuple[list[int], list[int], list[float]]:
+def within(guesses: tuple[list[int], list[int], list[float]], layer: int, ahead: int, threshold: float,
+           wanted: bool = True) -> tuple[list[int], list[int], list[float]]:
     """The ``(target layers, experts, confidences)`` of ``guesses`` (made at ``layer``) at most ``ahead`` layers
-    ahead with at least ``threshold`` confidence."""
-    keep = [i for i, (t, c) in enumerate(zip(guesses[0], guesses[2])) if t - layer <= ahead and c >= threshold]
+    ahead with at least ``threshold`` confidence; none unless ``wanted`` (memd's word)."""
+    keep = [i for i, (t, c) in enumerate(zip(guesses[0], guesses[2]))
+            if wanted and t - layer <= ahead and c >= threshold]
     return [guesses[0][i] for i in keep], [guesses[1][i] for i in keep], [guesses[2][i] for i in keep]

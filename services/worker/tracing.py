@@ -112,12 +112,13 @@ class StepRecorder:
     def _write(self, step: RecordingStep) -> None:
         owner = step.owner.tolist()
         phase = ["prefill" if p else "decode" for p in step.prefill]
-        for layer, index, weights, made in step.routing:  # (a step's guesses are made for all its tokens at once)
+        for layer, index, weights, made in step.routing:
+            # a step's guesses are made for all its tokens at once: written once, on its first line of the layer
             nxt = None if made is None else sorted(e for d, e, _ in made if d == 1)
             for t, (experts, ws) in enumerate(zip(index.tolist(), weights.float().tolist())):
                 r = owner[t]
                 self.writer.write(TraceRecord(step.requests[r], step.positions[t], layer, experts, ws, phase[r],
-                                              nxt, made))
+                                              nxt if t == 0 else None, made if t == 0 else None))
         self.writer.flush()
 
     def request_ended(self, request: str) -> None:

@@ -115,3 +115,12 @@ def test_one_token_guesses_equal_the_batched_path(family, checkpoints):
                 assert alone[2] == pytest.approx(batched[2], rel=1e-5), (layer, t, threshold)
                 compared += len(alone[0])
     assert compared > 0
+
+
+def test_within_keeps_what_memd_asked_for():
+    from services.worker.speculate import within
+
+    made = ([3, 3, 4, 6], [1, 5, 2, 0], [0.9, 0.2, 0.6, 0.8])  # guesses made at layer 2
+    assert within(made, 2, 2, 0.5) == ([3, 4], [1, 2], [0.9, 0.6])
+    assert within(made, 2, 4, 0.0) == made
+    assert within(made, 2, 4, 0.0, wanted=False) == ([], [], [])  # memd said it has no use for guesses

@@ -168,14 +168,18 @@ def test_memd_learns_from_the_step_traces(recorded):
 
 def test_recorded_trace_keeps_every_guess(recorded):
     """With --record-trace the worker guesses every layer ahead its knob allows at any confidence and writes them
-    all (memd still gets only those it asked for): each line's ``guesses``, top-2 per layer ahead (a prompt step's:
-    the union of its tokens'), and ``speculated``, the next layer's of them."""
+    all (memd still gets only those it asked for), once per step and layer: ``guesses``, the top-2 per layer ahead
+    (a prompt step's: the union of its tokens'), and ``speculated``, the next layer's of them."""
     path, _, _, _, _ = recorded
     header, records = read_trace(path)
-    for r in records:
-        ahead = header.num_layers - 1 - r.layer
-        assert r.guesses is not None and {d for d, _, _ in r.guesses} == set(range(1, ahead + 1)), (r.pos, r.layer)
-        assert all(0 < c <= 1 for _, _, c in r.guesses)
-        per_distance = [sum(d == k for d, _, _ in r.guesses) for k in range(1, ahead + 1)]
-        assert all(n == 2 if r.phase == "decode" else 2 <= n <= header.num_experts for n in per_distance)
-        assert r.speculated == sorted(e for d, e, _ in r.guesses if d == 1)
+    for step in group_steps(records):
+        for layer, lines in step.layers.items():
+            first, rest = lines[0], lines[1:]
+            assert first.guesses is not None and all(r.guesses is None and r.speculated is None for r in rest)
+            ahead = header.num_layers - 1 - layer
+            assert {d for d, _, _ in first.guesses} == set(range(1, ahead + 1)), (first.pos, layer)
+            assert all(0 < c <= 1 for _, _, c in first.guesses)
+            per_distance = [sum(d == k for d, _, _ in first.guesses) for k in range(1, ahead + 1)]
+            assert all(n == 2 if first.phase == "decode" else 2 <= n <= header.num_experts for n in per_distance)
+            assert first.speculated == sorted(e for d, e, _ in first.guesses if d == 1)
+            assert step.routing(layer).guesses == sorted(first.guesses)
