@@ -1,7 +1,8 @@
 """``moeinf bench cache``: replay a routing trace through memd's decisions for each policy, with and without
 prefetch, at several pool sizes, and print on-demand misses and stall per token (services/memd/simulate.py), and
 the simulator's process time per layer (memd's decisions: policy, predictor, planner, leases; and the simulator's
-own bookkeeping: the same for every row, so the rows compare the decisions' cost). The last row of each size,
+own bookkeeping: the same for every row, so the rows compare the decisions' cost; the ``oracle`` row's also builds
+its guesses from the routing ahead). The last row of each size,
 prefetch ``oracle``, prefetches on perfect guesses (the step's real routing of the layers memd looks ahead to, at
 confidence 1): what memd's planner would hide if every guess were right, beside the trace's own guesses (``on``).
 

@@ -60,6 +60,20 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return raw[skip:skip + nbytes].view(dtype).view(shape)
 
 
+def kernel_linear(module, skip_widths: set[int]) -> bool:
+    """Is ``module`` a bfloat16 ``nn.Linear`` the CPU kernels multiply: not one ``skip_widths`` wide (the routers,
+    the experts' count, and shared-expert gates, 1: they keep ``F.linear``, so routing is decided as transformers
+    decides it)? Its rows are spread at load (``loader``) or after (``matvec.wrap_dense``) by this same rule."""
+    weight = getattr(module, "weight", None)  # (a linear --prepack-dense packed may hold none)
+    return type(module) is torch.nn.Linear and isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 \
+        and module.out_features not in skip_widths
+
+
+def router_widths(layers) -> set[int]:
+    """The widths ``kernel_linear`` leaves to ``F.linear``: 1 and every MoE layer's expert count."""
+    return {1, *(layer.num_experts for layer in layers)}
+
+
 def spreads(weight: torch.Tensor) -> bool:
     """Rows a multiple of ``SPREAD_PERIOD`` bytes long (where ``spread_rows`` pays), 2-D, contiguous."""
     return weight.dim() == 2 and weight.is_contiguous() \

@@ -93,9 +93,8 @@ def _own(model, target: str, tensor: torch.Tensor, spread_skip: set[int] | None)
     """A copy of a checkpoint tensor (own the memory: no mmap page of the checkpoint stays mapped), its rows spread
     apart where ``load_dense`` says."""
     if spread_skip is not None and tensor.dtype == torch.bfloat16 and layouts.spreads(tensor) \
-            and tensor.shape[0] not in spread_skip and target.endswith(".weight"):
-        module = model.get_submodule(target.rpartition(".")[0])
-        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16:
+            and target.endswith(".weight"):
+        if layouts.kernel_linear(model.get_submodule(target.rpartition(".")[0]), spread_skip):
             return layouts.spread_rows(tensor)
     return tensor.clone()
 
@@ -167,8 +166,7 @@ def load_model(checkpoint: Checkpoint, experts_implementation: str, spread: bool
     layers = find_moe_layers(model)
     expert_modules = {layer.module for layer in layers}
     keyed = {layer.module for layer in layers if layer.keyed}
-    skip = {1, *(layer.num_experts for layer in layers)} if spread else None
-    nbytes = load_dense(model, checkpoint, expert_modules, keyed, skip)
+    nbytes = load_dense(model, checkpoint, expert_modules, keyed, layouts.router_widths(layers) if spread else None)
     check_materialised(model, expert_modules, keyed)
     try:  # generate's settings (an encoder-decoder model's decoder_start_token_id) as the checkpoint ships them
         model.generation_config = GenerationConfig.from_pretrained(checkpoint.dir)

@@ -18,7 +18,7 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, device, experts, kernel_caches, matvec, prepack
+from services.worker import dequant_kernel, device, experts, kernel_caches, layouts, matvec, prepack
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.host_experts import HostExperts
@@ -75,7 +75,7 @@ def attach(cfg: WorkerConfig) -> Attached:
         if cfg.prepack_dense and dev.type == "cpu":  # after bind (it gave the next-layer guesses their router weights)
             prepack.prepack_dense(model)
         if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)
-            count = matvec.wrap_dense(model, mv, {1, layers[0].num_experts})
+            count = matvec.wrap_dense(model, mv, layouts.router_widths(layers))
             log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
                      "matvec_exact.c" if mv.exact else "matvec.c")
         client.ready(cpu_cost(host, model, layers, dev))

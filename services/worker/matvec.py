@@ -231,9 +231,8 @@ def wrap_dense(model: nn.Module, mv: Matvec, skip_widths: set[int]) -> int:
     shared = _shared_weights(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(module) is nn.Linear and isinstance(weight, nn.Parameter) and weight.dtype == torch.bfloat16 \
-                and weight.device.type == "cpu" and weight.dim() == 2 and weight.stride(1) == 1 \
-                and module.out_features not in skip_widths:  # rows contiguous (spread apart at load, or packed)
+        if layouts.kernel_linear(module, skip_widths) and isinstance(weight, nn.Parameter) \
+                and weight.device.type == "cpu" and weight.stride(1) == 1:  # rows contiguous (spread at load or packed)
             if weight.data_ptr() not in shared and layouts.spreads(weight):
                 module.weight = nn.Parameter(layouts.spread_rows(weight.detach()), weight.requires_grad)
                 spread += 1
