@@ -25,6 +25,7 @@ from services.worker import matvec, quant
 from services.worker.device import release_ready
 from services.worker.host_experts import HostExperts
 from services.worker.lockstep import together
+from services.worker.moe_norms import moe_input_gains
 from services.worker.pool_views import PoolViews
 from services.worker.speculate import Speculator, limit_to_groups, within
 from services.worker.tracing import StepState
@@ -357,7 +358,8 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     dtype = _guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype,
                            deep=layer.keyed) for layer in layers] if next_gate else [None] * len(layers)
-    speculator = Speculator(routers, layers[0].num_experts, speculate_layers, always_guess) \
+    gains = moe_input_gains(model, [layer.module.rpartition(".")[0] for layer in layers]) if next_gate else None
+    speculator = Speculator(routers, layers[0].num_experts, speculate_layers, always_guess, gains) \
         if next_gate and layers else None
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None

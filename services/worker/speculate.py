@@ -7,7 +7,9 @@ target layer's top-k per token is picked as its router would (the scores plus De
 confidence is the highest probability a token gave it (softmax over the layer's experts, or the sigmoid score for
 sigmoid routers). Guesses below the confidence threshold are not sent. Group-limited routing (DeepSeek's
 ``n_group`` / ``topk_group``) is applied as the router applies it: the experts of the groups a token does not keep
-cannot be guessed (``NextGate.groups``).
+cannot be guessed (``NextGate.groups``). Where every MoE block's input norm is a known RMSNorm (``moe_norms.py``),
+each router's rows are stacked times its own layer's gain and layer l's hidden state is divided by layer l's, so
+layer l+d's router sees the residual stream under the gain it was trained with, not layer l's.
 
 None of it touches the computed values: the routers are copies (or the model's own tensors, only read).
 """
@@ -19,9 +21,11 @@ import torch.nn.functional as F
 
 
 class Speculator:
-    def __init__(self, routers: list, num_experts: int, max_ahead: int, always: bool = False):
+    def __init__(self, routers: list, num_experts: int, max_ahead: int, always: bool = False,
+                 gains: list[torch.Tensor] | None = None):
         """``routers[i]``: MoE layer i's ``NextGate`` (None where it has none: that layer is never guessed);
-        ``always``: guess even when memd says it has no use for guesses (a trace being recorded keeps them)."""
+        ``always``: guess even when memd says it has no use for guesses (a trace being recorded keeps them);
+        ``gains[i]``: the gain of MoE layer i's input RMSNorm (``moe_norms.moe_input_gains``; None: uncorrected)."""
         self.E, self.L, self.max_ahead = num_experts, len(routers), max(0, max_ahead)
         self.always = always
         present = [r for r in routers if r is not None]
@@ -38,12 +42,17 @@ class Speculator:
         self.known_np = self.known.numpy()
         self.top_k = max(r.top_k for r in present)
         self.groups = [None if r is None else r.groups for r in routers]
+        self.unscale = None  # [L, hidden]: 1 / layer l's input gain (0 where the gain is 0), or None
+        if gains is not None and len(gains) == self.L and not all(bool((g == 1).all()) for g in gains):
+            stacked = torch.stack([g.float().cpu() for g in gains])
+            self.unscale = torch.where(stacked != 0, 1.0 / stacked, torch.zeros_like(stacked)).to(dtype).to(device)
         with torch.no_grad():
             for i, r in enumerate(routers):
                 if r is None:
                     continue
                 rows = slice(i * num_experts, (i + 1) * num_experts)
-                self.weight[rows] = r.weight.to(dtype)
+                gain = 1.0 if self.unscale is None else stacked[i].to(r.weight.device)
+                self.weight[rows] = (r.weight.float() * gain).to(dtype)
                 if r.bias is not None:
                     self.bias[rows] = r.bias.to(dtype)
                 if r.correction is not None:
@@ -72,6 +81,8 @@ class Speculator:
             return None
         lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
         hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
+        if self.unscale is not None:
+            hidden = hidden * self.unscale[layer]  # the residual stream normalised, without layer l's gain
         logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float()
         return layer, k, logits.to("cpu", non_blocking=True)
 

@@ -9,13 +9,26 @@ from transformers import AutoModelForCausalLM
 
 from services.worker.experts import find_router
 from common.checkpoint import find_moe_layers
+from services.worker.moe_norms import moe_input_gains, rms_gain
 from services.worker.speculate import Speculator
 
 
-def routed_run(checkpoint, tokens: int = 48, seed: int = 0):
-    """(speculator, inputs of every MoE layer's experts [T, H], their routing [T, k]) for one random sequence."""
+def routed_run(checkpoint, tokens: int = 48, seed: int = 0, gains_seed: int | None = None):
+    """(speculator, inputs of every MoE layer's experts [T, H], their routing [T, k]) for one random sequence;
+    ``gains_seed``: the MoE blocks' input norms get random per-channel gains first, as real checkpoints have
+    (random-weight models' are all 1), and the speculator is built as the worker builds it, with their gains."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     layers = find_moe_layers(model)
+    gains = None
+    if gains_seed is not None:
+        gen = torch.Generator().manual_seed(gains_seed)
+        blocks = [layer.module.rpartition(".")[0] for layer in layers]
+        with torch.no_grad():
+            for block in blocks:
+                norm = model.get_submodule(block.rpartition(".")[0]).post_attention_layernorm
+                norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen).mul(0.7).exp())
+        gains = moe_input_gains(model, blocks)
+        assert gains is not None
     top_k = model.config.get_text_config().num_experts_per_tok
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k)
                for layer in layers]
@@ -32,7 +45,7 @@ def routed_run(checkpoint, tokens: int = 48, seed: int = 0):
         model(ids)
     for handle in handles:
         handle.remove()
-    spec = Speculator(routers, layers[0].num_experts, len(layers) - 1)
+    spec = Speculator(routers, layers[0].num_experts, len(layers) - 1, gains=gains)
     return spec, routers, [seen[i] for i in range(len(layers))]
 
 
@@ -124,3 +137,44 @@ def test_within_keeps_what_memd_asked_for():
     assert within(made, 2, 2, 0.5) == ([3, 4], [1, 2], [0.9, 0.6])
     assert within(made, 2, 4, 0.0) == made
     assert within(made, 2, 4, 0.0, wanted=False) == ([], [], [])  # memd said it has no use for guesses
+
+
+def test_guesses_use_each_target_layers_own_norm_gain(mixtral):
+    """With per-channel gains that differ by layer (as in real checkpoints), a guess of layer l+d made from layer
+    l's input sees the residual stream under layer l+d's gain: exact when the stream did not change (layer l+1's
+    own input, carried back to layer l's gain), and more often right than the guess under layer l's gain."""
+    spec, routers, runs = routed_run(mixtral, gains_seed=0)
+    plain = Speculator(routers, spec.E, spec.max_ahead)
+    unscale = spec.unscale.float()
+    for layer in range(len(runs) - 1):
+        hidden, actual = runs[layer + 1]
+        same_stream = hidden.float() * unscale[layer + 1] / unscale[layer]  # x_{l+1} / g_{l+1} * g_l
+        for t in range(hidden.shape[0]):
+            experts = spec.guess(layer, same_stream[t:t + 1], 1)[1]
+            assert sorted(experts) == sorted(actual[t].tolist()), (layer, t)
+    for distance in (1, 2):
+        corrected, _, routed = scores(spec, runs, distance)
+        uncorrected, _, _ = scores(plain, runs, distance)
+        assert corrected > uncorrected, (distance, corrected, uncorrected, routed)
+
+
+def test_norm_gains_are_found_by_behaviour_or_not_at_all():
+    from torch import nn
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    rms = MixtralRMSNorm(16)
+    with torch.no_grad():
+        rms.weight.copy_(torch.linspace(0.1, 3.0, 16))
+    assert torch.allclose(rms_gain(rms, 16), rms.weight)
+
+    class OnePlus(MixtralRMSNorm):  # Gemma's norms scale by 1 + weight
+        def forward(self, x):
+            return super().forward(x) * (1.0 + self.weight) / self.weight
+
+    gemma = OnePlus(16)
+    with torch.no_grad():
+        gemma.weight.copy_(torch.linspace(0.1, 3.0, 16))
+    assert torch.allclose(rms_gain(gemma, 16), 1.0 + gemma.weight)
+    assert rms_gain(nn.LayerNorm(16), 16) is None  # subtracts the mean: not a gain on the normalised stream
+    assert rms_gain(nn.LayerNorm(16, bias=False), 16) is None
+    assert rms_gain(rms, 32) is None
