@@ -9,26 +9,34 @@ layer by large factors; random-weight test models have gains of 1, where the two
 
 Found generically: the decoder layer's child named as the pre-MLP norm in transformers' families, checked by
 behaviour (it must act as ``x / rms(x) * w`` or Gemma's ``x / rms(x) * (1 + w)`` on probe vectors with a non-zero
-mean, which a LayerNorm fails); anything else leaves speculation as it was.
+mean, which a LayerNorm fails); anything else leaves speculation as it was. A name can mislead (post-norm layers
+such as FlexOlmo's put ``post_attention_layernorm`` on the attention's output and feed the block the raw stream),
+so the speculator also checks, on each layer's first real input, that the input over the gain found has rms 1
+per token, and drops the correction for every layer if not (``premise_holds``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# the norm feeding the MLP / MoE block: Gemma-style layers have both, and their post_attention_layernorm is not it
-NAMES = ("pre_feedforward_layernorm", "pre_ff_layernorm", "post_attention_layernorm", "ffn_norm")
-TOLERANCE = 2e-2  # relative to the output's largest value: a bfloat16 output's rounding, not another function
+# the norm feeding the MLP / MoE block, by the names transformers' families give it (where a layer has a
+# post_attention_layernorm on the attention's output instead, the name misleads: Speculator checks the premise on the
+# real inputs and drops the correction, see ``premise_holds``)
+NAMES = ("pre_feedforward_layernorm", "pre_ff_layernorm", "pre_mlp_layernorm", "post_attention_layernorm", "ffn_norm")
+RTOL = 2e-2  # per element: a bfloat16 output's rounding (2^-8), not another function
+PREMISE = 0.05  # how far from 1 the rms of a block's input over its gain may be (``premise_holds``)
 
 
 def moe_input_gains(model: nn.Module, blocks: list[str]) -> list[torch.Tensor] | None:
     """Per MoE block (``blocks``: the blocks' module paths, e.g. ``model.layers.3.mlp``), the float32 gain of the
-    RMSNorm that feeds it; None unless every block has one (a guess mixing corrected and plain layers would be
-    wrong both ways)."""
+    RMSNorm that feeds it; None unless every block has one without a zero channel (a guess mixing corrected and
+    plain layers would be wrong both ways)."""
     hidden = model.config.get_text_config().hidden_size
     gains = [block_input_gain(model.get_submodule(path.rpartition(".")[0]), hidden) if "." in path else None
              for path in blocks]
-    return gains if gains and all(g is not None for g in gains) else None
+    if not gains or any(g is None or bool((g == 0).any()) for g in gains):
+        return None
+    return gains
 
 
 def block_input_gain(decoder_layer: nn.Module, hidden: int) -> torch.Tensor | None:
@@ -54,8 +62,17 @@ def rms_gain(norm: nn.Module, hidden: int) -> torch.Tensor | None:
     x = probe.float()
     unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
     w = weight.detach().float().cpu()
+    errors = []
     for gain in (w, 1.0 + w):
         want = unit * gain
-        if (out - want).abs().max() <= TOLERANCE * want.abs().max().clamp_min(1e-12):
-            return gain
-    return None
+        slack = RTOL * want.abs() + 1e-3 * want.abs().max().clamp_min(1e-12)  # (near-zero gains: their own scale)
+        if bool(((out - want).abs() <= slack).all()):
+            errors.append(((out - want).abs().max().item(), len(errors), gain))
+    return min(errors)[2] if errors else None
+
+
+def premise_holds(hidden: torch.Tensor, unscale: torch.Tensor) -> bool:
+    """Whether ``hidden`` (a block's input, ``[tokens, hidden]``) over the block's gain is the residual stream
+    normalised (rms 1 per token), as it is when the gain found is the norm that feeds the block."""
+    rms = (hidden.float() * unscale).pow(2).mean(-1).sqrt()
+    return bool(((rms - 1.0).abs() <= PREMISE).all())

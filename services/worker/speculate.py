@@ -15,9 +15,15 @@ None of it touches the computed values: the routers are copies (or the model's o
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from services.worker.moe_norms import premise_holds
+
+log = logging.getLogger("moeinf.worker")
 
 
 class Speculator:
@@ -28,6 +34,7 @@ class Speculator:
         ``gains[i]``: the gain of MoE layer i's input RMSNorm (``moe_norms.moe_input_gains``; None: uncorrected)."""
         self.E, self.L, self.max_ahead = num_experts, len(routers), max(0, max_ahead)
         self.always = always
+        self.unscale = None  # float32 [L, hidden]: 1 / layer l's input gain, or None (no correction)
         present = [r for r in routers if r is not None]
         if not present or self.max_ahead == 0:
             self.weight = None
@@ -42,23 +49,40 @@ class Speculator:
         self.known_np = self.known.numpy()
         self.top_k = max(r.top_k for r in present)
         self.groups = [None if r is None else r.groups for r in routers]
-        self.unscale = None  # [L, hidden]: 1 / layer l's input gain (0 where the gain is 0), or None
-        if gains is not None and len(gains) == self.L and not all(bool((g == 1).all()) for g in gains):
-            stacked = torch.stack([g.float().cpu() for g in gains])
-            self.unscale = torch.where(stacked != 0, 1.0 / stacked, torch.zeros_like(stacked)).to(dtype).to(device)
+        self.routers, self.checked = routers, set()  # (kept to undo the correction: ``_check_premise``)
+        if gains is not None and len(gains) == self.L and not all(torch.equal(g, gains[0]) for g in gains):
+            stacked = torch.stack([g.float().cpu() for g in gains])  # (one gain for all layers changes nothing)
+            self.unscale = (1.0 / stacked).to(device)
+        self._stack(routers, None if self.unscale is None else stacked)
         with torch.no_grad():
             for i, r in enumerate(routers):
                 if r is None:
                     continue
                 rows = slice(i * num_experts, (i + 1) * num_experts)
-                gain = 1.0 if self.unscale is None else stacked[i].to(r.weight.device)
-                self.weight[rows] = (r.weight.float() * gain).to(dtype)
                 if r.bias is not None:
                     self.bias[rows] = r.bias.to(dtype)
                 if r.correction is not None:
                     self.correction[rows] = r.correction.float().cpu()
                     self.sigmoid[i] = True
                     self.any_sigmoid = True
+
+    @torch.no_grad()
+    def _stack(self, routers: list, gains: torch.Tensor | None) -> None:
+        """Each router's rows into ``weight``, times its own layer's input gain when ``gains`` are given."""
+        for i, r in enumerate(routers):
+            if r is not None:
+                gain = 1.0 if gains is None else gains[i].to(r.weight.device)
+                self.weight[i * self.E:(i + 1) * self.E] = (r.weight.float() * gain).to(self.weight.dtype)
+
+    def _check_premise(self, layer: int, hidden: torch.Tensor) -> None:
+        """On a layer's first input: the correction stays only if the input over its gain is the normalised stream
+        (``moe_norms.premise_holds``); otherwise the routers are stacked plain again, for every layer."""
+        self.checked.add(layer)
+        if not premise_holds(hidden, self.unscale[layer]):
+            log.info("hidden-state guesses: MoE layer %d's input is not its norm's output over the gain found;"
+                     " guessing from the inputs as they are", layer)
+            self.unscale = None
+            self._stack(self.routers, None)
 
     def ahead(self, layer: int, wanted: int) -> int:
         """How many layers after ``layer`` can be guessed (at most ``wanted`` and the knob)."""
@@ -80,9 +104,12 @@ class Speculator:
         if k == 0:
             return None
         lo, hi = (layer + 1) * self.E, (layer + 1 + k) * self.E
-        hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
-        if self.unscale is not None:
-            hidden = hidden * self.unscale[layer]  # the residual stream normalised, without layer l's gain
+        hidden = hidden_states.reshape(-1, self.weight.shape[1])
+        if self.unscale is not None and layer not in self.checked:
+            self._check_premise(layer, hidden)
+        if self.unscale is not None:  # the residual stream normalised, without layer l's gain (in float32)
+            hidden = hidden.float() * self.unscale[layer]
+        hidden = hidden.to(self.weight.dtype)
         logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float()
         return layer, k, logits.to("cpu", non_blocking=True)
 
