@@ -24,6 +24,7 @@ from services.worker.device import current
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
 from services.worker.flat_step import RequestTokens, FlatStep
+from services.worker.kv_cache import growing_cache
 from services.worker.lockstep import Together
 from services.worker.seq2seq import Seq2Seq
 
@@ -101,7 +102,7 @@ class Engine:
         if self.seq2seq is not None:
             cache = self.seq2seq.new_cache()
         else:
-            cache = self.flat_step.new_cache() if self.flat_step else DynamicCache(config=self.model.config)
+            cache = self.flat_step.new_cache() if self.flat_step else growing_cache(self.model.config)
         return Sequence(req, cache, generator)
 
     def validate(self, req: m.GenerateRequest) -> None:

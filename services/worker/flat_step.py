@@ -20,6 +20,7 @@ from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, c
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from services.worker.device import current
+from services.worker.kv_cache import growing_cache
 from services.worker.lone import attention_modules, run_alone
 
 IMPLEMENTATION = "moeinf_per_request"
@@ -159,8 +160,9 @@ class FlatStep:
         self._local.run = layout
 
     def new_cache(self) -> Cache:
-        """A request's own cache: the model's own class where it has one, else a DynamicCache for its config."""
-        return self.own_cache() if self.own_cache is not None else DynamicCache(config=self.model.config)
+        """A request's own cache: the model's own class where it has one, else a DynamicCache for its config whose
+        full-attention layers append in place (``kv_cache.py``)."""
+        return self.own_cache() if self.own_cache is not None else growing_cache(self.model.config)
 
     def attention_for(self, module):
         fn = self._attention.get(type(module))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from services.worker.kv_cache import growing_cache
 from services.worker.lockstep import Together
 from services.worker.tracing import StepState
 
@@ -40,7 +41,7 @@ class Seq2Seq:
 
     def new_cache(self) -> EncoderDecoderCache:
         config = self.model.config
-        return EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        return EncoderDecoderCache(growing_cache(config), DynamicCache(config=config))  # (self-attention grows in place)
 
     def forward(self, seqs: list) -> list[torch.Tensor]:
         """The float32 logits of the next token of each of ``seqs`` (``engine.Sequence``): the encoder first for
