@@ -213,6 +213,11 @@ class WorkerConfig:
                                       " builds of torch), fast (another order, ~20% faster on AVX2, 2x on AVX-512"
                                       " BF16, FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
                                       " auto (exact where its check holds, else torch's products) or off")
+    attention_kernel: str = knob("torch", "decode attention on CPU: torch (the model's own: sdpa or eager, tokens"
+                                          " eager's bit for bit) or fast (moeinf's kernel for one-token decode"
+                                          " steps, reading each cached key and value once: ~20x faster attention at"
+                                          " 2k tokens; float32 sums in another order, so tokens may differ from"
+                                          " eager's)")
     matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"
                                   " and a row count, ~0.6 MiB each; batching meets new ones as long as it runs, so"
                                   " this bounds the worker's memory); 0: oneDNN's own bound (1024)")
@@ -243,6 +248,8 @@ class WorkerConfig:
         for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
+        if self.attention_kernel not in ("torch", "fast"):
+            raise ValueError(f"--attention-kernel must be torch or fast, not {self.attention_kernel!r}")
         if self.matvec_kernel not in MATVEC_KERNELS:
             raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")
         check_device(self.device)

@@ -37,7 +37,7 @@ class _System:
         self.name, self.memory = name, memory
         memd = stack.enter_context(MemdProcess(model, memory, extra=memd_args))
         cfg = WorkerConfig(model=model, state_dir=memd.state_dir, threads=1, device=device)
-        engine_model, self.client, _, self.steps = attach(cfg)
+        engine_model, self.client, _, self.steps, _ = attach(cfg)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.engine = Engine(engine_model, max_model_len(cfg, engine_model), self.steps)
         self.logits: list = []  # (TimedGeneration clears it; nothing records the logits here)

@@ -53,13 +53,15 @@ class Options:
     dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
     prepack_dense: tuple[str, ...] = ("off",)  # the worker's --prepack-dense; both: a moeinf row for each
     matvec_kernel: tuple[str, ...] = ("auto",)  # the worker's --matvec-kernel; likewise
+    attention_kernel: tuple[str, ...] = ("torch",)  # the worker's --attention-kernel; likewise
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.repeats, tuple(args.memory),
                    args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
                    tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))),
-                   tuple(getattr(args, "matvec_kernel", ("auto",))))
+                   tuple(getattr(args, "matvec_kernel", ("auto",))),
+                   tuple(getattr(args, "attention_kernel", ("torch",))))
         opts.validate()
         return opts
 
@@ -73,7 +75,7 @@ class Options:
             raise ValueError("--threads must be >= 0 (0: torch's default)")
         if self.dequant_cache_mb < 0:
             raise ValueError("--dequant-cache-mb must be >= 0")
-        for name in ("dequant_kernel", "prepack_dense", "matvec_kernel"):
+        for name in ("dequant_kernel", "prepack_dense", "matvec_kernel", "attention_kernel"):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"--{name.replace('_', '-')} {' '.join(values)}: each setting once")
@@ -137,7 +139,7 @@ class TransformersSystem:
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
                  dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False,
-                 matvec_kernel: str = "auto"):
+                 matvec_kernel: str = "auto", attention_kernel: str = "torch"):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -147,11 +149,13 @@ class MoeinfSystem:
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
                            dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel,
-                           prepack_dense=prepack_dense, matvec_kernel=matvec_kernel)
-        model, self.client, hello, self.steps = attach(cfg)  # its own step state: its traces go to its own memd
+                           prepack_dense=prepack_dense, matvec_kernel=matvec_kernel, attention_kernel=attention_kernel)
+        model, self.client, hello, self.steps, attention = attach(cfg)  # its own step state and memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
         self.engine = Engine(model, max_model_len(cfg, model), self.steps)
+        if attention is not None:  # it replaces the batched path's per-request attention: steps go through ``run``
+            self.engine.enable_batching(attention)
         self.logits = record_logits(self.engine)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
@@ -198,13 +202,15 @@ def logit_agreement(run: Run, reference: Run) -> tuple[float, int, int]:
 def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> list:
     """``[transformers, moeinf-<memory>...]``; the memd processes start first, so a bad setting fails fast."""
     moeinf = []
-    for memory, kernel, prepack, mv in itertools.product(opts.memory, opts.dequant_kernel, opts.prepack_dense,
-                                                         opts.matvec_kernel):
+    for memory, kernel, prepack, mv, attention in itertools.product(
+            opts.memory, opts.dequant_kernel, opts.prepack_dense, opts.matvec_kernel, opts.attention_kernel):
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
-        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on", mv)
+        system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on", mv,
+                              attention)
         system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
         system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
         system.name += f"-matvec-{mv}" if len(opts.matvec_kernel) > 1 else ""
+        system.name += f"-attention-{attention}" if len(opts.attention_kernel) > 1 else ""
         moeinf.append(system)
     _progress(f"loading transformers ({opts.model})")
     return [TransformersSystem(opts.model), *moeinf]
@@ -236,8 +242,14 @@ class TimedGeneration:
         return self.seq.finish_reason is not None
 
     def step(self) -> None:
+        from services.worker.scheduler import Chunk
+
+        engine = self.system.engine
         start = time.perf_counter()
-        self.system.engine.step(self.seq)
+        if getattr(engine, "flat_step", None) is not None:  # the worker's batched path (one request's chunk)
+            engine.run([Chunk(self.seq, self.seq.next_tokens(len(self.seq.req.prompt)))])
+        else:
+            engine.step(self.seq)
         elapsed = time.perf_counter() - start
         if len(self.seq.generated) == 1:
             self.prefill_s = elapsed

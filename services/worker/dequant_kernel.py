@@ -10,7 +10,8 @@ else looks 32 up with AVX-512BW (gcc); everything else is a scalar table gather)
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
 the worker builds this small file itself with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``:
 it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by
-the source, the compiler and the CPU, once per machine. Before first use the kernels run on every MXFP4 (scale,
+the source, the compiler and the CPU, once per machine. (``attention.c``, the decode attention of
+``--attention-kernel fast``, is built into the same library.) Before first use the kernels run on every MXFP4 (scale,
 byte) pair and on FP8 blocks of extreme scales, and must give the torch path's exact bits; otherwise the worker
 warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``). The same library holds the
 bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``): ``fast`` checked against float64 products
@@ -39,7 +40,7 @@ import torch
 
 log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
-                for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_onednn.c"))
+                for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_onednn.c", "attention.c"))
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("fp8_lookup.h", "mxfp4_decode.h"))  # (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 NAMES = " and ".join(path.name for path in SOURCES)
@@ -83,6 +84,9 @@ class Kernels:
         self.matvec_exact_onednn_mxfp4 = bool(lib.moeinf_mv_exact_onednn_mxfp4())  # ... from MXFP4 slots (and VBMI)
         lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
+        lib.moeinf_attn_decode.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I,
+                                           _I, _I]
+        lib.moeinf_attn_decode.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
@@ -223,6 +227,27 @@ class Kernels:
             self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
                         align=64)
         return all(code == 0 for code in codes)
+
+    def decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                         out: torch.Tensor) -> None:
+        """``attention.c``: ``query`` [heads, d], ``key`` / ``value`` [kv heads, tokens, d] (any head and token
+        strides: a cache's views), bfloat16, into ``out`` [heads, d] (bfloat16, rows contiguous); the key-value
+        heads split over the threads."""
+        (hq, d), (hkv, s, _) = query.shape, key.shape
+        tensors = (query, key, value, out)
+        if any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in tensors) or hq % hkv or value.shape != key.shape \
+                or key.shape[-1] != d or out.shape != query.shape:
+            raise ValueError("decode attention kernel: " + ", ".join(f"{list(t.shape)} {t.dtype}" for t in tensors))
+        fn, failed = self.lib.moeinf_attn_decode, []
+        q, k, v, o = (t.data_ptr() for t in tensors)
+
+        def run(lo: int, hi: int) -> None:
+            if fn(q, query.stride(0), k, key.stride(0), key.stride(1), v, value.stride(0), value.stride(1), hq, hkv, s,
+                  d, scale, o, out.stride(0), lo, hi):
+                failed.append(lo)
+        self._split(hkv, run)
+        if failed:
+            raise MemoryError("attention.c: no memory for its buffers")
 
     def _split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:

@@ -88,11 +88,12 @@ class Engine:
         """Whether each request needs a forward of its own (recurrent state the flattened step cannot split)."""
         return self.flat_step is not None and self.flat_step.recurrent
 
-    def enable_batching(self) -> None:
+    def enable_batching(self, decode=None) -> None:
         """Switch the model to flattened steps with per-request attention, which ``run`` needs (``step`` then no
-        longer works). An encoder-decoder model keeps its own attention: ``run`` runs its requests one by one."""
+        longer works). An encoder-decoder model keeps its own attention: ``run`` runs its requests one by one.
+        ``decode``: ``--attention-kernel fast``'s ``DecodeAttention`` (None: the model's own attention)."""
         if self.seq2seq is None:
-            self.flat_step = FlatStep(self.model)
+            self.flat_step = FlatStep(self.model, decode)
 
     def start(self, req: m.GenerateRequest) -> Sequence:
         self.validate(req)

@@ -92,16 +92,22 @@ class StepLayout:
         self.cache = flat.step_cache(parts, self.rows, flat.recurrent)
 
     def attend(self, module, query, key, value, kwargs):
-        attention = self.flat_step.attention_for(module)
         kind = self.flat_step.layer_kinds[module.layer_idx]
         if len(self.masks) == 1:  # one request: its queries, keys and values are the whole tensors
-            return attention(module, query, key, value, self.masks[0][kind], **kwargs)[0], None
+            return self._one(module, query, key, value, self.masks[0][kind], kwargs), None
         outputs = []
         for (lo, hi), (k_lo, k_hi), masks in zip(self.rows, self.cache.spans[module.layer_idx], self.masks):
-            out, _ = attention(module, query[:, :, lo:hi], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi], masks[kind],
-                               **kwargs)
-            outputs.append(out)
+            outputs.append(self._one(module, query[:, :, lo:hi], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi],
+                                     masks[kind], kwargs))
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
+
+    def _one(self, module, query, key, value, mask, kwargs):
+        """One request's attention output: the decode kernel's where it takes it, else the model's own."""
+        decode = self.flat_step.decode
+        out = None if decode is None else decode(module, query, key, value, mask, kwargs)
+        if out is None:
+            out = self.flat_step.attention_for(module)(module, query, key, value, mask, **kwargs)[0]
+        return out
 
 
 def per_request_attention(module, query, key, value, attention_mask, **kwargs):
@@ -117,8 +123,9 @@ def per_request_attention(module, query, key, value, attention_mask, **kwargs):
 class FlatStep:
     """A model switched to flattened steps: remembers its own attention, to call per request."""
 
-    def __init__(self, model):
+    def __init__(self, model, decode=None):
         AttentionInterface.register(IMPLEMENTATION, per_request_attention)
+        self.decode = decode  # --attention-kernel fast: a request's one-token decode step (decode_attention.py)
         config = model.config
         self.model = model
         self.device = model.get_input_embeddings().weight.device  # the step's tensors go where the model computes

@@ -18,7 +18,8 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, device, experts, kernel_caches, layouts, matvec, prepack
+from services.worker import dequant_kernel, decode_attention, device, experts, kernel_caches, layouts, matvec, prepack
+from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.host_experts import HostExperts
@@ -38,6 +39,7 @@ class Attached(NamedTuple):
     client: MemdClient
     hello: m.HelloReply
     steps: StepState  # the step the engine declares and the experts read (pass it to the Engine)
+    attention: DecodeAttention | None = None  # --attention-kernel fast (pass it to Engine.enable_batching)
 
 
 def attach(cfg: WorkerConfig) -> Attached:
@@ -78,11 +80,17 @@ def attach(cfg: WorkerConfig) -> Attached:
             count = matvec.wrap_dense(model, mv, layouts.router_widths(layers))
             log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
                      "matvec_exact.c" if mv.exact else "matvec.c")
+        attention = None
+        if cfg.attention_kernel != "torch" and dev.type != "cpu":
+            log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",
+                        cfg.attention_kernel, dev)
+        elif cfg.attention_kernel != "torch":
+            attention = decode_attention.load(cfg.attention_kernel, cfg.state_dir, torch.get_num_threads())
         client.ready(cpu_cost(host, model, layers, dev))
     except BaseException:
         client.close()
         raise
-    return Attached(model, client, hello, steps)
+    return Attached(model, client, hello, steps, attention)
 
 
 def cpu_cost(host: HostExperts | None, model, layers, dev: torch.device) -> list[float]:
@@ -164,10 +172,10 @@ def check_socket_free(cfg: WorkerConfig) -> None:
 
 def run(cfg: WorkerConfig) -> int:
     check_socket_free(cfg)
-    model, client, _, steps = attach(cfg)
+    model, client, _, steps, attention = attach(cfg)
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)
-        engine.enable_batching()
+        engine.enable_batching(attention)
         limits = Limits.from_config(cfg)
         if engine.one_at_a_time:  # their state is per request: one forward each, batched at the MoE layers
             log.info("%s has recurrent layers: each request of a step runs its own forward, the MoE layers batched",

@@ -29,7 +29,7 @@ def worker(mixtral, tmp_path_factory):
     try:
         wait_for_log(memd, log, "memd ready")
         threads = torch.get_num_threads()
-        model, client, hello, steps = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1))
+        model, client, hello, steps, _ = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1))
         try:
             engine = Engine(model, 512, steps)
             engine.enable_batching()

@@ -1,0 +1,103 @@
+"""``--attention-kernel fast``: one-token decode steps attend with moeinf's kernel (``attention.c``), not torch's.
+
+torch's CPU attention for a single query (sdpa's flash kernel, or eager's matmuls) multiplies each head's query
+by its keys in small bfloat16 matrix products whose fixed cost per call dominates: on the bench preset's shapes
+(16 query heads over 4 key-value heads of 128) ~7 ms per layer at 2048 cached tokens, which is ~4 MiB of keys and
+values, read at ~0.6 GB/s. The kernel reads each cached key and value once, in float32, for every query head that
+shares it. Its sums run in another order than torch's, so logits differ from eager's in their last bits and a
+close greedy choice can go the other way: off by default, and ``moeinf bench overhead --attention-kernel torch
+fast`` prints the tokens' agreement and the largest logit difference against transformers.
+
+It takes a step only where its result means the same: one request's single query, bfloat16 on the CPU, every
+cached token visible (no mask, or one that hides nothing), no dropout, and no attention extras it does not compute
+(sinks, soft-capping, ALiBi, ...: any keyword argument beyond the plain ones, when set, declines); everything else
+goes to the model's own attention.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from services.worker import dequant_kernel
+from services.worker.dequant_kernel import KernelError
+
+log = logging.getLogger("moeinf.worker")
+KERNELS = ("torch", "fast")
+PLAIN_KWARGS = {"dropout", "scaling", "sliding_window", "is_causal", "position_ids", "cache_position",
+                "output_attentions", "use_cache", "past_key_values", "cache", "head_mask"}
+TOLERANCE = 1e-2  # against float64 attention, relative to the output's largest value: a bfloat16 rounding
+
+
+class DecodeAttention:
+    def __init__(self, kernels):
+        self.kernels = kernels
+        self.used = 0  # decode attentions computed by the kernel (tests and the log read it)
+
+    def __call__(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask,
+                 kwargs: dict) -> torch.Tensor | None:
+        """The attention output as transformers' attention functions return it (``[1, 1, heads, d]``), or None
+        where the kernel does not apply (the caller runs the model's own attention)."""
+        if not self.applies(module, query, key, value, mask, kwargs):
+            return None
+        scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        out = torch.empty(1, 1, query.shape[1], query.shape[-1], dtype=torch.bfloat16)
+        self.kernels.decode_attention(query[0, :, 0], key[0], value[0], float(scale), out[0, 0])
+        self.used += 1
+        return out
+
+    @staticmethod
+    def applies(module, query, key, value, mask, kwargs: dict) -> bool:
+        if query.shape[0] != 1 or query.shape[2] != 1 or key.shape[0] != 1 or query.device.type != "cpu":
+            return False
+        if any(t.dtype != torch.bfloat16 for t in (query, key, value)) or value.shape != key.shape \
+                or key.shape[-1] != query.shape[-1] or query.shape[1] % key.shape[1]:
+            return False
+        if kwargs.get("dropout") or getattr(module, "sinks", None) is not None:
+            return False
+        if any(v is not None and v is not False for k, v in kwargs.items() if k not in PLAIN_KWARGS):
+            return False  # an extra the kernel does not compute (softcap, s_aux, ...)
+        return mask is None or _hides_nothing(mask, key.shape[-2])
+
+
+def _hides_nothing(mask: torch.Tensor, tokens: int) -> bool:
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != tokens:
+        return False
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
+def load(mode: str, state_dir, threads: int) -> DecodeAttention | None:
+    """``--attention-kernel``: None for torch's attention; for ``fast`` the compiled, checked kernel (or a start-up
+    error that names the flag)."""
+    if mode not in KERNELS:
+        raise ValueError(f"--attention-kernel must be {' or '.join(KERNELS)}, not {mode!r}")
+    if mode == "torch":
+        return None
+    kernels = dequant_kernel.load("c", state_dir, threads, check=check, flag="--attention-kernel fast",
+                                  advice="pass --attention-kernel torch")
+    log.info("--attention-kernel fast: one-token decode steps attend with attention.c (not eager's bits)")
+    return DecodeAttention(kernels)
+
+
+def check(kernels) -> None:
+    """The kernel within a bfloat16 rounding of float64 attention: grouped and plain heads, head sizes 64 and 128,
+    1 to 300 tokens, key-value views with spare room (a cache's)."""
+    gen = torch.Generator().manual_seed(0)
+    for heads, kv_heads, d, tokens in ((16, 4, 128, 300), (8, 8, 64, 1), (4, 2, 64, 65), (6, 3, 80, 7)):
+        query = torch.randn(heads, d, generator=gen).bfloat16()
+        room = torch.randn(2, kv_heads, tokens + 9, d, generator=gen).bfloat16()
+        key, value = room[0, :, :tokens], room[1, :, :tokens]
+        out = torch.empty(heads, d, dtype=torch.bfloat16)
+        kernels.decode_attention(query, key, value, d ** -0.5, out)
+        want = reference(query, key, value, d ** -0.5)
+        if (out.double() - want).abs().max() > TOLERANCE * want.abs().max():
+            raise KernelError(f"attention.c differs from float64 attention here ({heads} heads over {kv_heads},"
+                              f" {d} wide, {tokens} tokens)")
+
+
+def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """float64 attention of ``query`` [heads, d] over ``key`` / ``value`` [kv heads, tokens, d]."""
+    rep = query.shape[0] // key.shape[0]
+    k, v = key.double().repeat_interleave(rep, 0), value.double().repeat_interleave(rep, 0)
+    weights = torch.softmax(torch.einsum("hd,htd->ht", query.double(), k) * scale, dim=-1)
+    return torch.einsum("ht,htd->hd", weights, v)
