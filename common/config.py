@@ -215,7 +215,7 @@ class WorkerConfig:
                                       " auto (exact where its check holds, else torch's products) or off")
     attention_kernel: str = knob("torch", "decode attention on CPU: torch (the model's own: sdpa or eager, tokens"
                                           " eager's bit for bit) or fast (moeinf's kernel for one-token decode"
-                                          " steps, reading each cached key and value once: ~20x faster attention at"
+                                          " steps, reading each cached key and value once: ~9x faster attention at"
                                           " 2k tokens; float32 sums in another order, so tokens may differ from"
                                           " eager's)")
     matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"

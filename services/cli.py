@@ -179,8 +179,8 @@ def add_bench_parsers(sub) -> None:
                    help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernels);"
                         " 'off exact fast': a row each")
     p.add_argument("--attention-kernel", nargs="+", default=["torch"], choices=["torch", "fast"],
-                   help="the worker's knob (decode attention on CPU); 'torch fast': a row each (with fast, the rows"
-                        " step through the worker's batched path, whose per-request attention it replaces)")
+                   help="the worker's knob (decode attention on CPU); 'torch fast': a row each (with fast, every"
+                        " moeinf row steps through the worker's batched path, whose per-request attention it replaces)")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

@@ -139,7 +139,7 @@ class TransformersSystem:
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
                  dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False,
-                 matvec_kernel: str = "auto", attention_kernel: str = "torch"):
+                 matvec_kernel: str = "auto", attention_kernel: str = "torch", batched: bool = False):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
@@ -154,8 +154,8 @@ class MoeinfSystem:
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
         self.engine = Engine(model, max_model_len(cfg, model), self.steps)
-        if attention is not None:  # it replaces the batched path's per-request attention: steps go through ``run``
-            self.engine.enable_batching(attention)
+        if batched or attention is not None:  # the worker's batched path (``run``), whose per-request attention
+            self.engine.enable_batching(attention)  # the fast kernel replaces
         self.logits = record_logits(self.engine)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
@@ -206,7 +206,7 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
             opts.memory, opts.dequant_kernel, opts.prepack_dense, opts.matvec_kernel, opts.attention_kernel):
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
         system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on", mv,
-                              attention)
+                              attention, batched="fast" in opts.attention_kernel)  # (every row on one path)
         system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
         system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
         system.name += f"-matvec-{mv}" if len(opts.matvec_kernel) > 1 else ""

@@ -7,7 +7,7 @@
  * running softmax (the block's maximum, the accumulators rescaled by exp(old max - new max)), then each value
  * widened once and added to every query's accumulator with its weight; at the end each accumulator divided by its
  * weights' sum and rounded to bfloat16 (to nearest, ties to even). float32 throughout (e^x by a polynomial, to
- * 2e-7), in another order than torch's kernels: results agree with sdpa to a rounding, not bit for bit (hence a
+ * ~2e-7), in another order than torch's kernels: results agree with sdpa to a rounding, not bit for bit (hence a
  * flag).
  * Returns 0, or -1 when its buffers cannot be allocated. */
 #include <math.h>
@@ -54,8 +54,9 @@ static void dots(const float *qf, int64_t rep, const float *row, int64_t d, floa
 }
 
 /* e^x for x <= 0 (a score minus the maximum), vectorisable: x = n ln2 + f, |f| <= ln2 / 2, e^f by its degree-6
- * Taylor polynomial (relative error < 2e-7 there), times 2^n put into the exponent; 0 below -87. */
+ * Taylor polynomial (relative error ~2.2e-7 at worst), times 2^n put into the exponent; 0 below -87. */
 static inline float exp_nonpositive(float x) {
+    if (x != x) return x;  /* NaN stays NaN, as in torch */
     if (x < -87.0f) return 0.0f;
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* rounded to an integer (1.5 * 2^23) */
     float f = x - n * 0.693359375f + n * 2.12194440e-4f;  /* ln2 in two parts: f exact to float32 rounding */

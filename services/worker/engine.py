@@ -103,7 +103,8 @@ class Engine:
         if self.seq2seq is not None:
             cache = self.seq2seq.new_cache()
         else:
-            cache = self.flat_step.new_cache() if self.flat_step else growing_cache(self.model.config)
+            limit = len(req.prompt) + req.max_tokens  # the most tokens this request's cache can hold
+            cache = self.flat_step.new_cache(limit) if self.flat_step else growing_cache(self.model.config, limit)
         return Sequence(req, cache, generator)
 
     def validate(self, req: m.GenerateRequest) -> None:

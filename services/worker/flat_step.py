@@ -166,10 +166,10 @@ class FlatStep:
     def run(self, layout: StepLayout | None) -> None:
         self._local.run = layout
 
-    def new_cache(self) -> Cache:
+    def new_cache(self, limit: int = 0) -> Cache:
         """A request's own cache: the model's own class where it has one, else a DynamicCache for its config whose
-        full-attention layers append in place (``kv_cache.py``)."""
-        return self.own_cache() if self.own_cache is not None else growing_cache(self.model.config)
+        full-attention layers append in place (``kv_cache.py``), up to ``limit`` tokens (0: unbounded)."""
+        return self.own_cache() if self.own_cache is not None else growing_cache(self.model.config, limit)
 
     def attention_for(self, module):
         fn = self._attention.get(type(module))

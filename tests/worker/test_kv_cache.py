@@ -1,5 +1,6 @@
 """The worker's in-place KV cache (services/worker/kv_cache.py) against transformers' concatenating one: the same
 keys and values after every kind of update, and, in a model, the same logits bit for bit past several growths."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -38,9 +39,26 @@ def test_appends_crops_and_selections_match_the_concatenating_layer():
     both("batch_select_indices", torch.tensor([1]))  # replaced by a tensor of its own: taken into a new buffer
     append(1, batch=1)
     assert torch.equal(plain.keys, growing.keys) and plain.get_seq_length() == growing.get_seq_length()
+    both("batch_repeat_interleave", 2)
+    append(1)
+    both("reorder_cache", torch.tensor([1, 0]))
+    append(2)
     both("reset")
+    assert growing.key_buffer is None  # (its memory goes with the reset)
     append(3, batch=1)
     assert growing.get_seq_length() == 3
+
+
+def test_a_buffer_never_grows_beyond_the_requests_bound():
+    gen = torch.Generator().manual_seed(1)
+    layer = GrowingLayer(limit=300)
+    layer.update(*_states(gen, 250))
+    assert layer.key_buffer.shape[-2] == 300  # (not 250 + a quarter)
+    for _ in range(50):
+        layer.update(*_states(gen, 1))
+    assert layer.key_buffer.shape[-2] == 300 and layer.get_seq_length() == 300
+    layer.update(*_states(gen, 1))  # past the bound (a caller's mistake): it still holds every token
+    assert layer.get_seq_length() == 301
 
 
 def test_only_full_attention_layers_grow_in_place():
@@ -54,8 +72,9 @@ def test_only_full_attention_layers_grow_in_place():
         assert type(mine) is (GrowingLayer if type(theirs) is DynamicLayer else type(theirs))
 
 
-def test_a_model_decodes_the_same_bits_past_several_growths(mixtral):
-    model = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.bfloat16).eval()
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_model_decodes_the_same_bits_past_several_growths(mixtral, attention):
+    model = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.bfloat16, attn_implementation=attention).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     caches = [DynamicCache(config=model.config), growing_cache(model.config)]
     tokens = [prompt, prompt]
