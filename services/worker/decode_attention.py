@@ -17,6 +17,7 @@ only when there are at least two per thread.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -44,7 +45,7 @@ class DecodeAttention:
             return None
         out = torch.empty(1, 1, query.shape[1], query.shape[-1], dtype=torch.bfloat16)
         try:
-            self.kernels.decode_attention(query[0, :, 0], key[0], value[0], float(kwargs["scaling"]), out[0, 0])
+            attend(self.kernels, query[0, :, 0], key[0], value[0], float(kwargs["scaling"]), out[0, 0])
         except MemoryError:
             return None  # (its few buffers could not be allocated: the model's own attention runs)
         self.used += 1
@@ -86,17 +87,42 @@ def load(mode: str, state_dir, threads: int) -> DecodeAttention | None:
 def check(kernels) -> None:
     """The kernel within a bfloat16 rounding of float64 attention: grouped and plain heads, head sizes 64 and 128,
     1 to 300 tokens, key-value views with spare room (a cache's)."""
+    p, i = ctypes.c_void_p, ctypes.c_int64  # (the kernel's signature, declared here: check runs before any use)
+    kernels.lib.moeinf_attn_decode.argtypes = [p, i, p, i, i, p, i, i, i, i, i, i, ctypes.c_float, p, i, i, i]
+    kernels.lib.moeinf_attn_decode.restype = ctypes.c_int
     gen = torch.Generator().manual_seed(0)
     for heads, kv_heads, d, tokens in ((16, 4, 128, 300), (8, 8, 64, 1), (4, 2, 64, 65), (6, 3, 80, 7), (2, 1, 72, 9)):
         query = torch.randn(heads, d, generator=gen).bfloat16()
         room = torch.randn(2, kv_heads, tokens + 9, d, generator=gen).bfloat16()
         key, value = room[0, :, :tokens], room[1, :, :tokens]
         out = torch.empty(heads, d, dtype=torch.bfloat16)
-        kernels.decode_attention(query, key, value, d ** -0.5, out)
+        attend(kernels, query, key, value, d ** -0.5, out)
         want = reference(query, key, value, d ** -0.5)
         if (out.double() - want).abs().max() > TOLERANCE * want.abs().max():
             raise KernelError(f"attention.c differs from float64 attention here ({heads} heads over {kv_heads},"
                               f" {d} wide, {tokens} tokens)")
+
+
+def attend(kernels, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+           out: torch.Tensor) -> None:
+    """``attention.c`` (in ``kernels``' library): ``query`` [heads, d], ``key`` / ``value`` [kv heads, tokens, d]
+    (any head and token strides: a cache's views), bfloat16, into ``out`` [heads, d] (bfloat16, rows contiguous);
+    the key-value heads split over the kernels' threads."""
+    (hq, d), (hkv, s, _) = query.shape, key.shape
+    tensors = (query, key, value, out)
+    if any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in tensors) or hq % hkv or value.shape != key.shape \
+            or key.shape[-1] != d or out.shape != query.shape:
+        raise ValueError("decode attention kernel: " + ", ".join(f"{list(t.shape)} {t.dtype}" for t in tensors))
+    fn, failed = kernels.lib.moeinf_attn_decode, []
+    q, k, v, o = (t.data_ptr() for t in tensors)
+
+    def run(lo: int, hi: int) -> None:
+        if fn(q, query.stride(0), k, key.stride(0), key.stride(1), v, value.stride(0), value.stride(1), hq, hkv, s, d,
+              scale, o, out.stride(0), lo, hi):
+            failed.append(lo)
+    kernels.split(hkv, run)
+    if failed:
+        raise MemoryError("attention.c: no memory for its buffers")
 
 
 def reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -10,13 +10,12 @@ else looks 32 up with AVX-512BW (gcc); everything else is a scalar table gather)
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
 the worker builds this small file itself with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``:
 it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by
-the source, the compiler and the CPU, once per machine. (``attention.c``, the decode attention of
-``--attention-kernel fast``, is built into the same library.) Before first use the kernels run on every MXFP4 (scale,
+the source, the compiler and the CPU, once per machine. Before first use the kernels run on every MXFP4 (scale,
 byte) pair and on FP8 blocks of extreme scales, and must give the torch path's exact bits; otherwise the worker
 warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``). The same library holds the
 bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``): ``fast`` checked against float64 products
 within a rounding tolerance (its sums are added in another order than torch's: not bit-equal by design), ``exact``
-(the default where it holds) against torch's own products, bit for bit.
+(the default where it holds) against torch's own products, bit for bit; and ``attention.c`` (``decode_attention.py``).
 
 Each call releases the GIL (ctypes), so with ``--threads N`` an expert's rows are split over N threads."""
 from __future__ import annotations
@@ -84,9 +83,6 @@ class Kernels:
         self.matvec_exact_onednn_mxfp4 = bool(lib.moeinf_mv_exact_onednn_mxfp4())  # ... from MXFP4 slots (and VBMI)
         lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
-        lib.moeinf_attn_decode.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I,
-                                           _I, _I]
-        lib.moeinf_attn_decode.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
@@ -101,7 +97,7 @@ class Kernels:
         fn = self.lib.moeinf_mxfp4_bf16 if bf16 else (self.lib.moeinf_mxfp4_u32 if size == 4 else
                                                       self.lib.moeinf_mxfp4_u64)
         b, s, o = blocks.data_ptr(), scales.data_ptr(), out.data_ptr()
-        self._split(n, lambda lo, hi: fn(b + lo * 16, s + lo, pairs.data_ptr(), o + lo * 16 * size, hi - lo))
+        self.split(n, lambda lo, hi: fn(b + lo * 16, s + lo, pairs.data_ptr(), o + lo * 16 * size, hi - lo))
 
     def fp8(self, values: torch.Tensor, table: torch.Tensor, out: torch.Tensor, block_r: int, block_c: int) -> None:
         """``values`` [rows, cols] float8 bytes into ``out`` (same shape): each value looked up in its block's
@@ -117,7 +113,7 @@ class Kernels:
 
         def run(lo: int, hi: int) -> None:
             fn(v, t, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r, block_c)
-        self._split((rows + block_r - 1) // block_r, run)  # whole block rows per thread
+        self.split((rows + block_r - 1) // block_r, run)  # whole block rows per thread
 
     def fp8_bf16(self, values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, block_r: int,
                  block_c: int) -> None:
@@ -132,7 +128,7 @@ class Kernels:
                              f" {list(out.shape)} {out.dtype} under {list(scales.shape)} {scales.dtype} scales")
         fn = self.lib.moeinf_fp8_bf16_direct
         v, s, o = values.data_ptr(), scales.data_ptr(), out.data_ptr()
-        self._split((rows + block_r - 1) // block_r,
+        self.split((rows + block_r - 1) // block_r,
                     lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
                                       block_c))
 
@@ -152,16 +148,16 @@ class Kernels:
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
         if not exact:
             fn = self.lib.moeinf_mv_bf16_nt
-            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
             return
         failed: list[int] = []
         if block:
             fn = self.lib.moeinf_mv_onednn_nt
-            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows, block) and failed.append(lo),
+            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows, block) and failed.append(lo),
                         align=16)
         else:
             fn = self.lib.moeinf_mv_exact_nt
-            self._split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
+            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
         if failed:
             raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} input copy, no AVX2 (AVX-512 BF16 with"
                               f" a block) in this build, or a {cols}-column product in {block}-column blocks")
@@ -190,11 +186,11 @@ class Kernels:
         codes = []
         if exact_block:
             fn = self.lib.moeinf_mv_onednn_fp8_nt
-            self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
                                                              rows, exact_block)), align=16)
         else:
             fn = self.lib.moeinf_mv_fp8_nt
-            self._split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
                                                              rows)), align=64)
         return all(code == 0 for code in codes)
 
@@ -220,36 +216,15 @@ class Kernels:
         codes = []
         if exact_block:
             fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
-            self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
+            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
                                                              exact_block)), align=16)
         else:
             fn = self.lib.moeinf_mv_mxfp4_nt
-            self._split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
+            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
                         align=64)
         return all(code == 0 for code in codes)
 
-    def decode_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                         out: torch.Tensor) -> None:
-        """``attention.c``: ``query`` [heads, d], ``key`` / ``value`` [kv heads, tokens, d] (any head and token
-        strides: a cache's views), bfloat16, into ``out`` [heads, d] (bfloat16, rows contiguous); the key-value
-        heads split over the threads."""
-        (hq, d), (hkv, s, _) = query.shape, key.shape
-        tensors = (query, key, value, out)
-        if any(t.dtype != torch.bfloat16 or t.stride(-1) != 1 for t in tensors) or hq % hkv or value.shape != key.shape \
-                or key.shape[-1] != d or out.shape != query.shape:
-            raise ValueError("decode attention kernel: " + ", ".join(f"{list(t.shape)} {t.dtype}" for t in tensors))
-        fn, failed = self.lib.moeinf_attn_decode, []
-        q, k, v, o = (t.data_ptr() for t in tensors)
-
-        def run(lo: int, hi: int) -> None:
-            if fn(q, query.stride(0), k, key.stride(0), key.stride(1), v, value.stride(0), value.stride(1), hq, hkv, s,
-                  d, scale, o, out.stride(0), lo, hi):
-                failed.append(lo)
-        self._split(hkv, run)
-        if failed:
-            raise MemoryError("attention.c: no memory for its buffers")
-
-    def _split(self, n: int, run, align: int = 1) -> None:
+    def split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:
             run(0, n)
             return
