@@ -23,6 +23,7 @@ POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/me
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
 MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
+ATTENTION_KERNELS = ("torch", "fast")  # worker --attention-kernel (services/worker/decode_attention.py)
 
 
 def check_device(device: str) -> None:
@@ -248,8 +249,9 @@ class WorkerConfig:
         for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
-        if self.attention_kernel not in ("torch", "fast"):
-            raise ValueError(f"--attention-kernel must be torch or fast, not {self.attention_kernel!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"--attention-kernel must be {' or '.join(ATTENTION_KERNELS)}, not"
+                             f" {self.attention_kernel!r}")
         if self.matvec_kernel not in MATVEC_KERNELS:
             raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")
         check_device(self.device)

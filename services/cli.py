@@ -9,8 +9,8 @@ import os
 import sys
 
 from common.checkpoint import CheckpointError
-from common.config import (MATVEC_KERNELS, GatewayConfig, MemdConfig, ServeConfig, WorkerConfig, add_config_args,
-                           build_config)
+from common.config import (ATTENTION_KERNELS, MATVEC_KERNELS, GatewayConfig, MemdConfig, ServeConfig, WorkerConfig,
+                           add_config_args, build_config)
 
 
 def _setup_logging(level: str, name: str) -> None:
@@ -178,7 +178,7 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--matvec-kernel", nargs="+", default=["auto"], choices=MATVEC_KERNELS,
                    help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernels);"
                         " 'off exact fast': a row each")
-    p.add_argument("--attention-kernel", nargs="+", default=["torch"], choices=["torch", "fast"],
+    p.add_argument("--attention-kernel", nargs="+", default=["torch"], choices=ATTENTION_KERNELS,
                    help="the worker's knob (decode attention on CPU); 'torch fast': a row each (with fast, every"
                         " moeinf row steps through the worker's batched path, whose per-request attention it replaces)")
     p.set_defaults(func=cmd_bench_overhead)

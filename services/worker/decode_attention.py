@@ -26,7 +26,6 @@ from services.worker import dequant_kernel
 from services.worker.dequant_kernel import KernelError
 
 log = logging.getLogger("moeinf.worker")
-KERNELS = ("torch", "fast")
 PLAIN_KWARGS = {"dropout", "scaling", "sliding_window", "is_causal", "position_ids", "cache_position",
                 "output_attentions", "use_cache", "past_key_values", "cache"}  # (the window is in the mask)
 TOLERANCE = 1e-2  # against float64 attention, relative to the output's largest value: a bfloat16 rounding
@@ -72,10 +71,8 @@ def _hides_nothing(mask: torch.Tensor, tokens: int) -> bool:
 
 
 def load(mode: str, state_dir, threads: int) -> DecodeAttention | None:
-    """``--attention-kernel``: None for torch's attention; for ``fast`` the compiled, checked kernel (or a start-up
-    error that names the flag)."""
-    if mode not in KERNELS:
-        raise ValueError(f"--attention-kernel must be {' or '.join(KERNELS)}, not {mode!r}")
+    """``--attention-kernel`` (checked by ``WorkerConfig``): None for torch's attention; for ``fast`` the compiled,
+    checked kernel (or a start-up error that names the flag)."""
     if mode == "torch":
         return None
     kernels = dequant_kernel.load("c", state_dir, threads, check=check, flag="--attention-kernel fast",
@@ -85,8 +82,8 @@ def load(mode: str, state_dir, threads: int) -> DecodeAttention | None:
 
 
 def check(kernels) -> None:
-    """The kernel within a bfloat16 rounding of float64 attention: grouped and plain heads, head sizes 64 and 128,
-    1 to 300 tokens, key-value views with spare room (a cache's)."""
+    """The kernel within a bfloat16 rounding of float64 attention: grouped and plain heads, head sizes 64 to 128
+    (multiples of 16 or not), 1 to 300 tokens, key-value views with spare room (a cache's)."""
     p, i = ctypes.c_void_p, ctypes.c_int64  # (the kernel's signature, declared here: check runs before any use)
     kernels.lib.moeinf_attn_decode.argtypes = [p, i, p, i, i, p, i, i, i, i, i, i, ctypes.c_float, p, i, i, i]
     kernels.lib.moeinf_attn_decode.restype = ctypes.c_int

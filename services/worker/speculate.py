@@ -49,10 +49,11 @@ class Speculator:
         self.known_np = self.known.numpy()
         self.top_k = max(r.top_k for r in present)
         self.groups = [None if r is None else r.groups for r in routers]
-        self.routers, self.checked = routers, set()  # (kept to undo the correction: ``_check_premise``)
+        self.routers, self.checked = None, set()  # (kept to undo the correction: ``_check_premise``)
         if gains is not None and len(gains) == self.L and not all(torch.equal(g, gains[0]) for g in gains):
             stacked = torch.stack([g.float().cpu() for g in gains])  # (one gain for all layers changes nothing)
             self.unscale = (1.0 / stacked).to(device)
+            self.routers = routers
         self._stack(routers, None if self.unscale is None else stacked)
         with torch.no_grad():
             for i, r in enumerate(routers):
@@ -83,6 +84,7 @@ class Speculator:
                      " guessing from the inputs as they are", layer)
             self.unscale = None
             self._stack(self.routers, None)
+            self.routers = None
 
     def ahead(self, layer: int, wanted: int) -> int:
         """How many layers after ``layer`` can be guessed (at most ``wanted`` and the knob)."""
