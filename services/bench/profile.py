@@ -170,11 +170,11 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
 def floor_kernels(threads: int):
     """``--matvec-kernel``'s kernels on ``threads`` threads, as the worker runs them, for the floor to count (None
     where they cannot be built or this CPU has neither AVX-512 BF16 nor AVX2: then they serve nothing either)."""
-    from services.worker import matvec
+    from services.worker import matvec_checks
 
     with tempfile.TemporaryDirectory() as kernel_dir:
         try:
-            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec.check, flag="the floor's kernel")
+            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec_checks.check, flag="the floor's kernel")
         except dequant_kernel.KernelError:
             return None
 

@@ -39,7 +39,8 @@ import torch
 
 log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
-                for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_onednn.c", "attention.c"))
+                for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_exact_xw.c", "matvec_onednn.c",
+                             "attention.c"))
 HEADERS = tuple(Path(__file__).with_name(h) for h in ("fp8_lookup.h", "mxfp4_decode.h"))  # (part of the build's key)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
 NAMES = " and ".join(path.name for path in SOURCES)
@@ -74,6 +75,11 @@ class Kernels:
         lib.moeinf_mv_exact_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
         lib.moeinf_mv_exact_nt.restype = ctypes.c_int
         self.matvec_exact_avx2 = bool(lib.moeinf_mv_exact_avx2())  # torch's AVX2 summation order (else absent)
+        lib.moeinf_mv_exact_fp8_nt.argtypes = lib.moeinf_mv_fp8_nt.argtypes  # ... from FP8 slots
+        lib.moeinf_mv_exact_fp8_nt.restype = ctypes.c_int
+        lib.moeinf_mv_exact_xw_mxfp4.argtypes = lib.moeinf_mv_mxfp4_nt.argtypes  # ... from MXFP4 slots, x @ W's order
+        lib.moeinf_mv_exact_xw_mxfp4.restype = ctypes.c_int
+        self.matvec_exact_xw = bool(lib.moeinf_mv_exact_xw_avx2())
         lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
         self.matvec_exact_onednn = bool(lib.moeinf_mv_exact_onednn())  # oneDNN's order (AVX-512 BF16; else absent)
@@ -83,7 +89,9 @@ class Kernels:
         self.matvec_exact_onednn_mxfp4 = bool(lib.moeinf_mv_exact_onednn_mxfp4())  # ... from MXFP4 slots (and VBMI)
         lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
-        self.exact_order: str | None = None  # whose order the exact kernel reproduces here: matvec.check_exact's
+        self.exact_order: str | None = None  # whose order the exact kernel reproduces here: check_exact's
+        self.matvec_exact_fp8 = False  # ATen's AVX2 order from FP8 slots: matvec_checks.check_exact's
+        self.matvec_exact_mxfp4 = False  # ... and ATen's x @ W order from MXFP4 slots
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 
@@ -163,14 +171,15 @@ class Kernels:
                               f" a block) in this build, or a {cols}-column product in {block}-column blocks")
 
     def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
-                   x: torch.Tensor, out: torch.Tensor, exact_block: int = 0) -> bool:
+                   x: torch.Tensor, out: torch.Tensor, exact: bool = False, exact_block: int = 0) -> bool:
         """``out[j] = W @ x[j]`` for a block-FP8 weight ``W`` = ``values`` ``[out, in]`` (bytes, rows contiguous) under
         ``scales`` (``[out / block_r, in / block_c]`` float32, contiguous), each value ``table[byte] * scale``
         rounded to bfloat16 as the dequantization does, but in registers: nothing is written but ``out``. False when
         the layout is not one the kernel takes (AVX-512 VBMI and BF16: widths multiples of 64, ``block_r`` of 8, at
         most 64 column blocks; AVX2: ``block_c`` a multiple of 32; up to 4 rows of ``x``), or the CPU has neither.
-        ``exact_block``: summed in oneDNN's order in blocks of that many columns (``matvec_onednn.c``: AVX-512 BF16
-        and VBMI; ``block_r`` a multiple of 16, up to 256 column blocks, any number of rows of ``x``)."""
+        ``exact``: summed in ATen's AVX2 order (``matvec_exact.c``: ``cols`` and ``block_c`` multiples of 64, any
+        number of rows of ``x``), or with ``exact_block`` in oneDNN's order in blocks of that many columns
+        (``matvec_onednn.c``: AVX-512 BF16 and VBMI; ``block_r`` a multiple of 16, up to 256 column blocks)."""
         rows, cols = values.shape
         m = x.shape[0]
         if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
@@ -184,7 +193,11 @@ class Kernels:
         v, ld, s, t, xp, o = values.data_ptr(), values.stride(0), scales.data_ptr(), table.data_ptr(), \
             x.data_ptr(), out.data_ptr()
         codes = []
-        if exact_block:
+        if exact and not exact_block:
+            fn = self.lib.moeinf_mv_exact_fp8_nt
+            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                             rows)))
+        elif exact_block:
             fn = self.lib.moeinf_mv_onednn_fp8_nt
             self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
                                                              rows, exact_block)), align=16)
@@ -195,13 +208,14 @@ class Kernels:
         return all(code == 0 for code in codes)
 
     def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-                     exact_block: int = 0, pairs: torch.Tensor | None = None) -> bool:
+                     exact: bool = False, exact_block: int = 0, pairs: torch.Tensor | None = None) -> bool:
         """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
         and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
         the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
-        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact_block``: summed
-        in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every scale, ``pairs`` being
-        ``quant.mxfp4_pairs(torch.bfloat16)``)."""
+        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact``: summed as
+        ATen sums ``x @ W`` for the ``[K, rows]`` dequantized weight (``matvec_exact_xw.c``: AVX2; an even number of
+        rows), or with ``exact_block`` in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every
+        scale, ``pairs`` being ``quant.mxfp4_pairs(torch.bfloat16)``)."""
         rows, groups, half = blocks.shape
         m = x.shape[0]
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (
@@ -214,7 +228,11 @@ class Kernels:
         b, ld, s, lds, xp, o = blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), scales.stride(0), \
             x.data_ptr(), out.data_ptr()
         codes = []
-        if exact_block:
+        if exact and not exact_block:  # ATen's order for x @ W, W the [in, out] dequantized weight
+            fn = self.lib.moeinf_mv_exact_xw_mxfp4
+            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
+                       align=8)
+        elif exact_block:
             fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
             self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
                                                              exact_block)), align=16)
@@ -244,7 +262,7 @@ def load(mode: str, state_dir: Path, threads: int, check=None, flag: str = "--de
          fallback: str = "dequantizing with torch's ops (quantized experts decode 2-3x slower)") -> Kernels | None:
     """The checked kernels, or None for the torch path (``mode`` torch, or auto when they cannot be built or
     disagree with torch, said once in the log). ``check``: what must hold before use (default: the dequantization
-    kernels' bits, ``self_check``; ``matvec.check`` for ``--matvec-kernel``, named by ``flag``, whose errors end
+    kernels' bits, ``self_check``; ``matvec_checks.check`` for ``--matvec-kernel``, named by ``flag``, whose errors end
     with ``advice``; ``fallback``: what ``auto`` does instead, for the log). A cached library that no longer loads
     or checks is built again."""
     check = check or self_check

@@ -18,7 +18,8 @@ from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import dequant_kernel, decode_attention, device, experts, kernel_caches, layouts, matvec, prepack
+from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
+                            matvec_checks, prepack)
 from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
@@ -115,7 +116,8 @@ def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Ker
         exact = cfg.matvec_kernel != "fast"
         kernels = dequant_kernel.load(
             "auto" if cfg.matvec_kernel == "auto" else "c", cfg.state_dir, threads,
-            check=matvec.check_exact if exact else matvec.check, flag=f"--matvec-kernel {cfg.matvec_kernel}",
+            check=matvec_checks.check_exact if exact else matvec_checks.check,
+            flag=f"--matvec-kernel {cfg.matvec_kernel}",
             advice="pass --matvec-kernel off", fallback="multiplying with torch's own bfloat16 products")
         mv = Matvec(kernels, exact=exact) if kernels is not None else None
     if not quantized or cfg.dequant_kernel == "torch":

@@ -36,7 +36,6 @@ from torch import nn
 from transformers.integrations.moe import grouped_mm_experts_forward
 
 from services.worker import layouts, onednn_order
-from services.worker.dequant_kernel import KernelError
 
 log = logging.getLogger("moeinf.worker")
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
@@ -49,19 +48,6 @@ class Declined(Exception):
     2..252): the layer takes the path it would take without the kernel."""
 
 
-def check(kernels) -> None:
-    """What ``--matvec-kernel`` needs of the compiled library (``dequant_kernel.load``'s ``check``): AVX-512 BF16
-    or AVX2 with FMA, and each kernel's products and weights as the checks below say."""
-    if not kernels.matvec_fast:
-        raise KernelError("this CPU has neither AVX-512 BF16 nor AVX2 with FMA (avx512_bf16, avx2, fma in"
-                          " /proc/cpuinfo), where the kernel would be slower than oneDNN")
-    _check_bf16(kernels)
-    if kernels.matvec_fp8_fast:
-        _check_fp8(kernels)
-    if kernels.matvec_mxfp4_fast:
-        _check_mxfp4(kernels)
-
-
 class Matvec:
     """The checked kernels (``dequant_kernel.Kernels``) as the linears of an expert or a dense layer; ``exact``:
     torch's own summation order (``check_exact`` held), else the fast kernel (``check`` held)."""
@@ -71,7 +57,8 @@ class Matvec:
         self.noted: set[str] = set()
         # oneDNN's order (an AVX-512 CPU): its column blocks, per shape; None: ATen's AVX2 order, or ``fast``
         if exact and kernels.exact_order is None:
-            raise ValueError("an exact Matvec needs kernels that matvec.check_exact accepted (whose order they sum in)")
+            raise ValueError("an exact Matvec needs kernels that matvec_checks.check_exact accepted (whose order they"
+                             " sum in)")
         self.blocks = onednn_order.Blocks(kernels) if exact and kernels.exact_order == "onednn" else None
 
     def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -189,11 +176,11 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         x = x.to(torch.bfloat16).contiguous()
         block = blocks.get((name, len(x)), 0)
         if q.format == "mxfp4":
-            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact_block=block,
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact=mv.exact, exact_block=block,
                                         pairs=q.pairs.view(torch.int32)):
                 raise Declined
         elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,
-                                    (q.blocks[1], q.blocks[3]), x, out, exact_block=block):
+                                    (q.blocks[1], q.blocks[3]), x, out, exact=mv.exact, exact_block=block):
             raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
@@ -265,122 +252,3 @@ def _dense_forward(module: nn.Linear, mv: Matvec, x: torch.Tensor) -> torch.Tens
         out.add_(module.bias)  # in float32, then one rounding, as a fused bias would
     mv.note("decode rows of the dense linears")
     return out.to(torch.bfloat16).view(*x.shape[:-1], module.out_features)
-
-
-# ---------------------------------------------------------------------------------------------------- checks
-def check_exact(kernels) -> None:
-    """What ``--matvec-kernel exact`` (and ``auto``'s choice of it) needs: torch running its bfloat16 products with
-    the AVX2 order the kernel reproduces, and the kernel giving torch's products bit for bit, as ``F.linear``
-    (bias or none) and transformers' grouped matmul return them: 1-4 and ``EXACT_DENSE_ROWS`` input rows, widths
-    with each kind of tail, a strided weight (a pool slot), on ``order_probe``'s inputs, where a sum in another
-    order rounds differently."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith("AVX512"):
-        onednn_order.check(kernels)
-        kernels.exact_order = "onednn"
-        return
-    if not kernels.matvec_exact_avx2 or capability != "AVX2":
-        raise KernelError(f"torch sums its bfloat16 products with {capability} vectors here, and the exact kernel"
-                          " reproduces ATen's AVX2 order and oneDNN's AVX-512 BF16 one"
-                          f"{'' if kernels.matvec_exact_avx2 else ' (not built: no AVX2)'}")
-    try:  # what transformers' experts forward multiplies with (a private name: a release may move it)
-        from transformers.integrations.moe import _grouped_mm
-    except ImportError as exc:
-        raise KernelError(f"transformers has no grouped matmul to compare the exact kernel with ({exc})") from exc
-
-    gen = torch.Generator().manual_seed(0)
-    shapes = ((1, 96, 2048), (2, 40, 1000), (3, 33, 77), (4, 64, 2816), (1, 9, 8), (2, 17, 136),
-              (EXACT_DENSE_ROWS, 24, 1024))
-    for m, rows, cols in shapes:
-        slots, x = order_probe(gen, m, rows, cols)
-        weight, bias = slots[1, :, :cols], torch.randn(rows, generator=gen).to(torch.bfloat16)
-        out = torch.empty(m, rows)
-        kernels.matvec(weight, x, out, exact=True)
-        got = out.to(torch.bfloat16)
-        wants = [F.linear(x, weight)]
-        if cols % 8 == 0:  # (torch's grouped matmul takes strides of 16 bytes; transformers multiplies others by mm)
-            offs = torch.tensor([m], dtype=torch.int32)
-            wants.append(_grouped_mm(x, slots[1:, :, :cols].contiguous().transpose(-2, -1), offs))
-        if not all(torch.equal(got, want) for want in wants) \
-                or not torch.equal((out + bias.float()).to(torch.bfloat16), F.linear(x, weight, bias)):
-            raise KernelError(f"the exact matrix-vector kernel's products differ from torch's here ({m} x {rows} x"
-                              f" {cols}): torch sums in another order")
-    kernels.exact_order = "aten-avx2"
-
-
-def order_probe(gen: torch.Generator, m: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(slots [2, rows, cols + 24], x [m, cols])``, bfloat16: normal values, but for the first and last column
-    (inputs 1, weights +-2^18), which cancel only as the sum ends; meanwhile the small products added next to
-    2^18 lose their low bits, so a sum in another order than torch's gives another bfloat16 in about half the rows
-    (random inputs alone round alike in almost every order)."""
-    slots = torch.randn(2, rows, cols + 24, generator=gen)
-    x = torch.randn(m, cols, generator=gen)
-    if cols >= 2:
-        slots[1, :, 0], slots[1, :, cols - 1] = 2.0 ** 18, -2.0 ** 18
-        x[:, 0] = x[:, cols - 1] = 1.0
-    return slots.to(torch.bfloat16), x.to(torch.bfloat16)
-
-
-def _check_bf16(kernels) -> None:
-    """The bf16 kernel within float32 rounding of float64 products: 1-5 input rows, widths with and without a tail,
-    row counts that are no multiple of the kernel's 8, a strided weight (a pool slot)."""
-    gen = torch.Generator().manual_seed(0)
-    for m, rows, cols in ((1, 8, 32), (2, 13, 40), (3, 67, 1000), (4, 24, 33), (5, 130, 256)):
-        slots = torch.randn(2, rows, cols + 8, generator=gen).to(torch.bfloat16)
-        weight = slots[1, :, :cols]  # row stride cols + 8
-        x = torch.randn(m, cols, generator=gen).to(torch.bfloat16)
-        ref = x.double() @ weight.double().T
-        out = torch.empty(m, rows)
-        kernels.matvec(weight, x, out)
-        bound = 1e-5 * (x.double().abs() @ weight.double().abs().T) + 1e-30
-        if not bool(((out.double() - ref).abs() <= bound).all()):
-            raise KernelError(f"the built matrix-vector kernel is wrong ({m} x {rows} x {cols}): not used")
-
-
-def _check_fp8(kernels) -> None:
-    """The block-FP8 kernel's weights are the dequantization's bits: with one-hot inputs each output is one weight
-    exactly (scales from 1e-3 to 7e35; subnormal weights excepted, which AVX-512 BF16 reads as zero, like the bf16
-    kernel; AVX2 keeps them), and on random inputs it is a float32 sum of the products."""
-    from services.worker.quant import fp8_block_table, fp8_table
-
-    gen = torch.Generator().manual_seed(0)
-    table = fp8_table()
-    values = torch.randint(0, 256, (128, 256), dtype=torch.uint8, generator=gen)
-    values[(values & 0x7F) == 0x7F] = 0  # no NaN bytes: a NaN weight makes every sum NaN
-    scales = torch.tensor([[1e-3, 3.0], [7.3e35, 0.37]], dtype=torch.float32)
-    index = values.view(2, 64, 2, 128).long() + (torch.arange(4) * 256).view(2, 1, 2, 1)
-    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
-    x = torch.eye(256, dtype=torch.bfloat16)
-    for lo in range(0, 256, 4):
-        out = torch.empty(4, 128)
-        if not kernels.matvec_fp8(values, scales, table, (64, 128), x[lo:lo + 4], out) \
-                or not torch.equal(out, weight[:, lo:lo + 4].T.float()):
-            raise KernelError("the built FP8 matrix-vector kernel's weights differ from the dequantization's: not used")
-    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
-    out = torch.empty(3, 128)
-    scales = torch.tensor([[1e-3, 3.0], [0.5, 0.37]], dtype=torch.float32)  # sums within float32's range
-    weight = fp8_block_table(scales, torch.bfloat16).view(-1)[index].view(128, 256)
-    kernels.matvec_fp8(values, scales, table, (64, 128), x, out)
-    want = x.double() @ weight.double().T
-    if not bool(((out.double() - want).abs() <= 1e-5 * (x.double().abs() @ weight.double().abs().T)).all()):
-        raise KernelError("the built FP8 matrix-vector kernel's sums are wrong: not used")
-
-
-def _check_mxfp4(kernels) -> None:
-    """The MXFP4 kernel's weights are the dequantization's bits (one-hot inputs, every code under scales 2..252),
-    and a scale outside that range is declined."""
-    from services.worker.quant import mxfp4_pairs, mxfp4_reference
-
-    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte, twice
-    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
-    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
-    weight = weight.view(torch.bfloat16).view(8, 128).float()
-    x = torch.eye(128, dtype=torch.bfloat16)
-    for lo in range(0, 128, 4):
-        out = torch.empty(4, 8)
-        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
-            raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
-                              " used")
-    scales[3, 1] = 253
-    if kernels.matvec_mxfp4(blocks, scales, x[:1], torch.empty(1, 8)):
-        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")

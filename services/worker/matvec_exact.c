@@ -95,6 +95,146 @@ static float dot_exact(const uint16_t *w, const float *x, int64_t cols) {
 }
 #endif
 
+#if MVX_AVX2
+/* Block FP8 weights, decoded in registers into the bfloat16 values the dequantization writes (fp8_lookup.h's
+ * fp8_f32_bf16(table[byte] * scale)), then summed as above. Within a block whose scale is a positive normal number
+ * away from float32's limits, a byte S.EEEE.MMM with E >= 1 has the value 2^(E-7) * (1 + M/8) * scale, and both
+ * roundings (the float32 product, then bfloat16) commute with the power of two: its bits are the block's rounded
+ * (1 + M/8) * scale (``ref``: 8 entries, E = 7, less 7 in the exponent) with E added to the exponent and S as the
+ * sign, 8 values by one permute, one shift, one mask and one add. Bytes with E = 0 (zero, subnormals) or NaN take
+ * the table: a block of 64 bytes holding one is decoded by it into ``slow`` first. */
+#define MVX_SANE(s) ((s) >= 0x1p-100f && (s) <= 0x1p100f)
+
+/* 8 of the 16 bytes in both halves of ``bytes`` (``pick``: which) into their values: each 4-byte lane gets its byte
+ * in all four places (the low 3 bits pick the entry of ``ref``, the top byte gives the sign and exponent). */
+static inline __m256 fp8x8_exact(__m256i bytes, __m256i pick, __m256i ref, __m256i sign_exp_bits) {
+    __m256i t = _mm256_shuffle_epi8(bytes, pick);
+    __m256i sign_exp = _mm256_and_si256(_mm256_srai_epi32(t, 4), sign_exp_bits);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_permutevar8x32_epi32(ref, t), sign_exp));
+}
+
+#define MVX_PICK(a, b) _mm256_setr_epi8(a, a, a, a, a + 1, a + 1, a + 1, a + 1, a + 2, a + 2, a + 2, a + 2, a + 3, \
+    a + 3, a + 3, a + 3, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 2, b + 2, b + 2, b + 2, b + 3, b + 3, b + 3, b + 3)
+
+/* No byte of the 32 at ``p`` has E = 0 or is NaN: none has (byte + 1) & 0x7F below 9 (``k``: 1, 0x7F, 8). */
+static inline int fp8_plain32(const uint8_t *p, const __m256i *k) {
+    __m256i u = _mm256_and_si256(_mm256_add_epi8(_mm256_loadu_si256((const __m256i *)p), k[0]), k[1]);
+    return _mm256_movemask_epi8(_mm256_cmpgt_epi8(u, k[2])) == -1;
+}
+
+static inline uint16_t fp8_bf16_exact(float f) {  /* fp8_lookup.h's rounding */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One row block's 8-entry references (``refs``, per column block) and whether its scales allow them (``sane``). */
+static void fp8_refs(const float *scales, const float *table, int64_t rb, int64_t grid_c, __m256i *refs,
+                     uint8_t *sane) {
+    for (int64_t cb = 0; cb < grid_c; cb++) {
+        float s = scales[rb * grid_c + cb];
+        uint32_t e[8];
+        for (int k = 0; k < 8; k++) e[k] = ((uint32_t)fp8_bf16_exact(table[0x38 + k] * s) << 16) - (7u << 23);
+        refs[cb] = _mm256_loadu_si256((const __m256i *)e);
+        sane[cb] = MVX_SANE(s);
+    }
+}
+
+/* 32 bytes at ``p`` by the table under scale ``s``, into bfloat16 ``out``. */
+static __attribute__((noinline, cold)) void fp8x32_slow(const uint8_t *p, float s, const float *table, uint16_t *out) {
+    for (int c = 0; c < 32; c++) out[c] = fp8_bf16_exact(table[p[c]] * s);
+}
+
+/* Half ``half`` of each 64-column block of x . row: accumulators 4 * half .. 4 * half + 3 of dot_exact's 8, which
+ * are independent until blocks_sum adds them, so the halves run one after the other with 4 accumulators kept in
+ * registers (with 8 and the decoding's registers, the compiler spills them). */
+static void fp8_half_exact(const uint8_t *w, const __m256i *refs, const uint8_t *sane, const float *srow,
+                           const float *table, int64_t per_block, const float *x, int64_t cols, int half,
+                           __m256 *a) {
+    __m256i lo = MVX_PICK(0, 4), hi = MVX_PICK(8, 12), se = _mm256_set1_epi32((int)0x87800000);
+    __m256i k[3] = {_mm256_set1_epi8(1), _mm256_set1_epi8(0x7F), _mm256_set1_epi8(8)};
+    __asm__("" : "+x"(se), "+x"(k[0]), "+x"(k[1]), "+x"(k[2]));  /* kept in registers, not rebuilt per block */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t cb = 0, c0 = 0; c0 < cols; cb++, c0 += per_block) {
+        __m256i ref = refs[cb];
+        int fast = sane[cb];
+        for (int64_t i = c0 + 32 * half; i < c0 + per_block; i += 64) {
+            const uint8_t *p = w + i;
+            const float *xi = x + i;
+            if (__builtin_expect(fast && fp8_plain32(p, k), 1)) {
+                __m256i b0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+                __m256i b1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 16)));
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xi), fp8x8_exact(b0, lo, ref, se), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), fp8x8_exact(b0, hi, ref, se), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 16), fp8x8_exact(b1, lo, ref, se), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), fp8x8_exact(b1, hi, ref, se), a3);
+            } else {
+                uint16_t slow[32];
+                fp8x32_slow(p, srow[cb], table, slow);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xi), bf16x8_exact(slow), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), bf16x8_exact(slow + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 16), bf16x8_exact(slow + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), bf16x8_exact(slow + 24), a3);
+            }
+        }
+    }
+    a[4 * half] = a0, a[4 * half + 1] = a1, a[4 * half + 2] = a2, a[4 * half + 3] = a3;
+}
+
+/* y[j] = x[j] . row for an FP8 row (cols a multiple of 64, one scale per 64 columns), in the order of dot_exact. */
+static void fp8_row_exact(const uint8_t *w, const __m256i *refs, const uint8_t *sane, const float *srow,
+                          const float *table, int64_t per_block, const float *xf, int64_t m, int64_t cols,
+                          float *y, int64_t ldy) {
+    for (int64_t j = 0; j < m; j++) {
+        __m256 a[8];
+        for (int half = 0; half < 2; half++)
+            fp8_half_exact(w, refs, sane, srow, table, per_block, xf + j * cols, cols, half, a);
+        y[j * ldy] = blocks_sum(a);
+    }
+}
+#endif
+
+/* y[j][o] = sum_i x[j][i] * W[o][i] for a block-FP8 weight (``v`` [rows][ld] bytes under ``scales`` [rows /
+ * block_r][cols / block_c] float32; ``table``: the 256 float32 values of the FP8 bytes), each weight the
+ * dequantization's bfloat16 and each sum in ATen's AVX2 order (moeinf_mv_exact_nt's), output rows [lo, hi).
+ * Returns 0; -1 without AVX2 and FMA or memory; -2 for a layout it does not take (cols and block_c multiples of
+ * 64). */
+int moeinf_mv_exact_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
+                           int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi,
+                           float *y, int64_t ldy) {
+#if MVX_AVX2
+    if (cols % 64 || block_c % 64 || block_r < 1)
+        return -2;
+    int64_t grid_c = cols / block_c;
+    __m256i *refs = aligned_alloc(32, (size_t)grid_c * sizeof(__m256i));
+    float *xf = malloc((size_t)(m * cols) * sizeof(float) + (size_t)grid_c);
+    if (refs == NULL || xf == NULL) {
+        free(refs);
+        free(xf);
+        return -1;
+    }
+    uint8_t *sane = (uint8_t *)(xf + m * cols);
+    for (int64_t i = 0; i < m * cols; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &bits, 4);
+    }
+    int64_t rb = -1;
+    for (int64_t o = lo; o < hi; o++) {
+        if (o / block_r != rb)
+            fp8_refs(scales, table, rb = o / block_r, grid_c, refs, sane);
+        fp8_row_exact(v + o * ld, refs, sane, scales + rb * grid_c, table, block_c, xf, m, cols, y + o, ldy);
+    }
+    free(refs);
+    free(xf);
+    return 0;
+#else
+    (void)v; (void)ld; (void)scales; (void)table; (void)block_r; (void)block_c; (void)x; (void)m; (void)cols;
+    (void)lo; (void)hi; (void)y; (void)ldy;
+    return -1;
+#endif
+}
+
 /* Returns 0, or -1 when this build has no AVX2 and FMA, or memory for x's float32 copy is lacking. */
 int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
                        int64_t hi, float *y, int64_t ldy) {

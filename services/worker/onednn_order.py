@@ -7,7 +7,7 @@ same, 16 outputs at a time). The block's width is oneDNN's choice, from the numb
 (measured here: 512 columns for one row; 512 or 1024 for more); and where the output is too narrow to share among
 torch's threads, oneDNN splits the sum among them too, which the kernel does not. So ``Blocks.of`` finds the width
 once per shape (output rows, input columns, row stride, input rows, torch's threads): on a probe of that shape
-where a sum in another order rounds differently (``matvec.order_probe`` tiled to the real width, or to
+where a sum in another order rounds differently (``matvec_checks.order_probe`` tiled to the real width, or to
 ``PROBE_ROWS`` rows plus the width's last partial 64 for a wider one: measured, a wider output was summed in the
 same blocks, having only more to share among the threads), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
 a bias), ``x @ W`` for the weight stored ``[in, out]`` and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
@@ -62,7 +62,7 @@ class Blocks:
 
 def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
     """The first of ``CANDIDATES`` with which the kernel gives torch's products on a probe of this shape, or None."""
-    from services.worker.matvec import order_probe
+    from services.worker.matvec_checks import order_probe
 
     if cols % 2 or cols < 2:
         return None
@@ -117,7 +117,7 @@ def check(kernels) -> None:
 def fp8_probe(gen: torch.Generator, m: int, rows: int, cols: int):
     """``(values, scales, weight, x)``: a block-FP8 ``[rows, cols]`` weight in 128 x 128 blocks (``weight``: its
     dequantization, as transformers computes it) whose first and last columns hold +-448 x 512 and nothing else in
-    their column blocks, so that, as in ``matvec.order_probe``, a sum in another order rounds differently."""
+    their column blocks, so that, as in ``matvec_checks.order_probe``, a sum in another order rounds differently."""
     from services.worker.quant import fp8_block_table
 
     values = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)

@@ -131,17 +131,25 @@ class QuantParam:
 
     def direct(self, kernels, transposed: bool, exact: bool = False) -> bool:
         """Can ``kernels``' FP8 or MXFP4 matrix-vector kernel read this bfloat16 parameter from its slots (FP8 ``[out,
-        in]`` in 8 x 64 multiples; MXFP4 as stored)? ``exact``: in oneDNN's order (FP8 in 16 x 64 multiples)."""
-        if self.dtype != torch.bfloat16 or self.format == "mxfp4":
-            usable = kernels.matvec_exact_onednn_mxfp4 if exact else kernels.matvec_mxfp4_fast
-            return self.dtype == torch.bfloat16 and usable and self.values.shape[-1] == 16
+        in]`` in 8 x 64 multiples; MXFP4 as stored)? ``exact``: in the order ``matvec_checks.check_exact`` found
+        (oneDNN's: FP8 in 16 x 64 multiples, MXFP4; ATen's AVX2 one: FP8 in 64-column multiples, ``[in, out]``
+        MXFP4)."""
+        order = kernels.exact_order if exact else None
+        if self.dtype != torch.bfloat16:
+            return False
+        if self.format == "mxfp4":  # (ATen's x @ W order: [in, out] parameters only, as transformers holds them)
+            usable = kernels.matvec_exact_onednn_mxfp4 if order == "onednn" else transposed \
+                and kernels.matvec_exact_mxfp4 if order == "aten-avx2" else not exact and kernels.matvec_mxfp4_fast
+            return usable and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]
+        if transposed or cols % 64 or block_c % 64:
+            return False
+        if order == "onednn":
+            return kernels.matvec_exact_onednn_fp8 and block_r % 16 == 0 and grid_c <= 256
         if exact:
-            return kernels.matvec_exact_onednn_fp8 and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
-                and block_r % 16 == 0 and grid_c <= 256
-        return kernels.matvec_fp8_fast and not transposed and cols % 64 == 0 and block_c % 64 == 0 \
-            and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
+            return order == "aten-avx2" and kernels.matvec_exact_fp8
+        return kernels.matvec_fp8_fast and block_r % 8 == 0 and grid_c <= 64 and cols <= 16384
 
     def dequantize(self, slots: list[int]) -> torch.Tensor:
         """The experts in ``slots``, dequantized into scratch rows ``0..len(slots)-1``."""
@@ -316,12 +324,13 @@ class Dequantizer:
 
     def use(self, mv: Matvec | None, module) -> None:
         """``--matvec-kernel``: decode steps' products by the kernel, straight from the slots for block-FP8 experts
-        in layouts the FP8 kernel takes (nothing dequantized, nothing written; ``exact`` only in oneDNN's order,
-        ``matvec_onednn.c``), else on the dequantized rows."""
+        in layouts the FP8 kernel takes (nothing dequantized, nothing written; ``exact``: in oneDNN's order,
+        ``matvec_onednn.c``, FP8 and MXFP4, or ATen's AVX2 one, ``matvec_exact.c``, FP8), else on the dequantized
+        rows."""
         self.matvec = mv
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
         exact = mv is not None and mv.exact
-        self.direct = mv is not None and (not exact or mv.blocks is not None) and names <= set(self.quantized) \
+        self.direct = mv is not None and names <= set(self.quantized) \
             and all(q.direct(mv.kernels, bool(module.is_transposed), exact) for q in self.quantized.values())
         if mv is not None:
             log.info("--matvec-kernel: decode steps multiply the %s", "quantized slots in place (nothing"

@@ -15,7 +15,7 @@ from common import messages as m
 from common.quant_write import fp8_tensors, mxfp4_tensors
 from helpers import FAMILIES, family_config
 from services.worker import dequant_kernel as dk
-from services.worker import matvec
+from services.worker import matvec, matvec_checks
 from services.worker.quant import Dequantizer, QuantParam, fp8_table
 from worker.test_quant import pool_of
 
@@ -31,7 +31,7 @@ def kernels(tmp_path_factory):
 def mv(kernels):
     if not kernels.matvec_fast:
         pytest.skip("this CPU has neither AVX-512 BF16 nor AVX2 with FMA")
-    matvec.check(kernels)
+    matvec_checks.check(kernels)
     return matvec.Matvec(kernels)
 
 
@@ -39,7 +39,7 @@ def mv(kernels):
 @pytest.mark.parametrize("m,rows,cols", [(1, 8, 32), (1, 200, 96), (2, 77, 64), (3, 9, 1000), (4, 129, 40),
                                          (5, 130, 128)])
 def test_kernel_is_a_float32_sum_of_the_products(mv, tmp_path, threads, m, rows, cols):
-    kernels = dk.load("c", tmp_path, threads, check=matvec.check)
+    kernels = dk.load("c", tmp_path, threads, check=matvec_checks.check)
     gen = torch.Generator().manual_seed(rows * cols + m)
     slots = torch.randn(3, rows, cols + 16, generator=gen).to(torch.bfloat16)
     weight = slots[2, :, :cols]  # a pool slot: rows strided, not contiguous as a whole
@@ -61,11 +61,11 @@ def test_kernel_refuses_what_it_cannot_read(kernels):
 
 def test_a_cpu_without_avx512_bf16_or_avx2_is_refused_by_name(tmp_path):
     with pytest.raises(dk.KernelError, match="neither AVX-512 BF16 nor AVX2 with FMA"):
-        matvec.check(types.SimpleNamespace(matvec_fast=False))
+        matvec_checks.check(types.SimpleNamespace(matvec_fast=False))
     no_bf16 = types.SimpleNamespace(matvec_fast=False)
     with pytest.raises(dk.KernelError,
                        match="--matvec-kernel: .*neither AVX-512 BF16 nor AVX2.*, or leave --matvec-kernel off"):
-        dk.load("c", tmp_path, 1, check=lambda kernels: matvec.check(no_bf16), flag="--matvec-kernel",
+        dk.load("c", tmp_path, 1, check=lambda kernels: matvec_checks.check(no_bf16), flag="--matvec-kernel",
                 advice="leave --matvec-kernel off")
 
 
@@ -233,7 +233,7 @@ def exact_onednn(kernels, vbmi: bool = False) -> matvec.Matvec:
     """The default exact mode where it sums in oneDNN's order (an AVX-512 BF16 CPU; ``vbmi``: and VBMI, what the
     in-place FP8 and MXFP4 kernels need), else skip."""
     try:
-        matvec.check_exact(kernels)
+        matvec_checks.check_exact(kernels)
     except dk.KernelError:
         pytest.skip("the exact kernel does not hold here")
     if kernels.exact_order != "onednn" or (vbmi and not kernels.matvec_exact_onednn_fp8):

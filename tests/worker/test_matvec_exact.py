@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers.integrations.moe import _grouped_mm
 
 from services.worker import dequant_kernel as dk
-from services.worker import matvec, onednn_order
+from services.worker import matvec, matvec_checks, onednn_order
 
 pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 @pytest.fixture(scope="module")
 def exact_kernels(tmp_path_factory):
     try:
-        return dk.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec.check_exact)
+        return dk.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec_checks.check_exact)
     except dk.KernelError as exc:
         pytest.skip(f"torch here sums in another order than the kernel's: {exc}")
 
@@ -31,11 +31,11 @@ def exact_kernels(tmp_path_factory):
                                          (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200), (1, 4096, 4096),
                                          (2, 512, 14336), (1, 1100, 2048)])
 def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
-    kernels = dk.load("c", tmp_path, threads, check=matvec.check_exact)
+    kernels = dk.load("c", tmp_path, threads, check=matvec_checks.check_exact)
     torch.set_num_threads(threads)  # oneDNN shares a narrow output's sums among torch's threads: part of the order
     try:
         gen = torch.Generator().manual_seed(rows * cols + m)
-        slots, x = matvec.order_probe(gen, m, rows, cols)  # sums in another order round differently in many rows
+        slots, x = matvec_checks.order_probe(gen, m, rows, cols)  # sums in another order round differently in many rows
         weight = slots[1, :, :cols]  # a pool slot: rows strided
         out = matvec.Matvec(kernels, exact=True).product(weight, x)
         if out is None:  # oneDNN's order, not found for this shape: torch's product is used instead
@@ -72,19 +72,19 @@ def test_onednn_order_blocks_are_found_once_per_shape(exact_kernels):
 def test_a_torch_summing_with_other_vectors_is_refused(exact_kernels, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     with pytest.raises(dk.KernelError, match="torch sums its bfloat16 products with DEFAULT vectors here"):
-        matvec.check_exact(exact_kernels)
+        matvec_checks.check_exact(exact_kernels)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     without = types.SimpleNamespace(matvec_exact_onednn=False, matvec_exact_avx2=True)
     with pytest.raises(dk.KernelError, match="AVX512 vectors here .oneDNN's kernels., and the exact kernel for"
                                              " their order was not built"):
-        matvec.check_exact(without)
+        matvec_checks.check_exact(without)
 
 
 def test_a_kernel_whose_bits_differ_is_refused(exact_kernels):
     other = types.SimpleNamespace(matvec_exact_avx2=True, matvec_exact_onednn=True,
                                   matvec=lambda w, x, out, exact, block=0: exact_kernels.matvec(w, x, out))
     with pytest.raises(dk.KernelError, match="products differ from torch's here"):
-        matvec.check_exact(other)
+        matvec_checks.check_exact(other)
 
 
 def test_auto_falls_back_to_torchs_products_with_a_reason(tmp_path, caplog):
@@ -102,7 +102,7 @@ def test_weights_stored_in_out_are_exact_only_in_onednns_order(exact_kernels):
     rows behind a transposed view): ATen's AVX2 order sums it otherwise than its row dots, so there the exact mode
     leaves it to the grouped matmul; oneDNN sums both alike, so there the kernel gives ``x @ W``'s bits."""
     gen = torch.Generator().manual_seed(4)
-    slots, x = matvec.order_probe(gen, 1, 512, 2048)
+    slots, x = matvec_checks.order_probe(gen, 1, 512, 2048)
     rows = slots[1, :, :2048].contiguous()  # [out, in]
     mv = matvec.Matvec(exact_kernels, exact=True)
     if exact_kernels.exact_order != "onednn":
@@ -122,7 +122,7 @@ def test_dense_linears_give_a_batch_of_decode_rows_to_the_exact_kernel(exact_ker
     mv = matvec.Matvec(exact_kernels, exact=True)
     assert matvec.wrap_dense(model, mv, skip_widths={8}) == 2
     for rows in (1, 8, matvec.EXACT_DENSE_ROWS, matvec.EXACT_DENSE_ROWS + 1):
-        _, x = matvec.order_probe(gen, rows, 1, 136)
+        _, x = matvec_checks.order_probe(gen, rows, 1, 136)
         want = F.linear(F.linear(x, *plain[0]), *plain[1])
         with torch.inference_mode():
             got = model(x.unsqueeze(0))[0]
@@ -146,7 +146,7 @@ def test_dense_rows_a_multiple_of_2_kib_long_are_spread_and_keep_their_bits(exac
     assert model[1].weight.is_contiguous() and model[2].weight.is_contiguous()  # 96-byte rows; tied
     assert model[2].weight is tied.weight
     for rows in (1, 5, matvec.EXACT_DENSE_ROWS + 3):
-        _, x = matvec.order_probe(gen, rows, 1, 1024)
+        _, x = matvec_checks.order_probe(gen, rows, 1, 1024)
         want = F.linear(F.linear(F.linear(x, plain[0]), plain[1]), plain[2])
         with torch.inference_mode():
             got = model(x.unsqueeze(0))[0]

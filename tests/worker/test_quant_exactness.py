@@ -62,9 +62,9 @@ def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, bloc
     checkpoints: decode steps multiply the slots' quantized bytes (the worker says so; FP8 on a CPU with AVX-512 BF16
     but not VBMI: the dequantized rows) and, on these prompts, the greedy tokens equal transformers' dequantized
     model's (opt-in: another summation order, so nothing promises it elsewhere)."""
-    from services.worker import dequant_kernel, matvec
+    from services.worker import dequant_kernel, matvec_checks
     try:
-        kernels = dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec.check)
+        kernels = dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec_checks.check)
     except dequant_kernel.KernelError as exc:
         pytest.skip(f"no matrix-vector kernel here: {exc}")
     in_place = kernels.matvec_fp8_fast if fmt == "fp8" else kernels.matvec_mxfp4_fast
