@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from services.worker.kernel_matvec import MatvecCalls
+
 log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_exact_xw.c", "matvec_onednn.c",
@@ -53,7 +55,7 @@ class KernelError(RuntimeError):
     pass
 
 
-class Kernels:
+class Kernels(MatvecCalls):
     """The loaded kernels; ``threads`` > 1 splits each call's rows over that many threads."""
 
     def __init__(self, lib: ctypes.CDLL, threads: int):
@@ -139,108 +141,6 @@ class Kernels:
         self.split((rows + block_r - 1) // block_r,
                     lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
                                       block_c))
-
-    def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, exact: bool = False,
-               block: int = 0) -> None:
-        """``out[j] = weight @ x[j]`` (float32 sums, ``matvec.c``; ``exact``: in torch's order, ``matvec_exact.c``:
-        ATen's AVX2 order, or with ``block`` oneDNN's, in blocks of that many columns, ``onednn_order.py``):
-        ``weight`` bfloat16 ``[out, in]``, rows contiguous (any row stride: a pool slot's view); ``x`` ``[m, in]``
-        bfloat16 and ``out`` ``[m, out]`` float32, both contiguous. The weight streams from memory once."""
-        rows, cols = weight.shape
-        m = x.shape[0]
-        if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.dtype != torch.float32 \
-                or weight.stride(1) != 1 or not x.is_contiguous() or not out.is_contiguous() \
-                or x.shape[1] != cols or tuple(out.shape) != (m, rows):
-            raise ValueError(f"matvec kernel: {list(weight.shape)} {weight.dtype} weight (strides {weight.stride()}),"
-                             f" {list(x.shape)} {x.dtype} input, {list(out.shape)} {out.dtype} output")
-        w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
-        if not exact:
-            fn = self.lib.moeinf_mv_bf16_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
-            return
-        failed: list[int] = []
-        if block:
-            fn = self.lib.moeinf_mv_onednn_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows, block) and failed.append(lo),
-                        align=16)
-        else:
-            fn = self.lib.moeinf_mv_exact_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
-        if failed:
-            raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} input copy, no AVX2 (AVX-512 BF16 with"
-                              f" a block) in this build, or a {cols}-column product in {block}-column blocks")
-
-    def matvec_fp8(self, values: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, block: tuple[int, int],
-                   x: torch.Tensor, out: torch.Tensor, exact: bool = False, exact_block: int = 0) -> bool:
-        """``out[j] = W @ x[j]`` for a block-FP8 weight ``W`` = ``values`` ``[out, in]`` (bytes, rows contiguous) under
-        ``scales`` (``[out / block_r, in / block_c]`` float32, contiguous), each value ``table[byte] * scale``
-        rounded to bfloat16 as the dequantization does, but in registers: nothing is written but ``out``. False when
-        the layout is not one the kernel takes (AVX-512 VBMI and BF16: widths multiples of 64, ``block_r`` of 8, at
-        most 64 column blocks; AVX2: ``block_c`` a multiple of 32; up to 4 rows of ``x``), or the CPU has neither.
-        ``exact``: summed in ATen's AVX2 order (``matvec_exact.c``: ``cols`` and ``block_c`` multiples of 64, any
-        number of rows of ``x``), or with ``exact_block`` in oneDNN's order in blocks of that many columns
-        (``matvec_onednn.c``: AVX-512 BF16 and VBMI; ``block_r`` a multiple of 16, up to 256 column blocks)."""
-        rows, cols = values.shape
-        m = x.shape[0]
-        if values.element_size() != 1 or values.stride(1) != 1 or scales.dtype != torch.float32 \
-                or not scales.is_contiguous() or x.dtype != torch.bfloat16 or not x.is_contiguous() \
-                or x.shape[1] != cols or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) \
-                or not out.is_contiguous() or table.dtype != torch.float32 or table.numel() != 256 \
-                or min(block) < 1 or rows % block[0] or cols % block[1] \
-                or scales.numel() != (rows // block[0]) * (cols // block[1]):
-            raise ValueError(f"fp8 matvec kernel: {list(values.shape)} {values.dtype} values, {list(scales.shape)}"
-                             f" {scales.dtype} scales, {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
-        v, ld, s, t, xp, o = values.data_ptr(), values.stride(0), scales.data_ptr(), table.data_ptr(), \
-            x.data_ptr(), out.data_ptr()
-        codes = []
-        if exact and not exact_block:
-            fn = self.lib.moeinf_mv_exact_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows)))
-        elif exact_block:
-            fn = self.lib.moeinf_mv_onednn_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows, exact_block)), align=16)
-        else:
-            fn = self.lib.moeinf_mv_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows)), align=64)
-        return all(code == 0 for code in codes)
-
-    def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-                     exact: bool = False, exact_block: int = 0, pairs: torch.Tensor | None = None) -> bool:
-        """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
-        and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
-        the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
-        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact``: summed as
-        ATen sums ``x @ W`` for the ``[K, rows]`` dequantized weight (``matvec_exact_xw.c``: AVX2; an even number of
-        rows), or with ``exact_block`` in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every
-        scale, ``pairs`` being ``quant.mxfp4_pairs(torch.bfloat16)``)."""
-        rows, groups, half = blocks.shape
-        m = x.shape[0]
-        if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (
-                rows, groups) or blocks.stride(2) != 1 or blocks.stride(1) != 16 or scales.stride(1) != 1 \
-                or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape[1] != groups * 32 \
-                or out.dtype != torch.float32 or tuple(out.shape) != (m, rows) or not out.is_contiguous() \
-                or (exact_block and (pairs is None or pairs.dtype != torch.int32 or pairs.numel() != 65536)):
-            raise ValueError(f"mxfp4 matvec kernel: {list(blocks.shape)} blocks, {list(scales.shape)} scales,"
-                             f" {list(x.shape)} {x.dtype} input, {list(out.shape)} output")
-        b, ld, s, lds, xp, o = blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), scales.stride(0), \
-            x.data_ptr(), out.data_ptr()
-        codes = []
-        if exact and not exact_block:  # ATen's order for x @ W, W the [in, out] dequantized weight
-            fn = self.lib.moeinf_mv_exact_xw_mxfp4
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                       align=8)
-        elif exact_block:
-            fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
-                                                             exact_block)), align=16)
-        else:
-            fn = self.lib.moeinf_mv_mxfp4_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                        align=64)
-        return all(code == 0 for code in codes)
 
     def split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:
