@@ -79,8 +79,9 @@ class Kernels(MatvecCalls):
         self.matvec_exact_avx2 = bool(lib.moeinf_mv_exact_avx2())  # torch's AVX2 summation order (else absent)
         lib.moeinf_mv_exact_fp8_nt.argtypes = lib.moeinf_mv_fp8_nt.argtypes  # ... from FP8 slots
         lib.moeinf_mv_exact_fp8_nt.restype = ctypes.c_int
-        lib.moeinf_mv_exact_xw_mxfp4.argtypes = lib.moeinf_mv_mxfp4_nt.argtypes  # ... from MXFP4 slots, x @ W's order
-        lib.moeinf_mv_exact_xw_mxfp4.restype = ctypes.c_int
+        for name in ("moeinf_mv_exact_mxfp4_nt", "moeinf_mv_exact_xw_mxfp4"):  # ... from MXFP4 slots (and x @ W's)
+            getattr(lib, name).argtypes = lib.moeinf_mv_mxfp4_nt.argtypes
+            getattr(lib, name).restype = ctypes.c_int
         self.matvec_exact_xw = bool(lib.moeinf_mv_exact_xw_avx2())
         lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
@@ -93,7 +94,8 @@ class Kernels(MatvecCalls):
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: check_exact's
         self.matvec_exact_fp8 = False  # ATen's AVX2 order from FP8 slots: matvec_checks.check_exact's
-        self.matvec_exact_mxfp4 = False  # ... and ATen's x @ W order from MXFP4 slots
+        self.matvec_exact_mxfp4 = False  # ... from MXFP4 slots, in ATen's dot order
+        self.matvec_exact_mxfp4_xw = False  # ... and in its x @ W order (an [in, out] weight)
         self.threads = max(1, threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dequant") if self.threads > 1 else None
 

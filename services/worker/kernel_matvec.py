@@ -63,6 +63,7 @@ class MatvecCalls:
             x.data_ptr(), out.data_ptr()
         codes = []
         if exact and not exact_block:
+            self._aten_order()
             fn = self.lib.moeinf_mv_exact_fp8_nt
             self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
                                                              rows)))
@@ -77,14 +78,16 @@ class MatvecCalls:
         return all(code == 0 for code in codes)
 
     def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-                     exact: bool = False, exact_block: int = 0, pairs: torch.Tensor | None = None) -> bool:
+                     exact: bool = False, xw: bool = False, exact_block: int = 0,
+                     pairs: torch.Tensor | None = None) -> bool:
         """``out[j] = W @ x[j]`` for an MXFP4 weight ``W`` ``[rows, K]`` stored as ``blocks`` ``[rows, K / 32, 16]``
         and ``scales`` ``[rows, K / 32]`` (bytes; each row contiguous), decoded into bfloat16 in registers with
         the dequantization's bits. False when a scale byte is outside 2..252 (the kernel computes only those; the
-        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact``: summed as
-        ATen sums ``x @ W`` for the ``[K, rows]`` dequantized weight (``matvec_exact_xw.c``: AVX2; an even number of
-        rows), or with ``exact_block`` in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every
-        scale, ``pairs`` being ``quant.mxfp4_pairs(torch.bfloat16)``)."""
+        caller dequantizes instead) or the CPU has neither AVX-512 BF16 nor AVX2 with FMA. ``exact``: summed in
+        ATen's AVX2 dot order (``matvec_exact.c``; K a multiple of 64) or, ``xw``, as ATen sums ``x @ W`` for the
+        ``[K, rows]`` dequantized weight (``matvec_exact_xw.c``; an even number of rows); or with ``exact_block``
+        in oneDNN's order in blocks of that many columns (``matvec_onednn.c``; every scale, ``pairs`` being
+        ``quant.mxfp4_pairs(torch.bfloat16)``)."""
         rows, groups, half = blocks.shape
         m = x.shape[0]
         if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or half != 16 or tuple(scales.shape) != (
@@ -97,10 +100,11 @@ class MatvecCalls:
         b, ld, s, lds, xp, o = blocks.data_ptr(), blocks.stride(0), scales.data_ptr(), scales.stride(0), \
             x.data_ptr(), out.data_ptr()
         codes = []
-        if exact and not exact_block:  # ATen's order for x @ W, W the [in, out] dequantized weight
-            fn = self.lib.moeinf_mv_exact_xw_mxfp4
+        if exact and not exact_block:  # ATen's orders: its dots, or x @ W for the [in, out] dequantized weight
+            self._aten_order()
+            fn = self.lib.moeinf_mv_exact_xw_mxfp4 if xw else self.lib.moeinf_mv_exact_mxfp4_nt
             self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                       align=8)
+                       align=8 if xw else 1)
         elif exact_block:
             fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
             self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
@@ -110,3 +114,8 @@ class MatvecCalls:
             self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
                         align=64)
         return all(code == 0 for code in codes)
+
+    def _aten_order(self) -> None:
+        """``exact`` without a block is ATen's AVX2 order: refused where torch sums in oneDNN's (a block is needed)."""
+        if getattr(self, "exact_order", None) == "onednn":
+            raise ValueError("an exact product without oneDNN's column block, where torch sums in oneDNN's order")

@@ -176,7 +176,8 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
         x = x.to(torch.bfloat16).contiguous()
         block = blocks.get((name, len(x)), 0)
         if q.format == "mxfp4":
-            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact=mv.exact, exact_block=block,
+            if not kernels.matvec_mxfp4(q.values[slot], q.scales[slot], x, out, exact=mv.exact,
+                                        xw=bool(module.is_transposed), exact_block=block,
                                         pairs=q.pairs.view(torch.int32)):
                 raise Declined
         elif not kernels.matvec_fp8(q.values[slot].view(torch.uint8), q.scales[slot].float().contiguous(), table,

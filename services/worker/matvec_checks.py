@@ -74,13 +74,13 @@ def check_exact(kernels) -> None:
         log.warning("%s: block-FP8 experts are dequantized into rows first", exc)
     else:
         kernels.matvec_exact_fp8 = True
-    if kernels.matvec_exact_xw:
+    for xw in (False, True):
         try:
-            _check_exact_mxfp4(kernels)
+            _check_exact_mxfp4(kernels, xw)
         except KernelError as exc:
-            log.warning("%s: MXFP4 experts are dequantized into rows first", exc)
+            log.warning("%s: MXFP4 experts%s are dequantized into rows first", exc, " held [in, out]" if xw else "")
         else:
-            kernels.matvec_exact_mxfp4 = True
+            setattr(kernels, "matvec_exact_mxfp4_xw" if xw else "matvec_exact_mxfp4", True)
 
 
 def _check_exact_fp8(kernels) -> None:
@@ -116,31 +116,38 @@ def _check_exact_fp8(kernels) -> None:
                               f" weight ({m} x {rows} x {cols}, {block_r} x {block_c} blocks)")
 
 
-def _check_exact_mxfp4(kernels) -> None:
-    """The AVX2 exact kernel on MXFP4 slots gives, bit for bit, torch's ``x @ W`` for the ``[in, out]`` dequantized
-    weight (as transformers holds GPT-OSS's experts), 1-4 and 16 input rows, on inputs where another order rounds
-    otherwise (a large product at the first input cancelled at the last); and with one-hot inputs each output is
-    the dequantization's weight, for every code under scale bytes 2..252."""
+def _check_exact_mxfp4(kernels, xw: bool) -> None:
+    """The AVX2 exact kernels on MXFP4 slots give, bit for bit, torch's products of the dequantized weight: ``xw``,
+    ``x @ W`` for the ``[in, out]`` weight (as transformers holds GPT-OSS's experts; and its grouped matmul), else
+    ``F.linear`` for the ``[out, in]`` one; 1-4 and 16 input rows, GPT-OSS's width, on inputs where another order
+    rounds otherwise (a large product at the first input cancelled at the last); and with one-hot inputs each
+    output is the dequantization's weight, for every code under scale bytes 2..252."""
     from services.worker.quant import mxfp4_pairs, mxfp4_reference
 
     gen = torch.Generator().manual_seed(0)
-    for m, rows, cols in ((1, 64, 512), (2, 40, 96), (3, 16, 1024), (4, 24, 256), (EXACT_DENSE_ROWS, 8, 128)):
+    from transformers.integrations.moe import _grouped_mm
+
+    for m, rows, cols in ((1, 64, 512), (2, 40, 192), (3, 16, 1024), (4, 24, 256), (EXACT_DENSE_ROWS, 8, 128),
+                          (1, 128, 2880)):
         blocks = torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
         blocks[:, 0, 0] = (blocks[:, 0, 0] & 0xF0) | 0x2  # +1 (code 2) at the first input, -1 (code 10) at the last
         blocks[:, -1, -1] = (blocks[:, -1, -1] & 0x0F) | 0xA0
         scales = torch.randint(118, 136, (rows, cols // 32), dtype=torch.uint8, generator=gen)
         scales[:, -1] = scales[:, 0]
-        scales[0, 1 % scales.shape[1]], scales[-1, 1 % scales.shape[1]] = 2, 240  # (sums within float32's range)
+        scales[0, 1], scales[-1, 1] = 2, 240  # (sums within float32's range)
         weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
-        weight = weight.view(torch.bfloat16).view(rows, cols).T.contiguous()
+        weight = weight.view(torch.bfloat16).view(rows, cols)
         x = torch.randn(m, cols, generator=gen)
         x[:, 0] = x[:, -1] = 2.0 ** 20
         x = x.to(torch.bfloat16)
         out = torch.empty(m, rows)
-        if not kernels.matvec_mxfp4(blocks, scales, x, out, exact=True) \
-                or not torch.equal(out.to(torch.bfloat16), x @ weight):
-            raise KernelError(f"the exact MXFP4 matrix-vector kernel's products differ from torch's x @ W here ({m} x"
-                              f" {rows} x {cols})")
+        wants = [x @ weight.T.contiguous(), _grouped_mm(x, weight.T.contiguous()[None],
+                                                        torch.tensor([m], dtype=torch.int32))] if xw \
+            else [F.linear(x, weight)]
+        if not kernels.matvec_mxfp4(blocks, scales, x, out, exact=True, xw=xw) \
+                or not all(torch.equal(out.to(torch.bfloat16), want) for want in wants):
+            raise KernelError(f"the exact MXFP4 matrix-vector kernel's products differ from torch's"
+                              f" {'x @ W' if xw else 'F.linear'} here ({m} x {rows} x {cols})")
     blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte under scales 2..252
     scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
     weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
@@ -148,7 +155,7 @@ def _check_exact_mxfp4(kernels) -> None:
     x = torch.eye(128, dtype=torch.bfloat16)
     for lo in range(0, 128, 4):
         out = torch.empty(4, 8)
-        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out, exact=True) \
+        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out, exact=True, xw=xw) \
                 or not torch.equal(out, weight[:, lo:lo + 4].T):
             raise KernelError("the exact MXFP4 matrix-vector kernel's weights differ from the dequantization's")
 

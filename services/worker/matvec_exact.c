@@ -195,6 +195,81 @@ static void fp8_row_exact(const uint8_t *w, const __m256i *refs, const uint8_t *
 }
 #endif
 
+#if MVX_AVX2
+/* MXFP4 rows (``blocks`` [rows][cols / 32][16] bytes, 32 E2M1 codes each, low nibble first, under one E8M0 scale
+ * byte) in the same order: 8 consecutive values of a row from 4 of its block's bytes, by one byte shuffle of the
+ * block (each lane gets its code's byte), a shift to its nibble, a permute into the 8 E2M1 magnitudes, a product
+ * with 2^(scale - 127) (exact for scale bytes 2..252: the dequantization's bfloat16 values) and the code's sign. */
+#define MVX_MXPICK(s) _mm256_setr_epi8(4 * s, -1, -1, -1, 4 * s, -1, -1, -1, 4 * s + 1, -1, -1, -1, 4 * s + 1, -1, -1, \
+    -1, 4 * s + 2, -1, -1, -1, 4 * s + 2, -1, -1, -1, 4 * s + 3, -1, -1, -1, 4 * s + 3, -1, -1, -1)
+
+static inline __m256 mx8_exact(__m256i block, __m256i pick, __m256 scale, const __m256 *k) {
+    __m256i b = _mm256_shuffle_epi8(block, pick);
+    __m256 mag = _mm256_permutevar8x32_ps(k[0], _mm256_srlv_epi32(b, _mm256_castps_si256(k[1])));
+    __m256i sign = _mm256_and_si256(_mm256_sllv_epi32(b, _mm256_castps_si256(k[2])), _mm256_castps_si256(k[3]));
+    return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(_mm256_mul_ps(mag, scale)), sign));
+}
+
+/* Half ``half`` of each 64-column block of x . row (accumulators 4 * half .. + 3, as fp8_half_exact): the row's
+ * MXFP4 block at column i. */
+static void mx_half_exact(const uint8_t *blocks, const uint8_t *scales, const float *x, int64_t cols, int half,
+                          __m256 *a) {
+    __m256 k[4] = {_mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f),
+                   _mm256_castsi256_ps(_mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4)),
+                   _mm256_castsi256_ps(_mm256_setr_epi32(28, 24, 28, 24, 28, 24, 28, 24)),
+                   _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000))};
+    __m256i p0 = MVX_MXPICK(0), p1 = MVX_MXPICK(1), p2 = MVX_MXPICK(2), p3 = MVX_MXPICK(3);
+    __asm__("" : "+x"(k[0]), "+x"(k[1]), "+x"(k[2]), "+x"(k[3]));  /* kept in registers, not rebuilt per block */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 32 * half; i < cols; i += 64) {
+        __m256i block = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blocks + i / 2)));
+        __m256 scale = _mm256_castsi256_ps(_mm256_set1_epi32((int)((uint32_t)scales[i / 32] << 23)));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), mx8_exact(block, p0, scale, k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), mx8_exact(block, p1, scale, k), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), mx8_exact(block, p2, scale, k), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), mx8_exact(block, p3, scale, k), a3);
+    }
+    a[4 * half] = a0, a[4 * half + 1] = a1, a[4 * half + 2] = a2, a[4 * half + 3] = a3;
+}
+#endif
+
+/* y[j][o] = sum_i x[j][i] * W[o][i] for an MXFP4 weight stored [rows][in] (``blocks`` row stride ld bytes,
+ * ``scales`` [rows][in / 32] row stride lds), each weight the dequantization's bfloat16 and each sum in ATen's
+ * AVX2 dot order (moeinf_mv_exact_nt's). Returns 0; -1 without AVX2 and FMA or memory, for a width that is no
+ * multiple of 64, or a scale byte outside 2..252 (the caller dequantizes instead). */
+int moeinf_mv_exact_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+                             const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
+                             int64_t ldy) {
+#if MVX_AVX2
+    if (cols % 64)
+        return -1;
+    for (int64_t o = lo; o < hi; o++)
+        for (int64_t g = 0; g < cols / 32; g++)
+            if (scales[o * lds + g] < 2 || scales[o * lds + g] > 252)
+                return -1;
+    float *xf = malloc((size_t)(m * cols) * sizeof(float));
+    if (xf == NULL)
+        return -1;
+    for (int64_t i = 0; i < m * cols; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &bits, 4);
+    }
+    for (int64_t o = lo; o < hi; o++)
+        for (int64_t j = 0; j < m; j++) {
+            __m256 a[8];
+            for (int half = 0; half < 2; half++)
+                mx_half_exact(blocks + o * ld, scales + o * lds, xf + j * cols, cols, half, a);
+            y[j * ldy + o] = blocks_sum(a);
+        }
+    free(xf);
+    return 0;
+#else
+    (void)blocks; (void)ld; (void)scales; (void)lds; (void)x; (void)m; (void)cols; (void)lo; (void)hi; (void)y;
+    (void)ldy;
+    return -1;
+#endif
+}
+
 /* y[j][o] = sum_i x[j][i] * W[o][i] for a block-FP8 weight (``v`` [rows][ld] bytes under ``scales`` [rows /
  * block_r][cols / block_c] float32; ``table``: the 256 float32 values of the FP8 bytes), each weight the
  * dequantization's bfloat16 and each sum in ATen's AVX2 order (moeinf_mv_exact_nt's), output rows [lo, hi).

@@ -137,9 +137,11 @@ class QuantParam:
         order = kernels.exact_order if exact else None
         if self.dtype != torch.bfloat16:
             return False
-        if self.format == "mxfp4":  # (ATen's x @ W order: [in, out] parameters only, as transformers holds them)
-            usable = kernels.matvec_exact_onednn_mxfp4 if order == "onednn" else transposed \
-                and kernels.matvec_exact_mxfp4 if order == "aten-avx2" else not exact and kernels.matvec_mxfp4_fast
+        if self.format == "mxfp4":  # (ATen's: its x @ W order for [in, out] parameters, its dots for [out, in])
+            aten = kernels.matvec_exact_mxfp4_xw if transposed else \
+                kernels.matvec_exact_mxfp4 and self.values.shape[-2] % 2 == 0
+            usable = kernels.matvec_exact_onednn_mxfp4 if order == "onednn" else aten if order == "aten-avx2" \
+                else not exact and kernels.matvec_mxfp4_fast
             return usable and self.values.shape[-1] == 16
         grid_r, block_r, grid_c, block_c = self.blocks
         cols = self.shape[1]

@@ -58,7 +58,8 @@ from services.worker.quant import fp8_block_table, fp8_table, mxfp4_pairs, mxfp4
 assert torch.backends.cpu.get_cpu_capability() == "AVX2"
 for threads in (1, 3):
     k = dk.load("c", Path(sys.argv[1]) / str(threads), threads, check=matvec_checks.check_exact)
-    assert k.exact_order == "aten-avx2" and k.matvec_exact_fp8 and k.matvec_exact_mxfp4, vars(k)
+    assert k.exact_order == "aten-avx2" and k.matvec_exact_fp8 and k.matvec_exact_mxfp4 \
+        and k.matvec_exact_mxfp4_xw, vars(k)
     gen = torch.Generator().manual_seed(threads)
     table = fp8_table()
     for m, rows, cols, br, bc in ((1, 256, 1024, 128, 128), (2, 96, 3584, 32, 128), (3, 40, 640, 8, 64),
@@ -94,11 +95,13 @@ for threads in (1, 3):
         x[:, 0] = x[:, -1] = 2.0 ** 20
         x = x.to(torch.bfloat16)
         out = torch.empty(m, rows)
-        assert k.matvec_mxfp4(blocks, scales, x, out, exact=True)
+        assert k.matvec_mxfp4(blocks, scales, x, out, exact=True, xw=True)
         assert torch.equal(out.to(torch.bfloat16), x @ weight), (m, rows, cols)
         assert not torch.equal(F.linear(x, weight.T.contiguous()), x @ weight), "the probe tells no order apart"
+        assert k.matvec_mxfp4(blocks, scales, x, out, exact=True)  # an [out, in] module's: ATen's dots
+        assert torch.equal(out.to(torch.bfloat16), F.linear(x, weight.T.contiguous())), (m, rows, cols)
         scales[0, 0] = 253
-        assert not k.matvec_mxfp4(blocks, scales, x, out, exact=True)  # a scale it does not compute: declined
+        assert not k.matvec_mxfp4(blocks, scales, x, out, exact=True, xw=True)  # a scale it does not compute: declined
 # a kernel summing in another order is refused, and FP8 slots are then dequantized first
 other = types.SimpleNamespace(matvec=k.matvec,
                               matvec_fp8=lambda *a, exact=False, **kw: k.matvec_fp8(*a, **kw))
@@ -108,6 +111,14 @@ except dk.KernelError as exc:
     assert "products differ" in str(exc)
 else:
     raise AssertionError("an FP8 kernel in another order passed the exact check")
+for xw in (False, True):  # an MXFP4 kernel in another order (the fast one) is refused too
+    other = types.SimpleNamespace(matvec_mxfp4=lambda *a, exact=False, xw=False, **kw: k.matvec_mxfp4(*a, **kw))
+    try:
+        matvec_checks._check_exact_mxfp4(other, xw)
+    except dk.KernelError as exc:
+        assert "differ" in str(exc)
+    else:
+        raise AssertionError("an MXFP4 kernel in another order passed the exact check")
 print("ok")
 """
 
@@ -116,8 +127,8 @@ def test_exact_kernels_give_torchs_avx2_products(avx2_env, tmp_path):
     """bfloat16 products (``check_exact``) and FP8 slots multiplied in place, bit for bit as ``F.linear`` of the
     dequantized weight, 1-4 and 16 input rows, 1 and 3 threads, zero/subnormal bytes and a scale outside the
     shortcut's range; the fast kernel's order is told apart by the same inputs, and refused by the check. MXFP4
-    slots bit for bit as ``x @ W`` of the ``[in, out]`` dequantized weight (GPT-OSS's own shapes among them), a
-    scale byte it does not compute declined."""
+    slots bit for bit as ``x @ W`` of the ``[in, out]`` dequantized weight (GPT-OSS's own shapes among them) and as
+    ``F.linear`` of the ``[out, in]`` one, a scale byte it does not compute declined."""
     assert run_avx2(KERNELS, avx2_env, str(tmp_path)).strip().endswith("ok")
 
 
@@ -147,6 +158,40 @@ def test_quantized_checkpoint_served_in_place_equals_transformers_on_avx2(avx2_e
     for name, value in avx2_env.items():
         monkeypatch.setenv(name, value)
     with Stack(path, state_dir, expert_memory="25%") as stack:
+        got = stack.generate_all(prompts, new)
+        log = stack.worker_log.read_text()
+    assert "multiply the quantized slots in place" in log, log[-2000:]
+    assert "decode steps' products on the quantized slots in place by matvec_exact.c" in log, log[-2000:]
+    assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
+    assert got == expected
+
+
+ROUND_TRIP = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+from services.bench.quality import round_trip
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model.generation_config.eos_token_id = None
+round_trip(model, sys.argv[1], "mxfp4", sys.argv[4])
+prompts = json.loads(sys.argv[2])
+print(json.dumps([model.generate(torch.tensor([p]), max_new_tokens=int(sys.argv[3]), do_sample=False,
+                                 pad_token_id=0)[0, len(p):].tolist() for p in prompts]))
+"""
+
+
+def test_compressed_mxfp4_of_out_in_experts_served_in_place_on_avx2(avx2_env, tmp_path, state_dir, monkeypatch):
+    """memd's ``--expert-format mxfp4`` of a bf16 Mixtral (``[out, in]`` experts, which torch multiplies by its dot
+    products): decode steps multiply the MXFP4 slots in place in ATen's dot order, and greedy tokens equal
+    transformers' with the same round-tripped experts, torch on its AVX2 kernels in both."""
+    path = write_family("mixtral", tmp_path / "m", dtype="bfloat16")
+    prompts, new = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))], 16
+    expected = json.loads(run_avx2(ROUND_TRIP, avx2_env, str(path), json.dumps(prompts), str(new),
+                                   str(tmp_path / "reference-cache")))
+    for name, value in avx2_env.items():
+        monkeypatch.setenv(name, value)
+    with Stack(path, state_dir, expert_memory="25%", extra_memd=("--expert-format", "mxfp4")) as stack:
         got = stack.generate_all(prompts, new)
         log = stack.worker_log.read_text()
     assert "multiply the quantized slots in place" in log, log[-2000:]

@@ -217,3 +217,16 @@ def test_quantized_kernels_whose_bits_differ_are_turned_off(exact_kernels, monke
         onednn_order.check(kernels)
     assert not kernels.matvec_exact_onednn_mxfp4 and not kernels.matvec_exact_onednn_fp8
     assert "exact MXFP4 kernel's products differ" in caplog.text and "exact FP8 kernel's products differ" in caplog.text
+
+
+def test_an_exact_quantized_product_without_onednns_block_is_refused(exact_kernels):
+    """Where torch sums in oneDNN's order, ``exact`` without its column block would be ATen's AVX2 order: refused."""
+    if exact_kernels.exact_order != "onednn":
+        pytest.skip("torch sums with ATen's AVX2 order here")
+    x, out = torch.zeros(1, 64, dtype=torch.bfloat16), torch.empty(1, 16)
+    with pytest.raises(ValueError, match="without oneDNN's column block"):
+        exact_kernels.matvec_fp8(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(1, 1), torch.zeros(256),
+                                 (16, 64), x, out, exact=True)
+    with pytest.raises(ValueError, match="without oneDNN's column block"):
+        exact_kernels.matvec_mxfp4(torch.zeros(16, 2, 16, dtype=torch.uint8), torch.full((16, 2), 127,
+                                   dtype=torch.uint8), x, out, exact=True)

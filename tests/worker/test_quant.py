@@ -1,6 +1,8 @@
 """services/worker/quant.py against transformers' own dequantization, bit for bit, in every parameter dtype:
 MXFP4 against ``convert_moe_packed_tensors`` (integrations/mxfp4.py), block FP8 against ``Fp8Dequantize``
 (integrations/finegrained_fp8.py); scratch rows are reused and bounded."""
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -140,3 +142,29 @@ def test_experts_in_groups_give_the_bits_of_one_call(tokens, weights_dtype):
     got = in_expert_groups(forward, experts, 2, hidden, index, weights)
     assert torch.equal(got, grouped_mm_experts_forward(module, hidden, index, weights))
     assert sorted(e for c in calls for e in c) == experts.tolist() and max(map(len, calls)) == 2
+
+
+def _param(fmt: str, shape, blocks=None):
+    values = torch.empty(1, shape[0], shape[1] // 32, 16) if fmt == "mxfp4" else torch.empty(1, *shape)
+    return types.SimpleNamespace(dtype=torch.bfloat16, format=fmt, values=values, shape=shape, blocks=blocks)
+
+
+def test_direct_routes_each_format_and_order_to_the_kernel_that_sums_as_torch():
+    """``QuantParam.direct``: oneDNN's order takes its own FP8/MXFP4 kernels; ATen's AVX2 order takes FP8 ``[out,
+    in]`` and MXFP4 by layout (``[in, out]``: the ``x @ W`` kernel; ``[out, in]``: the dot kernel, K a multiple of
+    64); exact without a found order, or a checked kernel missing, takes the dequantized rows."""
+    every = dict(matvec_exact_onednn_fp8=True, matvec_exact_onednn_mxfp4=True, matvec_exact_fp8=True,
+                 matvec_exact_mxfp4=True, matvec_exact_mxfp4_xw=True, matvec_fp8_fast=True, matvec_mxfp4_fast=True)
+    fp8, mx, mx_odd = _param("fp8", (256, 512), (2, 128, 4, 128)), _param("mxfp4", (64, 512)), _param("mxfp4", (64, 96))
+
+    def direct(param, order, transposed, exact=True, **off):
+        kernels = types.SimpleNamespace(**(every | dict.fromkeys(off, False)), exact_order=order)
+        return bool(QuantParam.direct(param, kernels, transposed, exact))
+    assert direct(fp8, "onednn", False) and direct(mx, "onednn", True) and direct(mx, "onednn", False)
+    assert direct(fp8, "aten-avx2", False) and not direct(fp8, "aten-avx2", True)
+    assert not direct(fp8, "aten-avx2", False, matvec_exact_fp8=0)
+    assert direct(mx, "aten-avx2", True) and not direct(mx, "aten-avx2", True, matvec_exact_mxfp4_xw=0)
+    assert direct(mx, "aten-avx2", False) and not direct(mx, "aten-avx2", False, matvec_exact_mxfp4=0)
+    assert not direct(mx_odd, "aten-avx2", False) and direct(mx_odd, "aten-avx2", True)
+    assert not direct(fp8, None, False) and not direct(mx, None, True)
+    assert direct(fp8, None, False, exact=False) and direct(mx, "aten-avx2", False, exact=False)
