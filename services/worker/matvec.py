@@ -39,6 +39,8 @@ from services.worker import layouts, onednn_order
 
 log = logging.getLogger("moeinf.worker")
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
+XW_MAX_TOKENS = 1024  # ... for [in, out] MXFP4 experts in ATen's AVX2 x @ W order, prompts too: ATen's plain gemm
+#                       sums every row alike, ~10x slower than the kernel (matvec_checks checks up to 256 rows)
 EXACT_DENSE_ROWS = 16  # rows a dense linear gives the exact kernel (a batch of decode steps; torch reads the weight
 #                        once per row there, the kernel once in all; ``check_exact`` covers this many)
 
@@ -115,20 +117,20 @@ def forward(module, hidden_states, top_k_index, top_k_weights, matvec: Matvec | 
     return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
 
 
-def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear):
+def decode_forward(module, hidden_states, top_k_index, top_k_weights, linear, max_tokens: int = MAX_TOKENS):
     """The experts forward with ``linear(name, expert, x)`` for each product (``top_k_index`` holds what ``linear``
-    takes as ``expert``), or None when the step routes more than ``MAX_TOKENS`` tokens to an expert, is not
+    takes as ``expert``), or None when the step routes more than ``max_tokens`` tokens to an expert, is not
     bfloat16, or ``linear`` declines a product."""
     if hidden_states.dtype != torch.bfloat16 or getattr(module, "_is_expert_parallel", False):
         return None
     flat = top_k_index.reshape(-1)
-    if flat.numel() > 2 * MAX_TOKENS and int(torch.bincount(flat).max()) > MAX_TOKENS:
+    if flat.numel() > 2 * max_tokens and int(torch.bincount(flat).max()) > max_tokens:
         return None  # a prompt step: one tensor op decides, not a Python loop over its tokens
     num_tokens, k = top_k_index.shape
     samples: dict[int, list[int]] = {}  # expert (slot) -> its (token, k) pairs, flat
     for s, expert in enumerate(flat.tolist()):
         samples.setdefault(expert, []).append(s)
-    if max(map(len, samples.values())) > MAX_TOKENS:
+    if max(map(len, samples.values())) > max_tokens:
         return None
     out = torch.empty(num_tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
     try:
@@ -160,7 +162,8 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     ``plain``: the other parameters' slot views, biases): each product reads the slot's FP8 or MXFP4 bytes and
     scales, turns them into bfloat16 in registers with the dequantization's bits and multiplies
     (``Kernels.matvec_fp8`` / ``matvec_mxfp4``); nothing is dequantized. ``table``: ``quant.fp8_table()``. None for a
-    prompt step, when an MXFP4 scale is one the kernel does not compute, or (exact) a shape whose order is not found."""
+    prompt step (but ``[in, out]`` MXFP4 experts in ATen's AVX2 order, up to ``XW_MAX_TOKENS`` tokens to one), when
+    an MXFP4 scale is one the kernel does not compute, or (exact) a shape whose order is not found."""
     kernels = mv.kernels
     blocks = {}  # exact: oneDNN's block per (parameter, input rows), all found before any product
     if mv.blocks is not None:
@@ -185,9 +188,14 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
             raise RuntimeError(f"the FP8 matrix-vector kernel refused {name} {list(q.shape)}")
         out = out.to(torch.bfloat16)
         return out.add_(plain[name + "_bias"][slot]) if module.has_bias else out
-    out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear)
+    xw = mv.exact and mv.blocks is None and module.is_transposed \
+        and all(q.format == "mxfp4" for q in quantized.values())
+    out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear,
+                         XW_MAX_TOKENS if xw else MAX_TOKENS)
     if out is not None:
-        mv.note("decode steps' products on the quantized slots in place")
+        many = len(top_k_index) > MAX_TOKENS
+        mv.note("products of steps of more than 4 tokens (prompts) on the quantized slots in place" if many
+                else "decode steps' products on the quantized slots in place")
     return out
 
 
