@@ -82,7 +82,6 @@ class Kernels(MatvecCalls):
         for name in ("moeinf_mv_exact_mxfp4_nt", "moeinf_mv_exact_xw_mxfp4"):  # ... from MXFP4 slots (and x @ W's)
             getattr(lib, name).argtypes = lib.moeinf_mv_mxfp4_nt.argtypes
             getattr(lib, name).restype = ctypes.c_int
-        self.matvec_exact_xw = bool(lib.moeinf_mv_exact_xw_avx2())
         lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
         self.matvec_exact_onednn = bool(lib.moeinf_mv_exact_onednn())  # oneDNN's order (AVX-512 BF16; else absent)

@@ -23,7 +23,8 @@ read it once, in place in the pool slot (``dequant_kernel.Kernels.matvec``). Two
 the same gating (the module's own ``_apply_gate``/``act_fn``), bias adds, optional post-expert norm, routing weights
 and per-token sum, in the same dtypes and order. ``wrap_dense`` does the same for the dense linears' decode rows
 (attention projections, LM head; not the routers). Steps that route more than ``MAX_TOKENS`` tokens to one expert
-(prompts) and dtypes other than bfloat16 take the grouped matmul, unchanged.
+(prompts; but ``XW_MAX_TOKENS`` for ``[in, out]`` MXFP4 experts in ATen's AVX2 order) and dtypes other than
+bfloat16 take the grouped matmul, unchanged.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from services.worker import layouts, onednn_order
 log = logging.getLogger("moeinf.worker")
 MAX_TOKENS = 4  # tokens routed to one expert that the kernel takes (more: a matmul, oneDNN's own ground)
 XW_MAX_TOKENS = 1024  # ... for [in, out] MXFP4 experts in ATen's AVX2 x @ W order, prompts too: ATen's plain gemm
-#                       sums every row alike, ~10x slower than the kernel (matvec_checks checks up to 256 rows)
+#                       sums every row alike, ~10x slower than the kernel (matvec_checks checks up to 1024 rows)
 EXACT_DENSE_ROWS = 16  # rows a dense linear gives the exact kernel (a batch of decode steps; torch reads the weight
 #                        once per row there, the kernel once in all; ``check_exact`` covers this many)
 
@@ -75,11 +76,11 @@ class Matvec:
         self.kernels.matvec(weight, x, out, exact=self.exact, block=block)
         return out
 
-    def note(self, what: str) -> None:
-        """Say once that the kernel computed ``what`` (a decode step's first use of each path)."""
+    def note(self, what: str, by: str = "") -> None:
+        """Say once that the kernel (``by``: that file) computed ``what`` (a decode step's first use of each path)."""
         if what not in self.noted:
             self.noted.add(what)
-            log.info("--matvec-kernel: %s by %s", what, "matvec_exact.c" if self.exact else "matvec.c")
+            log.info("--matvec-kernel: %s by %s", what, by or ("matvec_exact.c" if self.exact else "matvec.c"))
 
     def linear(self, weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
         """``x @ weight.T`` (``x @ weight`` when ``transposed``) rounded to bfloat16, then ``+ bias`` in bfloat16:
@@ -193,9 +194,9 @@ def quantized_forward(module, quantized: dict, plain: dict, mv: Matvec, table: t
     out = decode_forward(module, hidden_states, slot_of[top_k_index], top_k_weights, linear,
                          XW_MAX_TOKENS if xw else MAX_TOKENS)
     if out is not None:
-        many = len(top_k_index) > MAX_TOKENS
-        mv.note("products of steps of more than 4 tokens (prompts) on the quantized slots in place" if many
-                else "decode steps' products on the quantized slots in place")
+        many = xw and len(top_k_index) > MAX_TOKENS
+        mv.note(f"products of steps of more than {MAX_TOKENS} tokens (prompts) on the quantized slots in place" if many
+                else "decode steps' products on the quantized slots in place", "matvec_exact_xw.c" if xw else "")
     return out
 
 

@@ -119,7 +119,7 @@ def _check_exact_fp8(kernels) -> None:
 def _check_exact_mxfp4(kernels, xw: bool) -> None:
     """The AVX2 exact kernels on MXFP4 slots give, bit for bit, torch's products of the dequantized weight: ``xw``,
     ``x @ W`` for the ``[in, out]`` weight (as transformers holds GPT-OSS's experts; and its grouped matmul), else
-    ``F.linear`` for the ``[out, in]`` one; 1-4 and 16 input rows (``xw``: 64 and 256 too), GPT-OSS's width, on
+    ``F.linear`` for the ``[out, in]`` one; 1-4 and 16 input rows (``xw``: up to 1024), GPT-OSS's width, on
     inputs where another order rounds otherwise (a large product at the first input cancelled at the last); and
     with one-hot inputs each output is the dequantization's weight, for every code under scale bytes 2..252."""
     from services.worker.quant import mxfp4_pairs, mxfp4_reference
@@ -128,7 +128,7 @@ def _check_exact_mxfp4(kernels, xw: bool) -> None:
     from transformers.integrations.moe import _grouped_mm
 
     shapes = ((1, 64, 512), (2, 40, 192), (3, 16, 1024), (4, 24, 256), (EXACT_DENSE_ROWS, 8, 128), (1, 128, 2880))
-    for m, rows, cols in shapes + (((64, 32, 2880), (256, 16, 256)) if xw else ()):  # (x @ W: prompts' too)
+    for m, rows, cols in shapes + (((64, 32, 2880), (256, 16, 256), (1024, 8, 64)) if xw else ()):  # (prompts')
         blocks = torch.randint(0, 256, (rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
         blocks[:, 0, 0] = (blocks[:, 0, 0] & 0xF0) | 0x2  # +1 (code 2) at the first input, -1 (code 10) at the last
         blocks[:, -1, -1] = (blocks[:, -1, -1] & 0x0F) | 0xA0

@@ -5,8 +5,9 @@
  * Without oneDNN's bfloat16 kernels torch computes ``x @ W`` with ATen's plain gemm: for each output o, four partial
  * sums in float32, partial k taking the products x[i] * W[i][o] of the inputs i = k mod 4 in increasing order (the
  * last i % 4 inputs into partial 0), then ((p0 + p1) + p2) + p3. The product of two bfloat16 values is exact in
- * float32 unless it falls below 2^-126, so an FMA gives the same sums (but for such a product's last bits, far
- * below what the bfloat16 result keeps). Here W[i][o] is weight row o of an MXFP4 parameter stored ``[out, in]`` (``blocks`` [rows][in
+ * float32 unless it falls below 2^-126, so an FMA gives the same sums but where such a product's rounding (which
+ * the FMA skips) would change a sum: a scale byte near 2 times tiny inputs, in principle; the start-up check
+ * covers scale 2. Here W[i][o] is weight row o of an MXFP4 parameter stored ``[out, in]`` (``blocks`` [rows][in
  * / 32][16] bytes, row stride ld; ``scales`` [rows][in / 32] bytes, row stride lds), decoded in registers with the
  * dequantization's bits (a magnitude of the E2M1 table times 2^(scale - 127), exact for scale bytes 2..252, and the
  * code's sign). One 8-lane vector holds the four partial sums of two rows; per 4 inputs, the two rows' 16-byte
@@ -23,8 +24,6 @@
 #endif
 #define XW_PAIRS 4  /* pairs of rows side by side (8 accumulators with two rows of x) */
 #define XW_X 2      /* rows of x per pass */
-
-int moeinf_mv_exact_xw_avx2(void) { return XW_AVX2; }
 
 #if XW_AVX2
 static inline float xw_f32(uint16_t v) {

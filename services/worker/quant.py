@@ -138,8 +138,9 @@ class QuantParam:
         if self.dtype != torch.bfloat16:
             return False
         if self.format == "mxfp4":  # (ATen's: its x @ W order for [in, out] parameters, its dots for [out, in])
-            aten = kernels.matvec_exact_mxfp4_xw if transposed else \
-                kernels.matvec_exact_mxfp4 and self.values.shape[-2] % 2 == 0
+            rows, groups = self.values.shape[-3:-1]
+            aten = kernels.matvec_exact_mxfp4_xw and rows % 2 == 0 and groups * 32 <= 16384 if transposed else \
+                kernels.matvec_exact_mxfp4 and groups % 2 == 0
             usable = kernels.matvec_exact_onednn_mxfp4 if order == "onednn" else aten if order == "aten-avx2" \
                 else not exact and kernels.matvec_mxfp4_fast
             return usable and self.values.shape[-1] == 16
@@ -271,8 +272,8 @@ class Dequantizer:
     def use(self, mv: Matvec | None, module) -> None:
         """``--matvec-kernel``: decode steps' products by the kernel, straight from the slots for block-FP8 experts
         in layouts the FP8 kernel takes (nothing dequantized, nothing written; ``exact``: in oneDNN's order,
-        ``matvec_onednn.c``, FP8 and MXFP4, or ATen's AVX2 one, ``matvec_exact.c``, FP8), else on the dequantized
-        rows."""
+        ``matvec_onednn.c``, FP8 and MXFP4, or ATen's AVX2 ones, ``matvec_exact.c`` and ``matvec_exact_xw.c``, FP8
+        and MXFP4), else on the dequantized rows."""
         self.matvec = mv
         names = {"gate_up_proj" if module.has_gate else "up_proj", "down_proj"}
         exact = mv is not None and mv.exact
@@ -326,8 +327,8 @@ class Dequantizer:
                               self.matvec if use_matvec else None)
 
     def _direct(self, module, experts: torch.Tensor, slots: list[int], hidden_states, top_k_index, top_k_weights):
-        """The decode forward on the quantized slots themselves, or None (a prompt step; an MXFP4 scale the kernel
-        does not compute)."""
+        """The decode forward on the quantized slots themselves, or None (a prompt step, but GPT-OSS's on AVX2; an
+        MXFP4 scale the kernel does not compute)."""
         return matvec.quantized_forward(module, self.quantized, self.plain, self.matvec, self.fp8_values, experts,
                                         slots, hidden_states, top_k_index, top_k_weights)
 

@@ -161,9 +161,10 @@ def test_quantized_checkpoint_served_in_place_equals_transformers_on_avx2(avx2_e
         got = stack.generate_all(prompts, new)
         log = stack.worker_log.read_text()
     assert "multiply the quantized slots in place" in log, log[-2000:]
-    assert "decode steps' products on the quantized slots in place by matvec_exact.c" in log, log[-2000:]
+    by = "matvec_exact_xw.c" if fmt == "mxfp4" else "matvec_exact.c"
+    assert f"decode steps' products on the quantized slots in place by {by}" in log, log[-2000:]
     if fmt == "mxfp4":  # GPT-OSS's [in, out] experts: prompts in place too (ATen sums x @ W alike for any rows)
-        assert "steps of more than 4 tokens (prompts) on the quantized slots in place by matvec_exact.c" in log, \
+        assert "steps of more than 4 tokens (prompts) on the quantized slots in place by matvec_exact_xw.c" in log, \
             log[-2000:]
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert got == expected
