@@ -97,12 +97,12 @@ static float dot_exact(const uint16_t *w, const float *x, int64_t cols) {
 
 #if MVX_AVX2
 /* Block FP8 weights, decoded in registers into the bfloat16 values the dequantization writes (fp8_lookup.h's
- * fp8_f32_bf16(table[byte] * scale)), then summed as above. Within a block whose scale is a positive normal number
- * away from float32's limits, a byte S.EEEE.MMM with E >= 1 has the value 2^(E-7) * (1 + M/8) * scale, and both
- * roundings (the float32 product, then bfloat16) commute with the power of two: its bits are the block's rounded
- * (1 + M/8) * scale (``ref``: 8 entries, E = 7, less 7 in the exponent) with E added to the exponent and S as the
- * sign, 8 values by one permute, one shift, one mask and one add. Bytes with E = 0 (zero, subnormals) or NaN take
- * the table: a block of 64 bytes holding one is decoded by it into ``slow`` first. */
+ * fp8_f32_bf16(table[byte] * scale)), then summed as above. Within a block whose scale lies in 2^-100..2^100
+ * (MVX_SANE), a byte S.EEEE.MMM with E >= 1 has the value 2^(E-7) * (1 + M/8) * scale, and both roundings (the
+ * float32 product, then bfloat16) commute with the power of two: its bits are the block's rounded (1 + M/8) * scale
+ * (``ref``: 8 entries, E = 7, less 7 in the exponent) with E added to the exponent and S as the sign, 8 values by
+ * one byte shuffle, one permute, one shift, one mask and one add. Bytes with E = 0 (zero, subnormals) or NaN, and
+ * blocks with other scales, take the table: a run of 32 bytes holding one is decoded by it into ``slow`` first. */
 #define MVX_SANE(s) ((s) >= 0x1p-100f && (s) <= 0x1p100f)
 
 /* 8 of the 16 bytes in both halves of ``bytes`` (``pick``: which) into their values: each 4-byte lane gets its byte
