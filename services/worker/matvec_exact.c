@@ -146,51 +146,64 @@ static __attribute__((noinline, cold)) void fp8x32_slow(const uint8_t *p, float 
     for (int c = 0; c < 32; c++) out[c] = fp8_bf16_exact(table[p[c]] * s);
 }
 
-/* Half ``half`` of each 64-column block of x . row: accumulators 4 * half .. 4 * half + 3 of dot_exact's 8, which
- * are independent until blocks_sum adds them, so the halves run one after the other with 4 accumulators kept in
- * registers (with 8 and the decoding's registers, the compiler spills them). */
-static void fp8_half_exact(const uint8_t *w, const __m256i *refs, const uint8_t *sane, const float *srow,
-                           const float *table, int64_t per_block, const float *x, int64_t cols, int half,
-                           __m256 *a) {
+/* Half ``half`` of each 64-column block of x . row for ``nx`` rows of x (``x``, row stride ``cols``; inlined with
+ * nx 1 or 2, so that each decoded vector serves both): accumulators 4 * half .. 4 * half + 3 of dot_exact's 8 per
+ * row of x (``a[j]``), which are independent until blocks_sum adds them, so the halves run one after the other with
+ * their accumulators kept in registers (with 8 per row and the decoding's registers, the compiler spills them). */
+static inline __attribute__((always_inline)) void fp8_half_exact(const uint8_t *w, const __m256i *refs,
+                                                                 const uint8_t *sane, const float *srow,
+                                                                 const float *table, int64_t per_block,
+                                                                 const float *x, const int nx, int64_t cols,
+                                                                 int half, __m256 a[][8]) {
     __m256i lo = MVX_PICK(0, 4), hi = MVX_PICK(8, 12), se = _mm256_set1_epi32((int)0x87800000);
     __m256i k[3] = {_mm256_set1_epi8(1), _mm256_set1_epi8(0x7F), _mm256_set1_epi8(8)};
     __asm__("" : "+x"(se), "+x"(k[0]), "+x"(k[1]), "+x"(k[2]));  /* kept in registers, not rebuilt per block */
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 acc[2][4];
+    for (int j = 0; j < nx; j++)
+        for (int q = 0; q < 4; q++) acc[j][q] = _mm256_setzero_ps();
     for (int64_t cb = 0, c0 = 0; c0 < cols; cb++, c0 += per_block) {
         __m256i ref = refs[cb];
         int fast = sane[cb];
         for (int64_t i = c0 + 32 * half; i < c0 + per_block; i += 64) {
             const uint8_t *p = w + i;
-            const float *xi = x + i;
+            __m256 wv[4];
             if (__builtin_expect(fast && fp8_plain32(p, k), 1)) {
                 __m256i b0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
                 __m256i b1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p + 16)));
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xi), fp8x8_exact(b0, lo, ref, se), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), fp8x8_exact(b0, hi, ref, se), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 16), fp8x8_exact(b1, lo, ref, se), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), fp8x8_exact(b1, hi, ref, se), a3);
+                wv[0] = fp8x8_exact(b0, lo, ref, se), wv[1] = fp8x8_exact(b0, hi, ref, se);
+                wv[2] = fp8x8_exact(b1, lo, ref, se), wv[3] = fp8x8_exact(b1, hi, ref, se);
             } else {
                 uint16_t slow[32];
                 fp8x32_slow(p, srow[cb], table, slow);
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(xi), bf16x8_exact(slow), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), bf16x8_exact(slow + 8), a1);
-                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 16), bf16x8_exact(slow + 16), a2);
-                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), bf16x8_exact(slow + 24), a3);
+                for (int q = 0; q < 4; q++) wv[q] = bf16x8_exact(slow + 8 * q);
             }
+            for (int j = 0; j < nx; j++)
+                for (int q = 0; q < 4; q++)
+                    acc[j][q] = _mm256_fmadd_ps(_mm256_loadu_ps(x + j * cols + i + 8 * q), wv[q], acc[j][q]);
         }
     }
-    a[4 * half] = a0, a[4 * half + 1] = a1, a[4 * half + 2] = a2, a[4 * half + 3] = a3;
+    for (int j = 0; j < nx; j++)
+        for (int q = 0; q < 4; q++) a[j][4 * half + q] = acc[j][q];
 }
 
-/* y[j] = x[j] . row for an FP8 row (cols a multiple of 64, one scale per 64 columns), in the order of dot_exact. */
+/* y[j] = x[j] . row for an FP8 row (cols a multiple of 64, one scale per 64 columns), in the order of dot_exact:
+ * two rows of x per pass, each decoded weight used for both. */
 static void fp8_row_exact(const uint8_t *w, const __m256i *refs, const uint8_t *sane, const float *srow,
                           const float *table, int64_t per_block, const float *xf, int64_t m, int64_t cols,
                           float *y, int64_t ldy) {
-    for (int64_t j = 0; j < m; j++) {
-        __m256 a[8];
+    int64_t j = 0;
+    for (; j + 2 <= m; j += 2) {
+        __m256 a[2][8];
         for (int half = 0; half < 2; half++)
-            fp8_half_exact(w, refs, sane, srow, table, per_block, xf + j * cols, cols, half, a);
-        y[j * ldy] = blocks_sum(a);
+            fp8_half_exact(w, refs, sane, srow, table, per_block, xf + j * cols, 2, cols, half, a);
+        y[j * ldy] = blocks_sum(a[0]);
+        y[(j + 1) * ldy] = blocks_sum(a[1]);
+    }
+    if (j < m) {
+        __m256 a[1][8];
+        for (int half = 0; half < 2; half++)
+            fp8_half_exact(w, refs, sane, srow, table, per_block, xf + j * cols, 1, cols, half, a);
+        y[j * ldy] = blocks_sum(a[0]);
     }
 }
 #endif
