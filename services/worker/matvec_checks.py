@@ -148,16 +148,10 @@ def _check_exact_mxfp4(kernels, xw: bool) -> None:
                 or not all(torch.equal(out.to(torch.bfloat16), want) for want in wants):
             raise KernelError(f"the exact MXFP4 matrix-vector kernel's products differ from torch's"
                               f" {'x @ W' if xw else 'F.linear'} here ({m} x {rows} x {cols})")
-    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte under scales 2..252
-    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
-    weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
-    weight = weight.view(torch.bfloat16).view(8, 128).float()
-    x = torch.eye(128, dtype=torch.bfloat16)
-    for lo in range(0, 128, 4):
-        out = torch.empty(4, 8)
-        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out, exact=True, xw=xw) \
-                or not torch.equal(out, weight[:, lo:lo + 4].T):
-            raise KernelError("the exact MXFP4 matrix-vector kernel's weights differ from the dequantization's")
+    blocks, scales = _mxfp4_codes()
+    if not _mxfp4_one_hot(blocks, scales, lambda x, out: kernels.matvec_mxfp4(blocks, scales, x, out, exact=True,
+                                                                            xw=xw)):
+        raise KernelError("the exact MXFP4 matrix-vector kernel's weights differ from the dequantization's")
 
 
 def order_probe(gen: torch.Generator, m: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,18 +215,32 @@ def _check_fp8(kernels) -> None:
 def _check_mxfp4(kernels) -> None:
     """The MXFP4 kernel's weights are the dequantization's bits (one-hot inputs, every code under scales 2..252),
     and a scale outside that range is declined."""
+    blocks, scales = _mxfp4_codes()
+    if not _mxfp4_one_hot(blocks, scales, lambda x, out: kernels.matvec_mxfp4(blocks, scales, x, out)):
+        raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
+                          " used")
+    scales[3, 1] = 253
+    if kernels.matvec_mxfp4(blocks, scales, torch.eye(1, 128, dtype=torch.bfloat16), torch.empty(1, 8)):
+        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")
+
+
+def _mxfp4_codes() -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 ``(blocks [8, 4, 16], scales [8, 4])``: every byte twice, under scale bytes 2..252."""
+    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)
+    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
+    return blocks, scales
+
+
+def _mxfp4_one_hot(blocks: torch.Tensor, scales: torch.Tensor, product) -> bool:
+    """Does ``product(x, out)`` (x: 4 one-hot bfloat16 rows of 128) give each weight of ``blocks`` under ``scales``
+    exactly as the dequantization does, for all 128 columns?"""
     from services.worker.quant import mxfp4_pairs, mxfp4_reference
 
-    blocks = torch.arange(256, dtype=torch.uint8).repeat(2).view(8, 4, 16)  # every byte, twice
-    scales = torch.tensor([2, 60, 126, 127, 128, 200, 251, 252] * 4, dtype=torch.uint8).view(8, 4)
     weight = mxfp4_reference(blocks.view(-1, 16), scales.view(-1), mxfp4_pairs(torch.bfloat16))
     weight = weight.view(torch.bfloat16).view(8, 128).float()
     x = torch.eye(128, dtype=torch.bfloat16)
     for lo in range(0, 128, 4):
         out = torch.empty(4, 8)
-        if not kernels.matvec_mxfp4(blocks, scales, x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
-            raise KernelError("the built MXFP4 matrix-vector kernel's weights differ from the dequantization's: not"
-                              " used")
-    scales[3, 1] = 253
-    if kernels.matvec_mxfp4(blocks, scales, x[:1], torch.empty(1, 8)):
-        raise KernelError("the built MXFP4 matrix-vector kernel took a scale it cannot compute: not used")
+        if not product(x[lo:lo + 4], out) or not torch.equal(out, weight[:, lo:lo + 4].T):
+            return False
+    return True

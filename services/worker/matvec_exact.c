@@ -26,6 +26,13 @@
 int moeinf_mv_exact_avx2(void) { return MVX_AVX2; }
 
 #if MVX_AVX2
+static void widen(const uint16_t *x, int64_t n, float *xf) {  /* n bfloat16 values into float32, exactly */
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &bits, 4);
+    }
+}
+
 static inline __m256 bf16x8_exact(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -263,10 +270,7 @@ int moeinf_mv_exact_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *s
     float *xf = malloc((size_t)(m * cols) * sizeof(float));
     if (xf == NULL)
         return -1;
-    for (int64_t i = 0; i < m * cols; i++) {
-        uint32_t bits = (uint32_t)x[i] << 16;
-        memcpy(xf + i, &bits, 4);
-    }
+    widen(x, m * cols, xf);
     for (int64_t o = lo; o < hi; o++)
         for (int64_t j = 0; j < m; j++) {
             __m256 a[8];
@@ -303,10 +307,7 @@ int moeinf_mv_exact_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, co
         return -1;
     }
     uint8_t *sane = (uint8_t *)(xf + m * cols);
-    for (int64_t i = 0; i < m * cols; i++) {
-        uint32_t bits = (uint32_t)x[i] << 16;
-        memcpy(xf + i, &bits, 4);
-    }
+    widen(x, m * cols, xf);
     int64_t rb = -1;
     for (int64_t o = lo; o < hi; o++) {
         if (o / block_r != rb)
@@ -330,10 +331,7 @@ int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t
     float *xf = malloc((size_t)(m * cols) * sizeof(float) + 32);
     if (xf == NULL)
         return -1;
-    for (int64_t i = 0; i < m * cols; i++) {
-        uint32_t bits = (uint32_t)x[i] << 16;
-        memcpy(xf + i, &bits, 4);
-    }
+    widen(x, m * cols, xf);
     int64_t o = lo;
     for (; o + MVX_ROWS <= hi; o += MVX_ROWS)
         for (int64_t j = 0; j < m; j++)
