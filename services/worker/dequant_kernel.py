@@ -17,7 +17,9 @@ bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``): ``fast`` 
 within a rounding tolerance (its sums are added in another order than torch's: not bit-equal by design), ``exact``
 (the default where it holds) against torch's own products, bit for bit; and ``attention.c`` (``decode_attention.py``).
 
-Each call releases the GIL (ctypes), so with ``--threads N`` an expert's rows are split over N threads."""
+Each call releases the GIL (ctypes). With ``--threads N`` a matrix-vector call's output rows are shared among N
+threads inside C (``parallel.h``: OpenMP on the runtime torch already loaded, so they are torch's own threads; built
+without OpenMP, and for the dequantization and attention kernels, Python's threads split the call)."""
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +45,11 @@ log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_exact_xw.c", "matvec_onednn.c",
                              "attention.c"))
-HEADERS = tuple(Path(__file__).with_name(h) for h in ("fp8_lookup.h", "mxfp4_decode.h"))  # (part of the build's key)
+HEADERS = tuple(Path(__file__).with_name(h)  # (part of the build's key)
+                for h in ("fp8_lookup.h", "mxfp4_decode.h", "parallel.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
+OPENMP = "-fopenmp"  # the matrix-vector kernels share their rows among torch's own threads (parallel.h); without it
+#                      (a compiler with no OpenMP runtime) the library is built plain and Python splits the calls
 NAMES = " and ".join(path.name for path in SOURCES)
 MODES = ("auto", "c", "torch")
 _P = ctypes.c_void_p
@@ -66,15 +71,18 @@ class Kernels(MatvecCalls):
             getattr(lib, name).argtypes = [_P, _P, _P, _I, _I, _I, _I, _I]
         # FP8 -> bfloat16 computed with AVX2 where the lookup is the scalar gather (no AVX-512 shuffles): 1.3-1.4x it
         self.fp8_direct = bool(lib.moeinf_fp8_direct_fast()) and not lib.moeinf_fp8_lookup_fast()
-        lib.moeinf_mv_bf16_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
+        # the matrix-vector kernels end with the threads to share their rows among (1 without OpenMP: Python splits)
+        self.openmp = bool(lib.moeinf_openmp())
+        lib.moeinf_mv_bf16_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_bf16_nt.restype = ctypes.c_int
         self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 or AVX2+FMA (else plain C, slower than oneDNN)
-        lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_fp8_nt.restype = ctypes.c_int
         self.matvec_fp8_fast = bool(lib.moeinf_mv_fp8_fast())  # AVX-512 BF16 and VBMI, or AVX2+FMA
-        lib.moeinf_mv_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_mxfp4_nt.restype = ctypes.c_int
         self.matvec_mxfp4_fast = bool(lib.moeinf_mv_mxfp4_fast())
-        lib.moeinf_mv_exact_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I]
+        lib.moeinf_mv_exact_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_exact_nt.restype = ctypes.c_int
         self.matvec_exact_avx2 = bool(lib.moeinf_mv_exact_avx2())  # torch's AVX2 summation order (else absent)
         lib.moeinf_mv_exact_fp8_nt.argtypes = lib.moeinf_mv_fp8_nt.argtypes  # ... from FP8 slots
@@ -82,14 +90,14 @@ class Kernels(MatvecCalls):
         for name in ("moeinf_mv_exact_mxfp4_nt", "moeinf_mv_exact_xw_mxfp4"):  # ... from MXFP4 slots (and x @ W's)
             getattr(lib, name).argtypes = lib.moeinf_mv_mxfp4_nt.argtypes
             getattr(lib, name).restype = ctypes.c_int
-        lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I, _I]
         lib.moeinf_mv_onednn_nt.restype = ctypes.c_int
         self.matvec_exact_onednn = bool(lib.moeinf_mv_exact_onednn())  # oneDNN's order (AVX-512 BF16; else absent)
-        lib.moeinf_mv_onednn_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_fp8_nt.argtypes = [_P, _I, _P, _P, _I, _I, _P, _I, _I, _I, _I, _P, _I, _I, _I]
         lib.moeinf_mv_onednn_fp8_nt.restype = ctypes.c_int
         self.matvec_exact_onednn_fp8 = bool(lib.moeinf_mv_exact_onednn_fp8())  # ... from FP8 slots (and VBMI)
         self.matvec_exact_onednn_mxfp4 = bool(lib.moeinf_mv_exact_onednn_mxfp4())  # ... from MXFP4 slots (and VBMI)
-        lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I]
+        lib.moeinf_mv_onednn_mxfp4_nt.argtypes = [_P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I]
         lib.moeinf_mv_onednn_mxfp4_nt.restype = ctypes.c_int
         self.exact_order: str | None = None  # whose order the exact kernel reproduces here: check_exact's
         self.matvec_exact_fp8 = False  # ATen's AVX2 order from FP8 slots: matvec_checks.check_exact's
@@ -142,6 +150,15 @@ class Kernels(MatvecCalls):
         self.split((rows + block_r - 1) // block_r,
                     lambda lo, hi: fn(v, s, o, lo * block_r, min(rows, hi * block_r) - lo * block_r, cols, block_r,
                                       block_c))
+
+    def rows(self, n: int, run, align: int = 1) -> None:
+        """``run(lo, hi, threads)`` for a matrix-vector kernel's ``n`` output rows: one call that shares them among
+        ``threads`` in C (parallel.h, in runs of ``align`` rows as the kernel cuts them there), or, without OpenMP,
+        ``split`` among Python's threads."""
+        if self.openmp:
+            run(0, n, self.threads)
+        else:
+            self.split(n, lambda lo, hi: run(lo, hi, 1), align)
 
     def split(self, n: int, run, align: int = 1) -> None:
         if self.pool is None or n < 2 * self.threads:
@@ -233,12 +250,11 @@ def build(cache: Path) -> tuple[str, bool]:
     fd, tmp = tempfile.mkstemp(prefix=".dequant-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        try:
-            done = subprocess.run([*cc, *FLAGS, "-I", str(HEADERS[0].parent), "-o", tmp, *map(str, SOURCES)],
-                                  capture_output=True, text=True,
-                                  errors="replace", timeout=120)
-        except subprocess.TimeoutExpired as exc:
-            raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {NAMES}") from exc
+        done = _compile(cc, tmp, OPENMP)
+        if done.returncode != 0:
+            log.info("%s -fopenmp failed (%s): the kernels are built without OpenMP", " ".join(cc),
+                     done.stderr.strip()[-200:])
+            done = _compile(cc, tmp)
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {NAMES}: {done.stderr.strip()[-500:]}")
         os.chmod(tmp, 0o700)  # the linker gives its output the umask's mode
@@ -249,6 +265,14 @@ def build(cache: Path) -> tuple[str, bool]:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return name, True
+
+
+def _compile(cc: list[str], out: str, *extra: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([*cc, *FLAGS, *extra, "-I", str(HEADERS[0].parent), "-o", out, *map(str, SOURCES)],
+                              capture_output=True, text=True, errors="replace", timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise KernelError(f"{' '.join(cc)} took over {exc.timeout:.0f} s to build {NAMES}") from exc
 
 
 def _remove_stale(cache: Path, age_s: float = 600.0) -> None:

@@ -25,16 +25,16 @@ class MatvecCalls:
         w, ld, xp, o = weight.data_ptr(), weight.stride(0), x.data_ptr(), out.data_ptr()
         if not exact:
             fn = self.lib.moeinf_mv_bf16_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows), align=64)
+            self.rows(rows, lambda lo, hi, t: fn(w, ld, xp, m, cols, lo, hi, o, rows, t), align=64)
             return
         failed: list[int] = []
         if block:
             fn = self.lib.moeinf_mv_onednn_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows, block) and failed.append(lo),
-                        align=16)
+            self.rows(rows, lambda lo, hi, t: fn(w, ld, xp, m, cols, lo, hi, o, rows, block, t) and failed.append(lo),
+                      align=16)
         else:
             fn = self.lib.moeinf_mv_exact_nt
-            self.split(rows, lambda lo, hi: fn(w, ld, xp, m, cols, lo, hi, o, rows) and failed.append(lo))
+            self.rows(rows, lambda lo, hi, t: fn(w, ld, xp, m, cols, lo, hi, o, rows, t) and failed.append(lo))
         if failed:
             raise MemoryError(f"matvec_exact.c: no memory for a {m} x {cols} input copy, no AVX2 (AVX-512 BF16 with"
                               f" a block) in this build, or a {cols}-column product in {block}-column blocks")
@@ -65,16 +65,16 @@ class MatvecCalls:
         if exact and not exact_block:
             self._aten_order()
             fn = self.lib.moeinf_mv_exact_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows)))
+            self.rows(rows, lambda lo, hi, n: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                              rows, n)))
         elif exact_block:
             fn = self.lib.moeinf_mv_onednn_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows, exact_block)), align=16)
+            self.rows(rows, lambda lo, hi, n: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                              rows, exact_block, n)), align=16)
         else:
             fn = self.lib.moeinf_mv_fp8_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
-                                                             rows)), align=64)
+            self.rows(rows, lambda lo, hi, n: codes.append(fn(v, ld, s, t, block[0], block[1], xp, m, cols, lo, hi, o,
+                                                              rows, n)), align=64)
         return all(code == 0 for code in codes)
 
     def matvec_mxfp4(self, blocks: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
@@ -103,16 +103,16 @@ class MatvecCalls:
         if exact and not exact_block:  # ATen's orders: its dots, or x @ W for the [in, out] dequantized weight
             self._aten_order()
             fn = self.lib.moeinf_mv_exact_xw_mxfp4 if xw else self.lib.moeinf_mv_exact_mxfp4_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                       align=8 if xw else 1)
+            self.rows(rows, lambda lo, hi, t: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows, t)),
+                      align=8 if xw else 1)
         elif exact_block:
             fn, t = self.lib.moeinf_mv_onednn_mxfp4_nt, pairs.data_ptr()
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
-                                                             exact_block)), align=16)
+            self.rows(rows, lambda lo, hi, n: codes.append(fn(b, ld, s, lds, t, xp, m, groups * 32, lo, hi, o, rows,
+                                                              exact_block, n)), align=16)
         else:
             fn = self.lib.moeinf_mv_mxfp4_nt
-            self.split(rows, lambda lo, hi: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows)),
-                        align=64)
+            self.rows(rows, lambda lo, hi, t: codes.append(fn(b, ld, s, lds, xp, m, groups * 32, lo, hi, o, rows, t)),
+                      align=64)
         return all(code == 0 for code in codes)
 
     def _aten_order(self) -> None:

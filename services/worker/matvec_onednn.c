@@ -13,6 +13,8 @@
  * each 32-column block's bytes across the 16 rows and decodes pair vectors in registers (mxfp4_t16). Nothing else is
  * written. */
 #include <stdint.h>
+
+#include "parallel.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -125,8 +127,8 @@ static uint32_t *pairs_of(const uint16_t *x, int64_t m, int64_t cols, int64_t *h
 
 /* Returns 0, or -1 when this build has no AVX-512 BF16, the shape is not one it takes (cols odd, kb not a multiple
  * of 32) or memory is lacking. */
-int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                        int64_t hi, float *y, int64_t ldy, int64_t kb) {
+static int moeinf_mv_onednn_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
+                                    int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_AVX512
     int64_t half;
     uint32_t *xp = cols % 2 || kb <= 0 || kb % 32 ? NULL : pairs_of(x, m, cols, &half);
@@ -188,9 +190,9 @@ static inline __attribute__((always_inline)) void fp8_rows16(const uint8_t *v, i
  * dequantization's bfloat16, in oneDNN's order. Returns 0, or -1 when this build has no AVX-512 BF16 and VBMI or the
  * layout is not one it takes (widths and column blocks multiples of 64, row blocks and ``lo`` of 16, at most 256
  * column blocks, kb a multiple of 64 up to MVO_STAGE) or memory is lacking. */
-int moeinf_mv_onednn_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
-                            int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi,
-                            float *y, int64_t ldy, int64_t kb) {
+static int moeinf_mv_onednn_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+                                        int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
+                                        int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_FP8
     if (block_c <= 0 || block_r <= 0 || cols % 64 || block_c % 64 || cols % block_c || cols / block_c > 256
         || block_r % 16 || lo % 16 || kb <= 0 || kb % 64 || kb > MVO_STAGE)
@@ -347,9 +349,9 @@ static inline __attribute__((always_inline)) void mxfp4_rows16(const uint8_t *bl
  * does not compute), each weight the dequantization's bfloat16, in oneDNN's order. Returns 0, or -1 when this build
  * has no AVX-512 BF16, the layout is not one it takes (widths and kb multiples of 32, kb up to MVO_STAGE) or memory
  * is lacking. */
-int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
-                              const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                              int64_t hi, float *y, int64_t ldy, int64_t kb) {
+static int moeinf_mv_onednn_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+                                          const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols,
+                                          int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_AVX512
     if (cols % 32 || kb <= 0 || kb % 32 || kb > MVO_STAGE)
         return -1;
@@ -378,4 +380,28 @@ int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *
     (void)y; (void)ldy; (void)kb;
     return -1;
 #endif
+}
+
+/* The exported entry points: rows [lo, hi) shared among ``threads`` threads (parallel.h). */
+int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                        int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads) {
+    int code;
+    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_nt_rows(w, ld, x, m, cols, tlo, thi, y, ldy, kb));
+    return code;
+}
+int moeinf_mv_onednn_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
+                            int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi,
+                            float *y, int64_t ldy, int64_t kb, int64_t threads) {
+    int code;
+    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_fp8_nt_rows(v, ld, scales, table, block_r, block_c, x, m,
+                cols, tlo, thi, y, ldy, kb));
+    return code;
+}
+int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+                              const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                              int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads) {
+    int code;
+    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_mxfp4_nt_rows(blocks, ld, scales, lds, pairs, x, m, cols,
+                tlo, thi, y, ldy, kb));
+    return code;
 }
