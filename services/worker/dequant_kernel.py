@@ -44,7 +44,7 @@ from services.worker.kernel_matvec import MatvecCalls
 log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_exact.c", "matvec_exact_xw.c", "matvec_onednn.c",
-                             "attention.c"))
+                             "matvec_threads.c", "attention.c"))
 HEADERS = tuple(Path(__file__).with_name(h)  # (part of the build's key)
                 for h in ("fp8_lookup.h", "mxfp4_decode.h", "parallel.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")
@@ -72,7 +72,7 @@ class Kernels(MatvecCalls):
         # FP8 -> bfloat16 computed with AVX2 where the lookup is the scalar gather (no AVX-512 shuffles): 1.3-1.4x it
         self.fp8_direct = bool(lib.moeinf_fp8_direct_fast()) and not lib.moeinf_fp8_lookup_fast()
         # the matrix-vector kernels end with the threads to share their rows among (1 without OpenMP: Python splits)
-        self.openmp = bool(lib.moeinf_openmp())
+        self.openmp = bool(lib.moeinf_openmp()) and _torchs_openmp(lib)
         lib.moeinf_mv_bf16_nt.argtypes = [_P, _I, _P, _I, _I, _I, _I, _P, _I, _I]
         lib.moeinf_mv_bf16_nt.restype = ctypes.c_int
         self.matvec_fast = bool(lib.moeinf_mv_fast())  # AVX-512 BF16 or AVX2+FMA (else plain C, slower than oneDNN)
@@ -153,8 +153,8 @@ class Kernels(MatvecCalls):
 
     def rows(self, n: int, run, align: int = 1) -> None:
         """``run(lo, hi, threads)`` for a matrix-vector kernel's ``n`` output rows: one call that shares them among
-        ``threads`` in C (parallel.h, in runs of ``align`` rows as the kernel cuts them there), or, without OpenMP,
-        ``split`` among Python's threads."""
+        ``threads`` in C (``matvec_threads.c``, in the kernel's own runs of rows), or, without OpenMP on torch's
+        runtime, ``split`` among Python's threads in runs of ``align`` rows (the same)."""
         if self.openmp:
             run(0, n, self.threads)
         else:
@@ -252,8 +252,9 @@ def build(cache: Path) -> tuple[str, bool]:
     try:
         done = _compile(cc, tmp, OPENMP)
         if done.returncode != 0:
-            log.info("%s -fopenmp failed (%s): the kernels are built without OpenMP", " ".join(cc),
-                     done.stderr.strip()[-200:])
+            log.warning("%s -fopenmp failed (%s): the kernels are built without OpenMP (Python's threads split their"
+                        " calls; once the compiler has OpenMP, remove %s to rebuild)", " ".join(cc),
+                        done.stderr.strip()[-200:], cache / name)
             done = _compile(cc, tmp)
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {NAMES}: {done.stderr.strip()[-500:]}")
@@ -265,6 +266,22 @@ def build(cache: Path) -> tuple[str, bool]:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return name, True
+
+
+def _torchs_openmp(lib: ctypes.CDLL) -> bool:
+    """Does ``lib`` (built with OpenMP) run on the OpenMP runtime torch uses? Its ``GOMP_parallel`` must be the one
+    torch's own libraries resolve (another package may load a second copy under another name: sentencepiece does; a
+    clang build would bring LLVM's runtime). If not, its calls run on one thread each and Python splits them: two
+    runtimes' spinning threads would fight for the cores."""
+    try:
+        ours = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+        torchs = ctypes.cast(ctypes.CDLL(torch._C.__file__).GOMP_parallel, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        ours, torchs = 0, None
+    if ours != torchs:
+        log.warning("the matrix-vector kernels' OpenMP runtime is not torch's: their calls run on one thread each and"
+                    " Python's threads split them")
+    return ours == torchs
 
 
 def _compile(cc: list[str], out: str, *extra: str) -> subprocess.CompletedProcess:

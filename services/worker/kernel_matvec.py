@@ -1,13 +1,14 @@
 """The compiled matrix-vector kernels' calls (``matvec.c``, ``matvec_exact.c``, ``matvec_exact_xw.c``,
-``matvec_onednn.c``), as methods of ``dequant_kernel.Kernels``: each checks its tensors' layout, splits the output
-rows over ``Kernels.split``'s threads and calls the library (``self.lib``) with the GIL released."""
+``matvec_onednn.c``, entered through ``matvec_threads.c``), as methods of ``dequant_kernel.Kernels``: each checks its
+tensors' layout and calls the library (``self.lib``) with the GIL released, once, the kernel sharing the output rows
+among the threads itself (``Kernels.rows``; without OpenMP on torch's runtime, Python's threads split the call)."""
 from __future__ import annotations
 
 import torch
 
 
 class MatvecCalls:
-    """Mixed into ``dequant_kernel.Kernels``, which provides ``lib`` and ``split``."""
+    """Mixed into ``dequant_kernel.Kernels``, which provides ``lib`` and ``rows``."""
 
     def matvec(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, exact: bool = False,
                block: int = 0) -> None:

@@ -2,8 +2,8 @@
  * dequant.c by services/worker/dequant_kernel.py).
  *
  * y[j][o] = sum_i x[j][i] * w[o * ld + i] for a few input rows x (j < m: the tokens routed to one expert), output
- * rows o in [lo, hi) (the caller splits them over threads), float32 accumulation, float32 out; w is bfloat16 [out,
- * in] (nn.Linear's and most checkpoints' experts), each row contiguous with row stride ld (elements). The weight
+ * rows o in [lo, hi) (matvec_threads.c shares them among threads), float32 accumulation, float32 out; w is bfloat16
+ * [out, in] (nn.Linear's and most checkpoints' experts), each row contiguous with row stride ld (elements). The weight
  * streams from memory once per call, straight from where it lies (a pool slot): no packing, no copy (each block of
  * 8 rows is read again from cache for every second row of x).
  * On CPUs with AVX-512 BF16 the kernel runs VDPBF16PS on 8 rows at once, prefetching the next 8 rows into L2 as
@@ -13,9 +13,10 @@
  * but added in another order: the last bits of a product can differ (matvec.py's callers say so). VDPBF16PS reads
  * subnormal bfloat16 inputs as zero. */
 #include <stdint.h>
+#include <string.h>
 
 #include "parallel.h"
-#include <string.h>
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define MV_FAST 1
@@ -32,11 +33,6 @@
 #define MV_ROWS 8   /* output rows per pass: enough independent streams to keep the memory busy */
 
 int moeinf_mv_fast(void) { return MV_FAST; }
-#ifdef _OPENMP
-int moeinf_openmp(void) { return 1; }  /* the kernels share a call's rows among threads themselves (parallel.h) */
-#else
-int moeinf_openmp(void) { return 0; }
-#endif
 
 static inline float bf16_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -128,7 +124,7 @@ static inline __attribute__((always_inline)) void rows_fma(const uint16_t *w, in
 }
 #endif
 
-static void moeinf_mv_bf16_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
+MOEINF_HIDDEN void moeinf_mv_bf16_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
                                    int64_t lo, int64_t hi, float *y, int64_t ldy) {
     int64_t o = lo;
 #if MV_AVX2
@@ -173,7 +169,7 @@ int moeinf_mv_fp8_fast(void) { return MV8_FAST; }
 #define MV8_ROWS 8
 /* Returns 0, or -1 when the layout is not one it takes (the caller then dequantizes and multiplies). x: [m][cols]
  * bfloat16; table: the 256 float32 values of the FP8 bytes; scales: [grid_r][cols / block_c] float32. */
-static int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+MOEINF_HIDDEN int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
                                  int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
                                  int64_t lo, int64_t hi, float *y, int64_t ldy) {
     if (block_c <= 0 || block_r <= 0)
@@ -246,7 +242,7 @@ static inline __m256 fp8x8_weights(const uint8_t *p, __m256 scale) {
     return _mm256_castsi256_ps(_mm256_blendv_epi8(vb, _mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000)), keep));
 }
 
-static int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+MOEINF_HIDDEN int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
                                  int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
                                  int64_t lo, int64_t hi, float *y, int64_t ldy) {
     (void)table;  /* the values are computed: dequant.c's AVX2 arithmetic, checked against the table by matvec.py */
@@ -280,7 +276,7 @@ static int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scal
     return 0;
 }
 #else
-static int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+MOEINF_HIDDEN int moeinf_mv_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
                                  int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
                                  int64_t lo, int64_t hi, float *y, int64_t ldy) {
     return -1;
@@ -307,7 +303,7 @@ int moeinf_mv_mxfp4_fast(void) { return MX_FAST; }
 
 #if MX_FAST && !MX_AVX2
 #define MX_ROWS 8
-static int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                    const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                                    int64_t ldy) {
     int64_t groups = cols / 32;
@@ -357,7 +353,7 @@ static int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint
 #define MX_ROWS 4
 #define MX_COLS 16384
 
-static int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                    const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                                    int64_t ldy) {
     int64_t groups = cols / 32;
@@ -409,32 +405,9 @@ static int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint
     return 0;
 }
 #else
-static int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                    const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                                    int64_t ldy) {
     return -1;
 }
 #endif
-
-/* The exported entry points: rows [lo, hi) shared among ``threads`` threads (parallel.h). */
-int moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                      int64_t hi, float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 64, (moeinf_mv_bf16_nt_rows(w, ld, x, m, cols, tlo, thi, y, ldy), 0));
-    return code;
-}
-int moeinf_mv_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
-                     int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
-                     int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 64, moeinf_mv_fp8_nt_rows(v, ld, scales, table, block_r, block_c, x, m, cols,
-                tlo, thi, y, ldy));
-    return code;
-}
-int moeinf_mv_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
-                       int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 64, moeinf_mv_mxfp4_nt_rows(blocks, ld, scales, lds, x, m, cols, tlo, thi, y,
-                ldy));
-    return code;
-}

@@ -12,10 +12,10 @@
  * It reads the weight once, in place (a pool slot), 4 rows side by side, at ~1.8x the speed of torch's own call on
  * this path (which widens x again for every output row and reads one row at a time). */
 #include <stdint.h>
-
-#include "parallel.h"
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -259,7 +259,7 @@ static void mx_half_exact(const uint8_t *blocks, const uint8_t *scales, const fl
  * ``scales`` [rows][in / 32] row stride lds), each weight the dequantization's bfloat16 and each sum in ATen's
  * AVX2 dot order (moeinf_mv_exact_nt's). Returns 0; -1 without AVX2 and FMA or memory, for a width that is no
  * multiple of 64, or a scale byte outside 2..252 (the caller dequantizes instead). */
-static int moeinf_mv_exact_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_exact_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                          const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                                          int64_t ldy) {
 #if MVX_AVX2
@@ -294,7 +294,7 @@ static int moeinf_mv_exact_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, cons
  * dequantization's bfloat16 and each sum in ATen's AVX2 order (moeinf_mv_exact_nt's), output rows [lo, hi).
  * Returns 0; -1 without AVX2 and FMA or memory; -2 for a layout it does not take (cols and block_c multiples of
  * 64). */
-static int moeinf_mv_exact_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+MOEINF_HIDDEN int moeinf_mv_exact_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
                                        int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
                                        int64_t lo, int64_t hi, float *y, int64_t ldy) {
 #if MVX_AVX2
@@ -327,7 +327,7 @@ static int moeinf_mv_exact_fp8_nt_rows(const uint8_t *v, int64_t ld, const float
 }
 
 /* Returns 0, or -1 when this build has no AVX2 and FMA, or memory for x's float32 copy is lacking. */
-static int moeinf_mv_exact_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
+MOEINF_HIDDEN int moeinf_mv_exact_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
                                    int64_t lo, int64_t hi, float *y, int64_t ldy) {
 #if MVX_AVX2
     float *xf = malloc((size_t)(m * cols) * sizeof(float) + 32);
@@ -346,27 +346,4 @@ static int moeinf_mv_exact_nt_rows(const uint16_t *w, int64_t ld, const uint16_t
     (void)w; (void)ld; (void)x; (void)m; (void)cols; (void)lo; (void)hi; (void)y; (void)ldy;
     return -1;
 #endif
-}
-
-/* The exported entry points: rows [lo, hi) shared among ``threads`` threads (parallel.h). */
-int moeinf_mv_exact_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
-                             int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 1, moeinf_mv_exact_mxfp4_nt_rows(blocks, ld, scales, lds, x, m, cols, tlo, thi,
-                y, ldy));
-    return code;
-}
-int moeinf_mv_exact_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
-                           int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi,
-                           float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 1, moeinf_mv_exact_fp8_nt_rows(v, ld, scales, table, block_r, block_c, x, m,
-                cols, tlo, thi, y, ldy));
-    return code;
-}
-int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                       int64_t hi, float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 1, moeinf_mv_exact_nt_rows(w, ld, x, m, cols, tlo, thi, y, ldy));
-    return code;
 }

@@ -14,9 +14,9 @@
  * blocks (one in each 128-bit half) give their 4 codes each by one byte shuffle, and an FMA adds them in.
  * matvec_checks.check_exact compares it bit for bit with torch's ``x @ W`` on the dequantized weight before use. */
 #include <stdint.h>
+#include <string.h>
 
 #include "parallel.h"
-#include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -96,7 +96,7 @@ static void xw_rows_any(const uint8_t *blocks, int64_t ld, const uint8_t *scales
 /* y[j][o] = sum_i x[j][i] * W[i][o] for output rows [lo, hi) (see above). Returns 0; -1 without AVX2 and FMA, for
  * widths over 16384, a width that is no multiple of 32, an odd row range, or a scale byte outside 2..252 (the
  * caller dequantizes instead). */
-static int moeinf_mv_exact_xw_mxfp4_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_exact_xw_mxfp4_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                          const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y,
                                          int64_t ldy) {
 #if XW_AVX2
@@ -129,13 +129,4 @@ static int moeinf_mv_exact_xw_mxfp4_rows(const uint8_t *blocks, int64_t ld, cons
     (void)ldy;
     return -1;
 #endif
-}
-
-/* The exported entry points: rows [lo, hi) shared among ``threads`` threads (parallel.h). */
-int moeinf_mv_exact_xw_mxfp4(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds, const uint16_t *x,
-                             int64_t m, int64_t cols, int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 8, moeinf_mv_exact_xw_mxfp4_rows(blocks, ld, scales, lds, x, m, cols, tlo, thi,
-                y, ldy));
-    return code;
 }

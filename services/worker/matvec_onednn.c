@@ -13,10 +13,10 @@
  * each 32-column block's bytes across the 16 rows and decodes pair vectors in registers (mxfp4_t16). Nothing else is
  * written. */
 #include <stdint.h>
-
-#include "parallel.h"
 #include <stdlib.h>
 #include <string.h>
+
+#include "parallel.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -127,7 +127,7 @@ static uint32_t *pairs_of(const uint16_t *x, int64_t m, int64_t cols, int64_t *h
 
 /* Returns 0, or -1 when this build has no AVX-512 BF16, the shape is not one it takes (cols odd, kb not a multiple
  * of 32) or memory is lacking. */
-static int moeinf_mv_onednn_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
+MOEINF_HIDDEN int moeinf_mv_onednn_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
                                     int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_AVX512
     int64_t half;
@@ -190,7 +190,7 @@ static inline __attribute__((always_inline)) void fp8_rows16(const uint8_t *v, i
  * dequantization's bfloat16, in oneDNN's order. Returns 0, or -1 when this build has no AVX-512 BF16 and VBMI or the
  * layout is not one it takes (widths and column blocks multiples of 64, row blocks and ``lo`` of 16, at most 256
  * column blocks, kb a multiple of 64 up to MVO_STAGE) or memory is lacking. */
-static int moeinf_mv_onednn_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
+MOEINF_HIDDEN int moeinf_mv_onednn_fp8_nt_rows(const uint8_t *v, int64_t ld, const float *scales, const float *table,
                                         int64_t block_r, int64_t block_c, const uint16_t *x, int64_t m, int64_t cols,
                                         int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_FP8
@@ -349,7 +349,7 @@ static inline __attribute__((always_inline)) void mxfp4_rows16(const uint8_t *bl
  * does not compute), each weight the dequantization's bfloat16, in oneDNN's order. Returns 0, or -1 when this build
  * has no AVX-512 BF16, the layout is not one it takes (widths and kb multiples of 32, kb up to MVO_STAGE) or memory
  * is lacking. */
-static int moeinf_mv_onednn_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
+MOEINF_HIDDEN int moeinf_mv_onednn_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
                                           const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols,
                                           int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb) {
 #if MVO_AVX512
@@ -380,28 +380,4 @@ static int moeinf_mv_onednn_mxfp4_nt_rows(const uint8_t *blocks, int64_t ld, con
     (void)y; (void)ldy; (void)kb;
     return -1;
 #endif
-}
-
-/* The exported entry points: rows [lo, hi) shared among ``threads`` threads (parallel.h). */
-int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                        int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_nt_rows(w, ld, x, m, cols, tlo, thi, y, ldy, kb));
-    return code;
-}
-int moeinf_mv_onednn_fp8_nt(const uint8_t *v, int64_t ld, const float *scales, const float *table, int64_t block_r,
-                            int64_t block_c, const uint16_t *x, int64_t m, int64_t cols, int64_t lo, int64_t hi,
-                            float *y, int64_t ldy, int64_t kb, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_fp8_nt_rows(v, ld, scales, table, block_r, block_c, x, m,
-                cols, tlo, thi, y, ldy, kb));
-    return code;
-}
-int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *scales, int64_t lds,
-                              const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                              int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads) {
-    int code;
-    MOEINF_ROWS(code, threads, lo, hi, 16, moeinf_mv_onednn_mxfp4_nt_rows(blocks, ld, scales, lds, pairs, x, m, cols,
-                tlo, thi, y, ldy, kb));
-    return code;
 }

@@ -1,18 +1,22 @@
 /* One kernel call's output rows shared among threads inside C (services/worker/dequant_kernel.py builds the kernels
  * with OpenMP where the compiler has it).
  *
- * The library then runs on the OpenMP runtime torch itself loaded (the dynamic linker gives ``libgomp.so.1`` to
- * whoever asks once it is in the process), so a call's rows go to the threads torch's own ops run on, still spinning
- * from the last op, and come back without any Python thread being woken or the GIL changing hands: ~1 us per call
- * against ~50-100 us for a Python pool's hand-over, which cost more than a thread gained on a decode step's small
- * products (and the pool's threads fought torch's spinning ones for the cores). Without OpenMP a call runs on the
- * caller's thread and Python splits it (``Kernels.split``). */
+ * The library is linked against ``libgomp.so.1``; torch's wheel loaded its own copy under that name first, and the
+ * dynamic linker hands the library that one, so a call's rows go to the threads torch's own ops run on, still
+ * spinning from the last op, and come back without any Python thread being woken or the GIL changing hands: ~1 us
+ * per call against ~50-100 us for a Python pool's hand-over, which cost more than a thread gained on a decode step's
+ * small products (and the pool's threads fought torch's spinning ones for the cores). Where the library would get
+ * another runtime than torch's (another compiler, another torch build), ``dequant_kernel.Kernels`` notices and
+ * calls it on one thread, as it does a library built without OpenMP: Python splits the calls then
+ * (``Kernels.split``). */
 #ifndef MOEINF_PARALLEL_H
 #define MOEINF_PARALLEL_H
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#define MOEINF_HIDDEN __attribute__((visibility("hidden")))  /* a kernel only matvec_threads.c's entry points call */
 
 /* Thread i of t's share of rows [lo, hi): cut points rounded up to a multiple of ``align`` rows from lo (as
  * ``Kernels.split`` cuts), so that a kernel that takes rows in groups gets whole groups. */
