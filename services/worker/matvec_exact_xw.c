@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "matvec_common.h"
 #include "parallel.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -28,12 +29,6 @@
 #define XW_X 2      /* rows of x per pass */
 
 #if XW_AVX2
-static inline float xw_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* The 8 weights of inputs 4s..4s+3 of a row pair: ``both`` holds the pair's 16-byte blocks (row A low, row B high),
  * ``pick[s]`` the shuffle giving each lane its code's byte, ``shift``/``signs`` its nibble and sign bit, ``scale``
@@ -116,7 +111,7 @@ MOEINF_HIDDEN int moeinf_mv_exact_xw_mxfp4_rows(const uint8_t *blocks, int64_t l
     }
     for (int64_t j0 = 0; j0 < m; j0 += XW_X) {
         int64_t nx = m - j0 < XW_X ? m - j0 : XW_X;
-        for (int64_t i = 0; i < nx * cols; i++) xf[i] = xw_f32(x[j0 * cols + i]);
+        for (int64_t i = 0; i < nx * cols; i++) xf[i] = bf16_f32(x[j0 * cols + i]);
         for (int64_t o = lo; o < hi; o += 2 * XW_PAIRS) {
             int pairs = (int)((hi - o) / 2 < XW_PAIRS ? (hi - o) / 2 : XW_PAIRS);
             xw_rows_any(blocks + o * ld, ld, scales + o * lds, lds, xf, (int)nx, cols, pairs, pick, y + j0 * ldy + o,

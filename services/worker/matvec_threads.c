@@ -1,8 +1,8 @@
 /* The matrix-vector kernels' exported entry points (services/worker/kernel_matvec.py calls them through ctypes): each
  * shares its output rows [lo, hi) among ``threads`` threads (parallel.h) and runs the kernel on each share, in runs
  * of the rows the kernel takes together (64 for matvec.c's fast kernels, 16 for oneDNN's order, 8 for ATen's x @ W,
- * 1 for its dot order). The kernels themselves (``*_rows``) are in matvec.c, matvec_exact.c, matvec_exact_xw.c and
- * matvec_onednn.c, visible only inside the library. */
+ * 1 for its dot order). The kernels themselves (``*_rows``) are in matvec.c, matvec_mxfp4.c, matvec_exact.c,
+ * matvec_exact_xw.c and matvec_onednn.c, visible only inside the library. */
 #include <stdint.h>
 
 #include "parallel.h"
@@ -42,7 +42,7 @@ MOEINF_HIDDEN int moeinf_mv_onednn_mxfp4_nt_rows(const uint8_t *blocks, int64_t 
                                                  const uint32_t *pairs, const uint16_t *x, int64_t m, int64_t cols,
                                                  int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb);
 
-/* matvec.c */
+/* matvec.c, matvec_mxfp4.c */
 int moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
                       int64_t hi, float *y, int64_t ldy, int64_t threads) {
     int code;
