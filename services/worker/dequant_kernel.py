@@ -253,8 +253,8 @@ def build(cache: Path) -> tuple[str, bool]:
         done = _compile(cc, tmp, OPENMP)
         if done.returncode != 0:
             log.warning("%s -fopenmp failed (%s): the kernels are built without OpenMP (Python's threads split their"
-                        " calls; once the compiler has OpenMP, remove %s to rebuild)", " ".join(cc),
-                        done.stderr.strip()[-200:], cache / name)
+                        " calls; once the compiler has OpenMP, remove %s from the state directory's kernels-%d/ to"
+                        " rebuild)", " ".join(cc), done.stderr.strip()[-200:], name, os.getuid())
             done = _compile(cc, tmp)
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {NAMES}: {done.stderr.strip()[-500:]}")

@@ -107,3 +107,24 @@ def test_the_threads_each_compute_their_own_rows(state):
         out = torch.full((1, rows), float("nan"))
         kernels.matvec(weight, torch.ones(1, 64, dtype=torch.bfloat16), out, exact=exact and kernels.matvec_exact_avx2)
         assert torch.equal(out[0], weight[:, 0].float() * 64), exact
+
+
+def test_a_compiler_without_openmp_builds_the_kernels_plain(tmp_path, monkeypatch, caplog):
+    """``-fopenmp`` refused: the library is built without it (a warning that says how to rebuild) and Python's threads
+    split the calls, with the same bits."""
+    compile_ = dk._compile
+
+    def no_openmp(cc, out, *extra):
+        return compile_(["false"] if dk.OPENMP in extra else cc, out, *extra)
+    monkeypatch.setattr(dk, "_compile", no_openmp)
+    # another build key, so another library file name: the loader opens libraries through /proc/self/fd/N paths, and
+    # dlopen hands back an already loaded library of the same name
+    monkeypatch.setattr(dk, "FLAGS", (*dk.FLAGS, "-DMOEINF_PLAIN_BUILD_TEST"))
+    kernels = loaded(tmp_path, 3)
+    assert not kernels.openmp and not kernels.lib.moeinf_openmp()
+    assert "built without OpenMP" in caplog.text
+    monkeypatch.undo()
+    plain, want = products(kernels), products(loaded(tmp_path / "with", 1))
+    assert plain.keys() == want.keys()
+    for name, one in want.items():
+        assert (plain[name] is None) == (one is None) and (one is None or torch.equal(plain[name], one)), name
