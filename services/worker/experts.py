@@ -17,22 +17,21 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from common.checkpoint import experts_per_token
-from services.worker import matvec, quant
+from services.worker import matvec, moe_token, quant
 from services.worker.device import release_ready
 from services.worker.host_experts import HostExperts
 from services.worker.lockstep import together
 from services.worker.moe_norms import moe_input_gains
 from services.worker.pool_views import PoolViews
-from services.worker.speculate import Speculator, limit_to_groups, within
+from services.worker.next_gate import find_router, guess_dtype
+from services.worker.speculate import Speculator, within
 from services.worker.tracing import StepState
 
 log = logging.getLogger("moeinf.worker.experts")
 IMPLEMENTATION = "moeinf"
-NEXT_GATE_FLOAT32_BYTES = 256 << 20  # CPU: routers copied to float32 (bf16 matmuls are slow there) up to this much
 SMALL_ROUTING = 64  # up to this many (token, expert) pairs a layer's routing is read once into Python lists
 
 
@@ -60,80 +59,6 @@ class SlotExperts:
 
     def __getattr__(self, name):  # act_fn, _apply_gate, has_bias, is_transposed, ... come from the real module
         return getattr(self._module, name)
-
-
-@dataclass(frozen=True, slots=True)
-class NextGate:
-    """The next MoE layer's router, to guess its experts from this layer's input."""
-
-    weight: torch.Tensor  # [experts, hidden]
-    bias: torch.Tensor | None
-    correction: torch.Tensor | None  # DeepSeek-V3's e_score_correction_bias (added to sigmoid scores)
-    top_k: int
-    groups: tuple[int, int, str] | None = None  # group-limited routing: (groups, groups kept, "top2" | "max")
-
-    def guess(self, hidden_states: torch.Tensor, num_experts: int) -> tuple[list[int], list[int]]:
-        """Experts of the next layer and how many tokens' top-k picked each."""
-        hidden = hidden_states.reshape(-1, self.weight.shape[1]).to(self.weight.dtype)
-        logits = F.linear(hidden, self.weight, self.bias)
-        if self.correction is not None:
-            logits = logits.float().sigmoid() + self.correction
-        if self.groups is not None:
-            logits = limit_to_groups(logits, *self.groups)
-        top = torch.topk(logits, self.top_k, dim=-1).indices
-        counts = torch.bincount(top.reshape(-1), minlength=num_experts)
-        experts = torch.nonzero(counts).squeeze(1)
-        return experts.tolist(), counts[experts].tolist()
-
-
-def find_router(module, num_experts: int, top_k: int, dtype: torch.dtype | None = None,
-                deep: bool = False) -> NextGate | None:
-    """The router next to an experts module: a sibling with a ``[num_experts, hidden]`` weight (a detached copy in
-    ``dtype`` when given, so the guess never touches the model's own tensors). ``deep``: also a sibling's child, the
-    plain linear classifier of a router module (Switch Transformers, NLLB-MoE: experts kept one module per expert)."""
-    children = list(module.children())
-    if deep:
-        children += [grandchild for child in module.children() for grandchild in child.children()]
-    for child in children:
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts:
-            if weight.is_meta:
-                return None
-            bias = getattr(child, "bias", None)
-            bias = bias if isinstance(bias, torch.Tensor) else None
-            correction = getattr(child, "e_score_correction_bias", None)
-            k = getattr(child, "top_k", None) or top_k
-            if dtype is not None:
-                weight = weight.detach().to(dtype, copy=True)
-                bias = None if bias is None else bias.detach().to(dtype, copy=True)
-            return NextGate(weight, bias, correction if isinstance(correction, torch.Tensor) else None, int(k),
-                            router_groups(child, num_experts))
-    return None
-
-
-def router_groups(router, num_experts: int) -> tuple[int, int, str] | None:
-    """Group-limited routing of a router module (DeepSeek-V2/V3 and their kin): its experts split into ``num_group``
-    groups, a token keeps the ``topk_group`` best groups, scored by the sum of each group's two best scores, or by
-    the best one where the router's ``topk_method`` is ``group_limited_greedy`` (DeepSeek-V2); None without."""
-    groups, kept = getattr(router, "num_group", None), getattr(router, "topk_group", None)
-    method = getattr(router, "topk_method", None)
-    if not isinstance(groups, int) or not isinstance(kept, int) or method == "greedy":
-        return None
-    if groups <= 1 or kept >= groups or num_experts % groups:
-        return None
-    return groups, kept, "max" if method == "group_limited_greedy" else "top2"
-
-
-def _guess_dtype(model, layers) -> torch.dtype | None:
-    """float32 for the guess on CPU when the model is in a half type and the copies stay small, else its own."""
-    hidden = model.config.get_text_config().hidden_size
-    copies = sum(layer.num_experts for layer in layers) * hidden * 4
-    param = next((p for p in model.parameters() if not p.is_meta), None)
-    if param is None or param.device.type != "cpu":
-        return None
-    if param.dtype in (torch.bfloat16, torch.float16) and copies <= NEXT_GATE_FLOAT32_BYTES:
-        return torch.float32
-    return None
 
 
 @dataclass(slots=True)
@@ -179,7 +104,8 @@ class ExpertBinding:
 
     def __init__(self, layer: int, module, views: PoolViews, client, steps: StepState,
                  speculator: Speculator | None = None, dequant: quant.Dequantizer | None = None,
-                 mv: matvec.Matvec | None = None, host: HostExperts | None = None):
+                 mv: matvec.Matvec | None = None, host: HostExperts | None = None,
+                 token: moe_token.TokenPath | None = None):
         self.layer = layer
         self.host = host  # memd's host tier, when it may have this worker compute experts on its CPU
         self.dequant = dequant
@@ -192,6 +118,9 @@ class ExpertBinding:
         self.speculator = speculator
         self.remap = torch.empty(module.num_experts, dtype=torch.long)  # expert id -> slot - lo (larger steps)
         self.fallback = views  # .contiguous: the GPU's grouped matmul refused strided views (all layers copy first)
+        # a lone token's experts in one kernel call (a CPU pool, --matvec-kernel; None: call by call)
+        self.token = moe_token.TokenExperts.of(token, layer, module, views.params) \
+            if isinstance(views, PoolViews) and dequant is None else None
         self.check_shapes(module, views)
 
     def check_shapes(self, module, views: PoolViews) -> None:
@@ -228,11 +157,23 @@ class ExpertBinding:
             if self.dequant is not None:  # quantized slots: dequantized into a scratch buffer, then the same forward
                 return self.dequant.forward(self.proxy._module, self.layer, torch.tensor(routing.experts), slots,
                                             hidden_states, top_k_index, top_k_weights)
-            window, index = self.slot_window(routing, slots, top_k_index)
-            return self.grouped(window, hidden_states, index, top_k_weights)
+            return self.on_slots(routing, slots, hidden_states, top_k_index, top_k_weights)
         finally:
             if not client.leasing:  # a GPU's matmuls on these slots may still be queued: memd waits for them
                 client.release(self.layer, routing.experts, self.reads_done(hidden_states))
+
+    def on_slots(self, routing: Routing, slots: list[int], hidden_states, top_k_index, top_k_weights):
+        """The experts' forward on their pool slots: a lone token's in one kernel call where the layer takes it
+        (``moe_token.py``), else on the window of slots."""
+        def windowed():
+            window, index = self.slot_window(routing, slots, top_k_index)
+            return self.grouped(window, hidden_states, index, top_k_weights)
+        if self.token is not None and routing.index is not None and len(routing.index) == 1:
+            slot_of = dict(zip(routing.experts, slots))
+            out = self.token.forward(hidden_states, [slot_of[e] for e in routing.index[0]], top_k_weights, windowed)
+            if out is not None:
+                return out
+        return windowed()
 
     def reads_done(self, hidden_states) -> list[int]:
         """The "done reading" event recorded after this layer's kernels (a GPU worker with events), else wait for
@@ -355,7 +296,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     ``host``: memd's host tier, from which it may have experts computed on this CPU (``host_experts.py``)."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
-    dtype = _guess_dtype(model, layers) if next_gate else None
+    dtype = guess_dtype(model, layers) if next_gate else None
     routers = [find_router(model.get_submodule(layer.module.rpartition(".")[0]), layer.num_experts, top_k, dtype,
                            deep=layer.keyed) for layer in layers] if next_gate else [None] * len(layers)
     gains = moe_input_gains(model, [layer.module.rpartition(".")[0] for layer in layers]) if next_gate else None
@@ -374,8 +315,11 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
         dequant.use(mv, modules[0])
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
 
+    token = moe_token.TokenPath(mv) if mv is not None else None
+
     for layer, module in zip(layers, modules):
         if layer.keyed:  # one module per expert: the dict's own forward, rebound (keyed.py)
             module._moeinf = KeyedBinding(layer.index, module, views, client, steps, speculator)
             continue
-        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv, host)
+        module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv, host,
+                                       token)

@@ -7,7 +7,7 @@ import torch
 from helpers import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from services.worker.experts import find_router
+from services.worker.next_gate import find_router
 from common.checkpoint import find_moe_layers
 from services.worker.moe_norms import moe_input_gains, rms_gain
 from services.worker.speculate import Speculator

@@ -11,7 +11,7 @@ from helpers import Stack
 from common.protocol import Op
 from common.traces import TraceHeader, TraceWriter, group_steps, read_trace
 from common.worker_client import WorkerClient
-from services.worker import experts
+from services.worker import experts, next_gate
 from services.worker.tracing import StepRecorder, StepState
 
 
@@ -89,7 +89,7 @@ def test_next_gate_guess_is_the_next_routers_top_k():
     router.top_k = 2
     block = torch.nn.Module()
     block.gate = router
-    gate = experts.find_router(block, num_experts=6, top_k=3)
+    gate = next_gate.find_router(block, num_experts=6, top_k=3)
     assert gate is not None and gate.top_k == 2 and gate.bias is None
     hidden = torch.randn(5, 16)
     guessed, counts = gate.guess(hidden, 6)

@@ -1,0 +1,133 @@
+"""A lone decode token's routed experts in one kernel call (``moe_token.c``), bit for bit what the layer computes
+otherwise (``matvec.decode_forward``: transformers' experts forward with the matrix-vector kernel's products).
+
+Between two products of a decode step the CPU runs a dozen small torch calls per expert (selects, dtype casts, the
+gate's chunk, activation and product, a row copy, the weighting and the sum) whose code the last product's weight
+has just pushed out of the caches: measured on the bench preset, a step's work outside the kernels took ~21 ms per
+token against ~12 ms when the weights do not stream (one or two threads alike), 6-7 ms of it in the experts module.
+For one token whose experts use transformers' default gate (``act_fn(gate) * up``, the two halves concatenated),
+no biases, no post-expert norm and ``[out, in]`` bfloat16 slots, the whole layer is one ctypes call instead: the same
+kernels in the same order, the activation looked up in a table of ``act_fn`` on every bfloat16 value (its bits are
+torch's by construction), the roundings where torch rounds. The first token of each layer is computed both ways
+and compared; a difference turns the path off for every layer, with a log line."""
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import numpy as np
+import torch
+from transformers.integrations.moe import _default_apply_gate
+
+log = logging.getLogger("moeinf.worker")
+ORDERS = {"fast": 0, "aten": 1, "onednn": 2}  # moe_token.c's ORDER_*
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+VECTOR = 64  # widths torch's elementwise kernels take whole vectors of (no scalar tail: its NaN bits differ)
+
+
+class TokenPath:
+    """What the layers share: the kernels, the activation tables (one per distinct function), and whether the
+    path still holds (``off`` after a token computed both ways differed)."""
+
+    def __init__(self, mv):
+        self.mv, self.kernels = mv, mv.kernels
+        self.fn = mv.kernels.lib.moeinf_moe_token
+        self.fn.argtypes = [_I, _P, _I, _P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I]
+        self.fn.restype = ctypes.c_int
+        self.order = ORDERS["onednn"] if mv.blocks is not None else ORDERS["aten" if mv.exact else "fast"]
+        self.tables: dict[bytes, torch.Tensor] = {}
+        self.off = False
+
+    def table(self, act_fn) -> torch.Tensor | None:
+        """``act_fn`` of every bfloat16 value, indexed by its bits (int16), or None when ``act_fn`` is not one value
+        at a time (on the finite values shuffled, in two unequal parts, it does not give the table's values)."""
+        values = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
+        with torch.inference_mode():
+            table = act_fn(values)
+            if table.dtype != torch.bfloat16 or table.shape != values.shape:
+                return None
+            order = torch.randperm(65536, generator=torch.Generator().manual_seed(0))
+            order = order[torch.isfinite(values[order])]  # (one NaN would make a sum or a softmax NaN everywhere)
+            got = torch.cat([act_fn(values[part]) for part in order.split([20000, len(order) - 20000])])
+            if not torch.equal(got.view(torch.int16), table.view(torch.int16)[order]):
+                return None
+        table = table.view(torch.int16).contiguous()
+        return self.tables.setdefault(table.numpy().tobytes(), table)
+
+    def disable(self, layer: int) -> None:
+        if not self.off:
+            self.off = True
+            log.warning("the one-call token path differed from the experts forward at layer %d: every layer computes"
+                        " its experts call by call from now on", layer)
+
+
+class TokenExperts:
+    """One MoE layer's experts for a lone token in one kernel call; ``of`` says whether the layer takes it."""
+
+    def __init__(self, path: TokenPath, layer: int, params: dict, table: torch.Tensor, inter: int, hidden: int):
+        self.path, self.layer, self.table = path, layer, table
+        gate_up, down = params["gate_up_proj"], params["down_proj"]
+        self.inter, self.hidden = inter, hidden
+        self.gate_up = (gate_up.data_ptr(), gate_up.stride(0) * 2, gate_up.stride(1))  # base, slot bytes, row stride
+        self.down = (down.data_ptr(), down.stride(0) * 2, down.stride(1))
+        self.checked = False
+
+    @classmethod
+    def of(cls, path: TokenPath | None, layer: int, module, params: dict) -> "TokenExperts | None":
+        """The layer's token path, or None where its experts are not ones the call computes (see the module
+        docstring) or ``params`` (the pool's ``[slots, ...]`` views) are not bfloat16 rows in place."""
+        if path is None or not (path.kernels.openmp or path.kernels.threads == 1):
+            return None  # (without OpenMP on torch's runtime only Python's threads split a product)
+        if getattr(type(module), "_apply_gate", None) is not _default_apply_gate or not module.has_gate \
+                or module.has_bias or module.has_post_expert_norm or module.is_transposed \
+                or not getattr(module, "is_concatenated", True) or getattr(module, "_is_expert_parallel", False):
+            return None
+        gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+        if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3:
+            return None
+        two_inter, hidden = gate_up.shape[1:]
+        inter = two_inter // 2
+        if tuple(down.shape[1:]) != (hidden, inter) or inter % VECTOR or hidden % VECTOR \
+                or any(p.dtype != torch.bfloat16 or p.stride(2) != 1 or p.device.type != "cpu"
+                       for p in (gate_up, down)):
+            return None
+        table = path.table(module.act_fn)
+        return None if table is None else cls(path, layer, params, table, inter, hidden)
+
+    def forward(self, hidden_states: torch.Tensor, slots: list[int], top_k_weights: torch.Tensor,
+                reference) -> torch.Tensor | None:
+        """The layer's output for one token whose experts sit in ``slots`` (top-k order), or None (the path is
+        off, or this token is not one it takes): the caller computes it as before. ``reference()``: that
+        computation, run too on the layer's first token and compared."""
+        path = self.path
+        if path.off or hidden_states.dtype != torch.bfloat16 or top_k_weights.dtype not in (torch.float32,
+                                                                                          torch.bfloat16):
+            return None
+        out = self._call(hidden_states.contiguous(), slots, top_k_weights)
+        if out is None or self.checked:
+            return out
+        want = reference()
+        if want.dtype != out.dtype or want.shape != out.shape \
+                or not torch.equal(want.view(torch.int16), out.view(torch.int16)):
+            path.disable(self.layer)
+        self.checked = True
+        return want
+
+    def _call(self, x: torch.Tensor, slots: list[int], top_k_weights: torch.Tensor) -> torch.Tensor | None:
+        path, k = self.path, len(slots)
+        kb_gu = kb_d = 0
+        if path.mv.blocks is not None:  # oneDNN's column block for each product's shape (one input row)
+            kb_gu = path.mv.blocks.of_shape(2 * self.inter, self.hidden, self.gate_up[2], 1)
+            kb_d = path.mv.blocks.of_shape(self.hidden, self.inter, self.down[2], 1)
+            if kb_gu is None or kb_d is None:
+                return None
+        weights = top_k_weights.reshape(-1).float().contiguous()  # (bfloat16 -> float32 is exact)
+        gate_up = (ctypes.c_int64 * k)(*(self.gate_up[0] + s * self.gate_up[1] for s in slots))
+        down = (ctypes.c_int64 * k)(*(self.down[0] + s * self.down[1] for s in slots))
+        out = torch.empty(1, self.hidden, dtype=torch.bfloat16)
+        threads = path.kernels.threads if path.kernels.openmp else 1
+        code = path.fn(k, ctypes.addressof(gate_up), self.gate_up[2], ctypes.addressof(down), self.down[2],
+                       self.inter, self.hidden, x.data_ptr(), weights.data_ptr(),
+                       int(top_k_weights.dtype == torch.bfloat16), self.table.data_ptr(), path.order, kb_gu, kb_d,
+                       out.data_ptr(), threads)
+        return out if code == 0 else None
