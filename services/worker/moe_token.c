@@ -29,14 +29,16 @@ MOEINF_HIDDEN int moeinf_mv_onednn_nt_rows(const uint16_t *w, int64_t ld, const 
 
 enum { ORDER_FAST = 0, ORDER_ATEN = 1, ORDER_ONEDNN = 2 };
 
-/* float -> bfloat16 as torch's CPU conversion rounds: to nearest, ties to even; any NaN -> 0xFFFF. */
-static inline uint16_t f32_bf16(float f) {
+/* float -> bfloat16 as torch's CPU conversion rounds: to nearest, ties to even; a NaN -> ``nan`` (its vectorized
+ * conversions give 0xFFFF, the scalar one at the end of a bfloat16 reduction 0x7FC0). */
+static inline uint16_t f32_bf16_nan(float f, uint16_t nan) {
     uint32_t u;
     memcpy(&u, &f, 4);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u)
-        return 0xFFFF;
+        return nan;
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
+static inline uint16_t f32_bf16(float f) { return f32_bf16_nan(f, 0xFFFF); }
 
 /* y[0..rows) = w @ x in ``order`` (kb: oneDNN's column block), the rows shared among ``threads``; 0 or -1. */
 static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols, int64_t rows,
@@ -56,19 +58,23 @@ static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t 
  * elements apart; ``down[e]``: [hidden, inter], rows ``ld_d`` apart), as transformers' experts forward computes it
  * for one token: each product rounded to bfloat16, act(gate) from the 65536-entry table ``act``, times up rounded,
  * the expert's output times its weight (rounded to bfloat16 first when ``round_weighted``: weights in bfloat16),
- * summed over the experts in order in float32 from zero, rounded once. Returns 0, or -1 (no memory, or a kernel
- * refused the shape: nothing usable in ``out``). */
+ * summed over the experts in order in float32 from zero (torch's order for up to 16 experts), rounded once.
+ * Returns 0, or -1 (no memory, or a kernel refused the shape: nothing usable in ``out``). */
 int moeinf_moe_token(int64_t k, const int64_t *gate_up, int64_t ld_gu, const int64_t *down, int64_t ld_d,
                      int64_t inter, int64_t hidden, const uint16_t *x, const float *weight, int64_t round_weighted,
                      const uint16_t *act, int64_t order, int64_t kb_gu, int64_t kb_d, uint16_t *out,
                      int64_t threads) {
     float *gu = malloc(sizeof(float) * (size_t)(2 * inter + 2 * hidden));
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)inter);
-    int code = gu == NULL || h == NULL ? -1 : 0;
+    if (gu == NULL || h == NULL) {
+        free(gu);
+        free(h);
+        return -1;
+    }
+    int code = 0;
     float *y = gu + 2 * inter, *acc = y + hidden;
-    if (code == 0)
-        for (int64_t j = 0; j < hidden; j++)
-            acc[j] = 0.0f;
+    for (int64_t j = 0; j < hidden; j++)
+        acc[j] = 0.0f;
     for (int64_t e = 0; e < k && code == 0; e++) {
         code = product(order, (const uint16_t *)(intptr_t)gate_up[e], ld_gu, x, hidden, 2 * inter, kb_gu, gu,
                        threads);
@@ -84,9 +90,9 @@ int moeinf_moe_token(int64_t k, const int64_t *gate_up, int64_t ld_gu, const int
             acc[j] += round_weighted ? bf16_f32(f32_bf16(o)) : o;
         }
     }
-    if (code == 0)
+    if (code == 0)  /* (a bfloat16 sum's NaN is the scalar conversion's, a float32 one's the vectorized .to's) */
         for (int64_t j = 0; j < hidden; j++)
-            out[j] = f32_bf16(acc[j]);
+            out[j] = f32_bf16_nan(acc[j], round_weighted ? 0x7FC0 : 0xFFFF);
     free(gu);
     free(h);
     return code;

@@ -22,7 +22,10 @@ from transformers.integrations.moe import _default_apply_gate
 log = logging.getLogger("moeinf.worker")
 ORDERS = {"fast": 0, "aten": 1, "onednn": 2}  # moe_token.c's ORDER_*
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-VECTOR = 64  # widths torch's elementwise kernels take whole vectors of (no scalar tail: its NaN bits differ)
+VECTOR = 64  # widths torch's elementwise kernels take whole vectors of (a scalar tail computes with std::exp, not
+#              Sleef, and writes other NaN bits)
+MAX_INTER = 32768  # ... and runs on one thread (ATen's grain: a wider activation is cut among threads off the vectors)
+MAX_EXPERTS = 16  # experts a token's outputs are summed over in order (torch sums more in groups of 16)
 
 
 class TokenPath:
@@ -43,13 +46,15 @@ class TokenPath:
         at a time (on the finite values shuffled, in two unequal parts, it does not give the table's values)."""
         values = torch.from_numpy(np.arange(65536, dtype=np.uint16).view(np.int16)).view(torch.bfloat16)
         with torch.inference_mode():
-            table = act_fn(values)
-            if table.dtype != torch.bfloat16 or table.shape != values.shape:
+            try:
+                table = act_fn(values)
+                order = torch.randperm(65536, generator=torch.Generator().manual_seed(0))
+                order = order[torch.isfinite(values[order])]  # (one NaN would make a sum or a softmax NaN everywhere)
+                got = torch.cat([act_fn(values[part]) for part in order.split([20000, len(order) - 20000])])
+            except (RuntimeError, ValueError, TypeError):  # (one that wants its own shape: per-channel parameters)
                 return None
-            order = torch.randperm(65536, generator=torch.Generator().manual_seed(0))
-            order = order[torch.isfinite(values[order])]  # (one NaN would make a sum or a softmax NaN everywhere)
-            got = torch.cat([act_fn(values[part]) for part in order.split([20000, len(order) - 20000])])
-            if not torch.equal(got.view(torch.int16), table.view(torch.int16)[order]):
+            if table.dtype != torch.bfloat16 or table.shape != values.shape or got.dtype != torch.bfloat16 \
+                    or not torch.equal(got.view(torch.int16), table.view(torch.int16)[order]):
                 return None
         table = table.view(torch.int16).contiguous()
         return self.tables.setdefault(table.numpy().tobytes(), table)
@@ -64,12 +69,15 @@ class TokenPath:
 class TokenExperts:
     """One MoE layer's experts for a lone token in one kernel call; ``of`` says whether the layer takes it."""
 
-    def __init__(self, path: TokenPath, layer: int, params: dict, table: torch.Tensor, inter: int, hidden: int):
+    def __init__(self, path: TokenPath, layer: int, module, params: dict, table: torch.Tensor, inter: int,
+                 hidden: int):
         self.path, self.layer, self.table = path, layer, table
         gate_up, down = params["gate_up_proj"], params["down_proj"]
         self.inter, self.hidden = inter, hidden
+        self.views = gate_up, down  # (held: the pointers below are into them)
         self.gate_up = (gate_up.data_ptr(), gate_up.stride(0) * 2, gate_up.stride(1))  # base, slot bytes, row stride
         self.down = (down.data_ptr(), down.stride(0) * 2, down.stride(1))
+        self.module = module
         self.checked = False
 
     @classmethod
@@ -78,7 +86,8 @@ class TokenExperts:
         docstring) or ``params`` (the pool's ``[slots, ...]`` views) are not bfloat16 rows in place."""
         if path is None or not (path.kernels.openmp or path.kernels.threads == 1):
             return None  # (without OpenMP on torch's runtime only Python's threads split a product)
-        if getattr(type(module), "_apply_gate", None) is not _default_apply_gate or not module.has_gate \
+        if getattr(getattr(module, "_apply_gate", None), "__func__", None) is not _default_apply_gate \
+                or not module.has_gate \
                 or module.has_bias or module.has_post_expert_norm or module.is_transposed \
                 or not getattr(module, "is_concatenated", True) or getattr(module, "_is_expert_parallel", False):
             return None
@@ -87,12 +96,12 @@ class TokenExperts:
             return None
         two_inter, hidden = gate_up.shape[1:]
         inter = two_inter // 2
-        if tuple(down.shape[1:]) != (hidden, inter) or inter % VECTOR or hidden % VECTOR \
+        if tuple(down.shape[1:]) != (hidden, inter) or inter % VECTOR or hidden % VECTOR or inter > MAX_INTER \
                 or any(p.dtype != torch.bfloat16 or p.stride(2) != 1 or p.device.type != "cpu"
                        for p in (gate_up, down)):
             return None
         table = path.table(module.act_fn)
-        return None if table is None else cls(path, layer, params, table, inter, hidden)
+        return None if table is None else cls(path, layer, module, params, table, inter, hidden)
 
     def forward(self, hidden_states: torch.Tensor, slots: list[int], top_k_weights: torch.Tensor,
                 reference) -> torch.Tensor | None:
@@ -100,8 +109,9 @@ class TokenExperts:
         off, or this token is not one it takes): the caller computes it as before. ``reference()``: that
         computation, run too on the layer's first token and compared."""
         path = self.path
-        if path.off or hidden_states.dtype != torch.bfloat16 or top_k_weights.dtype not in (torch.float32,
-                                                                                          torch.bfloat16):
+        if path.off or hidden_states.dtype != torch.bfloat16 or len(slots) > MAX_EXPERTS \
+                or top_k_weights.dtype not in (torch.float32, torch.bfloat16) \
+                or getattr(self.module, "_is_expert_parallel", False):
             return None
         out = self._call(hidden_states.contiguous(), slots, top_k_weights)
         if out is None or self.checked:
