@@ -6,10 +6,12 @@ gate's chunk, activation and product, a row copy, the weighting and the sum) who
 has just pushed out of the caches: measured on the bench preset, a step's work outside the kernels took ~21 ms per
 token against ~12 ms when the weights do not stream (one or two threads alike), 6-7 ms of it in the experts module.
 For one token whose experts use transformers' default gate (``act_fn(gate) * up``, the two halves concatenated),
-no biases, no post-expert norm and ``[out, in]`` bfloat16 slots, the whole layer is one ctypes call instead: the same
-kernels in the same order, the activation looked up in a table of ``act_fn`` on every bfloat16 value (its bits are
-torch's by construction), the roundings where torch rounds. The first token of each layer is computed both ways
-and compared; a difference turns the path off for every layer, with a log line."""
+no biases, no post-expert norm, no expert parallelism, ``[out, in]`` bfloat16 slots of a CPU pool whose widths are
+multiples of 64 (the intermediate one at most 32768) and at most 16 experts, on one thread or torch's OpenMP
+threads, the whole layer is one ctypes call instead: the same kernels in the same order, the activation looked up in
+a table of ``act_fn`` on every bfloat16 value (its bits are torch's by construction), the roundings where torch
+rounds. The first token of each layer is computed both ways and compared; a difference turns the path off for every
+layer, with a log line."""
 from __future__ import annotations
 
 import ctypes
@@ -51,7 +53,7 @@ class TokenPath:
                 order = torch.randperm(65536, generator=torch.Generator().manual_seed(0))
                 order = order[torch.isfinite(values[order])]  # (one NaN would make a sum or a softmax NaN everywhere)
                 got = torch.cat([act_fn(values[part]) for part in order.split([20000, len(order) - 20000])])
-            except (RuntimeError, ValueError, TypeError):  # (one that wants its own shape: per-channel parameters)
+            except Exception:  # noqa: BLE001 - (one that wants its own shape: per-channel parameters): not taken
                 return None
             if table.dtype != torch.bfloat16 or table.shape != values.shape or got.dtype != torch.bfloat16 \
                     or not torch.equal(got.view(torch.int16), table.view(torch.int16)[order]):
@@ -86,7 +88,8 @@ class TokenExperts:
         docstring) or ``params`` (the pool's ``[slots, ...]`` views) are not bfloat16 rows in place."""
         if path is None or not (path.kernels.openmp or path.kernels.threads == 1):
             return None  # (without OpenMP on torch's runtime only Python's threads split a product)
-        if getattr(getattr(module, "_apply_gate", None), "__func__", None) is not _default_apply_gate \
+        gate = getattr(module, "_apply_gate", None)  # transformers' default, bound to this module
+        if getattr(gate, "__func__", None) is not _default_apply_gate or getattr(gate, "__self__", None) is not module \
                 or not module.has_gate \
                 or module.has_bias or module.has_post_expert_norm or module.is_transposed \
                 or not getattr(module, "is_concatenated", True) or getattr(module, "_is_expert_parallel", False):

@@ -4,6 +4,7 @@ whose experts take it, with float32 and bfloat16 routing weights, 2 to 4 experts
 threads; declined where the experts are not ones it computes; turned off, with a log line, when a layer's first token
 computed both ways differs; and a worker decoding through it gives transformers' greedy tokens."""
 import contextlib
+import itertools
 import logging
 
 import pytest
@@ -98,9 +99,9 @@ def test_one_call_gives_the_experts_forwards_bits(family, state, threads):
                     got = tok._call(hidden, index[0].tolist(), weights)
                 assert got is not None and got.dtype == want.dtype and got.shape == want.shape
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (family, k, dtype, mv.exact)
-            for dtype in (torch.float32, torch.bfloat16):  # NaN and infinity: the same bits too
+            for dtype, bad in itertools.product((torch.float32, torch.bfloat16), ("inf", "nan")):  # the same bits too
                 hidden = torch.randn(1, params["down_proj"].shape[1], generator=gen).to(torch.bfloat16)
-                hidden[0, :2] = torch.tensor([float("nan"), float("inf")])
+                hidden[0, 1] = float(bad)
                 weights = torch.tensor([[0.25, 0.75]], dtype=dtype)
                 with torch.inference_mode():
                     want = matvec.forward(module, hidden, torch.tensor([[2, 5]]), weights, mv)
@@ -110,7 +111,7 @@ def test_one_call_gives_the_experts_forwards_bits(family, state, threads):
         torch.set_num_threads(1)
 
 
-def test_other_widths_and_activations_are_declined(state):
+def test_other_widths_and_activations_are_declined(state, monkeypatch):
     mv = matvecs(state, 1)[0]
     path = moe_token.TokenPath(mv)
     module = wide_experts_module("mixtral")
@@ -120,8 +121,15 @@ def test_other_widths_and_activations_are_declined(state):
     assert moe_token.TokenExperts.of(path, 0, module, {n: p.float() for n, p in params.items()}) is None
     assert path.table(lambda x: x.softmax(-1)) is None  # not one value at a time
     assert path.table(lambda x: x.flip(0)) is None
-    assert path.table(lambda x: x * torch.ones(3, 1, dtype=x.dtype)) is None  # not the input's shape
+    assert path.table(lambda x: x.reshape(-1, 1)) is None  # not the input's shape
+    assert path.table(lambda x: x.float()) is None  # nor its dtype
     assert path.table(lambda x: x.view(4, -1) * torch.ones(5, 1)) is None  # one that raises
+    monkeypatch.setattr(moe_token, "MAX_INTER", 128)  # wider than ATen's grain: cut among threads off the vectors
+    assert moe_token.TokenExperts.of(path, 0, module, params) is None
+    monkeypatch.undo()
+    other = wide_experts_module("mixtral")
+    module._apply_gate = other._apply_gate  # the default gate, but another module's (or any override of its own)
+    assert moe_token.TokenExperts.of(path, 0, module, params) is None
     assert path.table(torch.nn.SiLU()) is path.table(torch.nn.SiLU())  # one table per distinct function
 
 
@@ -144,13 +152,16 @@ def test_a_token_that_differs_turns_the_path_off(state, caplog):
     assert tok.forward(hidden, [1, 6], weights, reference) is None  # off for every layer: the caller computes
 
 
-def test_more_experts_than_torch_sums_in_order_are_left_to_the_forward(state):
+def test_tokens_it_does_not_take_are_left_to_the_forward(state):
+    """More experts than torch sums in order, or expert parallelism switched on after the layer was bound."""
     module = wide_experts_module("mixtral")
     tok, params = token(module, matvecs(state, 1)[0])
     hidden = torch.zeros(1, params["down_proj"].shape[1], dtype=torch.bfloat16)
     never = lambda: pytest.fail("the reference runs only on a token the call computed")  # noqa: E731
     slots = list(range(moe_token.MAX_EXPERTS + 1))
     assert tok.forward(hidden, slots, torch.full((1, len(slots)), 1 / len(slots)), never) is None
+    module._is_expert_parallel = True  # (set after the layer was bound: checked at each call)
+    assert tok.forward(hidden, [0, 1], torch.full((1, 2), 0.5), never) is None
 
 
 def test_a_worker_decodes_transformers_tokens_through_it(tmp_path):
