@@ -2,16 +2,15 @@
  * through ctypes): for each of its k experts, the gate-and-up product, the gate's activation times the up half, the
  * down product, each rounded to bfloat16 where transformers' experts forward rounds it, then the outputs weighted and
  * summed. The products are the library's matrix-vector kernels (matvec.c's fast one, matvec_exact.c's ATen order or
- * matvec_onednn.c's oneDNN order), each call's rows shared among the threads (parallel.h); the activation is a table
- * of the model's own activation function on every bfloat16 value, so its bits are torch's by construction. What
- * replaces per expert: ~15 torch calls and their Python, each paying to bring its code back into caches that the
- * last product's weight streamed through. */
+ * matvec_onednn.c's oneDNN order) through matvec_threads.c's entry points, which share each product's rows among
+ * the threads (parallel.h); the activation is a table of the model's own activation function on every bfloat16
+ * value, so its bits are torch's by construction. What it replaces per expert: ~15 torch calls and their Python,
+ * each paying to bring its code back into caches that the last product's weight streamed through. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "matvec_common.h"
-#include "parallel.h"
 
 /* Each product and sum rounded on its own, as torch's separate calls round them: no fused multiply-adds. */
 #if defined(__clang__)
@@ -20,12 +19,13 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-MOEINF_HIDDEN void moeinf_mv_bf16_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
-                                          int64_t lo, int64_t hi, float *y, int64_t ldy);
-MOEINF_HIDDEN int moeinf_mv_exact_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
-                                          int64_t lo, int64_t hi, float *y, int64_t ldy);
-MOEINF_HIDDEN int moeinf_mv_onednn_nt_rows(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols,
-                                           int64_t lo, int64_t hi, float *y, int64_t ldy, int64_t kb);
+/* matvec_threads.c's entry points: each shares a product's rows among ``threads`` in its kernel's runs of rows */
+int moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                      int64_t hi, float *y, int64_t ldy, int64_t threads);
+int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                       int64_t hi, float *y, int64_t ldy, int64_t threads);
+int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
+                        int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads);
 
 enum { ORDER_FAST = 0, ORDER_ATEN = 1, ORDER_ONEDNN = 2 };
 
@@ -43,14 +43,11 @@ static inline uint16_t f32_bf16(float f) { return f32_bf16_nan(f, 0xFFFF); }
 /* y[0..rows) = w @ x in ``order`` (kb: oneDNN's column block), the rows shared among ``threads``; 0 or -1. */
 static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols, int64_t rows,
                    int64_t kb, float *y, int64_t threads) {
-    int code;
     if (order == ORDER_ONEDNN)
-        MOEINF_ROWS(code, threads, 0, rows, 16, moeinf_mv_onednn_nt_rows(w, ld, x, 1, cols, tlo, thi, y, rows, kb));
-    else if (order == ORDER_ATEN)
-        MOEINF_ROWS(code, threads, 0, rows, 1, moeinf_mv_exact_nt_rows(w, ld, x, 1, cols, tlo, thi, y, rows));
-    else
-        MOEINF_ROWS(code, threads, 0, rows, 64, (moeinf_mv_bf16_nt_rows(w, ld, x, 1, cols, tlo, thi, y, rows), 0));
-    return code;
+        return moeinf_mv_onednn_nt(w, ld, x, 1, cols, 0, rows, y, rows, kb, threads);
+    if (order == ORDER_ATEN)
+        return moeinf_mv_exact_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
+    return moeinf_mv_bf16_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
 }
 
 /* ``out`` (``hidden`` bfloat16) = sum over the token's k experts e of weight[e] * down_e(act(gate_e) * up_e), where
