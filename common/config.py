@@ -22,6 +22,7 @@ CPU_EXPERTS = ("off", "auto", "always")  # memd --cpu-experts
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
+SLOT_CACHE = ("auto", "on", "off")  # memd --slot-cache (services/memd/slot_images.py)
 MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
 ATTENTION_KERNELS = ("torch", "fast")  # worker --attention-kernel (services/worker/decode_attention.py)
 
@@ -83,7 +84,11 @@ class MemdConfig:
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
                                   " as stored")
-    expert_cache_dir: Path | None = knob(None, "where --expert-format keeps its converted experts (default:"
+    slot_cache: str = knob("auto", "keep each expert as its slot image in a file under --expert-cache-dir (written once,"
+                                   " on first read, or ahead by `moeinf convert`), so every read goes straight into its"
+                                   " slot with O_DIRECT, no copy (costs disk: about the experts' size); auto: where"
+                                   " the checkpoint's own layout would be copied and the disk has room; on; off")
+    expert_cache_dir: Path | None = knob(None, "where --slot-cache and --expert-format keep their experts (default:"
                                                " <state-dir>/expert-cache)")
     index_cache_dir: Path | None = knob(None, "where memd caches checkpoint indexes, one small file per checkpoint"
                                               " version, for every state dir (default: in the state directory)")
@@ -152,6 +157,8 @@ class MemdConfig:
                              " host memory already: leave it at 0")
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
+        if self.slot_cache not in SLOT_CACHE:
+            raise ValueError(f"--slot-cache {self.slot_cache!r}: choose one of {', '.join(SLOT_CACHE)}")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
         if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:

@@ -7,12 +7,16 @@ Side by side, in one run, on the same file (the checkpoint's largest shard, its 
 * fio (Debian's ``fio``, if installed): ``--ioengine=libaio --iodepth=<threads> --direct=1 --rw=read
   --bs=<chunk>``, the independent reference at the same queue depth;
 * memd's ``ExpertReader``: about ``--bytes`` of the experts stored in that same file (or ``--experts`` of them), read
-  once each as on-demand
-  loads into a page-aligned pool (its pages faulted in first, as in a running memd), 8 loads queued at a time,
-  as memd reads them (O_DIRECT straight into the slot where the alignment allows), into the slots memd serves a
-  CPU worker (rows a multiple of 2 KiB long spread apart: staged and placed row by row, ``services/memd/spread.py``). Its bandwidth is expert bytes over wall time; the target is >= 90% of the
-  multi-stream probe. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a
-  burst allowance gives whichever runs first more.
+  once each as on-demand loads into a page-aligned pool (its pages faulted in first, as in a running memd), 8 loads
+  queued at a time, into the slots memd serves a CPU worker, from the checkpoint as stored (O_DIRECT straight into
+  the slot where the alignment allows; rows a multiple of 2 KiB long are spread apart, ``services/memd/spread.py``,
+  so they are staged and placed row by row);
+* the same reader from memd's lossless slot images (``--slot-cache``, ``services/memd/slot_images.py``: converted
+  first where missing), beside the multi-stream probe of the same bytes of the image file.
+
+Each reader's bandwidth is bytes read over wall time; the target is >= 90% of the multi-stream probe of its own
+file. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a burst allowance
+gives whichever runs first more.
 """
 from __future__ import annotations
 
@@ -59,22 +63,39 @@ def fio_bandwidth(path: Path, nbytes: int, depth: int, chunk: int) -> Bandwidth 
     return Bandwidth(read["io_bytes"], read["runtime"] / 1e3, True, depth, chunk)
 
 
-def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None = None,
-                     file: Path | None = None) -> ReaderRun:
-    """Every expert (or the first ``experts``) read once through memd's ExpertReader, on demand; with ``file``,
-    only experts stored wholly in that file (the probe's, so both measure the same part of the disk)."""
+def checkpoint_source(model: Path, file: Path, experts: int | None):
+    """``(store, keys)``: the slots memd serves a CPU worker read from the checkpoint as stored (spread.py), the
+    first ``experts`` experts stored wholly in ``file`` (the probe's, so both measure the same part of the disk)."""
     from common.checkpoint import Checkpoint
-    from services.memd.dio import buffer_address
-    from services.memd.reader import ExpertReader
     from services.memd.spread import spread_rows
     from services.memd.store import ExpertStore
 
-    store = spread_rows(ExpertStore(Checkpoint(model)).index())  # the slots memd serves a CPU worker (spread.py)
+    store = spread_rows(ExpertStore(Checkpoint(model)).index())
     segments = store.segments
-    keys = sorted(k for k, segs in segments.items() if file is None or {s.file for s in segs} == {str(file)})
+    keys = sorted(k for k, segs in segments.items() if {s.file for s in segs} == {str(file)})
     if not keys:
         raise ValueError(f"{file}: holds no whole expert (bench disk reads experts from the probe's file)")
-    keys = keys[:experts]
+    return store, keys[:experts]
+
+
+def image_source(model: Path, experts: int | None, cache_dir: Path | None):
+    """``(images, keys)``: the same slots as memd's lossless slot images (``--slot-cache``), the first ``experts``
+    of the cache file, converted first if missing (its probe reads those bytes of the same file)."""
+    from common.config import default_state_dir
+    from services.memd.slot_images import LosslessImages, cache_root
+
+    images = LosslessImages.of(model, cache_root(default_state_dir(), cache_dir)).open()
+    keys = sorted(images.segments)[:experts]
+    images.prepare_many(keys)
+    return images, keys
+
+
+def reader_bandwidth(store, keys: list, threads: int, chunk: int) -> ReaderRun:
+    """``keys`` read once each through memd's ExpertReader, on demand, ``WINDOW`` loads queued at a time."""
+    from services.memd.dio import buffer_address
+    from services.memd.reader import ExpertReader
+
+    segments = store.segments
     buf = mmap.mmap(-1, WINDOW * store.slot_bytes)
     view = memoryview(buf)
     ctypes.memset(buffer_address(view), 1, len(view))  # fault the pages in, as memd's pool is after its first use
@@ -99,9 +120,11 @@ def reader_bandwidth(model: Path, threads: int, chunk: int, experts: int | None 
                      reader.align.describe() if reader.align else "no O_DIRECT")
 
 
-def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | None, rounds: int) -> dict:
-    """Single-stream probe and fio once; then ``rounds`` rounds of the multi-stream probe and the reader over about
-    the same bytes, alternating which goes first (a VM disk's burst credit then favours neither)."""
+def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | None, rounds: int,
+            cache_dir: Path | None = None) -> dict:
+    """Single-stream probe and fio once; then ``rounds`` rounds of, for each source (the checkpoint as stored, the
+    slot images), the multi-stream probe of its file and the reader over about the same bytes, alternating which
+    goes first (a VM disk's burst credit then favours neither)."""
     from common.checkpoint import Checkpoint
 
     files = sorted(Checkpoint(model).files, key=lambda f: f.stat().st_size, reverse=True)[:1]
@@ -110,29 +133,46 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
     fio = fio_bandwidth(files[0], nbytes, threads, chunk)
     if experts is None:
         experts = max(1, nbytes // _expert_bytes(model))
-    multi, readers = [], []
-    for r in range(rounds):
-        progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader")
-        steps = [lambda: multi.append(read_bandwidth(files, nbytes, chunk, streams=threads)),
-                 lambda: readers.append(reader_bandwidth(model, threads, chunk, experts, files[0]))]
-        for step in steps[::1 if r % 2 == 0 else -1]:
-            step()
-    probe, reader = _median(multi, lambda b: b.gbps), _median(readers, lambda x: x.bandwidth.gbps)
-    doc = {"model": str(model), "file": str(files[0]), "threads": threads, "chunk": chunk, "rounds": rounds,
-           "probe_single_gbps": single.gbps, "probe_multi_gbps": probe.gbps,
-           "probe_multi_runs_gbps": [b.gbps for b in multi], "direct": single.direct and probe.direct,
+    stored, stored_keys = checkpoint_source(model, files[0], experts)
+    progress(f"slot images: {experts} experts (converted first where missing)")
+    images, image_keys = image_source(model, experts, cache_dir)
+    try:
+        sources = {"checkpoint": (stored, stored_keys, files, nbytes),
+                   "images": (images, image_keys, images.files, len(image_keys) * images.slot_bytes)}
+        runs = {name: ([], []) for name in sources}
+        for r in range(rounds):
+            progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader, from"
+                     " the checkpoint and from the slot images")
+            for name, (store, keys, probe_files, probe_bytes) in sources.items():
+                multi, readers = runs[name]
+                steps = [lambda: multi.append(read_bandwidth(probe_files, probe_bytes, chunk, streams=threads)),
+                         lambda: readers.append(reader_bandwidth(store, keys, threads, chunk))]
+                for step in steps[::1 if r % 2 == 0 else -1]:
+                    step()
+    finally:
+        images.close()
+    doc = {"model": str(model), "file": str(files[0]), "images_file": str(images.path), "threads": threads,
+           "chunk": chunk, "rounds": rounds, "probe_single_gbps": single.gbps,
            "fio_gbps": fio.gbps if isinstance(fio, Bandwidth) else None,
-           "fio_note": fio if isinstance(fio, str) else None,
-           "reader_gbps": reader.bandwidth.gbps, "reader_runs_gbps": [x.bandwidth.gbps for x in readers],
-           "reader_bytes": reader.bandwidth.bytes_read, "reader_experts": reader.experts,
-           "reader_staged_segments": reader.staged_segments, "reader_segments": reader.segments,
-           "reader_spread_bytes": reader.spread_bytes,
-           "reader_direct_bytes": reader.direct_bytes, "reader_bounce_bytes": reader.bounce_bytes,
-           "alignment": reader.alignment}
-    doc["reader_fraction_of_probe"] = reader.bandwidth.gbps / probe.gbps if probe.gbps else None
-    ratios = sorted(x.bandwidth.gbps / b.gbps for x, b in zip(readers, multi) if b.gbps)
-    doc["reader_fraction_per_round_median"] = ratios[len(ratios) // 2] if ratios else None
+           "fio_note": fio if isinstance(fio, str) else None}
+    for name, (multi, readers) in runs.items():
+        doc[name] = _source_doc(multi, readers)
+    doc["direct"] = single.direct and all(doc[name]["probe_direct"] for name in runs)
     return doc
+
+
+def _source_doc(multi: list, readers: list) -> dict:
+    probe, reader = _median(multi, lambda b: b.gbps), _median(readers, lambda x: x.bandwidth.gbps)
+    ratios = sorted(x.bandwidth.gbps / b.gbps for x, b in zip(readers, multi) if b.gbps)
+    return {"probe_multi_gbps": probe.gbps, "probe_multi_runs_gbps": [b.gbps for b in multi],
+            "probe_direct": probe.direct, "reader_gbps": reader.bandwidth.gbps,
+            "reader_runs_gbps": [x.bandwidth.gbps for x in readers],
+            "reader_bytes": reader.bandwidth.bytes_read, "reader_experts": reader.experts,
+            "reader_staged_segments": reader.staged_segments, "reader_segments": reader.segments,
+            "reader_spread_bytes": reader.spread_bytes, "reader_direct_bytes": reader.direct_bytes,
+            "reader_bounce_bytes": reader.bounce_bytes, "alignment": reader.alignment,
+            "reader_fraction_of_probe": reader.bandwidth.gbps / probe.gbps if probe.gbps else None,
+            "reader_fraction_per_round_median": ratios[len(ratios) // 2] if ratios else None}
 
 
 def _expert_bytes(model: Path) -> int:
@@ -147,31 +187,40 @@ def _median(items: list, key):
 
 
 def format_report(doc: dict) -> str:
-    multi = doc["probe_multi_gbps"]
-    frac = lambda v: "-" if v is None or not multi else f"{v / multi:.0%}"  # noqa: E731
-    rows = [("probe, single stream", 1, doc["probe_single_gbps"]),
-            (f"probe, {doc['threads']} streams (memd's depth)", doc["threads"], multi),
-            ("fio libaio, same depth", doc["threads"], doc["fio_gbps"]),
-            (f"ExpertReader, {doc['reader_experts']} experts", doc["threads"], doc["reader_gbps"])]
+    ckpt, images = doc["checkpoint"], doc["images"]
+    multi = ckpt["probe_multi_gbps"]
+    frac = lambda v, of: "-" if v is None or not of else f"{v / of:.0%}"  # noqa: E731
+    depth = doc["threads"]
+    rows = [("probe, single stream", 1, doc["probe_single_gbps"], multi),
+            (f"probe, {depth} streams (memd's depth)", depth, multi, multi),
+            ("fio libaio, same depth", depth, doc["fio_gbps"], multi),
+            (f"ExpertReader, {ckpt['reader_experts']} experts", depth, ckpt["reader_gbps"], multi),
+            (f"probe, {depth} streams, slot images", depth, images["probe_multi_gbps"], images["probe_multi_gbps"]),
+            (f"ExpertReader, {images['reader_experts']} slot images", depth, images["reader_gbps"],
+             images["probe_multi_gbps"])]
     lines = [f"moeinf bench disk: {doc['file']}; reads of {doc['chunk'] >> 10} KiB,"
-             f" {'O_DIRECT' if doc['direct'] else 'page cache (O_DIRECT refused)'}; alignment {doc['alignment']}",
-             "", f"{'measure':<34} {'depth':>5} {'GB/s':>7} {'of multi-stream':>15}"]
-    lines += [f"{name:<34} {depth:>5} {'-' if v is None else format(v, '.3f'):>7} {frac(v):>15}"
-              for name, depth, v in rows]
+             f" {'O_DIRECT' if doc['direct'] else 'page cache (O_DIRECT refused)'}; alignment {ckpt['alignment']}",
+             f"slot images (memd --slot-cache): {doc['images_file']}", "",
+             f"{'measure':<36} {'depth':>5} {'GB/s':>7} {'of its file multi-stream':>24}"]
+    lines += [f"{name:<36} {d:>5} {'-' if v is None else format(v, '.3f'):>7} {frac(v, of):>24}"
+              for name, d, v, of in rows]
     lines.append("")
     if doc["fio_note"]:
         lines.append(f"fio: {doc['fio_note']}")
-    lines.append(f"medians of {doc['rounds']} rounds, probe and reader alternating; multi-stream probe runs: "
-                 + ", ".join(f"{v:.3f}" for v in doc["probe_multi_runs_gbps"]) + " GB/s; reader runs: "
-                 + ", ".join(f"{v:.3f}" for v in doc["reader_runs_gbps"]) + " GB/s")
-    lines.append(f"reader: {format_bytes(doc['reader_bytes'])}, {format_bytes(doc['reader_direct_bytes'])} straight into"
-                 f" slots, {format_bytes(doc['reader_bounce_bytes'])} through the bounce buffer"
-                 f" ({format_bytes(doc['reader_spread_bytes'])} of the bytes rows memd spreads apart in its slots);"
-                 f" {doc['reader_staged_segments']} of {doc['reader_segments']} segments staged (file offset and slot"
-                 " not congruent modulo the memory alignment)")
-    lines.append(f"reader / probe of the same round, median: {frac_text(doc['reader_fraction_per_round_median'])}")
-    met = doc["reader_fraction_of_probe"] is not None and doc["reader_fraction_of_probe"] >= TARGET
-    lines.append(f"target: expert reads >= {TARGET:.0%} of the multi-stream probe -> {'met' if met else 'NOT met'}")
+    for name, part in (("checkpoint", ckpt), ("slot images", images)):
+        lines.append(f"{name}: medians of {doc['rounds']} rounds, probe and reader alternating; multi-stream probe"
+                     " runs: " + ", ".join(f"{v:.3f}" for v in part["probe_multi_runs_gbps"]) + " GB/s; reader runs: "
+                     + ", ".join(f"{v:.3f}" for v in part["reader_runs_gbps"]) + " GB/s")
+        lines.append(f"  reader: {format_bytes(part['reader_bytes'])}, {format_bytes(part['reader_direct_bytes'])}"
+                     f" straight into slots, {format_bytes(part['reader_bounce_bytes'])} through the bounce buffer"
+                     f" ({format_bytes(part['reader_spread_bytes'])} of the bytes rows spread apart in the slots);"
+                     f" {part['reader_staged_segments']} of {part['reader_segments']} segments staged; reader / probe"
+                     f" of the same round, median: {frac_text(part['reader_fraction_per_round_median'])}")
+    for name, part in (("from the checkpoint as stored (--slot-cache off)", ckpt),
+                       ("from the slot images (--slot-cache, memd's default where it pays)", images)):
+        met = part["reader_fraction_of_probe"] is not None and part["reader_fraction_of_probe"] >= TARGET
+        lines.append(f"target: expert reads >= {TARGET:.0%} of the multi-stream probe of their file, {name} ->"
+                     f" {'met' if met else 'NOT met'}")
     return "\n".join(lines)
 
 
@@ -189,7 +238,8 @@ def run(args) -> int:
         raise ValueError("--threads and --experts must be >= 1")
     if args.rounds < 1:
         raise ValueError("--rounds must be >= 1")
-    doc = measure(model, nbytes, args.threads, chunk, args.experts, args.rounds)
+    doc = measure(model, nbytes, args.threads, chunk, args.experts, args.rounds,
+                  Path(args.expert_cache_dir) if args.expert_cache_dir else None)
     print(format_report(doc))
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
@@ -206,6 +256,8 @@ def add_parser(bench) -> None:
     p.add_argument("--chunk", default=f"{CHUNK >> 10}KiB", help="read size (memd's --read-chunk)")
     p.add_argument("--experts", type=int, help="experts the reader reads per round (default: about --bytes worth)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of multi-stream probe and reader; medians reported")
+    p.add_argument("--expert-cache-dir", help="where the slot images are kept (memd's --expert-cache-dir; default"
+                                              " <state-dir>/expert-cache)")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)
 

@@ -44,16 +44,34 @@ def plan_pool(cfg: MemdConfig, store: ExpertIndex) -> int:
 
 def open_store(cfg: MemdConfig):
     """``(store, index)``: the checkpoint's expert index as stored (built by the indexer child, cached: memd itself
-    imports neither torch nor transformers; for a shared-memory pool, with rows spread apart, ``spread.py``), or
-    with ``--expert-format`` the compressed cache over it (converted with NumPy); ``index`` is the index to save in
-    the state directory, None when the cached one was used."""
+    imports neither torch nor transformers; for a shared-memory pool, with rows spread apart, ``spread.py``), read
+    from the checkpoint or from its lossless slot images (``--slot-cache``), or with ``--expert-format`` the
+    compressed cache over it (converted with NumPy); ``index`` is the index to save in the state directory, None
+    when the cached one was used."""
     index, fresh = load_index(cfg.model, cfg.state_dir, cfg.index_cache_dir)
     if not cfg.expert_format:  # a CPU worker's kernels read rows spread apart faster (spread.py); a GPU's do not
-        return spread_rows(index) if cfg.pool_backend == "shm" else index, index if fresh else None
+        return slot_images(cfg, spread_rows(index) if cfg.pool_backend == "shm" else index), index if fresh else None
     from services.memd.compressed import CompressedStore, cache_root
 
     store = CompressedStore(index, cfg.model, cfg.expert_format, cache_root(cfg.state_dir, cfg.expert_cache_dir))
     return store, index if fresh else None
+
+
+def slot_images(cfg: MemdConfig, served: ExpertIndex):
+    """``served``, or its lossless slot-image cache (``--slot-cache``: services/memd/slot_images.py)."""
+    if cfg.slot_cache == "off":
+        return served
+    from services.memd.slot_images import LosslessImages, auto_reason, cache_root
+
+    images = LosslessImages(served, cfg.model, cache_root(cfg.state_dir, cfg.expert_cache_dir))
+    reason = auto_reason(images, cfg.direct_io) if cfg.slot_cache == "auto" else ""
+    if reason:
+        log.info("slot cache: off, the experts are read from the checkpoint (%s)", reason)
+        return served
+    log.info("slot cache: each expert is kept as its slot image in %s (%s once all are read), so that reads go"
+             " straight into slots; --slot-cache off reads the checkpoint as stored", images.directory,
+             format_bytes(images.file_bytes))
+    return images
 
 
 def run(cfg: MemdConfig) -> int:
@@ -76,7 +94,7 @@ def run(cfg: MemdConfig) -> int:
     try:
         if new_index is not None:
             save_index(cfg.state_dir, new_index, cfg.index_cache_dir)
-        if hasattr(store, "open"):  # the compressed cache opens its files
+        if hasattr(store, "open"):  # a slot-image cache opens its files
             store.open()
         backend = open_backend(cfg, store, num_slots, pool_name(cfg.state_dir))
         control = ControlPage(pool_name(cfg.state_dir, "control"))
@@ -98,7 +116,7 @@ def run(cfg: MemdConfig) -> int:
             backend.close()
         if control is not None:
             control.close()
-        if hasattr(store, "close"):  # the compressed cache closes its files
+        if hasattr(store, "close"):  # a slot-image cache closes its files
             store.close()
         lock.release()
     log.info("memd stopped")

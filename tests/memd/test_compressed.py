@@ -129,7 +129,7 @@ def test_convert_cli_fills_the_cache(oss, tmp_path):
     proc = subprocess.run(moeinf_cmd("convert", "--model", str(oss), "--expert-format", "mxfp4", "--state-dir",
                                      str(tmp_path), "--quiet"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "32 experts in mxfp4 (32 converted now)" in proc.stdout and "fewer bytes per read" in proc.stdout
+    assert "32 experts as mxfp4 (32 converted now)" in proc.stdout and "per expert against" in proc.stdout
     store = store_of(oss, "mxfp4", tmp_path)
     try:
         assert store.missing == [] and store.converted_now == 0

@@ -1,0 +1,298 @@
+"""Experts kept as slot images in one cache file, so that every read is one aligned O_DIRECT read into its slot.
+
+A checkpoint's safetensors place each parameter at a file offset that is only 8-byte aligned, and memd lays the
+rows of most bfloat16 parameters apart in its slots (``services/memd/spread.py``); neither can be read by O_DIRECT
+straight into the slot behind a 512-byte-aligned device, so the reader stages those bytes through a bounce buffer
+and copies them (``services/memd/reader.py``): a core's worth of copying at a few GB/s, taken from the worker.
+A slot-image cache holds expert ``(layer, e)`` exactly as its slot holds it, at ``(layer * experts + e) *
+slot_bytes`` of ``experts.bin``: one page-aligned segment per expert, read straight into the slot in pieces.
+
+Two caches share this file format and its bookkeeping (``SlotImageCache``):
+
+- ``LosslessImages`` (memd ``--slot-cache``, this module): the bytes the reader would place from the checkpoint,
+  unchanged (the worker's views, products and tokens are the same; ``tests/memd/test_slot_images.py``);
+- ``CompressedStore`` (``--expert-format fp8|mxfp4``, ``services/memd/compressed.py``): the experts re-encoded.
+
+Each expert is converted once, on its first read, by the reader thread that takes its first piece, or ahead by
+``moeinf convert``. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk
+(``fdatasync``): a crash mid-conversion leaves the expert to convert again. The cache's name hashes the
+checkpoint's files (names, sizes, mtimes), the format and the slot layout: a changed checkpoint gets a fresh cache.
+The cache file is sparse: only converted experts take disk space (about the experts' size once all are read).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from common.access import OWNER_ONLY
+from common.checkpoint import CheckpointError
+from common.expert_index import ExpertIndex, Segment
+from common.messages import TensorSpec
+
+log = logging.getLogger("moeinf.memd.slot_images")
+CACHE_DIR = "expert-cache"
+# bump when an encoding or the file layout changes: old caches are then not reused (2: MXFP4 of [out, in] experts
+# blocked along the input dimension)
+LAYOUT_VERSION = 2
+_DIO_PROBE_BYTES = 64 * 1024  # the scratch file dio_alignment probes
+FREE_SHARE = 0.1  # auto: the file system keeps at least this share of its size free once every expert is cached
+
+
+def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
+    """memd's ``--expert-cache-dir``, by default ``<state-dir>/expert-cache``."""
+    return Path(cache_dir) if cache_dir else Path(state_dir) / CACHE_DIR
+
+
+class SlotImageCache:
+    """The expert index of a checkpoint whose slots are read from the cache file; subclasses give the layout
+    (``tensors``, ``slot_bytes``, ``expert_bytes``) and ``convert``."""
+
+    format: str  # a directory-name label: "fp8", "mxfp4" or "slots" (lossless)
+    tensors: list[TensorSpec]
+    slot_bytes: int
+    expert_bytes: int
+
+    def __init__(self, source: ExpertIndex, model_dir: Path | str, cache_root: Path | str):
+        """``source``: the checkpoint's own index (memd's indexer child builds it: no torch here)."""
+        self.source, self.model_dir = source, Path(model_dir).resolve()
+        self.model_type, self.modules, self.num_experts = source.model_type, source.modules, source.num_experts
+        self.num_layers, self.top_k = source.num_layers, source.top_k
+        self.directory = Path(cache_root) / self._name()
+        self.path = self.directory / "experts.bin"
+        self._fd = self._done_fd = None
+        self.segments = {(layer, e): [Segment(str(self.path), (layer * self.num_experts + e) * self.slot_bytes,
+                                              self.slot_bytes, 0)]
+                         for layer in range(self.num_layers) for e in range(self.num_experts)}
+        self._lock = threading.Lock()
+        self.converted_now = 0
+        self.done = bytearray()
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.expert_bytes * self.num_layers * self.num_experts
+
+    @property
+    def file_bytes(self) -> int:
+        """The cache file's size once every expert is converted."""
+        return self.slot_bytes * self.num_layers * self.num_experts
+
+    @property
+    def missing(self) -> list[tuple[int, int]]:
+        return [(i // self.num_experts, i % self.num_experts) for i, d in enumerate(self.done) if not d]
+
+    def convert(self, key: tuple[int, int]) -> bytes:
+        """Expert ``key``'s slot image, from its bytes in the checkpoint."""
+        raise NotImplementedError
+
+    def prepare(self, key: tuple[int, int]) -> None:
+        """Convert expert ``key`` into the cache file unless it is there (reader threads, before its first read)."""
+        if not self.done[key[0] * self.num_experts + key[1]]:  # set once, never cleared: no lock on the hot path
+            self.prepare_many([key])
+
+    def prepare_many(self, keys: list[tuple[int, int]]) -> None:
+        """Convert the missing experts of ``keys``: their bytes are written and synced before they count as done."""
+        with self._lock:  # one conversion at a time: a second reader of the same expert waits, then finds it done
+            todo = [k for k in keys if not self.done[k[0] * self.num_experts + k[1]]]
+            for key in todo:
+                os.pwrite(self._fd, self.convert(key), (key[0] * self.num_experts + key[1]) * self.slot_bytes)
+            if not todo:
+                return
+            os.fdatasync(self._fd)
+            for key in todo:
+                index = key[0] * self.num_experts + key[1]
+                os.posix_fadvise(self._fd, index * self.slot_bytes, self.slot_bytes, os.POSIX_FADV_DONTNEED)
+                os.pwrite(self._done_fd, b"\x01", index)
+                self.done[index] = 1
+            self.converted_now += len(todo)
+
+    def fill(self, progress=None) -> int:
+        """Convert every missing expert (one sync per layer's worth); returns how many were converted now.
+        ``progress(n)`` is called after each batch."""
+        missing = self.missing
+        for start in range(0, len(missing), self.num_experts):
+            batch = missing[start:start + self.num_experts]
+            self.prepare_many(batch)
+            if progress is not None:
+                progress(len(batch))
+        return len(missing)
+
+    def image(self, key: tuple[int, int]) -> bytes:
+        """Expert ``key``'s slot image as memd reads it from the cache file (converted first if missing)."""
+        self.prepare(key)
+        return os.pread(self._fd, self.slot_bytes, (key[0] * self.num_experts + key[1]) * self.slot_bytes)
+
+    def open(self):
+        """Create or reopen the cache files (after the state directory exists; memd holds its lock)."""
+        count = self.num_layers * self.num_experts
+        for missing in reversed([p for p in (self.directory, *self.directory.parents) if not p.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)  # owner-only whatever the umask (parents too)
+        os.chmod(self.directory, 0o700)  # ours, even when an older memd made it under another umask
+        self._fd = OWNER_ONLY.create(self.path, os.O_RDWR | os.O_CREAT)
+        if os.fstat(self._fd).st_size != count * self.slot_bytes:
+            os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
+        self._done_fd = OWNER_ONLY.create(self.directory / "done.bin", os.O_RDWR | os.O_CREAT)
+        done = os.pread(self._done_fd, count, 0)
+        if len(done) != count:
+            os.ftruncate(self._done_fd, count)
+            done = done.ljust(count, b"\x00")
+        self.done = bytearray(done)
+        manifest = {"checkpoint": str(self.model_dir), "format": self.format,
+                    "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,
+                    "layout_version": LAYOUT_VERSION}
+        with os.fdopen(OWNER_ONLY.create(self.directory / "manifest.json"), "w") as f:
+            f.write(json.dumps(manifest, indent=2))
+        log.info("expert cache %s (%s): %d of %d experts converted", self.directory, self.format, sum(self.done),
+                 count)
+        return self
+
+    def close(self) -> None:
+        for fd in (self._fd, self._done_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._done_fd = None
+
+    def _name(self) -> str:
+        files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, self.source.files))]
+        tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
+                   for s in self.tensors]
+        identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors])
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return f"{self.model_dir.name}-{self.format}-{digest}"
+
+    def _read_source(self, key: tuple[int, int]) -> bytearray:
+        """The expert's bytes as the checkpoint's own index lays them into a slot (buffered reads: converted once)."""
+        buf = bytearray(self.source.slot_bytes)
+        view = memoryview(buf)
+        for seg in self.source.experts[key[0] * self.num_experts + key[1]]:
+            fd = os.open(seg.file, os.O_RDONLY)
+            try:
+                n = os.preadv(fd, [view[seg.slot_offset:seg.slot_offset + seg.nbytes]], seg.file_offset)
+                os.posix_fadvise(fd, seg.file_offset, seg.nbytes, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            if n != seg.nbytes:
+                raise CheckpointError(f"{seg.file}: short read at {seg.file_offset} ({n} of {seg.nbytes} bytes)")
+        return buf
+
+
+class LosslessImages(SlotImageCache):
+    """``served``'s slots (the checkpoint's layout, rows spread apart for a CPU worker) as images: the same bytes."""
+
+    format = "slots"
+
+    def __init__(self, served: ExpertIndex, model_dir: Path | str, cache_root: Path | str):
+        self.served = served
+        self.tensors, self.slot_bytes, self.expert_bytes = served.tensors, served.slot_bytes, served.expert_bytes
+        super().__init__(served, model_dir, cache_root)
+
+    @classmethod
+    def of(cls, model_dir: Path | str, cache_root: Path | str) -> "LosslessImages":
+        """Index ``model_dir`` in this process and lay it out as memd does for a CPU worker (imports transformers:
+        the CLI and the benchmarks, not memd)."""
+        from common.checkpoint import Checkpoint
+        from services.memd.spread import spread_rows
+        from services.memd.store import ExpertStore
+
+        return cls(spread_rows(ExpertStore(Checkpoint(model_dir)).index()), model_dir, cache_root)
+
+    def convert(self, key: tuple[int, int]) -> bytes:
+        from services.memd.reader import place_rows
+
+        out = np.zeros(self.slot_bytes, dtype=np.uint8)
+        for seg in self.served.experts[key[0] * self.num_experts + key[1]]:
+            data = memoryview(_pread(seg.file, seg.file_offset, seg.nbytes))
+            if seg.row_stride:
+                place_rows(out, data, seg.slot_offset, (seg.slot_offset, seg.row_bytes, seg.row_stride))
+            else:
+                out[seg.slot_offset:seg.slot_offset + seg.nbytes] = np.frombuffer(data, dtype=np.uint8)
+        return out.tobytes()
+
+
+def staged_bytes(index: ExpertIndex, mem_align: int) -> int:
+    """Bytes of ``index``'s experts that the reader cannot read straight into their slots with O_DIRECT: rows
+    spread apart, and segments whose file offset and slot offset differ modulo the memory alignment."""
+    return sum(seg.nbytes for segs in index.experts for seg in segs
+               if seg.row_stride or (seg.slot_offset - seg.file_offset) % mem_align)
+
+
+def auto_reason(images: LosslessImages, direct_io: bool) -> str:
+    """Why ``--slot-cache auto`` leaves the experts in the checkpoint ("" when it keeps slot images)."""
+    from services.memd.dio import dio_alignment
+
+    served = images.served
+    if not direct_io:
+        return "--direct-io is off"
+    if _in_memory(Path(served.files[0])):
+        return f"{served.files[0]} is on a memory file system already (tmpfs): no disk read to speed up"
+    align = dio_alignment(served.files[0])
+    if align is None:
+        return f"{served.files[0]}: the file system refuses O_DIRECT (reads go through the page cache)"
+    if not staged_bytes(served, align.mem):
+        return "every expert byte reads straight into its slot already"
+    existing = next(p for p in (images.directory, *images.directory.parents) if p.exists())
+    if _in_memory(existing):
+        return f"{existing} is on a memory file system (tmpfs): images there would take memory, not disk"
+    if not _direct_io_in(existing):
+        return f"{existing}: the file system refuses O_DIRECT (a cache there would be read through the page cache)"
+    held = images.path.stat().st_blocks * 512 if images.path.exists() else 0
+    needed = max(0, images.file_bytes - held)
+    usage = shutil.disk_usage(existing)
+    if usage.free - needed < FREE_SHARE * usage.total:
+        return (f"{existing}: {usage.free >> 20} MiB free; the cache needs {needed >> 20} MiB more and must leave"
+                f" {FREE_SHARE:.0%} of the file system free (--slot-cache on uses it anyway)")
+    return ""
+
+
+def _in_memory(path: Path) -> bool:
+    """Whether ``path`` lies on tmpfs or ramfs (the longest mount point above it in /proc/self/mounts)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    path = path.resolve()
+    best, kind = -1, ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (path == point or point in path.parents) and len(str(point)) > best:
+            best, kind = len(str(point)), fields[2]
+    return kind in ("tmpfs", "ramfs")
+
+
+def _direct_io_in(directory: Path) -> bool:
+    """Whether a file in ``directory`` can be read with O_DIRECT (a scratch file, removed at once)."""
+    from services.memd.dio import dio_alignment
+
+    fd, name = tempfile.mkstemp(prefix=".moeinf-dio-", dir=directory)
+    try:
+        os.write(fd, bytes(_DIO_PROBE_BYTES))
+        os.close(fd)
+        return dio_alignment(name) is not None
+    finally:
+        os.unlink(name)
+
+
+def _pread(path: str, offset: int, nbytes: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, nbytes, offset)
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)  # converted once: leave no page cache behind
+    finally:
+        os.close(fd)
+    if len(data) != nbytes:
+        raise CheckpointError(f"{path}: short read at {offset} ({len(data)} of {nbytes} bytes)")
+    return data

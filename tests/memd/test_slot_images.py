@@ -1,0 +1,144 @@
+"""memd's lossless slot-image cache (``--slot-cache``, services/memd/slot_images.py): an image holds exactly the
+bytes the reader places from the checkpoint (rows spread apart included), the reader then reads every byte
+straight into its slot (nothing staged, nothing copied), ``auto`` keeps images only where they pay and fit, and a
+served model gives transformers' tokens either way."""
+import mmap
+import subprocess
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from helpers import Stack, moeinf_cmd, write_family
+
+from common.checkpoint import Checkpoint
+from common.config import MemdConfig
+from services.memd import slot_images
+from services.memd.main import slot_images as choose
+from services.memd.reader import ExpertReader
+from services.memd.slot_images import CACHE_DIR, LosslessImages, auto_reason, staged_bytes
+from services.memd.spread import spread_rows
+from services.memd.store import ExpertStore
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Mixtral whose gate/up rows are 2 KiB (spread apart in the slots), sharded: two files, two file offsets."""
+    return write_family("mixtral", tmp_path_factory.mktemp("wide") / "m", dtype="bfloat16", shard=True,
+                        hidden_size=1024, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def served(path):
+    return spread_rows(ExpertStore(Checkpoint(path)).index())
+
+
+def read_all(store) -> tuple[torch.Tensor, ExpertReader]:
+    keys = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
+    pool = mmap.mmap(-1, len(keys) * store.slot_bytes)  # page-aligned, as memd's shared-memory pool is
+    reader = ExpertReader(store, memoryview(pool), store.slot_bytes, direct_io=True)
+    try:
+        for slot, key in enumerate(keys):
+            reader.read(key, slot)
+    finally:
+        reader.close()
+    return torch.frombuffer(bytearray(pool), dtype=torch.uint8).view(len(keys), store.slot_bytes), reader
+
+
+@pytest.mark.parametrize("family", ["wide", "mixtral"])
+def test_images_hold_the_bytes_the_reader_places_and_read_straight_into_slots(family, request, tmp_path):
+    path = request.getfixturevalue(family)
+    index = served(path)
+    want, staged = read_all(index)
+    assert staged.stats.bounce_bytes > 0  # the checkpoint as stored is copied through the bounce buffer
+    images = LosslessImages(index, path, tmp_path / CACHE_DIR).open()
+    try:
+        assert images.tensors == index.tensors and images.slot_bytes == index.slot_bytes
+        got, reader = read_all(images)  # converts each expert on its first read, then reads the image
+        assert torch.equal(got, want)
+        assert images.missing == [] and images.converted_now == index.num_layers * index.num_experts
+        assert reader.stats.bounce_bytes == 0 and reader.stats.staged_segments == 0
+        assert reader.stats.direct_bytes == images.file_bytes  # every byte of every slot read in place
+    finally:
+        images.close()
+
+
+def test_images_convert_once_and_survive_a_restart(wide, tmp_path):
+    index = served(wide)
+    first = LosslessImages(index, wide, tmp_path).open()
+    try:
+        assert first.fill() == index.num_layers * index.num_experts
+        image = first.image((1, 2))
+    finally:
+        first.close()
+    again = LosslessImages(index, wide, tmp_path).open()
+    try:
+        assert again.missing == [] and again.fill() == 0 and again.image((1, 2)) == image
+    finally:
+        again.close()
+    packed = LosslessImages(ExpertStore(Checkpoint(wide)).index(), wide, tmp_path)
+    assert packed.directory != again.directory  # another slot layout (rows not spread): another cache
+
+
+def test_auto_keeps_images_only_where_the_checkpoint_would_be_copied_and_they_fit(wide, tmp_path, monkeypatch):
+    index = served(wide)
+    images = LosslessImages(index, wide, tmp_path / CACHE_DIR)
+    assert staged_bytes(index, 512) == index.total_expert_bytes  # 8-byte aligned offsets, spread rows: all copied
+    assert auto_reason(images, direct_io=True) == ""
+    assert auto_reason(images, direct_io=False) == "--direct-io is off"
+    if slot_images._in_memory(Path("/dev/shm")):  # images in memory would take memory, not disk
+        in_shm = LosslessImages(index, wide, Path("/dev/shm") / "moeinf-test-nope")
+        assert "is on a memory file system (tmpfs)" in auto_reason(in_shm, True)
+    monkeypatch.setattr(slot_images, "_direct_io_in", lambda _: False)
+    assert "refuses O_DIRECT" in auto_reason(images, True)
+    monkeypatch.undo()
+    aligned = msgspec.structs.replace(index, experts=[[msgspec.structs.replace(
+        s, file_offset=s.slot_offset, row_bytes=0, row_stride=0) for s in segs] for segs in index.experts])
+    assert staged_bytes(aligned, 512) == 0
+    assert "reads straight into its slot already" in auto_reason(LosslessImages(aligned, wide, tmp_path), True)
+    full = slot_images.shutil.disk_usage(tmp_path)._replace(free=images.file_bytes)
+    monkeypatch.setattr(slot_images.shutil, "disk_usage", lambda _: full)
+    assert "--slot-cache on uses it anyway" in auto_reason(images, direct_io=True)
+
+
+def test_the_knob_picks_the_store(wide, tmp_path):
+    index = served(wide)
+    cfg = dict(model=wide, state_dir=tmp_path)
+    assert choose(MemdConfig(**cfg, slot_cache="off"), index) is index
+    assert isinstance(choose(MemdConfig(**cfg, slot_cache="auto"), index), LosslessImages)
+    assert isinstance(choose(MemdConfig(**cfg, slot_cache="on", direct_io=False), index), LosslessImages)
+    assert choose(MemdConfig(**cfg, slot_cache="auto", direct_io=False), index) is index
+    with pytest.raises(ValueError, match="--slot-cache 'yes': choose one of auto, on, off"):
+        MemdConfig(**cfg, slot_cache="yes")
+
+
+def test_convert_cli_fills_the_lossless_images(wide, tmp_path):
+    proc = subprocess.run(moeinf_cmd("convert", "--model", str(wide), "--state-dir", str(tmp_path), "--quiet"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    images = LosslessImages(served(wide), wide, tmp_path / CACHE_DIR).open()
+    try:
+        count = images.num_layers * images.num_experts
+        assert f"{count} experts as lossless slot images ({count} converted now)" in proc.stdout
+        assert images.missing == []
+    finally:
+        images.close()
+
+
+@pytest.mark.parametrize("slot_cache", ["on", "off"])
+def test_served_tokens_equal_transformers_with_and_without_images(wide, slot_cache, tmp_path):
+    prompts = [[1, 5, 9, 22, 7], list(range(2, 40, 3))]
+    state = tmp_path / "s"
+    with Stack(wide, state, extra_memd=["--slot-cache", slot_cache]) as stack:
+        got = stack.generate_all(prompts, 8)
+    log = (state / "memd.log").read_text()
+    assert ("slot cache: each expert is kept as its slot image" in log) == (slot_cache == "on")
+    assert got == reference(wide, prompts, 8)
+
+
+def reference(path, prompts, new_tokens):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.generation_config.eos_token_id = None
+    return [model.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(p):]
+            .tolist() for p in prompts]
