@@ -34,6 +34,15 @@ def shared_index_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_home(tmp_path_factory) -> Path:
+    """Whatever falls back to the default state directory (a bench's expert cache, ``moeinf convert``) writes under
+    a session temp directory, not the user's ~/.local/state."""
+    path = tmp_path_factory.mktemp("state-home")
+    os.environ["XDG_STATE_HOME"] = str(path)
+    return path
+
+
 @pytest.fixture
 def state_dir(tmp_path) -> Path:
     return tmp_path / "state"

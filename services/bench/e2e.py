@@ -75,6 +75,7 @@ class Options:
     expert_cache_dir: Path | None = None
     memory_limit_total: tuple[str, ...] = ()  # equal-memory settings: each system sizes its experts from the total
     disk_read_limit: str = ""  # bytes per second every read of the run is throttled to ("": the disk as it is)
+    slot_cache: str = "auto"  # memd --slot-cache of every moeinf system (images filled before the timed runs)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -99,7 +100,7 @@ class Options:
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
-                   path(args.expert_cache_dir), totals, args.disk_read_limit or "")
+                   path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache)
         opts.validate()
         return opts
 
@@ -367,8 +368,11 @@ def add_parser(bench) -> None:
     p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
                    help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"
                         " same byte limit as the checkpoint as stored (rows moeinf-fp8, moeinf-mxfp4)")
-    p.add_argument("--expert-cache-dir", help="--formats: memd's expert cache (default <state-dir>/expert-cache,"
-                                              " kept: a rerun converts nothing)")
+    p.add_argument("--slot-cache", default="auto", choices=["auto", "on", "off"],
+                   help="memd --slot-cache of every moeinf system (auto: memd's default); its lossless slot images are"
+                        " filled before the timed runs, as --formats' caches are")
+    p.add_argument("--expert-cache-dir", help="--formats and --slot-cache: memd's expert cache (default"
+                                              " <state-dir>/expert-cache, kept: a rerun converts nothing)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")
     p.set_defaults(func=run)

@@ -1,5 +1,6 @@
 """``bench e2e --formats``: the same checkpoint served through memd's compressed expert cache (``--expert-format``),
-one row per format (``moeinf-fp8``, ``moeinf-mxfp4``), the cache filled before the timed runs."""
+one row per format (``moeinf-fp8``, ``moeinf-mxfp4``), the cache filled before the timed runs; and the lossless
+slot images every moeinf system reads where memd's ``--slot-cache`` keeps them, also filled before."""
 from __future__ import annotations
 
 import sys
@@ -32,3 +33,24 @@ def fill_expert_cache(opts, fmt: str) -> None:
         print(f"[bench] expert cache {store.directory}: {fmt}, {len(missing)} experts converted now", file=sys.stderr, flush=True)
     finally:
         store.close()
+
+
+def fill_slot_images(opts) -> str:
+    """Fill the lossless slot images ahead where memd's ``--slot-cache`` would keep them (the same decision, made
+    here); returns the line that says what was done."""
+    from common.config import MemdConfig
+    from services.memd.main import slot_images
+    from services.memd.slot_images import LosslessImages
+
+    if opts.slot_cache == "off":
+        return "slot images: off (--slot-cache off): memd reads the checkpoint as stored"
+    images = LosslessImages.of(opts.model, expert_cache(opts))
+    cfg = MemdConfig(model=opts.model, slot_cache=opts.slot_cache, expert_cache_dir=expert_cache(opts))
+    if slot_images(cfg, images.served) is images.served:
+        return "slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the checkpoint"
+    images.open()
+    try:
+        converted = images.fill()
+    finally:
+        images.close()
+    return f"slot images {images.directory}: every moeinf system reads them ({converted} experts converted now)"

@@ -19,7 +19,7 @@ from services.bench.budget import Budget, derive, derive_total, model_bytes
 from services.bench.blkio import ReadThrottle
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
-from services.bench.e2e_formats import fill_expert_cache, format_system
+from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
@@ -312,6 +312,9 @@ def _run_sweep(opts: Options) -> int:
     with TerminateAsInterrupt():
         for fmt in opts.formats:
             fill_expert_cache(opts, fmt)
+        if any(s.startswith("moeinf") for s in opts.run_systems):
+            sweep.notes.append(fill_slot_images(opts))
+            progress(sweep.notes[-1])
         sweep.run_all()
     doc = build_doc(opts, sweep, disk, single)
     print(format_report(doc))

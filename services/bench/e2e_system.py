@@ -25,8 +25,9 @@ class MoeinfSystem:
                  expert_format: str = ""):
         self.name, self.opts, self.prefix = name, opts, list(prefix)
         self.flags = list(MEMD_FLAGS.get(name, []))
+        self.flags += ["--slot-cache", opts.slot_cache, "--expert-cache-dir", str(expert_cache(opts))]  # filled ahead
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
-            self.flags += ["--expert-format", expert_format, "--expert-cache-dir", str(expert_cache(opts))]
+            self.flags += ["--expert-format", expert_format]
         self.expert_memory = expert_memory  # memd's --expert-memory
         self.memd: MemdProcess | None = None
         self.workers: list[WorkerProcess] = []

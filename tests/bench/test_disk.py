@@ -24,18 +24,32 @@ def test_probe_reads_every_byte_once_at_any_depth(tmp_path, streams):
 
 
 def test_bench_disk_table_and_json(tmp_path):
+    from services.memd.slot_images import CACHE_DIR, LosslessImages
+
     model = write_family("mixtral", tmp_path / "m")
     out = tmp_path / "disk.json"
+    cache = tmp_path / "state" / CACHE_DIR
     proc = subprocess.run(moeinf_cmd("bench", "disk", "--model", str(model), "--bytes", "256KiB", "--threads", "2",
-                                     "--chunk", "64KiB", "--rounds", "2", "--experts", "5", "--json", str(out)),
+                                     "--chunk", "64KiB", "--rounds", "2", "--experts", "5", "--expert-cache-dir",
+                                     str(cache), "--json", str(out)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for row in ("probe, single stream", "probe, 2 streams", "fio libaio, same depth", "ExpertReader, 5 experts"):
+    for row in ("probe, single stream", "probe, 2 streams", "fio libaio, same depth", "ExpertReader, 5 experts",
+                "probe, 2 streams, slot images", "ExpertReader, 5 slot images"):
         assert row in proc.stdout
     doc = json.loads(out.read_text())
     store = ExpertStore(Checkpoint(model))
-    assert doc["reader_bytes"] == 5 * store.expert_bytes  # exactly the experts' bytes, once each
-    assert doc["reader_direct_bytes"] + doc["reader_bounce_bytes"] == doc["reader_bytes"]
-    assert len(doc["probe_multi_runs_gbps"]) == len(doc["reader_runs_gbps"]) == 2
-    assert doc["probe_multi_gbps"] > 0 and doc["reader_gbps"] > 0
+    ckpt, images = doc["checkpoint"], doc["images"]
+    assert ckpt["reader_bytes"] == 5 * store.expert_bytes  # exactly the experts' bytes, once each
+    assert ckpt["reader_direct_bytes"] + ckpt["reader_bounce_bytes"] == ckpt["reader_bytes"]
+    assert images["reader_bytes"] == images["reader_direct_bytes"] == 5 * store.slot_bytes  # whole slots, in place
+    assert images["reader_bounce_bytes"] == 0 and images["reader_staged_segments"] == 0
+    kept = LosslessImages.of(model, cache).open()
+    try:
+        assert len(kept.missing) == kept.num_layers * kept.num_experts - 5  # only the measured experts converted
+    finally:
+        kept.close()
+    for part in (ckpt, images):
+        assert len(part["probe_multi_runs_gbps"]) == len(part["reader_runs_gbps"]) == 2
+        assert part["probe_multi_gbps"] > 0 and part["reader_gbps"] > 0
     assert (doc["fio_gbps"] is None) == (doc["fio_note"] is not None)
