@@ -84,10 +84,10 @@ class MemdConfig:
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
                                   " as stored")
-    slot_cache: str = knob("auto", "keep each expert as its slot image in a file under --expert-cache-dir (written once,"
-                                   " on first read, or ahead by `moeinf convert`), so every read goes straight into its"
-                                   " slot with O_DIRECT, no copy (costs disk: about the experts' size); auto: where"
-                                   " the checkpoint's own layout would be copied and the disk has room; on; off")
+    slot_cache: str = knob("auto", "keep each expert as its slot image in a file under --expert-cache-dir (written"
+                                   " behind its first read, or ahead by `moeinf convert`), so later reads go straight"
+                                   " into the slot with O_DIRECT, no copy (costs disk: about the experts' size); auto:"
+                                   " where the checkpoint's layout would be copied and the disk has room; on; off")
     expert_cache_dir: Path | None = knob(None, "where --slot-cache and --expert-format keep their experts (default:"
                                                " <state-dir>/expert-cache)")
     index_cache_dir: Path | None = knob(None, "where memd caches checkpoint indexes, one small file per checkpoint"

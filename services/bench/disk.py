@@ -138,7 +138,7 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
     images, image_keys = image_source(model, experts, cache_dir)
     try:
         sources = {"checkpoint": (stored, stored_keys, files, nbytes),
-                   "images": (images, image_keys, images.files, len(image_keys) * images.slot_bytes)}
+                   "images": (images, image_keys, [images.path], len(image_keys) * images.slot_bytes)}
         runs = {name: ([], []) for name in sources}
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader, from"

@@ -9,7 +9,11 @@ destination agree (``services/memd/dio.py``: 512 B behind virtio, 4 B on NVMe wi
 read through the bounce buffer and copied; ``stats()`` counts those and memd logs it once. Without O_DIRECT,
 ``preadv`` writes straight into the slot (page cache used). A segment whose rows memd spread apart in the slot
 (``services/memd/spread.py``) is always read into the bounce buffer and copied row by row (one strided NumPy
-copy per piece, also without the GIL).
+copy per piece, also without the GIL). From slot images (``--slot-cache``, ``services/memd/slot_images.py``) an
+expert is one page-aligned segment read straight into its slot; an expert whose image is not written yet is read
+from the checkpoint and handed, once loaded, to the store's writer (``image_writer.py``), which writes the slot
+behind the load. Each slot's generation (loads begun into it, and ``settle`` when its memory is given back) tells
+the writer whether the slot still holds what was loaded.
 
 A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, and small enough that
 one expert spreads over every reader thread (several reads in flight per expert). One queue: threads take the
@@ -76,10 +80,13 @@ class ExpertReader:
         if self.align:
             log.info("O_DIRECT alignment: %s", self.align.describe())
         self._inflight = threading.BoundedSemaphore(threads)  # reads at the disk: at most ``threads``
+        self._generations = [0] * (len(pool_view) // slot_bytes if slot_bytes else 0)  # loads begun per slot
         self._threads = [threading.Thread(target=self._work, name=f"memd-read-{i}", daemon=True)
                          for i in range(2 * threads)]  # half of them can copy while the others read
         for t in self._threads:
             t.start()
+        write_behind = getattr(store, "write_behind", None)  # slot images: the slots read from the checkpoint
+        self.writer = write_behind(self) if write_behind is not None else None
 
     # ---------------------------------------------------------------- API (any thread)
     def submit(self, key: tuple[int, int], slot: int, *, demand: bool, priority: float = 0.0) -> ReadJob:
@@ -89,6 +96,7 @@ class ExpertReader:
             if self._closing:
                 raise RuntimeError("the reader is closed")
             job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
+            self._generations[slot] += 1  # before any byte of this load lands in the slot
             self._jobs.append(job)
             self._demand += demand
             if demand or not self._demand:  # a thread per piece, not every waiter (a prefetch behind demand: _finish)
@@ -120,6 +128,15 @@ class ExpertReader:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
         return self.submit(key, slot, demand=True).future.result()
 
+    def generation(self, slot: int) -> int:
+        """How many loads into ``slot`` have begun, or its memory been given back (``settle``)."""
+        return self._generations[slot]
+
+    def settle(self, slot: int) -> None:
+        """``slot``'s memory is about to be given back (an admin shrink): whatever it holds is not an expert."""
+        with self._cv:
+            self._generations[slot] += 1
+
     def demand_pending(self) -> bool:
         """Whether an on-demand read is queued or being read (cheap: no lock)."""
         return self._demand > 0
@@ -147,6 +164,10 @@ class ExpertReader:
             self._cv.notify_all()
         for t in self._threads:
             t.join()
+        if self.writer is not None:
+            self.writer.close()
+            log.info("slot cache: %d images written behind reads, %d not kept (their slot reused first)",
+                     self.writer.written, self.writer.discarded)
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
@@ -278,6 +299,8 @@ class ExpertReader:
         if job.error is not None:
             settle(job.future, job.error)
         elif job.next >= len(job.pieces) and not job.cancelled:
+            if self.writer is not None and any(p.file != self.writer.images.path_str for p in job.pieces):
+                self.writer.loaded(job.key, job.slot, self._generations[job.slot])  # read from the checkpoint
             settle(job.future, result=(job.nbytes, job.ended - job.started))
         else:
             settle(job.future, ReadCancelled())

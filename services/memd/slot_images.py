@@ -13,8 +13,9 @@ Two caches share this file format and its bookkeeping (``SlotImageCache``):
   unchanged (the worker's views, products and tokens are the same; ``tests/memd/test_slot_images.py``);
 - ``CompressedStore`` (``--expert-format fp8|mxfp4``, ``services/memd/compressed.py``): the experts re-encoded.
 
-Each expert is converted once, on its first read, by the reader thread that takes its first piece, or ahead by
-``moeinf convert``. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk
+A compressed expert is converted once, on its first read, by the reader thread that takes its first piece; a
+lossless one is read from the checkpoint as before and its slot is written to the image behind that read
+(``services/memd/image_writer.py``: the load waits for nothing); either way ``moeinf convert`` fills the cache ahead. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk
 (``fdatasync``): a crash mid-conversion leaves the expert to convert again. The cache's name hashes the
 checkpoint's files (names, sizes, mtimes), the format and the slot layout: a changed checkpoint gets a fresh cache.
 The cache file is sparse: only converted experts take disk space (about the experts' size once all are read).
@@ -28,6 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,9 @@ CACHE_DIR = "expert-cache"
 # blocked along the input dimension)
 LAYOUT_VERSION = 2
 _DIO_PROBE_BYTES = 64 * 1024  # the scratch file dio_alignment probes
-FREE_SHARE = 0.1  # auto: the file system keeps at least this share of its size free once every expert is cached
+FREE_SHARE = 0.1
+WRITE_QUEUE = 8  # slots waiting to be written behind their reads, at most
+DEMAND_POLL_S = 0.002  # the writer's wait while on-demand reads are queued  # auto: the file system keeps at least this share of its size free once every expert is cached
 
 
 def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
@@ -67,6 +71,7 @@ class SlotImageCache:
         self.num_layers, self.top_k = source.num_layers, source.top_k
         self.directory = Path(cache_root) / self._name()
         self.path = self.directory / "experts.bin"
+        self.path_str = str(self.path)  # as the reader's pieces name it
         self._fd = self._done_fd = None
         self.segments = {(layer, e): [Segment(str(self.path), (layer * self.num_experts + e) * self.slot_bytes,
                                               self.slot_bytes, 0)]
@@ -113,9 +118,18 @@ class SlotImageCache:
             for key in todo:
                 index = key[0] * self.num_experts + key[1]
                 os.posix_fadvise(self._fd, index * self.slot_bytes, self.slot_bytes, os.POSIX_FADV_DONTNEED)
-                os.pwrite(self._done_fd, b"\x01", index)
-                self.done[index] = 1
-            self.converted_now += len(todo)
+            self._mark_done(todo)
+
+    def is_done(self, key: tuple[int, int]) -> bool:
+        return bool(self.done[key[0] * self.num_experts + key[1]])
+
+    def _mark_done(self, keys: list[tuple[int, int]]) -> None:
+        """``keys``' images are on disk (synced): say so in ``done.bin`` (callers hold ``_lock``)."""
+        for key in keys:
+            index = key[0] * self.num_experts + key[1]
+            os.pwrite(self._done_fd, b"\x01", index)
+            self.done[index] = 1
+        self.converted_now += len(keys)
 
     def fill(self, progress=None) -> int:
         """Convert every missing expert (one sync per layer's worth); returns how many were converted now.
@@ -196,6 +210,21 @@ class LosslessImages(SlotImageCache):
         self.served = served
         self.tensors, self.slot_bytes, self.expert_bytes = served.tensors, served.slot_bytes, served.expert_bytes
         super().__init__(served, model_dir, cache_root)
+        self.images, self.segments = self.segments, _Either(self)
+
+    @property
+    def files(self) -> list[Path]:
+        """The checkpoint's files (first: the reader takes its O_DIRECT alignment from them), then the images."""
+        return [*map(Path, self.served.files), self.path]
+
+    def prepare(self, key: tuple[int, int]) -> None:
+        """Nothing on the read path: an expert without its image is read from the checkpoint and written behind."""
+
+    def write_behind(self, reader):
+        """The writer that keeps the slots ``reader`` fills from the checkpoint as images (``ExpertReader``)."""
+        from services.memd.image_writer import ImageWriter
+
+        return ImageWriter(self, reader)
 
     @classmethod
     def of(cls, model_dir: Path | str, cache_root: Path | str) -> "LosslessImages":
@@ -218,6 +247,24 @@ class LosslessImages(SlotImageCache):
             else:
                 out[seg.slot_offset:seg.slot_offset + seg.nbytes] = np.frombuffer(data, dtype=np.uint8)
         return out.tobytes()
+
+
+class _Either(Mapping):
+    """``(layer, expert) -> segments``: its image once written (one aligned segment), else the checkpoint's."""
+
+    def __init__(self, images: LosslessImages):
+        self.of = images
+
+    def __getitem__(self, key: tuple[int, int]) -> list[Segment]:
+        if self.of.is_done(key):
+            return self.of.images[key]
+        return self.of.served.experts[key[0] * self.of.num_experts + key[1]]
+
+    def __iter__(self):
+        return iter(self.of.images)
+
+    def __len__(self) -> int:
+        return len(self.of.images)
 
 
 def staged_bytes(index: ExpertIndex, mem_align: int) -> int:

@@ -4,6 +4,7 @@ straight into its slot (nothing staged, nothing copied), ``auto`` keeps images o
 served model gives transformers' tokens either way."""
 import mmap
 import subprocess
+import time
 from pathlib import Path
 
 import msgspec
@@ -32,33 +33,79 @@ def served(path):
     return spread_rows(ExpertStore(Checkpoint(path)).index())
 
 
-def read_all(store) -> tuple[torch.Tensor, ExpertReader]:
+def read_all(store, passes: int = 1) -> tuple[torch.Tensor, ExpertReader]:
+    """Every expert read into its own slot of a fresh page-aligned pool, ``passes`` times (slot images: until every
+    image is written behind the reads; the writer drops what it cannot keep up with)."""
     keys = [(layer, e) for layer in range(store.num_layers) for e in range(store.num_experts)]
     pool = mmap.mmap(-1, len(keys) * store.slot_bytes)  # page-aligned, as memd's shared-memory pool is
     reader = ExpertReader(store, memoryview(pool), store.slot_bytes, direct_io=True)
     try:
-        for slot, key in enumerate(keys):
-            reader.read(key, slot)
+        for _ in range(passes):
+            for slot, key in enumerate(keys):
+                reader.read(key, slot)
+            if reader.writer is not None:
+                until(reader.writer.idle)
+                if not store.missing:
+                    break
     finally:
         reader.close()
     return torch.frombuffer(bytearray(pool), dtype=torch.uint8).view(len(keys), store.slot_bytes), reader
 
 
+def until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("family", ["wide", "mixtral"])
-def test_images_hold_the_bytes_the_reader_places_and_read_straight_into_slots(family, request, tmp_path):
+def test_slots_read_from_the_checkpoint_are_written_behind_then_read_in_place(family, request, tmp_path):
     path = request.getfixturevalue(family)
     index = served(path)
     want, staged = read_all(index)
     assert staged.stats.bounce_bytes > 0  # the checkpoint as stored is copied through the bounce buffer
     images = LosslessImages(index, path, tmp_path / CACHE_DIR).open()
+    count = index.num_layers * index.num_experts
     try:
         assert images.tensors == index.tensors and images.slot_bytes == index.slot_bytes
-        got, reader = read_all(images)  # converts each expert on its first read, then reads the image
-        assert torch.equal(got, want)
-        assert images.missing == [] and images.converted_now == index.num_layers * index.num_experts
+        first, reader = read_all(images)  # from the checkpoint; slots written behind the reads as the writer can
+        assert torch.equal(first, want) and reader.stats.bounce_bytes == staged.stats.bounce_bytes
+        assert 0 < reader.writer.written == images.converted_now == count - len(images.missing)
+        first, reader = read_all(images, passes=20)  # what is left, behind later reads
+        assert torch.equal(first, want) and images.missing == [] and images.converted_now == count
+        again, reader = read_all(images)
+        assert torch.equal(again, want)
         assert reader.stats.bounce_bytes == 0 and reader.stats.staged_segments == 0
         assert reader.stats.direct_bytes == images.file_bytes  # every byte of every slot read in place
+        assert reader.writer.written == 0  # nothing left to write
+        for key in [(0, 0), (index.num_layers - 1, index.num_experts - 1)]:  # what `moeinf convert` writes
+            assert images.convert(key) == images.image(key)
     finally:
+        images.close()
+
+
+def test_a_slot_reused_before_its_image_is_written_is_not_kept(wide, tmp_path, monkeypatch):
+    index = served(wide)
+    images = LosslessImages(index, wide, tmp_path).open()
+    pool = mmap.mmap(-1, 2 * index.slot_bytes)
+    reader = ExpertReader(images, memoryview(pool), index.slot_bytes, direct_io=True)
+    writer = reader.writer
+    try:
+        busy = [True]
+        monkeypatch.setattr(reader, "demand_pending", lambda: busy[0])  # on-demand reads queued: no write starts
+        reader.read((0, 1), 0)
+        time.sleep(0.2)
+        assert not images.is_done((0, 1)) and writer.written == 0
+        reader.read((0, 2), 0)  # the slot is loaded again before the first expert's image was written
+        reader.read((0, 3), 1)
+        reader.settle(1)  # and slot 1's memory given back (an admin shrink) after its load
+        busy[0] = False
+        until(lambda: writer.written + writer.discarded == 3)
+        assert images.is_done((0, 2)) and not images.is_done((0, 1)) and not images.is_done((0, 3))
+        assert writer.written == 1 and writer.discarded == 2
+        assert images.image((0, 2)) == images.convert((0, 2))
+    finally:
+        reader.close()
         images.close()
 
 
