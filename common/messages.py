@@ -238,6 +238,9 @@ class StatsReply(Message):
     ring_reuse_waits: Count = 0  # GPU pool: copies that waited for a copy-event ring entry still in flight
     cpu_experts: Count = 0  # GPU pool, --cpu-experts: experts workers computed on their CPU from the host tier
     read_events: Count = 0  # GPU pool: released slots whose rewrite waits for a worker's "done reading" event
+    slot_cache: bool = False  # memd reads experts from their slot images where written (--slot-cache)
+    slot_images: Count = 0  # experts whose slot image is on disk
+    images_written: Count = 0  # slot images this memd wrote behind its reads
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

@@ -26,7 +26,7 @@ MEMD_COUNTERS = frozenset({
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
     "trace_lost", "predicted", "correct", "routed", "acquires", "leased_layers", "layer_notes", "notes_dropped",
     "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
-    "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events",
+    "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written",
 })
 MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
@@ -50,6 +50,9 @@ MEMD_HELP = {
     "ring_reuse_waits": "GPU pool: copies that waited for a busy entry of the copy-event ring",
     "cpu_experts": "GPU pool: host-tier experts the workers computed on their CPU instead of copying them",
     "read_events": "GPU pool: released slots whose rewrite waits for a worker's done-reading event",
+    "slot_cache": "1 when experts are read from their slot images where written (--slot-cache)",
+    "slot_images": "experts whose slot image is on disk (read straight into their slot)",
+    "images_written": "slot images written behind reads from the checkpoint",
 }
 
 

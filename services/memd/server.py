@@ -41,6 +41,7 @@ from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
 from services.memd.stats import stats_fields
+from services.memd.slot_images import image_fields
 from services.memd.tiers import tier_fields
 
 log = logging.getLogger("moeinf.memd")
@@ -375,7 +376,8 @@ class MemdServer:
                             c.hits, c.misses, c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds,
                             self.reader.direct_io, t.resident_per_layer(self.store.num_layers),
                             read_bandwidth=self.reader.bandwidth or 0.0, reader_busy_seconds=self.loads.busy_seconds(),
-                            **stats_fields(self.core), **tier_fields(self.reader, self.host))
+                            **stats_fields(self.core), **tier_fields(self.reader, self.host),
+                            **image_fields(self.store, self.reader))
 
     def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
         self.core.request_start(event.request)

@@ -267,6 +267,15 @@ class _Either(Mapping):
         return len(self.of.images)
 
 
+def image_fields(store, reader) -> dict:
+    """The slot cache's counters for memd's StatsReply (none when memd reads the checkpoint as stored)."""
+    if not isinstance(store, LosslessImages):
+        return {}
+    writer = getattr(getattr(reader, "reader", reader), "writer", None)  # (a GPU pool: its host tier's reader)
+    return {"slot_cache": True, "slot_images": sum(store.done),
+            "images_written": writer.written if writer is not None else 0}
+
+
 def staged_bytes(index: ExpertIndex, mem_align: int) -> int:
     """Bytes of ``index``'s experts that the reader cannot read straight into their slots with O_DIRECT: rows
     spread apart, and segments whose file offset and slot offset differ modulo the memory alignment."""

@@ -177,8 +177,15 @@ def test_served_tokens_equal_transformers_with_and_without_images(wide, slot_cac
     state = tmp_path / "s"
     with Stack(wide, state, extra_memd=["--slot-cache", slot_cache]) as stack:
         got = stack.generate_all(prompts, 8)
+        until(lambda: stack.memd_stats().images_written > 0 or slot_cache == "off", timeout=30)
+        stats = stack.memd_stats()
     log = (state / "memd.log").read_text()
     assert ("slot cache: each expert is kept as its slot image" in log) == (slot_cache == "on")
+    assert stats.slot_cache == (slot_cache == "on")
+    if slot_cache == "on":  # a 25% pool reloads experts: images written behind the first reads serve later ones
+        assert 0 < stats.images_written == stats.slot_images <= stats.misses
+    else:
+        assert stats.images_written == stats.slot_images == 0
     assert got == reference(wide, prompts, 8)
 
 

@@ -124,8 +124,10 @@ def test_bfloat16_by_default_multiplies_with_torchs_own_bits(family, tmp_path, s
     with Stack(model, state_dir, expert_memory="25%") as stack:
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.worker_log.read_text()
-    if used:
-        assert "decode steps' expert products by matvec_exact.c" in log, log[-2000:]  # they ran, not only loaded
+    if used:  # they ran, not only loaded; or the log says which shapes the kernel left to torch (Qwen3-MoE's tiny
+        # 64-wide experts: oneDNN sums them in an order the exact kernel does not reproduce)
+        assert "decode steps' expert products by matvec_exact.c" in log \
+            or family != "mixtral" and "products to torch: oneDNN sums them in another order" in log, log[-2000:]
         assert "decode rows of the dense linears by matvec_exact.c" in log, log[-2000:]
     else:
         assert "multiplying with torch's own bfloat16 products" in log, log[-2000:]
