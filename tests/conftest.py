@@ -9,6 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# whatever falls back to the default state directory (a bench's expert cache, `moeinf convert`, an in-process
+# MemdConfig) writes under a temp directory, not the user's ~/.local/state (set before common.config is imported)
+_STATE_HOME = tempfile.mkdtemp(prefix="moeinf-state-home-")
+os.environ["XDG_STATE_HOME"] = _STATE_HOME
 
 from helpers import FAMILIES, new_orphans, orphan_regions, write_family  # noqa: E402
 
@@ -35,12 +39,10 @@ def shared_index_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_state_home(tmp_path_factory) -> Path:
-    """Whatever falls back to the default state directory (a bench's expert cache, ``moeinf convert``) writes under
-    a session temp directory, not the user's ~/.local/state."""
-    path = tmp_path_factory.mktemp("state-home")
-    os.environ["XDG_STATE_HOME"] = str(path)
-    return path
+def private_state_home() -> Path:
+    """The temp default state directory (above), removed after the session."""
+    yield Path(_STATE_HOME)
+    shutil.rmtree(_STATE_HOME, ignore_errors=True)
 
 
 @pytest.fixture

@@ -25,8 +25,11 @@ class MemdProcess(ServiceProcess):
         self.expert_memory = expert_memory
         # short, so the ipc:// socket paths stay under the 107 characters Unix sockets allow
         self.state_dir = Path(tempfile.mkdtemp(prefix="moeinf-bench-"))
+        # a bench's memd reads the checkpoint as stored unless the bench asks for slot images (bench e2e fills them
+        # ahead): a fresh state directory would otherwise get images written behind the timed reads
+        cache = [] if "--slot-cache" in extra else ["--slot-cache", "off"]
         args = ["--model", str(self.model), "--state-dir", str(self.state_dir), "--expert-memory", expert_memory,
-                *extra]  # extra: more memd flags (--policy lru, --prefetch off, ...)
+                *cache, *extra]  # extra: more memd flags (--policy lru, --prefetch off, ...)
         super().__init__("memd", args, self.state_dir / "memd.log", READY_TEXT, ready_timeout_s=ready_timeout_s,
                          prefix=prefix)
 

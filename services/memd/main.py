@@ -61,10 +61,15 @@ def slot_images(cfg: MemdConfig, served: ExpertIndex):
     """``served``, or its lossless slot-image cache (``--slot-cache``: services/memd/slot_images.py)."""
     if cfg.slot_cache == "off":
         return served
-    from services.memd.slot_images import LosslessImages, auto_reason, cache_root
+    from services.memd.slot_images import LosslessImages, auto_reason, cache_root, direct_io_refused
 
     images = LosslessImages(served, cfg.model, cache_root(cfg.state_dir, cfg.expert_cache_dir))
     reason = auto_reason(images, cfg.direct_io) if cfg.slot_cache == "auto" else ""
+    if cfg.slot_cache == "on" and cfg.direct_io:
+        existing = next(p for p in (images.directory, *images.directory.parents) if p.exists())
+        if refused := direct_io_refused(existing):
+            raise ValueError(f"--slot-cache on: {refused}; give --expert-cache-dir on a disk file system, or"
+                             " --slot-cache auto (declines) or off")
     if reason:
         log.info("slot cache: off, the experts are read from the checkpoint (%s)", reason)
         return served

@@ -75,6 +75,7 @@ class ReadJob:
     cancelled: bool = False
     removed: bool = False  # out of the queue (its future is set, or about to be)
     error: BaseException | None = None
+    generation: int = 0  # the slot's generation this load began (``ExpertReader.generation``)
 
     @property
     def waiting(self) -> bool:

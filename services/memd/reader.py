@@ -97,6 +97,7 @@ class ExpertReader:
                 raise RuntimeError("the reader is closed")
             job = ReadJob(key, slot, demand, priority, next(self._seq), self.plan(key, slot))
             self._generations[slot] += 1  # before any byte of this load lands in the slot
+            job.generation = self._generations[slot]
             self._jobs.append(job)
             self._demand += demand
             if demand or not self._demand:  # a thread per piece, not every waiter (a prefetch behind demand: _finish)
@@ -166,8 +167,8 @@ class ExpertReader:
             t.join()
         if self.writer is not None:
             self.writer.close()
-            log.info("slot cache: %d images written behind reads, %d not kept (their slot reused first)",
-                     self.writer.written, self.writer.discarded)
+            log.info("slot cache: %d images written behind reads, %d not kept (their slot reused first), %d failed",
+                     self.writer.written, self.writer.discarded, self.writer.failed)
         for fd in self.fds.values():
             os.close(fd)
         self.fds = {}
@@ -300,7 +301,7 @@ class ExpertReader:
             settle(job.future, job.error)
         elif job.next >= len(job.pieces) and not job.cancelled:
             if self.writer is not None and any(p.file != self.writer.images.path_str for p in job.pieces):
-                self.writer.loaded(job.key, job.slot, self._generations[job.slot])  # read from the checkpoint
+                self.writer.loaded(job.key, job.slot, job.generation)  # read from the checkpoint
             settle(job.future, result=(job.nbytes, job.ended - job.started))
         else:
             settle(job.future, ReadCancelled())

@@ -15,13 +15,16 @@ Two caches share this file format and its bookkeeping (``SlotImageCache``):
 
 A compressed expert is converted once, on its first read, by the reader thread that takes its first piece; a
 lossless one is read from the checkpoint as before and its slot is written to the image behind that read
-(``services/memd/image_writer.py``: the load waits for nothing); either way ``moeinf convert`` fills the cache ahead. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk
-(``fdatasync``): a crash mid-conversion leaves the expert to convert again. The cache's name hashes the
-checkpoint's files (names, sizes, mtimes), the format and the slot layout: a changed checkpoint gets a fresh cache.
+(``services/memd/image_writer.py``: the load waits for nothing); either way ``moeinf convert`` fills the cache
+ahead. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk (``fdatasync``): a crash
+mid-conversion leaves the expert to convert again. The cache's name hashes the checkpoint's files (names, sizes,
+mtimes) and its identity as memd's index keys it (transformers version and indexing code included), the format and
+the slot layout: a changed or differently mapped checkpoint gets a fresh cache.
 The cache file is sparse: only converted experts take disk space (about the experts' size once all are read).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -45,9 +48,7 @@ CACHE_DIR = "expert-cache"
 # blocked along the input dimension)
 LAYOUT_VERSION = 2
 _DIO_PROBE_BYTES = 64 * 1024  # the scratch file dio_alignment probes
-FREE_SHARE = 0.1
-WRITE_QUEUE = 8  # slots waiting to be written behind their reads, at most
-DEMAND_POLL_S = 0.002  # the writer's wait while on-demand reads are queued  # auto: the file system keeps at least this share of its size free once every expert is cached
+FREE_SHARE = 0.1  # auto: the file system keeps at least this share of its size free once every expert is cached
 
 
 def cache_root(state_dir: Path | str, cache_dir: Path | str | None) -> Path:
@@ -111,7 +112,10 @@ class SlotImageCache:
         with self._lock:  # one conversion at a time: a second reader of the same expert waits, then finds it done
             todo = [k for k in keys if not self.done[k[0] * self.num_experts + k[1]]]
             for key in todo:
-                os.pwrite(self._fd, self.convert(key), (key[0] * self.num_experts + key[1]) * self.slot_bytes)
+                image = self.convert(key)
+                at = (key[0] * self.num_experts + key[1]) * self.slot_bytes
+                if os.pwrite(self._fd, image, at) != len(image):  # a full disk: never marked done half written
+                    raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s image")
             if not todo:
                 return
             os.fdatasync(self._fd)
@@ -178,10 +182,18 @@ class SlotImageCache:
         self._fd = self._done_fd = None
 
     def _name(self) -> str:
+        """The cache's directory name: what decides every byte of an image (the checkpoint's identity as memd's
+        index keys it, with the transformers version and the indexing code; the format; the slot layout)."""
+        from common.checkpoint import Checkpoint
+        from common.expert_index import checkpoint_key
+        from services.memd.indexer import CODE
+
+        checkpoint = Checkpoint(self.model_dir)
         files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, self.source.files))]
         tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
                    for s in self.tensors]
-        identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors])
+        key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE)
+        identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors, key])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.model_dir.name}-{self.format}-{digest}"
 
@@ -300,15 +312,34 @@ def auto_reason(images: LosslessImages, direct_io: bool) -> str:
     existing = next(p for p in (images.directory, *images.directory.parents) if p.exists())
     if _in_memory(existing):
         return f"{existing} is on a memory file system (tmpfs): images there would take memory, not disk"
-    if not _direct_io_in(existing):
-        return f"{existing}: the file system refuses O_DIRECT (a cache there would be read through the page cache)"
     held = images.path.stat().st_blocks * 512 if images.path.exists() else 0
     needed = max(0, images.file_bytes - held)
     usage = shutil.disk_usage(existing)
     if usage.free - needed < FREE_SHARE * usage.total:
         return (f"{existing}: {usage.free >> 20} MiB free; the cache needs {needed >> 20} MiB more and must leave"
                 f" {FREE_SHARE:.0%} of the file system free (--slot-cache on uses it anyway)")
-    return ""
+    return direct_io_refused(existing)
+
+
+def direct_io_refused(directory: Path) -> str:
+    """Why files in ``directory`` cannot be read with O_DIRECT ("" when they can): a scratch file, removed at
+    once."""
+    from services.memd.dio import dio_alignment
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".moeinf-dio-", dir=directory)
+    except OSError as exc:
+        return f"{directory}: cannot create a file there ({exc.strerror})"
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bytes(_DIO_PROBE_BYTES))
+        if dio_alignment(name) is None:
+            return f"{directory}: the file system refuses O_DIRECT (a cache there would be read through the page cache)"
+        return ""
+    except OSError as exc:
+        return f"{directory}: cannot write a scratch file there ({exc.strerror})"
+    finally:
+        os.unlink(name)
 
 
 def _in_memory(path: Path) -> bool:
@@ -327,19 +358,6 @@ def _in_memory(path: Path) -> bool:
         if (path == point or point in path.parents) and len(str(point)) > best:
             best, kind = len(str(point)), fields[2]
     return kind in ("tmpfs", "ramfs")
-
-
-def _direct_io_in(directory: Path) -> bool:
-    """Whether a file in ``directory`` can be read with O_DIRECT (a scratch file, removed at once)."""
-    from services.memd.dio import dio_alignment
-
-    fd, name = tempfile.mkstemp(prefix=".moeinf-dio-", dir=directory)
-    try:
-        os.write(fd, bytes(_DIO_PROBE_BYTES))
-        os.close(fd)
-        return dio_alignment(name) is not None
-    finally:
-        os.unlink(name)
 
 
 def _pread(path: str, offset: int, nbytes: int) -> bytes:

@@ -1,5 +1,7 @@
 """memd's memory is the pool plus a fixed overhead: reading every expert into a 100% pool must not leave a
 second copy of the experts in memd's private memory (no model load, no read buffers that grow with the model)."""
+import time
+
 import pytest
 from helpers import spawn, stop, wait_for_log, write_family
 
@@ -75,6 +77,11 @@ def test_rss_is_pool_plus_bounded_overhead(big_experts, state_dir, slot_cache):
                 client.release(layer, experts)
             stats = client.stats()
             assert (stats.misses, stats.hits, stats.bytes_read) == (32, 32, 32 * expert_bytes)
+            deadline = time.monotonic() + 30
+            while slot_cache == "on" and stats.images_written == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)  # written behind the reads, by memd's image writer
+                stats = client.stats()
+            assert (stats.images_written > 0) == (slot_cache == "on") == stats.slot_cache
         finally:
             client.close()
         pool = hello.pool_bytes
