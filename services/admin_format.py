@@ -42,8 +42,8 @@ def stats(r: a.AdminStatsReply) -> str:
         f"reads: {format_bytes(s.bytes_read)} in {s.read_seconds:.2f} s, {format_bytes(s.read_bandwidth)}/s measured;"
         f" acquires stalled {s.stall_seconds:.3f} s",
         *_tiers(s),
-        *([f"slot images: {s.slot_images} experts read straight into their slots ({s.images_written} written behind"
-           " reads by this memd)"] if s.slot_cache else []),
+        *([f"slot images: {s.slot_images} experts have one on disk, read straight into their slots"
+           f" ({s.images_written} written behind reads by this memd)"] if s.slot_cache else []),
         f"prefetch: issued {s.prefetch_issued}, used {s.prefetch_used} (late {s.prefetch_late}), wasted"
         f" {s.prefetch_wasted} (cancelled {s.prefetch_cancelled}); precision {s.prefetch_precision:.2f},"
         f" recall {s.prefetch_recall:.2f}",
