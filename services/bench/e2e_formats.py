@@ -49,7 +49,7 @@ def fill_slot_images(opts) -> str:
     if slot_images(cfg, images.served) is images.served:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
                 " checkpoint")
-    where = next(p for p in (images.directory, *images.directory.parents) if p.exists())
+    where = images.where
     if opts.disk_read_limit and where.stat().st_dev != Path(images.served.files[0]).stat().st_dev:
         raise ValueError(f"--disk-read-limit throttles the checkpoint's disk, but the slot images would be read from"
                          f" another device ({where}): give --expert-cache-dir on the checkpoint's disk, or"

@@ -66,8 +66,7 @@ def slot_images(cfg: MemdConfig, served: ExpertIndex):
     images = LosslessImages(served, cfg.model, cache_root(cfg.state_dir, cfg.expert_cache_dir))
     reason = auto_reason(images, cfg.direct_io) if cfg.slot_cache == "auto" else ""
     if cfg.slot_cache == "on" and cfg.direct_io:
-        existing = next(p for p in (images.directory, *images.directory.parents) if p.exists())
-        if refused := direct_io_refused(existing):
+        if refused := direct_io_refused(images.where):
             raise ValueError(f"--slot-cache on: {refused}; give --expert-cache-dir on a disk file system, or"
                              " --slot-cache auto (declines) or off")
     if reason:

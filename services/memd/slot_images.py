@@ -95,6 +95,11 @@ class SlotImageCache:
         return self.slot_bytes * self.num_layers * self.num_experts
 
     @property
+    def where(self) -> Path:
+        """The cache directory, or its nearest parent that exists (before ``open`` makes it): its file system."""
+        return next(p for p in (self.directory, *self.directory.parents) if p.exists())
+
+    @property
     def missing(self) -> list[tuple[int, int]]:
         return [(i // self.num_experts, i % self.num_experts) for i, d in enumerate(self.done) if not d]
 
@@ -309,7 +314,7 @@ def auto_reason(images: LosslessImages, direct_io: bool) -> str:
         return f"{served.files[0]}: the file system refuses O_DIRECT (reads go through the page cache)"
     if not staged_bytes(served, align.mem):
         return "every expert byte reads straight into its slot already"
-    existing = next(p for p in (images.directory, *images.directory.parents) if p.exists())
+    existing = images.where
     if _in_memory(existing):
         return f"{existing} is on a memory file system (tmpfs): images there would take memory, not disk"
     held = images.path.stat().st_blocks * 512 if images.path.exists() else 0
