@@ -1,9 +1,12 @@
-"""Checks of config fields that need more than a type: the admin TCP address with its token, the API key file."""
+"""Checks of config fields that need more than a type: the admin TCP address with its token, the API key file, CPU
+lists."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 ADMIN_TOKEN_MIN = 16
+MAX_CPUS = 1 << 16  # the highest CPU number a --cpus range may name, plus one
 
 
 def check_admin_tcp(addr: str, token: str) -> None:
@@ -30,3 +33,42 @@ def resolve_api_key(cfg) -> None:
     if not key:
         raise ValueError(f"--api-key-file {cfg.api_key_file} is empty")
     object.__setattr__(cfg, "api_key", key)
+
+
+def parse_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
+    """A Linux CPU list (``0-3,8``) as CPU numbers, each one this process may run on; empty: none (no pinning)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and not int(lo) <= int(hi) < MAX_CPUS):
+            raise ValueError(f"{flag} {text!r}: give a CPU list such as 0-3,8")
+        cpus.update(range(int(lo), int(hi if sep else lo) + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"{flag} {text!r}: CPUs {format_cpus(cpus - allowed)} are not among those this process may"
+                         f" run on ({format_cpus(allowed)})")
+    return frozenset(cpus)
+
+
+def format_cpus(cpus) -> str:
+    """CPU numbers as a Linux CPU list: ``0-3,8``."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def pin_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
+    """Run this process on the CPUs of ``text`` (empty: leave it where it is): every thread it has (a library may
+    have started one at import) and, since threads inherit it, every thread it starts afterwards."""
+    cpus = parse_cpus(text, flag)
+    if cpus:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass
+    return cpus

@@ -42,6 +42,10 @@ class Sweep:
         if not opts.memory_limit:
             self.notes.append("--memory-limit off: no system runs under a memory limit, so the comparison is NOT"
                               " memory-fair (offloaded files stay in the page cache)")
+        if opts.pin:
+            workers, memd = opts.cpu_sets()
+            self.notes.append(f"--pin: every moeinf system's workers on CPUs {workers}, its memd on CPUs {memd}; the"
+                              " baselines unpinned")
         self.rows: list[dict] = []
         self.probe_bytes = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
 

@@ -28,6 +28,11 @@ class MoeinfSystem:
         self.flags += ["--slot-cache", opts.slot_cache, "--expert-cache-dir", str(expert_cache(opts))]  # filled ahead
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
             self.flags += ["--expert-format", expert_format]
+        self.worker_flags = ["--threads", str(opts.threads)]
+        if opts.pin:  # (the note in the report says so: e2e_sweep)
+            workers, memd = opts.cpu_sets()
+            self.worker_flags += ["--cpus", workers]
+            self.flags += ["--io-cpus", memd]
         self.expert_memory = expert_memory  # memd's --expert-memory
         self.memd: MemdProcess | None = None
         self.workers: list[WorkerProcess] = []
@@ -39,7 +44,7 @@ class MoeinfSystem:
         self.memd.start()
         ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
         for worker_id in ids:
-            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, ["--threads", str(self.opts.threads)],
+            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, self.worker_flags,
                                               prefix=self.prefix, worker_id=worker_id))
             self.workers[-1].start()
         return self

@@ -11,6 +11,7 @@ import signal
 
 from common.access import Access
 from common.config import MemdConfig
+from common.config_checks import format_cpus, pin_cpus
 from common.expert_index import ExpertIndex
 from common.sizes import format_bytes, parse_size
 from services.memd.core import ExpertCache, CacheSettings
@@ -82,6 +83,8 @@ def run(cfg: MemdConfig) -> int:
     from services.memd.testhooks import install_from_env  # TEST ONLY: MOEINF_TEST_READ_LATENCY_MS (tests/fault)
 
     install_from_env()
+    if cpus := pin_cpus(cfg.io_cpus, "--io-cpus"):  # before the reader threads start: they inherit it
+        log.info("memd's threads run on CPUs %s (--io-cpus)", format_cpus(cpus))
     store, new_index = open_store(cfg)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,

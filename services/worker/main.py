@@ -16,6 +16,7 @@ from common.access import Access
 from common.checkpoint import Checkpoint, experts_per_token, max_positions
 from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
+from common.config_checks import format_cpus, pin_cpus
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
@@ -173,6 +174,8 @@ def check_socket_free(cfg: WorkerConfig) -> None:
 
 
 def run(cfg: WorkerConfig) -> int:
+    if cpus := pin_cpus(cfg.cpus):  # before torch's and ZMQ's threads start: they inherit it
+        log.info("the worker's threads run on CPUs %s (--cpus)", format_cpus(cpus))
     check_socket_free(cfg)
     model, client, _, steps, attention = attach(cfg)
     try:

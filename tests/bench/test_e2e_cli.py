@@ -154,3 +154,20 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     assert paired_ratios(ours, lru) == []
     only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
+
+
+def test_pin_puts_the_workers_and_memd_on_their_own_cpus(tmp_path):
+    from services.bench.e2e import Options
+
+    model = write_family("mixtral", tmp_path / "m")
+    cpus = sorted(os.sched_getaffinity(0))
+    opts = Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, pin=True)
+    if len(cpus) < 2:
+        with pytest.raises(ValueError, match="--pin: give --threads between 1 and 0"):
+            opts.validate()
+        return
+    opts.validate()
+    workers, memd = opts.cpu_sets()
+    assert workers == str(cpus[0]) and memd.startswith(str(cpus[1]))
+    with pytest.raises(ValueError, match="--pin: give --threads between 1 and"):
+        Options(model, ("25%",), 4, None, 1, (1,), 1, 0, None, pin=True).validate()

@@ -1,10 +1,12 @@
 """``build_config``: explicit values > ``MOEINF_*`` variables > defaults, with errors that name the flag."""
 import argparse
+import os
 from pathlib import Path
 
 import pytest
 
 from common.config import MemdConfig, WorkerConfig, add_config_args, build_config, env_name
+from common.config_checks import format_cpus, parse_cpus
 
 
 def parse(argv, cls=MemdConfig):
@@ -132,3 +134,24 @@ def test_matvec_kernel_names_its_choices():
     assert build_config(WorkerConfig, env={}, model="/m").matvec_kernel == "auto"
     with pytest.raises(ValueError, match="--matvec-kernel must be auto, exact, fast, off, not 'on'"):
         build_config(WorkerConfig, env={"MOEINF_MATVEC_KERNEL": "on"}, model="/m")
+
+
+def test_cpu_lists_parse_and_name_what_is_wrong():
+    assert parse_cpus("") == frozenset() and parse_cpus("0") == {0}
+    assert format_cpus({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8" and format_cpus([3]) == "3"
+    for bad in ("x", "3-1", "0-", "-1", "1;2", "0-70000"):
+        with pytest.raises(ValueError, match="give a CPU list such as 0-3,8"):
+            parse_cpus(bad)
+    outside = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match=f"--io-cpus '{outside}': CPUs {outside} are not among those"):
+        parse_cpus(str(outside), "--io-cpus")
+
+
+def test_worker_threads_need_as_many_cpus(tmp_path):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs")
+    with pytest.raises(ValueError, match="--threads 2 on --cpus '0' \\(1 CPUs\\)"):
+        WorkerConfig(model=tmp_path, threads=2, cpus="0")
+    assert WorkerConfig(model=tmp_path, threads=1, cpus="0").cpus == "0"
+    with pytest.raises(ValueError, match="--io-cpus"):
+        MemdConfig(model=tmp_path, io_cpus="a")
