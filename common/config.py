@@ -94,7 +94,7 @@ class MemdConfig:
                                               " version, for every state dir (default: in the state directory)")
     direct_io: bool = knob(True, "read experts with O_DIRECT (bypass the page cache) where the file system allows")
     io_cpus: str = knob("", "CPUs memd's threads run on, a Linux CPU list (0-3,8; empty: any): off the worker's"
-                            " --cpus, a read's kernel work never preempts a decode step")
+                            " --cpus, memd's threads do not preempt a decode step")
     read_chunk: str = knob("1MiB", "largest read: an expert is split into pieces of at most this size over the"
                                    " reader threads; an on-demand load waits for at most one piece per thread")
     max_clients: int = knob(16, "most workers attached at once")
@@ -198,7 +198,8 @@ class WorkerConfig:
     max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
                                        " steps, so running requests keep decoding meanwhile")
     threads: int = knob(0, "torch intra-op threads (0: torch's default)")
-    cpus: str = knob("", "CPUs the worker's threads run on, a Linux CPU list (0-3,8; empty: any); at least --threads")
+    cpus: str = knob("", "CPUs the worker's threads run on, a Linux CPU list (0-3,8; empty: any); at least --threads,"
+                         " and --threads 0 means one per CPU")
     device: str = knob("cpu", "where the worker computes: cpu, or cuda / cuda:N (dense weights, KV cache and the"
                               " experts' matmuls on that GPU; needs memd --pool-backend cuda on the same GPU)")
     handshake_timeout_s: float = knob(60.0, "seconds to wait for memd during start-up")
@@ -254,8 +255,8 @@ class WorkerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be >= 1")
         if 0 < len(cpus := parse_cpus(self.cpus)) < self.threads:
-            raise ValueError(f"--threads {self.threads} on --cpus {self.cpus!r} ({len(cpus)} CPUs): threads would take"
-                             " turns on a CPU; give as many CPUs as threads, or fewer threads")
+            raise ValueError(f"--threads {self.threads} on --cpus {self.cpus!r} ({len(cpus)} CPU(s)): threads would"
+                             " take turns on a CPU; give as many CPUs as threads, or fewer threads")
         if self.max_step_tokens < self.max_prefill_chunk + self.max_running:
             raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
                              f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"

@@ -3,10 +3,12 @@ lists."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ADMIN_TOKEN_MIN = 16
 MAX_CPUS = 1 << 16  # the highest CPU number a --cpus range may name, plus one
+CPU_RANGE = re.compile(r"[0-9]{1,5}(-[0-9]{1,5})?")
 
 
 def check_admin_tcp(addr: str, token: str) -> None:
@@ -36,13 +38,16 @@ def resolve_api_key(cfg) -> None:
 
 
 def parse_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
-    """A Linux CPU list (``0-3,8``) as CPU numbers, each one this process may run on; empty: none (no pinning)."""
+    """CPU numbers and ranges (``0-3,8``) as CPU numbers, each one this process may run on; empty: none (no
+    pinning)."""
     cpus: set[int] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        lo, sep, hi = part.partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and not int(lo) <= int(hi) < MAX_CPUS):
-            raise ValueError(f"{flag} {text!r}: give a CPU list such as 0-3,8")
-        cpus.update(range(int(lo), int(hi if sep else lo) + 1))
+    for part in text.split(",") if text.strip() else ():
+        if not CPU_RANGE.fullmatch(part.strip()):
+            raise ValueError(f"{flag} {text!r}: give CPU numbers and ranges such as 0-3,8")
+        lo, _, hi = part.strip().partition("-")
+        if not int(lo) <= int(hi or lo) < MAX_CPUS:
+            raise ValueError(f"{flag} {text!r}: give CPU numbers and ranges such as 0-3,8")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
         raise ValueError(f"{flag} {text!r}: CPUs {format_cpus(cpus - allowed)} are not among those this process may"
@@ -65,10 +70,12 @@ def pin_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
     """Run this process on the CPUs of ``text`` (empty: leave it where it is): every thread it has (a library may
     have started one at import) and, since threads inherit it, every thread it starts afterwards."""
     cpus = parse_cpus(text, flag)
-    if cpus:
-        for tid in os.listdir("/proc/self/task"):
+    done: set[str] = set()
+    while cpus and (threads := set(os.listdir("/proc/self/task")) - done):  # again: one may have started meanwhile
+        for tid in threads:
             try:
                 os.sched_setaffinity(int(tid), cpus)
             except ProcessLookupError:  # a thread that ended meanwhile
                 pass
+        done |= threads
     return cpus

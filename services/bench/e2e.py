@@ -32,7 +32,6 @@ dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd'
 """
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -42,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config_checks import format_cpus
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e_formats import format_system
 from services.bench.e2e_quality import delta, quality
+from services.bench.e2e_system import check_pin
 
 ONDEMAND = "moeinf-ondemand-lru"
 MOEINF = "moeinf"
@@ -78,13 +77,7 @@ class Options:
     memory_limit_total: tuple[str, ...] = ()  # equal-memory settings: each system sizes its experts from the total
     disk_read_limit: str = ""  # bytes per second every read of the run is throttled to ("": the disk as it is)
     slot_cache: str = "auto"  # memd --slot-cache of every moeinf system (images filled before the timed runs)
-    pin: bool = False  # moeinf systems: the workers on the first --threads CPUs, memd on the others
-
-    def cpu_sets(self) -> tuple[str, str]:
-        """``--pin``: (the workers' --cpus, memd's --io-cpus) as CPU lists: the first --threads CPUs this process
-        may run on, then the rest."""
-        cpus = sorted(os.sched_getaffinity(0))
-        return format_cpus(cpus[:self.threads]), format_cpus(cpus[self.threads:])
+    pin: bool = False  # moeinf systems: each worker on --threads CPUs of its own, memd on the others (cpu_sets)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -145,9 +138,8 @@ class Options:
                 and RESIDENT not in self.systems and self.memory_limit):
             raise ValueError("accelerate-offload's runtime is measured on transformers-resident: add it to --systems"
                              " (or give --runtime-allowance SIZE with --expert-memory)")
-        if self.pin and not 0 < self.threads < len(os.sched_getaffinity(0)):
-            raise ValueError(f"--pin: give --threads between 1 and {len(os.sched_getaffinity(0)) - 1} (the workers'"
-                             " CPUs; memd runs on the others)")
+        if self.pin:
+            check_pin(self.threads, self.workers, self.run_systems)
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
         parse_size(self.disk_probe, what="--disk-probe")
@@ -384,8 +376,8 @@ def add_parser(bench) -> None:
                    help="memd --slot-cache of every moeinf system (auto: memd's default); its lossless slot images are"
                         " filled before the timed runs, as --formats' caches are")
     p.add_argument("--pin", action="store_true",
-                   help="moeinf systems: the workers' threads on the first --threads CPUs (worker --cpus), memd's on"
-                        " the others (memd --io-cpus), the same for each; the baselines run unpinned")
+                   help="moeinf systems: each worker's threads on --threads CPUs of its own (worker --cpus), memd's on"
+                        " the others (memd --io-cpus), the same for each system; the baselines run unpinned")
     p.add_argument("--expert-cache-dir", help="--formats and --slot-cache: memd's expert cache (default"
                                               " <state-dir>/expert-cache, kept: a rerun converts nothing)")
     p.add_argument("--json", help="also write the results here")

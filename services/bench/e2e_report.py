@@ -28,6 +28,7 @@ from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
 from services.bench.e2e_formats import FORMAT_SYSTEMS
 from services.bench.e2e_quality import PRECISION_TARGET, at, describe
+from services.bench.e2e_system import cpu_sets
 
 SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET, LRU_TARGET = 3.5, 1.15, 0.9, 0.85
 
@@ -60,6 +61,7 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
         "model": str(opts.model), "max_tokens": opts.max_tokens, "requests": opts.requests,
         "prompt_tokens": [len(p) for p in sweep.workloads.prompts(opts.systems[0])],
         "warmup_tokens": opts.warmup_tokens,
+        "pin": dict(zip(("workers", "memd"), cpu_sets(opts.threads, opts.workers))) if opts.pin else None,
         "threads": opts.threads, "workers": opts.workers, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
     }
 

@@ -21,7 +21,7 @@ from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
-from services.bench.e2e_system import MoeinfSystem
+from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
 from services.bench.e2e_workload import Workloads
 from services.bench.memd_proc import TerminateAsInterrupt
@@ -43,9 +43,9 @@ class Sweep:
             self.notes.append("--memory-limit off: no system runs under a memory limit, so the comparison is NOT"
                               " memory-fair (offloaded files stay in the page cache)")
         if opts.pin:
-            workers, memd = opts.cpu_sets()
-            self.notes.append(f"--pin: every moeinf system's workers on CPUs {workers}, its memd on CPUs {memd}; the"
-                              " baselines unpinned")
+            workers, memd = cpu_sets(opts.threads, opts.workers)
+            self.notes.append(f"--pin: every moeinf system's worker(s) on CPUs {' | '.join(workers)}, its memd on CPUs"
+                              f" {memd}; the baselines unpinned")
         self.rows: list[dict] = []
         self.probe_bytes = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
 

@@ -3,10 +3,12 @@ started with a prefix (a cgroup's); clients talk to the workers' sockets."""
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
+from common.config_checks import format_cpus
 from services.bench.e2e_formats import expert_cache
 from services.bench.e2e_quality import stats_counters
 from services.bench.memd_proc import MemdProcess
@@ -16,6 +18,22 @@ if TYPE_CHECKING:
     from services.bench.e2e import Options
 
 MEMD_FLAGS = {"moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"], "moeinf": []}
+
+
+def cpu_sets(threads: int, workers: int) -> tuple[list[str], str]:
+    """``--pin``: each worker's --cpus (``threads`` CPUs of its own, in order) and memd's --io-cpus (the rest), as
+    CPU lists, from the CPUs this process may run on."""
+    cpus = sorted(os.sched_getaffinity(0))
+    own = [format_cpus(cpus[k * threads:(k + 1) * threads]) for k in range(workers)]
+    return own, format_cpus(cpus[workers * threads:])
+
+
+def check_pin(threads: int, workers: int, systems) -> None:
+    if not any(s.startswith("moeinf") for s in systems):
+        raise ValueError("--pin places the moeinf systems' processes: add one to --systems")
+    if not 0 < threads * workers < len(os.sched_getaffinity(0)):
+        raise ValueError(f"--pin: --threads x --workers must be between 1 and {len(os.sched_getaffinity(0)) - 1}"
+                         " (the workers' CPUs; memd runs on the others)")
 
 
 class MoeinfSystem:
@@ -28,11 +46,9 @@ class MoeinfSystem:
         self.flags += ["--slot-cache", opts.slot_cache, "--expert-cache-dir", str(expert_cache(opts))]  # filled ahead
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
             self.flags += ["--expert-format", expert_format]
-        self.worker_flags = ["--threads", str(opts.threads)]
-        if opts.pin:  # (the note in the report says so: e2e_sweep)
-            workers, memd = opts.cpu_sets()
-            self.worker_flags += ["--cpus", workers]
-            self.flags += ["--io-cpus", memd]
+        # pinned or not as --pin says, whatever MOEINF_CPUS / MOEINF_IO_CPUS the caller exported
+        self.worker_cpus, memd_cpus = cpu_sets(opts.threads, opts.workers) if opts.pin else ([""] * opts.workers, "")
+        self.flags += ["--io-cpus", memd_cpus]
         self.expert_memory = expert_memory  # memd's --expert-memory
         self.memd: MemdProcess | None = None
         self.workers: list[WorkerProcess] = []
@@ -44,7 +60,8 @@ class MoeinfSystem:
         self.memd.start()
         ids = [str(i) for i in range(self.opts.workers)] if self.opts.workers > 1 else [""]
         for worker_id in ids:
-            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, self.worker_flags,
+            flags = ["--threads", str(self.opts.threads), "--cpus", self.worker_cpus[len(self.workers)]]
+            self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, flags,
                                               prefix=self.prefix, worker_id=worker_id))
             self.workers[-1].start()
         return self

@@ -16,7 +16,7 @@ from common.access import Access
 from common.checkpoint import Checkpoint, experts_per_token, max_positions
 from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
-from common.config_checks import format_cpus, pin_cpus
+from common.config_checks import format_cpus, parse_cpus, pin_cpus
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
@@ -48,8 +48,8 @@ def attach(cfg: WorkerConfig) -> Attached:
     """Load the model and bind its experts to memd's pool."""
     caches = kernel_caches.bound(cfg.matmul_cache)  # before the first bfloat16 matmul: the caches read it once
     log.info("matmul kernel caches: %s", " ".join(f"{k}={v}" for k, v in caches.items()) or "oneDNN's defaults")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if threads := cfg.threads or len(parse_cpus(cfg.cpus)):  # torch's own default counts the machine's cores
+        torch.set_num_threads(threads)
     dev = device.resolve(cfg.device)
     checkpoint = Checkpoint(cfg.model)
     experts.register()

@@ -156,18 +156,24 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
 
 
-def test_pin_puts_the_workers_and_memd_on_their_own_cpus(tmp_path):
+def test_pin_puts_each_worker_and_memd_on_their_own_cpus(tmp_path):
+    from common.config_checks import format_cpus
     from services.bench.e2e import Options
+    from services.bench.e2e_system import cpu_sets
 
     model = write_family("mixtral", tmp_path / "m")
     cpus = sorted(os.sched_getaffinity(0))
     opts = Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, pin=True)
     if len(cpus) < 2:
-        with pytest.raises(ValueError, match="--pin: give --threads between 1 and 0"):
+        with pytest.raises(ValueError, match="--pin: --threads x --workers must be between 1 and 0"):
             opts.validate()
         return
     opts.validate()
-    workers, memd = opts.cpu_sets()
-    assert workers == str(cpus[0]) and memd.startswith(str(cpus[1]))
-    with pytest.raises(ValueError, match="--pin: give --threads between 1 and"):
-        Options(model, ("25%",), 4, None, 1, (1,), 1, 0, None, pin=True).validate()
+    assert cpu_sets(1, 1) == ([format_cpus(cpus[:1])], format_cpus(cpus[1:]))
+    if len(cpus) >= 3:
+        assert cpu_sets(1, 2) == ([format_cpus(cpus[:1]), format_cpus(cpus[1:2])], format_cpus(cpus[2:]))
+    for threads, workers in ((0, 1), (len(cpus), 1), (1, len(cpus))):  # no CPU left for memd, or none for a worker
+        with pytest.raises(ValueError, match="--pin: --threads x --workers must be between 1 and"):
+            Options(model, ("25%",), 4, None, 1, (1,), 1, threads, None, workers=workers, pin=True).validate()
+    with pytest.raises(ValueError, match="--pin places the moeinf systems' processes"):
+        Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, systems=("transformers-resident",), pin=True).validate()

@@ -11,7 +11,10 @@ def allowed_cpus(pid: int) -> dict[str, str]:
     """Each thread's ``Cpus_allowed_list`` (thread name + id -> list)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
-        status = (task / "status").read_text()
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
         fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
         out[f"{fields['Name'].strip()}/{task.name}"] = fields["Cpus_allowed_list"].strip()
     return out

@@ -172,21 +172,16 @@ def test_long_prompt_is_prefilled_in_chunks_next_to_decoding_requests(stack, mux
 
 
 def test_short_requests_finish_while_a_long_one_runs(stack, mux):
-    """One long request, then a new short one after each of its tokens: with 4 running slots, the short ones
-    come and go next to it, each running request gets one token per step, and nobody waits for the long one."""
+    """One long request and ten short ones behind it: with 4 running slots the shorts take turns next to it, each
+    running request gets one token per step, and every short finishes before the long one (checked in the order the
+    worker published its replies, however late this process reads them)."""
     long_id = mux.submit("long", list(range(2, 60)), 60)
-    shorts: list[str] = []
-
-    def feed_shorts(request, reply):
-        if request == "long" and len(shorts) < 10:
-            shorts.append(mux.submit(f"short{len(shorts)}", [5 + len(shorts), 7, 9], 4))
-
-    mux.run({long_id}, feed_shorts)
-    # the shorts answer replies the worker may have published well before this process read them (a loaded
-    # machine): the last ones can start after the long request ended; the reply order, not the clock, is checked
-    mux.run(set(shorts))
+    shorts = [mux.submit(f"short{i}", [5 + i, 7, 9], 4) for i in range(10)]
+    mux.run({long_id, *shorts})
     order = [request for request, _ in mux.events]
-    assert len(shorts) == 10 and all(mux.tokens(s)[1] == "length" for s in shorts), "a short request never finished"
+    assert all(mux.tokens(s)[1] == "length" for s in shorts), "a short request never finished"
+    long_end = len(order) - 1 - order[::-1].index(long_id)
+    assert all(len(order) - 1 - order[::-1].index(s) < long_end for s in shorts), "a short waited for the long one"
     assert max(replies_between(order, long_id)) <= 3, "the long request went a step without a token"
     for s in shorts:
         assert max(replies_between(order, s)) <= 3, f"{s} went a step without a token"
