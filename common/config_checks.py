@@ -42,10 +42,8 @@ def parse_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
     pinning)."""
     cpus: set[int] = set()
     for part in text.split(",") if text.strip() else ():
-        if not CPU_RANGE.fullmatch(part.strip()):
-            raise ValueError(f"{flag} {text!r}: give CPU numbers and ranges such as 0-3,8")
         lo, _, hi = part.strip().partition("-")
-        if not int(lo) <= int(hi or lo) < MAX_CPUS:
+        if not CPU_RANGE.fullmatch(part.strip()) or not int(lo) <= int(hi or lo) < MAX_CPUS:
             raise ValueError(f"{flag} {text!r}: give CPU numbers and ranges such as 0-3,8")
         cpus.update(range(int(lo), int(hi or lo) + 1))
     allowed = os.sched_getaffinity(0)
