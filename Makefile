@@ -12,7 +12,7 @@ TEST_JOBS ?= 2
 # compose-test: the python that builds the demo model and runs the openai client (make install makes it)
 E2E_PYTHON ?= $(BIN)/python
 
-.PHONY: test serve install demo clean compose-test
+.PHONY: test serve install demo clean compose-test llama-cpp gguf
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,29 @@ serve: $(BIN)/.installed
 # registry or PyTorch index is reachable: MOEINF_BASE_IMAGE=moeinf-base:bookworm MOEINF_TORCH_WHEELS=DIR (docs/deploy.md)
 compose-test:
 	MOEINF_E2E_PYTHON=$(E2E_PYTHON) tests/deploy/compose_e2e.sh
+
+# bench e2e's llama.cpp system: llama-server built from the llama.cpp that llama-cpp-python's source package on PyPI
+# vendors (the registry is reachable where GitHub is not), with its GGUF converter beside it; `make gguf MODEL=DIR`
+# writes DIR.gguf (the checkpoint's own dtype). Needs cmake and a C++ compiler.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_DIR := .cache/llama.cpp
+LLAMA_SERVER := $(LLAMA_DIR)/build/bin/llama-server
+
+$(LLAMA_SERVER): | $(BIN)/.installed
+	rm -rf $(LLAMA_DIR) .cache/llama-sdist && mkdir -p .cache/llama-sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON)" -d .cache/llama-sdist
+	tar xzf .cache/llama-sdist/*.tar.gz -C .cache/llama-sdist
+	mv .cache/llama-sdist/*/vendor/llama.cpp $(LLAMA_DIR) && rm -rf .cache/llama-sdist
+	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_DIR)/build -j --target llama-server
+
+llama-cpp: $(LLAMA_SERVER)
+
+gguf: $(LLAMA_SERVER)
+	@test -n "$(MODEL)" || { echo "usage: make gguf MODEL=DIR (writes DIR.gguf)"; exit 2; }
+	PYTHONPATH=$(LLAMA_DIR)/gguf-py $(BIN)/python $(LLAMA_DIR)/convert_hf_to_gguf.py $(MODEL) --outtype auto \
+		--outfile $(patsubst %/,%,$(MODEL)).gguf
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info .pytest_cache

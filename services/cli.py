@@ -185,7 +185,7 @@ def add_bench_parsers(sub) -> None:
     from services.bench.cache import add_parsers
 
     add_parsers(bench)
-    from services.bench.e2e import add_parser as add_e2e_parser
+    from services.bench.e2e_cli import add_parser as add_e2e_parser
 
     add_e2e_parser(bench)
     from services.bench.disk import add_parser as add_disk_parser

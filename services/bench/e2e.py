@@ -8,7 +8,9 @@ cgroup (``services/bench/cgroup.py``; the limit counts the page cache, ``service
 * ``accelerate-offload``: ``device_map="auto"`` with ``max_memory`` = dense weights + expert memory and an
   ``offload_folder`` (``services/bench/baselines.py``);
 * ``moeinf-ondemand-lru``: memd with ``--prefetch off --policy lru`` (pure on-demand loads);
-* ``moeinf``: memd with its defaults. Both moeinf systems run a real ``moeinf memd`` and ``moeinf worker``.
+* ``moeinf``: memd with its defaults. Both moeinf systems run a real ``moeinf memd`` and ``moeinf worker``;
+* ``llama.cpp``: ``llama-server`` on a GGUF of the same checkpoint, memory-mapped (``services/bench/llama_cpp.py``;
+  skipped with a note unless ``--gguf`` and a server are given).
 
 Greedy workloads (``--requests`` prompts, ``--max-tokens`` each) are served: a fresh one for every repeat and client
 count, the same for every system (paired; each system runs in fresh processes), so memd's EAMC has never seen the
@@ -46,10 +48,11 @@ from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e_formats import format_system
 from services.bench.e2e_quality import delta, quality
 from services.bench.e2e_system import check_pin
+from services.bench.llama_cpp import LLAMA
 
 ONDEMAND = "moeinf-ondemand-lru"
 MOEINF = "moeinf"
-SYSTEMS = (RESIDENT, OFFLOAD, ONDEMAND, MOEINF)
+SYSTEMS = (RESIDENT, OFFLOAD, ONDEMAND, MOEINF, LLAMA)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Options:
     disk_read_limit: str = ""  # bytes per second every read of the run is throttled to ("": the disk as it is)
     slot_cache: str = "auto"  # memd --slot-cache of every moeinf system (images filled before the timed runs)
     pin: bool = False  # moeinf systems: each worker on --threads CPUs of its own, memd on the others (cpu_sets)
+    llama_server: Path | None = None  # the llama.cpp system: its llama-server (None: found as llama_cpp.find_server)
+    gguf: Path | None = None  # ... and a GGUF of --model
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -102,7 +107,8 @@ class Options:
                    tuple(args.concurrency), args.repeats, args.threads, path(args.json), systems,
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
-                   path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache, args.pin)
+                   path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache, args.pin,
+                   path(args.llama_server), path(args.gguf))
         opts.validate()
         return opts
 
@@ -142,6 +148,8 @@ class Options:
             check_pin(self.threads, self.workers, self.run_systems)
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
+        if self.gguf is not None and not self.gguf.is_file():
+            raise FileNotFoundError(f"--gguf {self.gguf}: no such file (`make gguf MODEL=DIR` writes DIR.gguf)")
         parse_size(self.disk_probe, what="--disk-probe")
         if self.disk_read_limit:
             self.read_limit_bytes()
@@ -327,62 +335,6 @@ def run(args) -> int:
     from services.bench.e2e_sweep import run_sweep
 
     return run_sweep(Options.from_args(args))
-
-
-def add_parser(bench) -> None:
-    p = bench.add_parser("e2e", help="serving latency and throughput: moeinf against transformers and accelerate"
-                                     " offloading under the same memory limit")
-    p.add_argument("--model", required=True)
-    p.add_argument("--expert-memory", nargs="+",
-                   help="expert memory settings to measure (bytes or a share of all expert bytes), e.g. 12.5%% 25%%;"
-                        " default 25%%")
-    p.add_argument("--memory-limit-total", nargs="+", metavar="SIZE",
-                   help="instead of --expert-memory: equal-memory settings, e.g. 2.2GiB 2.5GiB 3GiB; every system runs"
-                        " under the total and gives its experts what the dense weights and its own measured runtime"
-                        " leave")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM",
-                   help=f"systems to run (default: all): {', '.join(SYSTEMS)}")
-    p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (greedy)")
-    p.add_argument("--prompts", help="text file, one prompt per line, each served once (default: random token ids)")
-    p.add_argument("--seed", type=int, default=0, help="base seed of the random prompts (each run draws its own)")
-    p.add_argument("--warm-eamc", action="store_true",
-                   help="serve one workload untimed first and again in every run (memd has seen it; labelled)")
-    p.add_argument("--requests", type=int, default=16, help="requests in the workload (cycling through the prompts)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1],
-                   help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines serve one at a time)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs per system and concurrency, baselines included; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
-    p.add_argument("--workers", type=int, default=1, help="moeinf systems: worker processes on the one memd (client k"
-                                                          " talks to worker k mod N); the limit grows by a dense copy"
-                                                          " + allowance per extra worker, not by expert memory")
-    p.add_argument("--runtime-allowance", default="measured",
-                   help="--expert-memory limits: memory beyond dense weights + expert memory (interpreters, torch,"
-                        " activations); default: the larger runtime measured in this run, with a margin")
-    p.add_argument("--memory-limit", choices=["on", "off"], default="on",
-                   help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
-    p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
-                                                        " bandwidth at memd's queue depth")
-    p.add_argument("--disk-read-limit", default="", metavar="RATE",
-                   help="throttle every read of the run (probes and all systems) to RATE, e.g. 600MB/s: one sustained"
-                        " disk speed for every system (cgroup v1 blkio; root). The kernel's 100 ms throttle slices let"
-                        " a read after an idle gap through at the disk's own speed: bursty on-demand reads gain, a"
-                        " reader kept busy by prefetch does not")
-    p.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the untimed warm-up request")
-    p.add_argument("--formats", nargs="+", default=[], choices=["fp8", "mxfp4"], metavar="FORMAT",
-                   help="also run moeinf with memd --expert-format FORMAT (fp8, mxfp4) on the same checkpoint, at the"
-                        " same byte limit as the checkpoint as stored (rows moeinf-fp8, moeinf-mxfp4)")
-    p.add_argument("--slot-cache", default="auto", choices=["auto", "on", "off"],
-                   help="memd --slot-cache of every moeinf system (auto: memd's default); its lossless slot images are"
-                        " filled before the timed runs, as --formats' caches are")
-    p.add_argument("--pin", action="store_true",
-                   help="moeinf systems: each worker's threads on --threads CPUs of its own (worker --cpus), memd's on"
-                        " the others (memd --io-cpus), the same for each system; the baselines run unpinned")
-    p.add_argument("--expert-cache-dir", help="--formats and --slot-cache: memd's expert cache (default"
-                                              " <state-dir>/expert-cache, kept: a rerun converts nothing)")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--plot", help="also draw decode time per token against expert memory here (PNG)")
-    p.set_defaults(func=run)
 
 
 def progress(text: str) -> None:

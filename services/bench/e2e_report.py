@@ -26,6 +26,7 @@ import numpy as np
 
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.e2e import MOEINF, ONDEMAND
+from services.bench.llama_cpp import LLAMA
 from services.bench.e2e_formats import FORMAT_SYSTEMS
 from services.bench.e2e_quality import PRECISION_TARGET, at, describe
 from services.bench.e2e_system import cpu_sets
@@ -187,6 +188,7 @@ def format_report(doc: dict) -> str:
     lines += _concurrency_lines(doc["systems"])
     lines += _quality_lines(doc["systems"])
     lines += _format_lines(doc["systems"])
+    lines += _llama_lines(doc["systems"])
     if doc["floors"]:
         lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
                       " token (1 client; else per token) / multi-stream raw bandwidth (the better of the run start's and the"
@@ -277,6 +279,26 @@ def _format_lines(rows: list[dict]) -> list[str]:
                    f" {r['decode_ms_per_token_p50'] / base['decode_ms_per_token_p50']:.2f}x the stored experts';"
                    f" read {_mib(read)}/token against {_mib(base_read)} ({fall})")
     return ["", "expert formats (memd --expert-format, same checkpoint and byte limit as moeinf):"] + out if out else []
+
+
+def _llama_lines(rows: list[dict]) -> list[str]:
+    """The GGUF runtime against moeinf at each memory setting (1 client), and how many of its tokens equal the
+    reference's (its kernels are not transformers')."""
+    out = []
+    for r in rows:
+        if r["system"] != LLAMA or r.get("error") or r["concurrency"] != 1:
+            continue
+        text = f"  {r['expert_memory']:>6}: decode p50 {r['decode_ms_per_token_p50']:.1f} ms/token"
+        ours = _find(rows, MOEINF, r["expert_memory"])
+        if ours and ours.get("decode_ms_per_token_p50"):
+            x = ours["decode_ms_per_token_p50"] / r["decode_ms_per_token_p50"]
+            text += f"; moeinf {ours['decode_ms_per_token_p50']:.1f} ms/token = {x:.2f}x llama.cpp's time"
+        if r.get("tokens_agreement") is not None:
+            text += (f"; {r['tokens_agreement']:.0%} of its greedy tokens equal {r['tokens_reference']}'s (up to each"
+                     " request's first difference)")
+        out.append(text)
+    return ["", "llama.cpp (llama-server on a GGUF of the checkpoint, mmap; page cache under the same limit):"] + out \
+        if out else []
 
 
 def _mib(n) -> str:

@@ -23,7 +23,9 @@ from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, form
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
+from services.bench.e2e_llama import compare_tokens, llama_runtime, run_llama
 from services.bench.e2e_workload import Workloads
+from services.bench.llama_cpp import LLAMA, find_server, llama_missing
 from services.bench.memd_proc import TerminateAsInterrupt
 
 BASELINES = "baselines"  # the runtime kind of transformers-resident and accelerate-offload
@@ -47,13 +49,14 @@ class Sweep:
             self.notes.append(f"--pin: every moeinf system's worker(s) on CPUs {' | '.join(workers)}, its memd on CPUs"
                               f" {memd}; the baselines unpinned")
         self.rows: list[dict] = []
+        self.outputs: dict[tuple[str, str | None, int], list[list[int]]] = {}  # (system, memory, repeat) -> tokens
         self.probe_bytes = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
 
     # ------------------------------------------------------------------------------------------------ limits
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
         if not self.limits_applied:
             return None
-        workers = 1 if name in (RESIDENT, OFFLOAD) else self.opts.workers
+        workers = 1 if name in (RESIDENT, OFFLOAD, LLAMA) else self.opts.workers
         extra = (workers - 1) * (budget.dense_bytes + budget.allowance_bytes)  # each extra worker: its own dense copy
         try:
             return stack.enter_context(MemoryCgroup.create(budget.limit_bytes + extra, name))
@@ -84,13 +87,16 @@ class Sweep:
                 for name, fmt in rotated(runs, r):
                     self.run_budgeted(name, setting, fmt, repeat=r)
             self.rows[first:] = merge_repeats(self.rows[first:])
+        compare_tokens(self.rows, self.outputs)
 
     def available(self, name: str) -> bool:
-        if name == OFFLOAD and (why := accelerate_missing()):
-            if why not in self.notes:
-                self.notes.append(why)
-            return False
-        return True
+        why = accelerate_missing() if name == OFFLOAD else self.llama_missing() if name == LLAMA else None
+        if why and why not in self.notes:
+            self.notes.append(why)
+        return why is None
+
+    def llama_missing(self) -> str | None:
+        return llama_missing(find_server(self.opts.llama_server), self.opts.gguf)
 
     def run_budgeted(self, name: str, setting: str, expert_format: str = "", repeat: int | None = None) -> None:
         budget = self.system_budgets.get((setting, name))
@@ -110,6 +116,8 @@ class Sweep:
         if measured and moeinf_runs:
             for kind, fmt in [(MOEINF, ""), *((format_system(f), f) for f in opts.formats)]:
                 self.measure_runtime(kind, fmt)
+        if measured and LLAMA in opts.systems and not self.llama_missing():
+            self.measure_runtime(LLAMA, "")
         kinds = {self.kind(name) for name in opts.run_systems if name != RESIDENT}
         if measured and (missing := sorted(kinds - set(self.runtimes.measured))) and not opts.memory_limit_total:
             self.notes.append(f"runtime not measured for {', '.join(missing)}: the limits' allowance is the largest"
@@ -130,7 +138,7 @@ class Sweep:
     @staticmethod
     def kind(name: str) -> str:
         """Whose measured runtime a system has: the baselines', moeinf's, or its format's own."""
-        return BASELINES if name in (RESIDENT, OFFLOAD) else MOEINF if name == ONDEMAND else name
+        return BASELINES if name in (RESIDENT, OFFLOAD) else MOEINF if name == ONDEMAND else name  # llama.cpp: its own
 
     def budget(self, setting: str, name: str) -> Budget | None:
         if self.opts.memory_limit_total:
@@ -143,7 +151,8 @@ class Sweep:
 
     def measure_runtime(self, kind: str, expert_format: str) -> None:
         try:
-            self.runtimes.measured[kind] = self.measure_moeinf_runtime(expert_format)
+            self.runtimes.measured[kind] = (llama_runtime(self) if kind == LLAMA
+                                            else self.measure_moeinf_runtime(expert_format))
         except (RuntimeError, OSError) as exc:  # a worker's error reply is a RuntimeError
             self.notes.append(f"{kind}'s runtime could not be measured: {str(exc).splitlines()[0]}")
             progress(self.notes[-1])
@@ -183,8 +192,12 @@ class Sweep:
             prefix = group.exec_prefix() if group else []
             try:
                 self.check_room(name, budget)
-                rows = self.baseline(name, budget, prefix, repeats) if name in (RESIDENT, OFFLOAD) else self.moeinf(
-                    name, budget, prefix, group, repeats, expert_format)
+                if name in (RESIDENT, OFFLOAD):
+                    rows = self.baseline(name, budget, prefix, repeats)
+                elif name == LLAMA:
+                    rows = run_llama(self, budget, prefix, repeats)
+                else:
+                    rows = self.moeinf(name, budget, prefix, group, repeats, expert_format)
             except (RuntimeError, OSError) as exc:  # OSError: a worker gone or silent
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
@@ -201,7 +214,7 @@ class Sweep:
         """Under a total, a system whose runtime and dense weights leave too little does not start."""
         if budget is None or not budget.total:
             return
-        need = 0 if name in (RESIDENT, OFFLOAD) else self.sizes.layer_experts
+        need = 0 if name in (RESIDENT, OFFLOAD, LLAMA) else self.sizes.layer_experts
         if budget.allowance_bytes < budget.runtime_bytes:
             raise RuntimeError(f"{budget.expert_memory} is below the dense weights and {name}'s measured runtime"
                                f" ({budget.dense_bytes + budget.runtime_bytes} bytes): raise the total")
@@ -217,6 +230,8 @@ class Sweep:
                   opts.max_tokens, opts.threads, budget.accelerate_cpu_bytes if budget else None,
                   w.prompts(name) if w.warm else None)
         run = run_baseline(job, prefix)
+        for r, timings in zip(repeats, run.runs):
+            self.outputs[(name, None if name == RESIDENT else budget.expert_memory, r)] = [t["tokens"] for t in timings]
         if name == RESIDENT:  # it holds the whole model: what else it holds is the baselines' runtime
             memory = ProcMemory(run.rss_anon_bytes, run.rss_file_bytes)
             self.runtimes.measured[BASELINES] = baseline_runtime(memory, run.anon_weight_bytes)
@@ -235,6 +250,8 @@ class Sweep:
         try:
             system.start()
             results = measure(system, self.workloads, self.opts, repeats)
+            for r, result in zip(repeats, results.get(1, [])):
+                self.outputs[(name, budget.expert_memory, r)] = [t.tokens for t in result.timings]
             held = group.unreclaimable_bytes() if group else None  # memd + worker, before they stop
             pss = system.pss_bytes()
         finally:

@@ -1,0 +1,70 @@
+"""``bench e2e``'s llama.cpp row, run by the sweep (``e2e_sweep.py``): its runtime measured apart, its timed repeats,
+and how many of its tokens equal the reference's on the same prompts."""
+from __future__ import annotations
+
+from services.bench.baselines import RESIDENT
+from services.bench.e2e import MOEINF, ONDEMAND, Result, progress, serve_workload, summarize
+from services.bench.e2e_workload import WARMUP_LENGTH
+from services.bench.llama_cpp import LLAMA, LlamaCppSystem, agreement, find_server
+
+
+def llama_system(sweep, prefix: list[str]) -> LlamaCppSystem:
+    """A server whose context holds the longest request (the warm-up's too), in 256-token blocks."""
+    opts = sweep.opts
+    context = max(len(sweep.workloads.longest()), WARMUP_LENGTH) + max(opts.max_tokens, opts.warmup_tokens) + 16
+    return LlamaCppSystem(find_server(opts.llama_server), opts.gguf, opts.threads, -(-context // 256) * 256,
+                          prefix=prefix)
+
+
+def llama_runtime(sweep) -> int:
+    """llama-server without a limit, after the warm-up and the longest workload request: what it holds beyond the
+    GGUF's pages."""
+    progress("measuring llama.cpp's runtime (llama-server, no limit)")
+    sweep.drop_caches()
+    system = llama_system(sweep, [])
+    try:
+        system.start()
+        serve_workload(system, [sweep.workloads.warmup(), sweep.workloads.longest()], sweep.opts.max_tokens, 1)
+        return system.runtime_bytes()
+    finally:
+        system.stop()
+
+
+def run_llama(sweep, budget, prefix: list[str], repeats: list[int]) -> list[dict]:
+    """llama-server, started once for ``repeats``: the warm-up request, then each repeat's 1-client workload (the
+    prompts every system gets at 1 client), one request at a time; the median run's row."""
+    w, opts = sweep.workloads, sweep.opts
+    alone = opts.concurrency.index(1) if 1 in opts.concurrency else 0
+    memory = budget.expert_memory if budget else "100%"
+    system = llama_system(sweep, prefix)
+    try:
+        system.start()
+        serve_workload(system, [w.warmup()], opts.warmup_tokens, 1)
+        results = []
+        for r in repeats:
+            timings = serve_workload(system, w.prompts(LLAMA, r, alone), opts.max_tokens, 1)
+            sweep.outputs[(LLAMA, memory, r)] = [t.tokens for t in timings]
+            results.append(Result(LLAMA, 1, timings, None))
+        pss = system.pss_bytes()
+    finally:
+        system.stop()
+    row = summarize({1: results})[0]
+    progress(f"{LLAMA}: {row['tokens_per_s']:.2f} tokens/s, decode p50 {row['decode_ms_per_token_p50']:.1f} ms")
+    return [{**row, "pss_bytes": pss}]
+
+
+def compare_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], list[list[int]]]) -> None:
+    """Each llama.cpp row: the share of its greedy tokens equal to the reference's on the same prompts (transformers'
+    when it ran, else moeinf's, which are transformers'), over every repeat both served (``agreement``)."""
+    for row in rows:
+        if row["system"] != LLAMA or row.get("error"):
+            continue
+        memory = row["expert_memory"]
+        for ref, ref_memory in ((RESIDENT, None), (MOEINF, memory), (ONDEMAND, memory)):
+            pairs = [(tokens, outputs[(ref, ref_memory, r)]) for (name, m, r), tokens in outputs.items()
+                     if name == LLAMA and m == memory and (ref, ref_memory, r) in outputs]
+            if pairs:
+                mine = [t for tokens, _ in pairs for t in tokens]
+                theirs = [t for _, tokens in pairs for t in tokens]
+                row["tokens_reference"], row["tokens_agreement"] = ref, agreement(mine, theirs)
+                break

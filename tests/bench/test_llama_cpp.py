@@ -1,0 +1,130 @@
+"""``bench e2e``'s llama.cpp system (``services/bench/llama_cpp.py``, ``e2e_llama.py``) against a stand-in server
+(``fake_llama_server.py``: llama-server's flags, ``/health``, streamed ``/completion``): what it is sent, how its
+tokens are read, why it is skipped, and how its tokens are compared with the reference's."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import moeinf_cmd, write_family
+from services.bench.e2e_llama import compare_tokens
+from services.bench.llama_cpp import LLAMA, LlamaCppSystem, agreement, find_server, llama_missing
+
+FAKE = Path(__file__).with_name("fake_llama_server.py")
+
+
+@pytest.fixture
+def fake_server(tmp_path) -> Path:
+    script = tmp_path / "llama-server"
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE}" "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_agreement_counts_tokens_up_to_each_requests_first_difference():
+    assert agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == 1.0
+    assert agreement([[1, 9, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == 4 / 6  # 3 after the difference: not counted
+    assert agreement([[7, 2, 3]], [[1, 2, 3]]) == 0.0
+    assert agreement([[1, 2]], [[1, 2], [3]]) is None and agreement([], []) is None  # not the same requests
+
+
+def test_compare_tokens_prefers_transformers_then_moeinf_at_the_same_memory():
+    rows = [{"system": LLAMA, "expert_memory": "25%", "concurrency": 1},
+            {"system": LLAMA, "expert_memory": "50%", "concurrency": 1},
+            {"system": LLAMA, "expert_memory": "12.5%", "concurrency": 1, "error": "killed"}]
+    outputs = {(LLAMA, "25%", 0): [[1, 2, 3]], (LLAMA, "25%", 1): [[4, 5]],
+               (LLAMA, "50%", 0): [[1, 2, 3]], (LLAMA, "12.5%", 0): [[1]],
+               ("moeinf", "25%", 0): [[1, 2, 0]], ("moeinf", "25%", 1): [[4, 5]],
+               ("moeinf", "50%", 0): [[1, 0, 0]]}
+    compare_tokens(rows, outputs)
+    assert (rows[0]["tokens_reference"], rows[0]["tokens_agreement"]) == ("moeinf", 4 / 5)  # both repeats
+    assert (rows[1]["tokens_reference"], rows[1]["tokens_agreement"]) == ("moeinf", 1 / 3)
+    assert "tokens_reference" not in rows[2]
+    outputs[("transformers-resident", None, 0)] = [[1, 2, 3]]
+    compare_tokens(rows, outputs)
+    assert (rows[0]["tokens_reference"], rows[0]["tokens_agreement"]) == ("transformers-resident", 1.0)
+
+
+def test_why_it_is_skipped(tmp_path, fake_server, monkeypatch):
+    monkeypatch.delenv("MOEINF_LLAMA_SERVER", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    monkeypatch.setattr("services.bench.llama_cpp.BUILT", tmp_path / "not-built")
+    assert find_server(None) is None and "make llama-cpp" in llama_missing(None, None)
+    gguf = tmp_path / "m.gguf"
+    assert "not an executable file" in llama_missing(tmp_path / "m.gguf", gguf)
+    assert "give --gguf FILE" in llama_missing(fake_server, None)
+    assert "no such file" in llama_missing(fake_server, gguf)
+    gguf.write_bytes(b"GGUF")
+    assert llama_missing(fake_server, gguf) is None
+    monkeypatch.setenv("MOEINF_LLAMA_SERVER", str(fake_server))
+    assert find_server(None) == fake_server and find_server("/x/llama-server") == Path("/x/llama-server")
+
+
+def test_server_is_driven_greedily_one_slot_no_prompt_cache(tmp_path, fake_server, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_LOG", str(log))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    system = LlamaCppSystem(fake_server, gguf, 1, 512, tmp_path).start()
+    try:
+        client = system.client()
+        try:
+            assert list(client.stream([5, 7], 3)) == [[8], [9], [10]]
+            assert list(client.stream([300, 319], 2)) == [[0], [1]]  # the next request: a connection of its own
+        finally:
+            client.close()
+        assert system.runtime_bytes() > 1 << 20  # a Python process's heap at least
+        assert system.pss_bytes() > 0 and system.counters() is None
+    finally:
+        system.stop()
+    assert system.process.proc.poll() is not None
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    argv = entries[0]["argv"]
+    assert argv[argv.index("-m") + 1] == str(gguf) and argv[argv.index("-c") + 1] == "512"
+    assert argv[argv.index("-np") + 1] == "1" and argv[argv.index("-t") + 1] == "1"
+    body = entries[1]["request"]
+    assert body["prompt"] == [5, 7] and body["n_predict"] == 3 and body["stream"] and body["return_tokens"]
+    assert body["cache_prompt"] is False and body["ignore_eos"] is True
+    assert body["samplers"] == ["top_k"] and body["top_k"] == 1
+
+
+def test_a_server_that_dies_is_reported_with_its_log(tmp_path):
+    script = tmp_path / "llama-server"
+    script.write_text("#!/bin/sh\necho 'error: failed to load model'\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(RuntimeError, match="(?s)llama-server exited with 3.*failed to load model"):
+        LlamaCppSystem(script, tmp_path / "m.gguf", 1, 256, tmp_path).start()
+
+
+def test_e2e_gets_a_llama_row_beside_moeinf(tmp_path, fake_server, bench_tmp):
+    model = write_family("mixtral", tmp_path / "m")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "e2e.json"
+    cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--runtime-allowance", "1GiB", "--systems", "moeinf",
+                     "llama.cpp", "--expert-memory", "100%", "--requests", "2", "--max-tokens", "4", "--threads", "1",
+                     "--repeats", "2", "--llama-server", str(fake_server), "--gguf", str(gguf), "--json", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(bench_tmp)})
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
+    llama = rows[LLAMA]
+    assert llama["generated_tokens"] == 2 * 4 and llama["repeats"] == 2 and llama["decode_ms_per_token_p50"] > 0
+    assert llama["tokens_reference"] == "moeinf" and isinstance(llama["tokens_agreement"], float)
+    assert "llama.cpp (llama-server on a GGUF" in proc.stdout and "x llama.cpp's time" in proc.stdout
+
+
+def test_e2e_without_a_server_notes_why(tmp_path, monkeypatch):
+    from services.bench.e2e import Options
+    from services.bench.e2e_sweep import Sweep
+
+    monkeypatch.delenv("MOEINF_LLAMA_SERVER", raising=False)
+    monkeypatch.setattr("services.bench.llama_cpp.BUILT", tmp_path / "not-built")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    model = write_family("mixtral", tmp_path / "m")
+    sweep = Sweep(Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, systems=(LLAMA,)))
+    assert not sweep.available(LLAMA) and "make llama-cpp" in sweep.notes[0]
+    with pytest.raises(FileNotFoundError, match="--gguf .*make gguf"):
+        Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, gguf=tmp_path / "none.gguf").validate()
