@@ -38,6 +38,7 @@ class Budget:
     allowance_bytes: int
     total: str | None = None  # --memory-limit-total: the limit as given
     runtime_bytes: int = 0  # --memory-limit-total: the system's measured runtime with its margin
+    num_experts: int = 0  # every layer's experts (0: unknown, the share is then one of bytes)
 
     @property
     def memd_memory(self) -> str:
@@ -55,6 +56,10 @@ class Budget:
 
     @property
     def fraction(self) -> float:
+        """The share of the experts in memory (a slot holds one, a little larger than its bytes where memd spreads
+        its rows apart, so a share of bytes would read 101% for every expert)."""
+        if self.num_experts:
+            return self.slots / self.num_experts
         return self.expert_budget_bytes / self.expert_total_bytes
 
     def describe(self) -> str:
@@ -101,7 +106,7 @@ def derive(sizes: ModelBytes, expert_memory: str, allowance: str) -> Budget:
     # would count one slot fewer than memd holds where its slots are larger (rows spread apart, spread.py)
     slots = min(spec.resolve(sizes.slot_bytes * sizes.num_experts) // sizes.slot_bytes, sizes.num_experts)
     return Budget(expert_memory, sizes.dense_bytes, sizes.expert_total_bytes, slots * sizes.slot_bytes, slots,
-                  parse_size(allowance, what="--runtime-allowance").resolve(0))
+                  parse_size(allowance, what="--runtime-allowance").resolve(0), num_experts=sizes.num_experts)
 
 
 def derive_total(sizes: ModelBytes, total: str, runtime_bytes: int) -> Budget:
@@ -112,4 +117,4 @@ def derive_total(sizes: ModelBytes, total: str, runtime_bytes: int) -> Budget:
     slots = min(room // sizes.slot_bytes, sizes.num_experts)
     experts = slots * sizes.slot_bytes
     return Budget(f"total {total}", sizes.dense_bytes, sizes.expert_total_bytes, experts, slots,
-                  limit - sizes.dense_bytes - experts, total, runtime_bytes)
+                  limit - sizes.dense_bytes - experts, total, runtime_bytes, sizes.num_experts)

@@ -60,7 +60,8 @@ def _replay_panel(ax, runs: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- bench e2e
-E2E_STYLES = {"transformers-resident": "k--", "accelerate-offload": "s-", "moeinf-ondemand-lru": "^-", "moeinf": "o-"}
+E2E_STYLES = {"transformers-resident": "k--", "accelerate-offload": "s-", "moeinf-ondemand-lru": "^-", "moeinf": "o-",
+              "llama.cpp": "D-"}
 
 
 def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:

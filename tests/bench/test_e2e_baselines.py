@@ -132,6 +132,7 @@ def test_budget_is_dense_plus_experts_plus_allowance(tiny):
     sizes = model_bytes(tiny)
     quarter, full = derive(sizes, "25%", "1GiB"), derive(sizes, "100%", "1GiB")
     assert full.slots == sizes.num_experts and quarter.slots == sizes.num_experts // 4
+    assert full.fraction == 1.0 and quarter.fraction == 0.25  # shares of experts, not of bytes (slots are larger)
     assert quarter.limit_bytes == sizes.dense_bytes + quarter.slots * sizes.slot_bytes + (1 << 30)
     assert quarter.accelerate_cpu_bytes == quarter.limit_bytes - (1 << 30)
     assert "runtime allowance 1.0 GiB" in quarter.describe()
@@ -144,6 +145,7 @@ def test_a_total_gives_each_system_what_its_runtime_leaves(tiny):
     assert lean.limit_bytes == heavy.limit_bytes == total  # every system runs under the total
     assert lean.slots == 3 and lean.expert_budget_bytes == 3 * sizes.slot_bytes and lean.memd_memory == str(3 * sizes.slot_bytes)
     assert heavy.slots < lean.slots, "a heavier runtime leaves fewer experts"
+    assert lean.fraction == 3 / sizes.num_experts
     assert lean.allowance_bytes == total - sizes.dense_bytes - lean.expert_budget_bytes
     assert lean.expert_memory == f"total {total}" and "total memory limit" in lean.describe()
     nothing = derive_total(sizes, str(sizes.dense_bytes // 2), 200 << 20)
