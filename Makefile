@@ -54,7 +54,7 @@ $(LLAMA_SERVER): | $(BIN)/.installed
 	mv .cache/llama-sdist/*/vendor/llama.cpp $(LLAMA_DIR) && rm -rf .cache/llama-sdist
 	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF
-	cmake --build $(LLAMA_DIR)/build -j --target llama-server
+	cmake --build $(LLAMA_DIR)/build -j $$(nproc) --target llama-server
 
 llama-cpp: $(LLAMA_SERVER)
 

@@ -50,17 +50,22 @@ class Options:
     service: bool = False  # also stream through a real worker process
     prepack_dense: bool = False  # the worker's knobs that change the arithmetic (moeinf's rows; tokens may differ)
     matvec_kernel: str = "auto"  # the worker's --matvec-kernel
+    gguf: Path | None = None  # also decode with llama.cpp's llama-server on this GGUF
+    llama_server: Path | None = None
 
     @classmethod
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
                    Path(args.json) if args.json else None, args.service, args.prepack_dense == "on",
-                   args.matvec_kernel)
+                   args.matvec_kernel, Path(args.gguf) if args.gguf else None,
+                   Path(args.llama_server) if args.llama_server else None)
         if not (opts.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
         for name in ("tokens", "prompt_len", "floor_runs"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if opts.gguf is not None and not opts.gguf.is_file():
+            raise FileNotFoundError(f"--gguf {opts.gguf}: no such file (`make gguf MODEL=DIR` writes DIR.gguf)")
         if opts.threads < 0 or opts.floor_mib < 0:
             raise ValueError("--threads and --floor-mib must be >= 0 (0: the default)")
         return opts
@@ -68,6 +73,11 @@ class Options:
     @property
     def worker_args(self) -> list[str]:
         return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", self.matvec_kernel]
+
+    @property
+    def exact(self) -> bool:
+        """moeinf's worker computes transformers' bits: no knob that changes the arithmetic."""
+        return not self.prepack_dense and self.matvec_kernel != "fast"
 
     @property
     def floor_bytes(self) -> int:
@@ -167,6 +177,28 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
     return np.diff(arrivals).tolist(), tokens
 
 
+def llama_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[float], list[int]]:
+    """The same generation through llama.cpp's ``llama-server`` on ``--gguf`` (memory-mapped, the page cache warmed
+    by one generation first, as moeinf's pool is): the gaps between token arrivals, and the tokens."""
+    from services.bench.llama_cpp import LlamaCppSystem, find_server, llama_missing
+
+    server = find_server(opts.llama_server)
+    if why := llama_missing(server, opts.gguf):
+        raise ValueError(why)
+    system = LlamaCppSystem(server, opts.gguf, threads, -(-(len(prompt) + opts.tokens + 17) // 256) * 256).start()
+    try:
+        client = system.client()
+        for _ in client.stream(prompt, opts.tokens + 1):
+            pass
+        arrivals, tokens = [], []
+        for chunk in client.stream(prompt, opts.tokens + 1):
+            arrivals.append(time.perf_counter())
+            tokens.extend(chunk)
+    finally:
+        system.stop()
+    return np.diff(arrivals).tolist(), tokens
+
+
 def floor_kernels(threads: int):
     """``--matvec-kernel``'s kernels on ``threads`` threads, as the worker runs them, for the floor to count (None
     where they cannot be built or this CPU has neither AVX-512 BF16 nor AVX2: then they serve nothing either)."""
@@ -214,6 +246,12 @@ def format_report(doc: dict) -> str:
         lines.append(f"service path (a worker process, its socket): {service['decode_ms_p50']:.3f} ms/token p50,"
                      f" {service['vs_in_process']:.3f}x moeinf in process (a separate run, not in lockstep);"
                      f" same tokens: {'yes' if service['identical'] else 'NO'}")
+    llama = doc.get("llama_cpp")
+    if llama is not None:
+        lines.append(f"llama.cpp (llama-server on the GGUF, mmap, same threads; a separate run): {llama['decode_ms_p50']:.3f}"
+                     f" ms/token p50 = {llama['vs_floor']:.2f}x the floor; moeinf in process {llama['moeinf_vs_llama']:.2f}x"
+                     f" its time; {llama['tokens_agreement']:.0%} of its tokens equal transformers' (up to the first"
+                     " difference)")
     lines += ["", "per layer (moeinf), ms per token:", f"{'layer':<8}" + "".join(f"{k:>12}" for k in KINDS)]
     for row in doc["systems"][-1]["hooked"]["layers"]:
         lines.append(f"{row['layer']:<8}" + "".join(f"{row[k]:>12.3f}" for k in KINDS))
@@ -256,6 +294,10 @@ def run(args) -> int:
     if opts.service:
         _progress("streaming through a worker process")
         service = service_decode(opts, prompt, threads)
+    llama = None
+    if opts.gguf is not None:
+        _progress("decoding with llama.cpp's llama-server on the GGUF")
+        llama = llama_decode(opts, prompt, threads)
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
@@ -264,13 +306,20 @@ def run(args) -> int:
         p50 = float(np.median(service[0])) * 1e3
         doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
                           "identical": service[1] == reference}
+    if llama is not None:
+        from services.bench.llama_cpp import agreement
+
+        p50 = float(np.median(llama[0])) * 1e3
+        doc["llama_cpp"] = {"decode_ms_p50": p50, "vs_floor": p50 / doc["floor"]["ms_per_token"],
+                            "moeinf_vs_llama": doc["systems"][-1]["decode_ms_p50"] / p50,
+                            "tokens_agreement": agreement([llama[1]], [reference])}
     print(format_report(doc))
     if opts.json:
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {opts.json}")
     if not all(s["identical"] for s in [*doc["systems"], *([doc["service"]] if "service" in doc else [])]):
         print("MISMATCH: some system generated other tokens than transformers' model.generate", file=sys.stderr)
-        if not opts.worker_args:  # (with the knobs that change the arithmetic, a difference is a finding)
+        if opts.exact:  # (with the knobs that change the arithmetic, a difference is a finding)
             return 1
     return 0
 
@@ -309,5 +358,9 @@ def add_parser(bench) -> None:
                    help="also stream the generation through a real worker process (memd + worker, its socket)")
     p.add_argument("--prepack-dense", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
     p.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="auto", help="moeinf's rows: the worker's knob")
+    p.add_argument("--gguf", metavar="FILE", help="also decode with llama.cpp's llama-server on this GGUF of --model"
+                                                   " (`make gguf MODEL=DIR`), the lean runtime beside the floor")
+    p.add_argument("--llama-server", metavar="PATH", help="with --gguf: the server (default: $MOEINF_LLAMA_SERVER,"
+                                                          " `make llama-cpp`'s build, or llama-server on PATH)")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=run)

@@ -2,6 +2,8 @@
 up to the hooked step, the floor is measured, and the tokens are transformers' (timings are not checked)."""
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import moeinf_cmd, write_family
@@ -24,7 +26,12 @@ def profile(model, *extra):
 @pytest.mark.slow  # two memds, a worker process and two models: minutes on a loaded 2-core machine
 def test_table_and_json(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    proc = profile(tiny, "--json", str(out), "--service")
+    server = tmp_path / "llama-server"  # llama.cpp's stand-in (tests/bench/fake_llama_server.py)
+    server.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{Path(__file__).with_name("fake_llama_server.py")}" "$@"\n')
+    server.chmod(0o755)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    proc = profile(tiny, "--json", str(out), "--service", "--gguf", str(gguf), "--llama-server", str(server))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("ms per decode token"))
@@ -52,8 +59,14 @@ def test_table_and_json(tiny, tmp_path):
     assert doc["floor"]["gb_per_s"] > 0 and doc["floor"]["buffer_bytes"] == 64 << 20
     assert doc["floor"]["ms_per_token"] == pytest.approx(b["weights"] / doc["floor"]["gb_per_s"] / 1e6)
     assert doc["service"]["identical"] is True and doc["service"]["decode_ms_p50"] > 0
+    llama = doc["llama_cpp"]  # the stand-in's tokens (prompt's last + 1, + 2, ...) are not transformers'
+    assert llama["decode_ms_p50"] > 0 and llama["tokens_agreement"] < 1.0
+    assert llama["vs_floor"] == pytest.approx(llama["decode_ms_p50"] / doc["floor"]["ms_per_token"])
+    assert any(line.startswith("llama.cpp (llama-server on the GGUF") for line in lines)
 
 
-def test_bad_arguments(tiny):
+def test_bad_arguments(tiny, tmp_path):
     proc = profile(tiny, "--tokens", "0")
     assert proc.returncode == 2 and "--tokens" in proc.stderr
+    proc = profile(tiny, "--gguf", str(tmp_path / "none.gguf"))
+    assert proc.returncode == 2 and "--gguf" in proc.stderr and "make gguf" in proc.stderr
