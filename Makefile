@@ -46,8 +46,9 @@ compose-test:
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 LLAMA_DIR := .cache/llama.cpp
 LLAMA_SERVER := $(LLAMA_DIR)/build/bin/llama-server
+LLAMA_STAMP := $(LLAMA_DIR)/build/$(subst =,_,$(LLAMA_CPP_PYTHON)).built
 
-$(LLAMA_SERVER): | $(BIN)/.installed
+$(LLAMA_STAMP): | $(BIN)/.installed
 	rm -rf $(LLAMA_DIR) .cache/llama-sdist && mkdir -p .cache/llama-sdist
 	$(BIN)/pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP_PYTHON)" -d .cache/llama-sdist
 	tar xzf .cache/llama-sdist/*.tar.gz -C .cache/llama-sdist
@@ -55,10 +56,11 @@ $(LLAMA_SERVER): | $(BIN)/.installed
 	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF
 	cmake --build $(LLAMA_DIR)/build -j $$(nproc) --target llama-server
+	touch $@
 
-llama-cpp: $(LLAMA_SERVER)
+llama-cpp: $(LLAMA_STAMP)
 
-gguf: $(LLAMA_SERVER)
+gguf: $(LLAMA_STAMP)
 	@test -n "$(MODEL)" || { echo "usage: make gguf MODEL=DIR (writes DIR.gguf)"; exit 2; }
 	PYTHONPATH=$(LLAMA_DIR)/gguf-py $(BIN)/python $(LLAMA_DIR)/convert_hf_to_gguf.py $(MODEL) --outtype auto \
 		--outfile $(patsubst %/,%,$(MODEL)).gguf

@@ -1,9 +1,11 @@
 """Test helpers: tiny checkpoints of every supported family, and real memd + worker processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -352,3 +354,32 @@ def _link(path: Path) -> str:
         return os.readlink(path)
     except OSError:  # closed meanwhile
         return ""
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF files
+def write_gguf(path: Path, meta: dict) -> Path:
+    """A GGUF (version 3) with no tensors and ``meta``: str, int (u32) and list-of-str (array) values."""
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, len(meta))
+    for key, value in meta.items():
+        out += string(key)
+        if isinstance(value, str):
+            out += struct.pack("<I", 8) + string(value)
+        elif isinstance(value, list):
+            out += struct.pack("<IIQ", 9, 8, len(value)) + b"".join(string(v) for v in value)
+        else:
+            out += struct.pack("<II", 4, value)
+    path.write_bytes(out)
+    return path
+
+
+def gguf_of(model: Path, path: Path, **override) -> Path:
+    """A GGUF header that matches the checkpoint ``model`` (a Mixtral: llama.cpp's ``llama`` architecture), with
+    ``override``'s values."""
+    config = json.loads((model / "config.json").read_text())
+    meta = {"general.architecture": "llama", "tokenizer.ggml.tokens": ["<s>", "</s>", "a"],
+            "llama.block_count": config["num_hidden_layers"], "llama.embedding_length": config["hidden_size"],
+            "llama.expert_count": config["num_local_experts"]}
+    return write_gguf(path, {**meta, **override})

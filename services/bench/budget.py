@@ -73,7 +73,7 @@ class Budget:
         return (f"memory limit for --expert-memory {self.expert_memory}: {format_bytes(self.limit_bytes)}"
                 f" ({self.limit_bytes} bytes) = dense weights {format_bytes(self.dense_bytes)}"
                 f" + expert memory {format_bytes(self.expert_budget_bytes)} ({self.slots} experts,"
-                f" {100 * self.fraction:.1f}% of {format_bytes(self.expert_total_bytes)})"
+                f" {100 * self.fraction:.1f}% of them; {format_bytes(self.expert_total_bytes)} in all)"
                 f" + runtime allowance {format_bytes(self.allowance_bytes)}; page cache included")
 
 

@@ -148,8 +148,11 @@ class Options:
             check_pin(self.threads, self.workers, self.run_systems)
         if self.formats and MOEINF not in self.systems:
             raise ValueError("--formats: compared against the moeinf system, so --systems must include moeinf")
-        if self.gguf is not None and not self.gguf.is_file():
-            raise FileNotFoundError(f"--gguf {self.gguf}: no such file (`make gguf MODEL=DIR` writes DIR.gguf)")
+        if self.gguf is not None:  # asked for llama.cpp: what it needs is an error, not a note
+            from services.bench.llama_cpp import find_server, llama_missing
+
+            if why := llama_missing(find_server(self.llama_server), self.gguf, self.model):
+                raise ValueError(why)
         parse_size(self.disk_probe, what="--disk-probe")
         if self.disk_read_limit:
             self.read_limit_bytes()

@@ -24,10 +24,12 @@ def add_parser(bench) -> None:
                    help="serve one workload untimed first and again in every run (memd has seen it; labelled)")
     p.add_argument("--requests", type=int, default=16, help="requests in the workload (cycling through the prompts)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1],
-                   help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines serve one at a time)")
+                   help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines and llama.cpp serve one"
+                        " at a time)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per system and concurrency, baselines included; the median is reported")
-    p.add_argument("--threads", type=int, default=0, help="torch threads of the worker and baselines (0: default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the worker and baselines, llama-server's threads (0: default)")
     p.add_argument("--workers", type=int, default=1, help="moeinf systems: worker processes on the one memd (client k"
                                                           " talks to worker k mod N); the limit grows by a dense copy"
                                                           " + allowance per extra worker, not by expert memory")

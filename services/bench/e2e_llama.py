@@ -40,6 +40,8 @@ def run_llama(sweep, budget, prefix: list[str], repeats: list[int]) -> list[dict
     try:
         system.start()
         serve_workload(system, [w.warmup()], opts.warmup_tokens, 1)
+        if w.warm:  # --warm-eamc: the workload once, untimed, as every other system gets it
+            serve_workload(system, w.prompts(LLAMA), opts.max_tokens, 1)
         results = []
         for r in repeats:
             timings = serve_workload(system, w.prompts(LLAMA, r, alone), opts.max_tokens, 1)
@@ -51,6 +53,17 @@ def run_llama(sweep, budget, prefix: list[str], repeats: list[int]) -> list[dict
     row = summarize({1: results})[0]
     progress(f"{LLAMA}: {row['tokens_per_s']:.2f} tokens/s, decode p50 {row['decode_ms_per_token_p50']:.1f} ms")
     return [{**row, "pss_bytes": pss}]
+
+
+def llama_share(sweep, budget) -> dict:
+    """The experts llama.cpp's page cache can hold under ``budget``'s limit: what the dense weights and its own
+    measured runtime (with the margin) leave, where the limit was set by another system's runtime
+    (``--expert-memory``: one limit for all, the largest allowance); {} when unknown or already its own."""
+    if budget is None or budget.total or LLAMA not in sweep.runtimes.measured:
+        return {}
+    room = budget.limit_bytes - budget.dense_bytes - sweep.runtimes.allowance(LLAMA)
+    experts = max(0, min(room // sweep.sizes.slot_bytes, sweep.sizes.num_experts))
+    return {"experts": experts, "expert_fraction": experts / sweep.sizes.num_experts}
 
 
 def compare_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], list[list[int]]]) -> None:

@@ -1,9 +1,9 @@
 """The ``moeinf bench e2e`` run: every system at every memory setting, each under its memory limit.
 
 Order: the raw disk bandwidth first, then ``transformers-resident`` once (no limit: it needs the whole model; its
-memory gives the baselines' runtime), then moeinf's runtime measured apart (``e2e_runtime.py``) when a limit needs it,
-then per memory setting (``--expert-memory`` or ``--memory-limit-total``) ``accelerate-offload``,
-``moeinf-ondemand-lru`` and ``moeinf``, each in a fresh cgroup with the setting's limit, interleaved by repeat: repeat
+memory gives the baselines' runtime), then moeinf's and llama.cpp's runtimes measured apart (``e2e_runtime.py``,
+``e2e_llama.py``) when a limit needs them, then per memory setting (``--expert-memory`` or ``--memory-limit-total``)
+``accelerate-offload``, ``moeinf-ondemand-lru``, ``moeinf`` and ``llama.cpp``, each in a fresh cgroup with the setting's limit, interleaved by repeat: repeat
 r runs every system once, the order rotated by r, each started afresh (``merge_repeats`` then keeps each system's
 median run, with every run's figures). The page cache is dropped before every system. A system that fails (for example
 killed by the kernel at its limit) gets a row with ``error`` and the run goes on.
@@ -23,9 +23,9 @@ from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, form
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
-from services.bench.e2e_llama import compare_tokens, llama_runtime, run_llama
+from services.bench.e2e_llama import compare_tokens, llama_runtime, llama_share, run_llama
 from services.bench.e2e_workload import Workloads
-from services.bench.llama_cpp import LLAMA, find_server, llama_missing
+from services.bench.llama_cpp import LLAMA, find_server, llama_missing, read_ahead_kb
 from services.bench.memd_proc import TerminateAsInterrupt
 
 BASELINES = "baselines"  # the runtime kind of transformers-resident and accelerate-offload
@@ -96,7 +96,13 @@ class Sweep:
         return why is None
 
     def llama_missing(self) -> str | None:
-        return llama_missing(find_server(self.opts.llama_server), self.opts.gguf)
+        why = llama_missing(find_server(self.opts.llama_server), self.opts.gguf, self.opts.model)
+        if why is None and not any(n.startswith("llama.cpp:") for n in self.notes):
+            kb = read_ahead_kb(self.opts.gguf)
+            self.notes.append(f"llama.cpp: {self.opts.threads or 'default'} thread(s), each page fault on the mapped"
+                              f" GGUF reading {'?' if kb is None else kb} KiB ahead (the disk's read_ahead_kb) on"
+                              " the thread that faults; moeinf's worker waits while memd's reader threads read")
+        return why
 
     def run_budgeted(self, name: str, setting: str, expert_format: str = "", repeat: int | None = None) -> None:
         budget = self.system_budgets.get((setting, name))
@@ -118,13 +124,14 @@ class Sweep:
                 self.measure_runtime(kind, fmt)
         if measured and LLAMA in opts.systems and not self.llama_missing():
             self.measure_runtime(LLAMA, "")
-        kinds = {self.kind(name) for name in opts.run_systems if name != RESIDENT}
+        runnable = [name for name in opts.run_systems if name == RESIDENT or self.available(name)]
+        kinds = {self.kind(name) for name in runnable if name != RESIDENT}
         if measured and (missing := sorted(kinds - set(self.runtimes.measured))) and not opts.memory_limit_total:
             self.notes.append(f"runtime not measured for {', '.join(missing)}: the limits' allowance is the largest"
                               " of the others'")
         progress(self.runtimes.describe())
         for setting in opts.settings:
-            for name in opts.run_systems:
+            for name in runnable:
                 budget = self.budget(setting, name)
                 if budget is not None:
                     self.system_budgets[(setting, name)] = budget
@@ -202,6 +209,7 @@ class Sweep:
                 progress(f"{name} (expert memory {memory}) failed: {exc}")
                 rows = [{"system": name, "concurrency": 1, "error": str(exc).splitlines()[0]}]
             extra = {"expert_memory": memory, **_budget_fields(budget, expert_format),
+                     **(llama_share(self, budget) if name == LLAMA else {}),
                      "eamc": "warm" if self.workloads.warm else "fresh", "disk_read_gbps_before": disk.gbps,
                      "memory_limit_bytes": group.limit_bytes if group else None,
                      "peak_memory_bytes": group.peak_bytes() if group else None,

@@ -83,7 +83,7 @@ class MoeinfSystem:
 
     def pss_bytes(self) -> int | None:
         """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
-        return _pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
+        return pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
 
     def counters(self) -> dict[str, float]:
         from services.worker.memd_client import MemdClient
@@ -94,7 +94,7 @@ class MoeinfSystem:
         return stats_counters(self._stats_client.stats())
 
 
-def _pss(pids: list[int]) -> int | None:
+def pss(pids: list[int]) -> int | None:
     total = 0
     try:
         for pid in pids:

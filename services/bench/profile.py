@@ -17,6 +17,7 @@ whose active weights fit in that cache decodes below this floor: the table says 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import sys
 import tempfile
@@ -64,8 +65,11 @@ class Options:
         for name in ("tokens", "prompt_len", "floor_runs"):
             if getattr(opts, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if opts.gguf is not None and not opts.gguf.is_file():
-            raise FileNotFoundError(f"--gguf {opts.gguf}: no such file (`make gguf MODEL=DIR` writes DIR.gguf)")
+        if opts.gguf is not None:
+            from services.bench.llama_cpp import find_server, llama_missing
+
+            if why := llama_missing(find_server(opts.llama_server), opts.gguf, opts.model):
+                raise ValueError(why)
         if opts.threads < 0 or opts.floor_mib < 0:
             raise ValueError("--threads and --floor-mib must be >= 0 (0: the default)")
         return opts
@@ -180,12 +184,9 @@ def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list
 def llama_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[float], list[int]]:
     """The same generation through llama.cpp's ``llama-server`` on ``--gguf`` (memory-mapped, the page cache warmed
     by one generation first, as moeinf's pool is): the gaps between token arrivals, and the tokens."""
-    from services.bench.llama_cpp import LlamaCppSystem, find_server, llama_missing
+    from services.bench.llama_cpp import LlamaCppSystem, find_server
 
-    server = find_server(opts.llama_server)
-    if why := llama_missing(server, opts.gguf):
-        raise ValueError(why)
-    system = LlamaCppSystem(server, opts.gguf, threads, -(-(len(prompt) + opts.tokens + 17) // 256) * 256).start()
+    system = LlamaCppSystem(find_server(opts.llama_server), opts.gguf, threads, -(-(len(prompt) + opts.tokens + 17) // 256) * 256).start()
     try:
         client = system.client()
         for _ in client.stream(prompt, opts.tokens + 1):
@@ -294,10 +295,6 @@ def run(args) -> int:
     if opts.service:
         _progress("streaming through a worker process")
         service = service_decode(opts, prompt, threads)
-    llama = None
-    if opts.gguf is not None:
-        _progress("decoding with llama.cpp's llama-server on the GGUF")
-        llama = llama_decode(opts, prompt, threads)
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
@@ -306,9 +303,13 @@ def run(args) -> int:
         p50 = float(np.median(service[0])) * 1e3
         doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
                           "identical": service[1] == reference}
-    if llama is not None:
+    if opts.gguf is not None:
         from services.bench.llama_cpp import agreement
 
+        del decoders, hooked, plain_experts, plain  # the models out of memory: the GGUF's pages get the room
+        gc.collect()
+        _progress("decoding with llama.cpp's llama-server on the GGUF")
+        llama = llama_decode(opts, prompt, threads)
         p50 = float(np.median(llama[0])) * 1e3
         doc["llama_cpp"] = {"decode_ms_p50": p50, "vs_floor": p50 / doc["floor"]["ms_per_token"],
                             "moeinf_vs_llama": doc["systems"][-1]["decode_ms_p50"] / p50,

@@ -1,6 +1,9 @@
 """A stand-in for llama.cpp's ``llama-server`` in tests: the flags ``bench e2e`` passes, ``/health`` and a streamed
 ``/completion`` with ``return_tokens`` (each generated token is the previous one plus 1, from the prompt's last).
-Every request's body and the command line are appended to ``$FAKE_LLAMA_LOG`` (JSON lines)."""
+Every request's body and the command line are appended to ``$FAKE_LLAMA_LOG`` (JSON lines). ``$FAKE_LLAMA_HOLD``:
+indices of generated tokens held back (no chunk of their own, as llama-server does for a token ending inside a UTF-8
+character); ``$FAKE_LLAMA_SHORT``: generate that many tokens fewer than asked; ``$FAKE_LLAMA_ERROR``: answer with an
+``error`` event instead."""
 import argparse
 import json
 import os
@@ -34,15 +37,26 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if os.environ.get("FAKE_LLAMA_ERROR"):
+            self._chunk_line(f"error: {json.dumps({'code': 500, 'message': os.environ['FAKE_LLAMA_ERROR']})}")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        hold = {int(i) for i in os.environ.get("FAKE_LLAMA_HOLD", "").split(",") if i}
         token = request["prompt"][-1]
-        for i in range(request["n_predict"]):
+        n = request["n_predict"] - int(os.environ.get("FAKE_LLAMA_SHORT", "0"))
+        for i in range(n):
             token = (token + 1) % 320
-            self._chunk({"content": "x", "tokens": [token], "stop": False})
-        self._chunk({"content": "", "tokens": [], "stop": True})
+            if i in hold:
+                continue
+            self._chunk({"content": "x", "tokens": [token], "stop": False, "tokens_predicted": i + 1})
+        self._chunk({"content": "", "tokens": [], "stop": True, "tokens_predicted": n, "stop_type": "limit"})
         self.wfile.write(b"0\r\n\r\n")
 
     def _chunk(self, data: dict) -> None:
-        payload = f"data: {json.dumps(data)}\n\n".encode()
+        self._chunk_line(f"data: {json.dumps(data)}")
+
+    def _chunk_line(self, line: str) -> None:
+        payload = f"{line}\n\n".encode()
         self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
         self.wfile.flush()
 
@@ -57,6 +71,7 @@ def main() -> None:
     p.add_argument("-t", type=int)
     p.add_argument("-tb", type=int)
     p.add_argument("--no-webui", action="store_true")
+    p.add_argument("--cache-ram", type=int)
     args = p.parse_args()
     log({"argv": sys.argv[1:]})
     ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
