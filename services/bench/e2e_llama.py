@@ -9,11 +9,10 @@ from services.bench.llama_cpp import LLAMA, LlamaCppSystem, agreement, find_serv
 
 
 def llama_system(sweep, prefix: list[str]) -> LlamaCppSystem:
-    """A server whose context holds the longest request (the warm-up's too), in 256-token blocks."""
+    """A server whose context holds the longest request (the warm-up's too)."""
     opts = sweep.opts
     context = max(len(sweep.workloads.longest()), WARMUP_LENGTH) + max(opts.max_tokens, opts.warmup_tokens) + 16
-    return LlamaCppSystem(find_server(opts.llama_server), opts.gguf, opts.threads, -(-context // 256) * 256,
-                          prefix=prefix)
+    return LlamaCppSystem(find_server(opts.llama_server), opts.gguf, opts.threads, context, prefix=prefix)
 
 
 def llama_runtime(sweep) -> int:

@@ -190,6 +190,7 @@ class LlamaCppSystem:
         self.gguf = gguf
         self.temp_dir = None if log_dir is not None else Path(tempfile.mkdtemp(prefix="moeinf-llama-"))
         log_path = Path(log_dir or self.temp_dir) / "llama-server.log"
+        context = -(-context // 256) * 256  # tokens the slot must hold, in whole 256-token blocks
         self.process = LlamaServer(server, gguf, threads, context, log_path, prefix)
 
     def start(self) -> LlamaCppSystem:

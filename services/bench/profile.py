@@ -186,14 +186,14 @@ def llama_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[f
     by one generation first, as moeinf's pool is): the gaps between token arrivals, and the tokens."""
     from services.bench.llama_cpp import LlamaCppSystem, find_server
 
-    system = LlamaCppSystem(find_server(opts.llama_server), opts.gguf, threads, -(-(len(prompt) + opts.tokens + 17) // 256) * 256).start()
+    system = LlamaCppSystem(find_server(opts.llama_server), opts.gguf, threads, len(prompt) + opts.tokens + 17).start()
     try:
         client = system.client()
         for _ in client.stream(prompt, opts.tokens + 1):
             pass
         arrivals, tokens = [], []
         for chunk in client.stream(prompt, opts.tokens + 1):
-            arrivals.append(time.perf_counter())
+            arrivals.extend([time.perf_counter()] * len(chunk))  # a held-back token arrives with the next (as e2e)
             tokens.extend(chunk)
     finally:
         system.stop()
@@ -249,9 +249,9 @@ def format_report(doc: dict) -> str:
                      f" same tokens: {'yes' if service['identical'] else 'NO'}")
     llama = doc.get("llama_cpp")
     if llama is not None:
-        lines.append(f"llama.cpp (llama-server on the GGUF, mmap, same threads; a separate run): {llama['decode_ms_p50']:.3f}"
-                     f" ms/token p50 = {llama['vs_floor']:.2f}x the floor; moeinf in process {llama['moeinf_vs_llama']:.2f}x"
-                     f" its time; {llama['tokens_agreement']:.0%} of its tokens equal transformers' (up to the first"
+        lines.append(f"llama.cpp (llama-server on the GGUF, mmap, same threads; a separate run):"
+                     f" {llama['decode_ms_p50']:.3f} ms/token p50 = {llama['vs_floor']:.2f}x the floor; moeinf in"
+                     f" process {llama['moeinf_vs_llama']:.2f}x its time; {llama['tokens_agreement']:.0%} of its tokens equal transformers' (up to the first"
                      " difference)")
     lines += ["", "per layer (moeinf), ms per token:", f"{'layer':<8}" + "".join(f"{k:>12}" for k in KINDS)]
     for row in doc["systems"][-1]["hooked"]["layers"]:
