@@ -20,7 +20,7 @@ from common.config_checks import format_cpus, parse_cpus, pin_cpus
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
-                            matvec_checks, prepack)
+                            matvec_checks, prepack, rms_norm)
 from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
@@ -82,6 +82,8 @@ def attach(cfg: WorkerConfig) -> Attached:
             count = matvec.wrap_dense(model, mv, layouts.router_widths(layers))
             log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
                      "matvec_exact.c" if mv.exact else "matvec.c")
+            log.info("--matvec-kernel %s: %d RMSNorms normalise in one call each (rms_norm.c, their own bits)",
+                     cfg.matvec_kernel, rms_norm.wrap_norms(model, mv.kernels))
         attention = None
         if cfg.attention_kernel != "torch" and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",
