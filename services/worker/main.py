@@ -82,8 +82,9 @@ def attach(cfg: WorkerConfig) -> Attached:
             count = matvec.wrap_dense(model, mv, layouts.router_widths(layers))
             log.info("--matvec-kernel %s: %d dense linears multiply their decode rows by %s", cfg.matvec_kernel, count,
                      "matvec_exact.c" if mv.exact else "matvec.c")
+            norms = rms_norm.wrap_norms(model, mv.kernels)
             log.info("--matvec-kernel %s: %d RMSNorms normalise in one call each (rms_norm.c, their own bits)",
-                     cfg.matvec_kernel, rms_norm.wrap_norms(model, mv.kernels))
+                     cfg.matvec_kernel, norms)
         attention = None
         if cfg.attention_kernel != "torch" and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",

@@ -3,20 +3,26 @@
 A transformers RMSNorm is ~8 torch calls (widen, square, mean, add, rsqrt, multiply, round, weight), and in a decode
 step each call pays to bring its code back into the caches the last product's weight streamed through: on the bench
 preset's 33 norms per token, ~2.3 ms of a ~70 ms step at full residency (``bench profile``'s "norms"), ~0.9 ms
-through the kernel. Where the CPU kernels are loaded (``--matvec-kernel`` other than ``off``), every module whose
-class calls itself an RMSNorm and that holds a bfloat16 ``[width]`` weight and an epsilon (``variance_epsilon`` or
-``eps``) is checked once per (class, width, epsilon). First the lane count of torch's float sum (ATen's vectors: 16
-lanes or 8), from its own mean of squares on rows where the summation order shows (a norm's bfloat16 output seldom
-does); then the module's own forward against the kernel on probe rows (one and several, large and tiny magnitudes,
-so the epsilon shows too) in each output style: Llama's (rounded, then times the weight), or in float32 and rounded
-once, Gemma's (times 1 + the weight) or GPT-OSS's (times the weight). The first style equal in every bit serves
-that class; none leaves it as it is. A call the kernel does not take (another dtype or device, more than
-``MAX_ROWS`` rows: a prompt's, which torch's threads share) runs the module's own forward.
+through the kernel. Where the CPU kernels are loaded (``--matvec-kernel`` other than ``off``), a module is a
+candidate when its class calls itself an RMSNorm, its forward takes the hidden states alone (a gated norm's gate
+is not computed here) and it holds a bfloat16 ``[width]`` weight and a float epsilon (``variance_epsilon`` or
+``eps``). Each is checked on its own (a class's behaviour may hang on attributes set per module): first the lane
+count of torch's float sum for its width (ATen's vectors: 16 lanes or 8), from torch's own mean of squares on rows
+where the summation order shows (a norm's bfloat16 output seldom does); then the output style, on a copy of the
+module with a random weight, where the styles differ: Llama's (rounded, then times the weight), or in float32 and
+rounded once, Gemma's (times 1 + the weight) or GPT-OSS's (times the weight); then the module itself, with its own
+weight, on the same probe rows (one and several, large and tiny magnitudes, so the epsilon shows too). Equal in
+every bit, it is served by the kernel; otherwise it keeps its own forward. A call the kernel does not take (a gate
+or other argument, another dtype or device, a weight no longer bfloat16 on the CPU, more than ``MAX_ROWS`` rows: a
+prompt's, which torch's threads share; rows ``MAX_WIDTH`` wide or wider, which torch may sum in two passes) runs the
+module's own forward. NaN outputs are NaN either way, not always with torch's bits.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
+import inspect
 import logging
 import struct
 
@@ -30,10 +36,11 @@ STYLES = (0, 1, 2)  # rms_norm.c: 0 Llama's (round, then times the weight); in f
 #                     (times 1 + the weight), 2 GPT-OSS's (times the weight)
 PROBE_ROWS = (1, 3)
 MAX_ROWS = 64  # rows the kernel takes in one call (a decode step's tokens); a prompt's run torch's threads
+MAX_WIDTH = 32768  # ATen's grain: a wider row may be summed in two passes by torch's threads, in another order
 
 
 class NormKernel:
-    """``rms_norm.c``'s entry in the kernels' library, with the verdicts of the checks so far."""
+    """``rms_norm.c``'s entry in the kernels' library, and the lane count of torch's sum per width."""
 
     def __init__(self, kernels):
         self.fn = kernels.lib.moeinf_rms_norm
@@ -42,11 +49,10 @@ class NormKernel:
         self.mean = kernels.lib.moeinf_rms_mean
         self.mean.argtypes = [_P, _I, _I]
         self.mean.restype = ctypes.c_float
-        self.found: dict[tuple, tuple[int, int] | None] = {}  # (class, width, eps) -> (lanes, style) or None
         self.lanes: dict[int, int | None] = {}  # width -> the lane count torch's float sum uses there
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, eps: float, lanes: int, style: int) -> torch.Tensor | None:
-        """The norm of ``x``'s rows (bfloat16, last dimension contiguous, rows evenly spaced), or None."""
+        """The norm of ``x``'s rows (bfloat16 on the CPU; a copy is made of rows not evenly spaced), or None."""
         width = weight.shape[0]
         rows = x.numel() // width if x.dim() else 0
         flat = x.reshape(rows, width) if rows else None
@@ -57,32 +63,33 @@ class NormKernel:
                        lanes, style, out.data_ptr())
         return out if code == 0 else None
 
-    def verdict(self, module: nn.Module, weight: torch.Tensor, eps: float) -> tuple[int, int] | None:
-        key = (type(module), weight.shape[0], eps)
-        if key not in self.found:
-            self.found[key] = self._find(module, weight, eps)
-            if self.found[key] is None:
-                log.info("%s (width %d) keeps its own forward: rms_norm.c does not give its bits",
-                         type(module).__name__, weight.shape[0])
-        return self.found[key]
-
     @torch.inference_mode()
-    def _find(self, module: nn.Module, weight: torch.Tensor, eps: float) -> tuple[int, int] | None:
-        gen = torch.Generator().manual_seed(0)
+    def verdict(self, module: nn.Module, weight: torch.Tensor, eps: float) -> tuple[int, int] | None:
+        """``(lanes, style)`` for ``module``, each module on its own (a class's behaviour may hang on attributes
+        set per module: a group size, a gate): the style from a copy of it with a random weight (where all three
+        styles differ; a weight of ones gives Llama's and GPT-OSS's the same bits), then the module itself with its
+        own weight, on the same probes; None when either differs anywhere."""
         width = weight.shape[0]
-        probes = []
-        for rows in PROBE_ROWS:
-            for scale in (1.0, 30.0, 1e-3):  # tiny rows: the epsilon shows; large ones: the sum's rounding
-                probes.append((torch.randn(1, rows, width, generator=gen) * scale).bfloat16())
-        try:
-            wants = [module.forward(p) for p in probes]
-        except Exception:  # noqa: BLE001 - a norm that wants more arguments: not one the kernel replaces
+        lanes = self.sum_lanes(width) if width < MAX_WIDTH else None
+        if lanes is None:
             return None
-        lanes = self.sum_lanes(width)
-        for style in STYLES if lanes is not None else ():
-            if all(_equal(self.run(p, weight, eps, lanes, style), want) for p, want in zip(probes, wants)):
+        gen = torch.Generator().manual_seed(0)
+        probes = [(torch.randn(1, rows, width, generator=gen) * scale).bfloat16()  # tiny rows: the epsilon shows;
+                  for rows in PROBE_ROWS for scale in (1.0, 30.0, 1e-3)]       # large ones: the sum's rounding
+        try:
+            twin = copy.deepcopy(module)
+            twin.weight.data = (torch.randn(width, generator=gen) * 0.5 + 1.0).bfloat16()
+            style = next((s for s in STYLES if self._same(twin, twin.weight, eps, lanes, s, probes)), None)
+            if style is not None and self._same(module, weight, eps, lanes, style, probes):
                 return lanes, style
+        except Exception:  # noqa: BLE001 - a norm that cannot be copied or probed alone: not one the kernel replaces
+            pass
+        log.info("%s (width %d) keeps its own forward: rms_norm.c does not give its bits", type(module).__name__,
+                 width)
         return None
+
+    def _same(self, module: nn.Module, weight: torch.Tensor, eps: float, lanes: int, style: int, probes) -> bool:
+        return all(_equal(self.run(p, weight, eps, lanes, style), module.forward(p)) for p in probes)
 
     def sum_lanes(self, width: int) -> int | None:
         """The lane count whose order gives torch's own mean of squares, bit for bit, on rows where the order
@@ -106,15 +113,30 @@ def _equal(got: torch.Tensor | None, want) -> bool:
 
 
 def candidate(module: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """``(weight, eps)`` of a module that may be an RMSNorm the kernel computes (the check decides), else None."""
-    if "RMSNorm" not in type(module).__name__:
+    """``(weight, eps)`` of a module that may be an RMSNorm the kernel computes (the check decides), else None: its
+    class calls itself one, its forward takes the hidden states alone (a gated norm's gate is refused), and it holds
+    a bfloat16 ``[width]`` weight on the CPU and a float epsilon."""
+    if "RMSNorm" not in type(module).__name__ or not _one_argument(type(module).forward):
         return None
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.dtype != torch.bfloat16 \
-            or weight.device.type != "cpu" or not weight.is_contiguous() or not isinstance(eps, float):
+    if not _usable(weight) or not isinstance(eps, float):
         return None
     return weight, eps
+
+
+def _one_argument(forward) -> bool:
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # (self)
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _usable(weight) -> bool:
+    return isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.dtype == torch.bfloat16 \
+        and weight.device.type == "cpu" and weight.is_contiguous()
 
 
 def wrap_norms(model: nn.Module, kernels) -> int:
@@ -123,9 +145,7 @@ def wrap_norms(model: nn.Module, kernels) -> int:
     count = 0
     for module in model.modules():
         found = candidate(module)
-        if found is None:
-            continue
-        verdict = norm.verdict(module, *found)
+        verdict = None if found is None else norm.verdict(module, *found)
         if verdict is not None:
             module.forward = functools.partial(_forward, module, module.forward, norm, found[1], *verdict)
             count += 1
@@ -133,10 +153,11 @@ def wrap_norms(model: nn.Module, kernels) -> int:
 
 
 def _forward(module: nn.Module, own, norm: NormKernel, eps: float, lanes: int, style: int,
-             hidden_states: torch.Tensor) -> torch.Tensor:
+             hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     weight = module.weight
-    if hidden_states.dtype != torch.bfloat16 or hidden_states.device.type != "cpu" \
-            or hidden_states.shape[-1] != weight.shape[0] or hidden_states.numel() > MAX_ROWS * weight.shape[0]:
-        return own(hidden_states)
+    if args or kwargs or not _usable(weight) or hidden_states.dtype != torch.bfloat16 \
+            or hidden_states.device.type != "cpu" or hidden_states.shape[-1] != weight.shape[0] \
+            or hidden_states.numel() > MAX_ROWS * weight.shape[0]:
+        return own(hidden_states, *args, **kwargs)
     out = norm.run(hidden_states, weight, eps, lanes, style)
     return own(hidden_states) if out is None else out

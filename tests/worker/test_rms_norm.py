@@ -1,13 +1,17 @@
-"""The RMSNorms in one kernel call each (``rms_norm.py``): bit for bit every family's own norm forward (the
-decoders', Qwen3's per-head q/k norms, Gemma's ``1 + weight`` style), one to many rows, tiny and large magnitudes,
-one and two threads; the lane count found from torch's own mean (a wrong one gives other means, which the check
-sees); a module that only calls itself an RMSNorm left as it is; prompts' rows left to torch. The end-to-end oracle
-(a worker's greedy tokens against transformers' with the kernels on) is tests/worker/test_exactness.py."""
+"""The RMSNorms in one kernel call each (``rms_norm.py``): bit for bit every tested family's own norm forward (the
+decoders', Qwen3's per-head q/k norms, Gemma's ``1 + weight`` and GPT-OSS's float32 styles), one to many rows,
+strided rows, tiny and large magnitudes, one and two threads (rows enough for torch to share them); the lane count
+found from torch's own mean (a wrong one gives other means, which the check sees); the style found on a random weight
+(a weight of ones hides it); each module checked on its own (a per-module attribute changes what a class computes);
+gated norms, norms that compute something else, rows too wide, prompts' rows and a weight no longer bfloat16 left to
+the module's own forward. The end-to-end oracle (a worker's greedy tokens against transformers' with the kernels
+on) is tests/worker/test_exactness.py."""
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from common.families import UNSUPPORTED, experts_families
 from helpers import FAMILIES, family_config
 from services.worker import dequant_kernel as dk
 from services.worker import matvec_checks, rms_norm
@@ -105,11 +109,11 @@ def test_wrapped_model_norms_equal_and_prompts_use_torch(library, threads, monke
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(family_config("mixtral")).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(family_config("mixtral", hidden_size=1024)).to(torch.bfloat16)
         module = norms_of(model)[0]
         with torch.no_grad():
             module.weight.normal_(1.0, 0.3)
-        x = random_rows(3, module.weight.shape[0], 5.0)
+        x = random_rows(rms_norm.MAX_ROWS, 1024, 5.0)  # 65536 values, past ATen's grain: torch's threads share rows
         want = module(x)
         assert rms_norm.wrap_norms(model, library) == len(norms_of(model))
         calls = []
@@ -124,3 +128,103 @@ def test_wrapped_model_norms_equal_and_prompts_use_torch(library, threads, monke
         assert torch.equal(module(x).view(torch.int16), want.view(torch.int16))
     finally:
         torch.set_num_threads(1)
+
+
+def test_the_style_is_found_where_a_weight_of_ones_hides_it(kernel):
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    module = GptOssRMSNorm(128, eps=1e-5).to(torch.bfloat16)  # (weight: ones, where Llama's style gives its bits)
+    assert kernel.verdict(module, module.weight, 1e-5)[1] == 2
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.3)
+    lanes, style = kernel.verdict(module, module.weight, 1e-5)
+    x = random_rows(3, 128, 4.0)
+    assert torch.equal(kernel.run(x, module.weight, 1e-5, lanes, style).view(torch.int16), module(x).view(torch.int16))
+
+
+class GroupRMSNorm(nn.Module):
+    """One class, two behaviours: normalised over the whole row, or over groups of ``group_size`` (per module)."""
+
+    def __init__(self, width: int, group_size: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width).bfloat16())
+        self.variance_epsilon = 1e-6
+        self.group_size = group_size
+
+    def forward(self, hidden_states):
+        h = hidden_states.float()
+        if self.group_size:
+            h = h.unflatten(-1, (-1, self.group_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.flatten(-2).to(hidden_states.dtype) if self.group_size else \
+            self.weight * h.to(hidden_states.dtype)
+
+
+def test_each_module_is_checked_on_its_own(library):
+    plain, grouped = GroupRMSNorm(256), GroupRMSNorm(256, group_size=64)
+    model = nn.Sequential(plain, grouped)
+    assert rms_norm.wrap_norms(model, library) == 1
+    assert "forward" in vars(plain) and "forward" not in vars(grouped)
+    x = random_rows(2, 256, 3.0)
+    assert torch.equal(grouped(x).view(torch.int16), GroupRMSNorm.forward(grouped, x).view(torch.int16))
+
+
+class GatedRMSNorm(nn.Module):
+    """A Mamba-style gated norm: ``forward(hidden_states, gate=None)``; without a gate, a plain RMSNorm."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width).bfloat16())
+        self.variance_epsilon = 1e-6
+
+    def forward(self, hidden_states, gate=None):
+        h = hidden_states.float()
+        if gate is not None:
+            h = h * torch.nn.functional.silu(gate.float())
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(hidden_states.dtype)
+
+
+def test_a_gated_norm_keeps_its_forward(library):
+    module = GatedRMSNorm(128)
+    assert rms_norm.candidate(module) is None
+    assert rms_norm.wrap_norms(nn.Sequential(module), library) == 0
+    x, gate = random_rows(2, 128, 1.0), random_rows(2, 128, 1.0, seed=5)
+    assert torch.equal(module(x, gate), GatedRMSNorm.forward(module, x, gate))
+
+
+def test_strided_rows_too_wide_rows_and_a_changed_weight(kernel, library):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config("mixtral")).to(torch.bfloat16)
+    module = norms_of(model)[0]
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.3)
+    width = module.weight.shape[0]
+    want_of = type(module).forward
+    assert rms_norm.wrap_norms(model, library) > 0
+    wide = random_rows(4, width + 24, 2.0)
+    x = wide[..., :width]  # (rows width + 24 apart: a split's view)
+    assert torch.equal(module(x).view(torch.int16), want_of(module, x).view(torch.int16))
+    assert kernel.verdict(module, torch.ones(rms_norm.MAX_WIDTH, dtype=torch.bfloat16), 1e-5) is None
+    module.weight.data = module.weight.data.float()  # no longer what the kernel reads: the module's own forward
+    x = random_rows(2, width, 2.0)
+    assert torch.equal(module(x), want_of(module, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in experts_families() if f not in UNSUPPORTED])
+def test_every_served_familys_logits_are_unchanged(family, library):
+    """Every family memd and the worker serve (docs/families.md), tiny, its norms' weights random: the model's
+    logits with its norms wrapped equal its own, in every bit (gated and other norms the kernel does not compute
+    keep their forwards)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor) \
+                    and module.weight.dim() == 1:
+                module.weight.normal_(0.5, 0.3)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        want = model(ids).logits
+        rms_norm.wrap_norms(model, library)
+        assert torch.equal(model(ids).logits, want)
