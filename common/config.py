@@ -225,7 +225,8 @@ class WorkerConfig:
                                       " tokens are eager's bit for bit; checked against torch at start; AVX2"
                                       " builds of torch), fast (another order, ~20% faster on AVX2, 2x on AVX-512"
                                       " BF16, FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
-                                      " auto (exact where its check holds, else torch's products) or off")
+                                      " auto (exact where its check holds, else torch's products) or off; not off:"
+                                      " the RMSNorms too, one call each, bit for bit their own (checked per module)")
     attention_kernel: str = knob("torch", "decode attention on CPU: torch (the model's own: sdpa or eager, tokens"
                                           " eager's bit for bit) or fast (moeinf's kernel for one-token decode"
                                           " steps, reading each cached key and value once: ~9x faster attention at"
