@@ -23,8 +23,9 @@ from common.config import MemdConfig
 from common.sizes import parse_size
 
 _DEFAULTS = {f.name: f.default for f in fields(MemdConfig)}
-STREAMS = _DEFAULTS["read_threads"]  # memd's queue depth
-CHUNK = parse_size(_DEFAULTS["read_chunk"]).resolve(0)  # memd's piece size
+STREAMS = _DEFAULTS["read_threads"]  # memd's queue depth (its default)
+READ_CHUNK = _DEFAULTS["read_chunk"]
+CHUNK = parse_size(READ_CHUNK).resolve(0)  # memd's piece size
 
 
 @dataclass(frozen=True, slots=True)

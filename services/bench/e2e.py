@@ -34,17 +34,22 @@ dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd'
 """
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from common.config import MemdConfig
+from common.knobs import build_config
 from common.sizes import parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
+from services.bench.diskbw import READ_CHUNK, STREAMS
 from services.bench.e2e_formats import format_system
 from services.bench.e2e_quality import delta, quality
 from services.bench.e2e_system import check_pin
@@ -83,6 +88,8 @@ class Options:
     pin: bool = False  # moeinf systems: each worker on --threads CPUs of its own, memd on the others (cpu_sets)
     llama_server: Path | None = None  # the llama.cpp system: its llama-server (None: found as llama_cpp.find_server)
     gguf: Path | None = None  # ... and a GGUF of --model
+    read_threads: int = STREAMS  # memd's queue depth (its --read-threads / MOEINF_READ_THREADS): every moeinf
+    read_chunk: str = READ_CHUNK  # system's memd reads so, and the disk probes read alike (--read-chunk)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -94,8 +101,16 @@ class Options:
         """The systems, then one moeinf row per ``--formats`` entry (the same workloads)."""
         return tuple(self.systems) + tuple(format_system(f) for f in self.formats)
 
+    @property
+    def read_chunk_bytes(self) -> int:
+        return parse_size(self.read_chunk, what="--read-chunk").resolve(0)
+
     @classmethod
-    def from_args(cls, args) -> Options:
+    def from_args(cls, args, env: Mapping[str, str] | None = None) -> Options:
+        """From the command's flags; memd's queue depth (``read_threads``, ``read_chunk``) from ``env``
+        (``MOEINF_READ_THREADS``, ``MOEINF_READ_CHUNK``; default ``os.environ``, parsed as memd parses them), so that
+        the disk probes read at the depth the benchmark's memd reads at."""
+        memd = build_config(MemdConfig, env=os.environ if env is None else env, model=str(args.model))
         path = lambda v: Path(v) if v else None  # noqa: E731
         systems = tuple(s for s in SYSTEMS if s in args.systems)  # table order
         totals = tuple(args.memory_limit_total or ())
@@ -108,7 +123,7 @@ class Options:
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
                    path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache, args.pin,
-                   path(args.llama_server), path(args.gguf))
+                   path(args.llama_server), path(args.gguf), memd.read_threads, memd.read_chunk)
         opts.validate()
         return opts
 

@@ -192,7 +192,8 @@ class Sweep:
         which = "" if repeat is None else f", repeat {repeat + 1}/{self.opts.repeats}"
         progress(f"{name} (expert memory {memory}{which}): dropping caches, starting")
         self.drop_caches()
-        disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20))  # the disk varies (VMs)
+        disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20),  # the disk varies (VMs)
+                              self.opts.read_chunk_bytes, self.opts.read_threads)
         progress(f"disk just before {name}: {disk.describe()}")
         with ExitStack() as stack:
             group = self.cgroup(budget, name, stack) if budget else None
@@ -334,8 +335,8 @@ def _run_sweep(opts: Options) -> int:
 
     sweep = Sweep(opts)
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
-    single = read_bandwidth(list(sweep.sizes.files), probe, streams=1)
-    disk = read_bandwidth(list(sweep.sizes.files), probe)
+    single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
+    disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
     progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
     progress(sweep.workloads.label())
     with TerminateAsInterrupt():

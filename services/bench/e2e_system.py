@@ -44,6 +44,7 @@ class MoeinfSystem:
         self.name, self.opts, self.prefix = name, opts, list(prefix)
         self.flags = list(MEMD_FLAGS.get(name, []))
         self.flags += ["--slot-cache", opts.slot_cache, "--expert-cache-dir", str(expert_cache(opts))]  # filled ahead
+        self.flags += ["--read-threads", str(opts.read_threads), "--read-chunk", opts.read_chunk]  # the probes' depth
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
             self.flags += ["--expert-format", expert_format]
         # pinned or not as --pin says, whatever MOEINF_CPUS / MOEINF_IO_CPUS the caller exported

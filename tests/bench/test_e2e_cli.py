@@ -178,3 +178,28 @@ def test_pin_puts_each_worker_and_memd_on_their_own_cpus(tmp_path):
             Options(model, ("25%",), 4, None, 1, (1,), 1, threads, None, workers=workers, pin=True).validate()
     with pytest.raises(ValueError, match="--pin places the moeinf systems' processes"):
         Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, systems=("transformers-resident",), pin=True).validate()
+
+
+def test_the_disk_probes_read_at_the_benchmarks_memd_queue_depth(tmp_path):
+    """memd's queue depth comes from the environment as memd parses it (MOEINF_READ_THREADS / MOEINF_READ_CHUNK);
+    every moeinf system's memd is started with it and the probes read alike, so an on-demand load can never beat
+    a probe run at a shallower depth."""
+    import argparse
+
+    from services.bench.diskbw import CHUNK, STREAMS
+    from services.bench.e2e import Options
+    from services.bench.e2e_cli import add_parser
+    from services.bench.e2e_system import MoeinfSystem
+
+    model = write_family("mixtral", tmp_path / "m")
+    bench = argparse.ArgumentParser().add_subparsers()
+    add_parser(bench)
+    args = bench.choices["e2e"].parse_args(["--model", str(model), "--systems", "moeinf"])
+    default = Options.from_args(args, env={})
+    assert (default.read_threads, default.read_chunk_bytes) == (STREAMS, CHUNK)
+    opts = Options.from_args(args, env={"MOEINF_READ_THREADS": "2", "MOEINF_READ_CHUNK": "512KiB"})
+    assert (opts.read_threads, opts.read_chunk_bytes) == (2, 512 << 10)
+    flags = MoeinfSystem(opts, "moeinf", "25%").flags
+    assert flags[flags.index("--read-threads") + 1] == "2" and flags[flags.index("--read-chunk") + 1] == "512KiB"
+    with pytest.raises(ValueError, match="read"):
+        Options.from_args(args, env={"MOEINF_READ_THREADS": "0"})
