@@ -5,8 +5,9 @@ memory gives the baselines' runtime), then moeinf's and llama.cpp's runtimes mea
 ``e2e_llama.py``) when a limit needs them, then per memory setting (``--expert-memory`` or ``--memory-limit-total``)
 ``accelerate-offload``, ``moeinf-ondemand-lru``, ``moeinf`` and ``llama.cpp``, each in a fresh cgroup with the
 setting's limit, interleaved by repeat: repeat r runs every system once, the order rotated by r, each started afresh
-(``merge_repeats`` then keeps each system's median run, with every run's figures). The page cache is dropped before every system. A system that fails (for example
-killed by the kernel at its limit) gets a row with ``error`` and the run goes on.
+(``merge_repeats`` then keeps each system's median run, with every run's figures). The page cache is dropped before
+every system. A system that fails (for example killed by the kernel at its limit) gets a row with ``error`` and the
+run goes on.
 """
 from __future__ import annotations
 

@@ -251,8 +251,8 @@ def format_report(doc: dict) -> str:
     if llama is not None:
         lines.append(f"llama.cpp (llama-server on the GGUF, mmap, same threads; a separate run):"
                      f" {llama['decode_ms_p50']:.3f} ms/token p50 = {llama['vs_floor']:.2f}x the floor; moeinf in"
-                     f" process {llama['moeinf_vs_llama']:.2f}x its time; {llama['tokens_agreement']:.0%} of its tokens equal transformers' (up to the first"
-                     " difference)")
+                     f" process {llama['moeinf_vs_llama']:.2f}x its time; {llama['tokens_agreement']:.0%} of its"
+                     " tokens equal transformers' (up to the first difference)")
     lines += ["", "per layer (moeinf), ms per token:", f"{'layer':<8}" + "".join(f"{k:>12}" for k in KINDS)]
     for row in doc["systems"][-1]["hooked"]["layers"]:
         lines.append(f"{row['layer']:<8}" + "".join(f"{row[k]:>12.3f}" for k in KINDS))

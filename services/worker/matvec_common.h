@@ -1,4 +1,4 @@
-/* Helpers the matrix-vector kernels share (matvec.c, matvec_mxfp4.c, matvec_exact_xw.c). */
+/* Helpers the kernels share (matvec.c, matvec_mxfp4.c, matvec_exact_xw.c, moe_token.c, rms_norm.c). */
 #ifndef MOEINF_MATVEC_COMMON_H
 #define MOEINF_MATVEC_COMMON_H
 #include <stdint.h>
@@ -10,6 +10,17 @@ static inline float bf16_f32(uint16_t v) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+/* float -> bfloat16 as torch's CPU conversion rounds: to nearest, ties to even; a NaN -> ``nan`` (its vectorized
+ * conversions give 0xFFFF, the scalar one at the end of a bfloat16 reduction 0x7FC0). */
+static inline uint16_t f32_bf16_nan(float f, uint16_t nan) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
+        return nan;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline uint16_t f32_bf16(float f) { return f32_bf16_nan(f, 0xFFFF); }
 
 #if defined(__AVX2__)
 #include <immintrin.h>

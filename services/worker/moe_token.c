@@ -29,17 +29,6 @@ int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_
 
 enum { ORDER_FAST = 0, ORDER_ATEN = 1, ORDER_ONEDNN = 2 };
 
-/* float -> bfloat16 as torch's CPU conversion rounds: to nearest, ties to even; a NaN -> ``nan`` (its vectorized
- * conversions give 0xFFFF, the scalar one at the end of a bfloat16 reduction 0x7FC0). */
-static inline uint16_t f32_bf16_nan(float f, uint16_t nan) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
-        return nan;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-static inline uint16_t f32_bf16(float f) { return f32_bf16_nan(f, 0xFFFF); }
-
 /* y[0..rows) = w @ x in ``order`` (kb: oneDNN's column block), the rows shared among ``threads``; 0 or -1. */
 static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols, int64_t rows,
                    int64_t kb, float *y, int64_t threads) {

@@ -5,14 +5,16 @@
  * squared, summed in ATen's order (SumKernel.cpp's cascade sum: vectors of ``vec`` lanes, four interleaved
  * accumulators, partial sums carried up a cascade of levels, then the lanes added in order), divided by the width,
  * plus eps, 1 / sqrt, times x; then (``style`` 0, Llama's and most families') rounded to bfloat16 and times the
- * weight, rounded again, or in float32 times 1 + the weight (1, Gemma's) or the weight (2, GPT-OSS's), rounded once. A decode
- * step runs ~8 torch calls per norm, each bringing its code back into caches the weights just streamed through;
- * this is one. services/worker/rms_norm.py checks the kernel against each norm's own forward, bit for bit, before
- * any use, for the lane count and style it finds. */
+ * weight, rounded again, or in float32 times 1 + the weight (1, Gemma's) or the weight (2, GPT-OSS's), rounded
+ * once. A decode step runs ~8 torch calls per norm, each bringing its code back into caches the weights just
+ * streamed through; this is one. services/worker/rms_norm.py checks the kernel against each norm's own forward, bit
+ * for bit, before any use, for the lane count and style it finds. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "matvec_common.h"
 
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -23,21 +25,6 @@
 #define RMS_MAX_VEC 16
 #define RMS_LEVELS 4
 #define RMS_ILP 4
-
-static inline float rms_bf16_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t rms_f32_bf16(float f) {  /* to nearest, ties to even; NaN as torch's vector conversion */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
-        return 0xFFFF;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
 static int64_t ceil_log2(int64_t x) {  /* c10::utils::CeilLog2 */
     if (x <= 2)
@@ -109,7 +96,7 @@ float moeinf_rms_mean(const uint16_t *x, int64_t width, int64_t vec) {
     if (sq == NULL)
         return NAN;
     for (int64_t i = 0; i < width; i++) {
-        float v = rms_bf16_f32(x[i]);
+        float v = bf16_f32(x[i]);
         sq[i] = v * v;
     }
     float mean = aten_sum(sq, width, (int)vec) / (float)width;
@@ -129,16 +116,16 @@ int moeinf_rms_norm(const uint16_t *x, int64_t rows, int64_t width, int64_t ldx,
         const uint16_t *row = x + r * ldx;
         uint16_t *o = out + r * width;
         for (int64_t i = 0; i < width; i++) {
-            float v = rms_bf16_f32(row[i]);
+            float v = bf16_f32(row[i]);
             sq[i] = v * v;
         }
         float mean = aten_sum(sq, width, (int)vec) / (float)width;
         float inv = 1.0f / sqrtf(mean + eps);
         for (int64_t i = 0; i < width; i++) {
-            float y = rms_bf16_f32(row[i]) * inv;
-            float w = rms_bf16_f32(weight[i]);
-            float v = style == 0 ? w * rms_bf16_f32(rms_f32_bf16(y)) : style == 1 ? y * (1.0f + w) : w * y;
-            o[i] = rms_f32_bf16(v);
+            float y = bf16_f32(row[i]) * inv;
+            float w = bf16_f32(weight[i]);
+            float v = style == 0 ? w * bf16_f32(f32_bf16(y)) : style == 1 ? y * (1.0f + w) : w * y;
+            o[i] = f32_bf16(v);
         }
     }
     free(sq);
