@@ -302,6 +302,8 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     gains = moe_input_gains(model, [layer.module.rpartition(".")[0] for layer in layers]) if next_gate else None
     speculator = Speculator(routers, layers[0].num_experts, speculate_layers, always_guess, gains) \
         if next_gate and layers else None
+    if speculator is not None and speculator.use_kernels(mv.kernels if mv is not None else kernels):
+        log.info("hidden-state guesses: one call per layer (guess.c)")
     client.speculate_layers = client.speculate_layers or speculate_layers
     dequant = None
     if views.quantized:  # one scratch for all layers: the most experts a layer can hold at once, or the knob's

@@ -15,6 +15,7 @@ None of it touches the computed values: the routers are copies (or the model's o
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from services.worker.moe_norms import premise_holds
 
 log = logging.getLogger("moeinf.worker")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 class Speculator:
@@ -47,6 +49,8 @@ class Speculator:
         self.any_sigmoid = False
         self.known = torch.tensor([r is not None for r in routers])
         self.known_np = self.known.numpy()
+        self.known_u8 = self.known_np.astype(np.uint8)
+        self.kernel: GuessKernel | None = None  # ``use_kernels``: one token's guesses in one call
         self.top_k = max(r.top_k for r in present)
         self.groups = [None if r is None else r.groups for r in routers]
         self.routers, self.checked = None, set()  # (kept to undo the correction: ``_check_premise``)
@@ -74,6 +78,16 @@ class Speculator:
             if r is not None:
                 gain = 1.0 if gains is None else gains[i].to(r.weight.device)
                 self.weight[i * self.E:(i + 1) * self.E] = (r.weight.float() * gain).to(self.weight.dtype)
+
+    def use_kernels(self, kernels) -> bool:
+        """Guess one token at a time with ``guess.c`` from the compiled kernels (``dequant_kernel.load``), where
+        it computes what ``pick`` would: float32 or bfloat16 routers on the CPU with softmax scores, no group-limited
+        routing; True if it does."""
+        if kernels is None or self.weight is None or self.weight.dtype not in (torch.bfloat16, torch.float32) \
+                or self.weight.device.type != "cpu" or self.any_sigmoid or any(g is not None for g in self.groups):
+            return False
+        self.kernel = GuessKernel(kernels, self.max_ahead * self.top_k)
+        return True
 
     def _check_premise(self, layer: int, hidden: torch.Tensor) -> None:
         """On a layer's first input: the correction stays only if the input over its gain is the normalised stream
@@ -109,18 +123,29 @@ class Speculator:
         hidden = hidden_states.reshape(-1, self.weight.shape[1])
         if self.unscale is not None and layer not in self.checked:
             self._check_premise(layer, hidden)
+        if self.kernel is not None and hidden.shape[0] == 1 and hidden.dtype == torch.bfloat16 \
+                and hidden.device.type == "cpu" and hidden.stride(-1) == 1:
+            return layer, k, None, hidden  # one token on the CPU: ``pick`` guesses in one call (guess.c)
         if self.unscale is not None:  # the residual stream normalised, without layer l's gain (in float32)
             hidden = hidden.float() * self.unscale[layer]
         hidden = hidden.to(self.weight.dtype)
         logits = F.linear(hidden, self.weight[lo:hi], self.bias[lo:hi]).float()
-        return layer, k, logits.to("cpu", non_blocking=True)
+        return layer, k, logits.to("cpu", non_blocking=True), None
 
     @torch.no_grad()
     def pick(self, launched: tuple | None, threshold: float = 0.0) -> tuple[list[int], list[int], list[float]]:
         """The guesses of a ``launch`` whose logits are on the host, kept where confident enough."""
         if launched is None:
             return [], [], []
-        layer, k, logits = launched
+        layer, k, logits, hidden = launched
+        if logits is None:
+            unscale = None if self.unscale is None else self.unscale[layer]
+            guessed = self.kernel.guess(hidden, unscale, self.weight, self.bias, layer + 1, k, self.E, self.top_k,
+                                        self.known_u8, threshold)
+            if guessed is not None:
+                return guessed
+            self.kernel = None  # (a shape guess.c does not take: torch's ops from now on)
+            return self.pick(self.launch(layer, hidden, k), threshold)
         logits = logits.view(-1, k, self.E)  # [T, k, E]
         probs, select = self._scores(layer, k, logits)
         if logits.shape[0] == 1:  # one token: its picks are the guesses, each with its own probability
@@ -163,6 +188,34 @@ class Speculator:
         conf = probs[np.arange(k)[:, None], experts]
         ahead, j = ((conf >= threshold) & self.known_np[layer + 1:layer + 1 + k, None]).nonzero()
         return (ahead + layer + 1).tolist(), experts[ahead, j].tolist(), conf[ahead, j].tolist()
+
+
+class GuessKernel:
+    """``guess.c``'s entry in the kernels' library, and the buffers its guesses come back in."""
+
+    def __init__(self, kernels, most: int):
+        self.fn = kernels.lib.moeinf_guess
+        self.fn.argtypes = [_P, _P, _I, _P, _P, ctypes.c_int, _I, _I, _I, _P, ctypes.c_float, _P, _P, _P]
+        self.fn.restype = ctypes.c_int
+        most = max(1, most)
+        self.ahead, self.experts = (ctypes.c_int32 * most)(), (ctypes.c_int32 * most)()
+        self.conf = (ctypes.c_float * most)()
+
+    def guess(self, hidden: torch.Tensor, unscale: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+              first: int, k: int, experts: int, top: int, known: np.ndarray,
+              threshold: float) -> tuple[list[int], list[int], list[float]] | None:
+        """``Speculator.pick``'s result for one token's ``hidden`` [1, h] and target layers first..first+k-1, or
+        None for a shape the kernel does not take."""
+        if k * top > len(self.conf):
+            return None
+        h, size = hidden.shape[-1], weight.element_size()
+        n = self.fn(hidden.data_ptr(), None if unscale is None else unscale.data_ptr(), h,
+                    weight.data_ptr() + first * experts * h * size, bias.data_ptr() + first * experts * size,
+                    size == 4, k, experts, top, known.ctypes.data + first, threshold, self.ahead, self.experts,
+                    self.conf)
+        if n < 0:
+            return None
+        return [first + a for a in self.ahead[:n]], self.experts[:n], self.conf[:n]
 
 
 def limit_to_groups(select: torch.Tensor, groups: int, kept: int, rule: str) -> torch.Tensor:
