@@ -100,13 +100,16 @@ def model_bytes(model: Path) -> ModelBytes:
                       store.num_layers * store.num_experts, store.num_experts, tuple(checkpoint.files))
 
 
-def derive(sizes: ModelBytes, expert_memory: str, allowance: str) -> Budget:
+def derive(sizes: ModelBytes, expert_memory: str, allowance: str | None) -> Budget:
+    """``--expert-memory``'s budget; ``allowance`` None: no runtime measured (``--memory-limit off``: the budget only
+    sizes the pool, no limit is set from it)."""
     spec = parse_size(expert_memory, what="--expert-memory")
     # a share is of every expert's served slot, as memd resolves it (main.plan_pool): a share of the packed bytes
     # would count one slot fewer than memd holds where its slots are larger (rows spread apart, spread.py)
     slots = min(spec.resolve(sizes.slot_bytes * sizes.num_experts) // sizes.slot_bytes, sizes.num_experts)
     return Budget(expert_memory, sizes.dense_bytes, sizes.expert_total_bytes, slots * sizes.slot_bytes, slots,
-                  parse_size(allowance, what="--runtime-allowance").resolve(0), num_experts=sizes.num_experts)
+                  0 if allowance is None else parse_size(allowance, what="--runtime-allowance").resolve(0),
+                  num_experts=sizes.num_experts)
 
 
 def derive_total(sizes: ModelBytes, total: str, runtime_bytes: int) -> Budget:

@@ -141,7 +141,7 @@ class Sweep:
                 self.budgets.append(next(b for b in shown if b is not None))
         for (setting, name), budget in self.system_budgets.items():
             if name != RESIDENT:
-                progress(f"{name}: {budget.describe()}")
+                progress(f"{name}: {budget.describe()}" + ("" if self.limits_applied else " (not applied)"))
 
     @staticmethod
     def kind(name: str) -> str:
@@ -155,7 +155,8 @@ class Sweep:
             return derive_total(self.sizes, setting, self.runtimes.allowance(self.kind(name)))
         if self.opts.runtime_allowance != "measured":
             return derive(self.sizes, setting, self.opts.runtime_allowance)
-        return derive(self.sizes, setting, str(self.runtimes.allowance()))  # one limit for all: the largest
+        allowance = self.runtimes.allowance()  # one limit for all: the largest (none measured without limits)
+        return derive(self.sizes, setting, str(allowance) if allowance else None)
 
     def measure_runtime(self, kind: str, expert_format: str) -> None:
         try:

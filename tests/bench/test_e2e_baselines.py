@@ -138,6 +138,18 @@ def test_budget_is_dense_plus_experts_plus_allowance(tiny):
     assert "runtime allowance 1.0 GiB" in quarter.describe()
 
 
+def test_no_memory_limit_needs_no_measured_runtime(tiny):
+    """``--memory-limit off`` with the default ``--runtime-allowance measured``: nothing is measured (no limit is
+    set), and the budget still sizes the pool (it failed with "--runtime-allowance '0' must be positive")."""
+    from types import SimpleNamespace
+    from services.bench.e2e_runtime import Runtimes
+    from services.bench.e2e_sweep import Sweep
+    sweep = SimpleNamespace(opts=SimpleNamespace(memory_limit_total=None, runtime_allowance="measured"),
+                            sizes=model_bytes(tiny), runtimes=Runtimes(), kind=Sweep.kind)
+    budget = Sweep.budget(sweep, "25%", "moeinf")
+    assert budget.slots == sweep.sizes.num_experts // 4 and budget.allowance_bytes == 0
+
+
 def test_a_total_gives_each_system_what_its_runtime_leaves(tiny):
     sizes = model_bytes(tiny)
     total = sizes.dense_bytes + (200 << 20) + 3 * sizes.slot_bytes + 100  # 3 slots and change beyond a 200 MiB runtime
