@@ -76,6 +76,7 @@ def test_warm_eamc_is_labelled(tmp_path):
     assert doc["warm_eamc"] is True and doc["systems"][0]["eamc"] == "warm"
 
 
+@pytest.mark.slow  # CI's time (~40 s): serving with two workers is tests/fault/test_multi_worker.py's
 def test_two_workers_on_one_memd(tmp_path):
     """--workers 2: two worker processes on the one memd serve the clients (the same greedy tokens as one client);
     the row says so and carries the PSS memd and the workers hold."""

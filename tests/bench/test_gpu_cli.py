@@ -20,6 +20,7 @@ def test_without_a_gpu_it_says_so(mixtral):
     assert out.returncode == 2 and "no CUDA device" in out.stdout and "--device cpu" in out.stdout
 
 
+@pytest.mark.slow  # CI's time: the lockstep test below runs the same command on more systems
 def test_cpu_comparison_writes_rows_with_checked_tokens(mixtral, tmp_path):
     path = tmp_path / "gpu.json"
     out = bench("--model", str(mixtral), "--device", "cpu", "--memory", "25%", "--tokens", "4", "--repeats", "1",

@@ -72,7 +72,7 @@ def test_only_full_attention_layers_grow_in_place():
         assert type(mine) is (GrowingLayer if type(theirs) is DynamicLayer else type(theirs))
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])  # CI: the default
 def test_a_model_decodes_the_same_bits_past_several_growths(mixtral, attention):
     model = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.bfloat16, attn_implementation=attention).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
