@@ -156,6 +156,9 @@ class Sweep:
         if self.opts.runtime_allowance != "measured":
             return derive(self.sizes, setting, self.opts.runtime_allowance)
         allowance = self.runtimes.allowance()  # one limit for all: the largest (none measured without limits)
+        if not allowance and self.limits_applied:
+            raise ValueError(f"no runtime was measured to size {name}'s memory limit (see the notes above): pass"
+                             " --runtime-allowance SIZE")
         return derive(self.sizes, setting, str(allowance) if allowance else None)
 
     def measure_runtime(self, kind: str, expert_format: str) -> None:

@@ -7,14 +7,15 @@
  * rows, plus the bias; per target layer the softmax over its experts, its top ``top`` experts, and those whose
  * probability reaches ``threshold`` on a layer that has a router. The routers are float32 (the CPU's usual copy) or
  * bfloat16, where the scaled input and the logits are rounded to bfloat16 as torch's bfloat16 ops round them. The
- * sums run in another order than torch's, so a probability may differ from torch's in its last bits: these are
- * guesses (what to prefetch), never the model's routing. */
+ * sums run in another order than torch's, so a probability may differ from torch's in its last bits (with
+ * bfloat16 routers, by a rounding of the logit), and experts tied exactly go to the lower index (numpy's partition
+ * picks either): these are guesses (what to prefetch), never the model's routing. */
 #include <math.h>
 #include <stdint.h>
 
 #include "matvec_common.h"
 
-#define GUESS_MAX_HIDDEN 16384
+#define GUESS_MAX_HIDDEN 16384  /* (speculate.py's GUESS_MAX_* say the same) */
 #define GUESS_MAX_EXPERTS 512
 #define GUESS_MAX_TOP 16
 #define GUESS_LANES 16

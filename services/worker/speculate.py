@@ -26,6 +26,7 @@ from services.worker.moe_norms import premise_holds
 
 log = logging.getLogger("moeinf.worker")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+GUESS_MAX_HIDDEN, GUESS_MAX_EXPERTS, GUESS_MAX_TOP = 16384, 512, 16  # guess.c's limits
 
 
 class Speculator:
@@ -82,9 +83,12 @@ class Speculator:
     def use_kernels(self, kernels) -> bool:
         """Guess one token at a time with ``guess.c`` from the compiled kernels (``dequant_kernel.load``), where
         it computes what ``pick`` would: float32 or bfloat16 routers on the CPU with softmax scores, no group-limited
-        routing; True if it does."""
+        routing, and shapes within the kernel's limits; True if it does."""
         if kernels is None or self.weight is None or self.weight.dtype not in (torch.bfloat16, torch.float32) \
                 or self.weight.device.type != "cpu" or self.any_sigmoid or any(g is not None for g in self.groups):
+            return False
+        if self.weight.shape[1] > GUESS_MAX_HIDDEN or self.E > GUESS_MAX_EXPERTS or self.top_k > min(GUESS_MAX_TOP,
+                                                                                                     self.E):
             return False
         self.kernel = GuessKernel(kernels, self.max_ahead * self.top_k)
         return True
@@ -125,7 +129,7 @@ class Speculator:
             self._check_premise(layer, hidden)
         if self.kernel is not None and hidden.shape[0] == 1 and hidden.dtype == torch.bfloat16 \
                 and hidden.device.type == "cpu" and hidden.stride(-1) == 1:
-            return layer, k, None, hidden  # one token on the CPU: ``pick`` guesses in one call (guess.c)
+            return layer, k, None, (hidden, self.kernel)  # one token on the CPU: ``pick`` guesses in one call
         if self.unscale is not None:  # the residual stream normalised, without layer l's gain (in float32)
             hidden = hidden.float() * self.unscale[layer]
         hidden = hidden.to(self.weight.dtype)
@@ -137,11 +141,12 @@ class Speculator:
         """The guesses of a ``launch`` whose logits are on the host, kept where confident enough."""
         if launched is None:
             return [], [], []
-        layer, k, logits, hidden = launched
-        if logits is None:
+        layer, k, logits, fast = launched
+        if logits is None:  # (guess.c's)
+            hidden, kernel = fast
             unscale = None if self.unscale is None else self.unscale[layer]
-            guessed = self.kernel.guess(hidden, unscale, self.weight, self.bias, layer + 1, k, self.E, self.top_k,
-                                        self.known_u8, threshold)
+            guessed = kernel.guess(hidden, unscale, self.weight, self.bias, layer + 1, k, self.E, self.top_k,
+                                   self.known_u8, threshold)
             if guessed is not None:
                 return guessed
             self.kernel = None  # (a shape guess.c does not take: torch's ops from now on)
@@ -191,7 +196,8 @@ class Speculator:
 
 
 class GuessKernel:
-    """``guess.c``'s entry in the kernels' library, and the buffers its guesses come back in."""
+    """``guess.c``'s entry in the kernels' library, and the buffers its guesses come back in (one caller at a time:
+    the worker's compute thread; a lockstep batch of several forwards takes torch's path)."""
 
     def __init__(self, kernels, most: int):
         self.fn = kernels.lib.moeinf_guess

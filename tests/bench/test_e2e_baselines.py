@@ -145,9 +145,12 @@ def test_no_memory_limit_needs_no_measured_runtime(tiny):
     from services.bench.e2e_runtime import Runtimes
     from services.bench.e2e_sweep import Sweep
     sweep = SimpleNamespace(opts=SimpleNamespace(memory_limit_total=None, runtime_allowance="measured"),
-                            sizes=model_bytes(tiny), runtimes=Runtimes(), kind=Sweep.kind)
+                            sizes=model_bytes(tiny), runtimes=Runtimes(), kind=Sweep.kind, limits_applied=False)
     budget = Sweep.budget(sweep, "25%", "moeinf")
     assert budget.slots == sweep.sizes.num_experts // 4 and budget.allowance_bytes == 0
+    sweep.limits_applied = True  # limits on, and the measurement failed: no limit of weights alone, an error
+    with pytest.raises(ValueError, match="--runtime-allowance SIZE"):
+        Sweep.budget(sweep, "25%", "moeinf")
 
 
 def test_a_total_gives_each_system_what_its_runtime_leaves(tiny):

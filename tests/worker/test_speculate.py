@@ -188,6 +188,56 @@ def _near_tie(spec, layer, one, fast, slow, threshold) -> bool:
     return True
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_call_guesses_with_biases_gaps_and_odd_shapes(kernels, dtype):
+    """Routers with biases, layers without one, 40 experts and a hidden size of 100 (neither a multiple of the
+    kernel's 16 lanes), every distance and threshold: guess.c's guesses are torch's (float32: equal; bfloat16: up to
+    experts whose logits tie exactly, which guess.c gives the lower index)."""
+    from types import SimpleNamespace
+    gen = torch.Generator().manual_seed(5)
+    L, E, H = 8, 40, 100
+    routers = [None if i in (2, 5) else SimpleNamespace(
+        weight=torch.randn(E, H, generator=gen).to(dtype), bias=torch.randn(E, generator=gen).to(dtype), top_k=3,
+        groups=None, correction=None) for i in range(L)]
+    spec = Speculator(routers, E, 4)
+    assert spec.use_kernels(kernels)
+    kernel, compared, tied = spec.kernel, 0, 0
+    for layer in range(L - 1):
+        for seed in range(6):
+            one = (torch.randn(1, H, generator=gen) * (1 + seed)).bfloat16()
+            for threshold in (0.0, 0.05, 0.2):
+                spec.kernel = kernel
+                fast = spec.guess(layer, one, 4, threshold)
+                assert spec.kernel is kernel
+                spec.kernel = None
+                slow = spec.guess(layer, one, 4, threshold)
+                assert all(t not in (2, 5) for t in fast[0]) and all(c >= threshold for c in fast[2])
+                if dtype == torch.bfloat16 and fast[:2] != slow[:2]:
+                    tied += 1
+                    assert _exact_tie(spec, layer, one, fast, slow), (layer, seed, threshold, fast, slow)
+                    continue
+                assert fast[:2] == slow[:2], (layer, seed, threshold)
+                assert fast[2] == pytest.approx(slow[2], rel=1e-4 if dtype == torch.float32 else 2e-2, abs=1e-9)
+                compared += len(fast[0])
+    assert compared > 500 and tied <= compared // 10, (compared, tied)
+    spec.kernel = kernel  # a shape it does not take falls back to torch's ops, for good
+    spec.E = 600
+    with torch.no_grad():
+        assert spec.pick((0, 1, None, (torch.zeros(1, H).bfloat16(), kernel)), 0.0) is not None
+    assert spec.kernel is None
+
+
+def _exact_tie(spec, layer, one, fast, slow) -> bool:
+    """Do the guesses differ only in experts whose torch probability equals that of the top-k's last one?"""
+    spec.kernel = None
+    probs = spec.launch(layer, one, 4)[2].view(-1, spec.E).softmax(-1)
+    for target, expert in set(zip(*fast[:2])) ^ set(zip(*slow[:2])):
+        row = probs[target - layer - 1]
+        if row[expert].item() != row.topk(spec.top_k).values[-1].item():
+            return False
+    return True
+
+
 def test_one_call_guesses_stay_off_where_torchs_ops_differ(kernels, checkpoints):
     spec, _, _ = routed_run(checkpoints["deepseek_v3"], tokens=4, dtype=torch.bfloat16)
     assert not spec.use_kernels(kernels) and spec.kernel is None  # sigmoid scores, group-limited routing
