@@ -220,11 +220,23 @@ def test_one_call_guesses_with_biases_gaps_and_odd_shapes(kernels, dtype):
                 assert fast[2] == pytest.approx(slow[2], rel=1e-4 if dtype == torch.float32 else 2e-2, abs=1e-9)
                 compared += len(fast[0])
     assert compared > 500 and tied <= compared // 10, (compared, tied)
+    spec.kernel = kernel
+    one = torch.randn(1, H, generator=gen).bfloat16()
+    every = spec.guess(0, one, 1, 0.0)
+    assert spec.guess(0, one, 1, every[2][-1])[1][-1] == every[1][-1]  # a probability equal to the threshold reaches it
     spec.kernel = kernel  # a shape it does not take falls back to torch's ops, for good
     spec.E = 600
     with torch.no_grad():
         assert spec.pick((0, 1, None, (torch.zeros(1, H).bfloat16(), kernel)), 0.0) is not None
     assert spec.kernel is None
+
+
+def test_one_call_guesses_break_exact_ties_to_the_lower_expert(kernels):
+    from types import SimpleNamespace
+    same = SimpleNamespace(weight=torch.ones(6, 16), bias=None, top_k=2, groups=None, correction=None)
+    spec = Speculator([same, same], 6, 1)
+    assert spec.use_kernels(kernels)
+    assert spec.guess(0, torch.randn(1, 16).bfloat16(), 1) == ([1, 1], [0, 1], [pytest.approx(1 / 6)] * 2)
 
 
 def _exact_tie(spec, layer, one, fast, slow) -> bool:
