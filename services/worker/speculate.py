@@ -87,8 +87,8 @@ class Speculator:
         if kernels is None or self.weight is None or self.weight.dtype not in (torch.bfloat16, torch.float32) \
                 or self.weight.device.type != "cpu" or self.any_sigmoid or any(g is not None for g in self.groups):
             return False
-        if self.weight.shape[1] > GUESS_MAX_HIDDEN or self.E > GUESS_MAX_EXPERTS or self.top_k > min(GUESS_MAX_TOP,
-                                                                                                     self.E):
+        too_big = self.weight.shape[1] > GUESS_MAX_HIDDEN or self.E > GUESS_MAX_EXPERTS
+        if too_big or self.top_k > min(GUESS_MAX_TOP, self.E):
             return False
         self.kernel = GuessKernel(kernels, self.max_ahead * self.top_k)
         return True
