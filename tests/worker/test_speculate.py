@@ -150,6 +150,7 @@ def test_one_call_guesses_equal_torchs(kernels, mixtral, gains_seed, router_dtyp
     spec, _, runs = routed_run(mixtral, tokens=24, gains_seed=gains_seed, dtype=torch.bfloat16,
                                router_dtype=router_dtype)
     assert spec.use_kernels(kernels)
+    assert spec.launch(0, runs[0][0][:1], 3)[2] is None  # one token: guess.c's path (no logits from torch)
     kernel, compared, close = spec.kernel, 0, 0
     for layer in range(len(runs) - 1):
         hidden = runs[layer][0]
