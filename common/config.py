@@ -71,7 +71,8 @@ class MemdConfig:
                                     " shared by CUDA IPC, with a pinned host tier; the worker then computes on that"
                                     " GPU, --device cuda: docs/gpu.md)")
     host_memory: str = knob("0", "cuda backend: pinned host tier caching experts read from disk, bytes (64GiB) or"
-                                 " a share of all expert bytes (25%); 0: none (each load reads the disk)")
+                                 " a share of all expert bytes (25%); 0: only the reader's staging (2 slots per"
+                                 " reader thread)")
     cuda_device: int = knob(0, "cuda backend: index of the GPU that holds the pool")
     copy_events: str = knob("ipc", "cuda backend: ipc (an acquire is answered once its copies are queued; the"
                                    " worker's stream waits on their events, shared by CUDA IPC) or host (memd waits"
@@ -215,8 +216,8 @@ class WorkerConfig:
                                            " experts, up to the pool's slots); fewer saves memory, and a step that"
                                            " routes more runs its experts in groups, same results")
     dequant_kernel: str = knob("auto", "quantized experts: auto (a C kernel built on first use with the system's C"
-                                       " compiler, $CC or cc, into <state-dir>/kernels and checked against torch's"
-                                       " ops; torch's ops, 2-3x slower, when none builds), c (the kernel or a"
+                                       " compiler, $CC or cc, into <state-dir>/kernels-<uid> and checked against"
+                                       " torch's ops; torch's ops, 2-3x slower, when none builds), c (the kernel or a"
                                        " start-up error) or torch")
     prepack_dense: bool = knob(False, "bfloat16 on CPU: pack bias-free dense linears once for oneDNN, not per call"
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
@@ -340,61 +341,3 @@ class GatewayConfig:
     @property
     def worker_addr(self) -> str:
         return state_socket(self.state_dir, WORKER_SOCKET)
-
-
-@dataclass(frozen=True, slots=True)
-class ServeConfig:
-    """``moeinf serve``: the three services as supervised child processes."""
-
-    model: Path | None = knob(None, "checkpoint directory; without it the demo model is built once and served")
-    expert_memory: str = knob("25%", "expert pool size: bytes (4GiB, 512MiB) or a share of all expert bytes (25%)")
-    state_dir: Path = knob(default_state_dir(), "directory for sockets, the pool lock and the EAMC file")
-    host: str = knob("127.0.0.1", "address the gateway listens on")
-    port: int = knob(8000, "gateway HTTP port")
-    served_model_name: str = knob("", "model id clients send (default: the checkpoint directory's name)")
-    max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
-    demo_dir: Path = knob(Path(".cache/demo-model"), "where the demo model is built when --model is not given")
-    startup_timeout_s: float = knob(600.0, "seconds the services (started together) may take to become ready")
-    max_restarts: int = knob(5, "restarts of a crashing service within --restart-window-s before serve gives up")
-    restart_window_s: float = knob(600.0, "sliding window of --max-restarts: crashes older than this are forgotten,"
-                                          " so a service that crashes now and then is restarted for ever")
-    policy: str = knob("activation", "memd's eviction policy: lru, lfu or activation")
-    device: str = knob("cpu", "cpu, or cuda / cuda:N: the expert pool in that GPU's memory (memd --pool-backend cuda,"
-                              " its pinned host tier sized by MOEINF_HOST_MEMORY) and the worker computing there")
-    prefetch: bool = knob(True, "memd prefetches predicted experts")
-    expert_format: str = knob("", "memd serves a bf16 checkpoint's experts compressed: fp8 or mxfp4 (lossy); unset: as"
-                                  " stored")
-    record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
-    workers: int = knob(1, "worker processes on the one memd (one expert pool): worker-0.sock ... when above 1; the"
-                           " gateway routes each request to one of them")
-    group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
-                          " are also that group's (0660), for services run by different users of it")
-    api_key: str = field(default="", repr=False, metadata={"help": "the gateway's API key: /v1/* needs 'Authorization:"
-                         " Bearer <key>' (handed to the gateway in its environment, never on its command line; prefer"
-                         " MOEINF_API_KEY or --api-key-file: a flag shows in ps)"})
-    api_key_file: Path | None = knob(None, "file whose content (stripped) is the gateway's API key")
-    log_level: str = knob("info", "debug, info, warning or error")
-
-    def __post_init__(self):
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
-        if self.expert_format not in EXPERT_FORMATS:
-            raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
-        object.__setattr__(self, "demo_dir", Path(self.demo_dir))
-        resolve_api_key(self)
-        if self.model is not None:
-            object.__setattr__(self, "model", Path(self.model))
-        if self.record_trace is not None:
-            object.__setattr__(self, "record_trace", Path(self.record_trace))
-        Access(self.group)
-        if self.workers < 1:
-            raise ValueError("--workers must be >= 1")
-        if self.record_trace is not None and self.workers > 1:
-            raise ValueError("--record-trace writes one file: use it with --workers 1")
-        if self.max_restarts < 0 or self.restart_window_s <= 0:
-            raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
-        check_device(self.device)
-        if self.expert_format and self.device != "cpu":
-            raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"
-                             " GPU pool are not supported yet; serve them with --device cpu")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")

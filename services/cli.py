@@ -9,8 +9,9 @@ import os
 import sys
 
 from common.checkpoint import CheckpointError
-from common.config import (ATTENTION_KERNELS, MATVEC_KERNELS, GatewayConfig, MemdConfig, ServeConfig, WorkerConfig,
-                           add_config_args, build_config)
+from common.config import (ATTENTION_KERNELS, MATVEC_KERNELS, GatewayConfig, MemdConfig, WorkerConfig, add_config_args,
+                           build_config)
+from common.serve_config import ServeConfig
 
 
 def _setup_logging(level: str, name: str) -> None:

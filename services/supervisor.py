@@ -26,8 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import (ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, ServeConfig, env_name, state_socket,
-                           worker_socket)
+from common.config import ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, env_name, state_socket, worker_socket
+from common.serve_config import ServeConfig
 from common.zmq_utils import remove_ipc_file
 from services.memd.pool import SHM_DIR, pool_name
 

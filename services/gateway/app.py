@@ -133,7 +133,8 @@ class Gateway:
     def admission(self):
         """One of ``--max-queued`` slots, held until the response is over (however it ends)."""
         if self.active >= self.cfg.max_queued:
-            raise too_many(f"{self.active} requests are in progress (limit {self.cfg.max_queued}); retry shortly", 1)
+            raise too_many(f"{self.active} requests are in progress (--max-queued {self.cfg.max_queued}); retry"
+                           " shortly", 1)
         self.active += 1
         try:
             yield

@@ -38,7 +38,6 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     messages: list[dict] = field(default_factory=list)
-    prompt_text: str | None = None
     user: str | None = None  # the client's end-user id: routes a conversation back to its worker
     forced_tokens: list[int] = field(default_factory=list)  # the output's first tokens (a translation's language)
     text_to_text: bool = False  # an encoder-decoder model: the output is not a continuation of the prompt

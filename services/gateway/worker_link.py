@@ -120,7 +120,8 @@ class WorkerLink:
         if self.stopping:
             raise GatewayStopping(self.stopping)
         if len(self.pending) >= self.max_pending:
-            raise WorkerRejected("capacity", f"{len(self.pending)} calls in flight to the worker")
+            raise WorkerRejected("capacity", f"{len(self.pending)} calls in flight to the worker (the gateway's"
+                                               " --max-queued plus a few)")
         rid = next(self._ids)
         queue = self.pending[rid] = asyncio.Queue()
         return rid, queue

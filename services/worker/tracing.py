@@ -84,7 +84,8 @@ class StepRecorder:
         self.seen.move_to_end(request)
         if len(self.seen) > self.max_requests:
             old, _ = self.seen.popitem(last=False)
-            log.warning("tracing %d requests: forgot %s's position (it never ended?)", self.max_requests, old)
+            log.warning("tracing %d requests (4 x --max-queued + 64): forgot %s's position (it never"
+                        " ended?)", self.max_requests, old)
 
     def layer(self, layer: int, experts: list[int], tokens: list[list[int]], weights: list[list[float]],
               speculated: list[int], top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *,

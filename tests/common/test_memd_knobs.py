@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import MemdConfig, ServeConfig, WorkerConfig, build_config
+from common.config import MemdConfig, WorkerConfig, build_config
+from common.serve_config import ServeConfig
 from services.memd.core import CacheSettings
 from services.supervisor import Supervisor
 

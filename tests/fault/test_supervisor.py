@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ServeConfig
+from common.serve_config import ServeConfig
 from services import supervisor as sv
 from services.supervisor import Child, Supervisor, stop_children
 

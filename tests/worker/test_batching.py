@@ -175,13 +175,16 @@ def test_short_requests_finish_while_a_long_one_runs(stack, mux):
     """One long request and ten short ones behind it: with 4 running slots the shorts take turns next to it, each
     running request gets one token per step, and every short finishes before the long one (checked in the order the
     worker published its replies, however late this process reads them)."""
-    long_id = mux.submit("long", list(range(2, 60)), 60)
+    long_id = mux.submit("long", list(range(2, 60)), 100)  # ~100 steps; the ten shorts need ~20 of them
     shorts = [mux.submit(f"short{i}", [5 + i, 7, 9], 4) for i in range(10)]
     mux.run({long_id, *shorts})
     order = [request for request, _ in mux.events]
     assert all(mux.tokens(s)[1] == "length" for s in shorts), "a short request never finished"
+    assert mux.tokens(long_id)[1] == "length", "the long request stopped early: the test needs it to run on"
     long_end = len(order) - 1 - order[::-1].index(long_id)
-    assert all(len(order) - 1 - order[::-1].index(s) < long_end for s in shorts), "a short waited for the long one"
+    ends = {s: len(order) - 1 - order[::-1].index(s) for s in shorts}
+    assert all(end < long_end for end in ends.values()), \
+        f"a short waited for the long one: last replies at {ends}, the long's at {long_end} (of {len(order)})"
     assert max(replies_between(order, long_id)) <= 3, "the long request went a step without a token"
     for s in shorts:
         assert max(replies_between(order, s)) <= 3, f"{s} went a step without a token"
