@@ -49,7 +49,8 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{path}: truncated ({size} bytes), not a safetensors file")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > min(_MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: header length {header_len} is impossible for a {size}-byte file (corrupt or truncated)")
+            raise CheckpointError(f"{path}: header length {header_len} is impossible for a {size}-byte file"
+                                  " (corrupt or truncated)")
         try:
             header = json.loads(f.read(header_len))
         except ValueError as exc:
@@ -83,7 +84,8 @@ class Checkpoint:
         if not self.dir.is_dir():
             raise CheckpointError(f"checkpoint {self.dir} does not exist or is not a directory")
         if not (self.dir / "config.json").is_file():
-            raise CheckpointError(f"{self.dir} has no config.json: point --model at a Hugging Face checkpoint directory")
+            raise CheckpointError(f"{self.dir} has no config.json: point --model at a Hugging Face checkpoint"
+                                  " directory")
         self.files = self._shard_files()
         self.tensors: dict[str, TensorEntry] = {}
         for path in self.files:
@@ -237,8 +239,9 @@ def find_moe_layers(model) -> list[MoeLayer]:
                                bool(getattr(module, "is_transposed", False))))
     if not layers:
         cls = type(model).__name__
-        raise CheckpointError(f"{cls} (model type {model.config.model_type!r}) has no experts module using transformers'"
-                              " ExpertsInterface (@use_experts_implementation) or an nn.ModuleDict of experts, so"
+        raise CheckpointError(f"{cls} (model type {model.config.model_type!r}) has no experts module using"
+                              " transformers' ExpertsInterface (@use_experts_implementation) or an nn.ModuleDict of"
+                              " experts, so"
                               " moeinf cannot offload its experts")
     shapes = {(l.num_experts, l.params, l.transposed) for l in layers}
     if len(shapes) != 1:
@@ -257,7 +260,8 @@ def _stacked_params(name: str, module) -> tuple[ExpertParam, ...]:
 
 def _keyed_params(name: str, module) -> tuple[ExpertParam, ...]:
     """One expert module per key: the parameters of one (``fc1.weight``, ...), the same for every expert."""
-    shapes = {tuple((n, tuple(p.shape), p.dtype) for n, p in expert.named_parameters()) for expert in keyed_experts(module)}
+    shapes = {tuple((n, tuple(p.shape), p.dtype) for n, p in expert.named_parameters())
+              for expert in keyed_experts(module)}
     if len(shapes) != 1:
         raise CheckpointError(f"experts of {name} ({type(module).__name__}) differ in parameters or shapes; moeinf"
                               " needs one slot size for all")

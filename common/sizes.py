@@ -41,7 +41,8 @@ def parse_size(text: str | int, *, what: str = "size") -> SizeSpec:
         return SizeSpec(fraction=pct / 100)
     m = _SIZE_RE.match(text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{what} {text!r} is not a size: use bytes (1048576), units (512MiB, 4GiB, 2GB) or a percentage (25%)")
+        raise ValueError(f"{what} {text!r} is not a size: use bytes (1048576), units (512MiB, 4GiB, 2GB)"
+                         " or a percentage (25%)")
     nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if nbytes <= 0:
         raise ValueError(f"{what} {text!r} must be positive")

@@ -45,7 +45,8 @@ class WorkerClient:
             if isinstance(reply, m.ErrorReply):
                 raise WorkerClientError(reply.code, reply.message)
             return reply
-        raise TimeoutError(f"the worker at {self.addr} did not answer {op.name} within {timeout_s or self.timeout_s:g}s")
+        raise TimeoutError(f"the worker at {self.addr} did not answer {op.name}"
+                           f" within {timeout_s or self.timeout_s:g}s")
 
     def info(self, timeout_s: float | None = None) -> m.WorkerInfoReply:
         rid = next(self._ids)

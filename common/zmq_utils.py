@@ -23,8 +23,8 @@ def make_socket(ctx: zmq.Context, kind: int, addr: str, *, bind: bool, hwm: int 
                 access: Access = OWNER_ONLY) -> zmq.Socket:
     path = ipc_path(addr)
     if path is not None and len(path) > _IPC_PATH_MAX:
-        raise ValueError(f"socket path {path!r} is {len(path)} characters, above the {_IPC_PATH_MAX} Unix sockets allow:"
-                         " use a shorter --state-dir (env MOEINF_STATE_DIR)")
+        raise ValueError(f"socket path {path!r} is {len(path)} characters, above the {_IPC_PATH_MAX} Unix sockets"
+                         " allow: use a shorter --state-dir (env MOEINF_STATE_DIR)")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)

@@ -152,7 +152,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("families", help="the MoE families of the installed transformers and moeinf's status for each")
     p.add_argument("--markdown", action="store_true", help="print docs/families.md")
-    p.add_argument("--results", default="docs/families.json", help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
+    p.add_argument("--results", default="docs/families.json",
+                   help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
     p.set_defaults(func=cmd_families)
 
     if tools:

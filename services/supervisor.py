@@ -100,8 +100,8 @@ class Supervisor:
         common = ["--model", str(model), "--state-dir", str(cfg.state_dir), "--log-level", cfg.log_level]
         sock = lambda name: state_socket(cfg.state_dir, name)  # noqa: E731
         group = ["--group", cfg.group] if cfg.group else []
-        self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory, "--policy", cfg.policy,
-                                   "--prefetch", "on" if cfg.prefetch else "off",
+        self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory,
+                                   "--policy", cfg.policy, "--prefetch", "on" if cfg.prefetch else "off",
                                    *(["--expert-format", cfg.expert_format] if cfg.expert_format else []),
                                    *gpu_memd_args(cfg.device)],
                           sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())

@@ -26,7 +26,8 @@ FAMILIES = {
                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_hidden_layers=5,
                         rope_scaling=None,
                         # as in the real checkpoints: latent attention expands keys to every head (with fewer "kv
-                        # heads", transformers 5.24's sdpa repeats them again and a prompt cannot be prefilled in chunks)
+                        # heads", transformers 5.24's sdpa repeats them again and a prompt cannot be prefilled in
+                        # chunks)
                         num_key_value_heads=4),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, sliding_window=16),
 }
@@ -49,12 +50,13 @@ SHRINK = dict(
     mamba_n_groups=1, n_groups=1, ssm_state_size=16, mamba_d_state=16, mamba_expand=2, mamba_chunk_size=16,
     chunk_size=16, router_hidden_size=32, rotary_dim=8, num_nextn_predict_layers=0, num_mtp_layers=0,
     first_k_dense_replace=1, num_dense_layers=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    hidden_size_per_layer_input=16, unpadded_vocab_size=320, vocab_size_per_layer_input=320, ple_embed_dim=16, ngram_vocab_size_base=64,
+    hidden_size_per_layer_input=16, unpadded_vocab_size=320, vocab_size_per_layer_input=320, ple_embed_dim=16,
+    ngram_vocab_size_base=64,
 )
 MIN_MOE_LAYERS = 4  # 25% of the experts must hold at least one layer's
 # set even where the config's default is None (a full-size default, not "off")
-MOE_COUNTS = {"head_dim", "unpadded_vocab_size", "num_experts_per_tok", "n_routed_experts", "num_experts", "num_local_experts", "n_shared_experts",
-              "moe_intermediate_size", "n_group", "topk_group"}
+MOE_COUNTS = {"head_dim", "unpadded_vocab_size", "num_experts_per_tok", "n_routed_experts", "num_experts",
+              "num_local_experts", "n_shared_experts", "moe_intermediate_size", "n_group", "topk_group"}
 # Per-family settings the generic shrink cannot guess (test data, not serving code).
 EXTRA = {
     "gemma4_text": dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32),

@@ -66,7 +66,8 @@ class Budget:
         if self.total:
             spare = self.allowance_bytes - self.runtime_bytes
             return (f"total memory limit {self.total}: {format_bytes(self.limit_bytes)} = dense weights"
-                    f" {format_bytes(self.dense_bytes)} + measured runtime with margin {format_bytes(self.runtime_bytes)}"
+                    f" {format_bytes(self.dense_bytes)} + measured runtime with margin"
+                    f" {format_bytes(self.runtime_bytes)}"
                     f" + expert memory {format_bytes(self.expert_budget_bytes)} ({self.slots} experts,"
                     f" {100 * self.fraction:.1f}%) {'+' if spare >= 0 else '-'} {format_bytes(abs(spare))}"
                     f" {'left over' if spare >= 0 else 'short'}; page cache included")

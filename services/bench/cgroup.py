@@ -47,7 +47,8 @@ class MemoryCgroup:
         self.path, self.version, self.limit_bytes = path, version, limit_bytes
 
     @classmethod
-    def create(cls, limit_bytes: int, name: str = "", root: Path | None = None, version: int | None = None) -> MemoryCgroup:
+    def create(cls, limit_bytes: int, name: str = "", root: Path | None = None,
+               version: int | None = None) -> MemoryCgroup:
         """A new cgroup ``moeinf-bench-<name>-<random>`` limited to ``limit_bytes`` (memory + page cache, no swap)."""
         if root is None:
             root, version = find_memory_hierarchy()

@@ -47,7 +47,8 @@ class Bandwidth:
                 f" reads, {self.bytes_read / 2**30:.2f} GiB, {how})")
 
 
-def read_bandwidth(paths: list[Path], max_bytes: int = 2 << 30, chunk: int = CHUNK, streams: int = STREAMS) -> Bandwidth:
+def read_bandwidth(paths: list[Path], max_bytes: int = 2 << 30, chunk: int = CHUNK,
+                   streams: int = STREAMS) -> Bandwidth:
     """Read ``paths`` in order, from the start, until ``max_bytes`` (whole chunks) or their end, with ``streams``
     reads in flight."""
     if chunk % mmap.PAGESIZE:

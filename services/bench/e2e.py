@@ -20,8 +20,8 @@ value (N client threads, one ``WorkerClient`` each, draining a shared queue); th
 time. With ``--workers N`` the moeinf systems run N worker processes on their one memd (one pool), client k talking
 to worker k mod N, with a memory limit raised by N-1 times dense weights + allowance (no expert memory: the
 workers share the pool); ``pss_bytes`` (PSS of memd + workers, the shared pool counted once) is the memory they
-hold. Every system runs ``--repeats`` times (baselines too), interleaved (all but ``transformers-resident``, which has no
-limit and runs its repeats in one start): repeat r runs every system once, in an order rotated by r (A B, then B A),
+hold. Every system runs ``--repeats`` times (baselines too), interleaved (all but ``transformers-resident``, which has
+no limit and runs its repeats in one start): repeat r runs every system once, in an order rotated by r (A B, then B A),
 each started afresh, so a disk whose speed drifts over minutes (VMs) weighs on every
 system alike (a count of repeats that is no multiple of the systems' count says it rotates unevenly); the median
 run is reported, with every run's figures; every system first

@@ -30,7 +30,8 @@ def fill_expert_cache(opts, fmt: str) -> None:
         missing = store.missing
         for start in range(0, len(missing), store.num_experts):
             store.prepare_many(missing[start:start + store.num_experts])
-        print(f"[bench] expert cache {store.directory}: {fmt}, {len(missing)} experts converted now", file=sys.stderr, flush=True)
+        print(f"[bench] expert cache {store.directory}: {fmt}, {len(missing)} experts converted now", file=sys.stderr,
+              flush=True)
     finally:
         store.close()
 

@@ -63,7 +63,8 @@ def build_doc(opts, sweep, disk, single=None) -> dict:
         "prompt_tokens": [len(p) for p in sweep.workloads.prompts(opts.systems[0])],
         "warmup_tokens": opts.warmup_tokens,
         "pin": dict(zip(("workers", "memd"), cpu_sets(opts.threads, opts.workers))) if opts.pin else None,
-        "threads": opts.threads, "workers": opts.workers, "repeats": opts.repeats, "concurrency": list(opts.concurrency),
+        "threads": opts.threads, "workers": opts.workers, "repeats": opts.repeats,
+        "concurrency": list(opts.concurrency),
     }
 
 
@@ -128,7 +129,8 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
             shown = (f"on-demand loads deliver {ondemand['stall_read_gbps']:.2f} of {best:.2f} GB/s = {x:.0%}"
                      f" (bytes / worker wait, {ONDEMAND}; one load alone reads at {per_load} GB/s)")
             if x > 1.0:  # the reader cannot beat the probe on one disk state: the disk's speed changed in between
-                shown += "; above the probe: the disk's speed changed between the probe and the run, so not counted as met"
+                shown += ("; above the probe: the disk's speed changed between the probe and the run, so not counted"
+                          " as met")
             out.append(_target(memory, f"expert loads >= {BANDWIDTH_TARGET:.0%} of the multi-stream raw read bandwidth",
                                x, BANDWIDTH_TARGET <= x <= 1.0, shown))
     return out
@@ -164,7 +166,8 @@ def format_report(doc: dict) -> str:
              f"{max(doc['prompt_tokens'])} tokens, {doc['max_tokens']} new tokens each, greedy; torch threads"
              f" {doc['threads'] or 'default'}; every system (baselines too): median of {doc['repeats']} repeat(s)",
              f"prompts: {doc['prompts']}",
-             f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s at memd's queue depth ({doc['disk_read_streams']} streams"
+             f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s at memd's queue depth"
+             f" ({doc['disk_read_streams']} streams"
              f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
              f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
              f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
@@ -190,14 +193,15 @@ def format_report(doc: dict) -> str:
     lines += _format_lines(doc["systems"])
     lines += _llama_lines(doc["systems"])
     if doc["floors"]:
-        lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per decode"
-                      " token (1 client; else per token) / multi-stream raw bandwidth (the better of the run start's and the"
-                      " probe just before the system); perfect overlap reaches the larger"]
+        lines += ["", "floors (decode ms/token): compute = transformers-resident decode p50; I/O = bytes read per"
+                      " decode token (1 client; else per token) / multi-stream raw bandwidth (the better of the run"
+                      " start's and the probe just before the system); perfect overlap reaches the larger"]
         for f in doc["floors"]:
             lines.append(f"  {f['system']:<20} {f['expert_memory']:>6} c{f['concurrency']}: compute"
                          f" {_cell(f['compute_floor_ms'], '.1f')}, I/O {_cell(f['io_floor_ms'], '.1f')}"
-                         f" ({f['io_bytes_per_token'] / 2**20:.1f} MiB/token at {f['disk_read_gbps']:.2f} GB/s), measured"
-                         f" {_cell(f['decode_ms_per_token_p50'], '.1f')} = {_cell(f['vs_floor'], '.2f')}x the larger")
+                         f" ({f['io_bytes_per_token'] / 2**20:.1f} MiB/token at {f['disk_read_gbps']:.2f} GB/s),"
+                         f" measured {_cell(f['decode_ms_per_token_p50'], '.1f')} = {_cell(f['vs_floor'], '.2f')}x"
+                         " the larger")
     if doc["targets"]:
         lines += ["", "targets (1 client):"]
         lines += [f"  {t['expert_memory']:>6} {t['target']}: {t['measured']} -> {'met' if t['met'] else 'NOT met'}"
@@ -211,9 +215,10 @@ def format_report(doc: dict) -> str:
     return "\n".join(lines)
 
 
-_HEADER = (f"{'system':<21} {'memory':>11} {'experts':>7} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9} {'TTFT s':>7}"
-           f" {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8} {'load GB/s':>9} {'wait GB/s':>9}"
-           f" {'disk busy':>9} {'peak GiB':>8} {'pf P':>5} {'pf R':>5} {'la1 P':>5} {'la1 R':>5}")
+_HEADER = (f"{'system':<21} {'memory':>11} {'experts':>7} {'clients':>7} {'limit GiB':>9} {'tokens/s':>9}"
+           f" {'TTFT s':>7} {'decode p50':>10} {'decode p90':>10} {'MiB rd/tok':>10} {'hit rate':>8}"
+           f" {'load GB/s':>9} {'wait GB/s':>9} {'disk busy':>9} {'peak GiB':>8} {'pf P':>5} {'pf R':>5}"
+           f" {'la1 P':>5} {'la1 R':>5}")
 
 
 def _line(r: dict) -> str:
@@ -273,8 +278,8 @@ def _format_lines(rows: list[dict]) -> list[str]:
             continue
         fmt = FORMAT_SYSTEMS[r["system"]]
         read, base_read = r.get("bytes_read_per_token"), base.get("bytes_read_per_token")
-        fall = (f"{base_read / read:.1f}x fewer" if read else "none read") if base_read is not None and read is not None \
-            else "n/a"
+        fall = (f"{base_read / read:.1f}x fewer" if read else "none read") \
+            if base_read is not None and read is not None else "n/a"
         out.append(f"  {r['expert_memory']:>6} {fmt}: decode p50 {r['decode_ms_per_token_p50']:.1f} ms/token ="
                    f" {r['decode_ms_per_token_p50'] / base['decode_ms_per_token_p50']:.2f}x the stored experts';"
                    f" read {_mib(read)}/token against {_mib(base_read)} ({fall})")

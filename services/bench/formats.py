@@ -3,7 +3,8 @@ MXFP4 and block FP8, under the same memory limits.
 
 Every ``--memory`` setting is a share of the pool the *first* model (the bf16 baseline) needs for all its
 experts, turned into one absolute byte count that every format's memd gets: the limit a user's machine sets.
-A quantized model holds more of its experts in it, and reads fewer bytes per miss. The systems of one setting run in this process in lockstep
+A quantized model holds more of its experts in it, and reads fewer bytes per miss.
+The systems of one setting run in this process in lockstep
 (``services/bench/overhead.py``: one generation per system, advanced a step at a time in turn, so load from
 elsewhere hits them alike), after one untimed warm-up each; the settings run one after the other. The formats
 are lossy against each other, so their tokens are not compared here: ``moeinf bench overhead --model DIR`` checks

@@ -7,7 +7,8 @@ one decode step at a time in turn (the order rotating every step), so a burst of
 every system alike. Per system: the decode step's median and mean, and how much of it the worker spent waiting in
 acquires (its round trips to memd: loads, memd's decisions, the socket) against everything else (compute, the
 hidden-state guesses, the layer notes); from memd's counters over the timed prompts: loads on demand per decode
-step, prefetch precision, how far ahead it asked for guesses and the load bandwidth it planned with. ``--ablate`` adds the activation policy without prefetch and LRU with
+step, prefetch precision, how far ahead it asked for guesses and the load bandwidth it planned with.
+``--ablate`` adds the activation policy without prefetch and LRU with
 prefetch, to split the default's cost between the policy and the prefetching.
 """
 from __future__ import annotations
@@ -124,7 +125,8 @@ def table(rows: list[dict], device: str) -> str:
         precision = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.2f}"
         lines.append(f"{r['system']:<26}{r['memory']:>8}{r['decode_p50_ms']:>9.2f}{r['decode_mean_ms']:>9.2f}{vs:>8}"
                      f"{r['acquire_wait_ms']:>9.2f}{r['decode_mean_ms'] - r['acquire_wait_ms']:>9.2f}"
-                     f"{r['misses_per_step']:>8.2f}{r.get('cpu_experts_per_step', 0):>8.2f}{precision:>10}{r['speculate_layers']:>3}{r['load_gbps']:>7.2f}  "
+                     f"{r['misses_per_step']:>8.2f}{r.get('cpu_experts_per_step', 0):>8.2f}{precision:>10}"
+                     f"{r['speculate_layers']:>3}{r['load_gbps']:>7.2f}  "
                      f"{'equal' if r['tokens_equal'] else 'DIFFER'}")
     return "\n".join(lines)
 

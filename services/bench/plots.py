@@ -11,7 +11,8 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'moeinf[bench]' (or pip install matplotlib)") from None
+        raise RuntimeError("plotting needs matplotlib: pip install 'moeinf[bench]'"
+                           " (or pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -207,7 +207,8 @@ def floor_kernels(threads: int):
 
     with tempfile.TemporaryDirectory() as kernel_dir:
         try:
-            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec_checks.check, flag="the floor's kernel")
+            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec_checks.check,
+                                       flag="the floor's kernel")
         except dequant_kernel.KernelError:
             return None
 

@@ -299,8 +299,10 @@ def _heading(doc: dict) -> str:
     raised = " (raised to one layer's experts, memd's minimum)" if doc["raised_to_one_layer"] else ""
     return (f"{doc['trace']}: {doc['num_layers']} MoE layers x {doc['num_experts']} experts of"
             f" {format_bytes(doc['expert_bytes'])}, {doc['steps']} steps, {doc['tokens']} tokens; --expert-memory"
-            f" {doc['expert_memory']}: {doc['capacity_experts']} slots{raised}; leases {'on' if doc['leases'] else 'off'}"
-            f"\nlayer compute {doc['layer_compute_ms']:.3g} ms ({doc['layer_compute_source']})\nbounds, fetches per token: Belady {doc['belady_fetches_per_token']:.3f},"
+            f" {doc['expert_memory']}: {doc['capacity_experts']} slots{raised};"
+            f" leases {'on' if doc['leases'] else 'off'}"
+            f"\nlayer compute {doc['layer_compute_ms']:.3g} ms ({doc['layer_compute_source']})"
+            f"\nbounds, fetches per token: Belady {doc['belady_fetches_per_token']:.3f},"
             f" on-demand LRU {doc['lru_fetches_per_token']:.3f}")
 
 
@@ -332,8 +334,8 @@ def run(args) -> int:
             for memory in opts.memories:
                 slots, raised = capacity(memory, store)
                 if slots in done:
-                    print(f"{plan.path}: --expert-memory {memory} is {slots} slots{' (memd minimum)' if raised else ''},"
-                          " measured already\n")
+                    print(f"{plan.path}: --expert-memory {memory} is {slots} slots"
+                          f"{' (memd minimum)' if raised else ''}, measured already\n")
                     continue
                 done.add(slots)
                 docs.append(replay_capacity(plan, store, memory, opts))

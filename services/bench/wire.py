@@ -130,7 +130,8 @@ def run(args) -> int:
         olds.append(round_trip_us(cases, False, args.n))
         news.append(round_trip_us(cases, True, args.n))
     o, n = statistics.median(olds), statistics.median(news)
-    print(f"{'acquire RTT ipc':<16} {'':>6} {o:>8.1f}us {n:>8.1f}us {n / o:>8.2f}   (DEALER -> ROUTER, server in a thread)")
+    print(f"{'acquire RTT ipc':<16} {'':>6} {o:>8.1f}us {n:>8.1f}us {n / o:>8.2f}"
+          "   (DEALER -> ROUTER, server in a thread)")
     return 0
 
 

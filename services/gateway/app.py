@@ -96,7 +96,8 @@ class Gateway:
         job = rq.Job(chat=False, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
         text, ids = rq.parse_prompt(body, info.vocab_size)
         rq.parse_sampling(body, job, chat=False, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
-        job.forced_tokens = rq.parse_target_language(body, info.model_type, info.target_language, self.codec.language_id)
+        job.forced_tokens = rq.parse_target_language(body, info.model_type, info.target_language,
+                                                     self.codec.language_id)
         if job.forced_tokens and 0 < job.max_tokens <= len(job.forced_tokens):
             raise bad_request(f"'max_tokens' must leave room for text after the target language token (it counts"
                               f" as one): at least {len(job.forced_tokens) + 1}", "max_tokens")

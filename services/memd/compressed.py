@@ -32,7 +32,8 @@ from common.checkpoint import CheckpointError
 from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode, numpy_dtype
 from common.expert_index import ExpertIndex, align_up
-from services.memd.slot_images import CACHE_DIR, SlotImageCache, cache_root  # noqa: F401 (CACHE_DIR, cache_root: re-exported)
+# (CACHE_DIR, cache_root: re-exported)
+from services.memd.slot_images import CACHE_DIR, SlotImageCache, cache_root  # noqa: F401
 
 log = logging.getLogger("moeinf.memd.compressed")
 FORMATS = ("fp8", "mxfp4")

@@ -13,7 +13,8 @@ chunk would hand workers a new handle, which this version does not do (it says s
 Writes are ``cudaMemcpyAsync`` host-to-device from a pinned host buffer on non-blocking copy streams, one per
 issuing thread (a reader thread whose disk read just landed, or memd's loop for a host-tier hit) and kind of load:
 a demand copy never queues behind a prefetch copy, and copies from different threads do not queue behind each
-other (each stream runs in order; the GPU's copy engines serve them all). A write first makes its stream wait on the events it is
+other (each stream runs in order; the GPU's copy engines serve them all).
+A write first makes its stream wait on the events it is
 given (a worker's "done reading this slot", write-after-read; the slot's previous write, write-after-write
 across the streams) and records an event after the copy (read-after-write), returned as its ``Completion``.
 With ``--copy-events ipc`` (the default) the write also records the next entry of an ``EventRing``: interprocess

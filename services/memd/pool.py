@@ -69,7 +69,8 @@ class SharedPool:
             os.close(fd)
             self.path.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
-                raise RuntimeError(f"/dev/shm cannot hold a {format_bytes(nbytes)} pool: lower --expert-memory") from None
+                raise RuntimeError(f"/dev/shm cannot hold a {format_bytes(nbytes)} pool:"
+                                   " lower --expert-memory") from None
             raise
         os.close(fd)
         self.view = memoryview(self.mmap)

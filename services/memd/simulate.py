@@ -3,7 +3,8 @@
 The same ``ExpertCache`` the server uses decides hits, loads, evictions, predictions and prefetches; the same
 ``leases.ConnectedWorker`` holds the worker's pins and leases; the reader is ``sim_reader.SimReader`` (memd's
 reader rules: on-demand chunks before prefetch chunks on every thread, preemption at chunk granularity,
-``read_threads`` threads sharing the disk's bandwidth). Only time and I/O are simulated. Per step and MoE layer, as the worker does:
+``read_threads`` threads sharing the disk's bandwidth). Only time and I/O are simulated.
+Per step and MoE layer, as the worker does:
 
 * every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing and the guesses), which
   feeds the predictor and the policy. The guesses are the trace's ``guesses`` those memd asks for (its lookahead
@@ -159,7 +160,8 @@ class Simulator:
         if not self.core.wants_guesses():
             return [], [], []
         ahead, threshold = self.core.speculation(self.bandwidth)
-        ahead = min(ahead or WORKER_AHEAD, WORKER_AHEAD)  # the worker guesses within its knob (default), whatever memd asks
+        # the worker guesses within its knob (default), whatever memd asks
+        ahead = min(ahead or WORKER_AHEAD, WORKER_AHEAD)
         last = min(self.header.num_layers - 1, layer + ahead)
         if self.cfg.guesses == "oracle":
             picks = [(t, e, 1.0) for t in range(layer + 1, last + 1) if t in step.layers

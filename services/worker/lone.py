@@ -54,7 +54,8 @@ def _calls_attention(cls) -> bool:
 
 def run_alone(modules: list[torch.nn.Module], original: str, active) -> None:
     """Make each module run per request while a step is active (``active()`` returns its ``StepLayout``), with the
-    model's own attention implementation ``original`` (its config copied, so the rest of the model keeps the per-request attention)."""
+    model's own attention implementation ``original`` (its config copied, so the rest of the model keeps the
+    per-request attention)."""
     for module in modules:
         config = copy.copy(module.config)
         config._attn_implementation_internal = original

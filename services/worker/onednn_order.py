@@ -9,8 +9,9 @@ torch's threads, oneDNN splits the sum among them too, which the kernel does not
 once per shape (output rows, input columns, row stride, input rows, torch's threads): on a probe of that shape
 where a sum in another order rounds differently (``matvec_checks.order_probe`` tiled to the real width, or to
 ``PROBE_ROWS`` rows plus the width's last partial 64 for a wider one: measured, a wider output was summed in the
-same blocks, having only more to share among the threads), the first of ``CANDIDATES`` whose products equal ``F.linear``'s (with and without
-a bias), ``x @ W`` for the weight stored ``[in, out]`` and transformers' grouped matmul's, bit for bit. A shape where none does keeps torch's own product.
+same blocks, having only more to share among the threads), the first of ``CANDIDATES`` whose products equal
+``F.linear``'s (with and without a bias), ``x @ W`` for the weight stored ``[in, out]`` and transformers' grouped
+matmul's, bit for bit. A shape where none does keeps torch's own product.
 """
 from __future__ import annotations
 

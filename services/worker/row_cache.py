@@ -30,7 +30,8 @@ class RowCache:
         """The row of each routed expert, and the ``(slot, row)`` pairs that must be dequantized first."""
         if len(experts) > self.rows:
             raise RuntimeError(f"{len(experts)} experts routed in one layer, the dequantization buffer holds"
-                               f" {self.rows} (min(experts, pool slots, --dequant-scratch-experts) + --dequant-cache-mb)")
+                               f" {self.rows} (min(experts, pool slots, --dequant-scratch-experts)"
+                               " + --dequant-cache-mb)")
         keys = [(layer, e, s) for e, s in zip(experts, slots)]
         pinned = {self.order[k] for k in keys if k in self.order}
         rows, fill = [], []

@@ -41,7 +41,8 @@ class Seq2Seq:
 
     def new_cache(self) -> EncoderDecoderCache:
         config = self.model.config
-        return EncoderDecoderCache(growing_cache(config), DynamicCache(config=config))  # (self-attention grows in place)
+        return EncoderDecoderCache(growing_cache(config),  # (self-attention grows in place)
+                                   DynamicCache(config=config))
 
     def forward(self, seqs: list) -> list[torch.Tensor]:
         """The float32 logits of the next token of each of ``seqs`` (``engine.Sequence``): the encoder first for

@@ -158,7 +158,8 @@ def test_a_total_gives_each_system_what_its_runtime_leaves(tiny):
     total = sizes.dense_bytes + (200 << 20) + 3 * sizes.slot_bytes + 100  # 3 slots and change beyond a 200 MiB runtime
     lean, heavy = derive_total(sizes, str(total), 200 << 20), derive_total(sizes, str(total), 200 << 20 + 4096 * 1024)
     assert lean.limit_bytes == heavy.limit_bytes == total  # every system runs under the total
-    assert lean.slots == 3 and lean.expert_budget_bytes == 3 * sizes.slot_bytes and lean.memd_memory == str(3 * sizes.slot_bytes)
+    assert lean.slots == 3 and lean.expert_budget_bytes == 3 * sizes.slot_bytes \
+        and lean.memd_memory == str(3 * sizes.slot_bytes)
     assert heavy.slots < lean.slots, "a heavier runtime leaves fewer experts"
     assert lean.fraction == 3 / sizes.num_experts
     assert lean.allowance_bytes == total - sizes.dense_bytes - lean.expert_budget_bytes
@@ -186,7 +187,8 @@ def test_runtime_allowance_is_measured_with_a_margin():
     assert baseline_runtime(ProcMemory(900 << 20, 300 << 20), 700 << 20) == 500 << 20
     runtimes = Runtimes({"moeinf": 100 << 20, "baselines": 300 << 20})
     assert runtimes.allowance("moeinf") == -(-int((100 << 20) * MARGIN) // (1 << 20)) * (1 << 20)
-    assert runtimes.allowance() == runtimes.allowance("baselines") > runtimes.allowance("moeinf")  # one limit: the largest
+    # one limit: the largest
+    assert runtimes.allowance() == runtimes.allowance("baselines") > runtimes.allowance("moeinf")
     assert Runtimes().allowance() == 0
 
 

@@ -38,7 +38,8 @@ def test_table_and_json(tmp_path, bench_tmp):
     assert doc["warm_eamc"] is False and "fresh prompts" in proc.stdout
     for r in rows:  # prediction quality from memd's STATS (values: tests/bench/test_e2e_quality.py)
         assert {"prefetch_precision", "prefetch_recall", "lookahead", "speculation"} <= set(r)
-        assert all(s["precision"] == (s["correct"] / s["predicted"] if s["predicted"] else None) for s in r["lookahead"])
+        assert all(s["precision"] == (s["correct"] / s["predicted"] if s["predicted"] else None)
+                   for s in r["lookahead"])
     assert "la1 P" in proc.stdout and "lookahead P/R by distance 1:" in proc.stdout
     assert list(tmp.iterdir()) == [] and not new_orphans(stale), "the bench left a state directory or a pool"
 
@@ -146,7 +147,8 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     rows = [run("lru", 0, 1.0, 700.0), run("moeinf", 0, 1.5, 500.0), run("moeinf", 1, 1.2, 560.0),
             run("lru", 1, 0.9, 760.0), failed("lru", 2), run("moeinf", 2, 1.3, 540.0)]
     lru, ours = merge_repeats(rows)
-    assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 700.0, 2)  # the failed run dropped
+    # the failed run dropped
+    assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 700.0, 2)
     assert lru["decode_ms_per_token_p50_all"] == [700.0, 760.0, None] and lru["tokens_per_s_all"] == [1.0, 0.9]
     assert ours["decode_ms_per_token_p50"] == 540.0 and ours["decode_ms_per_token_p50_all"] == [500.0, 560.0, 540.0]
     assert paired_ratios(ours, lru) == pytest.approx([500 / 700, 560 / 760])  # repeat by repeat; repeat 2 unpaired

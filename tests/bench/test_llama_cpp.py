@@ -62,7 +62,8 @@ def test_the_gguf_header_is_checked_against_the_checkpoint(tmp_path, model):
     assert meta["llama.block_count"] > 0 and meta["tokenizer.ggml.tokens"] is None  # arrays skipped, keys after read
     assert gguf_mismatch(good, model) is None
     wrong = gguf_of(model, tmp_path / "wrong.gguf", **{"llama.expert_count": 3})
-    assert "not a conversion of --model" in gguf_mismatch(wrong, model) and "expert_count 3" in gguf_mismatch(wrong, model)
+    assert "not a conversion of --model" in gguf_mismatch(wrong, model) \
+        and "expert_count 3" in gguf_mismatch(wrong, model)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"PK\x03\x04 not a gguf")
     assert "not a GGUF file" in gguf_mismatch(junk, model)

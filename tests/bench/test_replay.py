@@ -180,7 +180,8 @@ def test_replay_against_memd(tmp_path, bench_tmp):
     # memd's LRU without prefetch (and without leases) is the on-demand LRU bound, up to the order in which one
     # layer's misses finish loading (memd makes them most recent as they finish, the bound in expert order)
     assert abs(rows["lru"]["fetches"] - doc["lru_fetches"]) <= max(2, doc["lru_fetches"] // 20)
-    assert rows["lru"]["prefetch_issued"] == 0 and rows["lru"]["bytes_read"] == rows["lru"]["misses"] * doc["expert_bytes"]
+    assert rows["lru"]["prefetch_issued"] == 0 \
+        and rows["lru"]["bytes_read"] == rows["lru"]["misses"] * doc["expert_bytes"]
     if plot:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     left = [p.name for p in tmp.iterdir() if p.name.startswith("moeinf-bench-")]  # (torch may cache here too)

@@ -24,7 +24,8 @@ STEPS = 180  # enough steps that the replay's run-to-run noise (a few fetches) i
 def test_simulator_agrees_with_replay_on_fetches(tmp_path, bench_tmp):
     out, tmp = tmp_path / "replay.json", bench_tmp
     cmd = moeinf_cmd("bench", "replay", "--trace", str(DEMO_TRACE), "--max-steps", str(STEPS), "--expert-bytes",
-                     "64KiB", "--store-dir", str(tmp_path / "stores"), "--policies", "lru,activation,activation+prefetch",
+                     "64KiB", "--store-dir", str(tmp_path / "stores"),
+                     "--policies", "lru,activation,activation+prefetch",
                      "--expert-memory", "25%", "50%", "--json", str(out))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -251,10 +251,12 @@ def test_wrong_field_types(op, fields, match):
 
 @pytest.mark.parametrize("op, fields, reply, match", [
     (Op.CANCEL, [1], True, r"CancelReply.found: Expected `bool`, got `int`"),
-    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, "1.0", 0.0, True, []], True, r"StatsReply.read_seconds: Expected `float`, got `str`"),
-    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, 1.0, 0.0, True, [], "lru", False, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0.0, 0, 0,
-                0.0, 0.0,
-                [[0, 1, 2, 3, 4, "5", 0.0, 0]]], True, r"StatsReply.layers\[0\].prefetch_wasted: Expected `int`, got `str`"),
+    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, "1.0", 0.0, True, []], True,
+     r"StatsReply.read_seconds: Expected `float`, got `str`"),
+    (Op.STATS, [0, 1, 2, 3, 4, 5, 6, 7, 8, 1.0, 0.0, True, [], "lru", False, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0.0, 0,
+                0, 0.0, 0.0,
+                [[0, 1, 2, 3, 4, "5", 0.0, 0]]], True,
+     r"StatsReply.layers\[0\].prefetch_wasted: Expected `int`, got `str`"),
     (Op.GENERATE, ["r", [1], 3], True, r"TokensReply.finish_reason: Expected `str \| null`, got `int`"),
 ])
 def test_wrong_reply_field_types(op, fields, reply, match):
@@ -333,7 +335,8 @@ def test_every_message_is_a_frozen_array_like_struct_without_extra_fields():
     # a forged step trace: a token counter of 4.6e18, a NaN weight, a negative layer
     (Op.STEP_TRACE, [1, 2, ["r"], [4_600_000_000_000_000_000], [False], []], False,
      r"StepTraceEvent.tokens\[0\]: Expected `int` <= 2147483647"),
-    (Op.STEP_TRACE, [1, 2**60, ["r"], [1], [False], []], False, r"StepTraceEvent.step: Expected `int` <= 9007199254740992"),
+    (Op.STEP_TRACE, [1, 2**60, ["r"], [1], [False], []], False,
+     r"StepTraceEvent.step: Expected `int` <= 9007199254740992"),
     (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [0], [False], [1], [1], [1], [float("nan")]], False,
      r"StepTraceEvent.weights\[0\]: Expected `float` >= 0.0"),
     (Op.STEP_TRACE, [1, 2, ["r"], [1], [False], [0], [False], [1], [1], [1], [float("inf")]], False,

@@ -9,7 +9,8 @@ def codec(demo_model):
     return TextCodec(demo_model)
 
 
-@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉🚀 mix ñ", "plain ascii words here"])
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉🚀 mix ñ",
+                                  "plain ascii words here"])
 def test_stream_of_single_tokens_reassembles_the_text(codec, text):
     ids = codec.encode(text)[1:] if codec.encode(text)[:1] == [codec.tokenizer.bos_token_id] else codec.encode(text)
     detok = IncrementalDetokenizer(codec, [codec.tokenizer.bos_token_id])

@@ -112,7 +112,8 @@ def test_health_and_stats(stack, worker):
     assert code == 0 and out.startswith(f"ok: memd pid {stack.memd.pid}")
     worker.generate(PROMPTS[0], 4)
     stats = admin(stack.state_dir, "stats")
-    assert stats["capacity"] == SLOTS and stats["slot_bytes"] == SLOT_BYTES and stats["stats"]["num_slots"] == SLOTS == stats["region_slots"]
+    assert stats["capacity"] == SLOTS and stats["slot_bytes"] == SLOT_BYTES \
+        and stats["stats"]["num_slots"] == SLOTS == stats["region_slots"]
     assert stats["pool_resident_bytes"] == SLOTS * SLOT_BYTES == region_bytes(stack.state_dir)
     assert stats["stats"]["misses"] > 0 and len(stats["stats"]["layers"]) == 4
     code, out, _ = admin(stack.state_dir, "stats", raw=True)

@@ -128,7 +128,8 @@ def test_memd_process_never_imports_torch(mixtral, state_dir, tmp_path, heavy, e
     out, log = tmp_path / "modules.txt", tmp_path / "memd.log"
     module = moeinf_cmd()[2]
     code = ("import torch; " if heavy else "") + PROBE.format(module=module)
-    args = [sys.executable, "-c", code, str(out), "memd", "--model", str(mixtral), "--state-dir", str(state_dir), *extra]
+    args = [sys.executable, "-c", code, str(out), "memd", "--model", str(mixtral), "--state-dir", str(state_dir),
+            *extra]
     proc = subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_log(proc, log, "memd ready", timeout=120)

@@ -31,7 +31,8 @@ def read_all(index, direct_io: bool) -> tuple[torch.Tensor, dict]:
             assert reader.read(key, slot)[0] == index.expert_bytes
     finally:
         reader.close()
-    return torch.frombuffer(pool, dtype=torch.uint8).view(len(keys), index.slot_bytes), dict(zip(keys, range(len(keys))))
+    return (torch.frombuffer(pool, dtype=torch.uint8).view(len(keys), index.slot_bytes),
+            dict(zip(keys, range(len(keys)))))
 
 
 def test_only_rows_a_multiple_of_2_kib_long_are_spread_and_the_rest_moves_up(wide):

@@ -256,7 +256,8 @@ def test_mixed_expert_dtypes_are_refused(checkpoints, tmp_path):
     path = rewrite_experts(checkpoints["mixtral"], tmp_path / "mixed",
                            lambda k, v: v.half() if k.startswith("model.layers.3.") and ".experts." in k else v)
     with pytest.raises(CheckpointError, match=r"^model\.layers\.\d\.block_sparse_moe\.experts\.\d\.w\d\.weight: expert"
-                                              r" dtype F(16|32) differs from the other experts' F(32|16) \(experts that mix formats"):
+                                              r" dtype F(16|32) differs from the other experts' F(32|16)"
+                                              r" \(experts that mix formats"):
         ExpertStore(Checkpoint(path))
 
 

@@ -10,7 +10,8 @@ on): one expert read takes two layers of compute. The margins asserted are below
 | demo model's trace, 50%     | 0.432          | 0.353               | 0.82                    | <= 0.86          |
 
 (The demo row was 0.75 when the simulator fed memd through acquires and revoked every other lease under
-pressure; with layer notes and memd's shortfall revocation it is 0.82.) (The cyclic-distance policy of issue 11 prefetches only near-certain experts; the earlier policy prefetched every
+pressure; with layer notes and memd's shortfall revocation it is 0.82.)
+(The cyclic-distance policy of issue 11 prefetches only near-certain experts; the earlier policy prefetched every
 likely one and got 0.79 and 0.54 here, at the price of losing to LRU on flat, Mixtral-like routing.)
 """
 from pathlib import Path

@@ -1,7 +1,8 @@
 """Exact per-request expert attribution under batching, checked on what the worker tells memd for every layer.
 
 The worker's engine runs in this process against a real memd. Each layer note's ``(layer, experts, requests,
-tokens)`` is recorded (the note carries the attribution; an acquire only asks for slots); summing ``tokens`` per request gives its expert activation matrix (EAM: MoE layers x
+tokens)`` is recorded (the note carries the attribution; an acquire only asks for slots);
+summing ``tokens`` per request gives its expert activation matrix (EAM: MoE layers x
 experts, tokens routed). Two interleaved requests must each get the EAM they get alone, and every MoE layer of a
 step must acquire the union of the step's experts exactly once.
 """

@@ -79,7 +79,8 @@ def layouts(rows: int, k: int) -> dict[str, torch.Tensor]:
     return {"rows": r(rows, k), "column slice": r(rows, 3 * k)[:, k:2 * k], "every other row": r(2 * rows, k)[::2],
             "3-d transposed": r(rows, 2, k).transpose(0, 1), "expanded": r(1, k).expand(rows, k),
             "transposed": r(k, rows).t(), "last position": r(1, 3 * rows, k)[:, -1:],
-            "3-d strided": r(2, 3 * rows, k)[:, ::3], "3-d": r(3, rows, k), "4-d transposed": r(2, 2, rows, k).transpose(1, 2)}
+            "3-d strided": r(2, 3 * rows, k)[:, ::3], "3-d": r(3, rows, k),
+            "4-d transposed": r(2, 2, rows, k).transpose(1, 2)}
 
 
 @pytest.mark.parametrize("out_features,in_features", [(1024, 2048), (512, 4096)])
