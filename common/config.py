@@ -17,7 +17,7 @@ from common.knobs import add_config_args as add_config_args, build_config as bui
 from common.knobs import env_name as env_name, flag_name, knob
 from common.sizes import parse_size
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 CPU_EXPERTS = ("off", "auto", "always")  # memd --cpu-experts
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)
@@ -238,6 +238,9 @@ class WorkerConfig:
                                   " this bounds the worker's memory); 0: oneDNN's own bound (1024)")
     leases: bool = knob(True, "keep the experts memd granted until it revokes them, so a layer whose experts are all"
                               " held costs no message (off: one acquire and one release per MoE layer)")
+    early_experts: bool = knob(True, "a lone decode token's layer whose experts are not all resident computes the"
+                                     " resident ones while memd loads the others (same results; needs the"
+                                     " one-call experts path of --matvec-kernel); off: it waits for all")
     group: str = knob("", "sockets, shared memory and state files are the owner's only (0600); with a group name they"
                           " are also that group's (0660), for services run by different users of it")
     worker_id: str = knob("", "name of this worker when several share one memd: it serves <state-dir>/worker-<id>.sock"

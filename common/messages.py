@@ -132,6 +132,9 @@ class AcquireRequest(Message):
     # recency before this acquire's, so eviction sees the order in which experts really ran
     leased_uses: list[list[Index]] = field(default_factory=list)
     counts: list[Index] = field(default_factory=list)  # tokens routed to each expert (only for --cpu-experts)
+    # answer as soon as some of the experts are resident, listing in ``AcquireReply.loading`` those still loading:
+    # the worker computes the others meanwhile and asks for the rest with AWAIT (a lone decode token's layer)
+    partial: bool = False
 
 
 class AcquireReply(Message):
@@ -149,6 +152,16 @@ class AcquireReply(Message):
     # positions in the request's experts the worker computes on its CPU from the host tier (--cpu-experts on): their
     # ``slots`` entries are host-tier slots, pinned until the worker's next message about a later layer
     host: list[Index] = field(default_factory=list)
+    # a partial answer (``AcquireRequest.partial``): positions whose loads are still in flight; their ``slots``
+    # entries mean nothing yet, and the worker must send AWAIT, whose reply gives every slot, before it reads them
+    loading: list[Index] = field(default_factory=list)
+
+
+class AwaitRequest(Message):
+    """The rest of this worker's partly answered acquire of ``layer``: the reply (an ``AcquireReply``, ``loading``
+    empty) comes once every one of its loads is done."""
+
+    layer: Index
 
 
 class ReleaseRequest(Message):
@@ -223,6 +236,7 @@ class StatsReply(Message):
     lookahead: list[LookaheadStats] = field(default_factory=list)
     next_gate: list[LookaheadStats] = field(default_factory=list)  # the worker's next-gate guess alone (distance 1)
     acquires: Count = 0  # ACQUIRE messages received
+    acquires_partial: Count = 0  # of them, answered while some of their loads ran (AcquireRequest.partial)
     leased_layers: Count = 0  # MoE layers a worker computed from its leases, with no message (told by step traces)
     speculation: list[LookaheadStats] = field(default_factory=list)  # the worker's hidden-state guesses, by distance
     layer_notes: Count = 0  # LAYER_NOTE events received (one per MoE layer per step, leased or not)

@@ -26,6 +26,7 @@ class Op(enum.IntEnum):
     RELEASE = 4
     STATS = 5
     RETURN_LEASES = 6
+    AWAIT = 7
     # worker -> memd trace stream
     REQUEST_START = 32
     REQUEST_END = 33
@@ -66,6 +67,7 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.RELEASE: Rpc(m.ReleaseRequest, None, Handler.INLINE),
     Op.STATS: Rpc(m.StatsRequest, m.StatsReply, Handler.INLINE),
     Op.RETURN_LEASES: Rpc(m.ReturnLeasesRequest, None, Handler.INLINE),
+    Op.AWAIT: Rpc(m.AwaitRequest, m.AcquireReply, Handler.ASYNC),  # the rest of a partial acquire
     Op.REQUEST_START: Rpc(m.RequestStartEvent, None, Handler.INLINE),
     Op.REQUEST_END: Rpc(m.RequestEndEvent, None, Handler.INLINE),
     Op.STEP_TRACE: Rpc(m.StepTraceEvent, None, Handler.INLINE),
@@ -89,7 +91,7 @@ PROTOCOL: dict[Op, Rpc] = {
     Op.ADMIN_EAMC_EXPORT: Rpc(a.EamcExportRequest, a.EamcExportReply, Handler.ASYNC),  # serialised off the loop
 }
 
-MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS, Op.RETURN_LEASES})
+MEMD_RPC_OPS = frozenset({Op.HELLO, Op.READY, Op.ACQUIRE, Op.RELEASE, Op.STATS, Op.RETURN_LEASES, Op.AWAIT})
 MEMD_TRACE_OPS = frozenset({Op.REQUEST_START, Op.REQUEST_END, Op.STEP_TRACE, Op.LAYER_NOTE})
 WORKER_OPS = frozenset({Op.GENERATE, Op.CANCEL, Op.WORKER_INFO})
 MEMD_ADMIN_OPS = frozenset(op for op in Op if op.name.startswith("ADMIN_"))

@@ -24,7 +24,8 @@ SCRAPE_TIMEOUT_S = 1.0
 MEMD_COUNTERS = frozenset({
     "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "tokens",
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
-    "trace_lost", "predicted", "correct", "routed", "acquires", "leased_layers", "layer_notes", "notes_dropped",
+    "trace_lost", "predicted", "correct", "routed", "acquires", "acquires_partial", "leased_layers", "layer_notes",
+    "notes_dropped",
     "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
     "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written",
 })
@@ -34,6 +35,7 @@ MEMD_HELP = {
     "pool_bytes": "bytes of the expert pool", "num_slots": "expert slots in the pool",
     "resident": "experts resident in the pool", "pinned": "experts pinned or leased by a worker",
     "acquires": "ACQUIRE messages from workers",
+    "acquires_partial": "acquires answered while some of their loads ran (the worker computed the others meanwhile)",
     "leased_layers": "MoE layers a worker computed from its leased experts, with no message to memd",
     "hits": "experts acquired that were already resident", "misses": "experts loaded on demand",
     "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the checkpoint",

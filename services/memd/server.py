@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -40,6 +39,7 @@ from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
+from services.memd.staged import Pending, StagedAcquires
 from services.memd.stats import stats_fields
 from services.memd.slot_images import image_fields
 from services.memd.tiers import tier_fields
@@ -48,19 +48,6 @@ log = logging.getLogger("moeinf.memd")
 TRACE_HWM = 1024
 EAMC_SAVE_INTERVAL_S = 30.0
 NOTE_TURNS = 4  # event-loop turns an acquire yields for its own layer note to be read first
-
-
-class Pending(NamedTuple):
-    """An acquire between ``begin_acquire`` and its reply."""
-
-    req: m.AcquireRequest
-    keys: list[tuple[int, int]]
-    waits: list  # loads to wait for
-    hits: int
-    revoked: list[tuple[int, int]]  # leases taken back
-    epoch: int  # the revoke epoch when they were (a reclaim while the loads run makes the worker come back)
-    fed: bool  # it carried its layer's routing: plan prefetches once it is answered
-    host: dict[int, int]  # positions the worker computes on its CPU -> host-tier slots (--cpu-experts auto|always)
 
 
 class RpcError(CodedError):
@@ -82,9 +69,11 @@ class MemdServer:
         self.pool_name = self.pool.export().name or self.pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, ConnectedWorker] = {}
+        self.staged = StagedAcquires(self)  # acquires answered in two parts (AcquireRequest.partial)
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
             Op.RELEASE: self.on_release, Op.STATS: self.on_stats, Op.RETURN_LEASES: self.on_return_leases,
+            Op.AWAIT: self.staged.on_await,
             Op.REQUEST_START: self.on_request_start, Op.REQUEST_END: self.on_request_end,
             Op.STEP_TRACE: self.on_step_trace, Op.LAYER_NOTE: self.on_layer_note,
         }
@@ -205,6 +194,7 @@ class MemdServer:
             self.host.forget(client.pid)
             client.release_all(self.table)
             self.pool.close_events(client.read_events)
+            self.staged.forget_worker(identity)
 
     def _client(self, identity: bytes) -> ConnectedWorker:
         client = self.clients.get(identity)
@@ -215,9 +205,11 @@ class MemdServer:
     # ------------------------------------------------------------------ handlers
     def on_hello(self, identity: bytes, req: m.HelloRequest) -> m.HelloReply:
         if req.protocol != PROTOCOL_VERSION:
-            raise RpcError("protocol", f"worker speaks protocol {req.protocol}, memd {PROTOCOL_VERSION}: run one version")
+            raise RpcError("protocol", f"worker speaks protocol {req.protocol}, memd {PROTOCOL_VERSION}: run one"
+                                       " version")
         if os.path.realpath(req.model) != os.path.realpath(self.cfg.model):
-            raise RpcError("model", f"memd serves {self.cfg.model}, the worker loaded {req.model}: give both one --model")
+            raise RpcError("model", f"memd serves {self.cfg.model}, the worker loaded {req.model}: give both one"
+                                    " --model")
         if identity not in self.clients and len(self.clients) >= self.cfg.max_clients:
             raise RpcError("capacity", f"{len(self.clients)} workers attached; raise --max-clients")
         if refused := refusal(pool := self.pool.export(), req.device):
@@ -256,7 +248,10 @@ class MemdServer:
             return
         if pending.waits:  # no prefetch is planned until this one is answered: demand first
             self.prefetcher.hold()
-            task = asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
+            if req.partial and not pending.host:  # answered once some experts are resident (staged.py)
+                task = self.staged.start(identity, rid, pending)
+            else:
+                task = asyncio.create_task(self._handle(identity, Op.ACQUIRE, rid, pending))
             task.add_done_callback(lambda _: self.prefetcher.let_go())
         else:
             await send(self.rpc, identity, encode(Op.ACQUIRE, rid, self._acquired(pending)))
@@ -289,13 +284,13 @@ class MemdServer:
         revoked = self._pin_or_lease(client, req, keys)
         with self._released_on_failure(client, req, keys):
             plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys] if host else None)
-            waits = [self.loads.start(key, slot, demand=True) for key, slot in plan.loads]
-            waits += [self.loads.promote(key) for key in plan.already_loading]
+            loading = {key: self.loads.start(key, slot, demand=True) for key, slot in plan.loads}
+            loading.update((key, self.loads.promote(key)) for key in plan.already_loading)
             wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
-            waits += [asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait))
-                      for key in plan.no_slot]
+            loading.update((key, asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait)))
+                           for key in plan.no_slot)
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
-        return Pending(req, keys, waits, plan.hits, revoked, epoch, plan.fed, host)
+        return Pending(req, keys, list(loading.values()), loading, plan.hits, revoked, epoch, plan.fed, host)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
         """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's
@@ -333,22 +328,26 @@ class MemdServer:
                 raise RpcError("io", str(exc)) from None
             raise
 
-    async def on_acquire(self, identity: bytes, pending) -> m.AcquireReply:
-        """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``)."""
+    async def on_acquire(self, identity: bytes, pending, stall: bool = True) -> m.AcquireReply:
+        """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``); ``stall``: count the
+        wait as the worker's (a partial answer counts its own: staged.py)."""
         req = pending.req
         start = time.perf_counter()
         client = self._client(identity)
         with self._released_on_failure(client, req, pending.keys):
             await asyncio.gather(*pending.waits)
-            self.core.stall(client.pid, req.layer, time.perf_counter() - start)
+            if stall:
+                self.core.stall(client.pid, req.layer, time.perf_counter() - start)
         return self._acquired(pending)
 
-    def _acquired(self, p: Pending) -> m.AcquireReply:
+    def _acquired(self, p: Pending, loading: list[int] = ()) -> m.AcquireReply:
+        """The reply to ``p``; ``loading``: positions still loading (a partial answer: their slots are 0 here)."""
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
-        slots = [self.table.slot_of[k] for k in p.keys]
+        slots = [0 if j in loading else self.table.slot_of[k] for j, k in enumerate(p.keys)]
         replied = merge_slots(len(p.req.experts), slots, p.host) if p.host else slots
         return m.AcquireReply(replied, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
-                              self.core.wants_guesses(), self.reader.pending_events(slots), sorted(p.host))
+                              self.core.wants_guesses(), self.reader.pending_events(slots), sorted(p.host),
+                              list(loading))
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)
@@ -376,6 +375,7 @@ class MemdServer:
                             c.hits, c.misses, c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds,
                             self.reader.direct_io, t.resident_per_layer(self.store.num_layers),
                             read_bandwidth=self.reader.bandwidth or 0.0, reader_busy_seconds=self.loads.busy_seconds(),
+                            acquires_partial=self.staged.answered_early,
                             **stats_fields(self.core), **tier_fields(self.reader, self.host),
                             **image_fields(self.store, self.reader))
 

@@ -147,8 +147,10 @@ class ExpertBinding:
         launched = None if span is None else self.speculator.launch(self.layer, hidden_states, span)
         routing = Routing.of(top_k_index, top_k_weights, self.steps, self.num_experts)  # the one wait for the GPU
         every = ([], [], []) if launched is None else self.speculator.pick(launched, threshold)
-        slots = self.acquire(routing, every, top_k_index, top_k_weights)
+        slots = self.acquire(routing, every, top_k_index, top_k_weights, self.takes_parts(routing))
         try:
+            if client.loading:  # memd answered with some experts still loading: the others are computed meanwhile
+                return self.in_two_parts(routing, slots, hidden_states, top_k_index, top_k_weights)
             if client.host:  # memd --cpu-experts: some experts computed here on the CPU, from its host tier
                 return self.host.forward(self, routing, slots, client.host, hidden_states, top_k_index, top_k_weights,
                                          client.wait_events)
@@ -174,6 +176,28 @@ class ExpertBinding:
             if out is not None:
                 return out
         return windowed()
+
+    def takes_parts(self, routing: Routing) -> bool:
+        """Whether memd may answer this layer's acquire before all its experts are loaded: a lone token's layer
+        on the one-call path (``moe_token.Staged`` computes its experts in any order, with the same bits), once
+        that path has checked the layer's first token (``--early-experts``)."""
+        token = self.token
+        return token is not None and token.path.early and token.checked and not token.path.off \
+            and self.host is None and routing.index is not None and len(routing.index) == 1
+
+    def in_two_parts(self, routing: Routing, slots: list[int], hidden_states, top_k_index, top_k_weights):
+        """The token's experts that are resident now, computed while memd loads the others; those once ``rest``
+        has their slots; then the layer's output, the one-call path's bits (or the usual forward, if it declines)."""
+        client, order = self.client, routing.index[0]
+        position = {e: j for j, e in enumerate(routing.experts)}
+        now = [i for i, e in enumerate(order) if position[e] not in client.loading]
+        staged = self.token.staged(hidden_states, len(order), top_k_weights)
+        computed = staged is not None and staged.experts(now, [slots[position[order[i]]] for i in now])
+        slots = client.rest(self.layer, routing.experts)
+        later = [i for i in range(len(order)) if i not in now]
+        if computed and staged.experts(later, [slots[position[order[i]]] for i in later]):
+            return staged.out()
+        return self.on_slots(routing, slots, hidden_states, top_k_index, top_k_weights)
 
     def reads_done(self, hidden_states) -> list[int]:
         """The "done reading" event recorded after this layer's kernels (a GPU worker with events), else wait for
@@ -216,9 +240,10 @@ class ExpertBinding:
             return self.speculator.max_ahead, 0.0
         return client.speculate_layers, client.speculate_threshold
 
-    def acquire(self, routing: Routing, every, top_k_index, top_k_weights) -> list[int]:
+    def acquire(self, routing: Routing, every, top_k_index, top_k_weights, partial: bool = False) -> list[int]:
         """Note the layer to memd (with the next layers' guesses: ``every`` one made, of which memd gets those its
-        lookahead and threshold ask for), record it, and get the experts' slots."""
+        lookahead and threshold ask for), record it, and get the experts' slots (``partial``: perhaps some still
+        loading, ``client.loading``)."""
         client, recorder = self.client, self.steps.recorder
         step = recorder.open
         prefill = step.prefill if step is not None and len(step.prefill) == len(routing.requests) else []
@@ -228,7 +253,8 @@ class ExpertBinding:
         client.note(recorder.step, self.layer, ids, routing.requests, routing.tokens, prefill, *guesses)
         counts = None if self.host is None else (  # (only for a message: not on a leased layer)
             lambda: self.host.counts(ids, routing.index, top_k_index, self.num_experts))
-        slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill, counts=counts)
+        slots = client.acquire(self.layer, ids, [], [], step=recorder.step, prefill=prefill, counts=counts,
+                               partial=partial)
         nxt = [e for target, e in zip(guesses[0], guesses[1]) if target == self.layer + 1]
         recorder.layer(self.layer, ids, routing.tokens, routing.weights, nxt, top_k_index, top_k_weights,
                        leased=client.last_leased, guesses=every if self.speculator is not None else None)
@@ -286,14 +312,16 @@ def register() -> None:
 
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
          speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None,
-         mv: matvec.Matvec | None = None, always_guess: bool = False, host: HostExperts | None = None) -> None:
+         mv: matvec.Matvec | None = None, always_guess: bool = False, host: HostExperts | None = None,
+         early_experts: bool = True) -> None:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state, while
     memd wants the guesses (``AcquireReply.speculate``) or always (``always_guess``: a recorded trace keeps them);
     ``scratch_experts``: experts the dequantization scratch holds (0: a layer's, up to the pool's slots);
     ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops); ``mv``: the
     matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul);
-    ``host``: memd's host tier, from which it may have experts computed on this CPU (``host_experts.py``)."""
+    ``host``: memd's host tier, from which it may have experts computed on this CPU (``host_experts.py``);
+    ``early_experts``: a lone token's resident experts are computed while memd loads its layer's others."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = guess_dtype(model, layers) if next_gate else None
@@ -317,7 +345,7 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
         dequant.use(mv, modules[0])
     from services.worker.keyed import KeyedBinding  # (it builds on ExpertBinding)
 
-    token = moe_token.TokenPath(mv) if mv is not None else None
+    token = moe_token.TokenPath(mv, early=early_experts) if mv is not None else None
 
     for layer, module in zip(layers, modules):
         if layer.keyed:  # one module per expert: the dict's own forward, rebound (keyed.py)

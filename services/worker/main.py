@@ -75,7 +75,7 @@ def attach(cfg: WorkerConfig) -> Attached:
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv,
-                     always_guess=cfg.record_trace is not None, host=host)
+                     always_guess=cfg.record_trace is not None, host=host, early_experts=cfg.early_experts)
         if cfg.prepack_dense and dev.type == "cpu":  # after bind (it gave the next-layer guesses their router weights)
             prepack.prepack_dense(model)
         if mv is not None:  # the dense linears that stayed dense; not the routers (their width: the experts' count)

@@ -56,7 +56,10 @@ class MemdClient:
         self.last_leased = False  # the last acquire was served from leases (no message)
         self.wait_events: list[int] = []  # the last acquire's copies in flight (event-ring entries; a GPU pool)
         self.host: list[int] = []  # the last acquire's positions computed on the CPU from the host tier
-        self._leased_uses: deque[list[int]] = deque(maxlen=MAX_LEASED_USES)  # [layer, expert] used from leases, oldest first
+        self.loading: list[int] = []  # the last acquire's positions still loading (a partial answer: see rest())
+        self.partial_layers = 0  # acquires answered in two parts (experts computed while others loaded)
+        # [layer, expert] used from leases, oldest first
+        self._leased_uses: deque[list[int]] = deque(maxlen=MAX_LEASED_USES)
         self.pid = os.getpid()
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
         self.speculate_threshold = 0.0  # the router probability a guess needs (memd's word)
@@ -76,8 +79,9 @@ class MemdClient:
         """``device``: "cpu", or the UUID of the GPU the worker computes on (memd refuses a pool it cannot share);
         ``read_events``: the handles of its "done reading" events (a GPU worker, ``device.ReadEvents``)."""
         hello = self.call(Op.HELLO, m.HelloRequest(PROTOCOL_VERSION, os.getpid(), model, device, list(read_events)),
-                          timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within {timeout_s:g}s:"
-                          f" start `moeinf memd --model {model}` with the same --state-dir first, or raise {timeout_knob}")
+                          timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within"
+                          f" {timeout_s:g}s: start `moeinf memd --model {model}` with the same --state-dir first, or"
+                          f" raise {timeout_knob}")
         self.memd_pid = hello.pid
         if self.use_leases and hello.control_name:
             self._control = _map_epoch(hello.control_name)
@@ -92,33 +96,50 @@ class MemdClient:
 
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
                 prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = (),
-                counts=None) -> list[int]:
+                counts=None, partial: bool = False) -> list[int]:
         """Slots of ``experts`` of ``layer``, pinned (explicit mode: until ``release``) or leased; at the positions
-        in ``self.host`` (memd --cpu-experts, given ``counts()``: tokens per expert) host-tier slots, for the CPU."""
+        in ``self.host`` (memd --cpu-experts, given ``counts()``: tokens per expert) host-tier slots, for the CPU.
+        With ``partial``, memd may answer while some are still loading: their positions are in ``self.loading``,
+        their slots are not to be read, and ``rest`` gives every slot once they are loaded."""
         slots = self._leased(layer, experts)
         self.last_leased = slots is not None
-        self.wait_events, self.host = [], []
+        self.wait_events, self.host, self.loading = [], [], []
         if slots is not None:
             self._leased_uses.extend([layer, expert] for expert in experts)
             return slots
         start = time.perf_counter()
         lease = self._control is not None
         request = m.AcquireRequest(layer, experts, requests, tokens, step, list(prefill), list(speculated),
-                                   list(speculated_tokens), lease, list(self._leased_uses), counts() if counts else [])
+                                   list(speculated_tokens), lease, list(self._leased_uses), counts() if counts else [],
+                                   partial)
         self._leased_uses.clear()
+        reply = self._ask(Op.ACQUIRE, request, start)
+        if lease:
+            self._update_leases(layer, experts, reply)
+        self.speculate, self.wait_events, self.host, self.loading = (reply.speculate, reply.wait_events, reply.host,
+                                                                     reply.loading)
+        self.partial_layers += bool(reply.loading)
+        if reply.speculate_layers:
+            self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
+        return reply.slots
+
+    def rest(self, layer: int, experts: list[int]) -> list[int]:
+        """Every slot of the partly answered acquire of ``experts`` of ``layer``, once memd has loaded them all."""
+        reply = self._ask(Op.AWAIT, m.AwaitRequest(layer), time.perf_counter())
+        if self._control is not None:
+            self._update_leases(layer, experts, reply)
+        self.wait_events, self.loading = reply.wait_events, []
+        return reply.slots
+
+    def _ask(self, op: Op, request, start: float):
+        """An acquire's round trip, its wait counted as the worker's stall; an error ends every lease."""
         try:
-            reply = self.call(Op.ACQUIRE, request)
+            return self.call(op, request)
         except BaseException:
             self.leases.clear()  # an error ends every lease (memd's side of the contract does the same)
             raise
         finally:
             self.acquire_seconds += time.perf_counter() - start
-        if lease:
-            self._update_leases(layer, experts, reply)
-        self.speculate, self.wait_events, self.host = reply.speculate, reply.wait_events, reply.host
-        if reply.speculate_layers:
-            self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
-        return reply.slots
 
     def note(self, step: int, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]],
              prefill: list[bool], guess_layers: list[int], guess_experts: list[int],
@@ -153,7 +174,8 @@ class MemdClient:
         for revoked_layer, expert in reply.revoked:
             self.leases.pop((revoked_layer, expert), None)
         for j, (expert, slot) in enumerate(zip(experts, reply.slots)):
-            if j not in reply.host:  # (a host-tier slot: the CPU's, for this acquire only)
+            if j not in reply.host and j not in reply.loading:  # (a host-tier slot: the CPU's, for this acquire
+                # only; a slot still loading: leased from AWAIT's reply)
                 self.leases[(layer, expert)] = slot
         self._seen_epoch = reply.epoch
 

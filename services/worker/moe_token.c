@@ -39,47 +39,79 @@ static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t 
     return moeinf_mv_bf16_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
 }
 
-/* ``out`` (``hidden`` bfloat16) = sum over the token's k experts e of weight[e] * down_e(act(gate_e) * up_e), where
- * gate_e and up_e are the halves of gate_up_e @ x (``gate_up[e]``: a [2 * inter, hidden] weight, rows ``ld_gu``
- * elements apart; ``down[e]``: [hidden, inter], rows ``ld_d`` apart), as transformers' experts forward computes it
- * for one token: each product rounded to bfloat16, act(gate) from the 65536-entry table ``act``, times up rounded,
- * the expert's output times its weight (rounded to bfloat16 first when ``round_weighted``: weights in bfloat16),
- * summed over the experts in order in float32 from zero (torch's order for up to 16 experts), rounded once.
- * Returns 0, or -1 (no memory, or a kernel refused the shape: nothing usable in ``out``). */
+/* One expert's weighted output for the token: o[j] = weight * round(down(act(gate) * up))[j], in float32, rounded to
+ * bfloat16 first when ``round_weighted`` (each product rounded to bfloat16, act(gate) from the table ``act``, times
+ * up rounded, the product rounded: transformers' experts forward for one token). ``gu`` (2 * inter floats), ``h``
+ * (inter) and ``y`` (hidden) are scratch. Returns 0, or -1 (a kernel refused the shape). */
+static int expert(const uint16_t *w_gu, int64_t ld_gu, const uint16_t *w_d, int64_t ld_d, int64_t inter,
+                  int64_t hidden, const uint16_t *x, float weight, int64_t round_weighted, const uint16_t *act,
+                  int64_t order, int64_t kb_gu, int64_t kb_d, float *gu, uint16_t *h, float *y, float *o,
+                  int64_t threads) {
+    if (product(order, w_gu, ld_gu, x, hidden, 2 * inter, kb_gu, gu, threads) != 0)
+        return -1;
+    for (int64_t i = 0; i < inter; i++)  /* act(gate) * up, both rounded, the product rounded */
+        h[i] = f32_bf16(bf16_f32(act[f32_bf16(gu[i])]) * bf16_f32(f32_bf16(gu[inter + i])));
+    if (product(order, w_d, ld_d, h, inter, hidden, kb_d, y, threads) != 0)
+        return -1;
+    for (int64_t j = 0; j < hidden; j++) {
+        float v = bf16_f32(f32_bf16(y[j])) * weight;
+        o[j] = round_weighted ? bf16_f32(f32_bf16(v)) : v;
+    }
+    return 0;
+}
+
+/* ``n`` of a token's experts: for i < n, expert ``which[i]`` (its weights at ``gate_up[i]`` and ``down[i]``: a
+ * [2 * inter, hidden] weight, rows ``ld_gu`` elements apart, and a [hidden, inter] one, rows ``ld_d`` apart; its
+ * routing weight ``weight[which[i]]``) into ``parts + which[i] * hidden``, as ``expert`` computes it. A layer whose
+ * experts are not all resident yet computes the resident ones first and the others once loaded, then sums them
+ * all with ``moeinf_moe_sum``: the same bits as ``moeinf_moe_token``, whatever the order the parts came in.
+ * Returns 0, or -1 (no memory, or a kernel refused the shape). */
+int moeinf_moe_parts(int64_t n, const int64_t *which, const int64_t *gate_up, int64_t ld_gu, const int64_t *down,
+                     int64_t ld_d, int64_t inter, int64_t hidden, const uint16_t *x, const float *weight,
+                     int64_t round_weighted, const uint16_t *act, int64_t order, int64_t kb_gu, int64_t kb_d,
+                     float *parts, int64_t threads) {
+    float *gu = malloc(sizeof(float) * (size_t)(2 * inter + hidden));
+    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)inter);
+    int code = gu == NULL || h == NULL ? -1 : 0;
+    for (int64_t i = 0; i < n && code == 0; i++)
+        code = expert((const uint16_t *)(intptr_t)gate_up[i], ld_gu, (const uint16_t *)(intptr_t)down[i], ld_d,
+                      inter, hidden, x, weight[which[i]], round_weighted, act, order, kb_gu, kb_d, gu, h,
+                      gu + 2 * inter, parts + which[i] * hidden, threads);
+    free(gu);
+    free(h);
+    return code;
+}
+
+/* ``out`` (``hidden`` bfloat16) = the k parts summed in order in float32 from zero (torch's order for up to 16
+ * experts), rounded once (a bfloat16 sum's NaN is the scalar conversion's, a float32 one's the vectorized .to's). */
+void moeinf_moe_sum(int64_t k, const float *parts, int64_t hidden, int64_t round_weighted, uint16_t *out) {
+    for (int64_t j = 0; j < hidden; j++) {
+        float acc = 0.0f;
+        for (int64_t e = 0; e < k; e++)
+            acc += parts[e * hidden + j];
+        out[j] = f32_bf16_nan(acc, round_weighted ? 0x7FC0 : 0xFFFF);
+    }
+}
+
+/* ``out`` (``hidden`` bfloat16) = sum over the token's k experts e of weight[e] * down_e(act(gate_e) * up_e)
+ * (``gate_up[e]``, ``down[e]`` as in ``moeinf_moe_parts``): each expert as ``expert`` computes it, the outputs
+ * summed as ``moeinf_moe_sum`` sums them. Returns 0, or -1 (no memory, or a kernel refused the shape: nothing
+ * usable in ``out``). */
 int moeinf_moe_token(int64_t k, const int64_t *gate_up, int64_t ld_gu, const int64_t *down, int64_t ld_d,
                      int64_t inter, int64_t hidden, const uint16_t *x, const float *weight, int64_t round_weighted,
                      const uint16_t *act, int64_t order, int64_t kb_gu, int64_t kb_d, uint16_t *out,
                      int64_t threads) {
-    float *gu = malloc(sizeof(float) * (size_t)(2 * inter + 2 * hidden));
-    uint16_t *h = malloc(sizeof(uint16_t) * (size_t)inter);
-    if (gu == NULL || h == NULL) {
-        free(gu);
-        free(h);
-        return -1;
-    }
-    int code = 0;
-    float *y = gu + 2 * inter, *acc = y + hidden;
-    for (int64_t j = 0; j < hidden; j++)
-        acc[j] = 0.0f;
-    for (int64_t e = 0; e < k && code == 0; e++) {
-        code = product(order, (const uint16_t *)(intptr_t)gate_up[e], ld_gu, x, hidden, 2 * inter, kb_gu, gu,
-                       threads);
-        if (code != 0)
-            break;
-        for (int64_t i = 0; i < inter; i++)  /* act(gate) * up, both rounded, the product rounded */
-            h[i] = f32_bf16(bf16_f32(act[f32_bf16(gu[i])]) * bf16_f32(f32_bf16(gu[inter + i])));
-        code = product(order, (const uint16_t *)(intptr_t)down[e], ld_d, h, inter, hidden, kb_d, y, threads);
-        if (code != 0)
-            break;
-        for (int64_t j = 0; j < hidden; j++) {
-            float o = bf16_f32(f32_bf16(y[j])) * weight[e];
-            acc[j] += round_weighted ? bf16_f32(f32_bf16(o)) : o;
-        }
-    }
-    if (code == 0)  /* (a bfloat16 sum's NaN is the scalar conversion's, a float32 one's the vectorized .to's) */
-        for (int64_t j = 0; j < hidden; j++)
-            out[j] = f32_bf16_nan(acc[j], round_weighted ? 0x7FC0 : 0xFFFF);
-    free(gu);
-    free(h);
+    float *parts = malloc(sizeof(float) * (size_t)(k * hidden));
+    int64_t *which = malloc(sizeof(int64_t) * (size_t)k);
+    int code = parts == NULL || which == NULL ? -1 : 0;
+    for (int64_t e = 0; e < k && code == 0; e++)
+        which[e] = e;
+    if (code == 0)
+        code = moeinf_moe_parts(k, which, gate_up, ld_gu, down, ld_d, inter, hidden, x, weight, round_weighted, act,
+                                order, kb_gu, kb_d, parts, threads);
+    if (code == 0)
+        moeinf_moe_sum(k, parts, hidden, round_weighted, out);
+    free(parts);
+    free(which);
     return code;
 }

@@ -34,11 +34,18 @@ class TokenPath:
     """What the layers share: the kernels, the activation tables (one per distinct function), and whether the
     path still holds (``off`` after a token computed both ways differed)."""
 
-    def __init__(self, mv):
+    def __init__(self, mv, early: bool = True):
         self.mv, self.kernels = mv, mv.kernels
+        self.early = early  # --early-experts: layers may compute their resident experts while others load
         self.fn = mv.kernels.lib.moeinf_moe_token
         self.fn.argtypes = [_I, _P, _I, _P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I]
         self.fn.restype = ctypes.c_int
+        self.parts_fn = mv.kernels.lib.moeinf_moe_parts  # some of a token's experts (Staged)
+        self.parts_fn.argtypes = [_I, _P, _P, _I, _P, _I, _I, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I]
+        self.parts_fn.restype = ctypes.c_int
+        self.sum_fn = mv.kernels.lib.moeinf_moe_sum
+        self.sum_fn.argtypes = [_I, _P, _I, _I, _P]
+        self.sum_fn.restype = None
         self.order = ORDERS["onednn"] if mv.blocks is not None else ORDERS["aten" if mv.exact else "fast"]
         self.tables: dict[bytes, torch.Tensor] = {}
         self.off = False
@@ -106,15 +113,17 @@ class TokenExperts:
         table = path.table(module.act_fn)
         return None if table is None else cls(path, layer, module, params, table, inter, hidden)
 
+    def takes(self, hidden_states: torch.Tensor, k: int, top_k_weights: torch.Tensor) -> bool:
+        return not self.path.off and hidden_states.dtype == torch.bfloat16 and k <= MAX_EXPERTS \
+            and top_k_weights.dtype in (torch.float32, torch.bfloat16) \
+            and not getattr(self.module, "_is_expert_parallel", False)
+
     def forward(self, hidden_states: torch.Tensor, slots: list[int], top_k_weights: torch.Tensor,
                 reference) -> torch.Tensor | None:
         """The layer's output for one token whose experts sit in ``slots`` (top-k order), or None (the path is
         off, or this token is not one it takes): the caller computes it as before. ``reference()``: that
         computation, run too on the layer's first token and compared."""
-        path = self.path
-        if path.off or hidden_states.dtype != torch.bfloat16 or len(slots) > MAX_EXPERTS \
-                or top_k_weights.dtype not in (torch.float32, torch.bfloat16) \
-                or getattr(self.module, "_is_expert_parallel", False):
+        if not self.takes(hidden_states, len(slots), top_k_weights):
             return None
         out = self._call(hidden_states.contiguous(), slots, top_k_weights)
         if out is None or self.checked:
@@ -122,18 +131,35 @@ class TokenExperts:
         want = reference()
         if want.dtype != out.dtype or want.shape != out.shape \
                 or not torch.equal(want.view(torch.int16), out.view(torch.int16)):
-            path.disable(self.layer)
+            self.path.disable(self.layer)
         self.checked = True
         return want
 
+    def staged(self, hidden_states: torch.Tensor, k: int, top_k_weights: torch.Tensor) -> "Staged | None":
+        """The layer's output for one token built expert by expert (``Staged``: the resident ones while memd
+        loads the others), or None: the path is off, this token is not one it takes, or the layer's first token
+        has not been checked against the experts forward yet (that one goes through ``forward``)."""
+        if not self.checked or not self.takes(hidden_states, k, top_k_weights):
+            return None
+        blocks = self._blocks()
+        return None if blocks is None else Staged(self, hidden_states.contiguous(), top_k_weights, k, blocks)
+
+    def _blocks(self) -> tuple[int, int] | None:
+        """oneDNN's column block for each product's shape (one input row), (0, 0) for the other orders; None
+        where oneDNN's order has none."""
+        blocks = self.path.mv.blocks
+        if blocks is None:
+            return 0, 0
+        kb_gu = blocks.of_shape(2 * self.inter, self.hidden, self.gate_up[2], 1)
+        kb_d = blocks.of_shape(self.hidden, self.inter, self.down[2], 1)
+        return None if kb_gu is None or kb_d is None else (kb_gu, kb_d)
+
     def _call(self, x: torch.Tensor, slots: list[int], top_k_weights: torch.Tensor) -> torch.Tensor | None:
         path, k = self.path, len(slots)
-        kb_gu = kb_d = 0
-        if path.mv.blocks is not None:  # oneDNN's column block for each product's shape (one input row)
-            kb_gu = path.mv.blocks.of_shape(2 * self.inter, self.hidden, self.gate_up[2], 1)
-            kb_d = path.mv.blocks.of_shape(self.hidden, self.inter, self.down[2], 1)
-            if kb_gu is None or kb_d is None:
-                return None
+        blocks = self._blocks()
+        if blocks is None:
+            return None
+        kb_gu, kb_d = blocks
         weights = top_k_weights.reshape(-1).float().contiguous()  # (bfloat16 -> float32 is exact)
         gate_up = (ctypes.c_int64 * k)(*(self.gate_up[0] + s * self.gate_up[1] for s in slots))
         down = (ctypes.c_int64 * k)(*(self.down[0] + s * self.down[1] for s in slots))
@@ -144,3 +170,43 @@ class TokenExperts:
                        int(top_k_weights.dtype == torch.bfloat16), self.table.data_ptr(), path.order, kb_gu, kb_d,
                        out.data_ptr(), threads)
         return out if code == 0 else None
+
+
+class Staged:
+    """One token's pass through a layer's experts in parts: ``experts`` computes some of them (those resident now,
+    then the others once memd has loaded them) into float32 parts, ``out`` sums the parts in top-k order. The same
+    kernels and the same sum as ``TokenExperts.forward``'s one call, so the same bits whatever came first."""
+
+    def __init__(self, token: TokenExperts, x: torch.Tensor, top_k_weights: torch.Tensor, k: int,
+                 blocks: tuple[int, int]):
+        self.token, self.x, self.k, self.blocks = token, x, k, blocks
+        self.weights = top_k_weights.reshape(-1).float().contiguous()  # (bfloat16 -> float32 is exact)
+        self.round = int(top_k_weights.dtype == torch.bfloat16)
+        self.parts = torch.empty(k, token.hidden, dtype=torch.float32)
+        self.done = [False] * k
+
+    def experts(self, which: list[int], slots: list[int]) -> bool:
+        """Compute the token's experts at top-k positions ``which``, sitting in ``slots``; False: the kernel
+        refused (nothing computed is usable: the caller computes the layer as before)."""
+        token, path, n = self.token, self.token.path, len(which)
+        if n == 0:
+            return True
+        gate_up = (ctypes.c_int64 * n)(*(token.gate_up[0] + s * token.gate_up[1] for s in slots))
+        down = (ctypes.c_int64 * n)(*(token.down[0] + s * token.down[1] for s in slots))
+        positions = (ctypes.c_int64 * n)(*which)
+        threads = path.kernels.threads if path.kernels.openmp else 1
+        code = path.parts_fn(n, ctypes.addressof(positions), ctypes.addressof(gate_up), token.gate_up[2],
+                             ctypes.addressof(down), token.down[2], token.inter, token.hidden, self.x.data_ptr(),
+                             self.weights.data_ptr(), self.round, token.table.data_ptr(), path.order, *self.blocks,
+                             self.parts.data_ptr(), threads)
+        for i in which:
+            self.done[i] = code == 0
+        return code == 0
+
+    def out(self) -> torch.Tensor:
+        """The layer's output (``[1, hidden]`` bfloat16), once every expert is computed."""
+        if not all(self.done):
+            raise RuntimeError("Staged.out before every expert was computed")
+        out = torch.empty(1, self.token.hidden, dtype=torch.bfloat16)
+        self.token.path.sum_fn(self.k, self.parts.data_ptr(), self.token.hidden, self.round, out.data_ptr())
+        return out

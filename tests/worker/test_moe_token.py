@@ -69,6 +69,22 @@ def token(module, mv, pad: int = 0):
     return moe_token.TokenExperts.of(moe_token.TokenPath(mv), 0, module, params), params
 
 
+def in_parts(tok, hidden, slots: list[int], weights, gen) -> torch.Tensor:
+    """The token's layer output through ``Staged``: its experts in two groups, the later top-k positions first
+    (the resident experts computed while memd loads the others can be any of them)."""
+    tok.checked = True  # (the layer's first token would have been compared by forward)
+    staged = tok.staged(hidden, len(slots), weights)
+    assert staged is not None
+    order = torch.randperm(len(slots), generator=gen).tolist()
+    cut = 1 + int(torch.randint(len(slots) - 1, (1,), generator=gen))
+    for group in (sorted(order[:cut], reverse=True), order[cut:]):
+        with pytest.raises(RuntimeError, match="before every expert"):
+            staged.out()
+        with torch.inference_mode():
+            assert staged.experts(group, [slots[i] for i in group])
+    return staged.out()
+
+
 def takes(module) -> bool:
     return getattr(type(module), "_apply_gate", None) is _default_apply_gate and not module.has_bias \
         and not module.is_transposed and not module.has_post_expert_norm
@@ -99,6 +115,8 @@ def test_one_call_gives_the_experts_forwards_bits(family, state, threads):
                     got = tok._call(hidden, index[0].tolist(), weights)
                 assert got is not None and got.dtype == want.dtype and got.shape == want.shape
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (family, k, dtype, mv.exact)
+                staged = in_parts(tok, hidden, index[0].tolist(), weights, gen)
+                assert torch.equal(staged.view(torch.int16), want.view(torch.int16)), (family, k, dtype, mv.exact)
             for dtype, bad in itertools.product((torch.float32, torch.bfloat16), ("inf", "nan")):  # the same bits too
                 hidden = torch.randn(1, params["down_proj"].shape[1], generator=gen).to(torch.bfloat16)
                 hidden[0, 1] = float(bad)
@@ -184,4 +202,6 @@ def test_a_worker_decodes_transformers_tokens_through_it(tmp_path):
         while not decoder.done:
             decoder.step()
         assert decoder.seq.generated == want.tolist()
+        # some layers computed their resident experts while memd still loaded others (--early-experts)
+        assert system.client.partial_layers > 0
     assert all(t.checked for t in tokens) and not tokens[0].path.off  # every layer checked once, then trusted
