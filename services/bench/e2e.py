@@ -290,6 +290,7 @@ class Result:
             "decode_bytes_read_per_token": self.decode_bytes_per_token(),
             "hit_rate": None if not lookups else c["hits"] / lookups,
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
+            "busy_read_gbps": _gbps(c, "reader_busy_seconds"),
             "stall_ms_per_token": None if c is None else 1e3 * c.get("stall_seconds", 0.0) / self.generated,
             "disk_busy": self.disk_busy(),
             "requests": len(self.timings), "generated_tokens": self.generated, "wall_s": self.wall_s,
@@ -299,8 +300,10 @@ class Result:
 
 def _gbps(c: dict | None, seconds: str) -> float | None:
     """memd's bytes read over the run, per ``read_seconds`` (the seconds each load spent reading, summed: what one
-    load sees while others share the device) or per ``stall_seconds`` (the seconds the worker waited for loads: with
-    prefetch off every read happens while it waits, so this is the rate at which on-demand loads deliver experts)."""
+    load sees while others share the device), per ``stall_seconds`` (the seconds the worker waited for loads; less
+    than the loads took where it computed a layer's resident experts meanwhile, worker ``--early-experts``) or per
+    ``reader_busy_seconds`` (the wall seconds some load was in flight: the rate the disk delivered while it had
+    work)."""
     if not c or not c.get(seconds):
         return None
     return c["bytes_read"] / c[seconds] / 1e9

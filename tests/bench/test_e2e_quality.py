@@ -56,7 +56,8 @@ def test_rows_without_memd_have_no_quality_columns():
 def test_delivered_bandwidth_above_the_probe_is_not_counted_as_met():
     def check(delivered):
         row = {"system": ONDEMAND, "concurrency": 1, "expert_memory": "25%", "decode_ms_per_token_p50": 500.0,
-               "stall_read_gbps": delivered, "load_read_gbps": delivered, "disk_read_gbps_before": 1.0}
+               "busy_read_gbps": delivered, "stall_read_gbps": 2 * delivered, "load_read_gbps": delivered,
+               "disk_read_gbps_before": 1.0}
         return next(t for t in _targets([row], [], 1.0, ["25%"]) if "bandwidth" in t["target"])
 
     assert check(0.95)["met"] and not check(0.85)["met"]
