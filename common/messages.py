@@ -13,38 +13,11 @@ from typing import Annotated
 
 from msgspec import Meta, Struct, field
 
-# Bounds of the integers and floats on the wire (a forged counter of 4.6e18 or a NaN weight is refused on decode).
-INDEX_MAX = 2**31 - 1  # layers, experts, slots, token ids, tokens per step, pids: far above any real value
-COUNT_MAX = 2**53  # cumulative counters, byte sizes, step numbers: exact in a float, never reached in practice
-Index = Annotated[int, Meta(ge=0, le=INDEX_MAX)]
-Count = Annotated[int, Meta(ge=0, le=COUNT_MAX)]
-NonNeg = Annotated[float, Meta(ge=0.0, le=1e18)]  # seconds, bytes/s, token weights: finite, >= 0 (NaN refused)
-Ratio = Annotated[float, Meta(ge=0.0, le=1.0)]  # probabilities, precision, recall, top_p
-Text = Annotated[str, Meta(max_length=4096)]  # names, paths, request ids, tokens
-READ_EVENTS_MAX = 1024  # "done reading" events one worker may share (HelloRequest.read_events)
-
-
-class Message(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """Base of every message: frozen, an array of its fields on the wire, no extra trailing fields."""
-
-
-def field_names(obj) -> tuple[str, ...]:
-    """The fields of a message (or a message type), in wire order."""
-    return obj.__struct_fields__
-
-
-def to_dict(value):
-    """A message as plain dicts and lists, recursively (``--json`` output; the wire uses arrays)."""
-    if isinstance(value, Message):
-        return {name: to_dict(getattr(value, name)) for name in value.__struct_fields__}
-    if isinstance(value, list):
-        return [to_dict(v) for v in value]
-    return value
-
-
-class ErrorReply(Message):
-    code: str  # machine-readable: "bad_request", "capacity", "internal", "unknown_op", ...
-    message: str  # says what to fix
+from common.message_base import (COUNT_MAX, INDEX_MAX, READ_EVENTS_MAX, Count, ErrorReply, Index, Message,  # noqa: F401
+                                 NonNeg, Ratio, Text, field_names, to_dict)
+# gateway <-> worker (RPC, DEALER -> ROUTER): their own module, here too so every link's vocabulary is ``messages``
+from common.worker_messages import (CancelReply, CancelRequest, GenerateRequest, TokensReply,  # noqa: F401
+                                    WorkerInfoReply, WorkerInfoRequest)
 
 
 # ---------------------------------------------------------------- worker <-> memd (RPC, DEALER -> ROUTER)
@@ -360,52 +333,3 @@ def step_trace(worker: int, step: int, requests: list[str], tokens: list[int], p
                           [t.leased for t in layers], [len(t.experts) for t in layers], flat(t.experts for t in layers),
                           [v for t in layers for v in flat(t.tokens)], [v for t in layers for v in flat(t.weights)],
                           [len(t.speculated) for t in layers], flat(t.speculated for t in layers))
-
-
-# ---------------------------------------------------------------- gateway <-> worker (RPC, DEALER -> ROUTER)
-class GenerateRequest(Message):
-    request: Text
-    prompt: list[Index]
-    max_tokens: Index
-    stop_token_ids: list[Index] = field(default_factory=list)
-    temperature: NonNeg = 0.0  # 0: greedy
-    top_p: Ratio = 1.0
-    top_k: Index = 0  # 0: off
-    seed: int | None = None
-    forced_tokens: list[Index] = field(default_factory=list)  # the output's first tokens (NLLB: target language)
-
-
-class TokensReply(Message):
-    """A step's output for one request; several arrive per GenerateRequest, the last with ``finish_reason``."""
-
-    request: Text
-    tokens: list[Index]
-    finish_reason: Text | None = None  # "stop", "length", "cancelled"
-    prompt_tokens: Index = 0
-    completion_tokens: Index = 0
-
-
-class CancelRequest(Message):
-    request: Text
-
-
-class CancelReply(Message):
-    found: bool
-
-
-class WorkerInfoRequest(Message):
-    pass
-
-
-class WorkerInfoReply(Message):
-    pid: Index
-    model: Text
-    model_type: Text
-    max_model_len: Index
-    vocab_size: Index
-    eos_token_ids: list[Index]
-    ready: bool  # memd is alive
-    active: Index = 0  # requests queued or running
-    generated_tokens: Count = 0  # since start
-    text_to_text: bool = False  # an encoder-decoder model: completions only, no chat (Switch, NLLB-MoE)
-    target_language: bool = False  # each request names the language to write (NLLB-MoE)

@@ -345,8 +345,9 @@ class MemdServer:
         ahead, threshold = self.core.speculation(self.reader.bandwidth)
         slots = [0 if j in loading else self.table.slot_of[k] for j, k in enumerate(p.keys)]
         replied = merge_slots(len(p.req.experts), slots, p.host) if p.host else slots
+        ready = [s for j, s in enumerate(slots) if j not in loading]
         return m.AcquireReply(replied, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
-                              self.core.wants_guesses(), self.reader.pending_events(slots), sorted(p.host),
+                              self.core.wants_guesses(), self.reader.pending_events(ready), sorted(p.host),
                               list(loading))
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:

@@ -13,9 +13,8 @@ import time
 from typing import NamedTuple
 
 from common import messages as m
-from common.codec import encode
 from common.protocol import Op
-from services.memd.replies import CodedError, answer, send
+from services.memd.replies import CodedError, answer
 
 
 class Pending(NamedTuple):
@@ -37,6 +36,8 @@ class StagedAcquires:
         self.server = server
         self.awaiting: dict[bytes, tuple[int, asyncio.Task]] = {}  # worker -> (layer, its acquire's loads)
         self.answered_early = 0  # acquires answered while some of their loads were still in flight
+        self.answering: set[asyncio.Task] = set()  # the first answers being prepared (held: a task nobody holds
+        # may be collected mid-way)
 
     def start(self, identity: bytes, rid: int, pending) -> asyncio.Task:
         """Wait for ``pending``'s loads in a task (returned: its end lets the prefetcher go) and answer the acquire
@@ -44,7 +45,9 @@ class StagedAcquires:
         full = asyncio.create_task(self.server.on_acquire(identity, pending, stall=False))
         full.add_done_callback(_retrieve)  # (its error goes to AWAIT, or to nobody when the worker died)
         self.awaiting[identity] = (pending.req.layer, full)
-        asyncio.create_task(self._first(identity, rid, pending, full, time.perf_counter()))
+        first = asyncio.create_task(self._first(identity, rid, pending, full, time.perf_counter()))
+        self.answering.add(first)
+        first.add_done_callback(self.answering.discard)
         return full
 
     async def _first(self, identity: bytes, rid: int, pending, full: asyncio.Task, start: float) -> None:
@@ -53,17 +56,20 @@ class StagedAcquires:
             await asyncio.wait([full, *(t for t in loading.values() if not t.done())],
                                return_when=asyncio.FIRST_COMPLETED)
         self._stalled(identity, pending.req.layer, time.perf_counter() - start)
-        if full.done():  # everything came (or failed) before any expert could be handed out: one reply
+        still = [j for j, key in enumerate(pending.keys) if not _loaded(loading.get(key))]
+        if full.done() or not still:  # everything came (or failed) before an expert could be handed out: one reply
             self._forget(identity, full)
             await answer(self.server.rpc, identity, Op.ACQUIRE, rid, lambda: _result(full))
             return
-        still = [j for j, key in enumerate(pending.keys) if not _loaded(loading.get(key))]
         self.answered_early += 1
-        await send(self.server.rpc, identity, encode(Op.ACQUIRE, rid, self.server._acquired(pending, still)))
+        await answer(self.server.rpc, identity, Op.ACQUIRE, rid, lambda: self.server._acquired(pending, still))
 
     async def on_await(self, identity: bytes, req: m.AwaitRequest) -> m.AcquireReply:
         layer, full = self.awaiting.get(identity, (None, None))
         if full is None or layer != req.layer:
+            client = self.server.clients.get(identity)
+            if client is not None:  # an error ends a leasing worker's leases: on both sides (it forgets them)
+                client.return_leases(self.server.table)
             raise CodedError("bad_request", f"AWAIT of layer {req.layer}: this worker has no partly answered"
                                             " acquire of it")
         self._forget(identity, full)

@@ -10,7 +10,7 @@ from helpers import spawn, stop, wait_for_log
 from services.memd.pool import SHM_DIR
 from services.memd.testhooks import VARIABLE as READ_LATENCY
 from services.worker.memd_client import MemdError
-from test_pinning import assert_slot_holds, attach, expected_bytes
+from test_pinning import assert_slot_holds, attach, connect, expected_bytes
 
 SLOW_MS = 300
 
@@ -23,6 +23,16 @@ def start_memd(model, tmp_path, *extra: str):
                   "--prefetch", "off", *extra], log, env={READ_LATENCY: str(SLOW_MS)})
     wait_for_log(proc, log, "memd ready", timeout=60)
     return proc, state_dir
+
+
+def leasing(state_dir, model):
+    """A client that holds leases, as the worker does by default."""
+    client = connect(state_dir)
+    client.use_leases = True
+    client.handshake(str(model.resolve()), 30, "x")
+    client.ready()
+    assert client.leasing
+    return client
 
 
 def test_resident_experts_are_handed_out_while_the_others_load(mixtral, tmp_path):
@@ -79,18 +89,20 @@ def test_a_load_that_fails_after_the_partial_answer_fails_the_await(mixtral, tmp
     shutil.copytree(mixtral, copy)
     proc, state_dir = start_memd(copy, tmp_path, "--slot-cache", "off")
     try:
-        client, _ = attach(state_dir, copy)
+        client = leasing(state_dir, copy)
         client.acquire(0, [0], [], [])
-        client.release(0, [0])
         file = copy / "model.safetensors"
         with open(file, "r+b") as f:
             f.truncate(4096)  # (after memd indexed it: every later read of it ends early)
         client.acquire(0, [0, 7], [], [], partial=True)
-        assert client.loading == [1]
+        assert client.loading == [1] and client.leases == {(0, 0): client.leases[(0, 0)]}
         with pytest.raises(MemdError, match=r"unexpected end of file.*\[io\]"):
             client.rest(0, [0, 7])
-        assert client.leases == {}
+        assert client.leases == {} and client.stats().pinned == 0  # the error ended every lease, on both sides
         assert client.acquire(0, [0], [], []) is not None  # resident: no read needed, memd still answers
+        with pytest.raises(MemdError, match=r"AWAIT of layer 0: this worker has no partly answered"):
+            client.rest(0, [0])
+        assert client.leases == {} and client.stats().pinned == 0  # (a refused AWAIT ends them too)
         client.close()
     finally:
         assert stop(proc) == 0
@@ -99,15 +111,9 @@ def test_a_load_that_fails_after_the_partial_answer_fails_the_await(mixtral, tmp
 def test_with_leases_the_loading_experts_are_leased_from_the_await(mixtral, tmp_path):
     """A leasing worker records a loading expert's slot only from AWAIT's reply: before it, the next layer that
     routes to that expert asks memd instead of reading a slot still being written."""
-    from test_pinning import connect
-
     proc, state_dir = start_memd(mixtral, tmp_path)
     try:
-        client = connect(state_dir)
-        client.use_leases = True
-        client.handshake(str(mixtral.resolve()), 30, "x")
-        client.ready()
-        assert client.leasing
+        client = leasing(state_dir, mixtral)
         client.acquire(2, [4], [], [])
         slots = client.acquire(2, [4, 1], [], [], partial=True)
         assert client.loading == [1] and client.leases == {(2, 4): slots[0]}

@@ -186,5 +186,9 @@ def test_short_requests_finish_while_a_long_one_runs(stack, mux):
     assert all(end < long_end for end in ends.values()), \
         f"a short waited for the long one: last replies at {ends}, the long's at {long_end} (of {len(order)})"
     assert max(replies_between(order, long_id)) <= 3, "the long request went a step without a token"
+    # A step replies to its decoding requests in the order they joined, then to those whose prompt it finished: the
+    # step that ends the long prompt replies to it after the shorts, the next one before them, so a short can see it
+    # twice between two of its tokens (4 others with 4 running); a step without a token for a short would put every
+    # other running request's reply of two steps in between (6).
     for s in shorts:
-        assert max(replies_between(order, s)) <= 3, f"{s} went a step without a token"
+        assert max(replies_between(order, s)) <= 4, f"{s} went a step without a token"

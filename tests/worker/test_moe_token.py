@@ -125,6 +125,8 @@ def test_one_call_gives_the_experts_forwards_bits(family, state, threads):
                     want = matvec.forward(module, hidden, torch.tensor([[2, 5]]), weights, mv)
                     got = tok._call(hidden, [2, 5], weights)
                 assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (family, dtype, mv.exact)
+                staged = in_parts(tok, hidden, [2, 5], weights, gen)
+                assert torch.equal(staged.view(torch.int16), want.view(torch.int16)), (family, dtype, mv.exact)
     finally:
         torch.set_num_threads(1)
 
