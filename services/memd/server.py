@@ -246,7 +246,7 @@ class MemdServer:
             log.exception("ACQUIRE failed")
             await send_error(self.rpc, identity, rid, "internal", f"ACQUIRE failed in memd: {exc}")
             return
-        if pending.waits:  # no prefetch is planned until this one is answered: demand first
+        if pending.loading:  # no prefetch is planned until this one is answered: demand first
             self.prefetcher.hold()
             if req.partial and not pending.host:  # answered once some experts are resident (staged.py)
                 task = self.staged.start(identity, rid, pending)
@@ -290,7 +290,7 @@ class MemdServer:
             loading.update((key, asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait)))
                            for key in plan.no_slot)
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
-        return Pending(req, keys, list(loading.values()), loading, plan.hits, revoked, epoch, plan.fed, host)
+        return Pending(req, keys, loading, plan.hits, revoked, epoch, plan.fed, host)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
         """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's

@@ -22,13 +22,17 @@ class Pending(NamedTuple):
 
     req: m.AcquireRequest
     keys: list[tuple[int, int]]
-    waits: list  # loads to wait for
-    loading: dict  # key -> its load's task (the same loads, by expert)
+    loading: dict  # key -> the task of its load (those the acquire waits for)
     hits: int
     revoked: list[tuple[int, int]]  # leases taken back
     epoch: int  # the revoke epoch when they were (a reclaim while the loads run makes the worker come back)
     fed: bool  # it carried its layer's routing: plan prefetches once it is answered
     host: dict[int, int]  # positions the worker computes on its CPU -> host-tier slots (--cpu-experts auto|always)
+
+    @property
+    def waits(self) -> list:
+        """The loads to wait for."""
+        return list(self.loading.values())
 
 
 class StagedAcquires:
