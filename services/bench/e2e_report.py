@@ -3,10 +3,8 @@
 Floors, per moeinf row:
 * compute floor: ``transformers-resident``'s decode time per token (everything in memory, nothing read);
 * I/O floor: the row's bytes read per token over the disk's raw O_DIRECT bandwidth at memd's queue depth (the
-  multi-stream probe: memd's reader threads, each reading memd's chunk size, into memory as large as a pool's,
-  ``services/bench/diskbw.py``; the better of the run start's and the probe just before the system, so the floor is
-  never too high). The same probe into one reused buffer per stream (the CPU's cache: what fio measures) is shown
-  beside it; on a VM it is faster, and no expert, which lands in its own slot, can be read at it.
+  multi-stream probe: memd's reader threads, each reading memd's chunk size; the better of the run start's and the
+  probe just before the system, so the floor is never too high).
 With perfect overlap of compute and I/O a system reaches the larger of the two; ``vs_floor`` is its decode p50
 over that bound.
 
@@ -37,7 +35,7 @@ from services.bench.e2e_system import cpu_sets
 SPEEDUP_TARGET, FLOOR_TARGET, BANDWIDTH_TARGET, LRU_TARGET = 3.5, 1.15, 0.9, 0.85
 
 
-def build_doc(opts, sweep, disk, single=None, buffer=None) -> dict:
+def build_doc(opts, sweep, disk, single=None) -> dict:
     rows = sweep.rows
     resident = _find(rows, RESIDENT, None)
     compute_ms = resident["decode_ms_per_token_p50"] if resident else None
@@ -47,7 +45,6 @@ def build_doc(opts, sweep, disk, single=None, buffer=None) -> dict:
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
         "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
         "disk_read_gbps_single_stream": single.gbps if single else None,
-        "disk_read_gbps_into_buffer": buffer.gbps if buffer else None,
         "disk_read_limit_bytes_per_s": opts.read_limit_bytes(),
         "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,
         "systems": rows,
@@ -136,8 +133,8 @@ def _targets(rows: list[dict], floors: list[dict], gbps: float, memories: list[s
             if x > 1.0:  # the reader cannot beat the probe on one disk state: the disk's speed changed in between
                 shown += ("; above the probe: the disk's speed changed between the probe and the run, so not counted"
                           " as met")
-            what = f"expert loads >= {BANDWIDTH_TARGET:.0%} of the multi-stream raw read bandwidth into memory"
-            out.append(_target(memory, what, x, BANDWIDTH_TARGET <= x <= 1.0, shown))
+            out.append(_target(memory, f"expert loads >= {BANDWIDTH_TARGET:.0%} of the multi-stream raw read bandwidth",
+                               x, BANDWIDTH_TARGET <= x <= 1.0, shown))
     return out
 
 
@@ -173,12 +170,9 @@ def format_report(doc: dict) -> str:
              f"prompts: {doc['prompts']}",
              f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s at memd's queue depth"
              f" ({doc['disk_read_streams']} streams"
-             f" of {doc['disk_read_chunk'] >> 10} KiB reads into memory (as into a pool),"
-             f" {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
+             f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
              f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
-             f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors and the loads' target use"
-             f" the former; into one reused buffer per stream (cache-hot, as fio reads)"
-             f" {_cell(doc.get('disk_read_gbps_into_buffer'), '.2f')} GB/s"]
+             f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
     if doc.get("disk_read_limit_bytes_per_s"):
         lines.append(f"every read throttled to {doc['disk_read_limit_bytes_per_s'] / 1e9:.2f} GB/s (--disk-read-limit:"
                      " one disk speed for every system and probe)")

@@ -342,9 +342,7 @@ def _run_sweep(opts: Options) -> int:
     probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
     single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
-    buffer = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads, into="buffer")
-    progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s;"
-             f" into a reused buffer per stream (cache-hot): {buffer.gbps:.2f} GB/s")
+    progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
     progress(sweep.workloads.label())
     with TerminateAsInterrupt():
         for fmt in opts.formats:
@@ -353,7 +351,7 @@ def _run_sweep(opts: Options) -> int:
             sweep.notes.append(fill_slot_images(opts))
             progress(sweep.notes[-1])
         sweep.run_all()
-    doc = build_doc(opts, sweep, disk, single, buffer)
+    doc = build_doc(opts, sweep, disk, single)
     print(format_report(doc))
     if opts.json:
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")

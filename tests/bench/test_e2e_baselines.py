@@ -66,7 +66,6 @@ def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
     for row in rows.values():  # baselines get as many repeats as moeinf, each on its own prompts
         assert row["repeats"] == 2 and len(row["tokens_per_s_all"]) == 2 and row["eamc"] == "fresh"
     assert doc["disk_read_streams"] == 4 and doc["disk_read_gbps_single_stream"] > 0
-    assert doc["disk_read_gbps_into_buffer"] > 0 and "into one reused buffer per stream" in proc.stdout
     assert rows["transformers-resident"]["memory_limit_bytes"] is None
     assert rows["transformers-resident"]["bytes_read_per_token"] is None
     assert 0 <= rows["moeinf-ondemand-lru"]["hit_rate"] < 1  # 50%: some experts were read
