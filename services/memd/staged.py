@@ -44,15 +44,17 @@ class StagedAcquires:
         # may be collected mid-way)
 
     def start(self, identity: bytes, rid: int, pending) -> asyncio.Task:
-        """Wait for ``pending``'s loads in a task (returned: its end lets the prefetcher go) and answer the acquire
-        once some of its experts are resident."""
+        """Wait for ``pending``'s loads in a task and answer the acquire once some of its experts are resident. The
+        task returned ends once the loads are done and the acquire answered (in one part, or in the first of two):
+        its end lets the prefetcher go, so no plan runs between the last load and a one-part reply. (An AWAIT is
+        answered in the loop turn the loads end, ahead of the plan that ``let_go`` schedules.)"""
         full = asyncio.create_task(self.server.on_acquire(identity, pending, stall=False))
         full.add_done_callback(_retrieve)  # (its error goes to AWAIT, or to nobody when the worker died)
         self.awaiting[identity] = (pending.req.layer, full)
         first = asyncio.create_task(self._first(identity, rid, pending, full, time.perf_counter()))
         self.answering.add(first)
         first.add_done_callback(self.answering.discard)
-        return full
+        return first
 
     async def _first(self, identity: bytes, rid: int, pending, full: asyncio.Task, start: float) -> None:
         loading = pending.loading
@@ -67,6 +69,7 @@ class StagedAcquires:
             return
         self.answered_early += 1
         await answer(self.server.rpc, identity, Op.ACQUIRE, rid, lambda: self.server._acquired(pending, still))
+        await asyncio.wait([full])  # the rest loads: the prefetcher is held until then
 
     async def on_await(self, identity: bytes, req: m.AwaitRequest) -> m.AcquireReply:
         layer, full = self.awaiting.get(identity, (None, None))
