@@ -29,7 +29,7 @@ from services.gateway.output import Output
 from services.gateway.sse import Stream
 from services.gateway.text import TextCodec
 from services.gateway.routing import WorkerSet
-from services.gateway.worker_link import GatewayStopping, WorkerRejected, WorkerUnavailable
+from services.gateway.worker_link import GatewayStopping, WorkerRejected, WorkerSilent, WorkerUnavailable
 
 log = logging.getLogger("moeinf.gateway")
 HEALTH_POLL_S = 1.0
@@ -196,7 +196,8 @@ class Gateway:
                 if finished:
                     return
         except WorkerUnavailable as exc:
-            gone = not isinstance(exc, GatewayStopping)  # a stopping gateway still cancels the worker's generation
+            # a stopping gateway, or one that heard nothing for --step-timeout-s, still cancels the worker's generation
+            gone = not isinstance(exc, (GatewayStopping, WorkerSilent))
             raise unavailable(str(exc)) from None
         except WorkerRejected as exc:
             gone = True

@@ -39,6 +39,11 @@ class GatewayStopping(WorkerUnavailable):
     """The gateway is shutting down: its calls end, the worker lives on (and is told to cancel them)."""
 
 
+class WorkerSilent(WorkerUnavailable):
+    """No token for ``--step-timeout-s``: the request fails, and the worker, which may still be alive (a stalled
+    step), is told to cancel it so it stops holding a slot for nobody."""
+
+
 class _PeerLost:
     """Put in every pending queue when the worker goes away (or the gateway stops: ``stopping``)."""
 
@@ -165,7 +170,7 @@ class WorkerLink:
                 try:
                     reply = await asyncio.wait_for(queue.get(), step_timeout_s)
                 except asyncio.TimeoutError:
-                    raise WorkerUnavailable(f"no token from the worker for {step_timeout_s:g}s") from None
+                    raise WorkerSilent(f"no token from the worker for {step_timeout_s:g}s (--step-timeout-s)") from None
                 _raise_error(reply)
                 yield reply
                 if reply.finish_reason is not None:

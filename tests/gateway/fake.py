@@ -20,12 +20,14 @@ from services.gateway.app_keys import GATEWAY
 
 class FakeWorker:
     """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...,
-    or ``token`` each time), or an ``internal`` error after ``fail_after`` tokens, as a failed step ends; CANCEL
-    (``cancelled`` lists the requests)."""
+    or ``token`` each time), or an ``internal`` error after ``fail_after`` tokens, as a failed step ends, or nothing
+    more after ``silent_after`` tokens, as a stalled step; CANCEL (``cancelled`` lists the requests)."""
 
     def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
-                 fail_after: int | None = None, pid: int | None = None, token: int | None = None):
+                 fail_after: int | None = None, pid: int | None = None, token: int | None = None,
+                 silent_after: int | None = None):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
+        self.silent_after = silent_after
         self.token = token  # every token this id (one that shows no text, say), else 1000, 1001, ...
         self.cancelled: list[str] = []
         self.fail_after, self.pid = fail_after, pid or os.getpid()
@@ -61,6 +63,8 @@ class FakeWorker:
     def _step(self) -> None:
         for request, entry in list(self.live.items()):
             identity, rid, req, produced = entry
+            if produced == self.silent_after:
+                continue
             if produced == self.fail_after:
                 error = m.ErrorReply("internal", "generation failed: a step of 2 requests failed")
                 self._send([identity, encode(Op.ERROR, rid, error)])

@@ -185,3 +185,24 @@ def test_a_client_that_leaves_cancels_its_generation_at_once_without_the_garbage
         wait(lambda: worker.cancelled and not worker.live, timeout=3)
     finally:
         gc.enable()
+
+
+def test_a_silent_worker_fails_the_request_and_is_told_to_cancel_it(demo_model, codec):
+    """No token for --step-timeout-s: the client gets a 503 naming the knob, and the worker (alive, its step stalled)
+    is told to cancel the request, so it stops holding a slot for nobody."""
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
+    cfg = gateway_config(demo_model, Path(tmp.name), step_timeout_s=1.0)
+    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), step_s=0.05, silent_after=1)
+    gateway = LocalGateway(cfg, codec)
+    try:
+        gateway.wait_ready()
+        start = time.monotonic()
+        status, _, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 5})
+        assert status == 503 and "--step-timeout-s" in payload["error"]["message"], payload
+        assert time.monotonic() - start < 10
+        wait(lambda: len(worker.cancelled) == 1 and not worker.live, timeout=5)
+        wait(lambda: gateway.gateway.active == 0, timeout=2)
+    finally:
+        gateway.close()
+        worker.close()
+        tmp.cleanup()
