@@ -344,7 +344,7 @@ class ExpertCache:
 
     def forget_worker(self, worker) -> None:
         self.predictor.forget(worker)
-
+        self.metrics.forget_worker(worker)
     # ---------------------------------------------------------------- traces
     def request_start(self, request: str) -> None:
         self.eams.start(request)
@@ -354,13 +354,13 @@ class ExpertCache:
         if eam is not None:
             self.eamc.add(eam.total)
 
-    def step_trace(self, ev: m.StepTraceEvent) -> None:
+    def step_trace(self, ev: m.StepTraceEvent, attached: bool = True) -> None:
         problem = self._check_trace(ev)
         if problem:
             self._bad_trace(problem)
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
-        self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens)
+        self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens, attached)
         start = 0
         for layer, leased, n in zip(ev.layers, ev.leased, ev.expert_counts):
             if leased:

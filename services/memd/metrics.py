@@ -28,6 +28,7 @@ class Metrics:
     leased_layers: int = 0  # layers a worker served from its leases (no message; learnt from the step trace)
     layer_notes: int = 0  # LAYER_NOTE events received
     notes_dropped: int = 0  # of those, already fed by the layer's acquire, or late (ignored)
+    notes_unattached: int = 0  # layer notes of a worker not attached (a dead one's, still queued: ignored)
     layers_fed: int = 0  # (worker, step, layer) positions the predictor learnt (from a note or an acquire)
     speculate_layers: int = 0  # the lookahead workers were last told to guess
     prefetch_deferred: int = 0  # plans made without prefetching: on-demand reads were in flight or queued
@@ -39,17 +40,20 @@ class Metrics:
             setattr(self, name, [0] * self.num_layers)
         self.stall_seconds = [0.0] * self.num_layers
 
-    def step_traced(self, worker: int, step: int, tokens: int, decode_tokens: int) -> None:
+    def step_traced(self, worker: int, step: int, tokens: int, decode_tokens: int, attached: bool = True) -> None:
+        """Count a step trace; ``last_step`` (lost traces: gaps in a worker's steps) holds attached workers only."""
         last = self.last_step.get(worker)
         if last is not None and step > last + 1:
             self.trace_lost += step - last - 1
-        if last is None or step > last:
+        if attached and (last is None or step > last):
             self.last_step[worker] = step
         self.trace_steps += 1
         self.tokens += tokens
         self.decode_tokens += decode_tokens
-        if len(self.last_step) > 1024:  # bounded: forget the worker seen longest ago
-            self.last_step.pop(next(iter(self.last_step)))
+
+    def forget_worker(self, worker: int) -> None:
+        """``worker`` detached: ``last_step`` holds attached workers only (at most ``--max-clients``)."""
+        self.last_step.pop(worker, None)
 
     @staticmethod
     def ratio(a: float, b: float) -> float:

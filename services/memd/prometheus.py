@@ -25,7 +25,7 @@ MEMD_COUNTERS = frozenset({
     "hits", "misses", "evictions", "bytes_read", "read_seconds", "stall_seconds", "tokens",
     "prefetch_issued", "prefetch_used", "prefetch_wasted", "prefetch_cancelled", "prefetch_late", "trace_steps",
     "trace_lost", "predicted", "correct", "routed", "acquires", "acquires_partial", "leased_layers", "layer_notes",
-    "notes_dropped",
+    "notes_dropped", "notes_unattached",
     "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
     "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written",
 })

@@ -40,6 +40,7 @@ from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
 from services.memd.slots import PoolExhausted
 from services.memd.staged import Pending, StagedAcquires
+from services.memd.traces import Traces
 from services.memd.stats import stats_fields
 from services.memd.slot_images import image_fields
 from services.memd.tiers import tier_fields
@@ -70,12 +71,11 @@ class MemdServer:
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
         self.clients: dict[bytes, ConnectedWorker] = {}
         self.staged = StagedAcquires(self)  # acquires answered in two parts (AcquireRequest.partial)
+        self.traces = Traces(self)  # the trace socket: request starts and ends, step traces, layer notes
         self.handlers = {
             Op.HELLO: self.on_hello, Op.READY: self.on_ready, Op.ACQUIRE: self.on_acquire,
             Op.RELEASE: self.on_release, Op.STATS: self.on_stats, Op.RETURN_LEASES: self.on_return_leases,
-            Op.AWAIT: self.staged.on_await,
-            Op.REQUEST_START: self.on_request_start, Op.REQUEST_END: self.on_request_end,
-            Op.STEP_TRACE: self.on_step_trace, Op.LAYER_NOTE: self.on_layer_note,
+            Op.AWAIT: self.staged.on_await, **self.traces.handlers,
         }
         assert set(self.handlers) == MEMD_RPC_OPS | MEMD_TRACE_OPS
         self._stop = asyncio.Event()
@@ -90,7 +90,7 @@ class MemdServer:
         access = Access(self.cfg.group)  # 0600, or 0660 and --group: who may attach a worker or send traces
         self.rpc = make_socket(ctx, zmq.ROUTER, self.cfg.rpc_addr, bind=True, access=access)
         self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM, access=access)
-        tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self._read_trace()),
+        tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self.traces.read(self.trace)),
                  asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then()),
                  asyncio.create_task(self.admin.serve())]
         log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s; policy %s, prefetch %s",
@@ -163,19 +163,6 @@ class MemdServer:
 
     async def _handle(self, identity: bytes, op: Op, rid: int, req) -> None:
         await answer(self.rpc, identity, op, rid, lambda: self.handlers[op](identity, req))
-
-    async def _read_trace(self) -> None:
-        while True:
-            frame = await self.trace.recv()
-            try:
-                op, _, event = decode(frame, MEMD_TRACE_OPS)
-            except ProtocolError as exc:
-                log.warning("rejected trace frame: %s", exc)
-                continue
-            try:
-                self.handlers[op](None, event)
-            except Exception:  # a bug in learning from traces must not stop memd from reading them
-                log.exception("%s failed", op.name)
 
     async def _watch_clients(self) -> None:
         """Release the pins of workers that died without releasing (their pid is gone)."""
@@ -379,19 +366,3 @@ class MemdServer:
                             acquires_partial=self.staged.answered_early,
                             **stats_fields(self.core), **tier_fields(self.reader, self.host),
                             **image_fields(self.store, self.reader))
-
-    def on_request_start(self, identity, event: m.RequestStartEvent) -> None:
-        self.core.request_start(event.request)
-
-    def on_request_end(self, identity, event: m.RequestEndEvent) -> None:
-        self.core.request_end(event.request)
-
-    def on_step_trace(self, identity, event: m.StepTraceEvent) -> None:
-        self.core.step_trace(event)
-
-    def on_layer_note(self, identity, event: m.LayerNoteEvent) -> None:
-        """Every MoE layer of every step, leased or not: feed the predictor, then plan (coalesced, off this path)."""
-        self.host.moved_on(event.worker, event.step, event.layer)
-        if self.core.note(event, time.perf_counter()):
-            self.prefetcher.wake(event.worker)
-

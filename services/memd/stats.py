@@ -23,5 +23,6 @@ def stats_fields(core) -> dict:
                 match_similarity=p.match_similarity or 0.0, trace_steps=mt.trace_steps, trace_lost=mt.trace_lost,
                 layer_seconds=p.layer_seconds or 0.0, layers=layers, lookahead=lookahead, next_gate=gate,
                 acquires=mt.acquires, leased_layers=mt.leased_layers, speculation=spec,
-                layer_notes=mt.layer_notes, notes_dropped=mt.notes_dropped, speculate_layers=mt.speculate_layers,
+                layer_notes=mt.layer_notes, notes_dropped=mt.notes_dropped,
+                notes_unattached=mt.notes_unattached, speculate_layers=mt.speculate_layers,
                 prefetch_deferred=mt.prefetch_deferred, prefetch_declined=mt.prefetch_declined)

@@ -77,7 +77,7 @@ def test_an_acquire_reply_names_the_cpus_experts_with_their_host_slots(tiers, tm
         assert reply.host == [1] and reply.slots[1] == t.host.slot_of[(0, 1)]
         assert (0, 0) in srv.table.slot_of and (0, 1) not in srv.table.slot_of  # the CPU's expert was not loaded
         assert t.host.pins == {(0, 1): 1}
-        srv.on_layer_note(None, m.LayerNoteEvent(7, 2, 1, [0]))  # the next layer: done with the host slot
+        srv.traces.on_layer_note(None, m.LayerNoteEvent(7, 2, 1, [0]))  # the next layer: done with the host slot
         assert not t.host.pins
         stats = tier_fields(t, srv.host)
         assert stats["cpu_experts"] == 1 and srv.on_stats(me, m.StatsRequest()).cpu_experts == 1

@@ -201,3 +201,28 @@ def test_a_prefetch_that_compute_cannot_hide_does_not_evict_a_live_expert():
     assert plan.start == [] and core.metrics.prefetch_declined == 1
     core.predictor.layer_seconds = 0.004  # 80% hidden: 0.76 beats it
     assert [k for k, _, _ in core.plan_prefetch(7, None, bandwidth=100 * MB).start] == [(2, 6)]
+
+
+def test_traces_of_a_worker_not_attached_leave_no_per_worker_state():
+    """A dead worker's notes still queued on the trace socket: counted and ignored, so the predictor and the step
+    counts hold attached workers only (at most --max-clients), and forgetting a worker drops both."""
+    from types import SimpleNamespace
+
+    from services.memd.host_compute import NoHostCompute
+    from services.memd.traces import Traces
+
+    core = core_with()
+    woken = []
+    server = SimpleNamespace(core=core, clients={b"w": SimpleNamespace(pid=7)}, host=NoHostCompute(),
+                             prefetcher=SimpleNamespace(wake=woken.append))
+    traces = Traces(server)
+    traces.on_layer_note(None, note(1, 0, [0, 1], worker=99))
+    assert 99 not in core.predictor.workers and core.metrics.notes_unattached == 1 and not woken
+    traces.on_layer_note(None, note(1, 0, [0, 1], worker=7))
+    assert 7 in core.predictor.workers and core.metrics.notes_unattached == 1 and woken == [7]
+    routes = [m.LayerTrace(0, [2, 3], [[1, 1]], [[1.0, 1.0]])]
+    traces.on_step_trace(None, m.step_trace(99, 5, ["r"], [1], [False], routes))
+    traces.on_step_trace(None, m.step_trace(7, 5, ["r"], [1], [False], routes))
+    assert core.metrics.last_step == {7: 5} and core.metrics.trace_steps == 2  # both learned, one worker tracked
+    core.forget_worker(7)
+    assert 7 not in core.predictor.workers and core.metrics.last_step == {}
