@@ -50,7 +50,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
-        self.workers = WorkerSet(self.cfg)  # worker.sock and every worker-*.sock; routing (routing.py)
+        # worker.sock and every worker-*.sock; routing (routing.py); a vanished worker's metric series go with it
+        self.workers = WorkerSet(self.cfg, on_gone=self.metrics.worker_gone)
         self._poller = asyncio.create_task(self._poll_health())
 
     async def stop(self, app: web.Application) -> None:

@@ -44,6 +44,14 @@ class GatewayMetrics:
         Gauge("moeinf_gateway_worker_ready", "1 when the worker and memd are ready (what /health reports)",
               registry=r).set_function(lambda: 0.0 if gateway.health_reason else 1.0)
 
+    def worker_gone(self, name: str) -> None:
+        """A worker's socket is gone: its series goes too (a recreated worker would otherwise add one more each
+        time, and the vanished ones stay forever)."""
+        try:
+            self.worker_requests.remove(name)
+        except KeyError:  # it never got a request
+            pass
+
     def clock(self, started: float) -> RequestClock:
         return RequestClock(self, started)
 

@@ -113,8 +113,9 @@ class Router:
 class WorkerSet:
     """The gateway's workers: discovery, health, routing."""
 
-    def __init__(self, cfg: GatewayConfig):
+    def __init__(self, cfg: GatewayConfig, on_gone=lambda name: None):
         self.cfg = cfg
+        self.on_gone = on_gone  # (a worker's name) when its socket is gone: its per-worker metrics go with it
         self.state_dir = Path(cfg.state_dir)
         self.workers: dict[str, Worker] = {}
         self.router = Router(cfg.affinity_entries, cfg.affinity_slack_tokens)
@@ -137,7 +138,9 @@ class WorkerSet:
         for addr in [a for a in self.workers if a != default and a not in found]:
             if not self.workers[addr].link.pending:
                 log.info("worker socket %s is gone", addr)
-                await self.workers.pop(addr).link.close()
+                worker = self.workers.pop(addr)
+                await worker.link.close()
+                self.on_gone(worker.name)
 
     async def refresh(self, timeout_s: float) -> None:
         await self.discover()

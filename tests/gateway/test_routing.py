@@ -128,3 +128,23 @@ def test_a_dead_worker_fails_only_its_requests_and_the_other_keeps_serving(two_w
     assert results == [200, 200, 200]
     assert gateway.gateway.health_reason == ""
     survivor.close()  # it would stream 4000 tokens: hang up so the gateway can stop
+
+
+def test_a_vanished_worker_takes_its_metric_series_with_it(two_workers):
+    import urllib.request
+
+    def series() -> str:
+        with urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10) as resp:
+            return "\n".join(line for line in resp.read().decode().splitlines()
+                             if line.startswith("moeinf_gateway_worker_requests_total"))
+
+    gateway, workers = two_workers
+    streams = [SSE(gateway, max_tokens=3) for _ in range(2)]
+    for s in streams:
+        s.wait_closed(10)
+    assert [len(w.generated) for w in workers] == [1, 1]
+    assert 'worker="worker-b.sock"' in series() and 'worker="worker.sock"' in series()
+    workers[1].close()
+    Path(gateway.cfg.state_dir, "worker-b.sock").unlink()  # as a stopping worker removes its socket file
+    wait(lambda: len(gateway.gateway.workers.workers) == 1, timeout=15)
+    assert 'worker="worker-b.sock"' not in series() and 'worker="worker.sock"' in series()
