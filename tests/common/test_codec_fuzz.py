@@ -1,6 +1,7 @@
 """Property-based fuzzing of every decoder on every link (hypothesis): arbitrary bytes, arbitrary msgpack values,
 and valid messages with one field replaced by a hostile value all give a decoded message of the right type or a
 ``ProtocolError`` -- never another exception. Whatever decodes re-encodes to a frame that decodes to the same."""
+import math
 import struct
 
 import msgpack
@@ -48,8 +49,16 @@ def _decode_or_protocol_error(frame: bytes, reply: bool, allowed=None):
     return msg
 
 
-def _has_nan(msg) -> bool:  # NaN != NaN; NonNeg refuses it, but a plain float (ErrorReply has none) could carry it
-    return "nan" in repr(msg)
+def _has_nan(value) -> bool:
+    """A float NaN anywhere in the message (NaN != NaN; NonNeg refuses it, but a plain float could carry it); not a
+    string that happens to spell "nan"."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_nan(v) for v in value)
+    if isinstance(value, m.Message):
+        return any(_has_nan(getattr(value, f)) for f in value.__struct_fields__)
+    return False
 
 
 def _header(op: int) -> bytes:

@@ -67,7 +67,7 @@ def batched(addr: str, prompts) -> list[list[int]]:
 def test_enumeration_finds_the_known_families():
     found = experts_families()
     assert set(FAMILIES) <= set(found), set(FAMILIES) - set(found)
-    assert all(cls.endswith("ForCausalLM") or "For" in cls for cls in found.values())
+    assert all(cls.endswith("ForCausalLM") for cls in found.values()), found  # the decoder-only LM heads
 
 
 @pytest.mark.parametrize("family", [_param(f) for f in experts_families()])
