@@ -198,7 +198,7 @@ class WorkerConfig:
                                      " --max-prefill-chunk + --max-running")
     max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
                                        " steps, so running requests keep decoding meanwhile")
-    threads: int = knob(0, "torch intra-op threads (0: torch's default)")
+    threads: int = knob(0, "torch intra-op threads (0: one per --cpus CPU, else torch's default)")
     cpus: str = knob("", "CPUs the worker's threads run on, a Linux CPU list (0-3,8; empty: any); at least --threads,"
                          " and --threads 0 means one per CPU")
     device: str = knob("cpu", "where the worker computes: cpu, or cuda / cuda:N (dense weights, KV cache and the"
