@@ -301,7 +301,8 @@ class GatewayConfig:
     max_queued: int = knob(32, "requests admitted at once (running or waiting); beyond it the gateway answers 429")
     max_tokens_limit: int = knob(4096, "largest max_tokens a request may ask for")
     max_body_bytes: int = knob(1 << 20, "largest request body in bytes (413 above)")
-    step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503")
+    step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503"
+                                        " (and is cancelled on the worker)")
     body_timeout_s: float = knob(30.0, "seconds a client may take to send its request body (408 after)")
     header_timeout_s: float = knob(10.0, "seconds a client may take to send a request's headers, counted from the"
                                          " connection's start or its previous response (the connection is closed"

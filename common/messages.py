@@ -214,7 +214,7 @@ class StatsReply(Message):
     speculation: list[LookaheadStats] = field(default_factory=list)  # the worker's hidden-state guesses, by distance
     layer_notes: Count = 0  # LAYER_NOTE events received (one per MoE layer per step, leased or not)
     notes_dropped: Count = 0  # layer notes that arrived after a later layer of their step (ignored)
-    notes_unattached: Count = 0  # layer notes of a worker not attached (a dead one's, still queued: ignored)
+    notes_unattached: Count = 0  # of them, notes of a worker not attached (a dead one's, still queued: ignored)
     speculate_layers: Index = 0  # how far ahead workers are told to guess (adapts to read time vs layer time)
     prefetch_deferred: Count = 0  # plans put off because on-demand reads were in flight or queued
     prefetch_declined: Count = 0  # candidates whose expected benefit did not beat the bandwidth and slot they cost

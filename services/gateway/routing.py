@@ -139,8 +139,8 @@ class WorkerSet:
             if not self.workers[addr].link.pending:
                 log.info("worker socket %s is gone", addr)
                 worker = self.workers.pop(addr)
-                await worker.link.close()
                 self.on_gone(worker.name)
+                await worker.link.close()
 
     async def refresh(self, timeout_s: float) -> None:
         await self.discover()

@@ -112,8 +112,7 @@ class ExpertCache:
         self.metrics.acquires += 1
         self._refresh(req.leased_uses, decode=not plan.transient)
         if req.requests or req.speculated:
-            plan.fed = self.layer(worker, req.step, req.layer, req.experts, req.requests, req.tokens, req.prefill,
-                                  now)
+            plan.fed = self.layer(worker, req.step, req.layer, req.experts, req.requests, req.tokens, req.prefill, now)
             if plan.fed:
                 self.predictor.guess(worker, [req.layer + 1] * len(req.speculated), req.speculated, (),
                                      self.table.slot_of.__contains__)
@@ -345,6 +344,7 @@ class ExpertCache:
     def forget_worker(self, worker) -> None:
         self.predictor.forget(worker)
         self.metrics.forget_worker(worker)
+
     # ---------------------------------------------------------------- traces
     def request_start(self, request: str) -> None:
         self.eams.start(request)

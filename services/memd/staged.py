@@ -105,7 +105,12 @@ def _loaded(task: asyncio.Task | None) -> bool:
 
 
 async def _result(task: asyncio.Task):
-    return await task
+    try:
+        return await task
+    except asyncio.CancelledError:  # its loads were cancelled (not this answer): an error reply, never silence
+        if asyncio.current_task().cancelling():
+            raise
+        raise CodedError("internal", "the acquire's loads were cancelled in memd") from None
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -52,6 +52,7 @@ class Traces:
         A note of a worker not attached (a dead one's, still queued on the trace socket) is counted and ignored:
         the predictor keeps state for attached workers only (at most ``--max-clients``), dropped when they leave."""
         if not self.attached(event.worker):
+            self.core.metrics.layer_notes += 1
             self.core.metrics.notes_unattached += 1
             return
         self.server.host.moved_on(event.worker, event.step, event.layer)

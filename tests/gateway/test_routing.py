@@ -139,10 +139,11 @@ def test_a_vanished_worker_takes_its_metric_series_with_it(two_workers):
                              if line.startswith("moeinf_gateway_worker_requests_total"))
 
     gateway, workers = two_workers
-    streams = [SSE(gateway, max_tokens=3) for _ in range(2)]
+    streams = [SSE(gateway, max_tokens=40) for _ in range(2)]
+    wait(lambda: all(len(s.events) >= 2 for s in streams))  # both running: one on each worker
+    assert [len(w.generated) for w in workers] == [1, 1]
     for s in streams:
         s.wait_closed(10)
-    assert [len(w.generated) for w in workers] == [1, 1]
     assert 'worker="worker-b.sock"' in series() and 'worker="worker.sock"' in series()
     workers[1].close()
     Path(gateway.cfg.state_dir, "worker-b.sock").unlink()  # as a stopping worker removes its socket file

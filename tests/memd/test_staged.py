@@ -5,6 +5,8 @@ reply): no plan runs between a layer's last load and the reply the worker waits 
 import asyncio
 
 from common import messages as m
+from common.codec import decode
+from common.protocol import Op
 from services.memd.replies import CodedError
 from services.memd.staged import Pending, StagedAcquires
 
@@ -14,7 +16,8 @@ class Socket:
         self.events = events
 
     async def send_multipart(self, frames) -> None:
-        self.events.append("reply")
+        op, _, msg = decode(frames[1], reply=True)
+        self.events.append(f"error {msg.code}" if op is Op.ERROR else "reply")
 
 
 class Server:
@@ -41,16 +44,17 @@ def pending_of(loads: dict) -> Pending:
 async def _one_part(fail: bool) -> list:
     events = []
     loop = asyncio.get_running_loop()
-    load = loop.create_future()
+    first, second = loop.create_future(), loop.create_future()
     staged = StagedAcquires(Server(events, fail))
-    released = staged.start(b"w", 1, pending_of({(3, 1): load, (3, 2): load}))
+    released = staged.start(b"w", 1, pending_of({(3, 1): first, (3, 2): second}))
     released.add_done_callback(lambda _: events.append("let go"))
     await asyncio.sleep(0)
+    first.set_result(None)  # both loads end in the same loop turn: nothing is handed out early
     if fail:
-        load.set_exception(OSError("short read"))
+        second.set_exception(OSError("short read"))
     else:
-        load.set_result(None)
-    await asyncio.wait_for(released, 5)
+        second.set_result(None)
+    await asyncio.wait([released], timeout=5)
     await asyncio.sleep(0)  # the done callbacks
     return events
 
@@ -85,3 +89,18 @@ def test_a_two_part_answer_holds_the_prefetcher_until_the_rest_has_loaded():
     events, slots = asyncio.run(_two_parts())
     assert slots == 2
     assert events == ["reply", "await answered", "let go"]
+
+
+async def _cancelled_loads() -> list:
+    events = []
+    loop = asyncio.get_running_loop()
+    staged = StagedAcquires(Server(events, fail=False))
+    released = staged.start(b"w", 1, pending_of({(3, 1): loop.create_future(), (3, 2): loop.create_future()}))
+    await asyncio.sleep(0)
+    staged.awaiting[b"w"][1].cancel()  # the acquire's loads cancelled (not its answer)
+    await asyncio.wait([released], timeout=5)
+    return events
+
+
+def test_an_acquire_whose_loads_are_cancelled_gets_an_error_reply_not_silence():
+    assert asyncio.run(_cancelled_loads()) == ["error internal"]
