@@ -27,7 +27,7 @@ from services.gateway.metrics import GatewayMetrics, RequestClock, metrics_middl
 from services.gateway.openapi import openapi_spec
 from services.gateway.output import Output
 from services.gateway.sse import Stream
-from services.gateway.text import TextCodec
+from services.gateway.text import TemplateRefused, TextCodec
 from services.gateway.routing import WorkerSet
 from services.gateway.worker_link import GatewayStopping, WorkerRejected, WorkerSilent, WorkerUnavailable
 
@@ -47,6 +47,7 @@ class Gateway:
         self.metrics = GatewayMetrics(self)
         self.pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize")
         self.cancels: set[asyncio.Task] = set()  # CANCELs on their way to the worker (the loop keeps weak references)
+        self._refreshing: asyncio.Future | None = None  # the health refresh in flight, shared by every caller
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, app: web.Application) -> None:
@@ -70,10 +71,23 @@ class Gateway:
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def refresh_health(self, timeout_s: float) -> None:
-        """Ready while at least one worker is."""
+        """Ready while at least one worker is. One refresh at a time, however many ``/health`` calls come: each
+        joins the one in flight, so a flood of them sends each worker one WORKER_INFO, not one per call (which
+        would take the link's room from generation calls and mark a busy worker not ready for everyone)."""
+        if self._refreshing is None:
+            self._refreshing = asyncio.ensure_future(self._refresh(timeout_s))
+            self._refreshing.add_done_callback(self._refreshed)
+        await asyncio.shield(self._refreshing)  # a caller that goes away does not cancel the others' refresh
+
+    async def _refresh(self, timeout_s: float) -> None:
         await self.workers.refresh(timeout_s)
         self.info = self.workers.info() or self.info
         self.health_reason = self.workers.health_reason()
+
+    def _refreshed(self, done: asyncio.Future) -> None:
+        self._refreshing = None
+        if not done.cancelled():
+            done.exception()  # (retrieved: each caller that waited got it raised)
 
     # ------------------------------------------------------------------ routes
     async def health(self, request: web.Request) -> web.Response:
@@ -121,7 +135,10 @@ class Gateway:
         rq.parse_sampling(body, job, chat=True, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
         chars = sum(len(msg["content"]) for msg in job.messages)
         with self.admission():
-            job.prompt_ids = await self.tokenize(self.codec.encode_chat, job.messages, chars, "messages", info)
+            try:
+                job.prompt_ids = await self.tokenize(self.codec.encode_chat, job.messages, chars, "messages", info)
+            except TemplateRefused as exc:
+                raise bad_request(str(exc), "messages") from None
             return await self.run(request, job, info)
 
     # ------------------------------------------------------------------ admission and tokenization

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import TemplateError
+
 REPLACEMENT = "\ufffd"
+
+
+class TemplateRefused(ValueError):
+    """The model's chat template raised on the request's messages: the client's to fix (a 400 on ``messages``)."""
 
 
 class TextCodec:
@@ -43,7 +49,10 @@ class TextCodec:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         if self.has_template:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except TemplateError as exc:  # the template's own raise_exception: roles that must alternate, ...
+                raise TemplateRefused(f"the model's chat template refused these messages: {exc}") from None
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return self.mistral_instruct(messages)
 

@@ -171,15 +171,21 @@ class WorkerServer:
 
     # ------------------------------------------------------------------ compute thread
     def compute_loop(self) -> None:
-        while not self.stopping.is_set():
-            self.take_new(wait=not self.scheduler)
-            self.drop_cancelled()
-            step = self.scheduler.schedule()
-            if step:
-                self.run_step(step)
-            elif not self.jobs:
-                self.client.return_leases()  # idle: hold nothing in memd's pool
-        reason = "the worker lost memd" if self.exit_code == 3 else "the worker is shutting down"
+        try:
+            while not self.stopping.is_set():
+                self.take_new(wait=not self.scheduler)
+                self.drop_cancelled()
+                step = self.scheduler.schedule()
+                if step:
+                    self.run_step(step)
+                elif not self.jobs:
+                    self.client.return_leases()  # idle: hold nothing in memd's pool
+        except Exception:  # outside a step's own guard: a worker that cannot compute stops (its supervisor restarts
+            log.exception("the compute loop failed; the worker stops")  # it) rather than answer ready and hang
+            self.exit_code = self.exit_code or 1
+            self.stopping.set()
+        reason = {3: "the worker lost memd", 0: "the worker is shutting down"}.get(self.exit_code,
+                                                                                  "the worker failed (see its log)")
         self.fail(list(self.jobs.values()), "unavailable", f"{reason}; retry shortly")
         while True:  # and those that arrived but never started
             try:

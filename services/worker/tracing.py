@@ -108,7 +108,15 @@ class StepRecorder:
         self.client.emit(Op.STEP_TRACE, m.step_trace(os.getpid(), step.number, step.requests, step.tokens,
                                                      step.prefill, step.layers))
         if self.writer is not None:
-            self._write(step)
+            try:
+                self._write(step)
+            except OSError as exc:  # a full or failing disk ends the trace file, not the requests
+                log.error("--record-trace: writing the trace failed (%s); recording stops, serving goes on", exc)
+                writer, self.writer = self.writer, None
+                try:
+                    writer.close()
+                except OSError:
+                    pass
 
     def _write(self, step: RecordingStep) -> None:
         owner = step.owner.tolist()

@@ -25,9 +25,10 @@ class FakeWorker:
 
     def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
                  fail_after: int | None = None, pid: int | None = None, token: int | None = None,
-                 silent_after: int | None = None):
+                 silent_after: int | None = None, info_s: float = 0.0):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
-        self.silent_after = silent_after
+        self.silent_after, self.info_s = silent_after, info_s  # info_s: WORKER_INFO answered after this long
+        self.infos = 0  # WORKER_INFO calls received
         self.token = token  # every token this id (one that shows no text, say), else 1000, 1001, ...
         self.cancelled: list[str] = []
         self.fail_after, self.pid = fail_after, pid or os.getpid()
@@ -50,6 +51,8 @@ class FakeWorker:
 
     def _on(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
+            self.infos += 1
+            time.sleep(self.info_s)
             info = m.WorkerInfoReply(self.pid, "fake", "mixtral", self.max_model_len, self.vocab_size, [2], True,
                                      len(self.live))
             self._send([identity, encode(op, rid, info)])

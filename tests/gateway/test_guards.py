@@ -316,3 +316,30 @@ def test_api_key_from_the_environment_and_its_file(tmp_path):
                          ({"MOEINF_METRICS_AUTH": "on"}, "needs an API key")):
         with pytest.raises(ValueError, match=message):
             build_config(GatewayConfig, env={"MOEINF_MODEL": str(tmp_path), **env})
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_its_reason(demo_model):
+    """A template's own raise_exception (Mixtral-Instruct's "roles must alternate") is the client's to fix."""
+    from services.gateway.text import TextCodec
+
+    codec = TextCodec(demo_model)
+    codec.tokenizer.chat_template = ("{% if messages[0]['role'] != 'user' %}"
+                                     "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+                                     "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    codec.has_template = True
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
+    cfg = gateway_config(demo_model, Path(tmp.name))
+    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer))
+    gateway = LocalGateway(cfg, codec)
+    try:
+        gateway.wait_ready()
+        body = {"model": M, "max_tokens": 2, "messages": [{"role": "assistant", "content": "hi"}]}
+        status, _, payload = post(gateway, CHAT, body)
+        assert_error(status, payload, 400, "messages")
+        assert "roles must alternate" in payload["error"]["message"], payload
+        body["messages"] = [{"role": "user", "content": "hi"}]
+        assert post(gateway, CHAT, body)[0] == 200  # the same template renders a good conversation
+    finally:
+        gateway.close()
+        worker.close()
+        tmp.cleanup()

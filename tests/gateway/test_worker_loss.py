@@ -206,3 +206,33 @@ def test_a_silent_worker_fails_the_request_and_is_told_to_cancel_it(demo_model, 
         gateway.close()
         worker.close()
         tmp.cleanup()
+
+
+def test_a_flood_of_health_checks_sends_the_worker_one_info_call_at_a_time(demo_model, codec):
+    """/health needs no key: 40 at once must not take the worker link's room from generation calls. They join the
+    refresh in flight, so the worker hears one WORKER_INFO per refresh, and every one of them answers 200."""
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
+    cfg = gateway_config(demo_model, Path(tmp.name))
+    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), info_s=0.3)
+    gateway = LocalGateway(cfg, codec)
+    try:
+        gateway.wait_ready()
+        before = worker.infos
+        statuses = []
+
+        def health():
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+            conn.request("GET", "/health")
+            statuses.append(conn.getresponse().status)
+
+        threads = [threading.Thread(target=health) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert statuses == [200] * 40
+        assert worker.infos - before <= 6, worker.infos - before  # a few refreshes (and the poller's), not 40
+    finally:
+        gateway.close()
+        worker.close()
+        tmp.cleanup()

@@ -135,3 +135,51 @@ def test_extreme_parameters_never_break_batch_mates(stack):
     for request in ids[1:]:
         tokens, reason = mux.tokens(request)
         assert reason in ("length", "stop") and tokens
+
+
+def test_an_error_outside_a_step_stops_the_worker_and_answers_everyone():
+    """A failure of the compute loop itself (not of a step, which fails its own requests) must not leave a worker
+    that answers ready and never computes: its requests, running or still queued, get an error and it stops."""
+    import queue
+    import threading
+
+    from services.worker.server import Job, WorkerServer
+
+    class Loop:
+        def call_soon_threadsafe(self, fn, *args):
+            fn(*args)
+
+    class Steps:
+        def request_ended(self, request, generated):
+            pass
+
+    class Engine:
+        steps = Steps()
+
+    class Scheduler:
+        def __bool__(self):
+            return True
+
+        def schedule(self):
+            raise RuntimeError("a bug outside any step")
+
+        def remove(self, seq):
+            pass
+
+    server = WorkerServer.__new__(WorkerServer)
+    server.engine, server.loop, server.scheduler = Engine(), Loop(), Scheduler()
+    server.outbox, server.live, server.cancelled, server.generated_tokens = asyncio.Queue(), {}, set(), 0
+    server.stopping, server.exit_code, server.inbox = threading.Event(), 0, queue.Queue()
+    server.take_new = lambda wait: None
+    seq = Sequence(m.GenerateRequest("running", [1], 4), None, None)
+    server.jobs = {"running": Job(b"gw", 1, seq)}
+    server.inbox.put((b"gw", 2, m.GenerateRequest("queued", [1], 4)))
+    server.compute_loop()  # returns: no exception escapes the thread
+    assert server.stopping.is_set() and server.exit_code == 1
+    replies = {}
+    while not server.outbox.empty():
+        _, frame = server.outbox.get_nowait()
+        _, rid, reply = decode(frame, reply=True)
+        replies[rid] = reply
+    assert set(replies) == {1, 2} and all(isinstance(r, m.ErrorReply) for r in replies.values())
+    assert all("the worker failed" in r.message for r in replies.values()), replies

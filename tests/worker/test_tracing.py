@@ -73,6 +73,24 @@ def test_steps_are_buffered_then_flushed_with_positions_and_phases(tmp_path):
     assert "r0" not in rec.seen and rec.seen["r1"] == 3
 
 
+def test_a_failing_trace_file_stops_recording_not_serving(tmp_path):
+    """--record-trace on a disk that fills up: the write's OSError ends the file, the step traces still go to memd
+    and nothing is raised into the compute loop."""
+    class FullDisk(TraceWriter):
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    client = FakeClient()
+    rec = StepRecorder(client, FullDisk(tmp_path / "t.jsonl", TraceHeader("tiny", 2, 4, 2)))
+    rec.begin(["r0"], torch.tensor([0, 0]))
+    layer(rec, 0, [[0, 1], [1, 2]], [0, 0], 1)
+    rec.begin(["r0"], torch.tensor([0]))  # ends step 1: its write fails
+    assert rec.writer is None and [op for op, _ in client.events] == [Op.STEP_TRACE]
+    layer(rec, 0, [[2, 3]], [0], 1)
+    rec.close()
+    assert [op for op, _ in client.events] == [Op.STEP_TRACE, Op.STEP_TRACE]
+
+
 def test_a_step_without_attribution_sends_nothing():
     client = FakeClient()
     rec = StepRecorder(client)
