@@ -49,8 +49,8 @@ def stats(r: a.AdminStatsReply) -> str:
         f" recall {s.prefetch_recall:.2f}",
         f"          deferred for demand reads {s.prefetch_deferred}, declined (not worth it) {s.prefetch_declined}",
         f"EAMC: {s.eamc_size} of {s.eamc_capacity} patterns (best-match similarity {s.match_similarity:.2f})",
-        f"layer notes: {s.layer_notes} ({s.notes_dropped} already fed, {s.notes_unattached} of no attached worker: ignored);"
-        f" workers guess {s.speculate_layers} layers ahead",
+        f"layer notes: {s.layer_notes} ({s.notes_dropped} already fed, {s.notes_unattached} of no attached worker:"
+        f" ignored); workers guess {s.speculate_layers} layers ahead",
         _lookahead("prediction (EAMC + guesses)", s.lookahead),
         _lookahead("hidden-state guesses", s.speculation),
         "",
