@@ -69,43 +69,52 @@ def test_a_degenerate_request_fails_alone_in_its_step():
     assert tokens[1] is None and "not finite" in seqs[1].error and seqs[1].generated == []
 
 
-def test_the_worker_answers_the_failed_request_alone():
-    from services.worker.server import Job, WorkerServer
+class _Loop:
+    def call_soon_threadsafe(self, fn, *args):
+        fn(*args)
 
-    class Loop:
-        def call_soon_threadsafe(self, fn, *args):
-            fn(*args)
 
-    class Client:
-        def emit(self, op, event):
-            pass
+class _Steps:
+    def request_ended(self, request, generated):
+        pass
 
-    class Steps:
-        def request_ended(self, request, generated):
-            pass
 
-    class StubEngine:
-        steps = Steps()
-
-        def run(self, step):
-            step[1].seq.error = "cannot sample"
-            return [7, None]
+def bare_server(run=None, scheduler=None):
+    """A WorkerServer without sockets or model: its compute side over a stub engine (``run``) and ``scheduler``."""
+    from services.worker.scheduler import Limits, Scheduler
+    from services.worker.server import WorkerServer
 
     server = WorkerServer.__new__(WorkerServer)
-    server.engine, server.client, server.loop = StubEngine(), Client(), Loop()
+    server.engine = type("StubEngine", (), {"steps": _Steps(), "run": staticmethod(run or (lambda step: []))})()
+    server.client = type("Client", (), {"emit": lambda self, op, event: None})()
+    server.loop, server.scheduler = _Loop(), scheduler or Scheduler(Limits(4, 16, 8, 4))
     server.outbox, server.live, server.cancelled, server.generated_tokens = asyncio.Queue(), {}, set(), 0
-    from services.worker.scheduler import Limits, Scheduler
+    return server
 
-    server.scheduler = Scheduler(Limits(4, 16, 8, 4))
-    seqs = [Sequence(m.GenerateRequest(f"r{i}", [1], 4), None, None) for i in range(2)]
-    seqs[0].generated.append(7)
-    server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
-    server.run_step([Chunk(s, [1]) for s in seqs])
+
+def replies_of(server) -> dict:
+    """The replies the server queued, by request id (rid)."""
     replies = {}
     while not server.outbox.empty():
         _, frame = server.outbox.get_nowait()
         _, rid, reply = decode(frame, reply=True)
         replies[rid] = reply
+    return replies
+
+
+def test_the_worker_answers_the_failed_request_alone():
+    from services.worker.server import Job
+
+    def run(step):
+        step[1].seq.error = "cannot sample"
+        return [7, None]
+
+    server = bare_server(run)
+    seqs = [Sequence(m.GenerateRequest(f"r{i}", [1], 4), None, None) for i in range(2)]
+    seqs[0].generated.append(7)
+    server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
+    server.run_step([Chunk(s, [1]) for s in seqs])
+    replies = replies_of(server)
     assert isinstance(replies[1], m.TokensReply) and replies[1].tokens == [7]
     assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "bad_request"
     assert list(server.jobs) == ["r0"]
@@ -143,18 +152,7 @@ def test_an_error_outside_a_step_stops_the_worker_and_answers_everyone():
     import queue
     import threading
 
-    from services.worker.server import Job, WorkerServer
-
-    class Loop:
-        def call_soon_threadsafe(self, fn, *args):
-            fn(*args)
-
-    class Steps:
-        def request_ended(self, request, generated):
-            pass
-
-    class Engine:
-        steps = Steps()
+    from services.worker.server import Job
 
     class Scheduler:
         def __bool__(self):
@@ -166,9 +164,7 @@ def test_an_error_outside_a_step_stops_the_worker_and_answers_everyone():
         def remove(self, seq):
             pass
 
-    server = WorkerServer.__new__(WorkerServer)
-    server.engine, server.loop, server.scheduler = Engine(), Loop(), Scheduler()
-    server.outbox, server.live, server.cancelled, server.generated_tokens = asyncio.Queue(), {}, set(), 0
+    server = bare_server(scheduler=Scheduler())
     server.stopping, server.exit_code, server.inbox = threading.Event(), 0, queue.Queue()
     server.take_new = lambda wait: None
     seq = Sequence(m.GenerateRequest("running", [1], 4), None, None)
@@ -176,10 +172,6 @@ def test_an_error_outside_a_step_stops_the_worker_and_answers_everyone():
     server.inbox.put((b"gw", 2, m.GenerateRequest("queued", [1], 4)))
     server.compute_loop()  # returns: no exception escapes the thread
     assert server.stopping.is_set() and server.exit_code == 1
-    replies = {}
-    while not server.outbox.empty():
-        _, frame = server.outbox.get_nowait()
-        _, rid, reply = decode(frame, reply=True)
-        replies[rid] = reply
+    replies = replies_of(server)
     assert set(replies) == {1, 2} and all(isinstance(r, m.ErrorReply) for r in replies.values())
     assert all("the worker failed" in r.message for r in replies.values()), replies
