@@ -15,7 +15,7 @@ from common.access import Access
 from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, parse_cpus, resolve_api_key
 from common.knobs import add_config_args as add_config_args, build_config as build_config  # re-exported
 from common.knobs import env_name as env_name, flag_name, knob
-from common.sizes import parse_size
+from common.sizes import parse_bytes, parse_size
 
 PROTOCOL_VERSION = 4
 CPU_EXPERTS = ("off", "auto", "always")  # memd --cpu-experts
@@ -169,7 +169,7 @@ class MemdConfig:
         if not 0 < self.prefetch_threshold <= 1:
             raise ValueError("--prefetch-threshold must be in (0, 1]")
         parse_size(self.expert_memory, what="--expert-memory")  # malformed: refused before the checkpoint is indexed
-        parse_size(self.read_chunk, what="--read-chunk")
+        parse_bytes(self.read_chunk, what="--read-chunk")
         parse_cpus(self.io_cpus, "--io-cpus")
         if self.prefetch_budget != "auto":
             parse_size(self.prefetch_budget, what="--prefetch-budget")
@@ -266,6 +266,9 @@ class WorkerConfig:
             raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
                              f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"
                              " chunk always fits next to the running requests' decode tokens")
+        for name in ("handshake_timeout_s", "memd_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag_name(name)} must be > 0 (seconds)")
         for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
@@ -328,8 +331,8 @@ class GatewayConfig:
         resolve_api_key(self)
         if self.metrics_auth and not self.api_key:
             raise ValueError("--metrics-auth needs an API key (--api-key, --api-key-file or MOEINF_API_KEY)")
-        if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
-            raise ValueError("--body-timeout-s and --header-timeout-s must be > 0")
+        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.step_timeout_s > 0):
+            raise ValueError("--body-timeout-s, --header-timeout-s and --step-timeout-s must be > 0")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)

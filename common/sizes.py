@@ -49,6 +49,15 @@ def parse_size(text: str | int, *, what: str = "size") -> SizeSpec:
     return SizeSpec(nbytes=nbytes)
 
 
+def parse_bytes(text: str | int, *, what: str = "size") -> int:
+    """A size that must be bytes (a read's piece, a probe's length): ``parse_size`` refusing a percentage, which
+    would resolve against no total and silently mean 0."""
+    spec = parse_size(text, what=what)
+    if spec.fraction is not None:
+        raise ValueError(f"{what} {text!r}: give a size in bytes (1048576, 4MiB, 1GB), not a percentage")
+    return spec.resolve(0)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

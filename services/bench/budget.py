@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.sizes import format_bytes, parse_size
+from common.sizes import format_bytes, parse_bytes, parse_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,7 @@ def derive(sizes: ModelBytes, expert_memory: str, allowance: str | None) -> Budg
     # would count one slot fewer than memd holds where its slots are larger (rows spread apart, spread.py)
     slots = min(spec.resolve(sizes.slot_bytes * sizes.num_experts) // sizes.slot_bytes, sizes.num_experts)
     return Budget(expert_memory, sizes.dense_bytes, sizes.expert_total_bytes, slots * sizes.slot_bytes, slots,
-                  0 if allowance is None else parse_size(allowance, what="--runtime-allowance").resolve(0),
+                  0 if allowance is None else parse_bytes(allowance, what="--runtime-allowance"),
                   num_experts=sizes.num_experts)
 
 

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.sizes import format_bytes, parse_size
+from common.sizes import format_bytes, parse_bytes
 from services.bench.diskbw import CHUNK, STREAMS, Bandwidth, read_bandwidth
 
 TARGET = 0.9
@@ -232,8 +232,8 @@ def run(args) -> int:
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: no config.json (give a checkpoint directory)")
-    nbytes = parse_size(args.bytes, what="--bytes").resolve(0)
-    chunk = parse_size(args.chunk, what="--chunk").resolve(0)
+    nbytes = parse_bytes(args.bytes, what="--bytes")
+    chunk = parse_bytes(args.chunk, what="--chunk")
     if args.threads < 1 or (args.experts is not None and args.experts < 1):
         raise ValueError("--threads and --experts must be >= 1")
     if args.rounds < 1:

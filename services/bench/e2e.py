@@ -47,7 +47,7 @@ import numpy as np
 
 from common.config import MemdConfig
 from common.knobs import build_config
-from common.sizes import parse_size
+from common.sizes import parse_bytes, parse_size
 from services.bench.baselines import OFFLOAD, RESIDENT
 from services.bench.diskbw import READ_CHUNK, STREAMS
 from services.bench.e2e_formats import format_system
@@ -103,7 +103,7 @@ class Options:
 
     @property
     def read_chunk_bytes(self) -> int:
-        return parse_size(self.read_chunk, what="--read-chunk").resolve(0)
+        return parse_bytes(self.read_chunk, what="MOEINF_READ_CHUNK")
 
     @classmethod
     def from_args(cls, args, env: Mapping[str, str] | None = None) -> Options:
@@ -154,7 +154,7 @@ class Options:
             raise ValueError("--memory-limit-total sizes each system from its measured runtime: drop"
                              " --runtime-allowance")
         if self.runtime_allowance != "measured":
-            parse_size(self.runtime_allowance, what="--runtime-allowance")
+            parse_bytes(self.runtime_allowance, what="--runtime-allowance")
         if ((self.runtime_allowance == "measured" or self.memory_limit_total) and OFFLOAD in self.systems
                 and RESIDENT not in self.systems and self.memory_limit):
             raise ValueError("accelerate-offload's runtime is measured on transformers-resident: add it to --systems"
@@ -168,7 +168,7 @@ class Options:
 
             if why := llama_missing(find_server(self.llama_server), self.gguf, self.model):
                 raise ValueError(why)
-        parse_size(self.disk_probe, what="--disk-probe")
+        parse_bytes(self.disk_probe, what="--disk-probe")
         if self.disk_read_limit:
             self.read_limit_bytes()
 
@@ -177,10 +177,7 @@ class Options:
         if not self.disk_read_limit:
             return None
         text = self.disk_read_limit.removesuffix("/s")
-        spec = parse_size(text, what="--disk-read-limit")
-        if spec.fraction is not None:
-            raise ValueError(f"--disk-read-limit {self.disk_read_limit}: give bytes per second (600MB/s), not a share")
-        return spec.resolve(0)
+        return parse_bytes(text, what="--disk-read-limit")
 
 
 # ---------------------------------------------------------------------------------------------------- serving

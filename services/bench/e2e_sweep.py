@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 
-from common.sizes import parse_size
+from common.sizes import parse_bytes
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
 from services.bench.budget import Budget, derive, derive_total, model_bytes
 from services.bench.blkio import ReadThrottle
@@ -51,7 +51,7 @@ class Sweep:
                               f" {memd}; the baselines unpinned")
         self.rows: list[dict] = []
         self.outputs: dict[tuple[str, str | None, int], list[list[int]]] = {}  # (system, memory, repeat) -> tokens
-        self.probe_bytes = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
+        self.probe_bytes = parse_bytes(opts.disk_probe, what="--disk-probe")
 
     # ------------------------------------------------------------------------------------------------ limits
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
@@ -339,7 +339,7 @@ def _run_sweep(opts: Options) -> int:
     from services.bench.e2e_report import build_doc, format_report
 
     sweep = Sweep(opts)
-    probe = parse_size(opts.disk_probe, what="--disk-probe").resolve(0)
+    probe = parse_bytes(opts.disk_probe, what="--disk-probe")
     single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
     progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")

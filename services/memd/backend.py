@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import MemdConfig
-from common.sizes import format_bytes, parse_size
+from common.sizes import format_bytes, parse_bytes, parse_size
 from services.memd.pool import pool_name
 from services.memd.pools import Pool, ShmPool
 from services.memd.reader import ExpertReader
@@ -39,7 +39,7 @@ class Backend:
 
 
 def read_chunk(cfg: MemdConfig) -> int:
-    return parse_size(cfg.read_chunk, what="--read-chunk").resolve(0)
+    return parse_bytes(cfg.read_chunk, what="--read-chunk")
 
 
 def host_slots(cfg: MemdConfig, store: ExpertIndex) -> int:

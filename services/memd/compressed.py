@@ -23,6 +23,7 @@ Biases (1-D parameters) stay in the checkpoint's dtype. The conversion is NumPy:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def add_convert_parser(sub) -> None:
                                    " memd lays them into a CPU worker's slots, unchanged (--slot-cache).")
     p.add_argument("--model", required=True, help="a checkpoint directory (bf16/fp16/fp32 for --expert-format)")
     p.add_argument("--expert-format", choices=list(FORMATS), help="compress (lossy); unset: lossless slot images")
-    p.add_argument("--state-dir", help="memd's --state-dir (default ~/.local/state/moeinf)")
-    p.add_argument("--expert-cache-dir", help="memd's --expert-cache-dir (default <state-dir>/expert-cache)")
+    p.add_argument("--state-dir", default=os.environ.get("MOEINF_STATE_DIR"),
+                   help="memd's --state-dir [env MOEINF_STATE_DIR, as memd reads it; default ~/.local/state/moeinf]")
+    p.add_argument("--expert-cache-dir", default=os.environ.get("MOEINF_EXPERT_CACHE_DIR"),
+                   help="memd's --expert-cache-dir [env MOEINF_EXPERT_CACHE_DIR; default <state-dir>/expert-cache]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)

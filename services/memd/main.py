@@ -133,6 +133,10 @@ def run(cfg: MemdConfig) -> int:
 def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int, on_retire=None) -> ExpertCache:
     """The decision core, with the EAMC saved in the state directory (if any, and if it fits this model)."""
     knobs = CacheSettings.from_config(cfg, num_slots * store.slot_bytes)
+    if knobs.prefetch and knobs.budget_bytes is not None and knobs.budget_bytes < store.expert_bytes:
+        one = format_bytes(store.expert_bytes)
+        raise ValueError(f"--prefetch-budget {cfg.prefetch_budget} is {format_bytes(knobs.budget_bytes)}, less than one"
+                         f" expert ({one}): no prefetch could ever start; give at least {one}, auto, or --prefetch off")
     eamc = load_or_empty(cfg.state_dir / EAMC_FILE, store.num_layers, store.num_experts, knobs.eamc_capacity,
                          model=cfg.model.resolve().name)
     if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)

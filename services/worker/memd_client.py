@@ -205,7 +205,7 @@ class MemdClient:
     def call(self, op: Op, request, *, timeout_s: float | None = None, what: str | None = None):
         rid = next(self._ids)
         self.sock.send(encode(op, rid, request))
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while True:
             if self.sock.poll(POLL_SLICE_MS):
                 reply = self._receive(rid)

@@ -206,3 +206,9 @@ def test_the_disk_probes_read_at_the_benchmarks_memd_queue_depth(tmp_path):
     assert flags[flags.index("--read-threads") + 1] == "2" and flags[flags.index("--read-chunk") + 1] == "512KiB"
     with pytest.raises(ValueError, match="read"):
         Options.from_args(args, env={"MOEINF_READ_THREADS": "0"})
+    with pytest.raises(ValueError, match="--read-chunk '25%': give a size in bytes"):  # (memd read 1 MiB pieces)
+        Options.from_args(args, env={"MOEINF_READ_CHUNK": "25%"})
+    for flag in ("--disk-probe", "--runtime-allowance"):  # ... 0 bytes too: a probe of nothing, a limit of no room
+        shared = bench.choices["e2e"].parse_args(["--model", str(model), "--systems", "moeinf", flag, "25%"])
+        with pytest.raises(ValueError, match=f"{flag} '25%': give a size in bytes"):
+            Options.from_args(shared, env={})

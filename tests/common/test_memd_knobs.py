@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import MemdConfig, WorkerConfig, build_config
+from common.config import GatewayConfig, MemdConfig, WorkerConfig, build_config
 from common.serve_config import ServeConfig
 from services.memd.core import CacheSettings
 from services.supervisor import Supervisor
@@ -30,12 +30,38 @@ def test_defaults_and_env():
     ("prefetch_window", "0", "--prefetch-window"),
     ("eamc_capacity", "0", "--eamc-capacity"),
     ("read_chunk", "big", "--read-chunk 'big' is not a size"),
+    ("read_chunk", "25%", "--read-chunk '25%': give a size in bytes"),  # (a share of nothing: it meant 1 MiB)
     ("expert_memory", "lots", "--expert-memory 'lots' is not a size"),
     ("prefetch_budget", "lots", "--prefetch-budget 'lots' is not a size"),
 ])
 def test_bad_values_name_the_flag(field, value, words):
     with pytest.raises(ValueError, match=words):
         build_config(MemdConfig, env={}, model="/m", **{field: value})
+
+
+@pytest.mark.parametrize("config, field", [(WorkerConfig, "handshake_timeout_s"), (WorkerConfig, "memd_timeout_s"),
+                                           (GatewayConfig, "step_timeout_s")])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_timeouts_must_be_positive(config, field, value):
+    """0 was taken as "use the other timeout" (the worker's handshake) or failed every request at once (a step)."""
+    with pytest.raises(ValueError, match=f"--{field.replace('_', '-')}.* must be > 0"):
+        build_config(config, env={}, model="/m", **{field: value})
+
+
+def test_a_prefetch_budget_below_one_expert_is_refused(tmp_path):
+    """No prefetch could ever start (the planner queues whole experts), yet memd said "prefetch on"."""
+    from types import SimpleNamespace
+
+    from services.memd.main import build_core
+
+    store = SimpleNamespace(num_layers=2, num_experts=4, top_k=2, expert_bytes=336 << 20, slot_bytes=336 << 20)
+    cfg = build_config(MemdConfig, env={}, model=str(tmp_path), state_dir=str(tmp_path), prefetch_budget="64MiB")
+    with pytest.raises(ValueError, match=r"--prefetch-budget 64MiB is 64.0 MiB, less than one expert \(336.0 MiB\)"):
+        build_core(cfg, store, 4)
+    assert build_core(build_config(MemdConfig, env={}, model=str(tmp_path), state_dir=str(tmp_path),
+                                   prefetch_budget="64MiB", prefetch="off"), store, 4).knobs.budget_bytes == 64 << 20
+    assert build_core(build_config(MemdConfig, env={}, model=str(tmp_path), state_dir=str(tmp_path),
+                                   prefetch_budget="50%"), store, 4).knobs.budget_bytes == 672 << 20
 
 
 def test_serve_passes_policy_prefetch_and_record_trace(tmp_path):

@@ -77,3 +77,12 @@ def test_str_and_format_bytes():
     assert format_bytes(786432) == "768.0 KiB"
     assert format_bytes(3 * 1024**4) == "3.0 TiB"
     assert format_bytes(5 * 1024**5) == "5120.0 TiB"
+
+
+def test_parse_bytes_refuses_a_share():
+    """A read's piece or a probe's length has no total to take a share of: ``25%`` resolved to 0 bytes."""
+    from common.sizes import parse_bytes
+
+    assert parse_bytes("4MiB", what="--read-chunk") == 4 << 20 and parse_bytes(4096) == 4096
+    with pytest.raises(ValueError, match="--disk-probe '25%': give a size in bytes"):
+        parse_bytes("25%", what="--disk-probe")

@@ -3,6 +3,7 @@ bytes the reader places from the checkpoint (rows spread apart included), the re
 straight into its slot (nothing staged, nothing copied), ``auto`` keeps images only where they pay and fit, and a
 served model gives transformers' tokens either way."""
 import mmap
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -219,8 +220,9 @@ def test_a_torn_or_short_write_is_never_marked_done(wide, tmp_path, monkeypatch)
 
 
 def test_convert_cli_fills_the_lossless_images(wide, tmp_path):
-    proc = subprocess.run(moeinf_cmd("convert", "--model", str(wide), "--state-dir", str(tmp_path), "--quiet"),
-                          capture_output=True, text=True, timeout=600)
+    """The state directory as memd finds it: MOEINF_STATE_DIR (the image's /state), not only a flag."""
+    proc = subprocess.run(moeinf_cmd("convert", "--model", str(wide), "--quiet"), capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MOEINF_STATE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     images = LosslessImages(served(wide), wide, tmp_path / CACHE_DIR).open()
     try:
