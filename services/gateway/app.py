@@ -109,7 +109,7 @@ class Gateway:
         rq.check_known(body, rq.COMMON | rq.COMPLETION_ONLY)
         info = self.require_worker()
         job = rq.Job(chat=False, model=rq.check_model(body, self.cfg.served_model_name), prompt_ids=[], max_tokens=0)
-        text, ids = rq.parse_prompt(body, info.vocab_size)
+        text, ids = rq.parse_prompt(body, info.vocab_size, info.max_model_len)
         rq.parse_sampling(body, job, chat=False, limit=self.cfg.max_tokens_limit, vocab_size=info.vocab_size)
         job.forced_tokens = rq.parse_target_language(body, info.model_type, info.target_language,
                                                      self.codec.language_id)

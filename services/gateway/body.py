@@ -42,6 +42,9 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value")
 
 
+_NESTED = frozenset((str, dict, list))  # the types check_structure looks into
+
+
 def check_structure(body: dict) -> None:
     """Depth at most ``MAX_DEPTH``; every string and key encodable as UTF-8 (no lone surrogates). Iterative."""
     stack: list[tuple[object, int, tuple]] = [(body, 1, ())]
@@ -57,8 +60,8 @@ def check_structure(body: dict) -> None:
                 _check_text(key, path + (key,))
                 if isinstance(item, (str, dict, list)):
                     stack.append((item, depth + 1, path + (key,)))
-        else:
-            for index, item in enumerate(value):
+        elif not _NESTED.isdisjoint(map(type, value)):  # (json.loads makes exact types: a list of numbers, such
+            for index, item in enumerate(value):  # as token ids, is passed over at C speed, ~5x faster)
                 if isinstance(item, (str, dict, list)):
                     stack.append((item, depth + 1, path + (index,)))
 

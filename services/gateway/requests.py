@@ -181,13 +181,17 @@ def _content(content, where: str) -> str:
     raise bad_request(f"{where}.content must be a string or a list of text parts", f"{where}.content")
 
 
-def parse_prompt(body: dict, vocab_size: int) -> tuple[str | None, list[int] | None]:
-    """Return ``(text, None)`` or ``(None, token ids)``."""
+def parse_prompt(body: dict, vocab_size: int, max_len: int) -> tuple[str | None, list[int] | None]:
+    """Return ``(text, None)`` or ``(None, token ids)``; token ids beyond the context (``max_len``) are refused
+    before each is checked."""
     prompt = body.get("prompt")
     if prompt is None:
         raise bad_request("'prompt' is required", "prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and len(prompt) > max_len and isinstance(prompt[0], int):
+        raise bad_request(f"the prompt is {len(prompt)} tokens: more than the model's context of {max_len} tokens",
+                          "prompt", "context_length_exceeded")
     if isinstance(prompt, str):
         if not prompt:
             raise bad_request("'prompt' must not be empty", "prompt")

@@ -2,7 +2,9 @@
 
 The workers are found in the state directory: ``worker.sock`` (always linked, as with one worker) and every
 ``worker-<id>.sock`` (``moeinf serve --workers N``, compose ``--scale worker=N`` with ``--worker-id auto``),
-looked for again at each health poll; a link whose socket file is gone and which has no call in flight is closed.
+looked for again at each health poll; a link whose socket file is gone, or left behind with nobody listening on it
+(a killed worker's: compose keeps the state volume), and which has no call in flight is closed, and such a file is
+not linked (so they cannot pile up).
 Each worker has its own ``WorkerLink``: a dead worker fails only its own requests (with an error event), the
 others keep serving.
 
@@ -18,6 +20,7 @@ import asyncio
 import collections
 import hashlib
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +113,20 @@ class Router:
         return Dispatch(worker, tokens)
 
 
+def listening(addr: str) -> bool:
+    """Does a process listen on the ipc socket ``addr`` (a killed worker's file stays, with nobody on it)? A
+    non-blocking connect to its path: refused (or gone) when nobody does."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(addr.removeprefix("ipc://"))
+        except BlockingIOError:  # (a full backlog: someone listens)
+            return True
+        except OSError:
+            return False
+    return True
+
+
 class WorkerSet:
     """The gateway's workers: discovery, health, routing."""
 
@@ -129,15 +146,20 @@ class WorkerSet:
         return worker
 
     async def discover(self) -> None:
-        """Link every ``worker-*.sock`` in the state directory; close the links of vanished ones with no calls."""
+        """Link every ``worker-*.sock`` someone listens on in the state directory; close the links of vanished or
+        abandoned ones with no calls."""
         found = {state_socket(self.state_dir, p.name) for p in self.state_dir.glob(WORKER_GLOB)}
         default = state_socket(self.state_dir, WORKER_SOCKET)
         for addr in sorted(found - self.workers.keys()):
-            log.info("found a worker socket: %s", addr)
-            self._add(addr)
-        for addr in [a for a in self.workers if a != default and a not in found]:
-            if not self.workers[addr].link.pending:
-                log.info("worker socket %s is gone", addr)
+            if listening(addr):
+                log.info("found a worker socket: %s", addr)
+                self._add(addr)
+        for addr in [a for a in self.workers if a != default]:
+            worker = self.workers[addr]
+            if addr in found and (worker.ready or listening(addr)):
+                continue
+            if not worker.link.pending:
+                log.info("worker socket %s is %s", addr, "gone" if addr not in found else "abandoned (nobody on it)")
                 worker = self.workers.pop(addr)
                 self.on_gone(worker.name)
                 await worker.link.close()

@@ -24,6 +24,7 @@ class Eam:
     prompt_tokens: int = 0
     decode_tokens: int = 0
     steps: set = field(default_factory=set)  # (worker, step) pairs already counted: a trace is never added twice
+    worker: int | None = None  # the worker whose steps traced it (its pid): a dead worker's requests go with it
 
     @property
     def total(self) -> np.ndarray:
@@ -59,6 +60,7 @@ class EamTable:
         """Add one step's routing of ``request``: ``layers`` yields ``(layer, experts, counts)``, a layer and its
         experts' counts, or equal-length arrays of layers, experts and counts (``step_entries``)."""
         eam = self.start(request)
+        eam.worker = step_id[0]
         if step_id in eam.steps:
             return
         eam.steps.add(step_id)
@@ -71,6 +73,13 @@ class EamTable:
             eam.prompt_tokens += tokens
         else:
             eam.decode_tokens += tokens
+
+    def forget_worker(self, worker: int) -> int:
+        """Drop the requests ``worker`` traced (it left without their REQUEST_END: killed); how many."""
+        gone = [request for request, eam in self.live.items() if eam.worker == worker]
+        for request in gone:
+            del self.live[request]
+        return len(gone)
 
     def finish(self, request: str) -> Eam | None:
         """Forget ``request`` and return its EAM (None if it was never traced)."""

@@ -112,18 +112,35 @@ class MemdServer:
             self.save_eamc()
 
     def save_eamc(self) -> None:
-        if not self.core.eamc.dirty:
-            return
+        """Save the EAMC now if it changed (at the end: the loop has stopped)."""
+        if self.core.eamc.dirty:
+            self._save(self.core.eamc)
+
+    def _save(self, eamc) -> bool:
         try:
-            self.core.eamc.save(self.eamc_path, Access(self.cfg.group))
-            log.info("EAMC: %d activation patterns saved to %s", len(self.core.eamc), self.eamc_path)
+            eamc.save(self.eamc_path, Access(self.cfg.group))
         except OSError as exc:
             log.warning("could not save the EAMC to %s: %s", self.eamc_path, exc)
+            return False
+        log.info("EAMC: %d activation patterns saved to %s", len(eamc), self.eamc_path)
+        return True
 
     async def _save_eamc_now_and_then(self) -> None:
+        """Every ``EAMC_SAVE_INTERVAL_S``, a snapshot of a changed EAMC saved on a thread: its bytes, hash and two
+        fsyncs take a large model's EAMC a fraction of a second, which every acquire would wait for on the loop. A
+        save in progress when memd stops is waited for (the final save writes the same file)."""
         while True:
             await asyncio.sleep(EAMC_SAVE_INTERVAL_S)
-            self.save_eamc()
+            eamc = self.core.eamc
+            if not eamc.dirty:
+                continue
+            snapshot, eamc.dirty = eamc.copy(), False
+            saving = asyncio.ensure_future(asyncio.to_thread(self._save, snapshot))
+            try:
+                await asyncio.shield(saving)
+            finally:
+                if not await saving:
+                    eamc.dirty = True  # (not saved: the next round, or the final save, tries again)
 
     def stop(self) -> None:
         self._stop.set()
@@ -177,6 +194,9 @@ class MemdServer:
         client = self.clients.pop(identity, None)
         if client:
             self.core.forget_worker(client.pid)
+            if dropped := self.core.eams.forget_worker(client.pid):
+                log.info("worker %d left with %d requests unfinished: their activation matrices are dropped (not"
+                         " added to the EAMC)", client.pid, dropped)
             self.prefetcher.forget(client.pid)
             self.host.forget(client.pid)
             client.release_all(self.table)

@@ -343,3 +343,36 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400_naming_its_reason(de
         gateway.close()
         worker.close()
         tmp.cleanup()
+
+
+def test_a_huge_list_of_token_ids_is_refused_by_its_length(make_gateway, codec):
+    """1 MB of token ids (500 000, beyond any context) was walked and checked id by id on the event loop, ~0.15 s
+    per request before its length was looked at: every live stream paused meanwhile (~0.06 s now: the parse, and a
+    walk of the list at C speed). The length is looked at first; the streams keep going. (The pause is not timed
+    here: the test's own threads share one interpreter lock with the gateway.)"""
+    from serving import SseStream
+
+    gateway = make_gateway(max_model_len=4096, step_s=0.005, max_queued=16)
+    ids = [1] * 499_999 + [len(codec.tokenizer) + 5]  # (its last id is out of range: the length is what is said)
+    raw = json.dumps({"model": gateway.cfg.served_model_name, "prompt": ids}, separators=(",", ":")).encode()
+    assert len(raw) < gateway.cfg.max_body_bytes
+    stream = SseStream(gateway.port, gateway.cfg.served_model_name, max_tokens=4000)
+    while len(stream.events) < 5:
+        time.sleep(0.01)
+    results = []
+
+    def refused():
+        results.append(post(gateway, COMP, raw))
+    threads = [threading.Thread(target=refused) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    seen = len(stream.events)
+    time.sleep(0.1)
+    assert len(stream.events) > seen and stream.closed_at is None  # still streaming
+    stream.close()
+    for status, _, payload in results:
+        assert_error(status, payload, 400, "prompt")
+        assert payload["error"]["code"] == "context_length_exceeded", payload
+    assert len(results) == 6

@@ -149,3 +149,38 @@ def test_a_vanished_worker_takes_its_metric_series_with_it(two_workers):
     Path(gateway.cfg.state_dir, "worker-b.sock").unlink()  # as a stopping worker removes its socket file
     wait(lambda: len(gateway.gateway.workers.workers) == 1, timeout=15)
     assert 'worker="worker-b.sock"' not in series() and 'worker="worker.sock"' in series()
+
+
+def test_socket_files_nobody_listens_on_are_not_linked(demo_model):
+    """A killed worker leaves its ``worker-<id>.sock`` behind (compose keeps the state volume): each was linked for
+    good (a ZeroMQ context, a monitor and a health call every poll), so recreated workers piled them up. A file
+    nobody listens on is not linked, and a linked worker that leaves its file abandoned is dropped."""
+    import asyncio
+    import socket
+
+    from services.gateway.routing import WorkerSet
+
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")  # short: ipc:// paths are at most 107 bytes
+    state = Path(tmp.name)
+    cfg = gateway_config(demo_model, state)
+    for i in range(20):  # bound, then closed without unlinking: the file stays with nobody on it
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(state / f"worker-dead{i}.sock"))
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(state / "worker-live.sock"))
+    live.listen()
+
+    async def discover_twice():
+        workers = WorkerSet(cfg)
+        await workers.discover()
+        first = sorted(w.name for w in workers.workers.values())
+        live.close()  # killed: its file stays
+        await workers.discover()
+        second = sorted(w.name for w in workers.workers.values())
+        for worker in workers.workers.values():
+            await worker.link.close()
+        return first, second
+    try:
+        assert asyncio.run(discover_twice()) == (["worker-live.sock", "worker.sock"], ["worker.sock"])
+    finally:
+        tmp.cleanup()

@@ -106,3 +106,16 @@ def test_request_without_routing_adds_nothing_to_the_eamc(count):
         core.request_end("never-started")
     core.request_end("A")
     assert len(core.eamc) == 0
+
+
+def test_a_detached_workers_unfinished_requests_are_dropped():
+    """A killed worker sends no REQUEST_END: its requests' EAMs stayed until the table's bound pushed them out (with
+    a warning blaming --max-traced-requests). They go when the worker detaches; another worker's stay."""
+    table = EamTable(2, 4, capacity=8)
+    entry = [(0, np.array([1]), np.array([1.0]))]
+    table.add_step((7, 1), "a", 1, False, entry)
+    table.add_step((7, 1), "b", 1, False, entry)
+    table.add_step((8, 1), "c", 1, False, entry)
+    table.start("d")  # started, never traced: nobody's (the bound handles it)
+    assert table.forget_worker(7) == 2 and sorted(table.live) == ["c", "d"]
+    assert table.forget_worker(7) == 0 and table.get("c").decode[0, 1] == 1.0

@@ -139,3 +139,44 @@ def test_file_of_another_model_is_ignored(tmp_path, caplog):
     collection().save(path)
     assert len(load_or_empty(path, L, E, 8, "other")) == 0
     assert caplog.text.count("ignoring the EAMC file") == 2 and "8 experts" in caplog.text
+
+
+def test_the_periodic_save_runs_off_memds_event_loop(tmp_path, monkeypatch):
+    """A large model's EAMC takes a fraction of a second to build, hash and fsync; saved on the loop, every acquire
+    waited for it. The periodic save writes a snapshot on a thread; a failed save leaves the EAMC dirty; a save in
+    flight when memd stops is waited for."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from services.memd import server as memd_server
+
+    saved = []
+
+    def slow_save(self, path, access):
+        time.sleep(0.3)
+        if saved and saved[-1] == "fail":
+            raise OSError(28, "No space left on device")
+        path.write_bytes(self.to_bytes())
+        saved.append(self.size)
+    monkeypatch.setattr(Eamc, "save", slow_save)
+    monkeypatch.setattr(memd_server, "EAMC_SAVE_INTERVAL_S", 0.01)
+    srv = memd_server.MemdServer.__new__(memd_server.MemdServer)
+    srv.core, srv.cfg, srv.eamc_path = SimpleNamespace(eamc=collection()), SimpleNamespace(group=""), tmp_path / "e"
+    srv.core.eamc.dirty = True
+
+    async def lag_while_saving() -> float:
+        saver, worst = asyncio.create_task(srv._save_eamc_now_and_then()), 0.0
+        for _ in range(40):  # 0.4 s of 10 ms ticks: the save runs meanwhile
+            start = time.perf_counter()
+            await asyncio.sleep(0.01)
+            worst = max(worst, time.perf_counter() - start)
+        saver.cancel()
+        await asyncio.gather(saver, return_exceptions=True)
+        return worst
+    assert asyncio.run(lag_while_saving()) < 0.15
+    assert saved == [3] and srv.eamc_path.exists() and not srv.core.eamc.dirty
+    saved.append("fail")
+    srv.core.eamc.dirty = True
+    asyncio.run(lag_while_saving())
+    assert srv.core.eamc.dirty  # not saved: tried again later, or by the final save
