@@ -177,7 +177,10 @@ class Options:
         if not self.disk_read_limit:
             return None
         text = self.disk_read_limit.removesuffix("/s")
-        return parse_bytes(text, what="--disk-read-limit")
+        spec = parse_size(text, what="--disk-read-limit")
+        if spec.fraction is not None:
+            raise ValueError(f"--disk-read-limit {self.disk_read_limit}: give bytes per second (600MB/s), not a share")
+        return spec.resolve(0)
 
 
 # ---------------------------------------------------------------------------------------------------- serving

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -137,8 +138,9 @@ class Eamc:
     # ---------------------------------------------------------------- persistence
     def save(self, path: Path, access: Access = OWNER_ONLY) -> None:
         """Write atomically: a temporary file in the same directory (0600, or 0660 with a group, whatever the
-        umask), fsync, then rename over ``path``."""
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        umask), fsync, then rename over ``path``. The temporary file is this thread's own: an admin save and the
+        periodic one may run at once, and each must rename a whole file."""
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         with os.fdopen(access.create(tmp), "wb") as f:
             f.write(self.to_bytes())
             f.flush()

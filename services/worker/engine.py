@@ -60,11 +60,6 @@ class Sequence:
         return len(self.req.prompt) + len(self.generated)
 
     @property
-    def kv_tokens(self) -> int:
-        """The most tokens its KV cache can hold (its bound: the scheduler's budget counts it)."""
-        return len(self.req.prompt) + self.req.max_tokens
-
-    @property
     def prompt_left(self) -> int:
         return max(len(self.req.prompt) - self.cached, 0)
 

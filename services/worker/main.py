@@ -28,7 +28,6 @@ from services.worker.host_experts import HostExperts
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
 from services.worker.pool_views import open_views
-from services.worker.kv_budget import kv_tokens
 from services.worker.scheduler import Limits
 from services.worker.server import WorkerServer
 from services.worker.tracing import StepRecorder, StepState
@@ -185,9 +184,7 @@ def run(cfg: WorkerConfig) -> int:
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching(attention)
-        tokens, how = kv_tokens(cfg.kv_cache_memory, model.config, model.dtype, engine.device)
-        log.info("KV cache budget (--kv-cache-memory): %s", how)
-        limits = Limits.from_config(cfg, tokens)
+        limits = Limits.from_config(cfg)
         if engine.one_at_a_time:  # their state is per request: one forward each, batched at the MoE layers
             log.info("%s has recurrent layers: each request of a step runs its own forward, the MoE layers batched",
                      model.config.model_type)

@@ -1,8 +1,7 @@
 """Continuous batching: which tokens of which requests go into the next forward pass.
 
 Requests wait in arrival order and join the running set at a step boundary while a slot is free
-(``--max-running``) and their KV caches, each counted at its bound (prompt + ``max_tokens``), fit the budget
-(``--kv-cache-memory``, ``kv_budget.py``). Every step, each running request that decodes gets its one token, oldest first; the
+(``--max-running``). Every step, each running request that decodes gets its one token, oldest first; the
 remaining token budget (``--max-step-tokens``) goes to prompt chunks, oldest request first. A prompt is
 prefilled in chunks of ``--max-prefill-chunk`` tokens, so a long prompt costs running requests at most one
 chunk of latency per step. Chunk boundaries depend only on the prompt (multiples of the chunk size), never on
@@ -21,17 +20,10 @@ class CapacityError(RuntimeError):
     """The waiting queue is full; the message names the knob to raise."""
 
 
-class TooLarge(ValueError):
-    """A request whose KV cache could never fit the budget (``--kv-cache-memory``), even alone."""
-
-
 class Schedulable(Protocol):
     """What the scheduler reads of a sequence (``services.worker.engine.Sequence``)."""
 
     request_id: str
-
-    @property
-    def kv_tokens(self) -> int: ...  # the most tokens its KV cache can hold: prompt + max_tokens
 
     @property
     def prompt_left(self) -> int: ...  # prompt tokens not yet in the cache (0: decoding)
@@ -55,11 +47,10 @@ class Limits:
     max_step_tokens: int  # tokens in one forward: >= max_prefill_chunk + max_running
     max_prefill_chunk: int
     max_waiting: int  # requests waiting for a running slot
-    kv_tokens: int = 0  # KV cache tokens the running requests may hold together (--kv-cache-memory; 0: no bound)
 
     @classmethod
-    def from_config(cls, cfg, kv_tokens: int = 0) -> Limits:
-        return cls(cfg.max_running, cfg.max_step_tokens, cfg.max_prefill_chunk, cfg.max_queued, kv_tokens)
+    def from_config(cls, cfg) -> Limits:
+        return cls(cfg.max_running, cfg.max_step_tokens, cfg.max_prefill_chunk, cfg.max_queued)
 
 
 class Scheduler:
@@ -72,10 +63,6 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Schedulable) -> None:
-        if self.limits.kv_tokens and seq.kv_tokens > self.limits.kv_tokens:
-            raise TooLarge(f"prompt + max_tokens ({seq.kv_tokens} tokens) is more KV cache than the worker may hold"
-                           f" for all its requests ({self.limits.kv_tokens} tokens, --kv-cache-memory): ask for"
-                           " fewer tokens")
         self._join()
         if len(self.waiting) >= self.limits.max_waiting:
             raise CapacityError(f"{len(self.waiting)} requests are waiting for a running slot; raise --max-queued"
@@ -103,10 +90,5 @@ class Scheduler:
         return step
 
     def _join(self) -> None:
-        """Waiting requests run, oldest first, while a slot is free and their caches' bounds fit the budget."""
-        held = sum(seq.kv_tokens for seq in self.running) if self.limits.kv_tokens else 0
         while self.waiting and len(self.running) < self.limits.max_running:
-            if self.limits.kv_tokens and held + self.waiting[0].kv_tokens > self.limits.kv_tokens:
-                break  # (it waits for running requests to finish: never overtaken, so never starved)
-            held += self.waiting[0].kv_tokens
             self.running.append(self.waiting.popleft())

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.config import WorkerConfig
-from services.worker.scheduler import CapacityError, Limits, Scheduler, TooLarge
+from services.worker.scheduler import CapacityError, Limits, Scheduler
 
 
 @dataclass(eq=False)
@@ -16,10 +16,6 @@ class Seq:
     max_tokens: int
     cached: int = 0
     generated: list[int] = field(default_factory=list)
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.prompt + self.max_tokens
 
     @property
     def prompt_left(self) -> int:
@@ -132,22 +128,3 @@ def test_batching_knobs_come_from_flags_and_environment(tmp_path):
     cfg = build_config(WorkerConfig, env={"MOEINF_MAX_RUNNING": "3", "MOEINF_MAX_STEP_TOKENS": "64"}, model=tmp_path,
                        max_prefill_chunk="32")
     assert Limits.from_config(cfg) == Limits(3, 64, 32, cfg.max_queued)
-
-
-def test_requests_join_while_their_kv_cache_bounds_fit_the_budget():
-    """--kv-cache-memory: the running requests' prompt + max_tokens stay within the budget; the next waits (never
-    overtaken by a smaller one behind it) and joins when one finishes; one larger than the budget is refused."""
-    scheduler = Scheduler(Limits(max_running=4, max_step_tokens=64, max_prefill_chunk=16, max_waiting=8,
-                                 kv_tokens=100))
-    a, b, c = Seq("a", 40, 20), Seq("b", 30, 20), Seq("c", 2, 2)  # bounds 60, 50, 4
-    history, finished = simulate(scheduler, {0: [a, b, c]})
-    assert {r for r, _ in history[0]} == {"a"}  # a + b: 110 tokens; c would fit beside a, but it is behind b
-    joined = {r: next(n for n, step in enumerate(history) if any(x == r for x, _ in step)) for r in "bc"}
-    assert joined == {"b": finished["a"] + 1, "c": finished["a"] + 1}
-    with pytest.raises(TooLarge, match=r"101 tokens\) is more KV cache .* \(100 tokens, --kv-cache-memory\)"):
-        scheduler.add(Seq("huge", 100, 1))
-    unbounded = Scheduler(limits(running=4))
-    for seq in (Seq("a", 40, 20), Seq("b", 30, 20), Seq("c", 2, 2)):
-        unbounded.add(seq)
-    unbounded.schedule()
-    assert [seq.request_id for seq in unbounded.running] == ["a", "b", "c"]  # (no budget: all three hold caches)
