@@ -194,6 +194,10 @@ class WorkerConfig:
     max_model_len: int = knob(0, "longest prompt + completion in tokens (0: the model's max_position_embeddings)")
     max_queued: int = knob(64, "most generation requests waiting in the worker before it refuses new ones")
     max_running: int = knob(8, "most requests batched together (each holds a KV cache); more wait in the queue")
+    kv_cache_memory: str = knob("auto", "KV cache the running requests may hold together, each counted at its prompt"
+                                        " + max_tokens (bytes per token measured on the caches): a size (4GiB), a"
+                                        " share of the memory available once the model is loaded (50%), or auto (80%"
+                                        " of it); more waits, and a request that could never fit is refused")
     max_step_tokens: int = knob(512, "most tokens in one forward pass: decode tokens plus prompt chunks; at least"
                                      " --max-prefill-chunk + --max-running")
     max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
@@ -266,6 +270,8 @@ class WorkerConfig:
             raise ValueError(f"--max-step-tokens ({self.max_step_tokens}) must be >= --max-prefill-chunk"
                              f" ({self.max_prefill_chunk}) + --max-running ({self.max_running}), so that a prompt"
                              " chunk always fits next to the running requests' decode tokens")
+        if self.kv_cache_memory != "auto":
+            parse_size(self.kv_cache_memory, what="--kv-cache-memory")
         for name in ("handshake_timeout_s", "memd_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag_name(name)} must be > 0 (seconds)")

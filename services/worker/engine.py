@@ -50,6 +50,8 @@ class Sequence:
     cached: int = 0  # tokens whose keys and values are in the cache
     error: str | None = None  # why sampling failed for this request (its step's other requests go on)
     encoded: object = None  # an encoder-decoder model's encoder output for the prompt (seq2seq.py)
+    kv_bytes: int = 0  # its cache's bytes at its last weighing (kv_budget.KvMeter) ...
+    kv_at: int = 0  # ... when it held this many tokens (0: not weighed yet)
 
     @property
     def request_id(self) -> str:
@@ -58,6 +60,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.req.prompt) + len(self.generated)
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most tokens its KV cache can hold (its bound: what the KV cache budget reserves)."""
+        return len(self.req.prompt) + self.req.max_tokens
 
     @property
     def prompt_left(self) -> int:

@@ -17,6 +17,7 @@ from common.checkpoint import Checkpoint, experts_per_token, max_positions
 from common.families import TARGET_LANGUAGE
 from common.config import WorkerConfig
 from common.config_checks import format_cpus, parse_cpus, pin_cpus
+from common.sizes import format_bytes
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
@@ -25,6 +26,7 @@ from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
 from services.worker.host_experts import HostExperts
+from services.worker.kv_budget import budget_bytes
 from services.worker.loader import load_model
 from services.worker.memd_client import MemdClient
 from services.worker.pool_views import open_views
@@ -184,7 +186,10 @@ def run(cfg: WorkerConfig) -> int:
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching(attention)
-        limits = Limits.from_config(cfg)
+        budget, how = budget_bytes(cfg.kv_cache_memory, engine.device)
+        log.info("KV cache budget (--kv-cache-memory): %s (%s); a token's cost is weighed on the running caches",
+                 format_bytes(budget), how)
+        limits = Limits.from_config(cfg, budget)
         if engine.one_at_a_time:  # their state is per request: one forward each, batched at the MoE layers
             log.info("%s has recurrent layers: each request of a step runs its own forward, the MoE layers batched",
                      model.config.model_type)

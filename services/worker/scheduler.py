@@ -1,13 +1,15 @@
 """Continuous batching: which tokens of which requests go into the next forward pass.
 
 Requests wait in arrival order and join the running set at a step boundary while a slot is free
-(``--max-running``). Every step, each running request that decodes gets its one token, oldest first; the
-remaining token budget (``--max-step-tokens``) goes to prompt chunks, oldest request first. A prompt is
-prefilled in chunks of ``--max-prefill-chunk`` tokens, so a long prompt costs running requests at most one
-chunk of latency per step. Chunk boundaries depend only on the prompt (multiples of the chunk size), never on
-what else runs, so a request computes the same chunks whether it runs alone or in a crowd.
+(``--max-running``) and their KV caches' reservations fit the budget (``--kv-cache-memory``: each request counted
+at its bound, prompt + ``max_tokens``, at bytes per token measured on the running caches, ``kv_budget.py``). Every
+step, each running request that decodes gets its one token, oldest first; the remaining token budget
+(``--max-step-tokens``) goes to prompt chunks, oldest request first. A prompt is prefilled in chunks of
+``--max-prefill-chunk`` tokens, so a long prompt costs running requests at most one chunk of latency per step.
+Chunk boundaries depend only on the prompt (multiples of the chunk size), never on what else runs, so a request
+computes the same chunks whether it runs alone or in a crowd.
 
-Pure bookkeeping: no torch, no sockets.
+Pure bookkeeping: no torch, no sockets (the KV cache reservations come from ``reserve``).
 """
 from __future__ import annotations
 
@@ -15,15 +17,24 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from common.sizes import format_bytes
+
 
 class CapacityError(RuntimeError):
     """The waiting queue is full; the message names the knob to raise."""
+
+
+class TooLarge(ValueError):
+    """A request whose KV cache could never fit the budget (``--kv-cache-memory``), even alone."""
 
 
 class Schedulable(Protocol):
     """What the scheduler reads of a sequence (``services.worker.engine.Sequence``)."""
 
     request_id: str
+
+    @property
+    def kv_tokens(self) -> int: ...  # the most tokens its KV cache can hold: prompt + max_tokens
 
     @property
     def prompt_left(self) -> int: ...  # prompt tokens not yet in the cache (0: decoding)
@@ -47,15 +58,18 @@ class Limits:
     max_step_tokens: int  # tokens in one forward: >= max_prefill_chunk + max_running
     max_prefill_chunk: int
     max_waiting: int  # requests waiting for a running slot
+    kv_bytes: int = 0  # KV cache the running requests may hold together (--kv-cache-memory; 0: no bound)
 
     @classmethod
-    def from_config(cls, cfg) -> Limits:
-        return cls(cfg.max_running, cfg.max_step_tokens, cfg.max_prefill_chunk, cfg.max_queued)
+    def from_config(cls, cfg, kv_bytes: int = 0) -> Limits:
+        return cls(cfg.max_running, cfg.max_step_tokens, cfg.max_prefill_chunk, cfg.max_queued, kv_bytes)
 
 
 class Scheduler:
-    def __init__(self, limits: Limits):
-        self.limits = limits
+    def __init__(self, limits: Limits, reserve=lambda seq: None):
+        """``reserve(seq)``: the KV cache bytes ``seq`` may come to, or None when not known yet (``kv_budget.
+        KvMeter.reserve``); with ``limits.kv_bytes`` the running requests' reservations stay within it."""
+        self.limits, self.reserve = limits, reserve
         self.waiting: deque = deque()
         self.running: list = []  # in the order they joined: the oldest first
 
@@ -63,6 +77,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Schedulable) -> None:
+        need = self.reserve(seq) if self.limits.kv_bytes else None
+        if need is not None and need > self.limits.kv_bytes:
+            raise TooLarge(f"prompt + max_tokens of this request would take {format_bytes(need)} of KV cache, more"
+                           f" than the worker may hold for all its requests ({format_bytes(self.limits.kv_bytes)},"
+                           " --kv-cache-memory): ask for fewer tokens")
         self._join()
         if len(self.waiting) >= self.limits.max_waiting:
             raise CapacityError(f"{len(self.waiting)} requests are waiting for a running slot; raise --max-queued"
@@ -90,5 +109,18 @@ class Scheduler:
         return step
 
     def _join(self) -> None:
+        """Waiting requests run, oldest first, while a slot is free and their KV caches' reservations fit."""
+        held = self._held()
         while self.waiting and len(self.running) < self.limits.max_running:
+            need = self.reserve(self.waiting[0]) if held is not None else None
+            if need is not None and held + need > self.limits.kv_bytes:
+                break  # (it waits for running requests to finish: never overtaken, so never starved)
+            held = None if need is None else held + need
             self.running.append(self.waiting.popleft())
+
+    def _held(self) -> int | None:
+        """The running requests' reservations (None: no budget, or nothing weighed yet)."""
+        if not self.limits.kv_bytes:
+            return None
+        held = [self.reserve(seq) for seq in self.running]
+        return None if any(r is None for r in held) else sum(held)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgspec
 import zmq
@@ -26,8 +26,9 @@ from common.codec import ProtocolError, decode, encode, request_id_of
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket, remove_ipc_file
 from services.worker.engine import Engine, RequestError, Sequence
+from services.worker.kv_budget import KvMeter
 from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
-from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
+from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler, TooLarge
 
 log = logging.getLogger("moeinf.worker")
 MEMD_WATCH_S = 0.2  # how often the worker checks memd's pid (a dead memd: the worker stops, streams end)
@@ -52,7 +53,8 @@ class WorkerServer:
         self.inbox: queue.Queue = queue.Queue(maxsize=self.max_live)
         self.cancelled: set[str] = set()
         self.live: dict[str, bytes] = {}  # request id -> gateway identity (event loop side), at most max_live
-        self.scheduler = Scheduler(limits)
+        self.meter = KvMeter()  # what a request's KV cache costs, weighed after each step (--kv-cache-memory)
+        self.scheduler = Scheduler(limits, self.meter.reserve)
         self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most max_live
         self.stopping = threading.Event()
         self.exit_code = 0
@@ -211,13 +213,25 @@ class WorkerServer:
         try:
             seq = self.engine.start(req)
             self.scheduler.add(seq)
-        except (RequestError, CapacityError) as exc:
-            code = "bad_request" if isinstance(exc, RequestError) else "capacity"
+        except (RequestError, TooLarge, CapacityError) as exc:
+            code = "capacity" if isinstance(exc, CapacityError) else "bad_request"
             self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, str(exc)))
             self.loop.call_soon_threadsafe(self._forget, req.request)
             return
         self.jobs[req.request] = Job(identity, rid, seq)
         self.engine.steps.request_started(req.request, len(req.prompt))
+
+    def weigh(self, step: list[Chunk]) -> None:
+        """The step's caches weighed for the KV cache budget (none without one). A cache it cannot weigh turns the
+        budget off, said once, rather than failing the requests."""
+        if not self.scheduler.limits.kv_bytes:
+            return
+        try:
+            for chunk in step:
+                self.meter.observe(chunk.seq)
+        except Exception:
+            log.exception("--kv-cache-memory: a request's KV cache could not be weighed; the budget is off")
+            self.scheduler.limits = replace(self.scheduler.limits, kv_bytes=0)
 
     def drop_cancelled(self) -> None:
         for request in self.cancelled & self.jobs.keys():  # a set operation in C: safe against the loop thread
@@ -239,6 +253,7 @@ class WorkerServer:
             log.exception("a step of %d requests failed", len(step))
             self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
             return
+        self.weigh(step)
         frames, done = [], []
         for chunk, token in zip(step, tokens):
             job = self.jobs[chunk.seq.request_id]

@@ -90,6 +90,9 @@ def test_serve_workers_get_their_own_ids_and_sockets(tmp_path):
     ids = [w.args[w.args.index("--worker-id") + 1] for w in three.workers]
     assert ids == ["0", "1", "2"] and [w.sockets[0].rsplit("/", 1)[1] for w in three.workers] == [
         "worker-0.sock", "worker-1.sock", "worker-2.sock"]
+    # each worker's KV cache budget is its share of the memory all of them see (auto: 80% each, 240% in all)
+    assert all(w.args[w.args.index("--kv-cache-memory") + 1] == "26.6667%" for w in three.workers)
+    assert "--kv-cache-memory" not in one.workers[0].args
     with pytest.raises(ValueError, match="--record-trace writes one file"):
         build_config(ServeConfig, env={}, workers="2", record_trace=str(tmp_path / "t"))
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from common.config import WorkerConfig
-from services.worker.scheduler import CapacityError, Limits, Scheduler
+from services.worker.scheduler import CapacityError, Limits, Scheduler, TooLarge
 
 
 @dataclass(eq=False)
@@ -16,6 +16,10 @@ class Seq:
     max_tokens: int
     cached: int = 0
     generated: list[int] = field(default_factory=list)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.prompt + self.max_tokens
 
     @property
     def prompt_left(self) -> int:
@@ -128,3 +132,26 @@ def test_batching_knobs_come_from_flags_and_environment(tmp_path):
     cfg = build_config(WorkerConfig, env={"MOEINF_MAX_RUNNING": "3", "MOEINF_MAX_STEP_TOKENS": "64"}, model=tmp_path,
                        max_prefill_chunk="32")
     assert Limits.from_config(cfg) == Limits(3, 64, 32, cfg.max_queued)
+
+
+def test_requests_join_while_their_kv_cache_reservations_fit_the_budget():
+    """--kv-cache-memory: the running requests' reservations stay within the budget; the next waits (not overtaken
+    by a smaller one behind it) and joins when one finishes; one larger than the budget is refused; until the meter
+    knows a token's cost (None), requests join as --max-running allows."""
+    known = {"yes": True}
+    reserve = lambda seq: seq.kv_tokens * 10 if known["yes"] else None  # noqa: E731 (10 bytes a token)
+    scheduler = Scheduler(Limits(max_running=4, max_step_tokens=64, max_prefill_chunk=16, max_waiting=8,
+                                 kv_bytes=1000), reserve)
+    a, b, c = Seq("a", 40, 20), Seq("b", 30, 20), Seq("c", 2, 2)  # 600, 500 and 40 bytes
+    history, finished = simulate(scheduler, {0: [a, b, c]})
+    assert {r for r, _ in history[0]} == {"a"}  # a + b: 1100 bytes; c would fit beside a, but it is behind b
+    joined = {r: next(n for n, step in enumerate(history) if any(x == r for x, _ in step)) for r in "bc"}
+    assert joined == {"b": finished["a"] + 1, "c": finished["a"] + 1}
+    with pytest.raises(TooLarge, match=r"would take 1010 B of KV cache, more than .* \(1000 B, --kv-cache-memory\)"):
+        scheduler.add(Seq("huge", 100, 1))
+    known["yes"] = False
+    unknown = Scheduler(Limits(4, 64, 16, 8, kv_bytes=1000), reserve)
+    for s in (Seq("a", 40, 20), Seq("b", 30, 20), Seq("c", 2, 2), Seq("huge", 100, 1)):
+        unknown.add(s)
+    unknown.schedule()
+    assert [s.request_id for s in unknown.running] == ["a", "b", "c", "huge"]
