@@ -108,7 +108,7 @@ class Engine:
         if req.temperature > 0:
             generator = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
         if self.seq2seq is not None:
-            cache = self.seq2seq.new_cache()
+            cache = self.seq2seq.new_cache(req.max_tokens + 1)  # (the decoder's start token, then its output)
         else:
             limit = len(req.prompt) + req.max_tokens  # the most tokens this request's cache can hold
             cache = self.flat_step.new_cache(limit) if self.flat_step else growing_cache(self.model.config, limit)

@@ -11,8 +11,10 @@ recurrent layers keep a fixed state per request; some configs differ per layer):
 cache is weighed (its tensors' bytes, ``cache_bytes``), and the largest growth per token seen, and the largest fixed
 part (what a request holds beyond its tokens' growth), are what a request's bound is reserved at. A running request
 reserves what it holds plus its remaining tokens' growth; a waiting one its bound's growth plus the fixed part. The
-scheduler lets the oldest waiting request join only while the reservations fit the budget, and refuses one that
-could never fit alone (a 400 naming the knob). Until a request has been weighed twice there is nothing to go by
+scheduler lets the oldest waiting request join only while the reservations fit the budget; one above the whole
+budget runs alone once nothing else does (not refused: the largest growth seen errs high where sliding-window layers
+stop growing at their window, so a refusal could turn away a request that fits). So the budget bounds what runs
+together, the failure it was added for. Until a request has been weighed twice there is nothing to go by
 (one weighing cannot tell a fixed state from its tokens), and requests join as ``--max-running`` allows.
 
 The budget: a size, or a share of the memory available where the cache lives once the model is loaded (a GPU's
@@ -37,15 +39,16 @@ MAX_DEPTH = 4  # how deep ``cache_bytes`` looks into a cache's objects (an encod
 
 
 def budget_bytes(setting: str, device: torch.device) -> tuple[int, str]:
-    """``--kv-cache-memory`` in bytes, and how it was reached (for the log)."""
+    """``--kv-cache-memory`` in bytes (at least 1: nothing available means one request at a time, not no bound),
+    and how it was reached (for the log)."""
     if setting == "auto":
         free = available_bytes(device)
-        return int(free * AUTO_SHARE), f"auto: {AUTO_SHARE:.0%} of the {format_bytes(free)} available"
+        return max(1, int(free * AUTO_SHARE)), f"auto: {AUTO_SHARE:.0%} of the {format_bytes(free)} available"
     spec = parse_size(setting, what="--kv-cache-memory")
     if spec.fraction is None:
         return spec.resolve(0), setting
     free = available_bytes(device)
-    return spec.resolve(free), f"{setting} of the {format_bytes(free)} available"
+    return max(1, spec.resolve(free)), f"{setting} of the {format_bytes(free)} available"
 
 
 def available_bytes(device: torch.device) -> int:

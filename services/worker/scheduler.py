@@ -24,10 +24,6 @@ class CapacityError(RuntimeError):
     """The waiting queue is full; the message names the knob to raise."""
 
 
-class TooLarge(ValueError):
-    """A request whose KV cache could never fit the budget (``--kv-cache-memory``), even alone."""
-
-
 class Schedulable(Protocol):
     """What the scheduler reads of a sequence (``services.worker.engine.Sequence``)."""
 
@@ -77,15 +73,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Schedulable) -> None:
-        need = self.reserve(seq) if self.limits.kv_bytes else None
-        if need is not None and need > self.limits.kv_bytes:
-            raise TooLarge(f"prompt + max_tokens of this request would take {format_bytes(need)} of KV cache, more"
-                           f" than the worker may hold for all its requests ({format_bytes(self.limits.kv_bytes)},"
-                           " --kv-cache-memory): ask for fewer tokens")
         self._join()
         if len(self.waiting) >= self.limits.max_waiting:
+            kv = f", or --kv-cache-memory, now {format_bytes(self.limits.kv_bytes)}" if self.limits.kv_bytes else ""
             raise CapacityError(f"{len(self.waiting)} requests are waiting for a running slot; raise --max-queued"
-                                f" (or --max-running, now {self.limits.max_running})")
+                                f" (or --max-running, now {self.limits.max_running}{kv})")
         self.waiting.append(seq)
 
     def remove(self, seq: Schedulable) -> None:
@@ -109,12 +101,15 @@ class Scheduler:
         return step
 
     def _join(self) -> None:
-        """Waiting requests run, oldest first, while a slot is free and their KV caches' reservations fit."""
+        """Waiting requests run, oldest first, while a slot is free and their KV caches' reservations fit; one that
+        does not fit waits for the running ones to finish (never overtaken, so never starved), and runs alone even
+        if it alone is above the budget (a bound reserved at the largest growth seen errs high: sliding-window
+        layers stop growing at their window)."""
         held = self._held()
         while self.waiting and len(self.running) < self.limits.max_running:
             need = self.reserve(self.waiting[0]) if held is not None else None
-            if need is not None and held + need > self.limits.kv_bytes:
-                break  # (it waits for running requests to finish: never overtaken, so never starved)
+            if need is not None and self.running and held + need > self.limits.kv_bytes:
+                break
             held = None if need is None else held + need
             self.running.append(self.waiting.popleft())
 

@@ -39,10 +39,10 @@ class Seq2Seq:
         self.decoder_start = int(start)
         self.together = Together(steps)
 
-    def new_cache(self) -> EncoderDecoderCache:
+    def new_cache(self, limit: int = 0) -> EncoderDecoderCache:
+        """A request's cache: the decoder's self-attention grows in place, up to ``limit`` tokens (0: unbounded)."""
         config = self.model.config
-        return EncoderDecoderCache(growing_cache(config),  # (self-attention grows in place)
-                                   DynamicCache(config=config))
+        return EncoderDecoderCache(growing_cache(config, limit), DynamicCache(config=config))
 
     def forward(self, seqs: list) -> list[torch.Tensor]:
         """The float32 logits of the next token of each of ``seqs`` (``engine.Sequence``): the encoder first for

@@ -28,7 +28,7 @@ from common.zmq_utils import make_socket, remove_ipc_file
 from services.worker.engine import Engine, RequestError, Sequence
 from services.worker.kv_budget import KvMeter
 from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
-from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler, TooLarge
+from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
 
 log = logging.getLogger("moeinf.worker")
 MEMD_WATCH_S = 0.2  # how often the worker checks memd's pid (a dead memd: the worker stops, streams end)
@@ -213,8 +213,8 @@ class WorkerServer:
         try:
             seq = self.engine.start(req)
             self.scheduler.add(seq)
-        except (RequestError, TooLarge, CapacityError) as exc:
-            code = "capacity" if isinstance(exc, CapacityError) else "bad_request"
+        except (RequestError, CapacityError) as exc:
+            code = "bad_request" if isinstance(exc, RequestError) else "capacity"
             self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, str(exc)))
             self.loop.call_soon_threadsafe(self._forget, req.request)
             return

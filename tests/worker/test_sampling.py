@@ -78,9 +78,6 @@ class _Steps:
     def request_ended(self, request, generated):
         pass
 
-    def request_started(self, request, prompt_tokens):
-        pass
-
 
 def bare_server(run=None, scheduler=None):
     """A WorkerServer without sockets or model: its compute side over a stub engine (``run``) and ``scheduler``."""
@@ -122,21 +119,6 @@ def test_the_worker_answers_the_failed_request_alone():
     assert isinstance(replies[1], m.TokensReply) and replies[1].tokens == [7]
     assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "bad_request"
     assert list(server.jobs) == ["r0"]
-
-
-def test_a_request_beyond_the_kv_cache_budget_is_refused_alone():
-    """One that could never fit --kv-cache-memory gets a 400 naming it; the next is admitted."""
-    from services.worker.scheduler import Limits, Scheduler
-
-    server = bare_server(scheduler=Scheduler(Limits(4, 16, 8, 4, kv_bytes=500), lambda seq: seq.kv_tokens * 10))
-    server.engine.start = lambda req: Sequence(req, None, None)
-    server.jobs = {}
-    server.start(b"gw", 1, m.GenerateRequest("big", [1] * 40, 20))
-    server.start(b"gw", 2, m.GenerateRequest("ok", [1] * 10, 20))
-    replies = replies_of(server)
-    assert replies[1].code == "bad_request" and "--kv-cache-memory" in replies[1].message, replies
-    server.scheduler.schedule()
-    assert list(server.jobs) == ["ok"] and [s.request_id for s in server.scheduler.running] == ["ok"]
 
 
 @pytest.fixture(scope="module")
