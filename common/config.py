@@ -197,7 +197,7 @@ class WorkerConfig:
     kv_cache_memory: str = knob("auto", "KV cache the running requests may hold together, each counted at its prompt"
                                         " + max_tokens (bytes per token measured on the caches): a size (4GiB), a"
                                         " share of the memory available once the model is loaded (50%), or auto (80%"
-                                        " of it); more waits, and a request that could never fit is refused")
+                                        " of it); a request waits until it fits, one above it all runs alone")
     max_step_tokens: int = knob(512, "most tokens in one forward pass: decode tokens plus prompt chunks; at least"
                                      " --max-prefill-chunk + --max-running")
     max_prefill_chunk: int = knob(256, "longest piece of a prompt prefilled in one step; longer prompts take several"
