@@ -187,6 +187,9 @@ class MemdConfig:
         return state_socket(self.state_dir, ADMIN_SOCKET)
 
 
+KV_AUTO_SHARE = 0.8  # of the memory available once the model is loaded: the worker's --kv-cache-memory auto
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     model: Path = knob(None, "Hugging Face checkpoint directory (the one memd serves)")

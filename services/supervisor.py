@@ -26,7 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ADMIN_SOCKET, MEMD_SOCKET, MEMD_TRACE_SOCKET, env_name, state_socket, worker_socket
+from common.config import (ADMIN_SOCKET, KV_AUTO_SHARE, MEMD_SOCKET, MEMD_TRACE_SOCKET, env_name, state_socket,
+                           worker_socket)
 from common.serve_config import ServeConfig
 from common.zmq_utils import remove_ipc_file
 from services.memd.pool import SHM_DIR, pool_name
@@ -34,7 +35,6 @@ from services.memd.pool import SHM_DIR, pool_name
 PR_SET_PDEATHSIG = 1
 API_KEY_ENV = env_name("api_key")
 STOP_TIMEOUT_S = 8.0  # SIGTERM to every child at once, SIGKILL after this: all are gone in < 10 s
-AUTO_KV_SHARE = 80  # percent: the workers' --kv-cache-memory auto (services/worker/kv_budget.py's AUTO_SHARE)
 
 
 def _die_with_parent() -> None:
@@ -111,7 +111,7 @@ class Supervisor:
         if cfg.record_trace is not None:
             worker += ["--record-trace", str(cfg.record_trace)]
         if cfg.workers > 1 and env_name("kv_cache_memory") not in os.environ:  # each its share of the memory all see
-            worker += ["--kv-cache-memory", f"{AUTO_KV_SHARE / cfg.workers:g}%"]
+            worker += ["--kv-cache-memory", f"{KV_AUTO_SHARE * 100 / cfg.workers:g}%"]
         ids = [str(i) for i in range(cfg.workers)] if cfg.workers > 1 else [""]  # one worker: worker.sock
         self.workers = [Child(f"worker {i}" if i else "worker", [*worker, "--worker-id", i] if i else worker,
                               sockets=(sock(worker_socket(i)),), env=_child_env()) for i in ids]

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from common.config import KV_AUTO_SHARE
 from common.sizes import format_bytes, parse_size
 
 log = logging.getLogger("moeinf.worker")
-AUTO_SHARE = 0.8  # of the available memory, for ``auto``
 CGROUP = Path("/sys/fs/cgroup")
 CGROUP_FILES = (("memory.max", "memory.current", "inactive_file"),  # cgroup v2, then v1
                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "total_inactive_file"))
@@ -43,7 +43,7 @@ def budget_bytes(setting: str, device: torch.device) -> tuple[int, str]:
     and how it was reached (for the log)."""
     if setting == "auto":
         free = available_bytes(device)
-        return max(1, int(free * AUTO_SHARE)), f"auto: {AUTO_SHARE:.0%} of the {format_bytes(free)} available"
+        return max(1, int(free * KV_AUTO_SHARE)), f"auto: {KV_AUTO_SHARE:.0%} of the {format_bytes(free)} available"
     spec = parse_size(setting, what="--kv-cache-memory")
     if spec.fraction is None:
         return spec.resolve(0), setting
