@@ -223,9 +223,12 @@ class WorkerConfig:
                                            " experts, up to the pool's slots); fewer saves memory, and a step that"
                                            " routes more runs its experts in groups, same results")
     dequant_kernel: str = knob("auto", "quantized experts: auto (a C kernel built on first use with the system's C"
-                                       " compiler, $CC or cc, into <state-dir>/kernels-<uid> and checked against"
+                                       " compiler, $CC or cc, into --kernel-cache-dir and checked against"
                                        " torch's ops; torch's ops, 2-3x slower, when none builds), c (the kernel or a"
                                        " start-up error) or torch")
+    kernel_cache_dir: Path | None = knob(None, "where the C kernels built on first use are kept, in kernels-<uid>/"
+                                               " (one library per source, compiler and CPU; default: the state"
+                                               " directory): workers of several state dirs build them once")
     prepack_dense: bool = knob(False, "bfloat16 on CPU: pack bias-free dense linears once for oneDNN, not per call"
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
     matvec_kernel: str = knob("auto", "bfloat16 decode steps' expert and dense products in moeinf's own kernels,"
@@ -260,8 +263,9 @@ class WorkerConfig:
         object.__setattr__(self, "model", Path(self.model))
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "worker_id", resolve_worker_id(self.worker_id))
-        if self.record_trace is not None:
-            object.__setattr__(self, "record_trace", Path(self.record_trace))
+        for name in ("record_trace", "kernel_cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         Access(self.group)
         for name in ("max_queued", "max_running", "max_step_tokens", "max_prefill_chunk"):
             if getattr(self, name) < 1:
@@ -289,6 +293,11 @@ class WorkerConfig:
         check_device(self.device)
         if self.dequant_kernel not in ("auto", "c", "torch"):
             raise ValueError(f"--dequant-kernel must be auto, c or torch, not {self.dequant_kernel!r}")
+
+    @property
+    def kernel_dir(self) -> Path:
+        """The directory whose kernels-<uid>/ holds the compiled kernels (--kernel-cache-dir, else --state-dir)."""
+        return self.kernel_cache_dir or self.state_dir
 
     @property
     def memd_rpc_addr(self) -> str:

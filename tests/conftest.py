@@ -39,6 +39,16 @@ def shared_index_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory) -> Path:
+    """Every worker the tests start keeps its compiled kernels in one directory (``--kernel-cache-dir``): a worker
+    with a fresh state directory loads the library another test built instead of compiling it (~7 s here); in-process
+    tests pass it to ``dequant_kernel.load`` where they test no build."""
+    path = tmp_path_factory.mktemp("kernel-cache")
+    os.environ["MOEINF_KERNEL_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_state_home() -> Path:
     """The temp default state directory (above), removed after the session."""
     yield Path(_STATE_HOME)

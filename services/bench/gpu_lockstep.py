@@ -32,12 +32,14 @@ class _System:
                  stack: contextlib.ExitStack):
         from common.config import WorkerConfig
         from services.bench.memd_proc import MemdProcess
+        from services.bench.worker_proc import kernel_cache_dir
         from services.worker.engine import Engine
         from services.worker.main import attach, max_model_len
 
         self.name, self.memory = name, memory
         memd = stack.enter_context(MemdProcess(model, memory, extra=memd_args))
-        cfg = WorkerConfig(model=model, state_dir=memd.state_dir, threads=1, device=device)
+        cfg = WorkerConfig(model=model, state_dir=memd.state_dir, threads=1, device=device,
+                           kernel_cache_dir=kernel_cache_dir())
         engine_model, self.client, _, self.steps, _ = attach(cfg)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.engine = Engine(engine_model, max_model_len(cfg, engine_model), self.steps)

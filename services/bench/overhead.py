@@ -142,14 +142,16 @@ class MoeinfSystem:
                  matvec_kernel: str = "auto", attention_kernel: str = "torch", batched: bool = False):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
+        from services.bench.worker_proc import kernel_cache_dir
         from services.worker.main import attach, max_model_len
 
         self.name = f"moeinf-{expert_memory}"
         self.expert_memory = expert_memory
         memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
-                           dequant_cache_mb=dequant_cache_mb, dequant_kernel=dequant_kernel,
-                           prepack_dense=prepack_dense, matvec_kernel=matvec_kernel, attention_kernel=attention_kernel)
+                           kernel_cache_dir=kernel_cache_dir(), dequant_cache_mb=dequant_cache_mb,
+                           dequant_kernel=dequant_kernel, prepack_dense=prepack_dense, matvec_kernel=matvec_kernel,
+                           attention_kernel=attention_kernel)
         model, self.client, hello, self.steps, attention = attach(cfg)  # its own step state and memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)

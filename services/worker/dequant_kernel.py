@@ -9,7 +9,8 @@ else looks 32 up with AVX-512BW (gcc); everything else is a scalar table gather)
 8x faster than torch's ops on one core.
 There is no maintained CPU kernel for these formats in torch or on PyPI that reads the pool's slots in place, so
 the worker builds this small file itself with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``:
-it only ever runs on the machine that built it) into ``<state-dir>/kernels-<uid>/`` (the user's alone), keyed by
+it only ever runs on the machine that built it) into ``<dir>/kernels-<uid>/`` (the user's alone; ``dir`` the worker's
+``--kernel-cache-dir``, else its state directory), keyed by
 the source, the compiler and the CPU, once per machine. Before first use the kernels run on every MXFP4 (scale,
 byte) pair and on FP8 blocks of extreme scales, and must give the torch path's exact bits; otherwise the worker
 warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (``c``). The same library holds the
@@ -256,8 +257,9 @@ def build(cache: Path) -> tuple[str, bool]:
         done = _compile(cc, tmp, OPENMP)
         if done.returncode != 0:
             log.warning("%s -fopenmp failed (%s): the kernels are built without OpenMP (Python's threads split their"
-                        " calls; once the compiler has OpenMP, remove %s from the state directory's kernels-%d/ to"
-                        " rebuild)", " ".join(cc), done.stderr.strip()[-200:], name, os.getuid())
+                        " calls; once the compiler has OpenMP, remove %s from kernels-%d/ in"
+                        " --kernel-cache-dir, else the state directory, to rebuild)", " ".join(cc),
+                        done.stderr.strip()[-200:], name, os.getuid())
             done = _compile(cc, tmp)
         if done.returncode != 0:
             raise KernelError(f"{' '.join(cc)} could not build {NAMES}: {done.stderr.strip()[-500:]}")

@@ -92,7 +92,7 @@ def attach(cfg: WorkerConfig) -> Attached:
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",
                         cfg.attention_kernel, dev)
         elif cfg.attention_kernel != "torch":
-            attention = decode_attention.load(cfg.attention_kernel, cfg.state_dir, torch.get_num_threads())
+            attention = decode_attention.load(cfg.attention_kernel, cfg.kernel_dir, torch.get_num_threads())
         client.ready(cpu_cost(host, model, layers, dev))
     except BaseException:
         client.close()
@@ -121,14 +121,14 @@ def load_kernels(cfg: WorkerConfig, quantized: bool) -> tuple[dequant_kernel.Ker
     if cfg.matvec_kernel != "off":
         exact = cfg.matvec_kernel != "fast"
         kernels = dequant_kernel.load(
-            "auto" if cfg.matvec_kernel == "auto" else "c", cfg.state_dir, threads,
+            "auto" if cfg.matvec_kernel == "auto" else "c", cfg.kernel_dir, threads,
             check=matvec_checks.check_exact if exact else matvec_checks.check,
             flag=f"--matvec-kernel {cfg.matvec_kernel}",
             advice="pass --matvec-kernel off", fallback="multiplying with torch's own bfloat16 products")
         mv = Matvec(kernels, exact=exact) if kernels is not None else None
     if not quantized or cfg.dequant_kernel == "torch":
         return None, mv
-    return dequant_kernel.load(cfg.dequant_kernel, cfg.state_dir, threads), mv
+    return dequant_kernel.load(cfg.dequant_kernel, cfg.kernel_dir, threads), mv
 
 
 def recorder(cfg: WorkerConfig, client: MemdClient, model, layers) -> StepRecorder:

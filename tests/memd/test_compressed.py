@@ -149,14 +149,14 @@ def test_served_tokens_equal_transformers_with_the_round_tripped_experts(oss, fm
     assert stats.evictions > 0, "25% memory must evict and reload experts"
 
 
-def test_the_matvec_kernel_multiplies_compressed_mxfp4_slots_in_place(state_dir, tmp_path):
+def test_the_matvec_kernel_multiplies_compressed_mxfp4_slots_in_place(state_dir, tmp_path, kernel_cache):
     """memd ``--expert-format mxfp4`` of a bf16 Mixtral (``[out, in]`` experts) with the worker's
     ``--matvec-kernel``: decode steps multiply the slots' MXFP4 bytes in place (the worker says so), prompts
     dequantize them into untransposed rows, and on these prompts the greedy tokens equal transformers' model with
     the same round-tripped experts (opt-in kernel: another summation order, nothing promises it elsewhere)."""
     from services.worker import dequant_kernel, matvec_checks
     try:  # (where the bf16 kernel loads, so does the MXFP4 one: AVX-512 BF16, or AVX2 and FMA)
-        dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec_checks.check)
+        dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check)
     except dequant_kernel.KernelError as exc:
         pytest.skip(f"no matrix-vector kernel here: {exc}")
     path = write_family("mixtral", tmp_path / "m", dtype="bfloat16")

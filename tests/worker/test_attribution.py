@@ -22,7 +22,7 @@ B = m.GenerateRequest("B", [9, 4, 11, 3], 20)
 
 
 @pytest.fixture(scope="module")
-def worker(mixtral, tmp_path_factory):
+def worker(mixtral, tmp_path_factory, kernel_cache):
     state = tmp_path_factory.mktemp("attr") / "state"
     state.mkdir(parents=True)
     log = state / "memd.log"
@@ -30,7 +30,8 @@ def worker(mixtral, tmp_path_factory):
     try:
         wait_for_log(memd, log, "memd ready")
         threads = torch.get_num_threads()
-        model, client, hello, steps, _ = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1))
+        model, client, hello, steps, _ = attach(WorkerConfig(model=mixtral, state_dir=state, threads=1,
+                                                                 kernel_cache_dir=kernel_cache))
         try:
             engine = Engine(model, 512, steps)
             engine.enable_batching()

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory):
-    return tmp_path_factory.mktemp("state")
+def state(kernel_cache):
+    return kernel_cache
 
 
 @pytest.fixture(scope="module")

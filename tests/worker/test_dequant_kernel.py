@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    return dk.load("c", tmp_path_factory.mktemp("state"), threads=1)
+def kernels(kernel_cache):
+    return dk.load("c", kernel_cache, threads=1)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -129,6 +129,23 @@ def test_built_once_private_and_rebuilt_when_others_could_have_written_it(tmp_pa
     cache.chmod(0o777)
     with pytest.raises(dk.KernelError, match=r"another user's or writable by others: not used \(remove it\)"):
         dk.load("c", tmp_path, 1)
+
+
+def test_the_worker_keeps_its_kernels_in_the_kernel_cache_dir(tmp_path, kernel_cache):
+    """``--kernel-cache-dir`` (env ``MOEINF_KERNEL_CACHE_DIR``): the worker loads (or builds) its library there, not in
+    its state directory, so workers of fresh state directories compile it once; unset, the state directory."""
+    from common.config import build_config
+    from services.worker.main import load_kernels
+
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = build_config(WorkerConfig, env={"MOEINF_KERNEL_CACHE_DIR": str(kernel_cache)}, model=tmp_path,
+                       state_dir=state)
+    assert cfg.kernel_dir == kernel_cache
+    dequant, mv = load_kernels(cfg, quantized=True)
+    assert dequant is not None and list((kernel_cache / f"kernels-{os.getuid()}").glob("dequant-*.so"))
+    assert list(state.iterdir()) == []
+    assert WorkerConfig(model=tmp_path, state_dir=state).kernel_dir == state
 
 
 def test_layouts_the_kernels_do_not_take_use_torch_or_are_refused(kernels):

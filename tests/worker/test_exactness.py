@@ -111,13 +111,13 @@ def test_bfloat16_with_packed_dense_linears(family, tmp_path, state_dir):
 
 
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow)])
-def test_bfloat16_by_default_multiplies_with_torchs_own_bits(family, tmp_path, state_dir):
+def test_bfloat16_by_default_multiplies_with_torchs_own_bits(family, tmp_path, state_dir, kernel_cache):
     """The worker's default (``--matvec-kernel auto``): decode steps' products in ``matvec_exact.c`` where its
     check holds (torch's own summation order), so the tokens are transformers' eager bfloat16 model's; elsewhere
     torch's products, said in the log."""
     from services.worker import dequant_kernel, matvec_checks
     try:
-        dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec_checks.check_exact)
+        dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check_exact)
         used = True
     except dequant_kernel.KernelError:
         used = False
@@ -153,13 +153,13 @@ def test_bfloat16_with_expert_rows_spread_apart(tmp_path, state_dir):
 
 
 @pytest.mark.parametrize("family", ["mixtral", pytest.param("gpt_oss", marks=pytest.mark.slow)])
-def test_bfloat16_with_the_matvec_kernel(family, tmp_path, state_dir):
+def test_bfloat16_with_the_matvec_kernel(family, tmp_path, state_dir, kernel_cache):
     """``--matvec-kernel fast``: decode steps' expert products in moeinf's own kernel (services/worker/matvec.py). Its
     sums are added in another order than oneDNN's, so a product's last bit can differ; on these prompts the greedy
     tokens still equal transformers' eager bfloat16 model's (opt-in: elsewhere a close call could go the other way)."""
     from services.worker import dequant_kernel, matvec_checks
     try:
-        dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec_checks.check)
+        dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check)
     except dequant_kernel.KernelError as exc:
         pytest.skip(f"no matrix-vector kernel here: {exc}")
     model = write_family(family, tmp_path / family, dtype="bfloat16")

@@ -24,7 +24,7 @@ def probe_cache():
 
 @pytest.mark.parametrize("exact", [True, False], ids=["view", "copied"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_gpt_oss_rows_hold_transformers_values_as_a_view_or_a_copy(monkeypatch, tmp_path, exact, kernel):
+def test_gpt_oss_rows_hold_transformers_values_as_a_view_or_a_copy(monkeypatch, kernel_cache, exact, kernel):
     from services.worker import dequant_kernel as dk
     if kernel and dk.compiler() is None:
         pytest.skip("no C compiler")
@@ -33,7 +33,7 @@ def test_gpt_oss_rows_hold_transformers_values_as_a_view_or_a_copy(monkeypatch, 
     blocks, scales = mxfp4_tensors(torch.randn(3, 96, 64))  # stored [out, in] = [96, 64] per expert
     pool, (bo, so) = pool_of([blocks, scales], 3)
     spec = m.TensorSpec("down_proj", bo, [96, 2, 16], "uint8", "mxfp4", so, [96, 2], "uint8")
-    kernels = dk.load("c", tmp_path, 1) if kernel else None
+    kernels = dk.load("c", kernel_cache, 1) if kernel else None
     param = QuantParam(spec, pool, (64, 96), torch.bfloat16, capacity=3, kernels=kernels, transposed=True)
     got = param.dequantize([2, 0])  # [2, in, out]
     assert param.copies is not exact

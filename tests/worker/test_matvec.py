@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    return dk.load("c", tmp_path_factory.mktemp("state"), threads=1)
+def kernels(kernel_cache):
+    return dk.load("c", kernel_cache, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def mv(kernels):
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("m,rows,cols", [(1, 8, 32), (1, 200, 96), (2, 77, 64), (3, 9, 1000), (4, 129, 40),
                                          (5, 130, 128)])
-def test_kernel_is_a_float32_sum_of_the_products(mv, tmp_path, threads, m, rows, cols):
-    kernels = dk.load("c", tmp_path, threads, check=matvec_checks.check)
+def test_kernel_is_a_float32_sum_of_the_products(mv, kernel_cache, threads, m, rows, cols):
+    kernels = dk.load("c", kernel_cache, threads, check=matvec_checks.check)
     gen = torch.Generator().manual_seed(rows * cols + m)
     slots = torch.randn(3, rows, cols + 16, generator=gen).to(torch.bfloat16)
     weight = slots[2, :, :cols]  # a pool slot: rows strided, not contiguous as a whole

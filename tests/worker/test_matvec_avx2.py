@@ -57,7 +57,7 @@ from services.worker.quant import fp8_block_table, fp8_table, mxfp4_pairs, mxfp4
 
 assert torch.backends.cpu.get_cpu_capability() == "AVX2"
 for threads in (1, 3):
-    k = dk.load("c", Path(sys.argv[1]) / str(threads), threads, check=matvec_checks.check_exact)
+    k = dk.load("c", Path(sys.argv[1]), threads, check=matvec_checks.check_exact)
     assert k.exact_order == "aten-avx2" and k.matvec_exact_fp8 and k.matvec_exact_mxfp4 \
         and k.matvec_exact_mxfp4_xw, vars(k)
     gen = torch.Generator().manual_seed(threads)
@@ -123,13 +123,13 @@ print("ok")
 """
 
 
-def test_exact_kernels_give_torchs_avx2_products(avx2_env, tmp_path):
+def test_exact_kernels_give_torchs_avx2_products(avx2_env, kernel_cache):
     """bfloat16 products (``check_exact``) and FP8 slots multiplied in place, bit for bit as ``F.linear`` of the
     dequantized weight, 1-4 and 16 input rows, 1 and 3 threads, zero/subnormal bytes and a scale outside the
     shortcut's range; the fast kernel's order is told apart by the same inputs, and refused by the check. MXFP4
     slots bit for bit as ``x @ W`` of the ``[in, out]`` dequantized weight (GPT-OSS's own shapes among them) and as
     ``F.linear`` of the ``[out, in]`` one, a scale byte it does not compute declined."""
-    assert run_avx2(KERNELS, avx2_env, str(tmp_path)).strip().endswith("ok")
+    assert run_avx2(KERNELS, avx2_env, str(kernel_cache)).strip().endswith("ok")
 
 
 REFERENCE = r"""

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
-def exact_kernels(tmp_path_factory):
+def exact_kernels(kernel_cache):
     try:
-        return dk.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec_checks.check_exact)
+        return dk.load("c", kernel_cache, 1, check=matvec_checks.check_exact)
     except dk.KernelError as exc:
         pytest.skip(f"torch here sums in another order than the kernel's: {exc}")
 
@@ -30,8 +30,8 @@ def exact_kernels(tmp_path_factory):
 @pytest.mark.parametrize("m,rows,cols", [(1, 300, 2048), (2, 70, 2816), (3, 129, 1000), (4, 64, 136), (1, 50, 77),
                                          (2, 33, 9), (1, 17, 5632), (16, 40, 2048), (9, 13, 200), (1, 4096, 4096),
                                          (2, 512, 14336), (1, 1100, 2048)])
-def test_products_are_torchs_bit_for_bit(exact_kernels, tmp_path, threads, m, rows, cols):
-    kernels = dk.load("c", tmp_path, threads, check=matvec_checks.check_exact)
+def test_products_are_torchs_bit_for_bit(exact_kernels, kernel_cache, threads, m, rows, cols):
+    kernels = dk.load("c", kernel_cache, threads, check=matvec_checks.check_exact)
     torch.set_num_threads(threads)  # oneDNN shares a narrow output's sums among torch's threads: part of the order
     try:
         gen = torch.Generator().manual_seed(rows * cols + m)

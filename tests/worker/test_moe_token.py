@@ -34,8 +34,8 @@ def wide_experts_module(family: str):
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory):
-    return tmp_path_factory.mktemp("state")  # (the library compiled once for the module)
+def state(kernel_cache):
+    return kernel_cache  # (the library compiled once for the session)
 
 
 def matvecs(tmp_path, threads: int) -> list[matvec.Matvec]:

@@ -57,14 +57,14 @@ def test_greedy_equals_transformers_dequantized_at_25_percent(name, cache_mb, sc
 
 
 @pytest.mark.parametrize("family,fmt,block", [("qwen3_moe", "fp8", (8, 64)), ("gpt_oss", "mxfp4", None)])
-def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, block, tmp_path, state_dir):
+def test_the_matvec_kernel_multiplies_quantized_slots_in_place(family, fmt, block, tmp_path, state_dir, kernel_cache):
     """``--matvec-kernel`` on bf16 block-FP8 (a layout the FP8 kernel takes: widths of 64, blocks 8 x 64) and MXFP4
     checkpoints: decode steps multiply the slots' quantized bytes (the worker says so; FP8 on a CPU with AVX-512 BF16
     but not VBMI: the dequantized rows) and, on these prompts, the greedy tokens equal transformers' dequantized
     model's (opt-in: another summation order, so nothing promises it elsewhere)."""
     from services.worker import dequant_kernel, matvec_checks
     try:
-        kernels = dequant_kernel.load("c", tmp_path / "kernels", 1, check=matvec_checks.check)
+        kernels = dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check)
     except dequant_kernel.KernelError as exc:
         pytest.skip(f"no matrix-vector kernel here: {exc}")
     in_place = kernels.matvec_fp8_fast if fmt == "fp8" else kernels.matvec_mxfp4_fast

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    kernels = dk.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec_checks.check)
+def library(kernel_cache):
+    kernels = dk.load("c", kernel_cache, 1, check=matvec_checks.check)
     if rms_norm.NormKernel(kernels).sum_lanes(64) is None:  # (a torch whose float sum is neither 8 nor 16 lanes)
         pytest.skip("torch's float sum runs in an order rms_norm.c does not reproduce here: the norms keep torch's")
     return kernels

@@ -133,11 +133,11 @@ def test_one_token_guesses_equal_the_batched_path(family, checkpoints):
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
+def kernels(kernel_cache):
     from services.worker import dequant_kernel, matvec_checks
     if dequant_kernel.compiler() is None:
         pytest.skip("no C compiler: guesses keep torch's ops")
-    return dequant_kernel.load("c", tmp_path_factory.mktemp("state"), 1, check=matvec_checks.check)
+    return dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check)
 
 
 @pytest.mark.parametrize("router_dtype", [torch.float32, torch.bfloat16])
