@@ -3,8 +3,9 @@
 Systems (``--systems``; all by default), each in its own process(es) and, where a limit applies, its own memory
 cgroup (``services/bench/cgroup.py``; the limit counts the page cache, ``services/bench/budget.py`` derives it):
 
-* ``transformers-resident``: plain transformers with every weight resident, the latency floor; it runs without a
-  limit (it needs the whole model);
+* ``transformers-resident``: plain transformers with every weight resident, a reference (not a floor: moeinf's own
+  kernels decode faster; the compute floor is ``e2e_floor.py``'s); it runs without a limit (it needs the whole
+  model);
 * ``accelerate-offload``: ``device_map="auto"`` with ``max_memory`` = dense weights + expert memory and an
   ``offload_folder`` (``services/bench/baselines.py``);
 * ``moeinf-ondemand-lru``: memd with ``--prefetch off --policy lru`` (pure on-demand loads);
@@ -90,6 +91,7 @@ class Options:
     gguf: Path | None = None  # ... and a GGUF of --model
     read_threads: int = STREAMS  # memd's queue depth (its --read-threads / MOEINF_READ_THREADS): every moeinf
     read_chunk: str = READ_CHUNK  # system's memd reads so, and the disk probes read alike (--read-chunk)
+    floor_probe: str = "auto"  # the compute floor's weight (auto: twice the largest CPU cache, at least 1 GiB)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -100,6 +102,14 @@ class Options:
     def run_systems(self) -> tuple[str, ...]:
         """The systems, then one moeinf row per ``--formats`` entry (the same workloads)."""
         return tuple(self.systems) + tuple(format_system(f) for f in self.formats)
+
+    @property
+    def floor_bytes(self) -> int:
+        from services.bench.profile_parts import l3_bytes
+
+        if self.floor_probe == "auto":
+            return max(2 * l3_bytes(), 1 << 30)
+        return parse_bytes(self.floor_probe, what="--floor-probe")
 
     @property
     def read_chunk_bytes(self) -> int:
@@ -123,7 +133,7 @@ class Options:
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
                    path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache, args.pin,
-                   path(args.llama_server), path(args.gguf), memd.read_threads, memd.read_chunk)
+                   path(args.llama_server), path(args.gguf), memd.read_threads, memd.read_chunk, args.floor_probe)
         opts.validate()
         return opts
 
@@ -169,6 +179,8 @@ class Options:
             if why := llama_missing(find_server(self.llama_server), self.gguf, self.model):
                 raise ValueError(why)
         parse_bytes(self.disk_probe, what="--disk-probe")
+        if self.floor_bytes < 1 << 20:
+            raise ValueError(f"--floor-probe {self.floor_probe}: at least 1MiB (auto: twice the largest CPU cache)")
         if self.disk_read_limit:
             self.read_limit_bytes()
 

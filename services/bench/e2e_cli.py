@@ -22,7 +22,9 @@ def add_parser(bench) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed of the random prompts (each run draws its own)")
     p.add_argument("--warm-eamc", action="store_true",
                    help="serve one workload untimed first and again in every run (memd has seen it; labelled)")
-    p.add_argument("--requests", type=int, default=16, help="requests in the workload (cycling through the prompts)")
+    p.add_argument("--requests", type=int, default=16,
+                   help="requests in a run's workload (fresh random prompts every run, the same for every system;"
+                        " with --prompts, a slice of the file's lines of its own per run)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1],
                    help="client counts to measure, e.g. 1 8 (moeinf systems; the baselines and llama.cpp serve one"
                         " at a time)")
@@ -40,6 +42,9 @@ def add_parser(bench) -> None:
                    help="run each system in a memory cgroup (off: no limit; the comparison is then not memory-fair)")
     p.add_argument("--disk-probe", default="2GiB", help="bytes of the checkpoint read to measure the raw O_DIRECT"
                                                         " bandwidth at memd's queue depth")
+    p.add_argument("--floor-probe", default="auto", metavar="SIZE",
+                   help="the compute floor's weight: the best matrix-vector bandwidth over this many bytes (auto:"
+                        " twice the largest CPU cache, at least 1 GiB, so it streams from memory)")
     p.add_argument("--disk-read-limit", default="", metavar="RATE",
                    help="throttle every read of the run (probes and all systems) to RATE, e.g. 600MB/s: one sustained"
                         " disk speed for every system (cgroup v1 blkio; root). The kernel's 100 ms throttle slices let"

@@ -51,10 +51,10 @@ def fill_slot_images(opts) -> str:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
                 " checkpoint")
     where = images.where
-    if opts.disk_read_limit and where.stat().st_dev != Path(images.served.files[0]).stat().st_dev:
-        raise ValueError(f"--disk-read-limit throttles the checkpoint's disk, but the slot images would be read from"
-                         f" another device ({where}): give --expert-cache-dir on the checkpoint's disk, or"
-                         " --slot-cache off")
+    if where.stat().st_dev != Path(images.served.files[0]).stat().st_dev:  # one disk for every system and probe
+        raise ValueError(f"the slot images would be read from another device ({where}) than the checkpoint the"
+                         " baselines read and the disk probes and --disk-read-limit measure: give --expert-cache-dir"
+                         " on the checkpoint's disk, or --slot-cache off")
     images.open()
     try:
         converted = images.fill()

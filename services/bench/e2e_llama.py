@@ -9,10 +9,14 @@ from services.bench.llama_cpp import LLAMA, LlamaCppSystem, agreement, find_serv
 
 
 def llama_system(sweep, prefix: list[str]) -> LlamaCppSystem:
-    """A server whose context holds the longest request (the warm-up's too)."""
+    """A server whose context holds the longest request (the warm-up's too), on as many threads as the other systems
+    compute on (``--threads 0``: torch's default, which the worker and the baselines take, not llama.cpp's own)."""
+    import torch
+
     opts = sweep.opts
     context = max(len(sweep.workloads.longest()), WARMUP_LENGTH) + max(opts.max_tokens, opts.warmup_tokens) + 16
-    return LlamaCppSystem(find_server(opts.llama_server), opts.gguf, opts.threads, context, prefix=prefix)
+    threads = opts.threads or torch.get_num_threads()
+    return LlamaCppSystem(find_server(opts.llama_server), opts.gguf, threads, context, prefix=prefix)
 
 
 def llama_runtime(sweep) -> int:

@@ -20,6 +20,7 @@ from services.bench.budget import Budget, derive, derive_total, model_bytes
 from services.bench.blkio import ReadThrottle
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
+from services.bench.e2e_floor import measure as measure_compute_floor
 from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
@@ -343,6 +344,8 @@ def _run_sweep(opts: Options) -> int:
     single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
     progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
+    compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
+    progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder model)")
     progress(sweep.workloads.label())
     with TerminateAsInterrupt():
         for fmt in opts.formats:
@@ -351,7 +354,7 @@ def _run_sweep(opts: Options) -> int:
             sweep.notes.append(fill_slot_images(opts))
             progress(sweep.notes[-1])
         sweep.run_all()
-    doc = build_doc(opts, sweep, disk, single)
+    doc = build_doc(opts, sweep, disk, single, compute)
     print(format_report(doc))
     if opts.json:
         opts.json.write_text(json.dumps(doc, indent=2) + "\n")

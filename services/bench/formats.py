@@ -85,8 +85,8 @@ def expert_bytes(model_dir: Path) -> tuple[int, int]:
     return served_slot_bytes(store.index()) * store.num_layers * store.num_experts, store.expert_bytes
 
 
-def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) -> list[dict]:
-    from services.bench.overhead import MoeinfSystem, measure
+def measure_setting(opts: Options, limit: int, vocab: int, threads: int) -> list[dict]:
+    from services.bench.overhead import MoeinfSystem, measure, round_prompts
     from services.bench.overhead import Options as OverheadOptions
 
     with contextlib.ExitStack() as stack:
@@ -96,8 +96,9 @@ def measure_setting(opts: Options, limit: int, prompt: list[int], threads: int) 
                                   matvec_kernel=opts.matvec_kernel)
             system.name = label
             systems.append(system)
-        runs = measure(systems, prompt, OverheadOptions(opts.models[0][1], opts.tokens, opts.prompt_len,
-                                                        opts.repeats, (), threads, None))
+        warmup, prompts = round_prompts(vocab, opts.prompt_len, opts.repeats)  # no format sees a prompt twice
+        runs = measure(systems, warmup, prompts, OverheadOptions(opts.models[0][1], opts.tokens, opts.prompt_len,
+                                                                 opts.repeats, (), threads, None))
     rows = []
     for system in systems:
         decode = [t for run in runs[system.name] for t in run.decode_s]
@@ -120,7 +121,7 @@ def run(args) -> int:
     import torch  # here, not at import: the console script builds its parser for memd too, which never loads torch
 
     from services.bench.memd_proc import TerminateAsInterrupt
-    from services.bench.overhead import _quiet_logging, make_prompt
+    from services.bench.overhead import _quiet_logging
 
     opts = Options.from_args(args)
     if opts.threads:
@@ -130,14 +131,13 @@ def run(args) -> int:
     base_total, _ = expert_bytes(opts.models[0][1])
     sizes = {label: expert_bytes(path) for label, path in opts.models}
     vocab = json.loads((opts.models[0][1] / "config.json").read_text())["vocab_size"]
-    prompt = make_prompt(vocab, opts.prompt_len)
     results = {}
     with TerminateAsInterrupt():
         for memory in opts.memory:
             limit = parse_size(memory).resolve(base_total)
             print(f"[bench] --memory {memory} of {opts.models[0][0]}'s experts = {format_bytes(limit)} for every"
                   " format", file=sys.stderr, flush=True)
-            results[memory] = measure_setting(opts, limit, prompt, threads)
+            results[memory] = measure_setting(opts, limit, vocab, threads)
     print(report(opts, sizes, results, threads))
     if opts.json:
         opts.json.write_text(json.dumps({"models": {k: str(v) for k, v in opts.models}, "threads": threads,

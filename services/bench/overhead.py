@@ -1,20 +1,21 @@
 """``moeinf bench overhead``: decode ms/token of plain transformers vs moeinf at several expert-memory settings.
 
-Every system runs in this process on the same torch thread count, the same prompt and greedy decoding, driven
+Every system runs in this process on the same torch thread count, the same prompts and greedy decoding, driven
 by the same loop (``services.worker.engine.Engine``: one forward per token, exactly what ``model.generate``
 runs), so the only difference between them is where the experts live:
 
 * ``transformers``: ``AutoModelForCausalLM.from_pretrained``, every weight resident, transformers' default
-  experts implementation (``grouped_mm``). Its ``model.generate`` output is the reference that every timed run
-  of every system must reproduce token for token.
+  experts implementation (``grouped_mm``). Its ``model.generate`` output on each round's prompt is the reference
+  that every system's run of that round must reproduce token for token.
 * ``moeinf-<memory>``: a real ``moeinf memd --expert-memory <memory>`` process and the worker's model bound to
   it (``services.worker.main.attach``): per MoE layer an acquire RPC, then grouped_mm on views of the pool. Every
   generation sends memd REQUEST_START and REQUEST_END on the trace socket, as the worker's server does, so memd's
   EAMC learns from finished requests and predicts from it exactly as in serving.
 
-The systems run in lockstep: each repeat starts one generation per system and advances them one step at a time
-in turn (rotating the order), so load from elsewhere on a noisy machine hits all of them alike. Every system
-gets one untimed warm-up run first (it also fills memd's pool at 100%).
+The systems run in lockstep: each repeat starts one generation per system on that round's own prompt (one no
+system has served: memd's EAMC is never warm with it) and advances them one step at a time in turn (rotating the
+order), so load from elsewhere on a noisy machine hits all of them alike. Every system gets one untimed warm-up
+run first, on a prompt of its own (it also fills memd's pool at 100%).
 """
 from __future__ import annotations
 
@@ -219,9 +220,9 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def make_prompt(vocab_size: int, length: int) -> list[int]:
+def make_prompt(vocab_size: int, length: int, seed: int = PROMPT_SEED) -> list[int]:
     """A fixed pseudo-random prompt (ids 3.. skip the usual special tokens)."""
-    generator = torch.Generator().manual_seed(PROMPT_SEED)
+    generator = torch.Generator().manual_seed(seed)
     low = 3 if vocab_size > 3 else 0
     return torch.randint(low, vocab_size, (length,), generator=generator).tolist()
 
@@ -288,13 +289,21 @@ def run_lockstep(systems: list, prompt: list[int], tokens: int, run_id: str) -> 
     return [g.result() for g in gens]
 
 
-def measure(systems: list, prompt: list[int], opts: Options) -> dict[str, list[Run]]:
-    """One warm-up run per system, then ``repeats`` lockstep rounds over all systems."""
+def round_prompts(vocab_size: int, length: int, repeats: int) -> tuple[list[int], list[list[int]]]:
+    """The warm-up's prompt and one prompt per lockstep round, each its own: every finished request feeds memd's
+    EAMC, so a round on a prompt served before would be predicted from its own past (a warm EAMC)."""
+    return (make_prompt(vocab_size, length),
+            [make_prompt(vocab_size, length, PROMPT_SEED + 1 + r) for r in range(repeats)])
+
+
+def measure(systems: list, warmup: list[int], prompts: list[list[int]], opts: Options) -> dict[str, list[Run]]:
+    """One warm-up run per system, then a lockstep round over all systems per prompt (every system gets the round's
+    prompt; no system has seen it)."""
     for system in systems:
         _progress(f"warm-up {system.name}")
-        run_alone(system, prompt, opts.tokens, f"warmup-{system.name}")
+        run_alone(system, warmup, opts.tokens, f"warmup-{system.name}")
     runs: dict[str, list[Run]] = {s.name: [] for s in systems}
-    for r in range(opts.repeats):
+    for r, prompt in enumerate(prompts):
         done = run_lockstep(systems, prompt, opts.tokens, f"r{r}")
         for system, run in zip(systems, done):
             run.agreement = logit_agreement(run, done[0])
@@ -320,11 +329,12 @@ def run(args) -> int:
     _quiet_logging()
     with TerminateAsInterrupt(), contextlib.ExitStack() as stack:
         systems = build_systems(opts, threads, stack)
-        prompt = make_prompt(systems[0].model.config.get_text_config().vocab_size, opts.prompt_len)
-        _progress("reference: transformers model.generate")
-        reference = systems[0].generate(prompt, opts.tokens + 1)
-        runs = measure(systems, prompt, opts)
-        summaries = [summarize(s, runs[s.name], reference) for s in systems]
+        warmup, prompts = round_prompts(systems[0].model.config.get_text_config().vocab_size, opts.prompt_len,
+                                        opts.repeats)
+        _progress("references: transformers model.generate, one per round's prompt")
+        references = [systems[0].generate(prompt, opts.tokens + 1) for prompt in prompts]
+        runs = measure(systems, warmup, prompts, opts)
+        summaries = [summarize(s, runs[s.name], references) for s in systems]
         for system, summary in zip(systems, summaries):
             summary.eamc_size = system.eamc_size()
     _finish_ratios(summaries)

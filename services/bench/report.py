@@ -59,15 +59,17 @@ class Summary:
         }
 
 
-def summarize(system, runs: list, reference: list[int]) -> Summary:
-    """Median / p90 over the decode steps of all runs; prefill is the median over runs; counters are summed."""
+def summarize(system, runs: list, references: list[list[int]]) -> Summary:
+    """Median / p90 over the decode steps of all runs; prefill is the median over runs; counters are summed;
+    ``identical``: every run's tokens are its round's reference (``references``, one per run)."""
     decode_ms = np.array([t for run in runs for t in run.decode_s]) * 1e3
     prefill_ms = np.array([run.prefill_s for run in runs]) * 1e3
     summary = Summary(
         system=system.name, expert_memory=system.expert_memory, pool=system.pool,
         prefill_ms=float(np.median(prefill_ms)), decode_ms_p50=float(np.median(decode_ms)),
         decode_ms_p90=float(np.percentile(decode_ms, 90)), decode_ms_mean=float(decode_ms.mean()),
-        decode_steps=len(decode_ms), identical=all(run.tokens == reference for run in runs),
+        decode_steps=len(decode_ms), identical=len(runs) == len(references)
+        and all(run.tokens == reference for run, reference in zip(runs, references)),
     )
     if runs and runs[0].decode_stats:
         for name in STAT_FIELDS:

@@ -46,8 +46,7 @@ def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
     cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--expert-memory", "50%", "--systems",
                      "transformers-resident", "accelerate-offload", "moeinf-ondemand-lru", "--requests", "2",
                      "--max-tokens", "4", "--warmup-tokens", "2", "--threads", "1", "--repeats", "2", "--json",
-                     str(out), "--plot",
-                     str(tmp_path / "e2e.png"))
+                     str(out), "--plot", str(tmp_path / "e2e.png"), "--floor-probe", "64MiB")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr
     assert "memory limit for --expert-memory 50%" in proc.stdout and "floors" in proc.stdout
@@ -75,8 +74,9 @@ def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
         assert isinstance(limit, int) and rows["moeinf-ondemand-lru"]["memory_limit_bytes"] == limit
     else:
         assert limit is None and "NOT memory-fair" in proc.stdout
-    floor = doc["floors"][0]
-    assert floor["compute_floor_ms"] == rows["transformers-resident"]["decode_ms_per_token_p50"]
+    floor, compute = doc["floors"][0], doc["compute_floor"]
+    assert floor["compute_floor_ms"] == compute["ms"] and compute["threads"] == 1 and compute["gbps"] > 0
+    assert compute["ms"] < min(row["decode_ms_per_token_p50"] for row in rows.values())  # a floor nobody beats
     assert floor["bound_ms"] == max(floor["compute_floor_ms"], floor["io_floor_ms"])
     assert (tmp_path / "e2e.png").stat().st_size > 0
     assert list(tmp.iterdir()) == [] and not new_orphans(stale), "the bench left a state directory or a pool"

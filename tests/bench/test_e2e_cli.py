@@ -10,7 +10,8 @@ import pytest
 
 from helpers import moeinf_cmd, new_orphans, orphan_regions, write_family
 
-FIXED = ("--runtime-allowance", "1GiB")  # skips measuring the runtime (tests/bench/test_e2e_baselines.py does)
+FIXED = ("--runtime-allowance", "1GiB",  # skips measuring the runtime (tests/bench/test_e2e_baselines.py does)
+         "--floor-probe", "64MiB")  # (the compute floor's own test: tests/bench/test_e2e_floor.py)
 ROW_KEYS = {"system", "ttft_s", "decode_ms_per_token_p50", "decode_ms_per_token_p90", "tokens_per_s",
             "bytes_read_per_token", "hit_rate"}
 

@@ -36,8 +36,13 @@ def test_run_quality_is_the_difference_of_two_stats_replies():
     assert "lookahead P/R by distance 1: 0.70/0.58, 2: 0.40/0.31" in text
     assert "speculation P/R by distance 1: 0.62/0.56" in text
     (target,) = _targets([row], [], 0.0, ["25%"])
-    assert target["target"] == "prefetch precision >= 0.6 at lookahead 1" and target["value"] == 0.75 and target["met"]
-    assert "18 used, 6 wasted" in target["measured"] and "prediction precision 0.70" in target["measured"]
+    assert target["target"] == ("prefetch precision >= 0.6 (every distance) and memd's prediction one layer ahead"
+                                " >= 0.6") and target["value"] == 0.75 and target["met"]
+    assert "18 used, 6 wasted" in target["measured"] and "prediction one layer ahead 0.70" in target["measured"]
+    for la1 in (0.5, None):  # the prefetches' precision alone does not meet it: the prediction one layer ahead too
+        ahead = [{**row["lookahead"][0], "precision": la1}] if la1 else []
+        (target,) = _targets([{**row, "lookahead": ahead}], [], 0.0, ["25%"])
+        assert not target["met"] and target["value"] == 0.75
     idle = {**row, "prefetch_issued": 0, "prefetch_used": 0, "prefetch_wasted": 0, "prefetch_precision": None}
     (target,) = _targets([idle], [], 0.0, ["25%"])
     assert not target["met"] and target["value"] is None and "no prefetch issued" in target["measured"]

@@ -122,3 +122,22 @@ def test_logit_agreement_compares_until_the_first_differing_token():
     diverged = Run(0.0, [], [1, 7, 3, 4], logits=off)  # token 2 differs: later steps had other inputs
     assert logit_agreement(same, ref) == (0.0, 4, 4)
     assert logit_agreement(diverged, ref) == (0.25, 4, 2)
+
+
+def test_every_round_decodes_a_prompt_of_its_own_checked_against_its_own_reference():
+    """memd's EAMC learns every finished request: a round on the warm-up's prompt, or an earlier round's, would be
+    predicted from its own past. Each round's tokens are compared with transformers' on that round's prompt."""
+    from types import SimpleNamespace
+
+    from services.bench.overhead import Run, round_prompts
+    from services.bench.report import summarize
+
+    warmup, prompts = round_prompts(32000, 16, 3)
+    assert len(prompts) == 3 and len({tuple(warmup), *map(tuple, prompts)}) == 4
+    assert all(len(p) == 16 and min(p) >= 3 for p in [warmup, *prompts])
+    assert round_prompts(32000, 16, 3) == (warmup, prompts)  # the same for every system and every run
+    system = SimpleNamespace(name="moeinf-25%", expert_memory="25%", pool=(1, 2, 3))
+    runs = [Run(0.1, [0.01], [r, r + 1]) for r in range(3)]
+    assert summarize(system, runs, [[0, 1], [1, 2], [2, 3]]).identical
+    assert not summarize(system, runs, [[0, 1], [0, 1], [0, 1]]).identical  # one reference for all: not its round's
+    assert not summarize(system, runs, [[0, 1], [1, 2]]).identical
