@@ -323,15 +323,17 @@ def _gbps(c: dict | None, seconds: str) -> float | None:
 
 def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, list[Result]]:
     """The warm-up request (and, with ``--warm-eamc``, the workload once, untimed), then one round over the
-    concurrency values (rotating order) per repeat in ``repeats``, each run on its own workload. A run at several
+    concurrency values per repeat in ``repeats``, each run on its own workload: 1 client first, straight after the
+    warm-up as the baselines serve theirs (every target judges that row; a run after others would meet an EAMC and a
+    pool they filled), then the others in the order given (the same in every moeinf system). A run at several
     clients is checked afterwards (untimed): its prompts served at 1 client must give the same tokens (greedy)."""
     serve_workload(system, [workloads.warmup()], opts.warmup_tokens, 1)
     if workloads.warm:
         serve_workload(system, workloads.prompts(system.name), opts.max_tokens, 1)
     results: dict[int, list[Result]] = {c: [] for c in opts.concurrency}
+    order = sorted(opts.concurrency, key=lambda c: c != 1)  # (stable: the others as given)
     for r in repeats:
-        k = r % len(opts.concurrency)
-        for c in opts.concurrency[k:] + opts.concurrency[:k]:
+        for c in order:
             prompts = workloads.prompts(system.name, r, opts.concurrency.index(c))
             before = system.counters()
             timings = serve_workload(system, prompts, opts.max_tokens, c, split_bytes=c == 1)
@@ -347,13 +349,21 @@ def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, l
     return results
 
 
+def median_run(rows: list[dict]) -> dict:
+    """A copy of the run with the median decode p50 (every target judges decode), its ``tokens_per_s`` the median
+    of all the runs' (tokens/s counts the prompts too, so its median run can be another)."""
+    ranked = sorted(rows, key=lambda r: (r["decode_ms_per_token_p50"] is None, r["decode_ms_per_token_p50"] or 0.0))
+    row = dict(ranked[len(ranked) // 2])
+    row["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in rows]))
+    return row
+
+
 def summarize(results: dict[int, list[Result]]) -> list[dict]:
-    """One row per concurrency: the repeat with the median tokens/s; ``same_tokens_as_c1``: every request's output
-    at several clients equals its output served alone (greedy), in every repeat."""
+    """One row per concurrency: the repeat with the median decode p50 (``median_run``); ``same_tokens_as_c1``:
+    every request's output at several clients equals its output served alone (greedy), in every repeat."""
     rows = []
     for c, runs in results.items():
-        ranked = sorted(runs, key=lambda res: res.row()["tokens_per_s"])
-        row = ranked[len(ranked) // 2].row()
+        row = median_run([res.row() for res in runs])
         row["tokens_per_s_all"] = [res.row()["tokens_per_s"] for res in runs]
         row["repeats"] = len(runs)
         checked = [res.same_as_alone for res in runs if res.same_as_alone is not None]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 
+import numpy as np
+
 from common.sizes import parse_bytes
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
 from services.bench.budget import Budget, derive, derive_total, model_bytes
@@ -22,7 +24,7 @@ from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_floor import measure as measure_compute_floor
 from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, format_system
-from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
+from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, median_run, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
 from services.bench.e2e_llama import compare_tokens, llama_runtime, llama_share, run_llama
@@ -291,8 +293,8 @@ def rotated(items: list, r: int) -> list:
 
 def merge_repeats(rows: list[dict]) -> list[dict]:
     """One row per (system, expert memory, concurrency), in first-seen order, from the runs of the interleaved repeats:
-    the run with the median tokens/s (as ``summarize`` picks within one start), with ``tokens_per_s_all`` (the good
-    runs) and ``decode_ms_per_token_p50_all`` (one entry per run in repeat order, None for a run that failed, so
+    the run with the median decode p50 (``e2e.median_run``, as ``summarize`` picks within one start), its tokens/s the
+    median of ``tokens_per_s_all`` (the good runs') and ``decode_ms_per_token_p50_all`` (one entry per run in repeat order, None for a run that failed, so
     two systems' lists pair repeat by repeat). A run that failed is kept only when every run failed."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -303,9 +305,9 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
         if not good:
             merged.append(runs[0])
             continue
-        ranked = sorted(good, key=lambda r: r["tokens_per_s"])
-        row = dict(ranked[len(ranked) // 2])
+        row = median_run(good)
         row["tokens_per_s_all"] = [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]]
+        row["tokens_per_s"] = float(np.median(row["tokens_per_s_all"]))
         ordered = sorted(runs, key=lambda r: r.get("repeat_index") or 0)
         row["decode_ms_per_token_p50_all"] = [None if r.get("error") else r["decode_ms_per_token_p50"] for r in ordered]
         row["repeats"] = sum(r.get("repeats", 1) for r in good)

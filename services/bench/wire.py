@@ -3,8 +3,10 @@
 
 Two tables: encode+decode ns per message for the hot messages (an acquire, its reply, a step trace of a Mixtral-
 shaped model), and the acquire round trip over a real ``ipc://`` DEALER -> ROUTER pair, the server in a thread
-decoding the request and encoding the reply as memd does. Old and new alternate repeat by repeat, so noise from
-elsewhere hits both alike; each figure is the median of the repeats.
+decoding the request and encoding the reply as memd does. Old and new alternate repeat by repeat, which goes first
+alternating too, so noise from elsewhere hits both alike; each figure is the median of the repeats. The step trace
+row compares two layouts as well as two codecs: the old one's nested layers against today's flat arrays
+(``messages.step_trace``), as the two versions of the protocol sent them.
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ def codec_table(cases: dict, n: int, repeats: int) -> list[tuple[str, int, float
         assert codec.decode(codec.encode(op, 1, new_msg), reply=reply)[2] == new_msg
         each = max(5, min(n, int(0.5e9 / _old_round(op, old_msg, 3))))  # about 0.5 s per old repeat at most
         olds, news = [], []
-        for _ in range(repeats):
-            olds.append(_old_round(op, old_msg, each))
-            news.append(_new_round(op, reply, new_msg, each))
+        for r in range(repeats):
+            runs = [lambda: olds.append(_old_round(op, old_msg, each)),
+                    lambda: news.append(_new_round(op, reply, new_msg, each))]
+            for measure in runs[::-1] if r % 2 else runs:
+                measure()
         rows.append((name, len(codec.encode(op, 1, new_msg)), statistics.median(olds), statistics.median(news)))
     return rows
 
@@ -125,10 +129,11 @@ def run(args) -> int:
     print(f"{'message':<16} {'bytes':>6} {'old ns':>9} {'new ns':>9} {'new/old':>8}   (encode + decode, one message)")
     for name, size, o, n in codec_table(cases, args.n, args.repeats):
         print(f"{name:<16} {size:>6} {o:>9.0f} {n:>9.0f} {n / o:>8.3g}")
+    print("  (StepTraceEvent: the old codec's nested layers against the new one's flat arrays, codec and layout)")
     olds, news = [], []
-    for _ in range(args.repeats):
-        olds.append(round_trip_us(cases, False, args.n))
-        news.append(round_trip_us(cases, True, args.n))
+    for r in range(args.repeats):
+        for use_new in (True, False) if r % 2 else (False, True):
+            (news if use_new else olds).append(round_trip_us(cases, use_new, args.n))
     o, n = statistics.median(olds), statistics.median(news)
     print(f"{'acquire RTT ipc':<16} {'':>6} {o:>8.1f}us {n:>8.1f}us {n / o:>8.2f}"
           "   (DEALER -> ROUTER, server in a thread)")

@@ -1,7 +1,8 @@
 """The reflective msgpack codec that ``common/codec.py`` replaced, kept ONLY as the baseline of ``moeinf bench
-wire``. Same wire format (op byte, u64 id, msgpack array of fields); fields are checked by walking
-``typing.get_type_hints`` of frozen dataclasses in Python. The dataclasses mirror the hot messages of
-``common/messages.py`` field for field (no bounds: the old codec had none)."""
+wire``. Same framing (op byte, u64 id, msgpack array of fields), and the same layout but for the step trace, whose
+layers were nested lists before ``9be5c84`` made them flat arrays (kept nested here, as it was sent); fields are
+checked by walking ``typing.get_type_hints`` of frozen dataclasses in Python. The dataclasses mirror the hot
+messages of ``common/messages.py`` field for field (no bounds: the old codec had none)."""
 from __future__ import annotations
 
 import dataclasses

@@ -149,7 +149,7 @@ def test_repeats_interleave_and_merge_to_the_median_run():
             run("lru", 1, 0.9, 760.0), failed("lru", 2), run("moeinf", 2, 1.3, 540.0)]
     lru, ours = merge_repeats(rows)
     # the failed run dropped
-    assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 700.0, 2)
+    assert (lru["system"], lru["decode_ms_per_token_p50"], lru["repeats"]) == ("lru", 760.0, 2)  # (the upper of two)
     assert lru["decode_ms_per_token_p50_all"] == [700.0, 760.0, None] and lru["tokens_per_s_all"] == [1.0, 0.9]
     assert ours["decode_ms_per_token_p50"] == 540.0 and ours["decode_ms_per_token_p50_all"] == [500.0, 560.0, 540.0]
     assert paired_ratios(ours, lru) == pytest.approx([500 / 700, 560 / 760])  # repeat by repeat; repeat 2 unpaired
@@ -157,6 +157,9 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     lru, ours = merge_repeats([run("lru", 0, 1.0, 700.0), failed("moeinf", 0), failed("lru", 1),
                                run("moeinf", 1, 1.2, 560.0)])
     assert paired_ratios(ours, lru) == []
+    # the run with the median decode p50 is the row (not the median tokens/s one: its prompts count there too)
+    (row,) = merge_repeats([run("m", 0, 1.0, 300.0), run("m", 1, 2.0, 500.0), run("m", 2, 3.0, 400.0)])
+    assert (row["decode_ms_per_token_p50"], row["repeat_index"], row["tokens_per_s"]) == (400.0, 2, 2.0)
     only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
 
