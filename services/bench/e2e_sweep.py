@@ -294,8 +294,9 @@ def rotated(items: list, r: int) -> list:
 def merge_repeats(rows: list[dict]) -> list[dict]:
     """One row per (system, expert memory, concurrency), in first-seen order, from the runs of the interleaved repeats:
     the run with the median decode p50 (``e2e.median_run``, as ``summarize`` picks within one start), its tokens/s the
-    median of ``tokens_per_s_all`` (the good runs') and ``decode_ms_per_token_p50_all`` (one entry per run in repeat order, None for a run that failed, so
-    two systems' lists pair repeat by repeat). A run that failed is kept only when every run failed."""
+    median of ``tokens_per_s_all`` (the good runs'), and ``decode_ms_per_token_p50_all`` (one entry per run in repeat
+    order, None for a run that failed, so two systems' lists pair repeat by repeat). A run that failed is kept only
+    when every run failed."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["system"], row.get("expert_memory"), row["concurrency"]), []).append(row)
