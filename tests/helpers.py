@@ -298,16 +298,21 @@ class Stack:
         finally:
             client.close()
 
-    def close(self) -> None:
-        if self.worker is not None:
-            stop(self.worker)
-        stop(self.memd)
+    def close(self) -> list[int]:
+        """Stop the worker, then memd (SIGTERM); their exit codes, in that order."""
+        codes = [stop(self.worker)] if self.worker is not None else []
+        return codes + [stop(self.memd)]
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        """A test that raised keeps its own error; otherwise both processes must have stopped cleanly on SIGTERM
+        (a crash at shutdown, or a hang killed after 30 s, fails the test that ran them)."""
+        codes = self.close()
+        if exc_type is None:
+            logs = "\n".join(log.read_text(errors="replace")[-2000:] for log in (self.worker_log, self.memd_log))
+            assert codes == [0] * len(codes), f"the stack exited {codes} on SIGTERM (worker, memd):\n{logs}"
 
 
 def shm_regions() -> set[str]:

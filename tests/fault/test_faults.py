@@ -135,7 +135,8 @@ def test_kill_9_of_memd_mid_request(served):
             probe.close()
         os.kill(memd.pid, signal.SIGKILL)
         status, body = job.result(timeout=60)
-    assert status >= 500 and body["error"]["message"], (status, body)  # an error, not a hang
+    assert status == 503 and body["error"]["type"] == "service_unavailable_error", (status, body)  # not a hang
+    assert body["error"]["message"], body
     served.wait_healthy(300)  # serve restarted memd and the worker
     assert served.child("memd").pid != memd.pid and served.child("worker").pid != worker.pid
     assert served.complete(4)[0] == 200

@@ -137,7 +137,8 @@ def test_kill_9_of_memd_mid_stream(served):
     os.kill(before["memd"].pid, signal.SIGKILL)
     assert_ended_with_an_error_event(streams, time.monotonic())
     served.wait_health(200, timeout=180)
-    assert children(served)["memd"].pid != before["memd"].pid
+    after = children(served)
+    assert after["memd"].pid != before["memd"].pid and after["worker"].pid != before["worker"].pid
     status, _, body = request(served.port, "/v1/completions", {"model": M, "prompt": "x", "max_tokens": 2})
     assert status == 200, body
     ours = {pool_name(served.state_dir, "pool"), pool_name(served.state_dir, "control")}

@@ -89,10 +89,9 @@ def test_good_request_after_bad_ones(served):
 
 
 def test_get_on_post_route_is_405(served):
-    try:
+    with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(served.url + COMP, timeout=10)
-    except urllib.error.HTTPError as exc:
-        assert exc.code == 405 and json.loads(exc.read())["error"]["type"] == "invalid_request_error"
+    assert caught.value.code == 405 and json.loads(caught.value.read())["error"]["type"] == "invalid_request_error"
 
 
 def test_openapi_describes_the_api(served):

@@ -2,9 +2,11 @@
 import http.client
 import json
 import os
+import re
 import signal
 import threading
 import time
+import urllib.request
 
 import pytest
 from conftest import Served
@@ -47,15 +49,27 @@ def wait_idle(served, timeout=30):
     raise TimeoutError("the worker kept working")
 
 
+def _client_gone(served) -> float:
+    """The gateway's count of completions whose client went away (status 499)."""
+    with urllib.request.urlopen(f"{served.url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    pattern = r'moeinf_gateway_requests_total\{endpoint="/v1/completions",status="499"\} (\S+)'
+    return float(m.group(1)) if (m := re.search(pattern, text)) else 0.0
+
+
 def test_disconnect_cancels_generation(small_queue):
-    before = wait_idle(small_queue).generated_tokens
+    """A client that hangs up mid-stream: the gateway counts it gone (499) and the worker stops generating for it,
+    long before the request's 3000 tokens (a request that ended on its own, an EOS or an error, is no cancel)."""
+    before, gone = wait_idle(small_queue).generated_tokens, _client_gone(small_queue)
     conn = open_stream(small_queue)
     time.sleep(0.5)
+    assert small_queue.worker_info().active == 1, "the request ended before the client left: nothing to cancel"
     conn.sock.shutdown(2)
     conn.close()
     info = wait_idle(small_queue)
     produced = info.generated_tokens - before
     assert produced < 3000, "the worker kept generating after the client left"
+    assert _client_gone(small_queue) == gone + 1
     time.sleep(1.0)
     assert small_queue.worker_info().generated_tokens == info.generated_tokens
 

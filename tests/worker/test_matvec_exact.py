@@ -40,6 +40,8 @@ def test_products_are_torchs_bit_for_bit(exact_kernels, kernel_cache, threads, m
         out = matvec.Matvec(kernels, exact=True).product(weight, x)
         if out is None:  # oneDNN's order, not found for this shape: torch's product is used instead
             assert kernels.exact_order == "onednn" and (rows < 64 or cols < 256 or cols % 2), (m, rows, cols)
+            with pytest.raises(matvec.Declined):  # what makes the caller take torch's product (not a wrong one)
+                matvec.Matvec(kernels, exact=True).linear(weight, x, None, False)
             return
         got = out.to(torch.bfloat16)
         assert torch.equal(got, F.linear(x, weight))

@@ -168,10 +168,12 @@ def test_memd_learns_from_the_step_traces(recorded):
     assert stats.tokens == sum(len(p) + 9 for p in prompts)
     assert stats.eamc_size == 2 and stats.eamc_capacity == 256  # both finished requests were collected
     assert [s.distance for s in stats.lookahead] == [1, 2, 3, 4]
-    assert all(s.routed > 0 and 0 <= s.correct <= min(s.predicted, s.routed) for s in stats.lookahead)
+    assert all(s.routed > 0 and 0 < s.correct <= min(s.predicted, s.routed) for s in stats.lookahead)
+    one = stats.lookahead[0]  # one layer ahead: better than chance (top-2 of 8 experts: 0.25)
+    assert one.correct / one.predicted > 2 / 8, one
     (gate,) = stats.next_gate  # the worker's guess was scored too (it is made for layers 1..3 of every step)
     assert gate.distance == 1 and gate.routed > 0 and 0 < gate.correct <= min(gate.predicted, gate.routed)
-    assert stats.prefetch_issued >= stats.prefetch_used + stats.prefetch_wasted
+    assert stats.prefetch_issued >= stats.prefetch_used + stats.prefetch_wasted and stats.prefetch_used > 0
     used = stats.prefetch_used
     assert stats.prefetch_precision == pytest.approx(used / max(1, used + stats.prefetch_wasted))
     assert stats.prefetch_recall == pytest.approx(used / max(1, used + stats.misses))
