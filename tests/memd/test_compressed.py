@@ -53,16 +53,11 @@ def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
                 assert torch.equal(image[spec.offset:spec.offset + n].view(weight.dtype), weight.reshape(-1))
                 continue
             assert spec.format == fmt
-            values = image[spec.offset:].narrow(0, 0, _nbytes(spec.shape, spec.dtype))
-            scales = image[spec.scale_offset:].narrow(0, 0, _nbytes(spec.scale_shape, spec.scale_dtype))
-            values = values.view(getattr(torch, spec.dtype)).view(spec.shape)
-            scales = scales.view(getattr(torch, spec.scale_dtype)).view(spec.scale_shape)
+            values, scales = _encoded(image, spec)
             if fmt == "mxfp4":
                 blocks, exps = mxfp4_tensors(weight.t())
                 assert torch.equal(values, blocks) and torch.equal(scales, exps)
-                got = convert_moe_packed_tensors(values[None], scales[None], dtype=weight.dtype)[0]
-            else:
-                got = Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=weight.dtype)
+            got = transformers_dequantized(image, spec, weight.dtype)
             err = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
             assert got.shape == weight.shape and 0 < err < (0.2 if fmt == "mxfp4" else 0.07), err
         assert store.expert_bytes * (3.5 if fmt == "mxfp4" else 1.9) < store.source.expert_bytes
@@ -171,15 +166,51 @@ def test_the_matvec_kernel_multiplies_compressed_mxfp4_slots_in_place(state_dir,
     assert got == expected
 
 
-def round_trip_reference(path, fmt: str, cache_dir) -> list[list[int]]:
-    """Transformers' greedy tokens for ``PROMPTS`` with the model's experts replaced by their ``fmt`` round trip."""
-    from transformers import AutoModelForCausalLM
+def _encoded(image: torch.Tensor, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slot image's values and scales of one tensor, as their dtypes and shapes."""
+    values = image[spec.offset:].narrow(0, 0, _nbytes(spec.shape, spec.dtype))
+    scales = image[spec.scale_offset:].narrow(0, 0, _nbytes(spec.scale_shape, spec.scale_dtype))
+    return (values.view(getattr(torch, spec.dtype)).view(spec.shape),
+            scales.view(getattr(torch, spec.scale_dtype)).view(spec.scale_shape))
 
-    from services.bench.quality import round_trip
+
+def transformers_dequantized(image: torch.Tensor, spec, dtype: torch.dtype, transposed: bool = True) -> torch.Tensor:
+    """One expert's tensor decoded from its slot image by transformers' own converters (MXFP4's
+    ``convert_moe_packed_tensors``, which gives GPT-OSS's ``[in, out]``: transposed back for ``[out, in]`` experts;
+    block FP8's ``Fp8Dequantize``), not by moeinf's code; as stored if uncompressed."""
+    if not spec.format:
+        n = _nbytes(spec.shape, spec.dtype)
+        return image[spec.offset:spec.offset + n].view(getattr(torch, spec.dtype)).view(spec.shape).to(dtype)
+    values, scales = _encoded(image, spec)
+    if spec.format == "mxfp4":
+        out = convert_moe_packed_tensors(values[None], scales[None], dtype=dtype)[0]
+        return out if transposed else out.T
+    return Fp8Dequantize(None)._dequantize_one(values, scales, output_dtype=dtype)
+
+
+def round_trip_reference(path, fmt: str, cache_dir) -> list[list[int]]:
+    """Transformers' greedy tokens for ``PROMPTS`` with the model's experts replaced by their ``fmt`` round trip:
+    memd's slot images (the encoding, checked against the formats' own above) decoded by transformers' converters,
+    so the served tokens are compared with an oracle that shares no dequantization code with the worker."""
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
     model.generation_config.eos_token_id = None
-    round_trip(model, path, fmt, cache_dir)
+    store = CompressedStore.of(path, fmt, cache_dir).open()
+    try:
+        modules = dict(model.named_modules())
+        for index, name in enumerate(store.modules):
+            params = dict(modules[name].named_parameters(recurse=False))
+            for expert in range(store.num_experts):
+                image = torch.frombuffer(bytearray(store.image((index, expert))), dtype=torch.uint8)
+                for spec in store.tensors:
+                    param = params[spec.name]
+                    values = transformers_dequantized(image, spec, param.dtype, store.source.transposed)
+                    assert values.shape == param.shape[1:], (name, spec.name, values.shape, param.shape)
+                    with torch.no_grad():
+                        param[expert].copy_(values)
+    finally:
+        store.close()
     return [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
             .tolist() for p in PROMPTS]
 
