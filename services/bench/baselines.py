@@ -1,6 +1,7 @@
 """The baselines of ``moeinf bench e2e``: what a transformers user runs, each in its own process.
 
-* ``transformers-resident``: ``from_pretrained(dtype="auto")``, every weight in memory (the latency floor);
+* ``transformers-resident``: ``from_pretrained(dtype="auto")``, every weight in memory (a reference; not a floor:
+  moeinf's own kernels decode faster; the compute floor is ``e2e_floor.py``'s);
 * ``accelerate-offload``: ``from_pretrained(device_map="auto", max_memory={"cpu": budget}, offload_folder=...)``,
   what a transformers user does when the model does not fit: accelerate keeps whole decoder layers in memory up
   to the budget and streams the others from disk (memory-mapped) at every forward.

@@ -352,7 +352,8 @@ def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, l
 def median_run(rows: list[dict]) -> dict:
     """A copy of the run with the median decode p50 (every target judges decode), its ``tokens_per_s`` the median
     of all the runs' (tokens/s counts the prompts too, so its median run can be another)."""
-    ranked = sorted(rows, key=lambda r: (r["decode_ms_per_token_p50"] is None, r["decode_ms_per_token_p50"] or 0.0))
+    timed = [r for r in rows if r["decode_ms_per_token_p50"] is not None] or rows  # (None: a run of one token)
+    ranked = sorted(timed, key=lambda r: r["decode_ms_per_token_p50"] or 0.0)
     row = dict(ranked[len(ranked) // 2])
     row["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in rows]))
     return row

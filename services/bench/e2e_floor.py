@@ -1,13 +1,14 @@
 """``bench e2e``'s compute floor: the weights one decode token reads, over the best matrix-vector bandwidth measured on
 this machine at the run's start.
 
-No system decodes a token faster than it can stream the weights the token uses once: the dense weights (all but the
-input embedding, of which a token reads one row; a tied embedding is the LM head's and counts whole) and ``top_k``
-experts of every MoE layer, as the checkpoint stores them. The bandwidth is ``bench profile``'s floor
-(``profile_parts.bandwidth_floor``: the fastest of ``F.linear``, oneDNN on a weight packed once and moeinf's own
-kernels over a weight twice the largest CPU cache) on the threads the systems compute with. Where a count is
-uncertain it is low (a quantized dense weight the worker widens counts as stored; the embedding's one row is left
-out), so the floor stays a floor. An encoder-decoder model's encoder does not run per decode token: no floor there.
+moeinf's worker decodes no token faster than it can stream the weights the token uses once: the dense weights it
+holds (all but the embedding tables, of which a token reads one row; a tied embedding is the LM head's and counts
+whole) and ``top_k`` experts of every MoE layer, as the checkpoint stores them. The bandwidth is ``bench profile``'s
+floor (``profile_parts.bandwidth_floor``: the fastest of ``F.linear``, oneDNN on a weight packed once and moeinf's own
+kernels over a weight larger than the CPU's caches) on the threads the systems compute with. It is a floor for what
+moeinf reads: a runtime that reads fewer bytes (llama.cpp on a quantized GGUF) can go below it, and so can a model
+whose weights fit in the CPU's caches (the tests' tiny ones). An encoder-decoder model's encoder does not run per
+decode token: no floor there.
 """
 from __future__ import annotations
 
@@ -36,21 +37,30 @@ class ComputeFloor:
 
 
 def decode_bytes(model: Path) -> int | None:
-    """The weights one decode token reads, from the checkpoint's headers (None for an encoder-decoder model)."""
-    from common.checkpoint import Checkpoint
+    """The weights one decode token reads (None for an encoder-decoder model), counted on the model transformers
+    builds for the checkpoint (on the meta device, in the worker's dtype), so that tensors the model never loads
+    (multi-token-prediction layers, another modality's tower) are not counted: its non-expert parameters, less every
+    embedding table but the LM head's (a token reads one row of each: the row is left out), plus ``top_k`` experts
+    per MoE layer as the checkpoint stores them (memd's index)."""
+    import torch
+
+    from common.checkpoint import Checkpoint, find_moe_layers
     from services.memd.store import ExpertStore
+    from services.worker.loader import build_skeleton
 
     checkpoint = Checkpoint(model)
-    store = ExpertStore(checkpoint)
-    text = checkpoint.load_config()
-    if getattr(text, "is_encoder_decoder", False):
+    config = checkpoint.load_config()
+    if getattr(config, "is_encoder_decoder", False):
         return None
-    text = text.get_text_config()
-    dense = sum(entry.nbytes for entry in checkpoint.tensors.values()) - store.total_expert_bytes
-    vocab, hidden = getattr(text, "vocab_size", None), getattr(text, "hidden_size", None)
-    tables = [e.nbytes for e in checkpoint.tensors.values() if e.shape == (vocab, hidden)]
-    if len(tables) > 1:  # an input embedding apart from the LM head: one row of it is read
-        dense -= min(tables)
+    skeleton = build_skeleton(config, "grouped_mm")  # (the structure; which kernel runs the experts is moot)
+    experts = {id(p) for layer in find_moe_layers(skeleton)
+               for p in skeleton.get_submodule(layer.module).parameters()}
+    head = skeleton.get_output_embeddings()
+    head = head.weight if head is not None else None
+    tables = {id(m.weight) for m in skeleton.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    dense = sum(p.numel() * p.element_size() for p in skeleton.parameters()  # (each tied parameter once)
+                if id(p) not in experts and id(p) not in tables)
+    store = ExpertStore(checkpoint)
     per_expert = store.total_expert_bytes // (store.num_layers * store.num_experts)
     return dense + store.top_k * store.num_layers * per_expert
 

@@ -36,25 +36,56 @@ def fill_expert_cache(opts, fmt: str) -> None:
         store.close()
 
 
-def fill_slot_images(opts) -> str:
-    """Fill the lossless slot images ahead where memd's ``--slot-cache`` would keep them (the same decision, made
-    here); returns the line that says what was done."""
+def _kept_images(opts):
+    """The lossless slot images memd's ``--slot-cache`` would keep for this run's checkpoint, or None."""
     from common.config import MemdConfig
     from services.memd.main import slot_images
     from services.memd.slot_images import LosslessImages
 
     if opts.slot_cache == "off":
-        return "slot images: off (--slot-cache off): memd reads the checkpoint as stored"
+        return None
     images = LosslessImages.of(opts.model, expert_cache(opts))
     cfg = MemdConfig(model=opts.model, slot_cache=opts.slot_cache, expert_cache_dir=expert_cache(opts))
-    if slot_images(cfg, images.served) is images.served:
+    return None if slot_images(cfg, images.served) is images.served else images
+
+
+def _on_the_checkpoints_disk(images) -> bool:
+    return images.where.stat().st_dev == Path(images.served.files[0]).stat().st_dev
+
+
+def check_slot_images(opts):
+    """``(opts, note)`` before anything is measured: slot images must lie on the checkpoint's disk, which the
+    baselines read and the disk probes (and ``--disk-read-limit``) measure. Asked for (``--slot-cache on`` or an
+    ``--expert-cache-dir``) on another disk: an error; the default cache on another disk: this run reads the
+    checkpoint (``--slot-cache off``), said in the note."""
+    import dataclasses
+
+    if not any(name.startswith("moeinf") for name in opts.run_systems):
+        return opts, None
+    images = _kept_images(opts)
+    if images is None or _on_the_checkpoints_disk(images):
+        return opts, None
+    if opts.slot_cache == "on" or opts.expert_cache_dir is not None:
+        raise ValueError(f"the slot images would be read from another device ({images.where}) than the checkpoint"
+                         " the baselines read and the disk probes and --disk-read-limit measure: give"
+                         " --expert-cache-dir on the checkpoint's disk, or --slot-cache off")
+    return dataclasses.replace(opts, slot_cache="off"), (
+        f"slot images: off in this run (--slot-cache off): the default expert cache ({images.where}) lies on another"
+        " device than the checkpoint, which the baselines read and the disk probes measure; give --expert-cache-dir"
+        " on the checkpoint's disk for images")
+
+
+def fill_slot_images(opts) -> str:
+    """Fill the lossless slot images ahead where memd's ``--slot-cache`` would keep them (the same decision, made
+    here); returns the line that says what was done."""
+    if opts.slot_cache == "off":
+        return "slot images: off (--slot-cache off): memd reads the checkpoint as stored"
+    images = _kept_images(opts)
+    if images is None:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
                 " checkpoint")
-    where = images.where
-    if where.stat().st_dev != Path(images.served.files[0]).stat().st_dev:  # one disk for every system and probe
-        raise ValueError(f"the slot images would be read from another device ({where}) than the checkpoint the"
-                         " baselines read and the disk probes and --disk-read-limit measure: give --expert-cache-dir"
-                         " on the checkpoint's disk, or --slot-cache off")
+    if not _on_the_checkpoints_disk(images):  # (check_slot_images said so before anything was measured)
+        raise ValueError(f"the slot images would be read from another device ({images.where}) than the checkpoint")
     images.open()
     try:
         converted = images.fill()

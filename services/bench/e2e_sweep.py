@@ -23,7 +23,7 @@ from services.bench.blkio import ReadThrottle
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_floor import measure as measure_compute_floor
-from services.bench.e2e_formats import fill_expert_cache, fill_slot_images, format_system
+from services.bench.e2e_formats import check_slot_images, fill_expert_cache, fill_slot_images, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, median_run, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
@@ -342,7 +342,11 @@ def run_sweep(opts: Options) -> int:
 def _run_sweep(opts: Options) -> int:
     from services.bench.e2e_report import build_doc, format_report
 
+    opts, images_note = check_slot_images(opts)  # before anything is measured
     sweep = Sweep(opts)
+    if images_note:
+        sweep.notes.append(images_note)
+        progress(images_note)
     probe = parse_bytes(opts.disk_probe, what="--disk-probe")
     single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
     disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)

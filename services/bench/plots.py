@@ -67,8 +67,9 @@ E2E_STYLES = {"transformers-resident": "k--", "accelerate-offload": "s-", "moein
 
 def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     """``moeinf bench e2e --json`` (one or several runs merged): decode ms per token (p50, 1 client) of every system
-    against the expert-memory share, log scale, with transformers-resident (everything in memory) as the floor; under
-    ``--memory-limit-total``, against the total limit every system shared."""
+    against the expert-memory share, log scale, with transformers-resident (everything in memory, no limit) as a
+    reference line and the compute floor (``e2e_floor.py``) below it; under ``--memory-limit-total``, against the
+    total limit every system shared."""
     if doc.get("memory_limit_total"):
         return plot_e2e_decode_vs_total(doc, out)
     plt = _pyplot()
@@ -82,6 +83,7 @@ def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
             ax.axhline(points[0][1], color="k", ls="--", lw=1.2, label=f"{name} (all in memory, no limit)")
         elif points:
             ax.plot([p[0] for p in points], [p[1] for p in points], style, ms=5, label=name)
+    _compute_floor(ax, doc)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ticks = sorted(shares.values())
@@ -98,9 +100,17 @@ def plot_e2e_decode_vs_memory(doc: dict, out: Path | str) -> Path:
     return _save(plt, fig, out)
 
 
+def _compute_floor(ax, doc: dict) -> None:
+    """The run's compute floor as a dotted line: the weights a decode token reads over the measured bandwidth."""
+    if floor := doc.get("compute_floor"):
+        label = f"compute floor ({floor['bytes_per_token'] / 2**20:.0f} MiB/token at {floor['gbps']:.1f} GB/s)"
+        ax.axhline(floor["ms"], color="0.5", ls=":", lw=1.2, label=label)
+
+
 def plot_e2e_decode_vs_total(doc: dict, out: Path | str) -> Path:
     """``bench e2e --memory-limit-total``: decode ms per token (p50, 1 client) against the total memory limit each
-    system ran under (its expert share beside each point), transformers-resident as the floor."""
+    system ran under (its expert share beside each point), transformers-resident as a reference line, the compute
+    floor below it."""
     plt = _pyplot()
     rows = [r for r in doc["systems"] if r.get("concurrency") == 1 and r.get("decode_ms_per_token_p50")]
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
@@ -118,6 +128,7 @@ def plot_e2e_decode_vs_total(doc: dict, out: Path | str) -> Path:
         for x, y, share in points:
             if share is not None:
                 ax.annotate(f"{100 * share:.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    _compute_floor(ax, doc)
     ax.set_yscale("log")
     plain = plt.matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(plain)

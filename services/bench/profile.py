@@ -205,9 +205,11 @@ def floor_kernels(threads: int):
     where they cannot be built or this CPU has neither AVX-512 BF16 nor AVX2: then they serve nothing either)."""
     from services.worker import matvec_checks
 
-    with tempfile.TemporaryDirectory() as kernel_dir:
+    from services.bench.worker_proc import kernel_cache_dir
+
+    with tempfile.TemporaryDirectory() as scratch:  # (where no kernel cache of this user's is at hand)
         try:
-            return dequant_kernel.load("c", Path(kernel_dir), threads, check=matvec_checks.check,
+            return dequant_kernel.load("c", kernel_cache_dir() or Path(scratch), threads, check=matvec_checks.check,
                                        flag="the floor's kernel")
         except dequant_kernel.KernelError:
             return None

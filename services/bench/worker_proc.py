@@ -10,19 +10,26 @@ from services.bench.service_proc import ServiceProcess
 READY_TEXT = "worker ready"
 
 
-def kernel_cache_dir() -> Path:
-    """Where a bench's workers keep the kernels they compile (``--kernel-cache-dir``): as the environment says, else
-    in the default state directory, as ``moeinf serve``'s workers do; a bench's own state directories are temporary,
-    and each would compile them again (~7 s)."""
-    return Path(os.environ.get(env_name("kernel_cache_dir")) or default_state_dir())
+def kernel_cache_dir() -> Path | None:
+    """Where a bench's workers keep the kernels they compile (``--kernel-cache-dir``), since a bench's own state
+    directories are temporary and each would compile them again (~7 s): as ``MOEINF_KERNEL_CACHE_DIR`` says, else in
+    the state directory ``moeinf serve`` would use (``MOEINF_STATE_DIR``, else the default) when it is this user's
+    (under ``sudo`` with another user's home it is not: a directory root made there would lock its user out); None:
+    a temporary one, compiled each time."""
+    if explicit := os.environ.get(env_name("kernel_cache_dir")):
+        return Path(explicit)
+    state = Path(os.environ.get(env_name("state_dir")) or default_state_dir())
+    existing = next(p for p in (state, *state.parents) if p.exists())
+    return state if existing.stat().st_uid == os.geteuid() else None
 
 
 class WorkerProcess(ServiceProcess):
     def __init__(self, model: Path, state_dir: Path, extra: list[str] = (), *, ready_timeout_s: float = 600.0,
                  prefix: list[str] = (), worker_id: str = ""):
         self.model, self.state_dir, self.worker_id = Path(model), Path(state_dir), worker_id
+        kernels = kernel_cache_dir()
         args = ["--model", str(self.model), "--state-dir", str(self.state_dir),
-                "--kernel-cache-dir", str(kernel_cache_dir()), *extra]  # (a flag in extra wins: the last)
+                *(["--kernel-cache-dir", str(kernels)] if kernels else []), *extra]  # (a flag in extra wins)
         args += ["--worker-id", worker_id] if worker_id else []
         log = self.state_dir / (f"worker-{worker_id}.log" if worker_id else "worker.log")
         super().__init__("worker", args, log, READY_TEXT, ready_timeout_s=ready_timeout_s, prefix=prefix)

@@ -210,7 +210,8 @@ def test_equal_memory_run(tiny, tmp_path, bench_tmp):
     stale = orphan_regions()
     cmd = moeinf_cmd("bench", "e2e", "--model", str(tiny), "--memory-limit-total", "64MiB", "3GiB", "--systems",
                      "transformers-resident", "moeinf-ondemand-lru", "--requests", "1", "--max-tokens", "3",
-                     "--warmup-tokens", "2", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "t.png"))
+                     "--warmup-tokens", "2", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "t.png"),
+                     "--floor-probe", "64MiB")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())

@@ -160,6 +160,8 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     # the run with the median decode p50 is the row (not the median tokens/s one: its prompts count there too)
     (row,) = merge_repeats([run("m", 0, 1.0, 300.0), run("m", 1, 2.0, 500.0), run("m", 2, 3.0, 400.0)])
     assert (row["decode_ms_per_token_p50"], row["repeat_index"], row["tokens_per_s"]) == (400.0, 2, 2.0)
+    (row,) = merge_repeats([run("m", 0, 1.0, 300.0), run("m", 1, 2.0, None), run("m", 2, 3.0, None)])
+    assert row["decode_ms_per_token_p50"] == 300.0  # a run with no decode gap is not the median one
     only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
 

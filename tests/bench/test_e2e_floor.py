@@ -1,34 +1,52 @@
-"""services/bench/e2e_floor.py: the weights one decode token reads, counted from the checkpoint's headers, equal what
-transformers' own model holds (its non-expert parameters but the input embedding's unread rows, plus top-k experts
-of every MoE layer); the bandwidth is measured on the threads asked for."""
+"""services/bench/e2e_floor.py: the weights one decode token reads, counted on the checkpoint's model, equal what
+transformers' own model holds (its non-expert parameters but the embedding tables' unread rows, plus top-k experts
+of every MoE layer), in families with shared experts, latent attention, per-layer embeddings and tied or untied
+heads; tensors the model never loads are not counted; the bandwidth is measured on the threads asked for."""
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from common.checkpoint import experts_per_token, is_experts_module
 from services.bench import e2e_floor
 
 from helpers import write_family, write_seq2seq
 
 
 def _reference(path) -> int:
-    """From transformers' model: every parameter once (tied ones too), less the input embedding but one row unless
-    the LM head is the same tensor, plus top-k experts of each MoE layer."""
+    """From transformers' loaded model: every parameter once (tied ones too), less every embedding table but the LM
+    head's, plus top-k experts of each MoE layer as its parameters hold them."""
     model = AutoModelForCausalLM.from_pretrained(path)
-    text = model.config.get_text_config()
-    experts = [m for name, m in model.named_modules() if name.endswith(".experts")]
-    expert_params = {id(p) for m in experts for p in m.parameters()}
-    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in expert_params)
-    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if embed is not head:
-        dense -= embed.numel() * embed.element_size()
-    per_expert = sum(p.numel() * p.element_size() for p in experts[0].parameters()) // text.num_local_experts
-    return dense + text.num_experts_per_tok * len(experts) * per_expert
+    experts = [m for m in model.modules() if is_experts_module(m)]
+    skip = {id(p) for m in experts for p in m.parameters()}
+    head = model.get_output_embeddings().weight
+    skip |= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+    per_expert = sum(p.numel() * p.element_size() for p in experts[0].parameters()) // experts[0].num_experts
+    return dense + experts_per_token(model.config) * len(experts) * per_expert
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_decode_bytes_are_what_the_model_reads_per_token(tmp_path, tied):
-    path = write_family("mixtral", tmp_path / "m", dtype="bfloat16", tie_word_embeddings=tied)
+@pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("mixtral", {"tie_word_embeddings": True}),
+                                              ("deepseek_v3", {}), ("gpt_oss", {}), ("gemma4_text", {})])
+def test_decode_bytes_are_what_the_model_reads_per_token(tmp_path, family, overrides):
+    path = write_family(family, tmp_path / "m", dtype="bfloat16", **overrides)
     assert e2e_floor.decode_bytes(path) == _reference(path)
+
+
+def test_tensors_the_model_never_loads_are_not_counted(tmp_path):
+    """A multi-token-prediction layer (DeepSeek-V3's layer 61, Qwen3-Next's ``mtp.*``) ships in the checkpoint but
+    is no part of the model a decode step runs."""
+    path = write_family("deepseek_v3", tmp_path / "m", dtype="bfloat16")
+    before = e2e_floor.decode_bytes(path)
+    shard = path / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["mtp.layers.0.proj.weight"] = torch.zeros(512, 512, dtype=torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    assert e2e_floor.decode_bytes(path) == before
 
 
 def test_the_floor_is_measured_on_the_threads_asked_for(tmp_path):

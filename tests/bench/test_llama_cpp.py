@@ -146,7 +146,8 @@ def test_e2e_gets_a_llama_row_beside_moeinf_on_the_same_prompts(tmp_path, fake_s
     out, log = tmp_path / "e2e.json", tmp_path / "log.jsonl"
     cmd = moeinf_cmd("bench", "e2e", "--model", str(model), "--runtime-allowance", "1GiB", "--systems", "moeinf",
                      "llama.cpp", "--expert-memory", "100%", "--requests", "2", "--max-tokens", "4", "--threads", "1",
-                     "--repeats", "2", "--llama-server", str(fake_server), "--gguf", str(gguf), "--json", str(out))
+                     "--repeats", "2", "--llama-server", str(fake_server), "--gguf", str(gguf), "--json", str(out),
+                     "--floor-probe", "64MiB")
     env = {**os.environ, "TMPDIR": str(bench_tmp), "FAKE_LLAMA_LOG": str(log)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
