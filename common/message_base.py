@@ -36,5 +36,5 @@ def to_dict(value):
 
 
 class ErrorReply(Message):
-    code: str  # machine-readable: "bad_request", "capacity", "internal", "unknown_op", ...
+    code: str  # machine-readable: "bad_request", "capacity", "unavailable", "internal", ... (docs/protocol.md)
     message: str  # says what to fix
