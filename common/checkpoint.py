@@ -154,11 +154,19 @@ def quant_format(config: dict, where) -> tuple[str, tuple[int, int] | None]:
 ROUTER_TOP_K = {"switch_transformers": 1, "nllb-moe": 2}  # routers whose config does not say (top-1, top-2 routers)
 
 
+TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_topk", "moe_k")  # by family
+
+
 def experts_per_token(config) -> int:
-    """Top-k of the router: the text config's ``num_experts_per_tok`` (the family's router where the config does not
-    say; 2 for a family not known)."""
-    return (getattr(config.get_text_config(), "num_experts_per_tok", None) or ROUTER_TOP_K.get(config.model_type)
-            or 2)
+    """Top-k of the router: the text config's ``num_experts_per_tok`` or the name its family gives it (Gemma 4's
+    ``top_k_experts``, ERNIE's ``moe_k``, Hunyuan's ``moe_topk``, ...; a per-layer list: its largest); the family's
+    router where the config does not say; 2 for a family not known."""
+    text = config.get_text_config()
+    for name in TOP_K_NAMES:
+        value = getattr(text, name, None)
+        if value:
+            return max(value) if isinstance(value, (list, tuple)) else int(value)
+    return ROUTER_TOP_K.get(config.model_type) or 2
 
 
 def max_positions(config) -> int:

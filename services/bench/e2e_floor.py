@@ -56,13 +56,13 @@ def decode_bytes(model: Path) -> int | None:
     experts = {id(p) for layer in find_moe_layers(skeleton)
                for p in skeleton.get_submodule(layer.module).parameters()}
     head = skeleton.get_output_embeddings()
+    decoder = skeleton.get_decoder()  # the text decoder: no vision or audio tower (Gemma 4's conditional model)
+    params = {id(p): p for module in (decoder, head) if module is not None for p in module.parameters()}
     head = head.weight if head is not None else None
-    tables = {id(m.weight) for m in skeleton.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
-    dense = sum(p.numel() * p.element_size() for p in skeleton.parameters()  # (each tied parameter once)
-                if id(p) not in experts and id(p) not in tables)
+    tables = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
+    dense = sum(p.numel() * p.element_size() for key, p in params.items() if key not in experts and key not in tables)
     store = ExpertStore(checkpoint)
-    per_expert = store.total_expert_bytes // (store.num_layers * store.num_experts)
-    return dense + store.top_k * store.num_layers * per_expert
+    return dense + store.top_k * store.num_layers * store.expert_bytes
 
 
 def measure(model: Path, threads: int, buffer_bytes: int) -> ComputeFloor | None:
@@ -73,7 +73,12 @@ def measure(model: Path, threads: int, buffer_bytes: int) -> ComputeFloor | None
     from services.bench.profile import floor_kernels
     from services.bench.profile_parts import bandwidth_floor
 
-    nbytes = decode_bytes(model)
+    from common.checkpoint import CheckpointError
+
+    try:
+        nbytes = decode_bytes(model)
+    except CheckpointError:  # (no experts to offload: the systems say so themselves)
+        return None
     if nbytes is None:
         return None
     before = torch.get_num_threads()

@@ -49,6 +49,14 @@ def _kept_images(opts):
     return None if slot_images(cfg, images.served) is images.served else images
 
 
+def _same_disk(model: Path, directory: Path) -> bool:
+    """Does ``directory`` (or, before it exists, its nearest parent) lie on the device of ``model``'s files?"""
+    from common.checkpoint import Checkpoint
+
+    where = next(p for p in (directory, *directory.parents) if p.exists())
+    return where.stat().st_dev == Path(Checkpoint(model).files[0]).stat().st_dev
+
+
 def _on_the_checkpoints_disk(images) -> bool:
     return images.where.stat().st_dev == Path(images.served.files[0]).stat().st_dev
 
@@ -62,15 +70,19 @@ def check_slot_images(opts):
 
     if not any(name.startswith("moeinf") for name in opts.run_systems):
         return opts, None
+    if opts.formats and not _same_disk(opts.model, expert_cache(opts)):  # compressed caches: nothing to fall back to
+        raise ValueError(f"--formats: the compressed experts would be read from {expert_cache(opts)}, on another device"
+                         " than the checkpoint the baselines read and the disk probes measure: give --expert-cache-dir"
+                         " on the checkpoint's disk")
     images = _kept_images(opts)
     if images is None or _on_the_checkpoints_disk(images):
         return opts, None
     if opts.slot_cache == "on" or opts.expert_cache_dir is not None:
-        raise ValueError(f"the slot images would be read from another device ({images.where}) than the checkpoint"
+        raise ValueError(f"the slot images would be read from another device ({images.directory}) than the checkpoint"
                          " the baselines read and the disk probes and --disk-read-limit measure: give"
                          " --expert-cache-dir on the checkpoint's disk, or --slot-cache off")
     return dataclasses.replace(opts, slot_cache="off"), (
-        f"slot images: off in this run (--slot-cache off): the default expert cache ({images.where}) lies on another"
+        f"slot images: off in this run: the default expert cache ({images.directory}) lies on another"
         " device than the checkpoint, which the baselines read and the disk probes measure; give --expert-cache-dir"
         " on the checkpoint's disk for images")
 
@@ -85,7 +97,7 @@ def fill_slot_images(opts) -> str:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
                 " checkpoint")
     if not _on_the_checkpoints_disk(images):  # (check_slot_images said so before anything was measured)
-        raise ValueError(f"the slot images would be read from another device ({images.where}) than the checkpoint")
+        raise ValueError(f"the slot images would be read from another device ({images.directory}) than the checkpoint")
     images.open()
     try:
         converted = images.fill()

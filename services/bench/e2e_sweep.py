@@ -352,12 +352,13 @@ def _run_sweep(opts: Options) -> int:
     disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
     progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
     compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
-    progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder model)")
+    progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder model, or"
+                                                                           " no experts)")
     progress(sweep.workloads.label())
     with TerminateAsInterrupt():
         for fmt in opts.formats:
             fill_expert_cache(opts, fmt)
-        if any(s.startswith("moeinf") for s in opts.run_systems):
+        if any(s.startswith("moeinf") for s in opts.run_systems) and not images_note:  # (that note says why off)
             sweep.notes.append(fill_slot_images(opts))
             progress(sweep.notes[-1])
         sweep.run_all()

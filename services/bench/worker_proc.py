@@ -19,8 +19,11 @@ def kernel_cache_dir() -> Path | None:
     if explicit := os.environ.get(env_name("kernel_cache_dir")):
         return Path(explicit)
     state = Path(os.environ.get(env_name("state_dir")) or default_state_dir())
-    existing = next(p for p in (state, *state.parents) if p.exists())
-    return state if existing.stat().st_uid == os.geteuid() else None
+    try:
+        existing = next(p for p in (state, *state.parents) if p.exists())
+        return state if existing.stat().st_uid == os.geteuid() else None
+    except OSError:  # (a parent this user may not look into)
+        return None
 
 
 class WorkerProcess(ServiceProcess):

@@ -1,6 +1,6 @@
 """TEST-ONLY fault injection for tests/fault (never a user knob): ``MOEINF_TEST_READ_LATENCY_MS`` makes every
 expert read of this memd process sleep that long first (a slow disk), by wrapping ``os.preadv``, the reader's only
-read call. Installed from ``ExpertStore.__init__`` (services/memd/store.py) only when the variable is set."""
+read call. Installed by memd's ``run()`` (services/memd/main.py) only when the variable is set."""
 from __future__ import annotations
 
 import logging

@@ -61,3 +61,14 @@ def test_the_floor_is_measured_on_the_threads_asked_for(tmp_path):
 
 def test_no_floor_for_an_encoder_decoder_model(tmp_path):
     assert e2e_floor.decode_bytes(write_seq2seq("switch_transformers", tmp_path / "s")) is None
+
+
+@pytest.mark.parametrize("name", ["num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_topk", "moe_k"])
+def test_the_routers_top_k_is_read_under_each_familys_name(name):
+    """Gemma 4 says ``top_k_experts``, ERNIE ``moe_k``, Hunyuan ``moe_topk`` (a list per layer there): a top-k read
+    as 2 would make memd's predictor and the compute floor count the wrong number of experts per token."""
+    from transformers import PretrainedConfig
+
+    assert experts_per_token(PretrainedConfig(**{name: 4})) == 4
+    assert experts_per_token(PretrainedConfig(**{name: [4, 6]})) == 6
+    assert experts_per_token(PretrainedConfig()) == 2

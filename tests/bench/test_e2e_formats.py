@@ -26,9 +26,9 @@ def elsewhere(tmp_path, monkeypatch):
     assert not path.exists()
 
 
-def _opts(model, cache_dir, slot_cache="auto"):
+def _opts(model, cache_dir, slot_cache="auto", formats=()):
     return SimpleNamespace(model=model, slot_cache=slot_cache, expert_cache_dir=cache_dir, disk_read_limit="",
-                           run_systems=("moeinf-ondemand-lru", "moeinf"))
+                           run_systems=("moeinf-ondemand-lru", "moeinf"), formats=formats)
 
 
 def test_images_asked_for_on_another_disk_are_refused(tmp_path, elsewhere, monkeypatch):
@@ -37,6 +37,8 @@ def test_images_asked_for_on_another_disk_are_refused(tmp_path, elsewhere, monke
     for opts in (_opts(model, elsewhere), _opts(model, None, "on")):  # --expert-cache-dir there; --slot-cache on
         with pytest.raises(ValueError, match=r"another device .* give --expert-cache-dir on the checkpoint's disk"):
             e2e_formats.check_slot_images(opts)
+    with pytest.raises(ValueError, match=r"--formats: the compressed experts would be read from .* another device"):
+        e2e_formats.check_slot_images(_opts(model, None, "off", formats=("fp8",)))  # no checkpoint to fall back to
 
 
 def test_the_default_cache_on_another_disk_reads_the_checkpoint(tmp_path, elsewhere, monkeypatch):
@@ -49,7 +51,7 @@ def test_the_default_cache_on_another_disk_reads_the_checkpoint(tmp_path, elsewh
     opts = dataclasses.replace(Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, ("moeinf",)), slot_cache="auto")
     checked, note = e2e_formats.check_slot_images(opts)
     assert checked.slot_cache == "off" and "lies on another device" in note and "--expert-cache-dir" in note
-    assert e2e_formats.fill_slot_images(checked).startswith("slot images: off")
+    assert str(elsewhere) in note  # the cache directory itself, not the parent that exists
     on_disk = dataclasses.replace(opts, expert_cache_dir=tmp_path / "images")  # the checkpoint's disk: kept, filled
     assert e2e_formats.check_slot_images(on_disk) == (on_disk, None)
     assert "every moeinf system reads them" in e2e_formats.fill_slot_images(on_disk)
