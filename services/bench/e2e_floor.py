@@ -70,10 +70,9 @@ def measure(model: Path, threads: int, buffer_bytes: int) -> ComputeFloor | None
     ``buffer_bytes`` (``--floor-probe``: larger than the CPU's caches, so that it streams from memory)."""
     import torch
 
+    from common.checkpoint import CheckpointError
     from services.bench.profile import floor_kernels
     from services.bench.profile_parts import bandwidth_floor
-
-    from common.checkpoint import CheckpointError
 
     try:
         nbytes = decode_bytes(model)
