@@ -81,15 +81,25 @@ def test_a_worker_weighs_its_caches_and_runs_a_request_above_the_budget_alone(tm
 
     from common.worker_client import WorkerClient
 
+    from worker.test_batching import Mux
+
     model = write_family("mixtral", tmp_path / "mixtral")
     with Stack(model, tmp_path / "state", expert_memory="100%", extra_worker=["--kv-cache-memory", "64KiB"]) as stack:
         client = WorkerClient(stack.worker_addr)
         try:
             assert len(client.generate([1, 5, 9], 6)[0]) == 6  # weighed: a token's cost is known from here
-            assert len(client.generate([1, 5, 9], 300)[0]) == 300  # ~150 KiB at its bound: alone (within 512)
-            assert len(client.generate([2, 3], 4)[0]) == 4
         finally:
             client.close()
+        mux = Mux(stack.worker_addr)
+        try:  # ~150 KiB at its bound: it runs, alone (within 512); the small one sent beside it waits its turn
+            big, small = mux.submit("big", [1, 5, 9], 300), mux.submit("small", [2, 3], 4)
+            mux.run({big, small})
+        finally:
+            mux.close()
+        assert len(mux.tokens(big)[0]) == 300 and len(mux.tokens(small)[0]) == 4
+        order = [request for request, _ in mux.events]
+        big_done = max(i for i, request in enumerate(order) if request == big)
+        assert order.index(small) > big_done, "the small request ran beside one whose bound is above the budget"
         log = stack.worker_log.read_text()
         assert "KV cache budget (--kv-cache-memory): 64.0 KiB" in log and "could not be weighed" not in log
 
