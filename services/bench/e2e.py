@@ -349,13 +349,13 @@ def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, l
     return results
 
 
-def median_run(rows: list[dict]) -> dict:
+def median_run(rows: list[dict], tokens_per_s: list[float]) -> dict:
     """A copy of the run with the median decode p50 (every target judges decode), its ``tokens_per_s`` the median
-    of all the runs' (tokens/s counts the prompts too, so its median run can be another)."""
+    of ``tokens_per_s`` (every run's: tokens/s counts the prompts too, so its median run can be another)."""
     timed = [r for r in rows if r["decode_ms_per_token_p50"] is not None] or rows  # (None: a run of one token)
     ranked = sorted(timed, key=lambda r: r["decode_ms_per_token_p50"] or 0.0)
     row = dict(ranked[len(ranked) // 2])
-    row["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in rows]))
+    row["tokens_per_s_all"], row["tokens_per_s"] = tokens_per_s, float(np.median(tokens_per_s))
     return row
 
 
@@ -364,8 +364,8 @@ def summarize(results: dict[int, list[Result]]) -> list[dict]:
     every request's output at several clients equals its output served alone (greedy), in every repeat."""
     rows = []
     for c, runs in results.items():
-        row = median_run([res.row() for res in runs])
-        row["tokens_per_s_all"] = [res.row()["tokens_per_s"] for res in runs]
+        each = [res.row() for res in runs]
+        row = median_run(each, [r["tokens_per_s"] for r in each])
         row["repeats"] = len(runs)
         checked = [res.same_as_alone for res in runs if res.same_as_alone is not None]
         if checked:

@@ -57,10 +57,6 @@ def _same_disk(model: Path, directory: Path) -> bool:
     return where.stat().st_dev == Path(Checkpoint(model).files[0]).stat().st_dev
 
 
-def _on_the_checkpoints_disk(images) -> bool:
-    return images.where.stat().st_dev == Path(images.served.files[0]).stat().st_dev
-
-
 def check_slot_images(opts):
     """``(opts, note)`` before anything is measured: slot images must lie on the checkpoint's disk, which the
     baselines read and the disk probes (and ``--disk-read-limit``) measure. Asked for (``--slot-cache on`` or an
@@ -75,7 +71,7 @@ def check_slot_images(opts):
                          " than the checkpoint the baselines read and the disk probes measure: give --expert-cache-dir"
                          " on the checkpoint's disk")
     images = _kept_images(opts)
-    if images is None or _on_the_checkpoints_disk(images):
+    if images is None or _same_disk(opts.model, images.directory):
         return opts, None
     if opts.slot_cache == "on" or opts.expert_cache_dir is not None:
         raise ValueError(f"the slot images would be read from another device ({images.directory}) than the checkpoint"
@@ -89,15 +85,14 @@ def check_slot_images(opts):
 
 def fill_slot_images(opts) -> str:
     """Fill the lossless slot images ahead where memd's ``--slot-cache`` would keep them (the same decision, made
-    here); returns the line that says what was done."""
+    here; ``check_slot_images`` has put them on the checkpoint's disk or turned them off); returns the line that says
+    what was done."""
     if opts.slot_cache == "off":
         return "slot images: off (--slot-cache off): memd reads the checkpoint as stored"
     images = _kept_images(opts)
     if images is None:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
                 " checkpoint")
-    if not _on_the_checkpoints_disk(images):  # (check_slot_images said so before anything was measured)
-        raise ValueError(f"the slot images would be read from another device ({images.directory}) than the checkpoint")
     images.open()
     try:
         converted = images.fill()

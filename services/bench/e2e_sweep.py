@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 from contextlib import ExitStack
 
-import numpy as np
-
 from common.sizes import parse_bytes
 from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing, run_baseline
 from services.bench.budget import Budget, derive, derive_total, model_bytes
@@ -306,9 +304,7 @@ def merge_repeats(rows: list[dict]) -> list[dict]:
         if not good:
             merged.append(runs[0])
             continue
-        row = median_run(good)
-        row["tokens_per_s_all"] = [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]]
-        row["tokens_per_s"] = float(np.median(row["tokens_per_s_all"]))
+        row = median_run(good, [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]])
         ordered = sorted(runs, key=lambda r: r.get("repeat_index") or 0)
         row["decode_ms_per_token_p50_all"] = [None if r.get("error") else r["decode_ms_per_token_p50"] for r in ordered]
         row["repeats"] = sum(r.get("repeats", 1) for r in good)
