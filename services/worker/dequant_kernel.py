@@ -17,7 +17,8 @@ warns and keeps the torch path (``--dequant-kernel auto``) or refuses to start (
 bfloat16 matrix-vector kernels of ``--matvec-kernel`` (``matvec.py``): ``fast`` checked against float64 products
 within a rounding tolerance (its sums are added in another order than torch's: not bit-equal by design), ``exact``
 (the default where it holds) against torch's own products, bit for bit; ``attention.c`` (``decode_attention.py``);
-``rms_norm.c`` (``rms_norm.py``: checked against each norm's own forward before use); and ``guess.c``
+``rms_norm.c`` (``rms_norm.py``: checked against each norm's own forward before use); ``router.c``
+(``router_kernel.py``: likewise, each router); and ``guess.c``
 (``speculate.py``: one token's hidden-state guesses, which only choose what to prefetch).
 
 Each call releases the GIL (ctypes). With ``--threads N`` a matrix-vector call's output rows are shared among N
@@ -48,7 +49,7 @@ log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_mxfp4.c", "matvec_exact.c", "matvec_exact_xw.c",
                              "matvec_onednn.c", "matvec_threads.c", "moe_token.c", "attention.c", "rms_norm.c",
-                             "guess.c"))
+                             "router.c", "guess.c"))
 HEADERS = tuple(Path(__file__).with_name(h)  # (part of the build's key)
                 for h in ("fp8_lookup.h", "mxfp4_decode.h", "matvec_common.h", "parallel.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")

@@ -21,7 +21,7 @@ from common.sizes import format_bytes
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
-                            matvec_checks, prepack, rms_norm)
+                            matvec_checks, prepack, rms_norm, router_kernel)
 from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
@@ -87,6 +87,9 @@ def attach(cfg: WorkerConfig) -> Attached:
             norms = rms_norm.wrap_norms(model, mv.kernels)
             log.info("--matvec-kernel %s: %d RMSNorms normalise in one call each (rms_norm.c, their own bits)",
                      cfg.matvec_kernel, norms)
+            routers = router_kernel.wrap_routers(model, mv)
+            log.info("--matvec-kernel %s: %d routers route decode rows in one call each (router.c, their own bits)",
+                     cfg.matvec_kernel, routers)
         attention = None
         if cfg.attention_kernel != "torch" and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",

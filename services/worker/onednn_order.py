@@ -38,15 +38,16 @@ class Blocks:
 
     def __init__(self, kernels):
         self.kernels = kernels
-        self.found: dict[tuple[int, int, int, int, int], int | None] = {}
+        self.found: dict[tuple[int, int, int, int, int, bool], int | None] = {}
         self.full_noted = False
 
-    def of(self, weight: torch.Tensor, m: int) -> int | None:
-        return self.of_shape(*weight.shape, weight.stride(0), m)
+    def of(self, weight: torch.Tensor, m: int, linear_only: bool = False) -> int | None:
+        return self.of_shape(*weight.shape, weight.stride(0), m, linear_only)
 
-    def of_shape(self, rows: int, cols: int, ld: int, m: int) -> int | None:
-        """The block for ``m`` input rows times a ``[rows, cols]`` weight whose rows lie ``ld`` apart."""
-        key = (rows, cols, ld, m, torch.get_num_threads())
+    def of_shape(self, rows: int, cols: int, ld: int, m: int, linear_only: bool = False) -> int | None:
+        """The block for ``m`` input rows times a ``[rows, cols]`` weight whose rows lie ``ld`` apart (``linear_only``:
+        as ``F.linear`` without a bias sums it, the only product a router's weight meets)."""
+        key = (rows, cols, ld, m, torch.get_num_threads(), linear_only)
         if key not in self.found:
             if len(self.found) >= MAX_SHAPES:
                 if not self.full_noted:
@@ -54,15 +55,16 @@ class Blocks:
                     log.warning("the exact kernel has met %d product shapes (onednn_order.MAX_SHAPES); new ones keep"
                                 " torch's products", MAX_SHAPES)
                 return None
-            self.found[key] = discover(self.kernels, *key[:4])
+            self.found[key] = discover(self.kernels, *key[:4], linear_only=linear_only)
             if self.found[key] is None:
                 log.info("the exact kernel leaves %d x %d x %d products to torch: oneDNN sums them in another order",
                          m, rows, cols)
         return self.found[key]
 
 
-def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
-    """The first of ``CANDIDATES`` with which the kernel gives torch's products on a probe of this shape, or None."""
+def discover(kernels, rows: int, cols: int, ld: int, m: int, linear_only: bool = False) -> int | None:
+    """The first of ``CANDIDATES`` with which the kernel gives torch's products on a probe of this shape (with
+    ``linear_only``, ``F.linear``'s alone: oneDNN may sum the other calls of a narrow shape otherwise), or None."""
     from services.worker.matvec_checks import order_probe
 
     if cols % 2 or cols < 2:
@@ -77,14 +79,16 @@ def discover(kernels, rows: int, cols: int, ld: int, m: int) -> int | None:
     with torch.inference_mode():
         wants = [F.linear(x, weight), x @ weight.T.contiguous()]  # [in, out] weights too (GPT-OSS's experts)
         biased = F.linear(x, weight, bias)  # oneDNN adds a bias to the float32 sum, then rounds once
-        if cols % 8 == 0 and storage.stride(0) % 8 == 0:  # transformers' experts' call (16-byte strides only)
+        if linear_only:
+            wants, biased, bias = wants[:1], None, None
+        elif cols % 8 == 0 and storage.stride(0) % 8 == 0:  # transformers' experts' call (16-byte strides only)
             wants.append(_grouped_mm(x, weight.unsqueeze(0).transpose(-2, -1), torch.tensor([m], dtype=torch.int32)))
     out = torch.empty(m, rows)
     for block in CANDIDATES:
         kernels.matvec(weight, x, out, exact=True, block=block)
         got = out.to(torch.bfloat16)
         if all(torch.equal(got, want) for want in wants) \
-                and torch.equal((out + bias.float()).to(torch.bfloat16), biased):
+                and (biased is None or torch.equal((out + bias.float()).to(torch.bfloat16), biased)):
             return block
     return None
 

@@ -137,17 +137,28 @@ def test_bfloat16_by_default_multiplies_with_torchs_own_bits(family, tmp_path, s
     assert got == expected, f"{family} in bfloat16 with the exact kernel diverged"
 
 
-def test_bfloat16_with_expert_rows_spread_apart(tmp_path, state_dir):
+def test_bfloat16_with_expert_rows_spread_apart(tmp_path, state_dir, kernel_cache):
     """Experts whose rows are 2 KiB long (hidden 1024 in bfloat16) lie in the slots with their rows spread apart
     (services/memd/spread.py), and the worker reads them there, in every product (decode steps by the exact kernel
-    where it holds, prompts by the grouped matmul): the tokens are transformers' eager bfloat16 model's at 25%."""
+    where it holds, prompts by the grouped matmul), and routes decode steps by router.c where the exact kernel
+    holds: the tokens are transformers' eager bfloat16 model's at 25%."""
+    from services.worker import dequant_kernel, matvec_checks
+    try:
+        dequant_kernel.load("c", kernel_cache, 1, check=matvec_checks.check_exact)
+        exact = True
+    except dequant_kernel.KernelError:
+        exact = False
     model = write_family("mixtral", tmp_path / "wide", dtype="bfloat16", hidden_size=1024, intermediate_size=128,
                          num_attention_heads=4, num_key_value_heads=2)
     expected = _reference(model, PROMPTS, dtype=torch.bfloat16)
     with Stack(model, state_dir, expert_memory="25%") as stack:
         got = stack.generate_all(PROMPTS, NEW_TOKENS)
         log = stack.memd_log.read_text()
+        worker_log = stack.worker_log.read_text()
     assert "the rows of gate_up_proj spread 64 bytes further apart" in log, log[-2000:]
+    if exact:
+        assert re.search(r": [1-9][0-9]* routers route decode rows", worker_log), worker_log[-2000:]
+        assert "decode rows of the routers by router.c" in worker_log, worker_log[-2000:]  # used, not only wrapped
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert got == expected, "mixtral with spread expert rows diverged"
 
