@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.access import Access
-from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, parse_cpus, resolve_api_key
+from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, check_log_level, parse_cpus, resolve_api_key
 from common.knobs import add_config_args as add_config_args, build_config as build_config  # re-exported
 from common.knobs import env_name as env_name, flag_name, knob
 from common.sizes import parse_bytes, parse_size
@@ -125,6 +125,7 @@ class MemdConfig:
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
+        check_log_level(self)
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
@@ -139,14 +140,17 @@ class MemdConfig:
         if self.eamc_from.startswith("tcp://") and len(self.admin_token) < ADMIN_TOKEN_MIN:
             raise ValueError(f"--eamc-from {self.eamc_from} needs --admin-token (env MOEINF_ADMIN_TOKEN): the peer's"
                              " admin token, which the fleet shares")
-        if self.read_threads < 1:
-            raise ValueError("--read-threads must be >= 1")
+        if self.read_threads < 1 or self.max_clients < 1:
+            raise ValueError("--read-threads and --max-clients must be >= 1")
         if self.pool_backend not in POOL_BACKENDS:
             raise ValueError(f"--pool-backend {self.pool_backend!r}: choose one of {', '.join(POOL_BACKENDS)}")
         if self.host_memory.strip() != "0":
             parse_size(self.host_memory, what="--host-memory")
         if self.copy_events not in ("ipc", "host"):
             raise ValueError(f"--copy-events {self.copy_events!r}: choose ipc or host")
+        if self.pool_backend == "shm" and self.cuda_device != 0:
+            raise ValueError("--cuda-device picks the cuda backend's GPU; with --pool-backend shm there is none: leave"
+                             " it at 0")
         if self.pool_backend == "shm" and self.copy_events != "ipc":
             raise ValueError("--copy-events orders the cuda backend's copies; with --pool-backend shm the reader"
                              " writes the pool itself: leave it at ipc")
@@ -258,6 +262,7 @@ class WorkerConfig:
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
+        check_log_level(self)
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
@@ -282,7 +287,8 @@ class WorkerConfig:
         for name in ("handshake_timeout_s", "memd_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{flag_name(name)} must be > 0 (seconds)")
-        for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache"):
+        for name in ("speculate_layers", "dequant_cache_mb", "dequant_scratch_experts", "matmul_cache",
+                     "max_model_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
         if self.attention_kernel not in ATTENTION_KERNELS:
@@ -325,6 +331,9 @@ class GatewayConfig:
     step_timeout_s: float = knob(600.0, "seconds without a token from the worker before a request fails with 503"
                                         " (and is cancelled on the worker)")
     body_timeout_s: float = knob(30.0, "seconds a client may take to send its request body (408 after)")
+    stream_write_timeout_s: float = knob(60.0, "seconds a stream's client may leave a chunk unread (the connection's"
+                                               " buffers full) before the gateway drops it as gone and cancels its"
+                                               " generation")
     header_timeout_s: float = knob(10.0, "seconds a client may take to send a request's headers, counted from the"
                                          " connection's start or its previous response (the connection is closed"
                                          " after); also how long an idle keep-alive connection stays open")
@@ -343,14 +352,21 @@ class GatewayConfig:
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
+        check_log_level(self)
         if self.model is None:
             raise ValueError("--model is required (a checkpoint directory; env MOEINF_MODEL)")
         object.__setattr__(self, "model", Path(self.model))
         resolve_api_key(self)
         if self.metrics_auth and not self.api_key:
             raise ValueError("--metrics-auth needs an API key (--api-key, --api-key-file or MOEINF_API_KEY)")
-        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.step_timeout_s > 0):
-            raise ValueError("--body-timeout-s, --header-timeout-s and --step-timeout-s must be > 0")
+        if not (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.step_timeout_s > 0
+                and self.stream_write_timeout_s > 0):
+            raise ValueError("--body-timeout-s, --header-timeout-s, --step-timeout-s and --stream-write-timeout-s must"
+                             " be > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: a TCP port is 0-65535")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"--max-body-bytes {self.max_body_bytes}: at least 1 (no unlimited setting)")
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if not self.served_model_name:
             object.__setattr__(self, "served_model_name", self.model.resolve().name)

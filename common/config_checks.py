@@ -23,8 +23,12 @@ def check_admin_tcp(addr: str, token: str) -> None:
 
 
 def resolve_api_key(cfg) -> None:
-    """``--api-key-file``'s content (stripped) becomes ``cfg.api_key``; giving both is an error."""
+    """``--api-key-file``'s content (stripped) becomes ``cfg.api_key``; giving both is an error. A key given directly
+    is stripped too (a secret written with its newline); one of whitespace alone is refused, not taken as a key."""
     if cfg.api_key_file is None:
+        if cfg.api_key and not cfg.api_key.strip():
+            raise ValueError("--api-key (or MOEINF_API_KEY) is whitespace alone: give a key, or none for no auth")
+        object.__setattr__(cfg, "api_key", cfg.api_key.strip())
         return
     if cfg.api_key:
         raise ValueError("give one of --api-key and --api-key-file, not both")
@@ -77,3 +81,12 @@ def pin_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
                 pass
         done |= threads
     return cpus
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_log_level(cfg) -> None:
+    """``--log-level`` is one of ``LOG_LEVELS`` (any case), not a typo that would quietly mean info."""
+    if str(cfg.log_level).lower() not in LOG_LEVELS:
+        raise ValueError(f"--log-level {cfg.log_level!r}: one of {', '.join(LOG_LEVELS)}")

@@ -8,6 +8,7 @@ import os
 import types
 import typing
 from dataclasses import field
+from pathlib import Path
 
 ENV_PREFIX = "MOEINF_"
 
@@ -72,6 +73,8 @@ def build_config(cls, args: argparse.Namespace | None = None, env: typing.Mappin
             raw = getattr(args, f.name, None)
         if raw is None:
             raw = env.get(env_name(f.name))
+            if raw == "" and _base_type(hints[f.name]) is Path:
+                raw = None  # an empty path variable (compose's ${VAR:-}) is unset, not the working directory
         if raw is None:
             continue
         values[f.name] = raw if not isinstance(raw, str) else _convert(hints[f.name], raw, flag_name(f.name))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.access import Access
 from common.config import EXPERT_FORMATS, POLICIES, check_device, default_state_dir
-from common.config_checks import resolve_api_key
+from common.config_checks import check_log_level, resolve_api_key
 from common.knobs import knob
 
 
@@ -46,6 +46,7 @@ class ServeConfig:
     log_level: str = knob("info", "debug, info, warning or error")
 
     def __post_init__(self):
+        check_log_level(self)
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
@@ -60,8 +61,10 @@ class ServeConfig:
             raise ValueError("--workers must be >= 1")
         if self.record_trace is not None and self.workers > 1:
             raise ValueError("--record-trace writes one file: use it with --workers 1")
-        if self.max_restarts < 0 or self.restart_window_s <= 0:
-            raise ValueError("--max-restarts must be >= 0 and --restart-window-s > 0")
+        if self.max_restarts < 0 or self.restart_window_s <= 0 or self.startup_timeout_s <= 0:
+            raise ValueError("--max-restarts must be >= 0, and --restart-window-s and --startup-timeout-s > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: a TCP port is 0-65535")
         check_device(self.device)
         if self.expert_format and self.device != "cpu":
             raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"

@@ -182,7 +182,7 @@ class Gateway:
         async with contextlib.aclosing(self.tokens(job, info, out, clock)) as tokens:
             if job.stream:
                 with self.metrics.streams.track_inprogress():
-                    return await Stream(request, out).relay(tokens)
+                    return await Stream(request, out, self.cfg.stream_write_timeout_s).relay(tokens)
             async for _ in tokens:
                 pass
         return web.json_response(out.body())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from common.config import GatewayConfig
-from services.gateway.requests import MAX_STOP, MAX_TOP_K, MAX_USER, MIN_TEMPERATURE
+from services.gateway.requests import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, MAX_USER, MIN_TEMPERATURE
 
 
 def _sampling(cfg: GatewayConfig) -> dict:
@@ -17,12 +17,15 @@ def _sampling(cfg: GatewayConfig) -> dict:
         "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K, "default": 0,
                   "description": "0 or -1: off; values above the vocabulary size are off too"},
         "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-        "stop": {"oneOf": [{"type": "string", "minLength": 1},
-                           {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                           {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+                            "maxItems": MAX_STOP}]},
         "n": {"type": "integer", "enum": [1]},
         "stream": {"type": "boolean", "default": False},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-        "user": {"type": "string", "maxLength": MAX_USER, "description": "accepted and ignored"},
+        "user": {"type": "string", "maxLength": MAX_USER,
+                 "description": "the client's end-user id: a conversation's turns go back to the worker that served"
+                                " its last turn (--affinity-entries)"},
     }
 
 

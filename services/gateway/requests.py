@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from services.gateway.errors import ApiError, bad_request
 
 MAX_STOP = 4
+MAX_STOP_CHARS = 1024  # a stop string's length: matching holds back output up to it, and scans it per token
 MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 softmax; the worker clamps to it too
 MAX_TOP_K = 2**31 - 1  # values up to it are clamped to the vocabulary; above it they are refused
 MAX_USER = 256
@@ -135,6 +136,8 @@ def parse_stop(stop) -> list[str]:
         raise bad_request(f"'stop' may hold at most {MAX_STOP} strings", "stop")
     if any(s == "" for s in stop):
         raise bad_request("'stop' strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"'stop' strings may be at most {MAX_STOP_CHARS} characters long", "stop")
     return stop
 
 

@@ -1,9 +1,12 @@
 """Server-Sent Events: a completion as ``data:`` chunks, ending in ``data: [DONE]`` or, on a failure after the
 headers went out, in a final ``data: {"error": {...}}`` event (OpenAI's error object). Either way the response
-is closed; a client never waits on a stream that will not go on.
+is closed; a client never waits on a stream that will not go on. A client that stops reading (its connection's
+buffers full) for ``--stream-write-timeout-s`` is dropped as gone: its admission slot is freed and its generation
+cancelled, as on a disconnect.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -16,8 +19,8 @@ log = logging.getLogger("moeinf.gateway")
 
 
 class Stream:
-    def __init__(self, request: web.Request, out: Output):
-        self.request, self.out = request, out
+    def __init__(self, request: web.Request, out: Output, write_timeout_s: float):
+        self.request, self.out, self.write_timeout_s = request, out, write_timeout_s
         self.response: web.StreamResponse | None = None
 
     async def relay(self, deltas) -> web.StreamResponse:
@@ -36,7 +39,7 @@ class Stream:
                 raise
             log.exception("stream %s failed after its headers", self.out.id)
             await self.send(internal().body())
-        await self.response.write_eof()
+        await self.write(None)
         return self.response
 
     async def _relay(self, deltas) -> None:
@@ -50,7 +53,7 @@ class Stream:
         await self.send(self.out.chunk("", final=True))
         if self.out.job.include_usage:
             await self.send(self.out.usage_chunk())
-        await self.response.write(b"data: [DONE]\n\n")
+        await self.write(b"data: [DONE]\n\n")
 
     async def start(self) -> None:
         if self.response is None:
@@ -59,4 +62,16 @@ class Stream:
             self.response = response
 
     async def send(self, obj: dict) -> None:
-        await self.response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+        await self.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+    async def write(self, data: bytes | None) -> None:
+        """``data`` out (None: the end of the response), or ``ConnectionResetError`` when the client has left it
+        unread for ``write_timeout_s`` (the connection is closed: the handler's cleanup runs as on a disconnect)."""
+        try:
+            await asyncio.wait_for(self.response.write(data) if data is not None else self.response.write_eof(),
+                                   self.write_timeout_s)
+        except asyncio.TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise ConnectionResetError(f"stream {self.out.id}: the client read nothing for {self.write_timeout_s:g}s"
+                                       " (--stream-write-timeout-s)") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 
 import zmq
 import zmq.asyncio
@@ -40,8 +41,9 @@ class GatewayStopping(WorkerUnavailable):
 
 
 class WorkerSilent(WorkerUnavailable):
-    """No token for ``--step-timeout-s``: the request fails, and the worker, which may still be alive (a stalled
-    step), is told to cancel it so it stops holding a slot for nobody."""
+    """No token for ``--step-timeout-s``, for this request or any other (a request waiting its turn behind others
+    that stream is not silent, nor is a long prompt whose prefill reports each chunk): the request fails, and the
+    worker, which may still be alive (a stalled step), is told to cancel it so it stops holding a slot for nobody."""
 
 
 class _PeerLost:
@@ -63,6 +65,7 @@ class WorkerLink:
         self.worker_pid: int | None = None  # watched while visible from this process
         self.lost: str | None = None  # why the worker is gone, until it answers again
         self.stopping: str | None = None  # set by ``abort``: no new calls
+        self.last_progress = time.monotonic()  # the last generation reply, any request's (not health answers)
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch_socket()),
                        asyncio.create_task(self._watch_pid())]
 
@@ -84,6 +87,8 @@ class WorkerLink:
             except ProtocolError as exc:
                 log.warning("dropped a malformed worker reply: %s", exc)
                 continue
+            if isinstance(reply, m.TokensReply):
+                self.last_progress = time.monotonic()
             queue = self.pending.get(rid)
             if queue is not None:
                 queue.put_nowait(reply)
@@ -170,6 +175,8 @@ class WorkerLink:
                 try:
                     reply = await asyncio.wait_for(queue.get(), step_timeout_s)
                 except asyncio.TimeoutError:
+                    if time.monotonic() - self.last_progress < step_timeout_s:
+                        continue  # the worker generates for others: this request waits its turn
                     raise WorkerSilent(f"no token from the worker for {step_timeout_s:g}s (--step-timeout-s)") from None
                 _raise_error(reply)
                 yield reply

@@ -82,6 +82,18 @@ def current(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def broken(device: torch.device) -> str | None:
+    """Why ``device`` can no longer compute, or None: after a failed step, a CUDA context that a sticky error
+    (an illegal address, a device-side assert, a lost GPU) left unusable fails even a synchronize. The CPU never is."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - whatever the driver raises, the context is gone
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 class ReadEvents:
     """The worker's "done reading" events: interprocess CUDA events, their handles sent to memd in HELLO, recorded in
     turn after a layer's expert matmuls. Reusing an entry is safe: memd's copy stream waits on an entry's latest

@@ -37,7 +37,16 @@ class RequestError(ValueError):
 
 
 class SamplingError(RequestError):
-    """This request's sampling distribution is degenerate; only this request fails."""
+    """This request's sampling distribution is degenerate; only this request fails (a 400: its parameters)."""
+
+    code = "bad_request"
+
+
+class ModelOutputError(SamplingError):
+    """The model's logits for this request hold NaN (a numerical fault, not the request's parameters: a 500); only
+    this request fails, since its cache holds the fault too."""
+
+    code = "internal"
 
 
 @dataclass(eq=False)
@@ -48,7 +57,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached: int = 0  # tokens whose keys and values are in the cache
-    error: str | None = None  # why sampling failed for this request (its step's other requests go on)
+    error: str | None = None  # why sampling failed for this request (its step's other requests go on) ...
+    error_code: str = SamplingError.code  # ... and the error code it goes back with
     encoded: object = None  # an encoder-decoder model's encoder output for the prompt (seq2seq.py)
     kv_bytes: int = 0  # its cache's bytes at its last weighing (kv_budget.KvMeter) ...
     kv_at: int = 0  # ... when it held this many tokens (0: not weighed yet)
@@ -171,7 +181,7 @@ class Engine:
         try:
             return self.accept(seq, logits)
         except SamplingError as exc:
-            seq.error = str(exc)
+            seq.error, seq.error_code = str(exc), exc.code
             return None
 
     @torch.inference_mode()
@@ -222,6 +232,9 @@ def _layout(step: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
 
 
 def sample(logits: torch.Tensor, req: m.GenerateRequest, generator: torch.Generator | None) -> int:
+    if bool(torch.isnan(logits).any()):  # (argmax would pick a NaN's index, or 0, and go on emitting garbage)
+        raise ModelOutputError("the model's logits for this request hold NaN (a numerical fault in the model or its"
+                               " weights): the request cannot go on")
     if req.temperature == 0:
         return int(torch.argmax(logits))
     logits = logits.float() / max(req.temperature, MIN_TEMPERATURE)

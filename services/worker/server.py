@@ -25,6 +25,7 @@ from common.access import OWNER_ONLY, Access
 from common.codec import ProtocolError, decode, encode, request_id_of
 from common.protocol import WORKER_OPS, Op
 from common.zmq_utils import make_socket, remove_ipc_file
+from services.worker import device
 from services.worker.engine import Engine, RequestError, Sequence
 from services.worker.kv_budget import KvMeter
 from services.worker.memd_client import MemdClient, MemdDeadError, MemdError
@@ -186,8 +187,8 @@ class WorkerServer:
             log.exception("the compute loop failed; the worker stops")  # it) rather than answer ready and hang
             self.exit_code = self.exit_code or 1
             self.stopping.set()
-        reason = {3: "the worker lost memd", 0: "the worker is shutting down"}.get(self.exit_code,
-                                                                                  "the worker failed (see its log)")
+        reasons = {3: "the worker lost memd", 4: "the worker's GPU failed", 0: "the worker is shutting down"}
+        reason = reasons.get(self.exit_code, "the worker failed (see its log)")
         self.fail(list(self.jobs.values()), "unavailable", f"{reason}; retry shortly")
         while True:  # and those that arrived but never started
             try:
@@ -252,18 +253,24 @@ class WorkerServer:
         except Exception as exc:
             log.exception("a step of %d requests failed", len(step))
             self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
+            if why := device.broken(self.engine.device):  # every later step would fail too: exit, to be restarted
+                log.error("the worker's %s no longer computes (%s); the worker stops", self.engine.device, why)
+                self.exit_code = 4
+                self.stopping.set()
             return
         self.weigh(step)
         frames, done = [], []
         for chunk, token in zip(step, tokens):
             job = self.jobs[chunk.seq.request_id]
             if chunk.seq.error is not None:
-                self.fail([job], "bad_request", chunk.seq.error)
+                self.fail([job], chunk.seq.error_code, chunk.seq.error)
             elif token is not None:
                 self.generated_tokens += 1
                 frames.append(self._tokens_frame(job, [token]))
                 if job.seq.finish_reason is not None:
                     done.append(job)
+            else:  # a prompt's chunk before its last: a reply without tokens says the request is under way
+                frames.append(self._tokens_frame(job, []))
         if frames:  # the step's tokens reach the event loop in one wake-up, encoded here
             self.loop.call_soon_threadsafe(self._put_frames, frames)
         for job in done:

@@ -1,12 +1,14 @@
 """``build_config``: explicit values > ``MOEINF_*`` variables > defaults, with errors that name the flag."""
 import argparse
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from common.config import MemdConfig, WorkerConfig, add_config_args, build_config, env_name
+from common.config import GatewayConfig, MemdConfig, WorkerConfig, add_config_args, build_config, env_name
 from common.config_checks import format_cpus, parse_cpus
+from common.serve_config import ServeConfig
 
 
 def parse(argv, cls=MemdConfig):
@@ -98,8 +100,34 @@ def test_model_is_required():
 
 
 def test_read_threads_must_be_positive():
-    with pytest.raises(ValueError, match="--read-threads must be >= 1"):
+    with pytest.raises(ValueError, match="--read-threads and --max-clients must be >= 1"):
         build_config(MemdConfig, env={"MOEINF_READ_THREADS": "0"}, model="/m")
+    with pytest.raises(ValueError, match="--read-threads and --max-clients must be >= 1"):
+        build_config(MemdConfig, env={"MOEINF_MAX_CLIENTS": "0"}, model="/m")
+
+
+@pytest.mark.parametrize("cls, env, message", [
+    (GatewayConfig, {"MOEINF_PORT": "70000"}, "--port 70000: a TCP port is 0-65535"),
+    (ServeConfig, {"MOEINF_PORT": "-1"}, "--port -1: a TCP port is 0-65535"),
+    (GatewayConfig, {"MOEINF_MAX_BODY_BYTES": "0"}, "--max-body-bytes 0: at least 1"),
+    (GatewayConfig, {"MOEINF_STREAM_WRITE_TIMEOUT_S": "0"}, "--stream-write-timeout-s must be > 0"),
+    (GatewayConfig, {"MOEINF_API_KEY": " \n"}, "whitespace alone"),
+    (GatewayConfig, {"MOEINF_LOG_LEVEL": "debgu"}, "--log-level 'debgu': one of debug, info, warning, error"),
+    (MemdConfig, {"MOEINF_LOG_LEVEL": "verbose"}, "--log-level 'verbose'"),
+    (WorkerConfig, {"MOEINF_MAX_MODEL_LEN": "-1"}, "--max-model-len must be >= 0"),
+    (ServeConfig, {"MOEINF_STARTUP_TIMEOUT_S": "0"}, "--startup-timeout-s > 0"),
+    (MemdConfig, {"MOEINF_CUDA_DEVICE": "1"}, "--cuda-device picks the cuda backend's GPU"),
+])
+def test_values_that_would_mean_something_surprising_are_refused(cls, env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_config(cls, env={"MOEINF_MODEL": "/m", **env})
+
+
+def test_an_empty_path_variable_is_unset_and_a_key_is_stripped():
+    memd = build_config(MemdConfig, env={"MOEINF_EAMC_DIR": "", "MOEINF_EXPERT_CACHE_DIR": ""}, model="/m")
+    assert memd.eamc_dir is None and memd.expert_cache_dir is None  # (not the working directory)
+    gateway = build_config(GatewayConfig, env={"MOEINF_API_KEY": "k3y\n", "MOEINF_LOG_LEVEL": "WARNING"}, model="/m")
+    assert gateway.api_key == "k3y"
 
 
 def test_env_names_and_addresses(tmp_path):

@@ -21,13 +21,15 @@ from services.gateway.app_keys import GATEWAY
 class FakeWorker:
     """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...,
     or ``token`` each time), or an ``internal`` error after ``fail_after`` tokens, as a failed step ends, or nothing
-    more after ``silent_after`` tokens, as a stalled step; CANCEL (``cancelled`` lists the requests)."""
+    more after ``silent_after`` tokens, as a stalled step; ``max_running`` requests at a time, the rest waiting;
+    CANCEL (``cancelled`` lists the requests)."""
 
     def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
                  fail_after: int | None = None, pid: int | None = None, token: int | None = None,
-                 silent_after: int | None = None, info_s: float = 0.0):
+                 silent_after: int | None = None, info_s: float = 0.0, max_running: int | None = None):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
         self.silent_after, self.info_s = silent_after, info_s  # info_s: WORKER_INFO answered after this long
+        self.max_running = max_running  # requests served at once (the rest wait their turn, silent), None: all
         self.infos = 0  # WORKER_INFO calls received
         self.token = token  # every token this id (one that shows no text, say), else 1000, 1001, ...
         self.cancelled: list[str] = []
@@ -64,7 +66,7 @@ class FakeWorker:
             self.live[req.request] = [identity, rid, req, 0]
 
     def _step(self) -> None:
-        for request, entry in list(self.live.items()):
+        for request, entry in list(self.live.items())[:self.max_running]:
             identity, rid, req, produced = entry
             if produced == self.silent_after:
                 continue

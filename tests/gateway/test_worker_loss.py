@@ -236,3 +236,58 @@ def test_a_flood_of_health_checks_sends_the_worker_one_info_call_at_a_time(demo_
         gateway.close()
         worker.close()
         tmp.cleanup()
+
+
+def test_a_request_waiting_its_turn_is_not_failed_while_the_worker_answers_others(demo_model, codec):
+    """A worker running one request at a time: the second waits silent for longer than --step-timeout-s, but the
+    worker streams the first all along, so the second is not failed as silent; it runs after, and both finish."""
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
+    cfg = gateway_config(demo_model, Path(tmp.name), step_timeout_s=0.5)
+    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), step_s=0.05, max_running=1)
+    gateway = LocalGateway(cfg, codec)
+    try:
+        gateway.wait_ready()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(post(gateway, {"model": M, "prompt": "x",
+                                                                                  "max_tokens": 30})))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(status for status, _, _ in results) == [200, 200], results
+        assert all(payload["usage"]["completion_tokens"] == 30 for _, _, payload in results)
+        assert not worker.cancelled
+    finally:
+        gateway.close()
+        worker.close()
+        tmp.cleanup()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(demo_model, codec):
+    """A streaming client that never reads (its buffers full) would hold its admission slot and the worker's
+    generation for as long as its TCP connection lives: after --stream-write-timeout-s it is dropped as gone, its
+    generation cancelled and its slot freed."""
+    import socket
+
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
+    cfg = gateway_config(demo_model, Path(tmp.name), stream_write_timeout_s=1.0, max_tokens_limit=200_000)
+    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), max_model_len=300_000)
+    gateway = LocalGateway(cfg, codec)
+    client = socket.socket()
+    try:
+        gateway.wait_ready()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", gateway.port))
+        body = json.dumps({"model": M, "prompt": "Hi", "max_tokens": 200_000, "stream": True}).encode()
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert client.recv(12) == b"HTTP/1.1 200"  # then nothing more is read
+        wait(lambda: worker.cancelled and not worker.live, timeout=60)
+        wait(lambda: gateway.gateway.active == 0, timeout=5)
+        assert len(worker.cancelled) == 1
+    finally:
+        client.close()
+        gateway.close()
+        worker.close()
+        tmp.cleanup()

@@ -165,7 +165,8 @@ def test_long_prompt_is_prefilled_in_chunks_next_to_decoding_requests(stack, mux
     long_id = mux.submit("long-prompt", list(range(2, 160)), 2)
     mux.run({long_id})
     order = [request for request, _ in mux.events]
-    during = order[order.index("runner") + 2:order.index(long_id)]
+    first_token = next(i for i, (q, r) in enumerate(mux.events) if q == long_id and r.tokens)  # (not a chunk's)
+    during = order[order.index("runner") + 2:first_token]
     assert during.count(runner) >= 8, "the running request stalled while the long prompt was prefilled"
     mux.run({runner})
     assert mux.tokens(runner)[1] == "length"
@@ -192,3 +193,16 @@ def test_short_requests_finish_while_a_long_one_runs(stack, mux):
     # other running request's reply of two steps in between (6).
     for s in shorts:
         assert max(replies_between(order, s)) <= 4, f"{s} went a step without a token"
+
+
+def test_a_long_prompts_chunks_each_say_the_request_is_under_way(stack, mux):
+    """A prompt prefilled over several steps (``--max-prefill-chunk 16``: 40 tokens in 16 + 16 + 8) gets a reply
+    without tokens after each chunk but its last, so the gateway hears the request is under way (its
+    ``--step-timeout-s`` counts silence, not a long prefill); then its tokens, as alone."""
+    prompt = [3 + (7 * i) % 300 for i in range(40)]
+    expected = alone(stack.worker_addr, [prompt], [4])[0]
+    request = mux.submit(f"long-{uuid.uuid4().hex[:6]}", prompt, 4)
+    mux.run({request})
+    replies = [r for q, r in mux.events if q == request]
+    assert [len(r.tokens) for r in replies[:2]] == [0, 0] and all(r.tokens for r in replies[2:]), replies
+    assert mux.tokens(request) == tuple(expected)

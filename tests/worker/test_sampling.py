@@ -10,7 +10,7 @@ from test_batching import PROMPTS, Mux, alone
 
 from common import messages as m
 from common.codec import decode
-from services.worker.engine import MIN_TEMPERATURE, Engine, SamplingError, Sequence, sample
+from services.worker.engine import MIN_TEMPERATURE, Engine, ModelOutputError, SamplingError, Sequence, sample
 from services.worker.scheduler import Chunk
 
 
@@ -40,9 +40,21 @@ def test_top_k_beyond_the_vocabulary_is_off():
 
 
 def test_non_finite_logits_raise_a_sampling_error():
-    logits = torch.full((320,), float("nan"))
-    with pytest.raises(SamplingError, match="not finite"):
+    logits = torch.zeros(320)
+    logits[5] = float("inf")  # (a distribution the request's own parameters could make degenerate: a 400)
+    with pytest.raises(SamplingError, match="not finite") as raised:
         sample(logits, req(temperature=1.0), torch.Generator())
+    assert raised.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_fail_the_request_as_the_models_fault_even_greedy(temperature):
+    """argmax over NaN picks an index (0, or the NaN's) and greedy decoding would go on emitting garbage."""
+    logits = torch.randn(320)
+    logits[7] = float("nan")
+    with pytest.raises(ModelOutputError, match="hold NaN") as raised:
+        sample(logits, req(temperature=temperature), torch.Generator())
+    assert raised.value.code == "internal"
 
 
 class StubFlatStep:
@@ -66,7 +78,8 @@ def test_a_degenerate_request_fails_alone_in_its_step():
             for i in range(2)]
     tokens = engine.run([Chunk(seq, seq.req.prompt) for seq in seqs])
     assert tokens[0] is not None and seqs[0].error is None and seqs[0].generated == [tokens[0]]
-    assert tokens[1] is None and "not finite" in seqs[1].error and seqs[1].generated == []
+    assert tokens[1] is None and "hold NaN" in seqs[1].error and seqs[1].generated == []
+    assert seqs[1].error_code == "internal"
 
 
 class _Loop:
@@ -107,7 +120,7 @@ def test_the_worker_answers_the_failed_request_alone():
     from services.worker.server import Job
 
     def run(step):
-        step[1].seq.error = "cannot sample"
+        step[1].seq.error, step[1].seq.error_code = "the model's logits hold NaN", "internal"
         return [7, None]
 
     server = bare_server(run)
@@ -117,7 +130,7 @@ def test_the_worker_answers_the_failed_request_alone():
     server.run_step([Chunk(s, [1]) for s in seqs])
     replies = replies_of(server)
     assert isinstance(replies[1], m.TokensReply) and replies[1].tokens == [7]
-    assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "bad_request"
+    assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "internal"
     assert list(server.jobs) == ["r0"]
 
 
