@@ -122,7 +122,7 @@ class MemdConfig:
                           " are also that group's (0660), for services run by different users of it")
     admin_token: str = knob("", f"token every TCP admin request must carry (at least {ADMIN_TOKEN_MIN} characters;"
                                 " prefer the env variable to the flag)")
-    log_level: str = knob("info", "debug, info, warning or error")
+    log_level: str = knob("info", "debug, info, warning, error or critical")
 
     def __post_init__(self):
         check_log_level(self)
@@ -259,7 +259,7 @@ class WorkerConfig:
                           " are also that group's (0660), for services run by different users of it")
     worker_id: str = knob("", "name of this worker when several share one memd: it serves <state-dir>/worker-<id>.sock"
                               " (auto: the host name, one per container under compose --scale); empty: worker.sock")
-    log_level: str = knob("info", "debug, info, warning or error")
+    log_level: str = knob("info", "debug, info, warning, error or critical")
 
     def __post_init__(self):
         check_log_level(self)
@@ -349,7 +349,7 @@ class GatewayConfig:
     tokenizer_cache: int = knob(256, "words the tokenizer's BPE/Unigram cache keeps (tokenizers' own bound: 10000;"
                                      " a SentencePiece-style tokenizer caches each short prompt whole, ~3.5 KiB, so"
                                      " that bound grows the gateway by ~35 MiB); 0: none")
-    log_level: str = knob("info", "debug, info, warning or error")
+    log_level: str = knob("info", "debug, info, warning, error or critical")
 
     def __post_init__(self):
         check_log_level(self)

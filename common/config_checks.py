@@ -83,7 +83,7 @@ def pin_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
     return cpus
 
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
 def check_log_level(cfg) -> None:

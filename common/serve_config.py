@@ -43,7 +43,7 @@ class ServeConfig:
                          " Bearer <key>' (handed to the gateway in its environment, never on its command line; prefer"
                          " MOEINF_API_KEY or --api-key-file: a flag shows in ps)"})
     api_key_file: Path | None = knob(None, "file whose content (stripped) is the gateway's API key")
-    log_level: str = knob("info", "debug, info, warning or error")
+    log_level: str = knob("info", "debug, info, warning, error or critical")
 
     def __post_init__(self):
         check_log_level(self)

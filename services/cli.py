@@ -61,8 +61,9 @@ def cmd_demo_model(args) -> int:
 
     arch = args.arch or ("gpt_oss" if args.format == "mxfp4" else "mixtral")
 
-    if args.preset:  # the preset's shape; the size flags are ignored
-        size = replace(PRESETS[args.preset], format=args.format, arch=arch)
+    if args.preset:  # the preset's shape (the size flags are ignored); its dtype, seed and shards as asked
+        size = replace(PRESETS[args.preset], format=args.format, arch=arch, dtype=args.dtype, seed=args.seed,
+                       max_shard_size=args.max_shard_size)
     else:
         size = DemoSize(layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
                         intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, dtype=args.dtype,
@@ -142,7 +143,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
                         " mxfp4: GPT-OSS's *_blocks/*_scales (implies --arch gpt_oss)")
     p.add_argument("--arch", choices=["mixtral", "gpt_oss"], help="architecture (default mixtral; gpt_oss for mxfp4)")
     p.add_argument("--preset", choices=["bench"], help="bench: 16 layers x 8 experts of 33 MiB (4.1 GiB of experts),"
-                                                       " for `moeinf bench e2e`; overrides the size flags")
+                                                       " for `moeinf bench e2e`; overrides the size flags (not"
+                                                       " --dtype, --seed or --max-shard-size)")
     p.set_defaults(func=cmd_demo_model)
 
     if tools:
@@ -153,7 +155,8 @@ def build_parser(tools: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("families", help="the MoE families of the installed transformers and moeinf's status for each")
     p.add_argument("--markdown", action="store_true", help="print docs/families.md")
     p.add_argument("--results", default="docs/families.json",
-                   help="the family matrix's results (MOEINF_FAMILY_RESULTS)")
+                   help="the family matrix's results (written by tests/worker/test_family_matrix.py, which takes"
+                        " MOEINF_FAMILY_RESULTS as another place to write them)")
     p.set_defaults(func=cmd_families)
 
     if tools:

@@ -24,6 +24,8 @@ import aiohttp
 import numpy as np
 import psutil
 
+from common.config import default_state_dir
+
 SERVICES = ("gateway", "worker", "memd")
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small robots count every expert in the pool"
          " before the next token arrives").split()
@@ -104,23 +106,45 @@ def _auth() -> dict:
 
 
 def service_processes(state_dir: Path, root: int | None = None) -> dict[str, psutil.Process]:
-    """The gateway, worker and memd of ``state_dir`` (children of ``root`` when given), by their command lines."""
+    """The gateway, worker and memd of ``state_dir`` (children of ``root`` when given), by their command lines:
+    ``moeinf serve``'s children (``python -m services.cli NAME``) or services started one by one (``moeinf NAME``),
+    their state directory from ``--state-dir``, else their ``MOEINF_STATE_DIR``, else the default one."""
     procs = psutil.Process(root).children(recursive=True) if root else psutil.process_iter()
     found = {}
-    want = str(state_dir)
+    want = os.path.realpath(state_dir)
     for p in procs:
         try:
             cmd = p.cmdline()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            name = _service_of(cmd)
+            theirs = _state_dir_of(p, cmd) if name is not None else None
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        if "services.cli" not in cmd or "--state-dir" not in cmd:
-            continue
-        if os.path.realpath(cmd[cmd.index("--state-dir") + 1]) != os.path.realpath(want):
-            continue
-        name = next((s for s in SERVICES if s in cmd), None)
-        if name is not None and cmd[cmd.index("services.cli") + 1] == name:
+        if theirs is not None and os.path.realpath(theirs) == want:
             found[name] = p
     return found
+
+
+def _service_of(cmd: list[str]) -> str | None:
+    """The service a moeinf command line runs (the word after ``services.cli`` or the ``moeinf`` script)."""
+    for i, arg in enumerate(cmd[:-1]):
+        if arg == "services.cli" or os.path.basename(arg) == "moeinf":
+            return cmd[i + 1] if cmd[i + 1] in SERVICES else None
+    return None
+
+
+def _state_dir_of(p: psutil.Process, cmd: list[str]) -> str:
+    """The process's ``--state-dir`` (``--state-dir X`` or ``=X``, relative to its working directory), else its
+    ``MOEINF_STATE_DIR``, else the default one in its own environment (``XDG_STATE_HOME``, ``HOME``)."""
+    given = next((a.split("=", 1)[1] for a in cmd if a.startswith("--state-dir=")), None)
+    if given is None and "--state-dir" in cmd[:-1]:
+        given = cmd[cmd.index("--state-dir") + 1]
+    env = p.environ()
+    if given is None:
+        given = env.get("MOEINF_STATE_DIR")
+    if given is None:
+        home = env.get("HOME") or os.path.expanduser("~")
+        return os.path.join(env.get("XDG_STATE_HOME") or os.path.join(home, ".local", "state"), "moeinf")
+    return os.path.join(p.cwd(), given)  # (an absolute path stays itself)
 
 
 def rss_mib(procs: dict[str, psutil.Process]) -> dict[str, float | None]:
@@ -253,8 +277,6 @@ def run(args) -> int:
 
 
 def add_parser(bench) -> None:
-    from common.config import default_state_dir
-
     p = bench.add_parser("soak", help="N concurrent clients for a while: errors, p50/p99 latency, RSS of each service")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=300, help="seconds")

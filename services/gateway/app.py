@@ -206,6 +206,8 @@ class Gateway:
         self.metrics.worker_requests.labels(dispatch.worker.name).inc()
         try:
             async for reply in link.generate(req, self.cfg.step_timeout_s):
+                if not reply.tokens and reply.finish_reason is None:
+                    continue  # a prompt's chunk done: the request is under way (the headers wait for a token)
                 dispatch.progress(len(reply.tokens))
                 clock.add(len(reply.tokens))
                 delta = out.add(reply.tokens, reply.finish_reason)

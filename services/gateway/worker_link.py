@@ -171,13 +171,17 @@ class WorkerLink:
         rid, queue = self._open()
         try:
             await self._send(Op.GENERATE, rid, request)
+            wait = step_timeout_s
             while True:
                 try:
-                    reply = await asyncio.wait_for(queue.get(), step_timeout_s)
+                    reply = await asyncio.wait_for(queue.get(), wait)
                 except asyncio.TimeoutError:
-                    if time.monotonic() - self.last_progress < step_timeout_s:
-                        continue  # the worker generates for others: this request waits its turn
+                    quiet = time.monotonic() - self.last_progress
+                    if quiet < step_timeout_s:  # the worker generates for others: this request waits its turn,
+                        wait = step_timeout_s - quiet  # until the worker has been quiet that long
+                        continue
                     raise WorkerSilent(f"no token from the worker for {step_timeout_s:g}s (--step-timeout-s)") from None
+                wait = step_timeout_s
                 _raise_error(reply)
                 yield reply
                 if reply.finish_reason is not None:

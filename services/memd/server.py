@@ -156,12 +156,16 @@ class MemdServer:
                 log.warning("rejected frame: %s", exc)
                 await send_error(self.rpc, identity, request_id_of(frame), "bad_request", str(exc))
                 continue
-            if op is Op.ACQUIRE:
-                await self._acquire(identity, rid, req)
-            elif PROTOCOL[op].handler is Handler.ASYNC:
-                asyncio.create_task(self._handle(identity, op, rid, req))
-            else:
-                await self._handle(identity, op, rid, req)
+            try:
+                if op is Op.ACQUIRE:
+                    await self._acquire(identity, rid, req)
+                elif PROTOCOL[op].handler is Handler.ASYNC:
+                    asyncio.create_task(self._handle(identity, op, rid, req))
+                else:
+                    await self._handle(identity, op, rid, req)
+            except Exception as exc:  # a failure outside a handler's own guard fails that call, never this reader
+                log.exception("%s failed", op.name)  # (without the reader memd would stay up and answer nothing)
+                await send_error(self.rpc, identity, rid, "internal", f"{op.name} failed in memd: {exc}")
 
     async def _recv_pair(self):
         self._rpc_recv = self.rpc.recv_multipart()

@@ -73,6 +73,9 @@ def attach(cfg: WorkerConfig) -> Attached:
         views.read_events = events
         steps = StepState(recorder(cfg, client, model, layers))
         kernels, mv = load_kernels(cfg, views.quantized) if dev.type == "cpu" else (None, None)
+        if dev.type != "cpu" and cfg.matvec_kernel not in ("auto", "off"):
+            log.warning("--matvec-kernel %s is a CPU kernel: %s multiplies with torch's own products",
+                        cfg.matvec_kernel, dev)
         host = HostExperts.open(hello) if dev.type == "cuda" else None  # memd --cpu-experts auto|always
         experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,

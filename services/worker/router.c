@@ -7,7 +7,8 @@
  * as ATen's vectorized last-dimension softmax runs it (SoftMaxKernel.cpp: the maximum, exp(x - max) by the very
  * exp function torch calls, Sleef's, whose address the caller passes; the sum as vec::reduce_all adds it, in
  * vectors of ``lanes`` then the lanes pairwise, or one by one below a vector; times 1 / sum); the top k, largest
- * first; optionally divided by their sum (added one by one, as ATen sums fewer values than a vector); the scores
+ * first; optionally divided by their sum (added one by one, as ATen sums up to 4 values: a larger k with the division
+is declined); the scores
  * in float32 or rounded to bfloat16. A decode step runs ~8 torch calls per router, each bringing its code back into
  * caches the last weights streamed through: ~150 us a layer on the bench preset, ~25 us in one call.
  *
@@ -28,6 +29,7 @@
 
 #define ROUTE_MAX_EXPERTS 1024
 #define ROUTE_MAX_K 64
+#define ROUTE_RENORM_MAX_K 4  /* ATen sums a short last dimension one by one up to 4 values (5-7: in 4 parts, ...) */
 
 int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
                        int64_t hi, float *y, int64_t ldy, int64_t threads);
@@ -150,7 +152,7 @@ int moeinf_route(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, in
                  int64_t block, int64_t k, int64_t lanes, const void *exp_fn, int64_t renorm, int64_t bf16_scores,
                  float *scratch, uint16_t *logits, void *scores, int64_t *indices) {
     if (experts < 1 || experts > ROUTE_MAX_EXPERTS || k < 1 || k > ROUTE_MAX_K || k > experts || !exp_fn
-            || (renorm && k >= lanes))
+            || (lanes != 8 && lanes != 16) || (renorm && k > ROUTE_RENORM_MAX_K))
         return -1;
     int code = block ? moeinf_mv_onednn_nt(w, ld, x, m, cols, 0, experts, scratch, experts, block, 1)
                      : moeinf_mv_exact_nt(w, ld, x, m, cols, 0, experts, scratch, experts, 1);
@@ -165,7 +167,7 @@ int moeinf_route(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, in
         if ((code = softmax_row(z, p, experts, lanes, exp_fn)) != 0 || top_k(p, experts, k, top, indices + r * k))
             return code < 0 ? -1 : 1;
         if (renorm) {
-            float sum = 0.0f;  /* ATen's sum of fewer values than a vector: from zero, one by one */
+            float sum = 0.0f;  /* ATen's sum of up to 4 values: from zero, one by one */
             for (int64_t j = 0; j < k; j++)
                 sum += top[j];
             for (int64_t j = 0; j < k; j++)

@@ -7,13 +7,16 @@ loaded (``--matvec-kernel auto`` or ``exact``: the logits must be F.linear's bit
 class calls itself a router, its forward takes the hidden states alone, and it holds a bfloat16 ``[experts,
 hidden]`` weight (no bias), an integer ``top_k`` and nothing the kernel does not compute (a score-correction bias,
 expert groups). The kernel computes one recipe, softmax over every expert then the top k (Mixtral's, Qwen's,
-OLMoE's, Jamba's, ...), its scores optionally divided by their sum and kept in float32 or rounded to bfloat16; each
-module is checked on its own against its own forward (outputs' count, dtypes, shapes and bits, one and several
-rows, three magnitudes) for each variant and the vector width of torch's softmax (16 lanes or 8), and is served by
-the kernel only where one matches in every bit. Routers that compute something else (sigmoid scores, top-k before
-the softmax, grouped choice) keep their own forward, as does any call the kernel does not take: a prompt's rows
-(more than ``MAX_ROWS``), another dtype or device, a product shape the exact kernel does not reproduce, a logit
-that is not finite, or a tie among the largest probabilities (torch orders equal values its own way).
+OLMoE's, Jamba's, ...), its scores optionally divided by their sum (top 4 at most: ATen adds more in another
+order) and kept in float32 or rounded to bfloat16, at the vector width torch's own kernels run at here (16 lanes on
+an AVX-512 CPU, 8 on AVX2: ``torch.backends.cpu.get_cpu_capability``); each module is checked on its own against its
+own forward (outputs' count, dtypes, shapes and bits, one and several rows, three magnitudes) for each variant, and
+the variant's float32 scores against torch's own softmax, top-k and sum on the same logits (a bfloat16 output would
+hide a last-bit difference there), and is served by the kernel only where both match in every bit. Routers that
+compute something else (sigmoid scores, top-k before the softmax, grouped choice) keep their own forward, as does
+any call the kernel does not take: a prompt's rows (more than ``MAX_ROWS``), another dtype or device, a product
+shape the exact kernel does not reproduce, a logit that is not finite, or a tie among the largest probabilities
+(torch orders equal values its own way).
 
 Torch's softmax calls Sleef's ``exp`` (inside torch's own library); the kernel is handed the same function, found
 by name there: a torch without it keeps every router's own forward.
@@ -33,11 +36,14 @@ log = logging.getLogger("moeinf.worker")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 MAX_ROWS = 16  # rows one call takes (a batch of decode steps, as the exact dense products); prompts take torch's
 EXP = {16: "Sleef_expf16_u10", 8: "Sleef_expf8_u10"}  # the exp ATen's softmax calls at each vector width
+LANES = {"AVX512": 16, "AVX2": 8}  # torch's CPU capability -> the float vector width its kernels run at
+RENORM_MAX_K = 4  # router.c divides by the top k's sum only where ATen adds them one by one
 VARIANTS = ((True, False), (True, True), (False, False), (False, True))  # (divided by their sum, bfloat16 scores)
 PROBE_ROWS = (1, 3)
 PROBE_SCALES = (1.0, 8.0, 0.25)
 PROBE_SEEDS = 3
 MIN_TAKEN = 6  # probes (of 18) the kernel must compute, all equal, where a probe is declined only for a tie
+FLOAT_PROBES = 96  # single rows whose float32 scores must equal torch's ops (a third of them at least not a tie)
 
 
 class RouterKernel:
@@ -48,9 +54,9 @@ class RouterKernel:
         self.fn = mv.kernels.lib.moeinf_route
         self.fn.argtypes = [_P, _I, _P, _I, _I, _I, _I, _I, _I, _P, _I, _I, _P, _P, _P, _P]
         self.fn.restype = ctypes.c_int
-        built = mv.kernels.lib.moeinf_route_lanes()
-        found = torch_exp()
-        self.exp = {lanes: fn for lanes, fn in found.items() if built & lanes}
+        built, lanes = mv.kernels.lib.moeinf_route_lanes(), LANES.get(torch.backends.cpu.get_cpu_capability())
+        fn = torch_exp().get(lanes) if lanes else None  # (the width torch's softmax runs at here, and no other)
+        self.exp = {lanes: fn} if fn and built & lanes else {}
 
     def run(self, weight: torch.Tensor, top_k: int, x: torch.Tensor, lanes: int, renorm: bool,
             bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -87,15 +93,35 @@ class RouterKernel:
             return None
         for lanes in self.exp:
             for renorm, bf16 in VARIANTS:
-                if renorm and top_k >= lanes:
-                    continue  # (router.c adds the top k one by one, as ATen does below a vector)
+                if renorm and top_k > RENORM_MAX_K:
+                    continue  # (router.c adds the top k one by one, as ATen does up to 4 values)
                 gots = [self.run(weight, top_k, p, lanes, renorm, bf16) for p in probes]
                 taken = [_same(got, want) for got, want in zip(gots, wants) if got is not None]  # (None: a tie)
-                if len(taken) >= MIN_TAKEN and all(taken):
+                if len(taken) >= MIN_TAKEN and all(taken) and self.float_path_holds(weight, top_k, lanes, renorm):
                     return lanes, renorm, bf16
         log.info("%s (%d experts, top %d) keeps its own forward: router.c does not give its bits",
                  type(module).__name__, weight.shape[0], top_k)
         return None
+
+
+    def float_path_holds(self, weight, top_k: int, lanes: int, renorm: bool) -> bool:
+        """The kernel's float32 scores equal torch's own ops on its own logits, bit for bit, on ``FLOAT_PROBES``
+        rows (bfloat16 scores round away a last-bit difference in a sum's order, which the module's outputs alone
+        seldom show: a softmax summed at the wrong vector width differs on ~1 row in 5 in float32)."""
+        gen = torch.Generator().manual_seed(weight.shape[0] * 7 + top_k)
+        taken = 0
+        for i in range(FLOAT_PROBES):
+            x = (torch.randn(1, weight.shape[1], generator=gen) * PROBE_SCALES[i % len(PROBE_SCALES)]).bfloat16()
+            got = self.run(weight, top_k, x, lanes, renorm, False)
+            if got is None:
+                continue  # (a tie)
+            values, indices = torch.topk(torch.softmax(got[0].float(), dim=-1), top_k, dim=-1)
+            if renorm:
+                values /= values.sum(dim=-1, keepdim=True)
+            if not (torch.equal(indices, got[2]) and torch.equal(values.view(torch.int32), got[1].view(torch.int32))):
+                return False
+            taken += 1
+        return taken >= FLOAT_PROBES // 3
 
 
 def torch_exp() -> dict[int, int]:

@@ -21,3 +21,30 @@ def test_soak_runs_clean_and_reports_rss_of_every_service(tmp_path, capsys):
         rss = [float(v) for v in row[1:4]]  # gateway, worker, memd: each found and measured
         assert all(v > 10 for v in rss), row
     assert int(rows[-1][4]) > 4  # requests completed by the end
+
+
+def test_services_started_one_by_one_are_found_by_flag_or_environment(tmp_path):
+    """``--url`` with ``--state-dir`` measures a running server's processes, also ones started as ``moeinf memd``
+    (not only ``moeinf serve``'s ``python -m services.cli`` children), with the state directory given by the flag
+    (``=`` and relative to the process's directory too) or by ``MOEINF_STATE_DIR``; another's are not taken."""
+    import os
+    import subprocess
+    import sys
+
+    from services.bench.soak import service_processes
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    mine, other = tmp_path / "state", tmp_path / "other"
+    procs = [subprocess.Popen([*sleep, "/opt/venv/bin/moeinf", "memd", "--state-dir", str(mine)]),
+             subprocess.Popen([*sleep, "/opt/venv/bin/moeinf", "worker"], env={**os.environ,
+                                                                               "MOEINF_STATE_DIR": str(mine)}),
+             subprocess.Popen([*sleep, "-m", "services.cli", "gateway", "--state-dir", str(other)]),
+             subprocess.Popen([*sleep, "/opt/venv/bin/moeinf", "gateway", "--state-dir=state"], cwd=tmp_path)]
+    try:
+        found = service_processes(mine)
+        assert {name: p.pid for name, p in found.items()} == {"memd": procs[0].pid, "worker": procs[1].pid,
+                                                              "gateway": procs[3].pid}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

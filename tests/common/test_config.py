@@ -112,7 +112,7 @@ def test_read_threads_must_be_positive():
     (GatewayConfig, {"MOEINF_MAX_BODY_BYTES": "0"}, "--max-body-bytes 0: at least 1"),
     (GatewayConfig, {"MOEINF_STREAM_WRITE_TIMEOUT_S": "0"}, "--stream-write-timeout-s must be > 0"),
     (GatewayConfig, {"MOEINF_API_KEY": " \n"}, "whitespace alone"),
-    (GatewayConfig, {"MOEINF_LOG_LEVEL": "debgu"}, "--log-level 'debgu': one of debug, info, warning, error"),
+    (GatewayConfig, {"MOEINF_LOG_LEVEL": "debgu"}, "--log-level 'debgu': one of debug, info, warning, warn, error"),
     (MemdConfig, {"MOEINF_LOG_LEVEL": "verbose"}, "--log-level 'verbose'"),
     (WorkerConfig, {"MOEINF_MAX_MODEL_LEN": "-1"}, "--max-model-len must be >= 0"),
     (ServeConfig, {"MOEINF_STARTUP_TIMEOUT_S": "0"}, "--startup-timeout-s > 0"),

@@ -22,14 +22,16 @@ class FakeWorker:
     """WORKER_INFO (as process ``pid``); GENERATE answered with one token per ``step_s`` (ids 1000, 1001, ...,
     or ``token`` each time), or an ``internal`` error after ``fail_after`` tokens, as a failed step ends, or nothing
     more after ``silent_after`` tokens, as a stalled step; ``max_running`` requests at a time, the rest waiting;
-    CANCEL (``cancelled`` lists the requests)."""
+    ``prefill_chunks`` replies without tokens before the first; CANCEL (``cancelled`` lists the requests)."""
 
     def __init__(self, addr: str, vocab_size: int, max_model_len: int = 4096, step_s: float = 0.0,
                  fail_after: int | None = None, pid: int | None = None, token: int | None = None,
-                 silent_after: int | None = None, info_s: float = 0.0, max_running: int | None = None):
+                 silent_after: int | None = None, info_s: float = 0.0, max_running: int | None = None,
+                 prefill_chunks: int = 0):
         self.addr, self.vocab_size, self.max_model_len, self.step_s = addr, vocab_size, max_model_len, step_s
         self.silent_after, self.info_s = silent_after, info_s  # info_s: WORKER_INFO answered after this long
         self.max_running = max_running  # requests served at once (the rest wait their turn, silent), None: all
+        self.prefill_chunks = prefill_chunks  # replies without tokens first (a long prompt's chunks, as the worker)
         self.infos = 0  # WORKER_INFO calls received
         self.token = token  # every token this id (one that shows no text, say), else 1000, 1001, ...
         self.cancelled: list[str] = []
@@ -63,11 +65,15 @@ class FakeWorker:
             self.cancelled.append(req.request)
             self._send([identity, encode(op, rid, m.CancelReply(found))])
         elif op is Op.GENERATE:
-            self.live[req.request] = [identity, rid, req, 0]
+            self.live[req.request] = [identity, rid, req, -self.prefill_chunks]
 
     def _step(self) -> None:
         for request, entry in list(self.live.items())[:self.max_running]:
             identity, rid, req, produced = entry
+            if produced < 0:  # a prompt's chunk before its last: a reply without tokens
+                entry[3] += 1
+                self._send([identity, encode(Op.GENERATE, rid, m.TokensReply(request, [], None, len(req.prompt), 0))])
+                continue
             if produced == self.silent_after:
                 continue
             if produced == self.fail_after:

@@ -291,3 +291,31 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(demo_model, c
         gateway.close()
         worker.close()
         tmp.cleanup()
+
+
+def test_a_failure_during_a_long_prompts_prefill_is_an_http_error_not_a_started_stream(setup):
+    """The worker says after each prompt chunk that the request is under way (a reply without tokens); the stream's
+    headers still wait for the first token, so a step that fails during the prefill reaches a streaming client as
+    an HTTP error it can retry on, not as a 200 with an error event."""
+    gateway, start_worker = setup
+    start_worker(step_s=0.02, prefill_chunks=3, fail_after=0)
+    gateway.wait_ready()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/completions", json.dumps({"model": M, "prompt": "Hi", "max_tokens": 5, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 500 and body["error"]["code"] == "internal", (resp.status, body)
+
+
+def test_replies_without_tokens_add_nothing_to_the_output(setup):
+    gateway, start_worker = setup
+    start_worker(step_s=0.01, prefill_chunks=4)
+    gateway.wait_ready()
+    status, _, payload = post(gateway, {"model": M, "prompt": "Hi", "max_tokens": 6})
+    assert status == 200 and payload["usage"]["completion_tokens"] == 6, payload
+    stream = SSE(gateway, max_tokens=6)
+    stream.wait_closed(30)
+    events = stream.events
+    assert events[-1] == "[DONE]", events
+    assert sum(1 for e in events[:-1] if e.get("choices") and e["choices"][0]["text"]) == 6, events

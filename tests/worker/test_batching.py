@@ -120,7 +120,9 @@ def mux(stack):
 
 
 def test_cancelling_one_request_leaves_the_others_alone(stack, mux):
-    prompts, lengths = PROMPTS[:4], [30, 30, 30, 30]
+    """The victim is long (200 tokens) so that the worker, which can run ahead of this reader on a loaded machine,
+    cannot finish it before the cancel sent at its fifth token arrives."""
+    prompts, lengths = PROMPTS[:4], [30, 200, 30, 30]
     expected = alone(stack.worker_addr, prompts, lengths)
     ids = [mux.submit(f"c{i}-{uuid.uuid4().hex[:6]}", p, n) for i, (p, n) in enumerate(zip(prompts, lengths))]
     victim = ids[1]
@@ -132,7 +134,7 @@ def test_cancelling_one_request_leaves_the_others_alone(stack, mux):
 
     mux.run(set(ids), cancel_early)
     tokens, reason = mux.tokens(victim)
-    assert reason == "cancelled" and 5 <= len(tokens) < 30 and tokens == expected[1][0][:len(tokens)]
+    assert reason == "cancelled" and 5 <= len(tokens) < 200 and tokens == expected[1][0][:len(tokens)]
     for i in (0, 2, 3):
         assert mux.tokens(ids[i]) == tuple(expected[i])
 

@@ -62,9 +62,12 @@ def test_available_memory_is_bounded_by_the_cgroup_less_what_it_can_reclaim(monk
     (tmp_path / "memory.current").write_text("536870912\n")
     (tmp_path / "memory.stat").write_text("anon 1\ninactive_file 268435456\n")
     monkeypatch.setattr(kv_budget, "CGROUP", tmp_path)
-    assert kv_budget.available_bytes(torch.device("cpu")) == min(768 << 20, kv_budget._meminfo_available())
+    monkeypatch.setattr(kv_budget, "_meminfo_available", lambda: 5 << 30)  # (the host's moves between two reads)
+    assert kv_budget.available_bytes(torch.device("cpu")) == 768 << 20
+    monkeypatch.setattr(kv_budget, "_meminfo_available", lambda: 512 << 20)  # the host's when it is the lower
+    assert kv_budget.available_bytes(torch.device("cpu")) == 512 << 20
     (tmp_path / "memory.max").write_text("max\n")  # no limit: the host's MemAvailable
-    assert kv_budget.available_bytes(torch.device("cpu")) == kv_budget._meminfo_available()
+    assert kv_budget.available_bytes(torch.device("cpu")) == 512 << 20
 
 
 def test_a_bad_size_names_the_knob():
