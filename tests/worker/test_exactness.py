@@ -156,9 +156,10 @@ def test_bfloat16_with_expert_rows_spread_apart(tmp_path, state_dir, kernel_cach
         log = stack.memd_log.read_text()
         worker_log = stack.worker_log.read_text()
     assert "the rows of gate_up_proj spread 64 bytes further apart" in log, log[-2000:]
-    if exact:
-        assert re.search(r": [1-9][0-9]* routers route decode rows", worker_log), worker_log[-2000:]
+    if exact and re.search(r": [1-9][0-9]* routers route decode rows", worker_log):
         assert "decode rows of the routers by router.c" in worker_log, worker_log[-2000:]  # used, not only wrapped
+    elif exact:  # (a CPU whose oneDNN sums the router's product otherwise: tests/worker/test_router_kernel.py skips)
+        assert "router.c does not give its bits" in worker_log, worker_log[-2000:]
     assert len(set(map(tuple, expected))) > 1, "degenerate oracle: all prompts gave the same output"
     assert got == expected, "mixtral with spread expert rows diverged"
 
