@@ -222,6 +222,10 @@ class Sweep:
                      "peak_memory_bytes": group.peak_bytes() if group else None,
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
+        after = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20), self.opts.read_chunk_bytes,
+                               self.opts.read_threads)  # (a disk that sped up during the run shows here)
+        progress(f"disk just after {name}: {after.describe()}")
+        extra["disk_read_gbps_after"] = after.gbps
         for row in rows:
             self.rows.append({**_EMPTY, **row, **extra, "repeat_index": repeat})
 

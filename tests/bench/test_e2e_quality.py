@@ -1,9 +1,11 @@
 """``bench e2e`` reports prediction quality computed from memd's StatsReply: the run's difference of two replies,
 prefetch precision and recall, precision and recall by lookahead distance, in the rows, the table and the targets."""
+import pytest
+
 from common import messages as m
 from services.bench.e2e import MOEINF, ONDEMAND, Result, Timing
 from services.bench.e2e_quality import delta, stats_counters
-from services.bench.e2e_report import _HEADER, _line, _quality_lines, _targets
+from services.bench.e2e_report import _HEADER, _floor, _line, _quality_lines, _targets
 
 
 def stats(scale: int) -> m.StatsReply:
@@ -68,6 +70,19 @@ def test_delivered_bandwidth_above_the_probe_is_not_counted_as_met():
     assert check(0.95)["met"] and not check(0.85)["met"]
     above = check(1.3)  # the reader cannot beat the probe on one disk state: the disk changed between the two
     assert not above["met"] and "not counted as met" in above["measured"]
+
+
+def test_the_bandwidth_target_and_floor_take_the_best_probe_around_the_run():
+    """A disk that sped up during the run shows in the probe just after it: the loads are judged against the best
+    of the run start's and the probes just before and after (a faster probe: a harder target, a lower I/O floor)."""
+    row = {"system": ONDEMAND, "concurrency": 1, "expert_memory": "25%", "decode_ms_per_token_p50": 500.0,
+           "busy_read_gbps": 1.3, "stall_read_gbps": 2.6, "load_read_gbps": 1.3, "disk_read_gbps_before": 1.0,
+           "disk_read_gbps_after": 1.4, "bytes_read_per_token": 1.4e8}
+    target = next(t for t in _targets([row], [], 1.0, ["25%"]) if "bandwidth" in t["target"])
+    assert target["met"] and "1.30 of 1.40 GB/s" in target["measured"]
+    assert not next(t for t in _targets([{**row, "disk_read_gbps_after": 1.6}], [], 1.0, ["25%"])
+                    if "bandwidth" in t["target"])["met"]  # 81%
+    assert _floor(row, None, 1.0)["io_floor_ms"] == pytest.approx(100.0)  # 1.4e8 bytes at 1.4 GB/s
 
 
 def test_disk_busy_is_the_loading_share_of_decode_time_else_of_the_run():
