@@ -116,14 +116,17 @@ class ExpertReader:
             self._cv.notify(len(job.pieces) - job.next)
 
     def cancel(self, job: ReadJob) -> None:
-        """Stop a prefetch: at once if no piece of it is being read, else when those pieces end."""
+        """Stop a prefetch: at once if no piece of it is being read, else when those pieces end. Its future is
+        settled outside the lock, as ``_finish`` does: a callback that takes another lock (the host tier's, whose
+        holder may be submitting here) must not wait while this one is held."""
         with self._cv:
             if job.demand or job.removed:
                 return
             job.cancelled = True
-            if job.inflight == 0:
-                self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
-                settle(job.future, ReadCancelled())
+            if job.inflight:
+                return
+            self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
+        settle(job.future, ReadCancelled())
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
@@ -244,6 +247,11 @@ class ExpertReader:
             job, piece = taken
             try:
                 self.store.prepare(job.key)  # the compressed cache converts an expert on its first read
+            except Exception as exc:  # (a full cache disk, an EIO): this job fails, and the permit _read would
+                self._inflight.release()  # have given back is given back here, or the readers run out of them
+                self._finish(job, piece, 0, exc)
+                continue
+            try:
                 n = self._read(piece)
             except Exception as exc:  # an I/O error fails this job only
                 self._finish(job, piece, 0, exc)

@@ -297,7 +297,8 @@ class MemdServer:
             plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys] if host else None)
             loading = {key: self.loads.start(key, slot, demand=True) for key, slot in plan.loads}
             loading.update((key, self.loads.promote(key)) for key in plan.already_loading)
-            wait = lambda: others_hold(self.clients.values(), client, self.reclaim_leases)  # noqa: E731 (no slot)
+            wait = lambda: others_hold(self.clients.values(), client,  # noqa: E731 (no slot)
+                                       lambda: self.reclaim_leases(but=client))
             loading.update((key, asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait)))
                            for key in plan.no_slot)
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
@@ -314,7 +315,7 @@ class MemdServer:
         short = shortfall(self.table, keys, reserve, spare)
         # the layer itself lacks slots (not just the prefetch reserve, which this worker's own leases refill)
         if short > reserve and any(c.leases for c in self.clients.values() if c is not client):
-            self.reclaim_leases()
+            self.reclaim_leases(but=client)
         return client.lease(self.table, keys, shortfall=short, room=room(self.table, keys, reserve), spare=spare)
 
     def _release_held(self, client: ConnectedWorker, req: m.AcquireRequest, keys) -> None:
@@ -372,11 +373,13 @@ class MemdServer:
         self.host.forget(client.pid, keep_cost=True)
         client.return_leases(self.table)
 
-    def reclaim_leases(self) -> None:
-        """Ask every worker to hand back its leases: each does at its next acquire, which the bumped epoch on the
-        control page makes it send (an idle worker holds none)."""
+    def reclaim_leases(self, but: ConnectedWorker | None = None) -> None:
+        """Ask every worker (``but`` the one acquiring: it gives back only its shortfall, in its own acquire) to hand
+        back its leases: each does at its next acquire, which the bumped epoch on the control page makes it send (an
+        idle worker holds none)."""
         for client in self.clients.values():
-            client.reclaim = bool(client.leases)
+            if client is not but:
+                client.reclaim = bool(client.leases)
         if self.control is not None:
             self.control.bump()
 

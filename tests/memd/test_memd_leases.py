@@ -131,6 +131,18 @@ def test_another_workers_miss_waits_for_the_holder_to_come_back(connect):
     assert holder.last_leased
 
 
+def test_a_worker_short_of_slots_beside_another_holder_gives_back_only_its_shortfall(connect):
+    """The pool is all leases, half each; a worker one slot short asks the other back, and itself gives back just
+    the one slot it lacks (its other leases stay: a reclaim of its own would send every later layer to memd)."""
+    first, second = connect(), connect()
+    acquire(first, 0, [0, 1, 2, 3])
+    acquire(second, 0, [4, 5, 6, 7])
+    acquire(first, 1, [0])
+    assert (1, 0) in first.leases and len([k for k in first.leases if k[0] == 0]) == 3, sorted(first.leases)
+    acquire(second, 0, [4, 5])
+    assert not second.last_leased, "the other worker was asked back (its epoch moved)"
+
+
 def test_an_acquire_waits_for_another_workers_pins_but_not_for_its_own(connect):
     explicit, client = connect(leases=False), connect()
     acquire(explicit, 0, list(range(8)))  # pinned until released: the whole pool

@@ -358,3 +358,32 @@ def test_a_submit_wakes_as_many_threads_as_the_job_has_pieces(data, monkeypatch)
         monkeypatch.undo()
         reader.close()
     assert spread == 4 and woken == [4, 1]
+
+
+def test_experts_whose_preparation_fails_fail_alone_and_leave_the_readers_their_permits(data):
+    """A compressed cache converts an expert on its first read (``store.prepare``); a conversion that fails (a full
+    cache disk) fails that load, and more failures than reader threads must not use up the read permits: a healthy
+    expert still loads, and the reader closes."""
+    path, payload = data
+    keys = [(0, e) for e in range(6)]
+    segments = contiguous(path, keys)
+
+    def prepare(key):
+        if key[1] < 5:
+            raise OSError(28, "No space left on device")
+
+    store = SimpleNamespace(files=[str(path)], segments=segments, prepare=prepare)
+    buf, pool = page_pool(len(keys))
+    reader = ExpertReader(store, pool, SLOT, direct_io=False, threads=2, chunk=SLOT)
+    try:
+        for slot, key in enumerate(keys[:5]):
+            with pytest.raises(OSError, match="No space left"):
+                reader.read(key, slot)
+        job = reader.submit(keys[5], 5, demand=True)
+        assert job.future.result(timeout=10)[0] == SLOT
+        assert bytes(pool[5 * SLOT:6 * SLOT]) == payload[5 * SLOT:6 * SLOT]
+    finally:
+        closer = threading.Thread(target=reader.close)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "the reader did not close"
