@@ -7,10 +7,9 @@ planner. It never reads a file or awaits anything: the server (real reads in rea
 1. ``note`` (a worker's per-layer LAYER_NOTE, leased layer or not) or an ``acquire`` that carries its layer's
    routing feeds the predictor, the policy (``on_step``, ``on_layer``) and the scores, once per (worker, step, layer);
 2. ``acquire``: pin and count; hits, already-loading joins and on-demand loads (reserved slots);
-3. the caller starts the loads, replies, then calls ``plan`` (off the acquire path): predictions for the next
-   layers, prefetches to start (slots reserved; none while on-demand reads are queued, and only those whose
-   expected benefit beats their cost) and stale ones to cancel;
-3. ``load_done`` / ``load_cancelled`` / ``load_failed`` as reads end; ``stall`` with the time an acquire waited.
+3. the caller starts the loads, replies, then calls ``plan`` (off the acquire path): the next layers' predictions,
+   prefetches to start (slots reserved; none while demand reads are queued; only those worth their cost), stale ones;
+4. ``load_done`` / ``load_cancelled`` / ``load_failed`` as reads end; ``stall`` with the time an acquire waited.
 Correctness never depends on a prediction: a prefetch only takes a free or evictable slot, and an on-demand load
 that finds every slot pinned or loading gets one by cancelling a prefetch (``steal_candidate``).
 """
@@ -91,7 +90,7 @@ class ExpertCache:
         self.planner = PrefetchPlanner(expert_bytes, self.predictor.window, knobs.threshold, knobs.budget_bytes)
         self.metrics = Metrics(num_layers)
         self.prefetching = knobs.prefetch
-        self.unused: dict[Key, tuple[int, int, float]] = {}  # prefetched, not yet used -> target step, layer, priority
+        self.unused: dict[Key, tuple] = {}  # prefetched, not used yet -> (its worker, target step, layer, priority)
         self.transient: dict[Key, bool] = {}  # loading key -> admit as transient when loaded
         self.protect: dict[Key, float] = {}  # imminently needed (last plan) -> priority: evictions spare them
         self.bad_traces = 0
@@ -222,7 +221,7 @@ class ExpertCache:
         self.planner.retarget(worker, candidates)
         acquired = {(state.layer, e) for e in state.routed}
         plan.cancel = self.planner.stale(worker, state.step, state.layer, acquired)
-        self.protect = self._protected(candidates, state.step, state.layer)
+        self.protect = self._protected(candidates, worker, state.step, state.layer)
         if not self.prefetching or demand_busy:
             self.metrics.prefetch_deferred += demand_busy and self.prefetching
             return plan
@@ -239,20 +238,20 @@ class ExpertCache:
             if slot is None:
                 continue
             self.planner.issued(worker, c)
-            self.unused[c.key] = (c.step, c.key[0], c.priority)
+            self.unused[c.key] = (worker, c.step, c.key[0], c.priority)
             self.protect[c.key] = c.priority
             self.transient[c.key] = False
             self.metrics.prefetch_issued[c.key[0]] += 1
             plan.start.append((c.key, slot, c.priority))
         return plan
 
-    def _protected(self, candidates, step: int, layer: int) -> dict[Key, float]:
-        """Experts evictions spare while they can, with their priorities: the plan's resident candidates, and the
-        prefetches not used yet whose target (step, layer) is still ahead (a later prefetch of lower priority must
-        not evict one before its layer ran; an on-demand load takes them only when nothing else is left)."""
+    def _protected(self, candidates, worker, step: int, layer: int) -> dict[Key, float]:
+        """Experts evictions spare while they can, with their priorities: the plan's resident candidates, unused
+        prefetches whose target (step, layer) is ahead (no later, lesser prefetch evicts one before its layer ran;
+        a demand load takes them last), and another worker's unused prefetches (its steps are counted apart)."""
         protect = {c.key: c.priority for c in candidates if c.key in self.table.slot_of}
-        for key, (t_step, t_layer, priority) in self.unused.items():
-            if (t_step, t_layer) > (step, layer) and priority > protect.get(key, -1.0):
+        for key, (owner, t_step, t_layer, priority) in self.unused.items():
+            if (owner != worker or (t_step, t_layer) > (step, layer)) and priority > protect.get(key, -1.0):
                 protect[key] = priority
         return protect
 
@@ -343,6 +342,7 @@ class ExpertCache:
 
     def forget_worker(self, worker) -> None:
         self.predictor.forget(worker)
+        self.unused = {k: v for k, v in self.unused.items() if v[0] != worker}
         self.metrics.forget_worker(worker)
 
     # ---------------------------------------------------------------- traces

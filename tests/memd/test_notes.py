@@ -152,9 +152,12 @@ def test_an_unused_prefetch_is_spared_until_its_layer_has_run():
     core = core_with(slots=4)
     core.table.reserve((2, 1))
     core.table.loaded((2, 1))
-    core.unused[(2, 1)] = (1, 2, 0.9)  # prefetched for step 1, layer 2
-    assert core._protected([], 1, 1) == {(2, 1): 0.9}
-    assert core._protected([], 1, 2) == {} and core._protected([], 2, 0) == {}  # its layer ran: a victim like any
+    core.unused[(2, 1)] = (7, 1, 2, 0.9)  # prefetched for worker 7's step 1, layer 2
+    assert core._protected([], 7, 1, 1) == {(2, 1): 0.9}
+    assert core._protected([], 7, 1, 2) == {} and core._protected([], 7, 2, 0) == {}  # its layer ran: a victim
+    assert core._protected([], 8, 9, 0) == {(2, 1): 0.9}  # another worker's steps say nothing of worker 7's
+    core.forget_worker(7)
+    assert core._protected([], 8, 0, 0) == {}  # gone with its worker
 
 
 def test_time_per_layer_is_compute_not_the_waits_for_loads():
