@@ -75,14 +75,12 @@ class RouterKernel:
         code = self.fn(weight.data_ptr(), weight.stride(0), x.data_ptr(), m, cols, experts, block, top_k, lanes,
                        self.exp[lanes], int(renorm), int(bf16), scratch.data_ptr(), logits.data_ptr(),
                        scores.data_ptr(), indices.data_ptr())
-        if code != 0:
-            return None
-        self.mv.note("decode rows of the routers", by="router.c")
-        return logits, scores, indices
+        return (logits, scores, indices) if code == 0 else None
 
     @torch.inference_mode()
     def verdict(self, module: nn.Module) -> tuple[int, bool, bool] | None:
-        """``(lanes, renorm, bf16)`` with which the kernel gives ``module``'s own outputs on every probe, or None."""
+        """``(lanes, renorm, bf16)`` with which the kernel gives ``module``'s own outputs on every probe (and torch's
+        ops' float32 scores: ``float_path_holds``), or None."""
         weight, top_k = module.weight, module.top_k
         gen = torch.Generator().manual_seed(weight.shape[0] * 131 + weight.shape[1])
         probes = [(torch.randn(rows, weight.shape[1], generator=gen) * scale).bfloat16()
@@ -102,7 +100,6 @@ class RouterKernel:
         log.info("%s (%d experts, top %d) keeps its own forward: router.c does not give its bits",
                  type(module).__name__, weight.shape[0], top_k)
         return None
-
 
     def float_path_holds(self, weight, top_k: int, lanes: int, renorm: bool) -> bool:
         """The kernel's float32 scores equal torch's own ops on its own logits, bit for bit, on ``FLOAT_PROBES``
@@ -200,4 +197,7 @@ def _forward(module: nn.Module, own, kernel: RouterKernel, lanes: int, renorm: b
             or not hidden_states.is_contiguous():
         return own(hidden_states, *args, **kwargs)
     out = kernel.run(weight, module.top_k, hidden_states, lanes, renorm, bf16)
-    return own(hidden_states) if out is None else out
+    if out is None:
+        return own(hidden_states)
+    kernel.mv.note("decode rows of the routers", by="router.c")  # (said once: a step's, not the check's)
+    return out
