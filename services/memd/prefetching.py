@@ -90,6 +90,16 @@ class Prefetcher:
             for key in plan.cancel:
                 self.loads.cancel(key)
             for key, slot, priority in plan.start:
-                self.loads.start(key, slot, demand=False, priority=priority)
+                self._start(key, slot, priority)
         except Exception:
             log.exception("prefetch planning failed (the acquires go on)")
+
+    def _start(self, key, slot: int, priority: float) -> None:
+        """One planned prefetch; one that cannot start gives back the slot the plan reserved for it (else that slot
+        would stay loading with no read behind it, and an acquire of the expert would wait for nothing)."""
+        try:
+            self.loads.start(key, slot, demand=False, priority=priority)
+        except Exception:
+            log.exception("prefetch of expert %s could not start", key)
+            self.loads.jobs.pop(key, None)
+            self.core.load_failed(key)

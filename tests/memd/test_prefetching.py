@@ -124,3 +124,34 @@ async def test_busy_time_counts_wall_time_with_some_load_in_flight_once():
     assert loads.busy_seconds() >= busy + 0.02  # a load in flight counts while it runs
     reader.jobs[2].future.set_result((100, 0.02))
     await third
+
+
+async def test_a_prefetch_that_cannot_start_gives_back_its_slot_and_the_rest_still_start():
+    """The plan reserved a slot for each prefetch; one whose read cannot be submitted (a closed reader, a bad slot)
+    must not leave its slot loading with no read behind it, nor stop the plan's other prefetches."""
+    class Planned(StubCore):
+        def __init__(self):
+            super().__init__()
+            self.failed = []
+
+        def plan_prefetch(self, worker, layer, bandwidth, *, demand_busy: bool) -> PrefetchPlan:
+            plan = PrefetchPlan()
+            plan.start = [((1, 0), 0, 0.9), ((1, 1), 1, 0.8)]
+            return plan
+
+        def load_failed(self, key):
+            self.failed.append(key)
+
+    class Refusing(StubReader):
+        def submit(self, key, slot, *, demand, priority=0.0):
+            if key == (1, 0):
+                raise RuntimeError("the reader is closed")
+            return super().submit(key, slot, demand=demand, priority=priority)
+
+    core, reader = Planned(), Refusing()
+    loads = Loads(core, reader)
+    Prefetcher(core, loads, lambda: None).plan("worker")
+    assert core.failed == [(1, 0)] and (1, 0) not in loads.jobs and (1, 0) not in loads.tasks
+    assert [job.key for job in reader.jobs] == [(1, 1)] and (1, 1) in loads.tasks
+    reader.jobs[0].future.set_result((100, 0.01))
+    await loads.tasks[(1, 1)]
