@@ -116,7 +116,7 @@ def candidate(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     """``(weight, eps)`` of a module that may be an RMSNorm the kernel computes (the check decides), else None: its
     class calls itself one, its forward takes the hidden states alone (a gated norm's gate is refused), and it holds
     a bfloat16 ``[width]`` weight on the CPU and a float epsilon."""
-    if "RMSNorm" not in type(module).__name__ or not _one_argument(type(module).forward):
+    if "RMSNorm" not in type(module).__name__ or not one_argument(type(module).forward):
         return None
     weight = getattr(module, "weight", None)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
@@ -125,7 +125,9 @@ def candidate(module: nn.Module) -> tuple[torch.Tensor, float] | None:
     return weight, eps
 
 
-def _one_argument(forward) -> bool:
+def one_argument(forward) -> bool:
+    """Does ``forward`` (a method) take exactly one argument besides ``self``, by position? (Also for
+    ``router_kernel.candidate``.)"""
     try:
         params = list(inspect.signature(forward).parameters.values())[1:]  # (self)
     except (TypeError, ValueError):

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import inspect
 import logging
 import os
 
 import torch
 from torch import nn
+
+from services.worker.rms_norm import one_argument
 
 log = logging.getLogger("moeinf.worker")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -147,22 +148,13 @@ def candidate(module: nn.Module) -> bool:
     """A module the kernel may compute (the check decides): a router by its class's name, its forward taking the
     hidden states alone, a bfloat16 ``[experts, hidden]`` weight on the CPU with rows contiguous, no bias, an integer
     ``top_k``, and none of the attributes of routers that compute more (score-correction biases, expert groups)."""
-    if "Router" not in type(module).__name__ or not _one_argument(type(module).forward):
+    if "Router" not in type(module).__name__ or not one_argument(type(module).forward):
         return False
     weight, top_k = getattr(module, "weight", None), getattr(module, "top_k", None)
     if not _usable(weight) or not isinstance(top_k, int) or not 0 < top_k <= weight.shape[0]:
         return False
     extras = ("bias", "e_score_correction_bias", "n_group", "topk_group", "routed_scaling_factor")
     return all(getattr(module, name, None) is None for name in extras)
-
-
-def _one_argument(forward) -> bool:
-    try:
-        params = list(inspect.signature(forward).parameters.values())[1:]  # (self)
-    except (TypeError, ValueError):
-        return False
-    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _usable(weight) -> bool:

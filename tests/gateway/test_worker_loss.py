@@ -1,5 +1,6 @@
 """A worker that dies or fails a step: streams end with an error event at once, slots are freed, /health is 503,
 and the gateway serves again as soon as a worker answers. (The real kill -9 is tests/fault/test_stream_kill.py.)"""
+import contextlib
 import http.client
 import json
 import subprocess
@@ -39,6 +40,22 @@ def setup(demo_model, codec):
     for worker in workers:
         worker.close()
     tmp.cleanup()
+
+
+@contextlib.contextmanager
+def own_gateway(demo_model, codec, worker: dict, **knobs):
+    """``(gateway, worker)``: a gateway with ``knobs`` before a fake worker with ``worker``'s settings, ready."""
+    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")  # short: ipc:// paths are at most 107 bytes
+    cfg = gateway_config(demo_model, Path(tmp.name), **knobs)
+    fake = FakeWorker(cfg.worker_addr, len(codec.tokenizer), **worker)
+    gateway = LocalGateway(cfg, codec)
+    try:
+        gateway.wait_ready()
+        yield gateway, fake
+    finally:
+        gateway.close()
+        fake.close()
+        tmp.cleanup()
 
 
 def SSE(gateway, max_tokens=4000) -> SseStream:  # noqa: N802 (reads as the stream it returns)
@@ -190,33 +207,19 @@ def test_a_client_that_leaves_cancels_its_generation_at_once_without_the_garbage
 def test_a_silent_worker_fails_the_request_and_is_told_to_cancel_it(demo_model, codec):
     """No token for --step-timeout-s: the client gets a 503 naming the knob, and the worker (alive, its step stalled)
     is told to cancel the request, so it stops holding a slot for nobody."""
-    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
-    cfg = gateway_config(demo_model, Path(tmp.name), step_timeout_s=1.0)
-    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), step_s=0.05, silent_after=1)
-    gateway = LocalGateway(cfg, codec)
-    try:
-        gateway.wait_ready()
+    with own_gateway(demo_model, codec, dict(step_s=0.05, silent_after=1), step_timeout_s=1.0) as (gateway, worker):
         start = time.monotonic()
         status, _, payload = post(gateway, {"model": M, "prompt": "x", "max_tokens": 5})
         assert status == 503 and "--step-timeout-s" in payload["error"]["message"], payload
         assert time.monotonic() - start < 10
         wait(lambda: len(worker.cancelled) == 1 and not worker.live, timeout=5)
         wait(lambda: gateway.gateway.active == 0, timeout=2)
-    finally:
-        gateway.close()
-        worker.close()
-        tmp.cleanup()
 
 
 def test_a_flood_of_health_checks_sends_the_worker_one_info_call_at_a_time(demo_model, codec):
     """/health needs no key: 40 at once must not take the worker link's room from generation calls. They join the
     refresh in flight, so the worker hears one WORKER_INFO per refresh, and every one of them answers 200."""
-    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
-    cfg = gateway_config(demo_model, Path(tmp.name))
-    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), info_s=0.3)
-    gateway = LocalGateway(cfg, codec)
-    try:
-        gateway.wait_ready()
+    with own_gateway(demo_model, codec, dict(info_s=0.3)) as (gateway, worker):
         before = worker.infos
         statuses = []
 
@@ -232,21 +235,12 @@ def test_a_flood_of_health_checks_sends_the_worker_one_info_call_at_a_time(demo_
             t.join(30)
         assert statuses == [200] * 40
         assert worker.infos - before <= 6, worker.infos - before  # a few refreshes (and the poller's), not 40
-    finally:
-        gateway.close()
-        worker.close()
-        tmp.cleanup()
 
 
 def test_a_request_waiting_its_turn_is_not_failed_while_the_worker_answers_others(demo_model, codec):
     """A worker running one request at a time: the second waits silent for longer than --step-timeout-s, but the
     worker streams the first all along, so the second is not failed as silent; it runs after, and both finish."""
-    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
-    cfg = gateway_config(demo_model, Path(tmp.name), step_timeout_s=0.5)
-    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), step_s=0.05, max_running=1)
-    gateway = LocalGateway(cfg, codec)
-    try:
-        gateway.wait_ready()
+    with own_gateway(demo_model, codec, dict(step_s=0.05, max_running=1), step_timeout_s=0.5) as (gateway, worker):
         results = []
         threads = [threading.Thread(target=lambda: results.append(post(gateway, {"model": M, "prompt": "x",
                                                                                   "max_tokens": 30})))
@@ -258,10 +252,6 @@ def test_a_request_waiting_its_turn_is_not_failed_while_the_worker_answers_other
         assert sorted(status for status, _, _ in results) == [200, 200], results
         assert all(payload["usage"]["completion_tokens"] == 30 for _, _, payload in results)
         assert not worker.cancelled
-    finally:
-        gateway.close()
-        worker.close()
-        tmp.cleanup()
 
 
 def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(demo_model, codec):
@@ -270,13 +260,9 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(demo_model, c
     generation cancelled and its slot freed."""
     import socket
 
-    tmp = tempfile.TemporaryDirectory(prefix="gw", dir="/tmp")
-    cfg = gateway_config(demo_model, Path(tmp.name), stream_write_timeout_s=1.0, max_tokens_limit=200_000)
-    worker = FakeWorker(cfg.worker_addr, len(codec.tokenizer), max_model_len=300_000)
-    gateway = LocalGateway(cfg, codec)
-    client = socket.socket()
-    try:
-        gateway.wait_ready()
+    knobs = dict(stream_write_timeout_s=1.0, max_tokens_limit=200_000)
+    with own_gateway(demo_model, codec, dict(max_model_len=300_000), **knobs) as (gateway, worker), \
+            contextlib.closing(socket.socket()) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.connect(("127.0.0.1", gateway.port))
         body = json.dumps({"model": M, "prompt": "Hi", "max_tokens": 200_000, "stream": True}).encode()
@@ -286,11 +272,6 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(demo_model, c
         wait(lambda: worker.cancelled and not worker.live, timeout=60)
         wait(lambda: gateway.gateway.active == 0, timeout=5)
         assert len(worker.cancelled) == 1
-    finally:
-        client.close()
-        gateway.close()
-        worker.close()
-        tmp.cleanup()
 
 
 def test_a_failure_during_a_long_prompts_prefill_is_an_http_error_not_a_started_stream(setup):
