@@ -18,9 +18,10 @@ ENV PYTHONUNBUFFERED=1 \
     MOEINF_STATE_DIR=/state \
     MOEINF_DEMO_DIR=/state/demo-model
 
-# A C compiler: the worker builds its dequantization kernels for quantized checkpoints on first use, for the CPU it
-# runs on (services/worker/dequant_kernel.py). apt-get needs a Debian-based BASE_IMAGE; CC_PACKAGES="" leaves the
-# compiler out (any base image then; quantized experts are dequantized with torch's ops, 2-3x slower).
+# A C compiler: the worker builds its kernels (matrix-vector products, norms, routers, dequantization) on first use,
+# for the CPU it runs on (services/worker/dequant_kernel.py). apt-get needs a Debian-based BASE_IMAGE;
+# CC_PACKAGES="" leaves the compiler out (any base image then; every kernel falls back to torch: bf16 decode ~1.6x
+# slower, quantized experts dequantized with torch's ops, 2-3x slower).
 ARG CC_PACKAGES="gcc libc6-dev"
 RUN if [ -n "${CC_PACKAGES}" ]; then apt-get update && apt-get install -y --no-install-recommends ${CC_PACKAGES} \
     && rm -rf /var/lib/apt/lists/*; fi

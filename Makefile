@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch that lies on this kind of machine; pyproject's range accepts it, so nothing bigger is pulled.
+# The CPU build of torch (pyproject's range accepts it, so nothing bigger is pulled): PyPI's Linux torch is the CUDA
+# build, so pip also looks in PyTorch's CPU index, whose +cpu version sorts first (a wheel already on the machine
+# serves as well; an index out of reach is skipped)
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= .cache/demo-model
 PYTEST_ARGS ?=
 # make test: test processes (pytest-xdist) for all but the `serial` tests, which run alone afterwards (exit status
@@ -17,7 +20,7 @@ E2E_PYTHON ?= $(BIN)/python
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --extra-index-url $(TORCH_INDEX) --timeout 30 --retries 1 "$(TORCH)"
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

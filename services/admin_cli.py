@@ -29,7 +29,8 @@ class AdminConfig:
     admin_socket: str = knob("", "the admin socket: a path, or tcp://HOST:PORT for memd's --admin-tcp (default"
                                  " <state-dir>/admin.sock)")
     admin_token: str = knob("", "token for a TCP admin socket: memd's --admin-token")
-    timeout_s: float = knob(10.0, "seconds to wait for memd's answer")
+    timeout_s: float = knob(10.0, "seconds to wait for memd's answer (env MOEINF_TIMEOUT_S, which moeinf health reads"
+                                  " too)")
 
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))

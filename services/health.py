@@ -22,7 +22,7 @@ class HealthConfig:
     state_dir: Path = knob(default_state_dir(), "the services' state directory (memd and worker sockets)")
     host: str = knob("127.0.0.1", "gateway address to ask (0.0.0.0 asks this host)")
     port: int = knob(8000, "gateway HTTP port")
-    timeout_s: float = knob(2.0, "seconds to wait for the answer")
+    timeout_s: float = knob(2.0, "seconds to wait for the answer (env MOEINF_TIMEOUT_S, which moeinf admin reads too)")
     worker_id: str = knob("", "the worker to ask: worker-<id>.sock (auto: the host name), as the worker's --worker-id")
 
     def __post_init__(self):

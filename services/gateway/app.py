@@ -96,10 +96,17 @@ class Gateway:
             return web.json_response({"status": "unavailable", "reason": self.health_reason}, status=503)
         return web.json_response({"status": "ok", "model": self.cfg.served_model_name})
 
-    async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "moeinf",
+    def model_card(self) -> dict:
+        return {"id": self.cfg.served_model_name, "object": "model", "created": 0, "owned_by": "moeinf",
                 "max_model_len": self.info.max_model_len if self.info else None}
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}`` (the client libraries' ``models.retrieve``)."""
+        rq.check_model({"model": request.match_info["model"]}, self.cfg.served_model_name)
+        return web.json_response(self.model_card())
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_spec(self.cfg))
@@ -189,8 +196,14 @@ class Gateway:
 
     def worker_request(self, job: rq.Job, info: m.WorkerInfoReply) -> m.GenerateRequest:
         return m.GenerateRequest(request=uuid.uuid4().hex, prompt=job.prompt_ids, max_tokens=job.max_tokens,
-                                 stop_token_ids=list(info.eos_token_ids), temperature=job.temperature,
+                                 stop_token_ids=self.stop_token_ids(info), temperature=job.temperature,
                                  top_p=job.top_p, top_k=job.top_k, seed=job.seed, forced_tokens=job.forced_tokens)
+
+    def stop_token_ids(self, info: m.WorkerInfoReply) -> list[int]:
+        """The model's end-of-sequence tokens (its generation config's, as transformers stops) and the tokenizer's
+        own, where a checkpoint's configs lack or differ from it (as vLLM stops)."""
+        eos = self.codec.eos_token_id
+        return list(info.eos_token_ids) + ([eos] if eos is not None and eos not in info.eos_token_ids else [])
 
     async def tokens(self, job: rq.Job, info: m.WorkerInfoReply, out: Output, clock: RequestClock):
         """Yield text deltas; cancels the worker's generation on a stop string, an error or a disconnect.
@@ -263,6 +276,7 @@ def build_app(cfg: GatewayConfig, codec: TextCodec) -> web.Application:
     app.on_response_prepare.append(add_cors_headers)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/v1/models/{model:.+}", gateway.model)
     app.router.add_get("/openapi.json", gateway.openapi)
     app.router.add_get("/metrics", gateway.metrics.handle)
     app.router.add_post("/v1/completions", gateway.completions)

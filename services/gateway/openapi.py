@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from common.config import GatewayConfig
-from services.gateway.requests import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, MAX_USER, MIN_TEMPERATURE
+from services.gateway.requests import (MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, MAX_USER, MESSAGE_NEUTRAL, MIN_TEMPERATURE,
+                                      NEUTRAL)
 
 
 def _sampling(cfg: GatewayConfig) -> dict:
@@ -16,7 +17,8 @@ def _sampling(cfg: GatewayConfig) -> dict:
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
         "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K, "default": 0,
                   "description": "0 or -1: off; values above the vocabulary size are off too"},
-        "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+        "seed": {"type": "integer", "minimum": -2**63, "maximum": 2**64 - 1,
+                 "description": "taken modulo 2^63 (-1 is 2^63 - 1): the same seed gives the same sampling"},
         "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                            {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                             "maxItems": MAX_STOP}]},
@@ -26,7 +28,14 @@ def _sampling(cfg: GatewayConfig) -> dict:
         "user": {"type": "string", "maxLength": MAX_USER,
                  "description": "the client's end-user id: a conversation's turns go back to the worker that served"
                                 " its last turn (--affinity-entries)"},
+        **_neutral(NEUTRAL),
     }
+
+
+def _neutral(fields: dict) -> dict:
+    """OpenAI's parameters moeinf does not implement: accepted only at a value that asks for nothing (400 else)."""
+    return {name: {"enum": [None, *values], "description": "not implemented: only this value (or null)"}
+            for name, values in fields.items()}
 
 
 
@@ -44,8 +53,10 @@ def _post(summary: str, request: dict, response: dict) -> dict:
     errors = {str(code): {"description": text, "content": {"application/json": {"schema": _ERROR}}}
               for code, text in ((400, "invalid request"), (401, "missing or wrong API key (with --api-key)"),
                                  (404, "unknown model"), (408, "body not sent within --body-timeout-s"),
-                                 (413, "body too large"), (415, "body not application/json"),
-                                 (429, "queue full (see Retry-After)"),
+                                 (405, "another method than POST"), (413, "body too large"),
+                                 (415, "body not application/json"), (429, "queue full (see Retry-After)"),
+                                 (431, "request headers too large"),
+                                 (500, "the generation failed (the worker's log has the details)"),
                                  (503, "worker or memd not ready, or gone (see Retry-After)"))}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
         "application/json": {"schema": request}}}, "responses": {
@@ -56,17 +67,23 @@ def _post(summary: str, request: dict, response: dict) -> dict:
 
 def openapi_spec(cfg: GatewayConfig) -> dict:
     model, sampling = cfg.served_model_name, _sampling(cfg)
+    ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
     completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
         **sampling, "prompt": {"oneOf": [
-            {"type": "string", "minLength": 1},
-            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]},
+            {"type": "string", "minLength": 1}, ids,
+            {"type": "array", "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]}, "minItems": 1,
+             "maxItems": 1, "description": "a batch of one prompt"}]},
         "target_language": {"type": "string", "description": "translation models (NLLB-MoE) only, and required"
                             " there: the language to write, a language code of the model's tokenizer (fra_Latn)"}}}
     text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
                  "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
     message = {"type": "object", "required": ["role", "content"], "additionalProperties": False, "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]}}}
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}],
+                    "description": "text parts are joined with newlines"},
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_USER,
+                 "description": "given to the chat template (400 for a tokenizer without one)"},
+        **_neutral(MESSAGE_NEUTRAL)}}
     chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
         **sampling, "messages": {"type": "array", "items": message, "minItems": 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}}}
@@ -74,13 +91,23 @@ def openapi_spec(cfg: GatewayConfig) -> dict:
                                                       "choices": {"type": "array"}, "usage": _USAGE}}
     chat_out = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "chat.completion"},
                                                 "choices": {"type": "array"}, "usage": _USAGE}}
+    card = {"type": "object", "properties": {"id": {"const": model}, "object": {"const": "model"},
+                                             "created": {"type": "integer"}, "owned_by": {"type": "string"},
+                                             "max_model_len": {"type": ["integer", "null"]}}}
     spec = {
         "openapi": "3.1.0",
         "info": {"title": "moeinf", "version": "1", "description": f"OpenAI-compatible API serving {model}"},
         "paths": {
             "/v1/completions": _post("text completion", completion, completion_out),
             "/v1/chat/completions": _post("chat completion", chat, chat_out),
-            "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {"description": "model list"}}}},
+            "/v1/models": {"get": {"summary": "the served model", "responses": {"200": {
+                "description": "model list", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"object": {"const": "list"},
+                                                     "data": {"type": "array", "items": card}}}}}}}}},
+            "/v1/models/{model}": {"get": {"summary": "the served model's card", "parameters": [
+                {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}], "responses": {
+                "200": {"description": "the model", "content": {"application/json": {"schema": card}}},
+                "404": {"description": "another model", "content": {"application/json": {"schema": _ERROR}}}}}},
             "/health": {"get": {"summary": "200 when worker and memd are ready, else 503 with the reason",
                                 "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics of the gateway (memd serves its own: docs/deploy.md)",

@@ -15,11 +15,16 @@ COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop"
           "user"}
 COMPLETION_ONLY = {"prompt", "target_language"}
 CHAT_ONLY = {"messages", "max_completion_tokens"}
-# Known OpenAI parameters moeinf does not implement: accepted only at their neutral value.
-NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "logprobs": None,
-           "top_logprobs": None, "echo": False, "best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
-           "response_format": None, "parallel_tool_calls": None, "functions": None, "function_call": None,
-           "min_tokens": 0, "repetition_penalty": 1}
+# Known OpenAI parameters moeinf does not implement: accepted only at a value that asks for nothing (or null), each
+# compared with its type (``logprobs: 0`` asks for the chosen token's logprob: it is not ``false``).
+NEUTRAL = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+           "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
+           "tool_choice": ("none",), "response_format": ({"type": "text"},), "parallel_tool_calls": (True, False),
+           "functions": ([],), "function_call": ("none",), "min_tokens": (0,), "repetition_penalty": (1,),
+           "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"), "modalities": (["text"],)}
+# A message's fields beyond role and content: ``name`` goes to the chat template; the rest are what an assistant
+# message echoed back by OpenAI's client carries, accepted only empty (moeinf calls no tools)
+MESSAGE_NEUTRAL = {"tool_calls": ([],), "function_call": (), "refusal": (), "audio": (), "annotations": ([],)}
 ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -65,13 +70,25 @@ def _number(body: dict, name: str, default: float = 1.0) -> float:
         raise bad_request(f"'{name}' is out of range", name) from None
 
 
+def is_neutral(value, accepted: tuple) -> bool:
+    """``value`` is null or one of ``accepted``, compared with its type (a number with a number, never a bool)."""
+    return value is None or any(_same(value, a) for a in accepted)
+
+
+def _same(value, accepted) -> bool:
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return value is accepted
+    if isinstance(accepted, (int, float)):
+        return isinstance(value, (int, float)) and value == accepted
+    return type(value) is type(accepted) and value == accepted
+
+
 def check_known(body: dict, allowed: set[str]) -> None:
     for key, value in body.items():
         if key in allowed:
             continue
         if key in NEUTRAL:
-            neutral = NEUTRAL[key]
-            if value is None or value == neutral or (neutral is None and value in (False, [], {})):
+            if is_neutral(value, NEUTRAL[key]):
                 continue
             raise bad_request(f"'{key}' is not supported by moeinf", key, "unsupported_parameter")
         raise bad_request(f"unrecognized parameter '{key}'", key, "unsupported_parameter")
@@ -79,14 +96,14 @@ def check_known(body: dict, allowed: set[str]) -> None:
 
 def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: int) -> None:
     """Every sampling parameter; ``job.max_tokens`` stays 0 when the body has none (``default_max_tokens``)."""
-    param = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _typed(body, param, int, "an integer")
-    if max_tokens is not None:
-        if max_tokens <= 0:
-            raise bad_request(f"'{param}' must be at least 1", param)
-        if max_tokens > limit:
-            raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
-        job.max_tokens = max_tokens
+    for param in ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",):  # (both checked; the
+        max_tokens = _typed(body, param, int, "an integer")                           # newer name wins)
+        if max_tokens is not None:
+            if max_tokens <= 0:
+                raise bad_request(f"'{param}' must be at least 1", param)
+            if max_tokens > limit:
+                raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
+            job.max_tokens = max_tokens
     job.temperature = _number(body, "temperature")
     if not (job.temperature == 0 or MIN_TEMPERATURE <= job.temperature <= 2):
         raise bad_request(f"'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE} and 2", "temperature")
@@ -101,9 +118,10 @@ def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: 
     if user is not None and len(user) > MAX_USER:
         raise bad_request(f"'user' may be at most {MAX_USER} characters", "user")
     job.user = user
-    job.seed = _typed(body, "seed", int, "an integer")
-    if job.seed is not None and not 0 <= job.seed < 2**63:
-        raise bad_request("'seed' must be in [0, 2^63)", "seed")
+    seed = _typed(body, "seed", int, "an integer")
+    if seed is not None and not -2**63 <= seed < 2**64:
+        raise bad_request("'seed' must be a 64-bit integer", "seed")
+    job.seed = None if seed is None else seed % 2**63  # (the worker's generator takes [0, 2^63): -1 is 2^63 - 1)
     n = _typed(body, "n", int, "an integer", 1)
     if n != 1:
         raise bad_request("only 'n' = 1 is supported", "n")
@@ -165,9 +183,21 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(msg, dict):
             raise bad_request(f"{where} must be an object", where)
         role = msg.get("role")
-        if role not in ROLES:
-            raise bad_request(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}", f"{where}.role")
-        out.append({"role": "system" if role == "developer" else role, "content": _content(msg.get("content"), where)})
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"{where}.role must be one of {sorted(ROLES)}, got {str(role)[:64]!r}", f"{where}.role")
+        parsed = {"role": "system" if role == "developer" else role, "content": _content(msg.get("content"), where)}
+        for key, value in msg.items():
+            if key == "name" and value is not None:
+                if not isinstance(value, str) or not value or len(value) > MAX_USER:
+                    raise bad_request(f"{where}.name must be a non-empty string of at most {MAX_USER} characters",
+                                      f"{where}.name")
+                parsed["name"] = value  # (the chat template decides what it does with it)
+            elif key not in ("role", "content", "name") and not (key in MESSAGE_NEUTRAL
+                                                                and is_neutral(value, MESSAGE_NEUTRAL[key])):
+                what = "is not supported by moeinf" if key in MESSAGE_NEUTRAL else "is not a message field"
+                raise bad_request(f"{where}.{str(key)[:64]} {what}", f"{where}.{str(key)[:64]}",
+                                  "unsupported_parameter")
+        out.append(parsed)
     return out
 
 
@@ -180,7 +210,7 @@ def _content(content, where: str) -> str:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad_request(f"{where}.content: only text parts are supported", f"{where}.content")
             parts.append(part["text"])
-        return "".join(parts)
+        return "\n".join(parts)  # (as vLLM joins them)
     raise bad_request(f"{where}.content must be a string or a list of text parts", f"{where}.content")
 
 

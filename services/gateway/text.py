@@ -57,21 +57,28 @@ class TextCodec:
         return self.mistral_instruct(messages)
 
     def mistral_instruct(self, messages: list[dict]) -> list[int]:
-        """Mistral's ``[INST]`` format, for tokenizers without a chat template (the demo model)."""
+        """Mistral's ``[INST]`` format, for tokenizers without a chat template (the demo model): the system text
+        opens the first user turn, or a turn of its own where no user turn comes before an assistant's (or at all).
+        A message ``name`` needs a template (``TemplateRefused``)."""
+        if any("name" in msg for msg in messages):
+            raise TemplateRefused("this model's tokenizer has no chat template, and messages' 'name' needs one")
         tok = self.tokenizer
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = [m for m in messages if m["role"] != "system"]
         ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        first_user = True
-        for msg in turns:
+        for msg in [m for m in messages if m["role"] != "system"]:
             if msg["role"] == "user":
-                content = f"{system}\n\n{msg['content']}" if system and first_user else msg["content"]
-                first_user = False
+                content = f"{system}\n\n{msg['content']}" if system else msg["content"]
+                system = ""
                 ids += tok.encode(f"[INST] {content} [/INST]", add_special_tokens=False)
-            else:
-                ids += tok.encode(msg["content"], add_special_tokens=False)
-                if tok.eos_token_id is not None:
-                    ids.append(tok.eos_token_id)
+                continue
+            if system:  # an assistant's turn before any user's: the system text is a turn of its own
+                ids += tok.encode(f"[INST] {system} [/INST]", add_special_tokens=False)
+                system = ""
+            ids += tok.encode(msg["content"], add_special_tokens=False)
+            if tok.eos_token_id is not None:
+                ids.append(tok.eos_token_id)
+        if system:  # only system messages
+            ids += tok.encode(f"[INST] {system} [/INST]", add_special_tokens=False)
         return ids
 
     def decode(self, ids: list[int]) -> str:

@@ -252,7 +252,7 @@ class WorkerServer:
             return
         except Exception as exc:
             log.exception("a step of %d requests failed", len(step))
-            self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed: {exc}")
+            self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed in the worker ({type(exc).__name__}; its log has the details)")
             if why := device.broken(self.engine.device):  # every later step would fail too: exit, to be restarted
                 log.error("the worker's %s no longer computes (%s); the worker stops", self.engine.device, why)
                 self.exit_code = 4

@@ -93,6 +93,7 @@ def test_one_pod_per_host_with_memd_as_a_sidecar_of_worker_and_gateway(tree):
     assert term["topologyKey"] == "kubernetes.io/hostname"
     assert term["labelSelector"]["matchLabels"] == one(tree[1], "StatefulSet")["spec"]["template"]["metadata"]["labels"]
     assert spec["securityContext"]["runAsUser"] == 1000 and spec["securityContext"]["fsGroup"] == 1000
+    assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", "else /state turns group-writable"
 
 
 def test_containers_run_the_compose_commands_and_healthchecks(tree):
@@ -109,10 +110,24 @@ def test_containers_run_the_compose_commands_and_healthchecks(tree):
     assert tree[0] != "base" or containers(tree[1])["memd"]["command"][-1] == "8GiB", "compose's default pool"
 
 
+def service_links(docs) -> dict:
+    """The variables the kubelet gives every container for each Service of the namespace (unless the pod says
+    ``enableServiceLinks: false``): a Service ``moeinf`` sets ``MOEINF_PORT=tcp://...``, a moeinf knob's name."""
+    if pod(docs).get("enableServiceLinks") is False:
+        return {}
+    env = {}
+    for doc in docs:
+        if doc["kind"] == "Service":
+            name, port = doc["metadata"]["name"].upper().replace("-", "_"), doc["spec"]["ports"][0]["port"]
+            env |= {f"{name}_SERVICE_HOST": "10.96.0.12", f"{name}_SERVICE_PORT": str(port),
+                    f"{name}_PORT": f"tcp://10.96.0.12:{port}"}
+    return env
+
+
 def test_commands_and_probes_parse_into_valid_configs(tree):
     parser = build_parser()
     for name, container in containers(tree[1]).items():
-        env = {**image_env(), **env_of(container)}
+        env = {**image_env(), **service_links(tree[1]), **env_of(container)}
         lines = [container["command"]] + [container[p]["exec"]["command"] for p in
                                           ("startupProbe", "livenessProbe", "readinessProbe")
                                           if "exec" in container.get(p, {})]

@@ -55,13 +55,30 @@ CASES = [
     ("message not an object", CHAT, {"model": M, "messages": ["hi"]}, 400, "invalid_request_error", "messages[0]"),
     ("image content part", CHAT, {"model": M, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "invalid_request_error", "messages[0].content"),
+    ("role not a string", CHAT, {"model": M, "messages": [{"role": ["user"], "content": "x"}]}, 400,
+     "invalid_request_error", "messages[0].role"),
+    ("unknown message field", CHAT, {"model": M, "messages": [{"role": "user", "content": "x", "nmae": "bob"}]}, 400,
+     "invalid_request_error", "messages[0].nmae"),
+    ("message tool calls", CHAT, {"model": M, "messages": [{"role": "assistant", "content": "x", "tool_calls": [1]}]},
+     400, "invalid_request_error", "messages[0].tool_calls"),
+    ("name without a chat template", CHAT, {"model": M, "messages": [{"role": "user", "content": "x", "name": "b"}]},
+     400, "invalid_request_error", "messages"),
+    ("logprobs zero asks for logprobs", COMP, {"model": M, "prompt": "x", "logprobs": 0}, 400,
+     "invalid_request_error", "logprobs"),
+    ("max_tokens a string beside max_completion_tokens", CHAT, {"model": M, "messages": USER, "max_tokens": "abc",
+     "max_completion_tokens": 5}, 400, "invalid_request_error", "max_tokens"),
+    ("seed beyond 64 bits", COMP, {"model": M, "prompt": "x", "seed": 2**64}, 400, "invalid_request_error", "seed"),
+    ("response_format json", CHAT, {"model": M, "messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "invalid_request_error", "response_format"),
+    ("another model's card", "/v1/models/gpt-9", None, 404, "invalid_request_error", "model"),
     ("body too large", COMP, {"model": M, "prompt": "x" * (2 << 20)}, 413, "invalid_request_error", None),
     ("unknown route", "/v1/engines", {}, 404, "invalid_request_error", None),
 ]
 
 
 def post(url: str, body) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    """POST ``body`` (GET where it is None)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -98,3 +115,27 @@ def test_openapi_describes_the_api(served):
     with urllib.request.urlopen(served.url + "/openapi.json", timeout=10) as resp:
         spec = json.loads(resp.read())
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(spec["paths"])
+
+
+NEUTRAL_BODIES = [  # what OpenAI's clients send at values that ask for nothing: served as without them
+    {"response_format": {"type": "text"}, "tool_choice": "none", "store": False, "metadata": None,
+     "service_tier": "auto", "parallel_tool_calls": True, "logprobs": False, "top_logprobs": 0, "seed": -1,
+     "presence_penalty": 0.0, "max_tokens": 99, "max_completion_tokens": 3},
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": [], "annotations": []},
+                  {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+     "max_tokens": 3},
+]
+
+
+@pytest.mark.parametrize("extra", NEUTRAL_BODIES, ids=["neutral parameters", "assistant echo"])
+def test_neutral_values_are_served(served, extra):
+    status, payload = post(served.url + CHAT, {"model": M, "messages": USER, "temperature": 0, **extra})
+    assert status == 200, payload
+    assert payload["usage"]["completion_tokens"] == 3  # (max_completion_tokens wins over max_tokens)
+
+
+def test_model_card(served):
+    with urllib.request.urlopen(served.url + f"/v1/models/{M}", timeout=10) as resp:
+        card = json.loads(resp.read())
+    assert card["id"] == M and card["object"] == "model"

@@ -26,6 +26,18 @@ def test_mistral_instruct_format_without_template(codec):
     assert codec.decode(ids).strip() == "[INST] Be brief.\n\nHi [/INST]"
 
 
+@pytest.mark.parametrize("messages,text", [
+    ([{"role": "system", "content": "Be a pirate."}], "[INST] Be a pirate. [/INST]"),
+    ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "U"}],
+     "[INST] S [/INST]A[INST] U [/INST]"),
+    ([{"role": "user", "content": "U1"}, {"role": "assistant", "content": "A"}, {"role": "system", "content": "S"},
+      {"role": "user", "content": "U2"}], "[INST] S\n\nU1 [/INST]A[INST] U2 [/INST]"),
+])
+def test_mistral_instruct_keeps_the_system_text(codec, messages, text):
+    """Without a template the system text opens the first user turn, or is a turn of its own (never dropped)."""
+    assert codec.decode(codec.encode_chat(messages)).replace(" ", "") == text.replace(" ", "")
+
+
 @pytest.mark.parametrize("chunks,stops,emitted,stopped,held", [
     (["Hello wor", "ld STOP here"], ["STOP"], "Hello world ", True, ""),
     (["abc S", "T", "OP def"], ["STOP"], "abc ", True, ""),
