@@ -310,8 +310,11 @@ class ExpertCache:
     def load_done(self, key: Key, nbytes: int, seconds: float) -> None:
         self.planner.done(key)
         self.table.loaded(key, transient=self.transient.pop(key, False))
-        self.table.counters.bytes_read += nbytes
+        self.partial_read(key, nbytes)
         self.table.counters.read_seconds += seconds
+
+    def partial_read(self, key: Key, nbytes: int) -> None:  # (a cancelled load's too: the disk read them)
+        self.table.counters.bytes_read += nbytes
         self.metrics.bytes_read[key[0]] += nbytes
 
     def load_cancelled(self, key: Key) -> None:
@@ -361,11 +364,10 @@ class ExpertCache:
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)
         self.metrics.step_traced(ev.worker, ev.step, sum(ev.tokens), decode_tokens, attached)
-        start = 0
-        for layer, leased, n in zip(ev.layers, ev.leased, ev.expert_counts):
+        starts = np.cumsum([0, *ev.expert_counts]).tolist()
+        for layer, leased, start, end in zip(ev.layers, ev.leased, starts, starts[1:]):
             if leased:
-                self._leased_hits(layer, ev.experts[start:start + n])
-            start += n
+                self._leased_hits(layer, ev.experts[start:end])
         layers, experts, at, width = step_entries(ev)
         routed = np.asarray(ev.routed, np.float32)
         for r, request in enumerate(ev.requests):
@@ -380,10 +382,9 @@ class ExpertCache:
     def _leased_hits(self, layer: int, experts: list[int]) -> None:
         """A layer the worker served from its leases (no acquire told memd): count its hits. Their recency came
         with the worker's next acquire (``leased_uses``), in the order they ran."""
-        c = self.table.counters
         self.metrics.leased_layers += 1
-        c.hits += len(experts)
-        c.per_layer_hits[layer] += len(experts)
+        self.table.counters.hits += len(experts)
+        self.table.counters.per_layer_hits[layer] += len(experts)
 
     def _refresh(self, leased_uses: list[list[int]], *, decode: bool) -> None:
         for layer, expert in leased_uses:

@@ -136,7 +136,8 @@ class Loads:
             while True:
                 try:
                     nbytes, seconds = await asyncio.wrap_future(self.jobs[key].future)
-                except ReadCancelled:
+                except ReadCancelled as exc:
+                    self.core.partial_read(key, exc.nbytes)
                     if self.core.table.pins.get(key):  # an acquire came for it after the cancel: read it after all
                         self.jobs[key] = self.reader.submit(key, slot, demand=True)
                         self._demand_started(key)

@@ -38,7 +38,12 @@ class BusyRate:
 
 
 class ReadCancelled(Exception):
-    """The prefetch was cancelled before it finished; its slot holds partial data and must be given back."""
+    """The prefetch was cancelled before it finished; its slot holds partial data and must be given back.
+    ``nbytes``: what it had read by then (the disk did that work: counted as bytes read)."""
+
+    def __init__(self, nbytes: int = 0):
+        super().__init__(f"cancelled after {nbytes} bytes")
+        self.nbytes = nbytes
 
 
 @dataclass(frozen=True, slots=True)

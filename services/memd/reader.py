@@ -126,7 +126,7 @@ class ExpertReader:
             if job.inflight:
                 return
             self._remove(job)  # marks it removed: a second cancel (stale, then stolen) is a no-op
-        settle(job.future, ReadCancelled())
+        settle(job.future, ReadCancelled(job.nbytes))
 
     def read(self, key: tuple[int, int], slot: int) -> tuple[int, float]:
         """Fill ``slot`` with expert ``key`` now (an on-demand job); returns (bytes read, seconds)."""
@@ -164,7 +164,7 @@ class ExpertReader:
             for job in list(self._jobs):
                 if job.inflight == 0:
                     self._remove(job)
-                    settle(job.future, ReadCancelled())
+                    settle(job.future, ReadCancelled(job.nbytes))
             self._cv.notify_all()
         for t in self._threads:
             t.join()
@@ -312,7 +312,7 @@ class ExpertReader:
                 self.writer.loaded(job.key, job.slot, job.generation)  # read from the checkpoint
             settle(job.future, result=(job.nbytes, job.ended - job.started))
         else:
-            settle(job.future, ReadCancelled())
+            settle(job.future, ReadCancelled(job.nbytes))
 
     def _remove(self, job: ReadJob) -> None:
         self._jobs.remove(job)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from services.memd.core import PrefetchPlan
 from services.memd.loads import Loads
 from services.memd.prefetching import Prefetcher
+from services.memd.read_jobs import ReadCancelled
 
 
 class StubCore:
@@ -23,6 +24,12 @@ class StubCore:
 
     def load_done(self, key, nbytes, seconds):
         self.done.append(key)
+
+    def partial_read(self, key, nbytes):
+        self.partial = getattr(self, "partial", 0) + nbytes
+
+    def load_cancelled(self, key):
+        self.cancelled = key
 
 
 class StubReader:
@@ -155,3 +162,13 @@ async def test_a_prefetch_that_cannot_start_gives_back_its_slot_and_the_rest_sti
     assert [job.key for job in reader.jobs] == [(1, 1)] and (1, 1) in loads.tasks
     reader.jobs[0].future.set_result((100, 0.01))
     await loads.tasks[(1, 1)]
+
+
+async def test_a_cancelled_prefetch_counts_the_bytes_it_read():
+    """The disk read them: bytes read per token must not leave them out (on-demand LRU never cancels)."""
+    core, reader = StubCore(), StubReader()
+    loads = Loads(core, reader)
+    task = loads.start((0, 1), 0, demand=False)
+    reader.jobs[0].future.set_exception(ReadCancelled(3 << 20))
+    await task
+    assert core.partial == 3 << 20 and core.cancelled == (0, 1)

@@ -149,11 +149,12 @@ def test_cancel_stops_a_prefetch_and_reports_it(data):
         reader.wait_logged(2)
         reader.cancel(job)
         reader.open()
-        with pytest.raises(ReadCancelled):
+        with pytest.raises(ReadCancelled) as cancelled:
             job.future.result(timeout=30)
     finally:
         reader.close()
     assert len(reader.log) == 2 and job.nbytes == 2 * 16 * 1024  # only the pieces in flight were read
+    assert cancelled.value.nbytes == job.nbytes  # (memd counts them: the disk read them)
 
 
 def test_a_queued_prefetch_cancelled_twice_is_cancelled_once(data):
