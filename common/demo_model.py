@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 TOKENIZER_RESOURCE = ("mistral_common", "data/tokenizer.model.v1")
+MARKER = "moeinf-demo.json"  # written last: a directory with it is a whole demo model
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,17 @@ FP8_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3-FP8's weight_block_size
 
 
 def check_format(size: DemoSize) -> None:
+    """The format and the shape: a ValueError naming the flags when the checkpoint could not be served."""
+    for flag, value in (("layers", size.layers), ("experts", size.experts), ("top-k", size.top_k),
+                        ("hidden", size.hidden), ("intermediate", size.intermediate), ("heads", size.heads),
+                        ("kv-heads", size.kv_heads)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, not {value}")
+    if size.top_k > size.experts:
+        raise ValueError(f"--top-k {size.top_k} is more than --experts {size.experts}")
+    if size.hidden % size.heads or size.heads % size.kv_heads:
+        raise ValueError(f"--hidden {size.hidden} must be a multiple of --heads {size.heads}, and --heads of"
+                         f" --kv-heads {size.kv_heads}")
     if size.format not in FORMATS or size.arch not in ARCHS:
         raise ValueError(f"--format {size.format} --arch {size.arch}: choose --format from {', '.join(FORMATS)} and"
                          f" --arch from {', '.join(ARCHS)}")
@@ -75,13 +88,31 @@ def tokenizer_model_path() -> Path:
 
 def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_dtype: bool = False) -> Path:
     """``build_in_dtype``: create the parameters in ``size.dtype`` directly rather than in float32 first (half the
-    peak RAM for bf16; the random values differ from the default path, so the small demo keeps the old one)."""
+    peak RAM for bf16; the random values differ from the default path, so the small demo keeps the old one).
+    ``out`` must not exist, be empty, or be an earlier demo model (its ``moeinf-demo.json`` says so): a real
+    checkpoint is never overwritten (``FileExistsError``)."""
+    check_format(size)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise FileExistsError(f"{out} exists and is not a moeinf demo model (it has no {MARKER}): not overwritten;"
+                              " remove it or pick another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:  # built beside it, then renamed into place: an interrupted build leaves no half checkpoint at ``out``
+        _write(staging, size, build_in_dtype)
+        if out.exists():
+            shutil.rmtree(out)  # (an earlier demo model: its marker said so)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(out: Path, size: DemoSize, build_in_dtype: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaTokenizer
 
-    check_format(size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer_model_path(), out / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(out)
     config = demo_config(size, tokenizer)
@@ -103,8 +134,7 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_d
         from common.quant_write import quantize_checkpoint
 
         quantize_checkpoint(out, size.format, FP8_BLOCK)
-    (out / "moeinf-demo.json").write_text(json.dumps(_asdict(size), indent=2))
-    return out
+    (out / MARKER).write_text(json.dumps(_asdict(size), indent=2))
 
 
 def _asdict(size: DemoSize) -> dict:

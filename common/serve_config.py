@@ -63,8 +63,8 @@ class ServeConfig:
             raise ValueError("--record-trace writes one file: use it with --workers 1")
         if self.max_restarts < 0 or self.restart_window_s <= 0 or self.startup_timeout_s <= 0:
             raise ValueError("--max-restarts must be >= 0, and --restart-window-s and --startup-timeout-s > 0")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port {self.port}: a TCP port is 0-65535")
+        if not 1 <= self.port <= 65535:  # (0, any free port, would leave serve not knowing where to probe)
+            raise ValueError(f"--port {self.port}: serve's gateway port is 1-65535")
         check_device(self.device)
         if self.expert_format and self.device != "cpu":
             raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"

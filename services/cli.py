@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+import zmq
+
 from common.checkpoint import CheckpointError
 from common.config import (ATTENTION_KERNELS, MATVEC_KERNELS, GatewayConfig, MemdConfig, WorkerConfig, add_config_args,
                            build_config)
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, CheckpointError, RuntimeError, FileNotFoundError, PermissionError) as exc:
+    except (ValueError, CheckpointError, RuntimeError, OSError, zmq.ZMQError) as exc:  # a user's mistake: one line
         print(f"moeinf {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

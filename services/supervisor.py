@@ -19,6 +19,7 @@ import collections
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from common.config import (ADMIN_SOCKET, KV_AUTO_SHARE, MEMD_SOCKET, MEMD_TRACE_
                            worker_socket)
 from common.serve_config import ServeConfig
 from common.zmq_utils import remove_ipc_file
-from services.memd.pool import SHM_DIR, pool_name
+from services.memd.pool import SHM_DIR, owner_pid, pool_name
 
 PR_SET_PDEATHSIG = 1
 API_KEY_ENV = env_name("api_key")
@@ -113,7 +114,7 @@ class Supervisor:
         if cfg.workers > 1 and env_name("kv_cache_memory") not in os.environ:  # each its share of the memory all see
             worker += ["--kv-cache-memory", f"{KV_AUTO_SHARE * 100 / cfg.workers:g}%"]
         ids = [str(i) for i in range(cfg.workers)] if cfg.workers > 1 else [""]  # one worker: worker.sock
-        self.workers = [Child(f"worker {i}" if i else "worker", [*worker, "--worker-id", i] if i else worker,
+        self.workers = [Child(f"worker {i}" if i else "worker", [*worker, f"--worker-id={i}"],  # (never the env's)
                               sockets=(sock(worker_socket(i)),), env=_child_env()) for i in ids]
         gateway = ["gateway", *common, "--host", cfg.host, "--port", str(cfg.port), "--max-queued", str(cfg.max_queued)]
         if cfg.served_model_name:
@@ -215,8 +216,9 @@ class Supervisor:
             if child.was_ready and child.proc.returncode != 0:
                 for addr in child.sockets:
                     remove_ipc_file(addr)
-        if self.memd.was_ready and self.memd.proc.returncode != 0:  # killed: its pool would outlive it
-            for kind in ("pool", "control"):
+        memd = self.memd.proc
+        if memd is not None and memd.returncode != 0 and owner_pid(self.cfg.state_dir) == memd.pid:
+            for kind in ("pool", "control", "host"):  # killed: its regions would outlive it (not another memd's)
                 (SHM_DIR / pool_name(self.cfg.state_dir, kind)).unlink(missing_ok=True)
 
     # ---- readiness probes
@@ -228,9 +230,10 @@ class Supervisor:
         return lambda: _answered_by(worker, lambda: _worker_info(addr))
 
     def gateway_ready(self) -> bool:
+        """200 from /health while the gateway runs (``port_free`` made sure no other server held the port)."""
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=1) as resp:
-                return resp.status == 200
+                return resp.status == 200 and self.gateway.alive()
         except OSError:
             return False
 
@@ -287,14 +290,25 @@ def say(text: str) -> None:
 
 def demo_model(cfg: ServeConfig) -> Path:
     """Build the demo model once (cached in --demo-dir) and return it."""
-    from common.demo_model import write_demo_model
+    from common.demo_model import MARKER, write_demo_model
 
-    if not (cfg.demo_dir / "config.json").is_file():
+    if not (cfg.demo_dir / MARKER).is_file():  # (written last: a build cut short is built again)
         say(f"building the demo model (random weights: its text is nonsense) in {cfg.demo_dir} ...")
         write_demo_model(cfg.demo_dir)
     return cfg.demo_dir
 
 
+def port_free(host: str, port: int) -> None:
+    """A clear error now, not a gateway that cannot bind (and a probe answered by whatever holds the port)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {host}:{port} ({exc.strerror}): is another server there? pick another"
+                           " --port") from None
+
+
 def run(cfg: ServeConfig) -> int:
+    port_free(cfg.host, cfg.port)
     model = cfg.model if cfg.model is not None else demo_model(cfg)
     return Supervisor(cfg, model).run()

@@ -98,6 +98,8 @@ def run(cfg: MemdConfig) -> int:
     access.makedirs(cfg.state_dir)  # a new state directory is 0700 (0770 with --group), whatever the umask
     lock = StateLock(cfg.state_dir)
     backend = control = None
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # until _serve's handlers: a stop unwinds through ``finally``,
+        signal.signal(sig, _stop_before_serving)  # which removes the regions already made
     try:
         if new_index is not None:
             save_index(cfg.state_dir, new_index, cfg.index_cache_dir)
@@ -143,6 +145,10 @@ def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int, on_retire=No
         pull(eamc, cfg.eamc_from, cfg.admin_token)
     return ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc,
                        on_retire)
+
+
+def _stop_before_serving(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 async def _serve(server: MemdServer) -> None:

@@ -25,8 +25,16 @@ def pool_name(state_dir: Path, kind: str = "pool") -> str:
     return f"moeinf-{digest}-{kind}"
 
 
+def owner_pid(state_dir: Path) -> int | None:
+    """The pid the state directory's lock names: its memd, or the last one (the file outlives it)."""
+    try:
+        return int((Path(state_dir) / "memd.lock").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 class StateLock:
-    """Exclusive ownership of a state directory: one memd per directory."""
+    """Exclusive ownership of a state directory: one memd per directory (the file holds its pid)."""
 
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -65,10 +73,10 @@ class SharedPool:
         try:
             os.posix_fallocate(fd, 0, nbytes)
             self.mmap = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as exc:
+        except BaseException as exc:  # (Ctrl-C during the allocation too: no region is left behind)
             os.close(fd)
             self.path.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise RuntimeError(f"/dev/shm cannot hold a {format_bytes(nbytes)} pool:"
                                    " lower --expert-memory") from None
             raise

@@ -116,7 +116,11 @@ class Engine:
         self.validate(req)
         generator = None
         if req.temperature > 0:
-            generator = torch.Generator().manual_seed(req.seed if req.seed is not None else torch.seed())
+            generator = torch.Generator()  # (its own: seeding never touches the process's generators)
+            if req.seed is not None:
+                generator.manual_seed(req.seed)
+            else:
+                generator.seed()
         if self.seq2seq is not None:
             cache = self.seq2seq.new_cache(req.max_tokens + 1)  # (the decoder's start token, then its output)
         else:

@@ -164,6 +164,9 @@ def worker_info(cfg: WorkerConfig, model) -> m.WorkerInfoReply:
 
 def max_model_len(cfg: WorkerConfig, model) -> int:
     limit = max_positions(model.config)
+    if cfg.max_model_len > limit:
+        log.warning("--max-model-len %d is beyond the %d positions the model has: serving %d", cfg.max_model_len,
+                    limit, limit)
     return min(cfg.max_model_len, limit) if cfg.max_model_len else limit
 
 

@@ -122,7 +122,8 @@ class WorkerServer:
 
     def on_request(self, identity: bytes, op: Op, rid: int, req) -> None:
         if op is Op.WORKER_INFO:
-            info = msgspec.structs.replace(self.info, ready=self.client.memd_alive(), active=len(self.live),
+            ready = self.client.memd_alive() and not self.stopping.is_set()  # (a draining worker takes no more)
+            info = msgspec.structs.replace(self.info, ready=ready, active=len(self.live),
                                        generated_tokens=self.generated_tokens)
             self._reply(identity, op, rid, info)
         elif op is Op.CANCEL:
@@ -214,9 +215,13 @@ class WorkerServer:
         try:
             seq = self.engine.start(req)
             self.scheduler.add(seq)
-        except (RequestError, CapacityError) as exc:
-            code = "bad_request" if isinstance(exc, RequestError) else "capacity"
-            self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, str(exc)))
+        except Exception as exc:  # (anything: this request fails alone, answered)
+            code = "bad_request" if isinstance(exc, RequestError) else \
+                "capacity" if isinstance(exc, CapacityError) else "internal"
+            if code == "internal":
+                log.exception("starting request %s failed", req.request)
+            message = str(exc) if code != "internal" else f"the worker could not start it ({type(exc).__name__})"
+            self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, message))
             self.loop.call_soon_threadsafe(self._forget, req.request)
             return
         self.jobs[req.request] = Job(identity, rid, seq)

@@ -108,7 +108,8 @@ def test_read_threads_must_be_positive():
 
 @pytest.mark.parametrize("cls, env, message", [
     (GatewayConfig, {"MOEINF_PORT": "70000"}, "--port 70000: a TCP port is 0-65535"),
-    (ServeConfig, {"MOEINF_PORT": "-1"}, "--port -1: a TCP port is 0-65535"),
+    (ServeConfig, {"MOEINF_PORT": "-1"}, "--port -1: serve's gateway port is 1-65535"),
+    (ServeConfig, {"MOEINF_PORT": "0"}, "--port 0: serve's gateway port is 1-65535"),
     (GatewayConfig, {"MOEINF_MAX_BODY_BYTES": "0"}, "--max-body-bytes 0: at least 1"),
     (GatewayConfig, {"MOEINF_STREAM_WRITE_TIMEOUT_S": "0"}, "--stream-write-timeout-s must be > 0"),
     (GatewayConfig, {"MOEINF_API_KEY": " \n"}, "whitespace alone"),

@@ -84,10 +84,10 @@ def test_serve_passes_policy_prefetch_and_record_trace(tmp_path):
 
 def test_serve_workers_get_their_own_ids_and_sockets(tmp_path):
     one = Supervisor(build_config(ServeConfig, env={}), tmp_path)
-    assert len(one.workers) == 1 and "--worker-id" not in one.workers[0].args
+    assert len(one.workers) == 1 and "--worker-id=" in one.workers[0].args  # (empty: worker.sock, never the env's)
     assert one.workers[0].sockets[0].endswith("/worker.sock")
     three = Supervisor(build_config(ServeConfig, env={}, workers="3"), tmp_path)
-    ids = [w.args[w.args.index("--worker-id") + 1] for w in three.workers]
+    ids = [next(a for a in w.args if a.startswith("--worker-id="))[len("--worker-id="):] for w in three.workers]
     assert ids == ["0", "1", "2"] and [w.sockets[0].rsplit("/", 1)[1] for w in three.workers] == [
         "worker-0.sock", "worker-1.sock", "worker-2.sock"]
     # each worker's KV cache budget is its share of the memory all of them see (auto: 80% each, 240% in all)

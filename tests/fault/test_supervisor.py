@@ -188,3 +188,27 @@ def test_serve_refuses_both_api_key_flags(tmp_path):
     with pytest.raises(ValueError, match="is empty"):
         (tmp_path / "empty").write_text("\n")
         ServeConfig(api_key_file=tmp_path / "empty")
+
+
+def test_serve_refuses_a_port_another_server_holds(tmp_path):
+    """A clear error before anything starts, not a gateway that cannot bind while serve probes the other server."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}.*pick another --port"):
+            sv.port_free("127.0.0.1", port)
+    with pytest.raises(ValueError, match="1-65535"):
+        ServeConfig(port=0)
+
+
+def test_one_worker_gets_its_socket_name_from_serve_not_from_the_environment(tmp_path, monkeypatch):
+    """A MOEINF_WORKER_ID=auto left in serve's environment (as compose sets it) would make the lone worker serve
+    worker-<host>.sock while serve probes worker.sock: serve always passes the id."""
+    from common.config import WorkerConfig, build_config
+    from services.cli import build_parser
+
+    monkeypatch.setenv("MOEINF_WORKER_ID", "auto")
+    (worker,) = Supervisor(ServeConfig(state_dir=tmp_path), tmp_path / "model").workers
+    cfg = build_config(WorkerConfig, build_parser().parse_args(worker.args), model=str(tmp_path))
+    assert cfg.worker_id == "" and worker.sockets[0].endswith("/worker.sock")

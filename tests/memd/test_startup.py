@@ -184,3 +184,29 @@ def test_second_memd_is_refused_then_sigint_cleans_up(mixtral, state_dir):
         signal_and_check_cleanup(first, signal.SIGINT, state_dir, state_dir.parent / "first.log")
     finally:
         stop(first)
+
+
+def test_sigterm_before_memd_serves_removes_its_regions(mixtral, state_dir):
+    """A stop while memd still starts (here: pulling a peer's EAMC that never answers, after the pool was made)
+    unwinds through its cleanup: no region the size of the pool is left in /dev/shm."""
+    import socket
+    import time
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    regions = [SHM_DIR / pool_name(state_dir, kind) for kind in ("pool", "control")]
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "25%",
+                  "--eamc-from", f"tcp://127.0.0.1:{port}", "--admin-token", "t" * 32], state_dir.parent / "memd.log")
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not all(r.exists() for r in regions):
+            assert proc.poll() is None and time.monotonic() < deadline, "memd never made its regions"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT_S) == 128 + signal.SIGTERM
+        assert not any(r.exists() for r in regions)
+    finally:
+        stop(proc)
+        for r in regions:
+            r.unlink(missing_ok=True)

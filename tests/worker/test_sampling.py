@@ -189,3 +189,16 @@ def test_an_error_outside_a_step_stops_the_worker_and_answers_everyone():
     replies = replies_of(server)
     assert set(replies) == {1, 2} and all(isinstance(r, m.ErrorReply) for r in replies.values())
     assert all("the worker failed" in r.message for r in replies.values()), replies
+
+
+def test_an_unseeded_request_leaves_the_process_generators_alone():
+    """Each sampled request draws from a generator of its own, seeded from the OS: starting one never reseeds
+    torch's global generators (which other code in the process may rely on)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(1234)
+    stub = SimpleNamespace(validate=lambda r: None, seq2seq=None, flat_step=SimpleNamespace(new_cache=lambda n: None))
+    seqs = [Engine.start(stub, req(temperature=1.0)) for _ in range(2)]
+    assert torch.initial_seed() == 1234
+    assert seqs[0].generator.initial_seed() != seqs[1].generator.initial_seed()
+    assert Engine.start(stub, req(temperature=1.0, seed=7)).generator.initial_seed() == 7
