@@ -206,6 +206,7 @@ class Timing:
     tokens: list[int] = field(default_factory=list)
     decode_bytes: float | None = None  # memd's bytes read between the first token and the last (1 client only)
     decode_busy: tuple[float, float] | None = None  # (seconds some expert was loading, seconds) over that span
+    decode_wasted: float = 0.0  # prefetches that ended unused (or cancelled) over that span
 
 
 def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrency: int,
@@ -237,6 +238,7 @@ def serve_workload(system, prompts: list[list[int]], max_tokens: int, concurrenc
                 if split_bytes:
                     decode = delta(first, system.counters())
                     timing.decode_bytes = decode["bytes_read"]
+                    timing.decode_wasted = decode.get("prefetch_wasted", 0.0)
                     timing.decode_busy = (decode.get("reader_busy_seconds", 0.0), time.perf_counter() - first_at)
                 with lock:
                     done.append(timing)
@@ -287,6 +289,11 @@ class Result:
         steps = sum(len(t.tokens) - 1 for t in self.timings)
         return sum(t.decode_bytes for t in self.timings) / steps if steps else None
 
+    def decode_wasted_per_token(self) -> float | None:
+        """Prefetches per decode token that ended unused, when decode was measured apart."""
+        steps = sum(len(t.tokens) - 1 for t in self.timings)
+        return sum(t.decode_wasted for t in self.timings) / steps if steps and self.decode_bytes_per_token() else None
+
     def row(self) -> dict:
         gaps = np.concatenate([np.diff(t.arrivals) for t in self.timings]) * 1e3
         ttft = [t.arrivals[0] - t.sent for t in self.timings]
@@ -300,6 +307,7 @@ class Result:
             "tokens_per_s": self.generated / self.wall_s,
             "bytes_read_per_token": None if c is None else c["bytes_read"] / self.generated,
             "decode_bytes_read_per_token": self.decode_bytes_per_token(),
+            "decode_wasted_prefetches_per_token": self.decode_wasted_per_token(),
             "hit_rate": None if not lookups else c["hits"] / lookups,
             "load_read_gbps": _gbps(c, "read_seconds"), "stall_read_gbps": _gbps(c, "stall_seconds"),
             "busy_read_gbps": _gbps(c, "reader_busy_seconds"),

@@ -84,3 +84,36 @@ def compare_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], 
                 theirs = [t for _, tokens in pairs for t in tokens]
                 row["tokens_reference"], row["tokens_agreement"] = ref, agreement(mine, theirs)
                 break
+
+
+def same_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], list[list[int]]]) -> list[str]:
+    """Each moeinf row's greedy tokens against the reference's on the same prompts, every repeat (transformers'
+    when it ran, else the other moeinf system's at that memory: both compute transformers' bits): the row's
+    ``tokens_identical``; a note per mismatch (a faster system that computes something else is no win)."""
+    notes = []
+    for row in rows:
+        if row["system"] not in (MOEINF, ONDEMAND) or row.get("error") or row["concurrency"] != 1:
+            continue
+        memory = row["expert_memory"]
+        other = ONDEMAND if row["system"] == MOEINF else MOEINF
+        for ref, ref_memory in ((RESIDENT, None), (other, memory)):
+            pairs = [(tokens, outputs[(ref, ref_memory, r)]) for (name, m, r), tokens in outputs.items()
+                     if name == row["system"] and m == memory and (ref, ref_memory, r) in outputs]
+            if pairs:
+                row["tokens_identical"] = all(mine == theirs for mine, theirs in pairs)
+                row["tokens_identical_to"] = ref
+                if not row["tokens_identical"]:
+                    notes.append(f"MISMATCH: {row['system']} at {memory} generated other tokens than {ref} on the same"
+                                 " prompts (greedy): its figures are not comparable")
+                break
+    return notes
+
+
+def environment_note() -> str:
+    """The ``MOEINF_*`` variables set here, which every moeinf system's memd and worker read (secrets masked)."""
+    import os
+
+    env = {k: ("***" if any(w in k for w in ("KEY", "TOKEN")) else v) for k, v in sorted(os.environ.items())
+           if k.startswith("MOEINF_")}
+    return ("moeinf's memd and worker read these from the environment: "
+            + ", ".join(f"{k}={v}" for k, v in env.items())) if env else ""

@@ -25,7 +25,8 @@ from services.bench.e2e_formats import check_slot_images, fill_expert_cache, fil
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, median_run, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
-from services.bench.e2e_llama import compare_tokens, llama_runtime, llama_share, run_llama
+from services.bench.e2e_llama import (compare_tokens, environment_note, llama_runtime, llama_share, run_llama,
+                                      same_tokens)
 from services.bench.e2e_workload import Workloads
 from services.bench.llama_cpp import LLAMA, find_server, llama_missing, read_ahead_kb
 from services.bench.memd_proc import TerminateAsInterrupt
@@ -50,6 +51,8 @@ class Sweep:
             workers, memd = cpu_sets(opts.threads, opts.workers)
             self.notes.append(f"--pin: every moeinf system's worker(s) on CPUs {' | '.join(workers)}, its memd on CPUs"
                               f" {memd}; the baselines unpinned")
+        if env := environment_note():
+            self.notes.append(env)
         self.rows: list[dict] = []
         self.outputs: dict[tuple[str, str | None, int], list[list[int]]] = {}  # (system, memory, repeat) -> tokens
         self.probe_bytes = parse_bytes(opts.disk_probe, what="--disk-probe")
@@ -90,6 +93,7 @@ class Sweep:
                     self.run_budgeted(name, setting, fmt, repeat=r)
             self.rows[first:] = merge_repeats(self.rows[first:])
         compare_tokens(self.rows, self.outputs)
+        self.notes += same_tokens(self.rows, self.outputs)
 
     def available(self, name: str) -> bool:
         why = accelerate_missing() if name == OFFLOAD else self.llama_missing() if name == LLAMA else None

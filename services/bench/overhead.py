@@ -15,7 +15,9 @@ runs), so the only difference between them is where the experts live:
 The systems run in lockstep: each repeat starts one generation per system on that round's own prompt (one no
 system has served: memd's EAMC is never warm with it) and advances them one step at a time in turn (rotating the
 order), so load from elsewhere on a noisy machine hits all of them alike. Every system gets one untimed warm-up
-run first, on a prompt of its own (it also fills memd's pool at 100%).
+run first, on a prompt of its own (it also fills memd's pool at 100%). Below 100% the lockstep gives each memd
+the other systems' compute time to read and prefetch in, which a lone run would not: those rows favour
+prefetching (the report says so); ``bench e2e`` compares offloading systems, each run alone.
 """
 from __future__ import annotations
 
@@ -340,6 +342,9 @@ def run(args) -> int:
     _finish_ratios(summaries)
     header = _header(opts, systems[0].model, threads)
     print(format_table(header, summaries))
+    if any(s.expert_memory not in (None, "100%") for s in systems):
+        print("note: below 100% the lockstep lets each memd read (and prefetch) while the other systems compute,"
+              " time a lone run would not give it: those rows favour prefetching; bench e2e runs each system alone")
     for system in systems[1:]:
         checks = [run.agreement for run in runs[system.name]]
         worst, steps, compared = max(c[0] for c in checks), sum(c[1] for c in checks), sum(c[2] for c in checks)

@@ -2,9 +2,12 @@
 
 Measured now, on this machine, for the store memd serves (its ``config.json``: a Mixtral config, whether a real
 checkpoint or the generated store): one decode token through one MoE layer's routed experts (``top_k`` SwiGLU
-experts of ``hidden x intermediate``, float32 torch matmuls: the worker's expert path), the median of ``REPEATS``
-timed runs. Attention and the dense parts of a layer are not counted, so this is a lower bound on a layer's time:
-the stall ``bench replay`` reports is, if anything, pessimistic for prefetching (less compute to hide reads under).
+experts of ``hidden x intermediate``, bfloat16 weights through the worker's matrix-vector kernel, ``matvec.c``,
+where it builds here, else torch's ``F.linear``: the bytes a decode step streams, at the worker's speed), the median
+of ``REPEATS`` timed runs. Attention and the dense parts of a layer are not counted, so this is a lower bound on a
+layer's time: the stall ``bench replay`` reports is, if anything, pessimistic for prefetching (less compute to hide
+reads under). (Until 7 December it timed float32 matmuls, twice the bytes: a longer layer, which favoured
+prefetching.)
 """
 from __future__ import annotations
 
@@ -33,18 +36,45 @@ def measure(store: Path) -> LayerCompute:
     cfg = json.loads((Path(store) / "config.json").read_text())
     hidden, inter, top_k = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("num_experts_per_tok", 2)
     gen = torch.Generator().manual_seed(0)
-    experts = [(torch.randn(inter, hidden, generator=gen), torch.randn(inter, hidden, generator=gen),
-                torch.randn(hidden, inter, generator=gen)) for _ in range(top_k)]
-    x = torch.randn(1, hidden, generator=gen)
+    experts = [tuple(torch.randn(shape, generator=gen).to(torch.bfloat16)
+                     for shape in ((2 * inter, hidden), (hidden, inter))) for _ in range(top_k)]
+    x = torch.randn(1, hidden, generator=gen).to(torch.bfloat16)
+    product, how = _product()
     times = []
     with torch.inference_mode():
         for i in range(WARMUP + REPEATS):
             start = time.perf_counter()
-            out = torch.zeros_like(x)
-            for w1, w3, w2 in experts:
-                out += (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+            out = torch.zeros(1, hidden)
+            for gate_up, down in experts:
+                gate, up = product(gate_up, x).chunk(2, dim=-1)
+                out += product(down, (torch.nn.functional.silu(gate) * up).to(torch.bfloat16))
             if i >= WARMUP:
                 times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return LayerCompute(seconds, f"measured now: {top_k} experts of {hidden}x{inter}, one decode token, float32 torch"
-                                 f" on this CPU, median of {REPEATS} (experts only: a lower bound on a layer)")
+    return LayerCompute(seconds, f"measured now: {top_k} experts of {hidden}x{inter}, one decode token, bfloat16 by"
+                                 f" {how} on this CPU, median of {REPEATS} (experts only: a lower bound on a layer)")
+
+
+def _product():
+    """``(weight, x) -> float32 x @ weight.T``: the worker's fast matrix-vector kernel where it builds, else torch."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from services.worker import dequant_kernel, matvec_checks
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            kernels = dequant_kernel.load("c", Path(scratch), torch.get_num_threads(), check=matvec_checks.check,
+                                          flag="bench replay's layer compute")
+        except dequant_kernel.KernelError:
+            kernels = None
+    if kernels is None or not kernels.matvec_fast:
+        return (lambda w, x: F.linear(x, w).float()), "torch's F.linear"
+
+    def product(w, x):
+        out = torch.empty(x.shape[0], w.shape[0])
+        kernels.matvec(w, x, out)
+        return out
+    return product, "the worker's kernel (matvec.c)"

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from common import messages as m
 from services.worker.device import current
 from services.worker.scheduler import Chunk
 from services.worker.tracing import StepState
 from services.worker.flat_step import RequestTokens, FlatStep
-from services.worker.kv_cache import growing_cache
+from services.worker.kv_cache import GrowingLayer, growing_cache
 from services.worker.lockstep import Together
 from services.worker.seq2seq import Seq2Seq
 
@@ -165,6 +166,21 @@ class Engine:
             samples = chunk.seq.cached == chunk.seq.num_tokens
             tokens.append(self.accept_or_fail(chunk.seq, next(logits)) if samples else None)
         return tokens
+
+    def rewind(self, step: list[Chunk]) -> bool:
+        """Undo what a failed ``run`` of ``step`` appended to its requests' caches (each back to ``seq.cached``
+        tokens), so that each request can run again on its own; False where a cache cannot be rewound exactly
+        (an encoder-decoder's, sliding-window or recurrent layers: they drop or fold in what they hold)."""
+        if self.seq2seq is not None:
+            return False
+        caches = [(chunk.seq.cache, chunk.seq.cached) for chunk in step]
+        if any(type(layer) not in (GrowingLayer, DynamicLayer) for cache, _ in caches for layer in cache.layers):
+            return False
+        for cache, cached in caches:
+            for layer in cache.layers:
+                if layer.is_initialized and (extra := layer.get_seq_length() - cached) > 0:
+                    layer.crop(-extra)
+        return True
 
     def forward_apart(self, step: list[Chunk], parts: list[RequestTokens]) -> list[torch.Tensor]:
         """A model whose per-request state the flattened step cannot split (recurrent layers): one forward per

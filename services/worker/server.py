@@ -244,6 +244,7 @@ class WorkerServer:
             self.finish(self.jobs[request], "cancelled")
 
     def run_step(self, step: list[Chunk]) -> None:
+        cached = [chunk.seq.cached for chunk in step]  # (a step that failed before any request moved on can rerun)
         try:
             tokens = self.engine.run(step)
         except MemdDeadError as exc:
@@ -257,9 +258,17 @@ class WorkerServer:
             return
         except Exception as exc:
             log.exception("a step of %d requests failed", len(step))
-            self.fail([self.jobs[c.seq.request_id] for c in step], "internal", f"generation failed in the worker ({type(exc).__name__}; its log has the details)")
-            if why := device.broken(self.engine.device):  # every later step would fail too: exit, to be restarted
-                log.error("the worker's %s no longer computes (%s); the worker stops", self.engine.device, why)
+            broken = device.broken(self.engine.device)  # every later step would fail too: exit, to be restarted
+            if not broken and len(step) > 1 and [c.seq.cached for c in step] == cached and self.engine.rewind(step):
+                log.warning("running the step's %d requests one by one: only a request that fails alone fails",
+                            len(step))
+                for chunk in step:
+                    self.run_step([chunk])
+                return
+            self.fail([self.jobs[c.seq.request_id] for c in step], "internal",
+                      f"generation failed in the worker ({type(exc).__name__}; its log has the details)")
+            if broken:
+                log.error("the worker's %s no longer computes (%s); the worker stops", self.engine.device, broken)
                 self.exit_code = 4
                 self.stopping.set()
             return

@@ -53,3 +53,10 @@ def test_bench_disk_table_and_json(tmp_path):
         assert len(part["probe_multi_runs_gbps"]) == len(part["reader_runs_gbps"]) == 2
         assert part["probe_multi_gbps"] > 0 and part["reader_gbps"] > 0
     assert (doc["fio_gbps"] is None) == (doc["fio_note"] is not None)
+
+
+def test_the_target_is_judged_per_round_and_never_above_the_probe():
+    from services.bench.disk import verdict
+
+    assert [verdict(f) for f in (0.95, 0.85, None)] == ["met", "NOT met", "n/a"]
+    assert verdict(1.03).startswith("not counted")

@@ -67,11 +67,12 @@ def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
     assert doc["disk_read_streams"] == 4 and doc["disk_read_gbps_single_stream"] > 0
     assert rows["transformers-resident"]["memory_limit_bytes"] is None
     assert rows["transformers-resident"]["bytes_read_per_token"] is None
-    assert 0 <= rows["moeinf-ondemand-lru"]["hit_rate"] < 1  # 50%: some experts were read
+    assert 0 < rows["moeinf-ondemand-lru"]["hit_rate"] < 1  # 50%: some experts were read, some found resident
     assert rows["moeinf-ondemand-lru"]["stall_ms_per_token"] > 0  # and the worker waited for them
     limit = doc["memory_limit_bytes"]
-    if doc["memory_fair"]:
-        assert isinstance(limit, int) and rows["moeinf-ondemand-lru"]["memory_limit_bytes"] == limit
+    if doc["memory_fair"]:  # every offloading system under the one limit
+        assert isinstance(limit, int)
+        assert all(row["memory_limit_bytes"] == limit for name, row in rows.items() if name != "transformers-resident")
     else:
         assert limit is None and "NOT memory-fair" in proc.stdout
     floor, compute = doc["floors"][0], doc["compute_floor"]

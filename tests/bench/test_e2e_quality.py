@@ -85,6 +85,17 @@ def test_the_bandwidth_target_and_floor_take_the_best_probe_around_the_run():
     assert _floor(row, None, 1.0)["io_floor_ms"] == pytest.approx(100.0)  # 1.4e8 bytes at 1.4 GB/s
 
 
+def test_the_io_floor_leaves_out_wasted_prefetches():
+    """A system's I/O floor counts the bytes it needed: a prefetch that ended unused (a whole expert each) does
+    not make its own floor larger, and so its "within 1.15x of the floor" easier."""
+    row = {"system": ONDEMAND, "concurrency": 1, "expert_memory": "25%", "decode_ms_per_token_p50": 500.0,
+           "decode_bytes_read_per_token": 4e8, "bytes_read_per_token": 5e8, "disk_read_gbps_before": 1.0,
+           "expert_budget_bytes": 3.2e8, "experts": 32}
+    assert _floor(row, None, 1.0)["io_floor_ms"] == pytest.approx(400.0)
+    wasteful = {**row, "decode_wasted_prefetches_per_token": 5.0}  # 5 x 1e7 bytes of 4e8 never used
+    assert _floor(wasteful, None, 1.0)["io_floor_ms"] == pytest.approx(350.0)
+
+
 def test_disk_busy_is_the_loading_share_of_decode_time_else_of_the_run():
     counters = {**delta(stats_counters(stats(1)), stats_counters(stats(3))), "reader_busy_seconds": 0.5}
     split = [Timing(0, 0.0, [1.0, 2.0], [1, 2], 10.0, (0.3, 1.0)), Timing(1, 2.0, [3.0, 5.0], [1, 2], 10.0, (0.5, 3.0))]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import gguf_of, moeinf_cmd, write_family, write_gguf
-from services.bench.e2e_llama import compare_tokens
+from services.bench.e2e_llama import compare_tokens, environment_note, same_tokens
 from services.bench.llama_cpp import (LLAMA, LlamaCppSystem, agreement, find_server, gguf_metadata, gguf_mismatch,
                                       llama_missing)
 
@@ -54,6 +54,24 @@ def test_compare_tokens_prefers_transformers_then_moeinf_at_the_same_memory():
     outputs[("transformers-resident", None, 0)] = [[1, 2, 3]]
     compare_tokens(rows, outputs)
     assert (rows[0]["tokens_reference"], rows[0]["tokens_agreement"]) == ("transformers-resident", 1.0)
+
+
+def test_moeinf_rows_must_generate_the_references_tokens(monkeypatch):
+    """bench e2e checks moeinf's greedy tokens (transformers' when it ran, else the other moeinf system's) and says
+    which MOEINF_* variables the services read, so a lossy knob in the environment cannot pass unnoticed."""
+    rows = [{"system": "moeinf", "expert_memory": "25%", "concurrency": 1},
+            {"system": "moeinf-ondemand-lru", "expert_memory": "25%", "concurrency": 1}]
+    outputs = {("moeinf", "25%", 0): [[1, 2]], ("moeinf-ondemand-lru", "25%", 0): [[1, 2]],
+               ("moeinf", "25%", 1): [[3]], ("moeinf-ondemand-lru", "25%", 1): [[3]]}
+    assert same_tokens(rows, outputs) == [] and rows[0]["tokens_identical"] and rows[1]["tokens_identical"]
+    outputs[("transformers-resident", None, 1)] = [[4]]
+    notes = same_tokens(rows, outputs)
+    assert [r["tokens_identical_to"] for r in rows] == ["transformers-resident"] * 2
+    assert not rows[0]["tokens_identical"] and len(notes) == 2 and notes[0].startswith("MISMATCH: moeinf at 25%")
+    monkeypatch.setenv("MOEINF_MATVEC_KERNEL", "fast")
+    monkeypatch.setenv("MOEINF_ADMIN_TOKEN", "secret")
+    note = environment_note()
+    assert "MOEINF_MATVEC_KERNEL=fast" in note and "secret" not in note
 
 
 def test_the_gguf_header_is_checked_against_the_checkpoint(tmp_path, model):
@@ -171,7 +189,7 @@ def test_e2e_refuses_a_gguf_of_another_model_and_notes_a_missing_server(tmp_path
     monkeypatch.setattr("services.bench.llama_cpp.BUILT", tmp_path / "not-built")
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     sweep = Sweep(Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, systems=(LLAMA,)))
-    assert not sweep.available(LLAMA) and "make llama-cpp" in sweep.notes[0]
+    assert not sweep.available(LLAMA) and "make llama-cpp" in sweep.notes[-1]
     with pytest.raises(ValueError, match="make llama-cpp"):  # --gguf given: llama.cpp was asked for
         Options(model, ("25%",), 4, None, 1, (1,), 1, 1, None, gguf=gguf_of(model, tmp_path / "m.gguf")).validate()
     wrong = gguf_of(model, tmp_path / "w.gguf", **{"llama.block_count": 99})

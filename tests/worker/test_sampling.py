@@ -134,6 +134,54 @@ def test_the_worker_answers_the_failed_request_alone():
     assert list(server.jobs) == ["r0"]
 
 
+def test_a_step_that_fails_is_run_again_request_by_request():
+    """One request whose forward raises (here: whenever it is in the step) must not fail its batch-mates: the
+    failed step's caches are rewound and each request runs alone; only the one that fails alone fails."""
+    from services.worker.server import Job
+
+    def run(step):
+        if any(c.seq.request_id == "bad" for c in step):
+            raise RuntimeError("a forward that fails for this request")
+        for c in step:
+            c.seq.cached += len(c.tokens)
+            c.seq.generated.append(7)
+        return [7] * len(step)
+
+    server = bare_server(run)
+    rewound = []
+    server.engine.rewind = lambda step: rewound.append([c.seq.request_id for c in step]) or True
+    server.engine.device = torch.device("cpu")
+    seqs = [Sequence(m.GenerateRequest(name, [1], 4), None, None) for name in ("good", "bad", "also")]
+    server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
+    server.run_step([Chunk(s, [1]) for s in seqs])
+    replies = replies_of(server)
+    assert rewound == [["good", "bad", "also"]]
+    assert replies[1].tokens == [7] and replies[3].tokens == [7]
+    assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "internal"
+
+
+def test_a_failed_step_rewinds_each_cache_to_what_its_request_had():
+    from services.worker.kv_cache import GrowingLayer
+
+    engine = Engine.__new__(Engine)
+    engine.seq2seq = None
+    seq = Sequence(m.GenerateRequest("r", [1, 2, 3], 4), cache_of([GrowingLayer(), GrowingLayer()]), None)
+    seq.cached = 3
+    for n, layer in zip((4, 3), seq.cache.layers):  # the first layer had appended the failed step's token
+        layer.update(torch.zeros(1, 2, n, 8), torch.zeros(1, 2, n, 8))
+    assert engine.rewind([Chunk(seq, [4])]) and [layer.get_seq_length() for layer in seq.cache.layers] == [3, 3]
+    seq.cache.layers.append(object())  # a layer that cannot be rewound (sliding, recurrent): no rerun
+    assert not engine.rewind([Chunk(seq, [4])])
+
+
+def cache_of(layers):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     model = write_family("mixtral", tmp_path_factory.mktemp("ckpt") / "mixtral")
