@@ -17,7 +17,7 @@ from functools import lru_cache
 import msgspec
 
 from common import messages
-from common.protocol import PROTOCOL, Op
+from common.protocol import PROTOCOL, PROTOCOL_VERSION, Op
 
 _HEADER = struct.Struct("<BQ")
 HEADER_BYTES = _HEADER.size
@@ -27,6 +27,10 @@ _PATH = re.compile(r" - at `\$((?:\[\d+\])*)`$")
 
 class ProtocolError(ValueError):
     """A frame that cannot be decoded into a known message (or a message that cannot be encoded)."""
+
+
+class VersionMismatch(ProtocolError):
+    """A handshake from a peer of another protocol version (answered with the ``protocol`` error code)."""
 
 
 def encode(op: Op, request_id: int, msg) -> bytes:
@@ -78,10 +82,27 @@ def decode(frame: bytes, allowed: frozenset[Op] | None = None, *, reply: bool = 
     try:
         msg = _decoder(cls).decode(memoryview(frame)[HEADER_BYTES:])
     except msgspec.ValidationError as exc:
+        if other := _other_version(cls, frame):
+            raise VersionMismatch(other) from None
         raise ProtocolError(_explain(cls, str(exc))) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"{op.name}: body is not msgpack ({exc})") from None
     return op, request_id, msg
+
+
+def _other_version(cls, frame: bytes) -> str | None:
+    """A handshake (its first field: ``protocol``) from another version of moeinf, whose fields need not decode
+    here: that, said plainly, rather than the field that did not match."""
+    if cls.__struct_fields__[:1] != ("protocol",):
+        return None
+    try:
+        version = msgspec.msgpack.decode(memoryview(frame)[HEADER_BYTES:])[0]
+    except (msgspec.DecodeError, TypeError, IndexError, KeyError):
+        return None
+    if isinstance(version, int) and version != PROTOCOL_VERSION:
+        return (f"{cls.__name__}: the peer speaks protocol {version}, this side {PROTOCOL_VERSION}: run one version"
+                " of moeinf for memd and its workers")
+    return None
 
 
 def build(cls, value):

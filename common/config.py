@@ -15,9 +15,9 @@ from common.access import Access
 from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, check_log_level, parse_cpus, resolve_api_key
 from common.knobs import add_config_args as add_config_args, build_config as build_config  # re-exported
 from common.knobs import env_name as env_name, flag_name, knob
+from common.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported (the wire's vocabulary)
 from common.sizes import parse_bytes, parse_size
 
-PROTOCOL_VERSION = 4
 CPU_EXPERTS = ("off", "auto", "always")  # memd --cpu-experts
 POLICIES = ("lru", "lfu", "activation")  # memd's eviction policies (services/memd/policy.py)
 POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd/pools.py)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from common import admin_messages as a
 from common import messages as m
 
+PROTOCOL_VERSION = 4  # HELLO's first field: memd and its workers must speak the same
+
 
 class Handler(enum.Enum):
     INLINE = "inline"  # runs on the event loop, must not block

@@ -55,7 +55,19 @@ def cuda_missing() -> str:
     return ""
 
 
+def check_args(args) -> None:
+    """Every flag before any work (a bad one found after minutes of GPU checks would waste them)."""
+    from common.sizes import parse_size
+
+    if args.tokens < 1 or args.repeats < 1:
+        raise ValueError(f"--tokens {args.tokens} and --repeats {args.repeats} must be at least 1")
+    parse_size(args.memory, what="--memory")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model}: no config.json there (a checkpoint directory)")
+
+
 def cmd_selftest(args) -> int:
+    check_args(args)
     if why := cuda_missing():
         print(f"moeinf selftest: no CUDA device: {why}")
         return 2

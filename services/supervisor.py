@@ -133,6 +133,10 @@ class Supervisor:
             self.start_all()
             say(f"moeinf is serving {self.model.name} at {self.url}/v1 (Ctrl-C stops it)")
             return self.supervise()
+        except KeyboardInterrupt:
+            if self.stopping:
+                return 0  # a stop asked for during a start or a restart ends like one asked for later
+            raise
         finally:
             self.stop_all()
 
@@ -157,17 +161,20 @@ class Supervisor:
         return self.wait_ready(child, ready, restarting=restarting)
 
     def wait_ready(self, child: Child, ready, *, restarting: bool = False) -> bool:
-        """False when a ``restarting`` child exits before it is ready: a crash like any other, which the supervise
-        loop restarts within the budget (only a first start's exit is fatal: its error is a setup error)."""
+        """False when a ``restarting`` child, or memd that a worker or the gateway needs, exits before it is ready:
+        a crash like any other, which the supervise loop restarts within the budget (only a first start's exit is
+        fatal: its error is a setup error)."""
         deadline = child.started + self.cfg.startup_timeout_s
+        gone = lambda: child if not child.alive() else (  # noqa: E731 (what died: the child, or memd under it)
+            self.memd if child is not self.memd and self.memd.proc is not None and not self.memd.alive() else None)
         while not ready():
             if self.stopping:
                 raise KeyboardInterrupt
-            if not child.alive() and restarting:
-                say(f"{child.name} exited with status {child.proc.returncode} before it was ready again")
+            if (dead := gone()) is not None and restarting:
+                say(f"{dead.name} exited with status {dead.proc.returncode} before {child.name} was ready again")
                 return False
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} during start-up (its"
+            if dead is not None:
+                raise RuntimeError(f"{dead.name} exited with status {dead.proc.returncode} during start-up (its"
                                    " error is above)")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{child.name} was not ready within {self.cfg.startup_timeout_s:g}s; raise"
@@ -200,6 +207,8 @@ class Supervisor:
         say(f"{child.name} exited with status {child.proc.returncode}; restarting ({recent}/{self.cfg.max_restarts}"
             f" within {window:g}s)")
         stop_children([dependent for dependent, _ in then])
+        if self.stopping:  # (asked to stop while the dependents stopped: start nothing)
+            return
         if not self.start(child, ready, restarting=True):
             return  # (its dependents stay stopped: the next turn of the loop restarts it, and them)
         for dependent, dependent_ready in then:

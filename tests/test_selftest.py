@@ -12,6 +12,14 @@ def test_without_cuda_it_says_no_cuda_device_and_exits_2(capsys):
     assert out.startswith("moeinf selftest: no CUDA device: ")
 
 
+@pytest.mark.parametrize("flags,message", [(["--repeats", "0"], "must be at least 1"),
+                                           (["--memory", "lots"], "is not a size"),
+                                           (["--model", "/nonexistent"], "no config.json")])
+def test_flags_are_checked_before_any_work(capsys, flags, message):
+    assert main(["selftest", "--device", "cuda", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_only_cuda_is_a_device(capsys):
     with pytest.raises(SystemExit):
         main(["selftest", "--device", "cpu"])

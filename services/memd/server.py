@@ -19,7 +19,7 @@ import zmq.asyncio
 
 from common import messages as m
 from common.access import Access
-from common.codec import ProtocolError, decode, encode, request_id_of
+from common.codec import ProtocolError, VersionMismatch, decode, encode, request_id_of
 from common.config import PROTOCOL_VERSION, MemdConfig
 from common.expert_index import ExpertIndex
 from common.procs import pid_alive
@@ -154,7 +154,8 @@ class MemdServer:
                 op, rid, req = decode(frame, MEMD_RPC_OPS)
             except ProtocolError as exc:
                 log.warning("rejected frame: %s", exc)
-                await send_error(self.rpc, identity, request_id_of(frame), "bad_request", str(exc))
+                code = "protocol" if isinstance(exc, VersionMismatch) else "bad_request"
+                await send_error(self.rpc, identity, request_id_of(frame), code, str(exc))
                 continue
             try:
                 if op is Op.ACQUIRE:

@@ -192,6 +192,7 @@ def run(cfg: WorkerConfig) -> int:
         log.info("the worker's threads run on CPUs %s (--cpus)", format_cpus(cpus))
     check_socket_free(cfg)
     model, client, _, steps, attention = attach(cfg)
+    server = None
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)
         engine.enable_batching(attention)
@@ -205,8 +206,9 @@ def run(cfg: WorkerConfig) -> int:
         server = WorkerServer(cfg.rpc_addr, engine, client, worker_info(cfg, model), limits, Access(cfg.group))
         return asyncio.run(_serve(server))
     finally:
-        steps.close()  # the last step's trace, and the trace file's buffer
-        client.close()
+        if server is None or not server.compute_stuck:  # (else its thread may still use them: the exit frees them)
+            steps.close()  # the last step's trace, and the trace file's buffer
+            client.close()
 
 
 async def _serve(server: WorkerServer) -> int:

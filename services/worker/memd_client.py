@@ -82,6 +82,9 @@ class MemdClient:
                           timeout_s=timeout_s, what=f"memd did not answer HELLO at {self.rpc_addr} within"
                           f" {timeout_s:g}s: start `moeinf memd --model {model}` with the same --state-dir first, or"
                           f" raise {timeout_knob}")
+        if hello.protocol != PROTOCOL_VERSION:
+            raise MemdError(f"memd speaks protocol {hello.protocol}, this worker {PROTOCOL_VERSION}: run one version of"
+                            " moeinf for memd and its workers")
         self.memd_pid = hello.pid
         if self.use_leases and hello.control_name:
             self._control = _map_epoch(hello.control_name)

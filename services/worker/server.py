@@ -5,7 +5,8 @@ the memd client and the scheduler. They meet in two queues: requests in, replies
 ``--max-queued`` waiting plus ``--max-running`` running requests a request is refused with ``capacity``. The
 compute loop reads like the step it is: take new requests -> drop cancelled ones -> schedule -> one forward for
 the whole step -> publish each request's token -> retire the finished ones. Requests join and leave only between
-steps; a failed step fails only the requests in it, and a request that cannot be sampled fails alone. Every
+steps; a failed step runs again request by request where the caches can be rewound (else it fails only the
+requests in it), and a request that cannot be sampled fails alone. Every
 request ends with its last token or an error reply: when the worker stops, those still here get ``unavailable``.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from services.worker.scheduler import CapacityError, Chunk, Limits, Scheduler
 log = logging.getLogger("moeinf.worker")
 MEMD_WATCH_S = 0.2  # how often the worker checks memd's pid (a dead memd: the worker stops, streams end)
 LINGER_MS = 500  # at exit, the last replies (errors of the requests still here) get this long to go out
+STOP_JOIN_S = 30.0  # a stop waits this long for the step in progress to end
 
 
 @dataclass(eq=False, slots=True)
@@ -53,11 +55,12 @@ class WorkerServer:
         self.max_live = limits.max_waiting + limits.max_running
         self.inbox: queue.Queue = queue.Queue(maxsize=self.max_live)
         self.cancelled: set[str] = set()
-        self.live: dict[str, bytes] = {}  # request id -> gateway identity (event loop side), at most max_live
+        self.live: dict[str, tuple[bytes, int]] = {}  # request id -> (gateway, call id) (event loop side), <= max_live
         self.meter = KvMeter()  # what a request's KV cache costs, weighed after each step (--kv-cache-memory)
         self.scheduler = Scheduler(limits, self.meter.reserve)
         self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most max_live
         self.stopping = threading.Event()
+        self.compute_stuck = False  # the compute thread outlived the stop (it may still use the memd client)
         self.exit_code = 0
         self.generated_tokens = 0
 
@@ -76,7 +79,8 @@ class WorkerServer:
             await self.loop.run_in_executor(None, self.stopping.wait)
         finally:
             self.stopping.set()
-            await self.loop.run_in_executor(None, compute.join, 30)
+            await self.loop.run_in_executor(None, compute.join, STOP_JOIN_S)
+            self.answer_leftovers(compute.is_alive())
             await self._flush(timeout_s=1.0)  # the last replies (errors of requests still here) go out
             for t in tasks:
                 t.cancel()
@@ -88,6 +92,21 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def answer_leftovers(self, computing: bool) -> None:
+        """After the compute thread's join: requests admitted after its last look at the inbox, and, if it still
+        runs a step (``computing``: memd slow to answer), every request still here, get ``unavailable`` now."""
+        stopped = m.ErrorReply("unavailable", "the worker is stopping; retry shortly")
+        while not self.inbox.empty():
+            identity, rid, req = self.inbox.get_nowait()
+            self.live.pop(req.request, None)
+            self._reply(identity, Op.ERROR, rid, stopped)
+        if computing:
+            self.compute_stuck = True
+            log.warning("the compute thread did not end within %gs of stopping: %d requests answered unavailable",
+                        STOP_JOIN_S, len(self.live))
+            for identity, rid in self.live.values():
+                self._reply(identity, Op.ERROR, rid, stopped)
 
     async def _flush(self, timeout_s: float) -> None:
         """Send every reply still queued (a reply taken off the outbox but not yet sent counts too: join, not
@@ -146,7 +165,7 @@ class WorkerServer:
                                                                           " running; raise --max-queued or"
                                                                           " --max-running"))
             return
-        self.live[req.request] = identity
+        self.live[req.request] = identity, rid
         self.inbox.put_nowait((identity, rid, req))
 
     async def _write(self) -> None:
@@ -162,7 +181,7 @@ class WorkerServer:
     def forsake(self, identity: bytes, exc: zmq.ZMQError) -> None:
         """A reply to a gateway that is gone (killed: its client cannot be told anything): cancel every request of
         that gateway, so that none of them keeps computing for nobody."""
-        orphans = [r for r, owner in self.live.items() if owner == identity and r not in self.cancelled]
+        orphans = [r for r, (owner, _) in self.live.items() if owner == identity and r not in self.cancelled]
         self.cancelled.update(orphans)
         if orphans:
             log.info("a reply to a vanished gateway was dropped (%s): its %d requests are cancelled", exc, len(orphans))

@@ -67,6 +67,36 @@ def test_a_restarted_child_that_dies_before_it_is_ready_again_is_a_crash_not_the
     assert sup.workers[0].total_crashes == 3
 
 
+def test_memd_dying_while_a_worker_restarts_is_noticed_at_once(tmp_path):
+    """A worker waiting for memd's handshake never becomes ready once memd is gone: serve sees memd die and goes
+    back to restart it (and its workers), instead of waiting --startup-timeout-s for the worker."""
+    sup = supervisor(tmp_path, SLEEPER, startup_timeout_s=60)
+    sup.memd.proc.kill()
+    sup.memd.proc.wait()
+    start = time.monotonic()
+    try:
+        assert sup.wait_ready(sup.workers[0], lambda: False, restarting=True) is False
+        with pytest.raises(RuntimeError, match="memd exited"):  # a first start: fatal, with memd named
+            sup.wait_ready(sup.gateway, lambda: False)
+    finally:
+        sup.stop_all()
+    assert time.monotonic() - start < 10
+
+
+def test_a_stop_asked_for_during_a_start_is_a_clean_exit(tmp_path):
+    sup = supervisor(tmp_path, SLEEPER)
+    import signal
+
+    sup.start_all = lambda: (setattr(sup, "stopping", True), sup.wait_ready(sup.memd, lambda: False))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        assert sup.run() == 0
+    finally:  # (run installs serve's own handlers: this test process keeps its)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert not any(c.alive() for c in (sup.memd, sup.workers[0], sup.gateway))
+
+
 def test_the_restart_budget_refills(tmp_path):
     """Crashes farther apart than the window never add up: the sixth crash of a long life is restarted."""
     sup = supervisor(tmp_path, CRASHER, max_restarts=2, restart_window_s=0.3)  # the loop polls every 0.5 s

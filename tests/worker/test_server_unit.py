@@ -38,3 +38,17 @@ def test_a_request_whose_start_fails_unexpectedly_is_answered_alone():
     ((op, reply),) = replies
     assert op is Op.ERROR and reply.code == "internal" and "KeyError" in reply.message
     assert forgotten == [("r1",)] and server.jobs == {}
+
+
+def test_requests_left_at_a_stop_are_answered_unavailable():
+    """A request admitted after the compute loop last looked at its inbox, and (when a step outlives the stop's
+    wait) every request still here, get their error from the event loop: none waits for a reply that never comes."""
+    import queue
+
+    server, replies = stub_server(inbox=queue.Queue(), compute_stuck=False)
+    server.live = {"running": (b"gw", 1), "late": (b"gw", 2)}
+    server.inbox.put((b"gw", 2, m.GenerateRequest("late", [1], 4)))
+    WorkerServer.answer_leftovers(server, computing=False)
+    assert [(op, reply.code) for op, reply in replies] == [(Op.ERROR, "unavailable")] and "late" not in server.live
+    WorkerServer.answer_leftovers(server, computing=True)
+    assert len(replies) == 2 and server.compute_stuck
