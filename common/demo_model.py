@@ -6,6 +6,7 @@ tensors, optional sharding) is exactly that of a real Mixtral checkpoint, which 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -97,8 +98,13 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_d
         raise FileExistsError(f"{out} exists and is not a moeinf demo model (it has no {MARKER}): not overwritten;"
                               " remove it or pick another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # what a build killed outright left
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:  # built beside it, then renamed into place: an interrupted build leaves no half checkpoint at ``out``
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # (mkdtemp's 0700 would keep other users, a container's, from reading it)
         _write(staging, size, build_in_dtype)
         if out.exists():
             shutil.rmtree(out)  # (an earlier demo model: its marker said so)

@@ -229,6 +229,7 @@ class StatsReply(Message):
     slot_cache: bool = False  # memd reads experts from their slot images where written (--slot-cache)
     slot_images: Count = 0  # experts whose slot image is on disk
     images_written: Count = 0  # slot images this memd wrote behind its reads
+    cancelled_bytes: Count = 0  # of bytes_read, what loads cancelled before they finished had read (version 5)
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

@@ -18,7 +18,7 @@ def _sampling(cfg: GatewayConfig) -> dict:
         "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K, "default": 0,
                   "description": "0 or -1: off; values above the vocabulary size are off too"},
         "seed": {"type": "integer", "minimum": -2**63, "maximum": 2**64 - 1,
-                 "description": "taken modulo 2^63 (-1 is 2^63 - 1): the same seed gives the same sampling"},
+                 "description": "any 64-bit integer: the same seed gives the same sampling"},
         "stop": {"oneOf": [{"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                            {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
                             "maxItems": MAX_STOP}]},
@@ -34,7 +34,7 @@ def _sampling(cfg: GatewayConfig) -> dict:
 
 def _neutral(fields: dict) -> dict:
     """OpenAI's parameters moeinf does not implement: accepted only at a value that asks for nothing (400 else)."""
-    return {name: {"enum": [None, *values], "description": "not implemented: only this value (or null)"}
+    return {name: {"enum": [None, *values], "description": "not implemented: accepted only as listed (null included)"}
             for name, values in fields.items()}
 
 

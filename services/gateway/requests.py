@@ -121,7 +121,7 @@ def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: 
     seed = _typed(body, "seed", int, "an integer")
     if seed is not None and not -2**63 <= seed < 2**64:
         raise bad_request("'seed' must be a 64-bit integer", "seed")
-    job.seed = None if seed is None else seed % 2**63  # (the worker's generator takes [0, 2^63): -1 is 2^63 - 1)
+    job.seed = seed  # (torch's generator takes any of them: a negative one as its two's complement)
     n = _typed(body, "n", int, "an integer", 1)
     if n != 1:
         raise bad_request("only 'n' = 1 is supported", "n")

@@ -310,22 +310,20 @@ class ExpertCache:
     def load_done(self, key: Key, nbytes: int, seconds: float) -> None:
         self.planner.done(key)
         self.table.loaded(key, transient=self.transient.pop(key, False))
-        self.partial_read(key, nbytes)
         self.table.counters.read_seconds += seconds
+        self.partial_read(key, nbytes, cancelled=False)
 
-    def partial_read(self, key: Key, nbytes: int) -> None:  # (a cancelled load's too: the disk read them)
+    def partial_read(self, key: Key, nbytes: int, cancelled: bool = True) -> None:  # (a cancelled load's too)
+        self.table.counters.cancelled_bytes += nbytes if cancelled else 0
         self.table.counters.bytes_read += nbytes
         self.metrics.bytes_read[key[0]] += nbytes
 
     def load_cancelled(self, key: Key) -> None:
         """A prefetch stopped before it finished (stale, or its slot went to an on-demand load)."""
         self.metrics.prefetch_cancelled += key in self.unused
-        self._drop(key)
+        self.load_failed(key)
 
-    def load_failed(self, key: Key) -> None:
-        self._drop(key)
-
-    def _drop(self, key: Key) -> None:
+    def load_failed(self, key: Key) -> None:  # (and the end of a cancelled one: dropped alike)
         self.planner.done(key)
         self.transient.pop(key, None)
         if key in self.unused:

@@ -28,6 +28,7 @@ class Counters:
     misses: int = 0
     evictions: int = 0
     bytes_read: int = 0
+    cancelled_bytes: int = 0  # of them, read by loads cancelled before they finished
     read_seconds: float = 0.0
     stall_seconds: float = 0.0
     per_layer_hits: list[int] = field(default_factory=list)

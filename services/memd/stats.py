@@ -25,4 +25,5 @@ def stats_fields(core) -> dict:
                 acquires=mt.acquires, leased_layers=mt.leased_layers, speculation=spec,
                 layer_notes=mt.layer_notes, notes_dropped=mt.notes_dropped,
                 notes_unattached=mt.notes_unattached, speculate_layers=mt.speculate_layers,
-                prefetch_deferred=mt.prefetch_deferred, prefetch_declined=mt.prefetch_declined)
+                prefetch_deferred=mt.prefetch_deferred, prefetch_declined=mt.prefetch_declined,
+                cancelled_bytes=c.cancelled_bytes)

@@ -171,10 +171,11 @@ class Engine:
         """Undo what a failed ``run`` of ``step`` appended to its requests' caches (each back to ``seq.cached``
         tokens), so that each request can run again on its own; False where a cache cannot be rewound exactly
         (an encoder-decoder's, sliding-window or recurrent layers: they drop or fold in what they hold)."""
-        if self.seq2seq is not None:
-            return False
+        if self.seq2seq is not None or self.one_at_a_time or (self.flat_step and self.flat_step.own_cache):
+            return False  # (a model's own cache class may hold state beside its layers: MiniMax's linear cache)
         caches = [(chunk.seq.cache, chunk.seq.cached) for chunk in step]
-        if any(type(layer) not in (GrowingLayer, DynamicLayer) for cache, _ in caches for layer in cache.layers):
+        if any(not getattr(cache, "is_croppable", True) or type(cache) is not DynamicCache
+               or any(type(layer) not in (GrowingLayer, DynamicLayer) for layer in cache.layers) for cache, _ in caches):
             return False
         for cache, cached in caches:
             for layer in cache.layers:

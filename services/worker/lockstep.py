@@ -6,7 +6,8 @@ forward, in a thread of a small pool, and at every MoE layer the forwards meet: 
 (``forward_together``: their tokens concatenated, one acquire of the union of their experts, one pass of each
 routed expert) and each goes on with its own rows. Everything else in the model runs per request, with the shapes
 of a lone run. A forward that fails breaks the barrier, so the others fail at their next layer instead of waiting
-forever; the step's requests then fail together, as they do when one batched forward fails.
+forever; the step's requests then fail together (their recurrent or encoder state cannot be rewound, so the
+step is not run again request by request as a flattened step is: ``Engine.rewind``).
 """
 from __future__ import annotations
 

@@ -189,8 +189,18 @@ class WorkerServer:
     def _reply(self, identity: bytes, op: Op, rid: int, msg) -> None:
         self.outbox.put_nowait((identity, encode(op, rid, msg)))
 
+    def _to_loop(self, fn, *args) -> None:
+        """From the compute thread: ``fn(*args)`` on the event loop; nothing once the stop answered its requests
+        for it (``answer_leftovers``) or the loop closed (a step that outlived the stop)."""
+        if self.compute_stuck or self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # closed meanwhile
+            pass
+
     def _reply_threadsafe(self, identity: bytes, op: Op, rid: int, msg) -> None:
-        self.loop.call_soon_threadsafe(self._reply, identity, op, rid, msg)
+        self._to_loop(self._reply, identity, op, rid, msg)
 
     # ------------------------------------------------------------------ compute thread
     def compute_loop(self) -> None:
@@ -241,7 +251,7 @@ class WorkerServer:
                 log.exception("starting request %s failed", req.request)
             message = str(exc) if code != "internal" else f"the worker could not start it ({type(exc).__name__})"
             self._reply_threadsafe(identity, Op.ERROR, rid, m.ErrorReply(code, message))
-            self.loop.call_soon_threadsafe(self._forget, req.request)
+            self._to_loop(self._forget, req.request)
             return
         self.jobs[req.request] = Job(identity, rid, seq)
         self.engine.steps.request_started(req.request, len(req.prompt))
@@ -278,19 +288,33 @@ class WorkerServer:
         except Exception as exc:
             log.exception("a step of %d requests failed", len(step))
             broken = device.broken(self.engine.device)  # every later step would fail too: exit, to be restarted
-            if not broken and len(step) > 1 and [c.seq.cached for c in step] == cached and self.engine.rewind(step):
-                log.warning("running the step's %d requests one by one: only a request that fails alone fails",
-                            len(step))
-                for chunk in step:
-                    self.run_step([chunk])
-                return
-            self.fail([self.jobs[c.seq.request_id] for c in step], "internal",
-                      f"generation failed in the worker ({type(exc).__name__}; its log has the details)")
+            rerun = not broken and len(step) > 1 and [c.seq.cached for c in step] == cached \
+                and self.engine.rewind(step)
+            if not rerun:
+                self.fail([self.jobs[c.seq.request_id] for c in step], "internal",
+                          f"generation failed in the worker ({type(exc).__name__}; its log has the details)")
             if broken:
                 log.error("the worker's %s no longer computes (%s); the worker stops", self.engine.device, broken)
                 self.exit_code = 4
                 self.stopping.set()
+            if not rerun:
+                return
+        else:
+            self.publish_step(step, tokens)
             return
+        self.rerun_alone(step)  # (out of the handler: the failed forward's frames and tensors are freed first)
+
+    def rerun_alone(self, step: list[Chunk]) -> None:
+        """A failed step (rewound) again, one request at a time: only a request that fails alone fails. The failed
+        step's trace is dropped (the reruns record their own); a stop meanwhile leaves the rest to its answers."""
+        log.warning("running the step's %d requests one by one: only a request that fails alone fails", len(step))
+        self.engine.steps.abort()
+        for chunk in step:
+            if self.stopping.is_set():
+                return
+            self.run_step([chunk])
+
+    def publish_step(self, step: list[Chunk], tokens: list[int | None]) -> None:
         self.weigh(step)
         frames, done = [], []
         for chunk, token in zip(step, tokens):
@@ -305,12 +329,12 @@ class WorkerServer:
             else:  # a prompt's chunk before its last: a reply without tokens says the request is under way
                 frames.append(self._tokens_frame(job, []))
         if frames:  # the step's tokens reach the event loop in one wake-up, encoded here
-            self.loop.call_soon_threadsafe(self._put_frames, frames)
+            self._to_loop(self._put_frames, frames)
         for job in done:
             self.retire(job)
 
     def publish(self, job: Job, tokens: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self._put_frames, [self._tokens_frame(job, tokens)])
+        self._to_loop(self._put_frames, [self._tokens_frame(job, tokens)])
         if job.seq.finish_reason is not None:
             self.retire(job)
 
@@ -331,7 +355,7 @@ class WorkerServer:
         self.scheduler.remove(job.seq)
         self.jobs.pop(job.seq.request_id, None)
         self.engine.steps.request_ended(job.seq.request_id, len(job.seq.generated))
-        self.loop.call_soon_threadsafe(self._forget, job.seq.request_id)
+        self._to_loop(self._forget, job.seq.request_id)
 
     def _forget(self, request: str) -> None:
         self.live.pop(request, None)

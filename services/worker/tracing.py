@@ -100,6 +100,10 @@ class StepRecorder:
             made = None if guesses is None else [(t - layer, e, c) for t, e, c in zip(*guesses)]
             step.routing.append((layer, top_k_index, top_k_weights, made))
 
+    def abort(self) -> None:
+        """Drop the open step unsent (its forward failed: its requests run it again, recorded then)."""
+        self.open = None
+
     def end_step(self) -> None:
         """Send the open step to memd (and to the trace file); a no-op when no step is open."""
         step, self.open = self.open, None
@@ -160,6 +164,11 @@ class StepState:
         self.token_owner = torch.tensor(owner, dtype=torch.long)
         if self.recorder.client is not None:
             self.recorder.begin(requests, self.token_owner, positions, phases)
+
+    def abort(self) -> None:
+        """The step declared last failed: its routing is not sent (``StepRecorder.abort``)."""
+        if self.recorder.client is not None:
+            self.recorder.abort()
 
     def request_started(self, request: str, prompt_tokens: int) -> None:
         self.recorder.client.emit(Op.REQUEST_START, m.RequestStartEvent(request, prompt_tokens))

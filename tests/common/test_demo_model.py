@@ -1,5 +1,6 @@
 """``moeinf demo-model``: it never overwrites a real checkpoint, an interrupted build leaves nothing behind, and a
 shape that could not be served is refused before anything is written."""
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,9 @@ def test_a_real_checkpoint_is_never_overwritten(tmp_path, capsys):
 def test_an_earlier_demo_model_is_replaced_and_an_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
     out = write_demo_model(tmp_path / "demo", TINY)
     assert (out / MARKER).is_file() and (out / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # (not the staging directory's 0700)
     write_demo_model(out, TINY)  # (a demo model: replaced)
 
     def interrupted(staging: Path, size, build_in_dtype):

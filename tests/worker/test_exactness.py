@@ -20,7 +20,7 @@ def load_counts(stats, expert_bytes: int) -> set[int]:
     each) and ``b`` slot images (a whole slot each, memd's ``--slot-cache``), ``a + b`` for every ``a, b >= 0``
     that add up exactly (empty: the bytes are not whole loads)."""
     slot = stats.pool_bytes // stats.num_slots
-    total = stats.bytes_read
+    total = stats.bytes_read - stats.cancelled_bytes  # (a cancelled prefetch's pieces: counted, but not a whole load)
     return {b + (total - b * slot) // expert_bytes for b in range(total // slot + 1)
             if (total - b * slot) % expert_bytes == 0}
 

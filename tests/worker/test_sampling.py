@@ -1,11 +1,13 @@
 """Sampling is per request: parameters the sampler cannot take are clamped (documented in engine.py), a request
 whose distribution is degenerate fails alone, and its batch-mates get the tokens they get alone."""
 import asyncio
+import threading
 import uuid
 
 import pytest
 import torch
 from helpers import Stack, write_family
+from transformers import DynamicCache
 from test_batching import PROMPTS, Mux, alone
 
 from common import messages as m
@@ -86,10 +88,16 @@ class _Loop:
     def call_soon_threadsafe(self, fn, *args):
         fn(*args)
 
+    def is_closed(self):
+        return False
+
 
 class _Steps:
     def request_ended(self, request, generated):
         pass
+
+    def abort(self):
+        self.aborted = True
 
 
 def bare_server(run=None, scheduler=None):
@@ -103,6 +111,7 @@ def bare_server(run=None, scheduler=None):
     server.loop = _Loop()
     server.scheduler = scheduler if scheduler is not None else Scheduler(Limits(4, 16, 8, 4))  # (an empty one is falsy)
     server.outbox, server.live, server.cancelled, server.generated_tokens = asyncio.Queue(), {}, set(), 0
+    server.stopping, server.compute_stuck = threading.Event(), False
     return server
 
 
@@ -155,7 +164,7 @@ def test_a_step_that_fails_is_run_again_request_by_request():
     server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
     server.run_step([Chunk(s, [1]) for s in seqs])
     replies = replies_of(server)
-    assert rewound == [["good", "bad", "also"]]
+    assert rewound == [["good", "bad", "also"]] and server.engine.steps.aborted  # (its trace is not sent)
     assert replies[1].tokens == [7] and replies[3].tokens == [7]
     assert isinstance(replies[2], m.ErrorReply) and replies[2].code == "internal"
 
@@ -164,7 +173,7 @@ def test_a_failed_step_rewinds_each_cache_to_what_its_request_had():
     from services.worker.kv_cache import GrowingLayer
 
     engine = Engine.__new__(Engine)
-    engine.seq2seq = None
+    engine.seq2seq = engine.flat_step = None
     seq = Sequence(m.GenerateRequest("r", [1, 2, 3], 4), cache_of([GrowingLayer(), GrowingLayer()]), None)
     seq.cached = 3
     for n, layer in zip((4, 3), seq.cache.layers):  # the first layer had appended the failed step's token
@@ -173,10 +182,33 @@ def test_a_failed_step_rewinds_each_cache_to_what_its_request_had():
     seq.cache.layers.append(object())  # a layer that cannot be rewound (sliding, recurrent): no rerun
     assert not engine.rewind([Chunk(seq, [4])])
 
+    class StateBesideLayers(DynamicCache):  # MiniMax's: its linear attention's state is not in ``layers``
+        is_croppable = False
+
+    beside = Sequence(m.GenerateRequest("s", [1], 4), StateBesideLayers(), None)
+    beside.cache.layers = [GrowingLayer()]
+    assert not engine.rewind([Chunk(beside, [1])])
+
+
+def test_a_step_that_failed_after_a_request_moved_on_is_not_run_again():
+    """A failure after the forward (a request's ``cached`` already counts the step) cannot be undone: the step's
+    requests fail, none runs twice."""
+    def run(step):
+        step[0].seq.cached += 1
+        raise RuntimeError("after the forward")
+
+    server = bare_server(run)
+    server.engine.rewind = lambda step: pytest.fail("rewound a step a request had moved on in")
+    server.engine.device = torch.device("cpu")
+    seqs = [Sequence(m.GenerateRequest(f"r{i}", [1], 4), None, None) for i in range(2)]
+    from services.worker.server import Job
+
+    server.jobs = {s.request_id: Job(b"gw", i + 1, s) for i, s in enumerate(seqs)}
+    server.run_step([Chunk(s, [1]) for s in seqs])
+    assert all(isinstance(r, m.ErrorReply) for r in replies_of(server).values())
+
 
 def cache_of(layers):
-    from transformers import DynamicCache
-
     cache = DynamicCache()
     cache.layers = layers
     return cache

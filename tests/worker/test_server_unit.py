@@ -31,9 +31,9 @@ def test_a_request_whose_start_fails_unexpectedly_is_answered_alone():
 
     forgotten = []
     server, replies = stub_server(engine=SimpleNamespace(start=broken), jobs={},
-                                  loop=SimpleNamespace(call_soon_threadsafe=lambda fn, *a: forgotten.append(a)),
                                   _forget=None)
     server._reply_threadsafe = lambda identity, op, rid, reply: replies.append((op, reply))
+    server._to_loop = lambda fn, *args: forgotten.append(args)
     WorkerServer.start(server, b"gw", 7, m.GenerateRequest("r1", [1, 2], 4))
     ((op, reply),) = replies
     assert op is Op.ERROR and reply.code == "internal" and "KeyError" in reply.message
