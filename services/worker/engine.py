@@ -174,8 +174,7 @@ class Engine:
         if self.seq2seq is not None or self.one_at_a_time or (self.flat_step and self.flat_step.own_cache):
             return False  # (a model's own cache class may hold state beside its layers: MiniMax's linear cache)
         caches = [(chunk.seq.cache, chunk.seq.cached) for chunk in step]
-        if any(not getattr(cache, "is_croppable", True) or type(cache) is not DynamicCache
-               or any(type(layer) not in (GrowingLayer, DynamicLayer) for layer in cache.layers) for cache, _ in caches):
+        if not all(_rewindable(cache) for cache, _ in caches):
             return False
         for cache, cached in caches:
             for layer in cache.layers:
@@ -237,6 +236,12 @@ class Engine:
         if len(seq.generated) >= seq.req.max_tokens:
             return "length"
         return None
+
+
+def _rewindable(cache) -> bool:
+    """A plain ``DynamicCache`` of full-attention layers only: what it appended can be cropped off exactly."""
+    return type(cache) is DynamicCache and getattr(cache, "is_croppable", True) \
+        and all(type(layer) in (GrowingLayer, DynamicLayer) for layer in cache.layers)
 
 
 def _layout(step: list[Chunk]) -> tuple[list[int], list[int], list[int]]:
