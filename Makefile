@@ -30,10 +30,10 @@ test: $(BIN)/.installed
 	$(BIN)/pytest -q -n $(TEST_JOBS) -m 'not slow and not serial' $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(BIN)/pytest -q -m 'serial and not slow' $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-$(DEMO)/config.json: | $(BIN)/.installed
+$(DEMO)/moeinf-demo.json: | $(BIN)/.installed
 	$(BIN)/moeinf demo-model $(DEMO)
 
-demo: $(DEMO)/config.json
+demo: $(DEMO)/moeinf-demo.json
 
 serve: $(BIN)/.installed
 	$(BIN)/moeinf serve
