@@ -318,6 +318,9 @@ class AdminServer:
         return list(dict.fromkeys((k.layer, k.expert) for k in experts))
 
 
+STATE_FILES = {"memd.lock", "expert-index.msgpack"}  # memd's own files beside the EAMC (sockets are not *.bin)
+
+
 def eamc_path(path: str, allowed: Path) -> Path:
     """``path`` resolved (links and ``..`` followed), if it lies in the directory ``allowed``; AdminError if not:
     the admin socket (and ``--admin-tcp``) must not read or write anywhere memd can."""
@@ -328,6 +331,11 @@ def eamc_path(path: str, allowed: Path) -> Path:
     if real == root or root not in real.parents:
         raise AdminError("forbidden", f"{path}: EAMC files are saved and loaded only inside {root} (memd's"
                                       " --eamc-dir, by default its --state-dir)")
+    if real.parent != root or real.name in STATE_FILES or real.suffix in (".sock", ".lock") \
+            or (real.exists() and not real.is_file()):
+        raise AdminError("forbidden", f"{path}: an EAMC file is a regular file directly in {root}: not memd's own"
+                                      f" ({', '.join(sorted(STATE_FILES))}, sockets, locks), nor in a subdirectory"
+                                      " (slot images, kernels)")
     return real
 
 

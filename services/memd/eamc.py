@@ -66,11 +66,11 @@ class Eamc:
 
     def predict(self, queries: np.ndarray, top: int, *, count: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """For each query, the similarity-weighted average of its ``top`` nearest members: ``([R, L, E]`` row
-        distributions, ``[R]`` best similarity). All zeros while the collection is empty. ``count=False``: a look
-        (the admin's) that does not count as a match."""
-        count = len(queries)
-        if self.size == 0 or count == 0:
-            return np.zeros((count, self.num_layers, self.num_experts), np.float32), np.zeros(count, np.float32)
+        distributions, ``[R]`` best similarity, in [0, 1]). All zeros while the collection is empty. ``count=False``:
+        a look (the admin's) that does not count as a match."""
+        n = len(queries)
+        if self.size == 0 or n == 0:
+            return np.zeros((n, self.num_layers, self.num_experts), np.float32), np.zeros(n, np.float32)
         sims = self.similarity(queries)
         top = min(top, self.size)
         best = np.argpartition(-sims, top - 1, axis=1)[:, :top]  # [R, top]
@@ -80,7 +80,7 @@ class Eamc:
         if count:
             np.add.at(self.hits, best.ravel(), 1)
         predicted = np.einsum("rt,rtle->rle", weights, self.prob[best])
-        return predicted, sims.max(1)
+        return predicted, np.clip(np.nan_to_num(sims.max(1)), 0.0, 1.0)  # (float32 rounding passes 1 by an ulp)
 
     # ---------------------------------------------------------------- insertion
     def add(self, eam: np.ndarray) -> int | None:
@@ -163,8 +163,13 @@ class Eamc:
 
     def load(self, path: Path) -> None:
         """Replace the members with those saved in ``path``; raises EamcFileError (and keeps none) if it is bad."""
+        most = 65536 + self.capacity * (self.num_layers * self.num_experts * 4 + 12)  # a header and every member
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                if not os.path.isfile(path) or os.fstat(f.fileno()).st_size > most:
+                    raise EamcFileError(f"{path}: not an EAMC file of this capacity (a regular file of at most"
+                                        f" {most} bytes)")
+                raw = f.read()
         except OSError as exc:
             raise EamcFileError(f"{path}: {exc.strerror}") from None
         self.from_bytes(raw, str(path))
@@ -193,6 +198,8 @@ class Eamc:
         prob = np.frombuffer(payload, np.float32, n * cells).reshape(n, self.num_layers, self.num_experts)
         weight = np.frombuffer(payload, np.float32, n, offset=n * cells * 4)
         hits = np.frombuffer(payload, np.int64, n, offset=n * (cells * 4 + 4))
+        if problem := _bad_members(prob, weight, hits):
+            raise EamcFileError(f"{path}: {problem}")
         keep = np.argsort(-hits, kind="stable")[:self.capacity]  # a smaller --eamc-capacity keeps the most matched
         self.size = 0
         for i in keep:
@@ -248,3 +255,17 @@ def _corrupt_name(path: Path) -> Path:
     while kept.exists():  # two in one second: never replace an earlier copy
         kept, n = path.with_name(f"{path.name}.corrupt-{stamp}-{n}"), n + 1
     return kept
+
+
+def _bad_members(prob: np.ndarray, weight: np.ndarray, hits: np.ndarray) -> str:
+    """What makes saved members unusable ("" if nothing): each row a distribution (finite, >= 0, summing to 1) or
+    empty, weights in [1, MAX_MERGED], match counts >= 0 (a checksum says the bytes are whole, not that they are
+    an EAMC's: a file or a peer could hold NaN rows that would poison every prediction)."""
+    sums = prob.sum(-1)
+    if not np.isfinite(prob).all() or (prob < 0).any() or not (np.isclose(sums, 1, atol=1e-3) | (sums == 0)).all():
+        return "a member's rows are not distributions (finite, non-negative, summing to 1 or empty)"
+    if not (np.isfinite(weight) & (weight >= 1) & (weight <= MAX_MERGED)).all():
+        return f"a member's weight is outside [1, {MAX_MERGED}]"
+    if (hits < 0).any():
+        return "a member's match count is negative"
+    return ""

@@ -59,6 +59,8 @@ def fetch(addr: str, token: str, timeout_s: float = PULL_TIMEOUT_S) -> bytes:
         raise RuntimeError(f"a malformed reply: {exc}") from None
     if isinstance(reply, m.ErrorReply):
         raise RuntimeError(f"refused: {reply.message}")
+    if not isinstance(reply, a.EamcExportReply):  # (another op's reply: not a moeinf memd's admin socket?)
+        raise RuntimeError(f"answered with a {type(reply).__name__}, not an EAMC export")
     if len(parts) != 2 or len(parts[1]) != reply.nbytes:
         raise RuntimeError(f"expected {reply.nbytes} bytes of EAMC after the reply, got {len(parts) - 1} frames")
     return parts[1]

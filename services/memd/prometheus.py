@@ -27,7 +27,7 @@ MEMD_COUNTERS = frozenset({
     "trace_lost", "predicted", "correct", "routed", "acquires", "acquires_partial", "leased_layers", "layer_notes",
     "notes_dropped", "notes_unattached",
     "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
-    "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written",
+    "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written", "cancelled_bytes",
 })
 MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
@@ -39,6 +39,7 @@ MEMD_HELP = {
     "leased_layers": "MoE layers a worker computed from its leased experts, with no message to memd",
     "hits": "experts acquired that were already resident", "misses": "experts loaded on demand",
     "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the checkpoint",
+    "cancelled_bytes": "of the bytes read, those of loads cancelled before they finished",
     "read_seconds": "seconds spent reading experts", "stall_seconds": "seconds acquires waited for loads",
     "reader_busy_seconds": "wall seconds during which at least one expert was loading",
     "direct_io": "1 when experts are read with O_DIRECT", "prefetch": "1 when prefetching is on",

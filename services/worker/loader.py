@@ -60,11 +60,11 @@ def build_skeleton(config, experts_implementation: str):
 def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: frozenset | set = frozenset(),
                spread_skip: set[int] | None = None) -> int:
     """Set every non-expert tensor from the checkpoint; returns the bytes loaded. Block-FP8 weights (with a
-    ``weight_scale_inv``) are dequantized to the parameter's dtype by transformers' own ``Fp8Dequantize``, as
-    ``from_pretrained`` does with ``dequantize=True``. With ``spread_skip`` (the widths to leave: the routers'),
+    ``weight_scale_inv``) are dequantized to the parameter's dtype as ``from_pretrained`` does with
+    ``dequantize=True``, in the config's blocks (``_dequantize_fp8``); an fp8 tensor without scales is refused. With ``spread_skip`` (the widths to leave: the routers'),
     a bfloat16 linear's weight whose rows are a multiple of 2 KiB long is copied from the checkpoint straight into
     rows spread apart (``layouts.spread_rows``, for the CPU kernels): one copy, as the others get."""
-    fmt, _ = checkpoint.quant_format()  # refuses an unsupported quantization by name
+    fmt, block = checkpoint.quant_format()  # refuses an unsupported quantization by name
     mapper = KeyMapper(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
     converted: dict[str, tuple[object, list]] = {}  # target -> (converter, its source tensors)
@@ -84,7 +84,11 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: f
                 tensor = _own(model, target, f.get_tensor(key), spread_skip)
                 scale = checkpoint.tensors.get(f"{key}_scale_inv")
                 if scale is not None:
-                    tensor = _dequantize_fp8(model, target, tensor, _read(checkpoint, f"{key}_scale_inv", scale))
+                    scales = _read(checkpoint, f"{key}_scale_inv", scale)
+                    tensor = _dequantize_fp8(model, target, tensor, scales, block, key)
+                elif tensor.element_size() == 1 and tensor.dtype.is_floating_point:
+                    raise CheckpointError(f"{key}: an fp8 tensor without its {key}_scale_inv (no block scales in"
+                                          " the listed shards): its values alone are not the weight")
                 loaded += _set_tensor(model, target, tensor, key)
     return loaded
 
@@ -117,13 +121,22 @@ def _read(checkpoint: Checkpoint, key: str, entry) -> torch.Tensor:
         return f.get_tensor(key).clone()
 
 
-def _dequantize_fp8(model, target: str, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
-
+def _dequantize_fp8(model, target: str, weight: torch.Tensor, scales: torch.Tensor, block, key: str) -> torch.Tensor:
+    """``weight`` (float8) times its block's scale, in float32, then the parameter's dtype: what transformers'
+    ``Fp8Dequantize`` computes, but in ``quantization_config.weight_block_size`` blocks (transformers derives the
+    block from the scale grid, which a weight whose rows are not a multiple of the block (DeepSeek's 576-row
+    ``kv_a_proj_with_mqa``) ships rounded up: a refusal, or wrong blocks where the rounded grid divides it)."""
     module_name, _, name = target.rpartition(".")
     param = getattr(model.get_submodule(module_name), name, None)
-    dtype = param.dtype if isinstance(param, torch.Tensor) else None
-    return Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=dtype)
+    dtype = param.dtype if isinstance(param, torch.Tensor) else torch.bfloat16
+    rows, cols = weight.shape[-2:]
+    block_r, block_c = block if block else (-(-rows // scales.shape[-2]), -(-cols // scales.shape[-1]))
+    grid = (-(-rows // block_r), -(-cols // block_c))
+    if scales.dim() != 2 or tuple(scales.shape) != grid or not scales.dtype.is_floating_point:
+        raise CheckpointError(f"{key}_scale_inv: {list(scales.shape)} {scales.dtype} scales for a {rows} x {cols}"
+                              f" weight in {block_r} x {block_c} blocks (float scales of shape {list(grid)} expected)")
+    stretched = scales.float().repeat_interleave(block_r, 0)[:rows].repeat_interleave(block_c, 1)[:, :cols]
+    return (weight.to(torch.float32) * stretched).to(dtype)
 
 
 def _set_tensor(model, target: str, tensor: torch.Tensor, key: str) -> int:

@@ -241,6 +241,9 @@ def test_eamc_save_clear_load_gives_the_same_predictions(stack, tmp_path, monkey
         assert code == 1 and "EAMC files are saved and loaded only inside" in err and "[forbidden]" in err
         code, _, err = admin(state, "eamc", verb, str(state / ".." / "escape.eamc"), raw=True)
         assert code == 1 and "[forbidden]" in err
+        for own in ("memd.sock", "memd.lock", "expert-index.msgpack", "expert-cache/x/done.bin"):  # memd's files
+            code, _, err = admin(state, "eamc", verb, str(state / own), raw=True)
+            assert code == 1 and "[forbidden]" in err, own
     assert not (tmp_path / "patterns.eamc").exists() and not (state.parent / "escape.eamc").exists()
 
     monkeypatch.chdir(state)  # a relative FILE is resolved by the CLI, not by memd

@@ -180,3 +180,39 @@ def test_the_periodic_save_runs_off_memds_event_loop(tmp_path, monkeypatch):
     srv.core.eamc.dirty = True
     asyncio.run(lag_while_saving())
     assert srv.core.eamc.dirty  # not saved: tried again later, or by the final save
+
+
+@pytest.mark.parametrize("poison, words", [
+    (lambda e: e.prob.__setitem__((0, 0, 0), np.nan), "not distributions"),
+    (lambda e: e.prob.__setitem__((0, 0, slice(None)), 0.5), "not distributions"),
+    (lambda e: e.weight.__setitem__(0, 0.0), "weight is outside"),
+    (lambda e: e.hits.__setitem__(0, -2**62), "match count is negative"),
+])
+def test_a_whole_file_with_unusable_members_is_refused(tmp_path, poison, words):
+    """The checksum says the bytes are whole, not that they are an EAMC's: NaN rows, zero weights or negative
+    counts (a hand-made file, a peer's bug) would poison every prediction or divide by zero."""
+    eamc = collection()
+    poison(eamc)
+    path = tmp_path / "eamc.bin"
+    eamc.save(path)
+    with pytest.raises(EamcFileError, match=words):
+        Eamc(L, E, 8, "tiny").load(path)
+
+
+def test_a_file_larger_than_any_eamc_is_not_read(tmp_path):
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)  # (sparse: a slot-image cache's experts.bin looks like this)
+    with pytest.raises(EamcFileError, match="not an EAMC file of this capacity"):
+        Eamc(L, E, 8, "tiny").load(path)
+
+
+def test_a_look_is_not_a_match_and_the_similarity_stays_in_bounds():
+    eamc = Eamc(L, E, 8, "tiny")
+    flat = np.zeros((L, E), np.float32)
+    flat[:, :7] = 1.0  # 7 equal experts per layer: float32 rounding put its self-match a little above 1
+    eamc.add(flat)
+    _, best = eamc.predict(flat[None], top=1, count=False)
+    assert 0.0 <= best[0] <= 1.0 and eamc.hits[0] == 0
+    eamc.predict(flat[None], top=1)
+    assert eamc.hits[0] == 1

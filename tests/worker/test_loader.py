@@ -23,3 +23,27 @@ def test_dense_tensors_equal_from_pretrained(family, tmp_path):
     dense = {n: p for n, p in model.state_dict().items() if p.device.type != "meta"}
     assert set(expected) - set(dense) == {n for n in expected if n.rpartition(".")[0] in experts}
     assert [n for n, p in dense.items() if not torch.equal(p, expected[n])] == []
+
+
+def test_fp8_dense_weights_are_dequantized_in_the_configs_blocks():
+    """As transformers' ``Fp8Dequantize`` where the scale grid divides the weight (the same bits), and right where
+    a ragged last block makes the grid round up (DeepSeek's 576-row projection in 128-row blocks): transformers
+    derives the block from the grid there and refuses, or (192 rows, a 2-row grid) takes 96-row blocks."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from common.checkpoint import CheckpointError
+    from services.worker.loader import _dequantize_fp8
+
+    model = SimpleNamespace(get_submodule=lambda name: SimpleNamespace(weight=torch.empty(0, dtype=torch.bfloat16)))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 384, generator=gen).to(torch.float8_e4m3fn)
+    scales = torch.rand(2, 3, generator=gen) + 0.5
+    ours = _dequantize_fp8(model, "x.weight", weight, scales, (128, 128), "x.weight")
+    assert torch.equal(ours, Fp8Dequantize(None)._dequantize_one(weight, scales, output_dtype=torch.bfloat16))
+    ragged = torch.ones(192, 128).to(torch.float8_e4m3fn)
+    out = _dequantize_fp8(model, "x.weight", ragged, torch.tensor([[1.0], [2.0]]), (128, 128), "x.weight")
+    assert out[100, 0] == 1.0 and out[150, 0] == 2.0  # rows 0-127 in the first block, 128-191 in the second
+    with pytest.raises(CheckpointError, match="scales of shape \\[2, 1\\] expected"):
+        _dequantize_fp8(model, "x.weight", ragged, torch.ones(3, 1), (128, 128), "x.weight")
