@@ -61,9 +61,10 @@ def load_dense(model, checkpoint: Checkpoint, expert_modules: set[str], keyed: f
                spread_skip: set[int] | None = None) -> int:
     """Set every non-expert tensor from the checkpoint; returns the bytes loaded. Block-FP8 weights (with a
     ``weight_scale_inv``) are dequantized to the parameter's dtype as ``from_pretrained`` does with
-    ``dequantize=True``, in the config's blocks (``_dequantize_fp8``); an fp8 tensor without scales is refused. With ``spread_skip`` (the widths to leave: the routers'),
-    a bfloat16 linear's weight whose rows are a multiple of 2 KiB long is copied from the checkpoint straight into
-    rows spread apart (``layouts.spread_rows``, for the CPU kernels): one copy, as the others get."""
+    ``dequantize=True``, in the config's blocks (``_dequantize_fp8``); an fp8 tensor without scales is refused.
+    With ``spread_skip`` (the widths to leave: the routers'), a bfloat16 linear's weight whose rows are a multiple
+    of 2 KiB long is copied from the checkpoint straight into rows spread apart (``layouts.spread_rows``, for the
+    CPU kernels): one copy, as the others get."""
     fmt, block = checkpoint.quant_format()  # refuses an unsupported quantization by name
     mapper = KeyMapper(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
