@@ -163,13 +163,18 @@ class SlotImageCache:
             missing.mkdir(mode=0o700, exist_ok=True)  # owner-only whatever the umask (parents too)
         os.chmod(self.directory, 0o700)  # ours, even when an older memd made it under another umask
         self._fd = OWNER_ONLY.create(self.path, os.O_RDWR | os.O_CREAT)
-        if os.fstat(self._fd).st_size != count * self.slot_bytes:
+        whole = os.fstat(self._fd).st_size == count * self.slot_bytes
+        if not whole:
             os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
         self._done_fd = OWNER_ONLY.create(self.directory / "done.bin", os.O_RDWR | os.O_CREAT)
         done = os.pread(self._done_fd, count, 0)
-        if len(done) != count:
+        if len(done) != count or not whole:  # (experts.bin new, removed or cut: what done.bin says is gone with it)
+            if any(done) and not whole:
+                log.warning("expert cache %s: %s was missing or of another size: every expert is converted again",
+                            self.directory, self.path.name)
+            done = bytes(count)
+            os.pwrite(self._done_fd, done, 0)
             os.ftruncate(self._done_fd, count)
-            done = done.ljust(count, b"\x00")
         self.done = bytearray(done)
         manifest = {"checkpoint": str(self.model_dir), "format": self.format,
                     "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,

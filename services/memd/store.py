@@ -203,6 +203,10 @@ class ExpertStore:
             raise CheckpointError(f"{key}: shape {list(entry.shape)} does not make {param.name} {list(param.shape)}")
         if part == "scales":
             self._check_blocks(key, param, entry.shape, sources)
+            dtypes = {f[2].dtype for f in found}
+            if not dtypes <= FP8_SCALE_DTYPES or len(dtypes) > 1:  # (E8M0 exponents as U8 would multiply as bytes)
+                raise CheckpointError(f"{key}: fp8 scales of dtype {', '.join(sorted(dtypes))}; moeinf takes one of"
+                                      f" {', '.join(sorted(FP8_SCALE_DTYPES))} for every expert")
         return _Part(entry.dtype, shape, entry.nbytes * sources)
 
     def _check_blocks(self, key: str, param, scale_shape, sources: int) -> None:
@@ -293,6 +297,9 @@ class ExpertStore:
                                           f" {want} bytes in the checkpoint (missing tensors, or experts that mix"
                                           " formats?)")
                 segs.sort(key=lambda s: (s.file, s.file_offset))
+
+
+FP8_SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})  # block scales the dequantization multiplies by
 
 
 def _torch(part: _Part) -> str:

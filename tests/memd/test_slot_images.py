@@ -133,6 +133,27 @@ def test_images_convert_once_and_survive_a_restart(wide, tmp_path):
         indexer.CODE = code
 
 
+def test_a_removed_or_cut_cache_file_is_converted_again_not_served_as_zeros(wide, tmp_path):
+    """done.bin says which experts experts.bin holds: a user who deletes experts.bin (or a disk that cut it) must
+    not get every expert served as the zeros of a new sparse file."""
+    index = served(wide)
+    first = LosslessImages(index, wide, tmp_path).open()
+    try:
+        first.fill()
+        image, path = first.image((1, 2)), first.path
+    finally:
+        first.close()
+    for damage in (lambda: path.unlink(), lambda: os.truncate(path, path.stat().st_size // 2)):
+        damage()
+        again = LosslessImages(index, wide, tmp_path).open()
+        try:
+            assert len(again.missing) == index.num_layers * index.num_experts  # (none taken as done)
+            again.fill()
+            assert again.image((1, 2)) == image
+        finally:
+            again.close()
+
+
 def on_a_disk(path) -> None:
     if slot_images._in_memory(path):
         pytest.skip(f"{path} is on tmpfs: --slot-cache auto rightly declines there")

@@ -173,3 +173,15 @@ def test_scales_that_do_not_tile_the_weight_are_refused(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"weight_scale_inv: scales \[4, 4\] do not tile \[32, 64\] in"
                                               r" weight_block_size \[128, 128\] blocks"):
         ExpertStore(Checkpoint(path))
+
+
+def test_scales_of_another_dtype_are_refused(quantized, tmp_path):
+    """E8M0 exponents stored as U8 (2^(b - 127) each) would be multiplied as raw bytes: refused by name."""
+    def bytes_scales(tensors):
+        return {k: (v.to(torch.uint8) if k.endswith("experts.1.down_proj.weight_scale_inv") else v)
+                for k, v in tensors.items()}
+
+    path = rewrite(quantized["deepseek_v3-fp8"], tmp_path / "u8", bytes_scales)
+    with pytest.raises(CheckpointError, match=r"weight_scale_inv: fp8 scales of dtype .*U8.*; moeinf takes one of"
+                                              r" BF16, F16, F32 for every expert"):
+        ExpertStore(Checkpoint(path))
