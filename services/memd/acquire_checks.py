@@ -1,8 +1,33 @@
-"""An ACQUIRE checked against the model and the pool before memd acts on it: ranges, shapes, what fits."""
+"""A HELLO and an ACQUIRE checked against the model and the pool before memd acts on them: versions, the
+checkpoint, ranges, shapes, what fits."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from common import messages as m
+from common.protocol import PROTOCOL_VERSION
 from services.memd.replies import CodedError
+
+
+def checkpoint_stamp(model: Path) -> list[tuple[str, int, int]]:
+    """The checkpoint's files as memd found them (name, size, mtime): config, index, safetensors."""
+    model = Path(model)
+    files = sorted([model / "config.json", model / "model.safetensors.index.json", *model.glob("*.safetensors")])
+    return [(p.name, st.st_size, st.st_mtime_ns) for p in files if p.exists() and (st := p.stat())]
+
+
+def check_hello(req: m.HelloRequest, model: Path, stamp: list) -> None:
+    """A worker of this protocol version, on memd's checkpoint, unchanged since memd indexed it (a checkpoint
+    updated in place would pair the worker's new dense weights with memd's old experts)."""
+    if req.protocol != PROTOCOL_VERSION:
+        raise CodedError("protocol", f"worker speaks protocol {req.protocol}, memd {PROTOCOL_VERSION}: run one"
+                                     " version")
+    if os.path.realpath(req.model) != os.path.realpath(model):
+        raise CodedError("model", f"memd serves {model}, the worker loaded {req.model}: give both one --model")
+    if checkpoint_stamp(model) != stamp:
+        raise CodedError("model", f"the checkpoint at {model} changed since memd started (its files' sizes or"
+                                  " times): restart memd, then its workers")
 
 
 def check_acquire(req: m.AcquireRequest, num_layers: int, num_experts: int, capacity: int) -> list[tuple[int, int]]:

@@ -25,7 +25,7 @@ from common.expert_index import ExpertIndex
 from common.procs import pid_alive
 from common.protocol import MEMD_RPC_OPS, MEMD_TRACE_OPS, PROTOCOL, Handler, Op
 from common.zmq_utils import make_socket, remove_ipc_file
-from services.memd.acquire_checks import check_acquire, merge_slots
+from services.memd.acquire_checks import check_acquire, check_hello, checkpoint_stamp, merge_slots
 from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.host_compute import HostCompute, NoHostCompute
@@ -59,6 +59,7 @@ class MemdServer:
     def __init__(self, cfg: MemdConfig, store: ExpertIndex, core: ExpertCache, reader: ExpertReader,
                  memory: PoolMemory, control: ControlPage | None = None, host: HostCompute | None = None):
         self.cfg, self.store, self.core, self.reader = cfg, store, core, reader
+        self.stamp = checkpoint_stamp(cfg.model)  # (a worker's HELLO finds the checkpoint as memd found it)
         self.host = host or NoHostCompute()  # --cpu-experts: host-tier experts the workers compute on their CPU
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
@@ -216,12 +217,7 @@ class MemdServer:
 
     # ------------------------------------------------------------------ handlers
     def on_hello(self, identity: bytes, req: m.HelloRequest) -> m.HelloReply:
-        if req.protocol != PROTOCOL_VERSION:
-            raise RpcError("protocol", f"worker speaks protocol {req.protocol}, memd {PROTOCOL_VERSION}: run one"
-                                       " version")
-        if os.path.realpath(req.model) != os.path.realpath(self.cfg.model):
-            raise RpcError("model", f"memd serves {self.cfg.model}, the worker loaded {req.model}: give both one"
-                                    " --model")
+        check_hello(req, self.cfg.model, self.stamp)
         if identity not in self.clients and len(self.clients) >= self.cfg.max_clients:
             raise RpcError("capacity", f"{len(self.clients)} workers attached; raise --max-clients")
         if refused := refusal(pool := self.pool.export(), req.device):

@@ -2,6 +2,7 @@
 byte in the shared pool, and the counters add up. Also: malformed or out-of-order requests get error replies and
 memd keeps serving."""
 import mmap
+import os
 import time
 
 import pytest
@@ -171,6 +172,14 @@ def test_bad_requests_get_error_replies_and_memd_keeps_serving(memd, mixtral):
         assert (rid, reply.code) == (11, "model") and "/some/other/model" in reply.message
         op, rid, reply = ask(encode(Op.HELLO, 12, m.HelloRequest(99, 1, str(mixtral), "cpu")))
         assert (rid, reply.code) == (12, "protocol")
+        config = mixtral / "config.json"  # the checkpoint updated in place while memd runs: refused
+        st = config.stat()
+        os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        try:
+            op, rid, reply = ask(encode(Op.HELLO, 13, m.HelloRequest(PROTOCOL_VERSION, 1, str(mixtral), "cpu")))
+            assert (rid, reply.code) == (13, "model") and "changed since memd started" in reply.message
+        finally:
+            os.utime(config, ns=(st.st_atime_ns, st.st_mtime_ns))
     finally:
         raw.close()
         ctx.term()
