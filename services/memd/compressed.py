@@ -114,6 +114,9 @@ class CompressedStore(SlotImageCache):
             if not plan.fmt:
                 _put(out, plan.values, tensor)
                 continue
+            if not np.isfinite(tensor).all():  # (MXFP4 would zero its block around a NaN, FP8 make it all NaN)
+                raise ValueError(f"expert {key[1]} of MoE layer {key[0]}: {spec.name} holds NaN or infinite values;"
+                                 f" it is not re-encoded as {plan.fmt} (serve the checkpoint as stored)")
             values, scales = encode(tensor, plan.fmt, self.source.transposed)
             _put(out, plan.values, values)
             _put(out, plan.scales, scales)

@@ -193,7 +193,8 @@ class SlotImageCache:
 
     def _name(self) -> str:
         """The cache's directory name: what decides every byte of an image (the checkpoint's identity as memd's
-        index keys it, with the transformers version and the indexing code; the format; the slot layout)."""
+        index keys it, with the transformers version and the indexing code, and a compressed cache's encoders' code;
+        the format; the slot layout)."""
         from common.checkpoint import Checkpoint
         from common.expert_index import checkpoint_key
         from services.memd.indexer import CODE
@@ -202,7 +203,8 @@ class SlotImageCache:
         files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, self.source.files))]
         tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
                    for s in self.tensors]
-        key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE)
+        encoders = [Path(__file__).parent / "compressed.py", Path(__file__).parents[2] / "common" / "quant_encode.py"]
+        key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE + encoders * (self.format != "slots"))
         identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors, key])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.model_dir.name}-{self.format}-{digest}"

@@ -4,6 +4,7 @@ convert once and the cache survives a restart, a changed checkpoint gets a fresh
 refused, and greedy tokens served at 25% memory equal transformers' model with the same round-tripped experts (also
 with ``--matvec-kernel`` multiplying MXFP4 slots of ``[out, in]`` experts in place)."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,35 @@ def test_experts_convert_once_and_the_cache_survives_a_restart(oss, tmp_path):
         assert again.directory == store.directory and again.image((0, 1)) == first and again.converted_now == 0
     finally:
         again.close()
+
+
+def test_an_expert_holding_nan_is_not_re_encoded(tmp_path, monkeypatch):
+    """MXFP4 would zero the rest of a NaN's block, FP8 turn the whole block NaN: a clear refusal instead."""
+    store = store_of(write_family("mixtral", tmp_path / "m", dtype="bfloat16"), "fp8", tmp_path)
+    try:
+        poisoned = bytearray(store._read_source((1, 2)))
+        spec = store.source.tensors[0]
+        poisoned[spec.offset:spec.offset + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(
+            torch.uint8).numpy().tobytes()
+        monkeypatch.setattr(store, "_read_source", lambda key: poisoned)
+        with pytest.raises(ValueError, match=r"expert 2 of MoE layer 1: .* holds NaN or infinite values"):
+            store.convert((1, 2))
+    finally:
+        store.close()
+
+
+def test_the_encoders_code_names_the_compressed_cache(tmp_path, monkeypatch):
+    """Another encoding (a changed quant_encode.py) is another compressed cache: its old images are never reused;
+    the lossless images (no encoding) keep their name."""
+    from services.memd.slot_images import LosslessImages
+
+    path = write_family("mixtral", tmp_path / "m")
+    cache = tmp_path / "s" / CACHE_DIR
+    before = CompressedStore.of(path, "fp8", cache).directory, LosslessImages.of(path, cache).directory
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read(self) + b"#" * (self.name == "quant_encode.py"))
+    after = CompressedStore.of(path, "fp8", cache).directory, LosslessImages.of(path, cache).directory
+    assert after[0] != before[0] and after[1] == before[1]
 
 
 def test_a_changed_checkpoint_gets_a_fresh_cache(tmp_path):
