@@ -145,8 +145,9 @@ class AdminServer:
 
     # ------------------------------------------------------------------ size
     async def on_resize(self, req: a.ResizeRequest) -> a.ResizeReply:
-        slots = self._slots_for(req.size)
+        self._slots_for(req.size)  # (a bad size is refused at once, without waiting for another resize)
         async with self.resizing:
+            slots = self._slots_for(req.size)  # again under the lock: the floor counts the pins made meanwhile
             old = self.table.capacity
             evicted, pending = 0, []
             if slots > old:
