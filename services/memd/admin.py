@@ -319,7 +319,7 @@ class AdminServer:
         return list(dict.fromkeys((k.layer, k.expert) for k in experts))
 
 
-STATE_FILES = {"memd.lock", "expert-index.msgpack"}  # memd's own files beside the EAMC (sockets are not *.bin)
+STATE_FILES = {"memd.lock", "expert-index.msgpack"}  # memd's own files beside the EAMC (and *.sock, *.lock, ...)
 
 
 def eamc_path(path: str, allowed: Path) -> Path:
@@ -332,7 +332,7 @@ def eamc_path(path: str, allowed: Path) -> Path:
     if real == root or root not in real.parents:
         raise AdminError("forbidden", f"{path}: EAMC files are saved and loaded only inside {root} (memd's"
                                       " --eamc-dir, by default its --state-dir)")
-    if real.parent != root or real.name in STATE_FILES or real.suffix in (".sock", ".lock") \
+    if real.parent != root or real.name in STATE_FILES or real.suffix in (".sock", ".lock", ".msgpack") \
             or (real.exists() and not real.is_file()):
         raise AdminError("forbidden", f"{path}: an EAMC file is a regular file directly in {root}: not memd's own"
                                       f" ({', '.join(sorted(STATE_FILES))}, sockets, locks), nor in a subdirectory"

@@ -163,13 +163,20 @@ class Eamc:
 
     def load(self, path: Path) -> None:
         """Replace the members with those saved in ``path``; raises EamcFileError (and keeps none) if it is bad."""
-        most = 65536 + self.capacity * (self.num_layers * self.num_experts * 4 + 12)  # a header and every member
         try:
             with open(path, "rb") as f:
-                if not os.path.isfile(path) or os.fstat(f.fileno()).st_size > most:
-                    raise EamcFileError(f"{path}: not an EAMC file of this capacity (a regular file of at most"
-                                        f" {most} bytes)")
-                raw = f.read()
+                if not os.path.isfile(path):
+                    raise EamcFileError(f"{path}: not a regular file")
+                head = f.read(65536)  # the header line: what follows must be exactly its members' bytes
+                end = head.find(b"\n")
+                try:
+                    n = json.loads(head[:end]).get("size") if end > 0 else None
+                except (ValueError, AttributeError):
+                    n = None
+                whole = end + 1 + n * (self.num_layers * self.num_experts * 4 + 12) if isinstance(n, int) else -1
+                if n is None or os.fstat(f.fileno()).st_size != whole:
+                    raise EamcFileError(f"{path}: not an EAMC file ({FORMAT}), or truncated")  # (read no further)
+                raw = head + f.read()
         except OSError as exc:
             raise EamcFileError(f"{path}: {exc.strerror}") from None
         self.from_bytes(raw, str(path))
@@ -258,12 +265,12 @@ def _corrupt_name(path: Path) -> Path:
 
 
 def _bad_members(prob: np.ndarray, weight: np.ndarray, hits: np.ndarray) -> str:
-    """What makes saved members unusable ("" if nothing): each row a distribution (finite, >= 0, summing to 1) or
-    empty, weights in [1, MAX_MERGED], match counts >= 0 (a checksum says the bytes are whole, not that they are
-    an EAMC's: a file or a peer could hold NaN rows that would poison every prediction)."""
-    sums = prob.sum(-1)
-    if not np.isfinite(prob).all() or (prob < 0).any() or not (np.isclose(sums, 1, atol=1e-3) | (sums == 0)).all():
-        return "a member's rows are not distributions (finite, non-negative, summing to 1 or empty)"
+    """What makes saved members unusable ("" if nothing): rows finite, >= 0, summing to at most 1 (1 or 0 for a
+    request's own; a merge with a request that missed a layer leaves less), weights in [1, MAX_MERGED], match counts
+    >= 0 (a checksum says the bytes are whole, not that they are an EAMC's: a file or a peer could hold NaN rows that
+    would poison every prediction)."""
+    if not np.isfinite(prob).all() or (prob < 0).any() or (prob.sum(-1) > 1 + 1e-3).any():
+        return "a member's rows are not distributions (finite, non-negative, summing to at most 1)"
     if not (np.isfinite(weight) & (weight >= 1) & (weight <= MAX_MERGED)).all():
         return f"a member's weight is outside [1, {MAX_MERGED}]"
     if (hits < 0).any():

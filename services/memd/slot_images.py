@@ -164,8 +164,6 @@ class SlotImageCache:
         os.chmod(self.directory, 0o700)  # ours, even when an older memd made it under another umask
         self._fd = OWNER_ONLY.create(self.path, os.O_RDWR | os.O_CREAT)
         whole = os.fstat(self._fd).st_size == count * self.slot_bytes
-        if not whole:
-            os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
         self._done_fd = OWNER_ONLY.create(self.directory / "done.bin", os.O_RDWR | os.O_CREAT)
         done = os.pread(self._done_fd, count, 0)
         if len(done) != count or not whole:  # (experts.bin new, removed or cut: what done.bin says is gone with it)
@@ -175,6 +173,9 @@ class SlotImageCache:
             done = bytes(count)
             os.pwrite(self._done_fd, done, 0)
             os.ftruncate(self._done_fd, count)
+            os.fdatasync(self._done_fd)  # (on disk before experts.bin grows: a crash never pairs zeros with "done")
+        if not whole:
+            os.ftruncate(self._fd, count * self.slot_bytes)  # sparse: only converted experts take disk space
         self.done = bytearray(done)
         manifest = {"checkpoint": str(self.model_dir), "format": self.format,
                     "layers": self.num_layers, "experts": self.num_experts, "slot_bytes": self.slot_bytes,

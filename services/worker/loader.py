@@ -130,10 +130,13 @@ def _dequantize_fp8(model, target: str, weight: torch.Tensor, scales: torch.Tens
     module_name, _, name = target.rpartition(".")
     param = getattr(model.get_submodule(module_name), name, None)
     dtype = param.dtype if isinstance(param, torch.Tensor) else torch.bfloat16
-    rows, cols = weight.shape[-2:]
+    if weight.dim() != 2 or scales.dim() != 2:
+        raise CheckpointError(f"{key}: a {weight.dim()}-D fp8 weight with {scales.dim()}-D scales; dense fp8 weights"
+                              " are taken as [out, in] matrices with one scale per block")
+    rows, cols = weight.shape
     block_r, block_c = block if block else (-(-rows // scales.shape[-2]), -(-cols // scales.shape[-1]))
     grid = (-(-rows // block_r), -(-cols // block_c))
-    if scales.dim() != 2 or tuple(scales.shape) != grid or not scales.dtype.is_floating_point:
+    if tuple(scales.shape) != grid or not scales.dtype.is_floating_point:
         raise CheckpointError(f"{key}_scale_inv: {list(scales.shape)} {scales.dtype} scales for a {rows} x {cols}"
                               f" weight in {block_r} x {block_c} blocks (float scales of shape {list(grid)} expected)")
     stretched = scales.float().repeat_interleave(block_r, 0)[:rows].repeat_interleave(block_c, 1)[:, :cols]

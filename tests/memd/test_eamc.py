@@ -185,6 +185,7 @@ def test_the_periodic_save_runs_off_memds_event_loop(tmp_path, monkeypatch):
 @pytest.mark.parametrize("poison, words", [
     (lambda e: e.prob.__setitem__((0, 0, 0), np.nan), "not distributions"),
     (lambda e: e.prob.__setitem__((0, 0, slice(None)), 0.5), "not distributions"),
+    (lambda e: e.prob.__setitem__((0, 0, 0), -0.1), "not distributions"),
     (lambda e: e.weight.__setitem__(0, 0.0), "weight is outside"),
     (lambda e: e.hits.__setitem__(0, -2**62), "match count is negative"),
 ])
@@ -203,8 +204,30 @@ def test_a_file_larger_than_any_eamc_is_not_read(tmp_path):
     path = tmp_path / "huge.bin"
     with open(path, "wb") as f:
         f.truncate(1 << 30)  # (sparse: a slot-image cache's experts.bin looks like this)
-    with pytest.raises(EamcFileError, match="not an EAMC file of this capacity"):
+    with pytest.raises(EamcFileError, match="not an EAMC file"):
         Eamc(L, E, 8, "tiny").load(path)
+
+
+def test_memd_reloads_what_it_saved_at_a_real_size_and_a_smaller_capacity(tmp_path):
+    """A file of a larger --eamc-capacity (a restart with a smaller one keeps the most matched), and members merged
+    with a request that missed a layer (a row summing to less than 1), are memd's own: loaded, not refused."""
+    layers, experts = 24, 64
+    eamc = Eamc(layers, experts, 200, "big")
+    rng = np.random.default_rng(0)
+    for _ in range(199):
+        eamc.add(rng.random((layers, experts)).astype(np.float32) * (rng.random((layers, experts)) < 0.1))
+    full = rng.random((layers, experts)).astype(np.float32)
+    eamc.add(full)  # (the 200th: the collection is full, so the next one merges)
+    partial = full.copy()
+    partial[-1] = 0  # the same request pattern without its last layer: merged into the member above
+    eamc.add(partial)
+    sums = eamc.prob[:eamc.size].sum(-1)
+    assert ((sums > 0.01) & (sums < 0.99)).any()  # (a row the merge left summing to less than 1)
+    path = tmp_path / "eamc.bin"
+    eamc.save(path)
+    again = Eamc(layers, experts, 100, "big")
+    again.load(path)
+    assert len(again) == 100
 
 
 def test_a_look_is_not_a_match_and_the_similarity_stays_in_bounds():

@@ -47,3 +47,33 @@ def test_fp8_dense_weights_are_dequantized_in_the_configs_blocks():
     assert out[100, 0] == 1.0 and out[150, 0] == 2.0  # rows 0-127 in the first block, 128-191 in the second
     with pytest.raises(CheckpointError, match="scales of shape \\[2, 1\\] expected"):
         _dequantize_fp8(model, "x.weight", ragged, torch.ones(3, 1), (128, 128), "x.weight")
+
+
+def test_an_fp8_dense_weight_without_its_scales_is_refused(tmp_path):
+    """Its values alone are not the weight: loading them cast as they are would be silently wrong."""
+    from quant_helpers import write_quantized
+    from safetensors.torch import load_file, save_file
+
+    from common.checkpoint import CheckpointError
+
+    path = write_quantized("qwen3_moe-fp8", tmp_path / "q")
+    dropped = None
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(file)
+        keys = [k for k in tensors if k.endswith("self_attn.q_proj.weight_scale_inv")]
+        if keys and dropped is None:
+            dropped = keys[0]
+            del tensors[dropped]
+            save_file(tensors, file, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        import json
+
+        doc = json.loads(index.read_text())
+        doc["weight_map"].pop(dropped, None)
+        index.write_text(json.dumps(doc))
+    checkpoint = Checkpoint(path)
+    model = build_skeleton(checkpoint.load_config(), "eager")
+    experts = {layer.module for layer in find_moe_layers(model)}
+    with pytest.raises(CheckpointError, match=f"{dropped[:-len('_scale_inv')]}: an fp8 tensor without its"):
+        load_dense(model, checkpoint, experts)
