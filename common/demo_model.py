@@ -6,7 +6,6 @@ tensors, optional sharding) is exactly that of a real Mixtral checkpoint, which 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -102,9 +101,7 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_d
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:  # built beside it, then renamed into place: an interrupted build leaves no half checkpoint at ``out``
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # (mkdtemp's 0700 would keep other users, a container's, from reading it)
+        staging.chmod(0o777 & ~_umask())  # (mkdtemp's 0700 would keep other users, a container's, from reading it)
         _write(staging, size, build_in_dtype)
         if out.exists():
             shutil.rmtree(out)  # (an earlier demo model: its marker said so)
@@ -113,6 +110,15 @@ def write_demo_model(out: Path | str, size: DemoSize = DemoSize(), *, build_in_d
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` would change it for every thread meanwhile)."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def _write(out: Path, size: DemoSize, build_in_dtype: bool) -> None:
