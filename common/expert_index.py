@@ -79,6 +79,11 @@ class IndexResult(Struct, frozen=True, array_like=True, forbid_unknown_fields=Tr
     error: str = ""
 
 
+def file_stats(paths, name=lambda p: p.name) -> list[tuple[str, int, int]]:
+    """(``name(path)``, size, mtime in ns) of each path that exists: what says a file is still the one seen."""
+    return [(name(p), st.st_size, st.st_mtime_ns) for p in map(Path, paths) if p.exists() and (st := p.stat())]
+
+
 def checkpoint_key(directory: Path, files: list[Path], code: list[Path]) -> str:
     """The identity of a checkpoint as indexed: its directory, config and safetensors files (name, size, mtime),
     the transformers version that mapped it and the indexing code itself (``code``: its source files)."""
@@ -86,8 +91,7 @@ def checkpoint_key(directory: Path, files: list[Path], code: list[Path]) -> str:
         transformers = version("transformers")
     except PackageNotFoundError:
         transformers = "absent"
-    paths = [directory / "config.json", directory / "model.safetensors.index.json", *files]
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists()]
+    stats = file_stats([directory / "config.json", directory / "model.safetensors.index.json", *files], str)
     digest = hashlib.sha256(json.dumps([str(directory.resolve()), transformers, stats]).encode())
     for path in code:
         digest.update(path.read_bytes())

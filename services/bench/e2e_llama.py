@@ -77,13 +77,17 @@ def compare_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], 
             continue
         memory = row["expert_memory"]
         for ref, ref_memory in ((RESIDENT, None), (MOEINF, memory), (ONDEMAND, memory)):
-            pairs = [(tokens, outputs[(ref, ref_memory, r)]) for (name, m, r), tokens in outputs.items()
-                     if name == LLAMA and m == memory and (ref, ref_memory, r) in outputs]
-            if pairs:
+            if pairs := _pairs(outputs, LLAMA, memory, ref, ref_memory):
                 mine = [t for tokens, _ in pairs for t in tokens]
                 theirs = [t for _, tokens in pairs for t in tokens]
                 row["tokens_reference"], row["tokens_agreement"] = ref, agreement(mine, theirs)
                 break
+
+
+def _pairs(outputs: dict, system: str, memory: str, ref: str, ref_memory: str | None) -> list:
+    """(``system``'s tokens, ``ref``'s tokens) for every repeat both served at these memory settings."""
+    return [(tokens, outputs[(ref, ref_memory, r)]) for (name, m, r), tokens in outputs.items()
+            if name == system and m == memory and (ref, ref_memory, r) in outputs]
 
 
 def same_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], list[list[int]]]) -> list[str]:
@@ -97,9 +101,7 @@ def same_tokens(rows: list[dict], outputs: dict[tuple[str, str | None, int], lis
         memory = row["expert_memory"]
         other = ONDEMAND if row["system"] == MOEINF else MOEINF
         for ref, ref_memory in ((RESIDENT, None), (other, memory)):
-            pairs = [(tokens, outputs[(ref, ref_memory, r)]) for (name, m, r), tokens in outputs.items()
-                     if name == row["system"] and m == memory and (ref, ref_memory, r) in outputs]
-            if pairs:
+            if pairs := _pairs(outputs, row["system"], memory, ref, ref_memory):
                 row["tokens_identical"] = all(mine == theirs for mine, theirs in pairs)
                 row["tokens_identical_to"] = ref
                 if not row["tokens_identical"]:

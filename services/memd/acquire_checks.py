@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from common import messages as m
+from common.expert_index import file_stats
 from common.protocol import PROTOCOL_VERSION
 from services.memd.replies import CodedError
 
@@ -13,8 +14,8 @@ from services.memd.replies import CodedError
 def checkpoint_stamp(model: Path) -> list[tuple[str, int, int]]:
     """The checkpoint's files as memd found them (name, size, mtime): config, index, safetensors."""
     model = Path(model)
-    files = sorted([model / "config.json", model / "model.safetensors.index.json", *model.glob("*.safetensors")])
-    return [(p.name, st.st_size, st.st_mtime_ns) for p in files if p.exists() and (st := p.stat())]
+    return file_stats(sorted([model / "config.json", model / "model.safetensors.index.json",
+                              *model.glob("*.safetensors")]))
 
 
 def check_hello(req: m.HelloRequest, model: Path, stamp: list) -> None:

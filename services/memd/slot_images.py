@@ -197,11 +197,11 @@ class SlotImageCache:
         index keys it, with the transformers version and the indexing code, and a compressed cache's encoders' code;
         the format; the slot layout)."""
         from common.checkpoint import Checkpoint
-        from common.expert_index import checkpoint_key
+        from common.expert_index import checkpoint_key, file_stats
         from services.memd.indexer import CODE
 
         checkpoint = Checkpoint(self.model_dir)
-        files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(map(Path, self.source.files))]
+        files = file_stats(sorted(map(Path, self.source.files)))
         tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
                    for s in self.tensors]
         encoders = [Path(__file__).parent / "compressed.py", Path(__file__).parents[2] / "common" / "quant_encode.py"]
