@@ -33,6 +33,7 @@ from common.zmq_utils import make_socket, remove_ipc_file
 from services.memd.eamc import Eamc, EamcFileError
 from services.memd.eamc_share import export_eamc
 from services.memd.loads import LoadError
+from services.memd.leases import others_hold
 from services.memd.policy import Key
 from services.memd.replies import CodedError, answer, send_error
 from services.memd.slots import PoolExhausted
@@ -283,7 +284,8 @@ class AdminServer:
         for key in new:
             self.pins.add(key)
             self.table.pin(key)
-        loads = [self.loads.load_without_free_slot(k, False) for k in new if not self.table.is_resident(k)]
+        wait = lambda: others_hold(self.server.clients.values(), None, self.server.reclaim_leases)  # noqa: E731
+        loads = [self.loads.load_without_free_slot(k, False, wait) for k in new if not self.table.is_resident(k)]
         try:
             await asyncio.gather(*loads)
         except (PoolExhausted, LoadError) as exc:

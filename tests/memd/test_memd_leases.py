@@ -9,6 +9,7 @@ import time
 import pytest
 from helpers import spawn, stop, wait_for_log
 
+from services.cli import main as admin_main
 from services.worker.memd_client import MemdClient, MemdError
 
 
@@ -173,3 +174,44 @@ def test_return_leases_unpins_everything(connect):
     acquire(client, 3, [6, 7])
     client.return_leases()
     assert client.leases == {} and client.stats().pinned == 0
+
+
+@pytest.fixture(scope="module")
+def memd_half(mixtral, tmp_path_factory):
+    """memd at 50%: 16 slots, so the admin may pin up to 8 (the capacity minus one layer)."""
+    state_dir = tmp_path_factory.mktemp("leases50") / "state"
+    state_dir.mkdir()
+    log = state_dir / "memd.log"
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "50%",
+                  "--prefetch", "off"], log)
+    try:
+        wait_for_log(proc, log, "memd ready", timeout=60)
+        yield state_dir
+    finally:
+        assert stop(proc) == 0
+
+
+def test_an_admin_pin_asks_the_workers_leases_back_instead_of_failing(memd_half, mixtral):
+    """Every slot leased by a worker: ``moeinf admin pin`` of an expert that is not resident waits for the worker to
+    give leases back at its next layer (memd moved the epoch), then reads it; it failed at once before."""
+    holder = MemdClient(f"ipc://{memd_half.resolve()}/memd.sock", f"ipc://{memd_half.resolve()}/memd-trace.sock",
+                        timeout_s=30, leases=True)
+    holder.handshake(str(mixtral.resolve()), 30, "x")
+    holder.ready()
+    try:
+        acquire(holder, 0, list(range(8)))
+        acquire(holder, 1, list(range(8)))
+        assert len(holder.leases) == 16 and holder.stats().pinned == 16
+        thread, got = in_thread(lambda: admin_main(["admin", "--state-dir", str(memd_half), "--json", "pin", "3:5"]))
+        time.sleep(0.5)
+        assert thread.is_alive() and not got, "the pin waits for the leases, it does not fail"
+        acquire(holder, 1, [0])
+        assert not holder.last_leased, "the moved epoch sends the holder to memd, which takes its leases back"
+        thread.join(15)
+        assert got.get("value") == 0, got
+        assert holder.stats().pinned == len(holder.leases) + 1
+        assert admin_main(["admin", "--state-dir", str(memd_half), "unpin", "3:5"]) == 0
+    finally:
+        holder.return_leases()
+        holder.stats()
+        holder.close()
