@@ -53,9 +53,10 @@ class WorkerServer:
         self.addr, self.engine, self.client, self.info = addr, engine, client, info
         self.access = access  # of worker.sock: whoever may open it may generate
         self.max_live = limits.max_waiting + limits.max_running
-        self.inbox: queue.Queue = queue.Queue(maxsize=self.max_live)
-        self.cancelled: set[str] = set()
-        self.live: dict[str, tuple[bytes, int]] = {}  # request id -> (gateway, call id) (event loop side), <= max_live
+        self.inbox: queue.Queue = queue.Queue(maxsize=2 * self.max_live)
+        self.cancelled: set[str] = set()  # live requests cancelled, until the compute loop drops them (a step's end)
+        self.live: dict[str, tuple[bytes, int]] = {}  # request id -> (gateway, call id) (event loop side):
+        #                                               <= max_live not cancelled, <= 2 * max_live in all
         self.meter = KvMeter()  # what a request's KV cache costs, weighed after each step (--kv-cache-memory)
         self.scheduler = Scheduler(limits, self.meter.reserve)
         self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most max_live
@@ -160,13 +161,19 @@ class WorkerServer:
         if req.request in self.live:
             self._reply(identity, Op.ERROR, rid, m.ErrorReply("bad_request", f"request id {req.request!r} is in use"))
             return
-        if len(self.live) >= self.max_live:
+        if self.full():
             self._reply(identity, Op.ERROR, rid, m.ErrorReply("capacity", f"{len(self.live)} requests queued or"
                                                                           " running; raise --max-queued or"
                                                                           " --max-running"))
             return
         self.live[req.request] = identity, rid
         self.inbox.put_nowait((identity, rid, req))
+
+    def full(self) -> bool:
+        """No room for one more request: ``max_live`` that were not cancelled (a cancelled one stays in ``live``
+        until the running step ends, and would otherwise refuse the requests of clients who gave up and retried), or
+        twice that in all (a bound on what many cancels during one long step can leave)."""
+        return len(self.live) - len(self.cancelled) >= self.max_live or len(self.live) >= 2 * self.max_live
 
     async def _write(self) -> None:
         while True:

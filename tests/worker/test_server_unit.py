@@ -52,3 +52,24 @@ def test_requests_left_at_a_stop_are_answered_unavailable():
     assert [(op, reply.code) for op, reply in replies] == [(Op.ERROR, "unavailable")] and "late" not in server.live
     WorkerServer.answer_leftovers(server, computing=True)
     assert len(replies) == 2 and server.compute_stuck
+
+
+def test_cancelled_requests_do_not_take_the_room_of_new_ones():
+    """A client that gives up during a long step frees its room at once (the gateway already counts it free): a
+    new request is admitted while the cancelled one waits for the step's end; the total stays bounded."""
+    import queue
+
+    server, replies = stub_server(inbox=queue.Queue(maxsize=4), max_live=2, cancelled=set())
+    server.full = lambda: WorkerServer.full(server)
+    server.admit_request = lambda *args: WorkerServer.admit_request(server, *args)
+    admit = lambda name: WorkerServer.on_request(server, b"gw", Op.GENERATE, 1,  # noqa: E731
+                                                 m.GenerateRequest(name, [1], 4))
+    admit("a"), admit("b"), admit("c")
+    assert [reply.code for _, reply in replies] == ["capacity"] and set(server.live) == {"a", "b"}
+    WorkerServer.on_request(server, b"gw", Op.CANCEL, 2, m.CancelRequest("a"))
+    admit("d")
+    assert set(server.live) == {"a", "b", "d"} and len(replies) == 2  # (the CANCEL's reply)
+    WorkerServer.on_request(server, b"gw", Op.CANCEL, 3, m.CancelRequest("b"))
+    WorkerServer.on_request(server, b"gw", Op.CANCEL, 4, m.CancelRequest("d"))
+    admit("e"), admit("f")
+    assert set(server.live) == {"a", "b", "d", "e"} and replies[-1][1].code == "capacity"  # 2 x max_live in all
