@@ -19,6 +19,7 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_recurrent_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from services.worker import rope
 from services.worker.device import current
 from services.worker.kv_cache import growing_cache
 from services.worker.lone import attention_modules, run_alone
@@ -43,13 +44,20 @@ class RequestTokens:
 
 class StepCache:
     """The cache the model sees during a step. Each layer's new keys and values are split by request and appended to
-    that request's own cache; the requests' full keys and values come back concatenated (so code that expands them
-    after the update, such as DeepSeek's latent attention, sees every request), and ``spans`` remembers where each
-    request's part of them lies."""
+    that request's own cache. What ``update`` returns depends on the layer: code that expands the keys after the
+    update (DeepSeek's latent attention) gets every request's full keys and values concatenated, and ``spans``
+    remembers where each request's part lies; a layer that passes them to attention as they are (every other
+    family) gets placeholders of that shape, and its attention reads each request's cache directly, so a step never
+    copies its requests' caches. Which kind a layer is, the first batched step finds out (``direct``: the layers
+    that passed the concatenation through unchanged; the model's ``FlatStep`` keeps it)."""
 
-    def __init__(self, parts: list[RequestTokens], rows: list[tuple[int, int]], recurrent: bool = False):
+    def __init__(self, parts: list[RequestTokens], rows: list[tuple[int, int]], recurrent: bool = False,
+                 direct: set[int] | None = None):
         self.parts, self.rows, self.recurrent = parts, rows, recurrent
+        self.direct = set() if direct is None else direct
         self.spans: dict[int, list[tuple[int, int]]] = {}
+        self.pieces: dict[int, tuple[list, list]] = {}  # layer -> each request's keys, values (its cache's tensors)
+        self.returned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> what update returned
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if len(self.parts) == 1:  # one request (a lone decode): its cache takes the step's keys as they are
@@ -63,10 +71,26 @@ class StepCache:
             values.append(v)
             spans.append((start, start + k.shape[-2]))
             start += k.shape[-2]
-        self.spans[layer_idx] = spans
-        if len(keys) == 1:
-            return keys[0], values[0]
-        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        self.spans[layer_idx], self.pieces[layer_idx] = spans, (keys, values)
+        if layer_idx in self.direct:  # (never read: attention takes ``pieces``)
+            k = keys[0].new_empty((*keys[0].shape[:-2], start, keys[0].shape[-1]))
+            v = values[0].new_empty((*values[0].shape[:-2], start, values[0].shape[-1]))
+        else:
+            k, v = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+        self.returned[layer_idx] = k, v
+        return k, v
+
+    def per_request(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> list[tuple]:
+        """Each request's keys and values for layer ``layer_idx``'s attention, which got ``key`` and ``value``: its
+        cache's own tensors when they are what ``update`` returned, else their slices of ``key`` and ``value``."""
+        returned = self.returned.get(layer_idx)
+        if returned is not None and key is returned[0] and value is returned[1]:
+            self.direct.add(layer_idx)
+            return list(zip(*self.pieces[layer_idx]))
+        if layer_idx in self.direct:  # (the step fails and its requests run again one by one: Engine.rewind)
+            raise RuntimeError(f"layer {layer_idx}'s attention got keys other than its cache returned, which it had"
+                               " passed through unchanged before")
+        return [(key[:, :, lo:hi], value[:, :, lo:hi]) for lo, hi in self.spans[layer_idx]]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
@@ -89,16 +113,16 @@ class StepLayout:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
         self.masks = [flat.masks(part) for part in parts]  # before the caches grow, as the model does alone
-        self.cache = flat.step_cache(parts, self.rows, flat.recurrent)
+        self.cache = flat.step_cache(parts, self.rows, flat.recurrent, flat.direct)
 
     def attend(self, module, query, key, value, kwargs):
         kind = self.flat_step.layer_kinds[module.layer_idx]
         if len(self.masks) == 1:  # one request: its queries, keys and values are the whole tensors
             return self._one(module, query, key, value, self.masks[0][kind], kwargs), None
         outputs = []
-        for (lo, hi), (k_lo, k_hi), masks in zip(self.rows, self.cache.spans[module.layer_idx], self.masks):
-            outputs.append(self._one(module, query[:, :, lo:hi], key[:, :, k_lo:k_hi], value[:, :, k_lo:k_hi],
-                                     masks[kind], kwargs))
+        for (lo, hi), (k, v), masks in zip(self.rows, self.cache.per_request(module.layer_idx, key, value),
+                                           self.masks):
+            outputs.append(self._one(module, query[:, :, lo:hi], k, v, masks[kind], kwargs))
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), None
 
     def _one(self, module, query, key, value, mask, kwargs):
@@ -146,6 +170,7 @@ class FlatStep:
             f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
         self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
+        self.direct: set[int] = set()  # layers whose attention takes the cache's keys as they are (StepCache)
         self._local = threading.local()  # .run: the step in progress in this thread (FlatStep.forward)
         for module in model.modules():  # the attention layers (they carry their layer index) find their step here
             if hasattr(module, "layer_idx"):
@@ -154,6 +179,8 @@ class FlatStep:
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
+        # rotary embeddings whose frequencies follow the longest position: each request's own (rope.py)
+        rope.per_request(model, lambda: self.run.rows if self.run is not None else None)
         # attention that reads the mask itself runs per request (lone.py)
         run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: self.run)
 
