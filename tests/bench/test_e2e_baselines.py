@@ -67,6 +67,9 @@ def test_baselines_and_moeinf_json(tiny, tmp_path, bench_tmp):
     assert doc["disk_read_streams"] == 4 and doc["disk_read_gbps_single_stream"] > 0
     assert rows["transformers-resident"]["memory_limit_bytes"] is None
     assert rows["transformers-resident"]["bytes_read_per_token"] is None
+    lru = rows["moeinf-ondemand-lru"]  # its greedy tokens are transformers' own (the bench's correctness gate)
+    assert lru["tokens_identical"] is True and lru["tokens_identical_to"] == "transformers-resident", lru
+    assert "MISMATCH" not in proc.stdout + proc.stderr
     assert 0 < rows["moeinf-ondemand-lru"]["hit_rate"] < 1  # 50%: some experts were read, some found resident
     assert rows["moeinf-ondemand-lru"]["stall_ms_per_token"] > 0  # and the worker waited for them
     limit = doc["memory_limit_bytes"]

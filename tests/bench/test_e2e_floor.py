@@ -25,10 +25,24 @@ def _reference(path) -> int:
     skip |= {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head}
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
     per_expert = sum(p.numel() * p.element_size() for p in experts[0].parameters()) // experts[0].num_experts
-    return dense + experts_per_token(model.config) * len(experts) * per_expert
+    return dense + _routed_per_token(model, experts) * len(experts) * per_expert
+
+
+def _routed_per_token(model, experts) -> int:
+    """How many experts the model's own routers give a token (the width of what they hand the experts)."""
+    widths = set()
+    hooks = [m.register_forward_pre_hook(lambda _, args, kwargs: widths.add(
+        (args[1] if len(args) > 1 else kwargs["top_k_index"]).shape[-1]), with_kwargs=True) for m in experts]
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    for hook in hooks:
+        hook.remove()
+    assert len(widths) == 1, widths
+    return widths.pop()
 
 
 @pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("mixtral", {"tie_word_embeddings": True}),
+                                              ("mixtral", {"num_experts_per_tok": 3}),
                                               ("deepseek_v3", {}), ("gpt_oss", {}), ("gemma4_text", {})])
 def test_decode_bytes_are_what_the_model_reads_per_token(tmp_path, family, overrides):
     path = write_family(family, tmp_path / "m", dtype="bfloat16", **overrides)

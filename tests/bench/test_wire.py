@@ -23,4 +23,4 @@ def test_bench_wire_prints_a_row_per_message_and_the_round_trip(capsys):
     for name in ("AcquireRequest", "AcquireReply", "StepTraceEvent", "acquire RTT ipc"):
         line = next(line for line in out.splitlines() if line.startswith(name))
         ratio = float(line.split()[-1] if name != "acquire RTT ipc" else line.split()[5])
-        assert ratio > 0, line
+        assert 0 < ratio < 1, line  # the typed codec is faster than the reflective one (0.01-0.25 measured)

@@ -26,7 +26,7 @@ def pair(header, steps, slots):
 
 @pytest.mark.parametrize("seed", [11, pytest.param(12, marks=pytest.mark.slow)])  # a second seed: slow run
 @pytest.mark.parametrize("share, ratio", [(0.125, 0.87), (0.25, 1.0), (0.5, 0.87)], ids=["12.5%", "25%", "50%"])
-def test_default_beats_lru_on_flat_routing(seed, share, ratio):
+def test_default_reads_and_stalls_no_more_than_lru_and_less_at_12_and_50_percent_on_flat_routing(seed, share, ratio):
     header, records = generate_flat(FlatWorkload(requests=3, decode_tokens=(60, 80), seed=seed))
     assert DEFAULT.policy == "activation" and DEFAULT.prefetch and SimConfig(1).leases
     lru, act = pair(header, list(group_steps(records)), int(header.num_layers * header.num_experts * share))
@@ -35,7 +35,7 @@ def test_default_beats_lru_on_flat_routing(seed, share, ratio):
 
 
 @pytest.mark.parametrize("slots, ratio", [(8, 1.0), (16, 0.9)], ids=["25%", "50%"])
-def test_default_beats_lru_on_the_demo_trace(slots, ratio):
+def test_default_reads_and_stalls_no_more_than_lru_and_less_at_50_percent_on_the_demo_trace(slots, ratio):
     header, records = read_trace(DEMO)
     lru, act = pair(header, list(group_steps(records)), slots)
     assert act.fetches <= ratio * lru.fetches, (act.fetches, lru.fetches)

@@ -45,13 +45,13 @@ def test_mxfp4_every_scale_and_byte_equals_transformers(kernels, tmp_path, dtype
     assert got.view(torch.uint8).equal(want[0].contiguous().view(torch.uint8))
 
 
-@pytest.mark.parametrize("path", ["lookup", "computed"])  # computed: AVX2's bfloat16 kernel (no table)
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, path", [(dtype, "lookup") for dtype in DTYPES] + [(torch.bfloat16, "computed")],
+                         ids=[f"{str(d).split('.')[-1]}-lookup" for d in DTYPES] + ["bfloat16-computed"])
+@pytest.mark.parametrize("threads", [1, 2])  # computed: AVX2's bfloat16 kernel (no table; bfloat16 only)
 @pytest.mark.parametrize("block", [(16, 32), (16, 64)], ids=["32-wide", "64-wide"])  # 64-wide: the VBMI path
 def test_fp8_extreme_scales_equal_transformers(kernels, dtype, threads, block, path):
-    if path == "computed" and (dtype != torch.bfloat16 or not kernels.lib.moeinf_fp8_direct_fast()):
-        pytest.skip("the computed FP8 kernel makes bfloat16 only, with AVX2")
+    if path == "computed" and not kernels.lib.moeinf_fp8_direct_fast():
+        pytest.skip("the computed FP8 kernel needs AVX2")
     run = dk.Kernels(kernels.lib, threads)
     run.fp8_direct = path == "computed"  # (a CPU with AVX-512 VBMI looks up by default)
     torch.manual_seed(0)

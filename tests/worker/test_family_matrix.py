@@ -6,7 +6,8 @@ transformers' ``generate``: each prompt alone, then two requests batched togethe
 ``common.families.UNSUPPORTED`` must instead be refused at start-up with its reason.
 
 CI runs a few special families here (recurrent layers, MoE every k-th layer, expert biases) and the refused ones;
-the six known families are CI's in tests/worker/test_exactness.py (same oracle, same 25%), and run here too under
+the known families are in tests/worker/test_exactness.py (same oracle, same 25%: Mixtral, Qwen2-MoE, DeepSeek-V3
+and GPT-OSS in CI; OLMoE and Qwen3-MoE, which route as Mixtral does, under ``-m slow``), and run here too under
 ``-m slow`` with the rest. With ``MOEINF_FAMILY_RESULTS=<file>`` each outcome is recorded there, and
 ``moeinf families --markdown --results <file>`` turns the full run into docs/families.md.
 """
@@ -30,7 +31,7 @@ CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe", "deepseek_v32"}  # 
 
 
 def _param(family: str):
-    fast = family in CI_EXTRA or family in UNSUPPORTED  # the six known families: tests/worker/test_exactness.py
+    fast = family in CI_EXTRA or family in UNSUPPORTED  # the known families: tests/worker/test_exactness.py
     return pytest.param(family, marks=() if fast else pytest.mark.slow, id=family)
 
 
