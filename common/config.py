@@ -237,14 +237,14 @@ class WorkerConfig:
                                       " (7-11% faster decode, measured; a rounding tie can go unlike eager's)")
     matvec_kernel: str = knob("auto", "bfloat16 decode steps' expert and dense products in moeinf's own kernels,"
                                       " reading each weight once in place: exact (torch's own summation order, so"
-                                      " tokens are eager's bit for bit; checked against torch at start; AVX2"
-                                      " builds of torch), fast (another order, ~20% faster on AVX2, 2x on AVX-512"
-                                      " BF16, FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
+                                      " tokens are eager's bit for bit: ATen's on AVX2, oneDNN's on AVX-512 BF16;"
+                                      " checked against torch at start), fast (another order, ~20% faster on AVX2,"
+                                      " FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
                                       " auto (exact where its check holds, else torch's products) or off; not off:"
                                       " the RMSNorms too, one call each, bit for bit their own (checked per module)")
     attention_kernel: str = knob("torch", "decode attention on CPU: torch (the model's own: sdpa or eager, tokens"
                                           " eager's bit for bit) or fast (moeinf's kernel for one-token decode"
-                                          " steps, reading each cached key and value once: ~9x faster attention at"
+                                          " steps, reading each cached key and value once: ~8x faster attention at"
                                           " 2k tokens; float32 sums in another order, so tokens may differ from"
                                           " eager's)")
     matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"

@@ -54,6 +54,10 @@ def open_store(cfg: MemdConfig):
         return slot_images(cfg, spread_rows(index) if cfg.pool_backend == "shm" else index), index if fresh else None
     from services.memd.compressed import CompressedStore, cache_root
 
+    if cfg.slot_cache == "on":
+        log.warning("--slot-cache on changes nothing with --expert-format %s: its cache already keeps each expert as"
+                    " its slot image", cfg.expert_format)
+
     store = CompressedStore(index, cfg.model, cfg.expert_format, cache_root(cfg.state_dir, cfg.expert_cache_dir))
     return store, index if fresh else None
 

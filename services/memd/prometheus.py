@@ -128,8 +128,9 @@ def _memd_families(stats: m.StatsReply):
       ``moeinf_memd_<x>`` (a gauge); ``MEMD_RENAMED`` gives a few clearer names; a bool is a 0/1 gauge;
     - strings and ``MEMD_LABELS`` become labels of ``moeinf_memd_info``;
     - a list of numbers ``<x>_per_layer`` is ``moeinf_memd_layer_<x>{layer=...}``;
-    - a list of records (``layers``, ``lookahead``) is one family per field, ``moeinf_memd_<list>_<field>``,
-      labelled by the record's first field (``layer``, ``distance``).
+    - a list of records (``layers``, ``lookahead``, ``next_gate``, ``speculation``) is one family per field,
+      ``moeinf_memd_<list>_<field>`` (``layers`` named ``layer``), labelled by the record's first field (``layer``,
+      ``distance``); an empty list emits nothing.
     """
     info = {}
     for name in m.field_names(stats):
