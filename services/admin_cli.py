@@ -52,6 +52,9 @@ class AdminRefused(Exception):
         self.code = code
 
 
+PIN_WAIT_S = 30.0  # beyond --timeout-s for a pin: memd may wait 10 s for workers' leases, then read the experts
+
+
 def call(cfg: AdminConfig, op: Op, request):
     """Send one admin request and return memd's reply; raises AdminRefused for an error reply, and
     FileNotFoundError, PermissionError or RuntimeError when memd cannot be asked."""
@@ -66,8 +69,9 @@ def call(cfg: AdminConfig, op: Op, request):
     sock = make_socket(ctx, zmq.DEALER, addr, bind=False)
     try:
         sock.send(encode(op, 1, request))
-        if not sock.poll(int(cfg.timeout_s * 1000)):
-            raise RuntimeError(f"memd is not answering at {addr} (waited {cfg.timeout_s:g}s): is it running, or stuck?"
+        wait_s = cfg.timeout_s + (PIN_WAIT_S if op is Op.ADMIN_PIN else 0.0)
+        if not sock.poll(int(wait_s * 1000)):
+            raise RuntimeError(f"memd is not answering at {addr} (waited {wait_s:g}s): is it running, or stuck?"
                                " (--timeout-s waits longer)")
         _, _, reply = decode(sock.recv(), reply=True)
     finally:

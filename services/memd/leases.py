@@ -162,6 +162,15 @@ class ConnectedWorker:
             revoked.append(victim)
         return leaving + revoked
 
+    def give_back_unwanted(self, table: SlotTable, wanted: Collection[Key]) -> list[Key]:
+        """This worker waits for an acquire of ``wanted`` that finds no slot: its other leases go back (it uses none
+        of them until the reply, which lists them). Those it shared with another worker were no candidates when the
+        acquire began; once the other let go, they alone may be what keeps the slots it waits for."""
+        keep = set(wanted)
+        extra = [k for k in self.leases if k not in keep]
+        self._unlease(table, extra)
+        return extra
+
     def return_leases(self, table: SlotTable) -> int:
         count = len(self.leases)
         self._unlease(table, list(self.leases))

@@ -294,12 +294,19 @@ class MemdServer:
             plan = self.core.acquire(client.pid, req, time.perf_counter(), [e for _, e in keys] if host else None)
             loading = {key: self.loads.start(key, slot, demand=True) for key, slot in plan.loads}
             loading.update((key, self.loads.promote(key)) for key in plan.already_loading)
-            wait = lambda: others_hold(self.clients.values(), client,  # noqa: E731 (no slot)
-                                       lambda: self.reclaim_leases(but=client))
+            wait = lambda: self._wait_for_slots(client, req, keys, revoked)  # noqa: E731 (no slot)
             loading.update((key, asyncio.create_task(self.loads.load_without_free_slot(key, plan.transient, wait)))
                            for key in plan.no_slot)
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
         return Pending(req, keys, loading, plan.hits, revoked, epoch, plan.fed, host)
+
+    def _wait_for_slots(self, client: ConnectedWorker, req: m.AcquireRequest, wanted: list[Key],
+                        revoked: list[Key]) -> bool:
+        """An acquire's load found no slot: should it wait? This worker's other leases go back (into its reply's
+        ``revoked``) and the other workers are asked for theirs; True while that freed something or others hold."""
+        freed = client.give_back_unwanted(self.table, wanted) if req.lease else []
+        revoked.extend(freed)
+        return others_hold(self.clients.values(), client, lambda: self.reclaim_leases(but=client)) or bool(freed)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
         """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's

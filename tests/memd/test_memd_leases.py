@@ -215,3 +215,34 @@ def test_an_admin_pin_asks_the_workers_leases_back_instead_of_failing(memd_half,
         holder.return_leases()
         holder.stats()
         holder.close()
+
+
+def test_a_waiting_acquire_gives_back_its_own_leases_once_another_worker_let_go_of_them(memd_half, mixtral):
+    """The pool holds one layer per worker. The waiting worker shared layer 0's leases with the holder, so they were
+    no candidates when its acquire began; once the holder gave its own back, they alone held the slots the waiting
+    acquire needed, and it failed after 10 s with ``capacity`` (the pool size memd says is enough)."""
+    def attach() -> MemdClient:
+        client = MemdClient(f"ipc://{memd_half.resolve()}/memd.sock", f"ipc://{memd_half.resolve()}/memd-trace.sock",
+                            timeout_s=30, leases=True)
+        client.handshake(str(mixtral.resolve()), 30, "x")
+        client.ready()
+        return client
+
+    holder, waiter = attach(), attach()
+    try:
+        acquire(holder, 0, list(range(8)))
+        acquire(holder, 1, list(range(8)))
+        acquire(waiter, 0, list(range(8)))  # resident: leased by both
+        thread, got = in_thread(lambda: acquire(waiter, 2, list(range(8))))
+        time.sleep(0.5)
+        assert thread.is_alive() and not got
+        acquire(holder, 1, [0])  # the holder comes back (its epoch moved) and keeps only this
+        thread.join(5)
+        assert len(got.get("value", [])) == 8, got
+        assert not any(k[0] == 0 for k in waiter.leases), "layer 0's leases came back in the reply's revoked"
+        assert set(waiter.leases) == {(2, e) for e in range(8)}
+    finally:
+        for client in (holder, waiter):
+            client.return_leases()
+            client.stats()
+            client.close()
