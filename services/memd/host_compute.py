@@ -52,7 +52,7 @@ class HostCompute:
         self.always = always
         self.costs: dict[int, CpuCost] = {}  # by worker pid (bounded by --max-clients: forget() at detach)
         self.held: dict[int, Held] = {}
-        self.computed = 0  # experts the workers were told to compute on their CPU
+        self.computed = 0  # experts the workers were told to compute on their CPU (a counter: a failed acquire's too)
 
     def worker_ready(self, pid: int, seconds: list[float]) -> None:
         """A worker's READY: its CPU cost (two numbers), or none (it computes everything on the GPU)."""
@@ -97,7 +97,6 @@ class HostCompute:
         """``pid``'s acquire ``req`` failed: what ``choose`` gave its CPU for it is let go, uncounted."""
         held = self.held.get(pid)
         if held is not None and held.at == (req.step, req.layer):
-            self.computed -= len(held.keys)
             self.forget(pid, keep_cost=True)
 
     def released(self, pid: int, layer: int) -> None:

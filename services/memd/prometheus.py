@@ -51,7 +51,7 @@ MEMD_HELP = {
     "copy_bytes": "GPU pool: bytes copied from the host tier to the device",
     "copy_seconds": "GPU pool: seconds the host-to-device copies took, summed",
     "ring_reuse_waits": "GPU pool: copies that waited for a busy entry of the copy-event ring",
-    "cpu_experts": "GPU pool: host-tier experts the workers computed on their CPU instead of copying them",
+    "cpu_experts": "GPU pool: host-tier experts the workers were told to compute on their CPU instead of copying them",
     "read_events": "GPU pool: released slots whose rewrite waits for a worker's done-reading event",
     "slot_cache": "1 when experts are read from their slot images where written (--slot-cache)",
     "slot_images": "experts whose slot image is on disk (read straight into their slot)",

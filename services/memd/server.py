@@ -302,10 +302,8 @@ class MemdServer:
 
     def _wait_for_slots(self, client: ConnectedWorker, req: m.AcquireRequest, wanted: list[Key],
                         revoked: list[Key]) -> bool:
-        """An acquire's load found no slot: should it wait? This worker's other leases go back (into its reply's
-        ``revoked``) and the other workers are asked for theirs; True while that freed something or others hold."""
-        freed = client.give_back_unwanted(self.table, wanted) if req.lease else []
-        revoked.extend(freed)
+        """No slot for a load: wait? This worker's other leases go back (into ``revoked``), the others are asked."""
+        revoked.extend(freed := client.give_back_unwanted(self.table, wanted) if req.lease else [])
         return others_hold(self.clients.values(), client, lambda: self.reclaim_leases(but=client)) or bool(freed)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
@@ -354,6 +352,8 @@ class MemdServer:
             await asyncio.gather(*pending.waits)
             if stall:
                 self.core.stall(client.pid, req.layer, time.perf_counter() - start)
+        if self.clients.get(identity) is not client:  # it died meanwhile: what it held went with it
+            raise RpcError("handshake", "this worker was detached while its acquire waited")
         return self._acquired(pending)
 
     def _acquired(self, p: Pending, loading: list[int] = ()) -> m.AcquireReply:

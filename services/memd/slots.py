@@ -69,8 +69,9 @@ class SlotTable:
 
     def resident_per_layer(self, num_layers: int) -> list[int]:
         counts = [0] * num_layers
-        for (layer, _), _slot in self.slot_of.items():
-            counts[layer] += 1
+        for key in self.slot_of:
+            if key not in self.loading:  # (as ``resident`` counts: read in full)
+                counts[key[0]] += 1
         return counts
 
     # ---- transitions

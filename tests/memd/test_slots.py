@@ -151,6 +151,8 @@ def test_resident_per_layer_and_num_pinned():
     t.pin((2, 3))
     assert t.resident_per_layer(3) == [2, 0, 1]
     assert t.num_pinned == 1
+    t.reserve((1, 4))  # a slot being read is not resident yet (as the pool's ``resident`` counts)
+    assert t.resident_per_layer(3) == [2, 0, 1]
 
 
 def test_make_policy():
