@@ -154,6 +154,7 @@ class AdminServer:
             if slots > old:
                 await self._grow(slots)
             elif slots < old:
+                self._check_pins_stay(slots)
                 evicted, pending = self.table.shrink(slots)
                 self._cancel_prefetches(pending)
                 if pending:
@@ -182,6 +183,13 @@ class AdminServer:
                                             f" minimum of {minimum} slots ({format_bytes(minimum * s)}): one layer's"
                                             f" {E} experts{pinned}")
         return slots
+
+    def _check_pins_stay(self, slots: int) -> None:
+        """A shrink to ``slots`` retires the slots from there on: an admin pin in one would stay in it for good."""
+        if stuck := sorted(k for k in self.pins if self.table.slot_of.get(k, -1) >= slots):
+            raise AdminError("bad_request", f"the admin's pins {_names(stuck)} sit in slots a pool of {slots} slots"
+                                            " retires: unpin them, resize, then pin them again (they load into the"
+                                            " smaller pool)")
 
     async def _grow(self, slots: int) -> None:
         try:

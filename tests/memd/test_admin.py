@@ -144,6 +144,18 @@ def test_pin_experts_unpin(stack, worker):
     assert len(tokens) == 4
 
 
+def test_a_shrink_that_would_strand_an_admin_pin_in_a_retired_slot_is_refused(stack):
+    slot = admin(stack.state_dir, "pin", "3:7")["slots"][0]
+    try:
+        assert slot >= 9, "at 100% layer 3's experts sit in the pool's last slots"
+        code, _, err = admin(stack.state_dir, "resize", str(slot * SLOT_BYTES), raw=True)  # retires slot `slot` on
+        assert code == 1 and f"the admin's pins 3:7 sit in slots a pool of {slot} slots retires" in err
+        assert "unpin them, resize, then pin them again" in err
+        assert admin(stack.state_dir, "stats")["capacity"] == SLOTS
+    finally:
+        admin(stack.state_dir, "unpin", "3:7")
+
+
 def test_policy_and_prefetch_switch_live(stack, worker):
     assert admin(stack.state_dir, "policy", "lfu") == {"old": "activation", "policy": "lfu"}
     assert admin(stack.state_dir, "prefetch", "off")["prefetch"] is False
