@@ -13,8 +13,7 @@ from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from common.checkpoint import Checkpoint, CheckpointError
-from common.quant_write import mxfp4_tensors
-from services.memd.compressed import CACHE_DIR, CompressedStore
+from services.memd.compressed import CACHE_DIR, CompressedStore, fp8_block
 
 PROMPTS = [[1, 5, 9, 22, 7], [3] * 11, list(range(2, 60, 2))]
 
@@ -55,15 +54,44 @@ def test_slot_image_is_the_formats_encoding(oss, fmt, tmp_path):
                 continue
             assert spec.format == fmt
             values, scales = _encoded(image, spec)
-            if fmt == "mxfp4":
-                blocks, exps = mxfp4_tensors(weight.t())
+            if fmt == "mxfp4":  # against the format's rule written here, not the encoder memd runs
+                blocks, exps = mxfp4_reference(weight.t())
                 assert torch.equal(values, blocks) and torch.equal(scales, exps)
+            else:
+                q, inv = fp8_reference(weight, fp8_block(spec.name, tuple(weight.shape)))  # as the module holds it
+                assert torch.equal(values.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scales, inv)
             got = transformers_dequantized(image, spec, weight.dtype)
             err = (got.float() - weight.float()).abs().max() / weight.float().abs().max()
             assert got.shape == weight.shape and 0 < err < (0.2 if fmt == "mxfp4" else 0.07), err
         assert store.expert_bytes * (3.5 if fmt == "mxfp4" else 1.9) < store.source.expert_bytes
     finally:
         store.close()
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+
+
+def mxfp4_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 of ``weight [..., K]`` by the rule, in float64: each 32 values share the exponent floor(log2(amax)) - 2
+    (so the largest lands in [4, 8)); each value is the nearest E2M1 magnitude of value / 2**exponent, clipped to 6,
+    a tie going to the smaller; codes packed two per byte, the even element low."""
+    x = weight.double().reshape(*weight.shape[:-1], -1, 32)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127)).clamp(-127, 127)
+    scaled = (x / torch.pow(2.0, exponent)).clamp(-6.0, 6.0)
+    code = (scaled.abs().unsqueeze(-1) - E2M1).abs().argmin(dim=-1)  # (argmin: the first, smaller, of a tie)
+    code = (code | ((scaled < 0).long() << 3)).to(torch.uint8)
+    return code[..., 0::2] | (code[..., 1::2] << 4), (exponent[..., 0] + 127).to(torch.uint8)
+
+
+def fp8_reference(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 of ``weight [R, C]`` by torch's own float8 cast: per block, scale = amax / 448 in float32 (at least
+    2**-40), values = weight / scale rounded to float8_e4m3fn."""
+    (rows, cols), (br, bc) = weight.shape, block
+    tiles = weight.float().reshape(rows // br, br, cols // bc, bc)
+    scale = (tiles.abs().amax(dim=(1, 3)) / 448.0).clamp(min=2.0 ** -40)
+    q = (tiles / scale[:, None, :, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.reshape(rows, cols), scale
 
 
 def test_mxfp4_blocks_run_along_the_input_dimension_of_out_in_experts(tmp_path):
@@ -79,7 +107,7 @@ def test_mxfp4_blocks_run_along_the_input_dimension_of_out_in_experts(tmp_path):
             weight = weight.view(src.shape)
             values = image[spec.offset:].narrow(0, 0, _nbytes(spec.shape, spec.dtype)).view(spec.shape)
             scales = image[spec.scale_offset:].narrow(0, 0, _nbytes(spec.scale_shape, "uint8")).view(spec.scale_shape)
-            blocks, exps = mxfp4_tensors(weight)
+            blocks, exps = mxfp4_reference(weight)
             assert spec.shape == [weight.shape[0], weight.shape[1] // 32, 16]
             assert torch.equal(values, blocks) and torch.equal(scales, exps)
             got = convert_moe_packed_tensors(values[None], scales[None], dtype=torch.bfloat16)[0].T  # [in, out].T
