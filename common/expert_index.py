@@ -65,6 +65,10 @@ class ExpertIndex(Struct, frozen=True, array_like=True, forbid_unknown_fields=Tr
         """Called by a reader thread before an expert's first piece: the checkpoint's bytes are read as they lie
         (``services/memd/compressed.py`` converts the expert into its cache file here)."""
 
+    def ready(self, key: tuple[int, int]) -> bool:
+        """``prepare`` has nothing to do for ``key`` (a prefetch never waits for a conversion: ``reader.py``)."""
+        return True
+
     @property
     def segments(self) -> dict[tuple[int, int], list[Segment]]:
         """``(layer, expert) -> segments`` (built on each call: read it once)."""

@@ -319,12 +319,14 @@ def shm_regions() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("moeinf-")}
 
 
-def new_orphans(before: set[str]) -> set[str]:
-    """Orphan regions that were not in ``before`` and still are a second later (a region another process is
-    creating or removing right now is briefly unmapped; tests run two at a time)."""
+def new_orphans(before: set[str], wait_s: float = 6.0) -> set[str]:
+    """Orphan regions that were not in ``before`` and still are ``wait_s`` later (a region another process is
+    creating or removing right now is briefly unmapped: a stopping memd unmaps its pool before it unlinks it, and
+    with tests two at a time on 2 cores that can take seconds)."""
     leaked = orphan_regions() - before
-    if leaked:
-        time.sleep(1.0)
+    deadline = time.monotonic() + wait_s
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.5)
         leaked &= orphan_regions()
     return leaked
 

@@ -5,8 +5,8 @@ from services.memd.store import Segment
 
 
 def fake_store(path, segments: dict) -> SimpleNamespace:
-    """What the reader needs of a store: the files and each expert's segments."""
-    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None)
+    """What the reader needs of a store: the files, each expert's segments, nothing to convert."""
+    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None, ready=lambda key: True)
 
 
 def contiguous(path, keys, nbytes: int) -> dict:

@@ -1,34 +1,32 @@
 """Reading experts from the checkpoint's safetensors into pool slots with ``os.preadv``, in preemptible pieces.
 
-With O_DIRECT (the default where the file system allows it) the page cache is bypassed, so memd's memory
-budget is the whole truth. The pool is page-aligned shared memory and slot offsets are multiples of 4 KiB, so the
-aligned middle of each segment (one parameter of one expert, or a part of one) is read straight into its slot:
-no staging buffer, no copy. Only the unaligned head and tail blocks of a segment go through a small per-thread
-bounce buffer. Where the kernel wants the buffer address aligned more finely than the file offset and the slot
-destination agree (``services/memd/dio.py``: 512 B behind virtio, 4 B on NVMe with Linux >= 6.0), the segment is
-read through the bounce buffer and copied; ``stats()`` counts those and memd logs it once. Without O_DIRECT,
-``preadv`` writes straight into the slot (page cache used). A segment whose rows memd spread apart in the slot
-(``services/memd/spread.py``) is always read into the bounce buffer and copied row by row (one strided NumPy
-copy per piece, also without the GIL). From slot images (``--slot-cache``, ``services/memd/slot_images.py``) an
-expert is one page-aligned segment read straight into its slot; an expert whose image is not written yet is read
-from the checkpoint and handed, once loaded, to the store's writer (``image_writer.py``), which writes the slot
-behind the load. Each slot's generation (loads begun into it, and ``settle`` when its memory is given back) tells
-the writer whether the slot still holds what was loaded.
+With O_DIRECT (the default where the file system allows it) the page cache is bypassed, so memd's memory budget is
+the whole truth. The pool is page-aligned shared memory and slot offsets are multiples of 4 KiB, so the aligned
+middle of each segment (one parameter of one expert, or a part of one) is read straight into its slot: no staging
+buffer, no copy; only its unaligned head and tail go through a small per-thread bounce buffer. Where the kernel
+wants the buffer address aligned more finely than the file offset and the slot agree (``dio.py``: 512 B behind
+virtio, 4 B on NVMe with Linux >= 6.0), the segment goes through the bounce buffer (``stats()`` counts those; memd
+logs it once), as does a segment whose rows memd spreads apart in the slot (``spread.py``: one strided NumPy copy
+per piece, without the GIL). Without O_DIRECT, ``preadv`` writes straight into the slot. From slot images
+(``--slot-cache``, ``slot_images.py``) an expert is one page-aligned segment read straight into its slot; one
+whose image is not written yet is read from the checkpoint and handed, once loaded, to the store's writer
+(``image_writer.py``), which writes it behind the load; each slot's generation (loads begun into it, and
+``settle`` when its memory is given back) tells the writer whether the slot still holds what was loaded. A
+compressed cache (``--expert-format``) converts an expert at its first demand read; a prefetch never waits for a
+conversion (it is dropped: seconds on a reader thread would hold up the demand reads behind it).
 
-A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, and small enough that
-one expert spreads over every reader thread (several reads in flight per expert). One queue: threads take the
-next piece of the best job: on-demand loads first (oldest first), then prefetches by priority. While an
-on-demand load is queued or being read, no thread starts a prefetch piece; so an on-demand load that arrives
-while every thread reads prefetch pieces waits for at most one piece per thread. A prefetch promoted to
-on-demand (an acquire waits for it now) jumps the queue, and a cancelled prefetch stops at its pieces in flight.
-``demand_pending()`` tells the planner whether the disk queue holds on-demand reads.
+A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, small enough to spread one
+expert over every reader thread. One queue: threads take the next piece of the best job: on-demand loads first
+(oldest first), then prefetches by priority. While an on-demand load is queued or being read, no thread starts a
+prefetch piece, so an on-demand load waits for at most one piece per thread. A prefetch promoted to on-demand (an
+acquire waits for it now) jumps the queue; a cancelled one stops at its pieces in flight. ``demand_pending()``
+tells the planner whether the disk queue holds on-demand reads.
 
 Reads are threads + ``preadv`` (which releases the GIL): ``--read-threads`` reads in flight, no more (a semaphore
-held from taking a piece to the end of its ``preadv``). Staged pieces are copied out of the bounce buffer with
-``ctypes.memmove`` (also without the GIL) after the semaphore is released, by twice as many threads as reads in
-flight: while one thread copies, another already reads, so the disk keeps ``--read-threads`` reads queued, as the
-probe and fio of ``moeinf bench disk`` do. A piece is taken only once a read may start, so the queue's order
-(demand first) decides at the moment of the read. io_uring (PyPI's ``liburing``, ``pyuring``) was not evaluated.
+held from taking a piece to the end of its ``preadv``, so the queue's order decides at the moment of the read).
+Staged pieces are copied out of the bounce buffer with ``ctypes.memmove`` (without the GIL) after the semaphore is
+released, by twice as many threads as reads in flight, so the disk keeps ``--read-threads`` reads queued, as the
+probe and fio of ``moeinf bench disk`` do. io_uring (PyPI's ``liburing``, ``pyuring``) was not evaluated.
 """
 from __future__ import annotations
 
@@ -44,6 +42,7 @@ import numpy as np
 
 from services.memd.dio import DioAlign, buffer_address, dio_alignment
 from services.memd.read_jobs import BusyRate, Piece, ReadCancelled, ReadJob, ReaderStats, settle, split_pieces
+from services.memd.spread import place_rows
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 
 log = logging.getLogger("moeinf.memd.reader")
@@ -245,11 +244,15 @@ class ExpertReader:
                 self._inflight.release()
                 return
             job, piece = taken
-            try:
-                self.store.prepare(job.key)  # the compressed cache converts an expert on its first read
+            try:  # the compressed cache converts an expert at its first demand read (a prefetch: dropped)
+                dropped = self._unconverted_prefetch(job) or self.store.prepare(job.key)
             except Exception as exc:  # (a full cache disk, an EIO): this job fails, and the permit _read would
                 self._inflight.release()  # have given back is given back here, or the readers run out of them
                 self._finish(job, piece, 0, exc)
+                continue
+            if dropped:
+                self._inflight.release()
+                self._finish(job, piece, 0, None)
                 continue
             try:
                 n = self._read(piece)
@@ -257,6 +260,12 @@ class ExpertReader:
                 self._finish(job, piece, 0, exc)
                 continue
             self._finish(job, piece, n, None)
+
+    def _unconverted_prefetch(self, job: ReadJob) -> bool:
+        """A prefetch of an expert not converted yet is dropped (cancelled, 0 bytes; the module docstring)."""
+        with self._cv:  # (a prefetch promoted meanwhile is demand: an acquire waits for it)
+            job.cancelled = job.cancelled or not (job.demand or self.store.ready(job.key))
+            return job.cancelled
 
     def _best(self) -> ReadJob | None:
         """The job to read a piece of: the oldest on-demand load; else, when no on-demand load is being read, the
@@ -366,31 +375,6 @@ class ExpertReader:
             view = memoryview(mmap.mmap(-1, self.chunk))
             got = self._local.buf = (view, buffer_address(view))
         return got
-
-
-def place_rows(pool: np.ndarray, data: memoryview, dest: int, rows: tuple[int, int, int]) -> None:
-    """Copy ``data``, the bytes that packed rows would hold from pool byte ``dest``, into rows spread apart:
-    ``rows`` = ``(start, row_bytes, row_stride)``, the packed rows' first byte, their length and the spread stride.
-    A partial first and last row by themselves, the whole rows between as one strided copy."""
-    start, row_bytes, stride = rows
-    src = np.frombuffer(data, dtype=np.uint8)
-    row, col = divmod(dest - start, row_bytes)
-    done = 0
-    if col:
-        done = min(row_bytes - col, len(src))
-        at = start + row * stride + col
-        pool[at:at + done] = src[:done]
-        row += 1
-    whole = (len(src) - done) // row_bytes
-    if whole:
-        at = start + row * stride
-        target = np.lib.stride_tricks.as_strided(pool[at:], (whole, row_bytes), (stride, 1))
-        target[...] = src[done:done + whole * row_bytes].reshape(whole, row_bytes)
-        done += whole * row_bytes
-        row += whole
-    if done < len(src):
-        at = start + row * stride
-        pool[at:at + len(src) - done] = src[done:]
 
 
 def _direct_io_works(path) -> bool:

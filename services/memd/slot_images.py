@@ -129,6 +129,9 @@ class SlotImageCache:
                 os.posix_fadvise(self._fd, index * self.slot_bytes, self.slot_bytes, os.POSIX_FADV_DONTNEED)
             self._mark_done(todo)
 
+    def ready(self, key: tuple[int, int]) -> bool:
+        return self.is_done(key)
+
     def is_done(self, key: tuple[int, int]) -> bool:
         return bool(self.done[key[0] * self.num_experts + key[1]])
 
@@ -245,6 +248,9 @@ class LosslessImages(SlotImageCache):
     def prepare(self, key: tuple[int, int]) -> None:
         """Nothing on the read path: an expert without its image is read from the checkpoint and written behind."""
 
+    def ready(self, key: tuple[int, int]) -> bool:
+        return True
+
     def write_behind(self, reader):
         """The writer that keeps the slots ``reader`` fills from the checkpoint as images (``ExpertReader``)."""
         from services.memd.image_writer import ImageWriter
@@ -262,7 +268,7 @@ class LosslessImages(SlotImageCache):
         return cls(spread_rows(ExpertStore(Checkpoint(model_dir)).index()), model_dir, cache_root)
 
     def convert(self, key: tuple[int, int]) -> bytes:
-        from services.memd.reader import place_rows
+        from services.memd.spread import place_rows
 
         out = np.zeros(self.slot_bytes, dtype=np.uint8)
         for seg in self.served.experts[key[0] * self.num_experts + key[1]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import msgspec
+import numpy as np
 
 from common.expert_index import ALIGN, ExpertIndex, Segment, align_up
 from common.messages import TensorSpec
@@ -90,3 +91,28 @@ def _segment(seg: Segment, spread: dict[int, TensorSpec], moves: dict[int, int])
     first = (seg.slot_offset - region) // rows
     stride = rows + SPREAD_BYTES
     return msgspec.structs.replace(seg, slot_offset=moves[region] + first * stride, row_bytes=rows, row_stride=stride)
+
+
+def place_rows(pool: np.ndarray, data: memoryview, dest: int, rows: tuple[int, int, int]) -> None:
+    """Copy ``data``, the bytes that packed rows would hold from pool byte ``dest``, into rows spread apart:
+    ``rows`` = ``(start, row_bytes, row_stride)``, the packed rows' first byte, their length and the spread stride.
+    A partial first and last row by themselves, the whole rows between as one strided copy."""
+    start, row_bytes, stride = rows
+    src = np.frombuffer(data, dtype=np.uint8)
+    row, col = divmod(dest - start, row_bytes)
+    done = 0
+    if col:
+        done = min(row_bytes - col, len(src))
+        at = start + row * stride + col
+        pool[at:at + done] = src[:done]
+        row += 1
+    whole = (len(src) - done) // row_bytes
+    if whole:
+        at = start + row * stride
+        target = np.lib.stride_tricks.as_strided(pool[at:], (whole, row_bytes), (stride, 1))
+        target[...] = src[done:done + whole * row_bytes].reshape(whole, row_bytes)
+        done += whole * row_bytes
+        row += whole
+    if done < len(src):
+        at = start + row * stride
+        pool[at:at + len(src) - done] = src[done:]

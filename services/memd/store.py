@@ -61,6 +61,10 @@ class ExpertStore:
         """Called by a reader thread before an expert's first piece; the checkpoint's bytes are read as they lie
         (``services/memd/compressed.py`` converts the expert into its cache file here)."""
 
+    def ready(self, key: tuple[int, int]) -> bool:
+        """``prepare`` has nothing to do for ``key`` (a prefetch never waits for a conversion: ``reader.py``)."""
+        return True
+
     @property
     def expert_bytes(self) -> int:
         """Bytes of one expert's parameters as stored (quantized values and scales; without slot padding)."""

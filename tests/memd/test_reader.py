@@ -29,7 +29,7 @@ def data(tmp_path):
 
 
 def fake_store(path, segments: dict) -> SimpleNamespace:
-    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None)
+    return SimpleNamespace(files=[str(path)], segments=segments, prepare=lambda key: None, ready=lambda key: True)
 
 
 def contiguous(path, keys, nbytes=SLOT) -> dict:
@@ -373,7 +373,7 @@ def test_experts_whose_preparation_fails_fail_alone_and_leave_the_readers_their_
         if key[1] < 5:
             raise OSError(28, "No space left on device")
 
-    store = SimpleNamespace(files=[str(path)], segments=segments, prepare=prepare)
+    store = SimpleNamespace(files=[str(path)], segments=segments, prepare=prepare, ready=lambda key: True)
     buf, pool = page_pool(len(keys))
     reader = ExpertReader(store, pool, SLOT, direct_io=False, threads=2, chunk=SLOT)
     try:
@@ -388,3 +388,27 @@ def test_experts_whose_preparation_fails_fail_alone_and_leave_the_readers_their_
         closer.start()
         closer.join(10)
         assert not closer.is_alive(), "the reader did not close"
+
+
+def test_a_prefetch_never_converts_an_expert_on_a_reader_thread(data):
+    """A compressed cache converts an expert at its first read (seconds each, one at a time): a prefetch of an
+    expert not converted yet is dropped (cancelled, 0 bytes) instead of holding a reader thread, and the demand
+    reads behind it; a demand read converts it."""
+    path, payload = data
+    keys = [(0, 0), (0, 1)]
+    converted: list = []
+    store = SimpleNamespace(files=[str(path)], segments=contiguous(path, keys), prepare=converted.append,
+                            ready=lambda key: key in converted)
+    buf, pool = page_pool(2)
+    reader = ExpertReader(store, pool, SLOT, direct_io=False, threads=1, chunk=SLOT)
+    try:
+        prefetch = reader.submit(keys[0], 0, demand=False)
+        with pytest.raises(ReadCancelled) as cancelled:
+            prefetch.future.result(timeout=10)
+        assert cancelled.value.nbytes == 0 and converted == []
+        assert reader.read(keys[0], 0)[0] == SLOT and converted == [keys[0]]
+        assert bytes(pool[:SLOT]) == payload[:SLOT]
+        again = reader.submit(keys[0], 1, demand=False)  # converted now: a prefetch reads it
+        assert again.future.result(timeout=10)[0] == SLOT
+    finally:
+        reader.close()

@@ -9,7 +9,8 @@ from helpers import write_family
 
 from common.checkpoint import Checkpoint
 from common.expert_index import ALIGN
-from services.memd.reader import ExpertReader, place_rows
+from services.memd.reader import ExpertReader
+from services.memd.spread import place_rows
 from services.memd.spread import SPREAD_BYTES, spread_rows
 from services.memd.store import ExpertStore
 from services.worker.pool_views import slot_params

@@ -103,7 +103,9 @@ def test_expert_memory_too_small_states_the_minimum(bad_size_runs):
 
 
 def test_expert_memory_just_enough_is_accepted(mixtral):
-    """The minimum the error states is really enough (checked in-process: same planning code, no start-up)."""
+    """The minimum the error states is what the pool planning accepts: 8 slots, one layer (checked in-process: the
+    same planning code, no start-up); a real memd of 8 slots serving a whole layer's acquire is
+    tests/memd/test_memd_leases.py's (25% of this checkpoint)."""
     from common.checkpoint import Checkpoint
     from common.config import build_config, MemdConfig
     from services.memd.main import plan_pool
