@@ -263,8 +263,10 @@ class ExpertReader:
 
     def _unconverted_prefetch(self, job: ReadJob) -> bool:
         """A prefetch of an expert not converted yet is dropped (cancelled, 0 bytes; the module docstring)."""
+        if job.demand or self.store.ready(job.key):
+            return False
         with self._cv:  # (a prefetch promoted meanwhile is demand: an acquire waits for it)
-            job.cancelled = job.cancelled or not (job.demand or self.store.ready(job.key))
+            job.cancelled = job.cancelled or not job.demand
             return job.cancelled
 
     def _best(self) -> ReadJob | None:
