@@ -101,13 +101,20 @@ class StepRecorder:
             step.routing.append((layer, top_k_index, top_k_weights, made))
 
     def abort(self) -> None:
-        """Drop the open step unsent (its forward failed: its requests run it again, recorded then)."""
-        self.open = None
+        """Drop the open step's routing (its forward failed: its requests run it again, recorded then)."""
+        step, self.open = self.open, None
+        self._spent(step)
+
+    def _spent(self, step: RecordingStep | None) -> None:
+        """Tell memd that ``step``'s number carries nothing (else it counts a gap in the numbers as a lost trace)."""
+        if step is not None:
+            self.client.emit(Op.STEP_TRACE, m.step_trace(os.getpid(), step.number, [], [], [], []))
 
     def end_step(self) -> None:
         """Send the open step to memd (and to the trace file); a no-op when no step is open."""
         step, self.open = self.open, None
         if step is None or not step.layers:
+            self._spent(step)
             return
         self.client.emit(Op.STEP_TRACE, m.step_trace(os.getpid(), step.number, step.requests, step.tokens,
                                                      step.prefill, step.layers))

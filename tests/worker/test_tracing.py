@@ -91,13 +91,20 @@ def test_a_failing_trace_file_stops_recording_not_serving(tmp_path):
     assert [op for op, _ in client.events] == [Op.STEP_TRACE, Op.STEP_TRACE]
 
 
-def test_a_step_without_attribution_sends_nothing():
+def test_a_step_without_attribution_or_that_failed_sends_only_its_number():
+    """memd counts a gap in a worker's step numbers as a lost trace: a step with nothing to say, or whose forward
+    failed (its requests run again, traced then), says so with an empty trace of its number."""
     client = FakeClient()
     rec = StepRecorder(client)
     rec.begin(["r0"], torch.tensor([0, 0]))
     rec.layer(0, [1], [], [], [], torch.tensor([[1, 2]]), torch.ones(1, 2))  # no per-request counts
     rec.end_step()
-    assert client.events == []
+    first = rec.begin(["r0"], torch.tensor([0]))
+    layer(rec, 0, [[1, 2]], [0], 1)
+    rec.abort()
+    assert [(op, ev.requests, ev.layers) for op, ev in client.events] == [(Op.STEP_TRACE, [], [])] * 2
+    assert client.events[1][1].step == first.number == client.events[0][1].step + 1
+    assert all(ev.layout_problem() is None for _, ev in client.events)  # (memd would ignore a malformed one)
 
 
 def test_next_gate_guess_is_the_next_routers_top_k():
