@@ -201,7 +201,7 @@ class StatsReply(Message):
     eamc_size: Count = 0
     eamc_capacity: Count = 0
     match_similarity: Ratio = 0.0  # mean cosine similarity of the best EAMC match
-    trace_steps: Count = 0  # step traces received
+    trace_steps: Count = 0  # step traces received (a failed or empty step's empty one too)
     trace_lost: Count = 0  # step traces the worker sent that never arrived (gaps in its step numbers)
     read_bandwidth: NonNeg = 0.0  # bytes/s into the pool, measured (GPU pool: host-tier copies and disk reads)
     layer_seconds: NonNeg = 0.0  # observed time per MoE layer

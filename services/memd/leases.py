@@ -83,6 +83,7 @@ class ConnectedWorker:
     pins: Counter = field(default_factory=Counter)  # explicit pins: key -> acquires not yet released
     leases: set[Key] = field(default_factory=set)
     reclaim: bool = False  # give back every lease at the next acquire
+    acquiring: object = None  # the acquire being answered: only its waits for slots may give leases back
     read_events: list = field(default_factory=list)  # its "done reading" events, opened (Pool.open_events)
 
     @property

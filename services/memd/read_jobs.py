@@ -79,6 +79,7 @@ class ReadJob:
     ended: float = 0.0
     cancelled: bool = False
     removed: bool = False  # out of the queue (its future is set, or about to be)
+    dropped: bool = False  # a piece was given up unread (an unconverted prefetch): it ends cancelled, never revived
     error: BaseException | None = None
     generation: int = 0  # the slot's generation this load began (``ExpertReader.generation``)
 

@@ -106,7 +106,7 @@ class ExpertReader:
     def promote(self, job: ReadJob) -> None:
         """An acquire waits for this prefetch now: read it like an on-demand load (it keeps its progress)."""
         with self._cv:
-            if job.removed:
+            if job.removed or job.dropped:  # (a dropped one ends cancelled: memd reads the pinned key again)
                 return
             if not job.demand:
                 self._demand += 1
@@ -266,8 +266,9 @@ class ExpertReader:
         if job.demand or self.store.ready(job.key):
             return False
         with self._cv:  # (a prefetch promoted meanwhile is demand: an acquire waits for it)
-            job.cancelled = job.cancelled or not job.demand
-            return job.cancelled
+            if not job.demand:
+                job.cancelled = job.dropped = True
+            return job.dropped
 
     def _best(self) -> ReadJob | None:
         """The job to read a piece of: the oldest on-demand load; else, when no on-demand load is being read, the

@@ -1,9 +1,8 @@
 """memd's RPC and trace sockets: receive -> decide -> act -> reply.
 
-One reader task per socket. Inline handlers run on the event loop; acquire runs as its own task so many are
-in flight, and awaits only the reads it needs (reads run in reader threads, several experts at once). Decisions
-(what to load, prefetch, evict or cancel; what the traces teach) are the core's (``services/memd/core.py``); this
-module moves messages, starts reads (``services/memd/loads.py``) and saves the EAMC now and then.
+One reader task per socket. Inline handlers run on the event loop; an acquire is a task of its own, awaiting only
+its reads (reader threads). Decisions (load, prefetch, evict, cancel; what the traces teach) are ``core.py``'s;
+this module moves messages, starts reads (``loads.py``) and saves the EAMC now and then.
 """
 from __future__ import annotations
 
@@ -282,6 +281,7 @@ class MemdServer:
     def begin_acquire(self, identity: bytes, req: m.AcquireRequest):
         """Pin (or lease), plan loads; returns the pending acquire: request, keys, loads to wait for, hits, revoked."""
         client = self._client(identity)
+        client.acquiring = req
         try:
             keys = check_acquire(req, self.store.num_layers, self.store.num_experts, self.table.capacity)
         except CodedError:
@@ -300,16 +300,15 @@ class MemdServer:
         epoch = self.control.epoch if self.control is not None else 0  # what the revocations above answered
         return Pending(req, keys, loading, plan.hits, revoked, epoch, plan.fed, host)
 
-    def _wait_for_slots(self, client: ConnectedWorker, req: m.AcquireRequest, wanted: list[Key],
-                        revoked: list[Key]) -> bool:
+    def _wait_for_slots(self, client: ConnectedWorker, req, wanted: list[Key], revoked: list[Key]) -> bool:
         """No slot for a load: wait? This worker's other leases go back (into ``revoked``), the others are asked."""
-        revoked.extend(freed := client.give_back_unwanted(self.table, wanted) if req.lease else [])
+        mine = req.lease and client.acquiring is req  # (a failed acquire's leftover waits: its leases are gone)
+        revoked.extend(freed := client.give_back_unwanted(self.table, wanted) if mine else [])
         return others_hold(self.clients.values(), client, lambda: self.reclaim_leases(but=client)) or bool(freed)
 
     def _pin_or_lease(self, client: ConnectedWorker, req: m.AcquireRequest, keys: list[Key]) -> list[Key]:
-        """Pin ``keys`` for an explicit acquire; lease them for a lease acquire, revoking as many of the worker's
-        other leases as this layer lacks slots for, in the policy's victim order (and asking the other workers for
-        theirs when that is not enough). Returns the revoked leases."""
+        """Pin ``keys``, or lease them, revoking as many of the worker's other leases as this layer lacks slots
+        for, in the policy's victim order (asking the other workers for theirs when short). Returns the revoked."""
         if not req.lease:
             client.pin(self.table, keys)
             return []
@@ -323,6 +322,7 @@ class MemdServer:
     def _release_held(self, client: ConnectedWorker, req: m.AcquireRequest, keys) -> None:
         """A failed acquire: its pins go; a failed lease acquire ends all that worker's leases (it forgets them)."""
         self.host.failed(client.pid, req)  # (and what its CPU was to compute)
+        client.acquiring = None
         if req.lease:
             client.return_leases(self.table)
         else:
@@ -330,8 +330,7 @@ class MemdServer:
 
     @contextlib.contextmanager
     def _released_on_failure(self, client: ConnectedWorker, req: m.AcquireRequest, keys):
-        """Any failure inside lets go of what the acquire holds; a full pool and a failed read become the
-        errors the worker is told (``capacity``, ``io``)."""
+        """A failure inside lets go of what the acquire holds; a full pool or a failed read: ``capacity``, ``io``."""
         try:
             yield
         except BaseException as exc:
@@ -350,6 +349,7 @@ class MemdServer:
         client = self._client(identity)
         with self._released_on_failure(client, req, pending.keys):
             await asyncio.gather(*pending.waits)
+            client.acquiring = None
             if stall:
                 self.core.stall(client.pid, req.layer, time.perf_counter() - start)
         if self.clients.get(identity) is not client:  # it died meanwhile: what it held went with it

@@ -72,9 +72,9 @@ class StepCache:
             spans.append((start, start + k.shape[-2]))
             start += k.shape[-2]
         self.spans[layer_idx], self.pieces[layer_idx] = spans, (keys, values)
-        if layer_idx in self.direct:  # (never read: attention takes ``pieces``)
-            k = keys[0].new_empty((*keys[0].shape[:-2], start, keys[0].shape[-1]))
-            v = values[0].new_empty((*values[0].shape[:-2], start, values[0].shape[-1]))
+        if layer_idx in self.direct:  # (never read: attention takes ``pieces``; one element of storage each)
+            k = keys[0].new_empty(()).expand(*keys[0].shape[:-2], start, keys[0].shape[-1])
+            v = values[0].new_empty(()).expand(*values[0].shape[:-2], start, values[0].shape[-1])
         else:
             k, v = torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
         self.returned[layer_idx] = k, v
@@ -83,10 +83,10 @@ class StepCache:
     def per_request(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> list[tuple]:
         """Each request's keys and values for layer ``layer_idx``'s attention, which got ``key`` and ``value``: its
         cache's own tensors when they are what ``update`` returned, else their slices of ``key`` and ``value``."""
-        returned = self.returned.get(layer_idx)
+        returned, pieces = self.returned.pop(layer_idx, None), self.pieces.pop(layer_idx, None)  # (held no longer)
         if returned is not None and key is returned[0] and value is returned[1]:
             self.direct.add(layer_idx)
-            return list(zip(*self.pieces[layer_idx]))
+            return list(zip(*pieces))
         if layer_idx in self.direct:  # (the step fails and its requests run again one by one: Engine.rewind)
             raise RuntimeError(f"layer {layer_idx}'s attention got keys other than its cache returned, which it had"
                                " passed through unchanged before")

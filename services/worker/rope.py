@@ -11,6 +11,7 @@ prompt arrives in pieces.) Embeddings of any other type depend on each position 
 """
 from __future__ import annotations
 
+import threading
 from functools import wraps
 
 import torch
@@ -39,13 +40,19 @@ def per_request(model, rows) -> int:
 
 
 def _wrap(module, forward, rows):
+    lock = threading.Lock()  # (lockstep runs one forward per request, in threads, through the same module)
+
     @wraps(forward)
     def per_request_forward(x, position_ids, *args, **kwargs):
-        spans = rows() or [(0, position_ids.shape[-1])]
+        n = position_ids.shape[-1]
+        spans = rows() or [(0, n)]
+        if spans[-1][1] != n:  # positions other than the step's rows (a module's own call): as one request's
+            spans = [(0, n)]
         outputs = []
         for lo, hi in spans:
-            _fresh(module)
-            outputs.append(forward(x, position_ids[..., lo:hi], *args, **kwargs))
+            with lock:
+                _fresh(module)
+                outputs.append(forward(x, position_ids[..., lo:hi], *args, **kwargs))
         if len(outputs) == 1:
             return outputs[0]
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outputs))

@@ -59,7 +59,7 @@ class WorkerServer:
         #                                               <= max_live not cancelled, <= 2 * max_live in all
         self.meter = KvMeter()  # what a request's KV cache costs, weighed after each step (--kv-cache-memory)
         self.scheduler = Scheduler(limits, self.meter.reserve)
-        self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most max_live
+        self.jobs: dict[str, Job] = {}  # request id -> job (compute side), at most 2 x max_live (see full)
         self.stopping = threading.Event()
         self.compute_stuck = False  # the compute thread outlived the stop (it may still use the memd client)
         self.exit_code = 0
@@ -250,7 +250,8 @@ class WorkerServer:
     def start(self, identity: bytes, rid: int, req: m.GenerateRequest) -> None:
         try:
             seq = self.engine.start(req)
-            self.scheduler.add(seq)
+            if req.request not in self.cancelled:  # (cancelled before it started: answered below, never queued,
+                self.scheduler.add(seq)             # so it takes no room from the requests behind it)
         except Exception as exc:  # (anything: this request fails alone, answered)
             code = "bad_request" if isinstance(exc, RequestError) else \
                 "capacity" if isinstance(exc, CapacityError) else "internal"
@@ -262,6 +263,8 @@ class WorkerServer:
             return
         self.jobs[req.request] = Job(identity, rid, seq)
         self.engine.steps.request_started(req.request, len(req.prompt))
+        if req.request in self.cancelled:
+            self.finish(self.jobs[req.request], "cancelled")
 
     def weigh(self, step: list[Chunk]) -> None:
         """The step's caches weighed for the KV cache budget (none without one). A cache it cannot weigh turns the

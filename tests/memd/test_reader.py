@@ -412,3 +412,30 @@ def test_a_prefetch_never_converts_an_expert_on_a_reader_thread(data):
         assert again.future.result(timeout=10)[0] == SLOT
     finally:
         reader.close()
+
+
+def test_a_dropped_prefetch_is_not_revived_by_a_promote_that_comes_before_its_end(data):
+    """Between a reader thread dropping an unconverted prefetch's piece and its ``_finish``, an acquire promotes the
+    job: it must still end cancelled (memd reads the pinned key again), not as a success missing that piece."""
+    path, payload = data
+    keys = [(0, 0)]
+    store = SimpleNamespace(files=[str(path)], segments=contiguous(path, keys), prepare=lambda key: None,
+                            ready=lambda key: False)
+    buf, pool = page_pool(1)
+    reader = ExpertReader(store, pool, SLOT, direct_io=False, threads=2, chunk=SLOT // 4)
+    finish, promoted = reader._finish, []
+
+    def promote_first(job, piece, n, error):
+        if not promoted:
+            promoted.append(job)
+            reader.promote(job)
+        finish(job, piece, n, error)
+
+    reader._finish = promote_first
+    try:
+        job = reader.submit(keys[0], 0, demand=False)
+        with pytest.raises(ReadCancelled):
+            job.future.result(timeout=10)
+        assert promoted == [job]
+    finally:
+        reader.close()

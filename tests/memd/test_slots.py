@@ -171,3 +171,26 @@ def test_lru_policy_victim_skips_unevictable():
     p.on_remove((0, 2))
     assert p.victim(lambda k: k != (0, 1)) == (0, 0)
     assert p.victim(lambda k: False) is None
+
+
+def test_only_the_acquire_being_answered_gives_its_workers_leases_back_while_it_waits():
+    """An acquire that failed leaves its other loads' waits behind for a while; the worker was told the error and
+    leased anew since: those waits must not take its new leases back (nobody would tell it)."""
+    from types import SimpleNamespace
+
+    from services.memd.leases import ConnectedWorker
+    from services.memd.server import MemdServer
+
+    t = table(4, num_layers=2)
+    client = ConnectedWorker(pid=1)
+    for key in [(0, 0), (0, 1)]:
+        load(t, key)
+    client.lease(t, [(0, 0), (0, 1)])
+    server = SimpleNamespace(table=t, clients={b"w": client}, reclaim_leases=lambda but=None: None)
+    failed, current = SimpleNamespace(lease=True), SimpleNamespace(lease=True)
+    client.acquiring = current
+    revoked: list = []
+    assert not MemdServer._wait_for_slots(server, client, failed, [(1, 0)], revoked)
+    assert revoked == [] and client.leases == {(0, 0), (0, 1)}
+    assert MemdServer._wait_for_slots(server, client, current, [(1, 0)], revoked)
+    assert sorted(revoked) == [(0, 0), (0, 1)] and not client.leases and t.num_pinned == 0

@@ -73,3 +73,17 @@ def test_cancelled_requests_do_not_take_the_room_of_new_ones():
     WorkerServer.on_request(server, b"gw", Op.CANCEL, 4, m.CancelRequest("d"))
     admit("e"), admit("f")
     assert set(server.live) == {"a", "b", "d", "e"} and replies[-1][1].code == "capacity"  # 2 x max_live in all
+
+
+def test_a_request_cancelled_before_it_started_is_answered_and_never_queued():
+    """Cancelled while still in the inbox: started, it is answered ``cancelled`` at once and takes no room in the
+    scheduler's queue (it filled it for the requests the gateway admitted after it)."""
+    added, finished, started = [], [], []
+    server, replies = stub_server(engine=SimpleNamespace(start=lambda req: SimpleNamespace(req=req),
+                                                         steps=SimpleNamespace(request_started=lambda *a:
+                                                                               started.append(a[0]))),
+                                  scheduler=SimpleNamespace(add=added.append), jobs={}, cancelled={"gone"})
+    server.finish = lambda job, reason: finished.append((job.seq.req.request, reason))
+    WorkerServer.start(server, b"gw", 1, m.GenerateRequest("gone", [1], 4))
+    WorkerServer.start(server, b"gw", 2, m.GenerateRequest("kept", [1], 4))
+    assert finished == [("gone", "cancelled")] and [seq.req.request for seq in added] == ["kept"]
