@@ -13,13 +13,12 @@ from services.cli import main as admin_main
 from services.worker.memd_client import MemdClient, MemdError
 
 
-@pytest.fixture(scope="module")
-def memd(mixtral, tmp_path_factory):
-    """memd at 25%: 8 slots for 4 layers x 8 experts."""
+def running_memd(mixtral, tmp_path_factory, share: str):
+    """A memd at ``share`` expert memory (prefetch off) in a state directory of its own, until the module ends."""
     state_dir = tmp_path_factory.mktemp("leases") / "state"
     state_dir.mkdir()
     log = state_dir / "memd.log"
-    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "25%",
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", share,
                   "--prefetch", "off"], log)
     try:
         wait_for_log(proc, log, "memd ready", timeout=60)
@@ -28,17 +27,27 @@ def memd(mixtral, tmp_path_factory):
         assert stop(proc) == 0
 
 
+def attach_to(state_dir, mixtral, leases: bool = True) -> MemdClient:
+    client = MemdClient(f"ipc://{state_dir.resolve()}/memd.sock", f"ipc://{state_dir.resolve()}/memd-trace.sock",
+                        timeout_s=30, leases=leases)
+    client.handshake(str(mixtral.resolve()), 30, "x")
+    client.ready()
+    return client
+
+
+@pytest.fixture(scope="module")
+def memd(mixtral, tmp_path_factory):
+    """memd at 25%: 8 slots for 4 layers x 8 experts."""
+    yield from running_memd(mixtral, tmp_path_factory, "25%")
+
+
 @pytest.fixture
 def connect(memd, mixtral):
     clients = []
 
     def attach(*, leases: bool = True) -> MemdClient:
-        client = MemdClient(f"ipc://{memd.resolve()}/memd.sock", f"ipc://{memd.resolve()}/memd-trace.sock",
-                            timeout_s=30, leases=leases)
-        client.handshake(str(mixtral.resolve()), 30, "x")
-        client.ready()
-        clients.append(client)
-        return client
+        clients.append(attach_to(memd, mixtral, leases))
+        return clients[-1]
 
     yield attach
     for client in clients:
@@ -179,25 +188,13 @@ def test_return_leases_unpins_everything(connect):
 @pytest.fixture(scope="module")
 def memd_half(mixtral, tmp_path_factory):
     """memd at 50%: 16 slots, so the admin may pin up to 8 (the capacity minus one layer)."""
-    state_dir = tmp_path_factory.mktemp("leases50") / "state"
-    state_dir.mkdir()
-    log = state_dir / "memd.log"
-    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "50%",
-                  "--prefetch", "off"], log)
-    try:
-        wait_for_log(proc, log, "memd ready", timeout=60)
-        yield state_dir
-    finally:
-        assert stop(proc) == 0
+    yield from running_memd(mixtral, tmp_path_factory, "50%")
 
 
 def test_an_admin_pin_asks_the_workers_leases_back_instead_of_failing(memd_half, mixtral):
     """Every slot leased by a worker: ``moeinf admin pin`` of an expert that is not resident waits for the worker to
     give leases back at its next layer (memd moved the epoch), then reads it; it failed at once before."""
-    holder = MemdClient(f"ipc://{memd_half.resolve()}/memd.sock", f"ipc://{memd_half.resolve()}/memd-trace.sock",
-                        timeout_s=30, leases=True)
-    holder.handshake(str(mixtral.resolve()), 30, "x")
-    holder.ready()
+    holder = attach_to(memd_half, mixtral)
     try:
         acquire(holder, 0, list(range(8)))
         acquire(holder, 1, list(range(8)))
@@ -221,14 +218,7 @@ def test_a_waiting_acquire_gives_back_its_own_leases_once_another_worker_let_go_
     """The pool holds one layer per worker. The waiting worker shared layer 0's leases with the holder, so they were
     no candidates when its acquire began; once the holder gave its own back, they alone held the slots the waiting
     acquire needed, and it failed after 10 s with ``capacity`` (the pool size memd says is enough)."""
-    def attach() -> MemdClient:
-        client = MemdClient(f"ipc://{memd_half.resolve()}/memd.sock", f"ipc://{memd_half.resolve()}/memd-trace.sock",
-                            timeout_s=30, leases=True)
-        client.handshake(str(mixtral.resolve()), 30, "x")
-        client.ready()
-        return client
-
-    holder, waiter = attach(), attach()
+    holder, waiter = attach_to(memd_half, mixtral), attach_to(memd_half, mixtral)
     try:
         acquire(holder, 0, list(range(8)))
         acquire(holder, 1, list(range(8)))
