@@ -78,6 +78,7 @@ class ReadyRequest(Message):
     # the worker computes host-tier experts on its CPU (HelloReply.host_pool_name): its measured cost of one expert,
     # [seconds fixed, seconds per token] (activations' round trip to the GPU included); empty: it does not
     cpu_expert_seconds: list[NonNeg] = field(default_factory=list)
+    speculate_max: Index = 0  # the most MoE layers ahead it guesses (its --speculate-layers; 0: it guesses none)
 
 
 class ReadyReply(Message):

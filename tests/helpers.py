@@ -256,12 +256,13 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
 class Stack:
     """memd + worker as real processes on ipc:// sockets in a temp state directory."""
 
-    def __init__(self, model: Path, state_dir: Path, expert_memory: str = "25%", extra_memd=(), extra_worker=()):
+    def __init__(self, model: Path, state_dir: Path, expert_memory: str = "25%", extra_memd=(), extra_worker=(),
+                 memd_env: dict | None = None):
         self.model, self.state_dir = Path(model), Path(state_dir)
         self.memd_log, self.worker_log = self.state_dir / "memd.log", self.state_dir / "worker.log"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         common = ["--model", str(model), "--state-dir", str(state_dir)]
-        self.memd = spawn(["memd", *common, "--expert-memory", expert_memory, *extra_memd], self.memd_log)
+        self.memd = spawn(["memd", *common, "--expert-memory", expert_memory, *extra_memd], self.memd_log, memd_env)
         self.worker = None
         try:
             wait_for_log(self.memd, self.memd_log, "memd ready")

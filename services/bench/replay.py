@@ -165,7 +165,7 @@ def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Op
             hello = client.handshake(str(store.path), 60.0, "the bench's handshake timeout")
             if hello.num_slots != slots:
                 raise RuntimeError(f"memd made {hello.num_slots} slots, the bench asked for {slots}")
-            client.ready()
+            client.ready(speculate_max=WORKER_AHEAD)  # (a worker's default: memd's lookahead stays within it)
             client.speculate_layers = WORKER_AHEAD  # the worker's guess lookahead until memd replies (experts.bind)
             before = client.stats()
             result = drive(client, plan, store.compute.seconds)

@@ -95,6 +95,7 @@ class ExpertCache:
         self.protect: dict[Key, float] = {}  # imminently needed (last plan) -> priority: evictions spare them
         self.bad_traces = 0
         self.need = None  # the last plan's need[L, E] (a victim's expected need)
+        self.ahead_limit = num_layers - 1  # the most layers ahead any attached worker guesses (their READY)
 
     @property
     def policy_name(self) -> str:
@@ -276,12 +277,10 @@ class ExpertCache:
         return benefit > reuse + (1 - p) * WASTE_COST
 
     def _hidden(self, distance: int, bandwidth: float | None) -> float:
-        """The share of one read a prefetch ``distance`` layers ahead can hide: the compute of the layers until its
-        use over the read's time (1 until both are measured)."""
+        """The share of one read a prefetch ``distance`` layers ahead hides: the layers' compute until its use over
+        the read's time (1 until both are measured)."""
         layer_s = self.predictor.layer_seconds
-        if not bandwidth or not layer_s:
-            return 1.0
-        return min(1.0, distance * layer_s * bandwidth / self.expert_bytes)
+        return min(1.0, distance * layer_s * bandwidth / self.expert_bytes) if bandwidth and layer_s else 1.0
 
     def prefetch_reserve(self) -> int:
         """Slots a lease acquire keeps free or unleased for prefetches to land in: one lookahead of experts (top-k x
@@ -295,13 +294,14 @@ class ExpertCache:
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
         """(layers ahead to guess, the router probability a guess needs): k = ceil(read time per expert x experts
-        fetched per layer / layer time); reads long against a layer ask more confidence. (0, 0.0) until measured."""
+        fetched per layer / layer time), within what the workers guess (``ahead_limit``); reads long against a layer
+        ask more confidence. (0, 0.0) until measured."""
         layer_s = self.predictor.layer_seconds
         if not bandwidth or not layer_s:
             return 0, 0.0
         read_s = self.expert_bytes / bandwidth
         fetched = (self.table.counters.misses + sum(self.metrics.prefetch_issued)) / max(1, self.metrics.layers_fed)
-        k = max(1, min(self.L - 1, math.ceil(read_s * max(1.0, fetched) / layer_s)))
+        k = max(1, min(self.ahead_limit, math.ceil(read_s * max(1.0, fetched) / layer_s)))
         threshold = min(0.5, max(0.02, 0.5 * read_s / (read_s + layer_s)))
         self.metrics.speculate_layers = k
         return k, threshold

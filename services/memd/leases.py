@@ -85,6 +85,7 @@ class ConnectedWorker:
     reclaim: bool = False  # give back every lease at the next acquire
     acquiring: object = None  # the acquire being answered: only its waits for slots may give leases back
     read_events: list = field(default_factory=list)  # its "done reading" events, opened (Pool.open_events)
+    speculate_max: int = 0  # the most MoE layers ahead it guesses (READY)
 
     @property
     def held(self) -> int:
@@ -198,6 +199,14 @@ def others_hold(clients, client: ConnectedWorker, reclaim) -> bool:
     if any(c.leases and not c.reclaim for c in others):
         reclaim()
     return bool(others)
+
+
+def ahead_limit(clients, num_layers: int) -> int:
+    """The most MoE layers ahead any ready worker guesses (READY's ``speculate_max``): memd's lookahead k stays
+    within it, so its prefetch reserve and the guesses it waits for are ones a worker sends (all the layers but one
+    while none has said)."""
+    said = [c.speculate_max for c in clients if c.ready and c.speculate_max]
+    return max(1, min(num_layers - 1, max(said))) if said else max(1, num_layers - 1)
 
 
 def room_error(clients, table: SlotTable, store) -> str | None:

@@ -28,7 +28,7 @@ from services.memd.acquire_checks import check_acquire, check_hello, checkpoint_
 from services.memd.core import ExpertCache
 from services.memd.eamc import FILE_NAME as EAMC_FILE
 from services.memd.host_compute import HostCompute, NoHostCompute
-from services.memd.leases import ConnectedWorker, ControlPage, others_hold, room, room_error, shortfall
+from services.memd.leases import ConnectedWorker, ControlPage, ahead_limit, others_hold, room, room_error, shortfall
 from services.memd.loads import LoadError, Loads
 from services.memd.policy import Key
 from services.memd.pool_memory import PoolMemory
@@ -107,8 +107,8 @@ class MemdServer:
             self.rpc.close()
             self.trace.close()
             ctx.term()
-            remove_ipc_file(self.cfg.rpc_addr)
-            remove_ipc_file(self.cfg.trace_addr)
+            for addr in (self.cfg.rpc_addr, self.cfg.trace_addr):
+                remove_ipc_file(addr)
             self.save_eamc()
 
     def save_eamc(self) -> None:
@@ -126,9 +126,8 @@ class MemdServer:
         return True
 
     async def _save_eamc_now_and_then(self) -> None:
-        """Every ``EAMC_SAVE_INTERVAL_S``, a snapshot of a changed EAMC saved on a thread: its bytes, hash and two
-        fsyncs take a large model's EAMC a fraction of a second, which every acquire would wait for on the loop. A
-        save in progress when memd stops is waited for (the final save writes the same file)."""
+        """Every ``EAMC_SAVE_INTERVAL_S``, a changed EAMC's snapshot saved on a thread (its bytes, hash and fsyncs
+        would hold every acquire on the loop); a save in progress when memd stops is waited for (then the last)."""
         while True:
             await asyncio.sleep(EAMC_SAVE_INTERVAL_S)
             eamc = self.core.eamc
@@ -197,6 +196,7 @@ class MemdServer:
 
     def _drop_client(self, identity: bytes) -> None:
         client = self.clients.pop(identity, None)
+        self.core.ahead_limit = ahead_limit(self.clients.values(), self.store.num_layers)
         if client:
             self.core.forget_worker(client.pid)
             if dropped := self.core.eams.forget_worker(client.pid):
@@ -233,7 +233,8 @@ class MemdServer:
         client = self.clients.get(identity)
         if client is None:
             raise RpcError("handshake", "READY before HELLO")
-        client.ready = True
+        client.ready, client.speculate_max = True, req.speculate_max
+        self.core.ahead_limit = ahead_limit(self.clients.values(), self.store.num_layers)
         self.host.worker_ready(client.pid, req.cpu_expert_seconds)
         log.info("worker pid %d attached", client.pid)
         if why := room_error([c for i, c in self.clients.items() if i != identity], self.table, self.store):
@@ -378,9 +379,8 @@ class MemdServer:
         client.return_leases(self.table)
 
     def reclaim_leases(self, but: ConnectedWorker | None = None) -> None:
-        """Ask every worker (``but`` the one acquiring: it gives back only its shortfall, in its own acquire) to hand
-        back its leases: each does at its next acquire, which the bumped epoch on the control page makes it send (an
-        idle worker holds none)."""
+        """Ask every worker (``but`` the one acquiring: it gives back only its shortfall) to hand back its leases at
+        its next acquire, which the bumped epoch on the control page makes it send (an idle worker holds none)."""
         for client in self.clients.values():
             if client is not but:
                 client.reclaim = bool(client.leases)

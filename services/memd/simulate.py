@@ -94,6 +94,7 @@ class Simulator:
         self.header, self.cfg = header, cfg
         self.core = ExpertCache(cfg.capacity, header.num_layers, header.num_experts, header.top_k,
                                   cfg.expert_bytes, cfg.knobs, eamc)
+        self.core.ahead_limit = max(1, min(header.num_layers - 1, WORKER_AHEAD))  # (the worker's READY says so)
         self.bandwidth = cfg.expert_bytes / cfg.read_seconds
         self.reader = SimReader(self.bandwidth, cfg.expert_bytes, threads=cfg.read_threads, chunk=cfg.read_chunk,
                                 done=self._done, cancelled=self._cancelled)

@@ -313,7 +313,7 @@ def register() -> None:
 def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate: bool = True,
          speculate_layers: int = 4, dequant_cache_mb: int = 0, scratch_experts: int = 0, kernels=None,
          mv: matvec.Matvec | None = None, always_guess: bool = False, host: HostExperts | None = None,
-         early_experts: bool = True) -> None:
+         early_experts: bool = True) -> int:
     """Bind every experts module to memd; ``steps`` is the step the engine declares and its recorder (step
     traces); ``next_gate``: guess up to ``speculate_layers`` MoE layers ahead from each layer's hidden state, while
     memd wants the guesses (``AcquireReply.speculate``) or always (``always_guess``: a recorded trace keeps them);
@@ -321,7 +321,8 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
     ``kernels``: the compiled dequantization kernels (``dequant_kernel.load``; None: torch's ops); ``mv``: the
     matrix-vector kernel for decode steps' expert products (``--matvec-kernel``; None: the grouped matmul);
     ``host``: memd's host tier, from which it may have experts computed on this CPU (``host_experts.py``);
-    ``early_experts``: a lone token's resident experts are computed while memd loads its layer's others."""
+    ``early_experts``: a lone token's resident experts are computed while memd loads its layer's others. Returns
+    the most layers ahead it guesses (0: none), which READY tells memd."""
     top_k = experts_per_token(model.config)
     modules = [model.get_submodule(layer.module) for layer in layers]
     dtype = guess_dtype(model, layers) if next_gate else None
@@ -353,3 +354,4 @@ def bind(model, layers, views: PoolViews, client, steps: StepState, *, next_gate
             continue
         module._moeinf = ExpertBinding(layer.index, module, views, client, steps, speculator, dequant, mv, host,
                                        token)
+    return speculator.max_ahead if speculator is not None and speculator.weight is not None else 0

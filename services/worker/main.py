@@ -77,7 +77,7 @@ def attach(cfg: WorkerConfig) -> Attached:
             log.warning("--matvec-kernel %s is a CPU kernel: %s multiplies with torch's own products",
                         cfg.matvec_kernel, dev)
         host = HostExperts.open(hello) if dev.type == "cuda" else None  # memd --cpu-experts auto|always
-        experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
+        ahead = experts.bind(model, layers, views, client, steps, next_gate=cfg.next_gate,
                      speculate_layers=cfg.speculate_layers, dequant_cache_mb=cfg.dequant_cache_mb,
                      scratch_experts=cfg.dequant_scratch_experts, kernels=kernels, mv=mv,
                      always_guess=cfg.record_trace is not None, host=host, early_experts=cfg.early_experts)
@@ -99,7 +99,7 @@ def attach(cfg: WorkerConfig) -> Attached:
                         cfg.attention_kernel, dev)
         elif cfg.attention_kernel != "torch":
             attention = decode_attention.load(cfg.attention_kernel, cfg.kernel_dir, torch.get_num_threads())
-        client.ready(cpu_cost(host, model, layers, dev))
+        client.ready(cpu_cost(host, model, layers, dev), speculate_max=ahead)
     except BaseException:
         client.close()
         raise

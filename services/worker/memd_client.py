@@ -93,9 +93,10 @@ class MemdClient:
     def memd_alive(self) -> bool:
         return self.memd_pid is not None and pid_alive(self.memd_pid)
 
-    def ready(self, cpu_expert_seconds: list[float] = ()) -> None:
-        """``cpu_expert_seconds``: [fixed, per token] when this worker computes host-tier experts on its CPU."""
-        self.call(Op.READY, m.ReadyRequest(os.getpid(), list(cpu_expert_seconds)))
+    def ready(self, cpu_expert_seconds: list[float] = (), speculate_max: int = 0) -> None:
+        """``cpu_expert_seconds``: [fixed, per token] when this worker computes host-tier experts on its CPU;
+        ``speculate_max``: the most MoE layers ahead it guesses (0: none)."""
+        self.call(Op.READY, m.ReadyRequest(os.getpid(), list(cpu_expert_seconds), speculate_max))
 
     def acquire(self, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]], *, step: int = 0,
                 prefill: list[bool] = (), speculated: list[int] = (), speculated_tokens: list[int] = (),

@@ -229,3 +229,20 @@ def test_traces_of_a_worker_not_attached_leave_no_per_worker_state():
     assert core.metrics.last_step == {7: 5} and core.metrics.trace_steps == 2  # both learned, one worker tracked
     core.forget_worker(7)
     assert 7 not in core.predictor.workers and core.metrics.last_step == {}
+
+
+def test_the_lookahead_stays_within_what_the_workers_guess():
+    """memd's k (read time x experts fetched per layer / layer time) is capped by the workers' READY: a worker
+    guessing 2 layers ahead never hears 'guess 3', and the prefetch reserve is sized for 2 layers' guesses."""
+    from services.memd.leases import ConnectedWorker, ahead_limit
+    core = core_with(slots=24, prefetch=True)  # (a reserve of up to 6 slots)
+    core.predictor.layer_seconds = 0.001  # a 1 MiB read at 100 MB/s takes ~10 layers
+    assert core.speculation(100e6)[0] == L - 1  # nobody has said: every layer but one
+    workers = [ConnectedWorker(1, ready=True, speculate_max=2), ConnectedWorker(2, ready=False, speculate_max=3),
+               ConnectedWorker(3, ready=True)]  # (not ready yet; and one that guesses nothing)
+    core.ahead_limit = ahead_limit(workers, L)
+    assert core.ahead_limit == 2
+    assert core.speculation(100e6)[0] == 2 and core.metrics.speculate_layers == 2
+    assert core.prefetch_reserve() == 2 * 2  # top-k x the lookahead
+    assert ahead_limit([ConnectedWorker(4, ready=True, speculate_max=9)], L) == L - 1
+    assert ahead_limit([], L) == L - 1

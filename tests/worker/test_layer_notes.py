@@ -7,6 +7,7 @@ from helpers import Stack
 from test_exactness import NEW_TOKENS, PROMPTS, reference
 
 from common.worker_client import WorkerClient
+from services.memd.testhooks import VARIABLE as READ_LATENCY
 
 LAYERS, EXPERTS = 4, 8  # the mixtral test checkpoint
 
@@ -57,3 +58,19 @@ def test_no_guesses_once_memd_has_no_use_for_them(mixtral, state_dir):
         stats = stack.memd_stats()
     # only the first layer guesses, before memd's first acquire reply: at most every expert of the layers after it
     assert stats.layer_notes > 0 and guessed(stats) <= (LAYERS - 1) * EXPERTS
+
+
+def test_memd_looks_ahead_no_further_than_the_worker_guesses(mixtral, state_dir):
+    """The worker's READY carries its --speculate-layers: memd's k (what it reports, sizes its prefetch reserve for
+    and asks for) stays within it, however slow its reads are against a layer."""
+    slow = {READ_LATENCY: "30"}  # a read ~30 layers long: memd alone would ask for every layer ahead (3)
+    with Stack(mixtral, state_dir, expert_memory="50%", extra_worker=["--speculate-layers", "1"],
+               memd_env=slow) as stack:
+        client = WorkerClient(stack.worker_addr)
+        try:
+            client.generate(PROMPTS[0], NEW_TOKENS)
+        finally:
+            client.close()
+        stats = stack.memd_stats()
+    assert stats.layer_notes > 0 and stats.prefetch_issued > 0  # (reads measured: k was computed)
+    assert stats.speculate_layers == 1 and [s.distance for s in stats.speculation] == [1]
