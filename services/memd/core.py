@@ -96,6 +96,7 @@ class ExpertCache:
         self.bad_traces = 0
         self.need = None  # the last plan's need[L, E] (a victim's expected need)
         self.ahead_limit = num_layers - 1  # the most layers ahead any attached worker guesses (their READY)
+        self.fetchable = lambda key: True  # the store reads it without converting first (else: no prefetch)
 
     @property
     def policy_name(self) -> str:
@@ -226,7 +227,7 @@ class ExpertCache:
         if not self.prefetching or demand_busy:
             self.metrics.prefetch_deferred += demand_busy and self.prefetching
             return plan
-        near = [c for c in candidates if c.distance <= max(1, self.metrics.speculate_layers)]
+        near = [c for c in candidates if c.distance <= max(1, self.metrics.speculate_layers) and self.fetchable(c.key)]
         if self.predictor.next_gate.predicted:  # the workers guess from the hidden state: prefetch acts on the guesses
             near = [c for c in near if c.key[1] in state.guesses.get(c.key[0], ())]  # (history predicts little)
         chosen, _ = self.planner.plan(worker, near, self.table.slot_of.__contains__, bandwidth,

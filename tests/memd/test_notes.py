@@ -195,6 +195,16 @@ def test_a_guess_two_layers_ahead_is_admitted_on_its_need_not_its_need_times_nea
     assert [k for k, _, _ in plan.start] == [(2, 6)] and core.metrics.prefetch_declined == 0
 
 
+def test_an_expert_the_store_must_convert_first_is_never_prefetched():
+    """--expert-format: the reader would drop such a prefetch (its conversion would hold a reader thread); the plan
+    must not reserve it a slot either (that evicted a live expert for nothing)."""
+    core = full_activation_core()
+    core.fetchable = lambda key: key != (2, 6)
+    plan = core.plan_prefetch(7, None, bandwidth=None)
+    assert plan.start == [] and not core.table.loading and sum(core.metrics.prefetch_issued) == 0
+    assert all(key in core.table.slot_of for key in [(3, 4), (3, 5), (3, 6), (3, 7)])  # nothing evicted
+
+
 def test_a_prefetch_that_compute_cannot_hide_does_not_evict_a_live_expert():
     core = full_activation_core()
     assert abs(core.table.policy.reuse((3, 4)) - 0.1) < 0.01
