@@ -13,8 +13,8 @@ whose image is not written yet is read from the checkpoint and handed, once load
 (``image_writer.py``), which writes it behind the load; each slot's generation (loads begun into it, and
 ``settle`` when its memory is given back) tells the writer whether the slot still holds what was loaded. A
 compressed cache (``--expert-format``) converts an expert at its first demand read; a prefetch never waits for a
-conversion (the planner skips such experts, ``ExpertCache.fetchable``; one planned before its conversion
-was undone is dropped: seconds on a reader thread would hold up the demand reads behind it).
+conversion (the planner skips such experts, ``ExpertCache.fetchable``, and the reader drops one that reaches it:
+seconds on a reader thread would hold up the demand reads behind it).
 
 A job (one expert into one slot) is split into pieces of at most ``--read-chunk`` bytes, small enough to spread one
 expert over every reader thread. One queue: threads take the next piece of the best job: on-demand loads first
