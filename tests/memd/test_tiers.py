@@ -80,15 +80,14 @@ def test_host_miss_reads_then_copies_and_host_hit_only_copies(rig_factory, data)
     assert rig.device.demand_stream.log == ["write 0", "write 3"] and rig.device.stream.log == []
 
 
-# KNOWN RACE (slow run until fixed): failed once in a 218-test run on the loaded machine (a copy never queued
-# within 30 s; a host hit read again); passes alone. The tier code runs only with --pool-backend cuda.
-@pytest.mark.slow
 def test_host_tier_evicts_by_its_own_policy_and_never_a_slot_being_copied(rig_factory, data):
     payload = data[1]
     rig = rig_factory(host_slots=2, device_slots=4, auto=False)
-    a, b = rig.load((0, 0), 0), rig.load((0, 1), 1)
-    first = rig.load((0, 2), 2)  # both host slots are read into or copied from: neither may go, so it waits
+    a = rig.load((0, 0), 0)
+    _wait_ops(rig, 1)  # (its copy queued first: copies end, and unpin their host slots, in that order)
+    b = rig.load((0, 1), 1)
     _wait_ops(rig, 2)  # both reads landed and queued their copies
+    first = rig.load((0, 2), 2)  # both host slots are read into or copied from: neither may go, so it waits
     assert not a.future.done() and rig.device.read(0, 8) == bytes(8)  # copy queued, not run: the device is untouched
     assert rig.tiers.waiting == [first] and rig.tiers.queued() >= 1
     rig.device.run()
@@ -116,9 +115,6 @@ def _wait_ops(rig, n):
         time.sleep(0.01)
 
 
-# KNOWN RACE (slow run until fixed): failed once in a 218-test run on the loaded machine (a copy never queued
-# within 30 s; a host hit read again); passes alone. The tier code runs only with --pool-backend cuda.
-@pytest.mark.slow
 def test_write_after_read_waits_for_the_slots_readers_and_read_after_write_is_the_write_event(rig_factory, data):
     payload = data[1]
     rig = rig_factory(host_slots=4, device_slots=2)
@@ -126,6 +122,7 @@ def test_write_after_read_waits_for_the_slots_readers_and_read_after_write_is_th
     reading = Fence()  # the worker's layer that reads slot 0 is still queued on its stream
     rig.tiers.fences.read_done(0, reading)
     job = rig.load((1, 1), 0)  # the device tier evicted (0, 0) for (1, 1): same slot
+    _wait_ops(rig, 1)  # (read first: a copy queued ahead of it would run at once)
     later = rig.load((1, 0), 1)
     _wait_ops(rig, 2)  # both read from disk; their copies queue behind the reader's fence
     assert not job.future.done() and not later.future.done()  # in-order stream: the later write waits too
