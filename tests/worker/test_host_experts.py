@@ -82,6 +82,28 @@ def test_the_cost_measurement_gives_a_fixed_part_and_a_part_per_token():
     assert 0 < fixed + per_token < 1.0  # one token costs something, not seconds (a busy CPU can flatten the slope)
 
 
+def test_the_cost_measurement_splits_a_fixed_part_from_a_part_per_token(monkeypatch):
+    """On a clock the expert itself advances (2 ms + 0.25 ms a token; the cold first touch of each slot 50 ms,
+    and one outlier per count, which the median drops), the fit gives back exactly those two parts."""
+    from types import SimpleNamespace
+    from services.worker import host_experts
+
+    module = experts_module(torch.bfloat16)
+    tier = HostExperts(views_of(pool(module, {0: 0}, 1), 1))
+    clock, calls = [0.0], []
+
+    def expert(module, slot, x, weights):
+        calls.append(x.shape[0])
+        first, outlier = len(calls) <= 1, len(calls) in (3, 12)
+        clock[0] += 0.050 if first else 0.002 + 0.00025 * x.shape[0] + (0.5 if outlier else 0.0)
+        return x
+
+    monkeypatch.setattr(tier, "expert", expert)
+    monkeypatch.setattr(host_experts, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    fixed, per_token = tier.measure(module, H, torch.bfloat16, torch.device("cpu"))
+    assert abs(fixed - 0.002) < 1e-9 and abs(per_token - 0.00025) < 1e-9, (fixed, per_token)
+
+
 def test_leases_never_keep_a_host_tier_slot(monkeypatch):
     from common import messages as m
     from services.worker.memd_client import MemdClient
