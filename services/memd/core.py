@@ -214,8 +214,8 @@ class ExpertCache:
         the predictor's, from the last note or acquire); it stays for the simulator's call."""
         plan = PrefetchPlan()
         state = self.predictor.workers.get(worker)
-        if state is None or state.partial is None:
-            return plan
+        if state is None or state.partial is None or not (self.prefetching or self.table.policy.spares_predicted):
+            return plan  # (prefetch off under a policy that reads no prediction, the baselines': nothing to plan)
         targets, need = self.predictor.predict(worker)
         self.need = need
         self.table.policy.observe_need(need)

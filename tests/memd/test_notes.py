@@ -256,3 +256,18 @@ def test_the_lookahead_stays_within_what_the_workers_guess():
     assert core.prefetch_reserve() == 2 * 2  # top-k x the lookahead
     assert ahead_limit([ConnectedWorker(4, ready=True, speculate_max=9)], L) == L - 1
     assert ahead_limit([], L) == L - 1
+
+
+def test_the_on_demand_baseline_makes_no_prediction():
+    """Prefetch off under LRU (the `moeinf-ondemand-lru` baseline): its memd predicts nothing and plans nothing
+    (the predictor's CPU on memd's loop was the baseline's cost, not moeinf's); the activation policy still
+    predicts with prefetch off (its evictions spare the predicted experts)."""
+    core = core_with(prefetch=False)
+    core.predictor.predict = lambda worker: (_ for _ in ()).throw(AssertionError("predicted"))
+    core.note(note(1, 0, [0, 1], guesses=[(1, 2)]), now=0.0)
+    assert core.plan_prefetch(7) == core.plan_prefetch(7, None, bandwidth=1e9) and core.need is None
+    active = ExpertCache(8, L, E, top_k=2, expert_bytes=MB, knobs=CacheSettings(policy="activation", prefetch=False))
+    active.request_start("r")
+    active.note(note(1, 0, [0, 1]), now=0.0)
+    active.plan_prefetch(7)
+    assert active.need is not None
