@@ -251,7 +251,8 @@ class WorkerServer:
         try:
             seq = self.engine.start(req)
             if req.request not in self.cancelled:  # (cancelled before it started: answered below, never queued,
-                self.scheduler.add(seq)             # so it takes no room from the requests behind it)
+                self.drop_cancelled()               # so it takes no room; nor do those cancelled while they waited)
+                self.scheduler.add(seq)
         except Exception as exc:  # (anything: this request fails alone, answered)
             code = "bad_request" if isinstance(exc, RequestError) else \
                 "capacity" if isinstance(exc, CapacityError) else "internal"

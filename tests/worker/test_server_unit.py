@@ -83,7 +83,28 @@ def test_a_request_cancelled_before_it_started_is_answered_and_never_queued():
                                                          steps=SimpleNamespace(request_started=lambda *a:
                                                                                started.append(a[0]))),
                                   scheduler=SimpleNamespace(add=added.append), jobs={}, cancelled={"gone"})
-    server.finish = lambda job, reason: finished.append((job.seq.req.request, reason))
+    server.finish = lambda job, reason: (finished.append((job.seq.req.request, reason)),  # (and retired)
+                                         server.jobs.pop(job.seq.req.request))
+    server.drop_cancelled = lambda: WorkerServer.drop_cancelled(server)
     WorkerServer.start(server, b"gw", 1, m.GenerateRequest("gone", [1], 4))
     WorkerServer.start(server, b"gw", 2, m.GenerateRequest("kept", [1], 4))
     assert finished == [("gone", "cancelled")] and [seq.req.request for seq in added] == ["kept"]
+
+
+def test_requests_cancelled_while_they_waited_leave_their_room_to_new_ones():
+    """Clients that gave up during a step leave the scheduler's queue before a new request joins it: the new one is
+    queued, not refused for a queue full of cancelled requests (whose room the gateway already counts free)."""
+    from services.worker.scheduler import Limits, Scheduler
+
+    scheduler = Scheduler(Limits(max_running=1, max_step_tokens=8, max_prefill_chunk=4, max_waiting=2))
+    server, replies = stub_server(scheduler=scheduler, jobs={}, cancelled=set(),
+                                  engine=SimpleNamespace(start=lambda req: SimpleNamespace(request_id=req.request),
+                                                         steps=SimpleNamespace(request_started=lambda *a: None)))
+    server.finish = lambda job, reason: (scheduler.remove(job.seq), server.jobs.pop(job.seq.request_id))
+    server.drop_cancelled = lambda: WorkerServer.drop_cancelled(server)
+    server._reply_threadsafe = lambda identity, op, rid, reply: replies.append((op, reply))
+    for name in ("a", "b"):
+        WorkerServer.start(server, b"gw", 1, m.GenerateRequest(name, [1], 4))
+    server.cancelled.update({"a", "b"})  # (the event loop marks them while the compute thread is in a step)
+    WorkerServer.start(server, b"gw", 2, m.GenerateRequest("c", [1], 4))
+    assert replies == [] and [seq.request_id for seq in scheduler.waiting] == ["c"] and set(server.jobs) == {"c"}
