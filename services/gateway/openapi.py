@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from common.config import GatewayConfig
-from services.gateway.requests import (MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, MAX_USER, MESSAGE_NEUTRAL, MIN_TEMPERATURE,
+from services.gateway.requests import (MAX_STOP, MAX_STOP_CHARS, MAX_TOP_K, MAX_USER, MESSAGE_NEUTRAL,
                                       NEUTRAL)
 
 
@@ -10,10 +10,8 @@ def _sampling(cfg: GatewayConfig) -> dict:
     return {
         "model": {"type": "string", "enum": [cfg.served_model_name], "description": "the served model (404 otherwise)"},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit},
-        "temperature": {"oneOf": [{"type": "number", "const": 0},
-                                  {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": 2}], "default": 1,
-                        "description": f"0: greedy; otherwise at least {MIN_TEMPERATURE} (lower would overflow the"
-                                       " sampler's softmax: 400 naming the parameter)"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1,
+                        "description": "0: greedy (and below 1e-5, as vLLM takes it)"},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1},
         "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K, "default": 0,
                   "description": "0 or -1: off; values above the vocabulary size are off too"},

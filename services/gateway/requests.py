@@ -8,7 +8,6 @@ from services.gateway.errors import ApiError, bad_request
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 1024  # a stop string's length: matching holds back output up to it, and scans it per token
-MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow float32 softmax; the worker clamps to it too
 MAX_TOP_K = 2**31 - 1  # values up to it are clamped to the vocabulary; above it they are refused
 MAX_USER = 256
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
@@ -105,8 +104,8 @@ def parse_sampling(body: dict, job: Job, *, chat: bool, limit: int, vocab_size: 
                 raise bad_request(f"'{param}' is {max_tokens}, above the limit of {limit}", param)
             job.max_tokens = max_tokens
     job.temperature = _number(body, "temperature")
-    if not (job.temperature == 0 or MIN_TEMPERATURE <= job.temperature <= 2):
-        raise bad_request(f"'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE} and 2", "temperature")
+    if not 0 <= job.temperature <= 2:  # (below 1e-5 the worker samples greedily, as vLLM does)
+        raise bad_request("'temperature' must be between 0 (greedy) and 2", "temperature")
     job.top_p = _number(body, "top_p")
     if not 0 < job.top_p <= 1:
         raise bad_request("'top_p' must be in (0, 1]", "top_p")

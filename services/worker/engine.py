@@ -8,9 +8,9 @@ forward per request, meeting at every MoE layer (``lockstep.py``).
 drives plain transformers and moeinf through it. Both give a lone greedy request transformers' own tokens.
 
 Sampling is per request: a request whose distribution is degenerate (non-finite logits) fails alone with a
-``SamplingError``, its batch-mates go on. A temperature in (0, ``MIN_TEMPERATURE``) is sampled at
-``MIN_TEMPERATURE`` (the gateway refuses those with a 400; this guards other clients of the worker socket), and
-top-p always keeps the most likely token, however small top_p is.
+``SamplingError``, its batch-mates go on. A temperature below ``GREEDY_TEMPERATURE`` is greedy, as vLLM takes it
+(its distribution is the argmax's to float32's precision; ``logits / temperature`` stays finite far below that,
+and softmax subtracts the largest first), and top-p always keeps the most likely token, however small top_p is.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from services.worker.lockstep import Together
 from services.worker.seq2seq import Seq2Seq
 
 
-MIN_TEMPERATURE = 0.01  # logits / temperature must stay finite in float32
+GREEDY_TEMPERATURE = 1e-5  # below it, a temperature samples the argmax (vLLM's _SAMPLING_EPS)
 
 
 class RequestError(ValueError):
@@ -261,9 +261,9 @@ def sample(logits: torch.Tensor, req: m.GenerateRequest, generator: torch.Genera
     if bool(torch.isnan(logits).any()):  # (argmax would pick a NaN's index, or 0, and go on emitting garbage)
         raise ModelOutputError("the model's logits for this request hold NaN (a numerical fault in the model or its"
                                " weights): the request cannot go on")
-    if req.temperature == 0:
+    if req.temperature < GREEDY_TEMPERATURE:
         return int(torch.argmax(logits))
-    logits = logits.float() / max(req.temperature, MIN_TEMPERATURE)
+    logits = logits.float() / req.temperature
     if 0 < req.top_k < logits.numel():
         kth = torch.topk(logits, req.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -109,8 +109,8 @@ def test_nan_is_not_json(gw):
     assert_error(status, payload, 400)
 
 
-@pytest.mark.parametrize("field,value", [("top_k", 10**30), ("top_k", -2), ("temperature", 1e-300),
-                                         ("temperature", 0.001), ("temperature", 10**400), ("user", 5),
+@pytest.mark.parametrize("field,value", [("top_k", 10**30), ("top_k", -2), ("temperature", -1e-300),
+                                         ("temperature", 2.001), ("temperature", 10**400), ("user", 5),
                                          ("user", "u" * 1000), ("seed", 2**64)])
 def test_parameter_the_sampler_cannot_take_is_400_naming_it(gw, field, value):
     status, _, payload = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 2, field: value})
@@ -118,6 +118,7 @@ def test_parameter_the_sampler_cannot_take_is_400_naming_it(gw, field, value):
 
 
 @pytest.mark.parametrize("field,value", [("top_p", 1e-300), ("top_k", 10**6), ("temperature", 0.01),
+                                         ("temperature", 0.001), ("temperature", 1e-300),
                                          ("user", "alice")])
 def test_edge_values_the_sampler_takes_are_served(gw, field, value):
     status, _, payload = post(gw, COMP, {"model": M, "prompt": "x", "max_tokens": 2, field: value})

@@ -12,7 +12,7 @@ from test_batching import PROMPTS, Mux, alone
 
 from common import messages as m
 from common.codec import decode
-from services.worker.engine import MIN_TEMPERATURE, Engine, ModelOutputError, SamplingError, Sequence, sample
+from services.worker.engine import GREEDY_TEMPERATURE, Engine, ModelOutputError, SamplingError, Sequence, sample
 from services.worker.scheduler import Chunk
 
 
@@ -20,12 +20,14 @@ def req(**params) -> m.GenerateRequest:
     return m.GenerateRequest("r", [1, 2], 4, **params)
 
 
-def test_tiny_temperature_is_sampled_at_the_minimum():
+def test_tiny_temperatures_are_greedy_and_small_ones_are_sampled_as_asked():
     logits = torch.randn(320) * 30
-    generator = torch.Generator().manual_seed(0)
-    token = sample(logits, req(temperature=1e-300), generator)
-    at_min = sample(logits, req(temperature=MIN_TEMPERATURE), torch.Generator().manual_seed(0))
-    assert token == at_min and 0 <= token < 320
+    for t in (1e-300, GREEDY_TEMPERATURE / 2):
+        assert sample(logits, req(temperature=t), torch.Generator().manual_seed(0)) == int(torch.argmax(logits))
+    close = torch.zeros(320)
+    close[:2] = torch.tensor([1.0, 1.0 - 2e-5])  # two tokens within 2e-5: t=1e-5 draws the second ~12% of the time
+    draws = [sample(close, req(temperature=1e-5), torch.Generator().manual_seed(s)) for s in range(200)]
+    assert set(draws) == {0, 1} and 5 < draws.count(1) < 60  # (no clamp to a larger temperature: ~50% there)
 
 
 def test_tiny_top_p_keeps_the_most_likely_token():
