@@ -6,6 +6,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 
 REPLACEMENT = "\ufffd"
+MAX_HELD = 4  # tokens held back for an unfinished character (UTF-8's longest is 4 bytes): then it goes out as is
 
 
 class TemplateRefused(ValueError):
@@ -99,7 +100,10 @@ def bound_cache(tokenizer, entries: int) -> bool:
 
 
 class IncrementalDetokenizer:
-    """Emits text as tokens arrive without splitting a multi-byte character (vLLM's prefix/read offsets)."""
+    """Emits text as tokens arrive without splitting a multi-byte character (vLLM's prefix/read offsets). Tokens
+    that add no text (skipped special ones) move the window on, and an unfinished character is held at most
+    ``MAX_HELD`` tokens (invalid bytes then go out as U+FFFD), so each token decodes a few tokens, never the whole
+    generation again (a run of such tokens made every call longer: quadratic time on the event loop)."""
 
     def __init__(self, codec: TextCodec, prompt_ids: list[int]):
         self.codec = codec
@@ -111,10 +115,10 @@ class IncrementalDetokenizer:
         self.ids.extend(tokens)
         prefix = self.codec.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.codec.decode(self.ids[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+        if full.endswith(REPLACEMENT) and len(self.ids) - self.read_offset < MAX_HELD:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix):] if len(full) > len(prefix) else ""
 
     def flush(self) -> str:
         """At the end, whatever is left (even an incomplete character)."""

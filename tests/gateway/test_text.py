@@ -20,6 +20,21 @@ def test_stream_of_single_tokens_reassembles_the_text(codec, text):
     assert all("\ufffd" not in p for p in pieces), "a multi-byte character was split"
 
 
+@pytest.mark.parametrize("token", ["<0x80>", "<unk>"])
+def test_tokens_that_add_no_text_keep_the_window_small(codec, token):
+    """A run of invalid bytes or skipped special tokens: each call decodes a few tokens (it decoded the whole run,
+    quadratic on the event loop), invalid bytes go out as U+FFFD after MAX_HELD tokens, and text after the run
+    still comes through whole."""
+    from services.gateway.text import MAX_HELD
+    tid = codec.tokenizer.convert_tokens_to_ids(token)
+    detok = IncrementalDetokenizer(codec, [codec.tokenizer.bos_token_id])
+    out = "".join(detok.add([tid]) for _ in range(500))
+    assert len(detok.ids) - detok.prefix_offset <= MAX_HELD + 1
+    assert out == ("\ufffd" * (500 - len(detok.ids) + detok.read_offset) if token == "<0x80>" else "")
+    words = [t for t in codec.encode("plain words") if t != codec.tokenizer.bos_token_id]
+    assert (out + "".join(detok.add([t]) for t in words) + detok.flush()).endswith("plain words")
+
+
 def test_mistral_instruct_format_without_template(codec):
     ids = codec.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert ids[0] == codec.tokenizer.bos_token_id
