@@ -126,7 +126,7 @@ def _write(out: Path, size: DemoSize, build_in_dtype: bool) -> None:
     from transformers import AutoModelForCausalLM, LlamaTokenizer
 
     shutil.copyfile(tokenizer_model_path(), out / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(out)
+    tokenizer = LlamaTokenizer.from_pretrained(out, add_bos_token=True)  # (as Mixtral's own: prompts open with <s>)
     config = demo_config(size, tokenizer)
     torch.manual_seed(size.seed)
     dtype = getattr(torch, size.dtype)
