@@ -66,7 +66,7 @@ def _post(summary: str, request: dict, response: dict) -> dict:
 def openapi_spec(cfg: GatewayConfig) -> dict:
     model, sampling = cfg.served_model_name, _sampling(cfg)
     ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-    completion = {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": {
+    completion = {"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": {
         **sampling, "prompt": {"oneOf": [
             {"type": "string", "minLength": 1}, ids,
             {"type": "array", "items": {"oneOf": [{"type": "string", "minLength": 1}, ids]}, "minItems": 1,
@@ -82,7 +82,7 @@ def openapi_spec(cfg: GatewayConfig) -> dict:
         "name": {"type": "string", "minLength": 1, "maxLength": MAX_USER,
                  "description": "given to the chat template (400 for a tokenizer without one)"},
         **_neutral(MESSAGE_NEUTRAL)}}
-    chat = {"type": "object", "required": ["model", "messages"], "additionalProperties": False, "properties": {
+    chat = {"type": "object", "required": ["messages"], "additionalProperties": False, "properties": {
         **sampling, "messages": {"type": "array", "items": message, "minItems": 1},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": cfg.max_tokens_limit}}}
     completion_out = {"type": "object", "properties": {"id": {"type": "string"}, "object": {"const": "text_completion"},

@@ -160,8 +160,8 @@ def parse_stop(stop) -> list[str]:
 
 def check_model(body: dict, served: str) -> str:
     model = body.get("model")
-    if model is None:
-        raise bad_request("'model' is required", "model")
+    if model is None:  # (absent or null: the served model, as vLLM and llama.cpp's server take it)
+        return served
     if not isinstance(model, str):
         raise bad_request("'model' must be a string", "model")
     if model != served:

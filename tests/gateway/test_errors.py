@@ -13,7 +13,6 @@ USER = [{"role": "user", "content": "hi"}]
 CASES = [
     ("malformed json", COMP, b"{not json", 400, "invalid_request_error", None),
     ("body not an object", COMP, [1, 2], 400, "invalid_request_error", None),
-    ("missing model", COMP, {"prompt": "x"}, 400, "invalid_request_error", "model"),
     ("unknown model", COMP, {"model": "gpt-9", "prompt": "x"}, 404, "invalid_request_error", "model"),
     ("model not a string", COMP, {"model": 3, "prompt": "x"}, 400, "invalid_request_error", "model"),
     ("missing prompt", COMP, {"model": M}, 400, "invalid_request_error", "prompt"),
@@ -133,6 +132,13 @@ def test_neutral_values_are_served(served, extra):
     status, payload = post(served.url + CHAT, {"model": M, "messages": USER, "temperature": 0, **extra})
     assert status == 200, payload
     assert payload["usage"]["completion_tokens"] == 3  # (max_completion_tokens wins over max_tokens)
+
+
+@pytest.mark.parametrize("model", [None, "absent"])
+def test_a_request_without_a_model_gets_the_served_one(served, model):
+    body = {"messages": USER, "max_tokens": 2, **({} if model == "absent" else {"model": model})}
+    status, payload = post(served.url + CHAT, body)
+    assert status == 200 and payload["model"] == M, payload
 
 
 def test_model_card(served):
