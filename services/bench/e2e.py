@@ -304,6 +304,7 @@ class Result:
             "ttft_s": float(np.median(ttft)),
             "decode_ms_per_token_p50": float(np.percentile(gaps, 50)) if gaps.size else None,
             "decode_ms_per_token_p90": float(np.percentile(gaps, 90)) if gaps.size else None,
+            "decode_ms_per_token_mean": float(gaps.mean()) if gaps.size else None,  # (against the mean-bytes floor)
             "tokens_per_s": self.generated / self.wall_s,
             "bytes_read_per_token": None if c is None else c["bytes_read"] / self.generated,
             "decode_bytes_read_per_token": self.decode_bytes_per_token(),
@@ -358,8 +359,9 @@ def measure(system, workloads, opts: Options, repeats: list[int]) -> dict[int, l
 
 
 def median_run(rows: list[dict], tokens_per_s: list[float]) -> dict:
-    """A copy of the run with the median decode p50 (every target judges decode), its ``tokens_per_s`` the median
-    of ``tokens_per_s`` (every run's: tokens/s counts the prompts too, so its median run can be another)."""
+    """A copy of the run with the median decode p50 (every target judges decode; of an even count, the upper of the
+    two middle runs, a run's own fields kept together: the report calls it the middle run), its ``tokens_per_s`` the
+    median of ``tokens_per_s`` (every run's: tokens/s counts the prompts too, so its median run can be another)."""
     timed = [r for r in rows if r["decode_ms_per_token_p50"] is not None] or rows  # (None: a run of one token)
     ranked = sorted(timed, key=lambda r: r["decode_ms_per_token_p50"] or 0.0)
     row = dict(ranked[len(ranked) // 2])

@@ -83,19 +83,21 @@ def check_slot_images(opts):
         " on the checkpoint's disk for images")
 
 
-def fill_slot_images(opts) -> str:
+def fill_slot_images(opts) -> tuple[str, Path | None]:
     """Fill the lossless slot images ahead where memd's ``--slot-cache`` would keep them (the same decision, made
     here; ``check_slot_images`` has put them on the checkpoint's disk or turned them off); returns the line that says
-    what was done."""
+    what was done, and the images' file (what every moeinf memd reads, so what its disk probes read; None: the
+    checkpoint)."""
     if opts.slot_cache == "off":
-        return "slot images: off (--slot-cache off): memd reads the checkpoint as stored"
+        return "slot images: off (--slot-cache off): memd reads the checkpoint as stored", None
     images = _kept_images(opts)
     if images is None:
         return ("slot images: not kept (--slot-cache auto decided against them, see memd's log): memd reads the"
-                " checkpoint")
+                " checkpoint"), None
     images.open()
     try:
         converted = images.fill()
     finally:
         images.close()
-    return f"slot images {images.directory}: every moeinf system reads them ({converted} experts converted now)"
+    return (f"slot images {images.directory}: every moeinf system reads them, and its disk probes too ({converted}"
+            " experts converted now)"), Path(images.path)

@@ -22,11 +22,12 @@ from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
 from services.bench.diskbw import read_bandwidth
 from services.bench.e2e_floor import measure as measure_compute_floor
 from services.bench.e2e_formats import check_slot_images, fill_expert_cache, fill_slot_images, format_system
-from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, median_run, progress, summarize
+from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
 from services.bench.e2e_system import MoeinfSystem, cpu_sets
 from services.bench.e2e_runtime import ProcMemory, Runtimes, baseline_runtime, checkpoint_files, moeinf_runtime
 from services.bench.e2e_llama import (compare_tokens, environment_note, llama_runtime, llama_share, run_llama,
                                       same_tokens)
+from services.bench.e2e_repeats import merge_repeats, rotated, run_status, uneven_order
 from services.bench.e2e_workload import Workloads
 from services.bench.llama_cpp import LLAMA, find_server, llama_missing, read_ahead_kb
 from services.bench.memd_proc import TerminateAsInterrupt
@@ -56,6 +57,7 @@ class Sweep:
         self.rows: list[dict] = []
         self.outputs: dict[tuple[str, str | None, int], list[list[int]]] = {}  # (system, memory, repeat) -> tokens
         self.probe_bytes = parse_bytes(opts.disk_probe, what="--disk-probe")
+        self.image_file = None  # memd's slot images, once filled: the moeinf systems' probes read them
 
     # ------------------------------------------------------------------------------------------------ limits
     def cgroup(self, budget: Budget, name: str, stack: ExitStack) -> MemoryCgroup | None:
@@ -92,8 +94,34 @@ class Sweep:
                 for name, fmt in rotated(runs, r):
                     self.run_budgeted(name, setting, fmt, repeat=r)
             self.rows[first:] = merge_repeats(self.rows[first:])
+        self.reference_tokens()
         compare_tokens(self.rows, self.outputs)
         self.notes += same_tokens(self.rows, self.outputs)
+
+    def reference_tokens(self) -> None:
+        """Without transformers-resident among the systems: plain transformers' greedy tokens on every repeat's
+        1-client prompts, untimed, unlimited, after the systems (their tokens are checked against transformers,
+        never only against each other: the two moeinf systems share their kernels)."""
+        if RESIDENT in self.opts.systems or not any(r["system"] in (MOEINF, ONDEMAND) for r in self.rows):
+            return
+        progress("transformers (untimed, no limit): the reference tokens for every repeat's prompts")
+        w, opts = self.workloads, self.opts
+        alone = opts.concurrency.index(1) if 1 in opts.concurrency else 0
+        repeats = range(opts.repeats)
+        job = Job(RESIDENT, opts.model, [w.prompts(RESIDENT, r, alone) for r in repeats], w.warmup(), 1,
+                  opts.max_tokens, opts.threads, None)
+        try:
+            run = run_baseline(job, [])
+        except (RuntimeError, OSError) as exc:
+            self.notes.append(f"the reference tokens could not be made ({exc}): moeinf's tokens are unchecked")
+            return
+        for r, timings in zip(repeats, run.runs):
+            self.outputs[(RESIDENT, None, r)] = [t["tokens"] for t in timings]
+
+    def probe_paths(self, name: str) -> list:
+        """The files ``name``'s disk probes read: what it reads itself (memd's slot images, where kept, for the
+        two moeinf systems; the checkpoint for every other)."""
+        return [self.image_file] if self.image_file and name in (MOEINF, ONDEMAND) else list(self.sizes.files)
 
     def available(self, name: str) -> bool:
         why = accelerate_missing() if name == OFFLOAD else self.llama_missing() if name == LLAMA else None
@@ -202,7 +230,7 @@ class Sweep:
         which = "" if repeat is None else f", repeat {repeat + 1}/{self.opts.repeats}"
         progress(f"{name} (expert memory {memory}{which}): dropping caches, starting")
         self.drop_caches()
-        disk = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20),  # the disk varies (VMs)
+        disk = read_bandwidth(self.probe_paths(name), min(self.probe_bytes, 512 << 20),  # the disk varies (VMs)
                               self.opts.read_chunk_bytes, self.opts.read_threads)
         progress(f"disk just before {name}: {disk.describe()}")
         with ExitStack() as stack:
@@ -226,7 +254,7 @@ class Sweep:
                      "peak_memory_bytes": group.peak_bytes() if group else None,
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
-        after = read_bandwidth(list(self.sizes.files), min(self.probe_bytes, 512 << 20), self.opts.read_chunk_bytes,
+        after = read_bandwidth(self.probe_paths(name), min(self.probe_bytes, 512 << 20), self.opts.read_chunk_bytes,
                                self.opts.read_threads)  # (a disk that sped up during the run shows here)
         progress(f"disk just after {name}: {after.describe()}")
         extra["disk_read_gbps_after"] = after.gbps
@@ -283,45 +311,6 @@ class Sweep:
                 for row in summarize(results)]
 
 
-def uneven_order(repeats: int, systems: int) -> str | None:
-    """The note when ``rotated`` cannot give every system each place in the order equally often."""
-    if systems > 1 and repeats % systems:
-        return (f"{repeats} repeats rotate the order of {systems} systems unevenly (some run first more often than"
-                f" others): a multiple of {systems} repeats balances it")
-    return None
-
-
-def rotated(items: list, r: int) -> list:
-    """``items`` starting at its ``r``-th (cyclically): no system always runs first."""
-    k = r % len(items) if items else 0
-    return items[k:] + items[:k]
-
-
-def merge_repeats(rows: list[dict]) -> list[dict]:
-    """One row per (system, expert memory, concurrency), in first-seen order, from the runs of the interleaved repeats:
-    the run with the median decode p50 (``e2e.median_run``, as ``summarize`` picks within one start), its tokens/s the
-    median of ``tokens_per_s_all`` (the good runs'), and ``decode_ms_per_token_p50_all`` (one entry per run in repeat
-    order, None for a run that failed, so two systems' lists pair repeat by repeat). A run that failed is kept only
-    when every run failed."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["system"], row.get("expert_memory"), row["concurrency"]), []).append(row)
-    merged = []
-    for runs in groups.values():
-        good = [r for r in runs if not r.get("error")]
-        if not good:
-            merged.append(runs[0])
-            continue
-        row = median_run(good, [t for r in good for t in r.get("tokens_per_s_all") or [r["tokens_per_s"]]])
-        ordered = sorted(runs, key=lambda r: r.get("repeat_index") or 0)
-        row["decode_ms_per_token_p50_all"] = [None if r.get("error") else r["decode_ms_per_token_p50"] for r in ordered]
-        row["repeats"] = sum(r.get("repeats", 1) for r in good)
-        if any("same_tokens_as_c1" in r for r in good):
-            row["same_tokens_as_c1"] = all(r.get("same_tokens_as_c1", True) for r in good)
-        merged.append(row)
-    return merged
-
-
 def _budget_fields(budget: Budget | None, expert_format: str = "") -> dict:
     if budget is None:
         return {}
@@ -351,20 +340,21 @@ def _run_sweep(opts: Options) -> int:
     if images_note:
         sweep.notes.append(images_note)
         progress(images_note)
-    probe = parse_bytes(opts.disk_probe, what="--disk-probe")
-    single = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, streams=1)
-    disk = read_bandwidth(list(sweep.sizes.files), probe, opts.read_chunk_bytes, opts.read_threads)
-    progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
-    compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
-    progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder model, or"
-                                                                           " no experts)")
-    progress(sweep.workloads.label())
     with TerminateAsInterrupt():
         for fmt in opts.formats:
             fill_expert_cache(opts, fmt)
         if any(s.startswith("moeinf") for s in opts.run_systems) and not images_note:  # (that note says why off)
-            sweep.notes.append(fill_slot_images(opts))
-            progress(sweep.notes[-1])
+            note, sweep.image_file = fill_slot_images(opts)
+            sweep.notes.append(note)
+            progress(note)
+        probe, paths = parse_bytes(opts.disk_probe, what="--disk-probe"), sweep.probe_paths(MOEINF)
+        single = read_bandwidth(paths, probe, opts.read_chunk_bytes, streams=1)
+        disk = read_bandwidth(paths, probe, opts.read_chunk_bytes, opts.read_threads)
+        progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
+        compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
+        progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder"
+                                                                               " model, or no experts)")
+        progress(sweep.workloads.label())
         sweep.run_all()
     doc = build_doc(opts, sweep, disk, single, compute)
     print(format_report(doc))
@@ -375,4 +365,5 @@ def _run_sweep(opts: Options) -> int:
         from services.bench.plots import plot_e2e_decode_vs_memory
 
         print(f"wrote {plot_e2e_decode_vs_memory(doc, opts.plot)}")
-    return 0
+    return run_status(doc)
+

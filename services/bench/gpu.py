@@ -1,13 +1,14 @@
 """``moeinf bench gpu``: decode ms/token with the experts in a GPU's memory (docs/gpu.md), side by side in one run.
 
 Systems, each a fresh set of processes per expert-memory level, every repeat a fresh prompt (same for all):
-* ``transformers``: ``generate`` with the whole model resident on the device (the latency floor);
+* ``transformers``: ``generate`` with the whole model resident on the device (the reference);
 * ``moeinf``: memd ``--pool-backend cuda`` (on ``--device cpu``: shm) and a worker ``--device cuda``, the defaults
   (activation policy, prefetch on);
 * ``moeinf-ondemand-lru``: the same with ``--policy lru --prefetch off``.
 
-ms/token = (time for ``--tokens`` + 1 new tokens - time for 1) / ``--tokens``, through the worker's socket (no
-gateway), the best of ``--repeats``; each system's greedy tokens are checked against transformers'. ``--device
+ms/token = (time for ``--tokens`` + 1 new tokens - time for 1 on another fresh prompt of the same length: memd's
+EAMC has seen neither) / ``--tokens``, through the worker's socket (no gateway), the best of ``--repeats``, every
+system on ``THREADS`` torch thread; each system's greedy tokens are checked against transformers'. ``--device
 cpu`` runs the same comparison on the CPU (the check this command gets where no GPU is). ``--lockstep``: the
 systems side by side in one process, a decode step of each in turn, with the worker's time in acquires apart
 (``gpu_lockstep.py``); ``--ablate`` adds the activation policy without prefetch and LRU with prefetch (on a GPU
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
 from common.sizes import format_bytes, parse_size
-from services.bench.gpu_lockstep import ABLATIONS, GPU_ABLATIONS, prompts_for
+from services.bench.gpu_lockstep import ABLATIONS, GPU_ABLATIONS, THREADS, prompts_for
 from services.bench.gpu_lockstep import run as run_lockstep
 from services.bench.gpu_lockstep import table as lockstep_table
 
@@ -76,7 +77,7 @@ def run(model: Path, memories: list[str], host_memory: str, device: str, tokens:
         repeats: int, systems: dict[str, list[str]] = SYSTEMS) -> list[dict]:
     vocab = _vocab(model)
     rng = random.Random(1234)
-    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(repeats + 1)]
+    prompts = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(2 * repeats + 1)]
     reference, rows = _transformers(model, device, prompts, tokens)
     for memory in memories:
         for name, extra in systems.items():
@@ -90,10 +91,11 @@ def lockstep(model: Path, memories: list[str], host_memory: str, device: str, to
     prompt their warm-up), each memd with the GPU pool and host tier as in ``_moeinf``."""
     from services.supervisor import gpu_memd_args
 
-    prompts = prompts_for(_vocab(model), repeats + 1, prompt_len)
+    prompts = prompts_for(_vocab(model), 2 * repeats + 1, prompt_len)
     reference, rows = _transformers(model, device, prompts, tokens)
     gpu = [] if device == "cpu" else [*gpu_memd_args(device), "--host-memory", host_memory]
-    return rows + run_lockstep(model, memories, device, tokens, prompts, systems, reference, gpu)
+    timed = [prompts[0], *timed_prompts(prompts)]  # (the warm-up, then those transformers' reference is for)
+    return rows + run_lockstep(model, memories, device, tokens, timed, systems, reference, gpu)
 
 
 def _vocab(model: Path) -> int:
@@ -103,14 +105,21 @@ def _vocab(model: Path) -> int:
 
 
 def _timed(generate, prompts: list[list[int]], tokens: int) -> float:
-    """Best (time for tokens + 1 - time for 1) / tokens, in ms, over the prompts after the first (a warm-up)."""
+    """Best (time for tokens + 1 - time for 1) / tokens, in ms, over pairs of the prompts after the first (a
+    warm-up): the one token on the pair's first, the many on its second (``timed_prompts``), so no run serves a
+    prompt memd's EAMC learned from the run before it."""
     generate(prompts[0], 1)
     best = float("inf")
-    for prompt in prompts[1:]:
-        one = _seconds(generate, prompt, 1)
+    for first, prompt in zip(prompts[1::2], timed_prompts(prompts)):
+        one = _seconds(generate, first, 1)
         many = _seconds(generate, prompt, tokens + 1)
         best = min(best, (many - one) / tokens * 1e3)
     return best
+
+
+def timed_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """The prompts whose ``--tokens`` + 1 are timed (and whose tokens are checked)."""
+    return prompts[2::2]
 
 
 def _seconds(generate, prompt: list[int], n: int) -> float:
@@ -126,6 +135,7 @@ def _transformers(model: Path, device: str, prompts: list[list[int]], tokens: in
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(THREADS)  # (as the workers: their --threads)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device).eval()
     hf.generation_config.eos_token_id = None  # fixed-length outputs
 
@@ -136,7 +146,7 @@ def _transformers(model: Path, device: str, prompts: list[list[int]], tokens: in
         return out[0, len(prompt):].tolist()
 
     ms = _timed(generate, prompts, tokens)
-    reference = [generate(p, tokens + 1) for p in prompts[1:]]
+    reference = [generate(p, tokens + 1) for p in timed_prompts(prompts)]
     del hf
     if device != "cpu":
         torch.cuda.empty_cache()
@@ -153,12 +163,12 @@ def _moeinf(model: Path, memory: str, host_memory: str, device: str, name: str, 
 
     gpu = [] if device == "cpu" else [*gpu_memd_args(device), "--host-memory", host_memory]
     with MemdProcess(model, memory, extra=[*gpu, *extra]) as memd:
-        with WorkerProcess(model, memd.state_dir, ["--device", device]) as worker:
+        with WorkerProcess(model, memd.state_dir, ["--device", device, "--threads", str(THREADS)]) as worker:
             client = WorkerClient(worker.addr)
             try:
                 generate = lambda prompt, n: client.generate(prompt, n)[0]  # noqa: E731
                 ms = _timed(generate, prompts, tokens)
-                equal = all(generate(p, tokens + 1) == ref for p, ref in zip(prompts[1:], reference))
+                equal = all(generate(p, tokens + 1) == ref for p, ref in zip(timed_prompts(prompts), reference))
             finally:
                 client.close()
             stats_client = MemdClient(state_socket(memd.state_dir, MEMD_SOCKET),
@@ -175,9 +185,9 @@ def _moeinf(model: Path, memory: str, host_memory: str, device: str, name: str, 
 def table(rows: list[dict], device: str) -> str:
     floor = rows[0]["ms_per_token"]
     lru = {r["memory"]: r["ms_per_token"] for r in rows if r["system"] == "moeinf-ondemand-lru"}
-    lines = [f"decode on {device}: ms/token (best of the repeats); x floor = / transformers, x LRU = / on-demand LRU"
-             " at the same memory",
-             f"{'system':<22}{'memory':>8}{'ms/token':>10}{'x floor':>9}{'x LRU':>8}{'misses':>8}{'read':>11}"
+    lines = [f"decode on {device}: ms/token (best of the repeats); x hf = / transformers (resident), x LRU = /"
+             " on-demand LRU at the same memory",
+             f"{'system':<22}{'memory':>8}{'ms/token':>10}{'x hf':>9}{'x LRU':>8}{'misses':>8}{'read':>11}"
              f"{'prefetch used/issued':>22}  tokens"]
     for r in rows:
         vs_lru = f"{r['ms_per_token'] / lru[r['memory']]:.2f}" if r["memory"] in lru and "misses" in r else "-"

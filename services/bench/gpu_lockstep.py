@@ -19,6 +19,7 @@ import random
 import statistics
 from pathlib import Path
 
+THREADS = 1  # every system's torch threads, in lockstep and in gpu.py's runs (transformers' too)
 ABLATIONS = {"moeinf-prefetch-off": ["--prefetch", "off"], "moeinf-lru-prefetch": ["--policy", "lru"]}
 GPU_ABLATIONS = {  # no event ring (memd waits for the copies); host-tier experts on the worker's CPU, by cost or all
     "moeinf-host-copy-wait": ["--copy-events", "host"], "moeinf-cpu-experts": ["--cpu-experts", "auto"],
@@ -38,7 +39,7 @@ class _System:
 
         self.name, self.memory = name, memory
         memd = stack.enter_context(MemdProcess(model, memory, extra=memd_args))
-        cfg = WorkerConfig(model=model, state_dir=memd.state_dir, threads=1, device=device,
+        cfg = WorkerConfig(model=model, state_dir=memd.state_dir, threads=THREADS, device=device,
                            kernel_cache_dir=kernel_cache_dir())
         engine_model, self.client, _, self.steps, _ = attach(cfg)
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
@@ -120,7 +121,7 @@ def table(rows: list[dict], device: str) -> str:
              f"{'system':<26}{'memory':>8}{'p50':>9}{'mean':>9}{'x LRU':>8}{'acquire':>9}{'rest':>9}{'misses':>8}"
              f"{'on CPU':>8}{'precision':>10}{'k':>3}{'GB/s':>7}  tokens"]
     for r in rows:
-        if not r.get("lockstep"):  # transformers' generate, timed apart: the floor
+        if not r.get("lockstep"):  # transformers' generate, timed apart: the reference
             lines.append(f"{r['system']:<26}{r['memory']:>8}{'':>9}{r['ms_per_token']:>9.2f}  (its own run)")
             continue
         vs = f"{r['decode_mean_ms'] / lru[r['memory']]:.2f}" if r["memory"] in lru else "-"

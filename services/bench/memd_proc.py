@@ -37,6 +37,24 @@ class MemdProcess(ServiceProcess):
     def what(self) -> str:
         return f"memd --expert-memory {self.expert_memory}"
 
+    def load_every_expert(self) -> None:
+        """Read every expert into the pool once, as a client of its own that holds nothing after (a 100% run's
+        residency then holds for any prompt, not only for what a warm-up's prompt routed to)."""
+        from common.config import MEMD_SOCKET, MEMD_TRACE_SOCKET, state_socket
+        from services.worker.memd_client import MemdClient
+
+        client = MemdClient(state_socket(self.state_dir, MEMD_SOCKET), state_socket(self.state_dir, MEMD_TRACE_SOCKET),
+                            timeout_s=300.0)
+        try:
+            hello = client.handshake(str(self.model), 60.0, "the bench's handshake timeout")
+            client.ready()
+            for layer in range(hello.num_layers):
+                experts = list(range(hello.num_experts))
+                client.acquire(layer, experts, [], [])
+                client.release(layer, experts)
+        finally:
+            client.close()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM, wait, SIGKILL if needed; then remove the pool, the control page and the state directory.
         Idempotent."""

@@ -150,7 +150,7 @@ class MoeinfSystem:
 
         self.name = f"moeinf-{expert_memory}"
         self.expert_memory = expert_memory
-        memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
+        self.memd = memd = stack.enter_context(MemdProcess(model_dir, expert_memory))
         cfg = WorkerConfig(model=model_dir, state_dir=memd.state_dir, threads=threads,
                            kernel_cache_dir=kernel_cache_dir(), dequant_cache_mb=dequant_cache_mb,
                            dequant_kernel=dequant_kernel, prepack_dense=prepack_dense, matvec_kernel=matvec_kernel,

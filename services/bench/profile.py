@@ -37,6 +37,7 @@ from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, LayerTimers, To
 from services.worker import dequant_kernel
 
 MIB = 2**20
+WARMUP_SEED = 7919  # the warm-up's prompt: another than the timed one (make_prompt's default seed)
 
 
 @dataclass(frozen=True)
@@ -159,18 +160,20 @@ def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: st
     return times
 
 
-def service_decode(opts: Options, prompt: list[int], threads: int) -> tuple[list[float], list[int]]:
+def service_decode(opts: Options, prompt: list[int], warmup: list[int], threads: int) -> tuple[list[float], list[int]]:
     """The same generation through a real memd + worker process pair, streamed over the worker's socket (as the
-    gateway reads it): the gaps between token arrivals, and the tokens. One warm-up generation fills the pool."""
+    gateway reads it): the gaps between token arrivals, and the tokens. Every expert is read first, and one
+    warm-up generation on another prompt warms the rest."""
     from common.worker_client import WorkerClient
     from services.bench.memd_proc import MemdProcess
     from services.bench.worker_proc import WorkerProcess
 
     with MemdProcess(opts.model, "100%") as memd, \
             WorkerProcess(opts.model, memd.state_dir, ["--threads", str(threads), *opts.worker_args]) as worker:
+        memd.load_every_expert()
         client = WorkerClient(worker.addr, timeout_s=600)
         try:
-            client.generate(prompt, opts.tokens + 1)
+            client.generate(warmup, opts.tokens + 1)
             arrivals, tokens = [], []
             for reply in client.stream(prompt, opts.tokens + 1):
                 if reply.tokens:
@@ -287,9 +290,11 @@ def run(args) -> int:
         plain_experts = experts_of(plain.model)
         decoders = [Decoder(plain, plain_experts, batched=False),
                     Decoder(moeinf, experts_of(moeinf.engine.model), batched=True)]
-        prompt = make_prompt(plain.model.config.get_text_config().vocab_size, opts.prompt_len)
+        vocab = plain.model.config.get_text_config().vocab_size
+        prompt, warmup = make_prompt(vocab, opts.prompt_len), make_prompt(vocab, opts.prompt_len, seed=WARMUP_SEED)
         reference = plain.generate(prompt, opts.tokens + 1)
-        lockstep(decoders, prompt, opts.tokens, "warmup")  # fills memd's pool: 100% residency from here
+        moeinf.memd.load_every_expert()  # 100% residency from here, whatever the prompt routes to
+        lockstep(decoders, warmup, opts.tokens, "warmup")  # (caches, kernels: on another prompt than the timed one)
         _progress("decoding with layer timers")
         hooked = [profile_hooked(d, prompt, opts.tokens) for d in decoders]
         _progress("decoding without hooks (lockstep)")
@@ -297,7 +302,7 @@ def run(args) -> int:
     service = None
     if opts.service:
         _progress("streaming through a worker process")
-        service = service_decode(opts, prompt, threads)
+        service = service_decode(opts, prompt, warmup, threads)
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)

@@ -254,12 +254,14 @@ SPREAD = ("fetches_per_token", "stall_ms_per_token")
 
 def paired_ratios(rows: list[dict], lru: list[dict]) -> dict:
     """Fetches and stall of a variant over the ``lru`` row of the same repeat (run next to it, under the same disk
-    load): the median ratio and its range over the repeats; None where LRU's value is 0."""
+    load): the median ratio and its range over the repeats; a repeat where LRU's value is 0 has no ratio, and
+    ``..._unpaired`` counts those where the variant's is not 0 too (the table says so: never hidden)."""
     out = {}
     for key, name in (("fetches_per_token", "fetches_vs_lru"), ("stall_ms_per_token", "stall_vs_lru")):
         ratios = sorted(r[key] / b[key] for r, b in zip(rows, lru) if b[key])
         out[name] = statistics.median(ratios) if ratios else None
         out[name + "_range"] = [ratios[0], ratios[-1]] if ratios else None
+        out[name + "_unpaired"] = sum(1 for r, b in zip(rows, lru) if not b[key] and r[key])
     return out
 
 
@@ -273,6 +275,7 @@ def _spread_table(rows: list[dict]) -> str:
              f"  {'stall x lru':>17}  {'deferred/tok':>12}  {'declined/tok':>12}"]
     for row in rows:
         ratio = [("-" if row.get(k) is None else f"{row[k]:.3f} ({rng(row.get(k + '_range'))})")
+                 + (f" +{row[k + '_unpaired']} vs 0" if row.get(k + "_unpaired") else "")
                  for k in ("fetches_vs_lru", "stall_vs_lru")]
         lines.append(f"{row['policy']:<20}  {rng(row.get('fetches_per_token_range')):>13}"
                      f"  {rng(row.get('stall_ms_per_token_range')):>13}  {ratio[0]:>17}  {ratio[1]:>17}"

@@ -131,7 +131,7 @@ def test_a_gone_service_says_why():
 
 def test_repeats_interleave_and_merge_to_the_median_run():
     from services.bench.e2e_report import paired_ratios
-    from services.bench.e2e_sweep import merge_repeats, rotated, uneven_order
+    from services.bench.e2e_repeats import merge_repeats, rotated, uneven_order
 
     assert [rotated(["a", "b"], r) for r in range(3)] == [["a", "b"], ["b", "a"], ["a", "b"]] and rotated([], 1) == []
     assert "a multiple of 2 repeats" in uneven_order(3, 2)  # "a" ran first twice: the report says so
@@ -164,6 +164,25 @@ def test_repeats_interleave_and_merge_to_the_median_run():
     assert row["decode_ms_per_token_p50"] == 300.0  # a run with no decode gap is not the median one
     only_failed = merge_repeats([{"system": "x", "concurrency": 1, "error": "e"}] * 2)
     assert only_failed == [{"system": "x", "concurrency": 1, "error": "e"}]
+
+
+def test_a_failed_repeat_is_said_on_its_row_and_in_the_exit_status():
+    """A system that failed in some repeats (killed at its memory limit, say) is not reported on its good runs
+    alone: the row names the failures, its OOM kills are kept, and the run exits 1 (so does a token mismatch)."""
+    from services.bench.e2e_report import _line
+    from services.bench.e2e_repeats import merge_repeats, run_status
+
+    good = {"system": "moeinf", "expert_memory": "25%", "concurrency": 1, "tokens_per_s": 1.0, "repeats": 1,
+            "decode_ms_per_token_p50": 500.0, "decode_ms_per_token_p90": 600.0, "repeat_index": 0,
+            "memory_limit_bytes": None, "ttft_s": 0.5, "bytes_read_per_token": None, "hit_rate": None,
+            "peak_memory_bytes": None}
+    (row,) = merge_repeats([good, {"system": "moeinf", "expert_memory": "25%", "concurrency": 1, "repeat_index": 1,
+                                   "error": "the worker was killed (OOM)", "oom_kills": 1}])
+    assert row["failed_repeats"] == ["repeat 1: the worker was killed (OOM)"] and row["oom_kills"] == 1
+    assert "(1 of 2 repeats FAILED)" in _line(row)
+    assert run_status({"systems": [row], "notes": []}) == 1
+    assert run_status({"systems": [dict(good)], "notes": []}) == 0
+    assert run_status({"systems": [dict(good)], "notes": ["MISMATCH: moeinf at 25% generated other tokens"]}) == 1
 
 
 def test_pin_puts_each_worker_and_memd_on_their_own_cpus(tmp_path):

@@ -54,4 +54,11 @@ def test_the_default_cache_on_another_disk_reads_the_checkpoint(tmp_path, elsewh
     assert str(elsewhere) in note  # the cache directory itself, not the parent that exists
     on_disk = dataclasses.replace(opts, expert_cache_dir=tmp_path / "images")  # the checkpoint's disk: kept, filled
     assert e2e_formats.check_slot_images(on_disk) == (on_disk, None)
-    assert "every moeinf system reads them" in e2e_formats.fill_slot_images(on_disk)
+    note, image_file = e2e_formats.fill_slot_images(on_disk)
+    assert "every moeinf system reads them" in note and image_file.is_relative_to(tmp_path / "images")
+    assert image_file.stat().st_size > 0  # (the file memd reads: the moeinf systems' disk probes read it)
+    from services.bench.e2e_sweep import Sweep
+    sweep = Sweep.__new__(Sweep)
+    sweep.image_file, sweep.sizes = image_file, type("S", (), {"files": [model / "model.safetensors"]})
+    assert sweep.probe_paths("moeinf") == [image_file] == sweep.probe_paths("moeinf-ondemand-lru")
+    assert sweep.probe_paths("transformers-resident") == [model / "model.safetensors"]

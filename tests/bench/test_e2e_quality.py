@@ -96,6 +96,15 @@ def test_the_io_floor_leaves_out_wasted_prefetches():
     assert _floor(wasteful, None, 1.0)["io_floor_ms"] == pytest.approx(350.0)
 
 
+def test_the_floor_is_judged_on_the_mean_decode_time():
+    """The floor's bytes are a mean per token and reads are bursty: a p50 below the floor is no proof of anything,
+    so vs_floor divides the mean decode gap (none without one)."""
+    row = {"system": ONDEMAND, "concurrency": 1, "expert_memory": "25%", "decode_ms_per_token_p50": 90.0,
+           "decode_ms_per_token_mean": 150.0, "bytes_read_per_token": 1.4e8, "disk_read_gbps_before": 1.4}
+    assert _floor(row, None, 1.0)["vs_floor"] == pytest.approx(1.5)  # not 0.9
+    assert _floor({**row, "decode_ms_per_token_mean": None}, None, 1.0)["vs_floor"] is None
+
+
 def test_disk_busy_is_the_loading_share_of_decode_time_else_of_the_run():
     counters = {**delta(stats_counters(stats(1)), stats_counters(stats(3))), "reader_busy_seconds": 0.5}
     split = [Timing(0, 0.0, [1.0, 2.0], [1, 2], 10.0, (0.3, 1.0)), Timing(1, 2.0, [3.0, 5.0], [1, 2], 10.0, (0.5, 3.0))]

@@ -190,3 +190,14 @@ def test_replay_against_memd(tmp_path, bench_tmp):
 
 def _has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_paired_ratios_count_the_repeats_lru_left_unpaired():
+    from services.bench.replay import paired_ratios
+
+    def rows(*pairs):
+        return [{"fetches_per_token": f, "stall_ms_per_token": s} for f, s in pairs]
+    lru, ours = rows((10.0, 0.0), (20.0, 4.0)), rows((9.0, 1.5), (10.0, 2.0))
+    out = paired_ratios(ours, lru)
+    assert out["fetches_vs_lru"] == 0.7 and out["fetches_vs_lru_range"] == [0.5, 0.9]
+    assert out["stall_vs_lru"] == 0.5 and out["stall_vs_lru_unpaired"] == 1 and out["fetches_vs_lru_unpaired"] == 0
