@@ -172,7 +172,9 @@ def test_e2e_gets_a_llama_row_beside_moeinf_on_the_same_prompts(tmp_path, fake_s
     rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
     llama = rows[LLAMA]
     assert llama["generated_tokens"] == 2 * 4 and llama["repeats"] == 2 and llama["decode_ms_per_token_p50"] > 0
-    assert llama["tokens_reference"] == "moeinf" and isinstance(llama["tokens_agreement"], float)
+    # (the reference: plain transformers' tokens, made untimed after the systems when it is not one of them)
+    assert llama["tokens_reference"] == "transformers-resident" and isinstance(llama["tokens_agreement"], float)
+    assert rows["moeinf"]["tokens_identical"] and rows["moeinf"]["tokens_identical_to"] == "transformers-resident"
     assert "llama.cpp (llama-server on a GGUF" in proc.stdout and "x llama.cpp's time" in proc.stdout
     sent = [json.loads(line)["request"]["prompt"] for line in log.read_text().splitlines() if "request" in line]
     w = Workloads(model, 2, 0, False, ("moeinf", LLAMA), 2, 1, vocab=json.loads((model / "config.json").read_text())[

@@ -217,7 +217,7 @@ def test_body_is_not_msgpack(body, match):
 
 @pytest.mark.parametrize("op, fields, match", [
     (Op.READY, [], "ReadyRequest: Expected `array` of at least length 1, got 0"),
-    (Op.READY, [1, [], 2], "ReadyRequest: Expected `array` of at most length 2, got 3"),
+    (Op.READY, [1, [], 2, 3], "ReadyRequest: Expected `array` of at most length 3, got 4"),
     (Op.ACQUIRE, [1], "AcquireRequest: Expected `array` of at least length 2, got 1"),
     (Op.ACQUIRE, [1, [2], [], [], 0, [], [], [], False, [], [], False, "extra"],
      "AcquireRequest: Expected `array` of at most length 12, got 13"),

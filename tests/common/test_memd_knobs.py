@@ -54,7 +54,8 @@ def test_a_prefetch_budget_below_one_expert_is_refused(tmp_path):
 
     from services.memd.main import build_core
 
-    store = SimpleNamespace(num_layers=2, num_experts=4, top_k=2, expert_bytes=336 << 20, slot_bytes=336 << 20)
+    store = SimpleNamespace(num_layers=2, num_experts=4, top_k=2, expert_bytes=336 << 20, slot_bytes=336 << 20,
+                            ready=lambda key: True)
     cfg = build_config(MemdConfig, env={}, model=str(tmp_path), state_dir=str(tmp_path), prefetch_budget="64MiB")
     with pytest.raises(ValueError, match=r"--prefetch-budget 64MiB is 64.0 MiB, less than one expert \(336.0 MiB\)"):
         build_core(cfg, store, 4)
