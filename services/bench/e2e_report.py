@@ -48,6 +48,7 @@ def build_doc(opts, sweep, disk, single=None, compute=None) -> dict:
     return {
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
         "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
+        "disk_read_of": "memd's slot images" if getattr(sweep, "image_file", None) else "the checkpoint",
         "disk_read_gbps_single_stream": single.gbps if single else None,
         "disk_read_limit_bytes_per_s": opts.read_limit_bytes(),
         "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,
@@ -193,7 +194,7 @@ def format_report(doc: dict) -> str:
              f"raw disk read: {doc['disk_read_gbps']:.2f} GB/s at memd's queue depth"
              f" ({doc['disk_read_streams']} streams"
              f" of {doc['disk_read_chunk'] >> 10} KiB reads, {'O_DIRECT' if doc['disk_read_direct'] else 'page cache'},"
-             f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of the checkpoint; single stream"
+             f" {doc['disk_read_bytes'] / 2**30:.1f} GiB of {doc.get('disk_read_of', 'the checkpoint')}; single stream"
              f" {_cell(doc['disk_read_gbps_single_stream'], '.2f')} GB/s); the I/O floors use the former"]
     if doc.get("disk_read_limit_bytes_per_s"):
         lines.append(f"every read throttled to {doc['disk_read_limit_bytes_per_s'] / 1e9:.2f} GB/s (--disk-read-limit:"
