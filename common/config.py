@@ -142,6 +142,8 @@ class MemdConfig:
                              " admin token, which the fleet shares")
         if self.read_threads < 1 or self.max_clients < 1:
             raise ValueError("--read-threads and --max-clients must be >= 1")
+        if self.cuda_device < 0:
+            raise ValueError(f"--cuda-device {self.cuda_device}: a GPU's index is >= 0")
         if self.pool_backend not in POOL_BACKENDS:
             raise ValueError(f"--pool-backend {self.pool_backend!r}: choose one of {', '.join(POOL_BACKENDS)}")
         if self.host_memory.strip() != "0":
@@ -275,6 +277,8 @@ class WorkerConfig:
         for name in ("max_queued", "max_running", "max_step_tokens", "max_prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag_name(name)} must be >= 1")
+        if self.threads < 0:
+            raise ValueError(f"--threads {self.threads}: give a count of threads, or 0 for one per --cpus CPU")
         if 0 < len(cpus := parse_cpus(self.cpus)) < self.threads:
             raise ValueError(f"--threads {self.threads} on --cpus {self.cpus!r} ({len(cpus)} CPU(s)): threads would"
                              " take turns on a CPU; give as many CPUs as threads, or fewer threads")

@@ -61,7 +61,7 @@ class ServeConfig:
             raise ValueError("--workers must be >= 1")
         if self.record_trace is not None and self.workers > 1:
             raise ValueError("--record-trace writes one file: use it with --workers 1")
-        if self.max_restarts < 0 or self.restart_window_s <= 0 or self.startup_timeout_s <= 0:
+        if self.max_restarts < 0 or not self.restart_window_s > 0 or not self.startup_timeout_s > 0:  # (NaN too)
             raise ValueError("--max-restarts must be >= 0, and --restart-window-s and --startup-timeout-s > 0")
         if not 1 <= self.port <= 65535:  # (0, any free port, would leave serve not knowing where to probe)
             raise ValueError(f"--port {self.port}: serve's gateway port is 1-65535")

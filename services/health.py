@@ -28,8 +28,10 @@ class HealthConfig:
     def __post_init__(self):
         object.__setattr__(self, "state_dir", Path(self.state_dir))
         object.__setattr__(self, "worker_id", resolve_worker_id(self.worker_id))
-        if self.timeout_s <= 0:
+        if not self.timeout_s > 0:
             raise ValueError("--timeout-s must be > 0")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: a TCP port is 1-65535")
 
 
 def check_memd(cfg: HealthConfig) -> str:

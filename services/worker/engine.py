@@ -155,7 +155,8 @@ class Engine:
         if self.steps is not None:
             self.steps.begin([chunk.seq.request_id for chunk in step], owner, positions=positions,
                              phases=["prefill" if chunk.seq.prompt_left else "decode" for chunk in step])
-        parts = [RequestTokens(c.seq.cache, c.seq.cached, c.tokens) for c in step]
+        parts = [RequestTokens(c.seq.cache, c.seq.cached, c.tokens, len(c.seq.req.prompt) if c.seq.prompt_left else 0)
+                 for c in step]
         if self.one_at_a_time and len(step) > 1 and self.steps is not None:
             logits = iter(self.forward_apart(step, parts))
         else:

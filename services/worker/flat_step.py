@@ -40,6 +40,7 @@ class RequestTokens:
     cache: DynamicCache
     past: int
     tokens: list[int]
+    length: int = 0  # a prompt's chunk: the whole prompt's length (length-dependent rotary frequencies, rope.py)
 
 
 class StepCache:
@@ -112,6 +113,7 @@ class StepLayout:
         for part in parts:
             self.rows.append((start, start + len(part.tokens)))
             start += len(part.tokens)
+        self.lengths = [part.length for part in parts]  # (rope.py: a prompt chunk's frequencies are the prompt's)
         self.masks = [flat.masks(part) for part in parts]  # before the caches grow, as the model does alone
         self.cache = flat.step_cache(parts, self.rows, flat.recurrent, flat.direct)
 
@@ -180,7 +182,7 @@ class FlatStep:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"
                                " transformers' AttentionInterface, so the worker cannot batch it")
         # rotary embeddings whose frequencies follow the longest position: each request's own (rope.py)
-        rope.per_request(model, lambda: self.run.rows if self.run is not None else None)
+        rope.per_request(model, lambda: list(zip(self.run.rows, self.run.lengths)) if self.run is not None else None)
         # attention that reads the mask itself runs per request (lone.py)
         run_alone(attention_modules(model, self.layer_kinds, cache_layers), self.original, lambda: self.run)
 

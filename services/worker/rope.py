@@ -5,9 +5,11 @@ their frequencies from the largest position they are given, and dynamic NTK keep
 (``dynamic_rope_update``). A flattened step gives the model every request's positions at once, so one request
 beside a long one would rotate its keys with the long one's frequencies, and a request would inherit them from the
 requests before it. Wrapped here, such a module computes each request's rows from that request's positions alone,
-starting each time from the frequencies it was built with: what a fresh model computes for the request alone. (A
-prompt prefilled in chunks still sees, for each chunk, the length so far, as transformers' own cache does when its
-prompt arrives in pieces.) Embeddings of any other type depend on each position alone and are left as they are.
+starting each time from the frequencies it was built with: what a fresh model computes for the request alone. A
+prompt prefilled in chunks gets, in every chunk, the frequencies of the whole prompt's length, as ``generate``
+computes them for the prompt in one forward (the chunk's own last position would rotate its keys with other
+frequencies, and the tokens after it would differ). Embeddings of any other type depend on each position alone and
+are left as they are.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def length_dependent(module) -> bool:
 
 
 def per_request(model, rows) -> int:
-    """Wrap every length-dependent rotary embedding of ``model``; ``rows()``: the running step's ``(lo, hi)`` row
-    span of each request (None outside a step). Returns how many were wrapped."""
+    """Wrap every length-dependent rotary embedding of ``model``; ``rows()``: the running step's ``((lo, hi),
+    length)`` for each request, its row span and, for a prompt's chunk, the whole prompt's length (else 0); None
+    outside a step. Returns how many were wrapped."""
     wrapped = 0
     for module in model.modules():
         if length_dependent(module) and not getattr(module, "_moeinf_per_request", False):
@@ -45,14 +48,18 @@ def _wrap(module, forward, rows):
     @wraps(forward)
     def per_request_forward(x, position_ids, *args, **kwargs):
         n = position_ids.shape[-1]
-        spans = rows() or [(0, n)]
-        if spans[-1][1] != n:  # positions other than the step's rows (a module's own call): as one request's
-            spans = [(0, n)]
+        spans = rows() or [((0, n), 0)]
+        if spans[-1][0][1] != n:  # positions other than the step's rows (a module's own call): as one request's
+            spans = [((0, n), 0)]
         outputs = []
-        for lo, hi in spans:
+        for (lo, hi), length in spans:
+            positions = position_ids[..., lo:hi]
+            last = positions.new_full((*positions.shape[:-1], 1), length - 1)  # (the frequencies of that length)
+            extend = length - 1 > int(positions.max())  # (a chunk before the prompt's last)
             with lock:
                 _fresh(module)
-                outputs.append(forward(x, position_ids[..., lo:hi], *args, **kwargs))
+                out = forward(x, torch.cat([positions, last], dim=-1) if extend else positions, *args, **kwargs)
+            outputs.append(tuple(o[..., :-1, :] for o in out) if extend else out)
         if len(outputs) == 1:
             return outputs[0]
         return tuple(torch.cat(parts, dim=-2) for parts in zip(*outputs))

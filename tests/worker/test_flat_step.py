@@ -98,3 +98,33 @@ def test_a_long_batch_mate_does_not_change_a_requests_dynamic_rope_frequencies()
 
     alone, beside = decode(False), decode(True)
     assert max((a - b).abs().max().item() for a, b in zip(alone, beside)) < 1e-5
+
+
+def test_a_prompt_prefilled_in_chunks_gets_the_whole_prompts_dynamic_rope_frequencies():
+    """``generate`` rotates a prompt with the frequencies of its whole length; a chunk before the last must get
+    those too (with its own last position's, the keys of a prompt past the original context were rotated otherwise
+    and the next tokens differed: logits 8.5 apart on this model, an audit)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from common import messages as m
+    from services.worker.engine import Engine
+    from services.worker.scheduler import Limits, Scheduler
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, head_dim=16,
+                           max_position_embeddings=16, initializer_range=0.2,
+                           rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
+    model = MixtralForCausalLM(config).eval()
+    prompt = torch.randint(2, 128, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)[0, len(prompt):].tolist()
+    engine = Engine(model, 256)
+    engine.enable_batching()
+    scheduler = Scheduler(Limits(max_running=4, max_step_tokens=12, max_prefill_chunk=8, max_waiting=8))
+    seq = engine.start(m.GenerateRequest("a", prompt, 6))
+    scheduler.add(seq)
+    with torch.inference_mode():
+        while seq.finish_reason is None:
+            engine.run(scheduler.schedule())
+    assert seq.generated == expected
