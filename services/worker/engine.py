@@ -102,6 +102,13 @@ class Engine:
         self.together = Together(steps)  # forwards per request, batched at the MoE layers (recurrent models)
 
     @property
+    def whole_prompts(self) -> bool:
+        """Whether a prompt must be prefilled in one forward: indexed-attention (DSA) layers pick each query's top-k
+        keys among a prompt's keys so that a prompt split in chunks selects others (transformers' own split
+        prefill differs from its whole one too; an audit: logits 0.4-4.9 apart)."""
+        return self.flat_step is not None and self.flat_step.indexed
+
+    @property
     def one_at_a_time(self) -> bool:
         """Whether each request needs a forward of its own (recurrent state the flattened step cannot split)."""
         return self.flat_step is not None and self.flat_step.recurrent

@@ -165,6 +165,7 @@ class FlatStep:
         cache_layers = DynamicCache(config=config).layers
         self.recurrent = any(type(layer).__name__ not in BATCHED_CACHE_LAYERS
                              for layer in cache_layers)
+        self.indexed = any(type(layer).__name__ == "DynamicIndexedLayer" for layer in cache_layers)  # (engine.py)
         # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
         # class whose state is the forward's one request's (so one request per forward)
         self.own_cache = own_cache_class(model)

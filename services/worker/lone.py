@@ -90,6 +90,8 @@ def _rows(value, i: int, lo: int, hi: int, total: int):
         return value[:, lo:hi]
     if isinstance(value, tuple | list):
         return type(value)(_rows(v, i, lo, hi, total) for v in value)
+    if isinstance(value, dict):  # (DeepSeek-V4's position embeddings: {"main": (cos, sin), "compress": ...})
+        return {k: _rows(v, i, lo, hi, total) for k, v in value.items()}
     return value
 
 

@@ -55,6 +55,7 @@ class Limits:
     max_prefill_chunk: int
     max_waiting: int  # requests waiting for a running slot
     kv_bytes: int = 0  # KV cache the running requests may hold together (--kv-cache-memory; 0: no bound)
+    whole_prompts: bool = False  # a prompt is prefilled in one forward (a model whose result depends on the split)
 
     @classmethod
     def from_config(cls, cfg, kv_bytes: int = 0) -> Limits:
@@ -93,11 +94,13 @@ class Scheduler:
         decoding = [seq for seq in self.running if not seq.prompt_left]
         step = [Chunk(seq, seq.next_tokens(1)) for seq in decoding]
         budget -= len(step)
+        whole, first = self.limits.whole_prompts, True
         for seq in self.running:
-            size = min(seq.prompt_left, self.limits.max_prefill_chunk)
-            if 0 < size <= budget:
+            size = seq.prompt_left if whole else min(seq.prompt_left, self.limits.max_prefill_chunk)
+            if 0 < size and (size <= budget or (whole and first)):  # (a whole prompt: its step's first, any size)
                 step.append(Chunk(seq, seq.next_tokens(size)))
                 budget -= size
+                first = False
         return step
 
     def _join(self) -> None:

@@ -128,3 +128,9 @@ def test_a_prompt_prefilled_in_chunks_gets_the_whole_prompts_dynamic_rope_freque
         while seq.finish_reason is None:
             engine.run(scheduler.schedule())
     assert seq.generated == expected
+
+
+def test_indexed_attention_models_prefill_whole_prompts():
+    """DSA's indexer picks other keys when a prompt is split (transformers' own split prefill differs too): the
+    engine prefills such prompts whole; every other family keeps chunking."""
+    assert FlatStep(meta_model("deepseek_v32")).indexed and not FlatStep(meta_model("mixtral")).indexed

@@ -62,6 +62,8 @@ def test_per_token_arguments_are_split_by_request():
     assert [t.shape[1] for t in _rows(cos_sin, 0, 0, 2, 5)] == [2, 2]
     assert _rows(torch.zeros(4, 5), 0, 0, 2, 5).shape == (4, 5)  # not [1, tokens, ...]: whole
     assert _rows(PerRequest(["a", "b"]), 1, 2, 5, 5) == "b"
+    named = _rows({"main": cos_sin, "compress": cos_sin[0]}, 1, 2, 5, 5)  # (DeepSeek-V4's position embeddings)
+    assert [t.shape[1] for t in named["main"]] == [3, 3] and named["compress"].shape[1] == 3
 
 
 def test_outputs_join_rows_and_keep_per_request_extras():

@@ -156,3 +156,14 @@ def test_requests_join_while_their_kv_cache_reservations_fit_the_budget():
         unknown.add(seq)
     unknown.schedule()
     assert [seq.request_id for seq in unknown.running] == ["a", "b", "c", "huge"]
+
+
+def test_whole_prompts_are_prefilled_in_one_step_whatever_their_size():
+    """A model whose forward depends on how a prompt is split (indexed attention) gets each prompt in one step: the
+    first prompt of a step runs whole even above the step budget; the next waits for a step of its own."""
+    import dataclasses
+
+    scheduler = Scheduler(dataclasses.replace(limits(step=24, chunk=16), whole_prompts=True))
+    history, finished = simulate(scheduler, {0: [Seq("a", 3, 2)], 1: [Seq("big", 50, 2), Seq("next", 20, 2)]})
+    assert history[0] == [("a", 3)] and history[1] == [("a", 1), ("big", 50)]  # not 16 + 7
+    assert history[2] == [("big", 1), ("next", 20)] and set(finished) == {"a", "big", "next"}
