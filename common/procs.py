@@ -1,7 +1,21 @@
-"""Process liveness, for peers that watch each other by pid (memd its workers, a worker its memd)."""
+"""Process liveness, for peers that watch each other by pid (memd its workers, a worker its memd), and children
+that die with their parent."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child before its exec (``Popen(preexec_fn=...)``): SIGTERM when its parent dies (Linux), so no child
+    outlives the process that started it (serve's services, memd's indexer)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,7 +16,6 @@ command line, which every local user can read.
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import signal
 import socket
@@ -29,20 +28,13 @@ from pathlib import Path
 
 from common.config import (ADMIN_SOCKET, KV_AUTO_SHARE, MEMD_SOCKET, MEMD_TRACE_SOCKET, env_name, state_socket,
                            worker_socket)
+from common.procs import die_with_parent
 from common.serve_config import ServeConfig
 from common.zmq_utils import remove_ipc_file
 from services.memd.pool import SHM_DIR, owner_pid, pool_name
 
-PR_SET_PDEATHSIG = 1
 API_KEY_ENV = env_name("api_key")
 STOP_TIMEOUT_S = 8.0  # SIGTERM to every child at once, SIGKILL after this: all are gone in < 10 s
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -60,7 +52,7 @@ class Child:
 
     def start(self) -> None:
         cmd = self.cmd or [sys.executable, "-m", "services.cli", *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, env=self.env, preexec_fn=die_with_parent)
         self.started = time.monotonic()
 
     def alive(self) -> bool:

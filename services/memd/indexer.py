@@ -23,6 +23,7 @@ import msgspec
 
 from common.checkpoint import Checkpoint, CheckpointError
 from common.expert_index import ExpertIndex, IndexResult, checkpoint_key
+from common.procs import die_with_parent
 
 log = logging.getLogger("moeinf.memd")
 FILE_NAME = "expert-index.msgpack"
@@ -91,10 +92,16 @@ def _cached(path: Path, key: str) -> ExpertIndex | None:
 
 def _run_indexer(directory: Path) -> ExpertIndex:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "services.memd.indexer", str(directory)], stdout=subprocess.PIPE,
-                          env=env, check=False)  # its stderr (transformers' warnings) is memd's
+    proc = subprocess.Popen([sys.executable, "-m", "services.memd.indexer", str(directory)], stdout=subprocess.PIPE,
+                            env=env, preexec_fn=die_with_parent)  # its stderr (transformers' warnings) is memd's
     try:
-        result = _decode(proc.stdout)
+        out, _ = proc.communicate()
+    finally:  # memd stopped meanwhile (SIGTERM raises in it): the indexer goes with it, never orphaned
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    try:
+        result = _decode(out)
     except msgspec.DecodeError:
         raise CheckpointError(f"indexing {directory} failed: the indexer ({sys.executable} -m"
                               f" services.memd.indexer) exited with status {proc.returncode}") from None

@@ -89,6 +89,8 @@ def run(cfg: MemdConfig) -> int:
     install_from_env()
     if cpus := pin_cpus(cfg.io_cpus, "--io-cpus"):  # before the reader threads start: they inherit it
         log.info("memd's threads run on CPUs %s (--io-cpus)", format_cpus(cpus))
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # until _serve's handlers: a stop unwinds through ``finally``
+        signal.signal(sig, _stop_before_serving)  # (indexing included: its child is killed), removing what is made
     store, new_index = open_store(cfg)
     num_slots = plan_pool(cfg, store)
     log.info("checkpoint %s: %s, %d MoE layers x %d experts, %s each, %s of experts in all", cfg.model,
@@ -102,8 +104,6 @@ def run(cfg: MemdConfig) -> int:
     access.makedirs(cfg.state_dir)  # a new state directory is 0700 (0770 with --group), whatever the umask
     lock = StateLock(cfg.state_dir)
     backend = control = None
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # until _serve's handlers: a stop unwinds through ``finally``,
-        signal.signal(sig, _stop_before_serving)  # which removes the regions already made
     try:
         if new_index is not None:
             save_index(cfg.state_dir, new_index, cfg.index_cache_dir)

@@ -1,6 +1,7 @@
 """``moeinf memd`` as a real process: bad inputs fail fast with one clear line and leave nothing behind; a
 stale region is reclaimed; one memd per state directory; SIGTERM/SIGINT clean up the pool and the sockets.
 (The autouse ``no_leaked_shm`` fixture checks /dev/shm after every test.)"""
+import contextlib
 import os
 import shutil
 import signal
@@ -212,3 +213,37 @@ def test_sigterm_before_memd_serves_removes_its_regions(mixtral, state_dir):
         stop(proc)
         for r in regions:
             r.unlink(missing_ok=True)
+
+
+def test_sigterm_while_memd_indexes_stops_the_indexer_too(mixtral, state_dir, tmp_path):
+    """A stop while the indexer child reads the checkpoint (a fresh state directory, no index cached): memd exits
+    and takes the indexer with it (it ran on as an orphan, an audit: `docker stop` right after a start)."""
+    import time
+
+    proc = spawn(["memd", "--model", str(mixtral), "--state-dir", str(state_dir), "--expert-memory", "25%",
+                  "--index-cache-dir", str(tmp_path / "no-index-yet")], state_dir.parent / "memd.log")
+    children = []
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (children := _children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "memd never started its indexer"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT_S) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 5
+        while any(os.path.exists(f"/proc/{pid}") for pid in children):
+            assert time.monotonic() < deadline, f"the indexer {children} outlived memd"
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
