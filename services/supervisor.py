@@ -116,7 +116,8 @@ class Supervisor:
 
     @property
     def url(self) -> str:
-        return f"http://{self.cfg.host}:{self.cfg.port}"
+        host = self.cfg.host
+        return f"http://[{host}]:{self.cfg.port}" if ":" in host else f"http://{host}:{self.cfg.port}"  # (IPv6)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -302,7 +303,8 @@ def demo_model(cfg: ServeConfig) -> Path:
 def port_free(host: str, port: int) -> None:
     """A clear error now, not a gateway that cannot bind (and a probe answered by whatever holds the port)."""
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # (an IPv6 address: its family)
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
         raise RuntimeError(f"cannot listen on {host}:{port} ({exc.strerror}): is another server there? pick another"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import CheckpointError
+from common.config import env_name
 from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode, numpy_dtype
 from common.expert_index import ExpertIndex, align_up
@@ -170,6 +171,9 @@ def run_convert(args) -> int:
     from common.config import default_state_dir
     from common.sizes import format_bytes
 
+    if args.expert_format is not None and args.expert_format not in FORMATS:  # (MOEINF_EXPERT_FORMAT's value)
+        raise SystemExit(f"moeinf convert: MOEINF_EXPERT_FORMAT={args.expert_format!r}: choose one of"
+                         f" {', '.join(FORMATS)}, or unset it")
     root = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
     if args.expert_format:
         store = CompressedStore.of(args.model, args.expert_format, root).open()
@@ -197,10 +201,12 @@ def add_convert_parser(sub) -> None:
                                    " memd then reads them from the cache. Without --expert-format: the experts as"
                                    " memd lays them into a CPU worker's slots, unchanged (--slot-cache).")
     p.add_argument("--model", required=True, help="a checkpoint directory (bf16/fp16/fp32 for --expert-format)")
-    p.add_argument("--expert-format", choices=list(FORMATS), help="compress (lossy); unset: lossless slot images")
-    p.add_argument("--state-dir", default=os.environ.get("MOEINF_STATE_DIR"),
+    env = {name: os.environ.get(env_name(name)) or None for name in ("expert_format", "state_dir", "expert_cache_dir")}
+    p.add_argument("--expert-format", choices=list(FORMATS), default=env["expert_format"],
+                   help="compress (lossy); unset: lossless slot images [env MOEINF_EXPERT_FORMAT, as memd reads it]")
+    p.add_argument("--state-dir", default=env["state_dir"],
                    help="memd's --state-dir [env MOEINF_STATE_DIR, as memd reads it; default ~/.local/state/moeinf]")
-    p.add_argument("--expert-cache-dir", default=os.environ.get("MOEINF_EXPERT_CACHE_DIR"),
+    p.add_argument("--expert-cache-dir", default=env["expert_cache_dir"],
                    help="memd's --expert-cache-dir [env MOEINF_EXPERT_CACHE_DIR; default <state-dir>/expert-cache]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)

@@ -186,3 +186,23 @@ def test_worker_threads_need_as_many_cpus(tmp_path):
     assert WorkerConfig(model=tmp_path, threads=1, cpus=first).cpus == first
     with pytest.raises(ValueError, match="--io-cpus"):
         MemdConfig(model=tmp_path, io_cpus="a")
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: build_config(WorkerConfig, env={}, model="/m", threads="-2"), "--threads -2"),
+    (lambda: build_config(MemdConfig, env={}, model="/m", pool_backend="cuda", cuda_device="-1"), "--cuda-device -1"),
+    (lambda: ServeConfig(restart_window_s=float("nan")), "--restart-window-s"),
+    (lambda: ServeConfig(startup_timeout_s=float("nan")), "--startup-timeout-s"),
+])
+def test_values_that_would_fail_later_are_refused_at_the_start(build, match):
+    """A negative thread count failed in torch after the model loaded (not naming --threads); a NaN restart window
+    never aged a crash out; a negative GPU index started."""
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build()
+
+
+def test_health_refuses_a_port_outside_tcps_range():
+    from services.health import HealthConfig
+
+    with pytest.raises(ValueError, match="--port 99999"):
+        HealthConfig(port=99999)

@@ -230,6 +230,16 @@ def test_serve_refuses_a_port_another_server_holds(tmp_path):
             sv.port_free("127.0.0.1", port)
     with pytest.raises(ValueError, match="1-65535"):
         ServeConfig(port=0)
+    if socket.has_ipv6:  # an IPv6 address is checked in its own family (it was refused as not IPv4)
+        try:
+            with socket.create_server(("::1", 0), family=socket.AF_INET6) as v6:
+                free = v6.getsockname()[1]
+        except OSError:
+            return  # (no IPv6 loopback here)
+        sv.port_free("::1", free)
+        supervisor = sv.Supervisor.__new__(sv.Supervisor)
+        supervisor.cfg = ServeConfig(host="::1", port=free)
+        assert supervisor.url == f"http://[::1]:{free}"
 
 
 def test_one_worker_gets_its_socket_name_from_serve_not_from_the_environment(tmp_path, monkeypatch):

@@ -185,3 +185,15 @@ def test_scales_of_another_dtype_are_refused(quantized, tmp_path):
     with pytest.raises(CheckpointError, match=r"weight_scale_inv: fp8 scales of dtype .*U8.*; moeinf takes one of"
                                               r" BF16, F16, F32 for every expert"):
         ExpertStore(Checkpoint(path))
+
+
+def test_convert_reads_memds_environment(monkeypatch):
+    """`docker compose exec memd moeinf convert` in a memd set up by MOEINF_* variables converts what that memd
+    reads (it built lossless slot images whatever MOEINF_EXPERT_FORMAT said)."""
+    from services.cli import build_parser
+
+    monkeypatch.setenv("MOEINF_EXPERT_FORMAT", "fp8")
+    monkeypatch.setenv("MOEINF_STATE_DIR", "/srv/state")
+    args = build_parser().parse_args(["convert", "--model", "/m"])
+    assert (args.expert_format, args.state_dir) == ("fp8", "/srv/state")
+    assert build_parser().parse_args(["convert", "--model", "/m", "--expert-format", "mxfp4"]).expert_format == "mxfp4"
