@@ -9,6 +9,7 @@ _UNITS = {
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
+MAX_BYTES = 2.0**64  # a size past this is a typo (and past a float's range, inf), not a machine's memory
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _PCT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
 
@@ -43,7 +44,10 @@ def parse_size(text: str | int, *, what: str = "size") -> SizeSpec:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"{what} {text!r} is not a size: use bytes (1048576), units (512MiB, 4GiB, 2GB)"
                          " or a percentage (25%)")
-    nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value < MAX_BYTES:  # (digits beyond a float's range are inf, which int() cannot take)
+        raise ValueError(f"{what} {text!r} is beyond any machine's memory or disk (at most {MAX_BYTES:.0e} bytes)")
+    nbytes = int(value)
     if nbytes <= 0:
         raise ValueError(f"{what} {text!r} must be positive")
     return SizeSpec(nbytes=nbytes)

@@ -35,11 +35,12 @@ from services.memd.eamc_share import export_eamc
 from services.memd.loads import LoadError
 from services.memd.leases import others_hold
 from services.memd.policy import Key
-from services.memd.replies import CodedError, answer, send_error
+from services.memd.replies import CodedError, Refusals, answer, send_error
 from services.memd.slots import PoolExhausted
 
 log = logging.getLogger("moeinf.memd.admin")
 MAX_MSG_BYTES = 1 << 20
+TCP_HWM = 64  # messages queued each way per TCP admin peer
 RECLAIM_INTERVAL_S, RECLAIM_TRIES = 0.5, 20  # asking workers again for experts that must leave
 
 
@@ -54,6 +55,8 @@ class AdminServer:
         self.slot_bytes = self.store.slot_bytes
         self.pool = server.pool
         self.pins: set[Key] = set()  # the admin's own pins (at most capacity minus one layer)
+        self.pin_loads: dict[Key, asyncio.Future] = {}  # reads a pin started, by expert (a second pin waits for them)
+        self.refusals = Refusals(log)  # wrong tokens over TCP
         self.started = time.monotonic()
         self.memory = server.memory  # the retired slots' memory (the slot table tells it when one is free)
         self.resizing = asyncio.Lock()
@@ -77,7 +80,8 @@ class AdminServer:
 
     def _bind_tcp(self, ctx) -> zmq.Socket:
         try:
-            sock = make_socket(ctx, zmq.ROUTER, f"tcp://{self.cfg.admin_tcp}", bind=True, max_msg_bytes=MAX_MSG_BYTES)
+            sock = make_socket(ctx, zmq.ROUTER, f"tcp://{self.cfg.admin_tcp}", bind=True, max_msg_bytes=MAX_MSG_BYTES,
+                               hwm=TCP_HWM)  # (a peer that sends without reading is held back, not queued for)
         except zmq.ZMQError as exc:
             raise RuntimeError(f"--admin-tcp {self.cfg.admin_tcp}: cannot listen there: {exc}") from None
         log.info("admin socket also on tcp://%s (token required)", self.cfg.admin_tcp)
@@ -105,9 +109,9 @@ class AdminServer:
                 await send_error(sock, identity, request_id_of(frame), "bad_request", str(exc))
                 continue
             if tcp and not hmac.compare_digest(req.token.encode(), self.cfg.admin_token.encode()):
-                log.warning("refused an admin %s over TCP: wrong token", op.name)
-                await send_error(sock, identity, rid, "unauthorized", "wrong admin token (memd --admin-token,"
-                                  " env MOEINF_ADMIN_TOKEN)")
+                if self.refusals.refuse(identity, op.name):  # (a flood is answered a few times, logged now and then)
+                    await send_error(sock, identity, rid, "unauthorized", "wrong admin token (memd --admin-token,"
+                                      " env MOEINF_ADMIN_TOKEN)")
                 continue
             if PROTOCOL[op].handler is Handler.ASYNC:
                 task = asyncio.create_task(self._handle(sock, identity, op, rid, req))
@@ -284,6 +288,9 @@ class AdminServer:
     async def on_pin(self, req: a.PinRequest) -> a.PinReply:
         keys = self._keys(req.experts)
         new = [k for k in keys if k not in self.pins]
+        if leaving := [k for k in new if self.table.slot_of.get(k, -1) >= self.table.capacity]:
+            raise AdminError("capacity", f"{_names(leaving)} still sit in slots a shrink retired (a worker reads them):"
+                                     " pin them once they have left (`moeinf admin experts` shows them leaving)")
         limit = self.table.capacity - self.store.num_experts
         if len(self.pins) + len(new) > limit:
             raise AdminError("capacity", f"the admin may pin at most {limit} experts (the pool's {self.table.capacity}"
@@ -293,10 +300,14 @@ class AdminServer:
             self.pins.add(key)
             self.table.pin(key)
         wait = lambda: others_hold(self.server.clients.values(), None, self.server.reclaim_leases)  # noqa: E731
-        loads = [self.loads.load_without_free_slot(k, False, wait) for k in new if not self.table.is_resident(k)]
+        loads = {k: asyncio.ensure_future(self.loads.load_without_free_slot(k, False, wait)) for k in new
+                 if not self.table.is_resident(k)}
+        for key, load in loads.items():  # a pin of the same expert meanwhile waits for this read (not a slot yet)
+            self.pin_loads[key] = load
+            load.add_done_callback(lambda _, key=key: self.pin_loads.pop(key, None))
         try:
-            await asyncio.gather(*loads)
-        except (PoolExhausted, LoadError) as exc:
+            await asyncio.gather(*(self.pin_loads[k] for k in dict.fromkeys(keys) if k in self.pin_loads))
+        except (PoolExhausted, LoadError) as exc:  # (an earlier pin's read failed too: that pin undoes its own)
             for key in new:
                 self._unpin(key)
             raise AdminError("capacity" if isinstance(exc, PoolExhausted) else "io", str(exc)) from None

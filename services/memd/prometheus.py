@@ -29,11 +29,14 @@ MEMD_COUNTERS = frozenset({
     "prefetch_deferred", "prefetch_declined", "reader_busy_seconds", "host_hits", "host_misses", "copy_bytes",
     "copy_seconds", "ring_reuse_waits", "cpu_experts", "read_events", "images_written", "cancelled_bytes",
 })
-MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts"}
+MEMD_RENAMED = {"num_slots": "pool_slots", "resident": "resident_experts", "pinned": "pinned_experts",
+                "read_bandwidth": "read_bandwidth_bytes_per_second",  # (the unit in the name)
+                "layer_notes": "notes", "layer_seconds": "layer_compute_seconds"}  # (not per-layer families)
+MEMD_SKIPPED = frozenset({"next_gate"})  # StatsReply's next_gate is speculation's distance 1: exported once
 MEMD_LABELS = frozenset({"pid"})  # numbers that identify rather than measure: labels of moeinf_memd_info
 MEMD_HELP = {
     "pool_bytes": "bytes of the expert pool", "num_slots": "expert slots in the pool",
-    "resident": "experts resident in the pool", "pinned": "experts pinned or leased by a worker",
+    "resident": "experts resident in the pool", "pinned": "experts pinned: a worker's acquire or lease, or the admin",
     "acquires": "ACQUIRE messages from workers",
     "acquires_partial": "acquires answered while some of their loads ran (the worker computed the others meanwhile)",
     "leased_layers": "MoE layers a worker computed from its leased experts, with no message to memd",
@@ -128,12 +131,14 @@ def _memd_families(stats: m.StatsReply):
       ``moeinf_memd_<x>`` (a gauge); ``MEMD_RENAMED`` gives a few clearer names; a bool is a 0/1 gauge;
     - strings and ``MEMD_LABELS`` become labels of ``moeinf_memd_info``;
     - a list of numbers ``<x>_per_layer`` is ``moeinf_memd_layer_<x>{layer=...}``;
-    - a list of records (``layers``, ``lookahead``, ``next_gate``, ``speculation``) is one family per field,
+    - a list of records (``layers``, ``lookahead``, ``speculation``) is one family per field,
       ``moeinf_memd_<list>_<field>`` (``layers`` named ``layer``), labelled by the record's first field (``layer``,
-      ``distance``); an empty list emits nothing.
+      ``distance``); an empty list emits nothing; ``MEMD_SKIPPED`` fields (a copy of another) are not exported.
     """
     info = {}
     for name in m.field_names(stats):
+        if name in MEMD_SKIPPED:
+            continue
         value = getattr(stats, name)
         if isinstance(value, str) or name in MEMD_LABELS:
             info[name] = str(value)

@@ -390,7 +390,7 @@ class MemdServer:
     def on_stats(self, identity: bytes, req: m.StatsRequest) -> m.StatsReply:
         c, t = self.table.counters, self.table
         live_bytes = t.capacity * self.store.slot_bytes  # after an admin resize: the live size, not the region's
-        return m.StatsReply(os.getpid(), live_bytes, t.capacity, len(t.slot_of) - len(t.loading), t.num_pinned,
+        return m.StatsReply(os.getpid(), live_bytes, t.capacity, t.live_resident(), t.num_pinned,
                             c.hits, c.misses, c.evictions, c.bytes_read, c.read_seconds, c.stall_seconds,
                             self.reader.direct_io, t.resident_per_layer(self.store.num_layers),
                             read_bandwidth=self.reader.bandwidth or 0.0, reader_busy_seconds=self.loads.busy_seconds(),

@@ -69,10 +69,15 @@ class SlotTable:
 
     def resident_per_layer(self, num_layers: int) -> list[int]:
         counts = [0] * num_layers
-        for key in self.slot_of:
-            if key not in self.loading:  # (as ``resident`` counts: read in full)
+        for key, slot in self.slot_of.items():
+            if key not in self.loading and slot < self.capacity:  # (as ``live_resident`` counts)
                 counts[key[0]] += 1
         return counts
+
+    def live_resident(self) -> int:
+        """Experts read in full into live slots (not those leaving retired slots after a shrink: a count of the
+        live pool's occupants, so resident / capacity stays <= 1)."""
+        return sum(1 for key, slot in self.slot_of.items() if slot < self.capacity and key not in self.loading)
 
     # ---- transitions
     def pin(self, key: Key) -> None:

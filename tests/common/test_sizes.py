@@ -86,3 +86,15 @@ def test_parse_bytes_refuses_a_share():
     assert parse_bytes("4MiB", what="--read-chunk") == 4 << 20 and parse_bytes(4096) == 4096
     with pytest.raises(ValueError, match="--disk-probe '25%': give a size in bytes"):
         parse_bytes("25%", what="--disk-probe")
+
+
+def test_a_size_beyond_any_machine_is_a_clear_error_not_an_overflow():
+    """Digits past a float's range were inf, and int(inf) raised OverflowError: a traceback in the CLI and an
+    'internal' error from memd's admin resize (an audit)."""
+    import pytest
+
+    from common.sizes import parse_size
+
+    for text in ("1" + "9" * 400, str(2**64), "20000000TiB"):
+        with pytest.raises(ValueError, match="beyond any machine"):
+            parse_size(text, what="--expert-memory")

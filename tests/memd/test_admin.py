@@ -71,6 +71,7 @@ def test_slot_table_shrinks_lazily_and_grows_back():
     assert t.shrink(2) == (0, [(0, 2), (1, 0)])  # slot 2 pinned, slot 3 loading: they leave later
     assert sorted(retired) == [4, 5] and t.free == [] and t.capacity == 2
     assert t.must_leave((0, 2)) and not t.must_leave((0, 0))
+    assert t.live_resident() == 2 and t.resident_per_layer(2) == [2, 0]  # (0, 2) leaving: not the live pool's
     t.loaded((1, 0))  # its load ends: nothing pins it, it leaves at once
     assert (1, 0) not in t.slot_of and retired[-1] == 3
     t.unpin((0, 2))  # the last pin goes: it leaves
@@ -142,6 +143,58 @@ def test_pin_experts_unpin(stack, worker):
     assert code == 1 and "9:0 out of range: MoE layers 0..3, experts 0..7" in err
     tokens, _ = worker.generate(PROMPTS[1], 4)  # still serving
     assert len(tokens) == 4
+
+
+def test_a_pin_of_an_expert_leaving_a_retired_slot_is_refused():
+    """After a shrink, an expert a worker still reads sits in a retired slot until it leaves: an admin pin there
+    held it in the retired slot for good (the state the shrink's own check refuses), so the pin is refused."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from common import admin_messages as a
+    from services.memd.admin import AdminError, AdminServer
+    from services.memd.policy import make_policy
+    from services.memd.slots import SlotTable
+
+    t = SlotTable(4, 2, make_policy("lru", 2, 2))
+    for key in [(0, 0), (0, 1), (1, 0)]:
+        t.reserve(key)
+        t.loaded(key)
+    t.pin((1, 0))  # a worker's: slot 2 retires with it inside
+    t.shrink(2)
+    server = AdminServer.__new__(AdminServer)
+    server.table, server.pins, server.store = t, set(), SimpleNamespace(num_layers=2, num_experts=2)
+    with pytest.raises(AdminError, match="1:0 still sit in slots a shrink retired"):
+        asyncio.run(server.on_pin(a.PinRequest("", [a.ExpertKey(1, 0)])))
+    assert not server.pins and t.pins == {(1, 0): 1}
+
+
+def test_two_pins_of_an_expert_being_read_both_answer_its_slot(stack):
+    """A second pin of an expert whose read the first pin started waits for that read (it answered 'internal': no
+    slot yet, an audit); both get the expert's slot, and one unpin undoes the admin's one pin."""
+    import zmq
+
+    from common import admin_messages as a
+    from common.codec import decode, encode
+    from common.zmq_utils import make_socket
+
+    admin(stack.state_dir, "drop")
+    wait_until(lambda: admin(stack.state_dir, "stats")["stats"]["resident"] == 0, what="the drop")
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER, f"ipc://{stack.state_dir / 'admin.sock'}", bind=False)
+    try:
+        for rid in (1, 2):  # back to back: the second arrives while the first's read is in flight
+            sock.send(encode(Op.ADMIN_PIN, rid, a.PinRequest("", [[2, 5]])))
+        replies = []
+        for _ in range(2):
+            assert sock.poll(30_000), "memd did not answer a pin"
+            replies.append(decode(sock.recv(), reply=True)[2])
+    finally:
+        sock.close()
+        ctx.term()
+    assert all(isinstance(r, a.PinReply) for r in replies), replies
+    assert replies[0].slots == replies[1].slots and replies[1].admin_pinned == 1
+    assert admin(stack.state_dir, "unpin", "2:5") == {"unpinned": 1, "admin_pinned": 0}
 
 
 def test_a_shrink_that_would_strand_an_admin_pin_in_a_retired_slot_is_refused(stack):

@@ -115,3 +115,18 @@ def test_metrics_port_knob():
     assert (cfg.metrics_port, cfg.metrics_host) == (9464, "0.0.0.0")
     with pytest.raises(ValueError, match="--metrics-port 70000"):
         build_config(MemdConfig, env={}, model="/m", metrics_port=70000)
+
+
+def test_names_carry_their_unit_and_no_family_is_exported_twice():
+    """The read rate says its unit; the notes counter and a layer's compute time are not per-layer families (they
+    sat among moeinf_memd_layer_*{layer} without the label); next_gate, speculation's distance 1, is exported once."""
+    stats = m.StatsReply(**{f.name: (0.5 if hint is float else 3 if hint is int else True if hint is bool else "x")
+                            for f, hint in ((f, typing.get_type_hints(m.StatsReply, vars(m))[f.name])
+                                            for f in msgspec.structs.fields(m.StatsReply))
+                            if f.default_factory is msgspec.NODEFAULT},
+                         speculation=[m.LookaheadStats(1, 4, 3, 5)], next_gate=[m.LookaheadStats(1, 4, 3, 5)])
+    names = {f.name for f in memd_families(stats)}
+    assert {"moeinf_memd_read_bandwidth_bytes_per_second", "moeinf_memd_notes",
+            "moeinf_memd_layer_compute_seconds", "moeinf_memd_speculation_predicted"} <= names
+    assert not {n for n in names if n.startswith("moeinf_memd_next_gate")}
+    assert not {"moeinf_memd_read_bandwidth", "moeinf_memd_layer_notes", "moeinf_memd_layer_seconds"} & names

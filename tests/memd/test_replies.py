@@ -53,3 +53,25 @@ async def test_none_sends_nothing_and_a_vanished_peer_is_dropped():
     await answer(sock, b"w", Op.RELEASE, 7, lambda: None)
     assert sock.sent == []
     await answer(Socket(fail=True), b"gone", Op.READY, 8, lambda: m.ReadyReply())  # does not raise
+
+
+def test_a_flood_of_wrong_admin_tokens_is_answered_a_few_times_and_logged_now_and_then(monkeypatch):
+    """Each wrong-token frame over TCP cost a warning line and a queued reply on memd's loop (an audit's flood of
+    200k frames slowed a completion 25x): a peer is answered 3 times, the log counts refusals every 10 s."""
+    import logging
+
+    from services.memd import replies
+    from services.memd.replies import Refusals
+
+    clock = [100.0]
+    monkeypatch.setattr(replies.time, "monotonic", lambda: clock[0])
+    lines = []
+    log = logging.getLogger("test.refusals")
+    monkeypatch.setattr(log, "warning", lambda fmt, *args: lines.append(fmt % args))
+    refusals = Refusals(log)
+    answered = [refusals.refuse(b"peer", "ADMIN_STATS") for _ in range(1000)]
+    assert answered == [True] * 3 + [False] * 997 and refusals.refuse(b"other", "ADMIN_PIN")
+    assert len(lines) == 1 and "refused 1 admin request(s)" in lines[0]
+    clock[0] += 10.0
+    refusals.refuse(b"peer", "ADMIN_STATS")
+    assert len(lines) == 2 and "refused 1001 admin request(s)" in lines[1]
