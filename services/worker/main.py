@@ -203,8 +203,9 @@ def run(cfg: WorkerConfig) -> int:
         limits = Limits.from_config(cfg, budget)
         if engine.whole_prompts:
             limits = dataclasses.replace(limits, whole_prompts=True)
-            log.info("%s has indexed-attention (DSA) layers, whose top-k keys depend on how a prompt is split: every"
-                     " prompt is prefilled in one forward (--max-prefill-chunk does not apply)", model.config.model_type)
+            log.info("%s has indexed-attention (DSA) layers, whose top-k keys depend on how a prompt is split:"
+                     " every prompt is prefilled in one forward (--max-prefill-chunk does not apply)",
+                     model.config.model_type)
         if engine.one_at_a_time:  # their state is per request: one forward each, batched at the MoE layers
             log.info("%s has recurrent layers: each request of a step runs its own forward, the MoE layers batched",
                      model.config.model_type)
