@@ -19,7 +19,7 @@ from transformers import AttentionInterface, Cache, DynamicCache
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING, create_recurrent_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from services.worker import rope
+from services.worker import rope, rotary
 from services.worker.device import current
 from services.worker.kv_cache import growing_cache
 from services.worker.lone import attention_modules, run_alone
@@ -227,7 +227,7 @@ class FlatStep:
         positions = torch.cat([torch.arange(p.past, p.past + len(p.tokens)) for p in parts]).unsqueeze(0).to(dev)
         self.run = run = StepLayout(self, parts)
         try:
-            with current(dev):
+            with current(dev), rotary.active():
                 out = self.model(input_ids=input_ids, position_ids=positions, cache=run.cache, use_cache=True,
                                  logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev))
         finally:

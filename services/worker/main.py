@@ -22,7 +22,7 @@ from common.sizes import format_bytes
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
 from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
-                            matvec_checks, prepack, rms_norm, router_kernel)
+                            matvec_checks, prepack, rms_norm, rotary, router_kernel)
 from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
@@ -94,6 +94,9 @@ def attach(cfg: WorkerConfig) -> Attached:
             routers = router_kernel.wrap_routers(model, mv)
             log.info("--matvec-kernel %s: %d routers route decode rows in one call each (router.c, their own bits)",
                      cfg.matvec_kernel, routers)
+            if rotated := rotary.wrap_rotary(model, mv.kernels):
+                log.info("--matvec-kernel %s: %d modeling files' rotary embedding in one call per tensor (rotary.c,"
+                         " their own bits)", cfg.matvec_kernel, rotated)
         attention = None
         if cfg.attention_kernel != "torch" and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",
