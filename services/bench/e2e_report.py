@@ -48,7 +48,7 @@ def build_doc(opts, sweep, disk, single=None, compute=None) -> dict:
     return {
         "disk_read_gbps": disk.gbps, "disk_read_direct": disk.direct, "disk_read_bytes": disk.bytes_read,
         "disk_read_streams": disk.streams, "disk_read_chunk": disk.chunk,
-        "disk_read_of": "memd's slot images" if getattr(sweep, "image_file", None) else "the checkpoint",
+        "disk_read_of": "memd's slot images" if sweep.image_file else "the checkpoint",
         "disk_read_gbps_single_stream": single.gbps if single else None,
         "disk_read_limit_bytes_per_s": opts.read_limit_bytes(),
         "prompts": sweep.workloads.label(), "warm_eamc": sweep.workloads.warm, "seed": opts.seed,

@@ -118,14 +118,14 @@ class IncrementalDetokenizer:
         if full.endswith(REPLACEMENT) and len(self.ids) - self.read_offset < MAX_HELD:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        return full[len(prefix):]  # ("" where nothing was added)
 
     def flush(self) -> str:
         """At the end, whatever is left (even an incomplete character)."""
         prefix = self.codec.decode(self.ids[self.prefix_offset:self.read_offset])
         full = self.codec.decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(prefix):] if len(full) > len(prefix) else ""
+        return full[len(prefix):]  # ("" where nothing was added)
 
 
 class StopMatcher:
