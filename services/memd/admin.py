@@ -306,7 +306,7 @@ class AdminServer:
             self.pin_loads[key] = load
             load.add_done_callback(lambda _, key=key: self.pin_loads.pop(key, None))
         try:
-            await asyncio.gather(*(self.pin_loads[k] for k in dict.fromkeys(keys) if k in self.pin_loads))
+            await asyncio.gather(*(self.pin_loads[k] for k in keys if k in self.pin_loads))  # (keys: distinct)
         except (PoolExhausted, LoadError) as exc:  # (an earlier pin's read failed too: that pin undoes its own)
             for key in new:
                 self._unpin(key)

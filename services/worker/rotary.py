@@ -88,8 +88,8 @@ def wrap_rotary(model: nn.Module, kernels) -> int:
 
 
 def _rotate(own, kernel: RotaryKernel, q, k, cos, sin, *args, **kwargs):
-    if not ACTIVE.get() or args or kwargs.get("unsqueeze_dim", 1) != 1 or len(kwargs) > ("unsqueeze_dim" in kwargs) \
-            or not kernel.takes(q, cos, sin) or not kernel.takes(k, cos, sin):
+    plain = not args and all(name == "unsqueeze_dim" for name in kwargs) and kwargs.get("unsqueeze_dim", 1) == 1
+    if not ACTIVE.get() or not plain or not kernel.takes(q, cos, sin) or not kernel.takes(k, cos, sin):
         return own(q, k, cos, sin, *args, **kwargs)
     q_out, k_out = kernel.run(q, cos, sin), kernel.run(k, cos, sin)
     return (q_out, k_out) if q_out is not None and k_out is not None else own(q, k, cos, sin, *args, **kwargs)
