@@ -12,7 +12,11 @@ Side by side, in one run, on the same file (the checkpoint's largest shard, its 
   the slot where the alignment allows; rows a multiple of 2 KiB long are spread apart, ``services/memd/spread.py``,
   so they are staged and placed row by row);
 * the same reader from memd's lossless slot images (``--slot-cache``, ``services/memd/slot_images.py``: converted
-  first where missing), beside the multi-stream probe of the same bytes of the image file.
+  first where missing), beside the multi-stream probe of the same bytes of the image file;
+* the same reader from the compressed slot images (``--slot-compression zstd``, ``packed_images.py``): fewer bytes
+  from the disk, decoded into the slots by the reader threads. Its probe reads the lossless images (the compressed
+  file has holes, which read as zeros without the disk). Its expert bytes placed per second over the lossless
+  images' reader in the same round (median) say whether compression pays on this disk and CPU.
 
 Each reader's bandwidth is bytes read over wall time; the target is >= 90% of the multi-stream probe of its own
 file. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a burst allowance
@@ -48,6 +52,7 @@ class ReaderRun:
     direct_bytes: int
     bounce_bytes: int
     alignment: str
+    placed: int = 0  # expert bytes placed in the slots (the slots' size; compressed images read fewer)
 
 
 def fio_bandwidth(path: Path, nbytes: int, depth: int, chunk: int) -> Bandwidth | str:
@@ -78,13 +83,16 @@ def checkpoint_source(model: Path, file: Path, experts: int | None):
     return store, keys[:experts]
 
 
-def image_source(model: Path, experts: int | None, cache_dir: Path | None):
-    """``(images, keys)``: the same slots as memd's lossless slot images (``--slot-cache``), the first ``experts``
-    of the cache file, converted first if missing (its probe reads those bytes of the same file)."""
+def image_source(model: Path, experts: int | None, cache_dir: Path | None, packed: bool = False):
+    """``(images, keys)``: the same slots as memd's lossless slot images (``--slot-cache``; ``packed``: compressed,
+    ``--slot-compression zstd``), the first ``experts`` of the cache file, converted first if missing (its probe
+    reads those bytes of the same file)."""
     from common.config import default_state_dir
+    from services.memd.packed_images import PackedImages
     from services.memd.slot_images import LosslessImages, cache_root
 
-    images = LosslessImages.of(model, cache_root(default_state_dir(), cache_dir)).open()
+    kind = PackedImages if packed else LosslessImages
+    images = kind.of(model, cache_root(default_state_dir(), cache_dir)).open()
     keys = sorted(images.segments)[:experts]
     images.prepare_many(keys)
     return images, keys
@@ -117,14 +125,14 @@ def reader_bandwidth(store, keys: list, threads: int, chunk: int) -> ReaderRun:
     s = reader.stats
     return ReaderRun(Bandwidth(total, seconds, direct, threads, reader.chunk), len(keys), s.staged_segments,
                      s.segments, spread, s.direct_bytes, s.bounce_bytes,
-                     reader.align.describe() if reader.align else "no O_DIRECT")
+                     reader.align.describe() if reader.align else "no O_DIRECT", len(keys) * store.slot_bytes)
 
 
 def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | None, rounds: int,
             cache_dir: Path | None = None) -> dict:
     """Single-stream probe and fio once; then ``rounds`` rounds of, for each source (the checkpoint as stored, the
     slot images), the multi-stream probe of its file and the reader over about the same bytes, alternating which
-    goes first (a VM disk's burst credit then favours neither)."""
+    goes first, and the sources' order (a VM disk's burst credit then favours none)."""
     from common.checkpoint import Checkpoint
 
     files = sorted(Checkpoint(model).files, key=lambda f: f.stat().st_size, reverse=True)[:1]
@@ -136,14 +144,17 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
     stored, stored_keys = checkpoint_source(model, files[0], experts)
     progress(f"slot images: {experts} experts (converted first where missing)")
     images, image_keys = image_source(model, experts, cache_dir)
+    progress(f"compressed slot images: {experts} experts (packed first where missing)")
+    packed, packed_keys = image_source(model, experts, cache_dir, packed=True)
     try:
         sources = {"checkpoint": (stored, stored_keys, files, nbytes),
-                   "images": (images, image_keys, [images.path], len(image_keys) * images.slot_bytes)}
+                   "images": (images, image_keys, [images.path], len(image_keys) * images.slot_bytes),
+                   "packed": (packed, packed_keys, [images.path], len(image_keys) * images.slot_bytes)}
         runs = {name: ([], []) for name in sources}
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader, from"
-                     " the checkpoint and from the slot images")
-            for name, (store, keys, probe_files, probe_bytes) in sources.items():
+                     " the checkpoint, the slot images and the compressed ones")
+            for name, (store, keys, probe_files, probe_bytes) in list(sources.items())[::1 if r % 2 == 0 else -1]:
                 multi, readers = runs[name]
                 steps = [lambda: multi.append(read_bandwidth(probe_files, probe_bytes, chunk, streams=threads)),
                          lambda: readers.append(reader_bandwidth(store, keys, threads, chunk))]
@@ -151,22 +162,29 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
                     step()
     finally:
         images.close()
+        packed.close()
     doc = {"model": str(model), "file": str(files[0]), "images_file": str(images.path), "threads": threads,
+           "packed_file": str(packed.path), "packed_share": packed.packed_share,
            "chunk": chunk, "rounds": rounds, "probe_single_gbps": single.gbps,
            "fio_gbps": fio.gbps if isinstance(fio, Bandwidth) else None,
            "fio_note": fio if isinstance(fio, str) else None}
     for name, (multi, readers) in runs.items():
         doc[name] = _source_doc(multi, readers)
     doc["direct"] = single.direct and all(doc[name]["probe_direct"] for name in runs)
+    gains = sorted(p.placed / p.bandwidth.seconds / (i.placed / i.bandwidth.seconds)
+                   for p, i in zip(runs["packed"][1], runs["images"][1]))
+    doc["packed_gain_per_round_median"] = gains[len(gains) // 2]
     return doc
 
 
 def _source_doc(multi: list, readers: list) -> dict:
     probe, reader = _median(multi, lambda b: b.gbps), _median(readers, lambda x: x.bandwidth.gbps)
+    placed = sorted(x.placed / x.bandwidth.seconds / 1e9 for x in readers if x.bandwidth.seconds)
     ratios = sorted(x.bandwidth.gbps / b.gbps for x, b in zip(readers, multi) if b.gbps)
     return {"probe_multi_gbps": probe.gbps, "probe_multi_runs_gbps": [b.gbps for b in multi],
             "probe_direct": probe.direct, "reader_gbps": reader.bandwidth.gbps,
             "reader_runs_gbps": [x.bandwidth.gbps for x in readers],
+            "reader_placed_gbps": placed[len(placed) // 2] if placed else None,
             "reader_bytes": reader.bandwidth.bytes_read, "reader_experts": reader.experts,
             "reader_staged_segments": reader.staged_segments, "reader_segments": reader.segments,
             "reader_spread_bytes": reader.spread_bytes, "reader_direct_bytes": reader.direct_bytes,
@@ -187,7 +205,7 @@ def _median(items: list, key):
 
 
 def format_report(doc: dict) -> str:
-    ckpt, images = doc["checkpoint"], doc["images"]
+    ckpt, images, packed = doc["checkpoint"], doc["images"], doc["packed"]
     multi = ckpt["probe_multi_gbps"]
     frac = lambda v, of: "-" if v is None or not of else f"{v / of:.0%}"  # noqa: E731
     depth = doc["threads"]
@@ -197,17 +215,24 @@ def format_report(doc: dict) -> str:
             (f"ExpertReader, {ckpt['reader_experts']} experts", depth, ckpt["reader_gbps"], multi),
             (f"probe, {depth} streams, slot images", depth, images["probe_multi_gbps"], images["probe_multi_gbps"]),
             (f"ExpertReader, {images['reader_experts']} slot images", depth, images["reader_gbps"],
-             images["probe_multi_gbps"])]
+             images["probe_multi_gbps"]),
+            (f"probe, {depth} streams, slot images again", depth, packed["probe_multi_gbps"],
+             packed["probe_multi_gbps"]),
+            (f"ExpertReader, {packed['reader_experts']} compressed", depth, packed["reader_gbps"],
+             packed["probe_multi_gbps"]),
+            ("  the same, expert bytes placed", depth, packed["reader_placed_gbps"], images["probe_multi_gbps"])]
     lines = [f"moeinf bench disk: {doc['file']}; reads of {doc['chunk'] >> 10} KiB,"
              f" {'O_DIRECT' if doc['direct'] else 'page cache (O_DIRECT refused)'}; alignment {ckpt['alignment']}",
-             f"slot images (memd --slot-cache): {doc['images_file']}", "",
+             f"slot images (memd --slot-cache): {doc['images_file']}",
+             f"compressed slot images (--slot-compression zstd, {doc['packed_share']:.3f} of the bytes):"
+             f" {doc['packed_file']}", "",
              f"{'measure':<36} {'depth':>5} {'GB/s':>7} {'of its file multi-stream':>24}"]
     lines += [f"{name:<36} {d:>5} {'-' if v is None else format(v, '.3f'):>7} {frac(v, of):>24}"
               for name, d, v, of in rows]
     lines.append("")
     if doc["fio_note"]:
         lines.append(f"fio: {doc['fio_note']}")
-    for name, part in (("checkpoint", ckpt), ("slot images", images)):
+    for name, part in (("checkpoint", ckpt), ("slot images", images), ("compressed images", packed)):
         lines.append(f"{name}: medians of {doc['rounds']} rounds, probe and reader alternating; multi-stream probe"
                      " runs: " + ", ".join(f"{v:.3f}" for v in part["probe_multi_runs_gbps"]) + " GB/s; reader runs: "
                      + ", ".join(f"{v:.3f}" for v in part["reader_runs_gbps"]) + " GB/s")
@@ -217,9 +242,12 @@ def format_report(doc: dict) -> str:
                      f" {part['reader_staged_segments']} of {part['reader_segments']} segments staged; reader / probe"
                      f" of the same round, median: {frac_text(part['reader_fraction_per_round_median'])}")
     for name, part in (("from the checkpoint as stored (--slot-cache off)", ckpt),
-                       ("from the slot images (--slot-cache, memd's default where it pays)", images)):
+                       ("from the slot images (--slot-cache, memd's default where it pays)", images),
+                       ("from the compressed images (the disk's bytes)", packed)):
         lines.append(f"target: expert reads >= {TARGET:.0%} of the multi-stream probe of their file, {name} ->"
                      f" {verdict(part['reader_fraction_per_round_median'])}")
+    lines.append(f"compressed images: expert bytes placed at {doc['packed_gain_per_round_median']:.2f}x the rate of the"
+                 " lossless images' reader (the median of the rounds' ratios)")
     return "\n".join(lines)
 
 

@@ -92,6 +92,7 @@ class Options:
     read_threads: int = STREAMS  # memd's queue depth (its --read-threads / MOEINF_READ_THREADS): every moeinf
     read_chunk: str = READ_CHUNK  # system's memd reads so, and the disk probes read alike (--read-chunk)
     floor_probe: str = "auto"  # the compute floor's weight (auto: twice the largest CPU cache, at least 1 GiB)
+    slot_compression: str = "off"  # memd --slot-compression of every moeinf system (its images filled ahead)
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -133,7 +134,8 @@ class Options:
                    args.runtime_allowance, args.memory_limit == "on", args.disk_probe, args.warmup_tokens,
                    path(args.plot), args.seed, args.warm_eamc, args.workers, tuple(args.formats),
                    path(args.expert_cache_dir), totals, args.disk_read_limit or "", args.slot_cache, args.pin,
-                   path(args.llama_server), path(args.gguf), memd.read_threads, memd.read_chunk, args.floor_probe)
+                   path(args.llama_server), path(args.gguf), memd.read_threads, memd.read_chunk, args.floor_probe,
+                   args.slot_compression)
         opts.validate()
         return opts
 

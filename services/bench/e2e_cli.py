@@ -57,6 +57,9 @@ def add_parser(bench) -> None:
     p.add_argument("--slot-cache", default="auto", choices=["auto", "on", "off"],
                    help="memd --slot-cache of every moeinf system (auto: memd's default); its lossless slot images are"
                         " filled before the timed runs, as --formats' caches are")
+    p.add_argument("--slot-compression", default="off", choices=["off", "zstd"],
+                   help="memd --slot-compression of every moeinf system: its slot images compressed losslessly"
+                        " (filled before the timed runs); needs --slot-cache auto or on")
     p.add_argument("--pin", action="store_true",
                    help="moeinf systems: each worker's threads on --threads CPUs of its own (worker --cpus), memd's on"
                         " the others (memd --io-cpus), the same for each system; the baselines run unpinned")

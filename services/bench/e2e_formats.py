@@ -40,12 +40,15 @@ def _kept_images(opts):
     """The lossless slot images memd's ``--slot-cache`` would keep for this run's checkpoint, or None."""
     from common.config import MemdConfig
     from services.memd.main import slot_images
+    from services.memd.packed_images import PackedImages
     from services.memd.slot_images import LosslessImages
 
     if opts.slot_cache == "off":
         return None
-    images = LosslessImages.of(opts.model, expert_cache(opts))
-    cfg = MemdConfig(model=opts.model, slot_cache=opts.slot_cache, expert_cache_dir=expert_cache(opts))
+    kind = PackedImages if opts.slot_compression == "zstd" else LosslessImages
+    images = kind.of(opts.model, expert_cache(opts))
+    cfg = MemdConfig(model=opts.model, slot_cache=opts.slot_cache, expert_cache_dir=expert_cache(opts),
+                     slot_compression=opts.slot_compression)
     return None if slot_images(cfg, images.served) is images.served else images
 
 
@@ -99,5 +102,6 @@ def fill_slot_images(opts) -> tuple[str, Path | None]:
         converted = images.fill()
     finally:
         images.close()
-    return (f"slot images {images.directory}: every moeinf system reads them, and its disk probes too ({converted}"
-            " experts converted now)"), Path(images.path)
+    packed = f", compressed to {images.packed_share:.3f} of their bytes" if images.packs else ""
+    return (f"slot images {images.directory}{packed}: every moeinf system reads them, and its disk probes too"
+            f" ({converted} experts converted now)"), Path(images.path)

@@ -44,6 +44,8 @@ class MoeinfSystem:
         self.name, self.opts, self.prefix = name, opts, list(prefix)
         self.flags = list(MEMD_FLAGS.get(name, []))
         self.flags += ["--slot-cache", opts.slot_cache, "--expert-cache-dir", str(expert_cache(opts))]  # filled ahead
+        if opts.slot_compression != "off" and not expert_format:
+            self.flags += ["--slot-compression", opts.slot_compression]
         self.flags += ["--read-threads", str(opts.read_threads), "--read-chunk", opts.read_chunk]  # the probes' depth
         if expert_format:  # the same checkpoint through memd's compressed cache (filled ahead: format_system)
             self.flags += ["--expert-format", expert_format]

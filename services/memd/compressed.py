@@ -175,20 +175,30 @@ def run_convert(args) -> int:
         raise SystemExit(f"moeinf convert: MOEINF_EXPERT_FORMAT={args.expert_format!r}: choose one of"
                          f" {', '.join(FORMATS)}, or unset it")
     root = cache_root(args.state_dir or default_state_dir(), args.expert_cache_dir)
+    if args.slot_compression not in (None, "off", "zstd"):  # (MOEINF_SLOT_COMPRESSION's value)
+        raise SystemExit(f"moeinf convert: MOEINF_SLOT_COMPRESSION={args.slot_compression!r}: choose off or zstd")
+    packed = args.slot_compression == "zstd"
+    if args.expert_format and packed:
+        raise SystemExit("moeinf convert: --slot-compression zstd compresses the lossless slot images; it does not"
+                         " apply with --expert-format")
     if args.expert_format:
         store = CompressedStore.of(args.model, args.expert_format, root).open()
+    elif packed:
+        from services.memd.packed_images import PackedImages
+
+        store = PackedImages.of(args.model, root).open()
     else:
         from services.memd.slot_images import LosslessImages
 
         store = LosslessImages.of(args.model, root).open()
-    what = args.expert_format or "lossless slot images"
+    what = args.expert_format or ("compressed lossless slot images" if packed else "lossless slot images")
     try:
         total = store.num_layers * store.num_experts
         with tqdm(total=len(store.missing), desc=what, unit="expert", disable=args.quiet) as bar:
             converted = store.fill(bar.update)
+        read = getattr(store, "read_bytes", store.expert_bytes)
         print(f"{store.directory}: {total} experts as {what} ({converted} converted now); a read is"
-              f" {format_bytes(store.expert_bytes)} per expert against {format_bytes(store.source.expert_bytes)}"
-              " as stored")
+              f" {format_bytes(read)} per expert against {format_bytes(store.source.expert_bytes)} as stored")
     finally:
         store.close()
     return 0
@@ -201,9 +211,13 @@ def add_convert_parser(sub) -> None:
                                    " memd then reads them from the cache. Without --expert-format: the experts as"
                                    " memd lays them into a CPU worker's slots, unchanged (--slot-cache).")
     p.add_argument("--model", required=True, help="a checkpoint directory (bf16/fp16/fp32 for --expert-format)")
-    env = {name: os.environ.get(env_name(name)) or None for name in ("expert_format", "state_dir", "expert_cache_dir")}
+    env = {name: os.environ.get(env_name(name)) or None for name in ("expert_format", "state_dir", "expert_cache_dir",
+                                                            "slot_compression")}
     p.add_argument("--expert-format", choices=list(FORMATS), default=env["expert_format"],
                    help="compress (lossy); unset: lossless slot images [env MOEINF_EXPERT_FORMAT, as memd reads it]")
+    p.add_argument("--slot-compression", choices=["off", "zstd"], default=env["slot_compression"],
+                   help="the lossless slot images compressed, as memd's --slot-compression keeps them"
+                        " [env MOEINF_SLOT_COMPRESSION]")
     p.add_argument("--state-dir", default=env["state_dir"],
                    help="memd's --state-dir [env MOEINF_STATE_DIR, as memd reads it; default ~/.local/state/moeinf]")
     p.add_argument("--expert-cache-dir", default=env["expert_cache_dir"],

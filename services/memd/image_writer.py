@@ -92,6 +92,8 @@ class ImageWriter:
 
     def _write(self, key: tuple[int, int], slot: int, generation: int) -> None:
         images, size = self.images, self.images.slot_bytes
+        if images.packs:
+            return self._write_packed(key, slot, generation)
         at = (key[0] * images.num_experts + key[1]) * size
         for start in range(0, size, WRITE_PIECE):
             while self.reader.demand_pending() and not self.closing:
@@ -108,6 +110,25 @@ class ImageWriter:
             return
         with images._lock:
             if not images.is_done(key):
+                images._mark_done([key])
+                self.written += 1
+
+    def _write_packed(self, key: tuple[int, int], slot: int, generation: int) -> None:
+        """A compressed image (``packed_images.py``): the slot copied out once no on-demand read is queued, then
+        packed and written (the copy is whole if the slot's generation did not move meanwhile)."""
+        images, size = self.images, self.images.slot_bytes
+        while self.reader.demand_pending() and not self.closing:
+            time.sleep(DEMAND_POLL_S)
+        if self.closing or images.is_done(key):
+            return
+        image = bytes(self.reader.pool[slot * size:(slot + 1) * size])
+        if self.reader.generation(slot) != generation:
+            self.discarded += 1
+            return
+        with images._lock:
+            if not images.is_done(key):
+                images.store_image(key, image)
+                images.sync([key])
                 images._mark_done([key])
                 self.written += 1
 

@@ -68,7 +68,11 @@ def slot_images(cfg: MemdConfig, served: ExpertIndex):
         return served
     from services.memd.slot_images import LosslessImages, auto_reason, cache_root, direct_io_refused
 
-    images = LosslessImages(served, cfg.model, cache_root(cfg.state_dir, cfg.expert_cache_dir))
+    if cfg.slot_compression == "zstd":
+        from services.memd.packed_images import PackedImages as Images
+    else:
+        Images = LosslessImages
+    images = Images(served, cfg.model, cache_root(cfg.state_dir, cfg.expert_cache_dir))
     reason = auto_reason(images, cfg.direct_io) if cfg.slot_cache == "auto" else ""
     if cfg.slot_cache == "on" and cfg.direct_io:
         if refused := direct_io_refused(images.where):
@@ -147,7 +151,8 @@ def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int, on_retire=No
                          model=cfg.model.resolve().name)
     if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
         pull(eamc, cfg.eamc_from, cfg.admin_token)
-    core = ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc,
+    read_bytes = getattr(store, "read_bytes", store.expert_bytes)  # (compressed images: the disk's bytes per expert)
+    core = ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, read_bytes, knobs, eamc,
                        on_retire)
     core.fetchable = store.ready  # (--expert-format: an expert not converted yet is never prefetched)
     return core

@@ -64,6 +64,8 @@ class ExpertReader:
         chunk = chunk or CHUNK
         self.chunk = max(step, chunk - chunk % step)
         self._step = step
+        self.packed = getattr(store, "packed_pieces", None)  # --slot-compression: an image's units
+        self._bounce_bytes = max(self.chunk, getattr(store, "unit", 0))
         self._base = buffer_address(pool_view) if len(pool_view) else 0
         flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
         self.fds = {str(f): os.open(f, flags) for f in store.files}
@@ -188,8 +190,10 @@ class ExpertReader:
         return min(self.chunk, max(MIN_PIECE, spread))
 
     def plan(self, key: tuple[int, int], slot: int) -> list[Piece]:
-        size = self.piece_bytes(key)
         base = slot * self.slot_bytes
+        if self.packed is not None and (pieces := self.packed(key, base, self._step, self.direct_io)) is not None:
+            return pieces  # a compressed slot image (packed_images.py)
+        size = self.piece_bytes(key)
         pieces: list[Piece] = []
         for seg in self.segments[key]:
             dest = base + seg.slot_offset
@@ -356,8 +360,11 @@ class ExpertReader:
             n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
         finally:
             self._inflight.release()  # the copy below runs while another thread's read is at the disk
-        if n < piece.skip + piece.keep:
+        if n < (piece.codec + piece.keep // 2 if piece.codec else piece.skip + piece.keep):
             raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
+        if piece.codec:  # a packed unit: decoded into the slot (NumPy and zstd run without the GIL)
+            self.store.codec.decode_into(bounce[:n], piece.codec, self._rows_view()[piece.dest:piece.dest + piece.keep])
+            return n  # the disk's bytes (the packed unit to its page's end)
         if piece.rows is not None:
             place_rows(self._rows_view(), bounce[piece.skip:piece.skip + piece.keep], piece.dest, piece.rows)
         elif self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile
@@ -376,7 +383,7 @@ class ExpertReader:
         """This thread's bounce buffer (page-aligned, as O_DIRECT needs) and its address."""
         got = getattr(self._local, "buf", None)
         if got is None:
-            view = memoryview(mmap.mmap(-1, self.chunk))
+            view = memoryview(mmap.mmap(-1, self._bounce_bytes))
             got = self._local.buf = (view, buffer_address(view))
         return got
 

@@ -117,17 +117,24 @@ class SlotImageCache:
         with self._lock:  # one conversion at a time: a second reader of the same expert waits, then finds it done
             todo = [k for k in keys if not self.done[k[0] * self.num_experts + k[1]]]
             for key in todo:
-                image = self.convert(key)
-                at = (key[0] * self.num_experts + key[1]) * self.slot_bytes
-                if os.pwrite(self._fd, image, at) != len(image):  # a full disk: never marked done half written
-                    raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s image")
+                self.store_image(key, self.convert(key))
             if not todo:
                 return
-            os.fdatasync(self._fd)
-            for key in todo:
-                index = key[0] * self.num_experts + key[1]
-                os.posix_fadvise(self._fd, index * self.slot_bytes, self.slot_bytes, os.POSIX_FADV_DONTNEED)
+            self.sync(todo)
             self._mark_done(todo)
+
+    def store_image(self, key: tuple[int, int], image) -> None:
+        """Write expert ``key``'s slot image into the cache file (not synced, not marked done)."""
+        at = (key[0] * self.num_experts + key[1]) * self.slot_bytes
+        if os.pwrite(self._fd, image, at) != len(image):  # a full disk: never marked done half written
+            raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s image")
+
+    def sync(self, keys: list[tuple[int, int]]) -> None:
+        """The written images of ``keys`` on disk (before they are marked done), out of the page cache."""
+        os.fdatasync(self._fd)
+        for key in keys:
+            index = key[0] * self.num_experts + key[1]
+            os.posix_fadvise(self._fd, index * self.slot_bytes, self.slot_bytes, os.POSIX_FADV_DONTNEED)
 
     def ready(self, key: tuple[int, int]) -> bool:
         return self.is_done(key)
@@ -207,11 +214,13 @@ class SlotImageCache:
         files = file_stats(sorted(map(Path, self.source.files)))
         tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
                    for s in self.tensors]
-        encoders = [Path(__file__).parent / "compressed.py", Path(__file__).parents[2] / "common" / "quant_encode.py"]
-        key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE + encoders * (self.format != "slots"))
+        key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE + self.encoders())
         identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors, key])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.model_dir.name}-{self.format}-{digest}"
+
+    def encoders(self) -> list[Path]:  # the code deciding an image's bytes beyond the indexer's (hashed into its name)
+        return [Path(__file__).parent / "compressed.py", Path(__file__).parents[2] / "common" / "quant_encode.py"]
 
     def _read_source(self, key: tuple[int, int]) -> bytearray:
         """The expert's bytes as the checkpoint's own index lays them into a slot (buffered reads: converted once)."""
@@ -233,6 +242,7 @@ class LosslessImages(SlotImageCache):
     """``served``'s slots (the checkpoint's layout, rows spread apart for a CPU worker) as images: the same bytes."""
 
     format = "slots"
+    packs = False  # the images are stored as the slots hold them (``PackedImages``: packed unit by unit)
 
     def __init__(self, served: ExpertIndex, model_dir: Path | str, cache_root: Path | str):
         self.served = served
@@ -250,6 +260,9 @@ class LosslessImages(SlotImageCache):
 
     def ready(self, key: tuple[int, int]) -> bool:
         return True
+
+    def encoders(self) -> list[Path]:
+        return []  # the checkpoint's bytes, unchanged
 
     def write_behind(self, reader):
         """The writer that keeps the slots ``reader`` fills from the checkpoint as images (``ExpertReader``)."""
@@ -326,7 +339,7 @@ def auto_reason(images: LosslessImages, direct_io: bool) -> str:
     align = dio_alignment(served.files[0])
     if align is None:
         return f"{served.files[0]}: the file system refuses O_DIRECT (reads go through the page cache)"
-    if not staged_bytes(served, align.mem):
+    if not images.packs and not staged_bytes(served, align.mem):
         return "every expert byte reads straight into its slot already"
     existing = images.where
     if _in_memory(existing):
@@ -364,19 +377,13 @@ def direct_io_refused(directory: Path) -> str:
 def _in_memory(path: Path) -> bool:
     """Whether ``path`` lies on tmpfs or ramfs (the longest mount point above it in /proc/self/mounts)."""
     try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
+        mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
     except OSError:
         return False
     path = path.resolve()
-    best, kind = -1, ""
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = Path(fields[1].replace("\\040", " "))
-        if (path == point or point in path.parents) and len(str(point)) > best:
-            best, kind = len(str(point)), fields[2]
-    return kind in ("tmpfs", "ramfs")
+    above = [(len(str(point)), fields[2]) for fields in mounts if len(fields) >= 3
+             and (path == (point := Path(fields[1].replace("\\040", " "))) or point in path.parents)]
+    return max(above, default=(0, ""))[1] in ("tmpfs", "ramfs")
 
 
 def _pread(path: str, offset: int, nbytes: int) -> bytes:

@@ -49,7 +49,10 @@ def test_bench_disk_table_and_json(tmp_path):
         assert len(kept.missing) == kept.num_layers * kept.num_experts - 5  # only the measured experts converted
     finally:
         kept.close()
-    for part in (ckpt, images):
+    packed = doc["packed"]  # the compressed images: the same slots from fewer (or as many) of the disk's bytes
+    assert "ExpertReader, 5 compressed" in proc.stdout and "the same, expert bytes placed" in proc.stdout
+    assert 0 < packed["reader_bytes"] <= 5 * store.slot_bytes and 0 < doc["packed_share"] <= 1
+    for part in (ckpt, images, packed):
         assert len(part["probe_multi_runs_gbps"]) == len(part["reader_runs_gbps"]) == 2
         assert part["probe_multi_gbps"] > 0 and part["reader_gbps"] > 0
     assert (doc["fio_gbps"] is None) == (doc["fio_note"] is not None)

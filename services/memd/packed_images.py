@@ -1,0 +1,175 @@
+"""Compressed lossless slot images (memd ``--slot-compression zstd``): the images of ``--slot-cache``, in fewer bytes.
+
+The same cache as ``LosslessImages`` (services/memd/slot_images.py: written behind an expert's first read from the
+checkpoint, or ahead by ``moeinf convert``), but each image is stored as units packed by ``planes.py``: expert
+``(layer, e)`` keeps its region of ``slot_bytes`` at ``(layer * experts + e) * slot_bytes`` of ``experts.bin``,
+and its units' stored bytes lie in that region one after the other, each from a page boundary (so each is one
+aligned O_DIRECT read). ``units.bin`` holds each unit's packed high-plane length (its low plane follows: half the
+unit), or its length with ``RAW_FLAG`` set where it is stored as it is.
+An expert counts as written once its units and their lengths are synced (``done.bin``, as for every image).
+
+The reader (``reader.py``) reads a packed unit into its thread's bounce buffer and decodes it into the slot; a unit
+stored as it is goes straight into the slot. Its byte counts are the disk's (packed bytes), so memd's read
+bandwidth, ``bytes_read`` and the benchmarks' I/O floors stay the disk's; the planner's time estimates use the
+mean packed size of an expert (``read_bytes``).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from common.access import OWNER_ONLY
+from common.expert_index import ALIGN, ExpertIndex, align_up
+from services.memd.planes import RAW_FLAG, PlaneCodec, unit_bytes
+from services.memd.read_jobs import Piece
+from services.memd.slot_images import LosslessImages
+
+log = logging.getLogger("moeinf.memd.packed_images")
+
+
+class PackedImages(LosslessImages):
+    """``served``'s slots as images packed unit by unit (``planes.py``): the same bytes once decoded."""
+
+    format = "slots-zstd"
+    packs = True
+
+    def __init__(self, served: ExpertIndex, model_dir: Path | str, cache_root: Path | str):
+        super().__init__(served, model_dir, cache_root)
+        self.codec = PlaneCodec()
+        self.unit = min(unit_bytes(self.slot_bytes), align_up(self.slot_bytes, ALIGN))
+        self.units = -(-self.slot_bytes // self.unit)
+        self.lengths = np.zeros((self.num_layers * self.num_experts, self.units), dtype=np.uint32)
+        self._units_fd = None
+
+    def encoders(self) -> list[Path]:
+        return [Path(__file__).parent / "planes.py"]
+
+    @classmethod
+    def of(cls, model_dir: Path | str, cache_root: Path | str) -> "PackedImages":
+        from common.checkpoint import Checkpoint
+        from services.memd.spread import spread_rows
+        from services.memd.store import ExpertStore
+
+        return cls(spread_rows(ExpertStore(Checkpoint(model_dir)).index()), model_dir, cache_root)
+
+    # ---------------------------------------------------------------- the files
+    def open(self):
+        super().open()
+        count = self.num_layers * self.num_experts
+        self._units_fd = OWNER_ONLY.create(self.directory / "units.bin", os.O_RDWR | os.O_CREAT)
+        size = count * self.units * 4
+        stored = os.pread(self._units_fd, size, 0)
+        if len(stored) == size:
+            self.lengths[:] = np.frombuffer(stored, dtype=np.uint32).reshape(count, self.units)
+        else:
+            os.ftruncate(self._units_fd, size)
+            self.lengths[:] = 0
+        for index in np.flatnonzero(self.lengths.min(axis=1) == 0):  # (done.bin says done, units.bin does not)
+            self.done[index] = 0
+        return self
+
+    def close(self) -> None:
+        if self._units_fd is not None:
+            os.close(self._units_fd)
+            self._units_fd = None
+        super().close()
+
+    def store_image(self, key: tuple[int, int], image) -> None:
+        """Pack ``image`` (a slot's bytes) unit by unit into expert ``key``'s region and its lengths into units.bin
+        (not synced, not marked done)."""
+        index = key[0] * self.num_experts + key[1]
+        view = memoryview(image)[:self.slot_bytes]
+        parts, lengths, at = [], np.zeros(self.units, dtype=np.uint32), 0
+        for u in range(self.units):
+            unit = view[u * self.unit:(u + 1) * self.unit]
+            packed = self.codec.encode(unit) if len(unit) % 2 == 0 else None
+            stored = bytes(unit) if packed is None else packed[0]
+            lengths[u] = len(stored) | RAW_FLAG if packed is None else packed[1]
+            parts.append(stored + bytes(align_up(len(stored), ALIGN) - len(stored)))
+            at += len(parts[-1])
+        blob = b"".join(parts)
+        if len(blob) > self.slot_bytes:  # (slots are whole pages, units too: packed ones never outgrow theirs)
+            raise ValueError(f"expert {key}: {len(blob)} packed bytes outgrow its {self.slot_bytes}-byte region")
+        if os.pwrite(self._fd, blob, index * self.slot_bytes) != len(blob):
+            raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s packed image")
+        if os.pwrite(self._units_fd, lengths.tobytes(), index * self.units * 4) != lengths.nbytes:
+            raise OSError(errno.ENOSPC, f"{self.directory / 'units.bin'}: short write of expert {key}'s lengths")
+        self.lengths[index] = lengths
+
+    def sync(self, keys: list[tuple[int, int]]) -> None:
+        os.fdatasync(self._units_fd)
+        super().sync(keys)
+
+    # ---------------------------------------------------------------- reading
+    def image(self, key: tuple[int, int]) -> bytes:
+        """Expert ``key``'s slot image, decoded (converted first if missing)."""
+        self.prepare_many([key])
+        out = np.zeros(self.slot_bytes, dtype=np.uint8)
+        region = (key[0] * self.num_experts + key[1]) * self.slot_bytes
+        for offset, stored, dest, length, high in self._units(key):
+            data = os.pread(self._fd, stored, region + offset)
+            if high:
+                self.codec.decode_into(data, high, out[dest:dest + length])
+            else:
+                out[dest:dest + length] = np.frombuffer(data, dtype=np.uint8)
+        return out.tobytes()
+
+    def packed_pieces(self, key: tuple[int, int], base: int, step: int, direct: bool) -> list[Piece] | None:
+        """The reader's pieces for expert ``key`` into the slot at pool byte ``base`` (None: no image yet, read the
+        checkpoint): a packed unit through the bounce buffer (``codec``: its packed high plane's length), a raw one
+        straight into the slot where the file's ``step`` allows."""
+        if not self.is_done(key):
+            return None
+        region = (key[0] * self.num_experts + key[1]) * self.slot_bytes
+        pieces = []
+        for offset, stored, dest, length, high in self._units(key):
+            if high:
+                pieces.append(Piece(self.path_str, region + offset, align_up(stored, step), base + dest, 0, length,
+                                    True, codec=high))
+            elif not direct or length % step == 0:
+                pieces.append(Piece(self.path_str, region + offset, length, base + dest, 0, length))
+            else:
+                pieces.append(Piece(self.path_str, region + offset, align_up(length, step), base + dest, 0, length,
+                                    True))
+        return pieces
+
+    def _units(self, key: tuple[int, int]):
+        """``(offset in the region, stored bytes, offset in the slot, unit bytes, packed high plane's length or 0)``
+        for each unit."""
+        offset = 0
+        for u, length in enumerate(self._unit_lengths()):
+            word = int(self.lengths[key[0] * self.num_experts + key[1], u])
+            high = 0 if word & RAW_FLAG else word
+            stored = high + length // 2 if high else word & ~RAW_FLAG
+            yield offset, stored, u * self.unit, length, high
+            offset += align_up(stored, ALIGN)
+
+    def _unit_lengths(self) -> list[int]:
+        return [min(self.unit, self.slot_bytes - u * self.unit) for u in range(self.units)]
+
+    def _stored(self, rows: np.ndarray) -> np.ndarray:
+        """Stored bytes (to their pages' ends) of each unit of ``lengths`` rows."""
+        words = rows.astype(np.int64)
+        raw = (words & RAW_FLAG) != 0
+        stored = np.where(raw, words & ~RAW_FLAG, words + np.array(self._unit_lengths()) // 2)
+        return (stored + ALIGN - 1) // ALIGN * ALIGN
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read per expert, on average over the packed ones (the slot's expert bytes before any is packed)."""
+        done = np.frombuffer(bytes(self.done), dtype=np.uint8).astype(bool)
+        if not done.any():
+            return self.expert_bytes
+        return int(min(self.expert_bytes, self._stored(self.lengths[done]).sum(axis=1).mean()))
+
+    @property
+    def packed_share(self) -> float | None:
+        """Bytes read over slot bytes, over the experts written (None before any)."""
+        done = np.frombuffer(bytes(self.done), dtype=np.uint8).astype(bool)
+        if not done.any():
+            return None
+        return float(self._stored(self.lengths[done]).sum() / (done.sum() * self.slot_bytes))

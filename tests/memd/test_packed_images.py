@@ -1,0 +1,156 @@
+"""Compressed lossless slot images (memd --slot-compression zstd, services/memd/packed_images.py): the reader
+places the same bytes as from the checkpoint, reads fewer from the disk, and memd serves transformers' tokens."""
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from helpers import Stack, moeinf_cmd, write_family
+
+from common.config import MemdConfig
+from services.memd.main import slot_images as choose
+from services.memd.packed_images import PackedImages
+from services.memd.planes import RAW_FLAG
+from services.memd.reader import ExpertReader
+from services.memd.slot_images import CACHE_DIR, LosslessImages
+from test_slot_images import read_all, reference, served, until
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """Mixtral in bfloat16 whose gate/up rows are 2 KiB (spread apart in the slots), sharded."""
+    return write_family("mixtral", tmp_path_factory.mktemp("wide") / "m", dtype="bfloat16", shard=True,
+                        hidden_size=1024, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_packed_images_place_the_checkpoints_bytes_and_read_fewer(wide, tmp_path):
+    index = served(wide)
+    want, _ = read_all(index)
+    images = PackedImages(index, wide, tmp_path / CACHE_DIR).open()
+    count = index.num_layers * index.num_experts
+    try:
+        assert images.directory != LosslessImages(index, wide, tmp_path / CACHE_DIR).directory
+        assert images.read_bytes == images.expert_bytes and images.packed_share is None  # nothing packed yet
+        first, reader = read_all(images, passes=20)  # from the checkpoint, packed behind the reads
+        assert torch.equal(first, want) and images.missing == [] and reader.writer.written > 0
+        again, reader = read_all(images)  # every expert from its packed units
+        assert torch.equal(again, want) and reader.writer.written == 0
+        disk = reader.stats.bounce_bytes + reader.stats.direct_bytes
+        assert images.packed_share < 0.8  # random bf16 weights: their high bytes pack
+        pages = sum(stored_pages(images, key) for key in images.images)
+        assert disk == pages < count * images.expert_bytes  # the disk's bytes: each unit to its page's end
+        assert images.read_bytes == int(pages / count)
+        for key in [(0, 0), (index.num_layers - 1, index.num_experts - 1)]:
+            assert images.image(key) == images.convert(key)
+    finally:
+        images.close()
+
+
+def stored_pages(images, key) -> int:
+    """What expert ``key``'s units take on disk, each to its page's end: a packed unit's high plane and then its low
+    plane (half the unit), a raw unit whole."""
+    total = 0
+    for u, word in enumerate(images.lengths[key[0] * images.num_experts + key[1]].tolist()):
+        unit = min(images.unit, images.slot_bytes - u * images.unit)
+        stored = word & ~RAW_FLAG if word & RAW_FLAG else word + unit // 2
+        total += -(-stored // 4096) * 4096
+    return total
+
+
+def test_a_load_counts_the_disks_bytes(wide, tmp_path):
+    images = PackedImages(served(wide), wide, tmp_path).open()
+    try:
+        images.fill()
+        pool = mmap.mmap(-1, images.slot_bytes)
+        reader = ExpertReader(images, memoryview(pool), images.slot_bytes, direct_io=True)
+        try:
+            nbytes, _ = reader.read((1, 3), 0)
+        finally:
+            reader.close()
+        assert nbytes == stored_pages(images, (1, 3)) < images.slot_bytes
+        assert bytes(pool) == images.convert((1, 3))
+    finally:
+        images.close()
+
+
+def test_images_survive_a_restart_and_lost_lengths_are_packed_again(wide, tmp_path):
+    index = served(wide)
+    first = PackedImages(index, wide, tmp_path).open()
+    try:
+        assert first.fill() == index.num_layers * index.num_experts
+        image = first.image((1, 2))
+    finally:
+        first.close()
+    again = PackedImages(index, wide, tmp_path).open()
+    try:
+        assert again.missing == [] and again.fill() == 0 and again.image((1, 2)) == image
+    finally:
+        again.close()
+    os.truncate(again.directory / "units.bin", 0)  # the lengths lost: no expert may be read from its region
+    third = PackedImages(index, wide, tmp_path).open()
+    try:
+        assert len(third.missing) == index.num_layers * index.num_experts
+        assert third.image((1, 2)) == image  # (packed again first)
+    finally:
+        third.close()
+
+
+def test_a_damaged_unit_fails_its_load(wide, tmp_path):
+    images = PackedImages(served(wide), wide, tmp_path).open()
+    try:
+        images.fill()
+        region = (0 * images.num_experts + 1) * images.slot_bytes
+        with open(images.path, "r+b") as f:
+            f.seek(region + 100)
+            byte = f.read(1)
+            f.seek(region + 100)
+            f.write(bytes([byte[0] ^ 0x55]))
+        pool = mmap.mmap(-1, images.slot_bytes)
+        reader = ExpertReader(images, memoryview(pool), images.slot_bytes, direct_io=False)
+        try:
+            with pytest.raises(Exception, match="checksum|corrupt|decompress|decodes"):
+                reader.read((0, 1), 0)
+        finally:
+            reader.close()
+    finally:
+        images.close()
+
+
+def test_the_knob_picks_packed_images_and_needs_the_slot_cache(wide, tmp_path):
+    cfg = MemdConfig(model=wide, state_dir=tmp_path, slot_cache="on", slot_compression="zstd")
+    assert isinstance(choose(cfg, served(wide)), PackedImages)
+    with pytest.raises(ValueError, match="needs --slot-cache auto or on"):
+        MemdConfig(model=wide, state_dir=tmp_path, slot_cache="off", slot_compression="zstd")
+    with pytest.raises(ValueError, match="no --expert-format"):
+        MemdConfig(model=wide, state_dir=tmp_path, expert_format="fp8", slot_compression="zstd")
+    with pytest.raises(ValueError, match="choose one of off, zstd"):
+        MemdConfig(model=wide, state_dir=tmp_path, slot_compression="lz4")
+
+
+def test_convert_cli_fills_the_packed_images(wide, tmp_path):
+    proc = subprocess.run(moeinf_cmd("convert", "--model", str(wide), "--quiet"), capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "MOEINF_STATE_DIR": str(tmp_path),
+                                            "MOEINF_SLOT_COMPRESSION": "zstd"})
+    assert proc.returncode == 0, proc.stderr
+    images = PackedImages(served(wide), wide, tmp_path / CACHE_DIR).open()
+    try:
+        count = images.num_layers * images.num_experts
+        assert f"{count} experts as compressed lossless slot images ({count} converted now)" in proc.stdout
+        assert images.missing == [] and images.read_bytes < images.expert_bytes
+    finally:
+        images.close()
+
+
+def test_served_tokens_equal_transformers_from_packed_images(wide, tmp_path):
+    prompts = [[1, 5, 9, 22, 7], list(range(2, 40, 3))]
+    with Stack(wide, tmp_path / "s", extra_memd=["--slot-cache", "on", "--slot-compression", "zstd"]) as stack:
+        first = stack.generate_all(prompts, 8)
+        until(lambda: stack.memd_stats().images_written > 0, timeout=30)
+        again = stack.generate_all(prompts, 8)  # later misses read packed images
+        stats = stack.memd_stats()
+    assert 0 < stats.images_written <= stats.slot_images <= stats.misses
+    assert first == again == reference(wide, prompts, 8)
