@@ -231,6 +231,7 @@ class StatsReply(Message):
     slot_images: Count = 0  # experts whose slot image is on disk
     images_written: Count = 0  # slot images this memd wrote behind its reads
     cancelled_bytes: Count = 0  # of bytes_read, what loads cancelled before they finished had read (version 5)
+    slot_images_share: NonNeg = 0.0  # --slot-compression: the disk's bytes per slot byte of the written images
 
 
 # ---------------------------------------------------------------- worker -> memd (trace stream, PUSH -> PULL)

@@ -42,7 +42,7 @@ def stats(r: a.AdminStatsReply) -> str:
         f"reads: {format_bytes(s.bytes_read)} in {s.read_seconds:.2f} s, {format_bytes(s.read_bandwidth)}/s measured;"
         f" acquires stalled {s.stall_seconds:.3f} s",
         *_tiers(s),
-        *([f"slot images: {s.slot_images} experts have one on disk, read straight into their slots"
+        *([f"slot images: {s.slot_images} experts have one on disk{_packed(s)}, read straight into their slots"
            f" ({s.images_written} written behind reads by this memd)"] if s.slot_cache else []),
         f"prefetch: issued {s.prefetch_issued}, used {s.prefetch_used} (late {s.prefetch_late}), wasted"
         f" {s.prefetch_wasted} (cancelled {s.prefetch_cancelled}); precision {s.prefetch_precision:.2f},"
@@ -63,6 +63,11 @@ def stats(r: a.AdminStatsReply) -> str:
     headers = ["layer", "resident", "hits", "misses", "hit rate", "pf issued", "pf used", "pf wasted", "precision",
                "recall", "stall s", "read"]
     return "\n".join(head) + "\n" + table(headers, rows)
+
+
+def _packed(s: StatsReply) -> str:
+    """--slot-compression: what share of their bytes the images read ("" for images stored as the slots hold them)."""
+    return f" (compressed to {s.slot_images_share:.3f} of their bytes)" if s.slot_images_share else ""
 
 
 def _tiers(s: StatsReply) -> list[str]:

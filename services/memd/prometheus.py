@@ -41,7 +41,7 @@ MEMD_HELP = {
     "acquires_partial": "acquires answered while some of their loads ran (the worker computed the others meanwhile)",
     "leased_layers": "MoE layers a worker computed from its leased experts, with no message to memd",
     "hits": "experts acquired that were already resident", "misses": "experts loaded on demand",
-    "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the checkpoint",
+    "evictions": "experts evicted from the pool", "bytes_read": "bytes read from the disk (compressed images: their packed bytes)",
     "cancelled_bytes": "of the bytes read, those of loads cancelled before they finished",
     "read_seconds": "seconds spent reading experts", "stall_seconds": "seconds acquires waited for loads",
     "reader_busy_seconds": "wall seconds during which at least one expert was loading",
@@ -59,6 +59,7 @@ MEMD_HELP = {
     "slot_cache": "1 when experts are read from their slot images where written (--slot-cache)",
     "slot_images": "experts whose slot image is on disk (read straight into their slot)",
     "images_written": "slot images written behind reads from the checkpoint",
+    "slot_images_share": "--slot-compression: bytes read per slot byte of the written images (0: not compressed)",
 }
 
 

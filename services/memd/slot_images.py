@@ -317,7 +317,8 @@ def image_fields(store, reader) -> dict:
         return {}
     writer = getattr(getattr(reader, "reader", reader), "writer", None)  # (a GPU pool: its host tier's reader)
     return {"slot_cache": True, "slot_images": sum(store.done),
-            "images_written": writer.written if writer is not None else 0}
+            "images_written": writer.written if writer is not None else 0,
+            "slot_images_share": (store.packed_share or 0.0) if store.packs else 0.0}
 
 
 def staged_bytes(index: ExpertIndex, mem_align: int) -> int:

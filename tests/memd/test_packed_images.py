@@ -153,4 +153,27 @@ def test_served_tokens_equal_transformers_from_packed_images(wide, tmp_path):
         again = stack.generate_all(prompts, 8)  # later misses read packed images
         stats = stack.memd_stats()
     assert 0 < stats.images_written <= stats.slot_images <= stats.misses
+    assert 0 < stats.slot_images_share < 0.8  # what `admin stats` and the metrics report
     assert first == again == reference(wide, prompts, 8)
+
+
+def test_the_share_reaches_memds_stats_and_admin_stats(wide, tmp_path):
+    from common import messages as m
+    from services.admin_format import _packed
+    from services.memd.slot_images import image_fields
+
+    index = served(wide)
+    images, plain = PackedImages(index, wide, tmp_path).open(), LosslessImages(index, wide, tmp_path).open()
+    try:
+        assert image_fields(images, None)["slot_images_share"] == 0.0  # nothing written yet
+        images.fill()
+        plain.fill()
+        fields = image_fields(images, None)
+        assert fields["slot_images_share"] == images.packed_share < 0.8
+        assert image_fields(plain, None)["slot_images_share"] == 0.0  # stored as the slots hold them
+        stats = m.StatsReply(1, 4096, 4, 2, 0, 0, 2, 0, 4096, 0.1, 0.0, False, [1, 0], **fields)
+        assert _packed(stats) == f" (compressed to {images.packed_share:.3f} of their bytes)"
+        assert _packed(m.StatsReply(1, 4096, 4, 2, 0, 0, 2, 0, 4096, 0.1, 0.0, False, [1, 0])) == ""
+    finally:
+        images.close()
+        plain.close()
