@@ -14,9 +14,9 @@ Side by side, in one run, on the same file (the checkpoint's largest shard, its 
 * the same reader from memd's lossless slot images (``--slot-cache``, ``services/memd/slot_images.py``: converted
   first where missing), beside the multi-stream probe of the same bytes of the image file;
 * the same reader from the compressed slot images (``--slot-compression zstd``, ``packed_images.py``): fewer bytes
-  from the disk, decoded into the slots by the reader threads. Its probe reads the lossless images (the compressed
-  file has holes, which read as zeros without the disk). Its expert bytes placed per second over the lossless
-  images' reader in the same round (median) say whether compression pays on this disk and CPU.
+  from the disk, decoded into the slots by the reader threads, beside the probe of that file's data (its holes
+  skipped). Its expert bytes placed per second over the lossless images' reader in the same round (median) say
+  whether compression pays on this disk and CPU.
 
 Each reader's bandwidth is bytes read over wall time; the target is >= 90% of the multi-stream probe of its own
 file. Probe and reader alternate for ``--rounds`` rounds (medians reported): a VM disk with a burst allowance
@@ -149,7 +149,7 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
     try:
         sources = {"checkpoint": (stored, stored_keys, files, nbytes),
                    "images": (images, image_keys, [images.path], len(image_keys) * images.slot_bytes),
-                   "packed": (packed, packed_keys, [images.path], len(image_keys) * images.slot_bytes)}
+                   "packed": (packed, packed_keys, [packed.path], len(packed_keys) * packed.read_bytes)}
         runs = {name: ([], []) for name in sources}
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: multi-stream probe and {experts} expert(s) through the reader, from"
@@ -216,7 +216,7 @@ def format_report(doc: dict) -> str:
             (f"probe, {depth} streams, slot images", depth, images["probe_multi_gbps"], images["probe_multi_gbps"]),
             (f"ExpertReader, {images['reader_experts']} slot images", depth, images["reader_gbps"],
              images["probe_multi_gbps"]),
-            (f"probe, {depth} streams, slot images again", depth, packed["probe_multi_gbps"],
+            (f"probe, {depth} streams, compressed images", depth, packed["probe_multi_gbps"],
              packed["probe_multi_gbps"]),
             (f"ExpertReader, {packed['reader_experts']} compressed", depth, packed["reader_gbps"],
              packed["probe_multi_gbps"]),

@@ -63,3 +63,18 @@ def test_the_target_is_judged_per_round_and_never_above_the_probe():
 
     assert [verdict(f) for f in (0.95, 0.85, None)] == ["met", "NOT met", "n/a"]
     assert verdict(1.03).startswith("not counted")
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_probe_reads_a_sparse_files_data_not_its_holes(tmp_path, streams):
+    """memd's slot images are sparse (experts not read yet; compressed images short of their slots): a hole reads
+    as zeros without the disk, so the probe skips it instead of counting it as the disk's speed."""
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        for i in range(4):  # 1 MiB of data, then a 3 MiB hole, four times
+            f.seek(i * (4 << 20))
+            f.write(os.urandom(1 << 20))
+        f.truncate(16 << 20)
+    bw = read_bandwidth([path], chunk=1 << 20, streams=streams)
+    assert bw.bytes_read == 4 << 20  # the data only
+    assert read_bandwidth([path], max_bytes=3 << 20, chunk=1 << 20, streams=streams).bytes_read == 3 << 20
