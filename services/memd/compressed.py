@@ -97,6 +97,9 @@ class CompressedStore(SlotImageCache):
         self.plans, self.tensors, self.slot_bytes, self.expert_bytes = self._layout()
         super().__init__(source, model_dir, cache_root)
 
+    def encoders(self) -> list[Path]:
+        return [Path(__file__), Path(__file__).parents[2] / "common" / "quant_encode.py"]
+
     @classmethod
     def of(cls, model_dir: Path | str, fmt: str, cache_root: Path | str) -> "CompressedStore":
         """Index ``model_dir`` in this process (imports transformers: the CLI and the benchmarks, not memd)."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from common.access import OWNER_ONLY
 from common.expert_index import ALIGN, ExpertIndex, align_up
-from services.memd.planes import RAW_FLAG, PlaneCodec, unit_bytes
+from services.memd.planes import CODEC, RAW_FLAG, PlaneCodec, unit_bytes
 from services.memd.read_jobs import Piece
 from services.memd.slot_images import LosslessImages
 
@@ -36,6 +36,7 @@ class PackedImages(LosslessImages):
 
     format = "slots-zstd"
     packs = True
+    codec_identity = CODEC
 
     def __init__(self, served: ExpertIndex, model_dir: Path | str, cache_root: Path | str):
         super().__init__(served, model_dir, cache_root)
@@ -46,7 +47,7 @@ class PackedImages(LosslessImages):
         self._units_fd = None
 
     def encoders(self) -> list[Path]:
-        return [Path(__file__).parent / "planes.py"]
+        return []  # the codec's version and settings decide the bytes (``codec_identity``), not planes.py's text
 
     @classmethod
     def of(cls, model_dir: Path | str, cache_root: Path | str) -> "PackedImages":

@@ -18,6 +18,7 @@ an uncompressed image is.
 """
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -31,6 +32,8 @@ KEEP_RAW = 0.9  # a unit whose packed bytes exceed this share of it is stored as
 RAW_FLAG = 1 << 31  # in a unit's stored length: the unit is stored as it is
 _PARAMS = dict(window_log=20, chain_log=6, hash_log=6, search_log=1, min_match=7, target_length=0)
 _LE16 = np.dtype("<u2")
+# what an image's reader must agree on (hashed into its cache's name): the layout and the units' size
+CODEC = json.dumps(["planes-zstd", 1, UNIT_MAX, UNIT_MIN, THREADS])  # (zstd frames decode whatever made them)
 
 
 def unit_bytes(slot_bytes: int) -> int:

@@ -61,6 +61,7 @@ class SlotImageCache:
     (``tensors``, ``slot_bytes``, ``expert_bytes``) and ``convert``."""
 
     format: str  # a directory-name label: "fp8", "mxfp4" or "slots" (lossless)
+    codec_identity = ""  # what decides a packed image's bytes besides the code ``encoders`` names (in the name)
     tensors: list[TensorSpec]
     slot_bytes: int
     expert_bytes: int
@@ -215,12 +216,13 @@ class SlotImageCache:
         tensors = [list(map(str, (s.name, s.offset, s.shape, s.dtype))) + ([str(s.row_stride)] if s.row_stride else [])
                    for s in self.tensors]
         key = checkpoint_key(checkpoint.dir, checkpoint.files, CODE + self.encoders())
-        identity = json.dumps([LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors, key])
+        parts = [LAYOUT_VERSION, str(self.model_dir), files, self.format, tensors, key, self.codec_identity]
+        identity = json.dumps(parts if self.codec_identity else parts[:-1])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.model_dir.name}-{self.format}-{digest}"
 
     def encoders(self) -> list[Path]:  # the code deciding an image's bytes beyond the indexer's (hashed into its name)
-        return [Path(__file__).parent / "compressed.py", Path(__file__).parents[2] / "common" / "quant_encode.py"]
+        return []  # (the checkpoint's bytes, unchanged)
 
     def _read_source(self, key: tuple[int, int]) -> bytearray:
         """The expert's bytes as the checkpoint's own index lays them into a slot (buffered reads: converted once)."""
@@ -260,9 +262,6 @@ class LosslessImages(SlotImageCache):
 
     def ready(self, key: tuple[int, int]) -> bool:
         return True
-
-    def encoders(self) -> list[Path]:
-        return []  # the checkpoint's bytes, unchanged
 
     def write_behind(self, reader):
         """The writer that keeps the slots ``reader`` fills from the checkpoint as images (``ExpertReader``)."""

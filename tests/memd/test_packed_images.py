@@ -177,3 +177,11 @@ def test_the_share_reaches_memds_stats_and_admin_stats(wide, tmp_path):
     finally:
         images.close()
         plain.close()
+
+
+def test_the_cache_is_named_by_its_codec_so_another_codec_never_reads_old_images(wide, tmp_path, monkeypatch):
+    index = served(wide)
+    first = PackedImages(index, wide, tmp_path).directory
+    assert PackedImages(index, wide, tmp_path).directory == first  # (a restart finds its images)
+    monkeypatch.setattr(PackedImages, "codec_identity", '["planes-zstd", 2]')
+    assert PackedImages(index, wide, tmp_path).directory != first
