@@ -92,7 +92,7 @@ class MemdConfig:
                                    " where the checkpoint's layout would be copied and the disk has room; on; off")
     slot_compression: str = knob("off", "keep the slot images compressed, losslessly (zstd over each unit's high and"
                                         " low bytes: ~0.67 of the bytes of bf16 experts): fewer bytes per read, decoded"
-                                        " by memd's reader threads at ~1.7 GB/s per core; off or zstd")
+                                        " by memd's reader threads at ~1.9 GB/s per core; off or zstd")
     expert_cache_dir: Path | None = knob(None, "where --slot-cache and --expert-format keep their experts (default:"
                                                " <state-dir>/expert-cache)")
     index_cache_dir: Path | None = knob(None, "where memd caches checkpoint indexes, one small file per checkpoint"

@@ -220,7 +220,8 @@ def format_report(doc: dict) -> str:
              packed["probe_multi_gbps"]),
             (f"ExpertReader, {packed['reader_experts']} compressed", depth, packed["reader_gbps"],
              packed["probe_multi_gbps"]),
-            ("  the same, expert bytes placed", depth, packed["reader_placed_gbps"], images["probe_multi_gbps"])]
+            ("  placed (vs the images' probe)", depth, packed["reader_placed_gbps"],
+             images["probe_multi_gbps"])]
     lines = [f"moeinf bench disk: {doc['file']}; reads of {doc['chunk'] >> 10} KiB,"
              f" {'O_DIRECT' if doc['direct'] else 'page cache (O_DIRECT refused)'}; alignment {ckpt['alignment']}",
              f"slot images (memd --slot-cache): {doc['images_file']}",

@@ -4,8 +4,9 @@
 ``--read-chunk``, 1 MiB) of the files from one shared cursor and read it with ``preadv`` into their own buffer, so
 ``streams`` reads are in flight at once, adjacent in the file: what memd does when it reads one expert split over
 its threads. ``streams=1`` is the old single-stream sequential read. Each buffer is an anonymous mmap
-(page-aligned, as O_DIRECT wants) and every read starts at a multiple of the chunk size, so offsets and lengths
-stay aligned; only the last read of a file comes back short. No page cache is involved, so the number is what the
+(page-aligned, as O_DIRECT wants) and every read starts at a page boundary (a chunk's, or a data extent's after
+a hole) and is a whole number of pages long, so offsets and lengths stay aligned; only the last read of a file
+comes back short. No page cache is involved, so the number is what the
 device gives at that queue depth; memd's expert reads, which go through the same path, cannot beat it. Where the
 file system refuses O_DIRECT (tmpfs), the files are read through the page cache instead, and ``direct`` says so.
 The holes of a sparse file (memd's slot images: only the experts read so far, a compressed image short of its

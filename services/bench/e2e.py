@@ -150,6 +150,8 @@ class Options:
             raise ValueError(f"--systems: choose from {', '.join(SYSTEMS)}")
         if self.max_tokens < 2:
             raise ValueError("--max-tokens must be >= 2 (decode times are the gaps between tokens)")
+        if self.slot_compression != "off" and self.slot_cache == "off":
+            raise ValueError("--slot-compression compresses the slot images: give --slot-cache auto or on")
         for memory in self.expert_memory:
             parse_size(memory, what="--expert-memory")
         for total in self.memory_limit_total:

@@ -80,7 +80,7 @@ def check_slot_images(opts):
         raise ValueError(f"the slot images would be read from another device ({images.directory}) than the checkpoint"
                          " the baselines read and the disk probes and --disk-read-limit measure: give"
                          " --expert-cache-dir on the checkpoint's disk, or --slot-cache off")
-    return dataclasses.replace(opts, slot_cache="off"), (
+    return dataclasses.replace(opts, slot_cache="off", slot_compression="off"), (
         f"slot images: off in this run: the default expert cache ({images.directory}) lies on another"
         " device than the checkpoint, which the baselines read and the disk probes measure; give --expert-cache-dir"
         " on the checkpoint's disk for images")

@@ -151,8 +151,7 @@ def build_core(cfg: MemdConfig, store: ExpertIndex, num_slots: int, on_retire=No
                          model=cfg.model.resolve().name)
     if cfg.eamc_from:  # a replica starting cold learns what its fleet saw (services/memd/eamc_share.py)
         pull(eamc, cfg.eamc_from, cfg.admin_token)
-    read_bytes = getattr(store, "read_bytes", store.expert_bytes)  # (compressed images: the disk's bytes per expert)
-    core = ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, read_bytes, knobs, eamc,
+    core = ExpertCache(num_slots, store.num_layers, store.num_experts, store.top_k, store.expert_bytes, knobs, eamc,
                        on_retire)
     core.fetchable = store.ready  # (--expert-format: an expert not converted yet is never prefetched)
     return core

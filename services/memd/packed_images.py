@@ -24,7 +24,7 @@ import numpy as np
 
 from common.access import OWNER_ONLY
 from common.expert_index import ALIGN, ExpertIndex, align_up
-from services.memd.planes import CODEC, RAW_FLAG, PlaneCodec, unit_bytes
+from services.memd.planes import CODEC, KEEP_RAW, RAW_FLAG, PlaneCodec, unit_bytes
 from services.memd.read_jobs import Piece
 from services.memd.slot_images import LosslessImages
 
@@ -69,9 +69,33 @@ class PackedImages(LosslessImages):
         else:
             os.ftruncate(self._units_fd, size)
             self.lengths[:] = 0
-        for index in np.flatnonzero(self.lengths.min(axis=1) == 0):  # (done.bin says done, units.bin does not)
-            self.done[index] = 0
+        self._forget([int(i) for i in np.flatnonzero(self._done_mask() & ~self._valid_rows())])
         return self
+
+    def _valid_rows(self) -> np.ndarray:
+        """Experts whose stored lengths describe units that fit their region: a raw unit its own length, a packed
+        one a high plane that saves a page (a lost, cut or damaged units.bin never places bytes from elsewhere)."""
+        words = self.lengths.astype(np.int64)
+        units = np.array(self._unit_lengths(), dtype=np.int64)
+        raw = (words & RAW_FLAG) != 0
+        high = np.where(raw, 0, words)
+        ok = np.where(raw, (words & ~RAW_FLAG) == units, (high > 0) & (high + units // 2 <= units * KEEP_RAW))
+        return ok.all(axis=1) & (self._stored(self.lengths).sum(axis=1) <= self.slot_bytes)
+
+    def _forget(self, indexes: list[int]) -> None:
+        """Experts whose images cannot be trusted: not done, on disk too, before any is packed again (a crash while
+        one is packed again must not leave ``done.bin`` saying done over half-new bytes)."""
+        if not indexes:
+            return
+        log.warning("expert cache %s: %d experts' unit lengths are missing or inconsistent: they are packed again",
+                    self.directory, len(indexes))
+        for index in indexes:
+            self.done[index] = 0
+            os.pwrite(self._done_fd, b"\x00", index)
+        os.fdatasync(self._done_fd)
+
+    def _done_mask(self) -> np.ndarray:
+        return np.frombuffer(bytes(self.done), dtype=np.uint8).astype(bool)
 
     def close(self) -> None:
         if self._units_fd is not None:
@@ -82,12 +106,29 @@ class PackedImages(LosslessImages):
     def store_image(self, key: tuple[int, int], image) -> None:
         """Pack ``image`` (a slot's bytes) unit by unit into expert ``key``'s region and its lengths into units.bin
         (not synced, not marked done)."""
+        blob, lengths = self.pack(key, image)
+        if os.pwrite(self._fd, blob, self.region(key)) != len(blob):
+            raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s packed image")
+        self.store_lengths(key, lengths)
+
+    def region(self, key: tuple[int, int]) -> int:
+        return (key[0] * self.num_experts + key[1]) * self.slot_bytes
+
+    def store_lengths(self, key: tuple[int, int], lengths: np.ndarray) -> None:
         index = key[0] * self.num_experts + key[1]
+        if os.pwrite(self._units_fd, lengths.tobytes(), index * self.units * 4) != lengths.nbytes:
+            raise OSError(errno.ENOSPC, f"{self.directory / 'units.bin'}: short write of expert {key}'s lengths")
+        self.lengths[index] = lengths
+
+    def pack(self, key: tuple[int, int], image) -> tuple[bytes, np.ndarray]:
+        """``(the region's bytes, the units' stored lengths)`` for expert ``key``'s slot bytes ``image``."""
         view = memoryview(image)[:self.slot_bytes]
         parts, lengths, at = [], np.zeros(self.units, dtype=np.uint32), 0
         for u in range(self.units):
             unit = view[u * self.unit:(u + 1) * self.unit]
             packed = self.codec.encode(unit) if len(unit) % 2 == 0 else None
+            if packed is not None and align_up(len(packed[0]), ALIGN) >= len(unit):
+                packed = None  # (no page saved: decoding it would cost time for nothing)
             stored = bytes(unit) if packed is None else packed[0]
             lengths[u] = len(stored) | RAW_FLAG if packed is None else packed[1]
             parts.append(stored + bytes(align_up(len(stored), ALIGN) - len(stored)))
@@ -95,11 +136,7 @@ class PackedImages(LosslessImages):
         blob = b"".join(parts)
         if len(blob) > self.slot_bytes:  # (slots are whole pages, units too: packed ones never outgrow theirs)
             raise ValueError(f"expert {key}: {len(blob)} packed bytes outgrow its {self.slot_bytes}-byte region")
-        if os.pwrite(self._fd, blob, index * self.slot_bytes) != len(blob):
-            raise OSError(errno.ENOSPC, f"{self.path}: short write of expert {key}'s packed image")
-        if os.pwrite(self._units_fd, lengths.tobytes(), index * self.units * 4) != lengths.nbytes:
-            raise OSError(errno.ENOSPC, f"{self.directory / 'units.bin'}: short write of expert {key}'s lengths")
-        self.lengths[index] = lengths
+        return blob, lengths
 
     def sync(self, keys: list[tuple[int, int]]) -> None:
         os.fdatasync(self._units_fd)
@@ -128,14 +165,16 @@ class PackedImages(LosslessImages):
         region = (key[0] * self.num_experts + key[1]) * self.slot_bytes
         pieces = []
         for offset, stored, dest, length, high in self._units(key):
+            at = region + offset
+            start = at - at % step  # (units start on 4 KiB pages; a device may want larger blocks)
             if high:
-                pieces.append(Piece(self.path_str, region + offset, align_up(stored, step), base + dest, 0, length,
-                                    True, codec=high))
-            elif not direct or length % step == 0:
-                pieces.append(Piece(self.path_str, region + offset, length, base + dest, 0, length))
+                pieces.append(Piece(self.path_str, start, align_up(at + stored, step) - start, base + dest, at - start,
+                                    length, True, codec=high))
+            elif not direct or (at == start and length % step == 0):
+                pieces.append(Piece(self.path_str, at, length, base + dest, 0, length))
             else:
-                pieces.append(Piece(self.path_str, region + offset, align_up(length, step), base + dest, 0, length,
-                                    True))
+                pieces.append(Piece(self.path_str, start, align_up(at + length, step) - start, base + dest, at - start,
+                                    length, True))
         return pieces
 
     def _units(self, key: tuple[int, int]):
@@ -162,7 +201,7 @@ class PackedImages(LosslessImages):
     @property
     def read_bytes(self) -> int:
         """Bytes read per expert, on average over the packed ones (the slot's expert bytes before any is packed)."""
-        done = np.frombuffer(bytes(self.done), dtype=np.uint8).astype(bool)
+        done = self._done_mask()
         if not done.any():
             return self.expert_bytes
         return int(min(self.expert_bytes, self._stored(self.lengths[done]).sum(axis=1).mean()))
@@ -170,7 +209,7 @@ class PackedImages(LosslessImages):
     @property
     def packed_share(self) -> float | None:
         """Bytes read over slot bytes, over the experts written (None before any)."""
-        done = np.frombuffer(bytes(self.done), dtype=np.uint8).astype(bool)
+        done = self._done_mask()
         if not done.any():
             return None
         return float(self._stored(self.lengths[done]).sum() / (done.sum() * self.slot_bytes))

@@ -6,15 +6,17 @@ into units (``unit_bytes``: up to 1 MiB, the reader's piece), and a unit is stor
 byte: the high byte of a 16-bit value on a little-endian layout) coded by zstd with matching off in effect
 (``min_match`` 7 finds nothing to match in weights; what is left is zstd's entropy coder), followed by its low
 bytes as they are: ~0.34 of the high plane, ~0.67 of the unit on the bench preset's experts (the published
-lossless bf16 coders, ZipNN and DFloat11, report ~0.67-0.70 on real checkpoints). zstd decodes a unit's high plane
-at ~4.5 GB/s of expert bytes per core here and NumPy puts the two planes back together at ~2.8 GB/s in all
-(without the GIL), above this disk's ~1.2-2.7 GB/s. A unit that does not shrink below ``KEEP_RAW`` of its size
-(FP8 or MXFP4 experts, float32 noise) is stored as it is and read straight into its slot, with no decoding.
+lossless bf16 coders, ZipNN and DFloat11, report ~0.67-0.70 on real checkpoints). One core of this VM decodes
+~1.9 GB/s of expert bytes (zstd ~4.5 GB/s on the high plane, then NumPy's join and the checksum), two ~4.1 GB/s
+(both without the GIL); this disk reads ~1.2-2.9 GB/s. A unit whose stored bytes would not save a page and
+``1 - KEEP_RAW`` of it (FP8 or MXFP4 experts, float32 noise) is stored as it is and read straight into its slot,
+with no decoding.
 
 Grouping bytes is a permutation whatever they hold, so the codec is exact for every dtype: a decoded unit is the
 image's bytes, bit for bit (``tests/memd/test_planes.py``). zstd's frame carries a checksum of the high plane, so
-damage there fails the read (the load errs) instead of placing other bytes; the low plane is checked no more than
-an uncompressed image is.
+damage there fails the read (the load errs) instead of placing other bytes, as does a frame that does not end where
+the unit's stored length says (``allow_extra_data=False``); the stored lengths are checked when the cache opens
+(``PackedImages.open``); the low plane is checked no more than an uncompressed image is.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class PlaneCodec:
         """Decode a unit (its stored bytes, of which the first ``high`` are the packed high plane) into ``out``
         (uint8, the unit's length, even, 2-byte aligned)."""
         half = out.size // 2
-        planes = self._decompressor().decompress(stored[:high], max_output_size=half)
+        planes = self._decompressor().decompress(stored[:high], max_output_size=half, allow_extra_data=False)
         if len(planes) != half or len(stored) < high + half:
             raise ValueError(f"a packed unit holds {len(planes)} high and {len(stored) - high} low bytes, not the"
                              f" {half} each of its slot piece")

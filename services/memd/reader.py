@@ -65,7 +65,7 @@ class ExpertReader:
         self.chunk = max(step, chunk - chunk % step)
         self._step = step
         self.packed = getattr(store, "packed_pieces", None)  # --slot-compression: an image's units
-        self._bounce_bytes = max(self.chunk, getattr(store, "unit", 0))
+        self._bounce_bytes = max(self.chunk, getattr(store, "unit", 0) + step)  # (a unit off the device's blocks)
         self._base = buffer_address(pool_view) if len(pool_view) else 0
         flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
         self.fds = {str(f): os.open(f, flags) for f in store.files}
@@ -79,6 +79,7 @@ class ExpertReader:
         self._seq = itertools.count()
         self._closing = False
         self._rate = BusyRate()  # bandwidth: bytes over the seconds some read was in flight
+        self._placed = BusyRate()  # the same for the expert bytes placed (more where compressed images are read)
         if self.align:
             log.info("O_DIRECT alignment: %s", self.align.describe())
         self._inflight = threading.BoundedSemaphore(threads)  # reads at the disk: at most ``threads``
@@ -152,12 +153,15 @@ class ExpertReader:
         """Bytes per second while reading, measured over recent reads (None before the first)."""
         return self._rate.rate
 
+    @property
+    def expert_rate(self) -> float | None:  # expert bytes placed per second (the planner's): compressed, > bandwidth
+        return self._placed.rate
+
     def queued(self) -> int:
         with self._cv:
             return len(self._jobs)
 
-    def pending_events(self, slots: list[int]) -> list[int]:
-        """Event-ring entries a worker must wait on before reading ``slots``: none, the reader writes the pool."""
+    def pending_events(self, slots: list[int]) -> list[int]:  # (the ring entries to wait on: none, the pool is ours)
         return []
 
     def close(self) -> None:
@@ -300,6 +304,7 @@ class ExpertReader:
                     if job.started is None:
                         job.started = now
                     self._rate.begin(now)
+                    self._placed.begin(now)
                     return job, piece
                 self._cv.wait()
 
@@ -311,6 +316,7 @@ class ExpertReader:
             job.ended = now
             self._count(piece, n)
             self._rate.end(now, n)
+            self._placed.end(now, piece.keep if piece.codec and n else n)
             if error is not None and job.error is None:
                 job.error = error
             if not job.over and not self._closing:
@@ -360,11 +366,12 @@ class ExpertReader:
             n = os.preadv(fd, [bounce[:piece.length]], piece.file_offset)
         finally:
             self._inflight.release()  # the copy below runs while another thread's read is at the disk
-        if n < (piece.codec + piece.keep // 2 if piece.codec else piece.skip + piece.keep):
+        if n < piece.skip + (piece.codec + piece.keep // 2 if piece.codec else piece.keep):
             raise OSError(f"{piece.file}: unexpected end of file at byte {piece.file_offset + max(n, 0)}")
         if piece.codec:  # a packed unit: decoded into the slot (NumPy and zstd run without the GIL)
-            self.store.codec.decode_into(bounce[:n], piece.codec, self._rows_view()[piece.dest:piece.dest + piece.keep])
-            return n  # the disk's bytes (the packed unit to its page's end)
+            unit = bounce[piece.skip:n]
+            self.store.codec.decode_into(unit, piece.codec, self._rows_view()[piece.dest:piece.dest + piece.keep])
+            return n  # the disk's bytes (the packed unit to its blocks' ends)
         if piece.rows is not None:
             place_rows(self._rows_view(), bounce[piece.skip:piece.skip + piece.keep], piece.dest, piece.rows)
         elif self._base:  # ctypes.memmove runs without the GIL: the other threads' reads go on meanwhile

@@ -63,7 +63,7 @@ class MemdServer:
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
         self.table = core.table
         self.loads = Loads(core, reader)
-        self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.bandwidth, self._rpc_waiting)
+        self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.expert_rate, self._rpc_waiting)
         self.rpc = None
         self._rpc_recv: asyncio.Future | None = None  # the RPC reader's receive in progress
         self.memory, self.pool = memory, memory.pool  # the pool, and its retired slots' memory (admin resize)
@@ -359,7 +359,7 @@ class MemdServer:
 
     def _acquired(self, p: Pending, loading: list[int] = ()) -> m.AcquireReply:
         """The reply to ``p``; ``loading``: positions still loading (a partial answer: their slots are 0 here)."""
-        ahead, threshold = self.core.speculation(self.reader.bandwidth)
+        ahead, threshold = self.core.speculation(self.reader.expert_rate)
         slots = [0 if j in loading else self.table.slot_of[k] for j, k in enumerate(p.keys)]
         replied = merge_slots(len(p.req.experts), slots, p.host) if p.host else slots
         ready = [s for j, s in enumerate(slots) if j not in loading]

@@ -326,6 +326,10 @@ class TieredReader:
         return self._rate.rate or self.reader.bandwidth
 
     @property
+    def expert_rate(self) -> float | None:
+        return self._rate.rate or self.reader.expert_rate  # (slots filled: expert bytes already)
+
+    @property
     def direct_io(self) -> bool:
         return self.reader.direct_io
 

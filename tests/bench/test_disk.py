@@ -50,7 +50,7 @@ def test_bench_disk_table_and_json(tmp_path):
     finally:
         kept.close()
     packed = doc["packed"]  # the compressed images: the same slots from fewer (or as many) of the disk's bytes
-    assert "ExpertReader, 5 compressed" in proc.stdout and "the same, expert bytes placed" in proc.stdout
+    assert "ExpertReader, 5 compressed" in proc.stdout and "placed (vs the images' probe)" in proc.stdout
     assert 0 < packed["reader_bytes"] <= 5 * store.slot_bytes and 0 < doc["packed_share"] <= 1
     for part in (ckpt, images, packed):
         assert len(part["probe_multi_runs_gbps"]) == len(part["reader_runs_gbps"]) == 2

@@ -233,6 +233,10 @@ def test_the_disk_probes_read_at_the_benchmarks_memd_queue_depth(tmp_path):
         Options.from_args(args, env={"MOEINF_READ_THREADS": "0"})
     with pytest.raises(ValueError, match="--read-chunk '25%': give a size in bytes"):  # (memd read 1 MiB pieces)
         Options.from_args(args, env={"MOEINF_READ_CHUNK": "25%"})
+    off = bench.choices["e2e"].parse_args(["--model", str(model), "--systems", "moeinf", "--slot-cache", "off",
+                                           "--slot-compression", "zstd"])
+    with pytest.raises(ValueError, match="--slot-compression compresses the slot images"):
+        Options.from_args(off, env={})
     for flag in ("--disk-probe", "--runtime-allowance"):  # ... 0 bytes too: a probe of nothing, a limit of no room
         shared = bench.choices["e2e"].parse_args(["--model", str(model), "--systems", "moeinf", flag, "25%"])
         with pytest.raises(ValueError, match=f"{flag} '25%': give a size in bytes"):

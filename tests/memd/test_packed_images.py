@@ -185,3 +185,42 @@ def test_the_cache_is_named_by_its_codec_so_another_codec_never_reads_old_images
     assert PackedImages(index, wide, tmp_path).directory == first  # (a restart finds its images)
     monkeypatch.setattr(PackedImages, "codec_identity", '["planes-zstd", 2]')
     assert PackedImages(index, wide, tmp_path).directory != first
+
+
+def _set_word(images, key, unit, word):
+    with open(images.directory / "units.bin", "r+b") as f:
+        f.seek(((key[0] * images.num_experts + key[1]) * images.units + unit) * 4)
+        f.write(int(word).to_bytes(4, "little"))
+
+
+def test_unit_lengths_that_cannot_be_right_are_packed_again_and_wrong_ones_fail_the_load(wide, tmp_path):
+    index = served(wide)
+    key, other = (1, 2), (0, 3)
+    first = PackedImages(index, wide, tmp_path).open()
+    try:
+        first.fill()
+        want, want_other = first.image(key), first.image(other)
+        words = first.lengths[key[0] * first.num_experts + key[1]].tolist()
+        unit = next(u for u, w in enumerate(words) if not w & RAW_FLAG)  # a packed unit
+        word = words[unit]
+        other_word = int(first.lengths[other[0] * first.num_experts + other[1], 0])
+    finally:
+        first.close()
+    _set_word(first, key, unit, RAW_FLAG | 4096)  # "raw" but not its unit's length: never trusted
+    _set_word(first, other, 0, other_word + 8 if not other_word & RAW_FLAG else other_word)
+    again = PackedImages(index, wide, tmp_path).open()
+    try:
+        assert key in again.missing  # forgotten, on disk too (a crash while it is packed again reads nothing)
+        assert open(again.directory / "done.bin", "rb").read()[key[0] * again.num_experts + key[1]] == 0
+        assert again.image(key) == want  # packed again from the checkpoint
+        if not other_word & RAW_FLAG:  # plausible but wrong: the frame does not end there, the load fails
+            pool = mmap.mmap(-1, again.slot_bytes)
+            reader = ExpertReader(again, memoryview(pool), again.slot_bytes, direct_io=True)
+            try:
+                with pytest.raises(Exception, match="data|frame|decompress|checksum"):
+                    reader.read(other, 0)
+            finally:
+                reader.close()
+        assert want_other  # (read whole before the damage)
+    finally:
+        again.close()

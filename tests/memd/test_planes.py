@@ -6,6 +6,7 @@ import pytest
 import torch
 import zstandard
 
+from services.memd import planes
 from services.memd.planes import KEEP_RAW, UNIT_MAX, UNIT_MIN, PlaneCodec, unit_bytes
 
 
@@ -25,17 +26,17 @@ def test_bf16_units_shrink_and_decode_to_the_same_bytes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
-def test_any_bytes_round_trip_exactly(dtype):
-    """The regrouping is a permutation of bytes: exact whatever they hold (what does not shrink is kept raw)."""
+def test_any_bytes_round_trip_exactly(dtype, monkeypatch):
+    """The regrouping is a permutation of bytes: exact whatever they hold (here every unit is packed, even what
+    would be kept raw for not shrinking)."""
+    monkeypatch.setattr(planes, "KEEP_RAW", 2.0)
     codec = PlaneCodec()
-    values = torch.randn(1 << 15).mul(3).to(dtype) if dtype != torch.int8 else torch.randint(-3, 4, (1 << 15,),
-                                                                                             dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(1 << 15, generator=g).mul(3).to(dtype) if dtype != torch.int8
+              else torch.randint(-3, 4, (1 << 15,), generator=g, dtype=dtype))
     raw = values.view(torch.uint8).numpy().tobytes()
-    packed = codec.encode(raw)
-    if packed is None:
-        return
     out = np.empty(len(raw), dtype=np.uint8)
-    codec.decode_into(*packed, out)
+    codec.decode_into(*codec.encode(raw), out)
     assert out.tobytes() == raw
 
 
@@ -58,6 +59,9 @@ def test_a_damaged_or_mismatched_unit_fails_instead_of_placing_other_bytes():
     damaged[high // 2] ^= 0x10
     with pytest.raises(zstandard.ZstdError):
         codec.decode_into(bytes(damaged), high, out)
+    for wrong in (high + 1, high + 100):  # a stored length past the frame's end: never the low plane misplaced
+        with pytest.raises(zstandard.ZstdError):
+            codec.decode_into(stored, wrong, out)
     with pytest.raises(ValueError, match="whole 16-bit"):
         codec.encode(b"abc")
 
