@@ -224,3 +224,27 @@ def test_unit_lengths_that_cannot_be_right_are_packed_again_and_wrong_ones_fail_
         assert want_other  # (read whole before the damage)
     finally:
         again.close()
+
+
+def test_pieces_start_on_the_devices_blocks_where_it_wants_more_than_a_page(wide, tmp_path):
+    """Units start on 4 KiB pages; a device whose O_DIRECT wants 8 KiB blocks gets pieces from the block before,
+    the unit ``skip`` bytes in, and they still decode to the image."""
+    images = PackedImages(served(wide), wide, tmp_path).open()
+    try:
+        images.fill()
+        key = (1, 1)
+        out = np.zeros(images.slot_bytes, dtype=np.uint8)
+        pieces = images.packed_pieces(key, 0, 8192, True)
+        assert any(p.skip for p in pieces)  # (some unit starts off an 8 KiB block here)
+        with open(images.path, "rb") as f:
+            for p in pieces:
+                assert p.file_offset % 8192 == 0 and p.length % 8192 == 0
+                f.seek(p.file_offset)
+                data = f.read(p.length)
+                if p.codec:
+                    images.codec.decode_into(data[p.skip:], p.codec, out[p.dest:p.dest + p.keep])
+                else:
+                    out[p.dest:p.dest + p.keep] = np.frombuffer(data[p.skip:p.skip + p.keep], dtype=np.uint8)
+        assert out.tobytes() == images.convert(key)
+    finally:
+        images.close()
