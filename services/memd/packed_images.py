@@ -11,7 +11,8 @@ An expert counts as written once its units and their lengths are synced (``done.
 The reader (``reader.py``) reads a packed unit into its thread's bounce buffer and decodes it into the slot; a unit
 stored as it is goes straight into the slot. Its byte counts are the disk's (packed bytes), so memd's read
 bandwidth, ``bytes_read`` and the benchmarks' I/O floors stay the disk's; the planner's time estimates use the
-mean packed size of an expert (``read_bytes``).
+expert bytes placed per second (``ExpertReader.expert_rate``). ``read_bytes``, the mean bytes read per written
+expert, is what ``moeinf convert`` and the benchmarks report.
 """
 from __future__ import annotations
 
