@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.access import Access
-from common.config import EXPERT_FORMATS, POLICIES, check_device, default_state_dir
+from common.config import EXPERT_FORMATS, POLICIES, SLOT_COMPRESSION, check_device, default_state_dir
 from common.config_checks import check_log_level, resolve_api_key
 from common.knobs import knob
 
@@ -34,6 +34,8 @@ class ServeConfig:
     prefetch: bool = knob(True, "memd prefetches predicted experts")
     expert_format: str = knob("", "memd serves a bf16 checkpoint's experts compressed: fp8 or mxfp4 (lossy); unset: as"
                                   " stored")
+    slot_compression: str = knob("off", "memd keeps its slot images compressed, losslessly: zstd (~0.67 of the bytes"
+                                        " of bf16 experts, decoded by its reader threads) or off")
     record_trace: Path | None = knob(None, "the worker writes every token's routing to this file (docs/traces.md)")
     workers: int = knob(1, "worker processes on the one memd (one expert pool): worker-0.sock ... when above 1; the"
                            " gateway routes each request to one of them")
@@ -71,3 +73,6 @@ class ServeConfig:
                              " GPU pool are not supported yet; serve them with --device cpu")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.slot_compression not in SLOT_COMPRESSION or (self.slot_compression != "off" and self.expert_format):
+            raise ValueError(f"--slot-compression {self.slot_compression!r}: off or zstd, and zstd compresses the"
+                             " lossless slot images (not with --expert-format)")

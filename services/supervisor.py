@@ -97,6 +97,7 @@ class Supervisor:
         self.memd = Child("memd", ["memd", *common, *group, "--expert-memory", cfg.expert_memory,
                                    "--policy", cfg.policy, "--prefetch", "on" if cfg.prefetch else "off",
                                    *(["--expert-format", cfg.expert_format] if cfg.expert_format else []),
+                                   *(["--slot-compression", cfg.slot_compression] * (cfg.slot_compression != "off")),
                                    *gpu_memd_args(cfg.device)],
                           sockets=(sock(MEMD_SOCKET), sock(MEMD_TRACE_SOCKET), sock(ADMIN_SOCKET)), env=_child_env())
         worker = ["worker", *common, *group, "--max-queued", str(cfg.max_queued), "--device", cfg.device,

@@ -252,3 +252,18 @@ def test_one_worker_gets_its_socket_name_from_serve_not_from_the_environment(tmp
     (worker,) = Supervisor(ServeConfig(state_dir=tmp_path), tmp_path / "model").workers
     cfg = build_config(WorkerConfig, build_parser().parse_args(worker.args), model=str(tmp_path))
     assert cfg.worker_id == "" and worker.sockets[0].endswith("/worker.sock")
+
+
+def test_serve_hands_slot_compression_to_memd(tmp_path):
+    from common.config import MemdConfig, build_config
+    from services.cli import build_parser
+
+    sup = Supervisor(ServeConfig(state_dir=tmp_path, slot_compression="zstd"), tmp_path / "model")
+    cfg = build_config(MemdConfig, build_parser().parse_args(sup.memd.args), model=str(tmp_path))
+    assert cfg.slot_compression == "zstd"
+    plain = Supervisor(ServeConfig(state_dir=tmp_path), tmp_path / "model")
+    assert "--slot-compression" not in plain.memd.args
+    with pytest.raises(ValueError, match="not with --expert-format"):
+        ServeConfig(state_dir=tmp_path, slot_compression="zstd", expert_format="fp8")
+    with pytest.raises(ValueError, match="off or zstd"):
+        ServeConfig(state_dir=tmp_path, slot_compression="lz4")
