@@ -75,7 +75,8 @@ class PackedImages(LosslessImages):
 
     def _valid_rows(self) -> np.ndarray:
         """Experts whose stored lengths describe units that fit their region: a raw unit its own length, a packed
-        one a high plane that saves a page (a lost, cut or damaged units.bin never places bytes from elsewhere)."""
+        one a high plane the codec could have written (within ``KEEP_RAW``), all within the slot (a lost, cut or
+        damaged units.bin never places bytes from elsewhere; one plausible but wrong fails its load: planes.py)."""
         words = self.lengths.astype(np.int64)
         units = np.array(self._unit_lengths(), dtype=np.int64)
         raw = (words & RAW_FLAG) != 0
@@ -124,7 +125,7 @@ class PackedImages(LosslessImages):
     def pack(self, key: tuple[int, int], image) -> tuple[bytes, np.ndarray]:
         """``(the region's bytes, the units' stored lengths)`` for expert ``key``'s slot bytes ``image``."""
         view = memoryview(image)[:self.slot_bytes]
-        parts, lengths, at = [], np.zeros(self.units, dtype=np.uint32), 0
+        parts, lengths = [], np.zeros(self.units, dtype=np.uint32)
         for u in range(self.units):
             unit = view[u * self.unit:(u + 1) * self.unit]
             packed = self.codec.encode(unit) if len(unit) % 2 == 0 else None
@@ -133,7 +134,6 @@ class PackedImages(LosslessImages):
             stored = bytes(unit) if packed is None else packed[0]
             lengths[u] = len(stored) | RAW_FLAG if packed is None else packed[1]
             parts.append(stored + bytes(align_up(len(stored), ALIGN) - len(stored)))
-            at += len(parts[-1])
         blob = b"".join(parts)
         if len(blob) > self.slot_bytes:  # (slots are whole pages, units too: packed ones never outgrow theirs)
             raise ValueError(f"expert {key}: {len(blob)} packed bytes outgrow its {self.slot_bytes}-byte region")
@@ -148,9 +148,8 @@ class PackedImages(LosslessImages):
         """Expert ``key``'s slot image, decoded (converted first if missing)."""
         self.prepare_many([key])
         out = np.zeros(self.slot_bytes, dtype=np.uint8)
-        region = (key[0] * self.num_experts + key[1]) * self.slot_bytes
         for offset, stored, dest, length, high in self._units(key):
-            data = os.pread(self._fd, stored, region + offset)
+            data = os.pread(self._fd, stored, self.region(key) + offset)
             if high:
                 self.codec.decode_into(data, high, out[dest:dest + length])
             else:
@@ -163,8 +162,7 @@ class PackedImages(LosslessImages):
         straight into the slot where the file's ``step`` allows."""
         if not self.is_done(key):
             return None
-        region = (key[0] * self.num_experts + key[1]) * self.slot_bytes
-        pieces = []
+        region, pieces = self.region(key), []
         for offset, stored, dest, length, high in self._units(key):
             at = region + offset
             start = at - at % step  # (units start on 4 KiB pages; a device may want larger blocks)
@@ -201,11 +199,12 @@ class PackedImages(LosslessImages):
 
     @property
     def read_bytes(self) -> int:
-        """Bytes read per expert, on average over the packed ones (the slot's expert bytes before any is packed)."""
+        """Bytes read per expert, on average over the written ones (raw units whole, to their pages' ends; the
+        expert's bytes before any is written)."""
         done = self._done_mask()
         if not done.any():
             return self.expert_bytes
-        return int(min(self.expert_bytes, self._stored(self.lengths[done]).sum(axis=1).mean()))
+        return int(self._stored(self.lengths[done]).sum(axis=1).mean())
 
     @property
     def packed_share(self) -> float | None:
