@@ -97,8 +97,7 @@ class ImageWriter:
             return self._write_packed(key, slot, generation)
         at = (key[0] * images.num_experts + key[1]) * size
         for start in range(0, size, WRITE_PIECE):
-            while self.reader.demand_pending() and not self.closing:
-                time.sleep(DEMAND_POLL_S)  # on-demand reads first
+            self._demand_first()
             if self.closing or self.reader.generation(slot) != generation or images.is_done(key):
                 self.discarded += self.reader.generation(slot) != generation
                 return

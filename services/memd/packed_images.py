@@ -50,14 +50,6 @@ class PackedImages(LosslessImages):
     def encoders(self) -> list[Path]:
         return []  # the codec's version and settings decide the bytes (``codec_identity``), not planes.py's text
 
-    @classmethod
-    def of(cls, model_dir: Path | str, cache_root: Path | str) -> "PackedImages":
-        from common.checkpoint import Checkpoint
-        from services.memd.spread import spread_rows
-        from services.memd.store import ExpertStore
-
-        return cls(spread_rows(ExpertStore(Checkpoint(model_dir)).index()), model_dir, cache_root)
-
     # ---------------------------------------------------------------- the files
     def open(self):
         super().open()

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import Stack, moeinf_cmd, write_family
+from helpers import Stack, moeinf_cmd
 
 from common.config import MemdConfig
 from services.memd.main import slot_images as choose
@@ -17,14 +17,7 @@ from services.memd.packed_images import PackedImages
 from services.memd.planes import RAW_FLAG
 from services.memd.reader import ExpertReader
 from services.memd.slot_images import CACHE_DIR, LosslessImages
-from test_slot_images import read_all, reference, served, until
-
-
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    """Mixtral in bfloat16 whose gate/up rows are 2 KiB (spread apart in the slots), sharded."""
-    return write_family("mixtral", tmp_path_factory.mktemp("wide") / "m", dtype="bfloat16", shard=True,
-                        hidden_size=1024, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+from test_slot_images import read_all, reference, restarted, served, until, wide  # noqa: F401 (wide: a fixture)
 
 
 def test_packed_images_place_the_checkpoints_bytes_and_read_fewer(wide, tmp_path):
@@ -79,17 +72,8 @@ def test_a_load_counts_the_disks_bytes(wide, tmp_path):
 
 def test_images_survive_a_restart_and_lost_lengths_are_packed_again(wide, tmp_path):
     index = served(wide)
-    first = PackedImages(index, wide, tmp_path).open()
-    try:
-        assert first.fill() == index.num_layers * index.num_experts
-        image = first.image((1, 2))
-    finally:
-        first.close()
-    again = PackedImages(index, wide, tmp_path).open()
-    try:
-        assert again.missing == [] and again.fill() == 0 and again.image((1, 2)) == image
-    finally:
-        again.close()
+    image = restarted(PackedImages, index, wide, tmp_path)
+    again = PackedImages(index, wide, tmp_path)
     os.truncate(again.directory / "units.bin", 0)  # the lengths lost: no expert may be read from its region
     third = PackedImages(index, wide, tmp_path).open()
     try:
@@ -199,29 +183,25 @@ def test_unit_lengths_that_cannot_be_right_are_packed_again_and_wrong_ones_fail_
     first = PackedImages(index, wide, tmp_path).open()
     try:
         first.fill()
-        want, want_other = first.image(key), first.image(other)
-        words = first.lengths[key[0] * first.num_experts + key[1]].tolist()
-        unit = next(u for u, w in enumerate(words) if not w & RAW_FLAG)  # a packed unit
-        word = words[unit]
-        other_word = int(first.lengths[other[0] * first.num_experts + other[1], 0])
+        want = first.image(key)
+        packed = {k: next((u, w) for u, w in enumerate(first.lengths[k[0] * first.num_experts + k[1]].tolist())
+                          if not w & RAW_FLAG) for k in (key, other)}  # a packed unit of each
     finally:
         first.close()
-    _set_word(first, key, unit, RAW_FLAG | 4096)  # "raw" but not its unit's length: never trusted
-    _set_word(first, other, 0, other_word + 8 if not other_word & RAW_FLAG else other_word)
+    _set_word(first, key, packed[key][0], RAW_FLAG | 4096)  # "raw" but not its unit's length: never trusted
+    _set_word(first, other, packed[other][0], packed[other][1] + 8)  # plausible, but past the frame's end
     again = PackedImages(index, wide, tmp_path).open()
     try:
-        assert key in again.missing  # forgotten, on disk too (a crash while it is packed again reads nothing)
-        assert open(again.directory / "done.bin", "rb").read()[key[0] * again.num_experts + key[1]] == 0
+        assert key in again.missing and other not in again.missing
+        assert open(again.directory / "done.bin", "rb").read()[key[0] * again.num_experts + key[1]] == 0  # on disk
         assert again.image(key) == want  # packed again from the checkpoint
-        if not other_word & RAW_FLAG:  # plausible but wrong: the frame does not end there, the load fails
-            pool = mmap.mmap(-1, again.slot_bytes)
-            reader = ExpertReader(again, memoryview(pool), again.slot_bytes, direct_io=True)
-            try:
-                with pytest.raises(Exception, match="data|frame|decompress|checksum"):
-                    reader.read(other, 0)
-            finally:
-                reader.close()
-        assert want_other  # (read whole before the damage)
+        pool = mmap.mmap(-1, again.slot_bytes)
+        reader = ExpertReader(again, memoryview(pool), again.slot_bytes, direct_io=True)
+        try:
+            with pytest.raises(Exception, match="data|frame|decompress|checksum"):
+                reader.read(other, 0)  # the load fails: the low plane is never read from the wrong place
+        finally:
+            reader.close()
     finally:
         again.close()
 

@@ -110,19 +110,26 @@ def test_a_slot_reused_before_its_image_is_written_is_not_kept(wide, tmp_path, m
         images.close()
 
 
-def test_images_convert_once_and_survive_a_restart(wide, tmp_path):
-    index = served(wide)
-    first = LosslessImages(index, wide, tmp_path).open()
+def restarted(kind, index, path, tmp_path) -> bytes:
+    """Fill a ``kind`` cache, reopen it: nothing is converted again and an image reads the same; returns it."""
+    first = kind(index, path, tmp_path).open()
     try:
         assert first.fill() == index.num_layers * index.num_experts
         image = first.image((1, 2))
     finally:
         first.close()
-    again = LosslessImages(index, wide, tmp_path).open()
+    again = kind(index, path, tmp_path).open()
     try:
         assert again.missing == [] and again.fill() == 0 and again.image((1, 2)) == image
     finally:
         again.close()
+    return image
+
+
+def test_images_convert_once_and_survive_a_restart(wide, tmp_path):
+    index = served(wide)
+    restarted(LosslessImages, index, wide, tmp_path)
+    again = LosslessImages(index, wide, tmp_path)
     packed = LosslessImages(ExpertStore(Checkpoint(wide)).index(), wide, tmp_path)
     assert packed.directory != again.directory  # another slot layout (rows not spread): another cache
     from services.memd import indexer
