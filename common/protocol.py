@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from common import admin_messages as a
 from common import messages as m
 
-PROTOCOL_VERSION = 5  # HELLO's first field: memd and its workers must speak the same
+PROTOCOL_VERSION = 6  # HELLO's first field: memd and its workers must speak the same
 
 
 class Handler(enum.Enum):

@@ -286,12 +286,15 @@ class ExpertCache:
     def prefetch_reserve(self) -> int:
         """Slots a lease acquire keeps free or unleased for prefetches to land in: one lookahead of experts (top-k x
         the layers speculation looks ahead), at most a quarter of the pool; none without prefetch or room for all."""
-        if not self.prefetching or self.table.capacity >= self.L * self.E:
+        if not self.prefetching or not self.wants_notes():
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
-    def wants_guesses(self) -> bool:  # a pool of every expert never evicts; a leased worker never hears it filled
-        return self.prefetching and self.table.capacity < self.L * self.E
+    def wants_notes(self) -> bool:  # a pool of every expert never evicts: nothing to decide from notes or guesses
+        return self.table.capacity < self.L * self.E  # (capacity, not residency: a leased worker never hears it fill)
+
+    def wants_guesses(self) -> bool:
+        return self.prefetching and self.wants_notes()
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
         """(layers ahead to guess, the router probability a guess needs): k = ceil(read time per expert x experts
@@ -327,9 +330,7 @@ class ExpertCache:
     def load_failed(self, key: Key) -> None:  # (and the end of a cancelled one: dropped alike)
         self.planner.done(key)
         self.transient.pop(key, None)
-        if key in self.unused:
-            del self.unused[key]
-            self.metrics.prefetch_wasted[key[0]] += 1
+        self._evicted(key)  # (an unused prefetch that never landed: wasted alike)
         self.table.abort(key)
 
     def _evicted(self, key: Key) -> None:
@@ -357,8 +358,7 @@ class ExpertCache:
             self.eamc.add(eam.total)
 
     def step_trace(self, ev: m.StepTraceEvent, attached: bool = True) -> None:
-        problem = self._check_trace(ev)
-        if problem:
+        if problem := self._check_trace(ev):
             self._bad_trace(problem)
             return
         decode_tokens = sum(t for t, p in zip(ev.tokens, ev.prefill) if not p)

@@ -365,7 +365,7 @@ class MemdServer:
         ready = [s for j, s in enumerate(slots) if j not in loading]
         return m.AcquireReply(replied, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
                               self.core.wants_guesses(), self.reader.pending_events(ready), sorted(p.host),
-                              list(loading))
+                              list(loading), self.core.wants_notes() or bool(self.host.slots))
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)

@@ -64,6 +64,7 @@ class MemdClient:
         self.speculate_layers = 0  # layers ahead to guess: memd's word (its last acquire reply), else bind()'s default
         self.speculate_threshold = 0.0  # the router probability a guess needs (memd's word)
         self.speculate = True  # memd's word: it acts on guesses (False: prefetch off, or a pool of every expert)
+        self.notes = True  # memd's word: it decides from per-layer notes (False: a pool of every expert)
         self.notes_dropped = 0
         self.trace_dropped = 0
         self.acquire_seconds = 0.0  # time the forward pass waited for acquires (the worker's stall)
@@ -120,8 +121,8 @@ class MemdClient:
         reply = self._ask(Op.ACQUIRE, request, start)
         if lease:
             self._update_leases(layer, experts, reply)
-        self.speculate, self.wait_events, self.host, self.loading = (reply.speculate, reply.wait_events, reply.host,
-                                                                     reply.loading)
+        self.speculate, self.notes, self.wait_events = reply.speculate, reply.notes, reply.wait_events
+        self.host, self.loading = reply.host, reply.loading
         self.partial_layers += bool(reply.loading)
         if reply.speculate_layers:
             self.speculate_layers, self.speculate_threshold = reply.speculate_layers, reply.speculate_threshold
@@ -148,7 +149,10 @@ class MemdClient:
     def note(self, step: int, layer: int, experts: list[int], requests: list[str], tokens: list[list[int]],
              prefill: list[bool], guess_layers: list[int], guess_experts: list[int],
              guess_confidence: list[float]) -> None:
-        """Tell memd this layer ran (every layer, leased or not): one-way, flat arrays; a full queue drops it."""
+        """Tell memd this layer ran (every layer, leased or not, while memd wants notes): one-way, flat arrays; a
+        full queue drops it."""
+        if not self.notes:
+            return
         flat = [count for row in tokens for count in row]
         event = m.LayerNoteEvent(self.pid, step, layer, experts, requests, flat, list(prefill), guess_layers,
                                  guess_experts, guess_confidence)

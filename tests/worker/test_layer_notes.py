@@ -1,12 +1,17 @@
 """memd follows every layer with leases on (real memd + worker): each MoE layer of each step sends a LAYER_NOTE,
 leased or not, and every one of them feeds memd's predictor (none ignored); the hidden-state guesses are scored
-at every distance, prefetches are issued and used, and the tokens still equal plain transformers'."""
+at every distance, prefetches are issued and used, and the tokens still equal plain transformers'. A pool of every
+expert, which decides nothing from them, gets none."""
+import contextlib
+import io
+import json
 import time
 
 from helpers import Stack
 from test_exactness import NEW_TOKENS, PROMPTS, reference
 
 from common.worker_client import WorkerClient
+from services.cli import main
 from services.memd.testhooks import VARIABLE as READ_LATENCY
 
 LAYERS, EXPERTS = 4, 8  # the mixtral test checkpoint
@@ -51,7 +56,9 @@ def test_no_guesses_once_memd_has_no_use_for_them(mixtral, state_dir):
         time.sleep(0.3)
         stats = stack.memd_stats()
     # only the first layer guesses, before memd's first acquire reply: at most every expert of the layers after it
-    assert stats.layer_notes > 0 and guessed(stats) == before <= (LAYERS - 1) * EXPERTS
+    assert guessed(stats) == before <= (LAYERS - 1) * EXPERTS
+    # ... and only its note went: that reply said memd decides nothing from notes (a message per layer spared)
+    assert stats.layer_notes == 1 and stats.trace_steps > 0
     with Stack(mixtral, state_dir / "off", expert_memory="50%", extra_memd=["--prefetch", "off"]) as stack:
         stack.generate_all(PROMPTS, NEW_TOKENS)
         time.sleep(0.3)
@@ -74,3 +81,21 @@ def test_memd_looks_ahead_no_further_than_the_worker_guesses(mixtral, state_dir)
         stats = stack.memd_stats()
     assert stats.layer_notes > 0 and stats.prefetch_issued > 0  # (reads measured: k was computed)
     assert stats.speculate_layers == 1 and [s.distance for s in stats.speculation] == [1]
+
+
+def test_notes_resume_when_the_pool_shrinks_below_every_expert(mixtral, state_dir):
+    """A pool of every expert takes no notes; resized below that (``moeinf admin resize``), it revokes the leases
+    on the retired slots, the worker acquires again, and memd's reply asks for a note per layer again."""
+    with Stack(mixtral, state_dir, expert_memory="100%") as stack:
+        first = stack.generate_all(PROMPTS, NEW_TOKENS)
+        assert stack.memd_stats().layer_notes == 1
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["admin", "--state-dir", str(state_dir), "--json", "resize", "50%"]) == 0
+        assert json.loads(out.getvalue())["capacity"] == LAYERS * EXPERTS // 2
+        assert stack.generate_all(PROMPTS, NEW_TOKENS) == first
+        deadline = time.monotonic() + 10
+        while (stats := stack.memd_stats()).layer_notes < LAYERS * NEW_TOKENS:  # (one-way: they may still be queued)
+            assert time.monotonic() < deadline, f"no notes after the shrink: {stats}"
+            time.sleep(0.05)
+    assert stats.acquires > LAYERS
