@@ -6,7 +6,9 @@ resident, its own ``grouped_mm`` experts) and moeinf's worker path (a real ``moe
 the worker's model bound to it, ``Engine.run`` on the flattened step as the worker's compute loop calls it). For
 each, forward hooks (``profile_parts.LayerTimers``) time every layer's norms, attention, router and experts, and
 the embedding, final norm and LM head; the rest of the step is Python and dispatch. Decode steps are also timed
-without hooks, in lockstep with the other system (load from elsewhere hits both alike).
+without hooks, in lockstep with the other system (load from elsewhere hits both alike), the floor's fastest product
+run once after each round (``FloorStep``): "vs floor, same rounds" is each p50 step against the median of those runs,
+the floor at the moments the steps ran, beside "vs floor", against the best of the floor's own runs at the end.
 
 Bytes touched per token: the resident dense weights (one embedding row), the routed experts (``top_k`` per MoE
 layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput torch
@@ -32,8 +34,8 @@ from common import messages as m
 from common.config import MATVEC_KERNELS
 from services.bench.memd_proc import TerminateAsInterrupt
 from services.bench.overhead import MoeinfSystem, TransformersSystem, _progress, _quiet_logging, make_prompt
-from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, LayerTimers, TokenBytes, bandwidth_floor,
-                                          dense_bytes, kv_bytes, l3_bytes, layer_indices)
+from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, FloorStep, LayerTimers, TokenBytes,
+                                          bandwidth_floor, dense_bytes, kv_bytes, l3_bytes, layer_indices)
 from services.worker import dequant_kernel
 
 MIB = 2**20
@@ -145,8 +147,10 @@ def profile_hooked(decoder: Decoder, prompt: list[int], tokens: int) -> tuple[di
         timers.remove()
 
 
-def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: str) -> list[list[float]]:
-    """Each system's decode step times without hooks, one step of each in turn (the order rotating)."""
+def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: str,
+             between=None) -> list[list[float]]:
+    """Each system's decode step times without hooks, one step of each in turn (the order rotating), ``between``
+    called after each round (the floor's run)."""
     for d in decoders:
         d.start(prompt, tokens, f"{run_id}-{d.system.name}").step()
     times = [[] for _ in decoders]
@@ -156,6 +160,8 @@ def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: st
         for i in order[k % len(order):] + order[:k % len(order)]:
             if not decoders[i].done:
                 times[i].append(decoders[i].step())
+        if between is not None:
+            between()
         k += 1
     return times
 
@@ -247,6 +253,7 @@ def format_report(doc: dict) -> str:
     lines.append(f"{'step (hooked)':<22}" + "".join(f"{s['hooked']['step_ms']:>16.3f}" for s in doc["systems"]))
     lines.append(f"{'step (no hooks, p50)':<22}" + "".join(f"{s['decode_ms_p50']:>16.3f}" for s in doc["systems"]))
     lines.append(f"{'vs floor':<22}" + "".join(f"{s['vs_floor']:>15.2f}x" for s in doc["systems"]))
+    lines.append(f"{'vs floor, same rounds':<22}" + "".join(f"{s['vs_floor_rounds']:>15.2f}x" for s in doc["systems"]))
     lines.append(f"{'same tokens':<22}" + "".join(f"{'yes' if s['identical'] else 'NO':>16}" for s in doc["systems"]))
     service = doc.get("service")
     if service is not None:
@@ -267,7 +274,10 @@ def format_report(doc: dict) -> str:
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
               f"bandwidth floor: bf16 matrix-vector (F.linear, packed, matvec.c or matvec_exact.c) over"
               f" {f['buffer_bytes'] / MIB:.0f} MiB,"
-              f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights"]
+              f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights",
+              f"  same rounds: its fastest product once after each lockstep round, median"
+              f" {f['rounds_gb_per_s']:.2f} GB/s -> {f['rounds_ms_per_token']:.3f} ms/token (the steps' p50 against"
+              " the floor at the same moments)"]
     if doc["fits_in_cache"]:
         lines.append(f"note: the active weights fit in the {doc['cache_bytes'] / MIB:.0f} MiB CPU cache, so decode"
                      " can run below this floor")
@@ -297,8 +307,10 @@ def run(args) -> int:
         lockstep(decoders, warmup, opts.tokens, "warmup")  # (caches, kernels: on another prompt than the timed one)
         _progress("decoding with layer timers")
         hooked = [profile_hooked(d, prompt, opts.tokens) for d in decoders]
-        _progress("decoding without hooks (lockstep)")
-        plain_times = lockstep(decoders, prompt, opts.tokens, "timed")
+        _progress("decoding without hooks (lockstep, the floor's product run between the steps)")
+        rounds = FloorStep(opts.floor_bytes, floor_kernels(threads))
+        plain_times = lockstep(decoders, prompt, opts.tokens, "timed", between=rounds.run)
+        rounds_gb, rounds.product = rounds.gb_per_s(), None  # (its weight freed before the floor's own)
     service = None
     if opts.service:
         _progress("streaming through a worker process")
@@ -306,7 +318,7 @@ def run(args) -> int:
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
-    doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes)
+    doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes, rounds_gb)
     if service is not None:
         p50 = float(np.median(service[0])) * 1e3
         doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
@@ -333,13 +345,15 @@ def run(args) -> int:
     return 0
 
 
-def _document(opts, threads, model, decoders, hooked, times, reference, floor: Floor, nbytes: TokenBytes) -> dict:
+def _document(opts, threads, model, decoders, hooked, times, reference, floor: Floor, nbytes: TokenBytes,
+              rounds_gb: float) -> dict:
     text = model.config.get_text_config()
-    floor_ms = floor.ms_per_token(nbytes.weights)
+    floor_ms, rounds_ms = floor.ms_per_token(nbytes.weights), nbytes.weights / rounds_gb / 1e6
     systems = []
     for d, (seconds, steps, generated), t in zip(decoders, hooked, times):
         p50 = float(np.median(t)) * 1e3
         systems.append({"system": d.system.name, "decode_ms_p50": p50, "vs_floor": p50 / floor_ms,
+                        "vs_floor_rounds": p50 / rounds_ms,
                         "hooked": breakdown(seconds, steps, layer_indices(d.model)),
                         "identical": generated == reference and d.seq.generated == reference})
     cache = l3_bytes()
@@ -350,7 +364,7 @@ def _document(opts, threads, model, decoders, hooked, times, reference, floor: F
     return {"header": header, "model": str(opts.model), "threads": threads, "prompt_len": opts.prompt_len,
             "tokens": opts.tokens, "systems": systems, "bytes_per_token": nbytes.as_json(),
             "floor": {"buffer_bytes": floor.buffer_bytes, "runs": floor.runs, "gb_per_s": floor.gb_per_s,
-                      "ms_per_token": floor_ms},
+                      "ms_per_token": floor_ms, "rounds_gb_per_s": rounds_gb, "rounds_ms_per_token": rounds_ms},
             "cache_bytes": cache, "fits_in_cache": 0 < nbytes.weights <= cache}
 
 

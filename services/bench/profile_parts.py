@@ -11,6 +11,7 @@ times the same decode without hooks, and prints both.
 from __future__ import annotations
 
 import re
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -188,6 +189,33 @@ def bandwidth_floor(buffer_bytes: int, runs: int, dtype=torch.bfloat16, width: i
         best = min(best, _fastest(_products(weight, x, kernels), runs))
         del weight
     return Floor(rows * width * dtype.itemsize, runs, rows * width * dtype.itemsize / best / 1e9)
+
+
+class FloorStep:
+    """The floor's fastest product (``bandwidth_floor``'s candidates, each layout, best of ``probe`` runs), kept to
+    run once between the lockstep's steps: the floor measured at the moments the steps ran too, since a shared
+    machine's neighbours slow both alike, where the best of a few runs at the end catches its quietest moment."""
+
+    def __init__(self, buffer_bytes: int, kernels, probe: int = 3, dtype=torch.bfloat16, width: int = 4096):
+        rows = max(buffer_bytes // (width * dtype.itemsize), 1)
+        self.x, self.nbytes, self.seconds = torch.randn(1, width, dtype=dtype), rows * width * dtype.itemsize, []
+        best = float("inf")
+        for pad in (0, layouts.SPREAD_BYTES // dtype.itemsize):
+            weight = torch.empty(rows, width + pad, dtype=dtype)[:, :width].normal_()
+            for product in _products(weight, self.x, kernels):
+                if (took := _fastest([product], probe)) < best:
+                    best, self.product = took, product  # (the product holds its weight; the others are freed)
+            del weight
+
+    def run(self) -> None:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.product()
+            self.seconds.append(time.perf_counter() - start)
+
+    def gb_per_s(self) -> float:
+        """The median run's throughput."""
+        return self.nbytes / statistics.median(self.seconds) / 1e9
 
 
 def _products(weight: torch.Tensor, x: torch.Tensor, kernels) -> list:

@@ -9,7 +9,7 @@ import pytest
 from helpers import gguf_of, moeinf_cmd, write_family
 
 ROWS = ("attention", "norms", "router", "experts", "embed", "final norm", "lm head", "python/dispatch",
-        "step (hooked)", "step (no hooks, p50)", "vs floor", "same tokens")
+        "step (hooked)", "step (no hooks, p50)", "vs floor", "vs floor, same rounds", "same tokens")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,9 @@ def test_table_and_json(tiny, tmp_path):
     assert b["dense"] > 0 and b["weights"] == b["dense"] + b["experts"] and b["kv_cache"] > 0
     assert doc["floor"]["gb_per_s"] > 0 and doc["floor"]["buffer_bytes"] == 64 << 20
     assert doc["floor"]["ms_per_token"] == pytest.approx(b["weights"] / doc["floor"]["gb_per_s"] / 1e6)
+    rounds, rounds_gb = doc["floor"]["rounds_ms_per_token"], doc["floor"]["rounds_gb_per_s"]  # between the rounds
+    assert rounds_gb > 0 and rounds == pytest.approx(b["weights"] / rounds_gb / 1e6)
+    assert all(s["vs_floor_rounds"] == pytest.approx(s["decode_ms_p50"] / rounds) for s in doc["systems"])
     assert doc["service"]["identical"] is True and doc["service"]["decode_ms_p50"] > 0
     llama = doc["llama_cpp"]  # the stand-in's tokens: the prompt's last + 1, + 2, ...
     assert llama["decode_ms_p50"] > 0 and llama["tokens_agreement"] is not None
@@ -70,3 +73,14 @@ def test_bad_arguments(tiny, tmp_path):
     assert proc.returncode == 2 and "--tokens" in proc.stderr
     proc = profile(tiny, "--gguf", str(tmp_path / "none.gguf"), "--llama-server", "/bin/true")
     assert proc.returncode == 2 and "--gguf" in proc.stderr and "make gguf" in proc.stderr
+
+
+def test_floor_step_keeps_the_fastest_product_and_times_each_run():
+    from services.bench.profile_parts import FloorStep
+
+    step = FloorStep(8 << 20, None, probe=1)  # torch's products only (no kernels)
+    assert step.nbytes == 8 << 20 and step.seconds == []
+    for _ in range(3):
+        step.run()
+    assert len(step.seconds) == 3 and all(t > 0 for t in step.seconds)
+    assert step.gb_per_s() == pytest.approx(step.nbytes / sorted(step.seconds)[1] / 1e9)
