@@ -129,8 +129,8 @@ class AcquireReply(Message):
     # a partial answer (``AcquireRequest.partial``): positions whose loads are still in flight; their ``slots``
     # entries mean nothing yet, and the worker must send AWAIT, whose reply gives every slot, before it reads them
     loading: list[Index] = field(default_factory=list)
-    # False: memd decides nothing from per-layer notes (a pool of every expert, no host tier, never evicts): send
-    # none, spare memd a message per layer (the step's trace still goes)
+    # False: memd decides nothing from per-layer notes (a pool of every expert never evicts; without --cpu-experts
+    # no host slot waits for them either): send none, spare memd a message per layer (the step traces still go)
     notes: bool = True
 
 

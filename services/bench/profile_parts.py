@@ -199,13 +199,15 @@ class FloorStep:
     def __init__(self, buffer_bytes: int, kernels, probe: int = 3, dtype=torch.bfloat16, width: int = 4096):
         rows = max(buffer_bytes // (width * dtype.itemsize), 1)
         self.x, self.nbytes, self.seconds = torch.randn(1, width, dtype=dtype), rows * width * dtype.itemsize, []
-        best = float("inf")
-        for pad in (0, layouts.SPREAD_BYTES // dtype.itemsize):
-            weight = torch.empty(rows, width + pad, dtype=dtype)[:, :width].normal_()
-            for product in _products(weight, self.x, kernels):
+        weight = lambda pad: torch.empty(rows, width + pad, dtype=dtype)[:, :width].normal_()  # noqa: E731
+        best, self.choice = float("inf"), (0, 0)
+        for pad in (0, layouts.SPREAD_BYTES // dtype.itemsize):  # one weight at a time, as ``bandwidth_floor``
+            products = _products(weight(pad), self.x, kernels)
+            for i, product in enumerate(products):
                 if (took := _fastest([product], probe)) < best:
-                    best, self.product = took, product  # (the product holds its weight; the others are freed)
-            del weight
+                    best, self.choice = took, (pad, i)
+            del products, product  # (each holds the weight)
+        self.product = _products(weight(self.choice[0]), self.x, kernels)[self.choice[1]]  # (it holds its weight)
 
     def run(self) -> None:
         with torch.inference_mode():

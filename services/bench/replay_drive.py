@@ -6,7 +6,8 @@ each layer's routing precomputed as the worker computes it: the layer's unique e
 request and the sums of the router weights.
 
 ``drive`` then sends, through the worker's own ``MemdClient``, what the worker sends: ``REQUEST_START`` before
-a request's first step; per step and MoE layer, in the worker's order, a ``LAYER_NOTE`` (``MemdClient.note``:
+a request's first step; per step and MoE layer, in the worker's order, a ``LAYER_NOTE`` (``MemdClient.note``,
+none where memd's replies say it takes none, as at a pool of every expert:
 the routing, the step number, the prefill flags and the trace's guesses as the worker sends them: ``guesses``), then an
 acquire without routing (none goes out when every expert is leased), the release (none with leases: memd revokes
 them), then the layer's compute time: a sleep until ``layer_seconds`` after the acquire returned, so that the

@@ -268,11 +268,11 @@ class MemdServer:
             self.prefetcher.wake(client.pid)
 
     async def _after_own_note(self, identity: bytes, req: m.AcquireRequest) -> None:
-        """The worker sends a layer's note (trace socket) before its acquire (RPC socket); the two sockets are read
-        by separate tasks, so let the trace reader handle a note that is already here first: the policy and the
-        predictor then decide at the right layer. Bounded: a dropped note costs a few loop turns, never a wait."""
+        """A worker's note (trace socket) precedes its acquire (RPC socket), read by separate tasks: let the trace
+        reader handle one already here first, so that policy and predictor decide at the right layer (a dropped note
+        costs a few loop turns). None for an acquire with its routing (it feeds the core) or where notes are off."""
         client = self.clients.get(identity)
-        if client is None or req.requests:  # an acquire that carries its own routing feeds the core itself
+        if client is None or req.requests or not (self.core.wants_notes() or self.host.slots):
             return
         for _ in range(NOTE_TURNS):
             if self.core.predictor.duplicate(client.pid, req.step, req.layer):

@@ -1,5 +1,6 @@
 """``moeinf bench profile`` on a tiny checkpoint: the table and the JSON have the promised shape, the parts add
 up to the hooked step, the floor is measured, and the tokens are transformers' (timings are not checked)."""
+import functools
 import json
 import subprocess
 import sys
@@ -75,8 +76,21 @@ def test_bad_arguments(tiny, tmp_path):
     assert proc.returncode == 2 and "--gguf" in proc.stderr and "make gguf" in proc.stderr
 
 
-def test_floor_step_keeps_the_fastest_product_and_times_each_run():
+def test_floor_step_keeps_the_fastest_product_and_times_each_run(monkeypatch):
+    import time
+
+    from services.bench import profile_parts
     from services.bench.profile_parts import FloorStep
+    from services.worker.layouts import SPREAD_BYTES
+
+    def products(weight, x, kernels):  # stand-ins of known speeds: the spread layout's second is the fastest
+        spread = weight.stride(0) != weight.shape[1]
+        return [functools.partial(time.sleep, ms / 1e3) for ms in ((6, 0.5, 3) if spread else (4, 2, 8))]
+
+    monkeypatch.setattr(profile_parts, "_products", products)
+    chosen = FloorStep(1 << 20, None, probe=2)
+    assert chosen.choice == (SPREAD_BYTES // 2, 1) and chosen.product.args == (0.5e-3,)
+    monkeypatch.undo()
 
     step = FloorStep(8 << 20, None, probe=1)  # torch's products only (no kernels)
     assert step.nbytes == 8 << 20 and step.seconds == []

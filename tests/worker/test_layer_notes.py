@@ -84,8 +84,9 @@ def test_memd_looks_ahead_no_further_than_the_worker_guesses(mixtral, state_dir)
 
 
 def test_notes_resume_when_the_pool_shrinks_below_every_expert(mixtral, state_dir):
-    """A pool of every expert takes no notes; resized below that (``moeinf admin resize``), it revokes the leases
-    on the retired slots, the worker acquires again, and memd's reply asks for a note per layer again."""
+    """A pool of every expert takes no notes; resized below that (``moeinf admin resize``), its next acquire reply
+    asks for a note per layer again (the worker, idle between the generations, returned its leases: the next
+    generation acquires)."""
     with Stack(mixtral, state_dir, expert_memory="100%") as stack:
         first = stack.generate_all(PROMPTS, NEW_TOKENS)
         assert stack.memd_stats().layer_notes == 1
