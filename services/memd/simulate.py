@@ -7,7 +7,7 @@ reader rules: on-demand chunks before prefetch chunks on every thread, preemptio
 Per step and MoE layer, as the worker does:
 
 * every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing and the guesses), which
-  feeds the predictor and the policy. The guesses are the trace's ``guesses`` those memd asks for (its lookahead
+  feeds the predictor and the policy (none to a pool of every expert, as memd's replies tell the worker). The guesses are the trace's ``guesses`` those memd asks for (its lookahead
   and confidence threshold, ``ExpertCache.speculation``; a worker's defaults until memd has measured them), as
   the worker picks them; else its ``speculated`` at distance 1 with confidence 1.0. With ``guesses="oracle"``
   they are the step's real routing of the layers memd asks for, at confidence 1.0: perfect speculation, what the
@@ -133,9 +133,10 @@ class Simulator:
         for layer in sorted(step.layers):
             experts, counts = self._routing(step, layer)
             targets, guessed, confidence = self._guesses(step, layer)
-            self.core.note(m.LayerNoteEvent(WORKER, number, layer, experts, step.requests,
-                                            [c for row in counts for c in row], prefill, targets, guessed,
-                                            confidence), self.now)
+            if self.core.wants_notes():  # (a pool of every expert takes none: memd's replies say so)
+                self.core.note(m.LayerNoteEvent(WORKER, number, layer, experts, step.requests,
+                                                [c for row in counts for c in row], prefill, targets, guessed,
+                                                confidence), self.now)
             guessed = sorted({e for t, e in zip(targets, guessed) if t == layer + 1})
             keys = [(layer, e) for e in experts]
             leased = self.cfg.leases and all(k in self.client.leases for k in keys)
