@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -191,11 +192,34 @@ def check_socket_free(cfg: WorkerConfig) -> None:
                        " (env MOEINF_WORKER_ID)")
 
 
+def on_a_thread_of_its_own(fn, *args):
+    """``fn(*args)`` on a thread that ends with it (its exception raised here). OpenMP gives each thread that starts
+    a parallel region a pool of threads of its own, and libgomp, once its pools hold more threads than there are
+    CPUs, lets its idle threads spin ~100 times instead of ~300000 before they sleep: every product of a step then
+    waits for a sleeping thread to wake. Loading the model runs torch's and the kernels' parallel regions; on the
+    main thread, that pool would stay beside the compute thread's for the worker's life. Ended with its thread, it
+    leaves the compute thread's the only one. (A daemon thread, joined: Ctrl-C still stops a load at once.)"""
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="worker-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def run(cfg: WorkerConfig) -> int:
     if cpus := pin_cpus(cfg.cpus):  # before torch's and ZMQ's threads start: they inherit it
         log.info("the worker's threads run on CPUs %s (--cpus)", format_cpus(cpus))
     check_socket_free(cfg)
-    model, client, _, steps, attention = attach(cfg)
+    model, client, _, steps, attention = on_a_thread_of_its_own(attach, cfg)
     server = None
     try:
         engine = Engine(model, max_model_len(cfg, model), steps)
