@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.access import Access
-from common.config_checks import ADMIN_TOKEN_MIN, check_admin_tcp, check_log_level, parse_cpus, resolve_api_key
+from common.config_checks import (ADMIN_TOKEN_MIN, check_admin_tcp, check_choice, check_log_level, parse_cpus,
+                                  resolve_api_key)
 from common.knobs import add_config_args as add_config_args, build_config as build_config  # re-exported
 from common.knobs import env_name as env_name, flag_name, knob
 from common.protocol import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported (the wire's vocabulary)
@@ -24,6 +25,7 @@ POOL_BACKENDS = ("shm", "cuda")  # where memd's expert pool lives (services/memd
 EXPERT_FORMATS = ("", "fp8", "mxfp4")  # memd --expert-format: "" serves the experts as stored
 SLOT_CACHE = ("auto", "on", "off")  # memd --slot-cache (services/memd/slot_images.py)
 SLOT_COMPRESSION = ("off", "zstd")  # memd --slot-compression (services/memd/packed_images.py)
+PRELOAD = ("auto", "off")  # memd --preload (services/memd/preload.py)
 MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
 ATTENTION_KERNELS = ("torch", "fast")  # worker --attention-kernel (services/worker/decode_attention.py)
 
@@ -83,6 +85,8 @@ class MemdConfig:
                                    " expert: to compare) or off (every expert is copied to the GPU); auto and always"
                                    " change numerics (docs/gpu.md)")
     read_threads: int = knob(4, "threads reading experts from the checkpoint")
+    preload: str = knob("auto", "auto: a pool that holds every expert reads them all at start, in the background"
+                                " (every demand read first), as a runtime loads its weights; off: each on first use")
     expert_format: str = knob("", "serve a bf16/fp16/fp32 checkpoint's experts compressed: fp8 or mxfp4 (lossy; each"
                                   " expert converted once, on first read, into <state-dir>/expert-cache/); unset:"
                                   " as stored")
@@ -148,8 +152,7 @@ class MemdConfig:
             raise ValueError("--read-threads and --max-clients must be >= 1")
         if self.cuda_device < 0:
             raise ValueError(f"--cuda-device {self.cuda_device}: a GPU's index is >= 0")
-        if self.pool_backend not in POOL_BACKENDS:
-            raise ValueError(f"--pool-backend {self.pool_backend!r}: choose one of {', '.join(POOL_BACKENDS)}")
+        check_choice(self.pool_backend, POOL_BACKENDS, "--pool-backend")
         if self.host_memory.strip() != "0":
             parse_size(self.host_memory, what="--host-memory")
         if self.copy_events not in ("ipc", "host"):
@@ -160,8 +163,7 @@ class MemdConfig:
         if self.pool_backend == "shm" and self.copy_events != "ipc":
             raise ValueError("--copy-events orders the cuda backend's copies; with --pool-backend shm the reader"
                              " writes the pool itself: leave it at ipc")
-        if self.cpu_experts not in CPU_EXPERTS:
-            raise ValueError(f"--cpu-experts {self.cpu_experts!r}: choose one of {', '.join(CPU_EXPERTS)}")
+        check_choice(self.cpu_experts, CPU_EXPERTS, "--cpu-experts")
         if self.pool_backend == "shm" and self.cpu_experts != "off":
             raise ValueError("--cpu-experts computes the cuda backend's host-tier experts on the CPU; with"
                              " --pool-backend shm every expert is computed on the CPU already: leave it off")
@@ -170,16 +172,13 @@ class MemdConfig:
                              " host memory already: leave it at 0")
         if self.expert_format not in EXPERT_FORMATS:
             raise ValueError(f"--expert-format {self.expert_format!r}: choose fp8 or mxfp4, or leave it unset")
-        if self.slot_cache not in SLOT_CACHE:
-            raise ValueError(f"--slot-cache {self.slot_cache!r}: choose one of {', '.join(SLOT_CACHE)}")
-        if self.slot_compression not in SLOT_COMPRESSION:
-            raise ValueError(f"--slot-compression {self.slot_compression!r}: choose one of"
-                             f" {', '.join(SLOT_COMPRESSION)}")
+        check_choice(self.slot_cache, SLOT_CACHE, "--slot-cache")
+        check_choice(self.slot_compression, SLOT_COMPRESSION, "--slot-compression")
+        check_choice(self.preload, PRELOAD, "--preload")
         if self.slot_compression != "off" and (self.slot_cache == "off" or self.expert_format):
             raise ValueError(f"--slot-compression {self.slot_compression} compresses the slot images: it needs"
                              " --slot-cache auto or on, and no --expert-format")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        check_choice(self.policy, POLICIES, "--policy")
         if self.prefetch_window < 1 or self.eamc_capacity < 1 or self.eamc_top < 1 or self.max_traced_requests < 1:
             raise ValueError("--prefetch-window, --eamc-capacity, --eamc-top and --max-traced-requests must be >= 1")
         if not 0 < self.prefetch_threshold <= 1:

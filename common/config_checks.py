@@ -86,6 +86,11 @@ def pin_cpus(text: str, flag: str = "--cpus") -> frozenset[int]:
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
+def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+
+
 def check_log_level(cfg) -> None:
     """``--log-level`` is one of ``LOG_LEVELS`` (any case), not a typo that would quietly mean info."""
     if str(cfg.log_level).lower() not in LOG_LEVELS:

@@ -17,7 +17,7 @@ from services.bench.worker_proc import WorkerProcess
 if TYPE_CHECKING:
     from services.bench.e2e import Options
 
-MEMD_FLAGS = {"moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"], "moeinf": []}
+MEMD_FLAGS = {"moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off", "--preload", "off"], "moeinf": []}
 
 
 def cpu_sets(threads: int, workers: int) -> tuple[list[str], str]:

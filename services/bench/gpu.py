@@ -27,7 +27,7 @@ from services.bench.gpu_lockstep import ABLATIONS, GPU_ABLATIONS, THREADS, promp
 from services.bench.gpu_lockstep import run as run_lockstep
 from services.bench.gpu_lockstep import table as lockstep_table
 
-SYSTEMS = {"moeinf": [], "moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off"]}
+SYSTEMS = {"moeinf": [], "moeinf-ondemand-lru": ["--policy", "lru", "--prefetch", "off", "--preload", "off"]}
 
 
 def add_parser(bench) -> None:

@@ -34,6 +34,7 @@ from services.memd.policy import Key
 from services.memd.pool_memory import PoolMemory
 from services.memd.pools import refusal
 from services.memd.prefetching import Prefetcher
+from services.memd.preload import preload, wanted
 from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
@@ -45,8 +46,7 @@ from services.memd.slot_images import image_fields
 from services.memd.tiers import tier_fields
 
 log = logging.getLogger("moeinf.memd")
-TRACE_HWM = 1024
-EAMC_SAVE_INTERVAL_S = 30.0
+TRACE_HWM, EAMC_SAVE_INTERVAL_S = 1024, 30.0
 NOTE_TURNS = 4  # event-loop turns an acquire yields for its own layer note to be read first
 
 
@@ -64,8 +64,7 @@ class MemdServer:
         self.table = core.table
         self.loads = Loads(core, reader)
         self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.expert_rate, self._rpc_waiting)
-        self.rpc = None
-        self._rpc_recv: asyncio.Future | None = None  # the RPC reader's receive in progress
+        self.rpc, self._rpc_recv = None, None  # the RPC socket, and its reader's receive in progress
         self.memory, self.pool = memory, memory.pool  # the pool, and its retired slots' memory (admin resize)
         self.pool_name = self.pool.export().name or self.pool.backend
         self.eamc_path = Path(cfg.state_dir) / EAMC_FILE
@@ -93,6 +92,7 @@ class MemdServer:
         tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self.traces.read(self.trace)),
                  asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then()),
                  asyncio.create_task(self.admin.serve())]
+        tasks += [asyncio.create_task(preload(self.core, self.loads))] if wanted(self.core, self.cfg.preload) else []
         log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s; policy %s, prefetch %s",
                  self.table.num_slots, self.store.slot_bytes, self.store.num_layers, self.store.num_experts,
                  self.cfg.rpc_addr, self.core.policy_name, "on" if self.core.prefetching else "off")

@@ -33,7 +33,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(model, tmp_path_factory):
-    with Stack(model, tmp_path_factory.mktemp("admin") / "state", expert_memory="100%") as s:
+    # (no preload: the tests count the misses their requests read, and pin experts a request loaded)
+    with Stack(model, tmp_path_factory.mktemp("admin") / "state", expert_memory="100%",
+               extra_memd=["--preload", "off"]) as s:
         yield s
 
 

@@ -46,7 +46,7 @@ def test_rss_is_pool_plus_bounded_overhead(big_experts, state_dir, slot_cache):
     state_dir.mkdir(parents=True)
     log = state_dir / "memd.log"
     proc = spawn(["memd", "--model", str(big_experts), "--state-dir", str(state_dir), "--expert-memory", "100%",
-                  "--slot-cache", slot_cache], log)
+                  "--slot-cache", slot_cache, "--preload", "off"], log)  # (the test's acquires read each expert)
     try:
         wait_for_log(proc, log, "memd ready", timeout=60)
         before = memory(proc.pid, pool_name(state_dir))

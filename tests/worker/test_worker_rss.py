@@ -41,7 +41,7 @@ def test_worker_rss_excludes_experts(tmp_path):
     assert store.total_expert_bytes >= 0.8 * total, "the test needs a checkpoint that is mostly experts"
     baseline = json.loads(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
                                          check=True).stdout)
-    with Stack(model, tmp_path / "state", expert_memory="100%") as stack:
+    with Stack(model, tmp_path / "state", expert_memory="100%", extra_memd=["--preload", "off"]) as stack:
         client = WorkerClient(stack.worker_addr)
         try:
             client.generate(list(range(1, 40)), 8)  # touch experts through the pool
