@@ -2,13 +2,13 @@
 
 A runtime that has the memory for every weight loads them before it serves (vLLM reads them at start; llama.cpp maps
 its file with ``MAP_POPULATE``, or asks the kernel to read it ahead, all but tensors over 4 GiB). memd otherwise
-reads an expert on its first use: at full residency each cold expert then stalls a step for one read (bench e2e at
-a 6 GiB total, 2 requests: ~1 miss per decode token). So, where the pool's capacity covers every expert, memd starts a read of each one that is neither
-resident nor loading into a free slot, at the lowest prefetch priority: every on-demand read (an acquire promotes
-a queued one) and every planned prefetch goes ahead of them, piece by piece. They are not prefetches of the planner
-(not counted as issued, used or wasted); their bytes count in ``bytes_read``. Preloading stops where the pool no
-longer holds every expert (``moeinf admin resize``) or has no free slot; an expert whose first read converts it
-(``--expert-format``) is left to that read.
+reads an expert on its first use: at full residency each cold expert then stalls a step for one read (bench e2e at a
+6 GiB total, 2 requests: ~1 miss per decode token). So, where the pool's capacity covers every expert, memd starts a
+read of each one that is neither resident nor loading into a free slot, at the lowest prefetch priority: every
+on-demand read (an acquire promotes a queued one) and every planned prefetch goes ahead of them, piece by piece.
+They are not prefetches of the planner (not counted as issued, used or wasted); their bytes count in ``bytes_read``.
+Preloading stops where the pool no longer holds every expert (``moeinf admin resize``) or has no free slot; an
+expert whose first read converts it (``--expert-format``) is left to that read.
 """
 from __future__ import annotations
 

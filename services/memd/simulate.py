@@ -9,9 +9,10 @@ Per step and MoE layer, as the worker does:
 * every layer, leased or not, first sends its LAYER_NOTE (``ExpertCache.note``: the routing and the guesses), which
   feeds the predictor and the policy (none to a pool of every expert, as memd's replies tell the worker). The
   guesses are the trace's ``guesses`` those memd asks for (its lookahead and confidence threshold,
-  ``ExpertCache.speculation``; a worker's defaults until memd has measured them), as the worker picks them; else its ``speculated`` at distance 1 with confidence 1.0. With ``guesses="oracle"``
-  they are the step's real routing of the layers memd asks for, at confidence 1.0: perfect speculation, what the
-  planner (its admission rules unchanged) would hide if every guess were right;
+  ``ExpertCache.speculation``; a worker's defaults until memd has measured them), as the worker picks them; else its
+  ``speculated`` at distance 1 with confidence 1.0. With ``guesses="oracle"`` they are the step's real routing of
+  the layers memd asks for, at confidence 1.0: perfect speculation, what the planner (its admission rules unchanged)
+  would hide if every guess were right;
 * with leases (the default, as serving): a layer whose experts are all leased sends nothing more (memd counts
   its hits from the step trace, its recency arrives as ``leased_uses`` with the next acquire); any other layer is a
   lease acquire without routing, which revokes the shortfall of the worker's other leases in victim order when
