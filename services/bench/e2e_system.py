@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,25 @@ class MoeinfSystem:
             self.workers.append(WorkerProcess(self.opts.model, self.memd.state_dir, flags,
                                               prefix=self.prefix, worker_id=worker_id))
             self.workers[-1].start()
+        self.wait_preloaded()
         return self
+
+    def wait_preloaded(self, timeout_s: float = 600.0) -> None:
+        """A pool of every expert reads them all at start (memd ``--preload auto``): the runs begin once it is full
+        or its residency stops growing (a smaller pool, or ``--preload off``), so no run counts those reads."""
+        from services.worker.memd_client import MemdClient
+
+        client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
+                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
+        try:
+            deadline, last = time.monotonic() + timeout_s, -1
+            while (stats := client.stats()).resident < stats.num_slots and stats.resident != last:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: memd's preload still reading after {timeout_s:.0f} s")
+                last = stats.resident
+                time.sleep(1.0)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self._stats_client is not None:

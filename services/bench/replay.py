@@ -157,7 +157,8 @@ def run_variant(plan: ReplayPlan, store: Store, slots: int, v: Variant, opts: Op
     dropped = drop_page_cache()
     # every variant reads the stand-in checkpoint as stored (no slot images written behind its reads into its fresh
     # state directory: those writes would compete with the replay's reads, more for the policies that miss more)
-    extra = ["--policy", v.policy, "--prefetch", "on" if v.prefetch else "off", "--slot-cache", "off"]
+    extra = ["--policy", v.policy, "--prefetch", "on" if v.prefetch else "off", "--slot-cache", "off",
+             "--preload", "off"]  # (a replay counts its own reads: a pool of every expert is not filled ahead)
     with MemdProcess(store.path, str(slots * store.slot_bytes), extra=extra) as memd:
         client = MemdClient(state_socket(memd.state_dir, MEMD_SOCKET), state_socket(memd.state_dir, MEMD_TRACE_SOCKET),
                             timeout_s=120.0, leases=opts.leases)

@@ -34,7 +34,7 @@ from services.memd.policy import Key
 from services.memd.pool_memory import PoolMemory
 from services.memd.pools import refusal
 from services.memd.prefetching import Prefetcher
-from services.memd.preload import preload, wanted
+from services.memd.preload import preload
 from services.memd.prometheus import start_metrics
 from services.memd.reader import ExpertReader
 from services.memd.replies import CodedError, answer, send, send_error
@@ -91,8 +91,7 @@ class MemdServer:
         self.trace = make_socket(ctx, zmq.PULL, self.cfg.trace_addr, bind=True, hwm=TRACE_HWM, access=access)
         tasks = [asyncio.create_task(self._read_rpc()), asyncio.create_task(self.traces.read(self.trace)),
                  asyncio.create_task(self._watch_clients()), asyncio.create_task(self._save_eamc_now_and_then()),
-                 asyncio.create_task(self.admin.serve())]
-        tasks += [asyncio.create_task(preload(self.core, self.loads))] if wanted(self.core, self.cfg.preload) else []
+                 asyncio.create_task(self.admin.serve()), asyncio.create_task(preload(self.core, self.loads, self.cfg))]
         log.info("memd ready: %d slots of %d bytes for %d MoE layers x %d experts on %s; policy %s, prefetch %s",
                  self.table.num_slots, self.store.slot_bytes, self.store.num_layers, self.store.num_experts,
                  self.cfg.rpc_addr, self.core.policy_name, "on" if self.core.prefetching else "off")

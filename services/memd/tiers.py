@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from services.memd.policy import Key, LfuPolicy
 from services.memd.pools import DONE, Completion, Pool
-from services.memd.read_jobs import BusyRate, ReadCancelled, ReadJob
+from services.memd.read_jobs import BusyRate, ReadCancelled, ReadJob, settle
 from services.memd.reader import ExpertReader
 from services.memd.slots import PoolExhausted, SlotTable
 
@@ -184,7 +184,7 @@ class TieredReader:
                     continue
                 started.append(self.waiting.pop(0))
         for job, exc in failed:
-            job.future.set_exception(exc)
+            settle(job.future, exc)
         for job in started:
             self._go(job)
 
@@ -200,7 +200,7 @@ class TieredReader:
         if exc is not None:
             self._ended(0)
             self._unpin_host(job.key)
-            job.future.set_exception(exc)
+            settle(job.future, exc)
             return
         self._copy(job, f.result()[0])
 
@@ -213,13 +213,13 @@ class TieredReader:
         except Exception as exc:
             self._ended(0)
             self._unpin_host(job.key)
-            job.future.set_exception(exc)
+            settle(job.future, exc)
             return
         self.fences.wrote(d, done)
         with self._lock:
             self._copies.begin(time.perf_counter())
         if done.ring >= 0:  # the worker's stream waits on the copy's event (pending_events): done for memd now
-            job.future.set_result((disk_bytes, time.monotonic() - job.started))
+            settle(job.future, result=(disk_bytes, time.monotonic() - job.started))
         self._waiters[job.demand].submit(self._finish, job, done, disk_bytes, t0)
 
     def _finish(self, job: TierJob, done: Completion, disk_bytes: int, t0: float) -> None:
@@ -232,7 +232,7 @@ class TieredReader:
             self._ended(0)
             self._unpin_host(job.key)
             if not job.future.done():
-                job.future.set_exception(exc)
+                settle(job.future, exc)
                 return
             self.broken = (f"a copy of expert {job.key} into device slot {job.slot} failed after its acquire was"
                            f" answered ({exc}): restart memd")
@@ -247,7 +247,7 @@ class TieredReader:
         self._ended(self.slot_bytes)
         self._unpin_host(job.key)
         if not job.future.done():
-            job.future.set_result((disk_bytes, time.monotonic() - job.started))
+            settle(job.future, result=(disk_bytes, time.monotonic() - job.started))
 
     def _ended(self, nbytes: int) -> None:
         with self._lock:
@@ -274,7 +274,7 @@ class TieredReader:
             if job in self.waiting and not job.demand:
                 self.waiting.remove(job)
                 self._rate.end(time.perf_counter(), 0)
-                job.future.set_exception(ReadCancelled())
+                settle(job.future, ReadCancelled())
                 return
         if job.inner is not None:
             self.reader.cancel(job.inner)
@@ -342,7 +342,7 @@ class TieredReader:
             for _ in waiting:
                 self._rate.end(time.perf_counter(), 0)
         for job in waiting:
-            job.future.set_exception(ReadCancelled())
+            settle(job.future, ReadCancelled())
         self.reader.close()
         for waiter in self._waiters.values():
             waiter.shutdown(wait=True)

@@ -198,7 +198,8 @@ def on_a_thread_of_its_own(fn, *args):
     CPUs, lets its idle threads spin ~100 times instead of ~300000 before they sleep: every product of a step then
     waits for a sleeping thread to wake. Loading the model runs torch's and the kernels' parallel regions; on the
     main thread, that pool would stay beside the compute thread's for the worker's life. Ended with its thread, it
-    leaves the compute thread's the only one. (A daemon thread, joined: Ctrl-C still stops a load at once.)"""
+    leaves the compute thread's the only one. Ctrl-C during the load exits at once (130): the thread may be inside
+    torch, which an interpreter's shutdown around it can abort."""
     box: dict = {}
 
     def work() -> None:
@@ -209,7 +210,11 @@ def on_a_thread_of_its_own(fn, *args):
 
     thread = threading.Thread(target=work, name="worker-load", daemon=True)
     thread.start()
-    thread.join()
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        log.error("interrupted while loading the model")
+        os._exit(130)
     if "error" in box:
         raise box["error"]
     return box["value"]
