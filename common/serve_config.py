@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.access import Access
 from common.config import EXPERT_FORMATS, POLICIES, SLOT_COMPRESSION, check_device, default_state_dir
-from common.config_checks import check_log_level, resolve_api_key
+from common.config_checks import check_choice, check_log_level, resolve_api_key
 from common.knobs import knob
 
 
@@ -71,8 +71,7 @@ class ServeConfig:
         if self.expert_format and self.device != "cpu":
             raise ValueError(f"--expert-format {self.expert_format} with --device {self.device}: quantized experts in a"
                              " GPU pool are not supported yet; serve them with --device cpu")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        check_choice(self.policy, POLICIES, "--policy")
         if self.slot_compression not in SLOT_COMPRESSION or (self.slot_compression != "off" and self.expert_format):
             raise ValueError(f"--slot-compression {self.slot_compression!r}: off or zstd, and zstd compresses the"
                              " lossless slot images (not with --expert-format)")

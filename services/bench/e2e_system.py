@@ -74,19 +74,12 @@ class MoeinfSystem:
     def wait_preloaded(self, timeout_s: float = 600.0) -> None:
         """A pool of every expert reads them all at start (memd ``--preload auto``): the runs begin once it is full
         or its residency stops growing (a smaller pool, or ``--preload off``), so no run counts those reads."""
-        from services.worker.memd_client import MemdClient
-
-        client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
-                            state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
-        try:
-            deadline, last = time.monotonic() + timeout_s, -1
-            while (stats := client.stats()).resident < stats.num_slots and stats.resident != last:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: memd's preload still reading after {timeout_s:.0f} s")
-                last = stats.resident
-                time.sleep(1.0)
-        finally:
-            client.close()
+        deadline, last = time.monotonic() + timeout_s, -1
+        while (stats := self.stats()).resident < stats.num_slots and stats.resident != last:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: memd's preload still reading after {timeout_s:.0f} s")
+            last = stats.resident
+            time.sleep(1.0)
 
     def stop(self) -> None:
         if self._stats_client is not None:
@@ -107,13 +100,16 @@ class MoeinfSystem:
         """Proportional set size of memd + workers: what they hold, memory they share (the pool) counted once."""
         return pss([p.pid for p in (self.memd, *self.workers) if p is not None and p.pid is not None])
 
-    def counters(self) -> dict[str, float]:
+    def stats(self):
         from services.worker.memd_client import MemdClient
 
         if self._stats_client is None:
             self._stats_client = MemdClient(state_socket(self.memd.state_dir, MEMD_SOCKET),
                                             state_socket(self.memd.state_dir, MEMD_TRACE_SOCKET), timeout_s=30)
-        return stats_counters(self._stats_client.stats())
+        return self._stats_client.stats()
+
+    def counters(self) -> dict[str, float]:
+        return stats_counters(self.stats())
 
 
 def pss(pids: list[int]) -> int | None:

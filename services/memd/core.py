@@ -286,15 +286,15 @@ class ExpertCache:
     def prefetch_reserve(self) -> int:
         """Slots a lease acquire keeps free or unleased for prefetches to land in: one lookahead of experts (top-k x
         the layers speculation looks ahead), at most a quarter of the pool; none without prefetch or room for all."""
-        if not self.prefetching or not self.wants_notes():
+        if not self.prefetching or self.holds_every_expert():
             return 0
         return min(self.table.capacity // 4, self.predictor.top_k * max(1, self.metrics.speculate_layers))
 
-    def wants_notes(self) -> bool:  # a pool of every expert never evicts: nothing to decide from notes or guesses
-        return self.table.capacity < self.L * self.E  # (capacity, not residency: a leased worker never hears it fill)
+    def holds_every_expert(self) -> bool:  # never evicts: nothing to decide from notes or guesses, nothing to plan
+        return self.table.capacity >= self.L * self.E  # (capacity, not residency: a leased worker never hears it fill)
 
     def wants_guesses(self) -> bool:
-        return self.prefetching and self.wants_notes()
+        return self.prefetching and not self.holds_every_expert()
 
     def speculation(self, bandwidth: float | None) -> tuple[int, float]:
         """(layers ahead to guess, the router probability a guess needs): k = ceil(read time per expert x experts

@@ -24,7 +24,7 @@ PRIORITY = -1.0  # below every planned prefetch's (need x nearness, >= 0)
 
 async def preload(core, loads, cfg) -> int:
     """Read the missing experts (``--preload auto`` and a pool of every expert; else none); returns how many loaded."""
-    if cfg.preload != "auto" or core.wants_notes():
+    if cfg.preload != "auto" or not core.holds_every_expert():
         return 0
     table, started, inflight, start = core.table, [], {}, time.perf_counter()
     queued = 2 * cfg.read_threads
@@ -33,7 +33,7 @@ async def preload(core, loads, cfg) -> int:
         while len(inflight) >= queued:
             done, _ = await asyncio.wait(inflight.values(), return_when=asyncio.FIRST_COMPLETED)
             inflight = {k: t for k, t in inflight.items() if t not in done}
-        if core.wants_notes() or not table.free:  # (shrunk below every expert, or full: nothing to fill)
+        if not (core.holds_every_expert() and table.free):  # (shrunk below every expert, or full: nothing to fill)
             for k in inflight:
                 loads.cancel(k)
             break

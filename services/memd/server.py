@@ -61,8 +61,7 @@ class MemdServer:
         self.stamp = checkpoint_stamp(cfg.model)  # (a worker's HELLO finds the checkpoint as memd found it)
         self.host = host or NoHostCompute()  # --cpu-experts: host-tier experts the workers compute on their CPU
         self.control = control  # the revoke epoch workers read; None: no leases (every acquire is a message)
-        self.table = core.table
-        self.loads = Loads(core, reader)
+        self.table, self.loads = core.table, Loads(core, reader)
         self.prefetcher = Prefetcher(core, self.loads, lambda: self.reader.expert_rate, self._rpc_waiting)
         self.rpc, self._rpc_recv = None, None  # the RPC socket, and its reader's receive in progress
         self.memory, self.pool = memory, memory.pool  # the pool, and its retired slots' memory (admin resize)
@@ -267,11 +266,10 @@ class MemdServer:
             self.prefetcher.wake(client.pid)
 
     async def _after_own_note(self, identity: bytes, req: m.AcquireRequest) -> None:
-        """A worker's note (trace socket) precedes its acquire (RPC socket), read by separate tasks: let the trace
-        reader handle one already here first, so that policy and predictor decide at the right layer (a dropped note
-        costs a few loop turns). None for an acquire with its routing (it feeds the core) or where notes are off."""
+        """Let the trace reader first handle a note already here (sent before this acquire, on the other socket), so
+        that policy and predictor decide at its layer; not for an acquire carrying its routing, nor without notes."""
         client = self.clients.get(identity)
-        if client is None or req.requests or not (self.core.wants_notes() or self.host.slots):
+        if client is None or req.requests or not self.takes_notes:
             return
         for _ in range(NOTE_TURNS):
             if self.core.predictor.duplicate(client.pid, req.step, req.layer):
@@ -344,8 +342,7 @@ class MemdServer:
     async def on_acquire(self, identity: bytes, pending, stall: bool = True) -> m.AcquireReply:
         """Wait for the loads an acquire needs (``pending`` comes from ``begin_acquire``); ``stall``: count the
         wait as the worker's (a partial answer counts its own: staged.py)."""
-        req = pending.req
-        start = time.perf_counter()
+        req, start = pending.req, time.perf_counter()
         client = self._client(identity)
         with self._released_on_failure(client, req, pending.keys):
             await asyncio.gather(*pending.waits)
@@ -364,7 +361,11 @@ class MemdServer:
         ready = [s for j, s in enumerate(slots) if j not in loading]
         return m.AcquireReply(replied, p.hits, [list(k) for k in p.revoked], p.epoch, ahead, threshold,
                               self.core.wants_guesses(), self.reader.pending_events(ready), sorted(p.host),
-                              list(loading), self.core.wants_notes() or bool(self.host.slots))
+                              list(loading), self.takes_notes)
+
+    @property
+    def takes_notes(self) -> bool:  # (a host tier's slots wait for the worker's next message about a later layer)
+        return not self.core.holds_every_expert() or bool(self.host.slots)
 
     def on_release(self, identity: bytes, req: m.ReleaseRequest) -> None:
         client = self._client(identity)

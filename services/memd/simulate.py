@@ -134,7 +134,7 @@ class Simulator:
         for layer in sorted(step.layers):
             experts, counts = self._routing(step, layer)
             targets, guessed, confidence = self._guesses(step, layer)
-            if self.core.wants_notes():  # (a pool of every expert takes none: memd's replies say so)
+            if not self.core.holds_every_expert():  # (a pool of every expert takes none, as memd replies)
                 self.core.note(m.LayerNoteEvent(WORKER, number, layer, experts, step.requests,
                                                 [c for row in counts for c in row], prefill, targets, guessed,
                                                 confidence), self.now)
