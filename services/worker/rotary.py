@@ -87,12 +87,17 @@ def wrap_rotary(model: nn.Module, kernels) -> int:
     return count
 
 
-def _rotate(own, kernel: RotaryKernel, q, k, cos, sin, *args, **kwargs):
-    plain = not args and all(name == "unsqueeze_dim" for name in kwargs) and kwargs.get("unsqueeze_dim", 1) == 1
-    if not ACTIVE.get() or not plain or not kernel.takes(q, cos, sin) or not kernel.takes(k, cos, sin):
-        return own(q, k, cos, sin, *args, **kwargs)
+def _rotate(own, kernel: RotaryKernel, *args, **kwargs):
+    """The kernel for the call ``same_bits`` checked, ``(q, k, cos, sin)`` with the default ``unsqueeze_dim``; any
+    other (queries alone, as Qwen4-Exp calls it, tensors by keyword, more arguments) runs the model's own code."""
+    plain = len(args) == 4 and all(name == "unsqueeze_dim" for name in kwargs) and kwargs.get("unsqueeze_dim", 1) == 1
+    if not plain or not ACTIVE.get():
+        return own(*args, **kwargs)
+    q, k, cos, sin = args
+    if not kernel.takes(q, cos, sin) or not kernel.takes(k, cos, sin):
+        return own(*args, **kwargs)
     q_out, k_out = kernel.run(q, cos, sin), kernel.run(k, cos, sin)
-    return (q_out, k_out) if q_out is not None and k_out is not None else own(q, k, cos, sin, *args, **kwargs)
+    return (q_out, k_out) if q_out is not None and k_out is not None else own(*args, **kwargs)
 
 
 @torch.inference_mode()

@@ -55,7 +55,7 @@ def test_the_kernel_gives_the_families_own_bits_or_is_not_used(kernel):
 def test_only_a_moeinf_step_uses_the_kernel_and_what_it_does_not_take_goes_to_the_own_function(kernel):
     calls = []
 
-    def own(q, k, cos, sin, unsqueeze_dim=1):
+    def own(q, k=None, cos=None, sin=None, unsqueeze_dim=1):  # (queries alone: Qwen4-Exp's signature)
         calls.append(q.dtype)
         return q, k
 
@@ -72,4 +72,6 @@ def test_only_a_moeinf_step_uses_the_kernel_and_what_it_does_not_take_goes_to_th
         rotate(q.float(), k.float(), cos.float(), sin.float())
         rotate(q, k, cos, sin, unsqueeze_dim=2)
         rotate(torch.cat([q, q]), torch.cat([k, k]), torch.cat([cos, cos]), torch.cat([sin, sin]))
-    assert len(calls) == 4
+        rotate(q, cos=cos, sin=sin, unsqueeze_dim=1)  # queries alone, by keyword
+        rotate(q, k, cos=cos, sin=sin)
+    assert len(calls) == 6
