@@ -26,7 +26,10 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 class Segment(Struct, frozen=True, array_like=True):
     """Copy ``nbytes`` from ``file`` at ``file_offset`` to ``slot base + slot_offset``; with ``row_stride``, as
-    rows of ``row_bytes`` laid that many bytes apart (services/memd/spread.py)."""
+    rows of ``row_bytes`` laid that many bytes apart (services/memd/spread.py); ``interleaved``: its rows (of
+    ``row_bytes``) are stored in pairs, as transformers' ``Interleave`` conversion reads them (a fused gate and up
+    projection stored gate 0, up 0, gate 1, ...): stored row ``2 i + s`` is the parameter's row ``s * rows / 2 + i``
+    (``place_rows``)."""
 
     file: str
     file_offset: int
@@ -34,6 +37,17 @@ class Segment(Struct, frozen=True, array_like=True):
     slot_offset: int
     row_bytes: int = 0
     row_stride: int = 0
+    interleaved: bool = False
+
+    @property
+    def placed(self) -> bool:
+        """Its bytes go into the slot row by row (spread apart or reordered), never as one copy or read."""
+        return bool(self.row_stride or self.interleaved)
+
+    def rows(self, dest: int) -> tuple[int, int, int, int]:
+        """``place_rows``' ``rows`` for this segment placed from pool byte ``dest``."""
+        half = self.nbytes // self.row_bytes // 2 if self.interleaved else 0
+        return dest, self.row_bytes, self.row_stride or self.row_bytes, half
 
 
 class ExpertIndex(Struct, frozen=True, array_like=True, forbid_unknown_fields=True):

@@ -11,12 +11,7 @@ import json
 from pathlib import Path
 
 # model type -> why moeinf cannot serve it yet (found by tests/worker/test_family_matrix.py)
-UNSUPPORTED: dict[str, str] = {
-    "inkling2_text": "experts stored interleaved (w13_weight, transformers' Interleave conversion); memd reads"
-                     " experts stacked or concatenated along the first dimension only",
-    "inkling2_loop_text": "experts stored interleaved and quantized (w13_weight: Inkling2LoopDequantizeExperts,"
-                          " Interleave); memd reads experts stacked or concatenated along the first dimension only",
-}
+UNSUPPORTED: dict[str, str] = {}
 
 
 # text-to-text (encoder-decoder) families whose requests name the language to write: it is the output's first token

@@ -48,7 +48,7 @@ class ReaderRun:
     experts: int
     staged_segments: int
     segments: int
-    spread_bytes: int  # of the bytes read, those whose rows memd places apart in the slot (staged, copied row by row)
+    spread_bytes: int  # of the bytes read, those whose rows memd places apart or reorders (staged, copied by row)
     direct_bytes: int
     bounce_bytes: int
     alignment: str
@@ -108,7 +108,7 @@ def reader_bandwidth(store, keys: list, threads: int, chunk: int) -> ReaderRun:
     view = memoryview(buf)
     ctypes.memset(buffer_address(view), 1, len(view))  # fault the pages in, as memd's pool is after its first use
     reader = ExpertReader(store, view, store.slot_bytes, True, threads=threads, chunk=chunk)
-    spread = sum(seg.nbytes for k in keys for seg in segments[k] if seg.row_stride)
+    spread = sum(seg.nbytes for k in keys for seg in segments[k] if seg.placed)
     try:
         pending: deque = deque()
         total = 0
@@ -239,7 +239,7 @@ def format_report(doc: dict) -> str:
                      + ", ".join(f"{v:.3f}" for v in part["reader_runs_gbps"]) + " GB/s")
         lines.append(f"  reader: {format_bytes(part['reader_bytes'])}, {format_bytes(part['reader_direct_bytes'])}"
                      f" straight into slots, {format_bytes(part['reader_bounce_bytes'])} through the bounce buffer"
-                     f" ({format_bytes(part['reader_spread_bytes'])} of the bytes rows spread apart in the slots);"
+                     f" ({format_bytes(part['reader_spread_bytes'])} of the bytes rows placed one by one in the slots);"
                      f" {part['reader_staged_segments']} of {part['reader_segments']} segments staged; reader / probe"
                      f" of the same round, median: {frac_text(part['reader_fraction_per_round_median'])}")
     for name, part in (("from the checkpoint as stored (--slot-cache off)", ckpt),

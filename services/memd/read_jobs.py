@@ -50,8 +50,8 @@ class ReadCancelled(Exception):
 class Piece:
     """Read ``length`` bytes of ``file`` at ``file_offset``; keep ``keep`` of them from ``skip`` on, at pool byte
     ``dest``. ``bounce``: read into the thread's bounce buffer, then copy; else read straight into the pool.
-    ``rows``: ``(start, row_bytes, row_stride)`` of a segment whose rows are spread apart (always bounced): ``dest``
-    is then where the bytes would lie with its rows packed from pool byte ``start``. ``codec``: a packed unit of a
+    ``rows``: ``Segment.rows`` of a segment whose rows are spread apart or reordered (always bounced): ``dest`` is
+    then where the bytes would lie with its rows as stored from pool byte ``start``. ``codec``: a packed unit of a
     compressed slot image (``packed_images.py``): its first ``codec`` bytes are the packed high plane, the low plane
     follows; decoded into ``keep`` bytes at ``dest``."""
 
@@ -62,7 +62,7 @@ class Piece:
     skip: int = 0
     keep: int = 0
     bounce: bool = False
-    rows: tuple[int, int, int] | None = None
+    rows: tuple[int, int, int, int] | None = None
     codec: int = 0
 
 

@@ -201,8 +201,8 @@ class ExpertReader:
         pieces: list[Piece] = []
         for seg in self.segments[key]:
             dest = base + seg.slot_offset
-            if seg.row_stride:  # rows spread apart in the slot: placed one by one from the bounce buffer
-                pieces += self._plan_staged(seg, dest, size, (dest, seg.row_bytes, seg.row_stride))
+            if seg.placed:  # rows spread apart or reordered in the slot: placed from the bounce buffer
+                pieces += self._plan_staged(seg, dest, size, seg.rows(dest))
             elif not self.direct_io:
                 pieces += split_pieces(seg.file, seg.file_offset, seg.nbytes, dest, size)
             else:
@@ -231,7 +231,7 @@ class ExpertReader:
                      " bounce buffer and copied; counted in the reader's stats", seg.file, pos, self.align.mem)
         return self._plan_staged(seg, dest, size)
 
-    def _plan_staged(self, seg: Segment, dest: int, size: int, rows: tuple[int, int, int] | None = None) -> list[Piece]:
+    def _plan_staged(self, seg: Segment, dest: int, size: int, rows: tuple | None = None) -> list[Piece]:
         """Pieces read whole (aligned) into the bounce buffer, then copied into the slot."""
         a = self._step
         pos, end = seg.file_offset, seg.file_offset + seg.nbytes

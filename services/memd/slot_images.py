@@ -41,6 +41,7 @@ from common.access import OWNER_ONLY
 from common.checkpoint import CheckpointError
 from common.expert_index import ExpertIndex, Segment
 from common.messages import TensorSpec
+from services.memd.spread import place_rows
 
 log = logging.getLogger("moeinf.memd.slot_images")
 CACHE_DIR = "expert-cache"
@@ -231,12 +232,15 @@ class SlotImageCache:
         for seg in self.source.experts[key[0] * self.num_experts + key[1]]:
             fd = os.open(seg.file, os.O_RDONLY)
             try:
-                n = os.preadv(fd, [view[seg.slot_offset:seg.slot_offset + seg.nbytes]], seg.file_offset)
+                into = bytearray(seg.nbytes) if seg.placed else view[seg.slot_offset:seg.slot_offset + seg.nbytes]
+                n = os.preadv(fd, [into], seg.file_offset)
                 os.posix_fadvise(fd, seg.file_offset, seg.nbytes, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             if n != seg.nbytes:
                 raise CheckpointError(f"{seg.file}: short read at {seg.file_offset} ({n} of {seg.nbytes} bytes)")
+            if seg.placed:  # (rows stored in another order: interleaved pairs)
+                place_rows(np.frombuffer(buf, np.uint8), memoryview(into), seg.slot_offset, seg.rows(seg.slot_offset))
         return buf
 
 
@@ -280,13 +284,11 @@ class LosslessImages(SlotImageCache):
         return cls(spread_rows(ExpertStore(Checkpoint(model_dir)).index()), model_dir, cache_root)
 
     def convert(self, key: tuple[int, int]) -> bytes:
-        from services.memd.spread import place_rows
-
         out = np.zeros(self.slot_bytes, dtype=np.uint8)
         for seg in self.served.experts[key[0] * self.num_experts + key[1]]:
             data = memoryview(_pread(seg.file, seg.file_offset, seg.nbytes))
-            if seg.row_stride:
-                place_rows(out, data, seg.slot_offset, (seg.slot_offset, seg.row_bytes, seg.row_stride))
+            if seg.placed:
+                place_rows(out, data, seg.slot_offset, seg.rows(seg.slot_offset))
             else:
                 out[seg.slot_offset:seg.slot_offset + seg.nbytes] = np.frombuffer(data, dtype=np.uint8)
         return out.tobytes()
@@ -324,7 +326,7 @@ def staged_bytes(index: ExpertIndex, mem_align: int) -> int:
     """Bytes of ``index``'s experts that the reader cannot read straight into their slots with O_DIRECT: rows
     spread apart, and segments whose file offset and slot offset differ modulo the memory alignment."""
     return sum(seg.nbytes for segs in index.experts for seg in segs
-               if seg.row_stride or (seg.slot_offset - seg.file_offset) % mem_align)
+               if seg.placed or (seg.slot_offset - seg.file_offset) % mem_align)
 
 
 def auto_reason(images: LosslessImages, direct_io: bool) -> str:

@@ -8,7 +8,8 @@ product reads at ~20-22 GB/s as stored and ~24-29 spread 64 bytes further apart,
 (``TensorSpec.row_stride``) and the reader places each row there (``Segment.row_stride``: its pieces go through
 the bounce buffer and are copied row by row). The worker views the parameter with that row stride; products and
 tokens are unchanged (torch's and the kernels' bits do not depend on the row stride; the exactness tests check).
-Quantized parameters (bytes the kernels decode), ``[in, out]`` experts and a GPU pool keep their rows packed."""
+Quantized parameters (bytes the kernels decode), ``[in, out]`` experts and a GPU pool keep their rows packed.
+``place_rows`` also puts rows stored in interleaved pairs (``Segment.interleaved``) in the parameter's order."""
 from __future__ import annotations
 
 import math
@@ -93,26 +94,36 @@ def _segment(seg: Segment, spread: dict[int, TensorSpec], moves: dict[int, int])
     return msgspec.structs.replace(seg, slot_offset=moves[region] + first * stride, row_bytes=rows, row_stride=stride)
 
 
-def place_rows(pool: np.ndarray, data: memoryview, dest: int, rows: tuple[int, int, int]) -> None:
-    """Copy ``data``, the bytes that packed rows would hold from pool byte ``dest``, into rows spread apart:
-    ``rows`` = ``(start, row_bytes, row_stride)``, the packed rows' first byte, their length and the spread stride.
-    A partial first and last row by themselves, the whole rows between as one strided copy."""
-    start, row_bytes, stride = rows
+def place_rows(pool: np.ndarray, data: memoryview, dest: int, rows: tuple[int, int, int, int]) -> None:
+    """Copy ``data``, the bytes that the stored rows would hold from pool byte ``dest`` laid one after the other,
+    into their rows of the slot (``Segment.rows``): ``rows`` = ``(start, row_bytes, row_stride, half)``, the stored
+    rows' first byte, their length, the slot's row stride (``row_bytes`` where they are not spread apart), and for
+    rows stored in interleaved pairs half the parameter's rows (stored row ``2 i + s`` is row ``s * half + i``; 0:
+    in order). A partial first and last row by themselves, the whole rows between as strided copies (one; for
+    interleaved pairs two, the even stored rows and the odd)."""
+    start, row_bytes, stride, half = rows
     src = np.frombuffer(data, dtype=np.uint8)
     row, col = divmod(dest - start, row_bytes)
     done = 0
     if col:
         done = min(row_bytes - col, len(src))
-        at = start + row * stride + col
+        at = start + _row(row, half) * stride + col
         pool[at:at + done] = src[:done]
         row += 1
     whole = (len(src) - done) // row_bytes
     if whole:
-        at = start + row * stride
-        target = np.lib.stride_tricks.as_strided(pool[at:], (whole, row_bytes), (stride, 1))
-        target[...] = src[done:done + whole * row_bytes].reshape(whole, row_bytes)
+        block = src[done:done + whole * row_bytes].reshape(whole, row_bytes)
+        for first, part in ([(0, block)] if not half else [(0, block[0::2]), (1, block[1::2])]):
+            if len(part):  # stored rows of one parity go to consecutive rows of the parameter
+                at = start + _row(row + first, half) * stride
+                np.lib.stride_tricks.as_strided(pool[at:], (len(part), row_bytes), (stride, 1))[...] = part
         done += whole * row_bytes
         row += whole
     if done < len(src):
-        at = start + row * stride
+        at = start + _row(row, half) * stride
         pool[at:at + len(src) - done] = src[done:]
+
+
+def _row(stored: int, half: int) -> int:
+    """The parameter's row that stored row ``stored`` is (``place_rows``)."""
+    return stored if not half else (stored % 2) * half + stored // 2

@@ -108,7 +108,8 @@ class ExpertStore:
             param = next((p for p in layer.params if p.name == pname), None)
             if param is None:
                 raise CheckpointError(f"{key}: maps to {target}, which the experts module has no parameter for")
-            expert = None if converter is None else expert_number(mapper.renamed(base), pattern)
+            stacked = converter is not None and _stacked_ops(converter, key, pattern) is not None
+            expert = None if converter is None or stacked else expert_number(mapper.renamed(base), pattern)
             self._found[(pname, part)].append((layer, key, entry, converter, pattern, expert))
         if not self._found:
             raise CheckpointError(f"{self.checkpoint.dir}: no expert tensors found for {self.layers[0].module}")
@@ -249,6 +250,9 @@ class ExpertStore:
                     self._add_own(layer, key, entry, expert, per_expert, base)
                 elif converter is None:
                     self._add_stacked(layer, key, entry, per_expert, base)
+                elif (ops := _stacked_ops(converter, key, pattern)) is not None:
+                    rows = self._interleaved_rows(layer, key, entry, converter, part) if ops else 0
+                    self._add_stacked(layer, key, entry, per_expert, base, rows)
                 else:
                     sources = len(converter.source_patterns)
                     if (entry.shape[0] * sources, *entry.shape[1:]) != tuple(shape):
@@ -256,13 +260,27 @@ class ExpertStore:
                                               f" {list(shape)} ({part}) with the other experts")
                     self._add_per_expert(layer, key, entry, converter, pattern, expert, per_expert, base)
 
-    def _add_stacked(self, layer, key, entry, per_expert, base) -> None:
-        """A tensor stored as ``[num_experts, ...]`` (e.g. GPT-OSS): expert e is the e-th contiguous slice."""
+    def _add_stacked(self, layer, key, entry, per_expert, base, interleaved_rows: int = 0) -> None:
+        """A tensor stored as ``[num_experts, ...]`` (e.g. GPT-OSS): expert e is the e-th contiguous slice; with
+        ``interleaved_rows`` (their length in bytes), its rows are stored in interleaved pairs."""
         if entry.shape[0] != layer.num_experts or entry.nbytes != per_expert * layer.num_experts:
             raise CheckpointError(f"{key}: shape {list(entry.shape)} is not {layer.num_experts} experts of"
                                   f" {per_expert} bytes")
         for e in range(layer.num_experts):
-            self.segments[(layer.index, e)].append(Segment(entry.file, entry.start + e * per_expert, per_expert, base))
+            self.segments[(layer.index, e)].append(Segment(entry.file, entry.start + e * per_expert, per_expert, base,
+                                                           interleaved_rows, 0, bool(interleaved_rows)))
+
+    def _interleaved_rows(self, layer, key, entry, converter, part: str) -> int:
+        """A stacked ``[num_experts, rows, columns]`` tensor whose rows transformers' ``Interleave(dim=1)`` takes
+        out of pairs (a fused gate and up projection stored gate 0, up 0, gate 1, ...): its row length in bytes,
+        which the reader puts in the parameter's order (``Segment.interleaved``)."""
+        op = next(op for op in converter.operations if type(op).__name__ == "Interleave")
+        if (getattr(op, "dim", None) != 1 or getattr(op, "inverse", False) or len(entry.shape) != 3
+                or entry.shape[1] % 2 or layer.transposed or part != "values" or self.format):
+            raise CheckpointError(f"{key}: conversion Interleave(dim={getattr(op, 'dim', None)}) of a"
+                                  f" {list(entry.shape)} {part} tensor is not supported (moeinf reorders the rows of"
+                                  " unquantized stacked [experts, rows, columns] experts only)")
+        return entry.shape[2] * SAFETENSORS_DTYPES[entry.dtype][1]
 
     def _add_own(self, layer, key, entry, expert, per_expert, base) -> None:
         """One expert module's own tensor (an ``nn.ModuleDict`` of experts): the whole tensor is the part."""
@@ -301,6 +319,27 @@ class ExpertStore:
                                           f" {want} bytes in the checkpoint (missing tensors, or experts that mix"
                                           " formats?)")
                 segs.sort(key=lambda s: (s.file, s.file_offset))
+
+
+# transformers ops that return a stacked experts tensor as it is when the checkpoint has none of its companions
+DEQUANTIZE_IF_SCALED = {"Inkling2LoopDequantizeExperts"}  # (NVFP4 / MXFP8 scales; a bf16 checkpoint has none)
+
+
+def _stacked_ops(converter, key: str, pattern: str) -> list[str] | None:
+    """For a converter of one stacked experts tensor (no expert number in its source patterns), the operations that
+    change its bytes: [] or ["Interleave"]; None for a converter of per-expert tensors. A stacked tensor's quantized
+    companion (a source pattern after the first) is refused."""
+    if any("*" in p for p in converter.source_patterns):
+        return None
+    ops = [type(op).__name__ for op in converter.operations]
+    if pattern != converter.source_patterns[0]:  # a scale or an amax: the experts are stored quantized
+        raise CheckpointError(f"{key}: experts stored in a quantized format that transformers converts with"
+                              f" {', '.join(ops)} are not supported; moeinf serves {supported_formats()}")
+    changing = [op for op in ops if op not in DEQUANTIZE_IF_SCALED]
+    if changing not in ([], ["Interleave"]):
+        raise CheckpointError(f"{key}: conversion {changing} of stacked experts is not supported (moeinf reads them"
+                              " as stored, or with their rows in interleaved pairs)")
+    return changing
 
 
 FP8_SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})  # block scales the dequantization multiplies by

@@ -94,6 +94,8 @@ class StepCache:
         return [(key[:, :, lo:hi], value[:, :, lo:hi]) for lo, hi in self.spans[layer_idx]]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.recurrent and len(self.parts) == 1:  # the forward's one request (query offsets: Inkling2's)
+            return self.parts[0].cache.get_seq_length(layer_idx)
         return 0  # positions are always passed explicitly
 
     def __getattr__(self, name: str):
@@ -143,6 +145,8 @@ def per_request_attention(module, query, key, value, attention_mask, **kwargs):
     run = None if flat is None else flat.run
     if run is None:
         raise RuntimeError("the moeinf_per_request attention runs only inside FlatStep.forward")
+    if not hasattr(module, "layer_idx"):  # attention over its own inputs, no cache (Inkling2's block residuals): each
+        return flat.attention_for(module)(module, query, key, value, attention_mask, **kwargs)  # position's own
     return run.attend(module, query, key, value, kwargs)
 
 
@@ -167,17 +171,17 @@ class FlatStep:
                              for layer in cache_layers)
         self.indexed = any(type(layer).__name__ == "DynamicIndexedLayer" for layer in cache_layers)  # (engine.py)
         # a model that insists on a cache class of its own (MiniMax) gets one per request, and a step cache of that
-        # class whose state is the forward's one request's (so one request per forward)
+        # class whose state is the forward's one request's (so one request per forward); so does a recurrent one,
+        # a DynamicCache (code that asks ``isinstance(cache, Cache)`` reads the request's layers: Inkling2's)
         self.own_cache = own_cache_class(model)
-        self.step_cache = StepCache if self.own_cache is None else type(
-            f"Step{self.own_cache.__name__}", (StepCache, self.own_cache), {})
+        base = self.own_cache or (DynamicCache if self.recurrent else None)
+        self.step_cache = StepCache if base is None else type(f"Step{base.__name__}", (StepCache, base), {})
         self.recurrent = self.recurrent or self.own_cache is not None
         self._attention: dict[type, object] = {}
         self.direct: set[int] = set()  # layers whose attention takes the cache's keys as they are (StepCache)
         self._local = threading.local()  # .run: the step in progress in this thread (FlatStep.forward)
-        for module in model.modules():  # the attention layers (they carry their layer index) find their step here
-            if hasattr(module, "layer_idx"):
-                module._moeinf_flat_step = self
+        for module in model.modules():  # attention layers (they carry their layer index) find their step here, and
+            module._moeinf_flat_step = self  # other modules that call the attention interface
         model.set_attn_implementation(IMPLEMENTATION)
         if model.config._attn_implementation != IMPLEMENTATION:
             raise RuntimeError(f"{type(model).__name__} cannot switch its attention implementation: it does not use"

@@ -75,7 +75,7 @@ def test_place_rows_copies_any_piece_of_packed_rows(start, length):
     rows, row_bytes, stride, base = 8, 96, 160, 320
     packed = np.random.default_rng(0).integers(0, 256, rows * row_bytes, dtype=np.uint8)
     pool = np.zeros(base + rows * stride, dtype=np.uint8)
-    place_rows(pool, memoryview(packed[start:start + length]), base + start, (base, row_bytes, stride))
+    place_rows(pool, memoryview(packed[start:start + length]), base + start, (base, row_bytes, stride, 0))
     want = np.zeros_like(pool)
     for i in range(start, start + length):
         row, col = divmod(i, row_bytes)

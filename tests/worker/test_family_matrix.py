@@ -26,8 +26,8 @@ from common.worker_client import WorkerClient
 
 PROMPTS = [[1, 5, 9, 22, 7], [(5 * j) % 300 + 3 for j in range(21)]]
 NEW_TOKENS = 12
-CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe", "deepseek_v32"}  # hybrid recurrent, every k-th layer,
-# expert bias, indexed sparse attention
+# hybrid recurrent, every k-th layer, expert bias, indexed sparse attention, experts stored in interleaved pairs
+CI_EXTRA = {"jamba", "qwen3_next", "granitemoe", "lfm2_moe", "deepseek_v32", "inkling2_text"}
 
 
 def _param(family: str):
