@@ -19,7 +19,7 @@ from services.bench.baselines import OFFLOAD, RESIDENT, Job, accelerate_missing,
 from services.bench.budget import Budget, derive, derive_total, model_bytes
 from services.bench.blkio import ReadThrottle
 from services.bench.cgroup import CgroupUnavailable, MemoryCgroup, drop_caches
-from services.bench.diskbw import read_bandwidth
+from services.bench.diskbw import PROBE_PASSES, read_bandwidth
 from services.bench.e2e_floor import measure as measure_compute_floor
 from services.bench.e2e_formats import check_slot_images, fill_expert_cache, fill_slot_images, format_system
 from services.bench.e2e import ONDEMAND, MOEINF, Options, Result, Timing, measure, progress, summarize
@@ -231,7 +231,7 @@ class Sweep:
         progress(f"{name} (expert memory {memory}{which}): dropping caches, starting")
         self.drop_caches()
         disk = read_bandwidth(self.probe_paths(name), min(self.probe_bytes, 512 << 20),  # the disk varies (VMs)
-                              self.opts.read_chunk_bytes, self.opts.read_threads)
+                              self.opts.read_chunk_bytes, self.opts.read_threads, PROBE_PASSES)
         progress(f"disk just before {name}: {disk.describe()}")
         with ExitStack() as stack:
             group = self.cgroup(budget, name, stack) if budget else None
@@ -255,7 +255,7 @@ class Sweep:
                      "oom_kills": group.oom_kills() if group else None}
             # processes gone before the cgroup is removed (ExitStack)
         after = read_bandwidth(self.probe_paths(name), min(self.probe_bytes, 512 << 20), self.opts.read_chunk_bytes,
-                               self.opts.read_threads)  # (a disk that sped up during the run shows here)
+                               self.opts.read_threads, PROBE_PASSES)  # (a disk that sped up during the run shows)
         progress(f"disk just after {name}: {after.describe()}")
         extra["disk_read_gbps_after"] = after.gbps
         for row in rows:
@@ -349,7 +349,7 @@ def _run_sweep(opts: Options) -> int:
             progress(note)
         probe, paths = parse_bytes(opts.disk_probe, what="--disk-probe"), sweep.probe_paths(MOEINF)
         single = read_bandwidth(paths, probe, opts.read_chunk_bytes, streams=1)
-        disk = read_bandwidth(paths, probe, opts.read_chunk_bytes, opts.read_threads)
+        disk = read_bandwidth(paths, probe, opts.read_chunk_bytes, opts.read_threads, PROBE_PASSES)
         progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
         compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
         progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder"
