@@ -3,7 +3,8 @@
 Side by side, in one run, on the same file (the checkpoint's largest shard, its first ``--bytes``):
 
 * the in-repo probe (``services/bench/diskbw.py``), single-stream: one O_DIRECT read of ``--chunk`` at a time;
-* the same probe multi-stream: ``--threads`` reads in flight (memd's ``--read-threads`` and ``--read-chunk``);
+* the same probe multi-stream: ``--threads`` reads in flight (memd's ``--read-threads`` and ``--read-chunk``), the
+  best of two passes over the same bytes (a disk host may cache what was read lately: ``diskbw.py``);
 * fio (Debian's ``fio``, if installed): ``--ioengine=libaio --iodepth=<threads> --direct=1 --rw=read
   --bs=<chunk>``, the independent reference at the same queue depth;
 * memd's ``ExpertReader``: about ``--bytes`` of the experts stored in that same file (or ``--experts`` of them), read
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.sizes import format_bytes, parse_bytes
-from services.bench.diskbw import CHUNK, STREAMS, Bandwidth, read_bandwidth
+from services.bench.diskbw import CHUNK, PROBE_PASSES, STREAMS, Bandwidth, read_bandwidth
 
 TARGET = 0.9
 WINDOW = 8  # on-demand loads queued at once by the reader measurement (memd: an acquire asks for top-k per token)
@@ -156,7 +157,7 @@ def measure(model: Path, nbytes: int, threads: int, chunk: int, experts: int | N
                      " the checkpoint, the slot images and the compressed ones")
             for name, (store, keys, probe_files, probe_bytes) in list(sources.items())[::1 if r % 2 == 0 else -1]:
                 multi, readers = runs[name]
-                steps = [lambda: multi.append(read_bandwidth(probe_files, probe_bytes, chunk, streams=threads)),
+                steps = [lambda: multi.append(read_bandwidth(probe_files, probe_bytes, chunk, threads, PROBE_PASSES)),
                          lambda: readers.append(reader_bandwidth(store, keys, threads, chunk))]
                 for step in steps[::1 if r % 2 == 0 else -1]:
                     step()

@@ -30,8 +30,9 @@ serves one untimed warm-up request outside the workloads. Per run: tokens/s, tim
 token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate, and how good its
 predictions were over the run (prefetch precision and recall, precision and recall by lookahead distance:
 ``services/bench/e2e_quality.py``). The page cache is
-dropped before every system, and the disk's raw O_DIRECT read bandwidth at memd's queue depth
-(``services/bench/diskbw.py``: memd's reader threads, each reading memd's chunk size) is measured in the same run.
+dropped before every system, and the disk's O_DIRECT read bandwidth at memd's queue depth
+(``services/bench/diskbw.py``: memd's reader threads, each reading memd's chunk size, the best of two passes over the
+same bytes) is measured in the same run.
 """
 from __future__ import annotations
 

@@ -350,7 +350,7 @@ def _run_sweep(opts: Options) -> int:
         probe, paths = parse_bytes(opts.disk_probe, what="--disk-probe"), sweep.probe_paths(MOEINF)
         single = read_bandwidth(paths, probe, opts.read_chunk_bytes, streams=1)
         disk = read_bandwidth(paths, probe, opts.read_chunk_bytes, opts.read_threads, PROBE_PASSES)
-        progress(f"raw disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
+        progress(f"disk read at memd's queue depth: {disk.describe()}; single stream: {single.gbps:.2f} GB/s")
         compute = measure_compute_floor(opts.model, opts.threads, opts.floor_bytes)
         progress(f"compute floor: {compute.describe()}" if compute else "compute floor: none (an encoder-decoder"
                                                                                " model, or no experts)")

@@ -35,7 +35,7 @@ from common.messages import TensorSpec
 from common.quant_encode import MXFP4_BLOCK, fp8_encode, mxfp4_encode, numpy_dtype
 from common.expert_index import ExpertIndex, align_up
 # (CACHE_DIR, cache_root: re-exported)
-from services.memd.slot_images import CACHE_DIR, SlotImageCache, cache_root  # noqa: F401
+from services.memd.slot_images import CACHE_DIR, PLACEMENT, SlotImageCache, cache_root  # noqa: F401
 
 log = logging.getLogger("moeinf.memd.compressed")
 FORMATS = ("fp8", "mxfp4")
@@ -98,7 +98,7 @@ class CompressedStore(SlotImageCache):
         super().__init__(source, model_dir, cache_root)
 
     def encoders(self) -> list[Path]:
-        return [Path(__file__), Path(__file__).parents[2] / "common" / "quant_encode.py"]
+        return [PLACEMENT, Path(__file__), Path(__file__).parents[2] / "common" / "quant_encode.py"]
 
     @classmethod
     def of(cls, model_dir: Path | str, fmt: str, cache_root: Path | str) -> "CompressedStore":

@@ -27,7 +27,7 @@ from common.access import OWNER_ONLY
 from common.expert_index import ALIGN, ExpertIndex, align_up
 from services.memd.planes import CODEC, KEEP_RAW, RAW_FLAG, PlaneCodec, unit_bytes
 from services.memd.read_jobs import Piece
-from services.memd.slot_images import LosslessImages
+from services.memd.slot_images import PLACEMENT, LosslessImages
 
 log = logging.getLogger("moeinf.memd.packed_images")
 
@@ -47,8 +47,8 @@ class PackedImages(LosslessImages):
         self.lengths = np.zeros((self.num_layers * self.num_experts, self.units), dtype=np.uint32)
         self._units_fd = None
 
-    def encoders(self) -> list[Path]:
-        return []  # the codec's version and settings decide the bytes (``codec_identity``), not planes.py's text
+    def encoders(self) -> list[Path]:  # the codec's version and settings decide the packing (``codec_identity``),
+        return [PLACEMENT]  # not planes.py's text; the rows' places are the lossless images' (place_rows)
 
     # ---------------------------------------------------------------- the files
     def open(self):

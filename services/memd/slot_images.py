@@ -18,10 +18,9 @@ lossless one is read from the checkpoint as before and its slot is written to th
 (``services/memd/image_writer.py``: the load waits for nothing); either way ``moeinf convert`` fills the cache
 ahead. ``done.bin`` has one byte per expert, set after the expert's bytes are on disk (``fdatasync``): a crash
 mid-conversion leaves the expert to convert again. The cache's name hashes the checkpoint's files (names, sizes,
-mtimes) and its identity as memd's index keys it (transformers version and indexing code included), the format and
-the slot layout: a changed or differently mapped checkpoint gets a fresh cache.
-The cache file is sparse: only converted experts take disk space (about the experts' size once all are read).
-"""
+mtimes) and its identity as memd's index keys it (transformers version and indexing code included), the format, the
+slot layout and the code placing its rows: a changed or differently mapped checkpoint gets a fresh cache, which
+removes those it supersedes (``superseded.py``). The file is sparse: only converted experts take disk space."""
 from __future__ import annotations
 
 import errno
@@ -41,14 +40,14 @@ from common.access import OWNER_ONLY
 from common.checkpoint import CheckpointError
 from common.expert_index import ExpertIndex, Segment
 from common.messages import TensorSpec
+from services.memd import superseded
 from services.memd.spread import place_rows
 
 log = logging.getLogger("moeinf.memd.slot_images")
 CACHE_DIR = "expert-cache"
-# bump when an encoding or the file layout changes: old caches are then not reused (2: MXFP4 of [out, in] experts
-# blocked along the input dimension)
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 2  # bumped when an encoding or the file layout changes (2: [out, in] MXFP4 blocked along the input)
 _DIO_PROBE_BYTES = 64 * 1024  # the scratch file dio_alignment probes
+PLACEMENT = Path(__file__).with_name("spread.py")  # place_rows: where a slot's rows go (in every image's name)
 FREE_SHARE = 0.1  # auto: the file system keeps at least this share of its size free once every expert is cached
 
 
@@ -194,6 +193,7 @@ class SlotImageCache:
                     "layout_version": LAYOUT_VERSION}
         with os.fdopen(OWNER_ONLY.create(self.directory / "manifest.json"), "w") as f:
             f.write(json.dumps(manifest, indent=2))
+        superseded.sweep(self.directory, manifest)
         log.info("expert cache %s (%s): %d of %d experts converted", self.directory, self.format, sum(self.done),
                  count)
         return self
@@ -223,7 +223,7 @@ class SlotImageCache:
         return f"{self.model_dir.name}-{self.format}-{digest}"
 
     def encoders(self) -> list[Path]:  # the code deciding an image's bytes beyond the indexer's (hashed into its name)
-        return []  # (the checkpoint's bytes, unchanged)
+        return [PLACEMENT]  # (the checkpoint's bytes, each row where place_rows puts it)
 
     def _read_source(self, key: tuple[int, int]) -> bytearray:
         """The expert's bytes as the checkpoint's own index lays them into a slot (buffered reads: converted once)."""

@@ -106,6 +106,10 @@ class ExpertStore:
             if layer is None:
                 continue
             param = next((p for p in layer.params if p.name == pname), None)
+            if param is None and "scale" in pname:  # (an Inkling2 MXFP8 checkpoint without quantization_config)
+                raise CheckpointError(f"{key}: maps to {target}, a quantization scale the experts module has no"
+                                      f" parameter for: experts stored quantized in a format config.json does not"
+                                      f" name; moeinf serves {supported_formats()}")
             if param is None:
                 raise CheckpointError(f"{key}: maps to {target}, which the experts module has no parameter for")
             stacked = converter is not None and _stacked_ops(converter, key, pattern) is not None
@@ -251,7 +255,7 @@ class ExpertStore:
                 elif converter is None:
                     self._add_stacked(layer, key, entry, per_expert, base)
                 elif (ops := _stacked_ops(converter, key, pattern)) is not None:
-                    rows = self._interleaved_rows(layer, key, entry, converter, part) if ops else 0
+                    rows = self._interleaved_rows(layer, key, entry, converter, part, shape) if ops else 0
                     self._add_stacked(layer, key, entry, per_expert, base, rows)
                 else:
                     sources = len(converter.source_patterns)
@@ -270,16 +274,22 @@ class ExpertStore:
             self.segments[(layer.index, e)].append(Segment(entry.file, entry.start + e * per_expert, per_expert, base,
                                                            interleaved_rows, 0, bool(interleaved_rows)))
 
-    def _interleaved_rows(self, layer, key, entry, converter, part: str) -> int:
+    def _interleaved_rows(self, layer, key, entry, converter, part: str, shape) -> int:
         """A stacked ``[num_experts, rows, columns]`` tensor whose rows transformers' ``Interleave(dim=1)`` takes
         out of pairs (a fused gate and up projection stored gate 0, up 0, gate 1, ...): its row length in bytes,
         which the reader puts in the parameter's order (``Segment.interleaved``)."""
         op = next(op for op in converter.operations if type(op).__name__ == "Interleave")
-        if (getattr(op, "dim", None) != 1 or getattr(op, "inverse", False) or len(entry.shape) != 3
-                or entry.shape[1] % 2 or layer.transposed or part != "values" or self.format):
-            raise CheckpointError(f"{key}: conversion Interleave(dim={getattr(op, 'dim', None)}) of a"
-                                  f" {list(entry.shape)} {part} tensor is not supported (moeinf reorders the rows of"
-                                  " unquantized stacked [experts, rows, columns] experts only)")
+        dim, inverse = getattr(op, "dim", None), getattr(op, "inverse", False)
+        reasons = [(dim != 1, "another dimension than the rows"), (inverse, "the inverse order"),
+                   (layer.transposed, "experts stored [in, out]"),
+                   (part != "values" or self.format, "a quantized part"),
+                   (tuple(entry.shape[1:]) != tuple(shape) or shape[0] % 2,
+                    f"shape {list(entry.shape)}, not [experts, {', '.join(map(str, shape))}] with rows in pairs")]
+        why = next((text for bad, text in reasons if bad), "")
+        if why:
+            raise CheckpointError(f"{key}: conversion Interleave(dim={dim}, inverse={inverse}) is not supported here"
+                                  f" ({why}); moeinf reorders the rows of unquantized stacked [experts, rows,"
+                                  " columns] experts")
         return entry.shape[2] * SAFETENSORS_DTYPES[entry.dtype][1]
 
     def _add_own(self, layer, key, entry, expert, per_expert, base) -> None:

@@ -145,8 +145,11 @@ def per_request_attention(module, query, key, value, attention_mask, **kwargs):
     run = None if flat is None else flat.run
     if run is None:
         raise RuntimeError("the moeinf_per_request attention runs only inside FlatStep.forward")
-    if not hasattr(module, "layer_idx"):  # attention over its own inputs, no cache (Inkling2's block residuals): each
-        return flat.attention_for(module)(module, query, key, value, attention_mask, **kwargs)  # position's own
+    if not hasattr(module, "layer_idx"):  # attention over its own inputs, no cache (Inkling2's block residuals)
+        if len(run.rows) > 1:  # (it could mix the requests' rows: the step fails, its requests run one by one)
+            raise RuntimeError(f"{type(module).__name__} attends without a layer index over the rows of several"
+                               " requests, which it could mix")
+        return flat.attention_for(module)(module, query, key, value, attention_mask, **kwargs)
     return run.attend(module, query, key, value, kwargs)
 
 

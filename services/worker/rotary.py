@@ -91,7 +91,7 @@ def _rotate(own, kernel: RotaryKernel, *args, **kwargs):
     """The kernel for the call ``same_bits`` checked, ``(q, k, cos, sin)`` with the default ``unsqueeze_dim``; any
     other (queries alone, as Qwen4-Exp calls it, tensors by keyword, more arguments) runs the model's own code."""
     plain = len(args) == 4 and all(name == "unsqueeze_dim" for name in kwargs) and kwargs.get("unsqueeze_dim", 1) == 1
-    if not plain or not ACTIVE.get():
+    if not plain or not isinstance(args[1], torch.Tensor) or not ACTIVE.get():
         return own(*args, **kwargs)
     q, k, cos, sin = args
     if not kernel.takes(q, cos, sin) or not kernel.takes(k, cos, sin):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import write_family
 
-from common.checkpoint import Checkpoint, CheckpointError
+from common.checkpoint import Checkpoint, CheckpointError, KeyMapper
 from services.memd.slot_images import LosslessImages
 from services.memd.spread import place_rows, spread_rows
 from services.memd.store import ExpertStore
@@ -98,4 +98,34 @@ def test_inkling2_loop_experts_are_read_as_stored_and_refused_quantized(tmp_path
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"w13_weight_scale: experts stored in a quantized format that"
                                               r" transformers converts with Inkling2LoopDequantizeExperts"):
+        ExpertStore(Checkpoint(model))
+
+
+def test_an_interleave_memd_cannot_read_is_refused_with_its_reason(inkling, monkeypatch):
+    from transformers.core_model_loading import Interleave
+
+    real = KeyMapper.map
+    for op, reason in [(Interleave(dim=2), "another dimension than the rows"),
+                       (Interleave(dim=1, inverse=True), "the inverse order")]:
+        def mapped(self, key, op=op):
+            target, converter, pattern = real(self, key)
+            if converter is not None and key.endswith("w13_weight"):
+                converter = type(converter)(converter.source_patterns, converter.target_patterns, operations=[op])
+            return target, converter, pattern
+        monkeypatch.setattr(KeyMapper, "map", mapped)
+        with pytest.raises(CheckpointError, match=rf"w13_weight: conversion Interleave\(.*\) is not supported here"
+                                                  rf" \({reason}\)"):
+            ExpertStore(Checkpoint(inkling))
+
+
+def test_inkling2_scales_without_a_quantization_config_are_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = write_family("inkling2_text", tmp_path / "m", dtype="bfloat16")
+    tensors = load_file(model / "model.safetensors")
+    w13 = next(k for k in tensors if k.endswith("mlp.experts.w13_weight"))
+    tensors[w13 + "_scale"] = torch.ones(*tensors[w13].shape[:2], tensors[w13].shape[2] // 32, dtype=torch.uint8)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"w13_weight_scale: maps to .*gate_up_proj_scale_inv, a quantization"
+                                              r" scale the experts module has no parameter for"):
         ExpertStore(Checkpoint(model))

@@ -74,4 +74,5 @@ def test_only_a_moeinf_step_uses_the_kernel_and_what_it_does_not_take_goes_to_th
         rotate(torch.cat([q, q]), torch.cat([k, k]), torch.cat([cos, cos]), torch.cat([sin, sin]))
         rotate(q, cos=cos, sin=sin, unsqueeze_dim=1)  # queries alone, by keyword
         rotate(q, k, cos=cos, sin=sin)
-    assert len(calls) == 6
+        rotate(q, None, cos, sin)
+    assert len(calls) == 7
