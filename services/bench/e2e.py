@@ -25,11 +25,10 @@ hold. Every system runs ``--repeats`` times (baselines too), interleaved (all bu
 no limit and runs its repeats in one start): repeat r runs every system once, in an order rotated by r (A B, then B A),
 each started afresh, so a disk whose speed drifts over minutes (VMs) weighs on every
 system alike (a count of repeats that is no multiple of the systems' count says it rotates unevenly); the median
-run is reported, with every run's figures; every system first
-serves one untimed warm-up request outside the workloads. Per run: tokens/s, time to first token, decode time per
-token (gaps between a request's tokens, p50 and p90), memd's bytes read per token and hit rate, and how good its
-predictions were over the run (prefetch precision and recall, precision and recall by lookahead distance:
-``services/bench/e2e_quality.py``). The page cache is
+run is reported, with every run's figures; every system first serves one untimed warm-up request outside the
+workloads. Per run: tokens/s, time to first token, decode time per token (gaps between a request's tokens, p50 and
+p90), memd's bytes read per token and hit rate, and how good its predictions were over the run (prefetch precision
+and recall, precision and recall by lookahead distance: ``services/bench/e2e_quality.py``). The page cache is
 dropped before every system, and the disk's O_DIRECT read bandwidth at memd's queue depth
 (``services/bench/diskbw.py``: memd's reader threads, each reading memd's chunk size, the best of two passes over the
 same bytes) is measured in the same run.

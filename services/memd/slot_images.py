@@ -222,25 +222,13 @@ class SlotImageCache:
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
         return f"{self.model_dir.name}-{self.format}-{digest}"
 
-    def encoders(self) -> list[Path]:  # the code deciding an image's bytes beyond the indexer's (hashed into its name)
-        return [PLACEMENT]  # (the checkpoint's bytes, each row where place_rows puts it)
+    def encoders(self) -> list[Path]:  # the code deciding an image's bytes beyond the indexer's (in its name): the
+        return [PLACEMENT]  # checkpoint's bytes, each row where place_rows puts it
 
     def _read_source(self, key: tuple[int, int]) -> bytearray:
         """The expert's bytes as the checkpoint's own index lays them into a slot (buffered reads: converted once)."""
         buf = bytearray(self.source.slot_bytes)
-        view = memoryview(buf)
-        for seg in self.source.experts[key[0] * self.num_experts + key[1]]:
-            fd = os.open(seg.file, os.O_RDONLY)
-            try:
-                into = bytearray(seg.nbytes) if seg.placed else view[seg.slot_offset:seg.slot_offset + seg.nbytes]
-                n = os.preadv(fd, [into], seg.file_offset)
-                os.posix_fadvise(fd, seg.file_offset, seg.nbytes, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            if n != seg.nbytes:
-                raise CheckpointError(f"{seg.file}: short read at {seg.file_offset} ({n} of {seg.nbytes} bytes)")
-            if seg.placed:  # (rows stored in another order: interleaved pairs)
-                place_rows(np.frombuffer(buf, np.uint8), memoryview(into), seg.slot_offset, seg.rows(seg.slot_offset))
+        _fill(np.frombuffer(buf, np.uint8), self.source.experts[key[0] * self.num_experts + key[1]])
         return buf
 
 
@@ -285,12 +273,7 @@ class LosslessImages(SlotImageCache):
 
     def convert(self, key: tuple[int, int]) -> bytes:
         out = np.zeros(self.slot_bytes, dtype=np.uint8)
-        for seg in self.served.experts[key[0] * self.num_experts + key[1]]:
-            data = memoryview(_pread(seg.file, seg.file_offset, seg.nbytes))
-            if seg.placed:
-                place_rows(out, data, seg.slot_offset, seg.rows(seg.slot_offset))
-            else:
-                out[seg.slot_offset:seg.slot_offset + seg.nbytes] = np.frombuffer(data, dtype=np.uint8)
+        _fill(out, self.served.experts[key[0] * self.num_experts + key[1]])
         return out.tobytes()
 
 
@@ -386,6 +369,16 @@ def _in_memory(path: Path) -> bool:
     above = [(len(str(point)), fields[2]) for fields in mounts if len(fields) >= 3
              and (path == (point := Path(fields[1].replace("\\040", " "))) or point in path.parents)]
     return max(above, default=(0, ""))[1] in ("tmpfs", "ramfs")
+
+
+def _fill(slot: np.ndarray, segments) -> None:
+    """One slot's bytes from its segments, each row where ``place_rows`` puts it (spread, or interleaved pairs)."""
+    for seg in segments:
+        data = memoryview(_pread(seg.file, seg.file_offset, seg.nbytes))
+        if seg.placed:
+            place_rows(slot, data, seg.slot_offset, seg.rows(seg.slot_offset))
+        else:
+            slot[seg.slot_offset:seg.slot_offset + seg.nbytes] = np.frombuffer(data, dtype=np.uint8)
 
 
 def _pread(path: str, offset: int, nbytes: int) -> bytes:
