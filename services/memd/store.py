@@ -342,13 +342,14 @@ def _stacked_ops(converter, key: str, pattern: str) -> list[str] | None:
     if any("*" in p for p in converter.source_patterns):
         return None
     ops = [type(op).__name__ for op in converter.operations]
-    if pattern != converter.source_patterns[0]:  # a scale or an amax: the experts are stored quantized
+    changing = [op for op in ops if op not in DEQUANTIZE_IF_SCALED]
+    companion = pattern != converter.source_patterns[0]
+    if companion and len(changing) < len(ops):  # a scale or an amax: the experts are stored quantized
         raise CheckpointError(f"{key}: experts stored in a quantized format that transformers converts with"
                               f" {', '.join(ops)} are not supported; moeinf serves {supported_formats()}")
-    changing = [op for op in ops if op not in DEQUANTIZE_IF_SCALED]
-    if changing not in ([], ["Interleave"]):
-        raise CheckpointError(f"{key}: conversion {changing} of stacked experts is not supported (moeinf reads them"
-                              " as stored, or with their rows in interleaved pairs)")
+    if companion or changing not in ([], ["Interleave"]):
+        raise CheckpointError(f"{key}: conversion {ops} of stacked experts is not supported (moeinf reads them as"
+                              " stored, or with their rows in interleaved pairs)")
     return changing
 
 

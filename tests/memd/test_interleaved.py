@@ -129,3 +129,22 @@ def test_inkling2_scales_without_a_quantization_config_are_refused_by_name(tmp_p
     with pytest.raises(CheckpointError, match=r"w13_weight_scale: maps to .*gate_up_proj_scale_inv, a quantization"
                                               r" scale the experts module has no parameter for"):
         ExpertStore(Checkpoint(model))
+
+
+def test_another_conversion_of_stacked_experts_is_refused_by_name(inkling, monkeypatch):
+    """Two stacked tensors concatenated (no expert number in the patterns): refused by the conversion's name, not as
+    a quantized format and not with an IndexError from the expert-number parse."""
+    from transformers.core_model_loading import Concatenate
+
+    real = KeyMapper.map
+
+    def mapped(self, key):
+        target, converter, pattern = real(self, key)
+        if converter is not None and key.endswith("w13_weight"):
+            converter = type(converter)([pattern, pattern + "_b"], converter.target_patterns,
+                                        operations=[Concatenate(dim=1)])
+        return target, converter, pattern
+    monkeypatch.setattr(KeyMapper, "map", mapped)
+    with pytest.raises(CheckpointError, match=r"w13_weight: conversion \['Concatenate'\] of stacked experts is not"
+                                              r" supported"):
+        ExpertStore(Checkpoint(inkling))
