@@ -5,7 +5,8 @@ identity, the indexing and encoding code, the layout. When any of it changes, me
 old one, which nothing reads again. Opening a cache removes its siblings whose ``manifest.json`` names the same
 checkpoint path, format and slot size: the same cache as written by other code or from other checkpoint contents.
 One with another slot size is left alone (another memd may serve the same checkpoint in another layout: a GPU pool's
-rows packed, a CPU pool's spread apart), as is anything that is not a cache of ours or cannot be read.
+rows packed, a CPU pool's spread apart), as is anything that is not a cache of ours or cannot be read. A memd of the
+older code still running (a rolling upgrade) keeps reading the files it has open; restarted, it writes its own again.
 """
 from __future__ import annotations
 
