@@ -84,18 +84,35 @@ def test_place_rows_reorders_any_piece_of_interleaved_rows(start, length, stride
     assert np.array_equal(pool, want)
 
 
-def test_inkling2_loop_experts_are_read_as_stored_and_refused_quantized(tmp_path):
-    """Inkling2-Loop's converter dequantizes NVFP4 / MXFP8 experts at load, and passes a lone bf16 tensor through:
-    memd reads such a checkpoint as stored (its w13 interleaved), and refuses one with the scales, naming them."""
+def add_w13_scales(model) -> None:
+    """Give ``model``'s first stacked ``w13_weight`` a quantization scale companion (``w13_weight_scale``)."""
     from safetensors.torch import load_file, save_file
 
-    model = write_family("inkling2_loop_text", tmp_path / "m", dtype="bfloat16")
-    index = ExpertStore(Checkpoint(model)).index()
-    assert {s.interleaved for segs in index.experts for s in segs} == {True, False}
     tensors = load_file(model / "model.safetensors")
     w13 = next(k for k in tensors if k.endswith("mlp.experts.w13_weight"))
     tensors[w13 + "_scale"] = torch.ones(*tensors[w13].shape[:2], tensors[w13].shape[2] // 32, dtype=torch.uint8)
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def convert_w13_with(monkeypatch, converter_for) -> None:
+    """Map the checkpoint's ``w13_weight`` through ``converter_for(converter, pattern)`` instead of its own."""
+    real = KeyMapper.map
+
+    def mapped(self, key):
+        target, converter, pattern = real(self, key)
+        if converter is not None and key.endswith("w13_weight"):
+            converter = converter_for(converter, pattern)
+        return target, converter, pattern
+    monkeypatch.setattr(KeyMapper, "map", mapped)
+
+
+def test_inkling2_loop_experts_are_read_as_stored_and_refused_quantized(tmp_path):
+    """Inkling2-Loop's converter dequantizes NVFP4 / MXFP8 experts at load, and passes a lone bf16 tensor through:
+    memd reads such a checkpoint as stored (its w13 interleaved), and refuses one with the scales, naming them."""
+    model = write_family("inkling2_loop_text", tmp_path / "m", dtype="bfloat16")
+    index = ExpertStore(Checkpoint(model)).index()
+    assert {s.interleaved for segs in index.experts for s in segs} == {True, False}
+    add_w13_scales(model)
     with pytest.raises(CheckpointError, match=r"w13_weight_scale: experts stored in a quantized format that"
                                               r" transformers converts with Inkling2LoopDequantizeExperts"):
         ExpertStore(Checkpoint(model))
@@ -104,28 +121,18 @@ def test_inkling2_loop_experts_are_read_as_stored_and_refused_quantized(tmp_path
 def test_an_interleave_memd_cannot_read_is_refused_with_its_reason(inkling, monkeypatch):
     from transformers.core_model_loading import Interleave
 
-    real = KeyMapper.map
     for op, reason in [(Interleave(dim=2), "another dimension than the rows"),
                        (Interleave(dim=1, inverse=True), "the inverse order")]:
-        def mapped(self, key, op=op):
-            target, converter, pattern = real(self, key)
-            if converter is not None and key.endswith("w13_weight"):
-                converter = type(converter)(converter.source_patterns, converter.target_patterns, operations=[op])
-            return target, converter, pattern
-        monkeypatch.setattr(KeyMapper, "map", mapped)
+        convert_w13_with(monkeypatch, lambda c, pattern, op=op: type(c)(c.source_patterns, c.target_patterns,
+                                                                          operations=[op]))
         with pytest.raises(CheckpointError, match=rf"w13_weight: conversion Interleave\(.*\) is not supported here"
                                                   rf" \({reason}\)"):
             ExpertStore(Checkpoint(inkling))
 
 
 def test_inkling2_scales_without_a_quantization_config_are_refused_by_name(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     model = write_family("inkling2_text", tmp_path / "m", dtype="bfloat16")
-    tensors = load_file(model / "model.safetensors")
-    w13 = next(k for k in tensors if k.endswith("mlp.experts.w13_weight"))
-    tensors[w13 + "_scale"] = torch.ones(*tensors[w13].shape[:2], tensors[w13].shape[2] // 32, dtype=torch.uint8)
-    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    add_w13_scales(model)
     with pytest.raises(CheckpointError, match=r"w13_weight_scale: maps to .*gate_up_proj_scale_inv, a quantization"
                                               r" scale the experts module has no parameter for"):
         ExpertStore(Checkpoint(model))
@@ -136,15 +143,8 @@ def test_another_conversion_of_stacked_experts_is_refused_by_name(inkling, monke
     a quantized format and not with an IndexError from the expert-number parse."""
     from transformers.core_model_loading import Concatenate
 
-    real = KeyMapper.map
-
-    def mapped(self, key):
-        target, converter, pattern = real(self, key)
-        if converter is not None and key.endswith("w13_weight"):
-            converter = type(converter)([pattern, pattern + "_b"], converter.target_patterns,
-                                        operations=[Concatenate(dim=1)])
-        return target, converter, pattern
-    monkeypatch.setattr(KeyMapper, "map", mapped)
+    convert_w13_with(monkeypatch, lambda c, pattern: type(c)([pattern, pattern + "_b"], c.target_patterns,
+                                                             operations=[Concatenate(dim=1)]))
     with pytest.raises(CheckpointError, match=r"w13_weight: conversion \['Concatenate'\] of stacked experts is not"
                                               r" supported"):
         ExpertStore(Checkpoint(inkling))
