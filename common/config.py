@@ -27,7 +27,7 @@ SLOT_CACHE = ("auto", "on", "off")  # memd --slot-cache (services/memd/slot_imag
 SLOT_COMPRESSION = ("off", "zstd")  # memd --slot-compression (services/memd/packed_images.py)
 PRELOAD = ("auto", "off")  # memd --preload (services/memd/preload.py)
 MATVEC_KERNELS = ("auto", "exact", "fast", "off")  # worker --matvec-kernel (services/worker/matvec.py)
-ATTENTION_KERNELS = ("torch", "fast")  # worker --attention-kernel (services/worker/decode_attention.py)
+ATTENTION_KERNELS = ("auto", "torch", "exact", "fast")  # worker --attention-kernel (worker/decode_attention.py)
 
 
 def check_device(device: str) -> None:
@@ -253,11 +253,12 @@ class WorkerConfig:
                                       " FP8/MXFP4 experts from their bytes; tokens may differ from eager's),"
                                       " auto (exact where its check holds, else torch's products) or off; not off:"
                                       " the RMSNorms too, one call each, bit for bit their own (checked per module)")
-    attention_kernel: str = knob("torch", "decode attention on CPU: torch (the model's own: sdpa or eager, tokens"
-                                          " eager's bit for bit) or fast (moeinf's kernel for one-token decode"
-                                          " steps, reading each cached key and value once: ~8x faster attention at"
-                                          " 2k tokens; float32 sums in another order, so tokens may differ from"
-                                          " eager's)")
+    attention_kernel: str = knob("auto", "decode attention on CPU, one-token steps: exact (moeinf's kernel with"
+                                         " sdpa's own bits, checked against torch at start; where the model attends"
+                                         " with sdpa, without a mask: 5-12x faster attention), fast (moeinf's"
+                                         " float32 kernel, any sdpa or eager model: ~10x faster at 2k tokens; sums"
+                                         " in another order, so tokens may differ from eager's), torch (the"
+                                         " model's own) or auto (exact where its check holds, else torch)")
     matmul_cache: int = knob(128, "bfloat16 on CPU: most oneDNN matmul kernels kept compiled, one per shape (a weight"
                                   " and a row count, ~0.6 MiB each; batching meets new ones as long as it runs, so"
                                   " this bounds the worker's memory); 0: oneDNN's own bound (1024)")
@@ -305,7 +306,7 @@ class WorkerConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag_name(name)} must be >= 0")
         if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"--attention-kernel must be {' or '.join(ATTENTION_KERNELS)}, not"
+            raise ValueError(f"--attention-kernel must be one of {', '.join(ATTENTION_KERNELS)}, not"
                              f" {self.attention_kernel!r}")
         if self.matvec_kernel not in MATVEC_KERNELS:
             raise ValueError(f"--matvec-kernel must be {', '.join(MATVEC_KERNELS)}, not {self.matvec_kernel!r}")

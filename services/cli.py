@@ -185,9 +185,10 @@ def add_bench_parsers(sub) -> None:
     p.add_argument("--matvec-kernel", nargs="+", default=["auto"], choices=MATVEC_KERNELS,
                    help="the worker's knob (bfloat16: decode steps' expert and dense products in moeinf's kernels);"
                         " 'off exact fast': a row each")
-    p.add_argument("--attention-kernel", nargs="+", default=["torch"], choices=ATTENTION_KERNELS,
-                   help="the worker's knob (decode attention on CPU); 'torch fast': a row each (with fast, every"
-                        " moeinf row steps through the worker's batched path, whose per-request attention it replaces)")
+    p.add_argument("--attention-kernel", nargs="+", default=["auto"], choices=ATTENTION_KERNELS,
+                   help="the worker's knob (decode attention on CPU); 'torch exact fast': a row each (unless only"
+                        " torch, every moeinf row steps through the worker's batched path, whose per-request attention"
+                        " the kernels replace)")
     p.set_defaults(func=cmd_bench_overhead)
     from services.bench.cache import add_parsers
 

@@ -56,7 +56,7 @@ class Options:
     dequant_kernel: tuple[str, ...] = ("auto",)  # the worker's --dequant-kernel; several: a moeinf row for each
     prepack_dense: tuple[str, ...] = ("off",)  # the worker's --prepack-dense; both: a moeinf row for each
     matvec_kernel: tuple[str, ...] = ("auto",)  # the worker's --matvec-kernel; likewise
-    attention_kernel: tuple[str, ...] = ("torch",)  # the worker's --attention-kernel; likewise
+    attention_kernel: tuple[str, ...] = ("auto",)  # the worker's --attention-kernel; likewise
 
     @classmethod
     def from_args(cls, args) -> Options:
@@ -64,7 +64,7 @@ class Options:
                    args.threads, Path(args.json) if args.json else None, args.dequant_cache_mb,
                    tuple(getattr(args, "dequant_kernel", ("auto",))), tuple(getattr(args, "prepack_dense", ("off",))),
                    tuple(getattr(args, "matvec_kernel", ("auto",))),
-                   tuple(getattr(args, "attention_kernel", ("torch",))))
+                   tuple(getattr(args, "attention_kernel", ("auto",))))
         opts.validate()
         return opts
 
@@ -142,7 +142,7 @@ class TransformersSystem:
 class MoeinfSystem:
     def __init__(self, model_dir: Path, expert_memory: str, threads: int, stack: contextlib.ExitStack,
                  dequant_cache_mb: int = 0, dequant_kernel: str = "auto", prepack_dense: bool = False,
-                 matvec_kernel: str = "auto", attention_kernel: str = "torch", batched: bool = False):
+                 matvec_kernel: str = "auto", attention_kernel: str = "auto", batched: bool = False):
         from common.config import WorkerConfig
         from services.worker.engine import Engine
         from services.bench.worker_proc import kernel_cache_dir
@@ -155,12 +155,12 @@ class MoeinfSystem:
                            kernel_cache_dir=kernel_cache_dir(), dequant_cache_mb=dequant_cache_mb,
                            dequant_kernel=dequant_kernel, prepack_dense=prepack_dense, matvec_kernel=matvec_kernel,
                            attention_kernel=attention_kernel)
-        model, self.client, hello, self.steps, attention = attach(cfg)  # its own step state and memd
+        model, self.client, hello, self.steps, self.attention = attach(cfg)  # its own step state and memd
         stack.callback(self.client.close)  # LIFO: the client closes before its memd stops
         self.pool = (hello.num_slots, hello.num_layers * hello.num_experts, hello.pool_bytes)
         self.engine = Engine(model, max_model_len(cfg, model), self.steps)
-        if batched or attention is not None:  # the worker's batched path (``run``), whose per-request attention
-            self.engine.enable_batching(attention)  # the fast kernel replaces
+        if batched or self.attention is not None:  # the worker's batched path (``run``), whose per-request
+            self.engine.enable_batching(self.attention)  # attention the decode kernel replaces
         self.logits = record_logits(self.engine)
 
     def request_start(self, request: str, prompt_tokens: int) -> None:
@@ -211,7 +211,7 @@ def build_systems(opts: Options, threads: int, stack: contextlib.ExitStack) -> l
             opts.memory, opts.dequant_kernel, opts.prepack_dense, opts.matvec_kernel, opts.attention_kernel):
         _progress(f"starting memd --expert-memory {memory} and attaching the worker")
         system = MoeinfSystem(opts.model, memory, threads, stack, opts.dequant_cache_mb, kernel, prepack == "on", mv,
-                              attention, batched="fast" in opts.attention_kernel)  # (every row on one path)
+                              attention, batched=opts.attention_kernel != ("torch",))  # (every row on one path)
         system.name += f"-{kernel}" if len(opts.dequant_kernel) > 1 else ""
         system.name += "-prepack" if prepack == "on" and len(opts.prepack_dense) > 1 else ""
         system.name += f"-matvec-{mv}" if len(opts.matvec_kernel) > 1 else ""

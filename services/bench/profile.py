@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common import messages as m
-from common.config import MATVEC_KERNELS
+from common.config import ATTENTION_KERNELS, MATVEC_KERNELS
 from services.bench.memd_proc import TerminateAsInterrupt
 from services.bench.overhead import MoeinfSystem, TransformersSystem, _progress, _quiet_logging, make_prompt
 from services.bench.profile_parts import (KINDS, OUTSIDE, Floor, FloorStep, LayerTimers, TokenBytes,
@@ -54,6 +54,7 @@ class Options:
     service: bool = False  # also stream through a real worker process
     prepack_dense: bool = False  # the worker's knobs that change the arithmetic (moeinf's rows; tokens may differ)
     matvec_kernel: str = "auto"  # the worker's --matvec-kernel
+    attention_kernel: str = "auto"  # ... and --attention-kernel
     gguf: Path | None = None  # also decode with llama.cpp's llama-server on this GGUF
     llama_server: Path | None = None
 
@@ -61,7 +62,7 @@ class Options:
     def from_args(cls, args) -> Options:
         opts = cls(Path(args.model), args.tokens, args.prompt_len, args.threads, args.floor_mib, args.floor_runs,
                    Path(args.json) if args.json else None, args.service, args.prepack_dense == "on",
-                   args.matvec_kernel, Path(args.gguf) if args.gguf else None,
+                   args.matvec_kernel, args.attention_kernel, Path(args.gguf) if args.gguf else None,
                    Path(args.llama_server) if args.llama_server else None)
         if not (opts.model / "config.json").is_file():
             raise FileNotFoundError(f"--model {opts.model}: no config.json (give a checkpoint directory)")
@@ -79,12 +80,13 @@ class Options:
 
     @property
     def worker_args(self) -> list[str]:
-        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", self.matvec_kernel]
+        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", self.matvec_kernel,
+                                                                 "--attention-kernel", self.attention_kernel]
 
     @property
     def exact(self) -> bool:
         """moeinf's worker computes transformers' bits: no knob that changes the arithmetic."""
-        return not self.prepack_dense and self.matvec_kernel != "fast"
+        return not self.prepack_dense and "fast" not in (self.matvec_kernel, self.attention_kernel)
 
     @property
     def floor_bytes(self) -> int:
@@ -100,8 +102,8 @@ class Decoder:
         self.system, self.batched = system, batched
         self.model = system.engine.model
         self.expert_modules = expert_modules
-        if batched:
-            system.engine.enable_batching()
+        if batched:  # (with the worker's decode attention kernel, if any)
+            system.engine.enable_batching(system.attention)
 
     def start(self, prompt: list[int], tokens: int, run_id: str):
         self.seq = self.system.engine.start(m.GenerateRequest(request=run_id, prompt=prompt, max_tokens=tokens + 1))
@@ -294,7 +296,7 @@ def run(args) -> int:
     with TerminateAsInterrupt(), contextlib.ExitStack() as stack:
         _progress("starting memd --expert-memory 100% and attaching the worker")
         moeinf = MoeinfSystem(opts.model, "100%", threads, stack, prepack_dense=opts.prepack_dense,
-                              matvec_kernel=opts.matvec_kernel)
+                              matvec_kernel=opts.matvec_kernel, attention_kernel=opts.attention_kernel)
         _progress(f"loading transformers ({opts.model})")
         plain = TransformersSystem(opts.model)
         plain_experts = experts_of(plain.model)
@@ -381,6 +383,8 @@ def add_parser(bench) -> None:
                    help="also stream the generation through a real worker process (memd + worker, its socket)")
     p.add_argument("--prepack-dense", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
     p.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="auto", help="moeinf's rows: the worker's knob")
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
+                   help="moeinf's rows: the worker's knob")
     p.add_argument("--gguf", metavar="FILE", help="also decode with llama.cpp's llama-server on this GGUF of --model"
                                                    " (`make gguf MODEL=DIR`), the lean runtime beside the floor")
     p.add_argument("--llama-server", metavar="PATH", help="with --gguf: the server (default: $MOEINF_LLAMA_SERVER,"

@@ -116,8 +116,12 @@ class Engine:
     def enable_batching(self, decode=None) -> None:
         """Switch the model to flattened steps with per-request attention, which ``run`` needs (``step`` then no
         longer works). An encoder-decoder model keeps its own attention: ``run`` runs its requests one by one.
-        ``decode``: ``--attention-kernel fast``'s ``DecodeAttention`` (None: the model's own attention)."""
-        if self.seq2seq is None:
+        ``decode``: ``--attention-kernel``'s ``DecodeAttention`` (None: the model's own attention). Again: the
+        step keeps the model's own attention it found first (the model now names the flattened one) and takes
+        ``decode``."""
+        if self.flat_step is not None:
+            self.flat_step.decode = decode
+        elif self.seq2seq is None:
             self.flat_step = FlatStep(self.model, decode)
 
     def start(self, req: m.GenerateRequest) -> Sequence:

@@ -131,11 +131,9 @@ class StepLayout:
 
     def _one(self, module, query, key, value, mask, kwargs):
         """One request's attention output: the decode kernel's where it takes it, else the model's own."""
-        decode = self.flat_step.decode
-        out = None if decode is None else decode(module, query, key, value, mask, kwargs)
-        if out is None:
-            out = self.flat_step.attention_for(module)(module, query, key, value, mask, **kwargs)[0]
-        return out
+        decode, own = self.flat_step.decode, self.flat_step.attention_for(module)
+        out = None if decode is None else decode(module, query, key, value, mask, kwargs, own)
+        return own(module, query, key, value, mask, **kwargs)[0] if out is None else out
 
 
 def per_request_attention(module, query, key, value, attention_mask, **kwargs):
@@ -158,7 +156,7 @@ class FlatStep:
 
     def __init__(self, model, decode=None):
         AttentionInterface.register(IMPLEMENTATION, per_request_attention)
-        self.decode = decode  # --attention-kernel fast: a request's one-token decode step (decode_attention.py)
+        self.decode = decode  # --attention-kernel: a request's one-token decode step (decode_attention.py)
         config = model.config
         self.model = model
         self.device = model.get_input_embeddings().weight.device  # the step's tensors go where the model computes

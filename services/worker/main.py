@@ -45,7 +45,7 @@ class Attached(NamedTuple):
     client: MemdClient
     hello: m.HelloReply
     steps: StepState  # the step the engine declares and the experts read (pass it to the Engine)
-    attention: DecodeAttention | None = None  # --attention-kernel fast (pass it to Engine.enable_batching)
+    attention: DecodeAttention | None = None  # --attention-kernel's (pass it to Engine.enable_batching)
 
 
 def attach(cfg: WorkerConfig) -> Attached:
@@ -99,10 +99,10 @@ def attach(cfg: WorkerConfig) -> Attached:
                 log.info("--matvec-kernel %s: %d modeling files' rotary embedding in one call per tensor (rotary.c,"
                          " their own bits)", cfg.matvec_kernel, rotated)
         attention = None
-        if cfg.attention_kernel != "torch" and dev.type != "cpu":
+        if cfg.attention_kernel in ("exact", "fast") and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",
                         cfg.attention_kernel, dev)
-        elif cfg.attention_kernel != "torch":
+        elif cfg.attention_kernel != "torch" and dev.type == "cpu":
             attention = decode_attention.load(cfg.attention_kernel, cfg.kernel_dir, torch.get_num_threads())
         client.ready(cpu_cost(host, model, layers, dev), speculate_max=ahead)
     except BaseException:
