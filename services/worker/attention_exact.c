@@ -129,9 +129,49 @@ static float score(const float *qf, const uint16_t *k, int64_t d) {  /* one key,
 
 /* Scores sc[0..n) (already scaled, m their maximum) into weights w (bfloat16 values, as floats), returning their
  * sum in ATen's order. */
+#if defined(__AVX512F__)
+/* fexp_u20 of sc[0..16) - m, as ATen's vector code computes it: added into *acc, the weights rounded to bfloat16
+ * (as floats) into w[0..16). */
+static inline void exp16(const float *sc, float m, float *w, __m512 *acc) {
+    __m512 x = _mm512_sub_ps(_mm512_loadu_ps(sc), _mm512_set1_ps(m));
+    __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(bits_f32(0xc2aeac50u)), _CMP_LT_OS);
+    __mmask16 high = _mm512_cmp_ps_mask(x, _mm512_set1_ps(bits_f32(0x42b17218u)), _CMP_GT_OS);
+    __m512 s = _mm512_mul_ps(x, _mm512_set1_ps(bits_f32(0x3fb8aa3bu)));
+    __m512 frac = _mm512_sub_ps(s, _mm512_roundscale_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    __m512 r = _mm512_fmadd_ps(frac, _mm512_set1_ps(bits_f32(0xbda235d5u)), _mm512_set1_ps(bits_f32(0xbe65b8f5u)));
+    r = _mm512_fmadd_ps(frac, r, _mm512_set1_ps(bits_f32(0x3e9b69f0u)));
+    r = _mm512_fmadd_ps(frac, r, _mm512_set1_ps(bits_f32(0x38e077a1u)));
+    s = _mm512_sub_ps(s, r);
+    __m512i e = _mm512_cvttps_epi32(_mm512_fmadd_ps(s, _mm512_set1_ps(8388608.0f), _mm512_set1_ps(1065353216.0f)));
+    e = _mm512_mask_mov_epi32(e, low, _mm512_setzero_si512());
+    e = _mm512_mask_mov_epi32(e, high, _mm512_set1_epi32(0x7f800000));
+    *acc = _mm512_add_ps(*acc, _mm512_castsi512_ps(e));
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(e, 16), _mm512_set1_epi32(1));  /* to nearest, ties to even */
+    __m512i rounded = _mm512_slli_epi32(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(e, odd),
+                                                                           _mm512_set1_epi32(0x7fff)), 16), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(_mm512_castsi512_ps(e), _mm512_castsi512_ps(e), _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32((int)0xffff0000u));
+    _mm512_storeu_ps(w, _mm512_castsi512_ps(rounded));
+}
+#endif
+
 static float weigh(float *sc, int64_t n, float m, float *w) {
     float first[LANES] = {0}, second[LANES] = {0}, lone[LANES] = {0};
     int64_t whole = n - n % LANES, pairs = n - n % (2 * LANES), t = 0;
+#if defined(__AVX512F__)
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps();
+    for (; t < pairs; t += 2 * LANES) {
+        exp16(sc + t, m, w + t, &a);
+        exp16(sc + t + LANES, m, w + t + LANES, &b);
+    }
+    if (t < whole) {
+        exp16(sc + t, m, w + t, &c);
+        t += LANES;
+    }
+    _mm512_storeu_ps(first, a);
+    _mm512_storeu_ps(second, b);
+    _mm512_storeu_ps(lone, c);
+#endif
     for (; t < pairs; t += 2 * LANES)
         for (int l = 0; l < LANES; l++) {
             float a = fexp_u20(sc[t + l] - m), b = fexp_u20(sc[t + LANES + l] - m);
