@@ -253,8 +253,49 @@ static void scores(const float *qf, const float *qi, int64_t rep, const uint16_t
 
 /* acc[r][0..d) += head r's weights w[r * SPLIT + t] times value rows v (token stride vts), n tokens, in MKL's
  * plain order; each value row widened once for all rep heads. */
+#if defined(__AVX512F__)
+static inline __m512 widen16(const uint16_t *p) {  /* sixteen bfloat16 values into float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* gather's sums for columns [c, c + 16) of up to four heads [h0, h0 + heads): the heads' sums held in registers
+ * over all n tokens (the same additions, in the same order, as the loop below). */
+static void gather16(float *acc, const float *w, int64_t h0, int heads, const uint16_t *v, int64_t vts, int64_t n,
+                     int64_t d, int64_t c) {
+    __m512 a[4];
+    for (int h = 0; h < heads; h++) a[h] = _mm512_loadu_ps(acc + (h0 + h) * d + c);
+    int64_t groups = n - n % 4;
+    for (int64_t t = 0; t < groups; t += 4) {
+        __m512 r0 = widen16(v + t * vts + c), r1 = widen16(v + (t + 1) * vts + c);
+        __m512 r2 = widen16(v + (t + 2) * vts + c), r3 = widen16(v + (t + 3) * vts + c);
+        for (int h = 0; h < heads; h++) {
+            const float *wr = w + (h0 + h) * SPLIT + t;
+            __m512 even = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(wr[0]), r0),
+                                        _mm512_mul_ps(_mm512_set1_ps(wr[2]), r2));
+            __m512 odd = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(wr[1]), r1),
+                                       _mm512_mul_ps(_mm512_set1_ps(wr[3]), r3));
+            a[h] = _mm512_add_ps(a[h], _mm512_add_ps(even, odd));
+        }
+    }
+    for (int64_t t = n - 1; t >= groups; t--) {
+        __m512 r = widen16(v + t * vts + c);
+        for (int h = 0; h < heads; h++)
+            a[h] = _mm512_add_ps(a[h], _mm512_mul_ps(_mm512_set1_ps(w[(h0 + h) * SPLIT + t]), r));
+    }
+    for (int h = 0; h < heads; h++) _mm512_storeu_ps(acc + (h0 + h) * d + c, a[h]);
+}
+#endif
+
 static void gather(float *acc, const float *w, int64_t rep, const uint16_t *v, int64_t vts, int64_t n, int64_t d,
                    float *rows) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        for (int64_t c = 0; c < d; c += 16)
+            for (int64_t h0 = 0; h0 < rep; h0 += 4)
+                gather16(acc, w, h0, rep - h0 < 4 ? (int)(rep - h0) : 4, v, vts, n, d, c);
+        return;
+    }
+#endif
     int64_t groups = n - n % 4;
     const float *r0 = rows, *r1 = rows + d, *r2 = rows + 2 * d, *r3 = rows + 3 * d;
     for (int64_t t = 0; t < groups; t += 4) {
