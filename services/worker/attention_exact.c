@@ -127,8 +127,6 @@ static float score(const float *qf, const uint16_t *k, int64_t d) {  /* one key,
     return sum;
 }
 
-/* Scores sc[0..n) (already scaled, m their maximum) into weights w (bfloat16 values, as floats), returning their
- * sum in ATen's order. */
 #if defined(__AVX512F__)
 /* fexp_u20 of sc[0..16) - m, as ATen's vector code computes it: added into *acc, the weights rounded to bfloat16
  * (as floats) into w[0..16). */
@@ -155,22 +153,24 @@ static inline void exp16(const float *sc, float m, float *w, __m512 *acc) {
 }
 #endif
 
+/* Scores sc[0..n) (already scaled, m their maximum) into weights w (bfloat16 values, as floats), returning their
+ * sum in ATen's order. */
 static float weigh(float *sc, int64_t n, float m, float *w) {
     float first[LANES] = {0}, second[LANES] = {0}, lone[LANES] = {0};
     int64_t whole = n - n % LANES, pairs = n - n % (2 * LANES), t = 0;
 #if defined(__AVX512F__)
-    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps(), c = _mm512_setzero_ps();
+    __m512 va = _mm512_setzero_ps(), vb = _mm512_setzero_ps(), vc = _mm512_setzero_ps();
     for (; t < pairs; t += 2 * LANES) {
-        exp16(sc + t, m, w + t, &a);
-        exp16(sc + t + LANES, m, w + t + LANES, &b);
+        exp16(sc + t, m, w + t, &va);
+        exp16(sc + t + LANES, m, w + t + LANES, &vb);
     }
     if (t < whole) {
-        exp16(sc + t, m, w + t, &c);
+        exp16(sc + t, m, w + t, &vc);
         t += LANES;
     }
-    _mm512_storeu_ps(first, a);
-    _mm512_storeu_ps(second, b);
-    _mm512_storeu_ps(lone, c);
+    _mm512_storeu_ps(first, va);
+    _mm512_storeu_ps(second, vb);
+    _mm512_storeu_ps(lone, vc);
 #endif
     for (; t < pairs; t += 2 * LANES)
         for (int l = 0; l < LANES; l++) {
