@@ -28,6 +28,7 @@
 #include <immintrin.h>
 #endif
 
+#include "matvec_common.h"  /* bf16_f32, f32_bf16 (a NaN to 0xffff, as ATen's vectors) */
 #include "parallel.h"
 
 #if defined(__clang__)
@@ -42,20 +43,6 @@
 
 #define SPLIT 512  /* tokens per block (ATen's kvSplitSize) */
 #define LANES 16   /* ATen's float vector on AVX-512 */
-
-static inline float bf16_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_bf16(float f) {  /* to nearest, ties to even; NaN as ATen's vector conversion: 0xffff */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if (f != f) return 0xffff;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 static inline float bits_f32(uint32_t u) {
     float f;

@@ -1,4 +1,5 @@
-/* Helpers the kernels share (matvec.c, matvec_mxfp4.c, matvec_exact_xw.c, moe_token.c, rms_norm.c). */
+/* Helpers the kernels share (matvec.c, matvec_mxfp4.c, matvec_exact_xw.c, moe_token.c, rms_norm.c,
+ * attention_exact.c). */
 #ifndef MOEINF_MATVEC_COMMON_H
 #define MOEINF_MATVEC_COMMON_H
 #include <stdint.h>
