@@ -8,17 +8,17 @@ tests that need it skip: ``auto`` then keeps torch's attention (tested too)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import generate_greedy, run_scheduled
 from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from common import messages as m
 from common.config import WorkerConfig
 from services.worker import decode_attention as da
 from services.worker import dequant_kernel as dk
 from services.worker.engine import Engine
 from services.worker.flat_step import FlatStep, RequestTokens
-from services.worker.scheduler import Limits, Scheduler
+from services.worker.scheduler import Limits
 
 pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
 PLAIN = {"dropout": 0.0, "scaling": 0.125}
@@ -138,17 +138,11 @@ def test_the_engines_steps_take_it_after_batching_is_enabled_again(mixtral, exac
     recursed); greedy tokens are transformers' own."""
     model = AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.bfloat16).eval()
     prompt = torch.randint(3, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)[0, len(prompt):].tolist()
+    expected = generate_greedy(model, prompt, 8)
     engine = Engine(model, 256)
     engine.enable_batching(exact)
     engine.enable_batching(exact)
-    scheduler = Scheduler(Limits(max_running=2, max_step_tokens=16, max_prefill_chunk=16, max_waiting=4))
     used = exact.used
-    seq = engine.start(m.GenerateRequest("a", prompt, 8))
-    scheduler.add(seq)
-    with torch.inference_mode():
-        while seq.finish_reason is None:
-            engine.run(scheduler.schedule())
-    assert seq.generated == expected
+    limits = Limits(max_running=2, max_step_tokens=16, max_prefill_chunk=16, max_waiting=4)
+    assert run_scheduled(engine, prompt, 8, limits) == expected
     assert exact.used - used == 7 * model.config.num_hidden_layers

@@ -1,6 +1,6 @@
 """services/worker/flat_step.py: the cache a request gets, and which models run one request per step."""
 import torch
-from helpers import family_config
+from helpers import family_config, generate_greedy, run_scheduled
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from services.worker.flat_step import StepCache, FlatStep, own_cache_class
@@ -106,9 +106,8 @@ def test_a_prompt_prefilled_in_chunks_gets_the_whole_prompts_dynamic_rope_freque
     and the next tokens differed: logits 8.5 apart on this model, an audit)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from common import messages as m
     from services.worker.engine import Engine
-    from services.worker.scheduler import Limits, Scheduler
+    from services.worker.scheduler import Limits
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -117,17 +116,11 @@ def test_a_prompt_prefilled_in_chunks_gets_the_whole_prompts_dynamic_rope_freque
                            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
     model = MixtralForCausalLM(config).eval()
     prompt = torch.randint(2, 128, (40,), generator=torch.Generator().manual_seed(1)).tolist()
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0,
-                              eos_token_id=None)[0, len(prompt):].tolist()
+    expected = generate_greedy(model, prompt, 6)  # (before batching switches the model's attention)
     engine = Engine(model, 256)
     engine.enable_batching()
-    scheduler = Scheduler(Limits(max_running=4, max_step_tokens=12, max_prefill_chunk=8, max_waiting=8))
-    seq = engine.start(m.GenerateRequest("a", prompt, 6))
-    scheduler.add(seq)
-    with torch.inference_mode():
-        while seq.finish_reason is None:
-            engine.run(scheduler.schedule())
-    assert seq.generated == expected
+    limits = Limits(max_running=4, max_step_tokens=12, max_prefill_chunk=8, max_waiting=8)
+    assert run_scheduled(engine, prompt, 6, limits) == expected
 
 
 def test_indexed_attention_models_prefill_whole_prompts():
