@@ -49,8 +49,7 @@ log = logging.getLogger("moeinf.worker")
 SOURCES = tuple(Path(__file__).with_name(name)  # one library
                 for name in ("dequant.c", "matvec.c", "matvec_mxfp4.c", "matvec_exact.c", "matvec_exact_xw.c",
                              "matvec_onednn.c", "matvec_threads.c", "moe_token.c", "attention.c", "attention_exact.c",
-                             "rms_norm.c",
-                             "router.c", "guess.c", "rotary.c"))
+                             "attention_block.c", "rms_norm.c", "router.c", "guess.c", "rotary.c"))
 HEADERS = tuple(Path(__file__).with_name(h)  # (part of the build's key)
                 for h in ("fp8_lookup.h", "mxfp4_decode.h", "matvec_common.h", "parallel.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11")

@@ -22,8 +22,8 @@ from common.config_checks import format_cpus, parse_cpus, pin_cpus
 from common.sizes import format_bytes
 from common.traces import TraceHeader, TraceWriter
 from common.worker_client import WorkerClient, WorkerClientError
-from services.worker import (decode_attention, dequant_kernel, device, experts, kernel_caches, layouts, matvec,
-                            matvec_checks, prepack, rms_norm, rotary, router_kernel)
+from services.worker import (attention_block, decode_attention, dequant_kernel, device, experts, kernel_caches,
+                            layouts, matvec, matvec_checks, prepack, rms_norm, rotary, router_kernel)
 from services.worker.decode_attention import DecodeAttention
 from services.worker.matvec import Matvec
 from services.worker.engine import Engine
@@ -98,6 +98,10 @@ def attach(cfg: WorkerConfig) -> Attached:
             if rotated := rotary.wrap_rotary(model, mv.kernels):
                 log.info("--matvec-kernel %s: %d modeling files' rotary embedding in one call per tensor (rotary.c,"
                          " their own bits)", cfg.matvec_kernel, rotated)
+            if blocks := attention_block.wrap_attention(model, mv):  # (after the dense linears and rotary)
+                log.info("--matvec-kernel %s: %d attention layers take a lone decode token in one call where"
+                         " --attention-kernel is exact (attention_block.c, checked on each layer's first)",
+                         cfg.matvec_kernel, blocks)
         attention = None
         if cfg.attention_kernel in ("exact", "fast") and dev.type != "cpu":
             log.warning("--attention-kernel %s is a CPU kernel: %s attends with the model's own attention",

@@ -120,3 +120,15 @@ int moeinf_mv_onednn_mxfp4_nt(const uint8_t *blocks, int64_t ld, const uint8_t *
                 tlo, thi, y, ldy, kb));
     return code;
 }
+
+/* One input row's product in ``order`` (MOEINF_ORDER_*; ``kb``: oneDNN's column block): y[0..rows) = w @ x, the rows
+ * shared among ``threads``; 0, or -1 when the kernel refuses the shape. What moe_token.c and attention_block.c
+ * multiply with: the kernel each order's Python path calls (kernel_matvec.py), so their bits are that path's. */
+MOEINF_HIDDEN int moeinf_product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols,
+                                 int64_t rows, int64_t kb, float *y, int64_t threads) {
+    if (order == MOEINF_ORDER_ONEDNN)
+        return moeinf_mv_onednn_nt(w, ld, x, 1, cols, 0, rows, y, rows, kb, threads);
+    if (order == MOEINF_ORDER_ATEN)
+        return moeinf_mv_exact_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
+    return moeinf_mv_bf16_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
+}

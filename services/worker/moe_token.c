@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "matvec_common.h"
+#include "parallel.h"
 
 /* Each product and sum rounded on its own, as torch's separate calls round them: no fused multiply-adds. */
 #if defined(__clang__)
@@ -18,26 +19,6 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
-
-/* matvec_threads.c's entry points: each shares a product's rows among ``threads`` in its kernel's runs of rows */
-int moeinf_mv_bf16_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                      int64_t hi, float *y, int64_t ldy, int64_t threads);
-int moeinf_mv_exact_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                       int64_t hi, float *y, int64_t ldy, int64_t threads);
-int moeinf_mv_onednn_nt(const uint16_t *w, int64_t ld, const uint16_t *x, int64_t m, int64_t cols, int64_t lo,
-                        int64_t hi, float *y, int64_t ldy, int64_t kb, int64_t threads);
-
-enum { ORDER_FAST = 0, ORDER_ATEN = 1, ORDER_ONEDNN = 2 };
-
-/* y[0..rows) = w @ x in ``order`` (kb: oneDNN's column block), the rows shared among ``threads``; 0 or -1. */
-static int product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols, int64_t rows,
-                   int64_t kb, float *y, int64_t threads) {
-    if (order == ORDER_ONEDNN)
-        return moeinf_mv_onednn_nt(w, ld, x, 1, cols, 0, rows, y, rows, kb, threads);
-    if (order == ORDER_ATEN)
-        return moeinf_mv_exact_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
-    return moeinf_mv_bf16_nt(w, ld, x, 1, cols, 0, rows, y, rows, threads);
-}
 
 /* One expert's weighted output for the token: o[j] = weight * round(down(act(gate) * up))[j], in float32, rounded to
  * bfloat16 first when ``round_weighted`` (each product rounded to bfloat16, act(gate) from the table ``act``, times
@@ -47,11 +28,11 @@ static int expert(const uint16_t *w_gu, int64_t ld_gu, const uint16_t *w_d, int6
                   int64_t hidden, const uint16_t *x, float weight, int64_t round_weighted, const uint16_t *act,
                   int64_t order, int64_t kb_gu, int64_t kb_d, float *gu, uint16_t *h, float *y, float *o,
                   int64_t threads) {
-    if (product(order, w_gu, ld_gu, x, hidden, 2 * inter, kb_gu, gu, threads) != 0)
+    if (moeinf_product(order, w_gu, ld_gu, x, hidden, 2 * inter, kb_gu, gu, threads) != 0)
         return -1;
     for (int64_t i = 0; i < inter; i++)  /* act(gate) * up, both rounded, the product rounded */
         h[i] = f32_bf16(bf16_f32(act[f32_bf16(gu[i])]) * bf16_f32(f32_bf16(gu[inter + i])));
-    if (product(order, w_d, ld_d, h, inter, hidden, kb_d, y, threads) != 0)
+    if (moeinf_product(order, w_d, ld_d, h, inter, hidden, kb_d, y, threads) != 0)
         return -1;
     for (int64_t j = 0; j < hidden; j++) {
         float v = bf16_f32(f32_bf16(y[j])) * weight;

@@ -18,6 +18,12 @@
 
 #define MOEINF_HIDDEN __attribute__((visibility("hidden")))  /* a kernel only matvec_threads.c's entry points call */
 
+/* The summation orders of the bfloat16 matrix-vector kernels (moe_token.py's ORDERS): matvec.c's fast one,
+ * matvec_exact.c's ATen order, matvec_onednn.c's oneDNN order; ``moeinf_product`` (matvec_threads.c) runs one. */
+enum { MOEINF_ORDER_FAST = 0, MOEINF_ORDER_ATEN = 1, MOEINF_ORDER_ONEDNN = 2 };
+MOEINF_HIDDEN int moeinf_product(int64_t order, const uint16_t *w, int64_t ld, const uint16_t *x, int64_t cols,
+                                 int64_t rows, int64_t kb, float *y, int64_t threads);
+
 /* Thread i of t's share of rows [lo, hi): cut points rounded up to a multiple of ``align`` rows from lo (as
  * ``Kernels.split`` cuts), so that a kernel that takes rows in groups gets whole groups. */
 static inline void moeinf_share(int64_t lo, int64_t hi, int64_t align, int i, int t, int64_t *a, int64_t *b) {

@@ -1,0 +1,237 @@
+"""A lone decode token's attention layer in one kernel call (``attention_block.c``), bit for bit what the layer's
+own forward computes in a moeinf step.
+
+For one request's single token, a Llama-shaped attention layer (Mixtral's: ``q_proj``, ``k_proj``, ``v_proj`` and
+``o_proj`` linears without biases, the modeling file's ``apply_rotary_pos_emb``, the cache's ``update``, the
+attention function, nothing else) runs four matrix-vector kernels, two rotary calls and the attention kernel with
+~25 small torch calls and their Python between them (views, transposes, conversions, the cache's copies, the
+attention interface's dispatch): measured on the bench preset, ~4.6 ms of a ~76 ms step on one thread outside those
+kernels, the same on two, where the second thread waits through it. ``AttentionBlock`` replaces such a layer's
+``forward`` and, where the step is one the kernels would take piece by piece anyway, calls them all in C:
+
+- the linears' products as ``wrap_dense`` computes them (``--matvec-kernel``: the same kernel, order and column
+  blocks), the rotary kernel only where ``rotary.wrap_rotary`` replaced the layer's modeling function with it (its
+  bits checked there), and attention only where ``--attention-kernel`` is ``exact`` (sdpa's bits, checked at start)
+  and would take this step (``DecodeAttention``'s rules: the model's own attention is sdpa, no mask, no extras);
+- the cache's layer is the worker's ``GrowingLayer`` with room for the token (else the layer's own forward grows
+  it), and the new key and value are written into its buffers where ``update`` would write them.
+
+Each layer's first such token is computed both ways, the layer's own forward first, and the outputs and the cache's
+new row compared bit for bit; a difference keeps that token's own result and turns the call off for every layer,
+with a log line. Anything else (prompt chunks, batched steps, masks, other families' attention) runs the layer's
+own forward, unchanged.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from services.worker import decode_attention
+from services.worker.kv_cache import GrowingLayer
+from services.worker.moe_token import ORDERS
+
+log = logging.getLogger("moeinf.worker")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class BlockPath:
+    """What the layers share: the kernel, the products' order, and whether the call still holds."""
+
+    def __init__(self, mv):
+        self.mv, self.kernels = mv, mv.kernels
+        self.fn = mv.kernels.lib.moeinf_attn_block
+        self.fn.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, ctypes.c_float,
+                            _P, _I]
+        self.fn.restype = ctypes.c_int
+        self.order = ORDERS["onednn"] if mv.blocks is not None else ORDERS["aten" if mv.exact else "fast"]
+        self.threads = mv.kernels.threads if mv.kernels.openmp else 1
+        self.off = False
+        self.used = 0  # tokens whose attention layer ran as one call (the tests read it)
+
+    def disable(self, layer: int) -> None:
+        if not self.off:
+            self.off = True
+            log.warning("the one-call attention layer differed from the layer's own forward at layer %d: every layer"
+                        " attends call by call from now on", layer)
+
+
+class AttentionBlock:
+    """An attention layer's ``forward``: one call for the lone decode tokens it takes, the layer's own otherwise."""
+
+    def __init__(self, path: BlockPath, module: nn.Module, own):
+        self.path, self.module, self.own = path, module, own
+        self.weights = [getattr(module, name).weight for name in PROJECTIONS]
+        self.pointers = (ctypes.c_int64 * 4)(*(w.data_ptr() for w in self.weights))
+        self.strides = (ctypes.c_int64 * 4)(*(w.stride(0) for w in self.weights))
+        self.hq = self.weights[0].shape[0] // module.head_dim
+        self.hkv = self.weights[1].shape[0] // module.head_dim
+        self.checked = False
+
+    def __call__(self, *args, **kwargs):
+        out = None if args or self.path.off else self._step(kwargs)
+        return self.own(*args, **kwargs) if out is None else (out, None)
+
+    def _step(self, kwargs: dict) -> torch.Tensor | None:
+        taken = self._takes(kwargs)
+        if taken is None:
+            return None
+        layer, x, cos, sin, blocks = taken
+        if self.checked:
+            return self._call(layer, x, cos, sin, blocks, count=True)
+        return self._check(layer, x, cos, sin, blocks, kwargs)
+
+    def _takes(self, kwargs: dict):
+        """(cache layer, hidden state, cos, sin, column blocks) where this is a step the call takes, else None."""
+        module = self.module
+        flat = getattr(module, "_moeinf_flat_step", None)
+        run = None if flat is None else flat.run
+        decode = None if flat is None else flat.decode
+        if run is None or not isinstance(decode, decode_attention.DecodeAttention) or not decode.exact \
+                or len(run.masks) != 1 or run.masks[0][flat.layer_kinds[module.layer_idx]] is not None \
+                or flat.attention_for(module) is not sdpa_attention_forward:
+            return None
+        x, embeddings, cache = kwargs.get("hidden_states"), kwargs.get("position_embeddings"), kwargs.get("cache")
+        extras = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "position_embeddings",
+                                                                "attention_mask", "cache")}
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (1, 1, self.weights[0].shape[1]) \
+                or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not x.is_contiguous() \
+                or cache is not run.cache \
+                or any(v is not None and v is not False for k, v in extras.items()
+                       if k not in decode_attention.PLAIN_KWARGS):
+            return None
+        if self.hkv != self.hq and (getattr(module, "num_key_value_groups", 1) <= 1 or module.head_dim > 256):
+            return None  # (sdpa's grouped heads: attention_exact.c's rule, DecodeAttention.gives_sdpas_bits)
+        layer = _room(run.cache.parts[0].cache, module.layer_idx, self.hkv, module.head_dim)
+        cos, sin = _angles(embeddings, module.head_dim)
+        blocks = self._blocks()
+        return None if layer is None or cos is None or blocks is None else (layer, x, cos, sin, blocks)
+
+    def _blocks(self):
+        """oneDNN's column block of each projection for one row (0s for the other orders), or None."""
+        found = self.path.mv.blocks
+        if found is None:
+            return (ctypes.c_int64 * 4)()
+        blocks = [found.of(w, 1) for w in self.weights]
+        return None if None in blocks else (ctypes.c_int64 * 4)(*blocks)
+
+    def _call(self, layer: GrowingLayer, x, cos, sin, blocks, count: bool = False) -> torch.Tensor | None:
+        module, path = self.module, self.path
+        held = layer.get_seq_length()
+        keys, values = layer.key_buffer, layer.value_buffer
+        out = torch.empty(1, 1, x.shape[-1], dtype=torch.bfloat16)
+        code = path.fn(x.data_ptr(), x.shape[-1], ctypes.addressof(self.pointers), ctypes.addressof(self.strides),
+                       ctypes.addressof(blocks), path.order, self.hq, self.hkv, module.head_dim, cos.data_ptr(),
+                       sin.data_ptr(), keys.data_ptr(), keys.stride(1), keys.stride(2), values.data_ptr(),
+                       values.stride(1), values.stride(2), held, float(module.scaling), out.data_ptr(), path.threads)
+        if code != 0:
+            return None  # (the row at ``held`` is past the cache's views: the layer's own forward writes it again)
+        layer.keys, layer.values = keys[..., :held + 1, :], values[..., :held + 1, :]
+        flat = module._moeinf_flat_step
+        flat.run.cache.spans[module.layer_idx] = [(0, held + 1)]  # (as StepCache.update records a lone request's)
+        if count:  # (the check's second computation counts once, as the layer's own attention did)
+            flat.decode.used += 1
+            path.used += 1
+        return out
+
+    def _check(self, layer: GrowingLayer, x, cos, sin, blocks, kwargs: dict) -> torch.Tensor:
+        """The layer's first token both ways: its own forward's result is returned; a difference turns the call
+        off."""
+        held = layer.get_seq_length()
+        want = self.own(**kwargs)[0]
+        layer = self.module._moeinf_flat_step.run.cache.parts[0].cache.layers[self.module.layer_idx]
+        new_key, new_value = layer.keys[..., held, :].clone(), layer.values[..., held, :].clone()
+        layer.keys, layer.values = layer.key_buffer[..., :held, :], layer.value_buffer[..., :held, :]
+        got = self._call(layer, x, cos, sin, blocks) if _has_room(layer, held) else None
+        same = got is not None and _same_bits(got, want) and _same_bits(layer.keys[..., held, :], new_key) \
+            and _same_bits(layer.values[..., held, :], new_value)
+        if not same:
+            layer.key_buffer[..., held, :].copy_(new_key)
+            layer.value_buffer[..., held, :].copy_(new_value)
+            layer.keys, layer.values = layer.key_buffer[..., :held + 1, :], layer.value_buffer[..., :held + 1, :]
+            if got is not None:
+                self.path.disable(self.module.layer_idx)
+        self.checked = got is not None
+        return want
+
+
+def _room(cache, index: int, hkv: int, d: int) -> GrowingLayer | None:
+    """The request's cache layer ``index`` where the call can write the token into it: a ``GrowingLayer`` whose
+    views are its buffers' leading tokens, with room for one more."""
+    layers = getattr(cache, "layers", None)
+    if getattr(cache, "offloading", False) or layers is None or index >= len(layers):
+        return None
+    layer = layers[index]
+    if not isinstance(layer, GrowingLayer) or not layer.is_initialized or layer.key_buffer is None:
+        return None
+    shape = (1, hkv, d)
+    if not all(t.dtype == torch.bfloat16 and t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == shape
+               and t.stride(3) == 1 for t in (layer.key_buffer, layer.value_buffer)) \
+            or not layer._in_buffers(layer.keys.new_empty(1, hkv, 1, d), layer.values.new_empty(1, hkv, 1, d)):
+        return None
+    return layer if _has_room(layer, layer.get_seq_length()) else None
+
+
+def _has_room(layer: GrowingLayer, held: int) -> bool:
+    return held + 1 <= min(layer.key_buffer.shape[-2], layer.value_buffer.shape[-2])
+
+
+def _angles(embeddings, d: int):
+    """The position's cos and sin (``[1, 1, d]`` bfloat16 each, contiguous), or (None, None)."""
+    if not isinstance(embeddings, tuple) or len(embeddings) != 2:
+        return None, None
+    cos, sin = embeddings
+    if not all(isinstance(t, torch.Tensor) and tuple(t.shape) == (1, 1, d) and t.dtype == torch.bfloat16
+               and t.device.type == "cpu" and t.is_contiguous() for t in (cos, sin)):
+        return None, None
+    return cos, sin
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.int16),
+                                                                     b.contiguous().view(torch.int16))
+
+
+def wrap_attention(model: nn.Module, mv) -> int:
+    """Give every attention layer of the shape the call computes an ``AttentionBlock`` forward; returns how many.
+    The shape: exactly the four projections as children (no norms of queries or keys, no other modules), each a
+    bfloat16 ``nn.Linear`` without bias whose decode rows ``wrap_dense`` gives the kernel, no parameters of the
+    layer's own (sinks), a head size, a scale and a layer index, and the modeling file's rotary function replaced by
+    the rotary kernel (``rotary.wrap_rotary``)."""
+    if not (mv.kernels.openmp or mv.kernels.threads == 1):
+        return 0  # (without OpenMP on torch's runtime only Python's threads split a product)
+    path, count = BlockPath(mv), 0
+    for module in model.modules():
+        if _eligible(module):
+            module.forward = AttentionBlock(path, module, module.forward)
+            count += 1
+    return count
+
+
+def _eligible(module: nn.Module) -> bool:
+    children = dict(module.named_children())
+    if set(children) != set(PROJECTIONS) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    if not isinstance(getattr(module, "layer_idx", None), int) \
+            or not isinstance(getattr(module, "head_dim", None), int) \
+            or getattr(module, "scaling", None) is None or isinstance(module.forward, AttentionBlock):
+        return False
+    rotate = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if not getattr(rotate, "_moeinf_rotary", False):
+        return False
+    for name in PROJECTIONS:
+        linear = children[name]
+        forward = getattr(linear, "forward", None)
+        if type(linear) is not nn.Linear or linear.bias is not None or linear.weight.dtype != torch.bfloat16 \
+                or linear.weight.device.type != "cpu" or linear.weight.stride(1) != 1 \
+                or getattr(getattr(forward, "func", None), "__name__", "") != "_dense_forward":
+            return False
+    d, (q_rows, hidden), kv_rows = module.head_dim, module.q_proj.weight.shape, module.k_proj.weight.shape[0]
+    return q_rows % d == 0 and kv_rows % d == 0 and (q_rows // d) % (kv_rows // d) == 0 \
+        and module.v_proj.weight.shape == module.k_proj.weight.shape \
+        and tuple(module.o_proj.weight.shape) == (hidden, q_rows) and module.k_proj.weight.shape[1] == hidden

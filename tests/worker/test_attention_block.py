@@ -1,0 +1,140 @@
+"""A lone decode token's attention layer in one call (``attention_block.py``, ``attention_block.c``): a model's
+decode steps through the worker's flattened step give transformers' logits bit for bit with the call taking every
+layer of every decode step after each layer's checked first; a call that would differ is found on that first token
+and turned off without a wrong token; batched steps and prompt chunks keep the layer's own forward; and only
+attention layers of the shape the call computes are wrapped. The end-to-end oracle (real worker processes against
+transformers, every family) is tests/worker/test_exactness.py and the family matrix."""
+import ctypes
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from helpers import family_config
+from services.worker import attention_block, matvec, matvec_checks, rotary
+from services.worker import decode_attention as da
+from services.worker import dequant_kernel as dk
+from services.worker.flat_step import FlatStep, RequestTokens
+
+pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def kernels(kernel_cache):
+    try:
+        mv = matvec.Matvec(dk.load("c", kernel_cache, 1, check=matvec_checks.check_exact), exact=True)
+        return mv, da.load("exact", kernel_cache, threads=1)
+    except dk.KernelError as exc:  # (this machine's torch sums in another order: the call is never wrapped)
+        pytest.skip(f"the exact kernels do not give this torch's bits here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A Mixtral checkpoint whose projections are wide enough for oneDNN's order to be found (the shared tiny one's
+    64 x 64 products keep torch's, so its layers are never called in one call)."""
+    torch.manual_seed(0)
+    config = family_config("mixtral", hidden_size=256, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, num_hidden_layers=2)
+    path = tmp_path_factory.mktemp("wide-mixtral")
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def wrapped(model, mv) -> int:
+    """What the worker's ``attach`` does to a CPU model: the dense linears' decode rows by the kernel, the rotary
+    kernel, then the attention layers."""
+    matvec.wrap_dense(model, mv, {model.config.num_local_experts} if hasattr(model.config, "num_local_experts")
+                      else set())
+    rotary.wrap_rotary(model, mv.kernels)
+    return attention_block.wrap_attention(model, mv)
+
+
+def decode(model_dir, mv, attention, steps: int = 20):
+    """A flattened, wrapped model's ``steps`` steps (a 12-token prompt, then decode tokens) against transformers'
+    own, both taking transformers' token: the largest logit difference, and the model."""
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    assert wrapped(model, mv) == model.config.num_hidden_layers
+    flat = FlatStep(model, attention)
+    tokens = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    mine, theirs, past, worst = flat.new_cache(), DynamicCache(config=reference.config), 0, 0.0
+    with torch.no_grad():
+        for _ in range(steps):
+            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
+            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
+            worst = max(worst, (got - want).abs().max().item())
+            past += len(tokens)
+            tokens = [int(want.argmax())]
+    return worst, model
+
+
+def path_of(model) -> attention_block.BlockPath:
+    return model.model.layers[0].self_attn.forward.path
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_models_decode_steps_are_transformers_bit_for_bit(wide, kernels, kernel_cache, threads):
+    mv, attention = kernels
+    if threads > 1:  # (the products' rows and the key-value heads shared among torch's OpenMP threads in C)
+        mv = matvec.Matvec(dk.load("c", kernel_cache, threads, check=matvec_checks.check_exact), exact=True)
+        attention = da.load("exact", kernel_cache, threads=threads)
+    used = attention.used
+    worst, model = decode(wide, mv, attention)
+    layers = model.config.num_hidden_layers
+    assert worst == 0.0
+    assert not path_of(model).off
+    assert path_of(model).used == 18 * layers  # every decode step after each layer's checked first
+    assert attention.used - used == 19 * layers  # (the first through the layer's own forward and its kernel)
+
+
+def test_a_call_that_differs_is_turned_off_on_the_first_token_without_a_wrong_token(wide, kernels, caplog):
+    mv, attention = kernels
+    model = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).eval()
+    wrapped(model, mv)
+    path = path_of(model)
+    real = path.fn
+
+    def off_by_one_bit(*args):  # the call's output with its first value's last bit flipped
+        code = real(*args)
+        ctypes.c_uint16.from_address(args[19]).value ^= 1
+        return code
+    path.fn = off_by_one_bit
+    flat = FlatStep(model, attention)
+    reference = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).eval()
+    tokens = [5, 9, 17, 4]
+    mine, theirs, past = flat.new_cache(), DynamicCache(config=reference.config), 0
+    with torch.no_grad(), caplog.at_level("WARNING", logger="moeinf.worker"):
+        for _ in range(4):
+            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
+            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
+            assert torch.equal(got, want)
+            past += len(tokens)
+            tokens = [int(want.argmax())]
+    assert path.off and path.used == 0
+    assert "differed from the layer's own forward at layer 0" in caplog.text
+
+
+def test_batched_steps_and_prompt_chunks_keep_the_layers_own_forward(wide, kernels):
+    mv, attention = kernels
+    model = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).eval()
+    wrapped(model, mv)
+    flat = FlatStep(model, attention)
+    caches = [flat.new_cache(), flat.new_cache()]
+    with torch.no_grad():
+        flat.forward([RequestTokens(caches[0], 0, [5, 6, 7])], [2])  # a prompt chunk
+        flat.forward([RequestTokens(caches[1], 0, [8, 9])], [1])
+        for step in range(3):  # both requests' decode tokens in one step
+            flat.forward([RequestTokens(caches[0], 3 + step, [11]), RequestTokens(caches[1], 2 + step, [12])], [0, 1])
+    assert path_of(model).used == 0 and not path_of(model).off
+    assert all(not layer.self_attn.forward.checked for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("family,expected", [("mixtral", 4), ("qwen3_moe", 0), ("qwen2_moe", 0)])
+def test_only_attention_layers_of_the_shape_it_computes_are_wrapped(kernels, family, expected):
+    """Mixtral's layers are; Qwen3-MoE's normalise queries and keys (modules of their own), Qwen2-MoE's projections
+    have biases: theirs keep their own forward."""
+    mv, _ = kernels
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family)).to(torch.bfloat16).eval()
+    assert wrapped(model, mv) == expected
+    assert attention_block.wrap_attention(model, mv) == 0  # (never twice)
