@@ -72,6 +72,7 @@ class AttentionBlock:
         self.hq = self.weights[0].shape[0] // module.head_dim
         self.hkv = self.weights[1].shape[0] // module.head_dim
         self.checked = False
+        self.found = None  # (torch's threads, the projections' column blocks or None): ``_blocks``
 
     def __call__(self, *args, **kwargs):
         out = None if args or self.path.off else self._step(kwargs)
@@ -113,12 +114,13 @@ class AttentionBlock:
         return None if layer is None or cos is None or blocks is None else (layer, x, cos, sin, blocks)
 
     def _blocks(self):
-        """oneDNN's column block of each projection for one row (0s for the other orders), or None."""
-        found = self.path.mv.blocks
-        if found is None:
-            return (ctypes.c_int64 * 4)()
-        blocks = [found.of(w, 1) for w in self.weights]
-        return None if None in blocks else (ctypes.c_int64 * 4)(*blocks)
+        """oneDNN's column block of each projection for one row (0s for the other orders), or None; found once
+        for torch's thread count of the moment (part of the shape oneDNN's blocks depend on)."""
+        threads = torch.get_num_threads()
+        if self.found is None or self.found[0] != threads:
+            blocks = [0] * 4 if self.path.mv.blocks is None else [self.path.mv.blocks.of(w, 1) for w in self.weights]
+            self.found = threads, None if None in blocks else (ctypes.c_int64 * 4)(*blocks)
+        return self.found[1]
 
     def _call(self, layer: GrowingLayer, x, cos, sin, blocks, count: bool = False) -> torch.Tensor | None:
         module, path = self.module, self.path
@@ -169,11 +171,11 @@ def _room(cache, index: int, hkv: int, d: int) -> GrowingLayer | None:
     layer = layers[index]
     if not isinstance(layer, GrowingLayer) or not layer.is_initialized or layer.key_buffer is None:
         return None
-    shape = (1, hkv, d)
-    if not all(t.dtype == torch.bfloat16 and t.dim() == 4 and (t.shape[0], t.shape[1], t.shape[3]) == shape
-               and t.stride(3) == 1 for t in (layer.key_buffer, layer.value_buffer)) \
-            or not layer._in_buffers(layer.keys.new_empty(1, hkv, 1, d), layer.values.new_empty(1, hkv, 1, d)):
-        return None
+    for view, buffer in ((layer.keys, layer.key_buffer), (layer.values, layer.value_buffer)):
+        if buffer.dtype != torch.bfloat16 or buffer.dim() != 4 or buffer.shape[0] != 1 or buffer.shape[1] != hkv \
+                or buffer.shape[3] != d or buffer.stride(3) != 1 or view.data_ptr() != buffer.data_ptr() \
+                or view.shape[:2] != buffer.shape[:2] or view.stride() != buffer.stride():
+            return None  # (not the leading tokens of its buffer: ``update`` takes it into a new one)
     return layer if _has_room(layer, layer.get_seq_length()) else None
 
 
