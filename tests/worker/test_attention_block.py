@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from common.families import UNSUPPORTED, experts_families
 from helpers import family_config
 from services.worker import attention_block, matvec, matvec_checks, rotary
 from services.worker import decode_attention as da
@@ -138,3 +139,40 @@ def test_only_attention_layers_of_the_shape_it_computes_are_wrapped(kernels, fam
     model = AutoModelForCausalLM.from_config(family_config(family)).to(torch.bfloat16).eval()
     assert wrapped(model, mv) == expected
     assert attention_block.wrap_attention(model, mv) == 0  # (never twice)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(experts_families()) - set(UNSUPPORTED)))
+def test_every_family_whose_layers_are_wrapped_decodes_transformers_bit_for_bit(tmp_path, kernels, family):
+    """Any family (the shape is found, never listed): with projections wide enough for oneDNN's order, the layers it
+    wraps take decode steps where the step allows (hybrid and own-cache families' caches may not) and the logits stay
+    transformers' own."""
+    mv, attention = kernels
+    try:
+        config = family_config(family, hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    except Exception as exc:  # noqa: BLE001 - (a family whose config validation wants other widths)
+        pytest.skip(f"{family}: no wide config ({type(exc).__name__})")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    if wrapped(model, mv) == 0:
+        pytest.skip(f"{family}: no attention layer of the shape the call computes")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    flat = FlatStep(model, attention)
+    vocab = model.config.get_text_config().vocab_size
+    tokens = torch.randint(3, vocab, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    mine, theirs, past = flat.new_cache(), None, 0
+    with torch.no_grad():
+        for _ in range(8):
+            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
+            out = reference(input_ids=torch.tensor([tokens]), past_key_values=theirs, use_cache=True)
+            theirs, want = out.past_key_values, out.logits[0, -1].float()
+            assert torch.equal(got, want)
+            past += len(tokens)
+            tokens = [int(want.argmax())]
+    assert not path_of_any(model).off
+
+
+def path_of_any(model) -> attention_block.BlockPath:
+    return next(module.forward.path for module in model.modules()
+                if isinstance(module.__dict__.get("forward"), attention_block.AttentionBlock))
