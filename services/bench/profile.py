@@ -8,13 +8,14 @@ each, forward hooks (``profile_parts.LayerTimers``) time every layer's norms, at
 the embedding, final norm and LM head; the rest of the step is Python and dispatch. Decode steps are also timed
 without hooks, in lockstep with the other system (load from elsewhere hits both alike), the floor's fastest product
 run once after each round (``FloorStep``): "vs floor, same rounds" is each p50 step against the median of those runs,
-the floor at the moments the steps ran, beside "vs floor", against the best of the floor's own runs at the end.
+the floor at the moments the steps ran, beside "vs floor", against the fastest the run measured (the best of the
+floor's own runs at the end, or the fastest round: a floor the product itself beat is no floor).
 
 Bytes touched per token: the resident dense weights (one embedding row), the routed experts (``top_k`` per MoE
-layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput torch
-reaches on a buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``: ``F.linear``, oneDNN
-on a weight packed once, or moeinf's own kernels, on rows packed and spread apart, whichever is fastest). A model
-whose active weights fit in that cache decodes below this floor: the table says so.
+layer) and the KV cache. The floor is those weight bytes over the best bf16 matrix-vector throughput reached on a
+buffer larger than the largest CPU cache (``profile_parts.bandwidth_floor``: ``F.linear``, oneDNN on a weight packed
+once, or moeinf's own kernels, rows packed or spread apart, whichever is fastest); one whose active weights fit in
+that cache decodes below it: the table says so.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Options:
     prompt_len: int
     threads: int
     floor_mib: int  # 0: twice the largest CPU cache, at least 1 GiB
-    floor_runs: int
+    floor_runs: int  # the floor's product at the end, the best of this many runs
     json: Path | None
     service: bool = False  # also stream through a real worker process
     prepack_dense: bool = False  # the worker's knobs that change the arithmetic (moeinf's rows; tokens may differ)
@@ -80,8 +81,8 @@ class Options:
 
     @property
     def worker_args(self) -> list[str]:
-        return ["--prepack-dense", "on"] * self.prepack_dense + ["--matvec-kernel", self.matvec_kernel,
-                                                                 "--attention-kernel", self.attention_kernel]
+        kernels = ["--matvec-kernel", self.matvec_kernel, "--attention-kernel", self.attention_kernel]
+        return ["--prepack-dense", "on"] * self.prepack_dense + kernels
 
     @property
     def exact(self) -> bool:
@@ -170,8 +171,7 @@ def lockstep(decoders: list[Decoder], prompt: list[int], tokens: int, run_id: st
 
 def service_decode(opts: Options, prompt: list[int], warmup: list[int], threads: int) -> tuple[list[float], list[int]]:
     """The same generation through a real memd + worker process pair, streamed over the worker's socket (as the
-    gateway reads it): the gaps between token arrivals, and the tokens. Every expert is read first, and one
-    warm-up generation on another prompt warms the rest."""
+    gateway reads it): the gaps between token arrivals, and the tokens (every expert read, one warm-up first)."""
     from common.worker_client import WorkerClient
     from services.bench.memd_proc import MemdProcess
     from services.bench.worker_proc import WorkerProcess
@@ -276,7 +276,9 @@ def format_report(doc: dict) -> str:
                   f" = {b['weights'] / MIB:.1f} MiB of weights; KV cache {b['kv_cache'] / MIB:.2f} MiB",
               f"bandwidth floor: bf16 matrix-vector (F.linear, packed, matvec.c or matvec_exact.c) over"
               f" {f['buffer_bytes'] / MIB:.0f} MiB,"
-              f" best of {f['runs']}: {f['gb_per_s']:.2f} GB/s -> {f['ms_per_token']:.3f} ms/token for the weights",
+              f" the fastest in this run: {f['gb_per_s']:.2f} GB/s (best of {f['runs']} at the end"
+              f" {f['end_gb_per_s']:.2f}, the fastest between the rounds {f['rounds_best_gb_per_s']:.2f})"
+              f" -> {f['ms_per_token']:.3f} ms/token for the weights",
               f"  same rounds: its fastest product once after each lockstep round, median"
               f" {f['rounds_gb_per_s']:.2f} GB/s -> {f['rounds_ms_per_token']:.3f} ms/token (the steps' p50 against"
               " the floor at the same moments)"]
@@ -312,7 +314,7 @@ def run(args) -> int:
         _progress("decoding without hooks (lockstep, the floor's product run between the steps)")
         rounds = FloorStep(opts.floor_bytes, floor_kernels(threads))
         plain_times = lockstep(decoders, prompt, opts.tokens, "timed", between=rounds.run)
-        rounds_gb, rounds.product = rounds.gb_per_s(), None  # (its weight freed before the floor's own)
+        rounds_gb, rounds_best, rounds.product = rounds.gb_per_s(), rounds.best_gb_per_s(), None  # (weight freed)
     service = None
     if opts.service:
         _progress("streaming through a worker process")
@@ -320,7 +322,8 @@ def run(args) -> int:
     _progress("measuring the bandwidth floor")
     floor = bandwidth_floor(opts.floor_bytes, opts.floor_runs, kernels=floor_kernels(threads))
     nbytes = token_bytes(plain.model, plain_experts, opts.prompt_len, opts.tokens)
-    doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes, rounds_gb)
+    doc = _document(opts, threads, plain.model, decoders, hooked, plain_times, reference, floor, nbytes,
+                    (rounds_gb, rounds_best))
     if service is not None:
         p50 = float(np.median(service[0])) * 1e3
         doc["service"] = {"decode_ms_p50": p50, "vs_in_process": p50 / doc["systems"][-1]["decode_ms_p50"],
@@ -348,9 +351,12 @@ def run(args) -> int:
 
 
 def _document(opts, threads, model, decoders, hooked, times, reference, floor: Floor, nbytes: TokenBytes,
-              rounds_gb: float) -> dict:
+              rounds: tuple[float, float]) -> dict:
+    """``rounds``: the floor's product between the lockstep rounds, (median, fastest) GB/s. The floor: the fastest
+    the run measured (``floor``'s best at the end, or the fastest round), never weaker than what the product reached."""
     text = model.config.get_text_config()
-    floor_ms, rounds_ms = floor.ms_per_token(nbytes.weights), nbytes.weights / rounds_gb / 1e6
+    rounds_gb, best = rounds[0], max(floor.gb_per_s, rounds[1])
+    floor_ms, rounds_ms = nbytes.weights / best / 1e6, nbytes.weights / rounds_gb / 1e6
     systems = []
     for d, (seconds, steps, generated), t in zip(decoders, hooked, times):
         p50 = float(np.median(t)) * 1e3
@@ -365,8 +371,9 @@ def _document(opts, threads, model, decoders, hooked, times, reference, floor: F
               + (f"; moeinf's worker with {' '.join(opts.worker_args)}" if opts.worker_args else ""))
     return {"header": header, "model": str(opts.model), "threads": threads, "prompt_len": opts.prompt_len,
             "tokens": opts.tokens, "systems": systems, "bytes_per_token": nbytes.as_json(),
-            "floor": {"buffer_bytes": floor.buffer_bytes, "runs": floor.runs, "gb_per_s": floor.gb_per_s,
-                      "ms_per_token": floor_ms, "rounds_gb_per_s": rounds_gb, "rounds_ms_per_token": rounds_ms},
+            "floor": {"buffer_bytes": floor.buffer_bytes, "runs": floor.runs, "gb_per_s": best,
+                      "end_gb_per_s": floor.gb_per_s, "rounds_best_gb_per_s": rounds[1], "ms_per_token": floor_ms,
+                      "rounds_gb_per_s": rounds_gb, "rounds_ms_per_token": rounds_ms},
             "cache_bytes": cache, "fits_in_cache": 0 < nbytes.weights <= cache}
 
 
@@ -378,13 +385,12 @@ def add_parser(bench) -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--floor-mib", type=int, default=0, help="the floor's buffer (0: 2x the CPU cache, >= 1 GiB)")
-    p.add_argument("--floor-runs", type=int, default=5, help="matrix-vector runs for the floor (best of)")
+    p.add_argument("--floor-runs", type=int, default=5, help="matrix-vector runs for the floor at the end (best of)")
     p.add_argument("--service", action="store_true",
                    help="also stream the generation through a real worker process (memd + worker, its socket)")
     p.add_argument("--prepack-dense", choices=["off", "on"], default="off", help="moeinf's rows: the worker's knob")
     p.add_argument("--matvec-kernel", choices=MATVEC_KERNELS, default="auto", help="moeinf's rows: the worker's knob")
-    p.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
-                   help="moeinf's rows: the worker's knob")
+    p.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto", help="moeinf's rows: ditto")
     p.add_argument("--gguf", metavar="FILE", help="also decode with llama.cpp's llama-server on this GGUF of --model"
                                                    " (`make gguf MODEL=DIR`), the lean runtime beside the floor")
     p.add_argument("--llama-server", metavar="PATH", help="with --gguf: the server (default: $MOEINF_LLAMA_SERVER,"
