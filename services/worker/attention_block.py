@@ -1,18 +1,22 @@
 """A lone decode token's attention layer in one kernel call (``attention_block.c``), bit for bit what the layer's
 own forward computes in a moeinf step.
 
-For one request's single token, a Llama-shaped attention layer (Mixtral's: ``q_proj``, ``k_proj``, ``v_proj`` and
-``o_proj`` linears without biases, the modeling file's ``apply_rotary_pos_emb``, the cache's ``update``, the
-attention function, nothing else) runs four matrix-vector kernels, two rotary calls and the attention kernel with
+For one request's single token, a Llama-shaped attention layer (Mixtral's, Qwen3-MoE's, Qwen2-MoE's: ``q_proj``,
+``k_proj``, ``v_proj`` and ``o_proj`` linears, with biases or not, optional ``q_norm`` / ``k_norm`` RMSNorms, the
+modeling file's ``apply_rotary_pos_emb``, the cache's ``update``, the attention function, nothing else: its forward's
+calls are read from its source, ``_plain_forward``) runs four matrix-vector kernels, two rotary calls and the
+attention kernel with
 ~25 small torch calls and their Python between them (views, transposes, conversions, the cache's copies, the
 attention interface's dispatch): measured on the bench preset, ~4.6 ms of a ~76 ms step on one thread outside those
 kernels, the same on two, where the second thread waits through it. ``AttentionBlock`` replaces such a layer's
 ``forward`` and, where the step is one the kernels would take piece by piece anyway, calls them all in C:
 
 - the linears' products as ``wrap_dense`` computes them (``--matvec-kernel``: the same kernel, order and column
-  blocks), the rotary kernel only where ``rotary.wrap_rotary`` replaced the layer's modeling function with it (its
-  bits checked there), and attention only where ``--attention-kernel`` is ``exact`` (sdpa's bits, checked at start)
-  and would take this step (``DecodeAttention``'s rules: the model's own attention is sdpa, no mask, no extras);
+  blocks; a bias added to the float32 sums before the one rounding), the query and key norms as ``rms_norm.wrap_norms``
+  routed them (its style and lane count), the rotary kernel only where ``rotary.wrap_rotary`` replaced the layer's
+  modeling function with it (its bits checked there), and attention only where ``--attention-kernel`` is ``exact``
+  (sdpa's bits, checked at start) and would take this step (``DecodeAttention``'s rules: the model's own attention is
+  sdpa, no mask, no extras);
 - the cache's layer is the worker's ``GrowingLayer`` with room for the token (else the layer's own forward grows
   it), and the new key and value are written into its buffers where ``update`` would write them.
 
@@ -23,21 +27,37 @@ own forward, unchanged.
 """
 from __future__ import annotations
 
+import ast
 import ctypes
+import functools
+import inspect
 import logging
 import sys
+import textwrap
 
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from services.worker import decode_attention
+from services.worker import decode_attention, rms_norm
 from services.worker.kv_cache import GrowingLayer
 from services.worker.moe_token import ORDERS
 
 log = logging.getLogger("moeinf.worker")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+NORMS = ("q_norm", "k_norm")  # optional: the queries' and keys' RMSNorms, before the rotation (Qwen3-MoE's)
+# what the layer's forward may call, by the callee's last name (anything else, arithmetic, a clamp, another rotation,
+# is code the call does not compute: the layer keeps its own forward); the three must all be called
+CALLS = {*PROJECTIONS, *NORMS, "view", "transpose", "reshape", "contiguous", "apply_rotary_pos_emb", "update",
+         "get_interface", "attention_interface", "getattr", "deprecate_kwarg"}
+NEEDED = {"apply_rotary_pos_emb", "update", "attention_interface"}
+
+
+class QKNorm(ctypes.Structure):
+    """attention_block.c's ``struct moeinf_qk_norm``: a query or key norm as rms_norm.c computes it (weight 0: none)."""
+    _fields_ = [("weight", ctypes.c_int64), ("width", ctypes.c_int64), ("lanes", ctypes.c_int64),
+                ("style", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
 class BlockPath:
@@ -46,8 +66,8 @@ class BlockPath:
     def __init__(self, mv):
         self.mv, self.kernels = mv, mv.kernels
         self.fn = mv.kernels.lib.moeinf_attn_block
-        self.fn.argtypes = [_P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I, ctypes.c_float,
-                            _P, _I]
+        self.fn.argtypes = [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _P, _I, _I, _I,
+                            ctypes.c_float, _P, _I]
         self.fn.restype = ctypes.c_int
         self.order = ORDERS["onednn"] if mv.blocks is not None else ORDERS["aten" if mv.exact else "fast"]
         self.threads = mv.kernels.threads if mv.kernels.openmp else 1
@@ -66,9 +86,13 @@ class AttentionBlock:
 
     def __init__(self, path: BlockPath, module: nn.Module, own):
         self.path, self.module, self.own = path, module, own
-        self.weights = [getattr(module, name).weight for name in PROJECTIONS]
+        linears = [getattr(module, name) for name in PROJECTIONS]
+        self.weights = [linear.weight for linear in linears]
+        self.biases = [linear.bias for linear in linears]  # (held: the pointers below are into them)
         self.pointers = (ctypes.c_int64 * 4)(*(w.data_ptr() for w in self.weights))
         self.strides = (ctypes.c_int64 * 4)(*(w.stride(0) for w in self.weights))
+        self.bias = (ctypes.c_int64 * 4)(*(0 if b is None else b.data_ptr() for b in self.biases))
+        self.norms = (QKNorm * 2)(*(_norm_of(getattr(module, name, None)) for name in NORMS))
         self.hq = self.weights[0].shape[0] // module.head_dim
         self.hkv = self.weights[1].shape[0] // module.head_dim
         self.checked = False
@@ -128,7 +152,8 @@ class AttentionBlock:
         keys, values = layer.key_buffer, layer.value_buffer
         out = torch.empty(1, 1, x.shape[-1], dtype=torch.bfloat16)
         code = path.fn(x.data_ptr(), x.shape[-1], ctypes.addressof(self.pointers), ctypes.addressof(self.strides),
-                       ctypes.addressof(blocks), path.order, self.hq, self.hkv, module.head_dim, cos.data_ptr(),
+                       ctypes.addressof(blocks), ctypes.addressof(self.bias), ctypes.addressof(self.norms),
+                       path.order, self.hq, self.hkv, module.head_dim, cos.data_ptr(),
                        sin.data_ptr(), keys.data_ptr(), keys.stride(1), keys.stride(2), values.data_ptr(),
                        values.stride(1), values.stride(2), held, float(module.scaling), out.data_ptr(), path.threads)
         if code != 0:
@@ -201,10 +226,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def wrap_attention(model: nn.Module, mv) -> int:
     """Give every attention layer of the shape the call computes an ``AttentionBlock`` forward; returns how many.
-    The shape: exactly the four projections as children (no norms of queries or keys, no other modules), each a
-    bfloat16 ``nn.Linear`` without bias whose decode rows ``wrap_dense`` gives the kernel, no parameters of the
-    layer's own (sinks), a head size, a scale and a layer index, and the modeling file's rotary function replaced by
-    the rotary kernel (``rotary.wrap_rotary``)."""
+    The shape: the four projections as children, and query and key norms routed through rms_norm.c if any (no other
+    modules), each projection a bfloat16 ``nn.Linear`` (a bfloat16 bias or none) whose decode rows ``wrap_dense``
+    gives the kernel, no parameters of the layer's own (sinks), a head size, a scale and a layer index, a forward that
+    calls nothing else (``_plain_forward``), and the modeling file's rotary function replaced by the rotary kernel
+    (``rotary.wrap_rotary``). After ``wrap_dense``, ``rms_norm.wrap_norms`` and ``rotary.wrap_rotary``."""
     if not (mv.kernels.openmp or mv.kernels.threads == 1):
         return 0  # (without OpenMP on torch's runtime only Python's threads split a product)
     path, count = BlockPath(mv), 0
@@ -217,7 +243,8 @@ def wrap_attention(model: nn.Module, mv) -> int:
 
 def _eligible(module: nn.Module) -> bool:
     children = dict(module.named_children())
-    if set(children) != set(PROJECTIONS) or any(True for _ in module.parameters(recurse=False)):
+    if not set(PROJECTIONS) <= set(children) <= {*PROJECTIONS, *NORMS} \
+            or any(True for _ in module.parameters(recurse=False)) or not _plain_forward(type(module)):
         return False
     if not isinstance(getattr(module, "layer_idx", None), int) \
             or not isinstance(getattr(module, "head_dim", None), int) \
@@ -229,11 +256,51 @@ def _eligible(module: nn.Module) -> bool:
     for name in PROJECTIONS:
         linear = children[name]
         forward = getattr(linear, "forward", None)
-        if type(linear) is not nn.Linear or linear.bias is not None or linear.weight.dtype != torch.bfloat16 \
+        bias = linear.bias
+        if type(linear) is not nn.Linear or linear.weight.dtype != torch.bfloat16 \
                 or linear.weight.device.type != "cpu" or linear.weight.stride(1) != 1 \
-                or getattr(getattr(forward, "func", None), "__name__", "") != "_dense_forward":
+                or getattr(getattr(forward, "func", None), "__name__", "") != "_dense_forward" \
+                or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous())):
             return False
     d, (q_rows, hidden), kv_rows = module.head_dim, module.q_proj.weight.shape, module.k_proj.weight.shape[0]
+    for name, rows in zip(NORMS, (q_rows, kv_rows)):
+        norm = children.get(name)
+        if norm is not None and (_norm_of(norm).weight == 0 or rows % _norm_of(norm).width):
+            return False
     return q_rows % d == 0 and kv_rows % d == 0 and (q_rows // d) % (kv_rows // d) == 0 \
         and module.v_proj.weight.shape == module.k_proj.weight.shape \
         and tuple(module.o_proj.weight.shape) == (hidden, q_rows) and module.k_proj.weight.shape[1] == hidden
+
+
+def _norm_of(norm: nn.Module | None) -> QKNorm:
+    """A query or key norm as the call computes it: one ``rms_norm.wrap_norms`` routed through rms_norm.c (its eps,
+    lane count and style, checked there), else none (weight 0)."""
+    forward = getattr(norm, "forward", None)
+    if not isinstance(forward, functools.partial) or forward.func is not rms_norm._forward:
+        return QKNorm()
+    module, _, _, eps, lanes, style = forward.args
+    weight = module.weight
+    return QKNorm(weight.data_ptr(), weight.shape[0], lanes, style, eps)
+
+
+@functools.cache
+def _plain_forward(cls: type) -> bool:
+    """Whether ``cls.forward`` only projects, norms queries and keys, rotates, updates the cache, attends and
+    projects back: every call it makes is one of ``CALLS`` (by the callee's last name), ``NEEDED`` all among them,
+    the rotation unconditional (Exaone-MoE's global layers skip it), and no arithmetic of its own (a clamp, a scale,
+    a gate would be code the call does not run)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    statements = tree.body[0].body
+    body = [node for stmt in statements for node in ast.walk(stmt)]
+    names = {_callee(node.func) for node in body if isinstance(node, ast.Call)}
+    always = {_callee(node.func) for stmt in statements if not isinstance(stmt, (ast.If, ast.For, ast.While, ast.Try))
+              for node in ast.walk(stmt) if isinstance(node, ast.Call)}  # (a rotation under a condition: NoPE layers)
+    return names <= CALLS and NEEDED <= names and "apply_rotary_pos_emb" in always \
+        and not any(isinstance(n, (ast.BinOp, ast.AugAssign)) for n in body)
+
+
+def _callee(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from common.families import UNSUPPORTED, experts_families
 from helpers import family_config
-from services.worker import attention_block, matvec, matvec_checks, rotary
+from services.worker import attention_block, matvec, matvec_checks, rms_norm, rotary
 from services.worker import decode_attention as da
 from services.worker import dequant_kernel as dk
 from services.worker.flat_step import FlatStep, RequestTokens
@@ -42,10 +42,11 @@ def wide(tmp_path_factory):
 
 
 def wrapped(model, mv) -> int:
-    """What the worker's ``attach`` does to a CPU model: the dense linears' decode rows by the kernel, the rotary
-    kernel, then the attention layers."""
+    """What the worker's ``attach`` does to a CPU model, in its order: the dense linears' decode rows by the kernel,
+    the RMSNorms, the rotary kernel, then the attention layers."""
     matvec.wrap_dense(model, mv, {model.config.num_local_experts} if hasattr(model.config, "num_local_experts")
                       else set())
+    rms_norm.wrap_norms(model, mv.kernels)
     rotary.wrap_rotary(model, mv.kernels)
     return attention_block.wrap_attention(model, mv)
 
@@ -97,7 +98,7 @@ def test_a_call_that_differs_is_turned_off_on_the_first_token_without_a_wrong_to
 
     def off_by_one_bit(*args):  # the call's output with its first value's last bit flipped
         code = real(*args)
-        ctypes.c_uint16.from_address(args[19]).value ^= 1
+        ctypes.c_uint16.from_address(args[-2]).value ^= 1  # (the output, before the thread count)
         return code
     path.fn = off_by_one_bit
     flat = FlatStep(model, attention)
@@ -130,15 +131,52 @@ def test_batched_steps_and_prompt_chunks_keep_the_layers_own_forward(wide, kerne
     assert all(not layer.self_attn.forward.checked for layer in model.model.layers)
 
 
-@pytest.mark.parametrize("family,expected", [("mixtral", 4), ("qwen3_moe", 0), ("qwen2_moe", 0)])
+@pytest.mark.parametrize("family,expected", [("mixtral", 4), ("qwen3_moe", 4), ("qwen2_moe", 4), ("olmoe", 0),
+                                             ("jamba", 0)])
 def test_only_attention_layers_of_the_shape_it_computes_are_wrapped(kernels, family, expected):
-    """Mixtral's layers are; Qwen3-MoE's normalise queries and keys (modules of their own), Qwen2-MoE's projections
-    have biases: theirs keep their own forward."""
+    """Mixtral's layers are, Qwen3-MoE's (query and key norms) and Qwen2-MoE's (biases) too; OLMoE's forward may
+    clamp its projections and Jamba's does not rotate: theirs keep their own forward."""
     mv, _ = kernels
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(family)).to(torch.bfloat16).eval()
     assert wrapped(model, mv) == expected
     assert attention_block.wrap_attention(model, mv) == 0  # (never twice)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_query_and_key_norms_and_biases_decode_transformers_bit_for_bit(tmp_path, kernels, family):
+    mv, attention = kernels
+    config = family_config(family, hidden_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    worst, model = decode(tmp_path, mv, attention, steps=8)
+    assert worst == 0.0 and path_of(model).used == 6 * model.config.num_hidden_layers
+
+
+def test_a_forward_with_code_the_call_does_not_run_is_not_taken():
+    class Scaled:  # a projection scaled by arithmetic of its own
+        def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+            query_states = self.q_proj(hidden_states).view(hidden_states.shape) * 2
+            query_states, key_states = apply_rotary_pos_emb(query_states, query_states, *position_embeddings)  # noqa
+            key_states, value_states = cache.update(key_states, query_states, 0)
+            return self.o_proj(attention_interface(self, query_states, key_states, value_states, None))  # noqa
+
+    class Unrotated:  # no rotation (Jamba's)
+        def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+            query_states = self.q_proj(hidden_states).view(hidden_states.shape)
+            key_states, value_states = cache.update(query_states, query_states, 0)
+            return self.o_proj(attention_interface(self, query_states, key_states, value_states, None))  # noqa
+    class SometimesRotated:  # no rotation on global layers (Exaone-MoE's NoPE)
+        def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+            query_states = self.q_proj(hidden_states).view(hidden_states.shape)
+            key_states = query_states
+            if self.sliding_window is None or self.is_sliding:
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *position_embeddings)  # noqa
+            key_states, value_states = cache.update(key_states, query_states, 0)
+            return self.o_proj(attention_interface(self, query_states, key_states, value_states, None))  # noqa
+    assert not any(attention_block._plain_forward(c) for c in (Scaled, Unrotated, SometimesRotated))
+    mixtral = type(AutoModelForCausalLM.from_config(family_config("mixtral")).model.layers[0].self_attn)
+    assert attention_block._plain_forward(mixtral)
 
 
 @pytest.mark.slow
