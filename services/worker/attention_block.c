@@ -1,18 +1,19 @@
 /* One decode token's attention layer for one request in a single call (services/worker/attention_block.py calls it
- * through ctypes): the query, key and value projections, the rotary embedding of the queries and keys, the new key
- * and value written into the request's cache, attention over the cache and the output projection. Each piece is the
- * kernel the Python path calls for it (``moeinf_product`` for the four linears, rotary.c, attention_exact.c), with
- * the roundings that path makes between them (each product's float32 sums rounded to bfloat16, as ``.to`` rounds
- * them), so the output and the cache's new row are that path's bit for bit. What it saves is the Python and the ~25
- * small torch calls between those kernels (views, transposes, conversions, the cache's copies, the attention
- * interface's dispatch), each of which pays to bring its code back into caches the last weight streamed through. */
+ * through ctypes): the query, key and value projections (with their biases, if any), the queries' and keys' RMSNorms
+ * (if any), their rotary embedding, the new key and value written into the request's cache, attention over the cache
+ * and the output projection. Each piece is the kernel the Python path calls for it (``moeinf_product`` for the four
+ * linears, rms_norm.c, rotary.c, attention_exact.c), with the roundings that path makes between them (each
+ * product's float32 sums, plus its bias, rounded to bfloat16 as ``.to`` rounds them), so the output and the cache's
+ * new row are that path's bit for bit. What it saves is the Python and the ~25 small torch calls between those
+ * kernels (views, transposes, conversions, the cache's copies, the attention interface's dispatch), each of which
+ * pays to bring its code back into caches the last weight streamed through. */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "matvec_common.h"
 #include "parallel.h"
 
+/* rotary.c, rms_norm.c and attention_exact.c's entry points (the same library) */
 int moeinf_rotary(const uint16_t *x, int64_t heads, int64_t rows, int64_t d, int64_t x_head, int64_t x_row,
                   const uint16_t *cos, const uint16_t *sin, int64_t c_row, uint16_t *out, int64_t o_head,
                   int64_t o_row);

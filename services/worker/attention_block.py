@@ -5,11 +5,11 @@ For one request's single token, a Llama-shaped attention layer (Mixtral's, Qwen3
 ``k_proj``, ``v_proj`` and ``o_proj`` linears, with biases or not, optional ``q_norm`` / ``k_norm`` RMSNorms, the
 modeling file's ``apply_rotary_pos_emb``, the cache's ``update``, the attention function, nothing else: its forward's
 calls are read from its source, ``_plain_forward``) runs four matrix-vector kernels, two rotary calls and the
-attention kernel with
-~25 small torch calls and their Python between them (views, transposes, conversions, the cache's copies, the
-attention interface's dispatch): measured on the bench preset, ~4.6 ms of a ~76 ms step on one thread outside those
-kernels, the same on two, where the second thread waits through it. ``AttentionBlock`` replaces such a layer's
-``forward`` and, where the step is one the kernels would take piece by piece anyway, calls them all in C:
+attention kernel with ~25 small torch calls and their Python between them (views, transposes, conversions, the
+cache's copies, the attention interface's dispatch): measured on the bench preset, ~4.6 ms of a ~76 ms step on one
+thread outside those kernels, the same on two, where the second thread waits through it. ``AttentionBlock``
+replaces such a layer's ``forward`` and, where the step is one the kernels would take piece by piece anyway, calls
+them all in C:
 
 - the linears' products as ``wrap_dense`` computes them (``--matvec-kernel``: the same kernel, order and column
   blocks; a bias added to the float32 sums before the one rounding), the query and key norms as ``rms_norm.wrap_norms``
@@ -50,7 +50,10 @@ NORMS = ("q_norm", "k_norm")  # optional: the queries' and keys' RMSNorms, befor
 # what the layer's forward may call, by the callee's last name (anything else, arithmetic, a clamp, another rotation,
 # is code the call does not compute: the layer keeps its own forward); the three must all be called
 CALLS = {*PROJECTIONS, *NORMS, "view", "transpose", "reshape", "contiguous", "apply_rotary_pos_emb", "update",
-         "get_interface", "attention_interface", "getattr", "deprecate_kwarg"}
+         "get_interface", "attention_interface", "getattr"}
+WRAPPERS = ("deprecate_kwarg",)  # decorators a forward may carry (transformers' renamed keyword arguments)
+# expressions that would be code of the forward's own (a conditional call, a match, a nested function, a lambda)
+OWN_CODE = (ast.BinOp, ast.AugAssign, ast.Match, ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.With)
 NEEDED = {"apply_rotary_pos_emb", "update", "attention_interface"}
 
 
@@ -89,6 +92,7 @@ class AttentionBlock:
         linears = [getattr(module, name) for name in PROJECTIONS]
         self.weights = [linear.weight for linear in linears]
         self.biases = [linear.bias for linear in linears]  # (held: the pointers below are into them)
+        self.norm_weights = [getattr(getattr(module, name, None), "weight", None) for name in NORMS]  # (held too)
         self.pointers = (ctypes.c_int64 * 4)(*(w.data_ptr() for w in self.weights))
         self.strides = (ctypes.c_int64 * 4)(*(w.stride(0) for w in self.weights))
         self.bias = (ctypes.c_int64 * 4)(*(0 if b is None else b.data_ptr() for b in self.biases))
@@ -96,10 +100,11 @@ class AttentionBlock:
         self.hq = self.weights[0].shape[0] // module.head_dim
         self.hkv = self.weights[1].shape[0] // module.head_dim
         self.checked = False
+        self.never = False  # this layer's own forward did not append one row, or the call refused its shapes
         self.found = None  # (torch's threads, the projections' column blocks or None): ``_blocks``
 
     def __call__(self, *args, **kwargs):
-        out = None if args or self.path.off else self._step(kwargs)
+        out = None if args or self.path.off or self.never else self._step(kwargs)
         return self.own(*args, **kwargs) if out is None else (out, None)
 
     def _step(self, kwargs: dict) -> torch.Tensor | None:
@@ -114,6 +119,8 @@ class AttentionBlock:
     def _takes(self, kwargs: dict):
         """(cache layer, hidden state, cos, sin, column blocks) where this is a step the call takes, else None."""
         module = self.module
+        if module.training or any(getattr(module, n).weight is not w for n, w in zip(PROJECTIONS, self.weights)):
+            return None  # (dropout; or a weight replaced since the call took its pointers)
         flat = getattr(module, "_moeinf_flat_step", None)
         run = None if flat is None else flat.run
         decode = None if flat is None else flat.decode
@@ -132,7 +139,11 @@ class AttentionBlock:
             return None
         if self.hkv != self.hq and (getattr(module, "num_key_value_groups", 1) <= 1 or module.head_dim > 256):
             return None  # (sdpa's grouped heads: attention_exact.c's rule, DecodeAttention.gives_sdpas_bits)
-        layer = _room(run.cache.parts[0].cache, module.layer_idx, self.hkv, module.head_dim)
+        layers = getattr(run.cache.parts[0].cache, "layers", None)
+        index = module.layer_idx
+        offloading = getattr(run.cache.parts[0].cache, "offloading", False)
+        layer = None if offloading or layers is None or index >= len(layers) else \
+            _room(layers[index], self.hkv, module.head_dim)
         cos, sin = _angles(embeddings, module.head_dim)
         blocks = self._blocks()
         return None if layer is None or cos is None or blocks is None else (layer, x, cos, sin, blocks)
@@ -172,6 +183,9 @@ class AttentionBlock:
         held = layer.get_seq_length()
         want = self.own(**kwargs)[0]
         layer = self.module._moeinf_flat_step.run.cache.parts[0].cache.layers[self.module.layer_idx]
+        if _room(layer, self.hkv, self.module.head_dim, held + 1) is None:
+            self.never = True  # (its own forward did not append exactly this token to this layer's buffers)
+            return want
         new_key, new_value = layer.keys[..., held, :].clone(), layer.values[..., held, :].clone()
         layer.keys, layer.values = layer.key_buffer[..., :held, :], layer.value_buffer[..., :held, :]
         got = self._call(layer, x, cos, sin, blocks) if _has_room(layer, held) else None
@@ -184,16 +198,13 @@ class AttentionBlock:
             if got is not None:
                 self.path.disable(self.module.layer_idx)
         self.checked = got is not None
+        self.never = got is None  # (the kernels refused this layer's shapes: not tried again)
         return want
 
 
-def _room(cache, index: int, hkv: int, d: int) -> GrowingLayer | None:
-    """The request's cache layer ``index`` where the call can write the token into it: a ``GrowingLayer`` whose
-    views are its buffers' leading tokens, with room for one more."""
-    layers = getattr(cache, "layers", None)
-    if getattr(cache, "offloading", False) or layers is None or index >= len(layers):
-        return None
-    layer = layers[index]
+def _room(layer, hkv: int, d: int, length: int | None = None) -> GrowingLayer | None:
+    """``layer`` where the call can write the token into it: a ``GrowingLayer`` whose views are its buffers' leading
+    tokens, with room for one more; or, given ``length``, one whose views are exactly that many leading tokens."""
     if not isinstance(layer, GrowingLayer) or not layer.is_initialized or layer.key_buffer is None:
         return None
     for view, buffer in ((layer.keys, layer.key_buffer), (layer.values, layer.value_buffer)):
@@ -201,7 +212,8 @@ def _room(cache, index: int, hkv: int, d: int) -> GrowingLayer | None:
                 or buffer.shape[3] != d or buffer.stride(3) != 1 or view.data_ptr() != buffer.data_ptr() \
                 or view.shape[:2] != buffer.shape[:2] or view.stride() != buffer.stride():
             return None  # (not the leading tokens of its buffer: ``update`` takes it into a new one)
-    return layer if _has_room(layer, layer.get_seq_length()) else None
+    held = layer.get_seq_length()
+    return layer if (held == length if length is not None else _has_room(layer, held)) else None
 
 
 def _has_room(layer: GrowingLayer, held: int) -> bool:
@@ -286,20 +298,40 @@ def _norm_of(norm: nn.Module | None) -> QKNorm:
 @functools.cache
 def _plain_forward(cls: type) -> bool:
     """Whether ``cls.forward`` only projects, norms queries and keys, rotates, updates the cache, attends and
-    projects back: every call it makes is one of ``CALLS`` (by the callee's last name), ``NEEDED`` all among them,
-    the rotation unconditional (Exaone-MoE's global layers skip it), and no arithmetic of its own (a clamp, a scale,
-    a gate would be code the call does not run)."""
+    projects back: a function (under ``WRAPPERS`` alone) every call of which is one of ``CALLS`` (by the callee's
+    last name), ``NEEDED`` all among them, the rotation and the update unconditional (Exaone-MoE's global layers skip
+    the rotation), no call inside a conditional expression, and no code of its own (``OWN_CODE``, a negation or a
+    slice of anything but a shape: a clamp, a scale or a gate would be code the call does not run)."""
+    fn = cls.forward
+    while hasattr(fn, "__wrapped__"):  # (a decorator's own code would run: only the known ones)
+        if not any(w in getattr(getattr(fn, "__code__", None), "co_qualname", "") for w in WRAPPERS):
+            return False
+        fn = fn.__wrapped__
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(cls.forward))))
-    except (OSError, TypeError, SyntaxError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
         return False
+    if not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
+        return False  # (a lambda, an assignment: not a plain method)
     statements = tree.body[0].body
     body = [node for stmt in statements for node in ast.walk(stmt)]
     names = {_callee(node.func) for node in body if isinstance(node, ast.Call)}
     always = {_callee(node.func) for stmt in statements if not isinstance(stmt, (ast.If, ast.For, ast.While, ast.Try))
-              for node in ast.walk(stmt) if isinstance(node, ast.Call)}  # (a rotation under a condition: NoPE layers)
-    return names <= CALLS and NEEDED <= names and "apply_rotary_pos_emb" in always \
-        and not any(isinstance(n, (ast.BinOp, ast.AugAssign)) for n in body)
+              for node in ast.walk(stmt) if isinstance(node, ast.Call)}  # (under a condition: NoPE layers)
+    return names <= CALLS and NEEDED <= names and {"apply_rotary_pos_emb", "attention_interface"} <= always \
+        and not any(isinstance(n, OWN_CODE) or _own_expression(n) for n in body)
+
+
+def _own_expression(node: ast.AST) -> bool:
+    """An arithmetic negation of a non-constant, a slice of anything but a ``.shape``, or a call under a conditional
+    expression."""
+    if isinstance(node, ast.UnaryOp):  # (``not``: a condition's)
+        return not isinstance(node.op, ast.Not) and not isinstance(node.operand, ast.Constant)
+    if isinstance(node, ast.Subscript):
+        return not (isinstance(node.value, ast.Attribute) and node.value.attr == "shape")
+    if isinstance(node, (ast.IfExp, ast.BoolOp)):
+        return any(isinstance(n, ast.Call) for n in ast.walk(node))
+    return False
 
 
 def _callee(func: ast.expr) -> str:

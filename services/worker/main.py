@@ -98,7 +98,8 @@ def attach(cfg: WorkerConfig) -> Attached:
             if rotated := rotary.wrap_rotary(model, mv.kernels):
                 log.info("--matvec-kernel %s: %d modeling files' rotary embedding in one call per tensor (rotary.c,"
                          " their own bits)", cfg.matvec_kernel, rotated)
-            if blocks := attention_block.wrap_attention(model, mv):  # (after the dense linears and rotary)
+            blocks = cfg.attention_kernel in ("auto", "exact") and attention_block.wrap_attention(model, mv)
+            if blocks:  # (after the dense linears, norms and rotary; only where the exact attention may run)
                 log.info("--matvec-kernel %s: %d attention layers take a lone decode token in one call where"
                          " --attention-kernel is exact (attention_block.c, checked on each layer's first)",
                          cfg.matvec_kernel, blocks)

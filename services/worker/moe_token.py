@@ -22,7 +22,7 @@ import torch
 from transformers.integrations.moe import _default_apply_gate
 
 log = logging.getLogger("moeinf.worker")
-ORDERS = {"fast": 0, "aten": 1, "onednn": 2}  # moe_token.c's ORDER_*
+ORDERS = {"fast": 0, "aten": 1, "onednn": 2}  # parallel.h's MOEINF_ORDER_*
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 VECTOR = 64  # widths torch's elementwise kernels take whole vectors of (a scalar tail computes with std::exp, not
 #              Sleef, and writes other NaN bits)

@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 
-#define MOEINF_HIDDEN __attribute__((visibility("hidden")))  /* a kernel only matvec_threads.c's entry points call */
+#define MOEINF_HIDDEN __attribute__((visibility("hidden")))  /* a kernel only the library's own entry points call */
 
 /* The summation orders of the bfloat16 matrix-vector kernels (moe_token.py's ORDERS): matvec.c's fast one,
  * matvec_exact.c's ATen order, matvec_onednn.c's oneDNN order; ``moeinf_product`` (matvec_threads.c) runs one. */
