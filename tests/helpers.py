@@ -393,29 +393,3 @@ def gguf_of(model: Path, path: Path, **override) -> Path:
             "llama.block_count": config["num_hidden_layers"], "llama.embedding_length": config["hidden_size"],
             "llama.expert_count": config["num_local_experts"]}
     return write_gguf(path, {**meta, **override})
-
-
-def generate_greedy(model, prompt: list[int], tokens: int) -> list[int]:
-    """transformers' own greedy continuation of ``prompt`` (the oracle the engine's tokens must equal)."""
-    import torch
-
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, pad_token_id=0,
-                         eos_token_id=None)
-    return out[0, len(prompt):].tolist()
-
-
-def run_scheduled(engine, prompt: list[int], tokens: int, limits) -> list[int]:
-    """One request through ``engine.run`` as the worker's loop schedules it (``limits``: its ``Limits``): the
-    tokens it generated."""
-    import torch
-
-    from common import messages as m
-    from services.worker.scheduler import Scheduler
-
-    scheduler = Scheduler(limits)
-    seq = engine.start(m.GenerateRequest("a", prompt, tokens))
-    scheduler.add(seq)
-    with torch.inference_mode():
-        while seq.finish_reason is None:
-            engine.run(scheduler.schedule())
-    return seq.generated

@@ -9,9 +9,10 @@ import functools
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from common.families import UNSUPPORTED, experts_families
+from decoding import flat_against_transformers
 from helpers import family_config
 from services.worker import attention_block, kv_cache, matvec, matvec_checks, rms_norm, rotary
 from services.worker import decode_attention as da
@@ -60,14 +61,7 @@ def decode(model_dir, mv, attention, steps: int = 20):
     assert wrapped(model, mv) == model.config.num_hidden_layers
     flat = FlatStep(model, attention)
     tokens = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
-    mine, theirs, past, worst = flat.new_cache(), DynamicCache(config=reference.config), 0, 0.0
-    with torch.no_grad():
-        for _ in range(steps):
-            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
-            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
-            worst = max(worst, (got - want).abs().max().item())
-            past += len(tokens)
-            tokens = [int(want.argmax())]
+    worst = flat_against_transformers(flat, reference, tokens, steps)
     return worst, model
 
 
@@ -106,15 +100,8 @@ def test_a_call_that_differs_is_turned_off_on_the_first_token_without_a_wrong_to
     path.fn = off_by_one_bit
     flat = FlatStep(model, attention)
     reference = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).eval()
-    tokens = [5, 9, 17, 4]
-    mine, theirs, past = flat.new_cache(), DynamicCache(config=reference.config), 0
-    with torch.no_grad(), caplog.at_level("WARNING", logger="moeinf.worker"):
-        for _ in range(4):
-            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
-            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
-            assert torch.equal(got, want)
-            past += len(tokens)
-            tokens = [int(want.argmax())]
+    with caplog.at_level("WARNING", logger="moeinf.worker"):
+        assert flat_against_transformers(flat, reference, [5, 9, 17, 4], 4) == 0.0
     assert path.off and path.used == 0
     assert "differed from the layer's own forward at layer 0" in caplog.text
 
@@ -134,23 +121,15 @@ def test_a_refused_call_and_a_growing_cache(wide, kernels, monkeypatch):
     path, real = path_of(model), path_of(model).fn
 
     def refuse_layer_0(*args):  # the first layer's call writes its row's first value wrong, then fails
-        if args[13] == layer0_keys[0]:
+        if args[13] == mine.layers[0].key_buffer.data_ptr():  # (its keys' buffer: the call's 14th argument)
             ctypes.c_uint16.from_address(args[13] + 2 * args[19] * args[15]).value ^= 0x1234
             return -1
         return real(*args)
-    layer0_keys = [None]
     path.fn = refuse_layer_0
     flat = FlatStep(model, attention)
+    mine = flat.new_cache()
     reference = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).eval()
-    tokens, mine, theirs, past = [5, 9, 17, 4], flat.new_cache(), DynamicCache(config=reference.config), 0
-    with torch.no_grad():
-        for _ in range(5):
-            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
-            layer0_keys[0] = mine.layers[0].key_buffer.data_ptr()  # (after the prompt: its buffer for the next)
-            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
-            assert torch.equal(got, want)
-            past += len(tokens)
-            tokens = [int(want.argmax())]
+    assert flat_against_transformers(flat, reference, [5, 9, 17, 4], 5, cache=mine) == 0.0
     blocks = [layer.self_attn.forward for layer in model.model.layers]
     assert blocks[0].never and not path.off and all(b.checked for b in blocks[1:])
     assert path.used == 3 * (len(blocks) - 1)
@@ -269,15 +248,7 @@ def test_every_family_whose_layers_are_wrapped_decodes_transformers_bit_for_bit(
     flat = FlatStep(model, attention)
     vocab = model.config.get_text_config().vocab_size
     tokens = torch.randint(3, vocab, (12,), generator=torch.Generator().manual_seed(0)).tolist()
-    mine, theirs, past = flat.new_cache(), None, 0
-    with torch.no_grad():
-        for _ in range(8):
-            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
-            out = reference(input_ids=torch.tensor([tokens]), past_key_values=theirs, use_cache=True)
-            theirs, want = out.past_key_values, out.logits[0, -1].float()
-            assert torch.equal(got, want)
-            past += len(tokens)
-            tokens = [int(want.argmax())]
+    assert flat_against_transformers(flat, reference, tokens, 8) == 0.0
     assert not path_of_any(model).off
     if path_of_any(model).used == 0:  # (its caches or its rotation are not ones the call takes: MiniMax's own cache)
         pytest.skip(f"{family}: wrapped, never taken (its layers' own forward ran every step, logits equal)")

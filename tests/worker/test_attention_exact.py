@@ -8,16 +8,16 @@ tests that need it skip: ``auto`` then keeps torch's attention (tested too)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import generate_greedy, run_scheduled
+from decoding import flat_against_transformers, generate_greedy, run_scheduled
 from hypothesis import given, settings, strategies as st
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from common.config import WorkerConfig
 from services.worker import decode_attention as da
 from services.worker import dequant_kernel as dk
 from services.worker.engine import Engine
-from services.worker.flat_step import FlatStep, RequestTokens
+from services.worker.flat_step import FlatStep
 from services.worker.scheduler import Limits
 
 pytestmark = pytest.mark.skipif(dk.compiler() is None, reason="no C compiler")
@@ -101,14 +101,8 @@ def decode(model_dir, attention, implementation: str, steps: int = 20):
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
     flat = FlatStep(model, attention)
     tokens = torch.randint(3, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).tolist()
-    mine, theirs, past, used, worst = flat.new_cache(), DynamicCache(config=reference.config), 0, attention.used, 0.0
-    with torch.no_grad():
-        for _ in range(steps):
-            got = flat.forward([RequestTokens(mine, past, tokens)], [len(tokens) - 1])[0]
-            want = reference(input_ids=torch.tensor([tokens]), cache=theirs, use_cache=True).logits[0, -1].float()
-            worst = max(worst, (got - want).abs().max().item())
-            past += len(tokens)
-            tokens = [int(want.argmax())]
+    used = attention.used
+    worst = flat_against_transformers(flat, reference, tokens, steps)
     return worst, attention.used - used, model.config.num_hidden_layers
 
 

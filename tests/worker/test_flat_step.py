@@ -1,6 +1,7 @@
 """services/worker/flat_step.py: the cache a request gets, and which models run one request per step."""
 import torch
-from helpers import family_config, generate_greedy, run_scheduled
+from decoding import generate_greedy, run_scheduled
+from helpers import family_config
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from services.worker.flat_step import StepCache, FlatStep, own_cache_class
